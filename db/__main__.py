@@ -1,0 +1,160 @@
+"""``python -m db``: look after the database from the command line.
+
+    python -m db prepare           create the runtime folder, check the settings
+    python -m db init              create the runtime folder and the schema
+    python -m db health [--json]   a snapshot: files, pragmas, writer, processes
+    python -m db doctor            the same, in plain words, with what to do
+    python -m db checkpoint        ask the writer to checkpoint (TRUNCATE)
+    python -m db backup PATH       consistent online copy while the stack runs
+
+Exit codes: 0 fine, 1 a problem found or the command failed, 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from db.config import ConfigError, ensure_home, load_settings
+from db.errors import WriterError
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    home = ensure_home(settings)
+    print(f"runtime folder {home} (mode 0700): database, sockets, logs, spool, backups")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from db.engine import make_write_engine
+    from db.lock import WriterLock, WriterLocked
+    from db.schema import migrate
+
+    settings = load_settings()
+    ensure_home(settings)
+    lock = WriterLock(settings.writer_lock_path)
+    try:
+        lock.acquire()
+    except WriterLocked as e:
+        print(f"the writer is running and keeps the schema current; nothing to do ({e})")
+        return 0
+    try:
+        engine = make_write_engine(settings)
+        with engine.begin() as conn:
+            before, after = migrate(conn)
+        engine.dispose()
+    finally:
+        lock.release()
+    print(f"{settings.database_url}: schema version {before} -> {after}" if before != after
+          else f"{settings.database_url}: schema already at version {after}")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from db.health import snapshot
+
+    settings = load_settings()
+    snap = snapshot(settings, quick_check=args.quick_check)
+    if args.json:
+        json.dump(snap, sys.stdout, indent=2, default=str)
+        print()
+        return 0
+    w = snap["writer"]
+    print(f"database   {snap.get('path', snap['database_url'])}")
+    if "files" in snap:
+        f = snap["files"]
+        print(f"files      db {_human_bytes(f['db'])}, wal {_human_bytes(f['wal'])}, shm {_human_bytes(f['shm'])}")
+    p = snap.get("pragmas", {})
+    if "error" in p:
+        print(f"pragmas    error: {p['error']}")
+    elif p:
+        print(f"pragmas    journal_mode {p['journal_mode']}, {p['page_count']} pages of {p['page_size']} B, "
+              f"{p['freelist_count']} free")
+        if "quick_check" in p:
+            print(f"check      quick_check {'ok' if p['quick_check']['ok'] else p['quick_check']['messages']}")
+    if w["up"]:
+        st = w["stats"]
+        print(f"writer     pid {w['pid']}, ping {w['ping_ms']} ms, queue {st['queue_depth']}, batches "
+              f"{st['batches']} (mean {st['mean_batch']}), commit p50 {st['commit_p50_ms']} ms p99 "
+              f"{st['commit_p99_ms']} ms, ok {st['requests_ok']}, failed {st['requests_failed']}, "
+              f"busy {st['busy_replies']}")
+    else:
+        print(f"writer     DOWN ({w.get('error', 'no answer')})")
+    print(f"lock errs  {snap.get('lock_errors', 0)}")
+    for proc in snap.get("processes", []):
+        flag = "  <-- " + proc["role"].upper() if proc["flagged"] else ""
+        print(f"process    {proc['pid']:>7} {proc['role']:<12} {proc['cmdline'][:70]}{flag}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from db.health import diagnose, snapshot
+
+    settings = load_settings()
+    snap = snapshot(settings, quick_check=True)
+    findings = diagnose(snap, settings)
+    for level, text in findings:
+        print(f"[{level.upper():4}] {text}")
+    return 1 if any(level == "fail" for level, _ in findings) else 0
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from db.client import WriterClient
+
+    with WriterClient(deadline=args.timeout) as client:
+        result = client.call("checkpoint", mode=args.mode)
+    print(json.dumps(result))
+    if result.get("busy"):
+        print("partial: a reader held the checkpoint back; run it again when reads are quieter", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from db.health import backup
+
+    result = backup(load_settings(), Path(args.path), overwrite=args.force)
+    print(f"backup written: {result['path']} ({_human_bytes(result['bytes'])}, {result['ms']} ms, integrity ok)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m db", description="Look after the tickstack database.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="create the runtime folder, check settings").set_defaults(fn=cmd_prepare)
+    sub.add_parser("init", help="create the runtime folder and the schema").set_defaults(fn=cmd_init)
+    p = sub.add_parser("health", help="a snapshot of the database's health")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quick-check", action="store_true", help="also run PRAGMA quick_check (reads every page)")
+    p.set_defaults(fn=cmd_health)
+    sub.add_parser("doctor", help="diagnose in plain words, with what to do").set_defaults(fn=cmd_doctor)
+    p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")
+    p.add_argument("--mode", default="TRUNCATE", type=str.upper, choices=["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the writer")
+    p.set_defaults(fn=cmd_checkpoint)
+    p = sub.add_parser("backup", help="consistent online copy of the database")
+    p.add_argument("path", help="where to write the copy")
+    p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    p.set_defaults(fn=cmd_backup)
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, WriterError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"python -m db {args.command}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""``WriterClient``: how every process other than the writer changes data.
+
+    from db.client import WriterClient
+    with WriterClient() as writer:
+        writer.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": ts, "bid": b, "ask": a}])
+
+``call`` returns once the op is committed, or raises a typed error
+(:mod:`db.errors`): ``ValidationError`` for bad input, ``NotFound``,
+``Conflict``, or ``WriterUnavailable`` once the deadline passes without an
+answer. While the writer restarts, the client resends the *same* request
+(same client id and sequence number) with exponential backoff; the writer
+records applied requests in the transaction that applies them, so a request
+is applied at most once however often it is sent.
+
+High-rate producers keep many requests in flight with :meth:`pipeline`.
+
+A client owns a ZeroMQ socket and is not thread-safe: use one per thread
+(:func:`thread_client` keeps one per thread for you). After ``fork()`` the
+child gets a fresh socket on first use.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import zmq
+
+from db.config import Settings, load_settings
+from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
+
+log = logging.getLogger("tickstack.client")
+
+FIRST_ATTEMPT_TIMEOUT = 1.0
+MAX_ATTEMPT_TIMEOUT = 5.0
+FIRST_BUSY_BACKOFF = 0.005
+MAX_BUSY_BACKOFF = 1.0
+
+
+class Ticket:
+    """One request in flight: resolved with a result or an exception."""
+
+    __slots__ = ("seq", "op", "payload", "deadline", "attempt_timeout", "resend_at", "awaiting", "backoff",
+                 "done", "_result", "_error", "first_sent", "latency", "batch")
+
+    def __init__(self, seq: int, op: str, payload: bytes, deadline: float) -> None:
+        self.seq = seq
+        self.op = op
+        self.payload = payload
+        self.deadline = deadline
+        self.attempt_timeout = FIRST_ATTEMPT_TIMEOUT
+        self.resend_at = 0.0
+        #: True while an answer is due: past resend_at that is a timeout.
+        #: False while backing off after a busy or retryable answer.
+        self.awaiting = False
+        self.backoff = FIRST_BUSY_BACKOFF
+        self.done = False
+        self._result: Any = None
+        self._error: WriterError | None = None
+        self.first_sent = time.monotonic()
+        #: Seconds from first send to answer, once done.
+        self.latency: float | None = None
+        #: The writer's number of the batch (transaction) that answered it.
+        self.batch: int | None = None
+
+    def result(self) -> Any:
+        """The op's result; raises its error. Only once ``done``."""
+        if not self.done:
+            raise RuntimeError(f"request {self.seq} ({self.op}) is still in flight")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    @property
+    def error(self) -> WriterError | None:
+        return self._error
+
+
+class WriterClient:
+    def __init__(self, endpoint: str | None = None, *, deadline: float | None = None,
+                 settings: Settings | None = None) -> None:
+        """Nothing connects until the first call. ``deadline`` (seconds) bounds
+        how long one call keeps retrying before ``WriterUnavailable``."""
+        settings = settings or load_settings()
+        self.endpoint = endpoint or settings.writer_endpoint
+        self.deadline = settings.client_deadline if deadline is None else deadline
+        self.client_id = uuid.uuid4().hex
+        self._seq = 0
+        self._pending: dict[int, Ticket] = {}
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self._pid = os.getpid()
+        self._owner: int | None = None
+
+    # --- public API ------------------------------------------------------------------
+
+    def call(self, op: str, /, **args: Any) -> Any:
+        """Run ``op`` on the writer; return its result once committed."""
+        ticket = self.submit(op, **args)
+        self.wait(ticket)
+        return ticket.result()
+
+    def ping(self, timeout: float = 1.0) -> dict[str, Any]:
+        """Whether the writer is up and serving: its pid and the round trip
+        in ms. Raises WriterUnavailable after ``timeout`` seconds."""
+        started = time.monotonic()
+        ticket = self.submit("ping", _deadline=timeout)
+        self.wait(ticket)
+        result = dict(ticket.result())
+        result["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
+        return result
+
+    def stats(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The writer's counters: queue depth, batches, commit latency, ..."""
+        ticket = self.submit("stats", _deadline=timeout)
+        self.wait(ticket)
+        return ticket.result()
+
+    def submit(self, op: str, /, _deadline: float | None = None, **args: Any) -> Ticket:
+        """Send ``op`` without waiting; :meth:`wait` or :meth:`pipeline`
+        collects the answer."""
+        self._check_owner()
+        self._seq += 1
+        try:
+            payload = msgpack.packb({"v": 1, "cid": self.client_id, "seq": self._seq, "op": op, "args": args})
+        except (TypeError, ValueError, OverflowError) as e:
+            raise ValidationError(f"{op}: arguments cannot be sent: {e}") from None
+        deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
+        ticket = Ticket(self._seq, op, payload, deadline)
+        self._pending[ticket.seq] = ticket
+        self._send(ticket)
+        return ticket
+
+    def wait(self, ticket: Ticket) -> None:
+        """Block until ``ticket`` is answered (or its deadline passes)."""
+        while not ticket.done:
+            self._pump(0.05)
+
+    def pipeline(self, window: int = 32, on_done: Callable[[Ticket], None] | None = None) -> Pipeline:
+        """Keep up to ``window`` requests in flight (see :class:`Pipeline`)."""
+        return Pipeline(self, window, on_done)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        if self._sock is not None and self._pid == os.getpid():
+            self._sock.close(linger=0)
+        self._sock = None
+        self._ctx = None
+
+    def __enter__(self) -> WriterClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _check_owner(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child: the parent's socket is not ours to use or close.
+            self._pid, self._sock, self._ctx, self._pending, self._owner = os.getpid(), None, None, {}, None
+        me = threading.get_ident()
+        if self._owner is None:
+            self._owner = me
+        elif self._owner != me:
+            raise RuntimeError("WriterClient is not thread-safe: create one per thread "
+                               "(db.client.thread_client() does that)")
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            if self._ctx is None:
+                self._ctx = zmq.Context.instance()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10_000)
+            sock.setsockopt(zmq.RCVHWM, 0)
+            sock.connect(self.endpoint)
+            self._sock = sock
+        return self._sock
+
+    def _reconnect(self) -> None:
+        """The lazy-pirate step: a silent writer may be a dead one, and the old
+        socket's queue may be stuck on its corpse; start over."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _send(self, ticket: Ticket) -> None:
+        now = time.monotonic()
+        try:
+            self._socket().send(ticket.payload, zmq.NOBLOCK)
+        except zmq.Again:  # our own queue is full: try again shortly
+            self._back_off(ticket)
+            return
+        ticket.awaiting = True
+        ticket.resend_at = now + ticket.attempt_timeout
+
+    @staticmethod
+    def _back_off(ticket: Ticket) -> None:
+        ticket.awaiting = False
+        ticket.resend_at = time.monotonic() + ticket.backoff
+        ticket.backoff = min(ticket.backoff * 2, MAX_BUSY_BACKOFF)
+
+    def _resolve(self, ticket: Ticket, result: Any = None, error: WriterError | None = None) -> None:
+        ticket.done = True
+        ticket._result = result
+        ticket._error = error
+        ticket.latency = time.monotonic() - ticket.first_sent
+        self._pending.pop(ticket.seq, None)
+
+    def _pump(self, timeout: float) -> None:
+        """Read replies for up to ``timeout`` seconds; resend what timed out
+        or was refused as busy; fail what passed its deadline."""
+        sock = self._socket()
+        if sock.poll(int(timeout * 1000), zmq.POLLIN):
+            while True:
+                try:
+                    raw = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(raw)
+        now = time.monotonic()
+        due: list[Ticket] = []
+        timed_out = False
+        for ticket in list(self._pending.values()):
+            if now >= ticket.deadline:
+                self._resolve(ticket, error=WriterUnavailable(
+                    f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
+                    "it may or may not have been applied (a retry with this client applies it at most once)"))
+            elif now >= ticket.resend_at:
+                due.append(ticket)
+                timed_out = timed_out or ticket.awaiting
+        if timed_out:
+            log.info("writer at %s did not answer; reconnecting and resending %d requests",
+                     self.endpoint, len(self._pending))
+            self._reconnect()
+            due = list(self._pending.values())
+        for ticket in due:
+            if timed_out and ticket.awaiting:
+                ticket.attempt_timeout = min(ticket.attempt_timeout * 2, MAX_ATTEMPT_TIMEOUT)
+            self._send(ticket)
+
+    def _on_reply(self, raw: bytes) -> None:
+        try:
+            msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+            ticket = self._pending.get(msg.get("seq"))
+        except Exception:  # a reply we cannot read is one we did not ask for
+            log.warning("ignoring an unreadable reply from the writer")
+            return
+        if ticket is None:
+            return  # the answer to a request already answered (a resend)
+        ticket.batch = msg.get("batch")
+        if msg.get("ok"):
+            self._resolve(ticket, result=msg.get("result"))
+            return
+        if msg.get("busy"):
+            self._back_off(ticket)
+            return
+        err = msg.get("error") or {}
+        cls = ERROR_TYPES.get(err.get("type"), WriterError)
+        error = cls(err.get("message", "unknown error"))
+        if error.retryable:
+            self._back_off(ticket)
+            return
+        self._resolve(ticket, error=error)
+
+
+class Pipeline:
+    """Many requests in flight from one client, for high-rate producers.
+
+        with writer.pipeline(window=16, on_done=ack) as pipe:
+            for batch in batches:
+                pipe.submit("insert_ticks", ticks=batch)
+        # on exit every request is answered; failures are in pipe.failed
+
+    ``submit`` blocks while ``window`` requests are unanswered, so memory
+    and the writer's queue stay bounded. ``on_done(ticket)`` is called for
+    each answered request, in submit order.
+    """
+
+    def __init__(self, client: WriterClient, window: int, on_done: Callable[[Ticket], None] | None = None) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self.client = client
+        self.window = window
+        self.on_done = on_done
+        self.failed: list[Ticket] = []
+        self.completed = 0
+        self._queue: deque[Ticket] = deque()
+
+    def submit(self, op: str, /, **args: Any) -> Ticket:
+        while self.outstanding >= self.window:
+            self._collect(0.05)
+        ticket = self.client.submit(op, **args)
+        self._queue.append(ticket)
+        self._collect(0)
+        return ticket
+
+    def drain(self) -> None:
+        """Wait until every submitted request is answered."""
+        while self._queue:
+            self._collect(0.05)
+
+    @property
+    def outstanding(self) -> int:
+        return sum(1 for t in self._queue if not t.done)
+
+    def _collect(self, timeout: float) -> None:
+        if self.client.in_flight:
+            self.client._pump(timeout)
+        while self._queue and self._queue[0].done:
+            ticket = self._queue.popleft()
+            self.completed += 1
+            if ticket.error is not None:
+                self.failed.append(ticket)
+            if self.on_done is not None:
+                self.on_done(ticket)
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.drain()
+
+
+_local = threading.local()
+
+
+def thread_client() -> WriterClient:
+    """This thread's own client (made on first use, remade after fork)."""
+    client = getattr(_local, "client", None)
+    if client is None or client._pid != os.getpid():
+        client = _local.client = WriterClient()
+    return client

@@ -1,0 +1,47 @@
+"""Errors a writer call can raise, shared by the writer (which names them in
+its replies) and :class:`db.client.WriterClient` (which raises them)."""
+from __future__ import annotations
+
+
+class WriterError(Exception):
+    """Base of every error a writer call raises."""
+
+    #: Whether the client may retry the same request (same id) and succeed.
+    retryable = False
+
+
+class ValidationError(WriterError, ValueError):
+    """The request is malformed: unknown op, missing or extra field, wrong
+    type or value. Nothing was written; retrying cannot help."""
+
+
+class NotFound(WriterError, LookupError):
+    """The request names something that does not exist (e.g. a trade id)."""
+
+
+class Conflict(WriterError):
+    """The request contradicts stored state (e.g. closing a closed trade)."""
+
+
+class OpFailed(WriterError):
+    """The op failed for a reason of the database's; nothing was written."""
+
+
+class CommitFailed(WriterError):
+    """The batch holding the request could not be committed (disk full, I/O
+    error). Nothing of it was written; the client retries."""
+
+    retryable = True
+
+
+class WriterUnavailable(WriterError):
+    """No answer from the writer within the client's deadline. The request
+    may or may not have been applied: retry it with the same client and
+    request id (``WriterClient`` does) and it is applied at most once."""
+
+    retryable = True
+
+
+ERROR_TYPES: dict[str, type[WriterError]] = {
+    cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, CommitFailed)
+}

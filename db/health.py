@@ -1,0 +1,241 @@
+"""Health of the database, taken by any process without writing.
+
+This is the safe replacement for the seed's "stop all Python processes":
+instead of killing by name, it shows which processes hold the database files
+open, by pid, and flags any that is neither the writer nor a known reader,
+and any that opened the database for writing behind the writer's back (the
+only way left to get "database is locked").
+
+Like :mod:`db.engine`, this module knows the database is SQLite.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from db.config import Settings
+from db.errors import WriterError
+from db.lock import read_lock_holder
+
+#: Modules whose processes are ours: a process running one of them with the
+#: database open is a known reader.
+OUR_MODULES = ("workers.", "webapp", "db", "bench", "circus", "gunicorn", "pytest")
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def connect_read_only(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+    """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path}; start the writer (it creates it) or run `python -m db init`")
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+    con.execute("PRAGMA query_only = 1")
+    return con
+
+
+def database_files(path: Path) -> dict[str, Path]:
+    return {"db": path, "wal": Path(f"{path}-wal"), "shm": Path(f"{path}-shm")}
+
+
+def file_sizes(path: Path) -> dict[str, int | None]:
+    return {kind: _size(p) for kind, p in database_files(path).items()}
+
+
+def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
+    con = connect_read_only(path)
+    try:
+        out: dict[str, Any] = {}
+        for name in ("journal_mode", "page_count", "page_size", "freelist_count", "user_version"):
+            out[name] = con.execute(f"PRAGMA {name}").fetchone()[0]
+        if quick_check:
+            started = time.perf_counter()
+            rows = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+            out["quick_check"] = {"ok": rows == ["ok"], "messages": rows[:20],
+                                  "ms": round((time.perf_counter() - started) * 1000, 1)}
+        return out
+    finally:
+        con.close()
+
+
+def integrity_check(path: Path) -> list[str]:
+    """``PRAGMA integrity_check``: ``["ok"]`` when the file is sound."""
+    con = connect_read_only(path)
+    try:
+        return [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+    finally:
+        con.close()
+
+
+def holders(path: Path, writer_pid: int | None, home: Path, known_pids: set[int] | None = None) -> list[dict]:
+    """Every process (that we may inspect) holding the database files open.
+
+    ``role`` is ``writer`` (holds the writer lock), ``reader`` (ours, read-
+    only), ``rogue-writer`` (opened the database for writing but is not the
+    writer: the cause of lock errors) or ``unknown`` (not ours).
+    """
+    wanted = {str(p): kind for kind, p in database_files(path).items()}
+    known_pids = known_pids or set()
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        try:
+            files = [f for f in proc.open_files() if f.path in wanted]
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if not files:
+            continue
+        writes_db = any(wanted[f.path] == "db" and f.mode != "r" for f in files)
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid == writer_pid:
+            role = "writer"
+        elif writes_db:
+            role = "rogue-writer"
+        elif proc.pid in known_pids or proc.pid == os.getpid() or _is_ours(proc, cmdline, home):
+            role = "reader"
+        else:
+            role = "unknown"
+        found.append({"pid": proc.pid, "name": proc.info["name"], "cmdline": cmdline[:300], "role": role,
+                      "files": sorted({wanted[f.path] for f in files}),
+                      "flagged": role in ("rogue-writer", "unknown")})
+    return sorted(found, key=lambda h: h["pid"])
+
+
+def _is_ours(proc: psutil.Process, cmdline: str, home: Path) -> bool:
+    try:
+        if proc.environ().get("TICKSTACK_HOME") and Path(proc.environ()["TICKSTACK_HOME"]).absolute() == home:
+            return True
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+    return any(f"-m {m}" in cmdline for m in OUR_MODULES)
+
+
+def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: float = 1.0,
+             known_pids: set[int] | None = None) -> dict[str, Any]:
+    """Everything a person asks when the database feels slow, in one dict.
+    Never writes and never raises for a sick database: it reports it."""
+    from db.client import WriterClient  # here, so importing health stays cheap
+
+    path = settings.database_path
+    snap: dict[str, Any] = {"taken_at_ms": int(time.time() * 1000), "database_url": settings.database_url}
+    writer: dict[str, Any] = {"up": False, "pid": None}
+    if path is not None:
+        writer["pid"] = read_lock_holder(settings.writer_lock_path)
+    client = WriterClient(settings=settings, deadline=writer_timeout)
+    try:
+        ping = client.ping(timeout=writer_timeout)
+        writer.update(up=True, pid=ping["pid"], ping_ms=ping["latency_ms"], stats=client.stats(writer_timeout))
+    except WriterError as e:
+        writer["error"] = str(e)
+    finally:
+        client.close()
+    snap["writer"] = writer
+    if path is None:
+        return snap
+    snap["path"] = str(path)
+    snap["files"] = file_sizes(path)
+    try:
+        snap["pragmas"] = pragmas(path, quick_check=quick_check)
+    except (sqlite3.Error, FileNotFoundError) as e:
+        snap["pragmas"] = {"error": str(e)}
+    snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids)
+    stats = writer.get("stats") or {}
+    snap["lock_errors"] = stats.get("lock_errors", 0)
+    snap["last_checkpoint"] = stats.get("last_checkpoint")
+    return snap
+
+
+def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
+    """Plain-word findings from a snapshot: (level, text) with what to do.
+    Levels: ok, warn, fail."""
+    out: list[tuple[str, str]] = []
+    writer = snap["writer"]
+    if writer["up"]:
+        st = writer.get("stats", {})
+        out.append(("ok", f"The writer (pid {writer['pid']}) answers in {writer['ping_ms']:.1f} ms; queue depth "
+                          f"{st.get('queue_depth')}, commit p99 {st.get('commit_p99_ms')} ms."))
+        if st.get("busy_replies"):
+            out.append(("warn", f"The writer refused {st['busy_replies']} requests as busy since it started: "
+                                "producers send faster than it commits. Send larger batches (pipeline), or raise "
+                                "TICKSTACK_WRITER_MAX_QUEUE."))
+    elif writer.get("pid"):
+        out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
+                            "stuck. Look at its log, then restart it: `circusctl restart writer`."))
+    else:
+        out.append(("fail", "The writer is not running, so writes wait (clients retry until their deadline). "
+                            "Start the stack with `make run`, or `circusctl start writer`."))
+    if snap.get("lock_errors"):
+        out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
+                            "writes the file. See the processes below."))
+    prag = snap.get("pragmas", {})
+    if "error" in prag:
+        out.append(("fail", f"Cannot read the database: {prag['error']}"))
+        return out
+    if prag.get("journal_mode") != "wal":
+        out.append(("warn", f"Journal mode is {prag.get('journal_mode')}, not WAL: readers and the writer block "
+                            "each other. The writer sets WAL when it starts."))
+    qc = prag.get("quick_check")
+    if qc is not None:
+        out.append(("ok", "quick_check: ok.") if qc["ok"] else
+                   ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}. Restore the latest "
+                            "backup (python -m db backup makes them)."))
+    wal = (snap.get("files") or {}).get("wal") or 0
+    if wal > 2 * settings.journal_size_limit:
+        readers = [p["pid"] for p in snap.get("processes", []) if p["role"] != "writer"]
+        out.append(("warn", f"The WAL is {wal / 1e6:.0f} MB: checkpoints are not keeping up, usually because "
+                            f"readers keep long transactions open (pids {readers}). `python -m db checkpoint`."))
+    for p in snap.get("processes", []):
+        if p["role"] == "rogue-writer":
+            out.append(("fail", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open FOR WRITING and is not "
+                                "the writer: that is what causes 'database is locked'. Stop that program yourself "
+                                f"(`kill {p['pid']}`) and send its writes through db.client.WriterClient."))
+        elif p["role"] == "unknown":
+            out.append(("warn", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open and is not part of "
+                                "tickstack. Reads are harmless, but a long read holds back checkpoints."))
+    if not any(level != "ok" for level, _ in out):
+        out.append(("ok", "No problem found."))
+    return out
+
+
+def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Copy the database to ``dest`` with SQLite's online backup API from a
+    read-only connection: a consistent snapshot while the stack runs (the
+    copy is one step, one read transaction). Written to a temp file, checked
+    with integrity_check, then renamed into place."""
+    path = settings.database_path
+    if path is None:
+        raise ValueError("backup works on a SQLite database; use your server's tools for others")
+    dest = Path(dest).absolute()
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists; choose another path or pass --force")
+    if dest == path:
+        raise ValueError("the backup path is the database itself")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    tmp.unlink(missing_ok=True)
+    started = time.perf_counter()
+    src = connect_read_only(path)
+    try:
+        out = sqlite3.connect(tmp)
+        try:
+            src.backup(out)
+            out.execute("PRAGMA journal_mode = DELETE")
+            check = [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            out.close()
+    finally:
+        src.close()
+    if check != ["ok"]:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"backup failed its integrity check: {check[:3]}")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)
+    return {"path": str(dest), "bytes": dest.stat().st_size, "ms": round((time.perf_counter() - started) * 1000, 1)}

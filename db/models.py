@@ -1,0 +1,182 @@
+"""The schema, in portable SQLAlchemy: nothing here assumes SQLite.
+
+Times are integer epoch milliseconds UTC everywhere (``ts``), so that every
+process and every database compares them the same way.
+"""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Bar timeframes and their length in milliseconds.
+TIMEFRAMES: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
+
+#: Indicators the analysis worker computes.
+INDICATORS = ("sma_20", "ema_20", "rsi_14", "atr_14")
+
+# A 64-bit integer key that is still SQLite's fast rowid alias.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class SchemaVersion(Base):
+    """One row per migration applied, so the writer knows where it stands."""
+
+    __tablename__ = "schema_version"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    applied_at: Mapped[int] = mapped_column(BigInteger)
+
+
+class Tick(Base):
+    __tablename__ = "ticks"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    symbol: Mapped[str] = mapped_column(String(32))
+    ts: Mapped[int] = mapped_column(BigInteger)
+    bid: Mapped[float] = mapped_column(Float)
+    ask: Mapped[float] = mapped_column(Float)
+    volume: Mapped[float] = mapped_column(Float, default=0.0)
+    #: Who produced the tick and its sequence number there: (source, seq) is
+    #: unique, so a replayed or retried tick is stored once.
+    source: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    __table_args__ = (
+        UniqueConstraint("source", "seq"),
+        Index("ix_ticks_symbol_ts", "symbol", "ts"),
+    )
+
+
+class Bar(Base):
+    """OHLCV bar; ``ts`` is the bucket start, floor(ts / length) * length."""
+
+    __tablename__ = "bars"
+    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
+    timeframe: Mapped[str] = mapped_column(String(8), primary_key=True)
+    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    open: Mapped[float] = mapped_column(Float)
+    high: Mapped[float] = mapped_column(Float)
+    low: Mapped[float] = mapped_column(Float)
+    close: Mapped[float] = mapped_column(Float)
+    volume: Mapped[float] = mapped_column(Float)
+    tick_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class IndicatorValue(Base):
+    __tablename__ = "indicators"
+    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
+    timeframe: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Cursor(Base):
+    """A worker's progress marker (e.g. the last tick id analysed)."""
+
+    __tablename__ = "cursors"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+
+
+class Trade(Base):
+    """A paper trade and the exit rules the monitor applies to it."""
+
+    __tablename__ = "trades"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    symbol: Mapped[str] = mapped_column(String(32), index=True)
+    side: Mapped[str] = mapped_column(String(4))  # buy | sell
+    size: Mapped[float] = mapped_column(Float)
+    entry_price: Mapped[float] = mapped_column(Float)
+    stop_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    take_profit: Mapped[float | None] = mapped_column(Float, nullable=True)
+    trailing_distance: Mapped[float | None] = mapped_column(Float, nullable=True)
+    breakeven_trigger: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Best price seen since entry (highest for a buy, lowest for a sell).
+    best_price: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(8), default="open", index=True)  # open | closed
+    opened_at: Mapped[int] = mapped_column(BigInteger)
+    closed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    exit_price: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    close_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: Last tick id the monitor applied to this trade.
+    last_tick_id: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TradeEvent(Base):
+    __tablename__ = "trade_events"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    trade_id: Mapped[int] = mapped_column(ForeignKey("trades.id"), index=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))  # opened, stop_moved, closed, ...
+    price: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobRun(Base):
+    __tablename__ = "job_runs"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(64), index=True)
+    started_at: Mapped[int] = mapped_column(BigInteger)
+    finished_at: Mapped[int] = mapped_column(BigInteger)
+    duration_ms: Mapped[int] = mapped_column(BigInteger)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class AuditEntry(Base):
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(128), default="")
+    result: Mapped[str] = mapped_column(String(16))  # ok | error | denied
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class AppliedRequest(Base):
+    """Requests the writer has committed, with their results.
+
+    Written in the same transaction as the request's effects, so a client
+    that retries after a writer crash gets the first result back instead of
+    applying the request twice.
+    """
+
+    __tablename__ = "applied_requests"
+    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    committed_at: Mapped[int] = mapped_column(BigInteger, index=True)
+    result: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+def now_ms_default() -> int:
+    """Now, in the epoch milliseconds UTC every ``ts`` column holds."""
+    return int(time.time() * 1000)

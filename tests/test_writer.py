@@ -1,0 +1,335 @@
+"""The single writer, end to end: real writer processes, real SQLite files,
+real ZeroMQ sockets; producers and readers in processes of their own."""
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgpack
+import pytest
+import writer_procs
+import zmq
+from conftest import ROOT, Stack
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import OperationalError
+
+from db.client import WriterClient
+from db.engine import make_read_engine
+from db.errors import Conflict, NotFound, ValidationError
+from db.models import AuditEntry, Tick
+
+ctx = mp.get_context("spawn")
+
+
+def db_conn(stack: Stack) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+
+
+def run_producers(stack: Stack, n_producers: int, n_ops: int, n_readers: int, pause: float = 0.0,
+                  during: object = None) -> tuple[list[dict], list[dict]]:
+    out, rout, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    producers = [ctx.Process(target=writer_procs.producer, args=(stack.env, i, n_ops, out, pause))
+                 for i in range(n_producers)]
+    readers = [ctx.Process(target=writer_procs.reader, args=(stack.env, stop, rout)) for _ in range(n_readers)]
+    for p in readers + producers:
+        p.start()
+    try:
+        if during is not None:
+            during()  # type: ignore[operator]
+        results = [out.get(timeout=240) for _ in producers]
+        stop.set()
+        reads = [rout.get(timeout=60) for _ in readers]
+    finally:
+        stop.set()
+        for p in producers + readers:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    return results, reads
+
+
+def check_exactly_once(stack: Stack, results: list[dict]) -> None:
+    con = db_conn(stack)
+    try:
+        for r in results:
+            source = f"p{r['index']}"
+            stored = [s for (s,) in con.execute("SELECT seq FROM ticks WHERE source = ?", (source,))]
+            assert Counter(stored) == Counter(r["seqs"]), f"{source}: ticks stored differ from ticks acknowledged"
+            audits = Counter(t for (t,) in con.execute("SELECT target FROM audit_log WHERE actor = ?", (source,)))
+            assert audits == Counter(r["audits"]), f"{source}: audit rows differ from audits acknowledged"
+    finally:
+        con.close()
+
+
+def test_eight_producers_four_readers_no_errors_exactly_once(writer: Stack) -> None:
+    n_ops = 250
+    results, reads = run_producers(writer, 8, n_ops, 4)
+    assert [r["errors"] for r in results] == [[]] * 8
+    assert all(len(r["seqs"]) == n_ops // 2 * writer_procs.TICKS_PER_OP for r in results)
+    assert all(len(r["audits"]) == n_ops // 2 for r in results)
+    check_exactly_once(writer, results)
+    assert [r["errors"] for r in reads] == [[]] * 4
+    # Readers read while writes committed: they saw the table grow.
+    assert all(r["reads"] > 10 and r["distinct_counts"] > 2 for r in reads), reads
+    stats = WriterClient(settings=writer.settings, deadline=5).stats()
+    assert stats["lock_errors"] == 0 and stats["requests_failed"] == 0 and stats["commit_failures"] == 0
+    assert stats["requests_ok"] == 8 * n_ops
+    assert stats["max_batch"] > 1  # concurrent requests were group-committed
+
+
+def test_writer_killed_twice_mid_run_loses_nothing(stack: Stack) -> None:
+    proc = stack.start_writer()
+    n_ops = 300
+
+    def kill_and_restart_twice() -> None:
+        nonlocal proc
+        engine = make_read_engine(stack.settings, pool_size=1)
+        for threshold in (300, 900):
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                with engine.connect() as conn:
+                    if conn.execute(select(func.count()).select_from(AuditEntry)).scalar_one() >= threshold:
+                        break
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            time.sleep(0.3)  # requests sent now find no writer
+            proc = stack.start_writer()
+        engine.dispose()
+
+    results, reads = run_producers(stack, 8, n_ops, 2, pause=0.002, during=kill_and_restart_twice)
+    assert [r["errors"] for r in results] == [[]] * 8
+    assert all(len(r["audits"]) == n_ops // 2 for r in results)
+    check_exactly_once(stack, results)
+    assert [r["errors"] for r in reads] == [[]] * 2
+    assert stack.writer_log().count("writer ready") == 3
+    assert WriterClient(settings=stack.settings, deadline=5).stats()["dedup_hits"] >= 0
+
+
+BAD_TICK_CASES = [
+    ("ticks", [], "a batch must hold 1..10000"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": 1.0, "ask": 2.0}] * 10_001, "a batch must hold 1..10000"),
+    ("ticks", [{"ts": 1, "bid": 1.0, "ask": 2.0}], "missing field 'symbol'"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": 1.0, "ask": 2.0, "colour": "red"}], "unexpected field 'colour'"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": "yesterday", "bid": 1.0, "ask": 2.0}], "ts[0]: 'yesterday' is not epoch"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": "1.0", "ask": 2.0}], "bid[0]: '1.0' is not a number"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": math.nan, "ask": 2.0}], "bid[0]: nan is not a price"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": 1.0, "ask": math.inf}], "ask[0]: inf is not a price"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": -1.0, "ask": 2.0}], "bid[0]: -1.0 is not a price"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": 2.5, "ask": 2.0}], "bid 2.5 is above ask 2.0"),
+    ("ticks", [{"symbol": "btc usd", "ts": 1, "bid": 1.0, "ask": 2.0}], "'btc usd' is not a symbol"),
+    ("ticks", [{"symbol": "BTCUSD", "ts": 1, "bid": 1.0, "ask": 2.0, "volume": -3}], "volume[0]: -3 is not a volume"),
+    ("ticks", {"symbol": ["BTCUSD"], "ts": [1, 2], "bid": [1.0], "ask": [2.0]}, "1 values, expected 2"),
+    ("ticks", "BTCUSD 1 2", "expected a list of ticks"),
+]
+
+
+def test_each_bad_input_fails_alone_in_its_batch(stack: Stack) -> None:
+    # A batch window makes the writer take all of these into one transaction.
+    stack.start_writer(TICKSTACK_WRITER_BATCH_WAIT="0.5")
+    client = WriterClient(settings=stack.settings, deadline=10)
+    good = [{"symbol": "BTCUSD", "ts": 1_700_000_000_000 + i, "bid": 1.0, "ask": 1.1, "source": "good", "seq": i}
+            for i in range(3)]
+    pipe = client.pipeline(window=100)
+    tickets = [pipe.submit("insert_ticks", ticks=[good[0]])]
+    bad = []
+    for field, value, message in BAD_TICK_CASES:
+        bad.append((pipe.submit("insert_ticks", **{field: value}), message))
+    bad.append((pipe.submit("no_such_op", x=1), "unknown op 'no_such_op'"))
+    bad.append((pipe.submit("insert_ticks"), "missing field 'ticks'"))
+    bad.append((pipe.submit("insert_ticks", ticks=[good[2]], extra=1), "unexpected field 'extra'"))
+    bad.append((pipe.submit("audit", actor="me", action="x", result="maybe"), "'maybe' is not one of ok, error"))
+    bad.append((pipe.submit("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0, stop_loss=101.0),
+                "stop_loss 101.0 must be below the entry 100.0"))
+    bad.append((pipe.submit("close_trade", trade_id=99), "trade 99 does not exist"))
+    tickets.append(pipe.submit("insert_ticks", ticks=[good[1]]))
+    tickets.append(pipe.submit("audit", actor="me", action="still-works"))
+    pipe.drain()
+    for ticket, message in bad:
+        assert ticket.error is not None, f"accepted: {message}"
+        assert isinstance(ticket.error, ValidationError | NotFound), ticket.error
+        assert message in str(ticket.error), (message, str(ticket.error))
+    assert [t.error for t in tickets] == [None, None, None]
+    batches = {t.batch for t in tickets} | {t.batch for t, _ in bad}
+    assert len(batches) == 1, f"expected one transaction, got batches {batches}"
+    con = db_conn(stack)
+    assert sorted(s for (s,) in con.execute("SELECT seq FROM ticks")) == [0, 1]
+    assert con.execute("SELECT count(*) FROM audit_log").fetchone() == (1,)
+    assert con.execute("SELECT count(*) FROM trades").fetchone() == (0,)
+    con.close()
+
+
+def test_garbage_frames_get_error_replies_and_the_writer_keeps_serving(stack: Stack) -> None:
+    stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE="65536")
+    zctx = zmq.Context()
+    sock = zctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(stack.settings.writer_endpoint)
+    cases = [
+        ([b"\xc1\xc1 not msgpack"], "not valid msgpack"),
+        ([msgpack.packb([1, 2, 3])], "request must be a map"),
+        ([msgpack.packb({"op": "audit", "cid": "c"})], "no sequence number"),
+        ([msgpack.packb({"op": "audit", "seq": 1})], "no client id"),
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": [1]})], "args must be a map"),
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {}}), b"more"], "expected one message frame"),
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {"actor": "x" * 70_000}})], "over the limit"),
+        ([msgpack.packb({"op": "drop_table", "seq": 2, "cid": "c", "args": {}})], "unknown op 'drop_table'"),
+    ]
+    try:
+        for frames, message in cases:
+            sock.send_multipart(frames)
+            reply = msgpack.unpackb(sock.recv())
+            assert reply["ok"] is False and message in reply["error"]["message"], (message, reply)
+        # Over the hard cap ZeroMQ drops the peer unread; the writer lives on.
+        sock.send(b"\x00" * (65536 * 4 + 10))
+        client = WriterClient(settings=stack.settings, deadline=10)
+        assert client.ping()["pid"] == stack.procs[0].pid
+        assert client.call("audit", actor="me", action="after-garbage")["id"] == 1
+        assert client.stats()["malformed"] == len(cases) - 1  # the unknown op is a failed request, not malformed
+    finally:
+        sock.close()
+        zctx.term()
+
+
+def test_retry_of_a_committed_request_is_not_applied_twice_even_across_restart(stack: Stack) -> None:
+    proc = stack.start_writer()
+    zctx = zmq.Context()
+
+    def send(payload: bytes) -> dict:
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 10_000)
+        sock.connect(stack.settings.writer_endpoint)
+        try:
+            sock.send(payload)
+            return msgpack.unpackb(sock.recv())
+        finally:
+            sock.close()
+
+    request = msgpack.packb({"v": 1, "cid": "retry-test", "seq": 7, "op": "audit",
+                             "args": {"actor": "me", "action": "once"}})
+    first = send(request)
+    again = send(request)
+    assert first["ok"] and again["result"] == first["result"]
+    assert stack.stop(proc) == 0
+    stack.start_writer()
+    after_restart = send(request)
+    zctx.term()
+    assert after_restart["result"] == first["result"]
+    con = db_conn(stack)
+    assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'once'").fetchone() == (1,)
+    con.close()
+
+
+def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
+    first = writer.procs[0]
+    second = subprocess.run([sys.executable, "-m", "workers.writer"], env=writer.env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 3
+    assert f"another writer (pid {first.pid}) holds" in second.stderr
+    client = WriterClient(settings=writer.settings, deadline=10)
+    assert client.ping()["pid"] == first.pid
+    assert client.call("audit", actor="me", action="still-serving")["id"] == 1
+    # python -m db init also respects the lock instead of writing.
+    init = subprocess.run([sys.executable, "-m", "db", "init"], env=writer.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert init.returncode == 0 and "the writer is running" in init.stdout
+
+
+def test_sigterm_with_requests_in_flight_commits_all_and_truncates_wal(stack: Stack) -> None:
+    proc = stack.start_writer()
+    out, started = ctx.Queue(), ctx.Event()
+    batches, batch = 150, 1000
+    producer = ctx.Process(target=writer_procs.pipelined_producer, args=(stack.env, batches, batch, out, started))
+    producer.start()
+    try:
+        assert started.wait(60), "producer never got going"
+        proc.send_signal(signal.SIGTERM)
+        result = out.get(timeout=120)
+    finally:
+        producer.join(30)
+    assert result["errors"] == []
+    assert result["acked_rows"] == batches * batch
+    assert proc.wait(60) == 0
+    log = stack.writer_log()
+    assert "SIGTERM received; draining" in log and "final checkpoint" in log
+    wal = Path(f"{stack.settings.database_path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0
+    con = db_conn(stack)
+    assert con.execute("SELECT count(*) FROM ticks").fetchone() == (batches * batch,)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+
+
+def test_trades_ops_and_typed_errors(writer: Stack) -> None:
+    client = WriterClient(settings=writer.settings, deadline=10)
+    client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": 1_700_000_000_000, "bid": 100.0, "ask": 101.0}])
+    opened = client.call("open_trade", symbol="BTCUSD", side="buy", size=2.0, stop_loss=90.0, take_profit=120.0)
+    assert opened["entry_price"] == 101.0  # a buy opens at the ask
+    client.call("update_trade", trade_id=opened["id"], stop_loss=95.0, reason="trailing")
+    closed = client.call("close_trade", trade_id=opened["id"], reason="manual")
+    assert closed == {"id": opened["id"], "exit_price": 100.0, "pnl": -2.0}  # closes at the bid
+    with pytest.raises(Conflict, match="already closed"):
+        client.call("close_trade", trade_id=opened["id"])
+    with pytest.raises(NotFound):
+        client.call("update_trade", trade_id=12345, stop_loss=1.0)
+    con = db_conn(writer)
+    kinds = [k for (k,) in con.execute("SELECT kind FROM trade_events ORDER BY id")]
+    con.close()
+    assert kinds == ["opened", "trailing", "closed"]
+
+
+def test_client_refuses_sharing_across_threads_and_unsendable_args(writer: Stack) -> None:
+    client = WriterClient(settings=writer.settings, deadline=5)
+    client.ping()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            client.ping()
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert len(errors) == 1 and "not thread-safe" in str(errors[0])
+    with pytest.raises(ValidationError, match="cannot be sent"):
+        client.call("audit", actor="me", action="x", detail=object())
+
+
+def test_writer_unavailable_after_deadline(stack: Stack) -> None:
+    from db.errors import WriterUnavailable
+
+    client = WriterClient(settings=stack.settings, deadline=0.5)
+    started = time.monotonic()
+    with pytest.raises(WriterUnavailable, match="no answer from the writer"):
+        client.call("audit", actor="me", action="nobody-home")
+    assert time.monotonic() - started < 10
+
+
+def test_read_engine_cannot_write(writer: Stack) -> None:
+    engine = make_read_engine(writer.settings, pool_size=1)
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA query_only")).scalar() == 1
+        with pytest.raises(OperationalError, match="readonly|read-only|query_only"):
+            conn.execute(insert(Tick).values(symbol="X", ts=1, bid=1.0, ask=1.0, volume=0, source="x", seq=1))
+    engine.dispose()
+
+
+def test_database_files_are_private(writer: Stack) -> None:
+    settings = writer.settings
+    WriterClient(settings=settings, deadline=5).call("audit", actor="me", action="x")
+    assert os.stat(settings.database_path).st_mode & 0o077 == 0
+    assert os.stat(settings.home).st_mode & 0o777 == 0o700
+    assert os.stat(settings.run_dir).st_mode & 0o777 == 0o700

@@ -1,0 +1,1 @@
+"""Worker processes and the pure logic they run (feeds, bars, indicators)."""
