@@ -33,8 +33,25 @@ def _human_bytes(n: int | None) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     settings = load_settings()
     home = ensure_home(settings)
+    running = _running_circusd(settings.run_dir / "circusd.pid")
+    if running:
+        print(f"tickstack is already running in {home} (circusd pid {running}); manage it with "
+              f"`circusctl --endpoint ipc://{settings.run_dir}/circus.sock status`, or stop it with `... quit`",
+              file=sys.stderr)
+        return 1
     print(f"runtime folder {home} (mode 0700): database, sockets, logs, spool, backups")
     return 0
+
+
+def _running_circusd(pidfile: Path) -> int | None:
+    """The pid in circusd's pid file, if that process is alive and circusd."""
+    import psutil
+
+    try:
+        pid = int(pidfile.read_text().strip())
+        return pid if "circusd" in " ".join(psutil.Process(pid).cmdline()) else None
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -7,6 +7,8 @@ whole stack beside the user's by changing ``TICKSTACK_HOME`` alone.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +75,8 @@ class Settings:
     writer_max_message: int
     #: On SIGTERM: stop once no request came for this long ...
     writer_drain_idle: float
-    #: ... or after this long in any case.
+    #: ... or after this long in any case (producers that keep sending, as
+    #: during ``circusctl restart writer``, retry against the next writer).
     writer_drain_deadline: float
     #: How long the record of applied requests is kept for retries.
     dedup_ttl: float
@@ -93,6 +96,18 @@ class Settings:
     @property
     def backup_dir(self) -> Path:
         return self.home / "backups"
+
+    @property
+    def circus_endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'circus.sock'}"
+
+    @property
+    def circus_pubsub_endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'circus-pubsub.sock'}"
+
+    @property
+    def circus_stats_endpoint(self) -> str:
+        return f"ipc://{self.run_dir / 'circus-stats.sock'}"
 
     @property
     def database_path(self) -> Path | None:
@@ -136,7 +151,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         writer_max_queue=_env_int(env, "TICKSTACK_WRITER_MAX_QUEUE", 2048, minimum=1),
         writer_max_message=_env_int(env, "TICKSTACK_WRITER_MAX_MESSAGE", 16 * 1024 * 1024, minimum=1024),
         writer_drain_idle=_env_float(env, "TICKSTACK_WRITER_DRAIN_IDLE", 1.0),
-        writer_drain_deadline=_env_float(env, "TICKSTACK_WRITER_DRAIN_DEADLINE", 20.0),
+        writer_drain_deadline=_env_float(env, "TICKSTACK_WRITER_DRAIN_DEADLINE", 5.0),
         dedup_ttl=_env_float(env, "TICKSTACK_DEDUP_TTL", 3600.0, minimum=60.0),
     )
 
@@ -157,3 +172,23 @@ def ensure_home(settings: Settings) -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(path, 0o700)
     return settings.home
+
+
+def read_or_create_secret(path: Path, generate: Callable[[], str]) -> tuple[str, bool]:
+    """The secret stored at ``path``; on first use, ``generate()`` one and
+    store it with mode 0600. Returns (secret, created). Safe when several
+    processes (gunicorn workers) race to create it: one wins, all read it."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the winner may still be writing it
+            value = path.read_text().strip()
+            if value:
+                return value, False
+            time.sleep(0.02)
+        raise ConfigError(f"{path} is empty; delete it to generate a new secret") from None
+    value = generate()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True

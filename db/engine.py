@@ -104,6 +104,15 @@ def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
     path = settings.database_path
     assert path is not None
     engine = create_engine(read_only_url(path), pool_size=pool_size, max_overflow=pool_size)
+    return configure_read_only(engine, settings)
+
+
+def configure_read_only(engine: Engine, settings: Settings) -> Engine:
+    """Make an engine built elsewhere (Flask-SQLAlchemy's, on a
+    :func:`read_only_url`) behave like :func:`make_read_engine`'s: query_only,
+    busy timeout, explicit snapshot transactions, fork-safe."""
+    if not is_sqlite(engine):
+        return engine
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:

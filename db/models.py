@@ -68,6 +68,9 @@ class Tick(Base):
     __table_args__ = (
         UniqueConstraint("source", "seq"),
         Index("ix_ticks_symbol_ts", "symbol", "ts"),
+        # Ids never go back, even after retention deletes the newest rows:
+        # workers resume from "the last tick id I processed".
+        {"sqlite_autoincrement": True},
     )
 
 
@@ -160,6 +163,20 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(128), default="")
     result: Mapped[str] = mapped_column(String(16))  # ok | error | denied
     detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Sample(Base):
+    """A measurement for the console's charts (last hour and more): ingest
+    rate, commit latency, queue depth, WAL size, CPU and memory per watcher.
+    ``labels`` is e.g. the watcher name; empty for stack-wide series."""
+
+    __tablename__ = "samples"
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    ts: Mapped[int] = mapped_column(BigInteger)
+    name: Mapped[str] = mapped_column(String(64))
+    labels: Mapped[str] = mapped_column(String(128), default="")
+    value: Mapped[float] = mapped_column(Float)
+    __table_args__ = (Index("ix_samples_name_ts", "name", "ts"),)
 
 
 class AppliedRequest(Base):

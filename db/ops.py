@@ -33,6 +33,7 @@ from db.models import (
     Cursor,
     IndicatorValue,
     JobRun,
+    Sample,
     Tick,
     Trade,
     TradeEvent,
@@ -400,8 +401,9 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
     while ``more`` is true."""
     ids = select(Tick.id).where(Tick.ts < before_ts).order_by(Tick.id).limit(limit).scalar_subquery()
     deleted = conn.execute(delete(Tick).where(Tick.id.in_(ids))).rowcount
-    more = conn.execute(select(Tick.id).where(Tick.ts < before_ts).limit(1)).first() is not None
-    return {"deleted": deleted, "more": more}
+    # A full batch may have left more behind; checking with a query would
+    # scan the table (no index on ts alone, which ingest would pay for).
+    return {"deleted": deleted, "more": deleted == limit}
 
 
 # --- bars, indicators, analysis progress -------------------------------------------
@@ -627,6 +629,23 @@ def audit(conn: Connection, actor: str, action: str, target: str = "", result: s
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
         detail=detail)).inserted_primary_key[0]
     return {"id": entry_id}
+
+
+SAMPLE_FIELDS = {"ts": (timestamp, True), "name": (label, True), "labels": (text(128), False),
+                 "value": (finite, True)}
+
+
+@op("record_samples", samples=rows(SAMPLE_FIELDS), keep_ms=(optional(integer(60_000)), False))
+def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int | None = None) -> dict[str, int]:
+    """Store measurements for the charts; with ``keep_ms``, forget samples
+    older than that (the series stay bounded)."""
+    for s in samples:
+        s.setdefault("labels", "")
+    conn.execute(insert(Sample), samples)
+    pruned = 0
+    if keep_ms is not None:
+        pruned = conn.execute(delete(Sample).where(Sample.ts < now_ms() - keep_ms)).rowcount
+    return {"stored": len(samples), "pruned": pruned}
 
 
 @op("checkpoint", transactional=False, mode=(one_of("PASSIVE", "FULL", "RESTART", "TRUNCATE"), False))

@@ -232,11 +232,19 @@ class Writer:
         return now - quiet_since >= self.settings.writer_drain_idle and self.queue.empty() and not self.commit_busy
 
     def _final_checkpoint(self) -> None:
-        try:
-            result = checkpoint(self.conn, "TRUNCATE")
-            log.info("writer: final checkpoint %s; exiting", result)
-        except SQLAlchemyError as e:
-            log.error("writer: final checkpoint failed: %s", e)
+        """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
+        partial (busy): retry briefly, since circus is stopping them too."""
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                result = checkpoint(self.conn, "TRUNCATE")
+            except SQLAlchemyError as e:
+                log.error("writer: final checkpoint failed: %s", e)
+                return
+            if not result["busy"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
 
     # --- IO thread ---------------------------------------------------------------------
 

@@ -1,0 +1,232 @@
+"""The analysis worker end to end: a real writer, the worker as a process (and in-process), bars and
+indicators checked against an independent recomputation from the stored ticks."""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import ROOT, Stack
+
+from db.client import WriterClient
+from db.models import TIMEFRAMES
+from workers.analysis import AnalysisWorker, Analyzer, Batch
+from workers.indicators import atr_wilder, ema, rsi_wilder, sma
+
+T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
+MIN = 60_000
+
+
+def db(stack: Stack) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+
+
+def price_path(symbols: list[str], start_ts: int, n: int, step_ms: int, seed: int,
+               skip: tuple[int, int] | None = None) -> Iterator[dict]:
+    """n ticks round-robin over symbols, ts non-decreasing; ``skip`` = a (from, to) ts gap for symbols[0]."""
+    rnd = random.Random(seed)
+    mids = {s: 100.0 + 50 * i for i, s in enumerate(symbols)}
+    ts = start_ts
+    for i in range(n):
+        sym = symbols[i % len(symbols)]
+        ts += rnd.randint(0, step_ms)
+        if skip and sym == symbols[0] and skip[0] <= ts < skip[1]:
+            continue
+        mids[sym] = round(max(1.0, mids[sym] * (1 + rnd.gauss(0, 0.002))), 4)
+        yield {"symbol": sym, "ts": ts, "bid": mids[sym], "ask": round(mids[sym] + 0.05, 4),
+               "volume": rnd.randint(1, 40) / 4}
+
+
+def insert(stack: Stack, ticks: list[dict], source: str) -> None:
+    client = WriterClient(settings=stack.settings, deadline=30)
+    base = _next_seq.setdefault(source, 0)
+    for k in range(0, len(ticks), 10_000):
+        batch = [{**t, "source": source, "seq": base + k + i} for i, t in enumerate(ticks[k:k + 10_000])]
+        assert client.call("insert_ticks", ticks=batch)["inserted"] == len(batch)
+    _next_seq[source] = base + len(ticks)
+    client.close()
+
+
+_next_seq: dict[str, int] = {}
+
+
+def run_worker(stack: Stack, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--until-idle", *args], env=stack.env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def expected_bars(con: sqlite3.Connection) -> dict[tuple, dict]:
+    """Bars recomputed from every stored tick, in id order: floor(ts / len) * len buckets;
+    open/close = first/last bid (ticks are in ts order per symbol), high/low = max/min, volume = sum."""
+    bars: dict[tuple, dict] = {}
+    for sym, ts, bid, vol in con.execute("SELECT symbol, ts, bid, volume FROM ticks ORDER BY id"):
+        for tf, length in TIMEFRAMES.items():
+            key = (sym, tf, ts // length * length)
+            b = bars.get(key)
+            if b is None:
+                bars[key] = {"open": bid, "high": bid, "low": bid, "close": bid, "volume": vol, "tick_count": 1}
+            else:
+                b["high"], b["low"], b["close"] = max(b["high"], bid), min(b["low"], bid), bid
+                b["volume"] += vol
+                b["tick_count"] += 1
+    return bars
+
+
+def stored_bars(con: sqlite3.Connection) -> dict[tuple, dict]:
+    rows = con.execute("SELECT symbol, timeframe, ts, open, high, low, close, volume, tick_count FROM bars")
+    return {(s, tf, ts): {"open": o, "high": h, "low": lo, "close": c, "volume": v, "tick_count": n}
+            for s, tf, ts, o, h, lo, c, v, n in rows}
+
+
+def check_bars(stack: Stack) -> dict[tuple, dict]:
+    con = db(stack)
+    try:
+        want, got = expected_bars(con), stored_bars(con)
+        assert con.execute("SELECT value FROM cursors WHERE name = 'analysis'").fetchone() == \
+            con.execute("SELECT max(id) FROM ticks").fetchone()
+    finally:
+        con.close()
+    assert got.keys() == want.keys()
+    for key, w in want.items():
+        g = got[key]
+        assert (g["open"], g["high"], g["low"], g["close"], g["tick_count"]) == \
+            (w["open"], w["high"], w["low"], w["close"], w["tick_count"]), key
+        assert g["volume"] == pytest.approx(w["volume"], rel=1e-12), key
+    return got
+
+
+def check_indicators(stack: Stack, timeframes: tuple[str, ...] = ("1m", "5m")) -> int:
+    """Stored indicators equal the batch functions over the stored bars; SMA also a textbook loop."""
+    con = db(stack)
+    checked = 0
+    try:
+        for (sym,) in con.execute("SELECT DISTINCT symbol FROM bars").fetchall():
+            for tf in timeframes:
+                rows = con.execute("SELECT ts, high, low, close FROM bars WHERE symbol = ? AND timeframe = ? "
+                                   "ORDER BY ts", (sym, tf)).fetchall()
+                ts, highs, lows, closes = (list(col) for col in zip(*rows, strict=True))
+                want = {}
+                for name, values in (("sma_20", sma(closes, 20)), ("ema_20", ema(closes, 20)),
+                                     ("rsi_14", rsi_wilder(closes, 14)), ("atr_14", atr_wilder(highs, lows, closes))):
+                    want.update({(name, t): v for t, v in zip(ts, values, strict=True) if v is not None})
+                got = {(name, t): v for name, t, v in con.execute(
+                    "SELECT name, ts, value FROM indicators WHERE symbol = ? AND timeframe = ?", (sym, tf))}
+                assert got == want, (sym, tf)
+                for i in range(19, len(closes)):
+                    assert got[("sma_20", ts[i])] == pytest.approx(sum(closes[i - 19:i + 1]) / 20, rel=1e-12)
+                checked += len(got)
+    finally:
+        con.close()
+    return checked
+
+
+def test_bars_and_indicators_exact_across_runs_and_restarts(writer: Stack) -> None:
+    symbols = ["AAA", "BBB"]
+    first = list(price_path(symbols, T0 + 1234, 2000, 4000, seed=1, skip=(T0 + 10 * MIN, T0 + 13 * MIN)))
+    insert(writer, first, "feed")
+    log = run_worker(writer)
+    assert f"stored 1 chunk(s): {len(first)} ticks" in log and "nothing left to do" in log
+    bars = check_bars(writer)
+    assert len({k[2] for k in bars if k[1] == "1m"}) > 30 and len({k[2] for k in bars if k[1] == "5m"}) > 6
+    assert check_indicators(writer) > 200
+
+    # More ticks, the first ones into the buckets still open; then a run in-process with tiny batches
+    # (the writer's row limits, scaled down) to exercise the split into several atomic stores.
+    more = list(price_path(symbols, first[-1]["ts"], 900, 4000, seed=2))
+    assert more[0]["ts"] // MIN * MIN == first[-1]["ts"] // MIN * MIN
+    insert(writer, more, "feed")
+    worker = AnalysisWorker(writer.settings, until_idle=True, chunk=97, bar_budget=10)
+    assert worker.run() == 0
+    check_bars(writer)
+    check_indicators(writer)
+
+    # Nothing new: a run changes nothing.
+    assert "stored" not in run_worker(writer)
+    check_bars(writer)
+
+
+def test_a_chunk_over_the_row_limits_is_split(writer: Stack) -> None:
+    # One tick a minute: 3000 1m bars plus 5m/1h/1d ones, four indicators each: well over the
+    # 10,000 rows a store_analysis list may hold, all in one 5000-tick chunk.
+    ticks = [{"symbol": "ONE", "ts": T0 + i * MIN + 7, "bid": 100 + math.sin(i / 9) * 5, "ask": 200.0,
+              "volume": 1.0} for i in range(3000)]
+    insert(writer, ticks, "minutely")
+    log = run_worker(writer)
+    assert "stored 2 chunk(s): 3000 ticks" in log
+    assert sum(1 for k in check_bars(writer) if k[1] == "1m") == 3000
+    assert check_indicators(writer, ("1m", "5m", "1h")) > 10_000
+
+
+def test_sigkill_mid_run_never_counts_a_tick_twice(writer: Stack) -> None:
+    insert(writer, list(price_path(["AAA", "BBB", "CCC"], T0, 24_000, 500, seed=3)), "bulk")
+    con = db(writer)
+    positions = []
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen([sys.executable, "-m", "workers.analysis", "--chunk", "100"], env=writer.env,
+                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            writer.procs.append(proc)
+            start = positions[-1] if positions else 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                row = con.execute("SELECT value FROM cursors WHERE name = 'analysis'").fetchone()
+                if row and row[0] > start + 1000:
+                    break
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)  # anywhere: reading, folding, or waiting on the writer
+            proc.wait()
+            positions.append(con.execute("SELECT value FROM cursors WHERE name = 'analysis'").fetchone()[0])
+    finally:
+        con.close()
+    assert positions == sorted(positions) and positions[-1] < 24_000, positions  # killed mid-way
+    run_worker(writer, "--chunk", "700")
+    check_bars(writer)
+    check_indicators(writer)
+
+
+def test_analyzer_state_round_trip_and_batching_do_not_change_results() -> None:
+    ticks = list(price_path(["AAA", "BBB"], T0, 3000, 3000, seed=4))
+
+    def fold(splits: list[int], budget: int) -> tuple[dict, dict]:
+        bars: dict = {}
+        inds: dict = {}
+
+        def take(batch: Batch) -> None:
+            assert len(batch.bars) <= budget and len(batch.indicators) <= 4 * budget
+            bars.update({(b["symbol"], b["timeframe"], b["ts"]): b for b in batch.bars})
+            inds.update({(x["symbol"], x["timeframe"], x["name"], x["ts"]): x["value"] for x in batch.indicators})
+
+        an = Analyzer(bar_budget=budget)
+        for i, t in enumerate(ticks, start=1):
+            if i in splits:  # a restart: only what was stored survives
+                batch = an.flush()
+                take(batch)
+                an = Analyzer(batch.position, batch.state, bar_budget=budget)
+            if not an.fits(t["symbol"], t["ts"]):
+                take(an.flush())
+            an.add(i, t["symbol"], t["ts"], t["bid"], t["volume"])
+        take(an.flush())
+        return bars, inds
+
+    reference = fold([], 2500)
+    assert fold([500, 501, 1777], 2500) == reference
+    assert fold([1000, 2000], 6) == reference
+
+
+def test_bad_arguments_and_missing_state() -> None:
+    with pytest.raises(ValueError, match="no state stored"):
+        Analyzer(42, None)
+    with pytest.raises(ValueError, match="bar_budget"):
+        Analyzer(bar_budget=1)
+    proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--chunk", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TICKSTACK_HOME": "/tmp/ts-none"})
+    assert proc.returncode == 2 and "--chunk must be at least 1" in proc.stderr

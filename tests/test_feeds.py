@@ -1,0 +1,367 @@
+"""Tests for workers.feeds: the simulated market, CSV parsing and validation, bar replay, pacing."""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from db.models import TIMEFRAMES
+from workers.feeds import (
+    CsvFeed,
+    CsvFormatError,
+    SimFeed,
+    bar_to_ticks,
+    infer_timeframe,
+    pace,
+    parse_speed,
+    read_bar_csv,
+    read_tick_csv,
+)
+from workers.indicators import BarBuilder
+
+T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
+
+
+def write(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- SimFeed
+
+
+def test_simfeed_is_deterministic_and_resumable() -> None:
+    a = SimFeed(seed=7, start_ts=T0).ticks(500)
+    assert a == SimFeed(seed=7, start_ts=T0).ticks(500)
+    assert a != SimFeed(seed=8, start_ts=T0).ticks(500)
+    feed = SimFeed(seed=7, start_ts=T0)
+    assert feed.ticks(200) + feed.ticks(300) == a
+
+
+def test_simfeed_ticks_are_valid_and_realistic() -> None:
+    rate = 20.0
+    ticks = SimFeed(seed=1, start_ts=T0, rate_hz=rate).ticks(4000)
+    assert {t["symbol"] for t in ticks} == {"BTCUSD", "EURUSD"}
+    assert ticks[0]["ts"] >= T0
+    assert all(b["ts"] >= a["ts"] for a, b in zip(ticks, ticks[1:], strict=False))
+    for t in ticks:
+        assert set(t) == {"symbol", "ts", "bid", "ask", "volume"}
+        assert isinstance(t["ts"], int)
+        assert 0 < t["bid"] <= t["ask"] and t["volume"] > 0
+        if t["symbol"] == "BTCUSD":
+            assert 50_000 < t["bid"] < 70_000 and 0.99 <= t["ask"] - t["bid"] <= 10.01
+            assert round(t["bid"], 2) == t["bid"]
+        else:
+            assert 1.0 < t["bid"] < 1.2 and 0.00004 <= t["ask"] - t["bid"] <= 0.00021
+            assert round(t["bid"], 5) == t["bid"]
+    mean_gap = (ticks[-1]["ts"] - ticks[0]["ts"]) / (len(ticks) - 1)
+    assert mean_gap == pytest.approx(1000 / rate, rel=0.1)
+    assert len({t["bid"] for t in ticks if t["symbol"] == "BTCUSD"}) > 100  # it moves
+
+
+def test_simfeed_defaults_start_now_and_rejects_bad_args() -> None:
+    tick = SimFeed(seed=3).ticks(1)[0]
+    assert abs(tick["ts"] - time.time() * 1000) < 60_000
+    other = SimFeed(symbols=("XYZ",), seed=3, start_ts=0).ticks(10)
+    assert all(t["symbol"] == "XYZ" and 0 < t["bid"] <= t["ask"] for t in other)
+    with pytest.raises(ValueError):
+        SimFeed(symbols=())
+    with pytest.raises(ValueError):
+        SimFeed(rate_hz=0)
+
+
+# --------------------------------------------------------------------------- tick CSV
+
+GOOD_TICKS = """ts,symbol,bid,ask,volume
+2024-01-02T00:00:00,EURUSD,1.1,1.1002,5
+
+2024-01-02T00:00:01Z,EURUSD,1.1001,1.1003,0
+2024-01-02T01:00:02+01:00,BTCUSD,60000,60001.5,0.25
+1704153603000,BTCUSD,60000.5,60000.5,1e-3
+1704153500000,BTCUSD,59999,60000,2
+"""
+
+
+def test_read_tick_csv_parses_times_and_line_numbers(tmp_path: Path) -> None:
+    rows = list(read_tick_csv(write(tmp_path, GOOD_TICKS)))
+    assert [line for line, _ in rows] == [2, 4, 5, 6, 7]  # blank line 3 skipped, lines kept
+    assert [t["ts"] for _, t in rows] == [T0, T0 + 1000, T0 + 2000, T0 + 3000, T0 - 100_000]
+    assert rows[2][1] == {"symbol": "BTCUSD", "ts": T0 + 2000, "bid": 60000.0, "ask": 60001.5, "volume": 0.25}
+    assert rows[3][1]["bid"] == rows[3][1]["ask"] and rows[3][1]["volume"] == 0.001
+
+
+def test_read_tick_csv_symbol_argument(tmp_path: Path) -> None:
+    overridden = [t["symbol"] for _, t in read_tick_csv(write(tmp_path, GOOD_TICKS), symbol="X")]
+    assert overridden == ["X"] * 5
+    no_col = write(tmp_path, "TS, Bid ,ASK\n2024-01-02,1,2\n", "nosym.csv")  # names are case/space-free
+    assert list(read_tick_csv(no_col, symbol="EURUSD")) == [
+        (2, {"symbol": "EURUSD", "ts": T0, "bid": 1.0, "ask": 2.0, "volume": 0.0})
+    ]
+    with pytest.raises(CsvFormatError) as err:
+        list(read_tick_csv(no_col))
+    assert err.value.line == 1 and "symbol" in err.value.reason
+    with pytest.raises(CsvFormatError, match="line 1: empty file"):
+        list(read_tick_csv(write(tmp_path, "", "empty.csv")))
+
+
+GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2", "expected 5 columns, got 4"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1,9", "expected 5 columns, got 6"),
+        ("2024-01-02T00:00:00,EURUSD,abc,1.2,1", "bid 'abc' is not a number"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,,1", "ask '' is not a number"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,x", "volume 'x' is not a number"),
+        ("2024-01-02T00:00:00,EURUSD,nan,1.2,1", "bid 'nan' is not a finite number"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,inf,1", "ask 'inf' is not a finite number"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,-inf", "volume '-inf' is not a finite number"),
+        ("2024-01-02T00:00:00,EURUSD,0,1.2,1", "bid '0' must be > 0"),
+        ("2024-01-02T00:00:00,EURUSD,-1.1,1.2,1", "bid '-1.1' must be > 0"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,-1,1", "ask '-1' must be > 0"),
+        ("2024-01-02T00:00:00,EURUSD,1.3,1.2,1", "bid 1.3 is above ask 1.2"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,-0.5", "volume '-0.5' must be >= 0"),
+        ("yesterday,EURUSD,1.1,1.2,1", "ts 'yesterday' is not an ISO-8601 time or epoch ms"),
+        ("2024-13-01T00:00:00,EURUSD,1.1,1.2,1", "ts '2024-13-01T00:00:00' is not an ISO-8601"),
+        (",EURUSD,1.1,1.2,1", "ts '' is not an ISO-8601"),
+        ("2024-01-02T00:00:00, ,1.1,1.2,1", "symbol is empty"),
+    ],
+)
+def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
+    # Line 1 header, 2 good, 3 blank, 4 good, 5 bad, 6 good: the error names line 5 after 2 ticks.
+    path = write(tmp_path, f"ts,symbol,bid,ask,volume\n{GOOD}\n\n{GOOD}\n{row}\n{GOOD}\n")
+    seen = []
+    with pytest.raises(CsvFormatError) as err:
+        for line, _tick in read_tick_csv(path):
+            seen.append(line)
+    assert seen == [2, 4]
+    assert err.value.line == 5 and err.value.reason.startswith(reason)
+    assert str(err.value) == f"line 5: {err.value.reason}"
+    assert isinstance(err.value, ValueError)
+
+
+# --------------------------------------------------------------------------- bar CSV
+
+
+def test_read_bar_csv_pandas_style_unnamed_index_naive_utc(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        ",open,HIGH,Low,Close,Adj Close,Volume\n"
+        "2024-01-02 09:30:00,10,11,9,10.5,99,100\n"
+        "2024-01-02 09:31:00,10.5,10.5,10.5,10.5,99,0\n",
+    )
+    bars = read_bar_csv(path)
+    t = T0 + (9 * 60 + 30) * 60_000
+    assert bars == [
+        (2, {"ts": t, "open": 10.0, "high": 11.0, "low": 9.0, "close": 10.5, "volume": 100.0}),
+        (3, {"ts": t + 60_000, "open": 10.5, "high": 10.5, "low": 10.5, "close": 10.5, "volume": 0.0}),
+    ]
+    assert infer_timeframe(bars) == "1m"
+
+
+def test_read_bar_csv_time_formats(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "Datetime,Open,High,Low,Close\n"
+        "2024-01-02,1,1,1,1\n"  # date only: midnight UTC
+        "2024-01-02T09:30:00-05:00,1,1,1,1\n"  # offset honoured: 14:30Z
+        "2024-01-02T15:00:00Z,1,1,1,1\n"
+        f"{(T0 + 16 * 3_600_000) // 1000},1,1,1,1\n"  # epoch seconds
+        f"{T0 + 17 * 3_600_000},1,1,1,1\n",  # epoch ms
+    )
+    hours = [(b["ts"] - T0) / 3_600_000 for _, b in read_bar_csv(path)]
+    assert hours == [0, 14.5, 15, 16, 17]
+    assert all(b["volume"] == 0.0 for _, b in read_bar_csv(path))  # no Volume column
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ("2024-01-03,10,9.5,9,9.8,1", "high 9.5 is below max(open, close, low) = 10.0"),
+        ("2024-01-03,10,11,9,8,1", "low 9.0 is above min(open, close) = 8.0"),
+        ("2024-01-03,10,11,12,10,1", "high 11.0 is below max(open, close, low) = 12.0"),
+        ("2024-01-03,0,11,9,10,1", "open '0' must be > 0"),
+        ("2024-01-03,10,11,9,10,-1", "volume '-1' must be >= 0"),
+        ("2024-01-03,10,11,9,null,1", "close 'null' is not a number"),
+        ("2024-01-02,10,11,9,10,1", "time 2024-01-02T00:00:00Z is not after 2024-01-02T00:00:00Z (line 2)"),
+        ("2024-01-01,10,11,9,10,1", "time 2024-01-01T00:00:00Z is not after"),
+        ("2024-01-03,10,11,9,10", "expected 6 columns, got 5"),
+        ("someday,10,11,9,10,1", "time 'someday' is not an ISO-8601 time or epoch seconds/ms"),
+    ],
+)
+def test_read_bar_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
+    path = write(tmp_path, f"Date,Open,High,Low,Close,Volume\n2024-01-02,10,11,9,10,1\n{row}\n")
+    with pytest.raises(CsvFormatError) as err:
+        read_bar_csv(path)
+    assert err.value.line == 3 and err.value.reason.startswith(reason)
+
+
+def test_read_bar_csv_bad_header(tmp_path: Path) -> None:
+    with pytest.raises(CsvFormatError, match=r"line 1: header lacks low, a time column"):
+        read_bar_csv(write(tmp_path, "When,Open,High,Close\n"))
+
+
+# --------------------------------------------------------------------------- timeframes
+
+
+def bars_at(times: list[int]) -> list[dict]:
+    return [{"ts": t, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0, "volume": 0.0} for t in times]
+
+
+@pytest.mark.parametrize("tf", list(TIMEFRAMES))
+def test_infer_timeframe_uses_the_most_common_gap(tf: str) -> None:
+    length = TIMEFRAMES[tf]
+    steps = [0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14]  # weekday-like holes do not matter
+    assert infer_timeframe(bars_at([T0 + s * length for s in steps])) == tf
+
+
+def test_infer_timeframe_errors() -> None:
+    with pytest.raises(ValueError, match="at least 2 bars"):
+        infer_timeframe(bars_at([T0]))
+    with pytest.raises(ValueError, match="most often 120000 ms apart"):
+        infer_timeframe(bars_at([T0, T0 + 120_000, T0 + 240_000]))
+    with pytest.raises(ValueError, match="not aligned to 1h"):
+        infer_timeframe(bars_at([T0 + 1_800_000 + i * 3_600_000 for i in range(3)]))
+
+
+def test_misaligned_daily_file_names_the_line(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "Date,Open,High,Low,Close\n2024-01-02,1,1,1,1\n2024-01-03,1,1,1,1\n"
+        "2024-01-04T00:00:00-05:00,1,1,1,1\n2024-01-05,1,1,1,1\n2024-01-06,1,1,1,1\n",
+    )
+    with pytest.raises(CsvFormatError) as err:
+        CsvFeed(path, "X")
+    assert err.value.line == 4 and "not aligned to 1d" in err.value.reason
+
+
+# --------------------------------------------------------------------------- bar replay
+
+
+def random_bars(tf: str, count: int, seed: int) -> list[dict]:
+    """Random OHLCV bars with every shape: up, down, doji, flat open == close with wicks."""
+    rng, length, price, out = random.Random(seed), TIMEFRAMES[tf], 100.0, []
+    start = T0 + 10 * length if tf != "1d" else T0
+    for i in range(count):
+        o = round(price, 4)
+        shape = i % 4
+        c = o if shape in (2, 3) else round(o * rng.uniform(0.97, 1.03), 4)
+        if shape == 2:  # doji: all four equal
+            h = lo = o
+        else:
+            h = round(max(o, c) * rng.uniform(1.0, 1.02), 4)
+            lo = round(min(o, c) * rng.uniform(0.98, 1.0), 4)
+        vol = 0.0 if i % 7 == 0 else round(rng.uniform(0, 5000), 3)
+        out.append({"ts": start + i * length, "open": o, "high": h, "low": lo, "close": c, "volume": vol})
+        price = c * rng.uniform(0.99, 1.01)
+    return out
+
+
+def write_bars(tmp_path: Path, bars: list[dict], name: str) -> Path:
+    lines = ["Date,Open,High,Low,Close,Volume"]
+    for b in bars:
+        lines.append(f"{b['ts']},{b['open']!r},{b['high']!r},{b['low']!r},{b['close']!r},{b['volume']!r}")
+    return write(tmp_path, "\n".join(lines) + "\n", name)
+
+
+@pytest.mark.parametrize("tf", ["1m", "5m", "1h", "1d"])
+def test_bar_file_replay_rebuilds_identical_bars(tmp_path: Path, tf: str) -> None:
+    original = random_bars(tf, 60, seed=len(tf) + TIMEFRAMES[tf] % 97)
+    assert any(b["close"] < b["open"] for b in original) and any(b["close"] > b["open"] for b in original)
+    assert any(b["open"] == b["high"] == b["low"] == b["close"] for b in original)
+    feed = CsvFeed(write_bars(tmp_path, original, f"{tf}.csv"), "SYM")
+    assert (feed.kind, feed.timeframe) == ("bars", tf)
+    builder = BarBuilder()
+    lines = []
+    for line, tick in feed:
+        lines.append(line)
+        assert tick["symbol"] == "SYM" and tick["bid"] == tick["ask"]
+        builder.add(tick["symbol"], tick["ts"], tick["bid"], tick["volume"])
+    assert lines == [n for n in range(2, 62) for _ in range(4)]
+    rebuilt = [b for b in builder.take_dirty() if b["timeframe"] == tf]
+    assert [{k: b[k] for k in ("ts", "open", "high", "low", "close", "volume")} for b in rebuilt] == original
+    assert all(b["tick_count"] == 4 for b in rebuilt)
+    assert builder.late_ticks == 0
+
+
+def test_bar_to_ticks_path_and_timestamps() -> None:
+    length = TIMEFRAMES["1m"]
+    up = {"ts": T0, "open": 10.0, "high": 12.0, "low": 9.0, "close": 11.0, "volume": 7.5}
+    down = {**up, "close": 9.5}
+    ticks = bar_to_ticks(up, length, "S")
+    assert [t["bid"] for t in ticks] == [10.0, 9.0, 12.0, 11.0]
+    assert [t["bid"] for t in bar_to_ticks(down, length, "S")] == [10.0, 12.0, 9.0, 9.5]
+    times = [t["ts"] for t in ticks]
+    assert times == sorted(set(times)) and times[0] == T0 and times[-1] == T0 + length - 1
+    assert [t["volume"] for t in ticks] == [0.0, 0.0, 0.0, 7.5]
+
+
+def test_csvfeed_ticks_and_errors(tmp_path: Path) -> None:
+    feed = CsvFeed(write(tmp_path, GOOD_TICKS), None)
+    assert (feed.kind, feed.timeframe) == ("ticks", None)
+    assert [line for line, _ in feed] == [2, 4, 5, 6, 7]
+    assert {t["symbol"] for _, t in CsvFeed(write(tmp_path, GOOD_TICKS), "Z")} == {"Z"}
+    with pytest.raises(ValueError, match="only applies to bar files"):
+        CsvFeed(write(tmp_path, GOOD_TICKS), None, timeframe="1m")
+    bars = write_bars(tmp_path, random_bars("1m", 5, 1), "bars.csv")
+    with pytest.raises(ValueError, match="pass a symbol"):
+        CsvFeed(bars, None)
+    with pytest.raises(ValueError, match="unknown timeframe '2m'"):
+        CsvFeed(bars, "S", timeframe="2m")
+    with pytest.raises(CsvFormatError, match="line 2: .* not aligned to 1h"):
+        CsvFeed(bars, "S", timeframe="1h")
+    one_bar = write_bars(tmp_path, random_bars("1d", 1, 1)[:1], "one.csv")
+    assert CsvFeed(one_bar, "S", timeframe="1d").timeframe == "1d"
+    with pytest.raises(ValueError, match="at least 2 bars"):
+        CsvFeed(one_bar, "S")
+
+
+# --------------------------------------------------------------------------- pacing
+
+
+@pytest.mark.parametrize("text,expected", [("max", "max"), (" MAX ", "max"), ("1", 1.0), ("10", 10.0), ("0.5", 0.5)])
+def test_parse_speed_valid(text: str, expected: object) -> None:
+    assert parse_speed(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf"])
+def test_parse_speed_invalid(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid replay speed .*positive number"):
+        parse_speed(text)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def test_pace_replays_time_differences_k_times_faster() -> None:
+    ticks = [(i, {"ts": ts}) for i, ts in enumerate([5000, 6000, 6000, 9000, 8000, 13000])]
+    clock = FakeClock()
+    out = []
+    for item in pace(ticks, 2.0, clock=clock, sleep=clock.sleep):
+        out.append((item, clock.now - 100.0))
+    assert [item for item, _ in out] == ticks
+    assert [at for _, at in out] == [0.0, 0.5, 0.5, 2.0, 2.0, 4.0]  # backwards tick: no wait
+    assert len(clock.sleeps) == 3
+
+
+def test_pace_max_never_sleeps_and_bad_speed_fails_early() -> None:
+    clock = FakeClock()
+    ticks = [{"ts": 0}, {"ts": 10_000}]
+    assert list(pace(ticks, "max", clock=clock, sleep=clock.sleep)) == ticks and clock.sleeps == []
+    with pytest.raises(ValueError):
+        pace(ticks, 0)

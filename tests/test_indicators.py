@@ -1,0 +1,306 @@
+"""Tests for workers.indicators: bar building, batch indicators, incremental IndicatorState."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from db.models import INDICATORS, TIMEFRAMES
+from workers.feeds import SimFeed
+from workers.indicators import (
+    BarBuilder,
+    IndicatorState,
+    atr_wilder,
+    bucket_start,
+    ema,
+    rsi_wilder,
+    sma,
+)
+
+T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z, a 1d boundary
+MIN = 60_000
+
+
+def test_bucket_start() -> None:
+    assert bucket_start(T0 + 59_999, MIN) == T0
+    assert bucket_start(T0 + 60_000, MIN) == T0 + MIN
+    assert bucket_start(T0 + 299_999, 300_000) == T0
+    assert bucket_start(-1, MIN) == -MIN  # floor, not truncation
+
+
+# --------------------------------------------------------------------------- BarBuilder
+
+
+def test_barbuilder_aggregates_every_timeframe() -> None:
+    b = BarBuilder()
+    for ts, price, vol in [(T0 + 1000, 10.0, 1.0), (T0 + 2000, 12.0, 2.0), (T0 + 3000, 9.0, 0.5)]:
+        b.add("S", ts, price, vol)
+    bars = b.take_dirty()
+    assert [bar["timeframe"] for bar in bars] == list(TIMEFRAMES)
+    for bar in bars:
+        assert bar == {
+            "symbol": "S", "timeframe": bar["timeframe"], "ts": T0, "open": 10.0, "high": 12.0,
+            "low": 9.0, "close": 9.0, "volume": 3.5, "tick_count": 3,
+        }  # fmt: skip
+    assert b.take_dirty() == []
+    b.add("S", T0 + 4000, 11.0, 0.0)
+    b.add("T", T0 + 4000, 1.0, 0.0)
+    assert len(b.take_dirty()) == 2 * len(TIMEFRAMES)
+
+
+def test_barbuilder_hands_out_a_closed_bar_before_its_successor() -> None:
+    b = BarBuilder({"1m": MIN})
+    b.add("S", T0 + 1000, 10.0, 1.0)
+    b.take_dirty()
+    b.add("S", T0 + 2000, 11.0, 1.0)  # last change to the first bar
+    b.add("S", T0 + MIN, 12.0, 1.0)  # opens the next bar
+    b.add("S", T0 + 3 * MIN, 13.0, 1.0)  # a gap: no bar for the empty minute
+    bars = b.take_dirty()
+    assert [(x["ts"], x["close"], x["tick_count"]) for x in bars] == [
+        (T0, 11.0, 2),
+        (T0 + MIN, 12.0, 1),
+        (T0 + 3 * MIN, 13.0, 1),
+    ]
+
+
+def test_barbuilder_out_of_order_ticks() -> None:
+    b = BarBuilder({"1m": MIN, "5m": 300_000})
+    b.add("S", T0 + 30_000, 2.0, 1.0)
+    b.add("S", T0 + 10_000, 1.0, 1.0)  # earlier in the same bucket: becomes the open
+    b.add("S", T0 + 20_000, 3.0, 1.0)  # not the latest: close stays 2.0
+    assert b.current("S", "1m") == {
+        "symbol": "S", "timeframe": "1m", "ts": T0, "open": 1.0, "high": 3.0, "low": 1.0,
+        "close": 2.0, "volume": 3.0, "tick_count": 3,
+    }  # fmt: skip
+    b.add("S", T0 + MIN + 1, 5.0, 1.0)  # 1m bucket T0 closes
+    b.add("S", T0 + 40_000, 0.5, 1.0)  # late for 1m: dropped there, still in the current 5m bar
+    assert b.late_ticks == 1
+    assert b.current("S", "1m")["low"] == 5.0  # type: ignore[index]
+    five = b.current("S", "5m")
+    assert five is not None and (five["low"], five["close"], five["tick_count"]) == (0.5, 5.0, 5)
+
+
+def test_barbuilder_load_continues_a_partial_bar() -> None:
+    b = BarBuilder()
+    stored = {
+        "symbol": "S", "timeframe": "1h", "ts": T0, "open": 10.0, "high": 11.0, "low": 9.0,
+        "close": 10.5, "volume": 4.0, "tick_count": 7,
+    }  # fmt: skip
+    b.load(stored)
+    assert b.take_dirty() == []  # loading is not a change
+    b.add("S", T0 + 1_800_000, 11.5, 1.0)
+    hour = [x for x in b.take_dirty() if x["timeframe"] == "1h"]
+    assert hour == [{**stored, "high": 11.5, "close": 11.5, "volume": 5.0, "tick_count": 8}]
+    with pytest.raises(ValueError, match="unknown timeframe"):
+        b.load({**stored, "timeframe": "2h"})
+    with pytest.raises(ValueError, match="not a 1h bucket start"):
+        b.load({**stored, "ts": T0 + 1})
+
+
+# --------------------------------------------------------------------------- batch, hand-checked
+
+
+def test_hand_checked_values() -> None:
+    # SMA(3) of 1..5: (1+2+3)/3 = 2, (2+3+4)/3 = 3, (3+4+5)/3 = 4.
+    assert sma([1, 2, 3, 4, 5], 3) == [None, None, 2, 3, 4]
+    # EMA(3), alpha = 0.5: seed (2+4+6)/3 = 4; then 4 + 0.5*(8-4) = 6; 6 + 0.5*(12-6) = 9.
+    assert ema([2, 4, 6, 8, 12], 3) == [None, None, 4, 6, 9]
+    # RSI(3) of 10, 11, 10.5, 11.5, 11: changes +1, -0.5, +1, -0.5.
+    # First: avg gain (1+0+1)/3 = 2/3, avg loss 0.5/3 = 1/6, RS = 4, RSI = 100 - 100/5 = 80.
+    # Next: gain (2/3*2 + 0)/3 = 4/9, loss (1/6*2 + 0.5)/3 = 5/18, RS = 1.6, RSI = 100 - 100/2.6.
+    rsi = rsi_wilder([10, 11, 10.5, 11.5, 11], 3)
+    assert rsi[:3] == [None, None, None]
+    assert rsi[3] == pytest.approx(80.0, rel=1e-12) and rsi[4] == pytest.approx(61.538461538461, rel=1e-12)
+    # ATR(2): TR = 2 (h-l), max(2, |11-9|, |9-9|) = 2, max(1.5, |14-10|, |12.5-10|) = 4.
+    # First ATR = (2+2)/2 = 2; next (2*1 + 4)/2 = 3.
+    assert atr_wilder([10, 11, 14], [8, 9, 12.5], [9, 10, 13], 2) == [None, 2.0, 3.0]
+    assert rsi_wilder([1, 2, 3, 4], 3)[3] == 100.0  # no losses
+    assert rsi_wilder([5, 5, 5, 5], 3)[3] == 100.0  # avg loss 0 counts as 100 too
+
+
+def test_rsi14_on_the_stockcharts_example_data() -> None:
+    # The closes of StockCharts' RSI(14) worked example. The 14 changes are
+    # -0.25 +0.06 -0.54 +0.72 +0.50 +0.27 +0.32 +0.42 +0.24 -0.19 +0.14 -0.42 +0.67 0.00:
+    # gains sum to 3.34, losses to 1.40, so RS = 3.34 / 1.40 and RSI = 100 - 100 / (1 + RS) = 70.4641...
+    # (StockCharts prints 70.53 from rounded averages). Next change -0.28: avg gain 3.34/14 * 13/14,
+    # avg loss (1.40/14 * 13 + 0.28) / 14, RSI = 66.2496...
+    closes = [44.34, 44.09, 44.15, 43.61, 44.33, 44.83, 45.10, 45.42, 45.84, 46.08, 45.89, 46.03, 45.61]
+    closes += [46.28, 46.28, 46.00]
+    rsi = rsi_wilder(closes, 14)
+    assert rsi[:14] == [None] * 14
+    gain, loss = 3.34 / 14 * 13 / 14, (1.40 / 14 * 13 + 0.28) / 14
+    assert rsi[14:] == pytest.approx([100 - 100 / (1 + 3.34 / 1.40), 100 - 100 / (1 + gain / loss)], rel=1e-9)
+    assert rsi[14:] == pytest.approx([70.4641, 66.2496], abs=1e-4)
+
+
+def test_short_series_and_bad_periods() -> None:
+    assert sma([1.0], 2) == ema([1.0], 2) == [None]
+    assert rsi_wilder([1.0, 2.0], 2) == [None, None]
+    assert atr_wilder([], [], [], 3) == []
+    with pytest.raises(ValueError):
+        sma([1.0], 0)
+    with pytest.raises(ValueError, match="same length"):
+        atr_wilder([1.0], [1.0, 2.0], [1.0], 1)
+
+
+# --------------------------------------------------------------------------- batch vs textbook loops
+
+
+def textbook_sma(xs: list[float], n: int) -> list[float | None]:
+    out: list[float | None] = []
+    for i in range(len(xs)):
+        if i + 1 < n:
+            out.append(None)
+        else:
+            total = 0.0
+            for j in range(i - n + 1, i + 1):
+                total += xs[j]
+            out.append(total / n)
+    return out
+
+
+def textbook_ema(xs: list[float], n: int) -> list[float | None]:
+    alpha, out, prev = 2 / (n + 1), [], None
+    for i, x in enumerate(xs):
+        if i + 1 < n:
+            out.append(None)
+            continue
+        prev = sum(xs[:n]) / n if i + 1 == n else alpha * x + (1 - alpha) * prev
+        out.append(prev)
+    return out
+
+
+def textbook_rsi(xs: list[float], n: int) -> list[float | None]:
+    out: list[float | None] = [None] * len(xs)
+    gains = [max(xs[i] - xs[i - 1], 0) for i in range(1, len(xs))]
+    losses = [max(xs[i - 1] - xs[i], 0) for i in range(1, len(xs))]
+    avg_g = avg_l = 0.0
+    for i in range(n, len(xs)):
+        if i == n:
+            avg_g, avg_l = sum(gains[:n]) / n, sum(losses[:n]) / n
+        else:
+            avg_g = (avg_g * (n - 1) + gains[i - 1]) / n
+            avg_l = (avg_l * (n - 1) + losses[i - 1]) / n
+        out[i] = 100.0 if avg_l == 0 else 100 * avg_g / (avg_g + avg_l)
+    return out
+
+
+def textbook_atr(hs: list[float], ls: list[float], cs: list[float], n: int) -> list[float | None]:
+    trs = [hs[0] - ls[0]] + [
+        max(hs[i] - ls[i], abs(hs[i] - cs[i - 1]), abs(ls[i] - cs[i - 1])) for i in range(1, len(hs))
+    ]
+    out: list[float | None] = [None] * len(hs)
+    for i in range(n - 1, len(hs)):
+        out[i] = sum(trs[:n]) / n if i == n - 1 else (out[i - 1] * (n - 1) + trs[i]) / n  # type: ignore[operator]
+    return out
+
+
+def random_walk(count: int, seed: int) -> tuple[list[float], list[float], list[float]]:
+    rng, price, hs, ls, cs = random.Random(seed), 100.0, [], [], []
+    for i in range(count):
+        o = price
+        c = o if i % 9 == 0 else o * rng.uniform(0.97, 1.03)  # some flat bars
+        hs.append(max(o, c) * rng.uniform(1, 1.01))
+        ls.append(min(o, c) * rng.uniform(0.99, 1))
+        cs.append(c)
+        price = c * rng.uniform(0.98, 1.02)  # gaps, so |h - prev close| can be the true range
+    return hs, ls, cs
+
+
+def assert_series_close(got: list[float | None], want: list[float | None]) -> None:
+    assert [g is None for g in got] == [w is None for w in want]
+    assert [g for g in got if g is not None] == pytest.approx([w for w in want if w is not None], rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 14, 20])
+def test_batch_matches_textbook_loops(n: int) -> None:
+    hs, ls, cs = random_walk(300, seed=n)
+    assert_series_close(sma(cs, n), textbook_sma(cs, n))
+    assert_series_close(ema(cs, n), textbook_ema(cs, n))
+    assert_series_close(rsi_wilder(cs, n), textbook_rsi(cs, n))
+    assert_series_close(atr_wilder(hs, ls, cs, n), textbook_atr(hs, ls, cs, n))
+
+
+# --------------------------------------------------------------------------- IndicatorState
+
+
+def batch_at(bars: list[dict], i: int) -> dict[str, float]:
+    """Indicators at bar i, computed by the batch functions over the whole series up to i."""
+    hs, ls, cs = ([b[k] for b in bars[: i + 1]] for k in ("high", "low", "close"))
+    values = {"sma_20": sma(cs, 20)[i], "ema_20": ema(cs, 20)[i], "rsi_14": rsi_wilder(cs, 14)[i]}
+    values["atr_14"] = atr_wilder(hs, ls, cs, 14)[i]
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def versions(bar: dict, rng: random.Random) -> list[dict]:
+    """How a bar looks as it is built: just opened, half way, final."""
+    o = bar["open"]
+    first = {**bar, "high": o, "low": o, "close": o}
+    mid_close = rng.uniform(bar["low"], bar["high"])
+    mid = {**bar, "high": max(o, mid_close), "low": min(o, mid_close), "close": mid_close}
+    return [first, mid, bar]
+
+
+def make_bars(count: int, seed: int) -> list[dict]:
+    hs, ls, cs = random_walk(count, seed)
+    opens = [cs[0]] + cs[:-1]
+    return [
+        {"ts": T0 + i * MIN, "open": min(max(opens[i], ls[i]), hs[i]), "high": hs[i], "low": ls[i], "close": cs[i]}
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("restore_at", [None, 3, 13, 14, 19, 20, 60])
+def test_indicator_state_incremental_equals_batch(restore_at: int | None) -> None:
+    bars, rng = make_bars(120, seed=5), random.Random(1)
+    state = IndicatorState()
+    for i, bar in enumerate(bars):
+        for step, version in enumerate(versions(bar, rng)):
+            if i == restore_at and step == 1:  # mid-bar: the current bar is part of the saved state
+                state = IndicatorState.from_dict(json.loads(json.dumps(state.to_dict())))
+            got = state.update(version)
+            want = batch_at([*bars[:i], version], i)
+            assert set(got) == set(want), (i, step)
+            assert got == pytest.approx(want, rel=1e-9), (i, step)
+            assert state.latest == got
+    assert set(got) == set(INDICATORS)
+    saved = state.to_dict()
+    assert len(saved["closes"]) == IndicatorState.WINDOW == 19  # bounded
+    assert saved["count"] == 119 and saved["current"][0] == bars[-1]["ts"]
+
+
+def test_indicator_state_rejects_older_bars_and_other_versions() -> None:
+    state = IndicatorState()
+    state.update({"ts": T0 + MIN, "high": 2.0, "low": 1.0, "close": 1.5})
+    with pytest.raises(ValueError, match="before the current bar"):
+        state.update({"ts": T0, "high": 2.0, "low": 1.0, "close": 1.5})
+    with pytest.raises(ValueError, match="version"):
+        IndicatorState.from_dict({**state.to_dict(), "version": 99})
+    empty = IndicatorState.from_dict(IndicatorState().to_dict())
+    assert empty.current is None and empty.update({"ts": T0, "high": 1.0, "low": 1.0, "close": 1.0}) == {}
+
+
+def test_ticks_to_bars_to_indicators_pipeline() -> None:
+    """SimFeed -> BarBuilder -> IndicatorState, draining dirty bars every 37 ticks, equals batch."""
+    feed = SimFeed(seed=11, start_ts=T0, rate_hz=0.5, vol_scale=30.0)
+    builder = BarBuilder({"1m": MIN, "5m": 300_000})
+    states: dict[tuple[str, str], IndicatorState] = {}
+    final: dict[tuple[str, str], dict[int, dict]] = {}
+    seen: dict[tuple[str, str], dict[int, dict[str, float]]] = {}
+    for n in range(300):
+        for tick in feed.ticks(37):
+            builder.add(tick["symbol"], tick["ts"], tick["bid"], tick["volume"])
+        for bar in builder.take_dirty():
+            key = (bar["symbol"], bar["timeframe"])
+            if n == 150:  # a worker restart: state round-trips through storage
+                states = {k: IndicatorState.from_dict(json.loads(json.dumps(s.to_dict()))) for k, s in states.items()}
+            seen.setdefault(key, {})[bar["ts"]] = states.setdefault(key, IndicatorState()).update(bar)
+            final.setdefault(key, {})[bar["ts"]] = bar
+    assert builder.late_ticks == 0
+    assert set(states) == {(s, tf) for s in ("BTCUSD", "EURUSD") for tf in ("1m", "5m")}
+    for key, by_ts in final.items():
+        bars = [by_ts[ts] for ts in sorted(by_ts)]
+        assert len(bars) > 40
+        for i, bar in enumerate(bars):
+            assert seen[key][bar["ts"]] == pytest.approx(batch_at(bars, i), rel=1e-9), (key, i)

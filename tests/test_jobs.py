@@ -1,0 +1,243 @@
+"""workers.jobs end to end: a real writer, the worker run as ``python -m workers.jobs``, results read
+back from the SQLite file (job_runs, ticks, bars, backups, the WAL)."""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from conftest import ROOT, Stack
+
+from db.client import WriterClient
+from db.config import ConfigError
+from db.health import file_sizes
+from workers.jobs import PRUNE_BATCH, JobSchedule, rotate_backups
+
+DAY_MS = 86_400_000
+
+
+def run_jobs(stack: Stack, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "workers.jobs", *args], env={**stack.env, **env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def query(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
+    con = sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def job_runs(stack: Stack) -> list[dict[str, Any]]:
+    cols = ("id", "job", "started_at", "finished_at", "duration_ms", "ok", "detail")
+    return [dict(zip(cols, row, strict=True))
+            for row in query(stack, f"SELECT {', '.join(cols)} FROM job_runs ORDER BY id")]
+
+
+def insert_ticks(stack: Stack, ts_list: list[int], source: str) -> None:
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        for i in range(0, len(ts_list), 5000):
+            chunk = ts_list[i:i + 5000]
+            client.call("insert_ticks", ticks={
+                "symbol": ["BTCUSD"] * len(chunk), "ts": chunk, "bid": [100.0] * len(chunk),
+                "ask": [100.5] * len(chunk), "source": [source] * len(chunk),
+                "seq": list(range(i, i + len(chunk)))})
+
+
+def backups(stack: Stack) -> list[str]:
+    return sorted(p.name for p in stack.settings.backup_dir.iterdir() if p.name.startswith("tickstack-2"))
+
+
+def check_run(run: dict[str, Any], job: str, ok: bool = True) -> None:
+    assert run["job"] == job and bool(run["ok"]) is ok, run
+    assert run["duration_ms"] == run["finished_at"] - run["started_at"] >= 0, run
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_schedule_defaults_and_overrides() -> None:
+    assert JobSchedule.from_env({}) == JobSchedule(30, 3600, 6, 7, 24, 64, 30)
+    s = JobSchedule.from_env({"TICKSTACK_RETENTION_DAYS": "0.5", "TICKSTACK_BACKUP_KEEP": "2",
+                              "TICKSTACK_CHECKPOINT_WAL_MB": "", "TICKSTACK_BACKUP_EVERY_H": "1"})
+    assert (s.retention_days, s.backup_keep, s.checkpoint_wal_mb) == (0.5, 2, 64)
+    assert s.every_s("backup") == 3600 and s.every_s("quick_check") == 24 * 3600
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("TICKSTACK_BACKUP_KEEP", "abc", "is not a whole number"),
+    ("TICKSTACK_BACKUP_KEEP", "0", "must be a whole number greater than 0"),
+    ("TICKSTACK_BACKUP_KEEP", "2.5", "is not a whole number"),
+    ("TICKSTACK_RETENTION_DAYS", "-1", "greater than 0"),
+    ("TICKSTACK_RETENTION_EVERY_S", "soon", "is not a number"),
+    ("TICKSTACK_CHECKPOINT_WAL_MB", "nan", "greater than 0"),
+    ("TICKSTACK_QUICK_CHECK_EVERY_H", "inf", "greater than 0"),
+    ("TICKSTACK_CHECKPOINT_EVERY_S", "0", "greater than 0"),
+])
+def test_bad_schedule_is_rejected_naming_the_variable(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name}=.*{message}"):
+        JobSchedule.from_env({name: value})
+
+
+@pytest.mark.parametrize("env", [{"TICKSTACK_BACKUP_KEEP": "abc"}, {"TICKSTACK_BACKUP_KEEP": "0"},
+                                 {"TICKSTACK_RETENTION_DAYS": "-3"}])
+def test_bad_config_exits_2_with_the_variable_named(stack: Stack, env: dict[str, str]) -> None:
+    proc = run_jobs(stack, "--until-idle", timeout=30, **env)  # no writer needed: fails before connecting
+    (name, value), = env.items()
+    assert proc.returncode == 2, proc.stderr
+    assert f"{name}={value!r}" in proc.stderr and "python -m workers.jobs: error:" in proc.stderr
+
+
+def test_unknown_job_is_an_argparse_error(stack: Stack) -> None:
+    proc = run_jobs(stack, "--run", "vacuum", timeout=30)
+    assert proc.returncode == 2 and "invalid choice: 'vacuum'" in proc.stderr, proc.stderr
+
+
+def test_rotate_keeps_the_newest_and_only_touches_our_names(tmp_path: Any) -> None:
+    names = [f"tickstack-2024010{d}T000000Z.db" for d in range(1, 6)]
+    others = ["tickstack-manual.db", "notes.txt", ".tickstack-20240109T000000Z.db.part"]
+    for n in names + others:
+        (tmp_path / n).write_bytes(b"x")
+    removed = rotate_backups(tmp_path, 2)
+    assert sorted(p.name for p in removed) == names[:3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:] + others)
+
+
+# --------------------------------------------------------------------------- jobs, one at a time
+
+
+def test_retention_deletes_exactly_the_old_ticks_and_keeps_bars(writer: Stack) -> None:
+    now = int(time.time() * 1000)
+    old = [now - 40 * DAY_MS + i for i in range(2 * PRUNE_BATCH + 123)]  # needs three bounded calls
+    recent = [now - 29 * DAY_MS, now - DAY_MS, now - 1000]
+    insert_ticks(writer, old, "old")
+    insert_ticks(writer, recent, "recent")
+    bar_ts = (now - 40 * DAY_MS) // 60_000 * 60_000
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        client.call("upsert_bars", bars=[{"symbol": "BTCUSD", "timeframe": "1m", "ts": bar_ts, "open": 100.0,
+                                          "high": 101.0, "low": 99.0, "close": 100.0, "volume": 1.0}])
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert query(writer, "SELECT source, count(*) FROM ticks GROUP BY source") == [("recent", 3)]
+    assert query(writer, "SELECT ts FROM bars") == [(bar_ts,)]
+    (run,) = job_runs(writer)
+    check_run(run, "retention")
+    detail = json.loads(run["detail"])
+    assert detail["deleted"] == len(old) and detail["calls"] == 3 and detail["more"] is False
+
+
+def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
+    keep = 2
+    (writer.settings.backup_dir / "tickstack-manual.db").write_bytes(b"mine")
+    for _ in range(keep + 2):
+        proc = run_jobs(writer, "--run", "backup", TICKSTACK_BACKUP_KEEP=str(keep))
+        assert proc.returncode == 0, proc.stderr
+    runs = job_runs(writer)
+    assert len(runs) == keep + 2
+    paths = [json.loads(r["detail"])["path"] for r in runs]
+    for r in runs:
+        check_run(r, "backup")
+    assert len(set(paths)) == keep + 2  # same-second runs waited for a fresh name
+    assert backups(writer) == sorted(p.rsplit("/", 1)[1] for p in paths[-keep:])
+    assert (writer.settings.backup_dir / "tickstack-manual.db").read_bytes() == b"mine"
+    assert json.loads(runs[-1]["detail"])["removed"] == [paths[1].rsplit("/", 1)[1]]
+    con = sqlite3.connect(f"file:{paths[-1]}?mode=ro", uri=True)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("SELECT count(*) FROM ticks").fetchone() == (500,)
+    finally:
+        con.close()
+
+
+def test_quick_check_and_forced_checkpoint(writer: Stack) -> None:
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
+    path = writer.settings.database_path
+    proc = run_jobs(writer, "--run", "quick_check")
+    assert proc.returncode == 0, proc.stderr
+    before = file_sizes(path)["wal"]
+    assert before > 0
+    proc = run_jobs(writer, "--run", "checkpoint")  # far under the 64 MB threshold: forced anyway
+    assert proc.returncode == 0, proc.stderr
+    # Truncated to 0, then the run's own record_job_run commit started a small new WAL.
+    assert file_sizes(path)["wal"] < before
+    qc, cp = job_runs(writer)
+    check_run(qc, "quick_check")
+    assert json.loads(qc["detail"])["messages"] == ["ok"]
+    check_run(cp, "checkpoint")
+    detail = json.loads(cp["detail"])
+    assert detail["wal_before"] > 0 and detail["wal_after"] == 0 and detail["busy"] == 0 and detail["forced"]
+
+
+def test_checkpoint_follows_the_threshold(writer: Stack) -> None:
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
+    path = writer.settings.database_path
+    wal = file_sizes(path)["wal"]
+    over = {"TICKSTACK_CHECKPOINT_WAL_MB": str(wal * 2 / 2**20)}  # WAL under the threshold: checked, not run
+    assert run_jobs(writer, "--until-idle", **over).returncode == 0
+    assert "checkpoint" not in [r["job"] for r in job_runs(writer)]
+    assert file_sizes(path)["wal"] > 0
+    under = {"TICKSTACK_CHECKPOINT_WAL_MB": str(wal / 2 / 2**20)}
+    assert run_jobs(writer, "--until-idle", **under).returncode == 0
+    (cp,) = [r for r in job_runs(writer) if r["job"] == "checkpoint"]
+    check_run(cp, "checkpoint")
+    detail = json.loads(cp["detail"])
+    assert detail["forced"] is False and detail["wal_before"] >= wal and detail["wal_after"] == 0
+
+
+# --------------------------------------------------------------------------- scheduling
+
+
+def test_until_idle_runs_due_jobs_once_and_a_restart_runs_none(writer: Stack) -> None:
+    proc = run_jobs(writer, "--until-idle")
+    assert proc.returncode == 0, proc.stderr
+    runs = job_runs(writer)
+    assert sorted(r["job"] for r in runs) == ["backup", "quick_check", "retention"]  # checkpoint: WAL small
+    for r in runs:
+        check_run(r, r["job"])
+    assert len(backups(writer)) == 1
+    proc = run_jobs(writer, "--until-idle")
+    assert proc.returncode == 0, proc.stderr
+    assert job_runs(writer) == runs and len(backups(writer)) == 1  # last runs read back: nothing due
+    time.sleep(1.1)
+    proc = run_jobs(writer, "--until-idle", TICKSTACK_RETENTION_EVERY_S="1")
+    assert proc.returncode == 0, proc.stderr
+    assert [r["job"] for r in job_runs(writer)[len(runs):]] == ["retention"]
+
+
+def test_a_failing_job_is_recorded_and_the_others_still_run(writer: Stack) -> None:
+    bdir = writer.settings.backup_dir
+    bdir.rmdir()
+    bdir.write_text("not a folder")  # backups cannot be written (even as root)
+    proc = run_jobs(writer, "--run", "backup")
+    assert proc.returncode == 1
+    (run,) = job_runs(writer)
+    check_run(run, "backup", ok=False)
+    assert "Error" in run["detail"] and str(bdir) in run["detail"]
+    time.sleep(0.01)
+    proc = run_jobs(writer, "--until-idle", TICKSTACK_BACKUP_EVERY_H="0.0000001")
+    assert proc.returncode == 0, proc.stderr
+    later = {r["job"]: bool(r["ok"]) for r in job_runs(writer)[1:]}
+    assert later == {"retention": True, "backup": False, "quick_check": True}
+
+
+def test_the_loop_repeats_jobs_on_schedule_and_stops_on_sigterm(writer: Stack) -> None:
+    env = {**writer.env, "TICKSTACK_RETENTION_EVERY_S": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "workers.jobs"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    writer.procs.append(proc)
+    deadline = time.monotonic() + 60
+    while sum(r["job"] == "retention" for r in job_runs(writer)) < 3 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.2)
+    assert writer.stop(proc, signal.SIGTERM, timeout=15) == 0
+    counts: dict[str, int] = {}
+    for r in job_runs(writer):
+        counts[r["job"]] = counts.get(r["job"], 0) + 1
+    assert counts["retention"] >= 3 and counts["backup"] == 1 and counts["quick_check"] == 1

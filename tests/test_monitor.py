@@ -1,0 +1,272 @@
+"""The trade monitor: the pure rule (:func:`workers.monitor.evaluate`) for buys and sells, then the
+worker end to end against a real writer on a deterministic price path."""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, Stack
+
+from db.client import WriterClient
+from workers.monitor import Decision, Exit, MonitorWorker, PriceTick, TradeState, evaluate
+
+T0 = 1_704_153_600_000
+SPREAD = 0.5
+
+
+def buy(**kw: object) -> TradeState:
+    return TradeState(**{"id": 1, "symbol": "S", "side": "buy", "entry_price": 100.0, "best_price": 100.0, **kw})
+
+
+def sell(**kw: object) -> TradeState:
+    return TradeState(**{"id": 2, "symbol": "S", "side": "sell", "entry_price": 100.0, "best_price": 100.0, **kw})
+
+
+def bids(*prices: float, first_id: int = 1) -> list[PriceTick]:
+    """Ticks quoting these bids (ask = bid + SPREAD): what a buy exits on."""
+    return [PriceTick(first_id + i, T0 + i * 1000, p, p + SPREAD) for i, p in enumerate(prices)]
+
+
+def asks(*prices: float, first_id: int = 1) -> list[PriceTick]:
+    """Ticks quoting these asks (bid = ask - SPREAD): what a sell exits on."""
+    return [PriceTick(first_id + i, T0 + i * 1000, p - SPREAD, p) for i, p in enumerate(prices)]
+
+
+# --------------------------------------------------------------------------- the rule, buys
+
+
+def test_buy_stop_loss_on_the_bid() -> None:
+    d = evaluate(buy(stop_loss=95.0, take_profit=110.0), bids(99.0, 95.5, 94.75, 90.0))
+    assert d.exit == Exit(94.75, "stop_loss", 3, T0 + 2000)
+    assert (d.last_tick_id, d.best_price, d.stop_loss, d.stop_moved) == (3, 100.0, 95.0, False)
+
+
+def test_buy_take_profit_and_best_price() -> None:
+    d = evaluate(buy(stop_loss=95.0, take_profit=110.0), bids(104.0, 109.0, 110.0))
+    assert d.exit == Exit(110.0, "take_profit", 3, T0 + 2000) and d.best_price == 109.0
+    # The ask reaching the target does not count for a buy.
+    d = evaluate(buy(take_profit=110.0), bids(109.75))
+    assert d.exit is None and d.best_price == 109.75 and d.last_tick_id == 1
+
+
+def test_buy_trailing_moves_then_trailing_stop() -> None:
+    d = evaluate(buy(stop_loss=90.0, trailing_distance=5.0), bids(101.0, 104.0, 103.0))
+    assert (d.stop_loss, d.stop_rule, d.stop_moved_ts, d.best_price, d.exit) == (99.0, "trailing", T0 + 1000,
+                                                                                 104.0, None)
+    d = evaluate(buy(stop_loss=90.0, trailing_distance=5.0), bids(101.0, 104.0, 103.0, 99.5, 99.0, 98.0))
+    assert d.exit == Exit(99.0, "trailing_stop", 5, T0 + 4000)
+
+
+def test_buy_breakeven_then_breakeven_stop() -> None:
+    d = evaluate(buy(stop_loss=95.0, breakeven_trigger=3.0), bids(102.0, 102.75))
+    assert (d.stop_loss, d.stop_rule, d.stop_moved) == (95.0, None, False)
+    d = evaluate(buy(stop_loss=95.0, breakeven_trigger=3.0), bids(102.0, 103.0, 101.0))
+    assert (d.stop_loss, d.stop_rule, d.stop_moved_ts, d.exit) == (100.0, "breakeven", T0 + 1000, None)
+    d = evaluate(buy(stop_loss=95.0, breakeven_trigger=3.0), bids(102.0, 103.0, 101.0, 100.0))
+    assert d.exit == Exit(100.0, "breakeven_stop", 4, T0 + 3000)
+
+
+def test_buy_breakeven_then_trailing_takes_over() -> None:
+    trade = buy(stop_loss=95.0, breakeven_trigger=2.0, trailing_distance=4.0)
+    d = evaluate(trade, bids(102.0))
+    assert (d.stop_loss, d.stop_rule) == (100.0, "breakeven")  # trailing's 98 would be looser
+    d = evaluate(trade, bids(102.0, 106.5, 103.0, 102.5))
+    assert (d.stop_loss, d.stop_rule, d.exit) == (102.5, "trailing", Exit(102.5, "trailing_stop", 4, T0 + 3000))
+
+
+# --------------------------------------------------------------------------- the rule, sells
+
+
+def test_sell_stop_loss_on_the_ask() -> None:
+    d = evaluate(sell(stop_loss=105.0, take_profit=90.0), asks(101.0, 104.75, 105.0))
+    assert d.exit == Exit(105.0, "stop_loss", 3, T0 + 2000) and d.best_price == 100.0
+    # A bid above the stop does not stop a sell out while the ask is below it.
+    d = evaluate(sell(stop_loss=105.0), [PriceTick(1, T0, 104.0, 104.9)])
+    assert d.exit is None
+
+
+def test_sell_take_profit() -> None:
+    d = evaluate(sell(stop_loss=105.0, take_profit=90.0), asks(95.0, 91.0, 89.5))
+    assert d.exit == Exit(89.5, "take_profit", 3, T0 + 2000) and d.best_price == 91.0
+
+
+def test_sell_trailing_moves_then_trailing_stop() -> None:
+    trade = sell(stop_loss=110.0, trailing_distance=5.0)
+    d = evaluate(trade, asks(99.0, 95.0, 96.0))
+    assert (d.stop_loss, d.stop_rule, d.best_price, d.exit) == (100.0, "trailing", 95.0, None)
+    d = evaluate(trade, asks(99.0, 95.0, 96.0, 99.75, 100.25))
+    assert d.exit == Exit(100.25, "trailing_stop", 5, T0 + 4000)
+
+
+def test_sell_breakeven_then_breakeven_stop() -> None:
+    trade = sell(stop_loss=104.0, breakeven_trigger=2.0)
+    d = evaluate(trade, asks(98.5, 98.0, 99.0))
+    assert (d.stop_loss, d.stop_rule, d.exit) == (100.0, "breakeven", None)
+    d = evaluate(trade, asks(98.5, 98.0, 99.0, 100.0))
+    assert d.exit == Exit(100.0, "breakeven_stop", 4, T0 + 3000)
+
+
+# --------------------------------------------------------------------------- replay and state
+
+
+def test_applied_ticks_are_skipped_and_a_replay_changes_nothing() -> None:
+    trade = buy(stop_loss=90.0, trailing_distance=5.0, breakeven_trigger=1.0)
+    ticks = bids(101.0, 106.0, 104.0)
+    d = evaluate(trade, ticks)
+    after = TradeState(1, "S", "buy", 100.0, d.stop_loss, None, 5.0, 1.0, d.best_price, d.last_tick_id, d.stop_rule)
+    assert evaluate(after, ticks) == Decision(1, 3, 106.0, 101.0, "trailing")  # nothing new: no move
+    # A restart replays from an older last_tick_id with the stored state: same result.
+    older = TradeState(1, "S", "buy", 100.0, d.stop_loss, None, 5.0, 1.0, d.best_price, 1, d.stop_rule)
+    assert evaluate(older, ticks).stop_loss == d.stop_loss and not evaluate(older, ticks).stop_moved
+    # The rule that set the stop decides the close reason, even when it was set in an earlier step.
+    assert evaluate(after, bids(100.5, first_id=4)).exit == Exit(100.5, "trailing_stop", 4, T0)
+    assert evaluate(buy(stop_loss=100.0, stop_rule="breakeven"), bids(99.0)).exit.reason == "breakeven_stop"
+
+
+def test_no_ticks_no_change() -> None:
+    d = evaluate(sell(stop_loss=105.0, last_tick_id=7), [])
+    assert d == Decision(2, 7, 100.0, 105.0, None)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def db(stack: Stack) -> sqlite3.Connection:
+    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+
+
+class Market:
+    def __init__(self, stack: Stack) -> None:
+        self.client = WriterClient(settings=stack.settings, deadline=30)
+        self.seq = 0
+        self.ts = T0
+
+    def quote(self, symbol: str, *bid_prices: float) -> list[int]:
+        ticks = []
+        for p in bid_prices:
+            self.seq += 1
+            self.ts += 1000
+            ticks.append({"symbol": symbol, "ts": self.ts, "bid": p, "ask": p + SPREAD, "source": "m",
+                          "seq": self.seq})
+        self.client.call("insert_ticks", ticks=ticks)
+        return [t["ts"] for t in ticks]
+
+
+def run_monitor(stack: Stack) -> str:
+    proc = subprocess.run([sys.executable, "-m", "workers.monitor", "--until-idle"], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing left to do" in proc.stderr
+    return proc.stderr
+
+
+def test_monitor_trails_and_closes_trades_through_the_writer(writer: Stack) -> None:
+    m = Market(writer)
+    m.quote("AAA", 99.5)
+    m.quote("BBB", 50.0)
+    m.quote("ZZZ", 10.0)
+    c = m.client
+    long_id = c.call("open_trade", symbol="AAA", side="buy", size=2.0, entry_price=100.0, stop_loss=95.0,
+                     take_profit=130.0, trailing_distance=5.0, breakeven_trigger=3.0, ts=T0)["id"]
+    short_id = c.call("open_trade", symbol="BBB", side="sell", size=10.0, stop_loss=55.0, take_profit=45.0,
+                      ts=T0)["id"]  # opens at the bid, 50.0; exits on the ask
+    idle_id = c.call("open_trade", symbol="ZZZ", side="buy", size=1.0, ts=T0)["id"]
+    m.quote("CCC", 100.0)
+    quick_id = c.call("open_trade", symbol="CCC", side="buy", size=1.0, stop_loss=95.0, trailing_distance=2.0,
+                      ts=T0)["id"]  # at the ask, 100.5
+
+    be_ts = m.quote("AAA", 101.0, 103.0)[1]  # break-even: stop 95 -> 100
+    quick_ts = m.quote("CCC", 103.0, 105.0, 102.5)  # trails to 103 and is stopped out, all in one step
+    m.quote("BBB", 48.0)
+    run_monitor(writer)
+    tr1_ts = m.quote("AAA", 108.0)[0]  # trailing: 103
+    run_monitor(writer)
+    m.quote("AAA", 109.0)
+    tr2_ts = m.quote("AAA", 110.0)[0]  # trailing: 105, one event for the step
+    m.quote("BBB", 46.0, 44.0)  # ask 44.5 <= 45: take profit
+    run_monitor(writer)
+    close_ts = m.quote("AAA", 107.0, 104.5, 120.0)[1]  # 104.5 <= 105: trailing stop; 120 comes too late
+    log = run_monitor(writer)
+    assert f"trade {long_id} closed at 104.5 (trailing_stop)" in log
+
+    con = db(writer)
+    try:
+        trades = {r[0]: r[1:] for r in con.execute(
+            "SELECT id, status, close_reason, exit_price, pnl, best_price, stop_loss, closed_at FROM trades")}
+        events = [r for r in con.execute(
+            "SELECT kind, price, ts, pnl FROM trade_events WHERE trade_id = ? ORDER BY id", (long_id,))]
+        short_events = [k for (k,) in con.execute(
+            "SELECT kind FROM trade_events WHERE trade_id = ? ORDER BY id", (short_id,))]
+        quick_events = [r for r in con.execute(
+            "SELECT kind, price, ts FROM trade_events WHERE trade_id = ? ORDER BY id", (quick_id,))]
+        max_tick = con.execute("SELECT max(id) FROM ticks").fetchone()[0]
+        last_ids = dict(con.execute("SELECT id, last_tick_id FROM trades"))
+    finally:
+        con.close()
+    assert trades[long_id] == ("closed", "trailing_stop", 104.5, 9.0, 110.0, 105.0, close_ts)
+    assert events == [("opened", 100.0, T0, None), ("breakeven", 100.0, be_ts, None),
+                      ("trailing", 103.0, tr1_ts, None), ("trailing", 105.0, tr2_ts, None),
+                      ("closed", 104.5, close_ts, 9.0)]
+    assert trades[short_id][:5] == ("closed", "take_profit", 44.5, 55.0, 46.5)
+    assert short_events == ["opened", "closed"]  # best price moves alone are no events
+    # The stop move of the step that also closed the trade is on record before the close.
+    assert trades[quick_id][:6] == ("closed", "trailing_stop", 102.5, 2.0, 105.0, 103.0)
+    assert quick_events == [("opened", 100.5, T0), ("trailing", 103.0, quick_ts[1]), ("closed", 102.5, quick_ts[2])]
+    assert trades[idle_id][0] == "open"
+    # The exit tick is the closed trades' last; the open one's progress is stored at exit.
+    assert last_ids[long_id] == max_tick - 1 and last_ids[idle_id] == max_tick
+
+    # Nothing new: the monitor finds nothing to do and writes nothing.
+    assert "stop ->" not in run_monitor(writer)
+
+
+def test_trade_closed_by_hand_meanwhile_is_logged_not_fatal(writer: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    m = Market(writer)
+    m.quote("AAA", 100.0)
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=T0)["id"]
+    m.quote("AAA", 94.0)
+    worker = MonitorWorker(writer.settings, until_idle=True)
+    worker.setup()
+    try:
+        trades, ticks, through = worker.read()
+        decision = evaluate(trades[0], ticks["AAA"])
+        assert decision.exit is not None and decision.exit.reason == "stop_loss"
+        m.client.call("close_trade", trade_id=trade_id, reason="manual")  # between read and write
+        with caplog.at_level(logging.WARNING, logger="tickstack.monitor"):
+            worker.apply(trades[0], decision, through)
+        assert f"trade {trade_id} not updated" in caplog.text and "already closed" in caplog.text
+        assert worker.step() is False  # no open trade left
+    finally:
+        worker.teardown()
+    con = db(writer)
+    assert con.execute("SELECT close_reason, exit_price FROM trades").fetchall() == [("manual", 94.0)]
+    con.close()
+
+
+def test_small_chunks_reach_the_same_result_as_one_pass(writer: Stack) -> None:
+    m = Market(writer)
+    m.quote("AAA", 100.0)
+    m.quote("BBB", 100.0)
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, entry_price=100.0, stop_loss=90.0,
+                             trailing_distance=3.0, breakeven_trigger=2.0, ts=T0)["id"]
+    path = [100.0 + (i % 7) * 0.5 + i * 0.25 for i in range(40)] + [108.0, 104.0]
+    for p in path:  # interleaved with another symbol's ticks, which the trade must skip
+        m.quote("AAA", p)
+        m.quote("BBB", 200.0 - p)
+    con = db(writer)
+    ticks = [PriceTick(*r) for r in con.execute("SELECT id, ts, bid, ask FROM ticks WHERE symbol = 'AAA' ORDER BY id")]
+    con.close()
+    want = evaluate(TradeState(trade_id, "AAA", "buy", 100.0, 90.0, None, 3.0, 2.0, 100.0, ticks[0].id), ticks)
+    assert want.exit is not None and want.exit.reason == "trailing_stop"
+    assert MonitorWorker(writer.settings, until_idle=True, chunk=1).run() == 0
+    con = db(writer)
+    row = con.execute("SELECT status, close_reason, exit_price, last_tick_id, closed_at FROM trades").fetchone()
+    kinds = [k for (k,) in con.execute("SELECT kind FROM trade_events ORDER BY id")]
+    con.close()
+    assert row == ("closed", want.exit.reason, want.exit.price, want.exit.tick_id, want.exit.ts)
+    # One tick per step: each stop move is an event of its own.
+    assert kinds[0] == "opened" and kinds[-1] == "closed" and set(kinds[1:-1]) == {"trailing", "breakeven"}
+    assert len(kinds) > 10

@@ -1,0 +1,59 @@
+"""The web apps: the REST API and the admin console, from one app factory.
+
+``create_app("api")`` and ``create_app("console")`` are served by gunicorn,
+each in its own circus watcher, so the console stays up while the API is
+saturated or crash-looping. Reads go through Flask-SQLAlchemy on a read-only
+engine; every write goes through the writer (:mod:`db.client`). Nothing here
+opens a writable connection.
+
+gunicorn loads the app in each worker after the fork, so every worker builds
+its own engine and writer client.
+"""
+from __future__ import annotations
+
+import secrets
+
+from flask import Flask
+
+from db.config import Settings, load_settings, read_or_create_secret
+from db.engine import configure_read_only, read_only_url
+from webapp.extensions import csrf, db
+
+#: Largest request body accepted (413 beyond): 10,000 ticks fit easily.
+MAX_BODY = 8 * 1024 * 1024
+
+
+def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
+    """Build the ``api`` or ``console`` app (``all`` serves both, for tests)."""
+    if kind not in ("api", "console", "all"):
+        raise ValueError(f"create_app: kind {kind!r} must be api, console or all")
+    settings = settings or load_settings()
+    app = Flask(__name__)
+    secret, _ = read_or_create_secret(settings.home / "secret-key", lambda: secrets.token_hex(32))
+    path = settings.database_path
+    app.config.update(
+        TICKSTACK=settings,
+        SECRET_KEY=secret,
+        MAX_CONTENT_LENGTH=MAX_BODY,
+        SQLALCHEMY_DATABASE_URI=read_only_url(path) if path is not None else settings.database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": False},
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_NAME=f"tickstack_{kind}",
+        WTF_CSRF_TIME_LIMIT=None,  # the session's lifetime bounds it
+        JSON_SORT_KEYS=False,
+    )
+    db.init_app(app)
+    with app.app_context():
+        configure_read_only(db.engine, settings)
+    csrf.init_app(app)
+    if kind in ("api", "all"):
+        from webapp.api import bp as api_bp
+
+        csrf.exempt(api_bp)  # bearer tokens, not cookies: no CSRF to protect against
+        app.register_blueprint(api_bp)
+    if kind in ("console", "all"):
+        from webapp.console import bp as console_bp
+
+        app.register_blueprint(console_bp)
+    return app

@@ -1,0 +1,129 @@
+"""What every worker shares: one loop, signals, a bounded mode, start-up.
+
+Modelled on gunicorn's ``workers/base.py``: ``__init__`` only keeps settings;
+:meth:`Worker.setup` opens connections (after any fork); :meth:`Worker.run`
+is the one loop; SIGTERM only sets ``alive = False`` so the loop finishes the
+unit of work in hand and :meth:`Worker.teardown` flushes before exit.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import Engine
+
+from db.config import ConfigError, Settings, load_settings
+from db.engine import make_read_engine
+
+
+class Worker:
+    #: Used in log lines and as the cursor name where a worker keeps one.
+    name = "worker"
+    #: Seconds to sleep when a step found nothing to do.
+    idle_sleep = 0.5
+
+    def __init__(self, settings: Settings, until_idle: bool = False) -> None:
+        """Keep settings; open nothing."""
+        self.settings = settings
+        self.until_idle = until_idle
+        self.alive = True
+        self._wake = threading.Event()
+        self.log = logging.getLogger(f"tickstack.{self.name}")
+
+    def init_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self.handle_stop)
+        signal.signal(signal.SIGINT, self.handle_stop)
+
+    def handle_stop(self, signum: int, _frame: Any) -> None:
+        """Only ask the loop to stop: work in hand is finished and flushed."""
+        if self.alive:
+            self.log.info("%s: %s received; finishing", self.name, signal.Signals(signum).name)
+        self.alive = False
+        self._wake.set()
+
+    def setup(self) -> None:
+        """Open engines and clients. Runs in the process that does the work."""
+
+    def step(self) -> bool:
+        """Do one unit of work; return False when there was nothing to do."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Flush and close; runs however the loop ended."""
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once on SIGTERM."""
+        self._wake.wait(seconds)
+
+    def run(self) -> int:
+        self.init_signals()
+        self.log.info("%s started", self.name)
+        self.setup()
+        try:
+            while self.alive:
+                if not self.step():
+                    if self.until_idle:
+                        self.log.info("%s: nothing left to do (--until-idle)", self.name)
+                        break
+                    self.sleep(self.idle_sleep)
+        finally:
+            self.teardown()
+        self.log.info("%s stopped", self.name)
+        return 0
+
+
+def wait_for_database(settings: Settings, timeout: float = 60.0) -> Engine:
+    """A read engine, once the writer has created the schema.
+
+    Workers may start before the writer finished its first start (when run
+    by hand); circus orders them, but nothing should depend on it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        path = settings.database_path
+        if path is None or path.exists():
+            engine = make_read_engine(settings, pool_size=2)
+            try:
+                with engine.connect() as conn:
+                    if inspect(conn).has_table("schema_version"):
+                        return engine
+            except Exception:  # not there yet: the writer is creating it
+                pass
+            engine.dispose()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no database at {settings.database_url} after {timeout:.0f} s: is the writer running?")
+        time.sleep(0.2)
+
+
+def main(worker_cls: type[Worker], argv: list[str] | None,
+         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+         make: Callable[[Settings, argparse.Namespace], Worker] | None = None) -> int:
+    """Parse the common flags (``--until-idle``, ``--log-level``) plus the
+    worker's own, load settings, and run. Bad flags or settings exit 2 with
+    the reason."""
+    module = worker_cls.__module__
+    if module == "__main__":  # run as python -m workers.x: name it as the user typed it
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    doc = (sys.modules[worker_cls.__module__].__doc__ or "").strip()
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--until-idle", action="store_true",
+                        help="process everything available, then exit 0 (for tests and scripts)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    try:
+        settings = load_settings()
+        worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)
+    except (ConfigError, ValueError) as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    return worker.run()

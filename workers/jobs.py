@@ -1,0 +1,288 @@
+"""Scheduled maintenance: tick retention, online backups, quick_check and WAL checkpoints.
+
+    python -m workers.jobs                 run forever, each job on its schedule
+    python -m workers.jobs --until-idle    run every job that is due once, then exit 0
+    python -m workers.jobs --run backup    run one job now (exit 0 ok, 1 failed)
+
+Like every reader, this worker never writes the database itself: deletions, checkpoints and the
+record of each run (``job_runs``, via ``record_job_run``) go to the writer as ops, and backups and
+checks read through read-only connections. When each job last ran is read back from ``job_runs``
+at start, so a restart does not run everything again at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+
+from db import health
+from db.client import WriterClient
+from db.config import ConfigError, Settings
+from db.models import JobRun
+from workers.base import Worker, main, wait_for_database
+
+#: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
+#: and checked, and grows the WAL the checkpoint then empties).
+JOBS = ("retention", "backup", "quick_check", "checkpoint")
+#: Ticks deleted per ``prune_ticks`` call: each call is one writer transaction, kept short so
+#: producers never wait long behind retention.
+PRUNE_BATCH = 5_000
+BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
+MAX_DETAIL = 4000  # record_job_run's limit on detail
+DAY_MS = 86_400_000
+MB = 1024 * 1024
+
+#: What a job returns: (ok, detail), or None when it had nothing to do and records no run.
+Outcome = tuple[bool, str] | None
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _positive(env: Mapping[str, str], name: str, default: float, kind: type = float) -> Any:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    what = "a whole number" if kind is int else "a number"
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {what} (default {default})") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={raw!r} must be {what} greater than 0 (default {default})")
+    return value
+
+
+@dataclass(frozen=True)
+class JobSchedule:
+    """How often each job runs and with what limits. Build with :meth:`from_env`."""
+
+    retention_days: float = 30.0
+    retention_every_s: float = 3600.0
+    backup_every_h: float = 6.0
+    backup_keep: int = 7
+    quick_check_every_h: float = 24.0
+    checkpoint_wal_mb: float = 64.0
+    checkpoint_every_s: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobSchedule:
+        """Read the ``TICKSTACK_*`` schedule variables (default ``os.environ``); unset or empty
+        means the default. Every value must be a finite number > 0 (``TICKSTACK_BACKUP_KEEP`` a
+        whole one): zero or negative intervals, retention or keep counts mean nothing sensible, so
+        they raise :class:`ConfigError` naming the variable rather than guess."""
+        env = os.environ if env is None else env
+        d = cls()
+        return cls(
+            retention_days=_positive(env, "TICKSTACK_RETENTION_DAYS", d.retention_days),
+            retention_every_s=_positive(env, "TICKSTACK_RETENTION_EVERY_S", d.retention_every_s),
+            backup_every_h=_positive(env, "TICKSTACK_BACKUP_EVERY_H", d.backup_every_h),
+            backup_keep=_positive(env, "TICKSTACK_BACKUP_KEEP", d.backup_keep, int),
+            quick_check_every_h=_positive(env, "TICKSTACK_QUICK_CHECK_EVERY_H", d.quick_check_every_h),
+            checkpoint_wal_mb=_positive(env, "TICKSTACK_CHECKPOINT_WAL_MB", d.checkpoint_wal_mb),
+            checkpoint_every_s=_positive(env, "TICKSTACK_CHECKPOINT_EVERY_S", d.checkpoint_every_s),
+        )
+
+    def every_s(self, job: str) -> float:
+        """Seconds between two runs of ``job`` (for checkpoint: between two WAL size checks)."""
+        return {"retention": self.retention_every_s, "backup": self.backup_every_h * 3600,
+                "quick_check": self.quick_check_every_h * 3600, "checkpoint": self.checkpoint_every_s}[job]
+
+
+def rotate_backups(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` backups in ``directory``; return what was deleted.
+
+    Only files named like ours (``tickstack-YYYYmmddTHHMMSSZ.db``) are counted or touched, so a copy
+    a person put there under another name is never deleted. The UTC stamp sorts as text in time
+    order, so the name, not the mtime (which copying changes), decides which are newest."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    ours = sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+    old = ours[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
+
+
+class JobsWorker(Worker):
+    """Runs each due job, one per :meth:`step`, and records it through the writer.
+
+    A job that raises is recorded as ok=False with the error and the worker carries on; a failed
+    run still counts as a run for the schedule, so a broken job is retried at its interval, not in
+    a tight loop. ``only`` runs that one job once (forced) instead of the loop: see :meth:`run`."""
+
+    name = "jobs"
+
+    def __init__(self, settings: Settings, until_idle: bool = False, schedule: JobSchedule | None = None,
+                 only: str | None = None) -> None:
+        super().__init__(settings, until_idle)
+        if only is not None and only not in JOBS:
+            raise ValueError(f"unknown job {only!r}; jobs are {', '.join(JOBS)}")
+        self.schedule = schedule or JobSchedule()
+        self.only = only
+        self.engine: Engine | None = None
+        self.client: WriterClient | None = None
+        #: Epoch seconds each job last started (from job_runs at start, then in memory).
+        self.last_run: dict[str, float] = {}
+        self._ran: set[str] = set()
+        self._jobs: dict[str, Callable[[bool], Outcome]] = {
+            "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
+            "checkpoint": self.checkpoint}
+
+    def setup(self) -> None:
+        self.engine = wait_for_database(self.settings)
+        self.client = WriterClient(settings=self.settings)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
+                                .where(JobRun.job.in_(JOBS)).group_by(JobRun.job)).all()
+        self.last_run = {job: started / 1000 for job, started in rows}
+
+    def teardown(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def due(self, now: float | None = None) -> list[str]:
+        """Jobs due at ``now`` (epoch s), in run order. A job never run is due; with --until-idle a
+        job already run by this process is not due again, so the run ends."""
+        now = time.time() if now is None else now
+        return [job for job in JOBS
+                if not (self.until_idle and job in self._ran)
+                and (job not in self.last_run or now - self.last_run[job] >= self.schedule.every_s(job))]
+
+    def step(self) -> bool:
+        due = self.due()
+        if not due:
+            return False
+        self.run_job(due[0])
+        return True
+
+    def run(self) -> int:
+        """The scheduling loop, or with ``only`` that job once: 0 if it succeeded, else 1."""
+        if self.only is None:
+            return super().run()
+        self.init_signals()
+        self.setup()
+        try:
+            ok = self.run_job(self.only, force=True)
+        finally:
+            self.teardown()
+        return 0 if ok else 1
+
+    def run_job(self, job: str, force: bool = False) -> bool | None:
+        """Run ``job`` and record it with ``record_job_run``. Returns whether it succeeded (and was
+        recorded), or None for a checkpoint check that found nothing to do (not recorded: a row
+        every 30 s would drown the table). ``force`` checkpoints even under the threshold."""
+        started = now_ms()
+        self.last_run[job] = started / 1000
+        self._ran.add(job)
+        try:
+            outcome = self._jobs[job](force)
+        except Exception as e:  # any failure is the run's result, not the worker's end
+            self.log.exception("jobs: %s failed", job)
+            outcome = False, f"{type(e).__name__}: {e}"
+        if outcome is None:
+            return None
+        ok, detail = outcome
+        finished = max(now_ms(), started)  # the wall clock may step back
+        assert self.client is not None
+        try:
+            self.client.call("record_job_run", job=job, started_at=started, finished_at=finished, ok=ok,
+                             detail=detail[:MAX_DETAIL])
+        except Exception as e:
+            self.log.error("jobs: could not record the %s run (ok=%s, %s): %s", job, ok, detail, e)
+            return False
+        self.log.info("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED", finished - started, detail)
+        return ok
+
+    # --- the jobs: each returns (ok, detail) or None, or raises -------------------------
+
+    def _database_path(self) -> Path:
+        path = self.settings.database_path
+        if path is None:
+            raise ValueError(f"this job works on a SQLite database, not {self.settings.database_url}")
+        return path
+
+    def retention(self, force: bool = False) -> Outcome:
+        """Delete ticks older than ``retention_days`` (bars are kept), in bounded ``prune_ticks``
+        calls while the writer says there are ``more``; stops early (and says so) on SIGTERM."""
+        assert self.client is not None
+        before = max(0, now_ms() - round(self.schedule.retention_days * DAY_MS))
+        deleted = calls = 0
+        more = True
+        while more and self.alive:
+            result = self.client.call("prune_ticks", before_ts=before, limit=PRUNE_BATCH)
+            deleted += result["deleted"]
+            calls += 1
+            more = bool(result["more"]) and result["deleted"] > 0  # never loop on a batch that did nothing
+        return True, json.dumps({"deleted": deleted, "calls": calls, "before_ts": before, "more": more})
+
+    def backup(self, force: bool = False) -> Outcome:
+        """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
+        :func:`db.health.backup`), then keep the newest ``backup_keep``. Rotation runs only after a
+        good backup, so a failing backup never deletes the old ones."""
+        directory = self.settings.backup_dir
+        for _ in range(3):  # two runs in one second: wait for a fresh stamp rather than overwrite
+            dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
+            if not dest.exists():
+                break
+            time.sleep(1.01 - time.time() % 1)
+        result = health.backup(self.settings, dest)
+        removed = rotate_backups(directory, self.schedule.backup_keep)
+        return True, json.dumps({"path": result["path"], "bytes": result["bytes"], "ms": result["ms"],
+                                 "removed": [p.name for p in removed]})
+
+    def quick_check(self, force: bool = False) -> Outcome:
+        """``PRAGMA quick_check`` on a read-only connection; any message but "ok" fails the run."""
+        check = health.pragmas(self._database_path(), quick_check=True)["quick_check"]
+        return bool(check["ok"]), json.dumps(check)
+
+    def checkpoint(self, force: bool = False) -> Outcome:
+        """When the WAL is over ``checkpoint_wal_mb`` (or ``force``), ask the writer for a TRUNCATE
+        checkpoint. Not ok when a reader held it back (``busy``): the WAL is then still large, and
+        the next check retries."""
+        path = self.settings.database_path
+        if path is None and not force:
+            return None  # not SQLite: no WAL to watch
+        wal = (health.file_sizes(path)["wal"] or 0) if path is not None else 0
+        if not force and wal <= self.schedule.checkpoint_wal_mb * MB:
+            return None
+        assert self.client is not None
+        result = self.client.call("checkpoint", mode="TRUNCATE")
+        after = (health.file_sizes(path)["wal"] or 0) if path is not None else 0
+        return result["busy"] == 0, json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", choices=JOBS, metavar="JOB",
+                        help=f"run one job now ({', '.join(JOBS)}), record it, exit 0 if it succeeded, else 1")
+
+
+def make(settings: Settings, args: argparse.Namespace) -> JobsWorker:
+    return JobsWorker(settings, until_idle=args.until_idle, schedule=JobSchedule.from_env(), only=args.run)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Entry point; bad flags or schedule variables exit 2 with the reason (see workers.base.main)."""
+    return main(JobsWorker, argv, add_arguments, make)
+
+
+if __name__ == "__main__":
+    # Through the importable module, not __main__: base.main() names the program and reads the
+    # description from the worker class's module.
+    from workers import jobs
+
+    sys.exit(jobs.cli())
