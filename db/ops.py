@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
 from db.errors import Conflict, NotFound, ValidationError
@@ -171,16 +172,17 @@ def rows(fields: Mapping[str, tuple[Validator, bool]], max_rows: int = MAX_ROWS)
 
 
 def _check_fields(where: str, obj: Any, fields: Mapping[str, tuple[Validator, bool]]) -> dict[str, Any]:
+    prefix = f"{where}: " if where else ""
     if type(obj) is not dict:
-        raise ValidationError(f"{where}: expected an object, got {type(obj).__name__}")
+        raise ValidationError(f"{prefix}expected an object, got {type(obj).__name__}")
     extra = sorted(set(obj) - set(fields), key=str)
     if extra:
-        raise ValidationError(f"{where}: unexpected field {extra[0]!r}; fields are {', '.join(fields)}")
+        raise ValidationError(f"{prefix}unexpected field {extra[0]!r}; fields are {', '.join(fields)}")
     out = {}
     for key, (validator, required) in fields.items():
         if key not in obj:
             if required:
-                raise ValidationError(f"{where}: missing field {key!r}")
+                raise ValidationError(f"{prefix}missing field {key!r}")
             continue
         out[key] = validator(f"{where}.{key}" if where else key, obj[key])
     return out
@@ -254,6 +256,18 @@ def _insert_ignoring_duplicates(conn: Connection, table: Table, columns: Sequenc
         order = compiled.positiontup if compiled.positional else None
         _compiled[key] = (str(compiled), order)
     sql, order = _compiled[key]
+    if conn.dialect.name == "sqlite" and order is not None and list(order) == list(columns):
+        # The ingest hot path: stream the tuples into the driver (no list of
+        # thousands kept alive for the garbage collector to walk), on the same
+        # connection and inside the caller's savepoint.
+        cursor = engines.raw_dbapi(conn).cursor()
+        try:
+            cursor.executemany(sql, values)
+            return cursor.rowcount
+        except conn.dialect.loaded_dbapi.Error as e:  # as SQLAlchemy would raise it
+            raise DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error) from e
+        finally:
+            cursor.close()
     params: list = list(values)
     if order is None:
         params = [dict(zip(columns, row, strict=True)) for row in params]
@@ -335,19 +349,33 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
     else:
         raise ValidationError(f"{name}: expected a list of ticks, got {type(value).__name__}")
 
+    try:
+        _check_tick_columns(name, cols)
+    except (TypeError, OverflowError, ValueError) as e:  # a value no check foresaw: still the caller's
+        if isinstance(e, ValidationError):
+            raise
+        raise ValidationError(f"{name}: invalid value ({e})") from None
+    return cols
+
+
+_NUMBER = frozenset((int, float))
+_NONE = type(None)
+
+
+def _check_tick_columns(name: str, cols: dict[str, list[Any]]) -> None:
+    """Whole-column checks (builtins over lists, no per-row Python); fills
+    defaults for volume and source. ``sum`` is NaN or inf as soon as one value
+    is, and bounded values cannot overflow it."""
     ts, bid, ask = cols["ts"], cols["bid"], cols["ask"]
-    if not set(map(type, ts)) <= {int}:
+    if set(map(type, ts)) != {int}:
         raise _first_bad(f"{name}.ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
     if min(ts) < 0 or max(ts) > MAX_TS:
-        raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS,
-                         "is out of range (epoch ms 1970..2100)")
+        raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS, "is out of range (epoch ms 1970..2100)")
     for f in ("bid", "ask"):
         col = cols[f]
-        if not set(map(type, col)) <= {int, float}:
+        if not set(map(type, col)) <= _NUMBER:
             raise _first_bad(f"{name}.{f}", col, _is_number, "is not a number")
-        # fsum is NaN or inf as soon as one value is; values are bounded, so
-        # a finite column cannot overflow it.
-        if not math.isfinite(math.fsum(col)) or not 0 < min(col) or max(col) >= MAX_PRICE:
+        if not math.isfinite(sum(col)) or not 0 < min(col) or max(col) >= MAX_PRICE:
             raise _first_bad(f"{name}.{f}", col, lambda v: _finite_number(v) and 0 < v < MAX_PRICE,
                              "is not a price (a finite number > 0)")
     if not all(map(le, bid, ask)):
@@ -355,11 +383,13 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
             if b > a:
                 raise ValidationError(f"{name}[{i}]: bid {b} is above ask {a}")
     vol = cols["volume"]
-    if None in vol:
+    types = set(map(type, vol))
+    if _NONE in types:
         vol = cols["volume"] = [0.0 if v is None else v for v in vol]
-    if not set(map(type, vol)) <= {int, float}:
+        types = set(map(type, vol))
+    if not types <= _NUMBER:
         raise _first_bad(f"{name}.volume", vol, _is_number, "is not a number")
-    if not math.isfinite(math.fsum(vol)) or min(vol) < 0 or max(vol) >= MAX_PRICE:
+    if not math.isfinite(sum(vol)) or min(vol) < 0 or max(vol) >= MAX_PRICE:
         raise _first_bad(f"{name}.volume", vol, lambda v: _finite_number(v) and 0 <= v < MAX_PRICE,
                          "is not a volume (a finite number >= 0)")
     for s in set(cols["symbol"]):
@@ -367,21 +397,23 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
             raise _first_bad(f"{name}.symbol", cols["symbol"],
                              lambda v: type(v) is str and bool(SYMBOL_RE.fullmatch(v)),
                              "is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, upper case)")
-    src = cols["source"]
-    if None in src:
-        src = cols["source"] = [DEFAULT_SOURCE if v is None else v for v in src]
-    for s in set(src):
+    sources = set(cols["source"])
+    if None in sources:
+        cols["source"] = [DEFAULT_SOURCE if v is None else v for v in cols["source"]]
+        sources = set(cols["source"])
+    for s in sources:
         if type(s) is not str or not NAME_RE.fullmatch(s):
-            raise _first_bad(f"{name}.source", src, lambda v: type(v) is str and bool(NAME_RE.fullmatch(v)),
+            raise _first_bad(f"{name}.source", cols["source"],
+                             lambda v: type(v) is str and bool(NAME_RE.fullmatch(v)),
                              "is not a source name (1-64 characters of letters, digits . _ : / @ -)")
     seq = cols["seq"]
-    if not set(map(type, seq)) <= {int, type(None)}:
+    types = set(map(type, seq))
+    if not types <= {int, _NONE}:
         raise _first_bad(f"{name}.seq", seq, lambda v: v is None or type(v) is int, "is not an integer")
-    present = [v for v in seq if v is not None] if None in seq else seq
+    present = [v for v in seq if v is not None] if _NONE in types else seq
     if present and (min(present) < 0 or max(present) > 2**63 - 1):
         raise _first_bad(f"{name}.seq", seq, lambda v: v is None or 0 <= v <= 2**63 - 1,
                          "is out of range (0..2^63-1)")
-    return cols
 
 
 @op("insert_ticks", ticks=tick_columns)
@@ -505,8 +537,7 @@ def trade_pnl(side: str, entry: float, exit_price: float, size: float) -> float:
 
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
            pnl: float | None = None, detail: str = "") -> None:
-    conn.execute(insert(TradeEvent).values(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
-                                           detail=detail))
+    conn.execute(insert(TradeEvent), dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl, detail=detail))
 
 
 def _open_trade_row(conn: Connection, trade_id: int) -> Any:
@@ -546,7 +577,7 @@ def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_pric
     _check_levels(side, entry, stop_loss, take_profit)
     ts = now_ms() if ts is None else ts
     last_tick = conn.execute(select(func.max(Tick.id))).scalar() or 0
-    trade_id = conn.execute(insert(Trade).values(
+    trade_id = conn.execute(insert(Trade), dict(
         symbol=symbol, side=side, size=size, entry_price=entry, stop_loss=stop_loss, take_profit=take_profit,
         trailing_distance=trailing_distance, breakeven_trigger=breakeven_trigger, best_price=entry,
         status="open", opened_at=ts, last_tick_id=last_tick,
@@ -613,7 +644,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
     """Record one run of a maintenance job."""
     if finished_at < started_at:
         raise ValidationError(f"finished_at {finished_at} is before started_at {started_at}")
-    run_id = conn.execute(insert(JobRun).values(job=job, started_at=started_at, finished_at=finished_at,
+    run_id = conn.execute(insert(JobRun), dict(job=job, started_at=started_at, finished_at=finished_at,
                                                 duration_ms=finished_at - started_at, ok=ok,
                                                 detail=detail)).inserted_primary_key[0]
     return {"id": run_id}
@@ -625,7 +656,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
 def audit(conn: Connection, actor: str, action: str, target: str = "", result: str = "ok",
           detail: str = "", ts: int | None = None) -> dict[str, int]:
     """Append to the audit log: who did what to what, and how it went."""
-    entry_id = conn.execute(insert(AuditEntry).values(
+    entry_id = conn.execute(insert(AuditEntry), dict(
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
         detail=detail)).inserted_primary_key[0]
     return {"id": entry_id}
@@ -657,6 +688,12 @@ def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
 
 
 # --- the writer's record of applied requests (not ops: the writer calls these) ----------------
+
+
+def last_applied_seq(conn: Connection, client_id: str) -> int:
+    """The highest request seq of ``client_id`` on record (0 for none)."""
+    return conn.execute(select(func.max(AppliedRequest.seq)).where(AppliedRequest.client_id == client_id)
+                        ).scalar() or 0
 
 
 def lookup_applied(conn: Connection, client_id: str, seq: int) -> bytes | None:

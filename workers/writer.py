@@ -22,6 +22,7 @@ until SIGTERM, then drains (see :meth:`Writer._serve`) and exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import queue
@@ -127,6 +128,9 @@ class Writer:
         # Results of recently committed requests, for retries without a query.
         self.recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
         self.recent_max = 100_000
+        # Per client, the highest seq that may be on record: requests above it
+        # are new and need no lookup (the common case, saving a query each).
+        self.known_top: OrderedDict[str, int] = OrderedDict()
         self.commit_busy = False
         self.batch_no = 0
         self._last_prune = 0.0
@@ -160,6 +164,12 @@ class Writer:
                 before, after = migrate(self.conn)
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
+            # Ingest decodes thousands of short-lived containers per request;
+            # at the default threshold (700) the collector walks them over and
+            # over. Long-lived startup objects are frozen out of its way.
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 20)
             self._serve()
             self._final_checkpoint()
             return 0
@@ -379,7 +389,7 @@ class Writer:
                 for req in batch:
                     key = (req.cid, req.seq)
                     prior = self.recent.get(key) or committed.get(key)
-                    if prior is None:
+                    if prior is None and req.seq <= self._known_top(conn, req.cid):
                         prior = ops.lookup_applied(conn, req.cid, req.seq)
                     if prior is not None:
                         self.stats.dedup_hits += 1
@@ -390,6 +400,12 @@ class Writer:
                     except ValidationError as e:
                         failed += 1
                         replies.append((req.ident, _reply(req.seq, error=e, batch=batch_no)))
+                        continue
+                    except Exception as e:  # a validator's bug fails its request, never the writer
+                        log.exception("writer: validating %s failed", req.op)
+                        failed += 1
+                        replies.append((req.ident, _reply(req.seq, batch=batch_no, error=ValidationError(
+                            f"{req.op}: invalid arguments ({type(e).__name__}: {e})"))))
                         continue
                     if not spec.transactional:
                         outside.append((req, spec, args))
@@ -420,6 +436,8 @@ class Writer:
         elapsed_ms = (time.perf_counter() - started) * 1000
         for key, packed in committed.items():
             self.recent[key] = packed
+            cid, seq = key
+            self.known_top[cid] = max(self.known_top.get(cid, 0), seq)
         while len(self.recent) > self.recent_max:
             self.recent.popitem(last=False)
         st = self.stats
@@ -435,6 +453,16 @@ class Writer:
             replies.append((req.ident, _reply(req.seq, result=result, error=error, batch=batch_no)))
         return replies
 
+    def _known_top(self, conn: Connection, cid: str) -> int:
+        top = self.known_top.get(cid)
+        if top is None:
+            top = self.known_top[cid] = ops.last_applied_seq(conn, cid)
+            while len(self.known_top) > self.recent_max:
+                self.known_top.popitem(last=False)  # forgotten clients are looked up again
+        else:
+            self.known_top.move_to_end(cid)
+        return top
+
     def _run_in_savepoint(self, conn: Connection, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
         savepoint = conn.begin_nested()
         try:
@@ -447,6 +475,10 @@ class Writer:
             self._count_lock_error(e)
             log.warning("writer: op %s failed: %s", spec.name, e)
             return None, OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
+        except Exception as e:  # an op's bug fails its request, never the writer
+            savepoint.rollback()
+            log.exception("writer: op %s raised", spec.name)
+            return None, OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
         savepoint.commit()
         return result, None
 

@@ -1,0 +1,1 @@
+"""Benchmarks for tickstack: ``python -m bench <command>`` (see :mod:`bench.__main__`)."""

@@ -1,0 +1,456 @@
+"""Shared pieces of the benchmarks: throwaway homes, the writer under test,
+synchronised worker processes, tick data, percentiles and argparse types.
+
+Every benchmark runs against a fresh ``TICKSTACK_HOME`` made with
+:func:`fresh_home`, never against the user's database: the environment the
+benchmark passes on has ``DATABASE_URL`` and ``WRITER_ENDPOINT`` removed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Environment variables that could point a benchmark at a real database or
+#: writer; a benchmark's environment never inherits them.
+UNSAFE_ENV = ("DATABASE_URL", "WRITER_ENDPOINT")
+
+#: Start method for worker processes: never fork a process that has used
+#: ZeroMQ or SQLite.
+MP_CONTEXT = mp.get_context("spawn")
+
+
+# --- argparse types ------------------------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
+    return value
+
+
+def int_between(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number in ``low..high``."""
+
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} must be between {low} and {high}")
+        return value
+
+    return check
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of names from ``choices``."""
+
+    def check(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        if not names:
+            raise argparse.ArgumentTypeError("give at least one name")
+        bad = [n for n in names if n not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name {bad[0]!r}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(names))
+
+    return check
+
+
+def writable_file(text: str) -> Path:
+    """argparse type: a file path whose folder exists (checked before a long run)."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"folder {path.parent} is not writable")
+    return path
+
+
+# --- statistics ----------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile (0 < p <= 1) of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, float | int | None]:
+    """p50, p99 and max of latencies given in seconds, in milliseconds."""
+    values = sorted(seconds)
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v * 1000, 3)
+
+    return {"n": len(values), "p50_ms": ms(percentile(values, 0.50)), "p99_ms": ms(percentile(values, 0.99)),
+            "max_ms": ms(values[-1] if values else None)}
+
+
+# --- homes, schema ---------------------------------------------------------------------
+
+
+@contextmanager
+def fresh_home(prefix: str = "ts-") -> Iterator[tuple[Path, dict[str, str]]]:
+    """A new, empty ``TICKSTACK_HOME`` (short path: the writer's ipc socket
+    lives in it) and an environment that points at it; removed afterwards."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    env = dict(os.environ)
+    for name in UNSAFE_ENV:
+        env.pop(name, None)
+    env["TICKSTACK_HOME"] = str(home)
+    # ``python -m workers.writer`` must find the project from any folder.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    try:
+        yield home, env
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def create_schema(env: dict[str, str]) -> Path:
+    """Create the project's schema as the writer would (``migrate`` in a write
+    transaction on the write engine); returns the database file."""
+    from db.config import ensure_home, load_settings
+    from db.engine import make_write_engine
+    from db.schema import migrate
+
+    settings = load_settings(env)
+    ensure_home(settings)
+    engine = make_write_engine(settings)
+    try:
+        with engine.connect() as conn, conn.begin():
+            migrate(conn)
+    finally:
+        engine.dispose()
+    path = settings.database_path
+    assert path is not None
+    return path
+
+
+def count_rows(db_path: Path, table: str) -> int:
+    """Rows in ``table``, read with plain sqlite3 after a scenario."""
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        con.close()
+
+
+# --- tick data ---------------------------------------------------------------------------
+
+SYMBOLS = ("BTCUSD", "ETHUSD", "EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "SPX500", "NDX100")
+TS_BASE = 1_700_000_000_000
+
+
+def tick_batches(rows: int, batch: int, source: str, first_seq: int = 0) -> list[dict[str, list[Any]]]:
+    """``rows`` ticks as column batches of at most ``batch`` rows, in the
+    compact form ``insert_ticks`` accepts. Deterministic, so two scenarios
+    given the same arguments insert exactly the same rows."""
+    out = []
+    for start in range(first_seq, first_seq + rows, batch):
+        idx = range(start, min(start + batch, first_seq + rows))
+        bid = [100.0 + (i % 1000) * 0.01 for i in idx]
+        out.append({
+            "symbol": [SYMBOLS[i % len(SYMBOLS)] for i in idx],
+            "ts": [TS_BASE + i for i in idx],
+            "bid": bid,
+            "ask": [b + 0.02 for b in bid],
+            "volume": [float(i % 10) for i in idx],
+            "source": [source] * len(idx),
+            "seq": list(idx),
+        })
+    return out
+
+
+# --- synchronised worker processes ---------------------------------------------------------
+
+
+class Gate:
+    """Handed to every worker of a group: ``wait()`` reports the worker ready,
+    blocks until all are, and returns the common start time (a
+    ``time.monotonic()`` value, system-wide on Linux) a moment in the future,
+    so the measured window is one of real contention."""
+
+    def __init__(self, index: int, messages: Any, go: Any, start_at: Any) -> None:
+        self.index = index
+        self._messages = messages
+        self._go = go
+        self._start_at = start_at
+
+    def wait(self, timeout: float = 120.0) -> float:
+        self._messages.put(("ready", self.index, None))
+        if not self._go.wait(timeout):
+            raise TimeoutError("the benchmark never gave the start signal")
+        start = self._start_at.value
+        delay = start - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        return start
+
+
+def _worker_entry(fn: Callable[..., Any], index: int, args: tuple, messages: Any, go: Any, start_at: Any) -> None:
+    try:
+        result = fn(index, *args, gate=Gate(index, messages, go, start_at))
+    except BaseException:  # reported to the parent, which fails the scenario
+        messages.put(("error", index, traceback.format_exc()))
+        return
+    messages.put(("done", index, result))
+
+
+class WorkerFailed(RuntimeError):
+    """A benchmark process raised; the message holds its traceback."""
+
+
+def run_group(fn: Callable[..., Any], args: Sequence[tuple], *, ready_timeout: float = 120.0,
+              run_timeout: float = 600.0, lead: float = 0.1,
+              on_start: Callable[[], None] | None = None) -> tuple[float, list[Any]]:
+    """Run ``fn(index, *args[index], gate=Gate)`` in ``len(args)`` spawned
+    processes. Each does its setup, calls ``gate.wait()``, works, and returns
+    a picklable result. ``on_start`` is called once all are ready, just
+    before they are let go. Returns (start time, results in index order)."""
+    messages = MP_CONTEXT.Queue()
+    go = MP_CONTEXT.Event()
+    start_at = MP_CONTEXT.Value("d", 0.0)
+    procs = [MP_CONTEXT.Process(target=_worker_entry, args=(fn, i, a, messages, go, start_at),
+                                name=f"bench-{fn.__name__}-{i}", daemon=True)
+             for i, a in enumerate(args)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        ready: set[int] = set()
+        deadline = time.monotonic() + ready_timeout
+        while len(ready) < len(procs):
+            kind, index, payload = _next_message(messages, procs, deadline, "to get ready")
+            if kind == "error":
+                raise WorkerFailed(f"worker {index} failed during setup:\n{payload}")
+            if kind == "ready":
+                ready.add(index)
+            else:  # done without waiting at the gate
+                results[index] = payload
+        if on_start is not None:
+            on_start()
+        start_at.value = time.monotonic() + lead
+        go.set()
+        deadline = time.monotonic() + run_timeout
+        while len(results) < len(procs):
+            kind, index, payload = _next_message(messages, procs, deadline, "to finish")
+            if kind == "error":
+                raise WorkerFailed(f"worker {index} failed:\n{payload}")
+            if kind == "done":
+                results[index] = payload
+        for p in procs:
+            p.join(10)
+        return start_at.value, [results[i] for i in range(len(procs))]
+    finally:
+        for p in procs:  # only on failure are any still alive
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        messages.close()
+
+
+def _next_message(messages: Any, procs: list[Any], deadline: float, what: str) -> tuple[str, int, Any]:
+    while True:
+        try:
+            return messages.get(timeout=0.2)
+        except queue.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise WorkerFailed(f"{dead[0].name} died with exit code {dead[0].exitcode}")
+        if time.monotonic() > deadline:
+            raise WorkerFailed(f"workers took too long {what}")
+
+
+# --- the writer under test ------------------------------------------------------------------
+
+
+class RssSampler(threading.Thread):
+    """Samples a process's resident set size every ``interval`` seconds."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(name=f"rss-{pid}", daemon=True)
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self.cpu_s: float | None = None
+        self._cpu0 = self._cpu()
+        self._stop_event = threading.Event()
+
+    def mark_start(self) -> None:
+        """Count CPU time from now on (the measured window starts)."""
+        self._cpu0 = self._cpu()
+
+    def _cpu(self) -> float | None:
+        try:
+            t = self.process.cpu_times()
+        except psutil.Error:
+            return None
+        return t.user + t.system
+
+    def sample(self) -> None:
+        try:
+            rss = self.process.memory_info().rss
+        except psutil.Error:
+            return
+        self.samples += 1
+        self.peak = max(self.peak, rss)
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.sample()
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        """Stop sampling; ``cpu_s`` is then the CPU time (user + system) the
+        process used while sampled."""
+        self._stop_event.set()
+        self.join()
+        self.sample()
+        cpu = self._cpu()
+        if cpu is not None and self._cpu0 is not None:
+            self.cpu_s = cpu - self._cpu0
+
+
+def vm_hwm(pid: int) -> int | None:
+    """The kernel's own peak RSS of ``pid`` (Linux ``VmHWM``), in bytes."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class WriterRun:
+    """A running ``python -m workers.writer`` and what was measured of it."""
+
+    proc: subprocess.Popen
+    env: dict[str, str]
+    log_path: Path
+    sampler: RssSampler
+    stats: dict[str, Any] | None = None
+    stats_error: str | None = None
+    peak_rss: int | None = None
+    vm_hwm: int | None = None
+    exit_code: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def finish_measuring(self) -> None:
+        """Stop sampling and take the writer's counters: call at the end of the
+        measured window, before stopping the writer."""
+        from db.client import WriterClient
+        from db.config import load_settings
+
+        self.sampler.stop()
+        self.peak_rss = self.sampler.peak
+        self.vm_hwm = vm_hwm(self.pid)
+        try:
+            with WriterClient(settings=load_settings(self.env)) as client:
+                self.stats = client.stats(timeout=10.0)
+        except Exception as e:  # the measurement stands; an unresponsive writer is reported with it
+            self.stats_error = f"{type(e).__name__}: {e}"
+            self.extra["alive_after_stats"] = self.proc.poll() is None
+            self.extra["log_tail"] = self.log_tail(30)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def summary(self) -> dict[str, Any]:
+        mb = 1024 * 1024
+        return {
+            "pid": self.pid,
+            "peak_rss_mb": None if self.peak_rss is None else round(self.peak_rss / mb, 1),
+            "vm_hwm_mb": None if self.vm_hwm is None else round(self.vm_hwm / mb, 1),
+            "rss_samples": self.sampler.samples,
+            "cpu_s": None if self.sampler.cpu_s is None else round(self.sampler.cpu_s, 3),
+            "exit_code": self.exit_code,
+            "stats": self.stats,
+            "stats_error": self.stats_error,
+            **self.extra,
+        }
+
+
+@contextmanager
+def running_writer(env: dict[str, str], *, ready_timeout: float = 30.0,
+                   stop_timeout: float = 60.0) -> Iterator[WriterRun]:
+    """Start the writer with ``workers.writer.spawn`` (it returns once the
+    writer answers a ping), sample its RSS until :meth:`WriterRun.finish_measuring`,
+    and on exit stop it with SIGTERM (it drains and exits 0) and wait."""
+    from workers.writer import spawn
+
+    log_path = Path(env["TICKSTACK_HOME"]) / "log" / "bench-writer.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = spawn(env, timeout=ready_timeout, stdout=log, stderr=subprocess.STDOUT)
+    run = WriterRun(proc=proc, env=env, log_path=log_path, sampler=RssSampler(proc.pid))
+    run.sampler.start()
+    try:
+        yield run
+    finally:
+        if run.sampler.is_alive():
+            run.sampler.stop()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        run.exit_code = proc.returncode
+        if run.exit_code != 0 and "log_tail" not in run.extra:
+            run.extra["log_tail"] = run.log_tail(30)

@@ -1,0 +1,222 @@
+"""Prometheus metrics for the API app (``GET /metrics``) and the probes of
+the stack that ``/metrics`` and ``GET /api/health`` share.
+
+Two kinds of series:
+
+* **Per request**, counted in this process: ``tickstack_http_requests_total``
+  and ``tickstack_http_request_duration_seconds`` (a histogram), labelled
+  ``route`` (the URL rule, e.g. ``/api/trades/<int:trade_id>``, never the raw
+  path, so ids cannot blow up the label set; ``unmatched`` for 404/405 on no
+  route), ``method``, ``status`` and ``worker`` (this process's pid).
+* **Of the stack**, read at scrape time and the same from every process: the
+  writer's queue depth, commit latency p50/p99 and counters (from its
+  ``stats`` reply), the database and WAL file sizes, and one
+  ``tickstack_watcher_up{watcher=...}`` per circus watcher (1 when active).
+
+Multiprocess choice: gunicorn runs the API with 2 workers and a scrape lands
+on whichever worker accepts it, so the per-request series are **per worker**,
+told apart by the ``worker`` label. Aggregate them with
+``sum without (worker) (rate(tickstack_http_requests_total[5m]))``; a worker's
+series is only refreshed when a scrape lands on it, and restarts start a new
+``worker`` value (counters reset, which ``rate`` handles). Prometheus'
+multiprocess mode was not used: it must be switched on by an environment
+variable before ``prometheus_client`` is imported and needs the gunicorn
+master to clear its directory on start and to mark dead workers, which are
+settings of circus.ini and gunicorn, not of the app; it also shares its files
+between every app in one process, which the per-app registries here avoid.
+
+Each app gets its own :class:`~prometheus_client.CollectorRegistry` (never the
+global one), so tests that build many apps do not collide.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from db.client import WriterClient
+from db.config import Settings
+from db.errors import WriterError
+from db.health import file_sizes
+from webapp.circus import Circus, CircusError
+
+log = logging.getLogger("tickstack.api")
+
+#: How long a probe waits for the writer or circusd before reporting it down.
+PROBE_TIMEOUT = 1.0
+#: Label of requests that matched no URL rule (404, and 405 on no method).
+UNMATCHED = "unmatched"
+
+metrics_bp = Blueprint("metrics", __name__)
+
+
+@dataclass
+class CircusStatus:
+    """Watcher statuses from circusd, or why there are none."""
+
+    reachable: bool
+    statuses: dict[str, str]
+    error: str | None = None
+
+
+class Probe:
+    """Looks at the stack without changing it: writer stats, database files,
+    circus watchers. Never raises for a component that is down; reports it."""
+
+    def __init__(self, settings: Settings, client: Callable[[], WriterClient]) -> None:
+        """``client`` returns the calling thread's writer client."""
+        self.settings = settings
+        self.client = client
+
+    def writer(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None, str | None]:
+        """(ping, stats, error): ping and stats are None when the writer does
+        not answer within :data:`PROBE_TIMEOUT`, and error says why."""
+        try:
+            client = self.client()
+            ping = client.ping(timeout=PROBE_TIMEOUT)
+            stats = client.stats(timeout=PROBE_TIMEOUT)
+        except WriterError as e:
+            return None, None, str(e)
+        return ping, stats, None
+
+    def database_files(self) -> dict[str, int | None]:
+        """Sizes in bytes of the database, WAL and shm files (None: missing);
+        empty for a database that is not a SQLite file."""
+        path = self.settings.database_path
+        return {} if path is None else file_sizes(path)
+
+    def circus(self) -> CircusStatus:
+        """Watcher statuses (plugins left out). An ipc endpoint whose socket
+        file does not exist is reported at once, without waiting for a
+        timeout: that is the API run outside circus (tests, development)."""
+        endpoint = self.settings.circus_endpoint
+        if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+            return CircusStatus(False, {}, f"circusd is not running (no socket at {endpoint})")
+        try:
+            statuses = Circus(endpoint, timeout=PROBE_TIMEOUT, busy_retry=PROBE_TIMEOUT).statuses()
+        except CircusError as e:
+            return CircusStatus(False, {}, str(e))
+        return CircusStatus(True, {k: str(v) for k, v in sorted(statuses.items()) if not k.startswith("plugin:")})
+
+
+class StackCollector:
+    """Gauges and counters of the stack, read from :class:`Probe` at each
+    scrape. ``describe`` returns nothing so registering it probes nothing."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.probe = probe
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        _, stats, _ = self.probe.writer()
+        yield GaugeMetricFamily("tickstack_writer_up", "1 when the writer answered this scrape's stats request",
+                                value=0.0 if stats is None else 1.0)
+        stats = stats or {}
+        gauges = [
+            ("tickstack_writer_queue_depth", "Requests queued in the writer, waiting for a commit",
+             stats.get("queue_depth"), 1.0),
+            ("tickstack_writer_commit_p50_seconds", "Median commit latency over the writer's recent batches",
+             stats.get("commit_p50_ms"), 0.001),
+            ("tickstack_writer_commit_p99_seconds", "99th percentile commit latency over recent batches",
+             stats.get("commit_p99_ms"), 0.001),
+            ("tickstack_writer_uptime_seconds", "Seconds since the writer process started",
+             stats.get("uptime_s"), 1.0),
+        ]
+        for name, doc, value, scale in gauges:
+            family = GaugeMetricFamily(name, doc)
+            if value is not None:  # no sample rather than a made-up one (no commit yet, writer down)
+                family.add_metric([], float(value) * scale)
+            yield family
+        requests = CounterMetricFamily("tickstack_writer_requests", "Requests the writer answered, by result "
+                                       "(resets when the writer restarts)", labels=["result"])
+        for result, key in (("ok", "requests_ok"), ("failed", "requests_failed"), ("busy", "busy_replies")):
+            if key in stats:
+                requests.add_metric([result], float(stats[key]))
+        yield requests
+        for name, doc, key in (
+            ("tickstack_writer_ticks_inserted", "Ticks the writer stored since it started", "ticks_inserted"),
+            ("tickstack_writer_lock_errors", "'database is locked' errors the writer met", "lock_errors"),
+            ("tickstack_writer_commit_failures", "Batches the writer could not commit", "commit_failures"),
+        ):
+            family = CounterMetricFamily(name, doc)
+            if key in stats:
+                family.add_metric([], float(stats[key]))
+            yield family
+
+        files = self.probe.database_files()
+        for name, doc, kind in (("tickstack_database_size_bytes", "Size of the SQLite database file", "db"),
+                                ("tickstack_wal_size_bytes", "Size of the SQLite WAL file (0 when absent)", "wal")):
+            family = GaugeMetricFamily(name, doc)
+            if files and (kind == "wal" or files.get(kind) is not None):
+                family.add_metric([], float(files.get(kind) or 0))
+            yield family
+
+        circus = self.probe.circus()
+        yield GaugeMetricFamily("tickstack_circus_up", "1 when circusd answered this scrape's status request",
+                                value=1.0 if circus.reachable else 0.0)
+        watchers = GaugeMetricFamily("tickstack_watcher_up", "1 when the circus watcher is active, else 0",
+                                     labels=["watcher"])
+        for name, status in circus.statuses.items():
+            watchers.add_metric([name], 1.0 if status == "active" else 0.0)
+        yield watchers
+
+
+class Metrics:
+    """The per-app registry with the request series and the stack collector."""
+
+    def __init__(self, probe: Probe) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter("tickstack_http_requests", "HTTP requests answered by this worker process",
+                                ["route", "method", "status", "worker"], registry=self.registry)
+        self.latency = Histogram("tickstack_http_request_duration_seconds",
+                                 "Time from request start to response, in this worker process",
+                                 ["route", "method", "status", "worker"], registry=self.registry)
+        self.registry.register(StackCollector(probe))
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        labels = (route, method, str(status), str(os.getpid()))
+        self.requests.labels(*labels).inc()
+        self.latency.labels(*labels).observe(seconds)
+
+
+def init_metrics(app: Flask, probe: Probe) -> Metrics:
+    """Attach a :class:`Metrics` to ``app``: time every request of the app,
+    count it when its response is ready, and serve ``GET /metrics``."""
+    metrics = Metrics(probe)
+    app.extensions["tickstack_metrics"] = metrics
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.tickstack_started = time.perf_counter()
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        started = g.get("tickstack_started")
+        if started is not None:
+            rule = request.url_rule
+            metrics.observe(rule.rule if rule is not None else UNMATCHED, request.method,
+                            response.status_code, time.perf_counter() - started)
+        return response
+
+    app.register_blueprint(metrics_bp)
+    return metrics
+
+
+@metrics_bp.get("/metrics")
+def metrics_view() -> Response:
+    """The Prometheus exposition (text format, or OpenMetrics when the
+    scraper asks for it in ``Accept``). No auth: it binds to loopback only."""
+    metrics: Metrics = current_app.extensions["tickstack_metrics"]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return Response(encoder(metrics.registry), status=200, headers={"Content-Type": content_type})

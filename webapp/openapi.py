@@ -1,0 +1,362 @@
+"""The OpenAPI 3.1 document of the REST API, written by hand.
+
+:func:`document` returns it as a dict (served at ``GET /api/openapi.json``).
+``tests/test_api.py`` checks that its paths and methods are exactly the
+app's routes under ``/api`` and ``/metrics``; change both together.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from db.models import INDICATORS, TIMEFRAMES
+from db.ops import MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    names = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
+             409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 503: "Unavailable"}
+    return {str(c): _ref("responses", names[c]) for c in codes}
+
+
+_NUMBER = {"type": "number"}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_TS = {"type": "integer", "minimum": 0, "maximum": MAX_TS, "description": "Epoch milliseconds UTC"}
+_WRITE_ERRORS = (400, 401, 403, 413, 415, 503)
+_SERIES_PARAMS = [_ref("parameters", "Since"), _ref("parameters", "Until"), _ref("parameters", "Limit")]
+
+
+@functools.cache
+def _build() -> dict[str, Any]:
+    from webapp.api import LIMIT_DEFAULT, LIMIT_MAX, RETRY_AFTER, WRITER_DEADLINE  # api imports this module
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tickstack API",
+            "version": "1.0.0",
+            "description": (
+                "Ticks, bars, indicators and paper trades of one tickstack. Every write (POST) goes through the "
+                "single writer and is answered after its commit; it needs `Authorization: Bearer <token>` (the "
+                "token is TICKSTACK_API_TOKEN, or the api-token file in TICKSTACK_HOME). Every error has the shape "
+                '`{"error": {"code", "message"}}`. Series (ticks, bars, indicators) return the newest `limit` '
+                "rows in [since, until] (inclusive), oldest first. Times are epoch milliseconds UTC. Unknown query "
+                f"parameters are rejected (400). When the writer does not answer within {WRITER_DEADLINE:g} s the "
+                f"answer is 503 with Retry-After ({RETRY_AFTER} s), and the write may or may not have been "
+                "applied: ticks with source and seq are deduplicated, so resending them is safe."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "tags": [{"name": "status"}, {"name": "ticks"}, {"name": "bars"}, {"name": "trades"}],
+        "paths": {
+            "/api/health": {
+                "get": {
+                    "tags": ["status"], "operationId": "health",
+                    "summary": "Writer, database and circus watchers",
+                    "description": (
+                        "200 while the writer answers, 503 when it does not. `status` is `ok`, `degraded` (writer up, "
+                        "but the database cannot be read or a circus watcher is not active) or `unavailable`. circus "
+                        "being unreachable (the API run outside circus) is reported but does not change the code."
+                    ),
+                    "responses": {
+                        "200": _json(_ref("schemas", "Health"), "The writer answers"),
+                        "503": _json(_ref("schemas", "Health"), "The writer does not answer"),
+                    },
+                },
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "tags": ["status"], "operationId": "openapi", "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document")},
+                },
+            },
+            "/api/ticks": {
+                "get": {
+                    "tags": ["ticks"], "operationId": "listTicks", "summary": "Ticks of a symbol",
+                    "parameters": [_ref("parameters", "Symbol"), *_SERIES_PARAMS],
+                    "responses": {
+                        "200": _json({
+                            "type": "object", "required": ["symbol", "ticks"],
+                            "properties": {"symbol": {"type": "string"},
+                                           "ticks": {"type": "array", "items": _ref("schemas", "Tick")}},
+                        }, "The newest `limit` ticks in range by ts, oldest first"),
+                        **_errors(400),
+                    },
+                },
+                "post": {
+                    "tags": ["ticks"], "operationId": "insertTicks", "summary": "Store a batch of ticks",
+                    "description": (
+                        "Answered after the commit with 200 (not 201: ticks get no URL, and a resent batch creates "
+                        "nothing). A tick whose (source, seq) is already stored counts as a duplicate. `ticks` may "
+                        "also be given as columns: an object of equal-length arrays keyed by field name."
+                    ),
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["ticks"], "additionalProperties": False,
+                        "properties": {"ticks": {"oneOf": [
+                            {"type": "array", "minItems": 1, "maxItems": MAX_TICKS, "items": _ref("schemas", "TickIn")},
+                            {"type": "object", "description": "Columns: symbol, ts, bid, ask required; volume, source, "
+                                                              "seq optional; all arrays of one length"},
+                        ]}},
+                    }}}},
+                    "responses": {
+                        "200": _json({
+                            "type": "object", "required": ["inserted", "duplicates"],
+                            "properties": {"inserted": {"type": "integer"}, "duplicates": {"type": "integer"}},
+                        }, "Committed"),
+                        **_errors(*_WRITE_ERRORS),
+                    },
+                },
+            },
+            "/api/bars": {
+                "get": {
+                    "tags": ["bars"], "operationId": "listBars", "summary": "OHLCV bars",
+                    "parameters": [_ref("parameters", "Symbol"), _ref("parameters", "Timeframe"), *_SERIES_PARAMS],
+                    "responses": {
+                        "200": _json({
+                            "type": "object", "required": ["symbol", "timeframe", "bars"],
+                            "properties": {"symbol": {"type": "string"}, "timeframe": {"type": "string"},
+                                           "bars": {"type": "array", "items": _ref("schemas", "Bar")}},
+                        }, "The newest `limit` bars in range, oldest first"),
+                        **_errors(400),
+                    },
+                },
+            },
+            "/api/indicators": {
+                "get": {
+                    "tags": ["bars"], "operationId": "listIndicators", "summary": "Indicator values",
+                    "parameters": [
+                        _ref("parameters", "Symbol"), _ref("parameters", "Timeframe"),
+                        {"name": "name", "in": "query", "required": True,
+                         "schema": {"type": "string", "enum": list(INDICATORS)}},
+                        *_SERIES_PARAMS,
+                    ],
+                    "responses": {
+                        "200": _json({
+                            "type": "object", "required": ["symbol", "timeframe", "name", "values"],
+                            "properties": {
+                                "symbol": {"type": "string"}, "timeframe": {"type": "string"},
+                                "name": {"type": "string"},
+                                "values": {"type": "array", "items": {
+                                    "type": "object", "required": ["ts", "value"],
+                                    "properties": {"ts": _TS, "value": _NUMBER}}},
+                            },
+                        }, "The newest `limit` values in range, oldest first (ts is the bar's bucket start)"),
+                        **_errors(400),
+                    },
+                },
+            },
+            "/api/trades": {
+                "get": {
+                    "tags": ["trades"], "operationId": "listTrades", "summary": "Trades, newest first",
+                    "parameters": [
+                        {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["open", "closed"]}},
+                        {"name": "symbol", "in": "query", "schema": _ref("schemas", "Symbol")},
+                        _ref("parameters", "Limit"),
+                    ],
+                    "responses": {
+                        "200": _json({
+                            "type": "object", "required": ["trades"],
+                            "properties": {"trades": {"type": "array", "items": _ref("schemas", "Trade")}},
+                        }, "Trades by id, newest first"),
+                        **_errors(400),
+                    },
+                },
+                "post": {
+                    "tags": ["trades"], "operationId": "openTrade", "summary": "Open a paper trade",
+                    "description": "Without entry_price it opens at the latest tick (ask for a buy, bid for a sell).",
+                    "security": [{"bearer": []}],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": _ref("schemas", "TradeIn")}}},
+                    "responses": {
+                        "201": {**_json(_ref("schemas", "TradeDetail"), "Opened"),
+                                "headers": {"Location": {"schema": {"type": "string"},
+                                                         "description": "/api/trades/{id}"}}},
+                        **_errors(*_WRITE_ERRORS),
+                    },
+                },
+            },
+            "/api/trades/{trade_id}": {
+                "get": {
+                    "tags": ["trades"], "operationId": "getTrade", "summary": "A trade with its events and P&L",
+                    "parameters": [_ref("parameters", "TradeId")],
+                    "responses": {"200": _json(_ref("schemas", "TradeDetail"), "The trade"), **_errors(400, 404)},
+                },
+            },
+            "/api/trades/{trade_id}/close": {
+                "post": {
+                    "tags": ["trades"], "operationId": "closeTrade", "summary": "Close a trade",
+                    "description": ("Closes at `price`, or at the latest tick (bid for a buy, ask for a sell). "
+                                    "The body may be empty."),
+                    "security": [{"bearer": []}],
+                    "parameters": [_ref("parameters", "TradeId")],
+                    "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"price": {"type": "number", "exclusiveMinimum": 0},
+                                       "reason": {"type": "string", "maxLength": 64, "default": "manual"}},
+                    }}}},
+                    "responses": {
+                        "200": _json(_ref("schemas", "TradeDetail"), "Closed"),
+                        **_errors(*_WRITE_ERRORS, 404, 409),
+                    },
+                },
+            },
+            "/metrics": {
+                "get": {
+                    "tags": ["status"], "operationId": "metrics", "summary": "Prometheus metrics",
+                    "description": (
+                        "Prometheus text exposition (OpenMetrics when asked for in Accept). Request series "
+                        "(tickstack_http_requests_total, tickstack_http_request_duration_seconds) are per gunicorn "
+                        "worker, labelled worker=<pid>; stack series (tickstack_writer_*, "
+                        "tickstack_database_size_bytes, tickstack_wal_size_bytes, tickstack_watcher_up{watcher}) are "
+                        "read at scrape time. No auth: "
+                        "the API listens on 127.0.0.1 only."
+                    ),
+                    "responses": {"200": {"description": "Metrics",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                },
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "parameters": {
+                "Symbol": {"name": "symbol", "in": "query", "required": True, "schema": _ref("schemas", "Symbol")},
+                "Timeframe": {"name": "timeframe", "in": "query", "required": True,
+                              "schema": {"type": "string", "enum": list(TIMEFRAMES)}},
+                "Since": {"name": "since", "in": "query", "description": "Earliest ts, inclusive", "schema": _TS},
+                "Until": {"name": "until", "in": "query", "description": "Latest ts, inclusive (>= since)",
+                          "schema": _TS},
+                "Limit": {"name": "limit", "in": "query", "description": "Newest rows to return",
+                          "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "default": LIMIT_DEFAULT}},
+                "TradeId": {"name": "trade_id", "in": "path", "required": True,
+                            "schema": {"type": "integer", "minimum": 1}},
+            },
+            "schemas": {
+                "Symbol": {"type": "string", "pattern": f"^{SYMBOL_RE.pattern}$"},
+                "Error": {
+                    "type": "object", "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object", "required": ["code", "message"],
+                        "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
+                                       "message": {"type": "string"}},
+                    }},
+                },
+                "Tick": {
+                    "type": "object", "required": ["id", "symbol", "ts", "bid", "ask", "volume", "source", "seq"],
+                    "properties": {"id": {"type": "integer"}, "symbol": {"type": "string"}, "ts": _TS, "bid": _NUMBER,
+                                   "ask": _NUMBER, "volume": _NUMBER, "source": {"type": "string"},
+                                   "seq": {"type": ["integer", "null"]}},
+                },
+                "TickIn": {
+                    "type": "object", "required": ["symbol", "ts", "bid", "ask"], "additionalProperties": False,
+                    "properties": {
+                        "symbol": _ref("schemas", "Symbol"), "ts": _TS,
+                        "bid": {"type": "number", "exclusiveMinimum": 0},
+                        "ask": {"type": "number", "exclusiveMinimum": 0, "description": "At least bid"},
+                        "volume": {"type": ["number", "null"], "minimum": 0, "default": 0},
+                        "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$",
+                                   "default": "external"},
+                        "seq": {"type": ["integer", "null"], "minimum": 0,
+                                "description": "With source, makes the tick idempotent"},
+                    },
+                },
+                "Bar": {
+                    "type": "object", "required": ["ts", "open", "high", "low", "close", "volume"],
+                    "properties": {"ts": {**_TS, "description": "Bucket start, epoch ms UTC"}, "open": _NUMBER,
+                                   "high": _NUMBER, "low": _NUMBER, "close": _NUMBER, "volume": _NUMBER},
+                },
+                "TradeIn": {
+                    "type": "object", "required": ["symbol", "side", "size"], "additionalProperties": False,
+                    "properties": {
+                        "symbol": _ref("schemas", "Symbol"), "side": {"type": "string", "enum": ["buy", "sell"]},
+                        "size": {"type": "number", "exclusiveMinimum": 0},
+                        "entry_price": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "stop_loss": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "take_profit": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "trailing_distance": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "breakeven_trigger": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "ts": {**_TS, "type": ["integer", "null"], "description": "Opening time; default now"},
+                    },
+                },
+                "Trade": {
+                    "type": "object",
+                    "required": ["id", "symbol", "side", "size", "entry_price", "status", "opened_at", "pnl",
+                                 "pnl_kind", "mark"],
+                    "properties": {
+                        "id": {"type": "integer"}, "symbol": {"type": "string"},
+                        "side": {"type": "string", "enum": ["buy", "sell"]}, "size": _NUMBER, "entry_price": _NUMBER,
+                        "stop_loss": _NULLABLE_NUMBER, "take_profit": _NULLABLE_NUMBER,
+                        "trailing_distance": _NULLABLE_NUMBER, "breakeven_trigger": _NULLABLE_NUMBER,
+                        "best_price": _NULLABLE_NUMBER, "status": {"type": "string", "enum": ["open", "closed"]},
+                        "opened_at": _TS, "closed_at": {"type": ["integer", "null"]}, "exit_price": _NULLABLE_NUMBER,
+                        "close_reason": {"type": ["string", "null"]},
+                        "pnl": {"type": ["number", "null"], "description": (
+                            "Realised for a closed trade; for an open one unrealised at the latest tick (bid for a "
+                            "buy, ask for a sell), null without a tick")},
+                        "pnl_kind": {"type": "string", "enum": ["realised", "unrealised"]},
+                        "mark": {"oneOf": [{"type": "null"}, {
+                            "type": "object", "required": ["price", "ts", "tick_id"],
+                            "properties": {"price": _NUMBER, "ts": _TS, "tick_id": {"type": "integer"}}}]},
+                    },
+                },
+                "TradeDetail": {
+                    "allOf": [_ref("schemas", "Trade"), {
+                        "type": "object", "required": ["events"],
+                        "properties": {"events": {"type": "array", "items": {
+                            "type": "object", "required": ["id", "ts", "kind", "price", "pnl", "detail"],
+                            "properties": {"id": {"type": "integer"}, "ts": _TS, "kind": {"type": "string"},
+                                           "price": _NULLABLE_NUMBER, "pnl": _NULLABLE_NUMBER,
+                                           "detail": {"type": "string"}}}}},
+                    }],
+                },
+                "Health": {
+                    "type": "object", "required": ["status", "writer", "database", "circus"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["ok", "degraded", "unavailable"]},
+                        "writer": {"type": "object", "required": ["up"], "properties": {
+                            "up": {"type": "boolean"}, "pid": {"type": "integer"}, "ping_ms": _NUMBER,
+                            "stats": {"type": "object", "description": (
+                                "The writer's counters (queue_depth, commit_p50_ms, commit_p99_ms, lock_errors, ...)")},
+                            "error": {"type": "string"}}},
+                        "database": {"type": "object", "properties": {
+                            "path": {"type": "string"}, "journal_mode": {"type": "string"},
+                            "size_bytes": {"type": ["integer", "null"]}, "wal_bytes": {"type": "integer"},
+                            "lock_errors": {"type": ["integer", "null"]}, "error": {"type": "string"}}},
+                        "circus": {"type": "object", "required": ["reachable", "watchers"], "properties": {
+                            "reachable": {"type": "boolean"},
+                            "watchers": {"type": "object", "additionalProperties": {"type": "string"}},
+                            "error": {"type": "string"}}},
+                    },
+                },
+            },
+            "responses": {
+                name: _json(_ref("schemas", "Error"), text)
+                for name, text in (
+                    ("BadRequest", "Bad query parameter (invalid_parameter), body not JSON (invalid_json) or rejected "
+                                   "by validation (invalid_body)"),
+                    ("Unauthorized", "Missing or malformed bearer token"),
+                    ("Forbidden", "Wrong token"),
+                    ("NotFound", "No such trade"),
+                    ("MethodNotAllowed", "Method not allowed on this path"),
+                    ("Conflict", "The trade is already closed"),
+                    ("PayloadTooLarge", "Body over 8 MiB"),
+                    ("UnsupportedMediaType", "Body not sent as application/json"),
+                    ("Unavailable", "The writer did not answer in time (Retry-After says when to retry)"),
+                )
+            },
+        },
+    }
+
+
+def document() -> dict[str, Any]:
+    """A fresh copy of the OpenAPI 3.1 document (callers may change it)."""
+    return copy.deepcopy(_build())
