@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "contention": ("bench.contention",
                    "many writers on one SQLite file: direct sqlite3 vs the single writer, and ingest rate"),
+    "api": ("bench.api", "the REST API under gunicorn: read latency idle and during full ingest, POST throughput"),
 }
 
 

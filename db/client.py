@@ -47,7 +47,7 @@ class Ticket:
     """One request in flight: resolved with a result or an exception."""
 
     __slots__ = ("seq", "op", "payload", "deadline", "attempt_timeout", "resend_at", "awaiting", "backoff",
-                 "done", "_result", "_error", "first_sent", "latency", "batch")
+                 "done", "_result", "_error", "first_sent", "sent_at", "latency", "batch")
 
     def __init__(self, seq: int, op: str, payload: bytes, deadline: float) -> None:
         self.seq = seq
@@ -64,6 +64,7 @@ class Ticket:
         self._result: Any = None
         self._error: WriterError | None = None
         self.first_sent = time.monotonic()
+        self.sent_at = self.first_sent
         #: Seconds from first send to answer, once done.
         self.latency: float | None = None
         #: The writer's number of the batch (transaction) that answered it.
@@ -97,6 +98,9 @@ class WriterClient:
         self._sock: zmq.Socket | None = None
         self._pid = os.getpid()
         self._owner: int | None = None
+        #: When the writer last answered one of our ops from a commit: while
+        #: it keeps answering, a slow request is queued, not lost.
+        self._progress_at = 0.0
 
     # --- public API ------------------------------------------------------------------
 
@@ -202,6 +206,7 @@ class WriterClient:
             self._back_off(ticket)
             return
         ticket.awaiting = True
+        ticket.sent_at = now
         ticket.resend_at = now + ticket.attempt_timeout
 
     @staticmethod
@@ -237,6 +242,11 @@ class WriterClient:
                     f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
                     "it may or may not have been applied (a retry with this client applies it at most once)"))
             elif now >= ticket.resend_at:
+                if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:
+                    # Answers keep coming: it waits its turn behind our own
+                    # earlier requests. Resending would only add work.
+                    ticket.resend_at = now + ticket.attempt_timeout
+                    continue
                 due.append(ticket)
                 timed_out = timed_out or ticket.awaiting
         if timed_out:
@@ -259,6 +269,14 @@ class WriterClient:
         if ticket is None:
             return  # the answer to a request already answered (a resend)
         ticket.batch = msg.get("batch")
+        if ticket.batch is not None:
+            self._progress_at = time.monotonic()
+            # The writer answers one client's requests in the order they
+            # arrived: an earlier one still open, sent before this one, was
+            # lost (a writer restart between them). Send it again now.
+            for other in list(self._pending.values()):
+                if other.seq < ticket.seq and other.awaiting and other.sent_at <= ticket.sent_at:
+                    self._send(other)
         if msg.get("ok"):
             self._resolve(ticket, result=msg.get("result"))
             return

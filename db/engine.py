@@ -43,13 +43,25 @@ def is_sqlite(url_or_engine: str | Engine | Connection) -> bool:
     return url_or_engine.dialect.name == "sqlite"
 
 
-def _explicit_transactions(engine: Engine, begin_sql: str) -> None:
-    """SQLAlchemy's documented recipe: let SQLAlchemy, not pysqlite, decide
-    when a transaction starts, and start it with ``begin_sql``."""
+def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Engine:
+    """SQLAlchemy's documented recipe for explicit transactions: pysqlite
+    starts none by itself (``isolation_level = None``), SQLAlchemy starts
+    each with ``begin_sql``; ``pragmas`` run on every new connection."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        for pragma in pragmas:
+            cur.execute(f"PRAGMA {pragma}")
+        cur.close()
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
         conn.exec_driver_sql(begin_sql)
+
+    _engines.add(engine)
+    return engine
 
 
 def make_write_engine(settings: Settings) -> Engine:
@@ -63,25 +75,17 @@ def make_write_engine(settings: Settings) -> Engine:
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, poolclass=NullPool)
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute(f"PRAGMA synchronous = {settings.synchronous}")
-        cur.execute("PRAGMA foreign_keys = ON")
-        cur.execute(f"PRAGMA journal_size_limit = {int(settings.journal_size_limit)}")
+    return _configure_sqlite(engine, "BEGIN IMMEDIATE", [
+        f"busy_timeout = {int(settings.busy_timeout_ms)}",
+        "journal_mode = WAL",
+        f"synchronous = {settings.synchronous}",
+        "foreign_keys = ON",
+        f"journal_size_limit = {int(settings.journal_size_limit)}",
         # The writer checkpoints on its own schedule and at exit (TRUNCATE);
-        # the automatic PASSIVE checkpoint after each commit stays on so the
-        # WAL cannot grow without bound between them.
-        cur.execute("PRAGMA wal_autocheckpoint = 1000")
-        cur.close()
-
-    _explicit_transactions(engine, "BEGIN IMMEDIATE")
-    _engines.add(engine)
-    return engine
+        # the automatic PASSIVE checkpoint after commits stays on so the WAL
+        # cannot grow without bound between them.
+        "wal_autocheckpoint = 1000",
+    ])
 
 
 def read_only_url(path: Path) -> str:
@@ -113,18 +117,7 @@ def configure_read_only(engine: Engine, settings: Settings) -> Engine:
     busy timeout, explicit snapshot transactions, fork-safe."""
     if not is_sqlite(engine):
         return engine
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(settings.busy_timeout_ms)}")
-        cur.execute("PRAGMA query_only = 1")
-        cur.close()
-
-    _explicit_transactions(engine, "BEGIN")
-    _engines.add(engine)
-    return engine
+    return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}", "query_only = 1"])
 
 
 def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:

@@ -176,7 +176,7 @@ class Sample(Base):
     name: Mapped[str] = mapped_column(String(64))
     labels: Mapped[str] = mapped_column(String(128), default="")
     value: Mapped[float] = mapped_column(Float)
-    __table_args__ = (Index("ix_samples_name_ts", "name", "ts"),)
+    __table_args__ = (Index("ix_samples_name_ts", "name", "ts"), Index("ix_samples_ts", "ts"))
 
 
 class AppliedRequest(Base):

@@ -241,3 +241,28 @@ def test_the_loop_repeats_jobs_on_schedule_and_stops_on_sigterm(writer: Stack) -
     for r in job_runs(writer):
         counts[r["job"]] = counts.get(r["job"], 0) + 1
     assert counts["retention"] >= 3 and counts["backup"] == 1 and counts["quick_check"] == 1
+
+
+# --------------------------------------------------------------------------- metrics (the console's samples)
+
+
+def test_metrics_job_samples_the_writer_and_files_and_skips_circus_when_it_is_not_there(writer: Stack) -> None:
+    assert JobSchedule.from_env({"TICKSTACK_SAMPLE_EVERY_S": "2.5"}).every_s("metrics") == 2.5
+    with pytest.raises(ConfigError, match="TICKSTACK_SAMPLE_EVERY_S"):
+        JobSchedule.from_env({"TICKSTACK_SAMPLE_EVERY_S": "0"})
+    proc = run_jobs(writer, "--run", "metrics")
+    assert proc.returncode == 0, proc.stderr
+    assert "circusd" in proc.stderr  # said once that the watcher series are left out
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(1000)], "feed")
+    time.sleep(0.2)
+    proc = run_jobs(writer, "--run", "metrics")  # resumes the counters from the first run's samples
+    assert proc.returncode == 0, proc.stderr
+    names = {name for (name,) in query(writer, "SELECT DISTINCT name FROM samples")}
+    assert {"writer.queue_depth", "writer.mean_batch", "writer.requests_ok", "writer.ticks_inserted",
+            "writer.uptime_s", "writer.lock_errors", "db.bytes", "db.wal_bytes", "writer.ticks_per_s",
+            "writer.requests_per_s"} <= names
+    assert not any(n.startswith("watcher.") for n in names)  # no circus here: those series are skipped
+    (rate,) = query(writer, "SELECT value FROM samples WHERE name = 'writer.ticks_per_s'")
+    assert rate[0] > 0  # 1000 ticks between the two samples
+    assert query(writer, "SELECT count(*) FROM samples WHERE name = 'writer.ticks_inserted'") == [(2,)]
+    assert job_runs(writer) == []  # sampling is not recorded in job_runs

@@ -1,4 +1,5 @@
-"""Scheduled maintenance: tick retention, online backups, quick_check and WAL checkpoints.
+"""Scheduled maintenance: tick retention, online backups, quick_check and WAL checkpoints, and the
+samples behind the console's charts.
 
     python -m workers.jobs                 run forever, each job on its schedule
     python -m workers.jobs --until-idle    run every job that is due once, then exit 0
@@ -8,6 +9,11 @@ Like every reader, this worker never writes the database itself: deletions, chec
 record of each run (``job_runs``, via ``record_job_run``) go to the writer as ops, and backups and
 checks read through read-only connections. When each job last ran is read back from ``job_runs``
 at start, so a restart does not run everything again at once.
+
+The ``metrics`` job samples the writer's counters, the database file sizes and every watcher's CPU
+and memory (:mod:`webapp.console.metrics`) every ``TICKSTACK_SAMPLE_EVERY_S`` seconds (10) into
+``samples`` via ``record_samples``; its runs are not recorded in ``job_runs`` (a row every 10 s
+would drown the table), and circusd not answering only leaves the watcher series out.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -29,12 +35,18 @@ from sqlalchemy.engine import Engine
 from db import health
 from db.client import WriterClient
 from db.config import ConfigError, Settings
+from db.errors import WriterError
 from db.models import JobRun
 from workers.base import Worker, main, wait_for_database
 
+if TYPE_CHECKING:
+    from webapp.console.metrics import Sampler
+
 #: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
-#: and checked, and grows the WAL the checkpoint then empties).
-JOBS = ("retention", "backup", "quick_check", "checkpoint")
+#: and checked, and grows the WAL the checkpoint then empties; metrics last, measuring the result).
+JOBS = ("retention", "backup", "quick_check", "checkpoint", "metrics")
+#: Jobs whose runs are logged but not recorded in job_runs.
+UNRECORDED = frozenset({"metrics"})
 #: Ticks deleted per ``prune_ticks`` call: each call is one writer transaction, kept short so
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
@@ -76,6 +88,7 @@ class JobSchedule:
     quick_check_every_h: float = 24.0
     checkpoint_wal_mb: float = 64.0
     checkpoint_every_s: float = 30.0
+    sample_every_s: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> JobSchedule:
@@ -93,12 +106,14 @@ class JobSchedule:
             quick_check_every_h=_positive(env, "TICKSTACK_QUICK_CHECK_EVERY_H", d.quick_check_every_h),
             checkpoint_wal_mb=_positive(env, "TICKSTACK_CHECKPOINT_WAL_MB", d.checkpoint_wal_mb),
             checkpoint_every_s=_positive(env, "TICKSTACK_CHECKPOINT_EVERY_S", d.checkpoint_every_s),
+            sample_every_s=_positive(env, "TICKSTACK_SAMPLE_EVERY_S", d.sample_every_s),
         )
 
     def every_s(self, job: str) -> float:
         """Seconds between two runs of ``job`` (for checkpoint: between two WAL size checks)."""
         return {"retention": self.retention_every_s, "backup": self.backup_every_h * 3600,
-                "quick_check": self.quick_check_every_h * 3600, "checkpoint": self.checkpoint_every_s}[job]
+                "quick_check": self.quick_check_every_h * 3600, "checkpoint": self.checkpoint_every_s,
+                "metrics": self.sample_every_s}[job]
 
 
 def rotate_backups(directory: Path, keep: int) -> list[Path]:
@@ -137,9 +152,10 @@ class JobsWorker(Worker):
         #: Epoch seconds each job last started (from job_runs at start, then in memory).
         self.last_run: dict[str, float] = {}
         self._ran: set[str] = set()
+        self._sampler: Sampler | None = None
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
             "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
-            "checkpoint": self.checkpoint}
+            "checkpoint": self.checkpoint, "metrics": self.metrics}
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
@@ -185,7 +201,8 @@ class JobsWorker(Worker):
     def run_job(self, job: str, force: bool = False) -> bool | None:
         """Run ``job`` and record it with ``record_job_run``. Returns whether it succeeded (and was
         recorded), or None for a checkpoint check that found nothing to do (not recorded: a row
-        every 30 s would drown the table). ``force`` checkpoints even under the threshold."""
+        every 30 s would drown the table; nor are :data:`UNRECORDED` jobs, only logged). ``force``
+        checkpoints even under the threshold."""
         started = now_ms()
         self.last_run[job] = started / 1000
         self._ran.add(job)
@@ -198,6 +215,10 @@ class JobsWorker(Worker):
             return None
         ok, detail = outcome
         finished = max(now_ms(), started)  # the wall clock may step back
+        if job in UNRECORDED:
+            (self.log.debug if ok else self.log.warning)("jobs: %s %s in %d ms: %s", job,
+                                                         "ok" if ok else "FAILED", finished - started, detail)
+            return ok
         assert self.client is not None
         try:
             self.client.call("record_job_run", job=job, started_at=started, finished_at=finished, ok=ok,
@@ -264,6 +285,26 @@ class JobsWorker(Worker):
         result = self.client.call("checkpoint", mode="TRUNCATE")
         after = (health.file_sizes(path)["wal"] or 0) if path is not None else 0
         return result["busy"] == 0, json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+
+    def metrics(self, force: bool = False) -> Outcome:
+        """One sample of everything the console charts, stored with ``record_samples`` (not in job_runs).
+        Not ok when the writer does not answer: then nothing can be stored, and the next run retries."""
+        assert self.client is not None and self.engine is not None
+        if self._sampler is None:
+            # Imported here, not at the top: importing circus (through webapp) calls
+            # logging.basicConfig(), which must not run before main() configures this worker's logging.
+            from webapp.console.metrics import Sampler
+
+            self._sampler = Sampler(self.settings)
+            with self.engine.connect() as conn:
+                self._sampler.resume(conn)
+        try:
+            samples, summary = self._sampler.collect(self.client)
+            if samples:
+                summary.update(self._sampler.store(self.client, samples))
+        except WriterError as e:
+            return False, f"writer: {e}"
+        return True, json.dumps(summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

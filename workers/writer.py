@@ -377,7 +377,7 @@ class Writer:
         send, which must go out only now that the batch is committed."""
         self.batch_no += 1
         batch_no = self.batch_no
-        replies: list[tuple[bytes, bytes]] = []
+        replies: list[tuple[bytes, bytes] | Request] = []
         outside: list[tuple[Request, ops.Op, dict]] = []
         applied: list[tuple[str, int, bytes]] = []
         committed: dict[tuple[str, int], bytes] = {}
@@ -409,6 +409,7 @@ class Writer:
                         continue
                     if not spec.transactional:
                         outside.append((req, spec, args))
+                        replies.append(req)  # its place: replies go out in request order
                         continue
                     result, error = self._run_in_savepoint(conn, spec, args)
                     if error is not None:
@@ -448,10 +449,11 @@ class Writer:
         st.requests_ok += ok_count
         st.requests_failed += failed
         st.ticks_inserted += ticks
+        answered = {}
         for req, spec, args in outside:
             result, error = self._run_outside(spec, args)
-            replies.append((req.ident, _reply(req.seq, result=result, error=error, batch=batch_no)))
-        return replies
+            answered[id(req)] = (req.ident, _reply(req.seq, result=result, error=error, batch=batch_no))
+        return [answered[id(r)] if isinstance(r, Request) else r for r in replies]
 
     def _known_top(self, conn: Connection, cid: str) -> int:
         top = self.known_top.get(cid)

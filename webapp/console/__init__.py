@@ -1,0 +1,92 @@
+"""The admin console: a server-rendered blueprint at ``/console``, served by gunicorn in its own
+circus watcher. Every action works as a plain HTML form without JavaScript; where JavaScript runs,
+pages update themselves by polling JSON endpoints under ``/console/api/``. No asset comes from
+the network (the chart library is vendored under ``static/vendor/``), so it works offline.
+
+Pages: ``/console/watchers``, ``/console/database``, ``/console/charts``, ``/console/market``,
+``/console/logs``, ``/console/audit``; login in :mod:`webapp.auth`. The console reads the database
+through the read-only ``db`` and changes it only through the writer's ops; every action it takes is
+recorded in the audit log (:func:`webapp.console.common.audit`).
+"""
+from __future__ import annotations
+
+from flask import Response, jsonify, render_template
+from flask.typing import ResponseReturnValue
+from flask_wtf.csrf import CSRFError
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from db.errors import WriterError
+from webapp import auth
+from webapp.circus import CircusError
+from webapp.console.common import bp, log, wants_json
+from webapp.console.formats import FILTERS
+
+auth.register(bp)  # first: its session check runs before anything else of the console's
+
+from webapp.console import audit_log, charts, database, logs, market, watchers  # noqa: E402,F401 - routes
+
+for _name, _filter in FILTERS.items():
+    bp.add_app_template_filter(_filter, _name)
+
+NAV = (("console.watchers", "Watchers"), ("console.database", "Database"), ("console.charts", "Charts"),
+       ("console.market", "Market"), ("console.logs", "Logs"), ("console.audit_log", "Audit log"))
+
+
+@bp.context_processor
+def _template_globals() -> dict:
+    return {"nav": NAV, "user": auth.logged_in_user()}
+
+
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    """The console itself is up (it stays up when the writer is not). No login needed."""
+    return jsonify({"status": "ok"})
+
+
+@bp.after_request
+def _security_headers(response: Response) -> Response:
+    """Scripts only from this origin (no inline script: data reaches them through data-* attributes
+    and JSON), no framing, no caching of pages that show the stack's state."""
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+def _error(status: int, title: str, message: str) -> ResponseReturnValue:
+    if wants_json():
+        return jsonify({"error": message}), status
+    return render_template("console/error.html", status=status, title=title, message=message), status
+
+
+@bp.errorhandler(CSRFError)
+def _csrf_error(e: CSRFError) -> ResponseReturnValue:
+    return _error(400, "Form expired", f"{e.description} Reload the page and try again; nothing was changed.")
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(e: HTTPException) -> ResponseReturnValue:
+    return _error(e.code or 500, e.name, e.description or e.name)
+
+
+@bp.errorhandler(SQLAlchemyError)
+def _database_error(e: SQLAlchemyError) -> ResponseReturnValue:
+    log.warning("console: database read failed: %s", e)
+    return _error(503, "Database unavailable", f"The database cannot be read: {getattr(e, 'orig', e)}. "
+                                               "Is the writer running (it creates the database)?")
+
+
+@bp.errorhandler(CircusError)
+def _circus_error(e: CircusError) -> ResponseReturnValue:
+    return _error(503, "circusd unavailable", str(e))
+
+
+@bp.errorhandler(WriterError)
+def _writer_error(e: WriterError) -> ResponseReturnValue:
+    return _error(503, "Writer unavailable", str(e))

@@ -1,0 +1,126 @@
+"""Charts of the last hour, from the ``samples`` table the jobs worker's ``metrics`` job fills.
+
+The page lists the charts; its script draws each from ``/console/api/series`` (vendored
+lightweight-charts, no CDN). Without JavaScript the page shows, per series, the latest value and the
+hour's range, so it still answers "is it fine now".
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from flask import jsonify, render_template, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import Sample
+from db.ops import NAME_RE
+from webapp.console.common import bad_request, bp, int_arg, now_ms
+from webapp.extensions import db
+
+MAX_SERIES = 8
+#: Points per series beyond which a response is averaged into buckets.
+MAX_POINTS = 1200
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One chart: its series (by name; a per-watcher name gives one line per watcher) and how to show values."""
+
+    id: str
+    title: str
+    series: tuple[str, ...]
+    #: How the page formats values: number, ms, bytes, percent, rate.
+    unit: str
+    note: str = ""
+
+
+CHARTS = (
+    Chart("ingest", "Ingest rate", ("writer.ticks_per_s", "writer.requests_per_s"), "rate",
+          "ticks and requests committed per second"),
+    Chart("latency", "Commit latency", ("writer.commit_p50_ms", "writer.commit_p99_ms"), "ms",
+          "p50 and p99 over the writer's last 4096 commits"),
+    Chart("queue", "Writer queue depth", ("writer.queue_depth",), "number", "requests waiting for a batch"),
+    Chart("cpu", "CPU per watcher", ("watcher.cpu_percent",), "percent", "% of one core, children included"),
+    Chart("memory", "Memory per watcher", ("watcher.rss_bytes",), "bytes", "resident memory, children included"),
+    Chart("dbsize", "Database and WAL size", ("db.bytes", "db.wal_bytes"), "bytes"),
+)
+CHART_BY_ID = {c.id: c for c in CHARTS}
+#: Legend names of the series with no label (per-watcher series are named by their watcher).
+SERIES_LABELS = {
+    "writer.ticks_per_s": "ticks/s", "writer.requests_per_s": "requests/s", "writer.commit_p50_ms": "p50",
+    "writer.commit_p99_ms": "p99", "writer.queue_depth": "queued", "db.bytes": "database", "db.wal_bytes": "WAL",
+}
+
+
+def load_series(names: list[str], since_ms: int) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(name, label) -> [(ts ms, value)] in time order, since ``since_ms``."""
+    rows = db.session.execute(select(Sample.name, Sample.labels, Sample.ts, Sample.value)
+                              .where(Sample.name.in_(names), Sample.ts >= since_ms)
+                              .order_by(Sample.ts, Sample.id)).all()
+    out: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for name, label, ts, value in rows:
+        out[(name, label)].append((ts, value))
+    return out
+
+
+def downsample(points: list[tuple[int, float]], max_points: int = MAX_POINTS) -> list[tuple[int, float]]:
+    """At most ``max_points``: consecutive points averaged in equal-time buckets."""
+    if len(points) <= max_points:
+        return points
+    first, last = points[0][0], points[-1][0]
+    width = (last - first) / max_points or 1
+    buckets: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for ts, value in points:
+        buckets[min(int((ts - first) / width), max_points - 1)].append((ts, value))
+    return [(b[-1][0], sum(v for _, v in b) / len(b)) for _, b in sorted(buckets.items())]
+
+
+def summaries(charts: tuple[Chart, ...], since_ms: int) -> dict[str, list[dict[str, Any]]]:
+    """Per chart: each series' latest value, minimum and maximum (what the page shows without JS)."""
+    names = sorted({n for c in charts for n in c.series})
+    try:
+        series = load_series(names, since_ms)
+    except SQLAlchemyError:
+        db.session.rollback()
+        return {c.id: [] for c in charts}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for chart in charts:
+        rows = []
+        for (name, label), points in sorted(series.items()):
+            if name in chart.series and points:
+                values = [v for _, v in points]
+                rows.append({"name": name, "label": label, "latest": values[-1], "min": min(values),
+                             "max": max(values), "at": points[-1][0], "count": len(points)})
+        out[chart.id] = rows
+    return out
+
+
+@bp.get("/charts")
+def charts() -> ResponseReturnValue:
+    return render_template("console/charts.html", charts=CHARTS, summary=summaries(CHARTS, now_ms() - 3_600_000),
+                           series_labels=SERIES_LABELS)
+
+
+@bp.get("/api/series")
+def api_series() -> ResponseReturnValue:
+    """``?name=...&name=...&minutes=60``: the points of up to 8 series (every label of each) since
+    ``minutes`` ago (1..1440), time in epoch seconds, as ``{"series": [{"name", "label", "points"}]}``."""
+    names = request.args.getlist("name")
+    if not 1 <= len(names) <= MAX_SERIES:
+        bad_request(f"give 1..{MAX_SERIES} series names (name=...), got {len(names)}")
+    for name in names:
+        if not NAME_RE.fullmatch(name):
+            bad_request(f"name={name[:70]!r} is not a series name")
+    minutes = int_arg(request.args.get("minutes"), "minutes", 1, 1440, 60)
+    now = now_ms()
+    series = load_series(names, now - minutes * 60_000)
+    out = []
+    for (name, label), points in sorted(series.items()):
+        seconds: dict[int, float] = {}
+        for ts, value in downsample(points):
+            seconds[ts // 1000] = value  # the chart wants one point per second, ascending
+        out.append({"name": name, "label": label, "points": sorted(seconds.items())})
+    return jsonify({"from": now - minutes * 60_000, "to": now, "series": out})

@@ -1,0 +1,196 @@
+"""What every console view shares: the blueprint, settings, the writer, circus, the audit log and
+input checks.
+
+The console never writes the database: every change goes to the writer as an op, through one
+:class:`~db.client.WriterClient` per thread (a client is not thread-safe), built from the app's
+own settings rather than the process environment so a test can point an app at any stack.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+from flask import Blueprint, abort, current_app, request, session
+
+from db.client import WriterClient
+from db.config import Settings
+from db.errors import WriterError, WriterUnavailable
+from webapp.circus import Circus
+from webapp.console.procstats import ProcessMeter, circus_for
+
+log = logging.getLogger("tickstack.console")
+
+bp = Blueprint("console", __name__, url_prefix="/console")
+
+#: Defaults of the app.config keys the console reads (set them on the app to change them).
+DEFAULTS: dict[str, Any] = {
+    # Seconds a console action waits for the writer (the operator is looking at a spinner).
+    "CONSOLE_WRITER_DEADLINE": 10.0,
+    # Seconds an audit record waits for the writer before it is spooled to a file and sent later.
+    "CONSOLE_AUDIT_DEADLINE": 3.0,
+    # Seconds to wait for circusd to answer.
+    "CONSOLE_CIRCUS_TIMEOUT": 3.0,
+}
+AUDIT_SPOOL = "console-audit-spool.jsonl"
+MAX_SPOOL_LINES = 10_000
+
+_local = threading.local()
+
+
+def config(key: str) -> Any:
+    return current_app.config.get(key, DEFAULTS[key])
+
+
+def settings() -> Settings:
+    """The app's settings (``create_app(..., settings)``)."""
+    return current_app.config["TICKSTACK"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def current_user() -> str | None:
+    return session.get("user")
+
+
+def bad_request(message: str) -> NoReturn:
+    """Stop with 400 and ``message`` in words (rendered as a page, or JSON under /console/api/)."""
+    abort(400, description=message)
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/console/api/")
+
+
+# --- the writer ------------------------------------------------------------------------------------
+
+
+def writer() -> WriterClient:
+    """This thread's client for the app's writer (made on first use, remade after fork)."""
+    endpoint = settings().writer_endpoint
+    clients: dict[tuple[int, str], WriterClient] = _local.__dict__.setdefault("clients", {})
+    key = (os.getpid(), endpoint)
+    if key not in clients:
+        clients[key] = WriterClient(endpoint, settings=settings(), deadline=config("CONSOLE_WRITER_DEADLINE"))
+    return clients[key]
+
+
+def call_writer(op: str, deadline: float | None = None, **args: Any) -> Any:
+    """Run ``op`` on the writer and return its result; raises :mod:`db.errors` errors. ``deadline``
+    (seconds) bounds the wait, :data:`DEFAULTS` ``CONSOLE_WRITER_DEADLINE`` by default."""
+    client = writer()
+    ticket = client.submit(op, _deadline=config("CONSOLE_WRITER_DEADLINE") if deadline is None else deadline,
+                           **args)
+    client.wait(ticket)
+    return ticket.result()
+
+
+# --- circus ------------------------------------------------------------------------------------------
+
+
+def circus() -> Circus:
+    """circusd of the app's stack; raises CircusError at once when it is not running."""
+    return circus_for(settings().circus_endpoint, timeout=config("CONSOLE_CIRCUS_TIMEOUT"))
+
+
+def meter() -> ProcessMeter:
+    """This thread's process meter (CPU % is measured between two of its calls)."""
+    return _local.__dict__.setdefault("meter", ProcessMeter())
+
+
+# --- the audit log -------------------------------------------------------------------------------
+
+
+def audit(action: str, target: str = "", result: str = "ok", detail: str = "", actor: str | None = None) -> bool:
+    """Record a console action in ``audit_log`` through the writer (``audit`` op).
+
+    Returns True once written. When the writer does not answer within ``CONSOLE_AUDIT_DEADLINE``
+    (it is stopped or restarting) the record, with its time, goes to a spool file in the run folder
+    and is sent before the next one, so no action goes unrecorded (a record whose answer was lost
+    may then be stored twice: at least once, never lost). Returns False then, and when the writer
+    refused it (logged)."""
+    entry = {"actor": actor or current_user() or "anonymous", "action": action, "target": target[:128],
+             "result": result, "detail": detail[:4000], "ts": now_ms()}
+    try:
+        if flush_audit_spool() is None:
+            raise WriterUnavailable("the writer does not take the spooled records")  # not worth a second wait
+        call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+        return True
+    except WriterUnavailable:
+        _spool(entry)
+        log.warning("console: the writer did not answer; audit record of %s %s spooled", action, target)
+    except WriterError as e:
+        log.error("console: the writer refused the audit record %s: %s", entry, e)
+    return False
+
+
+def _spool_path() -> Path:
+    return settings().run_dir / AUDIT_SPOOL
+
+
+def _spool(entry: dict[str, Any]) -> None:
+    path = _spool_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(entry) + "\n")
+
+
+def flush_audit_spool() -> int | None:
+    """Send spooled audit records to the writer, oldest first; returns how many were sent, or None
+    when the writer did not answer (the rest stay spooled). Cheap when there is nothing spooled."""
+    path = _spool_path()
+    try:
+        if path.stat().st_size == 0:
+            return 0
+    except FileNotFoundError:
+        return 0
+    sent = 0
+    blocked = False
+    with open(path, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # one process at a time; appenders wait
+        lines = f.read().splitlines()[-MAX_SPOOL_LINES:]
+        remaining: list[str] = []
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+                call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+                sent += 1
+            except WriterUnavailable:
+                remaining = lines[i:]
+                blocked = True
+                break
+            except (ValueError, TypeError, WriterError) as e:  # unreadable or refused: dropped, said
+                log.error("console: dropping spooled audit record %r: %s", line[:200], e)
+        f.seek(0)
+        f.truncate()
+        f.write("".join(f"{line}\n" for line in remaining))
+    if sent:
+        log.info("console: sent %d spooled audit records", sent)
+    return None if blocked else sent
+
+
+# --- input --------------------------------------------------------------------------------------------
+
+
+def int_arg(raw: str | None, name: str, minimum: int, maximum: int, default: int | None = None) -> int:
+    """``raw`` as a whole number in ``minimum..maximum``; ``default`` when absent; else 400."""
+    if raw is None or raw == "":
+        if default is None:
+            bad_request(f"{name} is required (a whole number {minimum}..{maximum})")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        bad_request(f"{name}={raw[:40]!r} is not a whole number ({minimum}..{maximum})")
+    if not minimum <= value <= maximum:
+        bad_request(f"{name}={value} is out of range {minimum}..{maximum}")
+    return value

@@ -1,0 +1,201 @@
+"""Database: in the spirit of PgHero, everything a person asks when the database feels slow.
+
+Journal mode, file sizes (and their last hour), the writer's queue, commit latency, batch size,
+throughput, failures and lock errors (which must read 0), the last checkpoint, backup and
+quick_check, recent job runs and the processes holding the file open, with any unknown or rogue one
+flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
+writer's op), backup (:func:`db.health.backup` into ``backups/`` under the jobs worker's naming, so
+its rotation keeps them in check) and quick_check (a read-only PRAGMA); each is audited.
+
+A backup or quick_check runs inside the request: seconds on a database of a few GB. One backup at a
+time: a second request while one runs is refused with a message (a lock file in ``run/``).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import flash, jsonify, redirect, render_template, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import health
+from db.errors import WriterError
+from db.models import AuditEntry, JobRun, Sample
+from webapp.circus import CircusError
+from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, summaries
+from webapp.console.common import audit, bp, call_writer, circus, log, now_ms, settings, writer
+from webapp.extensions import db
+
+BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
+BACKUP_LOCK = "console-backup.lock"
+
+
+def known_pids() -> set[int]:
+    """Every process circus runs for the stack (and their children): readers we know."""
+    try:
+        infos = circus().call("stats").get("infos") or {}
+    except CircusError:
+        return set()
+    pids: set[int] = set()
+    for procs in infos.values():
+        for info in (procs or {}).values():
+            if isinstance(info, dict) and "pid" in info:
+                pids.add(int(info["pid"]))
+                pids.update(int(c["pid"]) for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c)
+    return pids
+
+
+def last_backup() -> dict[str, Any] | None:
+    """The newest backup file named like the jobs worker's (its name is its UTC time)."""
+    directory = settings().backup_dir
+    try:
+        names = sorted(p.name for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not names:
+        return None
+    path = directory / names[-1]
+    stat = path.stat()
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(names)}
+
+
+def _latest_rate(name: str) -> float | None:
+    row = db.session.execute(select(Sample.value).where(Sample.name == name, Sample.ts >= now_ms() - 120_000)
+                             .order_by(Sample.ts.desc()).limit(1)).scalar()
+    return float(row) if row is not None else None
+
+
+def recent_history() -> dict[str, Any]:
+    """Job runs, the last quick_check (the jobs worker's or the console's), the jobs worker's last
+    checkpoint (the writer only knows its own since it started) and the sampled rates."""
+    out: dict[str, Any] = {"jobs": [], "quick_check": None, "checkpoint_job": None, "ops_per_s": None,
+                           "ticks_per_s": None, "error": None}
+    try:
+        out["jobs"] = db.session.execute(select(JobRun).order_by(JobRun.id.desc()).limit(15)).scalars().all()
+        job = db.session.execute(select(JobRun).where(JobRun.job == "quick_check")
+                                 .order_by(JobRun.id.desc()).limit(1)).scalars().first()
+        mine = db.session.execute(select(AuditEntry).where(AuditEntry.action == "db.quick_check")
+                                  .order_by(AuditEntry.id.desc()).limit(1)).scalars().first()
+        candidates = []
+        if job is not None:
+            candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail})
+        if mine is not None:
+            candidates.append({"ts": mine.ts, "ok": mine.result == "ok", "by": mine.actor, "detail": mine.detail})
+        out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
+        out["checkpoint_job"] = db.session.execute(select(JobRun).where(JobRun.job == "checkpoint")
+                                                   .order_by(JobRun.id.desc()).limit(1)).scalars().first()
+        out["ops_per_s"] = _latest_rate("writer.requests_per_s")
+        out["ticks_per_s"] = _latest_rate("writer.ticks_per_s")
+    except SQLAlchemyError as e:
+        db.session.rollback()
+        out["error"] = str(getattr(e, "orig", e))
+    return out
+
+
+@bp.get("/database")
+def database() -> ResponseReturnValue:
+    s = settings()
+    snap = health.snapshot(s, writer_timeout=1.0, known_pids=known_pids())
+    findings = health.diagnose(snap, s)
+    chart = CHART_BY_ID["dbsize"]
+    return render_template("console/database.html", snap=snap, findings=findings, history=recent_history(),
+                           backup=last_backup(), stats=snap["writer"].get("stats") or {}, chart=chart,
+                           summary=summaries((chart,), now_ms() - 3_600_000), series_labels=SERIES_LABELS)
+
+
+@bp.get("/api/database")
+def api_database() -> ResponseReturnValue:
+    """The live figures of the page (the writer's counters and the file sizes), for its poll."""
+    s = settings()
+    out: dict[str, Any] = {"ts": now_ms(), "writer": None, "error": None, "files": None}
+    try:
+        out["writer"] = writer().stats(timeout=1.0)
+    except WriterError as e:
+        out["error"] = str(e)
+    if s.database_path is not None:
+        out["files"] = health.file_sizes(s.database_path)
+    return jsonify(out)
+
+
+# --- actions ----------------------------------------------------------------------------------------
+
+
+def _done(kind: str, message: str) -> ResponseReturnValue:
+    flash(message, kind)
+    return redirect(url_for("console.database"), 303)
+
+
+@bp.post("/database/checkpoint")
+def checkpoint() -> ResponseReturnValue:
+    """A TRUNCATE checkpoint by the writer (between two batches)."""
+    path = settings().database_path
+    before = health.file_sizes(path)["wal"] if path is not None else None
+    try:
+        result = call_writer("checkpoint", mode="TRUNCATE")
+    except WriterError as e:
+        audit("db.checkpoint", "TRUNCATE", "error", str(e))
+        return _done("error", f"Checkpoint failed: {e}")
+    after = health.file_sizes(path)["wal"] if path is not None else None
+    detail = {"wal_before": before, "wal_after": after, **result}
+    ok = result.get("busy") == 0
+    audit("db.checkpoint", "TRUNCATE", "ok" if ok else "error", json.dumps(detail))
+    if not ok:
+        return _done("warn", "Checkpoint partial: a reader held part of the WAL back; it is retried by the jobs "
+                             f"worker ({result}).")
+    return _done("ok", f"Checkpoint done: WAL {before or 0:,} → {after or 0:,} bytes "
+                       f"({result.get('checkpointed')} pages copied).")
+
+
+def _backup_destination(directory: Path) -> Path:
+    for _ in range(3):  # two backups in one second: wait for a fresh stamp rather than overwrite
+        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
+        if not dest.exists():
+            return dest
+        time.sleep(1.01 - time.time() % 1)
+    raise FileExistsError(f"{dest} exists")
+
+
+@bp.post("/database/backup")
+def backup() -> ResponseReturnValue:
+    """An online, integrity-checked copy into backups/tickstack-<UTC stamp>.db."""
+    s = settings()
+    s.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(s.run_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _done("warn", "A backup is already running; wait for it to finish.")
+        try:
+            result = health.backup(s, _backup_destination(s.backup_dir))
+        except (OSError, ValueError, RuntimeError, sqlite3.Error) as e:
+            log.warning("console: backup failed: %s", e)
+            audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")
+            return _done("error", f"Backup failed: {e}")
+    audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))
+    return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).")
+
+
+@bp.post("/database/quick_check")
+def quick_check() -> ResponseReturnValue:
+    """``PRAGMA quick_check`` on a read-only connection."""
+    path = settings().database_path
+    if path is None:
+        return _done("error", "quick_check works on a SQLite database only.")
+    try:
+        check = health.pragmas(path, quick_check=True)["quick_check"]
+    except (sqlite3.Error, FileNotFoundError) as e:
+        audit("db.quick_check", path.name, "error", str(e))
+        return _done("error", f"quick_check failed: {e}")
+    audit("db.quick_check", path.name, "ok" if check["ok"] else "error", json.dumps(check))
+    if check["ok"]:
+        return _done("ok", f"quick_check: ok ({check['ms']:.0f} ms).")
+    return _done("error", f"quick_check found problems: {'; '.join(check['messages'][:3])}")

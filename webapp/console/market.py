@@ -1,0 +1,149 @@
+"""Market data: the latest tick per symbol, candlesticks per symbol and timeframe, open trades with
+their live P&L (marked at the latest bid for a buy, the ask for a sell: what closing would get) and
+their events, and closing a trade (the writer's ``close_trade``; confirmed, audited).
+
+Symbols are listed with a skip-scan over the ``(symbol, ts)`` index (one index seek per symbol), so
+the page stays fast with millions of ticks.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import flash, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy import select, text
+
+from db.errors import WriterError
+from db.models import TIMEFRAMES, Bar, Tick, Trade, TradeEvent
+from db.ops import SYMBOL_RE, trade_pnl
+from webapp.console.common import audit, bad_request, bp, call_writer, int_arg
+from webapp.extensions import db
+
+MAX_SYMBOLS = 200
+MAX_BARS = 1000
+DEFAULT_BARS = 300
+
+# One index seek per distinct symbol, in SQLite and PostgreSQL alike.
+_SYMBOLS_SQL = """
+WITH RECURSIVE s(symbol) AS (
+    SELECT MIN(symbol) FROM {table}
+    UNION ALL
+    SELECT (SELECT MIN(symbol) FROM {table} WHERE symbol > s.symbol) FROM s WHERE s.symbol IS NOT NULL
+)
+SELECT symbol FROM s WHERE symbol IS NOT NULL LIMIT :limit
+"""
+
+
+def symbols() -> list[str]:
+    """Every symbol with ticks or bars (at most :data:`MAX_SYMBOLS`), sorted."""
+    found: set[str] = set()
+    for table in ("ticks", "bars"):
+        found.update(db.session.execute(text(_SYMBOLS_SQL.format(table=table)), {"limit": MAX_SYMBOLS}).scalars())
+    return sorted(found)[:MAX_SYMBOLS]
+
+
+def latest_ticks(syms: list[str]) -> dict[str, Any]:
+    """Symbol -> its latest tick (by ts, then id)."""
+    out = {}
+    for sym in syms:
+        tick = db.session.execute(select(Tick).where(Tick.symbol == sym)
+                                  .order_by(Tick.ts.desc(), Tick.id.desc()).limit(1)).scalars().first()
+        if tick is not None:
+            out[sym] = tick
+    return out
+
+
+def open_trades() -> list[dict[str, Any]]:
+    """Open trades with mark price and unrealised P&L from the latest tick of their symbol."""
+    trades = db.session.execute(select(Trade).where(Trade.status == "open").order_by(Trade.id.desc())).scalars().all()
+    ticks = latest_ticks(sorted({t.symbol for t in trades}))
+    out = []
+    for t in trades:
+        tick = ticks.get(t.symbol)
+        mark = (tick.bid if t.side == "buy" else tick.ask) if tick is not None else None
+        out.append({
+            "id": t.id, "symbol": t.symbol, "side": t.side, "size": t.size, "entry_price": t.entry_price,
+            "stop_loss": t.stop_loss, "take_profit": t.take_profit, "opened_at": t.opened_at, "mark": mark,
+            "mark_ts": tick.ts if tick is not None else None,
+            "pnl": trade_pnl(t.side, t.entry_price, mark, t.size) if mark is not None else None,
+        })
+    return out
+
+
+def check_symbol(raw: str | None) -> str:
+    if raw is None or not SYMBOL_RE.fullmatch(raw):
+        bad_request(f"symbol={(raw or '')[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -)")
+    return raw
+
+
+def check_timeframe(raw: str | None) -> str:
+    if raw not in TIMEFRAMES:
+        bad_request(f"timeframe={(raw or '')[:20]!r} is not one of {', '.join(TIMEFRAMES)}")
+    return raw
+
+
+def bars(symbol: str, timeframe: str, limit: int) -> list[Bar]:
+    rows = db.session.execute(select(Bar).where(Bar.symbol == symbol, Bar.timeframe == timeframe)
+                              .order_by(Bar.ts.desc()).limit(limit)).scalars().all()
+    return list(reversed(rows))
+
+
+@bp.get("/market")
+def market() -> ResponseReturnValue:
+    syms = symbols()
+    raw = request.args.get("symbol")
+    symbol = check_symbol(raw) if raw else (syms[0] if syms else None)
+    timeframe = check_timeframe(request.args.get("timeframe") or "1m")
+    trades = open_trades()
+    events = []
+    if trades:
+        events = db.session.execute(select(TradeEvent).where(TradeEvent.trade_id.in_([t["id"] for t in trades]))
+                                    .order_by(TradeEvent.id.desc()).limit(50)).scalars().all()
+    closed = db.session.execute(select(Trade).where(Trade.status == "closed")
+                                .order_by(Trade.closed_at.desc()).limit(10)).scalars().all()
+    recent_bars = bars(symbol, timeframe, 10) if symbol else []
+    return render_template("console/market.html", symbols=syms, symbol=symbol, timeframe=timeframe,
+                           timeframes=list(TIMEFRAMES), ticks=latest_ticks(syms), trades=trades, events=events,
+                           closed=closed, recent_bars=list(reversed(recent_bars)))
+
+
+@bp.get("/api/bars")
+def api_bars() -> ResponseReturnValue:
+    """``?symbol=&timeframe=&limit=``: the latest bars in time order; time in epoch seconds."""
+    symbol = check_symbol(request.args.get("symbol"))
+    timeframe = check_timeframe(request.args.get("timeframe"))
+    limit = int_arg(request.args.get("limit"), "limit", 1, MAX_BARS, DEFAULT_BARS)
+    return jsonify({"symbol": symbol, "timeframe": timeframe, "bars": [
+        {"time": b.ts // 1000, "open": b.open, "high": b.high, "low": b.low, "close": b.close, "volume": b.volume}
+        for b in bars(symbol, timeframe, limit)]})
+
+
+@bp.get("/api/trades")
+def api_trades() -> ResponseReturnValue:
+    """Open trades with live P&L, and the latest tick per symbol, for the page's poll."""
+    syms = symbols()
+    ticks = {s: {"bid": t.bid, "ask": t.ask, "ts": t.ts, "volume": t.volume} for s, t in latest_ticks(syms).items()}
+    return jsonify({"trades": open_trades(), "ticks": ticks})
+
+
+@bp.post("/trades/<trade_id>/close")
+def close_trade(trade_id: str) -> ResponseReturnValue:
+    """Close an open trade at the latest tick (the writer's ``close_trade``, reason ``console``)."""
+    tid = int_arg(trade_id, "trade id", 1, 2**63 - 1)
+    keep = {k: v for k, v in request.args.items() if k in ("symbol", "timeframe")}
+    back = redirect(url_for("console.market", **keep), 303)
+    if request.form.get("confirm") != "yes":
+        trade = db.session.get(Trade, tid)
+        if trade is None:
+            bad_request(f"trade {tid} does not exist")
+        return render_template("console/confirm_close.html", trade=trade)
+    try:
+        result = call_writer("close_trade", trade_id=tid, reason="console")
+    except WriterError as e:
+        audit("trade.close", str(tid), "error", str(e))
+        flash(f"Closing trade {tid} failed: {e}", "error")
+        return back
+    audit("trade.close", str(tid), "ok", json.dumps(result))
+    flash(f"Trade {tid} closed at {result['exit_price']:g}, P&L {result['pnl']:+.2f}.", "ok")
+    return back

@@ -1,0 +1,169 @@
+"""The series the console charts, and the :class:`Sampler` that measures them.
+
+The jobs worker's ``metrics`` job calls :meth:`Sampler.collect` every ``TICKSTACK_SAMPLE_EVERY_S``
+(10 s) and stores the result with the writer's ``record_samples`` op; the console only reads the
+``samples`` table. Both sides use the names below, so they cannot drift apart.
+
+Rates are computed here, from the previous sample of each writer counter: ``(now - before) / dt``,
+or, when the writer restarted in between (its uptime is shorter than ``dt``, its counters started
+again at 0), ``now / uptime``. The previous values are read back from ``samples`` on the first
+call, so a restart of the jobs worker leaves no gap in the rates.
+
+``watcher.restarts`` counts, per watcher, the circus processes that are new since the previous
+sample (a process is its pid and create time, so a reused pid is still a new process): a restart, a
+respawn after a crash, an ``incr``. A process that starts and dies between two samples is not seen;
+gunicorn replacing its own workers is not counted (only circus's processes are). After a restart of
+the jobs worker, the first sample counts the processes created since the last stored sample (by
+create time, which psutil knows to about a second); with no sample within
+:data:`RESUME_WINDOW_MS` it is the baseline and counts nothing.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Connection
+
+from db import health
+from db.client import WriterClient
+from db.config import Settings
+from db.models import Sample
+from webapp.circus import CircusError
+from webapp.console.procstats import ProcessMeter, circus_for, collect_watchers
+
+log = logging.getLogger("tickstack.metrics")
+
+#: Series with no label, as (name, title, unit) in the order the console lists them.
+WRITER_GAUGES = ("queue_depth", "commit_p50_ms", "commit_p99_ms", "mean_batch", "uptime_s")
+WRITER_COUNTERS = ("requests_ok", "ticks_inserted", "requests_failed", "lock_errors")
+#: Counter -> the rate series computed from it.
+RATES = {"requests_ok": "writer.requests_per_s", "ticks_inserted": "writer.ticks_per_s"}
+#: Per-watcher series (labels = the watcher's name).
+WATCHER_SERIES = ("watcher.cpu_percent", "watcher.rss_bytes", "watcher.processes", "watcher.restarts")
+#: How long samples are kept (record_samples' keep_ms), and how often old ones are pruned: pruning
+#: deletes by ts, which has no index of its own, so it runs once a minute rather than every sample.
+KEEP_MS = 86_400_000
+PRUNE_EVERY_S = 60.0
+#: A previous sample older than this is not resumed from (rates, restarts).
+RESUME_WINDOW_MS = 600_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Sampler:
+    """One measurement of the writer, the database files and every watcher per :meth:`collect`.
+
+    Keeps what rates and restart counts need between calls; not thread-safe (one per worker)."""
+
+    def __init__(self, settings: Settings, circus_timeout: float = 1.0) -> None:
+        self.settings = settings
+        self.circus_timeout = circus_timeout
+        self.meter = ProcessMeter()
+        #: Counter name -> (epoch ms, value) of its previous sample.
+        self.previous: dict[str, tuple[int, float]] = {}
+        #: Watcher -> its processes as (pid, create time) at the previous sample; None before the first.
+        self.previous_procs: dict[str, set[tuple[int, float | None]]] | None = None
+        #: Epoch ms of the last stored watcher sample, read back by :meth:`resume`: processes created
+        #: after it are restarts (used once, when there is no ``previous_procs`` yet).
+        self.previous_watchers_ms: int | None = None
+        self._last_prune = 0.0
+        self._circus_error: str | None = None
+
+    def resume(self, conn: Connection) -> None:
+        """Read the previous counters and watcher sample time back from ``samples`` (read-only)."""
+        since = now_ms() - RESUME_WINDOW_MS
+        names = [f"writer.{c}" for c in (*WRITER_COUNTERS, "uptime_s")]
+        for name in names:
+            row = conn.execute(select(Sample.ts, Sample.value).where(Sample.name == name, Sample.ts >= since)
+                               .order_by(Sample.ts.desc()).limit(1)).first()
+            if row is not None:
+                self.previous[name.removeprefix("writer.")] = (int(row.ts), float(row.value))
+        last = conn.execute(select(func.max(Sample.ts)).where(Sample.name == "watcher.restarts",
+                                                             Sample.ts >= since)).scalar()
+        self.previous_watchers_ms = int(last) if last is not None else None
+
+    def collect(self, client: WriterClient, writer_timeout: float = 2.0) -> tuple[list[dict[str, Any]], dict]:
+        """Measure everything; return (samples for ``record_samples``, a summary for the log).
+
+        Raises :class:`WriterError` when the writer does not answer (nothing could be stored anyway);
+        circusd not answering only leaves the watcher series out (``summary["circus"]`` says why)."""
+        stats = client.stats(timeout=writer_timeout)
+        ts = now_ms()
+        samples: list[dict[str, Any]] = []
+
+        def add(name: str, value: Any, label: str = "", at: int = ts) -> None:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                samples.append({"ts": at, "name": name, "labels": label, "value": float(value)})
+
+        for key in WRITER_GAUGES:
+            add(f"writer.{key}", stats.get(key))
+        uptime_ms = float(stats.get("uptime_s") or 0) * 1000
+        for key in WRITER_COUNTERS:
+            value = stats.get(key)
+            if not isinstance(value, int | float):
+                continue
+            add(f"writer.{key}", value)
+            before = self.previous.get(key)
+            if key in RATES and before is not None and ts > before[0]:
+                dt_ms = ts - before[0]
+                if uptime_ms >= dt_ms and value >= before[1]:
+                    add(RATES[key], (value - before[1]) * 1000 / dt_ms)
+                elif uptime_ms > 0:  # the writer restarted since: its counters began again at 0
+                    add(RATES[key], value * 1000 / uptime_ms)
+            self.previous[key] = (ts, float(value))
+        path = self.settings.database_path
+        if path is not None:
+            sizes = health.file_sizes(path)
+            add("db.bytes", sizes["db"])
+            add("db.wal_bytes", sizes["wal"] or 0)
+        summary: dict[str, Any] = {"circus": "ok"}
+        watchers_at = now_ms()
+        try:
+            watchers = collect_watchers(circus_for(self.settings.circus_endpoint, self.circus_timeout, 1.0),
+                                        self.meter)
+        except CircusError as e:
+            summary["circus"] = str(e)
+            if self._circus_error != str(e):
+                log.warning("metrics: no watcher series while circusd does not answer: %s", e)
+            self._circus_error = str(e)
+        else:
+            if self._circus_error is not None:
+                log.info("metrics: circusd answers again")
+            self._circus_error = None
+            procs = {w["name"]: {(p["pid"], None if p["started"] is None else round(p["started"], 1))
+                                 for p in w["processes"]} for w in watchers}
+            for w in watchers:
+                add("watcher.cpu_percent", w["cpu"], w["name"], watchers_at)
+                add("watcher.rss_bytes", w["rss"], w["name"], watchers_at)
+                add("watcher.processes", w["numprocesses"], w["name"], watchers_at)
+                add("watcher.restarts", self._new_processes(w["name"], procs[w["name"]]), w["name"], watchers_at)
+            self.previous_procs = procs
+            self.previous_watchers_ms = watchers_at
+        summary["samples"] = len(samples)
+        return samples, summary
+
+    def _new_processes(self, watcher: str, procs: set[tuple[int, float | None]]) -> int:
+        """How many of ``procs`` are new since the previous sample (see the module docstring)."""
+        if self.previous_procs is not None:
+            return len(procs - self.previous_procs.get(watcher, set()))
+        since = self.previous_watchers_ms
+        if since is None:
+            return 0  # the baseline
+        return sum(1 for _, started in procs if started is not None and started * 1000 > since)
+
+    def store(self, client: WriterClient, samples: list[dict[str, Any]], deadline: float = 5.0) -> dict[str, Any]:
+        """``record_samples`` through the writer, pruning samples older than a day once a minute."""
+        args: dict[str, Any] = {"samples": samples}
+        if time.monotonic() - self._last_prune >= PRUNE_EVERY_S:
+            args["keep_ms"] = KEEP_MS
+        ticket = client.submit("record_samples", _deadline=deadline, **args)
+        client.wait(ticket)
+        result = ticket.result()
+        if "keep_ms" in args:
+            self._last_prune = time.monotonic()
+        return result
+

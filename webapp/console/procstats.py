@@ -1,0 +1,142 @@
+"""CPU, memory, pids and uptime of each circus watcher, measured with psutil.
+
+circus's own ``stats`` numbers are not used as they come: it formats memory as text ("24.02M"), and
+it reads the CPU of a watcher's children (gunicorn's workers) through a fresh ``psutil.Process``
+each time, so their CPU always reads 0. Here circus says which processes belong to which watcher,
+and a :class:`ProcessMeter` measures them; it keeps its ``psutil.Process`` objects as long as the
+measuring process lives (a gunicorn worker, the jobs worker), so CPU % is the CPU used since the
+previous measurement, and on the first measurement of a process its average since it started.
+
+Memory is RSS summed over the watcher's processes and their children (shared pages count once per
+process, as in ``ps``).
+"""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from webapp.circus import Circus, CircusError
+
+_SIZE_RE = re.compile(r"([0-9.]+)\s*([KMGTP]?)B?")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+def parse_size(text: Any) -> int | None:
+    """circus's human size ("24.02M") in bytes; None for "N/A" or anything else unreadable."""
+    match = _SIZE_RE.fullmatch(str(text).strip())
+    if not match:
+        return None
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def circus_for(endpoint: str, timeout: float = 2.0, busy_retry: float = 3.0) -> Circus:
+    """A :class:`Circus` for ``endpoint``; raises :class:`CircusError` at once when its ipc socket
+    does not exist (circusd is not running), instead of waiting ``timeout`` for no answer."""
+    if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
+        raise CircusError(f"circusd is not running (no socket at {endpoint[len('ipc://'):]}); start the stack "
+                          "with `make run`")
+    return Circus(endpoint, timeout=timeout, busy_retry=busy_retry)
+
+
+class ProcessMeter:
+    """Measures processes by pid, remembering them between calls (see the module docstring).
+
+    Not thread-safe; use one per thread or guard it (``cpu_percent`` keeps state per object)."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, psutil.Process] = {}
+
+    def measure(self, pid: int) -> dict[str, Any] | None:
+        """``{"pid", "cpu", "rss", "started"}`` of one process; None if it is gone or not readable."""
+        proc = self._procs.get(pid)
+        if proc is not None and not proc.is_running():  # exited, or the pid was reused
+            proc = None
+        try:
+            fresh = proc is None
+            if proc is None:
+                proc = psutil.Process(pid)
+            with proc.oneshot():
+                started = proc.create_time()
+                if fresh:
+                    proc.cpu_percent(None)  # start the interval the next call measures
+                    times = proc.cpu_times()
+                    cpu = 100.0 * (times.user + times.system) / max(time.time() - started, 0.001)
+                else:
+                    cpu = proc.cpu_percent(None)
+                rss = proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            self._procs.pop(pid, None)
+            return None
+        self._procs[pid] = proc
+        return {"pid": pid, "cpu": round(cpu, 1), "rss": rss, "started": started}
+
+    def forget_others(self, pids: set[int]) -> None:
+        """Drop the processes not in ``pids`` (they exited): the cache stays bounded."""
+        for pid in [p for p in self._procs if p not in pids]:
+            del self._procs[pid]
+
+
+def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
+    """One circus process with its children, measured; circus's numbers when psutil cannot read it."""
+    pid = int(info["pid"])
+    children = [c for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c]
+    cpu = rss = 0.0
+    started: float | None = None
+    for raw in [info, *children]:
+        measured = meter.measure(int(raw["pid"]))
+        if measured is None:
+            cpu += float(raw["cpu"]) if isinstance(raw.get("cpu"), int | float) else 0.0
+            rss += parse_size(raw.get("mem_info1")) or 0
+            if raw is info and isinstance(info.get("started"), int | float):
+                started = float(info["started"])
+            continue
+        cpu += measured["cpu"]
+        rss += measured["rss"]
+        if raw is info:
+            started = measured["started"]
+    return {"pid": pid, "children": sorted(int(c["pid"]) for c in children), "cpu": round(cpu, 1),
+            "rss": int(rss), "started": started,
+            "age": round(time.time() - started, 1) if started is not None else None}
+
+
+def collect_watchers(circus: Circus, meter: ProcessMeter) -> list[dict[str, Any]]:
+    """Every watcher (circus plugins left out), sorted by name::
+
+        {"name", "status", "numprocesses", "pids", "children", "cpu", "rss", "uptime",
+         "processes": [{"pid", "children", "cpu", "rss", "started", "age"}]}
+
+    ``numprocesses`` counts circus's processes (gunicorn's master, not its workers, which are in
+    ``children``); ``cpu`` is % of one core summed over all; ``cpu``, ``rss`` and ``uptime`` (the
+    oldest process's age in seconds) are None with no process. Two circus calls; raises
+    :class:`CircusError`."""
+    statuses = circus.statuses()
+    try:
+        infos = circus.call("stats").get("infos") or {}
+    except CircusError:
+        infos = {}
+    out: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for name in sorted(statuses):
+        if name.startswith("plugin:"):
+            continue
+        procs = []
+        for info in (infos.get(name) or {}).values():
+            if isinstance(info, dict) and "pid" in info:  # circus says "No such process" for one just gone
+                procs.append(_process(info, meter))
+        procs.sort(key=lambda p: p["pid"])
+        for p in procs:
+            seen.update([p["pid"], *p["children"]])
+        ages = [p["age"] for p in procs if p["age"] is not None]
+        out.append({
+            "name": name, "status": statuses[name], "numprocesses": len(procs),
+            "pids": [p["pid"] for p in procs], "children": [c for p in procs for c in p["children"]],
+            "cpu": round(sum(p["cpu"] for p in procs), 1) if procs else None,
+            "rss": sum(p["rss"] for p in procs) if procs else None,
+            "uptime": max(ages) if ages else None, "processes": procs,
+        })
+    meter.forget_others(seen)
+    return out

@@ -1,0 +1,129 @@
+"""Watchers: status, processes, CPU, memory, uptime and restarts, live; start/stop/restart/incr/decr.
+
+Actions are POST forms with the CSRF token. ``stop`` (and ``decr`` to nothing) needs ``confirm=yes``:
+without it the console answers with a confirmation page and changes nothing (the page's script asks
+with a dialog instead and sends ``confirm=yes``). Every action is audited as ``watcher.<action>``.
+
+Two actions cut the branch they sit on, and are audited *before* they are sent: those that stop or
+restart the console serving the request (sent without waiting, else the request would wait for its
+own end), and those that stop the writer (which takes the audit record).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from flask import flash, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from db.models import Sample
+from webapp.circus import ACTIONS, CircusError
+from webapp.console.common import audit, bad_request, bp, circus, log, meter, now_ms
+from webapp.console.procstats import collect_watchers
+from webapp.extensions import db
+
+#: The writer's watcher in circus.ini: stopping it takes the audit log away.
+WRITER_WATCHER = "writer"
+#: Actions that leave a watcher with fewer processes; ``stop`` always asks first.
+CONFIRM_ACTIONS = ("stop",)
+LABELS = {"start": "Start", "stop": "Stop", "restart": "Restart", "incr": "+1 process", "decr": "−1 process"}
+
+
+def restarts_last_hour() -> dict[str, int]:
+    """Restarts per watcher over the last hour, from the sampler's ``watcher.restarts`` series
+    (see :mod:`webapp.console.metrics` for what is counted); {} when it cannot be read."""
+    try:
+        rows = db.session.execute(
+            select(Sample.labels, func.sum(Sample.value))
+            .where(Sample.name == "watcher.restarts", Sample.ts >= now_ms() - 3_600_000)
+            .group_by(Sample.labels)).all()
+    except SQLAlchemyError:
+        db.session.rollback()
+        return {}
+    return {label: int(total or 0) for label, total in rows}
+
+
+def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
+    """(watchers with their figures and restarts, None) or ([], what is wrong with circus)."""
+    try:
+        rows = collect_watchers(circus(), meter())
+    except CircusError as e:
+        return [], str(e)
+    restarts = restarts_last_hour()
+    for row in rows:
+        row["restarts"] = restarts.get(row["name"])
+    return rows, None
+
+
+@bp.get("/")
+def index() -> ResponseReturnValue:
+    return redirect(url_for("console.watchers"))
+
+
+@bp.get("/watchers")
+def watchers() -> ResponseReturnValue:
+    rows, error = watcher_table()
+    return render_template("console/watchers.html", watchers=rows, error=error, actions=ACTIONS, labels=LABELS,
+                           confirm_actions=CONFIRM_ACTIONS)
+
+
+@bp.get("/api/watchers")
+def api_watchers() -> ResponseReturnValue:
+    """The watchers table as JSON, for the page's 2-second poll."""
+    rows, error = watcher_table()
+    return jsonify({"ts": now_ms(), "error": error, "watchers": rows})
+
+
+def _serves_this_request(c: Any, name: str) -> bool:
+    """Whether watcher ``name`` runs this process (gunicorn's master is our parent)."""
+    try:
+        pids = set(c.call("list", name=name).get("pids") or [])
+    except CircusError:
+        return False
+    return bool(pids & {os.getpid(), os.getppid()})
+
+
+@bp.post("/watchers/<name>/<action>")
+def watcher_action(name: str, action: str) -> ResponseReturnValue:
+    if action not in ACTIONS:
+        bad_request(f"unknown action {action[:40]!r}; one of {', '.join(ACTIONS)}")
+    try:
+        c = circus()
+        statuses = c.statuses()
+    except CircusError as e:
+        flash(f"{LABELS[action]} {name}: {e}", "error")
+        return redirect(url_for("console.watchers"), 303)
+    if name not in statuses or name.startswith("plugin:"):
+        bad_request(f"no watcher named {name[:60]!r}; watchers are "
+                    f"{', '.join(sorted(n for n in statuses if not n.startswith('plugin:')))}")
+    if action in CONFIRM_ACTIONS and request.form.get("confirm") != "yes":
+        return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
+                               is_writer=name == WRITER_WATCHER)
+    ends_self = action in ("stop", "restart", "decr") and _serves_this_request(c, name)
+    stops_writer = name == WRITER_WATCHER and action in ("stop", "decr")
+    what = f"watcher.{action}"
+    if ends_self or stops_writer:
+        audit(what, name, "ok", "recorded before sending: the action ends "
+              + ("this console" if ends_self else "the writer, which records the audit log"))
+    try:
+        if ends_self:
+            props: dict[str, Any] = {"name": name, "waiting": False} if action != "decr" else {"name": name, "nb": 1}
+            answer = c.call(action, **props)
+        else:
+            answer = c.act(action, name)
+    except CircusError as e:
+        log.warning("console: %s %s failed: %s", action, name, e)
+        audit(what, name, "error", str(e))
+        flash(f"{LABELS[action]} {name} failed: {e}", "error")
+        return redirect(url_for("console.watchers"), 303)
+    detail = {k: v for k, v in answer.items() if k in ("info", "numprocesses") and v is not None}
+    if not (ends_self or stops_writer):
+        audit(what, name, "ok", json.dumps(detail) if detail else "")
+    if ends_self:
+        flash(f"{LABELS[action]} {name}: sent. This console goes away for a moment; reload the page.", "warn")
+    else:
+        flash(f"{LABELS[action]} {name}: done.", "ok")
+    return redirect(url_for("console.watchers"), 303)

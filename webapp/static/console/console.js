@@ -1,0 +1,227 @@
+/* tickstack console: progressive enhancement only. Every action is a plain form that works without
+ * this file; here forms ask for confirmation in a dialog, and pages update themselves by polling the
+ * JSON endpoints under /console/api/. No inline script (the Content-Security-Policy forbids it):
+ * URLs come from data-* attributes. */
+(function () {
+  "use strict";
+  document.documentElement.classList.add("js");
+  document.querySelectorAll("[data-js-only]").forEach(function (el) { el.hidden = false; });
+
+  /* --- formatting (the same as the server's Jinja filters) ------------------------------------ */
+  var DASH = "\u2013";
+  function num(v, digits) {
+    if (typeof v !== "number" || !isFinite(v)) return DASH;
+    if (digits === undefined) digits = Number.isInteger(v) ? 0 : 2;
+    return v.toLocaleString("en-US", {minimumFractionDigits: digits, maximumFractionDigits: digits});
+  }
+  function bytes(n) {
+    if (typeof n !== "number" || !isFinite(n)) return DASH;
+    var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
+    while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return i === 0 ? n.toFixed(0) + " B" : n.toFixed(1) + " " + units[i];
+  }
+  function duration(s) {
+    if (typeof s !== "number" || !isFinite(s)) return DASH;
+    s = Math.floor(s);
+    if (s < 60) return s + " s";
+    if (s < 3600) return Math.floor(s / 60) + " min " + (s % 60) + " s";
+    if (s < 86400) return Math.floor(s / 3600) + " h " + Math.floor(s % 3600 / 60) + " min";
+    return Math.floor(s / 86400) + " d " + Math.floor(s % 86400 / 3600) + " h";
+  }
+  function ago(ms) { return typeof ms === "number" ? duration(Math.max(0, Date.now() - ms) / 1000) + " ago" : DASH; }
+  window.tsFormat = {num: num, bytes: bytes, duration: duration, ago: ago};
+
+  /* --- confirmation: forms with data-confirm ask first, then send confirm=yes ----------------- */
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!(form instanceof HTMLFormElement)) return;
+    if (form.dataset.confirm) {
+      if (!window.confirm(form.dataset.confirm)) { event.preventDefault(); return; }
+      if (!form.querySelector("input[name=confirm]")) {
+        var input = document.createElement("input");
+        input.type = "hidden"; input.name = "confirm"; input.value = "yes";
+        form.appendChild(input);
+      }
+    }
+    if (form.method.toLowerCase() === "post") {
+      var button = form.querySelector("button[type=submit], button:not([type])");
+      if (button) {  // one click, one action: no double submit while the page waits
+        button.classList.add("is-busy");
+        setTimeout(function () { button.disabled = true; }, 0);
+      }
+    }
+  });
+
+  /* --- polling ---------------------------------------------------------------------------------- */
+  var live = document.querySelector("[data-live]");
+  function setLive(ok, text) {
+    if (!live) return;
+    live.hidden = false;
+    live.classList.toggle("is-stale", !ok);
+    live.querySelector("[data-live-text]").textContent = text;
+  }
+  /* Calls onData(json) every intervalMs while the tab is visible; a 401 means the session ended. */
+  function poll(url, intervalMs, onData) {
+    var timer = null, busy = false;
+    function tick() {
+      if (document.hidden || busy) return;
+      busy = true;
+      fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}, cache: "no-store"})
+        .then(function (r) {
+          if (r.status === 401) { window.location.reload(); throw new Error("login required"); }
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          return r.json();
+        })
+        .then(function (data) {
+          onData(data);
+          setLive(true, "live \u00b7 " + new Date().toISOString().substring(11, 19) + " UTC");
+        })
+        .catch(function (e) { setLive(false, "not updating (" + e.message + ")"); })
+        .finally(function () { busy = false; });
+    }
+    tick();
+    timer = setInterval(tick, intervalMs);
+    document.addEventListener("visibilitychange", function () { if (!document.hidden) tick(); });
+    return function stop() { clearInterval(timer); };
+  }
+  window.tsPoll = poll;
+
+  function setText(el, text) {
+    if (el && el.textContent !== text) {
+      el.textContent = text;
+      el.classList.remove("flash-updated");
+      void el.offsetWidth;  // restart the highlight animation
+      el.classList.add("flash-updated");
+    }
+  }
+
+  /* --- watchers: the table every 2 s ------------------------------------------------------------------ */
+  var table = document.querySelector("[data-watchers-table]");
+  if (table) {
+    var errorBox = document.querySelector("[data-watchers-error]");
+    poll(table.dataset.poll, 2000, function (data) {
+      if (errorBox) { errorBox.hidden = !data.error; errorBox.textContent = data.error || ""; }
+      (data.watchers || []).forEach(function (w) {
+        var row = table.querySelector('tr[data-watcher="' + CSS.escape(w.name) + '"]');
+        if (!row) { if (data.watchers.length) window.location.reload(); return; }  // a watcher was added
+        var status = row.querySelector('[data-field="status"]');
+        setText(status, w.status);
+        status.className = "pill pill-" + w.status;
+        setText(row.querySelector('[data-field="numprocesses"]'), String(w.numprocesses));
+        var pids = row.querySelector('[data-field="pids"]');
+        var text = w.pids.length ? w.pids.join(", ") : DASH;
+        if (w.children.length) text += "  +" + w.children.length + (w.children.length > 1 ? " children: " : " child: ") + w.children.join(", ");
+        setText(pids, text);
+        setText(row.querySelector('[data-field="cpu"]'), w.cpu === null ? DASH : num(w.cpu, 1) + " %");
+        setText(row.querySelector('[data-field="rss"]'), bytes(w.rss));
+        row.querySelector('[data-field="uptime"]').textContent = duration(w.uptime);
+        setText(row.querySelector('[data-field="restarts"]'), w.restarts === null || w.restarts === undefined ? DASH : String(w.restarts));
+        row.querySelectorAll("button[data-action]").forEach(function (b) {
+          if (b.classList.contains("is-busy")) return;
+          var a = b.dataset.action;
+          b.disabled = (a === "start" && w.status === "active") ||
+                       (["stop", "restart", "decr"].indexOf(a) >= 0 && w.status === "stopped");
+        });
+      });
+    });
+  }
+
+  /* --- database: the writer's figures every 3 s ----------------------------------------------------- */
+  var kpis = document.querySelector("[data-db-poll]");
+  if (kpis) {
+    poll(kpis.dataset.dbPoll, 3000, function (data) {
+      var w = data.writer || {};
+      ["queue_depth", "requests_failed", "requests_ok", "busy_replies", "commit_failures"].forEach(function (k) {
+        setText(document.querySelector('[data-kpi="' + k + '"]'), num(w[k]));
+      });
+      setText(document.querySelector('[data-kpi="commit_p50_ms"]'), num(w.commit_p50_ms, 2));
+      setText(document.querySelector('[data-kpi="commit_p99_ms"]'), num(w.commit_p99_ms, 2));
+      setText(document.querySelector('[data-kpi="mean_batch"]'), num(w.mean_batch, 1));
+      var box = document.querySelector('[data-kpi-box="lock_errors"]');
+      var up = !data.error;
+      setText(document.querySelector('[data-kpi="lock_errors"]'), up ? String(w.lock_errors) : "?");
+      box.classList.toggle("kpi-good", up && w.lock_errors === 0);
+      box.classList.toggle("kpi-bad", !up || w.lock_errors !== 0);
+      if (data.files) {
+        setText(document.querySelector('[data-kpi-file="db"]'), bytes(data.files.db));
+        setText(document.querySelector('[data-kpi-file="wal"]'), bytes(data.files.wal));
+      }
+    });
+  }
+
+  /* --- market: trades' P&L and the latest ticks every 2 s ------------------------------------------ */
+  var trades = document.querySelector("[data-trades-poll]");
+  if (trades) {
+    var ticksTable = document.querySelector("[data-ticks-table]");
+    poll(trades.dataset.tradesPoll, 2000, function (data) {
+      (data.trades || []).forEach(function (t) {
+        var row = trades.querySelector('tr[data-trade="' + t.id + '"]');
+        if (!row) return;
+        setText(row.querySelector('[data-field="mark"]'), num(t.mark, 5));
+        var pnl = row.querySelector('[data-field="pnl"]');
+        setText(pnl, num(t.pnl, 2));
+        pnl.classList.toggle("up", t.pnl > 0);
+        pnl.classList.toggle("down", t.pnl < 0);
+      });
+      var open = {};
+      (data.trades || []).forEach(function (t) { open[t.id] = true; });
+      trades.querySelectorAll("tr[data-trade]").forEach(function (row) {
+        if (!open[row.dataset.trade]) row.classList.add("muted");  // closed meanwhile (e.g. by the monitor)
+      });
+      if (ticksTable) {
+        Object.keys(data.ticks || {}).forEach(function (sym) {
+          var row = ticksTable.querySelector('tr[data-symbol="' + CSS.escape(sym) + '"]');
+          if (!row) return;
+          var t = data.ticks[sym];
+          setText(row.querySelector('[data-field="bid"]'), num(t.bid, 5));
+          setText(row.querySelector('[data-field="ask"]'), num(t.ask, 5));
+          row.querySelector('[data-field="ts"]').textContent = ago(t.ts);
+        });
+      }
+    });
+  }
+
+  /* --- logs: follow by byte offset ------------------------------------------------------------------------ */
+  var log = document.querySelector("[data-log]");
+  if (log) {
+    var follow = document.querySelector("[data-follow]");
+    var status = document.querySelector("[data-follow-status]");
+    var offset = Number(log.dataset.offset), maxLines = Number(log.dataset.maxLines) || 5000, busyLog = false;
+    function classFor(line) {
+      if (/ ERROR | CRITICAL |Traceback/.test(line)) return "l-err";
+      return / WARNING /.test(line) ? "l-warn" : "";
+    }
+    function append(lines, reset) {
+      var atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+      if (reset) log.textContent = "";
+      var frag = document.createDocumentFragment();
+      lines.forEach(function (line) {
+        var span = document.createElement("span");
+        span.className = classFor(line);
+        span.textContent = line + "\n";
+        frag.appendChild(span);
+      });
+      log.appendChild(frag);
+      while (log.childNodes.length > maxLines) log.removeChild(log.firstChild);
+      if (atBottom || reset) log.scrollTop = log.scrollHeight;
+    }
+    log.scrollTop = log.scrollHeight;
+    setInterval(function () {
+      if (!follow || !follow.checked || document.hidden || busyLog) return;
+      busyLog = true;
+      fetch(log.dataset.src + "&offset=" + offset, {credentials: "same-origin", cache: "no-store"})
+        .then(function (r) {
+          if (r.status === 401) { window.location.reload(); throw new Error("login required"); }
+          if (!r.ok) throw new Error("HTTP " + r.status);
+          return r.json();
+        })
+        .then(function (data) {
+          offset = data.offset;
+          if (data.lines.length || data.reset) append(data.lines, data.reset);
+          status.textContent = (data.reset ? "file rotated; " : "") + "following \u00b7 " + bytes(data.size);
+        })
+        .catch(function (e) { status.textContent = "not following (" + e.message + ")"; })
+        .finally(function () { busyLog = false; });
+    }, 1500);
+  }
+})();
