@@ -109,6 +109,7 @@ from bench.common import (
     positive_int,
     run_group,
     running_writer,
+    stop_process,
     writable_file,
 )
 
@@ -481,14 +482,8 @@ def running_gunicorn(env: dict[str, str], workers: int, log_path: Path) -> Itera
         yield gun
     finally:
         known_workers.update((p.pid, p) for p in gun.worker_processes())
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(GUNICORN_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                gun.extra["killed"] = True
+        if stop_process(proc, GUNICORN_STOP_TIMEOUT):
+            gun.extra["killed"] = True
         # Only gunicorn's own workers, by pid, if any outlived their master
         # (psutil checks the pid still names the same process).
         for worker in known_workers.values():

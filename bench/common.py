@@ -444,13 +444,22 @@ def running_writer(env: dict[str, str], *, ready_timeout: float = 30.0,
     finally:
         if run.sampler.is_alive():
             run.sampler.stop()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, stop_timeout)
         run.exit_code = proc.returncode
         if run.exit_code != 0 and "log_tail" not in run.extra:
             run.extra["log_tail"] = run.log_tail(30)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> bool:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL (by this pid only).
+    Returns True if it had to be killed."""
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return True

@@ -316,23 +316,28 @@ class Pipeline:
         self._queue: deque[Ticket] = deque()
 
     def submit(self, op: str, /, **args: Any) -> Ticket:
+        # Collect before sending, never after: on_done must only ever see
+        # tickets the caller already holds (it may key its own records on
+        # them right after this returns).
+        self.collect(0)
         while self.outstanding >= self.window:
-            self._collect(0.05)
+            self.collect(0.05)
         ticket = self.client.submit(op, **args)
         self._queue.append(ticket)
-        self._collect(0)
         return ticket
 
     def drain(self) -> None:
         """Wait until every submitted request is answered."""
         while self._queue:
-            self._collect(0.05)
+            self.collect(0.05)
 
     @property
     def outstanding(self) -> int:
         return sum(1 for t in self._queue if not t.done)
 
-    def _collect(self, timeout: float) -> None:
+    def collect(self, timeout: float = 0) -> None:
+        """Take in the answers that arrived (waiting up to ``timeout``) and
+        report, in submit order, every request answered so far."""
         if self.client.in_flight:
             self.client._pump(timeout)
         while self._queue and self._queue[0].done:

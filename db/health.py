@@ -57,6 +57,11 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in ("journal_mode", "page_count", "page_size", "freelist_count", "user_version"):
             out[name] = con.execute(f"PRAGMA {name}").fetchone()[0]
+        # The schema's version is recorded in its own table (db.schema), not in PRAGMA user_version.
+        try:
+            out["schema_version"] = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+        except sqlite3.OperationalError:  # no such table: a database the schema was never applied to
+            out["schema_version"] = None
         if quick_check:
             started = time.perf_counter()
             rows = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]

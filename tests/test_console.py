@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from circus_stack import WATCHERS, CircusStack
+from circus_stack import WATCHERS, CircusStack, wait_for
 from conftest import Stack
 from flask import Flask
 
@@ -99,19 +99,6 @@ def audit_rows(settings: Any, since_id: int = 0) -> list[tuple]:
 
 def last_audit_id(settings: Any) -> int:
     return query(settings, "SELECT coalesce(max(id), 0) FROM audit_log")[0][0]
-
-
-def wait_for(what: str, check: Any, timeout: float = 20) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except Exception:
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def new_home() -> Path:

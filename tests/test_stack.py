@@ -1,22 +1,19 @@
 """The whole stack under the real circusd with the real circus.ini."""
 from __future__ import annotations
 
-import random
 import re
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from circus_stack import ROOT, WATCHERS, CircusStack
+from circus_stack import ROOT, T0, WATCHERS, CircusStack, wait_for, write_bar_csv
 
 from db.client import WriterClient
-
-T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 
 @pytest.fixture
@@ -31,40 +28,6 @@ def running() -> Iterator[CircusStack]:
 
 def ro(stack: CircusStack) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True, timeout=10)
-
-
-def wait_for(what: str, check, timeout: float = 60):  # noqa: ANN001 - a test helper
-    """Poll ``check`` until it returns something true; an exception counts as not yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except Exception:
-            value = None
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
-
-
-def write_bar_csv(path: Path, n: int = 60, seed: int = 7) -> list[tuple[int, float, float, float, float, float]]:
-    """A 1-minute OHLCV export like pandas writes it: unnamed first column."""
-    rng = random.Random(seed)
-    price, bars = 100.0, []
-    lines = [",Open,High,Low,Close,Volume"]
-    for i in range(n):
-        ts = T0 + i * 60_000
-        o = round(price, 2)
-        c = round(max(1.0, o + rng.uniform(-1, 1)), 2)
-        h = round(max(o, c) + rng.uniform(0, 0.5), 2)
-        low = round(min(o, c) - rng.uniform(0, 0.5), 2)
-        v = float(rng.randint(1, 1000))
-        price = c
-        bars.append((ts, o, h, low, c, v))
-        stamp = datetime.fromtimestamp(ts / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"{stamp},{o},{h},{low},{c},{v}")
-    path.write_text("\n".join(lines) + "\n")
-    return bars
 
 
 def log_ms(line: str) -> int:

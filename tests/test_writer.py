@@ -333,3 +333,23 @@ def test_database_files_are_private(writer: Stack) -> None:
     assert os.stat(settings.database_path).st_mode & 0o077 == 0
     assert os.stat(settings.home).st_mode & 0o777 == 0o700
     assert os.stat(settings.run_dir).st_mode & 0o777 == 0o700
+
+
+def test_pipeline_reports_only_tickets_the_caller_holds(writer: Stack) -> None:
+    """on_done never sees the ticket ``submit`` is about to return: callers
+    key their own records on it right after (the tick ingestor does)."""
+    held: dict[int, int] = {}
+    seen: list[int] = []
+
+    def on_done(ticket) -> None:  # noqa: ANN001
+        assert ticket.seq in held, f"on_done for request {ticket.seq} before submit returned it"
+        seen.append(held.pop(ticket.seq))
+
+    client = WriterClient(settings=writer.settings, deadline=10)
+    with client.pipeline(window=4, on_done=on_done) as pipe:
+        for i in range(300):
+            ticket = pipe.submit("audit", actor="me", action="pipelined", target=str(i))
+            held[ticket.seq] = i
+            if i % 50 == 0:
+                time.sleep(0.05)  # let answers pile up before the next submit
+    assert seen == list(range(300)) and pipe.failed == []

@@ -133,7 +133,7 @@ class TickIngestor(Worker):
         if self._pending:
             self._submit(_columns(self._pending), None)
             self._pending = []
-        self.pipe._collect(0)
+        self.pipe.collect()
         self._replay_spool()
         self._report()
         if self.exhausted and not did:

@@ -15,10 +15,12 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from db.config import ConfigError
 from db.models import Sample
 from db.ops import NAME_RE
 from webapp.console.common import bad_request, bp, int_arg, now_ms
 from webapp.extensions import db
+from workers.jobs import JobSchedule
 
 MAX_SERIES = 8
 #: Points per series beyond which a response is averaged into buckets.
@@ -53,6 +55,16 @@ SERIES_LABELS = {
     "writer.ticks_per_s": "ticks/s", "writer.requests_per_s": "requests/s", "writer.commit_p50_ms": "p50",
     "writer.commit_p99_ms": "p99", "writer.queue_depth": "queued", "db.bytes": "database", "db.wal_bytes": "WAL",
 }
+
+
+def sample_every() -> str | None:
+    """How often the jobs worker samples, as the page says it ("10 s"): ``TICKSTACK_SAMPLE_EVERY_S``
+    read exactly as the worker reads it (:meth:`workers.jobs.JobSchedule.from_env`); None when the
+    schedule is misconfigured (the worker then refuses to start, so nothing is sampled)."""
+    try:
+        return f"{JobSchedule.from_env().sample_every_s:g} s"
+    except ConfigError:
+        return None
 
 
 def load_series(names: list[str], since_ms: int) -> dict[tuple[str, str], list[tuple[int, float]]]:
@@ -101,7 +113,7 @@ def summaries(charts: tuple[Chart, ...], since_ms: int) -> dict[str, list[dict[s
 @bp.get("/charts")
 def charts() -> ResponseReturnValue:
     return render_template("console/charts.html", charts=CHARTS, summary=summaries(CHARTS, now_ms() - 3_600_000),
-                           series_labels=SERIES_LABELS)
+                           series_labels=SERIES_LABELS, sample_every=sample_every())
 
 
 @bp.get("/api/series")

@@ -30,7 +30,7 @@ from db import health
 from db.errors import WriterError
 from db.models import AuditEntry, JobRun, Sample
 from webapp.circus import CircusError
-from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, summaries
+from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, sample_every, summaries
 from webapp.console.common import audit, bp, call_writer, circus, log, now_ms, settings, writer
 from webapp.extensions import db
 
@@ -108,7 +108,8 @@ def database() -> ResponseReturnValue:
     chart = CHART_BY_ID["dbsize"]
     return render_template("console/database.html", snap=snap, findings=findings, history=recent_history(),
                            backup=last_backup(), stats=snap["writer"].get("stats") or {}, chart=chart,
-                           summary=summaries((chart,), now_ms() - 3_600_000), series_labels=SERIES_LABELS)
+                           summary=summaries((chart,), now_ms() - 3_600_000), series_labels=SERIES_LABELS,
+                           sample_every=sample_every())
 
 
 @bp.get("/api/database")

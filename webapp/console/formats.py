@@ -56,4 +56,14 @@ def number(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-FILTERS = {"bytes": human_bytes, "timestamp": timestamp, "duration": duration, "ago": ago, "number": number}
+def price(value: Any) -> str:
+    """A price with the decimals its size needs: 59287.16 -> "59,287.16", 1.08512 -> "1.0851",
+    0.012345 -> "0.01235" (2 decimals from 1000, 4 from 1, else 5); None -> dash."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return DASH
+    size = abs(value)
+    return number(float(value), 2 if size >= 1000 else 4 if size >= 1 else 5)
+
+
+FILTERS = {"bytes": human_bytes, "timestamp": timestamp, "duration": duration, "ago": ago, "number": number,
+           "price": price}

@@ -1,8 +1,13 @@
 """Watchers: status, processes, CPU, memory, uptime and restarts, live; start/stop/restart/incr/decr.
 
-Actions are POST forms with the CSRF token. ``stop`` (and ``decr`` to nothing) needs ``confirm=yes``:
+Actions are POST forms with the CSRF token. ``stop``, and ``decr`` of a watcher's last process
+(which stops it just the same, until someone adds one back with ``incr``), need ``confirm=yes``:
 without it the console answers with a confirmation page and changes nothing (the page's script asks
-with a dialog instead and sends ``confirm=yes``). Every action is audited as ``watcher.<action>``.
+with a dialog instead and sends ``confirm=yes``). ``decr`` of one of several processes does not ask.
+Every action is audited as ``watcher.<action>``.
+
+``circusd-stats``, the statistics process circus runs itself (``statsd = True``), is shown read-only:
+no buttons, and an action on it is refused with 400.
 
 Two actions cut the branch they sit on, and are audited *before* they are sent: those that stop or
 restart the console serving the request (sent without waiting, else the request would wait for its
@@ -27,8 +32,10 @@ from webapp.extensions import db
 
 #: The writer's watcher in circus.ini: stopping it takes the audit log away.
 WRITER_WATCHER = "writer"
-#: Actions that leave a watcher with fewer processes; ``stop`` always asks first.
+#: Actions that always ask first; ``decr`` asks when it would remove the watcher's last process.
 CONFIRM_ACTIONS = ("stop",)
+#: Watchers circus runs for itself: shown, never acted on.
+READ_ONLY_WATCHERS = frozenset({"circusd-stats"})
 LABELS = {"start": "Start", "stop": "Stop", "restart": "Restart", "incr": "+1 process", "decr": "−1 process"}
 
 
@@ -67,7 +74,7 @@ def index() -> ResponseReturnValue:
 def watchers() -> ResponseReturnValue:
     rows, error = watcher_table()
     return render_template("console/watchers.html", watchers=rows, error=error, actions=ACTIONS, labels=LABELS,
-                           confirm_actions=CONFIRM_ACTIONS)
+                           confirm_actions=CONFIRM_ACTIONS, read_only=READ_ONLY_WATCHERS)
 
 
 @bp.get("/api/watchers")
@@ -77,19 +84,36 @@ def api_watchers() -> ResponseReturnValue:
     return jsonify({"ts": now_ms(), "error": error, "watchers": rows})
 
 
+def _pids(c: Any, name: str) -> list[int] | None:
+    """The pids of watcher ``name``'s processes (not their children); None if circus does not say."""
+    try:
+        return [int(p) for p in c.call("list", name=name).get("pids") or []]
+    except (CircusError, TypeError, ValueError):
+        return None
+
+
 def _serves_this_request(c: Any, name: str) -> bool:
     """Whether watcher ``name`` runs this process (gunicorn's master is our parent)."""
-    try:
-        pids = set(c.call("list", name=name).get("pids") or [])
-    except CircusError:
-        return False
-    return bool(pids & {os.getpid(), os.getppid()})
+    return bool(set(_pids(c, name) or []) & {os.getpid(), os.getppid()})
+
+
+def _needs_confirmation(c: Any, name: str, action: str) -> bool:
+    """``stop`` always; ``decr`` when the watcher has at most one process (or circus does not say how many)."""
+    if action in CONFIRM_ACTIONS:
+        return True
+    if action == "decr":
+        pids = _pids(c, name)
+        return pids is None or len(pids) <= 1
+    return False
 
 
 @bp.post("/watchers/<name>/<action>")
 def watcher_action(name: str, action: str) -> ResponseReturnValue:
     if action not in ACTIONS:
         bad_request(f"unknown action {action[:40]!r}; one of {', '.join(ACTIONS)}")
+    if name in READ_ONLY_WATCHERS:
+        bad_request(f"{name} is circus's own statistics process: the console shows it, read-only, "
+                    "and does not act on it")
     try:
         c = circus()
         statuses = c.statuses()
@@ -97,9 +121,9 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
         flash(f"{LABELS[action]} {name}: {e}", "error")
         return redirect(url_for("console.watchers"), 303)
     if name not in statuses or name.startswith("plugin:"):
-        bad_request(f"no watcher named {name[:60]!r}; watchers are "
-                    f"{', '.join(sorted(n for n in statuses if not n.startswith('plugin:')))}")
-    if action in CONFIRM_ACTIONS and request.form.get("confirm") != "yes":
+        names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
+        bad_request(f"no watcher named {name[:60]!r}; watchers are {', '.join(names)}")
+    if request.form.get("confirm") != "yes" and _needs_confirmation(c, name, action):
         return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
                                is_writer=name == WRITER_WATCHER)
     ends_self = action in ("stop", "restart", "decr") and _serves_this_request(c, name)

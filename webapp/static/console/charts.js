@@ -22,7 +22,8 @@
     return {
       autoSize: true,
       layout: {background: {type: "solid", color: "#ffffff"}, textColor: "#475467", fontSize: 11,
-               fontFamily: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", attributionLogo: true},
+               fontFamily: "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
+               attributionLogo: false},  // the page footer credits TradingView, with a link
       grid: {vertLines: {color: "#f0f2f6"}, horzLines: {color: "#f0f2f6"}},
       rightPriceScale: {borderColor: "#e4e8ee"},
       timeScale: {borderColor: "#e4e8ee", timeVisible: true, secondsVisible: false},
@@ -67,6 +68,8 @@
     var series = {};
     var colors = {};
     var url = el.dataset.src + "?minutes=60&" + names.map(function (n) { return "name=" + encodeURIComponent(n); }).join("&");
+    var titles = {};
+    var multi = false;  // more than one line: see below
     var fitted = false;
 
     function keyName(s) { return s.label || labels[s.name] || s.name; }
@@ -74,20 +77,34 @@
     every(10000, function () {
       getJSON(url).then(function (data) {
         var seen = {};
+        var firstT = Infinity, lastT = -Infinity;  // epoch seconds
+        // Several lines (CPU and memory have one per watcher): their labels on the price axis pile up,
+        // and the legend below names each with its latest value; so only a lone line is labelled there.
+        var wasMulti = multi;
+        multi = data.series.length > 1;
         data.series.forEach(function (s) {
           var key = s.name + "|" + s.label;
           seen[key] = true;
           if (!series[key]) {
             colors[key] = PALETTE[Object.keys(series).length % PALETTE.length];
+            titles[key] = keyName(s);
             series[key] = chart.addSeries(LC.LineSeries, {color: colors[key], lineWidth: 2, priceLineVisible: false,
-                                                         lastValueVisible: true, title: keyName(s),
+                                                         lastValueVisible: !multi, title: multi ? "" : titles[key],
                                                          autoscaleInfoProvider: fromZero});
+          } else if (multi !== wasMulti) {  // lines came or went
+            series[key].applyOptions({lastValueVisible: !multi, title: multi ? "" : titles[key]});
           }
           series[key].setData(s.points.map(function (p) { return {time: p[0], value: p[1]}; }));
+          if (s.points.length) {
+            firstT = Math.min(firstT, s.points[0][0]);
+            lastT = Math.max(lastT, s.points[s.points.length - 1][0]);
+          }
         });
         Object.keys(series).forEach(function (key) {  // a watcher that is gone: drop its line
           if (!seen[key]) { chart.removeSeries(series[key]); delete series[key]; }
         });
+        // Seconds on the time axis while the data spans under 10 minutes (else its labels all read the same minute).
+        if (lastT >= firstT) chart.applyOptions({timeScale: {timeVisible: true, secondsVisible: lastT - firstT < 600}});
         empty.hidden = data.series.some(function (s) { return s.points.length > 0; });
         legend.textContent = "";
         data.series.forEach(function (s) {

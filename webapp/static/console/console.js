@@ -14,6 +14,12 @@
     if (digits === undefined) digits = Number.isInteger(v) ? 0 : 2;
     return v.toLocaleString("en-US", {minimumFractionDigits: digits, maximumFractionDigits: digits});
   }
+  /* A price with the decimals its size needs (2 from 1000, 4 from 1, else 5), like the price filter. */
+  function price(v) {
+    if (typeof v !== "number" || !isFinite(v)) return DASH;
+    var size = Math.abs(v);
+    return num(v, size >= 1000 ? 2 : size >= 1 ? 4 : 5);
+  }
   function bytes(n) {
     if (typeof n !== "number" || !isFinite(n)) return DASH;
     var units = ["B", "KiB", "MiB", "GiB", "TiB"], i = 0;
@@ -29,7 +35,7 @@
     return Math.floor(s / 86400) + " d " + Math.floor(s % 86400 / 3600) + " h";
   }
   function ago(ms) { return typeof ms === "number" ? duration(Math.max(0, Date.now() - ms) / 1000) + " ago" : DASH; }
-  window.tsFormat = {num: num, bytes: bytes, duration: duration, ago: ago};
+  window.tsFormat = {num: num, price: price, bytes: bytes, duration: duration, ago: ago};
 
   /* --- confirmation: forms with data-confirm ask first, then send confirm=yes ----------------- */
   document.addEventListener("submit", function (event) {
@@ -112,10 +118,14 @@
         var text = w.pids.length ? w.pids.join(", ") : DASH;
         if (w.children.length) text += "  +" + w.children.length + (w.children.length > 1 ? " children: " : " child: ") + w.children.join(", ");
         setText(pids, text);
-        setText(row.querySelector('[data-field="cpu"]'), w.cpu === null ? DASH : num(w.cpu, 1) + " %");
-        setText(row.querySelector('[data-field="rss"]'), bytes(w.rss));
+        // CPU, memory and uptime change on nearly every poll: set quietly, a highlight there would always flash.
+        row.querySelector('[data-field="cpu"]').textContent = w.cpu === null ? DASH : num(w.cpu, 1) + " %";
+        row.querySelector('[data-field="rss"]').textContent = bytes(w.rss);
         row.querySelector('[data-field="uptime"]').textContent = duration(w.uptime);
         setText(row.querySelector('[data-field="restarts"]'), w.restarts === null || w.restarts === undefined ? DASH : String(w.restarts));
+        var decr = row.querySelector("form[data-confirm-last]");  // -1 process asks when it removes the last one
+        if (decr && w.numprocesses <= 1) decr.dataset.confirm = decr.dataset.confirmLast;
+        else if (decr) delete decr.dataset.confirm;
         row.querySelectorAll("button[data-action]").forEach(function (b) {
           if (b.classList.contains("is-busy")) return;
           var a = b.dataset.action;
@@ -157,7 +167,7 @@
       (data.trades || []).forEach(function (t) {
         var row = trades.querySelector('tr[data-trade="' + t.id + '"]');
         if (!row) return;
-        setText(row.querySelector('[data-field="mark"]'), num(t.mark, 5));
+        setText(row.querySelector('[data-field="mark"]'), price(t.mark));
         var pnl = row.querySelector('[data-field="pnl"]');
         setText(pnl, num(t.pnl, 2));
         pnl.classList.toggle("up", t.pnl > 0);
@@ -173,8 +183,8 @@
           var row = ticksTable.querySelector('tr[data-symbol="' + CSS.escape(sym) + '"]');
           if (!row) return;
           var t = data.ticks[sym];
-          setText(row.querySelector('[data-field="bid"]'), num(t.bid, 5));
-          setText(row.querySelector('[data-field="ask"]'), num(t.ask, 5));
+          setText(row.querySelector('[data-field="bid"]'), price(t.bid));
+          setText(row.querySelector('[data-field="ask"]'), price(t.ask));
           row.querySelector('[data-field="ts"]').textContent = ago(t.ts);
         });
       }
