@@ -33,6 +33,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench contention
+	$(BIN)/python -m bench api
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
