@@ -353,3 +353,21 @@ def test_pipeline_reports_only_tickets_the_caller_holds(writer: Stack) -> None:
             if i % 50 == 0:
                 time.sleep(0.05)  # let answers pile up before the next submit
     assert seen == list(range(300)) and pipe.failed == []
+
+
+def test_full_queue_answers_busy_and_clients_back_off_until_committed(stack: Stack) -> None:
+    # A tiny queue and a batch window: a burst of pipelined requests overflows it.
+    stack.start_writer(TICKSTACK_WRITER_MAX_QUEUE="2", TICKSTACK_WRITER_BATCH_WAIT="0.2",
+                       TICKSTACK_WRITER_MAX_BATCH="2")
+    client = WriterClient(settings=stack.settings, deadline=60)
+    with client.pipeline(window=40) as pipe:
+        for i in range(40):
+            pipe.submit("audit", actor="me", action="burst", target=str(i))
+    assert pipe.failed == [] and pipe.completed == 40
+    stats = client.stats()
+    assert stats["busy_replies"] > 0, stats
+    assert stats["max_batch"] <= 2 and stats["queue_depth"] == 0
+    con = db_conn(stack)
+    targets = Counter(t for (t,) in con.execute("SELECT target FROM audit_log WHERE action = 'burst'"))
+    con.close()
+    assert targets == Counter(str(i) for i in range(40))  # each exactly once
