@@ -304,3 +304,21 @@ def test_ticks_to_bars_to_indicators_pipeline() -> None:
         assert len(bars) > 40
         for i, bar in enumerate(bars):
             assert seen[key][bar["ts"]] == pytest.approx(batch_at(bars, i), rel=1e-9), (key, i)
+
+
+def test_restored_bar_folds_an_out_of_order_tick_as_if_never_restarted() -> None:
+    def build(ticks: list[tuple[int, float]], restart_after: int | None) -> dict:
+        builder = BarBuilder({"1m": 60_000})
+        for i, (ts, price) in enumerate(ticks):
+            if i == restart_after:
+                saved = builder.snapshot("X", "1m")
+                builder = BarBuilder({"1m": 60_000})
+                builder.load(saved)
+            builder.add("X", ts, price, 1.0)
+        return builder.current("X", "1m")
+
+    # After the restart a tick older than the close arrives (it must not become the close), then
+    # one older than the open (it must become the open).
+    ticks = [(1_000, 10.0), (50_000, 12.0), (30_000, 11.0), (500, 9.5)]
+    assert build(ticks, restart_after=2) == build(ticks, restart_after=None)
+    assert build(ticks, restart_after=None)["open"] == 9.5 and build(ticks, restart_after=None)["close"] == 12.0

@@ -109,7 +109,7 @@ class Analyzer:
             for name, value in state.update(bar).items():
                 indicators.append({"symbol": key[0], "timeframe": key[1], "name": name, "ts": bar["ts"],
                                    "value": value})
-        series = [[sym, tf, self.builder.current(sym, tf), st.to_dict()] for (sym, tf), st in self.states.items()]
+        series = [[sym, tf, self.builder.snapshot(sym, tf), st.to_dict()] for (sym, tf), st in self.states.items()]
         blob = msgpack.packb({"v": STATE_VERSION, "late_ticks": self.builder.late_ticks, "series": series})
         batch = Batch(self.position, self._ticks, bars, indicators, blob)
         self._pending.clear()

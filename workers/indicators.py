@@ -101,9 +101,11 @@ class BarBuilder:
     def load(self, bar: Mapping[str, Any]) -> None:
         """Make a stored bar the current one for its (symbol, timeframe), before any :meth:`add`.
 
-        After a restart the partially built bar continues: later ticks in its bucket update it. The
-        stored bar does not say when its open/close ticks were, so its open is kept and the next tick
-        in the bucket becomes the close (right when ticks are replayed in order).
+        After a restart the partially built bar continues: later ticks in its bucket update it. A bar
+        from :meth:`snapshot` carries the times of its open and close ticks, so even a tick that
+        arrives out of order after the restart lands where it would have without one. A bar without
+        them (e.g. from the bars table) keeps its open, and the next tick becomes the close (right
+        when ticks come in order).
         """
         tf = bar["timeframe"]
         if tf not in self.timeframes:
@@ -113,13 +115,20 @@ class BarBuilder:
             raise ValueError(f"bar ts {ts} is not a {tf} bucket start")
         self._current[(bar["symbol"], tf)] = _Bar(
             bar["symbol"], tf, ts, float(bar["open"]), float(bar["high"]), float(bar["low"]),
-            float(bar["close"]), float(bar["volume"]), int(bar.get("tick_count", 0)), ts, ts,
+            float(bar["close"]), float(bar["volume"]), int(bar.get("tick_count", 0)),
+            int(bar.get("first_ts", ts)), int(bar.get("last_ts", ts)),
         )  # fmt: skip
 
     def current(self, symbol: str, timeframe: str) -> dict[str, Any] | None:
         """The bar currently being built for (symbol, timeframe), or None."""
         bar = self._current.get((symbol, timeframe))
         return None if bar is None else bar.public()
+
+    def snapshot(self, symbol: str, timeframe: str) -> dict[str, Any] | None:
+        """:meth:`current` plus the times of its open and close ticks: what :meth:`load` needs to
+        continue the bar exactly after a restart."""
+        bar = self._current.get((symbol, timeframe))
+        return None if bar is None else asdict(bar)
 
 
 # --------------------------------------------------------------------------- shared arithmetic
