@@ -112,6 +112,7 @@ from bench.common import (
     stop_process,
     writable_file,
 )
+from db.health import connect_read_only
 
 #: The read routes, alternated by every read client.
 READ_ROUTES: dict[str, str] = {
@@ -671,7 +672,7 @@ def run_analysis(env: dict[str, str], log_path: Path, timeout: float = 300.0) ->
 
 def table_counts(db_path: Path) -> dict[str, Any]:
     """Rows per tick source, and bars/indicators, read with a read-only sqlite3 connection."""
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = connect_read_only(db_path)
     try:
         by_source = dict(con.execute("SELECT source, count(*) FROM ticks GROUP BY source").fetchall())
         bars = dict(con.execute("SELECT timeframe, count(*) FROM bars WHERE symbol = 'BTCUSD' GROUP BY timeframe"))

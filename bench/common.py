@@ -27,6 +27,8 @@ from typing import Any
 
 import psutil
 
+from db.health import connect_read_only
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 #: Environment variables that could point a benchmark at a real database or
@@ -169,9 +171,8 @@ def create_schema(env: dict[str, str]) -> Path:
 
 def count_rows(db_path: Path, table: str) -> int:
     """Rows in ``table``, read with plain sqlite3 after a scenario."""
-    import sqlite3
 
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    con = connect_read_only(db_path)
     try:
         return int(con.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     finally:

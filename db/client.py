@@ -359,9 +359,14 @@ class Pipeline:
 _local = threading.local()
 
 
-def thread_client() -> WriterClient:
-    """This thread's own client (made on first use, remade after fork)."""
-    client = getattr(_local, "client", None)
-    if client is None or client._pid != os.getpid():
-        client = _local.client = WriterClient()
+def thread_client(settings: Settings | None = None, deadline: float | None = None) -> WriterClient:
+    """This thread's client for the writer of ``settings`` (default: from the
+    environment) with this ``deadline``, made on first use. After fork the
+    client itself starts over with a fresh socket."""
+    settings = settings or load_settings()
+    clients: dict[tuple[str, float | None], WriterClient] = _local.__dict__.setdefault("clients", {})
+    key = (settings.writer_endpoint, deadline)
+    client = clients.get(key)
+    if client is None:
+        client = clients[key] = WriterClient(settings=settings, deadline=deadline)
     return client

@@ -34,8 +34,9 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def connect_read_only(path: Path, timeout: float = 5.0) -> sqlite3.Connection:
+def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sqlite3.Connection:
     """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no database at {path}; start the writer (it creates it) or run `python -m db init`")
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)

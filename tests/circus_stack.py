@@ -20,6 +20,7 @@ import psutil
 from circus.client import CircusClient
 
 from db.config import Settings, load_settings
+from db.health import connect_read_only
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -142,6 +143,15 @@ class CircusStack:
             except psutil.NoSuchProcess:
                 pass
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows of ``sql`` from the test's database, read-only."""
+    con = connect_read_only(settings.database_path)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, Stack
 
 from db.client import WriterClient
+from db.health import connect_read_only
 from db.models import TIMEFRAMES
 from workers.analysis import AnalysisWorker, Analyzer, Batch
 from workers.indicators import atr_wilder, ema, rsi_wilder, sma
@@ -24,7 +25,7 @@ MIN = 60_000
 
 
 def db(stack: Stack) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+    return connect_read_only(stack.settings.database_path)
 
 
 def price_path(symbols: list[str], start_ts: int, n: int, step_ms: int, seed: int,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from werkzeug.test import TestResponse
 
 from db.client import WriterClient
 from db.config import load_settings
+from db.health import connect_read_only
 from webapp import MAX_BODY, create_app
 from webapp import openapi as openapi_module
 
@@ -55,7 +55,7 @@ class Api:
 
     def counts(self) -> dict[str, int]:
         """Row counts, read with a read-only sqlite3 connection of our own."""
-        con = sqlite3.connect(f"file:{self.stack.settings.database_path}?mode=ro", uri=True)
+        con = connect_read_only(self.stack.settings.database_path)
         try:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
         finally:

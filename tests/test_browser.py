@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from circus_stack import ROOT, WATCHERS, CircusStack, wait_for
+from circus_stack import ROOT, WATCHERS, CircusStack, query, wait_for
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Request, Route, expect, sync_playwright
 
 from webapp.console.charts import CHARTS
@@ -89,14 +88,6 @@ card => Array.from(card.querySelectorAll(".legend-swatch")).map(s => getComputed
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def query(stack: CircusStack, sql: str, params: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True, timeout=10)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def write_bar_csv(path: Path, n: int = N_BARS, seed: int = 11) -> None:
@@ -357,7 +348,7 @@ def test_charts_are_drawn(session: Session) -> None:
     names = sorted({n for c in CHARTS for n in c.series})
 
     def enough_samples() -> bool:
-        counts = dict(query(stack, "SELECT name, count(DISTINCT ts) FROM samples GROUP BY name"))
+        counts = dict(query(stack.settings, "SELECT name, count(DISTINCT ts) FROM samples GROUP BY name"))
         return all(counts.get(n, 0) >= 3 for n in names)
 
     wait_for("three samples of every series", enough_samples, timeout=30)
@@ -376,7 +367,7 @@ def test_market_candles_are_drawn(session: Session, replay: subprocess.Popen) ->
     page, stack = session.page, session.stack
     assert replay.wait(60) == 0, (stack.home / "log" / "replay.out").read_text(errors="replace")
     wait_for(f"{N_BARS} bars of {SYMBOL}", lambda: query(
-        stack, "SELECT count(*) FROM bars WHERE symbol = ? AND timeframe = '1m'", (SYMBOL,))[0][0] == N_BARS)
+        stack.settings, "SELECT count(*) FROM bars WHERE symbol = ? AND timeframe = '1m'", (SYMBOL,))[0][0] == N_BARS)
     session.goto("/console/market")
     page.click(f"nav.tabs >> text={SYMBOL}")
     page.wait_for_url(re.compile(rf"symbol={SYMBOL}"))

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import tempfile
 import threading
 import time
@@ -23,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from circus_stack import WATCHERS, CircusStack, wait_for
+from circus_stack import WATCHERS, CircusStack, query, wait_for
 from conftest import Stack
 from flask import Flask
 
 from db.client import WriterClient
 from db.config import ConfigError
+from db.health import connect_read_only
 from webapp import create_app
 from webapp.auth import LoginLimiter
 
@@ -82,14 +82,6 @@ class Console:
 
 def flashes(response: Any) -> list[tuple[str, str]]:
     return FLASH_RE.findall(response.text)
-
-
-def query(settings: Any, sql: str, params: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{settings.database_path}?mode=ro", uri=True, timeout=10)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
 
 
 def audit_rows(settings: Any, since_id: int = 0) -> list[tuple]:
@@ -324,7 +316,7 @@ def test_database_page_and_buttons_are_audited(console: Console, wstack: Stack) 
         ("admin", "db.checkpoint", "ok"), ("admin", "db.backup", "ok"), ("admin", "db.quick_check", "ok")]
     backups = [p for p in s.backup_dir.iterdir() if re.fullmatch(r"tickstack-\d{8}T\d{6}Z\.db", p.name)]
     assert len(backups) == 1 and rows[1][3] == backups[0].name
-    con = sqlite3.connect(f"file:{backups[0]}?mode=ro", uri=True)
+    con = connect_read_only(backups[0])
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     assert con.execute("SELECT count(*) FROM ticks").fetchone()[0] >= 3
     con.close()

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from typing import Any
 
 import pytest
+from circus_stack import query
 from conftest import ROOT, Stack
 
 from db.client import WriterClient
 from db.config import ConfigError
-from db.health import file_sizes
+from db.health import connect_read_only, file_sizes
 from workers.jobs import PRUNE_BATCH, JobSchedule, rotate_backups
 
 DAY_MS = 86_400_000
@@ -26,18 +26,10 @@ def run_jobs(stack: Stack, *args: str, timeout: float = 120, **env: str) -> subp
                           capture_output=True, text=True, timeout=timeout)
 
 
-def query(stack: Stack, sql: str, params: tuple = ()) -> list[tuple]:
-    con = sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
-    try:
-        return con.execute(sql, params).fetchall()
-    finally:
-        con.close()
-
-
 def job_runs(stack: Stack) -> list[dict[str, Any]]:
     cols = ("id", "job", "started_at", "finished_at", "duration_ms", "ok", "detail")
     return [dict(zip(cols, row, strict=True))
-            for row in query(stack, f"SELECT {', '.join(cols)} FROM job_runs ORDER BY id")]
+            for row in query(stack.settings, f"SELECT {', '.join(cols)} FROM job_runs ORDER BY id")]
 
 
 def insert_ticks(stack: Stack, ts_list: list[int], source: str) -> None:
@@ -124,8 +116,8 @@ def test_retention_deletes_exactly_the_old_ticks_and_keeps_bars(writer: Stack) -
                                           "high": 101.0, "low": 99.0, "close": 100.0, "volume": 1.0}])
     proc = run_jobs(writer, "--run", "retention")
     assert proc.returncode == 0, proc.stderr
-    assert query(writer, "SELECT source, count(*) FROM ticks GROUP BY source") == [("recent", 3)]
-    assert query(writer, "SELECT ts FROM bars") == [(bar_ts,)]
+    assert query(writer.settings, "SELECT source, count(*) FROM ticks GROUP BY source") == [("recent", 3)]
+    assert query(writer.settings, "SELECT ts FROM bars") == [(bar_ts,)]
     (run,) = job_runs(writer)
     check_run(run, "retention")
     detail = json.loads(run["detail"])
@@ -148,7 +140,7 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     assert backups(writer) == sorted(p.rsplit("/", 1)[1] for p in paths[-keep:])
     assert (writer.settings.backup_dir / "tickstack-manual.db").read_bytes() == b"mine"
     assert json.loads(runs[-1]["detail"])["removed"] == [paths[1].rsplit("/", 1)[1]]
-    con = sqlite3.connect(f"file:{paths[-1]}?mode=ro", uri=True)
+    con = connect_read_only(paths[-1])
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert con.execute("SELECT count(*) FROM ticks").fetchone() == (500,)
@@ -257,12 +249,12 @@ def test_metrics_job_samples_the_writer_and_files_and_skips_circus_when_it_is_no
     time.sleep(0.2)
     proc = run_jobs(writer, "--run", "metrics")  # resumes the counters from the first run's samples
     assert proc.returncode == 0, proc.stderr
-    names = {name for (name,) in query(writer, "SELECT DISTINCT name FROM samples")}
+    names = {name for (name,) in query(writer.settings, "SELECT DISTINCT name FROM samples")}
     assert {"writer.queue_depth", "writer.mean_batch", "writer.requests_ok", "writer.ticks_inserted",
             "writer.uptime_s", "writer.lock_errors", "db.bytes", "db.wal_bytes", "writer.ticks_per_s",
             "writer.requests_per_s"} <= names
     assert not any(n.startswith("watcher.") for n in names)  # no circus here: those series are skipped
-    (rate,) = query(writer, "SELECT value FROM samples WHERE name = 'writer.ticks_per_s'")
+    (rate,) = query(writer.settings, "SELECT value FROM samples WHERE name = 'writer.ticks_per_s'")
     assert rate[0] > 0  # 1000 ticks between the two samples
-    assert query(writer, "SELECT count(*) FROM samples WHERE name = 'writer.ticks_inserted'") == [(2,)]
+    assert query(writer.settings, "SELECT count(*) FROM samples WHERE name = 'writer.ticks_inserted'") == [(2,)]
     assert job_runs(writer) == []  # sampling is not recorded in job_runs

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, Stack
 
 from db.client import WriterClient
+from db.health import connect_read_only
 from workers.monitor import Decision, Exit, MonitorWorker, PriceTick, TradeState, evaluate
 
 T0 = 1_704_153_600_000
@@ -135,7 +136,7 @@ def test_no_ticks_no_change() -> None:
 
 
 def db(stack: Stack) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+    return connect_read_only(stack.settings.database_path)
 
 
 class Market:

@@ -14,6 +14,7 @@ import pytest
 from circus_stack import ROOT, T0, WATCHERS, CircusStack, wait_for, write_bar_csv
 
 from db.client import WriterClient
+from db.health import connect_read_only
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def running() -> Iterator[CircusStack]:
 
 
 def ro(stack: CircusStack) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True, timeout=10)
+    return connect_read_only(stack.settings.database_path)
 
 
 def log_ms(line: str) -> int:

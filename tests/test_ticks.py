@@ -9,6 +9,8 @@ from datetime import UTC, datetime
 
 from conftest import ROOT, Stack
 
+from db.health import connect_read_only
+
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 
@@ -18,7 +20,7 @@ def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedP
 
 
 def ro(stack: Stack) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+    return connect_read_only(stack.settings.database_path)
 
 
 def test_ohlcv_replay_gives_identical_bars_at_its_timeframe_and_replays_once(writer: Stack) -> None:

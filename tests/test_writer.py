@@ -25,13 +25,14 @@ from sqlalchemy.exc import OperationalError
 from db.client import WriterClient
 from db.engine import make_read_engine
 from db.errors import Conflict, NotFound, ValidationError
+from db.health import connect_read_only
 from db.models import AuditEntry, Tick
 
 ctx = mp.get_context("spawn")
 
 
 def db_conn(stack: Stack) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{stack.settings.database_path}?mode=ro", uri=True)
+    return connect_read_only(stack.settings.database_path)
 
 
 def run_producers(stack: Stack, n_producers: int, n_ops: int, n_readers: int, pause: float = 0.0,

@@ -39,7 +39,6 @@ import logging
 import os
 import secrets
 import sqlite3
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
@@ -52,7 +51,7 @@ from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from db import ops
-from db.client import WriterClient
+from db.client import WriterClient, thread_client
 from db.config import Settings, read_or_create_secret
 from db.errors import CommitFailed, Conflict, NotFound, ValidationError, WriterError, WriterUnavailable
 from db.health import pragmas
@@ -93,15 +92,11 @@ class ApiState:
         self.settings = settings
         self.token = token.encode()
         self.deadline = deadline
-        self._local = threading.local()
         self.probe = Probe(settings, self.client)
 
     def client(self) -> WriterClient:
         """This thread's writer client for this app (made on first use)."""
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = WriterClient(settings=self.settings, deadline=self.deadline)
-        return client
+        return thread_client(self.settings, self.deadline)
 
 
 def load_token(settings: Settings) -> str:

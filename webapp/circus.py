@@ -9,6 +9,7 @@ message, never a stack trace for the operator.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 #: Commands the console may send, with the watcher they apply to.
@@ -32,6 +33,10 @@ class Circus:
         from circus.client import CircusClient
         from circus.exc import CallError
 
+        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[len("ipc://"):]).exists():
+            # Say so at once instead of waiting the timeout for no answer.
+            raise CircusError(f"circusd is not running (no socket at {self.endpoint[len('ipc://'):]}); start "
+                              "the stack with `make run`")
         deadline = time.monotonic() + self.busy_retry
         client = CircusClient(endpoint=self.endpoint, timeout=self.timeout)
         try:

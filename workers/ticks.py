@@ -200,10 +200,6 @@ class TickIngestor(Worker):
                           self.received, self.acked, self.pipe.outstanding, len(self.spool.files()))
 
 
-def _numbered(ticks: Iterator[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
-    return enumerate(ticks)
-
-
 def _symbols(text: str) -> list[str]:
     symbols = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in symbols if not SYMBOL_RE.fullmatch(s)]
@@ -241,7 +237,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         if args.count is not None:
             ticks = itertools.islice(ticks, args.count)
         source = f"sim-{int(time.time() * 1000)}"
-        return TickIngestor(settings, _numbered(ticks), source, until_idle=args.until_idle or args.count is not None,
+        return TickIngestor(settings, enumerate(ticks), source, until_idle=args.until_idle or args.count is not None,
                             batch=args.batch, deadline=args.deadline)
     if args.file is None:
         raise ValueError("--feed csv needs --file PATH")

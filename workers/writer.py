@@ -449,11 +449,14 @@ class Writer:
         st.requests_ok += ok_count
         st.requests_failed += failed
         st.ticks_inserted += ticks
-        answered = {}
+        # Ops outside the transaction run now, in request order; each takes
+        # the place its request holds in ``replies``.
+        later = []
         for req, spec, args in outside:
             result, error = self._run_outside(spec, args)
-            answered[id(req)] = (req.ident, _reply(req.seq, result=result, error=error, batch=batch_no))
-        return [answered[id(r)] if isinstance(r, Request) else r for r in replies]
+            later.append((req.ident, _reply(req.seq, result=result, error=error, batch=batch_no)))
+        in_order = iter(later)
+        return [next(in_order) if isinstance(r, Request) else r for r in replies]
 
     def _known_top(self, conn: Connection, cid: str) -> int:
         top = self.known_top.get(cid)

@@ -18,11 +18,11 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, request, session
 
-from db.client import WriterClient
+from db.client import WriterClient, thread_client
 from db.config import Settings
 from db.errors import WriterError, WriterUnavailable
 from webapp.circus import Circus
-from webapp.console.procstats import ProcessMeter, circus_for
+from webapp.console.procstats import ProcessMeter
 
 log = logging.getLogger("tickstack.console")
 
@@ -73,13 +73,8 @@ def wants_json() -> bool:
 
 
 def writer() -> WriterClient:
-    """This thread's client for the app's writer (made on first use, remade after fork)."""
-    endpoint = settings().writer_endpoint
-    clients: dict[tuple[int, str], WriterClient] = _local.__dict__.setdefault("clients", {})
-    key = (os.getpid(), endpoint)
-    if key not in clients:
-        clients[key] = WriterClient(endpoint, settings=settings(), deadline=config("CONSOLE_WRITER_DEADLINE"))
-    return clients[key]
+    """This thread's client for the app's writer (made on first use)."""
+    return thread_client(settings(), config("CONSOLE_WRITER_DEADLINE"))
 
 
 def call_writer(op: str, deadline: float | None = None, **args: Any) -> Any:
@@ -97,7 +92,7 @@ def call_writer(op: str, deadline: float | None = None, **args: Any) -> Any:
 
 def circus() -> Circus:
     """circusd of the app's stack; raises CircusError at once when it is not running."""
-    return circus_for(settings().circus_endpoint, timeout=config("CONSOLE_CIRCUS_TIMEOUT"))
+    return Circus(settings().circus_endpoint, timeout=config("CONSOLE_CIRCUS_TIMEOUT"))
 
 
 def meter() -> ProcessMeter:

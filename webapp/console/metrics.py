@@ -30,8 +30,8 @@ from db import health
 from db.client import WriterClient
 from db.config import Settings
 from db.models import Sample
-from webapp.circus import CircusError
-from webapp.console.procstats import ProcessMeter, circus_for, collect_watchers
+from webapp.circus import Circus, CircusError
+from webapp.console.procstats import ProcessMeter, collect_watchers
 
 log = logging.getLogger("tickstack.metrics")
 
@@ -123,7 +123,7 @@ class Sampler:
         summary: dict[str, Any] = {"circus": "ok"}
         watchers_at = now_ms()
         try:
-            watchers = collect_watchers(circus_for(self.settings.circus_endpoint, self.circus_timeout, 1.0),
+            watchers = collect_watchers(Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0),
                                         self.meter)
         except CircusError as e:
             summary["circus"] = str(e)

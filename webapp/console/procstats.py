@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -31,15 +30,6 @@ def parse_size(text: Any) -> int | None:
     if not match:
         return None
     return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
-def circus_for(endpoint: str, timeout: float = 2.0, busy_retry: float = 3.0) -> Circus:
-    """A :class:`Circus` for ``endpoint``; raises :class:`CircusError` at once when its ipc socket
-    does not exist (circusd is not running), instead of waiting ``timeout`` for no answer."""
-    if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
-        raise CircusError(f"circusd is not running (no socket at {endpoint[len('ipc://'):]}); start the stack "
-                          "with `make run`")
-    return Circus(endpoint, timeout=timeout, busy_retry=busy_retry)
 
 
 class ProcessMeter:
