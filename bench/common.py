@@ -1,25 +1,29 @@
 """Shared pieces of the benchmarks: throwaway homes, the writer under test,
-synchronised worker processes, tick data, percentiles and argparse types.
+synchronised worker processes, tick data, latency summaries, the command
+line's common options, and the report's formatting.
 
 Every benchmark runs against a fresh ``TICKSTACK_HOME`` made with
-:func:`fresh_home`, never against the user's database: the environment the
-benchmark passes on has ``DATABASE_URL`` and ``WRITER_ENDPOINT`` removed.
+:func:`fresh_home`, never against the user's database: its environment is
+:func:`testkit.env.isolated_env`'s, which inherits no ``TICKSTACK_*``,
+``WRITER_*`` or ``DATABASE_*`` variable.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import multiprocessing as mp
 import os
+import platform
 import queue
 import shutil
-import signal
+import sqlite3
 import subprocess
-import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +32,10 @@ from typing import Any
 import psutil
 
 from db.health import connect_read_only
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-#: Environment variables that could point a benchmark at a real database or
-#: writer; a benchmark's environment never inherits them.
-UNSAFE_ENV = ("DATABASE_URL", "WRITER_ENDPOINT")
+from db.stats import percentile
+from testkit.env import isolated_env, new_home
+from testkit.process import stop_process
+from testkit.writer import spawn
 
 #: Start method for worker processes: never fork a process that has used
 #: ZeroMQ or SQLite.
@@ -95,6 +97,18 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return check
 
 
+def add_json_option(parser: argparse.ArgumentParser) -> None:
+    """``--json PATH``, which every benchmark has: the path is checked before a long run."""
+    parser.add_argument("--json", type=writable_file, default=None, metavar="PATH",
+                        help="also write the results as JSON to PATH")
+
+
+def benchmark_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """A benchmark's parser; its ``epilog`` (the scenarios) is printed as written."""
+    return argparse.ArgumentParser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   description=description, epilog=epilog)
+
+
 def writable_file(text: str) -> Path:
     """argparse type: a file path whose folder exists (checked before a long run)."""
     path = Path(text).expanduser()
@@ -110,16 +124,9 @@ def writable_file(text: str) -> Path:
 # --- statistics ----------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile (0 < p <= 1) of already sorted values."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(p * len(sorted_values)))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
 def latency_summary(seconds: Sequence[float]) -> dict[str, float | int | None]:
-    """p50, p99 and max of latencies given in seconds, in milliseconds."""
+    """p50, p99 and max of latencies given in seconds, in milliseconds
+    (percentiles as everywhere in the stack: :func:`db.stats.percentile`)."""
     values = sorted(seconds)
 
     def ms(v: float | None) -> float | None:
@@ -129,20 +136,53 @@ def latency_summary(seconds: Sequence[float]) -> dict[str, float | int | None]:
             "max_ms": ms(values[-1] if values else None)}
 
 
+# --- results ----------------------------------------------------------------------------
+
+
+def error_key(e: BaseException) -> str:
+    """An exception as one short line, to count errors by message."""
+    message = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {message[:160]}"
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    """A number for the printed table: thousands separated, ``-`` for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def merged_errors(counts: Iterable[Mapping[str, int]]) -> Counter[str]:
+    """The error counts of several processes (message -> count) added up."""
+    total: Counter[str] = Counter()
+    for c in counts:
+        total.update(c)
+    return total
+
+
+def machine_info() -> dict[str, Any]:
+    """What a result depends on besides the code: CPUs, Python, SQLite, platform."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
+            "platform": platform.platform()}
+
+
+def write_json(path: Path, doc: dict[str, Any], **dumps: Any) -> None:
+    """Write ``doc`` to the ``--json`` path and say so."""
+    path.write_text(json.dumps(doc, indent=2, **dumps) + "\n")
+    print(f"\nwrote {path}")
+
+
 # --- homes, schema ---------------------------------------------------------------------
 
 
 @contextmanager
 def fresh_home(prefix: str = "ts-") -> Iterator[tuple[Path, dict[str, str]]]:
-    """A new, empty ``TICKSTACK_HOME`` (short path: the writer's ipc socket
-    lives in it) and an environment that points at it; removed afterwards."""
-    home = Path(tempfile.mkdtemp(prefix=prefix))
-    env = dict(os.environ)
-    for name in UNSAFE_ENV:
-        env.pop(name, None)
-    env["TICKSTACK_HOME"] = str(home)
-    # ``python -m workers.writer`` must find the project from any folder.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    """A new, empty ``TICKSTACK_HOME`` and the isolated environment that
+    points at it (both from :mod:`testkit.env`); removed afterwards."""
+    home = new_home(prefix)
+    env = isolated_env(home)
     try:
         yield home, env
     finally:
@@ -225,10 +265,15 @@ class Gate:
         if not self._go.wait(timeout):
             raise TimeoutError("the benchmark never gave the start signal")
         start = self._start_at.value
-        delay = start - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+        sleep_until(start)
         return start
+
+
+def sleep_until(t: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``t`` (at once if it has)."""
+    delay = t - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _worker_entry(fn: Callable[..., Any], index: int, args: tuple, messages: Any, go: Any, start_at: Any) -> None:
@@ -429,11 +474,9 @@ class WriterRun:
 @contextmanager
 def running_writer(env: dict[str, str], *, ready_timeout: float = 30.0,
                    stop_timeout: float = 60.0) -> Iterator[WriterRun]:
-    """Start the writer with ``workers.writer.spawn`` (it returns once the
+    """Start the writer with :func:`testkit.writer.spawn` (it returns once the
     writer answers a ping), sample its RSS until :meth:`WriterRun.finish_measuring`,
     and on exit stop it with SIGTERM (it drains and exits 0) and wait."""
-    from workers.writer import spawn
-
     log_path = Path(env["TICKSTACK_HOME"]) / "log" / "bench-writer.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -450,17 +493,3 @@ def running_writer(env: dict[str, str], *, ready_timeout: float = 30.0,
         if run.exit_code != 0 and "log_tail" not in run.extra:
             run.extra["log_tail"] = run.log_tail(30)
 
-
-def stop_process(proc: subprocess.Popen, timeout: float) -> bool:
-    """SIGTERM, wait up to ``timeout``, then SIGKILL (by this pid only).
-    Returns True if it had to be killed."""
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-        return False
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return True

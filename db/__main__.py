@@ -6,6 +6,7 @@
     python -m db doctor            the same, in plain words, with what to do
     python -m db checkpoint        ask the writer to checkpoint (TRUNCATE)
     python -m db backup PATH       consistent online copy while the stack runs
+    python -m db settings          every setting: variable, default, meaning (Markdown)
 
 Exit codes: 0 fine, 1 a problem found or the command failed, 2 bad usage.
 """
@@ -52,6 +53,13 @@ def _running_circusd(pidfile: Path) -> int | None:
         return pid if "circusd" in " ".join(psutil.Process(pid).cmdline()) else None
     except (FileNotFoundError, ValueError, psutil.Error):
         return None
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    from db.config import markdown_table
+
+    print(markdown_table())
+    return 0
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="where to write the copy")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     p.set_defaults(fn=cmd_backup)
+    sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -34,6 +34,7 @@ import zmq
 
 from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
+from db.protocol import encode_request
 
 log = logging.getLogger("tickstack.client")
 
@@ -104,11 +105,28 @@ class WriterClient:
 
     # --- public API ------------------------------------------------------------------
 
-    def call(self, op: str, /, **args: Any) -> Any:
-        """Run ``op`` on the writer; return its result once committed."""
-        ticket = self.submit(op, **args)
+    def call(self, op: str, /, _deadline: float | None = None, **args: Any) -> Any:
+        """Run ``op`` on the writer; return its result once committed. ``_deadline`` (seconds)
+        bounds this call alone (default: the client's ``deadline``)."""
+        ticket = self.submit(op, _deadline=_deadline, **args)
         self.wait(ticket)
         return ticket.result()
+
+    def wait_ready(self, timeout: float, is_alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Ping until the writer answers; return the ping. Raises :class:`WriterUnavailable` after
+        ``timeout`` seconds, or at once when ``is_alive()`` (e.g. "the writer process still
+        runs") turns false. The one "wait until the writer answers" rule: circus's readiness
+        hook, the harness that spawns writers, and ``db health`` use it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.ping(timeout=max(0.05, min(0.5, deadline - time.monotonic())))
+            except WriterUnavailable:
+                if time.monotonic() >= deadline:
+                    raise WriterUnavailable(f"the writer at {self.endpoint} did not answer within {timeout:g} s"
+                                            ) from None
+                if is_alive is not None and not is_alive():
+                    raise WriterUnavailable(f"the writer at {self.endpoint} exited before it was ready") from None
 
     def ping(self, timeout: float = 1.0) -> dict[str, Any]:
         """Whether the writer is up and serving: its pid and the round trip
@@ -132,7 +150,7 @@ class WriterClient:
         self._check_owner()
         self._seq += 1
         try:
-            payload = msgpack.packb({"v": 1, "cid": self.client_id, "seq": self._seq, "op": op, "args": args})
+            payload = encode_request(self.client_id, self._seq, op, args)
         except (TypeError, ValueError, OverflowError) as e:
             raise ValidationError(f"{op}: arguments cannot be sent: {e}") from None
         deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)

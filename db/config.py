@@ -3,14 +3,22 @@
 Every process (writer, workers, web apps, tests, a user's own bot) reads its
 settings here, from the environment with defaults, so that a test can run a
 whole stack beside the user's by changing ``TICKSTACK_HOME`` alone.
+
+Modelled on gunicorn's ``config.py``: every setting is declared once in
+:data:`SETTINGS` (variable, attribute, parser with its check, default, help);
+one parser reads them all, and a bad value stops the process at start with a
+:class:`ConfigError` naming the variable. The README's table is made from the
+registry (``python -m db settings``).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
@@ -22,64 +30,271 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message says which and what to do."""
 
 
-def _env_float(env: dict[str, str], name: str, default: float, minimum: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not value >= minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+# --- parsers: (variable name, raw text) -> value, or ConfigError naming both -----------------
+
+Parser = Callable[[str, str], Any]
 
 
-def _env_int(env: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum}")
-    return value
+def number(minimum: float = 0.0, *, above: bool = False) -> Parser:
+    """A finite number >= ``minimum`` (> it with ``above``)."""
+    bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)):
+            raise ConfigError(f"{name}={raw!r} must be a number {bound}")
+        return value
+
+    parse.__doc__ = f"a number {bound}"
+    return parse
+
+
+def whole(minimum: int = 0, maximum: int | None = None, *, above: bool = False) -> Parser:
+    """A whole number in ``minimum..maximum`` (above ``minimum`` with ``above``)."""
+    low = minimum + 1 if above else minimum
+    bound = f"greater than {minimum}" if above else f"at least {minimum}"
+    if maximum is not None:
+        bound = f"from {low} to {maximum}"
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+        if value < low or (maximum is not None and value > maximum):
+            raise ConfigError(f"{name}={raw!r} must be a whole number {bound}")
+        return value
+
+    parse.__doc__ = f"a whole number {bound}"
+    return parse
+
+
+def choice(*choices: str) -> Parser:
+    """One of ``choices`` (case-insensitive; stored upper case)."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().upper()
+        if value not in choices:
+            raise ConfigError(f"{name}={raw!r} must be {' or '.join(choices)}")
+        return value
+
+    parse.__doc__ = " or ".join(choices)
+    return parse
+
+
+def user_name(name: str, raw: str) -> str:
+    """1-64 characters of letters, digits and ``. _ : / @ -``"""
+    from db.validation import NAME_RE  # validation imports models; keep config import-light
+
+    if not NAME_RE.fullmatch(raw):
+        raise ConfigError(f"{name}={raw[:70]!r} is not a user name (1-64 characters of letters, digits . _ : / @ -)")
+    return raw
+
+
+def secret_text(name: str, raw: str) -> str:
+    """any text (blank means unset); never printed"""
+    return raw.strip()
+
+
+def path(name: str, raw: str) -> Path:
+    """a folder (``~`` expanded)"""
+    return Path(raw).expanduser().absolute()
+
+
+def database_url(name: str, raw: str) -> str:
+    """an SQLAlchemy URL"""
+    if "://" not in raw:
+        raise ConfigError(f"{name}: not a database URL (expected e.g. sqlite:////path/to.db)")
+    return raw
+
+
+def writer_endpoint(name: str, raw: str) -> str:
+    """ipc://PATH, or a loopback tcp:// address"""
+    if raw.startswith("ipc://"):
+        check_ipc_path(raw[len("ipc://"):], name)
+    elif not raw.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
+        raise ConfigError(f"{name}={raw!r}: use ipc:// or a loopback tcp:// address")
+    return raw
+
+
+# --- the registry ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: the variable it is read from, the :class:`Settings` attribute it fills, how
+    its text is parsed and checked, its default (a value, or a function of the settings read
+    before it), how the README shows that default, and what it is for."""
+
+    env: str
+    attr: str
+    parse: Parser
+    default: Any
+    shown_default: str
+    help: str
+    secret: bool = False
+
+    def read(self, env: Mapping[str, str], before: Mapping[str, Any]) -> Any:
+        raw = env.get(self.env)
+        if raw is None or raw.strip() == "":
+            return self.default(before) if callable(self.default) else self.default
+        return self.parse(self.env, raw)
+
+
+def _default_url(s: Mapping[str, Any]) -> str:
+    return f"sqlite:///{s['home'] / 'tickstack.db'}"
+
+
+def _default_endpoint(s: Mapping[str, Any]) -> str:
+    endpoint = f"ipc://{s['home'] / 'run' / 'writer.sock'}"
+    writer_endpoint("WRITER_ENDPOINT (from TICKSTACK_HOME)", endpoint)
+    return endpoint
+
+
+S = Setting
+#: Every setting, declared once, in the order the README lists them. Only this module reads the
+#: environment; a test checks that every ``TICKSTACK_*`` name in the code is declared here and
+#: that the README's table is :func:`markdown_table`.
+SETTINGS: tuple[Setting, ...] = (
+    S("TICKSTACK_HOME", "home", path, lambda _: Path("var").absolute(), "`./var`",
+      "runtime folder: database, sockets, logs, spool, backups (mode 0700)"),
+    S("DATABASE_URL", "database_url", database_url, _default_url, "`sqlite:///$TICKSTACK_HOME/tickstack.db`",
+      "the database"),
+    S("WRITER_ENDPOINT", "writer_endpoint", writer_endpoint, _default_endpoint,
+      "`ipc://$TICKSTACK_HOME/run/writer.sock`", "the writer's socket (an ipc path must fit in 107 bytes)"),
+    S("TICKSTACK_API_PORT", "api_port", whole(1, 65535), 8000, "8000", "the API's port (127.0.0.1)"),
+    S("TICKSTACK_CONSOLE_PORT", "console_port", whole(1, 65535), 8001, "8001", "the console's port (127.0.0.1)"),
+    S("TICKSTACK_SYNCHRONOUS", "synchronous", choice("NORMAL", "FULL"), "NORMAL", "`NORMAL`",
+      "SQLite `synchronous` for the writer: `FULL` also survives power loss, at a cost per commit"),
+    S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0), 5000, "5000",
+      "how long a read connection waits on a lock (checkpoints, recovery)"),
+    S("TICKSTACK_JOURNAL_SIZE_LIMIT", "journal_size_limit", whole(0), 64 * 1024 * 1024, "64 MiB",
+      "WAL bytes kept after a checkpoint (SQLite `journal_size_limit`)"),
+    S("TICKSTACK_CLIENT_DEADLINE", "client_deadline", number(0.1), 60.0, "60",
+      "seconds a writer client call keeps retrying"),
+    S("TICKSTACK_READY_TIMEOUT", "ready_timeout", number(0.1), 30.0, "30",
+      "seconds a watcher's start waits for the writer to answer before circus gives up on it"),
+    S("TICKSTACK_WRITER_MAX_BATCH", "writer_max_batch", whole(1), 256, "256", "requests per transaction"),
+    S("TICKSTACK_WRITER_BATCH_WAIT", "writer_batch_wait", number(0), 0.0, "0",
+      "seconds to wait for more requests before committing"),
+    S("TICKSTACK_WRITER_MAX_QUEUE", "writer_max_queue", whole(1), 2048, "2048",
+      "requests queued before *busy* replies"),
+    S("TICKSTACK_WRITER_MAX_MESSAGE", "writer_max_message", whole(1024), 16 * 1024 * 1024, "16 MiB",
+      "largest request, in bytes"),
+    S("TICKSTACK_WRITER_DRAIN_IDLE", "writer_drain_idle", number(0), 1.0, "1",
+      "on SIGTERM the writer stops once no request came for this many seconds ..."),
+    S("TICKSTACK_WRITER_DRAIN_DEADLINE", "writer_drain_deadline", number(0), 5.0, "5",
+      "... or after this many seconds in any case (producers retry against the next writer)"),
+    S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60), 3600.0, "3600",
+      "seconds applied requests are remembered for retries"),
+    S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, above=True), 30.0, "30",
+      "ticks older than this many days are pruned (bars are kept)"),
+    S("TICKSTACK_RETENTION_EVERY_S", "retention_every_s", number(0, above=True), 3600.0, "3600",
+      "seconds between retention runs"),
+    S("TICKSTACK_BACKUP_EVERY_H", "backup_every_h", number(0, above=True), 6.0, "6", "hours between backups"),
+    S("TICKSTACK_BACKUP_KEEP", "backup_keep", whole(0, above=True), 7, "7", "backups kept"),
+    S("TICKSTACK_QUICK_CHECK_EVERY_H", "quick_check_every_h", number(0, above=True), 24.0, "24",
+      "hours between integrity quick checks"),
+    S("TICKSTACK_CHECKPOINT_WAL_MB", "checkpoint_wal_mb", number(0, above=True), 64.0, "64",
+      "checkpoint when the WAL passes this many MB"),
+    S("TICKSTACK_CHECKPOINT_EVERY_S", "checkpoint_every_s", number(0, above=True), 30.0, "30",
+      "seconds between two WAL size checks"),
+    S("TICKSTACK_SAMPLE_EVERY_S", "sample_every_s", number(0, above=True), 10.0, "10",
+      "seconds between two samples for the console's charts"),
+    S("TICKSTACK_API_TOKEN", "api_token", secret_text, "", "generated into `$TICKSTACK_HOME/api-token`",
+      "the API's bearer token; unset, a generated one is kept in the file (0600)", secret=True),
+    S("TICKSTACK_ADMIN_USER", "admin_user", user_name, "admin", "`admin`",
+      "the console's user name (its password is generated into `$TICKSTACK_HOME/admin-password`, 0600)"),
+)
+del S
+SETTING_BY_ENV = {s.env: s for s in SETTINGS}
+JOB_ATTRS = ("retention_days", "retention_every_s", "backup_every_h", "backup_keep", "quick_check_every_h",
+             "checkpoint_wal_mb", "checkpoint_every_s", "sample_every_s")
+
+
+def read(env: Mapping[str, str], settings: Iterable[Setting] = SETTINGS) -> dict[str, Any]:
+    """Parse ``settings`` from ``env``: {attr: value}. The one parser."""
+    values: dict[str, Any] = {}
+    for setting in settings:
+        values[setting.attr] = setting.read(env, values)
+    return values
+
+
+def markdown_table() -> str:
+    """The README's table of settings, made from the registry."""
+    lines = ["| variable | default | what it is |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        lines.append(f"| `{s.env}` | {s.shown_default} | {s.help} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class JobSchedule:
+    """How often each maintenance job runs and with what limits (``TICKSTACK_*`` job settings).
+    Every value is a finite number > 0 (``backup_keep`` a whole one): zero or negative intervals,
+    retention or keep counts mean nothing sensible, so they are refused rather than guessed."""
+
+    retention_days: float = 30.0
+    retention_every_s: float = 3600.0
+    backup_every_h: float = 6.0
+    backup_keep: int = 7
+    quick_check_every_h: float = 24.0
+    checkpoint_wal_mb: float = 64.0
+    checkpoint_every_s: float = 30.0
+    sample_every_s: float = 10.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> JobSchedule:
+        """The job settings alone (default ``os.environ``), through the one parser."""
+        env = os.environ if env is None else env
+        return cls(**read(env, (s for s in SETTINGS if s.attr in JOB_ATTRS)))
+
+    def every_s(self, job: str) -> float:
+        """Seconds between two runs of ``job`` (for checkpoint: between two WAL size checks)."""
+        return {"retention": self.retention_every_s, "backup": self.backup_every_h * 3600,
+                "quick_check": self.quick_check_every_h * 3600, "checkpoint": self.checkpoint_every_s,
+                "metrics": self.sample_every_s}[job]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings. Build with :func:`load_settings`, not directly."""
+    """Resolved settings; build with :func:`load_settings`. Each attribute is declared, with its
+    variable, default and meaning, in :data:`SETTINGS`."""
 
     home: Path
     database_url: str
     writer_endpoint: str
-    #: SQLite ``synchronous`` for the write connection: NORMAL is consistent
-    #: after a process crash; FULL also survives a power loss, at a cost.
+    api_port: int
+    console_port: int
     synchronous: str
-    #: How long a read connection waits on a lock (checkpoints, recovery).
     busy_timeout_ms: int
-    #: WAL bytes kept after a checkpoint (SQLite ``journal_size_limit``).
     journal_size_limit: int
-    #: How long a :class:`~db.client.WriterClient` call keeps retrying.
     client_deadline: float
-    #: Group commit: at most this many requests per transaction.
+    ready_timeout: float
     writer_max_batch: int
-    #: Group commit: wait this long for more requests before committing
-    #: (0 commits as soon as anything is pending).
     writer_batch_wait: float
-    #: Back-pressure: requests queued beyond this get a busy reply.
     writer_max_queue: int
-    #: A request larger than this gets an error reply.
     writer_max_message: int
-    #: On SIGTERM: stop once no request came for this long ...
     writer_drain_idle: float
-    #: ... or after this long in any case (producers that keep sending, as
-    #: during ``circusctl restart writer``, retry against the next writer).
     writer_drain_deadline: float
-    #: How long the record of applied requests is kept for retries.
     dedup_ttl: float
+    retention_days: float
+    retention_every_s: float
+    backup_every_h: float
+    backup_keep: int
+    quick_check_every_h: float
+    checkpoint_wal_mb: float
+    checkpoint_every_s: float
+    sample_every_s: float
+    api_token: str = field(repr=False)
+    admin_user: str = "admin"
+
+    @property
+    def jobs(self) -> JobSchedule:
+        return JobSchedule(**{a: getattr(self, a) for a in JOB_ATTRS})
 
     @property
     def run_dir(self) -> Path:
@@ -125,35 +340,10 @@ class Settings:
         return self.run_dir / "writer.lock"
 
 
-def load_settings(env: dict[str, str] | None = None) -> Settings:
-    """Read settings from ``env`` (default ``os.environ``) and check them."""
-    env = dict(os.environ if env is None else env)
-    home = Path(env.get("TICKSTACK_HOME") or "var").expanduser().absolute()
-    database_url = env.get("DATABASE_URL") or f"sqlite:///{home / 'tickstack.db'}"
-    writer_endpoint = env.get("WRITER_ENDPOINT") or f"ipc://{home / 'run' / 'writer.sock'}"
-    if writer_endpoint.startswith("ipc://"):
-        check_ipc_path(writer_endpoint[len("ipc://"):], "WRITER_ENDPOINT")
-    elif not writer_endpoint.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
-        raise ConfigError(f"WRITER_ENDPOINT={writer_endpoint!r}: use ipc:// or a loopback tcp:// address")
-    synchronous = (env.get("TICKSTACK_SYNCHRONOUS") or "NORMAL").upper()
-    if synchronous not in ("NORMAL", "FULL"):
-        raise ConfigError(f"TICKSTACK_SYNCHRONOUS={synchronous!r} must be NORMAL or FULL")
-    return Settings(
-        home=home,
-        database_url=database_url,
-        writer_endpoint=writer_endpoint,
-        synchronous=synchronous,
-        busy_timeout_ms=_env_int(env, "TICKSTACK_BUSY_TIMEOUT_MS", 5000),
-        journal_size_limit=_env_int(env, "TICKSTACK_JOURNAL_SIZE_LIMIT", 64 * 1024 * 1024),
-        client_deadline=_env_float(env, "TICKSTACK_CLIENT_DEADLINE", 60.0, minimum=0.1),
-        writer_max_batch=_env_int(env, "TICKSTACK_WRITER_MAX_BATCH", 256, minimum=1),
-        writer_batch_wait=_env_float(env, "TICKSTACK_WRITER_BATCH_WAIT", 0.0),
-        writer_max_queue=_env_int(env, "TICKSTACK_WRITER_MAX_QUEUE", 2048, minimum=1),
-        writer_max_message=_env_int(env, "TICKSTACK_WRITER_MAX_MESSAGE", 16 * 1024 * 1024, minimum=1024),
-        writer_drain_idle=_env_float(env, "TICKSTACK_WRITER_DRAIN_IDLE", 1.0),
-        writer_drain_deadline=_env_float(env, "TICKSTACK_WRITER_DRAIN_DEADLINE", 5.0),
-        dedup_ttl=_env_float(env, "TICKSTACK_DEDUP_TTL", 3600.0, minimum=60.0),
-    )
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read every setting from ``env`` (default ``os.environ``) and check it; a bad value raises
+    :class:`ConfigError` naming the variable."""
+    return Settings(**read(os.environ if env is None else env))
 
 
 def check_ipc_path(path: str, what: str) -> None:

@@ -34,6 +34,13 @@ class CommitFailed(WriterError):
     retryable = True
 
 
+class StorageFull(WriterError):
+    """The database's disk is full: nothing of the request was written. A state, not a crash: the
+    writer keeps serving and answers this until space returns; the client may retry later."""
+
+    retryable = True
+
+
 class WriterUnavailable(WriterError):
     """No answer from the writer within the client's deadline. The request
     may or may not have been applied: retry it with the same client and
@@ -43,5 +50,5 @@ class WriterUnavailable(WriterError):
 
 
 ERROR_TYPES: dict[str, type[WriterError]] = {
-    cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, CommitFailed)
+    cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, CommitFailed, StorageFull)
 }

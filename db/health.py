@@ -11,6 +11,7 @@ Like :mod:`db.engine`, this module knows the database is SQLite.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -209,6 +210,32 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out
+
+
+#: The name of every backup the stack makes (the jobs worker's and the console's): its UTC time, so
+#: names sort in time order, and rotation can tell our backups from files a person put beside them.
+BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
+
+
+def backup_path(directory: Path) -> Path:
+    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp>.db``. When a backup
+    of this second exists it waits for a fresh stamp rather than overwrite (FileExistsError after
+    three tries)."""
+    for _ in range(3):
+        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
+        if not dest.exists():
+            return dest
+        time.sleep(1.01 - time.time() % 1)
+    raise FileExistsError(f"{dest} exists")
+
+
+def list_backups(directory: Path) -> list[Path]:
+    """The backups in ``directory`` named by :data:`BACKUP_RE`, oldest first ([] when it does not
+    exist). The name, not the mtime (which copying changes), orders them."""
+    try:
+        return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:

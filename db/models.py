@@ -194,6 +194,14 @@ class AppliedRequest(Base):
     result: Mapped[bytes] = mapped_column(LargeBinary)
 
 
-def now_ms_default() -> int:
-    """Now, in the epoch milliseconds UTC every ``ts`` column holds."""
+def now_ms() -> int:
+    """Now, in the epoch milliseconds UTC every ``ts`` column holds. The one
+    clock of the stack: every ``ts`` written or compared comes from here."""
     return int(time.time() * 1000)
+
+
+def trade_pnl(side: str, entry: float, exit_price: float, size: float) -> float:
+    """Profit or loss of ``size`` units bought (``side`` "buy") or sold at
+    ``entry`` and closed at ``exit_price``; the one rule for realised P&L
+    (close_trade) and marked-to-market P&L (open trades in API and console)."""
+    return (exit_price - entry) * size if side == "buy" else (entry - exit_price) * size

@@ -5,17 +5,14 @@ fields (:func:`prepare`) and runs it inside the batch transaction, each op in
 a savepoint of its own (:func:`execute`). Ops are plain functions of a
 SQLAlchemy ``Connection``; they stay portable SQL (SQLite or PostgreSQL).
 
-Every op validates what it gets and raises :class:`ValidationError` with a
-message naming the field and what is wrong with it, so a bad request fails
-alone and says why.
+Every op declares its fields with the validators of :mod:`db.validation`,
+which raise :class:`ValidationError` with a message naming the field and what
+is wrong with it, so a bad request fails alone and says why.
 """
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from operator import le
 from typing import Any
 
 from sqlalchemy import Table, delete, func, insert, select, update
@@ -24,10 +21,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
+from db import queries
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
-    INDICATORS,
-    TIMEFRAMES,
     AppliedRequest,
     AuditEntry,
     Bar,
@@ -38,155 +34,32 @@ from db.models import (
     Tick,
     Trade,
     TradeEvent,
+    now_ms,
+    trade_pnl,
 )
-from db.models import now_ms_default as now_ms
-
-SYMBOL_RE = re.compile(r"[A-Z0-9][A-Z0-9._:/-]{0,31}")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,63}")
-#: Epoch milliseconds between 1970 and 2100: catches seconds-vs-ms slips
-#: only at the far end, but keeps every value a valid 64-bit integer.
-MAX_TS = 4_102_444_800_000
-MAX_PRICE = 1e12
-MAX_TICKS = 10_000
-MAX_ROWS = 10_000
-TICK_FIELDS = ("symbol", "ts", "bid", "ask", "volume", "source", "seq")
-TICK_REQUIRED = ("symbol", "ts", "bid", "ask")
-DEFAULT_SOURCE = "external"
-
-
-# --- field validators: (field name, value) -> cleaned value -----------------
-
-Validator = Callable[[str, Any], Any]
-
-
-def _is_number(v: Any) -> bool:
-    return type(v) in (int, float)
-
-
-def symbol(name: str, v: Any) -> str:
-    if type(v) is not str or not SYMBOL_RE.fullmatch(v):
-        raise ValidationError(
-            f"{name}: {v!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, upper case)"
-        )
-    return v
-
-
-def label(name: str, v: Any) -> str:
-    if type(v) is not str or not NAME_RE.fullmatch(v):
-        raise ValidationError(f"{name}: {v!r} is not a name (1-64 characters of letters, digits . _ : / @ -)")
-    return v
-
-
-def text(max_len: int) -> Validator:
-    def check(name: str, v: Any) -> str:
-        if type(v) is not str:
-            raise ValidationError(f"{name}: expected text, got {type(v).__name__}")
-        if len(v) > max_len:
-            raise ValidationError(f"{name}: {len(v)} characters, at most {max_len}")
-        return v
-
-    return check
-
-
-def price(name: str, v: Any) -> float:
-    if not _is_number(v):
-        raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValidationError(f"{name}: {v} is not a finite number")
-    if not 0 < v < MAX_PRICE:
-        raise ValidationError(f"{name}: {v} is not a price (must be > 0)")
-    return float(v)
-
-
-def amount(name: str, v: Any) -> float:
-    """A finite number >= 0 (volume, distance)."""
-    if not _is_number(v):
-        raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
-    if not math.isfinite(v) or v < 0:
-        raise ValidationError(f"{name}: {v} must be a finite number >= 0")
-    return float(v)
-
-
-def positive(name: str, v: Any) -> float:
-    v = amount(name, v)
-    if v <= 0:
-        raise ValidationError(f"{name}: {v} must be > 0")
-    return v
-
-
-def finite(name: str, v: Any) -> float:
-    if not _is_number(v):
-        raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValidationError(f"{name}: {v} is not a finite number")
-    return float(v)
-
-
-def integer(minimum: int = 0, maximum: int = 2**63 - 1) -> Validator:
-    def check(name: str, v: Any) -> int:
-        if type(v) is not int:
-            raise ValidationError(f"{name}: expected an integer, got {type(v).__name__}")
-        if not minimum <= v <= maximum:
-            raise ValidationError(f"{name}: {v} is out of range {minimum}..{maximum}")
-        return v
-
-    return check
-
-
-timestamp = integer(0, MAX_TS)
-
-
-def boolean(name: str, v: Any) -> bool:
-    if type(v) is not bool:
-        raise ValidationError(f"{name}: expected true or false, got {type(v).__name__}")
-    return v
-
-
-def one_of(*choices: str) -> Validator:
-    def check(name: str, v: Any) -> str:
-        if v not in choices:
-            raise ValidationError(f"{name}: {v!r} is not one of {', '.join(choices)}")
-        return v
-
-    return check
-
-
-def optional(validator: Validator) -> Validator:
-    def check(name: str, v: Any) -> Any:
-        return None if v is None else validator(name, v)
-
-    return check
-
-
-def rows(fields: Mapping[str, tuple[Validator, bool]], max_rows: int = MAX_ROWS) -> Validator:
-    """A non-empty list of objects, each with ``fields`` (validator, required)."""
-
-    def check(name: str, v: Any) -> list[dict[str, Any]]:
-        if type(v) is not list:
-            raise ValidationError(f"{name}: expected a list, got {type(v).__name__}")
-        if not 1 <= len(v) <= max_rows:
-            raise ValidationError(f"{name}: {len(v)} items; must be 1..{max_rows}")
-        return [_check_fields(f"{name}[{i}]", item, fields) for i, item in enumerate(v)]
-
-    return check
-
-
-def _check_fields(where: str, obj: Any, fields: Mapping[str, tuple[Validator, bool]]) -> dict[str, Any]:
-    prefix = f"{where}: " if where else ""
-    if type(obj) is not dict:
-        raise ValidationError(f"{prefix}expected an object, got {type(obj).__name__}")
-    extra = sorted(set(obj) - set(fields), key=str)
-    if extra:
-        raise ValidationError(f"{prefix}unexpected field {extra[0]!r}; fields are {', '.join(fields)}")
-    out = {}
-    for key, (validator, required) in fields.items():
-        if key not in obj:
-            if required:
-                raise ValidationError(f"{prefix}missing field {key!r}")
-            continue
-        out[key] = validator(f"{where}.{key}" if where else key, obj[key])
-    return out
-
+from db.validation import (
+    SAMPLE_FIELDS,
+    TICK_FIELDS,
+    Validator,
+    bar_rows,
+    blob,
+    boolean,
+    check_fields,
+    check_levels,
+    indicator_rows,
+    integer,
+    label,
+    one_of,
+    optional,
+    optional_list,
+    positive,
+    price,
+    rows,
+    symbol,
+    text,
+    tick_columns,
+    timestamp,
+)
 
 # --- the registry --------------------------------------------------------------
 
@@ -223,7 +96,7 @@ def prepare(name: Any, args: Any) -> tuple[Op, dict[str, Any]]:
     spec = OPS[name]
     if args is None:
         args = {}
-    return spec, _check_fields("", args, spec.fields)
+    return spec, check_fields("", args, spec.fields)
 
 
 def execute(conn: Connection, spec: Op, args: dict[str, Any]) -> Any:
@@ -287,133 +160,7 @@ def _upsert(conn: Connection, table: Table, rows_: list[dict[str, Any]], keys: S
     return len(rows_)
 
 
-def _first_bad(where: str, column: Sequence[Any], ok: Callable[[Any], bool], what: str) -> ValidationError:
-    for i, v in enumerate(column):
-        if not ok(v):
-            return ValidationError(f"{where}[{i}]: {v!r} {what}")
-    return ValidationError(f"{where}: {what}")  # pragma: no cover - callers found a bad value first
-
-
-def _finite_number(v: Any) -> bool:
-    return _is_number(v) and math.isfinite(v)
-
-
 # --- ticks ------------------------------------------------------------------------
-
-
-def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
-    """Validate a batch of ticks and return it as columns.
-
-    Accepts a list of tick objects, or the same as columns (an object of
-    equal-length lists, the compact form high-rate producers send). The
-    checks run over whole columns with builtins (``min``, ``map``, ``fsum``)
-    so a batch of thousands costs microseconds; the slow search for the
-    offending row runs only once something is wrong.
-    """
-    if type(value) is list:
-        if not 1 <= len(value) <= MAX_TICKS:
-            raise ValidationError(f"{name}: {len(value)} ticks; a batch must hold 1..{MAX_TICKS}")
-        allowed = frozenset(TICK_FIELDS)
-        required = frozenset(TICK_REQUIRED)
-        for i, t in enumerate(value):
-            if type(t) is not dict:
-                raise ValidationError(f"{name}[{i}]: expected a tick object, got {type(t).__name__}")
-            keys = t.keys()
-            if not (required <= keys <= allowed):
-                extra = sorted(set(keys) - allowed, key=str)
-                if extra:
-                    raise ValidationError(f"{name}[{i}]: unexpected field {extra[0]!r}; "
-                                          f"fields are {', '.join(TICK_FIELDS)}")
-                missing = sorted(required - set(keys))
-                raise ValidationError(f"{name}[{i}]: missing field {missing[0]!r}")
-        cols = {f: [t.get(f) for t in value] for f in TICK_FIELDS}
-        n = len(value)
-    elif type(value) is dict:
-        extra = sorted(set(value) - set(TICK_FIELDS), key=str)
-        if extra:
-            raise ValidationError(f"{name}: unexpected column {extra[0]!r}; "
-                                  f"columns are {', '.join(TICK_FIELDS)}")
-        for f in TICK_REQUIRED:
-            if f not in value:
-                raise ValidationError(f"{name}: missing column {f!r}")
-        for f, col in value.items():
-            if type(col) is not list:
-                raise ValidationError(f"{name}.{f}: expected a list, got {type(col).__name__}")
-        n = len(value["ts"])
-        if not 1 <= n <= MAX_TICKS:
-            raise ValidationError(f"{name}: {n} ticks; a batch must hold 1..{MAX_TICKS}")
-        for f, col in value.items():
-            if len(col) != n:
-                raise ValidationError(f"{name}.{f}: {len(col)} values, expected {n} like ts")
-        cols = {f: value.get(f) or [None] * n for f in TICK_FIELDS}
-    else:
-        raise ValidationError(f"{name}: expected a list of ticks, got {type(value).__name__}")
-
-    try:
-        _check_tick_columns(name, cols)
-    except (TypeError, OverflowError, ValueError) as e:  # a value no check foresaw: still the caller's
-        if isinstance(e, ValidationError):
-            raise
-        raise ValidationError(f"{name}: invalid value ({e})") from None
-    return cols
-
-
-_NUMBER = frozenset((int, float))
-_NONE = type(None)
-
-
-def _check_tick_columns(name: str, cols: dict[str, list[Any]]) -> None:
-    """Whole-column checks (builtins over lists, no per-row Python); fills
-    defaults for volume and source. ``sum`` is NaN or inf as soon as one value
-    is, and bounded values cannot overflow it."""
-    ts, bid, ask = cols["ts"], cols["bid"], cols["ask"]
-    if set(map(type, ts)) != {int}:
-        raise _first_bad(f"{name}.ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
-    if min(ts) < 0 or max(ts) > MAX_TS:
-        raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS, "is out of range (epoch ms 1970..2100)")
-    for f in ("bid", "ask"):
-        col = cols[f]
-        if not set(map(type, col)) <= _NUMBER:
-            raise _first_bad(f"{name}.{f}", col, _is_number, "is not a number")
-        if not math.isfinite(sum(col)) or not 0 < min(col) or max(col) >= MAX_PRICE:
-            raise _first_bad(f"{name}.{f}", col, lambda v: _finite_number(v) and 0 < v < MAX_PRICE,
-                             "is not a price (a finite number > 0)")
-    if not all(map(le, bid, ask)):
-        for i, (b, a) in enumerate(zip(bid, ask, strict=True)):
-            if b > a:
-                raise ValidationError(f"{name}[{i}]: bid {b} is above ask {a}")
-    vol = cols["volume"]
-    types = set(map(type, vol))
-    if _NONE in types:
-        vol = cols["volume"] = [0.0 if v is None else v for v in vol]
-        types = set(map(type, vol))
-    if not types <= _NUMBER:
-        raise _first_bad(f"{name}.volume", vol, _is_number, "is not a number")
-    if not math.isfinite(sum(vol)) or min(vol) < 0 or max(vol) >= MAX_PRICE:
-        raise _first_bad(f"{name}.volume", vol, lambda v: _finite_number(v) and 0 <= v < MAX_PRICE,
-                         "is not a volume (a finite number >= 0)")
-    for s in set(cols["symbol"]):
-        if type(s) is not str or not SYMBOL_RE.fullmatch(s):
-            raise _first_bad(f"{name}.symbol", cols["symbol"],
-                             lambda v: type(v) is str and bool(SYMBOL_RE.fullmatch(v)),
-                             "is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, upper case)")
-    sources = set(cols["source"])
-    if None in sources:
-        cols["source"] = [DEFAULT_SOURCE if v is None else v for v in cols["source"]]
-        sources = set(cols["source"])
-    for s in sources:
-        if type(s) is not str or not NAME_RE.fullmatch(s):
-            raise _first_bad(f"{name}.source", cols["source"],
-                             lambda v: type(v) is str and bool(NAME_RE.fullmatch(v)),
-                             "is not a source name (1-64 characters of letters, digits . _ : / @ -)")
-    seq = cols["seq"]
-    types = set(map(type, seq))
-    if not types <= {int, _NONE}:
-        raise _first_bad(f"{name}.seq", seq, lambda v: v is None or type(v) is int, "is not an integer")
-    present = [v for v in seq if v is not None] if _NONE in types else seq
-    if present and (min(present) < 0 or max(present) > 2**63 - 1):
-        raise _first_bad(f"{name}.seq", seq, lambda v: v is None or 0 <= v <= 2**63 - 1,
-                         "is out of range (0..2^63-1)")
 
 
 @op("insert_ticks", ticks=tick_columns)
@@ -441,67 +188,21 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
 # --- bars, indicators, analysis progress -------------------------------------------
 
 
-def _timeframe(name: str, v: Any) -> str:
-    return one_of(*TIMEFRAMES)(name, v)
-
-
-BAR_FIELDS = {
-    "symbol": (symbol, True), "timeframe": (_timeframe, True), "ts": (timestamp, True),
-    "open": (price, True), "high": (price, True), "low": (price, True), "close": (price, True),
-    "volume": (amount, True), "tick_count": (integer(0), False),
-}
-INDICATOR_FIELDS = {
-    "symbol": (symbol, True), "timeframe": (_timeframe, True), "name": (one_of(*INDICATORS), True),
-    "ts": (timestamp, True), "value": (finite, True),
-}
-
-
-def _bars(name: str, v: Any) -> list[dict[str, Any]]:
-    bars = rows(BAR_FIELDS)(name, v)
-    for i, b in enumerate(bars):
-        if b["ts"] % TIMEFRAMES[b["timeframe"]]:
-            raise ValidationError(f"{name}[{i}].ts: {b['ts']} is not the start of a {b['timeframe']} bucket")
-        if not (b["low"] <= min(b["open"], b["close"]) and b["high"] >= max(b["open"], b["close"])):
-            raise ValidationError(f"{name}[{i}]: low {b['low']} / high {b['high']} do not bound "
-                                  f"open {b['open']} and close {b['close']}")
-        b.setdefault("tick_count", 0)
-    return bars
-
-
-def _indicators(name: str, v: Any) -> list[dict[str, Any]]:
-    return rows(INDICATOR_FIELDS)(name, v)
-
-
-def _optional_list(validator: Validator) -> Validator:
-    def check(name: str, v: Any) -> list[dict[str, Any]]:
-        return [] if v == [] else validator(name, v)
-
-    return check
-
-
-@op("upsert_bars", bars=_bars)
+@op("upsert_bars", bars=bar_rows)
 def upsert_bars(conn: Connection, bars: list[dict[str, Any]]) -> dict[str, int]:
     """Insert or replace whole bars (values, not increments: idempotent)."""
     return {"upserted": _upsert(conn, Bar.__table__, bars, ("symbol", "timeframe", "ts"))}
 
 
-@op("put_indicators", values=_indicators)
+@op("put_indicators", values=indicator_rows)
 def put_indicators(conn: Connection, values: list[dict[str, Any]]) -> dict[str, int]:
     """Insert or replace indicator values."""
     keys = ("symbol", "timeframe", "name", "ts")
     return {"upserted": _upsert(conn, IndicatorValue.__table__, values, keys)}
 
 
-def _bytes(name: str, v: Any) -> bytes:
-    if type(v) is not bytes:
-        raise ValidationError(f"{name}: expected bytes, got {type(v).__name__}")
-    if len(v) > 8 * 1024 * 1024:
-        raise ValidationError(f"{name}: {len(v)} bytes, at most 8 MiB")
-    return v
-
-
-@op("store_analysis", cursor=label, position=integer(0), bars=(_optional_list(_bars), False),
-    indicators=(_optional_list(_indicators), False), state=(optional(_bytes), False))
+@op("store_analysis", cursor=label, position=integer(0), bars=(optional_list(bar_rows), False),
+    indicators=(optional_list(indicator_rows), False), state=(optional(blob), False))
 def store_analysis(conn: Connection, cursor: str, position: int, bars: list | None = None,
                    indicators: list | None = None, state: bytes | None = None) -> dict[str, int]:
     """Store bars and indicators together with the worker's cursor, in one
@@ -520,19 +221,13 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: list | No
 
 
 def _latest_price(conn: Connection, sym: str, side: str, opening: bool) -> float:
-    """The price a market order gets: a buy opens at the ask and closes at the
-    bid; a sell the other way round."""
-    row = conn.execute(
-        select(Tick.bid, Tick.ask).where(Tick.symbol == sym).order_by(Tick.ts.desc(), Tick.id.desc()).limit(1)
-    ).first()
-    if row is None:
+    """The price a market order gets now: :func:`db.queries.market_price` at
+    the latest tick (read inside the writer's transaction, so it is the tick
+    this batch sees)."""
+    tick = queries.latest_tick(conn, sym)
+    if tick is None:
         raise ValidationError(f"no price given and no tick stored for {sym}")
-    use_ask = (side == "buy") == opening
-    return float(row.ask if use_ask else row.bid)
-
-
-def trade_pnl(side: str, entry: float, exit_price: float, size: float) -> float:
-    return (exit_price - entry) * size if side == "buy" else (entry - exit_price) * size
+    return queries.market_price(tick, side, opening=opening)
 
 
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
@@ -547,16 +242,6 @@ def _open_trade_row(conn: Connection, trade_id: int) -> Any:
     if row.status != "open":
         raise Conflict(f"trade {trade_id} is already {row.status}")
     return row
-
-
-def _check_levels(side: str, entry: float, stop: float | None, target: float | None) -> None:
-    sign = 1 if side == "buy" else -1
-    if stop is not None and not sign * (entry - stop) > 0:
-        raise ValidationError(f"stop_loss {stop} must be {'below' if sign > 0 else 'above'} "
-                              f"the entry {entry} for a {side}")
-    if target is not None and not sign * (target - entry) > 0:
-        raise ValidationError(f"take_profit {target} must be {'above' if sign > 0 else 'below'} "
-                              f"the entry {entry} for a {side}")
 
 
 @op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=positive,
@@ -574,7 +259,7 @@ def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_pric
     ``breakeven_trigger``: once the price moved this far in favour, the stop
     moves to the entry."""
     entry = entry_price if entry_price is not None else _latest_price(conn, symbol, side, opening=True)
-    _check_levels(side, entry, stop_loss, take_profit)
+    check_levels(side, entry, stop_loss, take_profit)
     ts = now_ms() if ts is None else ts
     last_tick = conn.execute(select(func.max(Tick.id))).scalar() or 0
     trade_id = conn.execute(insert(Trade), dict(
@@ -600,7 +285,7 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
     if stop_loss is not None:
         values["stop_loss"] = stop_loss
     if take_profit is not None:
-        _check_levels(row.side, row.entry_price, None, take_profit)
+        check_levels(row.side, row.entry_price, None, take_profit)
         values["take_profit"] = take_profit
     if best_price is not None:
         values["best_price"] = best_price
@@ -660,10 +345,6 @@ def audit(conn: Connection, actor: str, action: str, target: str = "", result: s
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
         detail=detail)).inserted_primary_key[0]
     return {"id": entry_id}
-
-
-SAMPLE_FIELDS = {"ts": (timestamp, True), "name": (label, True), "labels": (text(128), False),
-                 "value": (finite, True)}
 
 
 @op("record_samples", samples=rows(SAMPLE_FIELDS), keep_ms=(optional(integer(60_000)), False))

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from sqlalchemy import insert, inspect, select
 from sqlalchemy.engine import Connection
 
-from db.models import SchemaVersion, metadata, now_ms_default
+from db.models import SchemaVersion, metadata, now_ms
 
 
 def _v1_initial(conn: Connection) -> None:
@@ -41,5 +41,5 @@ def migrate(conn: Connection) -> tuple[int, int]:
     for version, _what, step in MIGRATIONS:
         if version > before:
             step(conn)
-            conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms_default()))
+            conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms()))
     return before, SCHEMA_VERSION

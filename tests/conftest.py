@@ -1,83 +1,36 @@
 """Fixtures that start real processes in a private runtime folder.
 
-Every test gets its own short ``TICKSTACK_HOME`` (Unix socket paths are
-limited to 107 bytes, so not pytest's deep tmp_path) and stops what it
+Fixtures only: what they are built from (the isolated environment, the
+writer, circusd, helpers) lives in :mod:`testkit`, and tests import it from
+there. Every test gets its own short ``TICKSTACK_HOME`` (Unix socket paths
+are limited to 107 bytes, so not pytest's deep tmp_path) and stops what it
 started by pid.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+# The checkout on sys.path, so ``testkit`` imports however pytest was started.
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from db.config import Settings, load_settings  # noqa: E402
-from workers.writer import spawn  # noqa: E402
-
-
-@dataclass
-class Stack:
-    """A runtime folder with its environment, and the processes started in it."""
-
-    home: Path
-    env: dict[str, str]
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    @property
-    def settings(self) -> Settings:
-        return load_settings(self.env)
-
-    def start_writer(self, **extra_env: str) -> subprocess.Popen:
-        env = {**self.env, **extra_env}
-        log = open(self.home / "log" / "writer-test.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = spawn(env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def writer_log(self) -> str:
-        path = self.home / "log" / "writer-test.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+from testkit.circus import Circusd  # noqa: E402
+from testkit.writer import Stack  # noqa: E402
 
 
 @pytest.fixture
 def stack() -> Iterator[Stack]:
-    home = Path(tempfile.mkdtemp(prefix="ts-"))
-    for sub in ("run", "log", "spool", "backups"):
-        (home / sub).mkdir(mode=0o700)
-    env = {**os.environ, "TICKSTACK_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    for key in [k for k in env if k.startswith(("TICKSTACK_", "WRITER_")) and k != "TICKSTACK_HOME"]:
-        del env[key]
-    env.pop("DATABASE_URL", None)
-    st = Stack(home, env)
+    """A fresh runtime folder; whatever the test started in it is killed after."""
+    st = Stack.create()
     try:
         yield st
     finally:
-        for proc in st.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(home, ignore_errors=True)
+        st.close()
 
 
 @pytest.fixture
@@ -85,3 +38,31 @@ def writer(stack: Stack) -> Iterator[Stack]:
     """A running writer in a fresh runtime folder."""
     stack.start_writer()
     yield stack
+
+
+@pytest.fixture
+def circusd(writer: Stack) -> Iterator[Stack]:
+    """A minimal circusd on the stack's own endpoint, with one running and
+    one stopped watcher; stopped (and only what it started, by pid) after."""
+    run = writer.home / "run"
+    ini = writer.home / "circus-test.ini"
+    ini.write_text(f"""[circus]
+endpoint = ipc://{run}/circus.sock
+pubsub_endpoint = ipc://{run}/circus-pubsub.sock
+stats_endpoint = ipc://{run}/circus-stats.sock
+statsd = False
+
+[watcher:sleeper]
+cmd = sleep 600
+
+[watcher:idle]
+cmd = sleep 600
+autostart = False
+""")
+    daemon = Circusd(writer.env, ini, cwd=writer.home, log_path=writer.home / "log" / "circusd-test.log",
+                     call_timeout=5)
+    try:
+        daemon.start(wait_active=("sleeper",), timeout=30, poll=0.2)
+        yield writer
+    finally:
+        daemon.stop(quit_timeout=30, term_timeout=10)

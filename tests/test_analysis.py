@@ -12,11 +12,12 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import ROOT, Stack
 
 from db.client import WriterClient
 from db.health import connect_read_only
 from db.models import TIMEFRAMES
+from testkit.env import ROOT
+from testkit.writer import Stack
 from workers.analysis import AnalysisWorker, Analyzer, Batch
 from workers.indicators import atr_wilder, ema, rsi_wilder, sma
 

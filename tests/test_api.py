@@ -6,28 +6,25 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
-from circus.client import CircusClient
-from conftest import Stack
 from flask import Flask
 from flask.testing import FlaskClient
+from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import TestResponse
 
 from db.client import WriterClient
 from db.config import load_settings
 from db.health import connect_read_only
+from db.ops import OPS
+from testkit.writer import Stack
 from webapp import MAX_BODY, create_app
-from webapp import openapi as openapi_module
+from webapp.api import openapi as openapi_module
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 TABLES = ("ticks", "trades", "trade_events", "bars", "indicators")
@@ -107,8 +104,9 @@ def test_token_file_is_private_and_env_token_wins(writer: Stack, monkeypatch: py
     create_app("api", load_settings(writer.env))  # a second app (gunicorn's other worker) reads the same one
     assert path.read_text().strip() == file_token
 
-    monkeypatch.setenv("TICKSTACK_API_TOKEN", "from-the-environment-0123456789")
-    client = create_app("api", load_settings(writer.env)).test_client()
+    # The app reads the token from its settings (db.config), made from the environment it runs with.
+    env = {**writer.env, "TICKSTACK_API_TOKEN": "from-the-environment-0123456789"}
+    client = create_app("api", load_settings(env)).test_client()
     body = {"ticks": [tick(T0)]}
     assert_error(client.post("/api/ticks", json=body, headers={"Authorization": f"Bearer {file_token}"}),
                  403, "forbidden")
@@ -562,68 +560,49 @@ def test_openapi_document_matches_the_routes(api: Api) -> None:
             assert ("security" in op) == (method == "post"), (path, method)
 
 
-# --- a real circusd, for watcher status ----------------------------------------------------------------------------
+def test_openapi_document_is_valid_openapi_3_1() -> None:
+    validate_openapi(openapi_module.document())  # raises OpenAPIValidationError with the path of what is wrong
 
 
-@pytest.fixture
-def circusd(writer: Stack) -> Iterator[Stack]:
-    """A minimal circusd on the stack's own endpoint, with one running and
-    one stopped watcher; stopped (and only what it started, by pid) after."""
-    run = writer.home / "run"
-    ini = writer.home / "circus-test.ini"
-    ini.write_text(f"""[circus]
-endpoint = ipc://{run}/circus.sock
-pubsub_endpoint = ipc://{run}/circus-pubsub.sock
-stats_endpoint = ipc://{run}/circus-stats.sock
-statsd = False
+#: Each write (POST) route: the op it calls, the op fields it takes from the path, and the op
+#: fields it does not take at all (close_trade's ts and last_tick_id are the monitor's).
+WRITE_OPS = {
+    "insertTicks": ("insert_ticks", set(), set()),
+    "openTrade": ("open_trade", set(), set()),
+    "closeTrade": ("close_trade", {"trade_id"}, {"ts", "last_tick_id"}),
+}
 
-[watcher:sleeper]
-cmd = sleep 600
 
-[watcher:idle]
-cmd = sleep 600
-autostart = False
-""")
-    circusd_bin = Path(sys.executable).parent / "circusd"
-    log = open(writer.home / "log" / "circusd-test.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(circusd_bin), str(ini)], env=writer.env, cwd=writer.home, stdout=log,
-                            stderr=subprocess.STDOUT)
-    log.close()
-    children: set[tuple[int, float]] = set()
-    client = CircusClient(endpoint=writer.settings.circus_endpoint, timeout=5)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, (writer.home / "log" / "circusd-test.log").read_text()
-            try:
-                if client.call({"command": "status", "properties": {}})["statuses"].get("sleeper") == "active":
-                    break
-            except Exception:  # not listening yet
-                pass
-            assert time.monotonic() < deadline, "circusd did not start its watcher"
-            time.sleep(0.2)
-        for child in psutil.Process(proc.pid).children(recursive=True):
-            children.add((child.pid, child.create_time()))
-        yield writer
-    finally:
-        try:
-            client.call({"command": "quit", "properties": {}})
-            proc.wait(30)
-        except Exception:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        client.stop()
-        for pid, created in children:
-            try:
-                child = psutil.Process(pid)
-                if child.create_time() == created:
-                    child.kill()
-            except psutil.NoSuchProcess:
-                pass
+def test_openapi_write_bodies_list_exactly_the_fields_of_their_op() -> None:
+    doc = openapi_module.document()
+
+    def resolve(node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            target: Any = doc
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    posts = {op["operationId"]: op for path_ops in doc["paths"].values()
+             for method, op in path_ops.items() if method == "post"}
+    assert set(posts) == set(WRITE_OPS)
+    for operation_id, (op_name, from_path, withheld) in WRITE_OPS.items():
+        fields = OPS[op_name].fields
+        assert not any(fields[f][1] for f in withheld), (operation_id, "a required op field must be taken")
+        schema = resolve(posts[operation_id]["requestBody"]["content"]["application/json"]["schema"])
+        body_fields = set(schema["properties"])
+        path_params = {resolve(p)["name"] for p in posts[operation_id].get("parameters", [])
+                       if resolve(p)["in"] == "path"}
+        assert path_params == from_path, operation_id
+        assert body_fields | from_path == set(fields) - withheld, operation_id
+        assert not body_fields & from_path, operation_id
+        required = {name for name, (_, is_required) in fields.items() if is_required}
+        assert set(schema.get("required", [])) == required - from_path, operation_id
+        assert schema.get("additionalProperties") is False, operation_id
+
+
+# --- a real circusd, for watcher status (the circusd fixture is in conftest.py) ---------------------------------
 
 
 def test_health_and_metrics_report_circus_watchers(circusd: Stack, monkeypatch: pytest.MonkeyPatch) -> None:

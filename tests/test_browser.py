@@ -1,5 +1,5 @@
 """The admin console in a real browser (Debian's Chromium driven by Playwright) against the real
-stack under circusd (:class:`circus_stack.CircusStack`, one for the module).
+stack under circusd (:class:`testkit.circus.CircusStack`, one for the module).
 
 What a person sees: the login redirect, every watcher active and updating live, a restart from the
 page changing the pid (and landing in the audit log), the database's lock errors at 0, the charts
@@ -30,9 +30,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from circus_stack import ROOT, WATCHERS, CircusStack, query, wait_for
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, Request, Route, expect, sync_playwright
 
+from testkit.circus import WATCHERS, CircusStack
+from testkit.env import ROOT
+from testkit.helpers import query, wait_for
 from webapp.console.charts import CHARTS
 
 CHROMIUM = Path("/usr/bin/chromium")

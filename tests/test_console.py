@@ -3,7 +3,7 @@
 Every page and action is tried three ways: without a session (redirected to the login page, nothing
 changes), without a CSRF token (400, nothing changes) and logged in with the token (it works, and is
 in the audit log). Actions on circus run against the real circusd with the real circus.ini
-(:class:`circus_stack.CircusStack`, one for the module); the others need only a writer (one for the
+(:class:`testkit.circus.CircusStack`, one for the module); the others need only a writer (one for the
 module too). Tests share those stacks, so they compare counts before and after rather than totals.
 """
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import dataclasses
 import html
 import logging
-import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -22,13 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from circus_stack import WATCHERS, CircusStack, query, wait_for
-from conftest import Stack
 from flask import Flask
 
 from db.client import WriterClient
-from db.config import ConfigError
+from db.config import ConfigError, load_settings
 from db.health import connect_read_only
+from testkit.circus import WATCHERS, CircusStack
+from testkit.env import isolated_env as stack_env
+from testkit.env import new_home
+from testkit.helpers import query, wait_for
+from testkit.writer import Stack
 from webapp import create_app
 from webapp.auth import LoginLimiter
 
@@ -93,18 +94,6 @@ def last_audit_id(settings: Any) -> int:
     return query(settings, "SELECT coalesce(max(id), 0) FROM audit_log")[0][0]
 
 
-def new_home() -> Path:
-    home = Path(tempfile.mkdtemp(prefix="ts-"))
-    for sub in ("run", "log", "spool", "backups"):
-        (home / sub).mkdir(mode=0o700)
-    return home
-
-
-def stack_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}
-    return {**env, "TICKSTACK_HOME": str(home), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-
-
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -164,8 +153,8 @@ def test_password_is_generated_0600_logged_by_path_only_and_reused(caplog: pytes
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     home = new_home()
     try:
-        settings = Stack(home, stack_env(home)).settings
-        monkeypatch.delenv("TICKSTACK_ADMIN_USER", raising=False)
+        env = stack_env(home)
+        settings = load_settings(env)
         with caplog.at_level(logging.INFO, logger="tickstack.console"):
             create_app("console", settings)
         path = home / "admin-password"
@@ -177,14 +166,12 @@ def test_password_is_generated_0600_logged_by_path_only_and_reused(caplog: pytes
         with caplog.at_level(logging.INFO, logger="tickstack.console"):
             create_app("console", settings)
         assert path.read_text().strip() == password and "generated" not in caplog.text
-        monkeypatch.setenv("TICKSTACK_ADMIN_USER", "ops@desk")
-        c = Console(create_app("console", settings))
+        c = Console(create_app("console", load_settings({**env, "TICKSTACK_ADMIN_USER": "ops@desk"})))
         c.app.config["CONSOLE_AUDIT_DEADLINE"] = 0.2  # no writer here: audit records are spooled
         assert c.login("admin").status_code == 200  # the user name is now ops@desk
         assert c.login("ops@desk").status_code == 302
-        monkeypatch.setenv("TICKSTACK_ADMIN_USER", "no spaces")
         with pytest.raises(ConfigError, match="TICKSTACK_ADMIN_USER"):
-            create_app("console", settings)
+            create_app("console", load_settings({**env, "TICKSTACK_ADMIN_USER": "no spaces"}))
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

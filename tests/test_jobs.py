@@ -10,12 +10,13 @@ import time
 from typing import Any
 
 import pytest
-from circus_stack import query
-from conftest import ROOT, Stack
 
 from db.client import WriterClient
 from db.config import ConfigError
 from db.health import connect_read_only, file_sizes
+from testkit.env import ROOT
+from testkit.helpers import query
+from testkit.writer import Stack
 from workers.jobs import PRUNE_BATCH, JobSchedule, rotate_backups
 
 DAY_MS = 86_400_000

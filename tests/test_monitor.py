@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, Stack
 
 from db.client import WriterClient
 from db.health import connect_read_only
+from testkit.env import ROOT
+from testkit.writer import Stack
 from workers.monitor import Decision, Exit, MonitorWorker, PriceTick, TradeState, evaluate
 
 T0 = 1_704_153_600_000

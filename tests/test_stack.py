@@ -11,10 +11,12 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from circus_stack import ROOT, T0, WATCHERS, CircusStack, wait_for, write_bar_csv
 
 from db.client import WriterClient
 from db.health import connect_read_only
+from testkit.circus import WATCHERS, CircusStack
+from testkit.env import ROOT
+from testkit.helpers import T0, wait_for, write_bar_csv
 
 
 @pytest.fixture
@@ -125,10 +127,12 @@ def test_stack_end_to_end(running: CircusStack) -> None:
 
 
 def test_crash_looping_watcher_is_stopped_by_flapping_others_stay_up() -> None:
-    # A broken setting makes the jobs worker exit 2 at every start.
-    stack = CircusStack(TICKSTACK_BACKUP_KEEP="abc")
+    # A broken setting in the jobs watcher's own environment makes it exit 2 at every start (the
+    # same setting for the whole stack would stop `make run` at once, as it should).
+    stack = CircusStack()
     try:
-        stack.start(wait_active=("writer", "api", "console", "ticks", "analysis", "monitor"))
+        stack.start()
+        stack.call("set", name="jobs", options={"env": {**stack.env, "TICKSTACK_BACKUP_KEEP": "abc"}})
         wait_for("jobs stopped by flapping", lambda: stack.status().get("jobs") == "stopped", timeout=60)
         status = stack.status()
         assert all(status[w] == "active" for w in ("writer", "api", "console", "ticks", "analysis", "monitor"))

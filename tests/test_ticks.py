@@ -7,9 +7,9 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from conftest import ROOT, Stack
-
 from db.health import connect_read_only
+from testkit.env import ROOT
+from testkit.writer import Stack
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-import writer_procs
 import zmq
-from conftest import ROOT, Stack
 from sqlalchemy import func, insert, select, text
 from sqlalchemy.exc import OperationalError
 
@@ -27,6 +25,9 @@ from db.engine import make_read_engine
 from db.errors import Conflict, NotFound, ValidationError
 from db.health import connect_read_only
 from db.models import AuditEntry, Tick
+from testkit import writer_procs
+from testkit.env import ROOT
+from testkit.writer import Stack
 
 ctx = mp.get_context("spawn")
 

@@ -11,6 +11,8 @@
   console page but the login page and ``/console/health`` needs one: a page asked for without one
   redirects to the login page (302), a POST action too (and is not performed), a ``/console/api/``
   endpoint answers 401.
+* **Audit**: logins (ok and denied) and logouts are recorded with the audit function the console
+  passes to :func:`register` (this module does not import the console, which imports it).
 * **Failed logins** are limited to :data:`MAX_FAILURES` per :data:`WINDOW_S` per remote address and
   per user name; beyond that the login answers 429 without checking the password. Failures are
   counted in ``$TICKSTACK_HOME/run/console-login-failures.json`` under an exclusive lock, so every
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import hmac
 import json
@@ -37,7 +40,6 @@ from flask import (
     Blueprint,
     current_app,
     flash,
-    jsonify,
     redirect,
     render_template,
     request,
@@ -48,8 +50,8 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from db.config import ConfigError, Settings, read_or_create_secret
-from db.ops import NAME_RE
+from db.config import Settings, read_or_create_secret
+from webapp.errors import json_error
 
 log = logging.getLogger("tickstack.console")
 
@@ -62,6 +64,12 @@ SESSION_MAX_AGE_S = 12 * 3600
 MAX_RECORDS = 10_000
 #: Endpoints served without a session.
 PUBLIC_ENDPOINTS = frozenset({"console.login", "console.health"})
+#: Key of the audit function in ``app.extensions``.
+AUDIT_EXTENSION = "tickstack_auth_audit"
+
+#: Records a console action: ``audit(action, target, result, detail, actor=...)``
+#: (:func:`webapp.console.common.audit`).
+AuditFn = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -83,14 +91,10 @@ class Credentials:
         return user_ok and password_ok
 
     @classmethod
-    def load(cls, settings: Settings, secret_key: str, env: dict[str, str] | None = None) -> Credentials:
-        """Read (or on first use generate) the password file and hash it. Raises ConfigError for a user
-        name the audit log cannot hold (1-64 of letters, digits and ``. _ : / @ -``)."""
-        env = dict(os.environ if env is None else env)
-        username = env.get("TICKSTACK_ADMIN_USER") or "admin"
-        if not NAME_RE.fullmatch(username):
-            raise ConfigError(f"TICKSTACK_ADMIN_USER={username!r} is not a user name (1-64 characters of "
-                              "letters, digits . _ : / @ -)")
+    def load(cls, settings: Settings, secret_key: str) -> Credentials:
+        """Read (or on first use generate) the password file and hash it. The user name is
+        ``settings.admin_user`` (``TICKSTACK_ADMIN_USER``, checked by :mod:`db.config`)."""
+        username = settings.admin_user
         path = settings.home / PASSWORD_FILE
         password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
         if created:
@@ -157,17 +161,19 @@ class LoginLimiter:
 # --- wiring into the console blueprint ------------------------------------------------------------
 
 
-def register(bp: Blueprint) -> None:
-    """Add the login and logout views and the session check to ``bp`` (before its other hooks)."""
-    bp.record_once(_init_app)
+def register(bp: Blueprint, audit: AuditFn) -> None:
+    """Add the login and logout views and the session check to ``bp`` (before its other hooks);
+    logins and logouts are recorded with ``audit``."""
+    bp.record_once(functools.partial(_init_app, audit=audit))
     bp.before_request(require_login)
     bp.add_url_rule("/login", "login", login, methods=["GET", "POST"])
     bp.add_url_rule("/logout", "logout", logout, methods=["POST"])
 
 
-def _init_app(state: BlueprintSetupState) -> None:
+def _init_app(state: BlueprintSetupState, audit: AuditFn) -> None:
     """At app creation, so the password file exists (and its path is logged) before anyone asks."""
     settings: Settings = state.app.config["TICKSTACK"]
+    state.app.extensions[AUDIT_EXTENSION] = audit
     state.app.extensions["tickstack_auth"] = (
         Credentials.load(settings, state.app.config["SECRET_KEY"]), LoginLimiter(settings.run_dir / FAILURES_FILE))
 
@@ -196,7 +202,7 @@ def require_login() -> ResponseReturnValue | None:
     if "user" in session:
         session.clear()  # expired, or the password changed
     if request.path.startswith("/console/api/"):
-        return jsonify({"error": "login required"}), 401
+        return json_error(401, "login required")
     if request.method == "GET":
         return redirect(url_for("console.login", next=request.full_path.rstrip("?")))
     flash("Log in to continue; the action was not performed.", "error")
@@ -215,10 +221,7 @@ def safe_next(target: str | None) -> str | None:
 
 
 def _audit(action: str, target: str, result: str, detail: str, actor: str) -> None:
-    # Imported here: webapp.console imports this module while it loads.
-    from webapp.console.common import audit
-
-    audit(action, target, result, detail, actor=actor)
+    current_app.extensions[AUDIT_EXTENSION](action, target, result, detail, actor=actor)
 
 
 def login() -> ResponseReturnValue:

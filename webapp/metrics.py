@@ -46,7 +46,7 @@ from db.client import WriterClient
 from db.config import Settings
 from db.errors import WriterError
 from db.health import file_sizes
-from webapp.circus import Circus, CircusError
+from supervision.circus import Circus, CircusError
 
 log = logging.getLogger("tickstack.api")
 

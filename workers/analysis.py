@@ -28,7 +28,7 @@ from db.client import WriterClient
 from db.config import Settings
 from db.errors import Conflict, WriterUnavailable
 from db.models import INDICATORS, TIMEFRAMES, Cursor, Tick
-from db.ops import MAX_ROWS
+from db.validation import MAX_ROWS
 from workers.base import Worker, main, wait_for_database
 from workers.indicators import BarBuilder, IndicatorState, bucket_start
 

@@ -22,6 +22,32 @@ from sqlalchemy.engine import Engine
 from db.config import ConfigError, Settings, load_settings
 from db.engine import make_read_engine
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
+
+
+def command_line(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser every tickstack process starts from: named as the user typed it
+    (``python -m workers.x``), described by its module docstring, with ``--log-level``."""
+    if module == "__main__":  # run as python -m workers.x: name it as the user typed it
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else module
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").strip().split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    return parser
+
+
+def configure_logging(level: str) -> None:
+    """One log line format for every process (circus writes stderr to the watcher's log file)."""
+    logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
+
+
+def on_stop_signals(handler: Callable[[int, Any], None]) -> None:
+    """SIGTERM (circus's stop) and SIGINT (Ctrl-C) only ask to stop: ``handler`` sets a flag, and
+    the process finishes the work in hand (a worker flushes, the writer drains) before it exits."""
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
 
 class Worker:
     #: Used in log lines and as the cursor name where a worker keeps one.
@@ -38,8 +64,7 @@ class Worker:
         self.log = logging.getLogger(f"tickstack.{self.name}")
 
     def init_signals(self) -> None:
-        signal.signal(signal.SIGTERM, self.handle_stop)
-        signal.signal(signal.SIGINT, self.handle_stop)
+        on_stop_signals(self.handle_stop)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
         """Only ask the loop to stop: work in hand is finished and flushed."""
@@ -107,20 +132,13 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     """Parse the common flags (``--until-idle``, ``--log-level``) plus the
     worker's own, load settings, and run. Bad flags or settings exit 2 with
     the reason."""
-    module = worker_cls.__module__
-    if module == "__main__":  # run as python -m workers.x: name it as the user typed it
-        spec = getattr(sys.modules["__main__"], "__spec__", None)
-        module = spec.name if spec is not None else module
-    doc = (sys.modules[worker_cls.__module__].__doc__ or "").strip()
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser = command_line(worker_cls.__module__, sys.modules[worker_cls.__module__].__doc__)
     parser.add_argument("--until-idle", action="store_true",
                         help="process everything available, then exit 0 (for tests and scripts)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    configure_logging(args.log_level)
     try:
         settings = load_settings()
         worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)

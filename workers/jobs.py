@@ -11,7 +11,7 @@ checks read through read-only connections. When each job last ran is read back f
 at start, so a restart does not run everything again at once.
 
 The ``metrics`` job samples the writer's counters, the database file sizes and every watcher's CPU
-and memory (:mod:`webapp.console.metrics`) every ``TICKSTACK_SAMPLE_EVERY_S`` seconds (10) into
+and memory (:mod:`supervision.sampler`) every ``TICKSTACK_SAMPLE_EVERY_S`` seconds (10) into
 ``samples`` via ``record_samples``; its runs are not recorded in ``job_runs`` (a row every 10 s
 would drown the table), and circusd not answering only leaves the watcher series out.
 """
@@ -19,28 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
 from db import health
 from db.client import WriterClient
-from db.config import ConfigError, Settings
+from db.config import JobSchedule, Settings
 from db.errors import WriterError
-from db.models import JobRun
+from db.models import JobRun, now_ms
+from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
-
-if TYPE_CHECKING:
-    from webapp.console.metrics import Sampler
 
 #: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
 #: and checked, and grows the WAL the checkpoint then empties; metrics last, measuring the result).
@@ -50,7 +43,6 @@ UNRECORDED = frozenset({"metrics"})
 #: Ticks deleted per ``prune_ticks`` call: each call is one writer transaction, kept short so
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
-BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
 MAX_DETAIL = 4000  # record_job_run's limit on detail
 DAY_MS = 86_400_000
 MB = 1024 * 1024
@@ -59,72 +51,16 @@ MB = 1024 * 1024
 Outcome = tuple[bool, str] | None
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _positive(env: Mapping[str, str], name: str, default: float, kind: type = float) -> Any:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    what = "a whole number" if kind is int else "a number"
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not {what} (default {default})") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ConfigError(f"{name}={raw!r} must be {what} greater than 0 (default {default})")
-    return value
-
-
-@dataclass(frozen=True)
-class JobSchedule:
-    """How often each job runs and with what limits. Build with :meth:`from_env`."""
-
-    retention_days: float = 30.0
-    retention_every_s: float = 3600.0
-    backup_every_h: float = 6.0
-    backup_keep: int = 7
-    quick_check_every_h: float = 24.0
-    checkpoint_wal_mb: float = 64.0
-    checkpoint_every_s: float = 30.0
-    sample_every_s: float = 10.0
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> JobSchedule:
-        """Read the ``TICKSTACK_*`` schedule variables (default ``os.environ``); unset or empty
-        means the default. Every value must be a finite number > 0 (``TICKSTACK_BACKUP_KEEP`` a
-        whole one): zero or negative intervals, retention or keep counts mean nothing sensible, so
-        they raise :class:`ConfigError` naming the variable rather than guess."""
-        env = os.environ if env is None else env
-        d = cls()
-        return cls(
-            retention_days=_positive(env, "TICKSTACK_RETENTION_DAYS", d.retention_days),
-            retention_every_s=_positive(env, "TICKSTACK_RETENTION_EVERY_S", d.retention_every_s),
-            backup_every_h=_positive(env, "TICKSTACK_BACKUP_EVERY_H", d.backup_every_h),
-            backup_keep=_positive(env, "TICKSTACK_BACKUP_KEEP", d.backup_keep, int),
-            quick_check_every_h=_positive(env, "TICKSTACK_QUICK_CHECK_EVERY_H", d.quick_check_every_h),
-            checkpoint_wal_mb=_positive(env, "TICKSTACK_CHECKPOINT_WAL_MB", d.checkpoint_wal_mb),
-            checkpoint_every_s=_positive(env, "TICKSTACK_CHECKPOINT_EVERY_S", d.checkpoint_every_s),
-            sample_every_s=_positive(env, "TICKSTACK_SAMPLE_EVERY_S", d.sample_every_s),
-        )
-
-    def every_s(self, job: str) -> float:
-        """Seconds between two runs of ``job`` (for checkpoint: between two WAL size checks)."""
-        return {"retention": self.retention_every_s, "backup": self.backup_every_h * 3600,
-                "quick_check": self.quick_check_every_h * 3600, "checkpoint": self.checkpoint_every_s,
-                "metrics": self.sample_every_s}[job]
-
-
 def rotate_backups(directory: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` backups in ``directory``; return what was deleted.
 
-    Only files named like ours (``tickstack-YYYYmmddTHHMMSSZ.db``) are counted or touched, so a copy
-    a person put there under another name is never deleted. The UTC stamp sorts as text in time
-    order, so the name, not the mtime (which copying changes), decides which are newest."""
+    Only files named like ours (:func:`db.health.list_backups`: ``tickstack-YYYYmmddTHHMMSSZ.db``)
+    are counted or touched, so a copy a person put there under another name is never deleted. The
+    UTC stamp sorts as text in time order, so the name, not the mtime (which copying changes),
+    decides which are newest."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    ours = sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+    ours = health.list_backups(directory)
     old = ours[:-keep]
     for path in old:
         path.unlink(missing_ok=True)
@@ -256,12 +192,7 @@ class JobsWorker(Worker):
         :func:`db.health.backup`), then keep the newest ``backup_keep``. Rotation runs only after a
         good backup, so a failing backup never deletes the old ones."""
         directory = self.settings.backup_dir
-        for _ in range(3):  # two runs in one second: wait for a fresh stamp rather than overwrite
-            dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
-            if not dest.exists():
-                break
-            time.sleep(1.01 - time.time() % 1)
-        result = health.backup(self.settings, dest)
+        result = health.backup(self.settings, health.backup_path(directory))
         removed = rotate_backups(directory, self.schedule.backup_keep)
         return True, json.dumps({"path": result["path"], "bytes": result["bytes"], "ms": result["ms"],
                                  "removed": [p.name for p in removed]})
@@ -291,10 +222,6 @@ class JobsWorker(Worker):
         Not ok when the writer does not answer: then nothing can be stored, and the next run retries."""
         assert self.client is not None and self.engine is not None
         if self._sampler is None:
-            # Imported here, not at the top: importing circus (through webapp) calls
-            # logging.basicConfig(), which must not run before main() configures this worker's logging.
-            from webapp.console.metrics import Sampler
-
             self._sampler = Sampler(self.settings)
             with self.engine.connect() as conn:
                 self._sampler.resume(conn)
@@ -313,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make(settings: Settings, args: argparse.Namespace) -> JobsWorker:
-    return JobsWorker(settings, until_idle=args.until_idle, schedule=JobSchedule.from_env(), only=args.run)
+    return JobsWorker(settings, until_idle=args.until_idle, schedule=settings.jobs, only=args.run)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -35,8 +35,8 @@ import msgpack
 
 from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
-from db.errors import WriterUnavailable
-from db.ops import SYMBOL_RE
+from db.errors import ValidationError, WriterUnavailable
+from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
 from workers.feeds import CsvFeed, CsvFormatError, SimFeed, pace, parse_speed
 
@@ -202,10 +202,12 @@ class TickIngestor(Worker):
 
 def _symbols(text: str) -> list[str]:
     symbols = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in symbols if not SYMBOL_RE.fullmatch(s)]
-    if not symbols or bad:
+    if not symbols:
         raise ValueError(f"--symbols {text!r}: give symbols like BTCUSD,EURUSD (upper case)")
-    return symbols
+    try:
+        return [valid_symbol("--symbols", s) for s in symbols]
+    except ValidationError as e:
+        raise ValueError(f"{e}; give symbols like BTCUSD,EURUSD") from None
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -243,8 +245,11 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         raise ValueError("--feed csv needs --file PATH")
     if not args.file.is_file():
         raise ValueError(f"--file {args.file}: no such file")
-    if args.symbol is not None and not SYMBOL_RE.fullmatch(args.symbol):
-        raise ValueError(f"--symbol {args.symbol!r} is not a symbol (upper case, e.g. EURUSD)")
+    if args.symbol is not None:
+        try:
+            valid_symbol("--symbol", args.symbol)
+        except ValidationError as e:
+            raise ValueError(f"{e}; e.g. EURUSD") from None
     speed = parse_speed(args.speed)
     try:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)

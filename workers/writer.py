@@ -21,13 +21,11 @@ until SIGTERM, then drains (see :meth:`Writer._serve`) and exits 0.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import os
 import queue
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -45,11 +43,13 @@ from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import checkpoint, make_write_engine
 from db.errors import CommitFailed, OpFailed, ValidationError, WriterError
 from db.lock import WriterLock, WriterLocked
+from db.protocol import PROTOCOL, encode_reply, envelope_problem
 from db.schema import migrate
+from db.stats import percentile
+from workers.base import command_line, configure_logging, on_stop_signals
 
 log = logging.getLogger("tickstack.writer")
 
-PROTOCOL = 1
 EXIT_LOCKED = 3
 _STOP = object()
 
@@ -61,21 +61,6 @@ class Request:
     seq: int
     op: str
     args: Any
-
-
-def _reply(seq: Any, *, result: Any = None, error: BaseException | None = None, busy: bool = False,
-           batch: int | None = None) -> bytes:
-    msg: dict[str, Any] = {"v": PROTOCOL, "seq": seq, "ok": error is None and not busy}
-    if busy:
-        msg["busy"] = True
-        msg["error"] = {"type": "Busy", "message": "writer queue is full; retry with backoff"}
-    elif error is not None:
-        msg["error"] = {"type": type(error).__name__, "message": str(error)}
-    else:
-        msg["result"] = result
-    if batch is not None:
-        msg["batch"] = batch
-    return msgpack.packb(msg)
 
 
 class Stats:
@@ -102,7 +87,8 @@ class Stats:
         lat = sorted(self.commit_ms)
 
         def pct(p: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(p * len(lat)))], 3) if lat else None
+            value = percentile(lat, p)
+            return None if value is None else round(value, 3)
 
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3), "queue_depth": queue_depth,
@@ -139,8 +125,7 @@ class Writer:
 
     def init_signals(self) -> None:
         """SIGTERM and SIGINT only ask to stop: the loop drains and finishes."""
-        signal.signal(signal.SIGTERM, self.handle_stop)
-        signal.signal(signal.SIGINT, self.handle_stop)
+        on_stop_signals(self.handle_stop)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
         if self.stop_requested_at is None:
@@ -274,13 +259,13 @@ class Writer:
         ident = frames[0]
         if len(frames) != 2:
             self.stats.malformed += 1
-            self._send(router, ident, _reply(None, error=ValidationError(
+            self._send(router, ident, encode_reply(None, error=ValidationError(
                 f"expected one message frame, got {len(frames) - 1}")))
             return
         payload = frames[1]
         if len(payload) > self.settings.writer_max_message:
             self.stats.malformed += 1
-            self._send(router, ident, _reply(None, error=ValidationError(
+            self._send(router, ident, encode_reply(None, error=ValidationError(
                 f"message of {len(payload)} bytes is over the limit of {self.settings.writer_max_message}")))
             return
         try:
@@ -288,43 +273,25 @@ class Writer:
         except Exception as e:  # any garbage: msgpack raises several types
             self.stats.malformed += 1
             log.warning("writer: undecodable request (%d bytes): %s", len(payload), e)
-            self._send(router, ident, _reply(None, error=ValidationError(f"request is not valid msgpack: {e}")))
+            self._send(router, ident, encode_reply(None, error=ValidationError(f"request is not valid msgpack: {e}")))
             return
         seq = msg.get("seq") if type(msg) is dict else None
-        problem = self._envelope_problem(msg)
+        problem = envelope_problem(msg)
         if problem:
             self.stats.malformed += 1
-            self._send(router, ident, _reply(seq, error=ValidationError(problem)))
+            self._send(router, ident, encode_reply(seq, error=ValidationError(problem)))
             return
         name = msg["op"]
         if name == "ping":
-            self._send(router, ident, _reply(seq, result={"pid": os.getpid(), "protocol": PROTOCOL}))
+            self._send(router, ident, encode_reply(seq, result={"pid": os.getpid(), "protocol": PROTOCOL}))
         elif name == "stats":
-            self._send(router, ident, _reply(seq, result=self.stats.report(self.queue.qsize())))
+            self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize())))
         else:
             try:
                 self.queue.put_nowait(Request(ident, msg["cid"], seq, name, msg.get("args")))
             except queue.Full:
                 self.stats.busy_replies += 1
-                self._send(router, ident, _reply(seq, busy=True))
-
-    @staticmethod
-    def _envelope_problem(msg: Any) -> str | None:
-        if type(msg) is not dict:
-            return f"request must be a map, got {type(msg).__name__}"
-        if type(msg.get("op")) is not str:
-            return "request has no op name"
-        if type(msg.get("seq")) is not int or msg["seq"] < 0:
-            return "request has no sequence number (seq, an integer >= 0)"
-        cid = msg.get("cid")
-        if type(cid) is not str or not 1 <= len(cid) <= 64:
-            return "request has no client id (cid, 1-64 characters)"
-        if msg.get("args") is not None and type(msg["args"]) is not dict:
-            return "args must be a map"
-        extra = set(msg) - {"v", "op", "seq", "cid", "args"}
-        if extra:
-            return f"unexpected request field {sorted(map(str, extra))[0]!r}"
-        return None
+                self._send(router, ident, encode_reply(seq, busy=True))
 
     @staticmethod
     def _send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:
@@ -393,18 +360,19 @@ class Writer:
                         prior = ops.lookup_applied(conn, req.cid, req.seq)
                     if prior is not None:
                         self.stats.dedup_hits += 1
-                        replies.append((req.ident, _reply(req.seq, result=msgpack.unpackb(prior), batch=batch_no)))
+                        replies.append((req.ident, encode_reply(req.seq, result=msgpack.unpackb(prior),
+                                                                batch=batch_no)))
                         continue
                     try:
                         spec, args = ops.prepare(req.op, req.args)
                     except ValidationError as e:
                         failed += 1
-                        replies.append((req.ident, _reply(req.seq, error=e, batch=batch_no)))
+                        replies.append((req.ident, encode_reply(req.seq, error=e, batch=batch_no)))
                         continue
                     except Exception as e:  # a validator's bug fails its request, never the writer
                         log.exception("writer: validating %s failed", req.op)
                         failed += 1
-                        replies.append((req.ident, _reply(req.seq, batch=batch_no, error=ValidationError(
+                        replies.append((req.ident, encode_reply(req.seq, batch=batch_no, error=ValidationError(
                             f"{req.op}: invalid arguments ({type(e).__name__}: {e})"))))
                         continue
                     if not spec.transactional:
@@ -414,7 +382,7 @@ class Writer:
                     result, error = self._run_in_savepoint(conn, spec, args)
                     if error is not None:
                         failed += 1
-                        replies.append((req.ident, _reply(req.seq, error=error, batch=batch_no)))
+                        replies.append((req.ident, encode_reply(req.seq, error=error, batch=batch_no)))
                         continue
                     packed = msgpack.packb(result)
                     applied.append((req.cid, req.seq, packed))
@@ -422,7 +390,7 @@ class Writer:
                     ok_count += 1
                     if spec.name == "insert_ticks":
                         ticks += result["inserted"]
-                    replies.append((req.ident, _reply(req.seq, result=result, batch=batch_no)))
+                    replies.append((req.ident, encode_reply(req.seq, result=result, batch=batch_no)))
                 ops.record_applied(conn, applied)
                 self._maybe_prune(conn)
         except SQLAlchemyError as e:
@@ -433,7 +401,7 @@ class Writer:
             log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch), e)
             error = CommitFailed(f"commit failed, nothing applied; retry: {e.__class__.__name__}: {e.orig}"
                                  if hasattr(e, "orig") else f"commit failed, nothing applied; retry: {e}")
-            return [(req.ident, _reply(req.seq, error=error, batch=batch_no)) for req in batch]
+            return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         elapsed_ms = (time.perf_counter() - started) * 1000
         for key, packed in committed.items():
             self.recent[key] = packed
@@ -454,7 +422,7 @@ class Writer:
         later = []
         for req, spec, args in outside:
             result, error = self._run_outside(spec, args)
-            later.append((req.ident, _reply(req.seq, result=result, error=error, batch=batch_no)))
+            later.append((req.ident, encode_reply(req.seq, result=result, error=error, batch=batch_no)))
         in_order = iter(later)
         return [next(in_order) if isinstance(r, Request) else r for r in replies]
 
@@ -520,38 +488,9 @@ class Writer:
             log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)
 
 
-def spawn(env: dict[str, str], timeout: float = 20.0, **popen: Any) -> subprocess.Popen:
-    """Start ``python -m workers.writer`` with ``env`` and return once it
-    answers a ping: for tests and benchmarks that run a writer outside
-    circus. Raises RuntimeError (with the writer's exit code) if it dies."""
-    from db.client import WriterClient  # the writer itself never needs a client
-    from db.errors import WriterUnavailable
-
-    proc = subprocess.Popen([sys.executable, "-m", "workers.writer"], env=env, **popen)
-    client = WriterClient(settings=load_settings(env), deadline=0.5)
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"writer exited with code {proc.returncode} before it was ready")
-            try:
-                client.ping(timeout=0.5)
-                return proc
-            except WriterUnavailable:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    raise RuntimeError(f"writer not ready after {timeout} s") from None
-    finally:
-        client.close()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.writer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(process)d] %(message)s")
+    args = command_line(__name__, __doc__).parse_args(argv)
+    configure_logging(args.log_level)
     try:
         settings = load_settings()
     except ConfigError as e:

@@ -17,12 +17,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from db.errors import WriterError
+from supervision.circus import CircusError
 from webapp import auth
-from webapp.circus import CircusError
-from webapp.console.common import bp, log, wants_json
+from webapp.console.common import audit, bp, log, wants_json
 from webapp.console.formats import FILTERS
+from webapp.errors import json_error
 
-auth.register(bp)  # first: its session check runs before anything else of the console's
+auth.register(bp, audit)  # first: its session check runs before anything else of the console's
 
 from webapp.console import audit_log, charts, database, logs, market, watchers  # noqa: E402,F401 - routes
 
@@ -61,7 +62,7 @@ def _security_headers(response: Response) -> Response:
 
 def _error(status: int, title: str, message: str) -> ResponseReturnValue:
     if wants_json():
-        return jsonify({"error": message}), status
+        return json_error(status, message)
     return render_template("console/error.html", status=status, title=title, message=message), status
 
 

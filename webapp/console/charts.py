@@ -12,15 +12,13 @@ from typing import Any
 
 from flask import jsonify, render_template, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.config import ConfigError
-from db.models import Sample
-from db.ops import NAME_RE
-from webapp.console.common import bad_request, bp, int_arg, now_ms
+from db import queries
+from db.models import now_ms
+from db.validation import NAME_RE
+from webapp.console.common import bad_request, bp, int_arg, settings
 from webapp.extensions import db
-from workers.jobs import JobSchedule
 
 MAX_SERIES = 8
 #: Points per series beyond which a response is averaged into buckets.
@@ -57,23 +55,16 @@ SERIES_LABELS = {
 }
 
 
-def sample_every() -> str | None:
+def sample_every() -> str:
     """How often the jobs worker samples, as the page says it ("10 s"): ``TICKSTACK_SAMPLE_EVERY_S``
-    read exactly as the worker reads it (:meth:`workers.jobs.JobSchedule.from_env`); None when the
-    schedule is misconfigured (the worker then refuses to start, so nothing is sampled)."""
-    try:
-        return f"{JobSchedule.from_env().sample_every_s:g} s"
-    except ConfigError:
-        return None
+    from the same settings registry the worker reads."""
+    return f"{settings().sample_every_s:g} s"
 
 
 def load_series(names: list[str], since_ms: int) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """(name, label) -> [(ts ms, value)] in time order, since ``since_ms``."""
-    rows = db.session.execute(select(Sample.name, Sample.labels, Sample.ts, Sample.value)
-                              .where(Sample.name.in_(names), Sample.ts >= since_ms)
-                              .order_by(Sample.ts, Sample.id)).all()
     out: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
-    for name, label, ts, value in rows:
+    for name, label, ts, value in queries.samples_since(db.session, names, since_ms):
         out[(name, label)].append((ts, value))
     return out
 

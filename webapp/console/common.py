@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -20,9 +19,11 @@ from flask import Blueprint, abort, current_app, request, session
 
 from db.client import WriterClient, thread_client
 from db.config import Settings
-from db.errors import WriterError, WriterUnavailable
-from webapp.circus import Circus
-from webapp.console.procstats import ProcessMeter
+from db.errors import ValidationError, WriterError, WriterUnavailable
+from db.models import now_ms
+from supervision.circus import Circus
+from supervision.procstats import ProcessMeter
+from webapp.parsing import parse_int
 
 log = logging.getLogger("tickstack.console")
 
@@ -50,10 +51,6 @@ def config(key: str) -> Any:
 def settings() -> Settings:
     """The app's settings (``create_app(..., settings)``)."""
     return current_app.config["TICKSTACK"]
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def current_user() -> str | None:
@@ -177,15 +174,13 @@ def flush_audit_spool() -> int | None:
 
 
 def int_arg(raw: str | None, name: str, minimum: int, maximum: int, default: int | None = None) -> int:
-    """``raw`` as a whole number in ``minimum..maximum``; ``default`` when absent; else 400."""
+    """``raw`` as a whole number in ``minimum..maximum`` (read like the API reads its integers,
+    :func:`webapp.parsing.parse_int`); ``default`` when absent; else 400 with the reason."""
     if raw is None or raw == "":
         if default is None:
             bad_request(f"{name} is required (a whole number {minimum}..{maximum})")
         return default
     try:
-        value = int(raw)
-    except ValueError:
-        bad_request(f"{name}={raw[:40]!r} is not a whole number ({minimum}..{maximum})")
-    if not minimum <= value <= maximum:
-        bad_request(f"{name}={value} is out of range {minimum}..{maximum}")
-    return value
+        return parse_int(name, raw, minimum, maximum, f"a whole number ({minimum}..{maximum})")
+    except ValidationError as e:
+        bad_request(str(e))

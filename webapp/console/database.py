@@ -15,9 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,14 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import health
+from db import health, queries
 from db.errors import WriterError
-from db.models import AuditEntry, JobRun, Sample
-from webapp.circus import CircusError
+from db.models import AuditEntry, JobRun, now_ms
+from supervision.circus import CircusError
 from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, sample_every, summaries
-from webapp.console.common import audit, bp, call_writer, circus, log, now_ms, settings, writer
+from webapp.console.common import audit, bp, call_writer, circus, log, settings, writer
 from webapp.extensions import db
 
-BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
 BACKUP_LOCK = "console-backup.lock"
 
 
@@ -54,23 +51,19 @@ def known_pids() -> set[int]:
 
 
 def last_backup() -> dict[str, Any] | None:
-    """The newest backup file named like the jobs worker's (its name is its UTC time)."""
-    directory = settings().backup_dir
-    try:
-        names = sorted(p.name for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
-    except (FileNotFoundError, NotADirectoryError):
+    """The newest backup (:func:`db.health.list_backups`: named by its UTC time), and how many there are."""
+    backups = health.list_backups(settings().backup_dir)
+    if not backups:
         return None
-    if not names:
-        return None
-    path = directory / names[-1]
+    path = backups[-1]
     stat = path.stat()
-    return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(names)}
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(backups)}
 
 
 def _latest_rate(name: str) -> float | None:
-    row = db.session.execute(select(Sample.value).where(Sample.name == name, Sample.ts >= now_ms() - 120_000)
-                             .order_by(Sample.ts.desc()).limit(1)).scalar()
-    return float(row) if row is not None else None
+    """The latest sample of rate ``name`` of the last two minutes (older is no rate of now)."""
+    row = queries.latest_sample(db.session, name, now_ms() - 120_000)
+    return float(row.value) if row is not None else None
 
 
 def recent_history() -> dict[str, Any]:
@@ -155,15 +148,6 @@ def checkpoint() -> ResponseReturnValue:
                        f"({result.get('checkpointed')} pages copied).")
 
 
-def _backup_destination(directory: Path) -> Path:
-    for _ in range(3):  # two backups in one second: wait for a fresh stamp rather than overwrite
-        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
-        if not dest.exists():
-            return dest
-        time.sleep(1.01 - time.time() % 1)
-    raise FileExistsError(f"{dest} exists")
-
-
 @bp.post("/database/backup")
 def backup() -> ResponseReturnValue:
     """An online, integrity-checked copy into backups/tickstack-<UTC stamp>.db."""
@@ -176,7 +160,7 @@ def backup() -> ResponseReturnValue:
         except BlockingIOError:
             return _done("warn", "A backup is already running; wait for it to finish.")
         try:
-            result = health.backup(s, _backup_destination(s.backup_dir))
+            result = health.backup(s, health.backup_path(s.backup_dir))
         except (OSError, ValueError, RuntimeError, sqlite3.Error) as e:
             log.warning("console: backup failed: %s", e)
             audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")

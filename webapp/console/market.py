@@ -14,9 +14,9 @@ from flask import flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select, text
 
-from db.errors import WriterError
-from db.models import TIMEFRAMES, Bar, Tick, Trade, TradeEvent
-from db.ops import SYMBOL_RE, trade_pnl
+from db import queries, validation
+from db.errors import ValidationError, WriterError
+from db.models import TIMEFRAMES, Trade, TradeEvent
 from webapp.console.common import audit, bad_request, bp, call_writer, int_arg
 from webapp.extensions import db
 
@@ -43,50 +43,37 @@ def symbols() -> list[str]:
     return sorted(found)[:MAX_SYMBOLS]
 
 
-def latest_ticks(syms: list[str]) -> dict[str, Any]:
-    """Symbol -> its latest tick (by ts, then id)."""
-    out = {}
-    for sym in syms:
-        tick = db.session.execute(select(Tick).where(Tick.symbol == sym)
-                                  .order_by(Tick.ts.desc(), Tick.id.desc()).limit(1)).scalars().first()
-        if tick is not None:
-            out[sym] = tick
-    return out
-
-
 def open_trades() -> list[dict[str, Any]]:
-    """Open trades with mark price and unrealised P&L from the latest tick of their symbol."""
-    trades = db.session.execute(select(Trade).where(Trade.status == "open").order_by(Trade.id.desc())).scalars().all()
-    ticks = latest_ticks(sorted({t.symbol for t in trades}))
+    """Open trades, newest first, with the mark price (and its tick's time) and the unrealised P&L
+    of :func:`db.queries.marks`; None for both without a tick."""
+    trades = queries.trades(db.session, status="open")
+    marks = queries.marks(db.session, trades)
     out = []
     for t in trades:
-        tick = ticks.get(t.symbol)
-        mark = (tick.bid if t.side == "buy" else tick.ask) if tick is not None else None
+        mark = marks[t.id]
         out.append({
             "id": t.id, "symbol": t.symbol, "side": t.side, "size": t.size, "entry_price": t.entry_price,
-            "stop_loss": t.stop_loss, "take_profit": t.take_profit, "opened_at": t.opened_at, "mark": mark,
-            "mark_ts": tick.ts if tick is not None else None,
-            "pnl": trade_pnl(t.side, t.entry_price, mark, t.size) if mark is not None else None,
+            "stop_loss": t.stop_loss, "take_profit": t.take_profit, "opened_at": t.opened_at,
+            "mark": mark.price if mark else None, "mark_ts": mark.ts if mark else None,
+            "pnl": mark.pnl if mark else None,
         })
     return out
 
 
+def _checked(validator: validation.Validator, name: str, raw: str | None) -> str:
+    """``raw`` checked by the writer's own ``validator`` (its rule and message); else 400."""
+    try:
+        return validator(name, raw)
+    except ValidationError as e:
+        bad_request(str(e))
+
+
 def check_symbol(raw: str | None) -> str:
-    if raw is None or not SYMBOL_RE.fullmatch(raw):
-        bad_request(f"symbol={(raw or '')[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -)")
-    return raw
+    return _checked(validation.symbol, "symbol", raw)
 
 
 def check_timeframe(raw: str | None) -> str:
-    if raw not in TIMEFRAMES:
-        bad_request(f"timeframe={(raw or '')[:20]!r} is not one of {', '.join(TIMEFRAMES)}")
-    return raw
-
-
-def bars(symbol: str, timeframe: str, limit: int) -> list[Bar]:
-    rows = db.session.execute(select(Bar).where(Bar.symbol == symbol, Bar.timeframe == timeframe)
-                              .order_by(Bar.ts.desc()).limit(limit)).scalars().all()
-    return list(reversed(rows))
+    return _checked(validation.timeframe, "timeframe", raw)
 
 
 @bp.get("/market")
@@ -102,10 +89,10 @@ def market() -> ResponseReturnValue:
                                     .order_by(TradeEvent.id.desc()).limit(50)).scalars().all()
     closed = db.session.execute(select(Trade).where(Trade.status == "closed")
                                 .order_by(Trade.closed_at.desc()).limit(10)).scalars().all()
-    recent_bars = bars(symbol, timeframe, 10) if symbol else []
+    recent_bars = queries.bar_series(db.session, symbol, timeframe, limit=10) if symbol else []
     return render_template("console/market.html", symbols=syms, symbol=symbol, timeframe=timeframe,
-                           timeframes=list(TIMEFRAMES), ticks=latest_ticks(syms), trades=trades, events=events,
-                           closed=closed, recent_bars=list(reversed(recent_bars)))
+                           timeframes=list(TIMEFRAMES), ticks=queries.latest_ticks(db.session, syms), trades=trades,
+                           events=events, closed=closed, recent_bars=list(reversed(recent_bars)))
 
 
 @bp.get("/api/bars")
@@ -116,14 +103,15 @@ def api_bars() -> ResponseReturnValue:
     limit = int_arg(request.args.get("limit"), "limit", 1, MAX_BARS, DEFAULT_BARS)
     return jsonify({"symbol": symbol, "timeframe": timeframe, "bars": [
         {"time": b.ts // 1000, "open": b.open, "high": b.high, "low": b.low, "close": b.close, "volume": b.volume}
-        for b in bars(symbol, timeframe, limit)]})
+        for b in queries.bar_series(db.session, symbol, timeframe, limit=limit)]})
 
 
 @bp.get("/api/trades")
 def api_trades() -> ResponseReturnValue:
     """Open trades with live P&L, and the latest tick per symbol, for the page's poll."""
     syms = symbols()
-    ticks = {s: {"bid": t.bid, "ask": t.ask, "ts": t.ts, "volume": t.volume} for s, t in latest_ticks(syms).items()}
+    ticks = {s: {"bid": t.bid, "ask": t.ask, "ts": t.ts, "volume": t.volume}
+             for s, t in queries.latest_ticks(db.session, syms).items()}
     return jsonify({"trades": open_trades(), "ticks": ticks})
 
 
@@ -134,7 +122,7 @@ def close_trade(trade_id: str) -> ResponseReturnValue:
     keep = {k: v for k, v in request.args.items() if k in ("symbol", "timeframe")}
     back = redirect(url_for("console.market", **keep), 303)
     if request.form.get("confirm") != "yes":
-        trade = db.session.get(Trade, tid)
+        trade = queries.trade(db.session, tid)
         if trade is None:
             bad_request(f"trade {tid} does not exist")
         return render_template("console/confirm_close.html", trade=trade)

@@ -21,13 +21,13 @@ from typing import Any
 
 from flask import flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
-from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db.models import Sample
-from webapp.circus import ACTIONS, CircusError
-from webapp.console.common import audit, bad_request, bp, circus, log, meter, now_ms
-from webapp.console.procstats import collect_watchers
+from db import queries
+from db.models import now_ms
+from supervision.circus import ACTIONS, CircusError
+from supervision.procstats import collect_watchers
+from webapp.console.common import audit, bad_request, bp, circus, log, meter
 from webapp.extensions import db
 
 #: The writer's watcher in circus.ini: stopping it takes the audit log away.
@@ -41,16 +41,13 @@ LABELS = {"start": "Start", "stop": "Stop", "restart": "Restart", "incr": "+1 pr
 
 def restarts_last_hour() -> dict[str, int]:
     """Restarts per watcher over the last hour, from the sampler's ``watcher.restarts`` series
-    (see :mod:`webapp.console.metrics` for what is counted); {} when it cannot be read."""
+    (see :mod:`supervision.sampler` for what is counted); {} when it cannot be read."""
     try:
-        rows = db.session.execute(
-            select(Sample.labels, func.sum(Sample.value))
-            .where(Sample.name == "watcher.restarts", Sample.ts >= now_ms() - 3_600_000)
-            .group_by(Sample.labels)).all()
+        totals = queries.sample_totals(db.session, "watcher.restarts", now_ms() - 3_600_000)
     except SQLAlchemyError:
         db.session.rollback()
         return {}
-    return {label: int(total or 0) for label, total in rows}
+    return {label: int(total) for label, total in totals.items()}
 
 
 def watcher_table() -> tuple[list[dict[str, Any]], str | None]:

@@ -23,15 +23,14 @@ import logging
 import time
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from db import health
+from db import health, queries
 from db.client import WriterClient
 from db.config import Settings
-from db.models import Sample
-from webapp.circus import Circus, CircusError
-from webapp.console.procstats import ProcessMeter, collect_watchers
+from db.models import now_ms
+from supervision.circus import Circus, CircusError
+from supervision.procstats import ProcessMeter, collect_watchers
 
 log = logging.getLogger("tickstack.metrics")
 
@@ -48,10 +47,6 @@ KEEP_MS = 86_400_000
 PRUNE_EVERY_S = 60.0
 #: A previous sample older than this is not resumed from (rates, restarts).
 RESUME_WINDOW_MS = 600_000
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Sampler:
@@ -78,13 +73,11 @@ class Sampler:
         since = now_ms() - RESUME_WINDOW_MS
         names = [f"writer.{c}" for c in (*WRITER_COUNTERS, "uptime_s")]
         for name in names:
-            row = conn.execute(select(Sample.ts, Sample.value).where(Sample.name == name, Sample.ts >= since)
-                               .order_by(Sample.ts.desc()).limit(1)).first()
+            row = queries.latest_sample(conn, name, since)
             if row is not None:
                 self.previous[name.removeprefix("writer.")] = (int(row.ts), float(row.value))
-        last = conn.execute(select(func.max(Sample.ts)).where(Sample.name == "watcher.restarts",
-                                                             Sample.ts >= since)).scalar()
-        self.previous_watchers_ms = int(last) if last is not None else None
+        last = queries.latest_sample(conn, "watcher.restarts", since)
+        self.previous_watchers_ms = int(last.ts) if last is not None else None
 
     def collect(self, client: WriterClient, writer_timeout: float = 2.0) -> tuple[list[dict[str, Any]], dict]:
         """Measure everything; return (samples for ``record_samples``, a summary for the log).

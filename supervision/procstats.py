@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from webapp.circus import Circus, CircusError
+from supervision.circus import Circus, CircusError
 
 _SIZE_RE = re.compile(r"([0-9.]+)\s*([KMGTP]?)B?")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}

@@ -1,8 +1,18 @@
 """The OpenAPI 3.1 document of the REST API, written by hand.
 
 :func:`document` returns it as a dict (served at ``GET /api/openapi.json``).
-``tests/test_api.py`` checks that its paths and methods are exactly the
-app's routes under ``/api`` and ``/metrics``; change both together.
+
+Why by hand: the API does not validate bodies against a schema. Every body is
+checked by the writer's own validators (:mod:`db.validation`, through
+:func:`db.ops.prepare`), which are the rules the writer applies anyway and
+give the messages the API returns; a schema library would be a second,
+drifting copy of those rules. So this document describes the contract for
+clients and is not executed; its numbers (limits, deadlines, patterns) come
+from the modules that enforce them. ``tests/test_api.py`` keeps it honest:
+it validates the document (``openapi-spec-validator``), checks that its paths
+and methods are exactly the app's routes under ``/api`` and ``/metrics``, and
+that each write's request body lists exactly the fields of the op it calls,
+with the same required-ness. Change them together.
 """
 from __future__ import annotations
 
@@ -11,7 +21,8 @@ import functools
 from typing import Any
 
 from db.models import INDICATORS, TIMEFRAMES
-from db.ops import MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
+from db.validation import MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
+from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, RETRY_AFTER, WRITER_DEADLINE
 
 
 def _ref(kind: str, name: str) -> dict[str, str]:
@@ -37,8 +48,6 @@ _SERIES_PARAMS = [_ref("parameters", "Since"), _ref("parameters", "Until"), _ref
 
 @functools.cache
 def _build() -> dict[str, Any]:
-    from webapp.api import LIMIT_DEFAULT, LIMIT_MAX, RETRY_AFTER, WRITER_DEADLINE  # api imports this module
-
     return {
         "openapi": "3.1.0",
         "info": {

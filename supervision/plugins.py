@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 from circus.plugins.flapping import Flapping as CircusFlapping
+
+from supervision.circus import is_busy, retry_while_busy
 
 log = logging.getLogger("circus")
 
@@ -33,15 +34,11 @@ class Flapping(CircusFlapping):
             return super().call(command, **props)
 
     def cast(self, command: str, **props: Any) -> None:
-        deadline = time.monotonic() + self.retry_for
-        while True:
-            answer = self.call(command, **props)
-            reason = str(answer.get("reason", ""))
-            if answer.get("status") == "ok" or "already running" not in reason:
-                if answer.get("status") != "ok":
-                    log.error("flapping: %s %s failed: %s", command, props.get("name"), reason)
-                return
-            if time.monotonic() > deadline:
-                log.error("flapping: gave up on %s %s: circusd stayed busy (%s)", command, props.get("name"), reason)
-                return
-            time.sleep(0.2)
+        answer = retry_while_busy(lambda: self.call(command, **props), self.retry_for, pause=0.2)
+        if answer.get("status") == "ok":
+            return
+        reason = str(answer.get("reason", ""))
+        if is_busy(answer):
+            log.error("flapping: gave up on %s %s: circusd stayed busy (%s)", command, props.get("name"), reason)
+        else:
+            log.error("flapping: %s %s failed: %s", command, props.get("name"), reason)

@@ -1,0 +1,176 @@
+"""The command line of ``python -m bench api``, and the whole run in order."""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.api.data import MAX_TICKS, P99_RATIO_TARGET, READ_ROUTES, SEED_SPACING_MS, SEED_T0
+from bench.api.report import evaluate, public, render, table_rows, verify
+from bench.api.scenarios import (
+    Bench,
+    pooled,
+    renice_all_threads,
+    run_analysis,
+    run_reads,
+    run_writes,
+    seed,
+    table_counts,
+)
+from bench.api.server import running_gunicorn
+from bench.common import (
+    add_json_option,
+    benchmark_parser,
+    fresh_home,
+    int_between,
+    machine_info,
+    positive_float,
+    positive_int,
+    running_writer,
+    write_json,
+)
+from testkit.env import BIN
+
+
+def build_parser(prog: str = "python -m bench api") -> argparse.ArgumentParser:
+    p = benchmark_parser(
+        prog,
+        description="The REST API under real gunicorn in front of the real writer, on a fresh temporary "
+                    "database: read latency idle and while the writer ingests at full speed, and POST "
+                    "throughput.",
+        epilog="scenarios:\n"
+               "  idle        --clients processes alternate GET /api/ticks and GET /api/bars\n"
+               "  under-load  the same while a producer ingests through the writer at full speed\n"
+               "  write       --clients processes POST /api/ticks; stored rows checked afterwards\n"
+               "\nSee the module docstring of bench/api/__init__.py for why each exists.")
+    p.add_argument("--seconds", type=positive_float, default=5.0,
+                   help="measured window of each scenario run (default 5, at most 600)")
+    p.add_argument("--clients", type=int_between(1, 64), default=4,
+                   help="client processes, one connection each (default 4)")
+    p.add_argument("--post-batch", type=int_between(1, MAX_TICKS), default=500,
+                   help=f"ticks per POST /api/ticks request (default 500, at most {MAX_TICKS:,})")
+    p.add_argument("--repeat", type=int_between(1, 20), default=1,
+                   help="run idle and under-load this many times, interleaved; the ratio uses all runs' "
+                        "latencies together (default 1)")
+    p.add_argument("--seed-ticks", type=positive_int, default=200_000,
+                   help="ticks stored before the run, BTCUSD and ETHUSD, one per symbol per second "
+                        "(default 200,000; at least 240)")
+    p.add_argument("--ingest-batch", type=int_between(1, MAX_TICKS), default=5000,
+                   help="under-load: ticks per insert_ticks request of the producer (default 5000)")
+    p.add_argument("--window", type=int_between(1, 1024), default=16,
+                   help="under-load: the producer's requests in flight (default 16)")
+    p.add_argument("--workers", type=int_between(1, 32), default=2,
+                   help="gunicorn workers (default 2, as circus.ini)")
+    p.add_argument("--writer-nice", type=int_between(0, 19), default=0,
+                   help="run the writer at this nice level, every thread (default 0; an experiment: does "
+                        "giving the readers CPU priority keep their latency?)")
+    add_json_option(p)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench api") -> int:
+    parser = build_parser(prog)
+    opts = parser.parse_args(argv)
+    if opts.seconds > 600:
+        parser.error(f"argument --seconds: {opts.seconds:g} is over the limit of 600")
+    if opts.seed_ticks < 240:
+        parser.error(f"argument --seed-ticks: {opts.seed_ticks} is too few; give at least 240 "
+                     "(2 minutes of both symbols, so there are 1m bars to read)")
+    if not (BIN / "gunicorn").exists():
+        parser.error(f"{BIN / 'gunicorn'} does not exist: run with the venv's "
+                     "python, with gunicorn installed")
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so gunicorn and the
+    # writer are stopped and the temporary home is removed.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return run(opts)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run(opts: argparse.Namespace) -> int:
+    """The whole benchmark, with validated options; returns the exit code."""
+    started = time.monotonic()
+    doc: dict[str, Any] = {
+        "benchmark": "api",
+        "config": {"seconds": opts.seconds, "clients": opts.clients, "post_batch": opts.post_batch,
+                   "repeat": opts.repeat, "seed_ticks": opts.seed_ticks, "ingest_batch": opts.ingest_batch,
+                   "window": opts.window, "gunicorn_workers": opts.workers, "writer_nice": opts.writer_nice,
+                   "read_routes": READ_ROUTES, "p99_ratio_target": P99_RATIO_TARGET},
+        "machine": {**machine_info(), "loadavg_before": [round(x, 2) for x in os.getloadavg()]},
+    }
+    runs: list[dict[str, Any]] = []
+    token = secrets.token_urlsafe(32)
+    with fresh_home() as (home, env):
+        env["TICKSTACK_API_TOKEN"] = token
+        db_path = home / "tickstack.db"
+        logs = home / "log"
+        try:
+            with running_writer(env) as writer:
+                if opts.writer_nice:
+                    renice_all_threads(writer.pid, opts.writer_nice)
+                print(f"[bench] seeding {opts.seed_ticks:,} ticks ...", file=sys.stderr, flush=True)
+                doc["setup"] = {"seed": seed(env, opts.seed_ticks, 5000, 16)}
+                print("[bench] workers.analysis --until-idle ...", file=sys.stderr, flush=True)
+                doc["setup"]["analysis"] = run_analysis(env, logs / "bench-analysis.log")
+                doc["setup"]["counts"] = table_counts(db_path)
+                print("[bench] starting gunicorn ...", file=sys.stderr, flush=True)
+                t0 = time.monotonic()
+                with running_gunicorn(env, opts.workers, logs / "bench-gunicorn.log") as gun:
+                    doc["setup"]["gunicorn_start_s"] = round(time.monotonic() - t0, 2)
+                    b = Bench(opts, env, writer, gun, token, db_path,
+                              next_ts=SEED_T0 + (opts.seed_ticks // 2 + 1) * SEED_SPACING_MS)
+                    plan = [(name, i + 1) for i in range(opts.repeat) for name in ("idle", "under-load")]
+                    plan.append(("write", 1))
+                    for name, i in plan:
+                        print(f"[bench] {name}{f' #{i}' if opts.repeat > 1 and name != 'write' else ''} ...",
+                              file=sys.stderr, flush=True)
+                        try:
+                            result = (run_writes(b) if name == "write"
+                                      else run_reads(b, name, i, name == "under-load"))
+                        except Exception:
+                            result = {"scenario": name, "failed": traceback.format_exc()}
+                            print(f"[bench] {name} FAILED:\n{result['failed']}", file=sys.stderr, flush=True)
+                        result["run"] = i
+                        runs.append(result)
+                    writer.finish_measuring()
+                doc["gunicorn"] = {k: v for k, v in gun.extra.items() if k != "health"}
+                doc["gunicorn"]["port"] = gun.port
+            doc["writer"] = writer.summary()
+            counts = table_counts(db_path)
+        except Exception:
+            traceback.print_exc()
+            print(f"[bench] setup or teardown failed\ngunicorn log tail:\n{_tail(logs / 'bench-gunicorn.log')}\n"
+                  f"writer log tail:\n{_tail(logs / 'bench-writer.log')}", file=sys.stderr)
+            return 1
+    summary = {name: pooled([r for r in runs if r["scenario"] == name]) for name in ("idle", "under-load")}
+    doc["total_s"] = round(time.monotonic() - started, 2)
+    doc["runs"] = runs
+    doc["pooled"] = summary
+    doc["checks"] = evaluate(summary, runs)
+    doc["verification"] = verify(runs, counts, opts.seed_ticks)
+    doc["counts_after"] = counts
+    doc["table"] = table_rows(runs, summary, opts.repeat)
+    print(render(doc))
+    if opts.json is not None:
+        write_json(opts.json, public(doc), default=str)
+    failed = any("failed" in r for r in runs) or not all(c["ok"] for c in doc["verification"])
+    return 1 if failed else 0
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(none)"
+

@@ -1,0 +1,69 @@
+"""``python -m bench contention``: many writers on one SQLite file, measured.
+
+The question: users ran several processes that each wrote the shared SQLite
+file directly (WAL, 60 s busy timeout) and got ``database is locked`` and
+multi-second stalls. tickstack's answer is one writer process that every
+other process sends named ops to. This benchmark measures the old way, the
+obvious patch, and the writer, each on a fresh temporary database with the
+project's own schema (``db.schema.migrate``), all at the same durability
+(``synchronous`` from the settings, NORMAL by default, as the writer uses):
+
+``seed``
+    ``--procs`` processes each loop for ``--seconds``: in one *deferred*
+    transaction (``BEGIN``), read (``SELECT count(*), max(bid) FROM ticks``),
+    insert a tick, insert an audit row, commit; directly with ``sqlite3``,
+    WAL, busy timeout 60 s. This is the users' setup
+    (``shared/reference/seed_contention.py``). A deferred transaction that
+    read and then tries to write fails at once with "database is locked" when
+    another process committed in between (SQLite skips the busy handler,
+    since waiting could deadlock), so errors show up however long the
+    timeout. Every error is counted by its message.
+``immediate``
+    The same with ``BEGIN IMMEDIATE``: the write lock is taken first, so
+    nothing fails, but waiting writers sit in SQLite's busy handler, which
+    polls with growing sleeps (up to 100 ms) and serves them unfairly: the
+    tail latency (max) is the cost of the patch.
+``writer-single``
+    ``--procs`` producer processes send single-row acknowledged writes to
+    the writer (``WriterClient.call``), alternating ``insert_ticks`` with one
+    tick (each producer its own ``source``, so ``(source, seq)`` is unique)
+    and ``audit``, for ``--seconds``. Latency is measured in the producer,
+    per call, from before sending to the committed answer. Target: no error
+    at all, and a max latency at most 1/20 of ``immediate``'s.
+``writer-batched``
+    Bulk ingest through the writer: ``--batch-producers`` processes (default
+    1) send ``--rows`` ticks, generated before the clock starts, as
+    ``insert_ticks`` requests in the compact *columns* form, ``--batch`` rows
+    each, with ``--window`` requests in flight (``WriterClient.pipeline``).
+    rows/s = rows / (first submit .. last acknowledgement).
+``raw``
+    The ceiling for the same work: one process, one ``sqlite3`` connection
+    opened by the writer's own ``make_write_engine`` (so exactly its pragmas:
+    WAL, same ``synchronous``, ...), inserting the same rows (pre-built as
+    tuples before the clock starts) with the same statement the
+    ``insert_ticks`` op compiles (``INSERT ... ON CONFLICT DO NOTHING``), by
+    ``executemany`` per batch, timed around the inserts and commits only. It
+    runs twice, committing after every batch and after every 16 batches,
+    each on a fresh database, and reports the faster, saying which (both are
+    in the JSON; neither wins reliably on this machine). Target:
+    writer-batched reaches at least 0.9 of it.
+
+The throughput pair (``writer-batched``, ``raw``) runs ``--repeat`` times
+(default 2), interleaved, and the best run of each is kept (all are in the
+JSON): on a shared 2-core machine one run of either can be 30 % off.
+
+For the writer scenarios the writer is started with
+``testkit.writer.spawn`` on a fresh ``TICKSTACK_HOME``, its RSS is sampled
+every 50 ms (peak reported, with the kernel's ``VmHWM`` in the JSON), its own
+``stats()`` (commit p50/p99, mean batch) are taken at the end, and it is
+stopped with SIGTERM. Worker processes are started with the ``spawn`` method
+and wait at a common gate, so the measured window is one of real contention.
+"""
+from __future__ import annotations
+
+# The parts: bench.contention.procs (the worker processes), .scenarios (each
+# scenario's run), .report (ratios, checks, the printed table), .cli (options
+# and the run itself).
+from bench.contention.cli import build_parser, main
+
+__all__ = ["build_parser", "main"]

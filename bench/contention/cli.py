@@ -1,0 +1,98 @@
+"""The command line of ``python -m bench contention``, and the run in order."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from typing import Any
+
+from bench.common import (
+    add_json_option,
+    benchmark_parser,
+    fmt,
+    int_between,
+    machine_info,
+    name_list,
+    positive_float,
+    positive_int,
+    write_json,
+)
+from bench.contention.report import evaluate, render
+from bench.contention.scenarios import REPEATABLE, RUNNERS, SCENARIO_HELP, SCENARIOS, best_run
+
+MAX_BATCH = 10_000  # db.ops.MAX_TICKS: the writer refuses larger requests
+
+
+def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentParser:
+    p = benchmark_parser(
+        prog,
+        description="Many writers on one SQLite file: direct sqlite3 (deferred and immediate transactions) "
+                    "against the single writer, and bulk ingest through the writer against raw sqlite3. "
+                    "Each scenario runs on a fresh temporary database.",
+        epilog="scenarios:\n" + "\n".join(f"  {n:<15} {h}" for n, h in SCENARIO_HELP.items())
+               + "\n\nSee the module docstring of bench/contention/__init__.py for why each exists.")
+    p.add_argument("--procs", type=int_between(1, 256), default=8,
+                   help="writing processes in seed, immediate and writer-single (default 8)")
+    p.add_argument("--seconds", type=positive_float, default=3.0,
+                   help="measured window of seed, immediate and writer-single (default 3)")
+    p.add_argument("--rows", type=positive_int, default=1_000_000,
+                   help="ticks inserted by writer-batched and raw (default 1,000,000)")
+    p.add_argument("--batch", type=int_between(1, MAX_BATCH), default=5000,
+                   help=f"ticks per insert_ticks request / executemany (default 5000, at most {MAX_BATCH:,})")
+    p.add_argument("--window", type=int_between(1, 1024), default=16,
+                   help="writer-batched: requests in flight per producer (default 16)")
+    p.add_argument("--batch-producers", type=int_between(1, 64), default=1,
+                   help="writer-batched: producer processes sharing --rows (default 1)")
+    p.add_argument("--repeat", type=int_between(1, 20), default=2,
+                   help="run writer-batched and raw this many times, interleaved, and keep the best of each "
+                        "(default 2)")
+    p.add_argument("--only", type=name_list(SCENARIOS), default=None, metavar="NAMES",
+                   help="comma-separated scenarios to run (default: all)")
+    add_json_option(p)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench contention") -> int:
+    parser = build_parser(prog)
+    opts = parser.parse_args(argv)
+    if opts.batch_producers > opts.rows:
+        parser.error(f"--rows {opts.rows} is fewer than --batch-producers {opts.batch_producers}")
+    chosen = [n for n in SCENARIOS if opts.only is None or n in opts.only]
+    # The throughput pair runs --repeat times, interleaved, best of each kept:
+    # on a shared 2-core machine one run can be slowed by someone else's load.
+    order = [n for n in chosen if n not in REPEATABLE]
+    order += [n for _ in range(opts.repeat) for n in chosen if n in REPEATABLE]
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in chosen}
+    failures: dict[str, list[str]] = {n: [] for n in chosen}
+    started = time.monotonic()
+    for name in order:
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            runs[name].append(RUNNERS[name](opts))
+        except Exception:
+            failures[name].append(traceback.format_exc())
+            print(f"[bench] {name} FAILED:\n{failures[name][-1]}", file=sys.stderr, flush=True)
+        else:
+            r = runs[name][-1]
+            print(f"[bench] {name} done in {time.monotonic() - t0:.1f} s: {fmt(r['ops_per_s'])} ops/s, "
+                  f"{fmt(r['rows_per_s'])} rows/s, {r['errors']} errors", file=sys.stderr, flush=True)
+    results = {name: best_run(name, runs[name], failures[name]) for name in chosen}
+    ratios, checks = evaluate(results)
+    print(render(results, ratios, checks))
+    if opts.json is not None:
+        doc = {
+            "benchmark": "contention",
+            "config": {"procs": opts.procs, "seconds": opts.seconds, "rows": opts.rows, "batch": opts.batch,
+                       "window": opts.window, "batch_producers": opts.batch_producers, "repeat": opts.repeat,
+                       "scenarios": chosen},
+            "machine": machine_info(),
+            "total_s": round(time.monotonic() - started, 2),
+            "scenarios": results,
+            "ratios": ratios,
+            "checks": checks,
+        }
+        write_json(opts.json, doc)
+    return 1 if any(failures.values()) else 0
+

@@ -1,0 +1,114 @@
+"""The report of ``python -m bench contention``: the ratios against their
+targets, and the printed table."""
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import (
+    fmt,
+)
+
+#: Targets: batched ingest reaches this share of raw sqlite3 ...
+BATCHED_OVER_RAW_TARGET = 0.9
+#: ... and immediate's worst latency is at least this many times the writer's.
+IMMEDIATE_OVER_WRITER_MAX_TARGET = 20.0
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return round(num / den, 3)
+
+
+def _get(results: dict[str, dict[str, Any]], name: str, *path: str) -> Any:
+    value: Any = results.get(name)
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
+    """The two ratios and the three checks against their targets."""
+    ratios = {
+        "batched_over_raw": _ratio(_get(results, "writer-batched", "rows_per_s"), _get(results, "raw", "rows_per_s")),
+        "immediate_max_over_writer_max": _ratio(_get(results, "immediate", "latency", "max_ms"),
+                                                _get(results, "writer-single", "latency", "max_ms")),
+    }
+
+    def verdict(value: Any, ok: bool) -> str:
+        return "n/a" if value is None else ("PASS" if ok else "MISS")
+
+    single_errors = _get(results, "writer-single", "errors")
+    b, m = ratios["batched_over_raw"], ratios["immediate_max_over_writer_max"]
+    b_ok = b is not None and b >= BATCHED_OVER_RAW_TARGET
+    m_ok = m is not None and m >= IMMEDIATE_OVER_WRITER_MAX_TARGET
+    checks = {
+        "batched_over_raw": {"value": b, "target": f">= {BATCHED_OVER_RAW_TARGET}",
+                             "result": verdict(b, b_ok)},
+        "immediate_max_over_writer_max": {"value": m, "target": f">= {IMMEDIATE_OVER_WRITER_MAX_TARGET:g}",
+                                          "result": verdict(m, m_ok)},
+        "writer_single_zero_errors": {"value": single_errors, "target": "== 0",
+                                      "result": verdict(single_errors, single_errors == 0)},
+    }
+    return ratios, checks
+
+
+def render(results: dict[str, dict[str, Any]], ratios: dict[str, float | None],
+           checks: dict[str, dict[str, Any]]) -> str:
+    header = ("scenario", "procs", "ops/s", "rows/s", "errors", "p50 ms", "p99 ms", "max ms", "writer RSS MB")
+    rows = []
+    for name, r in results.items():
+        if "failed" in r:
+            rows.append((name, "-", "FAILED", "-", "-", "-", "-", "-", "-"))
+            continue
+        lat = r["latency"]
+        rows.append((name, fmt(r["procs"]), fmt(r["ops_per_s"]), fmt(r["rows_per_s"]), fmt(r["errors"]),
+                     fmt(lat["p50_ms"], 2), fmt(lat["p99_ms"], 2), fmt(lat["max_ms"], 1),
+                     fmt(_get(results, name, "writer", "peak_rss_mb"), 1)))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+
+    def line(cells: tuple) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        return "  ".join([first, *(f"{c:>{w}}" for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+    out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows), ""]
+    for key, c in checks.items():
+        value = "-" if c["value"] is None else f"{c['value']:g}"
+        out.append(f"{key:<32} {value:>10}   target {c['target']:<8} {c['result']}")
+    details = []
+    for name, r in results.items():
+        if "failed" in r:
+            details.append(f"  {name}: FAILED: {r['failed'].strip().splitlines()[-1]}")
+            continue
+        for message, n in r["errors_by_message"].items():
+            details.append(f"  {name}: {n:,} x {message}")
+    out += ["", "errors by message:", *(details or ["  none"])]
+    notes = []
+    for name, r in results.items():
+        if "failed" in r:
+            continue
+        notes.append(f"  {name}: {r.get('notes', '')}; {r['ops']:,} ops, {r['rows']:,} rows in {r['elapsed_s']} s"
+                     + (f"; ops per process {r['per_process_ops']}" if r["procs"] > 1 else ""))
+        writer = r.get("writer") or {}
+        if writer.get("stats_error") or writer.get("exit_code") not in (None, 0):
+            notes.append(f"    WRITER PROBLEM: exit code {writer.get('exit_code')}, stats: {writer.get('stats_error')}"
+                         f"; alive when asked: {writer.get('alive_after_stats')}; log tail in the JSON")
+        stats = writer.get("stats")
+        if stats:
+            notes.append(f"    writer: commit p50 {stats['commit_p50_ms']} ms, p99 {stats['commit_p99_ms']} ms, "
+                         f"max {stats['commit_max_ms']} ms; mean batch {stats['mean_batch']} requests over "
+                         f"{stats['batches']:,} commits; busy replies {stats['busy_replies']}, lock errors "
+                         f"{stats['lock_errors']}, commit failures {stats['commit_failures']}; peak RSS "
+                         f"{r['writer']['peak_rss_mb']} MB (VmHWM {r['writer']['vm_hwm_mb']} MB); "
+                         f"CPU {r['writer']['cpu_s']} s in the window")
+        if "producer_cpu_s" in r:
+            notes.append(f"    producer CPU {r['producer_cpu_s']} s")
+        if "runs" in r:
+            notes.append(f"    rows/s of each run: {', '.join(fmt(x['rows_per_s']) for x in r['runs'])} (best kept)")
+        for v in r.get("variants", []):
+            notes.append(f"    commit every {v['txn_batches']} batch(es): {fmt(v['rows_per_s'])} rows/s"
+                         + ("  <- used" if v["txn_batches"] == r.get("txn_batches") else ""))
+    out += ["", "notes:", *notes]
+    return "\n".join(out)

@@ -1,0 +1,169 @@
+"""The five scenarios of ``python -m bench contention``, each on a fresh
+database, and which of them ``--repeat`` runs again."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    count_rows,
+    create_schema,
+    fresh_home,
+    latency_summary,
+    merged_errors,
+    run_group,
+    running_writer,
+)
+from bench.contention.procs import (
+    SEED_BUSY_TIMEOUT_S,
+    raw_inserter,
+    sqlite_producer,
+    writer_batched_producer,
+    writer_single_producer,
+)
+
+SCENARIO_HELP = {
+    "seed": "--procs processes: BEGIN; read; insert tick + audit row; COMMIT (direct sqlite3, as the users did)",
+    "immediate": "the same with BEGIN IMMEDIATE",
+    "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
+    "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
+    "raw": "the same rows straight into one sqlite3 connection (the ceiling)",
+}
+SCENARIOS = tuple(SCENARIO_HELP)
+#: Commit after this many batches in the raw scenario's two variants.
+RAW_TXN_VARIANTS = (1, 16)
+
+
+def _combine(name: str, procs: int, start: float, results: list[dict[str, Any]], *,
+             timed_from_first_op: bool = False) -> dict[str, Any]:
+    """Add up the workers' results of one scenario."""
+    begin = min(r["first"] for r in results) if timed_from_first_op else start
+    elapsed = max(r["last"] for r in results) - begin
+    errors = merged_errors(r["errors"] for r in results)
+    ops = sum(r["ops"] for r in results)
+    rows = sum(r["rows"] for r in results)
+    return {
+        "scenario": name, "procs": procs, "ops": ops, "rows": rows, "elapsed_s": round(elapsed, 4),
+        "ops_per_s": round(ops / elapsed, 1) if elapsed > 0 else None,
+        "rows_per_s": round(rows / elapsed, 1) if elapsed > 0 else None,
+        "errors": sum(errors.values()), "errors_by_message": dict(errors.most_common()),
+        "latency": latency_summary([x for r in results for x in r["latencies"]]),
+        "per_process_ops": [r["ops"] for r in results],
+    }
+
+
+def _plan(rows: int, producers: int) -> list[tuple[str, int, int]]:
+    """Split ``rows`` among producers: (source, first seq, rows) each."""
+    share, extra = divmod(rows, producers)
+    return [(f"bench-batch-{i}", 0, share + (1 if i < extra else 0)) for i in range(producers)]
+
+
+def _synchronous(env: dict[str, str]) -> str:
+    from db.config import load_settings
+
+    return load_settings(env).synchronous
+
+
+def run_sqlite(opts: argparse.Namespace, begin: str) -> dict[str, Any]:
+    name = "seed" if begin == "deferred" else "immediate"
+    with fresh_home() as (_home, env):
+        db_path = create_schema(env)
+        sync = _synchronous(env)
+        args = [(str(db_path), opts.seconds, begin, sync) for _ in range(opts.procs)]
+        start, results = run_group(sqlite_producer, args, run_timeout=opts.seconds + SEED_BUSY_TIMEOUT_S + 60)
+        out = _combine(name, opts.procs, start, results)
+        out["notes"] = f"direct sqlite3, BEGIN {begin.upper()}, WAL, busy timeout 60 s, synchronous={sync}"
+        out["stored_ticks"] = count_rows(db_path, "ticks")
+    return out
+
+
+def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
+    with fresh_home() as (_home, env), running_writer(env) as writer:
+        args = [(env, opts.seconds) for _ in range(opts.procs)]
+        start, results = run_group(writer_single_producer, args, run_timeout=opts.seconds + 180,
+                                   on_start=writer.sampler.mark_start)
+        writer.finish_measuring()
+        out = _combine("writer-single", opts.procs, start, results)
+        out["notes"] = "WriterClient.call: insert_ticks (1 tick) and audit, alternately"
+    out["writer"] = writer.summary()
+    return out
+
+
+def run_writer_batched(opts: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(opts.rows, opts.batch_producers)
+    with fresh_home() as (_home, env):
+        with running_writer(env) as writer:
+            args = [(env, n, first_seq, opts.batch, opts.window) for _source, first_seq, n in plan]
+            start, results = run_group(writer_batched_producer, args, run_timeout=600,
+                                       on_start=writer.sampler.mark_start)
+            writer.finish_measuring()
+            out = _combine("writer-batched", opts.batch_producers, start, results, timed_from_first_op=True)
+            out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
+        db_path = Path(env["TICKSTACK_HOME"]) / "tickstack.db"
+        out["stored_ticks"] = count_rows(db_path, "ticks")
+    out["writer"] = writer.summary()
+    out["notes"] = f"pipeline window {opts.window}, columns form, batches of {opts.batch}"
+    _check_stored(out, opts.rows)
+    return out
+
+
+def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
+    plan = _plan(opts.rows, opts.batch_producers)
+    with fresh_home() as (home, env):
+        db_paths = []
+        for txn_batches in RAW_TXN_VARIANTS:  # one fresh database per variant, same schema
+            variant_env = {**env, "DATABASE_URL": f"sqlite:///{home / f'raw-{txn_batches}.db'}"}
+            db_paths.append(str(create_schema(variant_env)))
+        start, (results,) = run_group(raw_inserter, [(env, db_paths, plan, opts.batch, list(RAW_TXN_VARIANTS))],
+                                      run_timeout=600)
+        variants = []
+        for db_path, result in zip(db_paths, results, strict=True):
+            out = _combine("raw", 1, start, [result], timed_from_first_op=True)
+            out["stored_ticks"] = count_rows(Path(db_path), "ticks")
+            out["txn_batches"] = n = result["txn_batches"]
+            out["sql"] = result["sql"]
+            out["pragmas"] = result["pragmas"]
+            out["notes"] = (f"one sqlite3 connection with the write engine's pragmas "
+                            f"(synchronous={result['pragmas']['synchronous']}), executemany per batch of "
+                            f"{opts.batch}, commit every {n} batch{'es' if n > 1 else ''}")
+            _check_stored(out, opts.rows)
+            variants.append(out)
+    best = dict(max(variants, key=lambda v: v["rows_per_s"] or 0))
+    best["variants"] = [{k: v[k] for k in ("txn_batches", "rows_per_s", "elapsed_s", "latency")} for v in variants]
+    return best
+
+
+def _check_stored(out: dict[str, Any], expected: int) -> None:
+    """A benchmark that lost rows measured nothing: say so as an error."""
+    if out["stored_ticks"] != expected or out["rows"] != expected:
+        message = (f"stored {out['stored_ticks']} ticks and acknowledged {out['rows']}, "
+                   f"expected {expected}")
+        out["errors_by_message"][message] = 1
+        out["errors"] += 1
+
+
+#: Scenarios --repeat runs again; their best run (most rows/s) is kept.
+REPEATABLE = ("writer-batched", "raw")
+
+
+def best_run(name: str, runs: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
+    if not runs:
+        return {"scenario": name, "failed": failures[-1] if failures else "did not run"}
+    best = dict(max(runs, key=lambda r: r["rows_per_s"] or 0))
+    if len(runs) > 1:
+        best["runs"] = [{"rows_per_s": r["rows_per_s"], "elapsed_s": r["elapsed_s"], "errors": r["errors"]}
+                        for r in runs]
+    if failures:
+        best["failed_runs"] = failures
+    return best
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "seed": lambda o: run_sqlite(o, "deferred"),
+    "immediate": lambda o: run_sqlite(o, "immediate"),
+    "writer-single": run_writer_single,
+    "writer-batched": run_writer_batched,
+    "raw": run_raw,
+}

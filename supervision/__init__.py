@@ -1,0 +1,15 @@
+"""What both the workers and the web apps need from circus and the OS.
+
+A neutral layer between :mod:`db` (below) and :mod:`workers` / :mod:`webapp`
+(above, which never import each other):
+
+- :mod:`supervision.circus`: talking to circusd, with the one rule for its
+  "arbiter is already running X command" answers (retry briefly, then say so).
+- :mod:`supervision.procstats`: CPU, memory, pids and uptime of each watcher.
+- :mod:`supervision.sampler`: the samples behind the console's charts, taken
+  by the jobs worker and read by the console.
+- :mod:`supervision.plugins`: circus plugins of ours (loaded by circusd).
+
+Nothing here imports Flask: the jobs worker takes a sample without loading
+the web app.
+"""

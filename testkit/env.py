@@ -1,0 +1,63 @@
+"""The one isolated environment for a private stack.
+
+A test or benchmark must never touch the user's database, writer or ports,
+so everything that could point at them is dropped from the inherited
+environment and ``TICKSTACK_HOME`` is set to a new folder of its own.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from db.config import ensure_home, load_settings
+
+#: The checkout: the working folder of every process the harness starts.
+ROOT = Path(__file__).resolve().parent.parent
+#: The venv's scripts (``circusd``, ``circusctl``, ``gunicorn``), found beside the running python.
+BIN = Path(sys.executable).parent
+
+#: Inherited variables dropped from every private environment: every tickstack
+#: setting, and the two that name a database or a writer directly.
+UNSAFE_PREFIXES = ("TICKSTACK_", "WRITER_", "DATABASE_")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_home(prefix: str = "ts-") -> Path:
+    """A new, empty runtime folder with its subfolders (mode 0700). Short, in
+    the system's temporary folder: the ipc sockets live in it, and their paths
+    are limited to 107 bytes (pytest's ``tmp_path`` is too deep)."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        ensure_home(load_settings({"TICKSTACK_HOME": str(home)}))
+    except BaseException:
+        shutil.rmtree(home, ignore_errors=True)
+        raise
+    return home
+
+
+def isolated_env(home: Path, *, ports: bool = False) -> dict[str, str]:
+    """The environment of a private stack in ``home``: ``os.environ`` without
+    any inherited ``TICKSTACK_*``, ``WRITER_*`` or ``DATABASE_*`` variable,
+    with ``TICKSTACK_HOME`` set, the checkout first on ``PYTHONPATH`` (so
+    ``python -m workers.writer`` finds the project from any folder) and the
+    venv's scripts first on ``PATH`` (``circus.ini`` runs ``python`` and
+    ``gunicorn`` by name). With ``ports``, free 127.0.0.1 ports for the API
+    and the console too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(UNSAFE_PREFIXES)}
+    env["TICKSTACK_HOME"] = str(home)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PATH"] = os.pathsep.join(p for p in (str(BIN), env.get("PATH", "")) if p)
+    if ports:
+        env["TICKSTACK_API_PORT"] = str(free_port())
+        env["TICKSTACK_CONSOLE_PORT"] = str(free_port())
+    return env

@@ -1,0 +1,87 @@
+"""A writer outside circus: :func:`spawn` starts ``python -m workers.writer``
+and returns once it answers, and :class:`Stack` is a private runtime folder
+with the writer processes a test started in it."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from db.config import Settings, load_settings
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.process import stop_process
+
+
+def spawn(env: dict[str, str], timeout: float = 20.0, **popen: Any) -> subprocess.Popen:
+    """Start ``python -m workers.writer`` with ``env`` (in the checkout unless
+    ``cwd`` is given) and return once it answers a ping, so the caller's first
+    request is not spent waiting for it. Raises RuntimeError (with the
+    writer's exit code) if it dies first; a writer that never answers is
+    killed, by its pid."""
+    from db.client import WriterClient
+    from db.errors import WriterUnavailable
+
+    popen.setdefault("cwd", ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "workers.writer"], env=env, **popen)
+    try:
+        try:
+            with WriterClient(settings=load_settings(env), deadline=0.5) as client:
+                client.wait_ready(timeout, is_alive=lambda: proc.poll() is None)
+        except WriterUnavailable as e:
+            code = proc.poll()
+            raise RuntimeError(f"writer exited with code {code} before it was ready" if code is not None
+                               else f"writer not ready after {timeout} s ({e})") from None
+        return proc
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        raise
+
+
+@dataclass
+class Stack:
+    """A runtime folder with its environment, and the processes started in it."""
+
+    home: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @classmethod
+    def create(cls) -> Stack:
+        """A new private runtime folder (:func:`testkit.env.new_home`) and its environment."""
+        home = new_home()
+        return cls(home, isolated_env(home))
+
+    @property
+    def settings(self) -> Settings:
+        return load_settings(self.env)
+
+    def start_writer(self, **extra_env: str) -> subprocess.Popen:
+        """A writer with this stack's environment (plus ``extra_env``), logging to ``log/writer-test.log``."""
+        env = {**self.env, **extra_env}
+        with open(self.home / "log" / "writer-test.log", "ab") as log:
+            proc = spawn(env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def writer_log(self) -> str:
+        path = self.home / "log" / "writer-test.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Stop ``proc`` with ``sig`` (SIGKILL after ``timeout``); returns its exit code."""
+        stop_process(proc, timeout, sig)
+        return proc.returncode
+
+    def close(self) -> None:
+        """Kill whatever is still running (by pid) and remove the folder."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.home, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""Percentiles: one nearest-rank definition for the writer's stats and the benchmarks."""
+from __future__ import annotations
+
+import pytest
+
+from db.stats import percentile
+from workers.writer import Stats
+
+
+def test_writer_stats_report_true_nearest_rank_percentiles() -> None:
+    stats = Stats()
+    stats.commit_ms.extend(float(v) for v in range(100, 0, -1))  # 100 known latencies, 1..100 ms, unsorted
+    report = stats.report(queue_depth=0)
+    # Nearest rank: p50 of 1..100 is the 50th value, p99 the 99th, the maximum is 100.
+    assert (report["commit_p50_ms"], report["commit_p99_ms"], report["commit_max_ms"]) == (50.0, 99.0, 100.0)
+
+
+def test_writer_stats_report_without_commits_has_no_percentiles() -> None:
+    report = Stats().report(queue_depth=3)
+    assert (report["commit_p50_ms"], report["commit_p99_ms"], report["queue_depth"]) == (None, None, 3)
+
+
+@pytest.mark.parametrize("values, p, expected", [
+    ([1.0], 0.5, 1.0), ([1.0], 0.99, 1.0),
+    ([1.0, 2.0], 0.5, 1.0), ([1.0, 2.0], 0.51, 2.0),
+    ([float(v) for v in range(1, 11)], 0.9, 9.0), ([float(v) for v in range(1, 11)], 0.91, 10.0),
+    ([float(v) for v in range(1, 1001)], 0.99, 990.0), ([float(v) for v in range(1, 1001)], 1.0, 1000.0),
+])
+def test_percentile_is_nearest_rank(values: list[float], p: float, expected: float) -> None:
+    assert percentile(values, p) == expected
+
+
+def test_percentile_refuses_a_fraction_out_of_range() -> None:
+    assert percentile([], 0.5) is None
+    for p in (0, -0.1, 1.5, 50):
+        with pytest.raises(ValueError, match="must be in"):
+            percentile([1.0], p)

@@ -1,0 +1,106 @@
+"""Errors of the API: the one place responses for failures are made.
+
+Every failure under ``/api`` and ``/metrics`` answers ``{"error": {"code",
+"message"}}`` (:func:`webapp.errors.json_error`), Flask's own 404/405/413 and
+unhandled 500s included; other paths (the console) keep their own handling.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import NoReturn
+
+from flask import current_app, request
+from flask.typing import ResponseReturnValue
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+from db.errors import CommitFailed, Conflict, NotFound, ValidationError, WriterError, WriterUnavailable
+from webapp.api.limits import RETRY_AFTER
+from webapp.api.state import api_state, bp
+from webapp.errors import json_error
+
+log = logging.getLogger("tickstack.api")
+
+#: Paths whose errors are JSON (the API's and its metrics).
+API_PATHS = ("/api", "/metrics")
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 500: "internal_error", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    """A failure with its HTTP status, error code and message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+def bad_param(message: str) -> NoReturn:
+    """Stop with 400 ``invalid_parameter`` and ``message``."""
+    raise ApiError(400, "invalid_parameter", message)
+
+
+def _is_api_path(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in API_PATHS)
+
+
+@bp.app_errorhandler(HTTPException)
+def _http_error(e: HTTPException) -> ResponseReturnValue:
+    """Flask's and Werkzeug's own errors, as JSON under /api and /metrics;
+    elsewhere (the console) Flask's default page."""
+    if not _is_api_path(request.path) or e.code is None:
+        return e
+    code = HTTP_CODES.get(e.code) or "_".join((e.name or "error").lower().split())
+    headers: dict[str, str] = {}
+    message = e.description or e.name
+    if e.code == 404:
+        message = f"no such endpoint: {request.path} (the routes are in /api/openapi.json)"
+    elif isinstance(e, MethodNotAllowed):
+        allowed = ", ".join(e.valid_methods or ())
+        headers["Allow"] = allowed
+        message = f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+    elif e.code == 413:
+        limit = current_app.config.get("MAX_CONTENT_LENGTH")
+        message = f"the body is larger than the limit of {limit} bytes; send fewer ticks per request"
+    elif e.code == 500:
+        message = "internal error; the API log has the details"
+    return json_error(e.code, message, code, headers)
+
+
+@bp.app_errorhandler(ApiError)
+def _api_error(e: ApiError) -> ResponseReturnValue:
+    return json_error(e.status, e.message, e.code, e.headers)
+
+
+@bp.errorhandler(WriterError)
+def _writer_error(e: WriterError) -> ResponseReturnValue:
+    """The writer's typed errors (and the local validation that mirrors it)."""
+    if isinstance(e, ValidationError):
+        # Top-level fields come out of db.ops as ": missing field 'x'" (an empty path before the colon).
+        return json_error(400, str(e).removeprefix(": "), "invalid_body")
+    if isinstance(e, NotFound):
+        return json_error(404, str(e), "not_found")
+    if isinstance(e, Conflict):
+        return json_error(409, str(e), "conflict")
+    if isinstance(e, WriterUnavailable | CommitFailed):
+        return json_error(
+            503,
+            f"the writer did not answer within {api_state().deadline:g} s (it may be restarting); the write may or "
+            "may not have been applied: ticks with source and seq can be resent safely, and GET /api/trades "
+            "shows whether a trade was opened or closed", "writer_unavailable", {"Retry-After": str(RETRY_AFTER)})
+    log.error("writer call failed: %s", e)
+    return json_error(500, f"the writer could not apply the request: {e}", "write_failed")
+
+
+@bp.errorhandler(OperationalError)
+def _database_error(e: OperationalError) -> ResponseReturnValue:
+    """A read that failed for the database's reasons (locked past the busy
+    timeout, file missing): transient, so 503."""
+    log.warning("read failed: %s", e.orig)
+    return json_error(503, f"the database could not be read: {e.orig}", "database_unavailable",
+                      {"Retry-After": str(RETRY_AFTER)})

@@ -1,0 +1,111 @@
+"""Input of the API: the one place query parameters and JSON bodies are parsed.
+
+Query parameters are checked with the writer's own validators
+(:mod:`db.validation`: symbol, timeframe, indicator names) and the shared
+integer parser (:func:`webapp.parsing.parse_int`), so each rule and its
+message is written once; their :class:`~db.errors.ValidationError` becomes a
+400 ``invalid_parameter`` here. Unknown parameters are rejected, so typos do
+not pass silently; an empty value counts as absent.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from flask import request
+
+from db import validation
+from db.errors import ValidationError
+from db.models import INDICATORS
+from webapp.api.errors import ApiError, bad_param
+from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX
+from webapp.parsing import parse_int
+
+#: A parser of one query parameter: (name, text) -> value; raises ValidationError.
+Parser = Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A query parameter: its parser, whether it is required, its default."""
+
+    parse: Parser
+    required: bool = False
+    default: Any = None
+
+
+def integer(minimum: int, maximum: int, what: str = "an integer") -> Parser:
+    """A parser of whole numbers in ``minimum..maximum``."""
+    def parse(name: str, raw: str) -> int:
+        return parse_int(name, raw, minimum, maximum, what)
+
+    return parse
+
+
+SYMBOL = Param(validation.symbol, required=True)
+TIMEFRAME = Param(validation.timeframe, required=True)
+INDICATOR = Param(validation.one_of(*INDICATORS), required=True)
+TIMESTAMP = Param(integer(0, validation.MAX_TS, "epoch milliseconds (an integer)"))
+LIMIT = Param(integer(1, LIMIT_MAX), default=LIMIT_DEFAULT)
+#: The window of a series: newest ``limit`` rows with ts in [since, until].
+SERIES = {"since": TIMESTAMP, "until": TIMESTAMP, "limit": LIMIT}
+
+
+def query(**spec: Param) -> dict[str, Any]:
+    """The query parameters of ``spec``, parsed; 400 ``invalid_parameter``
+    for an unknown, repeated, missing or bad one, or since > until."""
+    unknown = sorted(set(request.args) - set(spec))
+    if unknown:
+        bad_param(f"unknown parameter {unknown[0]!r}; parameters are {', '.join(spec) or 'none'}")
+    out: dict[str, Any] = {}
+    for name, param in spec.items():
+        values = request.args.getlist(name)
+        if len(values) > 1:
+            bad_param(f"{name}: given {len(values)} times; give it once")
+        if not values or values[0] == "":
+            if param.required:
+                bad_param(f"{name}: required")
+            out[name] = param.default
+            continue
+        try:
+            out[name] = param.parse(name, values[0])
+        except ValidationError as e:
+            bad_param(str(e))
+    if out.get("since") is not None and out.get("until") is not None and out["since"] > out["until"]:
+        bad_param(f"since {out['since']} is after until {out['until']}")
+    return out
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def json_object(*, optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object. 413 beyond MAX_CONTENT_LENGTH (from
+    Flask); 415 unless ``Content-Type: application/json``; 400 when it is not
+    strict JSON (``NaN``, ``Infinity`` refused) or not an object. With
+    ``optional``, an empty body is ``{}`` whatever its content type."""
+    raw = request.get_data(cache=False)
+    if optional and not raw.strip():
+        return {}
+    if not request.is_json:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the body as JSON with 'Content-Type: application/json' (got {request.mimetype!r})")
+    if not raw.strip():
+        raise ApiError(400, "invalid_json", "the body is empty; expected a JSON object")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
+        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
+    if type(body) is not dict:
+        raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
+    return body
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)

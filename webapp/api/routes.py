@@ -1,0 +1,108 @@
+"""Routes of the stack's status and of market data: health, the OpenAPI
+document, ticks (read and write), bars and indicators."""
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from flask import jsonify
+from flask.typing import ResponseReturnValue
+
+from db import queries
+from db.config import Settings
+from db.health import pragmas
+from webapp.api import openapi
+from webapp.api.params import INDICATOR, SERIES, SYMBOL, TIMEFRAME, json_object, query
+from webapp.api.state import api_state, bp, write
+from webapp.api.tokens import requires_token
+from webapp.extensions import db
+
+
+@bp.get("/health")
+def health() -> ResponseReturnValue:
+    """Writer (ping and stats), database (journal mode, file sizes, lock
+    errors) and circus watchers. 200 while the writer answers, whatever
+    circus says (the API works without circus: tests, development; circus is
+    reported as unreachable then); 503 when the writer does not answer.
+    ``status`` is ``ok``, ``degraded`` (writer up, but the database cannot be
+    read or a watcher is not active) or ``unavailable``."""
+    api = api_state()
+    ping, stats, error = api.probe.writer()
+    writer: dict[str, Any] = ({"up": True, "pid": ping["pid"], "ping_ms": ping["latency_ms"], "stats": stats}
+                              if ping is not None else {"up": False, "error": error})
+    database = _database_health(api.settings, stats)
+    circus = api.probe.circus()
+    circus_json: dict[str, Any] = {"reachable": circus.reachable, "watchers": circus.statuses}
+    if circus.error:
+        circus_json["error"] = circus.error
+    if ping is None:
+        status = "unavailable"
+    elif "error" in database or any(s != "active" for s in circus.statuses.values()):
+        status = "degraded"
+    else:
+        status = "ok"
+    body = {"status": status, "writer": writer, "database": database, "circus": circus_json}
+    return jsonify(body), 503 if ping is None else 200
+
+
+def _database_health(settings: Settings, stats: dict[str, Any] | None) -> dict[str, Any]:
+    path = settings.database_path
+    if path is None:
+        return {"url": settings.database_url}
+    files = api_state().probe.database_files()
+    out: dict[str, Any] = {"path": str(path), "size_bytes": files.get("db"), "wal_bytes": files.get("wal") or 0,
+                           "lock_errors": (stats or {}).get("lock_errors"),
+                           "last_checkpoint": (stats or {}).get("last_checkpoint")}
+    try:
+        out.update(pragmas(path))
+    except (sqlite3.Error, FileNotFoundError) as e:
+        out["error"] = str(e)
+    return out
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> ResponseReturnValue:
+    """The OpenAPI 3.1 description of every route here and of /metrics."""
+    return jsonify(openapi.document())
+
+
+@bp.post("/ticks")
+@requires_token
+def post_ticks() -> ResponseReturnValue:
+    """Store ``{"ticks": [...]}`` through the writer; 200 once committed with
+    ``{"inserted", "duplicates"}`` (a tick whose (source, seq) is stored is a
+    duplicate, so a resent batch is safe). 200 rather than 201: ticks get no
+    URL of their own, and a batch of duplicates creates nothing."""
+    result = write("insert_ticks", json_object())
+    return jsonify({"inserted": result["inserted"], "duplicates": result["duplicates"]}), 200
+
+
+@bp.get("/ticks")
+def get_ticks() -> ResponseReturnValue:
+    """The newest ``limit`` ticks of ``symbol`` in [since, until] by ``ts``,
+    oldest first."""
+    q = query(symbol=SYMBOL, **SERIES)
+    rows = queries.tick_series(db.session, q["symbol"], since=q["since"], until=q["until"], limit=q["limit"])
+    return jsonify({"symbol": q["symbol"], "ticks": [r._asdict() for r in rows]})
+
+
+@bp.get("/bars")
+def get_bars() -> ResponseReturnValue:
+    """OHLCV bars of ``symbol`` and ``timeframe``, ``ts`` the bucket start
+    (epoch ms UTC), the newest ``limit`` in [since, until], oldest first."""
+    q = query(symbol=SYMBOL, timeframe=TIMEFRAME, **SERIES)
+    rows = queries.bar_series(db.session, q["symbol"], q["timeframe"], since=q["since"], until=q["until"],
+                              limit=q["limit"])
+    return jsonify({"symbol": q["symbol"], "timeframe": q["timeframe"], "bars": [r._asdict() for r in rows]})
+
+
+@bp.get("/indicators")
+def get_indicators() -> ResponseReturnValue:
+    """Values of indicator ``name`` for ``symbol`` and ``timeframe`` (``ts``
+    the bar's bucket start), the newest ``limit`` in [since, until], oldest
+    first."""
+    q = query(symbol=SYMBOL, timeframe=TIMEFRAME, name=INDICATOR, **SERIES)
+    rows = queries.indicator_series(db.session, q["symbol"], q["timeframe"], q["name"], since=q["since"],
+                                    until=q["until"], limit=q["limit"])
+    return jsonify({"symbol": q["symbol"], "timeframe": q["timeframe"], "name": q["name"],
+                    "values": [r._asdict() for r in rows]})

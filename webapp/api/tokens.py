@@ -1,0 +1,70 @@
+"""The write token: where it comes from, and the bearer check of every write."""
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import request
+from flask.typing import ResponseReturnValue
+
+from db.config import Settings, read_or_create_secret
+from webapp.api.errors import ApiError
+from webapp.api.state import api_state
+
+log = logging.getLogger("tickstack.api")
+
+TOKEN_ENV = "TICKSTACK_API_TOKEN"
+TOKEN_FILE = "api-token"
+
+F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
+
+# Token sources already logged by this process: each is logged once.
+_announced: set[str] = set()
+
+
+def load_token(settings: Settings) -> str:
+    """The write token: ``TICKSTACK_API_TOKEN`` if set and not blank, else
+    the one stored in ``$TICKSTACK_HOME/api-token`` (generated on first use,
+    mode 0600). Logs where it comes from once per process, never the token."""
+    from_env = settings.api_token
+    if from_env:
+        if TOKEN_ENV not in _announced:
+            _announced.add(TOKEN_ENV)
+            log.info("API write token: from %s", TOKEN_ENV)
+            if len(from_env) < 16:
+                log.warning("%s is shorter than 16 characters; use a long random token", TOKEN_ENV)
+        return from_env
+    path = settings.home / TOKEN_FILE
+    token, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(32))
+    if created or str(path) not in _announced:
+        _announced.add(str(path))
+        log.info("API write token: %s %s (send it as 'Authorization: Bearer <token>')",
+                 "generated in" if created else "read from", path)
+    return token
+
+
+def requires_token(view: F) -> F:
+    """401 without a well-formed ``Authorization: Bearer <token>``; 403 when
+    the token is wrong. Checked before the body is read."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+        header = request.headers.get("Authorization", "")
+        challenge = {"WWW-Authenticate": 'Bearer realm="tickstack"'}
+        if not header:
+            raise ApiError(401, "unauthorized", "missing bearer token: send 'Authorization: Bearer <token>' "
+                           f"(the token is in the {TOKEN_FILE} file in TICKSTACK_HOME, or {TOKEN_ENV})", challenge)
+        scheme, _, credentials = header.partition(" ")
+        credentials = credentials.strip()
+        if scheme.lower() != "bearer" or not credentials or " " in credentials:
+            raise ApiError(401, "unauthorized", "malformed Authorization header: expected 'Bearer <token>'",
+                           challenge)
+        if not hmac.compare_digest(credentials.encode(), api_state().token):
+            raise ApiError(403, "forbidden", "invalid token")
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
