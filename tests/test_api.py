@@ -1,6 +1,10 @@
 """The REST API against a real writer process: Flask's test client for HTTP,
 a real SQLite file read back through a read-only sqlite3 connection, real
-ZeroMQ to the writer, and (for watcher status) a real circusd."""
+ZeroMQ to the writer, and (for watcher status) a real circusd.
+
+Over 500 lines on purpose: every route and each of its bad inputs sits beside the one module-scoped
+writer and API app they share (starting those per file would cost more than the tests); sections
+follow the API package's modules (reads, writes, trades, errors, OpenAPI, metrics)."""
 from __future__ import annotations
 
 import json

@@ -5,6 +5,7 @@ changes), without a CSRF token (400, nothing changes) and logged in with the tok
 in the audit log). Actions on circus run against the real circusd with the real circus.ini
 (:class:`testkit.circus.CircusStack`, one for the module); the others need only a writer (one for the
 module too). Tests share those stacks, so they compare counts before and after rather than totals.
+Over 500 lines for the same reason: one file per shared stack, sections per console page.
 """
 from __future__ import annotations
 
