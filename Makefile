@@ -11,9 +11,47 @@ export TICKSTACK_CONSOLE_PORT ?= 8001
 # circus.ini runs `python`, `gunicorn` and `circusd-stats` from the venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
+# `source .venv/bin/activate` sets the same defaults (unless already set), and the circusctl
+# endpoint, so that `circusd circus.ini` and a plain `circusctl status` work from this checkout as
+# under make; `deactivate` unsets them again. The checkout is found from the activate script's own
+# path (bash), else it is this one.
+define ACTIVATE_DEFAULTS
+# >>> tickstack (written by `make install`: see the Makefile)
+_tickstack_restore () {
+    for _ts_v in TICKSTACK_HOME TICKSTACK_API_PORT TICKSTACK_CONSOLE_PORT CIRCUSCTL_ENDPOINT; do
+        case " $${_TS_SET:-} " in *" $$_ts_v "*) unset "$$_ts_v" ;; esac
+    done
+    unset _ts_v _TS_SET
+    [ "$${1:-}" = nondestructive ] || unset -f _tickstack_restore
+}
+_tickstack_default () {
+    if eval "[ -z \"\$${$$1+x}\" ]"; then export "$$1=$$2"; _TS_SET="$${_TS_SET:-} $$1"; fi
+}
+_ts_root='$(CURDIR)'
+if [ -n "$${BASH_SOURCE:-}" ]; then _ts_root=$$(cd "$$(dirname "$${BASH_SOURCE[0]}")/../.." && pwd); fi
+_tickstack_default TICKSTACK_HOME "$$_ts_root/var"
+_tickstack_default TICKSTACK_API_PORT 8000
+_tickstack_default TICKSTACK_CONSOLE_PORT 8001
+_tickstack_default CIRCUSCTL_ENDPOINT "ipc://$$TICKSTACK_HOME/run/circus.sock"
+# circusd writes its log and pid file there before anything of ours runs: private folders.
+(umask 077 && mkdir -p "$$TICKSTACK_HOME/run" "$$TICKSTACK_HOME/log")
+unset _ts_root
+unset -f _tickstack_default
+# <<< tickstack
+endef
+export ACTIVATE_DEFAULTS
+ACTIVATE_MARK := $(VENV)/.activate-defaults
+
 .PHONY: install run test lint bench clean
 
-install: $(STAMP)
+install: $(STAMP) $(ACTIVATE_MARK)
+
+$(ACTIVATE_MARK): $(STAMP) Makefile
+	sed -i '/^# >>> tickstack/,/^# <<< tickstack/d' $(BIN)/activate
+	grep -q _tickstack_restore $(BIN)/activate || \
+	  sed -i 's/^deactivate () {$$/&\n    _tickstack_restore "$${1:-}" 2>\/dev\/null || true/' $(BIN)/activate
+	printf '%s\n' "$$ACTIVATE_DEFAULTS" >> $(BIN)/activate
+	touch $@
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contention": ("bench.contention",
                    "many writers on one SQLite file: direct sqlite3 vs the single writer, and ingest rate"),
     "api": ("bench.api", "the REST API under gunicorn: read latency idle and during full ingest, POST throughput"),
+    "chaos": ("bench.chaos", "kill -9 the writer, producers and the whole stack under load: lost and doubled writes"),
+    "analysis": ("bench.analysis", "the analysis worker against ingest: dense catch-up rate, hourly history time"),
 }
 
 

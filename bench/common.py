@@ -225,17 +225,21 @@ SYMBOLS = ("BTCUSD", "ETHUSD", "EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "SPX500",
 TS_BASE = 1_700_000_000_000
 
 
-def tick_batches(rows: int, batch: int, source: str, first_seq: int = 0) -> list[dict[str, list[Any]]]:
+def tick_batches(rows: int, batch: int, source: str, first_seq: int = 0, symbols: int | None = None,
+                 spacing_ms: int = 1) -> list[dict[str, list[Any]]]:
     """``rows`` ticks as column batches of at most ``batch`` rows, in the
-    compact form ``insert_ticks`` accepts. Deterministic, so two scenarios
-    given the same arguments insert exactly the same rows."""
+    compact form ``insert_ticks`` accepts: round-robin over the first
+    ``symbols`` of :data:`SYMBOLS` (all by default), ``spacing_ms`` apart.
+    Deterministic, so two scenarios given the same arguments insert exactly
+    the same rows."""
+    n_symbols = len(SYMBOLS) if symbols is None else symbols
     out = []
     for start in range(first_seq, first_seq + rows, batch):
         idx = range(start, min(start + batch, first_seq + rows))
         bid = [100.0 + (i % 1000) * 0.01 for i in idx]
         out.append({
-            "symbol": [SYMBOLS[i % len(SYMBOLS)] for i in idx],
-            "ts": [TS_BASE + i for i in idx],
+            "symbol": [SYMBOLS[i % n_symbols] for i in idx],
+            "ts": [TS_BASE + i * spacing_ms for i in idx],
             "bid": bid,
             "ask": [b + 0.02 for b in bid],
             "volume": [float(i % 10) for i in idx],

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from db.config import ConfigError, ensure_home, load_settings
+from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.errors import WriterError
 
 
@@ -32,27 +32,42 @@ def _human_bytes(n: int | None) -> str:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """Before circusd (``make run``): the runtime folder, the settings, and nothing of an earlier
+    start in the way (a live circusd, a stale pid file, orphans, the writer lock, the ports)."""
+    from db.preflight import blockers, circusd_pidfile, clear_stale_pidfile, live_circusd, refusal
+
     settings = load_settings()
     home = ensure_home(settings)
-    running = _running_circusd(settings.run_dir / "circusd.pid")
+    pidfile = circusd_pidfile(settings)
+    running = live_circusd(pidfile)
     if running:
         print(f"tickstack is already running in {home} (circusd pid {running}); manage it with "
               f"`circusctl --endpoint ipc://{settings.run_dir}/circus.sock status`, or stop it with `... quit`",
               file=sys.stderr)
         return 1
+    stale = clear_stale_pidfile(pidfile)
+    if stale is not None:
+        print(f"removed the stale pid file {pidfile}: pid {stale} is not the circusd that wrote it")
+    found = blockers(settings)
+    if found:
+        print(refusal(settings, found), file=sys.stderr)
+        return 1
     print(f"runtime folder {home} (mode 0700): database, sockets, logs, spool, backups")
+    print(first_contact(settings))
     return 0
 
 
-def _running_circusd(pidfile: Path) -> int | None:
-    """The pid in circusd's pid file, if that process is alive and circusd."""
-    import psutil
-
-    try:
-        pid = int(pidfile.read_text().strip())
-        return pid if "circusd" in " ".join(psutil.Process(pid).cmdline()) else None
-    except (FileNotFoundError, ValueError, psutil.Error):
-        return None
+def first_contact(settings: Settings) -> str:
+    """What to open and what to type once the stack is up: ``make run`` says it before circusd
+    takes over the terminal (circusd itself prints nothing)."""
+    password = settings.home / "admin-password"  # webapp.auth.PASSWORD_FILE (a layer above)
+    made = "" if password.exists() else ", made on first start"
+    return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
+            f"{password}{made})\n"
+            f"api        http://127.0.0.1:{settings.api_port}/api/health (and /api/openapi.json)\n"
+            f"circusctl  circusctl --endpoint {settings.circus_endpoint} status   (after `source "
+            ".venv/bin/activate` in the checkout, plain `circusctl status`)\n"
+            "stop       Ctrl-C here, or `circusctl quit`")
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -63,7 +78,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from db.engine import make_write_engine
+    from db.engine import display_url, make_write_engine
     from db.lock import WriterLock, WriterLocked
     from db.schema import migrate
 
@@ -82,8 +97,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         engine.dispose()
     finally:
         lock.release()
-    print(f"{settings.database_url}: schema version {before} -> {after}" if before != after
-          else f"{settings.database_url}: schema already at version {after}")
+    shown = display_url(settings.database_url)
+    print(f"{shown}: schema version {before} -> {after}" if before != after
+          else f"{shown}: schema already at version {after}")
     return 0
 
 
@@ -92,11 +108,12 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     snap = snapshot(settings, quick_check=args.quick_check)
+    w = snap["writer"]
+    down = 0 if w["up"] else 1  # exit code: scripts and monitors see a writer that does not answer
     if args.json:
         json.dump(snap, sys.stdout, indent=2, default=str)
         print()
-        return 0
-    w = snap["writer"]
+        return down
     print(f"database   {snap.get('path', snap['database_url'])}")
     if "files" in snap:
         f = snap["files"]
@@ -118,10 +135,18 @@ def cmd_health(args: argparse.Namespace) -> int:
     else:
         print(f"writer     DOWN ({w.get('error', 'no answer')})")
     print(f"lock errs  {snap.get('lock_errors', 0)}")
+    for d in snap.get("disk", []):
+        if "error" in d:
+            print(f"disk       {d['what']} {d['path']}: {d['error']}")
+            continue
+        state = {"ok": "", "warn": "  <-- LOW", "fail": "  <-- ALMOST FULL"}[d["level"]]
+        flag = f"{state} (warning below {d['warn_pct']:g} %)" if state else ""
+        print(f"disk       {d['what']}: {_human_bytes(d['free'])} free of {_human_bytes(d['total'])} "
+              f"({d['free_pct']:.1f} %) at {d['path']}{flag}")
     for proc in snap.get("processes", []):
         flag = "  <-- " + proc["role"].upper() if proc["flagged"] else ""
         print(f"process    {proc['pid']:>7} {proc['role']:<12} {proc['cmdline'][:70]}{flag}")
-    return 0
+    return down
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -129,10 +154,30 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     snap = snapshot(settings, quick_check=True)
-    findings = diagnose(snap, settings)
+    findings = [(level, _writer_down_advice(settings) if text.startswith(WRITER_DOWN) else text)
+                for level, text in diagnose(snap, settings)]
     for level, text in findings:
         print(f"[{level.upper():4}] {text}")
     return 1 if any(level == "fail" for level, _ in findings) else 0
+
+
+#: How :func:`db.health.diagnose` starts its finding for a writer that is not running.
+WRITER_DOWN = "The writer is not running"
+
+
+def _writer_down_advice(settings: Settings) -> str:
+    """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
+    without it (after a clean quit), ``make run`` would refuse with it."""
+    from db.preflight import circusd_pidfile, live_circusd
+
+    pid = live_circusd(circusd_pidfile(settings))
+    if pid is None:
+        return (f"{WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
+                "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
+                "`circusd circus.ini --daemon`).")
+    return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
+            f"deadline). Start it with `circusctl --endpoint {settings.circus_endpoint} start writer`; if it "
+            "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

@@ -5,9 +5,13 @@
         writer.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": ts, "bid": b, "ask": a}])
 
 ``call`` returns once the op is committed, or raises a typed error
-(:mod:`db.errors`): ``ValidationError`` for bad input, ``NotFound``,
+(:mod:`db.errors`): ``ValidationError`` for bad input (a request over the
+writer's message size is refused here, before it is sent), ``NotFound``,
 ``Conflict``, or ``WriterUnavailable`` once the deadline passes without an
-answer. While the writer restarts, the client resends the *same* request
+answer. A full disk is answered with ``StorageFull`` (a ``WriterUnavailable``
+that says why): the client retries it until the deadline, as it does every
+retryable answer, then raises it with the writer's own words. While the
+writer restarts, the client resends the *same* request
 (same client id and sequence number) with exponential backoff; the writer
 records applied requests in the transaction that applies them, so a request
 is applied at most once however often it is sent.
@@ -33,8 +37,8 @@ import msgpack
 import zmq
 
 from db.config import Settings, load_settings
-from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
-from db.protocol import encode_request
+from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
+from db.protocol import encode_request, pack_columns
 
 log = logging.getLogger("tickstack.client")
 
@@ -48,7 +52,7 @@ class Ticket:
     """One request in flight: resolved with a result or an exception."""
 
     __slots__ = ("seq", "op", "payload", "deadline", "attempt_timeout", "resend_at", "awaiting", "backoff",
-                 "done", "_result", "_error", "first_sent", "sent_at", "latency", "batch")
+                 "done", "_result", "_error", "first_sent", "sent_at", "latency", "batch", "last_error")
 
     def __init__(self, seq: int, op: str, payload: bytes, deadline: float) -> None:
         self.seq = seq
@@ -70,6 +74,8 @@ class Ticket:
         self.latency: float | None = None
         #: The writer's number of the batch (transaction) that answered it.
         self.batch: int | None = None
+        #: The writer's last retryable answer (e.g. StorageFull), while it retries.
+        self.last_error: WriterError | None = None
 
     def result(self) -> Any:
         """The op's result; raises its error. Only once ``done``."""
@@ -92,6 +98,7 @@ class WriterClient:
         settings = settings or load_settings()
         self.endpoint = endpoint or settings.writer_endpoint
         self.deadline = settings.client_deadline if deadline is None else deadline
+        self.max_message = settings.writer_max_message
         self.client_id = uuid.uuid4().hex
         self._seq = 0
         self._pending: dict[int, Ticket] = {}
@@ -102,6 +109,7 @@ class WriterClient:
         #: When the writer last answered one of our ops from a commit: while
         #: it keeps answering, a slow request is queued, not lost.
         self._progress_at = 0.0
+        self._wait_ms = -1
 
     # --- public API ------------------------------------------------------------------
 
@@ -150,9 +158,14 @@ class WriterClient:
         self._check_owner()
         self._seq += 1
         try:
-            payload = encode_request(self.client_id, self._seq, op, args)
+            payload = encode_request(self.client_id, self._seq, op, pack_columns(op, args))
         except (TypeError, ValueError, OverflowError) as e:
             raise ValidationError(f"{op}: arguments cannot be sent: {e}") from None
+        if len(payload) > self.max_message:
+            # The writer would answer "over the limit" up to 4x this size and
+            # could not answer at all beyond (ZeroMQ closes the connection).
+            raise ValidationError(f"{op}: the request is {len(payload)} bytes, over the writer's limit of "
+                                  f"{self.max_message} (TICKSTACK_WRITER_MAX_MESSAGE); send it in smaller batches")
         deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
         ticket = Ticket(self._seq, op, payload, deadline)
         self._pending[ticket.seq] = ticket
@@ -207,6 +220,7 @@ class WriterClient:
             sock.setsockopt(zmq.RCVHWM, 0)
             sock.connect(self.endpoint)
             self._sock = sock
+            self._wait_ms = -1  # RCVTIMEO as set on this socket (-1: ZeroMQ's default, wait for ever)
         return self._sock
 
     def _reconnect(self) -> None:
@@ -244,21 +258,28 @@ class WriterClient:
         """Read replies for up to ``timeout`` seconds; resend what timed out
         or was refused as busy; fail what passed its deadline."""
         sock = self._socket()
-        if sock.poll(int(timeout * 1000), zmq.POLLIN):
+        wait_ms = max(0, int(timeout * 1000))
+        if wait_ms != self._wait_ms:
+            sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+            self._wait_ms = wait_ms
+        try:
+            # A receive that waits (ZeroMQ's own timeout), not a poll then a receive: a poller
+            # per call costs as much as the rest of a small call. Then whatever else arrived,
+            # while requests are open.
+            raw = sock.recv()
             while True:
-                try:
-                    raw = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
                 self._on_reply(raw)
+                if not self._pending:
+                    break
+                raw = sock.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
         now = time.monotonic()
         due: list[Ticket] = []
         timed_out = False
         for ticket in list(self._pending.values()):
             if now >= ticket.deadline:
-                self._resolve(ticket, error=WriterUnavailable(
-                    f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
-                    "it may or may not have been applied (a retry with this client applies it at most once)"))
+                self._resolve(ticket, error=self._deadline_error(ticket))
             elif now >= ticket.resend_at:
                 if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:
                     # Answers keep coming: it waits its turn behind our own
@@ -275,7 +296,24 @@ class WriterClient:
         for ticket in due:
             if timed_out and ticket.awaiting:
                 ticket.attempt_timeout = min(ticket.attempt_timeout * 2, MAX_ATTEMPT_TIMEOUT)
+                ticket.last_error = None  # its last answer is older than this silence
             self._send(ticket)
+
+    def _deadline_error(self, ticket: Ticket) -> WriterError:
+        """What a request that passed its deadline raises: the writer's last
+        retryable answer when it gave one (a full disk: StorageFull, with its
+        reason), else WriterUnavailable."""
+        last = ticket.last_error
+        waited = time.monotonic() - ticket.first_sent
+        if isinstance(last, StorageFull):
+            return StorageFull(f"{ticket.op}: {last} (still so after {waited:.1f} s of retries)")
+        if last is not None:
+            return WriterUnavailable(
+                f"{ticket.op}: not applied by the writer at {self.endpoint} within its deadline ({waited:.1f} s); "
+                f"its last answer: {type(last).__name__}: {last}")
+        return WriterUnavailable(
+            f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
+            "it may or may not have been applied (a retry with this client applies it at most once)")
 
     def _on_reply(self, raw: bytes) -> None:
         try:
@@ -305,6 +343,7 @@ class WriterClient:
         cls = ERROR_TYPES.get(err.get("type"), WriterError)
         error = cls(err.get("message", "unknown error"))
         if error.retryable:
+            ticket.last_error = error
             self._back_off(ticket)
             return
         self._resolve(ticket, error=error)

@@ -162,11 +162,16 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_HOME", "home", path, lambda _: Path("var").absolute(), "`./var`",
       "runtime folder: database, sockets, logs, spool, backups (mode 0700)"),
     S("DATABASE_URL", "database_url", database_url, _default_url, "`sqlite:///$TICKSTACK_HOME/tickstack.db`",
-      "the database"),
+      "the database (the writer's and migrations' URL; never shown with its password)"),
+    S("DATABASE_READ_URL", "database_read_url", database_url, lambda s: s["database_url"], "`DATABASE_URL`",
+      "the readers' URL on PostgreSQL (API, console, workers' reads), e.g. a read-only role; every read "
+      "session is read-only whatever the role. SQLite readers open `DATABASE_URL`'s file read-only"),
     S("WRITER_ENDPOINT", "writer_endpoint", writer_endpoint, _default_endpoint,
       "`ipc://$TICKSTACK_HOME/run/writer.sock`", "the writer's socket (an ipc path must fit in 107 bytes)"),
     S("TICKSTACK_API_PORT", "api_port", whole(1, 65535), 8000, "8000", "the API's port (127.0.0.1)"),
     S("TICKSTACK_CONSOLE_PORT", "console_port", whole(1, 65535), 8001, "8001", "the console's port (127.0.0.1)"),
+    S("TICKSTACK_WATCHDOG_PORT", "watchdog_port", whole(1, 65535), 8002, "8002",
+      "the UDP port (127.0.0.1) of circus's watchdog: supervised processes send it heartbeats"),
     S("TICKSTACK_SYNCHRONOUS", "synchronous", choice("NORMAL", "FULL"), "NORMAL", "`NORMAL`",
       "SQLite `synchronous` for the writer: `FULL` also survives power loss, at a cost per commit"),
     S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0), 5000, "5000",
@@ -204,6 +209,9 @@ SETTINGS: tuple[Setting, ...] = (
       "seconds between two WAL size checks"),
     S("TICKSTACK_SAMPLE_EVERY_S", "sample_every_s", number(0, above=True), 10.0, "10",
       "seconds between two samples for the console's charts"),
+    S("TICKSTACK_DISK_WARN_PCT", "disk_warn_pct", number(0), 10.0, "10",
+      "`db doctor` and the console warn when the database's disk has less than this percent free "
+      "(and report a problem below a tenth of it); 0 turns the warning off"),
     S("TICKSTACK_API_TOKEN", "api_token", secret_text, "", "generated into `$TICKSTACK_HOME/api-token`",
       "the API's bearer token; unset, a generated one is kept in the file (0600)", secret=True),
     S("TICKSTACK_ADMIN_USER", "admin_user", user_name, "admin", "`admin`",
@@ -265,10 +273,12 @@ class Settings:
     variable, default and meaning, in :data:`SETTINGS`."""
 
     home: Path
-    database_url: str
+    database_url: str = field(repr=False)
+    database_read_url: str = field(repr=False)
     writer_endpoint: str
     api_port: int
     console_port: int
+    watchdog_port: int
     synchronous: str
     busy_timeout_ms: int
     journal_size_limit: int
@@ -289,6 +299,7 @@ class Settings:
     checkpoint_wal_mb: float
     checkpoint_every_s: float
     sample_every_s: float
+    disk_warn_pct: float
     api_token: str = field(repr=False)
     admin_user: str = "admin"
 

@@ -11,9 +11,17 @@ database is SQLite.
 * Fork-safe: pooled connections never cross ``fork()``; in a child every
   engine made here drops the parent's connections without closing them
   (closing would disturb the parent's SQLite locks).
+
+On PostgreSQL (psycopg 3) the same split holds: the writer's engine uses
+``DATABASE_URL``; read engines use ``DATABASE_READ_URL`` (a read-only role,
+where one is configured) and every session they open is read-only
+(``default_transaction_read_only``), so a reader cannot write whatever its
+role may do. A URL is only ever shown through :func:`display_url` (password
+hidden) or :func:`database_location` (dialect and host).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import weakref
@@ -21,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import NullPool
 
 from db.config import Settings
@@ -41,6 +50,41 @@ def is_sqlite(url_or_engine: str | Engine | Connection) -> bool:
     if isinstance(url_or_engine, str):
         return url_or_engine.startswith("sqlite")
     return url_or_engine.dialect.name == "sqlite"
+
+
+#: What stands for a hidden password (SQLAlchemy's own mask).
+HIDDEN = "***"
+#: Query parameters that carry a secret (libpq accepts ``?password=``).
+_SECRET_PARAMS = ("password",)
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be printed, logged, stored or shown: its password (in the netloc or as a
+    ``password`` query parameter) replaced by ``***``. The one way a database URL leaves a
+    process: the password must not reach a log, a job record, a page or a response. A URL that
+    SQLAlchemy cannot parse is cut down to its scheme rather than risk showing what follows."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return url.split("://", 1)[0] + "://" + HIDDEN
+    hidden = {k: HIDDEN for k in parsed.query if k.lower() in _SECRET_PARAMS}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True)
+
+
+def database_location(url: str) -> dict[str, str | None]:
+    """What anyone may see of a server database: its dialect and host (``?host=`` for a Unix
+    socket folder), no user, no password, no database name. ``/api/health`` answers it without
+    a login."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return {"dialect": url.split(":", 1)[0].split("+", 1)[0], "host": None}
+    host = parsed.host or parsed.query.get("host")
+    if isinstance(host, tuple):  # ?host=a&host=b: libpq's list of hosts
+        host = ",".join(host)
+    return {"dialect": parsed.get_backend_name(), "host": host}
 
 
 def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Engine:
@@ -92,32 +136,48 @@ def read_only_url(path: Path) -> str:
     return f"sqlite:///file:{path}?mode=ro&uri=true"
 
 
+def reader_url(settings: Settings) -> str:
+    """The URL readers connect with: SQLite's file opened ``mode=ro``, or ``DATABASE_READ_URL``
+    (``DATABASE_URL`` unless set) on a server. For engines built elsewhere (Flask-SQLAlchemy's),
+    which then go through :func:`configure_read_only`."""
+    path = settings.database_path
+    return read_only_url(path) if path is not None else settings.database_read_url
+
+
 def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
     """A read-only engine. Each transaction is a consistent snapshot; keep
-    them short, since an open read holds back WAL checkpoints."""
-    url = settings.database_url
+    them short, since an open read holds back WAL checkpoints (SQLite) and
+    vacuum (PostgreSQL)."""
+    url = reader_url(settings)
     if not is_sqlite(url):
-        engine = create_engine(url, pool_size=pool_size, pool_pre_ping=True)
-
-        @event.listens_for(engine, "begin")
-        def _read_only(conn: Connection) -> None:
-            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
-
-        _engines.add(engine)
-        return engine
-    path = settings.database_path
-    assert path is not None
-    engine = create_engine(read_only_url(path), pool_size=pool_size, max_overflow=pool_size)
+        return configure_read_only(create_engine(url, pool_size=pool_size, pool_pre_ping=True), settings)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size)
     return configure_read_only(engine, settings)
 
 
 def configure_read_only(engine: Engine, settings: Settings) -> Engine:
-    """Make an engine built elsewhere (Flask-SQLAlchemy's, on a
-    :func:`read_only_url`) behave like :func:`make_read_engine`'s: query_only,
-    busy timeout, explicit snapshot transactions, fork-safe."""
-    if not is_sqlite(engine):
-        return engine
-    return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}", "query_only = 1"])
+    """Make an engine built elsewhere (Flask-SQLAlchemy's, on :func:`reader_url`) behave like
+    :func:`make_read_engine`'s, fork-safe. SQLite: query_only, busy timeout, explicit snapshot
+    transactions. PostgreSQL: every session ``default_transaction_read_only`` from its first
+    statement (set when the connection is made, so no transaction of it can write: "cannot
+    execute INSERT in a read-only transaction"), whatever the role may do."""
+    if is_sqlite(engine):
+        return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}",
+                                                   "query_only = 1"])
+
+    # SQLAlchemy's recipe for session settings (its PostgreSQL "search_path" example): in
+    # autocommit, so the SET is not undone by the pool's rollback.
+    @event.listens_for(engine, "connect", insert=True)
+    def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        cur = dbapi_conn.cursor()
+        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        cur.close()
+        dbapi_conn.autocommit = autocommit
+
+    _engines.add(engine)
+    return engine
 
 
 def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
@@ -135,8 +195,38 @@ def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
         raise RuntimeError("checkpoint must run outside a transaction")
     # On the DB-API connection: through SQLAlchemy the PRAGMA would start a
     # transaction (BEGIN IMMEDIATE), inside which a checkpoint cannot run.
-    busy, log, done = raw_dbapi(conn).execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    sql = f"PRAGMA wal_checkpoint({mode})"
+    try:
+        busy, log, done = raw_dbapi(conn).execute(sql).fetchone()
+    except sqlite3.Error as e:  # raised as SQLAlchemy raises the driver's errors (a full disk: SQLITE_FULL)
+        raise DBAPIError.instance(sql, None, e, sqlite3.Error) from e
     return {"busy": int(busy), "log": int(log), "checkpointed": int(done)}
+
+
+#: errno values of a full disk or an exhausted quota.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def storage_full_reason(exc: BaseException) -> str | None:
+    """The database's own words when ``exc`` (or an error under it) says the
+    disk is full, e.g. ``"SQLITE_FULL: database or disk is full"`` or
+    ``"ENOSPC: No space left on device"``; None for any other error. A full
+    disk is a state the writer reports and waits out, not a crash."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
+            return f"{getattr(e, 'sqlite_errorname', 'SQLITE_FULL')}: {e}"
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return f"{errno.errorcode[e.errno]}: {e.strerror}"
+        if getattr(e, "sqlstate", None) == "53100" or getattr(e, "pgcode", None) == "53100":  # PostgreSQL disk_full
+            return f"53100 disk_full: {e}".strip()
+        todo += [x for x in (getattr(e, "orig", None), e.__cause__, e.__context__) if isinstance(x, BaseException)]
+    return None
 
 
 def raw_dbapi(conn: Connection) -> Any:

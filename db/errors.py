@@ -34,19 +34,21 @@ class CommitFailed(WriterError):
     retryable = True
 
 
-class StorageFull(WriterError):
-    """The database's disk is full: nothing of the request was written. A state, not a crash: the
-    writer keeps serving and answers this until space returns; the client may retry later."""
-
-    retryable = True
-
-
 class WriterUnavailable(WriterError):
     """No answer from the writer within the client's deadline. The request
     may or may not have been applied: retry it with the same client and
     request id (``WriterClient`` does) and it is applied at most once."""
 
     retryable = True
+
+
+class StorageFull(WriterUnavailable):
+    """The database's disk is full: nothing of the request was written. A state, not a crash: the
+    writer keeps serving and answers this until space returns; the client may retry later.
+
+    A kind of :class:`WriterUnavailable` (the writer cannot take writes for now, and a retry is
+    safe), so code that waits out an unavailable writer (spooling, retrying later) does the same
+    on a full disk, and code that wants to say "disk full" (the API's 507) tests for it first."""
 
 
 ERROR_TYPES: dict[str, type[WriterError]] = {

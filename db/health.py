@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import psutil
 
 from db.config import Settings
+from db.engine import display_url
 from db.errors import WriterError
 from db.lock import read_lock_holder
 
@@ -125,6 +127,36 @@ def _is_ours(proc: psutil.Process, cmdline: str, home: Path) -> bool:
     return any(f"-m {m}" in cmdline for m in OUR_MODULES)
 
 
+def disk_space(settings: Settings) -> list[dict[str, Any]]:
+    """Free space of the filesystem holding the database, and of the one holding TICKSTACK_HOME
+    (spool, logs, backups) when it is another. ``free`` is what an unprivileged process may still
+    use (``f_bavail``), the figure that runs out first; ``level`` is ``ok``, ``warn`` below
+    ``TICKSTACK_DISK_WARN_PCT`` percent free, ``fail`` below a tenth of that (the writer is about
+    to answer ``StorageFull``)."""
+    places = [("database", settings.database_path.parent)] if settings.database_path is not None else []
+    places.append(("runtime folder", settings.home))
+    out: list[dict[str, Any]] = []
+    devices: set[int] = set()
+    for what, path in places:
+        while not path.exists() and path != path.parent:  # not created yet: the disk it will be on
+            path = path.parent
+        try:
+            device = path.stat().st_dev
+            usage = shutil.disk_usage(path)
+        except OSError as e:
+            out.append({"what": what, "path": str(path), "error": str(e), "level": "warn"})
+            continue
+        if device in devices:
+            continue
+        devices.add(device)
+        free_pct = 100.0 * usage.free / usage.total if usage.total else 0.0
+        level = ("fail" if free_pct < settings.disk_warn_pct / 10 else
+                 "warn" if free_pct < settings.disk_warn_pct else "ok")
+        out.append({"what": what, "path": str(path), "total": usage.total, "free": usage.free,
+                    "free_pct": round(free_pct, 2), "warn_pct": settings.disk_warn_pct, "level": level})
+    return out
+
+
 def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: float = 1.0,
              known_pids: set[int] | None = None) -> dict[str, Any]:
     """Everything a person asks when the database feels slow, in one dict.
@@ -132,7 +164,7 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     from db.client import WriterClient  # here, so importing health stays cheap
 
     path = settings.database_path
-    snap: dict[str, Any] = {"taken_at_ms": int(time.time() * 1000), "database_url": settings.database_url}
+    snap: dict[str, Any] = {"taken_at_ms": int(time.time() * 1000), "database_url": display_url(settings.database_url)}
     writer: dict[str, Any] = {"up": False, "pid": None}
     if path is not None:
         writer["pid"] = read_lock_holder(settings.writer_lock_path)
@@ -145,6 +177,7 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     finally:
         client.close()
     snap["writer"] = writer
+    snap["disk"] = disk_space(settings)
     if path is None:
         return snap
     snap["path"] = str(path)
@@ -179,6 +212,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     else:
         out.append(("fail", "The writer is not running, so writes wait (clients retry until their deadline). "
                             "Start the stack with `make run`, or `circusctl start writer`."))
+    out.extend(_disk_findings(snap))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
                             "writes the file. See the processes below."))
@@ -186,7 +220,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if "error" in prag:
         out.append(("fail", f"Cannot read the database: {prag['error']}"))
         return out
-    if prag.get("journal_mode") != "wal":
+    if "path" in snap and prag.get("journal_mode") != "wal":  # SQLite's; a server has no journal mode
         out.append(("warn", f"Journal mode is {prag.get('journal_mode')}, not WAL: readers and the writer block "
                             "each other. The writer sets WAL when it starts."))
     qc = prag.get("quick_check")
@@ -209,6 +243,41 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                                 "tickstack. Reads are harmless, but a long read holds back checkpoints."))
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
+    return out
+
+
+def _amount(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 2**10:,.1f} KiB"
+
+
+def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+    """Free space, warned about before it runs out, and a full disk the writer met."""
+    out: list[tuple[str, str]] = []
+    for d in snap.get("disk", []):
+        if "error" in d:
+            out.append(("warn", f"Cannot read the free space of the {d['what']} ({d['path']}): {d['error']}."))
+        elif d["level"] == "ok":
+            out.append(("ok", f"Disk of the {d['what']}: {_amount(d['free'])} free of {_amount(d['total'])} "
+                              f"({d['free_pct']:.1f} %)."))
+        else:
+            out.append((d["level"], f"Disk of the {d['what']} ({d['path']}) is "
+                                    f"{'almost full' if d['level'] == 'fail' else 'filling up'}: {_amount(d['free'])} "
+                                    f"free of {_amount(d['total'])} ({d['free_pct']:.1f} %, warning below "
+                                    f"{d['warn_pct']:g} %, TICKSTACK_DISK_WARN_PCT). When it is full the writer "
+                                    "refuses writes (StorageFull) and the ingestor holds ticks in memory. Free "
+                                    "space: delete old backups (TICKSTACK_BACKUP_KEEP), shorten "
+                                    "TICKSTACK_RETENTION_DAYS, or move TICKSTACK_HOME to a larger disk."))
+    stats = snap["writer"].get("stats") or {}
+    last = stats.get("last_storage_full")
+    if last:
+        ago_s = max(0.0, time.time() - last["at_ms"] / 1000)
+        level = "fail" if ago_s < 60 else "warn"
+        out.append((level, f"The writer refused {stats.get('storage_full', 0)} writes since it started because the "
+                           f"disk was full, the last {ago_s:.0f} s ago ({last['reason']}). Nothing of them was "
+                           "written; clients retry, and writes resume by themselves once space is freed."))
     return out
 
 
@@ -253,22 +322,28 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         raise ValueError("the backup path is the database itself")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
-    tmp.unlink(missing_ok=True)
+    leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
     started = time.perf_counter()
-    src = connect_read_only(path)
     try:
-        out = sqlite3.connect(tmp)
+        # Private from its first byte, and never left behind half-written (a full disk, a bad page).
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        src = connect_read_only(path)
         try:
-            src.backup(out)
-            out.execute("PRAGMA journal_mode = DELETE")
-            check = [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+            out = sqlite3.connect(tmp)
+            try:
+                src.backup(out)
+                out.execute("PRAGMA journal_mode = DELETE")
+                check = [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+            finally:
+                out.close()
         finally:
-            out.close()
+            src.close()
+        if check != ["ok"]:
+            raise RuntimeError(f"backup failed its integrity check: {check[:3]}")
+        os.replace(tmp, dest)
+    except sqlite3.Error as e:
+        raise RuntimeError(f"backup to {dest} failed: {e} (nothing left behind)") from e
     finally:
-        src.close()
-    if check != ["ok"]:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"backup failed its integrity check: {check[:3]}")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, dest)
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
     return {"path": str(dest), "bytes": dest.stat().st_size, "ms": round((time.perf_counter() - started) * 1000, 1)}

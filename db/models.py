@@ -6,6 +6,7 @@ process and every database compares them the same way.
 from __future__ import annotations
 
 import time
+from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
@@ -127,7 +128,7 @@ class Trade(Base):
     closed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     exit_price: Mapped[float | None] = mapped_column(Float, nullable=True)
     pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
-    close_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    close_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)  # 32 before schema v2
     #: Last tick id the monitor applied to this trade.
     last_tick_id: Mapped[int] = mapped_column(BigInteger, default=0)
 
@@ -137,7 +138,7 @@ class TradeEvent(Base):
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
     trade_id: Mapped[int] = mapped_column(ForeignKey("trades.id"), index=True)
     ts: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(32))  # opened, stop_moved, closed, ...
+    kind: Mapped[str] = mapped_column(String(64))  # opened, stop_moved, closed, ... (32 before schema v2)
     price: Mapped[float | None] = mapped_column(Float, nullable=True)
     pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
@@ -203,5 +204,13 @@ def now_ms() -> int:
 def trade_pnl(side: str, entry: float, exit_price: float, size: float) -> float:
     """Profit or loss of ``size`` units bought (``side`` "buy") or sold at
     ``entry`` and closed at ``exit_price``; the one rule for realised P&L
-    (close_trade) and marked-to-market P&L (open trades in API and console)."""
-    return (exit_price - entry) * size if side == "buy" else (entry - exit_price) * size
+    (close_trade) and marked-to-market P&L (open trades in API and console).
+
+    Exact in decimal, as an exchange computes it: each input is taken as the
+    shortest decimal that gives its float back (``repr``: 97012.35, not
+    97012.350000000006...), so the P&L has at most the decimals of the prices
+    plus those of the size, and only then becomes the nearest float. Float
+    arithmetic would leak binary noise into the money: (97001.8 - 97012.35) *
+    0.35 is -3.692500000001018 in floats and -3.6925 here."""
+    opened, closed = Decimal(repr(float(entry))), Decimal(repr(float(exit_price)))
+    return float(((closed - opened) if side == "buy" else (opened - closed)) * Decimal(repr(float(size))))

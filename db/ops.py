@@ -1,9 +1,14 @@
 """The registry of named write operations: the only code that changes data.
 
 The writer looks an op up by name, checks its arguments against the op's
-fields (:func:`prepare`) and runs it inside the batch transaction, each op in
-a savepoint of its own (:func:`execute`). Ops are plain functions of a
-SQLAlchemy ``Connection``; they stay portable SQL (SQLite or PostgreSQL).
+fields (:func:`prepare`) and runs it inside the batch transaction
+(:func:`execute`; the writer decides about savepoints, see
+:mod:`workers.commit`). Ops are plain functions of a SQLAlchemy
+``Connection``; they stay portable SQL (SQLite or PostgreSQL). The hot ones
+(ticks, audit, bars and indicators, the record of applied requests) run
+statements compiled once per dialect, on the DB-API cursor where the driver
+takes them as they are (:func:`_statement`), with SQLAlchemy Core as the
+fallback for any other database.
 
 Every op declares its fields with the validators of :mod:`db.validation`,
 which raise :class:`ValidationError` with a message naming the field and what
@@ -22,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
 from db import queries
+from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
     AppliedRequest,
@@ -46,15 +52,16 @@ from db.validation import (
     boolean,
     check_fields,
     check_levels,
+    distance,
     indicator_rows,
     integer,
     label,
     one_of,
     optional,
-    optional_list,
-    positive,
     price,
     rows,
+    shown,
+    size,
     symbol,
     text,
     tick_columns,
@@ -92,7 +99,7 @@ def op(name: str, *, transactional: bool = True, **fields: Validator | tuple[Val
 def prepare(name: Any, args: Any) -> tuple[Op, dict[str, Any]]:
     """Look the op up and validate its arguments; raises ValidationError."""
     if type(name) is not str or name not in OPS:
-        raise ValidationError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}")
+        raise ValidationError(f"unknown op {shown(name)}; known ops: {', '.join(sorted(OPS))}")
     spec = OPS[name]
     if args is None:
         args = {}
@@ -104,9 +111,10 @@ def execute(conn: Connection, spec: Op, args: dict[str, Any]) -> Any:
     return spec.fn(conn, **args)
 
 
-# --- portable helpers ------------------------------------------------------------
+# --- compiled statements: the hot path, portable -------------------------------
 
-_compiled: dict[tuple[str, str], tuple[str, Sequence[str] | None]] = {}
+#: (dialect, table, columns, conflict keys, ignore) -> (SQL text, positional parameter order or None).
+_compiled: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], bool], tuple[str, tuple[str, ...] | None]] = {}
 
 
 def _dialect_insert(conn: Connection) -> Callable[[Table], Any]:
@@ -117,46 +125,98 @@ def _dialect_insert(conn: Connection) -> Callable[[Table], Any]:
     raise NotImplementedError(f"no upsert support for {conn.dialect.name}")
 
 
-def _insert_ignoring_duplicates(conn: Connection, table: Table, columns: Sequence[str],
-                                values: Iterable[tuple]) -> int:
-    """executemany an INSERT that skips rows whose unique key exists; returns
-    the number inserted. Compiled once per dialect and passed to the driver
-    as plain tuples: the hot path of tick ingest, with no per-row Python."""
-    key = (conn.dialect.name, table.name + ":" + ",".join(columns))
-    if key not in _compiled:
-        stmt = _dialect_insert(conn)(table).on_conflict_do_nothing()
+def _statement(conn: Connection, table: Table, columns: Sequence[str], update_on: Sequence[str] | None = None,
+               ignore: bool = False) -> tuple[str, tuple[str, ...] | None]:
+    """``INSERT INTO table (columns)``, compiled once per dialect: SQLAlchemy's compile and execute
+    path costs tens of microseconds a statement, more than SQLite takes to run a small one. Plain,
+    or skipping rows whose unique key exists (``ignore``), or replacing them (``update_on``, the
+    unique key's columns: an upsert). Returns the SQL and the order of its positional parameters
+    (None for a driver with named ones)."""
+    key = (conn.dialect.name, table.name, tuple(columns), tuple(update_on or ()), ignore)
+    found = _compiled.get(key)
+    if found is None:
+        if update_on or ignore:
+            stmt = _dialect_insert(conn)(table)
+            stmt = (stmt.on_conflict_do_update(index_elements=list(update_on), set_={
+                c: getattr(stmt.excluded, c) for c in columns if c not in update_on})
+                if update_on else stmt.on_conflict_do_nothing())
+        else:
+            stmt = insert(table)
         compiled = stmt.compile(dialect=conn.dialect, column_keys=list(columns))
-        order = compiled.positiontup if compiled.positional else None
-        _compiled[key] = (str(compiled), order)
-    sql, order = _compiled[key]
-    if conn.dialect.name == "sqlite" and order is not None and list(order) == list(columns):
-        # The ingest hot path: stream the tuples into the driver (no list of
-        # thousands kept alive for the garbage collector to walk), on the same
-        # connection and inside the caller's savepoint.
+        order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+        found = _compiled[key] = (str(compiled), order)
+    return found
+
+
+def _direct(conn: Connection, order: tuple[str, ...] | None, columns: Sequence[str]) -> bool:
+    """Whether rows of ``columns`` go to the DB-API cursor as they are: SQLite, whose compiled
+    statement takes exactly these positional parameters in this order (no defaults filled in)."""
+    return conn.dialect.name == "sqlite" and order == tuple(columns)
+
+
+def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
+    """A driver error as SQLAlchemy would raise it (the writer classifies errors by that)."""
+    return DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error)
+
+
+def _executemany(conn: Connection, table: Table, columns: Sequence[str], values: Iterable[tuple], *,
+                 update_on: Sequence[str] | None = None, ignore: bool = False) -> int:
+    """executemany the compiled INSERT (see :func:`_statement`) with rows given as tuples in
+    ``columns`` order; returns the rows inserted (or replaced). On SQLite the tuples stream into
+    the DB-API cursor of the same connection, inside the caller's transaction, with no per-row
+    Python and no list of thousands kept alive for the garbage collector to walk; elsewhere
+    (PostgreSQL) through SQLAlchemy's driver-level executemany."""
+    sql, order = _statement(conn, table, columns, update_on, ignore)
+    if _direct(conn, order, columns):
         cursor = engines.raw_dbapi(conn).cursor()
         try:
             cursor.executemany(sql, values)
             return cursor.rowcount
-        except conn.dialect.loaded_dbapi.Error as e:  # as SQLAlchemy would raise it
-            raise DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error) from e
+        except conn.dialect.loaded_dbapi.Error as e:
+            raise _driver_error(conn, sql, e) from e
         finally:
             cursor.close()
     params: list = list(values)
     if order is None:
         params = [dict(zip(columns, row, strict=True)) for row in params]
-    elif list(order) != list(columns):
+    elif order != tuple(columns):
         index = [columns.index(c) for c in order]
         params = [tuple(row[i] for i in index) for row in params]
-    result = conn.exec_driver_sql(sql, params)
-    return result.rowcount
+    return conn.exec_driver_sql(sql, params).rowcount
+
+
+def _insert_row(conn: Connection, table: Table, values: Mapping[str, Any]) -> int:
+    """Insert one row (every column but the id given) and return its id: the compiled statement
+    and ``lastrowid`` on SQLite, SQLAlchemy Core (``RETURNING``) elsewhere."""
+    columns = tuple(values)
+    sql, order = _statement(conn, table, columns)
+    if not _direct(conn, order, columns):
+        return conn.execute(insert(table), dict(values)).inserted_primary_key[0]
+    cursor = engines.raw_dbapi(conn).cursor()
+    try:
+        cursor.execute(sql, tuple(values.values()))
+        return cursor.lastrowid
+    except conn.dialect.loaded_dbapi.Error as e:
+        raise _driver_error(conn, sql, e) from e
+    finally:
+        cursor.close()
+
+
+def _upsert_columns(conn: Connection, table: Table, cols: dict[str, list[Any]] | None, names: Sequence[str],
+                    keys: Sequence[str]) -> int:
+    """Upsert rows given as columns (validated by :mod:`db.columns`) through the compiled statement."""
+    if not cols or not cols["ts"]:
+        return 0
+    values = zip(*(cols[c] for c in names), strict=True)
+    return _executemany(conn, table, names, values, update_on=keys)
 
 
 def _upsert(conn: Connection, table: Table, rows_: list[dict[str, Any]], keys: Sequence[str]) -> int:
+    """Upsert rows given as objects (every row with the same fields) through the compiled statement."""
     if not rows_:
         return 0
-    stmt = _dialect_insert(conn)(table)
-    updates = {c: getattr(stmt.excluded, c) for c in rows_[0] if c not in keys}
-    conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows_)
+    names = tuple(rows_[0])
+    _executemany(conn, table, names, (tuple(r[c] for c in names) for r in rows_), update_on=keys)
     return len(rows_)
 
 
@@ -169,7 +229,7 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     skipped and counted as a duplicate, so replays never store it twice."""
     n = len(ticks["ts"])
     values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
-    inserted = _insert_ignoring_duplicates(conn, Tick.__table__, TICK_FIELDS, values)
+    inserted = _executemany(conn, Tick.__table__, TICK_FIELDS, values, ignore=True)
     return {"inserted": inserted, "duplicates": n - inserted}
 
 
@@ -201,18 +261,26 @@ def put_indicators(conn: Connection, values: list[dict[str, Any]]) -> dict[str, 
     return {"upserted": _upsert(conn, IndicatorValue.__table__, values, keys)}
 
 
-@op("store_analysis", cursor=label, position=integer(0), bars=(optional_list(bar_rows), False),
-    indicators=(optional_list(indicator_rows), False), state=(optional(blob), False))
-def store_analysis(conn: Connection, cursor: str, position: int, bars: list | None = None,
-                   indicators: list | None = None, state: bytes | None = None) -> dict[str, int]:
+@op("store_analysis", cursor=label, position=integer(0), bars=(bar_table, False),
+    indicators=(indicator_table, False), state=(optional(blob), False), expect=(optional(integer(0)), False))
+def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str, list] | None = None,
+                   indicators: dict[str, list] | None = None, state: bytes | None = None,
+                   expect: int | None = None) -> dict[str, int]:
     """Store bars and indicators together with the worker's cursor, in one
     savepoint: after a crash the worker resumes from a position whose bars
-    are stored, so no tick is counted twice. The cursor never moves back."""
+    are stored, so no tick is counted twice. The cursor never moves back.
+    Bars and indicators come as rows or, in bulk, as columns (:mod:`db.columns`).
+    ``expect``: the cursor position these values were computed from; if the
+    cursor is elsewhere (an earlier request of a pipelined worker failed),
+    nothing is stored (Conflict), so no store lands on a gap."""
     current = conn.execute(select(Cursor.value).where(Cursor.name == cursor)).scalar()
+    if expect is not None and (current or 0) != expect:
+        raise Conflict(f"cursor {cursor!r} is at {current or 0}, not at {expect} as this store expects")
     if current is not None and position < current:
         raise Conflict(f"cursor {cursor!r} is at {current}; refusing to move it back to {position}")
-    n_bars = _upsert(conn, Bar.__table__, bars or [], ("symbol", "timeframe", "ts"))
-    n_ind = _upsert(conn, IndicatorValue.__table__, indicators or [], ("symbol", "timeframe", "name", "ts"))
+    n_bars = _upsert_columns(conn, Bar.__table__, bars, BAR_COLUMNS, ("symbol", "timeframe", "ts"))
+    n_ind = _upsert_columns(conn, IndicatorValue.__table__, indicators, INDICATOR_COLUMNS,
+                            ("symbol", "timeframe", "name", "ts"))
     _upsert(conn, Cursor.__table__, [{"name": cursor, "value": position, "state": state}], ("name",))
     return {"bars": n_bars, "indicators": n_ind, "position": position}
 
@@ -232,7 +300,8 @@ def _latest_price(conn: Connection, sym: str, side: str, opening: bool) -> float
 
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
            pnl: float | None = None, detail: str = "") -> None:
-    conn.execute(insert(TradeEvent), dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl, detail=detail))
+    _insert_row(conn, TradeEvent.__table__, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
+                                                 detail=detail))
 
 
 def _open_trade_row(conn: Connection, trade_id: int) -> Any:
@@ -244,10 +313,10 @@ def _open_trade_row(conn: Connection, trade_id: int) -> Any:
     return row
 
 
-@op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=positive,
+@op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=size,
     entry_price=(optional(price), False), stop_loss=(optional(price), False),
-    take_profit=(optional(price), False), trailing_distance=(optional(positive), False),
-    breakeven_trigger=(optional(positive), False), ts=(optional(timestamp), False))
+    take_profit=(optional(price), False), trailing_distance=(optional(distance), False),
+    breakeven_trigger=(optional(distance), False), ts=(optional(timestamp), False))
 def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_price: float | None = None,
                stop_loss: float | None = None, take_profit: float | None = None,
                trailing_distance: float | None = None, breakeven_trigger: float | None = None,
@@ -329,9 +398,8 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
     """Record one run of a maintenance job."""
     if finished_at < started_at:
         raise ValidationError(f"finished_at {finished_at} is before started_at {started_at}")
-    run_id = conn.execute(insert(JobRun), dict(job=job, started_at=started_at, finished_at=finished_at,
-                                                duration_ms=finished_at - started_at, ok=ok,
-                                                detail=detail)).inserted_primary_key[0]
+    run_id = _insert_row(conn, JobRun.__table__, dict(job=job, started_at=started_at, finished_at=finished_at,
+                                                     duration_ms=finished_at - started_at, ok=ok, detail=detail))
     return {"id": run_id}
 
 
@@ -341,19 +409,21 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
 def audit(conn: Connection, actor: str, action: str, target: str = "", result: str = "ok",
           detail: str = "", ts: int | None = None) -> dict[str, int]:
     """Append to the audit log: who did what to what, and how it went."""
-    entry_id = conn.execute(insert(AuditEntry), dict(
+    entry_id = _insert_row(conn, AuditEntry.__table__, dict(
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
-        detail=detail)).inserted_primary_key[0]
+        detail=detail))
     return {"id": entry_id}
+
+
+_SAMPLE_COLUMNS = ("ts", "name", "labels", "value")
 
 
 @op("record_samples", samples=rows(SAMPLE_FIELDS), keep_ms=(optional(integer(60_000)), False))
 def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int | None = None) -> dict[str, int]:
     """Store measurements for the charts; with ``keep_ms``, forget samples
     older than that (the series stay bounded)."""
-    for s in samples:
-        s.setdefault("labels", "")
-    conn.execute(insert(Sample), samples)
+    _executemany(conn, Sample.__table__, _SAMPLE_COLUMNS,
+                 ((s["ts"], s["name"], s.get("labels", ""), s["value"]) for s in samples))
     pruned = 0
     if keep_ms is not None:
         pruned = conn.execute(delete(Sample).where(Sample.ts < now_ms() - keep_ms)).rowcount
@@ -382,11 +452,24 @@ def lookup_applied(conn: Connection, client_id: str, seq: int) -> bytes | None:
         AppliedRequest.client_id == client_id, AppliedRequest.seq == seq)).scalar()
 
 
-def record_applied(conn: Connection, entries: list[tuple[str, int, bytes]]) -> None:
-    if entries:
-        ts = now_ms()
-        conn.execute(insert(AppliedRequest), [
-            {"client_id": c, "seq": s, "committed_at": ts, "result": r} for c, s, r in entries])
+_APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result")
+
+
+def record_applied(conn: Connection, client_id: str, seq: int, result: bytes) -> None:
+    """Record one request as applied, with its packed result. The writer's careful path calls it
+    in the request's own savepoint, so a request whose record cannot be stored fails alone and
+    leaves no effect behind (a second record of the same request is an IntegrityError, never
+    ignored)."""
+    record_applied_many(conn, [(client_id, seq, result)])
+
+
+def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, bytes]]) -> None:
+    """Record many requests as applied, ``(client id, seq, packed result)`` each, in one executemany:
+    the writer's fast path, one statement per batch. Any error fails the whole statement, and
+    the writer then runs the batch again with a record per request (:func:`record_applied`)."""
+    at = now_ms()
+    _executemany(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
+                 ((cid, seq, at, result) for cid, seq, result in records))
 
 
 def prune_applied(conn: Connection, older_than_ms: int) -> int:

@@ -4,7 +4,8 @@ Each query is a plain function of a SQLAlchemy ``Connection`` or ``Session``
 (the web apps pass Flask-SQLAlchemy's ``db.session`` on the read-only engine,
 the workers their own read connections, and the writer its connection inside
 the batch transaction), takes plain values and returns rows (attribute access
-by column name, ``_asdict()`` for JSON) or plain values. So a rule such as
+by column name, ``_asdict()`` for JSON), a :class:`Page` of rows (lists a
+client pages through) or plain values. So a rule such as
 "the latest tick of a symbol" or "what an open trade is worth now" is written
 once, and the API, the console and the writer cannot drift apart.
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Row, Select, func, select
+from sqlalchemy import Row, Select, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -36,18 +38,68 @@ EVENT_COLUMNS = (TradeEvent.id, TradeEvent.ts, TradeEvent.kind, TradeEvent.price
                  TradeEvent.detail)
 
 
-def _newest_oldest_first(conn: Reader, stmt: Select, ts_column: Any, since: int | None, until: int | None,
-                         limit: int, *tiebreak: Any) -> list[Row]:
-    """Rows of ``stmt`` with ``ts_column`` in [since, until] (either bound may be None), the newest
-    ``limit`` of them, returned oldest first: what a chart or an API page of a series wants."""
+@dataclass(frozen=True)
+class Page:
+    """One page of a list: its ``rows`` (in the order the list is shown), whether ``more`` rows lie
+    beyond it in the direction of paging, and ``next``: the query parameters of the next page (merge
+    them into the request's own), None when there is none. A page is cut at ``limit`` rows, so a
+    caller always learns that a result was cut, and where to go on from."""
+
+    rows: list[Row]
+    more: bool
+    next: dict[str, int] | None
+
+
+def _cut(rows: Sequence[Row], limit: int | None) -> tuple[list[Row], bool]:
+    """``rows`` (read with ``limit + 1``) cut to ``limit``, and whether there were more."""
+    if limit is None or len(rows) <= limit:
+        return list(rows), False
+    return list(rows[:limit]), True
+
+
+def _series_page(conn: Reader, stmt: Select, ts_column: Any, *, since: int | None, until: int | None, limit: int,
+                 id_column: Any = None, after_id: int | None = None, before_id: int | None = None) -> Page:
+    """A page of the series ``stmt`` (rows with a ``ts`` column, and an ``id`` with ``id_column``),
+    always returned oldest first.
+
+    Direction, as exchange APIs page (ccxt's ``fetch_ohlcv(since, limit)``, Binance's startTime):
+    with ``since``, the *oldest* ``limit`` rows with ts >= since (paging forward); without it, the
+    *newest* ``limit`` rows with ts <= until, or of all (paging backward). ``until`` bounds a forward
+    page too.
+
+    Rows are ordered by (ts, id). When ts is unique in the series (bars, indicator values), the
+    cursor is ts alone: ``next`` is ``{"since": last ts + 1}`` forward, ``{"until": first ts - 1}``
+    backward. When rows can share a ts (ticks), a ts alone would split or repeat the rows of that ts
+    at a page boundary, so the cursor is (ts, id): ``{"since": ts, "after_id": id}`` means the rows
+    after that row in (ts, id) order (ts > since, or ts = since and id > after_id), and
+    ``{"until": ts, "before_id": id}`` the rows before it."""
+    forward = since is not None
+    if after_id is not None and (since is None or id_column is None):
+        raise ValueError("after_id goes with since, on a series with ids")
+    if before_id is not None and (until is None or forward or id_column is None):
+        raise ValueError("before_id goes with until (and no since), on a series with ids")
     if since is not None:
         stmt = stmt.where(ts_column >= since)
+        if after_id is not None:
+            stmt = stmt.where(or_(ts_column > since, id_column > after_id))
     if until is not None:
         stmt = stmt.where(ts_column <= until)
-    order = [ts_column.desc(), *(c.desc() for c in tiebreak)]
-    rows = list(conn.execute(stmt.order_by(*order).limit(limit)).all())
-    rows.reverse()
-    return rows
+        if before_id is not None:
+            stmt = stmt.where(or_(ts_column < until, id_column < before_id))
+    keys = (ts_column,) if id_column is None else (ts_column, id_column)
+    order = [k.asc() if forward else k.desc() for k in keys]
+    rows, more = _cut(conn.execute(stmt.order_by(*order).limit(limit + 1)).all(), limit)
+    if not forward:
+        rows.reverse()
+    following: dict[str, int] | None = None
+    if more:
+        edge = rows[-1] if forward else rows[0]
+        if id_column is None:
+            following = {"since": edge.ts + 1} if forward else {"until": edge.ts - 1}
+        else:
+            following = ({"since": edge.ts, "after_id": edge.id} if forward
+                         else {"until": edge.ts, "before_id": edge.id})
+    return Page(rows, more, following)
 
 
 # --- ticks and prices ------------------------------------------------------------------------
@@ -69,6 +121,35 @@ def latest_ticks(conn: Reader, symbols: Iterable[str]) -> dict[str, Row]:
     return out
 
 
+#: How many of a symbol's latest ticks tell its price precision, and the most decimals believed.
+PRECISION_TICKS = 200
+MAX_DECIMALS = 8
+
+
+def decimals(value: float) -> int:
+    """The decimals of the shortest decimal that gives ``value`` back (``repr``, as
+    :func:`db.models.trade_pnl` reads prices): 1.08231 -> 5, 59245.0 -> 0; at most :data:`MAX_DECIMALS`."""
+    exponent = Decimal(repr(float(value))).normalize().as_tuple().exponent
+    return min(MAX_DECIMALS, max(0, -exponent)) if isinstance(exponent, int) else 0
+
+
+def price_decimals(conn: Reader, symbols: Iterable[str], sample: int = PRECISION_TICKS) -> dict[str, int]:
+    """Symbol -> the decimals its prices are quoted with, learned from its data: the most decimals of
+    any bid or ask among its latest ``sample`` ticks (one tick is not enough: 1.08230 is stored as
+    1.0823), or of its latest bars' prices when it has no tick. A symbol with neither is left out.
+    The one precision rule: the console's tables, messages and chart axes all show prices with it."""
+    out: dict[str, int] = {}
+    for symbol in symbols:
+        rows = conn.execute(select(Tick.bid, Tick.ask).where(Tick.symbol == symbol)
+                            .order_by(Tick.ts.desc(), Tick.id.desc()).limit(sample)).all()
+        if not rows:
+            rows = conn.execute(select(Bar.open, Bar.high, Bar.low, Bar.close).where(Bar.symbol == symbol)
+                                .order_by(Bar.ts.desc()).limit(sample)).all()
+        if rows:
+            out[symbol] = max(decimals(v) for row in rows for v in row)
+    return out
+
+
 def market_price(tick: Any, side: str, *, opening: bool) -> float:
     """The price a market order gets at ``tick``: a buy opens at the ask and closes at the bid, a
     sell the other way round. Marking an open trade to market uses the closing price (what closing
@@ -76,31 +157,93 @@ def market_price(tick: Any, side: str, *, opening: bool) -> float:
     return float(tick.ask if (side == "buy") == opening else tick.bid)
 
 
-def tick_series(conn: Reader, symbol: str, *, since: int | None = None, until: int | None = None,
-                limit: int) -> list[Row]:
-    """The newest ``limit`` ticks of ``symbol`` with ts in [since, until], oldest first (ties by id)."""
+def tick_series(conn: Reader, symbol: str, *, since: int | None = None, until: int | None = None, limit: int,
+                after_id: int | None = None, before_id: int | None = None) -> Page:
+    """A page of ``symbol``'s ticks by (ts, id), oldest first: from ``since`` (after the tick
+    ``since, after_id``) forward, else the newest up to ``until`` (before the tick ``until,
+    before_id``); see :func:`_series_page`."""
     stmt = select(*TICK_COLUMNS).where(Tick.symbol == symbol)
-    return _newest_oldest_first(conn, stmt, Tick.ts, since, until, limit, Tick.id)
+    return _series_page(conn, stmt, Tick.ts, since=since, until=until, limit=limit, id_column=Tick.id,
+                        after_id=after_id, before_id=before_id)
 
 
 # --- bars and indicators ---------------------------------------------------------------------
 
 
 def bar_series(conn: Reader, symbol: str, timeframe: str, *, since: int | None = None, until: int | None = None,
-               limit: int) -> list[Row]:
-    """The newest ``limit`` bars of ``symbol`` and ``timeframe`` (ts: bucket start) in [since, until],
-    oldest first."""
+               limit: int) -> Page:
+    """A page of the bars of ``symbol`` and ``timeframe`` (ts: bucket start, unique), oldest first:
+    the oldest ``limit`` from ``since``, else the newest up to ``until``; see :func:`_series_page`."""
     stmt = select(*BAR_COLUMNS).where(Bar.symbol == symbol, Bar.timeframe == timeframe)
-    return _newest_oldest_first(conn, stmt, Bar.ts, since, until, limit)
+    return _series_page(conn, stmt, Bar.ts, since=since, until=until, limit=limit)
 
 
 def indicator_series(conn: Reader, symbol: str, timeframe: str, name: str, *, since: int | None = None,
-                     until: int | None = None, limit: int) -> list[Row]:
-    """The newest ``limit`` values of indicator ``name`` for ``symbol`` and ``timeframe`` in
-    [since, until], oldest first."""
+                     until: int | None = None, limit: int) -> Page:
+    """A page of the values of indicator ``name`` for ``symbol`` and ``timeframe`` (ts: the bar's
+    bucket start, unique), oldest first, as :func:`bar_series`."""
     stmt = select(*INDICATOR_COLUMNS).where(IndicatorValue.symbol == symbol, IndicatorValue.timeframe == timeframe,
                                             IndicatorValue.name == name)
-    return _newest_oldest_first(conn, stmt, IndicatorValue.ts, since, until, limit)
+    return _series_page(conn, stmt, IndicatorValue.ts, since=since, until=until, limit=limit)
+
+
+# --- the analysis worker's reads (plain tuples: it turns them into arrays) ------------------------
+
+
+def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
+    """All rows of ``stmt`` as the driver's plain tuples: the statement is compiled for the dialect
+    as usual, only SQLAlchemy's Row objects (about 0.5 us each) are skipped."""
+    result = conn.execute(stmt)
+    try:
+        return result.cursor.fetchall()
+    finally:
+        result.close()
+
+
+def ticks_after(conn: Connection, after_id: int, limit: int) -> list[tuple]:
+    """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order."""
+    return _tuples(conn, select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.volume)
+                   .where(Tick.id > after_id).order_by(Tick.id).limit(limit))
+
+
+def symbol_ticks_between(conn: Connection, symbol: str, since: int, until: int, max_id: int) -> list[tuple]:
+    """(ts, bid, volume) of ``symbol``'s ticks with since <= ts < until and id <= ``max_id``, in (ts, id)
+    order: the order that defines a bar (one range scan of the (symbol, ts) index)."""
+    return _tuples(conn, select(Tick.ts, Tick.bid, Tick.volume)
+                   .where(Tick.symbol == symbol, Tick.ts >= since, Tick.ts < until, Tick.id <= max_id)
+                   .order_by(Tick.ts, Tick.id))
+
+
+def bars_between(conn: Connection, symbol: str, timeframe: str, since: int, until: int) -> list[tuple]:
+    """(ts, open, high, low, close, volume, tick_count) of the stored bars with since <= ts <= until."""
+    return _tuples(conn, select(Bar.ts, Bar.open, Bar.high, Bar.low, Bar.close, Bar.volume, Bar.tick_count)
+                   .where(Bar.symbol == symbol, Bar.timeframe == timeframe, Bar.ts >= since, Bar.ts <= until)
+                   .order_by(Bar.ts))
+
+
+def bar_hlc(conn: Connection, symbol: str, timeframe: str) -> list[tuple]:
+    """(ts, high, low, close) of every stored bar of the series, oldest first: what its indicators need."""
+    return _tuples(conn, select(Bar.ts, Bar.high, Bar.low, Bar.close)
+                   .where(Bar.symbol == symbol, Bar.timeframe == timeframe).order_by(Bar.ts))
+
+
+#: Samples the analysis worker records when late ticks were folded into bars (labels: the symbol).
+BACKFILL_TICKS = "analysis_backfill_ticks"
+BACKFILL_BARS = "analysis_backfill_bars"
+
+
+def backfills(conn: Reader, since_ms: int) -> list[dict[str, Any]]:
+    """Per symbol, the late ticks folded in and bars recomputed since ``since_ms``, with the time of the
+    latest backfill; most recent first. From the samples the analysis worker records."""
+    stmt = (select(Sample.labels, Sample.name, func.sum(Sample.value), func.max(Sample.ts))
+            .where(Sample.name.in_((BACKFILL_TICKS, BACKFILL_BARS)), Sample.ts >= since_ms)
+            .group_by(Sample.labels, Sample.name))
+    out: dict[str, dict[str, Any]] = {}
+    for symbol, name, total, latest in conn.execute(stmt).all():
+        row = out.setdefault(symbol, {"symbol": symbol, "ticks": 0, "bars": 0, "latest": 0})
+        row["ticks" if name == BACKFILL_TICKS else "bars"] = int(total or 0)
+        row["latest"] = max(row["latest"], int(latest or 0))
+    return sorted(out.values(), key=lambda r: r["latest"], reverse=True)
 
 
 # --- trades ----------------------------------------------------------------------------------
@@ -117,15 +260,21 @@ def trade_events(conn: Reader, trade_id: int) -> list[Row]:
                              .order_by(TradeEvent.ts, TradeEvent.id)).all())
 
 
-def trades(conn: Reader, *, status: str | None = None, symbol: str | None = None,
-           limit: int | None = None) -> list[Row]:
-    """Trades newest first (by id), only ``status`` and ``symbol`` when given, at most ``limit``."""
+def trades(conn: Reader, *, status: str | None = None, symbol: str | None = None, limit: int | None = None,
+           before_id: int | None = None) -> Page:
+    """A page of trades newest first (by id, unique), only ``status`` and ``symbol`` when given and
+    only ids below ``before_id``; at most ``limit`` (None: all). ``next`` is ``{"before_id": the last
+    id}``."""
     stmt = select(*TRADE_COLUMNS)
     if status is not None:
         stmt = stmt.where(Trade.status == status)
     if symbol is not None:
         stmt = stmt.where(Trade.symbol == symbol)
-    return list(conn.execute(stmt.order_by(Trade.id.desc()).limit(limit)).all())
+    if before_id is not None:
+        stmt = stmt.where(Trade.id < before_id)
+    rows, more = _cut(conn.execute(stmt.order_by(Trade.id.desc()).limit(None if limit is None else limit + 1)).all(),
+                      limit)
+    return Page(rows, more, {"before_id": rows[-1].id} if more else None)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,18 @@ def _v1_initial(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _v2_reasons_of_64(conn: Connection) -> None:
+    # update_trade and close_trade take a reason of up to 64 characters (db.validation, the API's
+    # document), stored in trade_events.kind and trades.close_reason, which v1 declared VARCHAR(32):
+    # SQLite never enforces a length, PostgreSQL refuses the longer ones (the request failed).
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE trades ALTER COLUMN close_reason TYPE VARCHAR(64)")
+        conn.exec_driver_sql("ALTER TABLE trade_events ALTER COLUMN kind TYPE VARCHAR(64)")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "trade reasons of 64 characters", _v2_reasons_of_64),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

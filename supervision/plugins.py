@@ -1,44 +1,260 @@
-"""Circus plugins of ours.
+"""Circus plugins of ours: circus's flapping and watchdog plugins, made safe to rely on.
 
-``Flapping``: circus's own flapping plugin sends ``stop`` fire-and-forget.
-circusd runs one command at a time and rejects a concurrent one ("arbiter is
-already running ... command", circus #1154); the rejection goes back to a
-caller that is not listening, so a crash-looping watcher can go on being
-respawned forever. This subclass sends stop and start as calls and retries
-them while circusd is busy. The plugin runs in a process of its own, so the
-short blocking retry stalls nobody; a lock keeps its timer thread and its
-event loop from using the one socket at once.
+Each plugin runs in a process of its own, started by circusd; both die with circusd
+(:class:`~supervision.lifeline.Lifeline`). They send commands as calls retried while circusd is
+busy: circus's own send them fire-and-forget, and circusd, which runs one command at a time,
+rejects a concurrent one ("arbiter is already running ... command", circus #1154) to a caller that
+is not listening. A lock keeps a plugin's timer threads and its event loop from using its one
+socket at once.
+
+``Flapping``: a watcher whose processes die ``attempts`` times within ``window`` seconds (plus
+circus's ``check_delay``) is stopped, started again ``retry_in`` seconds later, at most
+``max_retry`` times; then it stays stopped until someone starts it. circus's plugin counted the
+death of the process its own ``stop`` killed into the next window, and reset its count of retries
+whenever ``attempts`` deaths spanned more than the window, so its retries never stopped. Here a
+process that circus killed (a stop, a restart, the watchdog) is not a crash, deaths are counted
+over a sliding window, and the count of retries starts over only after ``reset_after`` seconds
+without flapping.
+
+``WatchDog``: circus's plugin restarts a process that stopped sending heartbeats (UDP on
+127.0.0.1; see :mod:`supervision.lifeline`), which circus alone cannot see: a SIGSTOPped or stuck
+process stays "active". Changed here: the port comes from the settings (``TICKSTACK_WATCHDOG_PORT``,
+so stacks side by side use their own); a process is watched from its first heartbeat on (a slow
+start is not a hang; those already running when the plugin starts, last, from then on) until
+circus stops it (a long graceful stop is not a hang either); a watcher may
+set its own ``watchdog.timeout``; a restart is the watcher's graceful stop followed by SIGCONT (a
+stopped process then handles it: the writer drains and checkpoints), SIGKILL after
+``graceful_timeout``; each restart is logged in circusd's log and recorded in the audit log;
+without its port the plugin watches nothing (circus's would kill every process for silence).
 """
 from __future__ import annotations
 
 import logging
+import signal
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
+from circus.fixed_threading import Timer
 from circus.plugins.flapping import Flapping as CircusFlapping
+from circus.plugins.watchdog import WatchDog as CircusWatchDog
+from circus.util import to_bool
 
 from supervision.circus import is_busy, retry_while_busy
+from supervision.lifeline import Lifeline
 
 log = logging.getLogger("circus")
 
 
-class Flapping(CircusFlapping):
-    retry_for = 15.0
+class CallsNotCasts:
+    """Mixin: ``cast`` becomes a call retried while circusd is busy, under a socket lock."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._socket_lock = threading.Lock()
+    retry_for = 15.0
+    _socket_lock: threading.Lock
 
     def call(self, command: str, **props: Any) -> dict[str, Any]:
         with self._socket_lock:
-            return super().call(command, **props)
+            return super().call(command, **props)  # type: ignore[misc]
 
     def cast(self, command: str, **props: Any) -> None:
+        self.command(command, **props)
+
+    def command(self, command: str, **props: Any) -> bool:
+        """Send ``command``; log and return False if circusd refused it."""
         answer = retry_while_busy(lambda: self.call(command, **props), self.retry_for, pause=0.2)
         if answer.get("status") == "ok":
-            return
+            return True
         reason = str(answer.get("reason", ""))
-        if is_busy(answer):
-            log.error("flapping: gave up on %s %s: circusd stayed busy (%s)", command, props.get("name"), reason)
+        what = f"{self.name}: {command} {props.get('name')}"  # type: ignore[attr-defined]
+        log.error("%s: gave up, circusd stayed busy (%s)" if is_busy(answer) else "%s failed: %s", what, reason)
+        return False
+
+
+class Flapping(CallsNotCasts, CircusFlapping):
+    def __init__(self, *args: Any, **config: Any) -> None:
+        super().__init__(*args, **config)
+        self._socket_lock = threading.Lock()
+        self.reset_after = float(config.get("reset_after", 300))
+        self.last_flap: dict[str, float] = {}
+        self.killed: set[int] = set()
+
+    def handle_init(self) -> None:
+        Lifeline().attach()
+        super().handle_init()
+
+    def handle_recv(self, data: tuple[bytes, bytes]) -> None:
+        watcher_name, action, msg = self.split_data(data)
+        if action not in ("kill", "reap"):
+            super().handle_recv(data)
+            return
+        pid = self.load_message(msg).get("process_pid")
+        if action == "kill":
+            self.killed.add(pid)
+        elif pid in self.killed:  # killed by circus: a stop, a restart, the watchdog; not a crash
+            self.killed.discard(pid)
         else:
-            log.error("flapping: %s %s failed: %s", command, props.get("name"), reason)
+            self.timelines.setdefault(watcher_name, []).append(time.time())
+            self.check(watcher_name)
+
+    def check(self, watcher_name: str) -> None:
+        conf = self.configs.get(watcher_name) or self.update_conf(watcher_name)
+        if not to_bool(self._get_conf(conf, "active")):
+            return
+        now = time.time()
+        span = float(self._get_conf(conf, "window")) + self.check_delay
+        timeline = [t for t in self.timelines.get(watcher_name, []) if now - t <= span]
+        self.timelines[watcher_name] = timeline
+        if len(timeline) < int(self._get_conf(conf, "attempts")):
+            return
+        self.timelines[watcher_name] = []
+        if now - self.last_flap.get(watcher_name, now) > self.reset_after:
+            self.tries[watcher_name] = 0
+        self.last_flap[watcher_name] = now
+        tries, max_retry = self.tries.get(watcher_name, 0), int(self._get_conf(conf, "max_retry"))
+        retry_in = float(self._get_conf(conf, "retry_in"))
+        if tries < max_retry or max_retry == -1:
+            self.tries[watcher_name] = tries + 1
+            log.info("%s: flapping detected: retry in %.0fs (attempt number %d of %s)", watcher_name, retry_in,
+                     tries + 1, max_retry)
+            self.command("stop", name=watcher_name)
+            timer = Timer(retry_in, lambda: self.command("start", name=watcher_name))
+            timer.start()
+            self.timers[watcher_name] = timer
+        else:
+            log.info("%s: flapping detected: reached max retry limit (%d); stopped until `circusctl start %s`",
+                     watcher_name, max_retry, watcher_name)
+            self.tries[watcher_name] = 0
+            self.last_flap.pop(watcher_name, None)
+            self.command("stop", name=watcher_name)
+
+
+class WatchDog(CallsNotCasts, CircusWatchDog):
+    def __init__(self, *args: Any, **config: Any) -> None:
+        from db.config import load_settings
+
+        super().__init__(*args, **config)
+        self._socket_lock = threading.Lock()
+        self.settings = load_settings()
+        self.watchdog_port = int(config.get("port", self.settings.watchdog_port))
+        self.timeout = float(config.get("timeout", self.loop_rate * self.max_count))
+        #: pid -> [watcher, monotonic time of its last heartbeat, or None before its first]
+        self.watched: dict[int, list[Any]] = {}
+        self.timeouts: dict[str, float] = {}
+        self._last_discovery = 0.0
+
+    def handle_init(self) -> None:
+        Lifeline().attach()
+        super().handle_init()
+        if self.sock is None:
+            log.error("watchdog: UDP port 127.0.0.1:%d unavailable; NO liveness checks in this stack "
+                      "(set TICKSTACK_WATCHDOG_PORT to a free port)", self.watchdog_port)
+        else:
+            self.sock.setblocking(False)  # receive_udp_socket reads until nothing is left
+
+    def handle_stop(self) -> None:
+        if self.period is not None:
+            self.period.stop()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def handle_recv(self, data: tuple[bytes, bytes]) -> None:
+        watcher_name, action, msg = self.split_data(data)
+        if action == "updated":
+            self.timeouts.pop(watcher_name, None)
+            return
+        if action not in ("spawn", "kill", "reap") or not self._match_watcher_name(watcher_name):
+            return
+        pid = self.load_message(msg).get("process_pid")
+        if action == "spawn":
+            self.watched[pid] = [watcher_name, None]
+        else:  # stopped by circus (its graceful timeout applies now) or gone
+            self.watched.pop(pid, None)
+
+    def receive_udp_socket(self, fd: int, events: int) -> None:
+        """Read every waiting heartbeat ("pid;time"); anything else is ignored."""
+        while True:
+            try:
+                data, _ = self.sock.recvfrom(1024)
+            except (BlockingIOError, TimeoutError, OSError):
+                return
+            beat = self._decode(data)
+            if beat is None:
+                continue
+            if beat not in self.watched and time.monotonic() - self._last_discovery >= 1.0:
+                self._discover()  # spawned before this plugin subscribed to circus's events
+            if beat in self.watched:
+                self.watched[beat][1] = time.monotonic()
+
+    def look_after(self) -> None:
+        if self.sock is None:  # no heartbeats can come: silence means nothing
+            return
+        now = time.monotonic()
+        if self.starting:  # what runs already (the plugin starts last) is watched from now on
+            self.starting = False
+            self._discover(armed_at=now)
+        for pid, (watcher_name, last) in list(self.watched.items()):
+            if last is not None and now - last > self._timeout(watcher_name):
+                del self.watched[pid]
+                self._restart(watcher_name, pid, now - last)
+
+    def _restart(self, watcher_name: str, pid: int, silent_s: float) -> None:
+        detail = (f"pid {pid} sent no heartbeat for {silent_s:.0f} s (limit {self._timeout(watcher_name):.0f} s): "
+                  "stuck or stopped; restarting it")
+        log.warning("watchdog: %s %s", watcher_name, detail)
+        props: dict[str, Any] = {"name": watcher_name, "pid": pid}
+        if self.stop_signal is not None:
+            props["signum"] = self.stop_signal
+        if self.graceful_timeout is not None:
+            props["graceful_timeout"] = self.graceful_timeout
+        ok = self.command("kill", **props)
+        if ok:  # a SIGSTOPped process handles the stop signal once continued
+            self.command("signal", name=watcher_name, pid=pid, signum=int(signal.SIGCONT))
+        self._audit(watcher_name, "ok" if ok else "error", detail)
+
+    def _timeout(self, watcher_name: str) -> float:
+        if watcher_name not in self.timeouts:
+            try:
+                options = self.call("options", name=watcher_name).get("options", {})
+                self.timeouts[watcher_name] = float(options.get("watchdog.timeout", self.timeout))
+            except (ValueError, TypeError) as e:
+                log.error("watchdog: %s: bad watchdog.timeout (%s); using %.0f s", watcher_name, e, self.timeout)
+                self.timeouts[watcher_name] = self.timeout
+        return self.timeouts[watcher_name]
+
+    def _discover(self, armed_at: float | None = None) -> None:
+        """Learn the pids of the watched watchers from circus."""
+        self._last_discovery = time.monotonic()
+        for watcher_name in self.call("list").get("watchers", []):
+            if self._match_watcher_name(watcher_name):
+                for known in self.call("list", name=watcher_name).get("pids", []):
+                    self.watched.setdefault(int(known), [watcher_name, armed_at])
+
+    def _decode(self, data: bytes) -> int | None:
+        try:
+            match = self._decode_received_udp_message(data)
+            return int(match["pid"]) if match else None
+        except (UnicodeDecodeError, ValueError, KeyError):
+            return None
+
+    def _audit(self, watcher_name: str, result: str, detail: str) -> None:
+        """Record the restart in the audit log (the console's Audit page), in a thread: the writer may
+        be the process being restarted, and the client waits for the next one."""
+        run_in_thread(lambda: _record(self.settings, watcher_name, result, detail))
+
+
+def _record(settings: Any, watcher_name: str, result: str, detail: str) -> None:
+    from db.client import WriterClient
+    from db.errors import WriterError
+
+    try:
+        with WriterClient(settings=settings) as client:
+            client.call("audit", actor="watchdog", action="restart", target=watcher_name, result=result,
+                        detail=detail)
+    except WriterError as e:
+        log.error("watchdog: could not record the restart of %s in the audit log: %s", watcher_name, e)
+
+
+def run_in_thread(fn: Callable[[], None]) -> None:
+    threading.Thread(target=fn, name="watchdog-audit", daemon=True).start()

@@ -11,6 +11,8 @@ whole stack under circusd, and stop what was started (by pid, never by name).
   processes started in it);
 * :mod:`testkit.circus`: :class:`~testkit.circus.Circusd` (any circusd) and
   :class:`~testkit.circus.CircusStack` (the real ``circus.ini``);
+* :mod:`testkit.gunicorn`: a web app's gunicorn run with ``circus.ini``'s own
+  command line, without circusd, on a free port;
 * :mod:`testkit.helpers`: polling, read-only queries, test data;
 * :mod:`testkit.writer_procs`: producer and reader processes for the writer
   tests.

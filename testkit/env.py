@@ -11,6 +11,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from db.config import ensure_home, load_settings
@@ -24,10 +25,29 @@ BIN = Path(sys.executable).parent
 #: setting, and the two that name a database or a writer directly.
 UNSAFE_PREFIXES = ("TICKSTACK_", "WRITER_", "DATABASE_")
 
+#: Given a private home, the ``DATABASE_*`` variables of a server database of its own; None (the
+#: default): SQLite, in the home. Set for a whole run by :func:`use_database`.
+_database_for_home: Callable[[Path], dict[str, str]] | None = None
+
+
+def use_database(provider: Callable[[Path], dict[str, str]] | None) -> None:
+    """From now on every :func:`isolated_env` points its stack at ``provider(home)``'s database
+    (e.g. :class:`testkit.postgres.HomeDatabases`: ``pytest --database postgresql``); None goes
+    back to SQLite."""
+    global _database_for_home
+    _database_for_home = provider
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that nothing is bound to right now (the watchdog's)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -52,12 +72,16 @@ def isolated_env(home: Path, *, ports: bool = False) -> dict[str, str]:
     ``python -m workers.writer`` finds the project from any folder) and the
     venv's scripts first on ``PATH`` (``circus.ini`` runs ``python`` and
     ``gunicorn`` by name). With ``ports``, free 127.0.0.1 ports for the API
-    and the console too."""
+    and the console too, and for the watchdog's heartbeats (UDP). When a run uses a server
+    (:func:`use_database`), the home's own database on it (``DATABASE_URL``, ``DATABASE_READ_URL``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(UNSAFE_PREFIXES)}
     env["TICKSTACK_HOME"] = str(home)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env["PATH"] = os.pathsep.join(p for p in (str(BIN), env.get("PATH", "")) if p)
+    if _database_for_home is not None:
+        env.update(_database_for_home(home))
     if ports:
         env["TICKSTACK_API_PORT"] = str(free_port())
         env["TICKSTACK_CONSOLE_PORT"] = str(free_port())
+        env["TICKSTACK_WATCHDOG_PORT"] = str(free_udp_port())
     return env

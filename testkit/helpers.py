@@ -2,9 +2,13 @@
 of a test's database, and test data."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,13 +42,15 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60) -> Any:
         time.sleep(0.25)
 
 
-def write_bar_csv(path: Path, n: int = 60, seed: int = 7) -> list[tuple[int, float, float, float, float, float]]:
-    """A 1-minute OHLCV export like pandas writes it: unnamed first column."""
+def write_bar_csv(path: Path, n: int = 60, seed: int = 7,
+                  step_ms: int = 60_000) -> list[tuple[int, float, float, float, float, float]]:
+    """An OHLCV export like pandas writes it (unnamed first column): ``n`` bars ``step_ms`` apart
+    (1-minute bars by default)."""
     rng = random.Random(seed)
     price, bars = 100.0, []
     lines = [",Open,High,Low,Close,Volume"]
     for i in range(n):
-        ts = T0 + i * 60_000
+        ts = T0 + i * step_ms
         o = round(price, 2)
         c = round(max(1.0, o + rng.uniform(-1, 1)), 2)
         h = round(max(o, c) + rng.uniform(0, 0.5), 2)
@@ -56,3 +62,45 @@ def write_bar_csv(path: Path, n: int = 60, seed: int = 7) -> list[tuple[int, flo
         lines.append(f"{stamp},{o},{h},{low},{c},{v}")
     path.write_text("\n".join(lines) + "\n")
     return bars
+
+
+class DiskUnavailable(Exception):
+    """A small disk cannot be mounted here (not root, or ``mount`` refused); a test skips on it."""
+
+
+@contextmanager
+def small_disk(size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of ``size`` (mode 0700) mounted on a new short folder, to fill for real: a full disk
+    is a state the stack must survive. Needs root (raises :class:`DiskUnavailable` otherwise).
+    Unmounted by its path after (lazily if a process still holds a file on it), never by name."""
+    if os.geteuid() != 0:
+        raise DiskUnavailable("mounting a tmpfs needs root")
+    folder = Path(tempfile.mkdtemp(prefix="ts-disk-"))
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        folder.rmdir()
+        raise DiskUnavailable(f"mount -t tmpfs failed: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        folder.rmdir()
+
+
+def fill_disk(path: Path, leave: int = 0) -> int:
+    """Write ``path`` until its disk has at most ``leave`` bytes free (0: until ENOSPC); returns
+    its size. Delete ``path`` to give the space back."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            while True:
+                vfs = os.statvfs(path)
+                if vfs.f_bavail * vfs.f_frsize - chunk < leave:
+                    break
+                try:
+                    written += f.write(b"\0" * chunk)
+                except OSError:  # ENOSPC
+                    break
+    return written

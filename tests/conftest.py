@@ -5,9 +5,15 @@ writer, circusd, helpers) lives in :mod:`testkit`, and tests import it from
 there. Every test gets its own short ``TICKSTACK_HOME`` (Unix socket paths
 are limited to 107 bytes, so not pytest's deep tmp_path) and stops what it
 started by pid.
+
+``--database postgresql`` runs the suite on a throwaway PostgreSQL server (one for the session,
+:class:`testkit.postgres.PostgresServer`), every private home with a database of its own on it.
+Without PostgreSQL's binaries that run is skipped with a message, except in CI (``CI`` set),
+where that is a failure.
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +26,50 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from testkit.circus import Circusd  # noqa: E402
+from testkit.env import use_database  # noqa: E402
+from testkit.postgres import HomeDatabases, PostgresServer, PostgresUnavailable  # noqa: E402
 from testkit.writer import Stack  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                     help="the database every private stack runs on: sqlite (a file in its home, the default) "
+                          "or postgresql (a database of its own on a throwaway server)")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (started on first use, stopped at the end).
+    Skipped with the reason when it cannot start; in CI (``CI`` set) that fails instead."""
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL for these tests: {e}")
+        pytest.skip(f"PostgreSQL tests skipped: {e}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def home_databases(postgres_server: PostgresServer) -> HomeDatabases:
+    """Makes a database on the session's server for a private home (:class:`HomeDatabases`)."""
+    return HomeDatabases(postgres_server)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def database_under_test(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``--database``: with postgresql, every home the harness makes (:func:`testkit.env.isolated_env`)
+    gets its own database on the session's server for the whole run."""
+    name = request.config.getoption("--database")
+    if name == "postgresql":
+        use_database(request.getfixturevalue("home_databases"))
+    try:
+        yield name
+    finally:
+        use_database(None)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -14,11 +15,14 @@ from collections.abc import Iterator
 import pytest
 
 from db.client import WriterClient
+from db.config import load_settings
+from db.errors import Conflict, ValidationError
 from db.health import connect_read_only
 from db.models import TIMEFRAMES
 from testkit.env import ROOT
 from testkit.writer import Stack
-from workers.analysis import AnalysisWorker, Analyzer, Batch
+from workers.analysis import AnalysisWorker
+from workers.analyzer import Analyzer, Chunk, Output
 from workers.indicators import atr_wilder, ema, rsi_wilder, sma
 
 T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
@@ -99,9 +103,7 @@ def check_bars(stack: Stack) -> dict[tuple, dict]:
     assert got.keys() == want.keys()
     for key, w in want.items():
         g = got[key]
-        assert (g["open"], g["high"], g["low"], g["close"], g["tick_count"]) == \
-            (w["open"], w["high"], w["low"], w["close"], w["tick_count"]), key
-        assert g["volume"] == pytest.approx(w["volume"], rel=1e-12), key
+        assert g == w, key  # volume too: added tick after tick, as the textbook fold does
     return got
 
 
@@ -145,7 +147,7 @@ def test_bars_and_indicators_exact_across_runs_and_restarts(writer: Stack) -> No
     more = list(price_path(symbols, first[-1]["ts"], 900, 4000, seed=2))
     assert more[0]["ts"] // MIN * MIN == first[-1]["ts"] // MIN * MIN
     insert(writer, more, "feed")
-    worker = AnalysisWorker(writer.settings, until_idle=True, chunk=97, bar_budget=10)
+    worker = AnalysisWorker(writer.settings, until_idle=True, chunk=97, rows_per_store=10)
     assert worker.run() == 0
     check_bars(writer)
     check_indicators(writer)
@@ -194,41 +196,91 @@ def test_sigkill_mid_run_never_counts_a_tick_twice(writer: Stack) -> None:
     check_indicators(writer)
 
 
-def test_analyzer_state_round_trip_and_batching_do_not_change_results() -> None:
-    ticks = list(price_path(["AAA", "BBB"], T0, 3000, 3000, seed=4))
+class NoHistory:
+    """For ticks in order the fold never reads stored data: any read is a failure."""
 
-    def fold(splits: list[int], budget: int) -> tuple[dict, dict]:
+    def __getattr__(self, name: str) -> None:
+        raise AssertionError(f"ticks in order must not read history ({name})")
+
+
+def rows_of(out: Output) -> tuple[dict, dict]:
+    bars = {k: dict(zip(out.bars, v, strict=True)) for k, v in zip(
+        zip(out.bars["symbol"], out.bars["timeframe"], out.bars["ts"], strict=True),
+        zip(*out.bars.values(), strict=True), strict=True)}
+    inds = {(s, tf, n, t): v for s, tf, n, t, v in zip(*out.indicators.values(), strict=True)}
+    return bars, inds
+
+
+def test_analyzer_state_round_trip_and_chunking_do_not_change_results() -> None:
+    ticks = list(price_path(["AAA", "BBB"], T0, 3000, 3000, seed=4))
+    rows = [(i, t["symbol"], t["ts"], t["bid"], t["volume"]) for i, t in enumerate(ticks, start=1)]
+
+    def fold(cuts: list[int], restarts: set[int]) -> tuple[dict, dict]:
         bars: dict = {}
         inds: dict = {}
-
-        def take(batch: Batch) -> None:
-            assert len(batch.bars) <= budget and len(batch.indicators) <= 4 * budget
-            bars.update({(b["symbol"], b["timeframe"], b["ts"]): b for b in batch.bars})
-            inds.update({(x["symbol"], x["timeframe"], x["name"], x["ts"]): x["value"] for x in batch.indicators})
-
-        an = Analyzer(bar_budget=budget)
-        for i, t in enumerate(ticks, start=1):
-            if i in splits:  # a restart: only what was stored survives
-                batch = an.flush()
-                take(batch)
-                an = Analyzer(batch.position, batch.state, bar_budget=budget)
-            if not an.fits(t["symbol"], t["ts"]):
-                take(an.flush())
-            an.add(i, t["symbol"], t["ts"], t["bid"], t["volume"])
-        take(an.flush())
+        an = Analyzer()
+        for a, b in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+            if a in restarts:  # a restart: only what was stored survives
+                an = Analyzer(an.position, an.state())
+            got_bars, got_inds = rows_of(an.process(Chunk.from_rows(rows[a:b]), NoHistory()))
+            bars.update(got_bars)
+            inds.update(got_inds)
         return bars, inds
 
-    reference = fold([], 2500)
-    assert fold([500, 501, 1777], 2500) == reference
-    assert fold([1000, 2000], 6) == reference
+    reference = fold([], set())
+    assert fold([500, 501, 1777], {500, 501, 1777}) == reference
+    assert fold(list(range(7, 3000, 7)), {700, 2100}) == reference
+    assert fold(list(range(1, 3000)), set()) == reference  # one tick at a time
 
 
 def test_bad_arguments_and_missing_state() -> None:
     with pytest.raises(ValueError, match="no state stored"):
         Analyzer(42, None)
-    with pytest.raises(ValueError, match="bar_budget"):
-        Analyzer(bar_budget=1)
+    with pytest.raises(ValueError, match="rows_per_store"):
+        AnalysisWorker(load_settings({"TICKSTACK_HOME": "/tmp/ts-none"}), rows_per_store=0)
     proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--chunk", "0"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TICKSTACK_HOME": "/tmp/ts-none"})
     assert proc.returncode == 2 and "--chunk must be at least 1" in proc.stderr
+
+
+def test_store_analysis_takes_columns_checked_as_rows_are_and_refuses_a_gap(writer: Stack) -> None:
+    client = WriterClient(settings=writer.settings, deadline=30)
+    bars = {"symbol": ["AAA"] * 3, "timeframe": ["1m"] * 3, "ts": [T0, T0 + MIN, T0 + 2 * MIN],
+            "open": [1.0] * 3, "high": [2.0] * 3, "low": [0.5] * 3, "close": [1.5] * 3, "volume": [1.0, 0.0, 2.5]}
+    values = {"symbol": ["AAA"], "timeframe": ["1m"], "name": ["sma_20"], "ts": [T0], "value": [1.25]}
+    assert client.call("store_analysis", cursor="t", position=5, bars=bars, indicators=values, expect=0) == {
+        "bars": 3, "indicators": 1, "position": 5}
+    rows = [dict(zip(bars, row, strict=True)) for row in zip(*bars.values(), strict=True)]
+    assert client.call("store_analysis", cursor="t", position=5, bars=rows, indicators=[])["bars"] == 3
+    con = db(writer)
+    try:
+        assert con.execute("SELECT ts, volume, tick_count FROM bars ORDER BY ts").fetchall() == [
+            (T0, 1.0, 0), (T0 + MIN, 0.0, 0), (T0 + 2 * MIN, 2.5, 0)]
+    finally:
+        con.close()
+    # Every rule of the rows form, with the same precise message (column or row, index, reason).
+    for bad, message in [
+        ({**bars, "high": [2.0, math.nan, 2.0]}, "bars.high[1]: nan is not a finite number"),
+        ({**bars, "ts": [T0, T0 + 1, T0]}, f"bars[1].ts: {T0 + 1} is not the start of a 1m bucket"),
+        ({**bars, "low": [0.5, 1.7, 0.5]}, "bars[1]: low 1.7 / high 2.0 do not bound open 1.0 and close 1.5"),
+        ({**bars, "volume": [1.0, 1e300, 1.0]}, "bars.volume[1]: 1e+300 must be a finite number >= 0"),
+        ({**bars, "symbol": ["AAA", "a b", "AAA"]}, "bars.symbol[1]: 'a b' is not a symbol"),
+        ({**bars, "tick_count": [1, True, 1]}, "bars.tick_count[1]: expected an integer, got bool"),
+        ({**bars, "close": [1.5]}, "bars.close: 1 values, expected 3 like ts"),
+        ({**bars, "x": [1, 2, 3]}, "bars: unexpected column 'x'"),
+        ({k: v for k, v in bars.items() if k != "open"}, "bars: missing column 'open'"),
+    ]:
+        with pytest.raises(ValidationError, match=re.escape(message)):
+            client.call("store_analysis", cursor="t", position=6, bars=bad)
+    with pytest.raises(ValidationError, match=re.escape("indicators.name[0]: 'sma_9' is not one of")):
+        client.call("store_analysis", cursor="t", position=6, indicators={**values, "name": ["sma_9"]})
+    # A store computed from another cursor position than the stored one lands nowhere.
+    with pytest.raises(Conflict, match="not at 4"):
+        client.call("store_analysis", cursor="t", position=9, bars=bars, expect=4)
+    con = db(writer)
+    try:
+        assert con.execute("SELECT value FROM cursors WHERE name = 't'").fetchone() == (5,)
+    finally:
+        con.close()
+    client.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 
 from db.models import INDICATORS, TIMEFRAMES
+from workers.bars import OpenBar, aggregate, in_order, sequential_sums
 from workers.feeds import SimFeed
 from workers.indicators import (
     BarBuilder,
@@ -322,3 +324,84 @@ def test_restored_bar_folds_an_out_of_order_tick_as_if_never_restarted() -> None
     ticks = [(1_000, 10.0), (50_000, 12.0), (30_000, 11.0), (500, 9.5)]
     assert build(ticks, restart_after=2) == build(ticks, restart_after=None)
     assert build(ticks, restart_after=None)["open"] == 9.5 and build(ticks, restart_after=None)["close"] == 12.0
+
+
+# --------------------------------------------------------------------------- arrays (workers.bars)
+
+
+def test_sequential_sums_add_left_to_right_like_a_loop() -> None:
+    rng = random.Random(12)
+    lengths = [1, 2, 3, 31, 32, 33, 500, 1, 7] + [rng.randint(1, 80) for _ in range(200)]
+    values = np.array([rng.uniform(0, 10) * 10 ** rng.randint(-3, 5) for _ in range(sum(lengths))])
+    starts = np.cumsum([0, *lengths[:-1]])
+    want = []
+    for s, n in zip(starts, lengths, strict=True):
+        total = 100.125 if s == 0 else float(values[s])  # the first segment continues a carried total
+        for v in values[s + (0 if s == 0 else 1): s + n]:
+            total += float(v)
+        want.append(total)
+    assert sequential_sums(values, starts, first=100.125).tolist() == want  # exactly, not approximately
+    # numpy's own segment sums add pairwise: they differ, which is why the worker does not use them
+    assert np.add.reduceat(values, starts)[1:].tolist() != want[1:]
+    assert sequential_sums(np.array([-0.0, -0.0]), np.array([0])).tolist() == [-0.0]
+
+
+def test_in_order_marks_ticks_older_than_one_already_seen() -> None:
+    ts = np.array([100, 50, 120, 120, 119, 200])
+    assert in_order(ts, None).tolist() == [True, False, True, True, False, True]
+    assert in_order(ts, 110).tolist() == [False, False, True, True, False, True]
+    assert in_order(np.array([], dtype=np.int64), 5).tolist() == []
+
+
+def random_ticks(n: int, seed: int, start: int = T0 + 1234) -> list[tuple[int, float, float]]:
+    """In ts order, with ties, gaps across every timeframe, flat stretches and order-sensitive volumes."""
+    rng, ts, price, out = random.Random(seed), start, 100.0, []
+    for _ in range(n):
+        ts += rng.choice([0, 1, 500, 7_000, 61_000, 290_000, 3_700_000, 90_000_000])
+        price = price if rng.random() < 0.2 else round(price * rng.uniform(0.99, 1.01), 4)
+        out.append((ts, price, round(rng.uniform(0, 3), 3)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_aggregate_equals_the_tick_by_tick_fold_bit_for_bit_however_chunked(seed: int) -> None:
+    ticks = random_ticks(3000, seed)
+    builder = BarBuilder()
+    for ts, price, vol in ticks:
+        builder.add("S", ts, price, vol)
+    want = {(b["timeframe"], b["ts"]): b for b in builder.take_dirty()}
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(ticks)), 40))
+    got: dict[tuple[str, int], dict] = {}
+    carries: dict[str, OpenBar | None] = {}
+    for a, b in zip([0, *cuts], [*cuts, len(ticks)], strict=True):
+        ts, price, vol = (np.array(col) for col in zip(*ticks[a:b], strict=True))
+        for tf, bars in aggregate(ts.astype(np.int64), price, vol, carries).items():
+            for bar in bars.rows():
+                got[(tf, bar.ts)] = {"symbol": "S", "timeframe": tf, **{k: v for k, v in bar.to_dict().items()
+                                                                        if k not in ("first_ts", "last_ts")}}
+            carries[tf] = bars.bar(len(bars) - 1)
+    assert got == want  # volume included: the same additions in the same order
+
+
+def test_indicator_state_extend_equals_update_bar_by_bar() -> None:
+    bars, rng = make_bars(150, seed=8), random.Random(2)
+    one, many = IndicatorState(), IndicatorState()
+    fed: list[dict] = []
+    for i, bar in enumerate(bars):
+        fed += versions(bar, rng) if i % 3 else [bar]
+    expected = [one.update(b) for b in fed]
+    for a, b in ((0, 5), (5, 6), (6, 40), (40, len(fed))):
+        part = fed[a:b]
+        values = many.extend([x["ts"] for x in part], [x["high"] for x in part], [x["low"] for x in part],
+                             [x["close"] for x in part])
+        for k, want in enumerate(expected[a:b]):
+            assert {n: v[k] for n, v in zip(("sma_20", "ema_20", "rsi_14", "atr_14"), values, strict=True)
+                    if v[k] is not None} == want
+        if a == 6:
+            many = IndicatorState.from_dict(json.loads(json.dumps(many.to_dict())))
+    assert many.to_dict() == one.to_dict() and many.latest == one.latest
+    before = many.to_dict()
+    with pytest.raises(ValueError, match="before the current bar"):
+        many.extend([bars[-1]["ts"] + MIN, bars[0]["ts"]], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
+    assert many.to_dict() == before  # a refused batch changes nothing

@@ -16,7 +16,7 @@ import secrets
 from flask import Flask
 
 from db.config import Settings, load_settings, read_or_create_secret
-from db.engine import configure_read_only, read_only_url
+from db.engine import configure_read_only, is_sqlite, reader_url
 from webapp.extensions import csrf, db
 
 #: Largest request body accepted (413 beyond): 10,000 ticks fit easily.
@@ -30,13 +30,14 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     app = Flask(__name__)
     secret, _ = read_or_create_secret(settings.home / "secret-key", lambda: secrets.token_hex(32))
-    path = settings.database_path
+    read_url = reader_url(settings)
     app.config.update(
         TICKSTACK=settings,
         SECRET_KEY=secret,
         MAX_CONTENT_LENGTH=MAX_BODY,
-        SQLALCHEMY_DATABASE_URI=read_only_url(path) if path is not None else settings.database_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": False},
+        SQLALCHEMY_DATABASE_URI=read_url,
+        # A server may restart under us: check a pooled connection before use (a file cannot).
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_pre_ping": not is_sqlite(read_url)},
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_NAME=f"tickstack_{kind}",

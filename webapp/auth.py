@@ -1,33 +1,48 @@
-"""Console login: one administrator, a generated password, rate-limited failures.
+"""Console login: one administrator, a generated password, throttled failures, sessions that end.
 
 * **No default password.** On its first start the console generates a random password into
   ``$TICKSTACK_HOME/admin-password`` (mode 0600, :func:`db.config.read_or_create_secret`, safe when
   both gunicorn workers race) and logs that path, never the password. The user name is ``admin``,
   or ``TICKSTACK_ADMIN_USER``. Only a werkzeug hash of the password is kept in memory, made at
   start: to change the password, write a new one into the file and restart the console.
-* **Sessions** are Flask's signed cookie (HttpOnly, SameSite=Lax) holding the user, the login time
-  and a fingerprint of the password (:attr:`Credentials.fingerprint`): a session ends at logout,
-  after :data:`SESSION_MAX_AGE_S`, or when the password changes (and the console restarts). Every
-  console page but the login page and ``/console/health`` needs one: a page asked for without one
-  redirects to the login page (302), a POST action too (and is not performed), a ``/console/api/``
-  endpoint answers 401.
-* **Audit**: logins (ok and denied) and logouts are recorded with the audit function the console
-  passes to :func:`register` (this module does not import the console, which imports it).
-* **Failed logins** are limited to :data:`MAX_FAILURES` per :data:`WINDOW_S` per remote address and
-  per user name; beyond that the login answers 429 without checking the password. Failures are
-  counted in ``$TICKSTACK_HOME/run/console-login-failures.json`` under an exclusive lock, so every
-  gunicorn worker shares one count and a console restart does not reset it. The remote address is
-  the TCP peer: gunicorn listens on 127.0.0.1 itself and no proxy header is trusted.
+* **Sessions end for real.** A login makes a random session id, kept server-side in
+  ``$TICKSTACK_HOME/run/console-sessions.json`` (:class:`~webapp.auth_state.SessionStore`, shared by
+  both workers) and in Flask's signed cookie (HttpOnly, SameSite=Lax) with the user, the login time
+  and a fingerprint of the password (:attr:`Credentials.fingerprint`). A request is logged in only
+  while its id is in that file: logout removes it, so a copy of the cookie taken before is refused
+  afterwards (and an action sent with it is not performed). A session also ends after
+  :data:`SESSION_MAX_AGE_S`, or when the password changes (and the console restarts). Every console
+  page but the login page and ``/console/health`` needs one: a page asked for without one redirects
+  to the login page (302), a POST action too (and is not performed), a ``/console/api/`` endpoint
+  answers 401.
+* **Failed logins are throttled, and nobody can lock the administrator out.** The console listens
+  on 127.0.0.1 only, so every client's address is 127.0.0.1: counting failures per address or per
+  user name (as this module did) let anyone on the machine lock the administrator out with five
+  wrong passwords, again and again. Failures are counted instead per *local user* who opened the
+  connection, which the kernel knows (:func:`~webapp.auth_state.peer_key`: the uid that owns the
+  client socket in ``/proc/net/tcp``; a peer it does not show, e.g. a reverse proxy, is counted by
+  address). Another user's failures therefore never delay the administrator's login; a user who
+  can read ``admin-password`` needs no guessing. Within one peer, each failure after the first
+  :attr:`~webapp.auth_state.Schedule.free` five makes the next check wait longer (10 s, 20 s, 40 s,
+  then :attr:`~webapp.auth_state.Schedule.cap_s`, 60 s): an attempt before then is answered 429
+  with ``Retry-After`` *without checking the password* (checking it, and accepting it when right,
+  would give a guesser an unthrottled oracle), and nothing is counted for it. So a wrong-password
+  spree costs its own peer at most a minute's wait, never the 5-minute lockout, and a right
+  password is accepted as soon as that wait is over. The count is shared by both gunicorn workers
+  in ``$TICKSTACK_HOME/run/console-login-throttle.json`` under ``flock``, and cannot race: an
+  attempt is counted as a failure under the lock *before* its password is checked (and forgotten
+  if the password was right), so 20 parallel attempts get the free five checks, not six.
+* **Audit**: logins (ok and denied, with the peer) and logouts are recorded with the audit function
+  the console passes to :func:`register` (this module does not import the console, which imports
+  it). Throttled attempts are not (an attacker could flood the audit log with them); they are
+  logged.
 """
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import hmac
-import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable
@@ -40,6 +55,7 @@ from flask import (
     Blueprint,
     current_app,
     flash,
+    g,
     redirect,
     render_template,
     request,
@@ -51,17 +67,16 @@ from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from db.config import Settings, read_or_create_secret
+from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
 
 log = logging.getLogger("tickstack.console")
 
 PASSWORD_FILE = "admin-password"
-FAILURES_FILE = "console-login-failures.json"
-MAX_FAILURES = 5
-WINDOW_S = 300.0
+#: In ``$TICKSTACK_HOME/run``: failed logins per peer, and the live sessions (module docstring).
+THROTTLE_FILE = "console-login-throttle.json"
+SESSIONS_FILE = "console-sessions.json"
 SESSION_MAX_AGE_S = 12 * 3600
-#: Failure records kept at most (oldest dropped), so a flood cannot grow the file without bound.
-MAX_RECORDS = 10_000
 #: Endpoints served without a session.
 PUBLIC_ENDPOINTS = frozenset({"console.login", "console.health"})
 #: Key of the audit function in ``app.extensions``.
@@ -107,57 +122,6 @@ class Credentials:
         return cls(username, generate_password_hash(password), path, fingerprint)
 
 
-class LoginLimiter:
-    """Failed logins per remote address and per user name in a sliding window, in a JSON file
-    shared by every process under an exclusive ``flock``."""
-
-    def __init__(self, path: Path, max_failures: int = MAX_FAILURES, window_s: float = WINDOW_S) -> None:
-        self.path = path
-        self.max_failures = max_failures
-        self.window_s = window_s
-
-    def _with_records(self, change: Callable[[list[list[Any]]], bool]) -> list[list[Any]]:
-        """Read the records younger than the window under the lock; ``change`` may edit the list in
-        place and returns whether to write it back."""
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "r+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                records = json.loads(f.read() or "[]")
-                assert isinstance(records, list)
-            except (ValueError, AssertionError):
-                records = []  # a damaged file is started afresh rather than locking everyone out
-            oldest = time.time() - self.window_s
-            records = [r for r in records if isinstance(r, list) and len(r) == 3 and r[0] >= oldest]
-            if change(records):
-                f.seek(0)
-                f.truncate()
-                f.write(json.dumps(records[-MAX_RECORDS:]))
-        return records
-
-    def retry_after(self, addr: str, username: str) -> int:
-        """Seconds until ``addr`` and ``username`` may try again; 0 when they may now."""
-        records = self._with_records(lambda _records: False)
-        wait = 0.0
-        for index, key in ((1, addr), (2, username)):
-            times = sorted(r[0] for r in records if r[index] == key)
-            if len(times) >= self.max_failures:
-                wait = max(wait, times[-self.max_failures] + self.window_s - time.time())
-        return int(wait) + 1 if wait > 0 else 0
-
-    def record_failure(self, addr: str, username: str) -> None:
-        self._with_records(lambda records: records.append([time.time(), addr, username]) or True)
-
-    def reset(self, addr: str, username: str) -> None:
-        """Forget the failures of ``addr`` and ``username`` (after a successful login)."""
-        def drop(records: list[list[Any]]) -> bool:
-            records[:] = [r for r in records if r[1] != addr and r[2] != username]
-            return True
-
-        self._with_records(drop)
-
-
 # --- wiring into the console blueprint ------------------------------------------------------------
 
 
@@ -174,23 +138,40 @@ def _init_app(state: BlueprintSetupState, audit: AuditFn) -> None:
     """At app creation, so the password file exists (and its path is logged) before anyone asks."""
     settings: Settings = state.app.config["TICKSTACK"]
     state.app.extensions[AUDIT_EXTENSION] = audit
-    state.app.extensions["tickstack_auth"] = (
-        Credentials.load(settings, state.app.config["SECRET_KEY"]), LoginLimiter(settings.run_dir / FAILURES_FILE))
+    state.app.extensions["tickstack_auth"] = Auth(
+        Credentials.load(settings, state.app.config["SECRET_KEY"]), LoginThrottle(settings.run_dir / THROTTLE_FILE),
+        SessionStore(settings.run_dir / SESSIONS_FILE, SESSION_MAX_AGE_S))
 
 
-def _auth() -> tuple[Credentials, LoginLimiter]:
+@dataclass(frozen=True)
+class Auth:
+    """What the console's login keeps per app."""
+
+    credentials: Credentials
+    throttle: LoginThrottle
+    sessions: SessionStore
+
+
+def _auth() -> Auth:
     return current_app.extensions["tickstack_auth"]
 
 
 def logged_in_user() -> str | None:
-    """The session's user while the session is valid (see the module docstring), else None."""
-    creds, _ = _auth()
+    """The session's user while the session is valid (see the module docstring), else None. Asked
+    once per request (the file of live sessions is read then)."""
+    if "tickstack_user" not in g:
+        g.tickstack_user = _session_user()
+    return g.tickstack_user
+
+
+def _session_user() -> str | None:
+    auth = _auth()
     user = session.get("user")
-    if user is None or user != creds.username or session.get("auth") != creds.fingerprint:
+    if user is None or user != auth.credentials.username or session.get("auth") != auth.credentials.fingerprint:
         return None
     if not 0 <= time.time() - float(session.get("at", 0)) < SESSION_MAX_AGE_S:
         return None
-    return user
+    return user if auth.sessions.user_of(session.get("sid")) == user else None
 
 
 def require_login() -> ResponseReturnValue | None:
@@ -200,7 +181,7 @@ def require_login() -> ResponseReturnValue | None:
     if logged_in_user() is not None:
         return None
     if "user" in session:
-        session.clear()  # expired, or the password changed
+        session.clear()  # expired, logged out elsewhere, or the password changed
     if request.path.startswith("/console/api/"):
         return json_error(401, "login required")
     if request.method == "GET":
@@ -225,37 +206,45 @@ def _audit(action: str, target: str, result: str, detail: str, actor: str) -> No
 
 
 def login() -> ResponseReturnValue:
-    """GET: the form. POST: check the rate limit, then the credentials; on success a fresh session."""
+    """GET: the form. POST: ask the throttle, then check the credentials; on success a fresh session."""
     next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
         if logged_in_user() is not None:
             return redirect(next_url or url_for("console.watchers"))
         return render_template("console/login.html", next=next_url)
-    creds, limiter = _auth()
+    auth = _auth()
     username = request.form.get("username", "")[:64]
     password = request.form.get("password", "")
     addr = request.remote_addr or "unknown"
-    wait = limiter.retry_after(addr, username)
+    peer = peer_key(request.environ)
+    wait = auth.throttle.admit(peer)
     if wait:
-        message = f"Too many failed logins. Try again in {wait} s."
+        seconds = retry_after(wait)
+        log.warning("console: login of %r from %s refused unchecked: %d s to wait after failed logins", username,
+                    peer, seconds)
+        message = f"Too many failed logins. Try again in {seconds} s."
         body = render_template("console/login.html", next=next_url, error=message, username=username)
-        return body, 429, {"Retry-After": str(wait)}
-    if not creds.check(username, password):
-        limiter.record_failure(addr, username)
-        _audit("login", addr, "denied", f"wrong user name or password for {username!r}", "anonymous")
+        return body, 429, {"Retry-After": str(seconds)}
+    if not auth.credentials.check(username, password):
+        _audit("login", addr, "denied", f"wrong user name or password for {username!r} ({peer})", "anonymous")
         return render_template("console/login.html", next=next_url, username=username,
                                error="Wrong user name or password."), 200
-    limiter.reset(addr, username)
+    auth.throttle.succeeded(peer)
     session.clear()
-    session.update(user=creds.username, auth=creds.fingerprint, at=int(time.time()))
-    _audit("login", addr, "ok", "", creds.username)
+    session.update(user=auth.credentials.username, auth=auth.credentials.fingerprint, at=int(time.time()),
+                   sid=auth.sessions.create(auth.credentials.username))
+    g.pop("tickstack_user", None)
+    _audit("login", addr, "ok", peer, auth.credentials.username)
     return redirect(next_url or url_for("console.watchers"))
 
 
 def logout() -> ResponseReturnValue:
-    """POST (with the CSRF token): end the session."""
+    """POST (with the CSRF token): end the session, here and in the server's list (a copy of the
+    cookie is refused from now on)."""
     user = logged_in_user()
+    _auth().sessions.revoke(session.get("sid"))
     session.clear()
+    g.pop("tickstack_user", None)
     if user is not None:
         _audit("logout", request.remote_addr or "unknown", "ok", "", user)
     flash("Logged out.", "ok")

@@ -3,44 +3,45 @@ the stack that ``/metrics`` and ``GET /api/health`` share.
 
 Two kinds of series:
 
-* **Per request**, counted in this process: ``tickstack_http_requests_total``
-  and ``tickstack_http_request_duration_seconds`` (a histogram), labelled
+* **Per request**, of every gunicorn worker together:
+  ``tickstack_http_requests_total`` and
+  ``tickstack_http_request_duration_seconds`` (a histogram), labelled
   ``route`` (the URL rule, e.g. ``/api/trades/<int:trade_id>``, never the raw
   path, so ids cannot blow up the label set; ``unmatched`` for 404/405 on no
-  route), ``method``, ``status`` and ``worker`` (this process's pid).
+  route), ``method`` and ``status``.
 * **Of the stack**, read at scrape time and the same from every process: the
   writer's queue depth, commit latency p50/p99 and counters (from its
   ``stats`` reply), the database and WAL file sizes, and one
   ``tickstack_watcher_up{watcher=...}`` per circus watcher (1 when active).
 
-Multiprocess choice: gunicorn runs the API with 2 workers and a scrape lands
-on whichever worker accepts it, so the per-request series are **per worker**,
-told apart by the ``worker`` label. Aggregate them with
-``sum without (worker) (rate(tickstack_http_requests_total[5m]))``; a worker's
-series is only refreshed when a scrape lands on it, and restarts start a new
-``worker`` value (counters reset, which ``rate`` handles). Prometheus'
-multiprocess mode was not used: it must be switched on by an environment
-variable before ``prometheus_client`` is imported and needs the gunicorn
-master to clear its directory on start and to mark dead workers, which are
-settings of circus.ini and gunicorn, not of the app; it also shares its files
-between every app in one process, which the per-app registries here avoid.
+Several workers, one count: gunicorn runs the API with 2 workers and a scrape
+lands on whichever accepts it. Under gunicorn with ``--config
+python:webapp.gunicorn_conf`` (as circus.ini runs it) prometheus_client is in
+multiprocess mode (:mod:`webapp.multiprocess`): each worker's request series
+go to files in one folder, and every scrape merges the files of all workers
+(``MultiProcessCollector``), so one scrape shows the API's totals and a
+series never jumps between workers. The counts start at zero when the API
+starts. Elsewhere (Flask's test client, one process) the series are counted in
+memory. Which mode is on is prometheus_client's own decision, made at its
+import (:func:`multiprocess_mode`); this module follows it.
 
 Each app gets its own :class:`~prometheus_client.CollectorRegistry` (never the
-global one), so tests that build many apps do not collide.
+global one), so tests that build many apps do not collide (in multiprocess
+mode the files are per process, so gunicorn runs one app per worker).
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from db.client import WriterClient
 from db.config import Settings
@@ -167,20 +168,34 @@ class StackCollector:
         yield watchers
 
 
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client counts in files shared by the processes (it decided when it was
+    imported, from ``PROMETHEUS_MULTIPROC_DIR``, which :mod:`webapp.multiprocess` sets in the
+    gunicorn master)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
+
+
 class Metrics:
-    """The per-app registry with the request series and the stack collector."""
+    """The per-app registry with the request series and the stack collector. In multiprocess mode
+    the request series are not registered here (their values live in the shared files, and the
+    registry reads them back, merged, through a ``MultiProcessCollector``), so nothing is counted
+    twice."""
 
     def __init__(self, probe: Probe) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("tickstack_http_requests", "HTTP requests answered by this worker process",
-                                ["route", "method", "status", "worker"], registry=self.registry)
+        shared = multiprocess_mode()
+        own = None if shared else self.registry
+        labels = ["route", "method", "status"]
+        self.requests = Counter("tickstack_http_requests", "HTTP requests answered by the API (all workers)",
+                                labels, registry=own)
         self.latency = Histogram("tickstack_http_request_duration_seconds",
-                                 "Time from request start to response, in this worker process",
-                                 ["route", "method", "status", "worker"], registry=self.registry)
+                                 "Time from request start to response (all workers)", labels, registry=own)
+        if shared:
+            MultiProcessCollector(self.registry)  # the folder prometheus_client writes to (its variable)
         self.registry.register(StackCollector(probe))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        labels = (route, method, str(status), str(os.getpid()))
+        labels = (route, method, str(status))
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
 

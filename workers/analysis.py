@@ -1,144 +1,142 @@
 """The analysis worker: ticks in, OHLCV bars and indicators out (``python -m workers.analysis``).
 
-Each step reads the next chunk of ticks after its cursor (``id > cursor``, in id order), folds their
-bids into a :class:`~workers.indicators.BarBuilder` for every timeframe and an
-:class:`~workers.indicators.IndicatorState` per (symbol, timeframe), and stores the changed bars, their
-indicator values, the new cursor position and the builder/indicator state in ONE ``store_analysis``
-call, so all of it commits atomically.
+Each step reads the next chunk of ticks after its cursor (``id > cursor``, in id order) as arrays,
+folds them with :class:`workers.analyzer.Analyzer` (numpy aggregation for ticks in order, bars
+recomputed from the stored ticks for late ones: see that module) and stores the changed bars, their
+indicator values, the new cursor position and the fold's state with ``store_analysis``, in columns.
 
 Why that gives exactly-once counting: the stored state is always the state *after* the stored
 position. A worker that starts (or dies at any point and restarts) loads both and redoes whatever came
-after; work it did in memory but never stored is simply done again from the same state. Bars are
-written as whole values (upserts), never as increments.
+after; work it did in memory but never stored is simply done again from the same state. Bars and
+indicator values are written as whole values (upserts), never as increments, so a chunk whose output
+is too large for one request is stored in several: every part but the last leaves the cursor where it
+was, and only the last moves it (with the bars merged into retention-pruned ones, the one kind of write
+that must not happen twice). A crash between the parts redoes the chunk and writes the same values.
+
+Stores are pipelined (a few requests in flight, so folding the next chunk overlaps the writer
+storing the last one); each names the cursor position it was computed from (``expect``), so after a
+failed one every later one is refused too and the worker resumes from the stored cursor.
+
+Backfills (late ticks folded into older bars) are logged, kept as running totals in the state, and
+recorded as samples (``analysis_backfill_ticks`` / ``_bars`` per symbol) for the console.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from itertools import zip_longest
 from typing import Any
 
-import msgpack
 from sqlalchemy import select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from db.client import WriterClient
+from db import queries
+from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
-from db.errors import Conflict, WriterUnavailable
-from db.models import INDICATORS, TIMEFRAMES, Cursor, Tick
+from db.errors import Conflict, WriterError, WriterUnavailable
+from db.models import Cursor, now_ms
 from db.validation import MAX_ROWS
+from workers.analyzer import Analyzer, Chunk, Output
 from workers.base import Worker, main, wait_for_database
-from workers.indicators import BarBuilder, IndicatorState, bucket_start
 
-DEFAULT_CHUNK = 5000
-STATE_VERSION = 1
-#: Bars per store call such that their indicator rows (at most one per indicator) also fit MAX_ROWS.
-BAR_BUDGET = MAX_ROWS // len(INDICATORS)
+DEFAULT_CHUNK = 20_000
+#: store_analysis requests in flight.
+DEFAULT_WINDOW = 4
 LOG_EVERY = 1.0
 
 
-@dataclass(frozen=True)
-class Batch:
-    """What one ``store_analysis`` call stores: everything up to and including tick ``position``."""
+class DbHistory:
+    """:class:`workers.analyzer.History` on the worker's read connection.
 
-    position: int
-    ticks: int
-    bars: list[dict[str, Any]]
-    indicators: list[dict[str, Any]]
-    state: bytes
-
-
-class Analyzer:
-    """Pure fold of ticks into bars and indicators (no database), resumable from :meth:`flush` state.
-
-    Feed ticks in id order with :meth:`add`; :meth:`flush` returns the bars changed since the previous
-    flush, the indicator values at those bars and the state to store with them. :meth:`fits` says
-    whether one more tick keeps the pending bars within ``bar_budget`` (each tick can open at most one
-    new bar per timeframe), so a caller can flush before a batch would exceed the writer's row limits.
+    Before its first read it calls ``settle`` (the worker waits there for its stores in flight) and
+    ends the connection's read transaction: each one is a snapshot, and the one that read the chunk
+    may predate those stores. Nothing is submitted while a chunk is folded, so one wait is enough.
     """
 
-    def __init__(self, position: int = 0, state: bytes | None = None, bar_budget: int = BAR_BUDGET) -> None:
-        if bar_budget < len(TIMEFRAMES):
-            raise ValueError(f"bar_budget {bar_budget} must be at least {len(TIMEFRAMES)} (one tick's bars)")
-        self.position = position
-        self.bar_budget = bar_budget
-        self.builder = BarBuilder()
-        self.states: dict[tuple[str, str], IndicatorState] = {}
-        self._pending: set[tuple[str, str, int]] = set()
-        self._ticks = 0
-        if state is not None:
-            self._restore(state)
-        elif position:
-            raise ValueError(f"cursor at {position} but no state stored: cannot resume the open bars")
+    def __init__(self, conn: Connection, settle: Callable[[], None] = lambda: None) -> None:
+        self.conn = conn
+        self.settle: Callable[[], None] | None = settle
 
-    def _restore(self, blob: bytes) -> None:
-        data = msgpack.unpackb(blob)
-        if data.get("v") != STATE_VERSION:
-            raise ValueError(f"unsupported analysis state version {data.get('v')!r}")
-        self.builder.late_ticks = int(data.get("late_ticks", 0))
-        for sym, tf, bar, ind in data["series"]:
-            if tf in TIMEFRAMES:  # a timeframe dropped from the schema is forgotten
-                self.builder.load(bar)
-                self.states[(sym, tf)] = IndicatorState.from_dict(ind)
+    def before_read(self) -> None:
+        if self.settle is not None:
+            self.settle()
+            self.settle = None
+            self.conn.rollback()  # the next read starts a new snapshot, with every store in it
 
-    def fits(self, symbol: str, ts: int) -> bool:
-        """Whether adding this tick keeps the pending bars within the budget."""
-        new = sum((symbol, tf, bucket_start(ts, n)) not in self._pending for tf, n in TIMEFRAMES.items())
-        return len(self._pending) + new <= self.bar_budget
+    def ticks(self, symbol: str, ranges: Sequence[tuple[int, int]], max_id: int) -> list[tuple]:
+        self.before_read()
+        rows: list[tuple] = []
+        for since, until in ranges:
+            rows += queries.symbol_ticks_between(self.conn, symbol, since, until, max_id)
+        return rows
 
-    def add(self, tick_id: int, symbol: str, ts: int, price: float, volume: float) -> None:
-        """Fold one tick (ids must increase)."""
-        if tick_id <= self.position:
-            raise ValueError(f"tick {tick_id} is not after position {self.position}")
-        self.builder.add(symbol, ts, price, volume)
-        self._pending.update((symbol, tf, bucket_start(ts, n)) for tf, n in TIMEFRAMES.items())
-        self.position = tick_id
-        self._ticks += 1
+    def bars(self, symbol: str, timeframe: str, since: int, until: int) -> list[tuple]:
+        self.before_read()
+        return queries.bars_between(self.conn, symbol, timeframe, since, until) if since <= until else []
 
-    def flush(self) -> Batch:
-        """Bars changed since the last flush with their indicators, and the state as of ``position``."""
-        bars = self.builder.take_dirty()  # per (symbol, timeframe) in ts order, as IndicatorState needs
-        indicators = []
-        for bar in bars:
-            key = (bar["symbol"], bar["timeframe"])
-            state = self.states.get(key)
-            if state is None:
-                state = self.states[key] = IndicatorState()
-            for name, value in state.update(bar).items():
-                indicators.append({"symbol": key[0], "timeframe": key[1], "name": name, "ts": bar["ts"],
-                                   "value": value})
-        series = [[sym, tf, self.builder.snapshot(sym, tf), st.to_dict()] for (sym, tf), st in self.states.items()]
-        blob = msgpack.packb({"v": STATE_VERSION, "late_ticks": self.builder.late_ticks, "series": series})
-        batch = Batch(self.position, self._ticks, bars, indicators, blob)
-        self._pending.clear()
-        self._ticks = 0
-        return batch
+    def series(self, symbol: str, timeframe: str) -> list[tuple]:
+        self.before_read()
+        return queries.bar_hlc(self.conn, symbol, timeframe)
+
+
+def _slices(cols: dict[str, list[Any]], size: int) -> list[dict[str, list[Any]]]:
+    n = len(cols["ts"])
+    return [{k: v[i:i + size] for k, v in cols.items()} for i in range(0, n, size)]
+
+
+def parts(out: Output, size: int = MAX_ROWS) -> Iterator[tuple[dict[str, list], dict[str, list], bool]]:
+    """(bars, indicators, last) per ``store_analysis`` call for ``out``: at most ``size`` of each per
+    call; the merged bars go in the last one, the one that moves the cursor."""
+    pairs = list(zip_longest(_slices(out.bars, size), _slices(out.indicators, size)))
+    if out.merged["ts"]:
+        if len(out.merged["ts"]) > size:
+            raise ValueError(f"{len(out.merged['ts'])} merged bars do not fit in one request")
+        pairs.append((out.merged, None))
+    if not pairs:
+        pairs.append((None, None))
+    for i, (bars, inds) in enumerate(pairs):
+        yield bars or [], inds or [], i == len(pairs) - 1
 
 
 class AnalysisWorker(Worker):
-    """Reads ticks after the ``analysis`` cursor; one atomic ``store_analysis`` per batch."""
+    """Reads ticks after the ``analysis`` cursor; bars and indicators stored with the cursor.
+
+    Stores are pipelined (``window`` requests in flight) so that folding the next chunk overlaps the
+    writer storing the last one. Each request names the cursor position it was computed from
+    (``expect``): after a failed one, every later one is refused too, and the worker resumes from
+    the stored cursor. Reads of stored bars and ticks (late ticks only) wait for the stores in flight.
+    """
 
     name = "analysis"
     cursor = "analysis"
 
     def __init__(self, settings: Settings, until_idle: bool = False, chunk: int = DEFAULT_CHUNK,
-                 bar_budget: int = BAR_BUDGET) -> None:
+                 rows_per_store: int = MAX_ROWS, window: int = DEFAULT_WINDOW) -> None:
         super().__init__(settings, until_idle)
         if chunk < 1:
             raise ValueError(f"--chunk must be at least 1, got {chunk}")
+        if not 1 <= rows_per_store <= MAX_ROWS:
+            raise ValueError(f"rows_per_store must be 1..{MAX_ROWS}, got {rows_per_store}")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
         self.chunk = chunk
-        self.bar_budget = bar_budget
+        self.rows_per_store = rows_per_store
+        self.window = window
         self.engine: Engine | None = None
         self.client: WriterClient | None = None
-        self.analyzer = Analyzer(bar_budget=bar_budget)
-        self._stats = {"chunks": 0, "ticks": 0, "bars": 0, "indicators": 0}
+        self.pipe: Pipeline | None = None
+        self.analyzer = Analyzer()
+        self._stored_state: bytes | None = None
+        self._failed: WriterError | None = None
+        self._stats = {"chunks": 0, "ticks": 0, "bars": 0, "indicators": 0, "late": 0, "recomputed": 0}
         self._logged_at = 0.0
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
         self.client = WriterClient(settings=self.settings)
+        self.pipe = Pipeline(self.client, self.window, on_done=self._on_done)
         self.restore()
 
     def restore(self) -> None:
@@ -146,47 +144,95 @@ class AnalysisWorker(Worker):
         assert self.engine is not None
         with self.engine.connect() as conn:
             row = conn.execute(select(Cursor.value, Cursor.state).where(Cursor.name == self.cursor)).first()
-        self.analyzer = Analyzer(*(row if row is not None else (0, None)), bar_budget=self.bar_budget)
-        self.log.info("%s: resuming after tick %d (%d series)", self.name, self.analyzer.position,
-                      len(self.analyzer.states))
+        position, state = row if row is not None else (0, None)
+        self.analyzer = Analyzer(position, state)
+        self._stored_state = state
+        self.log.info("%s: resuming after tick %d (%d series; so far %d late ticks folded in, %d bars recomputed)",
+                      self.name, position, len(self.analyzer.open), self.analyzer.totals["late_ticks"],
+                      self.analyzer.totals["bars_recomputed"])
 
-    def read(self) -> list[Any]:
-        """The next chunk of ticks after the position, in id order."""
-        assert self.engine is not None
-        with self.engine.connect() as conn:
-            return list(conn.execute(
-                select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.volume)
-                .where(Tick.id > self.analyzer.position).order_by(Tick.id).limit(self.chunk)
-            ))
+    def _on_done(self, ticket: Ticket) -> None:
+        """Answers arrive in submit order; the first failed store decides where to resume."""
+        if ticket.error is None:
+            return
+        if ticket.op != "store_analysis":  # a backfill sample: only a console line is lost
+            self.log.warning("%s: %s failed (%s)", self.name, ticket.op, ticket.error)
+        elif self._failed is None:
+            self._failed = ticket.error
+
+    def settle(self) -> None:
+        """Wait until every request in flight is answered (before reading what they store)."""
+        assert self.pipe is not None
+        self.pipe.drain()
+
+    def _recovered(self) -> bool:
+        """After a failed store: wait for the rest, resume from the stored cursor, and say so."""
+        assert self.pipe is not None
+        self.pipe.collect(0)
+        if self._failed is None:
+            return False
+        self.settle()
+        error, self._failed = self._failed, None
+        if not isinstance(error, WriterUnavailable | Conflict):
+            raise error  # a store the writer refused as invalid: a bug, not a state to resume from
+        # Stored or not, the cursor row says where we are: continue from there.
+        self.log.warning("%s: store failed (%s); resuming from the stored cursor", self.name, error)
+        self.restore()
+        return True
 
     def step(self) -> bool:
-        ticks = self.read()
-        if not ticks:
-            self._log_progress()
-            return False
-        try:
-            self._store_all(ticks)
-        except (WriterUnavailable, Conflict) as e:
-            # Stored or not, the cursor row says where we are: continue from there.
-            self.log.warning("%s: store failed (%s); resuming from the stored cursor", self.name, e)
-            self.restore()
+        assert self.engine is not None
+        if self._recovered():
+            return True
+        limit, before = self.chunk, self.analyzer.position
+        with self.engine.connect() as conn:
+            rows = queries.ticks_after(conn, before, limit)
+            if not rows:
+                self.settle()  # idle: everything is stored before the worker sleeps or exits
+                recovered = self._recovered()
+                self._log_progress()
+                return recovered
+            history = DbHistory(conn, settle=self.settle)
+            out = self.analyzer.process(Chunk.from_rows(rows), history)
+            while len(out.merged["ts"]) > self.rows_per_store:  # rare: retention-pruned bars, by thousands
+                rows = rows[:max(1, len(rows) // 2)]
+                self.settle()
+                self.restore()
+                out = self.analyzer.process(Chunk.from_rows(rows), history)
+        if self._recovered():  # a store failed while this chunk was folded: it was folded on sand
+            return True
+        self._submit(out, before)
         self._log_progress()
         return True
 
-    def _store_all(self, ticks: Iterable[Any]) -> None:
-        an = self.analyzer
-        for t in ticks:
-            if not an.fits(t.symbol, t.ts):
-                self._store(an.flush())
-            an.add(t.id, t.symbol, t.ts, t.bid, t.volume)
-        self._store(an.flush())
+    def _submit(self, out: Output, before: int) -> None:
+        """``out`` in as many ``store_analysis`` requests as its rows need; every one but the last keeps
+        the cursor at ``before`` with its stored state, the last one moves both."""
+        assert self.pipe is not None
+        for bars, inds, last in parts(out, self.rows_per_store):
+            self.pipe.submit("store_analysis", cursor=self.cursor, bars=bars, indicators=inds, expect=before,
+                             position=out.position if last else before,
+                             state=out.state if last else self._stored_state)
+            self._count(chunks=1, bars=len(bars["ts"]) if bars else 0, indicators=len(inds["ts"]) if inds else 0)
+        self._stored_state = out.state
+        self._count(ticks=out.ticks, late=out.late, recomputed=out.recomputed)
+        if out.backfill:
+            self._record_backfill(out)
 
-    def _store(self, batch: Batch) -> None:
-        assert self.client is not None
-        self.client.call("store_analysis", cursor=self.cursor, position=batch.position, bars=batch.bars,
-                         indicators=batch.indicators, state=batch.state)
-        for key, n in (("chunks", 1), ("ticks", batch.ticks), ("bars", len(batch.bars)),
-                       ("indicators", len(batch.indicators))):
+    def _record_backfill(self, out: Output) -> None:
+        """One sample per symbol and count, for the console; a lost sample loses no data, only a line."""
+        assert self.pipe is not None
+        ts = now_ms()
+        samples = [{"ts": ts, "name": name, "labels": sym, "value": float(n)}
+                   for sym, counts in out.backfill.items()
+                   for name, n in zip((queries.BACKFILL_TICKS, queries.BACKFILL_BARS), counts, strict=True)]
+        self.pipe.submit("record_samples", samples=samples)
+        self.log.debug("%s: backfill: %s", self.name, ", ".join(
+            f"{sym} {late} late ticks folded into {bars} recomputed bars"
+            for sym, (late, bars) in out.backfill.items()))
+
+    def _count(self, **counts: int) -> None:
+        for key, n in counts.items():
             self._stats[key] += n
 
     def _log_progress(self, force: bool = False) -> None:
@@ -194,13 +240,21 @@ class AnalysisWorker(Worker):
         now = time.monotonic()
         if self._stats["chunks"] and (force or now - self._logged_at >= LOG_EVERY):
             s = self._stats
-            self.log.info("%s: stored %d chunk(s): %d ticks, %d bars, %d indicators; position %d (late ticks %d)",
-                          self.name, s["chunks"], s["ticks"], s["bars"], s["indicators"], self.analyzer.position,
-                          self.analyzer.builder.late_ticks)
+            self.log.info("%s: stored %d chunk(s): %d ticks, %d bars, %d indicators; position %d "
+                          "(late ticks folded in %d, bars recomputed %d)", self.name, s["chunks"], s["ticks"],
+                          s["bars"], s["indicators"], self.analyzer.position, s["late"], s["recomputed"])
             self._stats = dict.fromkeys(s, 0)
             self._logged_at = now
 
     def teardown(self) -> None:
+        if self.pipe is not None:
+            try:
+                self.settle()
+            except WriterError as e:  # pragma: no cover - drain itself does not raise; be safe at exit
+                self.log.warning("%s: stores in flight at exit: %s", self.name, e)
+            if self._failed is not None:
+                self.log.warning("%s: a store failed at exit (%s); the next start resumes from the stored "
+                                 "cursor", self.name, self._failed)
         self._log_progress(force=True)
         if self.client is not None:
             self.client.close()
@@ -210,10 +264,12 @@ class AnalysisWorker(Worker):
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="ticks read per step (default %(default)s)")
+    parser.add_argument("--rows-per-store", type=int, default=MAX_ROWS,
+                        help="bars (and indicator values) per store_analysis request (default %(default)s)")
 
 
 def _make(settings: Settings, args: argparse.Namespace) -> AnalysisWorker:
-    return AnalysisWorker(settings, until_idle=args.until_idle, chunk=args.chunk)
+    return AnalysisWorker(settings, until_idle=args.until_idle, chunk=args.chunk, rows_per_store=args.rows_per_store)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 Modelled on gunicorn's ``workers/base.py``: ``__init__`` only keeps settings;
 :meth:`Worker.setup` opens connections (after any fork); :meth:`Worker.run`
 is the one loop; SIGTERM only sets ``alive = False`` so the loop finishes the
-unit of work in hand and :meth:`Worker.teardown` flushes before exit.
+unit of work in hand and :meth:`Worker.teardown` flushes before exit. Under
+circus, the loop also tends the process's :class:`~supervision.lifeline.Lifeline`
+(stop when circusd dies; heartbeats for the watchdog), and so does the
+writer's IO loop through :func:`tend_lifeline`.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from sqlalchemy.engine import Engine
 
 from db.config import ConfigError, Settings, load_settings
 from db.engine import make_read_engine
+from supervision.lifeline import Lifeline
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(message)s"
@@ -40,6 +44,21 @@ def command_line(module: str, doc: str | None) -> argparse.ArgumentParser:
 def configure_logging(level: str) -> None:
     """One log line format for every process (circus writes stderr to the watcher's log file)."""
     logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
+
+
+_lifeline: Lifeline | None = None
+
+
+def tend_lifeline(settings: Settings) -> None:
+    """Call from a process's main loop (the writer's IO loop), as often as it likes: stop when circusd
+    dies, heartbeats for circus's watchdog (see :mod:`supervision.lifeline`). The first call
+    attaches, so the stop signal's handler must be installed by then."""
+    global _lifeline
+    if _lifeline is None:
+        spec = getattr(sys.modules["__main__"], "__spec__", None)  # python -m workers.writer: "writer"
+        name = spec.name.rsplit(".", 1)[-1] if spec is not None else None
+        _lifeline = Lifeline(settings.watchdog_port, settings.log_dir, name).attach()
+    _lifeline.tend()
 
 
 def on_stop_signals(handler: Callable[[int, Any], None]) -> None:
@@ -93,6 +112,7 @@ class Worker:
         self.setup()
         try:
             while self.alive:
+                tend_lifeline(self.settings)
                 if not self.step():
                     if self.until_idle:
                         self.log.info("%s: nothing left to do (--until-idle)", self.name)

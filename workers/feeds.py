@@ -57,6 +57,11 @@ _SPECS = {
 _DEFAULT_SPEC = _SymbolSpec(100.0, 0.30, (0.01, 0.05), 2, 100.0, 0)
 
 
+def _usable(price: float | None) -> float | None:
+    """``price`` when it can start a random walk (finite, > 0), else None."""
+    return float(price) if isinstance(price, int | float) and math.isfinite(price) and price > 0 else None
+
+
 class SimFeed:
     """A seedable simulated market: zero-drift geometric Brownian motion per symbol.
 
@@ -66,8 +71,12 @@ class SimFeed:
     realistic whatever the rate; ``vol_scale`` multiplies it for livelier demos. Known symbols (BTCUSD,
     EURUSD) get realistic prices, spreads and rounding; others start at 100.
 
+    ``start_mids`` (symbol -> mid price) continues a market where it was: the ingestor passes each
+    symbol's last stored price, so a restarted feed does not jump back to its starting price (a jump
+    that closed a paper trade by trailing stop).
+
     Guarantees: prices > 0, bid <= ask, volume > 0, ts non-decreasing, and the same ticks for the same
-    ``seed`` and ``start_ts`` (so a test or a demo can be replayed).
+    ``seed``, ``start_ts`` and ``start_mids`` (so a test or a demo can be replayed).
     """
 
     def __init__(
@@ -77,6 +86,7 @@ class SimFeed:
         start_ts: int | None = None,
         rate_hz: float = 10.0,
         vol_scale: float = 1.0,
+        start_mids: Mapping[str, float] | None = None,
     ) -> None:
         if not symbols:
             raise ValueError("SimFeed needs at least one symbol")
@@ -89,7 +99,8 @@ class SimFeed:
         start = int(time.time() * 1000) if start_ts is None else int(start_ts)
         self._clock = float(start)  # fractional ms, so rounding never accumulates
         self._specs = {s: _SPECS.get(s, _DEFAULT_SPEC) for s in self.symbols}
-        self._mid = {s: spec.price for s, spec in self._specs.items()}
+        starts = start_mids or {}
+        self._mid = {s: _usable(starts.get(s)) or spec.price for s, spec in self._specs.items()}
         self._last = dict.fromkeys(self.symbols, self._clock)
 
     def ticks(self, n: int) -> list[Tick]:

@@ -1,23 +1,29 @@
 """Bars and indicators, built incrementally and exactly (pure logic, no database).
 
-:class:`BarBuilder` folds ticks into OHLCV bars for every timeframe; the batch functions
-(:func:`sma`, :func:`ema`, :func:`rsi_wilder`, :func:`atr_wilder`) define the indicators over a whole
-series; :class:`IndicatorState` computes the same values one bar at a time from a small, serialisable
-state. Batch and incremental share the same arithmetic steps, so they agree bit for bit, which is
-what lets a worker restart from stored state without its numbers drifting from a recomputation.
+The batch functions (:func:`sma`, :func:`ema`, :func:`rsi_wilder`, :func:`atr_wilder`) define the
+indicators over a whole series; :class:`IndicatorState` computes the same values bar after bar from a
+small, serialisable state. Batch and incremental share the same arithmetic steps, so they agree bit
+for bit, which is what lets a worker restart from stored state, or recompute a series after a
+backfill, without its numbers drifting from a recomputation.
+
+:class:`BarBuilder` folds ticks into OHLCV bars one at a time: the textbook form of the rule that
+:mod:`workers.bars` implements on arrays for the analysis worker (tests hold the two to each other,
+bit for bit; ``CsvFeed`` tests use it to check a replay rebuilds a file's bars).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any
 
 from db.models import INDICATORS, TIMEFRAMES
+from workers.bars import OpenBar
 
 SMA_N, EMA_N, RSI_N, ATR_N = 20, 20, 14, 14
 _SMA, _EMA, _RSI, _ATR = f"sma_{SMA_N}", f"ema_{EMA_N}", f"rsi_{RSI_N}", f"atr_{ATR_N}"
+#: The order of :meth:`IndicatorState.extend`'s value lists.
+SERIES = (_SMA, _EMA, _RSI, _ATR)
 if {_SMA, _EMA, _RSI, _ATR} != set(INDICATORS):  # fail loudly if the schema's list changes
     raise ImportError(f"db.models.INDICATORS is {INDICATORS}; workers.indicators computes other ones")
 
@@ -30,41 +36,21 @@ def bucket_start(ts: int, timeframe_ms: int) -> int:
 # --------------------------------------------------------------------------- bars
 
 
-@dataclass(slots=True)
-class _Bar:
-    symbol: str
-    timeframe: str
-    ts: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    tick_count: int
-    first_ts: int  # ts of the tick that set open / close, so out-of-order ticks land right
-    last_ts: int
-
-    def public(self) -> dict[str, Any]:
-        d = asdict(self)
-        del d["first_ts"], d["last_ts"]
-        return d
-
-
 class BarBuilder:
-    """Current OHLCV bars per (symbol, timeframe), fed tick by tick.
+    """Current OHLCV bars per (symbol, timeframe), fed tick by tick (the reference fold).
 
     Bars are on the price the caller passes (the bid, by convention). Within a bucket, open and close
     are the prices of the earliest and latest tick by ts (ties: first arrival opens, last arrival
-    closes), so ticks arriving out of order inside the current bucket are folded in correctly. A tick
-    for a bucket older than the current one is dropped for that timeframe and counted in
-    ``late_ticks`` (one count per timeframe that dropped it): the bar was already handed out as final.
+    closes). A tick for a bucket older than the current one cannot be folded here (the bucket's other
+    ticks are gone): it is skipped for that timeframe and counted in ``late_ticks``. The analysis
+    worker does not skip it: it recomputes that bar from the stored ticks (:mod:`workers.analyzer`).
     """
 
     def __init__(self, timeframes: Mapping[str, int] | None = None) -> None:
         self.timeframes = dict(TIMEFRAMES if timeframes is None else timeframes)
         self.late_ticks = 0
-        self._current: dict[tuple[str, str], _Bar] = {}
-        self._dirty: dict[tuple[str, str, int], _Bar] = {}
+        self._current: dict[tuple[str, str], OpenBar] = {}
+        self._dirty: dict[tuple[str, str, int], tuple[str, str, OpenBar]] = {}
 
     def add(self, symbol: str, ts: int, price: float, volume: float = 0.0) -> None:
         """Fold one tick into the current bar of every timeframe."""
@@ -72,7 +58,7 @@ class BarBuilder:
             start = bucket_start(ts, length)
             bar = self._current.get((symbol, tf))
             if bar is None or start > bar.ts:
-                bar = _Bar(symbol, tf, start, price, price, price, price, volume, 1, ts, ts)
+                bar = OpenBar(start, price, price, price, price, volume, 1, ts, ts)
                 self._current[(symbol, tf)] = bar
             elif start < bar.ts:
                 self.late_ticks += 1
@@ -86,7 +72,7 @@ class BarBuilder:
                     bar.close, bar.last_ts = price, ts
                 bar.volume += volume
                 bar.tick_count += 1
-            self._dirty[(symbol, tf, start)] = bar
+            self._dirty[(symbol, tf, start)] = (symbol, tf, bar)
 
     def take_dirty(self) -> list[dict[str, Any]]:
         """Bars changed since the previous call, as new dicts, in order of first change.
@@ -94,7 +80,7 @@ class BarBuilder:
         A bar that closed since the last call is included in its final state, before its successor,
         so per (symbol, timeframe) the list is in ts order.
         """
-        out = [bar.public() for bar in self._dirty.values()]
+        out = [_public(symbol, tf, bar) for symbol, tf, bar in self._dirty.values()]
         self._dirty.clear()
         return out
 
@@ -113,22 +99,25 @@ class BarBuilder:
         ts = int(bar["ts"])
         if ts % self.timeframes[tf]:
             raise ValueError(f"bar ts {ts} is not a {tf} bucket start")
-        self._current[(bar["symbol"], tf)] = _Bar(
-            bar["symbol"], tf, ts, float(bar["open"]), float(bar["high"]), float(bar["low"]),
-            float(bar["close"]), float(bar["volume"]), int(bar.get("tick_count", 0)),
-            int(bar.get("first_ts", ts)), int(bar.get("last_ts", ts)),
-        )  # fmt: skip
+        self._current[(bar["symbol"], tf)] = OpenBar.from_dict(bar)
 
     def current(self, symbol: str, timeframe: str) -> dict[str, Any] | None:
         """The bar currently being built for (symbol, timeframe), or None."""
         bar = self._current.get((symbol, timeframe))
-        return None if bar is None else bar.public()
+        return None if bar is None else _public(symbol, timeframe, bar)
 
     def snapshot(self, symbol: str, timeframe: str) -> dict[str, Any] | None:
         """:meth:`current` plus the times of its open and close ticks: what :meth:`load` needs to
         continue the bar exactly after a restart."""
         bar = self._current.get((symbol, timeframe))
-        return None if bar is None else asdict(bar)
+        return None if bar is None else {"symbol": symbol, "timeframe": timeframe, **bar.to_dict()}
+
+
+def _public(symbol: str, timeframe: str, bar: OpenBar) -> dict[str, Any]:
+    """A bar as the worker stores it: without the times of its first and last tick."""
+    d = bar.to_dict()
+    del d["first_ts"], d["last_ts"]
+    return {"symbol": symbol, "timeframe": timeframe, **d}
 
 
 # --------------------------------------------------------------------------- shared arithmetic
@@ -228,13 +217,16 @@ def atr_wilder(
 
 
 class IndicatorState:
-    """The indicators of one (symbol, timeframe), one bar at a time.
+    """The indicators of one (symbol, timeframe), bar after bar.
 
-    Feed bars with :meth:`update` in ts order; the last bar may be fed again and again while it is
-    still being built. The state holds only the bars since the start or the last ``WINDOW`` closed
-    bars (enough for every seed and SMA window) plus the EMA / Wilder averages as of the last closed
-    bar, so its values equal the batch functions over the whole series while staying small.
-    :meth:`to_dict` / :meth:`from_dict` turn it into plain lists and floats for storage.
+    Feed bars in ts order with :meth:`extend` (many at once) or :meth:`update` (one); the first bar
+    fed may be the current one again, while it is still being built. The state holds only the last
+    ``WINDOW`` closed bars (enough for every seed and SMA window) plus the EMA / Wilder averages as of
+    the last closed bar, so its values equal the batch functions over the whole series while staying
+    small. :meth:`to_dict` / :meth:`from_dict` turn it into plain lists and floats for storage.
+
+    One loop (:meth:`extend`) does the arithmetic for both entry points, with the batch functions'
+    own steps, so the values are the same floats however the bars are fed.
     """
 
     WINDOW = max(SMA_N, EMA_N, RSI_N + 1, ATR_N) - 1
@@ -259,60 +251,85 @@ class IndicatorState:
         A bar with the current ts replaces the current bar; a later ts closes it first. An earlier ts
         raises ValueError: a bar cannot change once a later one exists.
         """
-        ts = int(bar["ts"])
-        if self.current is not None and ts != self.current[0]:
-            if ts < self.current[0]:
-                raise ValueError(f"bar ts {ts} is before the current bar's {self.current[0]}")
-            self._close_current()
-        self.current = (ts, float(bar["high"]), float(bar["low"]), float(bar["close"]))
-        self._evaluate()
+        self.extend([int(bar["ts"])], [float(bar["high"])], [float(bar["low"])], [float(bar["close"])])
         return dict(self.latest)
 
-    def _close_current(self) -> None:
-        assert self.current is not None
-        _, h, lo, c = self.current
-        for window, value in ((self.highs, h), (self.lows, lo), (self.closes, c)):
-            window.append(value)
-            del window[: -self.WINDOW]
-        self.count += 1
-        self.ema, self.avg_gain, self.avg_loss, self.atr = self._next
-
-    def _evaluate(self) -> None:
-        """Values at the current bar from the closed-bar state.
+    def extend(self, ts: Sequence[int], highs: Sequence[float], lows: Sequence[float],
+               closes: Sequence[float]) -> tuple[list[float | None], ...]:
+        """Apply bars in ts order; returns (sma, ema, rsi, atr) lists with each bar's values, None where
+        a value is not computable yet. Same rules as :meth:`update`, one call for a whole chunk.
 
         Every seed happens while the series is at most ``WINDOW + 1`` bars long, so the window then
         holds the whole series and the seed is the batch seed; after that only the averages step.
+        The steps are :func:`_ema_step`, :func:`_wilder_step`, :func:`_rsi` and :func:`_true_range`
+        written out (same expressions, same order of operations, so the same floats: the tests hold
+        them to the batch functions exactly): this loop runs once per bar of every series.
         """
-        assert self.current is not None
-        _, h, lo, c = self.current
-        k = self.count + 1  # bars in the series, the current one included
-        closes = [*self.closes, c]
-        ema_, gain, loss, atr_ = self.ema, self.avg_gain, self.avg_loss, self.atr
-        if k == EMA_N:
-            ema_ = _mean(closes[-EMA_N:])
-        elif ema_ is not None:
-            ema_ = _ema_step(ema_, c, EMA_N)
-        if k == RSI_N + 1:
-            gain, loss = _rsi_seed(closes[-(RSI_N + 1) :])
-        elif gain is not None and loss is not None:
-            d = c - self.closes[-1]
-            gain, loss = _wilder_step(gain, max(d, 0.0), RSI_N), _wilder_step(loss, max(-d, 0.0), RSI_N)
-        if k == ATR_N:
-            bars = list(zip([*self.highs, h], [*self.lows, lo], closes, strict=True))[-ATR_N:]
-            atr_ = _mean([_true_range(bh, bl, bars[i - 1][2] if i else None) for i, (bh, bl, _) in enumerate(bars)])
-        elif atr_ is not None:
-            atr_ = _wilder_step(atr_, _true_range(h, lo, self.closes[-1]), ATR_N)
-        values: dict[str, float] = {}
-        if k >= SMA_N:
-            values[_SMA] = _mean(closes[-SMA_N:])
-        if ema_ is not None:
-            values[_EMA] = ema_
-        if gain is not None and loss is not None:
-            values[_RSI] = _rsi(gain, loss)
-        if atr_ is not None:
-            values[_ATR] = atr_
-        self.latest = values
-        self._next = (ema_, gain, loss, atr_)
+        count = self.count
+        hs, ls, cs = list(self.highs), list(self.lows), list(self.closes)  # closed bars, grown as bars close
+        ema_c, gain_c, loss_c, atr_c = self.ema, self.avg_gain, self.avg_loss, self.atr  # as of the last close
+        current, nxt = self.current, self._next
+        out_sma: list[float | None] = []
+        out_ema: list[float | None] = []
+        out_rsi: list[float | None] = []
+        out_atr: list[float | None] = []
+        alpha, rsi_keep, atr_keep = 2.0 / (EMA_N + 1), RSI_N - 1, ATR_N - 1
+        fsum, sma_tail = math.fsum, SMA_N - 1
+        for t, h, lo, c in zip(ts, highs, lows, closes, strict=True):
+            if current is not None and t != current[0]:
+                if t < current[0]:
+                    raise ValueError(f"bar ts {t} is before the current bar's {current[0]}")
+                hs.append(current[1])
+                ls.append(current[2])
+                cs.append(current[3])
+                count += 1
+                ema_c, gain_c, loss_c, atr_c = nxt
+            current = (t, h, lo, c)
+            k = count + 1  # bars in the series, the current one included
+            if ema_c is not None:
+                ema_ = ema_c + alpha * (c - ema_c)  # _ema_step
+            elif k == EMA_N:
+                ema_ = _mean([*cs[-(EMA_N - 1):], c])
+            else:
+                ema_ = None
+            if gain_c is not None and loss_c is not None:
+                d = c - cs[-1]
+                # max(d, 0.0) and max(-d, 0.0) exactly (signed zeros included), then _wilder_step
+                gain = (gain_c * rsi_keep + (0.0 if 0.0 > d else d)) / RSI_N
+                loss = (loss_c * rsi_keep + (0.0 if d > 0.0 else -d)) / RSI_N
+                rsi_ = 100.0 if loss == 0 else 100.0 - 100.0 / (1.0 + gain / loss)  # _rsi
+            elif k == RSI_N + 1:
+                gain, loss = _rsi_seed([*cs[-RSI_N:], c])
+                rsi_ = _rsi(gain, loss)
+            else:
+                gain = loss = rsi_ = None
+            if atr_c is not None:
+                pc = cs[-1]
+                atr_ = (atr_c * atr_keep + max(h - lo, abs(h - pc), abs(lo - pc))) / ATR_N  # _true_range
+            elif k == ATR_N:
+                bh, bl, bc = [*hs[-(ATR_N - 1):], h], [*ls[-(ATR_N - 1):], lo], cs[-(ATR_N - 1):]
+                atr_ = _mean([_true_range(bh[i], bl[i], bc[i - 1] if i else None) for i in range(ATR_N)])
+            else:
+                atr_ = None
+            if k >= SMA_N:
+                window = cs[-sma_tail:]
+                window.append(c)
+                out_sma.append(fsum(window) / SMA_N)  # _mean
+            else:
+                out_sma.append(None)
+            nxt = (ema_, gain, loss, atr_)
+            out_ema.append(ema_)
+            out_rsi.append(rsi_)
+            out_atr.append(atr_)
+        if not out_sma:
+            return out_sma, out_ema, out_rsi, out_atr
+        window = self.WINDOW
+        self.count, self.current, self._next = count, current, nxt
+        self.highs, self.lows, self.closes = hs[-window:], ls[-window:], cs[-window:]
+        self.ema, self.avg_gain, self.avg_loss, self.atr = ema_c, gain_c, loss_c, atr_c
+        latest = (out_sma[-1], out_ema[-1], out_rsi[-1], out_atr[-1])
+        self.latest = {name: v for name, v in zip(SERIES, latest, strict=True) if v is not None}
+        return out_sma, out_ema, out_rsi, out_atr
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (ints, floats, lists, None) that :meth:`from_dict` restores exactly."""
@@ -342,6 +359,5 @@ class IndicatorState:
         )
         if data["current"] is not None:
             ts, h, lo, c = data["current"]
-            state.current = (int(ts), float(h), float(lo), float(c))
-            state._evaluate()
+            state.extend([int(ts)], [float(h)], [float(lo)], [float(c)])  # the values at the current bar
         return state

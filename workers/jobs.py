@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from db import health
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
+from db.engine import display_url
 from db.errors import WriterError
 from db.models import JobRun, now_ms
 from supervision.sampler import Sampler
@@ -170,7 +171,7 @@ class JobsWorker(Worker):
     def _database_path(self) -> Path:
         path = self.settings.database_path
         if path is None:
-            raise ValueError(f"this job works on a SQLite database, not {self.settings.database_url}")
+            raise ValueError(f"this job works on a SQLite database, not {display_url(self.settings.database_url)}")
         return path
 
     def retention(self, force: bool = False) -> Outcome:

@@ -11,10 +11,15 @@ or retried tick is stored once:
   position in the bar, so replaying the same file again stores nothing twice.
 
 Batches go out pipelined and stay in memory until acknowledged. A batch the
-writer does not acknowledge within the client's deadline (writer down) is
-written to the spool (``$TICKSTACK_HOME/spool``) and replayed when the writer
-answers again, and at the next start. On SIGTERM the ingestor stops reading
-its feed, waits for its acknowledgements and spools what is left.
+writer does not take (no answer within the client's deadline, or a retryable
+refusal such as ``StorageFull``) is written to the spool
+(``$TICKSTACK_HOME/spool``) and replayed when the writer answers again, and at
+the next start. When the disk refuses the spool too (full), the batch is held
+in memory (bounded: the feed pauses at ``--memory-limit`` ticks), moved to
+disk once it takes files again and replayed to the writer meanwhile: a full
+disk is a state the ingestor waits out, never a crash. On SIGTERM the
+ingestor stops reading its feed, waits for its acknowledgements and spools
+what is left.
 
 A CSV replay exits 0 once every tick of the file is acknowledged. On a
 malformed row it commits every row before it, then exits 1 naming the line
@@ -25,66 +30,56 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import os
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
+from sqlalchemy.exc import SQLAlchemyError
 
+from db import queries
 from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
-from db.errors import ValidationError, WriterUnavailable
+from db.engine import make_read_engine
+from db.errors import ValidationError, WriterError
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
 from workers.feeds import CsvFeed, CsvFormatError, SimFeed, pace, parse_speed
+from workers.spool import COLUMNS, Spool
 
-COLUMNS = ("symbol", "ts", "bid", "ask", "volume", "source", "seq")
 EXIT_BAD_ROW = 1
+#: The simulated market's default pace: ticks per second per symbol.
+SIM_RATE_PER_SYMBOL = 10.0
+log = logging.getLogger("tickstack.ticks")
 
 
 def _columns(ticks: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {c: [t[c] for t in ticks] for c in COLUMNS}
 
 
-class Spool:
-    """Batches the writer has not acknowledged, one msgpack file each.
-
-    Files are written whole and renamed into place, so a crash never leaves
-    half a batch; replaying a batch twice is harmless ((source, seq))."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    def put(self, columns: dict[str, list[Any]]) -> Path:
-        name = f"ticks-{columns['source'][0]}-{columns['seq'][0]}-{len(columns['seq'])}.msgpack".replace("/", "_")
-        path = self.folder / name
-        tmp = path.with_suffix(".part")
-        tmp.write_bytes(msgpack.packb(columns))
-        os.replace(tmp, path)
-        return path
-
-    def files(self) -> list[Path]:
-        return sorted(self.folder.glob("ticks-*.msgpack"))
-
-    @staticmethod
-    def load(path: Path) -> dict[str, list[Any]]:
-        return msgpack.unpackb(path.read_bytes())
+#: Where a batch in flight came from: None (read from the feed), a spool file, or a memory key.
+Origin = Path | int | None
 
 
 class TickIngestor(Worker):
     name = "ticks"
     idle_sleep = 0.05
+    #: Seconds between two attempts to replay the spool (and to move memory to disk).
+    replay_every = 2.0
 
     def __init__(self, settings: Settings, ticks: Iterator[tuple[int, dict[str, Any]]], source: str, *,
                  until_idle: bool = False, batch: int = 1000, flush_interval: float = 0.25,
-                 window: int = 8, deadline: float = 15.0, seq_per_line: int = 1) -> None:
-        """``ticks`` yields (line or counter, tick); seq = line * seq_per_line + position."""
+                 window: int = 8, deadline: float = 15.0, seq_per_line: int = 1,
+                 memory_limit: int = 200_000) -> None:
+        """``ticks`` yields (line or counter, tick); seq = line * seq_per_line + position.
+        ``memory_limit``: ticks held in memory while the disk refuses the spool, before the feed
+        is paused."""
         super().__init__(settings, until_idle)
         if not 1 <= batch <= 10_000:
             raise ValueError(f"--batch {batch}: must be 1..10000")
+        if memory_limit < batch:
+            raise ValueError(f"--memory-limit {memory_limit}: must be at least --batch ({batch})")
         self.ticks = ticks
         self.source = source
         self.batch = batch
@@ -92,18 +87,24 @@ class TickIngestor(Worker):
         self.window = window
         self.deadline = deadline
         self.seq_per_line = seq_per_line
+        self.memory_limit = memory_limit
         self.exhausted = False
         self.bad_row: CsvFormatError | None = None
-        self.received = self.acked = self.duplicates = self.spooled = self.failed = 0
+        self.received = self.acked = self.duplicates = self.spooled = self.failed = self.lost = 0
         self._last_line: int | None = None
         self._pos = 0
         self._pending: list[dict[str, Any]] = []
-        self._in_flight: dict[int, tuple[dict[str, list[Any]], Path | None]] = {}
+        self._in_flight: dict[int, tuple[dict[str, list[Any]], Origin]] = {}
         self._last_spool_try = 0.0
         self._last_report = time.monotonic()
+        self._paused = False
+        self._last_keep_log = -10.0
 
     def setup(self) -> None:
-        self.spool = Spool(self.settings.spool_dir)
+        self.spool = Spool(self.settings.spool_dir, self.memory_limit)
+        if self.spool.stale_removed:
+            self.log.warning("ticks: removed %d half-written spool files of an earlier run (their batches were "
+                             "still held by it, and are in the spool or the database)", self.spool.stale_removed)
         self.client = WriterClient(settings=self.settings, deadline=self.deadline)
         self.pipe = Pipeline(self.client, self.window, on_done=self._on_done)
         self.log.info("ticks: source %s, %d spooled batches to replay", self.source, len(self.spool.files()))
@@ -111,7 +112,8 @@ class TickIngestor(Worker):
 
     def step(self) -> bool:
         started = time.monotonic()
-        while not self.exhausted and len(self._pending) < self.batch and self.alive:
+        self._pause_feed(self.spool.memory_full)
+        while not self.exhausted and not self._paused and len(self._pending) < self.batch and self.alive:
             try:
                 line, tick = next(self.ticks)
             except StopIteration:
@@ -137,67 +139,172 @@ class TickIngestor(Worker):
         self._replay_spool()
         self._report()
         if self.exhausted and not did:
+            if self.spool.memory or any(origin is None for _, origin in self._in_flight.values()):
+                # Finish only once every batch read is acknowledged or safe in a spool file.
+                self.pipe.collect(self.idle_sleep)
+                return True
             if self.until_idle or self.bad_row is not None:
                 self.alive = False  # finished: teardown waits for the acks
                 return True
             return False
+        if self._paused and not did:
+            self.pipe.collect(self.idle_sleep)
+            if not self.client.in_flight:
+                self.sleep(self.idle_sleep)
         return True
 
     def teardown(self) -> None:
-        """Flush: submit what was read, wait for every ack (each bounded by
-        the client deadline); what the writer did not take goes to the spool."""
+        """Flush: submit what was read, wait for every ack (each bounded by the client deadline);
+        what the writer did not take goes to the spool. Batches held in memory (the disk was full)
+        go to disk if it takes them now, else to the writer once more; what neither takes is lost,
+        and the log says which ticks."""
         if self._pending:
             self._submit(_columns(self._pending), None)
             self._pending = []
         self.pipe.drain()
+        self.spool.flush_memory()
+        if self.spool.memory:
+            self._last_chance()
+            self.spool.flush_memory()
+        for columns in self.spool.memory.values():
+            seqs = columns["seq"]
+            self.lost += len(seqs)
+            self.log.error("ticks: lost %d ticks of source %s, seq %d..%d: the writer did not take them and the "
+                           "disk refused them (%s)", len(seqs), columns["source"][0], min(seqs), max(seqs),
+                           self.spool.disk_error)
         self.client.close()
-        self.log.info("ticks: source %s received %d, acked %d (duplicates %d), spooled %d, rejected %d",
-                      self.source, self.received, self.acked, self.duplicates, self.spooled, self.failed)
+        self.log.info("ticks: source %s received %d, acked %d (duplicates %d), spooled %d, rejected %d, lost %d",
+                      self.source, self.received, self.acked, self.duplicates, self.spooled, self.failed, self.lost)
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
 
-    def _submit(self, columns: dict[str, list[Any]], spool_path: Path | None) -> None:
+    def _last_chance(self, budget: float = 5.0) -> None:
+        """At stop, batches held in memory go to the writer if it answers now, for at most
+        ``budget`` seconds (circus waits ``graceful_timeout``, 20 s, for the whole stop)."""
+        try:
+            self.client.ping(timeout=1.0)
+        except WriterError:
+            return
+        end = time.monotonic() + budget
+        for key, columns in list(self.spool.memory.items()):
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                break
+            self.client.deadline = remaining  # of the requests sent from now on
+            self._submit(columns, key)
+        self.pipe.drain()
+
+    def _submit(self, columns: dict[str, list[Any]], origin: Origin) -> None:
         ticket = self.pipe.submit("insert_ticks", ticks=columns)
-        self._in_flight[ticket.seq] = (columns, spool_path)
+        self._in_flight[ticket.seq] = (columns, origin)
 
     def _on_done(self, ticket: Ticket) -> None:
-        columns, spool_path = self._in_flight.pop(ticket.seq)
+        columns, origin = self._in_flight.pop(ticket.seq)
         n = len(columns["seq"])
-        if ticket.error is None:
+        error = ticket.error
+        if error is not None and error.retryable:
+            # The writer is away, or cannot store it now (disk full): keep it and send it again later.
+            if origin is None:
+                self._keep(columns, error)
+            return
+        if origin is not None:
+            self.spool.settled(origin)
+        if error is None:
             result = ticket.result()
             self.acked += n
             self.duplicates += result["duplicates"]
-            if spool_path is not None:
-                spool_path.unlink(missing_ok=True)
-        elif isinstance(ticket.error, WriterUnavailable):
-            if spool_path is None:
-                path = self.spool.put(columns)
-                self.spooled += n
-                self.log.warning("ticks: writer unavailable; spooled %d ticks to %s", n, path.name)
+            return
+        # The writer refused the batch: retrying cannot help. Keep it for
+        # a person to look at instead of dropping it.
+        self.failed += n
+        name = f"rejected-{time.time_ns()}.msgpack"
+        try:
+            kept = str(self.spool.write(columns, name))
+        except OSError as e:
+            kept = f"nowhere: the disk refused {name} ({e}); seq {min(columns['seq'])}..{max(columns['seq'])}"
+        self.log.error("ticks: writer rejected %d ticks (%s); kept in %s", n, error, kept)
+
+    def _keep(self, columns: dict[str, list[Any]], error: WriterError) -> None:
+        """Spool a batch the writer did not take; say so at most every 10 s (a full disk is a state
+        that lasts, not an event per batch)."""
+        n = len(columns["seq"])
+        path = self.spool.put(columns)
+        if path is not None:
+            self.spooled += n
+        now = time.monotonic()
+        if now - self._last_keep_log < 10:
+            return
+        self._last_keep_log = now
+        why = f"{type(error).__name__}: {error}"
+        if path is not None:
+            self.log.warning("ticks: writer did not take %d ticks (%s); spooled to %s", n, why, path.name)
         else:
-            # The writer refused the batch: retrying cannot help. Keep it for
-            # a person to look at instead of dropping it.
-            self.failed += n
-            path = self.spool.put(columns).rename(self.spool.folder / f"rejected-{time.time_ns()}.msgpack")
-            self.log.error("ticks: writer rejected %d ticks (%s); kept in %s", n, ticket.error, path)
+            self.log.warning("ticks: writer did not take %d ticks (%s) and the disk refused the spool (%s); "
+                             "holding %d ticks in memory until one of them takes them", n, why,
+                             self.spool.disk_error, self.spool.memory_ticks)
+
+    def _pause_feed(self, pause: bool) -> None:
+        """Stop reading the feed while memory holds its limit (back-pressure: nothing is dropped)."""
+        if pause != self._paused:
+            self._paused = pause
+            if pause:
+                self.log.warning("ticks: %d ticks held in memory (the limit): feed paused until the writer or the "
+                                 "disk takes them", self.spool.memory_ticks)
+            else:
+                self.log.info("ticks: feed resumed")
 
     def _replay_spool(self, force: bool = False) -> None:
-        """Resubmit spooled batches, at most every 2 s, when none is in flight."""
+        """Every ``replay_every`` seconds: move batches held in memory to disk, then resubmit spooled
+        batches (disk files, then what is still in memory) into the free places of the window."""
         now = time.monotonic()
-        if not force and now - self._last_spool_try < 2:
+        if not force and now - self._last_spool_try < self.replay_every:
             return
         self._last_spool_try = now
-        busy = {str(p) for _, p in self._in_flight.values() if p is not None}
-        for path in self.spool.files()[: self.window]:
-            if str(path) not in busy:
-                self._submit(Spool.load(path), path)
+        busy = {origin for _, origin in self._in_flight.values() if origin is not None}
+        if self.spool.memory:
+            moved = self.spool.flush_memory(skip=busy)
+            if moved:
+                self.spooled += moved
+                self.log.info("ticks: the disk takes the spool again: moved %d ticks from memory to it", moved)
+        free = self.window - self.pipe.outstanding
+        for path in self.spool.files():
+            if free <= 0:
+                return
+            if path in busy:
+                continue
+            try:
+                columns = Spool.load(path)
+            except FileNotFoundError:  # another ingestor replayed it meanwhile
+                continue
+            except (OSError, ValueError) as e:  # msgpack's errors are ValueErrors
+                self._set_aside(path, e)
+                continue
+            self._submit(columns, path)
+            free -= 1
+        for key, columns in list(self.spool.memory.items()):
+            if free <= 0:
+                return
+            if key not in busy:
+                self._submit(columns, key)
+                free -= 1
+
+    def _set_aside(self, path: Path, error: Exception) -> None:
+        """A spool file that cannot be read is renamed out of the replay, for a person to look at."""
+        bad = path.with_name(f"unreadable-{path.name}")
+        try:
+            path.rename(bad)
+        except OSError as e:
+            self.log.error("ticks: spool file %s cannot be read (%s) nor set aside (%s)", path.name, error, e)
+            return
+        self.log.error("ticks: spool file %s cannot be read (%s); set aside as %s", path.name, error, bad.name)
 
     def _report(self) -> None:
         now = time.monotonic()
         if now - self._last_report >= 10:
             self._last_report = now
-            self.log.info("ticks: received %d, acked %d, in flight %d, spool %d files",
-                          self.received, self.acked, self.pipe.outstanding, len(self.spool.files()))
+            self.log.info("ticks: received %d, acked %d, in flight %d, spool %d files, %d ticks in memory",
+                          self.received, self.acked, self.pipe.outstanding, len(self.spool.files()),
+                          self.spool.memory_ticks)
 
 
 def _symbols(text: str) -> list[str]:
@@ -213,10 +320,15 @@ def _symbols(text: str) -> list[str]:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=["sim", "csv"], default="sim")
     parser.add_argument("--symbols", default="BTCUSD,EURUSD", help="sim: comma-separated symbols")
-    parser.add_argument("--rate", type=float, default=20.0, help="sim: ticks per second over all symbols")
+    parser.add_argument("--rate", type=float, default=None,
+                        help=f"sim: ticks per second over all symbols (default: {SIM_RATE_PER_SYMBOL:g} per symbol, a "
+                             "tick about every 100 ms for each)")
     parser.add_argument("--seed", type=int, default=None, help="sim: random seed (repeatable runs)")
     parser.add_argument("--count", type=int, default=None, help="sim: stop after this many ticks")
-    parser.add_argument("--vol-scale", type=float, default=20.0, help="sim: volatility multiplier (livelier demo)")
+    parser.add_argument("--vol-scale", type=float, default=1.0,
+                        help="sim: volatility multiplier; 1 is realistic (BTCUSD ~60,000 with 2 decimals, 60 %% a "
+                             "year; EURUSD ~1.08 with 5 decimals, 7 %% a year; spreads per symbol), more for a "
+                             "livelier demo. A restarted feed continues from each symbol's last stored price")
     parser.add_argument("--file", type=Path, help="csv: the tick or OHLCV file")
     parser.add_argument("--symbol", help="csv: the symbol (required for bar files)")
     parser.add_argument("--timeframe", help="csv: bar interval (default: inferred from the file)")
@@ -224,23 +336,49 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1000, help="ticks per writer request (1..10000)")
     parser.add_argument("--deadline", type=float, default=15.0,
                         help="seconds a batch waits for the writer before it is spooled to disk")
+    parser.add_argument("--memory-limit", type=int, default=200_000,
+                        help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "
+                             "pauses until the writer or the disk takes them")
+
+
+def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
+    """Symbol -> the mid of its last stored tick, where a restarted simulated market continues
+    (:class:`~workers.feeds.SimFeed` ``start_mids``); {} when the database cannot be read yet (a
+    first start: the feed then starts at its defaults)."""
+    try:
+        engine = make_read_engine(settings, pool_size=1)
+    except Exception as e:  # no database file yet, a bad URL: start from the defaults
+        log.info("ticks: no stored prices to continue from (%s)", e)
+        return {}
+    try:
+        with engine.connect() as conn:
+            return {s: (t.bid + t.ask) / 2 for s, t in queries.latest_ticks(conn, symbols).items()}
+    except SQLAlchemyError as e:
+        log.info("ticks: no stored prices to continue from (%s)", e)
+        return {}
+    finally:
+        engine.dispose()
 
 
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if not args.deadline > 0:
         raise ValueError("--deadline must be positive")
     if args.feed == "sim":
+        symbols = _symbols(args.symbols)
+        if args.rate is None:
+            args.rate = SIM_RATE_PER_SYMBOL * len(symbols)
         if not args.rate > 0 or not args.vol_scale > 0:
             raise ValueError("--rate and --vol-scale must be positive")
         if args.count is not None and args.count < 0:
             raise ValueError("--count must be >= 0")
-        feed = SimFeed(_symbols(args.symbols), seed=args.seed, rate_hz=args.rate, vol_scale=args.vol_scale)
+        feed = SimFeed(symbols, seed=args.seed, rate_hz=args.rate, vol_scale=args.vol_scale,
+                       start_mids=last_mids(settings, symbols))
         ticks: Iterator[dict[str, Any]] = pace(iter(feed), 1.0)
         if args.count is not None:
             ticks = itertools.islice(ticks, args.count)
         source = f"sim-{int(time.time() * 1000)}"
         return TickIngestor(settings, enumerate(ticks), source, until_idle=args.until_idle or args.count is not None,
-                            batch=args.batch, deadline=args.deadline)
+                            batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit)
     if args.file is None:
         raise ValueError("--feed csv needs --file PATH")
     if not args.file.is_file():
@@ -259,7 +397,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     source = f"csv-{args.symbol or 'file'}-{digest}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
     return TickIngestor(settings, iter(pace(iter(feed), speed)), source, until_idle=True, batch=args.batch,
-                        deadline=args.deadline, seq_per_line=4)
+                        deadline=args.deadline, seq_per_line=4, memory_limit=args.memory_limit)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -274,7 +412,7 @@ def run(argv: list[str] | None = None) -> int:
     if code == 0 and ingestor is not None:
         if ingestor.bad_row is not None:
             return EXIT_BAD_ROW
-        if ingestor.failed or (ingestor.until_idle and ingestor.spooled):
+        if ingestor.failed or ingestor.lost or (ingestor.until_idle and ingestor.spooled):
             return 1
     return code
 

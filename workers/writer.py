@@ -6,14 +6,31 @@ answers each one only after the op's effects are committed.
 
 Two threads, one job each:
 
-* the **IO thread** (main) owns the socket: it decodes requests, answers
-  ``ping`` and ``stats`` itself, queues ops in a bounded queue (a full queue
-  gets a *busy* reply, so memory stays bounded under any load) and sends the
-  replies the commit thread hands back;
-* the **commit thread** owns the one write connection: it takes every pending
-  request (up to a bound), runs them in one ``BEGIN IMMEDIATE`` transaction,
-  each in a savepoint so one bad request fails alone, records them as applied
-  in that same transaction, commits, and only then replies.
+* the **IO thread** (main) owns the socket: it decodes requests within the
+  decode limits of :func:`db.protocol.decode_request`, answers ``ping`` and
+  ``stats`` itself, queues ops in a queue bounded in requests and in bytes (a
+  full queue gets a *busy* reply, so memory stays bounded under any load) and
+  sends the replies the commit thread hands back;
+* the **commit thread** (:mod:`workers.commit`) owns the one write connection: it takes every pending
+  request (up to a bound), runs them in one ``BEGIN IMMEDIATE`` transaction
+  (with no savepoint per request unless one of them fails: then the batch runs
+  again with one each, so one bad request fails alone), records them as
+  applied in the same transaction, commits, and only then replies.
+
+Neither thread ends for a request, a checkpoint or a database error, of any
+class: the request fails with a reply that says why, and the writer serves
+on. A full disk is a state, not a crash: every write is answered with
+:class:`~db.errors.StorageFull` (SQLite's own reason, e.g. ``SQLITE_FULL``)
+until space returns, and writes then succeed again by themselves.
+
+Memory is bounded in bytes: a frame over ``writer_max_message`` gets an error
+reply, and ZeroMQ's ``MAXMSGSIZE`` (4 x that) closes the connection of a peer
+sending more, before the frame is read. Nothing can be answered then (ZeroMQ
+does not say which peer it dropped, and reading the frame to answer it would
+hold it all in memory), so :class:`db.client.WriterClient` refuses such a
+request itself, before sending it, with a clear error. Queued requests may
+take at most ``QUEUE_BUDGET_MESSAGES`` x ``writer_max_message`` as estimated
+by the decoder; beyond that, *busy*.
 
 Lifecycle, as in gunicorn's workers: ``__init__`` opens nothing;
 :meth:`Writer.run` takes the writer lock, opens the database, binds, serves
@@ -29,77 +46,26 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 import zmq
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
-from db import ops
 from db.config import ConfigError, Settings, ensure_home, load_settings
-from db.engine import checkpoint, make_write_engine
-from db.errors import CommitFailed, OpFailed, ValidationError, WriterError
+from db.engine import display_url, make_write_engine, storage_full_reason
+from db.errors import OpFailed, ValidationError
 from db.lock import WriterLock, WriterLocked
-from db.protocol import PROTOCOL, encode_reply, envelope_problem
+from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
 from db.schema import migrate
-from db.stats import percentile
-from workers.base import command_line, configure_logging, on_stop_signals
+from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
+from workers.commit import DOORBELL, STOP, Committer, Request, Stats
 
 log = logging.getLogger("tickstack.writer")
 
 EXIT_LOCKED = 3
-_STOP = object()
+#: The queue's byte budget, in maximum-size messages (estimated decoded size).
+QUEUE_BUDGET_MESSAGES = 16
 
-
-@dataclass
-class Request:
-    ident: bytes
-    cid: str
-    seq: int
-    op: str
-    args: Any
-
-
-class Stats:
-    """Counters the IO thread reports and the commit thread updates. Plain
-    attribute updates under the GIL; a report is a consistent-enough copy."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.batches = 0
-        self.batched_requests = 0
-        self.max_batch = 0
-        self.requests_ok = 0
-        self.requests_failed = 0
-        self.busy_replies = 0
-        self.malformed = 0
-        self.dedup_hits = 0
-        self.lock_errors = 0
-        self.commit_failures = 0
-        self.ticks_inserted = 0
-        self.commit_ms: deque[float] = deque(maxlen=4096)
-        self.last_checkpoint: dict[str, Any] | None = None
-
-    def report(self, queue_depth: int) -> dict[str, Any]:
-        lat = sorted(self.commit_ms)
-
-        def pct(p: float) -> float | None:
-            value = percentile(lat, p)
-            return None if value is None else round(value, 3)
-
-        return {
-            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3), "queue_depth": queue_depth,
-            "batches": self.batches, "max_batch": self.max_batch,
-            "mean_batch": round(self.batched_requests / self.batches, 2) if self.batches else 0.0,
-            "commit_p50_ms": pct(0.50), "commit_p99_ms": pct(0.99), "commit_max_ms": pct(1.0),
-            "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
-            "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
-            "lock_errors": self.lock_errors, "commit_failures": self.commit_failures,
-            "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
-        }
+__all__ = ["Stats", "Writer", "main"]
 
 
 class Writer:
@@ -110,16 +76,12 @@ class Writer:
         self.stop_requested_at: float | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
+        # Bytes queued = accepted (here) - released (by the commit thread):
+        # each counter has one writing thread, so neither needs a lock.
+        self.queue_budget = QUEUE_BUDGET_MESSAGES * settings.writer_max_message
+        self.accepted_bytes = 0
+        self.committer: Committer | None = None
         self.lock = WriterLock(settings.writer_lock_path)
-        # Results of recently committed requests, for retries without a query.
-        self.recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self.recent_max = 100_000
-        # Per client, the highest seq that may be on record: requests above it
-        # are new and need no lookup (the common case, saving a query each).
-        self.known_top: OrderedDict[str, int] = OrderedDict()
-        self.commit_busy = False
-        self.batch_no = 0
-        self._last_prune = 0.0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -141,12 +103,28 @@ class Writer:
         except WriterLocked as e:
             log.error("writer: %s", e)
             return EXIT_LOCKED
+        except OSError as e:
+            if storage_full_reason(e) is None:
+                raise
+            log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and start again",
+                      self.lock.path, storage_full_reason(e))
+            return 1
         try:
             self.init_signals()
             self.engine = make_write_engine(self.settings)
-            self.conn = self.engine.connect()
-            with self.conn.begin():
-                before, after = migrate(self.conn)
+            try:
+                conn = self.engine.connect()
+                self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
+                                           on_fatal=self._stop_now)
+                with conn.begin():
+                    before, after = migrate(conn)
+            except Exception as e:
+                reason = storage_full_reason(e)
+                if reason is None:
+                    raise
+                log.error("writer: cannot open the database, its disk is full (%s); free space and start again",
+                          reason)
+                return 1
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
             # Ingest decodes thousands of short-lived containers per request;
@@ -156,15 +134,17 @@ class Writer:
             gc.freeze()
             gc.set_threshold(50_000, 20, 20)
             self._serve()
-            self._final_checkpoint()
+            self.committer.final_checkpoint()  # type: ignore[union-attr]
             return 0
         finally:
-            conn = getattr(self, "conn", None)
-            if conn is not None:
-                conn.close()
-            engine = getattr(self, "engine", None)
-            if engine is not None:
-                engine.dispose()
+            conn = self.committer.conn if self.committer is not None else None
+            for what, close in (("connection", getattr(conn, "close", None)),
+                                ("engine", getattr(getattr(self, "engine", None), "dispose", None))):
+                try:
+                    if close is not None:
+                        close()
+                except Exception as e:  # e.g. a full disk: every commit is already in the WAL
+                    log.warning("writer: closing the database %s failed: %s", what, e)
             self.lock.release()
 
     def _serve(self) -> None:
@@ -176,19 +156,21 @@ class Writer:
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.LINGER, 2000)
         replies_in = ctx.socket(zmq.PULL)
-        replies_in.bind("inproc://replies")
+        replies_in.bind(DOORBELL)
         endpoint = self.settings.writer_endpoint
         router.bind(endpoint)
-        committer = threading.Thread(target=self._commit_loop, args=(ctx,), name="commit", daemon=True)
+        assert self.committer is not None
+        committer = threading.Thread(target=self.committer.run, args=(ctx,), name="commit", daemon=True)
         committer.start()
         log.info("writer ready: pid %d, endpoint %s, database %s", os.getpid(), endpoint,
-                 self.settings.database_url)
+                 display_url(self.settings.database_url))
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies_in, zmq.POLLIN)
         last_request = time.monotonic()
         try:
             while True:
+                tend_lifeline(self.settings)  # stop if circusd died; heartbeat for the watchdog
                 events = dict(poller.poll(50))
                 if replies_in in events:
                     self._forward_replies(replies_in, router)
@@ -198,16 +180,23 @@ class Writer:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        last_request = time.monotonic()
-                        self._accept(router, frames)
+                        accepted_before = self.accepted_bytes
+                        try:
+                            self._accept(router, frames)
+                        except Exception as e:  # the IO thread serves on, whatever a request does
+                            log.exception("writer: handling a request failed")
+                            self._send(router, frames[0], encode_reply(None, error=OpFailed(
+                                f"the writer could not handle the request: {type(e).__name__}: {e}")))
+                        if self.accepted_bytes != accepted_before:  # an op to commit: pings and
+                            last_request = time.monotonic()     # stats (polls) are not a flush
                 if self.stop_requested_at is not None and self._drained(last_request):
                     break
             # Stop reading new requests; let the commit thread finish the
             # queue and forward its last replies.
-            self.queue.put(_STOP)
-            while committer.is_alive() or replies_in.poll(0):
-                if replies_in.poll(50):
-                    self._forward_replies(replies_in, router)
+            self.queue.put(STOP)
+            while committer.is_alive() or self.committer.outbox:
+                replies_in.poll(50)
+                self._forward_replies(replies_in, router)
             self._forward_replies(replies_in, router)
         finally:
             router.close()
@@ -224,35 +213,30 @@ class Writer:
             log.warning("writer: drain deadline reached with %d requests queued", self.queue.qsize())
             return True
         quiet_since = max(last_request, self.stop_requested_at)
-        return now - quiet_since >= self.settings.writer_drain_idle and self.queue.empty() and not self.commit_busy
+        busy = self.committer is not None and self.committer.busy
+        return now - quiet_since >= self.settings.writer_drain_idle and self.queue.empty() and not busy
 
-    def _final_checkpoint(self) -> None:
-        """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
-        partial (busy): retry briefly, since circus is stopping them too."""
-        deadline = time.monotonic() + 3.0
-        while True:
-            try:
-                result = checkpoint(self.conn, "TRUNCATE")
-            except SQLAlchemyError as e:
-                log.error("writer: final checkpoint failed: %s", e)
-                return
-            if not result["busy"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
+    def _stop_now(self) -> None:
+        """The commit thread cannot go on (a bug of its own loop, never a
+        request's): stop at once instead of queueing requests nobody commits."""
+        self.stop_requested_at = time.monotonic() - self.settings.writer_drain_deadline
 
     # --- IO thread ---------------------------------------------------------------------
 
     def _forward_replies(self, replies_in: zmq.Socket, router: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = replies_in.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                router.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.ZMQError as e:  # peer gone or its queue full: it retries
-                log.debug("writer: reply dropped: %s", e)
+        """Send the replies of the batches the commit thread committed: take the doorbell's
+        rings first, then the outbox, so a batch whose ring comes later is sent now or at that
+        ring (never left behind)."""
+        try:
+            while True:
+                replies_in.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        assert self.committer is not None
+        outbox = self.committer.outbox
+        while outbox:
+            for ident, payload in outbox.popleft():
+                self._send(router, ident, payload)
 
     def _accept(self, router: zmq.Socket, frames: list[bytes]) -> None:
         """Decode one request; answer ping/stats/errors now, queue ops."""
@@ -266,16 +250,17 @@ class Writer:
         if len(payload) > self.settings.writer_max_message:
             self.stats.malformed += 1
             self._send(router, ident, encode_reply(None, error=ValidationError(
-                f"message of {len(payload)} bytes is over the limit of {self.settings.writer_max_message}")))
+                f"message of {len(payload)} bytes is over the limit of {self.settings.writer_max_message} "
+                "(TICKSTACK_WRITER_MAX_MESSAGE)")))
             return
         try:
-            msg = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except Exception as e:  # any garbage: msgpack raises several types
+            msg, cost = decode_request(payload)
+        except ValidationError as e:
             self.stats.malformed += 1
             log.warning("writer: undecodable request (%d bytes): %s", len(payload), e)
-            self._send(router, ident, encode_reply(None, error=ValidationError(f"request is not valid msgpack: {e}")))
+            self._send(router, ident, encode_reply(None, error=e))
             return
-        seq = msg.get("seq") if type(msg) is dict else None
+        seq = reply_seq(msg)
         problem = envelope_problem(msg)
         if problem:
             self.stats.malformed += 1
@@ -285,13 +270,30 @@ class Writer:
         if name == "ping":
             self._send(router, ident, encode_reply(seq, result={"pid": os.getpid(), "protocol": PROTOCOL}))
         elif name == "stats":
-            self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize())))
-        else:
-            try:
-                self.queue.put_nowait(Request(ident, msg["cid"], seq, name, msg.get("args")))
-            except queue.Full:
-                self.stats.busy_replies += 1
-                self._send(router, ident, encode_reply(seq, busy=True))
+            self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize(),
+                                                                                   self.queued_bytes)))
+        elif not self._enqueue(Request(ident, msg["cid"], seq, name, msg.get("args"), cost)):
+            self.stats.busy_replies += 1
+            self._send(router, ident, encode_reply(seq, busy=True))
+
+    @property
+    def queued_bytes(self) -> int:
+        """Estimated bytes of the requests queued or in the batch being committed."""
+        return self.accepted_bytes - (self.committer.released_bytes if self.committer is not None else 0)
+
+    def _enqueue(self, req: Request) -> bool:
+        """Queue ``req`` unless the queue is full in requests or in bytes (an
+        empty queue takes any request, so a large one is never refused for ever)."""
+        queued = self.queued_bytes
+        if queued > 0 and queued + req.cost > self.queue_budget:
+            return False
+        self.accepted_bytes += req.cost  # before the commit thread can release it
+        try:
+            self.queue.put_nowait(req)
+        except queue.Full:
+            self.accepted_bytes -= req.cost
+            return False
+        return True
 
     @staticmethod
     def _send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:
@@ -299,193 +301,6 @@ class Writer:
             router.send_multipart([ident, payload], zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.debug("writer: reply dropped: %s", e)
-
-    # --- commit thread ----------------------------------------------------------------
-
-    def _commit_loop(self, ctx: zmq.Context) -> None:
-        out = ctx.socket(zmq.PUSH)
-        out.setsockopt(zmq.SNDHWM, 0)
-        out.connect("inproc://replies")
-        wait = self.settings.writer_batch_wait
-        try:
-            while True:
-                first = self.queue.get()
-                if first is _STOP:
-                    return
-                self.commit_busy = True
-                batch = [first]
-                deadline = time.monotonic() + wait
-                stop_after = False
-                while len(batch) < self.settings.writer_max_batch:
-                    try:
-                        remaining = deadline - time.monotonic()
-                        item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop_after = True
-                        break
-                    batch.append(item)
-                for ident, payload in self._commit(batch):  # type: ignore[arg-type]
-                    out.send_multipart([ident, payload])
-                self.commit_busy = False
-                if stop_after:
-                    return
-        except Exception:
-            log.exception("writer: commit thread failed; stopping")
-            self.stop_requested_at = time.monotonic() - self.settings.writer_drain_deadline
-            raise
-        finally:
-            self.commit_busy = False
-            out.close(linger=1000)
-
-    def _commit(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
-        """Run a batch in one IMMEDIATE transaction; return the replies to
-        send, which must go out only now that the batch is committed."""
-        self.batch_no += 1
-        batch_no = self.batch_no
-        replies: list[tuple[bytes, bytes] | Request] = []
-        outside: list[tuple[Request, ops.Op, dict]] = []
-        applied: list[tuple[str, int, bytes]] = []
-        committed: dict[tuple[str, int], bytes] = {}
-        ok_count = failed = ticks = 0
-        started = time.perf_counter()
-        conn = self.conn
-        try:
-            with conn.begin():
-                for req in batch:
-                    key = (req.cid, req.seq)
-                    prior = self.recent.get(key) or committed.get(key)
-                    if prior is None and req.seq <= self._known_top(conn, req.cid):
-                        prior = ops.lookup_applied(conn, req.cid, req.seq)
-                    if prior is not None:
-                        self.stats.dedup_hits += 1
-                        replies.append((req.ident, encode_reply(req.seq, result=msgpack.unpackb(prior),
-                                                                batch=batch_no)))
-                        continue
-                    try:
-                        spec, args = ops.prepare(req.op, req.args)
-                    except ValidationError as e:
-                        failed += 1
-                        replies.append((req.ident, encode_reply(req.seq, error=e, batch=batch_no)))
-                        continue
-                    except Exception as e:  # a validator's bug fails its request, never the writer
-                        log.exception("writer: validating %s failed", req.op)
-                        failed += 1
-                        replies.append((req.ident, encode_reply(req.seq, batch=batch_no, error=ValidationError(
-                            f"{req.op}: invalid arguments ({type(e).__name__}: {e})"))))
-                        continue
-                    if not spec.transactional:
-                        outside.append((req, spec, args))
-                        replies.append(req)  # its place: replies go out in request order
-                        continue
-                    result, error = self._run_in_savepoint(conn, spec, args)
-                    if error is not None:
-                        failed += 1
-                        replies.append((req.ident, encode_reply(req.seq, error=error, batch=batch_no)))
-                        continue
-                    packed = msgpack.packb(result)
-                    applied.append((req.cid, req.seq, packed))
-                    committed[key] = packed
-                    ok_count += 1
-                    if spec.name == "insert_ticks":
-                        ticks += result["inserted"]
-                    replies.append((req.ident, encode_reply(req.seq, result=result, batch=batch_no)))
-                ops.record_applied(conn, applied)
-                self._maybe_prune(conn)
-        except SQLAlchemyError as e:
-            # Nothing of the batch is committed: every request in it gets a
-            # retryable error, and its client sends it again.
-            self._count_lock_error(e)
-            self.stats.commit_failures += 1
-            log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch), e)
-            error = CommitFailed(f"commit failed, nothing applied; retry: {e.__class__.__name__}: {e.orig}"
-                                 if hasattr(e, "orig") else f"commit failed, nothing applied; retry: {e}")
-            return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        for key, packed in committed.items():
-            self.recent[key] = packed
-            cid, seq = key
-            self.known_top[cid] = max(self.known_top.get(cid, 0), seq)
-        while len(self.recent) > self.recent_max:
-            self.recent.popitem(last=False)
-        st = self.stats
-        st.batches += 1
-        st.batched_requests += len(batch)
-        st.max_batch = max(st.max_batch, len(batch))
-        st.commit_ms.append(elapsed_ms)
-        st.requests_ok += ok_count
-        st.requests_failed += failed
-        st.ticks_inserted += ticks
-        # Ops outside the transaction run now, in request order; each takes
-        # the place its request holds in ``replies``.
-        later = []
-        for req, spec, args in outside:
-            result, error = self._run_outside(spec, args)
-            later.append((req.ident, encode_reply(req.seq, result=result, error=error, batch=batch_no)))
-        in_order = iter(later)
-        return [next(in_order) if isinstance(r, Request) else r for r in replies]
-
-    def _known_top(self, conn: Connection, cid: str) -> int:
-        top = self.known_top.get(cid)
-        if top is None:
-            top = self.known_top[cid] = ops.last_applied_seq(conn, cid)
-            while len(self.known_top) > self.recent_max:
-                self.known_top.popitem(last=False)  # forgotten clients are looked up again
-        else:
-            self.known_top.move_to_end(cid)
-        return top
-
-    def _run_in_savepoint(self, conn: Connection, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
-        savepoint = conn.begin_nested()
-        try:
-            result = ops.execute(conn, spec, args)
-        except WriterError as e:
-            savepoint.rollback()
-            return None, e
-        except SQLAlchemyError as e:
-            savepoint.rollback()
-            self._count_lock_error(e)
-            log.warning("writer: op %s failed: %s", spec.name, e)
-            return None, OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
-        except Exception as e:  # an op's bug fails its request, never the writer
-            savepoint.rollback()
-            log.exception("writer: op %s raised", spec.name)
-            return None, OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
-        savepoint.commit()
-        return result, None
-
-    def _run_outside(self, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
-        try:
-            result = ops.execute(self.conn, spec, args)
-        except WriterError as e:
-            return None, e
-        except SQLAlchemyError as e:
-            self._count_lock_error(e)
-            return None, OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
-        finally:
-            # A PRAGMA may open an implicit transaction in SQLAlchemy's view.
-            if self.conn.in_transaction():
-                self.conn.rollback()
-        if spec.name == "checkpoint":
-            self.stats.last_checkpoint = {"at_ms": ops.now_ms(), "mode": args.get("mode", "TRUNCATE"), **result}
-        self.stats.requests_ok += 1
-        return result, None
-
-    def _count_lock_error(self, e: SQLAlchemyError) -> None:
-        if isinstance(e, OperationalError) and "locked" in str(e.orig):
-            self.stats.lock_errors += 1
-
-    def _maybe_prune(self, conn: Connection) -> None:
-        """Forget applied requests older than the dedup window, once a minute,
-        inside a batch transaction (so it costs no extra commit)."""
-        now = time.monotonic()
-        if now - self._last_prune < 60:
-            return
-        self._last_prune = now
-        pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))
-        if pruned:
-            log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,17 @@
 """``python -m bench api``: the REST API under real gunicorn, read while the writer ingests.
 
 The question: does reading through the API stay fast while the single writer
-ingests at full speed? Readers (gunicorn workers on read-only engines) and
-the writer share one SQLite file in WAL mode, and on a small machine they
-also share the CPU. This benchmark serves the API exactly as production does
-(``circus.ini``: gunicorn, 2 sync workers, ``--no-control-socket``,
-``--graceful-timeout 10``, access log on), in front of the real writer
-(``testkit.writer.spawn``), on one fresh ``TICKSTACK_HOME`` made by
-``bench.common.fresh_home``, and measures from outside over HTTP.
+ingests at full speed? And do connections that never finish a request stop
+it? Readers (gunicorn workers on read-only engines) and the writer share one
+SQLite file in WAL mode, and on a small machine they also share the CPU.
+This benchmark serves the API exactly as production does (circus.ini's
+``api`` command line, read by ``testkit.gunicorn.watcher_command``: 2
+workers of ``webapp.gunicorn_worker.HeadersFirstWorker``, 8 threads each),
+or with another worker class to compare (``--worker-class sync,gthread:8,
+tornado,...``: each its own gunicorn, every scenario run against each), in
+front of the real writer (``testkit.writer.spawn``), on one fresh
+``TICKSTACK_HOME`` made by ``bench.common.fresh_home``, and measures from
+outside over HTTP.
 
 Setup (not measured)
     The writer is started; ``--seed-ticks`` ticks of BTCUSD and ETHUSD, one
@@ -41,6 +45,18 @@ Setup (not measured)
     of steady ingest; the ingest rate reported counts the rows acknowledged
     within the read window. Target: each read route's p99 under load is at
     most :data:`P99_RATIO_TARGET` times its idle p99.
+``slow-clients``
+    The same read load while one process holds ``--slow-clients`` (50)
+    connections that never finish a request: in turn, one sends nothing, one
+    half a request line, one a request line and half a header, then nothing
+    more (what a stalled or malicious client leaves behind; no authentication
+    is needed). One the server closes is opened again at once, so the pressure
+    lasts the whole window. Held from :data:`~bench.api.data.SLOW_LEAD` s
+    before the readers start until :data:`~bench.api.data.READ_GRACE` s after
+    they stop; a read still unanswered by then counts as an error. Targets: no
+    failed read, and each read route's p99 at most
+    :data:`~bench.api.data.SLOW_P99_RATIO_TARGET` times its idle p99. Why the
+    worker class matters here: :mod:`webapp.gunicorn_worker`.
 ``write``
     ``--clients`` processes ``POST /api/ticks`` with ``Authorization: Bearer``
     for ``--seconds``, each request ``--post-batch`` ticks as a JSON list of
@@ -50,7 +66,7 @@ Setup (not measured)
     stored ticks must equal the acknowledged ones (and the seed's and the
     producer's rows are checked the same way).
 
-``--repeat N`` runs idle and under-load N times, interleaved (so a slow
+``--repeat N`` runs idle, under-load and slow-clients N times, interleaved (so a slow
 drift of the machine hits both alike); the ratio then compares all idle
 latencies with all under-load ones. ``--writer-nice N`` runs the writer (all
 its threads) at nice N: an experiment in giving the readers CPU priority.
@@ -78,7 +94,7 @@ from __future__ import annotations
 # The parts, in the order a run uses them: bench.api.data (routes, sources,
 # ticks), .load (the client and producer processes), .server (gunicorn),
 # .window (the machine during a measured window), .scenarios (setup and the
-# three scenarios), .report (checks and the printed table), .cli (options and
+# four scenarios), .report (checks and the printed table), .cli (options and
 # the run itself).
 from bench.api.cli import build_parser, main, run
 

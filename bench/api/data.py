@@ -27,6 +27,9 @@ INGEST_LEAD = 1.0
 INGEST_TAIL = 0.2
 MAX_TICKS = 10_000  # db.ops.MAX_TICKS: the writer refuses larger batches
 HTTP_TIMEOUT = 30.0
+#: A read sent in the measured window must be answered at most this long after the window ends,
+#: else it counts as an error: the load of the window (slow clients) kept it from being served.
+READ_GRACE = 5.0
 GUNICORN_READY_TIMEOUT = 60.0
 GUNICORN_STOP_TIMEOUT = 20.0
 RUN_GROUP_LEAD = 0.1  # bench.common.run_group's default lead
@@ -48,3 +51,18 @@ def tick_columns(first: int, n: int, source: str, ts0: int, spacing_ms: int) -> 
         "source": [source] * n,
         "seq": list(idx),
     }
+
+
+# --- slow-clients -----------------------------------------------------------------------------
+
+#: The held connections are opened this long before the readers start.
+SLOW_LEAD = 1.0
+#: Target: p99 with the slow connections held / p99 idle, per read route (and no errors).
+SLOW_P99_RATIO_TARGET = 2.0
+#: What each held connection sends, in turn, and then nothing more: nothing at all, half a request
+#: line, a request line and half a header (what a stalled or malicious client leaves behind).
+SLOW_OPENINGS = (b"", b"GET /api/ticks?symbol=BTC", b"GET /api/bars HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Wait: ")
+
+#: ``--worker-class`` names: gunicorn's own classes, and ours (what circus.ini runs).
+OUR_WORKER = "webapp.gunicorn_worker.HeadersFirstWorker"
+WORKER_NAMES = {"sync": "sync", "gthread": "gthread", "tornado": "tornado", "headers-first": OUR_WORKER}

@@ -8,11 +8,13 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import selectors
+import socket
 import time
 from collections import Counter
 from typing import Any
 
-from bench.api.data import HTTP_TIMEOUT, POST_SOURCE, READ_ROUTES, SYMBOLS, tick_columns
+from bench.api.data import HTTP_TIMEOUT, POST_SOURCE, READ_GRACE, READ_ROUTES, SLOW_OPENINGS, SYMBOLS, tick_columns
 from bench.common import Gate, error_key, sleep_until
 
 
@@ -57,9 +59,12 @@ class HttpClient:
         self.connects = 0
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+                headers: dict[str, str] | None = None, timeout: float = HTTP_TIMEOUT) -> tuple[int, bytes]:
         if self.conn.sock is None:
             self.connects += 1
+        self.conn.timeout = timeout
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(timeout)
         try:
             self.conn.request(method, path, body=body, headers=headers or {})
             response = self.conn.getresponse()
@@ -96,7 +101,10 @@ def _reader(index: int, port: int, seconds: float, lead: float, *, gate: Gate) -
         n += 1
         t0 = time.perf_counter()
         try:
-            status, body = client.request("GET", READ_ROUTES[route])
+            # A request still unanswered READ_GRACE s after the window fails: it was not served
+            # while the window's load (e.g. the slow clients) lasted.
+            status, body = client.request("GET", READ_ROUTES[route],
+                                          timeout=max(0.1, min(HTTP_TIMEOUT, end + READ_GRACE - time.monotonic())))
         except Exception as e:  # every failure counts, whatever its type
             errors[route][error_key(e)] += 1
             continue
@@ -157,10 +165,11 @@ def _producer(index: int, env: dict[str, str], seconds: float, batch: int, windo
             "duplicates": duplicates, "latencies": latencies, "errors": dict(errors), "cpu_s": cpu}
 
 
-def _poster(index: int, port: int, token: str, seconds: float, batch: int, first_ts: int, *,
+def _poster(index: int, port: int, token: str, seconds: float, batch: int, first_ts: int, tag: str, *,
             gate: Gate) -> dict[str, Any]:
-    """POST batches of unique ticks for ``seconds``; count what was acknowledged."""
-    source = f"{POST_SOURCE}{index}"
+    """POST batches of unique ticks for ``seconds``; count what was acknowledged. ``tag`` makes the
+    sources of each run unique (a second run's ticks would be duplicates otherwise)."""
+    source = f"{POST_SOURCE}{tag}-{index}"
     client = HttpClient(port)
     headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     latencies: list[float] = []
@@ -200,10 +209,53 @@ def _poster(index: int, port: int, token: str, seconds: float, batch: int, first
             "runq_wait_s": (sched_wait - sched_wait0) / 1e9, "sched_cpu_s": (sched_cpu - sched_cpu0) / 1e9}
 
 
-ROLES = {"reader": _reader, "producer": _producer, "poster": _poster}
+def _slow(index: int, port: int, seconds: float, connections: int, *, gate: Gate) -> dict[str, Any]:
+    """Hold ``connections`` connections that never finish a request for ``seconds`` after the gate,
+    each sending one of :data:`SLOW_OPENINGS` in turn; one the server closes (or answers) is opened
+    again at once, so the pressure lasts the whole window."""
+    sel = selectors.DefaultSelector()
+    counts: Counter[str] = Counter()
+
+    def open_one(kind: int) -> None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            if SLOW_OPENINGS[kind]:
+                sock.sendall(SLOW_OPENINGS[kind])
+        except OSError as e:
+            counts[f"open failed: {error_key(e)}"] += 1
+            return
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, kind)
+        counts["opened"] += 1
+
+    start = gate.wait()
+    for k in range(connections):
+        open_one(k % len(SLOW_OPENINGS))
+    end = start + seconds
+    while (left := end - time.monotonic()) > 0:
+        for key, _ in sel.select(timeout=min(0.2, left)):
+            sock = key.fileobj
+            try:
+                data = sock.recv(256)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            counts["answered by the server" if data else "closed by the server"] += 1
+            sel.unregister(sock)
+            sock.close()
+            open_one(key.data)
+    held = len(sel.get_map())
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    sel.close()
+    return {"role": "slow", "connections": connections, "held_at_end": held, "counts": dict(counts)}
+
+
+ROLES = {"reader": _reader, "producer": _producer, "poster": _poster, "slow": _slow}
 
 
 def load_process(index: int, role: str, args: tuple, *, gate: Gate) -> dict[str, Any]:
     """Entry point of every load process (``run_group`` runs one function):
-    ``role`` picks reader, producer or poster."""
+    ``role`` picks reader, producer, poster or slow (the held connections)."""
     return ROLES[role](index, *args, gate=gate)

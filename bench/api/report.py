@@ -1,10 +1,20 @@
 """The report of ``python -m bench api``: stored rows checked against what
-was acknowledged, the p99 ratio against its target, and the printed table."""
+was acknowledged, the p99 ratios (under load, with slow clients held) against
+their targets, and the printed table."""
 from __future__ import annotations
 
 from typing import Any
 
-from bench.api.data import INGEST_SOURCE, NOISY_PCT, P99_RATIO_TARGET, POST_ROUTE, POST_SOURCE, READ_ROUTES, SEED_SOURCE
+from bench.api.data import (
+    INGEST_SOURCE,
+    NOISY_PCT,
+    P99_RATIO_TARGET,
+    POST_ROUTE,
+    POST_SOURCE,
+    READ_ROUTES,
+    SEED_SOURCE,
+    SLOW_P99_RATIO_TARGET,
+)
 from bench.common import fmt
 
 
@@ -19,11 +29,13 @@ def verify(runs: list[dict[str, Any]], counts: dict[str, Any], seed_ticks: int) 
                        "stored": sum(n for s, n in by_source.items() if s.startswith(INGEST_SOURCE)),
                        "expected": sum(i["rows_total"] for i in ingests),
                        "duplicates_reported": sum(i["duplicates"] for i in ingests)})
-    for write in (r for r in runs if r["scenario"] == "write" and "failed" not in r):
+    writes = [r for r in runs if r["scenario"] == "write" and "failed" not in r]
+    if writes:
         stored = sum(n for s, n in by_source.items() if s.startswith(POST_SOURCE))
-        checks.append({"what": "POSTed ticks (acknowledged)", "stored": stored, "expected": write["ticks_acknowledged"],
-                       "unacknowledged_sent": write["ticks_unacknowledged"],
-                       "duplicates_reported": write["duplicates_reported"]})
+        checks.append({"what": "POSTed ticks (acknowledged)", "stored": stored,
+                       "expected": sum(w["ticks_acknowledged"] for w in writes),
+                       "unacknowledged_sent": sum(w["ticks_unacknowledged"] for w in writes),
+                       "duplicates_reported": sum(w["duplicates_reported"] for w in writes)})
     for c in checks:
         # A request that failed (e.g. 503 after the writer deadline) may or may not have been applied.
         slack = c.get("unacknowledged_sent", 0)
@@ -31,35 +43,57 @@ def verify(runs: list[dict[str, Any]], counts: dict[str, Any], seed_ticks: int) 
     return checks
 
 
-def evaluate(summary: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """p99 under load over p99 idle, per read route, against the target; not
-    reliable when another process took a noticeable share of the machine in
-    any idle or under-load window."""
-    noisy = [r for r in runs if r["scenario"] in ("idle", "under-load")
-             and ((r.get("window") or {}).get("not_ours_pct") or 0) > NOISY_PCT]
-    checks = {}
-    for route in READ_ROUTES:
-        def p99(name: str, route: str = route) -> float | None:
-            s = summary.get(name)
-            return None if s is None else s["routes"][route]["latency"]["p99_ms"]
+#: The ratio checks: name, the scenario compared with ``idle``, target.
+RATIOS = (("p99_under_load_over_idle", "under-load", P99_RATIO_TARGET),
+          ("p99_slow_clients_over_idle", "slow-clients", SLOW_P99_RATIO_TARGET))
 
-        idle, load = p99("idle"), p99("under-load")
-        value = round(load / idle, 3) if idle and load is not None else None
-        result = "n/a" if value is None else ("PASS" if value <= P99_RATIO_TARGET else "MISS")
-        checks[route] = {"idle_p99_ms": idle, "under_load_p99_ms": load, "value": value,
-                         "target": f"<= {P99_RATIO_TARGET:g}", "result": result, "reliable": not noisy}
+
+def _noisy(run: dict[str, Any]) -> bool:
+    return ((run.get("window") or {}).get("not_ours_pct") or 0) > NOISY_PCT
+
+
+def evaluate(summary: dict[str, Any], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One server's checks: p99 of each read route under load, and with slow clients held, over its
+    p99 idle, against their targets (not reliable when another process took a noticeable share of
+    the machine in a window compared); and no failed read while slow clients were held."""
+    checks: list[dict[str, Any]] = []
+    for name, scenario, target in RATIOS:
+        if not any(r["scenario"] == scenario for r in runs):
+            continue
+        noisy = any(_noisy(r) for r in runs if r["scenario"] in ("idle", scenario))
+        for route in READ_ROUTES:
+            def p99(which: str, route: str = route) -> float | None:
+                s = summary.get(which)
+                return None if s is None else s["routes"][route]["latency"]["p99_ms"]
+
+            idle, other = p99("idle"), p99(scenario)
+            value = round(other / idle, 3) if idle and other is not None else None
+            result = "n/a" if value is None else ("PASS" if value <= target else "MISS")
+            checks.append({"name": name, "route": route, "idle_p99_ms": idle, "p99_ms": other, "value": value,
+                           "target": f"<= {target:g}", "result": result, "reliable": not noisy})
+    slow = [r for r in runs if r["scenario"] == "slow-clients"]
+    if slow:
+        errors = sum(s["errors"] for r in slow if "routes" in r for s in r["routes"].values())
+        result = "n/a" if any("failed" in r for r in slow) else "PASS" if errors == 0 else "MISS"
+        checks.append({"name": "slow_clients_errors", "route": "reads", "value": errors, "target": "== 0",
+                       "result": result, "reliable": True})
     return checks
 
 
-def _label(run: dict[str, Any], repeat: int) -> str:
-    return run["scenario"] if repeat == 1 or run["scenario"] == "write" else f"{run['scenario']} #{run['run']}"
+def _label(run: dict[str, Any], config: dict[str, Any]) -> str:
+    label = (run["scenario"] if config["repeat"] == 1 or run["scenario"] == "write"
+             else f"{run['scenario']} #{run['run']}")
+    return f"{run['server']}: {label}" if len(config["servers"]) > 1 else label
 
 
-def table_rows(runs: list[dict[str, Any]], summary: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
-    """The printed table, one row per scenario run and route (then the pooled runs)."""
-    labelled = [(_label(r, repeat), r) for r in runs]
-    if repeat > 1:
-        labelled += [(f"{name} (all {s['runs']})", s) for name, s in summary.items() if s is not None]
+def table_rows(runs: list[dict[str, Any]], summaries: dict[str, dict[str, Any]],
+               config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The printed table, one row per scenario run and route (then the pooled runs of each server)."""
+    labelled = [(_label(r, config), r) for r in runs]
+    if config["repeat"] > 1:
+        multi = len(config["servers"]) > 1
+        labelled += [(f"{server + ': ' if multi else ''}{name} (all {s['runs']})", s)
+                     for server, summary in summaries.items() for name, s in summary.items() if s is not None]
     rows = []
     for label, r in labelled:
         if "failed" in r:
@@ -71,6 +105,16 @@ def table_rows(runs: list[dict[str, Any]], summary: dict[str, Any], repeat: int)
                          "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "max_ms": lat["max_ms"],
                          "errors": s["errors"]})
     return rows
+
+
+def _check_line(c: dict[str, Any], multi: bool) -> str:
+    prefix = f"{c['server']}: " if multi else ""
+    if c["name"] == "slow_clients_errors":
+        return f"{prefix}{c['name']:<26} {c['route']:<15} {c['value']:>6}   target {c['target']}   {c['result']}"
+    value = "-" if c["value"] is None else f"{c['value']:.2f}"
+    return (f"{prefix}{c['name']:<26} {c['route']:<15} {value:>6}   (p99 {fmt(c['idle_p99_ms'], 2)} -> "
+            f"{fmt(c['p99_ms'], 2)} ms)   target {c['target']}   {c['result']}"
+            + ("" if c["reliable"] else " (unreliable: noisy windows, see the warning)"))
 
 
 def render(doc: dict[str, Any]) -> str:
@@ -86,20 +130,23 @@ def render(doc: dict[str, Any]) -> str:
         return "  ".join(left + [f"{c:>{w}}" for c, w in zip(row[2:], widths[2:], strict=True)])
 
     out = [line(header), line(tuple("-" * w for w in widths)), *map(line, cells), ""]
-    for route, c in doc["checks"].items():
-        value = "-" if c["value"] is None else f"{c['value']:.2f}"
-        out.append(f"p99_under_load_over_idle  {route:<15} {value:>6}   (p99 {fmt(c['idle_p99_ms'], 2)} -> "
-                   f"{fmt(c['under_load_p99_ms'], 2)} ms)   target {c['target']}   {c['result']}"
-                   + ("" if c["reliable"] else " (unreliable: noisy windows, see the warning)"))
-    noisy = [f"{_label(r, doc['config']['repeat'])} ({r['window']['not_ours_pct']:g} %)" for r in runs
-             if (r.get("window") or {}).get("not_ours_pct") is not None and r["window"]["not_ours_pct"] > NOISY_PCT]
+    multi = len(doc["config"]["servers"]) > 1
+    out += [_check_line(c, multi) for c in doc["checks"]]
+    noisy = [f"{_label(r, doc['config'])} ({r['window']['not_ours_pct']:g} %)" for r in runs if _noisy(r)]
     if noisy:
         out.append(f"WARNING: in {', '.join(noisy)} more than {NOISY_PCT:g} % of the machine's CPU went to other "
                    "processes: those windows measured them too (see below); rerun on a quiet machine, or with --repeat")
     for r in runs:
+        if "slow_clients" in r:
+            h = r["slow_clients"]
+            counts = ", ".join(f"{k} {v:,}" for k, v in sorted(h["counts"].items()) if k != "opened") or "none"
+            out.append(f"slow clients during {_label(r, doc['config'])}: {h['connections']} connections held "
+                       "(nothing sent / half a request line / half a header, in turn), "
+                       f"{h['counts'].get('opened', 0):,} opened in all; by the server: {counts} (each reopened at "
+                       f"once); {h['held_at_end']} open at the end")
         if "ingest" in r:
             i, lat = r["ingest"], r["ingest"]["request_latency"]
-            out.append(f"ingest during {_label(r, doc['config']['repeat'])}: {fmt(i['rows_per_s'])} rows/s "
+            out.append(f"ingest during {_label(r, doc['config'])}: {fmt(i['rows_per_s'])} rows/s "
                        f"({fmt(i['rows_in_window'])} rows acknowledged in the {r['elapsed_s']} s read window; "
                        f"batches of {i['batch']}, window {i['window']}; request p50 {fmt(lat['p50_ms'], 0)} ms, "
                        f"p99 {fmt(lat['p99_ms'], 0)} ms; {i['errors']} errors)")
@@ -114,11 +161,11 @@ def render(doc: dict[str, Any]) -> str:
         extra += f"; {c['duplicates_reported']} duplicates" if "duplicates_reported" in c else ""
         out.append(f"  {c['what']:<38} stored {c['stored']:>10,}  expected {c['expected']:>10,}{extra}  "
                    f"{'OK' if c['ok'] else 'MISMATCH'}")
-    errors = [f"  {_label(r, doc['config']['repeat'])} {route}: {n:,} x {message}" for r in runs if "routes" in r
+    errors = [f"  {_label(r, doc['config'])} {route}: {n:,} x {message}" for r in runs if "routes" in r
               for route, s in r["routes"].items() for message, n in s["errors_by_message"].items()]
-    errors += [f"  {_label(r, doc['config']['repeat'])} ingest: {n:,} x {message}" for r in runs if "ingest" in r
+    errors += [f"  {_label(r, doc['config'])} ingest: {n:,} x {message}" for r in runs if "ingest" in r
                for message, n in r["ingest"]["errors_by_message"].items()]
-    errors += [f"  {_label(r, doc['config']['repeat'])}: FAILED: {r['failed'].strip().splitlines()[-1]}"
+    errors += [f"  {_label(r, doc['config'])}: FAILED: {r['failed'].strip().splitlines()[-1]}"
                for r in runs if "failed" in r]
     out += ["", "errors by message:", *(errors or ["  none"])]
     out += ["", "where the time went, in each measured window (CPU-s = CPU seconds):"]
@@ -127,7 +174,7 @@ def render(doc: dict[str, Any]) -> str:
         if not w:
             continue
         k = w["system_cpu_s"]
-        out.append(f"  {_label(r, doc['config']['repeat'])}: machine {fmt(w['system_busy_pct'], 1)} % busy "
+        out.append(f"  {_label(r, doc['config'])}: machine {fmt(w['system_busy_pct'], 1)} % busy "
                    f"({w['system_busy_cpu_s']:.2f} of {w['cpus'] * w['elapsed_s']:.2f} CPU-s: user {k['user']:.2f}, "
                    f"system {k['system']:.2f}, irq {k['irq']:.2f}, steal {k['steal']:.2f}); CPU pressure "
                    f"{fmt(w['cpu_pressure_some_pct'], 1)} %; this benchmark {w['ours_cpu_s']:.2f} CPU-s, "

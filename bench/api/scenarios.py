@@ -1,6 +1,6 @@
-"""The setup (seed, analysis) and the three scenarios of ``python -m bench
-api``: ``idle`` and ``under-load`` (:func:`run_reads`) and ``write``
-(:func:`run_writes`)."""
+"""The setup (seed, analysis) and the four scenarios of ``python -m bench
+api``: ``idle``, ``under-load`` and ``slow-clients`` (:func:`run_reads`) and
+``write`` (:func:`run_writes`)."""
 from __future__ import annotations
 
 import argparse
@@ -18,11 +18,13 @@ from bench.api.data import (
     INGEST_SOURCE,
     INGEST_TAIL,
     POST_ROUTE,
+    READ_GRACE,
     READ_ROUTES,
     RUN_GROUP_LEAD,
     SEED_SOURCE,
     SEED_SPACING_MS,
     SEED_T0,
+    SLOW_LEAD,
     tick_columns,
 )
 from bench.api.load import load_process
@@ -100,6 +102,8 @@ class Bench:
     db_path: Path
     #: ts of the next ingest tick, so each run's ticks are newer than the last
     next_ts: int = 0
+    #: In the tick sources of this server's runs: each server's are its own.
+    tag: str = "0"
 
     def monitor(self, start_at: float) -> WindowMonitor:
         groups = {"writer": [self.writer.pid], "gunicorn master": [self.gunicorn.proc.pid],
@@ -171,15 +175,19 @@ def writer_stats(env: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
-def run_reads(b: Bench, name: str, run: int, with_ingest: bool) -> dict[str, Any]:
-    """``idle`` or ``under-load``: the read clients, and the producer if ``with_ingest``."""
+def run_reads(b: Bench, name: str, run: int, with_ingest: bool, slow: int = 0) -> dict[str, Any]:
+    """``idle``, ``under-load`` or ``slow-clients``: the read clients, and the producer if
+    ``with_ingest``, or ``slow`` held connections that never finish a request."""
     opts = b.opts
-    lead = INGEST_LEAD if with_ingest else 0.0
+    lead = INGEST_LEAD if with_ingest else SLOW_LEAD if slow else 0.0
     args: list[tuple] = [("reader", (b.gunicorn.port, opts.seconds, lead)) for _ in range(opts.clients)]
     first_ts = b.next_ts
     if with_ingest:
         args.append(("producer", (b.env, lead + opts.seconds + INGEST_TAIL, opts.ingest_batch, opts.window,
-                                  first_ts, f"{INGEST_SOURCE}{run}")))
+                                  first_ts, f"{INGEST_SOURCE}{b.tag}-{run}")))
+    if slow:
+        # Held until every read of the window was answered or failed (READ_GRACE).
+        args.append(("slow", (b.gunicorn.port, lead + opts.seconds + READ_GRACE + INGEST_TAIL, slow)))
     results, window = _run_measured(b, args, lead)
     readers = [r for r in results if r["role"] == "reader"]
     first = min(r["first"] for r in readers)
@@ -206,13 +214,16 @@ def run_reads(b: Bench, name: str, run: int, with_ingest: bool) -> dict[str, Any
             "request_latency": latency_summary(producer["latencies"]),
             "batch": opts.ingest_batch, "window": opts.window,
         }
+    if slow:
+        (holder,) = [r for r in results if r["role"] == "slow"]
+        out["slow_clients"] = {k: v for k, v in holder.items() if k != "role"}
     return out
 
 
 def run_writes(b: Bench) -> dict[str, Any]:
     """``write``: POST /api/ticks from every client; the stored rows are checked at the end."""
     opts = b.opts
-    args: list[tuple] = [("poster", (b.gunicorn.port, b.token, opts.seconds, opts.post_batch, b.next_ts))
+    args: list[tuple] = [("poster", (b.gunicorn.port, b.token, opts.seconds, opts.post_batch, b.next_ts, b.tag))
                          for _ in range(opts.clients)]
     results, window = _run_measured(b, args, 0.0)
     first = min(r["first"] for r in results)

@@ -1,8 +1,8 @@
-"""gunicorn serving the API as ``circus.ini`` runs it, for ``python -m bench api``."""
+"""gunicorn serving the API as ``circus.ini`` runs it, for ``python -m bench api``: the command
+line of circus.ini's ``api`` watcher, its socket bound here, and any worker class to compare."""
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import subprocess
 import time
@@ -14,10 +14,57 @@ from typing import Any
 
 import psutil
 
-from bench.api.data import GUNICORN_READY_TIMEOUT, GUNICORN_STOP_TIMEOUT
+from bench.api.data import GUNICORN_READY_TIMEOUT, GUNICORN_STOP_TIMEOUT, WORKER_NAMES
 from bench.common import error_key
 from testkit.env import BIN, ROOT
+from testkit.gunicorn import get_json, watcher_command
 from testkit.process import Descendants, stop_process
+
+
+def _without(args: list[str], options: set[str]) -> list[str]:
+    """``args`` without the ``options`` given and their values (``--threads 8``)."""
+    out: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        if arg in options:
+            next(rest, None)
+        else:
+            out.append(arg)
+    return out
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A worker class to serve with: ``circus`` (as circus.ini), or ``NAME[:THREADS]`` with NAME
+    one of :data:`~bench.api.data.WORKER_NAMES` (``sync``, ``gthread:8``, ``headers-first:8``, ...)."""
+
+    label: str
+    worker_class: str | None = None
+    threads: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> WorkerSpec:
+        name, _, threads = text.strip().partition(":")
+        if name == "circus" and not threads:
+            return cls("circus.ini")
+        if name not in WORKER_NAMES:
+            raise ValueError(f"{name!r} is not a worker class: give circus, or one of {', '.join(WORKER_NAMES)} "
+                             "with :THREADS if you like (gthread:8)")
+        if threads and not (threads.isdigit() and 1 <= int(threads) <= 256):
+            raise ValueError(f"{text!r}: threads must be a whole number 1..256")
+        if name == "sync" and threads not in ("", "1"):
+            raise ValueError("sync serves one request at a time: no threads (gunicorn would switch to gthread)")
+        return cls(text.strip(), WORKER_NAMES[name], int(threads) if threads else (1 if name == "sync" else None))
+
+    def command(self, base: list[str], workers: int) -> list[str]:
+        """``base`` (circus.ini's command line, the app last) with this worker class and ``workers``."""
+        replaced = {"--workers", "-w"} | ({"--worker-class", "-k", "--threads"} if self.worker_class else set())
+        extra = ["--workers", str(workers)]
+        if self.worker_class:
+            extra += ["--worker-class", self.worker_class]
+            if self.threads is not None:
+                extra += ["--threads", str(self.threads)]
+        return [*_without(base[:-1], replaced), *extra, base[-1]]
 
 
 @dataclass
@@ -48,20 +95,6 @@ class Gunicorn:
         return "\n".join([line for line in text if '"GET /' not in line and '"POST /' not in line][-lines:])
 
 
-def _get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(body)
-    except ValueError:
-        return response.status, body[:300]
-
-
 def _wait_ready(gun: Gunicorn, timeout: float) -> None:
     """Until ``/api/health`` answers 200, then until every worker has finished
     loading the app (its CPU time stops growing: the app is loaded after the
@@ -73,7 +106,7 @@ def _wait_ready(gun: Gunicorn, timeout: float) -> None:
             raise RuntimeError(f"gunicorn exited with code {gun.proc.returncode} before it was ready:\n"
                                f"{gun.log_tail()}")
         try:
-            status, last = _get_json(gun.port, "/api/health")
+            status, last = get_json(gun.port, "/api/health")
             if status == 200:
                 gun.extra["health"] = last
                 break
@@ -103,9 +136,10 @@ def _wait_ready(gun: Gunicorn, timeout: float) -> None:
 
 
 @contextmanager
-def running_gunicorn(env: dict[str, str], workers: int, log_path: Path) -> Iterator[Gunicorn]:
-    """gunicorn as in ``circus.ini``, on a socket bound here (127.0.0.1, a free
-    port) and passed as ``fd://``; stopped with SIGTERM, then SIGKILL, on exit."""
+def running_gunicorn(env: dict[str, str], workers: int, log_path: Path,
+                     spec: WorkerSpec = WorkerSpec("circus.ini")) -> Iterator[Gunicorn]:
+    """gunicorn as in ``circus.ini`` (with ``spec``'s worker class), on a socket bound here
+    (127.0.0.1, a free port) and passed as ``fd://``; stopped with SIGTERM, then SIGKILL, on exit."""
     gunicorn = BIN / "gunicorn"
     if not gunicorn.exists():
         raise RuntimeError(f"{gunicorn} does not exist: install gunicorn in the venv")
@@ -114,15 +148,15 @@ def running_gunicorn(env: dict[str, str], workers: int, log_path: Path) -> Itera
     sock.bind(("127.0.0.1", 0))
     sock.listen(2048)
     port = sock.getsockname()[1]
-    cmd = [str(gunicorn), "--bind", f"fd://{sock.fileno()}", "--workers", str(workers), "--graceful-timeout", "10",
-           "--no-control-socket", "--access-logfile", "-", "webapp:create_app('api')"]
+    cmd = spec.command(watcher_command("api", env, sock.fileno()), workers)
     try:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, env=env, cwd=ROOT, pass_fds=(sock.fileno(),), stdout=log,
                                     stderr=subprocess.STDOUT)
     finally:
         sock.close()  # gunicorn holds its own copy
-    gun = Gunicorn(proc=proc, port=port, log_path=log_path, workers=workers, extra={"cmd": cmd[1:]})
+    gun = Gunicorn(proc=proc, port=port, log_path=log_path, workers=workers, extra={"cmd": cmd[1:],
+                                                                                   "server": spec.label})
     workers_seen = Descendants(proc.pid)
     try:
         _wait_ready(gun, GUNICORN_READY_TIMEOUT)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -44,9 +45,9 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
                    help="writer-batched: requests in flight per producer (default 16)")
     p.add_argument("--batch-producers", type=int_between(1, 64), default=1,
                    help="writer-batched: producer processes sharing --rows (default 1)")
-    p.add_argument("--repeat", type=int_between(1, 20), default=2,
-                   help="run writer-batched and raw this many times, interleaved, and keep the best of each "
-                        "(default 2)")
+    p.add_argument("--repeat", type=int_between(1, 20), default=3,
+                   help="run writer-batched and raw this many times, interleaved; the table keeps the best of "
+                        "each, and batched_over_raw_median is the median of the repeats (default 3)")
     p.add_argument("--only", type=name_list(SCENARIOS), default=None, metavar="NAMES",
                    help="comma-separated scenarios to run (default: all)")
     add_json_option(p)
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in chosen}
     failures: dict[str, list[str]] = {n: [] for n in chosen}
     started = time.monotonic()
+    load_before = os.getloadavg()
     for name in order:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
@@ -80,7 +82,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
                   f"{fmt(r['rows_per_s'])} rows/s, {r['errors']} errors", file=sys.stderr, flush=True)
     results = {name: best_run(name, runs[name], failures[name]) for name in chosen}
     ratios, checks = evaluate(results)
+    load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     print(render(results, ratios, checks))
+    print(f"\nload average (1, 5, 15 min) before: {load['before']}, after: {load['after']} "
+          f"({os.cpu_count()} CPUs; others' work on a shared machine counts in it)")
     if opts.json is not None:
         doc = {
             "benchmark": "contention",
@@ -88,6 +93,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
                        "window": opts.window, "batch_producers": opts.batch_producers, "repeat": opts.repeat,
                        "scenarios": chosen},
             "machine": machine_info(),
+            "load_average": load,
             "total_s": round(time.monotonic() - started, 2),
             "scenarios": results,
             "ratios": ratios,

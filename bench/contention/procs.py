@@ -73,6 +73,7 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
         start = gate.wait()
         end = start + seconds
         last = start
+        cpu0 = time.process_time()
         while time.monotonic() < end:
             t0 = time.perf_counter()
             try:
@@ -91,16 +92,18 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
                 ops += 1
             n += 1
             last = time.monotonic()
-    return {"ops": ops, "rows": rows, "latencies": latencies, "errors": dict(errors), "last": last}
+        cpu = time.process_time() - cpu0
+    return {"ops": ops, "rows": rows, "latencies": latencies, "errors": dict(errors), "last": last, "cpu_s": cpu}
 
 
 def writer_batched_producer(index: int, env: dict[str, str], rows: int, first_seq: int, batch: int, window: int,
-                            *, gate: Gate) -> dict[str, Any]:
-    """Pipelined column batches, generated before the clock starts."""
+                            symbols: int | None = None, spacing_ms: int = 1, *, gate: Gate) -> dict[str, Any]:
+    """Pipelined column batches, generated before the clock starts (``symbols`` and ``spacing_ms``:
+    the shape of :func:`bench.common.tick_batches`; ``bench analysis`` asks for denser series)."""
     from db.client import Ticket, WriterClient
     from db.config import load_settings
 
-    batches = tick_batches(rows, batch, f"bench-batch-{index}", first_seq)
+    batches = tick_batches(rows, batch, f"bench-batch-{index}", first_seq, symbols, spacing_ms)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     inserted = 0
@@ -126,37 +129,90 @@ def writer_batched_producer(index: int, env: dict[str, str], rows: int, first_se
             "errors": dict(errors), "first": first, "last": last, "cpu_s": cpu}
 
 
+#: The columns of the audit op's insert (every column but the id, as ``db.ops.audit`` passes them).
+AUDIT_COLUMNS = ("ts", "actor", "action", "target", "result", "detail")
+
+
+def _insert_sql(table: Any, columns: tuple[str, ...], ignore: bool) -> str:
+    """An INSERT exactly as ``db.ops`` compiles it for SQLite (``ignore``: ON CONFLICT DO NOTHING)."""
+    from sqlalchemy.dialects import sqlite as sqlite_dialect
+
+    stmt = sqlite_dialect.insert(table)
+    compiled = (stmt.on_conflict_do_nothing() if ignore else stmt).compile(dialect=sqlite_dialect.dialect(),
+                                                                          column_keys=list(columns))
+    assert tuple(compiled.positiontup or ()) == columns, compiled.positiontup
+    return str(compiled)
+
+
+def _writer_connection(env: dict[str, str], db_path: str) -> tuple[Any, Any, sqlite3.Connection, dict[str, Any]]:
+    """A sqlite3 connection from the writer's own ``make_write_engine`` (exactly its connect-time
+    pragmas: WAL, synchronous, autocheckpoint, ...): the engine, the pooled connection (close both),
+    the driver connection, and the pragmas it has."""
+    from db.config import load_settings
+    from db.engine import make_write_engine
+
+    settings = load_settings({**env, "DATABASE_URL": f"sqlite:///{db_path}"})
+    engine = make_write_engine(settings)
+    pooled = engine.raw_connection()
+    con: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
+    pragmas = {name: con.execute(f"PRAGMA {name}").fetchone()[0]
+               for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "cache_size")}
+    pragmas["synchronous"] = SYNCHRONOUS_NAMES.get(pragmas["synchronous"], pragmas["synchronous"])
+    return engine, pooled, con, pragmas
+
+
+def raw_single_inserter(index: int, env: dict[str, str], db_path: str, seconds: float, *,
+                        gate: Gate) -> dict[str, Any]:
+    """What writer-single does, with no writer and no other process: one connection with the
+    writer's pragmas, one row per transaction (``BEGIN IMMEDIATE``, insert, ``COMMIT``),
+    alternating a tick and an audit row, with the statements the ops compile. The per-commit
+    ceiling of SQLite on this disk."""
+    from db.models import AuditEntry, Tick
+    from db.ops import TICK_FIELDS
+
+    tick_sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), ignore=True)
+    audit_sql = _insert_sql(AuditEntry.__table__, AUDIT_COLUMNS, ignore=False)
+    engine, pooled, con, pragmas = _writer_connection(env, db_path)
+    source = f"bench-raw-single-{index}"
+    latencies: list[float] = []
+    ops = rows = 0
+    start = gate.wait()
+    end = start + seconds
+    last = start
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        ts = int(time.time() * 1000)
+        con.execute("BEGIN IMMEDIATE")
+        if ops % 2 == 0:
+            bid = 100.0 + (ops % 1000) * 0.01
+            rows += con.execute(tick_sql, ("BTCUSD", ts, bid, bid + 0.02, 1.0, source, ops)).rowcount
+        else:
+            con.execute(audit_sql, (ts, source, "analyse", "BTCUSD", "ok", f"n={ops}"))
+        con.execute("COMMIT")
+        latencies.append(time.perf_counter() - t0)
+        ops += 1
+        last = time.monotonic()
+    pooled.close()
+    engine.dispose()
+    return {"ops": ops, "rows": rows, "latencies": latencies, "errors": {}, "last": last, "pragmas": pragmas}
+
+
 def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: list[tuple[str, int, int]],
                  batch: int, txn_variants: list[int], *, gate: Gate) -> list[dict[str, Any]]:
     """The same rows, statement and batches, straight into sqlite3, once per
-    commit interval in ``txn_variants``, each into its own fresh database.
-
-    The connection comes from the writer's own ``make_write_engine``, so it
-    has exactly the writer's connect-time pragmas (WAL, synchronous, ...)."""
-    from sqlalchemy.dialects import sqlite as sqlite_dialect
-
-    from db.config import load_settings
-    from db.engine import make_write_engine
+    commit interval in ``txn_variants``, each into its own fresh database,
+    on a connection with exactly the writer's pragmas (:func:`_writer_connection`)."""
     from db.models import Tick
     from db.ops import TICK_FIELDS
 
-    # The statement exactly as db.ops._insert_ignoring_duplicates compiles it.
-    compiled = sqlite_dialect.insert(Tick.__table__).on_conflict_do_nothing().compile(
-        dialect=sqlite_dialect.dialect(), column_keys=list(TICK_FIELDS))
-    assert list(compiled.positiontup or ()) == list(TICK_FIELDS), compiled.positiontup
-    sql = str(compiled)
+    # The statement exactly as db.ops compiles it for insert_ticks.
+    sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), ignore=True)
     batches = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True))
                for source, first_seq, n in plan for cols in tick_batches(n, batch, source, first_seq)]
     gate.wait()
     out = []
     for db_path, txn_batches in zip(db_paths, txn_variants, strict=True):
-        settings = load_settings({**env, "DATABASE_URL": f"sqlite:///{db_path}"})
-        engine = make_write_engine(settings)
-        pooled = engine.raw_connection()
-        con: sqlite3.Connection = pooled.driver_connection  # type: ignore[assignment]
-        pragmas = {name: con.execute(f"PRAGMA {name}").fetchone()[0]
-                   for name in ("journal_mode", "synchronous", "wal_autocheckpoint", "cache_size")}
-        pragmas["synchronous"] = SYNCHRONOUS_NAMES.get(pragmas["synchronous"], pragmas["synchronous"])
+        engine, pooled, con, pragmas = _writer_connection(env, db_path)
         latencies: list[float] = []
         inserted = 0
         first = time.monotonic()

@@ -1,4 +1,4 @@
-"""The five scenarios of ``python -m bench contention``, each on a fresh
+"""The six scenarios of ``python -m bench contention``, each on a fresh
 database, and which of them ``--repeat`` runs again."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from bench.common import (
 from bench.contention.procs import (
     SEED_BUSY_TIMEOUT_S,
     raw_inserter,
+    raw_single_inserter,
     sqlite_producer,
     writer_batched_producer,
     writer_single_producer,
@@ -28,6 +29,7 @@ SCENARIO_HELP = {
     "seed": "--procs processes: BEGIN; read; insert tick + audit row; COMMIT (direct sqlite3, as the users did)",
     "immediate": "the same with BEGIN IMMEDIATE",
     "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
+    "raw-single": "the same ops in one process, one row per transaction, straight into sqlite3 (the ceiling)",
     "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
     "raw": "the same rows straight into one sqlite3 connection (the ceiling)",
 }
@@ -87,7 +89,22 @@ def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
         writer.finish_measuring()
         out = _combine("writer-single", opts.procs, start, results)
         out["notes"] = "WriterClient.call: insert_ticks (1 tick) and audit, alternately"
+        out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
     out["writer"] = writer.summary()
+    return out
+
+
+def run_raw_single(opts: argparse.Namespace) -> dict[str, Any]:
+    with fresh_home() as (_home, env):
+        db_path = create_schema(env)
+        start, results = run_group(raw_single_inserter, [(env, str(db_path), opts.seconds)],
+                                   run_timeout=opts.seconds + 120)
+        out = _combine("raw-single", 1, start, results)
+        out["pragmas"] = pragmas = results[0]["pragmas"]
+        out["notes"] = (f"one sqlite3 connection with the write engine's pragmas (synchronous="
+                        f"{pragmas['synchronous']}, wal_autocheckpoint={pragmas['wal_autocheckpoint']}): "
+                        "BEGIN IMMEDIATE, one tick or one audit row, COMMIT")
+        out["stored_ticks"] = count_rows(db_path, "ticks")
     return out
 
 
@@ -164,6 +181,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "seed": lambda o: run_sqlite(o, "deferred"),
     "immediate": lambda o: run_sqlite(o, "immediate"),
     "writer-single": run_writer_single,
+    "raw-single": run_raw_single,
     "writer-batched": run_writer_batched,
     "raw": run_raw,
 }

@@ -5,7 +5,8 @@ Contracts shared by every route (the OpenAPI document, ``GET
 
 * **Errors** all have one shape, ``{"error": {"code": "<snake_case>",
   "message": "<reason>"}}``, including Flask's own 404/405/413 and unhandled
-  500s, for paths under ``/api`` and ``/metrics``. Other paths (the console)
+  500s, for paths under ``/api`` and ``/metrics``, and for every path of the
+  API-only app (``/`` on the API's port included); only the console's paths
   keep Flask's default HTML errors. Codes: 400 ``invalid_parameter`` (query),
   ``invalid_json`` (body not JSON, ``NaN``/``Infinity`` included),
   ``invalid_body`` (the writer's validation message, naming the field);
@@ -25,11 +26,13 @@ Contracts shared by every route (the OpenAPI document, ``GET
   validators (:func:`db.ops.prepare`), so a bad body costs no writer round
   trip and gets exactly the writer's message; the writer validates again.
 * **Reads** go through Flask-SQLAlchemy on the read-only engine and the
-  shared queries of :mod:`db.queries`. Series (ticks, bars, indicators) are
-  limited to the newest ``limit`` rows (1..5000, default 500) in
-  ``[since, until]`` (inclusive, epoch ms UTC) and returned oldest first.
-  Unknown query parameters are rejected, so typos do not pass silently; an
-  empty value counts as absent.
+  shared queries of :mod:`db.queries`. Lists are pages of ``limit`` rows
+  (1..5000, default 500), as exchange APIs page: a series (ticks, bars,
+  indicators) gives the oldest rows from ``since``, else the newest up to
+  ``until`` (inclusive, epoch ms UTC), always oldest first; every list says
+  whether ``more`` rows exist and the query parameters of the ``next`` page
+  (:func:`db.queries._series_page`). Unknown query parameters are rejected,
+  so typos do not pass silently; an empty value counts as absent.
 
 The package, along its seams: :mod:`~webapp.api.state` (the blueprint and
 per-app state), :mod:`~webapp.api.errors`, :mod:`~webapp.api.params` (query

@@ -2,7 +2,9 @@
 
 Every failure under ``/api`` and ``/metrics`` answers ``{"error": {"code",
 "message"}}`` (:func:`webapp.errors.json_error`), Flask's own 404/405/413 and
-unhandled 500s included; other paths (the console) keep their own handling.
+unhandled 500s included; so does every other path of an app that serves only
+the API (its port answers JSON everywhere, ``/`` included). Only the console's
+paths, in an app that also serves the console, keep their own handling.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-from db.errors import CommitFailed, Conflict, NotFound, ValidationError, WriterError, WriterUnavailable
+from db.errors import CommitFailed, Conflict, NotFound, StorageFull, ValidationError, WriterError, WriterUnavailable
 from webapp.api.limits import RETRY_AFTER
 from webapp.api.state import api_state, bp
 from webapp.errors import json_error
@@ -24,9 +26,11 @@ log = logging.getLogger("tickstack.api")
 
 #: Paths whose errors are JSON (the API's and its metrics).
 API_PATHS = ("/api", "/metrics")
+#: The console's blueprint: its paths keep their own error pages when it is served beside the API.
+CONSOLE_BLUEPRINT = "console"
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-              415: "unsupported_media_type", 500: "internal_error", 503: "unavailable"}
+              415: "unsupported_media_type", 500: "internal_error", 503: "unavailable", 507: "storage_full"}
 
 
 class ApiError(Exception):
@@ -45,15 +49,18 @@ def bad_param(message: str) -> NoReturn:
     raise ApiError(400, "invalid_parameter", message)
 
 
-def _is_api_path(path: str) -> bool:
-    return any(path == p or path.startswith(p + "/") for p in API_PATHS)
+def _json_errors_for(path: str) -> bool:
+    """Whether an error at ``path`` is answered in JSON: under /api and /metrics always, and at
+    any path of an app without the console (``create_app("api")``: the API's port is JSON only)."""
+    return (any(path == p or path.startswith(p + "/") for p in API_PATHS)
+            or CONSOLE_BLUEPRINT not in current_app.blueprints)
 
 
 @bp.app_errorhandler(HTTPException)
 def _http_error(e: HTTPException) -> ResponseReturnValue:
-    """Flask's and Werkzeug's own errors, as JSON under /api and /metrics;
-    elsewhere (the console) Flask's default page."""
-    if not _is_api_path(request.path) or e.code is None:
+    """Flask's and Werkzeug's own errors, as JSON under /api and /metrics
+    and anywhere in the API-only app; on the console's paths Flask's page."""
+    if not _json_errors_for(request.path) or e.code is None:
         return e
     code = HTTP_CODES.get(e.code) or "_".join((e.name or "error").lower().split())
     headers: dict[str, str] = {}
@@ -87,6 +94,9 @@ def _writer_error(e: WriterError) -> ResponseReturnValue:
         return json_error(404, str(e), "not_found")
     if isinstance(e, Conflict):
         return json_error(409, str(e), "conflict")
+    if isinstance(e, StorageFull):
+        # Before WriterUnavailable (its base): the writer knows why, and says so; nothing was written.
+        return json_error(507, str(e), "storage_full", {"Retry-After": str(RETRY_AFTER)})
     if isinstance(e, WriterUnavailable | CommitFailed):
         return json_error(
             503,

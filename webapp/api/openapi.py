@@ -21,8 +21,8 @@ import functools
 from typing import Any
 
 from db.models import INDICATORS, TIMEFRAMES
-from db.validation import MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
-from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, RETRY_AFTER, WRITER_DEADLINE
+from db.validation import MAX_PRICE, MAX_SIZE, MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
+from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID, RETRY_AFTER, WRITER_DEADLINE
 
 
 def _ref(kind: str, name: str) -> dict[str, str]:
@@ -35,15 +35,48 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     names = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound", 405: "MethodNotAllowed",
-             409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 503: "Unavailable"}
+             409: "Conflict", 413: "PayloadTooLarge", 415: "UnsupportedMediaType", 503: "Unavailable",
+             507: "StorageFull"}
     return {str(c): _ref("responses", names[c]) for c in codes}
 
 
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}
 _TS = {"type": "integer", "minimum": 0, "maximum": MAX_TS, "description": "Epoch milliseconds UTC"}
-_WRITE_ERRORS = (400, 401, 403, 413, 415, 503)
+#: What the writer's validators (db.validation) accept, as JSON Schema: a price (also a trailing or
+#: break-even distance), a trade's size, a tick's volume, a tick's seq.
+_PRICE = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_PRICE}
+_SIZE = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_SIZE}
+_VOLUME = {"type": "number", "minimum": 0, "exclusiveMaximum": MAX_PRICE}
+_SEQ = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+#: Rules of every request that JSON Schema cannot express (a JSON Schema "integer" is any number
+#: without a fractional part, 1.0 included), stated in the document's description.
+_INTEGERS = ("Integers (ts, seq, ids) are written without a fraction or exponent: 1, not 1.0 or 1e0 (400). An "
+             "empty query parameter counts as absent.")
+_WRITE_ERRORS = (400, 401, 403, 413, 415, 503, 507)
 _SERIES_PARAMS = [_ref("parameters", "Since"), _ref("parameters", "Until"), _ref("parameters", "Limit")]
+_TICK_PARAMS = [*_SERIES_PARAMS, _ref("parameters", "AfterId"), _ref("parameters", "BeforeId")]
+#: What every list response adds to its rows: is there more, and the parameters of the next page.
+_PAGE_PROPS = {"more": {"type": "boolean", "description": "More rows lie beyond this page, in its direction"},
+               "next": _ref("schemas", "Next")}
+_PAGE_DESCRIPTION = (
+    "Lists are pages, as exchange APIs page (ccxt's `fetch_ohlcv(since, limit)`): a series (ticks, bars, "
+    "indicators) gives the oldest `limit` rows with ts >= `since` when `since` is given (paging forward; `until` "
+    "still bounds it), else the newest `limit` rows with ts <= `until`, or of all (paging backward); rows are "
+    "always returned oldest first. Trades are listed newest first. Every list says whether `more` rows lie beyond"
+    " the page in its direction and gives `next`, the query parameters of the next page (null when `more` is "
+    "false): keep the request's parameters and replace those in `next`. Bars and indicator values have one row "
+    "per ts, so their cursor is ts alone (`since`: last ts + 1, or `until`: first ts - 1). Ticks can share a ts, "
+    "and a ts alone would split or repeat them at a page boundary, so their cursor is (ts, id): `since` with "
+    "`after_id` (the ticks after that one in (ts, id) order) or `until` with `before_id`. Trades page by id "
+    "(`before_id`). "
+)
+
+
+def _page(required: list[str], properties: dict[str, Any], description: str) -> dict[str, Any]:
+    """A list response: ``properties`` (its rows and what was asked for) and ``more``/``next``."""
+    return _json({"type": "object", "required": [*required, "more", "next"],
+                  "properties": {**properties, **_PAGE_PROPS}}, description)
 
 
 @functools.cache
@@ -57,11 +90,14 @@ def _build() -> dict[str, Any]:
                 "Ticks, bars, indicators and paper trades of one tickstack. Every write (POST) goes through the "
                 "single writer and is answered after its commit; it needs `Authorization: Bearer <token>` (the "
                 "token is TICKSTACK_API_TOKEN, or the api-token file in TICKSTACK_HOME). Every error has the shape "
-                '`{"error": {"code", "message"}}`. Series (ticks, bars, indicators) return the newest `limit` '
-                "rows in [since, until] (inclusive), oldest first. Times are epoch milliseconds UTC. Unknown query "
+                '`{"error": {"code", "message"}}`, at any path of the API\'s port. ' + _PAGE_DESCRIPTION +
+                "Prices are returned as stored; P&L is derived exactly in decimal (see Trade.pnl). "
+                "Times are epoch milliseconds UTC. Unknown query "
                 f"parameters are rejected (400). When the writer does not answer within {WRITER_DEADLINE:g} s the "
                 f"answer is 503 with Retry-After ({RETRY_AFTER} s), and the write may or may not have been "
-                "applied: ticks with source and seq are deduplicated, so resending them is safe."
+                "applied: ticks with source and seq are deduplicated, so resending them is safe. When the "
+                "database's disk is full the answer is 507 (`storage_full`) with the writer's reason: nothing was "
+                "written, and the same write succeeds once space is freed."
             ),
         },
         "servers": [{"url": "/"}],
@@ -91,13 +127,13 @@ def _build() -> dict[str, Any]:
             "/api/ticks": {
                 "get": {
                     "tags": ["ticks"], "operationId": "listTicks", "summary": "Ticks of a symbol",
-                    "parameters": [_ref("parameters", "Symbol"), *_SERIES_PARAMS],
+                    "description": _PAGE_DESCRIPTION,
+                    "parameters": [_ref("parameters", "Symbol"), *_TICK_PARAMS],
                     "responses": {
-                        "200": _json({
-                            "type": "object", "required": ["symbol", "ticks"],
-                            "properties": {"symbol": {"type": "string"},
-                                           "ticks": {"type": "array", "items": _ref("schemas", "Tick")}},
-                        }, "The newest `limit` ticks in range by ts, oldest first"),
+                        "200": _page(["symbol", "ticks"], {
+                            "symbol": {"type": "string"},
+                            "ticks": {"type": "array", "items": _ref("schemas", "Tick")},
+                        }, "A page of ticks by (ts, id), oldest first"),
                         **_errors(400),
                     },
                 },
@@ -113,8 +149,10 @@ def _build() -> dict[str, Any]:
                         "type": "object", "required": ["ticks"], "additionalProperties": False,
                         "properties": {"ticks": {"oneOf": [
                             {"type": "array", "minItems": 1, "maxItems": MAX_TICKS, "items": _ref("schemas", "TickIn")},
-                            {"type": "object", "description": "Columns: symbol, ts, bid, ask required; volume, source, "
-                                                              "seq optional; all arrays of one length"},
+                            _columns({"symbol": _ref("schemas", "Symbol"), "ts": _TS, "bid": _PRICE, "ask": _PRICE,
+                                      "volume": {**_VOLUME, "type": ["number", "null"]},
+                                      "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$"},
+                                      "seq": {**_SEQ, "type": ["integer", "null"]}}),
                         ]}},
                     }}}},
                     "responses": {
@@ -131,11 +169,10 @@ def _build() -> dict[str, Any]:
                     "tags": ["bars"], "operationId": "listBars", "summary": "OHLCV bars",
                     "parameters": [_ref("parameters", "Symbol"), _ref("parameters", "Timeframe"), *_SERIES_PARAMS],
                     "responses": {
-                        "200": _json({
-                            "type": "object", "required": ["symbol", "timeframe", "bars"],
-                            "properties": {"symbol": {"type": "string"}, "timeframe": {"type": "string"},
-                                           "bars": {"type": "array", "items": _ref("schemas", "Bar")}},
-                        }, "The newest `limit` bars in range, oldest first"),
+                        "200": _page(["symbol", "timeframe", "bars"], {
+                            "symbol": {"type": "string"}, "timeframe": {"type": "string"},
+                            "bars": {"type": "array", "items": _ref("schemas", "Bar")},
+                        }, "A page of bars, oldest first"),
                         **_errors(400),
                     },
                 },
@@ -150,16 +187,13 @@ def _build() -> dict[str, Any]:
                         *_SERIES_PARAMS,
                     ],
                     "responses": {
-                        "200": _json({
-                            "type": "object", "required": ["symbol", "timeframe", "name", "values"],
-                            "properties": {
-                                "symbol": {"type": "string"}, "timeframe": {"type": "string"},
-                                "name": {"type": "string"},
-                                "values": {"type": "array", "items": {
-                                    "type": "object", "required": ["ts", "value"],
-                                    "properties": {"ts": _TS, "value": _NUMBER}}},
-                            },
-                        }, "The newest `limit` values in range, oldest first (ts is the bar's bucket start)"),
+                        "200": _page(["symbol", "timeframe", "name", "values"], {
+                            "symbol": {"type": "string"}, "timeframe": {"type": "string"},
+                            "name": {"type": "string"},
+                            "values": {"type": "array", "items": {
+                                "type": "object", "required": ["ts", "value"],
+                                "properties": {"ts": _TS, "value": _NUMBER}}},
+                        }, "A page of values, oldest first (ts is the bar's bucket start)"),
                         **_errors(400),
                     },
                 },
@@ -171,18 +205,20 @@ def _build() -> dict[str, Any]:
                         {"name": "status", "in": "query", "schema": {"type": "string", "enum": ["open", "closed"]}},
                         {"name": "symbol", "in": "query", "schema": _ref("schemas", "Symbol")},
                         _ref("parameters", "Limit"),
+                        {"name": "before_id", "in": "query", "description": (
+                            "Only trades with a smaller id: the cursor of the next page (`next`)"),
+                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ID}},
                     ],
                     "responses": {
-                        "200": _json({
-                            "type": "object", "required": ["trades"],
-                            "properties": {"trades": {"type": "array", "items": _ref("schemas", "Trade")}},
-                        }, "Trades by id, newest first"),
+                        "200": _page(["trades"], {"trades": {"type": "array", "items": _ref("schemas", "Trade")}},
+                                     "A page of trades by id, newest first"),
                         **_errors(400),
                     },
                 },
                 "post": {
                     "tags": ["trades"], "operationId": "openTrade", "summary": "Open a paper trade",
-                    "description": "Without entry_price it opens at the latest tick (ask for a buy, bid for a sell).",
+                    "description": ("Without entry_price it opens at the latest tick (ask for a buy, bid for a sell): "
+                                    "it needs a stored tick of the symbol (400 otherwise)."),
                     "security": [{"bearer": []}],
                     "requestBody": {"required": True, "content": {"application/json": {
                         "schema": _ref("schemas", "TradeIn")}}},
@@ -204,13 +240,14 @@ def _build() -> dict[str, Any]:
             "/api/trades/{trade_id}/close": {
                 "post": {
                     "tags": ["trades"], "operationId": "closeTrade", "summary": "Close a trade",
-                    "description": ("Closes at `price`, or at the latest tick (bid for a buy, ask for a sell). "
-                                    "The body may be empty."),
+                    "description": ("Closes at `price`, or at the latest tick (bid for a buy, ask for a sell): "
+                                    "without `price` it needs a stored tick of the symbol (400 otherwise). The "
+                                    "body may be empty."),
                     "security": [{"bearer": []}],
                     "parameters": [_ref("parameters", "TradeId")],
                     "requestBody": {"required": False, "content": {"application/json": {"schema": {
                         "type": "object", "additionalProperties": False,
-                        "properties": {"price": {"type": "number", "exclusiveMinimum": 0},
+                        "properties": {"price": {**_PRICE, "type": ["number", "null"]},
                                        "reason": {"type": "string", "maxLength": 64, "default": "manual"}},
                     }}}},
                     "responses": {
@@ -224,8 +261,9 @@ def _build() -> dict[str, Any]:
                     "tags": ["status"], "operationId": "metrics", "summary": "Prometheus metrics",
                     "description": (
                         "Prometheus text exposition (OpenMetrics when asked for in Accept). Request series "
-                        "(tickstack_http_requests_total, tickstack_http_request_duration_seconds) are per gunicorn "
-                        "worker, labelled worker=<pid>; stack series (tickstack_writer_*, "
+                        "(tickstack_http_requests_total, tickstack_http_request_duration_seconds) count the "
+                        "requests of every gunicorn worker together (prometheus-client's multiprocess mode), from "
+                        "zero at the API's start; stack series (tickstack_writer_*, "
                         "tickstack_database_size_bytes, tickstack_wal_size_bytes, tickstack_watcher_up{watcher}) are "
                         "read at scrape time. No auth: "
                         "the API listens on 127.0.0.1 only."
@@ -241,16 +279,34 @@ def _build() -> dict[str, Any]:
                 "Symbol": {"name": "symbol", "in": "query", "required": True, "schema": _ref("schemas", "Symbol")},
                 "Timeframe": {"name": "timeframe", "in": "query", "required": True,
                               "schema": {"type": "string", "enum": list(TIMEFRAMES)}},
-                "Since": {"name": "since", "in": "query", "description": "Earliest ts, inclusive", "schema": _TS},
-                "Until": {"name": "until", "in": "query", "description": "Latest ts, inclusive (>= since)",
-                          "schema": _TS},
-                "Limit": {"name": "limit", "in": "query", "description": "Newest rows to return",
+                "Since": {"name": "since", "in": "query", "schema": _TS, "description": (
+                    "Earliest ts, inclusive; given, the page is the oldest `limit` rows from here (paging forward)")},
+                "Until": {"name": "until", "in": "query", "schema": _TS, "description": (
+                    "Latest ts, inclusive (>= since); without since, the page is the newest `limit` rows up to here "
+                    "(paging backward)")},
+                "AfterId": {"name": "after_id", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                                          "maximum": MAX_ID}, "description": (
+                    "With since: only ticks after the tick (since, after_id) in (ts, id) order; from `next`")},
+                "BeforeId": {"name": "before_id", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                                            "maximum": MAX_ID}, "description": (
+                    "With until and without since: only ticks before the tick (until, before_id) in (ts, id) "
+                    "order; from `next`")},
+                "Limit": {"name": "limit", "in": "query", "description": "Rows per page",
                           "schema": {"type": "integer", "minimum": 1, "maximum": LIMIT_MAX, "default": LIMIT_DEFAULT}},
                 "TradeId": {"name": "trade_id", "in": "path", "required": True,
                             "schema": {"type": "integer", "minimum": 1}},
             },
             "schemas": {
                 "Symbol": {"type": "string", "pattern": f"^{SYMBOL_RE.pattern}$"},
+                "Next": {"description": (
+                    "The query parameters of the next page, to put in place of the request's own; null when "
+                    "`more` is false. Forward: since (and after_id for ticks); backward: until (and before_id "
+                    "for ticks); trades: before_id."),
+                    "oneOf": [{"type": "null"}, {
+                        "type": "object", "additionalProperties": False, "minProperties": 1,
+                        "properties": {"since": _TS, "until": _TS,
+                                       "after_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                                       "before_id": {"type": "integer", "minimum": 0, "maximum": MAX_ID}}}]},
                 "Error": {
                     "type": "object", "required": ["error"],
                     "properties": {"error": {
@@ -268,13 +324,12 @@ def _build() -> dict[str, Any]:
                 "TickIn": {
                     "type": "object", "required": ["symbol", "ts", "bid", "ask"], "additionalProperties": False,
                     "properties": {
-                        "symbol": _ref("schemas", "Symbol"), "ts": _TS,
-                        "bid": {"type": "number", "exclusiveMinimum": 0},
-                        "ask": {"type": "number", "exclusiveMinimum": 0, "description": "At least bid"},
-                        "volume": {"type": ["number", "null"], "minimum": 0, "default": 0},
+                        "symbol": _ref("schemas", "Symbol"), "ts": _TS, "bid": _PRICE,
+                        "ask": {**_PRICE, "description": "At least bid: bid <= ask (400 otherwise)"},
+                        "volume": {**_VOLUME, "type": ["number", "null"], "default": 0},
                         "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$",
                                    "default": "external"},
-                        "seq": {"type": ["integer", "null"], "minimum": 0,
+                        "seq": {**_SEQ, "type": ["integer", "null"],
                                 "description": "With source, makes the tick idempotent"},
                     },
                 },
@@ -287,12 +342,14 @@ def _build() -> dict[str, Any]:
                     "type": "object", "required": ["symbol", "side", "size"], "additionalProperties": False,
                     "properties": {
                         "symbol": _ref("schemas", "Symbol"), "side": {"type": "string", "enum": ["buy", "sell"]},
-                        "size": {"type": "number", "exclusiveMinimum": 0},
-                        "entry_price": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                        "stop_loss": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                        "take_profit": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                        "trailing_distance": {"type": ["number", "null"], "exclusiveMinimum": 0},
-                        "breakeven_trigger": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                        "size": _SIZE,
+                        "entry_price": {**_PRICE, "type": ["number", "null"]},
+                        "stop_loss": {**_PRICE, "type": ["number", "null"], "description": (
+                            "stop_loss below the entry for a buy, above for a sell (400 otherwise)")},
+                        "take_profit": {**_PRICE, "type": ["number", "null"], "description": (
+                            "take_profit above the entry for a buy, below for a sell (400 otherwise)")},
+                        "trailing_distance": {**_PRICE, "type": ["number", "null"]},
+                        "breakeven_trigger": {**_PRICE, "type": ["number", "null"]},
                         "ts": {**_TS, "type": ["integer", "null"], "description": "Opening time; default now"},
                     },
                 },
@@ -310,7 +367,10 @@ def _build() -> dict[str, Any]:
                         "close_reason": {"type": ["string", "null"]},
                         "pnl": {"type": ["number", "null"], "description": (
                             "Realised for a closed trade; for an open one unrealised at the latest tick (bid for a "
-                            "buy, ask for a sell), null without a tick")},
+                            "buy, ask for a sell), null without a tick. Computed exactly in decimal, (exit - entry) x "
+                            "size on the prices and size as sent (each float's shortest decimal form), so it has at "
+                            "most the decimals of the prices plus those of the size and no binary float noise: "
+                            "(97001.8 - 97012.35) x 0.35 is -3.6925")},
                         "pnl_kind": {"type": "string", "enum": ["realised", "unrealised"]},
                         "mark": {"oneOf": [{"type": "null"}, {
                             "type": "object", "required": ["price", "ts", "tick_id"],
@@ -360,12 +420,36 @@ def _build() -> dict[str, Any]:
                     ("PayloadTooLarge", "Body over 8 MiB"),
                     ("UnsupportedMediaType", "Body not sent as application/json"),
                     ("Unavailable", "The writer did not answer in time (Retry-After says when to retry)"),
+                    ("StorageFull", "The database's disk is full (storage_full, with the writer's reason): nothing "
+                                    "was written; retry once space is freed (Retry-After)"),
                 )
             },
         },
     }
 
 
+def _columns(fields: dict[str, Any]) -> dict[str, Any]:
+    """The columns form of a tick batch: an object of equal-length arrays, one per field."""
+    return {"type": "object", "required": ["symbol", "ts", "bid", "ask"], "additionalProperties": False,
+            "description": "Columns: symbol, ts, bid, ask required; volume, source, seq optional; all arrays of one "
+                           "length (400 otherwise); bid <= ask in every row",
+            "properties": {name: {"type": "array", "minItems": 1, "maxItems": MAX_TICKS, "items": schema}
+                           for name, schema in fields.items()}}
+
+
+@functools.cache
+def _complete() -> dict[str, Any]:
+    """The document with what every request shares: :data:`_INTEGERS` stated, and every optional
+    query parameter marked ``allowEmptyValue`` (the API takes an empty value as absent)."""
+    doc = copy.deepcopy(_build())
+    doc["info"]["description"] += " " + _INTEGERS
+    inline = [p for item in doc["paths"].values() for op in item.values() for p in op.get("parameters", [])]
+    for param in [*inline, *doc["components"]["parameters"].values()]:
+        if param.get("in") == "query" and not param.get("required"):
+            param["allowEmptyValue"] = True
+    return doc
+
+
 def document() -> dict[str, Any]:
     """A fresh copy of the OpenAPI 3.1 document (callers may change it)."""
-    return copy.deepcopy(_build())
+    return copy.deepcopy(_complete())

@@ -20,7 +20,7 @@ from db import validation
 from db.errors import ValidationError
 from db.models import INDICATORS
 from webapp.api.errors import ApiError, bad_param
-from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX
+from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID
 from webapp.parsing import parse_int
 
 #: A parser of one query parameter: (name, text) -> value; raises ValidationError.
@@ -49,13 +49,19 @@ TIMEFRAME = Param(validation.timeframe, required=True)
 INDICATOR = Param(validation.one_of(*INDICATORS), required=True)
 TIMESTAMP = Param(integer(0, validation.MAX_TS, "epoch milliseconds (an integer)"))
 LIMIT = Param(integer(1, LIMIT_MAX), default=LIMIT_DEFAULT)
-#: The window of a series: newest ``limit`` rows with ts in [since, until].
+ROW_ID = Param(integer(0, MAX_ID, "an id (an integer)"))
+#: A page of a series whose ts is unique (bars, indicator values): the oldest ``limit`` rows from
+#: ``since``, else the newest up to ``until`` (:func:`db.queries._series_page`).
 SERIES = {"since": TIMESTAMP, "until": TIMESTAMP, "limit": LIMIT}
+#: A page of ticks, which can share a ts: the cursor is (ts, id), ``since`` with ``after_id`` or
+#: ``until`` with ``before_id``.
+TICK_SERIES = {**SERIES, "after_id": ROW_ID, "before_id": ROW_ID}
 
 
 def query(**spec: Param) -> dict[str, Any]:
     """The query parameters of ``spec``, parsed; 400 ``invalid_parameter``
-    for an unknown, repeated, missing or bad one, or since > until."""
+    for an unknown, repeated, missing or bad one, since > until, or half a
+    cursor."""
     unknown = sorted(set(request.args) - set(spec))
     if unknown:
         bad_param(f"unknown parameter {unknown[0]!r}; parameters are {', '.join(spec) or 'none'}")
@@ -75,7 +81,21 @@ def query(**spec: Param) -> dict[str, Any]:
             bad_param(str(e))
     if out.get("since") is not None and out.get("until") is not None and out["since"] > out["until"]:
         bad_param(f"since {out['since']} is after until {out['until']}")
+    if "since" in spec:
+        _check_cursor(out)
     return out
+
+
+def _check_cursor(q: dict[str, Any]) -> None:
+    """A series cursor is whole: ``after_id`` continues a forward page, so it needs ``since``;
+    ``before_id`` continues a backward one, so it needs ``until`` and no ``since`` (with ``since``
+    the page goes forward)."""
+    if q.get("after_id") is not None and q.get("since") is None:
+        bad_param("after_id: give it with since (the cursor is the tick at since with that id); "
+                  "copy the response's next into the query")
+    if q.get("before_id") is not None and (q.get("until") is None or q.get("since") is not None):
+        bad_param("before_id: give it with until and without since (the cursor is the tick at until with that "
+                  "id; with since the page goes forward); copy the response's next into the query")
 
 
 def _reject_constant(name: str) -> NoReturn:

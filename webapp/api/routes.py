@@ -5,14 +5,16 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
-from flask import jsonify
+from flask import Response, jsonify
 from flask.typing import ResponseReturnValue
 
 from db import queries
 from db.config import Settings
+from db.engine import database_location
 from db.health import pragmas
+from db.preflight import circusd_pidfile
 from webapp.api import openapi
-from webapp.api.params import INDICATOR, SERIES, SYMBOL, TIMEFRAME, json_object, query
+from webapp.api.params import INDICATOR, SERIES, SYMBOL, TICK_SERIES, TIMEFRAME, json_object, query
 from webapp.api.state import api_state, bp, write
 from webapp.api.tokens import requires_token
 from webapp.extensions import db
@@ -25,7 +27,9 @@ def health() -> ResponseReturnValue:
     circus says (the API works without circus: tests, development; circus is
     reported as unreachable then); 503 when the writer does not answer.
     ``status`` is ``ok``, ``degraded`` (writer up, but the database cannot be
-    read or a watcher is not active) or ``unavailable``."""
+    read, a watcher is not active, or circusd does not answer although its
+    pid file is there: it was killed, or is stuck; nothing restarts a process
+    that dies) or ``unavailable``."""
     api = api_state()
     ping, stats, error = api.probe.writer()
     writer: dict[str, Any] = ({"up": True, "pid": ping["pid"], "ping_ms": ping["latency_ms"], "stats": stats}
@@ -37,7 +41,8 @@ def health() -> ResponseReturnValue:
         circus_json["error"] = circus.error
     if ping is None:
         status = "unavailable"
-    elif "error" in database or any(s != "active" for s in circus.statuses.values()):
+    elif ("error" in database or any(s != "active" for s in circus.statuses.values())
+          or (not circus.reachable and circusd_pidfile(api.settings).exists())):
         status = "degraded"
     else:
         status = "ok"
@@ -47,8 +52,8 @@ def health() -> ResponseReturnValue:
 
 def _database_health(settings: Settings, stats: dict[str, Any] | None) -> dict[str, Any]:
     path = settings.database_path
-    if path is None:
-        return {"url": settings.database_url}
+    if path is None:  # a server: its dialect and host, never its user or password (no login here)
+        return database_location(settings.database_url)
     files = api_state().probe.database_files()
     out: dict[str, Any] = {"path": str(path), "size_bytes": files.get("db"), "wal_bytes": files.get("wal") or 0,
                            "lock_errors": (stats or {}).get("lock_errors"),
@@ -77,32 +82,41 @@ def post_ticks() -> ResponseReturnValue:
     return jsonify({"inserted": result["inserted"], "duplicates": result["duplicates"]}), 200
 
 
+def page_json(page: queries.Page, key: str, items: list[Any] | None = None, **head: Any) -> Response:
+    """A list response: ``head`` (what was asked for), the rows under ``key`` (``items``, or each
+    row as a dict), then ``more`` (rows lie beyond this page) and ``next`` (the query parameters of
+    the next page, to merge into this request's; null when ``more`` is false)."""
+    rows = items if items is not None else [r._asdict() for r in page.rows]
+    return jsonify({**head, key: rows, "more": page.more, "next": page.next})
+
+
 @bp.get("/ticks")
 def get_ticks() -> ResponseReturnValue:
-    """The newest ``limit`` ticks of ``symbol`` in [since, until] by ``ts``,
-    oldest first."""
-    q = query(symbol=SYMBOL, **SERIES)
-    rows = queries.tick_series(db.session, q["symbol"], since=q["since"], until=q["until"], limit=q["limit"])
-    return jsonify({"symbol": q["symbol"], "ticks": [r._asdict() for r in rows]})
+    """A page of ``symbol``'s ticks by (ts, id), oldest first: the oldest
+    ``limit`` from ``since`` (after the tick ``since, after_id``), else the
+    newest up to ``until`` (before the tick ``until, before_id``)."""
+    q = query(symbol=SYMBOL, **TICK_SERIES)
+    page = queries.tick_series(db.session, q["symbol"], since=q["since"], until=q["until"], limit=q["limit"],
+                               after_id=q["after_id"], before_id=q["before_id"])
+    return page_json(page, "ticks", symbol=q["symbol"])
 
 
 @bp.get("/bars")
 def get_bars() -> ResponseReturnValue:
-    """OHLCV bars of ``symbol`` and ``timeframe``, ``ts`` the bucket start
-    (epoch ms UTC), the newest ``limit`` in [since, until], oldest first."""
+    """A page of OHLCV bars of ``symbol`` and ``timeframe``, ``ts`` the bucket
+    start (epoch ms UTC), oldest first: the oldest ``limit`` from ``since``,
+    else the newest up to ``until``."""
     q = query(symbol=SYMBOL, timeframe=TIMEFRAME, **SERIES)
-    rows = queries.bar_series(db.session, q["symbol"], q["timeframe"], since=q["since"], until=q["until"],
+    page = queries.bar_series(db.session, q["symbol"], q["timeframe"], since=q["since"], until=q["until"],
                               limit=q["limit"])
-    return jsonify({"symbol": q["symbol"], "timeframe": q["timeframe"], "bars": [r._asdict() for r in rows]})
+    return page_json(page, "bars", symbol=q["symbol"], timeframe=q["timeframe"])
 
 
 @bp.get("/indicators")
 def get_indicators() -> ResponseReturnValue:
-    """Values of indicator ``name`` for ``symbol`` and ``timeframe`` (``ts``
-    the bar's bucket start), the newest ``limit`` in [since, until], oldest
-    first."""
+    """A page of values of indicator ``name`` for ``symbol`` and ``timeframe``
+    (``ts`` the bar's bucket start), paged as bars."""
     q = query(symbol=SYMBOL, timeframe=TIMEFRAME, name=INDICATOR, **SERIES)
-    rows = queries.indicator_series(db.session, q["symbol"], q["timeframe"], q["name"], since=q["since"],
+    page = queries.indicator_series(db.session, q["symbol"], q["timeframe"], q["name"], since=q["since"],
                                     until=q["until"], limit=q["limit"])
-    return jsonify({"symbol": q["symbol"], "timeframe": q["timeframe"], "name": q["name"],
-                    "values": [r._asdict() for r in rows]})
+    return page_json(page, "values", symbol=q["symbol"], timeframe=q["timeframe"], name=q["name"])

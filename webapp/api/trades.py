@@ -9,7 +9,8 @@ from flask.typing import ResponseReturnValue
 from db import ops, queries, validation
 from webapp.api.errors import ApiError
 from webapp.api.limits import MAX_ID
-from webapp.api.params import LIMIT, Param, json_object, query
+from webapp.api.params import LIMIT, ROW_ID, Param, json_object, query
+from webapp.api.routes import page_json
 from webapp.api.state import bp, write
 from webapp.api.tokens import requires_token
 from webapp.extensions import db
@@ -71,12 +72,14 @@ def open_trade() -> ResponseReturnValue:
 
 @bp.get("/trades")
 def list_trades() -> ResponseReturnValue:
-    """Trades, newest first (by id), optionally only ``status`` open or
-    closed and only ``symbol``; each with its P&L (see :func:`trade_json`)."""
-    q = query(status=STATUS, symbol=SYMBOL_FILTER, limit=LIMIT)
-    trades = queries.trades(db.session, status=q["status"], symbol=q["symbol"], limit=q["limit"])
-    marks = queries.marks(db.session, trades)
-    return jsonify({"trades": [trade_json(t, marks.get(t.id)) for t in trades]})
+    """A page of trades, newest first (by id), optionally only ``status`` open
+    or closed and only ``symbol``, only ids below ``before_id``; each with its
+    P&L (see :func:`trade_json`)."""
+    q = query(status=STATUS, symbol=SYMBOL_FILTER, limit=LIMIT, before_id=ROW_ID)
+    page = queries.trades(db.session, status=q["status"], symbol=q["symbol"], limit=q["limit"],
+                          before_id=q["before_id"])
+    marks = queries.marks(db.session, page.rows)
+    return page_json(page, "trades", [trade_json(t, marks.get(t.id)) for t in page.rows])
 
 
 @bp.get("/trades/<int:trade_id>")

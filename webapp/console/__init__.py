@@ -10,7 +10,8 @@ recorded in the audit log (:func:`webapp.console.common.audit`).
 """
 from __future__ import annotations
 
-from flask import Response, jsonify, render_template
+from flask import Response, jsonify, redirect, render_template, url_for
+from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
 from sqlalchemy.exc import SQLAlchemyError
@@ -19,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from db.errors import WriterError
 from supervision.circus import CircusError
 from webapp import auth
-from webapp.console.common import audit, bp, log, wants_json
+from webapp.console.common import audit, bp, log, settings, wants_json, writer_stopped
 from webapp.console.formats import FILTERS
 from webapp.errors import json_error
 
@@ -36,7 +37,17 @@ NAV = (("console.watchers", "Watchers"), ("console.database", "Database"), ("con
 
 @bp.context_processor
 def _template_globals() -> dict:
-    return {"nav": NAV, "user": auth.logged_in_user()}
+    user = auth.logged_in_user()
+    return {"nav": NAV, "user": user, "password_file": settings().home / auth.PASSWORD_FILE,
+            "writer_down": writer_stopped() if user else None}
+
+
+@bp.record_once
+def _root_redirect(state: BlueprintSetupState) -> None:
+    """``/`` on the console's port leads to the console (a bare 404 there was the first thing a
+    new user saw); left alone when the app serves ``/`` itself."""
+    if not any(rule.rule == "/" for rule in state.app.url_map.iter_rules()):
+        state.app.add_url_rule("/", "console_root", lambda: redirect(url_for("console.index")))
 
 
 @bp.get("/health")

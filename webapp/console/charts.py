@@ -1,8 +1,15 @@
-"""Charts of the last hour, from the ``samples`` table the jobs worker's ``metrics`` job fills.
+"""Charts: the stack's samples (the ``samples`` table the jobs worker's ``metrics`` job fills) and a
+symbol's candles with their stored indicators.
 
-The page lists the charts; its script draws each from ``/console/api/series`` (vendored
-lightweight-charts, no CDN). Without JavaScript the page shows, per series, the latest value and the
-hour's range, so it still answers "is it fine now".
+The charts page lists the sample charts; its script draws each from ``/console/api/series``
+(vendored lightweight-charts, no CDN) over a range of :data:`RANGES` (15 min to 7 days: what the
+samples already stored cover), chosen by plain links so that it works without JavaScript too: the
+page then shows, per series, the latest value and the range's minimum and maximum.
+
+The market page's chart comes from :func:`price_chart`: the bars of a range, the indicators the
+analysis worker stored for the same bars (SMA and EMA drawn over the price, RSI and ATR in panes
+below) and the symbol's price decimals (:func:`db.queries.price_decimals`), so that its price axis
+shows what the tables show.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
-from db.models import now_ms
+from db.models import INDICATORS, TIMEFRAMES, now_ms
 from db.validation import NAME_RE
 from webapp.console.common import bad_request, bp, int_arg, settings
 from webapp.extensions import db
@@ -23,6 +30,15 @@ from webapp.extensions import db
 MAX_SERIES = 8
 #: Points per series beyond which a response is averaged into buckets.
 MAX_POINTS = 1200
+#: Bars in one price chart at most.
+MAX_BARS = 1000
+
+#: The ranges a chart shows (key -> minutes), and how the page names them.
+RANGES = {"15m": 15, "1h": 60, "6h": 360, "24h": 1440, "7d": 10080}
+RANGE_NAMES = {"15m": "15 min", "1h": "1 h", "6h": "6 h", "24h": "24 h", "7d": "7 days"}
+DEFAULT_RANGE = "1h"
+#: The range a price chart opens with per timeframe: a few hundred bars at most.
+DEFAULT_BAR_RANGE = {"1m": "6h", "5m": "24h", "1h": "7d", "1d": "7d"}
 
 
 @dataclass(frozen=True)
@@ -32,9 +48,12 @@ class Chart:
     id: str
     title: str
     series: tuple[str, ...]
-    #: How the page formats values: number, ms, bytes, percent, rate.
+    #: How the page formats values, on the axis too: count (whole numbers), ms, bytes (in the one
+    #: unit that fits the largest value: B, KiB, MiB or GiB), percent, rate (per second).
     unit: str
     note: str = ""
+    #: What a count counts, written after the numbers on the axis ("3 req").
+    counts: str = ""
 
 
 CHARTS = (
@@ -42,7 +61,7 @@ CHARTS = (
           "ticks and requests committed per second"),
     Chart("latency", "Commit latency", ("writer.commit_p50_ms", "writer.commit_p99_ms"), "ms",
           "p50 and p99 over the writer's last 4096 commits"),
-    Chart("queue", "Writer queue depth", ("writer.queue_depth",), "number", "requests waiting for a batch"),
+    Chart("queue", "Writer queue depth", ("writer.queue_depth",), "count", "requests waiting for a batch", "req"),
     Chart("cpu", "CPU per watcher", ("watcher.cpu_percent",), "percent", "% of one core, children included"),
     Chart("memory", "Memory per watcher", ("watcher.rss_bytes",), "bytes", "resident memory, children included"),
     Chart("dbsize", "Database and WAL size", ("db.bytes", "db.wal_bytes"), "bytes"),
@@ -101,23 +120,38 @@ def summaries(charts: tuple[Chart, ...], since_ms: int) -> dict[str, list[dict[s
     return out
 
 
+def range_arg(raw: str | None, default: str = DEFAULT_RANGE) -> str:
+    """``raw`` as a key of :data:`RANGES` (``default`` when absent); else 400 naming the choices."""
+    if raw is None or raw == "":
+        return default
+    if raw not in RANGES:
+        bad_request(f"range={raw[:20]!r} is not one of {', '.join(RANGES)}")
+    return raw
+
+
 @bp.get("/charts")
 def charts() -> ResponseReturnValue:
-    return render_template("console/charts.html", charts=CHARTS, summary=summaries(CHARTS, now_ms() - 3_600_000),
-                           series_labels=SERIES_LABELS, sample_every=sample_every())
+    key = range_arg(request.args.get("range"))
+    return render_template("console/charts.html", charts=CHARTS,
+                           summary=summaries(CHARTS, now_ms() - RANGES[key] * 60_000), series_labels=SERIES_LABELS,
+                           sample_every=sample_every(), range_key=key, ranges=RANGE_NAMES)
 
 
 @bp.get("/api/series")
 def api_series() -> ResponseReturnValue:
-    """``?name=...&name=...&minutes=60``: the points of up to 8 series (every label of each) since
-    ``minutes`` ago (1..1440), time in epoch seconds, as ``{"series": [{"name", "label", "points"}]}``."""
+    """``?name=...&name=...&range=1h``: the points of up to 8 series (every label of each) over a
+    range of :data:`RANGES` (or the last ``minutes``, 1..1440), time in epoch seconds, as
+    ``{"series": [{"name", "label", "points"}]}``; at most :data:`MAX_POINTS` points per series."""
     names = request.args.getlist("name")
     if not 1 <= len(names) <= MAX_SERIES:
         bad_request(f"give 1..{MAX_SERIES} series names (name=...), got {len(names)}")
     for name in names:
         if not NAME_RE.fullmatch(name):
             bad_request(f"name={name[:70]!r} is not a series name")
-    minutes = int_arg(request.args.get("minutes"), "minutes", 1, 1440, 60)
+    if request.args.get("range"):
+        minutes = RANGES[range_arg(request.args.get("range"))]
+    else:
+        minutes = int_arg(request.args.get("minutes"), "minutes", 1, 1440, 60)
     now = now_ms()
     series = load_series(names, now - minutes * 60_000)
     out = []
@@ -127,3 +161,26 @@ def api_series() -> ResponseReturnValue:
             seconds[ts // 1000] = value  # the chart wants one point per second, ascending
         out.append({"name": name, "label": label, "points": sorted(seconds.items())})
     return jsonify({"from": now - minutes * 60_000, "to": now, "series": out})
+
+
+def price_chart(symbol: str, timeframe: str, range_key: str, limit: int | None = None) -> dict[str, Any]:
+    """A price chart's data: the bars of ``symbol`` and ``timeframe`` over the last ``range_key`` of
+    its data (before its latest bar, so that a replayed history shows too; at most
+    :data:`MAX_BARS`), or its latest ``limit`` bars; the stored indicators over the same bars; the
+    symbol's price decimals. Times in epoch seconds."""
+    span = RANGES[range_key] * 60_000
+    rows = queries.bar_series(db.session, symbol, timeframe,
+                              limit=limit or min(MAX_BARS, -(-span // TIMEFRAMES[timeframe]))).rows
+    if limit is None and rows:
+        rows = [b for b in rows if b.ts > rows[-1].ts - span]
+    indicators: dict[str, list[tuple[int, float]]] = {}
+    if rows:
+        for name in INDICATORS:
+            values = queries.indicator_series(db.session, symbol, timeframe, name, since=rows[0].ts,
+                                              until=rows[-1].ts, limit=len(rows)).rows
+            indicators[name] = [(v.ts // 1000, v.value) for v in values]
+    return {"symbol": symbol, "timeframe": timeframe, "range": None if limit else range_key,
+            "decimals": queries.price_decimals(db.session, [symbol]).get(symbol),
+            "bars": [{"time": b.ts // 1000, "open": b.open, "high": b.high, "low": b.low, "close": b.close,
+                      "volume": b.volume} for b in rows],
+            "indicators": indicators}

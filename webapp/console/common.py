@@ -21,7 +21,7 @@ from db.client import WriterClient, thread_client
 from db.config import Settings
 from db.errors import ValidationError, WriterError, WriterUnavailable
 from db.models import now_ms
-from supervision.circus import Circus
+from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter
 from webapp.parsing import parse_int
 
@@ -77,11 +77,26 @@ def writer() -> WriterClient:
 def call_writer(op: str, deadline: float | None = None, **args: Any) -> Any:
     """Run ``op`` on the writer and return its result; raises :mod:`db.errors` errors. ``deadline``
     (seconds) bounds the wait, :data:`DEFAULTS` ``CONSOLE_WRITER_DEADLINE`` by default."""
+    stopped = writer_stopped()
+    if stopped:
+        raise WriterUnavailable(f"{stopped}; nothing was written")
     client = writer()
     ticket = client.submit(op, _deadline=config("CONSOLE_WRITER_DEADLINE") if deadline is None else deadline,
                            **args)
     client.wait(ticket)
     return ticket.result()
+
+
+def writer_stopped() -> str | None:
+    """Why writes cannot succeed now, in words, when circus says the writer is stopped (a
+    restart is waited out, not reported); None otherwise, and when circusd does not answer."""
+    try:
+        status = circus().call("status", name="writer").get("status")
+    except CircusError:
+        return None
+    if status == "stopped":
+        return "the writer is stopped (circus says so): start it on the Watchers page or with `circusctl start writer`"
+    return None
 
 
 # --- circus ------------------------------------------------------------------------------------------
@@ -100,27 +115,42 @@ def meter() -> ProcessMeter:
 # --- the audit log -------------------------------------------------------------------------------
 
 
-def audit(action: str, target: str = "", result: str = "ok", detail: str = "", actor: str | None = None) -> bool:
+def audit(action: str, target: str = "", result: str = "ok", detail: str = "", actor: str | None = None,
+          writer_down: bool = False) -> bool:
     """Record a console action in ``audit_log`` through the writer (``audit`` op).
 
     Returns True once written. When the writer does not answer within ``CONSOLE_AUDIT_DEADLINE``
     (it is stopped or restarting) the record, with its time, goes to a spool file in the run folder
-    and is sent before the next one, so no action goes unrecorded (a record whose answer was lost
-    may then be stored twice: at least once, never lost). Returns False then, and when the writer
-    refused it (logged)."""
+    and is sent before the next one, so no action goes unrecorded; what was sent and not answered
+    is dropped from the client's queue first (:func:`_forget_unanswered`), so it is stored once (a
+    writer that took a record and died before answering may still store it twice: never lost).
+    Returns False then, and when the writer refused it (logged). ``writer_down`` (the action just
+    stopped it): spooled without waiting."""
     entry = {"actor": actor or current_user() or "anonymous", "action": action, "target": target[:128],
              "result": result, "detail": detail[:4000], "ts": now_ms()}
     try:
+        if writer_down:
+            raise WriterUnavailable("the writer was just stopped")
         if flush_audit_spool() is None:
             raise WriterUnavailable("the writer does not take the spooled records")  # not worth a second wait
         call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
         return True
     except WriterUnavailable:
+        _forget_unanswered()
         _spool(entry)
         log.warning("console: the writer did not answer; audit record of %s %s spooled", action, target)
     except WriterError as e:
         log.error("console: the writer refused the audit record %s: %s", entry, e)
     return False
+
+
+def _forget_unanswered() -> None:
+    """Drop what this thread's client still holds for a writer that did not answer. ZeroMQ queues
+    a request for an absent writer and delivers it when the writer comes back, so an audit record
+    that timed out (then spooled) would be stored once from that queue and again from the spool:
+    one login while the writer was down gave three rows (the login, one flush attempt, the flush).
+    A new socket is made on the next call."""
+    writer().close()
 
 
 def _spool_path() -> Path:
@@ -157,6 +187,7 @@ def flush_audit_spool() -> int | None:
                 call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
                 sent += 1
             except WriterUnavailable:
+                _forget_unanswered()
                 remaining = lines[i:]
                 blocked = True
                 break

@@ -1,7 +1,8 @@
 """Database: in the spirit of PgHero, everything a person asks when the database feels slow.
 
-Journal mode, file sizes (and their last hour), the writer's queue, commit latency, batch size,
-throughput, failures and lock errors (which must read 0), the last checkpoint, backup and
+Journal mode, file sizes (and their last hour), free space of the database's disk (warned about
+below ``TICKSTACK_DISK_WARN_PCT``), the writer's queue, commit latency, batch size, throughput,
+failures and lock errors (which must read 0), the last checkpoint, backup and
 quick_check, recent job runs and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
 writer's op), backup (:func:`db.health.backup` into ``backups/`` under the jobs worker's naming, so
@@ -60,17 +61,18 @@ def last_backup() -> dict[str, Any] | None:
     return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(backups)}
 
 
-def _latest_rate(name: str) -> float | None:
-    """The latest sample of rate ``name`` of the last two minutes (older is no rate of now)."""
+def _latest_rate(name: str) -> tuple[float | None, int | None]:
+    """(value, time in ms) of the latest sample of rate ``name`` of the last two minutes (older is
+    no rate of now); (None, None) without one."""
     row = queries.latest_sample(db.session, name, now_ms() - 120_000)
-    return float(row.value) if row is not None else None
+    return (float(row.value), int(row.ts)) if row is not None else (None, None)
 
 
 def recent_history() -> dict[str, Any]:
     """Job runs, the last quick_check (the jobs worker's or the console's), the jobs worker's last
     checkpoint (the writer only knows its own since it started) and the sampled rates."""
     out: dict[str, Any] = {"jobs": [], "quick_check": None, "checkpoint_job": None, "ops_per_s": None,
-                           "ticks_per_s": None, "error": None}
+                           "ticks_per_s": None, "rates_at": None, "error": None}
     try:
         out["jobs"] = db.session.execute(select(JobRun).order_by(JobRun.id.desc()).limit(15)).scalars().all()
         job = db.session.execute(select(JobRun).where(JobRun.job == "quick_check")
@@ -85,8 +87,10 @@ def recent_history() -> dict[str, Any]:
         out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
         out["checkpoint_job"] = db.session.execute(select(JobRun).where(JobRun.job == "checkpoint")
                                                    .order_by(JobRun.id.desc()).limit(1)).scalars().first()
-        out["ops_per_s"] = _latest_rate("writer.requests_per_s")
-        out["ticks_per_s"] = _latest_rate("writer.ticks_per_s")
+        # With their time: the page shows how old they are when the writer does not answer (they
+        # are its last figures then, not current ones).
+        out["ops_per_s"], out["rates_at"] = _latest_rate("writer.requests_per_s")
+        out["ticks_per_s"], _ = _latest_rate("writer.ticks_per_s")
     except SQLAlchemyError as e:
         db.session.rollback()
         out["error"] = str(getattr(e, "orig", e))
@@ -116,6 +120,7 @@ def api_database() -> ResponseReturnValue:
         out["error"] = str(e)
     if s.database_path is not None:
         out["files"] = health.file_sizes(s.database_path)
+    out["disk"] = health.disk_space(s)
     return jsonify(out)
 
 

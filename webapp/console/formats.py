@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from db.queries import decimals
+
 DASH = "–"
 
 
@@ -56,14 +58,36 @@ def number(value: Any, digits: int = 2) -> str:
     return f"{value:,.{digits}f}"
 
 
-def price(value: Any) -> str:
-    """A price with the decimals its size needs: 59287.16 -> "59,287.16", 1.08512 -> "1.0851",
-    0.012345 -> "0.01235" (2 decimals from 1000, 4 from 1, else 5); None -> dash."""
+def exact(value: Any, minimum: int = 0) -> str:
+    """A number with every decimal it has (at least ``minimum``), never rounded: a trade size 0.35 ->
+    "0.35", 100000.0 -> "100,000"; None -> dash."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return DASH
-    size = abs(value)
-    return number(float(value), 2 if size >= 1000 else 4 if size >= 1 else 5)
+    return number(float(value), max(minimum, decimals(value)))
+
+
+def price(value: Any, digits: int | None = None) -> str:
+    """A price with its symbol's decimals (``digits``, from :func:`db.queries.price_decimals`):
+    1.0823 with 5 -> "1.08230"; without them, every decimal it has, at least 2 (59245.04 ->
+    "59,245.04", 1.08231 -> "1.08231"): never rounded to fewer than the price has. None -> dash."""
+    if digits is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return exact(value, 2)
+    return number(float(value), digits)
+
+
+def pnl(value: Any) -> str:
+    """A profit or loss, exact (:func:`db.models.trade_pnl` gives at most the decimals of the prices
+    and the size), at least 2 decimals, signed: -207.0 -> "-207.00", 3.6925 -> "+3.6925"."""
+    text = exact(value, 2)
+    return f"+{text}" if text != DASH and value > 0 else text
+
+
+def iso(ms: Any) -> str:
+    """Epoch ms -> "2026-11-27T15:52:01Z" (a ``<time datetime>``); None -> ""."""
+    if not isinstance(ms, int | float):
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 FILTERS = {"bytes": human_bytes, "timestamp": timestamp, "duration": duration, "ago": ago, "number": number,
-           "price": price}
+           "price": price, "pnl": pnl, "exact": exact, "iso": iso}

@@ -16,13 +16,15 @@ from sqlalchemy import select, text
 
 from db import queries, validation
 from db.errors import ValidationError, WriterError
-from db.models import TIMEFRAMES, Trade, TradeEvent
+from db.models import TIMEFRAMES, Trade, TradeEvent, now_ms
+from webapp.console.charts import DEFAULT_BAR_RANGE, MAX_BARS, RANGE_NAMES, price_chart, range_arg
 from webapp.console.common import audit, bad_request, bp, call_writer, int_arg
+from webapp.console.formats import pnl, price
 from webapp.extensions import db
 
 MAX_SYMBOLS = 200
-MAX_BARS = 1000
-DEFAULT_BARS = 300
+#: Backfills (late ticks the analysis worker folded into older bars) shown from this far back.
+BACKFILL_WINDOW_MS = 24 * 3600 * 1000
 
 # One index seek per distinct symbol, in SQLite and PostgreSQL alike.
 _SYMBOLS_SQL = """
@@ -46,7 +48,7 @@ def symbols() -> list[str]:
 def open_trades() -> list[dict[str, Any]]:
     """Open trades, newest first, with the mark price (and its tick's time) and the unrealised P&L
     of :func:`db.queries.marks`; None for both without a tick."""
-    trades = queries.trades(db.session, status="open")
+    trades = queries.trades(db.session, status="open").rows
     marks = queries.marks(db.session, trades)
     out = []
     for t in trades:
@@ -89,30 +91,34 @@ def market() -> ResponseReturnValue:
                                     .order_by(TradeEvent.id.desc()).limit(50)).scalars().all()
     closed = db.session.execute(select(Trade).where(Trade.status == "closed")
                                 .order_by(Trade.closed_at.desc()).limit(10)).scalars().all()
-    recent_bars = queries.bar_series(db.session, symbol, timeframe, limit=10) if symbol else []
+    recent_bars = queries.bar_series(db.session, symbol, timeframe, limit=10).rows if symbol else []
+    backfills = queries.backfills(db.session, now_ms() - BACKFILL_WINDOW_MS)
+    range_key = range_arg(request.args.get("range"), DEFAULT_BAR_RANGE[timeframe])
     return render_template("console/market.html", symbols=syms, symbol=symbol, timeframe=timeframe,
                            timeframes=list(TIMEFRAMES), ticks=queries.latest_ticks(db.session, syms), trades=trades,
-                           events=events, closed=closed, recent_bars=list(reversed(recent_bars)))
+                           events=events, closed=closed, recent_bars=list(reversed(recent_bars)), backfills=backfills,
+                           decimals=queries.price_decimals(db.session, syms), range_key=range_key, ranges=RANGE_NAMES,
+                           trade_symbols={t["id"]: t["symbol"] for t in trades})
 
 
 @bp.get("/api/bars")
 def api_bars() -> ResponseReturnValue:
-    """``?symbol=&timeframe=&limit=``: the latest bars in time order; time in epoch seconds."""
+    """``?symbol=&timeframe=&range=`` (or ``&limit=``, the latest bars): bars in time order, the
+    stored indicators and the symbol's price decimals (:func:`webapp.console.charts.price_chart`)."""
     symbol = check_symbol(request.args.get("symbol"))
     timeframe = check_timeframe(request.args.get("timeframe"))
-    limit = int_arg(request.args.get("limit"), "limit", 1, MAX_BARS, DEFAULT_BARS)
-    return jsonify({"symbol": symbol, "timeframe": timeframe, "bars": [
-        {"time": b.ts // 1000, "open": b.open, "high": b.high, "low": b.low, "close": b.close, "volume": b.volume}
-        for b in queries.bar_series(db.session, symbol, timeframe, limit=limit)]})
+    limit = int_arg(request.args.get("limit"), "limit", 1, MAX_BARS, 0) or None
+    range_key = range_arg(request.args.get("range"), DEFAULT_BAR_RANGE[timeframe])
+    return jsonify(price_chart(symbol, timeframe, range_key, limit))
 
 
 @bp.get("/api/trades")
 def api_trades() -> ResponseReturnValue:
-    """Open trades with live P&L, and the latest tick per symbol, for the page's poll."""
+    """Open trades with live P&L, the latest tick and the price decimals per symbol, for the page's poll."""
     syms = symbols()
     ticks = {s: {"bid": t.bid, "ask": t.ask, "ts": t.ts, "volume": t.volume}
              for s, t in queries.latest_ticks(db.session, syms).items()}
-    return jsonify({"trades": open_trades(), "ticks": ticks})
+    return jsonify({"trades": open_trades(), "ticks": ticks, "decimals": queries.price_decimals(db.session, syms)})
 
 
 @bp.post("/trades/<trade_id>/close")
@@ -133,5 +139,7 @@ def close_trade(trade_id: str) -> ResponseReturnValue:
         flash(f"Closing trade {tid} failed: {e}", "error")
         return back
     audit("trade.close", str(tid), "ok", json.dumps(result))
-    flash(f"Trade {tid} closed at {result['exit_price']:g}, P&L {result['pnl']:+.2f}.", "ok")
+    trade = queries.trade(db.session, tid)
+    digits = queries.price_decimals(db.session, [trade.symbol]).get(trade.symbol) if trade else None
+    flash(f"Trade {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
     return back

@@ -15,8 +15,9 @@ own end), and those that stop the writer (which takes the audit record).
 """
 from __future__ import annotations
 
-import json
 import os
+import shlex
+import time
 from typing import Any
 
 from flask import flash, jsonify, redirect, render_template, request, url_for
@@ -24,10 +25,11 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
+from db.errors import WriterError
 from db.models import now_ms
 from supervision.circus import ACTIONS, CircusError
 from supervision.procstats import collect_watchers
-from webapp.console.common import audit, bad_request, bp, circus, log, meter
+from webapp.console.common import audit, bad_request, bp, circus, log, meter, writer
 from webapp.extensions import db
 
 #: The writer's watcher in circus.ini: stopping it takes the audit log away.
@@ -36,7 +38,16 @@ WRITER_WATCHER = "writer"
 CONFIRM_ACTIONS = ("stop",)
 #: Watchers circus runs for itself: shown, never acted on.
 READ_ONLY_WATCHERS = frozenset({"circusd-stats"})
+#: The status shown for a watcher circus calls active while it has no process to run (decr to 0).
+NO_PROCESSES = "no processes"
+#: What circus says once each action is done, and how long the console follows it: longer than the
+#: writer's graceful_timeout (45 s in circus.ini), which drains before it stops.
+SETTLED = {"start": "active", "stop": "stopped", "restart": "active"}
+FOLLOW_SECONDS = 60.0
 LABELS = {"start": "Start", "stop": "Stop", "restart": "Restart", "incr": "+1 process", "decr": "−1 process"}
+#: What the page says while an action is followed (the POST answers once it is done).
+PROGRESS = {"start": "Starting", "stop": "Stopping", "restart": "Restarting", "incr": "Adding a process to",
+            "decr": "Removing a process from"}
 
 
 def restarts_last_hour() -> dict[str, int]:
@@ -50,16 +61,66 @@ def restarts_last_hour() -> dict[str, int]:
     return {label: int(total) for label, total in totals.items()}
 
 
-def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
-    """(watchers with their figures and restarts, None) or ([], what is wrong with circus)."""
+def _options(c: Any, name: str) -> dict[str, Any]:
+    """circus's options of watcher ``name`` ({} when it does not say)."""
     try:
-        rows = collect_watchers(circus(), meter())
+        return c.call("options", name=name).get("options") or {}
+    except CircusError:
+        return {}
+
+
+def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
+    """(watchers with their figures and restarts, None) or ([], what is wrong with circus).
+
+    A watcher circus calls active with no process asked for (decr to 0) reads ``no processes``;
+    ``singleton`` says that scaling it makes no sense (the page offers no +1/−1)."""
+    try:
+        c = circus()
+        rows = collect_watchers(c, meter())
     except CircusError as e:
         return [], str(e)
     restarts = restarts_last_hour()
     for row in rows:
         row["restarts"] = restarts.get(row["name"])
+        opts = _options(c, row["name"])
+        row["singleton"] = bool(opts.get("singleton"))
+        row["detail"] = None
+        if row["status"] == "active":
+            row["status"], row["detail"] = _active_state(row, opts)
     return rows, None
+
+
+def _active_state(row: dict[str, Any], opts: dict[str, Any]) -> tuple[str, str | None]:
+    """(status, detail) of a watcher circus calls active: ``no processes`` when none is asked for;
+    ``starting`` while fewer processes run than asked for, or fewer gunicorn workers than its
+    ``--workers`` (circus calls a gunicorn watcher active as soon as the master runs, seconds
+    before its workers are forked); else ``active``."""
+    wanted = opts.get("numprocesses")
+    if wanted == 0:
+        return NO_PROCESSES, None
+    if isinstance(wanted, int) and row["numprocesses"] < wanted:
+        return "starting", f"{row['numprocesses']} of {wanted} processes"
+    workers = gunicorn_workers(str(opts.get("cmd") or ""), str(opts.get("args") or ""))
+    if workers and len(row["children"]) < workers * row["numprocesses"]:
+        return "starting", f"{len(row['children'])} of {workers * row['numprocesses']} workers"
+    return "active", None
+
+
+def gunicorn_workers(cmd: str, args: str = "") -> int | None:
+    """The ``--workers``/``-w`` of a gunicorn command line (1, gunicorn's default, when not given);
+    None when it is not gunicorn."""
+    try:
+        words = shlex.split(f"{cmd} {args}")
+    except ValueError:
+        return None
+    if not words or os.path.basename(words[0]) != "gunicorn":
+        return None
+    for i, word in enumerate(words):
+        value = word.split("=", 1)[1] if word.startswith("--workers=") else (
+            words[i + 1] if word in ("--workers", "-w") and i + 1 < len(words) else None)
+        if value is not None and value.isdigit():
+            return int(value)
+    return 1
 
 
 @bp.get("/")
@@ -71,7 +132,7 @@ def index() -> ResponseReturnValue:
 def watchers() -> ResponseReturnValue:
     rows, error = watcher_table()
     return render_template("console/watchers.html", watchers=rows, error=error, actions=ACTIONS, labels=LABELS,
-                           confirm_actions=CONFIRM_ACTIONS, read_only=READ_ONLY_WATCHERS)
+                           progress=PROGRESS, confirm_actions=CONFIRM_ACTIONS, read_only=READ_ONLY_WATCHERS)
 
 
 @bp.get("/api/watchers")
@@ -123,28 +184,72 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     if request.form.get("confirm") != "yes" and _needs_confirmation(c, name, action):
         return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
                                is_writer=name == WRITER_WATCHER)
+    if action in ("incr", "decr") and _options(c, name).get("singleton"):
+        bad_request(f"{name} is a singleton (one process at most): {LABELS[action]} makes no sense; "
+                    "use Restart, Stop or Start")
     ends_self = action in ("stop", "restart", "decr") and _serves_this_request(c, name)
-    stops_writer = name == WRITER_WATCHER and action in ("stop", "decr")
     what = f"watcher.{action}"
-    if ends_self or stops_writer:
-        audit(what, name, "ok", "recorded before sending: the action ends "
-              + ("this console" if ends_self else "the writer, which records the audit log"))
-    try:
-        if ends_self:
-            props: dict[str, Any] = {"name": name, "waiting": False} if action != "decr" else {"name": name, "nb": 1}
-            answer = c.call(action, **props)
-        else:
-            answer = c.act(action, name)
-    except CircusError as e:
-        log.warning("console: %s %s failed: %s", action, name, e)
-        audit(what, name, "error", str(e))
-        flash(f"{LABELS[action]} {name} failed: {e}", "error")
-        return redirect(url_for("console.watchers"), 303)
-    detail = {k: v for k, v in answer.items() if k in ("info", "numprocesses") and v is not None}
-    if not (ends_self or stops_writer):
-        audit(what, name, "ok", json.dumps(detail) if detail else "")
-    if ends_self:
+    if ends_self:  # this process goes away: recorded now, the outcome is seen on the reloaded page
+        audit(what, name, "sent", "recorded before sending: the action ends this console")
+        props: dict[str, Any] = {"name": name, "waiting": False} if action != "decr" else {"name": name, "nb": 1}
+        try:
+            c.call(action, **props)
+        except CircusError as e:
+            flash(f"{LABELS[action]} {name} failed: {e}", "error")
+            return redirect(url_for("console.watchers"), 303)
         flash(f"{LABELS[action]} {name}: sent. This console goes away for a moment; reload the page.", "warn")
+        return redirect(url_for("console.watchers"), 303)
+    # Followed until circus reports the new state: one audit row with the real outcome (spooled
+    # at once when the action took the writer away, and sent when it is back).
+    result, message = _run_and_follow(c, name, action)
+    if result == "ok" and name == WRITER_WATCHER and action in ("start", "restart"):
+        result, message = _writer_answers(message)
+    writer_gone = name == WRITER_WATCHER and action in ("stop", "decr") and result == "ok"
+    audit(what, name, result, message, writer_down=writer_gone)
+    if result == "ok":
+        flash(f"{LABELS[action]} {name}: done. {message}", "ok")
     else:
-        flash(f"{LABELS[action]} {name}: done.", "ok")
+        log.warning("console: %s %s: %s", action, name, message)
+        flash(f"{LABELS[action]} {name}: {message}", "error" if result == "error" else "warn")
     return redirect(url_for("console.watchers"), 303)
+
+
+def _writer_answers(message: str) -> tuple[str, str]:
+    """After circus reports a (re)started writer active: wait, bounded, until it answers a ping, so
+    that "done" means it serves, and the audit record (with the spooled ones before it) is written
+    now rather than left in the spool until the next action."""
+    try:
+        pong = writer().wait_ready(FOLLOW_SECONDS)
+    except WriterError as e:
+        return "timeout", f"{message} It does not answer yet: {e}"
+    return "ok", f"{message} It answers (pid {pong.get('pid', '?')})."
+
+
+def _run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
+    """Send ``action`` without making circusd wait for it (its answer would outlast any client
+    timeout while a watcher drains), then poll its status until it is the one the action leads to,
+    at most :data:`FOLLOW_SECONDS`. Returns (audit result, what happened in words): ``ok``,
+    ``error`` (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state)."""
+    c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
+    before = set(_pids(c, name) or [])
+    started = time.monotonic()
+    try:
+        if action in SETTLED:
+            c.call(action, name=name, waiting=False)
+        else:
+            answer = c.call(action, name=name, nb=1)
+            return "ok", f"{answer.get('numprocesses', '?')} process(es) now"
+        while True:
+            status = str(c.statuses().get(name))
+            pids = set(_pids(c, name) or [])
+            settled = status == SETTLED[action] and (action != "restart" or (pids and not pids & before))
+            elapsed = time.monotonic() - started
+            if settled:
+                which = f" (pid {', '.join(map(str, sorted(pids)))})" if pids else ""
+                return "ok", f"{name} is {status}{which} after {elapsed:.1f} s."
+            if elapsed > FOLLOW_SECONDS:
+                return "timeout", (f"sent; {name} is still {status} after {elapsed:.0f} s (the page shows "
+                                   "its state as it changes).")
+            time.sleep(0.25)
+    except CircusError as e:
+        return "error", f"failed: {e}"

@@ -14,11 +14,23 @@
     if (digits === undefined) digits = Number.isInteger(v) ? 0 : 2;
     return v.toLocaleString("en-US", {minimumFractionDigits: digits, maximumFractionDigits: digits});
   }
-  /* A price with the decimals its size needs (2 from 1000, 4 from 1, else 5), like the price filter. */
-  function price(v) {
+  /* The decimals a number has (its shortest form, as the server's db.queries.decimals reads it), at most 8. */
+  function decimalsOf(v) {
+    var m = /(?:\.(\d+))?(?:e([+-]\d+))?$/.exec(String(Math.abs(v)));
+    var d = (m[1] ? m[1].length : 0) - (m[2] ? Number(m[2]) : 0);
+    return Math.min(8, Math.max(0, d));
+  }
+  /* A price with its symbol's decimals (from the server's JSON); without them every decimal it has,
+   * at least 2: never rounded to fewer (the server's price filter). */
+  function price(v, digits) {
     if (typeof v !== "number" || !isFinite(v)) return DASH;
-    var size = Math.abs(v);
-    return num(v, size >= 1000 ? 2 : size >= 1 ? 4 : 5);
+    return num(v, typeof digits === "number" ? digits : Math.max(2, decimalsOf(v)));
+  }
+  /* A profit or loss, exact, at least 2 decimals, signed (the server's pnl filter). */
+  function pnl(v) {
+    if (typeof v !== "number" || !isFinite(v)) return DASH;
+    var text = num(v, Math.max(2, decimalsOf(v)));
+    return v > 0 ? "+" + text : text;
   }
   function bytes(n) {
     if (typeof n !== "number" || !isFinite(n)) return DASH;
@@ -35,7 +47,46 @@
     return Math.floor(s / 86400) + " d " + Math.floor(s % 86400 / 3600) + " h";
   }
   function ago(ms) { return typeof ms === "number" ? duration(Math.max(0, Date.now() - ms) / 1000) + " ago" : DASH; }
-  window.tsFormat = {num: num, price: price, bytes: bytes, duration: duration, ago: ago};
+  /* Epoch ms -> "2026-11-27 15:52:01 UTC" (the server's timestamp filter). */
+  function timestamp(ms) {
+    return typeof ms === "number" ? new Date(ms).toISOString().substring(0, 19).replace("T", " ") + " UTC" : DASH;
+  }
+  window.tsFormat = {num: num, price: price, pnl: pnl, bytes: bytes, duration: duration, ago: ago,
+                     timestamp: timestamp, decimalsOf: decimalsOf};
+
+  /* --- times: absolute UTC with the relative time beside it (the when macro), kept current ------- */
+  function setWhen(el, ms) {
+    var time = el.querySelector("time"), rel = el.querySelector("[data-ago]");
+    if (!time || !rel) return;
+    time.textContent = timestamp(ms);
+    time.setAttribute("datetime", new Date(ms).toISOString().substring(0, 19) + "Z");
+    rel.dataset.ago = String(ms);
+    rel.textContent = ago(ms);
+  }
+  function refreshAgo() {
+    document.querySelectorAll("[data-ago]").forEach(function (el) { el.textContent = ago(Number(el.dataset.ago)); });
+  }
+  setInterval(function () { if (!document.hidden) refreshAgo(); }, 5000);
+
+  /* --- wide tables scroll inside their cards: such a region takes the keyboard focus, so that it
+   * can be scrolled without a mouse (and says what it holds) ------------------------------------- */
+  function focusableScrollers() {
+    document.querySelectorAll(".table-card, .table-scroll").forEach(function (el) {
+      var scrolls = el.scrollWidth > el.clientWidth + 1;
+      if (scrolls && !el.hasAttribute("tabindex")) {
+        el.setAttribute("tabindex", "0");
+        el.setAttribute("role", "region");
+        var title = el.closest(".card") && el.closest(".card").querySelector("h2");
+        el.setAttribute("aria-label", (title ? title.textContent.trim() + ": " : "") + "table, scrolls sideways");
+      } else if (!scrolls && el.getAttribute("tabindex") === "0") {
+        el.removeAttribute("tabindex");
+        el.removeAttribute("role");
+        el.removeAttribute("aria-label");
+      }
+    });
+  }
+  focusableScrollers();
+  window.addEventListener("resize", focusableScrollers);
 
   /* --- confirmation: forms with data-confirm ask first, then send confirm=yes ----------------- */
   document.addEventListener("submit", function (event) {
@@ -54,6 +105,11 @@
       if (button) {  // one click, one action: no double submit while the page waits
         button.classList.add("is-busy");
         setTimeout(function () { button.disabled = true; }, 0);
+      }
+      var progress = document.querySelector("[data-action-progress]");
+      if (progress && form.dataset.progress) {  // the answer comes once the action is done
+        progress.textContent = form.dataset.progress;
+        progress.hidden = false;
       }
     }
   });
@@ -80,6 +136,7 @@
         })
         .then(function (data) {
           onData(data);
+          focusableScrollers();  // new figures may have widened a table
           setLive(true, "live \u00b7 " + new Date().toISOString().substring(11, 19) + " UTC");
         })
         .catch(function (e) { setLive(false, "not updating (" + e.message + ")"); })
@@ -111,8 +168,8 @@
         var row = table.querySelector('tr[data-watcher="' + CSS.escape(w.name) + '"]');
         if (!row) { if (data.watchers.length) window.location.reload(); return; }  // a watcher was added
         var status = row.querySelector('[data-field="status"]');
-        setText(status, w.status);
-        status.className = "pill pill-" + w.status;
+        setText(status, w.status + (w.detail ? ", " + w.detail : ""));
+        status.className = "pill pill-" + w.status.replace(/ /g, "-");  // "no processes" -> pill-no-processes
         setText(row.querySelector('[data-field="numprocesses"]'), String(w.numprocesses));
         var pids = row.querySelector('[data-field="pids"]');
         var text = w.pids.length ? w.pids.join(", ") : DASH;
@@ -129,7 +186,7 @@
         row.querySelectorAll("button[data-action]").forEach(function (b) {
           if (b.classList.contains("is-busy")) return;
           var a = b.dataset.action;
-          b.disabled = (a === "start" && w.status === "active") ||
+          b.disabled = (a === "start" && ["active", "starting", "no processes"].indexOf(w.status) >= 0) ||
                        (["stop", "restart", "decr"].indexOf(a) >= 0 && w.status === "stopped");
         });
       });
@@ -164,14 +221,16 @@
   if (trades) {
     var ticksTable = document.querySelector("[data-ticks-table]");
     poll(trades.dataset.tradesPoll, 2000, function (data) {
+      var digits = data.decimals || {};
       (data.trades || []).forEach(function (t) {
         var row = trades.querySelector('tr[data-trade="' + t.id + '"]');
         if (!row) return;
-        setText(row.querySelector('[data-field="mark"]'), price(t.mark));
-        var pnl = row.querySelector('[data-field="pnl"]');
-        setText(pnl, num(t.pnl, 2));
-        pnl.classList.toggle("up", t.pnl > 0);
-        pnl.classList.toggle("down", t.pnl < 0);
+        setText(row.querySelector('[data-field="entry"]'), price(t.entry_price, digits[t.symbol]));
+        setText(row.querySelector('[data-field="mark"]'), price(t.mark, digits[t.symbol]));
+        var cell = row.querySelector('[data-field="pnl"]');
+        setText(cell, pnl(t.pnl));
+        cell.classList.toggle("up", t.pnl > 0);
+        cell.classList.toggle("down", t.pnl < 0);
       });
       var open = {};
       (data.trades || []).forEach(function (t) { open[t.id] = true; });
@@ -183,9 +242,9 @@
           var row = ticksTable.querySelector('tr[data-symbol="' + CSS.escape(sym) + '"]');
           if (!row) return;
           var t = data.ticks[sym];
-          setText(row.querySelector('[data-field="bid"]'), price(t.bid));
-          setText(row.querySelector('[data-field="ask"]'), price(t.ask));
-          row.querySelector('[data-field="ts"]').textContent = ago(t.ts);
+          setText(row.querySelector('[data-field="bid"]'), price(t.bid, digits[sym]));
+          setText(row.querySelector('[data-field="ask"]'), price(t.ask, digits[sym]));
+          setWhen(row.querySelector('[data-field="ts"]'), t.ts);
         });
       }
     });

@@ -1,0 +1,141 @@
+"""Bars and indicators as columns: the compact form ``store_analysis`` takes in bulk.
+
+The analysis worker stores tens of thousands of bars and indicator values per second. As rows (a
+list of objects) each value costs a validator call in the writer, about 3 us a row, more than SQLite
+takes to store it; as columns (an object of equal-length lists, like the ``insert_ticks`` columns
+form) whole columns are checked with builtins. The rules are not restated here: they are the field
+validators of :data:`db.validation.BAR_FIELDS` and :data:`db.validation.INDICATOR_FIELDS`.
+
+Why that is exact: every numeric field's validator is a range check on a number of a given type
+(price, amount, measured value, timestamp, count), so once every value of a column has the right
+type and none is NaN, the column passes if and only if its minimum and its maximum do. Text columns
+hold few distinct values (symbol, timeframe, indicator name): each distinct one is checked once. When
+a column fails, the values are checked one by one to name the first bad one, as rows would be.
+
+A number column may come packed (an ``array.array`` of float64 or int64, :mod:`db.protocol`): it
+stands for exactly the list ``tolist()`` gives, all of one type, so the same min/max rule applies,
+taken with numpy (NaN propagates through its min and max, and fails every validator); a column that
+does not pass is checked as that list, which names the first bad value.
+"""
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Mapping
+from operator import ge, le, mod
+from typing import Any
+
+from db.errors import ValidationError
+from db.models import TIMEFRAMES
+from db.validation import BAR_FIELDS, INDICATOR_FIELDS, MAX_ROWS, Validator, bar_rows, indicator_rows, shown
+
+#: Column order, as the tables' upserts take them.
+BAR_COLUMNS = tuple(BAR_FIELDS)
+INDICATOR_COLUMNS = tuple(INDICATOR_FIELDS)
+_TEXT = frozenset(("symbol", "timeframe", "name"))
+_INTEGER = frozenset(("ts", "tick_count"))
+_NUMBER = frozenset((int, float))
+
+
+def _columns(name: str, value: Any, fields: Mapping[str, tuple[Validator, bool]],
+             defaults: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Shape checks of a columns object, then each column against its field's validator."""
+    extra = sorted(set(value) - set(fields), key=str)
+    if extra:
+        raise ValidationError(f"{name}: unexpected column {shown(extra[0])}; columns are {', '.join(fields)}")
+    for f, (_validator, required) in fields.items():
+        if required and f not in value:
+            raise ValidationError(f"{name}: missing column {f!r}")
+    for f, col in value.items():
+        if type(col) is not list and type(col) is not array:
+            raise ValidationError(f"{name}.{f}: expected a list, got {type(col).__name__}")
+    n = len(value["ts"])
+    if not 1 <= n <= MAX_ROWS:
+        raise ValidationError(f"{name}: {n} rows; must be 1..{MAX_ROWS}")
+    for f, col in value.items():
+        if len(col) != n:
+            raise ValidationError(f"{name}.{f}: {len(col)} values, expected {n} like ts")
+    cols = {f: value[f] if f in value else [defaults[f]] * n for f in fields}
+    for f, (validator, _required) in fields.items():
+        col = cols[f]
+        if type(col) is array:
+            passed = _packed_passes(col, validator, f)
+            col = cols[f] = col.tolist()
+            if passed:
+                continue
+        _check_column(f"{name}.{f}", col, validator, f)
+    return cols
+
+
+def _packed_passes(col: array, validator: Validator, field: str) -> bool:
+    """Whether a packed column passes: the rule of :func:`_check_column` (right type, and its
+    minimum and maximum pass the validator), on the array with numpy."""
+    if field in _TEXT or (field in _INTEGER and col.typecode != "q"):
+        return False
+    import numpy as np  # here, not at the top: only the writer validates packed columns
+
+    values = np.frombuffer(col, np.float64 if col.typecode == "d" else np.int64)
+    return _passes(validator, values.min().item()) and _passes(validator, values.max().item())
+
+
+def _check_column(where: str, col: list[Any], validator: Validator, field: str) -> None:
+    if field in _TEXT:
+        try:
+            distinct = set(col)
+        except TypeError:  # a list or an object among them: not text, found below
+            distinct = {None}
+        if all(_passes(validator, v) for v in distinct):
+            return
+    else:
+        types = set(map(type, col))
+        ok_types = types == {int} if field in _INTEGER else types <= _NUMBER
+        if ok_types and (field in _INTEGER or not any(map(math.isnan, col))) \
+                and _passes(validator, min(col)) and _passes(validator, max(col)):
+            return
+    for i, v in enumerate(col):  # find the first bad value and say what is wrong with it
+        validator(f"{where}[{i}]", v)
+
+
+def _passes(validator: Validator, v: Any) -> bool:
+    try:
+        validator("", v)
+    except ValidationError:
+        return False
+    return True
+
+
+def _table(name: str, value: Any, rows: Validator, fields: Mapping[str, tuple[Validator, bool]],
+           defaults: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """Rows (checked by ``rows``) or columns, as columns in ``fields`` order; empty lists for []."""
+    if value == []:
+        return {f: [] for f in fields}
+    if type(value) is list:
+        checked = rows(name, value)
+        return {f: [r[f] for r in checked] for f in fields}
+    if type(value) is not dict:
+        raise ValidationError(f"{name}: expected a list of objects or an object of columns, "
+                              f"got {type(value).__name__}")
+    return _columns(name, value, fields, defaults)
+
+
+def bar_table(name: str, value: Any) -> dict[str, list[Any]]:
+    """Bars as rows (a list of objects, :func:`db.validation.bar_rows`) or as columns; returns columns
+    in :data:`BAR_COLUMNS` order, with the same checks as rows: bucket starts, low <= open, close <= high."""
+    cols = _table(name, value, bar_rows, BAR_FIELDS, {"tick_count": 0})
+    if type(value) is not dict:
+        return cols
+    ts, tf = cols["ts"], cols["timeframe"]
+    if any(map(mod, ts, map(TIMEFRAMES.__getitem__, tf))):
+        i = next(i for i, (t, f) in enumerate(zip(ts, tf, strict=True)) if t % TIMEFRAMES[f])
+        raise ValidationError(f"{name}[{i}].ts: {ts[i]} is not the start of a {tf[i]} bucket")
+    o, h, lo, c = cols["open"], cols["high"], cols["low"], cols["close"]
+    if not (all(map(le, lo, o)) and all(map(le, lo, c)) and all(map(ge, h, o)) and all(map(ge, h, c))):
+        i = next(i for i in range(len(ts)) if not lo[i] <= min(o[i], c[i]) <= max(o[i], c[i]) <= h[i])
+        raise ValidationError(f"{name}[{i}]: low {lo[i]} / high {h[i]} do not bound open {o[i]} and close {c[i]}")
+    return cols
+
+
+def indicator_table(name: str, value: Any) -> dict[str, list[Any]]:
+    """Indicator values as rows (:func:`db.validation.indicator_rows`) or as columns; returns columns
+    in :data:`INDICATOR_COLUMNS` order."""
+    return _table(name, value, indicator_rows, INDICATOR_FIELDS, {})

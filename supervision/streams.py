@@ -1,0 +1,103 @@
+"""Private files for circus: what circusd writes for tickstack is mode 0600, whatever the umask.
+
+Why ``umask = 077`` in circus.ini is not enough on its own (circus 0.19, ``circus/circusd.py``):
+
+1. ``main()`` opens circusd's own log (``logoutput``, a ``WatchedFileHandler``) in
+   ``configure_logger`` before it reads the ``umask`` option;
+2. it builds every watcher while loading the config (``Arbiter.load_from_config``), and a
+   ``FileStream`` opens its file in its constructor: also before ``os.umask`` is called;
+3. its pid file is created with a fixed mode 0644 and chmod-ed to it (``circus.pidfile.Pidfile``),
+   whatever the umask.
+
+From then on the umask holds: the processes circusd starts, its sockets and any file opened later
+(a rotated log) are private. So:
+
+* :class:`PrivateFileStream` creates its file 0600 and narrows an existing one (``fchmod``),
+  whatever the umask, at start and at each rotation; circus.ini uses it for every watcher's stdout
+  and stderr. It also survives a full disk: output that cannot be written is counted, the log
+  says how much was lost once the disk takes writes again, and circusd never sees the error;
+* :func:`private_circusd_files` is a circus hook (``after_start`` of the writer, the first watcher
+  circusd starts) that narrows circusd's own log and pid file to 0600, the two files circus creates
+  before (or against) the umask. They are in ``$TICKSTACK_HOME/log`` and ``run`` (both 0700), so
+  nobody else could read them in the meantime either.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from circus.stream import FileStream
+
+log = logging.getLogger("tickstack.streams")
+
+PRIVATE = 0o600
+
+
+class PrivateFileStream(FileStream):
+    """circus's :class:`~circus.stream.FileStream` (same options: ``filename``, ``max_bytes``,
+    ``backup_count``, ``time_format``), with files that are private and a full disk that is a state.
+    """
+
+    def __init__(self, filename: str | None = None, max_bytes: int = 0, backup_count: int = 0,
+                 time_format: str | None = None, **kwargs: Any) -> None:
+        #: Bytes of output that could not be written (disk full), not yet reported in the file.
+        self.lost = 0
+        self._lost_reason = ""
+        super().__init__(filename, max_bytes, backup_count, time_format, **kwargs)
+
+    def _open(self) -> Any:
+        fd = os.open(self._filename, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE)
+        os.fchmod(fd, PRIVATE)  # a file made before (by circus's own stream, or under another umask)
+        return os.fdopen(fd, "a+")
+
+    def open(self) -> None:
+        if self._file is None or self._file.closed:
+            self._file = self._open()
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        """Write one chunk of a process's output. On a full disk (any ``OSError``) the chunk is
+        dropped and counted, the file is closed (with what its buffers held) and opened again at
+        the next chunk; the first chunk written after says how many bytes were lost and why."""
+        try:
+            self.open()
+            if self.lost:
+                note = f"[circus: about {self.lost} bytes of this output were lost: {self._lost_reason}]\n"
+                super().write_data({**data, "data": note.encode()})
+                self.lost = 0
+            super().__call__(data)
+        except OSError as e:
+            self.lost += len(data.get("data") or b"")
+            self._lost_reason = f"{type(e).__name__}: {e}"
+            self._discard()
+
+    def close(self) -> None:
+        """Close the file (circus does when the watcher stops); a full disk loses what is buffered."""
+        self._discard()
+
+    def _discard(self) -> None:
+        """Close the file, dropping what its buffers hold (it could not be written)."""
+        if self._file is None:
+            return
+        try:
+            self._file.close()
+        except OSError:
+            pass  # closed all the same: CPython closes the descriptor even when the flush fails
+
+
+def private_circusd_files(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
+    """circus hook: narrow circusd's own log (``logoutput``) and pid file (``pidfile``) to 0600.
+
+    Always returns True: circus stops a watcher whose ``after_start`` hook returns something false
+    or raises, and the writer must not stop over a file mode. A file that is not there (no
+    ``pidfile`` option, a log to stdout or syslog) is skipped; a failure is logged."""
+    for path in (getattr(arbiter, "pidfile", None), getattr(arbiter, "logoutput", None)):
+        if not isinstance(path, str) or path in ("", "-", "stdout") or "://" in path:
+            continue
+        try:
+            os.chmod(path, PRIVATE)
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # never the writer's end: see above
+            log.warning("cannot make %s private: %s", path, e)
+    return True

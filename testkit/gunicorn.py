@@ -1,0 +1,118 @@
+"""gunicorn serving one of the web apps exactly as ``circus.ini`` runs it,
+but without circusd: the watcher's own command line (worker class, workers,
+timeouts, config module) is read from ``circus.ini``, its circus socket
+becomes a listening socket bound here on a free 127.0.0.1 port and passed
+as ``fd://``, and ``$(circus.env.X)`` comes from the test's environment. A
+test of the app's contract (schemathesis) thus meets the production server
+without the rest of the stack. Stopped, with its workers, by pid.
+"""
+from __future__ import annotations
+
+import configparser
+import http.client
+import json
+import re
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testkit.env import BIN, ROOT
+from testkit.process import Descendants, stop_process
+
+_PLACEHOLDER = re.compile(r"\$\(circus\.(sockets|env)\.([A-Za-z0-9_]+)\)")
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running gunicorn master and where it listens."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def watcher_command(watcher: str, env: dict[str, str], fd: int, ini: Path = ROOT / "circus.ini") -> list[str]:
+    """``[watcher:NAME] cmd`` of ``ini``, its circus socket replaced by ``fd``
+    and ``$(circus.env.X)`` by ``env``'s value."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(ini)
+    cmd = parser.get(f"watcher:{watcher}", "cmd")
+
+    def fill(m: re.Match[str]) -> str:
+        return str(fd) if m.group(1) == "sockets" else env[m.group(2)]
+
+    argv = shlex.split(_PLACEHOLDER.sub(fill, cmd))
+    if argv[0] == "gunicorn":
+        argv[0] = str(BIN / "gunicorn")
+    return argv
+
+
+def get_json(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
+    """``GET path`` on 127.0.0.1:``port``: the status and the body as JSON (its
+    first 300 bytes when it is not JSON). Raises OSError when nothing answers."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    try:
+        return response.status, json.loads(body)
+    except ValueError:
+        return response.status, body[:300]
+
+
+def _answers(port: int, path: str) -> bool:
+    try:
+        return get_json(port, path)[0] == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+@contextmanager
+def serving(env: dict[str, str], watcher: str = "api", ready_path: str = "/api/health",
+            timeout: float = 60.0, ini: Path = ROOT / "circus.ini") -> Iterator[Served]:
+    """Run ``watcher``'s gunicorn of ``ini`` with ``env`` until the block ends; yields once
+    ``GET ready_path`` answers 200 (for the API: once the writer answers too)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    log_path = Path(env["TICKSTACK_HOME"]) / "log" / f"{watcher}-test.log"
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(watcher_command(watcher, env, sock.fileno(), ini), env=env, cwd=ini.parent,
+                                    pass_fds=(sock.fileno(),), stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        sock.close()  # gunicorn holds its own copy
+    served = Served(proc, port, log_path)
+    workers = Descendants(proc.pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(port, ready_path):
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{served.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn: GET {ready_path} not 200 within {timeout:g} s:\n{served.log()[-3000:]}")
+            time.sleep(0.2)
+        workers.remember()
+        yield served
+    finally:
+        workers.remember()
+        stop_process(proc, 30)
+        workers.kill_survivors()

@@ -1,0 +1,283 @@
+"""Console actions tell the truth (issue 9, points 3, 4 and 7): on the real stack under circusd
+(:class:`testkit.circus.CircusStack`, one for the module) and in a real browser (Debian's Chromium
+driven by Playwright, as in tests/test_browser.py).
+
+* gunicorn watchers read "starting, N of 2 workers" until their workers are forked;
+* the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400;
+* a watcher decreased to 0 processes reads "no processes", on the page and after the page's poll;
+* restarting and stopping the writer from the page is followed to the end ("done", the new state),
+  with one audit row per click and its real outcome;
+* circusd.log has no traceback after a writer restart and a quit;
+* one login while the writer is down is one audit row once it is back.
+
+The tests run in file order on the shared stack; the last one quits it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from db.client import WriterClient
+from testkit.circus import CircusStack
+from testkit.helpers import query, wait_for
+from testkit.writer import Stack
+from webapp import create_app
+from webapp.console.watchers import gunicorn_workers
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+#: A writer restart drains its producers (up to 5 s) and waits out the other watchers' hooks; a
+#: generous bound for "did it happen" on a loaded machine.
+FOLLOW_MS = 120_000
+
+
+class Console:
+    """Flask's test client on the console, logged in, with its session's CSRF token."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.client = app.test_client()
+
+    def token(self, url: str = "/console/audit") -> str:
+        return CSRF_RE.search(self.client.get(url).text).group(1)
+
+    def login(self, password: str) -> Any:
+        token = self.token("/console/login")
+        return self.client.post("/console/login", data={"csrf_token": token, "username": "admin",
+                                                       "password": password})
+
+    def post(self, url: str, data: dict[str, str] | None = None) -> Any:
+        return self.client.post(url, data={"csrf_token": self.token(), **(data or {})})
+
+
+def audit_rows(settings: Any, since: int, action: str | None = None) -> list[tuple]:
+    rows = query(settings, "SELECT action, target, result, detail FROM audit_log WHERE id > ? ORDER BY id",
+                 (since,))
+    return [r for r in rows if action is None or r[0] == action]
+
+
+def last_audit_id(settings: Any) -> int:
+    return query(settings, "SELECT coalesce(max(id), 0) FROM audit_log")[0][0]
+
+
+def watcher(console: Console, name: str) -> dict[str, Any]:
+    return next(w for w in console.client.get("/console/api/watchers").json["watchers"] if w["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def cstack() -> Iterator[CircusStack]:
+    stack = CircusStack()
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture
+def console(cstack: CircusStack) -> Console:
+    c = Console(create_app("console", cstack.settings))
+    assert c.login((cstack.home / "admin-password").read_text().strip()).status_code == 302
+    return c
+
+
+# --------------------------------------------------------------------------- no stack needed
+
+
+def test_gunicorn_worker_count_is_read_from_the_command_line() -> None:
+    ini = (Path(__file__).resolve().parent.parent / "circus.ini").read_text()
+    cmd = re.search(r"^\[watcher:console\]\n(?:#.*\n)*cmd = (.*)$", ini, re.M).group(1)
+    assert gunicorn_workers(cmd) == 2
+    assert gunicorn_workers("/x/.venv/bin/gunicorn -w 3 app:app") == 3
+    assert gunicorn_workers("gunicorn --workers=4 app:app") == 4
+    assert gunicorn_workers("gunicorn app:app") == 1
+    assert gunicorn_workers("python -m workers.ticks --workers 9") is None
+
+
+def test_one_login_while_the_writer_is_down_is_one_audit_row() -> None:
+    """ZeroMQ keeps a request for an absent writer and delivers it when the writer is back: the
+    timed-out record, then each failed flush of the spool, were stored besides the spooled copy."""
+    st = Stack.create()
+    try:
+        st.start_writer()
+        st.stop(st.procs[-1])
+        app = create_app("console", st.settings)  # no circusd: the writer is simply not answering
+        app.config["CONSOLE_AUDIT_DEADLINE"] = 0.5
+        c = Console(app)
+        password = (st.home / "admin-password").read_text().strip()
+        assert c.login(password).status_code == 302  # audited: spooled
+        c.client.post("/console/logout", data={"csrf_token": c.token()})  # a flush attempt, then spooled
+        st.start_writer()
+        assert c.login(password).status_code == 302  # flushes the spool, then its own record
+        rows = wait_for("the spooled records", lambda: (r := audit_rows(st.settings, 0)) and len(r) >= 3 and r)
+        assert [(a, res) for a, _, res, _ in rows] == [("login", "ok"), ("logout", "ok"), ("login", "ok")], rows
+        assert not (st.home / "run" / "console-audit-spool.jsonl").read_text().strip()
+    finally:
+        st.close()
+
+
+def test_with_the_writer_down_ops_per_s_shows_its_age() -> None:
+    st = Stack.create()
+    try:
+        st.start_writer()
+        at = int(time.time() * 1000) - 40_000
+        with WriterClient(settings=st.settings, deadline=20) as client:
+            client.call("record_samples", samples=[{"ts": at, "name": "writer.requests_per_s", "value": 123.0},
+                                                   {"ts": at, "name": "writer.ticks_per_s", "value": 77.0}])
+        c = Console(create_app("console", st.settings))
+        assert c.login((st.home / "admin-password").read_text().strip()).status_code == 302
+        assert "data-kpi-age" not in c.client.get("/console/database").text  # the writer answers: current
+        st.stop(st.procs[-1])
+        page = c.client.get("/console/database").text
+        age = re.search(r'data-kpi-age>(.*?)</div>', page, re.S)
+        assert age and "as of" in age.group(1) and f'data-ago="{at}"' in age.group(1), page[:3000]
+        assert "123.0" in page
+    finally:
+        st.close()
+
+
+# --------------------------------------------------------------------------- on the real stack
+
+
+def test_gunicorn_watchers_read_starting_until_their_workers_run(console: Console, cstack: CircusStack) -> None:
+    cstack.call("restart", name="api", waiting=False)
+    seen: list[tuple[str, int]] = []
+
+    def workers_up() -> bool:
+        w = watcher(console, "api")
+        seen.append((w["status"], w["detail"], len(w["children"])))
+        return w["status"] == "active" and len(w["children"]) == 2 and w["pids"] == cstack.pids_of("api")
+
+    wait_for("the api's workers", workers_up, timeout=120)
+    # Never "active" without its workers; "starting" says how many of them run.
+    assert not [s for s in seen if s[0] == "active" and s[2] < 2], seen
+    assert all(d is None or d == f"{n} of 2 workers" or d.endswith("processes")  # None: circus's own "starting"
+               for st, d, n in seen if st == "starting"), seen
+    page = console.client.get("/console/watchers").text
+    assert re.search(r'data-watcher="api".*?pill-active" data-field="status">active<', page, re.S), seen
+
+
+def test_the_writer_offers_no_scaling_and_refuses_it(console: Console, cstack: CircusStack) -> None:
+    s = cstack.settings
+    since, pids = last_audit_id(s), cstack.pids_of("writer")
+    page = console.client.get("/console/watchers").text
+    assert "/console/watchers/writer/restart" in page and "/console/watchers/analysis/incr" in page
+    assert "/console/watchers/writer/incr" not in page and "/console/watchers/writer/decr" not in page
+    for action in ("incr", "decr"):
+        r = console.post(f"/console/watchers/writer/{action}", {"confirm": "yes"})
+        assert r.status_code == 400 and "singleton" in r.text, (action, r.status_code)
+    assert cstack.pids_of("writer") == pids and cstack.call("numprocesses", name="writer")["numprocesses"] == 1
+    assert audit_rows(s, since) == []
+
+
+def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack: CircusStack) -> None:
+    assert console.post("/console/watchers/monitor/decr", {"confirm": "yes"}).status_code == 303
+    wait_for("monitor's process gone", lambda: cstack.pids_of("monitor") == [])
+    assert cstack.status()["monitor"] == "active"  # circus's word for it
+    w = watcher(console, "monitor")
+    assert w["status"] == "no processes" and w["numprocesses"] == 0, w
+    page = console.client.get("/console/watchers").text
+    row = re.search(r'<tr data-watcher="monitor">.*?</tr>', page, re.S).group(0)
+    assert 'class="pill pill-no-processes"' in row and "pill-active" not in row
+    assert re.search(r'data-action="start"\s+disabled', row)  # circus's start would do nothing: +1 does
+    assert console.post("/console/watchers/monitor/incr").status_code == 303
+    wait_for("monitor back", lambda: watcher(console, "monitor")["status"] == "active" and cstack.pids_of("monitor"))
+
+
+def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> None:
+    """In a browser: each click is followed until circus reports the new state, the page says "done"
+    with the state, shows its progress meanwhile, and the audit log has one row per click."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package") if not os.environ.get("CI") \
+            else pytest.fail(f"{CHROMIUM} is missing")
+    from playwright.sync_api import expect, sync_playwright
+
+    s = cstack.settings
+    since = last_audit_id(s)
+    old = cstack.pids_of("writer")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            page.set_default_timeout(FOLLOW_MS)
+            page.on("dialog", lambda d: d.accept())
+            base = f"http://127.0.0.1:{cstack.console_port}"
+            page.goto(base + "/console/login")
+            page.fill("#username", "admin")
+            page.fill("#password", (cstack.home / "admin-password").read_text().strip())
+            page.click("button[type=submit]")
+            page.wait_for_url(re.compile(r"/console/watchers$"))
+            progress = page.locator("[data-action-progress]")
+            expect(progress).to_be_hidden()
+
+            # What the progress line said while the POST was followed (it may last under a second),
+            # kept across the navigation that ends it.
+            page.evaluate("""() => { const el = document.querySelector("[data-action-progress]");
+                new MutationObserver(() => { if (!el.hidden) sessionStorage.setItem("progress", el.textContent); })
+                  .observe(el, {attributes: true, childList: true, characterData: true, subtree: true}); }""")
+            restart = page.locator('tr[data-watcher="writer"] button[data-action="restart"]')
+            with page.expect_navigation(timeout=FOLLOW_MS):
+                restart.click()
+            assert page.evaluate("() => sessionStorage.getItem('progress')") == "Restarting writer…"
+            expect(page.locator(".flash-ok")).to_contain_text("Restart writer: done. writer is active")
+            new = cstack.pids_of("writer")
+            assert new and new != old and cstack.status()["writer"] == "active"
+
+            stop = page.locator('tr[data-watcher="writer"] button[data-action="stop"]')
+            with page.expect_navigation(timeout=FOLLOW_MS):
+                stop.click()
+            expect(page.locator(".flash-ok")).to_contain_text("Stop writer: done. writer is stopped")
+            expect(page.locator('tr[data-watcher="writer"] [data-field="status"]')).to_have_text("stopped")
+            assert cstack.status()["writer"] == "stopped" and cstack.pids_of("writer") == []
+
+            start = page.locator('tr[data-watcher="writer"] button[data-action="start"]')
+            with page.expect_navigation(timeout=FOLLOW_MS):
+                start.click()
+            expect(page.locator(".flash-ok")).to_contain_text("Start writer: done.")
+
+            # −1 process to 0 (confirmed in a dialog): "no processes", and still so after the page's poll.
+            with page.expect_navigation(timeout=FOLLOW_MS):
+                page.locator('tr[data-watcher="monitor"] button[data-action="decr"]').click()
+            pill = page.locator('tr[data-watcher="monitor"] [data-field="status"]')
+            expect(pill).to_have_text("no processes")
+            badge = page.locator("[data-live-text]")
+            expect(badge).to_have_text(re.compile(r"^live · "))
+            first = badge.inner_text()
+            expect(badge).not_to_have_text(first)  # polled again since
+            expect(pill).to_have_text("no processes")
+            expect(pill).to_have_class(re.compile(r"(^|\s)pill-no-processes(\s|$)"))
+            expect(page.locator('tr[data-watcher="monitor"] button[data-action="start"]')).to_be_disabled()
+            with page.expect_navigation(timeout=FOLLOW_MS):
+                page.locator('tr[data-watcher="monitor"] button[data-action="incr"]').click()
+            expect(page.locator(".flash-ok")).to_contain_text("+1 process monitor: done.")
+        finally:
+            browser.close()
+    # The stop's row was spooled (it took the writer away) and sent with the start's.
+    def actions() -> list[tuple]:
+        return [r for r in audit_rows(s, since) if r[0].startswith("watcher.")]  # the browser's login too
+
+    rows = wait_for("five audit rows", lambda: (r := actions()) and len(r) >= 5 and r)
+    assert [(a, t, res) for a, t, res, _ in rows] == [
+        ("watcher.restart", "writer", "ok"), ("watcher.stop", "writer", "ok"), ("watcher.start", "writer", "ok"),
+        ("watcher.decr", "monitor", "ok"), ("watcher.incr", "monitor", "ok")], rows
+
+
+def test_circusd_log_has_no_traceback_after_a_restart_and_a_quit(console: Console, cstack: CircusStack) -> None:
+    """Last: it quits the module's stack. A restart of the writer takes seconds (it drains), so
+    circusd's periodic check meets the running command; so does it on quit."""
+    assert console.post("/console/watchers/writer/restart").status_code == 303
+    assert cstack.status()["writer"] == "active"
+    cstack.stop()
+    assert cstack.proc is not None and cstack.proc.returncode is not None
+    log = cstack.circusd_log()
+    assert "writer stopped" in log or "writer started" in log, log[-2000:]  # the log is the real one
+    assert log.count("Traceback") == 0, log[log.find("Traceback") - 300:][:3000]

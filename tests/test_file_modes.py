@@ -1,0 +1,106 @@
+"""Every file that tickstack or circus creates under ``TICKSTACK_HOME`` is private: files 0600,
+folders 0700, sockets open to their owner only, whatever the umask of whoever started circusd.
+
+circus.ini's ``umask = 077`` alone left circusd's log, its pid file and every watcher's log 0644
+(circus opens them before it applies the umask, and writes its pid file with a fixed mode): see
+:mod:`supervision.streams`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervision.streams import PrivateFileStream
+from testkit.circus import WATCHERS, CircusStack
+from testkit.helpers import query, wait_for
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask of a login shell, under which circusd is started (``make run``)."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(home: Path) -> dict[str, tuple[str, int]]:
+    """Every path under ``home`` (``home`` included): its kind and permission bits."""
+    found = {".": ("dir", stat.S_IMODE(home.stat().st_mode))}
+    for root, dirs, files in os.walk(home):
+        for name in dirs + files:
+            path = Path(root) / name
+            st = path.lstat()
+            kind = ("dir" if stat.S_ISDIR(st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode)
+                    else "file" if stat.S_ISREG(st.st_mode) else "other")
+            found[str(path.relative_to(home))] = (kind, stat.S_IMODE(st.st_mode))
+    return found
+
+
+def not_private(found: dict[str, tuple[str, int]]) -> dict[str, str]:
+    """Paths whose mode is not the private one: files 0600, folders 0700, sockets owner-only (their
+    execute bit means nothing: circus's and ZeroMQ's sockets are 0777 & ~umask = 0700)."""
+    bad = {}
+    for path, (kind, mode) in found.items():
+        ok = {"file": mode == 0o600, "dir": mode == 0o700, "socket": mode & 0o077 == 0}.get(kind, False)
+        if not ok:
+            bad[path] = f"{kind} {mode:o}"
+    return bad
+
+
+def test_every_file_of_the_running_stack_is_private(umask_022: None) -> None:
+    stack = CircusStack()
+    try:
+        stack.start()
+        # Let every watcher write: the web apps answer requests (access logs, metrics files),
+        # ticks come in, analysis builds bars, jobs take a backup; every process logs at start.
+        token = wait_for("the API's token", lambda: (stack.home / "api-token").read_text().strip())
+        api = f"http://127.0.0.1:{stack.api_port}"
+        post = urllib.request.Request(f"{api}/api/ticks", method="POST", headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/json"}, data=json.dumps({"ticks": [
+                {"symbol": "BTCUSD", "ts": 1_704_067_200_000, "bid": 1.0, "ask": 1.5}]}).encode())
+        with urllib.request.urlopen(post, timeout=30) as resp:
+            assert resp.status == 200
+        for url in (f"{api}/api/health", f"{api}/metrics", f"http://127.0.0.1:{stack.console_port}/console/login"):
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                assert resp.status == 200
+        wait_for("ticks, bars and a backup", lambda: query(stack.settings, "SELECT count(*) FROM ticks")[0][0] > 5
+                 and query(stack.settings, "SELECT count(*) FROM bars")[0][0] > 0
+                 and any(stack.settings.backup_dir.iterdir()), timeout=90)
+        for name in WATCHERS:
+            wait_for(f"{name}'s log", lambda name=name: stack.log(name).strip())
+        wait_for("the access logs", lambda: stack.log("api.access").strip() and stack.log("console.access").strip())
+
+        found = modes(stack.home)
+        for expected in ("run/circusd.pid", "log/circusd.log", "log/writer.log", "log/writer.stdout.log",
+                         "log/api.access.log", "tickstack.db", "tickstack.db-wal", "run/circus.sock",
+                         "run/writer.sock"):
+            assert expected in found, sorted(found)
+        assert not_private(found) == {}
+    finally:
+        stack.close()
+
+
+def test_log_streams_are_private_and_stay_so_when_they_rotate(tmp_path: Path, umask_022: None) -> None:
+    older = tmp_path / "old.log"
+    older.write_text("made 0644 by circus's own FileStream\n")
+    older.chmod(0o644)
+    PrivateFileStream(str(older)).close()
+    assert stat.S_IMODE(older.stat().st_mode) == 0o600
+
+    path = tmp_path / "w.log"
+    stream = PrivateFileStream(str(path), max_bytes=100, backup_count=2)
+    for i in range(12):
+        stream({"data": f"line {i:02d} of the process's output\n".encode(), "pid": 1})
+    stream.close()
+    logs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("w.log"))
+    assert logs == ["w.log", "w.log.1", "w.log.2"]
+    assert {p: stat.S_IMODE((tmp_path / p).stat().st_mode) for p in logs} == dict.fromkeys(logs, 0o600)
+    assert "line 11" in path.read_text()

@@ -1,0 +1,195 @@
+"""First contact (issue 9): what a new user meets on a fresh clone, tried as they would.
+
+The checkout is copied (tracked and new files, as a clone of this working tree would have them) into
+a short temporary folder with a venv of its own that shares this venv's packages (no download), and
+the Makefile's ``install`` makes it as ``make run`` would (its pip step is already done). Then, in an
+environment emptied with ``env -i``, ``source .venv/bin/activate; circusd circus.ini --daemon;
+circusctl status`` runs exactly as the README says. Only the ports are exported: the defaults
+(8000, 8001, 8002) may be taken by the user's own stack on this machine; the test does not rely on
+the README's defaults for them, but on everything else (home ``./var``, the circusctl endpoint).
+
+Self-contained (no testkit), so it runs against an older checkout too.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "jobs")
+
+
+def _free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clone(dest: Path) -> None:
+    """The files a clone of this working tree has (tracked, and new ones not ignored)."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, names):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def _venv(dest: Path) -> None:
+    """``dest/.venv`` as ``make install`` leaves it, with this venv's packages instead of pip's
+    download: a new venv, a .pth that adds this venv's site-packages, this venv's console scripts
+    (circusd, circusctl, gunicorn) pointed at the new python, then the Makefile's install."""
+    venv = dest / ".venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    (site / "tickstack.pth").write_text(f"{dest}\n")
+    (site / "zz_shared_packages.pth").write_text(
+        f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
+    here = Path(sys.executable).parent
+    for script in ("circusd", "circusctl", "gunicorn"):
+        lines = (here / script).read_text().splitlines(keepends=True)
+        (venv / "bin" / script).write_text(f"#!{py}\n" + "".join(lines[1:]))
+        (venv / "bin" / script).chmod(0o755)
+    checksum = subprocess.run("cksum < requirements.lock", shell=True, cwd=dest, check=True, capture_output=True,
+                              text=True).stdout.split()[0]
+    (venv / f".installed-{checksum}").touch()  # pip's part of the install is done
+    subprocess.run(["make", "-s", "install"], cwd=dest, check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture()
+def clone() -> Iterator[Path]:
+    dest = Path(tempfile.mkdtemp(prefix="ts-"))
+    try:
+        _clone(dest)
+        _venv(dest)
+        yield dest
+    finally:
+        pidfile = dest / "var" / "run" / "circusd.pid"
+        try:
+            pid = int(pidfile.read_text().strip())
+            os.kill(pid, signal.SIGTERM)  # a graceful quit of what this test started, by its pid
+            for _ in range(600):
+                os.kill(pid, 0)
+                time.sleep(0.1)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _shell(clone: Path, env: dict[str, str], script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``script`` in bash with ``env`` only, after ``source .venv/bin/activate`` in the clone."""
+    return subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "-c",
+                           f"source .venv/bin/activate && {script}"], cwd=clone, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _statuses(out: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+
+
+def test_plain_circusd_and_circusctl_from_a_fresh_clone(clone: Path) -> None:
+    env = {"HOME": str(clone), "PATH": "/usr/local/bin:/usr/bin:/bin",
+           "TICKSTACK_API_PORT": str(_free_port()), "TICKSTACK_CONSOLE_PORT": str(_free_port()),
+           "TICKSTACK_WATCHDOG_PORT": str(_free_port(socket.SOCK_DGRAM))}
+    started = _shell(clone, env, "circusd circus.ini --daemon")
+    assert started.returncode == 0, started.stderr
+    deadline = time.monotonic() + 90
+    statuses: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        status = _shell(clone, env, "circusctl --timeout 3 status", timeout=30)
+        statuses = _statuses(status.stdout)
+        if status.returncode == 0 and all(statuses.get(w) == "active" for w in WATCHERS):
+            break
+        log = clone / "var" / "log" / "circusd.log"
+        assert log.exists(), f"circusd did not start: no {log}; circusctl said {status.stdout}{status.stderr}"
+        time.sleep(1)
+    assert all(statuses.get(w) == "active" for w in WATCHERS), statuses
+    run = clone / "var" / "run"
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert (run / "circus.sock").is_socket()  # ipc://, in the private folder
+    quit_ = _shell(clone, env, "circusctl quit", timeout=90)
+    assert quit_.returncode == 0 and "ok" in quit_.stdout, quit_.stdout + quit_.stderr
+
+
+def _empty_home() -> Path:
+    return Path(tempfile.mkdtemp(prefix="ts-"))
+
+
+def test_console_port_root_redirects_and_login_names_the_real_password_file() -> None:
+    from db.config import load_settings
+    from webapp import create_app
+
+    home = _empty_home()
+    try:
+        app = create_app("console", load_settings({"TICKSTACK_HOME": str(home)}))
+        client = app.test_client()
+        r = client.get("/")
+        assert r.status_code in (301, 302, 303, 308) and r.headers["Location"].endswith("/console/"), r.status_code
+        page = client.get("/console/login").get_data(as_text=True)
+        assert str(home / "admin-password") in page and "$TICKSTACK_HOME" not in page
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
+    home = _empty_home()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}
+    env.update(TICKSTACK_HOME=str(home), PYTHONPATH=str(ROOT))
+    try:
+        health = subprocess.run([sys.executable, "-m", "db", "health"], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert health.returncode != 0 and "DOWN" in health.stdout, health.stdout + health.stderr
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        writer_lines = [line for line in doctor.stdout.splitlines() if "writer is not running" in line]
+        assert writer_lines and "make run" in writer_lines[0] and "start writer" not in writer_lines[0], doctor.stdout
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_restarted_simulated_feed_continues_from_the_last_stored_prices() -> None:
+    """Each symbol's first simulated tick is within a few spreads of its last stored one: after
+    prices stored by someone else, and again after the ingestor itself was stopped and restarted."""
+    from db.client import WriterClient
+    from testkit.helpers import query
+    from testkit.writer import Stack
+
+    st = Stack.create()
+    try:
+        st.start_writer()
+        now = int(time.time() * 1000)
+        with WriterClient(settings=st.settings, deadline=20) as client:
+            client.call("insert_ticks", ticks=[
+                {"symbol": "BTCUSD", "ts": now - 1000, "bid": 50_000.0, "ask": 50_004.0, "source": "t", "seq": 1},
+                {"symbol": "EURUSD", "ts": now - 1000, "bid": 1.2, "ask": 1.2001, "source": "t", "seq": 2}])
+        spreads = {"BTCUSD": 10.0, "EURUSD": 0.0002}  # the widest each symbol quotes
+        for run in range(2):
+            before = {s: query(st.settings, "SELECT bid, ask, source FROM ticks WHERE symbol = ? "
+                               "ORDER BY ts DESC, id DESC LIMIT 1", (s,))[0] for s in spreads}
+            done = subprocess.run([sys.executable, "-m", "workers.ticks", "--feed", "sim", "--count", "40"],
+                                  env=st.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+            for symbol, spread in spreads.items():
+                (bid, ask, source), = query(
+                    st.settings, "SELECT bid, ask, source FROM ticks WHERE symbol = ? AND source LIKE 'sim-%' "
+                    "ORDER BY source DESC, seq LIMIT 1", (symbol,))
+                last_mid = (before[symbol][0] + before[symbol][1]) / 2
+                assert source != before[symbol][2], (run, symbol, source)
+                assert abs((bid + ask) / 2 - last_mid) <= 5 * spread, (run, symbol, bid, ask, last_mid)
+    finally:
+        st.close()

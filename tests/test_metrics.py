@@ -1,0 +1,134 @@
+"""``/metrics`` under the real stack (issue 9, point 6): the real ``circusd circus.ini`` runs the
+API under real gunicorn with two workers, and one scrape counts the requests of both
+(prometheus-client's multiprocess mode, set up by ``webapp.gunicorn_conf``). Counted per worker,
+each scrape showed the worker that answered it, so Prometheus series came and went."""
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import stat
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.parser import text_string_to_metric_families
+
+from testkit.circus import CircusStack
+from testkit.helpers import wait_for
+
+ROUTE = "/api/openapi.json"  # no writer call, and nothing else in the stack requests it
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[CircusStack]:
+    stack = CircusStack()
+    try:
+        stack.start()
+        wait_for("the API to answer", lambda: get(stack.api_port, "/api/health")[0] == 200)
+        yield stack
+    finally:
+        stack.close()
+
+
+def get(port: int, path: str, method: str = "GET") -> tuple[int, str, bytes]:
+    """(status, content type, body) of one request on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type") or "", resp.read()
+    finally:
+        conn.close()
+
+
+def requests_counted(port: int, route: str) -> float:
+    """The sum of tickstack_http_requests_total{route, GET, 200} over every series of one scrape."""
+    status, _, body = get(port, "/metrics")
+    assert status == 200
+    return sum(s.value for family in text_string_to_metric_families(body.decode())
+               for s in family.samples
+               if s.name == "tickstack_http_requests_total" and s.labels.get("route") == route
+               and s.labels.get("method") == "GET" and s.labels.get("status") == "200")
+
+
+def send(port: int, n: int) -> int:
+    """``n`` requests of :data:`ROUTE` from 8 threads at once, so both workers take some."""
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: get(port, ROUTE)[0], range(n)))
+    assert statuses == [200] * n
+    return n
+
+
+def api_master(stack: CircusStack) -> psutil.Process:
+    (pid,) = stack.pids_of("api")
+    return psutil.Process(pid)
+
+
+def api_workers(stack: CircusStack) -> set[int]:
+    return {p.pid for p in api_master(stack).children()}
+
+
+def counted_by_file(folder: Path, route: str) -> dict[int, float]:
+    """Worker pid -> requests of ``route`` in its own counter file (read with prometheus_client)."""
+    out = {}
+    for path in folder.glob("counter_*.db"):
+        pid = int(path.stem.removeprefix("counter_"))
+        out[pid] = sum(s.value for m in MultiProcessCollector.merge([str(path)]) for s in m.samples
+                       if s.name == "tickstack_http_requests_total" and s.labels.get("route") == route)
+    return out
+
+
+def test_one_scrape_counts_the_requests_of_every_worker(live: CircusStack) -> None:
+    port = live.api_port
+    workers = api_workers(live)
+    assert len(workers) == 2
+    n = send(port, 400)
+    assert requests_counted(port, ROUTE) == n  # one scrape, both workers' requests
+
+    # Both workers really served some (else the sum above would prove nothing), each in its own file
+    # in the master's folder, private to the user.
+    folder = live.home / "run" / "metrics" / str(api_master(live).pid)
+    by_worker = counted_by_file(folder, ROUTE)
+    assert set(by_worker) == workers and all(by_worker[w] > 0 for w in workers), by_worker
+    assert sum(by_worker.values()) == n
+    for path in (folder.parent, folder):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in folder.iterdir())
+
+    # A worker that dies keeps its counts in the totals: counters never go down while the API runs.
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_for("gunicorn to replace the worker", lambda: len(api_workers(live) - workers) == 1, timeout=60)
+    m = send(port, 100)
+    assert requests_counted(port, ROUTE) == n + m
+
+
+def test_the_api_restarts_its_counts_from_zero_in_a_new_folder(live: CircusStack) -> None:
+    port = live.api_port
+    old_master = api_master(live).pid
+    send(port, 20)
+    assert requests_counted(port, ROUTE) >= 20
+    done = live.circusctl("restart", "api")
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for("the restarted API to answer", lambda: get(port, "/api/health")[0] == 200)
+    new_master = api_master(live).pid
+    assert new_master != old_master
+    assert requests_counted(port, ROUTE) == 0
+    # One folder per gunicorn master that runs (the API's and the console's); the old one is gone.
+    (console_master,) = live.pids_of("console")
+    names = {p.name for p in (live.home / "run" / "metrics").iterdir()}
+    assert names == {str(new_master), str(console_master)}
+    assert send(port, 30) == requests_counted(port, ROUTE)
+
+
+def test_the_api_port_answers_json_errors_at_every_path(live: CircusStack) -> None:
+    port = live.api_port
+    for method, path, status in (("GET", "/", 404), ("GET", "/api/nope", 404), ("GET", "/metrics/extra", 404),
+                                 ("POST", "/metrics", 405), ("DELETE", "/api/ticks", 405)):
+        code, content_type, body = get(port, path, method)
+        assert (code, content_type) == (status, "application/json"), (method, path, code, content_type, body[:200])
+        assert b'"error"' in body

@@ -1,0 +1,285 @@
+"""PostgreSQL foundations (issue 11): secrets never shown, readers that cannot write, one database
+per private home.
+
+These tests run in every run of the suite, on a throwaway PostgreSQL server of their own
+(:class:`testkit.postgres.PostgresServer`, started once per session by ``tests/conftest.py``;
+skipped with the reason without Debian's binaries, a failure in CI). ``pytest --database
+postgresql`` runs the rest of the suite on such a server too.
+"""
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy.exc import DBAPIError
+
+from db.client import WriterClient
+from db.config import load_settings
+from db.engine import database_location, display_url, make_read_engine
+from db.models import Tick
+from testkit.circus import CircusStack
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.helpers import wait_for
+from testkit.postgres import ROLES, HomeDatabases, PostgresServer
+from testkit.writer import Stack
+
+NOW_TS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stack_on(database: str, request: pytest.FixtureRequest) -> Stack:
+    """A private home on ``database``: ``sqlite`` (a file in the home, whatever ``--database``
+    says), ``postgresql`` (its own database; readers as ts_reader) or ``postgresql-owner`` (the same,
+    but readers with DATABASE_URL's role, the owner: only the read-only sessions keep them from
+    writing)."""
+    home = new_home()
+    env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+    if database.startswith("postgresql"):
+        env.update(request.getfixturevalue("home_databases")(home))
+        if database == "postgresql-owner":
+            del env["DATABASE_READ_URL"]
+    return Stack(home, env)
+
+
+class Browser:
+    """A client of the real gunicorn: a cookie jar, and every body it was sent (to search them)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        self.seen: list[tuple[str, str]] = []
+
+    def fetch(self, path: str, data: dict[str, str] | bytes | None = None,
+              headers: dict[str, str] | None = None) -> tuple[int, str]:
+        body = urllib.parse.urlencode(data).encode() if isinstance(data, dict) else data
+        req = urllib.request.Request(self.base + path, data=body, headers=headers or {})
+        try:
+            with self.opener.open(req, timeout=60) as resp:
+                status, text_ = resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            status, text_ = e.code, e.read().decode(errors="replace")
+        self.seen.append((path, text_))
+        return status, text_
+
+    def form(self, page: str, action: str, **fields: str) -> tuple[int, str]:
+        """POST ``action`` with the CSRF token of ``page``'s form, as a browser submits it."""
+        _, html = self.fetch(page)
+        return self.fetch(action, {"csrf_token": CSRF_RE.search(html).group(1), **fields})
+
+
+def places_with(secret: str, texts: list[tuple[str, str]]) -> list[str]:
+    return [where for where, body in texts if secret in body]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def pg_stack(postgres_server: PostgresServer, home_databases: HomeDatabases) -> Iterator[CircusStack]:
+    """The whole stack (the real circus.ini) on a database of its own on the session's server, with
+    passwords in DATABASE_URL (ts_owner) and DATABASE_READ_URL (ts_reader)."""
+    stack = CircusStack()
+    stack.env.update(home_databases(stack.home))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_display_url_hides_the_password_wherever_a_url_carries_it() -> None:
+    url = "postgresql+psycopg://ts_owner:s3cr%40t%3Aw@db.example:5433/tickstack?sslmode=require"
+    assert display_url(url) == "postgresql+psycopg://ts_owner:***@db.example:5433/tickstack?sslmode=require"
+    assert "s3cr" not in display_url("postgresql://u@/tickstack?host=/run/pg&password=s3cret")
+    assert "s3cret" not in display_url("postgresql://u:s3cret@[broken/x")  # unparseable: nothing after ://
+    assert display_url("sqlite:////var/lib/tickstack.db") == "sqlite:////var/lib/tickstack.db"
+    assert database_location(url) == {"dialect": "postgresql", "host": "db.example"}
+    assert database_location("postgresql+psycopg://u:pw@/tickstack?host=/run/pg") == {
+        "dialect": "postgresql", "host": "/run/pg"}
+    settings = load_settings({"TICKSTACK_HOME": "/tmp/x", "DATABASE_URL": url,
+                              "DATABASE_READ_URL": "postgresql://ts_reader:r34d3r@db.example/tickstack"})
+    assert "s3cr" not in repr(settings) and "r34d3r" not in repr(settings)
+    assert load_settings({"TICKSTACK_HOME": "/tmp/x", "DATABASE_URL": url}).database_read_url == url
+
+
+def test_no_password_in_any_log_response_page_or_job_record(pg_stack: CircusStack,
+                                                            postgres_server: PostgresServer) -> None:
+    """The whole stack with passwords in its URLs: every log file, every API response, every
+    console page (logs included), the CLI's output and every job and audit record hold no password,
+    and /api/health (no login) shows the dialect and host only."""
+    stack, env = pg_stack, pg_stack.env
+    passwords = {role: postgres_server.passwords[role] for role in ROLES}
+    assert passwords["ts_owner"] in env["DATABASE_URL"] and passwords["ts_reader"] in env["DATABASE_READ_URL"]
+    seen: list[tuple[str, str]] = []
+
+    # The command line: init (from a home of its own: in the stack's, the running writer's lock
+    # makes it a no-op), health (text and JSON), doctor.
+    other = new_home()
+    try:
+        for args, home in ((["init"], other), (["health"], stack.home), (["health", "--json"], stack.home),
+                           (["doctor"], stack.home)):
+            done = subprocess.run([sys.executable, "-m", "db", *args], env={**env, "TICKSTACK_HOME": str(home)},
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            seen.append((f"python -m db {' '.join(args)}", done.stdout + done.stderr))
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+    assert "ts_owner:***@" in seen[0][1], seen[0][1]  # init names the database, password hidden
+    assert "Journal mode" not in seen[3][1], seen[3][1]  # doctor: no SQLite journal warning on a server
+
+    # Every API route, with data in it (the token from its file, as a user does).
+    api = Browser(f"http://127.0.0.1:{stack.api_port}")
+    token = (stack.home / "api-token").read_text().strip()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    ticks = [{"symbol": "BTCUSD", "ts": NOW_TS + i * 1000, "bid": 100.0 + i, "ask": 100.5 + i, "volume": 1.0,
+              "source": "leak-test", "seq": i} for i in range(5)]
+    assert api.fetch("/api/ticks", json.dumps({"ticks": ticks}).encode(), auth)[0] == 200
+    status, body = api.fetch("/api/trades", json.dumps({"symbol": "BTCUSD", "side": "buy", "size": 1,
+                                                        "entry_price": 101.0}).encode(), auth)
+    assert status in (200, 201), body
+    status, body = api.fetch("/api/health")
+    assert status == 200, body
+    assert json.loads(body)["database"] == {"dialect": "postgresql", "host": str(postgres_server.socket_dir)}
+    for path in ("/api/openapi.json", "/api/ticks?symbol=BTCUSD", "/api/bars?symbol=BTCUSD&timeframe=1m",
+                 "/api/indicators?symbol=BTCUSD&timeframe=1m&name=sma_20", "/api/trades", "/api/trades/1",
+                 "/metrics", "/api/nowhere"):
+        api.fetch(path)
+
+    # The jobs worker's quick_check fails on PostgreSQL today: its failure is recorded with a detail.
+    owner = create_engine(env["DATABASE_URL"])
+    try:
+        wait_for("a recorded quick_check run", lambda: _rows(owner, "SELECT 1 FROM job_runs WHERE job = 'quick_check'"))
+
+        # Every console page, every log file through the Logs page, and the database actions.
+        console = Browser(f"http://127.0.0.1:{stack.console_port}")
+        password = (stack.home / "admin-password").read_text().strip()
+        status, _ = console.form("/console/login", "/console/login", username="admin", password=password)
+        assert status == 200 and console.fetch("/console/database")[0] == 200
+        for action in ("quick_check", "backup", "checkpoint"):
+            console.form("/console/database", f"/console/database/{action}")
+        for page in ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",
+                     "/console/audit", "/console/api/watchers", "/console/api/database",
+                     "/console/api/series?name=db.bytes", "/console/api/trades", "/console/logs"):
+            console.fetch(page)
+        logs = sorted(p.name for p in (stack.home / "log").iterdir() if p.name.endswith(".log"))
+        for name in logs:
+            console.fetch(f"/console/logs?file={name}")
+            console.fetch(f"/console/api/log?file={name}")
+        assert any("***" in body for where, body in console.seen if where == "/console/database")
+
+        # What the stack stored: every job run and audit entry.
+        records = [(f"job_runs {job}", detail or "") for job, detail in
+                   _rows(owner, "SELECT job, detail FROM job_runs")]
+        records += [(f"audit_log {action}", f"{target} {detail}") for action, target, detail in
+                    _rows(owner, "SELECT action, target, detail FROM audit_log")]
+    finally:
+        owner.dispose()
+    assert any(where == "job_runs quick_check" and "***" in detail for where, detail in records), records
+
+    # Every file the stack wrote in its home (logs, rotated logs, spool, run state).
+    files = [(str(p), p.read_bytes().decode(errors="replace")) for p in stack.home.rglob("*")
+             if p.is_file() and not p.is_socket()]
+    writer_log = (stack.home / "log" / "writer.log").read_text(errors="replace")
+    assert "writer ready" in writer_log and "ts_owner:***@" in writer_log, writer_log[-2000:]
+
+    everything = seen + api.seen + console.seen + records + files
+    leaks = {role: places_with(pw, everything) for role, pw in passwords.items()}
+    assert not any(leaks.values()), f"a password is in: {json.dumps(leaks, indent=1)}"
+
+
+def _rows(engine: Any, sql: str) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(text(sql)).all())
+
+
+# --------------------------------------------------------------------------- read-only
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql", "postgresql-owner"])
+def test_the_web_app_and_read_engines_cannot_write(database: str, request: pytest.FixtureRequest) -> None:
+    """An INSERT through the web app's ``db.session`` or a read engine fails and stores nothing, on
+    SQLite (``mode=ro``, ``query_only``) and on PostgreSQL (every read session read-only), even when
+    the readers' role is the owner (no DATABASE_READ_URL)."""
+    from webapp import create_app
+    from webapp.extensions import db
+
+    stack = stack_on(database, request)
+    try:
+        stack.start_writer()
+        settings = stack.settings
+        row = {"symbol": "X", "ts": NOW_TS, "bid": 1.0, "ask": 1.0, "volume": 0.0, "source": "x", "seq": 1}
+        refused = r"readonly|read-only|query_only"
+        app = create_app("all", settings)
+        with app.app_context():
+            with pytest.raises(DBAPIError, match=refused):
+                db.session.execute(insert(Tick).values(**row))
+                db.session.commit()
+            db.session.rollback()
+            if database.startswith("postgresql"):
+                role = "ts_owner" if database == "postgresql-owner" else "ts_reader"
+                assert db.session.execute(text("SELECT current_user")).scalar() == role
+            db.session.remove()
+        engine = make_read_engine(settings, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                with pytest.raises(DBAPIError, match=refused):
+                    conn.execute(insert(Tick).values(**row))
+                    conn.commit()
+            # Nothing got in; the writer still writes.
+            with WriterClient(settings=settings, deadline=20) as client:
+                assert client.call("insert_ticks", ticks=[{**row, "seq": 2}]) == {"inserted": 1, "duplicates": 0}
+            with engine.connect() as conn:
+                assert conn.execute(select(func.count()).select_from(Tick)).scalar() == 1
+        finally:
+            engine.dispose()
+    finally:
+        stack.close()
+
+
+# --------------------------------------------------------------------------- the harness
+
+
+def test_every_home_gets_its_own_database_and_finished_ones_are_dropped(home_databases: HomeDatabases,
+                                                                      postgres_server: PostgresServer) -> None:
+    """``--database postgresql`` plumbing: two homes, two databases; a removed home's is dropped."""
+    first, second = new_home(), new_home()
+    try:
+        urls = [home_databases(first), home_databases(second)]
+        assert home_databases(first) == urls[0]  # asked again (a test builds the env twice): the same
+        names = [load_url_database(u["DATABASE_URL"]) for u in urls]
+        assert names[0] != names[1] and all(u["DATABASE_READ_URL"].startswith("postgresql+psycopg://ts_reader:")
+                                            for u in urls)
+        shutil.rmtree(first)
+        home_databases.drop_finished()
+        listed = postgres_server.psql("postgres", "postgres", "SELECT datname FROM pg_database").split()
+        assert names[0] not in listed and names[1] in listed
+    finally:
+        _rmtree(first)
+        _rmtree(second)
+
+
+def load_url_database(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url).database)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,344 @@
+"""Supervision that survives its supervisor, and liveness (issue 8, points 5 and 8).
+
+Real circusd with the real circus.ini (or a minimal ini for the flapping plugin), real writer, real
+gunicorn; every process is stopped by pid. Bounds are generous: they ask whether something happened
+at all, not how fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from db.client import WriterClient
+from db.health import connect_read_only
+from db.lock import read_lock_holder
+from testkit.circus import WATCHERS, Circusd, CircusStack
+from testkit.env import BIN, ROOT, isolated_env, new_home
+from testkit.helpers import T0, wait_for
+
+
+@pytest.fixture
+def stack() -> Iterator[CircusStack]:
+    st = CircusStack()
+    try:
+        yield st
+    finally:
+        for proc in (st.children.known.values() if st.children else []):
+            try:
+                proc.send_signal(signal.SIGCONT)  # a test may leave one stopped
+            except psutil.Error:
+                pass
+        st.close()
+
+
+def alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def started_processes(stack: CircusStack) -> list[psutil.Process]:
+    """Every process circusd started, by circus's own list (plugins included), with their children
+    (gunicorn's workers)."""
+    procs = []
+    for watcher in stack.call("list")["watchers"]:
+        for pid in stack.pids_of(watcher):
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+    return procs
+
+
+def prepare(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """What ``make run`` runs before circusd."""
+    return subprocess.run([sys.executable, "-m", "db", "prepare"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def plain_circusd(env: dict[str, str], timeout: float = 60) -> tuple[int | None, str]:
+    """``circusd circus.ini`` as a user types it: its exit status (None if it did not exit in time:
+    then it is stopped, with whatever it started) and its output."""
+    proc = subprocess.Popen([str(BIN / "circusd"), "circus.ini"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+        out, _ = proc.communicate()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        return None, out
+
+
+def port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def health(stack: CircusStack) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{stack.api_port}/api/health", timeout=30) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as e:
+        return json.load(e)
+
+
+def wal_bytes(stack: CircusStack) -> int:
+    wal = Path(f"{stack.settings.database_path}-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+# --- point 5: nothing outlives circusd ---------------------------------------------------------------------------
+
+
+def test_every_process_stops_gracefully_when_circusd_is_killed(stack: CircusStack) -> None:
+    stack.start()
+    con = connect_read_only(stack.settings.database_path)
+    wait_for("sim ticks", lambda: con.execute("SELECT count(*) FROM ticks").fetchone()[0] > 0)
+    con.close()
+    # 7 watchers and 2 plugins, and each gunicorn master's 2 workers once they booted.
+    procs = wait_for("every process", lambda: len(p := started_processes(stack)) >= 13 and p, timeout=60)
+
+    os.kill(stack.proc.pid, signal.SIGKILL)
+    stack.proc.wait(30)
+    wait_for("every process circusd started to exit", lambda: not any(alive(p) for p in procs), timeout=90)
+
+    writer_log = stack.log("writer")
+    assert f"circusd (pid {stack.proc.pid}) is gone" in writer_log, writer_log[-2000:]
+    assert "SIGTERM received; draining" in writer_log and "final checkpoint done" in writer_log, writer_log[-2000:]
+    assert "ticks: SIGTERM received" in stack.log("ticks"), stack.log("ticks")[-2000:]
+    assert read_lock_holder(stack.settings.writer_lock_path) is None
+    assert wal_bytes(stack) == 0, "the WAL was checkpointed"
+    con = connect_read_only(stack.settings.database_path)
+    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    con.close()
+    assert port_free(stack.api_port) and port_free(stack.console_port)
+    assert port_free(int(stack.env["TICKSTACK_WATCHDOG_PORT"]), socket.SOCK_DGRAM)
+
+    # `make run` again: the dead circusd's pid file is cleared, and the stack starts.
+    stack.start()
+    assert all(stack.status()[w] == "active" for w in WATCHERS)
+
+
+def test_a_hung_orphan_blocks_make_run_and_plain_circusd_until_it_is_gone(stack: CircusStack) -> None:
+    stack.start()
+    con = connect_read_only(stack.settings.database_path)
+    wait_for("sim ticks", lambda: con.execute("SELECT count(*) FROM ticks").fetchone()[0] > 0)
+    con.close()
+    writer = psutil.Process(stack.pids_of("writer")[0])
+    others = [p for p in started_processes(stack) if p.pid != writer.pid]
+    writer.send_signal(signal.SIGSTOP)  # hung: it cannot act on circusd's death
+    os.kill(stack.proc.pid, signal.SIGKILL)
+    stack.proc.wait(30)
+    # The web servers let go of their ports (workers may wait for the stopped writer meanwhile).
+    wait_for("the web ports", lambda: port_free(stack.api_port) and port_free(stack.console_port), timeout=90)
+    assert alive(writer)
+
+    refused = prepare(stack.env)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"pid {writer.pid}" in refused.stderr and "writer lock" in refused.stderr, refused.stderr
+    assert "left running by a circusd that is gone" in refused.stderr, refused.stderr
+
+    status, out = plain_circusd(stack.env)
+    assert status == 1, out
+    assert f"pid {writer.pid}" in out and "writer lock" in out, out
+    assert read_lock_holder(stack.settings.writer_lock_path) == writer.pid
+    assert not (stack.home / "run" / "circusd.pid").exists()
+
+    writer.send_signal(signal.SIGCONT)  # it handles the SIGTERM it got when circusd died
+    writer.wait(60)
+    assert "final checkpoint done" in stack.log("writer")
+    wait_for("every process to exit", lambda: not any(alive(p) for p in others), timeout=120)
+    done = prepare(stack.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
+    api = socket.socket()
+    api.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    api.bind(("127.0.0.1", stack.api_port))
+    api.listen()
+    heartbeats = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    heartbeats.bind(("127.0.0.1", int(stack.env["TICKSTACK_WATCHDOG_PORT"])))
+    try:
+        refused = prepare(stack.env)
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"pid {os.getpid()}" in refused.stderr, refused.stderr
+        assert f"127.0.0.1:{stack.api_port}/TCP, the API's port" in refused.stderr, refused.stderr
+        assert f"127.0.0.1:{stack.env['TICKSTACK_WATCHDOG_PORT']}/UDP, the watchdog's port" in refused.stderr
+        api.close()
+        # circusd binds the web ports itself (before any hook); the watchdog's port is checked by the writer's hook.
+        status, out = plain_circusd(stack.env)
+        assert status == 1, out
+        assert "the watchdog's port" in out, out
+    finally:
+        api.close()
+        heartbeats.close()
+
+
+@pytest.mark.parametrize("holder", ["zombie", "unrelated", "newer-circusd"])
+def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_path: Path) -> None:
+    pidfile = stack.home / "run" / "circusd.pid"
+    other: subprocess.Popen | Circusd | None = None
+    try:
+        if holder == "zombie":
+            other = subprocess.Popen(["true"])
+            wait_for("a zombie", lambda: psutil.Process(other.pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+            pid = other.pid
+        elif holder == "unrelated":
+            other = subprocess.Popen(["sleep", "120"])
+            pid = other.pid
+        else:  # a circusd of another home that got the pid after the file was written
+            home = new_home()
+            ini = home / "circus.ini"
+            ini.write_text(f"[circus]\nendpoint = ipc://{home}/run/circus.sock\npubsub_endpoint = ipc://{home}/run/pubsub.sock\n"
+                           "statsd = False\n\n[watcher:sleeper]\ncmd = sleep 600\n")
+            other = Circusd(isolated_env(home), ini, cwd=home, call_timeout=5)
+            other.start(wait_active=("sleeper",), timeout=30, poll=0.2)
+            pid = other.proc.pid
+        pidfile.write_text(f"{pid}\n")
+        written = psutil.Process(pid).create_time() - 100
+        os.utime(pidfile, (written, written))
+
+        done = prepare(stack.env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"removed the stale pid file {pidfile}: pid {pid}" in done.stdout
+        stack.start(wait_active=("writer",))
+        assert stack.status()["writer"] == "active"
+    finally:
+        if isinstance(other, Circusd):
+            other.stop(quit_timeout=30, term_timeout=10)
+            shutil.rmtree(other.env["TICKSTACK_HOME"], ignore_errors=True)
+        elif other is not None:
+            other.kill()
+            other.wait()
+
+
+def test_health_is_degraded_while_circusd_does_not_answer(stack: CircusStack) -> None:
+    stack.start()
+    wait_for("health ok", lambda: health(stack)["status"] == "ok", timeout=60)
+    os.kill(stack.proc.pid, signal.SIGSTOP)
+    try:
+        body = health(stack)
+        assert body["status"] == "degraded" and body["circus"]["reachable"] is False, body
+        assert body["writer"]["up"] is True
+    finally:
+        os.kill(stack.proc.pid, signal.SIGCONT)
+    wait_for("health ok again", lambda: health(stack)["status"] == "ok", timeout=60)
+
+
+# --- flapping: retries stop after max_retry ---------------------------------------------------------------------
+
+
+def test_flapping_retries_stop_after_max_retry() -> None:
+    home = new_home()
+    env = isolated_env(home)
+    plugin = "supervision.plugins.Flapping"
+    if not (ROOT / "supervision" / "plugins.py").exists():  # the tree before supervision/ existed
+        plugin = "workers.circus_plugins.Flapping"
+    # Processes that die 0.5 s after they start, reaped every second (check_delay): three deaths
+    # within the window (plus the plugin's check_delay of 5 s), every time.
+    ini = home / "circus.ini"
+    ini.write_text(f"""[circus]
+endpoint = ipc://{home}/run/circus.sock
+pubsub_endpoint = ipc://{home}/run/circus-pubsub.sock
+statsd = False
+check_delay = 1
+logoutput = {home}/log/circusd.log
+
+[plugin:flapping]
+use = {plugin}
+attempts = 3
+window = 1
+retry_in = 6
+max_retry = 1
+
+[watcher:crasher]
+cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
+""")
+    daemon = Circusd(env, ini, cwd=home, call_timeout=10)
+    log = home / "log" / "circusd.log"
+    try:
+        daemon.start(wait_active=(), timeout=30, poll=0.2)
+        wait_for("flapping to give up", lambda: "reached max retry limit" in log.read_text(), timeout=90)
+        wait_for("crasher stopped", lambda: daemon.status()["crasher"] == "stopped", timeout=30)
+        time.sleep(10)  # longer than retry_in: nothing starts it again
+        assert daemon.status()["crasher"] == "stopped"
+        text = log.read_text()
+        assert text.count("crasher: flapping detected: retry in") == 1, text[-3000:]
+    finally:
+        daemon.stop(quit_timeout=30, term_timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+# --- point 8: a hung process is restarted -----------------------------------------------------------------------
+
+
+def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(stack: CircusStack) -> None:
+    stack.start()
+    settings = stack.settings
+    acked: list[int] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def produce() -> None:
+        client = WriterClient(settings=settings, deadline=120)
+        seq = 0
+        while not stop.is_set():
+            tick = {"symbol": "WDUSD", "ts": T0 + seq, "bid": 1.0, "ask": 1.1, "source": "watchdog-test", "seq": seq}
+            try:
+                client.call("insert_ticks", ticks=[tick])
+                acked.append(seq)
+            except Exception as e:  # the test wants none
+                errors.append(f"{type(e).__name__}: {e}")
+            seq += 1
+            time.sleep(0.02)
+        client.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        wait_for("writes", lambda: len(acked) > 20, timeout=60)
+        old = stack.pids_of("writer")
+        os.kill(old[0], signal.SIGSTOP)
+        new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=180)
+        assert not psutil.pid_exists(old[0]) or not alive(psutil.Process(old[0]))
+        served = len(acked)
+        wait_for("writes again", lambda: len(acked) > served + 20, timeout=120)
+    finally:
+        stop.set()
+        producer.join(150)
+    assert not errors, errors[:5]
+    assert WriterClient(settings=settings, deadline=30).ping()["pid"] == new[0]
+    circusd_log = stack.log("circusd")
+    assert f"watchdog: writer pid {old[0]} sent no heartbeat" in circusd_log, circusd_log[-3000:]
+    con = connect_read_only(settings.database_path)
+    stored = [s for (s,) in con.execute("SELECT seq FROM ticks WHERE source = 'watchdog-test' ORDER BY seq")]
+    assert set(acked) <= set(stored) and len(stored) == len(set(stored)), "every acknowledged tick stored once"
+    audit = wait_for("the restart in the audit log", lambda: con.execute(
+        "SELECT target, result, detail FROM audit_log WHERE actor = 'watchdog' AND action = 'restart'").fetchall())
+    assert audit[0][0] == "writer" and audit[0][1] == "ok" and str(old[0]) in audit[0][2], audit
+    con.close()

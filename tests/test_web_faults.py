@@ -1,0 +1,387 @@
+"""Issue 8, points 3 and 4: web servers that slow clients cannot stop, and a console login that an
+attacker cannot turn against its owner.
+
+Real processes: the whole stack under circusd with the real circus.ini (one for the module), and
+real gunicorn started directly for the request-timeout test. HTTP goes over real sockets with the
+standard library's ``http.client``, so a client can also run in a forked child that became another
+local user (``nobody``): every client of the console is 127.0.0.1, and another user on the machine
+is exactly the attacker of point 4. Those tests need root to become that user, as CI runs.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from testkit.circus import CircusStack
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.gunicorn import watcher_command
+from testkit.helpers import query, wait_for
+from testkit.process import Descendants, stop_process
+from webapp.auth_state import LoginThrottle, Schedule, SessionStore, peer_key
+from webapp.gunicorn_worker import HEADER_TIMEOUT
+
+#: "Answered well within its timeouts": a did-it-happen bound, not a timing assertion.
+ANSWER_WITHIN = 10.0
+HALF_OPEN = 50
+NOBODY = 65534
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another local user (nobody) needs root")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class Browser:
+    """One client of the console with its own cookies: a new connection per request."""
+
+    def __init__(self, port: int, timeout: float = ANSWER_WITHIN) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.cookies: dict[str, str] = {}
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None,
+                cookies: dict[str, str] | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+        """(status, headers, body); ``cookies`` instead of this browser's own (which it then leaves alone)."""
+        jar = self.cookies if cookies is None else dict(cookies)
+        headers = {"Cookie": "; ".join(f"{k}={v}" for k, v in jar.items())} if jar else {}
+        body = None
+        if form is not None:
+            body = urlencode(form)
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            text = response.read().decode(errors="replace")
+        finally:
+            conn.close()
+        for cookie in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = cookie.partition("=")
+            value = rest.split(";", 1)[0]
+            if value:
+                jar[name] = value
+            else:
+                jar.pop(name, None)
+        return response.status, response.headers, text
+
+    def token(self, path: str = "/console/login") -> str:
+        """The CSRF token of this browser's session, from a page's form."""
+        status, _, body = self.request("GET", path)
+        assert status == 200, (path, status, body[:300])
+        return CSRF_RE.search(body).group(1)
+
+    def login(self, password: str, username: str = "admin") -> tuple[int, http.client.HTTPMessage, str]:
+        return self.request("POST", "/console/login",
+                            {"csrf_token": self.token(), "username": username, "password": password})
+
+
+def as_nobody(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a forked child that became the unprivileged user ``nobody``; its result
+    (JSON) back through a pipe. Its sockets belong to that user, as another user's would."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code, out = 1, '{"error": "did not run"}'
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            out, code = json.dumps({"result": fn(*args)}), 0
+        except BaseException as e:  # reported to the parent
+            out = json.dumps({"error": f"{type(e).__name__}: {e}"})
+        finally:
+            os.write(write, out.encode())
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        doc = json.loads(f.read() or '{"error": "no answer"}')
+    os.waitpid(pid, 0)
+    assert "error" not in doc, f"the child that became nobody failed: {doc['error']}"
+    return doc["result"]
+
+
+def parallel_wrong_logins(port: int, n: int) -> dict[str, Any]:
+    """``n`` browsers, each with its own session and token, send a wrong password at the same moment."""
+    browsers = [Browser(port) for _ in range(n)]
+    tokens = [b.token() for b in browsers]
+    start = threading.Barrier(n + 1)
+    statuses: list[int | None] = [None] * n
+
+    def attempt(i: int) -> None:
+        start.wait()
+        statuses[i] = browsers[i].request("POST", "/console/login", {
+            "csrf_token": tokens[i], "username": "admin", "password": f"guess-{i}"})[0]
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    t0 = time.monotonic()
+    start.wait()
+    for t in threads:
+        t.join(60)
+    return {"statuses": statuses, "elapsed": time.monotonic() - t0}
+
+
+def sequential_wrong_logins(port: int, n: int) -> dict[str, Any]:
+    """``n`` wrong passwords one after the other; then the Retry-After of one more."""
+    browser = Browser(port)
+    statuses = [browser.login(f"guess-{i}")[0] for i in range(n)]
+    status, headers, _ = browser.login("one-more-guess")
+    return {"statuses": statuses, "last": status, "retry_after": headers.get("Retry-After")}
+
+
+def denied_logins(stack: CircusStack) -> int:
+    """Password checks that failed: each is audited as a denied login (through the writer, or
+    spooled when it does not answer in time)."""
+    stored = query(stack.settings, "SELECT count(*) FROM audit_log WHERE action = 'login' AND result = 'denied'")[0][0]
+    spool = stack.home / "run" / "console-audit-spool.jsonl"
+    lines = spool.read_text().splitlines() if spool.exists() else []
+    return stored + sum('"action": "login"' in line and '"result": "denied"' in line for line in lines)
+
+
+def half_open(port: int, n: int) -> list[socket.socket]:
+    """``n`` connections that send part of a request line, then nothing."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN)
+        s.sendall(b"GET /api/heal")
+        socks.append(s)
+    return socks
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    """A plain GET that must be answered within :data:`ANSWER_WITHIN` s (else it raises)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=ANSWER_WITHIN)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[CircusStack]:
+    st = CircusStack()
+    try:
+        st.start()
+        wait_for("both apps to answer", lambda: get(st.api_port, "/api/openapi.json")[0] == 200
+                 and get(st.console_port, "/console/health")[0] == 200)
+        yield st
+    finally:
+        st.close()
+
+
+def password(stack: CircusStack) -> str:
+    return (stack.home / "admin-password").read_text().strip()
+
+
+def logged_in(stack: CircusStack) -> Browser:
+    """The owner, logged in (after waiting out any delay this user's own failed logins left)."""
+    owner = Browser(stack.console_port)
+    for _ in range(int(Schedule().cap_s) + 1):
+        status, headers, _ = owner.login(password(stack))
+        if status != 429:
+            break
+        time.sleep(int(headers["Retry-After"]))
+    assert status == 302
+    return owner
+
+
+# --------------------------------------------------------------------------- point 3: slow clients
+
+
+def test_half_open_connections_stop_neither_the_api_nor_the_console(stack: CircusStack) -> None:
+    held = half_open(stack.api_port, HALF_OPEN) + half_open(stack.console_port, HALF_OPEN)
+    try:
+        for _ in range(6):  # a few of each, so both workers of each app are asked
+            try:
+                api = get(stack.api_port, "/api/ticks?symbol=BTCUSD&limit=1")
+                console = get(stack.console_port, "/console/login")
+            except OSError as e:
+                pytest.fail(f"with {HALF_OPEN} half-open connections to each app, a request was not answered "
+                            f"within {ANSWER_WITHIN:g} s: {e!r}")
+            assert api[0] == 200 and console[0] == 200 and "csrf_token" in console[1]
+        # ... and the half-open ones do not stay forever: each is closed once its headers are late.
+        for s in held[::10]:
+            s.settimeout(HEADER_TIMEOUT + ANSWER_WITHIN)
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_request_longer_than_the_worker_timeout_is_served(tmp_path: Path) -> None:
+    """With threads, ``--timeout`` bounds a stuck worker, never a long request (the console's backup
+    and quick_check run inside one): the console's circus.ini command line with ``--timeout 2``
+    serves a 6-second request, and others meanwhile."""
+    (tmp_path / "slowapp.py").write_text(
+        "import time\n"
+        "def app(environ, start_response):\n"
+        "    time.sleep(float(environ.get('QUERY_STRING') or 0))\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [b'done']\n")
+    home = new_home()
+    env = isolated_env(home, ports=True)
+    env["PYTHONPATH"] = os.pathsep.join((str(tmp_path), env["PYTHONPATH"]))
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    cmd = watcher_command("console", env, listener.fileno())[:-1] + ["--timeout", "2", "slowapp:app"]
+    log = home / "log" / "gunicorn.log"
+    with listener, open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, pass_fds=(listener.fileno(),), stdout=out,
+                                stderr=subprocess.STDOUT)
+    workers = Descendants(proc.pid)
+    try:
+        wait_for("gunicorn to answer", lambda: get(port, "/")[0] == 200, timeout=60)
+        workers.remember()
+        slow: dict[str, Any] = {}
+
+        def long_request() -> None:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn.request("GET", "/?6")
+            response = conn.getresponse()
+            slow["answer"] = (response.status, response.read())
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        time.sleep(0.5)
+        assert get(port, "/") == (200, "done")  # served meanwhile
+        thread.join(60)
+        assert slow.get("answer") == (200, b"done"), log.read_text()[-2000:]
+        assert "WORKER TIMEOUT" not in log.read_text()
+    finally:
+        stop_process(proc, 20)
+        workers.kill_survivors()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_backup_runs_inside_a_request_on_a_worker_thread(stack: CircusStack) -> None:
+    """The console's backup (a request that can take minutes) through the real gunicorn."""
+    owner = logged_in(stack)
+    token = owner.token("/console/database")
+    status, headers, _ = owner.request("POST", "/console/database/backup", {"csrf_token": token})
+    assert status == 303
+    status, _, page = owner.request("GET", headers["Location"])
+    assert status == 200 and "Backup written" in page
+    assert list(stack.settings.backup_dir.glob("tickstack-*.db"))
+
+
+# --------------------------------------------------------------------------- point 4: login
+
+
+def test_parallel_wrong_logins_get_at_most_the_allowed_password_checks(stack: CircusStack) -> None:
+    before = denied_logins(stack)
+    attack = (as_nobody if os.geteuid() == 0 else lambda fn, *a: fn(*a))(parallel_wrong_logins, stack.console_port, 20)
+    checks = denied_logins(stack) - before
+    statuses = attack["statuses"]
+    allowed = Schedule().max_checks(attack["elapsed"])
+    assert sorted(set(statuses)) <= [200, 429] and statuses.count(200) == checks, statuses
+    assert 1 <= checks <= allowed, f"{checks} password checks in {attack['elapsed']:.1f} s; allowed {allowed}"
+
+
+@needs_root
+def test_another_users_wrong_passwords_never_lock_the_owner_out(stack: CircusStack) -> None:
+    attack = as_nobody(sequential_wrong_logins, stack.console_port, 50)
+    assert 429 in attack["statuses"] and attack["last"] == 429  # the guesser is throttled ...
+    assert 0 < int(attack["retry_after"]) <= Schedule().cap_s  # ... for a minute at most
+    owner = Browser(stack.console_port)
+    status, headers, body = owner.login(password(stack))  # same address, 127.0.0.1; another user
+    assert status == 302 and headers["Location"] == "/console/watchers", (status, body[:500])
+    assert owner.request("GET", "/console/watchers")[0] == 200
+
+
+def test_a_cookie_copied_before_logout_is_refused_after_it(stack: CircusStack) -> None:
+    owner = logged_in(stack)
+    token = owner.token("/console/database")
+    copied = dict(owner.cookies)
+    assert owner.request("GET", "/console/watchers", cookies=copied)[0] == 200
+    assert owner.request("POST", "/console/logout", {"csrf_token": token})[0] == 302
+    checkpoints = "SELECT count(*) FROM audit_log WHERE action = 'db.checkpoint'"
+    before = query(stack.settings, checkpoints)[0][0]
+
+    status, headers, _ = owner.request("GET", "/console/watchers", cookies=copied)
+    assert status == 302 and headers["Location"].startswith("/console/login")
+    status, headers, _ = owner.request("POST", "/console/database/checkpoint", {"csrf_token": token}, cookies=copied)
+    assert status == 302 and headers["Location"] == "/console/login"  # refused ...
+    assert query(stack.settings, checkpoints)[0][0] == before  # ... and not performed
+    status, _, body = owner.request("GET", "/console/api/watchers", cookies=copied)
+    assert status == 401 and "login required" in body
+
+
+# --------------------------------------------------------------------------- the parts, directly
+
+
+def test_the_delay_is_capped_and_the_right_password_gets_in_once_it_passed(tmp_path: Path) -> None:
+    schedule = Schedule(free=5, base_s=0.05, cap_s=0.2)
+    throttle = LoginThrottle(tmp_path / "throttle.json", schedule)
+    checks = 0
+    for _ in range(50):
+        wait = throttle.admit("uid:1")
+        assert wait <= schedule.cap_s
+        checks += wait == 0
+    assert checks == throttle.failures("uid:1") <= schedule.max_checks(10)
+    time.sleep(schedule.cap_s)
+    assert throttle.admit("uid:1") == 0  # a right password is checked now ...
+    throttle.succeeded("uid:1")  # ... and accepted
+    assert throttle.failures("uid:1") == 0 and (tmp_path / "throttle.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_parallel_admissions_reserve_one_check_each(tmp_path: Path) -> None:
+    throttle = LoginThrottle(tmp_path / "throttle.json", Schedule(free=5, base_s=30))
+    start = threading.Barrier(20)
+    waits: list[float] = []
+
+    def attempt() -> None:
+        start.wait()
+        waits.append(LoginThrottle(throttle.path, throttle.schedule).admit("uid:7"))
+
+    threads = [threading.Thread(target=attempt) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert waits.count(0) == 5 and throttle.failures("uid:7") == 5
+
+
+def test_the_peer_is_the_local_user_who_opened_the_connection() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
+        accepted, (addr, port) = server.accept()
+        with accepted:
+            environ = {"REMOTE_ADDR": addr, "REMOTE_PORT": str(port), "SERVER_NAME": "127.0.0.1",
+                       "SERVER_PORT": str(server.getsockname()[1])}
+            assert client.getsockname()[1] == port
+            assert peer_key(environ) == f"uid:{os.getuid()}"
+    assert peer_key({"REMOTE_ADDR": "10.1.1.1"}) == "addr:10.1.1.1"  # no socket to look at (a test client)
+
+
+def test_sessions_end_at_revocation_expiry_and_with_a_damaged_file(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path / "sessions.json", max_age_s=0.3)
+    sid = store.create("admin")
+    assert store.user_of(sid) == "admin" and store.user_of(sid + "x") is None and store.user_of(None) is None
+    assert sid not in (tmp_path / "sessions.json").read_text()  # only a hash is kept
+    store.revoke(sid)
+    assert store.user_of(sid) is None
+    other = store.create("admin")
+    time.sleep(0.35)
+    assert store.user_of(other) is None  # expired
+    third = store.create("admin")
+    (tmp_path / "sessions.json").write_text("[not an object")
+    assert store.user_of(third) is None  # a damaged file ends every session (fails closed)

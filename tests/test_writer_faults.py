@@ -1,0 +1,410 @@
+"""Faults and attacks on the writer (issue 8, points 1, 2, 6 and 7), with real
+processes: a real writer, real SQLite (faults injected through SQLite itself:
+triggers, another connection holding the write lock, a real full disk on a
+tmpfs), real ZeroMQ frames crafted by hand, and the API app on that writer.
+
+Each test holds the writer to the rule "no input of any size or shape, and no
+database error, stops it": the bad request gets a clear reply, and the writer
+keeps serving everyone else.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from db.client import WriterClient
+from db.config import load_settings
+from db.errors import OpFailed, StorageFull, ValidationError
+from db.health import connect_read_only
+from db.validation import MAX_PRICE, MAX_SIZE
+from testkit.helpers import T0
+from testkit.writer import Stack
+
+MiB = 1024 * 1024
+#: What the writer may take in memory after any single hostile request (it starts near 50 MiB).
+RSS_BOUND = 300 * MiB
+
+
+class RawPeer:
+    """A DEALER socket that sends frames as they are, for requests no client would build."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, payload: bytes) -> None:
+        self.sock.send(payload)
+
+    def waiting(self, timeout: float) -> bool:
+        """Whether a reply arrives within ``timeout`` seconds."""
+        return bool(self.sock.poll(int(max(0.0, timeout) * 1000)))
+
+    def recv(self, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.waiting(timeout), f"no reply from the writer within {timeout} s"
+        return msgpack.unpackb(self.sock.recv(), strict_map_key=False)
+
+    def ask(self, payload: bytes, timeout: float = 20.0) -> dict[str, Any]:
+        self.send(payload)
+        return self.recv(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def peer(writer: Stack) -> Iterator[RawPeer]:
+    p = RawPeer(writer.settings.writer_endpoint)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def request(op: str, args: Any, seq: int = 1, cid: str = "raw-peer") -> bytes:
+    return msgpack.packb({"v": 1, "cid": cid, "seq": seq, "op": op, "args": args})
+
+
+def ticks(n: int, source: str, price: float = 100.0) -> dict[str, list]:
+    return {"symbol": ["BTCUSD"] * n, "ts": [T0 + i for i in range(n)], "bid": [price] * n,
+            "ask": [price + 0.5] * n, "source": [source] * n, "seq": list(range(n))}
+
+
+def count(stack: Stack, sql: str, params: tuple = (), settings: Any = None) -> int:
+    con = connect_read_only((settings or stack.settings).database_path)
+    try:
+        return con.execute(sql, params).fetchone()[0]
+    finally:
+        con.close()
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes: catches a spike that is gone by the time we look."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+# --- point 1: the envelope and the record of applied requests ------------------------------------------------
+
+
+def add_trigger(stack: Stack, definition: str) -> None:
+    """Start a writer that batches for 0.3 s, then fault-inject through SQLite itself: a trigger, created by
+    a connection of our own (the writer holds the write lock only while it commits)."""
+    stack.start_writer(TICKSTACK_WRITER_BATCH_WAIT="0.3")
+    con = sqlite3.connect(stack.settings.database_path, timeout=10)
+    try:
+        con.execute(f"CREATE TRIGGER fault {definition}")
+        con.commit()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize("seq", [2**63, 2**64 - 1])
+def test_a_seq_the_database_cannot_store_is_refused_and_the_writer_serves_on(writer: Stack, peer: RawPeer,
+                                                                             seq: int) -> None:
+    proc = writer.procs[0]
+    reply = peer.ask(request("audit", {"actor": "me", "action": "huge-seq"}, seq=seq))
+    assert reply["ok"] is False and reply["error"]["type"] == "ValidationError", reply
+    assert "below 2^63" in reply["error"]["message"]
+    client = WriterClient(settings=writer.settings, deadline=10)
+    assert client.call("audit", actor="me", action="after")["id"] == 1
+    assert proc.poll() is None and client.ping()["pid"] == proc.pid
+    assert count(writer, "SELECT count(*) FROM audit_log WHERE action = 'huge-seq'") == 0
+
+
+def test_a_request_whose_record_cannot_be_stored_fails_alone_and_leaves_nothing(stack: Stack) -> None:
+    """The applied-request record is written in the request's own savepoint: when it fails, the request's
+    effects go with it, and the requests batched with it commit."""
+    add_trigger(stack, "BEFORE INSERT ON applied_requests WHEN NEW.client_id = 'no-record' "
+                       "BEGIN SELECT RAISE(ABORT, 'no record for you'); END")
+    peer = RawPeer(stack.settings.writer_endpoint)
+    client = WriterClient(settings=stack.settings, deadline=20)
+    try:
+        with client.pipeline() as pipe:
+            first = pipe.submit("audit", actor="me", action="first")
+            peer.send(request("audit", {"actor": "me", "action": "unrecorded"}, cid="no-record"))
+            time.sleep(0.05)
+            last = pipe.submit("audit", actor="me", action="last")
+        reply = peer.recv()
+    finally:
+        peer.close()
+    assert reply["ok"] is False and reply["error"]["type"] == "OpFailed", reply
+    assert "no record for you" in reply["error"]["message"]
+    assert first.error is None and last.error is None
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'unrecorded'") == 0
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action IN ('first', 'last')") == 2
+
+
+def test_a_request_that_rolls_back_the_whole_transaction_fails_alone(stack: Stack) -> None:
+    """A database error that takes the batch's transaction with it (here a trigger's RAISE(ROLLBACK)) fails
+    the request that caused it, at once and for good; the rest of its batch runs again and commits."""
+    add_trigger(stack, "BEFORE INSERT ON audit_log WHEN NEW.action = 'poison' "
+                       "BEGIN SELECT RAISE(ROLLBACK, 'poisoned'); END")
+    client = WriterClient(settings=stack.settings, deadline=20)
+    started = time.monotonic()
+    with client.pipeline() as pipe:
+        good = [pipe.submit("audit", actor="me", action=f"good-{i}") for i in range(3)]
+        bad = pipe.submit("audit", actor="me", action="poison")
+        good += [pipe.submit("audit", actor="me", action=f"good-{i}") for i in range(3, 6)]
+    assert isinstance(bad.error, OpFailed) and "poisoned" in str(bad.error), bad.error
+    assert time.monotonic() - started < 15, "the poisoned request was retried until its deadline"
+    assert [t.error for t in good] == [None] * 6
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action LIKE 'good-%'") == 6
+    assert client.ping()["pid"] == stack.procs[0].pid
+
+
+# --- point 7: memory bounded in bytes ----------------------------------------------------------------------------
+
+
+def empty_maps_flat(size: int) -> bytes:
+    """One msgpack array of ``size - 5`` empty maps: one byte each on the wire, ~72 bytes each decoded."""
+    n = size - 5
+    return b"\xdd" + n.to_bytes(4, "big") + b"\x80" * n
+
+
+def empty_maps_nested(size: int) -> bytes:
+    """The same inside a request envelope, as arrays of 40,000 empty maps (each within any per-array limit)."""
+    inner = b"\xdd" + (40_000).to_bytes(4, "big") + b"\x80" * 40_000
+    k = (size - 200) // len(inner)
+    args = b"\x81\xa1x" + b"\xdd" + k.to_bytes(4, "big") + inner * k
+    head = msgpack.packb({"v": 1, "cid": "hostile", "seq": 1, "op": "audit"})
+    return b"\x85" + head[1:] + b"\xa4args" + args
+
+
+def test_a_16_mib_request_of_empty_maps_leaves_the_writer_small_and_serving(writer: Stack, peer: RawPeer) -> None:
+    proc = writer.procs[0]
+    limit = writer.settings.writer_max_message
+    for payload, message in ((empty_maps_flat(limit), "over the decode limits"),
+                             (empty_maps_nested(limit), "items")):
+        assert len(payload) <= limit
+        reply = peer.ask(payload, timeout=60)
+        client = WriterClient(settings=writer.settings, deadline=30)
+        started = time.monotonic()
+        assert client.call("audit", actor="me", action="after-hostile")["id"] >= 1
+        waited = time.monotonic() - started
+        rss, peak = psutil.Process(proc.pid).memory_info().rss, peak_rss(proc.pid)
+        print(f"{message}: rss {rss / MiB:.0f} MiB, peak {peak / MiB:.0f} MiB, good call {waited * 1000:.0f} ms")
+        assert rss < RSS_BOUND and peak < RSS_BOUND, f"writer grew to {rss / MiB:.0f} MiB (peak {peak / MiB:.0f})"
+        assert reply["ok"] is False and message in reply["error"]["message"], reply["error"]
+    assert proc.poll() is None
+
+
+def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
+    """While the commit thread waits for the database, large requests are queued only up to the byte budget;
+    beyond it they are answered busy at once, and the writer's memory stays bounded."""
+    proc = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(MiB), TICKSTACK_BUSY_TIMEOUT_MS="60000")
+    # About 840 KB on the wire and 16 MB decoded each (280,000 two-letter strings).
+    payloads = [request("audit", {"actor": "me", "action": "big", "detail": [["ab"] * 40_000] * 7}, seq=i + 1)
+                for i in range(30)]
+    assert all(len(p) < MiB for p in payloads)
+    blocker = sqlite3.connect(stack.settings.database_path, timeout=10, isolation_level=None)
+    peer = RawPeer(stack.settings.writer_endpoint)
+    replies: list[dict] = []
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the writer's next batch waits for this lock
+        for p in payloads:
+            peer.send(p)
+        # All but the one the commit thread holds are answered busy while it waits.
+        deadline = time.monotonic() + 20
+        while len(replies) < len(payloads) - 1 and peer.waiting(deadline - time.monotonic()):
+            replies.append(peer.recv())
+        held = psutil.Process(proc.pid).memory_info().rss
+        stats = WriterClient(settings=stack.settings, deadline=10).stats()
+    finally:
+        blocker.rollback()
+        blocker.close()
+    try:
+        while len(replies) < len(payloads):
+            replies.append(peer.recv(timeout=60))
+    finally:
+        peer.close()
+    busy = [r for r in replies if r.get("busy")]
+    print(f"busy {len(busy)} of {len(payloads)}, rss while blocked {held / MiB:.0f} MiB, "
+          f"queue {stats['queue_depth']} requests / {stats.get('queue_bytes')} bytes")
+    assert len(busy) == len(payloads) - 1, f"{len(busy)} busy: the queue took requests beyond its byte budget"
+    assert stats["queue_bytes"] <= 16 * MiB + 64 * MiB
+    assert held < RSS_BOUND and peak_rss(proc.pid) < RSS_BOUND
+    others = [r for r in replies if not r.get("busy")]
+    assert others and all(r["error"]["type"] == "ValidationError" for r in others)  # detail must be text
+    assert WriterClient(settings=stack.settings, deadline=10).call("audit", actor="me", action="after")["id"] == 1
+
+
+def test_an_oversize_request_gets_a_clear_error_not_silence(writer: Stack, peer: RawPeer) -> None:
+    limit = writer.settings.writer_max_message
+    # Over the limit (and under ZeroMQ's cap of 4x): the writer answers.
+    reply = peer.ask(b"\x00" * (limit + 10), timeout=60)
+    assert reply["ok"] is False and "over the limit" in reply["error"]["message"]
+    # A client never sends what the writer cannot take: a 100 MiB request fails at once, saying why.
+    client = WriterClient(settings=writer.settings, deadline=5)
+    started = time.monotonic()
+    with pytest.raises(ValidationError, match="over the writer's limit"):
+        client.call("audit", actor="me", action="big", detail="x" * (100 * MiB))
+    assert time.monotonic() - started < 4
+    assert client.call("audit", actor="me", action="after")["id"] == 1
+
+
+# --- point 6: bounded sizes, prices and distances; no NaN or Infinity out ------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"size": 1e305}, "size: 1e+305 must be > 0 and < 1e+12"),
+    ({"size": MAX_SIZE}, "size: 1000000000000.0 must be > 0 and < 1e+12"),
+    ({"trailing_distance": 1e300}, "trailing_distance: 1e+300 must be > 0 and < 1e+12"),
+    ({"breakeven_trigger": MAX_PRICE}, "breakeven_trigger: 1000000000000.0 must be > 0 and < 1e+12"),
+    ({"entry_price": 1e300}, "entry_price: 1e+300 is not a price (must be > 0 and < 1e+12)"),
+])
+def test_trade_sizes_and_distances_are_bounded(writer: Stack, args: dict, message: str) -> None:
+    client = WriterClient(settings=writer.settings, deadline=10)
+    trade = {"symbol": "BTCUSD", "side": "buy", "size": 1.0, "entry_price": 100.0, **args}
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        client.call("open_trade", **trade)
+    assert count(writer, "SELECT count(*) FROM trades") == 0
+
+
+@pytest.mark.parametrize("op, args", [
+    ("put_indicators", {"values": [{"symbol": "BTCUSD", "timeframe": "1m", "name": "sma_20", "ts": T0,
+                                    "value": 1e300}]}),
+    ("record_samples", {"samples": [{"ts": T0, "name": "x", "value": -1e300}]}),
+    ("upsert_bars", {"bars": [{"symbol": "BTCUSD", "timeframe": "1m", "ts": T0, "open": 1.0, "high": 1.0,
+                               "low": 1.0, "close": 1.0, "volume": 1e300}]}),
+])
+def test_measured_values_are_bounded_so_their_sums_stay_finite(writer: Stack, op: str, args: dict) -> None:
+    with pytest.raises(ValidationError, match="1e\\+30"):
+        WriterClient(settings=writer.settings, deadline=10).call(op, **args)
+
+
+def strict_json(text: str) -> Any:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {constant} in the response")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_the_api_refuses_a_trade_whose_pnl_could_overflow_and_emits_only_finite_json(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    from webapp import create_app
+
+    monkeypatch.delenv("TICKSTACK_API_TOKEN", raising=False)
+    app = create_app("api", load_settings(writer.env))
+    http = app.test_client()
+    auth = {"Authorization": f"Bearer {(writer.home / 'api-token').read_text().strip()}"}
+    resp = http.post("/api/trades", json={"symbol": "BTCUSD", "side": "buy", "size": 1e305, "entry_price": 100.0},
+                     headers=auth)
+    assert resp.status_code == 400 and "size" in resp.get_json()["error"]["message"], resp.get_data(as_text=True)
+    # The largest trade the bounds allow, closed at the far end of the price range: a large, finite P&L.
+    big = http.post("/api/trades", json={"symbol": "BTCUSD", "side": "sell", "size": MAX_SIZE * 0.999,
+                                         "entry_price": MAX_PRICE * 0.999}, headers=auth)
+    assert big.status_code == 201, big.get_data(as_text=True)
+    trade_id = big.get_json()["id"]
+    closed = http.post(f"/api/trades/{trade_id}/close", json={"price": 1e-9}, headers=auth)
+    assert closed.status_code == 200, closed.get_data(as_text=True)
+    listed = strict_json(http.get("/api/trades").get_data(as_text=True))
+    assert [t["pnl"] for t in listed["trades"] if t["id"] == trade_id] == [pytest.approx(MAX_SIZE * MAX_PRICE,
+                                                                                         rel=0.01)]
+    strict_json(http.get(f"/api/trades/{trade_id}").get_data(as_text=True))
+
+
+# --- point 2: a full disk is a state, not a crash ---------------------------------------------------------------
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the full-disk test must run in CI: {reason}")
+    pytest.skip(f"full-disk test skipped: {reason}")
+
+
+@pytest.fixture
+def small_disk(stack: Stack) -> Iterator[Path]:
+    """A 4 MiB tmpfs (mode 0700) for the database; unmounted (by path) after the test's writers are stopped."""
+    if os.geteuid() != 0:
+        _unavailable("mounting a tmpfs needs root")
+    folder = Path(tempfile.mkdtemp(prefix="ts-disk-"))
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(folder)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        folder.rmdir()
+        _unavailable(f"mount -t tmpfs failed: {mount.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        for proc in stack.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        folder.rmdir()
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until the disk is full; returns its size."""
+    written = 0
+    with open(path, "wb", buffering=0) as f:
+        for chunk in (65536, 4096, 1):
+            while True:
+                try:
+                    written += f.write(b"\0" * chunk)
+                except OSError:  # ENOSPC
+                    break
+    return written
+
+
+def test_a_full_disk_is_answered_storage_full_and_writes_resume_when_space_returns(stack: Stack,
+                                                                                 small_disk: Path) -> None:
+    extra = {"DATABASE_URL": f"sqlite:///{small_disk}/tickstack.db"}
+    proc = stack.start_writer(**extra)
+    settings = load_settings({**stack.env, **extra})
+    client = WriterClient(settings=settings, deadline=3)
+    # Pages in the WAL beyond the database's end: a checkpoint must grow the file.
+    assert client.call("insert_ticks", ticks=ticks(3000, "before"))["inserted"] == 3000
+    filler = small_disk / "filler"
+    fill(filler)
+
+    with pytest.raises(StorageFull, match="SQLITE_FULL") as full:
+        client.call("insert_ticks", ticks=ticks(3000, "while-full"))
+    assert "bytes free" in str(full.value)
+    with pytest.raises(StorageFull, match="SQLITE_FULL"):
+        client.call("checkpoint")
+    assert proc.poll() is None, "the writer died on a full disk"
+    stats = client.stats()
+    assert stats["pid"] == proc.pid and stats["storage_full"] >= 2
+    assert "SQLITE_FULL" in stats["last_storage_full"]["reason"]
+
+    filler.unlink()  # space returns: the writer takes writes again by itself
+    client = WriterClient(settings=settings, deadline=20)
+    assert client.call("insert_ticks", ticks=ticks(3000, "after"))["inserted"] == 3000
+    assert client.call("checkpoint")["busy"] == 0
+    assert client.ping()["pid"] == proc.pid
+    got = {s: count(stack, "SELECT count(*) FROM ticks WHERE source = ?", (s,), settings)
+           for s in ("before", "while-full", "after")}
+    assert got == {"before": 3000, "while-full": 0, "after": 3000}
+
+    # SIGTERM on a full disk: drain, try the final checkpoint, say why it failed, exit 0.
+    assert client.call("insert_ticks", ticks=ticks(3000, "last"))["inserted"] == 3000
+    fill(filler)
+    assert stack.stop(proc) == 0
+    log = stack.writer_log()
+    assert "Traceback" not in log, log[-3000:]
+    assert "no final checkpoint, the disk is full (SQLITE_FULL" in log
+    # Said when it fills and when it frees, not once per refused retry.
+    assert 1 <= log.count("writer: the disk is full (SQLITE_FULL") <= 2
+    assert "the disk has space again; writes resume" in log
+    filler.unlink()
+    assert count(stack, "SELECT count(*) FROM ticks WHERE source = 'last'", settings=settings) == 3000

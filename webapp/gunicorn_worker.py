@@ -1,0 +1,174 @@
+"""The gunicorn worker class of the API and the console: threads that are never given a request
+before its headers are in, so slow, idle or half-open connections cannot stop either app.
+
+Used as ``--worker-class webapp.gunicorn_worker.HeadersFirstWorker --threads 8`` on the circus.ini
+command lines (``python -m bench api`` runs the same). Why not one of gunicorn's own workers
+(measured with ``python -m bench api --slow-clients 50``; the table is in the README's
+``bench api`` section):
+
+* ``sync`` serves one connection at a time per worker: with 2 workers, two clients that connect
+  and send half a request line stop the app until ``--timeout`` (30 s for the API, 300 s for the
+  console), and anyone on the machine can do that again and again.
+* ``gthread`` keeps idle kept-alive connections in a poller, but gives every *new* connection to a
+  thread at once: a connection that sends nothing holds its thread for 5 s (gunicorn's
+  ``DEFAULT_WORKER_DATA_TIMEOUT``), and one that sends a partial request line holds it with no
+  time limit at all (the parser's ``recv`` has none). A few dozen such connections take every
+  thread, for as long as they stay open.
+* ``tornado`` reads requests asynchronously but runs the WSGI app on its only thread, so a console
+  backup (minutes) stops the worker, heartbeat included: the arbiter kills it at ``--timeout``.
+* ``gevent``/``eventlet`` are not installed (a new dependency, and monkey-patching under ZeroMQ
+  and SQLite); gunicorn's ASGI worker needs an ASGI app.
+
+:class:`HeadersFirstWorker` is ``gthread`` with one change of policy, on its own hooks: a
+connection (new, or kept alive) waits in the worker's poller, costing no thread, until its request
+headers are complete (a blank line, or :data:`MAX_HEADER_BYTES`), and is closed if they are not in
+within :data:`HEADER_TIMEOUT` s. Only then does a thread take it, with the bytes read so far.
+In the thread, reading the rest of the request (the body) must finish within
+:data:`REQUEST_READ_TIMEOUT` s in all, and each send of the answer too (:class:`BoundedSocket`), so
+a client that trickles its body or never reads the answer holds a thread that long at most. Idle
+and half-open connections are then limited only by ``worker_connections`` (1000 per worker; beyond
+it a worker stops accepting until some close, and every waiting one closes within
+:data:`HEADER_TIMEOUT`).
+
+``--timeout`` means something else with threads: the arbiter kills a worker whose *main loop*
+stops (it beats every second whatever its threads do), never one whose request is merely long. A
+console backup or quick_check may run as long as it needs (under ``sync`` they needed
+``--timeout 300``, which also let a half-open connection hold a worker for 5 minutes).
+
+Thread safety of the apps (checked): Flask-SQLAlchemy's session is scoped to the app context, one
+per request; its engine's pool is thread-safe and larger than the thread count (5 + 10 overflow;
+pysqlite with ``check_same_thread=False``); writer clients are one per thread
+(:func:`db.client.thread_client`); the console's process meter is per thread; files shared between
+workers (login throttle, sessions, audit spool, backup lock) are opened per call and ``flock``-ed,
+which serialises the threads of one process as well as the processes.
+"""
+from __future__ import annotations
+
+import errno
+import selectors
+import socket
+import time
+from functools import partial
+from typing import Any
+
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+#: Seconds a connection may take to send its request headers (from accept, or from its first byte
+#: after the previous answer on a kept-alive connection); then it is closed.
+HEADER_TIMEOUT = 10.0
+#: Seconds a thread may spend reading one request once its headers are in (the body), and that each
+#: send of an answer may take: a client that trickles or stops reading holds a thread that long.
+REQUEST_READ_TIMEOUT = 30.0
+#: Header bytes read in the poller at most; a request with more goes to a thread as it is (gunicorn's
+#: parser then answers 400 for an oversize request line or header).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class BoundedSocket(socket.socket):
+    """A client socket whose blocking mode has a time limit (:data:`REQUEST_READ_TIMEOUT` per call),
+    and whose reads stop at :attr:`read_deadline` (the whole request, however it trickles)."""
+
+    io_timeout = REQUEST_READ_TIMEOUT
+    read_deadline: float | None = None
+
+    def setblocking(self, flag: bool) -> None:
+        """gunicorn switches to blocking mode in the thread: blocking with a limit instead."""
+        if flag:
+            self.settimeout(self.io_timeout)
+        else:
+            super().setblocking(False)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        deadline, timeout = self.read_deadline, self.gettimeout()
+        if deadline is None or not timeout:  # the poller's non-blocking reads
+            return super().recv(bufsize, flags)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"the request was not received within {self.io_timeout:g} s")
+        if remaining >= timeout:
+            return super().recv(bufsize, flags)
+        self.settimeout(remaining)
+        try:
+            return super().recv(bufsize, flags)
+        finally:
+            self.settimeout(timeout)
+
+
+class HeadersFirstWorker(ThreadWorker):
+    """``gthread`` that hands a connection to a thread only once its request headers are complete
+    (see the module docstring)."""
+
+    def accept(self, listener: Any) -> None:
+        try:
+            client, addr = listener.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        sock = BoundedSocket(client.family, client.type, client.proto, fileno=client.detach())
+        self.nr_conns += 1
+        self._await_headers(TConn(self.cfg, sock, addr, listener.getsockname()))
+
+    def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
+        """A kept-alive connection has data: wait for its next request's headers, as for a new one."""
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self._await_headers(conn)
+        self._read_headers(conn)
+
+    def _await_headers(self, conn: TConn) -> None:
+        conn.sock.setblocking(False)
+        conn.sock.read_deadline = None
+        conn.head = bytearray()
+        # gthread's murder_pending() needs pending_conns sorted by timeout: every connection
+        # joins it with now + HEADER_TIMEOUT.
+        conn.timeout = time.monotonic() + HEADER_TIMEOUT
+        self.pending_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+
+    def _on_readable(self, conn: TConn, _sock: Any) -> None:
+        self._read_headers(conn)
+
+    def _read_headers(self, conn: TConn) -> None:
+        """In the main loop: take what the client sent; to a thread once the headers are in."""
+        try:
+            data = conn.sock.recv(MAX_HEADER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # closed (or reset) before a whole request
+            self.poller.unregister(conn.sock)
+            self.pending_conns.remove(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        start = max(0, len(conn.head) - 3)
+        conn.head += data
+        if conn.head.find(b"\r\n\r\n", start) < 0 and conn.head.find(b"\n\n", start) < 0 \
+                and len(conn.head) < MAX_HEADER_BYTES:
+            return
+        self.poller.unregister(conn.sock)
+        self.pending_conns.remove(conn)
+        conn.data_ready = True  # gthread's handle() must not wait for data again
+        self.enqueue_req(conn)
+
+    def murder_pending(self) -> None:
+        """Close the connections whose headers did not come in time; when the worker is stopping,
+        within gthread's kept-alive linger (a client may be sending its request right now)."""
+        if not self.alive:
+            deadline = time.monotonic() + STOP_KEEPALIVE_LINGER
+            for conn in self.pending_conns:
+                conn.timeout = min(conn.timeout, deadline)
+        super().murder_pending()
+
+    def handle(self, conn: TConn) -> Any:
+        """In a thread: give the parser the bytes read in the poller, bound the rest of the read."""
+        head = getattr(conn, "head", None)
+        if head:
+            conn.head = bytearray()
+            conn.sock.setblocking(True)
+            conn.init()
+            conn.parser.unreader.unread(bytes(head))
+        conn.sock.read_deadline = time.monotonic() + REQUEST_READ_TIMEOUT
+        return super().handle(conn)

@@ -1,0 +1,86 @@
+"""prometheus-client's multiprocess mode under gunicorn, so that one scrape of ``/metrics`` counts
+the requests of every worker (:mod:`webapp.metrics`), and the gunicorn hooks that run it.
+
+gunicorn serves the API with several worker processes and a scrape lands on whichever accepts
+it. Counted per process, each scrape would show one worker's counters, a different one each time:
+Prometheus would see counters jump down and up. In multiprocess mode every worker writes its
+values to memory-mapped files (``counter_<pid>.db``, ...) in one folder, and the scraping worker
+sums the files of all workers (``MultiProcessCollector``); the files of a worker that exited stay,
+so its counts stay in the totals (counters never go down while the API runs).
+
+Why an environment variable, when only :mod:`db.config` reads the environment: prometheus_client
+chooses its mode once, when it is first imported, from ``PROMETHEUS_MULTIPROC_DIR``, and takes its
+files' folder from it. gunicorn's workers import it when they load the app, after the fork, so the
+variable must be in the master's environment before the first worker is forked. The folder comes
+from the settings (``$TICKSTACK_HOME/run/metrics``), and gunicorn itself sets the variable: the
+config module gives :func:`environment` as gunicorn's ``raw_env``, which gunicorn applies to the
+master's environment before ``on_starting``; nothing here reads it back. This module must not
+import prometheus_client at its top: the master imports it before any of this runs.
+
+Why one folder per gunicorn master (``run/metrics/<master pid>``, mode 0700): the API and the
+console share one gunicorn config module (:mod:`webapp.gunicorn_conf`), so both masters run these
+hooks; a single shared folder emptied at each start would let the console's start wipe the API's
+live counters. Each master's folder is made empty at its start and removed at its exit; folders of
+masters that no longer run (one killed by SIGKILL) are removed at the next start. The console
+writes no metrics, so its folder stays empty. The folder is named when gunicorn reads its config,
+by that process's pid: the master's, as gunicorn runs in the foreground under circus (never with
+``--daemon``, which would fork a master of another pid).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import psutil
+
+from db.config import Settings
+
+log = logging.getLogger("gunicorn.error")
+
+#: The variable prometheus_client reads at import to choose multiprocess mode and find its folder.
+ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
+#: Under ``$TICKSTACK_HOME/run``: one subfolder per gunicorn master.
+FOLDER = "metrics"
+
+
+def folder_of(settings: Settings, master_pid: int) -> Path:
+    """The metric files' folder of the gunicorn master ``master_pid``."""
+    return settings.run_dir / FOLDER / str(master_pid)
+
+
+def environment(folder: Path) -> list[str]:
+    """gunicorn's ``raw_env`` that points prometheus_client at ``folder``."""
+    return [f"{ENV_VAR}={folder}"]
+
+
+def start(folder: Path) -> None:
+    """In the gunicorn master, before any worker (``on_starting``): remove the folders of masters
+    that no longer run, and make ``folder`` new and empty (0700)."""
+    root = folder.parent
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    for child in root.iterdir():
+        if child != folder and child.name.isdigit() and not psutil.pid_exists(int(child.name)):
+            shutil.rmtree(child, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a pid reused from an earlier master: start from zero
+    folder.mkdir(mode=0o700)
+    if "prometheus_client" in sys.modules:
+        log.error("prometheus_client was imported in the gunicorn master before on_starting: if it was "
+                  "imported before gunicorn set %s, workers count per process and /metrics does not merge them",
+                  ENV_VAR)
+
+
+def worker_exited(folder: Path, pid: int) -> None:
+    """In the master, after worker ``pid`` exited (gunicorn's ``child_exit``): prometheus_client's
+    bookkeeping for a dead process (it drops the worker's live gauges; its counters stay)."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    mark_process_dead(pid, str(folder))
+
+
+def stop(folder: Path) -> None:
+    """In the master as it exits (gunicorn's ``on_exit``): remove its folder."""
+    shutil.rmtree(folder, ignore_errors=True)

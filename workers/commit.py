@@ -1,0 +1,523 @@
+"""The writer's commit thread (:class:`Committer`): the one write connection,
+group commit, the record of applied requests, and what a request is answered
+when the database fails it.
+
+It takes every pending request (up to ``writer_max_batch``) from the queue the
+IO thread (:mod:`workers.writer`) fills and runs them in one ``BEGIN
+IMMEDIATE`` transaction, commits, and only then hands the replies back, all of
+a batch in one message. Two ways to run a batch, same results:
+
+* **fast** (every batch first): the ops one after another with no savepoint,
+  then the record of every applied request in one ``executemany``. A
+  savepoint costs two statements per request through SQLAlchemy, more than a
+  small op itself; this path costs what the work needs.
+* **careful** (a batch in which anything failed): when any op or the record
+  raises, nothing of the fast run is kept (rolled back) and the batch runs
+  again, each request with its record in a savepoint of its own, so one bad
+  request fails alone, with the error it gets when it runs after the same
+  requests before it, and a request is never applied without its record. The
+  failing request runs again too, on purpose: its error then comes from the
+  same place as ever (a full disk, a lost transaction, a bug of the op are
+  told apart as :meth:`Committer._run_in_savepoint` does), not from a guess
+  about the first run. The batch keeps its number.
+
+Nothing a request, a checkpoint or the database does ends the thread: a
+request that fails gets its error; a batch that cannot commit gets a
+retryable error for each of its requests (:class:`~db.errors.StorageFull` on
+a full disk, with SQLite's own reason), and the next batch starts on a clean
+connection.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from db import ops
+from db.config import Settings
+from db.engine import checkpoint, storage_full_reason
+from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterError
+from db.protocol import encode_reply
+from db.stats import percentile
+from db.validation import shown
+
+log = logging.getLogger("tickstack.writer")
+
+#: Put on the queue to end the commit thread once it is empty.
+STOP = object()
+#: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
+DOORBELL = "inproc://replies"
+
+
+@dataclass
+class Request:
+    ident: bytes
+    cid: str
+    seq: int
+    op: str
+    args: Any
+    #: The most memory it may hold, as :func:`db.protocol.decode_request` estimates it.
+    cost: int = 0
+
+
+class _FastRunFailed(Exception):
+    """Something failed in a batch's fast run (an op, or the record of applied requests): the
+    batch is rolled back and runs again carefully (see the module's docstring)."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"{what}: {type(cause).__name__}: {cause}")
+
+
+class _TransactionLost(Exception):
+    """A request's error took the batch's transaction with it (its savepoint
+    cannot roll back): see :meth:`Committer._without`."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.request: Request | None = None
+
+
+class Stats:
+    """Counters the IO thread reports and the commit thread updates. Plain
+    attribute updates under the GIL; a report is a consistent-enough copy."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.batches = 0
+        self.batched_requests = 0
+        self.max_batch = 0
+        self.requests_ok = 0
+        self.requests_failed = 0
+        self.busy_replies = 0
+        self.malformed = 0
+        self.dedup_hits = 0
+        self.lock_errors = 0
+        self.commit_failures = 0
+        #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
+        self.careful_batches = 0
+        self.storage_full = 0
+        self.last_storage_full: dict[str, Any] | None = None
+        self.ticks_inserted = 0
+        self.commit_ms: deque[float] = deque(maxlen=4096)
+        self.last_checkpoint: dict[str, Any] | None = None
+
+    def report(self, queue_depth: int, queue_bytes: int = 0) -> dict[str, Any]:
+        lat = sorted(self.commit_ms)
+
+        def pct(p: float) -> float | None:
+            value = percentile(lat, p)
+            return None if value is None else round(value, 3)
+
+        return {
+            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3), "queue_depth": queue_depth,
+            "queue_bytes": queue_bytes,
+            "batches": self.batches, "max_batch": self.max_batch,
+            "mean_batch": round(self.batched_requests / self.batches, 2) if self.batches else 0.0,
+            "commit_p50_ms": pct(0.50), "commit_p99_ms": pct(0.99), "commit_max_ms": pct(1.0),
+            "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
+            "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
+            "lock_errors": self.lock_errors, "commit_failures": self.commit_failures,
+            "careful_batches": self.careful_batches,
+            "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
+            "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
+        }
+
+
+class Committer:
+    """The commit thread's state: the write connection, the dedup caches, and
+    the bytes of requests it has finished with (the IO thread's queue budget)."""
+
+    def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
+                 requests: queue.Queue, on_fatal: Callable[[], None]) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.conn = conn
+        self.stats = stats
+        self.requests = requests
+        self.on_fatal = on_fatal
+        #: True while a batch is in hand (the drain waits for it).
+        self.busy = False
+        #: Bytes (estimated) of the requests it has answered; only this thread writes it.
+        self.released_bytes = 0
+        # Results of recently committed requests, for retries without a query.
+        self.recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self.recent_max = 100_000
+        # Per client, the highest seq that may be on record: requests above it
+        # are new and need no lookup (the common case, saving a query each).
+        self.known_top: OrderedDict[str, int] = OrderedDict()
+        self.batch_no = 0
+        self._last_prune = 0.0
+        #: Since when (monotonic) the disk is full, as the last commit found it; None while there is space.
+        self.full_since: float | None = None
+        #: The replies of committed batches, (ident, reply) pairs, for the IO thread to send: each
+        #: batch's list is appended, then the doorbell (:data:`DOORBELL`) rings once. A message
+        #: per batch on a ZeroMQ socket would cost libzmq's command processing (system calls) for
+        #: every frame; a deque costs none.
+        self.outbox: deque[list[tuple[bytes, bytes]]] = deque()
+
+    def run(self, ctx: zmq.Context) -> None:
+        """The commit thread: batches from the queue until the stop marker."""
+        out = ctx.socket(zmq.PUSH)
+        out.setsockopt(zmq.SNDHWM, 0)
+        out.connect(DOORBELL)
+        wait = self.settings.writer_batch_wait
+        try:
+            while True:
+                first = self.requests.get()
+                if first is STOP:
+                    return
+                self.busy = True
+                batch, stop_after = self._take_batch(first, wait)  # type: ignore[arg-type]
+                first = None  # the requests' memory goes back after the batch, not at the next one
+                # One hand-over to the IO thread per batch, not per request.
+                self.outbox.append(self._commit_or_fail(batch))
+                out.send(b"", zmq.NOBLOCK)
+                self.released_bytes += sum(req.cost for req in batch)
+                batch = []
+                self.busy = False
+                if stop_after:
+                    return
+        except Exception:  # only a bug of this loop itself gets here: requests never do
+            log.exception("writer: commit thread failed; stopping")
+            self.on_fatal()
+            raise
+        finally:
+            self.busy = False
+            out.close(linger=1000)
+
+    def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
+        """``first`` and whatever else is queued (waiting up to ``wait`` s for
+        more), up to ``writer_max_batch``; and whether the stop marker came."""
+        batch = [first]
+        deadline = time.monotonic() + wait
+        while len(batch) < self.settings.writer_max_batch:
+            try:
+                remaining = deadline - time.monotonic()
+                item = self.requests.get(timeout=remaining) if remaining > 0 else self.requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _commit_or_fail(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
+        """:meth:`_commit`, or a retryable error for every request of the batch
+        when anything escapes it (the commit thread never ends for a batch)."""
+        try:
+            return self._commit(batch)
+        except Exception as e:
+            log.exception("writer: batch of %d requests failed", len(batch))
+            self._recover_connection()
+            error = self._batch_error(e)
+            return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
+
+    def _commit(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
+        """Run a batch in one IMMEDIATE transaction, fast and, if anything failed in that, carefully
+        (see the module's docstring); return the replies to send, which must go out only now that
+        the batch is committed."""
+        self.batch_no += 1
+        batch_no = self.batch_no
+        started = time.perf_counter()
+        try:
+            try:
+                run = self._run(batch, batch_no, careful=False)
+            except _FastRunFailed as e:
+                self._recover_connection()
+                self.stats.careful_batches += 1
+                log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
+                run = self._run(batch, batch_no, careful=True)
+        except Exception as e:
+            # Nothing of the batch is committed: every request in it gets a
+            # retryable error, and its client sends it again.
+            cause = e.cause if isinstance(e, _TransactionLost) else e
+            self._count_lock_error(cause)
+            self._recover_connection()
+            if isinstance(e, _TransactionLost) and storage_full_reason(cause) is None:
+                return self._without(batch, e)
+            self.stats.commit_failures += 1
+            error = self._batch_error(cause)
+            if not isinstance(error, StorageFull):  # a full disk is logged when it fills and when it frees
+                log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch), cause)
+            return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
+        replies, outside, committed, tally = run
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        if self.full_since is not None and committed:
+            log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
+                        time.monotonic() - self.full_since)
+            self.full_since = None
+        for key, packed in committed.items():
+            self.recent[key] = packed
+            cid, seq = key
+            self.known_top[cid] = max(self.known_top.get(cid, 0), seq)
+        while len(self.recent) > self.recent_max:
+            self.recent.popitem(last=False)
+        st = self.stats
+        st.batches += 1
+        st.batched_requests += len(batch)
+        st.max_batch = max(st.max_batch, len(batch))
+        st.commit_ms.append(elapsed_ms)
+        st.requests_ok += tally["ok"]
+        st.requests_failed += tally["failed"]
+        st.ticks_inserted += tally["ticks"]
+        st.dedup_hits += tally["dedup"]
+        # Ops outside the transaction run now, in request order; each takes
+        # the place its request holds in ``replies``.
+        later = []
+        for req, spec, args in outside:
+            result, error = self._run_outside(spec, args)
+            later.append(encode_reply(req.seq, result=result, error=error, batch=batch_no))
+        in_order = iter(later)
+        return [(r.ident, next(in_order)) if isinstance(r, Request) else (batch[i].ident, r)
+                for i, r in enumerate(replies)]
+
+    def _run(self, batch: list[Request], batch_no: int, careful: bool) -> tuple[
+            list[bytes | Request], list[tuple[Request, ops.Op, dict]], dict[tuple[str, int], bytes], dict[str, int]]:
+        """One run of a batch in one transaction, committed: the replies in request order (a
+        Request holds the place of an op that runs outside the transaction), those ops, the
+        packed results of the requests applied, and the counts. Raises :class:`_FastRunFailed`
+        (fast run) or :class:`_TransactionLost` (careful run); the caller rolls back."""
+        replies: list[bytes | Request] = []
+        outside: list[tuple[Request, ops.Op, dict]] = []
+        committed: dict[tuple[str, int], bytes] = {}
+        tally = {"ok": 0, "failed": 0, "ticks": 0, "dedup": 0}
+        conn = self.conn
+        conn.begin()
+        for req in batch:
+            try:
+                done = self._apply(conn, req, batch_no, committed, tally, careful)
+            except _TransactionLost as lost:
+                lost.request = req
+                raise
+            except _FastRunFailed:
+                raise
+            except Exception as e:  # the writer's own handling failed: this request fails alone
+                log.exception("writer: request %s of %s failed", req.op, req.cid)
+                tally["failed"] += 1
+                done = encode_reply(req.seq, batch=batch_no, error=OpFailed(
+                    f"{shown(req.op)} failed: {type(e).__name__}: {e}"))
+            if isinstance(done, bytes):
+                replies.append(done)
+            else:
+                outside.append((req, *done))
+                replies.append(req)  # its place: replies go out in request order
+        if not careful and committed:
+            try:
+                ops.record_applied_many(conn, [(cid, seq, packed) for (cid, seq), packed in committed.items()])
+            except Exception as e:
+                raise _FastRunFailed("recording the applied requests failed", e) from e
+        self._maybe_prune(conn)
+        conn.commit()
+        return replies, outside, committed, tally
+
+    def _without(self, batch: list[Request], lost: _TransactionLost) -> list[tuple[bytes, bytes]]:
+        """One request's error rolled back the whole transaction (a trigger's
+        RAISE(ROLLBACK), an I/O error): that request fails for good, since
+        running it again would do the same, and the others run again at once
+        in a new transaction, so one bad request never holds up its batch."""
+        i = next(i for i, req in enumerate(batch) if req is lost.request)
+        culprit = batch[i]
+        detail = getattr(lost.cause, "orig", None) or lost.cause
+        log.error("writer: %s of client %s rolled back its whole batch (%s); it fails, the other %d run again",
+                  shown(culprit.op), culprit.cid, detail, len(batch) - 1)
+        self.stats.requests_failed += 1
+        failed = (culprit.ident, encode_reply(culprit.seq, error=OpFailed(
+            f"{shown(culprit.op)} failed and rolled back its transaction: {type(detail).__name__}: {detail}")))
+        rest = self._commit(batch[:i] + batch[i + 1:]) if len(batch) > 1 else []
+        return [*rest[:i], failed, *rest[i:]]
+
+    def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], bytes],
+               tally: dict[str, int], careful: bool) -> bytes | tuple[ops.Op, dict]:
+        """One request inside the batch transaction: its reply, or its op and
+        arguments when the op runs outside the transaction (checkpoint). Fast, an
+        op's error of any kind raises :class:`_FastRunFailed`; careful, it fails
+        this request alone (:meth:`_run_in_savepoint`)."""
+        key = (req.cid, req.seq)
+        prior = self.recent.get(key) or committed.get(key)
+        if prior is None and req.seq <= self._known_top(conn, req.cid):
+            prior = ops.lookup_applied(conn, req.cid, req.seq)
+        if prior is not None:
+            tally["dedup"] += 1
+            return encode_reply(req.seq, result=msgpack.unpackb(prior), batch=batch_no)
+        try:
+            spec, args = ops.prepare(req.op, req.args)
+        except ValidationError as e:
+            tally["failed"] += 1
+            return encode_reply(req.seq, error=e, batch=batch_no)
+        except Exception as e:  # a validator's bug fails its request, never the writer
+            log.exception("writer: validating %s failed", shown(req.op))
+            tally["failed"] += 1
+            return encode_reply(req.seq, batch=batch_no, error=ValidationError(
+                f"{req.op}: invalid arguments ({type(e).__name__}: {e})"))
+        if not spec.transactional:
+            return spec, args
+        if careful:
+            result, packed, error = self._run_in_savepoint(conn, req, spec, args)
+            if error is not None:
+                tally["failed"] += 1
+                return encode_reply(req.seq, error=error, batch=batch_no)
+        else:
+            try:
+                result = ops.execute(conn, spec, args)
+                packed = msgpack.packb(result)
+            except Exception as e:
+                raise _FastRunFailed(f"{spec.name} of client {req.cid}", e) from e
+        committed[key] = packed
+        tally["ok"] += 1
+        if spec.name == "insert_ticks":
+            tally["ticks"] += result["inserted"]
+        return encode_reply(req.seq, result=result, batch=batch_no)
+
+    def _known_top(self, conn: Connection, cid: str) -> int:
+        top = self.known_top.get(cid)
+        if top is None:
+            top = self.known_top[cid] = ops.last_applied_seq(conn, cid)
+            while len(self.known_top) > self.recent_max:
+                self.known_top.popitem(last=False)  # forgotten clients are looked up again
+        else:
+            self.known_top.move_to_end(cid)
+        return top
+
+    def _run_in_savepoint(self, conn: Connection, req: Request, spec: ops.Op,
+                          args: dict) -> tuple[Any, bytes, WriterError | None]:
+        """The careful path: the op and its record as applied, in a savepoint of
+        their own: any error of any class rolls back both and fails this request
+        alone."""
+        savepoint = conn.begin_nested()
+        try:
+            result = ops.execute(conn, spec, args)
+            packed = msgpack.packb(result)
+            ops.record_applied(conn, req.cid, req.seq, packed)
+        except Exception as e:
+            try:
+                savepoint.rollback()
+            except Exception:  # the transaction went with it (SQLite may roll it all back on a full disk)
+                raise _TransactionLost(e) from e
+            return None, b"", self._op_error(spec, e)
+        try:
+            savepoint.commit()
+        except Exception as e:
+            raise _TransactionLost(e) from e
+        return result, packed, None
+
+    def _run_outside(self, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
+        try:
+            result = ops.execute(self.conn, spec, args)
+        except Exception as e:
+            return None, self._op_error(spec, e)
+        finally:
+            # A PRAGMA may open an implicit transaction in SQLAlchemy's view.
+            self._recover_connection()
+        if spec.name == "checkpoint":
+            self.stats.last_checkpoint = {"at_ms": ops.now_ms(), "mode": args.get("mode", "TRUNCATE"), **result}
+        self.stats.requests_ok += 1
+        return result, None
+
+    def _op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
+        """What a request whose op raised ``e`` is answered: the op's own
+        error, StorageFull on a full disk, OpFailed for anything else."""
+        if isinstance(e, WriterError):
+            return e
+        reason = storage_full_reason(e)
+        if reason is not None:
+            return self._storage_full(reason)
+        if isinstance(e, SQLAlchemyError):
+            self._count_lock_error(e)
+            log.warning("writer: op %s failed: %s", spec.name, e)
+            return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
+        log.error("writer: op %s raised", spec.name, exc_info=e)  # an op's bug fails its request, never the writer
+        return OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
+
+    def _batch_error(self, e: BaseException) -> WriterError:
+        """The retryable error every request of a batch that did not commit gets."""
+        reason = storage_full_reason(e)
+        if reason is not None:
+            return self._storage_full(reason)
+        detail = getattr(e, "orig", None) or e
+        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {detail}")
+
+    def _storage_full(self, reason: str) -> StorageFull:
+        """A full disk, in the database's own words and with the free space the writer sees."""
+        self.stats.storage_full += 1
+        where = self.settings.database_path
+        try:
+            free = f"; {shutil.disk_usage(where.parent).free} bytes free in {where.parent}" if where else ""
+        except OSError:
+            free = ""
+        self.stats.last_storage_full = {"at_ms": ops.now_ms(), "reason": reason}
+        if self.full_since is None:
+            self.full_since = time.monotonic()
+            log.warning("writer: the disk is full (%s%s); writes are answered StorageFull until space is freed",
+                        reason, free)
+        return StorageFull(f"the database's disk is full ({reason}{free}): nothing of the request was written; "
+                           "the writer keeps serving, and the request succeeds once space is freed")
+
+    def _recover_connection(self) -> None:
+        """Leave the write connection outside any transaction; when it cannot
+        be (closed, invalidated, its rollback fails), open a new one. A failed
+        open is tried again at the next batch, whose error says why."""
+        conn = self.conn
+        try:
+            if not (conn.closed or conn.invalidated):
+                if conn.get_transaction() is not None:  # active, or left inactive by a failed commit
+                    conn.rollback()
+                return
+        except Exception as e:
+            log.warning("writer: the write connection did not roll back (%s); opening a new one", e)
+        try:
+            conn.close()
+        except Exception:  # it is being replaced
+            pass
+        try:
+            self.conn = self.engine.connect()
+        except Exception as e:
+            log.error("writer: cannot reopen the database (%s); trying again with the next batch", e)
+
+    def _count_lock_error(self, e: SQLAlchemyError) -> None:
+        if isinstance(e, OperationalError) and "locked" in str(e.orig):
+            self.stats.lock_errors += 1
+
+    def _maybe_prune(self, conn: Connection) -> None:
+        """Forget applied requests older than the dedup window, once a minute,
+        inside a batch transaction (so it costs no extra commit)."""
+        now = time.monotonic()
+        if now - self._last_prune < 60:
+            return
+        self._last_prune = now
+        pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))
+        if pruned:
+            log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)
+
+
+    def final_checkpoint(self) -> None:
+        """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
+        partial (busy): retry briefly, since circus is stopping them too."""
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                result = checkpoint(self.conn, "TRUNCATE")
+            except Exception as e:
+                reason = storage_full_reason(e)
+                if reason is not None:
+                    log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
+                                "in the WAL, and the next writer checkpoints it; exiting", reason)
+                else:
+                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
+                              "exiting", type(e).__name__, e)
+                return
+            if not result["busy"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
