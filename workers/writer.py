@@ -32,6 +32,9 @@ request itself, before sending it, with a clear error. Queued requests may
 take at most ``QUEUE_BUDGET_MESSAGES`` x ``writer_max_message`` as estimated
 by the decoder; beyond that, *busy*.
 
+A third thread (:mod:`workers.checkpointer`) copies the WAL into the database
+ahead of SQLite's automatic checkpoint, so that a commit seldom pays for one.
+
 Lifecycle, as in gunicorn's workers: ``__init__`` opens nothing;
 :meth:`Writer.run` takes the writer lock, opens the database, binds, serves
 until SIGTERM, then drains (see :meth:`Writer._serve`) and exits 0.
@@ -57,6 +60,7 @@ from db.lock import WriterLock, WriterLocked
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
 from db.schema import migrate
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
+from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request, Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -112,10 +116,11 @@ class Writer:
         try:
             self.init_signals()
             self.engine = make_write_engine(self.settings)
+            self.checkpointer = Checkpointer(self.settings, self.engine, self.stats)
             try:
                 conn = self.engine.connect()
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
-                                           on_fatal=self._stop_now)
+                                           on_fatal=self._stop_now, on_commit=self.checkpointer.poke)
                 with conn.begin():
                     before, after = migrate(conn)
             except Exception as e:
@@ -133,7 +138,11 @@ class Writer:
             gc.collect()
             gc.freeze()
             gc.set_threshold(50_000, 20, 20)
-            self._serve()
+            self.checkpointer.start()
+            try:
+                self._serve()
+            finally:
+                self.checkpointer.stop()
             self.committer.final_checkpoint()  # type: ignore[union-attr]
             return 0
         finally:
