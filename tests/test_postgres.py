@@ -253,6 +253,54 @@ def test_the_web_app_and_read_engines_cannot_write(database: str, request: pytes
         stack.close()
 
 
+# --------------------------------------------------------------------------- schema
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_a_trade_reason_of_64_characters_is_stored_on_both_databases(database: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """update_trade and close_trade accept a reason of 64 characters (the API documents it): schema
+    v1 declared those columns VARCHAR(32), which SQLite ignores and PostgreSQL enforced (the request
+    failed; schemathesis met it as a 500). Schema v2 widens them; on PostgreSQL it is checked on a
+    database made at v1 too."""
+    stack = stack_on(database, request)
+    try:
+        if database == "postgresql":
+            _downgrade_to_v1(stack)
+        stack.start_writer()
+        reason = "r" * 64
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0)
+            client.call("update_trade", trade_id=trade["id"], stop_loss=90.0, reason=reason)
+            client.call("close_trade", trade_id=trade["id"], price=101.0, reason=reason)
+        engine = make_read_engine(stack.settings, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT close_reason FROM trades")).scalar() == reason
+                events = conn.execute(text("SELECT count(*) FROM trade_events WHERE kind = :r"), {"r": reason})
+                assert events.scalar() == 1
+        finally:
+            engine.dispose()
+    finally:
+        stack.close()
+
+
+def _downgrade_to_v1(stack: Stack) -> None:
+    """A PostgreSQL database as schema v1 left it: the two reason columns VARCHAR(32)."""
+    from db.engine import make_write_engine
+    from db.schema import migrate
+
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.begin() as conn:
+            migrate(conn)
+            conn.exec_driver_sql("ALTER TABLE trades ALTER COLUMN close_reason TYPE VARCHAR(32)")
+            conn.exec_driver_sql("ALTER TABLE trade_events ALTER COLUMN kind TYPE VARCHAR(32)")
+            conn.exec_driver_sql("DELETE FROM schema_version WHERE version > 1")
+    finally:
+        engine.dispose()
+
+
 # --------------------------------------------------------------------------- the harness
 
 

@@ -296,6 +296,30 @@ def test_the_same_request_twice_in_one_batch_is_applied_once_on_the_fast_path(st
     assert rows(stack, "SELECT count(*) FROM audit_log WHERE action = 'twice'") == [(1,)]
 
 
+# --- checkpoints off the commit path ------------------------------------------------------------------------------
+
+
+def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: Stack) -> None:
+    """A thread copies the WAL ahead of SQLite's own checkpoint (which a commit pays for); the
+    commits' own checkpoint still resets the WAL, so it never grows with what was written."""
+    path = writer.settings.database_path
+    if path is None:
+        pytest.skip("WAL checkpoints are SQLite's")
+    client = WriterClient(settings=writer.settings, deadline=60)
+    batch, batches = 500, 400  # 200,000 ticks: about 5,000 WAL pages, five times the autocheckpoint
+    with client.pipeline(window=8) as pipe:
+        for b in range(batches):
+            cols = tick_columns(f"wal-{b}", batch)
+            cols["ts"] = [T0 + b * batch + i for i in range(batch)]
+            pipe.submit("insert_ticks", ticks=cols)
+    assert pipe.failed == [] and pipe.completed == batches
+    stats = client.stats()
+    assert stats["background_checkpoints"] >= 1, stats
+    wal = Path(f"{path}-wal").stat().st_size
+    assert wal < 3000 * 4096, f"the WAL grew to {wal} bytes: it is never reset"
+    assert rows(writer, "SELECT count(*) FROM ticks") == [(batch * batches,)]
+
+
 # --- the benchmark -------------------------------------------------------------------------------------------------
 
 

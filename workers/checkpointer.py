@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 
 from db.config import Settings
 from db.engine import is_sqlite, storage_full_reason
+from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
 
@@ -43,7 +44,7 @@ _HEADER = struct.Struct("=I12xI76xI")
 
 
 class Checkpointer(threading.Thread):
-    def __init__(self, settings: Settings, engine: Engine, stats: Any) -> None:
+    def __init__(self, settings: Settings, engine: Engine, stats: Stats) -> None:
         """Opens nothing until :meth:`run`; does nothing for a database that is not SQLite.
         Counts its checkpoints in ``stats.background_checkpoints`` (the writer's stats)."""
         super().__init__(name="checkpointer", daemon=True)

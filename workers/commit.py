@@ -30,7 +30,6 @@ connection.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shutil
 import time
@@ -49,8 +48,8 @@ from db.config import Settings
 from db.engine import checkpoint, storage_full_reason
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply
-from db.stats import percentile
 from db.validation import shown
+from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
 
@@ -87,54 +86,6 @@ class _TransactionLost(Exception):
         super().__init__(str(cause))
         self.cause = cause
         self.request: Request | None = None
-
-
-class Stats:
-    """Counters the IO thread reports and the commit thread updates. Plain
-    attribute updates under the GIL; a report is a consistent-enough copy."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.batches = 0
-        self.batched_requests = 0
-        self.max_batch = 0
-        self.requests_ok = 0
-        self.requests_failed = 0
-        self.busy_replies = 0
-        self.malformed = 0
-        self.dedup_hits = 0
-        self.lock_errors = 0
-        self.commit_failures = 0
-        #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
-        self.careful_batches = 0
-        #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`).
-        self.background_checkpoints = 0
-        self.storage_full = 0
-        self.last_storage_full: dict[str, Any] | None = None
-        self.ticks_inserted = 0
-        self.commit_ms: deque[float] = deque(maxlen=4096)
-        self.last_checkpoint: dict[str, Any] | None = None
-
-    def report(self, queue_depth: int, queue_bytes: int = 0) -> dict[str, Any]:
-        lat = sorted(self.commit_ms)
-
-        def pct(p: float) -> float | None:
-            value = percentile(lat, p)
-            return None if value is None else round(value, 3)
-
-        return {
-            "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 3), "queue_depth": queue_depth,
-            "queue_bytes": queue_bytes,
-            "batches": self.batches, "max_batch": self.max_batch,
-            "mean_batch": round(self.batched_requests / self.batches, 2) if self.batches else 0.0,
-            "commit_p50_ms": pct(0.50), "commit_p99_ms": pct(0.99), "commit_max_ms": pct(1.0),
-            "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
-            "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
-            "lock_errors": self.lock_errors, "commit_failures": self.commit_failures,
-            "careful_batches": self.careful_batches, "background_checkpoints": self.background_checkpoints,
-            "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
-            "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
-        }
 
 
 class Committer:

@@ -61,7 +61,8 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from db.schema import migrate
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
-from workers.commit import DOORBELL, STOP, Committer, Request, Stats
+from workers.commit import DOORBELL, STOP, Committer, Request
+from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
 
