@@ -16,7 +16,9 @@ writer restarts, the client resends the *same* request
 records applied requests in the transaction that applies them, so a request
 is applied at most once however often it is sent.
 
-High-rate producers keep many requests in flight with :meth:`pipeline`.
+High-rate producers keep many requests in flight with :meth:`pipeline`. The
+number columns of bulk ops (ticks, bars, indicator values in columns form) go
+packed (:func:`db.protocol.pack_columns`): the caller passes plain lists.
 
 A client owns a ZeroMQ socket and is not thread-safe: use one per thread
 (:func:`thread_client` keeps one per thread for you). After ``fork()`` the

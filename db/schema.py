@@ -42,8 +42,19 @@ def current_version(conn: Connection) -> int:
     return conn.execute(select(SchemaVersion.version).order_by(SchemaVersion.version.desc())).scalar() or 0
 
 
+#: The advisory lock that serialises migrations on PostgreSQL (any constant all our processes share).
+MIGRATION_LOCK = 0x7469636B_6D696772  # "tickmigr"
+
+
 def migrate(conn: Connection) -> tuple[int, int]:
-    """Apply every migration newer than the database; returns (from, to)."""
+    """Apply every migration newer than the database; returns (from, to).
+
+    One at a time: on SQLite the writer's ``BEGIN IMMEDIATE`` serialises them; on PostgreSQL a
+    transaction-scoped advisory lock does (two ``db init`` or writers starting together otherwise
+    both create the tables, and one fails with a duplicate key). The second waits for the first to
+    commit, then finds the schema current."""
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     before = current_version(conn)
     if before > SCHEMA_VERSION:
         raise RuntimeError(f"the database is at schema version {before}, newer than this code's "

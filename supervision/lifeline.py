@@ -11,8 +11,10 @@ Processes of ours import this module first thing (``workers/__init__.py``, the g
 circus plugins); one whose circusd died even before that is *orphaned at birth*
 (:func:`orphaned_at_birth`) and stops at :meth:`Lifeline.attach`. prctl(2)'s caveat (the signal
 follows the death of the parent *thread* that forked us) holds for circusd, which forks from its
-one event-loop thread. prctl is Linux's; elsewhere, :meth:`Lifeline.tend` also compares
-``getppid()`` with the parent at birth and sends the same SIGTERM itself.
+one event-loop thread; but a SIGKILLed circusd's threads die in any order, so the signal can
+come while ``getppid()`` still names circusd (see :meth:`Lifeline._parent_gone`). prctl is
+Linux's; elsewhere, :meth:`Lifeline.tend` also compares ``getppid()`` with the parent at birth and
+sends the same SIGTERM itself.
 
 **It proves it is alive.** circus sees a process as "active" while it exists, even SIGSTOPped or
 stuck. :meth:`Lifeline.tend` sends circus's watchdog (:class:`supervision.plugins.WatchDog`) a
@@ -123,7 +125,7 @@ class Lifeline:
             previous = signal.getsignal(signal.SIGTERM)
 
             def on_sigterm(signum: int, frame: Any) -> None:
-                if os.getppid() != self.ppid:
+                if self._parent_gone(dying_counts=True):
                     self._orphaned()
                 if callable(previous):
                     previous(signum, frame)
@@ -144,9 +146,24 @@ class Lifeline:
         if not self._check_parent() and self.watchdog_port is not None:
             self._beat()
 
+    def _parent_gone(self, dying_counts: bool = False) -> bool:
+        """Whether circusd is gone. ``dying_counts``: also while it is dying. The parent-death
+        SIGTERM can arrive *before* ``getppid()`` changes: the kernel sends it when the thread
+        that forked us exits, and when circusd is SIGKILLed its main thread may exit before its
+        other threads (ZeroMQ's), so we are first handed to one of those (same pid) and signalled.
+        circusd's main thread is then a zombie: that is enough to know."""
+        if os.getppid() != self.ppid:
+            return True
+        if not dying_counts:
+            return False
+        try:
+            return psutil.Process(self.ppid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.Error:
+            return True
+
     def _check_parent(self) -> bool:
         """True (and SIGTERM to this process, once) when the parent is no longer circusd."""
-        if os.getppid() == self.ppid:
+        if not self._parent_gone():
             return False
         if not self.orphaned:
             self._orphaned()

@@ -285,6 +285,46 @@ def test_a_trade_reason_of_64_characters_is_stored_on_both_databases(database: s
         stack.close()
 
 
+def test_two_migrations_at_once_wait_for_each_other(request: pytest.FixtureRequest) -> None:
+    """Two processes migrating one empty PostgreSQL database together (two ``db init``, two writers
+    starting): the second waits for the first to commit, then finds the schema current. Without a
+    lock it creates the same tables and fails with a duplicate key. Deterministic: the first commits
+    only once the second is seen waiting on a lock."""
+    import threading
+
+    from db.engine import make_write_engine
+    from db.schema import SCHEMA_VERSION, migrate
+
+    stack = stack_on("postgresql", request)
+    first, second = make_write_engine(stack.settings), make_write_engine(stack.settings)
+    watcher = create_engine(stack.env["DATABASE_URL"])
+    outcome: dict[str, Any] = {}
+
+    def run_second() -> None:
+        try:
+            with second.begin() as conn:
+                outcome["versions"] = migrate(conn)
+        except Exception as e:  # the failure is the test's finding
+            outcome["error"] = e
+
+    try:
+        with first.begin() as conn:
+            assert migrate(conn) == (0, SCHEMA_VERSION)
+            thread = threading.Thread(target=run_second)
+            thread.start()
+            wait_for("the second migration to wait on a lock", lambda: _rows(
+                watcher, "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+                         "AND wait_event_type = 'Lock'"), timeout=30)
+        thread.join(60)
+        assert outcome == {"versions": (SCHEMA_VERSION, SCHEMA_VERSION)}, outcome
+        assert [v for (v,) in _rows(watcher, "SELECT version FROM schema_version ORDER BY version")] == list(
+            range(1, SCHEMA_VERSION + 1))
+    finally:
+        for engine in (first, second, watcher):
+            engine.dispose()
+        stack.close()
+
+
 def _downgrade_to_v1(stack: Stack) -> None:
     """A PostgreSQL database as schema v1 left it: the two reason columns VARCHAR(32)."""
     from db.engine import make_write_engine

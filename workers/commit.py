@@ -4,8 +4,9 @@ when the database fails it.
 
 It takes every pending request (up to ``writer_max_batch``) from the queue the
 IO thread (:mod:`workers.writer`) fills and runs them in one ``BEGIN
-IMMEDIATE`` transaction, commits, and only then hands the replies back, all of
-a batch in one message. Two ways to run a batch, same results:
+IMMEDIATE`` transaction, commits, and only then hands the replies back to the
+IO thread, a batch's at once (its outbox and one ring of a doorbell). Two ways
+to run a batch, same results:
 
 * **fast** (every batch first): the ops one after another with no savepoint,
   then the record of every applied request in one ``executemany``. A

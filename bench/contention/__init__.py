@@ -28,8 +28,16 @@ project's own schema (``db.schema.migrate``), all at the same durability
     the writer (``WriterClient.call``), alternating ``insert_ticks`` with one
     tick (each producer its own ``source``, so ``(source, seq)`` is unique)
     and ``audit``, for ``--seconds``. Latency is measured in the producer,
-    per call, from before sending to the committed answer. Target: no error
-    at all, and a max latency at most 1/20 of ``immediate``'s.
+    per call, from before sending to the committed answer. Targets: no error
+    at all, a max latency at most 1/20 of ``immediate``'s, at least 4 times
+    ``immediate``'s ops/s, and a p99 of at most 5 ms.
+``raw-single``
+    The same small writes with no writer and no contention: one process, one
+    ``sqlite3`` connection from the writer's own ``make_write_engine`` (its
+    pragmas), ``BEGIN IMMEDIATE``, one tick or one audit row (alternately, with
+    the statements the ops compile), ``COMMIT``, for ``--seconds``: what
+    SQLite commits one row at a time on this disk. Goal: writer-single reaches
+    a quarter of it.
 ``writer-batched``
     Bulk ingest through the writer: ``--batch-producers`` processes (default
     1) send ``--rows`` ticks, generated before the clock starts, as
@@ -49,8 +57,15 @@ project's own schema (``db.schema.migrate``), all at the same durability
     writer-batched reaches at least 0.9 of it.
 
 The throughput pair (``writer-batched``, ``raw``) runs ``--repeat`` times
-(default 2), interleaved, and the best run of each is kept (all are in the
-JSON): on a shared 2-core machine one run of either can be 30 % off.
+(default 3), interleaved; the table keeps the best run of each (all are in the
+JSON), ``ratios.batched_over_raw`` compares the best runs and
+``ratios.batched_over_raw_median`` is the median, over the repeats, of
+writer-batched over the raw run right after it: on a shared 2-core machine one
+run of either can be 30 % off. ``ratios.writer_single_over_immediate`` and
+``ratios.writer_single_over_raw_single`` compare ops/s in the same run. Every
+percentile (the table's, the writer's commit p50/p99) is nearest-rank,
+:func:`db.stats.percentile`. The JSON also has the load average before and
+after the run (``load_average``): others' work on the machine counts in it.
 
 For the writer scenarios the writer is started with
 ``testkit.writer.spawn`` on a fresh ``TICKSTACK_HOME``, its RSS is sampled
