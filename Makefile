@@ -73,6 +73,7 @@ test: install
 bench: install
 	$(BIN)/python -m bench contention
 	$(BIN)/python -m bench api
+	$(BIN)/python -m bench analysis
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -94,14 +94,16 @@ class Ticket:
 
 class WriterClient:
     def __init__(self, endpoint: str | None = None, *, deadline: float | None = None,
-                 settings: Settings | None = None) -> None:
+                 settings: Settings | None = None, client_id: str | None = None) -> None:
         """Nothing connects until the first call. ``deadline`` (seconds) bounds
-        how long one call keeps retrying before ``WriterUnavailable``."""
+        how long one call keeps retrying before ``WriterUnavailable``.
+        ``client_id``: the id of an earlier client whose unanswered requests
+        this one sends again (see :meth:`submit`'s ``_seq``); a new one by default."""
         settings = settings or load_settings()
         self.endpoint = endpoint or settings.writer_endpoint
         self.deadline = settings.client_deadline if deadline is None else deadline
         self.max_message = settings.writer_max_message
-        self.client_id = uuid.uuid4().hex
+        self.client_id = client_id or uuid.uuid4().hex
         self._seq = 0
         self._pending: dict[int, Ticket] = {}
         self._ctx: zmq.Context | None = None
@@ -154,13 +156,21 @@ class WriterClient:
         self.wait(ticket)
         return ticket.result()
 
-    def submit(self, op: str, /, _deadline: float | None = None, **args: Any) -> Ticket:
+    def submit(self, op: str, /, _deadline: float | None = None, _seq: int | None = None, **args: Any) -> Ticket:
         """Send ``op`` without waiting; :meth:`wait` or :meth:`pipeline`
-        collects the answer."""
+        collects the answer. ``_seq``: send it again under the sequence number
+        it had (with this client's ``client_id``, the one it was sent with), for
+        a caller that kept an unanswered request, e.g. on disk, and sends it
+        later: the writer applies a (client id, seq) once, so a request it took
+        and did not answer is not applied twice (within ``TICKSTACK_DEDUP_TTL``)."""
         self._check_owner()
-        self._seq += 1
+        if _seq is None:
+            self._seq += 1
+            _seq = self._seq
+        elif _seq in self._pending:
+            raise ValueError(f"request {_seq} of this client is still in flight")
         try:
-            payload = encode_request(self.client_id, self._seq, op, pack_columns(op, args))
+            payload = encode_request(self.client_id, _seq, op, pack_columns(op, args))
         except (TypeError, ValueError, OverflowError) as e:
             raise ValidationError(f"{op}: arguments cannot be sent: {e}") from None
         if len(payload) > self.max_message:
@@ -169,7 +179,7 @@ class WriterClient:
             raise ValidationError(f"{op}: the request is {len(payload)} bytes, over the writer's limit of "
                                   f"{self.max_message} (TICKSTACK_WRITER_MAX_MESSAGE); send it in smaller batches")
         deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
-        ticket = Ticket(self._seq, op, payload, deadline)
+        ticket = Ticket(_seq, op, payload, deadline)
         self._pending[ticket.seq] = ticket
         self._send(ticket)
         return ticket

@@ -190,7 +190,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_WRITER_MAX_MESSAGE", "writer_max_message", whole(1024), 16 * 1024 * 1024, "16 MiB",
       "largest request, in bytes"),
     S("TICKSTACK_WRITER_DRAIN_IDLE", "writer_drain_idle", number(0), 1.0, "1",
-      "on SIGTERM the writer stops once no request came for this many seconds ..."),
+      "on SIGTERM the writer serves this many seconds more (producers flush), then stops once caught up ..."),
     S("TICKSTACK_WRITER_DRAIN_DEADLINE", "writer_drain_deadline", number(0), 5.0, "5",
       "... or after this many seconds in any case (producers retry against the next writer)"),
     S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60), 3600.0, "3600",

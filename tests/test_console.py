@@ -521,7 +521,7 @@ def test_bad_watcher_actions_are_400_and_refused_ones_change_nothing(cconsole: C
 
 def test_a_busy_circusd_is_retried_or_reported_plainly(cconsole: Console, cstack: CircusStack) -> None:
     """circusd runs one command at a time: a restart sent while it restarts the writer (which drains
-    first) meets "already running"; the console retries briefly, else says so in words."""
+    for a second first) meets "already running"; the console retries briefly, else says so in words."""
     done = threading.Event()
     thread = threading.Thread(target=lambda: (cstack.call("restart", name="writer", waiting=True), done.set()))
     thread.start()

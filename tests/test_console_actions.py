@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +36,8 @@ CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-#: A writer restart drains its producers (up to 5 s) and waits out the other watchers' hooks; a
-#: generous bound for "did it happen" on a loaded machine.
+#: A writer restart drains its producers (about a second) and waits out the other watchers' hooks;
+#: a generous bound for "did it happen" on a loaded machine.
 FOLLOW_MS = 120_000
 
 
@@ -125,6 +126,36 @@ def test_one_login_while_the_writer_is_down_is_one_audit_row() -> None:
         st.close()
 
 
+def test_an_audit_record_the_writer_took_and_did_not_answer_is_stored_once() -> None:
+    """The writer takes the record and stops before answering (here: SIGSTOP, then SIGCONT once
+    the console spooled it). The spooled copy goes again under the request id it was first sent
+    with, so the writer answers it from its record of applied requests instead of storing it again."""
+    st = Stack.create()
+    try:
+        writer = st.start_writer()
+        app = create_app("console", st.settings)  # no circusd: only the writer's answers count
+        app.config["CONSOLE_AUDIT_DEADLINE"] = 0.5
+        c = Console(app)
+        password = (st.home / "admin-password").read_text().strip()
+        assert c.login(password).status_code == 302
+        token = c.token()
+        os.kill(writer.pid, signal.SIGSTOP)
+        try:
+            c.client.post("/console/logout", data={"csrf_token": token})  # sent, unanswered: spooled
+        finally:
+            os.kill(writer.pid, signal.SIGCONT)
+        spool = st.home / "run" / "console-audit-spool.jsonl"
+        assert '"action": "logout"' in spool.read_text()
+        # The writer read the request from its socket when it woke up, and applied it.
+        wait_for("the writer to apply the unanswered record", lambda: len(audit_rows(st.settings, 0)) == 2)
+        assert c.login(password).status_code == 302  # flushes the spool, then its own record
+        rows = wait_for("the spooled records", lambda: (r := audit_rows(st.settings, 0)) and len(r) >= 3 and r)
+        assert [(a, res) for a, _, res, _ in rows] == [("login", "ok"), ("logout", "ok"), ("login", "ok")], rows
+        assert not spool.read_text().strip()
+    finally:
+        st.close()
+
+
 def test_with_the_writer_down_ops_per_s_shows_its_age() -> None:
     st = Stack.create()
     try:
@@ -141,6 +172,25 @@ def test_with_the_writer_down_ops_per_s_shows_its_age() -> None:
         age = re.search(r'data-kpi-age>(.*?)</div>', page, re.S)
         assert age and "as of" in age.group(1) and f'data-ago="{at}"' in age.group(1), page[:3000]
         assert "123.0" in page
+    finally:
+        st.close()
+
+
+def test_charts_say_since_when_no_sample_came() -> None:
+    """With the writer (or the jobs worker) down the charts simply end: the page says since when."""
+    st = Stack.create()
+    try:
+        st.start_writer()
+        at = int(time.time() * 1000) - 300_000
+        with WriterClient(settings=st.settings, deadline=20) as client:
+            client.call("record_samples", samples=[{"ts": at, "name": "writer.ticks_per_s", "value": 5.0}])
+        st.stop(st.procs[-1])
+        c = Console(create_app("console", st.settings))
+        assert c.login((st.home / "admin-password").read_text().strip()).status_code == 302
+        page = c.client.get("/console/charts").text
+        latest = re.search(r'<p data-latest-sample class="warn">(.*?)</p>', page, re.S)
+        assert latest and "No new samples since" in latest.group(1) and f'data-ago="{at}"' in latest.group(1), \
+            page[:3000]
     finally:
         st.close()
 
@@ -272,7 +322,7 @@ def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> No
 
 
 def test_circusd_log_has_no_traceback_after_a_restart_and_a_quit(console: Console, cstack: CircusStack) -> None:
-    """Last: it quits the module's stack. A restart of the writer takes seconds (it drains), so
+    """Last: it quits the module's stack. A restart of the writer takes a second or more (it drains), so
     circusd's periodic check meets the running command; so does it on quit."""
     assert console.post("/console/watchers/writer/restart").status_code == 303
     assert cstack.status()["writer"] == "active"

@@ -22,11 +22,12 @@ from sqlalchemy.exc import OperationalError
 
 from db.client import WriterClient
 from db.engine import make_read_engine
-from db.errors import Conflict, NotFound, ValidationError
+from db.errors import Conflict, NotFound, ValidationError, WriterError
 from db.health import connect_read_only
 from db.models import AuditEntry, Tick
 from testkit import writer_procs
 from testkit.env import ROOT
+from testkit.helpers import wait_for
 from testkit.writer import Stack
 
 ctx = mp.get_context("spawn")
@@ -248,7 +249,9 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     assert init.returncode == 0 and "the writer is running" in init.stdout
 
 
-def test_sigterm_with_requests_in_flight_commits_all_and_truncates_wal(stack: Stack) -> None:
+def test_sigterm_with_requests_in_flight_loses_nothing_and_truncates_wal(stack: Stack) -> None:
+    """A producer streams on through a writer restart: what the stopping writer took in is committed
+    and answered, what it left unread is resent to the next writer; every row once."""
     proc = stack.start_writer()
     out, started = ctx.Queue(), ctx.Event()
     batches, batch = 150, 1000
@@ -257,20 +260,54 @@ def test_sigterm_with_requests_in_flight_commits_all_and_truncates_wal(stack: St
     try:
         assert started.wait(60), "producer never got going"
         proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        log = stack.writer_log()
+        assert "SIGTERM received; draining" in log and "final checkpoint" in log
+        wal = Path(f"{stack.settings.database_path}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0
+        second = stack.start_writer()  # as circus would
         result = out.get(timeout=120)
     finally:
         producer.join(30)
     assert result["errors"] == []
     assert result["acked_rows"] == batches * batch
-    assert proc.wait(60) == 0
-    log = stack.writer_log()
-    assert "SIGTERM received; draining" in log and "final checkpoint" in log
-    wal = Path(f"{stack.settings.database_path}-wal")
-    assert not wal.exists() or wal.stat().st_size == 0
+    assert stack.stop(second) == 0
     con = db_conn(stack)
     assert con.execute("SELECT count(*) FROM ticks").fetchone() == (batches * batch,)
+    assert con.execute("SELECT count(DISTINCT seq) FROM ticks").fetchone() == (batches * batch,)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     con.close()
+
+
+def test_a_restart_under_a_steady_trickle_stops_once_caught_up_not_at_the_deadline(stack: Stack) -> None:
+    """A lone ``circusctl restart writer`` while the feeds run: producers never go quiet, so a
+    drain that waits for quiet lasts its whole deadline. The writer serves its drain_idle second,
+    then stops as soon as nothing is queued."""
+    proc = stack.start_writer(TICKSTACK_WRITER_DRAIN_IDLE="0.5", TICKSTACK_WRITER_DRAIN_DEADLINE="120")
+    stop, answered = threading.Event(), []
+
+    def trickle() -> None:
+        client = WriterClient(settings=stack.settings, deadline=3)
+        while not stop.is_set():
+            try:
+                answered.append(client.call("audit", actor="feed", action="tick")["id"])
+            except WriterError:
+                pass
+            stop.wait(0.05)
+        client.close()
+
+    feeder = threading.Thread(target=trickle)
+    feeder.start()
+    try:
+        wait_for("the trickle to reach the writer", lambda: len(answered) >= 5)
+        proc.send_signal(signal.SIGTERM)
+        # Far below the deadline of 120 s; the old rule (wait for a quiet second) waited all of it.
+        assert proc.wait(60) == 0
+    finally:
+        stop.set()
+        feeder.join(30)
+    log = stack.writer_log()
+    assert "drain deadline reached" not in log and "final checkpoint done" in log, log[-2000:]
 
 
 def test_trades_ops_and_typed_errors(writer: Stack) -> None:

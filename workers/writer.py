@@ -177,7 +177,6 @@ class Writer:
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies_in, zmq.POLLIN)
-        last_request = time.monotonic()
         try:
             while True:
                 tend_lifeline(self.settings)  # stop if circusd died; heartbeat for the watchdog
@@ -190,16 +189,13 @@ class Writer:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
-                        accepted_before = self.accepted_bytes
                         try:
                             self._accept(router, frames)
                         except Exception as e:  # the IO thread serves on, whatever a request does
                             log.exception("writer: handling a request failed")
                             self._send(router, frames[0], encode_reply(None, error=OpFailed(
                                 f"the writer could not handle the request: {type(e).__name__}: {e}")))
-                        if self.accepted_bytes != accepted_before:  # an op to commit: pings and
-                            last_request = time.monotonic()     # stats (polls) are not a flush
-                if self.stop_requested_at is not None and self._drained(last_request):
+                if self.stop_requested_at is not None and self._drained():
                     break
             # Stop reading new requests; let the commit thread finish the
             # queue and forward its last replies.
@@ -213,18 +209,19 @@ class Writer:
             replies_in.close()
             ctx.term()
 
-    def _drained(self, last_request: float) -> bool:
-        """On stop, keep serving while clients flush: until no request came
-        for ``writer_drain_idle`` seconds and nothing is pending, or until the
-        drain deadline (circus stops every watcher at the same moment)."""
+    def _drained(self) -> bool:
+        """On stop, keep serving for ``writer_drain_idle`` seconds (circus stops every watcher at
+        the same moment, and producers flush their last batches in that time), then stop as soon
+        as nothing is queued or in hand, or at the drain deadline in any case. A lone restart with
+        producers running never goes quiet: waiting for quiet would hold it to the deadline while
+        every request it refuses is resent to the next writer anyway."""
         now = time.monotonic()
         assert self.stop_requested_at is not None
         if now - self.stop_requested_at >= self.settings.writer_drain_deadline:
             log.warning("writer: drain deadline reached with %d requests queued", self.queue.qsize())
             return True
-        quiet_since = max(last_request, self.stop_requested_at)
         busy = self.committer is not None and self.committer.busy
-        return now - quiet_since >= self.settings.writer_drain_idle and self.queue.empty() and not busy
+        return now - self.stop_requested_at >= self.settings.writer_drain_idle and self.queue.empty() and not busy
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a

@@ -129,12 +129,28 @@ def range_arg(raw: str | None, default: str = DEFAULT_RANGE) -> str:
     return raw
 
 
+#: Sampling periods after which the newest sample reads as stale (the jobs worker or the writer is down).
+STALE_AFTER_PERIODS = 3
+
+
+def latest_sample(summary: dict[str, list[dict[str, Any]]]) -> tuple[int | None, bool]:
+    """The newest sample's time (ms) across the charts, and whether it is stale: older than
+    :data:`STALE_AFTER_PERIODS` sampling periods (at least a minute). With the writer or the jobs
+    worker down the charts simply end; the page says since when."""
+    latest = max((r["at"] for rows in summary.values() for r in rows), default=None)
+    if latest is None:
+        return None, False
+    return latest, now_ms() - latest > max(STALE_AFTER_PERIODS * settings().sample_every_s, 60) * 1000
+
+
 @bp.get("/charts")
 def charts() -> ResponseReturnValue:
     key = range_arg(request.args.get("range"))
-    return render_template("console/charts.html", charts=CHARTS,
-                           summary=summaries(CHARTS, now_ms() - RANGES[key] * 60_000), series_labels=SERIES_LABELS,
-                           sample_every=sample_every(), range_key=key, ranges=RANGE_NAMES)
+    summary = summaries(CHARTS, now_ms() - RANGES[key] * 60_000)
+    latest, stale = latest_sample(summary)
+    return render_template("console/charts.html", charts=CHARTS, summary=summary, series_labels=SERIES_LABELS,
+                           sample_every=sample_every(), range_key=key, ranges=RANGE_NAMES, latest=latest,
+                           stale=stale)
 
 
 @bp.get("/api/series")

@@ -121,19 +121,27 @@ def audit(action: str, target: str = "", result: str = "ok", detail: str = "", a
 
     Returns True once written. When the writer does not answer within ``CONSOLE_AUDIT_DEADLINE``
     (it is stopped or restarting) the record, with its time, goes to a spool file in the run folder
-    and is sent before the next one, so no action goes unrecorded; what was sent and not answered
-    is dropped from the client's queue first (:func:`_forget_unanswered`), so it is stored once (a
-    writer that took a record and died before answering may still store it twice: never lost).
+    and is sent before the next one, so no action goes unrecorded. Stored once: what was sent and
+    not answered is dropped from the client's queue first (:func:`_forget_unanswered`), and a
+    record that was sent is spooled with the request id it was sent under (client id, seq) and sent
+    again under it, so a writer that took it and stopped before answering does not store it twice.
     Returns False then, and when the writer refused it (logged). ``writer_down`` (the action just
     stopped it): spooled without waiting."""
-    entry = {"actor": actor or current_user() or "anonymous", "action": action, "target": target[:128],
-             "result": result, "detail": detail[:4000], "ts": now_ms()}
+    entry: dict[str, Any] = {"actor": actor or current_user() or "anonymous", "action": action,
+                             "target": target[:128], "result": result, "detail": detail[:4000], "ts": now_ms()}
     try:
         if writer_down:
             raise WriterUnavailable("the writer was just stopped")
         if flush_audit_spool() is None:
             raise WriterUnavailable("the writer does not take the spooled records")  # not worth a second wait
-        call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+        stopped = writer_stopped()
+        if stopped:
+            raise WriterUnavailable(stopped)
+        client = writer()
+        ticket = client.submit("audit", _deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+        entry["request"] = [client.client_id, ticket.seq]  # from here on it may have been applied
+        client.wait(ticket)
+        ticket.result()
         return True
     except WriterUnavailable:
         _forget_unanswered()
@@ -183,8 +191,7 @@ def flush_audit_spool() -> int | None:
         remaining: list[str] = []
         for i, line in enumerate(lines):
             try:
-                entry = json.loads(line)
-                call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+                _send_spooled(json.loads(line))
                 sent += 1
             except WriterUnavailable:
                 _forget_unanswered()
@@ -199,6 +206,22 @@ def flush_audit_spool() -> int | None:
     if sent:
         log.info("console: sent %d spooled audit records", sent)
     return None if blocked else sent
+
+
+def _send_spooled(entry: dict[str, Any]) -> None:
+    """Send one spooled record: under the request id it was first sent with, if it was sent (the
+    writer then answers "already applied" with the first result instead of storing it again)."""
+    request = entry.pop("request", None)
+    if request is None:
+        call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+        return
+    if not (isinstance(request, list) and len(request) == 2 and isinstance(request[0], str)
+            and type(request[1]) is int):
+        raise ValueError(f"the spooled request id {request!r} is not [client id, seq]")
+    with WriterClient(settings=settings(), deadline=config("CONSOLE_AUDIT_DEADLINE"), client_id=request[0]) as client:
+        ticket = client.submit("audit", _seq=request[1], **entry)
+        client.wait(ticket)
+        ticket.result()
 
 
 # --- input --------------------------------------------------------------------------------------------
