@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from db.config import Settings
 from db.health import connect_read_only
 from db.stats import percentile
 from testkit.env import isolated_env, new_home
@@ -189,9 +190,9 @@ def fresh_home(prefix: str = "ts-") -> Iterator[tuple[Path, dict[str, str]]]:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def create_schema(env: dict[str, str]) -> Path:
+def migrate_database(env: dict[str, str]) -> Settings:
     """Create the project's schema as the writer would (``migrate`` in a write
-    transaction on the write engine); returns the database file."""
+    transaction on the write engine), on SQLite or a server; returns the settings."""
     from db.config import ensure_home, load_settings
     from db.engine import make_write_engine
     from db.schema import migrate
@@ -204,8 +205,13 @@ def create_schema(env: dict[str, str]) -> Path:
             migrate(conn)
     finally:
         engine.dispose()
-    path = settings.database_path
-    assert path is not None
+    return settings
+
+
+def create_schema(env: dict[str, str]) -> Path:
+    """:func:`migrate_database` on SQLite; returns the database file."""
+    path = migrate_database(env).database_path
+    assert path is not None, "create_schema is SQLite's; on a server use migrate_database"
     return path
 
 

@@ -109,12 +109,29 @@ def cmd_health(args: argparse.Namespace) -> int:
     settings = load_settings()
     snap = snapshot(settings, quick_check=args.quick_check)
     w = snap["writer"]
-    down = 0 if w["up"] else 1  # exit code: scripts and monitors see a writer that does not answer
+    server = snap.get("server")  # PostgreSQL: db.server.server_status
+    # Exit code: scripts and monitors see a writer that does not answer, or a server that does not.
+    down = 0 if w["up"] and (server is None or server["reachable"]) else 1
     if args.json:
         json.dump(snap, sys.stdout, indent=2, default=str)
         print()
         return down
     print(f"database   {snap.get('path', snap['database_url'])}")
+    if server is not None and server["reachable"]:
+        print(f"server     up, PostgreSQL {server['version']}, ping {server['ping_ms']} ms, database "
+              f"{_human_bytes(server['size_bytes'])}, {server['connections']} connections "
+              f"({server['server_connections']} of {server['max_connections']} on the server)")
+        for app, n in server["by_application"].items():
+            print(f"connection {n:>4} {app}")
+        if server["writer_lock"]["held"]:
+            print(f"lock       host {server['writer_lock']['host']}'s writer lock held by "
+                  f"{server['writer_lock']['text']}")
+        for writer in server["writer_lock"].get("writers", []):
+            print(f"writer     {writer}")
+        for name, leader in server.get("leaders", {}).items():
+            print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
+    elif server is not None:
+        print(f"server     DOWN ({server['error']})")
     if "files" in snap:
         f = snap["files"]
         print(f"files      db {_human_bytes(f['db'])}, wal {_human_bytes(f['wal'])}, shm {_human_bytes(f['shm'])}")

@@ -12,10 +12,15 @@ type and none is NaN, the column passes if and only if its minimum and its maxim
 hold few distinct values (symbol, timeframe, indicator name): each distinct one is checked once. When
 a column fails, the values are checked one by one to name the first bad one, as rows would be.
 
+Indicator values come one per row (``name``, ``value``) or one row per bar: ``symbol``, ``timeframe``,
+``ts`` and a column per indicator (any of :data:`db.models.INDICATORS`), None where the bar has no
+value (a series' first bars), each present value checked as ``value`` is.
+
 A number column may come packed (an ``array.array`` of float64 or int64, :mod:`db.protocol`): it
 stands for exactly the list ``tolist()`` gives, all of one type, so the same min/max rule applies,
 taken with numpy (NaN propagates through its min and max, and fails every validator); a column that
-does not pass is checked as that list, which names the first bad value.
+does not pass is checked as that list, which names the first bad value. The one exception: a packed
+column of indicator values per bar cannot hold None, so there NaN stands for None (no value).
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from operator import ge, le, mod
 from typing import Any
 
 from db.errors import ValidationError
-from db.models import TIMEFRAMES
+from db.models import INDICATORS, TIMEFRAMES
 from db.validation import BAR_FIELDS, INDICATOR_FIELDS, MAX_ROWS, Validator, bar_rows, indicator_rows, shown
 
 #: Column order, as the tables' upserts take them.
@@ -137,5 +142,65 @@ def bar_table(name: str, value: Any) -> dict[str, list[Any]]:
 
 def indicator_table(name: str, value: Any) -> dict[str, list[Any]]:
     """Indicator values as rows (:func:`db.validation.indicator_rows`) or as columns; returns columns
-    in :data:`INDICATOR_COLUMNS` order."""
+    in :data:`INDICATOR_COLUMNS` order, or, for the one-row-per-bar form, :data:`BAR_INDICATOR_KEYS`
+    and the indicators given (lists, None where a bar has no value)."""
+    if type(value) is dict and "name" not in value and any(n in value for n in INDICATORS):
+        return _per_bar(name, value)
     return _table(name, value, indicator_rows, INDICATOR_FIELDS, {})
+
+
+#: The keys of the one-row-per-bar form of indicator values (then a column per indicator).
+BAR_INDICATOR_KEYS = ("symbol", "timeframe", "ts")
+_KEY_FIELDS = {k: INDICATOR_FIELDS[k] for k in BAR_INDICATOR_KEYS}
+
+
+def _per_bar(name: str, value: dict[str, Any]) -> dict[str, list[Any]]:
+    extra = sorted(set(value) - set(BAR_INDICATOR_KEYS) - set(INDICATORS), key=str)
+    if extra:
+        raise ValidationError(f"{name}: unexpected column {shown(extra[0])}; columns are "
+                              f"{', '.join(BAR_INDICATOR_KEYS)} and any of {', '.join(INDICATORS)}")
+    cols = _columns(name, {k: value[k] for k in BAR_INDICATOR_KEYS if k in value}, _KEY_FIELDS, {})
+    n = len(cols["ts"])
+    validator = INDICATOR_FIELDS["value"][0]
+    for f in INDICATORS:
+        if f not in value:
+            continue
+        col, where = value[f], f"{name}.{f}"
+        if type(col) is not list and type(col) is not array:
+            raise ValidationError(f"{where}: expected a list, got {type(col).__name__}")
+        if len(col) != n:
+            raise ValidationError(f"{where}: {len(col)} values, expected {n} like ts")
+        if type(col) is array and col.typecode == "d":
+            col, passed = _packed_values(col, validator)
+            if passed:
+                cols[f] = col
+                continue
+        elif type(col) is array:
+            col = col.tolist()
+        present = [v for v in col if v is not None]
+        try:
+            if present:
+                _check_column(where, present, validator, "value")
+        except ValidationError:
+            for i, v in enumerate(col):  # the same check, to name the bad value by its index in the column
+                if v is not None:
+                    validator(f"{where}[{i}]", v)
+            raise
+        cols[f] = col
+    return cols
+
+
+def _packed_values(col: array, validator: Validator) -> tuple[list[float | None], bool]:
+    """A packed column of indicator values as a list (NaN as None), and whether its values pass
+    (the min/max rule of :func:`_check_column`, over the values present)."""
+    import numpy as np  # here, not at the top: only the writer validates packed columns
+
+    values = np.frombuffer(col, np.float64)
+    missing = np.isnan(values)
+    out = col.tolist()
+    if missing.any():
+        for i in np.flatnonzero(missing).tolist():
+            out[i] = None
+        values = values[~missing]
+    passed = not len(values) or (_passes(validator, values.min().item()) and _passes(validator, values.max().item()))
+    return out, passed

@@ -94,6 +94,48 @@ def user_name(name: str, raw: str) -> str:
     return raw
 
 
+def host_name(name: str, raw: str) -> str:
+    """1-64 characters of letters, digits and ``. _ -`` (a host name as PostgreSQL sessions show it)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
+        raise ConfigError(f"{name}={raw[:70]!r} is not a host name (1-64 characters of letters, digits . _ -)")
+    return raw
+
+
+def _default_host(_: Mapping[str, Any]) -> str:
+    import socket
+
+    return host_name("TICKSTACK_HOST (the machine's host name)", socket.gethostname()[:64] or "localhost")
+
+
+#: Decimals a price may be configured with (``TICKSTACK_PRICE_DECIMALS``).
+MAX_PRICE_DECIMALS = 8
+
+
+def price_decimals(name: str, raw: str) -> dict[str, int]:
+    """``SYMBOL=DECIMALS`` pairs separated by commas (``EURUSD=5,BTCUSD=2``), decimals 0-8"""
+    from db.validation import SYMBOL_RE  # validation imports models; keep config import-light
+
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        symbol, sep, digits = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise ConfigError(f"{name}: {item[:40]!r} is not SYMBOL=DECIMALS (e.g. {name}=EURUSD=5,BTCUSD=2)")
+        if not SYMBOL_RE.fullmatch(symbol):
+            raise ConfigError(f"{name}: {symbol[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, "
+                              "upper case)")
+        if not digits.isdigit() or int(digits) > MAX_PRICE_DECIMALS:
+            raise ConfigError(f"{name}: {symbol}={digits[:20]!r}: decimals must be a whole number from 0 to "
+                              f"{MAX_PRICE_DECIMALS}")
+        if symbol in out:
+            raise ConfigError(f"{name}: {symbol} is given twice")
+        out[symbol] = int(digits)
+    return out
+
+
 def secret_text(name: str, raw: str) -> str:
     """any text (blank means unset); never printed"""
     return raw.strip()
@@ -212,10 +254,16 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_DISK_WARN_PCT", "disk_warn_pct", number(0), 10.0, "10",
       "`db doctor` and the console warn when the database's disk has less than this percent free "
       "(and report a problem below a tenth of it); 0 turns the warning off"),
+    S("TICKSTACK_PRICE_DECIMALS", "price_decimals", price_decimals, lambda _: {}, "learned from the data",
+      "decimals each symbol's prices are shown with, e.g. `EURUSD=5,BTCUSD=2` (0-8); a symbol not "
+      "named here shows the most decimals of its latest prices"),
     S("TICKSTACK_API_TOKEN", "api_token", secret_text, "", "generated into `$TICKSTACK_HOME/api-token`",
       "the API's bearer token; unset, a generated one is kept in the file (0600)", secret=True),
     S("TICKSTACK_ADMIN_USER", "admin_user", user_name, "admin", "`admin`",
       "the console's user name (its password is generated into `$TICKSTACK_HOME/admin-password`, 0600)"),
+    S("TICKSTACK_HOST", "host", host_name, _default_host, "the machine's host name",
+      "this stack's name among the stacks sharing one PostgreSQL database: one writer per host, and "
+      "what leaders, locks and the sim feed's source are named by"),
 )
 del S
 SETTING_BY_ENV = {s.env: s for s in SETTINGS}
@@ -300,8 +348,10 @@ class Settings:
     checkpoint_every_s: float
     sample_every_s: float
     disk_warn_pct: float
+    price_decimals: dict[str, int] = field(hash=False)  # symbol -> decimals (a dict cannot be hashed)
     api_token: str = field(repr=False)
     admin_user: str = "admin"
+    host: str = "localhost"
 
     @property
     def jobs(self) -> JobSchedule:

@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import sqlite3
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import NullPool
 
+from db import slowreads
 from db.config import Settings
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -87,6 +90,34 @@ def database_location(url: str) -> dict[str, str | None]:
     return {"dialect": parsed.get_backend_name(), "host": host}
 
 
+def application_name(role: str) -> str:
+    """``tickstack writer pid 1234 on host``: what every PostgreSQL session of this process is named
+    (``application_name``), so ``pg_stat_activity``, ``db doctor`` and ``/metrics`` tell who holds
+    which connections, the server-side counterpart of "who holds the file". ``role`` is the
+    program (``writer``, ``analysis``, ``gunicorn``...) or what the session is for. At most
+    PostgreSQL's 63 bytes."""
+    return f"tickstack {role} pid {os.getpid()} on {socket.gethostname()}".encode()[:63].decode(errors="ignore")
+
+
+def program_name() -> str:
+    """This process's program: the module run with ``python -m`` (``workers.writer``: ``writer``), or
+    the script's name (``gunicorn``, ``circusd``, ``pytest``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__").rsplit(".", 1)[-1]
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+
+
+def psycopg_params(url: URL) -> dict[str, Any]:
+    """``psycopg.connect`` keyword arguments for a SQLAlchemy PostgreSQL URL, as SQLAlchemy's own
+    dialect makes them (``?host=`` sockets, ``?sslmode=`` and the rest): for the few sessions that
+    need a bare psycopg connection (the writer lock's, a dump's)."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    _args, params = PGDialect_psycopg().create_connect_args(url)
+    return dict(params)
+
+
 def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Engine:
     """SQLAlchemy's documented recipe for explicit transactions: pysqlite
     starts none by itself (``isolation_level = None``), SQLAlchemy starts
@@ -112,7 +143,8 @@ def make_write_engine(settings: Settings) -> Engine:
     """The writer's engine: WAL, IMMEDIATE transactions, one connection."""
     url = settings.database_url
     if not is_sqlite(url):
-        engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
+                               connect_args={"application_name": application_name(program_name())})
         _engines.add(engine)
         return engine
     path = settings.database_path
@@ -155,12 +187,16 @@ def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
     return configure_read_only(engine, settings)
 
 
-def configure_read_only(engine: Engine, settings: Settings) -> Engine:
+def configure_read_only(engine: Engine, settings: Settings, timed: bool = True) -> Engine:
     """Make an engine built elsewhere (Flask-SQLAlchemy's, on :func:`reader_url`) behave like
     :func:`make_read_engine`'s, fork-safe. SQLite: query_only, busy timeout, explicit snapshot
     transactions. PostgreSQL: every session ``default_transaction_read_only`` from its first
     statement (set when the connection is made, so no transaction of it can write: "cannot
-    execute INSERT in a read-only transaction"), whatever the role may do."""
+    execute INSERT in a read-only transaction"), whatever the role may do. ``timed``: every
+    statement is timed into this process's slowest reads (:mod:`db.slowreads`, the console's
+    "Slowest reads"), its text without literal values, never its parameters."""
+    if timed:
+        slowreads.instrument(engine, settings.run_dir)
     if is_sqlite(engine):
         return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}",
                                                    "query_only = 1"])
@@ -173,6 +209,7 @@ def configure_read_only(engine: Engine, settings: Settings) -> Engine:
         dbapi_conn.autocommit = True
         cur = dbapi_conn.cursor()
         cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        cur.execute("SELECT set_config('application_name', %s, false)", (application_name(program_name()),))
         cur.close()
         dbapi_conn.autocommit = autocommit
 

@@ -6,13 +6,17 @@ open, by pid, and flags any that is neither the writer nor a known reader,
 and any that opened the database for writing behind the writer's back (the
 only way left to get "database is locked").
 
-Like :mod:`db.engine`, this module knows the database is SQLite.
+Like :mod:`db.engine`, this module knows the database is SQLite; on a
+PostgreSQL server it reports what :mod:`db.server` finds instead (reachable
+or not, size, connections by application_name, the writer lock's holder), and
+backs up with ``pg_dump``.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.lock import read_lock_holder
+from db.server import server_status
 
 #: Modules whose processes are ours: a process running one of them with the
 #: database open is a known reader.
@@ -168,6 +173,16 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     writer: dict[str, Any] = {"up": False, "pid": None}
     if path is not None:
         writer["pid"] = read_lock_holder(settings.writer_lock_path)
+    else:
+        snap["server"] = server = server_status(settings)
+        lock = server.get("writer_lock") or {}
+        if lock.get("held"):  # this home's writer, or another stack's (here or on another host)
+            ours = read_lock_holder(settings.writer_lock_path)
+            here = str(lock.get("holder") or "").endswith(f" on {socket.gethostname()}")
+            if here and ours is not None and ours == lock.get("writer_pid"):
+                writer["pid"] = ours
+            else:
+                writer["lock_holder"] = lock.get("text")
     client = WriterClient(settings=settings, deadline=writer_timeout)
     try:
         ping = client.ping(timeout=writer_timeout)
@@ -178,6 +193,9 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         client.close()
     snap["writer"] = writer
     snap["disk"] = disk_space(settings)
+    stats = writer.get("stats") or {}  # the same keys on both databases (pages read them)
+    snap["lock_errors"] = stats.get("lock_errors", 0)
+    snap["last_checkpoint"] = stats.get("last_checkpoint")
     if path is None:
         return snap
     snap["path"] = str(path)
@@ -187,9 +205,6 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     except (sqlite3.Error, FileNotFoundError) as e:
         snap["pragmas"] = {"error": str(e)}
     snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids)
-    stats = writer.get("stats") or {}
-    snap["lock_errors"] = stats.get("lock_errors", 0)
-    snap["last_checkpoint"] = stats.get("last_checkpoint")
     return snap
 
 
@@ -197,6 +212,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """Plain-word findings from a snapshot: (level, text) with what to do.
     Levels: ok, warn, fail."""
     out: list[tuple[str, str]] = []
+    out.extend(_server_findings(snap))
     writer = snap["writer"]
     if writer["up"]:
         st = writer.get("stats", {})
@@ -209,6 +225,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     elif writer.get("pid"):
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
                             "stuck. Look at its log, then restart it: `circusctl restart writer`."))
+    elif writer.get("lock_holder"):
+        out.append(("fail", f"This stack's writer cannot run: the database's writer lock is held by "
+                            f"{writer['lock_holder']}, another stack's writer on this database (one writer per "
+                            "database). Writes go to that stack's writer; stop it to serve them from here."))
     else:
         out.append(("fail", "The writer is not running, so writes wait (clients retry until their deadline). "
                             "Start the stack with `make run`, or `circusctl start writer`."))
@@ -243,6 +263,26 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                                 "tickstack. Reads are harmless, but a long read holds back checkpoints."))
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
+    return out
+
+
+def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+    """A PostgreSQL server: down is a failure; up, its size and connections (near max_connections: warn)."""
+    server = snap.get("server")
+    if server is None:
+        return []
+    if not server["reachable"]:
+        return [("fail", f"The database server does not answer ({server.get('error')}): nothing can be written or "
+                         "read until it is back. The writer waits for it and serves again once it is; check the "
+                         "server (is it running? `pg_isready`), its host and DATABASE_URL.")]
+    apps = ", ".join(f"{n} {name}" for name, n in sorted(server["by_application"].items(), key=lambda kv: -kv[1])[:6])
+    out = [("ok", f"The database server answers in {server['ping_ms']:.1f} ms (PostgreSQL {server['version']}): "
+                  f"database {_amount(server['size_bytes'])}, {server['connections']} connections ({apps}); "
+                  f"{server['server_connections']} of max_connections {server['max_connections']} on the server.")]
+    if server["server_connections"] > 0.8 * server["max_connections"]:
+        out.append(("warn", f"The server has {server['server_connections']} of its {server['max_connections']} "
+                            "connections in use: new ones will be refused soon. Find who holds them above, or "
+                            "raise max_connections (or put PgBouncer in front)."))
     return out
 
 
@@ -283,15 +323,20 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
 
 #: The name of every backup the stack makes (the jobs worker's and the console's): its UTC time, so
 #: names sort in time order, and rotation can tell our backups from files a person put beside them.
-BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.db")
+#: ``.db`` a SQLite copy, ``.dump`` a PostgreSQL ``pg_dump -Fc`` archive (``pg_restore`` reads it).
+BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.(db|dump)")
 
 
-def backup_path(directory: Path) -> Path:
-    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp>.db``. When a backup
-    of this second exists it waits for a fresh stamp rather than overwrite (FileExistsError after
-    three tries)."""
+def backup_suffix(settings: Settings) -> str:
+    return ".db" if settings.database_path is not None else ".dump"
+
+
+def backup_path(directory: Path, suffix: str = ".db") -> Path:
+    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp><suffix>``. When a
+    backup of this second exists it waits for a fresh stamp rather than overwrite (FileExistsError
+    after three tries)."""
     for _ in range(3):
-        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.db"
+        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}{suffix}"
         if not dest.exists():
             return dest
         time.sleep(1.01 - time.time() % 1)
@@ -311,11 +356,20 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     """Copy the database to ``dest`` with SQLite's online backup API from a
     read-only connection: a consistent snapshot while the stack runs (the
     copy is one step, one read transaction). Written to a temp file, checked
-    with integrity_check, then renamed into place."""
+    with integrity_check, then renamed into place. On PostgreSQL, a ``pg_dump -Fc``
+    archive checked with ``pg_restore --list`` (:func:`db.server.dump`)."""
     path = settings.database_path
-    if path is None:
-        raise ValueError("backup works on a SQLite database; use your server's tools for others")
     dest = Path(dest).absolute()
+    if path is None:
+        # One of our names made for SQLite (backup_path's default, as the console asks): the same
+        # stamp as a dump, so rotation and the console count it.
+        if BACKUP_RE.fullmatch(dest.name) and dest.suffix == ".db":
+            dest = dest.with_suffix(".dump")
+        if dest.exists() and not overwrite:
+            raise FileExistsError(f"{dest} exists; choose another path or pass --force")
+        from db.server import dump
+
+        return dump(settings, dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force")
     if dest == path:

@@ -7,7 +7,7 @@ fields (:func:`prepare`) and runs it inside the batch transaction
 ``Connection``; they stay portable SQL (SQLite or PostgreSQL). The hot ones
 (ticks, audit, bars and indicators, the record of applied requests) run
 statements compiled once per dialect, on the DB-API cursor where the driver
-takes them as they are (:func:`_statement`), with SQLAlchemy Core as the
+takes them as they are (:func:`compiled_insert`), with SQLAlchemy Core as the
 fallback for any other database.
 
 Every op declares its fields with the validators of :mod:`db.validation`,
@@ -16,25 +16,23 @@ is wrong with it, so a bad request fails alone and says why.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, delete, func, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
 from db import queries
 from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
+    INDICATORS,
     AppliedRequest,
     AuditEntry,
     Bar,
     Cursor,
-    IndicatorValue,
     JobRun,
     Sample,
     Tick,
@@ -43,6 +41,8 @@ from db.models import (
     now_ms,
     trade_pnl,
 )
+from db.schema import BAR_INDICATORS
+from db.statements import COPY_MIN_TICKS, copy_ticks, insert_many, insert_row, upsert_columns, upsert_rows
 from db.validation import (
     SAMPLE_FIELDS,
     TICK_FIELDS,
@@ -111,115 +111,6 @@ def execute(conn: Connection, spec: Op, args: dict[str, Any]) -> Any:
     return spec.fn(conn, **args)
 
 
-# --- compiled statements: the hot path, portable -------------------------------
-
-#: (dialect, table, columns, conflict keys, ignore) -> (SQL text, positional parameter order or None).
-_compiled: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], bool], tuple[str, tuple[str, ...] | None]] = {}
-
-
-def _dialect_insert(conn: Connection) -> Callable[[Table], Any]:
-    if conn.dialect.name == "sqlite":
-        return sqlite.insert
-    if conn.dialect.name == "postgresql":
-        return postgresql.insert
-    raise NotImplementedError(f"no upsert support for {conn.dialect.name}")
-
-
-def _statement(conn: Connection, table: Table, columns: Sequence[str], update_on: Sequence[str] | None = None,
-               ignore: bool = False) -> tuple[str, tuple[str, ...] | None]:
-    """``INSERT INTO table (columns)``, compiled once per dialect: SQLAlchemy's compile and execute
-    path costs tens of microseconds a statement, more than SQLite takes to run a small one. Plain,
-    or skipping rows whose unique key exists (``ignore``), or replacing them (``update_on``, the
-    unique key's columns: an upsert). Returns the SQL and the order of its positional parameters
-    (None for a driver with named ones)."""
-    key = (conn.dialect.name, table.name, tuple(columns), tuple(update_on or ()), ignore)
-    found = _compiled.get(key)
-    if found is None:
-        if update_on or ignore:
-            stmt = _dialect_insert(conn)(table)
-            stmt = (stmt.on_conflict_do_update(index_elements=list(update_on), set_={
-                c: getattr(stmt.excluded, c) for c in columns if c not in update_on})
-                if update_on else stmt.on_conflict_do_nothing())
-        else:
-            stmt = insert(table)
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(columns))
-        order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
-        found = _compiled[key] = (str(compiled), order)
-    return found
-
-
-def _direct(conn: Connection, order: tuple[str, ...] | None, columns: Sequence[str]) -> bool:
-    """Whether rows of ``columns`` go to the DB-API cursor as they are: SQLite, whose compiled
-    statement takes exactly these positional parameters in this order (no defaults filled in)."""
-    return conn.dialect.name == "sqlite" and order == tuple(columns)
-
-
-def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
-    """A driver error as SQLAlchemy would raise it (the writer classifies errors by that)."""
-    return DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error)
-
-
-def _executemany(conn: Connection, table: Table, columns: Sequence[str], values: Iterable[tuple], *,
-                 update_on: Sequence[str] | None = None, ignore: bool = False) -> int:
-    """executemany the compiled INSERT (see :func:`_statement`) with rows given as tuples in
-    ``columns`` order; returns the rows inserted (or replaced). On SQLite the tuples stream into
-    the DB-API cursor of the same connection, inside the caller's transaction, with no per-row
-    Python and no list of thousands kept alive for the garbage collector to walk; elsewhere
-    (PostgreSQL) through SQLAlchemy's driver-level executemany."""
-    sql, order = _statement(conn, table, columns, update_on, ignore)
-    if _direct(conn, order, columns):
-        cursor = engines.raw_dbapi(conn).cursor()
-        try:
-            cursor.executemany(sql, values)
-            return cursor.rowcount
-        except conn.dialect.loaded_dbapi.Error as e:
-            raise _driver_error(conn, sql, e) from e
-        finally:
-            cursor.close()
-    params: list = list(values)
-    if order is None:
-        params = [dict(zip(columns, row, strict=True)) for row in params]
-    elif order != tuple(columns):
-        index = [columns.index(c) for c in order]
-        params = [tuple(row[i] for i in index) for row in params]
-    return conn.exec_driver_sql(sql, params).rowcount
-
-
-def _insert_row(conn: Connection, table: Table, values: Mapping[str, Any]) -> int:
-    """Insert one row (every column but the id given) and return its id: the compiled statement
-    and ``lastrowid`` on SQLite, SQLAlchemy Core (``RETURNING``) elsewhere."""
-    columns = tuple(values)
-    sql, order = _statement(conn, table, columns)
-    if not _direct(conn, order, columns):
-        return conn.execute(insert(table), dict(values)).inserted_primary_key[0]
-    cursor = engines.raw_dbapi(conn).cursor()
-    try:
-        cursor.execute(sql, tuple(values.values()))
-        return cursor.lastrowid
-    except conn.dialect.loaded_dbapi.Error as e:
-        raise _driver_error(conn, sql, e) from e
-    finally:
-        cursor.close()
-
-
-def _upsert_columns(conn: Connection, table: Table, cols: dict[str, list[Any]] | None, names: Sequence[str],
-                    keys: Sequence[str]) -> int:
-    """Upsert rows given as columns (validated by :mod:`db.columns`) through the compiled statement."""
-    if not cols or not cols["ts"]:
-        return 0
-    values = zip(*(cols[c] for c in names), strict=True)
-    return _executemany(conn, table, names, values, update_on=keys)
-
-
-def _upsert(conn: Connection, table: Table, rows_: list[dict[str, Any]], keys: Sequence[str]) -> int:
-    """Upsert rows given as objects (every row with the same fields) through the compiled statement."""
-    if not rows_:
-        return 0
-    names = tuple(rows_[0])
-    _executemany(conn, table, names, (tuple(r[c] for c in names) for r in rows_), update_on=keys)
-    return len(rows_)
-
-
 # --- ticks ------------------------------------------------------------------------
 
 
@@ -229,7 +120,10 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     skipped and counted as a duplicate, so replays never store it twice."""
     n = len(ticks["ts"])
     values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
-    inserted = _executemany(conn, Tick.__table__, TICK_FIELDS, values, ignore=True)
+    if conn.dialect.name == "postgresql" and n >= COPY_MIN_TICKS:
+        inserted = copy_ticks(conn, values)
+    else:
+        inserted = insert_many(conn, Tick.__table__, TICK_FIELDS, values, ignore=True)
     return {"inserted": inserted, "duplicates": n - inserted}
 
 
@@ -251,14 +145,13 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
 @op("upsert_bars", bars=bar_rows)
 def upsert_bars(conn: Connection, bars: list[dict[str, Any]]) -> dict[str, int]:
     """Insert or replace whole bars (values, not increments: idempotent)."""
-    return {"upserted": _upsert(conn, Bar.__table__, bars, ("symbol", "timeframe", "ts"))}
+    return {"upserted": upsert_rows(conn, Bar.__table__, bars, ("symbol", "timeframe", "ts"))}
 
 
 @op("put_indicators", values=indicator_rows)
 def put_indicators(conn: Connection, values: list[dict[str, Any]]) -> dict[str, int]:
     """Insert or replace indicator values."""
-    keys = ("symbol", "timeframe", "name", "ts")
-    return {"upserted": _upsert(conn, IndicatorValue.__table__, values, keys)}
+    return {"upserted": _upsert_indicators(conn, {f: [r[f] for r in values] for f in INDICATOR_COLUMNS})}
 
 
 @op("store_analysis", cursor=label, position=integer(0), bars=(bar_table, False),
@@ -269,7 +162,8 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str,
     """Store bars and indicators together with the worker's cursor, in one
     savepoint: after a crash the worker resumes from a position whose bars
     are stored, so no tick is counted twice. The cursor never moves back.
-    Bars and indicators come as rows or, in bulk, as columns (:mod:`db.columns`).
+    Bars and indicators come as rows or, in bulk, as columns (:mod:`db.columns`;
+    indicators also one row per bar, a column per indicator).
     ``expect``: the cursor position these values were computed from; if the
     cursor is elsewhere (an earlier request of a pipelined worker failed),
     nothing is stored (Conflict), so no store lands on a gap."""
@@ -278,11 +172,34 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str,
         raise Conflict(f"cursor {cursor!r} is at {current or 0}, not at {expect} as this store expects")
     if current is not None and position < current:
         raise Conflict(f"cursor {cursor!r} is at {current}; refusing to move it back to {position}")
-    n_bars = _upsert_columns(conn, Bar.__table__, bars, BAR_COLUMNS, ("symbol", "timeframe", "ts"))
-    n_ind = _upsert_columns(conn, IndicatorValue.__table__, indicators, INDICATOR_COLUMNS,
-                            ("symbol", "timeframe", "name", "ts"))
-    _upsert(conn, Cursor.__table__, [{"name": cursor, "value": position, "state": state}], ("name",))
+    n_bars = upsert_columns(conn, Bar.__table__, bars, BAR_COLUMNS, ("symbol", "timeframe", "ts"))
+    n_ind = _upsert_indicators(conn, indicators) if indicators else 0
+    upsert_rows(conn, Cursor.__table__, [{"name": cursor, "value": position, "state": state}], ("name",))
     return {"bars": n_bars, "indicators": n_ind, "position": position}
+
+
+def _upsert_indicators(conn: Connection, cols: dict[str, list[Any]]) -> int:
+    """Indicator values as columns into ``bar_indicators`` (:data:`db.schema.BAR_INDICATORS`); returns
+    the values stored. One value per row (``name``, ``value``: :data:`INDICATOR_COLUMNS`) goes into
+    its name's column, the others of that row untouched; one row per bar (a column per indicator,
+    None where there is no value) sets the values it has and leaves the stored ones where it has
+    none: either way only the values given change, as rows of the old ``indicators`` table did."""
+    if not cols["ts"]:
+        return 0
+    keys = ("symbol", "timeframe", "ts")
+    if "name" not in cols:
+        names = tuple(n for n in INDICATORS if n in cols)
+        insert_many(conn, BAR_INDICATORS, keys + names, zip(*(cols[c] for c in keys + names), strict=True),
+                     update_on=keys, keep=True)
+        return sum(len(cols[n]) - cols[n].count(None) for n in names)
+    by_name: dict[str, list[int]] = {}
+    for i, name in enumerate(cols["name"]):
+        by_name.setdefault(name, []).append(i)
+    sym, tf, ts, value = cols["symbol"], cols["timeframe"], cols["ts"], cols["value"]
+    for name, rows_ in by_name.items():  # in order: a value given twice ends as the later one
+        insert_many(conn, BAR_INDICATORS, (*keys, name), ((sym[i], tf[i], ts[i], value[i]) for i in rows_),
+                     update_on=keys)
+    return len(ts)
 
 
 # --- trades ------------------------------------------------------------------------------
@@ -300,12 +217,14 @@ def _latest_price(conn: Connection, sym: str, side: str, opening: bool) -> float
 
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
            pnl: float | None = None, detail: str = "") -> None:
-    _insert_row(conn, TradeEvent.__table__, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
+    insert_row(conn, TradeEvent.__table__, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
                                                  detail=detail))
 
 
 def _open_trade_row(conn: Connection, trade_id: int) -> Any:
-    row = conn.execute(select(Trade).where(Trade.id == trade_id)).first()
+    # FOR UPDATE: on PostgreSQL writers of several hosts may close or change one trade at once; the
+    # second waits for the first and then sees it closed (SQLite: one writer, the clause is left out).
+    row = conn.execute(select(Trade).where(Trade.id == trade_id).with_for_update()).first()
     if row is None:
         raise NotFound(f"trade {trade_id} does not exist")
     if row.status != "open":
@@ -398,7 +317,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
     """Record one run of a maintenance job."""
     if finished_at < started_at:
         raise ValidationError(f"finished_at {finished_at} is before started_at {started_at}")
-    run_id = _insert_row(conn, JobRun.__table__, dict(job=job, started_at=started_at, finished_at=finished_at,
+    run_id = insert_row(conn, JobRun.__table__, dict(job=job, started_at=started_at, finished_at=finished_at,
                                                      duration_ms=finished_at - started_at, ok=ok, detail=detail))
     return {"id": run_id}
 
@@ -409,7 +328,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
 def audit(conn: Connection, actor: str, action: str, target: str = "", result: str = "ok",
           detail: str = "", ts: int | None = None) -> dict[str, int]:
     """Append to the audit log: who did what to what, and how it went."""
-    entry_id = _insert_row(conn, AuditEntry.__table__, dict(
+    entry_id = insert_row(conn, AuditEntry.__table__, dict(
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
         detail=detail))
     return {"id": entry_id}
@@ -422,7 +341,7 @@ _SAMPLE_COLUMNS = ("ts", "name", "labels", "value")
 def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int | None = None) -> dict[str, int]:
     """Store measurements for the charts; with ``keep_ms``, forget samples
     older than that (the series stay bounded)."""
-    _executemany(conn, Sample.__table__, _SAMPLE_COLUMNS,
+    insert_many(conn, Sample.__table__, _SAMPLE_COLUMNS,
                  ((s["ts"], s["name"], s.get("labels", ""), s["value"]) for s in samples))
     pruned = 0
     if keep_ms is not None:
@@ -468,7 +387,7 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
     the writer's fast path, one statement per batch. Any error fails the whole statement, and
     the writer then runs the batch again with a record per request (:func:`record_applied`)."""
     at = now_ms()
-    _executemany(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
+    insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
                  ((cid, seq, at, result) for cid, seq, result in records))
 
 

@@ -13,7 +13,7 @@ Like the ops, queries stay portable SQL (SQLite or PostgreSQL).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -22,14 +22,15 @@ from sqlalchemy import Row, Select, func, or_, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from db.models import Bar, IndicatorValue, Sample, Tick, Trade, TradeEvent, trade_pnl
+from db.columns import BAR_INDICATOR_KEYS
+from db.models import Bar, Sample, Tick, Trade, TradeEvent, trade_pnl
+from db.schema import BAR_INDICATORS
 
 #: What a query runs on: a connection (workers, the writer) or a session (the web apps).
 Reader = Connection | Session
 
 TICK_COLUMNS = (Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.ask, Tick.volume, Tick.source, Tick.seq)
 BAR_COLUMNS = (Bar.ts, Bar.open, Bar.high, Bar.low, Bar.close, Bar.volume)
-INDICATOR_COLUMNS = (IndicatorValue.ts, IndicatorValue.value)
 #: A trade as callers show it (``last_tick_id`` is the monitor's bookkeeping, left out).
 TRADE_COLUMNS = (Trade.id, Trade.symbol, Trade.side, Trade.size, Trade.entry_price, Trade.stop_loss,
                  Trade.take_profit, Trade.trailing_distance, Trade.breakeven_trigger, Trade.best_price,
@@ -133,13 +134,19 @@ def decimals(value: float) -> int:
     return min(MAX_DECIMALS, max(0, -exponent)) if isinstance(exponent, int) else 0
 
 
-def price_decimals(conn: Reader, symbols: Iterable[str], sample: int = PRECISION_TICKS) -> dict[str, int]:
-    """Symbol -> the decimals its prices are quoted with, learned from its data: the most decimals of
-    any bid or ask among its latest ``sample`` ticks (one tick is not enough: 1.08230 is stored as
-    1.0823), or of its latest bars' prices when it has no tick. A symbol with neither is left out.
-    The one precision rule: the console's tables, messages and chart axes all show prices with it."""
+def price_decimals(conn: Reader, symbols: Iterable[str], sample: int = PRECISION_TICKS,
+                   configured: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Symbol -> the decimals its prices are quoted with: as ``configured`` (the settings'
+    ``TICKSTACK_PRICE_DECIMALS``) when it names the symbol, else learned from its data: the most
+    decimals of any bid or ask among its latest ``sample`` ticks (one tick is not enough: 1.08230
+    is stored as 1.0823), or of its latest bars' prices when it has no tick. A symbol with neither is
+    left out. The one precision rule: the console's tables, messages and chart axes all show prices
+    with it."""
     out: dict[str, int] = {}
     for symbol in symbols:
+        if configured and symbol in configured:
+            out[symbol] = int(configured[symbol])  # an operator's word wins over a guess from the data
+            continue
         rows = conn.execute(select(Tick.bid, Tick.ask).where(Tick.symbol == symbol)
                             .order_by(Tick.ts.desc(), Tick.id.desc()).limit(sample)).all()
         if not rows:
@@ -181,10 +188,15 @@ def bar_series(conn: Reader, symbol: str, timeframe: str, *, since: int | None =
 def indicator_series(conn: Reader, symbol: str, timeframe: str, name: str, *, since: int | None = None,
                      until: int | None = None, limit: int) -> Page:
     """A page of the values of indicator ``name`` for ``symbol`` and ``timeframe`` (ts: the bar's
-    bucket start, unique), oldest first, as :func:`bar_series`."""
-    stmt = select(*INDICATOR_COLUMNS).where(IndicatorValue.symbol == symbol, IndicatorValue.timeframe == timeframe,
-                                            IndicatorValue.name == name)
-    return _series_page(conn, stmt, IndicatorValue.ts, since=since, until=until, limit=limit)
+    bucket start, unique), oldest first, as :func:`bar_series`: rows of (ts, value), read from its
+    column of ``bar_indicators``: one range scan of its primary key."""
+    table = BAR_INDICATORS
+    if name not in table.c or name in BAR_INDICATOR_KEYS:  # not an indicator: it has no values
+        return Page([], False, None)
+    value = table.c[name]
+    stmt = select(table.c.ts, value.label("value")).where(table.c.symbol == symbol, table.c.timeframe == timeframe,
+                                                           value.is_not(None))
+    return _series_page(conn, stmt, table.c.ts, since=since, until=until, limit=limit)
 
 
 # --- the analysis worker's reads (plain tuples: it turns them into arrays) ------------------------
@@ -200,10 +212,99 @@ def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
         result.close()
 
 
-def ticks_after(conn: Connection, after_id: int, limit: int) -> list[tuple]:
-    """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order."""
-    return _tuples(conn, select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.volume)
-                   .where(Tick.id > after_id).order_by(Tick.id).limit(limit))
+def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:
+    """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order;
+    only ids up to ``through`` when given (:meth:`TickHorizon.advance`: none of them can still come)."""
+    stmt = select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.volume).where(Tick.id > after_id)
+    if through is not None:  # None (SQLite): the very statement as before, so nothing changes there
+        stmt = stmt.where(Tick.id <= through)
+    return _tuples(conn, stmt.order_by(Tick.id).limit(limit))
+
+
+#: The transactions that may be writing ``ticks`` now: every holder of a lock on it stronger than a
+#: reader's. An INSERT or COPY takes ROW EXCLUSIVE on its table before it draws the first id, and any
+#: table lock is held until its transaction ends (PostgreSQL's documented locking), so a transaction
+#: that drew a tick id is either over or listed here. Virtual ids, because a transaction has one from
+#: its start (a real xid only from its first write; see TickHorizon for why xids do not do).
+_TICK_WRITERS_SQL = ("SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND granted "
+                     "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                     "AND relation = CAST('ticks' AS regclass) AND mode <> 'AccessShareLock'")
+#: The id sequence must hand out each value when it is drawn: with CACHE n a session holds values
+#: drawn earlier and uses them later, without touching the sequence, which the proof below excludes.
+_TICK_ID_CACHE_SQL = ("SELECT seqcache FROM pg_sequence "
+                      "WHERE seqrelid = CAST(pg_get_serial_sequence('ticks', 'id') AS regclass)")
+
+
+class TickHorizon:
+    """PostgreSQL: the highest tick id below which no tick can still appear, for the readers that
+    follow ticks by ``id > cursor`` (analysis, monitor), so that none skips a tick forever.
+
+    Why it is needed: with several writers (hosts), a transaction that drew id 10 may commit after
+    one that drew id 11 is already visible; a reader that took 11 and moved its cursor past it never
+    reads 10. On SQLite there is one writer and commits are serial: :meth:`advance` returns None and
+    runs nothing.
+
+    How: each call samples (``top``: the largest visible id, then ``writers``: the virtual ids of the
+    transactions holding a write lock on ``ticks``, :data:`_TICK_WRITERS_SQL`), and the bound becomes
+    the ``top`` of the latest sample none of whose ``writers`` holds the lock any more.
+
+    Why nothing below the bound can still appear: ids come from one sequence with CACHE 1 (checked),
+    so every id <= ``top`` was drawn before ``top`` was, so before the sample's lock read. The
+    transaction that drew it did so inside an INSERT or COPY on ``ticks``, holding its lock from
+    before the draw to its end. At the lock read it was therefore either over (committed: visible to
+    every later snapshot; aborted: the tick never exists) or in ``writers``. When a later read no
+    longer lists any of ``writers``, those are over too. So every tick with id <= ``top`` is in every
+    snapshot taken after that read, or never will be; :meth:`advance` ends the connection's
+    transaction, so the caller's next reads take such a snapshot. A collision of virtual ids can only
+    make the bound wait longer, never move early.
+
+    Cost and lag: two small reads per call (an index's last entry, ``pg_locks``), no schema change,
+    nothing on the write path. With no write in flight the bound is the latest id at once; under
+    steady ingest it is the previous call's ``top`` (a writer's batch transaction ends between two
+    calls). A transaction that inserted a tick and stays open holds the bound below its id (on
+    purpose: it may still commit); an open transaction that never wrote ``ticks`` does not.
+
+    Why not a transaction-id horizon (an xid8 per tick, read ``id > cursor`` among ticks with xid <
+    ``pg_snapshot_xmin``): ids and xids are not in the same order. T1 gets its xid, T2 gets a larger
+    one and inserts id 10, T1 inserts id 11 and commits: 11 is below the horizon (T2 runs, so xmin is
+    T2's), 10 is invisible, and nothing visible says that a smaller id is still coming. Ordering the
+    readers by (xid, id) instead would be skip-free, but the cursors (``store_analysis``,
+    ``last_tick_id``) are tick ids that never move back."""
+
+    #: Samples kept while the bound waits (a long transaction); dropping one only delays the bound.
+    MAX_PENDING = 32
+
+    def __init__(self) -> None:
+        self.safe = 0
+        self._pending: list[tuple[int, frozenset[str]]] = []
+        self._checked = False
+
+    def advance(self, conn: Connection) -> int | None:
+        """The bound now (None on SQLite: no bound needed). Call it before the reads it bounds, with
+        no transaction of the caller's open on ``conn``: it ends the one it used (PostgreSQL only)."""
+        if conn.dialect.name != "postgresql":
+            return None
+        try:
+            if not self._checked:
+                cache = conn.exec_driver_sql(_TICK_ID_CACHE_SQL).scalar()
+                if cache is not None and cache > 1:
+                    raise RuntimeError(f"the ticks id sequence has CACHE {cache}: readers need CACHE 1 to "
+                                       "know that no smaller id can still appear (ALTER SEQUENCE ... CACHE 1)")
+                self._checked = True
+            top = conn.execute(select(func.max(Tick.id))).scalar() or 0
+            writers = frozenset(row[0] for row in conn.exec_driver_sql(_TICK_WRITERS_SQL))  # after top: see above
+        finally:
+            conn.rollback()  # the caller's reads start a snapshot after the lock read
+        if top > self.safe:
+            self._pending.append((top, writers))
+        # A sample is ready when none of its writers is among those now (its own: when it had none).
+        ready = [t for t, w in self._pending if not w & writers]
+        if ready:
+            self.safe = max(self.safe, *ready)
+        self._pending = [(t, w) for t, w in self._pending if t > self.safe]
+        if len(self._pending) > self.MAX_PENDING:
+            del self._pending[1]  # keep the oldest: it is the next to become ready
+        return self.safe
 
 
 def symbol_ticks_between(conn: Connection, symbol: str, since: int, until: int, max_id: int) -> list[tuple]:
@@ -327,3 +428,42 @@ def sample_totals(conn: Reader, name: str, since_ms: int) -> dict[str, float]:
     rows = conn.execute(select(Sample.labels, func.sum(Sample.value))
                         .where(Sample.name == name, Sample.ts >= since_ms).group_by(Sample.labels)).all()
     return {label: float(total or 0) for label, total in rows}
+
+
+def table_stats(conn: Reader, sizes: bool = True) -> list[dict[str, Any]]:
+    """Each table of the schema with its row count (``rows``) and the bytes it takes with its
+    indexes (``bytes``; ``index_bytes`` of them in indexes), largest first. Sizes come from SQLite's
+    ``dbstat`` (which reads every page: pass ``sizes=False`` on a large file) or PostgreSQL's
+    ``pg_total_relation_size``; None where the database cannot say. Counts are exact (``count(*)``)."""
+    from sqlalchemy import text
+
+    from db.models import metadata
+    from db.schema import BAR_INDICATORS
+
+    dialect = conn.get_bind().dialect.name if hasattr(conn, "get_bind") else conn.dialect.name
+    # Since schema v3 ``indicators`` is a view of ``bar_indicators`` (one row per bar): the table is
+    # what takes the space.
+    schema_tables = [t for t in metadata.sorted_tables if t.name != "indicators"] + [BAR_INDICATORS]
+    tables = [t.name for t in schema_tables]
+    out = {name: {"name": name, "rows": None, "bytes": None, "index_bytes": None} for name in tables}
+    for t in schema_tables:
+        out[t.name]["rows"] = conn.execute(select(func.count()).select_from(t)).scalar_one()
+    if sizes and dialect == "sqlite":
+        owner = dict(conn.execute(text("SELECT name, tbl_name FROM sqlite_master WHERE type IN ('table', 'index')")
+                                  ).all())
+        for name, size in conn.execute(text("SELECT name, sum(pgsize) FROM dbstat GROUP BY name")).all():
+            table = owner.get(name, name)
+            if table in out:
+                entry = out[table]
+                entry["bytes"] = (entry["bytes"] or 0) + int(size or 0)
+                if name != table:
+                    entry["index_bytes"] = (entry["index_bytes"] or 0) + int(size or 0)
+        for entry in out.values():
+            if entry["bytes"] is not None and entry["index_bytes"] is None:
+                entry["index_bytes"] = 0
+    elif sizes and dialect == "postgresql":
+        for name in tables:
+            total, rel = conn.execute(text("SELECT pg_total_relation_size(CAST(:t AS regclass)), "
+                                           "pg_relation_size(CAST(:t AS regclass))"), {"t": name}).one()
+            out[name]["bytes"], out[name]["index_bytes"] = int(total), int(total) - int(rel)
+    return sorted(out.values(), key=lambda e: (-(e["bytes"] or 0), -(e["rows"] or 0), e["name"]))

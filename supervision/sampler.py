@@ -9,13 +9,21 @@ or, when the writer restarted in between (its uptime is shorter than ``dt``, its
 again at 0), ``now / uptime``. The previous values are read back from ``samples`` on the first
 call, so a restart of the jobs worker leaves no gap in the rates.
 
-``watcher.restarts`` counts, per watcher, the circus processes that are new since the previous
-sample (a process is its pid and create time, so a reused pid is still a new process): a restart, a
-respawn after a crash, an ``incr``. A process that starts and dies between two samples is not seen;
-gunicorn replacing its own workers is not counted (only circus's processes are). After a restart of
-the jobs worker, the first sample counts the processes created since the last stored sample (by
-create time, which psutil knows to about a second); with no sample within
-:data:`RESUME_WINDOW_MS` it is the baseline and counts nothing.
+``watcher.restarts`` counts, per watcher, the processes **replaced** since the previous sample: a
+process that died (crashed, killed, a signal) or was restarted, and that circus replaced by a new
+one while the watcher stayed running with the same number of processes asked for. A process is its
+pid and create time (a reused pid is still a new process). Each sample adds the processes gone since
+the previous one to the watcher's *gone* count, and counts as restarts the new processes that
+replace them (at most as many as are gone): so a restart whose stop and start fall on either side of
+a sample counts each process once. Not restarts: an ``incr`` or ``decr`` (circus's asked-for
+``numprocesses`` changed: that interval counts 0 and the gone count starts over), a stop and a
+start (a sample saw the watcher ``stopped``: the gone count starts over). Not told apart: a stop
+and a start no sample saw stopped (they read as a restart); a process that starts and dies between
+two samples (not seen). gunicorn replacing its own workers is not counted (only circus's processes
+are). After a restart of the jobs worker, the first sample counts the processes created since the
+last stored sample (by create time, which psutil knows to about a second) of a watcher that still
+runs as many processes as that sample stored; with no sample within :data:`RESUME_WINDOW_MS` it is
+the baseline and counts nothing.
 """
 from __future__ import annotations
 
@@ -23,12 +31,13 @@ import logging
 import time
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from db import health, queries
 from db.client import WriterClient
 from db.config import Settings
-from db.models import now_ms
+from db.models import Sample, now_ms
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter, collect_watchers
 
@@ -49,6 +58,16 @@ PRUNE_EVERY_S = 60.0
 RESUME_WINDOW_MS = 600_000
 
 
+def asked_for(c: Circus, watcher: str) -> int | None:
+    """circus's asked-for ``numprocesses`` of ``watcher`` (what incr/decr change); None when it does
+    not say (or the watcher went away since circus listed it)."""
+    try:
+        value = (c.call("options", name=watcher).get("options") or {}).get("numprocesses")
+    except CircusError:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class Sampler:
     """One measurement of the writer, the database files and every watcher per :meth:`collect`.
 
@@ -62,9 +81,14 @@ class Sampler:
         self.previous: dict[str, tuple[int, float]] = {}
         #: Watcher -> its processes as (pid, create time) at the previous sample; None before the first.
         self.previous_procs: dict[str, set[tuple[int, float | None]]] | None = None
-        #: Epoch ms of the last stored watcher sample, read back by :meth:`resume`: processes created
-        #: after it are restarts (used once, when there is no ``previous_procs`` yet).
+        #: Watcher -> circus's asked-for numprocesses at the previous sample (None: it did not say).
+        self.previous_wanted: dict[str, int | None] = {}
+        #: Watcher -> processes gone and not replaced yet (see the module docstring).
+        self.gone: dict[str, int] = {}
+        #: Epoch ms of the last stored watcher sample and each watcher's process count then, read back
+        #: by :meth:`resume` (used once, when there is no ``previous_procs`` yet).
         self.previous_watchers_ms: int | None = None
+        self.previous_counts: dict[str, int] = {}
         self._last_prune = 0.0
         self._circus_error: str | None = None
 
@@ -78,6 +102,10 @@ class Sampler:
                 self.previous[name.removeprefix("writer.")] = (int(row.ts), float(row.value))
         last = queries.latest_sample(conn, "watcher.restarts", since)
         self.previous_watchers_ms = int(last.ts) if last is not None else None
+        if last is not None:
+            rows = conn.execute(select(Sample.labels, Sample.value).where(
+                Sample.name == "watcher.processes", Sample.ts == int(last.ts))).all()
+            self.previous_counts = {str(label): int(value) for label, value in rows}
 
     def collect(self, client: WriterClient, writer_timeout: float = 2.0) -> tuple[list[dict[str, Any]], dict]:
         """Measure everything; return (samples for ``record_samples``, a summary for the log).
@@ -116,8 +144,9 @@ class Sampler:
         summary: dict[str, Any] = {"circus": "ok"}
         watchers_at = now_ms()
         try:
-            watchers = collect_watchers(Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0),
-                                        self.meter)
+            c = Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0)
+            watchers = collect_watchers(c, self.meter)
+            wanted = {w["name"]: asked_for(c, w["name"]) for w in watchers}
         except CircusError as e:
             summary["circus"] = str(e)
             if self._circus_error != str(e):
@@ -133,19 +162,31 @@ class Sampler:
                 add("watcher.cpu_percent", w["cpu"], w["name"], watchers_at)
                 add("watcher.rss_bytes", w["rss"], w["name"], watchers_at)
                 add("watcher.processes", w["numprocesses"], w["name"], watchers_at)
-                add("watcher.restarts", self._new_processes(w["name"], procs[w["name"]]), w["name"], watchers_at)
+                add("watcher.restarts", self._replaced(w["name"], procs[w["name"]], w["status"], wanted[w["name"]]),
+                    w["name"], watchers_at)
             self.previous_procs = procs
+            self.previous_wanted = wanted
             self.previous_watchers_ms = watchers_at
         summary["samples"] = len(samples)
         return samples, summary
 
-    def _new_processes(self, watcher: str, procs: set[tuple[int, float | None]]) -> int:
-        """How many of ``procs`` are new since the previous sample (see the module docstring)."""
+    def _replaced(self, watcher: str, procs: set[tuple[int, float | None]], status: str,
+                  wanted: int | None) -> int:
+        """How many of ``watcher``'s processes were replaced since the previous sample (see the
+        module docstring): neither scaling nor a stop and start is a restart."""
         if self.previous_procs is not None:
-            return len(procs - self.previous_procs.get(watcher, set()))
+            before = self.previous_procs.get(watcher, set())
+            if status == "stopped" or wanted != self.previous_wanted.get(watcher, wanted):
+                self.gone[watcher] = 0  # a stop, or an incr/decr: what follows is no replacement
+                return 0
+            gone = self.gone.get(watcher, 0) + len(before - procs)
+            replaced = min(gone, len(procs - before))
+            # Bounded by the processes asked for: a decr's leftover cannot turn a later incr into restarts.
+            self.gone[watcher] = min(gone - replaced, wanted if wanted is not None else len(procs))
+            return replaced
         since = self.previous_watchers_ms
-        if since is None:
-            return 0  # the baseline
+        if since is None or status == "stopped" or self.previous_counts.get(watcher) != len(procs):
+            return 0  # the baseline, or scaled since: no way to tell a replacement from an incr
         return sum(1 for _, started in procs if started is not None and started * 1000 > since)
 
     def store(self, client: WriterClient, samples: list[dict[str, Any]], deadline: float = 5.0) -> dict[str, Any]:

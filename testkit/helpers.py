@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 import tempfile
 import time
@@ -17,6 +18,10 @@ from db.config import Settings
 from db.health import connect_read_only
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+
+
+#: The CSRF token in a console page's forms (Flask-WTF's hidden field).
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:

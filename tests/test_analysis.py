@@ -23,7 +23,7 @@ from testkit.env import ROOT
 from testkit.writer import Stack
 from workers.analysis import AnalysisWorker
 from workers.analyzer import Analyzer, Chunk, Output
-from workers.indicators import atr_wilder, ema, rsi_wilder, sma
+from workers.indicators import SERIES, atr_wilder, ema, rsi_wilder, sma
 
 T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
 MIN = 60_000
@@ -158,14 +158,14 @@ def test_bars_and_indicators_exact_across_runs_and_restarts(writer: Stack) -> No
 
 
 def test_a_chunk_over_the_row_limits_is_split(writer: Stack) -> None:
-    # One tick a minute: 3000 1m bars plus 5m/1h/1d ones, four indicators each: well over the
-    # 10,000 rows a store_analysis list may hold, all in one 5000-tick chunk.
+    # One tick a minute: 10,500 1m bars plus 5m/1h/1d ones, and a row of indicators each: over the
+    # 10,000 rows a store_analysis list may hold, all in one chunk.
     ticks = [{"symbol": "ONE", "ts": T0 + i * MIN + 7, "bid": 100 + math.sin(i / 9) * 5, "ask": 200.0,
-              "volume": 1.0} for i in range(3000)]
+              "volume": 1.0} for i in range(10_500)]
     insert(writer, ticks, "minutely")
     log = run_worker(writer)
-    assert "stored 2 chunk(s): 3000 ticks" in log
-    assert sum(1 for k in check_bars(writer) if k[1] == "1m") == 3000
+    assert "stored 2 chunk(s): 10500 ticks" in log
+    assert sum(1 for k in check_bars(writer) if k[1] == "1m") == 10_500
     assert check_indicators(writer, ("1m", "5m", "1h")) > 10_000
 
 
@@ -207,7 +207,9 @@ def rows_of(out: Output) -> tuple[dict, dict]:
     bars = {k: dict(zip(out.bars, v, strict=True)) for k, v in zip(
         zip(out.bars["symbol"], out.bars["timeframe"], out.bars["ts"], strict=True),
         zip(*out.bars.values(), strict=True), strict=True)}
-    inds = {(s, tf, n, t): v for s, tf, n, t, v in zip(*out.indicators.values(), strict=True)}
+    ind = out.indicators  # one row per bar, a column per indicator, NaN where a bar has none
+    inds = {(s, tf, n, t): v for n in SERIES
+            for s, tf, t, v in zip(ind["symbol"], ind["timeframe"], ind["ts"], ind[n], strict=True) if v == v}
     return bars, inds
 
 

@@ -29,18 +29,17 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import Browser, expect
 from test_browser import (  # noqa: F401 - browser, playwright, replay and stack are fixtures used here
     N_BARS,
     SYMBOL,
     browser,
-    playwright,
     query,
     replay,
     stack,
@@ -48,6 +47,7 @@ from test_browser import (  # noqa: F401 - browser, playwright, replay and stack
 )
 
 from db.client import WriterClient
+from testkit.browser import TOO_WIDE_JS, ConsoleView
 from webapp.console.charts import CHARTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,16 +150,6 @@ name => {
   return rgb;
 }
 """
-# Everything that makes the document wider than the window (what would scroll sideways).
-TOO_WIDE_JS = """
-() => {
-  const width = document.documentElement.clientWidth;
-  return {scrollWidth: document.documentElement.scrollWidth, width: width,
-          culprits: Array.from(document.querySelectorAll("body *"))
-                         .filter(e => e.getBoundingClientRect().right > width + 1)
-                         .slice(0, 5).map(e => e.tagName.toLowerCase() + "." + e.className)};
-}
-"""
 # A link is reachable when it has a size, lies in the window and is what a click on its centre hits.
 REACHABLE_JS = """
 a => {
@@ -175,29 +165,11 @@ a => {
 
 
 @dataclass
-class View:
+class View(ConsoleView):
     """A logged-in browser context at one width and colour scheme, and what it must never do."""
 
-    context: BrowserContext
-    page: Page
-    base: str
-    #: The stack's home: the admin password is there once the console made it (on its first request).
-    home: Path
     width: int
     scheme: str
-    outside: list[str] = field(default_factory=list)
-    js_errors: list[str] = field(default_factory=list)
-
-    def goto(self, path: str) -> None:
-        response = self.page.goto(self.base + path)
-        assert response is not None and response.ok, f"{path}: {response and response.status}"
-
-    def login(self) -> None:
-        self.goto("/console/login")
-        self.page.fill("#username", "admin")
-        self.page.fill("#password", (self.home / "admin-password").read_text().strip())
-        self.page.click("button[type=submit]")
-        self.page.wait_for_url(re.compile(r"/console/watchers$"))
 
     def shot(self, name: str) -> None:
         """A full-page screenshot, after the highlight of cells a poll changed has faded."""

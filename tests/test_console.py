@@ -29,12 +29,11 @@ from db.health import connect_read_only
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import isolated_env as stack_env
 from testkit.env import new_home
-from testkit.helpers import query, wait_for
+from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.writer import Stack
 from webapp import create_app
 from webapp.auth_state import LoginThrottle, Schedule
 
-CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 FLASH_RE = re.compile(r'class="flash flash-(\w+)"[^>]*>([^<]*)<')
 PAGES = ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",
          "/console/logs", "/console/audit")

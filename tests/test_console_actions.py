@@ -26,16 +26,13 @@ import pytest
 from flask import Flask
 
 from db.client import WriterClient
+from testkit.browser import chromium
 from testkit.circus import CircusStack
-from testkit.helpers import query, wait_for
+from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.writer import Stack
 from webapp import create_app
 from webapp.console.watchers import gunicorn_workers
 
-CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
 #: A writer restart drains its producers (about a second) and waits out the other watchers' hooks;
 #: a generous bound for "did it happen" on a loaded machine.
 FOLLOW_MS = 120_000
@@ -246,71 +243,65 @@ def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack
 def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> None:
     """In a browser: each click is followed until circus reports the new state, the page says "done"
     with the state, shows its progress meanwhile, and the audit log has one row per click."""
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium package") if not os.environ.get("CI") \
-            else pytest.fail(f"{CHROMIUM} is missing")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     s = cstack.settings
     since = last_audit_id(s)
     old = cstack.pids_of("writer")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            page.set_default_timeout(FOLLOW_MS)
-            page.on("dialog", lambda d: d.accept())
-            base = f"http://127.0.0.1:{cstack.console_port}"
-            page.goto(base + "/console/login")
-            page.fill("#username", "admin")
-            page.fill("#password", (cstack.home / "admin-password").read_text().strip())
-            page.click("button[type=submit]")
-            page.wait_for_url(re.compile(r"/console/watchers$"))
-            progress = page.locator("[data-action-progress]")
-            expect(progress).to_be_hidden()
+    with chromium() as browser:
+        page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        page.set_default_timeout(FOLLOW_MS)
+        page.on("dialog", lambda d: d.accept())
+        base = f"http://127.0.0.1:{cstack.console_port}"
+        page.goto(base + "/console/login")
+        page.fill("#username", "admin")
+        page.fill("#password", (cstack.home / "admin-password").read_text().strip())
+        page.click("button[type=submit]")
+        page.wait_for_url(re.compile(r"/console/watchers$"))
+        progress = page.locator("[data-action-progress]")
+        expect(progress).to_be_hidden()
 
-            # What the progress line said while the POST was followed (it may last under a second),
-            # kept across the navigation that ends it.
-            page.evaluate("""() => { const el = document.querySelector("[data-action-progress]");
-                new MutationObserver(() => { if (!el.hidden) sessionStorage.setItem("progress", el.textContent); })
-                  .observe(el, {attributes: true, childList: true, characterData: true, subtree: true}); }""")
-            restart = page.locator('tr[data-watcher="writer"] button[data-action="restart"]')
-            with page.expect_navigation(timeout=FOLLOW_MS):
-                restart.click()
-            assert page.evaluate("() => sessionStorage.getItem('progress')") == "Restarting writer…"
-            expect(page.locator(".flash-ok")).to_contain_text("Restart writer: done. writer is active")
-            new = cstack.pids_of("writer")
-            assert new and new != old and cstack.status()["writer"] == "active"
+        # What the progress line said while the POST was followed (it may last under a second),
+        # kept across the navigation that ends it.
+        page.evaluate("""() => { const el = document.querySelector("[data-action-progress]");
+            new MutationObserver(() => { if (!el.hidden) sessionStorage.setItem("progress", el.textContent); })
+              .observe(el, {attributes: true, childList: true, characterData: true, subtree: true}); }""")
+        restart = page.locator('tr[data-watcher="writer"] button[data-action="restart"]')
+        with page.expect_navigation(timeout=FOLLOW_MS):
+            restart.click()
+        assert page.evaluate("() => sessionStorage.getItem('progress')") == "Restarting writer…"
+        expect(page.locator(".flash-ok")).to_contain_text("Restart writer: done. writer is active")
+        new = cstack.pids_of("writer")
+        assert new and new != old and cstack.status()["writer"] == "active"
 
-            stop = page.locator('tr[data-watcher="writer"] button[data-action="stop"]')
-            with page.expect_navigation(timeout=FOLLOW_MS):
-                stop.click()
-            expect(page.locator(".flash-ok")).to_contain_text("Stop writer: done. writer is stopped")
-            expect(page.locator('tr[data-watcher="writer"] [data-field="status"]')).to_have_text("stopped")
-            assert cstack.status()["writer"] == "stopped" and cstack.pids_of("writer") == []
+        stop = page.locator('tr[data-watcher="writer"] button[data-action="stop"]')
+        with page.expect_navigation(timeout=FOLLOW_MS):
+            stop.click()
+        expect(page.locator(".flash-ok")).to_contain_text("Stop writer: done. writer is stopped")
+        expect(page.locator('tr[data-watcher="writer"] [data-field="status"]')).to_have_text("stopped")
+        assert cstack.status()["writer"] == "stopped" and cstack.pids_of("writer") == []
 
-            start = page.locator('tr[data-watcher="writer"] button[data-action="start"]')
-            with page.expect_navigation(timeout=FOLLOW_MS):
-                start.click()
-            expect(page.locator(".flash-ok")).to_contain_text("Start writer: done.")
+        start = page.locator('tr[data-watcher="writer"] button[data-action="start"]')
+        with page.expect_navigation(timeout=FOLLOW_MS):
+            start.click()
+        expect(page.locator(".flash-ok")).to_contain_text("Start writer: done.")
 
-            # −1 process to 0 (confirmed in a dialog): "no processes", and still so after the page's poll.
-            with page.expect_navigation(timeout=FOLLOW_MS):
-                page.locator('tr[data-watcher="monitor"] button[data-action="decr"]').click()
-            pill = page.locator('tr[data-watcher="monitor"] [data-field="status"]')
-            expect(pill).to_have_text("no processes")
-            badge = page.locator("[data-live-text]")
-            expect(badge).to_have_text(re.compile(r"^live · "))
-            first = badge.inner_text()
-            expect(badge).not_to_have_text(first)  # polled again since
-            expect(pill).to_have_text("no processes")
-            expect(pill).to_have_class(re.compile(r"(^|\s)pill-no-processes(\s|$)"))
-            expect(page.locator('tr[data-watcher="monitor"] button[data-action="start"]')).to_be_disabled()
-            with page.expect_navigation(timeout=FOLLOW_MS):
-                page.locator('tr[data-watcher="monitor"] button[data-action="incr"]').click()
-            expect(page.locator(".flash-ok")).to_contain_text("+1 process monitor: done.")
-        finally:
-            browser.close()
+        # −1 process to 0 (confirmed in a dialog): "no processes", and still so after the page's poll.
+        with page.expect_navigation(timeout=FOLLOW_MS):
+            page.locator('tr[data-watcher="monitor"] button[data-action="decr"]').click()
+        pill = page.locator('tr[data-watcher="monitor"] [data-field="status"]')
+        expect(pill).to_have_text("no processes")
+        badge = page.locator("[data-live-text]")
+        expect(badge).to_have_text(re.compile(r"^live · "))
+        first = badge.inner_text()
+        expect(badge).not_to_have_text(first)  # polled again since
+        expect(pill).to_have_text("no processes")
+        expect(pill).to_have_class(re.compile(r"(^|\s)pill-no-processes(\s|$)"))
+        expect(page.locator('tr[data-watcher="monitor"] button[data-action="start"]')).to_be_disabled()
+        with page.expect_navigation(timeout=FOLLOW_MS):
+            page.locator('tr[data-watcher="monitor"] button[data-action="incr"]').click()
+        expect(page.locator(".flash-ok")).to_contain_text("+1 process monitor: done.")
+
     # The stop's row was spooled (it took the writer away) and sent with the start's.
     def actions() -> list[tuple]:
         return [r for r in audit_rows(s, since) if r[0].startswith("watcher.")]  # the browser's login too

@@ -202,8 +202,8 @@ def test_stopped_while_neither_disk_nor_writer_takes_its_ticks_the_ingestor_says
     assert stop_process(ingestor, 60) is False
     log = small.log("ticks")
     assert ingestor.returncode == 1 and "Traceback" not in log, log[-3000:]
-    lost = [int(n) for n in re.findall(r"lost (\d+) ticks of source sim-\d+, seq \d+\.\.\d+: the writer did not take "
-                                       r"them and the disk refused them \(\[Errno 28\]", log)]
+    lost = [int(n) for n in re.findall(r"lost (\d+) ticks of source sim-[A-Za-z0-9._-]+, seq \d+\.\.\d+: the writer "
+                                       r"did not take them and the disk refused them \(\[Errno 28\]", log)]
     summary = SUMMARY_RE.search(log)
     assert lost and summary and sum(lost) == int(summary.group(7)) == int(summary.group(2)), log[-3000:]
 

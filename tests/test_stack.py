@@ -115,7 +115,7 @@ def test_stack_end_to_end(running: CircusStack) -> None:
     assert not wal.exists() or wal.stat().st_size == 0, "WAL not checkpointed"
     con = ro(stack)
     assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    summary = re.search(r"source (sim-\d+) received (\d+), acked (\d+) \(duplicates (\d+)\), spooled (\d+)",
+    summary = re.search(r"source (sim-[A-Za-z0-9._-]+) received (\d+), acked (\d+) \(duplicates (\d+)\), spooled (\d+)",
                         stack.log("ticks"))
     assert summary, stack.log("ticks")[-2000:]
     source, received, acked, _dups, spooled = summary.group(1), *map(int, summary.groups()[1:])

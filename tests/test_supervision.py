@@ -324,7 +324,11 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
         wait_for("writes", lambda: len(acked) > 20, timeout=60)
         old = stack.pids_of("writer")
         os.kill(old[0], signal.SIGSTOP)
-        new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=180)
+        try:
+            new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=180)
+        except AssertionError as e:  # say what circus did meanwhile: the failure is otherwise mute
+            raise AssertionError(f"{e}\ncircusd.log:\n{stack.log('circusd')[-4000:]}\nwriter log:\n"
+                                 f"{stack.log('writer')[-2000:]}") from None
         assert not psutil.pid_exists(old[0]) or not alive(psutil.Process(old[0]))
         served = len(acked)
         wait_for("writes again", lambda: len(acked) > served + 20, timeout=120)

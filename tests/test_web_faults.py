@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import pytest
 from testkit.circus import CircusStack
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.gunicorn import watcher_command
-from testkit.helpers import query, wait_for
+from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.process import Descendants, stop_process
 from webapp.auth_state import LoginThrottle, Schedule, SessionStore, peer_key
 from webapp.gunicorn_worker import HEADER_TIMEOUT
@@ -37,7 +36,6 @@ from webapp.gunicorn_worker import HEADER_TIMEOUT
 ANSWER_WITHIN = 10.0
 HALF_OPEN = 50
 NOBODY = 65534
-CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another local user (nobody) needs root")
 
 

@@ -47,6 +47,7 @@ from db.client import WriterClient
 from db.config import Settings
 from db.errors import WriterError
 from db.health import file_sizes
+from db.server import server_status
 from supervision.circus import Circus, CircusError
 
 log = logging.getLogger("tickstack.api")
@@ -93,6 +94,13 @@ class Probe:
         empty for a database that is not a SQLite file."""
         path = self.settings.database_path
         return {} if path is None else file_sizes(path)
+
+    def database_server(self) -> dict[str, Any] | None:
+        """A PostgreSQL server's reachability, size and connections (:func:`db.server.server_status`);
+        None for a SQLite file."""
+        if self.settings.database_path is not None:
+            return None
+        return server_status(self.settings, timeout=PROBE_TIMEOUT)
 
     def circus(self) -> CircusStatus:
         """Watcher statuses (plugins left out); when circusd is not running
@@ -151,12 +159,24 @@ class StackCollector:
             yield family
 
         files = self.probe.database_files()
-        for name, doc, kind in (("tickstack_database_size_bytes", "Size of the SQLite database file", "db"),
+        server = self.probe.database_server()
+        if server is not None:  # PostgreSQL: the database's size as the server counts it (pg_database_size)
+            files = {"db": server.get("size_bytes")}
+        for name, doc, kind in (("tickstack_database_size_bytes", "Size of the database (SQLite: its file; "
+                                 "PostgreSQL: pg_database_size)", "db"),
                                 ("tickstack_wal_size_bytes", "Size of the SQLite WAL file (0 when absent)", "wal")):
             family = GaugeMetricFamily(name, doc)
-            if files and (kind == "wal" or files.get(kind) is not None):
+            if files and files.get(kind) is not None or (kind == "wal" and files and server is None):
                 family.add_metric([], float(files.get(kind) or 0))
             yield family
+        if server is not None:
+            yield GaugeMetricFamily("tickstack_database_up", "1 when the PostgreSQL server answered this scrape",
+                                    value=1.0 if server["reachable"] else 0.0)
+            connections = GaugeMetricFamily("tickstack_database_connections", "Sessions on the database by "
+                                            "application_name, pids left out (PostgreSQL)", labels=["application"])
+            for app, n in (server.get("by_application") or {}).items():
+                connections.add_metric([app], float(n))
+            yield connections
 
         circus = self.probe.circus()
         yield GaugeMetricFamily("tickstack_circus_up", "1 when circusd answered this scrape's status request",

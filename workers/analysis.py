@@ -1,6 +1,8 @@
 """The analysis worker: ticks in, OHLCV bars and indicators out (``python -m workers.analysis``).
 
-Each step reads the next chunk of ticks after its cursor (``id > cursor``, in id order) as arrays,
+Each step reads the next chunk of ticks after its cursor (``id > cursor``, in id order; on PostgreSQL
+only up to :class:`db.queries.TickHorizon`'s bound, so that a tick whose transaction commits late is
+never passed over) as arrays,
 folds them with :class:`workers.analyzer.Analyzer` (numpy aggregation for ticks in order, bars
 recomputed from the stored ticks for late ones: see that module) and stores the changed bars, their
 indicator values, the new cursor position and the fold's state with ``store_analysis``, in columns.
@@ -15,7 +17,9 @@ that must not happen twice). A crash between the parts redoes the chunk and writ
 
 Stores are pipelined (a few requests in flight, so folding the next chunk overlaps the writer
 storing the last one); each names the cursor position it was computed from (``expect``), so after a
-failed one every later one is refused too and the worker resumes from the stored cursor.
+failed one every later one is refused too and the worker resumes from the stored cursor. Within a
+chunk of ticks in order, full requests go as soon as they are full (the bars are ready long before
+the indicators, which take a Python loop per bar): the writer stores them while the rest is computed.
 
 Backfills (late ticks folded into older bars) are logged, kept as running totals in the state, and
 recorded as samples (``analysis_backfill_ticks`` / ``_bars`` per symbol) for the console.
@@ -38,7 +42,7 @@ from db.config import Settings
 from db.errors import Conflict, WriterError, WriterUnavailable
 from db.models import Cursor, now_ms
 from db.validation import MAX_ROWS
-from workers.analyzer import Analyzer, Chunk, Output
+from workers.analyzer import Analyzer, Chunk, Flush, Output, Table
 from workers.base import Worker, main, wait_for_database
 
 DEFAULT_CHUNK = 20_000
@@ -52,7 +56,9 @@ class DbHistory:
 
     Before its first read it calls ``settle`` (the worker waits there for its stores in flight) and
     ends the connection's read transaction: each one is a snapshot, and the one that read the chunk
-    may predate those stores. Nothing is submitted while a chunk is folded, so one wait is enough.
+    may predate those stores. Nothing is submitted while a chunk with late ticks is folded, so one
+    wait is enough (early requests go only for chunks without; their reads, if any, are of bars the
+    chunk itself replaces, so a snapshot with or without those requests reads the same).
     """
 
     def __init__(self, conn: Connection, settle: Callable[[], None] = lambda: None) -> None:
@@ -110,6 +116,7 @@ class AnalysisWorker(Worker):
     """
 
     name = "analysis"
+    leader_only = True  # once per database, whatever the hosts (db.leader)
     cursor = "analysis"
 
     def __init__(self, settings: Settings, until_idle: bool = False, chunk: int = DEFAULT_CHUNK,
@@ -132,6 +139,8 @@ class AnalysisWorker(Worker):
         self._failed: WriterError | None = None
         self._stats = {"chunks": 0, "ticks": 0, "bars": 0, "indicators": 0, "late": 0, "recomputed": 0}
         self._logged_at = 0.0
+        #: PostgreSQL: how far ids are final (several writers may commit out of id order).
+        self.horizon = queries.TickHorizon()
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
@@ -186,14 +195,14 @@ class AnalysisWorker(Worker):
             return True
         limit, before = self.chunk, self.analyzer.position
         with self.engine.connect() as conn:
-            rows = queries.ticks_after(conn, before, limit)
+            rows = queries.ticks_after(conn, before, limit, self.horizon.advance(conn))
             if not rows:
                 self.settle()  # idle: everything is stored before the worker sleeps or exits
                 recovered = self._recovered()
                 self._log_progress()
                 return recovered
             history = DbHistory(conn, settle=self.settle)
-            out = self.analyzer.process(Chunk.from_rows(rows), history)
+            out = self.analyzer.process(Chunk.from_rows(rows), history, self._flush(before))
             while len(out.merged["ts"]) > self.rows_per_store:  # rare: retention-pruned bars, by thousands
                 rows = rows[:max(1, len(rows) // 2)]
                 self.settle()
@@ -205,15 +214,34 @@ class AnalysisWorker(Worker):
         self._log_progress()
         return True
 
+    def _flush(self, before: int) -> Flush:
+        """Store full requests (``rows_per_store`` bars and as many indicator rows, the pairs
+        :func:`parts` would make first) while the fold goes on, so the writer stores them while the
+        next indicators are computed. Each keeps the cursor at ``before`` with its stored state, as
+        every part but the last does (see the module docstring)."""
+        assert self.pipe is not None
+        size = self.rows_per_store
+
+        def flush(bars: Table, indicators: Table) -> None:
+            while len(bars) >= size and len(indicators) >= size:
+                self._store(bars.take(size), indicators.take(size), before, before, self._stored_state)
+
+        return flush
+
+    def _store(self, bars: dict[str, Any], inds: dict[str, Any], before: int, position: int,
+               state: bytes | None) -> None:
+        assert self.pipe is not None
+        self.pipe.submit("store_analysis", cursor=self.cursor, bars=bars, indicators=inds, expect=before,
+                         position=position, state=state)
+        self._count(chunks=1, bars=len(bars["ts"]) if bars else 0, indicators=len(inds["ts"]) if inds else 0)
+
     def _submit(self, out: Output, before: int) -> None:
         """``out`` in as many ``store_analysis`` requests as its rows need; every one but the last keeps
         the cursor at ``before`` with its stored state, the last one moves both."""
         assert self.pipe is not None
         for bars, inds, last in parts(out, self.rows_per_store):
-            self.pipe.submit("store_analysis", cursor=self.cursor, bars=bars, indicators=inds, expect=before,
-                             position=out.position if last else before,
-                             state=out.state if last else self._stored_state)
-            self._count(chunks=1, bars=len(bars["ts"]) if bars else 0, indicators=len(inds["ts"]) if inds else 0)
+            self._store(bars, inds, before, out.position if last else before,
+                        out.state if last else self._stored_state)
         self._stored_state = out.state
         self._count(ticks=out.ticks, late=out.late, recomputed=out.recomputed)
         if out.backfill:

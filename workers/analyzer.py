@@ -26,7 +26,7 @@ Nothing is dropped: the counts of late ticks folded in and bars recomputed are i
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,7 +95,7 @@ class Output:
     ticks: int
     bars: dict[str, Any]  # columns (see Table)
     merged: dict[str, Any]  # stored only together with the cursor (see the module docstring)
-    indicators: dict[str, Any]
+    indicators: dict[str, Any]  # one row per bar, a column per indicator (see indicator_table)
     state: bytes
     #: symbol -> (late ticks folded in, bars recomputed or merged)
     backfill: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -116,31 +116,53 @@ class Table:
 
     def __init__(self, text: Sequence[str], numbers: Sequence[tuple[str, str]]) -> None:
         self.text, self.numbers = tuple(text), tuple(numbers)  # numbers: (name, array typecode)
-        self._labels: list[tuple[tuple[str, ...], int]] = []
+        self._text: dict[str, list[str]] = {name: [] for name in self.text}
         self._parts: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.numbers}
+        self._rows = 0
+
+    def __len__(self) -> int:
+        return self._rows
 
     def add(self, labels: tuple[str, ...], **numbers: np.ndarray) -> None:
         n = len(numbers[self.numbers[0][0]])
         if n:
-            self._labels.append((labels, n))
+            for name, label in zip(self.text, labels, strict=True):
+                self._text[name] += [label] * n
             for name, _ in self.numbers:
                 self._parts[name].append(numbers[name])
+            self._rows += n
 
-    def columns(self) -> dict[str, Any]:
-        out: dict[str, Any] = {name: [] for name in self.text}
-        for labels, n in self._labels:
-            for name, label in zip(self.text, labels, strict=True):
-                out[name] += [label] * n
+    def take(self, n: int) -> dict[str, Any]:
+        """The first ``n`` rows as columns, removed from the table (the rest stay, in order)."""
+        out: dict[str, Any] = {}
+        for name in self.text:
+            out[name], self._text[name] = self._text[name][:n], self._text[name][n:]
         for name, code in self.numbers:
             parts = self._parts[name]
-            values = np.concatenate(parts) if parts else np.empty(0)
-            out[name] = array(code, values.astype(np.int64 if code == "q" else np.float64).tobytes())
+            values = (np.concatenate(parts) if parts else np.empty(0)).astype(np.int64 if code == "q" else np.float64)
+            out[name] = array(code, values[:n].tobytes())
+            self._parts[name] = [values[n:]]
+        self._rows = max(0, self._rows - n)
         return out
+
+    def columns(self) -> dict[str, Any]:
+        """Every row, as columns (the table is left empty)."""
+        return self.take(self._rows)
+
+
+#: What :meth:`Analyzer.process` calls with its tables of bars and indicator values as they fill
+#: (ticks in order only): it may :meth:`Table.take` rows out and store them early.
+Flush = Callable[[Table, Table], None]
 
 
 def bar_table() -> Table:
     return Table(("symbol", "timeframe"), (("ts", "q"), ("open", "d"), ("high", "d"), ("low", "d"), ("close", "d"),
                                            ("volume", "d"), ("tick_count", "q")))
+
+
+def indicator_table() -> Table:
+    """Indicator values one row per bar (``store_analysis``'s per-bar form), NaN where there is none."""
+    return Table(("symbol", "timeframe"), (("ts", "q"), *((name, "d") for name in SERIES)))
 
 
 def _add_bars(table: Table, sym: str, tf: str, bars: Bars) -> None:
@@ -187,23 +209,37 @@ class Analyzer:
 
     # --- the fold --------------------------------------------------------------------------
 
-    def process(self, chunk: Chunk, history: History) -> Output:
-        """Fold ``chunk`` (ticks after ``position``, in id order); returns what to store."""
+    def process(self, chunk: Chunk, history: History, flush: Flush | None = None) -> Output:
+        """Fold ``chunk`` (ticks after ``position``, in id order); returns what to store.
+
+        Bars first (numpy, quick), then the indicators series by series (a Python loop per bar).
+        ``flush``, when the chunk has no late ticks, is called with the tables of bars and indicator
+        values after the bars and after each series, so that the caller can store full requests
+        while the rest is computed; what it leaves in them is in the Output."""
         if len(chunk) and int(chunk.ids[0]) <= self.position:
             raise ValueError(f"tick {int(chunk.ids[0])} is not after position {self.position}")
         position = int(chunk.ids[-1]) if len(chunk) else self.position
         bars, merged = bar_table(), bar_table()
-        inds = Table(("symbol", "timeframe", "name"), (("ts", "q"), ("value", "d")))
+        inds = indicator_table()
         backfill: dict[str, tuple[int, int]] = {}
+        series: list[tuple[str, str, Bars]] = []
         for sym, idx in chunk.symbols.items():
             changed, merged_tf, late, redone = self._symbol(sym, chunk, idx, position, history)
             for tf, part in changed.items():
                 if len(part):
-                    self._indicators(sym, tf, part, history, inds)
+                    series.append((sym, tf, part))
                     _add_bars(bars, sym, tf, part.take(~np.isin(part.ts, merged_tf[tf].ts)))
                     _add_bars(merged, sym, tf, merged_tf[tf])
             if late:
                 backfill[sym] = (late, redone)
+        # Late ticks read stored bars (a snapshot after every store in flight): nothing early then.
+        early = flush if not backfill else None
+        if early is not None:
+            early(bars, inds)
+        for sym, tf, part in series:
+            self._indicators(sym, tf, part, history, inds)
+            if early is not None:
+                early(bars, inds)
         self.position = position
         self.totals["late_ticks"] += sum(late for late, _ in backfill.values())
         self.totals["bars_recomputed"] += sum(redone for _, redone in backfill.values())
@@ -280,12 +316,13 @@ class Analyzer:
             emit_from = int(np.searchsorted(ts, first))
             self.totals["series_rewound"] += 1
         values = state.extend(ts.tolist(), h.tolist(), lo.tolist(), c.tolist())
-        stamps = ts[emit_from:]
-        for name, series in zip(SERIES, values, strict=True):
-            # None only before a value is first computable (a series' warm-up), never after.
-            vals = series[emit_from:]
-            start = next((i for i, v in enumerate(vals) if v is not None), len(vals))
-            out.add((sym, tf, name), ts=stamps[start:], value=np.array(vals[start:], dtype=np.float64))
+        # One row per bar from the first with a value: None only before a value is first computable
+        # (a series' warm-up), never after; numpy turns it into NaN, which the columns form reads as
+        # "no value" (db.columns).
+        start = min(next((i for i, v in enumerate(series) if v is not None), len(series)) for series in values)
+        start = max(start, emit_from)
+        out.add((sym, tf), ts=ts[start:], **{name: np.array(series[start:], dtype=np.float64)
+                                             for name, series in zip(SERIES, values, strict=True)})
 
 
 def _span(bars: Bars) -> tuple[int, int]:

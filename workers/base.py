@@ -23,7 +23,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
 from db.config import ConfigError, Settings, load_settings
-from db.engine import make_read_engine
+from db.engine import display_url, make_read_engine
+from db.leader import Leadership
 from supervision.lifeline import Lifeline
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -73,6 +74,11 @@ class Worker:
     name = "worker"
     #: Seconds to sleep when a step found nothing to do.
     idle_sleep = 0.5
+    #: Run once per database, whatever the hosts (:mod:`db.leader`): wait as a standby while
+    #: another process leads, stop leading (exit 1: circus starts a standby) when the lock is lost.
+    leader_only = False
+    #: Seconds between two tries of a standby.
+    standby_poll = 1.0
 
     def __init__(self, settings: Settings, until_idle: bool = False) -> None:
         """Keep settings; open nothing."""
@@ -109,10 +115,50 @@ class Worker:
     def run(self) -> int:
         self.init_signals()
         self.log.info("%s started", self.name)
+        leadership = Leadership(self.settings, self.name) if self.leader_only else None
+        try:
+            if leadership is not None and not self._wait_to_lead(leadership):
+                if self.until_idle and self.alive:
+                    self.log.error("%s: another process leads (%s); --until-idle does not wait for it",
+                                   self.name, leadership.holder())
+                    return 3
+                self.log.info("%s stopped (a standby)", self.name)
+                return 0
+            return self._serve(leadership)
+        finally:
+            if leadership is not None:
+                leadership.release()
+
+    def _wait_to_lead(self, leadership: Leadership) -> bool:
+        """Stand by until this process leads (True) or is asked to stop (False)."""
+        said = None
+        while self.alive:
+            tend_lifeline(self.settings)
+            try:
+                if leadership.try_take():
+                    if leadership.shared:
+                        self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
+                    return True
+                holder = leadership.holder()
+            except Exception as e:  # the server is down or restarting: wait, do not crash
+                holder = f"nobody known: the database server does not answer ({type(e).__name__})"
+            if self.until_idle:
+                return False
+            if holder != said:
+                self.log.info("%s: standing by; the leader is %s", self.name, holder)
+                said = holder
+            self.sleep(self.standby_poll)
+        return False
+
+    def _serve(self, leadership: Leadership | None) -> int:
         self.setup()
         try:
             while self.alive:
                 tend_lifeline(self.settings)
+                if leadership is not None and not leadership.still_held():
+                    self.log.error("%s: lost the leadership (%s); stopping so that a standby takes over",
+                                   self.name, leadership.lost)
+                    return 1
                 if not self.step():
                     if self.until_idle:
                         self.log.info("%s: nothing left to do (--until-idle)", self.name)
@@ -142,7 +188,8 @@ def wait_for_database(settings: Settings, timeout: float = 60.0) -> Engine:
                 pass
             engine.dispose()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no database at {settings.database_url} after {timeout:.0f} s: is the writer running?")
+            raise RuntimeError(f"no database at {display_url(settings.database_url)} after {timeout:.0f} s: "
+                               "is the writer running?")
         time.sleep(0.2)
 
 

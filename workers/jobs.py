@@ -10,6 +10,10 @@ record of each run (``job_runs``, via ``record_job_run``) go to the writer as op
 checks read through read-only connections. When each job last ran is read back from ``job_runs``
 at start, so a restart does not run everything again at once.
 
+On PostgreSQL the backup is ``pg_dump -Fc`` (``backups/tickstack-<stamp>.dump``, 0600, the password
+in a private PGPASSFILE), quick_check is amcheck's ``bt_index_check`` (skipped, not failed, where
+amcheck is not installed), and there is no WAL to checkpoint (the server checkpoints itself).
+
 The ``metrics`` job samples the writer's counters, the database file sizes and every watcher's CPU
 and memory (:mod:`supervision.sampler`) every ``TICKSTACK_SAMPLE_EVERY_S`` seconds (10) into
 ``samples`` via ``record_samples``; its runs are not recorded in ``job_runs`` (a row every 10 s
@@ -27,11 +31,12 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from db import health
+from db import health, server
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import WriterError
+from db.leader import Leadership
 from db.models import JobRun, now_ms
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
@@ -41,6 +46,10 @@ from workers.base import Worker, main, wait_for_database
 JOBS = ("retention", "backup", "quick_check", "checkpoint", "metrics")
 #: Jobs whose runs are logged but not recorded in job_runs.
 UNRECORDED = frozenset({"metrics"})
+#: Jobs that work on the shared database: with several hosts on one PostgreSQL database they run on
+#: one host at a time, the one whose jobs worker leads (:mod:`db.leader`); ``metrics`` samples this
+#: host's processes and runs everywhere.
+LEADER_JOBS = frozenset({"retention", "backup", "quick_check", "checkpoint"})
 #: Ticks deleted per ``prune_ticks`` call: each call is one writer transaction, kept short so
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
@@ -55,7 +64,8 @@ Outcome = tuple[bool, str] | None
 def rotate_backups(directory: Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` backups in ``directory``; return what was deleted.
 
-    Only files named like ours (:func:`db.health.list_backups`: ``tickstack-YYYYmmddTHHMMSSZ.db``)
+    Only files named like ours (:func:`db.health.list_backups`: ``tickstack-YYYYmmddTHHMMSSZ.db``
+    or ``.dump``)
     are counted or touched, so a copy a person put there under another name is never deleted. The
     UTC stamp sorts as text in time order, so the name, not the mtime (which copying changes),
     decides which are newest."""
@@ -90,6 +100,9 @@ class JobsWorker(Worker):
         self.last_run: dict[str, float] = {}
         self._ran: set[str] = set()
         self._sampler: Sampler | None = None
+        self.leadership = Leadership(settings, self.name)
+        self._tried_lead_at = 0.0
+        self._said_holder: str | None = None
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
             "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
             "checkpoint": self.checkpoint, "metrics": self.metrics}
@@ -103,6 +116,7 @@ class JobsWorker(Worker):
         self.last_run = {job: started / 1000 for job, started in rows}
 
     def teardown(self) -> None:
+        self.leadership.release()
         if self.client is not None:
             self.client.close()
         if self.engine is not None:
@@ -112,9 +126,38 @@ class JobsWorker(Worker):
         """Jobs due at ``now`` (epoch s), in run order. A job never run is due; with --until-idle a
         job already run by this process is not due again, so the run ends."""
         now = time.time() if now is None else now
-        return [job for job in JOBS
-                if not (self.until_idle and job in self._ran)
-                and (job not in self.last_run or now - self.last_run[job] >= self.schedule.every_s(job))]
+        due = [job for job in JOBS
+               if not (self.until_idle and job in self._ran)
+               and (job not in self.last_run or now - self.last_run[job] >= self.schedule.every_s(job))]
+        if any(job in LEADER_JOBS for job in due) and not self.leads():
+            due = [job for job in due if job not in LEADER_JOBS]
+        return due
+
+    def leads(self) -> bool:
+        """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): always on SQLite; on
+        PostgreSQL while it holds the jobs leadership, which a standby tries to take at most every
+        ``standby_poll`` seconds. Logged when it changes."""
+        if self.leadership.held:
+            if self.leadership.still_held():
+                return True
+            self.log.error("jobs: lost the leadership (%s); the database's jobs run on another host now",
+                           self.leadership.lost)
+            return False
+        now = time.monotonic()
+        if now - self._tried_lead_at < self.standby_poll:
+            return False
+        self._tried_lead_at = now
+        try:
+            if self.leadership.try_take():
+                self.log.info("jobs: leading: retention, backups and checks of this database run here")
+                return True
+            holder = self.leadership.holder()
+        except Exception as e:  # the server does not answer: the jobs wait, the worker goes on
+            holder = f"nobody known ({type(e).__name__})"
+        if holder != self._said_holder:
+            self.log.info("jobs: standing by for the database's jobs; the leader is %s", holder)
+            self._said_holder = holder
+        return False
 
     def step(self) -> bool:
         due = self.due()
@@ -190,16 +233,24 @@ class JobsWorker(Worker):
 
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
-        :func:`db.health.backup`), then keep the newest ``backup_keep``. Rotation runs only after a
+        :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
+        ``pg_restore --list``), then keep the newest ``backup_keep``. Rotation runs only after a
         good backup, so a failing backup never deletes the old ones."""
         directory = self.settings.backup_dir
-        result = health.backup(self.settings, health.backup_path(directory))
+        result = health.backup(self.settings, health.backup_path(directory, health.backup_suffix(self.settings)))
         removed = rotate_backups(directory, self.schedule.backup_keep)
-        return True, json.dumps({"path": result["path"], "bytes": result["bytes"], "ms": result["ms"],
+        return True, json.dumps({**{k: result[k] for k in ("path", "bytes", "ms", "entries") if k in result},
                                  "removed": [p.name for p in removed]})
 
     def quick_check(self, force: bool = False) -> Outcome:
-        """``PRAGMA quick_check`` on a read-only connection; any message but "ok" fails the run."""
+        """``PRAGMA quick_check`` on a read-only connection; any message but "ok" fails the run. On
+        PostgreSQL, amcheck's ``bt_index_check`` on every index (:func:`db.server.amcheck`); without
+        amcheck the run is ok and its detail starts "skipped: amcheck not installed"."""
+        if self.settings.database_path is None:
+            check = server.amcheck(self.settings)
+            if "skipped" in check:
+                return True, f"skipped: {check['skipped']}"
+            return bool(check["ok"]), json.dumps(check)
         check = health.pragmas(self._database_path(), quick_check=True)["quick_check"]
         return bool(check["ok"]), json.dumps(check)
 

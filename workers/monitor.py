@@ -9,6 +9,9 @@ Per tick, on the exit-side price (bid for a buy, ask for a sell), in this order:
 3. break-even: once best is ``breakeven_trigger`` in favour of the entry, stop -> entry if that is tighter;
 4. trailing: stop -> best -/+ ``trailing_distance`` if that is tighter.
 
+Ticks are read by id; on PostgreSQL only up to :class:`db.queries.TickHorizon`'s bound, below which
+no tick can still commit (several writers commit out of id order), so that no trade passes over one.
+
 The rules are level-based (a function of the best price, not of crossings), so replaying ticks that
 were already applied changes nothing: after a restart the monitor may redo ticks since the last stored
 ``last_tick_id`` and reach the same state. :func:`evaluate` is the pure rule; the worker reads, calls
@@ -26,6 +29,7 @@ from typing import NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
+from db import queries
 from db.client import WriterClient
 from db.config import Settings
 from db.errors import Conflict, NotFound, WriterUnavailable
@@ -124,6 +128,7 @@ class MonitorWorker(Worker):
     """Reads open trades and their new ticks; one writer call per changed trade per step."""
 
     name = "monitor"
+    leader_only = True  # once per database, whatever the hosts (db.leader)
 
     def __init__(self, settings: Settings, until_idle: bool = False, chunk: int = DEFAULT_CHUNK) -> None:
         super().__init__(settings, until_idle)
@@ -134,6 +139,8 @@ class MonitorWorker(Worker):
         self.progress: dict[int, int] = {}
         self._stored: dict[int, int] = {}  # last_tick_id as stored, per open trade
         self._progress_saved_at = time.monotonic()
+        #: PostgreSQL: how far ids are final (several writers may commit out of id order).
+        self.horizon = queries.TickHorizon()
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
@@ -144,6 +151,8 @@ class MonitorWorker(Worker):
         lowest last_tick_id (one chunk, by symbol), and the tick id up to which those are complete."""
         assert self.engine is not None
         with self.engine.connect() as conn:  # one snapshot: trades, events and ticks agree
+            # First: on PostgreSQL it ends its transaction, so the reads below see every tick up to it.
+            safe = self.horizon.advance(conn)
             trades = _open_trades(conn)
             self._stored = {t.id: t.last_tick_id for t in trades}
             self.progress = {t.id: p for t in trades if (p := self.progress.get(t.id, 0)) > t.last_tick_id}
@@ -152,6 +161,8 @@ class MonitorWorker(Worker):
                 return [], {}, 0
             start = min(t.last_tick_id for t in trades)
             top = conn.execute(select(func.max(Tick.id))).scalar() or 0
+            if safe is not None:  # PostgreSQL: never past a tick that may still commit
+                top = min(top, safe)
             if top <= start:
                 return trades, {}, top
             rows = conn.execute(

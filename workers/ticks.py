@@ -6,7 +6,7 @@
 Every tick gets a (source, seq) pair, unique in the database, so a replayed
 or retried tick is stored once:
 
-* ``sim``: source ``sim-<start ms>`` (one per run of the ingestor), seq 0, 1, ...
+* ``sim``: source ``sim-<host>-<start ms>`` (one per host and run of the ingestor), seq 0, 1, ...
 * ``csv``: source ``csv-<symbol>-<hash of the file>``, seq = file line * 4 +
   position in the bar, so replaying the same file again stores nothing twice.
 
@@ -376,7 +376,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         ticks: Iterator[dict[str, Any]] = pace(iter(feed), 1.0)
         if args.count is not None:
             ticks = itertools.islice(ticks, args.count)
-        source = f"sim-{int(time.time() * 1000)}"
+        source = f"sim-{settings.host[:40]}-{int(time.time() * 1000)}"  # unique across hosts and runs
         return TickIngestor(settings, enumerate(ticks), source, until_idle=args.until_idle or args.count is not None,
                             batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit)
     if args.file is None:

@@ -56,7 +56,7 @@ import zmq
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, make_write_engine, storage_full_reason
 from db.errors import OpFailed, ValidationError
-from db.lock import WriterLock, WriterLocked
+from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
 from db.schema import migrate
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
@@ -103,20 +103,34 @@ class Writer:
         """Take the lock, open and upgrade the database, serve, drain, exit."""
         os.umask(0o077)  # database, WAL, lock and socket files: this user only
         ensure_home(self.settings)
+        self.server_lock: ServerWriterLock | None = None
         try:
             self.lock.acquire()
+            # The file lock is per home; on PostgreSQL one writer per database, across homes and
+            # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
+            self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
+                                                on_lost=self._stop_now, wait=SERVER_WAIT_S)
         except WriterLocked as e:
+            self.lock.release()
             log.error("writer: %s", e)
             return EXIT_LOCKED
-        except OSError as e:
-            if storage_full_reason(e) is None:
-                raise
-            log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and start again",
-                      self.lock.path, storage_full_reason(e))
-            return 1
+        except Exception as e:
+            self.lock.release()
+            if isinstance(e, OSError) and storage_full_reason(e) is not None:
+                log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and start "
+                          "again", self.lock.path, storage_full_reason(e))
+                return 1
+            if not isinstance(e, OSError) and not self.settings.database_url.startswith("sqlite"):
+                # libpq's reason names the host and the role, never the password.
+                log.error("writer: cannot reach the database server %s to take the writer lock: %s",
+                          display_url(self.settings.database_url), str(e).strip())
+                return 1
+            raise
         try:
             self.init_signals()
             self.engine = make_write_engine(self.settings)
+            if self.server_lock is not None:  # a reconnection must prove the lock is still ours
+                self.server_lock.fence(self.engine)
             self.checkpointer = Checkpointer(self.settings, self.engine, self.stats)
             try:
                 conn = self.engine.connect()
@@ -145,7 +159,7 @@ class Writer:
             finally:
                 self.checkpointer.stop()
             self.committer.final_checkpoint()  # type: ignore[union-attr]
-            return 0
+            return EXIT_LOCKED if self.server_lock is not None and self.server_lock.lost else 0
         finally:
             conn = self.committer.conn if self.committer is not None else None
             for what, close in (("connection", getattr(conn, "close", None)),
@@ -155,6 +169,8 @@ class Writer:
                         close()
                 except Exception as e:  # e.g. a full disk: every commit is already in the WAL
                     log.warning("writer: closing the database %s failed: %s", what, e)
+            if self.server_lock is not None:  # after the write connection: no commit once another may write
+                self.server_lock.release()
             self.lock.release()
 
     def _serve(self) -> None:

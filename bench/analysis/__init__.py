@@ -16,7 +16,9 @@ and ``python -m workers.analysis --until-idle`` run as its own process, timed fr
     the analysis worker, timed. Few ticks per bar, so this is the per-bar cost: 1m, 5m, 1h and 1d bars
     with four indicators each, about 45,000 bars and 180,000 values. Target:
     ``ratios.analysis_over_replay_time`` (analysis seconds / replay seconds) <= 1. The 1h bars stored
-    are checked against the file, exactly.
+    are checked against the file, exactly. Also timed, before the replay: the worker with nothing to
+    do (``startup``: its imports, connections and exit, the floor of its time), and, for the replay
+    and the analysis, the writer's CPU seconds over the same span (``writer_cpu_s``).
 
 Each scenario runs ``--repeat`` times (default 3), interleaved; the ratios use the median of the runs
 (each run's figures are in the JSON). Benchmarks are not tests: nothing here fails on a time.

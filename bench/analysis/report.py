@@ -32,10 +32,13 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 _FIGURES = {
     "dense": {"ingest_rows_per_s": ("ingest", "rows_per_s"), "ingest_seconds": ("ingest", "seconds"),
               "analysis_ticks_per_s": ("analysis", "ticks_per_s"), "analysis_seconds": ("analysis", "seconds"),
-              "analysis_cpu_s": ("analysis", "cpu_s"), "bars": ("analysis", "bars"),
-              "indicators": ("analysis", "indicators")},
-    "hourly": {"replay_seconds": ("replay", "seconds"), "replay_cpu_s": ("replay", "cpu_s"),
+              "analysis_cpu_s": ("analysis", "cpu_s"), "analysis_writer_cpu_s": ("analysis", "writer_cpu_s"),
+              "bars": ("analysis", "bars"), "indicators": ("analysis", "indicators")},
+    "hourly": {"startup_seconds": ("startup", "seconds"), "startup_cpu_s": ("startup", "cpu_s"),
+               "replay_seconds": ("replay", "seconds"), "replay_cpu_s": ("replay", "cpu_s"),
+               "replay_writer_cpu_s": ("replay", "writer_cpu_s"),
                "analysis_seconds": ("analysis", "seconds"), "analysis_cpu_s": ("analysis", "cpu_s"),
+               "analysis_writer_cpu_s": ("analysis", "writer_cpu_s"),
                "analysis_ticks_per_s": ("analysis", "ticks_per_s"), "bars": ("analysis", "bars"),
                "indicators": ("analysis", "indicators")},
 }
@@ -54,7 +57,21 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
                      **({"bars_replayed": done[0]["bars"]} if name == "hourly" else {}),
                      **{key: _median(done, *path) for key, path in _FIGURES[name].items()},
                      "ratio_each_run": [_ratio(_median([r], *num), _median([r], *den)) for r in done]}
+        if name == "hourly":
+            out[name]["cpu_ratio_each_run"] = [_ratio(_cpu(r, "analysis"), _cpu(r, "replay")) for r in done]
     return out
+
+
+def _cpu(run: dict[str, Any], step: str) -> float | None:
+    """CPU seconds of a step: its process's and the writer's over the same span (what a busy machine
+    has to find for it, which load does not stretch as it stretches wall time)."""
+    own, writer = _median([run], step, "cpu_s"), _median([run], step, "writer_cpu_s")
+    return None if own is None or writer is None else own + writer
+
+
+def _sum(figures: dict[str, Any], *keys: str) -> float | None:
+    values = [figures.get(k) for k in keys]
+    return None if any(v is None for v in values) else sum(values)
 
 
 def evaluate(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
@@ -62,6 +79,10 @@ def evaluate(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
     ratios = {
         "analysis_over_ingest": _ratio(dense.get("analysis_ticks_per_s"), dense.get("ingest_rows_per_s")),
         "analysis_over_replay_time": _ratio(hourly.get("analysis_seconds"), hourly.get("replay_seconds")),
+        # No target: the same comparison in CPU seconds (process + writer), as a check on the wall
+        # times when other work on the machine stretched one step more than the other.
+        "analysis_over_replay_cpu": _ratio(_sum(hourly, "analysis_cpu_s", "analysis_writer_cpu_s"),
+                                           _sum(hourly, "replay_cpu_s", "replay_writer_cpu_s")),
     }
 
     def verdict(value: float | None, ok: bool) -> str:
@@ -79,21 +100,24 @@ def evaluate(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
 
 def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None], checks: dict[str, dict[str, Any]],
            problems: list[str]) -> str:
-    header = ("scenario", "step", "ticks", "seconds", "ticks/s", "CPU s", "bars", "indicators")
+    header = ("scenario", "step", "ticks", "seconds", "ticks/s", "CPU s", "writer CPU s", "bars", "indicators")
     rows = []
     d, h = summary.get("dense"), summary.get("hourly")
     if d:
         rows.append(("dense", "ingest (writer-batched)", fmt(d["ticks"]), fmt(d["ingest_seconds"], 2),
-                     fmt(d["ingest_rows_per_s"]), "-", "-", "-"))
+                     fmt(d["ingest_rows_per_s"]), "-", "-", "-", "-"))
         rows.append(("dense", "analysis catch-up", fmt(d["ticks"]), fmt(d["analysis_seconds"], 2),
-                     fmt(d["analysis_ticks_per_s"]), fmt(d["analysis_cpu_s"], 2), fmt(d["bars"]), fmt(d["indicators"])))
+                     fmt(d["analysis_ticks_per_s"]), fmt(d["analysis_cpu_s"], 2),
+                     fmt(d.get("analysis_writer_cpu_s"), 2), fmt(d["bars"]), fmt(d["indicators"])))
     if h:
+        rows.append(("hourly", "analysis start-up (no ticks)", "0", fmt(h.get("startup_seconds"), 2), "-",
+                     fmt(h.get("startup_cpu_s"), 2), "-", "-", "-"))
         rows.append(("hourly", f"replay ({h['bars_replayed']:,} 1h bars)", fmt(h["ticks"]), fmt(h["replay_seconds"], 2),
                      fmt(h["ticks"] / h["replay_seconds"] if h["replay_seconds"] else None), fmt(h["replay_cpu_s"], 2),
-                     "-", "-"))
+                     fmt(h.get("replay_writer_cpu_s"), 2), "-", "-"))
         rows.append(("hourly", "analysis", fmt(h["ticks"]), fmt(h["analysis_seconds"], 2),
-                     fmt(h["analysis_ticks_per_s"]), fmt(h["analysis_cpu_s"], 2), fmt(h["bars"]),
-                     fmt(h["indicators"])))
+                     fmt(h["analysis_ticks_per_s"]), fmt(h["analysis_cpu_s"], 2),
+                     fmt(h.get("analysis_writer_cpu_s"), 2), fmt(h["bars"]), fmt(h["indicators"])))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
 
     def line(cells: tuple) -> str:
@@ -101,11 +125,18 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None], 
         return "  ".join([*left, *(f"{c:>{w}}" for c, w in zip(cells[2:], widths[2:], strict=True))])
 
     out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows), "",
-           "medians of the runs; seconds are wall time of the process, start-up included", ""]
+           "medians of the runs; seconds are wall time of the process, start-up included; writer CPU s: the "
+           "writer's CPU over the same span", ""]
     for key, c in checks.items():
         value = "-" if c["value"] is None else f"{c['value']:g}"
         out.append(f"{key:<28} {value:>8}   target {c['target']:<6} {c['result']}")
+    cpu = ratios.get("analysis_over_replay_cpu")
+    if cpu is not None:
+        out.append(f"{'analysis_over_replay_cpu':<28} {cpu:>8g}   (no target: CPU s of process + writer, which "
+                   "load does not stretch)")
     for name, s in summary.items():
         out.append(f"  {name}: ratio of each run {s['ratio_each_run']}")
+        if "cpu_ratio_each_run" in s:
+            out.append(f"  {name}: CPU ratio of each run {s['cpu_ratio_each_run']}")
     out += ["", "problems:", *(f"  {p}" for p in problems or ["none"])]
     return "\n".join(out)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from bench.common import fresh_home, latency_summary, run_group, running_writer
 from bench.contention.procs import writer_batched_producer
 from db.health import connect_read_only
@@ -52,9 +54,24 @@ def counts(db_path: Path) -> dict[str, int]:
         con.close()
 
 
-def _analysis(env: dict[str, str], home: Path, out: dict[str, Any], ticks: int) -> None:
+def writer_cpu(pid: int) -> float:
+    """CPU seconds the writer has used so far (user + system)."""
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def timed_with_writer(args: list[str], env: dict[str, str], log_path: Path, writer_pid: int) -> dict[str, Any]:
+    """:func:`timed`, plus the writer's CPU seconds over the same span (``writer_cpu_s``): the work a
+    step hands to the writer is part of its cost, and on a busy machine it competes for the same CPUs."""
+    before = writer_cpu(writer_pid)
+    run = timed(args, env, log_path)
+    return {**run, "writer_cpu_s": round(writer_cpu(writer_pid) - before, 3)}
+
+
+def _analysis(env: dict[str, str], home: Path, out: dict[str, Any], ticks: int, writer_pid: int) -> None:
     """The analysis worker over everything stored, timed; its figures and problems into ``out``."""
-    run = timed(["workers.analysis", "--until-idle"], env, home / "log" / "bench-analysis.log")
+    run = timed_with_writer(["workers.analysis", "--until-idle"], env, home / "log" / "bench-analysis.log",
+                            writer_pid)
     stored = counts(home / "tickstack.db")
     out["analysis"] = {**run, "ticks_per_s": round(ticks / run["seconds"], 1), "bars": stored["bars"],
                        "indicators": stored["indicators"]}
@@ -76,7 +93,7 @@ def run_dense(opts: argparse.Namespace) -> dict[str, Any]:
                              "latency": latency_summary(res["latencies"]), "errors": res["errors"]}
             if res["errors"] or res["rows"] != opts.ticks:
                 out["problems"].append(f"ingest stored {res['rows']} of {opts.ticks} ticks; errors {res['errors']}")
-            _analysis(env, home, out, opts.ticks)
+            _analysis(env, home, out, opts.ticks, writer.pid)
             writer.finish_measuring()
         out["writer"] = writer.summary()
     return out
@@ -88,9 +105,12 @@ def run_hourly(opts: argparse.Namespace) -> dict[str, Any]:
         with running_writer(env) as writer:
             csv = home / "hourly.csv"
             bars = write_bar_csv(csv, n=opts.bars, seed=11, step_ms=HOUR_MS)
-            out["replay"] = timed(["workers.ticks", "--feed", "csv", "--file", str(csv), "--symbol", "EURUSD",
-                                   "--speed", "max"], env, home / "log" / "bench-replay.log")
-            _analysis(env, home, out, 4 * opts.bars)
+            # The worker with nothing to do yet: its start-up and exit alone, the floor of its time.
+            out["startup"] = timed(["workers.analysis", "--until-idle"], env, home / "log" / "bench-startup.log")
+            out["replay"] = timed_with_writer(["workers.ticks", "--feed", "csv", "--file", str(csv), "--symbol",
+                                               "EURUSD", "--speed", "max"], env, home / "log" / "bench-replay.log",
+                                              writer.pid)
+            _analysis(env, home, out, 4 * opts.bars, writer.pid)
             writer.finish_measuring()
         con = connect_read_only(home / "tickstack.db")
         try:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from bench.common import (
@@ -18,6 +20,15 @@ from bench.common import (
     positive_float,
     positive_int,
     write_json,
+)
+from bench.contention.postgres import (
+    PG_REPEATABLE,
+    PG_SCENARIO_HELP,
+    PG_SCENARIOS,
+    pg_ratios,
+    postgres_homes,
+    run_copy,
+    run_direct,
 )
 from bench.contention.report import evaluate, render
 from bench.contention.scenarios import REPEATABLE, RUNNERS, SCENARIO_HELP, SCENARIOS, best_run
@@ -32,6 +43,7 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
                     "against the single writer, and bulk ingest through the writer against raw sqlite3. "
                     "Each scenario runs on a fresh temporary database.",
         epilog="scenarios:\n" + "\n".join(f"  {n:<15} {h}" for n, h in SCENARIO_HELP.items())
+               + "\n\nwith --database postgresql:\n" + "\n".join(f"  {n:<15} {h}" for n, h in PG_SCENARIO_HELP.items())
                + "\n\nSee the module docstring of bench/contention/__init__.py for why each exists.")
     p.add_argument("--procs", type=int_between(1, 256), default=8,
                    help="writing processes in seed, immediate and writer-single (default 8)")
@@ -48,8 +60,11 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
     p.add_argument("--repeat", type=int_between(1, 20), default=3,
                    help="run writer-batched and raw this many times, interleaved; the table keeps the best of "
                         "each, and batched_over_raw_median is the median of the repeats (default 3)")
-    p.add_argument("--only", type=name_list(SCENARIOS), default=None, metavar="NAMES",
-                   help="comma-separated scenarios to run (default: all)")
+    p.add_argument("--only", type=name_list((*SCENARIOS, *PG_SCENARIOS)), default=None, metavar="NAMES",
+                   help="comma-separated scenarios to run (default: all of the database's)")
+    p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="sqlite (default), or postgresql: a throwaway server from Debian's binaries and the "
+                        "scenarios " + ", ".join(PG_SCENARIOS) + " (bench/contention/postgres.py)")
     add_json_option(p)
     return p
 
@@ -59,11 +74,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
     opts = parser.parse_args(argv)
     if opts.batch_producers > opts.rows:
         parser.error(f"--rows {opts.rows} is fewer than --batch-producers {opts.batch_producers}")
-    chosen = [n for n in SCENARIOS if opts.only is None or n in opts.only]
+    postgres = opts.database == "postgresql"
+    scenarios, repeatable = (PG_SCENARIOS, PG_REPEATABLE) if postgres else (SCENARIOS, REPEATABLE)
+    runners = {**RUNNERS, "direct": run_direct, "copy": run_copy}
+    if opts.only is not None and set(opts.only) - set(scenarios):
+        parser.error(f"--only {','.join(sorted(set(opts.only) - set(scenarios)))}: not a scenario on "
+                     f"{opts.database} (its scenarios: {', '.join(scenarios)})")
+    chosen = [n for n in scenarios if opts.only is None or n in opts.only]
     # The throughput pair runs --repeat times, interleaved, best of each kept:
     # on a shared 2-core machine one run can be slowed by someone else's load.
-    order = [n for n in chosen if n not in REPEATABLE]
-    order += [n for _ in range(opts.repeat) for n in chosen if n in REPEATABLE]
+    order = [n for n in chosen if n not in repeatable]
+    order += [n for _ in range(opts.repeat) for n in chosen if n in repeatable]
+    with postgres_homes() if postgres else contextlib.nullcontext():
+        return _run(opts, chosen, order, runners)
+
+
+def _run(opts: argparse.Namespace, chosen: list[str], order: list[str],
+         runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]) -> int:
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in chosen}
     failures: dict[str, list[str]] = {n: [] for n in chosen}
     started = time.monotonic()
@@ -72,7 +99,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
         try:
-            runs[name].append(RUNNERS[name](opts))
+            runs[name].append(runners[name](opts))
         except Exception:
             failures[name].append(traceback.format_exc())
             print(f"[bench] {name} FAILED:\n{failures[name][-1]}", file=sys.stderr, flush=True)
@@ -81,7 +108,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
             print(f"[bench] {name} done in {time.monotonic() - t0:.1f} s: {fmt(r['ops_per_s'])} ops/s, "
                   f"{fmt(r['rows_per_s'])} rows/s, {r['errors']} errors", file=sys.stderr, flush=True)
     results = {name: best_run(name, runs[name], failures[name]) for name in chosen}
-    ratios, checks = evaluate(results)
+    ratios, checks = pg_ratios(results) if opts.database == "postgresql" else evaluate(results)
     load = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     print(render(results, ratios, checks))
     print(f"\nload average (1, 5, 15 min) before: {load['before']}, after: {load['after']} "
@@ -89,8 +116,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
     if opts.json is not None:
         doc = {
             "benchmark": "contention",
-            "config": {"procs": opts.procs, "seconds": opts.seconds, "rows": opts.rows, "batch": opts.batch,
-                       "window": opts.window, "batch_producers": opts.batch_producers, "repeat": opts.repeat,
+            "config": {"database": opts.database, "procs": opts.procs, "seconds": opts.seconds, "rows": opts.rows,
+                       "batch": opts.batch, "window": opts.window, "batch_producers": opts.batch_producers,
+                       "repeat": opts.repeat,
                        "scenarios": chosen},
             "machine": machine_info(),
             "load_average": load,

@@ -36,7 +36,7 @@ def _get(results: dict[str, dict[str, Any]], name: str, *path: str) -> Any:
     return value
 
 
-def _paired_median(results: dict[str, dict[str, Any]], num: str, den: str) -> float | None:
+def paired_median(results: dict[str, dict[str, Any]], num: str, den: str) -> float | None:
     """The median, over the repeats, of ``num``'s rows/s over ``den``'s in the same repeat (the two
     run one after the other, so each pair saw the same machine)."""
     pairs = [_ratio(a["rows_per_s"], b["rows_per_s"])
@@ -51,7 +51,7 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
     single_ops = _get(results, "writer-single", "ops_per_s")
     ratios = {
         "batched_over_raw": _ratio(_get(results, "writer-batched", "rows_per_s"), _get(results, "raw", "rows_per_s")),
-        "batched_over_raw_median": _paired_median(results, "writer-batched", "raw"),
+        "batched_over_raw_median": paired_median(results, "writer-batched", "raw"),
         "writer_single_over_immediate": _ratio(single_ops, _get(results, "immediate", "ops_per_s")),
         "writer_single_over_raw_single": _ratio(single_ops, _get(results, "raw-single", "ops_per_s")),
         "immediate_max_over_writer_max": _ratio(_get(results, "immediate", "latency", "max_ms"),

@@ -118,8 +118,7 @@ def run_writer_batched(opts: argparse.Namespace) -> dict[str, Any]:
             writer.finish_measuring()
             out = _combine("writer-batched", opts.batch_producers, start, results, timed_from_first_op=True)
             out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
-        db_path = Path(env["TICKSTACK_HOME"]) / "tickstack.db"
-        out["stored_ticks"] = count_rows(db_path, "ticks")
+        out["stored_ticks"] = stored_ticks(env)
     out["writer"] = writer.summary()
     out["notes"] = f"pipeline window {opts.window}, columns form, batches of {opts.batch}"
     _check_stored(out, opts.rows)
@@ -150,6 +149,18 @@ def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
     best = dict(max(variants, key=lambda v: v["rows_per_s"] or 0))
     best["variants"] = [{k: v[k] for k in ("txn_batches", "rows_per_s", "elapsed_s", "latency")} for v in variants]
     return best
+
+
+def stored_ticks(env: dict[str, str]) -> int:
+    """Ticks in the scenario's database, SQLite's file or a PostgreSQL database."""
+    from db.config import load_settings
+
+    path = load_settings(env).database_path
+    if path is not None:
+        return count_rows(path, "ticks")
+    from bench.contention.postgres import count_ticks
+
+    return count_ticks(env)
 
 
 def _check_stored(out: dict[str, Any], expected: int) -> None:

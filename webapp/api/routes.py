@@ -25,7 +25,8 @@ def health() -> ResponseReturnValue:
     """Writer (ping and stats), database (journal mode, file sizes, lock
     errors) and circus watchers. 200 while the writer answers, whatever
     circus says (the API works without circus: tests, development; circus is
-    reported as unreachable then); 503 when the writer does not answer.
+    reported as unreachable then); 503 when the writer does not answer, or (PostgreSQL) the
+    database server does not (``database.reachable`` false; its size and connections otherwise).
     ``status`` is ``ok``, ``degraded`` (writer up, but the database cannot be
     read, a watcher is not active, or circusd does not answer although its
     pid file is there: it was killed, or is stuck; nothing restarts a process
@@ -39,7 +40,7 @@ def health() -> ResponseReturnValue:
     circus_json: dict[str, Any] = {"reachable": circus.reachable, "watchers": circus.statuses}
     if circus.error:
         circus_json["error"] = circus.error
-    if ping is None:
+    if ping is None or database.get("reachable") is False:  # no writer, or no server behind it
         status = "unavailable"
     elif ("error" in database or any(s != "active" for s in circus.statuses.values())
           or (not circus.reachable and circusd_pidfile(api.settings).exists())):
@@ -47,13 +48,18 @@ def health() -> ResponseReturnValue:
     else:
         status = "ok"
     body = {"status": status, "writer": writer, "database": database, "circus": circus_json}
-    return jsonify(body), 503 if ping is None else 200
+    return jsonify(body), 503 if status == "unavailable" else 200
 
 
 def _database_health(settings: Settings, stats: dict[str, Any] | None) -> dict[str, Any]:
     path = settings.database_path
     if path is None:  # a server: its dialect and host, never its user or password (no login here)
-        return database_location(settings.database_url)
+        server = api_state().probe.database_server() or {"reachable": False}
+        if not server["reachable"]:  # libpq's words name the role: not for an anonymous caller
+            return {**database_location(settings.database_url), "reachable": False,
+                    "error": "the database server does not answer"}
+        return {**database_location(settings.database_url), "reachable": True, "size_bytes": server["size_bytes"],
+                "connections": server["connections"], "ping_ms": server["ping_ms"]}
     files = api_state().probe.database_files()
     out: dict[str, Any] = {"path": str(path), "size_bytes": files.get("db"), "wal_bytes": files.get("wal") or 0,
                            "lock_errors": (stats or {}).get("lock_errors"),

@@ -3,8 +3,10 @@ circus watcher. Every action works as a plain HTML form without JavaScript; wher
 pages update themselves by polling JSON endpoints under ``/console/api/``. No asset comes from
 the network (the chart library is vendored under ``static/vendor/``), so it works offline.
 
-Pages: ``/console/watchers``, ``/console/database``, ``/console/charts``, ``/console/market``,
-``/console/logs``, ``/console/audit``; login in :mod:`webapp.auth`. The console reads the database
+Pages: ``/console/watchers`` (and ``/console/watchers/<name>``, a page per watcher:
+:mod:`~webapp.console.watcher_page`; restart-all and signals: :mod:`~webapp.console.watcher_actions`),
+``/console/database``, ``/console/charts``, ``/console/market``, ``/console/logs`` (what is read and
+how: :mod:`~webapp.console.logfiles`), ``/console/audit``; login in :mod:`webapp.auth`. The console reads the database
 through the read-only ``db`` and changes it only through the writer's ops; every action it takes is
 recorded in the audit log (:func:`webapp.console.common.audit`).
 """
@@ -26,7 +28,16 @@ from webapp.errors import json_error
 
 auth.register(bp, audit)  # first: its session check runs before anything else of the console's
 
-from webapp.console import audit_log, charts, database, logs, market, watchers  # noqa: E402,F401 - routes
+from webapp.console import (  # noqa: E402,F401 - routes
+    audit_log,
+    charts,
+    database,
+    logs,
+    market,
+    watcher_actions,
+    watcher_page,
+    watchers,
+)
 
 for _name, _filter in FILTERS.items():
     bp.add_app_template_filter(_filter, _name)

@@ -155,7 +155,8 @@ def charts() -> ResponseReturnValue:
 
 @bp.get("/api/series")
 def api_series() -> ResponseReturnValue:
-    """``?name=...&name=...&range=1h``: the points of up to 8 series (every label of each) over a
+    """``?name=...&name=...&range=1h[&label=WATCHER]``: the points of up to 8 series (every label of
+    each, or only ``label``) over a
     range of :data:`RANGES` (or the last ``minutes``, 1..1440), time in epoch seconds, as
     ``{"series": [{"name", "label", "points"}]}``; at most :data:`MAX_POINTS` points per series."""
     names = request.args.getlist("name")
@@ -168,10 +169,15 @@ def api_series() -> ResponseReturnValue:
         minutes = RANGES[range_arg(request.args.get("range"))]
     else:
         minutes = int_arg(request.args.get("minutes"), "minutes", 1, 1440, 60)
+    label_only = request.args.get("label")
+    if label_only is not None and not NAME_RE.fullmatch(label_only):
+        bad_request(f"label={label_only[:70]!r} is not a series label (a watcher's name)")
     now = now_ms()
     series = load_series(names, now - minutes * 60_000)
     out = []
     for (name, label), points in sorted(series.items()):
+        if label_only is not None and label != label_only:
+            continue
         seconds: dict[int, float] = {}
         for ts, value in downsample(points):
             seconds[ts // 1000] = value  # the chart wants one point per second, ascending
@@ -196,7 +202,8 @@ def price_chart(symbol: str, timeframe: str, range_key: str, limit: int | None =
                                               until=rows[-1].ts, limit=len(rows)).rows
             indicators[name] = [(v.ts // 1000, v.value) for v in values]
     return {"symbol": symbol, "timeframe": timeframe, "range": None if limit else range_key,
-            "decimals": queries.price_decimals(db.session, [symbol]).get(symbol),
+            "decimals": queries.price_decimals(db.session, [symbol],
+                                               configured=settings().price_decimals).get(symbol),
             "bars": [{"time": b.ts // 1000, "open": b.open, "high": b.high, "low": b.low, "close": b.close,
                       "volume": b.volume} for b in rows],
             "indicators": indicators}

@@ -3,7 +3,8 @@
 Journal mode, file sizes (and their last hour), free space of the database's disk (warned about
 below ``TICKSTACK_DISK_WARN_PCT``), the writer's queue, commit latency, batch size, throughput,
 failures and lock errors (which must read 0), the last checkpoint, backup and
-quick_check, recent job runs and the processes holding the file open, with any unknown or rogue one
+quick_check, recent job runs, the slowest reads of the API and the console (:mod:`db.slowreads`)
+and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
 writer's op), backup (:func:`db.health.backup` into ``backups/`` under the jobs worker's naming, so
 its rotation keeps them in check) and quick_check (a read-only PRAGMA); each is audited.
@@ -20,35 +21,67 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from flask import flash, jsonify, redirect, render_template, url_for
+from flask import flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import health, queries
+from db import health, queries, slowreads
 from db.errors import WriterError
 from db.models import AuditEntry, JobRun, now_ms
 from supervision.circus import CircusError
 from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, sample_every, summaries
 from webapp.console.common import audit, bp, call_writer, circus, log, settings, writer
+from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_figures
 from webapp.extensions import db
 
 BACKUP_LOCK = "console-backup.lock"
+#: Rows of the "Slowest reads" table.
+SLOW_ROWS = 20
+
+
+def milliseconds(ms: float) -> str:
+    """A duration of a statement: ``0.042 ms``, ``3.1 ms``, ``1,204 ms``."""
+    if ms < 1:
+        return f"{ms:.3f} ms"
+    return f"{ms:.1f} ms" if ms < 100 else f"{ms:,.0f} ms"
+
+
+def slow_reads(by: str, kind: str | None) -> dict[str, Any]:
+    """The page's "Slowest reads": :data:`SLOW_ROWS` statements by ``max`` or ``total`` ms, merged
+    per process kind over every live process's record (:mod:`db.slowreads`), of one kind of
+    process (``api``, ``console``...) when ``kind`` names one that has a record."""
+    by = "total" if by == "total" else "max"
+    records = slowreads.read_all(settings().run_dir)
+    kinds = sorted({str(r.get("kind")) for r in records})
+    kind = kind if kind in kinds else None
+    rows = slowreads.slowest(records, by=by, limit=SLOW_ROWS, kind=kind)
+    return {"rows": rows, "by": by, "kind": kind, "kinds": kinds, "limit": SLOW_ROWS, "ms": milliseconds,
+            "keep": slowreads.KEEP, "every": slowreads.FLUSH_EVERY_S}
 
 
 def known_pids() -> set[int]:
     """Every process circus runs for the stack (and their children): readers we know."""
+    return set(pid_watchers())
+
+
+def pid_watchers() -> dict[int, str]:
+    """pid -> the watcher it belongs to, for every process circus runs (a child, such as a
+    gunicorn worker, as "api (worker of 123)"): the page names the holders of the file by it, so
+    the api's and the console's gunicorn processes can be told apart."""
     try:
         infos = circus().call("stats").get("infos") or {}
     except CircusError:
-        return set()
-    pids: set[int] = set()
-    for procs in infos.values():
+        return {}
+    out: dict[int, str] = {}
+    for watcher, procs in infos.items():
         for info in (procs or {}).values():
             if isinstance(info, dict) and "pid" in info:
-                pids.add(int(info["pid"]))
-                pids.update(int(c["pid"]) for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c)
-    return pids
+                out[int(info["pid"])] = str(watcher)
+                for c in info.get("children") or []:
+                    if isinstance(c, dict) and "pid" in c:
+                        out[int(c["pid"])] = f"{watcher} (worker of {info['pid']})"
+    return out
 
 
 def last_backup() -> dict[str, Any] | None:
@@ -100,13 +133,21 @@ def recent_history() -> dict[str, Any]:
 @bp.get("/database")
 def database() -> ResponseReturnValue:
     s = settings()
-    snap = health.snapshot(s, writer_timeout=1.0, known_pids=known_pids())
+    owners = pid_watchers()
+    snap = health.snapshot(s, writer_timeout=1.0, known_pids=set(owners))
     findings = health.diagnose(snap, s)
     chart = CHART_BY_ID["dbsize"]
-    return render_template("console/database.html", snap=snap, findings=findings, history=recent_history(),
+    history = recent_history()
+    files = health.file_sizes(s.database_path) if s.database_path is not None else {}
+    cj = history["checkpoint_job"]
+    return render_template("console/database.html", snap=snap, findings=findings, history=history, owners=owners,
+                           jobs=job_rows(history["jobs"]), checkpoint_words=checkpoint_words(snap["last_checkpoint"]),
+                           checkpoint_job_words=job_words("checkpoint", cj.ok, cj.detail) if cj is not None else None,
+                           tables=table_figures(s.database_url, files.get("db")),
                            backup=last_backup(), stats=snap["writer"].get("stats") or {}, chart=chart,
                            summary=summaries((chart,), now_ms() - 3_600_000), series_labels=SERIES_LABELS,
-                           sample_every=sample_every())
+                           sample_every=sample_every(), slow=slow_reads(request.args.get("slow", "max"),
+                                                                          request.args.get("reads_of")))
 
 
 @bp.get("/api/database")
@@ -147,10 +188,8 @@ def checkpoint() -> ResponseReturnValue:
     ok = result.get("busy") == 0
     audit("db.checkpoint", "TRUNCATE", "ok" if ok else "error", json.dumps(detail))
     if not ok:
-        return _done("warn", "Checkpoint partial: a reader held part of the WAL back; it is retried by the jobs "
-                             f"worker ({result}).")
-    return _done("ok", f"Checkpoint done: WAL {before or 0:,} → {after or 0:,} bytes "
-                       f"({result.get('checkpointed')} pages copied).")
+        return _done("warn", f"Checkpoint partial: {checkpoint_words(detail)}; the jobs worker retries it.")
+    return _done("ok", f"Checkpoint done: {checkpoint_words(detail)}.")
 
 
 @bp.post("/database/backup")

@@ -18,7 +18,7 @@ from db import queries, validation
 from db.errors import ValidationError, WriterError
 from db.models import TIMEFRAMES, Trade, TradeEvent, now_ms
 from webapp.console.charts import DEFAULT_BAR_RANGE, MAX_BARS, RANGE_NAMES, price_chart, range_arg
-from webapp.console.common import audit, bad_request, bp, call_writer, int_arg
+from webapp.console.common import audit, bad_request, bp, call_writer, int_arg, settings
 from webapp.console.formats import pnl, price
 from webapp.extensions import db
 
@@ -78,6 +78,11 @@ def check_timeframe(raw: str | None) -> str:
     return _checked(validation.timeframe, "timeframe", raw)
 
 
+def decimals_of(symbols: list[str]) -> dict[str, int]:
+    """Each symbol's price decimals: configured (``TICKSTACK_PRICE_DECIMALS``) or learned from its data."""
+    return queries.price_decimals(db.session, symbols, configured=settings().price_decimals)
+
+
 @bp.get("/market")
 def market() -> ResponseReturnValue:
     syms = symbols()
@@ -97,7 +102,7 @@ def market() -> ResponseReturnValue:
     return render_template("console/market.html", symbols=syms, symbol=symbol, timeframe=timeframe,
                            timeframes=list(TIMEFRAMES), ticks=queries.latest_ticks(db.session, syms), trades=trades,
                            events=events, closed=closed, recent_bars=list(reversed(recent_bars)), backfills=backfills,
-                           decimals=queries.price_decimals(db.session, syms), range_key=range_key, ranges=RANGE_NAMES,
+                           decimals=decimals_of(syms), range_key=range_key, ranges=RANGE_NAMES,
                            trade_symbols={t["id"]: t["symbol"] for t in trades})
 
 
@@ -118,7 +123,7 @@ def api_trades() -> ResponseReturnValue:
     syms = symbols()
     ticks = {s: {"bid": t.bid, "ask": t.ask, "ts": t.ts, "volume": t.volume}
              for s, t in queries.latest_ticks(db.session, syms).items()}
-    return jsonify({"trades": open_trades(), "ticks": ticks, "decimals": queries.price_decimals(db.session, syms)})
+    return jsonify({"trades": open_trades(), "ticks": ticks, "decimals": decimals_of(syms)})
 
 
 @bp.post("/trades/<trade_id>/close")
@@ -140,6 +145,6 @@ def close_trade(trade_id: str) -> ResponseReturnValue:
         return back
     audit("trade.close", str(tid), "ok", json.dumps(result))
     trade = queries.trade(db.session, tid)
-    digits = queries.price_decimals(db.session, [trade.symbol]).get(trade.symbol) if trade else None
+    digits = decimals_of([trade.symbol]).get(trade.symbol) if trade else None
     flash(f"Trade {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
     return back

@@ -29,6 +29,7 @@ from db.errors import WriterError
 from db.models import now_ms
 from supervision.circus import ACTIONS, CircusError
 from supervision.procstats import collect_watchers
+from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, writer
 from webapp.extensions import db
 
@@ -51,8 +52,9 @@ PROGRESS = {"start": "Starting", "stop": "Stopping", "restart": "Restarting", "i
 
 
 def restarts_last_hour() -> dict[str, int]:
-    """Restarts per watcher over the last hour, from the sampler's ``watcher.restarts`` series
-    (see :mod:`supervision.sampler` for what is counted); {} when it cannot be read."""
+    """Restarts per watcher over the last hour, from the sampler's ``watcher.restarts`` series:
+    processes replaced after they died or were restarted, never an incr/decr or a stop and start
+    (:mod:`supervision.sampler` says exactly what is counted); {} when it cannot be read."""
     try:
         totals = queries.sample_totals(db.session, "watcher.restarts", now_ms() - 3_600_000)
     except SQLAlchemyError:
@@ -61,7 +63,7 @@ def restarts_last_hour() -> dict[str, int]:
     return {label: int(total) for label, total in totals.items()}
 
 
-def _options(c: Any, name: str) -> dict[str, Any]:
+def options_of(c: Any, name: str) -> dict[str, Any]:
     """circus's options of watcher ``name`` ({} when it does not say)."""
     try:
         return c.call("options", name=name).get("options") or {}
@@ -82,15 +84,15 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
     restarts = restarts_last_hour()
     for row in rows:
         row["restarts"] = restarts.get(row["name"])
-        opts = _options(c, row["name"])
+        opts = options_of(c, row["name"])
         row["singleton"] = bool(opts.get("singleton"))
         row["detail"] = None
         if row["status"] == "active":
-            row["status"], row["detail"] = _active_state(row, opts)
+            row["status"], row["detail"] = active_state(row, opts)
     return rows, None
 
 
-def _active_state(row: dict[str, Any], opts: dict[str, Any]) -> tuple[str, str | None]:
+def active_state(row: dict[str, Any], opts: dict[str, Any]) -> tuple[str, str | None]:
     """(status, detail) of a watcher circus calls active: ``no processes`` when none is asked for;
     ``starting`` while fewer processes run than asked for, or fewer gunicorn workers than its
     ``--workers`` (circus calls a gunicorn watcher active as soon as the master runs, seconds
@@ -128,11 +130,22 @@ def index() -> ResponseReturnValue:
     return redirect(url_for("console.watchers"))
 
 
+def plugins() -> dict[str, str]:
+    """circus's plugins (``plugin:flapping``, ``plugin:watchdog``) and their status; {} when circus
+    does not say."""
+    try:
+        return {n.removeprefix("plugin:"): str(st) for n, st in sorted(circus().statuses().items())
+                if n.startswith("plugin:")}
+    except CircusError:
+        return {}
+
+
 @bp.get("/watchers")
 def watchers() -> ResponseReturnValue:
     rows, error = watcher_table()
     return render_template("console/watchers.html", watchers=rows, error=error, actions=ACTIONS, labels=LABELS,
-                           progress=PROGRESS, confirm_actions=CONFIRM_ACTIONS, read_only=READ_ONLY_WATCHERS)
+                           progress=PROGRESS, confirm_actions=CONFIRM_ACTIONS, read_only=READ_ONLY_WATCHERS,
+                           plugins=plugins() if not error else {}, sample_every=sample_every())
 
 
 @bp.get("/api/watchers")
@@ -142,7 +155,7 @@ def api_watchers() -> ResponseReturnValue:
     return jsonify({"ts": now_ms(), "error": error, "watchers": rows})
 
 
-def _pids(c: Any, name: str) -> list[int] | None:
+def pids_of(c: Any, name: str) -> list[int] | None:
     """The pids of watcher ``name``'s processes (not their children); None if circus does not say."""
     try:
         return [int(p) for p in c.call("list", name=name).get("pids") or []]
@@ -150,9 +163,9 @@ def _pids(c: Any, name: str) -> list[int] | None:
         return None
 
 
-def _serves_this_request(c: Any, name: str) -> bool:
+def serves_this_request(c: Any, name: str) -> bool:
     """Whether watcher ``name`` runs this process (gunicorn's master is our parent)."""
-    return bool(set(_pids(c, name) or []) & {os.getpid(), os.getppid()})
+    return bool(set(pids_of(c, name) or []) & {os.getpid(), os.getppid()})
 
 
 def _needs_confirmation(c: Any, name: str, action: str) -> bool:
@@ -160,7 +173,7 @@ def _needs_confirmation(c: Any, name: str, action: str) -> bool:
     if action in CONFIRM_ACTIONS:
         return True
     if action == "decr":
-        pids = _pids(c, name)
+        pids = pids_of(c, name)
         return pids is None or len(pids) <= 1
     return False
 
@@ -184,13 +197,13 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     if request.form.get("confirm") != "yes" and _needs_confirmation(c, name, action):
         return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
                                is_writer=name == WRITER_WATCHER)
-    if action in ("incr", "decr") and _options(c, name).get("singleton"):
+    if action in ("incr", "decr") and options_of(c, name).get("singleton"):
         bad_request(f"{name} is a singleton (one process at most): {LABELS[action]} makes no sense; "
                     "use Restart, Stop or Start")
-    ends_self = action in ("stop", "restart", "decr") and _serves_this_request(c, name)
+    ends_self = action in ("stop", "restart", "decr") and serves_this_request(c, name)
     what = f"watcher.{action}"
     if ends_self:  # this process goes away: recorded now, the outcome is seen on the reloaded page
-        audit(what, name, "sent", "recorded before sending: the action ends this console")
+        audit(what, name, "ok", "sent; recorded before sending: the action ends this console")
         props: dict[str, Any] = {"name": name, "waiting": False} if action != "decr" else {"name": name, "nb": 1}
         try:
             c.call(action, **props)
@@ -201,11 +214,11 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
         return redirect(url_for("console.watchers"), 303)
     # Followed until circus reports the new state: one audit row with the real outcome (spooled
     # at once when the action took the writer away, and sent when it is back).
-    result, message = _run_and_follow(c, name, action)
+    result, message = run_and_follow(c, name, action)
     if result == "ok" and name == WRITER_WATCHER and action in ("start", "restart"):
-        result, message = _writer_answers(message)
+        result, message = writer_answers(message)
     writer_gone = name == WRITER_WATCHER and action in ("stop", "decr") and result == "ok"
-    audit(what, name, result, message, writer_down=writer_gone)
+    audit(what, name, audit_result(result), message, writer_down=writer_gone)
     if result == "ok":
         flash(f"{LABELS[action]} {name}: done. {message}", "ok")
     else:
@@ -214,7 +227,7 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     return redirect(url_for("console.watchers"), 303)
 
 
-def _writer_answers(message: str) -> tuple[str, str]:
+def writer_answers(message: str) -> tuple[str, str]:
     """After circus reports a (re)started writer active: wait, bounded, until it answers a ping, so
     that "done" means it serves, and the audit record (with the spooled ones before it) is written
     now rather than left in the spool until the next action."""
@@ -225,13 +238,19 @@ def _writer_answers(message: str) -> tuple[str, str]:
     return "ok", f"{message} It answers (pid {pong.get('pid', '?')})."
 
 
-def _run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
+def audit_result(result: str) -> str:
+    """An outcome as the audit log stores it (the ``audit`` op takes ok, error or denied): an action
+    that did not settle in time (``timeout``) is recorded as an error, its detail saying so."""
+    return result if result in ("ok", "error", "denied") else "error"
+
+
+def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
     at most :data:`FOLLOW_SECONDS`. Returns (audit result, what happened in words): ``ok``,
     ``error`` (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state)."""
     c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
-    before = set(_pids(c, name) or [])
+    before = set(pids_of(c, name) or [])
     started = time.monotonic()
     try:
         if action in SETTLED:
@@ -241,7 +260,7 @@ def _run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
             return "ok", f"{answer.get('numprocesses', '?')} process(es) now"
         while True:
             status = str(c.statuses().get(name))
-            pids = set(_pids(c, name) or [])
+            pids = set(pids_of(c, name) or [])
             settled = status == SETTLED[action] and (action != "restart" or (pids and not pids & before))
             elapsed = time.monotonic() - started
             if settled:

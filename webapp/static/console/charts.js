@@ -160,7 +160,8 @@
     var chart = createChart(el);
     var zoom = zoomState(el, chart);
     var lines = {};  // key -> {series, color, index, legend, visible}
-    var url = el.dataset.src + "?range=" + encodeURIComponent(el.dataset.range || "1h") + "&" +
+    var url = el.dataset.src + (el.dataset.src.indexOf("?") >= 0 ? "&" : "?") +  // ?label=WATCHER on a watcher's page
+              "range=" + encodeURIComponent(el.dataset.range || "1h") + "&" +
               names.map(function (n) { return "name=" + encodeURIComponent(n); }).join("&");
     var format = null;
 

@@ -88,6 +88,19 @@
   focusableScrollers();
   window.addEventListener("resize", focusableScrollers);
 
+  /* --- a watcher's signal form: its dialog names the signal and the processes chosen ---------- */
+  document.querySelectorAll("form[data-signal-form]").forEach(function (form) {
+    function describe() {
+      var sig = form.querySelector("select[name=signal]").value;
+      var pid = form.querySelector("select[name=pid]");
+      var to = pid.options[pid.selectedIndex] ? pid.options[pid.selectedIndex].textContent : "";
+      form.dataset.confirm = "Send SIG" + sig + " to " + form.dataset.signalForm + ", " + to + "? " +
+        (sig === "HUP" ? "" : "It ends the process; circus starts a new one. ") + "The audit log records it.";
+    }
+    form.addEventListener("change", describe);
+    describe();
+  });
+
   /* --- confirmation: forms with data-confirm ask first, then send confirm=yes ----------------- */
   document.addEventListener("submit", function (event) {
     var form = event.target;
@@ -250,43 +263,76 @@
     });
   }
 
-  /* --- logs: follow by byte offset ------------------------------------------------------------------------ */
+  /* --- logs: follow by byte offset (one file) or by a cursor of offsets (all watchers, merged);
+   * the server gives each line its level and applies the page's search and level filter ---------- */
   var log = document.querySelector("[data-log]");
   if (log) {
     var follow = document.querySelector("[data-follow]");
     var status = document.querySelector("[data-follow-status]");
-    var offset = Number(log.dataset.offset), maxLines = Number(log.dataset.maxLines) || 5000, busyLog = false;
-    function classFor(line) {
-      if (/ ERROR | CRITICAL |Traceback/.test(line)) return "l-err";
-      return / WARNING /.test(line) ? "l-warn" : "";
+    var merged = log.hasAttribute("data-merged");
+    var offset = Number(log.dataset.offset), cursor = log.dataset.cursor || "";
+    var query = log.dataset.query || "", maxLines = Number(log.dataset.maxLines) || 5000, busyLog = false;
+    /* text as nodes, with each occurrence of the search (any case) in a <mark> */
+    function addText(parent, text) {
+      if (!query) { parent.appendChild(document.createTextNode(text)); return; }
+      var lower = text.toLowerCase(), q = query.toLowerCase(), pos = 0, at;
+      while ((at = lower.indexOf(q, pos)) >= 0) {
+        if (at > pos) parent.appendChild(document.createTextNode(text.substring(pos, at)));
+        var mark = document.createElement("mark");
+        mark.textContent = text.substring(at, at + q.length);
+        parent.appendChild(mark);
+        pos = at + q.length;
+      }
+      if (pos < text.length) parent.appendChild(document.createTextNode(text.substring(pos)));
     }
-    function append(lines, reset) {
+    function lineNode(text, level, watcher) {
+      var span = document.createElement("span");
+      span.className = "l-" + (level || "none");
+      if (watcher) {
+        var w = document.createElement("span");
+        w.className = "l-w";
+        w.textContent = watcher;
+        span.appendChild(w);
+        span.appendChild(document.createTextNode(" "));
+      }
+      addText(span, text);
+      span.appendChild(document.createTextNode("\n"));
+      return span;
+    }
+    function append(nodes, reset) {
       var atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
       if (reset) log.textContent = "";
       var frag = document.createDocumentFragment();
-      lines.forEach(function (line) {
-        var span = document.createElement("span");
-        span.className = classFor(line);
-        span.textContent = line + "\n";
-        frag.appendChild(span);
-      });
+      nodes.forEach(function (n) { frag.appendChild(n); });
       log.appendChild(frag);
       while (log.childNodes.length > maxLines) log.removeChild(log.firstChild);
       if (atBottom || reset) log.scrollTop = log.scrollHeight;
+    }
+    function url() {
+      var sep = log.dataset.src.indexOf("?") >= 0 ? "&" : "?";
+      return log.dataset.src + sep + (merged ? "cursor=" + encodeURIComponent(cursor) : "offset=" + offset);
     }
     log.scrollTop = log.scrollHeight;
     setInterval(function () {
       if (!follow || !follow.checked || document.hidden || busyLog) return;
       busyLog = true;
-      fetch(log.dataset.src + "&offset=" + offset, {credentials: "same-origin", cache: "no-store"})
+      fetch(url(), {credentials: "same-origin", cache: "no-store", headers: {"Accept": "application/json"}})
         .then(function (r) {
           if (r.status === 401) { window.location.reload(); throw new Error("login required"); }
           if (!r.ok) throw new Error("HTTP " + r.status);
           return r.json();
         })
         .then(function (data) {
+          if (merged) {
+            cursor = data.cursor;
+            if (data.lines.length) append(data.lines.map(function (l) { return lineNode(l.text, l.level, l.watcher); }), false);
+            status.textContent = "following every watcher \u00b7 " + new Date().toISOString().substring(11, 19) + " UTC";
+            return;
+          }
           offset = data.offset;
-          if (data.lines.length || data.reset) append(data.lines, data.reset);
+          if (data.lines.length || data.reset) {
+            append(data.lines.map(function (text, i) { return lineNode(text, data.levels[i]); }), data.reset);
+          }
           status.textContent = (data.reset ? "file rotated; " : "") + "following \u00b7 " + bytes(data.size);
         })
         .catch(function (e) { status.textContent = "not following (" + e.message + ")"; })

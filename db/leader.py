@@ -1,0 +1,158 @@
+"""One leader at a time for the workers that must run once per database, whatever the hosts.
+
+With several hosts on one PostgreSQL database, each runs its own circus stack (writer, ticks, API,
+console), but the analysis worker, the monitor and the jobs that maintain the database must run
+once: two analysis workers would fold the same ticks twice over. A worker whose class says
+``leader_only`` (:class:`workers.base.Worker`) takes its name's *leadership* before it does any
+work, and waits as a standby while another host's worker holds it.
+
+Leadership is a session-level advisory lock (``pg_try_advisory_lock(namespace, key of the
+name)``) on a connection of its own, kept open while the worker leads. The server drops it when
+that session ends, however the leader died: a process or host that is killed loses it when the
+kernel closes its socket (at once), a host that vanishes from the network when the server's TCP
+keepalives give up on it (about 11 s, :data:`db.lock.SERVER_KEEPALIVES`). The standby asks every
+``poll`` seconds and takes over then. The leader checks its session every ``check_every`` seconds
+and stops leading (the worker exits, circus starts it again as a standby) when it is gone.
+
+On SQLite there is one host and one stack per database file (the writer's file lock), and circus
+runs one process of each such worker: leadership is always held.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from db.config import Settings
+from db.engine import is_sqlite, psycopg_params
+from db.lock import KEEPALIVES, SERVER_KEEPALIVES
+
+log = logging.getLogger("tickstack.leader")
+
+#: The workers that run under a leadership (their ``name``): for health, doctor and the console.
+LEADER_NAMES = ("analysis", "monitor", "jobs")
+#: The first half of every leadership lock's key ("tick"): the second is the worker's name.
+NAMESPACE = 0x7469636B
+#: ``application_name`` prefix of a leadership session: how a standby, ``db doctor`` and the
+#: console name the leader (pg_stat_activity shows every session's name to every role).
+LEADER_APP = "tickstack leader"
+_HOLDER_SQL = """
+SELECT a.application_name, a.backend_start
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = %s AND l.objid = %s"""
+_LEADERS_SQL = """
+SELECT l.objid, a.application_name, a.backend_start
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND l.classid = %s"""
+
+
+def leader_key(name: str) -> int:
+    """The lock key of ``name`` (a positive 31-bit number, stable across hosts and versions)."""
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+def leader_application_name(name: str, host: str) -> str:
+    """``tickstack leader analysis pid 1234 on host``, cut to PostgreSQL's 63 bytes."""
+    return f"{LEADER_APP} {name} pid {os.getpid()} on {host}".encode()[:63].decode(errors="ignore")
+
+
+def leaders(conn: Any, names: tuple[str, ...]) -> dict[str, str | None]:
+    """Who leads each of ``names`` on ``conn``'s database (a SQLAlchemy or psycopg connection):
+    the leader session's application_name, or None when nobody leads it."""
+    by_key = {leader_key(n): n for n in names}
+    found: dict[str, str | None] = dict.fromkeys(names)
+    rows = (conn.exec_driver_sql(_LEADERS_SQL, (NAMESPACE,)) if hasattr(conn, "exec_driver_sql")
+            else conn.execute(_LEADERS_SQL, (NAMESPACE,)).fetchall())  # SQLAlchemy, or psycopg
+    for objid, app, _since in rows:
+        if objid in by_key:
+            found[by_key[objid]] = app
+    return found
+
+
+class Leadership:
+    """The leadership of ``name`` on the settings' database. Not thread-safe: the worker's loop
+    uses it (:meth:`try_take` while standing by, :meth:`still_held` while leading)."""
+
+    def __init__(self, settings: Settings, name: str, check_every: float = 2.0) -> None:
+        self.name = name
+        self.url = settings.database_url
+        self.host = settings.host
+        self.shared = not is_sqlite(self.url)
+        self.key = leader_key(name)
+        self.check_every = check_every
+        self.held = not self.shared
+        self.lost: str | None = None
+        self._conn: Any = None
+        self._checked_at = 0.0
+
+    def try_take(self) -> bool:
+        """Take the leadership if nobody holds it; True when this process leads. Raises psycopg's
+        OperationalError when the server cannot be reached (the caller waits and tries again)."""
+        if self.held:
+            return True
+        if self._conn is None:
+            import psycopg
+
+            params = psycopg_params(make_url(self.url))
+            options = " ".join(p for p in (params.pop("options", ""), SERVER_KEEPALIVES) if p)
+            self._conn = psycopg.connect(**{**KEEPALIVES, **params}, options=options, autocommit=True,
+                                         application_name=leader_application_name(self.name, self.host))
+        try:
+            got = self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, self.key)).fetchone()[0]
+        except Exception:
+            self._close()
+            raise
+        self.held = bool(got)
+        self._checked_at = time.monotonic()
+        return self.held
+
+    def holder(self) -> str:
+        """In words, who leads now (for a standby's log line)."""
+        if not self.shared:
+            return "this process"
+        try:
+            row = self._conn.execute(_HOLDER_SQL, (NAMESPACE, self.key)).fetchone() if self._conn else None
+        except Exception as e:
+            return f"unknown ({type(e).__name__})"
+        if row is None:
+            return "nobody (it just ended)"
+        app, since = row
+        return f"{app or 'an unnamed session'}, connected since {since:%Y-%m-%d %H:%M:%S %Z}"
+
+    def still_held(self) -> bool:
+        """While leading, as often as the loop likes: at most every ``check_every`` seconds, prove
+        that the session (and with it the lock) is still there. False once it is not."""
+        if not self.shared or not self.held:
+            return self.held
+        now = time.monotonic()
+        if now - self._checked_at < self.check_every:
+            return True
+        self._checked_at = now
+        try:
+            self._conn.execute("SELECT 1")
+        except Exception as e:
+            self.lost = f"{type(e).__name__}: {str(e).strip() or 'connection closed'}"
+            self.held = False
+            self._close()
+        return self.held
+
+    def release(self) -> None:
+        """End the session, and with it the leadership."""
+        self.held = not self.shared
+        self._close()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # already gone: so is the lock
+                pass

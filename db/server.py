@@ -1,0 +1,225 @@
+"""A PostgreSQL server's health, backup and integrity check: what :mod:`db.health` does for a SQLite
+file, done the server's way.
+
+* :func:`server_status`: reachable or not (and why), ``pg_database_size``, connections by
+  ``application_name`` (every tickstack session names its program, pid and host:
+  :func:`db.engine.application_name`), and who holds the writer lock (:mod:`db.lock`).
+* :func:`dump`: ``pg_dump -Fc`` into a private file (0600), verified with ``pg_restore --list``
+  before it is renamed into place. The password goes to pg_dump in a ``PGPASSFILE`` (0600, in a
+  private folder, removed after), never on its command line, where ``ps`` would show it.
+* :func:`amcheck`: ``bt_index_check`` on every B-tree index of the schema when the ``amcheck``
+  extension is there (or can be created); otherwise a result that says it was skipped and how to
+  enable it, not a failure.
+
+Every error text that leaves here has the URL's password cut out (libpq's messages name the host
+and role, not the password; this is a second guard).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from db.config import Settings
+from db.engine import HIDDEN, application_name, psycopg_params
+from db.leader import LEADER_NAMES, leaders
+from db.lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
+
+#: Connections by application_name are grouped without their pid (one series per program and
+#: host, not per process: /metrics labels stay few).
+_PID_PART = " pid "
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` with ``url``'s password (if any) replaced by ``***``."""
+    try:
+        password = make_url(url).password
+    except Exception:  # an unparseable URL: nothing to look for
+        return text
+    return text.replace(password, HIDDEN) if password else text
+
+
+def connect(url: str, purpose: str, timeout: float = 3.0, read_only: bool = True) -> Any:
+    """A psycopg connection (autocommit) for ``purpose`` (its application_name), failing within
+    about ``timeout`` seconds when the server does not answer; read-only unless told."""
+    import psycopg
+
+    params = psycopg_params(make_url(url))
+    options = [params.pop("options", ""), f"-c statement_timeout={int(max(timeout, 1) * 10_000)}"]
+    if read_only:
+        options.append("-c default_transaction_read_only=on")
+    return psycopg.connect(**params, connect_timeout=max(1, round(timeout)), autocommit=True,
+                           application_name=application_name(purpose), options=" ".join(o for o in options if o))
+
+
+def group_name(app: str | None) -> str:
+    """``tickstack writer pid 12 on host`` -> ``tickstack writer on host``; unnamed -> ``(unnamed)``."""
+    if not app:
+        return "(unnamed)"
+    head, sep, tail = app.partition(_PID_PART)
+    return f"{head} {tail.split(' ', 1)[1]}" if sep and " " in tail else head if sep else app
+
+
+def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
+    """The server as the readers see it (``DATABASE_READ_URL``): ``reachable`` (and ``error`` when
+    not), ``size_bytes``, ``connections`` (this database's sessions, total and by application_name
+    without pids), ``server_connections`` and ``max_connections``, ``version``, ``ping_ms``, and
+    ``writer_lock`` (its holder's application_name, None when free). Never raises."""
+    url = settings.database_read_url
+    started = time.perf_counter()
+    try:
+        with connect(url, "health", timeout) as conn:
+            size, version, max_conn, everyone = conn.execute(
+                "SELECT pg_database_size(current_database()), current_setting('server_version'), "
+                "current_setting('max_connections')::int, (SELECT count(*) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend')").fetchone()
+            rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
+                                "WHERE datname = current_database() GROUP BY 1").fetchall()
+            holder = server_lock_holder(conn, settings.host)
+            writers = server_lock_holders(conn)
+            led = leaders(conn, LEADER_NAMES)
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        return {"reachable": False, "error": scrub(reason, url), "ms": round((time.perf_counter() - started) * 1000, 1)}
+    by_app: dict[str, int] = {}
+    for app, count in rows:
+        by_app[group_name(app)] = by_app.get(group_name(app), 0) + int(count)
+    lock: dict[str, Any] = {"held": holder is not None, "host": settings.host,
+                            "writers": [app for _pid, app, _since in writers]}  # every host's
+    if holder is not None:
+        lock.update(holder=holder[1], backend_pid=holder[0], text=describe_holder(holder),
+                    writer_pid=writer_pid_of(holder[1]))
+    return {"reachable": True, "ping_ms": round((time.perf_counter() - started) * 1000, 1), "version": version,
+            "size_bytes": int(size), "connections": sum(by_app.values()),
+            "by_application": dict(sorted(by_app.items())), "server_connections": int(everyone),
+            "max_connections": int(max_conn), "writer_lock": lock, "leaders": led}
+
+
+def writer_pid_of(app: str | None) -> int | None:
+    """The writer's pid in its lock session's application_name (``tickstack writer-lock pid 12 on h``)."""
+    if not app or not app.startswith(LOCK_APP + _PID_PART):
+        return None
+    word = app[len(LOCK_APP + _PID_PART):].split(" ", 1)[0]
+    return int(word) if word.isdigit() else None
+
+
+# --- pg_dump ------------------------------------------------------------------------------------
+
+
+def pg_program(name: str) -> str:
+    """The newest Debian ``/usr/lib/postgresql/N/bin/<name>`` (pg_dump must be at least as new as
+    the server), else ``<name>`` on PATH; FileNotFoundError when neither exists."""
+    base = Path("/usr/lib/postgresql")
+    found = sorted((p for p in base.glob(f"*/bin/{name}") if p.parent.parent.name.isdigit()),
+                   key=lambda p: int(p.parent.parent.name))
+    if found:
+        return str(found[-1])
+    on_path = shutil.which(name)
+    if on_path is None:
+        raise FileNotFoundError(f"{name} is not installed (apt-get install postgresql-client)")
+    return on_path
+
+
+def _libpq_env(url: str, private: Path) -> tuple[str, dict[str, str]]:
+    """A connection string without the password, and an environment whose ``PGPASSFILE`` (0600,
+    in ``private``) holds it: pg_dump's command line (visible in ``ps``) and its logs never do."""
+    from psycopg.conninfo import make_conninfo
+
+    params = {k: str(v) for k, v in psycopg_params(make_url(url)).items()}
+    password = params.pop("password", None)
+    env = os.environ.copy()  # passed through to pg_dump as it is (not a setting of ours), minus libpq's
+    for name in ("PGPASSWORD", "PGPASSFILE"):  # password sources: ours is the only one
+        env.pop(name, None)
+    if password is not None:
+        passfile = private / "pgpass"
+        fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+        def esc(v: str) -> str:
+            return v.replace("\\", "\\\\").replace(":", "\\:")
+        with os.fdopen(fd, "w") as f:  # host:port:database:user:password, wildcards for the first three
+            f.write(f"*:*:*:{esc(params.get('user', '*'))}:{esc(password)}\n")
+        env["PGPASSFILE"] = str(passfile)
+    env["PGAPPNAME"] = application_name("backup")
+    return make_conninfo(**params), env
+
+
+def dump(settings: Settings, dest: Path, timeout: float = 3600.0) -> dict[str, Any]:
+    """``pg_dump -Fc`` of the database (as ``DATABASE_URL``'s role: the readers' may not read the
+    sequences) to ``dest``: written to a private temporary file, listed with ``pg_restore --list``
+    (a dump it cannot read is no backup), then renamed into place. Raises RuntimeError with
+    pg_dump's words (password cut out) and leaves nothing behind."""
+    url = settings.database_url
+    dest = Path(dest).absolute()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.part")
+    private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
+    started = time.perf_counter()
+    try:
+        conninfo, env = _libpq_env(url, private)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
+        for command in ([pg_program("pg_dump"), "-Fc", "--no-password", "-f", str(tmp), "-d", conninfo],
+                        [pg_program("pg_restore"), "--list", str(tmp)]):
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+            if done.returncode != 0:
+                raise RuntimeError(f"{Path(command[0]).name} failed ({done.returncode}): "
+                                   f"{scrub(done.stderr.strip()[-1500:], url)}")
+        entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
+    return {"path": str(dest), "bytes": dest.stat().st_size, "entries": entries,
+            "ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+# --- amcheck ------------------------------------------------------------------------------------
+
+#: The B-tree indexes of the schema the check covers (valid, ready, not temporary).
+_INDEXES_SQL = """
+SELECT c.oid::regclass::text FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE a.amname = 'btree' AND n.nspname = current_schema() AND c.relpersistence <> 't'
+   AND i.indisvalid AND i.indisready
+ ORDER BY 1"""
+ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; GRANT EXECUTE ON FUNCTION "
+                  "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
+
+
+def amcheck(settings: Settings, timeout: float = 600.0) -> dict[str, Any]:
+    """``bt_index_check`` (heapallindexed off: a quick check, AccessShareLock only) on every B-tree
+    index, as ``DATABASE_URL``'s role. ``{"ok", "indexes", "problems", "ms"}``, or ``{"ok": True,
+    "skipped": why}`` when amcheck is not installed and cannot be created, or may not be run by
+    this role: a check we cannot make is not a failed one, and the reason says how to enable it."""
+    import psycopg
+
+    url = settings.database_url
+    started = time.perf_counter()
+    with connect(url, "quick_check", timeout, read_only=False) as conn:
+        installed = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone()
+        if installed is None:
+            try:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+            except psycopg.Error as e:
+                why = " ".join(str(e).split())
+                return {"ok": True, "skipped": f"amcheck not installed ({scrub(why, url)}); {ENABLE_AMCHECK}"}
+        conn.execute("SET default_transaction_read_only = on")  # from here on, only reads
+        indexes = [name for (name,) in conn.execute(_INDEXES_SQL).fetchall()]
+        problems: list[str] = []
+        for index in indexes:
+            try:
+                conn.execute("SELECT bt_index_check(index => %s::regclass, heapallindexed => false)", (index,))
+            except psycopg.errors.InsufficientPrivilege as e:
+                why = " ".join(str(e).split())
+                return {"ok": True, "skipped": f"amcheck installed but not allowed ({why}); {ENABLE_AMCHECK}"}
+            except psycopg.Error as e:  # XX002 index_corrupted, and whatever else the check meets
+                problems.append(f"{index}: {' '.join(str(e).split())}"[:500])
+    return {"ok": not problems, "indexes": len(indexes), "problems": problems[:20],
+            "ms": round((time.perf_counter() - started) * 1000, 1)}

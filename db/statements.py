@@ -1,0 +1,158 @@
+"""How rows get into tables fast, on each dialect: the INSERT statements the ops run, compiled
+once per dialect, executed on the driver's cursor where that is safe, and on PostgreSQL ticks by
+COPY. The ops (:mod:`db.ops`) say *what* changes; this module only how rows travel.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Table, func, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
+
+from db import engine as engines
+from db.validation import TICK_FIELDS
+
+#: (dialect, table, columns, conflict keys, ignore) -> (SQL text, positional parameter order or None).
+_compiled: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], bool], tuple[str, tuple[str, ...] | None]] = {}
+
+
+def _dialect_insert(conn: Connection) -> Callable[[Table], Any]:
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert
+    raise NotImplementedError(f"no upsert support for {conn.dialect.name}")
+
+
+def compiled_insert(conn: Connection, table: Table, columns: Sequence[str], update_on: Sequence[str] | None = None,
+               ignore: bool = False, keep: bool = False) -> tuple[str, tuple[str, ...] | None]:
+    """``INSERT INTO table (columns)``, compiled once per dialect: SQLAlchemy's compile and execute
+    path costs tens of microseconds a statement, more than SQLite takes to run a small one. Plain,
+    or skipping rows whose unique key exists (``ignore``), or replacing them (``update_on``, the
+    unique key's columns: an upsert; with ``keep``, a NULL given leaves the stored value as it is).
+    Returns the SQL and the order of its positional parameters (None for a driver with named ones)."""
+    key = (conn.dialect.name, table.name, tuple(columns), tuple(update_on or ()), ignore, keep)
+    found = _compiled.get(key)
+    if found is None:
+        if update_on or ignore:
+            stmt = _dialect_insert(conn)(table)
+            stmt = (stmt.on_conflict_do_update(index_elements=list(update_on), set_={
+                c: func.coalesce(stmt.excluded[c], table.c[c]) if keep else stmt.excluded[c]
+                for c in columns if c not in update_on})
+                if update_on else stmt.on_conflict_do_nothing())
+        else:
+            stmt = insert(table)
+        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(columns))
+        order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
+        found = _compiled[key] = (str(compiled), order)
+    return found
+
+
+def _direct(conn: Connection, order: tuple[str, ...] | None, columns: Sequence[str]) -> bool:
+    """Whether rows of ``columns`` go to the DB-API cursor as they are: SQLite, whose compiled
+    statement takes exactly these positional parameters in this order (no defaults filled in)."""
+    return conn.dialect.name == "sqlite" and order == tuple(columns)
+
+
+def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
+    """A driver error as SQLAlchemy would raise it (the writer classifies errors by that)."""
+    return DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error)
+
+
+def insert_many(conn: Connection, table: Table, columns: Sequence[str], values: Iterable[tuple], *,
+                 update_on: Sequence[str] | None = None, ignore: bool = False, keep: bool = False) -> int:
+    """executemany the compiled INSERT (see :func:`compiled_insert`) with rows given as tuples in
+    ``columns`` order; returns the rows inserted (or replaced). On SQLite the tuples stream into
+    the DB-API cursor of the same connection, inside the caller's transaction, with no per-row
+    Python and no list of thousands kept alive for the garbage collector to walk; elsewhere
+    (PostgreSQL) through SQLAlchemy's driver-level executemany."""
+    sql, order = compiled_insert(conn, table, columns, update_on, ignore, keep)
+    if _direct(conn, order, columns):
+        cursor = engines.raw_dbapi(conn).cursor()
+        try:
+            cursor.executemany(sql, values)
+            return cursor.rowcount
+        except conn.dialect.loaded_dbapi.Error as e:
+            raise _driver_error(conn, sql, e) from e
+        finally:
+            cursor.close()
+    params: list = list(values)
+    if order is None:
+        params = [dict(zip(columns, row, strict=True)) for row in params]
+    elif order != tuple(columns):
+        index = [columns.index(c) for c in order]
+        params = [tuple(row[i] for i in index) for row in params]
+    return conn.exec_driver_sql(sql, params).rowcount
+
+
+def insert_row(conn: Connection, table: Table, values: Mapping[str, Any]) -> int:
+    """Insert one row (every column but the id given) and return its id: the compiled statement
+    and ``lastrowid`` on SQLite, SQLAlchemy Core (``RETURNING``) elsewhere."""
+    columns = tuple(values)
+    sql, order = compiled_insert(conn, table, columns)
+    if not _direct(conn, order, columns):
+        return conn.execute(insert(table), dict(values)).inserted_primary_key[0]
+    cursor = engines.raw_dbapi(conn).cursor()
+    try:
+        cursor.execute(sql, tuple(values.values()))
+        return cursor.lastrowid
+    except conn.dialect.loaded_dbapi.Error as e:
+        raise _driver_error(conn, sql, e) from e
+    finally:
+        cursor.close()
+
+
+def upsert_columns(conn: Connection, table: Table, cols: dict[str, list[Any]] | None, names: Sequence[str],
+                    keys: Sequence[str]) -> int:
+    """Upsert rows given as columns (validated by :mod:`db.columns`) through the compiled statement."""
+    if not cols or not cols["ts"]:
+        return 0
+    values = zip(*(cols[c] for c in names), strict=True)
+    return insert_many(conn, table, names, values, update_on=keys)
+
+
+def upsert_rows(conn: Connection, table: Table, rows_: list[dict[str, Any]], keys: Sequence[str]) -> int:
+    """Upsert rows given as objects (every row with the same fields) through the compiled statement."""
+    if not rows_:
+        return 0
+    names = tuple(rows_[0])
+    insert_many(conn, table, names, (tuple(r[c] for c in names) for r in rows_), update_on=keys)
+    return len(rows_)
+
+
+#: From this many ticks a batch goes by COPY on PostgreSQL: below, its four round trips (temporary
+#: table, truncate, COPY, INSERT ... SELECT) cost more than the INSERTs they save.
+COPY_MIN_TICKS = 32
+#: PostgreSQL's types of :data:`TICK_FIELDS`, for COPY's binary format (which carries no types).
+_TICK_COPY_TYPES = ("text", "int8", "float8", "float8", "float8", "text", "int8")
+_TICK_COPY_SQL = (f"COPY pg_temp.ticks_in ({', '.join(TICK_FIELDS)}) FROM STDIN (FORMAT BINARY)",
+                  f"INSERT INTO ticks ({', '.join(TICK_FIELDS)}) SELECT {', '.join(TICK_FIELDS)} "
+                  "FROM pg_temp.ticks_in ORDER BY n ON CONFLICT DO NOTHING")
+
+
+def copy_ticks(conn: Connection, rows: Iterable[tuple]) -> int:
+    """PostgreSQL: the batch goes by ``COPY ... FORMAT BINARY`` into a session's temporary table,
+    then into ``ticks`` with one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, which keeps the
+    (source, seq) dedup and counts exactly what it inserted. An ``executemany`` of the INSERT is
+    row by row there (SQLAlchemy turns insertmanyvalues off for ON CONFLICT without RETURNING);
+    this is several times faster. Ids follow the batch's order (``n``, the row's place in it)."""
+    cursor = engines.raw_dbapi(conn).cursor()
+    try:
+        cursor.execute("CREATE TEMP TABLE IF NOT EXISTS ticks_in (n bigserial, symbol text, ts int8, bid float8, "
+                       "ask float8, volume float8, source text, seq int8) ON COMMIT DELETE ROWS")
+        cursor.execute("TRUNCATE pg_temp.ticks_in")  # another op of the same batch may have filled it
+        with cursor.copy(_TICK_COPY_SQL[0]) as copy:
+            copy.set_types(_TICK_COPY_TYPES)
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute(_TICK_COPY_SQL[1])
+        return cursor.rowcount
+    except Exception as e:
+        if isinstance(e, conn.dialect.loaded_dbapi.Error):
+            raise _driver_error(conn, _TICK_COPY_SQL[1], e) from e
+        raise
+    finally:
+        cursor.close()

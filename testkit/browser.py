@@ -1,0 +1,74 @@
+"""The one way tests drive a browser: Debian's Chromium under Playwright (``playwright install``
+cannot download its own browsers here), headless, with nothing reaching outside the machine."""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+#: Everything that makes the document wider than the window (what would scroll sideways).
+TOO_WIDE_JS = """
+() => {
+  const width = document.documentElement.clientWidth;
+  return {scrollWidth: document.documentElement.scrollWidth, width: width,
+          culprits: Array.from(document.querySelectorAll("body *"))
+                         .filter(e => e.getBoundingClientRect().right > width + 1)
+                         .slice(0, 5).map(e => e.tagName.toLowerCase() + "." + e.className)};
+}
+"""
+
+
+def require_chromium() -> None:
+    """Skip the test when Debian's chromium is missing, with how to get it; in CI (``CI`` set),
+    where ``.ci/run`` installs it, fail instead."""
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """A headless Chromium, closed afterwards (see :func:`require_chromium`)."""
+    require_chromium()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@dataclass
+class ConsoleView:
+    """A browser context on the console, and what it must never do (reach outside 127.0.0.1,
+    raise in JavaScript: the tests that make one collect those into the two lists)."""
+
+    context: BrowserContext
+    page: Page
+    base: str
+    #: The stack's home: the admin password is there once the console made it (on its first request).
+    home: Path
+    outside: list[str] = field(default_factory=list, kw_only=True)
+    js_errors: list[str] = field(default_factory=list, kw_only=True)
+
+    def goto(self, path: str) -> None:
+        response = self.page.goto(self.base + path)
+        assert response is not None and response.ok, f"{path}: {response and response.status}"
+
+    def login(self) -> None:
+        self.goto("/console/login")
+        self.page.fill("#username", "admin")
+        self.page.fill("#password", (self.home / "admin-password").read_text().strip())
+        self.page.click("button[type=submit]")
+        self.page.wait_for_url(re.compile(r"/console/watchers$"))

@@ -1,0 +1,132 @@
+"""The console's Database page in plain words (issue 12, part B): job runs as a readable table with
+absolute UTC times and what each run did, checkpoint results that say what was copied and what the
+WAL went from and to, and each table's rows and size.
+
+A real writer (:class:`testkit.writer.Stack`), the real jobs worker run once per job
+(``python -m workers.jobs --run JOB``, as an operator would) and the console app on them through
+Flask's test client, CSRF on as in production.
+"""
+from __future__ import annotations
+
+import html
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from db.client import WriterClient
+from testkit.env import ROOT
+from testkit.helpers import CSRF_RE, query
+from testkit.writer import Stack
+from webapp import create_app
+from webapp.console.dbwords import checkpoint_words, job_words
+
+TICKS = 120
+
+
+class Console:
+    def __init__(self, app: Flask) -> None:
+        self.client = app.test_client()
+        self.home: Path = app.config["TICKSTACK"].home
+
+    def get(self, url: str) -> Any:
+        return self.client.get(url)
+
+    def post(self, url: str) -> Any:
+        token = CSRF_RE.search(self.get("/console/audit").text).group(1)
+        return self.client.post(url, data={"csrf_token": token})
+
+    def login(self) -> None:
+        token = CSRF_RE.search(self.get("/console/login").text).group(1)
+        password = (self.home / "admin-password").read_text().strip()
+        r = self.client.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
+        assert r.status_code == 302
+
+
+def text_of(page: Any) -> str:
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page.text)))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    st = Stack.create()
+    try:
+        st.start_writer()
+        now = int(time.time() * 1000)
+        with WriterClient(settings=st.settings, deadline=20) as client:
+            client.call("insert_ticks", ticks=[
+                {"symbol": "BTCUSD", "ts": now - 1000 * i, "bid": 100.0 + i, "ask": 100.5 + i, "source": "t", "seq": i}
+                for i in range(TICKS)])
+        for job in ("retention", "backup", "quick_check", "checkpoint"):
+            done = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", job], env=st.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, (job, done.stderr[-2000:])
+        yield st
+    finally:
+        st.close()
+
+
+@pytest.fixture(scope="module")
+def console(stack: Stack) -> Console:
+    c = Console(create_app("console", stack.settings))
+    c.login()
+    return c
+
+
+def test_job_runs_read_as_sentences_with_absolute_utc_times(console: Console, stack: Stack) -> None:
+    page = console.get("/console/database")
+    assert page.status_code == 200
+    runs = page.text.split("data-job-runs", 1)[1].split("</table>", 1)[0]
+    text = text_of(type("P", (), {"text": runs}))
+    assert re.search(r"retention .*deleted 0 ticks older than \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC in 1 call", text)
+    assert re.search(r"backup .*wrote tickstack-\S+\.db \(\d", text)
+    assert re.search(r"quick_check .*integrity ok \(quick_check in \d+ ms\)", text)
+    assert re.search(r"checkpoint .*TRUNCATE: (every page of the WAL copied into the database and the WAL emptied "
+                     r"\(the WAL went from [\d.]+ \w+ to 0 B\)|nothing to copy, the WAL was already empty)", text), text
+    assert '"deleted":' not in text.split("raw", 1)[0]  # the JSON is there only under "raw"
+    # Started and finished are absolute UTC; started has the relative time beside it.
+    assert len(re.findall(r"<time datetime=\"[\dT:-]+Z\">\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC</time>", runs)) >= 4
+    assert len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", runs)) >= 8
+
+
+def test_a_checkpoint_from_the_console_says_what_it_did(console: Console, stack: Stack) -> None:
+    with WriterClient(settings=stack.settings, deadline=20) as client:  # something in the WAL
+        client.call("audit", actor="test", action="fill", target="wal", result="ok", detail="x" * 2000)
+    r = console.post("/console/database/checkpoint")
+    assert r.status_code == 303
+    page = console.get("/console/database")
+    flash = re.search(r'class="flash flash-ok"[^>]*>([^<]*)<', page.text).group(1)
+    assert re.fullmatch(r"Checkpoint done: TRUNCATE: (every page of the WAL copied into the database and the WAL "
+                        r"emptied \(the WAL went from [\d.]+ \w+ to 0 B\)|nothing to copy, the WAL was already "
+                        r"empty)\.", html.unescape(flash)), flash
+    assert "0 of 0 pages" not in page.text
+
+
+def test_tables_show_their_rows_and_size(console: Console, stack: Stack) -> None:
+    page = console.get("/console/database")
+    tables = page.text.split("data-tables", 1)[1].split("</table>", 1)[0]
+    rows = dict(re.findall(r'data-table="(\w+)">.*?data-field="rows">([\d,]+)<', tables, re.S))
+    assert int(rows["ticks"].replace(",", "")) == query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == TICKS
+    assert int(rows["job_runs"].replace(",", "")) >= 4
+    sizes = dict(re.findall(r'data-table="(\w+)">.*?data-field="bytes">([^<]+)<', tables, re.S))
+    assert re.fullmatch(r"[\d.]+ (KiB|MiB)", sizes["ticks"]), sizes
+
+
+def test_words_for_results_seen_in_the_wild() -> None:
+    assert checkpoint_words({"mode": "TRUNCATE", "busy": 0, "log": 0, "checkpointed": 0, "wal_before": 0,
+                             "wal_after": 0}) == "TRUNCATE: nothing to copy, the WAL was already empty"
+    assert checkpoint_words({"mode": "PASSIVE", "busy": 0, "log": 300, "checkpointed": 250}) == (
+        "PASSIVE: 250 pages of the WAL's 300 copied into the database (50 wait for readers to move on)")
+    assert "partial: a reader held part of the WAL back (10 pages of 40 copied)" in checkpoint_words(
+        {"mode": "TRUNCATE", "busy": 1, "log": 40, "checkpointed": 10})
+    assert job_words("retention", True, '{"deleted": 1, "calls": 2, "before_ts": 0, "more": true}') == (
+        "deleted 1 tick older than 1970-01-01 00:00:00 UTC in 2 calls; more remain, the next run goes on")
+    assert job_words("quick_check", False, '{"ok": false, "messages": ["a", "b"], "ms": 3}') == (
+        "integrity problems found in 3 ms: a; b")
+    assert job_words("quick_check", True, "skipped: amcheck not installed") == "skipped: amcheck not installed"

@@ -1,0 +1,131 @@
+"""Restart counts that do not mix restarts with scaling (issue 12): on the real stack under circusd
+(:class:`testkit.circus.CircusStack`, sampled every second by the jobs worker), a process killed
+(by its pid) and replaced by circus counts 1 restart of its watcher; adding a process (incr) and
+removing one (decr) count none. The Watchers page and the watcher's page show the count and say
+what is counted. Counts are read after samples taken after each event, never by wall-clock time.
+"""
+from __future__ import annotations
+
+import html
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from supervision.sampler import Sampler
+from testkit.circus import CircusStack
+from testkit.helpers import query, wait_for
+from tests.test_console_watcher_page import Console, gone
+from webapp import create_app
+
+WATCHER = "monitor"
+
+
+@pytest.fixture(scope="module")
+def cstack() -> Iterator[CircusStack]:
+    stack = CircusStack(TICKSTACK_SAMPLE_EVERY_S="1")
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def console(cstack: CircusStack) -> Console:
+    c = Console(create_app("console", cstack.settings))
+    c.login()
+    return c
+
+
+def restarts(cstack: CircusStack, name: str) -> int:
+    return int(query(cstack.settings, "SELECT coalesce(sum(value), 0) FROM samples WHERE name = 'watcher.restarts' "
+                                      "AND labels = ?", (name,))[0][0])
+
+
+def settled(cstack: CircusStack, name: str, processes: int) -> None:
+    """Wait until two samples taken from now on see ``name`` with ``processes`` processes: whatever
+    happened before is counted by then."""
+    since = int(time.time() * 1000)
+    wait_for(f"two samples of {name} with {processes} processes", lambda: query(
+        cstack.settings, "SELECT count(*) FROM samples WHERE name = 'watcher.processes' AND labels = ? AND ts > ? "
+                         "AND value = ?", (name, since, processes))[0][0] >= 2, timeout=90)
+
+
+def test_a_killed_process_counts_one_restart(console: Console, cstack: CircusStack) -> None:
+    (old,) = wait_for("one monitor process", lambda: cstack.pids_of(WATCHER) or None, timeout=60)
+    settled(cstack, WATCHER, 1)
+    before = restarts(cstack, WATCHER)
+    os.kill(old, signal.SIGKILL)
+    wait_for("the killed process to end", lambda: gone(old), timeout=30)
+    wait_for("circus to replace it", lambda: [p for p in cstack.pids_of(WATCHER) if p != old] or None, timeout=60)
+    settled(cstack, WATCHER, 1)
+    assert restarts(cstack, WATCHER) == before + 1
+    listing = console.get("/console/watchers")
+    row = listing.text.split(f'data-watcher="{WATCHER}"', 1)[1].split("</tr>", 1)[0]
+    assert f'data-field="restarts">{before + 1}<' in row
+    words = html.unescape(listing.text)
+    assert "+1/−1 process and a stop then start are not restarts" in words
+    page = html.unescape(console.get(f"/console/watchers/{WATCHER}").text)
+    assert f'data-field="restarts">{before + 1}<' in page
+    assert "processes replaced after they died or were restarted; +1/−1 and stop/start not counted" in page
+
+
+def test_incr_and_decr_count_no_restart(console: Console, cstack: CircusStack) -> None:
+    settled(cstack, WATCHER, 1)
+    before = restarts(cstack, WATCHER)
+    r = console.post(f"/console/watchers/{WATCHER}/incr")
+    assert r.status_code == 303
+    wait_for("two monitor processes", lambda: len(cstack.pids_of(WATCHER)) == 2, timeout=60)
+    settled(cstack, WATCHER, 2)
+    assert restarts(cstack, WATCHER) == before
+    r = console.post(f"/console/watchers/{WATCHER}/decr")
+    assert r.status_code == 303
+    wait_for("one monitor process", lambda: len(cstack.pids_of(WATCHER)) == 1, timeout=60)
+    settled(cstack, WATCHER, 1)
+    assert restarts(cstack, WATCHER) == before
+
+
+def test_a_stop_then_start_counts_none_and_a_restart_counts_each_process(console: Console, cstack: CircusStack
+                                                                         ) -> None:
+    settled(cstack, WATCHER, 1)
+    before = restarts(cstack, WATCHER)
+    r = console.post(f"/console/watchers/{WATCHER}/stop", {"confirm": "yes"})
+    assert r.status_code == 303
+    settled(cstack, WATCHER, 0)  # samples saw it stopped
+    r = console.post(f"/console/watchers/{WATCHER}/start")
+    assert r.status_code == 303
+    settled(cstack, WATCHER, 1)
+    assert restarts(cstack, WATCHER) == before
+    (old,) = cstack.pids_of(WATCHER)
+    r = console.post(f"/console/watchers/{WATCHER}/restart")
+    assert r.status_code == 303 and cstack.pids_of(WATCHER) != [old]
+    settled(cstack, WATCHER, 1)
+    assert restarts(cstack, WATCHER) == before + 1
+
+
+def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None:
+    """The counting rule alone, sample after sample: (status, asked-for, pids) -> restarts."""
+    sampler = Sampler.__new__(Sampler)
+    sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
+    sampler.previous_watchers_ms, sampler.previous_counts = None, {}
+
+    def run(*steps: tuple[str, int, set[int]]) -> list[int]:
+        sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
+        out = []
+        for status, wanted, pids in steps:
+            procs = {(p, 1.0) for p in pids}
+            out.append(sampler._replaced("w", procs, status, wanted))
+            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": wanted}
+        return out
+    # A restart of two processes seen half-way (stopping, one left), then active with two new ones.
+    assert run(("active", 2, {1, 2}), ("stopping", 2, {2}), ("active", 2, {3, 4})) == [0, 0, 2]
+    # A crash replaced within one interval.
+    assert run(("active", 1, {1}), ("active", 1, {2})) == [0, 1]
+    # incr, then decr (its process gone a sample later), then incr again: never a restart.
+    assert run(("active", 1, {1}), ("active", 2, {1}), ("active", 2, {1, 2}), ("active", 1, {1, 2}),
+               ("active", 1, {1}), ("active", 2, {1, 3})) == [0, 0, 0, 0, 0, 0]
+    # A stop seen stopped, then a start.
+    assert run(("active", 1, {1}), ("stopping", 1, set()), ("stopped", 1, set()), ("active", 1, {2})) == [0, 0, 0, 0]

@@ -1,0 +1,279 @@
+"""A page per watcher, signals and restart-all from the console (issue 12, part B), on the real
+stack under circusd (:class:`testkit.circus.CircusStack`, one for the module, with a secret or two
+in its environment) through Flask's test client, CSRF on as in production.
+
+* the page shows the command line, each process (a gunicorn master and its workers apart), the
+  environment without a secret, the flapping plugin's state and the watcher's last log lines;
+* a signal sent from the console reaches the process: SIGHUP makes the api's gunicorn master log
+  it, SIGTERM makes the ticks worker's handler log it (with its pid) and exit, SIGKILL ends a
+  monitor process; each asks first, and is one audit row;
+* restart-all asks first, then restarts every watcher once (every pid changes), one audit row.
+
+Tests run in file order on the shared stack; processes are told apart by pid only.
+"""
+from __future__ import annotations
+
+import html
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from flask import Flask
+
+from db.config import load_settings
+from testkit.circus import WATCHERS, Circusd, CircusStack
+from testkit.env import isolated_env, new_home
+from testkit.gunicorn import get_json
+from testkit.helpers import CSRF_RE, query, wait_for
+from webapp import create_app
+from webapp.console.watcher_page import command_line, safe_environment
+
+SECRET_TOKEN = "tok-4f1d9c-never-shown"
+SECRET_PASSWORD = "hunter2-never-shown"
+
+
+class Console:
+    def __init__(self, app: Flask) -> None:
+        self.client = app.test_client()
+        self.home: Path = app.config["TICKSTACK"].home
+
+    def get(self, url: str) -> Any:
+        return self.client.get(url)
+
+    def token(self) -> str:
+        return CSRF_RE.search(self.get("/console/audit").text).group(1)
+
+    def post(self, url: str, data: dict[str, str] | None = None) -> Any:
+        return self.client.post(url, data={"csrf_token": self.token(), **(data or {})})
+
+    def login(self) -> None:
+        token = CSRF_RE.search(self.get("/console/login").text).group(1)
+        password = (self.home / "admin-password").read_text().strip()
+        r = self.client.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
+        assert r.status_code == 302
+
+
+def audit_rows(settings: Any, since: int, action: str) -> list[tuple]:
+    return query(settings, "SELECT action, target, result, detail FROM audit_log WHERE id > ? AND action = ? "
+                           "ORDER BY id", (since, action))
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped by circus has)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def last_audit_id(settings: Any) -> int:
+    return query(settings, "SELECT coalesce(max(id), 0) FROM audit_log")[0][0]
+
+
+@pytest.fixture(scope="module")
+def cstack() -> Iterator[CircusStack]:
+    stack = CircusStack(TICKSTACK_SAMPLE_EVERY_S="1", TICKSTACK_API_TOKEN=SECRET_TOKEN, BROKER_PASSWORD=SECRET_PASSWORD,
+                        EXTRA_SERVICE_URL=f"https://svc:{SECRET_PASSWORD}@example.invalid/x")
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.close()
+
+
+@pytest.fixture(scope="module")
+def console(cstack: CircusStack) -> Console:
+    c = Console(create_app("console", cstack.settings))
+    c.login()
+    return c
+
+
+def test_a_watchers_page_shows_its_processes_command_and_environment_without_secrets(
+        console: Console, cstack: CircusStack) -> None:
+    (master,) = cstack.pids_of("api")
+    workers = wait_for("the api's two workers", lambda: [c.pid for c in psutil.Process(master).children()]
+                       if len(psutil.Process(master).children()) == 2 else None, timeout=60)
+    page = console.get("/console/watchers/api")
+    assert page.status_code == 200
+    text = html.unescape(page.text)
+    assert "gunicorn --bind fd://" in text and "webapp:create_app('api')" in text
+    assert f'data-pid="{master}"' in page.text and "gunicorn master" in text
+    for pid in workers:
+        assert f'data-pid="{pid}"' in page.text
+    assert text.count("gunicorn worker") >= 2
+    # The environment: what circus gives the processes, secrets hidden.
+    assert "TICKSTACK_HOME" in text and str(cstack.home) in text
+    assert SECRET_TOKEN not in text and SECRET_PASSWORD not in text
+    assert "TICKSTACK_API_TOKEN" in text and "BROKER_PASSWORD" in text and "https://svc:***@example.invalid/x" in text
+    assert 'data-flapping="calm"' in page.text
+    assert "Booting worker" in text  # its last log lines
+    listing = console.get("/console/watchers").text
+    assert 'href="/console/watchers/api"' in listing
+    assert '<strong>flapping</strong> <span class="pill pill-active">active</span>' in listing  # the plugins
+    r = console.get("/console/watchers/nosuch")
+    assert r.status_code == 404 and "no watcher named 'nosuch'" in html.unescape(r.text)
+    r = console.get("/console/watchers/plugin:flapping")
+    assert r.status_code == 404
+
+
+def test_a_watchers_cpu_and_memory_history_and_the_database_holders_named_by_watcher(
+        console: Console, cstack: CircusStack) -> None:
+    page = console.get("/console/watchers/api")
+    assert 'data-src="/console/api/series?label=api"' in page.text  # its charts: this watcher's lines only
+    def api_only() -> list[dict] | None:
+        got = console.get("/console/api/series?label=api&name=watcher.cpu_percent&name=watcher.rss_bytes").json
+        return got["series"] if len(got["series"]) == 2 else None
+    series = wait_for("the api's samples", api_only, timeout=60)
+    assert {(s["name"], s["label"]) for s in series} == {("watcher.cpu_percent", "api"), ("watcher.rss_bytes", "api")}
+    assert console.get("/console/api/series?label=a%20b&name=watcher.cpu_percent").status_code == 400
+    # The processes holding the database open, each named by its watcher (the api's gunicorn and
+    # the console's are told apart), linked to the watcher's page.
+    (api_master,) = cstack.pids_of("api")
+
+    def holders() -> str | None:
+        assert get_json(cstack.api_port, "/api/bars?symbol=BTCUSD&timeframe=1m")[0] == 200  # an api worker reads
+        table = console.get("/console/database").text.split("Processes holding the database open", 1)[1]
+        table = table.split("</table>", 1)[0]
+        return table if f'href="/console/watchers/api">api (worker of {api_master})</a>' in table else None
+    table = wait_for("an api worker among the holders", holders, timeout=60)
+    assert 'href="/console/watchers/writer">writer</a>' in table
+
+
+def test_sighup_from_the_console_reaches_the_api_master(console: Console, cstack: CircusStack) -> None:
+    (master,) = cstack.pids_of("api")
+    since = last_audit_id(cstack.settings)
+    before = cstack.log("api").count("Handling signal: hup")
+    ask = console.post("/console/watchers/api/signal", {"signal": "HUP"})
+    assert ask.status_code == 200 and 'name="confirm" value="yes"' in ask.text and f"{master}" in ask.text
+    assert audit_rows(cstack.settings, since, "watcher.signal") == []
+    r = console.post("/console/watchers/api/signal", {"signal": "HUP", "confirm": "yes"})
+    assert r.status_code == 303 and r.headers["Location"] == "/console/watchers/api"
+    wait_for("gunicorn's master to log the HUP", lambda: re.search(
+        rf"\[{master}\] \[INFO\] Handling signal: hup", cstack.log("api")) and
+        cstack.log("api").count("Handling signal: hup") == before + 1, timeout=60)
+    assert cstack.pids_of("api") == [master]  # HUP reloads the workers, the master stays
+    ((action, target, result, detail),) = audit_rows(cstack.settings, since, "watcher.signal")
+    assert (action, target, result) == ("watcher.signal", "api", "ok") and f"SIGHUP to api (pid {master})" in detail
+
+
+def test_sigterm_reaches_the_ticks_workers_handler_and_circus_replaces_it(console: Console, cstack: CircusStack
+                                                                          ) -> None:
+    (old,) = cstack.pids_of("ticks")
+    since = last_audit_id(cstack.settings)
+    r = console.post("/console/watchers/ticks/signal", {"signal": "TERM", "pid": str(old), "confirm": "yes"})
+    assert r.status_code == 303
+    assert gone(old)  # the console waited for it
+    # Its own handler wrote it down (circus copies the output into the file as it reads it).
+    wait_for("the handler's line", lambda: f"[{old}] ticks: SIGTERM received" in cstack.log("ticks"), timeout=30)
+    new = wait_for("a new ticks process", lambda: [p for p in cstack.pids_of("ticks") if p != old], timeout=60)
+    assert new and old not in new
+    ((_, target, result, detail),) = audit_rows(cstack.settings, since, "watcher.signal")
+    assert (target, result) == ("ticks", "ok") and f"Exited: {old}" in detail
+
+
+def test_sigkill_ends_one_monitor_process_and_bad_signals_are_refused(console: Console, cstack: CircusStack) -> None:
+    (old,) = cstack.pids_of("monitor")
+    since = last_audit_id(cstack.settings)
+    for data, message in (({"signal": "INT"}, "is not one the console sends"),
+                          ({"signal": "KILL", "pid": "1"}, "is not a process of monitor"),
+                          ({"signal": "KILL", "pid": "abc"}, "is not a process of monitor")):
+        r = console.post("/console/watchers/monitor/signal", {**data, "confirm": "yes"})
+        assert r.status_code == 400 and message in html.unescape(r.text), data
+    r = console.post("/console/watchers/nosuch/signal", {"signal": "HUP", "confirm": "yes"})
+    assert r.status_code == 404
+    no_csrf = console.client.post("/console/watchers/monitor/signal", data={"signal": "KILL", "confirm": "yes"})
+    assert no_csrf.status_code == 400 and cstack.pids_of("monitor") == [old]
+    r = console.post("/console/watchers/monitor/signal", {"signal": "KILL", "pid": str(old), "confirm": "yes"})
+    assert r.status_code == 303 and gone(old)
+    wait_for("a new monitor process", lambda: [p for p in cstack.pids_of("monitor") if p != old], timeout=60)
+    rows = audit_rows(cstack.settings, since, "watcher.signal")
+    assert [(t, res) for _, t, res, _ in rows] == [("monitor", "ok")] and "SIGKILL" in rows[0][3]
+
+
+def test_restart_all_asks_then_restarts_every_watcher_once_with_one_audit_row(console: Console,
+                                                                              cstack: CircusStack) -> None:
+    wait_for("every watcher active", lambda: all(cstack.status().get(w) == "active" for w in WATCHERS), timeout=90)
+    before = {w: set(cstack.pids_of(w)) for w in WATCHERS}
+    since = last_audit_id(cstack.settings)
+    ask = console.post("/console/watchers/restart-all")
+    assert ask.status_code == 200 and 'name="confirm" value="yes"' in ask.text
+    assert {w: set(cstack.pids_of(w)) for w in WATCHERS} == before
+    r = console.post("/console/watchers/restart-all", {"confirm": "yes"})
+    assert r.status_code == 303 and r.headers["Location"] == "/console/watchers"
+    after = {w: set(cstack.pids_of(w)) for w in WATCHERS}
+    for w in WATCHERS:
+        assert after[w] and not after[w] & before[w], (w, before[w], after[w])
+    ((action, target, result, detail),) = audit_rows(cstack.settings, since, "watchers.restart_all")
+    assert result == "ok", detail
+    assert sorted(target.split(", ")) == sorted(WATCHERS)
+    assert all(f"{w}: ok" in detail for w in WATCHERS), detail
+    # Each once: no other restart was recorded, and the writer went first.
+    assert detail.splitlines()[0].startswith("writer: ok")
+    assert audit_rows(cstack.settings, since, "watcher.restart") == []
+
+
+def test_a_crash_loop_is_shown_as_the_flapping_plugin_handles_it() -> None:
+    """circusd with our flapping plugin and a watcher whose processes die 0.5 s after they start (as
+    in tests/test_supervision.py): its page says it is stopped for a crash loop and when circus
+    retries it, then, after the last retry, that it stays stopped until someone starts it."""
+    home = new_home()
+    env = isolated_env(home)
+    ini = home / "circus.ini"
+    ini.write_text(f"""[circus]
+endpoint = ipc://{home}/run/circus.sock
+pubsub_endpoint = ipc://{home}/run/circus-pubsub.sock
+statsd = False
+check_delay = 1
+logoutput = {home}/log/circusd.log
+
+[plugin:flapping]
+use = supervision.plugins.Flapping
+attempts = 3
+window = 1
+retry_in = 10
+max_retry = 1
+
+[watcher:crasher]
+cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
+""")
+    daemon = Circusd(env, ini, cwd=home, call_timeout=10)
+    try:
+        daemon.start(wait_active=(), timeout=30, poll=0.2)
+        app = create_app("console", load_settings(env))
+        app.config["CONSOLE_AUDIT_DEADLINE"] = 0.5  # no writer here: the login's record is spooled
+        console = Console(app)
+        console.login()
+
+        def state() -> str:
+            page = console.get("/console/watchers/crasher")
+            assert page.status_code == 200, page.text[:500]
+            return re.search(r'data-flapping="([\w-]+)"', page.text).group(1)
+        wait_for("the page to say it is retried", lambda: state() == "retrying", timeout=60)
+        page = html.unescape(console.get("/console/watchers/crasher").text)
+        assert "stopped for a crash loop; circus starts it again (attempt 1 of 1): at" in page
+        wait_for("the page to say it gave up", lambda: state() == "given-up", timeout=90)
+        page = html.unescape(console.get("/console/watchers/crasher").text)
+        assert "stays stopped until someone starts it" in page and "reached max retry limit" in page
+    finally:
+        daemon.stop(quit_timeout=30, term_timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() -> None:
+    rows = {r["name"]: r for r in safe_environment({
+        "DATABASE_URL": "postgresql+psycopg://ts_owner:s3cret@db:5432/tickstack",
+        "DATABASE_READ_URL": "postgresql://reader@/tickstack?host=/run/pg&password=s3cret",
+        "TICKSTACK_API_TOKEN": "s3cret", "PGPASSWORD": "s3cret", "AWS_SECRET_ACCESS_KEY": "s3cret",
+        "SESSION_KEY": "s3cret", "OTHER_URL": "redis://:s3cret@cache:6379/0", "HOME": "/root", "EMPTY_TOKEN": ""})}
+    assert all("s3cret" not in r["value"] for r in rows.values()), rows
+    assert rows["DATABASE_URL"]["value"] == "postgresql+psycopg://ts_owner:***@db:5432/tickstack"
+    assert rows["HOME"] == {"name": "HOME", "value": "/root", "hidden": False}
+    assert rows["TICKSTACK_API_TOKEN"]["hidden"] and rows["PGPASSWORD"]["hidden"] and rows["SESSION_KEY"]["hidden"]
+    assert rows["EMPTY_TOKEN"]["value"] == "(empty)"
+    assert command_line({"cmd": "python", "args": ["-m", "x", "--db", "postgresql://u:s3cret@h/d"]}) == (
+        "python -m x --db postgresql://u:***@h/d")

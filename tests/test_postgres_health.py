@@ -1,0 +1,234 @@
+"""Health and maintenance on PostgreSQL (issue 11): ``db health``/``db doctor``, ``/api/health`` and
+``/metrics`` report the server (reachable, size, connections by application_name, the writer lock's
+holder) and fail when it is down; the backup job is ``pg_dump -Fc`` (restorable, 0600, no password
+anywhere); quick_check is amcheck, or says it was skipped.
+
+On the session's throwaway server (:class:`testkit.postgres.PostgresServer`); each test has a
+database of its own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from db.client import WriterClient
+from db.config import load_settings
+from db.engine import psycopg_params
+from db.server import _libpq_env, pg_program
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.helpers import wait_for
+from testkit.postgres import HomeDatabases, PostgresServer
+from testkit.writer import Stack
+
+NOW_TS = 1_704_067_200_000
+HOST = socket.gethostname()
+
+
+@pytest.fixture
+def pg(home_databases: HomeDatabases) -> Iterator[Stack]:
+    """A private home on a database of its own (passwords in both URLs), whatever ``--database`` says."""
+    home = new_home()
+    env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+    stack = Stack(home, {**env, **home_databases(home)})
+    try:
+        yield stack
+    finally:
+        stack.close()
+
+
+def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def rows(stack: Stack, sql: str) -> list[Any]:
+    engine = create_engine(stack.env["DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql)).all()]
+    finally:
+        engine.dispose()
+
+
+def no_password(texts: str, server: PostgresServer) -> None:
+    for role, password in server.passwords.items():
+        assert password not in texts, f"{role}'s password is in the output"
+
+
+def insert_ticks(stack: Stack, n: int) -> None:
+    ticks = [{"symbol": "BTCUSD", "ts": NOW_TS + i, "bid": 100.0, "ask": 100.5, "volume": 1.0, "source": "t",
+              "seq": i} for i in range(n)]
+    with WriterClient(settings=stack.settings, deadline=20) as client:
+        assert client.call("insert_ticks", ticks=ticks)["inserted"] == n
+
+
+def socket_gone(server: PostgresServer) -> bool:
+    return not any(server.socket_dir.glob(".s.PGSQL.*"))
+
+
+# --------------------------------------------------------------------------- health
+
+
+def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """Up: size, connections by application_name (the writer's and its lock's named with this
+    host), the writer lock's holder, exit 0. Server stopped: ``db health`` and ``db doctor`` exit 1
+    saying the server does not answer, ``/api/health`` is 503 with ``reachable: false``, /metrics
+    ``tickstack_database_up 0``. Nothing shows a password."""
+    from webapp import create_app
+
+    writer = pg.start_writer()
+    insert_ticks(pg, 100)
+    health = run(pg, "-m", "db", "health", "--json")
+    assert health.returncode == 0, health.stdout + health.stderr
+    snap = json.loads(health.stdout)
+    server = snap["server"]
+    assert server["reachable"] and server["size_bytes"] > 1_000_000, server
+    assert server["by_application"].get(f"tickstack writer on {HOST}") == 1, server["by_application"]
+    assert server["by_application"].get(f"tickstack writer-lock on {HOST}") == 1, server["by_application"]
+    assert server["writer_lock"]["writer_pid"] == writer.pid and snap["writer"]["pid"] == writer.pid
+    assert "pragmas" not in snap and "journal" not in health.stdout
+    text_health = run(pg, "-m", "db", "health")
+    assert text_health.returncode == 0 and f"writer lock held by tickstack writer-lock pid {writer.pid}" in \
+        text_health.stdout, text_health.stdout
+    doctor = run(pg, "-m", "db", "doctor")
+    assert doctor.returncode == 0 and "The database server answers" in doctor.stdout, doctor.stdout
+
+    app = create_app("api", load_settings(pg.env))
+    client = app.test_client()
+    response = client.get("/api/health")
+    assert response.status_code == 200, response.json
+    database = response.json["database"]
+    assert database["reachable"] is True and database["size_bytes"] == pytest.approx(server["size_bytes"], rel=0.5)
+    assert set(database) == {"dialect", "host", "reachable", "size_bytes", "connections", "ping_ms"}, database
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tickstack_database_up 1.0" in metrics
+    assert re.search(r"^tickstack_database_size_bytes \d", metrics, re.M), metrics
+    assert f'tickstack_database_connections{{application="tickstack writer on {HOST}"}} 1.0' in metrics
+
+    seen = [health.stdout, text_health.stdout, doctor.stdout, json.dumps(response.json), metrics]
+    restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 12.0})
+    restart.start()
+    try:
+        wait_for("the server to stop", lambda: socket_gone(postgres_server), timeout=30)
+        down = run(pg, "-m", "db", "health")
+        assert down.returncode == 1 and "server     DOWN (" in down.stdout, down.stdout + down.stderr
+        down_json = run(pg, "-m", "db", "health", "--json")
+        assert down_json.returncode == 1 and json.loads(down_json.stdout)["server"]["reachable"] is False
+        doctor_down = run(pg, "-m", "db", "doctor")
+        assert doctor_down.returncode == 1 and "[FAIL] The database server does not answer" in doctor_down.stdout, \
+            doctor_down.stdout
+        response_down = client.get("/api/health")
+        assert response_down.status_code == 503 and response_down.json["status"] == "unavailable"
+        assert response_down.json["database"]["reachable"] is False, response_down.json
+        metrics_down = client.get("/metrics").get_data(as_text=True)
+        assert "tickstack_database_up 0.0" in metrics_down
+        assert socket_gone(postgres_server), "the server came back before the checks ended: raise down_for"
+        seen += [down.stdout + down.stderr, down_json.stdout, doctor_down.stdout, json.dumps(response_down.json),
+                 metrics_down]
+    finally:
+        restart.join(120)
+    back = run(pg, "-m", "db", "health", "--json")
+    assert json.loads(back.stdout)["server"]["reachable"] is True  # the writer lost its lock: exit 1 for that
+    no_password("\n".join(seen) + pg.writer_log(), postgres_server)
+
+
+# --------------------------------------------------------------------------- backup
+
+
+def test_the_backup_job_writes_a_private_restorable_pg_dump(pg: Stack, postgres_server: PostgresServer) -> None:
+    """``python -m workers.jobs --run backup`` on PostgreSQL: ``backups/tickstack-<stamp>.dump``, mode
+    0600, that ``pg_restore`` restores into another database with every tick; recorded ok; rotation
+    keeps TICKSTACK_BACKUP_KEEP of them. No password in its output, record or the dump's name."""
+    pg.env["TICKSTACK_BACKUP_KEEP"] = "1"
+    pg.start_writer()
+    insert_ticks(pg, 500)
+    outputs = []
+    for _ in range(2):
+        done = run(pg, "-m", "workers.jobs", "--run", "backup")
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, outputs[-1][-3000:]
+    dumps = sorted((pg.home / "backups").iterdir())
+    assert len(dumps) == 1 and re.fullmatch(r"tickstack-\d{8}T\d{6}Z\.dump", dumps[0].name), dumps
+    assert stat.S_IMODE(dumps[0].stat().st_mode) == 0o600
+    records = rows(pg, "SELECT ok, detail FROM job_runs WHERE job = 'backup' ORDER BY id")
+    assert [ok for ok, _ in records] == [True, True], records
+    detail = json.loads(records[-1][1])
+    assert detail["path"] == str(dumps[0]) and detail["entries"] > 10 and len(detail["removed"]) == 1, detail
+
+    postgres_server.create_database("ts_restored")
+    try:
+        owner = psycopg_params_of(postgres_server.url("ts_owner", database="ts_restored"))
+        restore = subprocess.run([pg_program("pg_restore"), "--no-owner", "-d", owner["conninfo"], str(dumps[0])],
+                                 env={**os.environ, "PGPASSWORD": owner["password"]}, capture_output=True, text=True,
+                                 timeout=120)
+        assert restore.returncode == 0, restore.stderr
+        count = postgres_server.psql("ts_restored", "postgres", "SELECT count(*) FROM ticks").strip()
+        assert count == "500"
+    finally:
+        postgres_server.drop_database("ts_restored")
+    no_password("\n".join(outputs) + json.dumps(records), postgres_server)
+
+
+def psycopg_params_of(url: str) -> dict[str, str]:
+    from psycopg.conninfo import make_conninfo
+    from sqlalchemy.engine import make_url
+
+    params = {k: str(v) for k, v in psycopg_params(make_url(url)).items()}
+    password = params.pop("password")
+    return {"conninfo": make_conninfo(**params), "password": password}
+
+
+def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """What pg_dump is started with: a connection string without the password (``ps`` shows a command
+    line to every user) and a PGPASSFILE of mode 0600 that holds it."""
+    url = postgres_server.url("ts_owner")
+    private = tmp_path / "p"
+    private.mkdir(mode=0o700)
+    conninfo, env = _libpq_env(url, private)
+    password = postgres_server.passwords["ts_owner"]
+    assert password not in conninfo and "password" not in conninfo
+    assert "PGPASSWORD" not in env
+    passfile = Path(env["PGPASSFILE"])
+    assert stat.S_IMODE(passfile.stat().st_mode) == 0o600 and password in passfile.read_text()
+    listed = subprocess.run([pg_program("psql"), "-X", "-tA", "-w", "-d", conninfo, "-c", "SELECT current_user"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "ts_owner", listed.stderr
+
+
+# --------------------------------------------------------------------------- amcheck
+
+
+def test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it(pg: Stack,
+                                                                      postgres_server: PostgresServer) -> None:
+    """No amcheck in the database (and no right to create it): the run is ok, "skipped: amcheck not
+    installed". Installed but not granted: skipped, saying so. Granted: every B-tree index checked."""
+    pg.start_writer()
+    insert_ticks(pg, 200)
+    database = str(psycopg_params_of(pg.env["DATABASE_URL"])["conninfo"]).split("dbname=")[1].split()[0]
+    details = []
+    for setup in (None, "CREATE EXTENSION amcheck",
+                  "GRANT EXECUTE ON FUNCTION bt_index_check(regclass, boolean) TO ts_owner"):
+        if setup:
+            postgres_server.psql(database, "postgres", setup)
+        done = run(pg, "-m", "workers.jobs", "--run", "quick_check")
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        details.append(rows(pg, "SELECT ok, detail FROM job_runs WHERE job = 'quick_check' ORDER BY id DESC")[0])
+    assert details[0][0] and details[0][1].startswith("skipped: amcheck not installed ("), details[0]
+    assert details[1][0] and details[1][1].startswith("skipped: amcheck installed but not allowed"), details[1]
+    checked = json.loads(details[2][1])
+    assert details[2][0] and checked["ok"] and checked["indexes"] >= 5 and not checked["problems"], checked
+    no_password(json.dumps(details), postgres_server)

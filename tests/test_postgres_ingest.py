@@ -1,0 +1,64 @@
+"""``insert_ticks`` on PostgreSQL goes by COPY into a temporary table, then one INSERT ... SELECT
+... ON CONFLICT DO NOTHING (:func:`db.statements.copy_ticks`): the same answers as on SQLite."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from db.client import WriterClient
+from db.statements import COPY_MIN_TICKS
+from tests.test_postgres import stack_on
+
+NOW_TS = 1_704_067_200_000
+
+
+_filled = iter(range(1_000_000))
+
+
+def columns(seqs: list[int | None], source: str = "feed", fill: int = 0) -> dict[str, list]:
+    """Ticks of ``source`` with these seqs, then ``fill`` new ticks of source "fill" (to make the
+    batch large enough for the COPY path)."""
+    sources = [source] * len(seqs) + ["fill"] * fill
+    seqs = [*seqs, *(next(_filled) for _ in range(fill))]
+    return {"symbol": ["EURUSD"] * len(seqs), "ts": [NOW_TS + i for i in range(len(seqs))],
+            "bid": [1.08 + i * 1e-5 for i in range(len(seqs))], "ask": [1.0801 + i * 1e-5 for i in range(len(seqs))],
+            "volume": [1.5] * len(seqs), "source": sources, "seq": seqs}
+
+
+@pytest.mark.parametrize("fill", [0, COPY_MIN_TICKS], ids=["small", "copy"])
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_insert_ticks_counts_duplicates_exactly_and_keeps_the_batch_order(database: str, fill: int,
+                                                                         request: pytest.FixtureRequest) -> None:
+    """Small batches are INSERTed on both databases; from COPY_MIN_TICKS ticks, PostgreSQL's go by
+    COPY. Either way the same answers."""
+    stack = stack_on(database, request)
+    try:
+        stack.start_writer()
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            # A repeated (source, seq) inside the batch, and ticks without seq (never duplicates).
+            assert client.call("insert_ticks", ticks=columns([5, 3, 5, 9, None, None], fill=fill)) == {
+                "inserted": 5 + fill, "duplicates": 1}
+            assert client.call("insert_ticks", ticks=columns([5, 3, 9], fill=fill)) == {
+                "inserted": fill, "duplicates": 3}
+            # Two requests in flight together usually share one batch transaction: each counts its own.
+            first = client.submit("insert_ticks", ticks=columns([20, 21, 22], source="b", fill=fill))
+            second = client.submit("insert_ticks", ticks=columns([22, 23], source="b", fill=fill))
+            client.wait(first)
+            client.wait(second)
+            assert first.result() == {"inserted": 3 + fill, "duplicates": 0}
+            assert second.result() == {"inserted": 1 + fill, "duplicates": 1}
+        engine = create_engine(stack.settings.database_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(text("SELECT source, seq, bid, volume FROM ticks WHERE source <> 'fill' "
+                                         "ORDER BY id")).all()
+                fills = conn.execute(text("SELECT seq FROM ticks WHERE source = 'fill' ORDER BY id")).scalars().all()
+        finally:
+            engine.dispose()
+        assert [(s, q) for s, q, _, _ in rows] == [
+            ("feed", 5), ("feed", 3), ("feed", 9), ("feed", None), ("feed", None),
+            ("b", 20), ("b", 21), ("b", 22), ("b", 23)]
+        assert rows[0][2] == 1.08 and rows[1][2] == 1.08 + 1e-5 and rows[0][3] == 1.5  # doubles, bit for bit
+        assert fills == sorted(fills) and len(fills) == 4 * fill  # the batch's order, every one once
+    finally:
+        stack.close()

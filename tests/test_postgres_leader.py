@@ -1,0 +1,121 @@
+"""One leader per database for the workers that must run once (analysis, monitor): on PostgreSQL,
+with several hosts' stacks on one database, a standby waits and takes over when the leader dies
+(:mod:`db.leader`). Two processes of one home stand for two hosts: leadership is per database."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine
+
+from db.leader import leaders
+from testkit.env import ROOT
+from testkit.helpers import wait_for
+from testkit.process import stop_process
+from tests.test_postgres import stack_on
+
+
+def start(module: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def leader_of(url: str, name: str) -> str | None:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return leaders(conn, (name,))[name]
+    finally:
+        engine.dispose()
+
+
+def test_one_monitor_leads_and_a_standby_takes_over_when_it_is_killed(request: pytest.FixtureRequest) -> None:
+    stack = stack_on("postgresql", request)
+    procs: list[subprocess.Popen] = []
+    try:
+        stack.start_writer()
+        first_log, second_log = stack.home / "log" / "monitor-a.log", stack.home / "log" / "monitor-b.log"
+        first = start("workers.monitor", stack.env, first_log)
+        procs.append(first)
+        wait_for("the first monitor to lead", lambda: "monitor: leading" in first_log.read_text(), timeout=60)
+        second = start("workers.monitor", stack.env, second_log)
+        procs.append(second)
+        wait_for("the second monitor to stand by", lambda: "standing by" in second_log.read_text(), timeout=60)
+        said = second_log.read_text()
+        assert f"the leader is tickstack leader monitor pid {first.pid} on" in said, said
+        assert "monitor started" in said and "leading" not in said, said
+        assert f"pid {first.pid}" in (leader_of(stack.env["DATABASE_URL"], "monitor") or "")
+
+        os.kill(first.pid, signal.SIGKILL)  # the leader's host dies: its session ends with it
+        first.wait(30)
+        wait_for("the standby to take over", lambda: "monitor: leading" in second_log.read_text(), timeout=60)
+        assert f"pid {second.pid}" in (leader_of(stack.env["DATABASE_URL"], "monitor") or "")
+
+        # A bounded run does not wait behind a leader: it says who leads and exits 3.
+        bounded = subprocess.run([sys.executable, "-m", "workers.monitor", "--until-idle"], env=stack.env,
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert bounded.returncode == 3, bounded.stderr
+        assert f"another process leads (tickstack leader monitor pid {second.pid}" in bounded.stderr
+
+        stop_process(second, 30, signal.SIGTERM)
+        assert second.returncode == 0
+        assert leader_of(stack.env["DATABASE_URL"], "monitor") is None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stack.close()
+
+
+def test_on_sqlite_the_one_monitor_always_leads(request: pytest.FixtureRequest) -> None:
+    stack = stack_on("sqlite", request)
+    try:
+        stack.start_writer()
+        run = subprocess.run([sys.executable, "-m", "workers.monitor", "--until-idle"], env=stack.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "standing by" not in run.stderr and "leading" not in run.stderr
+    finally:
+        stack.close()
+
+
+def test_the_database_jobs_run_on_the_leading_host_only(request: pytest.FixtureRequest) -> None:
+    """Retention, backups and checks work on the shared database: one jobs worker runs them; the
+    others sample their own host (``metrics``) and stand by, and one of them takes over."""
+    stack = stack_on("postgresql", request)
+    procs: list[subprocess.Popen] = []
+    try:
+        stack.start_writer()
+        leader_log = stack.home / "log" / "jobs-a.log"
+        leader = start("workers.jobs", stack.env, leader_log)
+        procs.append(leader)
+        wait_for("the first jobs worker to lead", lambda: "jobs: leading" in leader_log.read_text(), timeout=60)
+        wait_for("its retention run", lambda: "jobs: retention ok" in leader_log.read_text(), timeout=60)
+
+        due = {**stack.env, "TICKSTACK_RETENTION_EVERY_S": "0.001"}  # retention is due at once
+        standby = subprocess.run([sys.executable, "-m", "workers.jobs", "--until-idle"], env=due, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=120)
+        assert standby.returncode == 0, standby.stderr
+        assert f"standing by for the database's jobs; the leader is tickstack leader jobs pid {leader.pid}" \
+            in standby.stderr, standby.stderr
+        assert "jobs: retention" not in standby.stderr and "jobs: backup" not in standby.stderr, standby.stderr
+
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait(30)
+        taking_over = subprocess.run([sys.executable, "-m", "workers.jobs", "--until-idle"], env=due,
+                                     cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert taking_over.returncode == 0, taking_over.stderr
+        assert "jobs: leading" in taking_over.stderr and "jobs: retention ok" in taking_over.stderr, \
+            taking_over.stderr
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        stack.close()

@@ -1,0 +1,156 @@
+"""A cursor that cannot skip (issue 11): with several writers, a tick with a smaller id may commit
+after a larger one is visible; analysis and monitor follow ticks by ``id > cursor`` and must not pass
+over it (:class:`db.queries.TickHorizon`).
+
+"Two writers racing" are two direct connections to the database (our writer takes a server-wide lock,
+so a second one would wait): the first inserts a tick and holds its transaction open, the second
+inserts one (a larger id) and commits. Deterministic: no timing, the open transaction is the race.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event, func, insert, select
+from sqlalchemy.engine import Connection, Engine
+
+from db.client import WriterClient
+from db.engine import make_read_engine
+from db.models import Bar, Cursor, Tick, Trade
+from db.queries import TickHorizon, ticks_after
+from testkit.env import ROOT
+from tests.test_postgres import stack_on
+from workers.bars import ORDERED
+
+NOW_TS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+SYMBOL = "EURUSD"
+
+
+def add_tick(conn: Connection, seq: int, bid: float, ts: int) -> int:
+    """One tick as a writer stores it (the id from the column's default); returns its id."""
+    return conn.execute(insert(Tick).values(symbol=SYMBOL, ts=ts, bid=bid, ask=bid + 2e-4, volume=1.0,
+                                            source="race", seq=seq).returning(Tick.id)).scalar_one()
+
+
+def run(module: str, env: dict[str, str]) -> None:
+    done = subprocess.run([sys.executable, "-m", module, "--until-idle"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def scalar(engine: Engine, stmt: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(stmt).scalar()
+
+
+def test_analysis_and_monitor_do_not_skip_a_tick_that_commits_after_a_larger_id(
+        request: pytest.FixtureRequest) -> None:
+    stack = stack_on("postgresql", request)
+    engine = create_engine(stack.env["DATABASE_URL"])
+    held = None
+    try:
+        stack.start_writer()
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            trade = client.call("open_trade", symbol=SYMBOL, side="buy", size=1.0, entry_price=1.10,
+                                stop_loss=1.05, ts=NOW_TS)["id"]
+        held = engine.connect()
+        small = add_tick(held, 1, 1.00, NOW_TS + 1_000)  # hits the stop; its transaction stays open
+        with engine.begin() as conn:
+            big = add_tick(conn, 2, 1.12, NOW_TS + 2_000)  # committed: visible, with the larger id
+        assert small < big
+
+        # The race as the readers meet it: id `big` is there, id `small` is not yet.
+        run("workers.analysis", stack.env)
+        run("workers.monitor", stack.env)
+        assert (scalar(engine, select(Cursor.value).where(Cursor.name == "analysis")) or 0) < small
+        assert scalar(engine, select(Trade.last_tick_id).where(Trade.id == trade)) < small
+
+        held.commit()  # the smaller id commits last
+        held.close()
+        held = None
+        run("workers.analysis", stack.env)
+        run("workers.monitor", stack.env)
+
+        # Both ticks are in the bars, once each, and the analysis cursor is past both.
+        finest = ORDERED[0][0]
+        assert scalar(engine, select(func.sum(Bar.tick_count)).where(Bar.symbol == SYMBOL,
+                                                                     Bar.timeframe == finest)) == 2
+        assert scalar(engine, select(Cursor.value).where(Cursor.name == "analysis")) == big
+        # The monitor saw the smaller id first, as its id says: the stop was hit there.
+        with engine.connect() as conn:
+            closed = conn.execute(select(Trade.status, Trade.close_reason, Trade.exit_price)
+                                  .where(Trade.id == trade)).one()
+        assert tuple(closed) == ("closed", "stop_loss", 1.00)
+    finally:
+        if held is not None:
+            held.close()
+        engine.dispose()
+        stack.close()
+
+
+def test_the_bound_waits_for_every_writer_of_its_sample_and_only_for_those(request: pytest.FixtureRequest) -> None:
+    """The bound, read by the readers' role: it stays below a tick whose transaction is open, moves
+    once the writers of its sample are over even while a newer one writes, and the reads up to it are
+    complete."""
+    stack = stack_on("postgresql", request)
+    engine = create_engine(stack.env["DATABASE_URL"])
+    reader = make_read_engine(stack.settings)
+    first = third = None
+    horizon = TickHorizon()
+
+    def bound_and_ticks() -> tuple[int | None, list[int]]:
+        with reader.connect() as conn:
+            through = horizon.advance(conn)
+            return through, [row[0] for row in ticks_after(conn, 0, 100, through)]
+
+    try:
+        stack.start_writer()  # creates the schema
+        assert bound_and_ticks() == (0, [])
+        first = engine.connect()
+        a = add_tick(first, 1, 1.08, NOW_TS)
+        with engine.begin() as conn:
+            b = add_tick(conn, 2, 1.09, NOW_TS + 1)
+        assert bound_and_ticks() == (0, [])  # b is visible, but a may still commit below it
+
+        third = engine.connect()
+        c = add_tick(third, 3, 1.10, NOW_TS + 2)  # a newer writer, still open
+        first.commit()
+        # The sample that saw b had only `first` writing: it is over, so everything up to b is final,
+        # though `third` (whose id is above b) still writes.
+        assert bound_and_ticks() == (b, [a, b])
+
+        third.rollback()  # an aborted tick never exists: the bound moves past its id all the same
+        with engine.begin() as conn:
+            d = add_tick(conn, 4, 1.11, NOW_TS + 3)
+        assert c < d
+        assert bound_and_ticks() == (d, [a, b, d])
+        assert bound_and_ticks() == (d, [a, b, d])  # nothing new: it stays
+    finally:
+        for conn in (first, third):
+            if conn is not None:
+                conn.close()
+        reader.dispose()
+        engine.dispose()
+        stack.close()
+
+
+def test_on_sqlite_there_is_no_bound_and_no_query(request: pytest.FixtureRequest) -> None:
+    """One writer, serial commits: the readers' statements are the ones they always were."""
+    stack = stack_on("sqlite", request)
+    try:
+        stack.start_writer()
+        engine = make_read_engine(stack.settings)
+        statements: list[str] = []
+        try:
+            with engine.connect() as conn:
+                event.listen(conn, "before_cursor_execute", lambda *a: statements.append(a[2]))
+                assert TickHorizon().advance(conn) is None
+                assert statements == []
+                ticks_after(conn, 0, 10, None)
+            assert "<=" not in statements[-1] and "ticks.id >" in statements[-1]
+        finally:
+            engine.dispose()
+    finally:
+        stack.close()

@@ -1,0 +1,259 @@
+"""One writer per PostgreSQL database, across homes and hosts (issue 11).
+
+The writer's file lock is per ``TICKSTACK_HOME``; on PostgreSQL it also holds a session-level
+advisory lock (:class:`db.lock.ServerWriterLock`). Two homes on one database of the session's
+throwaway server stand for two hosts: the second writer refuses (exit code ``EXIT_LOCKED``, the
+holder named), and takes over once the first stops, is SIGKILLed, or loses its lock's session.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from db.client import WriterClient
+from db.errors import WriterUnavailable
+from db.lock import LOCK_APP
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.helpers import wait_for
+from testkit.postgres import HomeDatabases, PostgresServer
+from testkit.writer import Stack
+from workers.writer import EXIT_LOCKED
+
+NOW_TS = 1_704_067_200_000
+
+
+@pytest.fixture
+def two_homes(home_databases: HomeDatabases) -> Iterator[tuple[Stack, Stack]]:
+    """Two private homes ("hosts") on one database of the session's server, passwords in the URLs."""
+    first, second = new_home(), new_home()
+    urls = home_databases(first)
+    stacks = []
+    for home in (first, second):
+        env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+        stacks.append(Stack(home, {**env, **urls}))
+    try:
+        yield stacks[0], stacks[1]
+    finally:
+        for stack in stacks:
+            stack.close()
+
+
+def refused(stack: Stack, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Start a writer in ``stack``'s home and wait for it to exit (it should refuse)."""
+    return subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def insert(stack: Stack, seq: int) -> dict:
+    tick = {"symbol": "BTCUSD", "ts": NOW_TS + seq, "bid": 1.0, "ask": 1.5, "volume": 1.0,
+            "source": f"home-{stack.home.name}", "seq": seq}
+    with WriterClient(settings=stack.settings, deadline=20) as client:
+        return client.call("insert_ticks", ticks=[tick])
+
+
+def holder_text(pid: int) -> str:
+    return f"{LOCK_APP} pid {pid} on {socket.gethostname()}"
+
+
+def assert_no_password(text: str, server: PostgresServer) -> None:
+    for role, password in server.passwords.items():
+        assert password not in text, f"{role}'s password is in the output"
+
+
+def take_over(stack: Stack, timeout: float = 15) -> tuple[subprocess.Popen, float]:
+    """Start a writer in ``stack`` until one serves (a refusal is retried); returns it and the seconds it took."""
+    started = time.monotonic()
+    while True:
+        try:
+            return stack.start_writer(), time.monotonic() - started
+        except RuntimeError:
+            if time.monotonic() - started > timeout:
+                raise
+
+
+def test_a_second_writer_on_the_same_database_refuses_until_the_first_is_gone(
+        two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
+    """Two homes, one database: the second writer exits EXIT_LOCKED naming the first (its pid and
+    host, from the lock session's application_name) while the first runs; it takes over once the
+    first is stopped (SIGTERM, by pid) and, the other way round, once the holder is SIGKILLed (the
+    server ends the dead writer's session, and its lock with it)."""
+    a, b = two_homes
+    writer_a = a.start_writer()
+    assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
+
+    second = refused(b)
+    assert second.returncode == EXIT_LOCKED, second.stderr[-2000:]
+    assert "another writer holds this PostgreSQL database's writer lock" in second.stderr, second.stderr
+    assert holder_text(writer_a.pid) in second.stderr, second.stderr
+    assert_no_password(second.stdout + second.stderr, postgres_server)
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=b.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert doctor.returncode == 1, doctor.stdout
+    assert f"writer lock is held by {holder_text(writer_a.pid)}" in doctor.stdout, doctor.stdout
+
+    assert a.stop(writer_a) == 0  # SIGTERM: drains, releases the lock
+    writer_b, _ = take_over(b, timeout=5)
+    assert insert(b, 2) == {"inserted": 1, "duplicates": 0}
+
+    again = refused(a)
+    assert again.returncode == EXIT_LOCKED and holder_text(writer_b.pid) in again.stderr, again.stderr
+
+    b.stop(writer_b, sig=9)  # SIGKILL: no release; the server frees the lock when the session dies
+    writer_a, took = take_over(a)
+    assert took < 5, f"took over {took:.1f} s after the holder was killed"
+    assert insert(a, 3) == {"inserted": 1, "duplicates": 0}
+    for stack in (a, b):
+        assert_no_password(stack.writer_log(), postgres_server)
+
+
+def test_a_writer_that_loses_its_lock_session_stops_serving(two_homes: tuple[Stack, Stack],
+                                                            postgres_server: PostgresServer) -> None:
+    """The lock's session ended under the writer (``pg_terminate_backend``, as a DBA or a network
+    cut would): the writer stops serving at once and exits EXIT_LOCKED, so it never writes beside
+    the writer that takes the lock next; a writer of the other home then takes over."""
+    a, b = two_homes
+    writer_a = a.start_writer()
+    assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
+    ended = postgres_server.psql("postgres", "postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 f"WHERE application_name = '{holder_text(writer_a.pid)}'")
+    assert ended.split() == ["t"], ended
+    started = time.monotonic()
+    writer_a.wait(10)
+    stopped_in = time.monotonic() - started
+    assert writer_a.returncode == EXIT_LOCKED, a.writer_log()[-2000:]
+    assert stopped_in < 3, f"the writer served on for {stopped_in:.1f} s without its lock"
+    assert "lost the PostgreSQL writer lock" in a.writer_log(), a.writer_log()[-2000:]
+    take_over(b, timeout=5)
+    assert insert(b, 2) == {"inserted": 1, "duplicates": 0}
+    assert_no_password(a.writer_log() + b.writer_log(), postgres_server)
+
+
+def test_a_server_restart_ends_the_writer_and_its_successor_waits_for_the_server(
+        two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
+    """A server restart ends every session, the lock's too: the writer exits EXIT_LOCKED (circus
+    starts it again) rather than reconnect without its lock. A writer started while the server is
+    down waits for it (no exit, which would trip circus's flapping limit) and serves once it is back."""
+    a, _ = two_homes
+    writer_a = a.start_writer()
+    assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
+    restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 4.0})
+    restart.start()
+    try:
+        writer_a.wait(20)
+        assert writer_a.returncode == EXIT_LOCKED, a.writer_log()[-2000:]
+        with open(a.home / "log" / "writer-test.log", "ab") as log:
+            successor = subprocess.Popen([sys.executable, "-m", "workers.writer"], env=a.env, cwd=ROOT,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        a.procs.append(successor)
+    finally:
+        restart.join(120)
+
+    def serving() -> bool:
+        assert successor.poll() is None, a.writer_log()[-2000:]
+        try:
+            with WriterClient(settings=a.settings, deadline=1) as client:
+                client.ping(timeout=1)
+            return True
+        except WriterUnavailable:
+            return False
+
+    wait_for("the successor to serve once the server is back", serving, timeout=60)
+    assert insert(a, 2) == {"inserted": 1, "duplicates": 0}
+    log_text = a.writer_log()
+    assert "the database server does not answer" in log_text, log_text[-3000:]
+    assert re.search(r"lost the PostgreSQL writer lock", log_text), log_text[-3000:]
+    assert_no_password(log_text, postgres_server)
+
+
+
+def test_a_write_connection_made_after_the_lock_is_lost_is_refused(two_homes: tuple[Stack, Stack],
+                                                                   postgres_server: PostgresServer) -> None:
+    """The fence: every new connection of the writer's engine checks that the lock's session still
+    holds the lock. Once that session is gone (a restart would end both; here only the lock's, by
+    pg_terminate_backend) a reconnecting write connection fails instead of committing beside the
+    next writer, and the lock reports itself lost."""
+    from sqlalchemy import text
+
+    from db.engine import make_write_engine
+    from db.lock import WriterLocked, take_server_lock
+
+    a, _ = two_homes
+    lost = threading.Event()
+    lock = take_server_lock(a.env["DATABASE_URL"], a.settings.host, on_lost=lost.set)
+    assert lock is not None
+    engine = make_write_engine(a.settings)
+    lock.fence(engine)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT 1")).scalar() == 1
+        engine.dispose()  # the next connect is a new session, as after a reconnection
+        postgres_server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({lock.backend_pid})")
+        assert lost.wait(5) and lock.lost, "the loss of the lock's session went unnoticed"
+        with pytest.raises(WriterLocked, match="no longer holds the PostgreSQL writer lock"):
+            with engine.connect():
+                pass
+    finally:
+        engine.dispose()
+        lock.release()
+
+
+def test_under_circus_the_refused_writer_is_retried_by_flapping_and_takes_over(
+        two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
+    """A second stack's writer under circus (the flapping plugin of circus.ini, with a short
+    ``retry_in``): refused while the first writer runs (its log names the holder), stopped by the
+    flapping plugin instead of respawned in a loop, retried, and serving once the first is gone."""
+    from testkit.circus import Circusd
+
+    a, b = two_homes
+    writer_a = a.start_writer()
+    run_dir, log_dir = b.home / "run", b.home / "log"
+    ini = b.home / "circus-lock.ini"
+    ini.write_text(f"""[circus]
+endpoint = ipc://{run_dir}/circus.sock
+pubsub_endpoint = ipc://{run_dir}/circus-pubsub.sock
+stats_endpoint = ipc://{run_dir}/circus-stats.sock
+statsd = False
+
+[plugin:flapping]
+use = supervision.plugins.Flapping
+attempts = 3
+window = 10
+retry_in = 3
+max_retry = 5
+
+[watcher:writer]
+cmd = python -m workers.writer
+copy_env = True
+stderr_stream.class = FileStream
+stderr_stream.filename = {log_dir}/writer-circus.log
+""")
+    daemon = Circusd(b.env, ini, cwd=b.home, log_path=log_dir / "circusd-lock.log", call_timeout=5)
+    try:
+        daemon.start(wait_active=(), timeout=30, poll=0.2)
+        log = log_dir / "writer-circus.log"
+        wait_for("three refusals", lambda: log.exists() and log.read_text().count("another writer holds") >= 3,
+                 timeout=30)
+        wait_for("the flapping plugin to stop the refused writer",
+                 lambda: daemon.status().get("writer") == "stopped", timeout=30)
+        assert holder_text(writer_a.pid) in log.read_text()
+        assert a.stop(writer_a) == 0
+
+        def b_serves() -> bool:
+            try:
+                with WriterClient(settings=b.settings, deadline=1) as client:
+                    return client.ping(timeout=1)["pid"] != writer_a.pid
+            except WriterUnavailable:
+                return False
+
+        wait_for("the flapping plugin's retry to take over", b_serves, timeout=30)
+        assert insert(b, 1) == {"inserted": 1, "duplicates": 0}
+        assert_no_password(log.read_text(), postgres_server)
+    finally:
+        daemon.stop(quit_timeout=30, term_timeout=10)
