@@ -213,8 +213,10 @@ class WriterClient:
 
     def _check_owner(self) -> None:
         if self._pid != os.getpid():
-            # A forked child: the parent's socket is not ours to use or close.
+            # A forked child: the parent's socket is not ours to use or close, and its request ids
+            # are not ours to reuse (the writer would answer the child with the parent's results).
             self._pid, self._sock, self._ctx, self._pending, self._owner = os.getpid(), None, None, {}, None
+            self.client_id, self._seq = uuid.uuid4().hex, 0
         me = threading.get_ident()
         if self._owner is None:
             self._owner = me

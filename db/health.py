@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -178,8 +177,8 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         lock = server.get("writer_lock") or {}
         if lock.get("held"):  # this home's writer, or another stack's (here or on another host)
             ours = read_lock_holder(settings.writer_lock_path)
-            here = str(lock.get("holder") or "").endswith(f" on {socket.gethostname()}")
-            if here and ours is not None and ours == lock.get("writer_pid"):
+            # The lock is this host's (server_status asks for settings.host's): ours when the pid is.
+            if ours is not None and ours == lock.get("writer_pid"):
                 writer["pid"] = ours
             else:
                 writer["lock_holder"] = lock.get("text")
@@ -282,7 +281,8 @@ def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     if server["server_connections"] > 0.8 * server["max_connections"]:
         out.append(("warn", f"The server has {server['server_connections']} of its {server['max_connections']} "
                             "connections in use: new ones will be refused soon. Find who holds them above, or "
-                            "raise max_connections (or put PgBouncer in front)."))
+                            "raise max_connections (or put PgBouncer in front, in session pooling mode only: "
+                            "the writer lock and the leaders are session advisory locks)."))
     return out
 
 

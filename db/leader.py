@@ -103,7 +103,8 @@ class Leadership:
 
             params = psycopg_params(make_url(self.url))
             options = " ".join(p for p in (params.pop("options", ""), SERVER_KEEPALIVES) if p)
-            self._conn = psycopg.connect(**{**KEEPALIVES, **params}, options=options, autocommit=True,
+            self._conn = psycopg.connect(**{"connect_timeout": 5, **KEEPALIVES, **params}, options=options,
+                                         autocommit=True,
                                          application_name=leader_application_name(self.name, self.host))
         try:
             got = self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, self.key)).fetchone()[0]

@@ -84,10 +84,11 @@ def read_lock_holder(path: os.PathLike[str] | str) -> int | None:
 
 # --- PostgreSQL: one writer per host and database, whatever the home -----------------------------
 
-#: The first half of the writer lock's key on PostgreSQL ("tick"; the second half is the host's,
+#: The first half of the writer lock's key on PostgreSQL ("tiwr"; the second half is the host's,
 #: :func:`writer_lock_key`). Advisory locks are per database, so two stacks of one host on one
-#: database contend for it, and stacks of two hosts do not.
-SERVER_LOCK_CLASS = 0x7469636B
+#: database contend for it, and stacks of two hosts do not. Not "tick", the migration lock's first
+#: half (:data:`db.schema.MIGRATION_LOCK`), so a migrating session is never taken for a writer.
+SERVER_LOCK_CLASS = 0x74697772
 #: ``application_name`` prefix of the lock's session: how another writer, ``db doctor`` and the
 #: console name the holder (pg_stat_activity shows every session's application_name to every role,
 #: unlike its client address or query).
@@ -191,7 +192,7 @@ class ServerWriterLock:
 
         params = psycopg_params(make_url(self.url))
         options = " ".join(p for p in (params.pop("options", ""), SERVER_KEEPALIVES) if p)
-        conn = psycopg.connect(**{**KEEPALIVES, **params}, options=options, autocommit=True,
+        conn = psycopg.connect(**{"connect_timeout": 5, **KEEPALIVES, **params}, options=options, autocommit=True,
                                application_name=lock_application_name(host=self.host))
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (writer_lock_key(self.host),)).fetchone()[0]

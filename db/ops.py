@@ -167,7 +167,9 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str,
     ``expect``: the cursor position these values were computed from; if the
     cursor is elsewhere (an earlier request of a pipelined worker failed),
     nothing is stored (Conflict), so no store lands on a gap."""
-    current = conn.execute(select(Cursor.value).where(Cursor.name == cursor)).scalar()
+    # FOR UPDATE: during a change of leader two hosts' writers may store the same cursor at once;
+    # the second waits, then sees the first's position (left out on SQLite: one writer).
+    current = conn.execute(select(Cursor.value).where(Cursor.name == cursor).with_for_update()).scalar()
     if expect is not None and (current or 0) != expect:
         raise Conflict(f"cursor {cursor!r} is at {current or 0}, not at {expect} as this store expects")
     if current is not None and position < current:

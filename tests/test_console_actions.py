@@ -14,6 +14,7 @@ The tests run in file order on the shared stack; the last one quits it.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -169,6 +170,53 @@ def test_with_the_writer_down_ops_per_s_shows_its_age() -> None:
         age = re.search(r'data-kpi-age>(.*?)</div>', page, re.S)
         assert age and "as of" in age.group(1) and f'data-ago="{at}"' in age.group(1), page[:3000]
         assert "123.0" in page
+    finally:
+        st.close()
+
+
+def test_a_spooled_record_sent_and_not_answered_keeps_the_id_it_was_sent_under() -> None:
+    """A record spooled before it was ever sent (the writer was down) goes out under a new request
+    id at the next flush; if that flush is not answered either, the line goes back to the spool with
+    that id, so the writer that took it answers the next resend from its record instead of storing
+    it twice."""
+    st = Stack.create()
+    try:
+        writer = st.start_writer()
+        app = create_app("console", st.settings)
+        app.config["CONSOLE_AUDIT_DEADLINE"] = 0.5
+        c = Console(app)
+        password = (st.home / "admin-password").read_text().strip()
+        assert c.login(password).status_code == 302
+        spool = st.home / "run" / "console-audit-spool.jsonl"
+        spool.write_text(json.dumps({"actor": "admin", "action": "manual", "target": "", "result": "ok",
+                                     "detail": "", "ts": int(time.time() * 1000)}) + "\n")
+        token = c.token()
+        os.kill(writer.pid, signal.SIGSTOP)
+        try:
+            c.client.post("/console/logout", data={"csrf_token": token})  # the flush of "manual" times out
+        finally:
+            os.kill(writer.pid, signal.SIGCONT)
+        kept = [json.loads(line) for line in spool.read_text().splitlines()]
+        assert kept[0]["action"] == "manual" and isinstance(kept[0].get("request"), list), kept
+        wait_for("the writer to apply the unanswered record", lambda: len(audit_rows(st.settings, 0)) == 2)
+        assert c.login(password).status_code == 302
+        rows = wait_for("every record", lambda: (r := audit_rows(st.settings, 0)) and len(r) >= 4 and r)
+        assert [a for a, _, _, _ in rows] == ["login", "manual", "logout", "login"], rows
+    finally:
+        st.close()
+
+
+def test_a_spool_line_that_is_not_a_record_is_dropped_and_the_console_goes_on() -> None:
+    st = Stack.create()
+    try:
+        st.start_writer()
+        c = Console(create_app("console", st.settings))
+        spool = st.home / "run" / "console-audit-spool.jsonl"
+        spool.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spool.write_text('"x"\n1\nnull\n[1, 2]\n{"action": 5}\nnot json\n')
+        assert c.login((st.home / "admin-password").read_text().strip()).status_code == 302
+        assert spool.read_text() == ""
+        assert [a for a, _, _, _ in audit_rows(st.settings, 0)] == ["login"]
     finally:
         st.close()
 

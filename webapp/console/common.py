@@ -145,7 +145,12 @@ def audit(action: str, target: str = "", result: str = "ok", detail: str = "", a
         return True
     except WriterUnavailable:
         _forget_unanswered()
-        _spool(entry)
+        try:
+            _spool(entry)
+        except OSError as e:  # a full disk: the action itself went on; say what is not recorded
+            log.error("console: the writer did not answer and the audit spool cannot be written (%s); "
+                      "not recorded: %s", e, entry)
+            return False
         log.warning("console: the writer did not answer; audit record of %s %s spooled", action, target)
     except WriterError as e:
         log.error("console: the writer refused the audit record %s: %s", entry, e)
@@ -190,16 +195,21 @@ def flush_audit_spool() -> int | None:
         lines = f.read().splitlines()[-MAX_SPOOL_LINES:]
         remaining: list[str] = []
         for i, line in enumerate(lines):
+            entry: Any = None
             try:
-                _send_spooled(json.loads(line))
+                entry = json.loads(line)
+                if not isinstance(entry, dict):
+                    raise ValueError("not a JSON object")
+                _send_spooled(entry)
                 sent += 1
             except WriterUnavailable:
                 _forget_unanswered()
-                remaining = lines[i:]
+                # Kept with the request id it was just sent under: the writer may have taken it.
+                remaining = [json.dumps(entry), *lines[i + 1:]]
                 blocked = True
                 break
-            except (ValueError, TypeError, WriterError) as e:  # unreadable or refused: dropped, said
-                log.error("console: dropping spooled audit record %r: %s", line[:200], e)
+            except Exception as e:  # unreadable, refused, anything: dropped and said, never a console
+                log.error("console: dropping spooled audit record %r: %s", line[:200], e)  # that cannot log in
         f.seek(0)
         f.truncate()
         f.write("".join(f"{line}\n" for line in remaining))
@@ -210,16 +220,26 @@ def flush_audit_spool() -> int | None:
 
 def _send_spooled(entry: dict[str, Any]) -> None:
     """Send one spooled record: under the request id it was first sent with, if it was sent (the
-    writer then answers "already applied" with the first result instead of storing it again)."""
-    request = entry.pop("request", None)
+    writer then answers "already applied" with the first result instead of storing it again);
+    else under a new one, which is written into ``entry`` before the wait, so that a record that
+    is not answered now goes back to the spool with the id it may have been taken under."""
+    fields = {k: v for k, v in entry.items() if k != "request"}
+    request = entry.get("request")
     if request is None:
-        call_writer("audit", deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
+        stopped = writer_stopped()
+        if stopped:
+            raise WriterUnavailable(stopped)
+        client = writer()
+        ticket = client.submit("audit", _deadline=config("CONSOLE_AUDIT_DEADLINE"), **fields)
+        entry["request"] = [client.client_id, ticket.seq]
+        client.wait(ticket)
+        ticket.result()
         return
     if not (isinstance(request, list) and len(request) == 2 and isinstance(request[0], str)
             and type(request[1]) is int):
         raise ValueError(f"the spooled request id {request!r} is not [client id, seq]")
     with WriterClient(settings=settings(), deadline=config("CONSOLE_AUDIT_DEADLINE"), client_id=request[0]) as client:
-        ticket = client.submit("audit", _seq=request[1], **entry)
+        ticket = client.submit("audit", _seq=request[1], **fields)
         client.wait(ticket)
         ticket.result()
 
