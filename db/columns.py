@@ -32,7 +32,16 @@ from typing import Any
 
 from db.errors import ValidationError
 from db.models import INDICATORS, TIMEFRAMES
-from db.validation import BAR_FIELDS, INDICATOR_FIELDS, MAX_ROWS, Validator, bar_rows, indicator_rows, shown
+from db.validation import (
+    BAR_FIELDS,
+    INDICATOR_FIELDS,
+    MAX_ROWS,
+    Validator,
+    bar_rows,
+    column_shapes,
+    indicator_rows,
+    shown,
+)
 
 #: Column order, as the tables' upserts take them.
 BAR_COLUMNS = tuple(BAR_FIELDS)
@@ -44,22 +53,10 @@ _NUMBER = frozenset((int, float))
 
 def _columns(name: str, value: Any, fields: Mapping[str, tuple[Validator, bool]],
              defaults: Mapping[str, Any]) -> dict[str, list[Any]]:
-    """Shape checks of a columns object, then each column against its field's validator."""
-    extra = sorted(set(value) - set(fields), key=str)
-    if extra:
-        raise ValidationError(f"{name}: unexpected column {shown(extra[0])}; columns are {', '.join(fields)}")
-    for f, (_validator, required) in fields.items():
-        if required and f not in value:
-            raise ValidationError(f"{name}: missing column {f!r}")
-    for f, col in value.items():
-        if type(col) is not list and type(col) is not array:
-            raise ValidationError(f"{name}.{f}: expected a list, got {type(col).__name__}")
-    n = len(value["ts"])
-    if not 1 <= n <= MAX_ROWS:
-        raise ValidationError(f"{name}: {n} rows; must be 1..{MAX_ROWS}")
-    for f, col in value.items():
-        if len(col) != n:
-            raise ValidationError(f"{name}.{f}: {len(col)} values, expected {n} like ts")
+    """Shape checks of a columns object (:func:`db.validation.column_shapes`), then each column
+    against its field's validator."""
+    n = column_shapes(name, value, fields, [f for f, (_v, required) in fields.items() if required], MAX_ROWS,
+                      "rows; must be")
     cols = {f: value[f] if f in value else [defaults[f]] * n for f in fields}
     for f, (validator, _required) in fields.items():
         col = cols[f]

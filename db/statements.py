@@ -127,7 +127,7 @@ def upsert_rows(conn: Connection, table: Table, rows_: list[dict[str, Any]], key
 #: table, truncate, COPY, INSERT ... SELECT) cost more than the INSERTs they save.
 COPY_MIN_TICKS = 32
 #: PostgreSQL's types of :data:`TICK_FIELDS`, for COPY's binary format (which carries no types).
-_TICK_COPY_TYPES = ("text", "int8", "float8", "float8", "float8", "text", "int8")
+TICK_COPY_TYPES = ("text", "int8", "float8", "float8", "float8", "text", "int8")
 _TICK_COPY_SQL = (f"COPY pg_temp.ticks_in ({', '.join(TICK_FIELDS)}) FROM STDIN (FORMAT BINARY)",
                   f"INSERT INTO ticks ({', '.join(TICK_FIELDS)}) SELECT {', '.join(TICK_FIELDS)} "
                   "FROM pg_temp.ticks_in ORDER BY n ON CONFLICT DO NOTHING")
@@ -145,7 +145,7 @@ def copy_ticks(conn: Connection, rows: Iterable[tuple]) -> int:
                        "ask float8, volume float8, source text, seq int8) ON COMMIT DELETE ROWS")
         cursor.execute("TRUNCATE pg_temp.ticks_in")  # another op of the same batch may have filled it
         with cursor.copy(_TICK_COPY_SQL[0]) as copy:
-            copy.set_types(_TICK_COPY_TYPES)
+            copy.set_types(TICK_COPY_TYPES)
             for row in rows:
                 copy.write_row(row)
         cursor.execute(_TICK_COPY_SQL[1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from array import array
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import le
 from typing import Any
 
@@ -199,6 +199,30 @@ def _finite_number(v: Any) -> bool:
 # --- ticks ------------------------------------------------------------------------
 
 
+def column_shapes(name: str, value: Mapping[str, Any], fields: Iterable[str], required: Iterable[str],
+                  limit: int, counted: str) -> int:
+    """The shape of a columns object (every bulk op's): only known columns, the required ones there,
+    each a list (or a packed array) of the same length as ``ts``, 1..``limit`` rows. Returns the
+    number of rows. ``counted`` names them in the message ("ticks; a batch must hold")."""
+    fields = tuple(fields)
+    extra = sorted(set(value) - set(fields), key=str)
+    if extra:
+        raise ValidationError(f"{name}: unexpected column {shown(extra[0])}; columns are {', '.join(fields)}")
+    for f in required:
+        if f not in value:
+            raise ValidationError(f"{name}: missing column {f!r}")
+    for f, col in value.items():
+        if type(col) is not list and type(col) is not array:
+            raise ValidationError(f"{name}.{f}: expected a list, got {type(col).__name__}")
+    n = len(value["ts"])
+    if not 1 <= n <= limit:
+        raise ValidationError(f"{name}: {n} {counted} 1..{limit}")
+    for f, col in value.items():
+        if len(col) != n:
+            raise ValidationError(f"{name}.{f}: {len(col)} values, expected {n} like ts")
+    return n
+
+
 def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
     """Validate a batch of ticks and return it as columns.
 
@@ -228,22 +252,7 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
         cols = {f: [t.get(f) for t in value] for f in TICK_FIELDS}
         n = len(value)
     elif type(value) is dict:
-        extra = sorted(set(value) - set(TICK_FIELDS), key=str)
-        if extra:
-            raise ValidationError(f"{name}: unexpected column {shown(extra[0])}; "
-                                  f"columns are {', '.join(TICK_FIELDS)}")
-        for f in TICK_REQUIRED:
-            if f not in value:
-                raise ValidationError(f"{name}: missing column {f!r}")
-        for f, col in value.items():
-            if type(col) is not list and type(col) is not array:
-                raise ValidationError(f"{name}.{f}: expected a list, got {type(col).__name__}")
-        n = len(value["ts"])
-        if not 1 <= n <= MAX_TICKS:
-            raise ValidationError(f"{name}: {n} ticks; a batch must hold 1..{MAX_TICKS}")
-        for f, col in value.items():
-            if len(col) != n:
-                raise ValidationError(f"{name}.{f}: {len(col)} values, expected {n} like ts")
+        n = column_shapes(name, value, TICK_FIELDS, TICK_REQUIRED, MAX_TICKS, "ticks; a batch must hold")
         cols = {f: value[f] if f in value else [None] * n for f in TICK_FIELDS}
     else:
         raise ValidationError(f"{name}: expected a list of ticks, got {type(value).__name__}")

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
@@ -49,6 +51,22 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
+def watch(context: BrowserContext, page: Page, outside: list[str], js_errors: list[str]) -> None:
+    """Stop every request of ``context`` that leaves 127.0.0.1 (its URL goes to ``outside``), and
+    collect ``page``'s uncaught exceptions and console errors into ``js_errors``. Routes added
+    later take precedence (Playwright tries the last one first), e.g. a file served to the page."""
+    def guard(route: Any, request: Any) -> None:
+        if urlsplit(request.url).hostname == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(request.url)
+            route.abort("blockedbyclient")
+
+    context.route("**/*", guard)
+    page.on("pageerror", lambda e: js_errors.append(f"{page.url}: {e}"))
+    page.on("console", lambda m: m.type == "error" and js_errors.append(f"{page.url}: {m.text}"))
+
+
 @dataclass
 class ConsoleView:
     """A browser context on the console, and what it must never do (reach outside 127.0.0.1,
@@ -61,6 +79,14 @@ class ConsoleView:
     home: Path
     outside: list[str] = field(default_factory=list, kw_only=True)
     js_errors: list[str] = field(default_factory=list, kw_only=True)
+
+    def watch(self) -> None:
+        """See :func:`watch`."""
+        watch(self.context, self.page, self.outside, self.js_errors)
+
+    def assert_clean(self) -> None:
+        assert self.outside == [], f"requests to outside 127.0.0.1: {self.outside}"
+        assert self.js_errors == [], f"JavaScript errors: {self.js_errors}"
 
     def goto(self, path: str) -> None:
         response = self.page.goto(self.base + path)

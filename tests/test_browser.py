@@ -30,9 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Request, Route, expect
+from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from testkit.browser import chromium
+from testkit.browser import chromium, watch
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
@@ -208,17 +208,7 @@ def session(browser: Browser, stack: CircusStack, replay: subprocess.Popen) -> I
     context.set_default_timeout(TIMEOUT_MS)
     expect.set_options(timeout=TIMEOUT_MS)
     s = Session(stack, context, context.new_page(), f"http://127.0.0.1:{stack.console_port}")
-
-    def guard(route: Route, request: Request) -> None:
-        if urlsplit(request.url).hostname == "127.0.0.1":
-            route.continue_()
-        else:
-            s.outside.append(request.url)
-            route.abort("blockedbyclient")
-
-    context.route("**/*", guard)
-    s.page.on("pageerror", lambda e: s.js_errors.append(f"{s.page.url}: {e}"))
-    s.page.on("console", lambda m: m.type == "error" and s.js_errors.append(f"{s.page.url}: {m.text}"))
+    watch(context, s.page, s.outside, s.js_errors)
 
     def on_dialog(dialog: Any) -> None:
         s.dialogs.append(dialog.message)

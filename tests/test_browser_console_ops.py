@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import zmq
@@ -42,10 +41,6 @@ RESTART_ALL_MS = 240_000
 @dataclass
 class View(ConsoleView):
     dialogs: list[str] = field(default_factory=list, kw_only=True)
-
-    def assert_clean(self) -> None:
-        assert self.outside == [], f"requests to outside 127.0.0.1: {self.outside}"
-        assert self.js_errors == [], f"JavaScript errors: {self.js_errors}"
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +72,8 @@ def views(browser: Browser, stack: CircusStack) -> Iterator[Any]:
         context.set_default_timeout(TIMEOUT_MS)
         view = View(context, context.new_page(), base, stack.home)
         opened.append(view)
-
-        def guard(route: Any, request: Any) -> None:
-            if urlsplit(request.url).hostname == "127.0.0.1":
-                route.continue_()
-            else:
-                view.outside.append(request.url)
-                route.abort("blockedbyclient")
-
-        context.route("**/*", guard)
+        view.watch()
         context.route(base + AXE_PATH, lambda route: route.fulfill(path=str(AXE), content_type="text/javascript"))
-        view.page.on("pageerror", lambda e: view.js_errors.append(f"{view.page.url}: {e}"))
-        view.page.on("console", lambda m: m.type == "error" and view.js_errors.append(f"{view.page.url}: {m.text}"))
 
         def on_dialog(dialog: Any) -> None:
             view.dialogs.append(dialog.message)

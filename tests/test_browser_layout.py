@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 from playwright.sync_api import Browser, expect
@@ -186,9 +185,6 @@ class View(ConsoleView):
     def css_rgb(self, name: str) -> list[int]:
         return self.page.evaluate(CSS_RGB_JS, name)
 
-    def assert_clean(self) -> None:
-        assert self.outside == [], f"requests to outside 127.0.0.1: {self.outside}"
-        assert self.js_errors == [], f"JavaScript errors: {self.js_errors}"
 
 
 @pytest.fixture(scope="module")
@@ -217,19 +213,9 @@ def views(browser: Browser, ready: Any) -> Iterator[Any]:  # noqa: F811
         context.set_default_timeout(TIMEOUT_MS)
         view = View(context, context.new_page(), base, ready.home, width, scheme)
         opened.append(view)
-
-        def guard(route: Any, request: Any) -> None:
-            if urlsplit(request.url).hostname == "127.0.0.1":
-                route.continue_()
-            else:
-                view.outside.append(request.url)
-                route.abort("blockedbyclient")
-
-        context.route("**/*", guard)
+        view.watch()
         context.route(base + AXE_PATH, lambda route: route.fulfill(path=str(AXE), content_type="text/javascript"))
         context.add_init_script(CANVAS_TEXT_JS)
-        view.page.on("pageerror", lambda e: view.js_errors.append(f"{view.page.url}: {e}"))
-        view.page.on("console", lambda m: m.type == "error" and view.js_errors.append(f"{view.page.url}: {m.text}"))
         view.page.on("dialog", lambda dialog: dialog.accept())
         if login:
             view.login()

@@ -115,13 +115,13 @@ def direct_producer(index: int, env: dict[str, str], seconds: float, *, gate: Ga
 def copy_inserter(index: int, env: dict[str, str], plan: list[tuple[str, int, int]], batch: int, *,
                   gate: Gate) -> dict[str, Any]:
     """The batches of ``writer-batched``, each a ``COPY ... FORMAT BINARY`` and a commit."""
+    from db.statements import TICK_COPY_TYPES
     from db.validation import TICK_FIELDS
 
     batches = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True))
                for source, first_seq, n in plan for cols in tick_batches(n, batch, source, first_seq)]
     con = _connect(env)
     sql = f"COPY ticks ({', '.join(TICK_FIELDS)}) FROM STDIN (FORMAT BINARY)"
-    types = ("text", "int8", "float8", "float8", "float8", "text", "int8")
     latencies: list[float] = []
     inserted = 0
     gate.wait()
@@ -129,7 +129,7 @@ def copy_inserter(index: int, env: dict[str, str], plan: list[tuple[str, int, in
     for rows in batches:
         t0 = time.perf_counter()
         with con.transaction(), con.cursor() as cur, cur.copy(sql) as copy:
-            copy.set_types(types)
+            copy.set_types(TICK_COPY_TYPES)
             for row in rows:
                 copy.write_row(row)
         inserted += len(rows)
@@ -142,13 +142,13 @@ def copy_inserter(index: int, env: dict[str, str], plan: list[tuple[str, int, in
 
 def run_direct(opts: argparse.Namespace) -> dict[str, Any]:
     from bench.common import migrate_database
-    from bench.contention.scenarios import _combine
+    from bench.contention.scenarios import combine
 
     with fresh_home() as (_home, env):
         migrate_database(env)
         start, results = run_group(direct_producer, [(env, opts.seconds) for _ in range(opts.procs)],
                                    run_timeout=opts.seconds + 120)
-        out = _combine("direct", opts.procs, start, results)
+        out = combine("direct", opts.procs, start, results)
         out["notes"] = "psycopg 3, autocommit off, one INSERT per transaction (tick or audit row, alternately)"
         out["stored_ticks"] = count_ticks(env)
     return out
@@ -156,17 +156,17 @@ def run_direct(opts: argparse.Namespace) -> dict[str, Any]:
 
 def run_copy(opts: argparse.Namespace) -> dict[str, Any]:
     from bench.common import migrate_database
-    from bench.contention.scenarios import _check_stored, _combine, _plan
+    from bench.contention.scenarios import check_stored, combine, plan_rows
 
-    plan = _plan(opts.rows, opts.batch_producers)
+    plan = plan_rows(opts.rows, opts.batch_producers)
     with fresh_home() as (_home, env):
         migrate_database(env)
         start, (result,) = run_group(copy_inserter, [(env, plan, opts.batch)], run_timeout=600)
-        out = _combine("copy", 1, start, [result], timed_from_first_op=True)
+        out = combine("copy", 1, start, [result], timed_from_first_op=True)
         out["sql"] = result["sql"]
         out["notes"] = f"COPY FORMAT BINARY per batch of {opts.batch}, a commit per batch, straight into ticks"
         out["stored_ticks"] = count_ticks(env)
-        _check_stored(out, opts.rows)
+        check_stored(out, opts.rows)
     return out
 
 

@@ -38,7 +38,7 @@ SCENARIOS = tuple(SCENARIO_HELP)
 RAW_TXN_VARIANTS = (1, 16)
 
 
-def _combine(name: str, procs: int, start: float, results: list[dict[str, Any]], *,
+def combine(name: str, procs: int, start: float, results: list[dict[str, Any]], *,
              timed_from_first_op: bool = False) -> dict[str, Any]:
     """Add up the workers' results of one scenario."""
     begin = min(r["first"] for r in results) if timed_from_first_op else start
@@ -56,7 +56,7 @@ def _combine(name: str, procs: int, start: float, results: list[dict[str, Any]],
     }
 
 
-def _plan(rows: int, producers: int) -> list[tuple[str, int, int]]:
+def plan_rows(rows: int, producers: int) -> list[tuple[str, int, int]]:
     """Split ``rows`` among producers: (source, first seq, rows) each."""
     share, extra = divmod(rows, producers)
     return [(f"bench-batch-{i}", 0, share + (1 if i < extra else 0)) for i in range(producers)]
@@ -75,7 +75,7 @@ def run_sqlite(opts: argparse.Namespace, begin: str) -> dict[str, Any]:
         sync = _synchronous(env)
         args = [(str(db_path), opts.seconds, begin, sync) for _ in range(opts.procs)]
         start, results = run_group(sqlite_producer, args, run_timeout=opts.seconds + SEED_BUSY_TIMEOUT_S + 60)
-        out = _combine(name, opts.procs, start, results)
+        out = combine(name, opts.procs, start, results)
         out["notes"] = f"direct sqlite3, BEGIN {begin.upper()}, WAL, busy timeout 60 s, synchronous={sync}"
         out["stored_ticks"] = count_rows(db_path, "ticks")
     return out
@@ -87,7 +87,7 @@ def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
         start, results = run_group(writer_single_producer, args, run_timeout=opts.seconds + 180,
                                    on_start=writer.sampler.mark_start)
         writer.finish_measuring()
-        out = _combine("writer-single", opts.procs, start, results)
+        out = combine("writer-single", opts.procs, start, results)
         out["notes"] = "WriterClient.call: insert_ticks (1 tick) and audit, alternately"
         out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
     out["writer"] = writer.summary()
@@ -99,7 +99,7 @@ def run_raw_single(opts: argparse.Namespace) -> dict[str, Any]:
         db_path = create_schema(env)
         start, results = run_group(raw_single_inserter, [(env, str(db_path), opts.seconds)],
                                    run_timeout=opts.seconds + 120)
-        out = _combine("raw-single", 1, start, results)
+        out = combine("raw-single", 1, start, results)
         out["pragmas"] = pragmas = results[0]["pragmas"]
         out["notes"] = (f"one sqlite3 connection with the write engine's pragmas (synchronous="
                         f"{pragmas['synchronous']}, wal_autocheckpoint={pragmas['wal_autocheckpoint']}): "
@@ -109,24 +109,24 @@ def run_raw_single(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_writer_batched(opts: argparse.Namespace) -> dict[str, Any]:
-    plan = _plan(opts.rows, opts.batch_producers)
+    plan = plan_rows(opts.rows, opts.batch_producers)
     with fresh_home() as (_home, env):
         with running_writer(env) as writer:
             args = [(env, n, first_seq, opts.batch, opts.window) for _source, first_seq, n in plan]
             start, results = run_group(writer_batched_producer, args, run_timeout=600,
                                        on_start=writer.sampler.mark_start)
             writer.finish_measuring()
-            out = _combine("writer-batched", opts.batch_producers, start, results, timed_from_first_op=True)
+            out = combine("writer-batched", opts.batch_producers, start, results, timed_from_first_op=True)
             out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
         out["stored_ticks"] = stored_ticks(env)
     out["writer"] = writer.summary()
     out["notes"] = f"pipeline window {opts.window}, columns form, batches of {opts.batch}"
-    _check_stored(out, opts.rows)
+    check_stored(out, opts.rows)
     return out
 
 
 def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
-    plan = _plan(opts.rows, opts.batch_producers)
+    plan = plan_rows(opts.rows, opts.batch_producers)
     with fresh_home() as (home, env):
         db_paths = []
         for txn_batches in RAW_TXN_VARIANTS:  # one fresh database per variant, same schema
@@ -136,7 +136,7 @@ def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
                                       run_timeout=600)
         variants = []
         for db_path, result in zip(db_paths, results, strict=True):
-            out = _combine("raw", 1, start, [result], timed_from_first_op=True)
+            out = combine("raw", 1, start, [result], timed_from_first_op=True)
             out["stored_ticks"] = count_rows(Path(db_path), "ticks")
             out["txn_batches"] = n = result["txn_batches"]
             out["sql"] = result["sql"]
@@ -144,7 +144,7 @@ def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
             out["notes"] = (f"one sqlite3 connection with the write engine's pragmas "
                             f"(synchronous={result['pragmas']['synchronous']}), executemany per batch of "
                             f"{opts.batch}, commit every {n} batch{'es' if n > 1 else ''}")
-            _check_stored(out, opts.rows)
+            check_stored(out, opts.rows)
             variants.append(out)
     best = dict(max(variants, key=lambda v: v["rows_per_s"] or 0))
     best["variants"] = [{k: v[k] for k in ("txn_batches", "rows_per_s", "elapsed_s", "latency")} for v in variants]
@@ -163,7 +163,7 @@ def stored_ticks(env: dict[str, str]) -> int:
     return count_ticks(env)
 
 
-def _check_stored(out: dict[str, Any], expected: int) -> None:
+def check_stored(out: dict[str, Any], expected: int) -> None:
     """A benchmark that lost rows measured nothing: say so as an error."""
     if out["stored_ticks"] != expected or out["rows"] != expected:
         message = (f"stored {out['stored_ticks']} ticks and acknowledged {out['rows']}, "

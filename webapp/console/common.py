@@ -134,14 +134,7 @@ def audit(action: str, target: str = "", result: str = "ok", detail: str = "", a
             raise WriterUnavailable("the writer was just stopped")
         if flush_audit_spool() is None:
             raise WriterUnavailable("the writer does not take the spooled records")  # not worth a second wait
-        stopped = writer_stopped()
-        if stopped:
-            raise WriterUnavailable(stopped)
-        client = writer()
-        ticket = client.submit("audit", _deadline=config("CONSOLE_AUDIT_DEADLINE"), **entry)
-        entry["request"] = [client.client_id, ticket.seq]  # from here on it may have been applied
-        client.wait(ticket)
-        ticket.result()
+        _send_audit(entry)  # sets entry["request"]: from then on it may have been applied
         return True
     except WriterUnavailable:
         _forget_unanswered()
@@ -200,7 +193,7 @@ def flush_audit_spool() -> int | None:
                 entry = json.loads(line)
                 if not isinstance(entry, dict):
                     raise ValueError("not a JSON object")
-                _send_spooled(entry)
+                _send_audit(entry)
                 sent += 1
             except WriterUnavailable:
                 _forget_unanswered()
@@ -218,10 +211,10 @@ def flush_audit_spool() -> int | None:
     return None if blocked else sent
 
 
-def _send_spooled(entry: dict[str, Any]) -> None:
-    """Send one spooled record: under the request id it was first sent with, if it was sent (the
-    writer then answers "already applied" with the first result instead of storing it again);
-    else under a new one, which is written into ``entry`` before the wait, so that a record that
+def _send_audit(entry: dict[str, Any]) -> None:
+    """Send one audit record, new or from the spool: under the request id it was first sent with,
+    if it was sent (the writer then answers "already applied" with the first result instead of
+    storing it again); else under a new one, which is written into ``entry`` before the wait, so that a record that
     is not answered now goes back to the spool with the id it may have been taken under."""
     fields = {k: v for k, v in entry.items() if k != "request"}
     request = entry.get("request")
