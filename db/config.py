@@ -141,6 +141,18 @@ def secret_text(name: str, raw: str) -> str:
     return raw.strip()
 
 
+def strong_secret(minimum: int) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        if len(value) < minimum:
+            raise ConfigError(f"{name} must be at least {minimum} characters (it has {len(value)}): a secret "
+                              "anyone could guess is no secret; leave it unset to have one generated")
+        return value
+
+    parse.__doc__ = f"a secret of at least {minimum} characters (blank means unset); never printed"
+    return parse
+
+
 def path(name: str, raw: str) -> Path:
     """a folder (``~`` expanded)"""
     return Path(raw).expanduser().absolute()
@@ -261,6 +273,13 @@ SETTINGS: tuple[Setting, ...] = (
       "the API's bearer token; unset, a generated one is kept in the file (0600)", secret=True),
     S("TICKSTACK_ADMIN_USER", "admin_user", user_name, "admin", "`admin`",
       "the console's user name (its password is generated into `$TICKSTACK_HOME/admin-password`, 0600)"),
+    S("TICKSTACK_ADMIN_PASSWORD", "admin_password", strong_secret(12), "",
+      "generated into `$TICKSTACK_HOME/admin-password`",
+      "the console's password; set the same on every host of one database so any host's console "
+      "accepts it (unset: generated per home into the file, 0600)", secret=True),
+    S("TICKSTACK_SECRET_KEY", "secret_key", strong_secret(32), "", "generated into `$TICKSTACK_HOME/secret-key`",
+      "the web apps' secret key (signs the console's session cookies and forms); may be set with "
+      "`TICKSTACK_ADMIN_PASSWORD` on every host (unset: generated per home into the file, 0600)", secret=True),
     S("TICKSTACK_HOST", "host", host_name, _default_host, "the machine's host name",
       "this stack's name among the stacks sharing one PostgreSQL database: one writer per host, and "
       "what leaders, locks and the sim feed's source are named by"),
@@ -351,6 +370,8 @@ class Settings:
     price_decimals: dict[str, int] = field(hash=False)  # symbol -> decimals (a dict cannot be hashed)
     api_token: str = field(repr=False)
     admin_user: str = "admin"
+    admin_password: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
     host: str = "localhost"
 
     @property

@@ -109,6 +109,9 @@ SELECT a.pid, a.application_name, a.backend_start, l.objid
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
    AND l.classid = %s"""
 _HOLDER_SQL = _HOLDERS_SQL + " AND l.objid = %s"
+#: Whether the lock's session (``pid``) still holds the lock: pg_locks alone, no join (once a batch).
+_STILL_HELD = ("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+               "AND pid = %(pid)s AND classid = %(hi)s AND objid = %(lo)s")
 
 
 def host_key(host: str) -> int:
@@ -254,6 +257,26 @@ class ServerWriterLock:
             if self.lost is not None or row is None or row[0] != self.backend_pid:
                 raise WriterLocked(f"this writer no longer holds the PostgreSQL writer lock (now held by "
                                    f"{describe_holder(row) if row else 'nobody'}); it stops serving")
+
+    def check_held(self, conn: Any) -> None:
+        """In the write transaction ``conn`` (SQLAlchemy), just before its COMMIT: raise
+        :class:`WriterLocked` (and call ``on_lost``) unless this lock's session still holds the lock.
+        The watching thread notices a lost session within milliseconds, or ``check_every`` seconds
+        for one that died silently; a batch already running in that time would otherwise commit
+        for a writer that may no longer be the one. One round trip per batch."""
+        if self.lost is None:
+            hi, lo = _key_parts(self.host)
+            if conn.exec_driver_sql(_STILL_HELD, {"pid": self.backend_pid, "hi": hi, "lo": lo}).first() is not None:
+                return
+        first = self.lost is None
+        self.lost = self.lost or "its session no longer holds it"
+        if first:
+            log.error("writer: the PostgreSQL writer lock is no longer ours (%s); this batch is not committed "
+                      "and the writer stops", self.lost)
+            if self.on_lost is not None:
+                self.on_lost()
+        raise WriterLocked(f"this writer no longer holds the PostgreSQL writer lock ({self.lost}); nothing of "
+                           "this batch was committed: retry, the writer that holds the lock answers")
 
     def release(self) -> None:
         """End the lock's session (and with it the lock); the watching thread ends first, so the

@@ -81,6 +81,9 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
                 "WHERE backend_type = 'client backend')").fetchone()
             rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                                 "WHERE datname = current_database() GROUP BY 1").fetchall()
+            schema = None  # a database the schema was never applied to has no such table
+            if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
+                schema = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             holder = server_lock_holder(conn, settings.host)
             writers = server_lock_holders(conn)
             led = leaders(conn, LEADER_NAMES)
@@ -98,7 +101,7 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     return {"reachable": True, "ping_ms": round((time.perf_counter() - started) * 1000, 1), "version": version,
             "size_bytes": int(size), "connections": sum(by_app.values()),
             "by_application": dict(sorted(by_app.items())), "server_connections": int(everyone),
-            "max_connections": int(max_conn), "writer_lock": lock, "leaders": led}
+            "max_connections": int(max_conn), "schema_version": schema, "writer_lock": lock, "leaders": led}
 
 
 def writer_pid_of(app: str | None) -> int | None:

@@ -38,6 +38,7 @@ from db import health, queries
 from db.client import WriterClient
 from db.config import Settings
 from db.models import Sample, now_ms
+from db.server import server_status
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter, collect_watchers
 
@@ -141,6 +142,10 @@ class Sampler:
             sizes = health.file_sizes(path)
             add("db.bytes", sizes["db"])
             add("db.wal_bytes", sizes["wal"] or 0)
+        else:  # a server: pg_database_size (no WAL of ours to measure); nothing while it is down
+            server = server_status(self.settings, timeout=2.0)
+            if server["reachable"]:
+                add("db.bytes", server["size_bytes"])
         summary: dict[str, Any] = {"circus": "ok"}
         watchers_at = now_ms()
         try:

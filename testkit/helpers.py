@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from db.config import Settings
-from db.health import connect_read_only
+from testkit.postgres import read_connection
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
@@ -25,10 +25,11 @@ CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
-    """Rows of ``sql`` from the test's database, read-only."""
-    con = connect_read_only(settings.database_path)
+    """Rows of ``sql`` (``?`` placeholders) from the test's database, read-only: the SQLite file or
+    the server's database (:func:`testkit.postgres.read_connection`), so one test reads both."""
+    con = read_connection(settings)
     try:
-        return con.execute(sql, params).fetchall()
+        return [tuple(row) for row in con.execute(sql, params).fetchall()]
     finally:
         con.close()
 

@@ -9,7 +9,8 @@ started by pid.
 ``--database postgresql`` runs the suite on a throwaway PostgreSQL server (one for the session,
 :class:`testkit.postgres.PostgresServer`), every private home with a database of its own on it.
 Without PostgreSQL's binaries that run is skipped with a message, except in CI (``CI`` set),
-where that is a failure.
+where that is a failure. ``make test`` runs the suite twice, once per database; tests marked
+``sqlite_only`` or ``postgres_only`` run in their database's run only.
 """
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--database", choices=("sqlite", "postgresql"), default="sqlite",
                      help="the database every private stack runs on: sqlite (a file in its home, the default) "
                           "or postgresql (a database of its own on a throwaway server)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "sqlite_only(counterpart): a test of something only SQLite has (its file, "
+                                       "WAL, PRAGMAs); runs with --database sqlite only. ``counterpart`` names the "
+                                       "test (path::name) that checks the same promise on PostgreSQL")
+    config.addinivalue_line("markers", "postgres_only: a test of something only a server has (roles, advisory "
+                                       "locks, several hosts, pg_dump); runs with --database postgresql only")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """One run per database: ``--database sqlite`` leaves out the ``postgres_only`` tests,
+    ``--database postgresql`` the ``sqlite_only`` ones (each names its PostgreSQL counterpart, and
+    ``tests/test_layout.py`` checks that it exists). Both runs together are the whole suite:
+    ``make test`` runs both."""
+    other = "postgres_only" if config.getoption("--database") == "sqlite" else "sqlite_only"
+    left_out = [item for item in items if item.get_closest_marker(other) is not None]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if item.get_closest_marker(other) is None]
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,9 @@ import pytest
 from db.client import WriterClient
 from db.config import load_settings
 from db.errors import Conflict, ValidationError
-from db.health import connect_read_only
 from db.models import TIMEFRAMES
 from testkit.env import ROOT
+from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 from workers.analysis import AnalysisWorker
 from workers.analyzer import Analyzer, Chunk, Output
@@ -29,8 +29,8 @@ T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
 MIN = 60_000
 
 
-def db(stack: Stack) -> sqlite3.Connection:
-    return connect_read_only(stack.settings.database_path)
+def db(stack: Stack) -> sqlite3.Connection | ReadConnection:
+    return read_connection(stack.settings)
 
 
 def price_path(symbols: list[str], start_ts: int, n: int, step_ms: int, seed: int,

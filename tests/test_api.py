@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.test import TestResponse
 
 from db.client import WriterClient
 from db.config import load_settings
-from db.health import connect_read_only
 from db.ops import OPS
+from testkit.postgres import read_connection
 from testkit.writer import Stack
 from webapp import MAX_BODY, create_app
 from webapp.api import openapi as openapi_module
@@ -55,7 +56,7 @@ class Api:
 
     def counts(self) -> dict[str, int]:
         """Row counts, read with a read-only sqlite3 connection of our own."""
-        con = connect_read_only(self.stack.settings.database_path)
+        con = read_connection(self.stack.settings)
         try:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
         finally:
@@ -480,7 +481,14 @@ def test_health_reports_writer_database_and_missing_circus(api: Api) -> None:
     assert body["writer"]["up"] is True and body["writer"]["pid"] == api.stack.procs[0].pid
     assert body["writer"]["ping_ms"] >= 0 and "queue_depth" in body["writer"]["stats"]
     db_health = body["database"]
-    assert db_health["journal_mode"] == "wal" and db_health["size_bytes"] > 0 and db_health["lock_errors"] == 0
+    if api.stack.settings.database_path is not None:
+        assert db_health["journal_mode"] == "wal" and db_health["size_bytes"] > 0 and db_health["lock_errors"] == 0
+    else:  # a server: where it is and that it answers, never who logs in
+        assert db_health["dialect"] == "postgresql" and db_health["reachable"] is True
+        assert db_health["size_bytes"] > 0 and db_health["connections"] >= 1 and "path" not in db_health
+        assert "ts_owner" not in resp.get_data(as_text=True) and "ts_reader" not in resp.get_data(as_text=True)
+    # The body is what the OpenAPI document says, on either database (no field it does not list).
+    Draft202012Validator(openapi_module.document()["components"]["schemas"]["Health"]).validate(body)
     assert body["circus"] == {"reachable": False, "watchers": {},
                               "error": body["circus"]["error"]} and "not running" in body["circus"]["error"]
 
@@ -514,7 +522,13 @@ def test_metrics_expose_requests_by_route_and_stack_gauges(api: Api) -> None:
     assert {s.labels["result"] for s in samples["tickstack_writer_requests_total"]} == {"ok", "failed", "busy"}
     assert samples["tickstack_writer_ticks_inserted_total"][0].value >= 1
     assert samples["tickstack_database_size_bytes"][0].value > 0
-    assert samples["tickstack_wal_size_bytes"][0].value >= 0
+    if api.stack.settings.database_path is not None:  # SQLite's WAL file
+        assert samples["tickstack_wal_size_bytes"][0].value >= 0
+    else:  # a server: up, and its sessions by application (ours are all named)
+        assert samples["tickstack_database_up"][0].value == 1.0
+        assert "tickstack_wal_size_bytes" not in samples
+        assert any(s.labels["application"].startswith("tickstack ") for s in
+                   samples["tickstack_database_connections"])
     assert samples["tickstack_circus_up"][0].value == 0.0
     assert "tickstack_watcher_up" not in samples  # no circus, no watchers
     # Scrapes of /metrics are counted too, and an app's registry is its own.

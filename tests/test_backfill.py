@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from db.client import WriterClient
-from db.health import connect_read_only
 from db.models import TIMEFRAMES, now_ms
 from testkit.env import ROOT
 from testkit.helpers import wait_for
+from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 from webapp import create_app
 from workers.indicators import atr_wilder, ema, rsi_wilder, sma
@@ -64,8 +64,8 @@ def run(stack: Stack, module: str, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def db(stack: Stack) -> sqlite3.Connection:
-    return connect_read_only(stack.settings.database_path)
+def db(stack: Stack) -> sqlite3.Connection | ReadConnection:
+    return read_connection(stack.settings)
 
 
 def cursor_at_end(stack: Stack) -> bool:

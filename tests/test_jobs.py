@@ -1,5 +1,5 @@
 """workers.jobs end to end: a real writer, the worker run as ``python -m workers.jobs``, results read
-back from the SQLite file (job_runs, ticks, bars, backups, the WAL)."""
+back from the database (job_runs, ticks, bars, backups; on SQLite the WAL), on either database."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ import pytest
 from db.client import WriterClient
 from db.config import ConfigError
 from db.health import connect_read_only, file_sizes
+from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query
 from testkit.writer import Stack
@@ -141,14 +142,20 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     assert backups(writer) == sorted(p.rsplit("/", 1)[1] for p in paths[-keep:])
     assert (writer.settings.backup_dir / "tickstack-manual.db").read_bytes() == b"mine"
     assert json.loads(runs[-1]["detail"])["removed"] == [paths[1].rsplit("/", 1)[1]]
-    con = connect_read_only(paths[-1])
-    try:
-        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert con.execute("SELECT count(*) FROM ticks").fetchone() == (500,)
-    finally:
-        con.close()
+    if writer.settings.database_path is not None:  # a SQLite file: sound, with every tick
+        con = connect_read_only(paths[-1])
+        try:
+            assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+            assert con.execute("SELECT count(*) FROM ticks").fetchone() == (500,)
+        finally:
+            con.close()
+    else:  # a pg_dump archive whose table of contents has the ticks' data (restored in test_postgres_health)
+        listed = subprocess.run([pg_program("pg_restore"), "--list", paths[-1]], capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
 def test_quick_check_and_forced_checkpoint(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
     path = writer.settings.database_path
@@ -168,6 +175,7 @@ def test_quick_check_and_forced_checkpoint(writer: Stack) -> None:
     assert detail["wal_before"] > 0 and detail["wal_after"] == 0 and detail["busy"] == 0 and detail["forced"]
 
 
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_no_checkpoint_job_runs_on_a_server")
 def test_checkpoint_follows_the_threshold(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
     path = writer.settings.database_path
@@ -182,6 +190,15 @@ def test_checkpoint_follows_the_threshold(writer: Stack) -> None:
     check_run(cp, "checkpoint")
     detail = json.loads(cp["detail"])
     assert detail["forced"] is False and detail["wal_before"] >= wal and detail["wal_after"] == 0
+
+
+@pytest.mark.postgres_only
+def test_no_checkpoint_job_runs_on_a_server(writer: Stack) -> None:
+    """A server checkpoints its own WAL: the jobs worker never asks, whatever the threshold, and
+    its other database jobs run as on SQLite."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
+    assert run_jobs(writer, "--until-idle", TICKSTACK_CHECKPOINT_WAL_MB="0.000001").returncode == 0
+    assert sorted(r["job"] for r in job_runs(writer)) == ["backup", "quick_check", "retention"]
 
 
 # --------------------------------------------------------------------------- scheduling
@@ -252,8 +269,10 @@ def test_metrics_job_samples_the_writer_and_files_and_skips_circus_when_it_is_no
     assert proc.returncode == 0, proc.stderr
     names = {name for (name,) in query(writer.settings, "SELECT DISTINCT name FROM samples")}
     assert {"writer.queue_depth", "writer.mean_batch", "writer.requests_ok", "writer.ticks_inserted",
-            "writer.uptime_s", "writer.lock_errors", "db.bytes", "db.wal_bytes", "writer.ticks_per_s",
+            "writer.uptime_s", "writer.lock_errors", "db.bytes", "writer.ticks_per_s",
             "writer.requests_per_s"} <= names
+    # SQLite's WAL file is measured; a server's size is pg_database_size and it has no WAL of ours.
+    assert ("db.wal_bytes" in names) == (writer.settings.database_path is not None)
     assert not any(n.startswith("watcher.") for n in names)  # no circus here: those series are skipped
     (rate,) = query(writer.settings, "SELECT value FROM samples WHERE name = 'writer.ticks_per_s'")
     assert rate[0] > 0  # 1000 ticks between the two samples

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from db.client import WriterClient
-from db.health import connect_read_only
 from testkit.env import ROOT
+from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 from workers.monitor import Decision, Exit, MonitorWorker, PriceTick, TradeState, evaluate
 
@@ -136,8 +136,8 @@ def test_no_ticks_no_change() -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-def db(stack: Stack) -> sqlite3.Connection:
-    return connect_read_only(stack.settings.database_path)
+def db(stack: Stack) -> sqlite3.Connection | ReadConnection:
+    return read_connection(stack.settings)
 
 
 class Market:

@@ -1,10 +1,11 @@
 """PostgreSQL foundations (issue 11): secrets never shown, readers that cannot write, one database
 per private home.
 
-These tests run in every run of the suite, on a throwaway PostgreSQL server of their own
-(:class:`testkit.postgres.PostgresServer`, started once per session by ``tests/conftest.py``;
-skipped with the reason without Debian's binaries, a failure in CI). ``pytest --database
-postgresql`` runs the rest of the suite on such a server too.
+These tests (and the other ``test_postgres_*`` files) run in the suite's PostgreSQL run
+(``pytest --database postgresql``; ``make test`` runs it after the SQLite one), on a throwaway
+server (:class:`testkit.postgres.PostgresServer`, started once per session by ``tests/conftest.py``;
+skipped with the reason without Debian's binaries, a failure in CI), where the rest of the suite
+runs too, each private home with a database of its own.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import CSRF_RE, wait_for
 from testkit.postgres import ROLES, HomeDatabases, PostgresServer
 from testkit.writer import Stack
+
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
 
 NOW_TS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 

@@ -9,6 +9,9 @@ from db.client import WriterClient
 from db.statements import COPY_MIN_TICKS
 from tests.test_postgres import stack_on
 
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
 NOW_TS = 1_704_067_200_000
 
 

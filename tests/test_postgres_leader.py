@@ -18,6 +18,9 @@ from testkit.helpers import wait_for
 from testkit.process import stop_process
 from tests.test_postgres import stack_on
 
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
 
 def start(module: str, env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
     with open(log, "ab") as out:

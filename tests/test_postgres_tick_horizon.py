@@ -24,6 +24,9 @@ from testkit.env import ROOT
 from tests.test_postgres import stack_on
 from workers.bars import ORDERED
 
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
 NOW_TS = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 SYMBOL = "EURUSD"
 

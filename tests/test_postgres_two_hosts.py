@@ -20,6 +20,9 @@ from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases
 from tests.test_postgres import Browser
 
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
 SINGLETONS = ("analysis", "monitor", "jobs")
 
 

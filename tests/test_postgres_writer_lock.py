@@ -26,6 +26,9 @@ from testkit.postgres import HomeDatabases, PostgresServer
 from testkit.writer import Stack
 from workers.writer import EXIT_LOCKED
 
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
 NOW_TS = 1_704_067_200_000
 
 
@@ -257,3 +260,67 @@ stderr_stream.filename = {log_dir}/writer-circus.log
         assert_no_password(log.read_text(), postgres_server)
     finally:
         daemon.stop(quit_timeout=30, term_timeout=10)
+
+
+def test_a_batch_running_when_the_lock_is_lost_is_not_committed(two_homes: tuple[Stack, Stack],
+                                                                postgres_server: PostgresServer) -> None:
+    """The window the fence leaves: a batch already in the writer's transaction when the lock's
+    session ends. Here it waits on a row the test holds (a ``close_trade`` behind a ``FOR UPDATE``),
+    the lock's session is ended (``pg_terminate_backend``), the other home's writer takes over and
+    serves; then the row is released and the old batch could commit beside the new writer. Each
+    batch checks in its own transaction, just before COMMIT, that the lock is still its writer's:
+    the close is not committed, its caller gets an error, not an acknowledgement, and the old
+    writer exits EXIT_LOCKED."""
+    import psycopg
+
+    from db.errors import WriterError
+    from tests.test_postgres_health import psycopg_params_of
+
+    a, b = two_homes
+    writer_a = a.start_writer()
+    with WriterClient(settings=a.settings, deadline=20) as client:
+        assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
+        trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0)["id"]
+    owner = psycopg_params_of(a.env["DATABASE_URL"])
+    holder = psycopg.connect(owner["conninfo"], password=owner["password"])
+    outcome: list[object] = []
+
+    def close() -> None:
+        try:
+            with WriterClient(settings=a.settings, deadline=8) as c:  # its writer goes: no long retry
+                outcome.append(c.call("close_trade", trade_id=trade, price=2.0))
+        except WriterError as e:
+            outcome.append(e)
+
+    try:
+        holder.execute("SELECT id FROM trades WHERE id = %s FOR UPDATE", (trade,))
+        closing = threading.Thread(target=close)
+        closing.start()
+        blocked = ("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid IN (SELECT pid FROM pg_stat_activity "
+                   f"WHERE application_name LIKE 'tickstack writer pid {writer_a.pid} %')")
+        wait_for("the writer's batch to wait on the held row",
+                 lambda: int(postgres_server.psql("postgres", "postgres", blocked).strip()) > 0, timeout=20)
+        ended = postgres_server.psql("postgres", "postgres", "SELECT pg_terminate_backend(pid) FROM "
+                                     f"pg_stat_activity WHERE application_name = '{holder_text(writer_a.pid)}'")
+        assert ended.split() == ["t"], ended
+        writer_b, _ = take_over(b, timeout=10)
+        assert insert(b, 2) == {"inserted": 1, "duplicates": 0}  # the new writer serves
+    finally:
+        holder.rollback()  # the row is free: the old writer's batch goes on to its COMMIT
+        holder.close()
+    closing.join(40)
+    writer_a.wait(20)
+    assert writer_a.returncode == EXIT_LOCKED, a.writer_log()[-2000:]
+    assert len(outcome) == 1 and isinstance(outcome[0], WriterError), outcome  # never acknowledged
+    rows = postgres_server.psql(_database_of(a), "postgres", f"SELECT status FROM trades WHERE id = {trade}")
+    assert rows.split() == ["open"], rows
+    assert "no longer ours" in a.writer_log() or "lost the PostgreSQL writer lock" in a.writer_log()
+    with WriterClient(settings=b.settings, deadline=20) as client:  # the trade is the new writer's to close
+        assert client.call("close_trade", trade_id=trade, price=2.0)["id"] == trade
+
+
+def _database_of(stack: Stack) -> str:
+    """The name of ``stack``'s database on the session's server."""
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(stack.env["DATABASE_URL"]).database)

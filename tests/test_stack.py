@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from db.client import WriterClient
-from db.health import connect_read_only
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT
 from testkit.helpers import T0, wait_for, write_bar_csv
+from testkit.postgres import ReadConnection, read_connection
 
 
 @pytest.fixture
@@ -29,8 +29,8 @@ def running() -> Iterator[CircusStack]:
         stack.close()
 
 
-def ro(stack: CircusStack) -> sqlite3.Connection:
-    return connect_read_only(stack.settings.database_path)
+def ro(stack: CircusStack) -> sqlite3.Connection | ReadConnection:
+    return read_connection(stack.settings)
 
 
 def log_ms(line: str) -> int:

@@ -29,7 +29,8 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
         raise ValueError(f"create_app: kind {kind!r} must be api, console or all")
     settings = settings or load_settings()
     app = Flask(__name__)
-    secret, _ = read_or_create_secret(settings.home / "secret-key", lambda: secrets.token_hex(32))
+    secret = settings.secret_key or read_or_create_secret(settings.home / "secret-key",
+                                                          lambda: secrets.token_hex(32))[0]
     read_url = reader_url(settings)
     app.config.update(
         TICKSTACK=settings,

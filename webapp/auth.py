@@ -4,7 +4,10 @@
   ``$TICKSTACK_HOME/admin-password`` (mode 0600, :func:`db.config.read_or_create_secret`, safe when
   both gunicorn workers race) and logs that path, never the password. The user name is ``admin``,
   or ``TICKSTACK_ADMIN_USER``. Only a werkzeug hash of the password is kept in memory, made at
-  start: to change the password, write a new one into the file and restart the console.
+  start: to change the password, write a new one into the file and restart the console. Several
+  hosts on one database set the same ``TICKSTACK_ADMIN_PASSWORD`` (and ``TICKSTACK_SECRET_KEY``)
+  instead, so any host's console accepts it; no file is written then. Sessions stay per host (each
+  host's session file): log in on each.
 * **Sessions end for real.** A login makes a random session id, kept server-side in
   ``$TICKSTACK_HOME/run/console-sessions.json`` (:class:`~webapp.auth_state.SessionStore`, shared by
   both workers) and in Flask's signed cookie (HttpOnly, SameSite=Lax) with the user, the login time
@@ -111,11 +114,14 @@ class Credentials:
         ``settings.admin_user`` (``TICKSTACK_ADMIN_USER``, checked by :mod:`db.config`)."""
         username = settings.admin_user
         path = settings.home / PASSWORD_FILE
-        password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
+        if settings.admin_password:  # TICKSTACK_ADMIN_PASSWORD: the same on every host, no file
+            password, created = settings.admin_password, False
+        else:
+            password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
         if created:
             log.warning("console: generated the password of user %r into %s (mode 0600); log in with it",
                         username, path)
-        elif path.stat().st_mode & 0o077:
+        elif not settings.admin_password and path.stat().st_mode & 0o077:
             log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path,
                         path.stat().st_mode & 0o777)
         fingerprint = hmac.new(secret_key.encode(), password.encode(), hashlib.sha256).hexdigest()[:32]

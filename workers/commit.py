@@ -95,10 +95,14 @@ class Committer:
 
     def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
                  requests: queue.Queue, on_fatal: Callable[[], None],
-                 on_commit: Callable[[], None] = lambda: None) -> None:
-        """``on_commit`` is called after each batch that committed (the checkpointer's poke)."""
+                 on_commit: Callable[[], None] = lambda: None,
+                 before_commit: Callable[[Connection], None] | None = None) -> None:
+        """``on_commit`` is called after each batch that committed (the checkpointer's poke);
+        ``before_commit`` in each batch's transaction just before its COMMIT, and may raise to
+        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`)."""
         self.settings = settings
         self.on_commit = on_commit
+        self.before_commit = before_commit
         self.engine = engine
         self.conn = conn
         self.stats = stats
@@ -277,6 +281,8 @@ class Committer:
             except Exception as e:
                 raise _FastRunFailed("recording the applied requests failed", e) from e
         self._maybe_prune(conn)
+        if self.before_commit is not None:
+            self.before_commit(conn)
         conn.commit()
         return replies, outside, committed, tally
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 
-from db import health, server
+from db import health
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
@@ -243,15 +243,12 @@ class JobsWorker(Worker):
                                  "removed": [p.name for p in removed]})
 
     def quick_check(self, force: bool = False) -> Outcome:
-        """``PRAGMA quick_check`` on a read-only connection; any message but "ok" fails the run. On
-        PostgreSQL, amcheck's ``bt_index_check`` on every index (:func:`db.server.amcheck`); without
+        """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on
+        PostgreSQL amcheck's ``bt_index_check`` on every index; any problem fails the run. Without
         amcheck the run is ok and its detail starts "skipped: amcheck not installed"."""
-        if self.settings.database_path is None:
-            check = server.amcheck(self.settings)
-            if "skipped" in check:
-                return True, f"skipped: {check['skipped']}"
-            return bool(check["ok"]), json.dumps(check)
-        check = health.pragmas(self._database_path(), quick_check=True)["quick_check"]
+        check = health.integrity(self.settings)
+        if "skipped" in check:
+            return True, f"skipped: {check['skipped']}"
         return bool(check["ok"]), json.dumps(check)
 
     def checkpoint(self, force: bool = False) -> Outcome:

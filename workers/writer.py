@@ -135,7 +135,8 @@ class Writer:
             try:
                 conn = self.engine.connect()
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
-                                           on_fatal=self._stop_now, on_commit=self.checkpointer.poke)
+                                           on_fatal=self._stop_now, on_commit=self.checkpointer.poke,
+                                           before_commit=self.server_lock.check_held if self.server_lock else None)
                 with conn.begin():
                     before, after = migrate(conn)
             except Exception as e:

@@ -396,10 +396,22 @@ def _build() -> dict[str, Any]:
                             "stats": {"type": "object", "description": (
                                 "The writer's counters (queue_depth, commit_p50_ms, commit_p99_ms, lock_errors, ...)")},
                             "error": {"type": "string"}}},
-                        "database": {"type": "object", "properties": {
+                        "database": {"type": "object", "description": (
+                            "SQLite: the file's path, journal mode, sizes, lock errors (must read 0) and the "
+                            "last checkpoint. A server (PostgreSQL): its dialect and host only (never a user "
+                            "or password), whether it answers (503 when not), its size, ping and number of "
+                            "sessions."), "properties": {
                             "path": {"type": "string"}, "journal_mode": {"type": "string"},
+                            **{name: {"type": ["integer", "null"]} for name in (
+                                "page_count", "page_size", "freelist_count", "user_version", "schema_version")},
                             "size_bytes": {"type": ["integer", "null"]}, "wal_bytes": {"type": "integer"},
-                            "lock_errors": {"type": ["integer", "null"]}, "error": {"type": "string"}}},
+                            "lock_errors": {"type": ["integer", "null"]},
+                            "last_checkpoint": {"type": ["object", "null"]},
+                            "dialect": {"type": "string", "examples": ["postgresql"]},
+                            "host": {"type": ["string", "null"]}, "reachable": {"type": "boolean"},
+                            "ping_ms": _NUMBER,
+                            "connections": {"type": "integer", "description": "This database's sessions"},
+                            "error": {"type": "string"}}, "additionalProperties": False},
                         "circus": {"type": "object", "required": ["reachable", "watchers"], "properties": {
                             "reachable": {"type": "boolean"},
                             "watchers": {"type": "object", "additionalProperties": {"type": "string"}},

@@ -67,6 +67,13 @@ CHARTS = (
     Chart("dbsize", "Database and WAL size", ("db.bytes", "db.wal_bytes"), "bytes"),
 )
 CHART_BY_ID = {c.id: c for c in CHARTS}
+#: On a server the database's size is pg_database_size, and its WAL is the server's, not ours to chart.
+SERVER_DBSIZE = Chart("dbsize", "Database size", ("db.bytes",), "bytes", "pg_database_size")
+
+
+def charts_for(on_server: bool) -> tuple[Chart, ...]:
+    """The charts of the stack's database: :data:`CHARTS`, with a server's own size chart."""
+    return tuple(SERVER_DBSIZE if on_server and c.id == "dbsize" else c for c in CHARTS)
 #: Legend names of the series with no label (per-watcher series are named by their watcher).
 SERIES_LABELS = {
     "writer.ticks_per_s": "ticks/s", "writer.requests_per_s": "requests/s", "writer.commit_p50_ms": "p50",
@@ -146,9 +153,10 @@ def latest_sample(summary: dict[str, list[dict[str, Any]]]) -> tuple[int | None,
 @bp.get("/charts")
 def charts() -> ResponseReturnValue:
     key = range_arg(request.args.get("range"))
-    summary = summaries(CHARTS, now_ms() - RANGES[key] * 60_000)
+    charts = charts_for(settings().database_path is None)
+    summary = summaries(charts, now_ms() - RANGES[key] * 60_000)
     latest, stale = latest_sample(summary)
-    return render_template("console/charts.html", charts=CHARTS, summary=summary, series_labels=SERIES_LABELS,
+    return render_template("console/charts.html", charts=charts, summary=summary, series_labels=SERIES_LABELS,
                            sample_every=sample_every(), range_key=key, ranges=RANGE_NAMES, latest=latest,
                            stale=stale)
 

@@ -7,7 +7,8 @@ quick_check, recent job runs, the slowest reads of the API and the console (:mod
 and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
 writer's op), backup (:func:`db.health.backup` into ``backups/`` under the jobs worker's naming, so
-its rotation keeps them in check) and quick_check (a read-only PRAGMA); each is audited.
+its rotation keeps them in check) and quick_check (a read-only PRAGMA, or amcheck on PostgreSQL:
+:func:`db.health.integrity`); each is audited.
 
 A backup or quick_check runs inside the request: seconds on a database of a few GB. One backup at a
 time: a second request while one runs is refused with a message (a lock file in ``run/``).
@@ -27,10 +28,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import health, queries, slowreads
+from db.engine import display_url
 from db.errors import WriterError
 from db.models import AuditEntry, JobRun, now_ms
 from supervision.circus import CircusError
-from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, sample_every, summaries
+from webapp.console.charts import SERIES_LABELS, charts_for, sample_every, summaries
 from webapp.console.common import audit, bp, call_writer, circus, log, settings, writer
 from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_figures
 from webapp.extensions import db
@@ -136,7 +138,7 @@ def database() -> ResponseReturnValue:
     owners = pid_watchers()
     snap = health.snapshot(s, writer_timeout=1.0, known_pids=set(owners))
     findings = health.diagnose(snap, s)
-    chart = CHART_BY_ID["dbsize"]
+    chart = next(c for c in charts_for(s.database_path is None) if c.id == "dbsize")
     history = recent_history()
     files = health.file_sizes(s.database_path) if s.database_path is not None else {}
     cj = history["checkpoint_job"]
@@ -215,16 +217,20 @@ def backup() -> ResponseReturnValue:
 
 @bp.post("/database/quick_check")
 def quick_check() -> ResponseReturnValue:
-    """``PRAGMA quick_check`` on a read-only connection."""
-    path = settings().database_path
-    if path is None:
-        return _done("error", "quick_check works on a SQLite database only.")
+    """The jobs worker's integrity check, now (:func:`db.health.integrity`): ``PRAGMA quick_check``
+    on a read-only connection, or amcheck on PostgreSQL."""
+    s = settings()
+    target = s.database_path.name if s.database_path is not None else display_url(s.database_url)
     try:
-        check = health.pragmas(path, quick_check=True)["quick_check"]
-    except (sqlite3.Error, FileNotFoundError) as e:
-        audit("db.quick_check", path.name, "error", str(e))
+        check = health.integrity(s)
+    except (sqlite3.Error, OSError, RuntimeError) as e:
+        audit("db.quick_check", target, "error", str(e))
         return _done("error", f"quick_check failed: {e}")
-    audit("db.quick_check", path.name, "ok" if check["ok"] else "error", json.dumps(check))
+    if "skipped" in check:
+        audit("db.quick_check", target, "ok", json.dumps(check))
+        return _done("warn", f"quick_check skipped: {check['skipped']}")
+    audit("db.quick_check", target, "ok" if check["ok"] else "error", json.dumps(check))
+    what = f"{check['method']}" + (f" of {check['indexes']} indexes" if "indexes" in check else "")
     if check["ok"]:
-        return _done("ok", f"quick_check: ok ({check['ms']:.0f} ms).")
-    return _done("error", f"quick_check found problems: {'; '.join(check['messages'][:3])}")
+        return _done("ok", f"{what}: ok ({check['ms']:.0f} ms).")
+    return _done("error", f"{what} found problems: {'; '.join(check['messages'][:3])}")

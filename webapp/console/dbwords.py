@@ -87,8 +87,10 @@ def job_words(job: str, ok: bool, detail: str | None) -> str:
         return text
     if job == "quick_check" and "ok" in data:
         took = f" in {number(data['ms'], 0)} ms" if isinstance(data.get("ms"), int | float) else ""
+        n = int(data.get("indexes") or 0)
+        method = f"amcheck of {number(n)} {'index' if n == 1 else 'indexes'}" if "indexes" in data else "quick_check"
         if data["ok"]:
-            return f"integrity ok (quick_check{took})"
+            return f"integrity ok ({method}{took})"
         messages = [str(m) for m in data.get("messages") or []]
         return f"integrity problems found{took}: " + "; ".join(messages[:3]) + ("; …" if len(messages) > 3 else "")
     if job == "checkpoint" and ("busy" in data or "checkpointed" in data):
