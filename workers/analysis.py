@@ -137,6 +137,8 @@ class AnalysisWorker(Worker):
         self.analyzer = Analyzer()
         self._stored_state: bytes | None = None
         self._failed: WriterError | None = None
+        #: Parts of the current chunk sent before its last (see :meth:`_submit`).
+        self._parts_sent = 0
         self._stats = {"chunks": 0, "ticks": 0, "bars": 0, "indicators": 0, "late": 0, "recomputed": 0}
         self._logged_at = 0.0
         #: PostgreSQL: how far ids are final (several writers may commit out of id order).
@@ -231,15 +233,30 @@ class AnalysisWorker(Worker):
     def _store(self, bars: dict[str, Any], inds: dict[str, Any], before: int, position: int,
                state: bytes | None) -> None:
         assert self.pipe is not None
+        if position == before:  # a part that leaves the cursor: the chunk's last part waits for it
+            self._parts_sent += 1
         self.pipe.submit("store_analysis", cursor=self.cursor, bars=bars, indicators=inds, expect=before,
                          position=position, state=state)
         self._count(chunks=1, bars=len(bars["ts"]) if bars else 0, indicators=len(inds["ts"]) if inds else 0)
 
     def _submit(self, out: Output, before: int) -> None:
         """``out`` in as many ``store_analysis`` requests as its rows need; every one but the last keeps
-        the cursor at ``before`` with its stored state, the last one moves both."""
+        the cursor at ``before`` with its stored state, the last one moves both.
+
+        The last part goes only once every earlier part of the chunk is answered, and not at all if
+        one failed: a part whose batch failed (retryably) is sent again after a later part may have
+        been stored, and were that the last, the cursor would pass the failed part's bars for good
+        (its resend is then refused: the cursor is no longer at ``expect``). Without the last part
+        the cursor stays at ``before`` and the next step redoes the chunk from there."""
         assert self.pipe is not None
         for bars, inds, last in parts(out, self.rows_per_store):
+            if last and self._parts_sent:
+                self.settle()
+                if self._failed is not None:
+                    self._parts_sent = 0
+                    return  # step() resumes from the stored cursor (_recovered)
+            if last:
+                self._parts_sent = 0
             self._store(bars, inds, before, out.position if last else before,
                         out.state if last else self._stored_state)
         self._stored_state = out.state

@@ -1,0 +1,139 @@
+"""The writer's connection to the server lost under a batch (issue 11; the analysis gap of issue 10).
+
+A session can end under the writer at any moment (a DBA's ``pg_terminate_backend``, a failover, a
+proxy's restart) while the writer's lock session lives on. Here the batch waits on rows a test
+transaction holds, so the session is ended exactly while the batch runs, every time:
+
+* the requests of a batch whose connection was lost are *retried* (the batch fails with a retryable
+  error, the client sends them again), never failed for good: a lost connection is not the
+  request's fault (this held before; the test keeps it so);
+* the analysis worker's chunk stored in several requests never moves its cursor past a part that
+  was not stored, even when that part's batch fails and a later part's succeeds.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from db.client import WriterClient
+from db.errors import WriterError
+from testkit.env import ROOT
+from testkit.helpers import wait_for
+from testkit.postgres import PostgresServer
+from testkit.writer import Stack
+from tests.test_analysis import MIN, T0, check_bars, insert
+
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
+
+@pytest.fixture
+def holder(stack: Stack, postgres_server: PostgresServer) -> Iterator[psycopg.Connection]:
+    """A transaction of the test's own on the stack's database (as its owner), rolled back at the end."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(stack.env["DATABASE_URL"])
+    conn = psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password)
+    try:
+        yield conn
+    finally:
+        conn.rollback()
+        conn.close()
+
+
+def writer_session(server: PostgresServer, pid: int, waiting: bool) -> list[int]:
+    """Backend pids of writer ``pid``'s write sessions (not its lock's), those waiting on a lock if ``waiting``."""
+    sql = ("SELECT a.pid FROM pg_stat_activity a WHERE a.application_name LIKE "
+           f"'tickstack writer pid {pid} on %'")
+    if waiting:
+        sql += " AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted)"
+    return [int(p) for p in server.psql("postgres", "postgres", sql).split()]
+
+
+def end_the_waiting_write_session(server: PostgresServer, pid: int) -> None:
+    """Wait until writer ``pid``'s batch waits on the held rows, then end its write session."""
+    waiting = wait_for("the writer's batch to wait on the held rows", lambda: writer_session(server, pid, True),
+                       timeout=30)
+    ended = server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({waiting[0]})")
+    assert ended.split() == ["t"], ended
+
+
+def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, holder: psycopg.Connection,
+                                                               postgres_server: PostgresServer) -> None:
+    """A close_trade waits on the trade's row (held by the test). Its write session is ended twice:
+    once in the batch's fast run and once in its careful run (a savepoint per request). The request
+    is answered once the row is free: closed, once, with no error, and the writer still serves."""
+    writer = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=1.0)["id"]
+    holder.execute("SELECT id FROM trades WHERE id = %s FOR UPDATE", (trade,))
+    outcome: list[object] = []
+
+    def close() -> None:
+        try:
+            with WriterClient(settings=stack.settings, deadline=60) as c:
+                outcome.append(c.call("close_trade", trade_id=trade, price=2.0))
+        except WriterError as e:
+            outcome.append(e)
+
+    closing = threading.Thread(target=close)
+    closing.start()
+    for _ in range(2):  # the fast run, then the careful run of the same batch
+        end_the_waiting_write_session(postgres_server, writer.pid)
+    wait_for("a write session waiting again", lambda: writer_session(postgres_server, writer.pid, True), timeout=30)
+    holder.rollback()
+    closing.join(60)
+    assert outcome == [{"id": trade, "exit_price": 2.0, "pnl": 1.0}], outcome
+    events = postgres_server.psql(_database(stack), "postgres",
+                                  f"SELECT count(*) FROM trade_events WHERE trade_id = {trade} AND kind = 'closed'")
+    assert events.split() == ["1"], events
+    assert writer.poll() is None, stack.writer_log()[-2000:]
+    assert "rolled back its whole batch" not in stack.writer_log()  # never blamed on the request
+
+
+def test_a_chunk_stored_in_parts_never_moves_the_cursor_past_a_part_that_failed(
+        stack: Stack, holder: psycopg.Connection, postgres_server: PostgresServer) -> None:
+    """10,500 minutely ticks: one chunk, stored in two requests (over the 10,000 rows one may hold);
+    the writer commits one request per batch. Every bar's key is held by an uncommitted insert of
+    the test, so the first part waits; its session is ended twice (its batch fails, retryably). The
+    second part must not be stored before the first: the cursor would pass bars never stored, and
+    the first part's retry would then be refused. After the rows are freed every bar is stored and
+    exact, and the cursor is at the last tick."""
+    writer = stack.start_writer(TICKSTACK_WRITER_MAX_BATCH="1")
+    ticks = [{"symbol": "ONE", "ts": T0 + i * MIN + 7, "bid": 100 + math.sin(i / 9) * 5, "ask": 200.0,
+              "volume": 1.0} for i in range(10_500)]
+    insert(stack, ticks, "minutely")
+    with holder.cursor() as cur:  # every bar the chunk makes, inserted and not committed
+        for tf, length in (("1m", MIN), ("5m", 5 * MIN), ("1h", 60 * MIN), ("1d", 1440 * MIN)):
+            keys = sorted({t["ts"] // length * length for t in ticks})
+            cur.executemany("INSERT INTO bars (symbol, timeframe, ts, open, high, low, close, volume, tick_count) "
+                            "VALUES ('ONE', %s, %s, 0, 0, 0, 0, 0, 0)", [(tf, ts) for ts in keys])
+    worker = subprocess.Popen([sys.executable, "-m", "workers.analysis", "--until-idle"], env=stack.env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(2):
+            end_the_waiting_write_session(postgres_server, writer.pid)
+        wait_for("a write session waiting again", lambda: writer_session(postgres_server, writer.pid, True),
+                 timeout=30)
+        holder.rollback()
+        out, _ = worker.communicate(timeout=180)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+    assert worker.returncode == 0, out[-3000:]
+    got = check_bars(stack)  # every bar as the ticks make it; the cursor at the last tick
+    assert sum(1 for k in got if k[1] == "1m") == 10_500
+    assert writer.poll() is None, stack.writer_log()[-2000:]
+
+
+def _database(stack: Stack) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(stack.env["DATABASE_URL"]).database)
