@@ -179,6 +179,24 @@ def write_json(path: Path, doc: dict[str, Any], **dumps: Any) -> None:
 
 
 @contextmanager
+def postgres_homes(amcheck: bool = False) -> Iterator[Any]:
+    """A throwaway server for the run; every home the harness makes meanwhile gets a database of
+    its own on it (:func:`testkit.env.use_database`). With ``amcheck``, each such database has the
+    extension and its owner may run ``bt_index_check`` (an integrity verdict needs it)."""
+    from testkit.env import use_database
+    from testkit.postgres import HomeDatabases, PostgresServer
+
+    server = PostgresServer().start()
+    homes = HomeDatabases(server, amcheck=amcheck)
+    use_database(homes)
+    try:
+        yield server
+    finally:
+        use_database(None)
+        server.stop()
+
+
+@contextmanager
 def fresh_home(prefix: str = "ts-") -> Iterator[tuple[Path, dict[str, str]]]:
     """A new, empty ``TICKSTACK_HOME`` and the isolated environment that
     points at it (both from :mod:`testkit.env`); removed afterwards."""

@@ -190,8 +190,11 @@ class HomeDatabases:
     (ts_reader) of a database made for that home on first use. Databases of homes that are gone
     (their test is over) are dropped when the next one is made, so a whole suite stays small."""
 
-    def __init__(self, server: PostgresServer) -> None:
+    def __init__(self, server: PostgresServer, *, amcheck: bool = False) -> None:
         self.server = server
+        #: Each new database gets amcheck, and its owner the right to run it (a benchmark's
+        #: integrity verdict); the test suite's do not (its amcheck test installs it step by step).
+        self.amcheck = amcheck
         self.count = 0
         #: home -> (database, the home's inode: a folder name reused later gets a new database)
         self.made: dict[Path, tuple[str, int]] = {}
@@ -205,6 +208,9 @@ class HomeDatabases:
             self.count += 1
             name = f"ts_{self.count}_{re.sub(r'[^a-z0-9]', '_', home.name.lower())}"[:63]
             self.server.create_database(name)
+            if self.amcheck:
+                self.server.psql(name, "postgres", "CREATE EXTENSION IF NOT EXISTS amcheck; GRANT EXECUTE ON "
+                                                   "FUNCTION bt_index_check(regclass, boolean) TO ts_owner")
             self.made[home] = known = (name, inode)
         return {"DATABASE_URL": self.server.url("ts_owner", database=known[0]),
                 "DATABASE_READ_URL": self.server.url("ts_reader", database=known[0])}

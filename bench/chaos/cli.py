@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import traceback
@@ -16,6 +17,7 @@ from bench.common import (
     machine_info,
     name_list,
     positive_float,
+    postgres_homes,
     write_json,
 )
 
@@ -55,6 +57,9 @@ def build_parser(prog: str = "python -m bench chaos") -> argparse.ArgumentParser
                    help="seconds of writing after the last kill, before the producers stop (default 1)")
     p.add_argument("--only", type=name_list(VARIANTS), default=None, metavar="NAMES",
                    help="comma-separated variants to run (default: all)")
+    p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                   help="sqlite (a file in each run's home, the default) or postgresql (a throwaway server "
+                        "from Debian's binaries, a database per run; integrity by amcheck)")
     add_json_option(p)
     return p
 
@@ -79,6 +84,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench chaos") -> 
         parser.error("--pause must be >= 0")
     plan = plan_of(opts)
     chosen = [n for n in VARIANTS if opts.only is None or n in opts.only]
+    with postgres_homes(amcheck=True) if opts.database == "postgresql" else contextlib.nullcontext():
+        return _run(opts, plan, chosen)
+
+
+def _run(opts: argparse.Namespace, plan: Plan, chosen: list[str]) -> int:
     results: dict[str, dict[str, Any]] = {}
     started = time.monotonic()
     for name in chosen:
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench chaos") -> 
             print(f"[chaos] {name} FAILED:\n{results[name]['failed']}", file=sys.stderr, flush=True)
     print(render(results))
     if opts.json is not None:
-        write_json(opts.json, {"benchmark": "chaos", "config": {**vars(plan), "variants": chosen},
+        write_json(opts.json, {"benchmark": "chaos", "config": {**vars(plan), "variants": chosen,
+                                                               "database": opts.database},
                                "machine": machine_info(), "total_s": round(time.monotonic() - started, 1),
                                "variants": results})
     return 0 if all(r.get("ok") for r in results.values()) else 1

@@ -12,7 +12,10 @@ connection, says what is stored. From the two:
   so a duplicate means the writer ran that request twice);
 * **stored, not acknowledged**: requests in flight when their producer was
   killed: applied, but nobody was told (allowed: nobody was promised either);
-* **integrity**: ``PRAGMA integrity_check``.
+* **integrity**: ``PRAGMA integrity_check``, or on PostgreSQL amcheck's ``bt_index_check`` of
+  every index (:func:`db.health.integrity`).
+
+The same on both databases: the rows are read with :func:`testkit.postgres.read_connection`.
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.chaos.producer import AUDIT_ACTOR, SOURCE_PREFIX
-from db.health import connect_read_only, integrity_check
+from db.config import Settings
+from db.health import integrity, integrity_check
+from testkit.postgres import read_connection
 
 
 @dataclass
@@ -82,9 +87,9 @@ class Verdict:
         return {**asdict(self), "ok": self.ok}
 
 
-def stored_rows(db_path: Path) -> tuple[set[tuple[str, int]], Counter[str]]:
+def stored_rows(settings: Settings) -> tuple[set[tuple[str, int]], Counter[str]]:
     """The chaos ticks (source, seq) and audit details (with their counts) in the database."""
-    con = connect_read_only(db_path, timeout=30)
+    con = read_connection(settings)
     try:
         # The range on source uses the (source, seq) unique index.
         ticks = {(s, q) for s, q in con.execute(
@@ -97,9 +102,9 @@ def stored_rows(db_path: Path) -> tuple[set[tuple[str, int]], Counter[str]]:
         con.close()
 
 
-def verdict(acks: Acks, db_path: Path) -> Verdict:
-    """Compare the acks with the database at ``db_path`` (read-only; no writer needs to run)."""
-    ticks, audits = stored_rows(db_path)
+def verdict(acks: Acks, settings: Settings) -> Verdict:
+    """Compare the acks with ``settings``' database (read-only; no writer needs to run)."""
+    ticks, audits = stored_rows(settings)
     missing_ticks = acks.ticks - ticks
     missing_audits = [d for d in acks.audits if audits[d] == 0]
     twice = acks.duplicate_ticks + sum(n - 1 for n in audits.values() if n > 1)
@@ -107,7 +112,11 @@ def verdict(acks: Acks, db_path: Path) -> Verdict:
     twice += sum(n - 1 for n in acks.audits.values() if n > 1)
     acked = len(acks.ticks) + len(acks.audits)
     examples = [f"tick {s}/{q}" for s, q in sorted(missing_ticks)[:5]] + [f"audit {d}" for d in missing_audits[:5]]
-    check = integrity_check(db_path)
+    if settings.database_path is not None:
+        check = integrity_check(settings.database_path)
+    else:
+        found = integrity(settings)
+        check = ["ok"] if found["ok"] and "skipped" not in found else found["messages"] or [found.get("skipped", "?")]
     return Verdict(
         acknowledged=acked,
         stored=acked - len(missing_ticks) - len(missing_audits),

@@ -19,7 +19,7 @@ from bench.chaos.fleet import Fleet
 from bench.chaos.ledger import verdict
 from bench.common import fresh_home
 from db.client import WriterClient
-from db.config import load_settings
+from db.config import Settings, load_settings
 from testkit.circus import CircusStack
 from testkit.gunicorn import get_json
 from testkit.process import stop_process
@@ -65,26 +65,20 @@ def _tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-def _finish(fleet: Fleet, stop_service: Callable[[], None], db_path: Path, kills: list[dict[str, Any]],
+def _finish(fleet: Fleet, stop_service: Callable[[], None], settings: Settings, kills: list[dict[str, Any]],
             started: float, writer_log: Path, **extra: Any) -> dict[str, Any]:
     """Stop the producers (each waits for its requests in flight), then the
     writer or stack (it drains and checkpoints), then compare the acks with
     the database. When anything is wrong, the writer's log tail goes with it."""
     codes = fleet.stop()
     stop_service()
-    result = verdict(fleet.acks(), db_path).as_dict()
+    result = verdict(fleet.acks(), settings).as_dict()
     result.update(kills=len(kills), producer_kills=fleet.kills, producers=len(fleet.slots),
                   producer_exit_codes=codes, ready_s=[k["ready_s"] for k in kills], kill_log=kills,
                   elapsed_s=round(time.monotonic() - started, 1), **extra)
     if not result["ok"] or result["failed_requests"]:
         result["writer_log_tail"] = _tail(writer_log)
     return result
-
-
-def _database(env: dict[str, str]) -> Path:
-    path = load_settings(env).database_path
-    assert path is not None, "the chaos benchmark needs a SQLite database"
-    return path
 
 
 # --- the writer alone ---------------------------------------------------------------------------
@@ -134,7 +128,7 @@ def writer_chaos(plan: Plan, kills: int | None = None) -> dict[str, Any]:
                 _say(f"writer kill {n}/{kills}: ready again in {ready:.2f} s"
                      + (f" (and producer {killed_source} killed)" if killed_source else ""))
             time.sleep(plan.settle)
-            return _finish(fleet, lambda: stop_process(writer, 60), _database(env), log, started, _writer_log(home))
+            return _finish(fleet, lambda: stop_process(writer, 60), load_settings(env), log, started, _writer_log(home))
         finally:
             fleet.kill_all()
             stop_process(writer, 60)
@@ -239,7 +233,7 @@ def stack_chaos(plan: Plan, rounds: int | None = None) -> dict[str, Any]:
             _say(f"stack kill {n}/{rounds}: {recorded} processes killed, serving again in {ready:.2f} s "
                  f"(health {seen['health']})")
         time.sleep(plan.settle)
-        return _finish(fleet, stack.stop, _database(stack.env), log, started, stack.home / "log" / "writer.log",
+        return _finish(fleet, stack.stop, stack.settings, log, started, stack.home / "log" / "writer.log",
                        first_health=first["health"])
     finally:
         fleet.kill_all()

@@ -19,6 +19,7 @@ from bench.common import (
     name_list,
     positive_float,
     positive_int,
+    postgres_homes,
     write_json,
 )
 from bench.contention.postgres import (
@@ -26,7 +27,6 @@ from bench.contention.postgres import (
     PG_SCENARIO_HELP,
     PG_SCENARIOS,
     pg_ratios,
-    postgres_homes,
     run_copy,
     run_direct,
 )

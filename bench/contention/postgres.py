@@ -19,10 +19,8 @@ and ``writer_single_over_direct`` (target 1).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 from bench.common import Gate, error_key, fresh_home, run_group, tick_batches
@@ -37,23 +35,6 @@ PG_SCENARIO_HELP = {
 PG_SCENARIOS = tuple(PG_SCENARIO_HELP)
 PG_REPEATABLE = ("writer-batched", "copy")
 PG_TARGETS = {"batched_over_copy": 0.5, "writer_single_over_direct": 1.0}
-
-
-@contextlib.contextmanager
-def postgres_homes() -> Iterator[Any]:
-    """A throwaway server for the run; every home the harness makes meanwhile gets a database of
-    its own on it (:func:`testkit.env.use_database`)."""
-    from testkit.env import use_database
-    from testkit.postgres import HomeDatabases, PostgresServer
-
-    server = PostgresServer().start()
-    homes = HomeDatabases(server)
-    use_database(homes)
-    try:
-        yield server
-    finally:
-        use_database(None)
-        server.stop()
 
 
 def count_ticks(env: dict[str, str]) -> int:
