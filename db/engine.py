@@ -187,14 +187,16 @@ def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
     return configure_read_only(engine, settings)
 
 
-def configure_read_only(engine: Engine, settings: Settings, timed: bool = True) -> Engine:
+def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, role: str | None = None) -> Engine:
     """Make an engine built elsewhere (Flask-SQLAlchemy's, on :func:`reader_url`) behave like
     :func:`make_read_engine`'s, fork-safe. SQLite: query_only, busy timeout, explicit snapshot
     transactions. PostgreSQL: every session ``default_transaction_read_only`` from its first
     statement (set when the connection is made, so no transaction of it can write: "cannot
     execute INSERT in a read-only transaction"), whatever the role may do. ``timed``: every
     statement is timed into this process's slowest reads (:mod:`db.slowreads`, the console's
-    "Slowest reads"), its text without literal values, never its parameters."""
+    "Slowest reads"), its text without literal values, never its parameters. ``role``: what its
+    sessions are named for (:func:`application_name`; the program's name by default), e.g. ``api``
+    and ``console`` for the two web apps, which run under one program (gunicorn)."""
     if timed:
         slowreads.instrument(engine, settings.run_dir)
     if is_sqlite(engine):
@@ -209,7 +211,7 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True) 
         dbapi_conn.autocommit = True
         cur = dbapi_conn.cursor()
         cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        cur.execute("SELECT set_config('application_name', %s, false)", (application_name(program_name()),))
+        cur.execute("SELECT set_config('application_name', %s, false)", (application_name(role or program_name()),))
         cur.close()
         dbapi_conn.autocommit = autocommit
 

@@ -132,7 +132,17 @@ def test_a_watchers_cpu_and_memory_history_and_the_database_holders_named_by_wat
     assert {(s["name"], s["label"]) for s in series} == {("watcher.cpu_percent", "api"), ("watcher.rss_bytes", "api")}
     assert console.get("/console/api/series?label=a%20b&name=watcher.cpu_percent").status_code == 400
     # The processes holding the database open, each named by its watcher (the api's gunicorn and
-    # the console's are told apart), linked to the watcher's page.
+    # the console's are told apart), linked to the watcher's page. On a server: its sessions by
+    # application_name, the api's and the console's apart, linked the same way.
+    if cstack.settings.database_path is None:
+        def sessions() -> str | None:
+            assert get_json(cstack.api_port, "/api/bars?symbol=BTCUSD&timeframe=1m")[0] == 200  # an api worker reads
+            card = console.get("/console/database").text.split("data-server", 1)[1].split("</dl>", 1)[0]
+            return card if re.search(r'href="/console/watchers/api">tickstack api on ', card) else None
+        card = wait_for("the api's sessions on the server", sessions, timeout=60)
+        assert re.search(r'href="/console/watchers/writer">tickstack writer on ', card), card
+        assert re.search(r'href="/console/watchers/console">tickstack console on ', card), card
+        return
     (api_master,) = cstack.pids_of("api")
 
     def holders() -> str | None:

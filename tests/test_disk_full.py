@@ -208,6 +208,7 @@ def test_stopped_while_neither_disk_nor_writer_takes_its_ticks_the_ingestor_says
     assert lost and summary and sum(lost) == int(summary.group(7)) == int(summary.group(2)), log[-3000:]
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_ingestor_waits_out_a_full_disk_under_the_writer_and_resumes_by_itself(small: SmallHome) -> None:
     writer = small.start_writer()
     ingestor = small.start_ingestor("--rate", "400", "--batch", "40", "--deadline", "2", "--seed", "6")
@@ -227,6 +228,7 @@ def test_ingestor_waits_out_a_full_disk_under_the_writer_and_resumes_by_itself(s
     assert writer.poll() is None
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_a_backup_on_a_full_disk_fails_with_the_reason_and_leaves_nothing_behind(small: SmallHome) -> None:
     small.start_writer()
     with WriterClient(settings=small.settings, deadline=20) as client:
@@ -247,6 +249,7 @@ def test_a_backup_on_a_full_disk_fails_with_the_reason_and_leaves_nothing_behind
 # --- the API, health, doctor and the console ----------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_api_answers_507_with_the_writers_reason_on_a_full_disk(small: SmallHome) -> None:
     small.start_writer()
     app = create_app("api", small.settings)
@@ -274,6 +277,7 @@ def test_api_answers_507_with_the_writers_reason_on_a_full_disk(small: SmallHome
     assert stored(small, "api") == (2, 2, 1, 2)
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(small: SmallHome) -> None:
     small.start_writer()
     console = create_app("console", small.settings).test_client()  # its secrets are written now, not on a full disk

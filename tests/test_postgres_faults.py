@@ -13,6 +13,7 @@ transaction holds, so the session is ended exactly while the batch runs, every t
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ import pytest
 from db.client import WriterClient
 from db.errors import WriterError
 from testkit.env import ROOT
-from testkit.helpers import wait_for
+from testkit.helpers import DiskUnavailable, fill_disk, small_disk, wait_for
 from testkit.postgres import PostgresServer
 from testkit.writer import Stack
 from tests.test_analysis import MIN, T0, check_bars, insert
@@ -137,3 +138,66 @@ def _database(stack: Stack) -> str:
     from sqlalchemy.engine import make_url
 
     return str(make_url(stack.env["DATABASE_URL"]).database)
+
+
+def test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed(
+        stack: Stack, postgres_server: PostgresServer) -> None:
+    """The server's disk fills (the ticks table in a tablespace on an 8 MiB tmpfs): a write is
+    answered 507 ``storage_full`` with the server's own reason (SQLSTATE 53100), nothing of it
+    stored, the writer serves on (a trade still opens: its table has room), and the same write
+    succeeds once space is freed, stored once."""
+    import pwd
+
+    from webapp import create_app
+
+    try:
+        disk_cm = small_disk("8m")
+        disk = disk_cm.__enter__()
+    except DiskUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"the full-disk tests must run in CI: {e}")
+        pytest.skip(f"needs a real small disk: {e}")
+    space = f"ts_small_{os.getpid()}"
+    database = _database(stack)
+    writer = None
+    try:
+        user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        folder = disk / "pg"
+        folder.mkdir(mode=0o700)
+        for path in (disk, folder):
+            if user is not None:
+                os.chown(path, user.pw_uid, user.pw_gid)
+        postgres_server.psql("postgres", "postgres", f"CREATE TABLESPACE {space} LOCATION '{folder}'")
+        writer = stack.start_writer()
+        postgres_server.psql(database, "postgres", f"ALTER TABLE ticks SET TABLESPACE {space}")
+        http = create_app("api", stack.settings).test_client()
+        auth = {"Authorization": f"Bearer {(stack.home / 'api-token').read_text().strip()}"}
+        body = {"ticks": [{"symbol": "BTCUSD", "ts": T0 + i, "bid": 100.0, "ask": 100.5, "source": "full",
+                           "seq": i} for i in range(2000)]}
+        assert http.post("/api/ticks", json=body, headers=auth).get_json() == {"inserted": 2000, "duplicates": 0}
+
+        filler = disk / "filler"
+        fill_disk(filler)
+        body = {"ticks": [{**t, "seq": t["seq"] + 2000} for t in body["ticks"]]}
+        resp = http.post("/api/ticks", json=body, headers=auth)
+        assert resp.status_code == 507, resp.get_data(as_text=True)
+        error = resp.get_json()["error"]
+        assert error["code"] == "storage_full" and "53100" in error["message"], error
+        assert resp.headers["Retry-After"]
+        stored = int(postgres_server.psql(database, "postgres", "SELECT count(*) FROM ticks").strip())
+        assert stored == 2000  # nothing of the refused write
+        trade = http.post("/api/trades", json={"symbol": "BTCUSD", "side": "buy", "size": 1, "entry_price": 1.0},
+                          headers=auth)
+        assert trade.status_code == 201, trade.get_data(as_text=True)  # the writer serves on
+        assert writer.poll() is None, stack.writer_log()[-2000:]
+
+        filler.unlink()
+        assert http.post("/api/ticks", json=body, headers=auth).get_json() == {"inserted": 2000, "duplicates": 0}
+        assert int(postgres_server.psql(database, "postgres", "SELECT count(*) FROM ticks").strip()) == 4000
+        assert "disk is full" in stack.writer_log() and "the disk has space again" in stack.writer_log()
+    finally:
+        if writer is not None:
+            stack.stop(writer)
+        postgres_server.psql(database, "postgres", "ALTER TABLE IF EXISTS ticks SET TABLESPACE pg_default")
+        postgres_server.psql("postgres", "postgres", f"DROP TABLESPACE IF EXISTS {space}")
+        disk_cm.__exit__(None, None, None)

@@ -47,7 +47,7 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
     )
     db.init_app(app)
     with app.app_context():
-        configure_read_only(db.engine, settings)
+        configure_read_only(db.engine, settings, role=kind)  # sessions named "tickstack api pid N on host"
     csrf.init_app(app)
     if kind in ("api", "all"):
         from webapp.api import bp as api_bp

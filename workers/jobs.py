@@ -176,7 +176,7 @@ class JobsWorker(Worker):
             ok = self.run_job(self.only, force=True)
         finally:
             self.teardown()
-        return 0 if ok else 1
+        return 0 if ok or ok is None else 1  # None: nothing to do (a checkpoint on a server)
 
     def run_job(self, job: str, force: bool = False) -> bool | None:
         """Run ``job`` and record it with ``record_job_run``. Returns whether it succeeded (and was
@@ -256,14 +256,16 @@ class JobsWorker(Worker):
         checkpoint. Not ok when a reader held it back (``busy``): the WAL is then still large, and
         the next check retries."""
         path = self.settings.database_path
-        if path is None and not force:
-            return None  # not SQLite: no WAL to watch
-        wal = (health.file_sizes(path)["wal"] or 0) if path is not None else 0
+        if path is None:  # a server checkpoints its own WAL; asked for anyway (--run), say so
+            if force:
+                self.log.info("jobs: checkpoint: nothing to do, the PostgreSQL server checkpoints its own WAL")
+            return None
+        wal = health.file_sizes(path)["wal"] or 0
         if not force and wal <= self.schedule.checkpoint_wal_mb * MB:
             return None
         assert self.client is not None
         result = self.client.call("checkpoint", mode="TRUNCATE")
-        after = (health.file_sizes(path)["wal"] or 0) if path is not None else 0
+        after = health.file_sizes(path)["wal"] or 0
         return result["busy"] == 0, json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
 
     def metrics(self, force: bool = False) -> Outcome:

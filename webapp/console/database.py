@@ -147,6 +147,7 @@ def database() -> ResponseReturnValue:
                            checkpoint_job_words=job_words("checkpoint", cj.ok, cj.detail) if cj is not None else None,
                            tables=table_figures(s.database_url, files.get("db")),
                            backup=last_backup(), stats=snap["writer"].get("stats") or {}, chart=chart,
+                           watcher_names={o.split(" ", 1)[0] for o in owners.values()},
                            summary=summaries((chart,), now_ms() - 3_600_000), series_labels=SERIES_LABELS,
                            sample_every=sample_every(), slow=slow_reads(request.args.get("slow", "max"),
                                                                           request.args.get("reads_of")))
@@ -177,8 +178,11 @@ def _done(kind: str, message: str) -> ResponseReturnValue:
 
 @bp.post("/database/checkpoint")
 def checkpoint() -> ResponseReturnValue:
-    """A TRUNCATE checkpoint by the writer (between two batches)."""
+    """A TRUNCATE checkpoint by the writer (between two batches). Not on a server, which
+    checkpoints its own WAL (the page shows no button there)."""
     path = settings().database_path
+    if path is None:
+        return _done("warn", "A PostgreSQL server checkpoints its own WAL: there is nothing to do here.")
     before = health.file_sizes(path)["wal"] if path is not None else None
     try:
         result = call_writer("checkpoint", mode="TRUNCATE")
