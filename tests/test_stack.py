@@ -107,14 +107,16 @@ def test_stack_end_to_end(running: CircusStack) -> None:
     wait_for("writer serving again", lambda: WriterClient(settings=settings, deadline=1).ping())
     time.sleep(2)
 
-    # Quit: circusd exits, the WAL is checkpointed, the file is sound.
+    # Quit: circusd exits, the WAL is checkpointed, the file is sound (SQLite; a server checkpoints
+    # itself: every received tick read back below is what is asked of it here).
     quit_ = stack.circusctl("quit")
     assert quit_.returncode == 0, quit_.stdout + quit_.stderr
     assert stack.wait_exit(90) == 0
-    wal = Path(f"{settings.database_path}-wal")
-    assert not wal.exists() or wal.stat().st_size == 0, "WAL not checkpointed"
     con = ro(stack)
-    assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    if settings.database_path is not None:
+        wal = Path(f"{settings.database_path}-wal")
+        assert not wal.exists() or wal.stat().st_size == 0, "WAL not checkpointed"
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     summary = re.search(r"source (sim-[A-Za-z0-9._-]+) received (\d+), acked (\d+) \(duplicates (\d+)\), spooled (\d+)",
                         stack.log("ticks"))
     assert summary, stack.log("ticks")[-2000:]
@@ -122,7 +124,8 @@ def test_stack_end_to_end(running: CircusStack) -> None:
     assert received > 0 and spooled == 0 and acked == received
     seqs = [s for (s,) in con.execute("SELECT seq FROM ticks WHERE source = ? ORDER BY seq", (source,))]
     assert seqs == list(range(received)), "every received tick stored exactly once"
-    assert "final checkpoint done" in stack.log("writer")
+    assert ("final checkpoint done" if settings.database_path is not None else
+            "every batch committed; exiting") in stack.log("writer")
     assert stack.log("writer").count("writer ready") == 2
 
 
