@@ -28,6 +28,7 @@ from db.lock import read_lock_holder
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import BIN, ROOT, isolated_env, new_home
 from testkit.helpers import T0, query, wait_for
+from testkit.postgres import read_connection
 
 
 @pytest.fixture
@@ -342,7 +343,7 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
     assert WriterClient(settings=settings, deadline=30).ping()["pid"] == new[0]
     circusd_log = stack.log("circusd")
     assert f"watchdog: writer pid {old[0]} sent no heartbeat" in circusd_log, circusd_log[-3000:]
-    con = connect_read_only(settings.database_path)
+    con = read_connection(settings)
     stored = [s for (s,) in con.execute("SELECT seq FROM ticks WHERE source = 'watchdog-test' ORDER BY seq")]
     assert set(acked) <= set(stored) and len(stored) == len(set(stored)), "every acknowledged tick stored once"
     audit = wait_for("the restart in the audit log", lambda: con.execute(

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from db.health import connect_read_only
 from testkit.env import ROOT
+from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -19,8 +19,8 @@ def run(stack: Stack, *args: str, timeout: float = 120) -> subprocess.CompletedP
                           timeout=timeout)
 
 
-def ro(stack: Stack) -> sqlite3.Connection:
-    return connect_read_only(stack.settings.database_path)
+def ro(stack: Stack) -> sqlite3.Connection | ReadConnection:
+    return read_connection(stack.settings)
 
 
 def test_ohlcv_replay_gives_identical_bars_at_its_timeframe_and_replays_once(writer: Stack) -> None:

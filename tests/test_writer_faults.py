@@ -24,13 +24,13 @@ import msgpack
 import psutil
 import pytest
 import zmq
+from sqlalchemy import create_engine
 
 from db.client import WriterClient
 from db.config import load_settings
 from db.errors import OpFailed, StorageFull, ValidationError
-from db.health import connect_read_only
 from db.validation import MAX_PRICE, MAX_SIZE
-from testkit.helpers import T0
+from testkit.helpers import T0, query
 from testkit.writer import Stack
 
 MiB = 1024 * 1024
@@ -86,11 +86,7 @@ def ticks(n: int, source: str, price: float = 100.0) -> dict[str, list]:
 
 
 def count(stack: Stack, sql: str, params: tuple = (), settings: Any = None) -> int:
-    con = connect_read_only((settings or stack.settings).database_path)
-    try:
-        return con.execute(sql, params).fetchone()[0]
-    finally:
-        con.close()
+    return query(settings or stack.settings, sql, params)[0][0]
 
 
 def peak_rss(pid: int) -> int:
@@ -104,10 +100,50 @@ def peak_rss(pid: int) -> int:
 # --- point 1: the envelope and the record of applied requests ------------------------------------------------
 
 
-def add_trigger(stack: Stack, definition: str) -> None:
-    """Start a writer that batches for 0.3 s, then fault-inject through SQLite itself: a trigger, created by
-    a connection of our own (the writer holds the write lock only while it commits)."""
+class Blocker:
+    """A transaction of the test's own that makes the writer's next batch wait: SQLite's write lock
+    (``BEGIN IMMEDIATE``), or on a server an exclusive lock on ``table``. ``rollback`` lets it go."""
+
+    def __init__(self, stack: Stack) -> None:
+        if stack.settings.database_path is not None:
+            self.conn: Any = sqlite3.connect(stack.settings.database_path, timeout=10, isolation_level=None)
+        else:
+            import psycopg
+            from sqlalchemy.engine import make_url
+
+            url = make_url(stack.env["DATABASE_URL"])
+            self.conn = psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username,
+                                        password=url.password)
+        self.sqlite = stack.settings.database_path is not None
+
+    def hold(self, table: str) -> None:
+        self.conn.execute("BEGIN IMMEDIATE" if self.sqlite else f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def add_trigger(stack: Stack, definition: str, postgres: tuple[str, str] | None = None) -> None:
+    """Start a writer that batches for 0.3 s, then fault-inject through the database itself: a trigger,
+    created by a connection of our own (on SQLite the writer holds the write lock only while it
+    commits). ``postgres``: ``(table, plpgsql body)`` of the same trigger on a server."""
     stack.start_writer(TICKSTACK_WRITER_BATCH_WAIT="0.3")
+    if stack.settings.database_path is None:
+        assert postgres is not None, "this fault has no PostgreSQL form"
+        table, body = postgres
+        engine = create_engine(stack.env["DATABASE_URL"])
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                                     f"{body} RETURN NEW; END $$")
+                conn.exec_driver_sql(f"CREATE TRIGGER fault BEFORE INSERT ON {table} FOR EACH ROW "
+                                     "EXECUTE FUNCTION fault()")
+        finally:
+            engine.dispose()
+        return
     con = sqlite3.connect(stack.settings.database_path, timeout=10)
     try:
         con.execute(f"CREATE TRIGGER fault {definition}")
@@ -133,7 +169,9 @@ def test_a_request_whose_record_cannot_be_stored_fails_alone_and_leaves_nothing(
     """The applied-request record is written in the request's own savepoint: when it fails, the request's
     effects go with it, and the requests batched with it commit."""
     add_trigger(stack, "BEFORE INSERT ON applied_requests WHEN NEW.client_id = 'no-record' "
-                       "BEGIN SELECT RAISE(ABORT, 'no record for you'); END")
+                       "BEGIN SELECT RAISE(ABORT, 'no record for you'); END",
+                postgres=("applied_requests", "IF NEW.client_id = 'no-record' THEN "
+                                              "RAISE EXCEPTION 'no record for you'; END IF;"))
     peer = RawPeer(stack.settings.writer_endpoint)
     client = WriterClient(settings=stack.settings, deadline=20)
     try:
@@ -152,9 +190,12 @@ def test_a_request_whose_record_cannot_be_stored_fails_alone_and_leaves_nothing(
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action IN ('first', 'last')") == 2
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_batch_whose_connection_is_lost_is_retried_not_failed")
 def test_a_request_that_rolls_back_the_whole_transaction_fails_alone(stack: Stack) -> None:
     """A database error that takes the batch's transaction with it (here a trigger's RAISE(ROLLBACK)) fails
-    the request that caused it, at once and for good; the rest of its batch runs again and commits."""
+    the request that caused it, at once and for good; the rest of its batch runs again and commits.
+    PostgreSQL has no RAISE(ROLLBACK): there the error that takes a transaction with it is a lost
+    connection, which is nobody's request's fault and is retried (the counterpart)."""
     add_trigger(stack, "BEFORE INSERT ON audit_log WHEN NEW.action = 'poison' "
                        "BEGIN SELECT RAISE(ROLLBACK, 'poisoned'); END")
     client = WriterClient(settings=stack.settings, deadline=20)
@@ -214,11 +255,13 @@ def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
     payloads = [request("audit", {"actor": "me", "action": "big", "detail": [["ab"] * 40_000] * 7}, seq=i + 1)
                 for i in range(30)]
     assert all(len(p) < MiB for p in payloads)
-    blocker = sqlite3.connect(stack.settings.database_path, timeout=10, isolation_level=None)
+    blocker = Blocker(stack)
     peer = RawPeer(stack.settings.writer_endpoint)
     replies: list[dict] = []
     try:
-        blocker.execute("BEGIN IMMEDIATE")  # the writer's next batch waits for this lock
+        # The writer's next batch waits for this lock: SQLite's at BEGIN; on a server at the batch's
+        # first statement, the look-up of a new client's requests (before any request is validated).
+        blocker.hold("applied_requests")
         for p in payloads:
             peer.send(p)
         # All but the one the commit thread holds are answered busy while it waits.
