@@ -356,14 +356,14 @@ def nice(step: float) -> bool:
 
 
 def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zoom(views: Any, stack: Any) -> None:  # noqa: F811
-    shown = charts_for(stack.settings.database_path is None)  # a server's size chart has no WAL line
-    names = {n for c in shown for n in c.series}
+    charts_shown = charts_for(stack.settings.database_path is None)  # a server's size chart: no WAL line
+    names = {n for c in charts_shown for n in c.series}
     wait_for("three samples of every series", lambda: all(dict(query(
         stack.settings, "SELECT name, count(DISTINCT ts) FROM samples GROUP BY name")).get(n, 0) >= 3 for n in names))
     view = views(1400)
     settle(view, "/console/charts")
     page = view.page
-    charts = {c.id: f'[data-chart][data-series="{",".join(c.series)}"]' for c in shown}
+    charts = {c.id: f'[data-chart][data-series="{",".join(c.series)}"]' for c in charts_shown}
     units = {"ingest": r"/s$", "latency": r" ms$", "queue": r"^\d[\d,]* req$", "cpu": r" %$", "memory": r" MiB$",
              "dbsize": r" (B|KiB|MiB|GiB)$"}
 
@@ -413,7 +413,8 @@ def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zo
     with page.expect_navigation():
         page.locator('nav[aria-label="Range"] a', has_text="24 h").click()
     expect(page.locator("h1")).to_have_text("Last 24 h")
-    wait_for("the charts asking for 24 h", lambda: sum("range=24h" in u for u in asked) >= len(shown), timeout=10)
+    wait_for("the charts asking for 24 h", lambda: sum("range=24h" in u for u in asked) >= len(charts_shown),
+             timeout=10)
     view.assert_clean()
 
 
