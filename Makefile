@@ -65,10 +65,21 @@ run: install
 	$(BIN)/python -m db prepare
 	exec $(BIN)/circusd circus.ini
 
+# The suite runs twice, once per database, side by side (its tests mostly wait on real processes):
+# SQLite's run prints as it goes; PostgreSQL's (a throwaway server from Debian's binaries, started
+# by the tests) goes to test-output/pytest-postgresql.log, printed once both are done. Each run
+# leaves out the other database's own tests (tests/conftest.py); together they are the whole suite.
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	@mkdir -p test-output
+	@$(BIN)/python -m pytest --database postgresql > test-output/pytest-postgresql.log 2>&1 & postgresql=$$!; \
+	  $(BIN)/python -m pytest --database sqlite; sqlite=$$?; \
+	  wait $$postgresql; pg=$$?; \
+	  echo; echo "=== the suite on PostgreSQL (test-output/pytest-postgresql.log) ==="; \
+	  cat test-output/pytest-postgresql.log; \
+	  echo "=== make test: SQLite run exit $$sqlite, PostgreSQL run exit $$pg ==="; \
+	  test $$sqlite -eq 0 && test $$pg -eq 0
 
 bench: install
 	$(BIN)/python -m bench contention

@@ -15,6 +15,15 @@ import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
+#: Where the browser tests write their screenshots and logs (git-ignored); the suite's PostgreSQL run
+#: writes under ``test-output/postgresql/`` (set by ``tests/conftest.py``), so the two runs of
+#: ``make test``, side by side, never write one file.
+OUTPUT_ROOT = Path(__file__).resolve().parent.parent / "test-output"
+
+
+def output_dir(name: str) -> Path:
+    """``test-output/<name>`` of this run (see :data:`OUTPUT_ROOT`)."""
+    return OUTPUT_ROOT / name
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 #: Everything that makes the document wider than the window (what would scroll sideways).

@@ -39,6 +39,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--database") == "postgresql":  # before the tests are imported: their output folders
+        import testkit.browser
+
+        testkit.browser.OUTPUT_ROOT = ROOT / "test-output" / "postgresql"
     config.addinivalue_line("markers", "sqlite_only(counterpart): a test of something only SQLite has (its file, "
                                        "WAL, PRAGMAs); runs with --database sqlite only. ``counterpart`` names the "
                                        "test (path::name) that checks the same promise on PostgreSQL")

@@ -32,13 +32,13 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from testkit.browser import chromium, watch
+from testkit.browser import chromium, output_dir, watch
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
 from webapp.console.charts import charts_for
 
-OUT = ROOT / "test-output" / "browser"
+OUT = output_dir("browser")
 DOCS_SCREENSHOT = ROOT / "docs" / "console.png"
 VIEWPORT = {"width": 1280, "height": 800}
 TIMEOUT_MS = 20_000

@@ -25,12 +25,12 @@ import pytest
 import zmq
 from playwright.sync_api import Browser, expect
 
-from testkit.browser import TOO_WIDE_JS, ConsoleView, chromium
+from testkit.browser import TOO_WIDE_JS, ConsoleView, chromium, output_dir
 from testkit.circus import WATCHERS, CircusStack
 from testkit.helpers import query, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "test-output" / "browser-ops"
+OUT = output_dir("browser-ops")
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
 AXE_PATH = "/__test__/axe.min.js"
 TIMEOUT_MS = 20_000

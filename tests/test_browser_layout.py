@@ -46,11 +46,11 @@ from test_browser import (  # noqa: F401 - browser, playwright, replay and stack
 )
 
 from db.client import WriterClient
-from testkit.browser import TOO_WIDE_JS, ConsoleView
+from testkit.browser import TOO_WIDE_JS, ConsoleView, output_dir
 from webapp.console.charts import charts_for
 
 ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "test-output" / "browser-layout"
+OUT = output_dir("browser-layout")
 DOCS = ROOT / "docs" / "screenshots"
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
 #: Where the page loads axe from: a path on the console's own origin that the test serves from AXE.
