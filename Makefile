@@ -73,7 +73,8 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	@mkdir -p test-output
-	@$(BIN)/python -m pytest --database postgresql > test-output/pytest-postgresql.log 2>&1 & postgresql=$$!; \
+	@$(BIN)/python -m pytest --database postgresql -p no:cacheprovider > test-output/pytest-postgresql.log 2>&1 & \
+	  postgresql=$$!; trap 'kill -TERM $$postgresql 2>/dev/null; wait $$postgresql' INT TERM; \
 	  $(BIN)/python -m pytest --database sqlite; sqlite=$$?; \
 	  wait $$postgresql; pg=$$?; \
 	  echo; echo "=== the suite on PostgreSQL (test-output/pytest-postgresql.log) ==="; \

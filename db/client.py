@@ -114,12 +114,25 @@ class WriterClient:
         #: it keeps answering, a slow request is queued, not lost.
         self._progress_at = 0.0
         self._wait_ms = -1
+        #: ``TICKSTACK_DIRECT_WRITES`` (PostgreSQL): ``call`` runs transactional ops itself (db/direct.py).
+        self._direct: Any = None
+        if settings.direct_writes:
+            from db.direct import DirectWrites  # here: it loads SQLAlchemy and the ops, which a client needs not
+
+            self._direct = DirectWrites(settings)
 
     # --- public API ------------------------------------------------------------------
 
     def call(self, op: str, /, _deadline: float | None = None, **args: Any) -> Any:
         """Run ``op`` on the writer; return its result once committed. ``_deadline`` (seconds)
-        bounds this call alone (default: the client's ``deadline``)."""
+        bounds this call alone (default: the client's ``deadline``). With ``TICKSTACK_DIRECT_WRITES``
+        on PostgreSQL a transactional op runs in a transaction of this client's own, with the same
+        promises (:mod:`db.direct`)."""
+        if self._direct is not None and self._direct.takes(op):
+            self._check_owner()
+            self._seq += 1
+            deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
+            return self._direct.call(self.client_id, self._seq, op, args, deadline)
         ticket = self.submit(op, _deadline=_deadline, **args)
         self.wait(ticket)
         return ticket.result()
@@ -198,6 +211,8 @@ class WriterClient:
         return len(self._pending)
 
     def close(self) -> None:
+        if self._direct is not None and self._pid == os.getpid():
+            self._direct.close()
         if self._sock is not None and self._pid == os.getpid():
             self._sock.close(linger=0)
         self._sock = None
@@ -217,6 +232,8 @@ class WriterClient:
             # are not ours to reuse (the writer would answer the child with the parent's results).
             self._pid, self._sock, self._ctx, self._pending, self._owner = os.getpid(), None, None, {}, None
             self.client_id, self._seq = uuid.uuid4().hex, 0
+            if self._direct is not None:  # the parent's connection is not ours either
+                self._direct = type(self._direct)(self._direct.settings)
         me = threading.get_ident()
         if self._owner is None:
             self._owner = me

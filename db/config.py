@@ -85,6 +85,16 @@ def choice(*choices: str) -> Parser:
     return parse
 
 
+def flag(name: str, raw: str) -> bool:
+    """`1`/`0` (also `true`/`false`, `yes`/`no`, `on`/`off`)"""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
+
+
 def user_name(name: str, raw: str) -> str:
     """1-64 characters of letters, digits and ``. _ : / @ -``"""
     from db.validation import NAME_RE  # validation imports models; keep config import-light
@@ -283,6 +293,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_HOST", "host", host_name, _default_host, "the machine's host name",
       "this stack's name among the stacks sharing one PostgreSQL database: one writer per host, and "
       "what leaders, locks and the sim feed's source are named by"),
+    S("TICKSTACK_DIRECT_WRITES", "direct_writes", flag, False, "`0`",
+      "PostgreSQL only: `1` runs each single acknowledged write (`WriterClient.call`) in the caller's own "
+      "transaction, recorded for retries as the writer does, instead of through the writer (faster for small "
+      "writes from many processes; pipelines still go to the writer); refused on SQLite (`db/direct.py`)"),
 )
 del S
 SETTING_BY_ENV = {s.env: s for s in SETTINGS}
@@ -373,6 +387,7 @@ class Settings:
     admin_password: str = field(default="", repr=False)
     secret_key: str = field(default="", repr=False)
     host: str = "localhost"
+    direct_writes: bool = False
 
     @property
     def jobs(self) -> JobSchedule:
@@ -425,7 +440,11 @@ class Settings:
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read every setting from ``env`` (default ``os.environ``) and check it; a bad value raises
     :class:`ConfigError` naming the variable."""
-    return Settings(**read(os.environ if env is None else env))
+    settings = Settings(**read(os.environ if env is None else env))
+    if settings.direct_writes and settings.database_path is not None:
+        raise ConfigError("TICKSTACK_DIRECT_WRITES works on PostgreSQL only: on SQLite only the writer may "
+                          "write (unset it, or point DATABASE_URL at a PostgreSQL server)")
+    return settings
 
 
 def check_ipc_path(path: str, what: str) -> None:

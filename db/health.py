@@ -80,20 +80,21 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
         con.close()
 
 
-def integrity(settings: Settings) -> dict[str, Any]:
+def integrity(settings: Settings, timeout: float = 600.0, create: bool = True) -> dict[str, Any]:
     """The quick integrity check of ``settings``' database, read-only, for the jobs worker and the
     console alike: SQLite's ``PRAGMA quick_check`` (``{"ok", "messages", "ms", "method"}``), or on
     PostgreSQL amcheck's ``bt_index_check`` on every index (:func:`db.server.amcheck`; its
     ``problems`` are the messages, and ``skipped`` says why a check could not be made: a check we
-    cannot make is not a failed one). Raises ``sqlite3.Error``/``OSError``, or ``RuntimeError`` with
-    the server's words (never the URL) when the database cannot be read at all."""
+    cannot make is not a failed one; ``timeout`` and ``create`` as there). Raises
+    ``sqlite3.Error``/``OSError``, or ``RuntimeError`` with the server's words (never the URL) when
+    the database cannot be read at all."""
     if settings.database_path is None:
         import psycopg
 
         from db.server import amcheck, scrub
 
         try:
-            check = amcheck(settings)
+            check = amcheck(settings, timeout, create)
         except psycopg.Error as e:
             raise RuntimeError(scrub(" ".join(str(e).split()), settings.database_url)) from None
         return {"method": "amcheck", "messages": check.pop("problems", []), **check}

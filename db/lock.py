@@ -89,6 +89,12 @@ def read_lock_holder(path: os.PathLike[str] | str) -> int | None:
 #: database contend for it, and stacks of two hosts do not. Not "tick", the migration lock's first
 #: half (:data:`db.schema.MIGRATION_LOCK`), so a migrating session is never taken for a writer.
 SERVER_LOCK_CLASS = 0x74697772
+#: The first half of the writer *fence*'s key ("tife"; the second half is the host's): each batch
+#: takes it shared, in its transaction, just before checking that its writer still holds the lock
+#: and committing; a writer that has just taken the lock takes it exclusively once, so it waits
+#: for any batch of the writer before it that checked and has not committed yet
+#: (:meth:`ServerWriterLock.check_held`).
+FENCE_CLASS = 0x74696665
 #: ``application_name`` prefix of the lock's session: how another writer, ``db doctor`` and the
 #: console name the holder (pg_stat_activity shows every session's application_name to every role,
 #: unlike its client address or query).
@@ -109,9 +115,11 @@ SELECT a.pid, a.application_name, a.backend_start, l.objid
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
    AND l.classid = %s"""
 _HOLDER_SQL = _HOLDERS_SQL + " AND l.objid = %s"
-#: Whether the lock's session (``pid``) still holds the lock: pg_locks alone, no join (once a batch).
-_STILL_HELD = ("SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
-               "AND pid = %(pid)s AND classid = %(hi)s AND objid = %(lo)s")
+#: Once a batch, one round trip: the fence, shared, then whether the lock's session (``pid``) still
+#: holds the lock (pg_locks alone, no join).
+_STILL_HELD = ("SELECT pg_advisory_xact_lock_shared(%(fence)s), EXISTS (SELECT 1 FROM pg_locks WHERE "
+               "locktype = 'advisory' AND granted AND objsubid = 1 AND pid = %(pid)s AND classid = %(hi)s "
+               "AND objid = %(lo)s)")
 
 
 def host_key(host: str) -> int:
@@ -122,6 +130,11 @@ def host_key(host: str) -> int:
 def writer_lock_key(host: str) -> int:
     """The bigint key of ``host``'s writer lock (``pg_try_advisory_lock(key)``)."""
     return (SERVER_LOCK_CLASS << 32) | host_key(host)
+
+
+def fence_key(host: str) -> int:
+    """The bigint key of ``host``'s writer fence (see :data:`FENCE_CLASS`)."""
+    return (FENCE_CLASS << 32) | host_key(host)
 
 
 def _key_parts(host: str) -> tuple[int, int]:
@@ -206,6 +219,11 @@ class ServerWriterLock:
                                    "process per host may write the database (stop that stack's writer, or give "
                                    "this stack another TICKSTACK_HOST)")
             self.backend_pid = conn.info.backend_pid
+            # The fence: wait for a batch of this host's previous writer that checked the lock and
+            # has not committed yet (it holds the fence shared until its COMMIT); any later batch of
+            # it finds the lock gone (check_held). Taken and given back: batches only share it.
+            conn.execute("SELECT pg_advisory_lock(%s)", (fence_key(self.host),))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (fence_key(self.host),))
         except BaseException:
             conn.close()
             raise
@@ -263,10 +281,16 @@ class ServerWriterLock:
         :class:`WriterLocked` (and call ``on_lost``) unless this lock's session still holds the lock.
         The watching thread notices a lost session within milliseconds, or ``check_every`` seconds
         for one that died silently; a batch already running in that time would otherwise commit
-        for a writer that may no longer be the one. One round trip per batch."""
+        for a writer that may no longer be the one. The fence closes the rest: the check takes it
+        shared until the COMMIT, and the next writer takes it exclusively before it serves, so a
+        batch that passed the check commits before the next writer's first batch, and one that
+        did not pass commits nothing. One round trip per batch (pg_locks: every lock partition is
+        read briefly; at a few thousand batches a second that is measurable, see the README)."""
         if self.lost is None:
             hi, lo = _key_parts(self.host)
-            if conn.exec_driver_sql(_STILL_HELD, {"pid": self.backend_pid, "hi": hi, "lo": lo}).first() is not None:
+            row = conn.exec_driver_sql(_STILL_HELD, {"fence": fence_key(self.host), "pid": self.backend_pid,
+                                                     "hi": hi, "lo": lo}).first()
+            if row is not None and row[1]:
                 return
         first = self.lost is None
         self.lost = self.lost or "its session no longer holds it"

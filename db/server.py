@@ -166,7 +166,11 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0) -> dict[str, A
     try:
         conninfo, env = _libpq_env(url, private)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
-        for command in ([pg_program("pg_dump"), "-Fc", "--no-password", "-f", str(tmp), "-d", conninfo],
+        # --extension=plpgsql (built in, never dumped): no extension in the dump. tickstack's schema
+        # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
+        # a restore as the owner role at CREATE EXTENSION (permission denied).
+        for command in ([pg_program("pg_dump"), "-Fc", "--no-password", "--extension=plpgsql", "-f", str(tmp),
+                         "-d", conninfo],
                         [pg_program("pg_restore"), "--list", str(tmp)]):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
@@ -196,11 +200,13 @@ ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; G
                   "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
 
 
-def amcheck(settings: Settings, timeout: float = 600.0) -> dict[str, Any]:
+def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> dict[str, Any]:
     """``bt_index_check`` (heapallindexed off: a quick check, AccessShareLock only) on every B-tree
     index, as ``DATABASE_URL``'s role. ``{"ok", "indexes", "problems", "ms"}``, or ``{"ok": True,
     "skipped": why}`` when amcheck is not installed and cannot be created, or may not be run by
-    this role: a check we cannot make is not a failed one, and the reason says how to enable it."""
+    this role: a check we cannot make is not a failed one, and the reason says how to enable it.
+    ``timeout`` bounds the connection and each statement; ``create``: try CREATE EXTENSION when
+    it is missing (the jobs worker does; the console does not)."""
     import psycopg
 
     url = settings.database_url
@@ -208,6 +214,8 @@ def amcheck(settings: Settings, timeout: float = 600.0) -> dict[str, Any]:
     with connect(url, "quick_check", timeout, read_only=False) as conn:
         installed = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone()
         if installed is None:
+            if not create:  # the console: no DDL from a web request
+                return {"ok": True, "skipped": f"amcheck not installed; {ENABLE_AMCHECK}"}
             try:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
             except psycopg.Error as e:

@@ -19,11 +19,18 @@ CHROMIUM = Path("/usr/bin/chromium")
 #: writes under ``test-output/postgresql/`` (set by ``tests/conftest.py``), so the two runs of
 #: ``make test``, side by side, never write one file.
 OUTPUT_ROOT = Path(__file__).resolve().parent.parent / "test-output"
+_SQLITE_OUTPUT_ROOT = OUTPUT_ROOT
 
 
 def output_dir(name: str) -> Path:
     """``test-output/<name>`` of this run (see :data:`OUTPUT_ROOT`)."""
     return OUTPUT_ROOT / name
+
+
+def update_docs(variable: str) -> bool:
+    """Whether this run copies its screenshots into ``docs/`` (``variable`` set to 1): the SQLite
+    run only, so the PostgreSQL run beside it never overwrites the pictures the README shows."""
+    return os.environ.get(variable) == "1" and OUTPUT_ROOT == _SQLITE_OUTPUT_ROOT
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
 #: Everything that makes the document wider than the window (what would scroll sideways).

@@ -15,6 +15,7 @@ where that is a failure. ``make test`` runs the suite twice, once per database; 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +39,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "or postgresql (a database of its own on a throwaway server)")
 
 
+def _interrupted(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # SIGTERM stops the run as Ctrl-C does, fixtures' teardown included (every process a test
+    # started is stopped, the throwaway server too): `make test` stops its background run so.
+    signal.signal(signal.SIGTERM, _interrupted)
     if config.getoption("--database") == "postgresql":  # before the tests are imported: their output folders
         import testkit.browser
 
@@ -80,8 +88,9 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def home_databases(postgres_server: PostgresServer) -> HomeDatabases:
-    """Makes a database on the session's server for a private home (:class:`HomeDatabases`)."""
-    return HomeDatabases(postgres_server)
+    """Makes a database on the session's server for a private home (:class:`HomeDatabases`), with
+    amcheck, so every integrity check of the PostgreSQL run is a real one."""
+    return HomeDatabases(postgres_server, amcheck=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

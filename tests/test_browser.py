@@ -14,7 +14,6 @@ Screenshots of every page go to ``test-output/browser/`` (git-ignored). With
 """
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -32,7 +31,7 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
-from testkit.browser import chromium, output_dir, watch
+from testkit.browser import chromium, output_dir, update_docs, watch
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
@@ -388,7 +387,7 @@ def test_watchers_screenshot(session: Session) -> None:
     expect(restarts).to_have_text(re.compile(r"^[1-9]"))  # the sampler saw the restart
     time.sleep(1.2)  # the highlight of cells the poll changed fades in 1 s
     path = session.shot("console", full_page=False)
-    if os.environ.get("TICKSTACK_UPDATE_SCREENSHOT") == "1":
+    if update_docs("TICKSTACK_UPDATE_SCREENSHOT"):
         others = {w: page.locator(f'tr[data-watcher="{w}"] [data-field="restarts"]').inner_text()
                   for w in WATCHERS if w != RESTARTED}
         assert all(n == "0" for n in others.values()), (

@@ -24,7 +24,6 @@ with ``TICKSTACK_UPDATE_SCREENSHOTS=1`` also to ``docs/screenshots/`` (the READM
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -46,7 +45,7 @@ from test_browser import (  # noqa: F401 - browser, playwright, replay and stack
 )
 
 from db.client import WriterClient
-from testkit.browser import TOO_WIDE_JS, ConsoleView, output_dir
+from testkit.browser import TOO_WIDE_JS, ConsoleView, output_dir, update_docs
 from webapp.console.charts import charts_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +174,7 @@ class View(ConsoleView):
         self.page.wait_for_timeout(1200)
         path = OUT / f"{name}-{self.width}-{self.scheme}.png"
         self.page.screenshot(path=str(path), full_page=True)
-        if os.environ.get("TICKSTACK_UPDATE_SCREENSHOTS") == "1":
+        if update_docs("TICKSTACK_UPDATE_SCREENSHOTS"):
             DOCS.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, DOCS / path.name)
 

@@ -42,9 +42,15 @@ def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists() -> 
                                                    for m in re.findall(r"mark\.(\w+)", ast.unparse(d))}
     pairs, problems = [], []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        if "sqlite_only" in {m for n in tree.body if isinstance(n, ast.Assign) for m in re.findall(
+                r"mark\.(\w+)", ast.unparse(n.value)) if any(getattr(t, "id", "") == "pytestmark" for t in n.targets)}:
+            problems.append(f"{path.name}: a whole module sqlite_only names no counterpart; mark each test")
+        for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
                 for d in node.decorator_list:
+                    if not isinstance(d, ast.Call) and ast.unparse(d).endswith("mark.sqlite_only"):
+                        problems.append(f"{path.name}::{node.name} is sqlite_only without naming its counterpart")
                     if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("mark.sqlite_only"):
                         counterpart = d.args[0].value if d.args and isinstance(d.args[0], ast.Constant) else None
                         file, _, name = str(counterpart).partition("::")

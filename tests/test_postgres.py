@@ -2,7 +2,7 @@
 per private home.
 
 These tests (and the other ``test_postgres_*`` files) run in the suite's PostgreSQL run
-(``pytest --database postgresql``; ``make test`` runs it after the SQLite one), on a throwaway
+(``pytest --database postgresql``; ``make test`` runs it beside the SQLite one), on a throwaway
 server (:class:`testkit.postgres.PostgresServer`, started once per session by ``tests/conftest.py``;
 skipped with the reason without Debian's binaries, a failure in CI), where the rest of the suite
 runs too, each private home with a database of its own.

@@ -57,12 +57,14 @@ def writer_session(server: PostgresServer, pid: int, waiting: bool) -> list[int]
     return [int(p) for p in server.psql("postgres", "postgres", sql).split()]
 
 
-def end_the_waiting_write_session(server: PostgresServer, pid: int) -> None:
-    """Wait until writer ``pid``'s batch waits on the held rows, then end its write session."""
-    waiting = wait_for("the writer's batch to wait on the held rows", lambda: writer_session(server, pid, True),
-                       timeout=30)
-    ended = server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({waiting[0]})")
-    assert ended.split() == ["t"], ended
+def end_the_waiting_write_session(server: PostgresServer, pid: int, ended: set[int]) -> None:
+    """Wait until writer ``pid``'s batch waits on the held rows in a session not ``ended`` before (a
+    session just ended may still be listed a moment), then end that session and add it to ``ended``."""
+    waiting = wait_for("the writer's batch to wait on the held rows",
+                       lambda: [p for p in writer_session(server, pid, True) if p not in ended], timeout=30)
+    done = server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({waiting[0]})")
+    assert done.split() == ["t"], done
+    ended.add(waiting[0])
 
 
 def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, holder: psycopg.Connection,
@@ -85,9 +87,11 @@ def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, ho
 
     closing = threading.Thread(target=close)
     closing.start()
+    ended: set[int] = set()
     for _ in range(2):  # the fast run, then the careful run of the same batch
-        end_the_waiting_write_session(postgres_server, writer.pid)
-    wait_for("a write session waiting again", lambda: writer_session(postgres_server, writer.pid, True), timeout=30)
+        end_the_waiting_write_session(postgres_server, writer.pid, ended)
+    wait_for("a write session waiting again", lambda: set(writer_session(postgres_server, writer.pid, True)) - ended,
+             timeout=30)
     holder.rollback()
     closing.join(60)
     assert outcome == [{"id": trade, "exit_price": 2.0, "pnl": 1.0}], outcome
@@ -118,10 +122,11 @@ def test_a_chunk_stored_in_parts_never_moves_the_cursor_past_a_part_that_failed(
     worker = subprocess.Popen([sys.executable, "-m", "workers.analysis", "--until-idle"], env=stack.env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        ended: set[int] = set()
         for _ in range(2):
-            end_the_waiting_write_session(postgres_server, writer.pid)
-        wait_for("a write session waiting again", lambda: writer_session(postgres_server, writer.pid, True),
-                 timeout=30)
+            end_the_waiting_write_session(postgres_server, writer.pid, ended)
+        wait_for("a write session waiting again",
+                 lambda: set(writer_session(postgres_server, writer.pid, True)) - ended, timeout=30)
         holder.rollback()
         out, _ = worker.communicate(timeout=180)
     finally:

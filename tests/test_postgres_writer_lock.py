@@ -7,6 +7,7 @@ holder named), and takes over once the first stops, is SIGKILLed, or loses its l
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -324,3 +325,69 @@ def _database_of(stack: Stack) -> str:
     from sqlalchemy.engine import make_url
 
     return str(make_url(stack.env["DATABASE_URL"]).database)
+
+
+def test_the_check_before_commit_asks_the_server_not_the_watching_thread(two_homes: tuple[Stack, Stack],
+                                                                         postgres_server: PostgresServer) -> None:
+    """``check_held`` in a write transaction: passes while the lock's session holds the lock; once
+    that session is ended, raises WriterLocked (and calls on_lost) from what the server says, even
+    with the watching thread stopped, so it has not noticed."""
+    from sqlalchemy import text
+
+    from db.engine import make_write_engine
+    from db.lock import WriterLocked, take_server_lock
+
+    a, _ = two_homes
+    lost = threading.Event()
+    lock = take_server_lock(a.env["DATABASE_URL"], a.settings.host, on_lost=lost.set)
+    assert lock is not None
+    engine = make_write_engine(a.settings)
+    try:
+        with engine.begin() as conn:
+            lock.check_held(conn)  # held: nothing raised
+            conn.execute(text("SELECT 1"))
+        lock._stop.set()  # the watching thread returns without a word
+        assert lock._wake is not None
+        os.write(lock._wake[1], b"x")
+        assert lock._watch is not None
+        lock._watch.join(5)
+        assert not lock._watch.is_alive()
+        postgres_server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({lock.backend_pid})")
+        wait_for("the lock's session to end", lambda: str(lock.backend_pid) not in postgres_server.psql(
+            "postgres", "postgres", "SELECT pid FROM pg_stat_activity").split())
+        assert lock.lost is None and not lost.is_set()
+        with pytest.raises(WriterLocked, match="no longer holds the PostgreSQL writer lock"):
+            with engine.begin() as conn:
+                lock.check_held(conn)
+        assert lost.is_set() and lock.lost
+    finally:
+        engine.dispose()
+        lock.release()
+
+
+def test_a_new_writer_waits_for_a_batch_of_the_old_one_between_its_check_and_its_commit(
+        two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
+    """The fence: a transaction holding it shared (as a batch does from its check to its COMMIT)
+    keeps the next writer from taking over until it ends; then the writer serves."""
+    from db.lock import fence_key
+    from tests.test_postgres_health import psycopg_params_of
+
+    a, b = two_homes
+    owner = psycopg_params_of(a.env["DATABASE_URL"])
+    import psycopg
+
+    batch = psycopg.connect(owner["conninfo"], password=owner["password"])
+    try:
+        batch.execute("SELECT pg_advisory_xact_lock_shared(%s)", (fence_key(b.settings.host),))
+        taking = threading.Thread(target=lambda: b.start_writer())
+        taking.start()
+        wait_for("the new writer to wait on the fence", lambda: int(postgres_server.psql(
+            "postgres", "postgres", "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            f"AND objid = {fence_key(b.settings.host) & 0xFFFFFFFF}").strip()) == 1, timeout=30)
+        assert taking.is_alive()  # not serving while the old batch may still commit
+    finally:
+        batch.rollback()
+        batch.close()
+    taking.join(30)
+    assert not taking.is_alive()
+    assert insert(b, 1) == {"inserted": 1, "duplicates": 0}

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from db.client import WriterClient
-from db.health import connect_read_only
+from db.health import connect_read_only, integrity
 from db.lock import read_lock_holder
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import BIN, ROOT, isolated_env, new_home
@@ -137,9 +137,11 @@ def test_every_process_stops_gracefully_when_circusd_is_killed(stack: CircusStac
         assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         con.close()
     else:  # the writer's sessions are gone with it, its server lock too
-        assert "every batch committed; exiting" in writer_log, writer_log[-2000:]
+        assert "a server checkpoints its own WAL); exiting" in writer_log, writer_log[-2000:]
         assert not [a for (a,) in query(stack.settings, "SELECT application_name FROM pg_stat_activity")
                     if a.startswith("tickstack writer")]
+        check = integrity(stack.settings)
+        assert check["ok"] and "skipped" not in check, check
     assert port_free(stack.api_port) and port_free(stack.console_port)
     assert port_free(int(stack.env["TICKSTACK_WATCHDOG_PORT"]), socket.SOCK_DGRAM)
 
@@ -174,7 +176,7 @@ def test_a_hung_orphan_blocks_make_run_and_plain_circusd_until_it_is_gone(stack:
     writer.send_signal(signal.SIGCONT)  # it handles the SIGTERM it got when circusd died
     writer.wait(60)
     assert ("final checkpoint done" if stack.settings.database_path is not None else
-            "every batch committed; exiting") in stack.log("writer")
+            "a server checkpoints its own WAL); exiting") in stack.log("writer")
     wait_for("every process to exit", lambda: not any(alive(p) for p in others), timeout=120)
     done = prepare(stack.env)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -299,12 +299,12 @@ def test_the_same_request_twice_in_one_batch_is_applied_once_on_the_fast_path(st
 # --- checkpoints off the commit path ------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_no_checkpoint_job_runs_on_a_server")
 def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: Stack) -> None:
     """A thread copies the WAL ahead of SQLite's own checkpoint (which a commit pays for); the
     commits' own checkpoint still resets the WAL, so it never grows with what was written."""
     path = writer.settings.database_path
-    if path is None:
-        pytest.skip("WAL checkpoints are SQLite's")
+    assert path is not None
     client = WriterClient(settings=writer.settings, deadline=60)
     batch, batches = 500, 400  # 200,000 ticks: about 5,000 WAL pages, five times the autocheckpoint
     with client.pipeline(window=8) as pipe:

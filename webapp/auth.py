@@ -3,8 +3,10 @@
 * **No default password.** On its first start the console generates a random password into
   ``$TICKSTACK_HOME/admin-password`` (mode 0600, :func:`db.config.read_or_create_secret`, safe when
   both gunicorn workers race) and logs that path, never the password. The user name is ``admin``,
-  or ``TICKSTACK_ADMIN_USER``. Only a werkzeug hash of the password is kept in memory, made at
-  start: to change the password, write a new one into the file and restart the console. Several
+  or ``TICKSTACK_ADMIN_USER``. The console keeps a werkzeug hash of the password, made at start (the
+  settings of a process hold it in plain text only when it comes from ``TICKSTACK_ADMIN_PASSWORD``,
+  as every process's environment does): to change the password, write a new one into the file (or
+  the variable) and restart the console. Several
   hosts on one database set the same ``TICKSTACK_ADMIN_PASSWORD`` (and ``TICKSTACK_SECRET_KEY``)
   instead, so any host's console accepts it; no file is written then. Sessions stay per host (each
   host's session file): log in on each.

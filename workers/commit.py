@@ -470,7 +470,7 @@ class Committer:
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
         own WAL: nothing to do there."""
         if self.settings.database_path is None:
-            log.info("writer: every batch committed; exiting")
+            log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
             return
         deadline = time.monotonic() + 3.0
         while True:

@@ -38,6 +38,8 @@ from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_
 from webapp.extensions import db
 
 BACKUP_LOCK = "console-backup.lock"
+#: Seconds the console's quick_check on PostgreSQL may take to connect and per index (a request).
+QUICK_CHECK_TIMEOUT = 30.0
 #: Rows of the "Slowest reads" table.
 SLOW_ROWS = 20
 
@@ -183,13 +185,13 @@ def checkpoint() -> ResponseReturnValue:
     path = settings().database_path
     if path is None:
         return _done("warn", "A PostgreSQL server checkpoints its own WAL: there is nothing to do here.")
-    before = health.file_sizes(path)["wal"] if path is not None else None
+    before = health.file_sizes(path)["wal"]
     try:
         result = call_writer("checkpoint", mode="TRUNCATE")
     except WriterError as e:
         audit("db.checkpoint", "TRUNCATE", "error", str(e))
         return _done("error", f"Checkpoint failed: {e}")
-    after = health.file_sizes(path)["wal"] if path is not None else None
+    after = health.file_sizes(path)["wal"]
     detail = {"wal_before": before, "wal_after": after, **result}
     ok = result.get("busy") == 0
     audit("db.checkpoint", "TRUNCATE", "ok" if ok else "error", json.dumps(detail))
@@ -226,7 +228,7 @@ def quick_check() -> ResponseReturnValue:
     s = settings()
     target = s.database_path.name if s.database_path is not None else display_url(s.database_url)
     try:
-        check = health.integrity(s)
+        check = health.integrity(s, timeout=QUICK_CHECK_TIMEOUT, create=False)  # a web request: bounded, no DDL
     except (sqlite3.Error, OSError, RuntimeError) as e:
         audit("db.quick_check", target, "error", str(e))
         return _done("error", f"quick_check failed: {e}")

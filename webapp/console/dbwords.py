@@ -91,7 +91,7 @@ def job_words(job: str, ok: bool, detail: str | None) -> str:
         method = f"amcheck of {number(n)} {'index' if n == 1 else 'indexes'}" if "indexes" in data else "quick_check"
         if data["ok"]:
             return f"integrity ok ({method}{took})"
-        messages = [str(m) for m in data.get("messages") or []]
+        messages = [str(m) for m in data.get("messages") or data.get("problems") or []]  # problems: before v3
         return f"integrity problems found{took}: " + "; ".join(messages[:3]) + ("; …" if len(messages) > 3 else "")
     if job == "checkpoint" and ("busy" in data or "checkpointed" in data):
         why = "asked for" if data.get("forced") else "the WAL passed its limit"

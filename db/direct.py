@@ -1,0 +1,102 @@
+"""Small writes straight into PostgreSQL, beside the writer (``TICKSTACK_DIRECT_WRITES``, off by default).
+
+Why: on PostgreSQL, 8 processes each committing one small write at a time beat the writer by about
+4x (`python -m bench contention --database postgresql`: the server commits their transactions in
+parallel and shares their WAL flushes, while the writer serialises them and spends ~0.4 ms of its
+own CPU per request). PostgreSQL has no "database is locked": the one-writer rule is SQLite's
+need, not the server's. So with this setting a :class:`db.client.WriterClient`'s ``call`` (one
+acknowledged op at a time: the small-write path) runs the op in a transaction of the caller's
+own; pipelines (``submit``: high-rate producers, bulk ingest) still go to the writer, which
+group-commits them (COPY), as does every non-transactional op.
+
+The same promises as through the writer, from the same code:
+
+* the same ops, validators and errors (:func:`db.ops.prepare`, :func:`db.ops.execute`), on the
+  arguments exactly as the writer would decode them (packed and unpacked as on the wire);
+* acknowledged means committed: ``call`` returns after COMMIT;
+* retries apply once: the (client id, seq) is recorded as applied in the op's own transaction
+  (:func:`db.ops.record_applied`), and a retry of the same seq gets the recorded result back;
+* a lost connection, a deadlock or a serialisation failure is retried (same seq) until the
+  call's deadline; a full disk is :class:`~db.errors.StorageFull` with the server's reason.
+
+What it gives up: the writer's one queue (each caller holds a connection of its own while it
+writes: size ``max_connections`` for it), and its counters (``stats`` counts only what went
+through it). Readers are unaffected: they already read safely beside several writers
+(:class:`db.queries.TickHorizon`). Refused on SQLite, where only the writer may write.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from db import ops
+from db.config import Settings
+from db.engine import make_write_engine, storage_full_reason
+from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
+from db.protocol import decode_request, encode_request, pack_columns
+
+#: SQLSTATEs worth running the same transaction again for: serialization_failure, deadlock_detected.
+_RETRY_STATES = frozenset({"40001", "40P01"})
+
+
+class DirectWrites:
+    """One caller's transactions (see the module docstring); made by ``WriterClient`` when the
+    setting is on, and owned by it (not thread-safe, as the client is not)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings  # load_settings refused the setting on SQLite
+        self._engine: Engine | None = None
+
+    @staticmethod
+    def takes(op: Any) -> bool:
+        """Whether ``op`` runs here: a transactional op of the registry (the others go to the writer)."""
+        spec = ops.OPS.get(op) if isinstance(op, str) else None
+        return spec is not None and spec.transactional
+
+    def call(self, client_id: str, seq: int, op: str, args: dict[str, Any], deadline: float) -> Any:
+        """Run ``op`` once as (client id, seq); return its result once committed, or raise its error.
+        Retries what is nobody's fault (a lost connection, a deadlock) until ``deadline`` (monotonic)."""
+        # The arguments as the writer would see them: encoded and decoded as on the wire.
+        message, _ = decode_request(encode_request(client_id, seq, op, pack_columns(op, args)))
+        spec, prepared = ops.prepare(op, message["args"])  # ValidationError, as from the writer
+        backoff = 0.01
+        while True:
+            try:
+                return self._once(client_id, seq, spec, prepared)
+            except WriterError:
+                raise
+            except DBAPIError as e:
+                reason = storage_full_reason(e)
+                if reason is not None:
+                    error: WriterError = StorageFull(f"the database's disk is full ({reason}): nothing of the "
+                                                     "request was written; it succeeds once space is freed")
+                elif e.connection_invalidated or getattr(e.orig, "sqlstate", None) in _RETRY_STATES:
+                    error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
+                else:
+                    raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
+                if self._engine is not None:
+                    self._engine.dispose()  # a new connection for the retry
+            if time.monotonic() + backoff > deadline:
+                raise error
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _once(self, client_id: str, seq: int, spec: ops.Op, prepared: dict[str, Any]) -> Any:
+        if self._engine is None:
+            self._engine = make_write_engine(self.settings)
+        with self._engine.begin() as conn:
+            prior = ops.lookup_applied(conn, client_id, seq)
+            if prior is not None:  # a retry of a request that committed: its first result
+                return msgpack.unpackb(prior, raw=False)
+            result = ops.execute(conn, spec, prepared)
+            ops.record_applied(conn, client_id, seq, msgpack.packb(result))
+        return result
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
