@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 import msgpack
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from db import ops
@@ -50,6 +50,8 @@ class DirectWrites:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings  # load_settings refused the setting on SQLite
         self._engine: Engine | None = None
+        #: Kept open between calls (a pool checkout pings the server: a round trip per call).
+        self._conn: Connection | None = None
 
     @staticmethod
     def takes(op: Any) -> bool:
@@ -63,10 +65,10 @@ class DirectWrites:
         # The arguments as the writer would see them: encoded and decoded as on the wire.
         message, _ = decode_request(encode_request(client_id, seq, op, pack_columns(op, args)))
         spec, prepared = ops.prepare(op, message["args"])  # ValidationError, as from the writer
-        backoff = 0.01
+        backoff, retry = 0.01, False
         while True:
             try:
-                return self._once(client_id, seq, spec, prepared)
+                return self._once(client_id, seq, spec, prepared, retry)
             except WriterError:
                 raise
             except DBAPIError as e:
@@ -78,25 +80,35 @@ class DirectWrites:
                     error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
                 else:
                     raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
-                if self._engine is not None:
-                    self._engine.dispose()  # a new connection for the retry
+                self.close()  # a new connection for the retry
+                retry = True
             if time.monotonic() + backoff > deadline:
                 raise error
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _once(self, client_id: str, seq: int, spec: ops.Op, prepared: dict[str, Any]) -> Any:
-        if self._engine is None:
-            self._engine = make_write_engine(self.settings)
-        with self._engine.begin() as conn:
-            prior = ops.lookup_applied(conn, client_id, seq)
-            if prior is not None:  # a retry of a request that committed: its first result
+    def _once(self, client_id: str, seq: int, spec: ops.Op, prepared: dict[str, Any], retry: bool) -> Any:
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            if self._engine is None:
+                self._engine = make_write_engine(self.settings)
+            self._conn = self._engine.connect()
+        with self._conn.begin():
+            # A first attempt's seq is new (a client's seqs only grow); a retry may have committed
+            # before its answer was lost: then its first result, not a second run.
+            prior = ops.lookup_applied(self._conn, client_id, seq) if retry else None
+            if prior is not None:
                 return msgpack.unpackb(prior, raw=False)
-            result = ops.execute(conn, spec, prepared)
-            ops.record_applied(conn, client_id, seq, msgpack.packb(result))
+            result = ops.execute(self._conn, spec, prepared)
+            ops.record_applied(self._conn, client_id, seq, msgpack.packb(result))
         return result
 
     def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except DBAPIError:  # it is being replaced
+                pass
+            self._conn = None
         if self._engine is not None:
             self._engine.dispose()
             self._engine = None

@@ -94,3 +94,13 @@ def test_every_process_refuses_a_bad_setting_at_start(module: str, tmp_path: Pat
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "TICKSTACK_READY_TIMEOUT='soon' is not a number" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_direct_writes_are_refused_on_sqlite_naming_the_variable() -> None:
+    """Only the writer may write SQLite: TICKSTACK_DIRECT_WRITES there stops every process at start."""
+    with pytest.raises(ConfigError, match="TICKSTACK_DIRECT_WRITES works on PostgreSQL only"):
+        load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_DIRECT_WRITES": "1"})
+    with pytest.raises(ConfigError, match="TICKSTACK_DIRECT_WRITES='maybe' must be 1 or 0"):
+        load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_DIRECT_WRITES": "maybe"})
+    off = load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_DIRECT_WRITES": "0"})
+    assert off.direct_writes is False

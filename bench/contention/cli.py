@@ -27,6 +27,7 @@ from bench.contention.postgres import (
     PG_SCENARIO_HELP,
     PG_SCENARIOS,
     pg_ratios,
+    run_client_direct,
     run_copy,
     run_direct,
 )
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
         parser.error(f"--rows {opts.rows} is fewer than --batch-producers {opts.batch_producers}")
     postgres = opts.database == "postgresql"
     scenarios, repeatable = (PG_SCENARIOS, PG_REPEATABLE) if postgres else (SCENARIOS, REPEATABLE)
-    runners = {**RUNNERS, "direct": run_direct, "copy": run_copy}
+    runners = {**RUNNERS, "direct": run_direct, "copy": run_copy, "client-direct": run_client_direct}
     if opts.only is not None and set(opts.only) - set(scenarios):
         parser.error(f"--only {','.join(sorted(set(opts.only) - set(scenarios)))}: not a scenario on "
                      f"{opts.database} (its scenarios: {', '.join(scenarios)})")

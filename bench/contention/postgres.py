@@ -28,13 +28,15 @@ from bench.common import Gate, error_key, fresh_home, run_group, tick_batches
 PG_SCENARIO_HELP = {
     "direct": "--procs processes: one tick or one audit row per transaction, straight into PostgreSQL (psycopg 3)",
     "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
+    "client-direct": "the same producers with TICKSTACK_DIRECT_WRITES=1: each call in the producer's own "
+                     "transaction, recorded for retries (db/direct.py); no writer",
     "writer-batched": "--rows ticks through the writer (insert_ticks: COPY into a temporary table, then INSERT "
                       "... SELECT ... ON CONFLICT DO NOTHING)",
     "copy": "the same rows straight into ticks with COPY FROM STDIN (FORMAT BINARY), one process (the ceiling)",
 }
 PG_SCENARIOS = tuple(PG_SCENARIO_HELP)
 PG_REPEATABLE = ("writer-batched", "copy")
-PG_TARGETS = {"batched_over_copy": 0.5, "writer_single_over_direct": 1.0}
+PG_TARGETS = {"batched_over_copy": 0.5, "writer_single_over_direct": 1.0, "client_direct_over_direct": 1.0}
 
 
 def count_ticks(env: dict[str, str]) -> int:
@@ -135,6 +137,24 @@ def run_direct(opts: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def run_client_direct(opts: argparse.Namespace) -> dict[str, Any]:
+    """writer-single's producers and calls, with ``TICKSTACK_DIRECT_WRITES=1`` and no writer running:
+    what a user who turns the setting on gets for small writes (same ops, same retry record)."""
+    from bench.common import migrate_database
+    from bench.contention.procs import writer_single_producer
+    from bench.contention.scenarios import combine
+
+    with fresh_home() as (_home, env):
+        env["TICKSTACK_DIRECT_WRITES"] = "1"
+        migrate_database(env)
+        start, results = run_group(writer_single_producer, [(env, opts.seconds) for _ in range(opts.procs)],
+                                   run_timeout=opts.seconds + 180)
+        out = combine("client-direct", opts.procs, start, results)
+        out["notes"] = "WriterClient.call with TICKSTACK_DIRECT_WRITES=1: insert_ticks (1 tick) and audit, alternately"
+        out["stored_ticks"] = count_ticks(env)
+    return out
+
+
 def run_copy(opts: argparse.Namespace) -> dict[str, Any]:
     from bench.common import migrate_database
     from bench.contention.scenarios import check_stored, combine, plan_rows
@@ -163,7 +183,8 @@ def pg_ratios(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | Non
 
     ratios = {"batched_over_copy": ratio(rate("writer-batched", "rows_per_s"), rate("copy", "rows_per_s")),
               "batched_over_copy_median": paired_median(results, "writer-batched", "copy"),
-              "writer_single_over_direct": ratio(rate("writer-single", "ops_per_s"), rate("direct", "ops_per_s"))}
+              "writer_single_over_direct": ratio(rate("writer-single", "ops_per_s"), rate("direct", "ops_per_s")),
+              "client_direct_over_direct": ratio(rate("client-direct", "ops_per_s"), rate("direct", "ops_per_s"))}
     checks = {name: {"value": value, "target": f">= {PG_TARGETS[name.removesuffix('_median')]:g}",
                      "result": "n/a" if value is None else
                      ("PASS" if value >= PG_TARGETS[name.removesuffix("_median")] else "MISS")}

@@ -68,8 +68,12 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     ops = rows = n = 0
-    with WriterClient(settings=load_settings(env)) as client:
-        client.ping(timeout=30.0)  # connected before the clock starts
+    settings = load_settings(env)
+    with WriterClient(settings=settings) as client:
+        if settings.direct_writes:  # its own connection (db/direct.py), made before the clock starts
+            client.call("audit", actor=source, action="connect")
+        else:
+            client.ping(timeout=30.0)  # connected before the clock starts
         start = gate.wait()
         end = start + seconds
         last = start

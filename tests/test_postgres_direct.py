@@ -1,0 +1,85 @@
+"""``TICKSTACK_DIRECT_WRITES`` on PostgreSQL (issue 11, "the writer steps aside for small writes"):
+``WriterClient.call`` runs a transactional op in the caller's own transaction (:mod:`db.direct`),
+with the writer's ops, validators, errors and record of applied requests; pipelines and
+non-transactional ops still go to the writer. Real server, real writer; nothing mocked."""
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from db.client import WriterClient
+from db.config import load_settings
+from db.errors import ValidationError, WriterUnavailable
+from testkit.helpers import T0, query, wait_for
+from testkit.postgres import PostgresServer
+from testkit.writer import Stack
+
+#: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
+pytestmark = pytest.mark.postgres_only
+
+TICK = {"symbol": "BTCUSD", "ts": T0, "bid": 100.0, "ask": 100.5, "source": "direct", "seq": 1}
+
+
+def direct_client(stack: Stack, deadline: float = 20) -> WriterClient:
+    return WriterClient(settings=load_settings({**stack.env, "TICKSTACK_DIRECT_WRITES": "1"}), deadline=deadline)
+
+
+def test_small_writes_go_straight_in_with_the_writers_answers(writer: Stack) -> None:
+    """Answers and errors equal the writer's; no writer needs to run for them; pipelines still go
+    to the writer."""
+    through_writer = WriterClient(settings=writer.settings, deadline=20)
+    bad = {**TICK, "bid": 101.0}  # above its ask
+    with pytest.raises(ValidationError) as by_writer:
+        through_writer.call("insert_ticks", ticks=[bad])
+    writer.stop(writer.procs[0])  # from here on, nothing answers at the writer's socket
+
+    with direct_client(writer) as client:
+        with pytest.raises(ValidationError) as direct:
+            client.call("insert_ticks", ticks=[bad])
+        assert str(direct.value) == str(by_writer.value)  # the same validator, the same words
+        assert client.call("insert_ticks", ticks=[TICK]) == {"inserted": 1, "duplicates": 0}
+        assert client.call("insert_ticks", ticks=[TICK]) == {"inserted": 0, "duplicates": 1}
+        trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0)
+        assert trade["entry_price"] == 100.5  # a buy opens at the stored ask, as through the writer
+        closed = client.call("close_trade", trade_id=trade["id"], price=101.5)
+        assert closed == {"id": trade["id"], "exit_price": 101.5, "pnl": 1.0}
+        assert client.call("audit", actor="me", action="direct")["id"] >= 1
+        with pytest.raises(WriterUnavailable):  # a pipeline is the writer's (group commit), and it is gone
+            ticket = client.submit("audit", actor="me", action="pipelined", _deadline=0.5)
+            client.wait(ticket)
+            ticket.result()
+    applied = query(writer.settings, "SELECT count(*) FROM applied_requests WHERE client_id = ?", (client.client_id,))
+    assert applied == [(5,)]  # every direct call recorded as applied, as the writer records its requests
+    assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'pipelined'") == [(0,)]
+
+
+def test_a_session_lost_under_a_direct_write_is_retried_and_applied_once(writer: Stack,
+                                                                         postgres_server: PostgresServer) -> None:
+    """The call's transaction waits on a table the test holds; its session is ended under it. The
+    call retries on a new session with the same (client id, seq) and is applied once."""
+    url = make_url(writer.env["DATABASE_URL"])
+    holder = psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password)
+    outcome: list[object] = []
+
+    def write() -> None:
+        with direct_client(writer, deadline=60) as client:
+            outcome.append(client.call("audit", actor="me", action="once"))
+
+    try:
+        holder.execute("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        writing = threading.Thread(target=write)
+        writing.start()
+        waiting_sql = ("SELECT l.pid FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                       "WHERE NOT l.granted AND a.application_name LIKE 'tickstack %'")
+        waiting = wait_for("the direct write to wait on the held table",
+                           lambda: postgres_server.psql(url.database, "postgres", waiting_sql).split(), timeout=30)
+        postgres_server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({waiting[0]})")
+    finally:
+        holder.rollback()
+        holder.close()
+    writing.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
+    assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'once'") == [(1,)]
