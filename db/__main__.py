@@ -143,6 +143,11 @@ def cmd_health(args: argparse.Namespace) -> int:
               f"{p['freelist_count']} free")
         if "quick_check" in p:
             print(f"check      quick_check {'ok' if p['quick_check']['ok'] else p['quick_check']['messages']}")
+    check = snap.get("integrity")  # a server's amcheck
+    if check is not None:
+        said = (f"skipped: {check['skipped']}" if "skipped" in check else "ok" if check["ok"] else
+                "; ".join(map(str, check["messages"][:3])))
+        print(f"check      amcheck {said}")
     if w["up"]:
         st = w["stats"]
         print(f"writer     pid {w['pid']}, ping {w['ping_ms']} ms, queue {st['queue_depth']}, batches "
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("init", help="create the runtime folder and the schema").set_defaults(fn=cmd_init)
     p = sub.add_parser("health", help="a snapshot of the database's health")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--quick-check", action="store_true", help="also run PRAGMA quick_check (reads every page)")
+    p.add_argument("--quick-check", action="store_true",
+                   help="also run PRAGMA quick_check (reads every page), or amcheck on PostgreSQL")
     p.set_defaults(fn=cmd_health)
     sub.add_parser("doctor", help="diagnose in plain words, with what to do").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")

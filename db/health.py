@@ -218,6 +218,11 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     snap["lock_errors"] = stats.get("lock_errors", 0)
     snap["last_checkpoint"] = stats.get("last_checkpoint")
     if path is None:
+        if quick_check and snap["server"]["reachable"]:  # amcheck, as the jobs worker runs it
+            try:
+                snap["integrity"] = integrity(settings, timeout=60.0, create=False)
+            except (RuntimeError, OSError) as e:
+                snap["integrity"] = {"ok": False, "method": "amcheck", "messages": [str(e)]}
         return snap
     snap["path"] = str(path)
     snap["files"] = file_sizes(path)
@@ -234,6 +239,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     Levels: ok, warn, fail."""
     out: list[tuple[str, str]] = []
     out.extend(_server_findings(snap))
+    out.extend(_integrity_findings(snap))
     writer = snap["writer"]
     if writer["up"]:
         st = writer.get("stats", {})
@@ -285,6 +291,19 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out
+
+
+def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+    """A server's amcheck (``snapshot(quick_check=True)``): ok, problems (a failure), or not made."""
+    check = snap.get("integrity")
+    if check is None:
+        return []
+    if "skipped" in check:
+        return [("warn", f"No integrity check: {check['skipped']}.")]
+    if check["ok"]:
+        return [("ok", f"amcheck of {check.get('indexes', 0)} indexes: ok.")]
+    return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. Restore the latest "
+                     "backup (python -m db backup makes them), or REINDEX the index it names.")]
 
 
 def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:

@@ -108,6 +108,7 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
         text_health.stdout, text_health.stdout
     doctor = run(pg, "-m", "db", "doctor")
     assert doctor.returncode == 0 and "The database server answers" in doctor.stdout, doctor.stdout
+    assert re.search(r"\[OK  \] amcheck of \d+ indexes: ok\.", doctor.stdout), doctor.stdout  # as SQLite's
 
     app = create_app("api", load_settings(pg.env))
     client = app.test_client()
