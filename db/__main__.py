@@ -218,7 +218,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from db.health import backup
 
     result = backup(load_settings(), Path(args.path), overwrite=args.force)
-    print(f"backup written: {result['path']} ({_human_bytes(result['bytes'])}, {result['ms']} ms, integrity ok)")
+    checked = f"{result['entries']} entries listed by pg_restore" if "entries" in result else "integrity ok"
+    print(f"backup written: {result['path']} ({_human_bytes(result['bytes'])}, {result['ms']} ms, {checked})")
     return 0
 
 

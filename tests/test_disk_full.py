@@ -228,7 +228,6 @@ def test_ingestor_waits_out_a_full_disk_under_the_writer_and_resumes_by_itself(s
     assert writer.poll() is None
 
 
-@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_a_backup_on_a_full_disk_fails_with_the_reason_and_leaves_nothing_behind(small: SmallHome) -> None:
     small.start_writer()
     with WriterClient(settings=small.settings, deadline=20) as client:
@@ -236,13 +235,17 @@ def test_a_backup_on_a_full_disk_fails_with_the_reason_and_leaves_nothing_behind
                                            "bid": [1.0] * 5000, "ask": [1.5] * 5000, "source": ["b"] * 5000,
                                            "seq": list(range(5000))})
         client.call("checkpoint")
-    size = small.settings.database_path.stat().st_size
+    on_server = small.settings.database_path is None  # pg_dump writes its archive to this disk all the same
+    size = 65536 if on_server else small.settings.database_path.stat().st_size
     fill_disk(small.filler, leave=size // 4)
-    dest = small.settings.backup_dir / "copy.db"
+    dest = small.settings.backup_dir / ("copy.dump" if on_server else "copy.db")
     done = subprocess.run([sys.executable, "-m", "db", "backup", str(dest)], env=small.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert f"backup to {dest} failed: database or disk is full (nothing left behind)" in done.stderr
+    if on_server:
+        assert "pg_dump failed" in done.stderr and "No space left on device" in done.stderr, done.stderr
+    else:
+        assert f"backup to {dest} failed: database or disk is full (nothing left behind)" in done.stderr
     assert list(small.settings.backup_dir.iterdir()) == []
 
 
@@ -277,7 +280,6 @@ def test_api_answers_507_with_the_writers_reason_on_a_full_disk(small: SmallHome
     assert stored(small, "api") == (2, 2, 1, 2)
 
 
-@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
 def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(small: SmallHome) -> None:
     small.start_writer()
     console = create_app("console", small.settings).test_client()  # its secrets are written now, not on a full disk
@@ -291,34 +293,41 @@ def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(s
         return subprocess.run([sys.executable, "-m", "db", *args], env={**small.env, **env}, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
+    # The database's disk on SQLite; on a server, the runtime folder's (spool, logs, backups) is ours.
+    on_server = small.settings.database_path is None
+    what = "runtime folder" if on_server else "database"
     health = db("health")
-    assert re.search(r"disk +database: .* free of 8\.0 MB \(\d+\.\d %\) at " + re.escape(str(small.home)) + r"$",
+    assert re.search(rf"disk +{what}: .* free of 8\.0 MB \(\d+\.\d %\) at " + re.escape(str(small.home)) + r"$",
                      health.stdout, re.M), health.stdout
     assert "<-- LOW" not in health.stdout
 
     total = shutil.disk_usage(small.home).total
     fill_disk(small.filler, leave=total // 20)  # 5 % free: below the default warning (10 %), not yet full
     health = db("health")
-    assert re.search(r"disk +database: .*\((\d\.\d) %\).*<-- LOW \(warning below 10 %\)", health.stdout), health.stdout
+    assert re.search(rf"disk +{what}: .*\((\d\.\d) %\).*<-- LOW \(warning below 10 %\)", health.stdout), \
+        health.stdout
     doctor = db("doctor")
     assert doctor.returncode == 0, doctor.stdout  # a warning, not yet a problem
-    assert re.search(r"\[WARN\] Disk of the database .* is filling up: .* \(\d\.\d %, warning below 10 %",
+    assert re.search(rf"\[WARN\] Disk of the {what} .* is filling up: .* \(\d\.\d %, warning below 10 %",
                      doctor.stdout), doctor.stdout
     page = console.get("/console/database").text
     assert 'data-disk-level="warn"' in page and "is filling up" in page
     assert console.get("/console/api/database").get_json()["disk"][0]["level"] == "warn"
 
     lenient = db("doctor", TICKSTACK_DISK_WARN_PCT="1")  # the threshold is a setting
-    assert "filling up" not in lenient.stdout and "[OK  ] Disk of the database" in lenient.stdout
+    assert "filling up" not in lenient.stdout and f"[OK  ] Disk of the {what}" in lenient.stdout
 
-    fill_disk(small.filler.with_name("filler2"))  # now full: the writer refuses, doctor reports a problem
-    with WriterClient(settings=small.settings, deadline=2) as client, pytest.raises(StorageFull, match="disk is full"):
-        client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": T0, "bid": 1.0, "ask": 1.0}])
+    fill_disk(small.filler.with_name("filler2"))  # now full: the writer refuses (SQLite), doctor reports a problem
+    if not on_server:
+        with WriterClient(settings=small.settings, deadline=2) as client, \
+                pytest.raises(StorageFull, match="disk is full"):
+            client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": T0, "bid": 1.0, "ask": 1.0}])
     doctor = db("doctor")
     assert doctor.returncode == 1, doctor.stdout
-    assert re.search(r"\[FAIL\] Disk of the database .* is almost full", doctor.stdout), doctor.stdout
-    assert re.search(r"\[FAIL\] The writer refused \d+ writes since it started because the disk was full",
-                     doctor.stdout), doctor.stdout
+    assert re.search(rf"\[FAIL\] Disk of the {what} .* is almost full", doctor.stdout), doctor.stdout
+    if not on_server:
+        assert re.search(r"\[FAIL\] The writer refused \d+ writes since it started because the disk was full",
+                         doctor.stdout), doctor.stdout
     page = console.get("/console/database").text
     assert 'data-disk-level="fail"' in page and "almost full" in page
 
