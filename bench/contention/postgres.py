@@ -123,36 +123,36 @@ def copy_inserter(index: int, env: dict[str, str], plan: list[tuple[str, int, in
             "last": last, "sql": sql}
 
 
-def run_direct(opts: argparse.Namespace) -> dict[str, Any]:
+def _run_small_writes(opts: argparse.Namespace, name: str, producer: Any, notes: str,
+                      extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``--procs`` processes of ``producer`` for ``--seconds`` on a fresh database, no writer."""
     from bench.common import migrate_database
     from bench.contention.scenarios import combine
 
     with fresh_home() as (_home, env):
+        env.update(extra_env or {})
         migrate_database(env)
-        start, results = run_group(direct_producer, [(env, opts.seconds) for _ in range(opts.procs)],
-                                   run_timeout=opts.seconds + 120)
-        out = combine("direct", opts.procs, start, results)
-        out["notes"] = "psycopg 3, autocommit off, one INSERT per transaction (tick or audit row, alternately)"
+        start, results = run_group(producer, [(env, opts.seconds) for _ in range(opts.procs)],
+                                   run_timeout=opts.seconds + 180)
+        out = combine(name, opts.procs, start, results)
+        out["notes"] = notes
         out["stored_ticks"] = count_ticks(env)
     return out
+
+
+def run_direct(opts: argparse.Namespace) -> dict[str, Any]:
+    return _run_small_writes(opts, "direct", direct_producer,
+                             "psycopg 3, autocommit off, one INSERT per transaction (tick or audit row, alternately)")
 
 
 def run_client_direct(opts: argparse.Namespace) -> dict[str, Any]:
     """writer-single's producers and calls, with ``TICKSTACK_DIRECT_WRITES=1`` and no writer running:
     what a user who turns the setting on gets for small writes (same ops, same retry record)."""
-    from bench.common import migrate_database
     from bench.contention.procs import writer_single_producer
-    from bench.contention.scenarios import combine
 
-    with fresh_home() as (_home, env):
-        env["TICKSTACK_DIRECT_WRITES"] = "1"
-        migrate_database(env)
-        start, results = run_group(writer_single_producer, [(env, opts.seconds) for _ in range(opts.procs)],
-                                   run_timeout=opts.seconds + 180)
-        out = combine("client-direct", opts.procs, start, results)
-        out["notes"] = "WriterClient.call with TICKSTACK_DIRECT_WRITES=1: insert_ticks (1 tick) and audit, alternately"
-        out["stored_ticks"] = count_ticks(env)
-    return out
+    return _run_small_writes(opts, "client-direct", writer_single_producer,
+                             "WriterClient.call with TICKSTACK_DIRECT_WRITES=1: insert_ticks (1 tick) and audit, "
+                             "alternately", {"TICKSTACK_DIRECT_WRITES": "1"})
 
 
 def run_copy(opts: argparse.Namespace) -> dict[str, Any]:
