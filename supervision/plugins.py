@@ -192,8 +192,9 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
             return
         now = time.monotonic()
         if self.starting:  # what runs already (the plugin starts last) is watched from now on
-            self.starting = False
-            self._discover(armed_at=now)
+            # circusd may still be busy starting the stack (a loaded machine): then ask again at the
+            # next look, or a process that hangs before its next heartbeat is never watched.
+            self.starting = not self._discover(armed_at=now)
         for pid, (watcher_name, last) in list(self.watched.items()):
             if last is not None and now - last > self._timeout(watcher_name):
                 del self.watched[pid]
@@ -223,13 +224,22 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
                 self.timeouts[watcher_name] = self.timeout
         return self.timeouts[watcher_name]
 
-    def _discover(self, armed_at: float | None = None) -> None:
-        """Learn the pids of the watched watchers from circus."""
+    def _discover(self, armed_at: float | None = None) -> bool:
+        """Learn the pids of the watched watchers from circus; False when circusd did not answer
+        them all (busy: "arbiter is already running ..."), so the caller asks again."""
         self._last_discovery = time.monotonic()
-        for watcher_name in self.call("list").get("watchers", []):
+        answer = self.call("list")
+        if answer.get("status") != "ok":
+            log.info("watchdog: circusd did not list its watchers (%s); asking again", answer.get("reason", answer))
+            return False
+        complete = True
+        for watcher_name in answer.get("watchers", []):
             if self._match_watcher_name(watcher_name):
-                for known in self.call("list", name=watcher_name).get("pids", []):
+                pids = self.call("list", name=watcher_name)
+                complete = complete and pids.get("status") == "ok"
+                for known in pids.get("pids", []):
                     self.watched.setdefault(int(known), [watcher_name, armed_at])
+        return complete
 
     def _decode(self, data: bytes) -> int | None:
         try:
