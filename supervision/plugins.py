@@ -185,6 +185,8 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
             if beat not in self.watched and time.monotonic() - self._last_discovery >= 1.0:
                 self._discover()  # spawned before this plugin subscribed to circus's events
             if beat in self.watched:
+                if self.watched[beat][1] is None:
+                    log.info("watchdog: %s pid %d: first heartbeat; watched from now on", self.watched[beat][0], beat)
                 self.watched[beat][1] = time.monotonic()
 
     def look_after(self) -> None:
@@ -238,6 +240,8 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
                 pids = self.call("list", name=watcher_name)
                 complete = complete and pids.get("status") == "ok"
                 for known in pids.get("pids", []):
+                    if int(known) not in self.watched and armed_at is not None:
+                        log.info("watchdog: %s pid %d: running; watched from now on", watcher_name, int(known))
                     self.watched.setdefault(int(known), [watcher_name, armed_at])
         return complete
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -329,6 +330,11 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
     try:
         wait_for("writes", lambda: len(acked) > 20, timeout=60)
         old = stack.pids_of("writer")
+        # Hung only once the watchdog watches it (circusd's log says so): a hang before that is
+        # another test's question, and a race here (the plugin starts last).
+        wait_for("the watchdog to watch the writer", lambda: re.search(
+            rf"watchdog: writer pid {old[0]}: (first heartbeat|running); watched from now on", stack.log("circusd")),
+            timeout=60)
         os.kill(old[0], signal.SIGSTOP)
         try:
             new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=180)
