@@ -24,6 +24,38 @@ T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
+class ConsoleClient:
+    """A logged-in operator of a console app, through Flask's test client (CSRF on, as in
+    production): ``get``, ``post`` (with the session's CSRF token), ``login`` (the generated
+    password from its home)."""
+
+    def __init__(self, app: Any) -> None:
+        self.client = app.test_client()
+        self.home: Path = app.config["TICKSTACK"].home
+
+    @classmethod
+    def logged_in(cls, app: Any) -> ConsoleClient:
+        console = cls(app)
+        console.login()
+        return console
+
+    def get(self, url: str, **kw: Any) -> Any:
+        return self.client.get(url, **kw)
+
+    def token(self) -> str:
+        """The session's CSRF token, from a page's form."""
+        return CSRF_RE.search(self.get("/console/audit").text).group(1)  # type: ignore[union-attr]
+
+    def post(self, url: str, data: dict[str, str] | None = None) -> Any:
+        return self.client.post(url, data={"csrf_token": self.token(), **(data or {})})
+
+    def login(self) -> None:
+        token = CSRF_RE.search(self.get("/console/login").text).group(1)  # type: ignore[union-attr]
+        password = (self.home / "admin-password").read_text().strip()
+        r = self.client.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
+        assert r.status_code == 302, r.status_code
+
+
 def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
     """Rows of ``sql`` (``?`` placeholders) from the test's database, read-only: the SQLite file or
     the server's database (:func:`testkit.postgres.read_connection`), so one test reads both."""

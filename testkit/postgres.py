@@ -130,15 +130,20 @@ class PostgresServer:
         socket."""
         return f"{driver}://{role}:{quote(self.passwords[role], safe='')}@/{database}?host={self.socket_dir}"
 
-    def create_database(self, name: str) -> None:
+    def create_database(self, name: str, *, amcheck: bool = False) -> None:
         """``CREATE DATABASE name OWNER ts_owner``, with the privileges a deployment grants: tables
-        the owner creates (the migrations) are readable by ts_reader and writable by ts_writer."""
+        the owner creates (the migrations) are readable by ts_reader and writable by ts_writer.
+        ``amcheck``: the extension too, and the owner's right to run its check (as a DBA would)."""
         import psycopg  # here: the harness imports this module on SQLite-only machines too
 
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
             raise ValueError(f"database name {name!r}: lower-case letters, digits and _ only")
         with psycopg.connect(**self._params("postgres", "postgres"), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name} OWNER ts_owner")
+        if amcheck:
+            with psycopg.connect(**self._params("postgres", name), autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+                conn.execute("GRANT EXECUTE ON FUNCTION bt_index_check(regclass, boolean) TO ts_owner")
         with psycopg.connect(**self._params("ts_owner", name), autocommit=True) as conn:
             for grant in ("GRANT SELECT ON TABLES TO ts_reader, ts_writer",
                           "GRANT INSERT, UPDATE, DELETE ON TABLES TO ts_writer",
@@ -192,8 +197,8 @@ class HomeDatabases:
 
     def __init__(self, server: PostgresServer, *, amcheck: bool = False) -> None:
         self.server = server
-        #: Each new database gets amcheck, and its owner the right to run it (a benchmark's
-        #: integrity verdict); the test suite's do not (its amcheck test installs it step by step).
+        #: Each new database gets amcheck, and its owner the right to run it, so integrity checks
+        #: are real ones (the suite's and the chaos benchmark's; the amcheck test drops it first).
         self.amcheck = amcheck
         self.count = 0
         #: home -> (database, the home's inode: a folder name reused later gets a new database)
@@ -207,10 +212,7 @@ class HomeDatabases:
             self.drop_finished()
             self.count += 1
             name = f"ts_{self.count}_{re.sub(r'[^a-z0-9]', '_', home.name.lower())}"[:63]
-            self.server.create_database(name)
-            if self.amcheck:
-                self.server.psql(name, "postgres", "CREATE EXTENSION IF NOT EXISTS amcheck; GRANT EXECUTE ON "
-                                                   "FUNCTION bt_index_check(regclass, boolean) TO ts_owner")
+            self.server.create_database(name, amcheck=self.amcheck)
             self.made[home] = known = (name, inode)
         return {"DATABASE_URL": self.server.url("ts_owner", database=known[0]),
                 "DATABASE_READ_URL": self.server.url("ts_reader", database=known[0])}

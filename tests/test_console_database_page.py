@@ -14,15 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
 
 from db.client import WriterClient
 from testkit.env import ROOT
-from testkit.helpers import CSRF_RE, query
+from testkit.helpers import ConsoleClient, query
 from testkit.writer import Stack
 from webapp import create_app
 from webapp.console.dbwords import checkpoint_words, job_words
@@ -30,23 +28,7 @@ from webapp.console.dbwords import checkpoint_words, job_words
 TICKS = 120
 
 
-class Console:
-    def __init__(self, app: Flask) -> None:
-        self.client = app.test_client()
-        self.home: Path = app.config["TICKSTACK"].home
-
-    def get(self, url: str) -> Any:
-        return self.client.get(url)
-
-    def post(self, url: str) -> Any:
-        token = CSRF_RE.search(self.get("/console/audit").text).group(1)
-        return self.client.post(url, data={"csrf_token": token})
-
-    def login(self) -> None:
-        token = CSRF_RE.search(self.get("/console/login").text).group(1)
-        password = (self.home / "admin-password").read_text().strip()
-        r = self.client.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
-        assert r.status_code == 302
+Console = ConsoleClient  # the name the tests (and their importers) use
 
 
 def text_of(page: Any) -> str:
@@ -74,9 +56,7 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def console(stack: Stack) -> Console:
-    c = Console(create_app("console", stack.settings))
-    c.login()
-    return c
+    return Console.logged_in(create_app("console", stack.settings))
 
 
 def test_job_runs_read_as_sentences_with_absolute_utc_times(console: Console, stack: Stack) -> None:

@@ -12,14 +12,12 @@ import html
 import re
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
-from flask import Flask
 
-from testkit.helpers import CSRF_RE, wait_for
+from testkit.helpers import ConsoleClient, wait_for
 from testkit.writer import Stack
 from webapp import create_app
 
@@ -46,19 +44,7 @@ EXPECTED_LEVELS = ["info", "warning", "error", "error", "error", "error", "info"
                    "error", "warning", "info", "error"]
 
 
-class Console:
-    def __init__(self, app: Flask) -> None:
-        self.client = app.test_client()
-        self.home: Path = app.config["TICKSTACK"].home
-
-    def get(self, url: str, **kw: Any) -> Any:
-        return self.client.get(url, **kw)
-
-    def login(self) -> None:
-        token = CSRF_RE.search(self.get("/console/login").text).group(1)
-        password = (self.home / "admin-password").read_text().strip()
-        r = self.client.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
-        assert r.status_code == 302
+Console = ConsoleClient  # the name the tests (and their importers) use
 
 
 def lines_of(page: Any) -> list[tuple[str, str]]:
@@ -79,9 +65,7 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 def console(stack: Stack) -> Console:
-    c = Console(create_app("console", stack.settings))
-    c.login()
-    return c
+    return Console.logged_in(create_app("console", stack.settings))
 
 
 def undecodable_request(stack: Stack, size: int) -> None:

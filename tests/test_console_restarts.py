@@ -35,9 +35,7 @@ def cstack() -> Iterator[CircusStack]:
 
 @pytest.fixture(scope="module")
 def console(cstack: CircusStack) -> Console:
-    c = Console(create_app("console", cstack.settings))
-    c.login()
-    return c
+    return Console.logged_in(create_app("console", cstack.settings))
 
 
 def restarts(cstack: CircusStack, name: str) -> int:
