@@ -119,10 +119,10 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     """Store a batch of ticks. A tick whose (source, seq) is already stored is
     skipped and counted as a duplicate, so replays never store it twice."""
     n = len(ticks["ts"])
-    values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
     if conn.dialect.name == "postgresql" and n >= COPY_MIN_TICKS:
-        inserted = copy_ticks(conn, values)
+        inserted = copy_ticks(conn, ticks)
     else:
+        values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
         inserted = insert_many(conn, Tick.__table__, TICK_FIELDS, values, ignore=True)
     return {"inserted": inserted, "duplicates": n - inserted}
 

@@ -1,5 +1,6 @@
-"""``insert_ticks`` on PostgreSQL goes by COPY into a temporary table, then one INSERT ... SELECT
-... ON CONFLICT DO NOTHING (:func:`db.statements.copy_ticks`): the same answers as on SQLite."""
+"""``insert_ticks`` on PostgreSQL goes by COPY straight into ``ticks``, or, for a batch with a
+stored key, into a temporary table then one INSERT ... SELECT ... ON CONFLICT DO NOTHING
+(:func:`db.statements.copy_ticks`): the same answers as on SQLite."""
 from __future__ import annotations
 
 import pytest
@@ -63,5 +64,37 @@ def test_insert_ticks_counts_duplicates_exactly_and_keeps_the_batch_order(databa
             ("b", 20), ("b", 21), ("b", 22), ("b", 23)]
         assert rows[0][2] == 1.08 and rows[1][2] == 1.08 + 1e-5 and rows[0][3] == 1.5  # doubles, bit for bit
         assert fills == sorted(fills) and len(fills) == 4 * fill  # the batch's order, every one once
+    finally:
+        stack.close()
+
+
+def test_a_batch_with_no_stored_key_goes_straight_into_ticks_and_one_with_a_replay_is_deduplicated(
+        request: pytest.FixtureRequest) -> None:
+    """The fast path is one COPY into ``ticks`` (no temporary table made); a batch that repeats a
+    stored (source, seq) falls back to the temporary table and ON CONFLICT, with exact counts, and
+    the ids the failed COPY drew are never seen as ticks."""
+    stack = stack_on("postgresql", request)
+    temp_tables = "SELECT count(*) FROM pg_class WHERE relname = 'ticks_in' AND relpersistence = 't'"
+    try:
+        stack.start_writer()
+        engine = create_engine(stack.settings.database_url)
+        try:
+            with WriterClient(settings=stack.settings, deadline=30) as client:
+                fresh = columns(list(range(100, 100 + COPY_MIN_TICKS)), source="clean")
+                assert client.call("insert_ticks", ticks=fresh) == {"inserted": COPY_MIN_TICKS, "duplicates": 0}
+                with engine.connect() as conn:
+                    assert conn.execute(text(temp_tables)).scalar() == 0
+                # The replay's last tick is new: the straight COPY fails on its first tick, not before.
+                replay = columns([*range(100, 100 + COPY_MIN_TICKS), 500], source="clean")
+                assert client.call("insert_ticks", ticks=replay) == {"inserted": 1, "duplicates": COPY_MIN_TICKS}
+                with engine.connect() as conn:
+                    assert conn.execute(text(temp_tables)).scalar() == 1
+                    seqs = conn.execute(text("SELECT seq FROM ticks WHERE source = 'clean' ORDER BY id")
+                                        ).scalars().all()
+                    ids = conn.execute(text("SELECT id FROM ticks ORDER BY id")).scalars().all()
+        finally:
+            engine.dispose()
+        assert seqs == [*range(100, 100 + COPY_MIN_TICKS), 500]
+        assert ids[:COPY_MIN_TICKS] == list(range(1, COPY_MIN_TICKS + 1)) and len(ids) == COPY_MIN_TICKS + 1
     finally:
         stack.close()
