@@ -292,7 +292,7 @@ SETTINGS: tuple[Setting, ...] = (
       "`TICKSTACK_ADMIN_PASSWORD` on every host (unset: generated per home into the file, 0600)", secret=True),
     S("TICKSTACK_HOST", "host", host_name, _default_host, "the machine's host name",
       "this stack's name among the stacks sharing one PostgreSQL database: one writer per host, and "
-      "what leaders, locks and the sim feed's source are named by"),
+      "what its sessions (application_name), leaders, locks and sim feed's source are named by"),
     S("TICKSTACK_DIRECT_WRITES", "direct_writes", flag, False, "`0`",
       "PostgreSQL only: `1` runs each single acknowledged write (`WriterClient.call`) in the caller's own "
       "transaction, recorded for retries as the writer does, instead of through the writer (faster for small "

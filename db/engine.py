@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import sqlite3
 import sys
 import weakref
@@ -90,13 +89,14 @@ def database_location(url: str) -> dict[str, str | None]:
     return {"dialect": parsed.get_backend_name(), "host": host}
 
 
-def application_name(role: str) -> str:
+def application_name(role: str, host: str) -> str:
     """``tickstack writer pid 1234 on host``: what every PostgreSQL session of this process is named
     (``application_name``), so ``pg_stat_activity``, ``db doctor`` and ``/metrics`` tell who holds
     which connections, the server-side counterpart of "who holds the file". ``role`` is the
-    program (``writer``, ``analysis``, ``gunicorn``...) or what the session is for. At most
-    PostgreSQL's 63 bytes."""
-    return f"tickstack {role} pid {os.getpid()} on {socket.gethostname()}".encode()[:63].decode(errors="ignore")
+    program (``writer``, ``analysis``, ``gunicorn``...) or what the session is for; ``host`` is the
+    setting ``TICKSTACK_HOST`` (two stacks on one machine are two hosts), as in the names of the
+    writer lock's and the leaders' sessions. At most PostgreSQL's 63 bytes."""
+    return f"tickstack {role} pid {os.getpid()} on {host}".encode()[:63].decode(errors="ignore")
 
 
 def program_name() -> str:
@@ -144,7 +144,7 @@ def make_write_engine(settings: Settings) -> Engine:
     url = settings.database_url
     if not is_sqlite(url):
         engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
-                               connect_args={"application_name": application_name(program_name())})
+                               connect_args={"application_name": application_name(program_name(), settings.host)})
         _engines.add(engine)
         return engine
     path = settings.database_path
@@ -211,7 +211,8 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
         dbapi_conn.autocommit = True
         cur = dbapi_conn.cursor()
         cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        cur.execute("SELECT set_config('application_name', %s, false)", (application_name(role or program_name()),))
+        cur.execute("SELECT set_config('application_name', %s, false)",
+                    (application_name(role or program_name(), settings.host),))
         cur.close()
         dbapi_conn.autocommit = autocommit
 

@@ -45,8 +45,8 @@ def scrub(text: str, url: str) -> str:
     return text.replace(password, HIDDEN) if password else text
 
 
-def connect(url: str, purpose: str, timeout: float = 3.0, read_only: bool = True) -> Any:
-    """A psycopg connection (autocommit) for ``purpose`` (its application_name), failing within
+def connect(url: str, purpose: str, host: str, timeout: float = 3.0, read_only: bool = True) -> Any:
+    """A psycopg connection (autocommit) for ``purpose`` on ``host`` (its application_name), failing within
     about ``timeout`` seconds when the server does not answer; read-only unless told."""
     import psycopg
 
@@ -55,7 +55,7 @@ def connect(url: str, purpose: str, timeout: float = 3.0, read_only: bool = True
     if read_only:
         options.append("-c default_transaction_read_only=on")
     return psycopg.connect(**params, connect_timeout=max(1, round(timeout)), autocommit=True,
-                           application_name=application_name(purpose), options=" ".join(o for o in options if o))
+                           application_name=application_name(purpose, host), options=" ".join(o for o in options if o))
 
 
 def group_name(app: str | None) -> str:
@@ -74,7 +74,7 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     url = settings.database_read_url
     started = time.perf_counter()
     try:
-        with connect(url, "health", timeout) as conn:
+        with connect(url, "health", settings.host, timeout) as conn:
             size, version, max_conn, everyone = conn.execute(
                 "SELECT pg_database_size(current_database()), current_setting('server_version'), "
                 "current_setting('max_connections')::int, (SELECT count(*) FROM pg_stat_activity "
@@ -129,7 +129,7 @@ def pg_program(name: str) -> str:
     return on_path
 
 
-def _libpq_env(url: str, private: Path) -> tuple[str, dict[str, str]]:
+def _libpq_env(url: str, private: Path, host: str) -> tuple[str, dict[str, str]]:
     """A connection string without the password, and an environment whose ``PGPASSFILE`` (0600,
     in ``private``) holds it: pg_dump's command line (visible in ``ps``) and its logs never do."""
     from psycopg.conninfo import make_conninfo
@@ -148,7 +148,7 @@ def _libpq_env(url: str, private: Path) -> tuple[str, dict[str, str]]:
         with os.fdopen(fd, "w") as f:  # host:port:database:user:password, wildcards for the first three
             f.write(f"*:*:*:{esc(params.get('user', '*'))}:{esc(password)}\n")
         env["PGPASSFILE"] = str(passfile)
-    env["PGAPPNAME"] = application_name("backup")
+    env["PGAPPNAME"] = application_name("backup", host)
     return make_conninfo(**params), env
 
 
@@ -164,7 +164,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0) -> dict[str, A
     private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
     started = time.perf_counter()
     try:
-        conninfo, env = _libpq_env(url, private)
+        conninfo, env = _libpq_env(url, private, settings.host)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
         # --extension=plpgsql (built in, never dumped): no extension in the dump. tickstack's schema
         # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
@@ -211,7 +211,7 @@ def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> 
 
     url = settings.database_url
     started = time.perf_counter()
-    with connect(url, "quick_check", timeout, read_only=False) as conn:
+    with connect(url, "quick_check", settings.host, timeout, read_only=False) as conn:
         installed = conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'").fetchone()
         if installed is None:
             if not create:  # the console: no DDL from a web request

@@ -202,10 +202,10 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
     url = postgres_server.url("ts_owner")
     private = tmp_path / "p"
     private.mkdir(mode=0o700)
-    conninfo, env = _libpq_env(url, private)
+    conninfo, env = _libpq_env(url, private, "host-a")
     password = postgres_server.passwords["ts_owner"]
     assert password not in conninfo and "password" not in conninfo
-    assert "PGPASSWORD" not in env
+    assert "PGPASSWORD" not in env and env["PGAPPNAME"].endswith(" on host-a"), env.get("PGAPPNAME")
     passfile = Path(env["PGPASSFILE"])
     assert stat.S_IMODE(passfile.stat().st_mode) == 0o600 and password in passfile.read_text()
     listed = subprocess.run([pg_program("psql"), "-X", "-tA", "-w", "-d", conninfo, "-c", "SELECT current_user"],

@@ -64,6 +64,12 @@ def test_two_hosts_share_one_database_with_one_leader_each_and_survive_the_leade
             "SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-a-%'") and scalar(
             "SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-b-%'"), timeout=90)
         assert all(v.endswith("on host-a") for v in led_by().values() if v), led_by()
+        # Every session is named for its host's TICKSTACK_HOST (both run on one machine), so the
+        # server's sessions by application tell the two hosts' writers apart.
+        writers = scalar("SELECT string_agg(application_name, '|') FROM pg_stat_activity "
+                         "WHERE application_name LIKE 'tickstack writer pid %'")
+        assert re.search(r"tickstack writer pid \d+ on host-a", writers or "") and re.search(
+            r"tickstack writer pid \d+ on host-b", writers or ""), writers
 
         # host-a dies: circusd and every process it started, SIGKILLed at once.
         doomed = [a.proc.pid, *(p.pid for p in psutil.Process(a.proc.pid).children(recursive=True))]
