@@ -35,12 +35,9 @@ from sqlalchemy.exc import DBAPIError
 
 from db import ops
 from db.config import Settings
-from db.engine import make_write_engine, storage_full_reason
+from db.engine import make_write_engine, storage_full_reason, transient_reason
 from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
 from db.protocol import decode_request, encode_request, pack_columns
-
-#: SQLSTATEs worth running the same transaction again for: serialization_failure, deadlock_detected.
-_RETRY_STATES = frozenset({"40001", "40P01"})
 
 
 class DirectWrites:
@@ -76,7 +73,7 @@ class DirectWrites:
                 if reason is not None:
                     error: WriterError = StorageFull(f"the database's disk is full ({reason}): nothing of the "
                                                      "request was written; it succeeds once space is freed")
-                elif e.connection_invalidated or getattr(e.orig, "sqlstate", None) in _RETRY_STATES:
+                elif e.connection_invalidated or transient_reason(e) is not None:
                     error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
                 else:
                     raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None

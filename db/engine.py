@@ -26,6 +26,7 @@ import os
 import sqlite3
 import sys
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,19 @@ def make_write_engine(settings: Settings) -> Engine:
     if not is_sqlite(url):
         engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
                                connect_args={"application_name": application_name(program_name(), settings.host)})
+        lock_timeout = f"{int(settings.busy_timeout_ms)}ms"
+
+        # SQLite's busy_timeout on a server: a statement waits this long at most on a lock another
+        # session holds (a session left open in a transaction, another host's writer), then fails
+        # retryably (transient_reason), instead of holding the writer, and every client behind it,
+        # for as long as that session lives. Set as the read sessions' settings are (autocommit).
+        @event.listens_for(engine, "connect", insert=True)
+        def _write_session(dbapi_conn: Any, _record: Any) -> None:
+            autocommit = dbapi_conn.autocommit
+            dbapi_conn.autocommit = True
+            dbapi_conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
+            dbapi_conn.autocommit = autocommit
+
         _engines.add(engine)
         return engine
     path = settings.database_path
@@ -252,6 +266,40 @@ def storage_full_reason(exc: BaseException) -> str | None:
     disk is full, e.g. ``"SQLITE_FULL: database or disk is full"`` or
     ``"ENOSPC: No space left on device"``; None for any other error. A full
     disk is a state the writer reports and waits out, not a crash."""
+    for e in _errors_under(exc):
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
+            return f"{getattr(e, 'sqlite_errorname', 'SQLITE_FULL')}: {e}"
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return f"{errno.errorcode[e.errno]}: {e.strerror}"
+        if getattr(e, "sqlstate", None) == "53100" or getattr(e, "pgcode", None) == "53100":  # PostgreSQL disk_full
+            return f"53100 disk_full: {e}".strip()
+    return None
+
+
+#: SQLSTATEs of a transaction that lost a race with another session, through no fault of its work:
+#: serialization_failure, deadlock_detected, lock_not_available (a wait over ``lock_timeout``).
+_TRANSIENT_STATES = {"40001": "serialization_failure", "40P01": "deadlock_detected", "55P03": "lock_not_available"}
+#: SQLite's: the file's write lock (or a table's) held by another connection past busy_timeout.
+_TRANSIENT_SQLITE = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def transient_reason(exc: BaseException) -> str | None:
+    """The database's own words when ``exc`` (or an error under it) says the work lost a race with
+    another session: a deadlock, a serialisation failure or a lock waited on for longer than the
+    setting allows (PostgreSQL), a lock held past busy_timeout (SQLite). Nothing of that statement
+    was applied and the same work run again can succeed, so it is answered retryably; None for
+    any other error."""
+    for e in _errors_under(exc):
+        state = getattr(e, "sqlstate", None)
+        if state in _TRANSIENT_STATES:
+            return f"{state} {_TRANSIENT_STATES[state]}: {' '.join(str(e).split())}"
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF in _TRANSIENT_SQLITE:
+            return f"{getattr(e, 'sqlite_errorname', 'SQLITE_BUSY')}: {e}"
+    return None
+
+
+def _errors_under(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every error under it (SQLAlchemy's ``orig``, causes, contexts), each once."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -259,14 +307,8 @@ def storage_full_reason(exc: BaseException) -> str | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
-            return f"{getattr(e, 'sqlite_errorname', 'SQLITE_FULL')}: {e}"
-        if isinstance(e, OSError) and e.errno in _NO_SPACE:
-            return f"{errno.errorcode[e.errno]}: {e.strerror}"
-        if getattr(e, "sqlstate", None) == "53100" or getattr(e, "pgcode", None) == "53100":  # PostgreSQL disk_full
-            return f"53100 disk_full: {e}".strip()
+        yield e
         todo += [x for x in (getattr(e, "orig", None), e.__cause__, e.__context__) if isinstance(x, BaseException)]
-    return None
 
 
 def raw_dbapi(conn: Connection) -> Any:

@@ -89,6 +89,8 @@ def migrate(conn: Connection) -> tuple[int, int]:
     both create the tables, and one fails with a duplicate key). The second waits for the first to
     commit, then finds the schema current."""
     if conn.dialect.name == "postgresql":
+        # However long the first takes: the write session's lock_timeout is for batches, not this.
+        conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
     before = current_version(conn)
     if before > SCHEMA_VERSION:

@@ -7,6 +7,8 @@ transaction holds, so the session is ended exactly while the batch runs, every t
 * the requests of a batch whose connection was lost are *retried* (the batch fails with a retryable
   error, the client sends them again), never failed for good: a lost connection is not the
   request's fault (this held before; the test keeps it so);
+* a write that waits on a lock another session holds gives up after ``TICKSTACK_BUSY_TIMEOUT_MS``
+  and is answered retryably, so the writer serves the other clients meanwhile;
 * the analysis worker's chunk stored in several requests never moves its cursor past a part that
   was not stored, even when that part's batch fails and a later part's succeeds.
 """
@@ -67,12 +69,10 @@ def end_the_waiting_write_session(server: PostgresServer, pid: int, ended: set[i
     ended.add(waiting[0])
 
 
-def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, holder: psycopg.Connection,
-                                                               postgres_server: PostgresServer) -> None:
-    """A close_trade waits on the trade's row (held by the test). Its write session is ended twice:
-    once in the batch's fast run and once in its careful run (a savepoint per request). The request
-    is answered once the row is free: closed, once, with no error, and the writer still serves."""
-    writer = stack.start_writer()
+def close_a_held_trade(stack: Stack, holder: psycopg.Connection) -> tuple[int, threading.Thread, list[object]]:
+    """Open a trade, hold its row in ``holder``'s transaction (``FOR UPDATE``), and start a client
+    closing it at 2.0 in a thread of its own (deadline 60 s); its result or its error lands in the
+    list."""
     with WriterClient(settings=stack.settings, deadline=30) as client:
         trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=1.0)["id"]
     holder.execute("SELECT id FROM trades WHERE id = %s FOR UPDATE", (trade,))
@@ -87,6 +87,23 @@ def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, ho
 
     closing = threading.Thread(target=close)
     closing.start()
+    return trade, closing, outcome
+
+
+def assert_closed_once(stack: Stack, server: PostgresServer, trade: int, outcome: list[object]) -> None:
+    assert outcome == [{"id": trade, "exit_price": 2.0, "pnl": 1.0}], outcome
+    events = server.psql(_database(stack), "postgres",
+                         f"SELECT count(*) FROM trade_events WHERE trade_id = {trade} AND kind = 'closed'")
+    assert events.split() == ["1"], events
+
+
+def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, holder: psycopg.Connection,
+                                                               postgres_server: PostgresServer) -> None:
+    """A close_trade waits on the trade's row (held by the test). Its write session is ended twice:
+    once in the batch's fast run and once in its careful run (a savepoint per request). The request
+    is answered once the row is free: closed, once, with no error, and the writer still serves."""
+    writer = stack.start_writer()
+    trade, closing, outcome = close_a_held_trade(stack, holder)
     ended: set[int] = set()
     for _ in range(2):  # the fast run, then the careful run of the same batch
         end_the_waiting_write_session(postgres_server, writer.pid, ended)
@@ -94,12 +111,33 @@ def test_a_batch_whose_connection_is_lost_is_retried_not_failed(stack: Stack, ho
              timeout=30)
     holder.rollback()
     closing.join(60)
-    assert outcome == [{"id": trade, "exit_price": 2.0, "pnl": 1.0}], outcome
-    events = postgres_server.psql(_database(stack), "postgres",
-                                  f"SELECT count(*) FROM trade_events WHERE trade_id = {trade} AND kind = 'closed'")
-    assert events.split() == ["1"], events
+    assert_closed_once(stack, postgres_server, trade, outcome)
     assert writer.poll() is None, stack.writer_log()[-2000:]
     assert "rolled back its whole batch" not in stack.writer_log()  # never blamed on the request
+
+
+def test_a_write_held_up_by_another_session_is_answered_retryably_while_the_writer_serves_on(
+        stack: Stack, holder: psycopg.Connection, postgres_server: PostgresServer) -> None:
+    """A session of the test holds a trade's row (``FOR UPDATE``) and stays open, as a forgotten
+    ``psql`` would. A close_trade of that trade waits at most ``TICKSTACK_BUSY_TIMEOUT_MS`` (500 ms
+    here) in each run of its batch, then is answered retryably (lock_not_available), so the writer
+    serves everyone else meanwhile: a call made while the row is held is acknowledged. (Before, the
+    batch waited as long as the session lived, and every client with it.) The close, resent by its
+    client, is applied once when the row is free."""
+    writer = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="500")
+    trade, closing, outcome = close_a_held_trade(stack, holder)
+    try:
+        wait_for("the close to wait on the held row", lambda: writer_session(postgres_server, writer.pid, True),
+                 timeout=30)
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            assert client.call("audit", actor="test", action="while-held")["id"] >= 1
+            wait_for("a lock wait answered retryably", lambda: client.stats()["lock_errors"] >= 2, timeout=30)
+        assert not outcome, outcome  # still retrying, not failed
+    finally:
+        holder.rollback()
+        closing.join(60)
+    assert_closed_once(stack, postgres_server, trade, outcome)
+    assert "lock_not_available" in stack.writer_log() and writer.poll() is None
 
 
 def test_a_chunk_stored_in_parts_never_moves_the_cursor_past_a_part_that_failed(

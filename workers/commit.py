@@ -42,11 +42,11 @@ from typing import Any
 import msgpack
 import zmq
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from db import ops
 from db.config import Settings
-from db.engine import checkpoint, storage_full_reason
+from db.engine import checkpoint, storage_full_reason, transient_reason
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply
 from db.validation import shown
@@ -397,8 +397,13 @@ class Committer:
         reason = storage_full_reason(e)
         if reason is not None:
             return self._storage_full(reason)
+        transient = transient_reason(e)
+        if transient is not None:  # lost a race with another session: nothing applied, run it again
+            self.stats.lock_errors += 1
+            log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
+                        transient)
+            return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
         if isinstance(e, SQLAlchemyError):
-            self._count_lock_error(e)
             log.warning("writer: op %s failed: %s", spec.name, e)
             return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
         log.error("writer: op %s raised", spec.name, exc_info=e)  # an op's bug fails its request, never the writer
@@ -449,8 +454,8 @@ class Committer:
         except Exception as e:
             log.error("writer: cannot reopen the database (%s); trying again with the next batch", e)
 
-    def _count_lock_error(self, e: SQLAlchemyError) -> None:
-        if isinstance(e, OperationalError) and "locked" in str(e.orig):
+    def _count_lock_error(self, e: BaseException) -> None:
+        if transient_reason(e) is not None:
             self.stats.lock_errors += 1
 
     def _maybe_prune(self, conn: Connection) -> None:
