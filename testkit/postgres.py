@@ -50,7 +50,10 @@ class PostgresUnavailable(RuntimeError):
 class PostgresServer:
     """Start with :meth:`start`, stop with :meth:`stop` (by the postmaster's pid, via pg_ctl)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp_port: int | None = None) -> None:
+        """``tcp_port``: also listen on 127.0.0.1 at that port (password logins, as on the socket),
+        for a test of what only TCP has (keepalives: ``tests/silent_host.py``, in a network
+        namespace of its own). By default no TCP at all."""
         binaries = postgres_bin()
         if binaries is None:
             raise PostgresUnavailable("PostgreSQL is not installed (apt-get install postgresql postgresql-contrib)")
@@ -59,6 +62,8 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="ts-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root
+        self.tcp_port = tcp_port
+        self.port = tcp_port or 5432  # the socket's name (.s.PGSQL.<port>) follows the port
         self.passwords = {role: secrets.token_urlsafe(18) for role in (*ROLES, "postgres")}
         if self.as_postgres:
             user = pwd.getpwnam("postgres")
@@ -85,7 +90,8 @@ class PostgresServer:
             os.chown(pwfile, user.pw_uid, user.pw_gid)
         try:
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "-E", "UTF8", "--no-sync",
-                      "--auth-local=scram-sha-256", "--auth-host=reject", f"--pwfile={pwfile}")
+                      "--auth-local=scram-sha-256", f"--auth-host={'scram-sha-256' if self.tcp_port else 'reject'}",
+                      f"--pwfile={pwfile}")
         finally:
             pwfile.unlink(missing_ok=True)
         self._pg_ctl_start(timeout)
@@ -118,8 +124,9 @@ class PostgresServer:
 
     def _pg_ctl_start(self, timeout: float) -> None:
         # -l: the server's output goes to its log, not to our pipe (which would then never close).
-        options = (f"-c listen_addresses='' -k {self.socket_dir} -c fsync=off -c synchronous_commit=off "
-                   "-c full_page_writes=off -c max_connections=200")
+        listen = "127.0.0.1" if self.tcp_port else ""
+        options = (f"-c listen_addresses='{listen}' -p {self.port} -k {self.socket_dir} -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "server.log"),
                   "-w", "-t", str(int(timeout)), "start")
 
@@ -128,7 +135,14 @@ class PostgresServer:
     def url(self, role: str = "ts_owner", *, database: str = DATABASE, driver: str = "postgresql+psycopg") -> str:
         """The SQLAlchemy URL of ``role`` on ``database`` (the tickstack one by default), over the Unix
         socket."""
-        return f"{driver}://{role}:{quote(self.passwords[role], safe='')}@/{database}?host={self.socket_dir}"
+        port = f"&port={self.port}" if self.port != 5432 else ""
+        return f"{driver}://{role}:{quote(self.passwords[role], safe='')}@/{database}?host={self.socket_dir}{port}"
+
+    def tcp_url(self, role: str = "ts_owner", *, database: str = DATABASE) -> str:
+        """:meth:`url` over TCP to 127.0.0.1 (a server started with ``tcp_port``)."""
+        assert self.tcp_port, "this server listens on its socket only"
+        password = quote(self.passwords[role], safe="")
+        return f"postgresql+psycopg://{role}:{password}@127.0.0.1:{self.tcp_port}/{database}"
 
     def create_database(self, name: str, *, amcheck: bool = False) -> None:
         """``CREATE DATABASE name OWNER ts_owner``, with the privileges a deployment grants: tables
@@ -158,13 +172,14 @@ class PostgresServer:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
     def _params(self, role: str, database: str) -> dict[str, str]:
-        return {"host": str(self.socket_dir), "dbname": database, "user": role, "password": self.passwords[role]}
+        return {"host": str(self.socket_dir), "port": str(self.port), "dbname": database, "user": role,
+                "password": self.passwords[role]}
 
     def psql(self, database: str, role: str, sql: str) -> str:
         """Run ``sql`` with psql as ``role``; return its output (tuples only, unaligned)."""
         env = {**os.environ, "PGPASSWORD": self.passwords[role]}
         return self._run("psql", "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-h", str(self.socket_dir),
-                         "-U", role, "-d", database, "-c", sql, env=env, as_server_user=False)
+                         "-p", str(self.port), "-U", role, "-d", database, "-c", sql, env=env, as_server_user=False)
 
     def _run(self, program: str, *args: str, env: dict[str, str] | None = None, as_server_user: bool = True) -> str:
         """Run a PostgreSQL program; the server's own (initdb, pg_ctl) as the postgres user when root."""
@@ -180,7 +195,8 @@ class PostgresServer:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._run("pg_isready", "-h", str(self.socket_dir), "-d", DATABASE, as_server_user=False)
+                self._run("pg_isready", "-h", str(self.socket_dir), "-p", str(self.port), "-d", DATABASE,
+                          as_server_user=False)
                 return
             except PostgresUnavailable:
                 if time.monotonic() > deadline:
