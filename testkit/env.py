@@ -6,6 +6,7 @@ environment and ``TICKSTACK_HOME`` is set to a new folder of its own.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -38,18 +39,50 @@ def use_database(provider: Callable[[Path], dict[str, str]] | None) -> None:
     _database_for_home = provider
 
 
+#: One lock file per port handed out, held by the process that took it for as long as it lives:
+#: the two pytest runs of ``make test`` (and a benchmark beside them) each ask the kernel for a
+#: free port, and may be given the same one between one's asking and its server's binding it.
+_PORTS_DIR = Path(tempfile.gettempdir()) / f"tickstack-ports-{os.getuid()}"
+#: (protocol, port) -> the open lock file that claims it for this process.
+_claimed: dict[tuple[str, int], int] = {}
+
+
+def _claim(protocol: str, port: int) -> bool:
+    """Claim ``port`` among every process of ours on this machine; False if another (or this one,
+    earlier) has it."""
+    if (protocol, port) in _claimed:
+        return False
+    _PORTS_DIR.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(_PORTS_DIR / f"{protocol}-{port}", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _claimed[(protocol, port)] = fd
+    return True
+
+
+def _free(protocol: str, kind: socket.SocketKind) -> int:
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if _claim(protocol, port):
+            return port
+    raise RuntimeError(f"no free {protocol.upper()} port on 127.0.0.1 after 200 tries")
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that no other process of
+    ours (another test run) has been given."""
+    return _free("tcp", socket.SOCK_STREAM)
 
 
 def free_udp_port() -> int:
-    """A UDP port on 127.0.0.1 that nothing is bound to right now (the watchdog's)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A UDP port on 127.0.0.1 that nothing is bound to right now (the watchdog's), and that no
+    other process of ours has been given."""
+    return _free("udp", socket.SOCK_DGRAM)
 
 
 def new_home(prefix: str = "ts-") -> Path:

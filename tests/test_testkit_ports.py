@@ -1,0 +1,29 @@
+"""The harness's free ports: ``make test`` runs two pytest processes side by side, and a port one
+of them was given must never be given to the other (its server may not have bound it yet)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from testkit.env import ROOT, _claim, free_port, free_udp_port
+
+HOLDER = """
+import sys
+from testkit.env import free_port, free_udp_port
+print(*(free_port() for _ in range(20)), free_udp_port(), flush=True)
+sys.stdin.read()  # hold them until told to exit
+"""
+
+
+def test_a_port_given_to_one_process_is_never_given_to_another_while_it_lives() -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        *tcp, udp = (int(p) for p in holder.stdout.readline().split())  # type: ignore[union-attr]
+        assert len(set(tcp)) == 20
+        assert not any(_claim("tcp", p) for p in tcp) and not _claim("udp", udp)
+        mine = {free_port() for _ in range(50)}
+        assert len(mine) == 50 and not mine & set(tcp) and free_udp_port() != udp
+    finally:
+        holder.communicate("", timeout=30)
+    assert _claim("tcp", tcp[0]) and not _claim("tcp", tcp[0])  # free once it exited; then ours alone
