@@ -239,9 +239,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_SYNCHRONOUS", "synchronous", choice("NORMAL", "FULL"), "NORMAL", "`NORMAL`",
       "SQLite `synchronous` for the writer: `FULL` also survives power loss, at a cost per commit"),
     S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0), 5000, "5000",
-      "how long a connection waits on a lock another session holds: SQLite's `busy_timeout` (readers, "
-      "the writer), PostgreSQL's `lock_timeout` for writes (0 there: no limit); then the write is "
-      "answered retryably"),
+      "SQLite: how long a connection (a reader, the writer) waits on a lock another holds (`busy_timeout`)"),
+    S("TICKSTACK_LOCK_TIMEOUT_MS", "lock_timeout_ms", whole(0), 1000, "1000",
+      "PostgreSQL: how long a write waits on a lock another session holds (`lock_timeout`), then it "
+      "is answered retryably and its client sends it again; 0: no limit"),
     S("TICKSTACK_JOURNAL_SIZE_LIMIT", "journal_size_limit", whole(0), 64 * 1024 * 1024, "64 MiB",
       "WAL bytes kept after a checkpoint (SQLite `journal_size_limit`)"),
     S("TICKSTACK_CLIENT_DEADLINE", "client_deadline", number(0.1), 60.0, "60",
@@ -364,6 +365,7 @@ class Settings:
     watchdog_port: int
     synchronous: str
     busy_timeout_ms: int
+    lock_timeout_ms: int
     journal_size_limit: int
     client_deadline: float
     ready_timeout: float

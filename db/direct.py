@@ -16,8 +16,9 @@ The same promises as through the writer, from the same code:
 * acknowledged means committed: ``call`` returns after COMMIT;
 * retries apply once: the (client id, seq) is recorded as applied in the op's own transaction
   (:func:`db.ops.record_applied`), and a retry of the same seq gets the recorded result back;
-* a lost connection, a deadlock or a serialisation failure is retried (same seq) until the
-  call's deadline; a full disk is :class:`~db.errors.StorageFull` with the server's reason.
+* a lost connection, a deadlock, a serialisation failure or a lock wait over
+  ``TICKSTACK_LOCK_TIMEOUT_MS`` is retried (same seq) until the call's deadline; a full disk is
+  :class:`~db.errors.StorageFull` with the server's reason.
 
 What it gives up: the writer's one queue (each caller holds a connection of its own while it
 writes: size ``max_connections`` for it), and its counters (``stats`` counts only what went

@@ -146,12 +146,12 @@ def make_write_engine(settings: Settings) -> Engine:
     if not is_sqlite(url):
         engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
                                connect_args={"application_name": application_name(program_name(), settings.host)})
-        lock_timeout = f"{int(settings.busy_timeout_ms)}ms"
+        lock_timeout = f"{int(settings.lock_timeout_ms)}ms"
 
-        # SQLite's busy_timeout on a server: a statement waits this long at most on a lock another
-        # session holds (a session left open in a transaction, another host's writer), then fails
-        # retryably (transient_reason), instead of holding the writer, and every client behind it,
-        # for as long as that session lives. Set as the read sessions' settings are (autocommit).
+        # A statement waits this long at most on a lock another session holds (a session left open
+        # in a transaction, another host's writer), then fails retryably (transient_reason),
+        # instead of holding the writer, and every client behind it, for as long as that session
+        # lives. Set as the read sessions' settings are (autocommit).
         @event.listens_for(engine, "connect", insert=True)
         def _write_session(dbapi_conn: Any, _record: Any) -> None:
             autocommit = dbapi_conn.autocommit

@@ -54,6 +54,10 @@ class SchemaVersion(Base):
     applied_at: Mapped[int] = mapped_column(BigInteger)
 
 
+#: A tick's unique key: who produced it and its sequence number there.
+TICK_KEY = ("source", "seq")
+
+
 class Tick(Base):
     __tablename__ = "ticks"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -67,7 +71,7 @@ class Tick(Base):
     source: Mapped[str] = mapped_column(String(64))
     seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     __table_args__ = (
-        UniqueConstraint("source", "seq"),
+        UniqueConstraint(*TICK_KEY),
         Index("ix_ticks_symbol_ts", "symbol", "ts"),
         # Ids never go back, even after retention deletes the newest rows:
         # workers resume from "the last tick id I processed".

@@ -7,7 +7,7 @@ fields (:func:`prepare`) and runs it inside the batch transaction
 ``Connection``; they stay portable SQL (SQLite or PostgreSQL). The hot ones
 (ticks, audit, bars and indicators, the record of applied requests) run
 statements compiled once per dialect, on the DB-API cursor where the driver
-takes them as they are (:func:`compiled_insert`), with SQLAlchemy Core as the
+takes them as they are (:func:`~db.statements.compile_insert`), with SQLAlchemy Core as the
 fallback for any other database.
 
 Every op declares its fields with the validators of :mod:`db.validation`,
@@ -29,6 +29,7 @@ from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_tabl
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
     INDICATORS,
+    TICK_KEY,
     AppliedRequest,
     AuditEntry,
     Bar,
@@ -123,7 +124,7 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
         inserted = copy_ticks(conn, ticks)
     else:
         values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
-        inserted = insert_many(conn, Tick.__table__, TICK_FIELDS, values, ignore=True)
+        inserted = insert_many(conn, Tick.__table__, TICK_FIELDS, values, skip_on=TICK_KEY)
     return {"inserted": inserted, "duplicates": n - inserted}
 
 
@@ -168,7 +169,8 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str,
     cursor is elsewhere (an earlier request of a pipelined worker failed),
     nothing is stored (Conflict), so no store lands on a gap."""
     # FOR UPDATE: during a change of leader two hosts' writers may store the same cursor at once;
-    # the second waits, then sees the first's position (left out on SQLite: one writer).
+    # the second waits (up to TICKSTACK_LOCK_TIMEOUT_MS, then retried), then sees the first's
+    # position (left out on SQLite: one writer).
     current = conn.execute(select(Cursor.value).where(Cursor.name == cursor).with_for_update()).scalar()
     if expect is not None and (current or 0) != expect:
         raise Conflict(f"cursor {cursor!r} is at {current or 0}, not at {expect} as this store expects")
@@ -225,7 +227,8 @@ def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | 
 
 def _open_trade_row(conn: Connection, trade_id: int) -> Any:
     # FOR UPDATE: on PostgreSQL writers of several hosts may close or change one trade at once; the
-    # second waits for the first and then sees it closed (SQLite: one writer, the clause is left out).
+    # second waits for the first (up to TICKSTACK_LOCK_TIMEOUT_MS, then retried) and then sees it
+    # closed (SQLite: one writer, the clause is left out).
     row = conn.execute(select(Trade).where(Trade.id == trade_id).with_for_update()).first()
     if row is None:
         raise NotFound(f"trade {trade_id} does not exist")

@@ -7,45 +7,48 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Table, func, insert
+from sqlalchemy import Table, UniqueConstraint, func, insert
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
+from db.models import TICK_KEY, Tick
 from db.validation import TICK_FIELDS
 
-#: (dialect, table, columns, conflict keys, ignore) -> (SQL text, positional parameter order or None).
-_compiled: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], bool], tuple[str, tuple[str, ...] | None]] = {}
+#: (dialect, table, columns, upsert key, skip key, keep) -> (SQL text, positional parameter order or None).
+_compiled: dict[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...], bool],
+                tuple[str, tuple[str, ...] | None]] = {}
 
 
-def _dialect_insert(conn: Connection) -> Callable[[Table], Any]:
-    if conn.dialect.name == "sqlite":
+def _dialect_insert(dialect: Dialect) -> Callable[[Table], Any]:
+    if dialect.name == "sqlite":
         return sqlite.insert
-    if conn.dialect.name == "postgresql":
+    if dialect.name == "postgresql":
         return postgresql.insert
-    raise NotImplementedError(f"no upsert support for {conn.dialect.name}")
+    raise NotImplementedError(f"no upsert support for {dialect.name}")
 
 
-def compiled_insert(conn: Connection, table: Table, columns: Sequence[str], update_on: Sequence[str] | None = None,
-               ignore: bool = False, keep: bool = False) -> tuple[str, tuple[str, ...] | None]:
+def compile_insert(dialect: Dialect, table: Table, columns: Sequence[str], update_on: Sequence[str] | None = None,
+                   skip_on: Sequence[str] | None = None, keep: bool = False) -> tuple[str, tuple[str, ...] | None]:
     """``INSERT INTO table (columns)``, compiled once per dialect: SQLAlchemy's compile and execute
     path costs tens of microseconds a statement, more than SQLite takes to run a small one. Plain,
-    or skipping rows whose unique key exists (``ignore``), or replacing them (``update_on``, the
-    unique key's columns: an upsert; with ``keep``, a NULL given leaves the stored value as it is).
-    Returns the SQL and the order of its positional parameters (None for a driver with named ones)."""
-    key = (conn.dialect.name, table.name, tuple(columns), tuple(update_on or ()), ignore, keep)
+    or skipping rows whose unique key ``skip_on`` exists (no other constraint: a clash on the id is
+    an error, never a row quietly skipped), or replacing them (``update_on``, the unique key's
+    columns: an upsert; with ``keep``, a NULL given leaves the stored value as it is). Returns the
+    SQL and the order of its positional parameters (None for a driver with named ones)."""
+    key = (dialect.name, table.name, tuple(columns), tuple(update_on or ()), tuple(skip_on or ()), keep)
     found = _compiled.get(key)
     if found is None:
-        if update_on or ignore:
-            stmt = _dialect_insert(conn)(table)
+        if update_on or skip_on:
+            stmt = _dialect_insert(dialect)(table)
             stmt = (stmt.on_conflict_do_update(index_elements=list(update_on), set_={
                 c: func.coalesce(stmt.excluded[c], table.c[c]) if keep else stmt.excluded[c]
                 for c in columns if c not in update_on})
-                if update_on else stmt.on_conflict_do_nothing())
+                if update_on else stmt.on_conflict_do_nothing(index_elements=list(skip_on or ())))
         else:
             stmt = insert(table)
-        compiled = stmt.compile(dialect=conn.dialect, column_keys=list(columns))
+        compiled = stmt.compile(dialect=dialect, column_keys=list(columns))
         order = tuple(compiled.positiontup) if compiled.positional and compiled.positiontup else None
         found = _compiled[key] = (str(compiled), order)
     return found
@@ -63,13 +66,14 @@ def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
 
 
 def insert_many(conn: Connection, table: Table, columns: Sequence[str], values: Iterable[tuple], *,
-                 update_on: Sequence[str] | None = None, ignore: bool = False, keep: bool = False) -> int:
-    """executemany the compiled INSERT (see :func:`compiled_insert`) with rows given as tuples in
+                 update_on: Sequence[str] | None = None, skip_on: Sequence[str] | None = None,
+                 keep: bool = False) -> int:
+    """executemany the compiled INSERT (see :func:`compile_insert`) with rows given as tuples in
     ``columns`` order; returns the rows inserted (or replaced). On SQLite the tuples stream into
     the DB-API cursor of the same connection, inside the caller's transaction, with no per-row
     Python and no list of thousands kept alive for the garbage collector to walk; elsewhere
     (PostgreSQL) through SQLAlchemy's driver-level executemany."""
-    sql, order = compiled_insert(conn, table, columns, update_on, ignore, keep)
+    sql, order = compile_insert(conn.dialect, table, columns, update_on, skip_on, keep)
     if _direct(conn, order, columns):
         cursor = engines.raw_dbapi(conn).cursor()
         try:
@@ -92,7 +96,7 @@ def insert_row(conn: Connection, table: Table, values: Mapping[str, Any]) -> int
     """Insert one row (every column but the id given) and return its id: the compiled statement
     and ``lastrowid`` on SQLite, SQLAlchemy Core (``RETURNING``) elsewhere."""
     columns = tuple(values)
-    sql, order = compiled_insert(conn, table, columns)
+    sql, order = compile_insert(conn.dialect, table, columns)
     if not _direct(conn, order, columns):
         return conn.execute(insert(table), dict(values)).inserted_primary_key[0]
     cursor = engines.raw_dbapi(conn).cursor()
@@ -132,7 +136,12 @@ TICK_COPY_TYPES = ("text", "int8", "float8", "float8", "float8", "text", "int8")
 _TICK_COPY_STRAIGHT = f"COPY ticks ({', '.join(TICK_FIELDS)}) FROM STDIN (FORMAT BINARY)"
 _TICK_COPY_SQL = (f"COPY pg_temp.ticks_in ({', '.join(TICK_FIELDS)}) FROM STDIN (FORMAT BINARY)",
                   f"INSERT INTO ticks ({', '.join(TICK_FIELDS)}) SELECT {', '.join(TICK_FIELDS)} "
-                  "FROM pg_temp.ticks_in ORDER BY n ON CONFLICT DO NOTHING")
+                  "FROM pg_temp.ticks_in ORDER BY n ON CONFLICT (source, seq) DO NOTHING")
+#: The (source, seq) key's constraint, named by the models' convention: a COPY that breaks it is a
+#: replay; one that breaks another (the id's, after a restore that did not move the sequence on)
+#: is an error, never ticks quietly counted as duplicates.
+_TICK_KEY_NAME = next(c.name for c in Tick.__table__.constraints
+                      if isinstance(c, UniqueConstraint) and tuple(c.columns.keys()) == TICK_KEY)
 
 
 def _copy_rows(cursor: Any, sql: str, rows: Iterable[tuple]) -> None:
@@ -152,11 +161,11 @@ def copy_ticks(conn: Connection, columns: Mapping[str, Sequence[Any]]) -> int:
     the same batches by COPY), and no COPY skips duplicates. If a tick's key is taken (a replay, or a
     key twice in the batch) the COPY fails whole: the savepoint is rolled back (those rows never
     existed; the ids they drew stay unused) and the batch goes by COPY into a session's temporary
-    table, then one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``, which keeps the dedup and
-    counts exactly what it inserted. (An ``executemany`` of that INSERT is row by row: SQLAlchemy
+    table, then one ``INSERT ... SELECT ... ON CONFLICT (source, seq) DO NOTHING``, which keeps the
+    dedup and counts exactly what it inserted. (An ``executemany`` of that INSERT is row by row: SQLAlchemy
     turns insertmanyvalues off for ON CONFLICT without RETURNING.) The transaction keeps its lock on
     ``ticks`` across the rollback if an earlier statement took it, and otherwise takes it again
-    before drawing new ids, which is all :class:`db.queries.TickBound` relies on."""
+    before drawing new ids, which is all :class:`db.queries.TickHorizon` relies on."""
     def rows() -> Iterator[tuple]:
         return zip(*(columns[f] for f in TICK_FIELDS), strict=True)
 
@@ -168,8 +177,9 @@ def copy_ticks(conn: Connection, columns: Mapping[str, Sequence[Any]]) -> int:
         try:
             _copy_rows(cursor, sql, rows())
         except errors.IntegrityError as e:
-            if getattr(e, "sqlstate", None) != "23505":  # unique_violation; anything else is the batch's error
-                raise
+            diag = getattr(e, "diag", None)
+            if getattr(e, "sqlstate", None) != "23505" or getattr(diag, "constraint_name", None) != _TICK_KEY_NAME:
+                raise  # not a replay: the batch's error
             cursor.execute("ROLLBACK TO SAVEPOINT tick_copy")
         else:
             cursor.execute("RELEASE SAVEPOINT tick_copy")

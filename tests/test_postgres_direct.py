@@ -23,8 +23,9 @@ pytestmark = pytest.mark.postgres_only
 TICK = {"symbol": "BTCUSD", "ts": T0, "bid": 100.0, "ask": 100.5, "source": "direct", "seq": 1}
 
 
-def direct_client(stack: Stack, deadline: float = 20) -> WriterClient:
-    return WriterClient(settings=load_settings({**stack.env, "TICKSTACK_DIRECT_WRITES": "1"}), deadline=deadline)
+def direct_client(stack: Stack, deadline: float = 20, **env: str) -> WriterClient:
+    return WriterClient(settings=load_settings({**stack.env, "TICKSTACK_DIRECT_WRITES": "1", **env}),
+                        deadline=deadline)
 
 
 def test_small_writes_go_straight_in_with_the_writers_answers(writer: Stack) -> None:
@@ -59,13 +60,14 @@ def test_small_writes_go_straight_in_with_the_writers_answers(writer: Stack) -> 
 def test_a_session_lost_under_a_direct_write_is_retried_and_applied_once(writer: Stack,
                                                                          postgres_server: PostgresServer) -> None:
     """The call's transaction waits on a table the test holds; its session is ended under it. The
-    call retries on a new session with the same (client id, seq) and is applied once."""
+    call retries on a new session with the same (client id, seq) and is applied once. (No lock
+    timeout: the session must be ended while it waits, never timed out.)"""
     url = make_url(writer.env["DATABASE_URL"])
     holder = psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password)
     outcome: list[object] = []
 
     def write() -> None:
-        with direct_client(writer, deadline=60) as client:
+        with direct_client(writer, deadline=60, TICKSTACK_LOCK_TIMEOUT_MS="0") as client:
             outcome.append(client.call("audit", actor="me", action="once"))
 
     try:

@@ -98,3 +98,39 @@ def test_a_batch_with_no_stored_key_goes_straight_into_ticks_and_one_with_a_repl
         assert ids[:COPY_MIN_TICKS] == list(range(1, COPY_MIN_TICKS + 1)) and len(ids) == COPY_MIN_TICKS + 1
     finally:
         stack.close()
+
+
+@pytest.mark.parametrize("fill", [0, COPY_MIN_TICKS], ids=["small", "copy"])
+def test_new_ticks_that_clash_on_the_id_are_never_counted_as_duplicates(fill: int,
+                                                                        request: pytest.FixtureRequest) -> None:
+    """After a restore that did not move the id sequence on, new ticks draw ids already stored.
+    Before, ``ON CONFLICT DO NOTHING`` (any constraint) skipped them and answered "duplicates": new
+    ticks lost. Now only a taken (source, seq) skips a tick; a clash on the id is an error naming
+    it, or, where the failed attempt moved the sequence past the stored ids (a COPY draws its whole
+    batch's ids before it fails), the careful run stores them. Either way every tick is counted
+    for what it is."""
+    from db.errors import OpFailed
+
+    stack = stack_on("postgresql", request)
+    try:
+        stack.start_writer()
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            first = client.call("insert_ticks", ticks=columns([1, 2, 3], source="first", fill=fill))
+            assert first == {"inserted": 3 + fill, "duplicates": 0}
+            engine = create_engine(stack.settings.database_url)
+            try:
+                with engine.begin() as conn:  # the sequence back at 1, as a careless restore leaves it
+                    conn.execute(text("SELECT setval(pg_get_serial_sequence('ticks', 'id'), 1, false)"))
+                try:
+                    second = client.call("insert_ticks", ticks=columns([1, 2, 3], source="second", fill=fill))
+                except OpFailed as e:
+                    assert "pk_ticks" in str(e), e
+                    second = {"inserted": 0, "duplicates": 0}
+                with engine.connect() as conn:
+                    stored = conn.execute(text("SELECT count(*) FROM ticks WHERE source = 'second' OR "
+                                               f"(source = 'fill' AND id > {3 + fill})")).scalar()
+            finally:
+                engine.dispose()
+        assert second["duplicates"] == 0 and second["inserted"] == stored, (second, stored)
+    finally:
+        stack.close()

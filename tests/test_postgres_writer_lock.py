@@ -278,7 +278,7 @@ def test_a_batch_running_when_the_lock_is_lost_is_not_committed(two_homes: tuple
     from tests.test_postgres_health import psycopg_params_of
 
     a, b = two_homes
-    writer_a = a.start_writer()
+    writer_a = a.start_writer(TICKSTACK_LOCK_TIMEOUT_MS="0")  # the batch must still wait when the lock goes
     with WriterClient(settings=a.settings, deadline=20) as client:
         assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
         trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0)["id"]

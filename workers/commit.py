@@ -20,7 +20,10 @@ to run a batch, same results:
   failing request runs again too, on purpose: its error then comes from the
   same place as ever (a full disk, a lost transaction, a bug of the op are
   told apart as :meth:`Committer._run_in_savepoint` does), not from a guess
-  about the first run. The batch keeps its number.
+  about the first run. The batch keeps its number. One exception: a request that lost a race
+  with another session (PostgreSQL: a lock held past ``TICKSTACK_LOCK_TIMEOUT_MS``, a deadlock)
+  is answered retryably without running again, since it would most likely wait out the timeout
+  a second time with the whole batch behind it.
 
 Nothing a request, a checkpoint or the database does ends the thread: a
 request that fails gets its error; a batch that cannot commit gets a
@@ -75,8 +78,11 @@ class _FastRunFailed(Exception):
     """Something failed in a batch's fast run (an op, or the record of applied requests): the
     batch is rolled back and runs again carefully (see the module's docstring)."""
 
-    def __init__(self, what: str, cause: BaseException) -> None:
+    def __init__(self, what: str, cause: BaseException, request: Request | None = None) -> None:
         super().__init__(f"{what}: {type(cause).__name__}: {cause}")
+        self.cause = cause
+        #: The request whose op failed (None: the record of applied requests did).
+        self.request = request
 
 
 class _TransactionLost(Exception):
@@ -199,12 +205,12 @@ class Committer:
                 self._recover_connection()
                 self.stats.careful_batches += 1
                 log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
-                run = self._run(batch, batch_no, careful=True)
+                run = self._run(batch, batch_no, careful=True, answered=self._lost_race(e, batch_no))
         except Exception as e:
             # Nothing of the batch is committed: every request in it gets a
             # retryable error, and its client sends it again.
             cause = e.cause if isinstance(e, _TransactionLost) else e
-            self._count_lock_error(cause)
+            self._count_race(cause)
             self._recover_connection()
             if isinstance(e, _TransactionLost) and storage_full_reason(cause) is None:
                 return self._without(batch, e)
@@ -245,12 +251,30 @@ class Committer:
         return [(r.ident, next(in_order)) if isinstance(r, Request) else (batch[i].ident, r)
                 for i, r in enumerate(replies)]
 
-    def _run(self, batch: list[Request], batch_no: int, careful: bool) -> tuple[
+    def _lost_race(self, failed: _FastRunFailed, batch_no: int) -> dict[int, bytes]:
+        """The request whose op lost a race with another session in the fast run (a lock held past
+        TICKSTACK_LOCK_TIMEOUT_MS, a deadlock), answered retryably without running again: it would
+        most likely wait the whole timeout again, holding the batch and every client behind it.
+        Nothing of it was applied (the fast run was rolled back); its client sends it again. Any
+        other failure runs again in the careful run, as the module's docstring says."""
+        race = transient_reason(failed.cause)
+        req = failed.request
+        if race is None or req is None:
+            return {}
+        self._count_race(failed.cause)
+        log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
+                    shown(req.op), req.cid, race)
+        return {id(req): encode_reply(req.seq, batch=batch_no,
+                                      error=CommitFailed(f"{shown(req.op)}: not applied, retry: {race}"))}
+
+    def _run(self, batch: list[Request], batch_no: int, careful: bool,
+             answered: dict[int, bytes] | None = None) -> tuple[
             list[bytes | Request], list[tuple[Request, ops.Op, dict]], dict[tuple[str, int], bytes], dict[str, int]]:
         """One run of a batch in one transaction, committed: the replies in request order (a
         Request holds the place of an op that runs outside the transaction), those ops, the
         packed results of the requests applied, and the counts. Raises :class:`_FastRunFailed`
-        (fast run) or :class:`_TransactionLost` (careful run); the caller rolls back."""
+        (fast run) or :class:`_TransactionLost` (careful run); the caller rolls back. ``answered``:
+        requests (by id) answered with the given reply instead of running."""
         replies: list[bytes | Request] = []
         outside: list[tuple[Request, ops.Op, dict]] = []
         committed: dict[tuple[str, int], bytes] = {}
@@ -258,6 +282,10 @@ class Committer:
         conn = self.conn
         conn.begin()
         for req in batch:
+            if answered and id(req) in answered:
+                tally["failed"] += 1
+                replies.append(answered[id(req)])
+                continue
             try:
                 done = self._apply(conn, req, batch_no, committed, tally, careful)
             except _TransactionLost as lost:
@@ -337,7 +365,7 @@ class Committer:
                 result = ops.execute(conn, spec, args)
                 packed = msgpack.packb(result)
             except Exception as e:
-                raise _FastRunFailed(f"{spec.name} of client {req.cid}", e) from e
+                raise _FastRunFailed(f"{spec.name} of client {req.cid}", e, req) from e
         committed[key] = packed
         tally["ok"] += 1
         if spec.name == "insert_ticks":
@@ -399,7 +427,7 @@ class Committer:
             return self._storage_full(reason)
         transient = transient_reason(e)
         if transient is not None:  # lost a race with another session: nothing applied, run it again
-            self.stats.lock_errors += 1
+            self._count_race(e)
             log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
                         transient)
             return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
@@ -454,9 +482,16 @@ class Committer:
         except Exception as e:
             log.error("writer: cannot reopen the database (%s); trying again with the next batch", e)
 
-    def _count_lock_error(self, e: BaseException) -> None:
-        if transient_reason(e) is not None:
+    def _count_race(self, e: BaseException) -> None:
+        """Count an error that lost a race with another session: SQLite's "database is locked" (which
+        must never happen: only the writer writes), or a server's deadlock, serialisation failure or
+        lock timeout (which may, between several hosts' writers)."""
+        if transient_reason(e) is None:
+            return
+        if self.settings.database_path is not None:
             self.stats.lock_errors += 1
+        else:
+            self.stats.lost_races += 1
 
     def _maybe_prune(self, conn: Connection) -> None:
         """Forget applied requests older than the dedup window, once a minute,

@@ -24,7 +24,11 @@ class Stats:
         self.busy_replies = 0
         self.malformed = 0
         self.dedup_hits = 0
+        #: SQLite's "database is locked": must stay 0 (only the writer writes).
         self.lock_errors = 0
+        #: PostgreSQL: requests answered retryably because they lost a race with another session (a
+        #: deadlock, a serialisation failure, a lock wait over TICKSTACK_LOCK_TIMEOUT_MS).
+        self.lost_races = 0
         self.commit_failures = 0
         #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
         self.careful_batches = 0
@@ -51,7 +55,7 @@ class Stats:
             "commit_p50_ms": pct(0.50), "commit_p99_ms": pct(0.99), "commit_max_ms": pct(1.0),
             "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
             "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
-            "lock_errors": self.lock_errors, "commit_failures": self.commit_failures,
+            "lock_errors": self.lock_errors, "lost_races": self.lost_races, "commit_failures": self.commit_failures,
             "careful_batches": self.careful_batches, "background_checkpoints": self.background_checkpoints,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,

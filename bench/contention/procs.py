@@ -137,15 +137,15 @@ def writer_batched_producer(index: int, env: dict[str, str], rows: int, first_se
 AUDIT_COLUMNS = ("ts", "actor", "action", "target", "result", "detail")
 
 
-def _insert_sql(table: Any, columns: tuple[str, ...], ignore: bool) -> str:
-    """An INSERT exactly as ``db.ops`` compiles it for SQLite (``ignore``: ON CONFLICT DO NOTHING)."""
+def _insert_sql(table: Any, columns: tuple[str, ...], skip_on: tuple[str, ...] | None = None) -> str:
+    """An INSERT exactly as ``db.ops`` compiles it for SQLite (``skip_on``: ON CONFLICT (key) DO NOTHING)."""
     from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-    stmt = sqlite_dialect.insert(table)
-    compiled = (stmt.on_conflict_do_nothing() if ignore else stmt).compile(dialect=sqlite_dialect.dialect(),
-                                                                          column_keys=list(columns))
-    assert tuple(compiled.positiontup or ()) == columns, compiled.positiontup
-    return str(compiled)
+    from db.statements import compile_insert
+
+    sql, order = compile_insert(sqlite_dialect.dialect(), table, columns, skip_on=skip_on)
+    assert order == columns, order
+    return sql
 
 
 def _writer_connection(env: dict[str, str], db_path: str) -> tuple[Any, Any, sqlite3.Connection, dict[str, Any]]:
@@ -171,11 +171,11 @@ def raw_single_inserter(index: int, env: dict[str, str], db_path: str, seconds: 
     writer's pragmas, one row per transaction (``BEGIN IMMEDIATE``, insert, ``COMMIT``),
     alternating a tick and an audit row, with the statements the ops compile. The per-commit
     ceiling of SQLite on this disk."""
-    from db.models import AuditEntry, Tick
+    from db.models import TICK_KEY, AuditEntry, Tick
     from db.ops import TICK_FIELDS
 
-    tick_sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), ignore=True)
-    audit_sql = _insert_sql(AuditEntry.__table__, AUDIT_COLUMNS, ignore=False)
+    tick_sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    audit_sql = _insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
     engine, pooled, con, pragmas = _writer_connection(env, db_path)
     source = f"bench-raw-single-{index}"
     latencies: list[float] = []
@@ -206,11 +206,11 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
     """The same rows, statement and batches, straight into sqlite3, once per
     commit interval in ``txn_variants``, each into its own fresh database,
     on a connection with exactly the writer's pragmas (:func:`_writer_connection`)."""
-    from db.models import Tick
+    from db.models import TICK_KEY, Tick
     from db.ops import TICK_FIELDS
 
     # The statement exactly as db.ops compiles it for insert_ticks.
-    sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), ignore=True)
+    sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
     batches = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True))
                for source, first_seq, n in plan for cols in tick_batches(n, batch, source, first_seq)]
     gate.wait()
