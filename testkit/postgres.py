@@ -3,7 +3,8 @@
 pytest-postgresql and testing.postgresql refuse to run as root (``initdb`` and ``pg_ctl`` "cannot be
 run as root"), and CI runs as root: so the server runs as the ``postgres`` user (``runuser``) when
 we are root, as ourselves otherwise, in a private temporary folder, listening on a Unix socket only
-(``listen_addresses=''``: no TCP port to collide with or to expose), with durability off (a test
+(``listen_addresses=''``: no TCP port to collide with or to expose; ``tcp_port`` adds 127.0.0.1 for
+the one test of what only TCP has, in a network namespace of its own), with durability off (a test
 server). Authentication is scram-sha-256 with generated passwords even on the socket, so tests can
 check that no password leaks into a log, a page or a response.
 

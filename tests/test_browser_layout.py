@@ -170,8 +170,8 @@ class View(ConsoleView):
     scheme: str
 
     def shot(self, name: str) -> None:
-        """A full-page screenshot, after the highlight of cells a poll changed has faded."""
-        self.page.wait_for_timeout(1200)
+        """A full-page screenshot (no highlight of cells a poll changed: the context asks for reduced
+        motion, so the console draws none, and nothing needs to fade first)."""
         path = OUT / f"{name}-{self.width}-{self.scheme}.png"
         self.page.screenshot(path=str(path), full_page=True)
         if update_docs("TICKSTACK_UPDATE_SCREENSHOTS"):
@@ -208,7 +208,7 @@ def views(browser: Browser, ready: Any) -> Iterator[Any]:  # noqa: F811
 
     def open_view(width: int, scheme: str = "light", login: bool = True) -> View:
         context = browser.new_context(viewport={"width": width, "height": 900}, locale="en-US", timezone_id="UTC",
-                                      color_scheme=scheme)
+                                      color_scheme=scheme, reduced_motion="reduce")
         context.set_default_timeout(TIMEOUT_MS)
         view = View(context, context.new_page(), base, ready.home, width, scheme)
         opened.append(view)
@@ -228,11 +228,18 @@ def views(browser: Browser, ready: Any) -> Iterator[Any]:  # noqa: F811
 
 
 def settle(view: View, path: str) -> None:
-    """Open ``path`` and let its scripts draw: the charts' first data and the live polls."""
+    """Open ``path`` and let its scripts draw: a page of charts until its charts have their first
+    data (their own requests: a fixed wait), any other until its live poll's first answer (the
+    live mark then reads "live · <time> UTC"), then a moment for the layout to follow."""
     view.goto(path)
     if view.page.locator("[data-chart], [data-candles]").count():
         expect(view.page.locator("[data-chart] canvas, [data-candles] canvas").first).to_be_visible()
-    view.page.wait_for_timeout(2000)
+        view.page.wait_for_timeout(1500)
+        return
+    live = view.page.locator("[data-live-text]")
+    if live.count():
+        expect(live.first).to_contain_text("live \u00b7")
+    view.page.wait_for_timeout(400)
 
 
 # --------------------------------------------------------------------------- layout

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,14 +26,10 @@ from pathlib import Path
 
 import pytest
 
+from testkit.env import free_port, free_udp_port
+
 ROOT = Path(__file__).resolve().parent.parent
 WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "jobs")
-
-
-def _free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clone(dest: Path) -> None:
@@ -104,8 +99,8 @@ def _statuses(out: str) -> dict[str, str]:
 
 def test_plain_circusd_and_circusctl_from_a_fresh_clone(clone: Path) -> None:
     env = {"HOME": str(clone), "PATH": "/usr/local/bin:/usr/bin:/bin",
-           "TICKSTACK_API_PORT": str(_free_port()), "TICKSTACK_CONSOLE_PORT": str(_free_port()),
-           "TICKSTACK_WATCHDOG_PORT": str(_free_port(socket.SOCK_DGRAM))}
+           "TICKSTACK_API_PORT": str(free_port()), "TICKSTACK_CONSOLE_PORT": str(free_port()),
+           "TICKSTACK_WATCHDOG_PORT": str(free_udp_port())}
     started = _shell(clone, env, "circusd circus.ini --daemon")
     assert started.returncode == 0, started.stderr
     deadline = time.monotonic() + 90

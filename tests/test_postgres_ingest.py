@@ -1,6 +1,6 @@
 """``insert_ticks`` on PostgreSQL goes by COPY straight into ``ticks``, or, for a batch with a
-stored key, into a temporary table then one INSERT ... SELECT ... ON CONFLICT DO NOTHING
-(:func:`db.statements.copy_ticks`): the same answers as on SQLite."""
+stored key, into a temporary table then one INSERT ... SELECT ... ON CONFLICT (source, seq) DO
+NOTHING (:func:`db.statements.copy_ticks`): the same answers as on SQLite."""
 from __future__ import annotations
 
 import pytest

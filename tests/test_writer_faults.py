@@ -250,7 +250,9 @@ def test_a_16_mib_request_of_empty_maps_leaves_the_writer_small_and_serving(writ
 def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
     """While the commit thread waits for the database, large requests are queued only up to the byte budget;
     beyond it they are answered busy at once, and the writer's memory stays bounded."""
-    proc = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(MiB), TICKSTACK_BUSY_TIMEOUT_MS="60000")
+    # No lock timeout on either database: the writer must wait on the held lock, never give up on it.
+    proc = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(MiB), TICKSTACK_BUSY_TIMEOUT_MS="60000",
+                              TICKSTACK_LOCK_TIMEOUT_MS="0")
     # About 840 KB on the wire and 16 MB decoded each (280,000 two-letter strings).
     payloads = [request("audit", {"actor": "me", "action": "big", "detail": [["ab"] * 40_000] * 7}, seq=i + 1)
                 for i in range(30)]

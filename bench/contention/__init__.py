@@ -49,7 +49,7 @@ project's own schema (``db.schema.migrate``), all at the same durability
     opened by the writer's own ``make_write_engine`` (so exactly its pragmas:
     WAL, same ``synchronous``, ...), inserting the same rows (pre-built as
     tuples before the clock starts) with the same statement the
-    ``insert_ticks`` op compiles (``INSERT ... ON CONFLICT DO NOTHING``), by
+    ``insert_ticks`` op compiles (``INSERT ... ON CONFLICT (source, seq) DO NOTHING``), by
     ``executemany`` per batch, timed around the inserts and commits only. It
     runs twice, committing after every batch and after every 16 batches,
     each on a fresh database, and reports the faster, saying which (both are

@@ -31,7 +31,8 @@ PG_SCENARIO_HELP = {
     "client-direct": "the same producers with TICKSTACK_DIRECT_WRITES=1: each call in the producer's own "
                      "transaction, recorded for retries (db/direct.py); no writer",
     "writer-batched": "--rows ticks through the writer (insert_ticks: COPY straight into ticks under a "
-                      "savepoint; a batch with a stored key by a temporary table and ON CONFLICT DO NOTHING)",
+                      "savepoint; a batch with a stored key by a temporary table and ON CONFLICT (source, seq) "
+                      "DO NOTHING)",
     "copy": "the same rows straight into ticks with COPY FROM STDIN (FORMAT BINARY), one process (the ceiling)",
 }
 PG_SCENARIOS = tuple(PG_SCENARIO_HELP)
