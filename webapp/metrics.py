@@ -151,8 +151,9 @@ class StackCollector:
         for name, doc, key in (
             ("tickstack_writer_ticks_inserted", "Ticks the writer stored since it started", "ticks_inserted"),
             ("tickstack_writer_lock_errors", "'database is locked' errors the writer met", "lock_errors"),
-            ("tickstack_writer_lost_races", "Requests answered retryably after losing a race with another "
-             "session (PostgreSQL: deadlock, serialisation failure, lock timeout)", "lost_races"),
+            ("tickstack_writer_lost_races", "Times the writer lost a race with another session (PostgreSQL: a "
+             "deadlock, a serialisation failure, a lock timeout); each request or batch was answered retryably",
+             "lost_races"),
             ("tickstack_writer_commit_failures", "Batches the writer could not commit", "commit_failures"),
         ):
             family = CounterMetricFamily(name, doc)

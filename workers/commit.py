@@ -191,21 +191,24 @@ class Committer:
             error = self._batch_error(e)
             return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
 
-    def _commit(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
+    def _commit(self, batch: list[Request],
+                answered: dict[int, WriterError] | None = None) -> list[tuple[bytes, bytes]]:
         """Run a batch in one IMMEDIATE transaction, fast and, if anything failed in that, carefully
         (see the module's docstring); return the replies to send, which must go out only now that
-        the batch is committed."""
+        the batch is committed. ``answered``: requests (by id) answered with that error instead of
+        running (they lost a race in an earlier run of the same batch)."""
         self.batch_no += 1
         batch_no = self.batch_no
         started = time.perf_counter()
         try:
             try:
-                run = self._run(batch, batch_no, careful=False)
+                run = self._run(batch, batch_no, careful=False, answered=answered)
             except _FastRunFailed as e:
                 self._recover_connection()
                 self.stats.careful_batches += 1
                 log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
-                run = self._run(batch, batch_no, careful=True, answered=self._lost_race(e, batch_no))
+                answered = {**(answered or {}), **self._lost_race(e)}
+                run = self._run(batch, batch_no, careful=True, answered=answered)
         except Exception as e:
             # Nothing of the batch is committed: every request in it gets a
             # retryable error, and its client sends it again.
@@ -213,7 +216,7 @@ class Committer:
             self._count_race(cause)
             self._recover_connection()
             if isinstance(e, _TransactionLost) and storage_full_reason(cause) is None:
-                return self._without(batch, e)
+                return self._without(batch, e, answered)
             self.stats.commit_failures += 1
             error = self._batch_error(cause)
             if not isinstance(error, StorageFull):  # a full disk is logged when it fills and when it frees
@@ -251,7 +254,7 @@ class Committer:
         return [(r.ident, next(in_order)) if isinstance(r, Request) else (batch[i].ident, r)
                 for i, r in enumerate(replies)]
 
-    def _lost_race(self, failed: _FastRunFailed, batch_no: int) -> dict[int, bytes]:
+    def _lost_race(self, failed: _FastRunFailed) -> dict[int, WriterError]:
         """The request whose op lost a race with another session in the fast run (a lock held past
         TICKSTACK_LOCK_TIMEOUT_MS, a deadlock), answered retryably without running again: it would
         most likely wait the whole timeout again, holding the batch and every client behind it.
@@ -264,17 +267,16 @@ class Committer:
         self._count_race(failed.cause)
         log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
                     shown(req.op), req.cid, race)
-        return {id(req): encode_reply(req.seq, batch=batch_no,
-                                      error=CommitFailed(f"{shown(req.op)}: not applied, retry: {race}"))}
+        return {id(req): CommitFailed(f"{shown(req.op)}: not applied, retry: {race}")}
 
     def _run(self, batch: list[Request], batch_no: int, careful: bool,
-             answered: dict[int, bytes] | None = None) -> tuple[
+             answered: dict[int, WriterError] | None = None) -> tuple[
             list[bytes | Request], list[tuple[Request, ops.Op, dict]], dict[tuple[str, int], bytes], dict[str, int]]:
         """One run of a batch in one transaction, committed: the replies in request order (a
         Request holds the place of an op that runs outside the transaction), those ops, the
         packed results of the requests applied, and the counts. Raises :class:`_FastRunFailed`
         (fast run) or :class:`_TransactionLost` (careful run); the caller rolls back. ``answered``:
-        requests (by id) answered with the given reply instead of running."""
+        requests (by id) answered with the given error instead of running."""
         replies: list[bytes | Request] = []
         outside: list[tuple[Request, ops.Op, dict]] = []
         committed: dict[tuple[str, int], bytes] = {}
@@ -284,7 +286,7 @@ class Committer:
         for req in batch:
             if answered and id(req) in answered:
                 tally["failed"] += 1
-                replies.append(answered[id(req)])
+                replies.append(encode_reply(req.seq, batch=batch_no, error=answered[id(req)]))
                 continue
             try:
                 done = self._apply(conn, req, batch_no, committed, tally, careful)
@@ -314,7 +316,8 @@ class Committer:
         conn.commit()
         return replies, outside, committed, tally
 
-    def _without(self, batch: list[Request], lost: _TransactionLost) -> list[tuple[bytes, bytes]]:
+    def _without(self, batch: list[Request], lost: _TransactionLost,
+                 answered: dict[int, WriterError] | None = None) -> list[tuple[bytes, bytes]]:
         """One request's error rolled back the whole transaction (a trigger's
         RAISE(ROLLBACK), an I/O error): that request fails for good, since
         running it again would do the same, and the others run again at once
@@ -327,7 +330,7 @@ class Committer:
         self.stats.requests_failed += 1
         failed = (culprit.ident, encode_reply(culprit.seq, error=OpFailed(
             f"{shown(culprit.op)} failed and rolled back its transaction: {type(detail).__name__}: {detail}")))
-        rest = self._commit(batch[:i] + batch[i + 1:]) if len(batch) > 1 else []
+        rest = self._commit(batch[:i] + batch[i + 1:], answered) if len(batch) > 1 else []
         return [*rest[:i], failed, *rest[i:]]
 
     def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], bytes],

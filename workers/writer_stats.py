@@ -26,8 +26,8 @@ class Stats:
         self.dedup_hits = 0
         #: SQLite's "database is locked": must stay 0 (only the writer writes).
         self.lock_errors = 0
-        #: PostgreSQL: requests answered retryably because they lost a race with another session (a
-        #: deadlock, a serialisation failure, a lock wait over TICKSTACK_LOCK_TIMEOUT_MS).
+        #: PostgreSQL: times a request (or a whole batch) lost a race with another session (a deadlock, a
+        #: serialisation failure, a lock wait over TICKSTACK_LOCK_TIMEOUT_MS) and was answered retryably.
         self.lost_races = 0
         self.commit_failures = 0
         #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
