@@ -1,6 +1,6 @@
 """The writer's commit thread (:class:`Committer`): the one write connection,
-group commit, the record of applied requests, and what a request is answered
-when the database fails it.
+group commit, the record of applied requests, and when a request is answered
+with an error (what it is answered: :mod:`workers.answers`).
 
 It takes every pending request (up to ``writer_max_batch``) from the queue the
 IO thread (:mod:`workers.writer`) fills and runs them in one ``BEGIN
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -45,14 +44,14 @@ from typing import Any
 import msgpack
 import zmq
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from db import ops
 from db.config import Settings
-from db.engine import checkpoint, storage_full_reason, transient_reason
-from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterError
+from db.engine import checkpoint, storage_full_reason
+from db.errors import OpFailed, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply
 from db.validation import shown
+from workers.answers import Answers
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -126,8 +125,7 @@ class Committer:
         self.known_top: OrderedDict[str, int] = OrderedDict()
         self.batch_no = 0
         self._last_prune = 0.0
-        #: Since when (monotonic) the disk is full, as the last commit found it; None while there is space.
-        self.full_since: float | None = None
+        self.answers = Answers(settings, stats)
         #: The replies of committed batches, (ident, reply) pairs, for the IO thread to send: each
         #: batch's list is appended, then the doorbell (:data:`DOORBELL`) rings once. A message
         #: per batch on a ZeroMQ socket would cost libzmq's command processing (system calls) for
@@ -188,7 +186,7 @@ class Committer:
         except Exception as e:
             log.exception("writer: batch of %d requests failed", len(batch))
             self._recover_connection()
-            error = self._batch_error(e)
+            error = self.answers.batch_error(e)
             return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
 
     def _commit(self, batch: list[Request],
@@ -207,28 +205,27 @@ class Committer:
                 self._recover_connection()
                 self.stats.careful_batches += 1
                 log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
-                answered = {**(answered or {}), **self._lost_race(e)}
+                lost = e.request and self.answers.lost_race(e.cause, e.request.op, e.request.cid)
+                answered = {**(answered or {}), **({id(e.request): lost} if lost else {})}
                 run = self._run(batch, batch_no, careful=True, answered=answered)
         except Exception as e:
             # Nothing of the batch is committed: every request in it gets a
             # retryable error, and its client sends it again.
             cause = e.cause if isinstance(e, _TransactionLost) else e
-            self._count_race(cause)
+            self.answers.count_race(cause)
             self._recover_connection()
             if isinstance(e, _TransactionLost) and storage_full_reason(cause) is None:
                 return self._without(batch, e, answered)
             self.stats.commit_failures += 1
-            error = self._batch_error(cause)
+            error = self.answers.batch_error(cause)
             if not isinstance(error, StorageFull):  # a full disk is logged when it fills and when it frees
                 log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch), cause)
             return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         replies, outside, committed, tally = run
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_commit()
-        if self.full_since is not None and committed:
-            log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
-                        time.monotonic() - self.full_since)
-            self.full_since = None
+        if committed:
+            self.answers.committed()
         for key, packed in committed.items():
             self.recent[key] = packed
             cid, seq = key
@@ -253,21 +250,6 @@ class Committer:
         in_order = iter(later)
         return [(r.ident, next(in_order)) if isinstance(r, Request) else (batch[i].ident, r)
                 for i, r in enumerate(replies)]
-
-    def _lost_race(self, failed: _FastRunFailed) -> dict[int, WriterError]:
-        """The request whose op lost a race with another session in the fast run (a lock held past
-        TICKSTACK_LOCK_TIMEOUT_MS, a deadlock), answered retryably without running again: it would
-        most likely wait the whole timeout again, holding the batch and every client behind it.
-        Nothing of it was applied (the fast run was rolled back); its client sends it again. Any
-        other failure runs again in the careful run, as the module's docstring says."""
-        race = transient_reason(failed.cause)
-        req = failed.request
-        if race is None or req is None:
-            return {}
-        self._count_race(failed.cause)
-        log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
-                    shown(req.op), req.cid, race)
-        return {id(req): CommitFailed(f"{shown(req.op)}: not applied, retry: {race}")}
 
     def _run(self, batch: list[Request], batch_no: int, careful: bool,
              answered: dict[int, WriterError] | None = None) -> tuple[
@@ -400,7 +382,7 @@ class Committer:
                 savepoint.rollback()
             except Exception:  # the transaction went with it (SQLite may roll it all back on a full disk)
                 raise _TransactionLost(e) from e
-            return None, b"", self._op_error(spec, e)
+            return None, b"", self.answers.op_error(spec, e)
         try:
             savepoint.commit()
         except Exception as e:
@@ -411,7 +393,7 @@ class Committer:
         try:
             result = ops.execute(self.conn, spec, args)
         except Exception as e:
-            return None, self._op_error(spec, e)
+            return None, self.answers.op_error(spec, e)
         finally:
             # A PRAGMA may open an implicit transaction in SQLAlchemy's view.
             self._recover_connection()
@@ -419,50 +401,6 @@ class Committer:
             self.stats.last_checkpoint = {"at_ms": ops.now_ms(), "mode": args.get("mode", "TRUNCATE"), **result}
         self.stats.requests_ok += 1
         return result, None
-
-    def _op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
-        """What a request whose op raised ``e`` is answered: the op's own
-        error, StorageFull on a full disk, OpFailed for anything else."""
-        if isinstance(e, WriterError):
-            return e
-        reason = storage_full_reason(e)
-        if reason is not None:
-            return self._storage_full(reason)
-        transient = transient_reason(e)
-        if transient is not None:  # lost a race with another session: nothing applied, run it again
-            self._count_race(e)
-            log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
-                        transient)
-            return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
-        if isinstance(e, SQLAlchemyError):
-            log.warning("writer: op %s failed: %s", spec.name, e)
-            return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
-        log.error("writer: op %s raised", spec.name, exc_info=e)  # an op's bug fails its request, never the writer
-        return OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
-
-    def _batch_error(self, e: BaseException) -> WriterError:
-        """The retryable error every request of a batch that did not commit gets."""
-        reason = storage_full_reason(e)
-        if reason is not None:
-            return self._storage_full(reason)
-        detail = getattr(e, "orig", None) or e
-        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {detail}")
-
-    def _storage_full(self, reason: str) -> StorageFull:
-        """A full disk, in the database's own words and with the free space the writer sees."""
-        self.stats.storage_full += 1
-        where = self.settings.database_path
-        try:
-            free = f"; {shutil.disk_usage(where.parent).free} bytes free in {where.parent}" if where else ""
-        except OSError:
-            free = ""
-        self.stats.last_storage_full = {"at_ms": ops.now_ms(), "reason": reason}
-        if self.full_since is None:
-            self.full_since = time.monotonic()
-            log.warning("writer: the disk is full (%s%s); writes are answered StorageFull until space is freed",
-                        reason, free)
-        return StorageFull(f"the database's disk is full ({reason}{free}): nothing of the request was written; "
-                           "the writer keeps serving, and the request succeeds once space is freed")
 
     def _recover_connection(self) -> None:
         """Leave the write connection outside any transaction; when it cannot
@@ -484,17 +422,6 @@ class Committer:
             self.conn = self.engine.connect()
         except Exception as e:
             log.error("writer: cannot reopen the database (%s); trying again with the next batch", e)
-
-    def _count_race(self, e: BaseException) -> None:
-        """Count an error that lost a race with another session: SQLite's "database is locked" (which
-        must never happen: only the writer writes), or a server's deadlock, serialisation failure or
-        lock timeout (which may, between several hosts' writers)."""
-        if transient_reason(e) is None:
-            return
-        if self.settings.database_path is not None:
-            self.stats.lock_errors += 1
-        else:
-            self.stats.lost_races += 1
 
     def _maybe_prune(self, conn: Connection) -> None:
         """Forget applied requests older than the dedup window, once a minute,

@@ -1,0 +1,108 @@
+"""What a request is answered when the database fails it (:class:`Answers`), for the writer's
+commit thread (:mod:`workers.commit`): the op's own error, a full disk (a state the writer reports
+and waits out), a race lost to another session (retryable: run it again), or the op's failure.
+Every such answer is counted in the writer's stats here.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import ops
+from db.config import Settings
+from db.engine import storage_full_reason, transient_reason
+from db.errors import CommitFailed, OpFailed, StorageFull, WriterError
+from db.validation import shown
+from workers.writer_stats import Stats
+
+log = logging.getLogger("tickstack.writer")
+
+
+class Answers:
+    """The answer rules of one writer, and the one state they keep: since when the disk is full."""
+
+    def __init__(self, settings: Settings, stats: Stats) -> None:
+        self.settings = settings
+        self.stats = stats
+        #: Since when (monotonic) the disk is full, as the last commit found it; None while there is space.
+        self.full_since: float | None = None
+
+    def committed(self) -> None:
+        """A batch committed something: if the disk was full, it has space again."""
+        if self.full_since is not None:
+            log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
+                        time.monotonic() - self.full_since)
+            self.full_since = None
+
+    def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
+        """What a request whose op raised ``e`` is answered: the op's own
+        error, StorageFull on a full disk, OpFailed for anything else."""
+        if isinstance(e, WriterError):
+            return e
+        reason = storage_full_reason(e)
+        if reason is not None:
+            return self.storage_full(reason)
+        transient = transient_reason(e)
+        if transient is not None:  # lost a race with another session: nothing applied, run it again
+            self.count_race(e)
+            log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
+                        transient)
+            return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
+        if isinstance(e, SQLAlchemyError):
+            log.warning("writer: op %s failed: %s", spec.name, e)
+            return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
+        log.error("writer: op %s raised", spec.name, exc_info=e)  # an op's bug fails its request, never the writer
+        return OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
+
+    def batch_error(self, e: BaseException) -> WriterError:
+        """The retryable error every request of a batch that did not commit gets."""
+        reason = storage_full_reason(e)
+        if reason is not None:
+            return self.storage_full(reason)
+        detail = getattr(e, "orig", None) or e
+        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {detail}")
+
+    def storage_full(self, reason: str) -> StorageFull:
+        """A full disk, in the database's own words and with the free space the writer sees."""
+        self.stats.storage_full += 1
+        where = self.settings.database_path
+        try:
+            free = f"; {shutil.disk_usage(where.parent).free} bytes free in {where.parent}" if where else ""
+        except OSError:
+            free = ""
+        self.stats.last_storage_full = {"at_ms": ops.now_ms(), "reason": reason}
+        if self.full_since is None:
+            self.full_since = time.monotonic()
+            log.warning("writer: the disk is full (%s%s); writes are answered StorageFull until space is freed",
+                        reason, free)
+        return StorageFull(f"the database's disk is full ({reason}{free}): nothing of the request was written; "
+                           "the writer keeps serving, and the request succeeds once space is freed")
+
+    def lost_race(self, cause: BaseException, op: object, cid: str) -> CommitFailed | None:
+        """The answer of a request (``op`` of client ``cid``) whose op failed with ``cause`` in a
+        batch's fast run, if that lost a race with another session (a lock held past
+        TICKSTACK_LOCK_TIMEOUT_MS, a deadlock): retryable, without running it again, since it would
+        most likely wait the whole timeout again, holding the batch and every client behind it.
+        Nothing of it was applied (the fast run was rolled back); its client sends it again. None
+        for any other failure, which runs again in the careful run (:mod:`workers.commit`)."""
+        race = transient_reason(cause)
+        if race is None:
+            return None
+        self.count_race(cause)
+        log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
+                    shown(op), cid, race)
+        return CommitFailed(f"{shown(op)}: not applied, retry: {race}")
+
+    def count_race(self, e: BaseException) -> None:
+        """Count an error that lost a race with another session: SQLite's "database is locked" (which
+        must never happen: only the writer writes), or a server's deadlock, serialisation failure or
+        lock timeout (which may, between several hosts' writers)."""
+        if transient_reason(e) is None:
+            return
+        if self.settings.database_path is not None:
+            self.stats.lock_errors += 1
+        else:
+            self.stats.lost_races += 1
