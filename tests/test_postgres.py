@@ -182,6 +182,8 @@ def test_no_password_in_any_log_response_page_or_job_record(pg_stack: CircusStac
         db_status, db_page = console.fetch("/console/database")
         assert status == 200 and db_status == 200, "\n".join(
             p.read_text(errors="replace")[-3000:] for p in (stack.home / "log").glob("console*.log"))
+        # A check that could not be made reads "skipped", not "ok" (nor "failed"), where it shows.
+        assert '<span class="pill pill-warn">skipped</span>' in db_page, db_page
         for action in ("quick_check", "backup", "checkpoint"):
             console.form("/console/database", f"/console/database/{action}")
         for page in ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",

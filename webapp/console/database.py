@@ -117,10 +117,13 @@ def recent_history() -> dict[str, Any]:
         mine = db.session.execute(select(AuditEntry).where(AuditEntry.action == "db.quick_check")
                                   .order_by(AuditEntry.id.desc()).limit(1)).scalars().first()
         candidates = []
+        # A check that could not be made (amcheck not installed) is "skipped", neither ok nor failed.
         if job is not None:
-            candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail})
+            candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail,
+                               "skipped": job.ok and (job.detail or "").startswith("skipped:")})
         if mine is not None:
-            candidates.append({"ts": mine.ts, "ok": mine.result == "ok", "by": mine.actor, "detail": mine.detail})
+            candidates.append({"ts": mine.ts, "ok": mine.result == "ok", "by": mine.actor, "detail": mine.detail,
+                               "skipped": mine.result == "ok" and '"skipped"' in (mine.detail or "")})
         out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
         out["checkpoint_job"] = db.session.execute(select(JobRun).where(JobRun.job == "checkpoint")
                                                    .order_by(JobRun.id.desc()).limit(1)).scalars().first()
