@@ -166,7 +166,9 @@ class Recorder:
             self.dirty = False
             self.last_flush = time.perf_counter()
         try:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Not parents=True: a home removed under a running process is not made again (its folders
+            # would be left behind, and not private: only the last of a mkdir -p gets the mode).
+            self.folder.mkdir(mode=0o700, exist_ok=True)
             if not self.flushed:  # once per process: what dead processes left goes, even unread
                 self.flushed = True
                 _live_files(self.folder, clean=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,20 @@ def test_the_record_is_bounded_and_values_are_left_out() -> None:
     assert len(rec.stats) <= 2 * slowreads.KEEP
     assert f"SELECT c{'x' * ((slowreads.KEEP * 5 - 1) % 7)} FROM t" in next(
         k for k, v in rec.stats.items() if v[2] == slowreads.KEEP * 5 - 1)
+
+
+def test_a_record_whose_home_is_gone_is_dropped_not_written_into_a_new_folder(tmp_path: Path) -> None:
+    """A process may flush its record (at exit, or from its timer) after its home was removed (a
+    test's temporary home, an operator's cleanup). It must not create the home's folders again: they
+    would be left behind, and not private (only the last folder of a ``mkdir -p`` gets the mode)."""
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True, mode=0o700)
+    rec = slowreads.Recorder(home / "run" / slowreads.FOLDER, kind="test")
+    rec.record("SELECT 1", 5.0)
+    rec.flush()
+    written = home / "run" / slowreads.FOLDER / f"{os.getpid()}.json"
+    assert written.exists() and stat.S_IMODE(written.parent.stat().st_mode) == 0o700
+    shutil.rmtree(home)
+    rec.record("SELECT 2", 6.0)
+    rec.flush()
+    assert not home.exists(), sorted(str(p) for p in home.rglob("*"))
