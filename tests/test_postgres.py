@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.cookiejar
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -186,6 +187,11 @@ def test_no_password_in_any_log_response_page_or_job_record(pg_stack: CircusStac
         assert '<span class="pill pill-warn">skipped</span>' in db_page, db_page
         for action in ("quick_check", "backup", "checkpoint"):
             console.form("/console/database", f"/console/database/{action}")
+        # The console's own quick_check, skipped too, is now the last one: "skipped ... by admin".
+        last_check = re.search(r"<dt>Last quick_check</dt>\s*<dd>(.*?)</dd>", console.fetch("/console/database")[1],
+                               re.S)
+        assert last_check and '<span class="pill pill-warn">skipped</span>' in last_check.group(1) and \
+            "by admin" in last_check.group(1), last_check and last_check.group(1)
         for page in ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",
                      "/console/audit", "/console/api/watchers", "/console/api/database",
                      "/console/api/series?name=db.bytes", "/console/api/trades", "/console/logs"):
