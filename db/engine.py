@@ -146,19 +146,11 @@ def make_write_engine(settings: Settings) -> Engine:
     if not is_sqlite(url):
         engine = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True,
                                connect_args={"application_name": application_name(program_name(), settings.host)})
-        lock_timeout = f"{int(settings.lock_timeout_ms)}ms"
-
         # A statement waits this long at most on a lock another session holds (a session left open
         # in a transaction, another host's writer), then fails retryably (transient_reason),
         # instead of holding the writer, and every client behind it, for as long as that session
-        # lives. Set as the read sessions' settings are (autocommit).
-        @event.listens_for(engine, "connect", insert=True)
-        def _write_session(dbapi_conn: Any, _record: Any) -> None:
-            autocommit = dbapi_conn.autocommit
-            dbapi_conn.autocommit = True
-            dbapi_conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_timeout,))
-            dbapi_conn.autocommit = autocommit
-
+        # lives.
+        _session_settings(engine, lock_timeout=f"{int(settings.lock_timeout_ms)}ms")
         _engines.add(engine)
         return engine
     path = settings.database_path
@@ -217,21 +209,25 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
         return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}",
                                                    "query_only = 1"])
 
-    # SQLAlchemy's recipe for session settings (its PostgreSQL "search_path" example): in
-    # autocommit, so the SET is not undone by the pool's rollback.
+    _session_settings(engine, default_transaction_read_only="on",
+                      application_name=application_name(role or program_name(), settings.host))
+    _engines.add(engine)
+    return engine
+
+
+def _session_settings(engine: Engine, **values: str) -> None:
+    """Set these PostgreSQL settings on every new session of ``engine``, before its first statement.
+    SQLAlchemy's recipe for session settings (its PostgreSQL "search_path" example): in
+    autocommit, so the pool's rollback does not undo them."""
     @event.listens_for(engine, "connect", insert=True)
-    def _read_only_session(dbapi_conn: Any, _record: Any) -> None:
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         autocommit = dbapi_conn.autocommit
         dbapi_conn.autocommit = True
         cur = dbapi_conn.cursor()
-        cur.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-        cur.execute("SELECT set_config('application_name', %s, false)",
-                    (application_name(role or program_name(), settings.host),))
+        for name, value in values.items():
+            cur.execute("SELECT set_config(%s, %s, false)", (name, value))
         cur.close()
         dbapi_conn.autocommit = autocommit
-
-    _engines.add(engine)
-    return engine
 
 
 def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:

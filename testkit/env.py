@@ -53,10 +53,12 @@ def _claim(protocol: str, port: int) -> bool:
     earlier) has it."""
     if (protocol, port) in _claimed:
         return False
-    _PORTS_DIR.mkdir(mode=0o700, exist_ok=True)
-    found = _PORTS_DIR.lstat()  # a predictable name: another user may have made it first
-    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or stat.S_IMODE(found.st_mode) & 0o077:
-        raise RuntimeError(f"{_PORTS_DIR} is not a private folder of this user (mode 0700): remove it and run again")
+    if not _claimed:  # the first claim of this process: the folder, checked once
+        _PORTS_DIR.mkdir(mode=0o700, exist_ok=True)
+        found = _PORTS_DIR.lstat()  # a predictable name: another user may have made it first
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or stat.S_IMODE(found.st_mode) & 0o077:
+            raise RuntimeError(f"{_PORTS_DIR} is not a private folder of this user (mode 0700): remove it and "
+                               "run again")
     fd = os.open(_PORTS_DIR / f"{protocol}-{port}", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

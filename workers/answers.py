@@ -47,7 +47,7 @@ class Answers:
             return self.storage_full(reason)
         transient = transient_reason(e)
         if transient is not None:  # lost a race with another session: nothing applied, run it again
-            self.count_race(e)
+            self._raced()
             log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
                         transient)
             return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
@@ -91,7 +91,7 @@ class Answers:
         race = transient_reason(cause)
         if race is None:
             return None
-        self.count_race(cause)
+        self._raced()
         log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
                     shown(op), cid, race)
         return CommitFailed(f"{shown(op)}: not applied, retry: {race}")
@@ -100,8 +100,10 @@ class Answers:
         """Count an error that lost a race with another session: SQLite's "database is locked" (which
         must never happen: only the writer writes), or a server's deadlock, serialisation failure or
         lock timeout (which may, between several hosts' writers)."""
-        if transient_reason(e) is None:
-            return
+        if transient_reason(e) is not None:
+            self._raced()
+
+    def _raced(self) -> None:
         if self.settings.database_path is not None:
             self.stats.lock_errors += 1
         else:
