@@ -326,14 +326,16 @@ def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: St
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:
     out = tmp_path / "contention.json"
     run = subprocess.run([sys.executable, "-m", "bench", "contention", "--only",
-                          "immediate,writer-single,raw-single,writer-batched,raw", "--procs", "2", "--seconds", "0.5",
+                          "immediate,writer-single,writer-pipelined,raw-single,writer-batched,raw", "--procs", "2",
+                          "--seconds", "0.5", "--pipeline-window", "4",
                           "--rows", "6000", "--batch", "1000", "--repeat", "3", "--json", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads(out.read_text())
-    assert set(doc["scenarios"]) == {"immediate", "writer-single", "raw-single", "writer-batched", "raw"}
+    assert set(doc["scenarios"]) == {"immediate", "writer-single", "writer-pipelined", "raw-single",
+                                     "writer-batched", "raw"}
     for key in ("writer_single_over_immediate", "writer_single_over_raw_single", "batched_over_raw",
-                "batched_over_raw_median"):
+                "batched_over_raw_median", "writer_pipelined_over_immediate"):
         assert doc["ratios"][key] is not None and doc["ratios"][key] > 0, (key, doc["ratios"])
     assert doc["checks"]["writer_single_p99_ms"]["value"] == doc["scenarios"]["writer-single"]["latency"]["p99_ms"]
     assert len(doc["scenarios"]["raw"]["runs"]) == len(doc["scenarios"]["writer-batched"]["runs"]) == 3
@@ -341,3 +343,8 @@ def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path)
     assert single["errors"] == 0 and single["ops"] > 0 and single["stored_ticks"] == single["rows"]
     assert single["pragmas"]["journal_mode"] == "wal" and len(doc["load_average"]["before"]) == 3
     assert "writer_single_over_raw_single" in run.stdout and "raw-single" in run.stdout
+    # Pipelined small writes: each acknowledged op committed, none lost or doubled, the window as asked.
+    piped = doc["scenarios"]["writer-pipelined"]
+    assert piped["errors"] == 0 and piped["ops"] > 0 and piped["stored_ticks"] == piped["rows"] > 0, piped
+    assert piped["latency"]["n"] == piped["ops"] and doc["config"]["pipeline_window"] == 4
+    assert "window=4" in piped["notes"] and "writer_pipelined_over_immediate" in run.stdout

@@ -31,6 +31,14 @@ project's own schema (``db.schema.migrate``), all at the same durability
     per call, from before sending to the committed answer. Targets: no error
     at all, a max latency at most 1/20 of ``immediate``'s, at least 4 times
     ``immediate``'s ops/s, and a p99 of at most 5 ms.
+``writer-pipelined``
+    The ops of ``writer-single``, each still acknowledged only after its commit, from the same
+    ``--procs`` producers, with up to ``--pipeline-window`` (16) of them in flight per producer
+    (``WriterClient.pipeline``): what the writer commits of small writes when producers do not
+    wait for one answer before sending the next, as a feed handler can. Latency is per op, from
+    its first send to its committed answer. No target of its own:
+    ``ratios.writer_pipelined_over_immediate`` puts it beside writer-single's, whose 8 producers
+    each wait for every answer (their rate is the round trip's, not the writer's).
 ``raw-single``
     The same small writes with no writer and no contention: one process, one
     ``sqlite3`` connection from the writer's own ``make_write_engine`` (its

@@ -47,9 +47,11 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
                + "\n\nwith --database postgresql:\n" + "\n".join(f"  {n:<15} {h}" for n, h in PG_SCENARIO_HELP.items())
                + "\n\nSee the module docstring of bench/contention/__init__.py for why each exists.")
     p.add_argument("--procs", type=int_between(1, 256), default=8,
-                   help="writing processes in seed, immediate and writer-single (default 8)")
+                   help="writing processes in seed, immediate, writer-single and writer-pipelined (default 8)")
     p.add_argument("--seconds", type=positive_float, default=3.0,
-                   help="measured window of seed, immediate and writer-single (default 3)")
+                   help="measured window of seed, immediate, writer-single, writer-pipelined, raw-single (default 3)")
+    p.add_argument("--pipeline-window", type=int_between(1, 1024), default=16,
+                   help="writer-pipelined: single-row ops in flight per producer (default 16)")
     p.add_argument("--rows", type=positive_int, default=1_000_000,
                    help="ticks inserted by writer-batched and raw (default 1,000,000)")
     p.add_argument("--batch", type=int_between(1, MAX_BATCH), default=5000,
@@ -118,7 +120,8 @@ def _run(opts: argparse.Namespace, chosen: list[str], order: list[str],
         doc = {
             "benchmark": "contention",
             "config": {"database": opts.database, "procs": opts.procs, "seconds": opts.seconds, "rows": opts.rows,
-                       "batch": opts.batch, "window": opts.window, "batch_producers": opts.batch_producers,
+                       "batch": opts.batch, "window": opts.window, "pipeline_window": opts.pipeline_window,
+                       "batch_producers": opts.batch_producers,
                        "repeat": opts.repeat,
                        "scenarios": chosen},
             "machine": machine_info(),

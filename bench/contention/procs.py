@@ -100,6 +100,50 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
     return {"ops": ops, "rows": rows, "latencies": latencies, "errors": dict(errors), "last": last, "cpu_s": cpu}
 
 
+def writer_pipelined_producer(index: int, env: dict[str, str], seconds: float, window: int, *,
+                              gate: Gate) -> dict[str, Any]:
+    """The ops of :func:`writer_single_producer`, each still acknowledged after its commit, with up to
+    ``window`` in flight (``WriterClient.pipeline``): the producer does not wait for one answer before
+    it sends the next. Latency is per op, from its first send to its committed answer."""
+    from db.client import Ticket, WriterClient
+    from db.config import load_settings
+
+    source = f"bench-pipelined-{index}"
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    ops = rows = n = 0
+
+    def on_done(ticket: Ticket) -> None:
+        nonlocal ops, rows
+        if ticket.error is not None:
+            errors[error_key(ticket.error)] += 1
+            return
+        ops += 1
+        if ticket.op == "insert_ticks":
+            rows += ticket.result()["inserted"]
+        if ticket.latency is not None:
+            latencies.append(ticket.latency)
+
+    with WriterClient(settings=load_settings(env)) as client:
+        client.ping(timeout=30.0)  # connected before the clock starts
+        start = gate.wait()
+        end = start + seconds
+        cpu0 = time.process_time()
+        with client.pipeline(window=window, on_done=on_done) as pipe:
+            while time.monotonic() < end:
+                if n % 2 == 0:
+                    bid = 100.0 + (n % 1000) * 0.01
+                    tick = {"symbol": "BTCUSD", "ts": int(time.time() * 1000), "bid": bid, "ask": bid + 0.02,
+                            "volume": 1.0, "source": source, "seq": n}
+                    pipe.submit("insert_ticks", ticks=[tick])
+                else:
+                    pipe.submit("audit", actor=source, action="analyse", target="BTCUSD", detail=f"n={n}")
+                n += 1
+        last = time.monotonic()  # the last answer is in: the window ends with it
+        cpu = time.process_time() - cpu0
+    return {"ops": ops, "rows": rows, "latencies": latencies, "errors": dict(errors), "last": last, "cpu_s": cpu}
+
+
 def writer_batched_producer(index: int, env: dict[str, str], rows: int, first_seq: int, batch: int, window: int,
                             symbols: int | None = None, spacing_ms: int = 1, *, gate: Gate) -> dict[str, Any]:
     """Pipelined column batches, generated before the clock starts (``symbols`` and ``spacing_ms``:

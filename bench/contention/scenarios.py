@@ -1,4 +1,4 @@
-"""The six scenarios of ``python -m bench contention``, each on a fresh
+"""The seven scenarios of ``python -m bench contention``, each on a fresh
 database, and which of them ``--repeat`` runs again."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from bench.contention.procs import (
     raw_single_inserter,
     sqlite_producer,
     writer_batched_producer,
+    writer_pipelined_producer,
     writer_single_producer,
 )
 
@@ -29,6 +30,7 @@ SCENARIO_HELP = {
     "seed": "--procs processes: BEGIN; read; insert tick + audit row; COMMIT (direct sqlite3, as the users did)",
     "immediate": "the same with BEGIN IMMEDIATE",
     "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
+    "writer-pipelined": "the same ops, each acknowledged, with --pipeline-window of them in flight per producer",
     "raw-single": "the same ops in one process, one row per transaction, straight into sqlite3 (the ceiling)",
     "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
     "raw": "the same rows straight into one sqlite3 connection (the ceiling)",
@@ -90,6 +92,21 @@ def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
         out = combine("writer-single", opts.procs, start, results)
         out["notes"] = "WriterClient.call: insert_ticks (1 tick) and audit, alternately"
         out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
+    out["writer"] = writer.summary()
+    return out
+
+
+def run_writer_pipelined(opts: argparse.Namespace) -> dict[str, Any]:
+    with fresh_home() as (_home, env), running_writer(env) as writer:
+        args = [(env, opts.seconds, opts.pipeline_window) for _ in range(opts.procs)]
+        start, results = run_group(writer_pipelined_producer, args, run_timeout=opts.seconds + 180,
+                                   on_start=writer.sampler.mark_start)
+        writer.finish_measuring()
+        out = combine("writer-pipelined", opts.procs, start, results)
+        out["notes"] = (f"WriterClient.pipeline(window={opts.pipeline_window}): insert_ticks (1 tick) and audit, "
+                        "alternately, each acknowledged after its commit")
+        out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
+        out["stored_ticks"] = stored_ticks(env)  # every acknowledged tick is there, and no other
     out["writer"] = writer.summary()
     return out
 
@@ -192,6 +209,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "seed": lambda o: run_sqlite(o, "deferred"),
     "immediate": lambda o: run_sqlite(o, "immediate"),
     "writer-single": run_writer_single,
+    "writer-pipelined": run_writer_pipelined,
     "raw-single": run_raw_single,
     "writer-batched": run_writer_batched,
     "raw": run_raw,
