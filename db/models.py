@@ -29,6 +29,10 @@ TIMEFRAMES: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d"
 #: Indicators the analysis worker computes.
 INDICATORS = ("sma_20", "ema_20", "rsi_14", "atr_14")
 
+#: How an audited action went. ``skipped``: a check that could not be made (amcheck not
+#: installed), which neither passed nor failed.
+AUDIT_RESULTS = ("ok", "error", "denied", "skipped")
+
 # A 64-bit integer key that is still SQLite's fast rowid alias.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -166,7 +170,7 @@ class AuditEntry(Base):
     actor: Mapped[str] = mapped_column(String(64))
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(128), default="")
-    result: Mapped[str] = mapped_column(String(16))  # ok | error | denied
+    result: Mapped[str] = mapped_column(String(16))  # one of AUDIT_RESULTS
     detail: Mapped[str] = mapped_column(Text, default="")
 
 

@@ -28,6 +28,7 @@ from db import queries
 from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
+    AUDIT_RESULTS,
     INDICATORS,
     TICK_KEY,
     AppliedRequest,
@@ -328,7 +329,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
 
 
 @op("audit", actor=label, action=label, target=(text(128), False),
-    result=(one_of("ok", "error", "denied"), False), detail=(text(4000), False),
+    result=(one_of(*AUDIT_RESULTS), False), detail=(text(4000), False),
     ts=(optional(timestamp), False))
 def audit(conn: Connection, actor: str, action: str, target: str = "", result: str = "ok",
           detail: str = "", ts: int | None = None) -> dict[str, int]:

@@ -192,6 +192,11 @@ def test_no_password_in_any_log_response_page_or_job_record(pg_stack: CircusStac
                                re.S)
         assert last_check and '<span class="pill pill-warn">skipped</span>' in last_check.group(1) and \
             "by admin" in last_check.group(1), last_check and last_check.group(1)
+        # ... and so in the audit log: its row's result is "skipped", not "ok".
+        audit_page = console.fetch("/console/audit")[1]
+        audit_row = re.search(r"<tr>(?:(?!</tr>).)*db\.quick_check(?:(?!</tr>).)*</tr>", audit_page, re.S)
+        assert audit_row and '<span class="pill pill-result-skipped">skipped</span>' in audit_row.group(0), \
+            audit_row and audit_row.group(0)
         for page in ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",
                      "/console/audit", "/console/api/watchers", "/console/api/database",
                      "/console/api/series?name=db.bytes", "/console/api/trades", "/console/logs"):

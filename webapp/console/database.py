@@ -121,9 +121,10 @@ def recent_history() -> dict[str, Any]:
         if job is not None:
             candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail,
                                "skipped": job.ok and (job.detail or "").startswith("skipped:")})
-        if mine is not None:
-            candidates.append({"ts": mine.ts, "ok": mine.result == "ok", "by": mine.actor, "detail": mine.detail,
-                               "skipped": mine.result == "ok" and '"skipped"' in (mine.detail or "")})
+        if mine is not None:  # "skipped" in its detail: a record written as "ok" before skipped was a result
+            skipped = mine.result == "skipped" or (mine.result == "ok" and '"skipped"' in (mine.detail or ""))
+            candidates.append({"ts": mine.ts, "ok": mine.result in ("ok", "skipped"), "by": mine.actor,
+                               "detail": mine.detail, "skipped": skipped})
         out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
         out["checkpoint_job"] = db.session.execute(select(JobRun).where(JobRun.job == "checkpoint")
                                                    .order_by(JobRun.id.desc()).limit(1)).scalars().first()
@@ -235,8 +236,8 @@ def quick_check() -> ResponseReturnValue:
     except (sqlite3.Error, OSError, RuntimeError) as e:
         audit("db.quick_check", target, "error", str(e))
         return _done("error", f"quick_check failed: {e}")
-    if "skipped" in check:
-        audit("db.quick_check", target, "ok", json.dumps(check))
+    if "skipped" in check:  # neither ok nor failed, in the audit log too
+        audit("db.quick_check", target, "skipped", json.dumps(check))
         return _done("warn", f"quick_check skipped: {check['skipped']}")
     audit("db.quick_check", target, "ok" if check["ok"] else "error", json.dumps(check))
     what = f"{check['method']}" + (f" of {check['indexes']} indexes" if "indexes" in check else "")

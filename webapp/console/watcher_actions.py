@@ -15,7 +15,7 @@ After TERM or KILL the console waits, bounded, to say whether each process exite
 ``watcher.signal``: recorded before the signal is sent when it ends the console serving the request;
 when it ends the writer (which takes the record), spooled and sent once the writer is back.
 
-The audit log stores ok, error or denied: an action that did not settle in time is an error there,
+The audit log stores one of ``db.models.AUDIT_RESULTS``: an action that did not settle in time is an error there,
 its detail saying what was sent and what was seen.
 """
 from __future__ import annotations

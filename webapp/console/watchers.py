@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
 from db.errors import WriterError
-from db.models import now_ms
+from db.models import AUDIT_RESULTS, now_ms
 from supervision.circus import ACTIONS, CircusError
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
@@ -239,9 +239,9 @@ def writer_answers(message: str) -> tuple[str, str]:
 
 
 def audit_result(result: str) -> str:
-    """An outcome as the audit log stores it (the ``audit`` op takes ok, error or denied): an action
-    that did not settle in time (``timeout``) is recorded as an error, its detail saying so."""
-    return result if result in ("ok", "error", "denied") else "error"
+    """An outcome as the audit log stores it (the ``audit`` op takes :data:`db.models.AUDIT_RESULTS`):
+    an action that did not settle in time (``timeout``) is recorded as an error, its detail saying so."""
+    return result if result in AUDIT_RESULTS else "error"
 
 
 def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
