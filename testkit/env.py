@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import shutil
 import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from db.config import ensure_home, load_settings
@@ -69,12 +70,44 @@ def _claim(protocol: str, port: int) -> bool:
     return True
 
 
-def _free(protocol: str, kind: socket.SocketKind) -> int:
+#: Ports are drawn from here up to the start of the kernel's ephemeral range.
+FIRST_PORT = 10_000
+
+
+def ephemeral_start() -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``; Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _candidates(kind: socket.SocketKind) -> Iterator[int]:
+    """Ports to try, below the ephemeral range: the kernel draws every outgoing connection's source
+    port from that range, and would give one to a client while the port, handed out here, waits
+    for its server to bind it. Where that range leaves no room below it, the kernel's own pick."""
+    low = ephemeral_start()
     for _ in range(200):
+        if low - FIRST_PORT >= 1000:
+            yield random.randrange(FIRST_PORT, low)
+            continue
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if _claim(protocol, port):
+            yield s.getsockname()[1]
+
+
+def _bindable(kind: socket.SocketKind, port: int) -> bool:
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:  # in use (or in TIME_WAIT): another one
+            return False
+    return True
+
+
+def _free(protocol: str, kind: socket.SocketKind) -> int:
+    for port in _candidates(kind):
+        if _bindable(kind, port) and _claim(protocol, port):
             return port
     raise RuntimeError(f"no free {protocol.upper()} port on 127.0.0.1 after 200 tries")
 
