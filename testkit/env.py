@@ -70,26 +70,39 @@ def _claim(protocol: str, port: int) -> bool:
     return True
 
 
-#: Ports are drawn from here up to the start of the kernel's ephemeral range.
+#: Ports are drawn from here up to the start of the kernel's ephemeral range (or above its end).
 FIRST_PORT = 10_000
+#: The fewest ports a stretch outside the ephemeral range must hold to be drawn from.
+MIN_STRETCH = 1000
+_random = random.SystemRandom()  # not the module's generator, which a test may seed
 
 
-def ephemeral_start() -> int:
-    """The first port of the kernel's ephemeral range (``ip_local_port_range``; Linux's default 32768)."""
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral port range, first and last (``ip_local_port_range``; Linux's default)."""
     try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def port_stretch(low: int, high: int) -> tuple[int, int] | None:
+    """Where free ports are drawn from, [start, stop), given the ephemeral range [low, high]: outside
+    it, since the kernel draws every outgoing connection's source port from it and would give one to
+    a client while a port handed out here waits for its server to bind it. Below it, else above it;
+    None when neither holds :data:`MIN_STRETCH` ports (then the kernel's own pick)."""
+    if low - FIRST_PORT >= MIN_STRETCH:
+        return FIRST_PORT, low
+    if 65536 - (high + 1) >= MIN_STRETCH:
+        return high + 1, 65536
+    return None
 
 
 def _candidates(kind: socket.SocketKind) -> Iterator[int]:
-    """Ports to try, below the ephemeral range: the kernel draws every outgoing connection's source
-    port from that range, and would give one to a client while the port, handed out here, waits
-    for its server to bind it. Where that range leaves no room below it, the kernel's own pick."""
-    low = ephemeral_start()
+    stretch = port_stretch(*ephemeral_range())
     for _ in range(200):
-        if low - FIRST_PORT >= 1000:
-            yield random.randrange(FIRST_PORT, low)
+        if stretch is not None:
+            yield _random.randrange(*stretch)
             continue
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))

@@ -452,6 +452,24 @@ def test_audit_log_is_newest_first_and_paginated(console: Console, wstack: Stack
         assert r.status_code == 400 and "page" in r.text, bad
 
 
+def test_a_skipped_quick_check_reads_skipped_whether_recorded_so_or_as_ok_before(console: Console,
+                                                                                  wstack: Stack) -> None:
+    """The audit op takes "skipped" (a check that could not be made: amcheck not installed). The
+    database page reads the last quick_check as skipped when its record says so, and when it is an
+    "ok" whose detail says skipped (as it was recorded before "skipped" was a result); else ok."""
+    skipped = '{"method": "amcheck", "ok": true, "skipped": "amcheck not installed"}'
+    with WriterClient(settings=wstack.settings, deadline=20) as client:
+        for result, detail, pill in (("skipped", skipped, '<span class="pill pill-warn">skipped</span>'),
+                                     ("ok", skipped, '<span class="pill pill-warn">skipped</span>'),
+                                     ("ok", '{"method": "quick_check", "ok": true}',
+                                      '<span class="pill pill-active">ok</span>')):
+            client.call("audit", actor="tester", action="db.quick_check", target="db", result=result, detail=detail)
+            last = re.search(r"<dt>Last quick_check</dt>\s*<dd>(.*?)</dd>", console.get("/console/database").text,
+                             re.S)
+            assert last and pill in last.group(1) and "by tester" in last.group(1), (result, last and last.group(1))
+    assert '<span class="pill pill-result-skipped">skipped</span>' in console.get("/console/audit").text
+
+
 def test_pages_render_without_circus(console: Console) -> None:
     for url in PAGES:
         r = console.get(url, follow_redirects=True)

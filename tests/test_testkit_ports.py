@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from testkit.env import FIRST_PORT, ROOT, _claim, ephemeral_start, free_port, free_udp_port
+from testkit.env import FIRST_PORT, ROOT, _claim, ephemeral_range, free_port, free_udp_port, port_stretch
 
 HOLDER = """
 import sys
@@ -29,10 +29,13 @@ def test_a_port_given_to_one_process_is_never_given_to_another_while_it_lives() 
     assert _claim("tcp", tcp[0]) and not _claim("tcp", tcp[0])  # free once it exited; then ours alone
 
 
-def test_ports_are_given_from_below_the_kernels_ephemeral_range() -> None:
+def test_ports_are_given_from_outside_the_kernels_ephemeral_range() -> None:
     """The kernel draws outgoing connections' source ports from its ephemeral range: a port handed
     out from there could be taken by a client's connection before its server binds it."""
-    low = ephemeral_start()
-    assert low - FIRST_PORT >= 1000, f"this machine's ephemeral range starts at {low}: no room below it"
+    low, high = ephemeral_range()
     given = [free_port() for _ in range(30)] + [free_udp_port() for _ in range(5)]
-    assert all(FIRST_PORT <= p < low for p in given), (low, given)
+    assert not any(low <= p <= high for p in given), ((low, high), given)
+    # Below the range where it leaves room, else above it, else (no room) the kernel's own pick.
+    assert port_stretch(32768, 60999) == (FIRST_PORT, 32768)
+    assert port_stretch(10500, 60999) == (61000, 65536)
+    assert port_stretch(1024, 64999) is None

@@ -37,7 +37,7 @@ project's own schema (``db.schema.migrate``), all at the same durability
     (``WriterClient.pipeline``): what the writer commits of small writes when producers do not
     wait for one answer before sending the next, as a feed handler can. Latency is per op, from
     its first send to its committed answer. No target of its own:
-    ``ratios.writer_pipelined_over_immediate`` puts it beside writer-single's, whose 8 producers
+    ``ratios.writer_pipelined_over_immediate`` puts it beside writer-single's, whose producers
     each wait for every answer (their rate is the round trip's, not the writer's).
 ``raw-single``
     The same small writes with no writer and no contention: one process, one

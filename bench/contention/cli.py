@@ -47,9 +47,10 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
                + "\n\nwith --database postgresql:\n" + "\n".join(f"  {n:<15} {h}" for n, h in PG_SCENARIO_HELP.items())
                + "\n\nSee the module docstring of bench/contention/__init__.py for why each exists.")
     p.add_argument("--procs", type=int_between(1, 256), default=8,
-                   help="writing processes in seed, immediate, writer-single and writer-pipelined (default 8)")
+                   help="writing processes of the small-writes scenarios: seed, immediate, writer-single, "
+                        "writer-pipelined; direct and client-direct on postgresql (default 8)")
     p.add_argument("--seconds", type=positive_float, default=3.0,
-                   help="measured window of seed, immediate, writer-single, writer-pipelined, raw-single (default 3)")
+                   help="measured window of the small-writes scenarios and raw-single (default 3)")
     p.add_argument("--pipeline-window", type=int_between(1, 1024), default=16,
                    help="writer-pipelined: single-row ops in flight per producer (default 16)")
     p.add_argument("--rows", type=positive_int, default=1_000_000,

@@ -59,6 +59,16 @@ def sqlite_producer(index: int, db_path: str, seconds: float, begin: str, synchr
     return {"ops": commits, "rows": commits, "latencies": latencies, "errors": dict(errors), "last": last}
 
 
+def small_op(n: int, source: str) -> tuple[str, dict[str, Any]]:
+    """The ``n``-th op of a small-writes producer: a one-tick ``insert_ticks`` (even ``n``; ``source``
+    and ``n`` make its (source, seq) key unique) or an ``audit`` row (odd ``n``)."""
+    if n % 2 == 0:
+        bid = 100.0 + (n % 1000) * 0.01
+        return "insert_ticks", {"ticks": [{"symbol": "BTCUSD", "ts": int(time.time() * 1000), "bid": bid,
+                                           "ask": bid + 0.02, "volume": 1.0, "source": source, "seq": n}]}
+    return "audit", {"actor": source, "action": "analyse", "target": "BTCUSD", "detail": f"n={n}"}
+
+
 def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, gate: Gate) -> dict[str, Any]:
     """One acknowledged op per call: a one-tick ``insert_ticks``, then an ``audit``."""
     from db.client import WriterClient
@@ -79,16 +89,12 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
         last = start
         cpu0 = time.process_time()
         while time.monotonic() < end:
+            op, args = small_op(n, source)
             t0 = time.perf_counter()
             try:
-                if n % 2 == 0:
-                    bid = 100.0 + (n % 1000) * 0.01
-                    tick = {"symbol": "BTCUSD", "ts": int(time.time() * 1000), "bid": bid, "ask": bid + 0.02,
-                            "volume": 1.0, "source": source, "seq": n}
-                    result = client.call("insert_ticks", ticks=[tick])
+                result = client.call(op, **args)
+                if op == "insert_ticks":
                     rows += result["inserted"]
-                else:
-                    client.call("audit", actor=source, action="analyse", target="BTCUSD", detail=f"n={n}")
             except Exception as e:  # every failure counts, whatever its type
                 errors[error_key(e)] += 1
             else:
@@ -131,13 +137,11 @@ def writer_pipelined_producer(index: int, env: dict[str, str], seconds: float, w
         cpu0 = time.process_time()
         with client.pipeline(window=window, on_done=on_done) as pipe:
             while time.monotonic() < end:
-                if n % 2 == 0:
-                    bid = 100.0 + (n % 1000) * 0.01
-                    tick = {"symbol": "BTCUSD", "ts": int(time.time() * 1000), "bid": bid, "ask": bid + 0.02,
-                            "volume": 1.0, "source": source, "seq": n}
-                    pipe.submit("insert_ticks", ticks=[tick])
-                else:
-                    pipe.submit("audit", actor=source, action="analyse", target="BTCUSD", detail=f"n={n}")
+                op, args = small_op(n, source)
+                try:
+                    pipe.submit(op, **args)
+                except Exception as e:  # refused before it was sent: counts like any failure
+                    errors[error_key(e)] += 1
                 n += 1
         last = time.monotonic()  # the last answer is in: the window ends with it
         cpu = time.process_time() - cpu0

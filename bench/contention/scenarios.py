@@ -1,4 +1,4 @@
-"""The seven scenarios of ``python -m bench contention``, each on a fresh
+"""The seven SQLite scenarios of ``python -m bench contention``, each on a fresh
 database, and which of them ``--repeat`` runs again."""
 from __future__ import annotations
 
@@ -83,32 +83,34 @@ def run_sqlite(opts: argparse.Namespace, begin: str) -> dict[str, Any]:
     return out
 
 
-def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
+def _small_writes_through_writer(opts: argparse.Namespace, name: str, producer: Callable[..., dict[str, Any]],
+                                 extra: tuple, notes: str) -> dict[str, Any]:
+    """``--procs`` processes of ``producer`` (its arguments: the env, ``--seconds``, then ``extra``)
+    against a writer on a fresh database; a tick stored that was not acknowledged, or acknowledged and
+    not stored, is an error."""
     with fresh_home() as (_home, env), running_writer(env) as writer:
-        args = [(env, opts.seconds) for _ in range(opts.procs)]
-        start, results = run_group(writer_single_producer, args, run_timeout=opts.seconds + 180,
-                                   on_start=writer.sampler.mark_start)
+        args = [(env, opts.seconds, *extra) for _ in range(opts.procs)]
+        start, results = run_group(producer, args, run_timeout=opts.seconds + 180, on_start=writer.sampler.mark_start)
         writer.finish_measuring()
-        out = combine("writer-single", opts.procs, start, results)
-        out["notes"] = "WriterClient.call: insert_ticks (1 tick) and audit, alternately"
+        out = combine(name, opts.procs, start, results)
+        out["notes"] = notes
         out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
+        out["stored_ticks"] = stored_ticks(env)
+        check_stored(out, out["rows"])
     out["writer"] = writer.summary()
     return out
+
+
+def run_writer_single(opts: argparse.Namespace) -> dict[str, Any]:
+    return _small_writes_through_writer(opts, "writer-single", writer_single_producer, (),
+                                        "WriterClient.call: insert_ticks (1 tick) and audit, alternately")
 
 
 def run_writer_pipelined(opts: argparse.Namespace) -> dict[str, Any]:
-    with fresh_home() as (_home, env), running_writer(env) as writer:
-        args = [(env, opts.seconds, opts.pipeline_window) for _ in range(opts.procs)]
-        start, results = run_group(writer_pipelined_producer, args, run_timeout=opts.seconds + 180,
-                                   on_start=writer.sampler.mark_start)
-        writer.finish_measuring()
-        out = combine("writer-pipelined", opts.procs, start, results)
-        out["notes"] = (f"WriterClient.pipeline(window={opts.pipeline_window}): insert_ticks (1 tick) and audit, "
-                        "alternately, each acknowledged after its commit")
-        out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
-        out["stored_ticks"] = stored_ticks(env)  # every acknowledged tick is there, and no other
-    out["writer"] = writer.summary()
-    return out
+    return _small_writes_through_writer(
+        opts, "writer-pipelined", writer_pipelined_producer, (opts.pipeline_window,),
+        f"WriterClient.pipeline(window={opts.pipeline_window}): insert_ticks (1 tick) and audit, alternately, "
+        "each acknowledged after its commit")
 
 
 def run_raw_single(opts: argparse.Namespace) -> dict[str, Any]:
