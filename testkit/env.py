@@ -93,8 +93,9 @@ def port_stretch(low: int, high: int) -> tuple[int, int] | None:
     None when neither holds :data:`MIN_STRETCH` ports (then the kernel's own pick)."""
     if low - FIRST_PORT >= MIN_STRETCH:
         return FIRST_PORT, low
-    if 65536 - (high + 1) >= MIN_STRETCH:
-        return high + 1, 65536
+    above = max(high + 1, FIRST_PORT)
+    if 65536 - above >= MIN_STRETCH:
+        return above, 65536
     return None
 
 

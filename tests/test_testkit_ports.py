@@ -33,9 +33,12 @@ def test_ports_are_given_from_outside_the_kernels_ephemeral_range() -> None:
     """The kernel draws outgoing connections' source ports from its ephemeral range: a port handed
     out from there could be taken by a client's connection before its server binds it."""
     low, high = ephemeral_range()
+    assert port_stretch(low, high) is not None, (f"the ephemeral range {low}-{high} leaves no 1,000 ports outside "
+                                                 "it: a port given here may be taken by a client connection")
     given = [free_port() for _ in range(30)] + [free_udp_port() for _ in range(5)]
     assert not any(low <= p <= high for p in given), ((low, high), given)
     # Below the range where it leaves room, else above it, else (no room) the kernel's own pick.
     assert port_stretch(32768, 60999) == (FIRST_PORT, 32768)
     assert port_stretch(10500, 60999) == (61000, 65536)
+    assert port_stretch(5000, 9000) == (FIRST_PORT, 65536)
     assert port_stretch(1024, 64999) is None

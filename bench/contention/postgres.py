@@ -77,11 +77,12 @@ def direct_producer(index: int, env: dict[str, str], seconds: float, *, gate: Ga
     while time.monotonic() < end:
         t0 = time.perf_counter()
         ts = int(time.time() * 1000)
+        inserted = 0
         try:
             with con.transaction():
                 if n % 2 == 0:
                     bid = 100.0 + (n % 1000) * 0.01
-                    rows += con.execute(
+                    inserted = con.execute(
                         "INSERT INTO ticks (symbol, ts, bid, ask, volume, source, seq) VALUES (%s, %s, %s, %s, %s, "
                         "%s, %s) ON CONFLICT DO NOTHING", ("BTCUSD", ts, bid, bid + 0.02, 1.0, source, n)).rowcount
                 else:
@@ -89,9 +90,10 @@ def direct_producer(index: int, env: dict[str, str], seconds: float, *, gate: Ga
                                 "(%s, %s, %s, %s, %s, %s)", (ts, source, "analyse", "BTCUSD", "ok", f"n={n}"))
         except psycopg.Error as e:
             errors[error_key(e)] += 1
-        else:
+        else:  # committed: only now are its rows acknowledged
             latencies.append(time.perf_counter() - t0)
             ops += 1
+            rows += inserted
         n += 1
         last = time.monotonic()
     con.close()
@@ -128,9 +130,10 @@ def copy_inserter(index: int, env: dict[str, str], plan: list[tuple[str, int, in
 
 def _run_small_writes(opts: argparse.Namespace, name: str, producer: Any, notes: str,
                       extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``--procs`` processes of ``producer`` for ``--seconds`` on a fresh database, no writer."""
+    """``--procs`` processes of ``producer`` for ``--seconds`` on a fresh database, no writer; a stored
+    tick not acknowledged, or acknowledged and not stored, is an error."""
     from bench.common import migrate_database
-    from bench.contention.scenarios import combine
+    from bench.contention.scenarios import check_stored, combine
 
     with fresh_home() as (_home, env):
         env.update(extra_env or {})
@@ -140,6 +143,7 @@ def _run_small_writes(opts: argparse.Namespace, name: str, producer: Any, notes:
         out = combine(name, opts.procs, start, results)
         out["notes"] = notes
         out["stored_ticks"] = count_ticks(env)
+        check_stored(out, out["rows"])  # a tick stored and not acknowledged, or the reverse, is an error
     return out
 
 

@@ -89,8 +89,8 @@ def writer_single_producer(index: int, env: dict[str, str], seconds: float, *, g
         last = start
         cpu0 = time.process_time()
         while time.monotonic() < end:
-            op, args = small_op(n, source)
             t0 = time.perf_counter()
+            op, args = small_op(n, source)
             try:
                 result = client.call(op, **args)
                 if op == "insert_ticks":
@@ -113,6 +113,7 @@ def writer_pipelined_producer(index: int, env: dict[str, str], seconds: float, w
     it sends the next. Latency is per op, from its first send to its committed answer."""
     from db.client import Ticket, WriterClient
     from db.config import load_settings
+    from db.errors import WriterError
 
     source = f"bench-pipelined-{index}"
     latencies: list[float] = []
@@ -140,7 +141,7 @@ def writer_pipelined_producer(index: int, env: dict[str, str], seconds: float, w
                 op, args = small_op(n, source)
                 try:
                     pipe.submit(op, **args)
-                except Exception as e:  # refused before it was sent: counts like any failure
+                except WriterError as e:  # refused before it was sent (too large, not encodable): a failure
                     errors[error_key(e)] += 1
                 n += 1
         last = time.monotonic()  # the last answer is in: the window ends with it
