@@ -152,6 +152,10 @@ class TradeEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="")
 
 
+#: How an ok job run's detail starts when its check could not be made (amcheck not installed).
+SKIPPED = "skipped: "
+
+
 class JobRun(Base):
     __tablename__ = "job_runs"
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -161,6 +165,11 @@ class JobRun(Base):
     duration_ms: Mapped[int] = mapped_column(BigInteger)
     ok: Mapped[bool] = mapped_column(Boolean)
     detail: Mapped[str] = mapped_column(Text, default="")
+
+    @property
+    def skipped(self) -> bool:
+        """An ok run whose check could not be made: neither passed nor failed."""
+        return bool(self.ok) and (self.detail or "").startswith(SKIPPED)
 
 
 class AuditEntry(Base):

@@ -7,6 +7,7 @@ environment and ``TICKSTACK_HOME`` is set to a new folder of its own.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import random
 import shutil
@@ -77,8 +78,10 @@ MIN_STRETCH = 1000
 _random = random.SystemRandom()  # not the module's generator, which a test may seed
 
 
+@functools.cache
 def ephemeral_range() -> tuple[int, int]:
-    """The kernel's ephemeral port range, first and last (``ip_local_port_range``; Linux's default)."""
+    """The kernel's ephemeral port range, first and last (``ip_local_port_range``, read once per process;
+    Linux's default if it cannot be read)."""
     try:
         low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):

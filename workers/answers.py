@@ -47,10 +47,7 @@ class Answers:
             return self.storage_full(reason)
         transient = transient_reason(e)
         if transient is not None:  # lost a race with another session: nothing applied, run it again
-            self._raced()
-            log.warning("writer: op %s lost a race with another session, answered retryably: %s", spec.name,
-                        transient)
-            return CommitFailed(f"{spec.name}: not applied, retry: {transient}")
+            return self._retry(spec.name, transient)
         if isinstance(e, SQLAlchemyError):
             log.warning("writer: op %s failed: %s", spec.name, e)
             return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
@@ -89,12 +86,7 @@ class Answers:
         Nothing of it was applied (the fast run was rolled back); its client sends it again. None
         for any other failure, which runs again in the careful run (:mod:`workers.commit`)."""
         race = transient_reason(cause)
-        if race is None:
-            return None
-        self._raced()
-        log.warning("writer: %s of client %s lost a race with another session, answered retryably: %s",
-                    shown(op), cid, race)
-        return CommitFailed(f"{shown(op)}: not applied, retry: {race}")
+        return None if race is None else self._retry(shown(op), race, cid)
 
     def count_race(self, e: BaseException) -> None:
         """Count an error that lost a race with another session: SQLite's "database is locked" (which
@@ -102,6 +94,14 @@ class Answers:
         lock timeout (which may, between several hosts' writers)."""
         if transient_reason(e) is not None:
             self._raced()
+
+    def _retry(self, op: str, race: str, cid: str | None = None) -> CommitFailed:
+        """The answer of op ``op`` (of client ``cid``, when known), which lost ``race``: counted, logged,
+        retryable."""
+        self._raced()
+        log.warning("writer: %s%s lost a race with another session, answered retryably: %s", op,
+                    f" of client {cid}" if cid else "", race)
+        return CommitFailed(f"{op}: not applied, retry: {race}")
 
     def _raced(self) -> None:
         if self.settings.database_path is not None:

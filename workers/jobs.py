@@ -37,7 +37,7 @@ from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.leader import Leadership
-from db.models import JobRun, now_ms
+from db.models import SKIPPED, JobRun, now_ms
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
 
@@ -248,7 +248,7 @@ class JobsWorker(Worker):
         amcheck the run is ok and its detail starts "skipped: amcheck not installed"."""
         check = health.integrity(self.settings)
         if "skipped" in check:
-            return True, f"skipped: {check['skipped']}"
+            return True, f"{SKIPPED}{check['skipped']}"
         return bool(check["ok"]), json.dumps(check)
 
     def checkpoint(self, force: bool = False) -> Outcome:

@@ -36,6 +36,11 @@ def _get(results: dict[str, dict[str, Any]], name: str, *path: str) -> Any:
     return value
 
 
+def info(value: Any) -> dict[str, Any]:
+    """A figure reported beside the checks, with no target of its own."""
+    return {"value": value, "target": "(none)", "result": "info"}
+
+
 def paired_median(results: dict[str, dict[str, Any]], num: str, den: str) -> float | None:
     """The median, over the repeats, of ``num``'s rows/s over ``den``'s in the same repeat (the two
     run one after the other, so each pair saw the same machine)."""
@@ -80,10 +85,8 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "batched_over_raw_median": check(ratios["batched_over_raw_median"], BATCHED_OVER_RAW_TARGET),
         "immediate_max_over_writer_max": check(ratios["immediate_max_over_writer_max"],
                                                IMMEDIATE_OVER_WRITER_MAX_TARGET),
-        "writer_pipelined_over_immediate": {"value": ratios["writer_pipelined_over_immediate"],
-                                            "target": "(none)", "result": "info"},
-        "writer_pipelined_p99_ms": {"value": _get(results, "writer-pipelined", "latency", "p99_ms"),
-                                    "target": "(none)", "result": "info"},
+        "writer_pipelined_over_immediate": info(ratios["writer_pipelined_over_immediate"]),
+        "writer_pipelined_p99_ms": info(_get(results, "writer-pipelined", "latency", "p99_ms")),
     }
     return ratios, checks
 

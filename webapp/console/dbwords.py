@@ -100,10 +100,12 @@ def job_words(job: str, ok: bool, detail: str | None) -> str:
 
 
 def job_rows(jobs: list[Any]) -> list[dict[str, Any]]:
-    """Job runs as the page's table shows them: job, start and end (ms), duration, ok, words, raw detail."""
+    """Job runs as the page's table shows them: job, start and end (ms), duration, ok, skipped, words, raw
+    detail."""
     return [{"job": r.job, "started_at": r.started_at, "finished_at": r.finished_at,
              "duration_ms": r.finished_at - r.started_at if r.finished_at and r.started_at else None,
-             "ok": r.ok, "words": job_words(r.job, r.ok, r.detail), "detail": r.detail} for r in jobs]
+             "ok": r.ok, "skipped": r.skipped, "words": job_words(r.job, r.ok, r.detail), "detail": r.detail}
+            for r in jobs]
 
 
 def table_figures(key: str, db_bytes: int | None) -> dict[str, Any]:
