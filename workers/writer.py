@@ -51,6 +51,11 @@ import threading
 import time
 from typing import Any
 
+# Packed columns (bulk ticks, the analysis worker's stores) are checked with numpy, which
+# db.validation and db.columns import only where they use it, so that the readers never load it.
+# The writer loads it here, at start: else its first bulk request paid for the import (about 60 ms),
+# and gc.freeze() in Writer.run keeps its objects out of the collector's way.
+import numpy  # noqa: F401
 import zmq
 
 from db.config import ConfigError, Settings, ensure_home, load_settings
