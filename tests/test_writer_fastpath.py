@@ -259,6 +259,56 @@ def test_the_writer_has_numpy_loaded_before_its_first_request(writer: Stack) -> 
     assert "_multiarray_umath" in maps, "numpy's core module is not loaded in the ready writer"
 
 
+#: Run in a fresh interpreter (nothing configured or compiled yet): the writer's own start-up
+#: (Committer.open_database), then the first request's batch, listing the statements SQLAlchemy
+#: had to compile for it.
+_FIRST_BATCH = """
+import json, queue
+from sqlalchemy import event, inspect
+from db.config import load_settings
+from sqlalchemy.engine.interfaces import CacheStats
+from db.engine import make_write_engine
+from db.models import AppliedRequest
+from workers.commit import Committer, Request
+from workers.writer_stats import Stats
+
+settings = load_settings()
+engine = make_write_engine(settings)
+conn = engine.connect()
+committer = Committer(settings, engine, conn, Stats(), queue.Queue(), on_fatal=lambda: None)
+committer.open_database()
+configured = inspect(AppliedRequest).configured
+compiled = []
+
+@event.listens_for(engine, "after_cursor_execute")
+def seen(_conn, _cursor, statement, _parameters, context, _executemany):
+    if context is not None and context.cache_hit is CacheStats.CACHE_MISS:
+        compiled.append(statement)
+
+replies = committer._commit_or_fail([Request(b"peer", "first-client", 1, "audit", {"actor": "a", "action": "x"})])
+print(json.dumps({"configured": configured, "compiled": compiled, "reply": replies[0][1].hex()}))
+conn.close()
+engine.dispose()
+"""
+
+
+def test_the_first_request_after_a_start_finds_the_mappers_configured_and_the_dedup_lookup_compiled(
+        stack: Stack) -> None:
+    """The first request after every start of the writer configured SQLAlchemy's mappers and compiled
+    the look-up of the client's last applied request: 17 ms in process, against 0.2 to 0.3 ms for the
+    next ones (9 to 10 ms more than the next ones through a real writer). The writer does both while
+    it opens the database, before it serves."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_BATCH], env=stack.env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert msgpack.unpackb(bytes.fromhex(seen["reply"]))["ok"] is True
+    assert seen["configured"] is True
+    # The op's own statement is compiled at its first use, as every op's is (on SQLite the audit
+    # insert is a compiled statement of db.statements and goes to the cursor without SQLAlchemy).
+    assert [sql for sql in seen["compiled"] if "applied_requests" in sql] == []
+
+
 def test_a_batch_without_failures_runs_fast_and_one_with_a_failure_runs_again_with_the_same_results(
         stack: Stack) -> None:
     stack.start_writer(TICKSTACK_WRITER_BATCH_WAIT="0.3")  # each pipeline below is one batch

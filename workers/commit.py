@@ -44,12 +44,14 @@ from typing import Any
 import msgpack
 import zmq
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import configure_mappers
 
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, storage_full_reason
 from db.errors import OpFailed, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply
+from db.schema import migrate
 from db.validation import shown
 from workers.answers import Answers
 from workers.writer_stats import Stats
@@ -131,6 +133,28 @@ class Committer:
         #: per batch on a ZeroMQ socket would cost libzmq's command processing (system calls) for
         #: every frame; a deque costs none.
         self.outbox: deque[list[tuple[bytes, bytes]]] = deque()
+
+    def open_database(self) -> tuple[int, int]:
+        """Before the writer serves: upgrade the schema (returns the versions before and after; its
+        errors are the caller's), then do what the first batch after every start would otherwise
+        pay for: configure SQLAlchemy's mappers, compile the look-up of a client's last applied
+        request, and forget the applied requests older than the dedup window (:meth:`_maybe_prune`,
+        due at the first batch). The first batch took 17 ms in process, against 0.2 to 0.3 ms for
+        the next ones. That part never stops the writer: if it fails (a full disk, a lock held on
+        PostgreSQL), the first batch does it, as before, and answers for it."""
+        with self.conn.begin():
+            versions = migrate(self.conn)
+        try:
+            with self.conn.begin():
+                configure_mappers()
+                ops.last_applied_seq(self.conn, "")
+                self._maybe_prune(self.conn)
+        except Exception as e:
+            self._last_prune = 0.0
+            self._recover_connection()
+            log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
+                        type(e).__name__, e)
+        return versions
 
     def run(self, ctx: zmq.Context) -> None:
         """The commit thread: batches from the queue until the stop marker."""

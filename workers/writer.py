@@ -63,7 +63,6 @@ from db.engine import display_url, make_write_engine, storage_full_reason
 from db.errors import OpFailed, ValidationError
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
-from db.schema import migrate
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
@@ -142,8 +141,7 @@ class Writer:
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
                                            on_fatal=self._stop_now, on_commit=self.checkpointer.poke,
                                            before_commit=self.server_lock.check_held if self.server_lock else None)
-                with conn.begin():
-                    before, after = migrate(conn)
+                before, after = self.committer.open_database()
             except Exception as e:
                 reason = storage_full_reason(e)
                 if reason is None:
