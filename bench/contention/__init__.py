@@ -64,13 +64,15 @@ project's own schema (``db.schema.migrate``), all at the same durability
     in the JSON; neither wins reliably on this machine). Target:
     writer-batched reaches at least 0.9 of it.
 
-The throughput pair (``writer-batched``, ``raw``) runs ``--repeat`` times
-(default 3), interleaved; the table keeps the best run of each (all are in the
-JSON), ``ratios.batched_over_raw`` compares the best runs and
-``ratios.batched_over_raw_median`` is the median, over the repeats, of
-writer-batched over the raw run right after it: on a shared 2-core machine one
-run of either can be 30 % off. ``ratios.writer_single_over_immediate`` and
-``ratios.writer_single_over_raw_single`` compare ops/s in the same run. Every
+The compared pairs (``immediate`` and ``writer-single``, ``writer-batched`` and
+``raw``) run ``--repeat`` times (default 3), interleaved; the table keeps the
+best run of each (all are in the JSON). ``ratios.batched_over_raw`` and
+``ratios.writer_single_over_immediate`` compare the best runs (rows/s, ops/s);
+``ratios.batched_over_raw_median`` and
+``ratios.writer_single_over_immediate_median`` are the medians, over the
+repeats, of each run over the one run right beside it: on a shared 2-core
+machine one run of either can be 30 % off. ``ratios.writer_single_over_raw_single``
+compares ops/s in the same run. Every
 percentile (the table's, the writer's commit p50/p99) is nearest-rank,
 :func:`db.stats.percentile`. The JSON also has the load average before and
 after the run (``load_average``): others' work on the machine counts in it.

@@ -62,8 +62,9 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
     p.add_argument("--batch-producers", type=int_between(1, 64), default=1,
                    help="writer-batched: producer processes sharing --rows (default 1)")
     p.add_argument("--repeat", type=int_between(1, 20), default=3,
-                   help="run writer-batched and raw this many times, interleaved; the table keeps the best of "
-                        "each, and batched_over_raw_median is the median of the repeats (default 3)")
+                   help="run immediate, writer-single, writer-batched and raw this many times, interleaved; the "
+                        "table keeps the best of each, and writer_single_over_immediate_median and "
+                        "batched_over_raw_median are the medians of the repeats (default 3)")
     p.add_argument("--only", type=name_list((*SCENARIOS, *PG_SCENARIOS)), default=None, metavar="NAMES",
                    help="comma-separated scenarios to run (default: all of the database's)")
     p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
         parser.error(f"--only {','.join(sorted(set(opts.only) - set(scenarios)))}: not a scenario on "
                      f"{opts.database} (its scenarios: {', '.join(scenarios)})")
     chosen = [n for n in scenarios if opts.only is None or n in opts.only]
-    # The throughput pair runs --repeat times, interleaved, best of each kept:
+    # The compared pairs run --repeat times, interleaved, best of each kept:
     # on a shared 2-core machine one run can be slowed by someone else's load.
     order = [n for n in chosen if n not in repeatable]
     order += [n for _ in range(opts.repeat) for n in chosen if n in repeatable]
