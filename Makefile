@@ -44,7 +44,14 @@ ACTIVATE_MARK := $(VENV)/.activate-defaults
 
 .PHONY: install run test lint bench clean
 
+# The checkout's own packages. `install` writes their bytecode ahead of time: where
+# PYTHONDONTWRITEBYTECODE is set (this machine's environment) Python never writes it, and every
+# process compiled them again as it started (about 0.1 s of each worker's start). A stale file is
+# never used: Python checks it against its source's time and size.
+PACKAGES := db supervision workers webapp bench testkit
+
 install: $(STAMP) $(ACTIVATE_MARK)
+	@$(BIN)/python -m compileall -q $(PACKAGES)
 
 $(ACTIVATE_MARK): $(STAMP) Makefile
 	sed -i '/^# >>> tickstack/,/^# <<< tickstack/d' $(BIN)/activate
@@ -89,3 +96,4 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find $(PACKAGES) -name __pycache__ -type d -prune -exec rm -rf {} +
