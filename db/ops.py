@@ -44,7 +44,15 @@ from db.models import (
     trade_pnl,
 )
 from db.schema import BAR_INDICATORS
-from db.statements import COPY_MIN_TICKS, copy_ticks, insert_many, insert_row, upsert_columns, upsert_rows
+from db.statements import (
+    COPY_MIN_TICKS,
+    compile_insert,
+    copy_ticks,
+    insert_many,
+    insert_row,
+    upsert_columns,
+    upsert_rows,
+)
 from db.validation import (
     SAMPLE_FIELDS,
     TICK_FIELDS,
@@ -395,6 +403,15 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
     at = now_ms()
     insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
                  ((cid, seq, at, result) for cid, seq, result in records))
+
+
+def compile_applied_records(conn: Connection) -> None:
+    """Have the statements of the record of applied requests (the look-up, the record, the prune)
+    compiled for ``conn``'s dialect, changing nothing (the prune's cutoff is 0): the writer does it
+    before it serves, so that its first batch does not."""
+    last_applied_seq(conn, "")
+    compile_insert(conn.dialect, AppliedRequest.__table__, _APPLIED_COLUMNS)
+    prune_applied(conn, 0)
 
 
 def prune_applied(conn: Connection, older_than_ms: int) -> int:

@@ -60,6 +60,8 @@ log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
+#: The longest :meth:`Committer.open_database` waits for a lock on PostgreSQL while it gets ready.
+GET_READY_LOCK_MS = 1000
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
 DOORBELL = "inproc://replies"
 
@@ -137,21 +139,26 @@ class Committer:
     def open_database(self) -> tuple[int, int]:
         """Before the writer serves: upgrade the schema (returns the versions before and after; its
         errors are the caller's), then do what the first batch after every start would otherwise
-        pay for: configure SQLAlchemy's mappers, compile the look-up of a client's last applied
-        request, and forget the applied requests older than the dedup window (:meth:`_maybe_prune`,
-        due at the first batch). The first batch took 17 ms in process, against 0.2 to 0.3 ms for
-        the next ones. That part never stops the writer: if it fails (a full disk, a lock held on
-        PostgreSQL), the first batch does it, as before, and answers for it."""
+        pay for (README, Benchmarks: "The first requests after a start"): configure SQLAlchemy's
+        mappers and compile the statements of the record of applied requests. That part changes
+        nothing (it is rolled back), waits at most :data:`GET_READY_LOCK_MS` for a lock on
+        PostgreSQL, and never stops the writer: if it fails, the first batch compiles them, as
+        before."""
         with self.conn.begin():
             versions = migrate(self.conn)
+        # A transaction of its own, rolled back: a failure here must not undo the migration, and the
+        # migration's ``lock_timeout = 0`` (PostgreSQL: as long as another writer's migration takes)
+        # must not hold here.
         try:
-            with self.conn.begin():
+            with self.conn.begin() as transaction:
+                if self.conn.dialect.name == "postgresql":  # a session holding the table must not hold up the start
+                    wait_ms = min(self.settings.lock_timeout_ms or GET_READY_LOCK_MS, GET_READY_LOCK_MS)
+                    self.conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_ms)}ms'")
                 configure_mappers()
-                ops.last_applied_seq(self.conn, "")
-                self._maybe_prune(self.conn)
+                ops.compile_applied_records(self.conn)
+                transaction.rollback()
         except Exception as e:
-            self._last_prune = 0.0
-            self._recover_connection()
+            self._recover_connection()  # outside any transaction, or a new connection
             log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
                         type(e).__name__, e)
         return versions

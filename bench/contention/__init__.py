@@ -71,8 +71,11 @@ best run of each (all are in the JSON). ``ratios.batched_over_raw`` and
 ``ratios.batched_over_raw_median`` and
 ``ratios.writer_single_over_immediate_median`` are the medians, over the
 repeats, of each run over the one run right beside it: on a shared 2-core
-machine one run of either can be 30 % off. ``ratios.writer_single_over_raw_single``
-compares ops/s in the same run. Every
+machine one run of either can be 30 % off. Every other repeat runs the pairs in
+the reverse order. The latency and error checks (``writer_single_p99_ms``,
+``writer_single_zero_errors``, ``immediate_max_over_writer_max``) take the worst
+of every run. ``ratios.writer_single_over_raw_single`` compares writer-single's
+best run with raw-single's one run. Every
 percentile (the table's, the writer's commit p50/p99) is nearest-rank,
 :func:`db.stats.percentile`. The JSON also has the load average before and
 after the run (``load_average``): others' work on the machine counts in it.

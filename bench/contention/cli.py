@@ -62,9 +62,9 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
     p.add_argument("--batch-producers", type=int_between(1, 64), default=1,
                    help="writer-batched: producer processes sharing --rows (default 1)")
     p.add_argument("--repeat", type=int_between(1, 20), default=3,
-                   help="run immediate, writer-single, writer-batched and raw this many times, interleaved; the "
-                        "table keeps the best of each, and writer_single_over_immediate_median and "
-                        "batched_over_raw_median are the medians of the repeats (default 3)")
+                   help="run the compared pairs this many times, interleaved (immediate and writer-single, "
+                        "writer-batched and raw; on postgresql writer-batched and copy); the table keeps the best "
+                        "of each, and the _median ratios are the medians of the pairs (default 3)")
     p.add_argument("--only", type=name_list((*SCENARIOS, *PG_SCENARIOS)), default=None, metavar="NAMES",
                    help="comma-separated scenarios to run (default: all of the database's)")
     p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
         parser.error(f"--only {','.join(sorted(set(opts.only) - set(scenarios)))}: not a scenario on "
                      f"{opts.database} (its scenarios: {', '.join(scenarios)})")
     chosen = [n for n in scenarios if opts.only is None or n in opts.only]
-    # The compared pairs run --repeat times, interleaved, best of each kept:
-    # on a shared 2-core machine one run can be slowed by someone else's load.
+    # The compared pairs run --repeat times, interleaved, best of each kept: on a shared 2-core
+    # machine one run can be slowed by someone else's load. Every other repeat runs them in the
+    # reverse order, so that neither side of a pair always runs first (or right after bulk ingest).
     order = [n for n in chosen if n not in repeatable]
-    order += [n for _ in range(opts.repeat) for n in chosen if n in repeatable]
+    paired = [n for n in chosen if n in repeatable]
+    order += [n for i in range(opts.repeat) for n in (paired if i % 2 == 0 else paired[::-1])]
     with postgres_homes() if postgres else contextlib.nullcontext():
         return _run(opts, chosen, order, runners)
 
@@ -98,13 +100,16 @@ def _run(opts: argparse.Namespace, chosen: list[str], order: list[str],
          runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]) -> int:
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in chosen}
     failures: dict[str, list[str]] = {n: [] for n in chosen}
+    attempts: dict[str, int] = dict.fromkeys(chosen, 0)  # the repeat each run is in, failed ones counted
     started = time.monotonic()
     load_before = os.getloadavg()
     for name in order:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
+        repeat = attempts[name]
+        attempts[name] += 1
         try:
-            runs[name].append(runners[name](opts))
+            runs[name].append({**runners[name](opts), "repeat": repeat})
         except Exception:
             failures[name].append(traceback.format_exc())
             print(f"[bench] {name} FAILED:\n{failures[name][-1]}", file=sys.stderr, flush=True)

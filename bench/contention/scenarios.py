@@ -193,17 +193,30 @@ def check_stored(out: dict[str, Any], expected: int) -> None:
 
 #: Scenarios --repeat runs again, interleaved, in pairs each measured against the other one run beside
 #: it (immediate and writer-single, writer-batched and raw: the ``_median`` ratios); the table keeps
-#: each one's best run (most rows/s).
+#: each one's best run.
 REPEATABLE = ("immediate", "writer-single", "writer-batched", "raw")
+#: What a scenario's runs are compared by, when it repeats: small writes by ops/s ...
+_BY_OPS = frozenset(("immediate", "writer-single"))
+
+
+def compared_by(name: str) -> str:
+    """... and bulk ingest by rows/s: the key of the rate (``ops_per_s`` or ``rows_per_s``)."""
+    return "ops_per_s" if name in _BY_OPS else "rows_per_s"
 
 
 def best_run(name: str, runs: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
+    """The run with the highest :func:`compared_by` rate, with every run's figures under ``runs``
+    (each with the repeat it ran in, for pairing, and its errors and latencies, which the checks
+    take from every run: :func:`bench.contention.report.worst`)."""
     if not runs:
         return {"scenario": name, "failed": failures[-1] if failures else "did not run"}
-    best = dict(max(runs, key=lambda r: r["rows_per_s"] or 0))
+    rate = compared_by(name)
+    best = dict(max(runs, key=lambda r: r[rate] or 0))
     if len(runs) > 1:
-        best["runs"] = [{"ops_per_s": r["ops_per_s"], "rows_per_s": r["rows_per_s"], "elapsed_s": r["elapsed_s"],
-                         "errors": r["errors"]} for r in runs]
+        best["runs"] = [{"repeat": r.get("repeat", i), "ops_per_s": r["ops_per_s"], "rows_per_s": r["rows_per_s"],
+                         "elapsed_s": r["elapsed_s"], "errors": r["errors"],
+                         **{k: (r.get("latency") or {}).get(k) for k in ("p99_ms", "max_ms")}}
+                        for i, r in enumerate(runs)]
     if failures:
         best["failed_runs"] = failures
     return best
