@@ -406,11 +406,13 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
 
 
 def compile_applied_records(conn: Connection) -> None:
-    """Have the statements of the record of applied requests (the look-up, the record, the prune)
+    """Have the statements of the record of applied requests (both look-ups, the record, the prune)
     compiled for ``conn``'s dialect, changing nothing (the prune's cutoff is 0): the writer does it
-    before it serves, so that its first batch does not."""
+    before it serves, so that its first batch, often full of requests resent after a restart, does
+    not."""
     last_applied_seq(conn, "")
-    compile_insert(conn.dialect, AppliedRequest.__table__, _APPLIED_COLUMNS)
+    lookup_applied(conn, "", 0)
+    compile_insert(conn.dialect, AppliedRequest.__table__, _APPLIED_COLUMNS)  # record_applied_many's
     prune_applied(conn, 0)
 
 

@@ -265,9 +265,10 @@ def test_the_writer_has_numpy_loaded_before_its_first_request(writer: Stack) -> 
 #: db.statements (its cache of compiled INSERTs, whose SQLite ones go to the cursor unseen).
 _FIRST_BATCH = """
 import json, queue
+import msgpack
 from sqlalchemy import event
 from sqlalchemy.engine.interfaces import CacheStats
-from db import statements
+from db import ops, statements
 from db.config import load_settings
 from db.engine import make_write_engine
 from workers.commit import Committer, Request
@@ -289,6 +290,10 @@ conn = engine.connect()
 committer = Committer(settings, engine, conn, Stats(), queue.Queue(), on_fatal=lambda: None)
 committer.open_database()
 at_start, inserts_at_start = sorted(compiled), inserts()
+# Request 5 of the client was applied before this start: its request 1, resent after the restart, is
+# looked up in the record before it runs.
+with committer.conn.begin():
+    ops.record_applied(committer.conn, "first-client", 5, msgpack.packb({"id": 0}))
 compiled.clear()
 replies = committer._commit_or_fail([Request(b"peer", "first-client", 1, "audit", {"actor": "a", "action": "x"})])
 print(json.dumps({"at_start": at_start, "inserts_at_start": inserts_at_start, "in_first_batch": compiled,
@@ -301,15 +306,15 @@ engine.dispose()
 def test_the_first_batch_after_a_start_compiles_nothing_of_the_record_of_applied_requests(
         stack: Stack) -> None:
     """The first batch after every start of the writer configured SQLAlchemy's mappers and compiled
-    the look-up, the record and the prune of applied requests (README, Benchmarks: "The first
+    the look-ups, the record and the prune of applied requests (README, Benchmarks: "The first
     requests after a start"). The writer now has them compiled while it opens the database, before it
-    serves, and the first batch finds them so."""
+    serves, and the first batch finds them so, a resent request's look-up included."""
     out = subprocess.run([sys.executable, "-c", _FIRST_BATCH], env=stack.env, cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert msgpack.unpackb(bytes.fromhex(seen["reply"]))["ok"] is True
-    assert seen["at_start"] == ["DELETE", "SELECT"], seen  # the look-up and the prune, compiled at start
+    assert seen["at_start"] == ["DELETE", "SELECT", "SELECT"], seen  # both look-ups and the prune, at start
     assert len(seen["inserts_at_start"]) == 1, seen  # and the record's INSERT
     assert seen["in_first_batch"] == [] and seen["inserts_after"] == seen["inserts_at_start"], seen
 
@@ -385,6 +390,38 @@ def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: St
 
 
 # --- the benchmark -------------------------------------------------------------------------------------------------
+
+
+def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
+    """``bench contention``'s rules on figures as its runs leave them (no process is started): a pair
+    is two runs of the same repeat, a repeat in which one side failed is left out, small writes are
+    compared by ops/s and bulk ingest by rows/s, and the latency and error checks take the worst run,
+    not the one the table keeps; a run that failed fails the error check."""
+    from bench.contention.report import evaluate, paired_median, worst
+    from bench.contention.scenarios import best_run
+
+    def run(repeat: int, ops: float, rows: float, p99: float, errors: int = 0) -> dict[str, Any]:
+        return {"repeat": repeat, "ops_per_s": ops, "rows_per_s": rows, "elapsed_s": 1.0, "errors": errors,
+                "latency": {"p99_ms": p99, "max_ms": 2 * p99}}
+
+    single = best_run("writer-single", [run(0, 400, 200, 3.0), run(1, 900, 450, 2.0), run(2, 500, 250, 7.0)], [])
+    # immediate's repeat 1 failed: that pair is left out, the others pair by repeat, not by position.
+    immediate = best_run("immediate", [run(0, 100, 100, 1.0), run(2, 100, 100, 1.0)], ["Traceback: repeat 1"])
+    results = {"writer-single": single, "immediate": immediate}
+    assert single["ops_per_s"] == 900 and [r["repeat"] for r in single["runs"]] == [0, 1, 2]
+    assert paired_median(results, "writer-single", "immediate") == 4.5  # (400/100 + 500/100) / 2
+    assert worst(results, "writer-single", "p99_ms") == 7.0 and worst(results, "writer-single", "max_ms") == 14.0
+    ratios, checks = evaluate(results)
+    assert ratios["writer_single_over_immediate"] == 9.0 and ratios["writer_single_over_immediate_median"] == 4.5
+    assert checks["writer_single_p99_ms"] == {"value": 7.0, "target": "<= 5 ms", "result": "MISS"}
+    assert checks["writer_single_zero_errors"]["result"] == "PASS"
+    failed = best_run("writer-single", [run(0, 400, 200, 3.0)], ["Traceback: repeat 1"])
+    assert evaluate({"writer-single": failed, "immediate": immediate})[1]["writer_single_zero_errors"]["result"] \
+        == "MISS"
+    bulk = {"writer-batched": best_run("writer-batched", [run(0, 1, 90, 1.0), run(1, 2, 80, 1.0)], []),
+            "raw": best_run("raw", [run(0, 1, 100, 1.0), run(1, 1, 100, 1.0)], [])}
+    assert bulk["writer-batched"]["rows_per_s"] == 90  # bulk ingest: the best by rows/s, not ops/s
+    assert paired_median(bulk, "writer-batched", "raw") == 0.85
 
 
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:

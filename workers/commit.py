@@ -60,7 +60,7 @@ log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
-#: The longest :meth:`Committer.open_database` waits for a lock on PostgreSQL while it gets ready.
+#: The longest :meth:`Committer.open_database` waits for each lock on PostgreSQL while it gets ready.
 GET_READY_LOCK_MS = 1000
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
 DOORBELL = "inproc://replies"
@@ -141,8 +141,8 @@ class Committer:
         errors are the caller's), then do what the first batch after every start would otherwise
         pay for (README, Benchmarks: "The first requests after a start"): configure SQLAlchemy's
         mappers and compile the statements of the record of applied requests. That part changes
-        nothing (it is rolled back), waits at most :data:`GET_READY_LOCK_MS` for a lock on
-        PostgreSQL, and never stops the writer: if it fails, the first batch compiles them, as
+        nothing (it is rolled back), waits at most :data:`GET_READY_LOCK_MS` for each lock it waits
+        on (PostgreSQL), and never stops the writer: if it fails, the first batch compiles them, as
         before."""
         with self.conn.begin():
             versions = migrate(self.conn)
@@ -158,7 +158,7 @@ class Committer:
                 ops.compile_applied_records(self.conn)
                 transaction.rollback()
         except Exception as e:
-            self._recover_connection()  # outside any transaction, or a new connection
+            self._recover_connection()  # the commit thread must find it outside any transaction
             log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
                         type(e).__name__, e)
         return versions

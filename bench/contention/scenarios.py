@@ -195,12 +195,13 @@ def check_stored(out: dict[str, Any], expected: int) -> None:
 #: it (immediate and writer-single, writer-batched and raw: the ``_median`` ratios); the table keeps
 #: each one's best run.
 REPEATABLE = ("immediate", "writer-single", "writer-batched", "raw")
-#: What a scenario's runs are compared by, when it repeats: small writes by ops/s ...
+#: The scenarios of small writes, whose runs are compared by ops/s.
 _BY_OPS = frozenset(("immediate", "writer-single"))
 
 
 def compared_by(name: str) -> str:
-    """... and bulk ingest by rows/s: the key of the rate (``ops_per_s`` or ``rows_per_s``)."""
+    """The rate a scenario's runs are compared by (the best one kept, the pairs' medians): ops/s
+    (``ops_per_s``) for small writes, rows/s (``rows_per_s``) for bulk ingest."""
     return "ops_per_s" if name in _BY_OPS else "rows_per_s"
 
 
