@@ -89,25 +89,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench contention"
     # The compared pairs run --repeat times, interleaved, best of each kept: on a shared 2-core
     # machine one run can be slowed by someone else's load. Every other repeat runs them in the
     # reverse order, so that neither side of a pair always runs first (or right after bulk ingest).
-    order = [n for n in chosen if n not in repeatable]
+    # Each entry: a scenario and the repeat it runs in (what pairs a run with the one beside it).
+    order = [(n, 0) for n in chosen if n not in repeatable]
     paired = [n for n in chosen if n in repeatable]
-    order += [n for i in range(opts.repeat) for n in (paired if i % 2 == 0 else paired[::-1])]
+    order += [(n, i) for i in range(opts.repeat) for n in (paired if i % 2 == 0 else paired[::-1])]
     with postgres_homes() if postgres else contextlib.nullcontext():
         return _run(opts, chosen, order, runners)
 
 
-def _run(opts: argparse.Namespace, chosen: list[str], order: list[str],
+def _run(opts: argparse.Namespace, chosen: list[str], order: list[tuple[str, int]],
          runners: dict[str, Callable[[argparse.Namespace], dict[str, Any]]]) -> int:
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in chosen}
     failures: dict[str, list[str]] = {n: [] for n in chosen}
-    attempts: dict[str, int] = dict.fromkeys(chosen, 0)  # the repeat each run is in, failed ones counted
     started = time.monotonic()
     load_before = os.getloadavg()
-    for name in order:
+    for name, repeat in order:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        repeat = attempts[name]
-        attempts[name] += 1
         try:
             runs[name].append({**runners[name](opts), "repeat": repeat})
         except Exception:

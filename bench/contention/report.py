@@ -8,7 +8,7 @@ from typing import Any
 from bench.common import (
     fmt,
 )
-from bench.contention.scenarios import compared_by
+from bench.contention.scenarios import compared_by, run_figures
 
 #: Targets: batched ingest reaches this share of raw sqlite3 (best runs, and the median of the repeats) ...
 BATCHED_OVER_RAW_TARGET = 0.9
@@ -50,21 +50,26 @@ def paired_median(results: dict[str, dict[str, Any]], num: str, den: str) -> flo
     rate = compared_by(num)
 
     def by_repeat(name: str) -> dict[int, float]:
-        runs = _get(results, name, "runs") or [results.get(name) or {}]
-        return {r.get("repeat", 0): r[rate] for r in runs if r.get(rate)}
+        return {r["repeat"]: r[rate] for r in each_run(results, name) if r.get(rate)}
 
     a, b = by_repeat(num), by_repeat(den)
     pairs = [_ratio(a[i], b[i]) for i in sorted(a.keys() & b.keys())]
     return round(statistics.median(pairs), 3) if pairs else None
 
 
+def each_run(results: dict[str, dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The :func:`~bench.contention.scenarios.run_figures` of every run of ``name`` that finished: its
+    ``runs``, or the one run it had (none when it failed)."""
+    result = results.get(name)
+    if not result or "failed" in result:
+        return []
+    return result.get("runs") or [run_figures(result)]
+
+
 def worst(results: dict[str, dict[str, Any]], name: str, key: str) -> Any:
     """The highest ``key`` (``p99_ms``, ``max_ms``, ``errors``) over every run of ``name``, not only
     the one the table keeps: a latency or an error target holds for every run or not at all."""
-    runs = _get(results, name, "runs")
-    if not runs:
-        return _get(results, name, "errors") if key == "errors" else _get(results, name, "latency", key)
-    values = [r[key] for r in runs if r.get(key) is not None]
+    values = [r[key] for r in each_run(results, name) if r[key] is not None]
     return max(values) if values else None
 
 
@@ -89,8 +94,9 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         return {"value": value, "target": f"{'>=' if at_least else '<='} {target:g}{unit}",
                 "result": "n/a" if value is None else ("PASS" if ok else "MISS")}
 
-    # A run that failed (no figures) fails the check too: its errors were never counted.
     single_errors = worst(results, "writer-single", "errors")
+    # A run that failed (no figures) fails the check too: its errors were never counted.
+    single_ok = single_errors == 0 and not _get(results, "writer-single", "failed_runs")
     checks = {
         "writer_single_over_immediate": check(ratios["writer_single_over_immediate"],
                                               WRITER_SINGLE_OVER_IMMEDIATE_TARGET),
@@ -99,9 +105,7 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "writer_single_p99_ms": check(worst(results, "writer-single", "p99_ms"),
                                       WRITER_SINGLE_P99_MS_TARGET, at_least=False, unit=" ms"),
         "writer_single_zero_errors": {"value": single_errors, "target": "== 0", "result": "n/a"
-                                      if single_errors is None else ("PASS" if single_errors == 0 and not
-                                                                     _get(results, "writer-single", "failed_runs")
-                                                                     else "MISS")},
+                                      if single_errors is None else ("PASS" if single_ok else "MISS")},
         "writer_single_over_raw_single": check(ratios["writer_single_over_raw_single"],
                                                WRITER_SINGLE_OVER_RAW_SINGLE_GOAL) | {"goal": True},
         "batched_over_raw": check(ratios["batched_over_raw"], BATCHED_OVER_RAW_TARGET),

@@ -205,19 +205,24 @@ def compared_by(name: str) -> str:
     return "ops_per_s" if name in _BY_OPS else "rows_per_s"
 
 
+def run_figures(run: dict[str, Any], repeat: int = 0) -> dict[str, Any]:
+    """What is kept of each run of a repeated scenario: the repeat it ran in (for pairing), its rates,
+    and its errors and latencies, which the checks take from every run
+    (:func:`bench.contention.report.worst`)."""
+    return {"repeat": run.get("repeat", repeat), "ops_per_s": run["ops_per_s"], "rows_per_s": run["rows_per_s"],
+            "elapsed_s": run["elapsed_s"], "errors": run["errors"],
+            **{k: (run.get("latency") or {}).get(k) for k in ("p99_ms", "max_ms")}}
+
+
 def best_run(name: str, runs: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
-    """The run with the highest :func:`compared_by` rate, with every run's figures under ``runs``
-    (each with the repeat it ran in, for pairing, and its errors and latencies, which the checks
-    take from every run: :func:`bench.contention.report.worst`)."""
+    """The run with the highest :func:`compared_by` rate, with every run's :func:`run_figures` under
+    ``runs`` when there were several."""
     if not runs:
         return {"scenario": name, "failed": failures[-1] if failures else "did not run"}
     rate = compared_by(name)
     best = dict(max(runs, key=lambda r: r[rate] or 0))
     if len(runs) > 1:
-        best["runs"] = [{"repeat": r.get("repeat", i), "ops_per_s": r["ops_per_s"], "rows_per_s": r["rows_per_s"],
-                         "elapsed_s": r["elapsed_s"], "errors": r["errors"],
-                         **{k: (r.get("latency") or {}).get(k) for k in ("p99_ms", "max_ms")}}
-                        for i, r in enumerate(runs)]
+        best["runs"] = [run_figures(r, i) for i, r in enumerate(runs)]
     if failures:
         best["failed_runs"] = failures
     return best
