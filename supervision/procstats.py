@@ -71,11 +71,18 @@ class ProcessMeter:
 
 
 def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
-    """One circus process with its children, measured; circus's numbers when psutil cannot read it."""
+    """One circus process with its children, measured; circus's numbers when psutil cannot read it.
+
+    ``started`` (shown as its age) falls back to circus's own start time, read before the fork;
+    ``create_time`` is psutil's only, None when psutil could not read the process: it ended (or is
+    a zombie) since circus listed it. What identifies a process is the latter (see
+    :func:`supervision.sampler.live_processes`): the two clocks differ by the time circus took to
+    fork, more under load, so one process read once each way would look like two."""
     pid = int(info["pid"])
     children = [c for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c]
     cpu = rss = 0.0
     started: float | None = None
+    create_time: float | None = None
     for raw in [info, *children]:
         measured = meter.measure(int(raw["pid"]))
         if measured is None:
@@ -87,9 +94,9 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
         cpu += measured["cpu"]
         rss += measured["rss"]
         if raw is info:
-            started = measured["started"]
+            started = create_time = measured["started"]
     return {"pid": pid, "children": sorted(int(c["pid"]) for c in children), "cpu": round(cpu, 1),
-            "rss": int(rss), "started": started,
+            "rss": int(rss), "started": started, "create_time": create_time,
             "age": round(time.time() - started, 1) if started is not None else None}
 
 
@@ -97,7 +104,7 @@ def collect_watchers(circus: Circus, meter: ProcessMeter) -> list[dict[str, Any]
     """Every watcher (circus plugins left out), sorted by name::
 
         {"name", "status", "numprocesses", "pids", "children", "cpu", "rss", "uptime",
-         "processes": [{"pid", "children", "cpu", "rss", "started", "age"}]}
+         "processes": [{"pid", "children", "cpu", "rss", "started", "create_time", "age"}]}
 
     ``numprocesses`` counts circus's processes (gunicorn's master, not its workers, which are in
     ``children``); ``cpu`` is % of one core summed over all; ``cpu``, ``rss`` and ``uptime`` (the

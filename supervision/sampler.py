@@ -12,10 +12,11 @@ call, so a restart of the jobs worker leaves no gap in the rates.
 ``watcher.restarts`` counts, per watcher, the processes **replaced** since the previous sample: a
 process that died (crashed, killed, a signal) or was restarted, and that circus replaced by a new
 one while the watcher stayed running with the same number of processes asked for. A process is its
-pid and create time (a reused pid is still a new process). Each sample adds the processes gone since
-the previous one to the watcher's *gone* count, and counts as restarts the new processes that
-replace them (at most as many as are gone): so a restart whose stop and start fall on either side of
-a sample counts each process once. Not restarts: an ``incr`` or ``decr`` (circus's asked-for
+pid and create time (a reused pid is still a new process), as psutil reads it: one that circus
+lists but psutil cannot read has ended since (:func:`live_processes`). Each sample adds the
+processes gone since the previous one to the watcher's *gone* count, and counts as restarts the
+new processes that replace them (at most as many as are gone): so a restart whose stop and start
+fall on either side of a sample counts each process once. Not restarts: an ``incr`` or ``decr`` (circus's asked-for
 ``numprocesses`` changed: that interval counts 0 and the gone count starts over), a stop and a
 start (a sample saw the watcher ``stopped``: the gone count starts over). Not told apart: a stop
 and a start no sample saw stopped (they read as a restart); a process that starts and dies between
@@ -69,6 +70,15 @@ def asked_for(c: Circus, watcher: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def live_processes(processes: list[dict[str, Any]]) -> set[tuple[int, float]]:
+    """A watcher's processes as a sample compares them: (pid, create time to 0.1 s) of each one
+    psutil read (:func:`supervision.procstats.collect_watchers`). One it could not read ended after
+    circus listed it, mid-restart: it is left out, so it counts as gone now, and its replacement
+    as one restart later. With circus's start time in its place (read before the fork, so it
+    differs from psutil's), the same process would have been both gone and new: two restarts."""
+    return {(p["pid"], round(p["create_time"], 1)) for p in processes if p.get("create_time") is not None}
+
+
 class Sampler:
     """One measurement of the writer, the database files and every watcher per :meth:`collect`.
 
@@ -81,7 +91,7 @@ class Sampler:
         #: Counter name -> (epoch ms, value) of its previous sample.
         self.previous: dict[str, tuple[int, float]] = {}
         #: Watcher -> its processes as (pid, create time) at the previous sample; None before the first.
-        self.previous_procs: dict[str, set[tuple[int, float | None]]] | None = None
+        self.previous_procs: dict[str, set[tuple[int, float]]] | None = None
         #: Watcher -> circus's asked-for numprocesses at the previous sample (None: it did not say).
         self.previous_wanted: dict[str, int | None] = {}
         #: Watcher -> processes gone and not replaced yet (see the module docstring).
@@ -161,8 +171,7 @@ class Sampler:
             if self._circus_error is not None:
                 log.info("metrics: circusd answers again")
             self._circus_error = None
-            procs = {w["name"]: {(p["pid"], None if p["started"] is None else round(p["started"], 1))
-                                 for p in w["processes"]} for w in watchers}
+            procs = {w["name"]: live_processes(w["processes"]) for w in watchers}
             for w in watchers:
                 add("watcher.cpu_percent", w["cpu"], w["name"], watchers_at)
                 add("watcher.rss_bytes", w["rss"], w["name"], watchers_at)
@@ -175,7 +184,7 @@ class Sampler:
         summary["samples"] = len(samples)
         return samples, summary
 
-    def _replaced(self, watcher: str, procs: set[tuple[int, float | None]], status: str,
+    def _replaced(self, watcher: str, procs: set[tuple[int, float]], status: str,
                   wanted: int | None) -> int:
         """How many of ``watcher``'s processes were replaced since the previous sample (see the
         module docstring): neither scaling nor a stop and start is a restart."""
@@ -192,7 +201,7 @@ class Sampler:
         since = self.previous_watchers_ms
         if since is None or status == "stopped" or self.previous_counts.get(watcher) != len(procs):
             return 0  # the baseline, or scaled since: no way to tell a replacement from an incr
-        return sum(1 for _, started in procs if started is not None and started * 1000 > since)
+        return sum(1 for _, started in procs if started * 1000 > since)
 
     def store(self, client: WriterClient, samples: list[dict[str, Any]], deadline: float = 5.0) -> dict[str, Any]:
         """``record_samples`` through the writer, pruning samples older than a day once a minute."""

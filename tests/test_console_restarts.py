@@ -9,12 +9,16 @@ from __future__ import annotations
 import html
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
-from supervision.sampler import Sampler
+from supervision.procstats import ProcessMeter, _process
+from supervision.sampler import Sampler, live_processes
 from testkit.circus import CircusStack
 from testkit.helpers import query, wait_for
 from tests.test_console_watcher_page import Console, gone
@@ -127,3 +131,45 @@ def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None
                ("active", 1, {1}), ("active", 2, {1, 3})) == [0, 0, 0, 0, 0, 0]
     # A stop seen stopped, then a start.
     assert run(("active", 1, {1}), ("stopping", 1, set()), ("stopped", 1, set()), ("active", 1, {2})) == [0, 0, 0, 0]
+
+
+def _sleeper() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new_one() -> None:
+    """A restart sampled half-way: circus still lists the old process, which has ended by the time
+    psutil measures it, so only circus's numbers are left, its start time among them. That one is
+    circus's clock read before it forked; psutil's is the boot time in whole seconds plus the
+    kernel's ticks (here 0.3 to 0.5 s apart). The next sample sees the new process. Real
+    processes, measured as the jobs worker measures them: one restart, not two."""
+    sampler = Sampler.__new__(Sampler)
+    sampler.previous_procs, sampler.previous_wanted, sampler.gone = {}, {}, {}
+    meter = ProcessMeter()
+    circus_started = time.time()
+    old = _sleeper()
+    new: subprocess.Popen | None = None
+    try:
+        as_circus_lists = {"pid": old.pid, "started": circus_started, "cpu": 0.0, "mem_info1": "1M"}
+        counts = []
+
+        def sample(info: dict) -> dict:
+            measured = _process(info, meter)
+            procs = live_processes([measured])
+            counts.append(sampler._replaced("w", procs, "active", 1))
+            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": 1}
+            return measured
+
+        assert sample(as_circus_lists)["started"] == psutil.Process(old.pid).create_time()
+        old.kill()
+        old.wait()
+        ended = sample(as_circus_lists)
+        assert ended["started"] == circus_started  # psutil could not read it: circus's numbers
+        new = _sleeper()
+        sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M"})
+        assert counts == [0, 0, 1]
+    finally:
+        for proc in (old, new):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
