@@ -26,10 +26,18 @@ def test_every_module_is_named_in_the_readme_layout() -> None:
     assert not missing, f"modules the README's code layout does not name: {missing}"
 
 
+def _own_marks(decorators: list[ast.expr]) -> set[str]:
+    """The marks a test function carries itself (``@pytest.mark.NAME`` or ``@pytest.mark.NAME(...)``),
+    not those of single parameter sets inside a ``parametrize``."""
+    names = (ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in decorators)
+    return {m.group(1) for n in names if (m := re.search(r"mark\.(\w+)$", n))}
+
+
 def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists() -> None:
-    """A test of SQLite's own machinery (``@pytest.mark.sqlite_only("path::name")``) is left out of
-    the PostgreSQL run; the test it names must exist and run there (not be SQLite-only itself)."""
-    defined: dict[str, dict[str, set[str]]] = {}  # file -> test name -> its markers
+    """A test of SQLite's own machinery (``@pytest.mark.sqlite_only("path::name")``, on the test or
+    on some of its parameter sets) is left out of the PostgreSQL run; the test it names must exist
+    and run there (not be SQLite-only itself)."""
+    defined: dict[str, dict[str, set[str]]] = {}  # file -> test name -> its own markers
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         tree = ast.parse(path.read_text())
         module_marks = {m for node in tree.body if isinstance(node, ast.Assign)
@@ -38,8 +46,7 @@ def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists() -> 
         tests = defined[f"tests/{path.name}"] = {}
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                tests[node.name] = module_marks | {m for d in node.decorator_list
-                                                   for m in re.findall(r"mark\.(\w+)", ast.unparse(d))}
+                tests[node.name] = module_marks | _own_marks(node.decorator_list)
     pairs, problems = [], []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         tree = ast.parse(path.read_text())
@@ -47,18 +54,21 @@ def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists() -> 
                 r"mark\.(\w+)", ast.unparse(n.value)) if any(getattr(t, "id", "") == "pytestmark" for t in n.targets)}:
             problems.append(f"{path.name}: a whole module sqlite_only names no counterpart; mark each test")
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                for d in node.decorator_list:
-                    if not isinstance(d, ast.Call) and ast.unparse(d).endswith("mark.sqlite_only"):
-                        problems.append(f"{path.name}::{node.name} is sqlite_only without naming its counterpart")
-                    if isinstance(d, ast.Call) and ast.unparse(d.func).endswith("mark.sqlite_only"):
-                        counterpart = d.args[0].value if d.args and isinstance(d.args[0], ast.Constant) else None
-                        file, _, name = str(counterpart).partition("::")
-                        marks = defined.get(file, {}).get(name)
-                        if marks is None:
-                            problems.append(f"{path.name}::{node.name} names {counterpart!r}: no such test")
-                        elif "sqlite_only" in marks:
-                            problems.append(f"{path.name}::{node.name} names {counterpart}, SQLite-only too")
-                        pairs.append(node.name)
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            inside = [n for d in node.decorator_list for n in ast.walk(d)]
+            called = {id(n.func) for n in inside if isinstance(n, ast.Call)}
+            for n in inside:
+                if id(n) not in called and isinstance(n, ast.Attribute) and ast.unparse(n).endswith("mark.sqlite_only"):
+                    problems.append(f"{path.name}::{node.name} is sqlite_only without naming its counterpart")
+                if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("mark.sqlite_only"):
+                    counterpart = n.args[0].value if n.args and isinstance(n.args[0], ast.Constant) else None
+                    file, _, name = str(counterpart).partition("::")
+                    marks = defined.get(file, {}).get(name)
+                    if marks is None:
+                        problems.append(f"{path.name}::{node.name} names {counterpart!r}: no such test")
+                    elif "sqlite_only" in marks:
+                        problems.append(f"{path.name}::{node.name} names {counterpart}, SQLite-only too")
+                    pairs.append(node.name)
     assert not problems, problems
     assert pairs, "no sqlite_only test found: the marker's spelling changed?"
