@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from supervision.circus import Circus, CircusError
+from supervision.circus import Circus
 
 _SIZE_RE = re.compile(r"([0-9.]+)\s*([KMGTP]?)B?")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
@@ -73,11 +73,12 @@ class ProcessMeter:
 def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     """One circus process with its children, measured; circus's numbers when psutil cannot read it.
 
-    ``started`` (shown as its age) falls back to circus's own start time, read before the fork;
-    ``create_time`` is psutil's only, None when psutil could not read the process: it ended (or is
-    a zombie) since circus listed it. What identifies a process is the latter (see
-    :func:`supervision.sampler.live_processes`): the two clocks differ by the time circus took to
-    fork, more under load, so one process read once each way would look like two."""
+    ``started`` (shown as its age) falls back to circus's own start time; ``create_time`` is
+    psutil's only, None when psutil could not read the process: it ended since circus listed it.
+    What identifies a process is the latter (see :func:`supervision.sampler.live_processes`): circus
+    reads ``time.time()`` before it forks, psutil adds the kernel's start ticks to the boot time in
+    whole seconds (``btime``), so the two differ by up to a second, the same for every process of a
+    boot (0.3 to 0.5 s here), and one process read once each way would look like two."""
     pid = int(info["pid"])
     children = [c for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c]
     cpu = rss = 0.0
@@ -109,12 +110,10 @@ def collect_watchers(circus: Circus, meter: ProcessMeter) -> list[dict[str, Any]
     ``numprocesses`` counts circus's processes (gunicorn's master, not its workers, which are in
     ``children``); ``cpu`` is % of one core summed over all; ``cpu``, ``rss`` and ``uptime`` (the
     oldest process's age in seconds) are None with no process. Two circus calls; raises
-    :class:`CircusError`."""
+    :class:`CircusError` when either fails: a list of watchers without their processes would read
+    as every process gone (and, to the restart counts, as every one replaced at the next sample)."""
     statuses = circus.statuses()
-    try:
-        infos = circus.call("stats").get("infos") or {}
-    except CircusError:
-        infos = {}
+    infos = circus.call("stats").get("infos") or {}
     out: list[dict[str, Any]] = []
     seen: set[int] = set()
     for name in sorted(statuses):

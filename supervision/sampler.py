@@ -74,8 +74,9 @@ def live_processes(processes: list[dict[str, Any]]) -> set[tuple[int, float]]:
     """A watcher's processes as a sample compares them: (pid, create time to 0.1 s) of each one
     psutil read (:func:`supervision.procstats.collect_watchers`). One it could not read ended after
     circus listed it, mid-restart: it is left out, so it counts as gone now, and its replacement
-    as one restart later. With circus's start time in its place (read before the fork, so it
-    differs from psutil's), the same process would have been both gone and new: two restarts."""
+    as one restart later. With circus's start time in its place (its own clock, read before the
+    fork: up to a second from psutil's, see :func:`supervision.procstats._process`), the same
+    process would have been both gone and new: two restarts."""
     return {(p["pid"], round(p["create_time"], 1)) for p in processes if p.get("create_time") is not None}
 
 
@@ -176,18 +177,20 @@ class Sampler:
                 add("watcher.cpu_percent", w["cpu"], w["name"], watchers_at)
                 add("watcher.rss_bytes", w["rss"], w["name"], watchers_at)
                 add("watcher.processes", w["numprocesses"], w["name"], watchers_at)
-                add("watcher.restarts", self._replaced(w["name"], procs[w["name"]], w["status"], wanted[w["name"]]),
-                    w["name"], watchers_at)
+                add("watcher.restarts", self._replaced(w["name"], procs[w["name"]], w["numprocesses"], w["status"],
+                                                       wanted[w["name"]]), w["name"], watchers_at)
             self.previous_procs = procs
             self.previous_wanted = wanted
             self.previous_watchers_ms = watchers_at
         summary["samples"] = len(samples)
         return samples, summary
 
-    def _replaced(self, watcher: str, procs: set[tuple[int, float]], status: str,
+    def _replaced(self, watcher: str, procs: set[tuple[int, float]], listed: int, status: str,
                   wanted: int | None) -> int:
         """How many of ``watcher``'s processes were replaced since the previous sample (see the
-        module docstring): neither scaling nor a stop and start is a restart."""
+        module docstring): neither scaling nor a stop and start is a restart. ``procs``: the
+        processes psutil read (:func:`live_processes`); ``listed``: how many circus lists, those
+        that ended since included."""
         if self.previous_procs is not None:
             before = self.previous_procs.get(watcher, set())
             if status == "stopped" or wanted != self.previous_wanted.get(watcher, wanted):
@@ -196,10 +199,15 @@ class Sampler:
             gone = self.gone.get(watcher, 0) + len(before - procs)
             replaced = min(gone, len(procs - before))
             # Bounded by the processes asked for: a decr's leftover cannot turn a later incr into restarts.
-            self.gone[watcher] = min(gone - replaced, wanted if wanted is not None else len(procs))
+            self.gone[watcher] = min(gone - replaced, wanted if wanted is not None else listed)
             return replaced
+        if status == "stopped":
+            return 0
+        # The first sample: a process circus lists that has already ended is gone, mid-restart; the
+        # next sample counts its replacement.
+        self.gone[watcher] = listed - len(procs)
         since = self.previous_watchers_ms
-        if since is None or status == "stopped" or self.previous_counts.get(watcher) != len(procs):
+        if since is None or self.previous_counts.get(watcher) != listed:
             return 0  # the baseline, or scaled since: no way to tell a replacement from an incr
         return sum(1 for _, started in procs if started * 1000 > since)
 

@@ -27,6 +27,22 @@ def output_dir(name: str) -> Path:
     return OUTPUT_ROOT / name
 
 
+#: The widths (px) and colour schemes the pages are checked at.
+WIDTHS = (390, 1400)
+SCHEMES = ("light", "dark")
+#: The one of them the PostgreSQL run checks too: the narrowest, dark.
+ON_BOTH_DATABASES = (390, "dark")
+
+
+def widths_and_schemes(test: str) -> list[Any]:
+    """``(width, scheme)`` parameter sets for ``test`` ("path::name"): every one in the SQLite run,
+    :data:`ON_BOTH_DATABASES` alone in the PostgreSQL run (the others are ``sqlite_only``, naming
+    ``test`` itself). For checks of the stylesheet (contrast, layout), which is the same whatever
+    the database; the pages differ only in what they say of it, and one set checks that."""
+    return [pytest.param(w, s, marks=() if (w, s) == ON_BOTH_DATABASES else pytest.mark.sqlite_only(test))
+            for w in WIDTHS for s in SCHEMES]
+
+
 def update_docs(variable: str) -> bool:
     """Whether this run copies its screenshots into ``docs/`` (``variable`` set to 1): the SQLite
     run only, so the PostgreSQL run beside it never overwrites the pictures the README shows."""

@@ -51,9 +51,11 @@ def pytest_configure(config: pytest.Config) -> None:
         import testkit.browser
 
         testkit.browser.OUTPUT_ROOT = ROOT / "test-output" / "postgresql"
-    config.addinivalue_line("markers", "sqlite_only(counterpart): a test of something only SQLite has (its file, "
-                                       "WAL, PRAGMAs); runs with --database sqlite only. ``counterpart`` names the "
-                                       "test (path::name) that checks the same promise on PostgreSQL")
+    config.addinivalue_line("markers", "sqlite_only(counterpart): runs with --database sqlite only: a test of "
+                                       "something only SQLite has (its file, WAL, PRAGMAs), or a parameter set of a "
+                                       "check whose other sets run on both databases (the stylesheet's, at each "
+                                       "width and scheme: testkit.browser.widths_and_schemes). ``counterpart`` names "
+                                       "the test (path::name) that checks the same promise on PostgreSQL")
     config.addinivalue_line("markers", "postgres_only: a test of something only a server has (roles, advisory "
                                        "locks, several hosts, pg_dump); runs with --database postgresql only")
 

@@ -25,7 +25,7 @@ import pytest
 import zmq
 from playwright.sync_api import Browser, expect
 
-from testkit.browser import TOO_WIDE_JS, ConsoleView, chromium, output_dir
+from testkit.browser import TOO_WIDE_JS, ConsoleView, chromium, output_dir, widths_and_schemes
 from testkit.circus import WATCHERS, CircusStack
 from testkit.helpers import query, wait_for
 
@@ -165,11 +165,8 @@ def test_a_signal_sent_from_a_watchers_page_reaches_the_process(views: Any, stac
     view.assert_clean()
 
 
-# Every scheme and width in the SQLite run; in the PostgreSQL run the dark scheme at the narrowest
-# width only (as tests/test_browser_layout.py's contrast check): the stylesheet is the same.
-@pytest.mark.parametrize(("scheme", "width"), [("dark", 390)] + [pytest.param(s, w, marks=pytest.mark.sqlite_only(
+@pytest.mark.parametrize(("width", "scheme"), widths_and_schemes(
     "tests/test_browser_console_ops.py::test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways"))
-    for s in ("light", "dark") for w in (390, 1400) if (s, w) != ("dark", 390)])
 def test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways(views: Any, width: int, scheme: str) -> None:
     view = views(width, scheme)
     pages = (("watcher-api", "/console/watchers/api"), ("watcher-writer", "/console/watchers/writer"),

@@ -45,7 +45,7 @@ from test_browser import (  # noqa: F401 - browser, playwright, replay and stack
 )
 
 from db.client import WriterClient
-from testkit.browser import TOO_WIDE_JS, ConsoleView, output_dir, update_docs
+from testkit.browser import TOO_WIDE_JS, WIDTHS, ConsoleView, output_dir, update_docs, widths_and_schemes
 from webapp.console.charts import charts_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +54,6 @@ DOCS = ROOT / "docs" / "screenshots"
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
 #: Where the page loads axe from: a path on the console's own origin that the test serves from AXE.
 AXE_PATH = "/__test__/axe.min.js"
-WIDTHS = (390, 1400)
-SCHEMES = ("light", "dark")
 TIMEOUT_MS = 20_000
 #: Every page, as (screenshot name, path); the first is shown before logging in.
 PAGES = (("login", "/console/login"), ("watchers", "/console/watchers"), ("database", "/console/database"),
@@ -384,10 +382,14 @@ def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zo
         raise AssertionError(f"value axes: {got}") from None
     ticks = sorted({as_number(t.removesuffix(" MiB")) for t in axes["memory"]})
     steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:], strict=False)}
-    # Lightweight Charts spaces its marks a nice step apart, then leaves out a mark that falls closer
-    # than its minimum spacing to the one before once rounded to pixels: every other mark of a nice
-    # step (40, 120, 200 MiB for a step of 40) is as regular, and as round.
-    assert len(steps) == 1 and (nice(step := steps.pop()) or nice(step / 2)), \
+    # Lightweight Charts picks the smallest nice step at least its minimum spacing apart, measured
+    # over the pane's height, but places the marks over one pixel less, a hair closer; it then leaves
+    # out any mark closer than that spacing to the last one it kept: every other mark may go (40,
+    # 120, 200 MiB for a step of 40), as regular, and multiples of a nice step still.
+    assert len(steps) == 1, f"memory ticks are not evenly spaced: {axes['memory']}"
+    step = steps.pop()
+    base = step if nice(step) else step / 2
+    assert nice(base) and all(abs(t / base - round(t / base)) < 1e-6 for t in ticks), \
         f"memory ticks are not round MiB: {axes['memory']}"
     for cid, sel in charts.items():  # no time label cut at an edge of its axis (the chart rounds to a pixel)
         for label in view.chart(sel)["time"]:
@@ -455,12 +457,8 @@ def test_times_show_absolute_utc_beside_relative(views: Any) -> None:
 # --------------------------------------------------------------------------- contrast, and the screenshots
 
 
-# Every width and scheme in the SQLite run. The PostgreSQL run checks its own pages (the database
-# page and the size chart show a server, not a file) in one of them, the narrowest in the dark scheme:
-# the stylesheet, so what the other three would add, is the same on both databases.
-@pytest.mark.parametrize(("width", "scheme"), [(390, "dark")] + [pytest.param(w, s, marks=pytest.mark.sqlite_only(
+@pytest.mark.parametrize(("width", "scheme"), widths_and_schemes(
     "tests/test_browser_layout.py::test_no_wcag_aa_violation_on_any_page_with_screenshots"))
-    for w in WIDTHS for s in SCHEMES if (w, s) != (390, "dark")])
 def test_no_wcag_aa_violation_on_any_page_with_screenshots(views: Any, width: int, scheme: str) -> None:
     found: list[str] = []
     view = views(width, scheme, login=False)

@@ -109,19 +109,24 @@ def test_a_stop_then_start_counts_none_and_a_restart_counts_each_process(console
 
 
 def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None:
-    """The counting rule alone, sample after sample: (status, asked-for, pids) -> restarts."""
+    """The counting rule alone, sample after sample: (status, asked-for, pids read[, processes
+    circus lists: more when one of them ended before it was read]) -> restarts."""
     sampler = Sampler.__new__(Sampler)
     sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
     sampler.previous_watchers_ms, sampler.previous_counts = None, {}
 
-    def run(*steps: tuple[str, int, set[int]]) -> list[int]:
+    def run(*steps: tuple) -> list[int]:
         sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
         out = []
-        for status, wanted, pids in steps:
+        for status, wanted, pids, *listed in steps:
             procs = {(p, 1.0) for p in pids}
-            out.append(sampler._replaced("w", procs, status, wanted))
+            out.append(sampler._replaced("w", procs, listed[0] if listed else len(pids), status, wanted))
             sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": wanted}
         return out
+    # A restart seen half-way as circus's listing of a process that has ended, once with the count
+    # asked for unknown (circus did not say), once at the first sample: one restart each.
+    assert run(("active", None, {1}), ("active", None, set(), 1), ("active", None, {2})) == [0, 0, 1]
+    assert run(("active", 1, set(), 1), ("active", 1, {2})) == [0, 1]
     # A restart of two processes seen half-way (stopping, one left), then active with two new ones.
     assert run(("active", 2, {1, 2}), ("stopping", 2, {2}), ("active", 2, {3, 4})) == [0, 0, 2]
     # A crash replaced within one interval.
@@ -156,7 +161,7 @@ def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new
         def sample(info: dict) -> dict:
             measured = _process(info, meter)
             procs = live_processes([measured])
-            counts.append(sampler._replaced("w", procs, "active", 1))
+            counts.append(sampler._replaced("w", procs, 1, "active", 1))
             sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": 1}
             return measured
 
@@ -165,6 +170,7 @@ def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new
         old.wait()
         ended = sample(as_circus_lists)
         assert ended["started"] == circus_started  # psutil could not read it: circus's numbers
+        assert ended["create_time"] is None and live_processes([ended]) == set()
         new = _sleeper()
         sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M"})
         assert counts == [0, 0, 1]

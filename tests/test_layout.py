@@ -1,8 +1,11 @@
 """The README's code layout names every module, so a reader finds each job in one place."""
 from __future__ import annotations
 
-import ast
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from testkit.env import ROOT
 
@@ -26,49 +29,59 @@ def test_every_module_is_named_in_the_readme_layout() -> None:
     assert not missing, f"modules the README's code layout does not name: {missing}"
 
 
-def _own_marks(decorators: list[ast.expr]) -> set[str]:
-    """The marks a test function carries itself (``@pytest.mark.NAME`` or ``@pytest.mark.NAME(...)``),
-    not those of single parameter sets inside a ``parametrize``."""
-    names = (ast.unparse(d.func if isinstance(d, ast.Call) else d) for d in decorators)
-    return {m.group(1) for n in names if (m := re.search(r"mark\.(\w+)$", n))}
+#: Collects the suite as ``pytest --database DATABASE`` would and writes, for every test it keeps,
+#: its ``sqlite_only`` mark's arguments (None: no such mark) as JSON into PATH.
+_COLLECT = """
+import json, sys
+import pytest
+
+class Marks:
+    def pytest_collection_finish(self, session):
+        marks = {item.nodeid: (None if (m := item.get_closest_marker("sqlite_only")) is None else list(m.args))
+                 for item in session.items}
+        with open(sys.argv[1], "w") as out:
+            json.dump(marks, out)
+
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--database", sys.argv[2], "tests"],
+                     plugins=[Marks()]))
+"""
 
 
-def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists() -> None:
+def _collected(tmp_path: Path, *databases: str) -> list[dict[str, list | None]]:
+    """What each run keeps (see :data:`_COLLECT`), the collections side by side."""
+    outs = [tmp_path / f"{database}.json" for database in databases]
+    procs = [subprocess.Popen([sys.executable, "-c", _COLLECT, str(out), database], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for out, database in zip(outs, databases, strict=True)]
+    try:
+        for proc in procs:
+            output = proc.communicate(timeout=120)[0]
+            assert proc.returncode == 0, output[-3000:]
+    finally:
+        for proc in procs:  # stopped by pid, if a collection hung
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists(tmp_path: Path) -> None:
     """A test of SQLite's own machinery (``@pytest.mark.sqlite_only("path::name")``, on the test or
-    on some of its parameter sets) is left out of the PostgreSQL run; the test it names must exist
-    and run there (not be SQLite-only itself)."""
-    defined: dict[str, dict[str, set[str]]] = {}  # file -> test name -> its own markers
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        tree = ast.parse(path.read_text())
-        module_marks = {m for node in tree.body if isinstance(node, ast.Assign)
-                        and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets)
-                        for m in re.findall(r"mark\.(\w+)", ast.unparse(node.value))}
-        tests = defined[f"tests/{path.name}"] = {}
-        for node in tree.body:
-            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
-                tests[node.name] = module_marks | _own_marks(node.decorator_list)
-    pairs, problems = [], []
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
-        tree = ast.parse(path.read_text())
-        if "sqlite_only" in {m for n in tree.body if isinstance(n, ast.Assign) for m in re.findall(
-                r"mark\.(\w+)", ast.unparse(n.value)) if any(getattr(t, "id", "") == "pytestmark" for t in n.targets)}:
-            problems.append(f"{path.name}: a whole module sqlite_only names no counterpart; mark each test")
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
-                continue
-            inside = [n for d in node.decorator_list for n in ast.walk(d)]
-            called = {id(n.func) for n in inside if isinstance(n, ast.Call)}
-            for n in inside:
-                if id(n) not in called and isinstance(n, ast.Attribute) and ast.unparse(n).endswith("mark.sqlite_only"):
-                    problems.append(f"{path.name}::{node.name} is sqlite_only without naming its counterpart")
-                if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("mark.sqlite_only"):
-                    counterpart = n.args[0].value if n.args and isinstance(n.args[0], ast.Constant) else None
-                    file, _, name = str(counterpart).partition("::")
-                    marks = defined.get(file, {}).get(name)
-                    if marks is None:
-                        problems.append(f"{path.name}::{node.name} names {counterpart!r}: no such test")
-                    elif "sqlite_only" in marks:
-                        problems.append(f"{path.name}::{node.name} names {counterpart}, SQLite-only too")
-                    pairs.append(node.name)
+    on some of its parameter sets) is left out of the PostgreSQL run; the test it names must run
+    there, in at least one of its parameter sets. Read from the two runs' own collections (pytest
+    applies the marks, wherever and however they are written; conftest leaves the tests out)."""
+    on_sqlite, on_postgresql = _collected(tmp_path, "sqlite", "postgresql")
+    runs_there = {nodeid.split("[", 1)[0] for nodeid in on_postgresql}
+    problems, pairs = [], []
+    for nodeid, args in on_sqlite.items():
+        if args is None:
+            continue
+        if nodeid in on_postgresql:
+            problems.append(f"{nodeid} is sqlite_only but the PostgreSQL run keeps it")
+        if len(args) != 1 or not isinstance(args[0], str):
+            problems.append(f"{nodeid} is sqlite_only without naming its counterpart (path::name): {args}")
+        elif args[0] not in runs_there:
+            problems.append(f"{nodeid} names {args[0]}: no such test runs on PostgreSQL")
+        pairs.append(nodeid)
     assert not problems, problems
     assert pairs, "no sqlite_only test found: the marker's spelling changed?"
