@@ -70,15 +70,20 @@ class ProcessMeter:
             del self._procs[pid]
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     """One circus process with its children, measured; circus's numbers when psutil cannot read it.
 
     ``started`` (shown as its age) falls back to circus's own start time; ``create_time`` is
-    psutil's only, None when psutil could not read the process: it ended since circus listed it.
-    What identifies a process is the latter (see :func:`supervision.sampler.live_processes`): circus
-    reads ``time.time()`` before it forks, psutil adds the kernel's start ticks to the boot time in
-    whole seconds (``btime``), so the two differ by up to a second, the same for every process of a
-    boot (0.3 to 0.5 s here), and one process read once each way would look like two."""
+    psutil's only: ours, or, for a process that ended since circus listed it, the one circusd's
+    psutil read for its answer (None if neither has it). What identifies a process is the latter
+    (see :func:`supervision.sampler.live_processes`): circus's ``started`` is ``time.time()`` read
+    before it forks, psutil adds the kernel's start ticks to the boot time in whole seconds
+    (``btime``), so the two differ by up to a second, the same for every process of a boot (0.3 to
+    0.5 s here), and one process read once each way would look like two."""
     pid = int(info["pid"])
     children = [c for c in info.get("children") or [] if isinstance(c, dict) and "pid" in c]
     cpu = rss = 0.0
@@ -87,10 +92,12 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     for raw in [info, *children]:
         measured = meter.measure(int(raw["pid"]))
         if measured is None:
-            cpu += float(raw["cpu"]) if isinstance(raw.get("cpu"), int | float) else 0.0
+            cpu += float(raw["cpu"]) if _is_number(raw.get("cpu")) else 0.0
             rss += parse_size(raw.get("mem_info1")) or 0
-            if raw is info and isinstance(info.get("started"), int | float):
+            if raw is info and _is_number(info.get("started")):
                 started = float(info["started"])
+            if raw is info and _is_number(info.get("create_time")):
+                create_time = float(info["create_time"])  # psutil's, read by circusd: the same clock
             continue
         cpu += measured["cpu"]
         rss += measured["rss"]

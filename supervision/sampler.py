@@ -12,13 +12,14 @@ call, so a restart of the jobs worker leaves no gap in the rates.
 ``watcher.restarts`` counts, per watcher, the processes **replaced** since the previous sample: a
 process that died (crashed, killed, a signal) or was restarted, and that circus replaced by a new
 one while the watcher stayed running with the same number of processes asked for. A process is its
-pid and create time (a reused pid is still a new process), as psutil reads it: one that circus
-lists but psutil cannot read has ended since (:func:`live_processes`). Each sample adds the
+pid and create time (a reused pid is still a new process), as psutil reads it, here or in circusd
+for one that ended after circus listed it (:func:`live_processes`). Each sample adds the
 processes gone since the previous one to the watcher's *gone* count, and counts as restarts the
 new processes that replace them (at most as many as are gone): so a restart whose stop and start
-fall on either side of a sample counts each process once. Not restarts: an ``incr`` or ``decr`` (circus's asked-for
-``numprocesses`` changed: that interval counts 0 and the gone count starts over), a stop and a
-start (a sample saw the watcher ``stopped``: the gone count starts over). Not told apart: a stop
+fall on either side of a sample counts each process once. Not restarts: an ``incr`` or ``decr``
+(circus's asked-for ``numprocesses`` changed: that interval counts 0 and the gone count starts
+over; while circus is too busy to say, the last count it said stands: :func:`known_wanted`), a
+stop and a start (a sample saw the watcher ``stopped``: the gone count starts over). Not told apart: a stop
 and a start no sample saw stopped (they read as a restart); a process that starts and dies between
 two samples (not seen). gunicorn replacing its own workers is not counted (only circus's processes
 are). After a restart of the jobs worker, the first sample counts the processes created since the
@@ -71,13 +72,20 @@ def asked_for(c: Circus, watcher: str) -> int | None:
 
 
 def live_processes(processes: list[dict[str, Any]]) -> set[tuple[int, float]]:
-    """A watcher's processes as a sample compares them: (pid, create time to 0.1 s) of each one
-    psutil read (:func:`supervision.procstats.collect_watchers`). One it could not read ended after
-    circus listed it, mid-restart: it is left out, so it counts as gone now, and its replacement
-    as one restart later. With circus's start time in its place (its own clock, read before the
-    fork: up to a second from psutil's, see :func:`supervision.procstats._process`), the same
-    process would have been both gone and new: two restarts."""
+    """A watcher's processes as a sample compares them: (pid, psutil's create time to 0.1 s), ours
+    or, for one that ended after circus listed it (mid-restart), circusd's
+    (:func:`supervision.procstats._process`). One with neither is left out: it counts as gone now,
+    and its replacement as one restart later. With circus's ``started`` in its place (its own clock,
+    read before the fork: up to a second from psutil's), the same process would have been both gone
+    and new: two restarts."""
     return {(p["pid"], round(p["create_time"], 1)) for p in processes if p.get("create_time") is not None}
+
+
+def known_wanted(asked: dict[str, int | None], previous: dict[str, int | None]) -> dict[str, int | None]:
+    """circus's asked-for numprocesses per watcher (:func:`asked_for`), the last known one where it
+    did not say this time: it was busy with a command, a restart or a stop from the console, the
+    very moments the counts are about. Unknown read as a change, each would count as scaling."""
+    return {name: n if n is not None else previous.get(name) for name, n in asked.items()}
 
 
 class Sampler:
@@ -162,7 +170,7 @@ class Sampler:
         try:
             c = Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0)
             watchers = collect_watchers(c, self.meter)
-            wanted = {w["name"]: asked_for(c, w["name"]) for w in watchers}
+            wanted = known_wanted({w["name"]: asked_for(c, w["name"]) for w in watchers}, self.previous_wanted)
         except CircusError as e:
             summary["circus"] = str(e)
             if self._circus_error != str(e):
@@ -189,8 +197,8 @@ class Sampler:
                   wanted: int | None) -> int:
         """How many of ``watcher``'s processes were replaced since the previous sample (see the
         module docstring): neither scaling nor a stop and start is a restart. ``procs``: the
-        processes psutil read (:func:`live_processes`); ``listed``: how many circus lists, those
-        that ended since included."""
+        processes identified (:func:`live_processes`); ``listed``: how many circus lists (one
+        without a create time included; one circus itself found gone it does not list)."""
         if self.previous_procs is not None:
             before = self.previous_procs.get(watcher, set())
             if status == "stopped" or wanted != self.previous_wanted.get(watcher, wanted):

@@ -63,7 +63,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """One run per database: ``--database sqlite`` leaves out the ``postgres_only`` tests,
     ``--database postgresql`` the ``sqlite_only`` ones (each names its PostgreSQL counterpart, and
-    ``tests/test_layout.py`` checks that it exists). Both runs together are the whole suite:
+    ``tests/test_layout.py`` checks that it runs there). Both runs together are the whole suite:
     ``make test`` runs both."""
     other = "postgres_only" if config.getoption("--database") == "sqlite" else "sqlite_only"
     left_out = [item for item in items if item.get_closest_marker(other) is not None]

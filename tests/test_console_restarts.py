@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from supervision.procstats import ProcessMeter, _process
-from supervision.sampler import Sampler, live_processes
+from supervision.sampler import Sampler, known_wanted, live_processes
 from testkit.circus import CircusStack
 from testkit.helpers import query, wait_for
 from tests.test_console_watcher_page import Console, gone
@@ -118,11 +118,16 @@ def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None
     def run(*steps: tuple) -> list[int]:
         sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
         out = []
-        for status, wanted, pids, *listed in steps:
+        for status, asked, pids, *listed in steps:
+            wanted = known_wanted({"w": asked}, sampler.previous_wanted)
             procs = {(p, 1.0) for p in pids}
-            out.append(sampler._replaced("w", procs, listed[0] if listed else len(pids), status, wanted))
-            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": wanted}
+            out.append(sampler._replaced("w", procs, listed[0] if listed else len(pids), status, wanted["w"]))
+            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, wanted
         return out
+    # circus too busy to say how many processes it wants, for one sample (a console restart or
+    # stop runs): not a scaling; a crash replaced then, and a restart seen half-way, count.
+    assert run(("active", 1, {1}), ("active", None, {2}), ("active", 1, {2})) == [0, 1, 0]
+    assert run(("active", 2, {1, 2}), ("stopping", None, {2}), ("active", 2, {3, 4})) == [0, 0, 2]
     # A restart seen half-way as circus's listing of a process that has ended, once with the count
     # asked for unknown (circus did not say), once at the first sample: one restart each.
     assert run(("active", None, {1}), ("active", None, set(), 1), ("active", None, {2})) == [0, 0, 1]
@@ -138,44 +143,102 @@ def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None
     assert run(("active", 1, {1}), ("stopping", 1, set()), ("stopped", 1, set()), ("active", 1, {2})) == [0, 0, 0, 0]
 
 
+def test_the_first_sample_after_the_jobs_worker_restarts_counts_from_the_last_stored_one() -> None:
+    """The resume rule (no previous sample in memory, the last stored one ``since``): processes
+    created since then are replacements, if the watcher still lists as many as that sample stored;
+    a listed one that has already ended is gone, and its replacement counts at the next sample."""
+    sampler = Sampler.__new__(Sampler)
+    since_s = 1_000.0
+    old_a, old_b, new = (11, since_s - 50), (12, since_s - 50), (13, since_s + 5)
+
+    def resume(*steps: tuple[set, int]) -> list[int]:
+        sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
+        sampler.previous_watchers_ms, sampler.previous_counts = int(since_s * 1000), {"w": 2}
+        out = []
+        for procs, listed in steps:
+            out.append(sampler._replaced("w", procs, listed, "active", 2))
+            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": 2}
+        return out
+    assert resume(({old_a, new}, 2)) == [1]  # replaced while the jobs worker was away
+    assert resume(({old_a}, 2), ({old_a, new}, 2)) == [0, 1]  # half-way at the first sample
+    assert resume(({old_a, old_b}, 2), ({old_a, old_b}, 2)) == [0, 0]
+    assert resume(({old_a, new}, 3)) == [0]  # scaled since: not told from an incr
+
+
 def _sleeper() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
 
-def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new_one() -> None:
-    """A restart sampled half-way: circus still lists the old process, which has ended by the time
-    psutil measures it, so only circus's numbers are left, its start time among them. That one is
-    circus's clock read before it forked; psutil's is the boot time in whole seconds plus the
-    kernel's ticks (here 0.3 to 0.5 s apart). The next sample sees the new process. Real
-    processes, measured as the jobs worker measures them: one restart, not two."""
-    sampler = Sampler.__new__(Sampler)
-    sampler.previous_procs, sampler.previous_wanted, sampler.gone = {}, {}, {}
-    meter = ProcessMeter()
-    circus_started = time.time()
-    old = _sleeper()
-    new: subprocess.Popen | None = None
-    try:
-        as_circus_lists = {"pid": old.pid, "started": circus_started, "cpu": 0.0, "mem_info1": "1M"}
-        counts = []
+class OneProcessWatcher:
+    """Samples of a one-process watcher as the jobs worker takes them, from circus's listing of a
+    process (``info``, the shape of a ``stats`` answer) and psutil's measure of it; and real
+    processes to list, stopped by pid at the end."""
 
-        def sample(info: dict) -> dict:
-            measured = _process(info, meter)
-            procs = live_processes([measured])
-            counts.append(sampler._replaced("w", procs, 1, "active", 1))
-            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": 1}
-            return measured
+    def __init__(self) -> None:
+        self.sampler = Sampler.__new__(Sampler)
+        self.sampler.previous_procs, self.sampler.previous_wanted, self.sampler.gone = {}, {}, {}
+        self.meter = ProcessMeter()
+        self.counts: list[int] = []
+        self.procs: list[subprocess.Popen] = []
 
-        assert sample(as_circus_lists)["started"] == psutil.Process(old.pid).create_time()
-        old.kill()
-        old.wait()
-        ended = sample(as_circus_lists)
-        assert ended["started"] == circus_started  # psutil could not read it: circus's numbers
-        assert ended["create_time"] is None and live_processes([ended]) == set()
-        new = _sleeper()
-        sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M"})
-        assert counts == [0, 0, 1]
-    finally:
-        for proc in (old, new):
-            if proc is not None and proc.poll() is None:
+    def start(self) -> subprocess.Popen:
+        self.procs.append(_sleeper())
+        return self.procs[-1]
+
+    def sample(self, info: dict) -> dict:
+        measured = _process(info, self.meter)
+        procs = live_processes([measured])
+        self.counts.append(self.sampler._replaced("w", procs, 1, "active", 1))
+        self.sampler.previous_procs, self.sampler.previous_wanted = {"w": procs}, {"w": 1}
+        return measured
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new_one() -> None:
+    """A restart sampled half-way: circus still lists the old process, which has ended by the time
+    psutil measures it, so only circus's numbers are left, its start time among them and no create
+    time (as when circusd's own psutil could not read it either). That start time is circus's clock
+    read before it forked; psutil's is the boot time in whole seconds plus the kernel's ticks (here
+    0.3 to 0.5 s apart). The next sample sees the new process. One restart, not two."""
+    watcher = OneProcessWatcher()
+    try:
+        circus_started = time.time()
+        old = watcher.start()
+        as_circus_lists = {"pid": old.pid, "started": circus_started, "cpu": 0.0, "mem_info1": "1M"}
+        assert watcher.sample(as_circus_lists)["started"] == psutil.Process(old.pid).create_time()
+        old.kill()
+        old.wait()
+        ended = watcher.sample(as_circus_lists)
+        assert ended["started"] == circus_started  # psutil could not read it: circus's numbers
+        assert ended["create_time"] is None and live_processes([ended]) == set()
+        new = watcher.start()
+        watcher.sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M"})
+        assert watcher.counts == [0, 0, 1]
+    finally:
+        watcher.close()
+
+
+def test_a_process_that_ended_after_circus_listed_it_keeps_the_create_time_circusd_read() -> None:
+    """The same restart as circus answers ``stats``: each process with the create time circusd's
+    psutil read while it lived (the same clock as ours). The ended process keeps its identity, and
+    its replacement counts once, at the sample that sees it."""
+    watcher = OneProcessWatcher()
+    try:
+        old = watcher.start()
+        as_circus_lists = {"pid": old.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M",
+                           "create_time": psutil.Process(old.pid).create_time()}
+        watcher.sample(as_circus_lists)
+        old.kill()
+        old.wait()
+        assert watcher.sample(as_circus_lists)["create_time"] == as_circus_lists["create_time"]
+        new = watcher.start()
+        watcher.sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M",
+                        "create_time": psutil.Process(new.pid).create_time()})
+        assert watcher.counts == [0, 0, 1]
+    finally:
+        watcher.close()

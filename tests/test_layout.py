@@ -30,15 +30,15 @@ def test_every_module_is_named_in_the_readme_layout() -> None:
 
 
 #: Collects the suite as ``pytest --database DATABASE`` would and writes, for every test it keeps,
-#: its ``sqlite_only`` mark's arguments (None: no such mark) as JSON into PATH.
+#: the arguments of each of its ``sqlite_only`` marks (wherever set: module, class, function,
+#: parameter set) as JSON into PATH.
 _COLLECT = """
 import json, sys
 import pytest
 
 class Marks:
     def pytest_collection_finish(self, session):
-        marks = {item.nodeid: (None if (m := item.get_closest_marker("sqlite_only")) is None else list(m.args))
-                 for item in session.items}
+        marks = {item.nodeid: [list(m.args) for m in item.iter_markers("sqlite_only")] for item in session.items}
         with open(sys.argv[1], "w") as out:
             json.dump(marks, out)
 
@@ -47,7 +47,7 @@ sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--datab
 """
 
 
-def _collected(tmp_path: Path, *databases: str) -> list[dict[str, list | None]]:
+def _collected(tmp_path: Path, *databases: str) -> list[dict[str, list[list]]]:
     """What each run keeps (see :data:`_COLLECT`), the collections side by side."""
     outs = [tmp_path / f"{database}.json" for database in databases]
     procs = [subprocess.Popen([sys.executable, "-c", _COLLECT, str(out), database], cwd=ROOT, text=True,
@@ -73,15 +73,14 @@ def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists(tmp_p
     on_sqlite, on_postgresql = _collected(tmp_path, "sqlite", "postgresql")
     runs_there = {nodeid.split("[", 1)[0] for nodeid in on_postgresql}
     problems, pairs = [], []
-    for nodeid, args in on_sqlite.items():
-        if args is None:
-            continue
-        if nodeid in on_postgresql:
+    for nodeid, marks in on_sqlite.items():
+        if marks and nodeid in on_postgresql:
             problems.append(f"{nodeid} is sqlite_only but the PostgreSQL run keeps it")
-        if len(args) != 1 or not isinstance(args[0], str):
-            problems.append(f"{nodeid} is sqlite_only without naming its counterpart (path::name): {args}")
-        elif args[0] not in runs_there:
-            problems.append(f"{nodeid} names {args[0]}: no such test runs on PostgreSQL")
-        pairs.append(nodeid)
+        for args in marks:
+            if len(args) != 1 or not isinstance(args[0], str):
+                problems.append(f"{nodeid} is sqlite_only without naming its counterpart (path::name): {args}")
+            elif args[0] not in runs_there:
+                problems.append(f"{nodeid} names {args[0]}: no such test runs on PostgreSQL")
+            pairs.append(nodeid)
     assert not problems, problems
     assert pairs, "no sqlite_only test found: the marker's spelling changed?"
