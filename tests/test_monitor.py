@@ -3,6 +3,7 @@ worker end to end against a real writer on a deterministic price path."""
 from __future__ import annotations
 
 import logging
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -272,3 +273,15 @@ def test_small_chunks_reach_the_same_result_as_one_pass(writer: Stack) -> None:
     # One tick per step: each stop move is an event of its own.
     assert kinds[0] == "opened" and kinds[-1] == "closed" and set(kinds[1:-1]) == {"trailing", "breakeven"}
     assert len(kinds) > 10
+
+
+def test_a_worker_run_in_process_gives_back_the_signal_handlers_it_found(writer: Stack) -> None:
+    """A worker's run installs its own SIGTERM and SIGINT handlers (they only ask it to stop). Run
+    inside another program, here pytest, it must give that program's back: they were left, and
+    SIGTERM and Ctrl-C no longer stopped the rest of the suite (make test's stop of its background
+    run included)."""
+    found = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    worker = MonitorWorker(writer.settings, until_idle=True)
+    assert worker.run() == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == found
+    assert found[0] != worker.handle_stop

@@ -62,11 +62,21 @@ def tend_lifeline(settings: Settings) -> None:
     _lifeline.tend()
 
 
-def on_stop_signals(handler: Callable[[int, Any], None]) -> None:
+def on_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
     """SIGTERM (circus's stop) and SIGINT (Ctrl-C) only ask to stop: ``handler`` sets a flag, and
-    the process finishes the work in hand (a worker flushes, the writer drains) before it exits."""
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    the process finishes the work in hand (a worker flushes, the writer drains) before it exits.
+    Returns the handlers it replaced, to give back with :func:`restore_signals`."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous
+
+
+def restore_signals(previous: dict[int, Any]) -> None:
+    """Give back the handlers :func:`on_stop_signals` replaced: a worker run inside another
+    program (a test, a script) leaves that program's SIGTERM and Ctrl-C as they were."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 class Worker:
@@ -88,8 +98,8 @@ class Worker:
         self._wake = threading.Event()
         self.log = logging.getLogger(f"tickstack.{self.name}")
 
-    def init_signals(self) -> None:
-        on_stop_signals(self.handle_stop)
+    def init_signals(self) -> dict[int, Any]:
+        return on_stop_signals(self.handle_stop)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
         """Only ask the loop to stop: work in hand is finished and flushed."""
@@ -113,10 +123,13 @@ class Worker:
         self._wake.wait(seconds)
 
     def run(self) -> int:
-        self.init_signals()
-        self.log.info("%s started", self.name)
-        leadership = Leadership(self.settings, self.name) if self.leader_only else None
+        """Serve until idle (``until_idle``) or asked to stop; the exit code. The signal handlers
+        it installs are given back when it returns."""
+        previous = self.init_signals()
+        leadership: Leadership | None = None
         try:
+            self.log.info("%s started", self.name)
+            leadership = Leadership(self.settings, self.name) if self.leader_only else None
             if leadership is not None and not self._wait_to_lead(leadership):
                 if self.until_idle and self.alive:
                     self.log.error("%s: another process leads (%s); --until-idle does not wait for it",
@@ -128,6 +141,7 @@ class Worker:
         finally:
             if leadership is not None:
                 leadership.release()
+            restore_signals(previous)
 
     def _wait_to_lead(self, leadership: Leadership) -> bool:
         """Stand by until this process leads (True) or is asked to stop (False)."""
