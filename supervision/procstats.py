@@ -39,6 +39,9 @@ class ProcessMeter:
 
     def __init__(self) -> None:
         self._procs: dict[int, psutil.Process] = {}
+        #: The create time last measured of each pid, kept after the process is gone (until
+        #: :meth:`forget_others`): what identified it, for as long as circus still lists it.
+        self._created: dict[int, float] = {}
 
     def measure(self, pid: int) -> dict[str, Any] | None:
         """``{"pid", "cpu", "rss", "started"}`` of one process; None if it is gone or not readable."""
@@ -62,12 +65,18 @@ class ProcessMeter:
             self._procs.pop(pid, None)
             return None
         self._procs[pid] = proc
+        self._created[pid] = started
         return {"pid": pid, "cpu": round(cpu, 1), "rss": rss, "started": started}
+
+    def last_create_time(self, pid: int) -> float | None:
+        """The create time :meth:`measure` last read for ``pid``, if it ever read one."""
+        return self._created.get(pid)
 
     def forget_others(self, pids: set[int]) -> None:
         """Drop the processes not in ``pids`` (they exited): the cache stays bounded."""
-        for pid in [p for p in self._procs if p not in pids]:
-            del self._procs[pid]
+        for cache in (self._procs, self._created):
+            for pid in [p for p in cache if p not in pids]:
+                del cache[pid]
 
 
 def _is_number(value: Any) -> bool:
@@ -78,8 +87,10 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     """One circus process with its children, measured; circus's numbers when psutil cannot read it.
 
     ``started`` (shown as its age) falls back to circus's own start time; ``create_time`` is
-    psutil's only: ours, or, for a process that ended since circus listed it, the one circusd's
-    psutil read for its answer (None if neither has it). What identifies a process is the latter
+    psutil's only. For a process that ended since circus listed it, it is the one we read at an
+    earlier measure, else the one circusd's psutil read for its answer (None if neither has it):
+    ours first, as each side's psutil reads the boot time once per process, and a clock step
+    between the two reads would move one by a second. What identifies a process is the latter
     (see :func:`supervision.sampler.live_processes`): circus's ``started`` is ``time.time()`` read
     before it forks, psutil adds the kernel's start ticks to the boot time in whole seconds
     (``btime``), so the two differ by up to a second, the same for every process of a boot (0.3 to
@@ -96,8 +107,10 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
             rss += parse_size(raw.get("mem_info1")) or 0
             if raw is info and _is_number(info.get("started")):
                 started = float(info["started"])
-            if raw is info and _is_number(info.get("create_time")):
-                create_time = float(info["create_time"])  # psutil's, read by circusd: the same clock
+            if raw is info:
+                create_time = meter.last_create_time(pid)
+                if create_time is None and _is_number(info.get("create_time")):
+                    create_time = float(info["create_time"])  # psutil's, read by circusd
             continue
         cpu += measured["cpu"]
         rss += measured["rss"]

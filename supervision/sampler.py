@@ -18,7 +18,7 @@ processes gone since the previous one to the watcher's *gone* count, and counts 
 new processes that replace them (at most as many as are gone): so a restart whose stop and start
 fall on either side of a sample counts each process once. Not restarts: an ``incr`` or ``decr``
 (circus's asked-for ``numprocesses`` changed: that interval counts 0 and the gone count starts
-over; while circus is too busy to say, the last count it said stands: :func:`known_wanted`), a
+over; while circus does not answer it, the last count it said stands: :func:`known_wanted`), a
 stop and a start (a sample saw the watcher ``stopped``: the gone count starts over). Not told apart: a stop
 and a start no sample saw stopped (they read as a restart); a process that starts and dies between
 two samples (not seen). gunicorn replacing its own workers is not counted (only circus's processes
@@ -83,8 +83,10 @@ def live_processes(processes: list[dict[str, Any]]) -> set[tuple[int, float]]:
 
 def known_wanted(asked: dict[str, int | None], previous: dict[str, int | None]) -> dict[str, int | None]:
     """circus's asked-for numprocesses per watcher (:func:`asked_for`), the last known one where it
-    did not say this time: it was busy with a command, a restart or a stop from the console, the
-    very moments the counts are about. Unknown read as a change, each would count as scaling."""
+    did not answer this time (a timeout, on a loaded machine: often during a restart or a stop from
+    the console, the very moments the counts are about). Unknown read as a change, each would count
+    as scaling. Not told apart: a decr and then an incr, each at a sample circus did not answer,
+    from a crash and a slow respawn (one restart)."""
     return {name: n if n is not None else previous.get(name) for name, n in asked.items()}
 
 
@@ -170,7 +172,7 @@ class Sampler:
         try:
             c = Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0)
             watchers = collect_watchers(c, self.meter)
-            wanted = known_wanted({w["name"]: asked_for(c, w["name"]) for w in watchers}, self.previous_wanted)
+            asked = {w["name"]: asked_for(c, w["name"]) for w in watchers}
         except CircusError as e:
             summary["circus"] = str(e)
             if self._circus_error != str(e):
@@ -180,18 +182,25 @@ class Sampler:
             if self._circus_error is not None:
                 log.info("metrics: circusd answers again")
             self._circus_error = None
-            procs = {w["name"]: live_processes(w["processes"]) for w in watchers}
+            restarts = self.restarts(watchers, asked, watchers_at)
             for w in watchers:
                 add("watcher.cpu_percent", w["cpu"], w["name"], watchers_at)
                 add("watcher.rss_bytes", w["rss"], w["name"], watchers_at)
                 add("watcher.processes", w["numprocesses"], w["name"], watchers_at)
-                add("watcher.restarts", self._replaced(w["name"], procs[w["name"]], w["numprocesses"], w["status"],
-                                                       wanted[w["name"]]), w["name"], watchers_at)
-            self.previous_procs = procs
-            self.previous_wanted = wanted
-            self.previous_watchers_ms = watchers_at
+                add("watcher.restarts", restarts[w["name"]], w["name"], watchers_at)
         summary["samples"] = len(samples)
         return samples, summary
+
+    def restarts(self, watchers: list[dict[str, Any]], asked: dict[str, int | None], at_ms: int) -> dict[str, int]:
+        """Each watcher's processes replaced since the previous call, from the rows of
+        :func:`supervision.procstats.collect_watchers` and circus's asked-for counts
+        (:func:`asked_for`) taken at ``at_ms``; keeps what the next call compares with."""
+        wanted = known_wanted(asked, self.previous_wanted)
+        procs = {w["name"]: live_processes(w["processes"]) for w in watchers}
+        counts = {w["name"]: self._replaced(w["name"], procs[w["name"]], w["numprocesses"], w["status"],
+                                            wanted[w["name"]]) for w in watchers}
+        self.previous_procs, self.previous_wanted, self.previous_watchers_ms = procs, wanted, at_ms
+        return counts
 
     def _replaced(self, watcher: str, procs: set[tuple[int, float]], listed: int, status: str,
                   wanted: int | None) -> int:
@@ -200,8 +209,11 @@ class Sampler:
         processes identified (:func:`live_processes`); ``listed``: how many circus lists (one
         without a create time included; one circus itself found gone it does not list)."""
         if self.previous_procs is not None:
-            before = self.previous_procs.get(watcher, set())
-            if status == "stopped" or wanted != self.previous_wanted.get(watcher, wanted):
+            before = self.previous_procs.get(watcher)
+            if before is None:  # new since (reloadconfig, or removed and added): what was gone is not
+                self.gone[watcher], before = 0, set()
+            was = self.previous_wanted.get(watcher)
+            if status == "stopped" or (was is not None and wanted is not None and wanted != was):
                 self.gone[watcher] = 0  # a stop, or an incr/decr: what follows is no replacement
                 return 0
             gone = self.gone.get(watcher, 0) + len(before - procs)

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from supervision.procstats import ProcessMeter, _process
-from supervision.sampler import Sampler, known_wanted, live_processes
+from supervision.sampler import Sampler
 from testkit.circus import CircusStack
 from testkit.helpers import query, wait_for
 from tests.test_console_watcher_page import Console, gone
@@ -108,6 +108,13 @@ def test_a_stop_then_start_counts_none_and_a_restart_counts_each_process(console
     assert restarts(cstack, WATCHER) == before + 1
 
 
+def watcher_row(name: str, status: str, pids: set[int], listed: int | None = None) -> dict:
+    """A row as collect_watchers gives it: processes read (all created at 1.0), and how many
+    circus lists (more when one of them ended before it was read)."""
+    return {"name": name, "status": status, "numprocesses": len(pids) if listed is None else listed,
+            "processes": [{"pid": p, "create_time": 1.0} for p in sorted(pids)]}
+
+
 def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None:
     """The counting rule alone, sample after sample: (status, asked-for, pids read[, processes
     circus lists: more when one of them ended before it was read]) -> restarts."""
@@ -117,17 +124,18 @@ def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None
 
     def run(*steps: tuple) -> list[int]:
         sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
-        out = []
-        for status, asked, pids, *listed in steps:
-            wanted = known_wanted({"w": asked}, sampler.previous_wanted)
-            procs = {(p, 1.0) for p in pids}
-            out.append(sampler._replaced("w", procs, listed[0] if listed else len(pids), status, wanted["w"]))
-            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, wanted
-        return out
+        sampler.previous_watchers_ms = None
+        return [sampler.restarts([watcher_row("w", status, pids, *listed)], {"w": asked}, 0)["w"]
+                for status, asked, pids, *listed in steps]
     # circus too busy to say how many processes it wants, for one sample (a console restart or
     # stop runs): not a scaling; a crash replaced then, and a restart seen half-way, count.
     assert run(("active", 1, {1}), ("active", None, {2}), ("active", 1, {2})) == [0, 1, 0]
     assert run(("active", 2, {1, 2}), ("stopping", None, {2}), ("active", 2, {3, 4})) == [0, 0, 2]
+    # Not known at the first sample, known at the next: no scaling either.
+    assert run(("active", None, {1}), ("active", 1, {2})) == [0, 1]
+    # A watcher added (reloadconfig) where one of its name was removed with a process gone: no restart.
+    sampler.previous_procs, sampler.previous_wanted, sampler.gone = {"other": set()}, {}, {"w": 1}
+    assert sampler._replaced("w", {(5, 1.0)}, 1, "active", 1) == 0
     # A restart seen half-way as circus's listing of a process that has ended, once with the count
     # asked for unknown (circus did not say), once at the first sample: one restart each.
     assert run(("active", None, {1}), ("active", None, set(), 1), ("active", None, {2})) == [0, 0, 1]
@@ -151,18 +159,17 @@ def test_the_first_sample_after_the_jobs_worker_restarts_counts_from_the_last_st
     since_s = 1_000.0
     old_a, old_b, new = (11, since_s - 50), (12, since_s - 50), (13, since_s + 5)
 
-    def resume(*steps: tuple[set, int]) -> list[int]:
+    def resume(*steps: tuple[list, int]) -> list[int]:
         sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
         sampler.previous_watchers_ms, sampler.previous_counts = int(since_s * 1000), {"w": 2}
-        out = []
-        for procs, listed in steps:
-            out.append(sampler._replaced("w", procs, listed, "active", 2))
-            sampler.previous_procs, sampler.previous_wanted = {"w": procs}, {"w": 2}
-        return out
-    assert resume(({old_a, new}, 2)) == [1]  # replaced while the jobs worker was away
-    assert resume(({old_a}, 2), ({old_a, new}, 2)) == [0, 1]  # half-way at the first sample
-    assert resume(({old_a, old_b}, 2), ({old_a, old_b}, 2)) == [0, 0]
-    assert resume(({old_a, new}, 3)) == [0]  # scaled since: not told from an incr
+        rows = ({"name": "w", "status": "active", "numprocesses": listed,
+                 "processes": [{"pid": pid, "create_time": created} for pid, created in procs]}
+                for procs, listed in steps)
+        return [sampler.restarts([row], {"w": 2}, int(since_s * 1000) + 10_000)["w"] for row in rows]
+    assert resume(([old_a, new], 2)) == [1]  # replaced while the jobs worker was away
+    assert resume(([old_a], 2), ([old_a, new], 2)) == [0, 1]  # half-way at the first sample
+    assert resume(([old_a, old_b], 2), ([old_a, old_b], 2)) == [0, 0]
+    assert resume(([old_a, new], 3)) == [0]  # scaled since: not told from an incr
 
 
 def _sleeper() -> subprocess.Popen:
@@ -179,17 +186,21 @@ class OneProcessWatcher:
         self.sampler.previous_procs, self.sampler.previous_wanted, self.sampler.gone = {}, {}, {}
         self.meter = ProcessMeter()
         self.counts: list[int] = []
+        self.identities: list[set] = []
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> subprocess.Popen:
+    def start(self) -> tuple[subprocess.Popen, dict]:
+        """A new process, and circus's listing of it: its own clock read before the fork, no
+        create time (circusd's, when a test adds it)."""
+        started = time.time()
         self.procs.append(_sleeper())
-        return self.procs[-1]
+        return self.procs[-1], {"pid": self.procs[-1].pid, "started": started, "cpu": 0.0, "mem_info1": "1M"}
 
-    def sample(self, info: dict) -> dict:
-        measured = _process(info, self.meter)
-        procs = live_processes([measured])
-        self.counts.append(self.sampler._replaced("w", procs, 1, "active", 1))
-        self.sampler.previous_procs, self.sampler.previous_wanted = {"w": procs}, {"w": 1}
+    def sample(self, info: dict, meter: ProcessMeter | None = None) -> dict:
+        measured = _process(info, meter or self.meter)
+        row = {"name": "w", "status": "active", "numprocesses": 1, "processes": [measured]}
+        self.counts.append(self.sampler.restarts([row], {"w": 1}, 0)["w"])
+        self.identities.append(self.sampler.previous_procs["w"])
         return measured
 
     def close(self) -> None:
@@ -199,46 +210,42 @@ class OneProcessWatcher:
                 proc.wait()
 
 
-def test_a_process_that_ended_after_circus_listed_it_counts_as_gone_not_as_a_new_one() -> None:
+def _ended_after_listing(keep: str) -> OneProcessWatcher:
     """A restart sampled half-way: circus still lists the old process, which has ended by the time
-    psutil measures it, so only circus's numbers are left, its start time among them and no create
-    time (as when circusd's own psutil could not read it either). That start time is circus's clock
-    read before it forked; psutil's is the boot time in whole seconds plus the kernel's ticks (here
-    0.3 to 0.5 s apart). The next sample sees the new process. One restart, not two."""
+    psutil measures it; the next sample sees the new one. ``keep``: what the jobs worker still has
+    of the old process's create time at the middle sample: "ours" (it measured it before), "circusd"
+    (a fresh measurer, as after its own restart, and circus's answer with circusd's create time),
+    or "none" (a fresh measurer, and no create time in circus's answer)."""
     watcher = OneProcessWatcher()
     try:
-        circus_started = time.time()
-        old = watcher.start()
-        as_circus_lists = {"pid": old.pid, "started": circus_started, "cpu": 0.0, "mem_info1": "1M"}
-        assert watcher.sample(as_circus_lists)["started"] == psutil.Process(old.pid).create_time()
+        old, listed = watcher.start()
+        assert watcher.sample(listed)["started"] == psutil.Process(old.pid).create_time()
+        if keep == "circusd":
+            listed["create_time"] = psutil.Process(old.pid).create_time()  # as circusd's psutil reads it
         old.kill()
         old.wait()
-        ended = watcher.sample(as_circus_lists)
-        assert ended["started"] == circus_started  # psutil could not read it: circus's numbers
-        assert ended["create_time"] is None and live_processes([ended]) == set()
-        new = watcher.start()
-        watcher.sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M"})
-        assert watcher.counts == [0, 0, 1]
+        ended = watcher.sample(listed, meter=None if keep == "ours" else ProcessMeter())
+        assert ended["started"] == listed["started"]  # psutil could not read it: circus's numbers
+        new, listed_new = watcher.start()
+        watcher.sample(listed_new)
     finally:
         watcher.close()
+    return watcher
 
 
-def test_a_process_that_ended_after_circus_listed_it_keeps_the_create_time_circusd_read() -> None:
-    """The same restart as circus answers ``stats``: each process with the create time circusd's
-    psutil read while it lived (the same clock as ours). The ended process keeps its identity, and
-    its replacement counts once, at the sample that sees it."""
-    watcher = OneProcessWatcher()
-    try:
-        old = watcher.start()
-        as_circus_lists = {"pid": old.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M",
-                           "create_time": psutil.Process(old.pid).create_time()}
-        watcher.sample(as_circus_lists)
-        old.kill()
-        old.wait()
-        assert watcher.sample(as_circus_lists)["create_time"] == as_circus_lists["create_time"]
-        new = watcher.start()
-        watcher.sample({"pid": new.pid, "started": time.time(), "cpu": 0.0, "mem_info1": "1M",
-                        "create_time": psutil.Process(new.pid).create_time()})
-        assert watcher.counts == [0, 0, 1]
-    finally:
-        watcher.close()
+def test_a_process_that_ended_after_circus_listed_it_keeps_the_create_time_read_before() -> None:
+    """circus's own start time (its clock, read before it forked) is not psutil's (the boot time in
+    whole seconds plus the kernel's ticks; here 0.3 to 0.5 s apart): with it, the old process would
+    read as gone and new at once, two restarts. Ours or circusd's create time keeps its identity."""
+    for keep in ("ours", "circusd"):
+        watcher = _ended_after_listing(keep)
+        assert watcher.identities[1] == watcher.identities[0], keep
+        assert watcher.counts == [0, 0, 1], keep
+
+
+def test_a_process_that_ended_after_circus_listed_it_with_no_create_time_counts_as_gone() -> None:
+    """With no create time anywhere, the ended process is left out: gone at the middle sample, its
+    replacement one restart at the next."""
+    watcher = _ended_after_listing("none")
+    assert watcher.identities[1] == set() and watcher.sampler.gone == {"w": 0}
+    assert watcher.counts == [0, 0, 1]

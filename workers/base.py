@@ -95,6 +95,8 @@ class Worker:
         self.settings = settings
         self.until_idle = until_idle
         self.alive = True
+        #: The signal that asked this worker to stop, if one did.
+        self.stopped_by: int | None = None
         self._wake = threading.Event()
         self.log = logging.getLogger(f"tickstack.{self.name}")
 
@@ -105,6 +107,7 @@ class Worker:
         """Only ask the loop to stop: work in hand is finished and flushed."""
         if self.alive:
             self.log.info("%s: %s received; finishing", self.name, signal.Signals(signum).name)
+        self.stopped_by = self.stopped_by or signum
         self.alive = False
         self._wake.set()
 
@@ -124,7 +127,10 @@ class Worker:
 
     def run(self) -> int:
         """Serve until idle (``until_idle``) or asked to stop; the exit code. The signal handlers
-        it installs are given back when it returns."""
+        it installs are given back when it returns, and a stop signal it took is passed on to the
+        one it replaced, if that is a function: run inside another program (a test), the signal
+        stops that program too, once the work in hand is stored (under circus it is the default,
+        and the worker exits with its own code)."""
         previous = self.init_signals()
         leadership: Leadership | None = None
         try:
@@ -142,6 +148,9 @@ class Worker:
             if leadership is not None:
                 leadership.release()
             restore_signals(previous)
+            outer = previous.get(self.stopped_by) if self.stopped_by is not None else None
+            if callable(outer):
+                outer(self.stopped_by, None)
 
     def _wait_to_lead(self, leadership: Leadership) -> bool:
         """Stand by until this process leads (True) or is asked to stop (False)."""
