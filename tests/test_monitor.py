@@ -307,3 +307,22 @@ def test_a_stop_signal_taken_by_an_in_process_worker_reaches_the_handler_it_repl
         assert worker.stopped_by == signal.SIGTERM and got == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_worker_run_by_hand_and_stopped_with_ctrl_c_finishes_and_exits_0(writer: Stack) -> None:
+    """Ctrl-C (SIGINT) to a worker run as its own process, not under circus: it finishes the step
+    in hand and exits 0, with no traceback (the interpreter's own Ctrl-C handler, the one the
+    worker replaced, is not handed the signal afterwards)."""
+    proc = subprocess.Popen([sys.executable, "-m", "workers.monitor"], env=writer.env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    writer.procs.append(proc)
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:  # its stop handlers are installed before it says it started
+        seen.append(line)
+        if "monitor started" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, out
+    assert "SIGINT received; finishing" in out and "Traceback" not in out, out

@@ -128,9 +128,9 @@ class Worker:
     def run(self) -> int:
         """Serve until idle (``until_idle``) or asked to stop; the exit code. The signal handlers
         it installs are given back when it returns, and a stop signal it took is passed on to the
-        one it replaced, if that is a function: run inside another program (a test), the signal
-        stops that program too, once the work in hand is stored (under circus it is the default,
-        and the worker exits with its own code)."""
+        handler it replaced, if the program had installed one: run inside another program (a
+        test), the signal stops that program too, once the work in hand is stored. Run as its own
+        process (under circus, or by hand) there is none: the worker exits with its own code."""
         previous = self.init_signals()
         leadership: Leadership | None = None
         try:
@@ -149,7 +149,9 @@ class Worker:
                 leadership.release()
             restore_signals(previous)
             outer = previous.get(self.stopped_by) if self.stopped_by is not None else None
-            if callable(outer):
+            # The interpreter's own Ctrl-C handler is nobody's choice: a worker run by hand and
+            # stopped with Ctrl-C finishes and exits 0, as under circus.
+            if callable(outer) and outer is not signal.default_int_handler:
                 outer(self.stopped_by, None)
 
     def _wait_to_lead(self, leadership: Leadership) -> bool:
