@@ -63,6 +63,8 @@ class ProcessMeter:
                 rss = proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             self._procs.pop(pid, None)
+            if len(self._created) > 2 * len(self._procs) + 64:  # a user that never calls forget_others
+                self._created = {p: self._created[p] for p in self._procs if p in self._created}
             return None
         self._procs[pid] = proc
         self._created[pid] = started
@@ -89,8 +91,9 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     ``started`` (shown as its age) falls back to circus's own start time; ``create_time`` is
     psutil's only. For a process that ended since circus listed it, it is the one we read at an
     earlier measure, else the one circusd's psutil read for its answer (None if neither has it):
-    ours first, as each side's psutil reads the boot time once per process, and a clock step
-    between the two reads would move one by a second. What identifies a process is the latter
+    ours first, the value that identified it before (each psutil ``Process`` object reads the boot
+    time once, at its first ``create_time()``: a clock step between circusd's read and ours would
+    set the two a second apart). What identifies a process is the latter
     (see :func:`supervision.sampler.live_processes`): circus's ``started`` is ``time.time()`` read
     before it forks, psutil adds the kernel's start ticks to the boot time in whole seconds
     (``btime``), so the two differ by up to a second, the same for every process of a boot (0.3 to

@@ -287,7 +287,7 @@ def test_a_worker_run_in_process_gives_back_the_signal_handlers_it_found(writer:
 
 
 class StoppedWhileRunning(MonitorWorker):
-    """A monitor that runs until asked to stop, and is asked (SIGTERM to this process) at its first step."""
+    """A monitor asked to stop (SIGTERM to this process) at its first step."""
 
     def step(self) -> bool:
         if not self.stopped_by:
@@ -302,7 +302,7 @@ def test_a_stop_signal_taken_by_an_in_process_worker_reaches_the_handler_it_repl
     got: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
     try:
-        worker = StoppedWhileRunning(writer.settings)
+        worker = StoppedWhileRunning(writer.settings, until_idle=True)
         assert worker.run() == 0
         assert worker.stopped_by == signal.SIGTERM and got == [signal.SIGTERM]
     finally:
@@ -313,7 +313,11 @@ def test_a_worker_run_by_hand_and_stopped_with_ctrl_c_finishes_and_exits_0(write
     """Ctrl-C (SIGINT) to a worker run as its own process, not under circus: it finishes the step
     in hand and exits 0, with no traceback (the interpreter's own Ctrl-C handler, the one the
     worker replaced, is not handed the signal afterwards)."""
-    proc = subprocess.Popen([sys.executable, "-m", "workers.monitor"], env=writer.env, cwd=ROOT, text=True,
+    # As from a terminal: Python's own Ctrl-C handler installed (make test's PostgreSQL run is started
+    # in the background, where SIGINT is ignored, and its children would inherit that).
+    as_from_a_terminal = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "sys.argv = ['workers.monitor']; runpy.run_module('workers.monitor', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", as_from_a_terminal], env=writer.env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     writer.procs.append(proc)
     assert proc.stdout is not None
