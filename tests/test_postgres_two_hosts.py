@@ -84,6 +84,9 @@ def test_two_hosts_share_one_database_with_one_leader_each_and_survive_the_leade
         assert "analysis: leading" in b.log("analysis") and "monitor: leading" in b.log("monitor")
         # host-b's console names the writers and leaders that are left.
         console = Browser(f"http://127.0.0.1:{b.console_port}")
+        # circus calls the console active once gunicorn's master runs; the app, and with it the
+        # password file, is made in its worker, seconds later on a loaded machine.
+        wait_for("host-b's console to answer", lambda: console.fetch("/console/login")[0] == 200, timeout=90)
         password = (b.home / "admin-password").read_text().strip()
         assert console.form("/console/login", "/console/login", username="admin", password=password)[0] == 200
         status, page = console.fetch("/console/database")
