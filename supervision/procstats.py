@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from supervision.circus import Circus
+from supervision.circus import Circus, CircusError
 
 _SIZE_RE = re.compile(r"([0-9.]+)\s*([KMGTP]?)B?")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
@@ -124,7 +124,7 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
             "age": round(time.time() - started, 1) if started is not None else None}
 
 
-def collect_watchers(circus: Circus, meter: ProcessMeter) -> list[dict[str, Any]]:
+def collect_watchers(circus: Circus, meter: ProcessMeter, require_processes: bool = False) -> list[dict[str, Any]]:
     """Every watcher (circus plugins left out), sorted by name::
 
         {"name", "status", "numprocesses", "pids", "children", "cpu", "rss", "uptime",
@@ -133,10 +133,17 @@ def collect_watchers(circus: Circus, meter: ProcessMeter) -> list[dict[str, Any]
     ``numprocesses`` counts circus's processes (gunicorn's master, not its workers, which are in
     ``children``); ``cpu`` is % of one core summed over all; ``cpu``, ``rss`` and ``uptime`` (the
     oldest process's age in seconds) are None with no process. Two circus calls; raises
-    :class:`CircusError` when either fails: a list of watchers without their processes would read
-    as every process gone (and, to the restart counts, as every one replaced at the next sample)."""
+    :class:`CircusError` when the first fails. When the second (``stats``) fails, for instance
+    while circusd is busy restarting every watcher, the watchers come without their processes (a
+    page still shows them), or, with ``require_processes``, it raises too: to the restart counts,
+    watchers without processes would read as every process gone, then every one replaced."""
     statuses = circus.statuses()
-    infos = circus.call("stats").get("infos") or {}
+    try:
+        infos = circus.call("stats").get("infos") or {}
+    except CircusError:
+        if require_processes:
+            raise
+        infos = {}
     out: list[dict[str, Any]] = []
     seen: set[int] = set()
     for name in sorted(statuses):

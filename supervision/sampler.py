@@ -171,7 +171,7 @@ class Sampler:
         watchers_at = now_ms()
         try:
             c = Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0)
-            watchers = collect_watchers(c, self.meter)
+            watchers = collect_watchers(c, self.meter, require_processes=True)
             asked = {w["name"]: asked_for(c, w["name"]) for w in watchers}
         except CircusError as e:
             summary["circus"] = str(e)
