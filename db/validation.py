@@ -50,7 +50,8 @@ def shown(v: Any, limit: int = 40) -> str:
     return text_ if len(text_) <= limit else text_[:limit] + "..."
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
+    """An int or a float, not a bool (nor anything else that claims to be one)."""
     return type(v) in (int, float)
 
 
@@ -80,7 +81,7 @@ def text(max_len: int) -> Validator:
 
 
 def finite(name: str, v: Any) -> float:
-    if not _is_number(v):
+    if not is_number(v):
         raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
     if not math.isfinite(v):
         raise ValidationError(f"{name}: {v} is not a finite number")
@@ -111,7 +112,7 @@ measured = bounded(-MAX_VALUE, MAX_VALUE)
 
 def amount(name: str, v: Any) -> float:
     """A finite number >= 0 and < MAX_VALUE (a bar's volume)."""
-    if not _is_number(v):
+    if not is_number(v):
         raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
     if not math.isfinite(v) or not 0 <= v < MAX_VALUE:
         raise ValidationError(f"{name}: {v} must be a finite number >= 0 and < {MAX_VALUE:g}")
@@ -192,7 +193,7 @@ def _first_bad(where: str, column: Sequence[Any], ok: Callable[[Any], bool], wha
 
 
 def _finite_number(v: Any) -> bool:
-    return _is_number(v) and math.isfinite(v)
+    return is_number(v) and math.isfinite(v)
 
 
 
@@ -316,7 +317,7 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
     for f in ("bid", "ask"):
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:
-            raise _first_bad(f"{name}.{f}", col, _is_number, "is not a number")
+            raise _first_bad(f"{name}.{f}", col, is_number, "is not a number")
         if not math.isfinite(sum(col)) or not 0 < min(col) or max(col) >= MAX_PRICE:
             raise _first_bad(f"{name}.{f}", col, lambda v: _finite_number(v) and 0 < v < MAX_PRICE,
                              f"is not a price (a finite number > 0 and < {MAX_PRICE:g})")
@@ -330,7 +331,7 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         vol = cols["volume"] = [0.0 if v is None else v for v in vol]
         types = set(map(type, vol))
     if not types <= _NUMBER:
-        raise _first_bad(f"{name}.volume", vol, _is_number, "is not a number")
+        raise _first_bad(f"{name}.volume", vol, is_number, "is not a number")
     if not math.isfinite(sum(vol)) or min(vol) < 0 or max(vol) >= MAX_PRICE:
         raise _first_bad(f"{name}.volume", vol, lambda v: _finite_number(v) and 0 <= v < MAX_PRICE,
                          f"is not a volume (a finite number >= 0 and < {MAX_PRICE:g})")

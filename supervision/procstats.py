@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 
+from db.validation import is_number
 from supervision.circus import Circus, CircusError
 
 _SIZE_RE = re.compile(r"([0-9.]+)\s*([KMGTP]?)B?")
@@ -81,10 +82,6 @@ class ProcessMeter:
                 del cache[pid]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     """One circus process with its children, measured; circus's numbers when psutil cannot read it.
 
@@ -106,13 +103,13 @@ def _process(info: dict[str, Any], meter: ProcessMeter) -> dict[str, Any]:
     for raw in [info, *children]:
         measured = meter.measure(int(raw["pid"]))
         if measured is None:
-            cpu += float(raw["cpu"]) if _is_number(raw.get("cpu")) else 0.0
+            cpu += float(raw["cpu"]) if is_number(raw.get("cpu")) else 0.0
             rss += parse_size(raw.get("mem_info1")) or 0
-            if raw is info and _is_number(info.get("started")):
+            if raw is info and is_number(info.get("started")):
                 started = float(info["started"])
             if raw is info:
                 create_time = meter.last_create_time(pid)
-                if create_time is None and _is_number(info.get("create_time")):
+                if create_time is None and is_number(info.get("create_time")):
                     create_time = float(info["create_time"])  # psutil's, read by circusd
             continue
         cpu += measured["cpu"]

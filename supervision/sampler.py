@@ -41,6 +41,7 @@ from db.client import WriterClient
 from db.config import Settings
 from db.models import Sample, now_ms
 from db.server import server_status
+from db.validation import is_number
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter, collect_watchers
 
@@ -139,7 +140,7 @@ class Sampler:
         samples: list[dict[str, Any]] = []
 
         def add(name: str, value: Any, label: str = "", at: int = ts) -> None:
-            if isinstance(value, int | float) and not isinstance(value, bool):
+            if is_number(value):
                 samples.append({"ts": at, "name": name, "labels": label, "value": float(value)})
 
         for key in WRITER_GAUGES:
