@@ -424,6 +424,7 @@ def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
     assert paired_median(bulk, "writer-batched", "raw") == 0.85
 
 
+@pytest.mark.sqlite_only("tests/test_writer_fastpath.py::test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every_acknowledged_row")
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:
     out = tmp_path / "contention.json"
     run = subprocess.run([sys.executable, "-m", "bench", "contention", "--only",
@@ -458,3 +459,37 @@ def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path)
     assert piped["errors"] == 0 and piped["ops"] > 0 and piped["stored_ticks"] == piped["rows"] > 0, piped
     assert piped["latency"]["n"] == piped["ops"] and doc["config"]["pipeline_window"] == 4
     assert "window=4" in piped["notes"] and "writer_pipelined_over_immediate" in run.stdout
+
+
+@pytest.mark.postgres_only
+def test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every_acknowledged_row(
+        tmp_path: Path) -> None:
+    """``bench contention --database postgresql`` (its own throwaway server): every scenario of the
+    README's PostgreSQL table runs, stores exactly the rows it reports, with no error; the ratios
+    and their targets are in the JSON and the table; the pairs ran ``--repeat`` times; and neither
+    the table nor the JSON holds a database URL (it would carry the server's password)."""
+    from bench.contention.postgres import PG_SCENARIOS, PG_TARGETS
+    out = tmp_path / "contention-postgresql.json"
+    run = subprocess.run([sys.executable, "-m", "bench", "contention", "--database", "postgresql", "--procs", "2",
+                          "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000", "--batch", "1000",
+                          "--repeat", "3", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["config"]["database"] == "postgresql" and set(doc["scenarios"]) == set(PG_SCENARIOS)
+    for name, result in doc["scenarios"].items():
+        assert result["errors"] == 0 and result["ops"] > 0, (name, result["errors_by_message"])
+        # What a scenario reports stored is what is in its database afterwards: none lost, none doubled.
+        assert result["stored_ticks"] == result["rows"] > 0, (name, result)
+    for name in ("writer-batched", "copy"):
+        runs = doc["scenarios"][name]["runs"]
+        assert [r["repeat"] for r in runs] == [0, 1, 2] and all(r["errors"] == 0 for r in runs), (name, runs)
+        assert doc["scenarios"][name]["rows"] == 6000, name
+    batched, copy = doc["scenarios"]["writer-batched"]["runs"], doc["scenarios"]["copy"]["runs"]
+    pairs = sorted(a["rows_per_s"] / b["rows_per_s"] for a, b in zip(batched, copy, strict=True))
+    assert doc["ratios"]["batched_over_copy_median"] == round(pairs[1], 3)
+    for name, target in PG_TARGETS.items():
+        assert doc["ratios"][name] is not None and doc["ratios"][name] > 0, (name, doc["ratios"])
+        assert doc["checks"][name]["target"] == f">= {target:g}" and name in run.stdout
+    assert doc["ratios"]["writer_pipelined_over_direct"] > 0 and "client-direct" in run.stdout
+    for where, content in (("table", run.stdout + run.stderr), ("JSON", out.read_text())):
+        assert "postgresql://" not in content and "password" not in content.lower(), where

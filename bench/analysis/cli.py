@@ -8,7 +8,7 @@ import time
 import traceback
 from typing import Any
 
-from bench.analysis.report import evaluate, render, summarize
+from bench.analysis.report import count_problems, evaluate, render, summarize
 from bench.analysis.scenarios import RUNNERS, SCENARIO_HELP, SCENARIOS
 from bench.common import (
     add_json_option,
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench analysis") 
             runs[name].append(run)
             problems += [f"{name} run {i + 1}: {p}" for p in run["problems"]]
             print(f"[bench] {name} done in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    problems += count_problems(runs)
     summary = summarize(runs)
     ratios, checks = evaluate(summary)
     load = {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]}

@@ -32,16 +32,17 @@ def _ratio(num: float | None, den: float | None) -> float | None:
 _FIGURES = {
     "dense": {"ingest_rows_per_s": ("ingest", "rows_per_s"), "ingest_seconds": ("ingest", "seconds"),
               "analysis_ticks_per_s": ("analysis", "ticks_per_s"), "analysis_seconds": ("analysis", "seconds"),
-              "analysis_cpu_s": ("analysis", "cpu_s"), "analysis_writer_cpu_s": ("analysis", "writer_cpu_s"),
-              "bars": ("analysis", "bars"), "indicators": ("analysis", "indicators")},
+              "analysis_cpu_s": ("analysis", "cpu_s"), "analysis_writer_cpu_s": ("analysis", "writer_cpu_s")},
     "hourly": {"startup_seconds": ("startup", "seconds"), "startup_cpu_s": ("startup", "cpu_s"),
                "replay_seconds": ("replay", "seconds"), "replay_cpu_s": ("replay", "cpu_s"),
                "replay_writer_cpu_s": ("replay", "writer_cpu_s"),
                "analysis_seconds": ("analysis", "seconds"), "analysis_cpu_s": ("analysis", "cpu_s"),
                "analysis_writer_cpu_s": ("analysis", "writer_cpu_s"),
-               "analysis_ticks_per_s": ("analysis", "ticks_per_s"), "bars": ("analysis", "bars"),
-               "indicators": ("analysis", "indicators")},
+               "analysis_ticks_per_s": ("analysis", "ticks_per_s")},
 }
+#: What the analysis stored: counts, the same in every run of a scenario (the same ticks in, the same
+#: bars out), so not a median: each run's must agree (:func:`count_problems`).
+_COUNTS = ("bars", "indicators")
 _RATIO = {"dense": (("analysis", "ticks_per_s"), ("ingest", "rows_per_s")),
           "hourly": (("analysis", "seconds"), ("replay", "seconds"))}
 
@@ -56,9 +57,22 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         out[name] = {"runs": len(done), "ticks": done[0]["ticks"],
                      **({"bars_replayed": done[0]["bars"]} if name == "hourly" else {}),
                      **{key: _median(done, *path) for key, path in _FIGURES[name].items()},
+                     **{key: done[0]["analysis"][key] for key in _COUNTS},
                      "ratio_each_run": [_ratio(_median([r], *num), _median([r], *den)) for r in done]}
         if name == "hourly":
             out[name]["cpu_ratio_each_run"] = [_ratio(_cpu(r, "analysis"), _cpu(r, "replay")) for r in done]
+    return out
+
+
+def count_problems(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """A scenario whose runs stored different numbers of bars or indicator values: the same ticks
+    folded twice gave different results, a defect whatever the timings say."""
+    out = []
+    for name, done in runs.items():
+        for key in _COUNTS:
+            each = [r["analysis"][key] for r in done]
+            if len(set(each)) > 1:
+                out.append(f"{name}: the runs stored different numbers of {key}: {each}")
     return out
 
 
