@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -493,3 +494,24 @@ def test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every
     assert doc["ratios"]["writer_pipelined_over_direct"] > 0 and "client-direct" in run.stdout
     for where, content in (("table", run.stdout + run.stderr), ("JSON", out.read_text())):
         assert "postgresql://" not in content and "password" not in content.lower(), where
+
+
+def test_numpy_starts_no_blas_threads_in_the_workers_unless_the_user_asks() -> None:
+    """``workers`` sets OPENBLAS_NUM_THREADS=1 before numpy loads (no worker calls BLAS; its thread per
+    extra core spins about 0.1 s of CPU at every start of the writer and the analysis worker); a
+    value in the environment wins."""
+    probe = ("import os, sys; import workers.writer, workers.analysis; "
+             "print(len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])")
+
+    def threads(env_value: str | None) -> tuple[int, str]:
+        env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+        if env_value is not None:
+            env["OPENBLAS_NUM_THREADS"] = env_value
+        done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=60, check=True)
+        count, value = done.stdout.split()
+        return int(count), value
+
+    ours, asked = threads(None), threads("2")
+    assert ours[1] == "1" and asked[1] == "2"
+    assert ours[0] == asked[0] - 1, (ours, asked)  # OpenBLAS's one thread for the second core, not started
