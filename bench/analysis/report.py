@@ -28,12 +28,19 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den <= 0 else round(num / den, 3)
 
 
+def _median_ratio(each: list[float | None] | None) -> float | None:
+    known = [r for r in each or [] if r is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
 #: Per scenario: summary key -> where each run has the figure; and the ratio each run contributes.
 _FIGURES = {
     "dense": {"ingest_rows_per_s": ("ingest", "rows_per_s"), "ingest_seconds": ("ingest", "seconds"),
               "analysis_ticks_per_s": ("analysis", "ticks_per_s"), "analysis_seconds": ("analysis", "seconds"),
               "analysis_cpu_s": ("analysis", "cpu_s"), "analysis_writer_cpu_s": ("analysis", "writer_cpu_s")},
     "hourly": {"startup_seconds": ("startup", "seconds"), "startup_cpu_s": ("startup", "cpu_s"),
+               "replay_startup_seconds": ("replay_startup", "seconds"),
+               "replay_startup_cpu_s": ("replay_startup", "cpu_s"),
                "replay_seconds": ("replay", "seconds"), "replay_cpu_s": ("replay", "cpu_s"),
                "replay_writer_cpu_s": ("replay", "writer_cpu_s"),
                "analysis_seconds": ("analysis", "seconds"), "analysis_cpu_s": ("analysis", "cpu_s"),
@@ -61,6 +68,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
                      "ratio_each_run": [_ratio(_median([r], *num), _median([r], *den)) for r in done]}
         if name == "hourly":
             out[name]["cpu_ratio_each_run"] = [_ratio(_cpu(r, "analysis"), _cpu(r, "replay")) for r in done]
+            out[name]["work_ratio_each_run"] = [_ratio(*_work(r)) for r in done]
     return out
 
 
@@ -74,6 +82,15 @@ def count_problems(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
             if len(set(each)) > 1:
                 out.append(f"{name}: the runs stored different numbers of {key}: {each}")
     return out
+
+
+def _work(run: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(analysis, replay) seconds past each one's own start-up (its run with nothing to do); None for a
+    side that took no longer than its start-up (a small run, within the start-up's own noise)."""
+    def past(step: str, startup: str) -> float | None:
+        total, floor = _median([run], step, "seconds"), _median([run], startup, "seconds")
+        return None if total is None or floor is None or total <= floor else total - floor
+    return past("analysis", "startup"), past("replay", "replay_startup")
 
 
 def _cpu(run: dict[str, Any], step: str) -> float | None:
@@ -97,6 +114,9 @@ def evaluate(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         # times when other work on the machine stretched one step more than the other.
         "analysis_over_replay_cpu": _ratio(_sum(hourly, "analysis_cpu_s", "analysis_writer_cpu_s"),
                                            _sum(hourly, "replay_cpu_s", "replay_writer_cpu_s")),
+        # No target: the same comparison past each process's own start-up (the median of the runs'):
+        # what the work itself costs, whatever loading Python, SQLAlchemy and numpy costs.
+        "analysis_over_replay_work": _median_ratio(hourly.get("work_ratio_each_run")),
     }
 
     def verdict(value: float | None, ok: bool) -> str:
@@ -126,6 +146,8 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None], 
     if h:
         rows.append(("hourly", "analysis start-up (no ticks)", "0", fmt(h.get("startup_seconds"), 2), "-",
                      fmt(h.get("startup_cpu_s"), 2), "-", "-", "-"))
+        rows.append(("hourly", "replay start-up (no bars)", "0", fmt(h.get("replay_startup_seconds"), 2), "-",
+                     fmt(h.get("replay_startup_cpu_s"), 2), "-", "-", "-"))
         rows.append(("hourly", f"replay ({h['bars_replayed']:,} 1h bars)", fmt(h["ticks"]), fmt(h["replay_seconds"], 2),
                      fmt(h["ticks"] / h["replay_seconds"] if h["replay_seconds"] else None), fmt(h["replay_cpu_s"], 2),
                      fmt(h.get("replay_writer_cpu_s"), 2), "-", "-"))
@@ -148,9 +170,14 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None], 
     if cpu is not None:
         out.append(f"{'analysis_over_replay_cpu':<28} {cpu:>8g}   (no target: CPU s of process + writer, which "
                    "load does not stretch)")
+    work = ratios.get("analysis_over_replay_work")
+    if work is not None:
+        out.append(f"{'analysis_over_replay_work':<28} {work:>8g}   (no target: seconds past each process's own "
+                   "start-up, median of the runs)")
     for name, s in summary.items():
         out.append(f"  {name}: ratio of each run {s['ratio_each_run']}")
         if "cpu_ratio_each_run" in s:
             out.append(f"  {name}: CPU ratio of each run {s['cpu_ratio_each_run']}")
+            out.append(f"  {name}: ratio past start-up of each run {s['work_ratio_each_run']}")
     out += ["", "problems:", *(f"  {p}" for p in problems or ["none"])]
     return "\n".join(out)

@@ -105,11 +105,15 @@ def run_hourly(opts: argparse.Namespace) -> dict[str, Any]:
         with running_writer(env) as writer:
             csv = home / "hourly.csv"
             bars = write_bar_csv(csv, n=opts.bars, seed=11, step_ms=HOUR_MS)
-            # The worker with nothing to do yet: its start-up and exit alone, the floor of its time.
+            replay = ["workers.ticks", "--feed", "csv", "--symbol", "EURUSD", "--speed", "max", "--file"]
+            # Each process with nothing to do yet: its start-up and exit alone, the floor of its time (the
+            # replay's: a file with no bars, the same worker and flags).
             out["startup"] = timed(["workers.analysis", "--until-idle"], env, home / "log" / "bench-startup.log")
-            out["replay"] = timed_with_writer(["workers.ticks", "--feed", "csv", "--file", str(csv), "--symbol",
-                                               "EURUSD", "--speed", "max"], env, home / "log" / "bench-replay.log",
-                                              writer.pid)
+            empty = home / "empty.csv"
+            empty.write_text(csv.read_text().splitlines()[0] + "\n")
+            out["replay_startup"] = timed([*replay, str(empty), "--timeframe", "1h"], env,
+                                          home / "log" / "bench-replay-startup.log")
+            out["replay"] = timed_with_writer([*replay, str(csv)], env, home / "log" / "bench-replay.log", writer.pid)
             _analysis(env, home, out, 4 * opts.bars, writer.pid)
             writer.finish_measuring()
         con = connect_read_only(home / "tickstack.db")
