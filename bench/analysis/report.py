@@ -28,11 +28,6 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den <= 0 else round(num / den, 3)
 
 
-def _median_ratio(each: list[float | None] | None) -> float | None:
-    known = [r for r in each or [] if r is not None]
-    return round(statistics.median(known), 3) if known else None
-
-
 #: Per scenario: summary key -> where each run has the figure; and the ratio each run contributes.
 _FIGURES = {
     "dense": {"ingest_rows_per_s": ("ingest", "rows_per_s"), "ingest_seconds": ("ingest", "seconds"),
@@ -68,7 +63,6 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
                      "ratio_each_run": [_ratio(_median([r], *num), _median([r], *den)) for r in done]}
         if name == "hourly":
             out[name]["cpu_ratio_each_run"] = [_ratio(_cpu(r, "analysis"), _cpu(r, "replay")) for r in done]
-            out[name]["work_ratio_each_run"] = [_ratio(*_work(r)) for r in done]
     return out
 
 
@@ -84,13 +78,10 @@ def count_problems(runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     return out
 
 
-def _work(run: dict[str, Any]) -> tuple[float | None, float | None]:
-    """(analysis, replay) seconds past each one's own start-up (its run with nothing to do); None for a
-    side that took no longer than its start-up (a small run, within the start-up's own noise)."""
-    def past(step: str, startup: str) -> float | None:
-        total, floor = _median([run], step, "seconds"), _median([run], startup, "seconds")
-        return None if total is None or floor is None or total <= floor else total - floor
-    return past("analysis", "startup"), past("replay", "replay_startup")
+def _past_startup(total: float | None, startup: float | None) -> float | None:
+    """Seconds past a process's own start-up (its run with nothing to do); None when it took no longer
+    (a small run, within the start-up's own noise)."""
+    return None if total is None or startup is None or total <= startup else total - startup
 
 
 def _cpu(run: dict[str, Any], step: str) -> float | None:
@@ -114,9 +105,12 @@ def evaluate(summary: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         # times when other work on the machine stretched one step more than the other.
         "analysis_over_replay_cpu": _ratio(_sum(hourly, "analysis_cpu_s", "analysis_writer_cpu_s"),
                                            _sum(hourly, "replay_cpu_s", "replay_writer_cpu_s")),
-        # No target: the same comparison past each process's own start-up (the median of the runs'):
-        # what the work itself costs, whatever loading Python, SQLAlchemy and numpy costs.
-        "analysis_over_replay_work": _median_ratio(hourly.get("work_ratio_each_run")),
+        # No target: the same comparison past each process's own start-up, what the work itself costs
+        # whatever loading Python, SQLAlchemy and numpy costs. Of the medians: one run's is a difference
+        # of two differences of separate processes, too noisy alone.
+        "analysis_over_replay_work": _ratio(
+            _past_startup(hourly.get("analysis_seconds"), hourly.get("startup_seconds")),
+            _past_startup(hourly.get("replay_seconds"), hourly.get("replay_startup_seconds"))),
     }
 
     def verdict(value: float | None, ok: bool) -> str:
@@ -172,12 +166,11 @@ def render(summary: dict[str, dict[str, Any]], ratios: dict[str, float | None], 
                    "load does not stretch)")
     work = ratios.get("analysis_over_replay_work")
     if work is not None:
-        out.append(f"{'analysis_over_replay_work':<28} {work:>8g}   (no target: seconds past each process's own "
-                   "start-up, median of the runs)")
+        out.append(f"{'analysis_over_replay_work':<28} {work:>8g}   (no target: the medians' seconds past each "
+                   "process's own start-up)")
     for name, s in summary.items():
         out.append(f"  {name}: ratio of each run {s['ratio_each_run']}")
         if "cpu_ratio_each_run" in s:
             out.append(f"  {name}: CPU ratio of each run {s['cpu_ratio_each_run']}")
-            out.append(f"  {name}: ratio past start-up of each run {s['work_ratio_each_run']}")
     out += ["", "problems:", *(f"  {p}" for p in problems or ["none"])]
     return "\n".join(out)
