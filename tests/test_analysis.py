@@ -2,7 +2,6 @@
 indicators checked against an independent recomputation from the stored ticks."""
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -288,54 +286,3 @@ def test_store_analysis_takes_columns_checked_as_rows_are_and_refuses_a_gap(writ
     finally:
         con.close()
     client.close()
-
-
-@pytest.mark.sqlite_only("tests/test_analysis.py::test_bars_and_indicators_exact_across_runs_and_restarts")
-def test_the_analysis_benchmark_catches_up_on_everything_and_reports_both_ratios(tmp_path: Path) -> None:
-    """``python -m bench analysis``, small (the README's run is 1,000,000 ticks and 5,000 bars): each
-    run ingests or replays every tick, the worker catches up on all of them, the replayed 1h bars come
-    back exactly (the bench's own check), both runs of a scenario store the same bars and values, and
-    the ratios and their targets are in the JSON and the table. Timings are reported, not asserted."""
-    out = tmp_path / "analysis.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "analysis", "--ticks", "20000", "--bars", "300",
-                          "--repeat", "2", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    doc = json.loads(out.read_text())
-    assert doc["problems"] == [] and "problems:\n  none" in run.stdout, doc["problems"]
-    dense, hourly = doc["summary"]["dense"], doc["summary"]["hourly"]
-    assert dense["runs"] == hourly["runs"] == 2 and hourly["ticks"] == 4 * 300
-    for r in doc["runs"]["dense"]:
-        assert r["ingest"]["rows"] == 20000 and r["ingest"]["errors"] == {}, r["ingest"]
-    # 300 hourly bars: 300 1h bars, their 1m and 5m bars (one per replayed tick), 13 days; a value per bar
-    # for each indicator once its warm-up is over.
-    assert hourly["bars"] > 300 + 300 // 24 and 0 < hourly["indicators"] < 4 * hourly["bars"], hourly
-    assert dense["bars"] > 0 and all(isinstance(v, int) for v in (dense["bars"], hourly["bars"], hourly["indicators"]))
-    for name, target in (("analysis_over_ingest", ">= 0.5"), ("analysis_over_replay_time", "<= 1")):
-        assert doc["ratios"][name] is not None and doc["ratios"][name] > 0, doc["ratios"]
-        assert doc["checks"][name]["target"] == target and name in run.stdout
-    # Each run's ratio is of that run's own two figures; the summary takes the medians of the runs.
-    runs = doc["runs"]["hourly"]
-    assert hourly["ratio_each_run"] == [round(r["analysis"]["seconds"] / r["replay"]["seconds"], 3) for r in runs]
-    assert hourly["analysis_seconds"] == round(sum(r["analysis"]["seconds"] for r in runs) / 2, 3)
-    # And past each process's own start-up (each run with nothing to do: the replay's of a file with no
-    # bars), of the medians; none when a side took no longer than its start-up (a small run, noise).
-    a, b = (hourly["analysis_seconds"] - hourly["startup_seconds"],
-            hourly["replay_seconds"] - hourly["replay_startup_seconds"])
-    assert doc["ratios"]["analysis_over_replay_work"] == (round(a / b, 3) if a > 0 and b > 0 else None)
-    assert "replay start-up (no bars)" in run.stdout
-
-
-def test_the_analysis_benchmark_refuses_bad_flags_with_the_reason() -> None:
-    for args, reason in ((["--bars", "0"], "--bars"), (["--only", "nightly"], "nightly"),
-                         (["--repeat", "21"], "--repeat"), (["--symbols", "x"], "--symbols")):
-        run = subprocess.run([sys.executable, "-m", "bench", "analysis", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
-        assert run.returncode == 2 and reason in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
-
-
-def test_the_analysis_benchmark_calls_runs_that_stored_different_results_a_problem() -> None:
-    from bench.analysis.report import count_problems
-    same = {"analysis": {"bars": 56, "indicators": 0}}
-    assert count_problems({"dense": [same, same], "hourly": [same]}) == []
-    other = {"analysis": {"bars": 57, "indicators": 0}}
-    assert count_problems({"dense": [same, other]}) == ["dense: the runs stored different numbers of bars: [56, 57]"]

@@ -107,7 +107,8 @@ def run_hourly(opts: argparse.Namespace) -> dict[str, Any]:
             bars = write_bar_csv(csv, n=opts.bars, seed=11, step_ms=HOUR_MS)
             replay = ["workers.ticks", "--feed", "csv", "--symbol", "EURUSD", "--speed", "max", "--file"]
             # Each process with nothing to do yet: its start-up and exit alone, the floor of its time (the
-            # replay's: a file with no bars, the same worker and flags).
+            # replay's: the same worker and flags on a file with no bars, and its timeframe, which the
+            # real replay infers from the bars, given).
             out["startup"] = timed(["workers.analysis", "--until-idle"], env, home / "log" / "bench-startup.log")
             empty = home / "empty.csv"
             empty.write_text(csv.read_text().splitlines()[0] + "\n")
