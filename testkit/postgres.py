@@ -25,6 +25,7 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -116,11 +117,16 @@ class PostgresServer:
                     pass
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def restart(self, down_for: float = 0.0) -> None:
+    def restart(self, down_for: float = 0.0, until: threading.Event | None = None) -> None:
         """Stop the same server, wait ``down_for`` seconds, start it again (its data kept): for
-        tests of a server going away."""
+        tests of a server going away. With ``until``, it stays down until that event is set (at most
+        ``down_for`` seconds): a test whose checks of the outage take longer on a loaded machine
+        than any fixed time it could choose says itself when they are done."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        time.sleep(down_for)
+        if until is None:
+            time.sleep(down_for)
+        else:
+            until.wait(down_for)
         self._pg_ctl_start(60.0)
 
     def _pg_ctl_start(self, timeout: float) -> None:
