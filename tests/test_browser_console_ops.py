@@ -197,8 +197,10 @@ def test_restart_all_from_the_page_restarts_every_watcher_once(views: Any, stack
     view = views()
     page = view.page
     view.goto("/console/watchers")
+    # The click waits for the navigation it starts too, by its own timeout (the context's 20 s unless
+    # given): on a loaded machine the restart-all answer took longer than that.
     with page.expect_navigation(timeout=RESTART_ALL_MS):
-        page.click("form[action$='/watchers/restart-all'] button")
+        page.click("form[action$='/watchers/restart-all'] button", timeout=RESTART_ALL_MS)
     assert view.dialogs and "Restart every watcher" in view.dialogs[-1]
     expect(page.locator("div.flash-warn")).to_contain_text("this console, restarts now")
 
