@@ -18,12 +18,28 @@ from typing import Any
 import pytest
 
 from testkit.env import ROOT
+from webapp.console.watcher_page import USERINFO_RE
 from workers.indicators import SERIES
 
-#: A URL that carries a password (``scheme://user:secret@``) where db.engine.display_url shows ``***``.
-URL_WITH_PASSWORD = re.compile(r"\w[\w+.-]*://[^\s/@:\"']+:(?!\*\*\*@)[^\s@\"']+@")
 #: bench analysis: runs of each scenario.
 REPEAT = 2
+
+
+def bench(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], str]:
+    """``python -m bench NAME ARGS --json``, which must exit 0: the finished process, its JSON and
+    that JSON's text (for the checks of what it must not hold)."""
+    out = tmp_path / f"{name}.json"
+    run = subprocess.run([sys.executable, "-m", "bench", name, *args, "--json", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=280)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    text = out.read_text()
+    return run, json.loads(text), text
+
+
+def passwords_shown(text: str) -> list[str]:
+    """URLs' user:password parts in ``text`` that are not hidden as db.engine.display_url hides them
+    (``***``), found by the console's own pattern for them."""
+    return [m.group(0) for m in USERINFO_RE.finditer(text) if not m.group(0).endswith(":***@")]
 
 
 # --- contention --------------------------------------------------------------------------------------------------
@@ -64,14 +80,10 @@ def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
 @pytest.mark.sqlite_only("tests/test_bench.py::"
                          "test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every_acknowledged_row")
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:
-    out = tmp_path / "contention.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "contention", "--only",
-                          "immediate,writer-single,writer-pipelined,raw-single,writer-batched,raw", "--procs", "2",
-                          "--seconds", "0.5", "--pipeline-window", "4",
-                          "--rows", "6000", "--batch", "1000", "--repeat", "3", "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    run, doc, _ = bench(tmp_path, "contention", "--only",
+                        "immediate,writer-single,writer-pipelined,raw-single,writer-batched,raw", "--procs", "2",
+                        "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000", "--batch", "1000",
+                        "--repeat", "3")
     assert set(doc["scenarios"]) == {"immediate", "writer-single", "writer-pipelined", "raw-single",
                                      "writer-batched", "raw"}
     for key in ("writer_single_over_immediate", "writer_single_over_immediate_median",
@@ -107,12 +119,8 @@ def test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every
     and their targets are in the JSON and the table; the pairs ran ``--repeat`` times; and neither
     the table nor the JSON holds a database URL (it would carry the server's password)."""
     from bench.contention.postgres import PG_SCENARIOS, PG_TARGETS
-    out = tmp_path / "contention-postgresql.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "contention", "--database", "postgresql", "--procs", "2",
-                          "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000", "--batch", "1000",
-                          "--repeat", "3", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    run, doc, text = bench(tmp_path, "contention", "--database", "postgresql", "--procs", "2", "--seconds", "0.5",
+                           "--pipeline-window", "4", "--rows", "6000", "--batch", "1000", "--repeat", "3")
     assert doc["config"]["database"] == "postgresql" and set(doc["scenarios"]) == set(PG_SCENARIOS)
     for name, result in doc["scenarios"].items():
         assert result["errors"] == 0 and result["ops"] > 0, (name, result["errors_by_message"])
@@ -129,8 +137,9 @@ def test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every
         assert doc["ratios"][name] is not None and doc["ratios"][name] > 0, (name, doc["ratios"])
         assert doc["checks"][name]["target"] == f">= {target:g}" and name in run.stdout
     assert doc["ratios"]["writer_pipelined_over_direct"] > 0 and "client-direct" in run.stdout
-    for where, content in (("table", run.stdout + run.stderr), ("JSON", out.read_text())):
-        assert not URL_WITH_PASSWORD.search(content), (where, URL_WITH_PASSWORD.search(content))
+    for where, content in (("table", run.stdout + run.stderr), ("JSON", text)):
+        assert passwords_shown(content) == [], where
+
 
 # --- api ---------------------------------------------------------------------------------------------------------
 
@@ -141,12 +150,8 @@ def test_the_api_benchmark_serves_every_scenario_and_stores_every_acknowledged_t
     writer. Every read scenario answered both routes with no error, the POSTs and the producer's
     batches are all stored exactly once (the bench's own count of the database), the checks are in
     the JSON, and the API's token appears nowhere in what it prints or writes."""
-    out = tmp_path / "api.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "api", "--seconds", "0.5", "--clients", "2",
-                          "--seed-ticks", "2000", "--slow-clients", "5", "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    run, doc, text = bench(tmp_path, "api", "--seconds", "0.5", "--clients", "2", "--seed-ticks", "2000",
+                           "--slow-clients", "5")
     assert {r["scenario"] for r in doc["runs"]} == {"idle", "under-load", "slow-clients", "write"}
     for r in doc["runs"]:
         assert "failed" not in r, r
@@ -160,7 +165,7 @@ def test_the_api_benchmark_serves_every_scenario_and_stores_every_acknowledged_t
                                                    "slow_clients_errors"}
     assert doc["writer"]["exit_code"] == 0 and "POSTed ticks" in run.stdout
     # The token is made inside the bench (secrets.token_urlsafe(32): 43 characters of [A-Za-z0-9_-]).
-    for where, content in (("output", run.stdout + run.stderr), ("JSON", out.read_text())):
+    for where, content in (("output", run.stdout + run.stderr), ("JSON", text)):
         assert not re.search(r"Bearer \S|(?<![\w-])[\w-]{43}(?![\w-])", content), where
 
 # --- analysis ----------------------------------------------------------------------------------------------------
@@ -172,12 +177,7 @@ def test_the_analysis_benchmark_catches_up_on_everything_and_reports_both_ratios
     run ingests or replays every tick, the worker catches up on all of them, the replayed 1h bars come
     back exactly (the bench's own check), both runs of a scenario store the same bars and values, and
     the ratios and their targets are in the JSON and the table. Timings are reported, not asserted."""
-    out = tmp_path / "analysis.json"
-    run = subprocess.run([sys.executable, "-m", "bench", "analysis", "--ticks", "20000", "--bars", "300",
-                          "--repeat", str(REPEAT), "--json", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=280)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    doc = json.loads(out.read_text())
+    run, doc, _ = bench(tmp_path, "analysis", "--ticks", "20000", "--bars", "300", "--repeat", str(REPEAT))
     assert doc["problems"] == [] and "problems:\n  none" in run.stdout, doc["problems"]
     dense, hourly = doc["summary"]["dense"], doc["summary"]["hourly"]
     assert dense["runs"] == hourly["runs"] == REPEAT and hourly["ticks"] == 4 * 300

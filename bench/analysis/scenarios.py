@@ -111,7 +111,7 @@ def run_hourly(opts: argparse.Namespace) -> dict[str, Any]:
             # real replay infers from the bars, given).
             out["startup"] = timed(["workers.analysis", "--until-idle"], env, home / "log" / "bench-startup.log")
             empty = home / "empty.csv"
-            empty.write_text(csv.read_text().splitlines()[0] + "\n")
+            write_bar_csv(empty, n=0)
             out["replay_startup"] = timed([*replay, str(empty), "--timeframe", "1h"], env,
                                           home / "log" / "bench-replay-startup.log")
             out["replay"] = timed_with_writer([*replay, str(csv)], env, home / "log" / "bench-replay.log", writer.pid)
