@@ -147,16 +147,24 @@ def test_a_server_restart_ends_the_writer_and_its_successor_waits_for_the_server
     a, _ = two_homes
     writer_a = a.start_writer()
     assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
-    restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 4.0})
+    # The server stays down until the successor has said it waits for it (not for a fixed time,
+    # which a loaded machine outlasts: the successor would then start with the server back).
+    back = threading.Event()
+    restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 120.0, "until": back})
     restart.start()
     try:
-        writer_a.wait(20)
+        writer_a.wait(60)
         assert writer_a.returncode == EXIT_LOCKED, a.writer_log()[-2000:]
+        waits_before = a.writer_log().count("the database server does not answer")
         with open(a.home / "log" / "writer-test.log", "ab") as log:
             successor = subprocess.Popen([sys.executable, "-m", "workers.writer"], env=a.env, cwd=ROOT,
                                          stdout=log, stderr=subprocess.STDOUT)
         a.procs.append(successor)
+        wait_for("the successor to say the server does not answer",
+                 lambda: a.writer_log().count("the database server does not answer") > waits_before, timeout=60)
+        assert successor.poll() is None, a.writer_log()[-2000:]
     finally:
+        back.set()
         restart.join(120)
 
     def serving() -> bool:
