@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 #: Where the browser tests write their screenshots and logs (git-ignored); the suite's PostgreSQL run
@@ -49,6 +49,8 @@ def update_docs(variable: str) -> bool:
     return os.environ.get(variable) == "1" and OUTPUT_ROOT == _SQLITE_OUTPUT_ROOT
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
+#: The charts of a page whose first request is not answered yet (see :meth:`ConsoleView.settle`).
+CHARTS_PENDING = "[data-chart]:not([data-loaded]), [data-candles]:not([data-loaded])"
 #: Everything that makes the document wider than the window (what would scroll sideways).
 TOO_WIDE_JS = """
 () => {
@@ -123,6 +125,21 @@ class ConsoleView:
     def goto(self, path: str) -> None:
         response = self.page.goto(self.base + path)
         assert response is not None and response.ok, f"{path}: {response and response.status}"
+
+    def settle(self, path: str) -> None:
+        """Open ``path`` and let its scripts draw: a page of charts until each chart's first request
+        is answered (``charts.js`` then marks it ``data-loaded``), any other until its live poll's
+        first answer (the live mark then reads "live · <time> UTC"), then a moment for the layout
+        and the charts' next frame. Waits for the event, not a fixed time: a fixed 1.5 s was too
+        long on an idle machine and, on a loaded one, could let a check run over an empty chart."""
+        self.goto(path)
+        if self.page.locator("[data-chart], [data-candles]").count():
+            expect(self.page.locator(CHARTS_PENDING)).to_have_count(0)
+        else:
+            live = self.page.locator("[data-live-text]")
+            if live.count():
+                expect(live.first).to_contain_text("live \u00b7")
+        self.page.wait_for_timeout(400)
 
     def login(self) -> None:
         self.goto("/console/login")

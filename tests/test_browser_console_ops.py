@@ -174,8 +174,7 @@ def test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways(views: An
              ("logs-all", "/console/logs?file=all"))
     found: list[str] = []
     for name, path in pages:
-        view.goto(path)
-        view.page.wait_for_timeout(1500)
+        view.settle(path)
         wide = view.page.evaluate(TOO_WIDE_JS)
         assert wide["scrollWidth"] <= wide["width"], f"{width} px, {name}: the page scrolls sideways: {wide}"
         view.page.add_script_tag(url=view.base + AXE_PATH)

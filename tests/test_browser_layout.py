@@ -225,21 +225,6 @@ def views(browser: Browser, ready: Any) -> Iterator[Any]:  # noqa: F811
             view.context.close()
 
 
-def settle(view: View, path: str) -> None:
-    """Open ``path`` and let its scripts draw: a page of charts until its charts have their first
-    data (their own requests: a fixed wait), any other until its live poll's first answer (the
-    live mark then reads "live · <time> UTC"), then a moment for the layout to follow."""
-    view.goto(path)
-    if view.page.locator("[data-chart], [data-candles]").count():
-        expect(view.page.locator("[data-chart] canvas, [data-candles] canvas").first).to_be_visible()
-        view.page.wait_for_timeout(1500)
-        return
-    live = view.page.locator("[data-live-text]")
-    if live.count():
-        expect(live.first).to_contain_text("live \u00b7")
-    view.page.wait_for_timeout(400)
-
-
 # --------------------------------------------------------------------------- layout
 
 
@@ -247,7 +232,7 @@ def test_every_page_has_its_navigation_reachable_and_never_scrolls_sideways(view
     for width in WIDTHS:
         view = views(width)
         for name, path in PAGES[1:]:
-            settle(view, path)
+            view.settle(path)
             wide = view.page.evaluate(TOO_WIDE_JS)
             assert wide["scrollWidth"] <= wide["width"], f"{width} px, {name}: the page scrolls sideways: {wide}"
             links = view.page.locator("nav.nav a")
@@ -365,7 +350,7 @@ def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zo
     wait_for("three samples of every series", lambda: all(dict(query(
         stack.settings, "SELECT name, count(DISTINCT ts) FROM samples GROUP BY name")).get(n, 0) >= 3 for n in names))
     view = views(1400)
-    settle(view, "/console/charts")
+    view.settle("/console/charts")
     page = view.page
     charts = {c.id: f'[data-chart][data-series="{",".join(c.series)}"]' for c in charts_shown}
     units = {"ingest": r"/s$", "latency": r" ms$", "queue": r"^\d[\d,]* req$", "cpu": r" %$", "memory": r" MiB$",
@@ -462,7 +447,7 @@ def test_no_wcag_aa_violation_on_any_page_with_screenshots(views: Any, width: in
     found: list[str] = []
     view = views(width, scheme, login=False)
     for name, path in PAGES:
-        settle(view, path)
+        view.settle(path)
         view.page.add_script_tag(url=view.base + AXE_PATH)
         result = view.page.evaluate("() => axe.run(document, {runOnly: {type: 'tag', values: "
                                     "['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']}})")

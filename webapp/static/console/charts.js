@@ -229,9 +229,11 @@
         if (lastT >= firstT) chart.applyOptions({timeScale: {secondsVisible: lastT - firstT < 600}});
         empty.hidden = data.series.some(function (s) { return s.points.length > 0; });
         zoom.fit();
+        el.dataset.loaded = "ok";  // its first answer is drawn: what a test of the page waits for
       }).catch(function (e) {
         empty.hidden = false;
         empty.textContent = "Cannot load the samples: " + e.message;
+        el.dataset.loaded = "error";
       });
     });
   });
@@ -339,9 +341,11 @@
         chart.applyOptions({timeScale: {timeVisible: !/d$/.test(data.timeframe)}});
         empty.hidden = bars.length > 0;
         zoom.fit();
+        el.dataset.loaded = "ok";
       }).catch(function (e) {
         empty.hidden = false;
         empty.textContent = "Cannot load the bars: " + e.message;
+        el.dataset.loaded = "error";
       });
     });
   });
