@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import platform
@@ -33,6 +32,11 @@ import psutil
 
 from db.config import Settings
 from db.health import connect_read_only
+
+# The finite-number flag parsers live in db (``python -m db`` needs one, and db imports nothing
+# above it); re-exported here beside the benchmarks' other argparse types.
+from db.parsers import number_flag as number_flag
+from db.parsers import positive_float as positive_float
 from db.stats import percentile
 from testkit.env import isolated_env, new_home
 from testkit.process import stop_process
@@ -54,17 +58,6 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} must be a finite number > 0")
     return value
 
 

@@ -17,8 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-from db.config import ConfigError, Settings, ensure_home, load_settings
+from db.config import ConfigError, Settings, check_home, ensure_home, load_settings
 from db.errors import WriterError
+from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 
 
 def _human_bytes(n: int | None) -> str:
@@ -107,6 +108,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     from db.health import snapshot
 
     settings = load_settings()
+    check_home(settings)  # a file as TICKSTACK_HOME: said in one line, not as the lock file's traceback
     snap = snapshot(settings, quick_check=args.quick_check)
     w = snap["writer"]
     server = snap.get("server")  # PostgreSQL: db.server.server_status
@@ -175,6 +177,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from db.health import diagnose, snapshot
 
     settings = load_settings()
+    check_home(settings)
     snap = snapshot(settings, quick_check=True)
     findings = [(level, _writer_down_advice(settings) if text.startswith(WRITER_DOWN) else text)
                 for level, text in diagnose(snap, settings)]
@@ -205,7 +208,9 @@ def _writer_down_advice(settings: Settings) -> str:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from db.client import WriterClient
 
-    with WriterClient(deadline=args.timeout) as client:
+    settings = load_settings()
+    check_home(settings)  # else a file as TICKSTACK_HOME waits out --timeout on a socket that cannot exist
+    with WriterClient(settings=settings, deadline=args.timeout) as client:
         result = client.call("checkpoint", mode=args.mode)
     print(json.dumps(result))
     if result.get("busy"):
@@ -217,7 +222,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from db.health import backup
 
-    result = backup(load_settings(), Path(args.path), overwrite=args.force)
+    settings = load_settings()
+    check_home(settings)
+    result = backup(settings, Path(args.path), overwrite=args.force)
     checked = f"{result['entries']} entries listed by pg_restore" if "entries" in result else "integrity ok"
     print(f"backup written: {result['path']} ({_human_bytes(result['bytes'])}, {result['ms']} ms, {checked})")
     return 0
@@ -236,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="diagnose in plain words, with what to do").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")
     p.add_argument("--mode", default="TRUNCATE", type=str.upper, choices=["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the writer")
+    # Finite and > 0: with nan the wait for the writer never ended (now >= nan is never true); at most a
+    # day, as TICKSTACK_CLIENT_DEADLINE.
+    p.add_argument("--timeout", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=30.0,
+                   help=f"seconds to wait for the writer (default 30, at most {MAX_CLIENT_DEADLINE_S:.0f})")
     p.set_defaults(fn=cmd_checkpoint)
     p = sub.add_parser("backup", help="consistent online copy of the database")
     p.add_argument("path", help="where to write the copy")
@@ -246,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, WriterError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, WriterError, FileExistsError, FileNotFoundError, IsADirectoryError, ValueError,
+            RuntimeError) as e:
         print(f"python -m db {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -27,6 +27,7 @@ child gets a fresh socket on first use.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -40,7 +41,7 @@ import zmq
 
 from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
-from db.protocol import encode_request, pack_columns
+from db.protocol import UNRECORDED_OPS, encode_request, pack_columns
 
 log = logging.getLogger("tickstack.client")
 
@@ -48,6 +49,19 @@ FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
 FIRST_BUSY_BACKOFF = 0.005
 MAX_BUSY_BACKOFF = 1.0
+
+
+def check_seconds(what: str, value: float) -> float:
+    """``value`` when it is a finite number of seconds, 0 or more; else a ValueError naming ``what``.
+    A deadline of nan is never reached (``now >= nan`` is false), nor one of inf, and a negative one
+    has passed before the first send: each would be a wait for ever or a call that never tries."""
+    try:
+        ok = math.isfinite(value) and value >= 0
+    except (TypeError, OverflowError):  # not a number, or an int too large for a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite number of seconds, 0 or more; got {value!r}")
+    return value
 
 
 class Ticket:
@@ -101,9 +115,11 @@ class WriterClient:
         this one sends again (see :meth:`submit`'s ``_seq``); a new one by default."""
         settings = settings or load_settings()
         self.endpoint = endpoint or settings.writer_endpoint
-        self.deadline = settings.client_deadline if deadline is None else deadline
+        self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
         self.client_id = client_id or uuid.uuid4().hex
+        #: Made with an earlier client's id: it only sends that client's requests again (see _next_seq).
+        self._sends_again_only = client_id is not None
         self._seq = 0
         self._pending: dict[int, Ticket] = {}
         self._ctx: zmq.Context | None = None
@@ -121,6 +137,16 @@ class WriterClient:
 
             self._direct = DirectWrites(settings)
 
+    @property
+    def deadline(self) -> float:
+        """Seconds each call keeps retrying unless it is given its own ``_deadline``. Checked when
+        set, here and by callers that shorten it (the tick ingestor's last chance at stop)."""
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float) -> None:
+        self._deadline = check_seconds("deadline", value)
+
     # --- public API ------------------------------------------------------------------
 
     def call(self, op: str, /, _deadline: float | None = None, **args: Any) -> Any:
@@ -128,11 +154,12 @@ class WriterClient:
         bounds this call alone (default: the client's ``deadline``). With ``TICKSTACK_DIRECT_WRITES``
         on PostgreSQL a transactional op runs in a transaction of this client's own, with the same
         promises (:mod:`db.direct`)."""
+        if _deadline is not None:
+            check_seconds(f"{op}: _deadline", _deadline)
         if self._direct is not None and self._direct.takes(op):
             self._check_owner()
-            self._seq += 1
             deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
-            return self._direct.call(self.client_id, self._seq, op, args, deadline)
+            return self._direct.call(self.client_id, self._next_seq(op), op, args, deadline)
         ticket = self.submit(op, _deadline=_deadline, **args)
         self.wait(ticket)
         return ticket.result()
@@ -142,7 +169,7 @@ class WriterClient:
         ``timeout`` seconds, or at once when ``is_alive()`` (e.g. "the writer process still
         runs") turns false. The one "wait until the writer answers" rule: circus's readiness
         hook, the harness that spawns writers, and ``db health`` use it."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_seconds("wait_ready: timeout", timeout)
         while True:
             try:
                 return self.ping(timeout=max(0.05, min(0.5, deadline - time.monotonic())))
@@ -157,7 +184,7 @@ class WriterClient:
         """Whether the writer is up and serving: its pid and the round trip
         in ms. Raises WriterUnavailable after ``timeout`` seconds."""
         started = time.monotonic()
-        ticket = self.submit("ping", _deadline=timeout)
+        ticket = self.submit("ping", _deadline=check_seconds("ping: timeout", timeout))
         self.wait(ticket)
         result = dict(ticket.result())
         result["latency_ms"] = round((time.monotonic() - started) * 1000, 3)
@@ -165,7 +192,7 @@ class WriterClient:
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any]:
         """The writer's counters: queue depth, batches, commit latency, ..."""
-        ticket = self.submit("stats", _deadline=timeout)
+        ticket = self.submit("stats", _deadline=check_seconds("stats: timeout", timeout))
         self.wait(ticket)
         return ticket.result()
 
@@ -176,10 +203,11 @@ class WriterClient:
         a caller that kept an unanswered request, e.g. on disk, and sends it
         later: the writer applies a (client id, seq) once, so a request it took
         and did not answer is not applied twice (within ``TICKSTACK_DEDUP_TTL``)."""
+        if _deadline is not None:  # before anything is numbered or sent
+            check_seconds(f"{op}: _deadline", _deadline)
         self._check_owner()
         if _seq is None:
-            self._seq += 1
-            _seq = self._seq
+            _seq = self._next_seq(op)
         elif _seq in self._pending:
             raise ValueError(f"request {_seq} of this client is still in flight")
         try:
@@ -226,12 +254,24 @@ class WriterClient:
 
     # --- internals -----------------------------------------------------------------------
 
+    def _next_seq(self, op: str) -> int:
+        """The sequence number of a new request. A client made with an earlier client's id would
+        number from 1 again, and the writer answers an id it has applied with that request's
+        result: the new request would be answered and never applied. So such a client sends no
+        new request (a ping or stats is never recorded, so those may go)."""
+        if self._sends_again_only and op not in UNRECORDED_OPS:
+            raise ValueError(f"{op}: a client made with client_id= only sends earlier requests again "
+                             "(submit(op, _seq=N, ...) with the arguments they had); a new request needs a "
+                             "client of its own")
+        self._seq += 1
+        return self._seq
+
     def _check_owner(self) -> None:
         if self._pid != os.getpid():
             # A forked child: the parent's socket is not ours to use or close, and its request ids
             # are not ours to reuse (the writer would answer the child with the parent's results).
             self._pid, self._sock, self._ctx, self._pending, self._owner = os.getpid(), None, None, {}, None
-            self.client_id, self._seq = uuid.uuid4().hex, 0
+            self.client_id, self._seq, self._sends_again_only = uuid.uuid4().hex, 0, False
             if self._direct is not None:  # the parent's connection is not ours either
                 self._direct = type(self._direct)(self._direct.settings)
         me = threading.get_ident()
@@ -426,6 +466,7 @@ class Pipeline:
     def collect(self, timeout: float = 0) -> None:
         """Take in the answers that arrived (waiting up to ``timeout``) and
         report, in submit order, every request answered so far."""
+        check_seconds("collect: timeout", timeout)  # nan or inf would reach ZeroMQ's receive timeout
         if self.client.in_flight:
             self.client._pump(timeout)
         while self._queue and self._queue[0].done:

@@ -12,176 +12,43 @@ registry (``python -m db settings``).
 """
 from __future__ import annotations
 
-import math
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
-MAX_IPC_PATH = 107
+from db.parsers import (
+    C_INT_MAX,
+    MAX_CLIENT_DEADLINE_S,
+    TIB,
+    YEAR_S,
+    ConfigError,
+    Parser,
+    choice,
+    database_url,
+    flag,
+    host_name,
+    number,
+    path,
+    price_decimals,
+    secret_text,
+    strong_secret,
+    user_name,
+    whole,
+    writer_endpoint,
+)
 
 SUBDIRS = ("run", "log", "spool", "backups")
-
-
-class ConfigError(ValueError):
-    """A setting is missing or wrong; the message says which and what to do."""
-
-
-# --- parsers: (variable name, raw text) -> value, or ConfigError naming both -----------------
-
-Parser = Callable[[str, str], Any]
-
-
-def number(minimum: float = 0.0, *, above: bool = False) -> Parser:
-    """A finite number >= ``minimum`` (> it with ``above``)."""
-    bound = f"greater than {minimum:g}" if above else f"at least {minimum:g}"
-
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a number") from None
-        if not (math.isfinite(value) and (value > minimum if above else value >= minimum)):
-            raise ConfigError(f"{name}={raw!r} must be a number {bound}")
-        return value
-
-    parse.__doc__ = f"a number {bound}"
-    return parse
-
-
-def whole(minimum: int = 0, maximum: int | None = None, *, above: bool = False) -> Parser:
-    """A whole number in ``minimum..maximum`` (above ``minimum`` with ``above``)."""
-    low = minimum + 1 if above else minimum
-    bound = f"greater than {minimum}" if above else f"at least {minimum}"
-    if maximum is not None:
-        bound = f"from {low} to {maximum}"
-
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not a whole number") from None
-        if value < low or (maximum is not None and value > maximum):
-            raise ConfigError(f"{name}={raw!r} must be a whole number {bound}")
-        return value
-
-    parse.__doc__ = f"a whole number {bound}"
-    return parse
-
-
-def choice(*choices: str) -> Parser:
-    """One of ``choices`` (case-insensitive; stored upper case)."""
-
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip().upper()
-        if value not in choices:
-            raise ConfigError(f"{name}={raw!r} must be {' or '.join(choices)}")
-        return value
-
-    parse.__doc__ = " or ".join(choices)
-    return parse
-
-
-def flag(name: str, raw: str) -> bool:
-    """`1`/`0` (also `true`/`false`, `yes`/`no`, `on`/`off`)"""
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
-
-
-def user_name(name: str, raw: str) -> str:
-    """1-64 characters of letters, digits and ``. _ : / @ -``"""
-    from db.validation import NAME_RE  # validation imports models; keep config import-light
-
-    if not NAME_RE.fullmatch(raw):
-        raise ConfigError(f"{name}={raw[:70]!r} is not a user name (1-64 characters of letters, digits . _ : / @ -)")
-    return raw
-
-
-def host_name(name: str, raw: str) -> str:
-    """1-64 characters of letters, digits and ``. _ -`` (a host name as PostgreSQL sessions show it)."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
-        raise ConfigError(f"{name}={raw[:70]!r} is not a host name (1-64 characters of letters, digits . _ -)")
-    return raw
 
 
 def _default_host(_: Mapping[str, Any]) -> str:
     import socket
 
     return host_name("TICKSTACK_HOST (the machine's host name)", socket.gethostname()[:64] or "localhost")
-
-
-#: Decimals a price may be configured with (``TICKSTACK_PRICE_DECIMALS``).
-MAX_PRICE_DECIMALS = 8
-
-
-def price_decimals(name: str, raw: str) -> dict[str, int]:
-    """``SYMBOL=DECIMALS`` pairs separated by commas (``EURUSD=5,BTCUSD=2``), decimals 0-8"""
-    from db.validation import SYMBOL_RE  # validation imports models; keep config import-light
-
-    out: dict[str, int] = {}
-    for item in (part.strip() for part in raw.split(",")):
-        if not item:
-            continue
-        symbol, sep, digits = (x.strip() for x in item.partition("="))
-        if not sep:
-            raise ConfigError(f"{name}: {item[:40]!r} is not SYMBOL=DECIMALS (e.g. {name}=EURUSD=5,BTCUSD=2)")
-        if not SYMBOL_RE.fullmatch(symbol):
-            raise ConfigError(f"{name}: {symbol[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, "
-                              "upper case)")
-        if not digits.isdigit() or int(digits) > MAX_PRICE_DECIMALS:
-            raise ConfigError(f"{name}: {symbol}={digits[:20]!r}: decimals must be a whole number from 0 to "
-                              f"{MAX_PRICE_DECIMALS}")
-        if symbol in out:
-            raise ConfigError(f"{name}: {symbol} is given twice")
-        out[symbol] = int(digits)
-    return out
-
-
-def secret_text(name: str, raw: str) -> str:
-    """any text (blank means unset); never printed"""
-    return raw.strip()
-
-
-def strong_secret(minimum: int) -> Parser:
-    def parse(name: str, raw: str) -> str:
-        value = raw.strip()
-        if len(value) < minimum:
-            raise ConfigError(f"{name} must be at least {minimum} characters (it has {len(value)}): a secret "
-                              "anyone could guess is no secret; leave it unset to have one generated")
-        return value
-
-    parse.__doc__ = f"a secret of at least {minimum} characters (blank means unset); never printed"
-    return parse
-
-
-def path(name: str, raw: str) -> Path:
-    """a folder (``~`` expanded)"""
-    return Path(raw).expanduser().absolute()
-
-
-def database_url(name: str, raw: str) -> str:
-    """an SQLAlchemy URL"""
-    if "://" not in raw:
-        raise ConfigError(f"{name}: not a database URL (expected e.g. sqlite:////path/to.db)")
-    return raw
-
-
-def writer_endpoint(name: str, raw: str) -> str:
-    """ipc://PATH, or a loopback tcp:// address"""
-    if raw.startswith("ipc://"):
-        check_ipc_path(raw[len("ipc://"):], name)
-    elif not raw.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
-        raise ConfigError(f"{name}={raw!r}: use ipc:// or a loopback tcp:// address")
-    return raw
 
 
 # --- the registry ---------------------------------------------------------------------------
@@ -238,45 +105,62 @@ SETTINGS: tuple[Setting, ...] = (
       "the UDP port (127.0.0.1) of circus's watchdog: supervised processes send it heartbeats"),
     S("TICKSTACK_SYNCHRONOUS", "synchronous", choice("NORMAL", "FULL"), "NORMAL", "`NORMAL`",
       "SQLite `synchronous` for the writer: `FULL` also survives power loss, at a cost per commit"),
-    S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0), 5000, "5000",
+    S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0, C_INT_MAX), 5000, "5000",
       "SQLite: how long a connection (a reader, the writer) waits on a lock another holds (`busy_timeout`)"),
-    S("TICKSTACK_LOCK_TIMEOUT_MS", "lock_timeout_ms", whole(0), 1000, "1000",
+    S("TICKSTACK_LOCK_TIMEOUT_MS", "lock_timeout_ms", whole(0, C_INT_MAX), 1000, "1000",
       "PostgreSQL: how long a write waits on a lock another session holds (`lock_timeout`), then it "
       "is answered retryably and its client sends it again; 0: no limit"),
-    S("TICKSTACK_JOURNAL_SIZE_LIMIT", "journal_size_limit", whole(0), 64 * 1024 * 1024, "64 MiB",
+    S("TICKSTACK_JOURNAL_SIZE_LIMIT", "journal_size_limit", whole(0, TIB), 64 * 1024 * 1024, "64 MiB",
       "WAL bytes kept after a checkpoint (SQLite `journal_size_limit`)"),
-    S("TICKSTACK_CLIENT_DEADLINE", "client_deadline", number(0.1), 60.0, "60",
+    S("TICKSTACK_CLIENT_DEADLINE", "client_deadline", number(0.1, MAX_CLIENT_DEADLINE_S), 60.0, "60",
       "seconds a writer client call keeps retrying"),
-    S("TICKSTACK_READY_TIMEOUT", "ready_timeout", number(0.1), 30.0, "30",
+    # circusd runs the start hook in its own loop: for this long it answers nothing else (a status,
+    # a stop), so an hour at most.
+    S("TICKSTACK_READY_TIMEOUT", "ready_timeout", number(0.1, 3600), 30.0, "30",
       "seconds a watcher's start waits for the writer to answer before circus gives up on it"),
-    S("TICKSTACK_WRITER_MAX_BATCH", "writer_max_batch", whole(1), 256, "256", "requests per transaction"),
-    S("TICKSTACK_WRITER_BATCH_WAIT", "writer_batch_wait", number(0), 0.0, "0",
+    # A million requests: the queue is bounded in bytes too (QUEUE_BUDGET_MESSAGES x max message), which
+    # binds long before; a larger count is a typo, and a batch can take no more than the queue holds.
+    S("TICKSTACK_WRITER_MAX_BATCH", "writer_max_batch", whole(1, 1_000_000), 256, "256", "requests per transaction"),
+    # Half the client's first wait for an answer (db.client.FIRST_ATTEMPT_TIMEOUT, 1 s), the other half
+    # left for the commit: a longer wait has every first request resent before it is answered. (1e300
+    # overflowed the commit thread's queue wait, time_t, and killed it.)
+    S("TICKSTACK_WRITER_BATCH_WAIT", "writer_batch_wait", number(0, 0.5), 0.0, "0",
       "seconds to wait for more requests before committing"),
-    S("TICKSTACK_WRITER_MAX_QUEUE", "writer_max_queue", whole(1), 2048, "2048",
+    S("TICKSTACK_WRITER_MAX_QUEUE", "writer_max_queue", whole(1, 1_000_000), 2048, "2048",
       "requests queued before *busy* replies"),
-    S("TICKSTACK_WRITER_MAX_MESSAGE", "writer_max_message", whole(1024), 16 * 1024 * 1024, "16 MiB",
+    # 1 GiB: the writer may hold 16 times this in its queue (workers.writer.QUEUE_BUDGET_MESSAGES), and
+    # ZeroMQ's MAXMSGSIZE is 4 times it, a C long (a 25-digit value stopped the writer at its start).
+    S("TICKSTACK_WRITER_MAX_MESSAGE", "writer_max_message", whole(1024, 2**30), 16 * 1024 * 1024, "16 MiB",
       "largest request, in bytes"),
-    S("TICKSTACK_WRITER_DRAIN_IDLE", "writer_drain_idle", number(0), 1.0, "1",
+    # An hour each: circus kills the writer after its graceful_timeout (45 s) anyway; a writer run by
+    # hand (a test, a script) may be given longer, not for ever.
+    S("TICKSTACK_WRITER_DRAIN_IDLE", "writer_drain_idle", number(0, 3600), 1.0, "1",
       "on SIGTERM the writer serves this many seconds more (producers flush), then stops once caught up ..."),
-    S("TICKSTACK_WRITER_DRAIN_DEADLINE", "writer_drain_deadline", number(0), 5.0, "5",
+    S("TICKSTACK_WRITER_DRAIN_DEADLINE", "writer_drain_deadline", number(0, 3600), 5.0, "5",
       "... or after this many seconds in any case (producers retry against the next writer)"),
-    S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60), 3600.0, "3600",
+    # Ten years: the prune's cutoff (now - TTL, in ms) must be an SQLite INTEGER (1e18 s overflowed it and
+    # failed a batch every minute); a client resends within its deadline (a day at most), a spool once
+    # the writer is back.
+    S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60, 10 * YEAR_S), 3600.0, "3600",
       "seconds applied requests are remembered for retries"),
-    S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, above=True), 30.0, "30",
+    # A century: tick times count from 1970, so 100 years keeps every tick there is (the test stacks use it).
+    S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, 36500, above=True), 30.0, "30",
       "ticks older than this many days are pruned (bars are kept)"),
-    S("TICKSTACK_RETENTION_EVERY_S", "retention_every_s", number(0, above=True), 3600.0, "3600",
+    S("TICKSTACK_RETENTION_EVERY_S", "retention_every_s", number(0, YEAR_S, above=True), 3600.0, "3600",
       "seconds between retention runs"),
-    S("TICKSTACK_BACKUP_EVERY_H", "backup_every_h", number(0, above=True), 6.0, "6", "hours between backups"),
-    S("TICKSTACK_BACKUP_KEEP", "backup_keep", whole(0, above=True), 7, "7", "backups kept"),
-    S("TICKSTACK_QUICK_CHECK_EVERY_H", "quick_check_every_h", number(0, above=True), 24.0, "24",
+    S("TICKSTACK_BACKUP_EVERY_H", "backup_every_h", number(0, YEAR_S / 3600, above=True), 6.0, "6",
+      "hours between backups"),
+    # Each backup is a whole copy of the database: ten thousand is years of them at any sane interval.
+    S("TICKSTACK_BACKUP_KEEP", "backup_keep", whole(0, 10_000, above=True), 7, "7", "backups kept"),
+    S("TICKSTACK_QUICK_CHECK_EVERY_H", "quick_check_every_h", number(0, YEAR_S / 3600, above=True), 24.0, "24",
       "hours between integrity quick checks"),
-    S("TICKSTACK_CHECKPOINT_WAL_MB", "checkpoint_wal_mb", number(0, above=True), 64.0, "64",
+    S("TICKSTACK_CHECKPOINT_WAL_MB", "checkpoint_wal_mb", number(0, TIB / 2**20, above=True), 64.0, "64",
       "checkpoint when the WAL passes this many MB"),
-    S("TICKSTACK_CHECKPOINT_EVERY_S", "checkpoint_every_s", number(0, above=True), 30.0, "30",
+    S("TICKSTACK_CHECKPOINT_EVERY_S", "checkpoint_every_s", number(0, YEAR_S, above=True), 30.0, "30",
       "seconds between two WAL size checks"),
-    S("TICKSTACK_SAMPLE_EVERY_S", "sample_every_s", number(0, above=True), 10.0, "10",
+    S("TICKSTACK_SAMPLE_EVERY_S", "sample_every_s", number(0, YEAR_S, above=True), 10.0, "10",
       "seconds between two samples for the console's charts"),
-    S("TICKSTACK_DISK_WARN_PCT", "disk_warn_pct", number(0), 10.0, "10",
+    S("TICKSTACK_DISK_WARN_PCT", "disk_warn_pct", number(0, 100), 10.0, "10",
       "`db doctor` and the console warn when the database's disk has less than this percent free "
       "(and report a problem below a tenth of it); 0 turns the warning off"),
     S("TICKSTACK_PRICE_DECIMALS", "price_decimals", price_decimals, lambda _: {}, "learned from the data",
@@ -316,18 +200,20 @@ def read(env: Mapping[str, str], settings: Iterable[Setting] = SETTINGS) -> dict
 
 
 def markdown_table() -> str:
-    """The README's table of settings, made from the registry."""
-    lines = ["| variable | default | what it is |", "| --- | --- | --- |"]
+    """The README's table of settings, made from the registry; "allowed" is each parser's own
+    description, so a range stated there is the range checked."""
+    lines = ["| variable | default | allowed | what it is |", "| --- | --- | --- | --- |"]
     for s in SETTINGS:
-        lines.append(f"| `{s.env}` | {s.shown_default} | {s.help} |")
+        lines.append(f"| `{s.env}` | {s.shown_default} | {s.parse.__doc__} | {s.help} |")
     return "\n".join(lines)
 
 
 @dataclass(frozen=True)
 class JobSchedule:
     """How often each maintenance job runs and with what limits (``TICKSTACK_*`` job settings).
-    Every value is a finite number > 0 (``backup_keep`` a whole one): zero or negative intervals,
-    retention or keep counts mean nothing sensible, so they are refused rather than guessed."""
+    Every value is a finite number > 0 (``backup_keep`` a whole one) up to its setting's maximum:
+    zero or negative intervals, retention or keep counts mean nothing sensible, nor does a job that
+    runs less often than yearly, so they are refused rather than guessed."""
 
     retention_days: float = 30.0
     retention_every_s: float = 3600.0
@@ -461,21 +347,52 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
-def check_ipc_path(path: str, what: str) -> None:
-    """Fail with advice when a Unix socket path cannot be bound."""
-    if len(os.fsencode(path)) > MAX_IPC_PATH:
-        raise ConfigError(
-            f"{what}: the socket path {path!r} is {len(os.fsencode(path))} bytes, over the "
-            f"{MAX_IPC_PATH}-byte limit of Unix sockets; set TICKSTACK_HOME to a shorter folder "
-            "(e.g. TICKSTACK_HOME=~/.tickstack)"
-        )
+def _not_a_folder(path: Path) -> bool:
+    """``path`` exists and is no folder (a file, a socket, ...). Not Path.exists(): it raises on a
+    folder this user may not search, and that question is only asked while reporting another error."""
+    try:
+        return not stat.S_ISDIR(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _home_error(home: Path, path: Path, e: OSError) -> ConfigError:
+    """A folder of the runtime folder cannot be made or used: a ConfigError naming TICKSTACK_HOME
+    (the setting to change), the folder that failed and why, in words rather than an errno."""
+    blocker = next((p for p in (path, *path.parents) if _not_a_folder(p)), None)
+    if blocker is not None:  # FileExistsError, NotADirectoryError: a file where a folder must be
+        reason = f"{blocker} is a file, not a folder"
+    else:  # permission, a read-only or full file system, ...
+        reason = e.strerror or str(e)
+    what = "the runtime folder" if path == home else "a folder of the runtime folder"
+    return ConfigError(f"TICKSTACK_HOME={str(home)!r}: cannot use {path} as {what}: {reason}; set "
+                       "TICKSTACK_HOME to a folder this user may create and write (or move what is in the way)")
 
 
 def ensure_home(settings: Settings) -> Path:
-    """Create the runtime folder and its subfolders, private to this user."""
-    for path in (settings.home, *(settings.home / d for d in SUBDIRS)):
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
+    """Create the runtime folder and its subfolders, private to this user. Raises ConfigError
+    when it cannot: a home that cannot be made is a bad TICKSTACK_HOME, said in one line."""
+    for folder in (settings.home, *(settings.home / d for d in SUBDIRS)):
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+        except OSError as e:
+            raise _home_error(settings.home, folder, e) from e
+    return settings.home
+
+
+def check_home(settings: Settings) -> Path:
+    """Without making anything: raise ConfigError when TICKSTACK_HOME cannot be the runtime folder
+    (a file, or below one), for commands that only read it (``python -m db health``). A home not
+    made yet is fine: the writer, or ``python -m db prepare``, makes it."""
+    for folder in (settings.home, *(settings.home / d for d in SUBDIRS)):
+        try:
+            if not stat.S_ISDIR(os.stat(folder).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise _home_error(settings.home, folder, e) from e
     return settings.home
 
 

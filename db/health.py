@@ -401,6 +401,9 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     archive checked with ``pg_restore --list`` (:func:`db.server.dump`)."""
     path = settings.database_path
     dest = Path(dest).absolute()
+    if dest.is_dir():
+        example = backup_path(dest, backup_suffix(settings))
+        raise IsADirectoryError(f"{dest} is a folder; give the backup file's path (e.g. {example})")
     if path is None:
         # One of our names made for SQLite (backup_path's default, as the console asks): the same
         # stamp as a dump, so rotation and the console count it.
@@ -413,8 +416,12 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         return dump(settings, dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force")
-    if dest == path:
-        raise ValueError("the backup path is the database itself")
+    # Any spelling of the database's own path (run/../, a symlink, a hard link) or of its WAL or
+    # shared-memory file: the backup's rename would put a copy in place of the live file.
+    live = Path(path).resolve()
+    if dest.resolve() in {live, *(Path(f"{live}-{suffix}") for suffix in ("wal", "shm", "journal"))} or (
+            dest.exists() and live.exists() and os.path.samefile(dest, live)):
+        raise ValueError(f"{dest} is the database itself (or its WAL or shared-memory file); choose another path")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))

@@ -246,6 +246,22 @@ def _open_trade_row(conn: Connection, trade_id: int) -> Any:
     return row
 
 
+def _check_trail(side: str, entry: float, trailing_distance: float) -> None:
+    """Refuse a sell whose trailing stop starts as no price: entry + trailing_distance at or over
+    the price limit, by the rule update_trade applies to the stops the monitor proposes
+    (:func:`db.validation.price` on ``stop_loss``).
+
+    A sell's trail is best ask + distance, and the best ask only falls from the entry: a distance
+    that passes here gives a stop the writer takes at every tick. One that does not gives stops the
+    writer refuses (they crashed the monitor at every start); they would become prices only once the
+    ask fell below limit - distance, and then sit just under the limit, no stop at all. A buy's
+    trail, best bid - distance, is never over the limit (a bid is a price); at or below 0 it is not
+    in force until the bid passes the distance, a wide trailing stop that later works: accepted."""
+    if side == "sell":
+        price(f"trailing_distance: the trailing stop of a sell at {entry} (entry + {trailing_distance})",
+              entry + trailing_distance)
+
+
 @op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=size,
     entry_price=(optional(price), False), stop_loss=(optional(price), False),
     take_profit=(optional(price), False), trailing_distance=(optional(distance), False),
@@ -262,6 +278,8 @@ def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_pric
     moves to the entry."""
     entry = entry_price if entry_price is not None else _latest_price(conn, symbol, side, opening=True)
     check_levels(side, entry, stop_loss, take_profit)
+    if trailing_distance is not None:
+        _check_trail(side, entry, trailing_distance)
     ts = now_ms() if ts is None else ts
     last_tick = conn.execute(select(func.max(Tick.id))).scalar() or 0
     trade_id = conn.execute(insert(Trade), dict(

@@ -50,6 +50,9 @@ PROTOCOL = 1
 ENVELOPE_FIELDS = frozenset({"v", "op", "seq", "cid", "args"})
 #: ``seq`` is stored in a signed 64-bit column (the record of applied requests).
 MAX_SEQ = 2**63 - 1
+#: Ops the writer's IO thread answers itself (workers/writer.py): never recorded as applied, so
+#: their ids need not be new.
+UNRECORDED_OPS = frozenset({"ping", "stats"})
 #: Items in one array or map: the largest batch an op takes, with room for
 #: its own clear "too many" message.
 MAX_CONTAINER_LEN = 4 * max(MAX_TICKS, MAX_ROWS)

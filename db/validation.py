@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from array import array
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from operator import le
 from typing import Any
 
@@ -46,8 +47,16 @@ Validator = Callable[[str, Any], Any]
 def shown(v: Any, limit: int = 40) -> str:
     """``repr(v)`` cut to ``limit`` characters: error messages quote what
     they got without echoing a megabyte back."""
-    text_ = repr(v)
+    try:
+        text_ = repr(v)
+    except RecursionError:  # nested deeper than repr can go from here (the decoder allows ~1,000 levels)
+        text_ = _SHALLOW.repr(v)
     return text_ if len(text_) <= limit else text_[:limit] + "..."
+
+
+#: :func:`shown`'s way with a value too deep for ``repr``: a few levels, then ``...``.
+_SHALLOW = reprlib.Repr()
+_SHALLOW.maxlevel = 4
 
 
 def is_number(v: Any) -> bool:
@@ -75,6 +84,8 @@ def text(max_len: int) -> Validator:
             raise ValidationError(f"{name}: expected text, got {type(v).__name__}")
         if len(v) > max_len:
             raise ValidationError(f"{name}: {len(v)} characters, at most {max_len}")
+        if "\x00" in v:  # PostgreSQL's text cannot hold it: refused on both databases alike
+            raise ValidationError(f"{name}: {shown(v)} holds a NUL character (\\x00), which no text may hold")
         return v
 
     return check
@@ -292,7 +303,7 @@ def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
     if type(seq) is array:
         if seq.typecode != "q":
             return False
-    elif set(seq) != {None}:  # absent (all None) is the only other form that passes as it is
+    elif seq.count(None) != len(seq):  # absent (all None) is the only other form that passes as it is
         return False
     import numpy as np  # here, not at the top: only the writer validates packed columns
 
@@ -349,17 +360,26 @@ def _check_tick_seq(name: str, cols: dict[str, list[Any]]) -> None:
                          "is out of range (0..2^63-1)")
 
 
+def _distinct(column: list[Any]) -> Collection[Any]:
+    """The column's distinct values; the column itself when one cannot be in a set (a list, a map),
+    so that each value is checked in turn and the error names the first bad one's index."""
+    try:
+        return set(column)
+    except TypeError:
+        return column
+
+
 def _check_tick_text(name: str, cols: dict[str, list[Any]]) -> None:
     """The symbol and source columns: each distinct value checked once; fills the default source."""
-    for s in set(cols["symbol"]):
+    for s in _distinct(cols["symbol"]):
         if type(s) is not str or not SYMBOL_RE.fullmatch(s):
             raise _first_bad(f"{name}.symbol", cols["symbol"],
                              lambda v: type(v) is str and bool(SYMBOL_RE.fullmatch(v)),
                              "is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, upper case)")
-    sources = set(cols["source"])
+    sources = _distinct(cols["source"])
     if None in sources:
         cols["source"] = [DEFAULT_SOURCE if v is None else v for v in cols["source"]]
-        sources = set(cols["source"])
+        sources = _distinct(cols["source"])
     for s in sources:
         if type(s) is not str or not NAME_RE.fullmatch(s):
             raise _first_bad(f"{name}.source", cols["source"],

@@ -415,6 +415,24 @@ def test_trade_bodies_nan_and_non_objects_and_unknown_ids(api: Api) -> None:
     assert api.get(f"/api/trades/{trade['id']}").get_json()["status"] == "open"
 
 
+def test_writes_refuse_query_parameters_and_change_nothing(api: Api) -> None:
+    """A write's fields travel in its body only. A field put in the query (``?price=...``) by mistake
+    is refused with the reason, as on the reads, not dropped while the write goes on without it
+    (a close at the market price and reason "manual" where the caller asked for 123.45 and "tp")."""
+    assert api.post("/api/ticks", {"ticks": [tick(T0)]}).status_code == 200
+    trade = api.post("/api/trades", {"symbol": "BTCUSD", "side": "buy", "size": 1, "entry_price": 5.0}).get_json()
+    before = api.counts()
+    close = f"/api/trades/{trade['id']}/close"
+    assert_error(api.post(f"{close}?price=123.45&reason=tp"), 400, "invalid_parameter",
+                 r"unknown parameter 'price'; parameters are none")
+    assert_error(api.post("/api/trades?size=2", {"symbol": "BTCUSD", "side": "buy", "size": 1}), 400,
+                 "invalid_parameter", r"unknown parameter 'size'")
+    assert_error(api.post("/api/ticks?symbol=ZZZ", {"ticks": [tick(T0 + 1)]}), 400, "invalid_parameter",
+                 r"unknown parameter 'symbol'")
+    assert api.counts() == before
+    assert api.get(f"/api/trades/{trade['id']}").get_json()["status"] == "open"
+
+
 # --- errors of Flask's own, outside the routes ------------------------------------------------------------
 
 

@@ -2,16 +2,20 @@
 and a bad value stopping each process at start with a message naming the variable."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from db.config import SETTINGS, ConfigError, JobSchedule, Settings, load_settings, markdown_table
+from db.client import WriterClient
+from db.config import SETTINGS, ConfigError, JobSchedule, Settings, ensure_home, load_settings, markdown_table
+from testkit.writer import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ("db", "supervision", "workers", "webapp")
@@ -67,12 +71,12 @@ def test_defaults_and_blank_values() -> None:
 
 @pytest.mark.parametrize("name, value, message", [
     ("TICKSTACK_READY_TIMEOUT", "soon", "is not a number"),
-    ("TICKSTACK_READY_TIMEOUT", "0", "at least 0.1"),
+    ("TICKSTACK_READY_TIMEOUT", "0", "from 0.1 to 3600"),
     ("TICKSTACK_API_PORT", "70000", "from 1 to 65535"),
     ("TICKSTACK_CONSOLE_PORT", "http", "is not a whole number"),
     ("TICKSTACK_SYNCHRONOUS", "OFF", "must be NORMAL or FULL"),
-    ("TICKSTACK_WRITER_MAX_BATCH", "0", "at least 1"),
-    ("TICKSTACK_CLIENT_DEADLINE", "inf", "at least 0.1"),
+    ("TICKSTACK_WRITER_MAX_BATCH", "0", "from 1 to 1000000"),
+    ("TICKSTACK_CLIENT_DEADLINE", "inf", "from 0.1 to 86400"),
     ("TICKSTACK_ADMIN_USER", "no spaces", "is not a user name"),
     ("DATABASE_URL", "tickstack.db", "not a database URL"),
     ("WRITER_ENDPOINT", "tcp://0.0.0.0:5555", "loopback"),
@@ -104,3 +108,140 @@ def test_direct_writes_are_refused_on_sqlite_naming_the_variable() -> None:
         load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_DIRECT_WRITES": "maybe"})
     off = load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_DIRECT_WRITES": "0"})
     assert off.direct_writes is False
+
+
+# --- every number has bounds: a value no consumer can take is refused at start, naming its range ----
+
+NUMBER_SETTINGS = [s for s in SETTINGS if (s.parse.__doc__ or "").startswith(("a number", "a whole number"))]
+#: Values that overflow what the settings feed (time_t, a C long, an SQLite INTEGER) or are no number.
+OUT_OF_ANY_RANGE = ("1e300", "-1e300", "nan", "inf", "-inf", "1" + "0" * 24, "-1" + "0" * 24)
+
+
+def test_every_numeric_setting_has_a_range_with_its_default_inside() -> None:
+    """Each numeric setting states a maximum (a setting without one let 1e300 or a 25-digit number
+    through to the writer, which then died of an OverflowError, or failed every batch)."""
+    assert len(NUMBER_SETTINGS) >= 24, [s.env for s in NUMBER_SETTINGS]  # the scan found them
+    unbounded = [(s.env, s.parse.__doc__) for s in NUMBER_SETTINGS if " to " not in s.parse.__doc__
+                 and "at most" not in s.parse.__doc__]
+    assert unbounded == []
+    for s in NUMBER_SETTINGS:
+        assert s.parse(s.env, str(s.default)) == s.default, s.env
+
+
+@pytest.mark.parametrize("setting", NUMBER_SETTINGS, ids=lambda s: s.env)
+def test_a_numeric_setting_out_of_its_range_is_refused_naming_variable_value_and_range(setting: Any) -> None:
+    for raw in OUT_OF_ANY_RANGE:
+        with pytest.raises(ConfigError) as e:
+            load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", setting.env: raw})
+        assert str(e.value).startswith(f"{setting.env}={raw!r} "), str(e.value)
+        # The range, as the README's table shows it (e.g. "from 0 to 0.5").
+        assert re.sub(r"^a (whole )?number ", "", setting.parse.__doc__) in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("TICKSTACK_WRITER_BATCH_WAIT", "1e300", "TICKSTACK_WRITER_BATCH_WAIT='1e300' must be a number from 0 to 0.5"),
+    ("TICKSTACK_WRITER_MAX_MESSAGE", "1" + "0" * 24,
+     f"TICKSTACK_WRITER_MAX_MESSAGE='1{'0' * 24}' must be a whole number from 1024 to 1073741824"),
+    ("TICKSTACK_DEDUP_TTL", "1e18", "TICKSTACK_DEDUP_TTL='1e18' must be a number from 60 to 315360000"),
+])
+def test_the_writer_refuses_a_setting_it_cannot_use_at_start(stack: Stack, name: str, value: str,
+                                                             message: str) -> None:
+    """These three passed the checks, then the writer died at start (max message: OverflowError at
+    ZeroMQ's MAXMSGSIZE), lost its commit thread at the first request (batch wait: OverflowError
+    in the queue's wait) or failed every batch (dedup TTL: the prune's cutoff overflowed SQLite's
+    INTEGER). The 30 s is a hang guard only: a writer that starts serves until killed."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "workers.writer"], env={**stack.env, name: value}, cwd=ROOT,
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the writer started with {name}={value}: {(e.stderr or b'')[-500:]!r}")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+# --- command-line numbers: one finite-number parser (db.config), nan/inf/negative refused ----------
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0", "1e300"])
+def test_db_checkpoint_refuses_a_timeout_that_is_no_finite_positive_number(stack: Stack, value: str) -> None:
+    """With the writer down, ``--timeout nan`` waited for ever (``now >= nan`` is never true) and -1
+    was taken. The 30 s is a hang guard only."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "db", "checkpoint", "--timeout", value], env=stack.env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"python -m db checkpoint --timeout {value} hung with no writer")
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert f"argument --timeout: {value!r} must be a number greater than 0 and at most 86400" in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag, value", [("--pause", "nan"), ("--pause", "inf"), ("--pause", "-1"),
+                                         ("--min-gap", "inf"), ("--max-gap", "nan"), ("--settle", "1e300"),
+                                         ("--producer-kill-chance", "nan"), ("--producer-kill-chance", "2")])
+def test_bench_chaos_refuses_a_flag_that_is_no_usable_number(flag: str, value: str) -> None:
+    """``--pause nan`` or ``inf`` passed, then every producer called time.sleep(nan) (ValueError) or
+    never woke. ``--only nobody`` is a safety net: were the value taken, the run still stops
+    before it starts (argparse reads the flags in order, so the first bad one is the one named)."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "chaos", flag, value, "--only", "nobody"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert f"argument {flag}: {value!r} must be a number " in proc.stderr and "Traceback" not in proc.stderr, \
+        proc.stderr[-2000:]
+
+
+def test_bench_takes_its_number_parser_from_db() -> None:
+    """One parser for finite numbers on every command line: db's (db cannot import bench)."""
+    import bench.common
+    import db.parsers
+
+    assert bench.common.positive_float is db.parsers.positive_float
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1.0])
+def test_writer_client_refuses_a_deadline_or_timeout_that_is_no_finite_number(bad: float) -> None:
+    """Nothing connects before the first call: each refusal comes before any waiting."""
+    settings = load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test"})
+    with pytest.raises(ValueError, match="deadline"):
+        WriterClient(settings=settings, deadline=bad)
+    client = WriterClient(settings=settings, deadline=1)
+    with pytest.raises(ValueError, match="deadline"):
+        client.deadline = bad
+    for call in (lambda: client.call("ping", _deadline=bad), lambda: client.submit("ping", _deadline=bad),
+                 lambda: client.ping(timeout=bad), lambda: client.stats(timeout=bad),
+                 lambda: client.wait_ready(bad)):
+        with pytest.raises(ValueError, match="deadline|timeout"):
+            call()
+    assert client.in_flight == 0
+    client.close()
+
+
+# --- TICKSTACK_HOME that cannot be the runtime folder: one line naming it, no traceback -------------
+
+
+def test_ensure_home_names_tickstack_home_when_a_file_is_in_the_way(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for home, where in ((blocker, blocker), (blocker / "below", blocker / "below")):
+        with pytest.raises(ConfigError, match=f"^TICKSTACK_HOME='{re.escape(str(home))}': .*{re.escape(str(where))}.*"
+                                              "not a folder"):
+            ensure_home(load_settings({"TICKSTACK_HOME": str(home)}))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "run").write_text("a file where the sockets' folder goes")
+    home = tmp_path / "home"
+    with pytest.raises(ConfigError, match=f"^TICKSTACK_HOME='{re.escape(str(home))}': .*{re.escape(str(home / 'run'))}"
+                                          ".*not a folder"):
+        ensure_home(load_settings({"TICKSTACK_HOME": str(tmp_path / "home")}))
+
+
+@pytest.mark.parametrize("command", [["workers.writer"], ["db", "prepare"], ["db", "init"], ["db", "health"],
+                                     ["db", "doctor"], ["db", "checkpoint", "--timeout", "5"],
+                                     ["db", "backup", "copy.db"]])
+def test_a_tickstack_home_that_is_a_file_stops_each_command_with_one_line(stack: Stack, command: list[str]) -> None:
+    home = stack.home / "not-a-folder"
+    home.write_text("a file")
+    proc = subprocess.run([sys.executable, "-m", *command], env={**stack.env, "TICKSTACK_HOME": str(home)},
+                          cwd=stack.home, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == (2 if command[0] == "workers.writer" else 1), (proc.returncode, proc.stderr[-2000:])
+    assert f"TICKSTACK_HOME='{home}'" in proc.stderr and "not a folder" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]

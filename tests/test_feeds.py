@@ -1,4 +1,5 @@
-"""Tests for workers.feeds: the simulated market, CSV parsing and validation, bar replay, pacing."""
+"""Tests for workers.feeds and workers.csvfiles: the simulated market, CSV parsing and validation, bar replay,
+pacing."""
 from __future__ import annotations
 
 import random
@@ -8,17 +9,8 @@ from pathlib import Path
 import pytest
 
 from db.models import TIMEFRAMES
-from workers.feeds import (
-    CsvFeed,
-    CsvFormatError,
-    SimFeed,
-    bar_to_ticks,
-    infer_timeframe,
-    pace,
-    parse_speed,
-    read_bar_csv,
-    read_tick_csv,
-)
+from workers.csvfiles import CsvFeed, CsvFormatError, bar_to_ticks, infer_timeframe, read_bar_csv, read_tick_csv
+from workers.feeds import SimFeed, pace, parse_speed
 from workers.indicators import BarBuilder
 
 T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
@@ -130,6 +122,15 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         ("2024-13-01T00:00:00,EURUSD,1.1,1.2,1", "ts '2024-13-01T00:00:00' is not an ISO-8601"),
         (",EURUSD,1.1,1.2,1", "ts '' is not an ISO-8601"),
         ("2024-01-02T00:00:00, ,1.1,1.2,1", "symbol is empty"),
+        # What the writer refuses, by its own rules (db.validation), refused here at the line:
+        ("2024-01-02T00:00:00,eurusd,1.1,1.2,1", "symbol 'eurusd' is not a symbol (1-32 characters"),
+        ("2200-01-01T00:00:00,EURUSD,1.1,1.2,1", "ts 7258118400000 is out of range (epoch ms 1970..2100)"),
+        ("-5,EURUSD,1.1,1.2,1", "ts -5 is out of range"),
+        ("2024-01-02T00:00:00,EURUSD,1e12,1e12,1", "bid 1000000000000.0 is not a price"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1e12", "volume 1000000000000.0 is not a volume"),
+        # What Python itself refuses, as an error at the line instead of a traceback:
+        ("9" * 5000 + ",EURUSD,1.1,1.2,1", "ts '999999999999999999999999999999999999999... has 5000 characters"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1" * 140_000, "not readable as CSV: field larger than field limit"),
     ],
 )
 def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
@@ -143,6 +144,29 @@ def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
     assert err.value.line == 5 and err.value.reason.startswith(reason)
     assert str(err.value) == f"line 5: {err.value.reason}"
     assert isinstance(err.value, ValueError)
+
+
+def test_read_tick_csv_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    # UTF-8 (a BOM, an accent in an extra column) is read; a byte that is not UTF-8 stops the read at
+    # its line after every row before it, wherever it falls in the file's 8 KB blocks.
+    ok = tmp_path / "utf8.csv"
+    ok.write_text(f"ts,symbol,bid,ask,volume,note\n{GOOD},café\n", encoding="utf-8-sig")
+    assert [line for line, _ in read_tick_csv(ok)] == [2]
+    for good in (1, 2000):
+        bad = tmp_path / f"latin1-{good}.csv"
+        rows = f"{GOOD}\n" * good
+        bad.write_bytes(f"ts,symbol,bid,ask,volume\n{rows}".encode() + b"2024-01-02,EUR\xe9,1,1,1\n")
+        seen = []
+        with pytest.raises(CsvFormatError) as err:
+            for line, _tick in read_tick_csv(bad):
+                seen.append(line)
+        assert seen == list(range(2, good + 2))
+        assert (err.value.line, err.value.reason) == (good + 2, "symbol holds byte 0xe9, which is not UTF-8 "
+                                                                "(save the file as UTF-8)")
+    header = tmp_path / "header.csv"
+    header.write_bytes(b"ts,symbol,bid,\xffask\n")
+    with pytest.raises(CsvFormatError, match=r"^line 1: the header holds byte 0xff"):
+        CsvFeed(header)
 
 
 # --------------------------------------------------------------------------- bar CSV
@@ -192,6 +216,8 @@ def test_read_bar_csv_time_formats(tmp_path: Path) -> None:
         ("2024-01-01,10,11,9,10,1", "time 2024-01-01T00:00:00Z is not after"),
         ("2024-01-03,10,11,9,10", "expected 6 columns, got 5"),
         ("someday,10,11,9,10,1", "time 'someday' is not an ISO-8601 time or epoch seconds/ms"),
+        ("2024-01-03,10,1e12,9,10,1", "high 1000000000000.0 is not a price (must be > 0 and < 1e+12)"),
+        ("2200-01-03,10,11,9,10,1", "time 7258291200000 is out of range 0..4102444800000"),
     ],
 )
 def test_read_bar_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
@@ -199,6 +225,31 @@ def test_read_bar_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
     with pytest.raises(CsvFormatError) as err:
         read_bar_csv(path)
     assert err.value.line == 3 and err.value.reason.startswith(reason)
+
+
+def test_bar_file_replays_the_bars_before_a_bad_row_then_names_it(tmp_path: Path) -> None:
+    # The timeframe comes from the bars before the bad row; the bars' ticks pass the writer's checks
+    # too (a volume it refuses, a last tick after 2100), each at its bar's line.
+    bars = random_bars("1d", 5, 3)
+    bars[3]["volume"] = 1e12
+    feed = CsvFeed(write_bars(tmp_path, bars, "vol.csv"), "S")
+    seen = []
+    with pytest.raises(CsvFormatError) as err:
+        for line, _tick in feed:
+            seen.append(line)
+    assert feed.timeframe == "1d" and seen == [2] * 4 + [3] * 4 + [4] * 4
+    assert (err.value.line, err.value.reason) == (5, "volume 1000000000000.0 is not a volume (a finite number >= 0 "
+                                                     "and < 1e+12)")
+    path = write(tmp_path, "Date,Open,High,Low,Close\n2099-12-30,1,1,1,1\n2099-12-31,1,1,1,1\n2100-01-01,1,1,1,1\n")
+    with pytest.raises(CsvFormatError, match=r"^line 4: ts 4102466400000 is out of range"):
+        list(CsvFeed(path, "S"))
+    path = write(tmp_path, "Date,Open,High,Low,Close\n2024-01-02,1,1,1,1\n2024-01-03,1,2,1,1\n2024-01-04,1,.5,1,1\n")
+    feed = CsvFeed(path, "S")
+    assert feed.timeframe == "1d"
+    with pytest.raises(CsvFormatError, match=r"^line 4: high 0.5 is below"):
+        list(feed)
+    with pytest.raises(CsvFormatError, match=r"^line 3: high 2.0 is below"):  # too few bars to tell the timeframe
+        CsvFeed(write(tmp_path, "Date,Open,High,Low,Close\n2024-01-02,1,1,1,1\n2024-01-03,3,2,1,1\n"), "S")
 
 
 def test_read_bar_csv_bad_header(tmp_path: Path) -> None:

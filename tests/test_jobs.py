@@ -3,10 +3,12 @@ back from the database (job_runs, ticks, bars, backups; on SQLite the WAL), on e
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -153,6 +155,41 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         listed = subprocess.run([pg_program("pg_restore"), "--list", paths[-1]], capture_output=True, text=True,
                                 timeout=60)
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
+
+
+def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_says(writer: Stack) -> None:
+    """``db backup --force PATH`` overwrites a file, never the live database: not by another spelling of
+    its path (``run/../``, a symlink), not its WAL or shared-memory file. A folder as PATH is refused
+    with the reason, not a traceback. Nothing is written in any of these cases."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(200)], "feed")
+
+    def backup(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    folder = writer.home / "a-folder"
+    folder.mkdir()
+    refused = backup(folder)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert re.search(r"is a folder; give the backup file's path", refused.stderr), refused.stderr
+    assert list(folder.iterdir()) == []
+    database = writer.settings.database_path
+    if database is None:  # a server's database has no file to write over
+        return
+    link = writer.home / "link.db"
+    link.symlink_to(database)
+    before = database.stat().st_ino
+    for path in (writer.home / "run" / ".." / database.name, link, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        refused = backup(path)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, (path, refused.stderr)
+        assert "is the database itself (or its WAL or shared-memory file)" in refused.stderr, (path, refused.stderr)
+    assert database.stat().st_ino == before
+    con = connect_read_only(database)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert con.execute("SELECT count(*) FROM ticks").fetchone() == (200,)
+    finally:
+        con.close()
 
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")

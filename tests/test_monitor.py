@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+from sqlalchemy import update
 
 from db.client import WriterClient
+from db.config import load_settings
+from db.engine import make_write_engine
+from db.errors import ValidationError
+from db.models import Trade
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
+from webapp import create_app
 from workers.monitor import Decision, Exit, MonitorWorker, PriceTick, TradeState, evaluate
 
 T0 = 1_704_153_600_000
@@ -111,6 +119,22 @@ def test_sell_breakeven_then_breakeven_stop() -> None:
     assert (d.stop_loss, d.stop_rule, d.exit) == (100.0, "breakeven", None)
     d = evaluate(trade, asks(98.5, 98.0, 99.0, 100.0))
     assert d.exit == Exit(100.0, "breakeven_stop", 4, T0 + 3000)
+
+
+def test_a_trail_that_is_not_a_price_is_not_set() -> None:
+    """A sell's trail at or over the price limit is no stop update_trade takes: left out (and why is
+    told), until the ask has fallen far enough for it to be one. A buy's trail at or below 0 is only
+    not in force yet: nothing to tell."""
+    trade = sell(stop_loss=110.0, trailing_distance=1e12 - 50.0)
+    d = evaluate(trade, asks(99.5))
+    assert (d.stop_loss, d.stop_rule, d.stop_moved, d.best_price) == (110.0, None, False, 99.5)
+    d = evaluate(replace(trade, stop_loss=None), asks(99.5))
+    assert (d.stop_loss, d.stop_moved) == (None, False)
+    assert d.trail_problem == "stop_loss: 1000000000049.5 is not a price (must be > 0 and < 1e+12)"
+    d = evaluate(replace(trade, stop_loss=None), asks(99.5, 49.0))
+    assert (d.stop_loss, d.stop_rule, d.stop_moved_ts) == (999_999_999_999.0, "trailing", T0 + 1000)
+    d = evaluate(buy(trailing_distance=150.0), bids(120.0, 160.0))
+    assert (d.stop_loss, d.trail_problem) == (10.0, None)
 
 
 # --------------------------------------------------------------------------- replay and state
@@ -248,6 +272,133 @@ def test_trade_closed_by_hand_meanwhile_is_logged_not_fatal(writer: Stack, caplo
     con = db(writer)
     assert con.execute("SELECT close_reason, exit_price FROM trades").fetchall() == [("manual", 94.0)]
     con.close()
+
+
+# --------------------------------------------------------------------------- a trail that is not a price
+
+#: A sell's trailing distance that puts its trail past the price limit (the reviewer's reproduction):
+#: the ask 99.5 + this = 1000000000098.5, which update_trade refuses as a stop.
+HUGE = 999_999_999_999.0
+
+
+def store_as_before_the_check(stack: Stack, trade_id: int, trailing_distance: float) -> None:
+    """Give a stored trade a trailing distance open_trade now refuses, as a trade opened before it
+    did is stored: straight into the database, since no op writes one any more."""
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.begin() as conn:
+            conn.execute(update(Trade).where(Trade.id == trade_id).values(trailing_distance=trailing_distance))
+    finally:
+        engine.dispose()
+
+
+def open_sell_with_an_impossible_trail(m: Market, stack: Stack) -> tuple[int, int]:
+    """The reproduction, with a second trade beside it: a sell on MON at the bid 100.0 whose trailing
+    distance is HUGE, and a buy on AAA with a stop at 95; then the ask of MON falls to 99.5 (its trail
+    would be 1000000000098.5) and the bid of AAA to 94 (its stop is hit). (sell id, buy id)."""
+    m.quote("MON", 100.0)
+    m.quote("AAA", 100.0)
+    bad = m.client.call("open_trade", symbol="MON", side="sell", size=1.0, trailing_distance=5.0, ts=T0)["id"]
+    store_as_before_the_check(stack, bad, HUGE)
+    good = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=T0)["id"]
+    m.quote("MON", 99.0)
+    m.quote("AAA", 94.0)
+    return bad, good
+
+
+def test_a_stored_trail_that_is_not_a_price_does_not_stop_the_monitor(writer: Stack) -> None:
+    """The reviewer's reproduction, with the trade stored as before open_trade refused it: the monitor
+    proposed the trail 1000000000098.5 as a stop, the writer refused it, and the ValidationError ended
+    every run (rc 1; under circus a crash loop, then no trade's stops enforced). Now the trail is not
+    proposed, the monitor says so once, and the other trade's stop closes it."""
+    m = Market(writer)
+    bad, good = open_sell_with_an_impossible_trail(m, writer)
+    log = run_monitor(writer)
+    assert f"trade {good} closed at 94.0 (stop_loss)" in log
+    said = [line for line in log.splitlines() if f"trade {bad}: trailing stop not set" in line]
+    assert len(said) == 1 and "stop_loss: 1000000000098.5 is not a price (must be > 0 and < 1e+12)" in said[0], log
+    con = db(writer)
+    try:
+        trades = {r[0]: r[1:] for r in con.execute(
+            "SELECT id, status, close_reason, stop_loss, best_price FROM trades")}
+        kinds = [k for (k,) in con.execute("SELECT kind FROM trade_events WHERE trade_id = ? ORDER BY id", (bad,))]
+    finally:
+        con.close()
+    assert trades[good][:3] == ("closed", "stop_loss", 95.0)
+    assert trades[bad] == ("open", None, None, 99.5)  # its best price followed the ask; no stop was set
+    assert kinds == ["opened"]
+    # Its stop and target still apply, and a second run finds nothing left to do.
+    assert "stop ->" not in run_monitor(writer)
+
+
+def test_a_change_the_writer_refuses_skips_that_trade_and_the_others_go_on(
+        writer: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever the monitor proposes that the writer refuses (here the stop it proposed for the
+    reproduction's trade before trails were checked) costs that trade its step, with one line saying
+    which and why, not the process: the next trade is still closed by its stop, and the skipped one
+    waits for new ticks (it is not redone at once, step after step)."""
+    m = Market(writer)
+    bad, good = open_sell_with_an_impossible_trail(m, writer)
+    worker = MonitorWorker(writer.settings, until_idle=True)
+    worker.setup()
+    try:
+        trades, ticks, through = worker.read()
+        assert [t.id for t in trades] == [bad, good]
+        fall = ticks["MON"][-1]
+        refused = replace(evaluate(trades[0], ticks["MON"]), stop_loss=fall.ask + HUGE, stop_rule="trailing",
+                          stop_moved_ts=fall.ts)
+        with caplog.at_level(logging.INFO, logger="tickstack.monitor"):
+            worker.apply(trades[0], refused, through)
+            worker.apply(trades[1], evaluate(trades[1], ticks["AAA"]), through)
+            assert worker.step() is False  # nothing pending: the skipped trade waits for new ticks
+        skipped = [r for r in caplog.records if f"trade {bad} skipped" in r.getMessage()]
+        assert len(skipped) == 1 and skipped[0].levelno == logging.ERROR
+        assert "update_trade" in skipped[0].getMessage()
+        assert "stop_loss: 1000000000098.5 is not a price (must be > 0 and < 1e+12)" in skipped[0].getMessage()
+        assert f"trade {good} closed at 94.0 (stop_loss)" in caplog.text
+    finally:
+        worker.teardown()
+    con = db(writer)
+    try:
+        rows = dict(con.execute("SELECT id, status FROM trades"))
+        stop = con.execute("SELECT stop_loss FROM trades WHERE id = ?", (bad,)).fetchone()[0]
+    finally:
+        con.close()
+    assert rows == {bad: "open", good: "closed"} and stop is None
+
+
+def test_open_trade_refuses_a_trailing_distance_whose_stop_could_never_be_a_price(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the source: a sell's trailing stop starts at entry + trailing_distance and only falls from
+    there; at or over the price limit it is no stop the writer takes. Refused, naming the field and
+    why, through the writer and the API (the reproduction's 201). A buy's trail, best - distance,
+    is never over the limit; at or below 0 it is not in force until the bid passes the distance,
+    which is a (wide) trailing stop, not an impossible one: accepted as before."""
+    m = Market(writer)
+    m.quote("MON", 100.0)  # a sell opens at the bid, 100.0
+    message = ("trailing_distance: the trailing stop of a sell at 100.0 (entry + 999999999999.0): "
+               "1000000000099.0 is not a price (must be > 0 and < 1e+12)")
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        m.client.call("open_trade", symbol="MON", side="sell", size=1.0, trailing_distance=HUGE)
+    with pytest.raises(ValidationError, match=r"^trailing_distance: the trailing stop of a sell at 5\.0 "):
+        m.client.call("open_trade", symbol="MON", side="sell", size=1.0, entry_price=5.0,
+                      trailing_distance=1e12 - 5.0)
+
+    monkeypatch.delenv("TICKSTACK_API_TOKEN", raising=False)
+    http = create_app("api", load_settings(writer.env)).test_client()
+    auth = {"Authorization": f"Bearer {(writer.home / 'api-token').read_text().strip()}"}
+    resp = http.post("/api/trades", json={"symbol": "MON", "side": "sell", "size": 1, "trailing_distance": HUGE},
+                     headers=auth)
+    assert resp.status_code == 400, resp.get_data(as_text=True)
+    assert resp.get_json()["error"]["message"] == message
+
+    con = db(writer)
+    assert con.execute("SELECT count(*) FROM trades").fetchone()[0] == 0
+    con.close()
+    # The widest trail a sell at 100.0 can have, and a buy's trail that starts below 0.
+    sell = m.client.call("open_trade", symbol="MON", side="sell", size=1.0, trailing_distance=1e12 - 101.0)
+    buy = m.client.call("open_trade", symbol="MON", side="buy", size=1.0, trailing_distance=HUGE)
+    assert sell["entry_price"] == 100.0 and buy["entry_price"] == 100.5
 
 
 def test_small_chunks_reach_the_same_result_as_one_pass(writer: Stack) -> None:

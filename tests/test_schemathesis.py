@@ -60,6 +60,8 @@ RULES: dict[str, dict[str, str]] = {
         "stop_loss below the entry for a buy, above for a sell": r"stop_loss \S+ must be (below|above) the entry",
         "take_profit above the entry for a buy, below for a sell": r"take_profit \S+ must be (above|below) the entry",
         "it needs a stored tick": r"no price given and no tick stored for \S+",
+        "for a sell, entry + trailing_distance": r"trailing_distance: the trailing stop of a sell at \S+ "
+                                                 r"\(entry \+ \S+\): \S+ is not a price",
     },
     "POST /api/trades/{trade_id}/close": {
         "it needs a stored tick": r"no price given and no tick stored for \S+",

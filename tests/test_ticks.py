@@ -6,6 +6,9 @@ import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
 
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
@@ -67,6 +70,97 @@ def test_malformed_row_exits_nonzero_with_line_after_storing_rows_before_it(writ
     assert stored == [(T0, 42000.5), (T0 + 1000, 42000.0), (T0 + 2000, 42001.0)]
 
 
+# A bad row at line 7 after good lines 2-6, then good lines 8-10: the replay stores lines 2-6 and no
+# other, never has a batch refused by the writer (which would keep lines 2-6 out too), and exits 1
+# naming line 7 and the field. Each line's tick has its own ts, so the stored rows say which lines.
+BAD_LINE = 7
+
+
+def tick_row(line: int) -> str:
+    return f"{T0 + line * 1000},EURUSD,1.1,1.1002,1"
+
+
+def replay(stack: Stack, path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run(stack, "workers.ticks", "--feed", "csv", "--file", str(path), "--speed", "max", *extra)
+
+
+def stored(stack: Stack) -> list[tuple[int, int]]:
+    return ro(stack).execute("SELECT seq, ts FROM ticks ORDER BY seq").fetchall()
+
+
+def assert_stopped_at_bad_line(stack: Stack, result: subprocess.CompletedProcess, expected: list[tuple[int, int]],
+                               line: int, *words: str) -> None:
+    """Exit 1, the error names ``line`` and ``words`` (the field), every row before it stored once and
+    none after, no traceback and no batch refused by the writer."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "writer rejected" not in result.stderr, result.stderr
+    error = [msg for msg in result.stderr.splitlines() if f"line {line}: " in msg]
+    assert error and all(w in error[0] for w in words), (words, result.stderr[-2000:])
+    assert stored(stack) == expected
+    assert list(stack.settings.spool_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize(("row", "field"), [
+    pytest.param(f"{T0 + 7000},eurusd,1.1,1.1002,1", "symbol", id="lower-case-symbol"),
+    pytest.param("2200-01-01T00:00:00,EURUSD,1.1,1.1002,1", "ts", id="year-2200"),
+    pytest.param(f"{T0 + 7000},EURUSD,1e13,1e13,1", "bid", id="price-1e13"),
+    pytest.param("-5,EURUSD,1.1,1.1002,1", "ts", id="negative-ts"),
+    pytest.param(f"{T0 + 7000},EURUSD,1.1,1.1002,1e13", "volume", id="volume-1e13"),
+    pytest.param("9" * 5000 + ",EURUSD,1.1,1.1002,1", "ts", id="ts-of-5000-digits"),
+])
+def test_a_row_the_writer_would_refuse_stops_the_replay_at_its_line(writer: Stack, row: str, field: str) -> None:
+    path = writer.home / "bad.csv"
+    lines = [tick_row(n) for n in range(2, BAD_LINE)] + [row] + [tick_row(n) for n in range(BAD_LINE + 1, 11)]
+    path.write_text("ts,symbol,bid,ask,volume\n" + "\n".join(lines) + "\n")
+    result = replay(writer, path)
+    expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
+    assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field)
+
+
+def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) -> None:
+    path = writer.home / "long.csv"
+    lines = [tick_row(n) for n in range(2, BAD_LINE)] + [f"{T0 + 7000},EURUSD,1.1,1.1002,{'1' * 140_000}"]
+    path.write_text("ts,symbol,bid,ask,volume\n" + "\n".join(lines + [tick_row(8)]) + "\n")
+    result = replay(writer, path)
+    expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
+    assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, "field", "131072")
+
+
+@pytest.mark.parametrize("good", [5, 3000], ids=["in-the-first-8k", "after-3000-rows"])
+def test_a_byte_that_is_not_utf8_stops_the_replay_at_its_line(writer: Stack, good: int) -> None:
+    # The reader decoded 8 KB at a time: the good rows sharing the bad byte's 8 KB were lost, and a
+    # bad byte in the first 8 KB was reported before the header was read, with no file and no line.
+    bad = good + 2
+    path = writer.home / "latin1.csv"
+    head = "ts,symbol,bid,ask,volume\n" + "".join(f"{tick_row(n)}\n" for n in range(2, bad))
+    path.write_bytes(head.encode() + f"{T0 + bad * 1000},EUR".encode() + b"\xff" + b"USD,1.1,1.1002,1\n"
+                     + f"{tick_row(bad + 1)}\n".encode())
+    result = replay(writer, path)
+    expected = [(4 * n, T0 + n * 1000) for n in range(2, bad)]
+    assert_stopped_at_bad_line(writer, result, expected, bad, "symbol", "UTF-8")
+
+
+@pytest.mark.parametrize(("row", "field"), [
+    pytest.param("2024-01-01 00:05:00,100,1e13,99,100.5,10", "high", id="high-1e13"),
+    pytest.param("2024-01-01 00:05:00,100,101,99,100.5,1e13", "volume", id="volume-1e13"),
+    pytest.param("2200-01-01 00:00:00,100,101,99,100.5,10", "time", id="year-2200"),
+    pytest.param("2024-01-01 00:05:00,100,101,102,100.5,10", "high", id="high-below-low"),
+])
+def test_a_bad_bar_stops_the_replay_at_its_line_after_storing_the_bars_before_it(writer: Stack, row: str,
+                                                                                 field: str) -> None:
+    path = writer.home / "bars.csv"
+    # 1-minute bars from T0 on lines 2-10 (line n at minute n - 2), the one of line 7 replaced by ``row``.
+    bars = [f"{datetime.fromtimestamp((T0 + i * 60_000) / 1000, UTC):%Y-%m-%d %H:%M:%S},100,101,99,100.5,10"
+            for i in range(9)]
+    bars[BAD_LINE - 2] = row
+    path.write_text("Date,Open,High,Low,Close,Volume\n" + "\n".join(bars) + "\n")
+    result = replay(writer, path, "--symbol", "EURUSD")
+    # A bar is 4 ticks (seq = line * 4 + position) at these offsets inside its minute.
+    offsets = (0, 15_000, 30_000, 59_999)
+    expected = [(4 * n + k, T0 + (n - 2) * 60_000 + offsets[k]) for n in range(2, BAD_LINE) for k in range(4)]
+    assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field)
+
+
 def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> None:
     down = run(stack, "workers.ticks", "--feed", "sim", "--count", "50", "--seed", "3", "--rate", "1000",
                "--batch", "20", "--deadline", "1")
@@ -91,6 +185,11 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         (["--symbols", "btc,eth"], "--symbols"),
         (["--batch", "0"], "--batch 0"),
         (["--feed", "ftp"], "invalid choice"),
+        # Not finite, or no use: nan would never compare, inf would never end a wait.
+        (["--deadline", "inf"], "argument --deadline: 'inf' must be a number greater than 0 and at most 86400"),
+        (["--deadline", "-1"], "argument --deadline: '-1' must be a number greater than 0"),
+        (["--rate", "nan"], "argument --rate: 'nan' must be a number greater than 0"),
+        (["--vol-scale", "1e300"], "argument --vol-scale: '1e300' must be a number greater than 0 and at most 1000"),
     ]
     for args, message in cases:
         result = run(stack, "workers.ticks", *args, timeout=60)

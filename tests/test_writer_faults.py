@@ -152,6 +152,61 @@ def add_trigger(stack: Stack, definition: str, postgres: tuple[str, str] | None 
         con.close()
 
 
+def nested(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("payload, message", [
+    # Nested deeper than Python's repr goes (within the decode limits): the error still names the field.
+    (request("audit", {"actor": nested(990), "action": "deep"}), r"^actor: \[\[\[.* is not a name"),
+    (msgpack.packb({"v": nested(990), "cid": "raw-peer", "seq": 1, "op": "audit", "args": {}}),
+     r"^protocol version \[\[\[.*\]\]\] is not supported"),
+    # A value no set can hold (a list) in a text column of the columns form: its column and index.
+    (request("insert_ticks", {"ticks": {**ticks(2, "unhashable"), "symbol": ["BTCUSD", ["A"]]}}),
+     r"^ticks\.symbol\[1\]: \['A'\] is not a symbol"),
+    (request("insert_ticks", {"ticks": {**ticks(2, "unhashable"), "source": [{}, "feed"]}}),
+     r"^ticks\.source\[0\]: \{\} is not a source name"),
+    # A NUL character: PostgreSQL's text cannot hold it, so no text field takes it, on either database.
+    (request("audit", {"actor": "me", "action": "nul", "detail": "before\x00after"}),
+     r"^detail: 'before\\x00after' holds a NUL character"),
+], ids=["nested-field", "nested-envelope", "unhashable-symbol", "unhashable-source", "nul-in-text"])
+def test_a_value_of_any_shape_gets_an_error_naming_its_field(writer: Stack, peer: RawPeer, payload: bytes,
+                                                           message: str) -> None:
+    """What the value is does not matter to the reply: nested a thousand deep or unhashable, the error
+    names the field (and index), as for any other bad value, and nothing is logged as the writer's
+    own failure."""
+    reply = peer.ask(payload)
+    assert reply["ok"] is False and reply["error"]["type"] == "ValidationError", reply
+    assert re.search(message, reply["error"]["message"]), reply["error"]["message"]
+    assert len(reply["error"]["message"]) < 300
+    client = WriterClient(settings=writer.settings, deadline=10)
+    assert client.call("audit", actor="me", action="after")["id"] == 1
+    assert "Traceback" not in writer.writer_log()
+
+
+def test_a_client_made_to_send_again_cannot_reuse_an_id_for_a_new_request(writer: Stack) -> None:
+    """``WriterClient(client_id=...)`` exists to send an earlier client's unanswered requests again
+    under their own ids (``submit(..., _seq=N)``). A new request from it would number from 1 again and
+    take the id of one already applied: the writer would answer it with that request's result and
+    apply nothing. So it refuses new requests, and only those: a resend, a ping and stats work."""
+    first = WriterClient(settings=writer.settings, deadline=10)
+    assert first.call("audit", actor="alice", action="first")["id"] == 1
+    again = WriterClient(settings=writer.settings, deadline=10, client_id=first.client_id)
+    with pytest.raises(ValueError, match=r"only sends earlier requests again .*_seq"):
+        again.call("audit", actor="bob", action="second")
+    with pytest.raises(ValueError, match=r"only sends earlier requests again"):
+        again.submit("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0)
+    assert again.ping()["pid"] == writer.procs[0].pid and "batches" in again.stats()
+    resent = again.submit("audit", _seq=1, actor="alice", action="first")
+    again.wait(resent)
+    assert resent.result() == {"id": 1}
+    assert count(writer, "SELECT count(*) FROM audit_log") == 1
+    assert count(writer, "SELECT count(*) FROM trades") == 0
+
+
 @pytest.mark.parametrize("seq", [2**63, 2**64 - 1])
 def test_a_seq_the_database_cannot_store_is_refused_and_the_writer_serves_on(writer: Stack, peer: RawPeer,
                                                                              seq: int) -> None:

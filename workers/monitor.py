@@ -7,7 +7,10 @@ Per tick, on the exit-side price (bid for a buy, ask for a sell), in this order:
    ``breakeven_stop`` when that rule set the stop; target hit closes with ``take_profit``;
 2. best price (highest bid for a buy, lowest ask for a sell);
 3. break-even: once best is ``breakeven_trigger`` in favour of the entry, stop -> entry if that is tighter;
-4. trailing: stop -> best -/+ ``trailing_distance`` if that is tighter.
+4. trailing: stop -> best -/+ ``trailing_distance`` if that is tighter and a price (the only stop
+   update_trade takes). A buy's trail at or below 0 is not in force until the bid passes the distance;
+   a sell's at or over the price limit (open_trade refuses one since it could never be stored, but an
+   older row may hold one) is not set either, and the worker says so once per trade.
 
 Ticks are read by id; on PostgreSQL only up to :class:`db.queries.TickHorizon`'s bound, below which
 no tick can still commit (several writers commit out of id order), so that no trade passes over one.
@@ -16,7 +19,8 @@ The rules are level-based (a function of the best price, not of crossings), so r
 were already applied changes nothing: after a restart the monitor may redo ticks since the last stored
 ``last_tick_id`` and reach the same state. :func:`evaluate` is the pure rule; the worker reads, calls
 it, and sends one writer call per changed trade per step (two when an exit follows a stop move in
-the same step: see :meth:`MonitorWorker.apply`).
+the same step: see :meth:`MonitorWorker.apply`). A change the writer refuses costs its trade the
+step (logged), never the process: the monitor guards every other open trade.
 """
 from __future__ import annotations
 
@@ -32,14 +36,18 @@ from sqlalchemy.engine import Connection, Engine
 from db import queries
 from db.client import WriterClient
 from db.config import Settings
-from db.errors import Conflict, NotFound, WriterUnavailable
+from db.errors import Conflict, NotFound, ValidationError, WriterUnavailable
 from db.models import Tick, Trade, TradeEvent
+from db.validation import price as valid_price
 from workers.base import Worker, main, wait_for_database
 
 DEFAULT_CHUNK = 5000
 #: Store a trade's progress (last_tick_id) at least this often even when nothing else changed, which
 #: bounds the replay after a restart.
 PROGRESS_EVERY = 60.0
+#: A trade whose changes the writer refuses is refused again at each step with new ticks: its error
+#: line is repeated at most this often (with the count of refusals in between), not at every step.
+REFUSED_LOG_EVERY = 60.0
 #: Close reason for a stop hit, by the rule that last set the stop (None: the initial or a manual stop).
 STOP_REASONS = {None: "stop_loss", "trailing": "trailing_stop", "breakeven": "breakeven_stop"}
 
@@ -80,7 +88,9 @@ class Exit:
 @dataclass(frozen=True)
 class Decision:
     """The trade after the ticks: ``last_tick_id`` is the last tick applied (the exit tick if it
-    closed); ``stop_moved_ts`` the ts of the tick that last moved the stop, None if it did not move."""
+    closed); ``stop_moved_ts`` the ts of the tick that last moved the stop, None if it did not move;
+    ``trail_problem`` why a trail that would have tightened the stop was not set (it is not a price),
+    None if none was left out."""
 
     trade_id: int
     last_tick_id: int
@@ -89,10 +99,21 @@ class Decision:
     stop_rule: str | None
     stop_moved_ts: int | None = None
     exit: Exit | None = None
+    trail_problem: str | None = None
 
     @property
     def stop_moved(self) -> bool:
         return self.stop_moved_ts is not None
+
+
+def _price_problem(value: float) -> str | None:
+    """Why update_trade would refuse ``value`` as a stop (:func:`db.validation.price`, the writer's
+    own rule, not a copy of it), or None if it takes it."""
+    try:
+        valid_price("stop_loss", value)
+    except ValidationError as e:
+        return str(e)
+    return None
 
 
 def evaluate(trade: TradeState, ticks: Iterable[PriceTick]) -> Decision:
@@ -103,15 +124,18 @@ def evaluate(trade: TradeState, ticks: Iterable[PriceTick]) -> Decision:
     entry, target = trade.entry_price, trade.take_profit
     best = trade.best_price if trade.best_price is not None else entry
     stop, rule, moved_ts, last = trade.stop_loss, trade.stop_rule, None, trade.last_tick_id
+    problem = None
     for t in ticks:
         if t.id <= trade.last_tick_id:
             continue
         price = t.bid if buy else t.ask
         last = t.id
         if stop is not None and sign * (price - stop) <= 0:
-            return Decision(trade.id, last, best, stop, rule, moved_ts, Exit(price, STOP_REASONS[rule], t.id, t.ts))
+            return Decision(trade.id, last, best, stop, rule, moved_ts, Exit(price, STOP_REASONS[rule], t.id, t.ts),
+                            problem)
         if target is not None and sign * (price - target) >= 0:
-            return Decision(trade.id, last, best, stop, rule, moved_ts, Exit(price, "take_profit", t.id, t.ts))
+            return Decision(trade.id, last, best, stop, rule, moved_ts, Exit(price, "take_profit", t.id, t.ts),
+                            problem)
         if sign * (price - best) > 0:
             best = price
         if (trade.breakeven_trigger is not None and sign * (best - entry) >= trade.breakeven_trigger
@@ -119,9 +143,16 @@ def evaluate(trade: TradeState, ticks: Iterable[PriceTick]) -> Decision:
             stop, rule, moved_ts = entry, "breakeven", t.ts
         if trade.trailing_distance is not None:
             trail = best - sign * trade.trailing_distance
+            # A buy's trail at or below 0 is simply not in force yet (until the bid passes the distance).
             if trail > 0 and (stop is None or sign * (trail - stop) > 0):
-                stop, rule, moved_ts = trail, "trailing", t.ts
-    return Decision(trade.id, last, best, stop, rule, moved_ts)
+                # Checked only when it would move the stop, not at every tick: a stop the writer refuses
+                # would fail the whole update (best price and progress with it), at every step.
+                refused = _price_problem(trail)
+                if refused is None:
+                    stop, rule, moved_ts = trail, "trailing", t.ts
+                else:
+                    problem = refused
+    return Decision(trade.id, last, best, stop, rule, moved_ts, None, problem)
 
 
 class MonitorWorker(Worker):
@@ -141,6 +172,10 @@ class MonitorWorker(Worker):
         self._progress_saved_at = time.monotonic()
         #: PostgreSQL: how far ids are final (several writers may commit out of id order).
         self.horizon = queries.TickHorizon()
+        #: Open trades whose trail was left out as not a price, already said (once per trade).
+        self._trail_said: set[int] = set()
+        #: Per open trade the writer refused a change of: when that was last logged, refusals since.
+        self._refused: dict[int, tuple[float, int]] = {}
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
@@ -155,6 +190,8 @@ class MonitorWorker(Worker):
             safe = self.horizon.advance(conn)
             trades = _open_trades(conn)
             self._stored = {t.id: t.last_tick_id for t in trades}
+            self._trail_said &= self._stored.keys()  # closed trades are forgotten
+            self._refused = {k: v for k, v in self._refused.items() if k in self._stored}
             self.progress = {t.id: p for t in trades if (p := self.progress.get(t.id, 0)) > t.last_tick_id}
             trades = [replace(t, last_tick_id=self.progress.get(t.id, t.last_tick_id)) for t in trades]
             if not trades:
@@ -193,13 +230,20 @@ class MonitorWorker(Worker):
     def apply(self, trade: TradeState, d: Decision, through: int) -> None:
         """Store a decision: update_trade if the stop or best price changed, close_trade if it exited,
         else only remember the progress in memory. Conflict/NotFound (the trade was closed or removed
-        meanwhile) are logged, not raised.
+        meanwhile) are logged, not raised; so is a ValidationError (the writer refused the change):
+        the trade is skipped for these ticks and the step goes on with the others.
 
         An exit whose step also moved the stop or best price takes two calls: the update first, so the
         stop move is on record (trade event) and best_price is final, then the close. The update then
         leaves last_tick_id alone: if the close is lost, the exit tick is simply replayed."""
         assert self.client is not None
         done = max(d.last_tick_id, through)
+        if d.trail_problem is not None and trade.id not in self._trail_said:
+            # Once per trade: its trail stays out at every step until it becomes a price, if ever.
+            self._trail_said.add(trade.id)
+            self.log.warning("%s: trade %d: trailing stop not set: the writer takes no such stop (%s); its other "
+                             "exits still apply", self.name, trade.id, d.trail_problem)
+        call = "update_trade"
         try:
             if d.stop_moved or d.best_price != trade.best_price:
                 self.client.call("update_trade", trade_id=trade.id, best_price=d.best_price,
@@ -212,6 +256,7 @@ class MonitorWorker(Worker):
                     self._stored[trade.id] = done
             if d.exit is not None:
                 x = d.exit
+                call = "close_trade"
                 r = self.client.call("close_trade", trade_id=trade.id, price=x.price, reason=x.reason, ts=x.ts,
                                      last_tick_id=x.tick_id)
                 self.log.info("%s: trade %d closed at %s (%s), pnl %s", self.name, trade.id, x.price, x.reason,
@@ -222,6 +267,27 @@ class MonitorWorker(Worker):
         except (Conflict, NotFound) as e:
             self.log.warning("%s: trade %d not updated: %s", self.name, trade.id, e)
             self.progress.pop(trade.id, None)
+        except ValidationError as e:
+            # Retrying cannot help (a value in this trade's row that no op stores any more, or a bug
+            # here), and raising would end the step, and under circus the process at every start, for
+            # every other trade. The trade goes on with the next ticks from its stored state (what
+            # these ticks changed is not stored). Not redone at once: step after step it would be
+            # refused again, and --until-idle would never be idle.
+            self._say_refused(trade.id, call, e)
+            self.progress[trade.id] = done
+
+    def _say_refused(self, trade_id: int, call: str, e: ValidationError) -> None:
+        """One error line for a refused change, then at most one per REFUSED_LOG_EVERY for the same
+        trade, counting the refusals in between: each is said, none floods the log."""
+        now = time.monotonic()
+        said_at, since = self._refused.get(trade_id, (None, 0))
+        if said_at is not None and now - said_at < REFUSED_LOG_EVERY:
+            self._refused[trade_id] = (said_at, since + 1)
+            return
+        more = f" (and {since} times since the last such line)" if since else ""
+        self.log.error("%s: trade %d skipped: the writer refused its %s: %s%s; it waits for new ticks", self.name,
+                       trade_id, call, e, more)
+        self._refused[trade_id] = (now, 0)
 
     def _save_progress(self, force: bool = False) -> None:
         """Store last_tick_id of trades whose progress is only in memory, at most every PROGRESS_EVERY s."""

@@ -43,9 +43,11 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.engine import make_read_engine
 from db.errors import ValidationError, WriterError
+from db.parsers import number_flag
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
-from workers.feeds import CsvFeed, CsvFormatError, SimFeed, pace, parse_speed
+from workers.csvfiles import CsvFeed, CsvFormatError
+from workers.feeds import SimFeed, pace, parse_speed
 from workers.spool import COLUMNS, Spool
 
 EXIT_BAD_ROW = 1
@@ -320,12 +322,12 @@ def _symbols(text: str) -> list[str]:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=["sim", "csv"], default="sim")
     parser.add_argument("--symbols", default="BTCUSD,EURUSD", help="sim: comma-separated symbols")
-    parser.add_argument("--rate", type=float, default=None,
+    parser.add_argument("--rate", type=number_flag(0.0, 1_000_000.0, above=True), default=None,
                         help=f"sim: ticks per second over all symbols (default: {SIM_RATE_PER_SYMBOL:g} per symbol, a "
                              "tick about every 100 ms for each)")
     parser.add_argument("--seed", type=int, default=None, help="sim: random seed (repeatable runs)")
     parser.add_argument("--count", type=int, default=None, help="sim: stop after this many ticks")
-    parser.add_argument("--vol-scale", type=float, default=1.0,
+    parser.add_argument("--vol-scale", type=number_flag(0.0, 1000.0, above=True), default=1.0,
                         help="sim: volatility multiplier; 1 is realistic (BTCUSD ~60,000 with 2 decimals, 60 %% a "
                              "year; EURUSD ~1.08 with 5 decimals, 7 %% a year; spreads per symbol), more for a "
                              "livelier demo. A restarted feed continues from each symbol's last stored price")
@@ -334,7 +336,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeframe", help="csv: bar interval (default: inferred from the file)")
     parser.add_argument("--speed", default="max", help="csv: 'max' or real time x k (e.g. 1, 10)")
     parser.add_argument("--batch", type=int, default=1000, help="ticks per writer request (1..10000)")
-    parser.add_argument("--deadline", type=float, default=15.0,
+    parser.add_argument("--deadline", type=number_flag(0.0, 86_400.0, above=True), default=15.0,
                         help="seconds a batch waits for the writer before it is spooled to disk")
     parser.add_argument("--memory-limit", type=int, default=200_000,
                         help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "
@@ -361,14 +363,10 @@ def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
 
 
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
-    if not args.deadline > 0:
-        raise ValueError("--deadline must be positive")
     if args.feed == "sim":
         symbols = _symbols(args.symbols)
         if args.rate is None:
             args.rate = SIM_RATE_PER_SYMBOL * len(symbols)
-        if not args.rate > 0 or not args.vol_scale > 0:
-            raise ValueError("--rate and --vol-scale must be positive")
         if args.count is not None and args.count < 0:
             raise ValueError("--count must be >= 0")
         feed = SimFeed(symbols, seed=args.seed, rate_hz=args.rate, vol_scale=args.vol_scale,

@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     try:
         settings = load_settings()
+        # Here as well as in Writer.run: a home that cannot be made (a file in the way, no permission)
+        # is a bad TICKSTACK_HOME, to be said in one line like any bad setting, not as a traceback.
+        ensure_home(settings)
     except ConfigError as e:
         log.error("writer: %s", e)
         return 2

@@ -16,7 +16,7 @@ from bench.common import (
     int_between,
     machine_info,
     name_list,
-    positive_float,
+    number_flag,
     postgres_homes,
     write_json,
 )
@@ -28,6 +28,14 @@ VARIANT_HELP = {
              "process it started is killed -9, and the stack is restarted as `make run` does",
 }
 VARIANTS = tuple(VARIANT_HELP)
+#: The longest gap, pause or settle, in seconds: an hour with no kill (or no request from a producer) is
+#: already a run that tests nothing; beyond it a typo (past about 9e9 time.sleep refuses it: OverflowError).
+MAX_SECONDS = 3600.0
+#: Flag types, all by db's one finite-number rule: nan and inf are refused (the producers called
+#: time.sleep(nan), a ValueError, or slept for ever).
+SECONDS = number_flag(0, MAX_SECONDS, above=True)
+SECONDS_OR_ZERO = number_flag(0, MAX_SECONDS)
+CHANCE = number_flag(0, 1)
 
 
 def build_parser(prog: str = "python -m bench chaos") -> argparse.ArgumentParser:
@@ -45,16 +53,18 @@ def build_parser(prog: str = "python -m bench chaos") -> argparse.ArgumentParser
     p.add_argument("--stack-rounds", type=int_between(0, 100), default=2,
                    help="whole-stack kills in the stack variant (default 2)")
     p.add_argument("--seed", type=int, default=1, help="seed of the kill moments and victims (default 1)")
-    p.add_argument("--min-gap", type=positive_float, default=0.5,
-                   help="shortest time between two kills, in seconds (default 0.5)")
-    p.add_argument("--max-gap", type=positive_float, default=2.0,
-                   help="longest time between two kills, in seconds (default 2)")
-    p.add_argument("--producer-kill-chance", type=float, default=0.3,
-                   help="chance that a writer kill also kills a random producer (default 0.3)")
-    p.add_argument("--pause", type=float, default=0.0,
-                   help="seconds each producer waits between two requests (default 0: as fast as it can)")
-    p.add_argument("--settle", type=positive_float, default=1.0,
-                   help="seconds of writing after the last kill, before the producers stop (default 1)")
+    p.add_argument("--min-gap", type=SECONDS, default=0.5,
+                   help=f"shortest time between two kills, in seconds (default 0.5, at most {MAX_SECONDS:g})")
+    p.add_argument("--max-gap", type=SECONDS, default=2.0,
+                   help=f"longest time between two kills, in seconds (default 2, at most {MAX_SECONDS:g})")
+    p.add_argument("--producer-kill-chance", type=CHANCE, default=0.3,
+                   help="chance that a writer kill also kills a random producer, 0 to 1 (default 0.3)")
+    p.add_argument("--pause", type=SECONDS_OR_ZERO, default=0.0,
+                   help="seconds each producer waits between two requests (default 0: as fast as it can; "
+                        f"at most {MAX_SECONDS:g})")
+    p.add_argument("--settle", type=SECONDS, default=1.0,
+                   help="seconds of writing after the last kill, before the producers stop (default 1, at most "
+                        f"{MAX_SECONDS:g})")
     p.add_argument("--only", type=name_list(VARIANTS), default=None, metavar="NAMES",
                    help="comma-separated variants to run (default: all)")
     p.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
@@ -78,10 +88,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench chaos") -> 
     opts = parser.parse_args(argv)
     if opts.min_gap > opts.max_gap:
         parser.error(f"--min-gap {opts.min_gap} is larger than --max-gap {opts.max_gap}")
-    if not 0 <= opts.producer_kill_chance <= 1:
-        parser.error("--producer-kill-chance must be between 0 and 1")
-    if opts.pause < 0:
-        parser.error("--pause must be >= 0")
     plan = plan_of(opts)
     chosen = [n for n in VARIANTS if opts.only is None or n in opts.only]
     with postgres_homes(amcheck=True) if opts.database == "postgresql" else contextlib.nullcontext():

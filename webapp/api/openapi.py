@@ -248,7 +248,9 @@ def _build() -> dict[str, Any]:
                     "requestBody": {"required": False, "content": {"application/json": {"schema": {
                         "type": "object", "additionalProperties": False,
                         "properties": {"price": {**_PRICE, "type": ["number", "null"]},
-                                       "reason": {"type": "string", "maxLength": 64, "default": "manual"}},
+                                       "reason": {"type": "string", "maxLength": 64, "default": "manual",
+                                                  # PostgreSQL's text cannot hold NUL: no text field takes it
+                                                  "pattern": "^[^\\x00]*$"}},
                     }}}},
                     "responses": {
                         "200": _json(_ref("schemas", "TradeDetail"), "Closed"),
@@ -348,7 +350,9 @@ def _build() -> dict[str, Any]:
                             "stop_loss below the entry for a buy, above for a sell (400 otherwise)")},
                         "take_profit": {**_PRICE, "type": ["number", "null"], "description": (
                             "take_profit above the entry for a buy, below for a sell (400 otherwise)")},
-                        "trailing_distance": {**_PRICE, "type": ["number", "null"]},
+                        "trailing_distance": {**_PRICE, "type": ["number", "null"], "description": (
+                            "for a sell, entry + trailing_distance (where its trailing stop starts) "
+                            "below 1e12 too (400 otherwise)")},
                         "breakeven_trigger": {**_PRICE, "type": ["number", "null"]},
                         "ts": {**_TS, "type": ["integer", "null"], "description": "Opening time; default now"},
                     },

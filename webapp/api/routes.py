@@ -84,6 +84,7 @@ def post_ticks() -> ResponseReturnValue:
     ``{"inserted", "duplicates"}`` (a tick whose (source, seq) is stored is a
     duplicate, so a resent batch is safe). 200 rather than 201: ticks get no
     URL of their own, and a batch of duplicates creates nothing."""
+    query()  # a write's fields are in its body: one put in the query is refused, not dropped
     result = write("insert_ticks", json_object())
     return jsonify({"inserted": result["inserted"], "duplicates": result["duplicates"]}), 200
 

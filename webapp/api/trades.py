@@ -65,6 +65,7 @@ def trade_detail(trade_id: int) -> dict[str, Any]:
 def open_trade() -> ResponseReturnValue:
     """Open a paper trade (the fields of the writer's ``open_trade``); 201
     with the trade and ``Location``."""
+    query()  # a write's fields are in its body: one put in the query is refused, not dropped
     result = write("open_trade", json_object())
     detail = trade_detail(result["id"])
     return jsonify(detail), 201, {"Location": f"/api/trades/{result['id']}"}
@@ -96,6 +97,7 @@ def close_trade(trade_id: int) -> ResponseReturnValue:
     ask for a sell) with ``reason`` (default ``manual``); the body may be
     empty. 200 with the closed trade; 404 unknown id; 409 already closed."""
     trade_id = _trade_id(trade_id)
+    query()  # a write's fields are in its body: one put in the query is refused, not dropped
     body = json_object(optional=True)
     # Only the close request's own fields, checked by the writer's rule (and message) for fields.
     validation.check_fields("", body, {f: ops.OPS["close_trade"].fields[f] for f in CLOSE_FIELDS})

@@ -1,0 +1,245 @@
+"""What a setting's or a flag's text may be: the parsers of :mod:`db.config`'s registry (each
+``(variable name, raw text) -> value``, or a :class:`ConfigError` naming both), their shared bounds
+with the reason for each, and argparse types built on the same rules (nan and inf never pass).
+
+Apart from the registry so that a rule is written once for both a setting and a flag, and so that
+each module stays one job; only :mod:`db.config` reads the environment.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_IPC_PATH = 107
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message says which and what to do."""
+
+
+# --- parsers: (variable name, raw text) -> value, or ConfigError naming both -----------------
+
+Parser = Callable[[str, str], Any]
+
+
+#: Bounds shared by several settings (and flags), each with its reason.
+#: A C ``int``: SQLite's ``busy_timeout`` and PostgreSQL's ``lock_timeout`` (milliseconds) are one.
+#: Above it SQLite silently sets 0, i.e. no waiting at all, and PostgreSQL refuses the session.
+C_INT_MAX = 2**31 - 1
+#: A terabyte: no WAL, kept or waited for, is meant to be bigger (SQLite checkpoints it itself at
+#: about 4 MB); a larger value turns the limit off in effect, and is a typo more likely than a wish.
+TIB = 2**40
+#: The longest interval of a maintenance job: a job that runs less often than yearly is a job that
+#: does not run (there is no setting for that), so a larger value is refused rather than guessed at.
+YEAR_S = 365 * 86400
+#: The longest a writer client call keeps retrying (``TICKSTACK_CLIENT_DEADLINE``, ``python -m db
+#: checkpoint --timeout``): a writer silent for a day is not restarting; finite, so every timer takes it.
+MAX_CLIENT_DEADLINE_S = 86400.0
+
+
+def _shown(x: float) -> str:
+    """``x`` as a user types it: 86400, not 86400.0 or 8.64e+04 (the README's table shows it)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _range_text(minimum: float, maximum: float | None, above: bool) -> str:
+    """The allowed range in words, as errors and the README's table say it."""
+    low = f"greater than {_shown(minimum)}" if above else f"at least {_shown(minimum)}"
+    if maximum is None:
+        return low
+    return f"{low} and at most {_shown(maximum)}" if above else f"from {_shown(minimum)} to {_shown(maximum)}"
+
+
+def _finite_number(raw: str, minimum: float, maximum: float | None, above: bool) -> float:
+    """``raw`` as a finite number in range; else a ValueError whose text follows ``'raw' ``. The one
+    rule for settings (:func:`number`) and flags (:func:`number_flag`): nan and inf are refused,
+    since no timer, sleep or SQL column can take them (``now >= nan`` is never true: a wait for ever)."""
+    bound = _range_text(minimum, maximum, above)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"is not a number {bound}") from None
+    if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
+            and (maximum is None or value <= maximum)):
+        raise ValueError(f"must be a number {bound}")
+    return value
+
+
+def number(minimum: float = 0.0, maximum: float | None = None, *, above: bool = False) -> Parser:
+    """A finite number in ``minimum..maximum`` (above ``minimum`` with ``above``)."""
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            return _finite_number(raw, minimum, maximum, above)
+        except ValueError as e:
+            raise ConfigError(f"{name}={raw!r} {e}") from None
+
+    parse.__doc__ = f"a number {_range_text(minimum, maximum, above)}"
+    return parse
+
+
+def whole(minimum: int = 0, maximum: int | None = None, *, above: bool = False) -> Parser:
+    """A whole number in ``minimum..maximum`` (above ``minimum`` with ``above``)."""
+    low = minimum + 1 if above else minimum
+    bound = _range_text(minimum, maximum, above)
+
+    def parse(name: str, raw: str) -> int:
+        text = raw.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            # int() refuses over 4300 digits (CPython's guard): such a number is out of range, not text.
+            said = "must be" if text.lstrip("+-").isdigit() else "is not"
+            raise ConfigError(f"{name}={raw!r} {said} a whole number {bound}") from None
+        if value < low or (maximum is not None and value > maximum):
+            raise ConfigError(f"{name}={raw!r} must be a whole number {bound}")
+        return value
+
+    parse.__doc__ = f"a whole number {bound}"
+    return parse
+
+
+def number_flag(minimum: float = 0.0, maximum: float | None = None, *,
+                above: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in range, by :func:`number`'s rule (nan, inf refused). Here,
+    not in ``bench``: ``python -m db`` needs it too, and db imports nothing above it."""
+    bound = _range_text(minimum, maximum, above)
+
+    def parse(text: str) -> float:
+        try:
+            return _finite_number(text, minimum, maximum, above)
+        except ValueError as e:
+            import argparse  # only to say why: the settings' users need not load it
+
+            raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
+
+    parse.__doc__ = f"argparse type: a number {bound}"
+    return parse
+
+
+_positive = number_flag(0.0, above=True)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (``nan``, ``inf``, ``0`` and ``-1`` refused)."""
+    return _positive(text)
+
+
+def choice(*choices: str) -> Parser:
+    """One of ``choices`` (case-insensitive; stored upper case)."""
+
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().upper()
+        if value not in choices:
+            raise ConfigError(f"{name}={raw!r} must be {' or '.join(choices)}")
+        return value
+
+    parse.__doc__ = " or ".join(choices)
+    return parse
+
+
+def flag(name: str, raw: str) -> bool:
+    """`1`/`0` (also `true`/`false`, `yes`/`no`, `on`/`off`)"""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
+
+
+def user_name(name: str, raw: str) -> str:
+    """1-64 characters of letters, digits and ``. _ : / @ -``"""
+    from db.validation import NAME_RE  # validation imports models; keep config import-light
+
+    if not NAME_RE.fullmatch(raw):
+        raise ConfigError(f"{name}={raw[:70]!r} is not a user name (1-64 characters of letters, digits . _ : / @ -)")
+    return raw
+
+
+def host_name(name: str, raw: str) -> str:
+    """1-64 characters of letters, digits and ``. _ -`` (a host name as PostgreSQL sessions show it)"""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
+        raise ConfigError(f"{name}={raw[:70]!r} is not a host name (1-64 characters of letters, digits . _ -)")
+    return raw
+
+
+#: Decimals a price may be configured with (``TICKSTACK_PRICE_DECIMALS``).
+MAX_PRICE_DECIMALS = 8
+
+
+def price_decimals(name: str, raw: str) -> dict[str, int]:
+    """``SYMBOL=DECIMALS`` pairs separated by commas (``EURUSD=5,BTCUSD=2``), decimals 0-8"""
+    from db.validation import SYMBOL_RE  # validation imports models; keep config import-light
+
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        symbol, sep, digits = (x.strip() for x in item.partition("="))
+        if not sep:
+            raise ConfigError(f"{name}: {item[:40]!r} is not SYMBOL=DECIMALS (e.g. {name}=EURUSD=5,BTCUSD=2)")
+        if not SYMBOL_RE.fullmatch(symbol):
+            raise ConfigError(f"{name}: {symbol[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, "
+                              "upper case)")
+        if not digits.isdigit() or int(digits) > MAX_PRICE_DECIMALS:
+            raise ConfigError(f"{name}: {symbol}={digits[:20]!r}: decimals must be a whole number from 0 to "
+                              f"{MAX_PRICE_DECIMALS}")
+        if symbol in out:
+            raise ConfigError(f"{name}: {symbol} is given twice")
+        out[symbol] = int(digits)
+    return out
+
+
+def secret_text(name: str, raw: str) -> str:
+    """any text (blank means unset); never printed"""
+    return raw.strip()
+
+
+def strong_secret(minimum: int) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip()
+        if len(value) < minimum:
+            raise ConfigError(f"{name} must be at least {minimum} characters (it has {len(value)}): a secret "
+                              "anyone could guess is no secret; leave it unset to have one generated")
+        return value
+
+    parse.__doc__ = f"a secret of at least {minimum} characters (blank means unset); never printed"
+    return parse
+
+
+def path(name: str, raw: str) -> Path:
+    """a folder (``~`` expanded)"""
+    return Path(raw).expanduser().absolute()
+
+
+def database_url(name: str, raw: str) -> str:
+    """an SQLAlchemy URL"""
+    if "://" not in raw:
+        raise ConfigError(f"{name}: not a database URL (expected e.g. sqlite:////path/to.db)")
+    return raw
+
+
+def writer_endpoint(name: str, raw: str) -> str:
+    """ipc://PATH, or a loopback tcp:// address"""
+    if raw.startswith("ipc://"):
+        check_ipc_path(raw[len("ipc://"):], name)
+    elif not raw.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
+        raise ConfigError(f"{name}={raw!r}: use ipc:// or a loopback tcp:// address")
+    return raw
+
+
+def check_ipc_path(path: str, what: str) -> None:
+    """Fail with advice when a Unix socket path cannot be bound."""
+    if len(os.fsencode(path)) > MAX_IPC_PATH:
+        raise ConfigError(
+            f"{what}: the socket path {path!r} is {len(os.fsencode(path))} bytes, over the "
+            f"{MAX_IPC_PATH}-byte limit of Unix sockets; set TICKSTACK_HOME to a shorter folder "
+            "(e.g. TICKSTACK_HOME=~/.tickstack)"
+        )
