@@ -27,7 +27,6 @@ child gets a fresh socket on first use.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -41,6 +40,7 @@ import zmq
 
 from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
+from db.parsers import check_seconds
 from db.protocol import UNRECORDED_OPS, encode_request, pack_columns
 
 log = logging.getLogger("tickstack.client")
@@ -49,19 +49,6 @@ FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
 FIRST_BUSY_BACKOFF = 0.005
 MAX_BUSY_BACKOFF = 1.0
-
-
-def check_seconds(what: str, value: float) -> float:
-    """``value`` when it is a finite number of seconds, 0 or more; else a ValueError naming ``what``.
-    A deadline of nan is never reached (``now >= nan`` is false), nor one of inf, and a negative one
-    has passed before the first send: each would be a wait for ever or a call that never tries."""
-    try:
-        ok = math.isfinite(value) and value >= 0
-    except (TypeError, OverflowError):  # not a number, or an int too large for a float
-        ok = False
-    if not ok:
-        raise ValueError(f"{what} must be a finite number of seconds, 0 or more; got {value!r}")
-    return value
 
 
 class Ticket:
@@ -119,7 +106,7 @@ class WriterClient:
         self.max_message = settings.writer_max_message
         self.client_id = client_id or uuid.uuid4().hex
         #: Made with an earlier client's id: it only sends that client's requests again (see _next_seq).
-        self._sends_again_only = client_id is not None
+        self._sends_again_only = bool(client_id)
         self._seq = 0
         self._pending: dict[int, Ticket] = {}
         self._ctx: zmq.Context | None = None
@@ -210,6 +197,8 @@ class WriterClient:
             _seq = self._next_seq(op)
         elif _seq in self._pending:
             raise ValueError(f"request {_seq} of this client is still in flight")
+        else:  # a new request after it must not take its number again
+            self._seq = max(self._seq, _seq)
         try:
             payload = encode_request(self.client_id, _seq, op, pack_columns(op, args))
         except (TypeError, ValueError, OverflowError) as e:

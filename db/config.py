@@ -119,7 +119,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_READY_TIMEOUT", "ready_timeout", number(0.1, 3600), 30.0, "30",
       "seconds a watcher's start waits for the writer to answer before circus gives up on it"),
     # A million requests: the queue is bounded in bytes too (QUEUE_BUDGET_MESSAGES x max message), which
-    # binds long before; a larger count is a typo, and a batch can take no more than the queue holds.
+    # binds long before; a larger count is a typo.
     S("TICKSTACK_WRITER_MAX_BATCH", "writer_max_batch", whole(1, 1_000_000), 256, "256", "requests per transaction"),
     # Half the client's first wait for an answer (db.client.FIRST_ATTEMPT_TIMEOUT, 1 s), the other half
     # left for the commit: a longer wait has every first request resent before it is answered. (1e300

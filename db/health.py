@@ -393,6 +393,24 @@ def list_backups(directory: Path) -> list[Path]:
         return []
 
 
+def _refuse_live_file(settings: Settings, dest: Path) -> None:
+    """ValueError when ``dest``, however spelled (``..``, a symlink, a hard link), is a file the running
+    stack uses: the database, its WAL, shared-memory or journal file, the writer's lock, or anything in
+    ``run/``. The backup's rename would put a new file in its place: a copy under the live writer, or
+    a lock file no one holds, which would let a second writer start."""
+    real = dest.resolve()
+    live = [settings.writer_lock_path.resolve()]
+    if settings.database_path is not None:
+        db_file = Path(settings.database_path).resolve()
+        live += [db_file, *(Path(f"{db_file}-{suffix}") for suffix in ("wal", "shm", "journal"))]
+    same = dest.exists() and any(f.exists() and os.path.samefile(dest, f) for f in live)
+    if real in live or same:
+        raise ValueError(f"{dest} is a file of the running stack (the database, its WAL, shared-memory or "
+                         "journal file, or the writer's lock); choose another path")
+    if real.is_relative_to(settings.run_dir.resolve()):
+        raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
+
+
 def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Copy the database to ``dest`` with SQLite's online backup API from a
     read-only connection: a consistent snapshot while the stack runs (the
@@ -404,6 +422,7 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     if dest.is_dir():
         example = backup_path(dest, backup_suffix(settings))
         raise IsADirectoryError(f"{dest} is a folder; give the backup file's path (e.g. {example})")
+    _refuse_live_file(settings, dest)  # before "exists; pass --force", which would point the wrong way
     if path is None:
         # One of our names made for SQLite (backup_path's default, as the console asks): the same
         # stamp as a dump, so rotation and the console count it.
@@ -416,12 +435,6 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         return dump(settings, dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force")
-    # Any spelling of the database's own path (run/../, a symlink, a hard link) or of its WAL or
-    # shared-memory file: the backup's rename would put a copy in place of the live file.
-    live = Path(path).resolve()
-    if dest.resolve() in {live, *(Path(f"{live}-{suffix}") for suffix in ("wal", "shm", "journal"))} or (
-            dest.exists() and live.exists() and os.path.samefile(dest, live)):
-        raise ValueError(f"{dest} is the database itself (or its WAL or shared-memory file); choose another path")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.part")
     leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))

@@ -243,3 +243,16 @@ def check_ipc_path(path: str, what: str) -> None:
             f"{MAX_IPC_PATH}-byte limit of Unix sockets; set TICKSTACK_HOME to a shorter folder "
             "(e.g. TICKSTACK_HOME=~/.tickstack)"
         )
+
+
+def check_seconds(what: str, value: float) -> float:
+    """``value`` when it is a finite number of seconds, 0 or more; else a ValueError naming ``what``.
+    A deadline of nan is never reached (``now >= nan`` is false), nor one of inf, and a negative one
+    has passed before the first send: each would be a wait for ever or a call that never tries."""
+    try:
+        ok = math.isfinite(value) and value >= 0
+    except (TypeError, OverflowError):  # not a number, or an int too large for a float
+        ok = False
+    if not ok:
+        raise ValueError(f"{what} must be a finite number of seconds, 0 or more; got {value!r}")
+    return value

@@ -78,6 +78,12 @@ def label(name: str, v: Any) -> str:
     return v
 
 
+def without_nul(v: str) -> str:
+    """``v`` with each NUL shown as ``\\x00``: for text a program wrote (pg_dump's stderr, an
+    exception's message) that goes into a record, which :func:`text` would refuse whole."""
+    return v.replace("\x00", "\\x00")
+
+
 def text(max_len: int) -> Validator:
     def check(name: str, v: Any) -> str:
         if type(v) is not str:

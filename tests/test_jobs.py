@@ -20,7 +20,7 @@ from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query
 from testkit.writer import Stack
-from workers.jobs import PRUNE_BATCH, JobSchedule, rotate_backups
+from workers.jobs import PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
 
 DAY_MS = 86_400_000
 
@@ -157,16 +157,44 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
 
 
+def test_a_failure_whose_message_holds_a_nul_is_still_recorded(writer: Stack) -> None:
+    """A job's failure is recorded with its message, which can quote another program's output
+    (pg_dump's stderr on a server). A NUL in it would make the writer refuse the whole record (no
+    text holds one), so the worker writes it as \\x00: the run is on record, its reason readable."""
+    worker = JobsWorker(writer.settings, until_idle=True, only="backup")
+
+    def failing(_force: bool) -> None:
+        raise RuntimeError("pg_dump: error: bad byte \x00 in its output")
+
+    worker._jobs["backup"] = failing  # the failure an external program's output can bring
+    worker.setup()
+    try:
+        assert worker.run_job("backup", force=True) is False
+    finally:
+        worker.teardown()
+    (run,) = job_runs(writer)
+    check_run(run, "backup", ok=False)
+    assert run["detail"] == "RuntimeError: pg_dump: error: bad byte \\x00 in its output"
+
+
 def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_says(writer: Stack) -> None:
-    """``db backup --force PATH`` overwrites a file, never the live database: not by another spelling of
-    its path (``run/../``, a symlink), not its WAL or shared-memory file. A folder as PATH is refused
-    with the reason, not a traceback. Nothing is written in any of these cases."""
+    """``db backup --force PATH`` overwrites a file, never one the running stack uses: not the live
+    database by another spelling of its path (``run/../``, a symlink), not its WAL or shared-memory
+    file, not the writer's lock or anything in ``run/``. A folder as PATH is refused with the reason,
+    not a traceback. Nothing is written in any of these cases."""
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(200)], "feed")
 
     def backup(path: Path) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
+    lock = writer.settings.writer_lock_path
+    held = lock.stat().st_ino
+    for path in (lock, writer.home / "run" / "writer.sock", writer.home / "run" / "new-file.db"):
+        refused = backup(path)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr, (path, refused.stderr)
+        assert re.search(r"is a file of the running stack|is in the stack's run folder", refused.stderr), refused.stderr
+    assert lock.stat().st_ino == held  # a new lock file would let a second writer start beside this one
     folder = writer.home / "a-folder"
     folder.mkdir()
     refused = backup(folder)
@@ -182,7 +210,7 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
     for path in (writer.home / "run" / ".." / database.name, link, Path(f"{database}-wal"), Path(f"{database}-shm")):
         refused = backup(path)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, (path, refused.stderr)
-        assert "is the database itself (or its WAL or shared-memory file)" in refused.stderr, (path, refused.stderr)
+        assert "is a file of the running stack" in refused.stderr, (path, refused.stderr)
     assert database.stat().st_ino == before
     con = connect_read_only(database)
     try:

@@ -331,6 +331,14 @@ def test_a_stored_trail_that_is_not_a_price_does_not_stop_the_monitor(writer: St
     assert "stop ->" not in run_monitor(writer)
 
 
+def refused_stop(trade: TradeState, ticks: list[PriceTick]) -> tuple[Decision, PriceTick]:
+    """What the monitor proposed for the reproduction's trade before trails were checked (a stop the
+    writer refuses, moved at the last tick), and that tick."""
+    fall = ticks[-1]
+    return replace(evaluate(trade, ticks), stop_loss=fall.ask + HUGE, stop_rule="trailing",
+                   stop_moved_ts=fall.ts), fall
+
+
 def test_a_change_the_writer_refuses_skips_that_trade_and_the_others_go_on(
         writer: Stack, caplog: pytest.LogCaptureFixture) -> None:
     """Whatever the monitor proposes that the writer refuses (here the stop it proposed for the
@@ -344,9 +352,7 @@ def test_a_change_the_writer_refuses_skips_that_trade_and_the_others_go_on(
     try:
         trades, ticks, through = worker.read()
         assert [t.id for t in trades] == [bad, good]
-        fall = ticks["MON"][-1]
-        refused = replace(evaluate(trades[0], ticks["MON"]), stop_loss=fall.ask + HUGE, stop_rule="trailing",
-                          stop_moved_ts=fall.ts)
+        refused, _fall = refused_stop(trades[0], ticks["MON"])
         with caplog.at_level(logging.INFO, logger="tickstack.monitor"):
             worker.apply(trades[0], refused, through)
             worker.apply(trades[1], evaluate(trades[1], ticks["AAA"]), through)
@@ -365,6 +371,34 @@ def test_a_change_the_writer_refuses_skips_that_trade_and_the_others_go_on(
     finally:
         con.close()
     assert rows == {bad: "open", good: "closed"} and stop is None
+
+
+def test_a_refused_update_does_not_drop_the_exit_of_the_same_step(writer: Stack,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A step that moved the stop and then reached an exit takes two calls. When the writer refuses the
+    update, the close is still sent: these ticks reached the exit, and later ones may never come back
+    to it."""
+    m = Market(writer)
+    bad, _good = open_sell_with_an_impossible_trail(m, writer)
+    worker = MonitorWorker(writer.settings, until_idle=True)
+    worker.setup()
+    try:
+        trades, ticks, through = worker.read()
+        refused, fall = refused_stop(trades[0], ticks["MON"])
+        refused_then_exit = replace(refused, exit=Exit(fall.ask, "take_profit", fall.id, fall.ts))
+        with caplog.at_level(logging.INFO, logger="tickstack.monitor"):
+            worker.apply(trades[0], refused_then_exit, through)
+        assert any(f"trade {bad} skipped" in r.getMessage() and "update_trade" in r.getMessage()
+                   for r in caplog.records)
+        assert f"trade {bad} closed at {fall.ask} (take_profit)" in caplog.text
+    finally:
+        worker.teardown()
+    con = db(writer)
+    try:
+        status, reason = con.execute("SELECT status, close_reason FROM trades WHERE id = ?", (bad,)).fetchone()
+    finally:
+        con.close()
+    assert (status, reason) == ("closed", "take_profit")
 
 
 def test_open_trade_refuses_a_trailing_distance_whose_stop_could_never_be_a_price(

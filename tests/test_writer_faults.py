@@ -205,6 +205,11 @@ def test_a_client_made_to_send_again_cannot_reuse_an_id_for_a_new_request(writer
     assert resent.result() == {"id": 1}
     assert count(writer, "SELECT count(*) FROM audit_log") == 1
     assert count(writer, "SELECT count(*) FROM trades") == 0
+    # A client that sent a request under a number of its choosing numbers its next ones above it.
+    chosen = first.submit("audit", _seq=5, actor="alice", action="chosen")
+    first.wait(chosen)
+    assert chosen.result() == {"id": 2}
+    assert first.call("audit", actor="alice", action="after")["id"] == 3
 
 
 @pytest.mark.parametrize("seq", [2**63, 2**64 - 1])

@@ -4,10 +4,11 @@ A tick is ``{"symbol": str, "ts": int, "bid": float, "ask": float, "volume": flo
 epoch milliseconds UTC. Pure logic (files in, dicts out, no database), so the parsing rules can be
 tested on their own.
 
-Rows are validated one by one and the first bad row raises :class:`CsvFormatError` naming its file
-line, because a user fixing an export needs the line, not a stack trace. A row passes only if the writer
-would take it (:mod:`db.validation`'s own checks, not a copy of them): a row the writer refused would
-take its whole batch down with it, the good rows before it included, and name no line.
+Rows are parsed one by one, then checked by the writer's own rules (:mod:`db.validation`, not a copy
+of them) a chunk at a time, and the first bad row raises :class:`CsvFormatError` naming its file line
+once every row before it was given, because a user fixing an export needs the line, not a stack trace.
+A row the writer refused would take its whole batch down with it, the good rows before it included,
+and name no line. (For a quoted field over several lines the line named is the record's last.)
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class CsvFormatError(ValueError):
 def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports.
 
-    A byte that is not UTF-8, or a row the csv module cannot read (a field over its limit, a NUL),
+    A byte that is not UTF-8, or a row the csv module cannot read (a field over its limit),
     raises :class:`CsvFormatError` at its line once every row before it was yielded. Strict decoding
     would fail for the whole 8 KB block the file object decodes at once, losing the good rows before
     the byte in that block; surrogateescape keeps the byte in its row, where it is found."""

@@ -38,6 +38,7 @@ from db.engine import display_url
 from db.errors import WriterError
 from db.leader import Leadership
 from db.models import SKIPPED, JobRun, now_ms
+from db.validation import without_nul
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
 
@@ -202,7 +203,7 @@ class JobsWorker(Worker):
         assert self.client is not None
         try:
             self.client.call("record_job_run", job=job, started_at=started, finished_at=finished, ok=ok,
-                             detail=detail[:MAX_DETAIL])
+                             detail=without_nul(detail)[:MAX_DETAIL])
         except Exception as e:
             self.log.error("jobs: could not record the %s run (ok=%s, %s): %s", job, ok, detail, e)
             return False

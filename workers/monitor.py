@@ -243,22 +243,38 @@ class MonitorWorker(Worker):
             self._trail_said.add(trade.id)
             self.log.warning("%s: trade %d: trailing stop not set: the writer takes no such stop (%s); its other "
                              "exits still apply", self.name, trade.id, d.trail_problem)
-        call = "update_trade"
         try:
             if d.stop_moved or d.best_price != trade.best_price:
-                self.client.call("update_trade", trade_id=trade.id, best_price=d.best_price,
-                                 last_tick_id=None if d.exit else done,
-                                 stop_loss=d.stop_loss if d.stop_moved else None, reason=d.stop_rule or "update",
-                                 ts=d.stop_moved_ts)
-                if d.stop_moved:
-                    self.log.info("%s: trade %d stop -> %s (%s)", self.name, trade.id, d.stop_loss, d.stop_rule)
-                if d.exit is None:
-                    self._stored[trade.id] = done
+                try:
+                    self.client.call("update_trade", trade_id=trade.id, best_price=d.best_price,
+                                     last_tick_id=None if d.exit else done,
+                                     stop_loss=d.stop_loss if d.stop_moved else None, reason=d.stop_rule or "update",
+                                     ts=d.stop_moved_ts)
+                except ValidationError as e:
+                    # Retrying cannot help (a value in this trade's row that no op stores any more, or a
+                    # bug here), and raising would end the step, and under circus the process at every
+                    # start, for every other trade. What these ticks changed is not stored; an exit they
+                    # reached is still sent below, since a close left out here may never come again.
+                    self._say_refused(trade.id, "update_trade", e)
+                    if d.exit is None:
+                        # Not redone at once: step after step it would be refused again, and
+                        # --until-idle would never be idle.
+                        self.progress[trade.id] = done
+                        return
+                else:
+                    if d.stop_moved:
+                        self.log.info("%s: trade %d stop -> %s (%s)", self.name, trade.id, d.stop_loss, d.stop_rule)
+                    if d.exit is None:
+                        self._stored[trade.id] = done
             if d.exit is not None:
                 x = d.exit
-                call = "close_trade"
-                r = self.client.call("close_trade", trade_id=trade.id, price=x.price, reason=x.reason, ts=x.ts,
-                                     last_tick_id=x.tick_id)
+                try:
+                    r = self.client.call("close_trade", trade_id=trade.id, price=x.price, reason=x.reason, ts=x.ts,
+                                         last_tick_id=x.tick_id)
+                except ValidationError as e:  # as above; the next ticks may close it
+                    self._say_refused(trade.id, "close_trade", e)
+                    self.progress[trade.id] = done
+                    return
                 self.log.info("%s: trade %d closed at %s (%s), pnl %s", self.name, trade.id, x.price, x.reason,
                               r["pnl"])
                 self.progress.pop(trade.id, None)
@@ -267,14 +283,6 @@ class MonitorWorker(Worker):
         except (Conflict, NotFound) as e:
             self.log.warning("%s: trade %d not updated: %s", self.name, trade.id, e)
             self.progress.pop(trade.id, None)
-        except ValidationError as e:
-            # Retrying cannot help (a value in this trade's row that no op stores any more, or a bug
-            # here), and raising would end the step, and under circus the process at every start, for
-            # every other trade. The trade goes on with the next ticks from its stored state (what
-            # these ticks changed is not stored). Not redone at once: step after step it would be
-            # refused again, and --until-idle would never be idle.
-            self._say_refused(trade.id, call, e)
-            self.progress[trade.id] = done
 
     def _say_refused(self, trade_id: int, call: str, e: ValidationError) -> None:
         """One error line for a refused change, then at most one per REFUSED_LOG_EVERY for the same
@@ -285,7 +293,7 @@ class MonitorWorker(Worker):
             self._refused[trade_id] = (said_at, since + 1)
             return
         more = f" (and {since} times since the last such line)" if since else ""
-        self.log.error("%s: trade %d skipped: the writer refused its %s: %s%s; it waits for new ticks", self.name,
+        self.log.error("%s: trade %d skipped: the writer refused its %s: %s%s (not stored)", self.name,
                        trade_id, call, e, more)
         self._refused[trade_id] = (now, 0)
 

@@ -43,7 +43,7 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.engine import make_read_engine
 from db.errors import ValidationError, WriterError
-from db.parsers import number_flag
+from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
 from workers.csvfiles import CsvFeed, CsvFormatError
@@ -336,7 +336,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeframe", help="csv: bar interval (default: inferred from the file)")
     parser.add_argument("--speed", default="max", help="csv: 'max' or real time x k (e.g. 1, 10)")
     parser.add_argument("--batch", type=int, default=1000, help="ticks per writer request (1..10000)")
-    parser.add_argument("--deadline", type=number_flag(0.0, 86_400.0, above=True), default=15.0,
+    parser.add_argument("--deadline", type=number_flag(0.0, MAX_CLIENT_DEADLINE_S, above=True), default=15.0,
                         help="seconds a batch waits for the writer before it is spooled to disk")
     parser.add_argument("--memory-limit", type=int, default=200_000,
                         help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "

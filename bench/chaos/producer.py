@@ -33,6 +33,7 @@ from typing import Any
 
 from db.client import Ticket, WriterClient
 from db.config import load_settings
+from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 
 #: Every row the chaos benchmark writes is tagged with this, to find them again.
 SOURCE_PREFIX = "chaos-"
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ack-log", required=True, help="file the acknowledged requests are appended to")
     p.add_argument("--ticks", type=int, default=5, help="ticks per insert_ticks request")
     p.add_argument("--window", type=int, default=8, help="pipeline: requests in flight")
-    p.add_argument("--pause", type=float, default=0.0, help="seconds between two requests")
-    p.add_argument("--deadline", type=float, default=300.0, help="seconds a request keeps retrying")
+    p.add_argument("--pause", type=number_flag(0, 3600.0), default=0.0, help="seconds between two requests")
+    p.add_argument("--deadline", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=300.0,
+                   help="seconds a request keeps retrying")
     opts = p.parse_args(argv)
     if not opts.source.startswith(SOURCE_PREFIX):
         p.error(f"--source must start with {SOURCE_PREFIX!r}")

@@ -21,6 +21,7 @@ from db.client import WriterClient, thread_client
 from db.config import Settings
 from db.errors import ValidationError, WriterError, WriterUnavailable
 from db.models import now_ms
+from db.validation import without_nul
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter
 from webapp.parsing import parse_int
@@ -128,7 +129,8 @@ def audit(action: str, target: str = "", result: str = "ok", detail: str = "", a
     Returns False then, and when the writer refused it (logged). ``writer_down`` (the action just
     stopped it): spooled without waiting."""
     entry: dict[str, Any] = {"actor": actor or current_user() or "anonymous", "action": action,
-                             "target": target[:128], "result": result, "detail": detail[:4000], "ts": now_ms()}
+                             "target": without_nul(target)[:128], "result": result,
+                             "detail": without_nul(detail)[:4000], "ts": now_ms()}
     try:
         if writer_down:
             raise WriterUnavailable("the writer was just stopped")
