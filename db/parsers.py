@@ -219,10 +219,18 @@ def path(name: str, raw: str) -> Path:
     return Path(raw).expanduser().absolute()
 
 
+#: The databases tickstack runs on (an SQLAlchemy URL's dialect, before any ``+driver``).
+DATABASES = ("sqlite", "postgresql")
+
+
 def database_url(name: str, raw: str) -> str:
-    """an SQLAlchemy URL"""
+    """an SQLAlchemy URL of SQLite or PostgreSQL"""
     if "://" not in raw:
         raise ConfigError(f"{name}: not a database URL (expected e.g. sqlite:////path/to.db)")
+    dialect = raw.split("://", 1)[0].split("+", 1)[0].lower()
+    if dialect not in DATABASES:  # only the scheme is quoted: the rest may hold a password
+        raise ConfigError(f"{name}: the database {dialect[:32]!r} is not supported; use sqlite:////path/to.db "
+                          "or postgresql+psycopg://user@host/name")
     return raw
 
 
