@@ -149,7 +149,13 @@ def test_crash_looping_watcher_is_stopped_by_flapping_others_stay_up() -> None:
         stack.close()
 
 
-def test_second_circusd_refuses_and_first_is_untouched(running: CircusStack) -> None:
+def test_second_circusd_refuses_and_a_reload_of_the_same_ini_leaves_every_watcher_running(
+        running: CircusStack) -> None:
+    """A second circusd on the same home is refused and the first is untouched. So is every watcher
+    when ``circusctl reloadconfig`` reads an unchanged circus.ini: circus restarts a watcher whose
+    configuration (its copied environment included) changed, and circusd's own environment must not
+    change under it (it once did: importing our hooks set OPENBLAS_NUM_THREADS, so every watcher
+    compared as changed, was stopped, and was started again in no set order)."""
     stack = running
     pids = {w: stack.pids_of(w) for w in WATCHERS}
     second = subprocess.run([str(Path(sys.executable).parent / "circusd"), "circus.ini"], env=stack.env, cwd=ROOT,
@@ -163,3 +169,11 @@ def test_second_circusd_refuses_and_first_is_untouched(running: CircusStack) -> 
     assert all(stack.status()[w] == "active" for w in WATCHERS)
     assert {w: stack.pids_of(w) for w in WATCHERS} == pids
     assert WriterClient(settings=stack.settings, deadline=5).ping()["pid"] == pids["writer"][0]
+    reload = stack.circusctl("reloadconfig", "--waiting")
+    assert reload.returncode == 0 and "ok" in reload.stdout, reload.stdout + reload.stderr
+    # circus restarts its plugins on every reload (it compares their command without the log options
+    # it added at start), so wait for them; the watchers must not have moved.
+    wait_for("the plugins back after the reload", lambda: all(
+        stack.status().get(p) == "active" for p in ("plugin:flapping", "plugin:watchdog")), timeout=60)
+    assert {w: stack.status()[w] for w in WATCHERS} == dict.fromkeys(WATCHERS, "active")
+    assert {w: stack.pids_of(w) for w in WATCHERS} == pids, stack.circusd_log()[-3000:]

@@ -14,6 +14,11 @@ order but never waits for one to be ready, so it pings the writer until it answe
 ``TICKSTACK_READY_TIMEOUT``, because hooks run on circusd's own event loop and stall the whole
 daemon while they run. Circus reads a falsy return (None included) as failure and leaves the
 watcher stopped, so hooks return True or False, never None.
+
+Here, not in :mod:`workers`: importing that package sets ``OPENBLAS_NUM_THREADS`` in the importing
+process, and circusd's own environment must not change once it runs, since ``circusctl
+reloadconfig`` compares it (copied, ``copy_env``) with each watcher's and restarts every watcher
+that differs.
 """
 from __future__ import annotations
 
