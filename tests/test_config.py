@@ -238,14 +238,16 @@ def test_ensure_home_names_tickstack_home_when_a_file_is_in_the_way(tmp_path: Pa
         ensure_home(load_settings({"TICKSTACK_HOME": str(tmp_path / "home")}))
 
 
-@pytest.mark.parametrize("command", [["workers.writer"], ["db", "prepare"], ["db", "init"], ["db", "health"],
-                                     ["db", "doctor"], ["db", "checkpoint", "--timeout", "5"],
+@pytest.mark.parametrize("command", [["workers.writer"], ["workers.ticks", "--until-idle"],
+                                     ["workers.analysis", "--until-idle"], ["workers.monitor", "--until-idle"],
+                                     ["workers.jobs", "--until-idle"], ["db", "prepare"], ["db", "init"],
+                                     ["db", "health"], ["db", "doctor"], ["db", "checkpoint", "--timeout", "5"],
                                      ["db", "backup", "copy.db"]])
 def test_a_tickstack_home_that_is_a_file_stops_each_command_with_one_line(stack: Stack, command: list[str]) -> None:
     home = stack.home / "not-a-folder"
     home.write_text("a file")
     proc = subprocess.run([sys.executable, "-m", *command], env={**stack.env, "TICKSTACK_HOME": str(home)},
                           cwd=stack.home, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == (2 if command[0] == "workers.writer" else 1), (proc.returncode, proc.stderr[-2000:])
+    assert proc.returncode == (2 if command[0].startswith("workers.") else 1), (proc.returncode, proc.stderr[-2000:])
     assert f"TICKSTACK_HOME='{home}'" in proc.stderr and "not a folder" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]

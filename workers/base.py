@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
-from db.config import ConfigError, Settings, load_settings
+from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
 from db.leader import Leadership
 from supervision.lifeline import Lifeline
@@ -233,6 +233,7 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     configure_logging(args.log_level)
     try:
         settings = load_settings()
+        check_home(settings)  # a file as TICKSTACK_HOME: one line, not a traceback (or a minute's wait)
         worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
