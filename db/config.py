@@ -381,11 +381,13 @@ def ensure_home(settings: Settings) -> Path:
     return settings.home
 
 
-def check_home(settings: Settings) -> Path:
+def check_home(settings: Settings, *, subfolders: bool = True) -> Path:
     """Without making anything: raise ConfigError when TICKSTACK_HOME cannot be the runtime folder
     (a file, or below one), for commands that only read it (``python -m db health``). A home not
-    made yet is fine: the writer, or ``python -m db prepare``, makes it."""
-    for folder in (settings.home, *(settings.home / d for d in SUBDIRS)):
+    made yet is fine: the writer, or ``python -m db prepare``, makes it. ``subfolders=False``
+    checks the home alone: a worker meets a broken subfolder (``backups/``) in the one job that
+    uses it, which records the failure and lets the others run."""
+    for folder in (settings.home, *(settings.home / d for d in SUBDIRS if subfolders)):
         try:
             if not stat.S_ISDIR(os.stat(folder).st_mode):
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))

@@ -233,7 +233,7 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     configure_logging(args.log_level)
     try:
         settings = load_settings()
-        check_home(settings)  # a file as TICKSTACK_HOME: one line, not a traceback (or a minute's wait)
+        check_home(settings, subfolders=False)  # a file as TICKSTACK_HOME: one line, not a minute's wait
         worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
