@@ -35,16 +35,25 @@ def _human_bytes(n: int | None) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Before circusd (``make run``): the runtime folder, the settings, and nothing of an earlier
     start in the way (a live circusd, a stale pid file, orphans, the writer lock, the ports)."""
-    from db.preflight import blockers, circusd_pidfile, clear_stale_pidfile, live_circusd, refusal
+    from db.preflight import (
+        blockers,
+        check_socket_paths,
+        circusctl_command,
+        circusd_pidfile,
+        clear_stale_pidfile,
+        live_circusd,
+        refusal,
+    )
 
-    settings = load_settings()
+    settings = load_settings()  # the writer's socket path is a setting: checked there
+    check_socket_paths(settings)  # circus's are longer
     home = ensure_home(settings)
     pidfile = circusd_pidfile(settings)
     running = live_circusd(pidfile)
     if running:
         print(f"tickstack is already running in {home} (circusd pid {running}); manage it with "
-              f"`circusctl --endpoint ipc://{settings.run_dir}/circus.sock status`, or stop it with `... quit`",
-              file=sys.stderr)
+              f"`{circusctl_command(settings.circus_endpoint, 'status')}`, or stop it with "
+              f"`{circusctl_command(settings.circus_endpoint, 'quit')}`", file=sys.stderr)
         return 1
     stale = clear_stale_pidfile(pidfile)
     if stale is not None:
@@ -61,14 +70,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def first_contact(settings: Settings) -> str:
     """What to open and what to type once the stack is up: ``make run`` says it before circusd
     takes over the terminal (circusd itself prints nothing)."""
+    from db.preflight import circusctl_command
+
     password = settings.home / "admin-password"  # webapp.auth.PASSWORD_FILE (a layer above)
     made = "" if password.exists() else ", made on first start"
     return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
             f"{password}{made})\n"
             f"api        http://127.0.0.1:{settings.api_port}/api/health (and /api/openapi.json)\n"
-            f"circusctl  circusctl --endpoint {settings.circus_endpoint} status   (after `source "
-            ".venv/bin/activate` in the checkout, plain `circusctl status`)\n"
-            "stop       Ctrl-C here, or `circusctl quit`")
+            f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"
+            f"stop       Ctrl-C here, or `{circusctl_command(settings.circus_endpoint, 'quit')}`")
 
 
 def cmd_settings(args: argparse.Namespace) -> int:
@@ -193,7 +203,7 @@ WRITER_DOWN = "The writer is not running"
 def _writer_down_advice(settings: Settings) -> str:
     """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
     without it (after a clean quit), ``make run`` would refuse with it."""
-    from db.preflight import circusd_pidfile, live_circusd
+    from db.preflight import circusctl_command, circusd_pidfile, live_circusd
 
     pid = live_circusd(circusd_pidfile(settings))
     if pid is None:
@@ -201,7 +211,7 @@ def _writer_down_advice(settings: Settings) -> str:
                 "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
                 "`circusd circus.ini --daemon`).")
     return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
-            f"deadline). Start it with `circusctl --endpoint {settings.circus_endpoint} start writer`; if it "
+            f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
 
 

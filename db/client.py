@@ -44,6 +44,8 @@ from db.parsers import check_seconds
 from db.protocol import UNRECORDED_OPS, encode_request, pack_columns
 
 log = logging.getLogger("tickstack.client")
+#: The most requests a :class:`Pipeline` keeps in flight (each holds its request and its answer).
+MAX_PIPELINE_WINDOW = 1024
 
 FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
@@ -423,8 +425,8 @@ class Pipeline:
     """
 
     def __init__(self, client: WriterClient, window: int, on_done: Callable[[Ticket], None] | None = None) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        if not 1 <= window <= MAX_PIPELINE_WINDOW:
+            raise ValueError(f"window must be 1..{MAX_PIPELINE_WINDOW}")
         self.client = client
         self.window = window
         self.on_done = on_done

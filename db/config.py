@@ -85,6 +85,13 @@ def _default_endpoint(s: Mapping[str, Any]) -> str:
     return endpoint
 
 
+#: The fewest characters of the console's password, wherever it comes from: ``TICKSTACK_ADMIN_PASSWORD``
+#: or the ``admin-password`` file.
+ADMIN_PASSWORD_MIN = 12
+#: The one rule of the console's password (ConfigError when broken), for the variable and, in
+#: :mod:`webapp.auth`, the file.
+admin_password = strong_secret(ADMIN_PASSWORD_MIN)
+
 S = Setting
 #: Every setting, declared once, in the order the README lists them. Only this module reads the
 #: environment; a test checks that every ``TICKSTACK_*`` name in the code is declared here and
@@ -170,7 +177,7 @@ SETTINGS: tuple[Setting, ...] = (
       "the API's bearer token; unset, a generated one is kept in the file (0600)", secret=True),
     S("TICKSTACK_ADMIN_USER", "admin_user", user_name, "admin", "`admin`",
       "the console's user name (its password is generated into `$TICKSTACK_HOME/admin-password`, 0600)"),
-    S("TICKSTACK_ADMIN_PASSWORD", "admin_password", strong_secret(12), "",
+    S("TICKSTACK_ADMIN_PASSWORD", "admin_password", admin_password, "",
       "generated into `$TICKSTACK_HOME/admin-password`",
       "the console's password; set the same on every host of one database so any host's console "
       "accepts it (unset: generated per home into the file, 0600)", secret=True),

@@ -27,6 +27,7 @@ from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.lock import read_lock_holder
+from db.preflight import circusctl_command
 from db.server import server_status
 
 #: Modules whose processes are ours: a process running one of them with the
@@ -251,14 +252,16 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                                 "TICKSTACK_WRITER_MAX_QUEUE."))
     elif writer.get("pid"):
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
-                            "stuck. Look at its log, then restart it: `circusctl restart writer`."))
+                            "stuck. Look at its log, then restart it: "
+                            f"`{circusctl_command(settings.circus_endpoint, 'restart', 'writer')}`."))
     elif writer.get("lock_holder"):
         out.append(("fail", f"This stack's writer cannot run: the database's writer lock is held by "
                             f"{writer['lock_holder']}, another stack's writer on this database (one writer per "
                             "database). Writes go to that stack's writer; stop it to serve them from here."))
     else:
         out.append(("fail", "The writer is not running, so writes wait (clients retry until their deadline). "
-                            "Start the stack with `make run`, or `circusctl start writer`."))
+                            "Start the stack with `make run`, or "
+                            f"`{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`."))
     out.extend(_disk_findings(snap))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "

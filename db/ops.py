@@ -228,6 +228,20 @@ def _latest_price(conn: Connection, sym: str, side: str, opening: bool) -> float
     return queries.market_price(tick, side, opening=opening)
 
 
+def _event_ts(conn: Connection, trade_id: int, ts: int | None) -> int:
+    """When the next event of trade ``trade_id`` is stamped: at ``ts`` (the monitor's, the time of
+    the tick that moved the stop or reached the exit) or now, but never before the trade's last
+    event (its opening, at least). A tick's ts is its feed's clock (a replayed file's, an
+    exchange's), now is this writer's host's, and the opening's ts may be its caller's or another
+    host's clock: any of them may be older than an event already recorded, and the history, read by
+    time (:func:`db.queries.trade_events`), then showed the trade trailed or closed before it was
+    opened, or closed before the change that preceded the close. One look-up on the events' trade
+    index. ``closed_at`` is the closing event's ts."""
+    last = conn.execute(select(func.max(TradeEvent.ts)).where(TradeEvent.trade_id == trade_id)).scalar()
+    stamp = now_ms() if ts is None else ts
+    return stamp if last is None else max(stamp, last)
+
+
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
            pnl: float | None = None, detail: str = "") -> None:
     insert_row(conn, TradeEvent.__table__, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
@@ -317,7 +331,7 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
     if stop_loss is not None or take_profit is not None:
         detail = ", ".join(f"{k} {row_v} -> {values[k]}" for k, row_v in
                            (("stop_loss", row.stop_loss), ("take_profit", row.take_profit)) if k in values)
-        _event(conn, trade_id, now_ms() if ts is None else ts, reason, stop_loss, detail=detail)
+        _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, stop_loss, detail=detail)
     return {"id": trade_id}
 
 
@@ -329,7 +343,7 @@ def close_trade(conn: Connection, trade_id: int, price: float | None = None, rea
     row = _open_trade_row(conn, trade_id)
     exit_price = price if price is not None else _latest_price(conn, row.symbol, row.side, opening=False)
     pnl = trade_pnl(row.side, row.entry_price, exit_price, row.size)
-    ts = now_ms() if ts is None else ts
+    ts = _event_ts(conn, trade_id, ts)
     values: dict[str, Any] = dict(status="closed", closed_at=ts, exit_price=exit_price, pnl=pnl,
                                   close_reason=reason)
     if last_tick_id is not None:

@@ -15,6 +15,8 @@ from typing import Any
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
+#: A random seed on a command line (``--seed``): any 32-bit number, for a repeatable run.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,14 @@ def _range_text(minimum: float, maximum: float | None, above: bool) -> str:
     return f"{low} and at most {_shown(maximum)}" if above else f"from {_shown(minimum)} to {_shown(maximum)}"
 
 
+def quoted(raw: str, limit: int = 40) -> str:
+    """``raw`` as an error message repeats it: its repr, cut to ``limit`` characters with its length
+    said when longer, so a 5,000-digit flag gets a one-line error of reasonable size."""
+    if len(raw) <= limit:
+        return repr(raw)
+    return f"{raw[:limit]!r}... ({len(raw):,} characters)"
+
+
 def _finite_number(raw: str, minimum: float, maximum: float | None, above: bool) -> float:
     """``raw`` as a finite number in range; else a ValueError whose text follows ``'raw' ``. The one
     rule for settings (:func:`number`) and flags (:func:`number_flag`): nan and inf are refused,
@@ -76,7 +86,7 @@ def number(minimum: float = 0.0, maximum: float | None = None, *, above: bool = 
         try:
             return _finite_number(raw, minimum, maximum, above)
         except ValueError as e:
-            raise ConfigError(f"{name}={raw!r} {e}") from None
+            raise ConfigError(f"{name}={quoted(raw)} {e}") from None
 
     parse.__doc__ = f"a number {_range_text(minimum, maximum, above)}"
     return parse
@@ -94,9 +104,9 @@ def whole(minimum: int = 0, maximum: int | None = None, *, above: bool = False) 
         except ValueError:
             # int() refuses over 4300 digits (CPython's guard): such a number is out of range, not text.
             said = "must be" if text.lstrip("+-").isdigit() else "is not"
-            raise ConfigError(f"{name}={raw!r} {said} a whole number {bound}") from None
+            raise ConfigError(f"{name}={quoted(raw)} {said} a whole number {bound}") from None
         if value < low or (maximum is not None and value > maximum):
-            raise ConfigError(f"{name}={raw!r} must be a whole number {bound}")
+            raise ConfigError(f"{name}={quoted(raw)} must be a whole number {bound}")
         return value
 
     parse.__doc__ = f"a whole number {bound}"
@@ -115,9 +125,32 @@ def number_flag(minimum: float = 0.0, maximum: float | None = None, *,
         except ValueError as e:
             import argparse  # only to say why: the settings' users need not load it
 
-            raise argparse.ArgumentTypeError(f"{text!r} {e}") from None
+            raise argparse.ArgumentTypeError(f"{quoted(text)} {e}") from None
 
     parse.__doc__ = f"argparse type: a number {bound}"
+    return parse
+
+
+def whole_flag(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number in ``low..high``, by :func:`number_flag`'s rule (finite, in
+    range, the range said in the error), then whole ("1e3" is 1000, "2.5" is refused). Both bounds
+    are below 2**53, so every number in range is exact."""
+    if max(abs(low), abs(high)) >= 2**53:
+        raise ValueError(f"whole_flag({low}, {high}): a bound of 2**53 or more is not exact as a number")
+    in_range = number_flag(low, high)
+
+    def parse(text: str) -> int:
+        import argparse
+
+        try:
+            value = in_range(text)
+        except argparse.ArgumentTypeError:
+            value = math.nan
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"{quoted(text)} must be a whole number from {low} to {high}")
+        return int(value)
+
+    parse.__doc__ = f"argparse type: a whole number from {low} to {high}"
     return parse
 
 
@@ -135,7 +168,7 @@ def choice(*choices: str) -> Parser:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().upper()
         if value not in choices:
-            raise ConfigError(f"{name}={raw!r} must be {' or '.join(choices)}")
+            raise ConfigError(f"{name}={quoted(raw)} must be {' or '.join(choices)}")
         return value
 
     parse.__doc__ = " or ".join(choices)
@@ -149,7 +182,7 @@ def flag(name: str, raw: str) -> bool:
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    raise ConfigError(f"{name}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
+    raise ConfigError(f"{name}={quoted(raw)} must be 1 or 0 (true/false, yes/no, on/off)")
 
 
 def user_name(name: str, raw: str) -> str:
@@ -239,7 +272,7 @@ def writer_endpoint(name: str, raw: str) -> str:
     if raw.startswith("ipc://"):
         check_ipc_path(raw[len("ipc://"):], name)
     elif not raw.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
-        raise ConfigError(f"{name}={raw!r}: use ipc:// or a loopback tcp:// address")
+        raise ConfigError(f"{name}={quoted(raw)}: use ipc:// or a loopback tcp:// address")
     return raw
 
 

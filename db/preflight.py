@@ -13,6 +13,14 @@ the writer's ``before_start`` hook in circusd (a plain ``circusd circus.ini``) a
   gone;
 * a process holding the API's or the console's TCP port, or the watchdog's UDP port.
 
+Each is named by the process to act on: a socket's owner is its farthest holder up the process tree
+(circusd made the web ports' sockets; its gunicorn masters and their workers hold copies), and a
+process a live circusd runs is named by that circusd, with the circusctl command that stops it
+(killing one of its processes would only have it started again).
+
+:func:`circusctl_command` makes every circusctl command the stack prints, runnable as printed from
+the checkout; :func:`check_socket_paths` checks every Unix socket path the stack binds.
+
 It also tells a live circusd from a stale pid file (:func:`live_circusd`): circus's own check,
 ``os.kill(pid, 0)``, is true for a zombie and for any process that got the pid later.
 
@@ -23,20 +31,60 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from db.config import Settings
+from db.config import ConfigError, Settings, load_settings
 from db.lock import read_lock_holder
+from db.parsers import check_ipc_path
 
 #: Seconds a process's start time may pass its pid file's mtime and still be the circusd that wrote
 #: it (the two clocks are read differently: psutil derives start times from the boot time).
 CLOCK_SLACK = 2.0
 #: What a tickstack process started by circus looks like on its command line.
 OUR_COMMANDS = ("-m workers.", "webapp:create_app", "from circus import")
+#: circusctl as a user runs it in the checkout without ``source .venv/bin/activate`` (which puts it
+#: on PATH and sets ``CIRCUSCTL_ENDPOINT``), e.g. in ``make run``'s terminal.
+CIRCUSCTL = ".venv/bin/circusctl"
+#: The checkout's circus.ini (``make run``'s): its ipc:// endpoints are sockets too.
+CIRCUS_INI = Path(__file__).resolve().parent.parent / "circus.ini"
+
+
+def circusctl_command(endpoint: str, *args: str) -> str:
+    """A circusctl command that runs as printed, from the checkout, the venv not activated: every
+    circusctl hint the stack prints is made here. Without ``--endpoint`` circusctl would talk to
+    tcp://127.0.0.1:5555, never to a tickstack circusd. Quoted for the shell: a home with a space
+    in its path pastes as one argument."""
+    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args))
+
+
+def socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> list[tuple[str, str]]:
+    """Every Unix socket path the stack binds, as (what, path): every ipc:// endpoint of ``ini``
+    under ``$TICKSTACK_HOME``, circus's own as the settings name them, and the writer's (an ipc://
+    ``WRITER_ENDPOINT``)."""
+    found = [(f"{ini.name}'s {m[1]}", f"ipc://{settings.home}{m[2]}") for m in re.finditer(
+        r"^\s*(\w+)\s*=\s*ipc://\$\(circus\.env\.TICKSTACK_HOME\)(\S*)",
+        ini.read_text() if ini.exists() else "", re.MULTILINE)]
+    found += [("circus's endpoint", settings.circus_endpoint), ("circus's pubsub_endpoint",
+              settings.circus_pubsub_endpoint), ("circus's stats_endpoint", settings.circus_stats_endpoint),
+              ("WRITER_ENDPOINT", settings.writer_endpoint)]
+    paths: dict[str, str] = {}
+    for what, endpoint in found:
+        if endpoint.startswith("ipc://"):
+            paths.setdefault(endpoint[len("ipc://"):], what)
+    return [(what, path) for path, what in paths.items()]
+
+
+def check_socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> None:
+    """A :class:`ConfigError` naming the longest socket path of :func:`socket_paths` when it does not
+    fit a Unix socket (:func:`db.parsers.check_ipc_path`'s rule): circusd could not bind it."""
+    what, path = max(socket_paths(settings, ini), key=lambda found: len(os.fsencode(found[1])))
+    check_ipc_path(path, what)
 
 
 def circusd_pidfile(settings: Settings) -> Path:
@@ -85,11 +133,16 @@ def clear_stale_pidfile(pidfile: Path) -> int | None:
 
 @dataclass
 class Blocker:
-    """A process in the way of a new start, and why (``pid`` None: a port whose holder we may not see)."""
+    """A process in the way of a new start, and why (``pid`` None: a port whose holder we may not see).
+    A circusd stands for every process it runs; ``quit`` is the circusctl command that stops a
+    tickstack circusd (None for any other process)."""
 
     pid: int | None
     cmdline: str
     reasons: list[str] = field(default_factory=list)
+    quit: str | None = None
+    #: A circusd with no ``quit`` (another project's): not ours to stop, so no ``kill`` is offered.
+    foreign_circusd: bool = False
 
     def __str__(self) -> str:
         who = f"pid {self.pid} ({self.cmdline})" if self.pid is not None else "a process we may not inspect"
@@ -105,8 +158,13 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
     found: dict[int | None, Blocker] = {}
 
     def add(pid: int | None, reason: str) -> None:
+        circusd = running_circusd(pid) if pid is not None else None
+        if circusd is not None and circusd.pid != pid:
+            reason = f"{reason} (through its process pid {pid})"
+            pid = circusd.pid
         if pid not in found:
-            found[pid] = Blocker(pid, _cmdline(pid))
+            quit = None if circusd is None else _quit_command(circusd)
+            found[pid] = Blocker(pid, _cmdline(pid), quit=quit, foreign_circusd=circusd is not None and quit is None)
         found[pid].reasons.append(reason)
 
     holder = read_lock_holder(settings.writer_lock_path)
@@ -119,20 +177,82 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
         ports.append(("UDP", settings.watchdog_port, "watchdog"))
     for kind, port, what in ports:
         if port_taken(port, kind):
-            holders = port_holders(port, kind) or [None]
-            for pid in holders:
+            owners = sorted({socket_owner(pid, port, kind) for pid in port_holders(port, kind)})
+            for pid in owners or [None]:
                 add(pid, f"holds 127.0.0.1:{port}/{kind}, the {what}'s port")
     return list(found.values())
 
 
 def refusal(settings: Settings, found: list[Blocker]) -> str:
-    """The message that names every blocker and says what to do."""
+    """The message that names every blocker and says what to do: a tickstack circusd is stopped with
+    circusctl's ``quit``, any other process with ``kill`` (SIGTERM: a graceful stop, which another
+    circusd takes as its ``quit``)."""
     lines = [f"refusing to start tickstack in {settings.home}: it is not alone there"]
     lines += [f"  - {b}" for b in found]
-    pids = " ".join(str(b.pid) for b in found if b.pid is not None)
-    lines.append(f"stop them first (`kill {pids}` asks them to finish gracefully), or choose other ports/home"
-                 if pids else "free those ports first, or choose other ports (TICKSTACK_*_PORT)")
+    ways = [f"`{b.quit}` stops that circusd and all it runs" for b in found if b.quit]
+    pids = " ".join(str(b.pid) for b in found if b.pid is not None and not b.quit and not b.foreign_circusd)
+    if pids:
+        ways.append(f"`kill {pids}` asks {'them' if ' ' in pids else 'it'} to finish gracefully")
+    lines.append(f"stop {'them' if len(found) > 1 else 'it'} first ({'; '.join(ways)}), or choose other ports/home"
+                 if ways else "free those ports first, or choose other ports (TICKSTACK_*_PORT)")
     return "\n".join(lines)
+
+
+def socket_owner(pid: int, port: int, kind: str = "TCP") -> int:
+    """The owner of the socket ``pid`` has on ``port``: its farthest holder up from ``pid``, each
+    parent holding it too (inherited: circusd made the web ports' sockets, its gunicorn masters and
+    their workers hold copies; psutil names one holder per socket, often a worker)."""
+    owner = pid
+    try:
+        for parent in psutil.Process(pid).parents():
+            if parent.pid <= 1 or not _holds(parent, port, kind):  # init (a socket-activated service) is no owner
+                break
+            owner = parent.pid
+    except psutil.Error:
+        pass
+    return owner
+
+
+def running_circusd(pid: int) -> psutil.Process | None:
+    """The live circusd that runs ``pid`` (``pid`` itself, or its nearest circusd ancestor), other
+    than this process: a process it runs, stopped alone, it would start again."""
+    try:
+        proc = psutil.Process(pid)
+        for candidate in (proc, *proc.parents()):
+            if candidate.pid == os.getpid():  # run by this process (a circusd's own hook): none other
+                return None
+            if is_circusd(candidate.cmdline()):
+                return candidate if candidate.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        pass
+    return None
+
+
+def _quit_command(circusd: psutil.Process) -> str | None:
+    """The circusctl command that stops a tickstack circusd (its ``TICKSTACK_HOME``'s control
+    socket, which must be there); None for another circusd."""
+    try:
+        home = circusd.environ().get("TICKSTACK_HOME")
+        cwd = circusd.cwd()
+    except psutil.Error:
+        return None
+    if not home:
+        return None
+    try:
+        endpoint = load_settings({"TICKSTACK_HOME": str(Path(cwd) / Path(home).expanduser())}).circus_endpoint
+    except ConfigError:
+        return None
+    return circusctl_command(endpoint, "quit") if Path(endpoint[len("ipc://"):]).is_socket() else None
+
+
+def _holds(proc: psutil.Process, port: int, kind: str) -> bool:
+    """Whether ``proc`` has a socket bound to ``port`` (listening, for TCP)."""
+    try:
+        conns = proc.net_connections(kind="tcp" if kind == "TCP" else "udp")
+    except psutil.Error:
+        return False
+    return any(c.laddr and c.laddr.port == port and (kind != "TCP" or c.status == psutil.CONN_LISTEN)
+               for c in conns)
 
 
 def orphans(home: Path) -> list[int]:

@@ -5,12 +5,14 @@ Per-process figures (CPU, memory of gunicorn's workers too) are measured by
 "arbiter is already running X command" (circus #1154); :func:`retry_while_busy` is the one rule for
 that answer (retry briefly, then give up), used by :meth:`Circus.call` and by our flapping plugin.
 :meth:`Circus.call` raises :class:`CircusError` with a plain message, never a stack trace for the
-operator.
+operator. :meth:`Circus.watchers` is the one judgement of whether a watcher is up (active with the
+processes circus was asked for), which the API's health and metrics report.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,41 @@ def retry_while_busy(send: Callable[[], dict[str, Any]], within: float, pause: f
         if not is_busy(answer) or time.monotonic() >= deadline:
             return answer
         time.sleep(pause)
+
+
+@dataclass(frozen=True)
+class WatcherState:
+    """One watcher as the API's health and metrics judge it: up only when circus calls it active
+    *and* it runs at least the processes circus was asked for, at least one. circus calls a watcher
+    active with no process at all after ``circusctl decr`` to 0; one the flapping plugin or
+    ``circusctl stop`` stopped reads ``stopped``."""
+
+    #: circus's word: active, stopped, starting, stopping.
+    status: str
+    #: Processes running now (circus's, not gunicorn's workers); None when circusd did not say.
+    processes: int | None
+    #: circus's asked-for ``numprocesses`` (what incr/decr change); None when circusd did not say.
+    asked: int | None
+
+    @property
+    def wanted(self) -> int:
+        """The processes the watcher must run to be up: what circus was asked for, at least one."""
+        return max(self.asked or 0, 1)
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong, in words ("stopped", "0 of 1 processes"); None when it is up. A watcher
+        whose processes circusd did not report is judged by its status alone."""
+        if self.status != "active":
+            return self.status
+        if self.processes is None or self.processes >= self.wanted:
+            return None
+        text = f"{self.processes} of {self.wanted} processes"
+        return f"{text} (circus was asked for 0)" if self.asked == 0 else text
+
+    @property
+    def up(self) -> bool:
+        return self.problem is None
 
 
 class Circus:
@@ -75,6 +112,41 @@ class Circus:
     def statuses(self) -> dict[str, str]:
         """Every watcher's status (active, stopped, starting, stopping)."""
         return self.call("status")["statuses"]
+
+    def pids(self, watcher: str) -> list[int]:
+        """The pids of ``watcher``'s processes that are running (circus leaves out those that ended
+        and are not reaped yet): a cheap call, unlike ``stats``, which reads every process's figures."""
+        return [int(pid) for pid in self.call("list", name=watcher).get("pids") or []]
+
+    def asked_for(self, watcher: str) -> int | None:
+        """circus's asked-for ``numprocesses`` of ``watcher`` (None when it says something else)."""
+        value = (self.call("get", name=watcher, keys=["numprocesses"]).get("options") or {}).get("numprocesses")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def watchers(self) -> dict[str, WatcherState]:
+        """Every watcher (circus's plugins left out), sorted by name, as :class:`WatcherState`.
+
+        ``status``, then each watcher's pids (``list``) and, for an active one, its asked-for
+        ``numprocesses`` (``get``): small calls, a millisecond or two each. Raises
+        :class:`CircusError` when the first fails. When a later one fails (it timed out, circusd's
+        loop held by a start hook; or the watcher is gone, removed by a ``reloadconfig``), what it
+        would have said is None and nothing more is asked: each further call could wait as long.
+        A new client per call (:meth:`call`): about 18 ms for the 7 watchers of circus.ini."""
+        statuses = self.statuses()
+        out: dict[str, WatcherState] = {}
+        asking = True
+        for name in sorted(n for n in statuses if not n.startswith("plugin:")):
+            status = str(statuses[name])
+            processes = asked = None
+            if asking:
+                try:
+                    processes = len(self.pids(name))
+                    if status == "active":  # one that is not active is down whatever it was asked for
+                        asked = self.asked_for(name)
+                except CircusError:
+                    asking = False
+            out[name] = WatcherState(status, processes, asked)
+        return out
 
     def act(self, action: str, watcher: str) -> dict[str, Any]:
         """start/stop/restart/incr/decr one watcher, waiting for the result."""

@@ -1,13 +1,16 @@
 """Circus hooks: start only when alone in the home; start dependents only once the writer is ready.
 
 ``refuse_unless_alone`` is the writer's ``before_start`` hook. The writer starts first (highest
-priority), so at circusd's start it runs before any process is spawned: if an earlier stack's
-processes still run in this home (the writer lock held, an orphan, the watchdog's port taken; see
-:mod:`db.preflight`), circusd exits 1 with the reason on its stderr and in its log, instead of
-starting a second stack beside them. circus offers no earlier hook; it binds the API's and the
-console's ports itself, before any hook, and a taken port makes circusd stop there, with "Could not
-bind" in its log and exit status 0, circus's own way (``python -m db prepare``, run by ``make
-run``, checks them first and says so).
+priority), so at circusd's start it is the first of our code circusd calls, before any process is
+spawned: if a setting does not load (``TICKSTACK_API_PORT=abc``), or an earlier stack's processes
+still run in this home (the writer lock held, an orphan, the watchdog's port taken; see
+:mod:`db.preflight`), circusd exits 1 with the one-line reason on its stderr (the terminal of a
+plain ``circusd circus.ini``) and in its log, as ``make run`` refuses, instead of sitting there with
+no watcher started or starting a second stack beside them. circus offers no earlier hook (it only
+imports the modules and builds the log streams that circus.ini names while it reads it, and again
+at each ``reloadconfig``); it binds the API's and the console's ports itself, before any hook, and a
+taken port makes circusd stop there, with "Could not bind" in its log and exit status 0, circus's
+own way (``python -m db prepare``, run by ``make run``, checks them first and says so).
 
 ``wait_for_writer`` is every dependent's ``before_start`` hook: circus starts watchers in priority
 order but never waits for one to be ready, so it pings the writer until it answers, bounded by
@@ -25,39 +28,57 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 log = logging.getLogger("circus")
 
 
 def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
-    """At circusd's start: exit circusd (status 1) when anything of an earlier start is in the way.
-    Later (``circusctl start writer``, a flapping retry) circusd stays up: the writer is not started
-    while another process holds the writer lock."""
+    """At circusd's start: exit circusd (status 1) when a setting does not load or anything of an
+    earlier start is in the way. Later (``circusctl start writer``, a flapping retry) circusd stays
+    up: the writer is not started while another process holds the writer lock."""
     from db.config import ConfigError, load_settings
-    from db.preflight import blockers, circusd_pidfile, refusal
+    from db.preflight import blockers, refusal
 
+    starting = not arbiter.running
     try:
-        settings = load_settings()
+        settings = load_settings()  # reads circusd's environment, never changes it
     except ConfigError as e:
+        if starting:
+            _exit_circusd(arbiter, hook_name, str(e))
         log.error("%s: %s; not starting %s", hook_name, e, watcher.name)
         return False
-    starting = not arbiter.running
     # circus holds the web ports already (its own sockets); the watchdog binds its port after this.
     found = blockers(settings, tcp_ports=False, udp_port=starting, leftovers=starting)
     if not found:
         return True
     message = refusal(settings, found)
-    log.error("%s: %s", hook_name, message)
     if starting:
-        print(f"circusd: {message}", file=sys.stderr, flush=True)
-        pidfile = circusd_pidfile(settings)  # circusd leaves it on this way out
-        if pidfile.exists() and pidfile.read_text().strip() == str(os.getpid()):
-            pidfile.unlink()
-        # Out of circus's event loop (a hook's exception is only logged): circusd closes its
-        # sockets and exits 1, before it has started anything.
-        raise SystemExit(1)
+        _exit_circusd(arbiter, hook_name, message)
+    log.error("%s: %s", hook_name, message)
     return False
+
+
+def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:
+    """Stop circusd at its start, status 1, with ``message`` on its stderr and in its log."""
+    log.error("%s: %s", hook_name, message)
+    print(f"circusd: {message}", file=sys.stderr, flush=True)
+    pidfile = arbiter.pidfile  # circus.ini's; circusd leaves it on this way out
+    if pidfile and os.path.exists(pidfile):
+        with open(pidfile) as f:
+            if f.read().strip() == str(os.getpid()):
+                os.unlink(pidfile)
+    # Its control sockets' files too: left behind, a circusctl or the console would wait for its
+    # time-out on them instead of being told at once that no circusd runs.
+    for endpoint in (arbiter.endpoint, arbiter.pubsub_endpoint):
+        if endpoint and endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://"):])
+            except OSError:
+                pass
+    # Out of circus's event loop (a hook's exception is only logged): circusd closes its sockets
+    # and exits 1, before it has started anything.
+    raise SystemExit(1)
 
 
 def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
@@ -65,6 +86,7 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     from db.client import WriterClient
     from db.config import ConfigError, load_settings
     from db.errors import WriterUnavailable
+    from db.preflight import circusctl_command
 
     try:
         settings = load_settings()
@@ -75,8 +97,8 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     try:
         ping = client.wait_ready(settings.ready_timeout)
     except WriterUnavailable:
-        log.error("%s: writer not ready after %.0f s; not starting %s (circusctl start %s retries)",
-                  hook_name, settings.ready_timeout, watcher.name, watcher.name)
+        log.error("%s: writer not ready after %.0f s; not starting %s (`%s` retries)", hook_name,
+                  settings.ready_timeout, watcher.name, circusctl_command(arbiter.endpoint, "start", watcher.name))
         return False
     finally:
         client.close()

@@ -41,6 +41,7 @@ from circus.plugins.flapping import Flapping as CircusFlapping
 from circus.plugins.watchdog import WatchDog as CircusWatchDog
 from circus.util import to_bool
 
+from db.preflight import circusctl_command
 from supervision.circus import is_busy, retry_while_busy
 from supervision.lifeline import Lifeline
 
@@ -122,8 +123,8 @@ class Flapping(CallsNotCasts, CircusFlapping):
             timer.start()
             self.timers[watcher_name] = timer
         else:
-            log.info("%s: flapping detected: reached max retry limit (%d); stopped until `circusctl start %s`",
-                     watcher_name, max_retry, watcher_name)
+            log.info("%s: flapping detected: reached max retry limit (%d); stopped until `%s`", watcher_name,
+                     max_retry, circusctl_command(self.endpoint, "start", watcher_name))
             self.tries[watcher_name] = 0
             self.last_flap.pop(watcher_name, None)
             self.command("stop", name=watcher_name)

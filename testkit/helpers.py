@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from db.config import Settings
+from testkit.env import ROOT
 from testkit.postgres import read_connection
 
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
@@ -142,3 +143,18 @@ def fill_disk(path: Path, leave: int = 0) -> int:
                 except OSError:  # ENOSPC
                     break
     return written
+
+
+def backticked(text: str, needle: str) -> str:
+    """The first `...` command in ``text`` that contains ``needle``."""
+    commands = [c for c in re.findall(r"`([^`]+)`", text) if needle in c]
+    assert commands, f"no `...{needle}...` in:\n{text}"
+    return commands[0]
+
+
+def run_as_printed(command: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A command as a user pastes it into a shell in the checkout without the venv activated: no
+    venv on PATH, no CIRCUSCTL_ENDPOINT, no TICKSTACK_* variable."""
+    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    return subprocess.run(["bash", "-c", command], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)

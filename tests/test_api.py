@@ -507,7 +507,7 @@ def test_health_reports_writer_database_and_missing_circus(api: Api) -> None:
         assert "ts_owner" not in resp.get_data(as_text=True) and "ts_reader" not in resp.get_data(as_text=True)
     # The body is what the OpenAPI document says, on either database (no field it does not list).
     Draft202012Validator(openapi_module.document()["components"]["schemas"]["Health"]).validate(body)
-    assert body["circus"] == {"reachable": False, "watchers": {},
+    assert body["circus"] == {"reachable": False, "watchers": {}, "processes": {}, "down": {},
                               "error": body["circus"]["error"]} and "not running" in body["circus"]["error"]
 
 
@@ -655,8 +655,15 @@ def test_health_and_metrics_report_circus_watchers(circusd: Stack, monkeypatch: 
     assert watchers["sleeper"] == "active" and watchers["idle"] == "stopped"
     assert not any(name.startswith("plugin:") for name in watchers)
     assert body["status"] == "degraded"
+    # Each watcher that is down is named, with what is wrong (real stack: tests/test_metrics.py).
+    assert body["circus"]["down"] == {"idle": "stopped"}
+    processes = body["circus"]["processes"]
+    assert set(processes) == set(watchers) and (processes["sleeper"], processes["idle"]) == (1, 0)
+    Draft202012Validator(openapi_module.document()["components"]["schemas"]["Health"]).validate(body)
     samples = metric_samples(client.get("/metrics").get_data(as_text=True))
     up = {s.labels["watcher"]: s.value for s in samples["tickstack_watcher_up"]}
     assert up == {name: 1.0 if status == "active" else 0.0 for name, status in watchers.items()}
     assert up["sleeper"] == 1.0 and up["idle"] == 0.0
+    running = {s.labels["watcher"]: s.value for s in samples["tickstack_watcher_processes"]}
+    assert running == {name: float(n) for name, n in processes.items()}
     assert samples["tickstack_circus_up"][0].value == 1.0

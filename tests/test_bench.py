@@ -219,3 +219,79 @@ def test_the_analysis_benchmark_calls_runs_that_stored_different_results_a_probl
     fewer = {"analysis": {"bars": 56, "indicators": 9}}
     assert count_problems({"hourly": [same, same, fewer]}) == [
         "hourly: the runs stored different numbers of indicators: [0, 0, 9]"]
+
+
+# --- every numeric flag is bounded -------------------------------------------------------------------------------
+
+#: Each benchmark's module (its ``main(argv)``, what ``python -m bench NAME`` runs; the chaos producer is
+#: the process the chaos bench starts) and every numeric flag it takes. A flag without an upper bound took
+#: any value: ``contention --seconds 1e16`` ran for ever, ``--rows 10000000000000000`` built its ticks in
+#: memory until it ran out.
+NUMERIC_FLAGS = {
+    "bench.contention.cli": ("--procs", "--seconds", "--pipeline-window", "--rows", "--batch", "--window",
+                             "--batch-producers", "--repeat"),
+    "bench.analysis.cli": ("--ticks", "--symbols", "--batch", "--window", "--bars", "--repeat"),
+    "bench.api.cli": ("--seconds", "--clients", "--post-batch", "--repeat", "--seed-ticks", "--ingest-batch",
+                      "--window", "--workers", "--slow-clients", "--writer-nice"),
+    "bench.chaos.cli": ("--producers", "--writer-kills", "--stack-rounds", "--seed", "--min-gap", "--max-gap",
+                        "--producer-kill-chance", "--pause", "--settle"),
+    "bench.chaos.producer": ("--ticks", "--window", "--pause", "--deadline"),
+}
+#: The options of each that are no number, and what stops a run before it starts were a bad number taken
+#: (argparse reads the flags in order, so the first bad one is the one named): no benchmark runs here.
+OTHER_OPTIONS = {"--only", "--json", "--database", "--worker-class", "--mode", "--source", "--ack-log", "--help"}
+STOP = {"bench.chaos.producer": ["--mode", "nobody"]}
+TOO_LARGE = ("1" + "0" * 16, "1e16", "9" * 5000)
+
+
+def refusal(capsys: pytest.CaptureFixture[str], module: str, *args: str) -> str:
+    """``module``'s main on ``args`` (then a flag that stops it) must exit 2 with one argparse error line
+    and no traceback; that line."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, *STOP.get(module, ["--only", "nobody"])])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert stopped.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (args, err)
+    assert err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+@pytest.mark.parametrize(("module", "flag"), [(m, f) for m, flags in NUMERIC_FLAGS.items() for f in flags])
+def test_every_numeric_bench_flag_refuses_a_value_over_its_bound_or_below_it(
+        capsys: pytest.CaptureFixture[str], module: str, flag: str) -> None:
+    """Too large (also 5,000 digits, which int() refuses), negative, nan: each a one-line argparse error
+    naming the flag and its range, by db's one number rule (db.parsers.number_flag)."""
+    for value in (*TOO_LARGE, "-1", "nan"):
+        line = refusal(capsys, module, flag, value)
+        assert f"error: argument {flag}: " in line, (value, line)
+        assert re.search(r" to -?\d|at most \d", line), (value, line)
+
+
+@pytest.mark.parametrize("module", list(NUMERIC_FLAGS))
+def test_the_list_of_numeric_bench_flags_is_complete_and_their_defaults_are_in_range(module: str) -> None:
+    """A new numeric flag is not left out of the test above; each default passes its own flag's rule."""
+    import importlib
+
+    actions = importlib.import_module(module).build_parser()._actions
+    options = {a.option_strings[-1]: a for a in actions if a.option_strings}
+    assert set(options) - OTHER_OPTIONS == set(NUMERIC_FLAGS[module])
+    for flag in NUMERIC_FLAGS[module]:
+        action = options[flag]
+        assert action.type(str(action.default)) == action.default, (flag, action.default)
+
+
+@pytest.mark.parametrize("value", ["1e16", "-1"])
+def test_bench_contention_refuses_seconds_that_never_end_or_never_start(value: str) -> None:
+    """``python -m bench contention --seconds 1e16`` ran for ever (and ``--rows`` that large exhausted
+    memory building its ticks); now, as every bench number: one line, exit 2, before anything runs.
+    (``--only nobody``: were the value taken, the run still stops before it starts.)"""
+    for flag in ("--seconds", "--rows"):
+        run = subprocess.run([sys.executable, "-m", "bench", "contention", flag, value, "--only", "nobody"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+        errors = [line for line in run.stderr.splitlines() if "error:" in line]
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-2000:]
+        assert len(errors) == 1 and errors[0].startswith(f"python -m bench contention: error: argument {flag}: "), \
+            run.stderr[-2000:]

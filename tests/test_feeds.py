@@ -380,10 +380,32 @@ def test_parse_speed_valid(text: str, expected: object) -> None:
     assert parse_speed(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf"])
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf", "1e-300", "0.0009", "1e7", "9" * 5000])
 def test_parse_speed_invalid(text: str) -> None:
-    with pytest.raises(ValueError, match="invalid replay speed .*positive number"):
+    with pytest.raises(ValueError, match="invalid replay speed .*'max' or a number from 0.001 to 1,000,000") as e:
         parse_speed(text)
+    assert len(str(e.value)) < 200
+
+
+def test_a_gap_longer_than_one_sleep_can_take_is_slept_in_steps() -> None:
+    """A replay at a thousandth of real time over a century's gap is due in 3.2e12 s, more than one
+    ``time.sleep`` takes (it raised OverflowError, a traceback that stopped the replay; at a speed
+    of 1e-300, which was accepted, on the second tick of any file): it sleeps in steps of an hour."""
+    clock = FakeClock()
+
+    class Enough(Exception):
+        pass
+
+    def sleep(seconds: float) -> None:
+        if len(clock.sleeps) == 3:
+            raise Enough
+        clock.sleep(seconds)
+
+    out = pace(iter([{"ts": 0}, {"ts": 100 * 365 * 86_400_000}]), parse_speed("0.001"), clock=clock, sleep=sleep)
+    assert next(out) == {"ts": 0}
+    with pytest.raises(Enough):
+        next(out)
+    assert clock.sleeps == [3600.0] * 3
 
 
 class FakeClock:

@@ -5,6 +5,7 @@ each scrape showed the worker that answered it, so Prometheus series came and we
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import stat
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit.circus import CircusStack
+from testkit.circus import WATCHERS, CircusStack
 from testkit.helpers import wait_for
 
 ROUTE = "/api/openapi.json"  # no writer call, and nothing else in the stack requests it
@@ -132,3 +133,76 @@ def test_the_api_port_answers_json_errors_at_every_path(live: CircusStack) -> No
         code, content_type, body = get(port, path, method)
         assert (code, content_type) == (status, "application/json"), (method, path, code, content_type, body[:200])
         assert b'"error"' in body
+
+
+# --- a watcher without its processes is down (a new user's finding) ---------------------------------------------
+
+
+def health(port: int) -> tuple[int, dict]:
+    """(HTTP status, body) of ``/api/health``."""
+    status, _, body = get(port, "/api/health")
+    return status, json.loads(body)
+
+
+def watcher_gauges(port: int) -> dict[str, dict[str, float]]:
+    """``tickstack_watcher_*`` sample name -> {watcher: value} of one scrape."""
+    status, _, body = get(port, "/metrics")
+    assert status == 200
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name.startswith("tickstack_watcher_"):
+                out.setdefault(s.name, {})[s.labels["watcher"]] = s.value
+    return out
+
+
+def test_a_watcher_stopped_or_without_its_processes_is_down_in_health_and_metrics(live: CircusStack) -> None:
+    """``circusctl decr analysis`` to 0 left circus calling analysis ``active`` with no process, and
+    ``circusctl stop analysis`` (as the flapping plugin stops a watcher) left it stopped: /api/health
+    said ``ok`` (or a bare ``degraded``) and ``tickstack_watcher_up{watcher="analysis"}`` read 1.
+    A watcher is up only when active with at least the processes circus was asked for, at least one;
+    health names each one that is not (200 still: the writer answers, the stack is degraded)."""
+    port = live.api_port
+    wait_for("health ok", lambda: health(port)[1]["status"] == "ok")
+    code, body = health(port)
+    assert code == 200
+    assert watcher_gauges(port)["tickstack_watcher_up"] == {w: 1.0 for w in WATCHERS}
+    try:
+        done = live.circusctl("decr", "analysis")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for("analysis to have no process", lambda: live.status()["analysis"] == "active"
+                 and live.pids_of("analysis") == [])
+        code, body = health(port)
+        assert (code, body["status"]) == (200, "degraded"), body
+        assert body["circus"]["watchers"]["analysis"] == "active"  # circus's own word, as circus says it
+        assert body["circus"]["down"] == {"analysis": "0 of 1 processes (circus was asked for 0)"}, body
+        assert body["circus"]["processes"]["analysis"] == 0
+        gauges = watcher_gauges(port)
+        assert gauges["tickstack_watcher_up"] == {w: 0.0 if w == "analysis" else 1.0 for w in WATCHERS}
+        assert gauges["tickstack_watcher_processes"]["analysis"] == 0.0
+
+        done = live.circusctl("incr", "analysis")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for("health ok again", lambda: health(port)[1]["status"] == "ok")
+        assert health(port)[1]["circus"]["down"] == {}
+        gauges = watcher_gauges(port)
+        assert gauges["tickstack_watcher_up"] == {w: 1.0 for w in WATCHERS}
+        assert gauges["tickstack_watcher_processes"] == {w: 1.0 for w in WATCHERS}
+
+        done = live.circusctl("stop", "analysis")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for("analysis stopped", lambda: live.status()["analysis"] == "stopped")
+        code, body = health(port)
+        assert (code, body["status"]) == (200, "degraded"), body
+        assert body["circus"]["down"] == {"analysis": "stopped"}, body
+        assert body["circus"]["processes"]["analysis"] == 0
+        gauges = watcher_gauges(port)
+        assert gauges["tickstack_watcher_up"]["analysis"] == 0.0
+        assert gauges["tickstack_watcher_processes"]["analysis"] == 0.0
+    finally:  # the module's stack as the other tests expect it: analysis running one process
+        if live.status().get("analysis") != "active":
+            live.circusctl("start", "analysis")
+        if not live.pids_of("analysis"):
+            live.circusctl("incr", "analysis")
+    wait_for("health ok at the end", lambda: health(port)[1]["status"] == "ok")
+    assert watcher_gauges(port)["tickstack_watcher_up"] == {w: 1.0 for w in WATCHERS}

@@ -10,15 +10,18 @@ import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from sqlalchemy import update
 
+from db import queries
 from db.client import WriterClient
 from db.config import load_settings
-from db.engine import make_write_engine
+from db.engine import make_read_engine, make_write_engine
 from db.errors import ValidationError
 from db.models import Trade
+from db.validation import MAX_TS
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
@@ -249,6 +252,68 @@ def test_monitor_trails_and_closes_trades_through_the_writer(writer: Stack) -> N
 
     # Nothing new: the monitor finds nothing to do and writes nothing.
     assert "stop ->" not in run_monitor(writer)
+
+
+def history(stack: Stack, trade_id: int) -> tuple[Any, list[Any]]:
+    """The trade and its events as every reader gets them (:func:`db.queries.trade_events`: by time,
+    oldest first; the API's and the console's history)."""
+    engine = make_read_engine(stack.settings)
+    try:
+        with engine.connect() as conn:
+            return queries.trade(conn, trade_id), queries.trade_events(conn, trade_id)
+    finally:
+        engine.dispose()
+
+
+def assert_in_order_from_its_opening(trade: Any, events: list[Any], kinds: list[str]) -> None:
+    """The history reads ``kinds`` in the order they were recorded (by id), every event stamped at
+    or after the opening, and the trade closed at or after it was opened."""
+    assert [e.kind for e in events] == kinds, [(e.kind, e.ts) for e in events]
+    assert [e.id for e in events] == sorted(e.id for e in events), [(e.id, e.kind, e.ts) for e in events]
+    assert all(e.ts >= trade.opened_at for e in events), (trade.opened_at, [(e.kind, e.ts) for e in events])
+    assert trade.closed_at is None or trade.closed_at >= trade.opened_at, (trade.opened_at, trade.closed_at)
+
+
+def test_a_trail_on_ticks_stamped_before_the_opening_is_recorded_after_it(writer: Stack) -> None:
+    """A tick's ts is its feed's clock (here a replay of 2024, as a CSV replay or an exchange feed
+    behind the writer's clock gives), a trade's opening the writer's (open_trade without ts). The
+    monitor stamped each stop move and the close with the tick's ts: before the opening, so the
+    trade's history read trailing, closed, then opened."""
+    m = Market(writer)
+    m.quote("CCC", 100.0)
+    trade_id = m.client.call("open_trade", symbol="CCC", side="buy", size=1.0, stop_loss=95.0,
+                             trailing_distance=2.0)["id"]  # at the ask, 100.5, now
+    m.quote("CCC", 103.0, 105.0, 102.5)  # trails to 103 and is stopped out, all in one step
+    assert f"trade {trade_id} closed at 102.5 (trailing_stop)" in run_monitor(writer)
+    trade, events = history(writer, trade_id)
+    assert (trade.status, trade.close_reason) == ("closed", "trailing_stop")
+    assert_in_order_from_its_opening(trade, events, ["opened", "trailing", "closed"])
+
+
+def test_a_change_by_the_writer_clock_is_recorded_after_an_opening_given_later(writer: Stack) -> None:
+    """open_trade takes the opening's ts from its caller (another host's clock, on PostgreSQL, may
+    be ahead of this writer's); a stop moved or a trade closed without a ts was stamped at this
+    writer's now, before that opening."""
+    m = Market(writer)
+    m.quote("AAA", 100.0)
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=MAX_TS)["id"]
+    m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, reason="manual")
+    m.client.call("close_trade", trade_id=trade_id, reason="manual")
+    trade, events = history(writer, trade_id)
+    assert_in_order_from_its_opening(trade, events, ["opened", "manual", "closed"])
+
+
+def test_a_close_at_an_older_tick_is_recorded_after_a_change_made_before_it(writer: Stack) -> None:
+    """The monitor closes at its tick's ts, which may be older than a stop moved by hand just before
+    (stamped at the writer's now): the close read before the change that preceded it."""
+    m = Market(writer)
+    m.quote("AAA", 100.0)
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=T0)["id"]
+    m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, reason="manual")  # now
+    m.client.call("close_trade", trade_id=trade_id, price=96.0, reason="stop_loss", ts=T0 + 1000)
+    trade, events = history(writer, trade_id)
+    assert_in_order_from_its_opening(trade, events, ["opened", "manual", "closed"])
+    assert trade.closed_at == events[-1].ts
 
 
 def test_trade_closed_by_hand_meanwhile_is_logged_not_fatal(writer: Stack, caplog: pytest.LogCaptureFixture) -> None:

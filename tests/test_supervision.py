@@ -28,7 +28,7 @@ from db.health import connect_read_only, integrity
 from db.lock import read_lock_holder
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import BIN, ROOT, isolated_env, new_home
-from testkit.helpers import T0, query, wait_for
+from testkit.helpers import T0, backticked, query, run_as_printed, wait_for
 from testkit.postgres import read_connection
 
 
@@ -73,21 +73,29 @@ def prepare(env: dict[str, str]) -> subprocess.CompletedProcess:
 def plain_circusd(env: dict[str, str], timeout: float = 60) -> tuple[int | None, str]:
     """``circusd circus.ini`` as a user types it: its exit status (None if it did not exit in time:
     then it is stopped, with whatever it started) and its output."""
+    status, out, _ = circusd_on_a_terminal(env, timeout, stderr=subprocess.STDOUT)
+    return status, out
+
+
+def circusd_on_a_terminal(env: dict[str, str], timeout: float = 60,
+                          stderr: int = subprocess.PIPE) -> tuple[int | None, str, str]:
+    """``circusd circus.ini`` as a user types it: its exit status (None if it did not exit in time:
+    then it is stopped, with whatever it started), its stdout and its stderr."""
     proc = subprocess.Popen([str(BIN / "circusd"), "circus.ini"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=stderr, text=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
-        return proc.returncode, out
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err or ""
     except subprocess.TimeoutExpired:
         children = psutil.Process(proc.pid).children(recursive=True)
         proc.kill()
-        out, _ = proc.communicate()
+        out, err = proc.communicate()
         for child in children:
             try:
                 child.kill()
             except psutil.Error:
                 pass
-        return None, out
+        return None, out, err or ""
 
 
 def port_free(port: int, kind: int = socket.SOCK_STREAM) -> bool:
@@ -206,6 +214,27 @@ def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
         heartbeats.close()
 
 
+@pytest.mark.parametrize("name, value, said", [("TICKSTACK_API_PORT", "abc", "is not a whole number"),
+                                               ("TICKSTACK_API_PORT", "70000", "must be a whole number"),
+                                               ("TICKSTACK_READY_TIMEOUT", "soon", "is not a number")])
+def test_plain_circusd_stops_on_a_bad_setting_with_the_reason_on_its_terminal(
+        stack: CircusStack, name: str, value: str, said: str) -> None:
+    """``circusd circus.ini`` with a setting that does not load: circusd exits 1 with the one-line
+    reason on stderr, as ``make run`` refuses it. It used to stay up with no watcher started and the
+    reason in circusd.log only. (The 60 s bound only stops a circusd that sits there.)"""
+    env = {**stack.env, name: value}
+    refused = prepare(env)
+    assert refused.returncode == 1 and f"{name}={value!r} {said}" in refused.stderr, refused.stderr
+
+    status, out, err = circusd_on_a_terminal(env)
+    assert status == 1, (status, out, err, stack.circusd_log()[-2000:])
+    assert f"{name}={value!r} {said}" in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in out + err, out + err
+    left = {p.name for p in (stack.home / "run").iterdir()} & {"circusd.pid", "circus.sock", "circus-pubsub.sock"}
+    assert left == set(), left  # a circusctl would wait on a socket file with no circusd behind it
+    assert f"{name}={value!r} {said}" in stack.circusd_log()
+
+
 @pytest.mark.parametrize("holder", ["zombie", "unrelated", "newer-circusd"])
 def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_path: Path) -> None:
     pidfile = stack.home / "run" / "circusd.pid"
@@ -296,6 +325,10 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
         assert daemon.status()["crasher"] == "stopped"
         text = log.read_text()
         assert text.count("crasher: flapping detected: retry in") == 1, text[-3000:]
+        # The log says how to start it again, runnable as printed from the checkout.
+        given_up = next(line for line in text.splitlines() if "reached max retry limit" in line)
+        start = run_as_printed(backticked(given_up, "start crasher"))
+        assert start.returncode == 0 and "ok" in start.stdout, (given_up, start.stdout, start.stderr)
     finally:
         daemon.stop(quit_timeout=30, term_timeout=10)
         shutil.rmtree(home, ignore_errors=True)

@@ -177,13 +177,30 @@ def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> 
         50, 50, 0, 49)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--chunk", "0"], "argument --chunk: '0' must be a whole number from 1 to 1000000"),
+    (["--chunk", "1e15"], "argument --chunk: '1e15' must be a whole number from 1 to 1000000"),
+    (["--rows-per-store", "-5"], "argument --rows-per-store: '-5' must be a whole number from 1 to"),
+])
+def test_the_analysis_workers_flags_are_whole_numbers_in_range(stack: Stack, args: list[str], message: str) -> None:
+    result = run(stack, "workers.analysis", *args, "--until-idle", timeout=60)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], (args, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
         (["--feed", "csv"], "--feed csv needs --file"),
         (["--feed", "csv", "--file", "/nonexistent.csv"], "no such file"),
         (["--feed", "csv", "--file", __file__, "--speed", "0"], "invalid replay speed"),
         (["--symbols", "btc,eth"], "--symbols"),
-        (["--batch", "0"], "--batch 0"),
+        (["--batch", "0"], "argument --batch: '0' must be a whole number from 1 to 10000"),
+        # Whole numbers with a bound: a huge count or memory limit is refused, not run for ever.
+        (["--count", "-1"], "argument --count: '-1' must be a whole number from 0 to 1000000000000"),
+        (["--count", "1e30"], "argument --count: '1e30' must be a whole number from 0 to 1000000000000"),
+        (["--count", "9" * 5000], "argument --count: '" + "9" * 40 + "'... (5,000 characters) must be a whole"),
+        (["--seed", "2.5"], "argument --seed: '2.5' must be a whole number from 0 to 4294967295"),
+        (["--memory-limit", "1e12"], "argument --memory-limit: '1e12' must be a whole number from 1 to 10000000"),
         (["--feed", "ftp"], "invalid choice"),
         # Not finite, or no use: nan would never compare, inf would never end a wait.
         (["--deadline", "inf"], "argument --deadline: 'inf' must be a number greater than 0 and at most 86400"),
@@ -195,3 +212,4 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         result = run(stack, "workers.ticks", *args, timeout=60)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr and len(result.stderr) < 1000, (args, result.stderr[:2000])

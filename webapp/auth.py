@@ -10,6 +10,15 @@
   hosts on one database set the same ``TICKSTACK_ADMIN_PASSWORD`` (and ``TICKSTACK_SECRET_KEY``)
   instead, so any host's console accepts it; no file is written then. Sessions stay per host (each
   host's session file): log in on each.
+* **One rule for the password, wherever it comes from**: at least
+  :data:`db.config.ADMIN_PASSWORD_MIN` characters, leading and trailing blanks aside, in the file
+  as in the variable (whose parser refuses a shorter one at start). A file that is empty, blank,
+  shorter or unreadable does not stop the console (gunicorn's workers failing to boot made circus
+  respawn it until its flapping plugin gave up, the reason in a traceback): the console starts,
+  each worker logs one line saying what is wrong with which file and how to fix it (never the
+  password), the login page shows it, and every login is refused (:attr:`Credentials.problem`),
+  through the throttle as any failed one, until the file is fixed and the console restarted. A file
+  other users may read is used, with a warning.
 * **Sessions end for real.** A login makes a random session id, kept server-side in
   ``$TICKSTACK_HOME/run/console-sessions.json`` (:class:`~webapp.auth_state.SessionStore`, shared by
   both workers) and in Flask's signed cookie (HttpOnly, SameSite=Lax) with the user, the login time
@@ -71,7 +80,8 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from db.config import Settings, read_or_create_secret
+from db.config import ADMIN_PASSWORD_MIN, ConfigError, Settings, admin_password, read_or_create_secret
+from db.preflight import circusctl_command
 from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
 
@@ -103,9 +113,15 @@ class Credentials:
     #: the password under the app's secret key, the same in every gunicorn worker (the salted hash
     #: differs per worker), and telling nothing about the password without the key.
     fingerprint: str
+    #: Why no login is accepted, in the words the log and the login page show (what is wrong with
+    #: which file, and how to fix it); None when the password is good.
+    problem: str | None = None
 
     def check(self, username: str, password: str) -> bool:
-        """Constant work whatever is wrong: the hash is checked even for an unknown user name."""
+        """Constant work whatever is wrong: the hash is checked even for an unknown user name.
+        Always False while there is a :attr:`problem`."""
+        if self.problem is not None:
+            return False
         user_ok = hmac.compare_digest(username.encode(), self.username.encode())
         password_ok = check_password_hash(self.password_hash, password)
         return user_ok and password_ok
@@ -113,21 +129,51 @@ class Credentials:
     @classmethod
     def load(cls, settings: Settings, secret_key: str) -> Credentials:
         """Read (or on first use generate) the password file and hash it. The user name is
-        ``settings.admin_user`` (``TICKSTACK_ADMIN_USER``, checked by :mod:`db.config`)."""
+        ``settings.admin_user`` (``TICKSTACK_ADMIN_USER``, checked by :mod:`db.config`). A file
+        that breaks the password rule gives credentials that refuse every login (:attr:`problem`,
+        logged here), never an exception: the console still starts."""
         username = settings.admin_user
         path = settings.home / PASSWORD_FILE
         if settings.admin_password:  # TICKSTACK_ADMIN_PASSWORD: the same on every host, no file
-            password, created = settings.admin_password, False
+            password = settings.admin_password  # its parser checked ADMIN_PASSWORD_MIN
         else:
-            password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
-        if created:
-            log.warning("console: generated the password of user %r into %s (mode 0600); log in with it",
-                        username, path)
-        elif not settings.admin_password and path.stat().st_mode & 0o077:
-            log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path,
-                        path.stat().st_mode & 0o777)
+            restart = circusctl_command(settings.circus_endpoint, "restart", "console")
+            password, problem = _read_password_file(path, username, restart)
+            if problem is not None:
+                log.error("console: %s", problem)
+                return cls(username, "", path, "", problem)
         fingerprint = hmac.new(secret_key.encode(), password.encode(), hashlib.sha256).hexdigest()[:32]
         return cls(username, generate_password_hash(password), path, fingerprint)
+
+
+def _read_password_file(path: Path, username: str, restart: str) -> tuple[str, str | None]:
+    """(the password in ``path``, generated on first use; None), or ("", what is wrong with the
+    file and how to fix it, ``restart`` being the command that restarts the console) when it breaks
+    the rule of ``TICKSTACK_ADMIN_PASSWORD``."""
+    try:
+        password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
+        mode = path.stat().st_mode & 0o777
+    except ConfigError:  # blank, even after a worker creating it had its time to write it
+        wrong = "is empty"
+    except UnicodeError:
+        wrong = "cannot be read (it is not UTF-8 text)"
+    except OSError as e:
+        wrong = f"cannot be read ({e.strerror or type(e).__name__})"
+    else:
+        try:
+            admin_password(str(path), password)
+        except ConfigError:
+            wrong = f"is too short ({len(password)} characters)"
+        else:
+            if created:
+                log.warning("console: generated the password of user %r into %s (mode 0600); log in with it",
+                            username, path)
+            elif mode & 0o077:
+                log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path, mode)
+            return password, None
+    return "", (f"The password file {path} {wrong}: every login is refused until it is fixed. Write a password of "
+                f"at least {ADMIN_PASSWORD_MIN} characters into it, or delete it to have a new one generated; then "
+                f"run `{restart}`.")
 
 
 # --- wiring into the console blueprint ------------------------------------------------------------
@@ -175,6 +221,8 @@ def logged_in_user() -> str | None:
 def _session_user() -> str | None:
     auth = _auth()
     user = session.get("user")
+    if auth.credentials.problem is not None:  # no password: no session is valid
+        return None
     if user is None or user != auth.credentials.username or session.get("auth") != auth.credentials.fingerprint:
         return None
     if not 0 <= time.time() - float(session.get("at", 0)) < SESSION_MAX_AGE_S:
@@ -213,13 +261,20 @@ def _audit(action: str, target: str, result: str, detail: str, actor: str) -> No
     current_app.extensions[AUDIT_EXTENSION](action, target, result, detail, actor=actor)
 
 
+def _login_page(next_url: str | None, **context: Any) -> str:
+    """The login form; with the password file's problem, if any, above it."""
+    return render_template("console/login.html", next=next_url, problem=_auth().credentials.problem, **context)
+
+
 def login() -> ResponseReturnValue:
-    """GET: the form. POST: ask the throttle, then check the credentials; on success a fresh session."""
+    """GET: the form. POST: ask the throttle, then check the credentials; on success a fresh session.
+    While the password file is unusable every attempt the throttle admits is refused (503) and
+    stays counted as a failure, so guessing is throttled as ever."""
     next_url = safe_next(request.values.get("next"))
     if request.method == "GET":
         if logged_in_user() is not None:
             return redirect(next_url or url_for("console.watchers"))
-        return render_template("console/login.html", next=next_url)
+        return _login_page(next_url)
     auth = _auth()
     username = request.form.get("username", "")[:64]
     password = request.form.get("password", "")
@@ -231,12 +286,15 @@ def login() -> ResponseReturnValue:
         log.warning("console: login of %r from %s refused unchecked: %d s to wait after failed logins", username,
                     peer, seconds)
         message = f"Too many failed logins. Try again in {seconds} s."
-        body = render_template("console/login.html", next=next_url, error=message, username=username)
+        body = _login_page(next_url, error=message, username=username)
         return body, 429, {"Retry-After": str(seconds)}
+    if auth.credentials.problem is not None:
+        _audit("login", addr, "denied", f"{auth.credentials.path} is unusable: no login accepted ({peer})",
+               "anonymous")
+        return _login_page(next_url, username=username), 503
     if not auth.credentials.check(username, password):
         _audit("login", addr, "denied", f"wrong user name or password for {username!r} ({peer})", "anonymous")
-        return render_template("console/login.html", next=next_url, username=username,
-                               error="Wrong user name or password."), 200
+        return _login_page(next_url, username=username, error="Wrong user name or password."), 200
     auth.throttle.succeeded(peer)
     session.clear()
     session.update(user=auth.credentials.username, auth=auth.credentials.fingerprint, at=int(time.time()),

@@ -11,8 +11,11 @@ Two kinds of series:
   route), ``method`` and ``status``.
 * **Of the stack**, read at scrape time and the same from every process: the
   writer's queue depth, commit latency p50/p99 and counters (from its
-  ``stats`` reply), the database and WAL file sizes, and one
-  ``tickstack_watcher_up{watcher=...}`` per circus watcher (1 when active).
+  ``stats`` reply), the database and WAL file sizes, and per circus watcher
+  ``tickstack_watcher_up{watcher=...}`` (1 when circus calls it active and it runs at least the
+  processes circus was asked for, at least one: :class:`~supervision.circus.WatcherState`; 0 when
+  stopped, or active with fewer, as after ``circusctl decr`` to 0) and
+  ``tickstack_watcher_processes{watcher=...}`` (the processes it runs).
 
 Several workers, one count: gunicorn runs the API with 2 workers and a scrape
 lands on whichever accepts it. Under gunicorn with ``--config
@@ -48,7 +51,7 @@ from db.config import Settings
 from db.errors import WriterError
 from db.health import file_sizes
 from db.server import server_status
-from supervision.circus import Circus, CircusError
+from supervision.circus import Circus, CircusError, WatcherState
 
 log = logging.getLogger("tickstack.api")
 
@@ -62,11 +65,21 @@ metrics_bp = Blueprint("metrics", __name__)
 
 @dataclass
 class CircusStatus:
-    """Watcher statuses from circusd, or why there are none."""
+    """The watchers as circusd describes them (plugins left out), or why there are none."""
 
     reachable: bool
-    statuses: dict[str, str]
+    watchers: dict[str, WatcherState]
     error: str | None = None
+
+    @property
+    def statuses(self) -> dict[str, str]:
+        """circus's own word for each watcher (active, stopped, ...)."""
+        return {name: w.status for name, w in self.watchers.items()}
+
+    @property
+    def down(self) -> dict[str, str]:
+        """Each watcher that is not up, with what is wrong ("stopped", "0 of 1 processes")."""
+        return {name: w.problem for name, w in self.watchers.items() if w.problem is not None}
 
 
 class Probe:
@@ -103,13 +116,14 @@ class Probe:
         return server_status(self.settings, timeout=PROBE_TIMEOUT)
 
     def circus(self) -> CircusStatus:
-        """Watcher statuses (plugins left out); when circusd is not running
-        (the API outside circus: tests, development) it says so at once."""
+        """Every watcher's status, processes and asked-for count (:meth:`Circus.watchers`); when
+        circusd is not running (the API outside circus: tests, development) it says so at once."""
         try:
-            statuses = Circus(self.settings.circus_endpoint, timeout=PROBE_TIMEOUT, busy_retry=PROBE_TIMEOUT).statuses()
+            watchers = Circus(self.settings.circus_endpoint, timeout=PROBE_TIMEOUT,
+                              busy_retry=PROBE_TIMEOUT).watchers()
         except CircusError as e:
             return CircusStatus(False, {}, str(e))
-        return CircusStatus(True, {k: str(v) for k, v in sorted(statuses.items()) if not k.startswith("plugin:")})
+        return CircusStatus(True, watchers)
 
 
 class StackCollector:
@@ -184,11 +198,16 @@ class StackCollector:
         circus = self.probe.circus()
         yield GaugeMetricFamily("tickstack_circus_up", "1 when circusd answered this scrape's status request",
                                 value=1.0 if circus.reachable else 0.0)
-        watchers = GaugeMetricFamily("tickstack_watcher_up", "1 when the circus watcher is active, else 0",
-                                     labels=["watcher"])
-        for name, status in circus.statuses.items():
-            watchers.add_metric([name], 1.0 if status == "active" else 0.0)
-        yield watchers
+        up = GaugeMetricFamily("tickstack_watcher_up", "1 when the circus watcher is active and runs at least the "
+                               "processes circus was asked for (at least 1), else 0", labels=["watcher"])
+        running = GaugeMetricFamily("tickstack_watcher_processes", "Processes circus runs for the watcher now "
+                                    "(gunicorn's workers not counted)", labels=["watcher"])
+        for name, watcher in circus.watchers.items():
+            up.add_metric([name], 1.0 if watcher.up else 0.0)
+            if watcher.processes is not None:  # no sample rather than a made-up one (circusd did not say)
+                running.add_metric([name], float(watcher.processes))
+        yield up
+        yield running
 
 
 def multiprocess_mode() -> bool:

@@ -41,11 +41,14 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.errors import Conflict, WriterError, WriterUnavailable
 from db.models import Cursor, now_ms
+from db.parsers import whole_flag
 from db.validation import MAX_ROWS
 from workers.analyzer import Analyzer, Chunk, Flush, Output, Table
 from workers.base import Worker, main, wait_for_database
 
 DEFAULT_CHUNK = 20_000
+#: ``--chunk``: ticks read into memory per step (as arrays, about 60 bytes a tick).
+MAX_CHUNK = 1_000_000
 #: store_analysis requests in flight.
 DEFAULT_WINDOW = 4
 LOG_EVERY = 1.0
@@ -308,8 +311,9 @@ class AnalysisWorker(Worker):
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="ticks read per step (default %(default)s)")
-    parser.add_argument("--rows-per-store", type=int, default=MAX_ROWS,
+    parser.add_argument("--chunk", type=whole_flag(1, MAX_CHUNK), default=DEFAULT_CHUNK,
+                        help="ticks read per step (default %(default)s)")
+    parser.add_argument("--rows-per-store", type=whole_flag(1, MAX_ROWS), default=MAX_ROWS,
                         help="bars (and indicator values) per store_analysis request (default %(default)s)")
 
 

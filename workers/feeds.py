@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from db.parsers import quoted
+
 Tick = dict[str, Any]
 Speed = float | Literal["max"]
 T = TypeVar("T")
@@ -118,6 +120,12 @@ class SimFeed:
 # --------------------------------------------------------------------------- replay speed
 
 
+#: Replay speeds (multiples of real time): a thousandth (an hour's gap takes 42 days) to a million.
+MIN_SPEED, MAX_SPEED = 0.001, 1_000_000.0
+#: The longest single sleep of a paced replay.
+MAX_SLEEP_S = 3600.0
+
+
 def parse_speed(text: str) -> Speed:
     """Parse a replay speed: 'max' (no waiting) or a positive finite multiple of real time."""
     cleaned = str(text).strip().lower()
@@ -127,8 +135,9 @@ def parse_speed(text: str) -> Speed:
         value = float(cleaned)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"invalid replay speed {text!r}: use 'max' or a positive number such as 1, 10 or 0.5")
+    if not (math.isfinite(value) and MIN_SPEED <= value <= MAX_SPEED):
+        raise ValueError(f"invalid replay speed {quoted(str(text))}: use 'max' or a number from {MIN_SPEED:g} to "
+                         f"{MAX_SPEED:,.0f} such as 1, 10 or 0.5")
     return value
 
 
@@ -166,7 +175,8 @@ def _paced(
         if start is None:
             start, first_ts = clock(), ts
         else:
-            delay = start + (ts - first_ts) / 1000.0 / speed - clock()
-            if delay > 0:
-                sleep(delay)
+            due = start + (ts - first_ts) / 1000.0 / speed
+            # In steps: one sleep of a century's gap would overflow (sleep takes at most ~292 years).
+            while (delay := due - clock()) > 0:
+                sleep(min(delay, MAX_SLEEP_S))
         yield item

@@ -88,7 +88,8 @@ class Exit:
 @dataclass(frozen=True)
 class Decision:
     """The trade after the ticks: ``last_tick_id`` is the last tick applied (the exit tick if it
-    closed); ``stop_moved_ts`` the ts of the tick that last moved the stop, None if it did not move;
+    closed); ``stop_moved_ts`` the ts of the tick that last moved the stop, None if it did not move
+    (the writer stamps the event no earlier than the trade's opening: a tick's clock is its feed's);
     ``trail_problem`` why a trail that would have tightened the stop was not set (it is not a price),
     None if none was left out."""
 

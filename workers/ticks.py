@@ -43,7 +43,8 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.engine import make_read_engine
 from db.errors import ValidationError, WriterError
-from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
+from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, whole_flag
+from db.validation import MAX_TICKS
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
 from workers.csvfiles import CsvFeed, CsvFormatError
@@ -53,6 +54,10 @@ from workers.spool import COLUMNS, Spool
 EXIT_BAD_ROW = 1
 #: The simulated market's default pace: ticks per second per symbol.
 SIM_RATE_PER_SYMBOL = 10.0
+#: ``--count``: a trillion ticks, three thousand years of the simulated market at its default rate.
+MAX_COUNT = 10**12
+#: ``--memory-limit``: ticks held while the disk refuses the spool (a tick is about 200 bytes held).
+MAX_HELD = 10_000_000
 log = logging.getLogger("tickstack.ticks")
 
 
@@ -78,8 +83,8 @@ class TickIngestor(Worker):
         ``memory_limit``: ticks held in memory while the disk refuses the spool, before the feed
         is paused."""
         super().__init__(settings, until_idle)
-        if not 1 <= batch <= 10_000:
-            raise ValueError(f"--batch {batch}: must be 1..10000")
+        if not 1 <= batch <= MAX_TICKS:
+            raise ValueError(f"--batch {batch}: must be 1..{MAX_TICKS}")
         if memory_limit < batch:
             raise ValueError(f"--memory-limit {memory_limit}: must be at least --batch ({batch})")
         self.ticks = ticks
@@ -325,8 +330,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=number_flag(0.0, 1_000_000.0, above=True), default=None,
                         help=f"sim: ticks per second over all symbols (default: {SIM_RATE_PER_SYMBOL:g} per symbol, a "
                              "tick about every 100 ms for each)")
-    parser.add_argument("--seed", type=int, default=None, help="sim: random seed (repeatable runs)")
-    parser.add_argument("--count", type=int, default=None, help="sim: stop after this many ticks")
+    parser.add_argument("--seed", type=whole_flag(0, MAX_SEED), default=None,
+                        help="sim: random seed (repeatable runs)")
+    parser.add_argument("--count", type=whole_flag(0, MAX_COUNT), default=None,
+                        help="sim: stop after this many ticks")
     parser.add_argument("--vol-scale", type=number_flag(0.0, 1000.0, above=True), default=1.0,
                         help="sim: volatility multiplier; 1 is realistic (BTCUSD ~60,000 with 2 decimals, 60 %% a "
                              "year; EURUSD ~1.08 with 5 decimals, 7 %% a year; spreads per symbol), more for a "
@@ -335,10 +342,11 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--symbol", help="csv: the symbol (required for bar files)")
     parser.add_argument("--timeframe", help="csv: bar interval (default: inferred from the file)")
     parser.add_argument("--speed", default="max", help="csv: 'max' or real time x k (e.g. 1, 10)")
-    parser.add_argument("--batch", type=int, default=1000, help="ticks per writer request (1..10000)")
+    parser.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=1000,
+                        help=f"ticks per writer request (1..{MAX_TICKS})")
     parser.add_argument("--deadline", type=number_flag(0.0, MAX_CLIENT_DEADLINE_S, above=True), default=15.0,
                         help="seconds a batch waits for the writer before it is spooled to disk")
-    parser.add_argument("--memory-limit", type=int, default=200_000,
+    parser.add_argument("--memory-limit", type=whole_flag(1, MAX_HELD), default=200_000,
                         help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "
                              "pauses until the writer or the disk takes them")
 
@@ -367,8 +375,6 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         symbols = _symbols(args.symbols)
         if args.rate is None:
             args.rate = SIM_RATE_PER_SYMBOL * len(symbols)
-        if args.count is not None and args.count < 0:
-            raise ValueError("--count must be >= 0")
         feed = SimFeed(symbols, seed=args.seed, rate_hz=args.rate, vol_scale=args.vol_scale,
                        start_mids=last_mids(settings, symbols))
         ticks: Iterator[dict[str, Any]] = pace(iter(feed), 1.0)

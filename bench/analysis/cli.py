@@ -9,16 +9,25 @@ import traceback
 from typing import Any
 
 from bench.analysis.report import count_problems, evaluate, render, summarize
-from bench.analysis.scenarios import RUNNERS, SCENARIO_HELP, SCENARIOS
+from bench.analysis.scenarios import HOUR_MS, RUNNERS, SCENARIO_HELP, SCENARIOS
 from bench.common import (
+    MAX_REPEAT,
+    MAX_RUN_TICKS,
+    SYMBOLS,
     add_json_option,
     benchmark_parser,
-    int_between,
     machine_info,
     name_list,
-    positive_int,
+    whole_flag,
     write_json,
 )
+from db.client import MAX_PIPELINE_WINDOW
+from db.validation import MAX_TICKS, MAX_TS
+from testkit.helpers import T0
+
+#: Hourly bars replayed (``--bars``): each is 4 ticks (workers.csvfiles.bar_to_ticks), and the file's bars
+#: run an hour apart from testkit's T0 (2024), so the last must end by db's latest time (2100).
+MAX_BARS = min(MAX_RUN_TICKS // 4, (MAX_TS - T0) // HOUR_MS)
 
 
 def build_parser(prog: str = "python -m bench analysis") -> argparse.ArgumentParser:
@@ -29,13 +38,17 @@ def build_parser(prog: str = "python -m bench analysis") -> argparse.ArgumentPar
                     "it. Each run is on a fresh temporary database.",
         epilog="scenarios:\n" + "\n".join(f"  {n:<8} {h}" for n, h in SCENARIO_HELP.items())
                + "\n\nSee the module docstring of bench/analysis/__init__.py for the targets.")
-    p.add_argument("--ticks", type=positive_int, default=1_000_000, help="dense: ticks (default 1,000,000)")
-    p.add_argument("--symbols", type=int_between(1, 8), default=4, help="dense: symbols (default 4)")
-    p.add_argument("--batch", type=int_between(1, 10_000), default=5000,
-                   help="dense: ticks per insert_ticks request (default 5000)")
-    p.add_argument("--window", type=int_between(1, 1024), default=16, help="dense: requests in flight (default 16)")
-    p.add_argument("--bars", type=positive_int, default=5000, help="hourly: 1h bars replayed (default 5,000)")
-    p.add_argument("--repeat", type=int_between(1, 20), default=3,
+    p.add_argument("--ticks", type=whole_flag(1, MAX_RUN_TICKS), default=1_000_000,
+                   help=f"dense: ticks (default 1,000,000, at most {MAX_RUN_TICKS:,})")
+    p.add_argument("--symbols", type=whole_flag(1, len(SYMBOLS)), default=4,
+                   help=f"dense: symbols (default 4, at most {len(SYMBOLS)})")
+    p.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=5000,
+                   help=f"dense: ticks per insert_ticks request (default 5000, at most {MAX_TICKS:,})")
+    p.add_argument("--window", type=whole_flag(1, MAX_PIPELINE_WINDOW), default=16,
+                   help="dense: requests in flight (default 16)")
+    p.add_argument("--bars", type=whole_flag(1, MAX_BARS), default=5000,
+                   help=f"hourly: 1h bars replayed (default 5,000, at most {MAX_BARS:,})")
+    p.add_argument("--repeat", type=whole_flag(1, MAX_REPEAT), default=3,
                    help="runs of each scenario, interleaved; the ratios use their medians (default 3)")
     p.add_argument("--only", type=name_list(SCENARIOS), default=None, metavar="NAMES",
                    help="comma-separated scenarios to run (default: all)")

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.api.data import (
-    MAX_TICKS,
     P99_RATIO_TARGET,
     READ_ROUTES,
     SEED_SPACING_MS,
@@ -32,18 +31,25 @@ from bench.api.scenarios import (
 )
 from bench.api.server import WorkerSpec, running_gunicorn
 from bench.common import (
+    MAX_REPEAT,
+    MAX_RUN_TICKS,
+    MAX_WINDOW_S,
     add_json_option,
     benchmark_parser,
     fresh_home,
-    int_between,
     machine_info,
     name_list,
-    positive_float,
-    positive_int,
+    number_flag,
     running_writer,
+    whole_flag,
     write_json,
 )
+from db.client import MAX_PIPELINE_WINDOW
+from db.validation import MAX_TICKS
 from testkit.env import BIN
+
+#: The fewest seed ticks (``--seed-ticks``): 2 minutes of both symbols, so there are 1m bars to read.
+MIN_SEED_TICKS = 240
 
 
 def build_parser(prog: str = "python -m bench api") -> argparse.ArgumentParser:
@@ -60,25 +66,26 @@ def build_parser(prog: str = "python -m bench api") -> argparse.ArgumentParser:
                "\nworker classes (--worker-class, several separated by commas are compared in one run):\n"
                "  circus (circus.ini's, the default), sync, gthread[:THREADS], tornado, headers-first[:THREADS]\n"
                "\nSee the module docstring of bench/api/__init__.py for why each exists.")
-    p.add_argument("--seconds", type=positive_float, default=5.0,
-                   help="measured window of each scenario run (default 5, at most 600)")
-    p.add_argument("--clients", type=int_between(1, 64), default=4,
+    p.add_argument("--seconds", type=number_flag(0, MAX_WINDOW_S, above=True), default=5.0,
+                   help=f"measured window of each scenario run (default 5, at most {MAX_WINDOW_S:g})")
+    p.add_argument("--clients", type=whole_flag(1, 64), default=4,
                    help="client processes, one connection each (default 4)")
-    p.add_argument("--post-batch", type=int_between(1, MAX_TICKS), default=500,
+    p.add_argument("--post-batch", type=whole_flag(1, MAX_TICKS), default=500,
                    help=f"ticks per POST /api/ticks request (default 500, at most {MAX_TICKS:,})")
-    p.add_argument("--repeat", type=int_between(1, 20), default=1,
+    p.add_argument("--repeat", type=whole_flag(1, MAX_REPEAT), default=1,
                    help="run idle and under-load this many times, interleaved; the ratio uses all runs' "
                         "latencies together (default 1)")
-    p.add_argument("--seed-ticks", type=positive_int, default=200_000,
+    p.add_argument("--seed-ticks", type=whole_flag(MIN_SEED_TICKS, MAX_RUN_TICKS), default=200_000,
                    help="ticks stored before the run, BTCUSD and ETHUSD, one per symbol per second "
-                        "(default 200,000; at least 240)")
-    p.add_argument("--ingest-batch", type=int_between(1, MAX_TICKS), default=5000,
+                        f"(default 200,000; at least {MIN_SEED_TICKS}, 2 minutes of both symbols, so there are "
+                        f"1m bars to read; at most {MAX_RUN_TICKS:,})")
+    p.add_argument("--ingest-batch", type=whole_flag(1, MAX_TICKS), default=5000,
                    help="under-load: ticks per insert_ticks request of the producer (default 5000)")
-    p.add_argument("--window", type=int_between(1, 1024), default=16,
+    p.add_argument("--window", type=whole_flag(1, MAX_PIPELINE_WINDOW), default=16,
                    help="under-load: the producer's requests in flight (default 16)")
-    p.add_argument("--workers", type=int_between(1, 32), default=2,
+    p.add_argument("--workers", type=whole_flag(1, 32), default=2,
                    help="gunicorn workers (default 2, as circus.ini)")
-    p.add_argument("--slow-clients", type=int_between(0, 1000), default=50,
+    p.add_argument("--slow-clients", type=whole_flag(0, 1000), default=50,
                    help="slow-clients: connections held open that never finish a request (default 50; "
                         "0 leaves the scenario out)")
     p.add_argument("--worker-class", type=_worker_specs, default=[WorkerSpec("circus.ini")], metavar="SPEC[,SPEC]",
@@ -86,7 +93,7 @@ def build_parser(prog: str = "python -m bench api") -> argparse.ArgumentParser:
                         "for each (default: circus, as circus.ini)")
     p.add_argument("--only", type=name_list(SCENARIOS), default=None, metavar="NAMES",
                    help=f"run only these scenarios, comma-separated (default all: {','.join(SCENARIOS)})")
-    p.add_argument("--writer-nice", type=int_between(0, 19), default=0,
+    p.add_argument("--writer-nice", type=whole_flag(0, 19), default=0,
                    help="run the writer at this nice level, every thread (default 0; an experiment: does "
                         "giving the readers CPU priority keep their latency?)")
     add_json_option(p)
@@ -109,11 +116,6 @@ def _worker_specs(text: str) -> list[WorkerSpec]:
 def main(argv: list[str] | None = None, prog: str = "python -m bench api") -> int:
     parser = build_parser(prog)
     opts = parser.parse_args(argv)
-    if opts.seconds > 600:
-        parser.error(f"argument --seconds: {opts.seconds:g} is over the limit of 600")
-    if opts.seed_ticks < 240:
-        parser.error(f"argument --seed-ticks: {opts.seed_ticks} is too few; give at least 240 "
-                     "(2 minutes of both symbols, so there are 1m bars to read)")
     if not (BIN / "gunicorn").exists():
         parser.error(f"{BIN / 'gunicorn'} does not exist: run with the venv's "
                      "python, with gunicorn installed")

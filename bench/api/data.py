@@ -25,7 +25,6 @@ POST_SOURCE = "bench-post-"
 #: The producer runs this long before the read window (and a little after it).
 INGEST_LEAD = 1.0
 INGEST_TAIL = 0.2
-MAX_TICKS = 10_000  # db.ops.MAX_TICKS: the writer refuses larger batches
 HTTP_TIMEOUT = 30.0
 #: A read sent in the measured window must be answered at most this long after the window ends,
 #: else it counts as an error: the load of the window (slow clients) kept it from being served.

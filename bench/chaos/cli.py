@@ -8,18 +8,20 @@ import time
 import traceback
 from typing import Any
 
+from bench.chaos.producer import MAX_SECONDS
 from bench.chaos.report import render
 from bench.chaos.scenarios import Plan, stack_chaos, writer_chaos
 from bench.common import (
     add_json_option,
     benchmark_parser,
-    int_between,
     machine_info,
     name_list,
     number_flag,
     postgres_homes,
+    whole_flag,
     write_json,
 )
+from db.parsers import MAX_SEED
 
 VARIANT_HELP = {
     "writer": "--producers producers write; the writer is SIGKILLed --writer-kills times (and, by chance, "
@@ -28,11 +30,10 @@ VARIANT_HELP = {
              "process it started is killed -9, and the stack is restarted as `make run` does",
 }
 VARIANTS = tuple(VARIANT_HELP)
-#: The longest gap, pause or settle, in seconds: an hour with no kill (or no request from a producer) is
-#: already a run that tests nothing; beyond it a typo (past about 9e9 time.sleep refuses it: OverflowError).
-MAX_SECONDS = 3600.0
+#: The largest ``--seed``: a seed only has to differ from another's, and 2**32 seeds are more runs than
+#: anyone makes (a number that large is a typo); below 2**53, so the one number rule reads it exactly.
 #: Flag types, all by db's one finite-number rule: nan and inf are refused (the producers called
-#: time.sleep(nan), a ValueError, or slept for ever).
+#: time.sleep(nan), a ValueError, or slept for ever). MAX_SECONDS is the producers' (they get ``--pause``).
 SECONDS = number_flag(0, MAX_SECONDS, above=True)
 SECONDS_OR_ZERO = number_flag(0, MAX_SECONDS)
 CHANCE = number_flag(0, 1)
@@ -46,13 +47,14 @@ def build_parser(prog: str = "python -m bench chaos") -> argparse.ArgumentParser
                     "stored, missing, applied twice, integrity, and the time to ready after each kill.",
         epilog="variants:\n" + "\n".join(f"  {n:<7} {h}" for n, h in VARIANT_HELP.items())
                + "\n\nSee the module docstring of bench/chaos/__init__.py for what each figure means.")
-    p.add_argument("--producers", type=int_between(1, 64), default=4,
+    p.add_argument("--producers", type=whole_flag(1, 64), default=4,
                    help="producer processes, alternately single calls and pipelines (default 4)")
-    p.add_argument("--writer-kills", type=int_between(0, 10_000), default=20,
+    p.add_argument("--writer-kills", type=whole_flag(0, 10_000), default=20,
                    help="SIGKILLs of the writer in the writer variant (default 20)")
-    p.add_argument("--stack-rounds", type=int_between(0, 100), default=2,
+    p.add_argument("--stack-rounds", type=whole_flag(0, 100), default=2,
                    help="whole-stack kills in the stack variant (default 2)")
-    p.add_argument("--seed", type=int, default=1, help="seed of the kill moments and victims (default 1)")
+    p.add_argument("--seed", type=whole_flag(0, MAX_SEED), default=1,
+                   help=f"seed of the kill moments and victims (default 1, 0 to {MAX_SEED})")
     p.add_argument("--min-gap", type=SECONDS, default=0.5,
                    help=f"shortest time between two kills, in seconds (default 0.5, at most {MAX_SECONDS:g})")
     p.add_argument("--max-gap", type=SECONDS, default=2.0,

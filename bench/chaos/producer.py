@@ -31,10 +31,15 @@ import sys
 import time
 from typing import Any
 
-from db.client import Ticket, WriterClient
+from db.client import MAX_PIPELINE_WINDOW, Ticket, WriterClient
 from db.config import load_settings
-from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
+from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, whole_flag
+from db.validation import MAX_TICKS
 
+#: The longest gap, pause or settle of a chaos run, in seconds (the benchmark's flags, and the pause it
+#: passes here): an hour with no kill (or no request from a producer) is already a run that tests
+#: nothing; beyond it a typo (past about 9e9 time.sleep refuses it: OverflowError).
+MAX_SECONDS = 3600.0
 #: Every row the chaos benchmark writes is tagged with this, to find them again.
 SOURCE_PREFIX = "chaos-"
 AUDIT_ACTOR = "chaos"
@@ -141,16 +146,23 @@ class Producer:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.chaos.producer", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("single", "pipeline"), required=True)
     p.add_argument("--source", required=True, help=f"tick source, starting with {SOURCE_PREFIX!r}")
     p.add_argument("--ack-log", required=True, help="file the acknowledged requests are appended to")
-    p.add_argument("--ticks", type=int, default=5, help="ticks per insert_ticks request")
-    p.add_argument("--window", type=int, default=8, help="pipeline: requests in flight")
-    p.add_argument("--pause", type=number_flag(0, 3600.0), default=0.0, help="seconds between two requests")
+    p.add_argument("--ticks", type=whole_flag(1, MAX_TICKS), default=5,
+                   help=f"ticks per insert_ticks request (at most {MAX_TICKS:,}, the writer's limit)")
+    p.add_argument("--window", type=whole_flag(1, MAX_PIPELINE_WINDOW), default=8,
+                   help="pipeline: requests in flight")
+    p.add_argument("--pause", type=number_flag(0, MAX_SECONDS), default=0.0, help="seconds between two requests")
     p.add_argument("--deadline", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=300.0,
                    help="seconds a request keeps retrying")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     opts = p.parse_args(argv)
     if not opts.source.startswith(SOURCE_PREFIX):
         p.error(f"--source must start with {SOURCE_PREFIX!r}")

@@ -11,15 +11,17 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import (
+    MAX_REPEAT,
+    MAX_RUN_TICKS,
+    MAX_WINDOW_S,
     add_json_option,
     benchmark_parser,
     fmt,
-    int_between,
     machine_info,
     name_list,
-    positive_float,
-    positive_int,
+    number_flag,
     postgres_homes,
+    whole_flag,
     write_json,
 )
 from bench.contention.postgres import (
@@ -33,8 +35,8 @@ from bench.contention.postgres import (
 )
 from bench.contention.report import evaluate, render
 from bench.contention.scenarios import REPEATABLE, RUNNERS, SCENARIO_HELP, SCENARIOS, best_run
-
-MAX_BATCH = 10_000  # db.ops.MAX_TICKS: the writer refuses larger requests
+from db.client import MAX_PIPELINE_WINDOW
+from db.validation import MAX_TICKS
 
 
 def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentParser:
@@ -46,22 +48,23 @@ def build_parser(prog: str = "python -m bench contention") -> argparse.ArgumentP
         epilog="scenarios:\n" + "\n".join(f"  {n:<15} {h}" for n, h in SCENARIO_HELP.items())
                + "\n\nwith --database postgresql:\n" + "\n".join(f"  {n:<15} {h}" for n, h in PG_SCENARIO_HELP.items())
                + "\n\nSee the module docstring of bench/contention/__init__.py for why each exists.")
-    p.add_argument("--procs", type=int_between(1, 256), default=8,
+    p.add_argument("--procs", type=whole_flag(1, 256), default=8,
                    help="writing processes of the small-writes scenarios: seed, immediate, writer-single, "
                         "writer-pipelined; direct and client-direct on postgresql (default 8)")
-    p.add_argument("--seconds", type=positive_float, default=3.0,
-                   help="measured window of the small-writes scenarios and raw-single (default 3)")
-    p.add_argument("--pipeline-window", type=int_between(1, 1024), default=16,
+    p.add_argument("--seconds", type=number_flag(0, MAX_WINDOW_S, above=True), default=3.0,
+                   help=f"measured window of the small-writes scenarios and raw-single (default 3, at most "
+                        f"{MAX_WINDOW_S:g})")
+    p.add_argument("--pipeline-window", type=whole_flag(1, MAX_PIPELINE_WINDOW), default=16,
                    help="writer-pipelined: single-row ops in flight per producer (default 16)")
-    p.add_argument("--rows", type=positive_int, default=1_000_000,
-                   help="ticks inserted by writer-batched and raw (default 1,000,000)")
-    p.add_argument("--batch", type=int_between(1, MAX_BATCH), default=5000,
-                   help=f"ticks per insert_ticks request / executemany (default 5000, at most {MAX_BATCH:,})")
-    p.add_argument("--window", type=int_between(1, 1024), default=16,
+    p.add_argument("--rows", type=whole_flag(1, MAX_RUN_TICKS), default=1_000_000,
+                   help=f"ticks inserted by writer-batched and raw (default 1,000,000, at most {MAX_RUN_TICKS:,})")
+    p.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=5000,
+                   help=f"ticks per insert_ticks request / executemany (default 5000, at most {MAX_TICKS:,})")
+    p.add_argument("--window", type=whole_flag(1, MAX_PIPELINE_WINDOW), default=16,
                    help="writer-batched: requests in flight per producer (default 16)")
-    p.add_argument("--batch-producers", type=int_between(1, 64), default=1,
+    p.add_argument("--batch-producers", type=whole_flag(1, 64), default=1,
                    help="writer-batched: producer processes sharing --rows (default 1)")
-    p.add_argument("--repeat", type=int_between(1, 20), default=3,
+    p.add_argument("--repeat", type=whole_flag(1, MAX_REPEAT), default=3,
                    help="run the compared pairs this many times, interleaved (immediate and writer-single, "
                         "writer-batched and raw; on postgresql writer-batched and copy); the table keeps the best "
                         "of each, and the _median ratios are the medians of the pairs (default 3)")

@@ -109,8 +109,10 @@ def _build() -> dict[str, Any]:
                     "summary": "Writer, database and circus watchers",
                     "description": (
                         "200 while the writer answers, 503 when it does not. `status` is `ok`, `degraded` (writer up, "
-                        "but the database cannot be read or a circus watcher is not active) or `unavailable`. circus "
-                        "being unreachable (the API run outside circus) is reported but does not change the code."
+                        "but the database cannot be read or a circus watcher is down: stopped, or running fewer "
+                        "processes than circus was asked for, at least one; `circus.down` names each) or "
+                        "`unavailable`. circus being unreachable (the API run outside circus) is reported but does "
+                        "not change the code."
                     ),
                     "responses": {
                         "200": _json(_ref("schemas", "Health"), "The writer answers"),
@@ -416,10 +418,21 @@ def _build() -> dict[str, Any]:
                             "ping_ms": _NUMBER,
                             "connections": {"type": "integer", "description": "This database's sessions"},
                             "error": {"type": "string"}}, "additionalProperties": False},
-                        "circus": {"type": "object", "required": ["reachable", "watchers"], "properties": {
-                            "reachable": {"type": "boolean"},
-                            "watchers": {"type": "object", "additionalProperties": {"type": "string"}},
-                            "error": {"type": "string"}}},
+                        "circus": {
+                            "type": "object", "required": ["reachable", "watchers", "processes", "down"],
+                            "additionalProperties": False, "properties": {
+                                "reachable": {"type": "boolean"},
+                                "watchers": {"type": "object", "additionalProperties": {"type": "string"},
+                                             "description": "circus's status of each watcher (active, stopped, ...)"},
+                                "processes": {"type": "object", "additionalProperties": {"type": ["integer", "null"]},
+                                              "description": "Processes each watcher runs (null: circusd did not say)"},
+                                "down": {"type": "object", "additionalProperties": {"type": "string"},
+                                         "examples": [{"analysis": "stopped"}], "description": (
+                                             "Each watcher that is down, with what is wrong: its status (`stopped`), "
+                                             "or `N of M processes` when circus calls it active with fewer than it "
+                                             "was asked for, at least 1 (after a `decr` to 0: `0 of 1 "
+                                             "processes (circus was asked for 0)`)")},
+                                "error": {"type": "string"}}},
                     },
                 },
             },

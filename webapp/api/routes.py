@@ -23,12 +23,15 @@ from webapp.extensions import db
 @bp.get("/health")
 def health() -> ResponseReturnValue:
     """Writer (ping and stats), database (journal mode, file sizes, lock
-    errors) and circus watchers. 200 while the writer answers, whatever
-    circus says (the API works without circus: tests, development; circus is
+    errors) and circus watchers: circus's status of each (``watchers``), the processes each runs
+    (``processes``, null when circusd did not say) and each watcher that is down with what is wrong
+    (``down``: ``stopped``, or ``0 of 1 processes``; up is active with at least the processes circus
+    was asked for, at least one: :class:`~supervision.circus.WatcherState`). 200 while the writer
+    answers, whatever circus says (the API works without circus: tests, development; circus is
     reported as unreachable then); 503 when the writer does not answer, or (PostgreSQL) the
     database server does not (``database.reachable`` false; its size and connections otherwise).
     ``status`` is ``ok``, ``degraded`` (writer up, but the database cannot be
-    read, a watcher is not active, or circusd does not answer although its
+    read, a watcher is down, or circusd does not answer although its
     pid file is there: it was killed, or is stuck; nothing restarts a process
     that dies) or ``unavailable``."""
     api = api_state()
@@ -37,12 +40,14 @@ def health() -> ResponseReturnValue:
                               if ping is not None else {"up": False, "error": error})
     database = _database_health(api.settings, stats)
     circus = api.probe.circus()
-    circus_json: dict[str, Any] = {"reachable": circus.reachable, "watchers": circus.statuses}
+    circus_json: dict[str, Any] = {"reachable": circus.reachable, "watchers": circus.statuses,
+                                   "processes": {name: w.processes for name, w in circus.watchers.items()},
+                                   "down": circus.down}
     if circus.error:
         circus_json["error"] = circus.error
     if ping is None or database.get("reachable") is False:  # no writer, or no server behind it
         status = "unavailable"
-    elif ("error" in database or any(s != "active" for s in circus.statuses.values())
+    elif ("error" in database or circus.down
           or (not circus.reachable and circusd_pidfile(api.settings).exists())):
         status = "degraded"
     else:

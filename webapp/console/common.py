@@ -21,6 +21,7 @@ from db.client import WriterClient, thread_client
 from db.config import Settings
 from db.errors import ValidationError, WriterError, WriterUnavailable
 from db.models import now_ms
+from db.preflight import circusctl_command
 from db.validation import without_nul
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter
@@ -96,7 +97,8 @@ def writer_stopped() -> str | None:
     except CircusError:
         return None
     if status == "stopped":
-        return "the writer is stopped (circus says so): start it on the Watchers page or with `circusctl start writer`"
+        return ("the writer is stopped (circus says so): start it on the Watchers page or with "
+                f"`{circusctl_command(settings().circus_endpoint, 'start', 'writer')}`")
     return None
 
 

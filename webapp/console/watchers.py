@@ -27,10 +27,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import queries
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
+from db.preflight import circusctl_command
 from supervision.circus import ACTIONS, CircusError
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
-from webapp.console.common import audit, bad_request, bp, circus, log, meter, writer
+from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
 from webapp.extensions import db
 
 #: The writer's watcher in circus.ini: stopping it takes the audit log away.
@@ -195,8 +196,11 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
         names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
         bad_request(f"no watcher named {name[:60]!r}; watchers are {', '.join(names)}")
     if request.form.get("confirm") != "yes" and _needs_confirmation(c, name, action):
+        endpoint = settings().circus_endpoint
         return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
-                               is_writer=name == WRITER_WATCHER)
+                               is_writer=name == WRITER_WATCHER,
+                               incr_console=circusctl_command(endpoint, "incr", "console"),
+                               start_console=circusctl_command(endpoint, "start", "console"))
     if action in ("incr", "decr") and options_of(c, name).get("singleton"):
         bad_request(f"{name} is a singleton (one process at most): {LABELS[action]} makes no sense; "
                     "use Restart, Stop or Start")

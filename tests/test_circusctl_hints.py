@@ -1,0 +1,86 @@
+"""Every circusctl command the stack prints for its user runs as printed, from the checkout, without
+the venv activated: `.venv/bin/circusctl --endpoint ipc://.../circus.sock ...`. A bare `circusctl`
+is "command not found" there, and without the endpoint circusctl talks to tcp://127.0.0.1:5555,
+never to this stack. Real circusd with the real circus.ini; each hint is run as a user pastes it.
+"""
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from db.health import diagnose
+from testkit.circus import CircusStack
+from testkit.env import ROOT
+from testkit.helpers import backticked, run_as_printed, wait_for
+from tests.test_supervision import prepare
+
+#: The modules that print hints (command lines, logs, the console's messages).
+HINTING = [*sorted((ROOT / "db").glob("*.py")), *sorted((ROOT / "supervision").glob("*.py")),
+           *sorted((ROOT / "webapp").rglob("*.py"))]
+#: The console's pages, read as text: a hint there is markup, not a string literal.
+TEMPLATES = sorted((ROOT / "webapp" / "templates").rglob("*.html"))
+#: circusctl as printed anywhere but from the venv's bin: an offender.
+BARE = re.compile(r"(?<!\.venv/bin/)\bcircusctl\b")
+
+
+def _texts(path: Path) -> list[str]:
+    """Every string literal of ``path`` (f-strings' literal parts too), docstrings left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
+            and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_no_hint_names_a_bare_circusctl() -> None:
+    found = [(path.relative_to(ROOT).as_posix(), text) for path in HINTING for text in _texts(path)
+             if BARE.search(text)]
+    found += [(path.relative_to(ROOT).as_posix(), line.strip()) for path in TEMPLATES
+              for line in path.read_text().splitlines() if BARE.search(line)]
+    assert found == []
+
+
+def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> None:
+    stack = CircusStack()
+    try:
+        first = prepare(stack.env)  # what `make run` prints before circusd takes the terminal
+        assert first.returncode == 0, first.stdout + first.stderr
+        status_hint = backticked(first.stdout, "status")
+        quit_hint = backticked(first.stdout, "quit")
+        stack.start()
+
+        status = run_as_printed(status_hint)
+        assert status.returncode == 0 and "writer: active" in status.stdout, (status_hint, status.stdout,
+                                                                              status.stderr)
+        again = prepare(stack.env)  # a second `make run`: already running, and how to manage it
+        assert again.returncode == 1 and "already running" in again.stderr, again.stderr
+        status = run_as_printed(backticked(again.stderr, "status"))
+        assert status.returncode == 0 and "writer: active" in status.stdout, (again.stderr, status.stdout,
+                                                                              status.stderr)
+
+        stopped = stack.circusctl("stop", "writer", "--waiting")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
+        start = run_as_printed(backticked(advice, "start writer"))
+        assert start.returncode == 0 and "ok" in start.stdout, (advice, start.stdout, start.stderr)
+        wait_for("the writer started as printed", lambda: stack.status()["writer"] == "active", timeout=60)
+
+        for snap, needle in (({"writer": {"up": False, "pid": 1}}, "restart writer"),
+                             ({"writer": {"up": False}}, "start writer")):
+            (level, text), = diagnose(snap, stack.settings)
+            done = run_as_printed(backticked(text, needle))
+            assert done.returncode == 0 and "ok" in done.stdout, (text, done.stdout, done.stderr)
+        wait_for("the writer active", lambda: stack.status()["writer"] == "active", timeout=90)
+
+        quit_ = run_as_printed(quit_hint)
+        assert quit_.returncode == 0 and "ok" in quit_.stdout, (quit_hint, quit_.stdout, quit_.stderr)
+        assert stack.wait_exit(90) == 0
+    finally:
+        stack.close()

@@ -1,0 +1,125 @@
+"""A start refused because something else holds what the stack needs names who holds it and how to
+stop it, as a user can paste it: another stack's circusd (not its gunicorn worker) and its
+circusctl ``quit``; a gunicorn run by hand by its master; a home whose circus sockets' paths do not
+fit a Unix socket's 107 bytes, before circusd meets it.
+
+Real circusd with the real circus.ini, real gunicorn; every process is stopped by pid.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import psutil
+
+from testkit.circus import Circusd, CircusStack
+from testkit.env import isolated_env, new_home
+from testkit.helpers import backticked, run_as_printed, wait_for
+from tests import test_supervision
+from tests.test_supervision import port_free, prepare
+
+stack = test_supervision.stack  # the fixture: a CircusStack of the real circus.ini, stopped by pid
+
+
+def _gunicorn_pids(stack: CircusStack, watcher: str) -> list[int]:
+    """The watcher's gunicorn master and its workers, once both workers booted."""
+    master = psutil.Process(stack.pids_of(watcher)[0])
+    workers = wait_for(f"{watcher}'s workers", lambda: len(c := master.children()) == 2 and c, timeout=60)
+    return [master.pid, *(w.pid for w in workers)]
+
+
+def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack: CircusStack) -> None:
+    """Another stack's API port and watchdog port: the refusal names that stack's circusd, which owns
+    the listening socket (its gunicorn master and workers only inherit it; its watchdog plugin would
+    be started again), with the circusctl command that stops it, runnable as printed. It used to
+    name a gunicorn worker and suggest `kill` of it."""
+    stack.start()
+    gunicorns = _gunicorn_pids(stack, "api")
+    udp = int(stack.env["TICKSTACK_WATCHDOG_PORT"])
+    wait_for("the watchdog's port", lambda: not port_free(udp, socket.SOCK_DGRAM), timeout=60)
+    plugins = stack.pids_of("plugin:watchdog")
+    home = new_home()
+    try:
+        env = {**isolated_env(home, ports=True), "TICKSTACK_API_PORT": str(stack.api_port),
+               "TICKSTACK_WATCHDOG_PORT": str(udp)}
+        refused = prepare(env)
+        err = refused.stderr
+        assert refused.returncode == 1, refused.stdout + err
+        assert f"pid {stack.proc.pid} (" in err and "circusd" in err, err
+        assert f"127.0.0.1:{stack.api_port}/TCP, the API's port" in err, err
+        assert f"127.0.0.1:{udp}/UDP, the watchdog's port" in err, err
+        assert f"`.venv/bin/circusctl --endpoint {stack.endpoint} quit`" in err, err
+        assert "kill" not in err, err
+        for pid in gunicorns:
+            assert not re.search(rf"\bpid {pid}\b", err), (pid, err)
+        # Named (it holds the UDP port) but only as that circusd's process: not a line of its own.
+        assert not any(line.startswith(f"  - pid {p} ") for p in plugins for line in err.splitlines()), err
+
+        quit_ = run_as_printed(backticked(err, "quit"))
+        assert quit_.returncode == 0 and "ok" in quit_.stdout, quit_.stdout + quit_.stderr
+        assert stack.wait_exit(90) == 0
+        wait_for("the ports let go", lambda: port_free(stack.api_port) and port_free(udp, socket.SOCK_DGRAM),
+                 timeout=60)
+        done = prepare(env)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_port_held_by_a_gunicorn_run_by_hand_names_its_master(stack: CircusStack) -> None:
+    """Outside circus, the owner of a listening socket is its topmost holder: gunicorn's master,
+    never one of its workers (which the master would only replace)."""
+    from testkit.gunicorn import serving
+
+    with serving(stack.env, "console", ready_path="/console/login") as served:
+        master = psutil.Process(served.proc.pid)
+        workers = wait_for("the workers", lambda: len(c := master.children()) == 2 and c, timeout=60)
+        env = {**stack.env, "TICKSTACK_CONSOLE_PORT": str(served.port)}
+        refused = prepare(env)
+        err = refused.stderr
+        assert refused.returncode == 1, refused.stdout + err
+        assert f"  - pid {master.pid} (" in err and f"`kill {master.pid}`" in err, err
+        assert f"127.0.0.1:{served.port}/TCP, the console's port" in err, err
+        for worker in workers:
+            assert not re.search(rf"\bpid {worker.pid}\b|\b{worker.pid}`", err), (worker.pid, err)
+
+
+def _home_with_pubsub_path_of(length: int) -> Path:
+    """A new runtime folder whose circus-pubsub.sock (circus.ini's longest ipc:// path, 7 bytes
+    longer than the writer's writer.sock) is ``length`` bytes long."""
+    base = new_home()
+    tail = len(os.fsencode(f"/{'x'}/run/circus-pubsub.sock")) - 1
+    home = base / ("h" * (length - len(os.fsencode(str(base))) - tail))
+    assert len(os.fsencode(f"{home}/run/circus-pubsub.sock")) == length
+    return home
+
+
+def test_prepare_refuses_a_home_too_long_for_circus_sockets_and_circus_runs_at_the_limit() -> None:
+    """`python -m db prepare` checked the writer's socket only: circus's sockets (circus-pubsub.sock
+    is the longest) are longer, so a home that passed could not run circusd. At 107 bytes, the
+    limit, circusd runs the stack; at 108 prepare refuses, naming that socket."""
+    over = _home_with_pubsub_path_of(108)
+    fits = _home_with_pubsub_path_of(107)
+    daemon: Circusd | None = None
+    try:
+        env = isolated_env(over, ports=True)
+        refused = prepare(env)
+        pubsub = f"{over}/run/circus-pubsub.sock"
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert f"{pubsub!r} is 108 bytes, over the 107-byte limit" in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
+
+        env = isolated_env(fits, ports=True)
+        done = prepare(env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        daemon = Circusd(env, "circus.ini")
+        daemon.start(wait_active=("writer",))
+        assert Path(f"{fits}/run/circus-pubsub.sock").is_socket()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        for home in (over, fits):
+            shutil.rmtree(home.parent, ignore_errors=True)
