@@ -240,10 +240,21 @@ def test_bad_arguments_and_missing_state() -> None:
         Analyzer(42, None)
     with pytest.raises(ValueError, match="rows_per_store"):
         AnalysisWorker(load_settings({"TICKSTACK_HOME": "/tmp/ts-none"}), rows_per_store=0)
-    proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--chunk", "0"], cwd=ROOT,
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chunk", "0"], "argument --chunk: '0' must be a whole number from 1 to 1000000"),
+    # Bounded: a chunk is read into memory whole (it took any number before).
+    (["--chunk", "1e15"], "argument --chunk: '1e15' must be a whole number from 1 to 1000000"),
+    (["--chunk", "2.5"], "argument --chunk: '2.5' must be a whole number from 1 to 1000000"),
+    (["--rows-per-store", "-5"], "argument --rows-per-store: '-5' must be a whole number from 1 to"),
+])
+def test_the_workers_flags_are_whole_numbers_in_range(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "workers.analysis", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "TICKSTACK_HOME": "/tmp/ts-none"})
-    assert proc.returncode == 2 and "--chunk must be at least 1" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_store_analysis_takes_columns_checked_as_rows_are_and_refuses_a_gap(writer: Stack) -> None:

@@ -131,6 +131,10 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         # What Python itself refuses, as an error at the line instead of a traceback:
         ("9" * 5000 + ",EURUSD,1.1,1.2,1", "ts '999999999999999999999999999999999999999... has 5000 characters"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1" * 140_000, "not readable as CSV: field larger than field limit"),
+        # A record over several lines (a quoted field with a line break) is named by its first line,
+        # where a user looks for it, not its last; a quote never closed likewise.
+        ('2024-01-02T00:00:00,"EUR\nUSD",1.1,1.2,1', "symbol 'EUR\\nUSD' is not a symbol"),
+        ('2024-01-02T00:00:00,"EURUSD,1.1,1.2,1', "expected 5 columns, got 2"),
     ],
 )
 def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:

@@ -177,17 +177,6 @@ def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> 
         50, 50, 0, 49)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--chunk", "0"], "argument --chunk: '0' must be a whole number from 1 to 1000000"),
-    (["--chunk", "1e15"], "argument --chunk: '1e15' must be a whole number from 1 to 1000000"),
-    (["--rows-per-store", "-5"], "argument --rows-per-store: '-5' must be a whole number from 1 to"),
-])
-def test_the_analysis_workers_flags_are_whole_numbers_in_range(stack: Stack, args: list[str], message: str) -> None:
-    result = run(stack, "workers.analysis", *args, "--until-idle", timeout=60)
-    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], (args, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-
-
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
         (["--feed", "csv"], "--feed csv needs --file"),

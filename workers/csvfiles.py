@@ -8,7 +8,8 @@ Rows are parsed one by one, then checked by the writer's own rules (:mod:`db.val
 of them) a chunk at a time, and the first bad row raises :class:`CsvFormatError` naming its file line
 once every row before it was given, because a user fixing an export needs the line, not a stack trace.
 A row the writer refused would take its whole batch down with it, the good rows before it included,
-and name no line. (For a quoted field over several lines the line named is the record's last.)
+and name no line. A record over several lines (a quoted field with a line break) is named by its
+first line.
 """
 from __future__ import annotations
 
@@ -68,16 +69,18 @@ def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         reader = csv.reader(f)
         header: list[str] = []
+        line = 1  # where the next record starts (a quoted field may hold line breaks)
         try:
             for row in reader:
                 if row:
                     if not "".join(row).isascii():  # one C call for the usual all-ASCII row
-                        _check_decoded(reader.line_num, row, header)
+                        _check_decoded(line, row, header)
                     if not header:
                         header = [name.strip().lower() for name in row]
-                    yield reader.line_num, row
+                    yield line, row
+                line = reader.line_num + 1
         except csv.Error as e:
-            raise CsvFormatError(reader.line_num, f"not readable as CSV: {e}") from None
+            raise CsvFormatError(line, f"not readable as CSV: {e}") from None
 
 
 def _check_decoded(line: int, row: list[str], header: list[str]) -> None:
