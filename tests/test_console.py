@@ -29,8 +29,9 @@ from db.config import ConfigError, load_settings
 from db.health import connect_read_only
 from db.server import pg_program
 from testkit.circus import WATCHERS, CircusStack
+from testkit.env import ROOT, new_home
 from testkit.env import isolated_env as stack_env
-from testkit.env import new_home
+from testkit.gunicorn import get_json
 from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.writer import Stack
 from webapp import create_app
@@ -536,6 +537,44 @@ def test_stop_asks_first_then_stops_and_start_brings_it_back(cconsole: Console, 
     assert cstack.status()["analysis"] == "active" and cstack.pids_of("analysis")
     assert [(a, t, res) for _, _, a, t, res, _ in audit_rows(s, since)] == [
         ("watcher.stop", "analysis", "ok"), ("watcher.start", "analysis", "ok")]
+
+
+def test_a_watcher_at_zero_processes_is_down_in_the_console_as_in_health(cconsole: Console,
+                                                                        cstack: CircusStack) -> None:
+    """``circusctl decr`` to 0 leaves circus calling the watcher active with no process: /api/health
+    called it down ("0 of 1 processes (circus was asked for 0)") while the console showed "no
+    processes" in the neutral grey of a stopped watcher, as if nothing were wrong. One rule now
+    (:class:`supervision.circus.WatcherState`): the console marks it down, with health's words."""
+    problem = "0 of 1 processes (circus was asked for 0)"
+    try:
+        done = cstack.circusctl("decr", "analysis")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for("analysis without a process",
+                 lambda: cstack.status()["analysis"] == "active" and cstack.pids_of("analysis") == [])
+        code, health = get_json(cstack.api_port, "/api/health")
+        assert code == 200 and health["circus"]["down"].get("analysis") == problem, health
+        data = cconsole.get("/console/api/watchers").json
+        w = next(w for w in data["watchers"] if w["name"] == "analysis")
+        assert (w["status"], w["detail"], w["up"], w["problem"]) == ("no processes", None, False, problem), w
+        # Never shown as up where health says down (the console may be stricter: gunicorn's workers).
+        assert set(health["circus"]["down"]) <= {w["name"] for w in data["watchers"] if not w["up"]}
+        page = cconsole.get("/console/watchers").text
+        row = re.search(r'<tr data-watcher="analysis">.*?</tr>', page, re.S).group(0)
+        assert 'data-up="no"' in row and f"down: {problem}" in html.unescape(row), row
+        assert 'class="pill pill-no-processes"' in row
+        # Styled as a problem, not in the neutral grey of a stopped watcher.
+        css = (ROOT / "webapp" / "static" / "console" / "console.css").read_text()
+        rule = next(line for line in css.splitlines() if ".pill-no-processes" in line)
+        assert "var(--danger)" in rule and "var(--neutral)" not in rule, rule
+        own = cconsole.get("/console/watchers/analysis").text
+        assert 'data-up="no"' in own and f"down: {problem}" in html.unescape(own)
+    finally:
+        if not cstack.pids_of("analysis"):
+            cstack.circusctl("incr", "analysis")
+    wait_for("analysis up in the console", lambda: next(
+        w for w in cconsole.get("/console/api/watchers").json["watchers"] if w["name"] == "analysis")["up"])
+    assert "analysis" not in get_json(cstack.api_port, "/api/health")[1]["circus"]["down"]
+    assert 'data-up="yes"' in cconsole.get("/console/watchers/analysis").text
 
 
 def test_bad_watcher_actions_are_400_and_refused_ones_change_nothing(cconsole: Console, cstack: CircusStack) -> None:

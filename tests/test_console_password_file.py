@@ -25,6 +25,7 @@ import pytest
 
 from db.config import SETTING_BY_ENV, ConfigError
 from testkit.gunicorn import Served, serving
+from testkit.helpers import wait_for
 from testkit.writer import Stack
 from tests.test_web_faults import Browser
 from webapp.auth_state import Schedule
@@ -136,9 +137,14 @@ def test_a_bad_password_file_starts_the_console_that_refuses_every_login_and_say
         assert served.proc.poll() is None  # gunicorn is still up
 
         # One clear line per worker in the log: no traceback, no respawned worker, never the password.
-        log = log_path.read_text(errors="replace")
-        lines = [line for line in log.splitlines() if str(path) in line and "refuse" in line]
-        assert lines and len(lines) == log.count(BOOT_LINE), log[-3000:]
+        # (A worker logs its line once it has loaded the app, after the master logged its boot: wait
+        # for the two counts to meet, as a busy machine may not have got there yet.)
+        def refusals() -> tuple[str, list[str]] | None:
+            log = log_path.read_text(errors="replace")
+            found = [line for line in log.splitlines() if str(path) in line and "refuse" in line]
+            return (log, found) if found and len(found) == log.count(BOOT_LINE) else None
+
+        log, lines = wait_for("one refusal line per booted worker", refusals, timeout=60)
         for pattern in expected:
             assert all(re.search(pattern, line) for line in lines), (pattern, lines)
         assert "Traceback" not in log and "Worker failed to boot" not in log, log[-3000:]

@@ -24,12 +24,14 @@ import psutil
 import pytest
 
 from db.config import load_settings
+from supervision.circus import WatcherState
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import isolated_env, new_home
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, query, wait_for
 from webapp import create_app
 from webapp.console.watcher_page import command_line, safe_environment
+from webapp.console.watchers import NO_PROCESSES, shown_state
 
 SECRET_TOKEN = "tok-4f1d9c-never-shown"
 SECRET_PASSWORD = "hunter2-never-shown"
@@ -265,3 +267,36 @@ def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() 
     assert rows["EMPTY_TOKEN"]["value"] == "(empty)"
     assert command_line({"cmd": "python", "args": ["-m", "x", "--db", "postgresql://u:s3cret@h/d"]}) == (
         "python -m x --db postgresql://u:***@h/d")
+
+
+def test_the_console_judges_a_watcher_by_healths_rule_plus_gunicorns_workers() -> None:
+    """The console's status of a watcher is built on :class:`WatcherState`, the rule of /api/health
+    and /metrics: wherever health calls a watcher down, the console does too, in the same words. It
+    adds one refinement of its own: a gunicorn watcher is ``starting`` (not up) until its master runs
+    its ``--workers`` (circus calls it active seconds before they are forked)."""
+    plain = {"cmd": "python", "args": "-m workers.ticks"}
+    gunicorn = {"cmd": "gunicorn", "args": "--workers 2 webapp:create_app('api')"}
+    for status in ("active", "stopped", "starting", "stopping"):
+        for running in (0, 1, 2):
+            for asked in (0, 1, 2, None):
+                for cmd in (plain, gunicorn):
+                    opts = cmd if asked is None else {**cmd, "numprocesses": asked}
+                    shown = shown_state({"status": status, "numprocesses": running, "children": [0] * (2 * running)},
+                                        opts)
+                    health = WatcherState(status, running, asked)
+                    assert shown.up == health.up and shown.problem == health.problem, (status, running, asked, shown)
+    one = {**plain, "numprocesses": 1}
+    assert shown_state({"status": "active", "numprocesses": 1, "children": []}, one) == ("active", None, None)
+    assert shown_state({"status": "active", "numprocesses": 0, "children": []}, {**plain, "numprocesses": 0}) == (
+        NO_PROCESSES, None, "0 of 1 processes (circus was asked for 0)")
+    assert shown_state({"status": "active", "numprocesses": 1, "children": []}, {**plain, "numprocesses": 2}) == (
+        "starting", "1 of 2 processes", "1 of 2 processes")
+    assert shown_state({"status": "stopped", "numprocesses": 0, "children": []}, one) == ("stopped", None, "stopped")
+    # Up for health, not yet for the console: the master runs one of its two workers.
+    assert WatcherState("active", 1, 1).up
+    shown = shown_state({"status": "active", "numprocesses": 1, "children": [11]}, {**gunicorn, "numprocesses": 1})
+    assert shown == ("starting", "1 of 2 workers", "1 of 2 workers") and not shown.up
+    # circus's asked-for count as it comes (anything but an int is unknown: judged by the processes alone).
+    assert WatcherState.of("active", 0, True) == WatcherState("active", 0, None)
+    assert WatcherState.of("active", 0, "0") == WatcherState("active", 0, None)
+    assert WatcherState.of("active", 0, 0).problem == "0 of 1 processes (circus was asked for 0)"

@@ -20,6 +20,7 @@ from bench.chaos.ledger import verdict
 from bench.common import fresh_home
 from db.client import WriterClient
 from db.config import Settings, load_settings
+from supervision.circus import Circus
 from testkit.circus import CircusStack
 from testkit.gunicorn import get_json
 from testkit.process import stop_process
@@ -138,19 +139,23 @@ def writer_chaos(plan: Plan, kills: int | None = None) -> dict[str, Any]:
 
 
 def stack_ready(stack: CircusStack, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-    """Until the stack serves: circus says every watcher is active, the
+    """Until the stack serves: every watcher is up (:class:`~supervision.circus.WatcherState`, the
+    rule of ``/api/health``: active with the processes circus was asked for, at least one), the
     writer answers a ping, and ``/api/health`` answers 200. Returns what it saw."""
     deadline = time.monotonic() + timeout
     last: Any = None
+    circus = Circus(stack.endpoint)
     with WriterClient(settings=load_settings(stack.env), deadline=1.0) as client:
         while time.monotonic() < deadline:
             try:
-                statuses = stack.status()
+                watchers = circus.watchers()
+                statuses = {name: w.status for name, w in watchers.items()}
+                down = {name: w.problem for name, w in watchers.items() if not w.up}
                 ping = client.ping(timeout=1.0)
                 code, health = get_json(stack.api_port, "/api/health")
-                if code == 200 and all(s == "active" for s in statuses.values()):
+                if code == 200 and watchers and not down:
                     return {"writer_pid": ping.get("pid"), "health": health.get("status"), "statuses": statuses}
-                last = {"statuses": statuses, "health_code": code}
+                last = {"statuses": statuses, "down": down, "health_code": code}
             except Exception as e:  # not up yet
                 last = f"{type(e).__name__}: {e}"
             time.sleep(0.2)

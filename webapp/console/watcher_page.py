@@ -39,10 +39,10 @@ from webapp.console.watchers import (
     LABELS,
     PROGRESS,
     READ_ONLY_WATCHERS,
-    active_state,
     gunicorn_workers,
     options_of,
     restarts_last_hour,
+    shown_state,
 )
 
 #: Variables whose value is never shown: the settings flagged secret, and names that say so.
@@ -175,8 +175,8 @@ def watcher_page(name: str) -> ResponseReturnValue:
         abort(404, description=f"circus no longer has a watcher named {name[:60]!r}")
     opts = options_of(c, name)
     gunicorn = gunicorn_workers(str(opts.get("cmd") or ""), str(opts.get("args") or "")) is not None
-    row["status_text"], row["detail"] = (active_state(row, opts) if row["status"] == "active"
-                                         else (row["status"], None))
+    shown = shown_state(row, opts)  # row["status"] stays circus's word (the flapping plugin's state reads it)
+    row.update(status_text=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     logs = {f["name"]: f for f in logfiles.list_logs(settings().log_dir)}
     log_name = f"{name}.log" if f"{name}.log" in logs else None
     lines = logfiles.tail(settings().log_dir / log_name, LOG_LINES)[0] if log_name else []

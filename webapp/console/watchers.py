@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
@@ -28,7 +28,7 @@ from db import queries
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
 from db.preflight import circusctl_command
-from supervision.circus import ACTIONS, CircusError
+from supervision.circus import ACTIONS, CircusError, WatcherState
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
@@ -40,7 +40,8 @@ WRITER_WATCHER = "writer"
 CONFIRM_ACTIONS = ("stop",)
 #: Watchers circus runs for itself: shown, never acted on.
 READ_ONLY_WATCHERS = frozenset({"circusd-stats"})
-#: The status shown for a watcher circus calls active while it has no process to run (decr to 0).
+#: The status shown for a watcher circus calls active while it has no process to run (decr to 0):
+#: down, as /api/health says ("0 of 1 processes (circus was asked for 0)"), and styled as a problem.
 NO_PROCESSES = "no processes"
 #: What circus says once each action is done, and how long the console follows it: longer than the
 #: writer's graceful_timeout (45 s in circus.ini), which drains before it stops.
@@ -75,7 +76,8 @@ def options_of(c: Any, name: str) -> dict[str, Any]:
 def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
     """(watchers with their figures and restarts, None) or ([], what is wrong with circus).
 
-    A watcher circus calls active with no process asked for (decr to 0) reads ``no processes``;
+    Each row's ``status``, ``detail``, ``up`` and ``problem`` are :func:`shown_state`'s (a watcher
+    circus calls active with no process asked for, decr to 0, reads ``no processes``, down);
     ``singleton`` says that scaling it makes no sense (the page offers no +1/−1)."""
     try:
         c = circus()
@@ -87,26 +89,47 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["restarts"] = restarts.get(row["name"])
         opts = options_of(c, row["name"])
         row["singleton"] = bool(opts.get("singleton"))
-        row["detail"] = None
-        if row["status"] == "active":
-            row["status"], row["detail"] = active_state(row, opts)
+        shown = shown_state(row, opts)
+        row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
 
 
-def active_state(row: dict[str, Any], opts: dict[str, Any]) -> tuple[str, str | None]:
-    """(status, detail) of a watcher circus calls active: ``no processes`` when none is asked for;
-    ``starting`` while fewer processes run than asked for, or fewer gunicorn workers than its
-    ``--workers`` (circus calls a gunicorn watcher active as soon as the master runs, seconds
-    before its workers are forked); else ``active``."""
-    wanted = opts.get("numprocesses")
-    if wanted == 0:
-        return NO_PROCESSES, None
-    if isinstance(wanted, int) and row["numprocesses"] < wanted:
-        return "starting", f"{row['numprocesses']} of {wanted} processes"
+class Shown(NamedTuple):
+    """A watcher as the console shows it (:func:`shown_state`)."""
+
+    #: The word on its pill: circus's (active, stopped, starting, stopping) or ``no processes``.
+    status: str
+    #: What follows the word ("1 of 2 workers"); None when nothing does.
+    detail: str | None
+    #: What is wrong, in /api/health's words where health calls it down too; None when it is up.
+    problem: str | None
+
+    @property
+    def up(self) -> bool:
+        return self.problem is None
+
+
+def shown_state(row: dict[str, Any], opts: dict[str, Any]) -> Shown:
+    """How the console shows watcher ``row`` (:func:`~supervision.procstats.collect_watchers`'s)
+    whose circus options are ``opts``, judged by :class:`~supervision.circus.WatcherState`, the rule
+    of /api/health and /metrics, so a watcher health calls down is never shown up here: ``no
+    processes`` when circus was asked for none (decr to 0), ``starting`` while fewer processes run
+    than asked for, circus's word when it does not call the watcher active. On top of that rule, one
+    refinement of the console's: a gunicorn watcher is ``starting`` (not up) while its master runs
+    fewer workers than its ``--workers`` (circus calls it active as soon as the master runs, seconds
+    before its workers are forked), which health does not look at."""
+    state = WatcherState.of(row["status"], row["numprocesses"], opts.get("numprocesses"))
+    if state.status != "active":
+        return Shown(state.status, None, state.problem)
+    if state.problem is not None:
+        if state.asked == 0:
+            return Shown(NO_PROCESSES, None, state.problem)
+        return Shown("starting", state.problem, state.problem)
     workers = gunicorn_workers(str(opts.get("cmd") or ""), str(opts.get("args") or ""))
     if workers and len(row["children"]) < workers * row["numprocesses"]:
-        return "starting", f"{len(row['children'])} of {workers * row['numprocesses']} workers"
-    return "active", None
+        short = f"{len(row['children'])} of {workers * row['numprocesses']} workers"
+        return Shown("starting", short, short)
+    return Shown("active", None, None)
 
 
 def gunicorn_workers(cmd: str, args: str = "") -> int | None:

@@ -183,6 +183,8 @@
         var status = row.querySelector('[data-field="status"]');
         setText(status, w.status + (w.detail ? ", " + w.detail : ""));
         status.className = "pill pill-" + w.status.replace(/ /g, "-");  // "no processes" -> pill-no-processes
+        status.parentNode.dataset.up = w.up ? "yes" : "no";  // the console's rule is health's (WatcherState)
+        status.parentNode.title = w.problem ? "down: " + w.problem : "";
         setText(row.querySelector('[data-field="numprocesses"]'), String(w.numprocesses));
         var pids = row.querySelector('[data-field="pids"]');
         var text = w.pids.length ? w.pids.join(", ") : DASH;
