@@ -94,6 +94,7 @@ def _home_with_pubsub_path_of(length: int) -> Path:
     tail = len(os.fsencode(f"/{'x'}/run/circus-pubsub.sock")) - 1
     home = base / ("h" * (length - len(os.fsencode(str(base))) - tail))
     assert len(os.fsencode(f"{home}/run/circus-pubsub.sock")) == length
+    home.mkdir(mode=0o700)  # made, as a user's is: on PostgreSQL the home's own database is keyed by it
     return home
 
 
