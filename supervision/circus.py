@@ -132,11 +132,6 @@ class Circus:
         """Every watcher's status (active, stopped, starting, stopping)."""
         return self.call("status")["statuses"]
 
-    def pids(self, watcher: str) -> list[int]:
-        """The pids of ``watcher``'s processes that are running (circus leaves out those that ended
-        and are not reaped yet): a cheap call, unlike ``stats``, which reads every process's figures."""
-        return _pids(self.call("list", name=watcher))
-
     def asked_for(self, watcher: str) -> int | None:
         """circus's asked-for ``numprocesses`` of ``watcher`` (None when it says something else)."""
         return _count(_numprocesses(self.call("get", name=watcher, keys=["numprocesses"])))

@@ -66,10 +66,9 @@ def asked_for(c: Circus, watcher: str) -> int | None:
     """circus's asked-for ``numprocesses`` of ``watcher`` (what incr/decr change); None when it does
     not say (or the watcher went away since circus listed it)."""
     try:
-        value = (c.call("options", name=watcher).get("options") or {}).get("numprocesses")
+        return c.asked_for(watcher)
     except CircusError:
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def live_processes(processes: list[dict[str, Any]]) -> set[tuple[int, float]]:
