@@ -13,7 +13,7 @@ hold few distinct values (symbol, timeframe, indicator name): each distinct one 
 a column fails, the values are checked one by one to name the first bad one, as rows would be.
 
 Indicator values come one per row (``name``, ``value``) or one row per bar: ``symbol``, ``timeframe``,
-``ts`` and a column per indicator (any of :data:`db.models.INDICATORS`), None where the bar has no
+``ts`` and a column per indicator (any of :data:`db.vocabulary.INDICATORS`), None where the bar has no
 value (a series' first bars), each present value checked as ``value`` is.
 
 A number column may come packed (an ``array.array`` of float64 or int64, :mod:`db.protocol`): it
@@ -31,7 +31,6 @@ from operator import ge, le, mod
 from typing import Any
 
 from db.errors import ValidationError
-from db.models import INDICATORS, TIMEFRAMES
 from db.validation import (
     BAR_FIELDS,
     INDICATOR_FIELDS,
@@ -42,6 +41,7 @@ from db.validation import (
     indicator_rows,
     shown,
 )
+from db.vocabulary import INDICATORS, TIMEFRAMES
 
 #: Column order, as the tables' upserts take them.
 BAR_COLUMNS = tuple(BAR_FIELDS)

@@ -23,12 +23,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: Bar timeframes and their length in milliseconds.
-TIMEFRAMES: dict[str, int] = {"1m": 60_000, "5m": 300_000, "1h": 3_600_000, "1d": 86_400_000}
-
-#: Indicators the analysis worker computes.
-INDICATORS = ("sma_20", "ema_20", "rsi_14", "atr_14")
-
 #: How an audited action went. ``skipped``: a check that could not be made (amcheck not
 #: installed), which neither passed nor failed.
 AUDIT_RESULTS = ("ok", "error", "denied", "skipped")

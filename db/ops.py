@@ -29,7 +29,6 @@ from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_tabl
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
     AUDIT_RESULTS,
-    INDICATORS,
     TICK_KEY,
     AppliedRequest,
     AuditEntry,
@@ -77,6 +76,7 @@ from db.validation import (
     tick_columns,
     timestamp,
 )
+from db.vocabulary import INDICATORS
 
 # --- the registry --------------------------------------------------------------
 

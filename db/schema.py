@@ -10,7 +10,8 @@ from collections.abc import Callable
 from sqlalchemy import BigInteger, Column, Float, MetaData, PrimaryKeyConstraint, String, Table, insert, inspect, select
 from sqlalchemy.engine import Connection
 
-from db.models import INDICATORS, SchemaVersion, metadata, now_ms
+from db.models import SchemaVersion, metadata, now_ms
+from db.vocabulary import INDICATORS
 
 #: Indicator values, one row per bar: a column per indicator, NULL where it is not computable yet
 #: (a series' first bars). Schema v3; ``indicators`` (symbol, timeframe, name, ts, value) is from then

@@ -17,7 +17,7 @@ from operator import le
 from typing import Any
 
 from db.errors import ValidationError
-from db.models import INDICATORS, TIMEFRAMES
+from db.vocabulary import INDICATORS, TIMEFRAMES
 
 SYMBOL_RE = re.compile(r"[A-Z0-9][A-Z0-9._:/-]{0,31}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,63}")

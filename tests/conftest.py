@@ -10,7 +10,8 @@ started by pid.
 :class:`testkit.postgres.PostgresServer`), every private home with a database of its own on it.
 Without PostgreSQL's binaries that run is skipped with a message, except in CI (``CI`` set),
 where that is a failure. ``make test`` runs the suite twice, once per database; tests marked
-``sqlite_only`` or ``postgres_only`` run in their database's run only.
+``sqlite_only`` or ``postgres_only`` run in their database's run only, and tests marked
+``database_independent`` (their promise is the same whatever the database) in the SQLite run only.
 """
 from __future__ import annotations
 
@@ -58,18 +59,24 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "the test (path::name) that checks the same promise on PostgreSQL")
     config.addinivalue_line("markers", "postgres_only: a test of something only a server has (roles, advisory "
                                        "locks, several hosts, pg_dump); runs with --database postgresql only")
+    config.addinivalue_line("markers", "database_independent(reason): a test whose promise is the same whatever the "
+                                       "database (circus's handling of processes, gunicorn, the console's login and "
+                                       "watcher pages, flags and files refused before a database is opened, the "
+                                       "code's own layout); ``reason`` says why. Runs with --database sqlite only: "
+                                       "the PostgreSQL run is for what the database changes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """One run per database: ``--database sqlite`` leaves out the ``postgres_only`` tests,
     ``--database postgresql`` the ``sqlite_only`` ones (each names its PostgreSQL counterpart, and
-    ``tests/test_layout.py`` checks that it runs there). Both runs together are the whole suite:
-    ``make test`` runs both."""
-    other = "postgres_only" if config.getoption("--database") == "sqlite" else "sqlite_only"
-    left_out = [item for item in items if item.get_closest_marker(other) is not None]
+    ``tests/test_layout.py`` checks that it runs there) and the ``database_independent`` ones (each
+    says why; the same check). Both runs together are the whole suite: ``make test`` runs both."""
+    others = ("postgres_only",) if config.getoption("--database") == "sqlite" else ("sqlite_only",
+                                                                                     "database_independent")
+    left_out = [item for item in items if any(item.get_closest_marker(other) for other in others)]
     if left_out:
         config.hook.pytest_deselected(items=left_out)
-        items[:] = [item for item in items if item.get_closest_marker(other) is None]
+        items[:] = [item for item in items if not any(item.get_closest_marker(other) for other in others)]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 from db.client import WriterClient
 from db.config import load_settings
 from db.errors import Conflict, ValidationError
-from db.models import TIMEFRAMES
+from db.vocabulary import TIMEFRAMES
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from db.client import WriterClient
-from db.models import TIMEFRAMES, now_ms
+from db.models import now_ms
+from db.vocabulary import TIMEFRAMES
 from testkit.env import ROOT
 from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection

@@ -21,6 +21,10 @@ from testkit.env import ROOT
 from webapp.console.watcher_page import USERINFO_RE
 from workers.indicators import SERIES
 
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "the bench's rules on figures and its flags are checked before any benchmark opens a database")
+
 #: bench analysis: runs of each scenario.
 REPEAT = 2
 
@@ -45,6 +49,7 @@ def passwords_shown(text: str) -> list[str]:
 # --- contention --------------------------------------------------------------------------------------------------
 
 
+@DATABASE_INDEPENDENT
 def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
     """``bench contention``'s rules on figures as its runs leave them (no process is started): a pair
     is two runs of the same repeat, a repeat in which one side failed is left out, small writes are
@@ -202,6 +207,7 @@ def test_the_analysis_benchmark_catches_up_on_everything_and_reports_both_ratios
     assert "replay start-up (no bars)" in run.stdout
 
 
+@DATABASE_INDEPENDENT
 def test_the_analysis_benchmark_refuses_bad_flags_with_the_reason() -> None:
     for args, reason in ((["--bars", "0"], "--bars"), (["--only", "nightly"], "nightly"),
                          (["--repeat", "21"], "--repeat"), (["--symbols", "x"], "--symbols")):
@@ -210,6 +216,7 @@ def test_the_analysis_benchmark_refuses_bad_flags_with_the_reason() -> None:
         assert run.returncode == 2 and reason in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)
 
 
+@DATABASE_INDEPENDENT
 def test_the_analysis_benchmark_calls_runs_that_stored_different_results_a_problem() -> None:
     from bench.analysis.report import count_problems
     same = {"analysis": {"bars": 56, "indicators": 0}}
@@ -259,6 +266,7 @@ def refusal(capsys: pytest.CaptureFixture[str], module: str, *args: str) -> str:
     return errors[0]
 
 
+@DATABASE_INDEPENDENT
 @pytest.mark.parametrize(("module", "flag"), [(m, f) for m, flags in NUMERIC_FLAGS.items() for f in flags])
 def test_every_numeric_bench_flag_refuses_a_value_over_its_bound_or_below_it(
         capsys: pytest.CaptureFixture[str], module: str, flag: str) -> None:
@@ -270,6 +278,7 @@ def test_every_numeric_bench_flag_refuses_a_value_over_its_bound_or_below_it(
         assert re.search(r" to -?\d|at most \d", line), (value, line)
 
 
+@DATABASE_INDEPENDENT
 @pytest.mark.parametrize("module", list(NUMERIC_FLAGS))
 def test_the_list_of_numeric_bench_flags_is_complete_and_their_defaults_are_in_range(module: str) -> None:
     """A new numeric flag is not left out of the test above; each default passes its own flag's rule."""
@@ -283,6 +292,7 @@ def test_the_list_of_numeric_bench_flags_is_complete_and_their_defaults_are_in_r
         assert action.type(str(action.default)) == action.default, (flag, action.default)
 
 
+@DATABASE_INDEPENDENT
 @pytest.mark.parametrize("value", ["1e16", "-1"])
 def test_bench_contention_refuses_seconds_that_never_end_or_never_start(value: str) -> None:
     """``python -m bench contention --seconds 1e16`` ran for ever (and ``--rows`` that large exhausted

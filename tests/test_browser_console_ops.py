@@ -29,6 +29,10 @@ from testkit.browser import TOO_WIDE_JS, ConsoleView, chromium, output_dir, widt
 from testkit.circus import WATCHERS, CircusStack
 from testkit.helpers import query, wait_for
 
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "log files, signals and restarts go through the home's files and circus, whatever the database")
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = output_dir("browser-ops")
 AXE = Path(__file__).resolve().parent / "vendor" / "axe-core-4.14.1" / "axe.min.js"
@@ -103,6 +107,7 @@ def undecodable_request(stack: CircusStack, size: int) -> None:
         sock.close()
 
 
+@DATABASE_INDEPENDENT
 def test_log_search_finds_a_line_written_moments_before_and_the_merged_view_follows(
         views: Any, stack: CircusStack) -> None:
     size = 3000 + secrets.randbelow(5000)
@@ -139,6 +144,7 @@ def test_log_search_finds_a_line_written_moments_before_and_the_merged_view_foll
     view.assert_clean()
 
 
+@DATABASE_INDEPENDENT
 def test_a_signal_sent_from_a_watchers_page_reaches_the_process(views: Any, stack: CircusStack) -> None:
     (master,) = stack.pids_of("api")
     before = stack.log("api").count("Handling signal: hup")
@@ -188,6 +194,7 @@ def test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways(views: An
     assert not found, "axe-core found WCAG A/AA violations:\n" + "\n".join(found)
 
 
+@DATABASE_INDEPENDENT
 def test_restart_all_from_the_page_restarts_every_watcher_once(views: Any, stack: CircusStack) -> None:
     """Last: it restarts the console serving the page too (after recording the audit row)."""
     wait_for("every watcher active", lambda: all(stack.status().get(w) == "active" for w in WATCHERS), timeout=90)

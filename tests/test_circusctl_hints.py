@@ -11,11 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from db.health import diagnose
 from testkit.circus import CircusStack
 from testkit.env import ROOT
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests.test_supervision import prepare
+
+pytestmark = pytest.mark.database_independent(
+    "the hints name circusctl and circus's endpoint in the home, whatever database the stack runs on")
 
 #: The modules that print hints (command lines, logs, the console's messages).
 HINTING = [*sorted((ROOT / "db").glob("*.py")), *sorted((ROOT / "supervision").glob("*.py")),

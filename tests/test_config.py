@@ -17,6 +17,9 @@ from db.client import WriterClient
 from db.config import SETTINGS, ConfigError, JobSchedule, Settings, ensure_home, load_settings, markdown_table
 from testkit.writer import Stack
 
+pytestmark = pytest.mark.database_independent(
+    "settings and flags are parsed, and refused, before any process opens a database")
+
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCTION = ("db", "supervision", "workers", "webapp")
 NAME_RE = re.compile(r"\b(TICKSTACK_[A-Z0-9_]*[A-Z0-9]|DATABASE_URL|WRITER_ENDPOINT)\b")

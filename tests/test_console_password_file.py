@@ -30,6 +30,10 @@ from testkit.writer import Stack
 from tests.test_web_faults import Browser
 from webapp.auth_state import Schedule
 
+pytestmark = pytest.mark.database_independent(
+    "the console reads its password file before it opens any database, and a refused login is audited by "
+    "the same audit op either way")
+
 BOOT_LINE = "Booting worker"
 #: The restart the message asks for, runnable as printed (tests/test_circusctl_hints.py).
 RESTART = r"\.venv/bin/circusctl --endpoint ipc://\S+/run/circus\.sock restart console"

@@ -24,6 +24,9 @@ from testkit.helpers import query, wait_for
 from tests.test_console_watcher_page import Console, gone
 from webapp import create_app
 
+pytestmark = pytest.mark.database_independent(
+    "restart counts come from circus and psutil samples of the processes, not from the database")
+
 WATCHER = "monitor"
 
 

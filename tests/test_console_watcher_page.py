@@ -33,6 +33,10 @@ from webapp import create_app
 from webapp.console.watcher_page import command_line, safe_environment
 from webapp.console.watchers import NO_PROCESSES, shown_state
 
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "a watcher's page shows what circus and psutil say of its processes, and signals go through circus")
+
 SECRET_TOKEN = "tok-4f1d9c-never-shown"
 SECRET_PASSWORD = "hunter2-never-shown"
 
@@ -73,6 +77,7 @@ def console(cstack: CircusStack) -> Console:
     return Console.logged_in(create_app("console", cstack.settings))
 
 
+@DATABASE_INDEPENDENT
 def test_a_watchers_page_shows_its_processes_command_and_environment_without_secrets(
         console: Console, cstack: CircusStack) -> None:
     (master,) = cstack.pids_of("api")
@@ -134,6 +139,7 @@ def test_a_watchers_cpu_and_memory_history_and_the_database_holders_named_by_wat
     assert 'href="/console/watchers/writer">writer</a>' in table
 
 
+@DATABASE_INDEPENDENT
 def test_sighup_from_the_console_reaches_the_api_master(console: Console, cstack: CircusStack) -> None:
     (master,) = cstack.pids_of("api")
     since = last_audit_id(cstack.settings)
@@ -151,6 +157,7 @@ def test_sighup_from_the_console_reaches_the_api_master(console: Console, cstack
     assert (action, target, result) == ("watcher.signal", "api", "ok") and f"SIGHUP to api (pid {master})" in detail
 
 
+@DATABASE_INDEPENDENT
 def test_sigterm_reaches_the_ticks_workers_handler_and_circus_replaces_it(console: Console, cstack: CircusStack
                                                                           ) -> None:
     (old,) = cstack.pids_of("ticks")
@@ -166,6 +173,7 @@ def test_sigterm_reaches_the_ticks_workers_handler_and_circus_replaces_it(consol
     assert (target, result) == ("ticks", "ok") and f"Exited: {old}" in detail
 
 
+@DATABASE_INDEPENDENT
 def test_sigkill_ends_one_monitor_process_and_bad_signals_are_refused(console: Console, cstack: CircusStack) -> None:
     (old,) = cstack.pids_of("monitor")
     since = last_audit_id(cstack.settings)
@@ -185,6 +193,7 @@ def test_sigkill_ends_one_monitor_process_and_bad_signals_are_refused(console: C
     assert [(t, res) for _, t, res, _ in rows] == [("monitor", "ok")] and "SIGKILL" in rows[0][3]
 
 
+@DATABASE_INDEPENDENT
 def test_restart_all_asks_then_restarts_every_watcher_once_with_one_audit_row(console: Console,
                                                                               cstack: CircusStack) -> None:
     wait_for("every watcher active", lambda: all(cstack.status().get(w) == "active" for w in WATCHERS), timeout=90)
@@ -207,6 +216,7 @@ def test_restart_all_asks_then_restarts_every_watcher_once_with_one_audit_row(co
     assert audit_rows(cstack.settings, since, "watcher.restart") == []
 
 
+@DATABASE_INDEPENDENT
 def test_a_crash_loop_is_shown_as_the_flapping_plugin_handles_it() -> None:
     """circusd with our flapping plugin and a watcher whose processes die 0.5 s after they start (as
     in tests/test_supervision.py): its page says it is stopped for a crash loop and when circus
@@ -254,6 +264,7 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
         shutil.rmtree(home, ignore_errors=True)
 
 
+@DATABASE_INDEPENDENT
 def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() -> None:
     rows = {r["name"]: r for r in safe_environment({
         "DATABASE_URL": "postgresql+psycopg://ts_owner:s3cret@db:5432/tickstack",
@@ -269,6 +280,7 @@ def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() 
         "python -m x --db postgresql://u:***@h/d")
 
 
+@DATABASE_INDEPENDENT
 def test_the_console_judges_a_watcher_by_healths_rule_plus_gunicorns_workers() -> None:
     """The console's status of a watcher is built on :class:`WatcherState`, the rule of /api/health
     and /metrics: wherever health calls a watcher down, the console does too, in the same words. It

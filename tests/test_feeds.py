@@ -8,10 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from db.models import TIMEFRAMES
+from db.vocabulary import TIMEFRAMES
 from workers.csvfiles import CsvFeed, CsvFormatError, bar_to_ticks, infer_timeframe, read_bar_csv, read_tick_csv
 from workers.feeds import SimFeed, pace, parse_speed
 from workers.indicators import BarBuilder
+
+pytestmark = pytest.mark.database_independent(
+    "the feeds read CSV files and make ticks in memory, and never open a database")
 
 T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z
 

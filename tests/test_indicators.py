@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from db.models import INDICATORS, TIMEFRAMES
+from db.vocabulary import INDICATORS, TIMEFRAMES
 from workers.bars import OpenBar, aggregate, in_order, sequential_sums
 from workers.feeds import SimFeed
 from workers.indicators import (
@@ -19,6 +19,9 @@ from workers.indicators import (
     rsi_wilder,
     sma,
 )
+
+pytestmark = pytest.mark.database_independent(
+    "bars and indicators are computed in memory here, and never stored")
 
 T0 = 1_704_153_600_000  # 2024-01-02T00:00:00Z, a 1d boundary
 MIN = 60_000

@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from testkit.env import ROOT
+
+pytestmark = pytest.mark.database_independent(
+    "it reads the code, the README and the suite's own collections, and starts no stack")
 
 PACKAGES = ("db", "supervision", "workers", "webapp", "webapp/api", "testkit", "bench")
 
@@ -29,16 +34,21 @@ def test_every_module_is_named_in_the_readme_layout() -> None:
     assert not missing, f"modules the README's code layout does not name: {missing}"
 
 
+#: The marks that leave a test out of the PostgreSQL run, each with its arguments.
+RUN_MARKS = ("sqlite_only", "database_independent")
 #: Collects the suite as ``pytest --database DATABASE`` would and writes, for every test it keeps,
-#: the arguments of each of its ``sqlite_only`` marks (wherever set: module, class, function,
-#: parameter set) as JSON into PATH.
+#: the arguments of each of its :data:`RUN_MARKS` (wherever set: module, class, function,
+#: parameter set) as JSON into PATH: ``{nodeid: {mark: [args, ...]}}``. Arguments: PATH,
+#: DATABASE and the marks' names joined by commas.
 _COLLECT = """
 import json, sys
 import pytest
 
 class Marks:
     def pytest_collection_finish(self, session):
-        marks = {item.nodeid: [list(m.args) for m in item.iter_markers("sqlite_only")] for item in session.items}
+        marks = {item.nodeid: {name: [list(m.args) for m in item.iter_markers(name)]
+                               for name in sys.argv[3].split(",")}
+                 for item in session.items}
         with open(sys.argv[1], "w") as out:
             json.dump(marks, out)
 
@@ -47,11 +57,11 @@ sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--datab
 """
 
 
-def _collected(tmp_path: Path, *databases: str) -> list[dict[str, list[list]]]:
+def _collected(tmp_path: Path, *databases: str) -> list[dict[str, dict[str, list[list]]]]:
     """What each run keeps (see :data:`_COLLECT`), the collections side by side."""
     outs = [tmp_path / f"{database}.json" for database in databases]
-    procs = [subprocess.Popen([sys.executable, "-c", _COLLECT, str(out), database], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen([sys.executable, "-c", _COLLECT, str(out), database, ",".join(RUN_MARKS)], cwd=ROOT,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for out, database in zip(outs, databases, strict=True)]
     try:
         for proc in procs:
@@ -65,22 +75,45 @@ def _collected(tmp_path: Path, *databases: str) -> list[dict[str, list[list]]]:
     return [json.loads(out.read_text()) for out in outs]
 
 
-def test_every_sqlite_only_test_names_a_postgresql_counterpart_that_exists(tmp_path: Path) -> None:
+def test_every_sqlite_only_test_names_a_postgresql_counterpart_and_every_database_independent_one_says_why(
+        tmp_path: Path) -> None:
     """A test of SQLite's own machinery (``@pytest.mark.sqlite_only("path::name")``, on the test or
     on some of its parameter sets) is left out of the PostgreSQL run; the test it names must run
-    there, in at least one of its parameter sets. Read from the two runs' own collections (pytest
+    there, in at least one of its parameter sets. A test whose promise is the same whatever the
+    database (``@pytest.mark.database_independent("why")``) is left out of it too, and must say why.
+    Read from the two runs' own collections (pytest
     applies the marks, wherever and however they are written; conftest leaves the tests out)."""
     on_sqlite, on_postgresql = _collected(tmp_path, "sqlite", "postgresql")
     runs_there = {nodeid.split("[", 1)[0] for nodeid in on_postgresql}
-    problems, pairs = [], []
+    problems, pairs, independent = [], [], []
     for nodeid, marks in on_sqlite.items():
-        if marks and nodeid in on_postgresql:
-            problems.append(f"{nodeid} is sqlite_only but the PostgreSQL run keeps it")
-        for args in marks:
+        if any(marks.values()) and nodeid in on_postgresql:
+            problems.append(f"{nodeid} is {' and '.join(m for m in marks if marks[m])} but the PostgreSQL run keeps it")
+        for args in marks["sqlite_only"]:
             if len(args) != 1 or not isinstance(args[0], str):
                 problems.append(f"{nodeid} is sqlite_only without naming its counterpart (path::name): {args}")
             elif args[0] not in runs_there:
                 problems.append(f"{nodeid} names {args[0]}: no such test runs on PostgreSQL")
             pairs.append(nodeid)
+        # Why the database does not matter to it, in words a reviewer can dispute: a reason of a few
+        # words is none.
+        for args in marks["database_independent"]:
+            if len(args) != 1 or not isinstance(args[0], str) or len(args[0].split()) < 6:
+                problems.append(f"{nodeid} is database_independent without saying why (a sentence): {args}")
+            independent.append(nodeid)
     assert not problems, problems
     assert pairs, "no sqlite_only test found: the marker's spelling changed?"
+    assert independent, "no database_independent test found: the marker's spelling changed?"
+
+
+def test_a_producer_loads_the_writers_client_without_sqlalchemy_flask_or_numpy() -> None:
+    """``db.client`` is what a producer (the user's bot, the ingestor's spool replay, a benchmark's
+    producers) imports to write: loading SQLAlchemy with it cost each one about 0.5 s of CPU at start
+    on this machine, for two constants the validators needed (now in ``db.vocabulary``). Direct
+    writes (PostgreSQL) still load SQLAlchemy, when a client is made for them."""
+    heavy = ("sqlalchemy", "flask", "numpy")
+    done = subprocess.run([sys.executable, "-c", "import sys, db.client; print(' '.join(sorted(m for m in "
+                           f"sys.modules if m.split('.')[0] in {heavy!r})))"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], f"importing db.client loads: {done.stdout.split()[:10]}"

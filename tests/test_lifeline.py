@@ -8,7 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from testkit.helpers import wait_for
+
+pytestmark = pytest.mark.database_independent(
+    "the lifeline watches the parent process and its log files, and never opens a database")
 
 # A stand-in for circusd: a main thread that forks the child, and a second thread (circusd has
 # ZeroMQ's) that outlives it. The main thread then exits alone (pthread_exit), as it may when

@@ -14,12 +14,16 @@ import socket
 from pathlib import Path
 
 import psutil
+import pytest
 
 from testkit.circus import Circusd, CircusStack
 from testkit.env import isolated_env, new_home
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests import test_supervision
 from tests.test_supervision import port_free, prepare
+
+pytestmark = pytest.mark.database_independent(
+    "ports and socket paths are checked, and refused, before any database is opened")
 
 stack = test_supervision.stack  # the fixture: a CircusStack of the real circus.ini, stopped by pid
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from testkit.env import FIRST_PORT, ROOT, _claim, ephemeral_range, free_port, free_udp_port, port_stretch
+
+pytestmark = pytest.mark.database_independent(
+    "it checks the harness's own port allocation, and starts no stack")
 
 HOLDER = """
 import sys

@@ -14,6 +14,10 @@ from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "the ingestor's flags are refused before it sends anything to the writer")
+
 T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
 
 
@@ -177,6 +181,7 @@ def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> 
         50, 50, 0, 49)
 
 
+@DATABASE_INDEPENDENT
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
         (["--feed", "csv"], "--feed csv needs --file"),

@@ -32,6 +32,10 @@ from testkit.process import Descendants, stop_process
 from webapp.auth_state import LoginThrottle, Schedule, SessionStore, peer_key
 from webapp.gunicorn_worker import HEADER_TIMEOUT
 
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "gunicorn's connections and the console's logins and sessions are the same whatever the database")
+
 #: "Answered well within its timeouts": a did-it-happen bound, not a timing assertion.
 ANSWER_WITHIN = 10.0
 HALF_OPEN = 50
@@ -203,6 +207,7 @@ def logged_in(stack: CircusStack) -> Browser:
 # --------------------------------------------------------------------------- point 3: slow clients
 
 
+@DATABASE_INDEPENDENT
 def test_half_open_connections_stop_neither_the_api_nor_the_console(stack: CircusStack) -> None:
     held = half_open(stack.api_port, HALF_OPEN) + half_open(stack.console_port, HALF_OPEN)
     try:
@@ -226,6 +231,7 @@ def test_half_open_connections_stop_neither_the_api_nor_the_console(stack: Circu
             s.close()
 
 
+@DATABASE_INDEPENDENT
 def test_a_request_longer_than_the_worker_timeout_is_served(tmp_path: Path) -> None:
     """With threads, ``--timeout`` bounds a stuck worker, never a long request (the console's backup
     and quick_check run inside one): the console's circus.ini command line with ``--timeout 2``
@@ -286,6 +292,7 @@ def test_a_backup_runs_inside_a_request_on_a_worker_thread(stack: CircusStack) -
 # --------------------------------------------------------------------------- point 4: login
 
 
+@DATABASE_INDEPENDENT
 def test_parallel_wrong_logins_get_at_most_the_allowed_password_checks(stack: CircusStack) -> None:
     before = denied_logins(stack)
     attack = (as_nobody if os.geteuid() == 0 else lambda fn, *a: fn(*a))(parallel_wrong_logins, stack.console_port, 20)
@@ -296,6 +303,7 @@ def test_parallel_wrong_logins_get_at_most_the_allowed_password_checks(stack: Ci
     assert 1 <= checks <= allowed, f"{checks} password checks in {attack['elapsed']:.1f} s; allowed {allowed}"
 
 
+@DATABASE_INDEPENDENT
 @needs_root
 def test_another_users_wrong_passwords_never_lock_the_owner_out(stack: CircusStack) -> None:
     attack = as_nobody(sequential_wrong_logins, stack.console_port, 50)
@@ -307,6 +315,7 @@ def test_another_users_wrong_passwords_never_lock_the_owner_out(stack: CircusSta
     assert owner.request("GET", "/console/watchers")[0] == 200
 
 
+@DATABASE_INDEPENDENT
 def test_a_cookie_copied_before_logout_is_refused_after_it(stack: CircusStack) -> None:
     owner = logged_in(stack)
     token = owner.token("/console/database")
@@ -328,6 +337,7 @@ def test_a_cookie_copied_before_logout_is_refused_after_it(stack: CircusStack) -
 # --------------------------------------------------------------------------- the parts, directly
 
 
+@DATABASE_INDEPENDENT
 def test_the_delay_is_capped_and_the_right_password_gets_in_once_it_passed(tmp_path: Path) -> None:
     schedule = Schedule(free=5, base_s=0.05, cap_s=0.2)
     throttle = LoginThrottle(tmp_path / "throttle.json", schedule)
@@ -343,6 +353,7 @@ def test_the_delay_is_capped_and_the_right_password_gets_in_once_it_passed(tmp_p
     assert throttle.failures("uid:1") == 0 and (tmp_path / "throttle.json").stat().st_mode & 0o777 == 0o600
 
 
+@DATABASE_INDEPENDENT
 def test_parallel_admissions_reserve_one_check_each(tmp_path: Path) -> None:
     throttle = LoginThrottle(tmp_path / "throttle.json", Schedule(free=5, base_s=30))
     start = threading.Barrier(20)
@@ -360,6 +371,7 @@ def test_parallel_admissions_reserve_one_check_each(tmp_path: Path) -> None:
     assert waits.count(0) == 5 and throttle.failures("uid:7") == 5
 
 
+@DATABASE_INDEPENDENT
 def test_the_peer_is_the_local_user_who_opened_the_connection() -> None:
     with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as client:
         accepted, (addr, port) = server.accept()
@@ -371,6 +383,7 @@ def test_the_peer_is_the_local_user_who_opened_the_connection() -> None:
     assert peer_key({"REMOTE_ADDR": "10.1.1.1"}) == "addr:10.1.1.1"  # no socket to look at (a test client)
 
 
+@DATABASE_INDEPENDENT
 def test_sessions_end_at_revocation_expiry_and_with_a_damaged_file(tmp_path: Path) -> None:
     store = SessionStore(tmp_path / "sessions.json", max_age_s=0.3)
     sid = store.create("admin")

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from db.models import TIMEFRAMES
+from db.vocabulary import TIMEFRAMES
 
 #: Timeframes shortest first; each one's length divides the next one's, so buckets nest.
 ORDERED: tuple[tuple[str, int], ...] = tuple(sorted(TIMEFRAMES.items(), key=lambda kv: kv[1]))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from db import validation
 from db.errors import ValidationError
-from db.models import TIMEFRAMES
+from db.vocabulary import TIMEFRAMES
 
 Tick = dict[str, Any]
 Bar = dict[str, Any]
@@ -334,7 +334,7 @@ def infer_timeframe(bars: Sequence[Bar | tuple[int, Bar]]) -> str:
 
     Accepts bars or ``(line, bar)`` pairs. The mode (not the minimum) tolerates weekends and holes in
     daily data. Raises ValueError if there are fewer than 2 bars, if the gap is not one of
-    ``db.models.TIMEFRAMES``, or if the bars are not aligned to it.
+    ``db.vocabulary.TIMEFRAMES``, or if the bars are not aligned to it.
     """
     items = _with_lines(bars)
     if len(items) < 2:

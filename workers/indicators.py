@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from typing import Any
 
-from db.models import INDICATORS, TIMEFRAMES
+from db.vocabulary import INDICATORS, TIMEFRAMES
 from workers.bars import OpenBar
 
 SMA_N, EMA_N, RSI_N, ATR_N = 20, 20, 14, 14
@@ -25,7 +25,7 @@ _SMA, _EMA, _RSI, _ATR = f"sma_{SMA_N}", f"ema_{EMA_N}", f"rsi_{RSI_N}", f"atr_{
 #: The order of :meth:`IndicatorState.extend`'s value lists.
 SERIES = (_SMA, _EMA, _RSI, _ATR)
 if {_SMA, _EMA, _RSI, _ATR} != set(INDICATORS):  # fail loudly if the schema's list changes
-    raise ImportError(f"db.models.INDICATORS is {INDICATORS}; workers.indicators computes other ones")
+    raise ImportError(f"db.vocabulary.INDICATORS is {INDICATORS}; workers.indicators computes other ones")
 
 
 def bucket_start(ts: int, timeframe_ms: int) -> int:

@@ -20,8 +20,8 @@ import copy
 import functools
 from typing import Any
 
-from db.models import INDICATORS, TIMEFRAMES
 from db.validation import MAX_PRICE, MAX_SIZE, MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
+from db.vocabulary import INDICATORS, TIMEFRAMES
 from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID, RETRY_AFTER, WRITER_DEADLINE
 
 

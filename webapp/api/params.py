@@ -18,7 +18,7 @@ from flask import request
 
 from db import validation
 from db.errors import ValidationError
-from db.models import INDICATORS
+from db.vocabulary import INDICATORS
 from webapp.api.errors import ApiError, bad_param
 from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID
 from webapp.parsing import parse_int

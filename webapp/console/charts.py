@@ -22,8 +22,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
-from db.models import INDICATORS, TIMEFRAMES, now_ms
+from db.models import now_ms
 from db.validation import NAME_RE
+from db.vocabulary import INDICATORS, TIMEFRAMES
 from webapp.console.common import bad_request, bp, int_arg, settings
 from webapp.extensions import db
 

@@ -16,7 +16,8 @@ from sqlalchemy import select, text
 
 from db import queries, validation
 from db.errors import ValidationError, WriterError
-from db.models import TIMEFRAMES, Trade, TradeEvent, now_ms
+from db.models import Trade, TradeEvent, now_ms
+from db.vocabulary import TIMEFRAMES
 from webapp.console.charts import DEFAULT_BAR_RANGE, MAX_BARS, RANGE_NAMES, price_chart, range_arg
 from webapp.console.common import audit, bad_request, bp, call_writer, int_arg, settings
 from webapp.console.formats import pnl, price
