@@ -38,7 +38,7 @@ from db import ops
 from db.config import Settings
 from db.engine import make_write_engine, storage_full_reason, transient_reason
 from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
-from db.protocol import decode_request, encode_request, pack_columns
+from db.protocol import decode_request, encode_request, pack_columns, request_digest
 
 
 class DirectWrites:
@@ -62,11 +62,12 @@ class DirectWrites:
         Retries what is nobody's fault (a lost connection, a deadlock) until ``deadline`` (monotonic)."""
         # The arguments as the writer would see them: encoded and decoded as on the wire.
         message, _ = decode_request(encode_request(client_id, seq, op, pack_columns(op, args)))
+        digest = request_digest(op, message["args"])  # before prepare, as the writer takes it
         spec, prepared = ops.prepare(op, message["args"])  # ValidationError, as from the writer
         backoff, retry = 0.01, False
         while True:
             try:
-                return self._once(client_id, seq, spec, prepared, retry)
+                return self._once(client_id, seq, spec, prepared, digest, retry)
             except WriterError:
                 raise
             except DBAPIError as e:
@@ -85,7 +86,8 @@ class DirectWrites:
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 
-    def _once(self, client_id: str, seq: int, spec: ops.Op, prepared: dict[str, Any], retry: bool) -> Any:
+    def _once(self, client_id: str, seq: int, spec: ops.Op, prepared: dict[str, Any], digest: bytes,
+              retry: bool) -> Any:
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             if self._engine is None:
                 self._engine = make_write_engine(self.settings)
@@ -93,11 +95,14 @@ class DirectWrites:
         with self._conn.begin():
             # A first attempt's seq is new (a client's seqs only grow); a retry may have committed
             # before its answer was lost: then its first result, not a second run.
+            # Its own retry: the same request, so no digest to compare.
             prior = ops.lookup_applied(self._conn, client_id, seq) if retry else None
             if prior is not None:
-                return msgpack.unpackb(prior, raw=False)
+                return msgpack.unpackb(prior[1], raw=False)
             result = ops.execute(self._conn, spec, prepared)
-            ops.record_applied(self._conn, client_id, seq, msgpack.packb(result))
+            # The digest the writer would record (same op, same decoded arguments): a resend of this
+            # id through the writer is then compared as any other.
+            ops.record_applied(self._conn, client_id, seq, msgpack.packb(result), digest)
         return result
 
     def close(self) -> None:

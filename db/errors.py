@@ -27,6 +27,12 @@ class OpFailed(WriterError):
     """The op failed for a reason of the database's; nothing was written."""
 
 
+class RequestIdReused(WriterError):
+    """The request's (client id, seq) was already applied to a different request (another op or
+    other arguments): nothing of this one was written, and retrying it cannot help. A resend of the
+    same request gets the first answer; a new request needs an id of its own."""
+
+
 class CommitFailed(WriterError):
     """The batch holding the request could not be committed (disk full, I/O
     error). Nothing of it was written; the client retries."""
@@ -52,5 +58,6 @@ class StorageFull(WriterUnavailable):
 
 
 ERROR_TYPES: dict[str, type[WriterError]] = {
-    cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, CommitFailed, StorageFull)
+    cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, RequestIdReused, CommitFailed,
+                                 StorageFull)
 }

@@ -204,6 +204,10 @@ class AppliedRequest(Base):
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     committed_at: Mapped[int] = mapped_column(BigInteger, index=True)
     result: Mapped[bytes] = mapped_column(LargeBinary)
+    #: What the request asked for (:func:`db.protocol.request_digest`), so that another request under
+    #: the same id is told apart from a resend. Schema v4; NULL for requests recorded before it,
+    #: which are not compared.
+    digest: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 def now_ms() -> int:

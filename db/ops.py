@@ -412,29 +412,34 @@ def last_applied_seq(conn: Connection, client_id: str) -> int:
                         ).scalar() or 0
 
 
-def lookup_applied(conn: Connection, client_id: str, seq: int) -> bytes | None:
-    return conn.execute(select(AppliedRequest.result).where(
-        AppliedRequest.client_id == client_id, AppliedRequest.seq == seq)).scalar()
+def lookup_applied(conn: Connection, client_id: str, seq: int) -> tuple[bytes | None, bytes] | None:
+    """The request applied as (client id, seq): its digest (None: recorded before schema v4) and its
+    packed result; None when no request was."""
+    row = conn.execute(select(AppliedRequest.digest, AppliedRequest.result).where(
+        AppliedRequest.client_id == client_id, AppliedRequest.seq == seq)).first()
+    return None if row is None else (row[0], row[1])
 
 
-_APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result")
+_APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result", "digest")
 
 
-def record_applied(conn: Connection, client_id: str, seq: int, result: bytes) -> None:
-    """Record one request as applied, with its packed result. The writer's careful path calls it
+def record_applied(conn: Connection, client_id: str, seq: int, result: bytes, digest: bytes | None = None) -> None:
+    """Record one request as applied, with its packed result and its digest
+    (:func:`db.protocol.request_digest`; None: not compared). The writer's careful path calls it
     in the request's own savepoint, so a request whose record cannot be stored fails alone and
     leaves no effect behind (a second record of the same request is an IntegrityError, never
     ignored)."""
-    record_applied_many(conn, [(client_id, seq, result)])
+    record_applied_many(conn, [(client_id, seq, result, digest)])
 
 
-def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, bytes]]) -> None:
-    """Record many requests as applied, ``(client id, seq, packed result)`` each, in one executemany:
-    the writer's fast path, one statement per batch. Any error fails the whole statement, and
-    the writer then runs the batch again with a record per request (:func:`record_applied`)."""
+def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, bytes, bytes | None]]) -> None:
+    """Record many requests as applied, ``(client id, seq, packed result, digest)`` each, in one
+    executemany: the writer's fast path, one statement per batch. Any error fails the whole
+    statement, and the writer then runs the batch again with a record per request
+    (:func:`record_applied`)."""
     at = now_ms()
     insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
-                 ((cid, seq, at, result) for cid, seq, result in records))
+                 ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
 
 
 def compile_applied_records(conn: Connection) -> None:

@@ -63,10 +63,22 @@ def _v3_indicator_rows(conn: Connection) -> None:
         f"WHERE {n} IS NOT NULL" for n in INDICATORS))
 
 
+def _v4_request_digests(conn: Connection) -> None:
+    # applied_requests.digest (db.models.AppliedRequest): what each applied request asked for, so that
+    # a different request under an applied id is refused instead of answered with the first one's
+    # result. Nullable: the rows recorded before it have none and are not compared. v1's create_all
+    # already made it on a database created since (and on one whose version rows were rewound).
+    if "digest" in {c["name"] for c in inspect(conn).get_columns("applied_requests")}:
+        return
+    blob = "BYTEA" if conn.dialect.name == "postgresql" else "BLOB"
+    conn.exec_driver_sql(f"ALTER TABLE applied_requests ADD COLUMN digest {blob}")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "trade reasons of 64 characters", _v2_reasons_of_64),
     (3, "indicator values one row per bar (bar_indicators; indicators a view of it)", _v3_indicator_rows),
+    (4, "a digest of each applied request (applied_requests.digest)", _v4_request_digests),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

@@ -1,6 +1,7 @@
 """The writer's commit thread (:class:`Committer`): the one write connection,
-group commit, the record of applied requests, and when a request is answered
-with an error (what it is answered: :mod:`workers.answers`).
+group commit, the record of applied requests (whether an id was applied already, and to what:
+:mod:`workers.dedup`), and when a request is answered with an error (what it is answered:
+:mod:`workers.answers`).
 
 It takes every pending request (up to ``writer_max_batch``) from the queue the
 IO thread (:mod:`workers.writer`) fills and runs them in one ``BEGIN
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +50,12 @@ from sqlalchemy.orm import configure_mappers
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, storage_full_reason
-from db.errors import OpFailed, StorageFull, ValidationError, WriterError
-from db.protocol import encode_reply
+from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError
+from db.protocol import encode_reply, request_digest
 from db.schema import migrate
 from db.validation import shown
 from workers.answers import Answers
+from workers.dedup import Applied, AppliedRequests
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -75,6 +77,13 @@ class Request:
     args: Any
     #: The most memory it may hold, as :func:`db.protocol.decode_request` estimates it.
     cost: int = 0
+    #: What it asks for (:func:`db.protocol.request_digest`), recorded with it as applied. Made with
+    #: the request, on the IO thread: the commit thread, the writer's bottleneck, only compares it.
+    digest: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.digest is None:
+            self.digest = request_digest(self.op, self.args)
 
 
 class _FastRunFailed(Exception):
@@ -121,12 +130,8 @@ class Committer:
         self.busy = False
         #: Bytes (estimated) of the requests it has answered; only this thread writes it.
         self.released_bytes = 0
-        # Results of recently committed requests, for retries without a query.
-        self.recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self.recent_max = 100_000
-        # Per client, the highest seq that may be on record: requests above it
-        # are new and need no lookup (the common case, saving a query each).
-        self.known_top: OrderedDict[str, int] = OrderedDict()
+        #: Which ids were applied, to what, with what result (recent ones without a query).
+        self.applied = AppliedRequests()
         self.batch_no = 0
         self._last_prune = 0.0
         self.answers = Answers(settings, stats)
@@ -257,12 +262,7 @@ class Committer:
         self.on_commit()
         if committed:
             self.answers.committed()
-        for key, packed in committed.items():
-            self.recent[key] = packed
-            cid, seq = key
-            self.known_top[cid] = max(self.known_top.get(cid, 0), seq)
-        while len(self.recent) > self.recent_max:
-            self.recent.popitem(last=False)
+        self.applied.remember(committed)
         st = self.stats
         st.batches += 1
         st.batched_requests += len(batch)
@@ -284,7 +284,7 @@ class Committer:
 
     def _run(self, batch: list[Request], batch_no: int, careful: bool,
              answered: dict[int, WriterError] | None = None) -> tuple[
-            list[bytes | Request], list[tuple[Request, ops.Op, dict]], dict[tuple[str, int], bytes], dict[str, int]]:
+            list[bytes | Request], list[tuple[Request, ops.Op, dict]], dict[tuple[str, int], Applied], dict[str, int]]:
         """One run of a batch in one transaction, committed: the replies in request order (a
         Request holds the place of an op that runs outside the transaction), those ops, the
         packed results of the requests applied, and the counts. Raises :class:`_FastRunFailed`
@@ -292,7 +292,7 @@ class Committer:
         requests (by id) answered with the given error instead of running."""
         replies: list[bytes | Request] = []
         outside: list[tuple[Request, ops.Op, dict]] = []
-        committed: dict[tuple[str, int], bytes] = {}
+        committed: dict[tuple[str, int], Applied] = {}
         tally = {"ok": 0, "failed": 0, "ticks": 0, "dedup": 0}
         conn = self.conn
         conn.begin()
@@ -320,7 +320,8 @@ class Committer:
                 replies.append(req)  # its place: replies go out in request order
         if not careful and committed:
             try:
-                ops.record_applied_many(conn, [(cid, seq, packed) for (cid, seq), packed in committed.items()])
+                ops.record_applied_many(conn, [(cid, seq, packed, digest)
+                                               for (cid, seq), (digest, packed) in committed.items()])
             except Exception as e:
                 raise _FastRunFailed("recording the applied requests failed", e) from e
         self._maybe_prune(conn)
@@ -346,16 +347,17 @@ class Committer:
         rest = self._commit(batch[:i] + batch[i + 1:], answered) if len(batch) > 1 else []
         return [*rest[:i], failed, *rest[i:]]
 
-    def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], bytes],
+    def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], Applied],
                tally: dict[str, int], careful: bool) -> bytes | tuple[ops.Op, dict]:
         """One request inside the batch transaction: its reply, or its op and
         arguments when the op runs outside the transaction (checkpoint). Fast, an
         op's error of any kind raises :class:`_FastRunFailed`; careful, it fails
         this request alone (:meth:`_run_in_savepoint`)."""
-        key = (req.cid, req.seq)
-        prior = self.recent.get(key) or committed.get(key)
-        if prior is None and req.seq <= self._known_top(conn, req.cid):
-            prior = ops.lookup_applied(conn, req.cid, req.seq)
+        try:
+            prior = self.applied.prior(conn, req, committed)
+        except RequestIdReused as e:  # the first request's answer would drop this one silently
+            tally["failed"] += 1
+            return encode_reply(req.seq, error=e, batch=batch_no)
         if prior is not None:
             tally["dedup"] += 1
             return encode_reply(req.seq, result=msgpack.unpackb(prior), batch=batch_no)
@@ -382,21 +384,11 @@ class Committer:
                 packed = msgpack.packb(result)
             except Exception as e:
                 raise _FastRunFailed(f"{spec.name} of client {req.cid}", e, req) from e
-        committed[key] = packed
+        committed[(req.cid, req.seq)] = (req.digest, packed)
         tally["ok"] += 1
         if spec.name == "insert_ticks":
             tally["ticks"] += result["inserted"]
         return encode_reply(req.seq, result=result, batch=batch_no)
-
-    def _known_top(self, conn: Connection, cid: str) -> int:
-        top = self.known_top.get(cid)
-        if top is None:
-            top = self.known_top[cid] = ops.last_applied_seq(conn, cid)
-            while len(self.known_top) > self.recent_max:
-                self.known_top.popitem(last=False)  # forgotten clients are looked up again
-        else:
-            self.known_top.move_to_end(cid)
-        return top
 
     def _run_in_savepoint(self, conn: Connection, req: Request, spec: ops.Op,
                           args: dict) -> tuple[Any, bytes, WriterError | None]:
@@ -407,7 +399,7 @@ class Committer:
         try:
             result = ops.execute(conn, spec, args)
             packed = msgpack.packb(result)
-            ops.record_applied(conn, req.cid, req.seq, packed)
+            ops.record_applied(conn, req.cid, req.seq, packed, req.digest)
         except Exception as e:
             try:
                 savepoint.rollback()

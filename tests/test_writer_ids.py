@@ -1,0 +1,144 @@
+"""A request id (client id, seq) is applied once, to one request: a resend of the same request gets
+the first answer, and a different request under an applied id (another op, other arguments) is refused
+with :class:`db.errors.RequestIdReused` and applies nothing, on the fast path and the careful one, from
+the writer's cache and from the database's record after a kill -9, and across the schema upgrade that
+added the record's digest (v4). Spoken in raw protocol frames, as a client of another language would."""
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+
+from db.client import WriterClient
+from db.errors import ERROR_TYPES
+from testkit.writer import Stack
+from tests.test_writer_faults import RawPeer, count, request
+
+#: The error a request gets when its id was already applied to a different request (db.errors).
+REUSED = "RequestIdReused"
+
+
+def refused_as_reused(reply: dict[str, Any], seq: int, cid: str, op: str) -> None:
+    assert reply["ok"] is False and reply["error"]["type"] == REUSED, reply
+    assert reply["error"]["message"] == (
+        f"request {seq} of client {cid} ('{op}') reuses an id already applied to a different request: "
+        "nothing of it was applied, and a new request needs a new (client id, seq)"), reply
+
+
+@pytest.fixture
+def raw_peer(writer: Stack) -> Iterator[RawPeer]:
+    """A raw protocol peer of the running writer."""
+    peer = RawPeer(writer.settings.writer_endpoint)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def test_an_id_reused_for_a_different_request_is_refused_and_nothing_of_it_is_applied(writer: Stack,
+                                                                                       raw_peer: RawPeer) -> None:
+    """A client of the protocol other than ours (a bug, a client id kept across restarts with seqs from 1
+    again) may send a new request under an id already applied. The writer keeps a digest of what each
+    applied request asked for: a different op or different arguments under that id fail alone, saying
+    so, instead of being answered with the first request's result and silently dropped; the same
+    request sent again still gets the first answer (dedup kept). The client raises it, never retried."""
+    first = raw_peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
+    assert first["ok"] is True, first
+    other_args = raw_peer.ask(request("audit", {"actor": "me", "action": "second"}, seq=17, cid="reuser"))
+    refused_as_reused(other_args, 17, "reuser", "audit")
+    trade = {"symbol": "BTCUSD", "side": "buy", "size": 1.0, "entry_price": 100.0}
+    other_op = raw_peer.ask(request("open_trade", trade, seq=17, cid="reuser"))
+    refused_as_reused(other_op, 17, "reuser", "open_trade")
+    again = raw_peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
+    assert again["ok"] is True and again["result"] == first["result"], again
+    assert count(writer, "SELECT count(*) FROM audit_log") == 1
+    assert count(writer, "SELECT count(*) FROM audit_log WHERE action = 'second'") == 0
+    assert count(writer, "SELECT count(*) FROM trades") == 0
+    error_type = ERROR_TYPES.get(REUSED)
+    assert error_type is not None and not error_type.retryable
+
+
+def test_an_id_reused_after_a_kill_is_compared_with_the_record_in_the_database(stack: Stack) -> None:
+    """After a restart (here kill -9) the writer's cache is empty: the digest compared is the one the
+    database recorded with the request, in the same transaction as its effects."""
+    proc = stack.start_writer()
+    peer = RawPeer(stack.settings.writer_endpoint)
+    try:
+        first = peer.ask(request("audit", {"actor": "me", "action": "before-kill"}, seq=3, cid="killed"))
+        assert first["ok"] is True, first
+        assert stack.stop(proc, signal.SIGKILL) == -signal.SIGKILL
+        stack.start_writer()
+        refused_as_reused(peer.ask(request("audit", {"actor": "me", "action": "after-kill"}, seq=3, cid="killed"),
+                                   timeout=30), 3, "killed", "audit")
+        again = peer.ask(request("audit", {"actor": "me", "action": "before-kill"}, seq=3, cid="killed"))
+        assert again["ok"] is True and again["result"] == first["result"], again
+    finally:
+        peer.close()
+    assert count(stack, "SELECT count(*) FROM audit_log") == 1
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'after-kill'") == 0
+
+
+def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:
+    """Schema v4 adds the digest column to ``applied_requests``; the rows recorded before it have none
+    (NULL), and a request under one of their ids gets that row's result, as before v4 (nothing to
+    compare). Requests applied after the upgrade are compared."""
+    proc = stack.start_writer()
+    peer = RawPeer(stack.settings.writer_endpoint)
+    try:
+        first = peer.ask(request("audit", {"actor": "me", "action": "v3"}, seq=5, cid="upgraded"))
+        assert first["ok"] is True, first
+        assert stack.stop(proc) == 0
+        engine = create_engine(stack.settings.database_url)
+        try:  # the database as schema v3 left it: no digest column, no version 4
+            with engine.begin() as conn:
+                conn.exec_driver_sql("ALTER TABLE applied_requests DROP COLUMN digest")
+                conn.exec_driver_sql("DELETE FROM schema_version WHERE version = 4")
+        finally:
+            engine.dispose()
+        stack.start_writer()
+        old = peer.ask(request("audit", {"actor": "me", "action": "other"}, seq=5, cid="upgraded"), timeout=30)
+        assert old["ok"] is True and old["result"] == first["result"], old
+        assert peer.ask(request("audit", {"actor": "me", "action": "v4"}, seq=6, cid="upgraded"))["ok"] is True
+        refused_as_reused(peer.ask(request("audit", {"actor": "me", "action": "other"}, seq=6, cid="upgraded")),
+                          6, "upgraded", "audit")
+    finally:
+        peer.close()
+    assert count(stack, "SELECT max(version) FROM schema_version") == 4
+    assert count(stack, "SELECT count(*) FROM applied_requests WHERE digest IS NULL") == 1
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'other'") == 0
+
+
+@pytest.mark.parametrize("careful", [False, True], ids=["fast", "careful"])
+def test_within_one_batch_an_id_is_applied_once_and_a_different_request_under_it_refused(stack: Stack,
+                                                                                         careful: bool) -> None:
+    """The same id three times in one batch: the first applies, the same body again gets its answer, a
+    different one is refused; on the fast path (one record for the batch) and on the careful one (a
+    request failing in its op makes the batch run again with a savepoint per request) alike."""
+    stack.start_writer(TICKSTACK_WRITER_BATCH_WAIT="0.3")  # the frames below are one batch
+    peer = RawPeer(stack.settings.writer_endpoint)
+    client = WriterClient(settings=stack.settings, deadline=20)
+    try:
+        assert client.ping()["pid"] == stack.procs[0].pid
+        frames = [request("audit", {"actor": "me", "action": "once"}, seq=1, cid="batched"),
+                  request("audit", {"actor": "me", "action": "twice"}, seq=1, cid="batched"),
+                  request("audit", {"actor": "me", "action": "once"}, seq=1, cid="batched")]
+        if careful:
+            frames.insert(1, request("close_trade", {"trade_id": 404}, seq=2, cid="batched"))  # NotFound
+        for frame in frames:
+            peer.send(frame)
+        replies = [peer.recv() for _ in frames]
+    finally:
+        peer.close()
+    assert len({r.get("batch") for r in replies}) == 1, replies
+    if careful:
+        assert replies.pop(1)["error"]["type"] == "NotFound"
+    once, twice, resent = replies
+    assert once["ok"] is True, once
+    refused_as_reused(twice, 1, "batched", "audit")
+    assert resent["ok"] is True and resent["result"] == once["result"], resent
+    assert client.stats()["careful_batches"] == (1 if careful else 0)
+    assert count(stack, "SELECT count(*) FROM audit_log") == 1
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'twice'") == 0
