@@ -40,6 +40,10 @@ from db.engine import make_write_engine, storage_full_reason, transient_reason
 from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
 from db.protocol import decode_request, encode_request, pack_columns, request_digest
 
+#: SQLSTATEs of a statement naming a column or table the database does not have yet (undefined_column,
+#: undefined_table): code newer than the schema, until the writer's migrations run.
+SCHEMA_BEHIND = frozenset({"42703", "42P01"})
+
 
 class DirectWrites:
     """One caller's transactions (see the module docstring); made by ``WriterClient`` when the
@@ -77,6 +81,11 @@ class DirectWrites:
                                                      "request was written; it succeeds once space is freed")
                 elif e.connection_invalidated or transient_reason(e) is not None:
                     error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
+                elif getattr(e.orig, "sqlstate", None) in SCHEMA_BEHIND:
+                    # This code is newer than the database's schema: the writer upgrades it as it starts
+                    # (a web app restarted on new code before the writer), so wait for that, as for a writer.
+                    error = WriterUnavailable(f"{op}: the database's schema is older than this code's, until the "
+                                              f"writer upgrades it at its start ({' '.join(str(e.orig).split())})")
                 else:
                     raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
                 self.close()  # a new connection for the retry

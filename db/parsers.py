@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from db.validation import NAME_RE, SYMBOL_RE
+
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_IPC_PATH = 107
 #: A random seed on a command line (``--seed``): any 32-bit number, for a repeatable run.
@@ -187,8 +189,6 @@ def flag(name: str, raw: str) -> bool:
 
 def user_name(name: str, raw: str) -> str:
     """1-64 characters of letters, digits and ``. _ : / @ -``"""
-    from db.validation import NAME_RE  # validation imports models; keep config import-light
-
     if not NAME_RE.fullmatch(raw):
         raise ConfigError(f"{name}={raw[:70]!r} is not a user name (1-64 characters of letters, digits . _ : / @ -)")
     return raw
@@ -209,8 +209,6 @@ MAX_PRICE_DECIMALS = 8
 
 def price_decimals(name: str, raw: str) -> dict[str, int]:
     """``SYMBOL=DECIMALS`` pairs separated by commas (``EURUSD=5,BTCUSD=2``), decimals 0-8"""
-    from db.validation import SYMBOL_RE  # validation imports models; keep config import-light
-
     out: dict[str, int] = {}
     for item in (part.strip() for part in raw.split(",")):
         if not item:

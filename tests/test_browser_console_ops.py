@@ -194,7 +194,6 @@ def test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways(views: An
     assert not found, "axe-core found WCAG A/AA violations:\n" + "\n".join(found)
 
 
-@DATABASE_INDEPENDENT
 def test_restart_all_from_the_page_restarts_every_watcher_once(views: Any, stack: CircusStack) -> None:
     """Last: it restarts the console serving the page too (after recording the audit row)."""
     wait_for("every watcher active", lambda: all(stack.status().get(w) == "active" for w in WATCHERS), timeout=90)

@@ -19,8 +19,9 @@ from testkit.env import ROOT
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests.test_supervision import prepare
 
-pytestmark = pytest.mark.database_independent(
-    "the hints name circusctl and circus's endpoint in the home, whatever database the stack runs on")
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "it reads the code's string literals and the console's templates, and starts nothing")
 
 #: The modules that print hints (command lines, logs, the console's messages).
 HINTING = [*sorted((ROOT / "db").glob("*.py")), *sorted((ROOT / "supervision").glob("*.py")),
@@ -42,6 +43,7 @@ def _texts(path: Path) -> list[str]:
             and isinstance(node.value, str) and id(node) not in docstrings]
 
 
+@DATABASE_INDEPENDENT
 def test_no_hint_names_a_bare_circusctl() -> None:
     found = [(path.relative_to(ROOT).as_posix(), text) for path in HINTING for text in _texts(path)
              if BARE.search(text)]

@@ -24,8 +24,9 @@ from testkit.helpers import query, wait_for
 from tests.test_console_watcher_page import Console, gone
 from webapp import create_app
 
-pytestmark = pytest.mark.database_independent(
-    "restart counts come from circus and psutil samples of the processes, not from the database")
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "the restart rule is applied to samples made in memory here, and nothing is stored")
 
 WATCHER = "monitor"
 
@@ -118,6 +119,7 @@ def watcher_row(name: str, status: str, pids: set[int], listed: int | None = Non
             "processes": [{"pid": p, "create_time": 1.0} for p in sorted(pids)]}
 
 
+@DATABASE_INDEPENDENT
 def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None:
     """The counting rule alone, sample after sample: (status, asked-for, pids read[, processes
     circus lists: more when one of them ended before it was read]) -> restarts."""
@@ -154,6 +156,7 @@ def test_the_rule_over_samples_that_fall_inside_a_restart_or_a_scaling() -> None
     assert run(("active", 1, {1}), ("stopping", 1, set()), ("stopped", 1, set()), ("active", 1, {2})) == [0, 0, 0, 0]
 
 
+@DATABASE_INDEPENDENT
 def test_the_first_sample_after_the_jobs_worker_restarts_counts_from_the_last_stored_one() -> None:
     """The resume rule (no previous sample in memory, the last stored one ``since``): processes
     created since then are replacements, if the watcher still lists as many as that sample stored;
@@ -236,6 +239,7 @@ def _ended_after_listing(keep: str) -> OneProcessWatcher:
     return watcher
 
 
+@DATABASE_INDEPENDENT
 def test_a_process_that_ended_after_circus_listed_it_keeps_the_create_time_read_before() -> None:
     """circus's own start time (its clock, read before it forked) is not psutil's (the boot time in
     whole seconds plus the kernel's ticks; here 0.3 to 0.5 s apart): with it, the old process would
@@ -246,6 +250,7 @@ def test_a_process_that_ended_after_circus_listed_it_keeps_the_create_time_read_
         assert watcher.counts == [0, 0, 1], keep
 
 
+@DATABASE_INDEPENDENT
 def test_a_process_that_ended_after_circus_listed_it_with_no_create_time_counts_as_gone() -> None:
     """With no create time anywhere, the ended process is left out: gone at the middle sample, its
     replacement one restart at the next."""

@@ -193,7 +193,6 @@ def test_sigkill_ends_one_monitor_process_and_bad_signals_are_refused(console: C
     assert [(t, res) for _, t, res, _ in rows] == [("monitor", "ok")] and "SIGKILL" in rows[0][3]
 
 
-@DATABASE_INDEPENDENT
 def test_restart_all_asks_then_restarts_every_watcher_once_with_one_audit_row(console: Console,
                                                                               cstack: CircusStack) -> None:
     wait_for("every watcher active", lambda: all(cstack.status().get(w) == "active" for w in WATCHERS), timeout=90)

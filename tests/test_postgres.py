@@ -31,7 +31,7 @@ from db.client import WriterClient
 from db.config import load_settings
 from db.engine import database_location, display_url, make_read_engine
 from db.models import Tick
-from testkit.circus import CircusStack
+from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import CSRF_RE, wait_for
 from testkit.postgres import ROLES, HomeDatabases, PostgresServer
@@ -199,7 +199,9 @@ def test_no_password_in_any_log_response_page_or_job_record(pg_stack: CircusStac
             audit_row and audit_row.group(0)
         for page in ("/console/", "/console/watchers", "/console/database", "/console/charts", "/console/market",
                      "/console/audit", "/console/api/watchers", "/console/api/database",
-                     "/console/api/series?name=db.bytes", "/console/api/trades", "/console/logs"):
+                     "/console/api/series?name=db.bytes", "/console/api/trades", "/console/logs",
+                     # A watcher's page shows its command line and environment (DATABASE_URL among them).
+                     *(f"/console/watchers/{name}" for name in WATCHERS)):
             console.fetch(page)
         logs = sorted(p.name for p in (stack.home / "log").iterdir() if p.name.endswith(".log"))
         for name in logs:

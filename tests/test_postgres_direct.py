@@ -85,3 +85,44 @@ def test_a_session_lost_under_a_direct_write_is_retried_and_applied_once(writer:
     writing.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
     assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'once'") == [(1,)]
+
+
+def test_a_direct_write_records_the_digest_the_writer_compares(writer: Stack) -> None:
+    """A request applied in the caller's transaction is recorded with the digest the writer would
+    record for it (:func:`db.protocol.request_digest` of the same decoded arguments): the same request
+    sent to the writer under its id gets the first answer, a different one is refused, and nothing of
+    the second is applied."""
+    from db.protocol import encode_request, pack_columns
+    from tests.test_writer_faults import RawPeer
+
+    ticks = {"symbol": ["BTCUSD"] * 20, "ts": [T0 + i for i in range(20)], "bid": [100.0] * 20,
+             "ask": [100.5] * 20, "source": ["direct"] * 20, "seq": list(range(1, 21))}
+    with direct_client(writer) as client:
+        first = client.call("insert_ticks", ticks=ticks)
+        cid, seq = client.client_id, client._seq
+    assert first == {"inserted": 20, "duplicates": 0}
+    peer = RawPeer(writer.settings.writer_endpoint)
+    try:  # packed as the client packed it, and as plain lists: the same request either way
+        for args in (pack_columns("insert_ticks", {"ticks": ticks}), {"ticks": ticks}):
+            again = peer.ask(encode_request(cid, seq, "insert_ticks", args))
+            assert again["ok"] is True and again["result"] == first, again
+        other = peer.ask(encode_request(cid, seq, "insert_ticks", {"ticks": {**ticks, "bid": [99.0] * 20}}))
+        assert other["ok"] is False and other["error"]["type"] == "RequestIdReused", other
+    finally:
+        peer.close()
+    assert query(writer.settings, "SELECT count(*), min(bid) FROM ticks WHERE source = 'direct'") == [(20, 100.0)]
+
+
+def test_a_direct_write_on_a_schema_older_than_the_code_waits_for_the_writer_as_for_a_writer(writer: Stack) -> None:
+    """A web app restarted on new code before the writer upgraded the schema: the statement names a
+    column the database does not have yet. That is the writer's to fix at its start, so the caller
+    gets WriterUnavailable (retried until its deadline; the API's 503), not a failed write for good."""
+    writer.stop(writer.procs[0])
+    url = make_url(writer.env["DATABASE_URL"])
+    with psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password,
+                         autocommit=True) as conn:
+        conn.execute("ALTER TABLE applied_requests DROP COLUMN digest")
+    with direct_client(writer, deadline=1) as client, pytest.raises(WriterUnavailable) as waited:
+        client.call("audit", actor="me", action="before-the-upgrade")
+    assert "the database's schema is older than this code's" in str(waited.value), waited.value
+    assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'before-the-upgrade'") == [(0,)]

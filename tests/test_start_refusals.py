@@ -22,8 +22,9 @@ from testkit.helpers import backticked, run_as_printed, wait_for
 from tests import test_supervision
 from tests.test_supervision import port_free, prepare
 
-pytestmark = pytest.mark.database_independent(
-    "ports and socket paths are checked, and refused, before any database is opened")
+#: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
+DATABASE_INDEPENDENT = pytest.mark.database_independent(
+    "a taken port is found, and refused, before any database is opened")
 
 stack = test_supervision.stack  # the fixture: a CircusStack of the real circus.ini, stopped by pid
 
@@ -35,6 +36,7 @@ def _gunicorn_pids(stack: CircusStack, watcher: str) -> list[int]:
     return [master.pid, *(w.pid for w in workers)]
 
 
+@DATABASE_INDEPENDENT
 def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack: CircusStack) -> None:
     """Another stack's API port and watchdog port: the refusal names that stack's circusd, which owns
     the listening socket (its gunicorn master and workers only inherit it; its watchdog plugin would
@@ -73,6 +75,7 @@ def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack
         shutil.rmtree(home, ignore_errors=True)
 
 
+@DATABASE_INDEPENDENT
 def test_a_port_held_by_a_gunicorn_run_by_hand_names_its_master(stack: CircusStack) -> None:
     """Outside circus, the owner of a listening socket is its topmost holder: gunicorn's master,
     never one of its workers (which the master would only replace)."""

@@ -142,3 +142,22 @@ def test_within_one_batch_an_id_is_applied_once_and_a_different_request_under_it
     assert client.stats()["careful_batches"] == (1 if careful else 0)
     assert count(stack, "SELECT count(*) FROM audit_log") == 1
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'twice'") == 0
+
+
+def test_a_resend_with_its_columns_packed_another_way_is_the_same_request(writer: Stack, raw_peer: RawPeer) -> None:
+    """A column goes packed (float64/int64) or as a plain list (a tuple, a numpy array made a list, a
+    column read back from JSON), and the writer runs both the same: a resend of the same ticks
+    packed the other way gets the first answer, not a refusal (its caller would take that refusal
+    for a failed write and send the ticks again under a new id)."""
+    from db.protocol import encode_request, pack_columns
+
+    ticks = {"symbol": ["BTCUSD"] * 20, "ts": [1_704_067_200_000 + i for i in range(20)],
+             "bid": [100.0 + i for i in range(20)], "ask": [100.5 + i for i in range(20)]}
+    first = raw_peer.ask(encode_request("packer", 1, "insert_ticks", pack_columns("insert_ticks", {"ticks": ticks})))
+    assert first["ok"] is True and first["result"] == {"inserted": 20, "duplicates": 0}, first
+    plain = raw_peer.ask(encode_request("packer", 1, "insert_ticks", {"ticks": ticks}))
+    assert plain["ok"] is True and plain["result"] == first["result"], plain
+    as_tuples = raw_peer.ask(encode_request("packer", 1, "insert_ticks",
+                                            {"ticks": {name: tuple(col) for name, col in ticks.items()}}))
+    assert as_tuples["ok"] is True and as_tuples["result"] == first["result"], as_tuples
+    assert count(writer, "SELECT count(*) FROM ticks") == 20
