@@ -71,6 +71,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ``--database postgresql`` the ``sqlite_only`` ones (each names its PostgreSQL counterpart, and
     ``tests/test_layout.py`` checks that it runs there) and the ``database_independent`` ones (each
     says why; the same check). Both runs together are the whole suite: ``make test`` runs both."""
+    nowhere = [item.nodeid for item in items
+               if item.get_closest_marker("postgres_only") and item.get_closest_marker("database_independent")]
+    if nowhere:  # each run would leave them out: tests that run in neither
+        raise pytest.UsageError(f"postgres_only and database_independent on the same test leave it out of both runs: "
+                                f"{nowhere[:5]}")
     others = ("postgres_only",) if config.getoption("--database") == "sqlite" else ("sqlite_only",
                                                                                      "database_independent")
     left_out = [item for item in items if any(item.get_closest_marker(other) for other in others)]
