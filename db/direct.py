@@ -36,13 +36,9 @@ from sqlalchemy.exc import DBAPIError
 
 from db import ops
 from db.config import Settings
-from db.engine import make_write_engine, storage_full_reason, transient_reason
+from db.engine import make_write_engine, schema_behind_reason, storage_full_reason, transient_reason
 from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
 from db.protocol import decode_request, encode_request, pack_columns, request_digest
-
-#: SQLSTATEs of a statement naming a column or table the database does not have yet (undefined_column,
-#: undefined_table): code newer than the schema, until the writer's migrations run.
-SCHEMA_BEHIND = frozenset({"42703", "42P01"})
 
 
 class DirectWrites:
@@ -81,11 +77,11 @@ class DirectWrites:
                                                      "request was written; it succeeds once space is freed")
                 elif e.connection_invalidated or transient_reason(e) is not None:
                     error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
-                elif getattr(e.orig, "sqlstate", None) in SCHEMA_BEHIND:
+                elif (behind := schema_behind_reason(e)) is not None:
                     # This code is newer than the database's schema: the writer upgrades it as it starts
                     # (a web app restarted on new code before the writer), so wait for that, as for a writer.
                     error = WriterUnavailable(f"{op}: the database's schema is older than this code's, until the "
-                                              f"writer upgrades it at its start ({' '.join(str(e.orig).split())})")
+                                              f"writer upgrades it at its start ({behind})")
                 else:
                     raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
                 self.close()  # a new connection for the retry

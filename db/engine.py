@@ -294,6 +294,22 @@ def transient_reason(exc: BaseException) -> str | None:
     return None
 
 
+#: SQLSTATEs of a statement naming a column or a table the database does not have yet
+#: (undefined_column, undefined_table).
+_SCHEMA_BEHIND_STATES = {"42703": "undefined_column", "42P01": "undefined_table"}
+
+
+def schema_behind_reason(exc: BaseException) -> str | None:
+    """The database's own words when ``exc`` (or an error under it) says a statement named a column
+    or table the database does not have yet (PostgreSQL): code newer than the schema, until the
+    writer's migrations run at its start. None for any other error."""
+    for e in _errors_under(exc):
+        state = getattr(e, "sqlstate", None)
+        if state in _SCHEMA_BEHIND_STATES:
+            return f"{state} {_SCHEMA_BEHIND_STATES[state]}: {' '.join(str(e).split())}"
+    return None
+
+
 def _errors_under(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every error under it (SQLAlchemy's ``orig``, causes, contexts), each once."""
     seen: set[int] = set()

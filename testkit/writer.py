@@ -1,6 +1,7 @@
 """A writer outside circus: :func:`spawn` starts ``python -m workers.writer``
-and returns once it answers, and :class:`Stack` is a private runtime folder
-with the writer processes a test started in it."""
+and returns once it answers, :class:`Stack` is a private runtime folder
+with the writer processes a test started in it, and :class:`RawPeer` speaks
+to a writer in frames as they are."""
 from __future__ import annotations
 
 import shutil
@@ -10,6 +11,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import msgpack
+import zmq
 
 from db.config import Settings, load_settings
 from testkit.env import ROOT, isolated_env, new_home
@@ -85,3 +89,32 @@ class Stack:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.home, ignore_errors=True)
+
+
+class RawPeer:
+    """A DEALER socket that sends frames as they are, for requests no client would build."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, payload: bytes) -> None:
+        self.sock.send(payload)
+
+    def waiting(self, timeout: float) -> bool:
+        """Whether a reply arrives within ``timeout`` seconds."""
+        return bool(self.sock.poll(int(max(0.0, timeout) * 1000)))
+
+    def recv(self, timeout: float = 20.0) -> dict[str, Any]:
+        assert self.waiting(timeout), f"no reply from the writer within {timeout} s"
+        return msgpack.unpackb(self.sock.recv(), strict_map_key=False)
+
+    def ask(self, payload: bytes, timeout: float = 20.0) -> dict[str, Any]:
+        self.send(payload)
+        return self.recv(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()

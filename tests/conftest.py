@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 from testkit.circus import Circusd  # noqa: E402
 from testkit.env import use_database  # noqa: E402
 from testkit.postgres import HomeDatabases, PostgresServer, PostgresUnavailable  # noqa: E402
-from testkit.writer import Stack  # noqa: E402
+from testkit.writer import RawPeer, Stack  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -135,6 +135,16 @@ def writer(stack: Stack) -> Iterator[Stack]:
     """A running writer in a fresh runtime folder."""
     stack.start_writer()
     yield stack
+
+
+@pytest.fixture
+def peer(writer: Stack) -> Iterator[RawPeer]:
+    """A raw protocol peer of the running writer (:class:`testkit.writer.RawPeer`), closed after."""
+    p = RawPeer(writer.settings.writer_endpoint)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture

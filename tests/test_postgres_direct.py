@@ -93,7 +93,7 @@ def test_a_direct_write_records_the_digest_the_writer_compares(writer: Stack) ->
     sent to the writer under its id gets the first answer, a different one is refused, and nothing of
     the second is applied."""
     from db.protocol import encode_request, pack_columns
-    from tests.test_writer_faults import RawPeer
+    from testkit.writer import RawPeer
 
     ticks = {"symbol": ["BTCUSD"] * 20, "ts": [T0 + i for i in range(20)], "bid": [100.0] * 20,
              "ask": [100.5] * 20, "source": ["direct"] * 20, "seq": list(range(1, 21))}

@@ -27,7 +27,6 @@ from typing import Any
 
 import msgpack
 import pytest
-import zmq
 from sqlalchemy import text
 
 from db.client import WriterClient
@@ -37,7 +36,7 @@ from db.protocol import decode_request, encode_request
 from db.validation import MAX_PRICE
 from testkit.env import ROOT
 from testkit.helpers import T0
-from testkit.writer import Stack
+from testkit.writer import RawPeer, Stack
 
 #: The wire format's extension types of packed columns (a contract with every client: pinned here).
 EXT_FLOAT64, EXT_INT64 = 1, 2
@@ -53,31 +52,17 @@ def rows(stack: Stack, sql: str, **params: Any) -> list[tuple]:
         engine.dispose()
 
 
-class Peer:
-    """A DEALER socket that sends frames as built here (packed by hand, or plain lists)."""
+class Peer(RawPeer):
+    """A :class:`~testkit.writer.RawPeer` that builds its frames from an op and its arguments (columns
+    packed by hand, or plain lists), each under a new seq."""
 
     def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        super().__init__(endpoint)
         self.seq = 0
 
-    def send(self, op: str, args: dict[str, Any], cid: str = "peer") -> None:
+    def ask(self, op: str, args: dict[str, Any], cid: str = "peer") -> dict[str, Any]:  # type: ignore[override]
         self.seq += 1
-        self.sock.send(msgpack.packb({"v": 1, "cid": cid, "seq": self.seq, "op": op, "args": args}))
-
-    def recv(self, timeout: float = 30.0) -> dict[str, Any]:
-        assert self.sock.poll(int(timeout * 1000)), f"no reply from the writer within {timeout} s"
-        return msgpack.unpackb(self.sock.recv(), strict_map_key=False)
-
-    def ask(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        self.send(op, args)
-        return self.recv()
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
+        return super().ask(msgpack.packb({"v": 1, "cid": cid, "seq": self.seq, "op": op, "args": args}), timeout=30.0)
 
 
 @pytest.fixture

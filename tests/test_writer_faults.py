@@ -23,7 +23,6 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
-import zmq
 from sqlalchemy import create_engine
 
 from db.client import WriterClient
@@ -31,49 +30,11 @@ from db.config import load_settings
 from db.errors import OpFailed, StorageFull, ValidationError
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.helpers import T0, query
-from testkit.writer import Stack
+from testkit.writer import RawPeer, Stack
 
 MiB = 1024 * 1024
 #: What the writer may take in memory after any single hostile request (it starts near 50 MiB).
 RSS_BOUND = 300 * MiB
-
-
-class RawPeer:
-    """A DEALER socket that sends frames as they are, for requests no client would build."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
-
-    def send(self, payload: bytes) -> None:
-        self.sock.send(payload)
-
-    def waiting(self, timeout: float) -> bool:
-        """Whether a reply arrives within ``timeout`` seconds."""
-        return bool(self.sock.poll(int(max(0.0, timeout) * 1000)))
-
-    def recv(self, timeout: float = 20.0) -> dict[str, Any]:
-        assert self.waiting(timeout), f"no reply from the writer within {timeout} s"
-        return msgpack.unpackb(self.sock.recv(), strict_map_key=False)
-
-    def ask(self, payload: bytes, timeout: float = 20.0) -> dict[str, Any]:
-        self.send(payload)
-        return self.recv(timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-        self.ctx.term()
-
-
-@pytest.fixture
-def peer(writer: Stack) -> Iterator[RawPeer]:
-    p = RawPeer(writer.settings.writer_endpoint)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def request(op: str, args: Any, seq: int = 1, cid: str = "raw-peer") -> bytes:

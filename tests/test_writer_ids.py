@@ -6,7 +6,6 @@ added the record's digest (v4). Spoken in raw protocol frames, as a client of an
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,8 +13,8 @@ from sqlalchemy import create_engine
 
 from db.client import WriterClient
 from db.errors import ERROR_TYPES
-from testkit.writer import Stack
-from tests.test_writer_faults import RawPeer, count, request
+from testkit.writer import RawPeer, Stack
+from tests.test_writer_faults import count, request
 
 #: The error a request gets when its id was already applied to a different request (db.errors).
 REUSED = "RequestIdReused"
@@ -28,31 +27,21 @@ def refused_as_reused(reply: dict[str, Any], seq: int, cid: str, op: str) -> Non
         "nothing of it was applied, and a new request needs a new (client id, seq)"), reply
 
 
-@pytest.fixture
-def raw_peer(writer: Stack) -> Iterator[RawPeer]:
-    """A raw protocol peer of the running writer."""
-    peer = RawPeer(writer.settings.writer_endpoint)
-    try:
-        yield peer
-    finally:
-        peer.close()
-
-
 def test_an_id_reused_for_a_different_request_is_refused_and_nothing_of_it_is_applied(writer: Stack,
-                                                                                       raw_peer: RawPeer) -> None:
+                                                                                       peer: RawPeer) -> None:
     """A client of the protocol other than ours (a bug, a client id kept across restarts with seqs from 1
     again) may send a new request under an id already applied. The writer keeps a digest of what each
     applied request asked for: a different op or different arguments under that id fail alone, saying
     so, instead of being answered with the first request's result and silently dropped; the same
     request sent again still gets the first answer (dedup kept). The client raises it, never retried."""
-    first = raw_peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
+    first = peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
     assert first["ok"] is True, first
-    other_args = raw_peer.ask(request("audit", {"actor": "me", "action": "second"}, seq=17, cid="reuser"))
+    other_args = peer.ask(request("audit", {"actor": "me", "action": "second"}, seq=17, cid="reuser"))
     refused_as_reused(other_args, 17, "reuser", "audit")
     trade = {"symbol": "BTCUSD", "side": "buy", "size": 1.0, "entry_price": 100.0}
-    other_op = raw_peer.ask(request("open_trade", trade, seq=17, cid="reuser"))
+    other_op = peer.ask(request("open_trade", trade, seq=17, cid="reuser"))
     refused_as_reused(other_op, 17, "reuser", "open_trade")
-    again = raw_peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
+    again = peer.ask(request("audit", {"actor": "me", "action": "first"}, seq=17, cid="reuser"))
     assert again["ok"] is True and again["result"] == first["result"], again
     assert count(writer, "SELECT count(*) FROM audit_log") == 1
     assert count(writer, "SELECT count(*) FROM audit_log WHERE action = 'second'") == 0
@@ -144,7 +133,7 @@ def test_within_one_batch_an_id_is_applied_once_and_a_different_request_under_it
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'twice'") == 0
 
 
-def test_a_resend_with_its_columns_packed_another_way_is_the_same_request(writer: Stack, raw_peer: RawPeer) -> None:
+def test_a_resend_with_its_columns_packed_another_way_is_the_same_request(writer: Stack, peer: RawPeer) -> None:
     """A column goes packed (float64/int64) or as a plain list (a tuple, a numpy array made a list, a
     column read back from JSON), and the writer runs both the same: a resend of the same ticks
     packed the other way gets the first answer, not a refusal (its caller would take that refusal
@@ -153,11 +142,11 @@ def test_a_resend_with_its_columns_packed_another_way_is_the_same_request(writer
 
     ticks = {"symbol": ["BTCUSD"] * 20, "ts": [1_704_067_200_000 + i for i in range(20)],
              "bid": [100.0 + i for i in range(20)], "ask": [100.5 + i for i in range(20)]}
-    first = raw_peer.ask(encode_request("packer", 1, "insert_ticks", pack_columns("insert_ticks", {"ticks": ticks})))
+    first = peer.ask(encode_request("packer", 1, "insert_ticks", pack_columns("insert_ticks", {"ticks": ticks})))
     assert first["ok"] is True and first["result"] == {"inserted": 20, "duplicates": 0}, first
-    plain = raw_peer.ask(encode_request("packer", 1, "insert_ticks", {"ticks": ticks}))
+    plain = peer.ask(encode_request("packer", 1, "insert_ticks", {"ticks": ticks}))
     assert plain["ok"] is True and plain["result"] == first["result"], plain
-    as_tuples = raw_peer.ask(encode_request("packer", 1, "insert_ticks",
+    as_tuples = peer.ask(encode_request("packer", 1, "insert_ticks",
                                             {"ticks": {name: tuple(col) for name, col in ticks.items()}}))
     assert as_tuples["ok"] is True and as_tuples["result"] == first["result"], as_tuples
     assert count(writer, "SELECT count(*) FROM ticks") == 20
