@@ -47,6 +47,7 @@ from db.statements import (
     COPY_MIN_TICKS,
     compile_insert,
     copy_ticks,
+    insert_columns,
     insert_many,
     insert_row,
     upsert_columns,
@@ -202,8 +203,8 @@ def _upsert_indicators(conn: Connection, cols: dict[str, list[Any]]) -> int:
     keys = ("symbol", "timeframe", "ts")
     if "name" not in cols:
         names = tuple(n for n in INDICATORS if n in cols)
-        insert_many(conn, BAR_INDICATORS, keys + names, zip(*(cols[c] for c in keys + names), strict=True),
-                     update_on=keys, keep=True)
+        insert_columns(conn, BAR_INDICATORS, keys + names, [cols[c] for c in keys + names], update_on=keys,
+                       keep=True)
         return sum(len(cols[n]) - cols[n].count(None) for n in names)
     by_name: dict[str, list[int]] = {}
     for i, name in enumerate(cols["name"]):

@@ -133,6 +133,12 @@ def pack_columns(op: str, args: dict[str, Any]) -> dict[str, Any]:
 def _packed(col: Any) -> Any:
     if type(col) is not list or len(col) < PACK_MIN:
         return col
+    # Packed only if every value is a float, or every one an int: a column whose first value is
+    # neither (text: symbol, timeframe) is not, and its thousands of values need no look (the client
+    # packs every bulk request, and the writer again for its digest).
+    first = type(col[0])
+    if first is not float and first is not int:
+        return col
     types = set(map(type, col))
     if types == {float}:
         return array("d", col)

@@ -65,6 +65,79 @@ def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
     return DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error)
 
 
+#: Rows per INSERT statement of a bulk upsert on SQLite (:func:`insert_columns`: bars and indicator
+#: values), within :data:`MAX_PARAMETERS`. One statement of many ``VALUES`` rows costs SQLite and the
+#: driver far less per row than a statement per row: each statement's step, reset and bindings' setup
+#: is paid once for all its rows. Measured with raw ``sqlite3`` on the rows of ``bench analysis --only
+#: hourly`` (45,209 bars and as many rows of indicator values, 5 transactions): 0.45 s of CPU a row per
+#: statement, 0.24 s with 100 rows per statement (200: the same; 10: 0.31 s).
+BULK_ROWS = 100
+#: Parameters per statement at most: SQLite's limit before 3.32 (later ones allow 32,766).
+MAX_PARAMETERS = 999
+#: (SQL, columns, rows) -> the same INSERT with that many ``VALUES`` rows.
+_multi: dict[tuple[str, int, int], str | None] = {}
+
+
+def _multi_row_sql(sql: str, width: int, rows: int) -> str | None:
+    """``sql`` (an INSERT of one ``VALUES`` row of ``width`` positional parameters, then perhaps an
+    ON CONFLICT clause) with ``rows`` rows of parameters; None when its text is not of that form."""
+    key = (sql, width, rows)
+    if key not in _multi:
+        one = "VALUES (" + ", ".join(["?"] * width) + ")"
+        if sql.count(one) != 1 or sql.count("?") != width:
+            _multi[key] = None
+        else:
+            _multi[key] = sql.replace(one, "VALUES " + ", ".join([one[7:]] * rows))
+    return _multi[key]
+
+
+def _executemany_columns(cursor: Any, sql: str, cols: Sequence[Sequence[Any]]) -> int:
+    """executemany ``sql`` (one row of ``len(cols)`` parameters) on rows given as columns,
+    :data:`BULK_ROWS` rows per statement, the last rows one per statement; returns the rows changed.
+
+    Rows go in the order given, each as it would alone: SQLite inserts a statement's ``VALUES`` rows
+    one after another, an upsert's ON CONFLICT applying to each in turn (a key given twice ends as
+    its later row), so the rows stored and the count are those of a row per statement. An error
+    fails the statement, and with it the caller's request, as a row's error did. Each statement's
+    parameters are a slice of one flat list, filled a column at a time (a slice assignment each),
+    which costs half what gathering them row by row does."""
+    width, n = len(cols), len(cols[0])
+    rows = max(1, min(BULK_ROWS, MAX_PARAMETERS // width))
+    multi = _multi_row_sql(sql, width, rows) if rows > 1 else None
+    full = n // rows * rows if multi is not None else 0
+    changed = 0
+    if full:
+        flat: list[Any] = [None] * (full * width)
+        for j, col in enumerate(cols):
+            flat[j::width] = col if full == n else col[:full]
+        step = rows * width
+        cursor.executemany(multi, (flat[i:i + step] for i in range(0, full * width, step)))
+        changed = cursor.rowcount
+    if full < n:
+        cursor.executemany(sql, zip(*(col[full:] for col in cols), strict=True))
+        changed += cursor.rowcount
+    return changed
+
+
+def insert_columns(conn: Connection, table: Table, columns: Sequence[str], cols: Sequence[Sequence[Any]], *,
+                   update_on: Sequence[str] | None = None, keep: bool = False) -> int:
+    """:func:`insert_many` for rows given as columns (``cols``, in ``columns`` order, of equal
+    length): on SQLite :data:`BULK_ROWS` rows per statement (:func:`_executemany_columns`), the
+    bulk upserts' way (bars, indicator values); elsewhere as :func:`insert_many` sends rows."""
+    sql, order = compile_insert(conn.dialect, table, columns, update_on, None, keep)
+    if not _direct(conn, order, columns):
+        return insert_many(conn, table, columns, zip(*cols, strict=True), update_on=update_on, keep=keep)
+    cursor = engines.raw_dbapi(conn).cursor()
+    try:
+        return _executemany_columns(cursor, sql, cols)
+    except conn.dialect.loaded_dbapi.Error as e:
+        # The statement of one row, as the caller compiled it: a bulk statement's text is that
+        # row's VALUES a hundred times over.
+        raise _driver_error(conn, sql, e) from e
+    finally:
+        cursor.close()
+
+
 def insert_many(conn: Connection, table: Table, columns: Sequence[str], values: Iterable[tuple], *,
                  update_on: Sequence[str] | None = None, skip_on: Sequence[str] | None = None,
                  keep: bool = False) -> int:
@@ -114,8 +187,7 @@ def upsert_columns(conn: Connection, table: Table, cols: dict[str, list[Any]] | 
     """Upsert rows given as columns (validated by :mod:`db.columns`) through the compiled statement."""
     if not cols or not cols["ts"]:
         return 0
-    values = zip(*(cols[c] for c in names), strict=True)
-    return insert_many(conn, table, names, values, update_on=keys)
+    return insert_columns(conn, table, names, [cols[c] for c in names], update_on=keys)
 
 
 def upsert_rows(conn: Connection, table: Table, rows_: list[dict[str, Any]], keys: Sequence[str]) -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -11,8 +12,11 @@ from db.vocabulary import INDICATORS, TIMEFRAMES
 from workers.bars import OpenBar, aggregate, in_order, sequential_sums
 from workers.feeds import SimFeed
 from workers.indicators import (
+    BULK_MIN,
+    SERIES,
     BarBuilder,
     IndicatorState,
+    _window_sums,
     atr_wilder,
     bucket_start,
     ema,
@@ -408,3 +412,44 @@ def test_indicator_state_extend_equals_update_bar_by_bar() -> None:
     with pytest.raises(ValueError, match="before the current bar"):
         many.extend([bars[-1]["ts"] + MIN, bars[0]["ts"]], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0])
     assert many.to_dict() == before  # a refused batch changes nothing
+
+
+def test_indicator_state_in_bulk_equals_bar_by_bar() -> None:
+    """A long run of new bars (the analysis worker's catch-up, computed in bulk: numpy for the steps
+    of one bar, integer sums for the SMA) gives the floats bar-by-bar updates give, bit for bit (repr
+    tells -0.0 from 0.0), from a fresh state and from a restored one mid-bar."""
+    bars = make_bars(700, seed=9)  # flat bars and gaps among them
+    one = IndicatorState()
+    expected = [one.update(b) for b in bars]
+    for cut in (0, 25, 300):
+        many = IndicatorState()
+        if cut:
+            for b in bars[:cut]:
+                many.update(b)
+            many = IndicatorState.from_dict(json.loads(json.dumps(many.to_dict())))
+        part = bars[cut:]
+        assert len(part) >= BULK_MIN
+        values = many.extend([b["ts"] for b in part], [b["high"] for b in part], [b["low"] for b in part],
+                             [b["close"] for b in part])
+        got = [{n: v[k] for n, v in zip(SERIES, values, strict=True) if v[k] is not None}
+               for k in range(len(part))]
+        assert [{n: repr(v) for n, v in d.items()} for d in got] == \
+               [{n: repr(v) for n, v in d.items()} for d in expected[cut:]]
+        assert many.to_dict() == one.to_dict() and many.latest == one.latest
+
+
+def test_window_sums_are_fsum_exactly_or_none() -> None:
+    rng = random.Random(4)
+    samples = [
+        [round(rng.uniform(1.0, 1.3), 5) for _ in range(300)],  # prices
+        [rng.uniform(1, 31) * 1e-4 for _ in range(300)],  # a factor of 31 apart
+        # odd 53-bit mantissas at neighbouring exponents: sums halfway between doubles, rounded to even
+        [float(rng.randrange(2 ** 52, 2 ** 53) | 1) * 2.0 ** rng.choice([-52, -51, -49]) for _ in range(300)],
+        [7.25] * 40,
+    ]
+    for values in samples:
+        got = _window_sums(np.array(values), 20)
+        assert got is not None
+        assert [repr(x) for x in got.tolist()] == [repr(math.fsum(values[i:i + 20])) for i in range(len(values) - 19)]
+    for values in ([1e-3, 1e3] * 20, [0.0] * 20, [-1.0] * 20, [math.nan] * 20, [5e-320] * 20, [1.0] * 19):
+        assert _window_sums(np.array(values), 20) is None  # the caller sums each window with fsum

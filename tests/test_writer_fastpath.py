@@ -229,6 +229,38 @@ def test_packed_bar_columns_store_the_same_bars_and_get_the_same_messages(writer
     assert rows(writer, "SELECT ts, open, high, low, close, volume, tick_count FROM bars ORDER BY ts") == expected
 
 
+def test_bulk_upserts_store_what_a_statement_per_row_stores(writer: Stack, peer: Peer) -> None:
+    """store_analysis upserts bars and indicator values 100 rows a statement (db.statements.BULK_ROWS;
+    250 rows: two statements, then 50 rows one by one): the rows stored are those of a statement per
+    row (upsert_bars, bars as rows), a key given three times (in each statement and in the last rows)
+    ends as its last row, and an indicator a later row has no value for keeps the earlier one."""
+    n = 250
+    cols = bar_columns(n)
+    for i in (130, 240):  # the key of row 20 again, with other values
+        cols["ts"][i] = cols["ts"][20]
+    assert peer.ask("store_analysis", {"cursor": "t", "position": 1, "bars": packed(cols)})["result"]["bars"] == n
+    as_rows = [dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)]
+    assert peer.ask("upsert_bars", {"bars": [{**r, "symbol": "ROWS"} for r in as_rows]})["ok"] is True
+    sql = "SELECT ts, open, high, low, close, volume, tick_count FROM bars WHERE symbol = :s ORDER BY ts"
+    stored = rows(writer, sql, s="BTCUSD")
+    assert len(stored) == n - 2 and stored == rows(writer, sql, s="ROWS")
+    assert (cols["ts"][20], cols["open"][240]) in [r[:2] for r in stored]
+
+    values: dict[str, list] = {k: cols[k] for k in ("symbol", "timeframe", "ts")}
+    for j, name in enumerate(("sma_20", "ema_20", "rsi_14", "atr_14")):
+        values[name] = [float(i * 10 + j) for i in range(n)]
+    values["sma_20"][130] = values["sma_20"][240] = None  # row 20's stays
+    values["ema_20"][240] = None  # row 130's stays
+    values["atr_14"][20] = values["atr_14"][130] = None  # row 240's, the only one
+    reply = peer.ask("store_analysis", {"cursor": "t", "position": 2, "indicators": values})
+    assert reply["result"]["indicators"] == 4 * n - 5, reply
+    got = rows(writer, "SELECT sma_20, ema_20, rsi_14, atr_14 FROM bar_indicators WHERE ts = :t", t=cols["ts"][20])
+    assert got == [(200.0, 1301.0, 2402.0, 2403.0)]
+    assert rows(writer, "SELECT count(*), sum(sma_20), sum(rsi_14) FROM bar_indicators") == [
+        (n - 2, sum(values["sma_20"][i] for i in range(n) if i not in (130, 240)),
+         sum(values["rsi_14"][i] for i in range(n) if i not in (20, 130)))]
+
+
 # --- fast batches, careful only when something failed --------------------------------------------------------------
 
 

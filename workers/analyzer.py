@@ -72,12 +72,13 @@ class Chunk:
     def from_rows(cls, rows: Sequence[tuple]) -> Chunk:
         """From (id, symbol, ts, bid, volume) rows in id order."""
         arr = np.array(rows, dtype=_ROW)
-        codes: dict[str, int] = {}
-        code = np.fromiter(map(lambda s: codes.setdefault(s, len(codes)), arr["symbol"]), dtype=np.int64,
-                           count=len(rows))
+        names = arr["symbol"].tolist()
+        # Each symbol's code in order of first appearance, by builtins (no Python call per tick).
+        codes = {s: i for i, s in enumerate(dict.fromkeys(names))}
         if len(codes) == 1:
             groups = {next(iter(codes)): np.arange(len(rows))}
         else:
+            code = np.fromiter(map(codes.__getitem__, names), dtype=np.int64, count=len(rows))
             order = np.argsort(code, kind="stable")  # each symbol's positions, still in id order
             bounds = np.searchsorted(code[order], np.arange(len(codes) + 1))
             groups = {s: order[bounds[c]:bounds[c + 1]] for s, c in codes.items()}

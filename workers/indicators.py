@@ -15,13 +15,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import pairwise
+from operator import lt
 from typing import Any
+
+import numpy as np
 
 from db.vocabulary import INDICATORS, TIMEFRAMES
 from workers.bars import OpenBar
 
 SMA_N, EMA_N, RSI_N, ATR_N = 20, 20, 14, 14
 _SMA, _EMA, _RSI, _ATR = f"sma_{SMA_N}", f"ema_{EMA_N}", f"rsi_{RSI_N}", f"atr_{ATR_N}"
+#: From this many bars an :meth:`IndicatorState.extend` call computes those after the seeds in bulk
+#: (:meth:`_Run.bulk`); fewer go bar by bar, as fast.
+BULK_MIN = 64
 #: The order of :meth:`IndicatorState.extend`'s value lists.
 SERIES = (_SMA, _EMA, _RSI, _ATR)
 if {_SMA, _EMA, _RSI, _ATR} != set(INDICATORS):  # fail loudly if the schema's list changes
@@ -263,16 +269,92 @@ class IndicatorState:
         holds the whole series and the seed is the batch seed; after that only the averages step.
         The steps are :func:`_ema_step`, :func:`_wilder_step`, :func:`_rsi` and :func:`_true_range`
         written out (same expressions, same order of operations, so the same floats: the tests hold
-        them to the batch functions exactly): this loop runs once per bar of every series.
+        them to the batch functions exactly): this runs once per bar of every series. A long run of
+        new bars past the seeds (a history caught up on) goes in bulk, :meth:`_Run.bulk`: the same
+        floats, about a third of the time (0.055 s instead of 0.157 s for the 45,209 bars of
+        ``bench analysis --only hourly``).
         """
-        count = self.count
-        hs, ls, cs = list(self.highs), list(self.lows), list(self.closes)  # closed bars, grown as bars close
-        ema_c, gain_c, loss_c, atr_c = self.ema, self.avg_gain, self.avg_loss, self.atr  # as of the last close
-        current, nxt = self.current, self._next
-        out_sma: list[float | None] = []
-        out_ema: list[float | None] = []
-        out_rsi: list[float | None] = []
-        out_atr: list[float | None] = []
+        n = len(ts)
+        if not n == len(highs) == len(lows) == len(closes):
+            raise ValueError(f"ts, highs, lows and closes must have the same length, got {len(ts)}, "
+                             f"{len(highs)}, {len(lows)} and {len(closes)}")
+        run = _Run(self)
+        # Bar by bar until every average is seeded (a series' first EMA_N bars at most); then, when
+        # the rest are all new bars, in bulk (a history caught up on), else bar by bar to the end.
+        head = n if n < BULK_MIN else min(n, max(1, EMA_N - self.count))
+        run.fold(ts[:head], highs[:head], lows[:head], closes[:head])
+        if head < n:
+            if run.steady() and all(map(lt, ts[head - 1:n - 1], ts[head:])):
+                run.bulk(ts[head:], highs[head:], lows[head:], closes[head:])
+            else:
+                run.fold(ts[head:], highs[head:], lows[head:], closes[head:])
+        out_sma, out_ema, out_rsi, out_atr = run.out
+        if not out_sma:
+            return out_sma, out_ema, out_rsi, out_atr
+        window = self.WINDOW
+        self.count, self.current, self._next = run.count, run.current, run.nxt
+        self.highs, self.lows, self.closes = run.hs[-window:], run.ls[-window:], run.cs[-window:]
+        self.ema, self.avg_gain, self.avg_loss, self.atr = run.ema_c, run.gain_c, run.loss_c, run.atr_c
+        latest = (out_sma[-1], out_ema[-1], out_rsi[-1], out_atr[-1])
+        self.latest = {name: v for name, v in zip(SERIES, latest, strict=True) if v is not None}
+        return out_sma, out_ema, out_rsi, out_atr
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (ints, floats, lists, None) that :meth:`from_dict` restores exactly."""
+        return {
+            "version": self.VERSION,
+            "count": self.count,
+            "highs": list(self.highs),
+            "lows": list(self.lows),
+            "closes": list(self.closes),
+            "ema": self.ema,
+            "avg_gain": self.avg_gain,
+            "avg_loss": self.avg_loss,
+            "atr": self.atr,
+            "current": None if self.current is None else list(self.current),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> IndicatorState:
+        """Rebuild a state saved by :meth:`to_dict` (ValueError for another format version)."""
+        if data.get("version") != cls.VERSION:
+            raise ValueError(f"unsupported IndicatorState version {data.get('version')!r}")
+        state = cls()
+        state.count = int(data["count"])
+        state.highs, state.lows, state.closes = (list(map(float, data[k])) for k in ("highs", "lows", "closes"))
+        state.ema, state.avg_gain, state.avg_loss, state.atr = (
+            None if data[k] is None else float(data[k]) for k in ("ema", "avg_gain", "avg_loss", "atr")
+        )
+        if data["current"] is not None:
+            ts, h, lo, c = data["current"]
+            state.extend([int(ts)], [float(h)], [float(lo)], [float(c)])  # the values at the current bar
+        return state
+
+
+class _Run:
+    """One :meth:`IndicatorState.extend` call's working state: the state's fields as locals, the
+    closed bars' lists grown as bars close, and the four output lists."""
+
+    __slots__ = ("count", "hs", "ls", "cs", "ema_c", "gain_c", "loss_c", "atr_c", "current", "nxt", "out")
+
+    def __init__(self, state: IndicatorState) -> None:
+        self.count = state.count
+        self.hs, self.ls, self.cs = list(state.highs), list(state.lows), list(state.closes)
+        self.ema_c, self.gain_c, self.loss_c, self.atr_c = state.ema, state.avg_gain, state.avg_loss, state.atr
+        self.current, self.nxt = state.current, state._next
+        self.out: tuple[list[float | None], ...] = ([], [], [], [])
+
+    def steady(self) -> bool:
+        """Whether the next new bar's values need the steady steps only (every average known)."""
+        return self.current is not None and self.count + 2 >= SMA_N and all(v is not None for v in self.nxt)
+
+    def fold(self, ts: Sequence[int], highs: Sequence[float], lows: Sequence[float],
+             closes: Sequence[float]) -> None:
+        """Bar after bar: every case (a bar replacing the current one, the seeds, the steady steps)."""
+        count, hs, ls, cs = self.count, self.hs, self.ls, self.cs
+        ema_c, gain_c, loss_c, atr_c = self.ema_c, self.gain_c, self.loss_c, self.atr_c
+        current, nxt = self.current, self.nxt
+        out_sma, out_ema, out_rsi, out_atr = self.out
         alpha, rsi_keep, atr_keep = 2.0 / (EMA_N + 1), RSI_N - 1, ATR_N - 1
         fsum, sma_tail = math.fsum, SMA_N - 1
         for t, h, lo, c in zip(ts, highs, lows, closes, strict=True):
@@ -321,43 +403,98 @@ class IndicatorState:
             out_ema.append(ema_)
             out_rsi.append(rsi_)
             out_atr.append(atr_)
-        if not out_sma:
-            return out_sma, out_ema, out_rsi, out_atr
-        window = self.WINDOW
-        self.count, self.current, self._next = count, current, nxt
-        self.highs, self.lows, self.closes = hs[-window:], ls[-window:], cs[-window:]
-        self.ema, self.avg_gain, self.avg_loss, self.atr = ema_c, gain_c, loss_c, atr_c
-        latest = (out_sma[-1], out_ema[-1], out_rsi[-1], out_atr[-1])
-        self.latest = {name: v for name, v in zip(SERIES, latest, strict=True) if v is not None}
-        return out_sma, out_ema, out_rsi, out_atr
+        self.count, self.current, self.nxt = count, current, nxt
+        self.ema_c, self.gain_c, self.loss_c, self.atr_c = ema_c, gain_c, loss_c, atr_c
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (ints, floats, lists, None) that :meth:`from_dict` restores exactly."""
-        return {
-            "version": self.VERSION,
-            "count": self.count,
-            "highs": list(self.highs),
-            "lows": list(self.lows),
-            "closes": list(self.closes),
-            "ema": self.ema,
-            "avg_gain": self.avg_gain,
-            "avg_loss": self.avg_loss,
-            "atr": self.atr,
-            "current": None if self.current is None else list(self.current),
-        }
+    def bulk(self, ts: Sequence[int], highs: Sequence[float], lows: Sequence[float],
+             closes: Sequence[float]) -> None:
+        """Bars that are all new (ts rising from the current bar's), every average seeded
+        (:meth:`steady`): each bar closes the one before. The same floats as :meth:`fold`'s steady
+        steps: the steps that depend only on the bar and the close before it (the change, its gain
+        and loss, the true range, the RSI from the averages) as numpy's float64 operations, which
+        are IEEE's as Python's are, written as :meth:`fold` writes them (``np.where`` for its
+        conditionals and for ``max``, which keeps the first of equal values); the averages, each the
+        previous one stepped, in a loop of their own; each SMA the ``fsum`` of its window, by
+        :func:`_window_sums` when it can."""
+        m = len(ts)
+        assert self.current is not None
+        alpha, rsi_keep, atr_keep = 2.0 / (EMA_N + 1), RSI_N - 1, ATR_N - 1
+        ema, gain, loss, atr = self.nxt  # the current bar's, which the first of these closes
+        c = np.array(closes, dtype=np.float64)
+        h = np.array(highs, dtype=np.float64)
+        lo = np.array(lows, dtype=np.float64)
+        pc = np.empty(m)  # each bar's previous close
+        pc[0] = self.current[3]
+        pc[1:] = c[:-1]
+        d = c - pc
+        ups = np.where(0.0 > d, 0.0, d).tolist()  # (0.0 if 0.0 > d else d)
+        downs = np.where(d > 0.0, 0.0, -d).tolist()  # (0.0 if d > 0.0 else -d)
+        tr = h - lo  # max(h - lo, abs(h - pc), abs(lo - pc))
+        for other in (np.abs(h - pc), np.abs(lo - pc)):
+            tr = np.where(other > tr, other, tr)
+        out_sma, out_ema, out_rsi, out_atr = self.out
+        emas = []
+        for x in closes:
+            ema = ema + alpha * (x - ema)
+            emas.append(ema)
+        gains, losses = [], []
+        for up, down in zip(ups, downs, strict=True):
+            gain = (gain * rsi_keep + up) / RSI_N
+            loss = (loss * rsi_keep + down) / RSI_N
+            gains.append(gain)
+            losses.append(loss)
+        atrs = []
+        for x in tr.tolist():
+            atr = (atr * atr_keep + x) / ATR_N
+            atrs.append(atr)
+        g, lo_avg = np.array(gains), np.array(losses)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # where loss is 0: 100
+            rsis = np.where(lo_avg == 0, 100.0, 100.0 - 100.0 / (1.0 + g / lo_avg)).tolist()
+        before = [*self.cs, self.current[3]][-(SMA_N - 1):]  # the closed closes, the current bar's last
+        seq = [*before, *closes]
+        sums = _window_sums(np.array(seq, dtype=np.float64), SMA_N)
+        if sums is not None:
+            out_sma.extend((sums / SMA_N).tolist())
+        else:
+            fsum = math.fsum
+            out_sma.extend([fsum(seq[i:i + SMA_N]) / SMA_N for i in range(m)])
+        out_ema.extend(emas)
+        out_rsi.extend(rsis)
+        out_atr.extend(atrs)
+        # The state after them: the current bar and those before the last closed, the averages as of
+        # the last closed bar (the one before the last; the current bar's when only one came).
+        window = IndicatorState.WINDOW
+        self.hs = [*self.hs, self.current[1], *highs[max(0, m - 1 - window):m - 1]]
+        self.ls = [*self.ls, self.current[2], *lows[max(0, m - 1 - window):m - 1]]
+        self.cs = [*self.cs, self.current[3], *closes[max(0, m - 1 - window):m - 1]]
+        self.count += m
+        if m > 1:
+            self.ema_c, self.gain_c, self.loss_c, self.atr_c = emas[-2], gains[-2], losses[-2], atrs[-2]
+        else:
+            self.ema_c, self.gain_c, self.loss_c, self.atr_c = self.nxt
+        self.current = (ts[-1], highs[-1], lows[-1], closes[-1])
+        self.nxt = (emas[-1], gains[-1], losses[-1], atrs[-1])
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> IndicatorState:
-        """Rebuild a state saved by :meth:`to_dict` (ValueError for another format version)."""
-        if data.get("version") != cls.VERSION:
-            raise ValueError(f"unsupported IndicatorState version {data.get('version')!r}")
-        state = cls()
-        state.count = int(data["count"])
-        state.highs, state.lows, state.closes = (list(map(float, data[k])) for k in ("highs", "lows", "closes"))
-        state.ema, state.avg_gain, state.avg_loss, state.atr = (
-            None if data[k] is None else float(data[k]) for k in ("ema", "avg_gain", "avg_loss", "atr")
-        )
-        if data["current"] is not None:
-            ts, h, lo, c = data["current"]
-            state.extend([int(ts)], [float(h)], [float(lo)], [float(c)])  # the values at the current bar
-        return state
+
+def _window_sums(values: np.ndarray, n: int) -> np.ndarray | None:
+    """The sum of every ``n`` consecutive ``values``, each as ``math.fsum`` gives it (the exact sum,
+    rounded once, half to even), or None when they are not all positive, finite and within a
+    factor of 32 or so of each other (then the caller sums each window with ``fsum``).
+
+    Why it is exact: every such double is an integer times 2 ** ``scale`` (the smallest exponent less
+    53), the integer below 2 ** 58, so ``n`` of them add up exactly in int64 (a window's sum is below
+    2 ** 63; the running sums may wrap, their differences are still exact, modulo 2 ** 64). Each sum
+    is then rounded once to a double (a conversion rounds half to even, as ``fsum`` does), and
+    scaled back by a power of two, which is exact. ``fsum`` per window costs about 0.9 us; this,
+    0.1 us."""
+    if not len(values) >= n >= 1 or not (np.isfinite(values).all() and (values > 0).all()):
+        return None
+    _, exponents = np.frexp(values)
+    lo, hi = int(exponents.min()), int(exponents.max())
+    if n << (53 + hi - lo) >= 1 << 63 or lo < -960:
+        return None
+    scale = lo - 53
+    ints = np.ldexp(values, -scale).astype(np.int64)
+    running = np.zeros(len(ints) + 1, dtype=np.int64)
+    np.cumsum(ints, out=running[1:])
+    return np.ldexp((running[n:] - running[:-n]).astype(np.float64), scale)
