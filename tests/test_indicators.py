@@ -451,5 +451,6 @@ def test_window_sums_are_fsum_exactly_or_none() -> None:
         got = _window_sums(np.array(values), 20)
         assert got is not None
         assert [repr(x) for x in got.tolist()] == [repr(math.fsum(values[i:i + 20])) for i in range(len(values) - 19)]
-    for values in ([1e-3, 1e3] * 20, [0.0] * 20, [-1.0] * 20, [math.nan] * 20, [5e-320] * 20, [1.0] * 19):
+    for values in ([1e-3, 1e3] * 20, [0.0] * 20, [-1.0] * 20, [math.nan] * 20, [5e-320] * 20, [1.0] * 19,
+                   [1e307] * 20):  # the last: fsum overflows
         assert _window_sums(np.array(values), 20) is None  # the caller sums each window with fsum

@@ -406,6 +406,7 @@ class _Run:
         self.count, self.current, self.nxt = count, current, nxt
         self.ema_c, self.gain_c, self.loss_c, self.atr_c = ema_c, gain_c, loss_c, atr_c
 
+    @np.errstate(divide="ignore", invalid="ignore", over="ignore")  # silent, as Python's floats are
     def bulk(self, ts: Sequence[int], highs: Sequence[float], lows: Sequence[float],
              closes: Sequence[float]) -> None:
         """Bars that are all new (ts rising from the current bar's), every average seeded
@@ -448,8 +449,7 @@ class _Run:
             atr = (atr * atr_keep + x) / ATR_N
             atrs.append(atr)
         g, lo_avg = np.array(gains), np.array(losses)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # where loss is 0: 100
-            rsis = np.where(lo_avg == 0, 100.0, 100.0 - 100.0 / (1.0 + g / lo_avg)).tolist()
+        rsis = np.where(lo_avg == 0, 100.0, 100.0 - 100.0 / (1.0 + g / lo_avg)).tolist()  # loss 0: 100
         before = [*self.cs, self.current[3]][-(SMA_N - 1):]  # the closed closes, the current bar's last
         seq = [*before, *closes]
         sums = _window_sums(np.array(seq, dtype=np.float64), SMA_N)
@@ -491,7 +491,9 @@ def _window_sums(values: np.ndarray, n: int) -> np.ndarray | None:
         return None
     _, exponents = np.frexp(values)
     lo, hi = int(exponents.min()), int(exponents.max())
-    if n << (53 + hi - lo) >= 1 << 63 or lo < -960:
+    # No int64 window may wrap; no result may be subnormal (ldexp would round it again) or overflow
+    # (each value is below 2 ** hi: fsum raises there, and so does the caller's fallback to it).
+    if n << (53 + hi - lo) >= 1 << 63 or lo < -960 or hi + n.bit_length() > 1023:
         return None
     scale = lo - 53
     ints = np.ldexp(values, -scale).astype(np.int64)
