@@ -39,6 +39,7 @@ from db.validation import (
     bar_rows,
     column_shapes,
     indicator_rows,
+    packed_view,
     shown,
 )
 from db.vocabulary import INDICATORS, TIMEFRAMES
@@ -74,9 +75,7 @@ def _packed_passes(col: array, validator: Validator, field: str) -> bool:
     minimum and maximum pass the validator), on the array with numpy."""
     if field in _TEXT or (field in _INTEGER and col.typecode != "q"):
         return False
-    import numpy as np  # here, not at the top: only the writer validates packed columns
-
-    values = np.frombuffer(col, np.float64 if col.typecode == "d" else np.int64)
+    values = packed_view(col)
     return _passes(validator, values.min().item()) and _passes(validator, values.max().item())
 
 
@@ -146,7 +145,7 @@ def _buckets_pass(value: dict[str, Any], ts: list[int], tf: list[str]) -> bool:
         import numpy as np  # here, not at the top: only the writer validates packed columns
 
         lengths = np.fromiter(map(TIMEFRAMES.__getitem__, tf), np.int64, len(tf))
-        return not (np.frombuffer(packed, np.int64) % lengths).any()
+        return not (packed_view(packed) % lengths).any()
     return not any(map(mod, ts, map(TIMEFRAMES.__getitem__, tf)))
 
 
@@ -155,9 +154,7 @@ def _bounds_pass(value: dict[str, Any], o: list[float], h: list[float], lo: list
     same comparisons, as every value passed its validator by now (none is NaN)."""
     packed = [value.get(f) for f in ("open", "high", "low", "close")]
     if all(type(p) is array and p.typecode == "d" for p in packed):
-        import numpy as np  # here, not at the top: only the writer validates packed columns
-
-        po, ph, pl, pc = (np.frombuffer(p, np.float64) for p in packed)
+        po, ph, pl, pc = map(packed_view, packed)
         return bool((pl <= po).all() and (pl <= pc).all() and (ph >= po).all() and (ph >= pc).all())
     return all(map(le, lo, o)) and all(map(le, lo, c)) and all(map(ge, h, o)) and all(map(ge, h, c))
 
@@ -217,7 +214,7 @@ def _packed_values(col: array, validator: Validator) -> tuple[list[float | None]
     (the min/max rule of :func:`_check_column`, over the values present)."""
     import numpy as np  # here, not at the top: only the writer validates packed columns
 
-    values = np.frombuffer(col, np.float64)
+    values = packed_view(col)
     missing = np.isnan(values)
     out = col.tolist()
     if missing.any():

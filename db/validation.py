@@ -296,6 +296,15 @@ _NUMBER = frozenset((int, float))
 _NONE = type(None)
 
 
+def packed_view(col: array) -> Any:
+    """A packed number column (``array('d')`` or ``array('q')``) as a numpy array over its memory, not
+    a copy: how every check of packed columns reads them. numpy is imported here, not at the top:
+    only the writer validates packed columns, and a producer imports this module without it."""
+    import numpy as np
+
+    return np.frombuffer(col, np.float64 if col.typecode == "d" else np.int64)
+
+
 def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
     """True when ts, bid, ask and volume (and seq, unless absent) are packed arrays that pass every
     check of :func:`_check_tick_numbers`: the same rules on whole arrays with numpy, about a
@@ -313,9 +322,7 @@ def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
         return False
     import numpy as np  # here, not at the top: only the writer validates packed columns
 
-    def view(col: array) -> Any:
-        return np.frombuffer(col, np.float64 if col.typecode == "d" else np.int64)
-
+    view = packed_view
     t, b, a, v = view(ts), view(bid), view(ask), view(vol)
     return bool(t.min() >= 0 and t.max() <= MAX_TS and b.min() > 0 and b.max() < MAX_PRICE
                 and a.min() > 0 and a.max() < MAX_PRICE and np.less_equal(b, a).all()
