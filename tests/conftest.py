@@ -138,9 +138,16 @@ def writer(stack: Stack) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def peer(writer: Stack) -> Iterator[RawPeer]:
-    """A raw protocol peer of the running writer (:class:`testkit.writer.RawPeer`), closed after."""
-    p = RawPeer(writer.settings.writer_endpoint)
+def peer_class() -> type[RawPeer]:
+    """The class :func:`peer` makes: a module whose peer builds its own frames overrides this."""
+    return RawPeer
+
+
+@pytest.fixture
+def peer(writer: Stack, peer_class: type[RawPeer]) -> Iterator[RawPeer]:
+    """A raw protocol peer of the running writer (:class:`testkit.writer.RawPeer`, or the module's
+    :func:`peer_class`), closed after."""
+    p = peer_class(writer.settings.writer_endpoint)
     try:
         yield p
     finally:

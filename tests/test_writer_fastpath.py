@@ -21,7 +21,6 @@ import struct
 import subprocess
 import sys
 from array import array
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +65,9 @@ class Peer(RawPeer):
 
 
 @pytest.fixture
-def peer(writer: Stack) -> Iterator[Peer]:
-    p = Peer(writer.settings.writer_endpoint)
-    try:
-        yield p
-    finally:
-        p.close()
+def peer_class() -> type[Peer]:
+    """conftest's ``peer`` fixture, as this module's :class:`Peer`."""
+    return Peer
 
 
 def f64(values: list[float]) -> msgpack.ExtType:
