@@ -133,8 +133,8 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     if conn.dialect.name == "postgresql" and n >= COPY_MIN_TICKS:
         inserted = copy_ticks(conn, ticks)
     else:
-        values = zip(*(ticks[f] for f in TICK_FIELDS), strict=True)
-        inserted = insert_many(conn, Tick.__table__, TICK_FIELDS, values, skip_on=TICK_KEY)
+        inserted = insert_columns(conn, Tick.__table__, TICK_FIELDS, [ticks[f] for f in TICK_FIELDS],
+                                  skip_on=TICK_KEY)
     return {"inserted": inserted, "duplicates": n - inserted}
 
 

@@ -86,14 +86,14 @@ def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
                          "test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every_acknowledged_row")
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:
     run, doc, _ = bench(tmp_path, "contention", "--only",
-                        "immediate,writer-single,writer-pipelined,raw-single,writer-batched,raw", "--procs", "2",
-                        "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000", "--batch", "1000",
-                        "--repeat", "3")
+                        "immediate,writer-single,writer-pipelined,raw-single,writer-batched,raw,raw-row",
+                        "--procs", "2", "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000",
+                        "--batch", "1000", "--repeat", "3")
     assert set(doc["scenarios"]) == {"immediate", "writer-single", "writer-pipelined", "raw-single",
-                                     "writer-batched", "raw"}
+                                     "writer-batched", "raw", "raw-row"}
     for key in ("writer_single_over_immediate", "writer_single_over_immediate_median",
                 "writer_single_over_raw_single", "batched_over_raw", "batched_over_raw_median",
-                "writer_pipelined_over_immediate"):
+                "batched_over_raw_row", "writer_pipelined_over_immediate"):
         assert doc["ratios"][key] is not None and doc["ratios"][key] > 0, (key, doc["ratios"])
     # The compared pairs ran --repeat times each; each median is that of the pairs run side by side
     # (the same repeat); the latency and error checks hold for every run, not only the one kept.
@@ -109,6 +109,13 @@ def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path)
     assert single["errors"] == 0 and single["ops"] > 0 and single["stored_ticks"] == single["rows"]
     assert single["pragmas"]["journal_mode"] == "wal" and len(doc["load_average"]["before"]) == 3
     assert "writer_single_over_raw_single" in run.stdout and "raw-single" in run.stdout
+    # Bulk: raw runs the writer's own statements (100 rows each), raw-row one row per statement; both
+    # store every row once.
+    for name, statements in (("raw", "100 rows per statement as the writer runs them"),
+                             ("raw-row", "one row per statement")):
+        raw = doc["scenarios"][name]
+        assert raw["errors"] == 0 and raw["stored_ticks"] == raw["rows"] == 6000 and statements in raw["notes"], raw
+    assert "batched_over_raw_row" in run.stdout
     # Pipelined small writes: each acknowledged op committed, none lost or doubled, the window as asked.
     piped = doc["scenarios"]["writer-pipelined"]
     assert piped["errors"] == 0 and piped["ops"] > 0 and piped["stored_ticks"] == piped["rows"] > 0, piped

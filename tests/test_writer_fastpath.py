@@ -257,6 +257,30 @@ def test_bulk_upserts_store_what_a_statement_per_row_stores(writer: Stack, peer:
          sum(values["rsi_14"][i] for i in range(n) if i not in (20, 130)))]
 
 
+def test_bulk_tick_inserts_store_what_a_statement_per_row_stores(writer: Stack, peer: Peer) -> None:
+    """insert_ticks runs 100 rows a statement too (250 ticks: two statements, then 50 one by one). A
+    tick whose (source, seq) came earlier in the same request is a duplicate wherever it is (in the
+    same statement, the next one, the last rows), the first one is kept, and ids follow the request's
+    order: what the same ticks give sent one per request (a statement each). A resend is all
+    duplicates."""
+    n = 250
+    cols = tick_columns("bulk", n)
+    for i in (30, 130, 240):  # row 20's (source, seq) again, with other prices
+        cols["seq"][i] = cols["seq"][20]
+    cols["seq"][249] = cols["seq"][150]  # a later row's too
+    assert peer.ask("insert_ticks", {"ticks": packed(cols)})["result"] == {"inserted": n - 4, "duplicates": 4}
+    one_by_one = [peer.ask("insert_ticks", {"ticks": {k: [v[i] if k != "source" else "rows"] for k, v in cols.items()}})
+                  for i in range(n)]
+    assert [r["result"]["inserted"] for r in one_by_one].count(0) == 4, one_by_one[:3]
+    sql = "SELECT symbol, ts, bid, ask, volume, seq FROM ticks WHERE source = :s ORDER BY id"
+    stored = rows(writer, sql, s="bulk")
+    assert len(stored) == n - 4 and stored == rows(writer, sql, s="rows")
+    assert [r[1] for r in stored] == sorted(r[1] for r in stored)  # the request's order (ts ascends in it)
+    assert (cols["ts"][20], cols["seq"][20]) in [(r[1], r[5]) for r in stored]
+    assert cols["ts"][130] not in [r[1] for r in stored]
+    assert peer.ask("insert_ticks", {"ticks": packed(cols)})["result"] == {"inserted": 0, "duplicates": n}
+
+
 # --- fast batches, careful only when something failed --------------------------------------------------------------
 
 

@@ -251,21 +251,28 @@ def raw_single_inserter(index: int, env: dict[str, str], db_path: str, seconds: 
 
 
 def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: list[tuple[str, int, int]],
-                 batch: int, txn_variants: list[int], *, gate: Gate) -> list[dict[str, Any]]:
-    """The same rows, statement and batches, straight into sqlite3, once per
-    commit interval in ``txn_variants``, each into its own fresh database,
-    on a connection with exactly the writer's pragmas (:func:`_writer_connection`)."""
+                 batch: int, txn_variants: list[int], statement: str = "writer", *, gate: Gate) -> list[dict[str, Any]]:
+    """The same rows and batches, straight into sqlite3, once per commit interval in
+    ``txn_variants``, each into its own fresh database, on a connection with exactly the writer's
+    pragmas (:func:`_writer_connection`). ``statement``: ``writer``, the statements the writer runs
+    for ``insert_ticks`` (its INSERT, :data:`db.statements.BULK_ROWS` rows each, through the writer's
+    own :func:`db.statements.executemany_columns`), or ``row``, that INSERT a row at a time
+    (``executemany`` of the one-row statement, as a program writing straight to SQLite would)."""
     from db.models import TICK_KEY, Tick
     from db.ops import TICK_FIELDS
+    from db.statements import executemany_columns
 
     # The statement exactly as db.ops compiles it for insert_ticks.
     sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
-    batches = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True))
-               for source, first_seq, n in plan for cols in tick_batches(n, batch, source, first_seq)]
+    by_row = statement == "row"
+    batches: list[Any] = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True)) if by_row
+                          else [cols[f] for f in TICK_FIELDS]
+                          for source, first_seq, n in plan for cols in tick_batches(n, batch, source, first_seq)]
     gate.wait()
     out = []
     for db_path, txn_batches in zip(db_paths, txn_variants, strict=True):
         engine, pooled, con, pragmas = _writer_connection(env, db_path)
+        cursor = con.cursor()
         latencies: list[float] = []
         inserted = 0
         first = time.monotonic()
@@ -273,10 +280,11 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
             t0 = time.perf_counter()
             con.execute("BEGIN IMMEDIATE")
             for rows in batches[i:i + txn_batches]:
-                inserted += con.executemany(sql, rows).rowcount
+                inserted += con.executemany(sql, rows).rowcount if by_row else executemany_columns(cursor, sql, rows)
             con.execute("COMMIT")
             latencies.append(time.perf_counter() - t0)
         last = time.monotonic()
+        cursor.close()
         pooled.close()
         engine.dispose()
         out.append({"ops": len(batches), "rows": inserted, "latencies": latencies, "errors": {}, "first": first,

@@ -1,4 +1,4 @@
-"""The seven SQLite scenarios of ``python -m bench contention``, each on a fresh
+"""The eight SQLite scenarios of ``python -m bench contention``, each on a fresh
 database, and which of them ``--repeat`` runs again."""
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from bench.contention.procs import (
     writer_pipelined_producer,
     writer_single_producer,
 )
+from db.statements import BULK_ROWS
 
 SCENARIO_HELP = {
     "seed": "--procs processes: BEGIN; read; insert tick + audit row; COMMIT (direct sqlite3, as the users did)",
@@ -33,7 +34,8 @@ SCENARIO_HELP = {
     "writer-pipelined": "the same ops, each acknowledged, with --pipeline-window of them in flight per producer",
     "raw-single": "the same ops in one process, one row per transaction, straight into sqlite3 (the ceiling)",
     "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
-    "raw": "the same rows straight into one sqlite3 connection (the ceiling)",
+    "raw": "the same rows straight into one sqlite3 connection, in the writer's statements (the ceiling)",
+    "raw-row": "the same rows straight into sqlite3, one row per INSERT statement (a plain executemany)",
 }
 SCENARIOS = tuple(SCENARIO_HELP)
 #: Commit after this many batches in the raw scenario's two variants.
@@ -144,25 +146,29 @@ def run_writer_batched(opts: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run_raw(opts: argparse.Namespace) -> dict[str, Any]:
+def run_raw(opts: argparse.Namespace, statement: str = "writer") -> dict[str, Any]:
+    """``raw`` (``statement="writer"``) or ``raw-row`` (``"row"``): see :func:`raw_inserter`."""
+    name = "raw" if statement == "writer" else "raw-row"
     plan = plan_rows(opts.rows, opts.batch_producers)
     with fresh_home() as (home, env):
         db_paths = []
         for txn_batches in RAW_TXN_VARIANTS:  # one fresh database per variant, same schema
             variant_env = {**env, "DATABASE_URL": f"sqlite:///{home / f'raw-{txn_batches}.db'}"}
             db_paths.append(str(create_schema(variant_env)))
-        start, (results,) = run_group(raw_inserter, [(env, db_paths, plan, opts.batch, list(RAW_TXN_VARIANTS))],
-                                      run_timeout=600)
+        args = (env, db_paths, plan, opts.batch, list(RAW_TXN_VARIANTS), statement)
+        start, (results,) = run_group(raw_inserter, [args], run_timeout=600)
         variants = []
         for db_path, result in zip(db_paths, results, strict=True):
-            out = combine("raw", 1, start, [result], timed_from_first_op=True)
+            out = combine(name, 1, start, [result], timed_from_first_op=True)
             out["stored_ticks"] = count_rows(Path(db_path), "ticks")
             out["txn_batches"] = n = result["txn_batches"]
             out["sql"] = result["sql"]
             out["pragmas"] = result["pragmas"]
             out["notes"] = (f"one sqlite3 connection with the write engine's pragmas "
                             f"(synchronous={result['pragmas']['synchronous']}), executemany per batch of "
-                            f"{opts.batch}, commit every {n} batch{'es' if n > 1 else ''}")
+                            f"{opts.batch}, " + ("one row per statement" if statement == "row" else
+                                                  f"{BULK_ROWS} rows per statement as the writer runs them")
+                            + f", commit every {n} batch{'es' if n > 1 else ''}")
             check_stored(out, opts.rows)
             variants.append(out)
     best = dict(max(variants, key=lambda v: v["rows_per_s"] or 0))
@@ -236,4 +242,5 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "raw-single": run_raw_single,
     "writer-batched": run_writer_batched,
     "raw": run_raw,
+    "raw-row": lambda o: run_raw(o, "row"),
 }
