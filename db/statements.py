@@ -65,14 +65,16 @@ def _driver_error(conn: Connection, sql: str, e: Exception) -> DBAPIError:
     return DBAPIError.instance(sql, None, e, conn.dialect.loaded_dbapi.Error)
 
 
-#: Rows per INSERT statement of a bulk write on SQLite (:func:`insert_columns`: ticks, bars, indicator
-#: values), within :data:`MAX_PARAMETERS`. One statement of many ``VALUES`` rows costs SQLite and the
-#: driver far less per row than a statement per row: each statement's step, reset and bindings' setup
-#: (and for ticks the AUTOINCREMENT counter's update) is paid once for all its rows. Measured with raw
-#: ``sqlite3`` on the rows of ``bench analysis --only hourly`` (45,209 bars and as many rows of
-#: indicator values, 5 transactions): 0.45 s of CPU a row per statement, 0.24 s with 100 rows per
-#: statement (200: the same; 10: 0.31 s); on 500,000 ticks in batches of 5,000 with the writer's
-#: ON CONFLICT DO NOTHING: 1.25 s a row per statement, 0.50 s with 50 or 100 rows (10: 0.61 s).
+#: Rows per INSERT statement of a bulk write on SQLite (:func:`insert_columns`: ticks, bars and
+#: indicator values in columns), within :data:`MAX_PARAMETERS`. One statement of many ``VALUES``
+#: rows costs SQLite and the driver far less per row than a statement per row: each statement's
+#: step, reset and bindings' setup (and for ticks the AUTOINCREMENT counter's update) is paid once
+#: for all its rows. Measured with raw ``sqlite3``, CPU seconds: the rows of ``bench analysis
+#: --only hourly`` (45,209 bars and as many rows of indicator values, 5 transactions), 0.45 a row
+#: per statement, 0.24 with 100 rows (200: the same; 10: 0.31); 500,000 ticks of one symbol in
+#: batches of 5,000 with the writer's ON CONFLICT DO NOTHING, 1.25 a row per statement, 0.50 with
+#: 50 or 100 rows (10: 0.61); a review's run on the bench's ticks (four symbols in turn) on a busier
+#: machine, 1.34 to 1.41 and 0.75 to 0.86 (10: 1.24 to 1.33).
 BULK_ROWS = 100
 #: Parameters per statement at most: SQLite's limit before 3.32 (later ones allow 32,766).
 MAX_PARAMETERS = 999
@@ -127,7 +129,8 @@ def insert_columns(conn: Connection, table: Table, columns: Sequence[str], cols:
                    keep: bool = False) -> int:
     """:func:`insert_many` for rows given as columns (``cols``, in ``columns`` order, of equal
     length): on SQLite :data:`BULK_ROWS` rows per statement (:func:`executemany_columns`), the way
-    of every bulk write (ticks, bars, indicator values); elsewhere as :func:`insert_many` sends rows."""
+    of the bulk writes given as columns (``insert_ticks``, ``store_analysis``'s bars and indicator
+    values); elsewhere as :func:`insert_many` sends rows."""
     sql, order = compile_insert(conn.dialect, table, columns, update_on, skip_on, keep)
     if not _direct(conn, order, columns):
         return insert_many(conn, table, columns, zip(*cols, strict=True), update_on=update_on, skip_on=skip_on,

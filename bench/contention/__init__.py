@@ -56,13 +56,21 @@ project's own schema (``db.schema.migrate``), all at the same durability
     The ceiling for the same work: one process, one ``sqlite3`` connection
     opened by the writer's own ``make_write_engine`` (so exactly its pragmas:
     WAL, same ``synchronous``, ...), inserting the same rows (pre-built as
-    tuples before the clock starts) with the same statement the
-    ``insert_ticks`` op compiles (``INSERT ... ON CONFLICT (source, seq) DO NOTHING``), by
-    ``executemany`` per batch, timed around the inserts and commits only. It
-    runs twice, committing after every batch and after every 16 batches,
-    each on a fresh database, and reports the faster, saying which (both are
-    in the JSON; neither wins reliably on this machine). Target:
-    writer-batched reaches at least 0.9 of it.
+    columns before the clock starts) in the statements the writer runs for
+    ``insert_ticks``: the statement the op compiles (``INSERT ... ON CONFLICT
+    (source, seq) DO NOTHING``) with 100 rows of ``VALUES`` each, through the
+    writer's own :func:`db.statements.executemany_columns`, per batch, timed
+    around the inserts and commits only. It runs twice, committing after every
+    batch and after every 16 batches, each on a fresh database, and reports the
+    faster, saying which (both are in the JSON; neither wins reliably on this
+    machine). Target: writer-batched reaches at least 0.9 of it.
+``raw-row``
+    The same as ``raw`` with the rows pre-built as tuples and ``executemany`` of
+    the one-row statement, a row per statement: what a program writing straight
+    to SQLite would do, and what the writer did until it ran 100 rows a
+    statement. It runs once (its two commit variants, the faster kept);
+    ``ratios.batched_over_raw_row`` (no target) is writer-batched's best run
+    over it.
 
 The compared pairs (``immediate`` and ``writer-single``, ``writer-batched`` and
 ``raw``) run ``--repeat`` times (default 3), interleaved; the table keeps the
