@@ -13,6 +13,7 @@ backs up with ``pg_dump``.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -385,6 +386,25 @@ def backup_path(directory: Path, suffix: str = ".db") -> Path:
             return dest
         time.sleep(1.01 - time.time() % 1)
     raise FileExistsError(f"{dest} exists")
+
+
+#: In ``run/``: held while a backup of the backups folder is named and written (:func:`new_backup`),
+#: so that two (the console's, the jobs worker's) never take the same second's name.
+BACKUP_LOCK = "backup.lock"
+
+
+def new_backup(settings: Settings) -> dict[str, Any] | None:
+    """:func:`backup` into the backups folder, named by :func:`backup_path` with this database's
+    suffix, holding :data:`BACKUP_LOCK` from the name's choice to the file's rename; None, at once,
+    when another process holds it (a backup is being written)."""
+    settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(settings.run_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "r+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
 
 
 def list_backups(directory: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
+from bench.chaos.fleet import TICKS_PER_REQUEST
 from bench.chaos.ledger import Acks, verdict
 from bench.common import fresh_home, migrate_database
 from db.engine import make_write_engine
@@ -48,10 +49,10 @@ def test_chaos_short_run_loses_nothing_and_applies_nothing_twice(tmp_path: Path,
         assert r["failed_requests"] == 0, (name, r["errors_by_message"], r.get("writer_log_tail"))
         assert r["producer_exit_codes"] == [0] * r["producers"], (name, r["producer_exit_codes"])
     # Producers died too (one with each writer kill); what they had in flight may be stored unacknowledged,
-    # at most a pipeline's window of requests (8, half of them 50 ticks) each. Nothing else is.
+    # at most a pipeline's window of requests (8, half of them 250 ticks) each. Nothing else is.
     writer = variants["writer"]
     assert writer["producer_kills"] == WRITER_KILLS
-    assert writer["stored_not_acknowledged"] <= writer["producer_kills"] * 8 * 50, writer
+    assert writer["stored_not_acknowledged"] <= writer["producer_kills"] * 8 * TICKS_PER_REQUEST["pipeline"], writer
     assert variants["stack"]["stored_not_acknowledged"] == 0, variants["stack"]
     assert variants["stack"]["kill_log"][0]["processes_killed"] >= 9  # every watcher, plugins, gunicorn workers
     assert done.returncode == 0, report

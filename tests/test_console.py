@@ -10,6 +10,7 @@ Over 500 lines for the same reason: one file per shared stack, sections per cons
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import html
 import logging
 import re
@@ -26,7 +27,7 @@ from flask import Flask
 
 from db.client import WriterClient
 from db.config import ConfigError, load_settings
-from db.health import connect_read_only
+from db.health import BACKUP_LOCK, BACKUP_RE, connect_read_only
 from db.server import pg_program
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, new_home
@@ -329,6 +330,35 @@ def test_database_page_and_buttons_are_audited(console: Console, wstack: Stack) 
         con.close()
     page = console.get("/console/database").text
     assert backups[0].name in page and "by admin" in page  # last backup and last quick_check
+
+
+def test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles(console: Console,
+                                                                            wstack: Stack) -> None:
+    """Backups are named by the second they start in. One of this second and the next already there (the
+    jobs worker's, made a moment before) leaves the console's to the second after, as the jobs worker's
+    does: never an error, never over another backup. On PostgreSQL the console looked for a ``.db`` of
+    this second, found none, and its ``.dump`` of the same name then failed: "exists; choose another
+    path or pass --force" (seen in the suite's PostgreSQL run, the jobs worker's first backup and the
+    console's in one second). And one backup at a time."""
+    s = wstack.settings
+    suffix = ".db" if s.database_path is not None else ".dump"
+    s.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = time.time()
+    taken = {s.backup_dir / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now + k))}{suffix}"
+             for k in (0, 1)}
+    for path in taken:
+        path.write_bytes(b"another backup")
+    r = console.post("/console/database/backup", follow_redirects=True)
+    assert any(k == "ok" and "Backup written" in m for k, m in flashes(r)), flashes(r)
+    assert all(path.read_bytes() == b"another backup" for path in taken)
+    written = [p for p in s.backup_dir.iterdir() if BACKUP_RE.fullmatch(p.name) and p not in taken]
+    assert len(written) == 1 and written[0].suffix == suffix, sorted(p.name for p in s.backup_dir.iterdir())
+    # One at a time: while another process writes one (db.health.BACKUP_LOCK), the console's is refused.
+    with open(s.run_dir / BACKUP_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = console.post("/console/database/backup", follow_redirects=True)
+    assert flashes(r) == [("warn", "A backup is already running; wait for it to finish.")]
+    assert len([p for p in s.backup_dir.iterdir() if BACKUP_RE.fullmatch(p.name)]) == 3
 
 
 def test_audit_spools_while_the_writer_is_away_and_sends_later(wstack: Stack) -> None:

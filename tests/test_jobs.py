@@ -2,6 +2,7 @@
 back from the database (job_runs, ticks, bars, backups; on SQLite the WAL), on either database."""
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 import signal
@@ -15,7 +16,8 @@ import pytest
 
 from db.client import WriterClient
 from db.config import ConfigError
-from db.health import connect_read_only, file_sizes
+from db.health import BACKUP_LOCK, connect_read_only, file_sizes
+from db.models import SKIPPED
 from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query
@@ -155,6 +157,27 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         listed = subprocess.run([pg_program("pg_restore"), "--list", paths[-1]], capture_output=True, text=True,
                                 timeout=60)
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
+
+
+def test_a_backup_asked_for_while_another_is_written_is_a_skipped_run(writer: Stack) -> None:
+    """One backup of the backups folder at a time (db.health.BACKUP_LOCK, held from the name's choice
+    to the rename): while another process holds it (the console's backup), the jobs worker's is a run
+    that was skipped, ok (a fresh backup is being written), and writes no file. The console's side:
+    tests/test_console.py::test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles."""
+    s = writer.settings
+    s.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(s.run_dir / BACKUP_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        worker = JobsWorker(s, until_idle=True, only="backup")
+        worker.setup()
+        try:
+            assert worker.run_job("backup", force=True) is True
+        finally:
+            worker.teardown()
+    (run,) = job_runs(writer)
+    check_run(run, "backup")
+    assert run["detail"] == f"{SKIPPED}another backup was being written (the console's)"
+    assert backups(writer) == []
 
 
 def test_a_failure_whose_message_holds_a_nul_is_still_recorded(writer: Stack) -> None:

@@ -236,10 +236,12 @@ class JobsWorker(Worker):
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
         :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
         ``pg_restore --list``), then keep the newest ``backup_keep``. Rotation runs only after a
-        good backup, so a failing backup never deletes the old ones."""
-        directory = self.settings.backup_dir
-        result = health.backup(self.settings, health.backup_path(directory, health.backup_suffix(self.settings)))
-        removed = rotate_backups(directory, self.schedule.backup_keep)
+        good backup, so a failing backup never deletes the old ones. Skipped (ok) while the
+        console writes one (:func:`db.health.new_backup`)."""
+        result = health.new_backup(self.settings)
+        if result is None:  # the console's, this minute: a fresh one is there, under the same rotation
+            return True, f"{SKIPPED}another backup was being written (the console's)"
+        removed = rotate_backups(self.settings.backup_dir, self.schedule.backup_keep)
         return True, json.dumps({**{k: result[k] for k in ("path", "bytes", "ms", "entries") if k in result},
                                  "removed": [p.name for p in removed]})
 

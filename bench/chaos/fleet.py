@@ -20,6 +20,9 @@ from testkit.env import ROOT
 
 #: Producer modes, alternated: single acknowledged calls, and pipelines.
 MODES = ("single", "pipeline")
+#: Ticks per insert_ticks request of each mode. A pipeline's 250 go into SQLite as two statements of
+#: 100 rows and 50 of one (db.statements.BULK_ROWS), so both ways of inserting are killed mid-way.
+TICKS_PER_REQUEST = {"single": 5, "pipeline": 250}
 
 
 @dataclass
@@ -37,12 +40,12 @@ class Fleet:
     """``n`` producers (alternately single-call and pipelined) writing to the
     writer of ``env``, their ack logs in ``folder``."""
 
-    def __init__(self, env: dict[str, str], folder: Path, n: int, *, ticks_single: int = 5,
-                 ticks_pipeline: int = 50, window: int = 8, pause: float = 0.0, tag: str = "") -> None:
+    def __init__(self, env: dict[str, str], folder: Path, n: int, *, window: int = 8, pause: float = 0.0,
+                 tag: str = "") -> None:
         self.env = env
         self.folder = folder
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ticks = {"single": ticks_single, "pipeline": ticks_pipeline}
+        self.ticks = TICKS_PER_REQUEST
         self.window = window
         self.pause = pause
         self.tag = tag

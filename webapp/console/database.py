@@ -6,18 +6,17 @@ failures and lock errors (which must read 0), the last checkpoint, backup and
 quick_check, recent job runs, the slowest reads of the API and the console (:mod:`db.slowreads`)
 and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
-writer's op), backup (:func:`db.health.backup` into ``backups/`` under the jobs worker's naming, so
+writer's op), backup (:func:`db.health.new_backup` into ``backups/``, named as the jobs worker's, so
 its rotation keeps them in check) and quick_check (a read-only PRAGMA, or amcheck on PostgreSQL:
 :func:`db.health.integrity`); each is audited.
 
 A backup or quick_check runs inside the request: seconds on a database of a few GB. One backup at a
-time: a second request while one runs is refused with a message (a lock file in ``run/``).
+time, the console's or the jobs worker's: one asked for while another is written is refused with a
+message (:data:`db.health.BACKUP_LOCK`, a lock file in ``run/``).
 """
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from webapp.console.common import audit, bp, call_writer, circus, log, settings,
 from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_figures
 from webapp.extensions import db
 
-BACKUP_LOCK = "console-backup.lock"
 #: Seconds the console's quick_check on PostgreSQL may take to connect and per index (a request).
 QUICK_CHECK_TIMEOUT = 30.0
 #: Rows of the "Slowest reads" table.
@@ -208,19 +206,14 @@ def checkpoint() -> ResponseReturnValue:
 def backup() -> ResponseReturnValue:
     """An online, integrity-checked copy into backups/tickstack-<UTC stamp>.db."""
     s = settings()
-    s.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(s.run_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _done("warn", "A backup is already running; wait for it to finish.")
-        try:
-            result = health.backup(s, health.backup_path(s.backup_dir))
-        except (OSError, ValueError, RuntimeError, sqlite3.Error) as e:
-            log.warning("console: backup failed: %s", e)
-            audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")
-            return _done("error", f"Backup failed: {e}")
+    try:
+        result = health.new_backup(s)
+    except (OSError, ValueError, RuntimeError, sqlite3.Error) as e:
+        log.warning("console: backup failed: %s", e)
+        audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")
+        return _done("error", f"Backup failed: {e}")
+    if result is None:
+        return _done("warn", "A backup is already running; wait for it to finish.")
     audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))
     return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).")
 
