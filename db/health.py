@@ -376,10 +376,10 @@ def backup_suffix(settings: Settings) -> str:
     return ".db" if settings.database_path is not None else ".dump"
 
 
-def backup_path(directory: Path, suffix: str = ".db") -> Path:
-    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp><suffix>``. When a
-    backup of this second exists it waits for a fresh stamp rather than overwrite (FileExistsError
-    after three tries)."""
+def backup_path(directory: Path, suffix: str) -> Path:
+    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp><suffix>``
+    (``suffix``: :func:`backup_suffix`, the one the backup will have). When a backup of this second
+    exists it waits for a fresh stamp rather than overwrite (FileExistsError after three tries)."""
     for _ in range(3):
         dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}{suffix}"
         if not dest.exists():

@@ -204,7 +204,7 @@ def checkpoint() -> ResponseReturnValue:
 
 @bp.post("/database/backup")
 def backup() -> ResponseReturnValue:
-    """An online, integrity-checked copy into backups/tickstack-<UTC stamp>.db."""
+    """An online, checked copy into backups/tickstack-<UTC stamp>.db (.dump on PostgreSQL)."""
     s = settings()
     try:
         result = health.new_backup(s)
