@@ -399,6 +399,7 @@ def new_backup(settings: Settings) -> dict[str, Any] | None:
     when another process holds it (a backup is being written)."""
     settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(settings.run_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # one made by someone else (flock(1), another umask) is private from now on
     with os.fdopen(fd, "r+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,12 +17,11 @@ import pytest
 from db.client import WriterClient
 from db.config import ConfigError
 from db.health import BACKUP_LOCK, connect_read_only, file_sizes
-from db.models import SKIPPED
 from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query
 from testkit.writer import Stack
-from workers.jobs import PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
+from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
 
 DAY_MS = 86_400_000
 
@@ -159,24 +158,33 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
 
 
-def test_a_backup_asked_for_while_another_is_written_is_a_skipped_run(writer: Stack) -> None:
+def test_a_backup_due_while_another_is_written_waits_and_one_asked_for_fails_saying_why(writer: Stack) -> None:
     """One backup of the backups folder at a time (db.health.BACKUP_LOCK, held from the name's choice
-    to the rename): while another process holds it (the console's backup), the jobs worker's is a run
-    that was skipped, ok (a fresh backup is being written), and writes no file. The console's side:
+    to the rename). While another process holds it (the console's backup): the scheduled backup is no
+    run (nothing recorded) and is due again in BACKUP_RETRY_S, not a whole period later (the other may
+    yet fail); ``--run backup`` is a failed run saying why (exit 1). Neither writes a file, and the
+    lock file is private whoever made it. The console's side:
     tests/test_console.py::test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles."""
     s = writer.settings
     s.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(s.run_dir / BACKUP_LOCK, "a") as held:
+    with open(s.run_dir / BACKUP_LOCK, "a") as held:  # mode 0644 under this umask
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        worker = JobsWorker(s, until_idle=True, only="backup")
+        worker = JobsWorker(s)
         worker.setup()
         try:
-            assert worker.run_job("backup", force=True) is True
+            assert "backup" in worker.due()
+            assert worker.run_job("backup") is None
+            now = time.time()
+            assert "backup" not in worker.due(now) and "backup" in worker.due(now + BACKUP_RETRY_S + 1)
         finally:
             worker.teardown()
+        asked = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=writer.env,
+                               cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert asked.returncode == 1, asked.stderr
+    assert (s.run_dir / BACKUP_LOCK).stat().st_mode & 0o777 == 0o600
     (run,) = job_runs(writer)
-    check_run(run, "backup")
-    assert run["detail"] == f"{SKIPPED}another backup was being written (the console's)"
+    check_run(run, "backup", ok=False)
+    assert run["detail"].startswith("another backup is being written now"), run
     assert backups(writer) == []
 
 

@@ -55,6 +55,8 @@ LEADER_JOBS = frozenset({"retention", "backup", "quick_check", "checkpoint"})
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
 MAX_DETAIL = 4000  # record_job_run's limit on detail
+#: Seconds until a scheduled backup that found another being written (db.health.new_backup) tries again.
+BACKUP_RETRY_S = 60
 DAY_MS = 86_400_000
 MB = 1024 * 1024
 
@@ -181,9 +183,10 @@ class JobsWorker(Worker):
 
     def run_job(self, job: str, force: bool = False) -> bool | None:
         """Run ``job`` and record it with ``record_job_run``. Returns whether it succeeded (and was
-        recorded), or None for a checkpoint check that found nothing to do (not recorded: a row
-        every 30 s would drown the table; nor are :data:`UNRECORDED` jobs, only logged). ``force``
-        checkpoints even under the threshold."""
+        recorded), or None for a run that did not happen: a checkpoint check that found nothing to do
+        (a row every 30 s would drown the table), a scheduled backup while another is written; not
+        recorded, nor are :data:`UNRECORDED` jobs, only logged. ``force`` checkpoints even under the
+        threshold."""
         started = now_ms()
         self.last_run[job] = started / 1000
         self._ran.add(job)
@@ -236,11 +239,18 @@ class JobsWorker(Worker):
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
         :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
         ``pg_restore --list``), then keep the newest ``backup_keep``. Rotation runs only after a
-        good backup, so a failing backup never deletes the old ones. Skipped (ok) while the
-        console writes one (:func:`db.health.new_backup`)."""
+        good backup, so a failing backup never deletes the old ones. While another process writes
+        one (:func:`db.health.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
+        later; asked for (``--run backup``), a failed run saying why."""
         result = health.new_backup(self.settings)
-        if result is None:  # the console's, this minute: a fresh one is there, under the same rotation
-            return True, f"{SKIPPED}another backup was being written (the console's)"
+        if result is None:  # another process writes one now (the console's button, another jobs worker)
+            if force:
+                return False, "another backup is being written now (run/backup.lock is held); try again when it is done"
+            # Not a run (nothing recorded), and due again soon, not a whole period later: the other
+            # backup may yet fail.
+            self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_RETRY_S
+            self.log.info("jobs: backup: another backup is being written now; trying again in %d s", BACKUP_RETRY_S)
+            return None
         removed = rotate_backups(self.settings.backup_dir, self.schedule.backup_keep)
         return True, json.dumps({**{k: result[k] for k in ("path", "bytes", "ms", "entries") if k in result},
                                  "removed": [p.name for p in removed]})
