@@ -108,7 +108,9 @@ def executemany_columns(cursor: Any, sql: str, cols: Sequence[Sequence[Any]]) ->
     which costs half what gathering them row by row does."""
     width, n = len(cols), len(cols[0])
     rows = max(1, min(BULK_ROWS, MAX_PARAMETERS // width))
-    multi = _multi_row_sql(sql, width, rows) if rows > 1 else None
+    # Fewer rows than a statement's (every small request in the commit loop): one per statement,
+    # with no look-up of the bulk statement and no copy of the columns.
+    multi = _multi_row_sql(sql, width, rows) if 1 < rows <= n else None
     full = n // rows * rows if multi is not None else 0
     changed = 0
     if full:
@@ -119,7 +121,7 @@ def executemany_columns(cursor: Any, sql: str, cols: Sequence[Sequence[Any]]) ->
         cursor.executemany(multi, (flat[i:i + step] for i in range(0, full * width, step)))
         changed = cursor.rowcount
     if full < n:
-        cursor.executemany(sql, zip(*(col[full:] for col in cols), strict=True))
+        cursor.executemany(sql, zip(*(col[full:] if full else col for col in cols), strict=True))
         changed += cursor.rowcount
     return changed
 

@@ -27,7 +27,7 @@ from flask import Flask
 
 from db.client import WriterClient
 from db.config import ConfigError, load_settings
-from db.health import BACKUP_LOCK, BACKUP_RE, connect_read_only
+from db.health import BACKUP_LOCK, BACKUP_RE, backup_suffix, connect_read_only
 from db.server import pg_program
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, new_home
@@ -341,7 +341,7 @@ def test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles(co
     path or pass --force" (seen in the suite's PostgreSQL run, the jobs worker's first backup and the
     console's in one second). And one backup at a time."""
     s = wstack.settings
-    suffix = ".db" if s.database_path is not None else ".dump"
+    suffix = backup_suffix(s)
     s.backup_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     before = set(s.backup_dir.iterdir())  # the module's stack: earlier tests' backups
     now = time.time()

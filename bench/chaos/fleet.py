@@ -45,7 +45,6 @@ class Fleet:
         self.env = env
         self.folder = folder
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.ticks = TICKS_PER_REQUEST
         self.window = window
         self.pause = pause
         self.tag = tag
@@ -60,7 +59,7 @@ class Fleet:
         source = f"{SOURCE_PREFIX}{self.tag}p{slot.index}g{slot.generation}"
         log = self.folder / f"{source}.acks"
         cmd = [sys.executable, "-m", "bench.chaos.producer", "--mode", slot.mode, "--source", source,
-               "--ack-log", str(log), "--ticks", str(self.ticks[slot.mode]), "--window", str(self.window),
+               "--ack-log", str(log), "--ticks", str(TICKS_PER_REQUEST[slot.mode]), "--window", str(self.window),
                "--pause", str(self.pause)]
         with open(self.folder / f"{source}.log", "wb") as out:
             slot.proc = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
