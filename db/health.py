@@ -27,6 +27,7 @@ import psutil
 from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
+from db.files import part_file, put_in_place
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
 from db.server import server_status
@@ -456,16 +457,15 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
             raise FileExistsError(f"{dest} exists; choose another path or pass --force")
         from db.server import dump
 
-        return dump(settings, dest)
+        return dump(settings, dest, overwrite=overwrite)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
-    leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
     started = time.perf_counter()
+    # Private from its first byte, its own (another backup of this path writes another), and never
+    # left behind half-written (a full disk, a bad page).
+    tmp = part_file(dest)
+    leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
     try:
-        # Private from its first byte, and never left behind half-written (a full disk, a bad page).
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         src = connect_read_only(path)
         try:
             out = sqlite3.connect(tmp)
@@ -479,7 +479,7 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
             src.close()
         if check != ["ok"]:
             raise RuntimeError(f"backup failed its integrity check: {check[:3]}")
-        os.replace(tmp, dest)
+        put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
         raise RuntimeError(f"backup to {dest} failed: {e} (nothing left behind)") from e
     finally:

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from db.config import Settings
 from db.engine import HIDDEN, application_name, psycopg_params
+from db.files import part_file, put_in_place
 from db.leader import LEADER_NAMES, leaders
 from db.lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
 
@@ -152,20 +153,19 @@ def _libpq_env(url: str, private: Path, host: str) -> tuple[str, dict[str, str]]
     return make_conninfo(**params), env
 
 
-def dump(settings: Settings, dest: Path, timeout: float = 3600.0) -> dict[str, Any]:
+def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: bool = False) -> dict[str, Any]:
     """``pg_dump -Fc`` of the database (as ``DATABASE_URL``'s role: the readers' may not read the
     sequences) to ``dest``: written to a private temporary file, listed with ``pg_restore --list``
-    (a dump it cannot read is no backup), then renamed into place. Raises RuntimeError with
-    pg_dump's words (password cut out) and leaves nothing behind."""
+    (a dump it cannot read is no backup), then renamed into place (:func:`db.files.put_in_place`:
+    FileExistsError when ``dest`` exists, unless ``overwrite``). Raises RuntimeError with pg_dump's
+    words (password cut out) and leaves nothing behind."""
     url = settings.database_url
     dest = Path(dest).absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
+    tmp = part_file(dest)  # private from its first byte, and this dump's own
     private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
     started = time.perf_counter()
     try:
         conninfo, env = _libpq_env(url, private, settings.host)
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))  # private from its first byte
         # --extension=plpgsql (built in, never dumped): no extension in the dump. tickstack's schema
         # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
         # a restore as the owner role at CREATE EXTENSION (permission denied).
@@ -178,7 +178,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0) -> dict[str, A
                                    f"{scrub(done.stderr.strip()[-1500:], url)}")
         entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
         os.chmod(tmp, 0o600)
-        os.replace(tmp, dest)
+        put_in_place(tmp, dest, overwrite=overwrite)
     finally:
         tmp.unlink(missing_ok=True)
         shutil.rmtree(private, ignore_errors=True)

@@ -354,12 +354,16 @@ def test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles(co
     assert all(path.read_bytes() == b"another backup" for path in taken)
     written = [p for p in s.backup_dir.iterdir() if BACKUP_RE.fullmatch(p.name) and p not in taken | before]
     assert len(written) == 1 and written[0].suffix == suffix, sorted(p.name for p in s.backup_dir.iterdir())
-    # One at a time: while another process writes one (db.health.BACKUP_LOCK), the console's is refused.
+    # One at a time: while another process writes one (db.health.BACKUP_LOCK), the console's is refused,
+    # and the audit log says so (an operator's action that did nothing is still an action).
+    since = last_audit_id(s)
     with open(s.run_dir / BACKUP_LOCK, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         r = console.post("/console/database/backup", follow_redirects=True)
     assert flashes(r) == [("warn", "A backup is already running; wait for it to finish.")]
     assert set(s.backup_dir.iterdir()) == before | taken | set(written)
+    assert [row[1:] for row in audit_rows(s, since)] == [
+        ("admin", "db.backup", str(s.backup_dir), "skipped", "another backup was being written (run/backup.lock held)")]
 
 
 def test_audit_spools_while_the_writer_is_away_and_sends_later(wstack: Stack) -> None:

@@ -251,6 +251,31 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
         con.close()
 
 
+def test_two_backups_to_one_path_at_once_never_share_a_part_file_or_write_over_each_other(writer: Stack) -> None:
+    """``db backup PATH`` without ``--force``: of two run at once to one path, exactly one writes it and
+    the other fails with "exists" (a check before the rename left a gap in which both wrote, the
+    second over the first); each writes a part file of its own, so a part file beside the path,
+    another backup's in progress, is neither truncated nor removed; nothing else is left behind."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(2000)], "feed")
+    folder = writer.home / "manual"
+    folder.mkdir(mode=0o700)
+    suffix = ".db" if writer.settings.database_path is not None else ".dump"
+    for attempt in range(3):
+        dest = folder / f"copy-{attempt}{suffix}"
+        in_progress = folder / f".{dest.name}.part"  # as the last version named its part file
+        in_progress.write_bytes(b"another backup's half-written copy")
+        runs = [subprocess.Popen([sys.executable, "-m", "db", "backup", str(dest)], env=writer.env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        done = [(run.wait(timeout=120), *run.communicate()) for run in runs]
+        assert sorted(code for code, _, _ in done) == [0, 1], done
+        (_, _, refused), = [d for d in done if d[0] == 1]
+        assert f"{dest} exists; choose another path or pass --force" in refused and "Traceback" not in refused
+        assert in_progress.read_bytes() == b"another backup's half-written copy"
+        in_progress.unlink()
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f"copy-{i}{suffix}" for i in range(attempt + 1))
+        assert dest.stat().st_mode & 0o777 == 0o600
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
 def test_quick_check_and_forced_checkpoint(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")

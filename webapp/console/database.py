@@ -212,7 +212,9 @@ def backup() -> ResponseReturnValue:
         log.warning("console: backup failed: %s", e)
         audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")
         return _done("error", f"Backup failed: {e}")
-    if result is None:
+    if result is None:  # neither done nor failed: skipped, and said so in the audit log too
+        audit("db.backup", str(s.backup_dir), "skipped",
+              f"another backup was being written (run/{health.BACKUP_LOCK} held)")
         return _done("warn", "A backup is already running; wait for it to finish.")
     audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))
     return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).")
