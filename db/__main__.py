@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, WriterError, FileExistsError, FileNotFoundError, IsADirectoryError, ValueError,
-            RuntimeError) as e:
+    except (ConfigError, WriterError, OSError, ValueError, RuntimeError) as e:  # OSError: a path's (no room, no right)
         print(f"python -m db {args.command}: {e}", file=sys.stderr)
         return 1
 

@@ -1,34 +1,66 @@
 """Files written whole under a name someone asked for (backups): private from the first byte, never
 seen half-written, and never written over unless asked.
 
-The part file is unique to its writer (two backups of one path at once each write their own, and
-neither truncates or removes the other's), and the finished file takes its name in one step that
-fails when the name is taken (a hard link): a check before the rename would leave the gap in which
-another writer's file is silently replaced."""
+The part file is its writer's own (two backups of one path at once each write theirs, and neither
+truncates or removes the other's), and the finished file takes its name in one step that fails
+when the name is taken (a hard link): a check before the rename would leave the gap in which
+another writer's file is silently replaced. A part file names its writer's pid, so the part files
+of a backup that was killed (and their SQLite journals) are removed by the next backup into that
+folder, never those of a backup still running."""
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from pathlib import Path
 
-#: What the part files beside a destination end with (hidden: a leading dot).
-PART_SUFFIX = ".part"
+import psutil
+
+#: ``.<name, cut>.<pid>.<random>.part``, and the SQLite journals of one (``-journal``, ``-wal``, ``-shm``).
+PART_RE = re.compile(r"\..*\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.part(?:-journal|-wal|-shm)?")
+#: How much of the destination's name a part file repeats: enough to tell whose it is, short enough
+#: that the part file and its journal fit the 255 bytes of a name whatever the destination's.
+NAME_KEPT = 64
 
 
 def part_file(dest: Path) -> Path:
     """A new empty file, mode 0600, in ``dest``'s folder (made if missing), named
-    ``.<dest's name>.<random>.part``: the caller writes into it, then :func:`put_in_place`."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PART_SUFFIX, dir=dest.parent)  # 0600
+    ``.<dest's name>.<pid>.<random>.part``: the caller writes into it, then :func:`put_in_place`.
+    The part files there of processes no longer running are removed first."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # mkdir's own words name the file, not the problem
+        raise NotADirectoryError(f"{dest.parent} is not a folder (a file is in the way); choose another path") from None
+    remove_orphans(dest.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{dest.name[:NAME_KEPT]}.{os.getpid()}.", suffix=".part", dir=dest.parent)
     os.close(fd)
     return Path(name)
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove the part files (and their journals) in ``folder`` whose writer is not running; the removed."""
+    removed = []
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.name.startswith(".")]
+    except OSError:
+        return removed
+    for name in names:
+        match = PART_RE.fullmatch(name)
+        if match is None or psutil.pid_exists(int(match["pid"])):
+            continue
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:  # another backup removed it first
+            continue
+        removed.append(folder / name)
+    return removed
 
 
 def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:
     """Give ``part`` the name ``dest``. Without ``overwrite``, FileExistsError when ``dest`` exists,
     decided by the link itself, so a file that took the name meanwhile stays as it is (``part`` is
-    left for the caller to remove). A filesystem without hard links gets the rename after a check."""
+    left for the caller to remove). A filesystem without hard links gets a check, then the rename."""
     if overwrite:
         os.replace(part, dest)
         return
@@ -37,9 +69,9 @@ def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:
     except FileExistsError:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force") from None
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP):  # what a filesystem without hard links says
             raise
-        if dest.exists():
+        if os.path.lexists(dest):
             raise FileExistsError(f"{dest} exists; choose another path or pass --force") from None
         os.replace(part, dest)
         return

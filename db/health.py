@@ -439,8 +439,9 @@ def _refuse_live_file(settings: Settings, dest: Path) -> None:
 def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Copy the database to ``dest`` with SQLite's online backup API from a
     read-only connection: a consistent snapshot while the stack runs (the
-    copy is one step, one read transaction). Written to a temp file, checked
-    with integrity_check, then renamed into place. On PostgreSQL, a ``pg_dump -Fc``
+    copy is one step, one read transaction). Written to a part file of its own, checked with
+    integrity_check, then given its name (:mod:`db.files`: never over a file there, unless
+    ``overwrite``). On PostgreSQL, a ``pg_dump -Fc``
     archive checked with ``pg_restore --list`` (:func:`db.server.dump`)."""
     path = settings.database_path
     dest = Path(dest).absolute()

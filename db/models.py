@@ -23,8 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-#: How an audited action went. ``skipped``: a check that could not be made (amcheck not
-#: installed), which neither passed nor failed.
+#: How an audited action went. ``skipped``: neither done nor failed (a check that could not be made,
+#: amcheck not installed; a backup asked for while another was written).
 AUDIT_RESULTS = ("ok", "error", "denied", "skipped")
 
 # A 64-bit integer key that is still SQLite's fast rowid alias.

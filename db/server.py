@@ -161,10 +161,11 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
     words (password cut out) and leaves nothing behind."""
     url = settings.database_url
     dest = Path(dest).absolute()
-    tmp = part_file(dest)  # private from its first byte, and this dump's own
     private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
     started = time.perf_counter()
+    tmp: Path | None = None
     try:
+        tmp = part_file(dest)  # private from its first byte, and this dump's own
         conninfo, env = _libpq_env(url, private, settings.host)
         # --extension=plpgsql (built in, never dumped): no extension in the dump. tickstack's schema
         # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
@@ -180,7 +181,8 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
         os.chmod(tmp, 0o600)
         put_in_place(tmp, dest, overwrite=overwrite)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         shutil.rmtree(private, ignore_errors=True)
     return {"path": str(dest), "bytes": dest.stat().st_size, "entries": entries,
             "ms": round((time.perf_counter() - started) * 1000, 1)}

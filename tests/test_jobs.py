@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from db.client import WriterClient
 from db.config import ConfigError
+from db.files import part_file, put_in_place
 from db.health import BACKUP_LOCK, connect_read_only, file_sizes
 from db.server import pg_program
 from testkit.env import ROOT
@@ -253,27 +255,71 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
 
 def test_two_backups_to_one_path_at_once_never_share_a_part_file_or_write_over_each_other(writer: Stack) -> None:
     """``db backup PATH`` without ``--force``: of two run at once to one path, exactly one writes it and
-    the other fails with "exists" (a check before the rename left a gap in which both wrote, the
-    second over the first); each writes a part file of its own, so a part file beside the path,
-    another backup's in progress, is neither truncated nor removed; nothing else is left behind."""
+    the other fails with "exists" (both failed before, one with a traceback: they wrote one part file,
+    ``.NAME.part``, and each removed it under the other). A part file of a backup still running is
+    left alone, one of a process that died (and its journal) is removed; nothing else is left."""
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(2000)], "feed")
     folder = writer.home / "manual"
     folder.mkdir(mode=0o700)
     suffix = ".db" if writer.settings.database_path is not None else ".dump"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
     for attempt in range(3):
         dest = folder / f"copy-{attempt}{suffix}"
-        in_progress = folder / f".{dest.name}.part"  # as the last version named its part file
-        in_progress.write_bytes(b"another backup's half-written copy")
+        running = folder / f".{dest.name}.{os.getpid()}.abcd1234.part"  # a backup in progress: this process
+        orphans = [folder / f".{dest.name}.{dead.pid}.efgh5678.part{end}" for end in ("", "-journal")]
+        for path in (running, *orphans):
+            path.write_bytes(b"half-written")
         runs = [subprocess.Popen([sys.executable, "-m", "db", "backup", str(dest)], env=writer.env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         done = [(run.wait(timeout=120), *run.communicate()) for run in runs]
         assert sorted(code for code, _, _ in done) == [0, 1], done
         (_, _, refused), = [d for d in done if d[0] == 1]
         assert f"{dest} exists; choose another path or pass --force" in refused and "Traceback" not in refused
-        assert in_progress.read_bytes() == b"another backup's half-written copy"
-        in_progress.unlink()
+        assert running.read_bytes() == b"half-written"
+        running.unlink()
         assert sorted(p.name for p in folder.iterdir()) == sorted(f"copy-{i}{suffix}" for i in range(attempt + 1))
         assert dest.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.database_independent("files only: the step that names a finished backup, on this filesystem")
+def test_a_backup_takes_its_name_in_one_step_that_fails_when_the_name_is_taken(tmp_path: Path) -> None:
+    """What makes two backups of one path safe (:func:`db.files.put_in_place`): a file that took the name
+    after the part file was made is kept as it is and the backup fails with "exists" (a check, then
+    a rename, replaced it); with ``overwrite`` it is replaced. Part files are private and short-named
+    whatever the destination's length (a name of 250 bytes left no room for the old ``.NAME.part``'s
+    SQLite journal: a traceback)."""
+    dest = tmp_path / "copy.db"
+    part = part_file(dest)
+    assert part.parent == tmp_path and part.stat().st_mode & 0o777 == 0o600
+    part.write_bytes(b"mine")
+    dest.write_bytes(b"another's, made meanwhile")
+    with pytest.raises(FileExistsError, match="copy.db exists; choose another path or pass --force"):
+        put_in_place(part, dest)
+    assert dest.read_bytes() == b"another's, made meanwhile" and part.read_bytes() == b"mine"
+    put_in_place(part, dest, overwrite=True)
+    assert dest.read_bytes() == b"mine" and not part.exists()
+    long_dest = tmp_path / ("x" * 247 + ".db")
+    long_part = part_file(long_dest)
+    assert len(f"{long_part.name}-journal") < 255
+    long_part.write_bytes(b"whole")
+    put_in_place(long_part, long_dest)
+    assert long_dest.read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy.db", long_dest.name]
+
+
+def test_db_backup_says_what_is_wrong_with_a_path_it_cannot_write(writer: Stack) -> None:
+    """A path the backup cannot be written to (a file as its folder, a name over 255 bytes) is an error
+    with the reason, exit 1, not a traceback (only some OSErrors were caught)."""
+    blocker = writer.home / "a-file"
+    blocker.write_text("not a folder")
+    cases = ((blocker / "copy.db", "is not a folder (a file is in the way)"),
+             (writer.home / ("y" * 300 + ".db"), "File name too long"))
+    for path, reason in cases:
+        proc = subprocess.run([sys.executable, "-m", "db", "backup", str(path)], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("python -m db backup: ") and reason in proc.stderr, proc.stderr
 
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
