@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cksum < requirements.lock | cut -d' ' -f1)
 export TICKSTACK_HOME ?= $(CURDIR)/var
 export TICKSTACK_API_PORT ?= 8000
 export TICKSTACK_CONSOLE_PORT ?= 8001
-# circus.ini runs `python`, `gunicorn` and `circusd-stats` from the venv.
+# circus.ini runs `python` and `gunicorn` from the venv.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 # `source .venv/bin/activate` sets the same defaults (unless already set), and the circusctl

@@ -20,16 +20,11 @@ from pathlib import Path
 from db.config import ConfigError, Settings, check_home, ensure_home, load_settings
 from db.errors import WriterError
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
+from db.sizes import human_bytes
 
 
 def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    return "-" if n is None else human_bytes(n)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

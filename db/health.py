@@ -31,6 +31,7 @@ from db.files import part_file, put_in_place
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
 from db.server import server_status
+from db.sizes import human_bytes
 
 #: Modules whose processes are ours: a process running one of them with the
 #: database open is a known reader.
@@ -66,9 +67,10 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
     con = connect_read_only(path)
     try:
         out: dict[str, Any] = {}
-        for name in ("journal_mode", "page_count", "page_size", "freelist_count", "user_version"):
+        for name in ("journal_mode", "page_count", "page_size", "freelist_count"):
             out[name] = con.execute(f"PRAGMA {name}").fetchone()[0]
-        # The schema's version is recorded in its own table (db.schema), not in PRAGMA user_version.
+        # The schema's version is recorded in its own table (db.schema); PRAGMA user_version is not
+        # used (always 0: shown, it read as a second, contradicting version).
         try:
             out["schema_version"] = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         except sqlite3.OperationalError:  # no such table: a database the schema was never applied to
@@ -322,7 +324,7 @@ def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
                          "server (is it running? `pg_isready`), its host and DATABASE_URL.")]
     apps = ", ".join(f"{n} {name}" for name, n in sorted(server["by_application"].items(), key=lambda kv: -kv[1])[:6])
     out = [("ok", f"The database server answers in {server['ping_ms']:.1f} ms (PostgreSQL {server['version']}): "
-                  f"database {_amount(server['size_bytes'])}, {server['connections']} connections ({apps}); "
+                  f"database {human_bytes(server['size_bytes'])}, {server['connections']} connections ({apps}); "
                   f"{server['server_connections']} of max_connections {server['max_connections']} on the server.")]
     if server["server_connections"] > 0.8 * server["max_connections"]:
         out.append(("warn", f"The server has {server['server_connections']} of its {server['max_connections']} "
@@ -332,13 +334,6 @@ def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _amount(n: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n / 2**10:,.1f} KiB"
-
-
 def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     """Free space, warned about before it runs out, and a full disk the writer met."""
     out: list[tuple[str, str]] = []
@@ -346,12 +341,12 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
         if "error" in d:
             out.append(("warn", f"Cannot read the free space of the {d['what']} ({d['path']}): {d['error']}."))
         elif d["level"] == "ok":
-            out.append(("ok", f"Disk of the {d['what']}: {_amount(d['free'])} free of {_amount(d['total'])} "
+            out.append(("ok", f"Disk of the {d['what']}: {human_bytes(d['free'])} free of {human_bytes(d['total'])} "
                               f"({d['free_pct']:.1f} %)."))
         else:
-            out.append((d["level"], f"Disk of the {d['what']} ({d['path']}) is "
-                                    f"{'almost full' if d['level'] == 'fail' else 'filling up'}: {_amount(d['free'])} "
-                                    f"free of {_amount(d['total'])} ({d['free_pct']:.1f} %, warning below "
+            state = "almost full" if d["level"] == "fail" else "filling up"
+            out.append((d["level"], f"Disk of the {d['what']} ({d['path']}) is {state}: {human_bytes(d['free'])} "
+                                    f"free of {human_bytes(d['total'])} ({d['free_pct']:.1f} %, warning below "
                                     f"{d['warn_pct']:g} %, TICKSTACK_DISK_WARN_PCT). When it is full the writer "
                                     "refuses writes (StorageFull) and the ingestor holds ticks in memory. Free "
                                     "space: delete old backups (TICKSTACK_BACKUP_KEEP), shorten "

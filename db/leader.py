@@ -14,8 +14,11 @@ keepalives give up on it (about 11 s, :data:`db.lock.SERVER_KEEPALIVES`). The st
 ``poll`` seconds and takes over then. The leader checks its session every ``check_every`` seconds
 and stops leading (the worker exits, circus starts it again as a standby) when it is gone.
 
-On SQLite there is one host and one stack per database file (the writer's file lock), and circus
-runs one process of each such worker: leadership is always held.
+On SQLite there is one host per database file, and a second process of such a worker comes from
+``circusctl incr analysis`` or from one run by hand beside the stack: both would fold the same
+ticks, each store refused in turn (the cursor moved under it). Leadership there is an exclusive
+``flock`` on a file beside the database (``<database>.leader-<name>.lock``, holding the pid), which
+the kernel drops when its holder dies, however it dies; the standby polls it as on PostgreSQL.
 """
 from __future__ import annotations
 
@@ -23,13 +26,14 @@ import logging
 import os
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
 from db.config import Settings
 from db.engine import is_sqlite, psycopg_params
-from db.lock import KEEPALIVES, SERVER_KEEPALIVES
+from db.lock import KEEPALIVES, SERVER_KEEPALIVES, PidLock, read_lock_holder
 
 log = logging.getLogger("tickstack.leader")
 
@@ -64,6 +68,11 @@ def leader_application_name(name: str, host: str) -> str:
     return f"{LEADER_APP} {name} pid {os.getpid()} on {host}".encode()[:63].decode(errors="ignore")
 
 
+def leader_lock_path(database: Path, name: str) -> Path:
+    """The file whose lock is ``name``'s leadership of the SQLite database at ``database``."""
+    return database.with_name(f"{database.name}.leader-{name}.lock")
+
+
 def leaders(conn: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     """Who leads each of ``names`` on ``conn``'s database (a SQLAlchemy or psycopg connection):
     the leader session's application_name, or None when nobody leads it."""
@@ -85,19 +94,28 @@ class Leadership:
         self.name = name
         self.url = settings.database_url
         self.host = settings.host
+        #: On a server (an advisory lock), or on a SQLite file (a file lock).
         self.shared = not is_sqlite(self.url)
         self.key = leader_key(name)
         self.check_every = check_every
-        self.held = not self.shared
+        self.held = False
         self.lost: str | None = None
         self._conn: Any = None
+        self._file: PidLock | None = None
+        if not self.shared:
+            assert settings.database_path is not None
+            self._file = PidLock(leader_lock_path(settings.database_path, name))
         self._checked_at = 0.0
 
     def try_take(self) -> bool:
         """Take the leadership if nobody holds it; True when this process leads. Raises psycopg's
-        OperationalError when the server cannot be reached (the caller waits and tries again)."""
+        OperationalError when the server cannot be reached (the caller waits and tries again), and
+        OSError when the lock file cannot be opened."""
         if self.held:
             return True
+        if self._file is not None:
+            self.held = self._file.try_acquire()
+            return self.held
         if self._conn is None:
             import psycopg
 
@@ -117,8 +135,11 @@ class Leadership:
 
     def holder(self) -> str:
         """In words, who leads now (for a standby's log line)."""
-        if not self.shared:
-            return "this process"
+        if self._file is not None:
+            if self.held:
+                return "this process"
+            pid = read_lock_holder(self._file.path)
+            return f"pid {pid} on this host ({self._file.path})" if pid is not None else "nobody (it just ended)"
         try:
             row = self._conn.execute(_HOLDER_SQL, (NAMESPACE, self.key)).fetchone() if self._conn else None
         except Exception as e:
@@ -131,7 +152,7 @@ class Leadership:
     def still_held(self) -> bool:
         """While leading, as often as the loop likes: at most every ``check_every`` seconds, prove
         that the session (and with it the lock) is still there. False once it is not."""
-        if not self.shared or not self.held:
+        if not self.shared or not self.held:  # a file lock is held until its process lets it go
             return self.held
         now = time.monotonic()
         if now - self._checked_at < self.check_every:
@@ -146,8 +167,10 @@ class Leadership:
         return self.held
 
     def release(self) -> None:
-        """End the session, and with it the leadership."""
-        self.held = not self.shared
+        """End the session (or close the lock file), and with it the leadership."""
+        self.held = False
+        if self._file is not None:
+            self._file.release()
         self._close()
 
     def _close(self) -> None:

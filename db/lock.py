@@ -33,35 +33,46 @@ class WriterLocked(RuntimeError):
     """Another writer holds the lock; the message names its pid."""
 
 
-class WriterLock:
-    """An exclusive ``flock`` on a file beside the database, holding the pid.
+class PidLock:
+    """An exclusive ``flock`` on a file, holding the holder's pid.
 
     The kernel drops the lock when its holder dies, however it dies, so a
-    killed writer never leaves a stale lock behind.
+    killed holder never leaves a stale lock behind (:func:`read_lock_holder`
+    names the live one).
     """
 
     def __init__(self, path: os.PathLike[str] | str) -> None:
         self.path = os.fspath(path)
         self.fd: int | None = None
 
-    def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it (True), or leave it (False) at once."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise WriterLocked(f"another writer (pid {holder}) holds {self.path}; refusing to start a second "
-                               "one, since exactly one process may write the database") from None
+            return False
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        return True
 
     def release(self) -> None:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
+
+
+class WriterLock(PidLock):
+    """The writer's :class:`PidLock`, beside the database (``Settings.writer_lock_path``)."""
+
+    def acquire(self) -> None:
+        if not self.try_acquire():
+            holder = read_lock_holder(self.path)
+            raise WriterLocked(f"another writer (pid {holder or 'unknown'}) holds {self.path}; refusing to start "
+                               "a second one, since exactly one process may write the database")
 
 
 def read_lock_holder(path: os.PathLike[str] | str) -> int | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -39,13 +40,30 @@ from typing import Any
 from circus.fixed_threading import Timer
 from circus.plugins.flapping import Flapping as CircusFlapping
 from circus.plugins.watchdog import WatchDog as CircusWatchDog
-from circus.util import to_bool
+from circus.util import configure_logger, to_bool
 
 from db.preflight import circusctl_command
 from supervision.circus import is_busy, retry_while_busy
 from supervision.lifeline import Lifeline
 
 log = logging.getLogger("circus")
+
+
+def log_where_circusd_logs() -> None:
+    """circus starts a plugin with circusd's ``--log-output``, but one it starts again on ``circusctl
+    reloadconfig`` without it (circus 0.19, ``Arbiter.get_plugin_config``): its lines then went to
+    circusd's stderr, a terminal, or nowhere under ``--daemon``. Such a plugin logs where circus.ini's
+    ``logoutput`` says, ``$TICKSTACK_HOME/log/circusd.log`` (only its first three lines, logged
+    before the plugin is made, are not there)."""
+    from db.config import ConfigError, load_settings
+
+    if "--log-output" in sys.argv:
+        return
+    try:
+        log_dir = load_settings().log_dir
+    except ConfigError:  # said by every process of the stack; this one logs where circus left it
+        return
+    configure_logger(log, output=str(log_dir / "circusd.log"))
 
 
 class CallsNotCasts:
@@ -74,6 +92,7 @@ class CallsNotCasts:
 
 class Flapping(CallsNotCasts, CircusFlapping):
     def __init__(self, *args: Any, **config: Any) -> None:
+        log_where_circusd_logs()
         super().__init__(*args, **config)
         self._socket_lock = threading.Lock()
         self.reset_after = float(config.get("reset_after", 300))
@@ -134,6 +153,7 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
     def __init__(self, *args: Any, **config: Any) -> None:
         from db.config import load_settings
 
+        log_where_circusd_logs()
         super().__init__(*args, **config)
         self._socket_lock = threading.Lock()
         self.settings = load_settings()
@@ -141,6 +161,9 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
         self.timeout = float(config.get("timeout", self.loop_rate * self.max_count))
         #: pid -> [watcher, monotonic time of its last heartbeat, or None before its first]
         self.watched: dict[int, list[Any]] = {}
+        #: pids circus is stopping (its "kill" event, until "reap"): their heartbeats while they drain
+        #: must not make them watched again (circus still lists them until they are gone).
+        self.stopping: set[int] = set()
         self.timeouts: dict[str, float] = {}
         self._last_discovery = 0.0
 
@@ -170,8 +193,13 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
         pid = self.load_message(msg).get("process_pid")
         if action == "spawn":
             self.watched[pid] = [watcher_name, None]
+            self.stopping.discard(pid)  # a pid used again
         else:  # stopped by circus (its graceful timeout applies now) or gone
             self.watched.pop(pid, None)
+            if action == "kill":
+                self.stopping.add(pid)
+            else:
+                self.stopping.discard(pid)
 
     def receive_udp_socket(self, fd: int, events: int) -> None:
         """Read every waiting heartbeat ("pid;time"); anything else is ignored."""
@@ -181,7 +209,7 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
             except (BlockingIOError, TimeoutError, OSError):
                 return
             beat = self._decode(data)
-            if beat is None:
+            if beat is None or beat in self.stopping:
                 continue
             if beat not in self.watched and time.monotonic() - self._last_discovery >= 1.0:
                 self._discover()  # spawned before this plugin subscribed to circus's events
@@ -241,6 +269,8 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
                 pids = self.call("list", name=watcher_name)
                 complete = complete and pids.get("status") == "ok"
                 for known in pids.get("pids", []):
+                    if int(known) in self.stopping:  # listed until circus has reaped it
+                        continue
                     if int(known) not in self.watched and armed_at is not None:
                         log.info("watchdog: %s pid %d: running; watched from now on", watcher_name, int(known))
                     self.watched.setdefault(int(known), [watcher_name, armed_at])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from db.config import load_settings
 from db.errors import Conflict, ValidationError
 from db.vocabulary import TIMEFRAMES
 from testkit.env import ROOT
+from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 from workers.analysis import AnalysisWorker
@@ -192,6 +194,57 @@ def test_sigkill_mid_run_never_counts_a_tick_twice(writer: Stack) -> None:
         con.close()
     assert positions == sorted(positions) and positions[-1] < 24_000, positions  # killed mid-way
     run_worker(writer, "--chunk", "700")
+    check_bars(writer)
+    check_indicators(writer)
+
+
+def test_a_second_analysis_worker_stands_by_and_takes_over_when_the_leader_dies(writer: Stack) -> None:
+    """One analysis worker per database, on either database (:mod:`db.leader`): a second one
+    (``circusctl incr analysis``, or one run by hand beside the stack) stands by, naming the leader's
+    pid, while the first folds the ticks, and takes over when it dies; a bounded run exits 3. On
+    SQLite both used to fold the same ticks, their stores refused every second (the cursor moved
+    under them) and counted as failed requests."""
+    logs = [writer.home / "log" / f"analysis-{k}.log" for k in "ab"]
+
+    def start(log: Path) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "workers.analysis", "--chunk", "500"], env=writer.env,
+                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        writer.procs.append(proc)
+        return proc
+
+    def cursor() -> int:
+        con = db(writer)
+        try:
+            row = con.execute("SELECT value FROM cursors WHERE name = 'analysis'").fetchone()
+            return row[0] if row else 0
+        finally:
+            con.close()
+
+    first = start(logs[0])
+    wait_for("the first analysis worker to lead", lambda: "analysis: leading" in logs[0].read_text(), timeout=60)
+    second = start(logs[1])
+    wait_for("the second to stand by", lambda: "analysis: standing by" in logs[1].read_text(), timeout=30)
+    said = logs[1].read_text()
+    assert f"pid {first.pid}" in said.split("standing by", 1)[1].splitlines()[0], said
+    for part in range(3):  # both would be folding now: their stores collide on the cursor
+        insert(writer, list(price_path(["AAA", "BBB"], T0 + part * 3_600_000, 3000, 500, seed=part)), "lead")
+        wait_for("the leader to catch up", lambda n=3000 * (part + 1): cursor() == n, timeout=60)
+    with WriterClient(settings=writer.settings) as client:
+        assert client.stats()["requests_failed"] == 0
+    assert "leading" not in logs[1].read_text() and "store failed" not in logs[0].read_text()
+
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    wait_for("the standby to take over", lambda: "analysis: leading" in logs[1].read_text(), timeout=60)
+    insert(writer, list(price_path(["AAA", "BBB"], T0 + 5 * 3_600_000, 2000, 500, seed=7)), "lead")
+    wait_for("the new leader to catch up", lambda: cursor() == 11_000, timeout=60)
+    bounded = subprocess.run([sys.executable, "-m", "workers.analysis", "--until-idle"], env=writer.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert bounded.returncode == 3, bounded.stderr
+    assert "another process leads (" in bounded.stderr and f"pid {second.pid}" in bounded.stderr, bounded.stderr
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(60) == 0
     check_bars(writer)
     check_indicators(writer)
 

@@ -297,7 +297,7 @@ def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(s
     on_server = small.settings.database_path is None
     what = "runtime folder" if on_server else "database"
     health = db("health")
-    assert re.search(rf"disk +{what}: .* free of 8\.0 MB \(\d+\.\d %\) at " + re.escape(str(small.home)) + r"$",
+    assert re.search(rf"disk +{what}: .* free of 8\.0 MiB \(\d+\.\d %\) at " + re.escape(str(small.home)) + r"$",
                      health.stdout, re.M), health.stdout
     assert "<-- LOW" not in health.stdout
 

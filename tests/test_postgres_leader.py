@@ -76,14 +76,18 @@ def test_one_monitor_leads_and_a_standby_takes_over_when_it_is_killed(request: p
         stack.close()
 
 
-def test_on_sqlite_the_one_monitor_always_leads(request: pytest.FixtureRequest) -> None:
+def test_on_sqlite_the_one_monitor_leads_at_once(request: pytest.FixtureRequest) -> None:
+    """On SQLite leadership is a file lock beside the database (the standby case:
+    ``tests/test_analysis.py::test_a_second_analysis_worker_stands_by_and_takes_over_when_the_leader_dies``)."""
     stack = stack_on("sqlite", request)
     try:
         stack.start_writer()
         run = subprocess.run([sys.executable, "-m", "workers.monitor", "--until-idle"], env=stack.env, cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 0, run.stderr
-        assert "standing by" not in run.stderr and "leading" not in run.stderr
+        assert "standing by" not in run.stderr and "monitor: leading" in run.stderr
+        lock = stack.settings.database_path.with_name("tickstack.db.leader-monitor.lock")
+        assert lock.stat().st_mode & 0o777 == 0o600 and lock.read_text() == ""  # let go on the way out
     finally:
         stack.close()
 

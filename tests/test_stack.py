@@ -169,11 +169,17 @@ def test_second_circusd_refuses_and_a_reload_of_the_same_ini_leaves_every_watche
     assert all(stack.status()[w] == "active" for w in WATCHERS)
     assert {w: stack.pids_of(w) for w in WATCHERS} == pids
     assert WriterClient(settings=stack.settings, deadline=5).ping()["pid"] == pids["writer"][0]
+    listening = stack.circusd_log().count("Watchdog listening UDP on 127.0.0.1:")
+    assert listening == 1, stack.circusd_log()[-3000:]
     reload = stack.circusctl("reloadconfig", "--waiting")
     assert reload.returncode == 0 and "ok" in reload.stdout, reload.stdout + reload.stderr
     # circus restarts its plugins on every reload (it compares their command without the log options
     # it added at start), so wait for them; the watchers must not have moved.
     wait_for("the plugins back after the reload", lambda: all(
         stack.status().get(p) == "active" for p in ("plugin:flapping", "plugin:watchdog")), timeout=60)
+    # And the new plugins log where the first ones did, in circusd's log (circus starts a reloaded
+    # plugin without --log-output: its lines went to circusd's stderr, nowhere under --daemon).
+    wait_for("the new watchdog's first line in circusd's log", lambda: stack.circusd_log().count(
+        "Watchdog listening UDP on 127.0.0.1:") == 2, timeout=30)
     assert {w: stack.status()[w] for w in WATCHERS} == dict.fromkeys(WATCHERS, "active")
     assert {w: stack.pids_of(w) for w in WATCHERS} == pids, stack.circusd_log()[-3000:]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from db.sizes import human_bytes
 from db.stats import percentile
+from webapp.console import formats
 from workers.writer import Stats
 
 
@@ -35,3 +37,12 @@ def test_percentile_refuses_a_fraction_out_of_range() -> None:
     for p in (0, -0.1, 1.5, 50):
         with pytest.raises(ValueError, match="must be in"):
             percentile([1.0], p)
+
+
+@pytest.mark.parametrize("n, words", [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (8 * 2**20, "8.0 MiB"),
+                                      (int(78.2 * 2**30), "78.2 GiB"), (3 * 2**40, "3.0 TiB"), (2**52, "4096.0 TiB")])
+def test_a_byte_count_is_said_one_way_by_the_cli_health_and_the_console(n: int, words: str) -> None:
+    """``db health`` said "78.2 GB" where ``db doctor`` and the console said "78.2 GiB" for the same
+    figure: three helpers, two units. Now one (:func:`db.sizes.human_bytes`), the console's filter on it."""
+    assert human_bytes(n) == words
+    assert formats.human_bytes(n) == words and formats.human_bytes(None) == formats.DASH

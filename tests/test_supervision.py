@@ -391,3 +391,23 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
         "SELECT target, result, detail FROM audit_log WHERE actor = 'watchdog' AND action = 'restart'").fetchall())
     assert audit[0][0] == "writer" and audit[0][1] == "ok" and str(old[0]) in audit[0][2], audit
     con.close()
+
+
+def test_a_writer_stopping_gracefully_is_not_watched_again_by_its_last_heartbeats(stack: CircusStack) -> None:
+    """A process circus stops (a restart, a stop) is not watched from then on: a long graceful stop is no
+    hang. Its heartbeats while it drains made the watchdog look for it in circus's list, where it still
+    was, and watch it again ("first heartbeat; watched from now on", seen at each writer restart): a
+    drain then silent past the timeout would have restarted the new writer."""
+    stack.start()
+    old = stack.pids_of("writer")
+    watched = rf"watchdog: writer pid {old[0]}: (first heartbeat|running); watched from now on"
+    wait_for("the watchdog to watch the writer", lambda: re.search(watched, stack.log("circusd")), timeout=60)
+    before = stack.log("circusd")
+    restart = stack.circusctl("restart", "writer", "--waiting")
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=60)
+    wait_for("the new writer watched", lambda: re.search(
+        rf"watchdog: writer pid {new[0]}: first heartbeat; watched from now on", stack.log("circusd")), timeout=60)
+    after = stack.log("circusd")[len(before):]
+    assert not psutil.pid_exists(old[0]) or not alive(psutil.Process(old[0]))
+    assert f"pid {old[0]}: first heartbeat" not in after and f"pid {old[0]}: running" not in after, after[-3000:]

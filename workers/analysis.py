@@ -51,7 +51,9 @@ DEFAULT_CHUNK = 20_000
 MAX_CHUNK = 1_000_000
 #: store_analysis requests in flight.
 DEFAULT_WINDOW = 4
-LOG_EVERY = 1.0
+#: Seconds between two progress lines of a running worker (as the tick ingestor's): at live rates a chunk
+#: is stored every second, and a line for each made 3,600 lines an hour of the same words.
+LOG_EVERY = 10.0
 
 
 class DbHistory:
@@ -284,7 +286,8 @@ class AnalysisWorker(Worker):
             self._stats[key] += n
 
     def _log_progress(self, force: bool = False) -> None:
-        """One INFO line per second at most, summing the chunks stored since the previous one."""
+        """One INFO line every :data:`LOG_EVERY` seconds at most (and at the end of a run), summing the chunks
+        stored since the previous one."""
         now = time.monotonic()
         if self._stats["chunks"] and (force or now - self._logged_at >= LOG_EVERY):
             s = self._stats

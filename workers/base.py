@@ -161,8 +161,7 @@ class Worker:
             tend_lifeline(self.settings)
             try:
                 if leadership.try_take():
-                    if leadership.shared:
-                        self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
+                    self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
                     return True
                 holder = leadership.holder()
             except Exception as e:  # the server is down or restarting: wait, do not crash

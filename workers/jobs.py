@@ -137,9 +137,9 @@ class JobsWorker(Worker):
         return due
 
     def leads(self) -> bool:
-        """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): always on SQLite; on
-        PostgreSQL while it holds the jobs leadership, which a standby tries to take at most every
-        ``standby_poll`` seconds. Logged when it changes."""
+        """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): while it holds the jobs
+        leadership (:mod:`db.leader`), which a standby tries to take at most every ``standby_poll``
+        seconds. Logged when it changes."""
         if self.leadership.held:
             if self.leadership.still_held():
                 return True

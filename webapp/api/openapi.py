@@ -409,10 +409,14 @@ def _build() -> dict[str, Any]:
                             "sessions."), "properties": {
                             "path": {"type": "string"}, "journal_mode": {"type": "string"},
                             **{name: {"type": ["integer", "null"]} for name in (
-                                "page_count", "page_size", "freelist_count", "user_version", "schema_version")},
+                                "page_count", "page_size", "freelist_count", "schema_version")},
                             "size_bytes": {"type": ["integer", "null"]}, "wal_bytes": {"type": "integer"},
                             "lock_errors": {"type": ["integer", "null"]},
-                            "last_checkpoint": {"type": ["object", "null"]},
+                            "last_checkpoint": {"type": ["object", "null"], "description": (
+                                "the last checkpoint asked of the writer (the checkpoint op: the jobs worker, "
+                                "the console, python -m db checkpoint) since it started; null before the first. "
+                                "The writer's own, in the background, are counted in its stats "
+                                "(background_checkpoints).")},
                             "dialect": {"type": "string", "examples": ["postgresql"]},
                             "host": {"type": ["string", "null"]}, "reachable": {"type": "boolean"},
                             "ping_ms": _NUMBER,

@@ -4,21 +4,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from db import sizes
 from db.queries import decimals
 
 DASH = "–"
 
 
 def human_bytes(n: Any) -> str:
-    """1536 -> "1.5 KiB"."""
-    if not isinstance(n, int | float):
-        return DASH
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return DASH  # pragma: no cover
+    """1536 -> "1.5 KiB" (:func:`db.sizes.human_bytes`)."""
+    return sizes.human_bytes(n) if isinstance(n, int | float) else DASH
 
 
 def timestamp(ms: Any) -> str:
