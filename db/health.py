@@ -28,6 +28,7 @@ from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.files import part_file, put_in_place
+from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
 from db.server import server_status
@@ -415,18 +416,20 @@ def list_backups(directory: Path) -> list[Path]:
 
 def _refuse_live_file(settings: Settings, dest: Path) -> None:
     """ValueError when ``dest``, however spelled (``..``, a symlink, a hard link), is a file the running
-    stack uses: the database, its WAL, shared-memory or journal file, the writer's lock, or anything in
-    ``run/``. The backup's rename would put a new file in its place: a copy under the live writer, or
-    a lock file no one holds, which would let a second writer start."""
+    stack uses: the database, its WAL, shared-memory or journal file, the writer's or a leader's lock
+    (:func:`db.leader.leader_lock_path`), or anything in ``run/``. The backup's rename would put a new
+    file in its place: a copy under the live writer, or a lock file no one holds, which would let a
+    second writer, or a second analysis worker, start."""
     real = dest.resolve()
     live = [settings.writer_lock_path.resolve()]
     if settings.database_path is not None:
         db_file = Path(settings.database_path).resolve()
-        live += [db_file, *(Path(f"{db_file}-{suffix}") for suffix in ("wal", "shm", "journal"))]
+        live += [db_file, *(Path(f"{db_file}-{suffix}") for suffix in ("wal", "shm", "journal")),
+                 *(leader_lock_path(db_file, name) for name in LEADER_NAMES)]
     same = dest.exists() and any(f.exists() and os.path.samefile(dest, f) for f in live)
     if real in live or same:
         raise ValueError(f"{dest} is a file of the running stack (the database, its WAL, shared-memory or "
-                         "journal file, or the writer's lock); choose another path")
+                         "journal file, or the writer's or a leader's lock); choose another path")
     if real.is_relative_to(settings.run_dir.resolve()):
         raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
 

@@ -86,6 +86,11 @@ def leaders(conn: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     return found
 
 
+class LeadershipUnusable(RuntimeError):
+    """The leadership cannot be taken at all here (SQLite: its lock file cannot be opened): not a
+    server that is down for a while, so waiting would never end; the message says which file and why."""
+
+
 class Leadership:
     """The leadership of ``name`` on the settings' database. Not thread-safe: the worker's loop
     uses it (:meth:`try_take` while standing by, :meth:`still_held` while leading)."""
@@ -114,7 +119,11 @@ class Leadership:
         if self.held:
             return True
         if self._file is not None:
-            self.held = self._file.try_acquire()
+            try:
+                self.held = self._file.try_acquire()
+            except OSError as e:
+                raise LeadershipUnusable(f"cannot open the {self.name} leader lock {self._file.path}: "
+                                         f"{e.strerror or e}") from None
             return self.held
         if self._conn is None:
             import psycopg
@@ -138,7 +147,10 @@ class Leadership:
         if self._file is not None:
             if self.held:
                 return "this process"
-            pid = read_lock_holder(self._file.path)
+            try:
+                pid = read_lock_holder(self._file.path)
+            except OSError as e:
+                return f"unknown ({self._file.path}: {e.strerror or e})"
             return f"pid {pid} on this host ({self._file.path})" if pid is not None else "nobody (it just ended)"
         try:
             row = self._conn.execute(_HOLDER_SQL, (NAMESPACE, self.key)).fetchone() if self._conn else None
@@ -152,12 +164,18 @@ class Leadership:
     def still_held(self) -> bool:
         """While leading, as often as the loop likes: at most every ``check_every`` seconds, prove
         that the session (and with it the lock) is still there. False once it is not."""
-        if not self.shared or not self.held:  # a file lock is held until its process lets it go
-            return self.held
+        if not self.held:
+            return False
         now = time.monotonic()
         if now - self._checked_at < self.check_every:
             return True
         self._checked_at = now
+        if self._file is not None:  # a file lock is held until its process lets it go, if the file stays
+            if not self._file.still_ours():
+                self.lost = f"{self._file.path} was removed or replaced"
+                self.held = False
+                self._file.release()
+            return self.held
         try:
             self._conn.execute("SELECT 1")
         except Exception as e:

@@ -58,6 +58,19 @@ class PidLock:
         self.fd = fd
         return True
 
+    def still_ours(self) -> bool:
+        """Whether the path still names the file this process locked: removed or replaced (a
+        ``db backup --force`` over it, a person tidying the folder), the next process would lock
+        another file and run beside this one."""
+        if self.fd is None:
+            return False
+        mine = os.fstat(self.fd)
+        try:
+            there = os.stat(self.path)
+        except OSError:
+            return False
+        return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
     def release(self) -> None:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)

@@ -19,9 +19,10 @@ from db.client import WriterClient
 from db.config import ConfigError
 from db.files import part_file, put_in_place
 from db.health import BACKUP_LOCK, connect_read_only, file_sizes
+from db.leader import leader_lock_path
 from db.server import pg_program
 from testkit.env import ROOT
-from testkit.helpers import query
+from testkit.helpers import query, wait_for
 from testkit.writer import Stack
 from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
 
@@ -445,3 +446,75 @@ def test_metrics_job_samples_the_writer_and_files_and_skips_circus_when_it_is_no
     assert rate[0] > 0  # 1000 ticks between the two samples
     assert query(writer.settings, "SELECT count(*) FROM samples WHERE name = 'writer.ticks_inserted'") == [(2,)]
     assert job_runs(writer) == []  # sampling is not recorded in job_runs
+
+
+def test_a_jobs_worker_taking_over_runs_each_job_when_it_is_due_after_the_last_leaders_run(writer: Stack) -> None:
+    """A standby that takes over the jobs reads when each job last ran (``job_runs``) then, not only at
+    its start: it ran retention (and would have run a backup) again at once, moments after the leader
+    it replaces had."""
+    every = 4.0
+    env = {**writer.env, "TICKSTACK_RETENTION_EVERY_S": str(every)}
+    logs = [writer.home / "log" / f"jobs-{k}.log" for k in "ab"]
+    procs = []
+    for log in logs:
+        with open(log, "ab") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "workers.jobs"], env=env, cwd=ROOT, stdout=out,
+                                          stderr=subprocess.STDOUT))
+        writer.procs.append(procs[-1])
+        if len(procs) == 1:
+            wait_for("the first to lead", lambda: "jobs: leading" in logs[0].read_text(), timeout=60)
+    leader, standby = procs
+    wait_for("the second to stand by", lambda: "standing by for the database's jobs" in logs[1].read_text(), timeout=60)
+    wait_for("the leader's second retention run", lambda: sum(
+        r["job"] == "retention" for r in job_runs(writer)) >= 2, timeout=60)
+    leader.kill()
+    leader.wait(30)
+    wait_for("the standby to take over", lambda: "jobs: leading" in logs[1].read_text(), timeout=60)
+    wait_for("a retention run of the new leader", lambda: sum(
+        r["job"] == "retention" for r in job_runs(writer)) >= 3, timeout=60)
+    assert writer.stop(standby, signal.SIGTERM, timeout=15) == 0
+    runs = [r for r in job_runs(writer) if r["job"] == "retention"]
+    taken_over = next(i for i, r in enumerate(runs) if r["started_at"] > runs[1]["started_at"])
+    gap_s = (runs[taken_over]["started_at"] - runs[taken_over - 1]["started_at"]) / 1000
+    assert gap_s >= every - 0.05, runs  # the schedule, from the last leader's run on; not at once
+    assert sum(r["job"] == "backup" for r in job_runs(writer)) == 1
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_leader.py::test_one_monitor_leads_and_a_standby_takes_over_when_it_is_killed")
+def test_a_leader_lock_that_cannot_be_opened_stops_the_worker_saying_which_file(writer: Stack) -> None:
+    """A leader lock the worker cannot open (here a folder in its place; a file left by another user)
+    is an error naming the file and the reason, exit 1: it stood by for ever, "the database server
+    does not answer", and jobs skipped its database jobs without a word."""
+    lock = leader_lock_path(writer.settings.database_path, "monitor")
+    lock.mkdir()
+    for args in ([], ["--until-idle"]):
+        proc = subprocess.run([sys.executable, "-m", "workers.monitor", *args], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1, proc.stderr
+        assert f"monitor: cannot open the monitor leader lock {lock}: Is a directory; not running" in proc.stderr
+    leader_lock_path(writer.settings.database_path, "jobs").mkdir()
+    jobs = run_jobs(writer, "--until-idle", timeout=60)
+    assert jobs.returncode == 0, jobs.stderr
+    assert "cannot open the jobs leader lock" in jobs.stderr and "retention, backups and checks do not run here" \
+        in jobs.stderr and "jobs: retention" not in jobs.stderr, jobs.stderr
+
+
+@pytest.mark.sqlite_only(
+    "tests/test_postgres_keepalives.py::test_a_silently_dead_hosts_writer_lock_and_leadership_pass_to_another_host_in_the_stated_time")
+def test_a_leader_whose_lock_file_is_removed_stops_so_that_no_second_leader_runs(writer: Stack) -> None:
+    """A leader lock file removed (or replaced) under its holder: the next process would lock a new file
+    and lead beside it. The holder sees it within its check and stops (circus starts it again, as a
+    leader or a standby); ``db backup --force`` over a leader lock is refused like the writer's."""
+    lock = leader_lock_path(writer.settings.database_path, "analysis")
+    log = writer.home / "log" / "analysis-removed.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.analysis"], env=writer.env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    writer.procs.append(proc)
+    wait_for("the worker to lead", lambda: "analysis: leading" in log.read_text(), timeout=60)
+    refused = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(lock)], env=writer.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "is a file of the running stack" in refused.stderr, refused.stderr
+    lock.unlink()
+    assert proc.wait(timeout=60) == 1
+    assert f"analysis: lost the leadership ({lock} was removed or replaced)" in log.read_text()

@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
-from db.leader import Leadership
+from db.leader import Leadership, LeadershipUnusable
 from supervision.lifeline import Lifeline
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -136,7 +136,13 @@ class Worker:
         try:
             self.log.info("%s started", self.name)
             leadership = Leadership(self.settings, self.name) if self.leader_only else None
-            if leadership is not None and not self._wait_to_lead(leadership):
+            try:
+                leads = leadership is None or self._wait_to_lead(leadership)
+            except LeadershipUnusable as e:  # waiting would never end: say why and exit
+                self.log.error("%s: %s; not running", self.name, e)
+                return 1
+            if not leads:
+                assert leadership is not None
                 if self.until_idle and self.alive:
                     self.log.error("%s: another process leads (%s); --until-idle does not wait for it",
                                    self.name, leadership.holder())
@@ -164,6 +170,8 @@ class Worker:
                     self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
                     return True
                 holder = leadership.holder()
+            except LeadershipUnusable:
+                raise
             except Exception as e:  # the server is down or restarting: wait, do not crash
                 holder = f"nobody known: the database server does not answer ({type(e).__name__})"
             if self.until_idle:
@@ -225,7 +233,8 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     the reason."""
     parser = command_line(worker_cls.__module__, sys.modules[worker_cls.__module__].__doc__)
     parser.add_argument("--until-idle", action="store_true",
-                        help="process everything available, then exit 0 (for tests and scripts)")
+                        help="process everything available, then exit 0 (for tests and scripts); analysis "
+                             "and monitor exit 3 when another process of theirs leads (db.leader)")
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)

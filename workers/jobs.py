@@ -36,7 +36,7 @@ from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import WriterError
-from db.leader import Leadership
+from db.leader import Leadership, LeadershipUnusable
 from db.models import SKIPPED, JobRun, now_ms
 from db.validation import without_nul
 from supervision.sampler import Sampler
@@ -113,10 +113,16 @@ class JobsWorker(Worker):
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings)
         self.client = WriterClient(settings=self.settings)
+        self._read_last_runs()
+
+    def _read_last_runs(self) -> None:
+        """When each job last started, from ``job_runs``: at start, and on taking over the leadership
+        (the last leader may have run a job a moment ago; running it again would double a backup)."""
+        assert self.engine is not None
         with self.engine.connect() as conn:
             rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
                                 .where(JobRun.job.in_(JOBS)).group_by(JobRun.job)).all()
-        self.last_run = {job: started / 1000 for job, started in rows}
+        self.last_run.update({job: started / 1000 for job, started in rows})
 
     def teardown(self) -> None:
         self.leadership.release()
@@ -129,11 +135,16 @@ class JobsWorker(Worker):
         """Jobs due at ``now`` (epoch s), in run order. A job never run is due; with --until-idle a
         job already run by this process is not due again, so the run ends."""
         now = time.time() if now is None else now
-        due = [job for job in JOBS
-               if not (self.until_idle and job in self._ran)
-               and (job not in self.last_run or now - self.last_run[job] >= self.schedule.every_s(job))]
-        if any(job in LEADER_JOBS for job in due) and not self.leads():
-            due = [job for job in due if job not in LEADER_JOBS]
+
+        def pending() -> list[str]:
+            return [job for job in JOBS
+                    if not (self.until_idle and job in self._ran)
+                    and (job not in self.last_run or now - self.last_run[job] >= self.schedule.every_s(job))]
+
+        due = pending()
+        if any(job in LEADER_JOBS for job in due):
+            # Leading now may mean just taken over, with job_runs read again: what is due then.
+            due = pending() if self.leads() else [job for job in due if job not in LEADER_JOBS]
         return due
 
     def leads(self) -> bool:
@@ -153,8 +164,14 @@ class JobsWorker(Worker):
         try:
             if self.leadership.try_take():
                 self.log.info("jobs: leading: retention, backups and checks of this database run here")
+                self._read_last_runs()
                 return True
             holder = self.leadership.holder()
+        except LeadershipUnusable as e:  # not a wait that ends by itself: an error, said once
+            if str(e) != self._said_holder:
+                self.log.error("jobs: %s; retention, backups and checks do not run here", e)
+                self._said_holder = str(e)
+            return False
         except Exception as e:  # the server does not answer: the jobs wait, the worker goes on
             holder = f"nobody known ({type(e).__name__})"
         if holder != self._said_holder:
