@@ -139,6 +139,8 @@ def cmd_health(args: argparse.Namespace) -> int:
             print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
     elif server is not None:
         print(f"server     DOWN ({server['error']})")
+    for name, leader in snap.get("leaders", {}).items():  # SQLite's: the server's are listed above
+        print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
     if "files" in snap:
         f = snap["files"]
         print(f"files      db {_human_bytes(f['db'])}, wal {_human_bytes(f['wal'])}, shm {_human_bytes(f['shm'])}")

@@ -189,6 +189,15 @@ def disk_space(settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def _file_leader(lock: Path) -> str | None:
+    """Who leads by the SQLite leader lock ``lock`` (:mod:`db.leader`), in words; None: nobody."""
+    try:
+        pid = read_lock_holder(lock)
+    except OSError as e:
+        return f"unknown: {lock}: {e.strerror or e}"
+    return f"pid {pid} on this host" if pid is not None else None
+
+
 def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: float = 1.0,
              known_pids: set[int] | None = None) -> dict[str, Any]:
     """Everything a person asks when the database feels slow, in one dict.
@@ -200,6 +209,7 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     writer: dict[str, Any] = {"up": False, "pid": None}
     if path is not None:
         writer["pid"] = read_lock_holder(settings.writer_lock_path)
+        snap["leaders"] = {name: _file_leader(leader_lock_path(path, name)) for name in LEADER_NAMES}
     else:
         snap["server"] = server = server_status(settings)
         lock = server.get("writer_lock") or {}

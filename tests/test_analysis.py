@@ -232,6 +232,10 @@ def test_a_second_analysis_worker_stands_by_and_takes_over_when_the_leader_dies(
         wait_for("the leader to catch up", lambda n=3000 * (part + 1): cursor() == n, timeout=60)
     with WriterClient(settings=writer.settings) as client:
         assert client.stats()["requests_failed"] == 0
+    health = subprocess.run([sys.executable, "-m", "db", "health"], env=writer.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    (said_leader,) = [line for line in health.stdout.splitlines() if line.startswith("leader     analysis: ")]
+    assert f"pid {first.pid} " in said_leader, health.stdout
     assert "leading" not in logs[1].read_text() and "store failed" not in logs[0].read_text()
 
     first.send_signal(signal.SIGKILL)
