@@ -33,6 +33,11 @@ class WriterLocked(RuntimeError):
     """Another writer holds the lock; the message names its pid."""
 
 
+#: How long :meth:`PidLock.try_acquire` tries again while the lock is taken: a reader's shared hold
+#: lasts microseconds, a holder's for as long as it lives.
+CONTENDED_S = 0.2
+
+
 class PidLock:
     """An exclusive ``flock`` on a file, holding the holder's pid.
 
@@ -46,13 +51,20 @@ class PidLock:
         self.fd: int | None = None
 
     def try_acquire(self) -> bool:
-        """Take the lock if nobody holds it (True), or leave it (False) at once."""
+        """Take the lock if nobody holds it (True), or leave it (False) within :data:`CONTENDED_S`:
+        :func:`read_lock_holder` (``db health``, the console) holds it shared for a moment, which
+        alone must not make a writer refuse to start or a worker stand by."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
+        deadline = time.monotonic() + CONTENDED_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    return False
+                time.sleep(0.002)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -89,7 +101,8 @@ class WriterLock(PidLock):
 
 
 def read_lock_holder(path: os.PathLike[str] | str) -> int | None:
-    """The pid of the writer holding the lock at ``path``, or None."""
+    """The pid of the process holding the :class:`PidLock` at ``path`` (the writer's, a leader's), or
+    None. It takes the lock shared for a moment to tell (:meth:`PidLock.try_acquire` waits that out)."""
     try:
         fd = os.open(os.fspath(path), os.O_RDONLY)
     except FileNotFoundError:
