@@ -22,6 +22,7 @@ the kernel drops when its holder dies, however it dies; the standby polls it as 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -86,6 +87,11 @@ def leaders(conn: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     return found
 
 
+#: Errors of a leader lock file that waiting does not end (others, e.g. ENOENT or ENOSPC, may).
+_LASTING = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EROFS,
+                      errno.ENAMETOOLONG})
+
+
 class LeadershipUnusable(RuntimeError):
     """The leadership cannot be taken at all here (SQLite: its lock file cannot be opened): not a
     server that is down for a while, so waiting would never end; the message says which file and why."""
@@ -114,15 +120,19 @@ class Leadership:
 
     def try_take(self) -> bool:
         """Take the leadership if nobody holds it; True when this process leads. Raises psycopg's
-        OperationalError when the server cannot be reached (the caller waits and tries again), and
-        OSError when the lock file cannot be opened."""
+        OperationalError when the server cannot be reached, OSError when the lock file cannot be made
+        or written yet (its folder not made yet, a full disk): the caller waits and tries again; and
+        :class:`LeadershipUnusable` when waiting would not help (a folder or another user's file in
+        its place)."""
         if self.held:
             return True
         if self._file is not None:
             try:
                 self.held = self._file.try_acquire()
             except OSError as e:
-                raise LeadershipUnusable(f"cannot open the {self.name} leader lock {self._file.path}: "
+                if e.errno not in _LASTING:
+                    raise
+                raise LeadershipUnusable(f"cannot use the {self.name} leader lock {self._file.path}: "
                                          f"{e.strerror or e}") from None
             return self.held
         if self._conn is None:

@@ -55,18 +55,25 @@ class PidLock:
         :func:`read_lock_holder` (``db health``, the console) holds it shared for a moment, which
         alone must not make a writer refuse to start or a worker stand by."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + CONTENDED_S
-        while True:
+        try:
+            deadline = time.monotonic() + CONTENDED_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        os.close(fd)
+                        return False
+                    time.sleep(0.002)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:  # a full disk at the pid's write: the lock must not stay held by a lost fd
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                time.sleep(0.002)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                os.close(fd)
+            except OSError:  # closed above
+                pass
+            raise
         self.fd = fd
         return True
 
@@ -79,8 +86,10 @@ class PidLock:
         mine = os.fstat(self.fd)
         try:
             there = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
             return False
+        except OSError:  # cannot tell now (an I/O error): not a reason to stop leading
+            return True
         return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
     def release(self) -> None:

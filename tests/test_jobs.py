@@ -491,11 +491,11 @@ def test_a_leader_lock_that_cannot_be_opened_stops_the_worker_saying_which_file(
         proc = subprocess.run([sys.executable, "-m", "workers.monitor", *args], env=writer.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1, proc.stderr
-        assert f"monitor: cannot open the monitor leader lock {lock}: Is a directory; not running" in proc.stderr
+        assert f"monitor: cannot use the monitor leader lock {lock}: Is a directory; not running" in proc.stderr
     leader_lock_path(writer.settings.database_path, "jobs").mkdir()
     jobs = run_jobs(writer, "--until-idle", timeout=60)
     assert jobs.returncode == 0, jobs.stderr
-    assert "cannot open the jobs leader lock" in jobs.stderr and "retention, backups and checks do not run here" \
+    assert "cannot use the jobs leader lock" in jobs.stderr and "retention, backups and checks do not run here" \
         in jobs.stderr and "jobs: retention" not in jobs.stderr, jobs.stderr
 
 

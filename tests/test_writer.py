@@ -262,6 +262,18 @@ def test_a_lock_is_taken_even_while_someone_reads_who_holds_it(tmp_path: Path) -
     assert refused == 0
 
 
+@pytest.mark.database_independent("the writer's and the leaders' file locks, with no database")
+def test_a_lock_whose_pid_cannot_be_written_is_let_go(tmp_path: Path) -> None:
+    """When writing the pid fails after the lock was taken (a full disk; here a FIFO, which cannot be
+    truncated), the error is raised and the lock let go: its descriptor was lost still holding it, and
+    every later try of the process (a jobs worker's, every poll) found it taken, for ever."""
+    path = tmp_path / "some.lock"
+    os.mkfifo(path, 0o600)
+    for _ in range(2):  # the second try meets the same error, not a lock held by the first
+        with pytest.raises(OSError, match="Invalid argument"):
+            PidLock(path).try_acquire()
+
+
 def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     first = writer.procs[0]
     second = subprocess.run([sys.executable, "-m", "workers.writer"], env=writer.env, cwd=ROOT,

@@ -172,6 +172,8 @@ class Worker:
                 holder = leadership.holder()
             except LeadershipUnusable:
                 raise
+            except OSError as e:  # SQLite's lock file, not yet (its folder not made, a full disk): wait
+                holder = f"nobody known: the lock cannot be taken yet ({e})"
             except Exception as e:  # the server is down or restarting: wait, do not crash
                 holder = f"nobody known: the database server does not answer ({type(e).__name__})"
             if self.until_idle:

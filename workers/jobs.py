@@ -115,6 +115,14 @@ class JobsWorker(Worker):
         self.client = WriterClient(settings=self.settings)
         self._read_last_runs()
 
+    def _taken_over(self) -> None:
+        """Just leading: when did the last leader run each job (:meth:`_read_last_runs`)."""
+        try:
+            self._read_last_runs()
+        except Exception as e:  # the database does not answer: the jobs go by what this process knows
+            self.log.warning("jobs: could not read the last runs of the jobs (%s: %s); going by this "
+                             "process's own", type(e).__name__, e)
+
     def _read_last_runs(self) -> None:
         """When each job last started, from ``job_runs``: at start, and on taking over the leadership
         (the last leader may have run a job a moment ago; running it again would double a backup)."""
@@ -122,7 +130,8 @@ class JobsWorker(Worker):
         with self.engine.connect() as conn:
             rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
                                 .where(JobRun.job.in_(JOBS)).group_by(JobRun.job)).all()
-        self.last_run.update({job: started / 1000 for job, started in rows})
+        for job, started in rows:  # never back: a run (or a retry time) this process knows may be later
+            self.last_run[job] = max(self.last_run.get(job, 0.0), started / 1000)
 
     def teardown(self) -> None:
         self.leadership.release()
@@ -154,7 +163,7 @@ class JobsWorker(Worker):
         if self.leadership.held:
             if self.leadership.still_held():
                 return True
-            self.log.error("jobs: lost the leadership (%s); the database's jobs run on another host now",
+            self.log.error("jobs: lost the leadership (%s); the database's jobs run where it is taken again",
                            self.leadership.lost)
             return False
         now = time.monotonic()
@@ -164,7 +173,7 @@ class JobsWorker(Worker):
         try:
             if self.leadership.try_take():
                 self.log.info("jobs: leading: retention, backups and checks of this database run here")
-                self._read_last_runs()
+                self._taken_over()
                 return True
             holder = self.leadership.holder()
         except LeadershipUnusable as e:  # not a wait that ends by itself: an error, said once
