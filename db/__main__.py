@@ -135,11 +135,9 @@ def cmd_health(args: argparse.Namespace) -> int:
                   f"{server['writer_lock']['text']}")
         for writer in server["writer_lock"].get("writers", []):
             print(f"writer     {writer}")
-        for name, leader in server.get("leaders", {}).items():
-            print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
     elif server is not None:
         print(f"server     DOWN ({server['error']})")
-    for name, leader in snap.get("leaders", {}).items():  # SQLite's: the server's are listed above
+    for name, leader in snap.get("leaders", {}).items():
         print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
     if "files" in snap:
         f = snap["files"]

@@ -38,23 +38,16 @@ def part_file(dest: Path) -> Path:
     return Path(name)
 
 
-def remove_orphans(folder: Path) -> list[Path]:
-    """Remove the part files (and their journals) in ``folder`` whose writer is not running; the removed."""
-    removed = []
+def remove_orphans(folder: Path) -> None:
+    """Remove the part files (and their journals) in ``folder`` whose writer is not running."""
     try:
         names = [entry.name for entry in os.scandir(folder) if entry.name.startswith(".")]
     except OSError:
-        return removed
+        return
     for name in names:
         match = PART_RE.fullmatch(name)
-        if match is None or psutil.pid_exists(int(match["pid"])):
-            continue
-        try:
-            (folder / name).unlink()
-        except FileNotFoundError:  # another backup removed it first
-            continue
-        removed.append(folder / name)
-    return removed
+        if match is not None and not psutil.pid_exists(int(match["pid"])):
+            (folder / name).unlink(missing_ok=True)  # another backup may remove it first
 
 
 def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:

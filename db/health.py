@@ -13,7 +13,6 @@ backs up with ``pg_dump``.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -28,8 +27,8 @@ from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.files import part_file, put_in_place
-from db.leader import LEADER_NAMES, leader_lock_path
-from db.lock import read_lock_holder
+from db.leader import LEADER_NAMES, file_leader, leader_lock_path
+from db.lock import PidLock, read_lock_holder
 from db.preflight import circusctl_command
 from db.server import server_status
 from db.sizes import human_bytes
@@ -189,15 +188,6 @@ def disk_space(settings: Settings) -> list[dict[str, Any]]:
     return out
 
 
-def _file_leader(lock: Path) -> str | None:
-    """Who leads by the SQLite leader lock ``lock`` (:mod:`db.leader`), in words; None: nobody."""
-    try:
-        pid = read_lock_holder(lock)
-    except OSError as e:
-        return f"unknown: {lock}: {e.strerror or e}"
-    return f"pid {pid} on this host" if pid is not None else None
-
-
 def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: float = 1.0,
              known_pids: set[int] | None = None) -> dict[str, Any]:
     """Everything a person asks when the database feels slow, in one dict.
@@ -209,9 +199,10 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     writer: dict[str, Any] = {"up": False, "pid": None}
     if path is not None:
         writer["pid"] = read_lock_holder(settings.writer_lock_path)
-        snap["leaders"] = {name: _file_leader(leader_lock_path(path, name)) for name in LEADER_NAMES}
+        snap["leaders"] = {name: file_leader(leader_lock_path(path, name)) for name in LEADER_NAMES}
     else:
         snap["server"] = server = server_status(settings)
+        snap["leaders"] = server.get("leaders") or {}
         lock = server.get("writer_lock") or {}
         if lock.get("held"):  # this home's writer, or another stack's (here or on another host)
             ours = read_lock_holder(settings.writer_lock_path)
@@ -405,14 +396,13 @@ def new_backup(settings: Settings) -> dict[str, Any] | None:
     suffix, holding :data:`BACKUP_LOCK` from the name's choice to the file's rename; None, at once,
     when another process holds it (a backup is being written)."""
     settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(settings.run_dir / BACKUP_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)  # one made by someone else (flock(1), another umask) is private from now on
-    with os.fdopen(fd, "r+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None
+    lock = PidLock(settings.run_dir / BACKUP_LOCK)
+    if not lock.try_acquire():
+        return None
+    try:
         return backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
+    finally:
+        lock.release()
 
 
 def list_backups(directory: Path) -> list[Path]:

@@ -87,6 +87,15 @@ def leaders(conn: Any, names: tuple[str, ...]) -> dict[str, str | None]:
     return found
 
 
+def file_leader(lock: Path) -> str | None:
+    """Who holds the SQLite leader lock ``lock``, in words (``pid N on this host``); None: nobody."""
+    try:
+        pid = read_lock_holder(lock)
+    except OSError as e:
+        return f"unknown: {lock}: {e.strerror or e}"
+    return f"pid {pid} on this host" if pid is not None else None
+
+
 #: Errors of a leader lock file that waiting does not end (others, e.g. ENOENT or ENOSPC, may).
 _LASTING = frozenset({errno.EISDIR, errno.EACCES, errno.EPERM, errno.ELOOP, errno.ENOTDIR, errno.EROFS,
                       errno.ENAMETOOLONG})
@@ -152,16 +161,30 @@ class Leadership:
         self._checked_at = time.monotonic()
         return self.held
 
+    def attempt(self) -> str | None:
+        """:meth:`try_take`, for a standby's loop: None when this process leads now, else who leads
+        in words (:meth:`holder`), or why nobody can be told yet (a server that does not answer, a
+        lock file not makeable yet). Raises :class:`LeadershipUnusable` (waiting would not help)."""
+        try:
+            return None if self.try_take() else self.holder()
+        except LeadershipUnusable:
+            raise
+        except OSError as e:
+            if self._file is not None:  # its folder not made yet, a full disk
+                return f"nobody known: the lock cannot be taken yet ({e})"
+            return f"nobody known: the database server does not answer ({type(e).__name__})"
+        except Exception as e:  # the server is down or restarting
+            return f"nobody known: the database server does not answer ({type(e).__name__})"
+
     def holder(self) -> str:
         """In words, who leads now (for a standby's log line)."""
         if self._file is not None:
             if self.held:
                 return "this process"
-            try:
-                pid = read_lock_holder(self._file.path)
-            except OSError as e:
-                return f"unknown ({self._file.path}: {e.strerror or e})"
-            return f"pid {pid} on this host ({self._file.path})" if pid is not None else "nobody (it just ended)"
+            leader = file_leader(Path(self._file.path))
+            if leader is None:
+                return "nobody (it just ended)"
+            return leader if leader.startswith("unknown") else f"{leader} ({self._file.path})"
         try:
             row = self._conn.execute(_HOLDER_SQL, (NAMESPACE, self.key)).fetchone() if self._conn else None
         except Exception as e:

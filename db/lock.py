@@ -56,6 +56,7 @@ class PidLock:
         alone must not make a writer refuse to start or a worker stand by."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # one made by someone else (flock(1), another umask) is private from now on
             deadline = time.monotonic() + CONTENDED_S
             while True:
                 try:

@@ -165,17 +165,10 @@ class Worker:
         said = None
         while self.alive:
             tend_lifeline(self.settings)
-            try:
-                if leadership.try_take():
-                    self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
-                    return True
-                holder = leadership.holder()
-            except LeadershipUnusable:
-                raise
-            except OSError as e:  # SQLite's lock file, not yet (its folder not made, a full disk): wait
-                holder = f"nobody known: the lock cannot be taken yet ({e})"
-            except Exception as e:  # the server is down or restarting: wait, do not crash
-                holder = f"nobody known: the database server does not answer ({type(e).__name__})"
+            holder = leadership.attempt()
+            if holder is None:
+                self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
+                return True
             if self.until_idle:
                 return False
             if holder != said:

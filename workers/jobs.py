@@ -171,18 +171,16 @@ class JobsWorker(Worker):
             return False
         self._tried_lead_at = now
         try:
-            if self.leadership.try_take():
-                self.log.info("jobs: leading: retention, backups and checks of this database run here")
-                self._taken_over()
-                return True
-            holder = self.leadership.holder()
+            holder = self.leadership.attempt()
         except LeadershipUnusable as e:  # not a wait that ends by itself: an error, said once
             if str(e) != self._said_holder:
                 self.log.error("jobs: %s; retention, backups and checks do not run here", e)
                 self._said_holder = str(e)
             return False
-        except Exception as e:  # the server does not answer: the jobs wait, the worker goes on
-            holder = f"nobody known ({type(e).__name__})"
+        if holder is None:
+            self.log.info("jobs: leading: retention, backups and checks of this database run here")
+            self._taken_over()
+            return True
         if holder != self._said_holder:
             self.log.info("jobs: standing by for the database's jobs; the leader is %s", holder)
             self._said_holder = holder
