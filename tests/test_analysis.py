@@ -20,9 +20,10 @@ from db.config import load_settings
 from db.errors import Conflict, ValidationError
 from db.vocabulary import TIMEFRAMES
 from testkit.env import ROOT
-from testkit.helpers import wait_for
+from testkit.helpers import ConsoleClient, wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
+from webapp import create_app
 from workers.analysis import AnalysisWorker
 from workers.analyzer import Analyzer, Chunk, Output
 from workers.indicators import SERIES, atr_wilder, ema, rsi_wilder, sma
@@ -236,6 +237,9 @@ def test_a_second_analysis_worker_stands_by_and_takes_over_when_the_leader_dies(
                             text=True, timeout=60)
     (said_leader,) = [line for line in health.stdout.splitlines() if line.startswith("leader     analysis: ")]
     assert f"pid {first.pid} " in said_leader, health.stdout
+    page = ConsoleClient.logged_in(create_app("console", writer.settings)).get("/console/database").text
+    row = re.search(r'<tr data-leader="analysis">(.*?)</tr>', page, re.S)  # the server's hosts card, or SQLite's
+    assert row and f"pid {first.pid} on " in row.group(1), page
     assert "leading" not in logs[1].read_text() and "store failed" not in logs[0].read_text()
 
     first.send_signal(signal.SIGKILL)
