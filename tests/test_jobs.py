@@ -480,6 +480,40 @@ def test_a_jobs_worker_taking_over_runs_each_job_when_it_is_due_after_the_last_l
     assert sum(r["job"] == "backup" for r in job_runs(writer)) == 1
 
 
+def test_one_jobs_worker_of_a_home_samples_the_metrics_and_another_takes_over_when_it_dies(writer: Stack) -> None:
+    """The ``metrics`` job samples this home's processes: a second jobs worker (``circusctl incr jobs``,
+    or one run by hand beside the stack) stored every series a second time each interval. One worker
+    of a home samples (``run/metrics.lock``); another takes over when it dies."""
+    env = {**writer.env, "TICKSTACK_SAMPLE_EVERY_S": "1"}
+    logs = [writer.home / "log" / f"jobs-metrics-{k}.log" for k in "ab"]
+    procs = []
+    for log in logs:
+        with open(log, "ab") as out:
+            procs.append(subprocess.Popen([sys.executable, "-m", "workers.jobs", "--log-level", "DEBUG"], env=env,
+                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
+        writer.procs.append(procs[-1])
+        if len(procs) == 1:
+            wait_for("the first to sample", lambda: "jobs: metrics ok" in logs[0].read_text(), timeout=60)
+    first, second = procs
+
+    def sampled(log: Path) -> int:
+        return log.read_text().count("jobs: metrics ok")
+
+    wait_for("the second to stand by", lambda: "standing by" in logs[1].read_text(), timeout=60)
+    more = sampled(logs[0]) + 3
+    wait_for("three more samples of the first", lambda: sampled(logs[0]) >= more, timeout=60)
+    assert sampled(logs[1]) == 0, logs[1].read_text()
+    said = logs[1].read_text()
+    assert f"metrics are sampled by pid {first.pid}" in said, said
+    first.kill()
+    first.wait(30)
+    wait_for("the second to sample", lambda: sampled(logs[1]) >= 2, timeout=60)
+    assert writer.stop(second, signal.SIGTERM, timeout=15) == 0
+    # One sample of each series per run, whoever ran it.
+    runs = sampled(logs[0]) + sampled(logs[1])
+    assert query(writer.settings, "SELECT count(*) FROM samples WHERE name = 'writer.uptime_s'") == [(runs,)]
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_leader.py::test_one_monitor_leads_and_a_standby_takes_over_when_it_is_killed")
 def test_a_leader_lock_that_cannot_be_opened_stops_the_worker_saying_which_file(writer: Stack) -> None:
     """A leader lock the worker cannot open (here a folder in its place; a file left by another user)

@@ -17,7 +17,8 @@ amcheck is not installed), and there is no WAL to checkpoint (the server checkpo
 The ``metrics`` job samples the writer's counters, the database file sizes and every watcher's CPU
 and memory (:mod:`supervision.sampler`) every ``TICKSTACK_SAMPLE_EVERY_S`` seconds (10) into
 ``samples`` via ``record_samples``; its runs are not recorded in ``job_runs`` (a row every 10 s
-would drown the table), and circusd not answering only leaves the watcher series out.
+would drown the table), and circusd not answering only leaves the watcher series out. One jobs
+worker of a home samples (:data:`METRICS_LOCK`); another stands by for it.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import WriterError
 from db.leader import Leadership, LeadershipUnusable
+from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
 from db.validation import without_nul
 from supervision.sampler import Sampler
@@ -49,8 +51,11 @@ JOBS = ("retention", "backup", "quick_check", "checkpoint", "metrics")
 UNRECORDED = frozenset({"metrics"})
 #: Jobs that work on the shared database: with several hosts on one PostgreSQL database they run on
 #: one host at a time, the one whose jobs worker leads (:mod:`db.leader`); ``metrics`` samples this
-#: host's processes and runs everywhere.
+#: home's processes and runs on every host, in one jobs worker of each home (:data:`METRICS_LOCK`).
 LEADER_JOBS = frozenset({"retention", "backup", "quick_check", "checkpoint"})
+#: Held by the one jobs worker of a home that runs ``metrics`` (in ``run/``): the samples are this
+#: home's processes, and a second jobs worker (``circusctl incr jobs``) stored every series twice.
+METRICS_LOCK = "metrics.lock"
 #: Ticks deleted per ``prune_ticks`` call: each call is one writer transaction, kept short so
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
@@ -105,6 +110,9 @@ class JobsWorker(Worker):
         self._sampler: Sampler | None = None
         self.leadership = Leadership(settings, self.name)
         self._tried_lead_at = 0.0
+        self.metrics_lock = PidLock(settings.run_dir / METRICS_LOCK)
+        self._tried_metrics_at = 0.0
+        self._said_sampler: str | None = None
         self._said_holder: str | None = None
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
             "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
@@ -135,6 +143,7 @@ class JobsWorker(Worker):
 
     def teardown(self) -> None:
         self.leadership.release()
+        self.metrics_lock.release()
         if self.client is not None:
             self.client.close()
         if self.engine is not None:
@@ -154,7 +163,35 @@ class JobsWorker(Worker):
         if any(job in LEADER_JOBS for job in due):
             # Leading now may mean just taken over, with job_runs read again: what is due then.
             due = pending() if self.leads() else [job for job in due if job not in LEADER_JOBS]
+        if "metrics" in due and not self.samples():
+            due.remove("metrics")
         return due
+
+    def samples(self) -> bool:
+        """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`, which
+        another tries to take at most every ``standby_poll`` seconds. Logged when it changes."""
+        lock = self.metrics_lock
+        if lock.fd is not None:
+            if lock.still_ours():
+                return True
+            self.log.error("jobs: %s was removed or replaced; metrics are sampled where it is taken again", lock.path)
+            lock.release()
+        now = time.monotonic()
+        if now - self._tried_metrics_at < self.standby_poll:
+            return False
+        self._tried_metrics_at = now
+        try:
+            if lock.try_acquire():
+                self.log.info("jobs: sampling the metrics of this home")
+                self._said_sampler = None
+                return True
+            holder = f"pid {read_lock_holder(lock.path) or 'unknown'}"
+        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
+            holder = f"nobody: cannot use {lock.path}: {e.strerror or e}"
+        if holder != self._said_sampler:
+            self.log.info("jobs: metrics are sampled by %s", holder)
+            self._said_sampler = holder
+        return False
 
     def leads(self) -> bool:
         """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): while it holds the jobs
