@@ -163,11 +163,11 @@ class JobsWorker(Worker):
         if any(job in LEADER_JOBS for job in due):
             # Leading now may mean just taken over, with job_runs read again: what is due then.
             due = pending() if self.leads() else [job for job in due if job not in LEADER_JOBS]
-        if "metrics" in due and not self.samples():
+        if "metrics" in due and not self.runs_metrics():
             due.remove("metrics")
         return due
 
-    def samples(self) -> bool:
+    def runs_metrics(self) -> bool:
         """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`, which
         another tries to take at most every ``standby_poll`` seconds. Logged when it changes."""
         lock = self.metrics_lock
