@@ -264,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WriterError, OSError, ValueError, RuntimeError) as e:  # OSError: a path's (no room, no right)
         print(f"python -m db {args.command}: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        from sqlalchemy.exc import DBAPIError  # here: the commands that never open a database stay light
+
+        if not isinstance(e, DBAPIError):
+            raise
+        # The database's own reason (a folder, not SQLite's file, no right to it), without the SQL.
+        print(f"python -m db {args.command}: cannot use the database: {e.orig}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

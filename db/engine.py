@@ -58,7 +58,7 @@ def is_sqlite(url_or_engine: str | Engine | Connection) -> bool:
 #: What stands for a hidden password (SQLAlchemy's own mask).
 HIDDEN = "***"
 #: Query parameters that carry a secret (libpq accepts ``?password=``).
-_SECRET_PARAMS = ("password",)
+_SECRET_PARAMS = ("password", "sslpassword")  # libpq's: the password and the client key's passphrase
 
 
 def display_url(url: str) -> str:

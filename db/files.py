@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 
@@ -50,11 +51,31 @@ def remove_orphans(folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)  # another backup may remove it first
 
 
+#: What a name may hold for ``--force`` to replace it, by the kind of thing that holds it otherwise.
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def check_replaceable(dest: Path) -> None:
+    """ValueError unless ``dest`` is free, a file or a symbolic link (the link itself is replaced):
+    a rename over a FIFO, a socket or a device replaces it, and ``db backup /dev/null --force``, run
+    as root, replaced the machine's /dev/null with a copy of the database."""
+    try:
+        mode = os.lstat(dest).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for test, kind in _KINDS:
+        if test(mode):
+            raise ValueError(f"{dest} is {kind}, not a file; a backup only replaces a file (with --force)")
+
+
 def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:
     """Give ``part`` the name ``dest``. Without ``overwrite``, FileExistsError when ``dest`` exists,
     decided by the link itself, so a file that took the name meanwhile stays as it is (``part`` is
-    left for the caller to remove). A filesystem without hard links gets a check, then the rename."""
+    left for the caller to remove). A filesystem without hard links gets a check, then the rename.
+    With ``overwrite``, only a file (or a link) is replaced (:func:`check_replaceable`)."""
     if overwrite:
+        check_replaceable(dest)
         os.replace(part, dest)
         return
     try:

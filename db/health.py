@@ -26,7 +26,7 @@ import psutil
 from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
-from db.files import part_file, put_in_place
+from db.files import check_replaceable, part_file, put_in_place
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import PidLock, read_lock_holder
 from db.preflight import circusctl_command
@@ -447,6 +447,7 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         example = backup_path(dest, backup_suffix(settings))
         raise IsADirectoryError(f"{dest} is a folder; give the backup file's path (e.g. {example})")
     _refuse_live_file(settings, dest)  # before "exists; pass --force", which would point the wrong way
+    check_replaceable(dest)  # before the copy is written, not only at its rename
     if path is None:
         # One of our names made for SQLite (backup_path's default, as the console asks): the same
         # stamp as a dump, so rotation and the console count it.

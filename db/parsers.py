@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,13 +67,22 @@ def quoted(raw: str, limit: int = 40) -> str:
     return f"{raw[:limit]!r}... ({len(raw):,} characters)"
 
 
+def _plain(raw: str) -> str:
+    """``raw`` unless it holds what Python's ``int()`` and ``float()`` take but a number written for a
+    setting or a flag does not: ``_`` between digits (``1_000``) and any non-ASCII character (digits
+    of other scripts, such as ``١٢``, and other spaces); a ValueError for those."""
+    if "_" in raw or not raw.isascii():
+        raise ValueError(raw)
+    return raw
+
+
 def _finite_number(raw: str, minimum: float, maximum: float | None, above: bool) -> float:
     """``raw`` as a finite number in range; else a ValueError whose text follows ``'raw' ``. The one
     rule for settings (:func:`number`) and flags (:func:`number_flag`): nan and inf are refused,
     since no timer, sleep or SQL column can take them (``now >= nan`` is never true: a wait for ever)."""
     bound = _range_text(minimum, maximum, above)
     try:
-        value = float(raw)
+        value = float(_plain(raw))
     except ValueError:
         raise ValueError(f"is not a number {bound}") from None
     if not (math.isfinite(value) and (value > minimum if above else value >= minimum)
@@ -102,10 +112,10 @@ def whole(minimum: int = 0, maximum: int | None = None, *, above: bool = False) 
     def parse(name: str, raw: str) -> int:
         text = raw.strip()
         try:
-            value = int(text)
+            value = int(_plain(text))
         except ValueError:
             # int() refuses over 4300 digits (CPython's guard): such a number is out of range, not text.
-            said = "must be" if text.lstrip("+-").isdigit() else "is not"
+            said = "must be" if text.isascii() and text.lstrip("+-").isdigit() else "is not"
             raise ConfigError(f"{name}={quoted(raw)} {said} a whole number {bound}") from None
         if value < low or (maximum is not None and value > maximum):
             raise ConfigError(f"{name}={quoted(raw)} must be a whole number {bound}")
@@ -196,8 +206,6 @@ def user_name(name: str, raw: str) -> str:
 
 def host_name(name: str, raw: str) -> str:
     """1-64 characters of letters, digits and ``. _ -`` (a host name as PostgreSQL sessions show it)"""
-    import re
-
     if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", raw):
         raise ConfigError(f"{name}={raw[:70]!r} is not a host name (1-64 characters of letters, digits . _ -)")
     return raw
@@ -247,7 +255,12 @@ def strong_secret(minimum: int) -> Parser:
 
 def path(name: str, raw: str) -> Path:
     """a folder (``~`` expanded)"""
-    return Path(raw).expanduser().absolute()
+    try:
+        return Path(raw).expanduser().absolute()
+    except RuntimeError:  # ~name of no user (or no home): "Could not determine home directory."
+        user = raw.split("/", 1)[0]
+        raise ConfigError(f"{name}={quoted(raw)}: {user} cannot be expanded (no such user, or no home "
+                          "folder); give the folder's absolute path") from None
 
 
 #: The databases tickstack runs on (an SQLAlchemy URL's dialect, before any ``+driver``).
@@ -255,22 +268,65 @@ DATABASES = ("sqlite", "postgresql")
 
 
 def database_url(name: str, raw: str) -> str:
-    """an SQLAlchemy URL of SQLite or PostgreSQL"""
+    """an SQLAlchemy URL: SQLite's file by its absolute path, or a PostgreSQL server"""
     if "://" not in raw:
         raise ConfigError(f"{name}: not a database URL (expected e.g. sqlite:////path/to.db)")
-    dialect = raw.split("://", 1)[0].split("+", 1)[0].lower()
+    scheme, rest = raw.split("://", 1)
+    dialect = scheme.split("+", 1)[0].lower()
     if dialect not in DATABASES:  # only the scheme is quoted: the rest may hold a password
         raise ConfigError(f"{name}: the database {dialect[:32]!r} is not supported; use sqlite:////path/to.db "
                           "or postgresql+psycopg://user@host/name")
+    problem = _sqlite_url_problem(scheme, rest) if dialect == "sqlite" else _server_url_problem(rest)
+    if problem:  # said without the URL, which may hold a password
+        raise ConfigError(f"{name}: {problem}")
     return raw
 
 
+def _sqlite_url_problem(scheme: str, rest: str) -> str | None:
+    """What is wrong with SQLite's URL (``scheme://rest``) for the stack, or None. Every process must
+    open the one file: an in-memory database is each connection's own and ends with the writer (every
+    acknowledged write lost), and a relative path is each process's working folder's."""
+    example = "e.g. sqlite:////home/me/tickstack.db (four slashes before an absolute path)"
+    if scheme != "sqlite":
+        return f"give SQLite's URL with no driver after sqlite ({example})"
+    path, _, query = rest[1:].partition("?") if rest.startswith("/") else ("", "", "")
+    if path in ("", ":memory:") or "mode=memory" in query:
+        return ("an SQLite database in memory is each connection's own and is lost with the writer, with every "
+                f"write it acknowledged; give a file ({example})")
+    if not path.startswith("/"):
+        return f"give the SQLite file's absolute path, not one relative to each process's folder ({example})"
+    return None
+
+
+def _server_url_problem(rest: str) -> str | None:
+    """What is wrong with a server's URL (after ``scheme://``), or None. SQLAlchemy ends the password
+    at its first '@': a second one before the host left the rest of the password in the host, which
+    logs, ``db health`` and ``/api/health`` (no login) then showed."""
+    _, at, after = rest.partition("@")
+    if at and "@" in re.split(r"[/?#]", after, maxsplit=1)[0]:
+        return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
+                "else part of the password is read as the host")
+    return None
+
+
 def writer_endpoint(name: str, raw: str) -> str:
-    """ipc://PATH, or a loopback tcp:// address"""
+    """ipc://PATH, or tcp:// on a loopback address (127.x.x.x, localhost, [::1]) and a port"""
     if raw.startswith("ipc://"):
+        if not raw[len("ipc://"):]:
+            raise ConfigError(f"{name}={quoted(raw)}: give a socket path after ipc://")
         check_ipc_path(raw[len("ipc://"):], name)
-    elif not raw.startswith(("tcp://127.", "tcp://localhost:", "inproc://")):
-        raise ConfigError(f"{name}={quoted(raw)}: use ipc:// or a loopback tcp:// address")
+        return raw
+    if raw.startswith("inproc://"):
+        raise ConfigError(f"{name}={quoted(raw)}: other processes cannot reach an inproc:// endpoint; use ipc:// "
+                          "or a loopback tcp:// address")
+    match = re.fullmatch(r"tcp://(127(?:\.\d{1,3}){3}|localhost|\[::1\])(?::([^:]*))?", raw)
+    if match is None or not all(int(octet) <= 255 for octet in re.findall(r"\d+", match[1])):
+        raise ConfigError(f"{name}={quoted(raw)}: use ipc:// or a loopback tcp:// address (127.0.0.1, localhost, "
+                          "[::1]) with a port")
+    port = match[2] or ""
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ConfigError(f"{name}={quoted(raw)}: give a port from 1 to 65535 (the writer's clients must know it: "
+                          "not 0 or *, which ZeroMQ would choose)")
     return raw
 
 

@@ -161,6 +161,8 @@ def envelope_problem(msg: Any) -> str | None:
     cid = msg.get("cid")
     if type(cid) is not str or not 1 <= len(cid) <= 64:
         return "request has no client id (cid, 1-64 characters)"
+    if "\x00" in cid:  # SQLite stored it; PostgreSQL's text refuses one, with an error naming its SQL
+        return "the client id must not hold a NUL character"
     if msg.get("args") is not None and type(msg["args"]) is not dict:
         return "args must be a map"
     if "v" in msg and msg["v"] != PROTOCOL:

@@ -51,6 +51,8 @@ def shown(v: Any, limit: int = 40) -> str:
         text_ = repr(v)
     except RecursionError:  # nested deeper than repr can go from here (the decoder allows ~1,000 levels)
         text_ = _SHALLOW.repr(v)
+    except ValueError:  # an int of over 4,300 digits: CPython's guard on int-to-text conversion
+        text_ = f"an integer of {v.bit_length():,} bits"
     return text_ if len(text_) <= limit else text_[:limit] + "..."
 
 
@@ -97,11 +99,16 @@ def text(max_len: int) -> Validator:
     return check
 
 
+#: What an integer past a float's range (JSON carries any) is told: math.isfinite raised OverflowError
+#: for one, a 500 where it came over HTTP.
+TOO_LARGE = "an integer too large for a number (beyond about 1.8e308)"
+
+
 def finite(name: str, v: Any) -> float:
     if not is_number(v):
         raise ValidationError(f"{name}: expected a number, got {type(v).__name__}")
-    if not math.isfinite(v):
-        raise ValidationError(f"{name}: {v} is not a finite number")
+    if not _finite_number(v):
+        raise ValidationError(f"{name}: {TOO_LARGE if type(v) is int else f'{v} is not a finite number'}")
     return float(v)
 
 
@@ -210,7 +217,19 @@ def _first_bad(where: str, column: Sequence[Any], ok: Callable[[Any], bool], wha
 
 
 def _finite_number(v: Any) -> bool:
-    return is_number(v) and math.isfinite(v)
+    try:
+        return is_number(v) and math.isfinite(v)
+    except OverflowError:  # an int past a float's range
+        return False
+
+
+def _finite_sum(column: list[Any]) -> bool:
+    """Whether a column of numbers sums to a finite number: NaN or inf as soon as one value is, and an
+    int past a float's range raises (bounded values cannot overflow the sum)."""
+    try:
+        return math.isfinite(sum(column))
+    except OverflowError:
+        return False
 
 
 
@@ -342,7 +361,7 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:
             raise _first_bad(f"{name}.{f}", col, is_number, "is not a number")
-        if not math.isfinite(sum(col)) or not 0 < min(col) or max(col) >= MAX_PRICE:
+        if not _finite_sum(col) or not 0 < min(col) or max(col) >= MAX_PRICE:
             raise _first_bad(f"{name}.{f}", col, lambda v: _finite_number(v) and 0 < v < MAX_PRICE,
                              f"is not a price (a finite number > 0 and < {MAX_PRICE:g})")
     if not all(map(le, bid, ask)):
@@ -356,7 +375,7 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         types = set(map(type, vol))
     if not types <= _NUMBER:
         raise _first_bad(f"{name}.volume", vol, is_number, "is not a number")
-    if not math.isfinite(sum(vol)) or min(vol) < 0 or max(vol) >= MAX_PRICE:
+    if not _finite_sum(vol) or min(vol) < 0 or max(vol) >= MAX_PRICE:
         raise _first_bad(f"{name}.volume", vol, lambda v: _finite_number(v) and 0 <= v < MAX_PRICE,
                          f"is not a volume (a finite number >= 0 and < {MAX_PRICE:g})")
 

@@ -73,6 +73,15 @@ class Stack:
         self.procs.append(proc)
         return proc
 
+    def start_worker(self, module: str, log: Path, *args: str, **extra_env: str) -> subprocess.Popen:
+        """``python -m module args`` with this stack's environment (plus ``extra_env``), its output
+        appended to ``log``; stopped with the stack."""
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", module, *args], env={**self.env, **extra_env}, cwd=ROOT,
+                                    stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
     def writer_log(self) -> str:
         path = self.home / "log" / "writer-test.log"
         return path.read_text(errors="replace") if path.exists() else ""

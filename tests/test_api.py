@@ -176,6 +176,9 @@ BAD_TICK_BODIES = [
      r"unexpected field '_deadline'"),
     ("huge integer", json.dumps({"ticks": [tick(T0, seq=2**70, source="s")]}), 400, "invalid_body",
      r"out of range"),
+    # JSON carries any integer; past a float's range math.isfinite raised OverflowError: a 500 on trades.
+    ("integer past a float", json.dumps({"ticks": [tick(T0, 10**400)]}), 400, "invalid_body",
+     r"^ticks\.bid\[0\]: 10{39}\.\.\. is not a price"),
     ("not UTF-8", b'{"ticks": "\xff"}', 400, "invalid_json", r"not valid JSON"),
     ("deep nesting", "[" * 100_000 + "]" * 100_000, 400, "invalid_json", r"not valid JSON"),
 ]
@@ -380,6 +383,8 @@ BAD_TRADES = [
     ("missing size", {"symbol": "BTCUSD", "side": "buy"}, r"missing field 'size'"),
     ("unknown field", {"symbol": "BTCUSD", "side": "buy", "size": 1, "leverage": 100}, r"unexpected field 'leverage'"),
     ("bad symbol", {"symbol": "btc", "side": "buy", "size": 1, "entry_price": 1.0}, r"'btc' is not a symbol"),
+    ("integer past a float", {"symbol": "BTCUSD", "side": "buy", "size": 10**400, "entry_price": 1.0},
+     r"^size: an integer too large for a number"),
 ]
 
 

@@ -86,6 +86,26 @@ def test_defaults_and_blank_values() -> None:
     ("DATABASE_URL", "mysql://me:hunter2@localhost/y", r"the database 'mysql' is not supported; use sqlite:"),
     ("DATABASE_READ_URL", "oracle+cx://me:hunter2@h/y", r"the database 'oracle' is not supported"),
     ("WRITER_ENDPOINT", "tcp://0.0.0.0:5555", "loopback"),
+    # A review's finds: each was taken, then failed later (a traceback, a wait for ever) or did harm.
+    ("WRITER_ENDPOINT", "tcp://127.attacker.example:5555", "loopback"),  # passed a prefix test
+    ("WRITER_ENDPOINT", "tcp://127.0.0.1", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "tcp://127.0.0.1:abc", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "tcp://127.0.0.1:99999", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "tcp://127.0.0.1:*", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "tcp://localhost:0", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "inproc://writer", "other processes cannot reach"),
+    ("WRITER_ENDPOINT", "ipc://", "a socket path"),
+    ("DATABASE_URL", "sqlite:///:memory:", "in memory"),  # every acknowledged write lost with the writer
+    ("DATABASE_URL", "sqlite://", "in memory"),
+    ("DATABASE_URL", "sqlite:////tmp/x.db?mode=memory&uri=true", "in memory"),
+    ("DATABASE_URL", "sqlite:///relative/x.db", "absolute path"),
+    ("DATABASE_URL", "sqlite+pysqlite:////tmp/x.db", "no driver"),
+    # An '@' of the password, not percent-encoded: the rest of it was read as the host, and served.
+    ("DATABASE_URL", "postgresql://bob:hunter2@3xyz@127.0.0.1:1/db", "percent-encode"),
+    ("TICKSTACK_HOME", "~nosuchuser-tickstack/x", "no such user"),
+    ("TICKSTACK_API_PORT", "1_000", "is not a whole number"),
+    ("TICKSTACK_API_PORT", "\u0661\u0662", "is not a whole number"),
+    ("TICKSTACK_READY_TIMEOUT", "1_0", "is not a number"),
 ])
 def test_a_bad_value_names_the_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=f"^{name}.*{message}") as refused:
@@ -164,6 +184,38 @@ def test_the_writer_refuses_a_setting_it_cannot_use_at_start(stack: Stack, name:
         pytest.fail(f"the writer started with {name}={value}: {(e.stderr or b'')[-500:]!r}")
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_writer_lock.py::test_a_server_restart_ends_the_writer_and_its_successor_waits_for_the_server")
+def test_the_writer_says_in_one_line_why_it_cannot_open_the_database_or_bind(stack: Stack, tmp_path: Path) -> None:
+    """A database the writer cannot open (a folder, a file that is not SQLite's, a folder that does
+    not exist) and an endpoint it cannot bind (taken) stopped it with a traceback of 36 frames."""
+    import zmq
+
+    folder = tmp_path / "a-folder.db"
+    folder.mkdir()
+    not_sqlite = tmp_path / "notes.db"
+    not_sqlite.write_text("these are not the pages of an SQLite database\n" * 200)
+    taken = zmq.Context.instance().socket(zmq.REP)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    cases = [({"DATABASE_URL": f"sqlite:///{folder}"}, f"cannot open the database {folder}"),
+             ({"DATABASE_URL": f"sqlite:///{not_sqlite}"}, f"cannot open the database {not_sqlite}"),
+             ({"DATABASE_URL": f"sqlite:///{tmp_path}/no-such-folder/x.db"}, "no-such-folder"),
+             ({"WRITER_ENDPOINT": f"tcp://127.0.0.1:{port}"}, f"cannot bind tcp://127.0.0.1:{port}")]
+    try:
+        for env, said in cases:
+            proc = subprocess.run([sys.executable, "-m", "workers.writer"], env={**stack.env, **env}, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 1, (env, proc.returncode, proc.stderr[-2000:])
+            assert said in proc.stderr and "Traceback" not in proc.stderr, (env, proc.stderr[-2000:])
+            if "DATABASE_URL" in env:  # and python -m db, which opens it too
+                init = subprocess.run([sys.executable, "-m", "db", "init"], env={**stack.env, **env}, cwd=ROOT,
+                                      capture_output=True, text=True, timeout=60)
+                assert init.returncode == 1 and init.stderr.startswith("python -m db init: "), init.stderr[-2000:]
+                assert "Traceback" not in init.stderr and len(init.stderr.splitlines()) == 1, init.stderr[-2000:]
+    finally:
+        taken.close(0)
+    assert not_sqlite.read_text().startswith("these are not")  # refused, not written over
 
 
 # --- command-line numbers: one finite-number parser (db.config), nan/inf/negative refused ----------

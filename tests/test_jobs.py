@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -323,6 +324,34 @@ def test_db_backup_says_what_is_wrong_with_a_path_it_cannot_write(writer: Stack)
         assert proc.stderr.startswith("python -m db backup: ") and reason in proc.stderr, proc.stderr
 
 
+def test_db_backup_force_replaces_only_a_file(writer: Stack) -> None:
+    """``--force`` writes over a file, never over a FIFO, a socket or a device: a review's
+    ``db backup /dev/null --force``, run as root, replaced the machine's /dev/null with a copy of
+    the database."""
+    import socket as sockets
+
+    fifo = writer.home / "a-fifo"
+    os.mkfifo(fifo)
+    sock_path = writer.home / "a.sock"
+    listener = sockets.socket(sockets.AF_UNIX)
+    listener.bind(str(sock_path))
+    try:
+        for path, kind in ((fifo, "a FIFO"), (sock_path, "a socket")):
+            proc = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env,
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert f"{path} is {kind}, not a file" in proc.stderr, proc.stderr
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        assert not [p for p in writer.home.iterdir() if p.name.endswith(".part")]  # refused before writing
+        plain = writer.home / "plain.db"
+        plain.write_text("an old backup")
+        proc = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(plain)], env=writer.env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        listener.close()
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
 def test_quick_check_and_forced_checkpoint(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
@@ -484,14 +513,10 @@ def test_one_jobs_worker_of_a_home_samples_the_metrics_and_another_takes_over_wh
     """The ``metrics`` job samples this home's processes: a second jobs worker (``circusctl incr jobs``,
     or one run by hand beside the stack) stored every series a second time each interval. One worker
     of a home samples (``run/metrics.lock``); another takes over when it dies."""
-    env = {**writer.env, "TICKSTACK_SAMPLE_EVERY_S": "1"}
     logs = [writer.home / "log" / f"jobs-metrics-{k}.log" for k in "ab"]
     procs = []
     for log in logs:
-        with open(log, "ab") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "workers.jobs", "--log-level", "DEBUG"], env=env,
-                                          cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
-        writer.procs.append(procs[-1])
+        procs.append(writer.start_worker("workers.jobs", log, "--log-level", "DEBUG", TICKSTACK_SAMPLE_EVERY_S="1"))
         if len(procs) == 1:
             wait_for("the first to sample", lambda: "jobs: metrics ok" in logs[0].read_text(), timeout=60)
     first, second = procs
@@ -541,10 +566,7 @@ def test_a_leader_whose_lock_file_is_removed_stops_so_that_no_second_leader_runs
     leader or a standby); ``db backup --force`` over a leader lock is refused like the writer's."""
     lock = leader_lock_path(writer.settings.database_path, "analysis")
     log = writer.home / "log" / "analysis-removed.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.analysis"], env=writer.env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    writer.procs.append(proc)
+    proc = writer.start_worker("workers.analysis", log)
     wait_for("the worker to lead", lambda: "analysis: leading" in log.read_text(), timeout=60)
     refused = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(lock)], env=writer.env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)

@@ -115,6 +115,8 @@ def test_display_url_hides_the_password_wherever_a_url_carries_it() -> None:
     url = "postgresql+psycopg://ts_owner:s3cr%40t%3Aw@db.example:5433/tickstack?sslmode=require"
     assert display_url(url) == "postgresql+psycopg://ts_owner:***@db.example:5433/tickstack?sslmode=require"
     assert "s3cr" not in display_url("postgresql://u@/tickstack?host=/run/pg&password=s3cret")
+    # libpq's other secret: the client key's passphrase (a review saw it printed by db health).
+    assert "KEYPASS9" not in display_url("postgresql://u@h/tickstack?sslkey=/k.pem&sslpassword=KEYPASS9")
     assert "s3cret" not in display_url("postgresql://u:s3cret@[broken/x")  # unparseable: nothing after ://
     assert display_url("sqlite:////var/lib/tickstack.db") == "sqlite:////var/lib/tickstack.db"
     assert database_location(url) == {"dialect": "postgresql", "host": "db.example"}

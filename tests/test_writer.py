@@ -185,6 +185,9 @@ def test_garbage_frames_get_error_replies_and_the_writer_keeps_serving(stack: St
         ([msgpack.packb([1, 2, 3])], "request must be a map"),
         ([msgpack.packb({"op": "audit", "cid": "c"})], "no sequence number"),
         ([msgpack.packb({"op": "audit", "seq": 1})], "no client id"),
+        # Stored on SQLite, a DataError naming SQL on PostgreSQL: no text of ours holds a NUL.
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "a\x00b", "args": {"actor": "x", "action": "y"}})],
+         "client id must not hold a NUL"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": [1]})], "args must be a map"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {}}), b"more"], "expected one message frame"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {"actor": "x" * 70_000}})], "over the limit"),
@@ -287,6 +290,26 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     init = subprocess.run([sys.executable, "-m", "db", "init"], env=writer.env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert init.returncode == 0 and "the writer is running" in init.stdout
+
+
+def test_a_sighup_is_logged_and_the_writer_and_the_workers_carry_on(stack: Stack) -> None:
+    """SIGHUP (the console offers it, "our workers log it"; ``circusctl signal``) killed the writer and
+    every worker at once, by the default action: no drain, no final checkpoint, no line in the log,
+    a tick batch in flight never spooled."""
+    writer = stack.start_writer()
+    log = stack.home / "log" / "monitor-hup.log"
+    monitor = stack.start_worker("workers.monitor", log)
+    wait_for("the monitor to lead", lambda: "monitor: leading" in log.read_text(), timeout=60)
+    for proc in (writer, monitor):
+        proc.send_signal(signal.SIGHUP)
+    wait_for("both to log the SIGHUP", lambda: "SIGHUP" in stack.writer_log() and "SIGHUP" in log.read_text(),
+             timeout=30)
+    assert writer.poll() is None and monitor.poll() is None
+    client = WriterClient(settings=stack.settings, deadline=10)
+    assert client.ping()["pid"] == writer.pid
+    assert client.call("audit", actor="me", action="after-hup")["id"] >= 1
+    client.close()
+    assert stack.stop(monitor, signal.SIGTERM, timeout=30) == 0
 
 
 def test_sigterm_with_requests_in_flight_loses_nothing_and_truncates_wal(stack: Stack) -> None:

@@ -57,6 +57,7 @@ from typing import Any
 # and gc.freeze() in Writer.run keeps its objects out of the collector's way.
 import numpy  # noqa: F401
 import zmq
+from sqlalchemy.exc import DBAPIError
 
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, make_write_engine, storage_full_reason
@@ -75,6 +76,10 @@ EXIT_LOCKED = 3
 QUEUE_BUDGET_MESSAGES = 16
 
 __all__ = ["Stats", "Writer", "main"]
+
+
+class EndpointUnusable(RuntimeError):
+    """The writer's endpoint cannot be bound (another program holds the port): said in one line."""
 
 
 class Writer:
@@ -124,6 +129,10 @@ class Writer:
                 log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and start "
                           "again", self.lock.path, storage_full_reason(e))
                 return 1
+            if isinstance(e, OSError):  # no such folder, no right to it: the database's folder is wrong
+                log.error("writer: cannot take the writer lock %s: %s; check DATABASE_URL and the folder",
+                          self.lock.path, e.strerror or e)
+                return 1
             if not isinstance(e, OSError) and not self.settings.database_url.startswith("sqlite"):
                 # libpq's reason names the host and the role, never the password.
                 log.error("writer: cannot reach the database server %s to take the writer lock: %s",
@@ -144,10 +153,14 @@ class Writer:
                 before, after = self.committer.open_database()
             except Exception as e:
                 reason = storage_full_reason(e)
-                if reason is None:
+                if reason is not None:
+                    log.error("writer: cannot open the database, its disk is full (%s); free space and start "
+                              "again", reason)
+                    return 1
+                if self.settings.database_path is None or not isinstance(e, DBAPIError):
                     raise
-                log.error("writer: cannot open the database, its disk is full (%s); free space and start again",
-                          reason)
+                # A folder, a file that is not SQLite's, no right to it: SQLite's reason, in one line.
+                log.error("writer: cannot open the database %s: %s", self.settings.database_path, e.orig)
                 return 1
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
@@ -160,6 +173,9 @@ class Writer:
             self.checkpointer.start()
             try:
                 self._serve()
+            except EndpointUnusable as e:
+                log.error("writer: %s", e)
+                return 1
             finally:
                 self.checkpointer.stop()
             self.committer.final_checkpoint()  # type: ignore[union-attr]
@@ -188,7 +204,14 @@ class Writer:
         replies_in = ctx.socket(zmq.PULL)
         replies_in.bind(DOORBELL)
         endpoint = self.settings.writer_endpoint
-        router.bind(endpoint)
+        try:
+            router.bind(endpoint)
+        except zmq.ZMQError as e:  # taken (another program's port), or a folder that cannot hold a socket
+            router.close(0)
+            replies_in.close(0)
+            ctx.term()
+            raise EndpointUnusable(f"cannot bind {endpoint}: {e.strerror}; set WRITER_ENDPOINT to a free "
+                                   "one") from None
         assert self.committer is not None
         committer = threading.Thread(target=self.committer.run, args=(ctx,), name="commit", daemon=True)
         committer.start()
