@@ -288,6 +288,22 @@ def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack
     wait_for("monitor back", lambda: watcher(console, "monitor")["status"] == "active" and cstack.pids_of("monitor"))
 
 
+def test_plus_and_minus_one_process_say_how_many_processes_run_now(console: Console, cstack: CircusStack) -> None:
+    """circus's answer to incr/decr carries no ``numprocesses``: the flash and the audit row said
+    "? process(es) now". They say the count circus runs the watcher with after the action."""
+    s = cstack.settings
+    since = last_audit_id(s)
+    assert console.post("/console/watchers/analysis/incr").status_code == 303
+    assert "+1 process analysis: done. 2 process(es) now" in console.client.get("/console/watchers").text
+    assert console.post("/console/watchers/analysis/decr").status_code == 303  # one of two: not confirmed
+    assert "−1 process analysis: done. 1 process(es) now" in console.client.get("/console/watchers").text
+    rows = wait_for("two audit rows", lambda: (r := audit_rows(s, since, None)) and len(r) >= 2 and r)
+    assert [(a, t, res, d) for a, t, res, d in rows if a.startswith("watcher.")] == [
+        ("watcher.incr", "analysis", "ok", "2 process(es) now"),
+        ("watcher.decr", "analysis", "ok", "1 process(es) now")]
+    wait_for("analysis back to one process", lambda: len(cstack.pids_of("analysis")) == 1, timeout=60)
+
+
 def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> None:
     """In a browser: each click is followed until circus reports the new state, the page says "done"
     with the state, shows its progress meanwhile, and the audit log has one row per click."""

@@ -271,6 +271,16 @@ def audit_result(result: str) -> str:
     return result if result in AUDIT_RESULTS else "error"
 
 
+def processes_now(c: Any, name: str) -> str:
+    """How many processes circus now runs ``name`` with, in words, after an incr or decr: its
+    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it."""
+    try:
+        asked = c.asked_for(name)
+    except CircusError as e:
+        return f"circus did not say how many processes it runs now ({e})"
+    return f"{asked} process(es) now" if asked is not None else "circus did not say how many processes it runs now"
+
+
 def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
@@ -283,8 +293,8 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
         if action in SETTLED:
             c.call(action, name=name, waiting=False)
         else:
-            answer = c.call(action, name=name, nb=1)
-            return "ok", f"{answer.get('numprocesses', '?')} process(es) now"
+            c.call(action, name=name, nb=1)
+            return "ok", processes_now(c, name)
         while True:
             status = str(c.statuses().get(name))
             pids = set(pids_of(c, name) or [])
