@@ -3,7 +3,8 @@
 driven by Playwright, as in tests/test_browser.py).
 
 * gunicorn watchers read "starting, N of 2 workers" until their workers are forked;
-* the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400;
+* the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400; ticks (one
+  simulated feed) neither;
 * a watcher decreased to 0 processes reads "no processes", on the page and after the page's poll;
 * restarting and stopping the writer from the page is followed to the end ("done", the new state),
   with one audit row per click and its real outcome;
@@ -271,6 +272,25 @@ def test_the_writer_offers_no_scaling_and_refuses_it(console: Console, cstack: C
         r = console.post(f"/console/watchers/writer/{action}", {"confirm": "yes"})
         assert r.status_code == 400 and "singleton" in r.text, (action, r.status_code)
     assert cstack.pids_of("writer") == pids and cstack.call("numprocesses", name="writer")["numprocesses"] == 1
+    assert audit_rows(s, since) == []
+
+
+def test_ticks_offers_no_scaling_and_refuses_it_a_second_feed(console: Console, cstack: CircusStack) -> None:
+    """A second ticks process runs a second, independent simulated feed into the same symbols (two
+    random walks interleaved): the console treats ticks as it treats a singleton."""
+    s = cstack.settings
+    since, pids = last_audit_id(s), cstack.pids_of("ticks")
+    listing = console.client.get("/console/watchers").text
+    assert "/console/watchers/ticks/restart" in listing and "/console/watchers/analysis/incr" in listing
+    page = console.client.get("/console/watchers/ticks").text
+    for html in (listing, page):
+        assert "/console/watchers/ticks/incr" not in html and "/console/watchers/ticks/decr" not in html
+    assert "a second process would run a second, independent random walk" in page
+    for action in ("incr", "decr"):
+        for form in ({}, {"confirm": "yes"}):  # refused, not first confirmed
+            r = console.post(f"/console/watchers/ticks/{action}", form)
+            assert r.status_code == 400 and "simulated feed" in r.text, (action, form, r.status_code)
+    assert cstack.pids_of("ticks") == pids and cstack.call("numprocesses", name="ticks")["numprocesses"] == 1
     assert audit_rows(s, since) == []
 
 
