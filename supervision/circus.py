@@ -12,13 +12,20 @@ and the console builds its status of a watcher on it (:func:`webapp.console.watc
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 #: Commands the console may send, with the watcher they apply to.
 ACTIONS = ("start", "stop", "restart", "incr", "decr")
+#: The watchers of circus.ini, the ones the stack needs (tests/test_supervision.py checks that they are
+#: circus.ini's sections). Kept here rather than read from circus.ini: a ``reloadconfig`` of a broken
+#: file (``[watcher:monitor`` without its bracket) makes circus drop a watcher and say ok, and the
+#: file then names the same watchers circus has, so health had nothing to compare with.
+STACK_WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "jobs")
+#: The status of an expected watcher circus does not have (:meth:`Circus.watchers`).
+MISSING = "missing"
 
 
 class CircusError(RuntimeError):
@@ -46,7 +53,8 @@ class WatcherState:
     """One watcher as the API's health and metrics judge it: up only when circus calls it active
     *and* it runs at least the processes circus was asked for, at least one. circus calls a watcher
     active with no process at all after ``circusctl decr`` to 0; one the flapping plugin or
-    ``circusctl stop`` stopped reads ``stopped``. The console's status of a watcher is built on it
+    ``circusctl stop`` stopped reads ``stopped``; one the stack expects and circus does not have,
+    :data:`MISSING`. The console's status of a watcher is built on it
     (:meth:`of`), adding only a refinement of its own: so what health calls down, the console does too."""
 
     #: circus's word: active, stopped, starting, stopping.
@@ -72,6 +80,8 @@ class WatcherState:
     def problem(self) -> str | None:
         """What is wrong, in words ("stopped", "0 of 1 processes"); None when it is up. A watcher
         whose processes circusd did not report is judged by its status alone."""
+        if self.status == MISSING:
+            return "missing (circus has no such watcher: a reloadconfig removed it or circusd runs another ini)"
         if self.status != "active":
             return self.status
         if self.processes is None or self.processes >= self.wanted:
@@ -85,10 +95,14 @@ class WatcherState:
 
 
 class Circus:
-    def __init__(self, endpoint: str, timeout: float = 5.0, busy_retry: float = 3.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 5.0, busy_retry: float = 3.0,
+                 expected: Collection[str] = STACK_WATCHERS) -> None:
+        """``expected``: the watchers :meth:`watchers` reports as :data:`MISSING` when circus has none
+        of that name (the stack's by default; not when it runs none of them: another ini)."""
         self.endpoint = endpoint
         self.timeout = timeout
         self.busy_retry = busy_retry
+        self.expected = tuple(expected)
 
     def call(self, command: str, **props: Any) -> dict[str, Any]:
         """One command on a client of its own (:meth:`_call` says what it raises)."""
@@ -145,7 +159,9 @@ class Circus:
         against 10 on a loaded machine; what is left is circusd handling each command). Raises
         :class:`CircusError` when the first fails. When a later one fails (it timed out, circusd's
         loop held by a start hook; or the watcher is gone, removed by a ``reloadconfig``), what it
-        would have said is None and nothing more is asked: each further call could wait as long."""
+        would have said is None and nothing more is asked: each further call could wait as long.
+        When circus runs any of :attr:`expected` (it runs the stack), each of them it does not have
+        is there too, :data:`MISSING` (down)."""
         client = self._client()
         try:
             statuses = self._call(client, "status")["statuses"]
@@ -162,7 +178,10 @@ class Circus:
                     except CircusError:
                         asking = False
                 out[name] = WatcherState.of(status, processes, asked)
-            return out
+            if out.keys() & set(self.expected):  # a circusd running none of them runs another ini (a test's)
+                for name in self.expected:
+                    out.setdefault(name, WatcherState(MISSING, None, None))
+            return dict(sorted(out.items()))
         finally:
             client.stop()
 

@@ -3,7 +3,8 @@
 driven by Playwright, as in tests/test_browser.py).
 
 * gunicorn watchers read "starting, N of 2 workers" until their workers are forked;
-* the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400;
+* the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400; ticks (one
+  simulated feed) neither;
 * a watcher decreased to 0 processes reads "no processes", on the page and after the page's poll;
 * restarting and stopping the writer from the page is followed to the end ("done", the new state),
   with one audit row per click and its real outcome;
@@ -274,6 +275,25 @@ def test_the_writer_offers_no_scaling_and_refuses_it(console: Console, cstack: C
     assert audit_rows(s, since) == []
 
 
+def test_ticks_offers_no_scaling_and_refuses_it_a_second_feed(console: Console, cstack: CircusStack) -> None:
+    """A second ticks process runs a second, independent simulated feed into the same symbols (two
+    random walks interleaved): the console treats ticks as it treats a singleton."""
+    s = cstack.settings
+    since, pids = last_audit_id(s), cstack.pids_of("ticks")
+    listing = console.client.get("/console/watchers").text
+    assert "/console/watchers/ticks/restart" in listing and "/console/watchers/analysis/incr" in listing
+    page = console.client.get("/console/watchers/ticks").text
+    for html in (listing, page):
+        assert "/console/watchers/ticks/incr" not in html and "/console/watchers/ticks/decr" not in html
+    assert "a second process would run a second, independent random walk" in page
+    for action in ("incr", "decr"):
+        for form in ({}, {"confirm": "yes"}):  # refused, not first confirmed
+            r = console.post(f"/console/watchers/ticks/{action}", form)
+            assert r.status_code == 400 and "simulated feed" in r.text, (action, form, r.status_code)
+    assert cstack.pids_of("ticks") == pids and cstack.call("numprocesses", name="ticks")["numprocesses"] == 1
+    assert audit_rows(s, since) == []
+
+
 def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack: CircusStack) -> None:
     assert console.post("/console/watchers/monitor/decr", {"confirm": "yes"}).status_code == 303
     wait_for("monitor's process gone", lambda: cstack.pids_of("monitor") == [])
@@ -286,6 +306,22 @@ def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack
     assert re.search(r'data-action="start"\s+disabled', row)  # circus's start would do nothing: +1 does
     assert console.post("/console/watchers/monitor/incr").status_code == 303
     wait_for("monitor back", lambda: watcher(console, "monitor")["status"] == "active" and cstack.pids_of("monitor"))
+
+
+def test_plus_and_minus_one_process_say_how_many_processes_run_now(console: Console, cstack: CircusStack) -> None:
+    """circus's answer to incr/decr carries no ``numprocesses``: the flash and the audit row said
+    "? process(es) now". They say the count circus runs the watcher with after the action."""
+    s = cstack.settings
+    since = last_audit_id(s)
+    assert console.post("/console/watchers/analysis/incr").status_code == 303
+    assert "+1 process analysis: done. 2 process(es) now" in console.client.get("/console/watchers").text
+    assert console.post("/console/watchers/analysis/decr").status_code == 303  # one of two: not confirmed
+    assert "−1 process analysis: done. 1 process(es) now" in console.client.get("/console/watchers").text
+    rows = wait_for("two audit rows", lambda: (r := audit_rows(s, since, None)) and len(r) >= 2 and r)
+    assert [(a, t, res, d) for a, t, res, d in rows if a.startswith("watcher.")] == [
+        ("watcher.incr", "analysis", "ok", "2 process(es) now"),
+        ("watcher.decr", "analysis", "ok", "1 process(es) now")]
+    wait_for("analysis back to one process", lambda: len(cstack.pids_of("analysis")) == 1, timeout=60)
 
 
 def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> None:

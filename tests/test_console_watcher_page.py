@@ -17,6 +17,7 @@ import html
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,7 +31,7 @@ from testkit.env import isolated_env, new_home
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, query, wait_for
 from webapp import create_app
-from webapp.console.watcher_page import command_line, safe_environment
+from webapp.console.watcher_page import command_line, flapping_state, safe_environment
 from webapp.console.watchers import NO_PROCESSES, shown_state
 
 #: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
@@ -260,6 +261,48 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
         assert "stays stopped until someone starts it" in page and "reached max retry limit" in page
     finally:
         daemon.stop(quit_timeout=30, term_timeout=10)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def circusd_lines(*messages: tuple[float, str]) -> str:
+    """Lines as circusd writes them (``circus.util.configure_logger``'s format, local time), each
+    ``(seconds ago, message)``."""
+    return "".join(f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(time.time() - ago))} circus[4242] "
+                   f"[INFO] {message}\n" for ago, message in messages)
+
+
+@DATABASE_INDEPENDENT
+def test_a_start_after_the_plugins_last_retry_ends_its_given_up_state() -> None:
+    """The plugin gave up on ticks (``reached max retry limit``), then an operator started it and
+    later stopped it: that stop is the operator's, not the plugin's "stopped until someone starts
+    it". Without the start the plugin's word stands; a start also ends a pending retry."""
+    home = new_home()
+    try:
+        settings = load_settings(isolated_env(home))
+        log = settings.log_dir / "circusd.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        gave_up = [(90, "ticks: flapping detected: reached max retry limit (3); stopped until `circusctl start "
+                        "ticks`"), (89, "ticks stopped")]
+        app = create_app("console", settings)
+
+        def state() -> dict[str, Any]:
+            with app.test_request_context():
+                return flapping_state("ticks", "stopped", "active")
+
+        log.write_text(circusd_lines(*gave_up))
+        assert state()["state"] == "given-up"
+        log.write_text(circusd_lines(*gave_up, (60, "ticks started"), (30, "analysis started"),
+                                     (10, "ticks stopped")))
+        shown = state()
+        assert shown["state"] == "recent" and "stays stopped" not in shown["text"], shown
+        assert [e["limit"] for e in shown["events"]] == [True]  # the plugin's decision is still listed
+        log.write_text(circusd_lines((20, "ticks: flapping detected: retry in 15s (attempt number 1 of 3)"),
+                                     (19, "ticks stopped"), (10, "ticks started"), (5, "ticks stopped")))
+        assert state()["state"] == "recent"
+        log.write_text(circusd_lines((20, "ticks: flapping detected: retry in 15s (attempt number 1 of 3)"),
+                                     (19, "ticks stopped")))
+        assert state()["state"] == "retrying"
+    finally:
         shutil.rmtree(home, ignore_errors=True)
 
 

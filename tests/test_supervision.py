@@ -26,6 +26,7 @@ import pytest
 from db.client import WriterClient
 from db.health import connect_read_only, integrity
 from db.lock import read_lock_holder
+from supervision.circus import STACK_WATCHERS
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import BIN, ROOT, isolated_env, new_home
 from testkit.helpers import T0, backticked, query, run_as_printed, wait_for
@@ -284,6 +285,35 @@ def test_health_is_degraded_while_circusd_does_not_answer(stack: CircusStack) ->
     finally:
         os.kill(stack.proc.pid, signal.SIGCONT)
     wait_for("health ok again", lambda: health(stack)["status"] == "ok", timeout=60)
+
+
+def test_a_watcher_a_reloadconfig_dropped_is_missing_and_down_in_health_and_metrics(stack: CircusStack) -> None:
+    """``[watcher:monitor`` without its closing bracket, then ``circusctl reloadconfig --waiting``:
+    circusctl says ok and circus removes the monitor watcher. Health judged only the watchers circus
+    had (``ok``, ``down: {}``); it compares with the stack's watchers and calls monitor missing."""
+    ini = stack.home / "circus.ini"
+    ini.write_text((ROOT / "circus.ini").read_text())
+    stack.ini = ini
+    stack.start()
+    wait_for("health ok", lambda: health(stack)["status"] == "ok", timeout=60)
+    ini.write_text(ini.read_text().replace("[watcher:monitor]", "[watcher:monitor"))
+    done = stack.circusctl("reloadconfig", "--waiting")
+    assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
+    wait_for("monitor removed", lambda: "monitor" not in stack.status(), timeout=60)
+    body = wait_for("health degraded", lambda: (b := health(stack))["status"] == "degraded" and b, timeout=60)
+    assert body["circus"]["down"] == {"monitor": body["circus"]["down"]["monitor"]}, body["circus"]
+    assert body["circus"]["down"]["monitor"].startswith("missing"), body["circus"]
+    assert body["circus"]["watchers"]["monitor"] == "missing" and body["circus"]["processes"]["monitor"] is None
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.api_port}/metrics", timeout=30) as resp:
+        metrics = resp.read().decode()
+    assert 'tickstack_watcher_up{watcher="monitor"} 0.0' in metrics
+    assert 'tickstack_watcher_up{watcher="analysis"} 1.0' in metrics
+
+
+def test_the_stacks_watchers_are_circus_ini_s() -> None:
+    """What health expects is what circus.ini runs (and what the tests wait for)."""
+    sections = re.findall(r"^\[watcher:([^\]]+)\]$", (ROOT / "circus.ini").read_text(), re.M)
+    assert sorted(STACK_WATCHERS) == sorted(sections) == sorted(WATCHERS)
 
 
 # --- flapping: retries stop after max_retry ---------------------------------------------------------------------

@@ -228,9 +228,10 @@ class Scan:
 
 
 def scan(path: Path, n: int, level: str | None = None, query: str | None = None,
-         window: int = MAX_SCAN_BYTES) -> Scan:
-    """The last ``n`` lines of ``path`` at ``level`` or above that contain ``query`` (any case),
-    read forward over the file's last ``window`` bytes (memory: ``n`` lines)."""
+         window: int = MAX_SCAN_BYTES, pattern: re.Pattern[str] | None = None) -> Scan:
+    """The last ``n`` lines of ``path`` at ``level`` or above that contain ``query`` (any case) and,
+    when given, match ``pattern`` (searched), read forward over the file's last ``window`` bytes
+    (memory: ``n`` lines)."""
     q = fold(query)
     kept: deque[Line] = deque(maxlen=n)
     matched = 0
@@ -243,7 +244,7 @@ def scan(path: Path, n: int, level: str | None = None, query: str | None = None,
         c = Classifier()
         while raw := _readline(f, size):
             line = c(_decode(raw))
-            if keeps(line, level, q):
+            if keeps(line, level, q) and (pattern is None or pattern.search(line.text)):
                 matched += 1
                 kept.append(line)
     return Scan(list(kept), matched, size - start, start == 0, size)

@@ -40,6 +40,7 @@ from webapp.console.watchers import (
     PROGRESS,
     READ_ONLY_WATCHERS,
     gunicorn_workers,
+    one_process,
     options_of,
     restarts_last_hour,
     shown_state,
@@ -59,6 +60,11 @@ SIGNALS = {"HUP": "SIGHUP: gunicorn reloads its workers; our workers log it",
 LOG_LINES = 40
 FLAP_RE = re.compile(r"\] (?P<name>[^:\s]+): flapping detected: (?:retry in (?P<retry>\d+(?:\.\d+)?)s \(attempt "
                      r"number (?P<n>\d+) of (?P<of>-?\d+)\)|(?P<limit>reached max retry limit))")
+#: circus's line for a watcher it started (``Watcher._start``): it ends the plugin's decision before it.
+START_RE = r"\] {name} started\s*$"
+#: The plugin's decisions shown on the page, and the lines (decisions and starts) kept while scanning.
+FLAP_EVENTS = 10
+FLAP_SCAN_LINES = 50
 #: How far back circusd's log is searched for the plugin's decisions.
 FLAP_SCAN_BYTES = 4 * 1024 * 1024
 #: The plugin's ``reset_after`` (circus.ini): after this many seconds without flapping the count starts over.
@@ -98,19 +104,30 @@ def flapping_state(name: str, status: str, plugin_status: str | None) -> dict[st
     """What the flapping plugin did to ``name`` lately: ``state`` (``off``: no plugin running,
     ``calm``, ``recent``: it flapped within :data:`FLAP_RESET_S`, ``retrying``: stopped for a
     crash loop and to be started again, ``given-up``: stopped until someone starts it), ``text``
-    in words, and ``events`` (time in ms, line), newest last."""
+    in words, and ``events`` (time in ms, line), newest last.
+
+    A start of the watcher logged after the plugin's newest decision (circus's ``NAME started``:
+    ``circusctl start``, the console's Start, a new circusd) ends that decision: a stop after it is
+    someone else's, never the plugin's "stopped until someone starts it"."""
     events: list[dict[str, Any]] = []
+    started_since = False  # circus started the watcher after the plugin's newest decision
     path = settings().log_dir / "circusd.log"
     try:
-        found = logfiles.scan(path, 10, None, f"{name}: flapping detected", window=FLAP_SCAN_BYTES)
+        started = re.compile(START_RE.format(name=re.escape(name)))
+        found = logfiles.scan(path, FLAP_SCAN_LINES, None, name, window=FLAP_SCAN_BYTES,
+                              pattern=re.compile(f"{FLAP_RE.pattern}|{started.pattern}"))
         for line in found.lines:
             m = FLAP_RE.search(line.text)
-            if m and m.group("name") == name:
-                events.append({"ts": line.ts, "text": line.text, "limit": bool(m.group("limit")),
-                               "retry": float(m.group("retry")) if m.group("retry") else None,
-                               "n": m.group("n"), "of": m.group("of")})
+            if m is None or m.group("name") != name:
+                started_since = started_since or bool(started.search(line.text))
+                continue
+            started_since = False
+            events.append({"ts": line.ts, "text": line.text, "limit": bool(m.group("limit")),
+                           "retry": float(m.group("retry")) if m.group("retry") else None,
+                           "n": m.group("n"), "of": m.group("of")})
     except FileNotFoundError:
         pass
+    events = events[-FLAP_EVENTS:]
     if plugin_status is None:
         return {"state": "off", "text": "no flapping plugin runs in this stack: a crash loop is respawned forever",
                 "events": events}
@@ -118,10 +135,11 @@ def flapping_state(name: str, status: str, plugin_status: str | None) -> dict[st
     now_ms = time.time() * 1000
     if last is None or last["ts"] is None:
         return {"state": "calm", "text": "no crash loop seen", "events": events}
-    if last["limit"] and status == "stopped":
+    if last["limit"] and status == "stopped" and not started_since:
         return {"state": "given-up", "text": "stopped by the flapping plugin after its last retry: it stays stopped "
                                              "until someone starts it", "events": events}
-    if last["retry"] is not None and status == "stopped" and now_ms < last["ts"] + (last["retry"] + 30) * 1000:
+    if (last["retry"] is not None and status == "stopped" and not started_since
+            and now_ms < last["ts"] + (last["retry"] + 30) * 1000):
         at = last["ts"] + last["retry"] * 1000
         return {"state": "retrying", "at": at, "events": events,
                 "text": f"stopped for a crash loop; circus starts it again (attempt {last['n']} of {last['of']})"}
@@ -185,7 +203,7 @@ def watcher_page(name: str) -> ResponseReturnValue:
     summary = {cid: [r for r in rows if r["label"] == name]
                for cid, rows in summaries(charts, now_ms() - 3_600_000).items()}
     return render_template(
-        "console/watcher.html", w=row, opts=opts, command=command_line(opts),
+        "console/watcher.html", w=row, opts=opts, one_process=one_process(name, opts), command=command_line(opts),
         env=safe_environment(opts.get("env") or {}), procs=processes(row, gunicorn), gunicorn=gunicorn,
         restarts=restarts_last_hour().get(name), flapping=flapping_state(name, row["status"],
                                                                           statuses.get("plugin:flapping")),

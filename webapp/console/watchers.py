@@ -40,6 +40,12 @@ WRITER_WATCHER = "writer"
 CONFIRM_ACTIONS = ("stop",)
 #: Watchers circus runs for itself: shown, never acted on.
 READ_ONLY_WATCHERS = frozenset({"circusd-stats"})
+#: Watchers that must run one process although circus.ini does not make them singletons, with why
+#: (after their name): the console neither offers nor accepts +1/−1 for them, as for a singleton.
+ONE_PROCESS = {
+    "ticks": ("runs the simulated feed: a second process would run a second, independent random walk into the "
+              "same symbols, and bars, indicators and stops would be computed from the two interleaved"),
+}
 #: The status shown for a watcher circus calls active while it has no process to run (decr to 0):
 #: down, as /api/health says ("0 of 1 processes (circus was asked for 0)"), and styled as a problem.
 NO_PROCESSES = "no processes"
@@ -78,7 +84,7 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
 
     Each row's ``status``, ``detail``, ``up`` and ``problem`` are :func:`shown_state`'s (a watcher
     circus calls active with no process asked for, decr to 0, reads ``no processes``, down);
-    ``singleton`` says that scaling it makes no sense (the page offers no +1/−1)."""
+    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1)."""
     try:
         c = circus()
         rows = collect_watchers(c, meter())
@@ -89,9 +95,18 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["restarts"] = restarts.get(row["name"])
         opts = options_of(c, row["name"])
         row["singleton"] = bool(opts.get("singleton"))
+        row["one_process"] = one_process(row["name"], opts)
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
+
+
+def one_process(name: str, opts: dict[str, Any]) -> str | None:
+    """Why watcher ``name`` (circus options ``opts``) must run one process, following its name
+    ("is a singleton ..."); None when +1/−1 make sense for it."""
+    if opts.get("singleton"):
+        return "is a singleton (one process at most)"
+    return ONE_PROCESS.get(name)
 
 
 class Shown(NamedTuple):
@@ -218,15 +233,15 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     if name not in statuses or name.startswith("plugin:"):
         names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
         bad_request(f"no watcher named {name[:60]!r}; watchers are {', '.join(names)}")
+    why_one = one_process(name, options_of(c, name)) if action in ("incr", "decr") else None
+    if why_one:  # refused before any confirmation: there is nothing to confirm
+        bad_request(f"{name} {why_one}: {LABELS[action]} makes no sense; use Restart, Stop or Start")
     if request.form.get("confirm") != "yes" and _needs_confirmation(c, name, action):
         endpoint = settings().circus_endpoint
         return render_template("console/confirm.html", name=name, action=action, label=LABELS[action],
                                is_writer=name == WRITER_WATCHER,
                                incr_console=circusctl_command(endpoint, "incr", "console"),
                                start_console=circusctl_command(endpoint, "start", "console"))
-    if action in ("incr", "decr") and options_of(c, name).get("singleton"):
-        bad_request(f"{name} is a singleton (one process at most): {LABELS[action]} makes no sense; "
-                    "use Restart, Stop or Start")
     ends_self = action in ("stop", "restart", "decr") and serves_this_request(c, name)
     what = f"watcher.{action}"
     if ends_self:  # this process goes away: recorded now, the outcome is seen on the reloaded page
@@ -271,6 +286,16 @@ def audit_result(result: str) -> str:
     return result if result in AUDIT_RESULTS else "error"
 
 
+def processes_now(c: Any, name: str) -> str:
+    """How many processes circus now runs ``name`` with, in words, after an incr or decr: its
+    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it."""
+    try:
+        asked = c.asked_for(name)
+    except CircusError as e:
+        return f"circus did not say how many processes it runs now ({e})"
+    return f"{asked} process(es) now" if asked is not None else "circus did not say how many processes it runs now"
+
+
 def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
@@ -283,8 +308,8 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
         if action in SETTLED:
             c.call(action, name=name, waiting=False)
         else:
-            answer = c.call(action, name=name, nb=1)
-            return "ok", f"{answer.get('numprocesses', '?')} process(es) now"
+            c.call(action, name=name, nb=1)
+            return "ok", processes_now(c, name)
         while True:
             status = str(c.statuses().get(name))
             pids = set(pids_of(c, name) or [])
