@@ -13,11 +13,10 @@ from typing import Any
 from circus.client import CircusClient
 
 from db.config import Settings, load_settings
+from supervision.circus import STACK_WATCHERS as WATCHERS  # the stack's watchers: one list
 from supervision.circus import retry_while_busy
 from testkit.env import BIN, ROOT, isolated_env, new_home
 from testkit.process import Descendants, stop_process
-
-WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "jobs")
 
 
 class Circusd:

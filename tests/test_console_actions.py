@@ -290,6 +290,8 @@ def test_ticks_offers_no_scaling_and_refuses_it_a_second_feed(console: Console, 
         for form in ({}, {"confirm": "yes"}):  # refused, not first confirmed
             r = console.post(f"/console/watchers/ticks/{action}", form)
             assert r.status_code == 400 and "simulated feed" in r.text, (action, form, r.status_code)
+    refused = cstack.circusctl("incr", "ticks")  # circus itself: a singleton in circus.ini
+    assert "Singleton" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
     assert cstack.pids_of("ticks") == pids and cstack.call("numprocesses", name="ticks")["numprocesses"] == 1
     assert audit_rows(s, since) == []
 

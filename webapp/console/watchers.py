@@ -40,8 +40,8 @@ WRITER_WATCHER = "writer"
 CONFIRM_ACTIONS = ("stop",)
 #: Watchers circus runs for itself: shown, never acted on.
 READ_ONLY_WATCHERS = frozenset({"circusd-stats"})
-#: Watchers that must run one process although circus.ini does not make them singletons, with why
-#: (after their name): the console neither offers nor accepts +1/−1 for them, as for a singleton.
+#: Why circus.ini makes these watchers singletons (after their name), as the console says it when
+#: it neither offers nor accepts +1/−1 for them; others are "a singleton (one process at most)".
 ONE_PROCESS = {
     "ticks": ("runs the simulated feed: a second process would run a second, independent random walk into the "
               "same symbols, and bars, indicators and stops would be computed from the two interleaved"),
@@ -104,9 +104,9 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
 def one_process(name: str, opts: dict[str, Any]) -> str | None:
     """Why watcher ``name`` (circus options ``opts``) must run one process, following its name
     ("is a singleton ..."); None when +1/−1 make sense for it."""
-    if opts.get("singleton"):
-        return "is a singleton (one process at most)"
-    return ONE_PROCESS.get(name)
+    if name in ONE_PROCESS:  # why circus.ini makes it a singleton, in words
+        return ONE_PROCESS[name]
+    return "is a singleton (one process at most)" if opts.get("singleton") else None
 
 
 class Shown(NamedTuple):
