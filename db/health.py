@@ -250,8 +250,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     writer = snap["writer"]
     if writer["up"]:
         st = writer.get("stats", {})
+        p99 = st.get("commit_p99_ms")  # None until its first commit (just started)
+        commits = f"commit p99 {p99} ms" if p99 is not None else "no commit yet"
         out.append(("ok", f"The writer (pid {writer['pid']}) answers in {writer['ping_ms']:.1f} ms; queue depth "
-                          f"{st.get('queue_depth')}, commit p99 {st.get('commit_p99_ms')} ms."))
+                          f"{st.get('queue_depth')}, {commits}."))
         if st.get("busy_replies"):
             out.append(("warn", f"The writer refused {st['busy_replies']} requests as busy since it started: "
                                 "producers send faster than it commits. Send larger batches (pipeline), or raise "

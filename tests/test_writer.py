@@ -292,6 +292,15 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     assert init.returncode == 0 and "the writer is running" in init.stdout
 
 
+def test_doctor_on_a_writer_that_has_not_committed_yet_says_so(stack: Stack) -> None:
+    """It said "commit p99 None ms" right after a restart."""
+    stack.start_writer()
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    (said,) = [line for line in doctor.stdout.splitlines() if "The writer (pid" in line]
+    assert "no commit yet" in said and "None" not in said, doctor.stdout
+
+
 def test_a_sighup_is_logged_and_the_writer_and_the_workers_carry_on(stack: Stack) -> None:
     """SIGHUP (the console offers it, "our workers log it"; ``circusctl signal``) killed the writer and
     every worker at once, by the default action: no drain, no final checkpoint, no line in the log,
