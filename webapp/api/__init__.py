@@ -13,12 +13,14 @@ Contracts shared by every route (the OpenAPI document, ``GET
   401 ``unauthorized``; 403 ``forbidden``; 404 ``not_found``;
   405 ``method_not_allowed``; 409 ``conflict``; 413 ``payload_too_large``;
   415 ``unsupported_media_type``; 500 ``internal_error`` / ``write_failed``;
-  503 ``writer_unavailable`` / ``database_unavailable`` with ``Retry-After``.
+  503 ``writer_unavailable`` / ``database_unavailable`` with ``Retry-After``,
+  ``token_file_unusable`` (a write while the token file is unusable).
 * **Writes** (POST) need ``Authorization: Bearer <token>``. The token is
   ``TICKSTACK_API_TOKEN`` (``settings.api_token``) when set, else the content
   of ``$TICKSTACK_HOME/api-token`` (mode 0600, generated when the API app is
-  first created). Missing or malformed header: 401; wrong token: 403
-  (compared in constant time). Writes go only through the writer
+  first created; while it is unusable, every write is 503, saying why:
+  :func:`~webapp.api.tokens.load_token`). Missing or malformed header: 401;
+  wrong token: 403 (compared in constant time). Writes go only through the writer
   (:mod:`db.client`), with a deadline of :data:`~webapp.api.limits.WRITER_DEADLINE`
   seconds: when it passes, 503 and the write may or may not have been applied
   (ticks that carry ``source`` and ``seq`` can be resent safely; the writer
@@ -73,6 +75,7 @@ def _setup(setup: BlueprintSetupState) -> None:
     app = setup.app
     settings: Settings = app.config["TICKSTACK"]
     _log_through_gunicorn()
-    api = ApiState(settings, load_token(settings), min(settings.client_deadline, WRITER_DEADLINE))
+    token, token_problem = load_token(settings)
+    api = ApiState(settings, token, min(settings.client_deadline, WRITER_DEADLINE), token_problem)
     app.extensions[EXTENSION] = api
     init_metrics(app, api.probe)

@@ -452,7 +452,9 @@ def _build() -> dict[str, Any]:
                     ("Conflict", "The trade is already closed"),
                     ("PayloadTooLarge", "Body over 8 MiB"),
                     ("UnsupportedMediaType", "Body not sent as application/json"),
-                    ("Unavailable", "The writer did not answer in time (Retry-After says when to retry)"),
+                    ("Unavailable", "The writer did not answer in time (writer_unavailable; Retry-After says when "
+                                    "to retry), or the API's token file is unusable (token_file_unusable, saying "
+                                    "which file and why: every write is refused until it is fixed)"),
                     ("StorageFull", "The database's disk is full (storage_full, with the writer's reason): nothing "
                                     "was written; retry once space is freed (Retry-After)"),
                 )

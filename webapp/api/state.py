@@ -21,9 +21,11 @@ class ApiState:
     """What the API keeps per app: settings, the write token, the probe, and
     one writer client per thread (a client is not thread-safe)."""
 
-    def __init__(self, settings: Settings, token: str, deadline: float) -> None:
+    def __init__(self, settings: Settings, token: str, deadline: float, token_problem: str | None = None) -> None:
         self.settings = settings
         self.token = token.encode()
+        #: Why no write can be checked (the token file is unusable: :func:`webapp.api.tokens.load_token`).
+        self.token_problem = token_problem
         self.deadline = deadline
         self.probe = Probe(settings, self.client)
 
