@@ -30,6 +30,11 @@ and half-open connections are then limited only by ``worker_connections`` (1000 
 it a worker stops accepting until some close, and every waiting one closes within
 :data:`HEADER_TIMEOUT`).
 
+One repair besides: a body the app left unread (a write refused 401 before its body is read) is
+read away by gthread to keep the connection; when it cannot be decoded (a malformed chunk) gunicorn
+wrote its own 400 on the same connection after the app's answer. The connection is closed instead
+(:meth:`HeadersFirstWorker._keepalive_after`).
+
 ``--timeout`` means something else with threads: the arbiter kills a worker whose *main loop*
 stops (it beats every second whatever its threads do), never one whose request is merely long. A
 console backup or quick_check may run as long as it needs (under ``sync`` they needed
@@ -51,6 +56,7 @@ import time
 from functools import partial
 from typing import Any
 
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 #: Seconds a connection may take to send its request headers (from accept, or from its first byte
@@ -161,6 +167,17 @@ class HeadersFirstWorker(ThreadWorker):
             for conn in self.pending_conns:
                 conn.timeout = min(conn.timeout, deadline)
         super().murder_pending()
+
+    def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
+        """After an answer, gthread reads away the body the app left unread, to keep the connection;
+        a body it cannot decode (a malformed chunk) raised, and gunicorn wrote a second answer, its
+        HTML 400, on the same connection after the app's (a 401 given before the body was read).
+        The connection closes instead: where the next request would start is unknown."""
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except ParseException as e:
+            self.log.debug("Closing the connection: the body left unread cannot be read: %s", e)
+            return False
 
     def handle(self, conn: TConn) -> Any:
         """In a thread: give the parser the bytes read in the poller, bound the rest of the read."""

@@ -9,9 +9,11 @@ Contracts shared by every route (the OpenAPI document, ``GET
   API-only app (``/`` on the API's port included); only the console's paths
   keep Flask's default HTML errors. Codes: 400 ``invalid_parameter`` (query),
   ``invalid_json`` (body not JSON, ``NaN``/``Infinity`` included),
-  ``invalid_body`` (the writer's validation message, naming the field);
+  ``invalid_body`` (the writer's validation message, naming the field),
+  ``bad_request`` (a body the server cannot decode: a malformed chunk);
   401 ``unauthorized``; 403 ``forbidden``; 404 ``not_found``;
-  405 ``method_not_allowed``; 409 ``conflict``; 413 ``payload_too_large``;
+  405 ``method_not_allowed``; 409 ``conflict``; 413 ``payload_too_large``
+  (with a Content-Length or chunked alike);
   415 ``unsupported_media_type``; 500 ``internal_error`` / ``write_failed``;
   503 ``writer_unavailable`` / ``database_unavailable`` with ``Retry-After``,
   ``token_file_unusable`` (a write while the token file is unusable).

@@ -444,13 +444,14 @@ def _build() -> dict[str, Any]:
                 name: _json(_ref("schemas", "Error"), text)
                 for name, text in (
                     ("BadRequest", "Bad query parameter (invalid_parameter), body not JSON (invalid_json) or rejected "
-                                   "by validation (invalid_body)"),
+                                   "by validation (invalid_body), or a body that cannot be read (bad_request: a "
+                                   "malformed chunked encoding)"),
                     ("Unauthorized", "Missing or malformed bearer token"),
                     ("Forbidden", "Wrong token"),
                     ("NotFound", "No such trade"),
                     ("MethodNotAllowed", "Method not allowed on this path"),
                     ("Conflict", "The trade is already closed"),
-                    ("PayloadTooLarge", "Body over 8 MiB"),
+                    ("PayloadTooLarge", "Body over 8 MiB, sent with a Content-Length or chunked"),
                     ("UnsupportedMediaType", "Body not sent as application/json"),
                     ("Unavailable", "The writer did not answer in time (writer_unavailable; Retry-After says when "
                                     "to retry), or the API's token file is unusable (token_file_unusable, saying "
