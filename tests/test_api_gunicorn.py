@@ -9,6 +9,7 @@ server does with bytes no HTTP client library would send.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -143,3 +144,37 @@ def test_a_chunked_body_over_the_limit_is_413_as_with_a_content_length(api: tupl
     at_limit = exchange(served.port, request_head("POST", "/api/ticks", *auth, "Transfer-Encoding: chunked"),
                         chunked(exact))
     one_json_error(at_limit, 400, "invalid_body")
+
+
+# --------------------------------------------------------------------------- requests gunicorn refuses itself
+
+#: Requests gunicorn refuses before the app sees them: (the request's bytes, the status it keeps, the
+#: code of the JSON body, a pattern of its message). Each was answered with gunicorn's HTML page.
+REFUSED = {
+    "url-over-4094-bytes": (request_head("GET", "/api/" + "a" * 9000), 414, "uri_too_long", r"too large"),
+    "header-of-9-kb": (request_head("GET", "/api/health", "X-Big: " + "a" * 9000), 431,
+                       "request_header_fields_too_large", r"header"),
+    "over-100-headers": (request_head("GET", "/api/health", *(f"X-H{i}: 1" for i in range(101))), 431,
+                         "request_header_fields_too_large", r"header"),
+    "bad-content-length": (request_head("POST", "/api/ticks", "Content-Length: abc"), 400, "bad_request",
+                           r"Content-Length|CONTENT-LENGTH"),
+    "two-content-lengths": (request_head("POST", "/api/ticks", "Content-Length: 1", "Content-Length: 2") + b"x",
+                            400, "bad_request", r"CONTENT-LENGTH|Content-Length"),
+    "bad-request-line": (b"GARBAGE\r\n\r\n", 400, "bad_request", r"request line.*GARBAGE"),
+    "bad-http-version": (b"GET /api/health HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request", r"HTTP Version"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_gunicorn_refuses_itself_is_answered_with_the_one_json_error_body(api: tuple[Served, str],
+                                                                                case: str) -> None:
+    served, _ = api
+    raw, status, code, message = REFUSED[case]
+    answers = exchange(served.port, raw)
+    error = one_json_error(answers, status, code)  # today: gunicorn's HTML page (text/html)
+    assert re.search(message, error["message"], re.IGNORECASE), error
+    assert answers[0][1]["connection"] == "close"  # as gunicorn closes it after its own answer
+    # gunicorn still says what it refused in its log, as a warning, with no traceback.
+    assert "Invalid request from ip=127.0.0.1" in served.log() and "Traceback" not in served.log()
+    # ... and the next connection is served as ever.
+    assert [a[0] for a in exchange(served.port, request_head("GET", "/api/openapi.json"))] == [200]
