@@ -35,7 +35,8 @@ Contracts shared by every route (the OpenAPI document, ``GET
   indicators) gives the oldest rows from ``since``, else the newest up to
   ``until`` (inclusive, epoch ms UTC), always oldest first; every list says
   whether ``more`` rows exist and the query parameters of the ``next`` page
-  (:func:`db.queries._series_page`). Unknown query parameters are rejected,
+  (:func:`db.queries._series_page`). Unknown query parameters are rejected
+  on every route (health, the OpenAPI document and ``/metrics`` included),
   so typos do not pass silently; an empty value counts as absent.
 
 The package, along its seams: :mod:`~webapp.api.state` (the blueprint and
@@ -53,7 +54,7 @@ from flask.blueprints import BlueprintSetupState
 from db.config import Settings
 from webapp.api import errors, routes, trades  # noqa: F401 - their handlers and routes register on bp
 from webapp.api.limits import WRITER_DEADLINE
-from webapp.api.state import EXTENSION, ApiState, bp
+from webapp.api.state import EXTENSION, ApiState, bp, metrics_bp
 from webapp.api.tokens import load_token
 from webapp.metrics import init_metrics
 
@@ -81,3 +82,4 @@ def _setup(setup: BlueprintSetupState) -> None:
     api = ApiState(settings, token, min(settings.client_deadline, WRITER_DEADLINE), token_problem)
     app.extensions[EXTENSION] = api
     init_metrics(app, api.probe)
+    app.register_blueprint(metrics_bp)

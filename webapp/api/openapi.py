@@ -117,13 +117,14 @@ def _build() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("schemas", "Health"), "The writer answers"),
                         "503": _json(_ref("schemas", "Health"), "The writer does not answer"),
+                        **_errors(400),
                     },
                 },
             },
             "/api/openapi.json": {
                 "get": {
                     "tags": ["status"], "operationId": "openapi", "summary": "This document",
-                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document")},
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document"), **_errors(400)},
                 },
             },
             "/api/ticks": {
@@ -273,7 +274,8 @@ def _build() -> dict[str, Any]:
                         "the API listens on 127.0.0.1 only."
                     ),
                     "responses": {"200": {"description": "Metrics",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                  **_errors(400)},
                 },
             },
         },

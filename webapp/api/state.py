@@ -12,6 +12,8 @@ from db.config import Settings
 from webapp.metrics import Probe
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+#: ``GET /metrics``, the API's route outside ``/api`` (:func:`webapp.api.routes.metrics`).
+metrics_bp = Blueprint("metrics", __name__)
 
 #: Key of the :class:`ApiState` in ``app.extensions``.
 EXTENSION = "tickstack_api"
