@@ -408,13 +408,16 @@ def check_home(settings: Settings, *, subfolders: bool = True) -> Path:
 def read_or_create_secret(path: Path, generate: Callable[[], str]) -> tuple[str, bool]:
     """The secret stored at ``path``; on first use, ``generate()`` one and
     store it with mode 0600. Returns (secret, created). Safe when several
-    processes (gunicorn workers) race to create it: one wins, all read it."""
+    processes (gunicorn workers) race to create it: one wins, all read it.
+    A file that is there is never written over: ConfigError when it stays
+    blank, OSError when it cannot be read or is no regular file (a FIFO is
+    not waited on), UnicodeError when it is not UTF-8."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         for _ in range(50):  # the winner may still be writing it
-            value = path.read_text().strip()
+            value = _read_regular_file(path).strip()
             if value:
                 return value, False
             time.sleep(0.02)
@@ -423,3 +426,22 @@ def read_or_create_secret(path: Path, generate: Callable[[], str]) -> tuple[str,
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value, True
+
+
+#: What a path that is no regular file is, in the words of :func:`_read_regular_file`'s error.
+_FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+               stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
+
+
+def _read_regular_file(path: Path) -> str:
+    """The text of ``path`` (UTF-8; UnicodeError otherwise), which must be a regular file: anything
+    else raises OSError saying what it is ("it is a FIFO (named pipe), not a regular file"). Opened
+    without blocking, and checked before it is read: a FIFO put in a secret's place blocked its
+    reader (the web app, at its start) until something wrote into it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    kind = stat.S_IFMT(os.fstat(fd).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"it is {_FILE_KINDS.get(kind, 'no file')}, not a regular file", str(path))
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode()

@@ -438,6 +438,20 @@ def test_writes_refuse_query_parameters_and_change_nothing(api: Api) -> None:
     assert api.get(f"/api/trades/{trade['id']}").get_json()["status"] == "open"
 
 
+def test_every_read_route_refuses_an_unknown_query_parameter(api: Api) -> None:
+    """The one rule of query parameters (:func:`webapp.api.params.query`) on every GET route of the API's
+    port: /api/health, /api/openapi.json and /metrics answered 200 to ``?x=1`` while the others refused it."""
+    routes = [rule.rule for rule in api.app.url_map.iter_rules()
+              if "GET" in (rule.methods or ()) and rule.rule.startswith(("/api", "/metrics"))]
+    assert {"/api/health", "/api/openapi.json", "/metrics", "/api/ticks"} <= set(routes)
+    for route in routes:
+        path = re.sub(r"<[^>]+>", "1", route)
+        assert_error(api.client.get(f"{path}?x=1"), 400, "invalid_parameter", r"^unknown parameter 'x'; parameters")
+    for path in ("/api/health", "/api/openapi.json", "/metrics"):
+        assert_error(api.client.get(f"{path}?x=1"), 400, "invalid_parameter", r"parameters are none$")
+        assert api.client.get(path).status_code == 200
+
+
 # --- errors of Flask's own, outside the routes ------------------------------------------------------------
 
 

@@ -11,11 +11,9 @@ its own engine and writer client.
 """
 from __future__ import annotations
 
-import secrets
-
 from flask import Flask
 
-from db.config import Settings, load_settings, read_or_create_secret
+from db.config import Settings, load_settings
 from db.engine import configure_read_only, is_sqlite, reader_url
 from webapp.extensions import csrf, db
 
@@ -29,12 +27,9 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
         raise ValueError(f"create_app: kind {kind!r} must be api, console or all")
     settings = settings or load_settings()
     app = Flask(__name__)
-    secret = settings.secret_key or read_or_create_secret(settings.home / "secret-key",
-                                                          lambda: secrets.token_hex(32))[0]
     read_url = reader_url(settings)
     app.config.update(
-        TICKSTACK=settings,
-        SECRET_KEY=secret,
+        TICKSTACK=settings,  # SECRET_KEY: the console sets its own (webapp.auth); the API signs nothing
         MAX_CONTENT_LENGTH=MAX_BODY,
         SQLALCHEMY_DATABASE_URI=read_url,
         # A server may restart under us: check a pooled connection before use (a file cannot).

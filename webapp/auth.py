@@ -19,6 +19,12 @@
   password), the login page shows it, and every login is refused (:attr:`Credentials.problem`),
   through the throttle as any failed one, until the file is fixed and the console restarted. A file
   other users may read is used, with a warning.
+* **No secret key, no console.** Sessions and forms are signed with ``TICKSTACK_SECRET_KEY``, else
+  the key in ``$TICKSTACK_HOME/secret-key`` (generated on first use, mode 0600; the API signs
+  nothing and never reads it). While that file is unusable (empty, a folder, a FIFO, not text:
+  :mod:`webapp.secret_files`) the console starts all the same, logs one line per worker saying
+  what is wrong and how to fix it, and answers every request but ``/console/health`` 503 with that
+  (:func:`require_secret_key`); the file is never written over.
 * **Sessions end for real.** A login makes a random session id, kept server-side in
   ``$TICKSTACK_HOME/run/console-sessions.json`` (:class:`~webapp.auth_state.SessionStore`, shared by
   both workers) and in Flask's signed cookie (HttpOnly, SameSite=Lax) with the user, the login time
@@ -80,20 +86,25 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from db.config import ADMIN_PASSWORD_MIN, ConfigError, Settings, admin_password, read_or_create_secret
+from db.config import ADMIN_PASSWORD_MIN, ConfigError, Settings, admin_password
 from db.preflight import circusctl_command
 from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
+from webapp.secret_files import read_secret_file, unusable
 
 log = logging.getLogger("tickstack.console")
 
 PASSWORD_FILE = "admin-password"
+#: In ``$TICKSTACK_HOME``: the key that signs the console's sessions and forms (unless ``TICKSTACK_SECRET_KEY``).
+SECRET_KEY_FILE = "secret-key"
+#: Served even while the secret key is unusable: the console itself is up.
+HEALTH_ENDPOINT = "console.health"
 #: In ``$TICKSTACK_HOME/run``: failed logins per peer, and the live sessions (module docstring).
 THROTTLE_FILE = "console-login-throttle.json"
 SESSIONS_FILE = "console-sessions.json"
 SESSION_MAX_AGE_S = 12 * 3600
 #: Endpoints served without a session.
-PUBLIC_ENDPOINTS = frozenset({"console.login", "console.health"})
+PUBLIC_ENDPOINTS = frozenset({"console.login", HEALTH_ENDPOINT})
 #: Key of the audit function in ``app.extensions``.
 AUDIT_EXTENSION = "tickstack_auth_audit"
 
@@ -150,30 +161,33 @@ def _read_password_file(path: Path, username: str, restart: str) -> tuple[str, s
     """(the password in ``path``, generated on first use; None), or ("", what is wrong with the
     file and how to fix it, ``restart`` being the command that restarts the console) when it breaks
     the rule of ``TICKSTACK_ADMIN_PASSWORD``."""
-    try:
-        password, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(18))
-        mode = path.stat().st_mode & 0o777
-    except ConfigError:  # blank, even after a worker creating it had its time to write it
-        wrong = "is empty"
-    except UnicodeError:
-        wrong = "cannot be read (it is not UTF-8 text)"
-    except OSError as e:
-        wrong = f"cannot be read ({e.strerror or type(e).__name__})"
-    else:
+    secret = read_secret_file(path, lambda: secrets.token_urlsafe(18))
+    password, wrong = secret.value, secret.wrong
+    if wrong is None:
         try:
             admin_password(str(path), password)
         except ConfigError:
             wrong = f"is too short ({len(password)} characters)"
         else:
-            if created:
+            if secret.created:
                 log.warning("console: generated the password of user %r into %s (mode 0600); log in with it",
                             username, path)
-            elif mode & 0o077:
-                log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path, mode)
+            else:
+                _warn_if_shared(path)
             return password, None
-    return "", (f"The password file {path} {wrong}: every login is refused until it is fixed. Write a password of "
-                f"at least {ADMIN_PASSWORD_MIN} characters into it, or delete it to have a new one generated; then "
-                f"run `{restart}`.")
+    return "", unusable("password file", path, wrong, "every login is refused",
+                        f"Write a password of at least {ADMIN_PASSWORD_MIN} characters into it, or delete it to "
+                        "have a new one generated", restart)
+
+
+def _warn_if_shared(path: Path) -> None:
+    """A warning when other users may read the password file (it is used all the same)."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:  # gone since it was read: the next start says what is wrong with it
+        return
+    if mode & 0o077:
+        log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path, mode)
 
 
 # --- wiring into the console blueprint ------------------------------------------------------------
@@ -183,18 +197,45 @@ def register(bp: Blueprint, audit: AuditFn) -> None:
     """Add the login and logout views and the session check to ``bp`` (before its other hooks);
     logins and logouts are recorded with ``audit``."""
     bp.record_once(functools.partial(_init_app, audit=audit))
+    bp.before_request(require_secret_key)
     bp.before_request(require_login)
     bp.add_url_rule("/login", "login", login, methods=["GET", "POST"])
     bp.add_url_rule("/logout", "logout", logout, methods=["POST"])
 
 
 def _init_app(state: BlueprintSetupState, audit: AuditFn) -> None:
-    """At app creation, so the password file exists (and its path is logged) before anyone asks."""
+    """At app creation, so the secret key and password files exist (and their paths are logged)
+    before anyone asks. The app's secret key is set here: only the console signs anything."""
     settings: Settings = state.app.config["TICKSTACK"]
     state.app.extensions[AUDIT_EXTENSION] = audit
+    key, key_problem = _secret_key(settings)
+    if key_problem is None:
+        state.app.secret_key = key
+        credentials = Credentials.load(settings, key)
+    else:  # no session can be signed: no login either (the password file is read once the key is fixed)
+        log.error("console: %s", key_problem)
+        credentials = Credentials(settings.admin_user, "", settings.home / PASSWORD_FILE, "", key_problem)
+        # Every console request is refused before it is served (require_secret_key), so there is no form
+        # to protect, and Flask-WTF's check, which runs first, would fail for want of a key (a 500).
+        state.app.config["WTF_CSRF_CHECK_DEFAULT"] = False
     state.app.extensions["tickstack_auth"] = Auth(
-        Credentials.load(settings, state.app.config["SECRET_KEY"]), LoginThrottle(settings.run_dir / THROTTLE_FILE),
-        SessionStore(settings.run_dir / SESSIONS_FILE, SESSION_MAX_AGE_S))
+        credentials, LoginThrottle(settings.run_dir / THROTTLE_FILE),
+        SessionStore(settings.run_dir / SESSIONS_FILE, SESSION_MAX_AGE_S), key_problem)
+
+
+def _secret_key(settings: Settings) -> tuple[str, str | None]:
+    """(the console's secret key, None): ``TICKSTACK_SECRET_KEY``, else the secret-key file (generated on first
+    use, mode 0600); ("", what is wrong with the file and how to fix it) when the file is unusable."""
+    if settings.secret_key:
+        return settings.secret_key, None
+    key = read_secret_file(settings.home / SECRET_KEY_FILE, lambda: secrets.token_hex(32))
+    if key.wrong is None:
+        return key.value, None
+    return "", unusable("secret key file", key.path, key.wrong,
+                        "every console page is refused (no session or form can be signed without it)",
+                        "Write a key of at least 32 characters into it (or set TICKSTACK_SECRET_KEY), or delete it to "
+                        "have a new one generated (sessions made with the old one end)",
+                        circusctl_command(settings.circus_endpoint, "restart", "console"))
 
 
 @dataclass(frozen=True)
@@ -204,6 +245,8 @@ class Auth:
     credentials: Credentials
     throttle: LoginThrottle
     sessions: SessionStore
+    #: Why the console has no secret key (its file is unusable: :func:`_secret_key`); None when it has one.
+    key_problem: str | None = None
 
 
 def _auth() -> Auth:
@@ -228,6 +271,17 @@ def _session_user() -> str | None:
     if not 0 <= time.time() - float(session.get("at", 0)) < SESSION_MAX_AGE_S:
         return None
     return user if auth.sessions.user_of(session.get("sid")) == user else None
+
+
+def require_secret_key() -> ResponseReturnValue | None:
+    """Before every console request: while the secret key is unusable, refuse it (503) saying which file is
+    wrong and how to fix it, on a page or, under ``/console/api/``, in JSON; ``/console/health`` still answers."""
+    problem = _auth().key_problem
+    if problem is None or request.endpoint == HEALTH_ENDPOINT:
+        return None
+    if request.path.startswith("/console/api/"):
+        return json_error(503, problem)
+    return render_template("console/error.html", status=503, title="Secret key unusable", message=problem), 503
 
 
 def require_login() -> ResponseReturnValue | None:

@@ -30,6 +30,15 @@ and half-open connections are then limited only by ``worker_connections`` (1000 
 it a worker stops accepting until some close, and every waiting one closes within
 :data:`HEADER_TIMEOUT`).
 
+Two repairs besides. On the API's port every answer is the one JSON error body, the requests
+gunicorn refuses itself included (a request line or a header over its limits: 414, 431; a bad
+Content-Length or request line: 400): gunicorn decides their status and logs them, the worker
+writes the JSON body instead of gunicorn's HTML page (:meth:`HeadersFirstWorker.handle_error`;
+the console keeps gunicorn's page). And a body the app left unread (a write refused 401 before
+its body is read) is read away by gthread to keep the connection; when it cannot be decoded (a
+malformed chunk) gunicorn wrote its own 400 on the same connection after the app's answer. The
+connection is closed instead (:meth:`HeadersFirstWorker._keepalive_after`).
+
 ``--timeout`` means something else with threads: the arbiter kills a worker whose *main loop*
 stops (it beats every second whatever its threads do), never one whose request is merely long. A
 console backup or quick_check may run as long as it needs (under ``sync`` they needed
@@ -48,9 +57,12 @@ import errno
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from gunicorn import util
+from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 #: Seconds a connection may take to send its request headers (from accept, or from its first byte
@@ -94,9 +106,31 @@ class BoundedSocket(socket.socket):
             self.settimeout(timeout)
 
 
+class _ErrorPage:
+    """Stands in for the client socket while gunicorn's ``handle_error`` writes its HTML error page:
+    keeps the page's status line, sends nothing. Everything else (the access log's look at it) goes
+    to the real socket."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.status_line: str | None = None
+
+    def gettimeout(self) -> float:
+        return 0.0  # gunicorn's write_nonblock then writes at once, without switching modes
+
+    def sendall(self, data: bytes) -> None:
+        self.status_line = data.split(b"\r\n", 1)[0].decode("latin-1")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
 class HeadersFirstWorker(ThreadWorker):
     """``gthread`` that hands a connection to a thread only once its request headers are complete
     (see the module docstring)."""
+
+    #: Makes the JSON answer to a request gunicorn refuses, from (status, reason); None: gunicorn's page.
+    refusal: Callable[[int, str], Any] | None = None
 
     def accept(self, listener: Any) -> None:
         try:
@@ -161,6 +195,53 @@ class HeadersFirstWorker(ThreadWorker):
             for conn in self.pending_conns:
                 conn.timeout = min(conn.timeout, deadline)
         super().murder_pending()
+
+    def load_wsgi(self) -> None:
+        """Load the app, then see whether its errors are JSON everywhere (the API's)."""
+        super().load_wsgi()
+        # Imported here, in the worker once the app is loaded: the master imports this module before it
+        # sets PROMETHEUS_MULTIPROC_DIR (webapp.multiprocess), and webapp.api imports prometheus_client,
+        # whose mode is chosen at its first import.
+        from flask import Flask
+
+        from webapp.api.errors import json_everywhere, server_refusal
+
+        if isinstance(self.wsgi, Flask) and json_everywhere(self.wsgi):
+            self.refusal = partial(server_refusal, self.wsgi)
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """A request gunicorn refuses itself (a request line or header over its limits, a bad
+        Content-Length, a malformed chunk, ...) is answered with its HTML page, from a function with no
+        hook (``gunicorn.util.write_error``). On the API's port every answer is the one JSON error body
+        (:func:`webapp.api.errors.server_refusal`), so there gunicorn's ``handle_error`` still decides the
+        status and logs (its warning, its access line), but writes its page to a stand-in
+        (:class:`_ErrorPage`); the JSON body goes out instead, with the same status line. Other apps
+        (the console) keep gunicorn's page."""
+        if self.refusal is None:
+            super().handle_error(req, client, addr, exc)
+            return
+        page = _ErrorPage(client)
+        super().handle_error(req, page, addr, exc)
+        if page.status_line is None:  # gunicorn had nothing to write
+            return
+        _, status, reason = page.status_line.split(" ", 2)
+        response = self.refusal(int(status), f"{reason}: {exc}")
+        head = [page.status_line, "Connection: close", *(f"{k}: {v}" for k, v in response.headers.items())]
+        try:
+            util.write_nonblock(client, "\r\n".join([*head, "", ""]).encode("latin-1") + response.get_data())
+        except Exception:  # the client went away: as gunicorn does with its own page
+            self.log.debug("Failed to send error message.")
+
+    def _keepalive_after(self, conn: TConn, keepalive: bool) -> bool:
+        """After an answer, gthread reads away the body the app left unread, to keep the connection;
+        a body it cannot decode (a malformed chunk) raised, and gunicorn wrote a second answer, its
+        HTML 400, on the same connection after the app's (a 401 given before the body was read).
+        The connection closes instead: where the next request would start is unknown."""
+        try:
+            return super()._keepalive_after(conn, keepalive)
+        except ParseException as e:
+            self.log.debug("Closing the connection: the body left unread cannot be read: %s", e)
+            return False
 
     def handle(self, conn: TConn) -> Any:
         """In a thread: give the parser the bytes read in the poller, bound the rest of the read."""

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -59,8 +59,6 @@ log = logging.getLogger("tickstack.api")
 PROBE_TIMEOUT = 1.0
 #: Label of requests that matched no URL rule (404, and 405 on no method).
 UNMATCHED = "unmatched"
-
-metrics_bp = Blueprint("metrics", __name__)
 
 
 @dataclass
@@ -244,7 +242,9 @@ class Metrics:
 
 def init_metrics(app: Flask, probe: Probe) -> Metrics:
     """Attach a :class:`Metrics` to ``app``: time every request of the app,
-    count it when its response is ready, and serve ``GET /metrics``."""
+    and count it when its response is ready. The API serves them at
+    ``GET /metrics`` (:func:`exposition`, from :mod:`webapp.api.routes`, where
+    the API's rules of a request apply to it too)."""
     metrics = Metrics(probe)
     app.extensions["tickstack_metrics"] = metrics
 
@@ -261,14 +261,12 @@ def init_metrics(app: Flask, probe: Probe) -> Metrics:
                             response.status_code, time.perf_counter() - started)
         return response
 
-    app.register_blueprint(metrics_bp)
     return metrics
 
 
-@metrics_bp.get("/metrics")
-def metrics_view() -> Response:
-    """The Prometheus exposition (text format, or OpenMetrics when the
-    scraper asks for it in ``Accept``). No auth: it binds to loopback only."""
+def exposition(accept: str) -> Response:
+    """The current app's metrics in Prometheus's text format, or OpenMetrics when ``accept`` (the
+    scraper's ``Accept``) asks for it."""
     metrics: Metrics = current_app.extensions["tickstack_metrics"]
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encoder, content_type = choose_encoder(accept)
     return Response(encoder(metrics.registry), status=200, headers={"Content-Type": content_type})

@@ -3,8 +3,9 @@
 Every failure under ``/api`` and ``/metrics`` answers ``{"error": {"code",
 "message"}}`` (:func:`webapp.errors.json_error`), Flask's own 404/405/413 and
 unhandled 500s included; so does every other path of an app that serves only
-the API (its port answers JSON everywhere, ``/`` included). Only the console's
-paths, in an app that also serves the console, keep their own handling.
+the API (its port answers JSON everywhere, ``/`` included), and so do the
+requests gunicorn refuses itself there (:func:`server_refusal`). Only the
+console's paths, in an app that also serves the console, keep their own handling.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import logging
 from collections.abc import Mapping
 from typing import NoReturn
 
-from flask import current_app, request
+from flask import Flask, Response, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.http import HTTP_STATUS_CODES
 
 from db.errors import CommitFailed, Conflict, NotFound, StorageFull, ValidationError, WriterError, WriterUnavailable
 from webapp.api.limits import RETRY_AFTER
@@ -28,9 +30,12 @@ log = logging.getLogger("tickstack.api")
 API_PATHS = ("/api", "/metrics")
 #: The console's blueprint: its paths keep their own error pages when it is served beside the API.
 CONSOLE_BLUEPRINT = "console"
+#: The code of each HTTP status in the error body; any other status: its name in snake_case (:func:`error_code`).
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 414: "uri_too_long",
               415: "unsupported_media_type", 500: "internal_error", 503: "unavailable", 507: "storage_full"}
+#: The message of every 500 the API answers: what went wrong is for its log, not for the client.
+INTERNAL_ERROR = "internal error; the API log has the details"
 
 
 class ApiError(Exception):
@@ -49,11 +54,29 @@ def bad_param(message: str) -> NoReturn:
     raise ApiError(400, "invalid_parameter", message)
 
 
+def error_code(status: int) -> str:
+    """The code of the error body for an HTTP ``status``: :data:`HTTP_CODES`, else the status's name in
+    snake_case (431: ``request_header_fields_too_large``)."""
+    return HTTP_CODES.get(status) or "_".join(HTTP_STATUS_CODES.get(status, "error").lower().split())
+
+
+def json_everywhere(app: Flask) -> bool:
+    """Whether ``app`` answers every error in JSON at any path: it serves the API without the console
+    (``create_app("api")``: the API's port is JSON only)."""
+    return bp.name in app.blueprints and CONSOLE_BLUEPRINT not in app.blueprints
+
+
+def server_refusal(app: Flask, status: int, reason: str) -> Response:
+    """The error body of a request the server refused before ``app`` saw it (gunicorn's 400, 414,
+    431, ...: :class:`webapp.gunicorn_worker.HeadersFirstWorker`), with its ``status`` and ``reason``."""
+    with app.app_context():
+        return json_error(status, INTERNAL_ERROR if status == 500 else reason, error_code(status))
+
+
 def _json_errors_for(path: str) -> bool:
     """Whether an error at ``path`` is answered in JSON: under /api and /metrics always, and at
-    any path of an app without the console (``create_app("api")``: the API's port is JSON only)."""
-    return (any(path == p or path.startswith(p + "/") for p in API_PATHS)
-            or CONSOLE_BLUEPRINT not in current_app.blueprints)
+    any path of an app without the console (:func:`json_everywhere`)."""
+    return any(path == p or path.startswith(p + "/") for p in API_PATHS) or json_everywhere(current_app)
 
 
 @bp.app_errorhandler(HTTPException)
@@ -62,7 +85,7 @@ def _http_error(e: HTTPException) -> ResponseReturnValue:
     and anywhere in the API-only app; on the console's paths Flask's page."""
     if not _json_errors_for(request.path) or e.code is None:
         return e
-    code = HTTP_CODES.get(e.code) or "_".join((e.name or "error").lower().split())
+    code = error_code(e.code)
     headers: dict[str, str] = {}
     message = e.description or e.name
     if e.code == 404:
@@ -75,7 +98,7 @@ def _http_error(e: HTTPException) -> ResponseReturnValue:
         limit = current_app.config.get("MAX_CONTENT_LENGTH")
         message = f"the body is larger than the limit of {limit} bytes; send fewer ticks per request"
     elif e.code == 500:
-        message = "internal error; the API log has the details"
+        message = INTERNAL_ERROR
     return json_error(e.code, message, code, headers)
 
 

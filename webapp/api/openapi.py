@@ -117,13 +117,14 @@ def _build() -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("schemas", "Health"), "The writer answers"),
                         "503": _json(_ref("schemas", "Health"), "The writer does not answer"),
+                        **_errors(400),
                     },
                 },
             },
             "/api/openapi.json": {
                 "get": {
                     "tags": ["status"], "operationId": "openapi", "summary": "This document",
-                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document")},
+                    "responses": {"200": _json({"type": "object"}, "The OpenAPI 3.1 document"), **_errors(400)},
                 },
             },
             "/api/ticks": {
@@ -273,7 +274,8 @@ def _build() -> dict[str, Any]:
                         "the API listens on 127.0.0.1 only."
                     ),
                     "responses": {"200": {"description": "Metrics",
-                                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                  **_errors(400)},
                 },
             },
         },
@@ -444,15 +446,18 @@ def _build() -> dict[str, Any]:
                 name: _json(_ref("schemas", "Error"), text)
                 for name, text in (
                     ("BadRequest", "Bad query parameter (invalid_parameter), body not JSON (invalid_json) or rejected "
-                                   "by validation (invalid_body)"),
+                                   "by validation (invalid_body), or a body that cannot be read (bad_request: a "
+                                   "malformed chunked encoding)"),
                     ("Unauthorized", "Missing or malformed bearer token"),
                     ("Forbidden", "Wrong token"),
                     ("NotFound", "No such trade"),
                     ("MethodNotAllowed", "Method not allowed on this path"),
                     ("Conflict", "The trade is already closed"),
-                    ("PayloadTooLarge", "Body over 8 MiB"),
+                    ("PayloadTooLarge", "Body over 8 MiB, sent with a Content-Length or chunked"),
                     ("UnsupportedMediaType", "Body not sent as application/json"),
-                    ("Unavailable", "The writer did not answer in time (Retry-After says when to retry)"),
+                    ("Unavailable", "The writer did not answer in time (writer_unavailable; Retry-After says when "
+                                    "to retry), or the API's token file is unusable (token_file_unusable, saying "
+                                    "which file and why: every write is refused until it is fixed)"),
                     ("StorageFull", "The database's disk is full (storage_full, with the writer's reason): nothing "
                                     "was written; retry once space is freed (Retry-After)"),
                 )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from flask import request
+from gunicorn.http.errors import ParseException
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from db import validation
 from db.errors import ValidationError
@@ -102,12 +104,29 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
+def read_body() -> bytes:
+    """The request body, whole: the one place the API reads it. 413 beyond MAX_CONTENT_LENGTH however
+    it is sent, with a Content-Length (Werkzeug refuses it before reading) or chunked; 400
+    ``bad_request`` when the server cannot decode it (a malformed chunk), not a 500."""
+    try:
+        raw = request.get_data(cache=False)
+        limit = request.max_content_length
+        # Werkzeug stops reading a chunked body at the limit and returns what it read, cut: one byte
+        # more from the server's stream is a body over the limit.
+        if (limit is not None and request.content_length is None and len(raw) >= limit
+                and request.environ["wsgi.input"].read(1)):
+            raise RequestEntityTooLarge()
+    except ParseException as e:  # gunicorn's, as it decodes the chunked transfer coding
+        raise ApiError(400, "bad_request", f"the body cannot be read: {e}") from None
+    return raw
+
+
 def json_object(*, optional: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object. 413 beyond MAX_CONTENT_LENGTH (from
-    Flask); 415 unless ``Content-Type: application/json``; 400 when it is not
-    strict JSON (``NaN``, ``Infinity`` refused) or not an object. With
-    ``optional``, an empty body is ``{}`` whatever its content type."""
-    raw = request.get_data(cache=False)
+    """The request body (:func:`read_body`) as a JSON object. 413 beyond
+    MAX_CONTENT_LENGTH; 415 unless ``Content-Type: application/json``; 400
+    when it is not strict JSON (``NaN``, ``Infinity`` refused) or not an
+    object. With ``optional``, an empty body is ``{}`` whatever its content type."""
+    raw = read_body()
     if optional and not raw.strip():
         return {}
     if not request.is_json:

@@ -1,11 +1,13 @@
 """Routes of the stack's status and of market data: health, the OpenAPI
-document, ticks (read and write), bars and indicators."""
+document, the metrics, ticks (read and write), bars and indicators. Every
+route takes its query parameters through :func:`~webapp.api.params.query`
+(none, for most), so an unknown one is refused everywhere."""
 from __future__ import annotations
 
 import sqlite3
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from db import queries
@@ -15,9 +17,10 @@ from db.health import pragmas
 from db.preflight import circusd_pidfile
 from webapp.api import openapi
 from webapp.api.params import INDICATOR, SERIES, SYMBOL, TICK_SERIES, TIMEFRAME, json_object, query
-from webapp.api.state import api_state, bp, write
+from webapp.api.state import api_state, bp, metrics_bp, write
 from webapp.api.tokens import requires_token
 from webapp.extensions import db
+from webapp.metrics import exposition
 
 
 @bp.get("/health")
@@ -34,6 +37,7 @@ def health() -> ResponseReturnValue:
     read, a watcher is down, or circusd does not answer although its
     pid file is there: it was killed, or is stuck; nothing restarts a process
     that dies) or ``unavailable``."""
+    query()
     api = api_state()
     ping, stats, error = api.probe.writer()
     writer: dict[str, Any] = ({"up": True, "pid": ping["pid"], "ping_ms": ping["latency_ms"], "stats": stats}
@@ -79,7 +83,16 @@ def _database_health(settings: Settings, stats: dict[str, Any] | None) -> dict[s
 @bp.get("/openapi.json")
 def openapi_document() -> ResponseReturnValue:
     """The OpenAPI 3.1 description of every route here and of /metrics."""
+    query()
     return jsonify(openapi.document())
+
+
+@metrics_bp.get("/metrics")
+def metrics() -> ResponseReturnValue:
+    """The Prometheus exposition (text format, or OpenMetrics when the
+    scraper asks for it in ``Accept``). No auth: it binds to loopback only."""
+    query()
+    return exposition(request.headers.get("Accept", ""))
 
 
 @bp.post("/ticks")

@@ -12,6 +12,8 @@ from db.config import Settings
 from webapp.metrics import Probe
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+#: ``GET /metrics``, the API's route outside ``/api`` (:func:`webapp.api.routes.metrics`).
+metrics_bp = Blueprint("metrics", __name__)
 
 #: Key of the :class:`ApiState` in ``app.extensions``.
 EXTENSION = "tickstack_api"
@@ -21,9 +23,11 @@ class ApiState:
     """What the API keeps per app: settings, the write token, the probe, and
     one writer client per thread (a client is not thread-safe)."""
 
-    def __init__(self, settings: Settings, token: str, deadline: float) -> None:
+    def __init__(self, settings: Settings, token: str, deadline: float, token_problem: str | None = None) -> None:
         self.settings = settings
         self.token = token.encode()
+        #: Why no write can be checked (the token file is unusable: :func:`webapp.api.tokens.load_token`).
+        self.token_problem = token_problem
         self.deadline = deadline
         self.probe = Probe(settings, self.client)
 

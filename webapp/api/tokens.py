@@ -11,9 +11,11 @@ from typing import Any, TypeVar
 from flask import request
 from flask.typing import ResponseReturnValue
 
-from db.config import Settings, read_or_create_secret
+from db.config import Settings
+from db.preflight import circusctl_command
 from webapp.api.errors import ApiError
 from webapp.api.state import api_state
+from webapp.secret_files import read_secret_file, unusable
 
 log = logging.getLogger("tickstack.api")
 
@@ -26,10 +28,14 @@ F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 _announced: set[str] = set()
 
 
-def load_token(settings: Settings) -> str:
-    """The write token: ``TICKSTACK_API_TOKEN`` if set and not blank, else
-    the one stored in ``$TICKSTACK_HOME/api-token`` (generated on first use,
-    mode 0600). Logs where it comes from once per process, never the token."""
+def load_token(settings: Settings) -> tuple[str, str | None]:
+    """The write token and None: ``TICKSTACK_API_TOKEN`` if set and not
+    blank, else the one stored in ``$TICKSTACK_HOME/api-token`` (generated on
+    first use, mode 0600). Logs where it comes from once per process, never
+    the token. When the file is unusable (empty, a folder, a FIFO, not text,
+    unreadable): ("", what is wrong with it and how to fix it), logged as an
+    error; the API starts all the same, serves reads and refuses every write
+    with that message (:func:`requires_token`), and the file is left as it is."""
     from_env = settings.api_token
     if from_env:
         if TOKEN_ENV not in _announced:
@@ -37,22 +43,33 @@ def load_token(settings: Settings) -> str:
             log.info("API write token: from %s", TOKEN_ENV)
             if len(from_env) < 16:
                 log.warning("%s is shorter than 16 characters; use a long random token", TOKEN_ENV)
-        return from_env
+        return from_env, None
     path = settings.home / TOKEN_FILE
-    token, created = read_or_create_secret(path, lambda: secrets.token_urlsafe(32))
-    if created or str(path) not in _announced:
+    token = read_secret_file(path, lambda: secrets.token_urlsafe(32))
+    if token.wrong is not None:
+        problem = unusable("API's token file", path, token.wrong, "every write is refused",
+                           f"Write a token into it (one line), or delete it to have a new one generated (clients then "
+                           f"need the new one), or set {TOKEN_ENV}",
+                           circusctl_command(settings.circus_endpoint, "restart", "api"))
+        log.error("API write token: %s", problem)
+        return "", problem
+    if token.created or str(path) not in _announced:
         _announced.add(str(path))
         log.info("API write token: %s %s (send it as 'Authorization: Bearer <token>')",
-                 "generated in" if created else "read from", path)
-    return token
+                 "generated in" if token.created else "read from", path)
+    return token.value, None
 
 
 def requires_token(view: F) -> F:
     """401 without a well-formed ``Authorization: Bearer <token>``; 403 when
-    the token is wrong. Checked before the body is read."""
+    the token is wrong; 503 ``token_file_unusable`` while the token file is
+    unusable (:func:`load_token`). Checked before the body is read."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
+        problem = api_state().token_problem
+        if problem is not None:  # no token to compare with: the server's fault, whatever the client sent
+            raise ApiError(503, "token_file_unusable", problem)
         header = request.headers.get("Authorization", "")
         challenge = {"WWW-Authenticate": 'Bearer realm="tickstack"'}
         if not header:

@@ -1,0 +1,180 @@
+"""The API's answers where gunicorn reads the request: request bodies it decodes (chunked) and the
+requests it refuses itself, answered as everywhere else on the API's port: the one JSON error body
+(``{"error": {"code", "message"}}``), one answer per request.
+
+Real gunicorn with the API's own command line from ``circus.ini`` (:func:`testkit.gunicorn.serving`),
+one for the module with a real writer, spoken to over raw sockets: what is under test is what the
+server does with bytes no HTTP client library would send.
+"""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from testkit.gunicorn import Served, serving
+from testkit.writer import Stack
+from webapp import MAX_BODY
+
+pytestmark = pytest.mark.database_independent(
+    "what gunicorn and the API make of a request's bytes is decided before any database is asked")
+
+#: "Answered well within its timeouts": a did-it-happen bound, not a timing assertion.
+ANSWER_WITHIN = 20.0
+TICK = {"symbol": "BTCUSD", "ts": 1_704_067_200_000, "bid": 1.0, "ask": 1.0}
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+@pytest.fixture(scope="module")
+def api() -> Iterator[tuple[Served, str]]:
+    """The API under gunicorn as circus runs it, with a writer; and its write token."""
+    st = Stack.create()
+    try:
+        st.start_writer()
+        with serving(st.env, "api") as served:
+            yield served, (st.home / "api-token").read_text().strip()
+    finally:
+        for proc in st.procs:
+            st.stop(proc)
+        st.close()
+
+
+def exchange(port: int, head: bytes, body: bytes = b"") -> list[Answer]:
+    """Send ``head`` then ``body`` (from a thread, so an answer given before the body is all sent is
+    read meanwhile), read until the server closes the connection, and return every answer in what
+    it sent: (status, headers in lower case, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as sock:
+        def send() -> None:
+            try:
+                sock.sendall(head + body)
+            except OSError:  # the server answered and closed before taking it all
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # closed with some of the body unread: what came before counts
+            pass
+        sender.join(ANSWER_WITHIN)
+    return parse_answers(data)
+
+
+def parse_answers(data: bytes) -> list[Answer]:
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        answers.append((int(lines[0].split()[1]), headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+def request_head(method: str, target: str, *headers: str, keep_alive: bool = False) -> bytes:
+    """A request's head; ``Connection: close`` unless ``keep_alive``, so the exchange ends with the answer."""
+    close = () if keep_alive else ("Connection: close",)
+    return "\r\n".join((f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *close, *headers, "", "")).encode("latin-1")
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    """``body`` in the chunked transfer coding."""
+    chunks = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+def one_json_error(answers: list[Answer], status: int, code: str) -> dict[str, Any]:
+    """The only answer is ``status`` with the one error body of ``code``; returns the error."""
+    assert [a[0] for a in answers] == [status], answers
+    _, headers, body = answers[0]
+    assert headers["content-type"] == "application/json", (headers, body[:300])
+    error = json.loads(body)
+    assert set(error) == {"error"} and set(error["error"]) == {"code", "message"}, error
+    assert error["error"]["code"] == code, error
+    return error["error"]
+
+
+# --------------------------------------------------------------------------- bodies gunicorn decodes
+
+
+def test_a_malformed_chunked_body_is_400_in_json_and_logged_without_a_traceback(api: tuple[Served, str]) -> None:
+    served, token = api
+    head = request_head("POST", "/api/ticks", f"Authorization: Bearer {token}", "Content-Type: application/json",
+                        "Transfer-Encoding: chunked")
+    error = one_json_error(exchange(served.port, head, b"zz\r\n"), 400, "bad_request")  # today: 500 internal_error
+    assert "chunk" in error["message"], error
+    assert "InvalidChunkSize" not in served.log() and "Traceback" not in served.log(), served.log()[-3000:]
+    # A well-formed chunked body is read as any other.
+    good = exchange(served.port, head, chunked(json.dumps({"ticks": [TICK]}).encode(), size=7))
+    assert [a[0] for a in good] == [200], good
+
+
+def test_a_body_left_unread_and_malformed_gets_no_second_answer(api: tuple[Served, str]) -> None:
+    """A write without a token is answered 401 before its body is read; gunicorn then reads the body
+    away to keep the connection, met the bad chunk and wrote a second answer (an HTML 400) on the
+    same connection after the first. Now the connection just closes after the one answer."""
+    served, _ = api
+    head = request_head("POST", "/api/ticks", "Content-Type: application/json", "Transfer-Encoding: chunked",
+                        keep_alive=True)
+    one_json_error(exchange(served.port, head, b"zz\r\n"), 401, "unauthorized")
+
+
+def test_a_chunked_body_over_the_limit_is_413_as_with_a_content_length(api: tuple[Served, str]) -> None:
+    served, token = api
+    body = b'{"ticks": "' + b"x" * (MAX_BODY + 1024 * 1024) + b'"}'  # 9 MiB, valid JSON
+    auth = (f"Authorization: Bearer {token}", "Content-Type: application/json")
+    sized = exchange(served.port, request_head("POST", "/api/ticks", *auth, f"Content-Length: {len(body)}"), body)
+    assert "8388608" in one_json_error(sized, 413, "payload_too_large")["message"]
+    # Today: cut at 8 MiB and read as JSON, 400 invalid_json "Unterminated string".
+    streamed = exchange(served.port, request_head("POST", "/api/ticks", *auth, "Transfer-Encoding: chunked"),
+                        chunked(body))
+    assert one_json_error(streamed, 413, "payload_too_large") == one_json_error(sized, 413, "payload_too_large")
+    # Up to the limit itself, a chunked body is read whole (here: valid JSON, not a tick batch).
+    exact = b'{"ticks": "' + b"x" * (MAX_BODY - 13) + b'"}'
+    assert len(exact) == MAX_BODY
+    at_limit = exchange(served.port, request_head("POST", "/api/ticks", *auth, "Transfer-Encoding: chunked"),
+                        chunked(exact))
+    one_json_error(at_limit, 400, "invalid_body")
+
+
+# --------------------------------------------------------------------------- requests gunicorn refuses itself
+
+#: Requests gunicorn refuses before the app sees them: (the request's bytes, the status it keeps, the
+#: code of the JSON body, a pattern of its message). Each was answered with gunicorn's HTML page.
+REFUSED = {
+    "url-over-4094-bytes": (request_head("GET", "/api/" + "a" * 9000), 414, "uri_too_long", r"too large"),
+    "header-of-9-kb": (request_head("GET", "/api/health", "X-Big: " + "a" * 9000), 431,
+                       "request_header_fields_too_large", r"header"),
+    "over-100-headers": (request_head("GET", "/api/health", *(f"X-H{i}: 1" for i in range(101))), 431,
+                         "request_header_fields_too_large", r"header"),
+    "bad-content-length": (request_head("POST", "/api/ticks", "Content-Length: abc"), 400, "bad_request",
+                           r"Content-Length|CONTENT-LENGTH"),
+    "two-content-lengths": (request_head("POST", "/api/ticks", "Content-Length: 1", "Content-Length: 2") + b"x",
+                            400, "bad_request", r"CONTENT-LENGTH|Content-Length"),
+    "bad-request-line": (b"GARBAGE\r\n\r\n", 400, "bad_request", r"request line.*GARBAGE"),
+    "bad-http-version": (b"GET /api/health HTTP/9.9\r\nHost: x\r\n\r\n", 400, "bad_request", r"HTTP Version"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_what_gunicorn_refuses_itself_is_answered_with_the_one_json_error_body(api: tuple[Served, str],
+                                                                                case: str) -> None:
+    served, _ = api
+    raw, status, code, message = REFUSED[case]
+    answers = exchange(served.port, raw)
+    error = one_json_error(answers, status, code)  # today: gunicorn's HTML page (text/html)
+    assert re.search(message, error["message"], re.IGNORECASE), error
+    assert answers[0][1]["connection"] == "close"  # as gunicorn closes it after its own answer
+    # gunicorn still says what it refused in its log, as a warning, with no traceback.
+    assert "Invalid request from ip=127.0.0.1" in served.log() and "Traceback" not in served.log()
+    # ... and the next connection is served as ever.
+    assert [a[0] for a in exchange(served.port, request_head("GET", "/api/openapi.json"))] == [200]
