@@ -109,8 +109,8 @@ def _build() -> dict[str, Any]:
                     "summary": "Writer, database and circus watchers",
                     "description": (
                         "200 while the writer answers, 503 when it does not. `status` is `ok`, `degraded` (writer up, "
-                        "but the database cannot be read or a circus watcher is down: stopped, or running fewer "
-                        "processes than circus was asked for, at least one; `circus.down` names each) or "
+                        "but the database cannot be read or a circus watcher is down: stopped, missing, or running "
+                        "fewer processes than circus was asked for, at least one; `circus.down` names each) or "
                         "`unavailable`. circus being unreachable (the API run outside circus) is reported but does "
                         "not change the code."
                     ),
@@ -429,7 +429,9 @@ def _build() -> dict[str, Any]:
                             "additionalProperties": False, "properties": {
                                 "reachable": {"type": "boolean"},
                                 "watchers": {"type": "object", "additionalProperties": {"type": "string"},
-                                             "description": "circus's status of each watcher (active, stopped, ...)"},
+                                             "description": ("circus's status of each watcher (active, stopped, ...); "
+                                                             "`missing (...)`: one of the stack's that circus has "
+                                                             "not (a reloadconfig removed it)")},
                                 "processes": {"type": "object", "additionalProperties": {"type": ["integer", "null"]},
                                               "description": "Processes each watcher runs (null: circusd did not say)"},
                                 "down": {"type": "object", "additionalProperties": {"type": "string"},
@@ -437,7 +439,8 @@ def _build() -> dict[str, Any]:
                                              "Each watcher that is down, with what is wrong: its status (`stopped`), "
                                              "or `N of M processes` when circus calls it active with fewer than it "
                                              "was asked for, at least 1 (after a `decr` to 0: `0 of 1 "
-                                             "processes (circus was asked for 0)`)")},
+                                             "processes (circus was asked for 0)`), or `missing (...)` for a "
+                                             "watcher of the stack circus does not have")},
                                 "error": {"type": "string"}}},
                     },
                 },
