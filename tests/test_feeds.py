@@ -134,6 +134,11 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         # What Python itself refuses, as an error at the line instead of a traceback:
         ("9" * 5000 + ",EURUSD,1.1,1.2,1", "ts '999999999999999999999999999999999999999... has 5000 characters"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1" * 140_000, "not readable as CSV: field larger than field limit"),
+        # A record is read at most MAX_RECORD_CHARS characters in, on one line or over several (quoted
+        # line breaks), so a replay's memory does not grow with it: the whole line was read first.
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1," * 600_000,
+         "the row is longer than 1,048,576 characters, which no row of ticks or bars is"),
+        ('2024-01-02T00:00:00,EURUSD,1.1,1.2,' + '"a\nb",' * 300_000, "the row is longer than 1,048,576"),
         # A record over several lines (a quoted field with a line break) is named by its first line,
         # where a user looks for it, not its last; a quote never closed likewise.
         ('2024-01-02T00:00:00,"EUR\nUSD",1.1,1.2,1', "symbol 'EUR\\nUSD' is not a symbol"),

@@ -2,6 +2,7 @@
 malformed rows, the disk spool, bad flags."""
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import sys
@@ -128,6 +129,59 @@ def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) 
     result = replay(writer, path)
     expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
     assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, "field", "131072")
+
+
+#: Megabytes of the large files of the memory tests: several times their bound (a quarter of it), and
+#: small enough to be written and read in a moment.
+LARGE_MB = 64
+
+
+def peak_memory(stack: Stack, path: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """A replay of ``path`` and its peak resident memory in KiB. The replay runs as the one child of a
+    small wrapper that reports its children's peak (``getrusage``): this process's children are every
+    process the test run started, the writer among them."""
+    wrapper = ("import resource, subprocess, sys; done = subprocess.run([sys.executable, '-m', *sys.argv[1:]]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, "workers.ticks", "--feed", "csv", "--file", str(path),
+                             "--speed", "max"], env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return result, int(result.stdout.split()[-1])
+
+
+def test_a_replay_does_not_hold_the_file_in_memory_to_name_its_source(writer: Stack) -> None:
+    # The source is the file's hash, which read the whole file at once: memory grew with the file (870 MB
+    # took 900 MB before the first tick was sent), and a file larger than memory could not be replayed.
+    # Line 3 is bad, so the replay reads no further; only the hash reads the rows after it.
+    head = f"ts,symbol,bid,ask,volume\n{tick_row(2)}\n{T0 + 3000},EURUSD,x,1.1002,1\n"
+    small = writer.home / "small.csv"
+    small.write_text(head)
+    large = writer.home / "large.csv"
+    row = f"{tick_row(4)}\n"
+    large.write_text(head + row * (LARGE_MB * 2**20 // len(row)))
+    base, base_kib = peak_memory(writer, small)
+    result, kib = peak_memory(writer, large)
+    for replay in (base, result):
+        assert replay.returncode == 1 and "line 3: bid 'x' is not a number" in replay.stderr, replay.stderr[-2000:]
+    # The digest of the file's bytes, as before: a file replayed before keeps its source.
+    assert f"source csv-file-{hashlib.sha256(small.read_bytes()).hexdigest()[:16]}," in base.stderr, base.stderr
+    assert kib - base_kib < LARGE_MB * 1024 // 4, (base_kib, kib)
+
+
+def test_a_line_longer_than_any_row_stops_the_replay_at_its_line_in_bounded_memory(writer: Stack) -> None:
+    # A line is read at most csvfiles.MAX_RECORD_CHARS characters in: a 500 MB line took a gigabyte
+    # before the csv module refused its field.
+    head = f"ts,symbol,bid,ask,volume\n{tick_row(2)}\n{T0 + 3000},EURUSD,1.1,1.1002,"
+    small = writer.home / "small.csv"
+    small.write_text(f"{head}x\n{tick_row(4)}\n")
+    large = writer.home / "large.csv"
+    large.write_text(f"{head}{'1' * (LARGE_MB * 2**20)}\n{tick_row(4)}\n")
+    base, base_kib = peak_memory(writer, small)
+    result, kib = peak_memory(writer, large)
+    assert base.returncode == 1 and "line 3: volume 'x' is not a number" in base.stderr, base.stderr[-2000:]
+    assert kib - base_kib < LARGE_MB * 1024 // 4, (base_kib, kib)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "line 3: the row is longer than 1,048,576 characters" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert stored(writer) == [(8, T0 + 2000)] * 2  # line 2 of each file (two files: two sources)
 
 
 @pytest.mark.parametrize("good", [5, 3000], ids=["in-the-first-8k", "after-3000-rows"])

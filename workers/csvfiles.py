@@ -22,7 +22,7 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from db import validation
 from db.errors import ValidationError
@@ -38,6 +38,10 @@ _SECONDS_CUTOFF = 10**11
 _INT_RE = re.compile(r"[+-]?\d+")
 #: An int64 with its sign: a longer integer is no epoch time, and int() refuses 4,300 digits and more.
 _MAX_INT_CHARS = 20
+#: The most characters one record (a row, with the line breaks of any quoted field in it) may have:
+#: a row of ticks or bars is well under a hundred, and csv's own limit is 131,072 per field. It bounds
+#: what a replay holds in memory for one row, whatever the file.
+MAX_RECORD_CHARS = 1 << 20
 #: What surrogateescape decodes a byte that is not UTF-8 into (U+DC80..U+DCFF).
 _UNDECODED_RE = re.compile("[\udc80-\udcff]")
 #: Rows per call of the writer's tick check: its per-call cost vanishes, and a replay reads that few
@@ -62,12 +66,14 @@ class CsvFormatError(ValueError):
 def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports.
 
-    A byte that is not UTF-8, or a row the csv module cannot read (a field over its limit),
-    raises :class:`CsvFormatError` at its line once every row before it was yielded. Strict decoding
-    would fail for the whole 8 KB block the file object decodes at once, losing the good rows before
-    the byte in that block; surrogateescape keeps the byte in its row, where it is found."""
+    A byte that is not UTF-8, a row the csv module cannot read (a field over its limit), or a record
+    over :data:`MAX_RECORD_CHARS` raises :class:`CsvFormatError` at its line once every row before it
+    was yielded. Strict decoding would fail for the whole 8 KB block the file object decodes at once,
+    losing the good rows before the byte in that block; surrogateescape keeps the byte in its row,
+    where it is found."""
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f)
+        lines = _BoundedLines(f)
+        reader = csv.reader(lines)
         header: list[str] = []
         line = 1  # where the next record starts (a quoted field may hold line breaks)
         try:
@@ -79,8 +85,40 @@ def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
                         header = [name.strip().lower() for name in row]
                     yield line, row
                 line = reader.line_num + 1
+                lines.record_chars = 0
         except csv.Error as e:
             raise CsvFormatError(line, f"not readable as CSV: {e}") from None
+        except _RecordTooLong:
+            raise CsvFormatError(line, f"the row is longer than {MAX_RECORD_CHARS:,} characters, which no row of "
+                                       "ticks or bars is (is this the right file?)") from None
+
+
+class _RecordTooLong(Exception):
+    """A record grew past :data:`MAX_RECORD_CHARS` (:class:`_BoundedLines`); :func:`_rows` names its line."""
+
+
+class _BoundedLines:
+    """The lines of a text file for ``csv.reader``, read at most :data:`MAX_RECORD_CHARS` characters
+    into the current record (:func:`_rows` sets ``record_chars`` back to 0 after each one), then
+    :class:`_RecordTooLong`. Iterating the file itself reads a whole line whatever its length: a
+    500 MB line took a gigabyte before the csv module saw it and refused its field."""
+
+    def __init__(self, f: TextIO) -> None:
+        self._readline = f.readline
+        #: Characters read into the current record so far.
+        self.record_chars = 0
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        text = self._readline(MAX_RECORD_CHARS - self.record_chars + 1)
+        if not text:
+            raise StopIteration
+        self.record_chars += len(text)
+        if self.record_chars > MAX_RECORD_CHARS:
+            raise _RecordTooLong
+        return text
 
 
 def _check_decoded(line: int, row: list[str], header: list[str]) -> None:

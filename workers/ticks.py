@@ -370,6 +370,15 @@ def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
         engine.dispose()
 
 
+def _file_digest(path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the file's bytes: a CSV replay's source. Read in
+    chunks, so that a file larger than memory can be replayed (the whole file read at once took as
+    much memory as the file); the digest is that of the whole file's bytes as before, so a file
+    replayed before keeps its source and is not stored twice."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if args.feed == "sim":
         symbols = _symbols(args.symbols)
@@ -397,8 +406,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)
     except CsvFormatError as e:
         raise ValueError(f"{args.file}: {e}") from None
-    digest = hashlib.sha256(args.file.read_bytes()).hexdigest()[:16]
-    source = f"csv-{args.symbol or 'file'}-{digest}"
+    source = f"csv-{args.symbol or 'file'}-{_file_digest(args.file)}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
     return TickIngestor(settings, iter(pace(iter(feed), speed)), source, until_idle=True, batch=args.batch,
                         deadline=args.deadline, seq_per_line=4, memory_limit=args.memory_limit)
