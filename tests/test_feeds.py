@@ -66,6 +66,11 @@ def test_simfeed_defaults_start_now_and_rejects_bad_args() -> None:
         SimFeed(symbols=())
     with pytest.raises(ValueError):
         SimFeed(rate_hz=0)
+    # Slower than a tick every 1,000 s, the first tick's random wait reached past 2100, or past what
+    # can be encoded (1e-300); it was dated by it, and sent at once.
+    for rate in (1e-9, 1e-300, 2e6):
+        with pytest.raises(ValueError, match="rate_hz must be a number from 0.001 to 1,000,000"):
+            SimFeed(rate_hz=rate)
 
 
 # --------------------------------------------------------------------------- tick CSV
@@ -442,6 +447,16 @@ def test_pace_replays_time_differences_k_times_faster() -> None:
     assert [item for item, _ in out] == ticks
     assert [at for _, at in out] == [0.0, 0.5, 0.5, 2.0, 2.0, 4.0]  # backwards tick: no wait
     assert len(clock.sleeps) == 3
+
+
+def test_pace_from_a_start_ts_waits_for_the_first_item_too() -> None:
+    # A simulated market's first tick is dated by its first random wait after the market's start: sent
+    # at once, it was stored that much ahead of real time (by about 30 years at --rate 1e-9), and
+    # every later tick with it.
+    clock = FakeClock()
+    ticks = [{"ts": T0 + 5000}, {"ts": T0 + 6000}, {"ts": T0 + 6000}]
+    at = [clock.now - 100.0 for _ in pace(ticks, 1.0, start_ts=T0, clock=clock, sleep=clock.sleep)]
+    assert at == [5.0, 6.0, 6.0]
 
 
 def test_pace_max_never_sleeps_and_bad_speed_fails_early() -> None:

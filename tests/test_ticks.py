@@ -3,15 +3,18 @@ malformed rows, the disk spool, bad flags."""
 from __future__ import annotations
 
 import hashlib
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from testkit.env import ROOT
+from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 
@@ -235,6 +238,34 @@ def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> 
         50, 50, 0, 49)
 
 
+def test_a_simulated_tick_is_sent_when_it_is_due_never_dated_ahead(writer: Stack) -> None:
+    # --seed 10 at --rate 0.25: the first tick is 3.4 s after the feed's start. It was sent at once,
+    # dated 3.4 s after it was stored (at --rate 1e-9, about 30 years after).
+    result = run(writer, "workers.ticks", "--count", "1", "--rate", "0.25", "--seed", "10")
+    done = int(time.time() * 1000)
+    assert result.returncode == 0, result.stderr
+    ((ts,),) = ro(writer).execute("SELECT ts FROM ticks").fetchall()
+    assert ts <= done, (ts, done)
+
+
+def test_a_stop_does_not_wait_for_a_slow_feeds_next_tick(writer: Stack) -> None:
+    # --seed 0 at --rate 0.001: ticks due 31 and 61 minutes after the start. The wait for a tick was a
+    # sleep SIGTERM did not end: a stop waited for the next tick (circus kills after 20 s).
+    log = writer.home / "log" / "ticks-test.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.ticks", "--rate", "0.001", "--seed", "0"],
+                                env=writer.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the ingestor's start", lambda: "spooled batches to replay" in log.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 @DATABASE_INDEPENDENT
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
@@ -251,9 +282,15 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         (["--memory-limit", "1e12"], "argument --memory-limit: '1e12' must be a whole number from 1 to 10000000"),
         (["--feed", "ftp"], "invalid choice"),
         # Not finite, or no use: nan would never compare, inf would never end a wait.
-        (["--deadline", "inf"], "argument --deadline: 'inf' must be a number greater than 0 and at most 86400"),
-        (["--deadline", "-1"], "argument --deadline: '-1' must be a number greater than 0"),
-        (["--rate", "nan"], "argument --rate: 'nan' must be a number greater than 0"),
+        (["--deadline", "inf"], "argument --deadline: 'inf' must be a number from 0.1 to 86400"),
+        (["--deadline", "-1"], "argument --deadline: '-1' must be a number from 0.1 to 86400"),
+        (["--rate", "nan"], "argument --rate: 'nan' must be a number from 0.001 to 1000000"),
+        # Numbers that broke the feed: a tick every 1e300 s on average was dated too far ahead to be sent
+        # (a traceback), every 1e12 s one the writer refused, every 1e9 s one of about 2057; a deadline
+        # no answer comes within spooled every tick.
+        (["--rate", "1e-300"], "argument --rate: '1e-300' must be a number from 0.001 to 1000000"),
+        (["--rate", "1e-9"], "argument --rate: '1e-9' must be a number from 0.001 to 1000000"),
+        (["--deadline", "1e-300"], "argument --deadline: '1e-300' must be a number from 0.1 to 86400"),
         (["--vol-scale", "1e300"], "argument --vol-scale: '1e300' must be a number greater than 0 and at most 1000"),
     ]
     for args, message in cases:
