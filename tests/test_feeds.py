@@ -93,6 +93,14 @@ def test_read_tick_csv_parses_times_and_line_numbers(tmp_path: Path) -> None:
     assert rows[3][1]["bid"] == rows[3][1]["ask"] and rows[3][1]["volume"] == 0.001
 
 
+def test_read_tick_csv_tells_epoch_seconds_from_ms_as_bar_files_do(tmp_path: Path) -> None:
+    # Epoch seconds were read as ms: a file of them was stored as January 1970, where a bar file's
+    # were read as seconds. One rule for both: an integer under 1e11 is seconds (1e11 ms is 1973).
+    path = write(tmp_path, f"ts,symbol,bid,ask\n{T0 // 1000},EURUSD,1.1,1.2\n{T0 + 1000},EURUSD,1.1,1.2\n"
+                           f" {T0 // 1000 + 2}\t,EURUSD,1.1,1.2\n")
+    assert [t["ts"] for _, t in read_tick_csv(path)] == [T0, T0 + 1000, T0 + 2000]
+
+
 def test_read_tick_csv_symbol_argument(tmp_path: Path) -> None:
     overridden = [t["symbol"] for _, t in read_tick_csv(write(tmp_path, GOOD_TICKS), symbol="X")]
     assert overridden == ["X"] * 5
@@ -126,14 +134,24 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         ("2024-01-02T00:00:00,EURUSD,1.1,-1,1", "ask '-1' must be > 0"),
         ("2024-01-02T00:00:00,EURUSD,1.3,1.2,1", "bid 1.3 is above ask 1.2"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2,-0.5", "volume '-0.5' must be >= 0"),
-        ("yesterday,EURUSD,1.1,1.2,1", "ts 'yesterday' is not an ISO-8601 time or epoch ms"),
+        ("yesterday,EURUSD,1.1,1.2,1", "ts 'yesterday' is not an ISO-8601 time or epoch seconds/ms"),
         ("2024-13-01T00:00:00,EURUSD,1.1,1.2,1", "ts '2024-13-01T00:00:00' is not an ISO-8601"),
         (",EURUSD,1.1,1.2,1", "ts '' is not an ISO-8601"),
         ("2024-01-02T00:00:00, ,1.1,1.2,1", "symbol is empty"),
+        # What float() and int() read but no export writes: '_' between digits (1_0 was stored as 10),
+        # digits of other scripts (Arabic-Indic, full width), white space other than spaces and tabs.
+        ("2024-01-02T00:00:00,EURUSD,1_0,1_2,1", "bid '1_0' is not a number as CSV files write one (the digits 0-9"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1_000", "volume '1_000' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,\u0661.1,1.2,1", "bid '\u0661.1' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,\uff11.2,1", "ask '\uff11.2' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,\u00a01", "volume '\\xa01' is not a number as CSV files write one"),
+        ("\u0661\u0667\u0660\u0664\u0661\u0665\u0663\u0666\u0660\u0660\u0660\u0660\u0660,EURUSD,1.1,1.2,1",
+         "ts '\u0661\u0667\u0660\u0664\u0661\u0665\u0663\u0666\u0660\u0660\u0660\u0660\u0660' is not an ISO-8601 time"),
+
         # What the writer refuses, by its own rules (db.validation), refused here at the line:
         ("2024-01-02T00:00:00,eurusd,1.1,1.2,1", "symbol 'eurusd' is not a symbol (1-32 characters"),
         ("2200-01-01T00:00:00,EURUSD,1.1,1.2,1", "ts 7258118400000 is out of range (epoch ms 1970..2100)"),
-        ("-5,EURUSD,1.1,1.2,1", "ts -5 is out of range"),
+        ("-5,EURUSD,1.1,1.2,1", "ts -5000 is out of range"),  # -5 s, as in bar files
         ("2024-01-02T00:00:00,EURUSD,1e12,1e12,1", "bid 1000000000000.0 is not a price"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1e12", "volume 1000000000000.0 is not a volume"),
         # What Python itself refuses, as an error at the line instead of a traceback:

@@ -125,6 +125,32 @@ def test_a_row_the_writer_would_refuse_stops_the_replay_at_its_line(writer: Stac
     assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field)
 
 
+@pytest.mark.parametrize(("row", "field"), [
+    pytest.param(f"{T0 + 7000},EURUSD,1_1,1_2,1", "bid", id="underscore-in-bid"),
+    pytest.param("\u0661\u0667\u0660\u0664\u0660\u0666\u0667\u0662\u0660\u0667\u0660\u0660\u0660,EURUSD,1.1,"
+                 "1.1002,1", "ts", id="arabic-indic-ts"),
+])
+def test_a_number_python_reads_but_no_export_writes_stops_the_replay_at_its_line(writer: Stack, row: str,
+                                                                                  field: str) -> None:
+    # float() reads "1_1" as 11 and int() Arabic-Indic digits: both were stored.
+    path = writer.home / "bad.csv"
+    lines = [tick_row(n) for n in range(2, BAD_LINE)] + [row] + [tick_row(n) for n in range(BAD_LINE + 1, 11)]
+    path.write_text("ts,symbol,bid,ask,volume\n" + "\n".join(lines) + "\n")
+    result = replay(writer, path)
+    expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
+    assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field, "is not")
+
+
+def test_a_tick_file_of_epoch_seconds_is_stored_at_those_seconds(writer: Stack) -> None:
+    # They were read as ms, and stored as January 1970; bar files told seconds from ms, now both do.
+    path = writer.home / "seconds.csv"
+    path.write_text("ts,symbol,bid,ask,volume\n" + "".join(f"{T0 // 1000 + n},EURUSD,1.1,1.1002,1\n"
+                                                             for n in range(2, 6)))
+    result = replay(writer, path)
+    assert result.returncode == 0, result.stderr
+    assert stored(writer) == [(4 * n, T0 + n * 1000) for n in range(2, 6)]
+
+
 def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) -> None:
     path = writer.home / "long.csv"
     lines = [tick_row(n) for n in range(2, BAD_LINE)] + [f"{T0 + 7000},EURUSD,1.1,1.1002,{'1' * 140_000}"]

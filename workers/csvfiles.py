@@ -33,9 +33,14 @@ Bar = dict[str, Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-#: Integer bar times below this are epoch seconds, above it epoch ms (1e11 ms is 1973, 1e11 s is 5138).
+#: Integer times (of ticks and bars) below this are epoch seconds, above it epoch ms (1e11 ms is 1973,
+#: 1e11 s is 5138).
 _SECONDS_CUTOFF = 10**11
-_INT_RE = re.compile(r"[+-]?\d+")
+#: An integer time: ASCII digits only (``\d`` took Arabic-Indic and other digits too, which int() reads).
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+#: A number as an export writes it, spaces or tabs around: float() also takes '_' between digits ("1_0"
+#: is 10), digits of other scripts and other white space, so a typo or a foreign file read as a price.
+_DECIMAL_RE = re.compile(r"[ \t]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*")
 #: An int64 with its sign: a longer integer is no epoch time, and int() refuses 4,300 digits and more.
 _MAX_INT_CHARS = 20
 #: The most characters one record (a row, with the line breaks of any quoted field in it) may have:
@@ -145,6 +150,9 @@ def _number(line: int, name: str, text: str) -> float:
         raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number") from None
     if not math.isfinite(value):
         raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a finite number")
+    if not _DECIMAL_RE.fullmatch(text):
+        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number as CSV files write one "
+                                   "(the digits 0-9, a sign, a point and an exponent such as 1.0825 or 1e-3)")
     return value
 
 
@@ -238,25 +246,28 @@ def ms_to_iso(ts: int) -> str:
     return (_EPOCH + ts * _MS).isoformat().replace("+00:00", "Z")
 
 
-def _timestamp(line: int, name: str, text: str, *, seconds_ok: bool) -> int:
-    text = text.strip()
-    unit = "epoch seconds/ms" if seconds_ok else "epoch ms"
+def _timestamp(line: int, name: str, text: str) -> int:
+    """A time of a tick or bar file as epoch ms: ISO-8601 (naive = UTC), or an integer of epoch seconds
+    or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file."""
+    text = text.strip(" \t")
     if _INT_RE.fullmatch(text):
         if len(text) > _MAX_INT_CHARS:
             raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
-                                       f"for {unit}")
+                                       "for epoch seconds/ms")
         value = int(text)
-        return value * 1000 if seconds_ok and abs(value) < _SECONDS_CUTOFF else value
+        return value * 1000 if abs(value) < _SECONDS_CUTOFF else value
     try:
         return iso_to_ms(text)
     except ValueError:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or {unit}") from None
+        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or epoch "
+                                   "seconds/ms") from None
 
 
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order).
 
-    ``ts`` is ISO-8601 (naive = UTC) or integer epoch ms. ``symbol``, if given, overrides the file's
+    ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
+    bar files (:func:`_timestamp`). ``symbol``, if given, overrides the file's
     symbol column, which may then be absent; ``volume`` may be absent (0). Rows are validated as they
     are read, by this reader's rules and then by the writer's (symbol format, time and price ranges):
     the first bad row raises :class:`CsvFormatError` after every earlier row was yielded, so an
@@ -276,7 +287,7 @@ def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Ti
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
-        ts = _timestamp(line, "ts", row[col["ts"]], seconds_ok=False)
+        ts = _timestamp(line, "ts", row[col["ts"]])
         bid = _price(line, "bid", row[col["bid"]])
         ask = _price(line, "ask", row[col["ask"]])
         if bid > ask:
@@ -333,7 +344,7 @@ def _bar(line: int, row: list[str], width: int, time_col: int, col: dict[str, in
          prev: tuple[int, Bar] | None) -> Bar:
     if len(row) != width:
         raise CsvFormatError(line, f"expected {width} columns, got {len(row)}")
-    ts = _timestamp(line, "time", row[time_col], seconds_ok=True)
+    ts = _timestamp(line, "time", row[time_col])
     _writer_rule(line, validation.timestamp, "time", ts)
     o, h, lo, c = (_price(line, name, row[col[name]]) for name in _OHLC)
     for name, value in zip(_OHLC, (o, h, lo, c), strict=True):
