@@ -66,6 +66,11 @@ def test_simfeed_defaults_start_now_and_rejects_bad_args() -> None:
         SimFeed(symbols=())
     with pytest.raises(ValueError):
         SimFeed(rate_hz=0)
+    # Slower than a tick every 1,000 s, the first tick's random wait reached past 2100, or past what
+    # can be encoded (1e-300); it was dated by it, and sent at once.
+    for rate in (1e-9, 1e-300, 2e6):
+        with pytest.raises(ValueError, match="rate_hz must be a number from 0.001 to 1,000,000"):
+            SimFeed(rate_hz=rate)
 
 
 # --------------------------------------------------------------------------- tick CSV
@@ -86,6 +91,14 @@ def test_read_tick_csv_parses_times_and_line_numbers(tmp_path: Path) -> None:
     assert [t["ts"] for _, t in rows] == [T0, T0 + 1000, T0 + 2000, T0 + 3000, T0 - 100_000]
     assert rows[2][1] == {"symbol": "BTCUSD", "ts": T0 + 2000, "bid": 60000.0, "ask": 60001.5, "volume": 0.25}
     assert rows[3][1]["bid"] == rows[3][1]["ask"] and rows[3][1]["volume"] == 0.001
+
+
+def test_read_tick_csv_tells_epoch_seconds_from_ms_as_bar_files_do(tmp_path: Path) -> None:
+    # Epoch seconds were read as ms: a file of them was stored as January 1970, where a bar file's
+    # were read as seconds. One rule for both: an integer under 1e11 is seconds (1e11 ms is 1973).
+    path = write(tmp_path, f"ts,symbol,bid,ask\n{T0 // 1000},EURUSD,1.1,1.2\n{T0 + 1000},EURUSD,1.1,1.2\n"
+                           f" {T0 // 1000 + 2}\t,EURUSD,1.1,1.2\n")
+    assert [t["ts"] for _, t in read_tick_csv(path)] == [T0, T0 + 1000, T0 + 2000]
 
 
 def test_read_tick_csv_symbol_argument(tmp_path: Path) -> None:
@@ -121,19 +134,34 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         ("2024-01-02T00:00:00,EURUSD,1.1,-1,1", "ask '-1' must be > 0"),
         ("2024-01-02T00:00:00,EURUSD,1.3,1.2,1", "bid 1.3 is above ask 1.2"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2,-0.5", "volume '-0.5' must be >= 0"),
-        ("yesterday,EURUSD,1.1,1.2,1", "ts 'yesterday' is not an ISO-8601 time or epoch ms"),
+        ("yesterday,EURUSD,1.1,1.2,1", "ts 'yesterday' is not an ISO-8601 time or epoch seconds/ms"),
         ("2024-13-01T00:00:00,EURUSD,1.1,1.2,1", "ts '2024-13-01T00:00:00' is not an ISO-8601"),
         (",EURUSD,1.1,1.2,1", "ts '' is not an ISO-8601"),
         ("2024-01-02T00:00:00, ,1.1,1.2,1", "symbol is empty"),
+        # What float() and int() read but no export writes: '_' between digits (1_0 was stored as 10),
+        # digits of other scripts (Arabic-Indic, full width), white space other than spaces and tabs.
+        ("2024-01-02T00:00:00,EURUSD,1_0,1_2,1", "bid '1_0' is not a number as CSV files write one (the digits 0-9"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1_000", "volume '1_000' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,\u0661.1,1.2,1", "bid '\u0661.1' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,\uff11.2,1", "ask '\uff11.2' is not a number as CSV files write one"),
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2,\u00a01", "volume '\\xa01' is not a number as CSV files write one"),
+        ("\u0661\u0667\u0660\u0664\u0661\u0665\u0663\u0666\u0660\u0660\u0660\u0660\u0660,EURUSD,1.1,1.2,1",
+         "ts '\u0661\u0667\u0660\u0664\u0661\u0665\u0663\u0666\u0660\u0660\u0660\u0660\u0660' is not an ISO-8601 time"),
+
         # What the writer refuses, by its own rules (db.validation), refused here at the line:
         ("2024-01-02T00:00:00,eurusd,1.1,1.2,1", "symbol 'eurusd' is not a symbol (1-32 characters"),
         ("2200-01-01T00:00:00,EURUSD,1.1,1.2,1", "ts 7258118400000 is out of range (epoch ms 1970..2100)"),
-        ("-5,EURUSD,1.1,1.2,1", "ts -5 is out of range"),
+        ("-5,EURUSD,1.1,1.2,1", "ts -5000 is out of range"),  # -5 s, as in bar files
         ("2024-01-02T00:00:00,EURUSD,1e12,1e12,1", "bid 1000000000000.0 is not a price"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1e12", "volume 1000000000000.0 is not a volume"),
         # What Python itself refuses, as an error at the line instead of a traceback:
         ("9" * 5000 + ",EURUSD,1.1,1.2,1", "ts '999999999999999999999999999999999999999... has 5000 characters"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1" * 140_000, "not readable as CSV: field larger than field limit"),
+        # A record is read at most MAX_RECORD_CHARS characters in, on one line or over several (quoted
+        # line breaks), so a replay's memory does not grow with it: the whole line was read first.
+        ("2024-01-02T00:00:00,EURUSD,1.1,1.2," + "1," * 600_000,
+         "the row is longer than 1,048,576 characters, which no row of ticks or bars is"),
+        ('2024-01-02T00:00:00,EURUSD,1.1,1.2,' + '"a\nb",' * 300_000, "the row is longer than 1,048,576"),
         # A record over several lines (a quoted field with a line break) is named by its first line,
         # where a user looks for it, not its last; a quote never closed likewise.
         ('2024-01-02T00:00:00,"EUR\nUSD",1.1,1.2,1', "symbol 'EUR\\nUSD' is not a symbol"),
@@ -437,6 +465,16 @@ def test_pace_replays_time_differences_k_times_faster() -> None:
     assert [item for item, _ in out] == ticks
     assert [at for _, at in out] == [0.0, 0.5, 0.5, 2.0, 2.0, 4.0]  # backwards tick: no wait
     assert len(clock.sleeps) == 3
+
+
+def test_pace_from_a_start_ts_waits_for_the_first_item_too() -> None:
+    # A simulated market's first tick is dated by its first random wait after the market's start: sent
+    # at once, it was stored that much ahead of real time (by about 30 years at --rate 1e-9), and
+    # every later tick with it.
+    clock = FakeClock()
+    ticks = [{"ts": T0 + 5000}, {"ts": T0 + 6000}, {"ts": T0 + 6000}]
+    at = [clock.now - 100.0 for _ in pace(ticks, 1.0, start_ts=T0, clock=clock, sleep=clock.sleep)]
+    assert at == [5.0, 6.0, 6.0]
 
 
 def test_pace_max_never_sleeps_and_bad_speed_fails_early() -> None:

@@ -212,6 +212,28 @@ def test_a_failure_whose_message_holds_a_nul_is_still_recorded(writer: Stack) ->
     assert run["detail"] == "RuntimeError: pg_dump: error: bad byte \\x00 in its output"
 
 
+def test_a_job_that_fails_by_a_bug_is_logged_with_its_traceback(writer: Stack,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An exception no job expects (a bug) keeps its traceback, where one expected in operation (the
+    disk, a program, the writer: test_a_failing_job_is_recorded_and_the_others_still_run) is one line."""
+    worker = JobsWorker(writer.settings, until_idle=True, only="backup")
+
+    def buggy(_force: bool) -> None:
+        raise KeyError("path")
+
+    worker._jobs["backup"] = buggy
+    worker.setup()
+    try:
+        with caplog.at_level("INFO", logger="tickstack.jobs"):
+            assert worker.run_job("backup", force=True) is False
+    finally:
+        worker.teardown()
+    (bug,) = [r for r in caplog.records if r.exc_info]
+    assert bug.levelname == "ERROR" and bug.getMessage() == "jobs: backup failed" and bug.exc_info[0] is KeyError
+    (run,) = job_runs(writer)
+    assert run["detail"] == "KeyError: 'path'"
+
+
 def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_says(writer: Stack) -> None:
     """``db backup --force PATH`` overwrites a file, never one the running stack uses: not the live
     database by another spelling of its path (``run/../``, a symlink), not its WAL or shared-memory
@@ -418,18 +440,28 @@ def test_until_idle_runs_due_jobs_once_and_a_restart_runs_none(writer: Stack) ->
     assert [r["job"] for r in job_runs(writer)[len(runs):]] == ["retention"]
 
 
+def assert_one_line_failure(stderr: str, job: str, *words: str) -> None:
+    """The job's failure is one ERROR line saying what and why, with no traceback (it had 14 lines)."""
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"jobs: {job} FAILED in " in errors[0], stderr
+    assert all(word in errors[0] for word in words), (words, stderr)
+
+
 def test_a_failing_job_is_recorded_and_the_others_still_run(writer: Stack) -> None:
     bdir = writer.settings.backup_dir
     bdir.rmdir()
     bdir.write_text("not a folder")  # backups cannot be written (even as root)
     proc = run_jobs(writer, "--run", "backup")
     assert proc.returncode == 1
+    assert_one_line_failure(proc.stderr, "backup", f"NotADirectoryError: {bdir} is not a folder")
     (run,) = job_runs(writer)
     check_run(run, "backup", ok=False)
     assert "Error" in run["detail"] and str(bdir) in run["detail"]
     time.sleep(0.01)
     proc = run_jobs(writer, "--until-idle", TICKSTACK_BACKUP_EVERY_H="0.0000001")
     assert proc.returncode == 0, proc.stderr
+    assert_one_line_failure(proc.stderr, "backup", str(bdir))
     later = {r["job"]: bool(r["ok"]) for r in job_runs(writer)[1:]}
     assert later == {"retention": True, "backup": False, "quick_check": True}
 

@@ -2,15 +2,19 @@
 malformed rows, the disk spool, bad flags."""
 from __future__ import annotations
 
+import hashlib
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from testkit.env import ROOT
+from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
 
@@ -121,6 +125,32 @@ def test_a_row_the_writer_would_refuse_stops_the_replay_at_its_line(writer: Stac
     assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field)
 
 
+@pytest.mark.parametrize(("row", "field"), [
+    pytest.param(f"{T0 + 7000},EURUSD,1_1,1_2,1", "bid", id="underscore-in-bid"),
+    pytest.param("\u0661\u0667\u0660\u0664\u0660\u0666\u0667\u0662\u0660\u0667\u0660\u0660\u0660,EURUSD,1.1,"
+                 "1.1002,1", "ts", id="arabic-indic-ts"),
+])
+def test_a_number_python_reads_but_no_export_writes_stops_the_replay_at_its_line(writer: Stack, row: str,
+                                                                                  field: str) -> None:
+    # float() reads "1_1" as 11 and int() Arabic-Indic digits: both were stored.
+    path = writer.home / "bad.csv"
+    lines = [tick_row(n) for n in range(2, BAD_LINE)] + [row] + [tick_row(n) for n in range(BAD_LINE + 1, 11)]
+    path.write_text("ts,symbol,bid,ask,volume\n" + "\n".join(lines) + "\n")
+    result = replay(writer, path)
+    expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
+    assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, field, "is not")
+
+
+def test_a_tick_file_of_epoch_seconds_is_stored_at_those_seconds(writer: Stack) -> None:
+    # They were read as ms, and stored as January 1970; bar files told seconds from ms, now both do.
+    path = writer.home / "seconds.csv"
+    path.write_text("ts,symbol,bid,ask,volume\n" + "".join(f"{T0 // 1000 + n},EURUSD,1.1,1.1002,1\n"
+                                                             for n in range(2, 6)))
+    result = replay(writer, path)
+    assert result.returncode == 0, result.stderr
+    assert stored(writer) == [(4 * n, T0 + n * 1000) for n in range(2, 6)]
+
+
 def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) -> None:
     path = writer.home / "long.csv"
     lines = [tick_row(n) for n in range(2, BAD_LINE)] + [f"{T0 + 7000},EURUSD,1.1,1.1002,{'1' * 140_000}"]
@@ -128,6 +158,59 @@ def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) 
     result = replay(writer, path)
     expected = [(4 * n, T0 + n * 1000) for n in range(2, BAD_LINE)]
     assert_stopped_at_bad_line(writer, result, expected, BAD_LINE, "field", "131072")
+
+
+#: Megabytes of the large files of the memory tests: several times their bound (a quarter of it), and
+#: small enough to be written and read in a moment.
+LARGE_MB = 64
+
+
+def peak_memory(stack: Stack, path: Path) -> tuple[subprocess.CompletedProcess, int]:
+    """A replay of ``path`` and its peak resident memory in KiB. The replay runs as the one child of a
+    small wrapper that reports its children's peak (``getrusage``): this process's children are every
+    process the test run started, the writer among them."""
+    wrapper = ("import resource, subprocess, sys; done = subprocess.run([sys.executable, '-m', *sys.argv[1:]]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
+    result = subprocess.run([sys.executable, "-c", wrapper, "workers.ticks", "--feed", "csv", "--file", str(path),
+                             "--speed", "max"], env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return result, int(result.stdout.split()[-1])
+
+
+def test_a_replay_does_not_hold_the_file_in_memory_to_name_its_source(writer: Stack) -> None:
+    # The source is the file's hash, which read the whole file at once: memory grew with the file (870 MB
+    # took 900 MB before the first tick was sent), and a file larger than memory could not be replayed.
+    # Line 3 is bad, so the replay reads no further; only the hash reads the rows after it.
+    head = f"ts,symbol,bid,ask,volume\n{tick_row(2)}\n{T0 + 3000},EURUSD,x,1.1002,1\n"
+    small = writer.home / "small.csv"
+    small.write_text(head)
+    large = writer.home / "large.csv"
+    row = f"{tick_row(4)}\n"
+    large.write_text(head + row * (LARGE_MB * 2**20 // len(row)))
+    base, base_kib = peak_memory(writer, small)
+    result, kib = peak_memory(writer, large)
+    for replay in (base, result):
+        assert replay.returncode == 1 and "line 3: bid 'x' is not a number" in replay.stderr, replay.stderr[-2000:]
+    # The digest of the file's bytes, as before: a file replayed before keeps its source.
+    assert f"source csv-file-{hashlib.sha256(small.read_bytes()).hexdigest()[:16]}," in base.stderr, base.stderr
+    assert kib - base_kib < LARGE_MB * 1024 // 4, (base_kib, kib)
+
+
+def test_a_line_longer_than_any_row_stops_the_replay_at_its_line_in_bounded_memory(writer: Stack) -> None:
+    # A line is read at most csvfiles.MAX_RECORD_CHARS characters in: a 500 MB line took a gigabyte
+    # before the csv module refused its field.
+    head = f"ts,symbol,bid,ask,volume\n{tick_row(2)}\n{T0 + 3000},EURUSD,1.1,1.1002,"
+    small = writer.home / "small.csv"
+    small.write_text(f"{head}x\n{tick_row(4)}\n")
+    large = writer.home / "large.csv"
+    large.write_text(f"{head}{'1' * (LARGE_MB * 2**20)}\n{tick_row(4)}\n")
+    base, base_kib = peak_memory(writer, small)
+    result, kib = peak_memory(writer, large)
+    assert base.returncode == 1 and "line 3: volume 'x' is not a number" in base.stderr, base.stderr[-2000:]
+    assert kib - base_kib < LARGE_MB * 1024 // 4, (base_kib, kib)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "line 3: the row is longer than 1,048,576 characters" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert stored(writer) == [(8, T0 + 2000)] * 2  # line 2 of each file (two files: two sources)
 
 
 @pytest.mark.parametrize("good", [5, 3000], ids=["in-the-first-8k", "after-3000-rows"])
@@ -181,6 +264,34 @@ def test_ticks_spool_while_the_writer_is_down_and_replay_later(stack: Stack) -> 
         50, 50, 0, 49)
 
 
+def test_a_simulated_tick_is_sent_when_it_is_due_never_dated_ahead(writer: Stack) -> None:
+    # --seed 10 at --rate 0.25: the first tick is 3.4 s after the feed's start. It was sent at once,
+    # dated 3.4 s after it was stored (at --rate 1e-9, about 30 years after).
+    result = run(writer, "workers.ticks", "--count", "1", "--rate", "0.25", "--seed", "10")
+    done = int(time.time() * 1000)
+    assert result.returncode == 0, result.stderr
+    ((ts,),) = ro(writer).execute("SELECT ts FROM ticks").fetchall()
+    assert ts <= done, (ts, done)
+
+
+def test_a_stop_does_not_wait_for_a_slow_feeds_next_tick(writer: Stack) -> None:
+    # --seed 0 at --rate 0.001: ticks due 31 and 61 minutes after the start. The wait for a tick was a
+    # sleep SIGTERM did not end: a stop waited for the next tick (circus kills after 20 s).
+    log = writer.home / "log" / "ticks-test.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "workers.ticks", "--rate", "0.001", "--seed", "0"],
+                                env=writer.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for("the ingestor's start", lambda: "spooled batches to replay" in log.read_text())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
 @DATABASE_INDEPENDENT
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
@@ -197,9 +308,15 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         (["--memory-limit", "1e12"], "argument --memory-limit: '1e12' must be a whole number from 1 to 10000000"),
         (["--feed", "ftp"], "invalid choice"),
         # Not finite, or no use: nan would never compare, inf would never end a wait.
-        (["--deadline", "inf"], "argument --deadline: 'inf' must be a number greater than 0 and at most 86400"),
-        (["--deadline", "-1"], "argument --deadline: '-1' must be a number greater than 0"),
-        (["--rate", "nan"], "argument --rate: 'nan' must be a number greater than 0"),
+        (["--deadline", "inf"], "argument --deadline: 'inf' must be a number from 0.1 to 86400"),
+        (["--deadline", "-1"], "argument --deadline: '-1' must be a number from 0.1 to 86400"),
+        (["--rate", "nan"], "argument --rate: 'nan' must be a number from 0.001 to 1000000"),
+        # Numbers that broke the feed: a tick every 1e300 s on average was dated too far ahead to be sent
+        # (a traceback), every 1e12 s one the writer refused, every 1e9 s one of about 2057; a deadline
+        # no answer comes within spooled every tick.
+        (["--rate", "1e-300"], "argument --rate: '1e-300' must be a number from 0.001 to 1000000"),
+        (["--rate", "1e-9"], "argument --rate: '1e-9' must be a number from 0.001 to 1000000"),
+        (["--deadline", "1e-300"], "argument --deadline: '1e-300' must be a number from 0.1 to 86400"),
         (["--vol-scale", "1e300"], "argument --vol-scale: '1e300' must be a number greater than 0 and at most 1000"),
     ]
     for args, message in cases:

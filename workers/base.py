@@ -204,11 +204,22 @@ class Worker:
         return 0
 
 
-def wait_for_database(settings: Settings, timeout: float = 60.0) -> Engine:
-    """A read engine, once the writer has created the schema.
+#: Seconds a worker waits for the writer to create the database (:func:`wait_for_database`).
+DATABASE_WAIT_S = 60.0
+
+
+class NoDatabase(RuntimeError):
+    """No database after :data:`DATABASE_WAIT_S`: a state of the stack (no writer), said in one line
+    by :func:`main`, not a bug's traceback."""
+
+
+def wait_for_database(settings: Settings, timeout: float | None = None) -> Engine:
+    """A read engine, once the writer has created the schema, else :class:`NoDatabase` after
+    ``timeout`` seconds (:data:`DATABASE_WAIT_S`).
 
     Workers may start before the writer finished its first start (when run
     by hand); circus orders them, but nothing should depend on it."""
+    timeout = DATABASE_WAIT_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while True:
         path = settings.database_path
@@ -222,8 +233,8 @@ def wait_for_database(settings: Settings, timeout: float = 60.0) -> Engine:
                 pass
             engine.dispose()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no database at {display_url(settings.database_url)} after {timeout:.0f} s: "
-                               "is the writer running?")
+            raise NoDatabase(f"no database at {display_url(settings.database_url)} after {timeout:g} s: "
+                             "is the writer running?")
         time.sleep(0.2)
 
 
@@ -232,7 +243,7 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
          make: Callable[[Settings, argparse.Namespace], Worker] | None = None) -> int:
     """Parse the common flags (``--until-idle``, ``--log-level``) plus the
     worker's own, load settings, and run. Bad flags or settings exit 2 with
-    the reason."""
+    the reason; no database once the wait for it is over (:class:`NoDatabase`) exits 1 with it."""
     parser = command_line(worker_cls.__module__, sys.modules[worker_cls.__module__].__doc__)
     parser.add_argument("--until-idle", action="store_true",
                         help="process everything available, then exit 0 (for tests and scripts); analysis "
@@ -247,4 +258,8 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
         worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
-    return worker.run()
+    try:
+        return worker.run()
+    except NoDatabase as e:  # circus starts the worker again; by hand, the line says what to start
+        worker.log.error("%s: %s", worker.name, e)
+        return 1

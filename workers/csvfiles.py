@@ -22,7 +22,7 @@ from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 from db import validation
 from db.errors import ValidationError
@@ -33,11 +33,20 @@ Bar = dict[str, Any]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-#: Integer bar times below this are epoch seconds, above it epoch ms (1e11 ms is 1973, 1e11 s is 5138).
+#: Integer times (of ticks and bars) below this are epoch seconds, above it epoch ms (1e11 ms is 1973,
+#: 1e11 s is 5138).
 _SECONDS_CUTOFF = 10**11
-_INT_RE = re.compile(r"[+-]?\d+")
+#: An integer time: ASCII digits only (``\d`` took Arabic-Indic and other digits too, which int() reads).
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+#: A number as an export writes it, spaces or tabs around: float() also takes '_' between digits ("1_0"
+#: is 10), digits of other scripts and other white space, so a typo or a foreign file read as a price.
+_DECIMAL_RE = re.compile(r"[ \t]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*")
 #: An int64 with its sign: a longer integer is no epoch time, and int() refuses 4,300 digits and more.
 _MAX_INT_CHARS = 20
+#: The most characters one record (a row, with the line breaks of any quoted field in it) may have:
+#: a row of ticks or bars is well under a hundred, and csv's own limit is 131,072 per field. It bounds
+#: what a replay holds in memory for one row, whatever the file.
+MAX_RECORD_CHARS = 1 << 20
 #: What surrogateescape decodes a byte that is not UTF-8 into (U+DC80..U+DCFF).
 _UNDECODED_RE = re.compile("[\udc80-\udcff]")
 #: Rows per call of the writer's tick check: its per-call cost vanishes, and a replay reads that few
@@ -62,12 +71,14 @@ class CsvFormatError(ValueError):
 def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports.
 
-    A byte that is not UTF-8, or a row the csv module cannot read (a field over its limit),
-    raises :class:`CsvFormatError` at its line once every row before it was yielded. Strict decoding
-    would fail for the whole 8 KB block the file object decodes at once, losing the good rows before
-    the byte in that block; surrogateescape keeps the byte in its row, where it is found."""
+    A byte that is not UTF-8, a row the csv module cannot read (a field over its limit), or a record
+    over :data:`MAX_RECORD_CHARS` raises :class:`CsvFormatError` at its line once every row before it
+    was yielded. Strict decoding would fail for the whole 8 KB block the file object decodes at once,
+    losing the good rows before the byte in that block; surrogateescape keeps the byte in its row,
+    where it is found."""
     with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f)
+        lines = _BoundedLines(f)
+        reader = csv.reader(lines)
         header: list[str] = []
         line = 1  # where the next record starts (a quoted field may hold line breaks)
         try:
@@ -79,8 +90,40 @@ def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
                         header = [name.strip().lower() for name in row]
                     yield line, row
                 line = reader.line_num + 1
+                lines.record_chars = 0
         except csv.Error as e:
             raise CsvFormatError(line, f"not readable as CSV: {e}") from None
+        except _RecordTooLong:
+            raise CsvFormatError(line, f"the row is longer than {MAX_RECORD_CHARS:,} characters, which no row of "
+                                       "ticks or bars is (is this the right file?)") from None
+
+
+class _RecordTooLong(Exception):
+    """A record grew past :data:`MAX_RECORD_CHARS` (:class:`_BoundedLines`); :func:`_rows` names its line."""
+
+
+class _BoundedLines:
+    """The lines of a text file for ``csv.reader``, read at most :data:`MAX_RECORD_CHARS` characters
+    into the current record (:func:`_rows` sets ``record_chars`` back to 0 after each one), then
+    :class:`_RecordTooLong`. Iterating the file itself reads a whole line whatever its length: a
+    500 MB line took a gigabyte before the csv module saw it and refused its field."""
+
+    def __init__(self, f: TextIO) -> None:
+        self._readline = f.readline
+        #: Characters read into the current record so far.
+        self.record_chars = 0
+
+    def __iter__(self) -> _BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        text = self._readline(MAX_RECORD_CHARS - self.record_chars + 1)
+        if not text:
+            raise StopIteration
+        self.record_chars += len(text)
+        if self.record_chars > MAX_RECORD_CHARS:
+            raise _RecordTooLong
+        return text
 
 
 def _check_decoded(line: int, row: list[str], header: list[str]) -> None:
@@ -107,6 +150,9 @@ def _number(line: int, name: str, text: str) -> float:
         raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number") from None
     if not math.isfinite(value):
         raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a finite number")
+    if not _DECIMAL_RE.fullmatch(text):
+        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number as CSV files write one "
+                                   "(the digits 0-9, a sign, a point and an exponent such as 1.0825 or 1e-3)")
     return value
 
 
@@ -200,25 +246,28 @@ def ms_to_iso(ts: int) -> str:
     return (_EPOCH + ts * _MS).isoformat().replace("+00:00", "Z")
 
 
-def _timestamp(line: int, name: str, text: str, *, seconds_ok: bool) -> int:
-    text = text.strip()
-    unit = "epoch seconds/ms" if seconds_ok else "epoch ms"
+def _timestamp(line: int, name: str, text: str) -> int:
+    """A time of a tick or bar file as epoch ms: ISO-8601 (naive = UTC), or an integer of epoch seconds
+    or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file."""
+    text = text.strip(" \t")
     if _INT_RE.fullmatch(text):
         if len(text) > _MAX_INT_CHARS:
             raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
-                                       f"for {unit}")
+                                       "for epoch seconds/ms")
         value = int(text)
-        return value * 1000 if seconds_ok and abs(value) < _SECONDS_CUTOFF else value
+        return value * 1000 if abs(value) < _SECONDS_CUTOFF else value
     try:
         return iso_to_ms(text)
     except ValueError:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or {unit}") from None
+        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or epoch "
+                                   "seconds/ms") from None
 
 
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order).
 
-    ``ts`` is ISO-8601 (naive = UTC) or integer epoch ms. ``symbol``, if given, overrides the file's
+    ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
+    bar files (:func:`_timestamp`). ``symbol``, if given, overrides the file's
     symbol column, which may then be absent; ``volume`` may be absent (0). Rows are validated as they
     are read, by this reader's rules and then by the writer's (symbol format, time and price ranges):
     the first bad row raises :class:`CsvFormatError` after every earlier row was yielded, so an
@@ -238,7 +287,7 @@ def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Ti
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
-        ts = _timestamp(line, "ts", row[col["ts"]], seconds_ok=False)
+        ts = _timestamp(line, "ts", row[col["ts"]])
         bid = _price(line, "bid", row[col["bid"]])
         ask = _price(line, "ask", row[col["ask"]])
         if bid > ask:
@@ -295,7 +344,7 @@ def _bar(line: int, row: list[str], width: int, time_col: int, col: dict[str, in
          prev: tuple[int, Bar] | None) -> Bar:
     if len(row) != width:
         raise CsvFormatError(line, f"expected {width} columns, got {len(row)}")
-    ts = _timestamp(line, "time", row[time_col], seconds_ok=True)
+    ts = _timestamp(line, "time", row[time_col])
     _writer_rule(line, validation.timestamp, "time", ts)
     o, h, lo, c = (_price(line, name, row[col[name]]) for name in _OHLC)
     for name, value in zip(_OHLC, (o, h, lo, c), strict=True):

@@ -21,6 +21,12 @@ Speed = float | Literal["max"]
 T = TypeVar("T")
 
 _MS_PER_YEAR = 365.25 * 86_400_000
+#: A simulated market's rates, in ticks per second over all its symbols. At least a tick every 1,000 s
+#: on average: slower is no market to watch, and the random waits grow with 1/rate (the first tick
+#: was dated 30 years ahead at 1e-9, past 2100 at 1e-12: refused, too far to be sent at all at
+#: 1e-300). At most a million, more than the feed makes (about 100,000 a second here): its ticks
+#: then fall behind real time.
+MIN_RATE_HZ, MAX_RATE_HZ = 0.001, 1_000_000.0
 
 
 # --------------------------------------------------------------------------- simulated market
@@ -76,8 +82,8 @@ class SimFeed:
     ) -> None:
         if not symbols:
             raise ValueError("SimFeed needs at least one symbol")
-        if not (math.isfinite(rate_hz) and rate_hz > 0):
-            raise ValueError(f"rate_hz must be a positive number, got {rate_hz!r}")
+        if not (math.isfinite(rate_hz) and MIN_RATE_HZ <= rate_hz <= MAX_RATE_HZ):
+            raise ValueError(f"rate_hz must be a number from {MIN_RATE_HZ:g} to {MAX_RATE_HZ:,.0f}, got {rate_hz!r}")
         self.symbols = tuple(symbols)
         self.rate_hz = float(rate_hz)
         self.vol_scale = float(vol_scale)
@@ -149,34 +155,37 @@ def pace(
     items: Iterable[T],
     speed: Speed,
     *,
+    start_ts: int | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[T]:
     """Yield ticks (or ``(line, tick)`` pairs) unchanged, sleeping so they come out ``speed`` times
     faster than their ``ts`` differences; ``"max"`` never sleeps.
 
-    Deadlines are measured from the first item against one clock reading, so sleep overshoot does not
-    accumulate; a tick whose ts goes backwards or is already late is yielded at once.
+    Deadlines are measured against one clock reading, taken when the first item is asked for, so
+    sleep overshoot does not accumulate; ``start_ts`` is the ts due then (a simulated market's start:
+    its first tick comes when its ts is due, not at once dated ahead of the time it is sent), by
+    default the first item's. A tick whose ts goes backwards or is already late is yielded at once.
     """
     if speed != "max" and not (isinstance(speed, int | float) and math.isfinite(speed) and speed > 0):
         raise ValueError(f"invalid replay speed {speed!r}: use 'max' or a positive number")
     if speed == "max":
         return iter(items)
-    return _paced(items, float(speed), clock, sleep)
+    return _paced(items, float(speed), start_ts, clock, sleep)
 
 
 def _paced(
-    items: Iterable[T], speed: float, clock: Callable[[], float], sleep: Callable[[float], None]
+    items: Iterable[T], speed: float, start_ts: int | None, clock: Callable[[], float],
+    sleep: Callable[[float], None]
 ) -> Iterator[T]:
     start: float | None = None
     first_ts = 0
     for item in items:
         ts = _ts_of(item)
         if start is None:
-            start, first_ts = clock(), ts
-        else:
-            due = start + (ts - first_ts) / 1000.0 / speed
-            # In steps: one sleep of a century's gap would overflow (sleep takes at most ~292 years).
-            while (delay := due - clock()) > 0:
-                sleep(min(delay, MAX_SLEEP_S))
+            start, first_ts = clock(), ts if start_ts is None else start_ts
+        due = start + (ts - first_ts) / 1000.0 / speed
+        # In steps: one sleep of a century's gap would overflow (sleep takes at most ~292 years).
+        while (delay := due - clock()) > 0:
+            sleep(min(delay, MAX_SLEEP_S))
         yield item

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -31,12 +33,13 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from db import health
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
-from db.errors import WriterError
+from db.errors import ValidationError, WriterError
 from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
@@ -65,6 +68,15 @@ BACKUP_RETRY_S = 60
 DAY_MS = 86_400_000
 MB = 1024 * 1024
 
+#: What a job meets in operation, each with words that say what and why, so one line tells it: the
+#: disk or a path (OSError), another program (its timeout; pg_dump's or the server's words are the
+#: RuntimeErrors of db.health and db.server), a database that cannot be read (sqlite3, SQLAlchemy's
+#: DBAPIError), the writer (WriterError). A traceback there points at nothing to fix.
+OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.Error, DBAPIError, WriterError, RuntimeError)
+#: ... but bugs: a request the writer finds malformed is this code's, and these RuntimeErrors are
+#: Python's own. Logged with their traceback, as any other exception.
+BUG_ERRORS = (ValidationError, NotImplementedError, RecursionError)
+
 #: What a job returns: (ok, detail), or None when it had nothing to do and records no run.
 Outcome = tuple[bool, str] | None
 
@@ -89,9 +101,11 @@ def rotate_backups(directory: Path, keep: int) -> list[Path]:
 class JobsWorker(Worker):
     """Runs each due job, one per :meth:`step`, and records it through the writer.
 
-    A job that raises is recorded as ok=False with the error and the worker carries on; a failed
-    run still counts as a run for the schedule, so a broken job is retried at its interval, not in
-    a tight loop. ``only`` runs that one job once (forced) instead of the loop: see :meth:`run`."""
+    A job that raises is recorded as ok=False with the error and the worker carries on, saying it
+    in one line when the error is one of operation (:data:`OPERATIONAL_ERRORS`), with a traceback
+    when it is a bug; a failed run still counts as a run for the schedule, so a broken job is
+    retried at its interval, not in a tight loop. ``only`` runs that one job once (forced) instead
+    of the loop: see :meth:`run`."""
 
     name = "jobs"
 
@@ -254,7 +268,11 @@ class JobsWorker(Worker):
         try:
             outcome = self._jobs[job](force)
         except Exception as e:  # any failure is the run's result, not the worker's end
-            self.log.exception("jobs: %s failed", job)
+            if isinstance(e, OPERATIONAL_ERRORS) and not isinstance(e, BUG_ERRORS):
+                # Said in the run's one line below; the traceback only when asked for (--log-level DEBUG).
+                self.log.debug("jobs: %s failed", job, exc_info=True)
+            else:
+                self.log.exception("jobs: %s failed", job)
             outcome = False, f"{type(e).__name__}: {e}"
         if outcome is None:
             return None
@@ -271,7 +289,8 @@ class JobsWorker(Worker):
         except Exception as e:
             self.log.error("jobs: could not record the %s run (ok=%s, %s): %s", job, ok, detail, e)
             return False
-        self.log.info("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED", finished - started, detail)
+        (self.log.info if ok else self.log.error)("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED",
+                                                  finished - started, detail)
         return ok
 
     # --- the jobs: each returns (ok, detail) or None, or raises -------------------------

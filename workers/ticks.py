@@ -48,7 +48,7 @@ from db.validation import MAX_TICKS
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
 from workers.csvfiles import CsvFeed, CsvFormatError
-from workers.feeds import SimFeed, pace, parse_speed
+from workers.feeds import MAX_RATE_HZ, MIN_RATE_HZ, SimFeed, Speed, pace, parse_speed
 from workers.spool import COLUMNS, Spool
 
 EXIT_BAD_ROW = 1
@@ -58,11 +58,18 @@ SIM_RATE_PER_SYMBOL = 10.0
 MAX_COUNT = 10**12
 #: ``--memory-limit``: ticks held while the disk refuses the spool (a tick is about 200 bytes held).
 MAX_HELD = 10_000_000
+#: ``--deadline``'s least, as ``TICKSTACK_CLIENT_DEADLINE``'s (db.config): shorter, no batch was ever
+#: answered in time (1e-300 spooled every tick, and the replay of the spool timed out likewise).
+MIN_DEADLINE_S = 0.1
 log = logging.getLogger("tickstack.ticks")
 
 
 def _columns(ticks: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {c: [t[c] for t in ticks] for c in COLUMNS}
+
+
+class FeedStopped(Exception):
+    """Raised out of a paced feed's wait once the ingestor is asked to stop (:meth:`TickIngestor._wait_for_tick`)."""
 
 
 #: Where a batch in flight came from: None (read from the feed), a spool file, or a memory key.
@@ -78,16 +85,17 @@ class TickIngestor(Worker):
     def __init__(self, settings: Settings, ticks: Iterator[tuple[int, dict[str, Any]]], source: str, *,
                  until_idle: bool = False, batch: int = 1000, flush_interval: float = 0.25,
                  window: int = 8, deadline: float = 15.0, seq_per_line: int = 1,
-                 memory_limit: int = 200_000) -> None:
+                 memory_limit: int = 200_000, speed: Speed = "max", start_ts: int | None = None) -> None:
         """``ticks`` yields (line or counter, tick); seq = line * seq_per_line + position.
         ``memory_limit``: ticks held in memory while the disk refuses the spool, before the feed
-        is paused."""
+        is paused. ``speed`` and ``start_ts``: the ticks are read paced (:func:`workers.feeds.pace`),
+        waiting in a sleep that a stop ends."""
         super().__init__(settings, until_idle)
         if not 1 <= batch <= MAX_TICKS:
             raise ValueError(f"--batch {batch}: must be 1..{MAX_TICKS}")
         if memory_limit < batch:
             raise ValueError(f"--memory-limit {memory_limit}: must be at least --batch ({batch})")
-        self.ticks = ticks
+        self.ticks = pace(ticks, speed, start_ts=start_ts, sleep=self._wait_for_tick)
         self.source = source
         self.batch = batch
         self.flush_interval = flush_interval
@@ -123,7 +131,7 @@ class TickIngestor(Worker):
         while not self.exhausted and not self._paused and len(self._pending) < self.batch and self.alive:
             try:
                 line, tick = next(self.ticks)
-            except StopIteration:
+            except (StopIteration, FeedStopped):
                 self.exhausted = True
                 break
             except CsvFormatError as e:
@@ -159,6 +167,14 @@ class TickIngestor(Worker):
             if not self.client.in_flight:
                 self.sleep(self.idle_sleep)
         return True
+
+    def _wait_for_tick(self, seconds: float) -> None:
+        """The pacing's sleep, which a stop ends at once, ending the feed there (:class:`FeedStopped`):
+        a slow feed's next tick may be due in an hour, and a stop waited for it (circus kills what
+        has not stopped after its graceful_timeout)."""
+        self.sleep(seconds)
+        if not self.alive:
+            raise FeedStopped
 
     def teardown(self) -> None:
         """Flush: submit what was read, wait for every ack (each bounded by the client deadline);
@@ -327,9 +343,9 @@ def _symbols(text: str) -> list[str]:
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=["sim", "csv"], default="sim")
     parser.add_argument("--symbols", default="BTCUSD,EURUSD", help="sim: comma-separated symbols")
-    parser.add_argument("--rate", type=number_flag(0.0, 1_000_000.0, above=True), default=None,
-                        help=f"sim: ticks per second over all symbols (default: {SIM_RATE_PER_SYMBOL:g} per symbol, a "
-                             "tick about every 100 ms for each)")
+    parser.add_argument("--rate", type=number_flag(MIN_RATE_HZ, MAX_RATE_HZ), default=None,
+                        help=f"sim: ticks per second over all symbols, {MIN_RATE_HZ:g} to {MAX_RATE_HZ:,.0f} (default: "
+                             f"{SIM_RATE_PER_SYMBOL:g} per symbol, a tick about every 100 ms for each)")
     parser.add_argument("--seed", type=whole_flag(0, MAX_SEED), default=None,
                         help="sim: random seed (repeatable runs)")
     parser.add_argument("--count", type=whole_flag(0, MAX_COUNT), default=None,
@@ -344,7 +360,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", default="max", help="csv: 'max' or real time x k (e.g. 1, 10)")
     parser.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=1000,
                         help=f"ticks per writer request (1..{MAX_TICKS})")
-    parser.add_argument("--deadline", type=number_flag(0.0, MAX_CLIENT_DEADLINE_S, above=True), default=15.0,
+    parser.add_argument("--deadline", type=number_flag(MIN_DEADLINE_S, MAX_CLIENT_DEADLINE_S), default=15.0,
                         help="seconds a batch waits for the writer before it is spooled to disk")
     parser.add_argument("--memory-limit", type=whole_flag(1, MAX_HELD), default=200_000,
                         help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "
@@ -370,19 +386,33 @@ def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
         engine.dispose()
 
 
+def _file_digest(path: Path) -> str:
+    """The first 16 hex digits of the SHA-256 of the file's bytes: a CSV replay's source. Read in
+    chunks, so that a file larger than memory can be replayed (the whole file read at once took as
+    much memory as the file); the digest is that of the whole file's bytes as before, so a file
+    replayed before keeps its source and is not stored twice."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if args.feed == "sim":
         symbols = _symbols(args.symbols)
         if args.rate is None:
             args.rate = SIM_RATE_PER_SYMBOL * len(symbols)
-        feed = SimFeed(symbols, seed=args.seed, rate_hz=args.rate, vol_scale=args.vol_scale,
-                       start_mids=last_mids(settings, symbols))
-        ticks: Iterator[dict[str, Any]] = pace(iter(feed), 1.0)
+        mids = last_mids(settings, symbols)
+        start_ts = int(time.time() * 1000)
+        feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=args.rate, vol_scale=args.vol_scale,
+                       start_mids=mids)
+        ticks: Iterator[dict[str, Any]] = iter(feed)
         if args.count is not None:
             ticks = itertools.islice(ticks, args.count)
-        source = f"sim-{settings.host[:40]}-{int(time.time() * 1000)}"  # unique across hosts and runs
+        source = f"sim-{settings.host[:40]}-{start_ts}"  # unique across hosts and runs
+        # In real time from the feed's start: each tick is sent when its ts is due, the first one too (it
+        # was sent at once, dated by the feed's first random wait: at a low rate, years ahead).
         return TickIngestor(settings, enumerate(ticks), source, until_idle=args.until_idle or args.count is not None,
-                            batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit)
+                            batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit, speed=1.0,
+                            start_ts=start_ts)
     if args.file is None:
         raise ValueError("--feed csv needs --file PATH")
     if not args.file.is_file():
@@ -397,11 +427,10 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)
     except CsvFormatError as e:
         raise ValueError(f"{args.file}: {e}") from None
-    digest = hashlib.sha256(args.file.read_bytes()).hexdigest()[:16]
-    source = f"csv-{args.symbol or 'file'}-{digest}"
+    source = f"csv-{args.symbol or 'file'}-{_file_digest(args.file)}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
-    return TickIngestor(settings, iter(pace(iter(feed), speed)), source, until_idle=True, batch=args.batch,
-                        deadline=args.deadline, seq_per_line=4, memory_limit=args.memory_limit)
+    return TickIngestor(settings, iter(feed), source, until_idle=True, batch=args.batch, deadline=args.deadline,
+                        seq_per_line=4, memory_limit=args.memory_limit, speed=speed)
 
 
 def run(argv: list[str] | None = None) -> int:
