@@ -61,3 +61,10 @@ ERROR_TYPES: dict[str, type[WriterError]] = {
     cls.__name__: cls for cls in (ValidationError, NotFound, Conflict, OpFailed, RequestIdReused, CommitFailed,
                                  StorageFull)
 }
+
+
+class MaintenanceFailed(RuntimeError):
+    """A backup, a dump or a check failed for a reason outside this code (pg_dump's or the server's
+    words, a copy that failed its integrity check): the message says what and why. Raised by
+    :mod:`db.health` and :mod:`db.server`; the jobs worker logs it in one line (a traceback would
+    point at nothing to fix), unlike Python's own RuntimeErrors, which are bugs."""

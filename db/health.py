@@ -25,7 +25,7 @@ import psutil
 
 from db.config import Settings
 from db.engine import display_url
-from db.errors import WriterError
+from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, part_file, put_in_place
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import PidLock, read_lock_holder
@@ -101,7 +101,7 @@ def integrity(settings: Settings, timeout: float = 600.0, create: bool = True) -
         try:
             check = amcheck(settings, timeout, create)
         except psycopg.Error as e:
-            raise RuntimeError(scrub(" ".join(str(e).split()), settings.database_url)) from None
+            raise MaintenanceFailed(scrub(" ".join(str(e).split()), settings.database_url)) from None
         return {"method": "amcheck", "messages": check.pop("problems", []), **check}
     check = pragmas(settings.database_path, quick_check=True)["quick_check"]
     return {"method": "quick_check", **check}
@@ -480,10 +480,10 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         finally:
             src.close()
         if check != ["ok"]:
-            raise RuntimeError(f"backup failed its integrity check: {check[:3]}")
+            raise MaintenanceFailed(f"backup failed its integrity check: {check[:3]}")
         put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
-        raise RuntimeError(f"backup to {dest} failed: {e} (nothing left behind)") from e
+        raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e
     finally:
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)

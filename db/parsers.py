@@ -276,7 +276,7 @@ def database_url(name: str, raw: str) -> str:
     if dialect not in DATABASES:  # only the scheme is quoted: the rest may hold a password
         raise ConfigError(f"{name}: the database {dialect[:32]!r} is not supported; use sqlite:////path/to.db "
                           "or postgresql+psycopg://user@host/name")
-    problem = _sqlite_url_problem(scheme, rest) if dialect == "sqlite" else _server_url_problem(rest)
+    problem = _sqlite_url_problem(scheme, rest) if dialect == "sqlite" else _server_url_problem(raw)
     if problem:  # said without the URL, which may hold a password
         raise ConfigError(f"{name}: {problem}")
     return raw
@@ -298,19 +298,24 @@ def _sqlite_url_problem(scheme: str, rest: str) -> str | None:
     return None
 
 
-def _server_url_problem(rest: str) -> str | None:
-    """What is wrong with a server's URL (after ``scheme://``), or None. SQLAlchemy ends the password
-    at its first '@': a second one before the host left the rest of the password in the host, which
-    logs, ``db health`` and ``/api/health`` (no login) then showed."""
-    _, at, after = rest.partition("@")
-    if at and "@" in re.split(r"[/?#]", after, maxsplit=1)[0]:
+def _server_url_problem(raw: str) -> str | None:
+    """What is wrong with a server's URL, or None. SQLAlchemy ends the password at its first '@': a
+    second one before the host left the rest of the password in the host, which logs, ``db health``
+    and ``/api/health`` (no login) then showed. An '@' in the query (``?user=a@corp``) is no host's."""
+    from sqlalchemy.engine import make_url  # here: most settings' users never parse a server's URL
+
+    try:
+        host = make_url(raw).host or ""
+    except Exception:  # unparseable: refused where it is used, and never shown (db.engine.display_url)
+        return None
+    if "@" in host:
         return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
                 "else part of the password is read as the host")
     return None
 
 
 def writer_endpoint(name: str, raw: str) -> str:
-    """ipc://PATH, or tcp:// on a loopback address (127.x.x.x, localhost, [::1]) and a port"""
+    """ipc://PATH, or tcp:// on a loopback address (127.x.x.x, localhost) and a port"""
     if raw.startswith("ipc://"):
         if not raw[len("ipc://"):]:
             raise ConfigError(f"{name}={quoted(raw)}: give a socket path after ipc://")
@@ -319,10 +324,11 @@ def writer_endpoint(name: str, raw: str) -> str:
     if raw.startswith("inproc://"):
         raise ConfigError(f"{name}={quoted(raw)}: other processes cannot reach an inproc:// endpoint; use ipc:// "
                           "or a loopback tcp:// address")
-    match = re.fullmatch(r"tcp://(127(?:\.\d{1,3}){3}|localhost|\[::1\])(?::([^:]*))?", raw)
+    # IPv4 only: none of our sockets sets ZeroMQ's IPV6 option, without which [::1] cannot be bound.
+    match = re.fullmatch(r"tcp://(127(?:\.[0-9]{1,3}){3}|localhost)(?::([^:]*))?", raw)
     if match is None or not all(int(octet) <= 255 for octet in re.findall(r"\d+", match[1])):
-        raise ConfigError(f"{name}={quoted(raw)}: use ipc:// or a loopback tcp:// address (127.0.0.1, localhost, "
-                          "[::1]) with a port")
+        raise ConfigError(f"{name}={quoted(raw)}: use ipc:// or a loopback tcp:// address (127.0.0.1 or localhost, "
+                          "with a port)")
     port = match[2] or ""
     if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
         raise ConfigError(f"{name}={quoted(raw)}: give a port from 1 to 65535 (the writer's clients must know it: "

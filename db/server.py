@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from db.config import Settings
 from db.engine import HIDDEN, application_name, psycopg_params
+from db.errors import MaintenanceFailed
 from db.files import part_file, put_in_place
 from db.leader import LEADER_NAMES, leaders
 from db.lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
@@ -175,7 +176,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
                         [pg_program("pg_restore"), "--list", str(tmp)]):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
-                raise RuntimeError(f"{Path(command[0]).name} failed ({done.returncode}): "
+                raise MaintenanceFailed(f"{Path(command[0]).name} failed ({done.returncode}): "
                                    f"{scrub(done.stderr.strip()[-1500:], url)}")
         entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
         os.chmod(tmp, 0o600)

@@ -89,6 +89,8 @@ def test_defaults_and_blank_values() -> None:
     # A review's finds: each was taken, then failed later (a traceback, a wait for ever) or did harm.
     ("WRITER_ENDPOINT", "tcp://127.attacker.example:5555", "loopback"),  # passed a prefix test
     ("WRITER_ENDPOINT", "tcp://127.0.0.1", "a port from 1 to 65535"),
+    ("WRITER_ENDPOINT", "tcp://[::1]:5555", "loopback"),  # no socket of ours sets ZeroMQ's IPV6: cannot bind
+    ("WRITER_ENDPOINT", "tcp://127.\u0661.0.1:5555", "loopback"),
     ("WRITER_ENDPOINT", "tcp://127.0.0.1:abc", "a port from 1 to 65535"),
     ("WRITER_ENDPOINT", "tcp://127.0.0.1:99999", "a port from 1 to 65535"),
     ("WRITER_ENDPOINT", "tcp://127.0.0.1:*", "a port from 1 to 65535"),
@@ -111,6 +113,13 @@ def test_a_bad_value_names_the_variable(name: str, value: str, message: str) -> 
     with pytest.raises(ConfigError, match=f"^{name}.*{message}") as refused:
         load_settings({name: value})
     assert "hunter2" not in str(refused.value)
+
+
+def test_an_at_sign_of_a_server_urls_query_or_encoded_password_is_taken() -> None:
+    for url in ("postgresql+psycopg://host/db?user=a@corp&password=p@ss",
+                "postgresql+psycopg:///db?host=/run/pg&password=x@y@z",
+                "postgresql+psycopg://bob:p%40ss@127.0.0.1:5432/db"):
+        assert load_settings({"DATABASE_URL": url}).database_url == url
 
 
 @pytest.mark.parametrize("module", ["workers.writer", "workers.ticks", "workers.analysis", "workers.monitor",

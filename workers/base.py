@@ -63,20 +63,15 @@ def tend_lifeline(settings: Settings) -> None:
 
 
 def on_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """SIGTERM (circus's stop) and SIGINT (Ctrl-C) only ask to stop: ``handler`` sets a flag, and
-    the process finishes the work in hand (a worker flushes, the writer drains) before it exits.
-    SIGHUP is logged and changes nothing (there is nothing to reload): its default action ended the
-    process at once, with no drain. Returns the handlers it replaced, to give back with
-    :func:`restore_signals`."""
+    """SIGTERM (circus's stop), SIGINT (Ctrl-C) and SIGHUP (a terminal closed; the console's HUP)
+    only ask to stop: ``handler`` sets a flag, and the process finishes the work in hand (a worker
+    flushes, the writer drains) before it exits. SIGHUP's default action ended the process at once,
+    with no drain; there is nothing to reload, and a process whose terminal is gone should end.
+    Returns the handlers it replaced, to give back with :func:`restore_signals`."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGHUP, _hangup)
+    for sig in previous:
+        signal.signal(sig, handler)
     return previous
-
-
-def _hangup(_signum: int, _frame: Any) -> None:
-    logging.getLogger("tickstack").info("SIGHUP received: nothing to reload, carrying on (SIGTERM stops)")
 
 
 def restore_signals(previous: dict[int, Any]) -> None:

@@ -33,13 +33,13 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError
 
 from db import health
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
-from db.errors import ValidationError, WriterError
+from db.errors import MaintenanceFailed, ValidationError, WriterError
 from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
@@ -69,13 +69,15 @@ DAY_MS = 86_400_000
 MB = 1024 * 1024
 
 #: What a job meets in operation, each with words that say what and why, so one line tells it: the
-#: disk or a path (OSError), another program (its timeout; pg_dump's or the server's words are the
-#: RuntimeErrors of db.health and db.server), a database that cannot be read (sqlite3, SQLAlchemy's
-#: DBAPIError), the writer (WriterError). A traceback there points at nothing to fix.
-OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.Error, DBAPIError, WriterError, RuntimeError)
-#: ... but bugs: a request the writer finds malformed is this code's, and these RuntimeErrors are
-#: Python's own. Logged with their traceback, as any other exception.
-BUG_ERRORS = (ValidationError, NotImplementedError, RecursionError)
+#: disk or a path (OSError), another program (its timeout; pg_dump's or the server's words:
+#: MaintenanceFailed), a database that cannot be used now (the OperationalErrors of sqlite3 and
+#: SQLAlchemy: locked, unreachable, no such file), the writer (WriterError). A traceback there points
+#: at nothing to fix. Not the other database errors (bad SQL, a constraint) nor Python's own
+#: RuntimeErrors: those are bugs, logged with their traceback.
+OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.OperationalError, OperationalError, WriterError,
+                      MaintenanceFailed)
+#: ... but a request the writer finds malformed is this code's bug.
+BUG_ERRORS = (ValidationError,)
 
 #: What a job returns: (ok, detail), or None when it had nothing to do and records no run.
 Outcome = tuple[bool, str] | None

@@ -61,15 +61,12 @@ def load_token(settings: Settings) -> tuple[str, str | None]:
 
 
 def requires_token(view: F) -> F:
-    """401 without a well-formed ``Authorization: Bearer <token>``; 403 when
-    the token is wrong; 503 ``token_file_unusable`` while the token file is
-    unusable (:func:`load_token`). Checked before the body is read."""
+    """401 without a well-formed ``Authorization: Bearer <token>``; then 503 ``token_file_unusable``
+    while the token file is unusable (:func:`load_token`; its words name the file: never to a client
+    that sent no token); 403 when the token is wrong. Checked before the body is read."""
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> ResponseReturnValue:
-        problem = api_state().token_problem
-        if problem is not None:  # no token to compare with: the server's fault, whatever the client sent
-            raise ApiError(503, "token_file_unusable", problem)
         header = request.headers.get("Authorization", "")
         challenge = {"WWW-Authenticate": 'Bearer realm="tickstack"'}
         if not header:
@@ -80,6 +77,9 @@ def requires_token(view: F) -> F:
         if scheme.lower() != "bearer" or not credentials or " " in credentials:
             raise ApiError(401, "unauthorized", "malformed Authorization header: expected 'Bearer <token>'",
                            challenge)
+        problem = api_state().token_problem
+        if problem is not None:  # no token to compare with: the server's fault; told (with the file's path)
+            raise ApiError(503, "token_file_unusable", problem)  # only to a client that sent one
         if not hmac.compare_digest(credentials.encode(), api_state().token):
             raise ApiError(403, "forbidden", "invalid token")
         return view(*args, **kwargs)

@@ -54,7 +54,8 @@ URL_SETTINGS = frozenset({"DATABASE_URL", "DATABASE_READ_URL"})
 USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
 HIDDEN = "hidden (a secret)"
 #: Signals the console sends, with what each does to our processes.
-SIGNALS = {"HUP": "SIGHUP: gunicorn reloads its workers; our workers log it",
+SIGNALS = {"HUP": "SIGHUP: gunicorn reloads its workers; the writer and our workers stop gracefully, as on TERM "
+                  "(circus starts a new process)",
            "TERM": "SIGTERM: a graceful stop (circus starts a new process)",
            "KILL": "SIGKILL: killed at once, nothing flushed (circus starts a new process)"}
 LOG_LINES = 40
