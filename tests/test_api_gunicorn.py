@@ -178,3 +178,21 @@ def test_what_gunicorn_refuses_itself_is_answered_with_the_one_json_error_body(a
     assert "Invalid request from ip=127.0.0.1" in served.log() and "Traceback" not in served.log()
     # ... and the next connection is served as ever.
     assert [a[0] for a in exchange(served.port, request_head("GET", "/api/openapi.json"))] == [200]
+
+
+def test_a_malformed_chunked_body_to_a_console_form_is_a_400_page_not_a_500() -> None:
+    """The console reads its forms through gunicorn too: a bad chunk was a 500 page and a traceback in
+    its log (the API's body reader was mended; the console's forms read the body elsewhere)."""
+    st = Stack.create()
+    try:
+        st.start_writer()
+        with serving(st.env, "console", ready_path="/console/login") as served:
+            head = request_head("POST", "/console/login", "Content-Type: application/x-www-form-urlencoded",
+                                "Transfer-Encoding: chunked")
+            ((status, _, body),) = exchange(served.port, head, b"zz\r\n")
+            assert status == 400 and b"cannot be read" in body, (status, body[:2000])
+            assert "Traceback" not in served.log() and "InvalidChunkSize" not in served.log(), served.log()[-3000:]
+    finally:
+        for proc in st.procs:
+            st.stop(proc)
+        st.close()

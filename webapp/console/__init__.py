@@ -16,6 +16,7 @@ from flask import Response, jsonify, redirect, render_template, url_for
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
+from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
@@ -91,6 +92,13 @@ def _error(status: int, title: str, message: str) -> ResponseReturnValue:
 @bp.errorhandler(CSRFError)
 def _csrf_error(e: CSRFError) -> ResponseReturnValue:
     return _error(400, "Form expired", f"{e.description} Reload the page and try again; nothing was changed.")
+
+
+@bp.app_errorhandler(ParseException)  # app-wide: the CSRF check reads the form before any view
+def _unreadable_body(e: ParseException) -> ResponseReturnValue:
+    """gunicorn cannot decode the body (a malformed chunk): the client's fault, said as such (a 500
+    and a traceback in the log before)."""
+    return _error(400, "Bad request", f"The request's body cannot be read: {e}. Nothing was changed.")
 
 
 @bp.errorhandler(HTTPException)
