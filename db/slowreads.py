@@ -113,6 +113,9 @@ class Recorder:
         #: normalised sql -> [count, total ms, max ms]
         self.stats: dict[str, list[float]] = {}
         self.lock = threading.Lock()
+        #: held while the file is written: a flush that finds nothing dirty because the timer thread
+        #: took it waits for that write (at exit, the daemon timer thread is killed mid-write).
+        self.writing = threading.Lock()
         self.dirty = False
         self.last_flush = 0.0
         self.timer: threading.Timer | None = None
@@ -158,7 +161,12 @@ class Recorder:
                 "statements": rows}
 
     def flush(self) -> None:
-        """Write the record to this process's file now (atomically; private)."""
+        """Write the record to this process's file now (atomically; private); on return, every
+        statement recorded before the call is on disk (or could not be written)."""
+        with self.writing:
+            self._write()
+
+    def _write(self) -> None:
         with self.lock:
             self.timer = None
             if not self.dirty or os.getpid() != self.pid:

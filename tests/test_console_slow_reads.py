@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,28 @@ def test_the_record_is_bounded_and_values_are_left_out() -> None:
     assert len(rec.stats) <= 2 * slowreads.KEEP
     assert f"SELECT c{'x' * ((slowreads.KEEP * 5 - 1) % 7)} FROM t" in next(
         k for k, v in rec.stats.items() if v[2] == slowreads.KEEP * 5 - 1)
+
+
+def test_a_flush_returns_only_when_a_write_the_timer_began_is_on_disk(tmp_path: Path) -> None:
+    """The first statement starts a flush timer with no delay; a flush called meanwhile (the one at
+    exit, where the daemon timer thread is then killed) found nothing dirty and returned while the
+    timer thread was still writing: the record was lost at exit, and a test looking just after its
+    own flush could find no file."""
+    began = threading.Event()
+
+    class SlowToWrite(slowreads.Recorder):
+        def snapshot(self) -> dict:
+            if threading.current_thread() is not threading.main_thread():
+                began.set()
+                time.sleep(0.5)  # the timer thread's write, caught in the middle
+            return super().snapshot()
+
+    (tmp_path / "run").mkdir(mode=0o700)
+    rec = SlowToWrite(tmp_path / "run" / slowreads.FOLDER, kind="test")
+    rec.record("SELECT 1", 5.0)
+    assert began.wait(10), "the first statement started no flush timer"
+    rec.flush()
+    assert (tmp_path / "run" / slowreads.FOLDER / f"{os.getpid()}.json").exists()
 
 
 def test_a_record_whose_home_is_gone_is_dropped_not_written_into_a_new_folder(tmp_path: Path) -> None:
