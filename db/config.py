@@ -124,7 +124,8 @@ SETTINGS: tuple[Setting, ...] = (
     # circusd runs the start hook in its own loop: for this long it answers nothing else (a status,
     # a stop), so an hour at most.
     S("TICKSTACK_READY_TIMEOUT", "ready_timeout", number(0.1, 3600), 30.0, "30",
-      "seconds a watcher's start waits for the writer to answer before circus gives up on it"),
+      ("seconds a watcher's start waits for a running writer to answer (once per writer process); "
+       "then the watcher starts without it")),
     # A million requests: the queue is bounded in bytes too (QUEUE_BUDGET_MESSAGES x max message), which
     # binds long before; a larger count is a typo.
     S("TICKSTACK_WRITER_MAX_BATCH", "writer_max_batch", whole(1, 1_000_000), 256, "256", "requests per transaction"),

@@ -15,8 +15,11 @@ own way (``python -m db prepare``, run by ``make run``, checks them first and sa
 ``wait_for_writer`` is every dependent's ``before_start`` hook: circus starts watchers in priority
 order but never waits for one to be ready, so it pings the writer until it answers, bounded by
 ``TICKSTACK_READY_TIMEOUT``, because hooks run on circusd's own event loop and stall the whole
-daemon while they run. Circus reads a falsy return (None included) as failure and leaves the
-watcher stopped, so hooks return True or False, never None.
+daemon while they run (no command is answered, no process reaped). So it waits only for a writer
+process that runs, and once per process: a writer stopped on purpose, gone, or silent past the
+timeout is not waited for, and the dependent starts anyway, since each tolerates a missing writer.
+Circus reads a falsy return (None included) as failure and leaves the watcher stopped, so hooks
+return True or False, never None.
 
 Here, not in :mod:`workers`: importing that package sets ``OPENBLAS_NUM_THREADS`` in the importing
 process, and circusd's own environment must not change once it runs, since ``circusctl
@@ -82,26 +85,71 @@ def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:
 
 
 def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
+    """Start ``watcher`` once the writer answers a ping, or at once when waiting is pointless: the
+    writer's watcher is stopped (on purpose: the console, the API and the spooling feed are wanted
+    without it, and the console is how an operator starts it again), its process is gone, or it
+    did not answer in ``TICKSTACK_READY_TIMEOUT`` (then the next dependents do not wait for that
+    process again: each wait stalls circusd). Never refuses: every dependent tolerates a missing
+    writer by itself; only a setting that does not load leaves ``watcher`` stopped."""
     # Imported here: circusd imports this module at start, before any watcher's environment matters.
     from db.client import WriterClient
     from db.config import ConfigError, load_settings
     from db.errors import WriterUnavailable
     from db.preflight import circusctl_command
 
+    global _unready_writer
     try:
         settings = load_settings()
     except ConfigError as e:
         log.error("%s: %s; not starting %s", hook_name, e, watcher.name)
         return False
+    pids = _writer_pids(arbiter)
+    if pids is None:
+        log.warning("%s: the writer is stopped; starting %s without waiting for it (its writes fail until "
+                    "`%s`)", hook_name, watcher.name, circusctl_command(arbiter.endpoint, "start", "writer"))
+        return True
+    if not pids or set(pids) == {_unready_writer}:
+        log.warning("%s: the writer %s; starting %s without waiting for it", hook_name,
+                    "has no process" if not pids else f"pid {pids[0]} did not answer in time", watcher.name)
+        return True
     client = WriterClient(settings=settings, deadline=1.0)
     try:
-        ping = client.wait_ready(settings.ready_timeout)
-    except WriterUnavailable:
-        log.error("%s: writer not ready after %.0f s; not starting %s (`%s` retries)", hook_name,
-                  settings.ready_timeout, watcher.name, circusctl_command(arbiter.endpoint, "start", watcher.name))
-        return False
+        ping = client.wait_ready(settings.ready_timeout, is_alive=lambda: any(map(_alive, pids)))
+    except WriterUnavailable as e:
+        _unready_writer = pids[0] if len(pids) == 1 else None
+        log.warning("%s: %s; starting %s without it (it waits for the writer by itself)", hook_name, e,
+                    watcher.name)
+        return True
     finally:
         client.close()
+    _unready_writer = None
     log.info("%s: writer pid %s ready (%.1f ms); starting %s", hook_name, ping["pid"], ping["latency_ms"],
              watcher.name)
     return True
+
+
+#: The writer process that did not answer within the ready timeout: later dependents start at once.
+_unready_writer: int | None = None
+
+
+def _writer_pids(arbiter: Any) -> list[int] | None:
+    """The pids of the writer's processes, as circus knows them; None when its watcher is stopped,
+    stopping, or not in circus.ini."""
+    try:
+        writer = arbiter.get_watcher("writer")
+    except KeyError:
+        return None
+    if writer.status() in ("stopped", "stopping"):
+        return None
+    return [pid for pid in writer.processes if _alive(pid)]
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not). Not ``Popen.poll()``: that would reap circus's child
+    behind its back."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
