@@ -36,12 +36,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         circusctl_command,
         circusd_pidfile,
         clear_stale_pidfile,
+        foreign_commands,
         live_circusd,
         refusal,
     )
 
     settings = load_settings()  # the writer's socket path is a setting: checked there
     check_socket_paths(settings)  # circus's are longer
+    problem = foreign_commands()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     home = ensure_home(settings)
     pidfile = circusd_pidfile(settings)
     running = live_circusd(pidfile)

@@ -33,7 +33,10 @@ import errno
 import os
 import re
 import shlex
+import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +88,55 @@ def check_socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> None:
     fit a Unix socket (:func:`db.parsers.check_ipc_path`'s rule): circusd could not bind it."""
     what, path = max(socket_paths(settings, ini), key=lambda found: len(os.fsencode(found[1])))
     check_ipc_path(path, what)
+
+
+#: What circus.ini runs by bare name: circusd's watchers find them on its PATH (``copy_env``).
+BARE_COMMANDS = ("python", "gunicorn")
+#: Some of what those commands import, which a Python of another installation lacks.
+_OUR_PACKAGES = "import circus, flask, gunicorn, msgpack, psutil, sqlalchemy, zmq"
+
+
+def foreign_commands(path: str | None = None) -> str | None:
+    """Why circus.ini's bare ``python`` and ``gunicorn`` would not run tickstack, in one line; None
+    when they would. ``.venv/bin/circusd circus.ini`` typed without the venv activated ran every
+    watcher with the system's Python, which crash-looped on an import error until the flapping
+    plugin gave up. A command in this interpreter's own folder is ours; one elsewhere (a system
+    whose Python has our packages) is asked whether it imports them."""
+    path = os.environ.get("PATH", "") if path is None else path
+    ours = os.path.abspath(os.path.dirname(sys.executable))
+    problems = []
+    for name in BARE_COMMANDS:
+        found = shutil.which(name, path=path)
+        if found is None:
+            problems.append(f"`{name}` is not on PATH")
+        elif os.path.dirname(os.path.abspath(found)) != ours and not _imports_ours(
+                found if name == "python" else _interpreter(found, path)):
+            problems.append(f"`{name}` on PATH is {found}, which lacks tickstack's packages")
+    if not problems:
+        return None
+    return (f"{'; '.join(problems)}: circus.ini runs `python` and `gunicorn` from PATH, so run circusd with "
+            f"the venv activated (`source {ours}/activate`), or `make run`")
+
+
+def _interpreter(script: str, path: str) -> str | None:
+    """The Python a script's ``#!`` line names (through ``/usr/bin/env NAME`` too)."""
+    try:
+        with open(script, "rb") as f:
+            words = f.readline(4096).decode("utf-8", "replace")[2:].split()
+    except OSError:
+        return None
+    if words and os.path.basename(words[0]) == "env" and len(words) > 1:
+        return shutil.which(words[1], path=path)
+    return words[0] if words else None
+
+
+def _imports_ours(interpreter: str | None) -> bool:
+    if interpreter is None:
+        return False
+    try:
+        return subprocess.run([interpreter, "-c", _OUR_PACKAGES], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def circusd_pidfile(settings: Settings) -> Path:

@@ -41,7 +41,7 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
     earlier start is in the way. Later (``circusctl start writer``, a flapping retry) circusd stays
     up: the writer is not started while another process holds the writer lock."""
     from db.config import ConfigError, load_settings
-    from db.preflight import blockers, refusal
+    from db.preflight import blockers, foreign_commands, refusal
 
     starting = not arbiter.running
     try:
@@ -51,6 +51,10 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
             _exit_circusd(arbiter, hook_name, str(e))
         log.error("%s: %s; not starting %s", hook_name, e, watcher.name)
         return False
+    if starting:
+        problem = foreign_commands()
+        if problem:
+            _exit_circusd(arbiter, hook_name, problem)
     # circus holds the web ports already (its own sockets); the watchdog binds its port after this.
     found = blockers(settings, tcp_ports=False, udp_port=starting, leftovers=starting)
     if not found:

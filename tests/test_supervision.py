@@ -236,6 +236,29 @@ def test_plain_circusd_stops_on_a_bad_setting_with_the_reason_on_its_terminal(
     assert f"{name}={value!r} {said}" in stack.circusd_log()
 
 
+def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusStack, tmp_path: Path) -> None:
+    """``.venv/bin/circusd circus.ini`` typed without the venv activated: circus.ini's bare ``python``
+    and ``gunicorn`` are found on circusd's PATH, here a Python without tickstack's packages (this
+    venv's base interpreter). Every watcher crash-looped on an import error until the flapping
+    plugin gave up; now circusd exits 1 at once saying what is wrong and what to do, and so does
+    ``python -m db prepare`` run with that PATH. (On the real PATH both pass: every other test.)"""
+    foreign = tmp_path / "bin"
+    foreign.mkdir()
+    (foreign / "python").symlink_to(sys._base_executable)  # type: ignore[attr-defined]
+    gunicorn = foreign / "gunicorn"
+    gunicorn.write_text(f"#!{sys._base_executable}\nimport sys\nsys.exit('not this one')\n")  # type: ignore[attr-defined]
+    gunicorn.chmod(0o755)
+    env = {**stack.env, "PATH": f"{foreign}:/usr/bin:/bin"}
+    status, out, err = circusd_on_a_terminal(env)
+    assert status == 1, (status, out, err, stack.circusd_log()[-2000:])
+    for said in (f"`python` on PATH is {foreign}/python", f"`gunicorn` on PATH is {gunicorn}",
+                 "lacks tickstack's packages", f"source {BIN}/activate"):
+        assert said in err, (said, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, out + err
+    refused = prepare(env)
+    assert refused.returncode == 1 and f"`python` on PATH is {foreign}/python" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("holder", ["zombie", "unrelated", "newer-circusd"])
 def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_path: Path) -> None:
     pidfile = stack.home / "run" / "circusd.pid"
