@@ -62,8 +62,15 @@ def circusctl_command(endpoint: str, *args: str) -> str:
     """A circusctl command that runs as printed, from the checkout, the venv not activated: every
     circusctl hint the stack prints is made here. Without ``--endpoint`` circusctl would talk to
     tcp://127.0.0.1:5555, never to a tickstack circusd. Quoted for the shell: a home with a space
-    in its path pastes as one argument."""
-    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args))
+    in its path pastes as one argument. A start, stop or restart waits until it is done
+    (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
+    ("arbiter is already running watcher_restart command") until it is."""
+    waiting = ("--waiting",) if args and args[0] in _WAITABLE else ()
+    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args, *waiting))
+
+
+#: circusctl commands that take ``--waiting``.
+_WAITABLE = frozenset(("start", "stop", "restart"))
 
 
 def socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> list[tuple[str, str]]:

@@ -85,12 +85,12 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
             before = stack.pids_of("writer")
             done = run_as_printed(backticked(text, needle))
             assert done.returncode == 0 and "ok" in done.stdout, (text, done.stdout, done.stderr)
-            # circusctl answers before its restart is done, and circus refuses the next command
-            # until it is ("arbiter is already running watcher_restart command"): the next hint
-            # runs once this one's writer runs (a restart's under a new pid).
-            wait_for("the writer active", lambda restart=needle == "restart writer", before=before: (
-                stack.status()["writer"] == "active" and (not restart or stack.pids_of("writer") not in ([], before))),
-                timeout=90)
+            # The hint waits until its command is done (--waiting): without it circusctl answered
+            # at once, and circus refused the next command until the restart was done ("arbiter is
+            # already running watcher_restart command").
+            assert "--waiting" in text, text
+            assert stack.status()["writer"] == "active", (text, stack.status())
+            assert needle != "restart writer" or stack.pids_of("writer") not in ([], before), (before, text)
 
         quit_ = run_as_printed(quit_hint)
         assert quit_.returncode == 0 and "ok" in quit_.stdout, (quit_hint, quit_.stdout, quit_.stderr)
