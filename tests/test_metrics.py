@@ -126,6 +126,31 @@ def test_the_api_restarts_its_counts_from_zero_in_a_new_folder(live: CircusStack
     assert send(port, 30) == requests_counted(port, ROUTE)
 
 
+def test_every_scrape_counts_the_requests_of_every_api_master(live: CircusStack) -> None:
+    """``circusctl incr api`` (the console's +1 process) runs a second gunicorn master on the API's
+    port, with a folder of its own: a scrape showed the counts of the master whose worker took it,
+    so the totals jumped down and up from scrape to scrape. A scrape merges the folders of every
+    master that runs."""
+    port = live.api_port
+    base = requests_counted(port, ROUTE)
+    done = live.circusctl("incr", "api", "--waiting")
+    assert done.returncode == 0, done.stdout + done.stderr
+    try:
+        wait_for("two API masters with their workers", lambda: len(live.pids_of("api")) == 2 and all(
+            len(psutil.Process(pid).children()) == 2 for pid in live.pids_of("api")), timeout=60)
+        wait_for("the new master's workers to answer", lambda: get(port, "/api/health")[0] == 200)
+        n = send(port, 400)
+        by_master = {pid: sum(counted_by_file(live.home / "run" / "metrics" / str(pid), ROUTE).values())
+                     for pid in live.pids_of("api")}
+        assert sum(by_master.values()) == base + n and all(by_master.values()), by_master  # both took some
+        totals = [requests_counted(port, ROUTE) for _ in range(30)]
+        assert set(totals) == {base + n}, (totals, by_master)
+    finally:
+        done = live.circusctl("decr", "api", "--waiting")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for("one API master again", lambda: len(live.pids_of("api")) == 1, timeout=60)
+
+
 def test_the_api_port_answers_json_errors_at_every_path(live: CircusStack) -> None:
     port = live.api_port
     for method, path, status in (("GET", "/", 404), ("GET", "/api/nope", 404), ("GET", "/metrics/extra", 404),

@@ -21,9 +21,10 @@ Several workers, one count: gunicorn runs the API with 2 workers and a scrape
 lands on whichever accepts it. Under gunicorn with ``--config
 python:webapp.gunicorn_conf`` (as circus.ini runs it) prometheus_client is in
 multiprocess mode (:mod:`webapp.multiprocess`): each worker's request series
-go to files in one folder, and every scrape merges the files of all workers
-(``MultiProcessCollector``), so one scrape shows the API's totals and a
-series never jumps between workers. The counts start at zero when the API
+go to files in its master's folder, and every scrape merges the files of all
+workers of every master that runs (:class:`webapp.multiprocess.EveryMaster`;
+two after ``circusctl incr api``), so one scrape shows the API's totals and a
+series never jumps between workers or masters. The counts start at zero when the API
 starts. Elsewhere (Flask's test client, one process) the series are counted in
 memory. Which mode is on is prometheus_client's own decision, made at its
 import (:func:`multiprocess_mode`); this module follows it.
@@ -44,7 +45,6 @@ from flask import Flask, Response, current_app, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from db.client import WriterClient
 from db.config import Settings
@@ -52,6 +52,7 @@ from db.errors import WriterError
 from db.health import file_sizes
 from db.server import server_status
 from supervision.circus import Circus, CircusError, WatcherState
+from webapp.multiprocess import EveryMaster
 
 log = logging.getLogger("tickstack.api")
 
@@ -231,7 +232,7 @@ class Metrics:
         self.latency = Histogram("tickstack_http_request_duration_seconds",
                                  "Time from request start to response (all workers)", labels, registry=own)
         if shared:
-            MultiProcessCollector(self.registry)  # the folder prometheus_client writes to (its variable)
+            self.registry.register(EveryMaster(probe.settings))  # type: ignore[arg-type]  # a collector
         self.registry.register(StackCollector(probe))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:

@@ -22,9 +22,10 @@ console share one gunicorn config module (:mod:`webapp.gunicorn_conf`), so both 
 hooks; a single shared folder emptied at each start would let the console's start wipe the API's
 live counters. Each master's folder is made empty at its start and removed at its exit; folders of
 masters that no longer run (one killed by SIGKILL) are removed at the next start. The console
-writes no metrics, so its folder stays empty. The folder is named when gunicorn reads its config,
-by that process's pid: the master's, as gunicorn runs in the foreground under circus (never with
-``--daemon``, which would fork a master of another pid).
+writes no metrics, so its folder stays empty. A scrape reads the folders of every master that
+runs (:class:`EveryMaster`): ``circusctl incr api`` runs two on the API's port. The folder is
+named when gunicorn reads its config, by that process's pid: the master's, as gunicorn runs in
+the foreground under circus (never with ``--daemon``, which would fork a master of another pid).
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -84,3 +87,33 @@ def worker_exited(folder: Path, pid: int) -> None:
 def stop(folder: Path) -> None:
     """In the master as it exits (gunicorn's ``on_exit``): remove its folder."""
     shutil.rmtree(folder, ignore_errors=True)
+
+
+class EveryMaster:
+    """A collector for the API's registry: prometheus_client's merge of the files of every gunicorn
+    master that runs, not of this worker's master only. ``circusctl incr api`` (the console's +1
+    process) runs a second master on the API's port, each with its folder: a scrape showed the
+    counts of the master whose worker took it, so the totals jumped down and up from scrape to
+    scrape. The console's master writes no files, so its folder adds nothing."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.run_dir / FOLDER
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        for _ in range(3):
+            files = [str(path) for folder in self._masters() for path in folder.glob("*.db")]
+            try:
+                return MultiProcessCollector.merge(files, accumulate=True)
+            except FileNotFoundError:  # a master exited (its folder removed) while it was read: again
+                continue
+        return MultiProcessCollector.merge([], accumulate=True)
+
+    def _masters(self) -> list[Path]:
+        try:
+            folders = list(self.root.iterdir())
+        except OSError:
+            return []
+        # A folder left by a master killed with SIGKILL stays until the next start: not counted.
+        return [f for f in folders if f.name.isdigit() and psutil.pid_exists(int(f.name))]
