@@ -345,6 +345,12 @@ def one_blas_thread() -> None:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def search_path() -> str:
+    """This process's ``PATH``: where circusd's watchers find circus.ini's bare ``python`` and
+    ``gunicorn`` (``copy_env``). Not a setting (the shell's, read here as every variable is)."""
+    return os.environ.get("PATH", "")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read every setting from ``env`` (default ``os.environ``) and check it; a bad value raises
     :class:`ConfigError` naming the variable."""

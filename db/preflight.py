@@ -42,7 +42,7 @@ from pathlib import Path
 
 import psutil
 
-from db.config import ConfigError, Settings, load_settings
+from db.config import ConfigError, Settings, load_settings, search_path
 from db.lock import read_lock_holder
 from db.parsers import check_ipc_path
 
@@ -65,12 +65,18 @@ def circusctl_command(endpoint: str, *args: str) -> str:
     in its path pastes as one argument. A start, stop or restart waits until it is done
     (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
     ("arbiter is already running watcher_restart command") until it is."""
-    waiting = ("--waiting",) if args and args[0] in _WAITABLE else ()
-    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args, *waiting))
+    if args and args[0] in _WAITABLE:
+        return shlex.join((CIRCUSCTL, "--endpoint", endpoint, "--timeout", str(WAITED_TIMEOUT_S), *args,
+                           "--waiting"))
+    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args))
 
 
 #: circusctl commands that take ``--waiting``.
 _WAITABLE = frozenset(("start", "stop", "restart"))
+#: circusctl's ``--timeout`` for a command it waits for (its own default, 5 s, would give up on a
+#: stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
+#: (45 s for the writer), then a start's wait for the writer (TICKSTACK_READY_TIMEOUT, 30 s).
+WAITED_TIMEOUT_S = 120
 
 
 def socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> list[tuple[str, str]]:
@@ -108,36 +114,55 @@ def foreign_commands(path: str | None = None) -> str | None:
     when they would. ``.venv/bin/circusd circus.ini`` typed without the venv activated ran every
     watcher with the system's Python, which crash-looped on an import error until the flapping
     plugin gave up. A command in this interpreter's own folder is ours; one elsewhere (a system
-    whose Python has our packages) is asked whether it imports them."""
-    path = os.environ.get("PATH", "") if path is None else path
-    ours = os.path.abspath(os.path.dirname(sys.executable))
+    whose Python has our packages) is asked whether it imports them; a wrapper whose ``#!`` line
+    names no Python (a pyenv shim, pip's ``/bin/sh`` launcher) is not refused: it cannot be told."""
+    path = search_path() if path is None else path
+    ours = os.path.dirname(sys.executable)
     problems = []
     for name in BARE_COMMANDS:
         found = shutil.which(name, path=path)
         if found is None:
             problems.append(f"`{name}` is not on PATH")
-        elif os.path.dirname(os.path.abspath(found)) != ours and not _imports_ours(
+        elif not _same_folder(os.path.dirname(found), ours) and not _imports_ours(
                 found if name == "python" else _interpreter(found, path)):
             problems.append(f"`{name}` on PATH is {found}, which lacks tickstack's packages")
     if not problems:
         return None
+    activate = os.path.join(ours, "activate")
+    fix = (f"the venv activated (`source {activate}`)" if os.path.exists(activate)
+           else f"{ours} first on PATH")
     return (f"{'; '.join(problems)}: circus.ini runs `python` and `gunicorn` from PATH, so run circusd with "
-            f"the venv activated (`source {ours}/activate`), or `make run`")
+            f"{fix}, or `make run`")
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """The same folder, named alike or through symbolic links (a venv reached through one)."""
+    return os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b)
 
 
 def _interpreter(script: str, path: str) -> str | None:
-    """The Python a script's ``#!`` line names (through ``/usr/bin/env NAME`` too)."""
+    """The Python a script's ``#!`` line names (through ``/usr/bin/env [-S] NAME`` too); ``""`` when
+    it names something else (a shell: a wrapper, whose Python cannot be told)."""
     try:
         with open(script, "rb") as f:
-            words = f.readline(4096).decode("utf-8", "replace")[2:].split()
+            line = f.readline(4096).decode("utf-8", "replace")
     except OSError:
         return None
-    if words and os.path.basename(words[0]) == "env" and len(words) > 1:
-        return shutil.which(words[1], path=path)
-    return words[0] if words else None
+    words = line[2:].split() if line.startswith("#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        words = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        program = shutil.which(words[0], path=path) if words else None
+    else:
+        program = words[0] if words else None
+    if program is None:
+        return None
+    return program if os.path.basename(program).startswith("python") else ""
 
 
 def _imports_ours(interpreter: str | None) -> bool:
+    """Whether ``interpreter`` imports our packages; True for ``""`` (a wrapper: not refused)."""
+    if interpreter == "":
+        return True
     if interpreter is None:
         return False
     try:

@@ -92,9 +92,9 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     """Start ``watcher`` once the writer answers a ping, or at once when waiting is pointless: the
     writer's watcher is stopped (on purpose: the console, the API and the spooling feed are wanted
     without it, and the console is how an operator starts it again), its process is gone, or it
-    did not answer in ``TICKSTACK_READY_TIMEOUT`` (then the next dependents do not wait for that
-    process again: each wait stalls circusd). Never refuses: every dependent tolerates a missing
-    writer by itself; only a setting that does not load leaves ``watcher`` stopped."""
+    did not answer in ``TICKSTACK_READY_TIMEOUT`` (then the next dependents ping that process once,
+    briefly, instead of waiting again: each wait stalls circusd). Never refuses: every dependent
+    tolerates a missing writer by itself; only a setting that does not load leaves it stopped."""
     # Imported here: circusd imports this module at start, before any watcher's environment matters.
     from db.client import WriterClient
     from db.config import ConfigError, load_settings
@@ -112,17 +112,21 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
         log.warning("%s: the writer is stopped; starting %s without waiting for it (its writes fail until "
                     "`%s`)", hook_name, watcher.name, circusctl_command(arbiter.endpoint, "start", "writer"))
         return True
-    if not pids or set(pids) == {_unready_writer}:
-        log.warning("%s: the writer %s; starting %s without waiting for it", hook_name,
-                    "has no process" if not pids else f"pid {pids[0]} did not answer in time", watcher.name)
+    if not pids:
+        log.warning("%s: the writer has no process; starting %s without waiting for it", hook_name, watcher.name)
         return True
+    # A process that already let one dependent wait the whole timeout gets one short ping: answered,
+    # it is waited for no more; silent, the next dependents do not stall circusd for it again.
+    again = set(pids) == {_unready_writer}
     client = WriterClient(settings=settings, deadline=1.0)
     try:
-        ping = client.wait_ready(settings.ready_timeout, is_alive=lambda: any(map(_alive, pids)))
+        ping = client.wait_ready(UNREADY_PING_S if again else settings.ready_timeout,
+                                 is_alive=lambda: any(map(_alive, pids)))
     except WriterUnavailable as e:
-        _unready_writer = pids[0] if len(pids) == 1 else None
-        log.warning("%s: %s; starting %s without it (it waits for the writer by itself)", hook_name, e,
-                    watcher.name)
+        exited = not any(map(_alive, pids))
+        _unready_writer = pids[0] if len(pids) == 1 and not exited else None
+        log.warning("%s: %s; starting %s without it (it waits for the writer by itself)", hook_name,
+                    f"the writer pid {pids[0]} still does not answer" if again and not exited else e, watcher.name)
         return True
     finally:
         client.close()
@@ -132,6 +136,8 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     return True
 
 
+#: How long a writer process that was silent for a whole ready timeout is pinged at a later start.
+UNREADY_PING_S = 0.5
 #: The writer process that did not answer within the ready timeout: later dependents start at once.
 _unready_writer: int | None = None
 

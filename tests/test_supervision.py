@@ -251,8 +251,10 @@ def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusSta
     env = {**stack.env, "PATH": f"{foreign}:/usr/bin:/bin"}
     status, out, err = circusd_on_a_terminal(env)
     assert status == 1, (status, out, err, stack.circusd_log()[-2000:])
+    # circusd's own Python (its #! line) is the venv named: BIN itself, or what a symbolic link to it names.
+    venv = Path((BIN / "circusd").read_text().splitlines()[0][2:].strip()).parent
     for said in (f"`python` on PATH is {foreign}/python", f"`gunicorn` on PATH is {gunicorn}",
-                 "lacks tickstack's packages", f"source {BIN}/activate"):
+                 "lacks tickstack's packages", f"source {venv}/activate"):
         assert said in err, (said, err)
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in out + err, out + err
     refused = prepare(env)
@@ -331,16 +333,17 @@ def test_a_dependent_started_while_the_writer_is_stopped_starts_at_once(stack: C
     # The writer started again, a dependent waits for it as at circusd's start.
     started = stack.circusctl("start", "writer", "--waiting")
     assert started.returncode == 0, started.stdout + started.stderr
+    seen = len(stack.circusd_log())
     done = stack.circusctl("restart", "analysis", "--waiting")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"writer pid \d+ ready \([\d.]+ ms\); starting analysis", stack.circusd_log())
+    assert re.search(r"writer pid \d+ ready \([\d.]+ ms\); starting analysis", stack.circusd_log()[seen:])
 
 
 def test_a_silent_writer_is_waited_for_once_then_dependents_start_without_it() -> None:
     """A writer process that runs but does not answer (stopped here with SIGSTOP; a hung start) is
     waited for once, up to TICKSTACK_READY_TIMEOUT: that dependent then starts anyway, and the next
-    ones do not wait for the same process again (each wait stalls circusd). Before, each refused
-    after its own full wait."""
+    ones only ping the same process briefly (each wait stalls circusd). Once it answers again, the
+    next start finds it ready. Before, each dependent refused after its own full wait."""
     stack = CircusStack(TICKSTACK_READY_TIMEOUT="5")
     writer = None
     try:
@@ -354,7 +357,20 @@ def test_a_silent_writer_is_waited_for_once_then_dependents_start_without_it() -
             assert stack.status()[name] == "active", (name, stack.status(), stack.circusd_log()[seen:])
         log = stack.circusd_log()[seen:]
         assert re.search(r"did not answer within 5 s; starting console without it", log), log
-        assert f"the writer pid {writer.pid} did not answer in time; starting monitor without waiting" in log, log
+        # The watchdog replaces a writer silent for 20 s: on a very slow run the monitor's start may
+        # have found a new writer, which it then waited for like any other.
+        if stack.pids_of("writer") == [writer.pid]:
+            assert f"the writer pid {writer.pid} still does not answer; starting monitor without it" in log, log
+        writer.send_signal(signal.SIGCONT)
+        client = WriterClient(settings=stack.settings, deadline=5.0)
+        try:
+            client.wait_ready(60)
+        finally:
+            client.close()
+        seen = len(stack.circusd_log())
+        done = stack.circusctl("restart", "jobs", "--waiting")
+        assert done.returncode == 0 and stack.status()["jobs"] == "active", done.stdout + done.stderr
+        assert re.search(r"writer pid \d+ ready \([\d.]+ ms\); starting jobs", stack.circusd_log()[seen:])
     finally:
         if writer is not None:
             try:
