@@ -19,13 +19,13 @@ import pytest
 from db.client import WriterClient
 from db.config import ConfigError
 from db.files import part_file, put_in_place
-from db.health import BACKUP_LOCK, connect_read_only, file_sizes
+from db.health import BACKUP_LOCK, connect_read_only, file_sizes, rotate_backups
 from db.leader import leader_lock_path
 from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
 from testkit.writer import Stack
-from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
+from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker
 
 DAY_MS = 86_400_000
 

@@ -83,23 +83,6 @@ BUG_ERRORS = (ValidationError,)
 Outcome = tuple[bool, str] | None
 
 
-def rotate_backups(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` backups in ``directory``; return what was deleted.
-
-    Only files named like ours (:func:`db.health.list_backups`: ``tickstack-YYYYmmddTHHMMSSZ.db``
-    or ``.dump``)
-    are counted or touched, so a copy a person put there under another name is never deleted. The
-    UTC stamp sorts as text in time order, so the name, not the mtime (which copying changes),
-    decides which are newest."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    ours = health.list_backups(directory)
-    old = ours[:-keep]
-    for path in old:
-        path.unlink(missing_ok=True)
-    return old
-
-
 class JobsWorker(Worker):
     """Runs each due job, one per :meth:`step`, and records it through the writer.
 
@@ -320,11 +303,11 @@ class JobsWorker(Worker):
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
         :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
-        ``pg_restore --list``), then keep the newest ``backup_keep``. Rotation runs only after a
-        good backup, so a failing backup never deletes the old ones. While another process writes
+        ``pg_restore --list``), then keep the newest ``backup_keep`` (the console's button rotates
+        the same way: both are :func:`db.health.new_backup`). While another process writes
         one (:func:`db.health.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
         later; asked for (``--run backup``), a failed run saying why."""
-        result = health.new_backup(self.settings)
+        result = health.new_backup(self.settings, keep=self.schedule.backup_keep)
         if result is None:  # another process writes one now (the console's button, another jobs worker)
             if force:
                 return False, "another backup is being written now (run/backup.lock is held); try again when it is done"
@@ -333,9 +316,7 @@ class JobsWorker(Worker):
             self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_RETRY_S
             self.log.info("jobs: backup: another backup is being written now; trying again in %d s", BACKUP_RETRY_S)
             return None
-        removed = rotate_backups(self.settings.backup_dir, self.schedule.backup_keep)
-        return True, json.dumps({**{k: result[k] for k in ("path", "bytes", "ms", "entries") if k in result},
-                                 "removed": [p.name for p in removed]})
+        return True, json.dumps({k: result[k] for k in ("path", "bytes", "ms", "entries", "removed") if k in result})
 
     def quick_check(self, force: bool = False) -> Outcome:
         """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on
