@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -79,8 +80,22 @@ OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.OperationalEr
 #: ... but a request the writer finds malformed is this code's bug.
 BUG_ERRORS = (ValidationError,)
 
-#: What a job returns: (ok, detail), or None when it had nothing to do and records no run.
-Outcome = tuple[bool, str] | None
+
+
+class Result(NamedTuple):
+    """A job's run: whether it did its work, and what it did (recorded in ``job_runs``)."""
+
+    ok: bool
+    detail: str
+    #: Not ok, yet nothing is broken, in words (why, and what comes next): a checkpoint a reader held
+    #: back, which the next check retries. Logged at INFO, WARNING from the second such run in a row,
+    #: never as a failure (ERROR).
+    held_back: str = ""
+
+
+#: What a job returns: a :class:`Result` or (ok, detail), or None when it had nothing to do and
+#: records no run.
+Outcome = Result | tuple[bool, str] | None
 
 
 class JobsWorker(Worker):
@@ -113,6 +128,8 @@ class JobsWorker(Worker):
         self._tried_metrics_at = 0.0
         self._said_sampler: str | None = None
         self._said_holder: str | None = None
+        #: Runs held back in a row, by job (:attr:`Result.held_back`).
+        self._held_back: dict[str, int] = {}
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
             "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
             "checkpoint": self.checkpoint, "metrics": self.metrics}
@@ -261,7 +278,7 @@ class JobsWorker(Worker):
             outcome = False, f"{type(e).__name__}: {e}"
         if outcome is None:
             return None
-        ok, detail = outcome
+        ok, detail, held_back = Result(*outcome)
         finished = max(now_ms(), started)  # the wall clock may step back
         if job in UNRECORDED:
             (self.log.debug if ok else self.log.warning)("jobs: %s %s in %d ms: %s", job,
@@ -274,9 +291,24 @@ class JobsWorker(Worker):
         except Exception as e:
             self.log.error("jobs: could not record the %s run (ok=%s, %s): %s", job, ok, detail, e)
             return False
-        (self.log.info if ok else self.log.error)("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED",
-                                                  finished - started, detail)
+        self._say(job, ok, held_back, finished - started, detail)
         return ok
+
+    def _say(self, job: str, ok: bool, held_back: str, ms: int, detail: str) -> None:
+        """A recorded run's one line: ok at INFO, a failure at ERROR; a run held back (nothing broken,
+        retried by itself) at INFO, and at WARNING from the second in a row (something holds it back
+        for long: a reader's long transaction)."""
+        if ok or not held_back:
+            self._held_back.pop(job, None)
+            (self.log.info if ok else self.log.error)("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED",
+                                                      ms, detail)
+            return
+        times = self._held_back[job] = self._held_back.get(job, 0) + 1
+        if times == 1:
+            self.log.info("jobs: %s held back in %d ms (%s): %s", job, ms, held_back, detail)
+        else:
+            self.log.warning("jobs: %s held back in %d ms, %d runs in a row (%s): %s", job, ms, times, held_back,
+                             detail)
 
     # --- the jobs: each returns (ok, detail) or None, or raises -------------------------
 
@@ -329,8 +361,9 @@ class JobsWorker(Worker):
 
     def checkpoint(self, force: bool = False) -> Outcome:
         """When the WAL is over ``checkpoint_wal_mb`` (or ``force``), ask the writer for a TRUNCATE
-        checkpoint. Not ok when a reader held it back (``busy``): the WAL is then still large, and
-        the next check retries."""
+        checkpoint. Not ok when a reader held it back (SQLite's ``busy`` = 1, the writer having waited
+        its busy timeout for the readers): the WAL is then still large, and the next check retries.
+        That is a reader's doing, not a failure: held back (:attr:`Result.held_back`)."""
         path = self.settings.database_path
         if path is None:  # a server checkpoints its own WAL; asked for anyway (--run), say so
             if force:
@@ -342,7 +375,10 @@ class JobsWorker(Worker):
         assert self.client is not None
         result = self.client.call("checkpoint", mode="TRUNCATE")
         after = health.file_sizes(path)["wal"] or 0
-        return result["busy"] == 0, json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+        detail = json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+        if result["busy"]:
+            return Result(False, detail, "a reader kept part of the WAL in use; the next check retries")
+        return Result(True, detail)
 
     def metrics(self, force: bool = False) -> Outcome:
         """One sample of everything the console charts, stored with ``record_samples`` (not in job_runs).
