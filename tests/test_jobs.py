@@ -358,7 +358,7 @@ def test_db_backup_force_replaces_only_a_file(writer: Stack) -> None:
     listener = sockets.socket(sockets.AF_UNIX)
     listener.bind(str(sock_path))
     try:
-        for path, kind in ((fifo, "a FIFO"), (sock_path, "a socket")):
+        for path, kind in ((fifo, "a FIFO (named pipe)"), (sock_path, "a socket")):  # db.files.FILE_KINDS
             proc = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env,
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
