@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,6 +99,53 @@ class Result(NamedTuple):
 Outcome = Result | tuple[bool, str] | None
 
 
+class _HomeLock:
+    """This home's :data:`METRICS_LOCK`, a :class:`db.lock.PidLock` with the calls of a
+    :class:`db.leader.Leadership` that :meth:`JobsWorker._holds` makes."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock = PidLock(path)
+        self.lost: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.lock.fd is not None
+
+    def still_held(self) -> bool:
+        if self.lock.still_ours():
+            return True
+        self.lost = f"{self.lock.path} was removed or replaced"
+        self.lock.release()
+        return False
+
+    def attempt(self) -> str | None:
+        """None when taken now, else who holds it (or why nobody can be told), in words."""
+        try:
+            if self.lock.try_acquire():
+                return None
+            return f"pid {read_lock_holder(self.lock.path) or 'unknown'}"
+        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
+            return f"nobody: cannot use {self.lock.path}: {e.strerror or e}"
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@dataclass
+class _Turn:
+    """A lock a jobs worker holds while it can (:meth:`JobsWorker._holds`): the jobs leadership, or
+    this home's metrics lock; the words of its log lines (``%s``: the reason, or who holds it), when
+    it was last tried (monotonic s) and what was last said of who holds it."""
+
+    lock: Leadership | _HomeLock
+    taken: str
+    lost: str
+    holder: str
+    unusable: str
+    tried_at: float = 0.0
+    said: str | None = None
+
+
 class JobsWorker(Worker):
     """Runs each due job, one per :meth:`step`, and records it through the writer.
 
@@ -123,11 +171,14 @@ class JobsWorker(Worker):
         self._ran: set[str] = set()
         self._sampler: Sampler | None = None
         self.leadership = Leadership(settings, self.name)
-        self._tried_lead_at = 0.0
-        self.metrics_lock = PidLock(settings.run_dir / METRICS_LOCK)
-        self._tried_metrics_at = 0.0
-        self._said_sampler: str | None = None
-        self._said_holder: str | None = None
+        self._leading = _Turn(self.leadership, taken="jobs: leading: retention, backups and checks of this database "
+                              "run here", lost="jobs: lost the leadership (%s); the database's jobs run where it is "
+                              "taken again", holder="jobs: standing by for the database's jobs; the leader is %s",
+                              unusable="jobs: %s; retention, backups and checks do not run here")
+        self.metrics_lock = _HomeLock(settings.run_dir / METRICS_LOCK)
+        self._sampling = _Turn(self.metrics_lock, taken="jobs: sampling the metrics of this home",
+                               lost="jobs: %s; metrics are sampled where it is taken again",
+                               holder="jobs: metrics are sampled by %s", unusable="jobs: %s; metrics are not sampled")
         #: Runs held back in a row, by job (:attr:`Result.held_back`).
         self._held_back: dict[str, int] = {}
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
@@ -184,59 +235,47 @@ class JobsWorker(Worker):
         return due
 
     def runs_metrics(self) -> bool:
-        """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`, which
-        another tries to take at most every ``standby_poll`` seconds. Logged when it changes."""
-        lock = self.metrics_lock
-        if lock.fd is not None:
-            if lock.still_ours():
-                return True
-            self.log.error("jobs: %s was removed or replaced; metrics are sampled where it is taken again", lock.path)
-            lock.release()
-        now = time.monotonic()
-        if now - self._tried_metrics_at < self.standby_poll:
-            return False
-        self._tried_metrics_at = now
-        try:
-            if lock.try_acquire():
-                self.log.info("jobs: sampling the metrics of this home")
-                self._said_sampler = None
-                return True
-            holder = f"pid {read_lock_holder(lock.path) or 'unknown'}"
-        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
-            holder = f"nobody: cannot use {lock.path}: {e.strerror or e}"
-        if holder != self._said_sampler:
-            self.log.info("jobs: metrics are sampled by %s", holder)
-            self._said_sampler = holder
-        return False
+        """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`
+        (:meth:`_holds`)."""
+        return self._holds(self._sampling)
 
     def leads(self) -> bool:
         """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): while it holds the jobs
-        leadership (:mod:`db.leader`), which a standby tries to take at most every ``standby_poll``
-        seconds. Logged when it changes."""
-        if self.leadership.held:
-            if self.leadership.still_held():
+        leadership (:mod:`db.leader`, :meth:`_holds`); on taking it, when each job last ran is read again."""
+        was_leading = self.leadership.held
+        leads = self._holds(self._leading)
+        if leads and not was_leading:
+            self._taken_over()
+        return leads
+
+    def _holds(self, turn: _Turn) -> bool:
+        """Whether this worker holds ``turn``'s lock: proven still held while it does, else tried at most
+        every ``standby_poll`` seconds. Logged when it changes: taken, lost (then tried again at the next
+        call), who holds it instead, or why it cannot be used (said once each)."""
+        lock = turn.lock
+        if lock.held:
+            if lock.still_held():
                 return True
-            self.log.error("jobs: lost the leadership (%s); the database's jobs run where it is taken again",
-                           self.leadership.lost)
+            self.log.error(turn.lost, lock.lost)
             return False
         now = time.monotonic()
-        if now - self._tried_lead_at < self.standby_poll:
+        if now - turn.tried_at < self.standby_poll:
             return False
-        self._tried_lead_at = now
+        turn.tried_at = now
         try:
-            holder = self.leadership.attempt()
+            holder = lock.attempt()
         except LeadershipUnusable as e:  # not a wait that ends by itself: an error, said once
-            if str(e) != self._said_holder:
-                self.log.error("jobs: %s; retention, backups and checks do not run here", e)
-                self._said_holder = str(e)
+            if str(e) != turn.said:
+                self.log.error(turn.unusable, e)
+                turn.said = str(e)
             return False
         if holder is None:
-            self.log.info("jobs: leading: retention, backups and checks of this database run here")
-            self._taken_over()
+            self.log.info(turn.taken)
+            turn.said = None
             return True
-        if holder != self._said_holder:
-            self.log.info("jobs: standing by for the database's jobs; the leader is %s", holder)
-            self._said_holder = holder
+        if holder != turn.said:
+            self.log.info(turn.holder, holder)
+            turn.said = holder
         return False
 
     def step(self) -> bool:
