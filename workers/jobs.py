@@ -134,16 +134,16 @@ class _HomeLock:
 @dataclass
 class _Turn:
     """A lock a jobs worker holds while it can (:meth:`JobsWorker._holds`): the jobs leadership, or
-    this home's metrics lock; the words of its log lines (``%s``: the reason, or who holds it), when
-    it was last tried (monotonic s) and what was last said of who holds it."""
+    this home's metrics lock, with the words of its log lines and what the worker knows of it."""
 
     lock: Leadership | _HomeLock
+    #: Said when it is taken, lost (``%s``: why), held by another (``%s``: who), unusable (``%s``: why).
     taken: str
     lost: str
     holder: str
     unusable: str
-    tried_at: float = 0.0
-    said: str | None = None
+    tried_at: float = 0.0  # monotonic s
+    said: str | None = None  # who holds it (or why it cannot be used), as last said
 
 
 class JobsWorker(Worker):
