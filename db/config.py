@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from db.files import FILE_KINDS
 from db.parsers import (
     C_INT_MAX,
     MAX_CLIENT_DEADLINE_S,
@@ -435,11 +436,6 @@ def read_or_create_secret(path: Path, generate: Callable[[], str]) -> tuple[str,
     return value, True
 
 
-#: What a path that is no regular file is, in the words of :func:`_read_regular_file`'s error.
-_FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
-               stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
-
-
 def _read_regular_file(path: Path) -> str:
     """The text of ``path`` (UTF-8; UnicodeError otherwise), which must be a regular file: anything
     else raises OSError saying what it is ("it is a FIFO (named pipe), not a regular file"). Opened
@@ -449,6 +445,6 @@ def _read_regular_file(path: Path) -> str:
     kind = stat.S_IFMT(os.fstat(fd).st_mode)
     if kind != stat.S_IFREG:
         os.close(fd)
-        raise OSError(errno.EINVAL, f"it is {_FILE_KINDS.get(kind, 'no file')}, not a regular file", str(path))
+        raise OSError(errno.EINVAL, f"it is {FILE_KINDS.get(kind, 'no file')}, not a regular file", str(path))
     with os.fdopen(fd, "rb") as f:
         return f.read().decode()

@@ -51,9 +51,11 @@ def remove_orphans(folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)  # another backup may remove it first
 
 
-#: What a name may hold for ``--force`` to replace it, by the kind of thing that holds it otherwise.
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+#: What a path that is neither a regular file nor a symbolic link is, in words, by its type
+#: (``stat.S_IFMT``): the one table of :func:`check_replaceable`'s refusals and of the secret files'
+#: (:func:`db.config.read_or_create_secret`).
+FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
 
 
 def check_replaceable(dest: Path) -> None:
@@ -64,9 +66,9 @@ def check_replaceable(dest: Path) -> None:
         mode = os.lstat(dest).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return
-    for test, kind in _KINDS:
-        if test(mode):
-            raise ValueError(f"{dest} is {kind}, not a file; a backup only replaces a file (with --force)")
+    kind = FILE_KINDS.get(stat.S_IFMT(mode))
+    if kind is not None:
+        raise ValueError(f"{dest} is {kind}, not a file; a backup only replaces a file (with --force)")
 
 
 def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:

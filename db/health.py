@@ -393,27 +393,43 @@ def backup_path(directory: Path, suffix: str) -> Path:
 BACKUP_LOCK = "backup.lock"
 
 
-def new_backup(settings: Settings) -> dict[str, Any] | None:
+def new_backup(settings: Settings, keep: int | None = None) -> dict[str, Any] | None:
     """:func:`backup` into the backups folder, named by :func:`backup_path` with this database's
-    suffix, holding :data:`BACKUP_LOCK` from the name's choice to the file's rename; None, at once,
-    when another process holds it (a backup is being written)."""
+    suffix, then :func:`rotate_backups` to the newest ``keep`` (``TICKSTACK_BACKUP_KEEP`` unless
+    given), holding :data:`BACKUP_LOCK` throughout: the jobs worker's backup and the console's
+    button alike, so neither's backups pile up until the other's. The result's ``removed`` names
+    the backups deleted; a backup that fails raises before the rotation, so it never deletes the
+    old ones. None, at once, when another process holds the lock (a backup is being written)."""
     settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = PidLock(settings.run_dir / BACKUP_LOCK)
     if not lock.try_acquire():
         return None
     try:
-        return backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
+        result = backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
+        removed = rotate_backups(settings.backup_dir, settings.backup_keep if keep is None else keep)
     finally:
         lock.release()
+    return {**result, "removed": [p.name for p in removed]}
 
 
 def list_backups(directory: Path) -> list[Path]:
     """The backups in ``directory`` named by :data:`BACKUP_RE`, oldest first ([] when it does not
-    exist). The name, not the mtime (which copying changes), orders them."""
+    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them."""
     try:
         return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def rotate_backups(directory: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` backups in ``directory`` (:func:`list_backups`: only our
+    names, so a copy a person put there under another name is never touched); return them."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    old = list_backups(directory)[:-keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
 
 
 def _refuse_live_file(settings: Settings, dest: Path) -> None:
@@ -437,12 +453,11 @@ def _refuse_live_file(settings: Settings, dest: Path) -> None:
 
 
 def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Copy the database to ``dest`` with SQLite's online backup API from a
-    read-only connection: a consistent snapshot while the stack runs (the
-    copy is one step, one read transaction). Written to a part file of its own, checked with
-    integrity_check, then given its name (:mod:`db.files`: never over a file there, unless
-    ``overwrite``). On PostgreSQL, a ``pg_dump -Fc``
-    archive checked with ``pg_restore --list`` (:func:`db.server.dump`)."""
+    """Copy the database to ``dest`` with SQLite's online backup API from a read-only connection: a
+    consistent snapshot while the stack runs (the copy is one step, one read transaction). Written to
+    a part file of its own, checked with integrity_check, then given its name (:mod:`db.files`: never
+    over a file there, unless ``overwrite``). On PostgreSQL, a ``pg_dump -Fc`` archive checked with
+    ``pg_restore --list`` (:func:`db.server.dump`)."""
     path = settings.database_path
     dest = Path(dest).absolute()
     if dest.is_dir():

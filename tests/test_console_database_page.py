@@ -8,7 +8,9 @@ Flask's test client, CSRF on as in production.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 
 from db.client import WriterClient
+from db.health import backup_suffix, list_backups
 from testkit.env import ROOT
 from testkit.helpers import ConsoleClient, query
 from testkit.writer import Stack
@@ -118,3 +121,30 @@ def test_words_for_results_seen_in_the_wild() -> None:
     assert job_words("quick_check", False, '{"ok": false, "messages": ["a", "b"], "ms": 3}') == (
         "integrity problems found in 3 ms: a; b")
     assert job_words("quick_check", True, "skipped: amcheck not installed") == "skipped: amcheck not installed"
+
+
+def test_the_backup_button_rotates_the_backups_as_the_jobs_worker_does(stack: Stack) -> None:
+    """The button's backups are rotated to ``TICKSTACK_BACKUP_KEEP`` as the jobs worker's are (the same
+    :func:`db.health.new_backup`): they piled up until the next scheduled backup. The flash and the
+    audit record name what was removed; a file of another name is never touched."""
+    s = dataclasses.replace(stack.settings, backup_keep=2)
+    console = Console.logged_in(create_app("console", s))
+    suffix = backup_suffix(s)
+    old = [s.backup_dir / f"tickstack-2020010{d}T000000Z{suffix}" for d in (1, 2, 3)]
+    for path in old:
+        path.write_bytes(b"an old backup")
+    mine = s.backup_dir / f"tickstack-manual{suffix}"
+    mine.write_bytes(b"a person's copy")
+    before = list_backups(s.backup_dir)  # the fixture's jobs backup, then these three
+    r = console.post("/console/database/backup")
+    assert r.status_code == 303
+    page = console.get("/console/database")
+    flash = html.unescape(re.search(r'class="flash flash-ok"[^>]*>([^<]*)<', page.text).group(1))
+    names = ", ".join(p.name for p in old)
+    assert flash.startswith("Backup written: ") and flash.endswith(
+        f" Removed 3 older backups (keeping the newest 2, TICKSTACK_BACKUP_KEEP): {names}."), flash
+    after = list_backups(s.backup_dir)
+    assert len(after) == 2 and after[0] == before[-1] not in old and after[1] not in before, (before, after)
+    assert mine.read_bytes() == b"a person's copy"
+    (detail,) = query(s, "SELECT detail FROM audit_log WHERE action = 'db.backup' ORDER BY id DESC LIMIT 1")[0]
+    assert json.loads(detail)["removed"] == [p.name for p in old]

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from db.vocabulary import TIMEFRAMES
-from workers.csvfiles import CsvFeed, CsvFormatError, bar_to_ticks, infer_timeframe, read_bar_csv, read_tick_csv
+from workers.csvfiles import (
+    MAX_GAPS,
+    CsvFeed,
+    CsvFormatError,
+    bar_to_ticks,
+    infer_timeframe,
+    read_bar_csv,
+    read_tick_csv,
+)
 from workers.feeds import SimFeed, pace, parse_speed
 from workers.indicators import BarBuilder
 
@@ -313,6 +321,19 @@ def test_infer_timeframe_errors() -> None:
         infer_timeframe(bars_at([T0, T0 + 120_000, T0 + 240_000]))
     with pytest.raises(ValueError, match="not aligned to 1h"):
         infer_timeframe(bars_at([T0 + 1_800_000 + i * 3_600_000 for i in range(3)]))
+
+
+def test_infer_timeframe_in_bounded_memory_past_max_gaps_different_gaps() -> None:
+    # Past csvfiles.MAX_GAPS different gaps the counts are summed up: a timeframe that stands out is
+    # still told; a file with no regular interval at all is refused, never guessed.
+    times, t = [], T0
+    for k in range(2, MAX_GAPS + 2000):  # minute bars in pairs, then a hole of k minutes, each other
+        times += [t, t + 60_000]
+        t += 60_000 + k * 60_000
+    assert infer_timeframe(bars_at(times)) == "1m"
+    irregular = [T0 + 60_000 * (k * (k + 1) // 2) for k in range(MAX_GAPS + 2000)]  # every gap different
+    with pytest.raises(ValueError, match="bars are at irregular intervals"):
+        infer_timeframe(bars_at(irregular))
 
 
 def test_misaligned_daily_file_names_the_line(tmp_path: Path) -> None:

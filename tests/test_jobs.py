@@ -19,13 +19,13 @@ import pytest
 from db.client import WriterClient
 from db.config import ConfigError
 from db.files import part_file, put_in_place
-from db.health import BACKUP_LOCK, connect_read_only, file_sizes
+from db.health import BACKUP_LOCK, connect_read_only, file_sizes, rotate_backups
 from db.leader import leader_lock_path
 from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
 from testkit.writer import Stack
-from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker, rotate_backups
+from workers.jobs import BACKUP_RETRY_S, PRUNE_BATCH, JobSchedule, JobsWorker
 
 DAY_MS = 86_400_000
 
@@ -358,7 +358,7 @@ def test_db_backup_force_replaces_only_a_file(writer: Stack) -> None:
     listener = sockets.socket(sockets.AF_UNIX)
     listener.bind(str(sock_path))
     try:
-        for path, kind in ((fifo, "a FIFO"), (sock_path, "a socket")):
+        for path, kind in ((fifo, "a FIFO (named pipe)"), (sock_path, "a socket")):  # db.files.FILE_KINDS
             proc = subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env,
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -409,6 +409,37 @@ def test_checkpoint_follows_the_threshold(writer: Stack) -> None:
     check_run(cp, "checkpoint")
     detail = json.loads(cp["detail"])
     assert detail["forced"] is False and detail["wal_before"] >= wal and detail["wal_after"] == 0
+
+
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_no_checkpoint_job_runs_on_a_server")
+def test_a_checkpoint_a_reader_holds_back_is_logged_as_held_back_not_as_a_failure(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader with a read transaction open keeps a TRUNCATE checkpoint from emptying the WAL (SQLite's
+    busy = 1): nothing is broken, the next check retries. It was an INFO line until every failed run
+    became an ERROR one; it is INFO again, WARNING from the second in a row, and the run is still
+    recorded as not ok (the WAL is still there); a real failure stays an ERROR."""
+    stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="300")  # how long the writer waits for the reader
+    insert_ticks(stack, [int(time.time() * 1000) - i for i in range(3000)], "feed")
+    reader = connect_read_only(stack.settings.database_path)
+    worker = JobsWorker(stack.settings, until_idle=True)
+    worker.setup()
+    try:
+        with caplog.at_level("INFO", logger="tickstack.jobs"):
+            reader.execute("BEGIN")
+            assert reader.execute("SELECT count(*) FROM ticks").fetchone() == (3000,)  # reads the WAL
+            assert worker.run_job("checkpoint", force=True) is False
+            assert worker.run_job("checkpoint", force=True) is False
+            reader.execute("COMMIT")
+            assert worker.run_job("checkpoint", force=True) is True
+    finally:
+        reader.close()
+        worker.teardown()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("jobs: checkpoint")]
+    assert [level for level, _ in said] == ["INFO", "WARNING", "INFO"], said
+    assert said[0][1].startswith("jobs: checkpoint held back in ") and "a reader kept part of the WAL in use" \
+        in said[0][1] and ", 2 runs in a row (" in said[1][1] and said[2][1].startswith("jobs: checkpoint ok"), said
+    runs = job_runs(stack)
+    assert [(bool(r["ok"]), json.loads(r["detail"])["busy"]) for r in runs] == [(False, 1), (False, 1), (True, 0)]
 
 
 @pytest.mark.postgres_only

@@ -165,14 +165,15 @@ def test_a_field_over_the_csv_limit_stops_the_replay_at_its_line(writer: Stack) 
 LARGE_MB = 64
 
 
-def peak_memory(stack: Stack, path: Path) -> tuple[subprocess.CompletedProcess, int]:
+def peak_memory(stack: Stack, path: Path, *args: str) -> tuple[subprocess.CompletedProcess, int]:
     """A replay of ``path`` and its peak resident memory in KiB. The replay runs as the one child of a
     small wrapper that reports its children's peak (``getrusage``): this process's children are every
     process the test run started, the writer among them."""
     wrapper = ("import resource, subprocess, sys; done = subprocess.run([sys.executable, '-m', *sys.argv[1:]]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(done.returncode)")
     result = subprocess.run([sys.executable, "-c", wrapper, "workers.ticks", "--feed", "csv", "--file", str(path),
-                             "--speed", "max"], env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                             "--speed", "max", *args], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
     return result, int(result.stdout.split()[-1])
 
 
@@ -196,7 +197,7 @@ def test_a_replay_does_not_hold_the_file_in_memory_to_name_its_source(writer: St
 
 
 def test_a_line_longer_than_any_row_stops_the_replay_at_its_line_in_bounded_memory(writer: Stack) -> None:
-    # A line is read at most csvfiles.MAX_RECORD_CHARS characters in: a 500 MB line took a gigabyte
+    # A line is read at most csvrows.MAX_RECORD_CHARS characters in: a 500 MB line took a gigabyte
     # before the csv module refused its field.
     head = f"ts,symbol,bid,ask,volume\n{tick_row(2)}\n{T0 + 3000},EURUSD,1.1,1.1002,"
     small = writer.home / "small.csv"
@@ -211,6 +212,29 @@ def test_a_line_longer_than_any_row_stops_the_replay_at_its_line_in_bounded_memo
     assert "line 3: the row is longer than 1,048,576 characters" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert stored(writer) == [(8, T0 + 2000)] * 2  # line 2 of each file (two files: two sources)
+
+
+def test_a_bar_replay_does_not_hold_the_file_in_memory_to_infer_its_timeframe(writer: Stack) -> None:
+    # The timeframe is inferred from every bar: all of them were read into a list first, so memory grew
+    # with the file (tick files stream). The last bar is off the 1-minute boundaries, so both replays
+    # read the whole file to infer the timeframe, then stop at that line before sending anything.
+    def bars(count: int) -> str:
+        rows = "".join(f"{T0 + i * 60_000},100,101,99,100.5,10\n" for i in range(count))
+        return f"Date,Open,High,Low,Close,Volume\n{rows}{T0 + count * 60_000 + 30_000},100,101,99,100.5,10\n"
+
+    small = writer.home / "small-bars.csv"
+    small.write_text(bars(3))
+    large = writer.home / "large-bars.csv"
+    large.write_text(bars(LARGE_MB * 2**20 // 4 // len("1704067200000,100,101,99,100.5,10\n")))
+    base, base_kib = peak_memory(writer, small, "--symbol", "EURUSD")
+    result, kib = peak_memory(writer, large, "--symbol", "EURUSD")
+    for replay, path in ((base, small), (result, large)):
+        last = len(path.read_text().splitlines())
+        assert replay.returncode != 0 and f"line {last}: bar time " in replay.stderr and \
+            "is not aligned to 1m bars (UTC boundaries)" in replay.stderr, replay.stderr[-2000:]
+    assert stored(writer) == []
+    # A quarter of the file, as the tick files' tests: the bars of a list took many times the file.
+    assert kib - base_kib < LARGE_MB * 1024 // 4 // 4, (base_kib, kib)
 
 
 @pytest.mark.parametrize("good", [5, 3000], ids=["in-the-first-8k", "after-3000-rows"])

@@ -9,173 +9,40 @@ of them) a chunk at a time, and the first bad row raises :class:`CsvFormatError`
 once every row before it was given, because a user fixing an export needs the line, not a stack trace.
 A row the writer refused would take its whole batch down with it, the good rows before it included,
 and name no line. A record over several lines (a quoted field with a line break) is named by its
-first line.
+first line. Rows and fields are read by :mod:`workers.csvrows`.
 """
 from __future__ import annotations
 
-import csv
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
-from datetime import UTC, datetime, timedelta
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from db import validation
 from db.errors import ValidationError
 from db.vocabulary import TIMEFRAMES
+from workers.csvrows import (
+    CsvFormatError,
+    ms_to_iso,
+    parse_price,
+    parse_time,
+    parse_volume,
+    read_header,
+    read_rows,
+    writer_rule,
+)
 
 Tick = dict[str, Any]
 Bar = dict[str, Any]
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
-#: Integer times (of ticks and bars) below this are epoch seconds, above it epoch ms (1e11 ms is 1973,
-#: 1e11 s is 5138).
-_SECONDS_CUTOFF = 10**11
-#: An integer time: ASCII digits only (``\d`` took Arabic-Indic and other digits too, which int() reads).
-_INT_RE = re.compile(r"[+-]?[0-9]+")
-#: A number as an export writes it, spaces or tabs around: float() also takes '_' between digits ("1_0"
-#: is 10), digits of other scripts and other white space, so a typo or a foreign file read as a price.
-_DECIMAL_RE = re.compile(r"[ \t]*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?[ \t]*")
-#: An int64 with its sign: a longer integer is no epoch time, and int() refuses 4,300 digits and more.
-_MAX_INT_CHARS = 20
-#: The most characters one record (a row, with the line breaks of any quoted field in it) may have:
-#: a row of ticks or bars is well under a hundred, and csv's own limit is 131,072 per field. It bounds
-#: what a replay holds in memory for one row, whatever the file.
-MAX_RECORD_CHARS = 1 << 20
-#: What surrogateescape decodes a byte that is not UTF-8 into (U+DC80..U+DCFF).
-_UNDECODED_RE = re.compile("[\udc80-\udcff]")
 #: Rows per call of the writer's tick check: its per-call cost vanishes, and a replay reads that few
 #: rows ahead of what it sends.
 _CHECK_ROWS = 1000
 _TICK_KEYS = ("symbol", "ts", "bid", "ask", "volume")
 _TF_BY_MS = {ms: name for name, ms in TIMEFRAMES.items()}
-
-
-class CsvFormatError(ValueError):
-    """A CSV file is malformed; ``line`` is the 1-based file line and ``reason`` what is wrong there."""
-
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(f"line {line}: {reason}")
-        self.line = line
-        self.reason = reason
-
-    def __reduce__(self) -> tuple[type, tuple[int, str]]:  # picklable across processes
-        return (type(self), (self.line, self.reason))
-
-
-def _rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
-    """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports.
-
-    A byte that is not UTF-8, a row the csv module cannot read (a field over its limit), or a record
-    over :data:`MAX_RECORD_CHARS` raises :class:`CsvFormatError` at its line once every row before it
-    was yielded. Strict decoding would fail for the whole 8 KB block the file object decodes at once,
-    losing the good rows before the byte in that block; surrogateescape keeps the byte in its row,
-    where it is found."""
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        lines = _BoundedLines(f)
-        reader = csv.reader(lines)
-        header: list[str] = []
-        line = 1  # where the next record starts (a quoted field may hold line breaks)
-        try:
-            for row in reader:
-                if row:
-                    if not "".join(row).isascii():  # one C call for the usual all-ASCII row
-                        _check_decoded(line, row, header)
-                    if not header:
-                        header = [name.strip().lower() for name in row]
-                    yield line, row
-                line = reader.line_num + 1
-                lines.record_chars = 0
-        except csv.Error as e:
-            raise CsvFormatError(line, f"not readable as CSV: {e}") from None
-        except _RecordTooLong:
-            raise CsvFormatError(line, f"the row is longer than {MAX_RECORD_CHARS:,} characters, which no row of "
-                                       "ticks or bars is (is this the right file?)") from None
-
-
-class _RecordTooLong(Exception):
-    """A record grew past :data:`MAX_RECORD_CHARS` (:class:`_BoundedLines`); :func:`_rows` names its line."""
-
-
-class _BoundedLines:
-    """The lines of a text file for ``csv.reader``, read at most :data:`MAX_RECORD_CHARS` characters
-    into the current record (:func:`_rows` sets ``record_chars`` back to 0 after each one), then
-    :class:`_RecordTooLong`. Iterating the file itself reads a whole line whatever its length: a
-    500 MB line took a gigabyte before the csv module saw it and refused its field."""
-
-    def __init__(self, f: TextIO) -> None:
-        self._readline = f.readline
-        #: Characters read into the current record so far.
-        self.record_chars = 0
-
-    def __iter__(self) -> _BoundedLines:
-        return self
-
-    def __next__(self) -> str:
-        text = self._readline(MAX_RECORD_CHARS - self.record_chars + 1)
-        if not text:
-            raise StopIteration
-        self.record_chars += len(text)
-        if self.record_chars > MAX_RECORD_CHARS:
-            raise _RecordTooLong
-        return text
-
-
-def _check_decoded(line: int, row: list[str], header: list[str]) -> None:
-    for i, field in enumerate(row):
-        bad = _UNDECODED_RE.search(field)
-        if bad:
-            where = "the header" if not header else header[i] if i < len(header) and header[i] else f"column {i + 1}"
-            raise CsvFormatError(line, f"{where} holds byte 0x{ord(bad[0]) - 0xDC00:02x}, which is not UTF-8 "
-                                       "(save the file as UTF-8)")
-
-
-def _header(rows: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
-    """The header row with names stripped and lower-cased."""
-    first = next(rows, None)
-    if first is None:
-        raise CsvFormatError(1, f"empty file, expected a header like {expected}")
-    return first[0], [name.strip().lower() for name in first[1]]
-
-
-def _number(line: int, name: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number") from None
-    if not math.isfinite(value):
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a finite number")
-    if not _DECIMAL_RE.fullmatch(text):
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not a number as CSV files write one "
-                                   "(the digits 0-9, a sign, a point and an exponent such as 1.0825 or 1e-3)")
-    return value
-
-
-def _price(line: int, name: str, text: str) -> float:
-    value = _number(line, name, text)
-    if value <= 0:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} must be > 0")
-    return value
-
-
-def _volume(line: int, text: str) -> float:
-    value = _number(line, "volume", text)
-    if value < 0:
-        raise CsvFormatError(line, f"volume {validation.shown(text)} must be >= 0")
-    return value
-
-
-def _writer_rule(line: int, check: validation.Validator, name: str, value: Any) -> None:
-    """``check`` (a :mod:`db.validation` field validator) as a :class:`CsvFormatError` at ``line``."""
-    try:
-        check(name, value)
-    except ValidationError as e:
-        raise CsvFormatError(line, str(e).replace(f"{name}: ", f"{name} ", 1)) from None
 
 
 #: How the writer's tick check names the value of a one-tick batch called "tick": "tick.bid[0]: ",
@@ -233,36 +100,6 @@ def _checked(items: Iterable[tuple[int, Tick]]) -> Iterator[tuple[int, Tick]]:
         raise error
 
 
-def iso_to_ms(text: str) -> int:
-    """ISO-8601 time to epoch ms: naive means UTC, an offset or 'Z' is honoured; ValueError if not ISO."""
-    dt = datetime.fromisoformat(text)
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - _EPOCH) // _MS  # exact integer arithmetic, no float timestamp()
-
-
-def ms_to_iso(ts: int) -> str:
-    """Epoch ms to an ISO-8601 UTC string, for error messages."""
-    return (_EPOCH + ts * _MS).isoformat().replace("+00:00", "Z")
-
-
-def _timestamp(line: int, name: str, text: str) -> int:
-    """A time of a tick or bar file as epoch ms: ISO-8601 (naive = UTC), or an integer of epoch seconds
-    or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file."""
-    text = text.strip(" \t")
-    if _INT_RE.fullmatch(text):
-        if len(text) > _MAX_INT_CHARS:
-            raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
-                                       "for epoch seconds/ms")
-        value = int(text)
-        return value * 1000 if abs(value) < _SECONDS_CUTOFF else value
-    try:
-        return iso_to_ms(text)
-    except ValueError:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or epoch "
-                                   "seconds/ms") from None
-
-
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order).
 
@@ -278,8 +115,8 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
 
 def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Tick]]:
     expected = "ts,symbol,bid,ask,volume"
-    rows = _rows(path)
-    line, names = _header(rows, expected)
+    rows = read_rows(path)
+    line, names = read_header(rows, expected)
     col = {name: i for i, name in reversed(list(enumerate(names)))}  # first occurrence wins
     missing = [c for c in ("ts", "symbol", "bid", "ask") if c not in col and not (c == "symbol" and symbol)]
     if missing:
@@ -287,12 +124,12 @@ def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Ti
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
-        ts = _timestamp(line, "ts", row[col["ts"]])
-        bid = _price(line, "bid", row[col["bid"]])
-        ask = _price(line, "ask", row[col["ask"]])
+        ts = parse_time(line, "ts", row[col["ts"]])
+        bid = parse_price(line, "bid", row[col["bid"]])
+        ask = parse_price(line, "ask", row[col["ask"]])
         if bid > ask:
             raise CsvFormatError(line, f"bid {bid!r} is above ask {ask!r}")
-        volume = _volume(line, row[col["volume"]]) if "volume" in col else 0.0
+        volume = parse_volume(line, row[col["volume"]]) if "volume" in col else 0.0
         sym = symbol or row[col["symbol"]].strip()
         if not sym:
             raise CsvFormatError(line, "symbol is empty")
@@ -311,45 +148,49 @@ def read_bar_csv(path: str | Path) -> list[tuple[int, Bar]]:
     a missing Volume means 0. Times are ISO-8601 (naive = UTC) or integer epoch seconds/ms (told apart
     by magnitude). Each bar ``{"ts", "open", "high", "low", "close", "volume"}`` must have positive
     prices (below the writer's price limit), low <= open, close <= high, volume >= 0, and a time in the
-    writer's range strictly after the previous bar's, else :class:`CsvFormatError` names the line. The
-    whole file is read because replay needs the timeframe, which is inferred from all the bars.
+    writer's range strictly after the previous bar's, else :class:`CsvFormatError` names the line. A
+    list of the whole file: a replay (:class:`CsvFeed`) reads the bars as it goes instead.
     """
-    bars, error = _read_bars(path)
-    if error is not None:
-        raise error
-    return bars
+    return list(_bar_rows(path))
 
 
-def _read_bars(path: str | Path) -> tuple[list[tuple[int, Bar]], CsvFormatError | None]:
-    """The bars before the first bad row, and that row's error (None if there is none); a bad header
-    raises, as no bar can be read then."""
-    with closing(_rows(path)) as rows:
-        line, names = _header(rows, "Date,Open,High,Low,Close,Volume")
+def _bar_rows(path: str | Path) -> Iterator[tuple[int, Bar]]:
+    """The bars of ``path`` (:func:`read_bar_csv`'s rules), read as they are asked for, then the first
+    bad row's :class:`CsvFormatError`; a bad header raises at once, as no bar can be read then."""
+    rows = read_rows(path)
+    try:
+        line, names = read_header(rows, "Date,Open,High,Low,Close,Volume")
         time_col = next((i for i, n in enumerate(names) if n in _TIME_NAMES), 0 if names[0] == "" else None)
         missing = [c for c in _OHLC if c not in names]
         if time_col is None or missing:
             what = ", ".join(missing + (["a time column (Date)"] if time_col is None else []))
             raise CsvFormatError(line, f"header lacks {what}; expected Date,Open,High,Low,Close,Volume")
-        col = {c: names.index(c) for c in (*_OHLC, "volume") if c in names}
-        bars: list[tuple[int, Bar]] = []
-        try:
-            for line, row in rows:
-                bars.append((line, _bar(line, row, len(names), time_col, col, bars[-1] if bars else None)))
-        except CsvFormatError as e:
-            return bars, e
-    return bars, None
+    except BaseException:
+        rows.close()
+        raise
+    col = {c: names.index(c) for c in (*_OHLC, "volume") if c in names}
+    return _bars(rows, len(names), time_col, col)
+
+
+def _bars(rows: Iterator[tuple[int, list[str]]], width: int, time_col: int,
+          col: dict[str, int]) -> Iterator[tuple[int, Bar]]:
+    with closing(rows):  # closed with this generator, wherever its reader stops
+        prev: tuple[int, Bar] | None = None
+        for line, row in rows:
+            prev = line, _bar(line, row, width, time_col, col, prev)
+            yield prev
 
 
 def _bar(line: int, row: list[str], width: int, time_col: int, col: dict[str, int],
          prev: tuple[int, Bar] | None) -> Bar:
     if len(row) != width:
         raise CsvFormatError(line, f"expected {width} columns, got {len(row)}")
-    ts = _timestamp(line, "time", row[time_col])
-    _writer_rule(line, validation.timestamp, "time", ts)
-    o, h, lo, c = (_price(line, name, row[col[name]]) for name in _OHLC)
+    ts = parse_time(line, "time", row[time_col])
+    writer_rule(line, validation.timestamp, "time", ts)
+    o, h, lo, c = (parse_price(line, name, row[col[name]]) for name in _OHLC)
     for name, value in zip(_OHLC, (o, h, lo, c), strict=True):
-        _writer_rule(line, validation.price, name, value)
-    volume = _volume(line, row[col["volume"]]) if "volume" in col else 0.0
+        writer_rule(line, validation.price, name, value)
+    volume = parse_volume(line, row[col["volume"]]) if "volume" in col else 0.0
     if h < max(o, c, lo):
         raise CsvFormatError(line, f"high {h!r} is below max(open, close, low) = {max(o, c, lo)!r}")
     if lo > min(o, c):
@@ -359,42 +200,100 @@ def _bar(line: int, row: list[str], width: int, time_col: int, col: dict[str, in
     return {"ts": ts, "open": o, "high": h, "low": lo, "close": c, "volume": volume}
 
 
-def _with_lines(bars: Sequence[Bar | tuple[int, Bar]]) -> list[tuple[int | None, Bar]]:
-    return [item if isinstance(item, tuple) else (None, item) for item in bars]
+def _with_lines(bars: Iterable[Bar | tuple[int, Bar]]) -> Iterator[tuple[int | None, Bar]]:
+    return (item if isinstance(item, tuple) else (None, item) for item in bars)
 
 
-def check_aligned(bars: Sequence[Bar | tuple[int, Bar]], timeframe: str) -> None:
+def _misaligned(line: int | None, ts: int, timeframe: str) -> ValueError:
+    reason = f"bar time {ms_to_iso(ts)} is not aligned to {timeframe} bars (UTC boundaries)"
+    return ValueError(reason) if line is None else CsvFormatError(line, reason)
+
+
+#: The most distinct gaps between bars, other than the timeframes', that :class:`_Gaps` keeps: its
+#: memory, whatever the file. Past it the counts are summed up (Misra-Gries): a gap that occurs more
+#: than once in every MAX_GAPS is still told, so only a file with no regular interval is refused.
+MAX_GAPS = 10_000
+
+
+class _Gaps:
+    """What the timeframe of bars is decided from, taken one bar at a time in bounded memory (a replay
+    reads a bar file twice rather than hold it): the gaps between consecutive bars, counted, and the
+    first bar off each timeframe's boundaries."""
+
+    def __init__(self) -> None:
+        self.bars = 0
+        self._last: int | None = None
+        self._known = dict.fromkeys(_TF_BY_MS, 0)  # counted exactly
+        self._other: Counter[int] = Counter()  # each at most _floor short of how often it occurred
+        #: How often a gap not in _other may have occurred.
+        self._floor = 0
+        self._misaligned: dict[str, tuple[int | None, int]] = {}
+
+    def add(self, line: int | None, ts: int) -> None:
+        if self._last is not None:
+            gap = ts - self._last
+            if gap in self._known:
+                self._known[gap] += 1
+            else:
+                self._other[gap] += 1
+                if len(self._other) > MAX_GAPS:  # one fewer of each; those down to none are forgotten
+                    self._floor += 1
+                    self._other = Counter({g: n - 1 for g, n in self._other.items() if n > 1})
+        self._last = ts
+        self.bars += 1
+        for name, length in TIMEFRAMES.items():
+            if ts % length and name not in self._misaligned:
+                self._misaligned[name] = (line, ts)
+
+    def check(self, timeframe: str) -> None:
+        """ValueError unless ``timeframe`` is known and every bar starts on its boundary."""
+        if timeframe not in TIMEFRAMES:
+            raise ValueError(f"unknown timeframe {timeframe!r}; known: {', '.join(TIMEFRAMES)}")
+        if timeframe in self._misaligned:
+            raise _misaligned(*self._misaligned[timeframe], timeframe)
+
+    def timeframe(self) -> str:
+        """The timeframe whose length is the most common gap (:func:`infer_timeframe`)."""
+        if self.bars < 2:
+            raise ValueError(f"need at least 2 bars to infer the timeframe, got {self.bars}; pass it explicitly")
+        counts = {**self._other, **{g: n for g, n in self._known.items() if n}}
+        gap, n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
+        # Summed up: a timeframe's count is exact, another gap's at most _floor short (_floor: one not kept).
+        rivals = (m + (g not in _TF_BY_MS) * self._floor for g, m in counts.items() if g != gap)
+        if self._floor and n <= max(self._floor, *rivals):
+            raise ValueError(f"bars are at irregular intervals: of more than {MAX_GAPS:,} different gaps between "
+                             "them none is the most common for sure; pass the timeframe explicitly")
+        if gap not in _TF_BY_MS:
+            known = ", ".join(f"{name}={ms}" for name, ms in TIMEFRAMES.items())
+            raise ValueError(f"bars are most often {gap} ms apart, which is no known timeframe ({known} ms)")
+        self.check(_TF_BY_MS[gap])
+        return _TF_BY_MS[gap]
+
+
+def _gaps(bars: Iterable[Bar | tuple[int, Bar]]) -> _Gaps:
+    gaps = _Gaps()
+    for line, bar in _with_lines(bars):
+        gaps.add(line, bar["ts"])
+    return gaps
+
+
+def check_aligned(bars: Iterable[Bar | tuple[int, Bar]], timeframe: str) -> None:
     """Raise ValueError unless every bar starts on a ``timeframe`` boundary (ts % length == 0).
 
     Bars must be aligned so that replayed ticks rebuild the same buckets; a daily file whose times
     carry a non-UTC offset fails here. The error is a :class:`CsvFormatError` when the line is known.
     """
-    if timeframe not in TIMEFRAMES:
-        raise ValueError(f"unknown timeframe {timeframe!r}; known: {', '.join(TIMEFRAMES)}")
-    length = TIMEFRAMES[timeframe]
-    for line, bar in _with_lines(bars):
-        if bar["ts"] % length:
-            reason = f"bar time {ms_to_iso(bar['ts'])} is not aligned to {timeframe} bars (UTC boundaries)"
-            raise ValueError(reason) if line is None else CsvFormatError(line, reason)
+    _gaps(bars).check(timeframe)
 
 
-def infer_timeframe(bars: Sequence[Bar | tuple[int, Bar]]) -> str:
+def infer_timeframe(bars: Iterable[Bar | tuple[int, Bar]]) -> str:
     """The timeframe name whose length is the most common gap between consecutive bars.
 
     Accepts bars or ``(line, bar)`` pairs. The mode (not the minimum) tolerates weekends and holes in
     daily data. Raises ValueError if there are fewer than 2 bars, if the gap is not one of
     ``db.vocabulary.TIMEFRAMES``, or if the bars are not aligned to it.
     """
-    items = _with_lines(bars)
-    if len(items) < 2:
-        raise ValueError(f"need at least 2 bars to infer the timeframe, got {len(items)}; pass it explicitly")
-    gaps = Counter(b["ts"] - a["ts"] for (_, a), (_, b) in zip(items, items[1:], strict=False))
-    gap = max(gaps.items(), key=lambda kv: (kv[1], -kv[0]))[0]
-    if gap not in _TF_BY_MS:
-        known = ", ".join(f"{name}={ms}" for name, ms in TIMEFRAMES.items())
-        raise ValueError(f"bars are most often {gap} ms apart, which is no known timeframe ({known} ms)")
-    check_aligned(items, _TF_BY_MS[gap])
-    return _TF_BY_MS[gap]
+    return _gaps(bars).timeframe()
 
 
 def bar_to_ticks(bar: Mapping[str, Any], timeframe_ms: int, symbol: str) -> list[Tick]:
@@ -426,23 +325,23 @@ class CsvFeed:
     Iterating gives ``(file line, tick)`` in file order, and a bad row raises :class:`CsvFormatError`
     once every tick of the rows before it was given (an ingestor stores them, as the README promises).
     ``kind`` is "ticks" or "bars"; for bars, ``timeframe`` is the given name or the one inferred from
-    the bars before the first bad row (read up front), and each bar is replayed by
-    :func:`bar_to_ticks`; for ticks it is None and rows are read lazily. Either way the ticks given
-    are ones the writer takes. ``symbol`` is required for bar files and overrides the symbol column of
-    tick files.
+    the bars before the first bad row (a first pass over the file, which keeps only what
+    :class:`_Gaps` needs), and iterating reads the bars again, each replayed by :func:`bar_to_ticks`;
+    for ticks it is None. Either way rows are read as they are sent (memory bounded, whatever the
+    file), and the ticks given are ones the writer takes. ``symbol`` is required for bar files and
+    overrides the symbol column of tick files.
     """
 
     def __init__(self, path: str | Path, symbol: str | None = None, timeframe: str | None = None) -> None:
         self.path = Path(path)
         self.symbol = symbol
-        rows = _rows(self.path)
+        rows = read_rows(self.path)
         try:
-            line, names = _header(rows, "ts,symbol,bid,ask,volume or Date,Open,High,Low,Close,Volume")
+            line, names = read_header(rows, "ts,symbol,bid,ask,volume or Date,Open,High,Low,Close,Volume")
         finally:
             rows.close()
         self.kind: Literal["ticks", "bars"] = "bars" if set(_OHLC) <= set(names) else "ticks"
         self.timeframe: str | None = None
-        self._bars: list[tuple[int, Bar]] = []
         self._bad_row: CsvFormatError | None = None
         if self.kind == "ticks":
             if timeframe is not None:
@@ -452,10 +351,16 @@ class CsvFeed:
             return
         if not symbol:
             raise ValueError(f"{self.path} holds bars, which have no symbol column: pass a symbol")
-        self._bars, self._bad_row = _read_bars(self.path)
+        # A first pass decides the timeframe, the replay (iterating) a second: memory bounded, not the file's.
+        gaps, bars = _Gaps(), _bar_rows(self.path)  # a bad header raises here, at once
+        try:
+            for line, bar in bars:
+                gaps.add(line, bar["ts"])
+        except CsvFormatError as e:
+            self._bad_row = e
         if timeframe is None:
             try:
-                self.timeframe = infer_timeframe(self._bars)
+                self.timeframe = gaps.timeframe()
             except CsvFormatError:
                 raise
             except ValueError:
@@ -464,7 +369,7 @@ class CsvFeed:
                     raise self._bad_row from None
                 raise
         else:
-            check_aligned(self._bars, timeframe)
+            gaps.check(timeframe)
             self.timeframe = timeframe
 
     def __iter__(self) -> Iterator[tuple[int, Tick]]:
@@ -475,8 +380,8 @@ class CsvFeed:
     def _bar_ticks(self) -> Iterator[tuple[int, Tick]]:
         assert self.timeframe is not None and self.symbol
         length = TIMEFRAMES[self.timeframe]
-        for line, bar in self._bars:
+        for line, bar in _bar_rows(self.path):  # then the bad row's error, if any
+            if bar["ts"] % length:  # the file changed since the first pass: no bar is replayed off its bucket
+                raise _misaligned(line, bar["ts"], self.timeframe)
             for tick in bar_to_ticks(bar, length, self.symbol):
                 yield line, tick
-        if self._bad_row is not None:
-            raise self._bad_row

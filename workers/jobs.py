@@ -29,7 +29,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -79,25 +81,69 @@ OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.OperationalEr
 #: ... but a request the writer finds malformed is this code's bug.
 BUG_ERRORS = (ValidationError,)
 
-#: What a job returns: (ok, detail), or None when it had nothing to do and records no run.
-Outcome = tuple[bool, str] | None
 
 
-def rotate_backups(directory: Path, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` backups in ``directory``; return what was deleted.
+class Result(NamedTuple):
+    """A job's run: whether it did its work, and what it did (recorded in ``job_runs``)."""
 
-    Only files named like ours (:func:`db.health.list_backups`: ``tickstack-YYYYmmddTHHMMSSZ.db``
-    or ``.dump``)
-    are counted or touched, so a copy a person put there under another name is never deleted. The
-    UTC stamp sorts as text in time order, so the name, not the mtime (which copying changes),
-    decides which are newest."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    ours = health.list_backups(directory)
-    old = ours[:-keep]
-    for path in old:
-        path.unlink(missing_ok=True)
-    return old
+    ok: bool
+    detail: str
+    #: Not ok, yet nothing is broken, in words (why, and what comes next): a checkpoint a reader held
+    #: back, which the next check retries. Logged at INFO, WARNING from the second such run in a row,
+    #: never as a failure (ERROR).
+    held_back: str = ""
+
+
+#: What a job returns: a :class:`Result` or (ok, detail), or None when it had nothing to do and
+#: records no run.
+Outcome = Result | tuple[bool, str] | None
+
+
+class _HomeLock:
+    """This home's :data:`METRICS_LOCK`, a :class:`db.lock.PidLock` with the calls of a
+    :class:`db.leader.Leadership` that :meth:`JobsWorker._holds` makes."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock = PidLock(path)
+        self.lost: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.lock.fd is not None
+
+    def still_held(self) -> bool:
+        if self.lock.still_ours():
+            return True
+        self.lost = f"{self.lock.path} was removed or replaced"
+        self.lock.release()
+        return False
+
+    def attempt(self) -> str | None:
+        """None when taken now, else who holds it (or why nobody can be told), in words."""
+        try:
+            if self.lock.try_acquire():
+                return None
+            return f"pid {read_lock_holder(self.lock.path) or 'unknown'}"
+        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
+            return f"nobody: cannot use {self.lock.path}: {e.strerror or e}"
+
+    def release(self) -> None:
+        self.lock.release()
+
+
+@dataclass
+class _Turn:
+    """A lock a jobs worker holds while it can (:meth:`JobsWorker._holds`): the jobs leadership, or
+    this home's metrics lock, with the words of its log lines and what the worker knows of it."""
+
+    lock: Leadership | _HomeLock
+    #: Said when it is taken, lost (``%s``: why), held by another (``%s``: who), unusable (``%s``: why).
+    taken: str
+    lost: str
+    holder: str
+    unusable: str
+    tried_at: float = 0.0  # monotonic s
+    said: str | None = None  # who holds it (or why it cannot be used), as last said
 
 
 class JobsWorker(Worker):
@@ -125,11 +171,16 @@ class JobsWorker(Worker):
         self._ran: set[str] = set()
         self._sampler: Sampler | None = None
         self.leadership = Leadership(settings, self.name)
-        self._tried_lead_at = 0.0
-        self.metrics_lock = PidLock(settings.run_dir / METRICS_LOCK)
-        self._tried_metrics_at = 0.0
-        self._said_sampler: str | None = None
-        self._said_holder: str | None = None
+        self._leading = _Turn(self.leadership, taken="jobs: leading: retention, backups and checks of this database "
+                              "run here", lost="jobs: lost the leadership (%s); the database's jobs run where it is "
+                              "taken again", holder="jobs: standing by for the database's jobs; the leader is %s",
+                              unusable="jobs: %s; retention, backups and checks do not run here")
+        self.metrics_lock = _HomeLock(settings.run_dir / METRICS_LOCK)
+        self._sampling = _Turn(self.metrics_lock, taken="jobs: sampling the metrics of this home",
+                               lost="jobs: %s; metrics are sampled where it is taken again",
+                               holder="jobs: metrics are sampled by %s", unusable="jobs: %s; metrics are not sampled")
+        #: Runs held back in a row, by job (:attr:`Result.held_back`).
+        self._held_back: dict[str, int] = {}
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
             "retention": self.retention, "backup": self.backup, "quick_check": self.quick_check,
             "checkpoint": self.checkpoint, "metrics": self.metrics}
@@ -184,59 +235,47 @@ class JobsWorker(Worker):
         return due
 
     def runs_metrics(self) -> bool:
-        """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`, which
-        another tries to take at most every ``standby_poll`` seconds. Logged when it changes."""
-        lock = self.metrics_lock
-        if lock.fd is not None:
-            if lock.still_ours():
-                return True
-            self.log.error("jobs: %s was removed or replaced; metrics are sampled where it is taken again", lock.path)
-            lock.release()
-        now = time.monotonic()
-        if now - self._tried_metrics_at < self.standby_poll:
-            return False
-        self._tried_metrics_at = now
-        try:
-            if lock.try_acquire():
-                self.log.info("jobs: sampling the metrics of this home")
-                self._said_sampler = None
-                return True
-            holder = f"pid {read_lock_holder(lock.path) or 'unknown'}"
-        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
-            holder = f"nobody: cannot use {lock.path}: {e.strerror or e}"
-        if holder != self._said_sampler:
-            self.log.info("jobs: metrics are sampled by %s", holder)
-            self._said_sampler = holder
-        return False
+        """Whether this worker runs ``metrics``: while it holds this home's :data:`METRICS_LOCK`
+        (:meth:`_holds`)."""
+        return self._holds(self._sampling)
 
     def leads(self) -> bool:
         """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): while it holds the jobs
-        leadership (:mod:`db.leader`), which a standby tries to take at most every ``standby_poll``
-        seconds. Logged when it changes."""
-        if self.leadership.held:
-            if self.leadership.still_held():
+        leadership (:mod:`db.leader`, :meth:`_holds`); on taking it, when each job last ran is read again."""
+        was_leading = self.leadership.held
+        leads = self._holds(self._leading)
+        if leads and not was_leading:
+            self._taken_over()
+        return leads
+
+    def _holds(self, turn: _Turn) -> bool:
+        """Whether this worker holds ``turn``'s lock: proven still held while it does, else tried at most
+        every ``standby_poll`` seconds. Logged when it changes: taken, lost (then tried again at the next
+        call), who holds it instead, or why it cannot be used (said once each)."""
+        lock = turn.lock
+        if lock.held:
+            if lock.still_held():
                 return True
-            self.log.error("jobs: lost the leadership (%s); the database's jobs run where it is taken again",
-                           self.leadership.lost)
+            self.log.error(turn.lost, lock.lost)
             return False
         now = time.monotonic()
-        if now - self._tried_lead_at < self.standby_poll:
+        if now - turn.tried_at < self.standby_poll:
             return False
-        self._tried_lead_at = now
+        turn.tried_at = now
         try:
-            holder = self.leadership.attempt()
+            holder = lock.attempt()
         except LeadershipUnusable as e:  # not a wait that ends by itself: an error, said once
-            if str(e) != self._said_holder:
-                self.log.error("jobs: %s; retention, backups and checks do not run here", e)
-                self._said_holder = str(e)
+            if str(e) != turn.said:
+                self.log.error(turn.unusable, e)
+                turn.said = str(e)
             return False
         if holder is None:
-            self.log.info("jobs: leading: retention, backups and checks of this database run here")
-            self._taken_over()
+            self.log.info(turn.taken)
+            turn.said = None
             return True
-        if holder != self._said_holder:
-            self.log.info("jobs: standing by for the database's jobs; the leader is %s", holder)
-            self._said_holder = holder
+        if holder != turn.said:
+            self.log.info(turn.holder, holder)
+            turn.said = holder
         return False
 
     def step(self) -> bool:
@@ -278,7 +317,7 @@ class JobsWorker(Worker):
             outcome = False, f"{type(e).__name__}: {e}"
         if outcome is None:
             return None
-        ok, detail = outcome
+        ok, detail, held_back = Result(*outcome)
         finished = max(now_ms(), started)  # the wall clock may step back
         if job in UNRECORDED:
             (self.log.debug if ok else self.log.warning)("jobs: %s %s in %d ms: %s", job,
@@ -291,9 +330,24 @@ class JobsWorker(Worker):
         except Exception as e:
             self.log.error("jobs: could not record the %s run (ok=%s, %s): %s", job, ok, detail, e)
             return False
-        (self.log.info if ok else self.log.error)("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED",
-                                                  finished - started, detail)
+        self._say(job, ok, held_back, finished - started, detail)
         return ok
+
+    def _say(self, job: str, ok: bool, held_back: str, ms: int, detail: str) -> None:
+        """A recorded run's one line: ok at INFO, a failure at ERROR; a run held back (nothing broken,
+        retried by itself) at INFO, and at WARNING from the second in a row (something holds it back
+        for long: a reader's long transaction)."""
+        if ok or not held_back:
+            self._held_back.pop(job, None)
+            (self.log.info if ok else self.log.error)("jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED",
+                                                      ms, detail)
+            return
+        times = self._held_back[job] = self._held_back.get(job, 0) + 1
+        if times == 1:
+            self.log.info("jobs: %s held back in %d ms (%s): %s", job, ms, held_back, detail)
+        else:
+            self.log.warning("jobs: %s held back in %d ms, %d runs in a row (%s): %s", job, ms, times, held_back,
+                             detail)
 
     # --- the jobs: each returns (ok, detail) or None, or raises -------------------------
 
@@ -320,11 +374,11 @@ class JobsWorker(Worker):
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
         :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
-        ``pg_restore --list``), then keep the newest ``backup_keep``. Rotation runs only after a
-        good backup, so a failing backup never deletes the old ones. While another process writes
+        ``pg_restore --list``), then keep the newest ``backup_keep`` (the console's button rotates
+        the same way: both are :func:`db.health.new_backup`). While another process writes
         one (:func:`db.health.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
         later; asked for (``--run backup``), a failed run saying why."""
-        result = health.new_backup(self.settings)
+        result = health.new_backup(self.settings, keep=self.schedule.backup_keep)
         if result is None:  # another process writes one now (the console's button, another jobs worker)
             if force:
                 return False, "another backup is being written now (run/backup.lock is held); try again when it is done"
@@ -333,9 +387,7 @@ class JobsWorker(Worker):
             self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_RETRY_S
             self.log.info("jobs: backup: another backup is being written now; trying again in %d s", BACKUP_RETRY_S)
             return None
-        removed = rotate_backups(self.settings.backup_dir, self.schedule.backup_keep)
-        return True, json.dumps({**{k: result[k] for k in ("path", "bytes", "ms", "entries") if k in result},
-                                 "removed": [p.name for p in removed]})
+        return True, json.dumps({k: result[k] for k in ("path", "bytes", "ms", "entries", "removed") if k in result})
 
     def quick_check(self, force: bool = False) -> Outcome:
         """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on
@@ -348,8 +400,9 @@ class JobsWorker(Worker):
 
     def checkpoint(self, force: bool = False) -> Outcome:
         """When the WAL is over ``checkpoint_wal_mb`` (or ``force``), ask the writer for a TRUNCATE
-        checkpoint. Not ok when a reader held it back (``busy``): the WAL is then still large, and
-        the next check retries."""
+        checkpoint. Not ok when a reader held it back (SQLite's ``busy`` = 1, the writer having waited
+        its busy timeout for the readers): the WAL is then still large, and the next check retries.
+        That is a reader's doing, not a failure: held back (:attr:`Result.held_back`)."""
         path = self.settings.database_path
         if path is None:  # a server checkpoints its own WAL; asked for anyway (--run), say so
             if force:
@@ -361,7 +414,10 @@ class JobsWorker(Worker):
         assert self.client is not None
         result = self.client.call("checkpoint", mode="TRUNCATE")
         after = health.file_sizes(path)["wal"] or 0
-        return result["busy"] == 0, json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+        detail = json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+        if result["busy"]:
+            return Result(False, detail, "a reader kept part of the WAL in use; the next check retries")
+        return Result(True, detail)
 
     def metrics(self, force: bool = False) -> Outcome:
         """One sample of everything the console charts, stored with ``record_samples`` (not in job_runs).

@@ -6,8 +6,8 @@ failures and lock errors (which must read 0), the last checkpoint, backup and
 quick_check, recent job runs, the slowest reads of the API and the console (:mod:`db.slowreads`)
 and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
-writer's op), backup (:func:`db.health.new_backup` into ``backups/``, named as the jobs worker's, so
-its rotation keeps them in check) and quick_check (a read-only PRAGMA, or amcheck on PostgreSQL:
+writer's op), backup (:func:`db.health.new_backup` into ``backups/``, named and rotated to
+``TICKSTACK_BACKUP_KEEP`` as the jobs worker's) and quick_check (a read-only PRAGMA, or amcheck on PostgreSQL:
 :func:`db.health.integrity`); each is audited.
 
 A backup or quick_check runs inside the request: seconds on a database of a few GB. One backup at a
@@ -204,7 +204,9 @@ def checkpoint() -> ResponseReturnValue:
 
 @bp.post("/database/backup")
 def backup() -> ResponseReturnValue:
-    """An online, checked copy into backups/tickstack-<UTC stamp>.db (.dump on PostgreSQL)."""
+    """An online, checked copy into backups/tickstack-<UTC stamp>.db (.dump on PostgreSQL), then the
+    backups rotated as the jobs worker's are (:func:`db.health.new_backup`): the flash and the audit
+    record name the ones removed."""
     s = settings()
     try:
         result = health.new_backup(s)
@@ -216,8 +218,12 @@ def backup() -> ResponseReturnValue:
         audit("db.backup", str(s.backup_dir), "skipped",
               f"another backup was being written (run/{health.BACKUP_LOCK} held)")
         return _done("warn", "A backup is already running; wait for it to finish.")
-    audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))
-    return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).")
+    audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))  # with the names it removed
+    removed = result["removed"]
+    kept = (f" Removed {len(removed)} older backup{'s' if len(removed) != 1 else ''} (keeping the newest "
+            f"{s.backup_keep}, TICKSTACK_BACKUP_KEEP): {', '.join(removed[:5])}{', …' if len(removed) > 5 else ''}."
+            if removed else "")
+    return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).{kept}")
 
 
 @bp.post("/database/quick_check")
