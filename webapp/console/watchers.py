@@ -257,8 +257,6 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     # Followed until circus reports the new state: one audit row with the real outcome (spooled
     # at once when the action took the writer away, and sent when it is back).
     result, message = run_and_follow(c, name, action)
-    if result == "ok" and name == WRITER_WATCHER and action in ("start", "restart"):
-        result, message = writer_answers(message)
     writer_gone = name == WRITER_WATCHER and action in ("stop", "decr") and result == "ok"
     audit(what, name, audit_result(result), message, writer_down=writer_gone)
     if result == "ok":
@@ -288,36 +286,70 @@ def audit_result(result: str) -> str:
 
 def processes_now(c: Any, name: str) -> str:
     """How many processes circus now runs ``name`` with, in words, after an incr or decr: its
-    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it."""
+    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it. A
+    stopped watcher runs none of them (circus starts processes only for a running one): said so."""
     try:
         asked = c.asked_for(name)
+        stopped = c.statuses().get(name) == "stopped"
     except CircusError as e:
         return f"circus did not say how many processes it runs now ({e})"
-    return f"{asked} process(es) now" if asked is not None else "circus did not say how many processes it runs now"
+    if asked is None:
+        return "circus did not say how many processes it runs now"
+    if stopped:
+        return f"{asked} process(es) once started; {name} is stopped: {LABELS['start']} runs them"
+    return f"{asked} process(es) now"
+
+
+def asked_for_none(c: Any, name: str) -> bool:
+    """Whether circus was asked to run 0 processes of ``name`` (−1 to 0, ``set numprocesses 0``)."""
+    try:
+        return c.asked_for(name) == 0
+    except CircusError:
+        return False
+
+
+def runs_none(c: Any, name: str) -> str:
+    """What a start or restart of a watcher asked for 0 processes did, in words, and how to run one
+    again (+1 process, or circusctl's ``set`` for a singleton, on which the console offers no +1)."""
+    how = f"{LABELS['incr']}, then {LABELS['start']}"
+    if one_process(name, options_of(c, name)):
+        set_one = circusctl_command(settings().circus_endpoint, "set", name, "numprocesses", "1")
+        how = f"`{set_one}`, then {LABELS['start']}"
+    return (f"{name} is stopped: circus runs it with 0 processes (after a {LABELS['decr']} to 0 or a `set "
+            f"numprocesses 0`), and it stops a watcher whose start runs none. To run it: {how}.")
 
 
 def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
-    at most :data:`FOLLOW_SECONDS`. Returns (audit result, what happened in words): ``ok``,
-    ``error`` (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state)."""
+    at most :data:`FOLLOW_SECONDS`; a (re)started writer is then followed until it answers
+    (:func:`writer_answers`). Returns (audit result, what happened in words): ``ok``, ``error``
+    (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state).
+
+    A watcher circus was asked to run 0 processes of has no new process to wait for: circus ends a
+    start that ran none by stopping the watcher (``Watcher._start``), so its start and restart lead
+    to ``stopped``, said with how to run a process again (:func:`runs_none`)."""
     c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
     before = set(pids_of(c, name) or [])
     started = time.monotonic()
     try:
-        if action in SETTLED:
-            c.call(action, name=name, waiting=False)
-        else:
+        if action not in SETTLED:
             c.call(action, name=name, nb=1)
             return "ok", processes_now(c, name)
+        none = action != "stop" and asked_for_none(c, name)
+        end = "stopped" if none else SETTLED[action]
+        c.call(action, name=name, waiting=False)
         while True:
             status = str(c.statuses().get(name))
             pids = set(pids_of(c, name) or [])
-            settled = status == SETTLED[action] and (action != "restart" or (pids and not pids & before))
+            settled = status == end and (action != "restart" or none or (pids and not pids & before))
             elapsed = time.monotonic() - started
+            if settled and none:
+                return "ok", runs_none(c, name)
             if settled:
                 which = f" (pid {', '.join(map(str, sorted(pids)))})" if pids else ""
-                return "ok", f"{name} is {status}{which} after {elapsed:.1f} s."
+                message = f"{name} is {status}{which} after {elapsed:.1f} s."
+                return writer_answers(message) if name == WRITER_WATCHER and action != "stop" else ("ok", message)
             if elapsed > FOLLOW_SECONDS:
                 return "timeout", (f"sent; {name} is still {status} after {elapsed:.0f} s (the page shows "
                                    "its state as it changes).")
