@@ -6,6 +6,10 @@ without it the console answers with a confirmation page and changes nothing (the
 with a dialog instead and sends ``confirm=yes``). ``decr`` of one of several processes does not ask.
 Every action is audited as ``watcher.<action>``.
 
+A watcher of the stack circus does not have (:data:`supervision.circus.STACK_WATCHERS`: a
+``reloadconfig`` of a broken circus.ini dropped it) is listed as health reports it, ``missing`` and
+down, with no action and what to do; an action sent for it is refused with 400, saying that.
+
 ``circusd-stats``, the statistics process circus runs itself (``statsd = True``), is shown read-only:
 no buttons, and an action on it is refused with 400.
 
@@ -28,7 +32,7 @@ from db import queries
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
 from db.preflight import circusctl_command
-from supervision.circus import ACTIONS, CircusError, WatcherState
+from supervision.circus import ACTIONS, MISSING, CircusError, WatcherState, missing_watchers
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
@@ -84,21 +88,39 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
 
     Each row's ``status``, ``detail``, ``up`` and ``problem`` are :func:`shown_state`'s (a watcher
     circus calls active with no process asked for, decr to 0, reads ``no processes``, down);
-    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1)."""
+    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1).
+    A watcher of the stack circus does not have (a ``reloadconfig`` of a broken circus.ini dropped
+    it) is a row too, as health and metrics report it: ``missing``, down, ``missing`` true (no
+    action: circus has nothing to act on) and ``advice``, what to do (:func:`missing_advice`)."""
     try:
         c = circus()
         rows = collect_watchers(c, meter())
     except CircusError as e:
         return [], str(e)
+    lost = missing_watchers([row["name"] for row in rows], c.expected)
+    rows = sorted(rows + [{"name": name, "status": MISSING, "numprocesses": 0, "pids": [], "children": [], "cpu": None,
+                           "rss": None, "uptime": None, "processes": []} for name in lost], key=lambda r: r["name"])
     restarts = restarts_last_hour()
     for row in rows:
         row["restarts"] = restarts.get(row["name"])
-        opts = options_of(c, row["name"])
+        row["missing"] = row["name"] in lost
+        row["advice"] = missing_advice(row["name"]) if row["missing"] else None
+        opts = options_of(c, row["name"]) if not row["missing"] else {}
         row["singleton"] = bool(opts.get("singleton"))
         row["one_process"] = one_process(row["name"], opts)
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
+
+
+def missing_advice(name: str) -> str:
+    """What to do about watcher ``name`` of the stack, which circus does not have, with circusctl
+    commands that run as printed."""
+    endpoint = settings().circus_endpoint
+    return (f"circus has no watcher {name}: a reloadconfig of a circus.ini without a valid [watcher:{name}] "
+            f"section removed it. Restore that section in the circus.ini circusd runs, then "
+            f"`{circusctl_command(endpoint, 'reloadconfig', '--waiting')}`; or restart circusd: "
+            f"`{circusctl_command(endpoint, 'quit', '--waiting')}`, then `make run`.")
 
 
 def one_process(name: str, opts: dict[str, Any]) -> str | None:
@@ -230,6 +252,8 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     except CircusError as e:
         flash(f"{LABELS[action]} {name}: {e}", "error")
         return redirect(url_for("console.watchers"), 303)
+    if name in missing_watchers(statuses, c.expected):
+        bad_request(f"{name} is missing: {missing_advice(name)}")
     if name not in statuses or name.startswith("plugin:"):
         names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
         bad_request(f"no watcher named {name[:60]!r}; watchers are {', '.join(names)}")
