@@ -178,9 +178,8 @@ class Circus:
                     except CircusError:
                         asking = False
                 out[name] = WatcherState.of(status, processes, asked)
-            if out.keys() & set(self.expected):  # a circusd running none of them runs another ini (a test's)
-                for name in self.expected:
-                    out.setdefault(name, WatcherState(MISSING, None, None))
+            for name in missing_watchers(out, self.expected):
+                out[name] = WatcherState(MISSING, None, None)
             return dict(sorted(out.items()))
         finally:
             client.stop()
@@ -197,6 +196,14 @@ class Circus:
         if action in ("incr", "decr"):
             props["nb"] = 1
         return self.call(action, **props)
+
+
+def missing_watchers(names: Collection[str], expected: Collection[str] = STACK_WATCHERS) -> list[str]:
+    """The watchers of ``expected`` that a circusd whose watchers are ``names`` does not have, in
+    ``expected``'s order: :data:`MISSING` for health, metrics and the console. None when it has none
+    of them: that circusd runs another ini (a test's), and nothing is expected of it."""
+    have = set(names)
+    return [name for name in expected if name not in have] if have & set(expected) else []
 
 
 def _pids(answer: dict[str, Any]) -> list[int]:

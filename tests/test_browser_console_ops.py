@@ -7,6 +7,8 @@ Playwright, as in tests/test_browser.py, against the real stack under circusd (o
   master logs the SIGHUP;
 * restart-all from the Watchers page restarts every watcher once, this console last, with one audit
   row;
+* a watcher circus lost (a reloadconfig of a broken circus.ini) becomes a missing row as the page
+  polls, without actions, and comes back with them once restored;
 * the new pages (a watcher's page, the logs searched, the merged logs, the confirmations) have no
   WCAG 2.1 A/AA violation found by axe-core, light and dark, at 390 and 1400 px, and never scroll
   sideways; screenshots of each go to ``test-output/browser-ops/``;
@@ -170,6 +172,51 @@ def test_a_signal_sent_from_a_watchers_page_reaches_the_process(views: Any, stac
     assert rows == [("api", "ok")]
     view.assert_clean()
 
+
+@DATABASE_INDEPENDENT
+def test_a_watcher_circus_lost_becomes_a_missing_row_as_the_page_polls_and_comes_back_restored(
+        browser: Browser) -> None:
+    """A page open while a ``reloadconfig`` of a broken circus.ini drops monitor (a stack of its own:
+    the ini is a copy in its home): the page's poll draws monitor's row again, missing, with no
+    action and what to do, and keeps it so; once the section is back and reloaded, the row has its
+    actions again. (The page listed only what circus had; the row simply stayed as it was.)"""
+    lost = CircusStack()
+    context = None
+    try:
+        ini = lost.home / "circus.ini"
+        ini.write_text((ROOT / "circus.ini").read_text())
+        lost.ini = ini
+        lost.start()
+        context = browser.new_context(viewport={"width": 1400, "height": 900}, locale="en-US", timezone_id="UTC")
+        context.set_default_timeout(TIMEOUT_MS)
+        expect.set_options(timeout=TIMEOUT_MS)
+        view = View(context, context.new_page(), f"http://127.0.0.1:{lost.console_port}", lost.home)
+        view.watch()
+        view.login()
+        row = view.page.locator('tr[data-watcher="monitor"]')
+        expect(row.locator('button[data-action="restart"]')).to_have_count(1)
+        ini.write_text(ini.read_text().replace("[watcher:monitor]", "[watcher:monitor"))
+        assert lost.circusctl("reloadconfig", "--waiting").returncode == 0
+        status = row.locator('[data-field="status"]')
+        expect(status).to_have_text("missing")
+        expect(status).to_have_class(re.compile(r"(^|\s)pill-missing(\s|$)"))
+        expect(row.locator("form")).to_have_count(0)
+        expect(row.locator("[data-missing-advice]")).to_contain_text("reloadconfig --waiting")
+        badge = view.page.locator("[data-live-text]")
+        expect(badge).to_have_text(re.compile(r"^live · "))
+        first = badge.inner_text()
+        expect(badge).not_to_have_text(first)  # polled again since: still the missing row
+        expect(status).to_have_text("missing")
+        expect(row.locator("form")).to_have_count(0)
+        ini.write_text((ROOT / "circus.ini").read_text())
+        assert lost.circusctl("reloadconfig", "--waiting").returncode == 0
+        expect(row.locator('button[data-action="restart"]')).to_have_count(1)
+        expect(status).not_to_have_text("missing")
+        view.assert_clean()
+    finally:
+        if context is not None:
+            context.close()
+        lost.close()
 
 @pytest.mark.parametrize(("width", "scheme"), widths_and_schemes(
     "tests/test_browser_console_ops.py::test_new_pages_have_no_wcag_aa_violation_and_never_scroll_sideways"))

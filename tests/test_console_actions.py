@@ -6,6 +6,7 @@ driven by Playwright, as in tests/test_browser.py).
 * the writer (a singleton) offers no +1/−1 and the server refuses scaling it with 400; ticks (one
   simulated feed) neither;
 * a watcher decreased to 0 processes reads "no processes", on the page and after the page's poll;
+  its restart and start end as circus ends them (stopped: circus starts none) and say how to run one;
 * restarting and stopping the writer from the page is followed to the end ("done", the new state),
   with one audit row per click and its real outcome;
 * circusd.log has no traceback after a writer restart and a quit;
@@ -21,6 +22,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +326,41 @@ def test_plus_and_minus_one_process_say_how_many_processes_run_now(console: Cons
         ("watcher.incr", "analysis", "ok", "2 process(es) now"),
         ("watcher.decr", "analysis", "ok", "1 process(es) now")]
     wait_for("analysis back to one process", lambda: len(cstack.pids_of("analysis")) == 1, timeout=60)
+
+
+def test_restart_and_start_of_a_watcher_at_zero_processes_end_as_circus_does_and_say_how_to_run_one(
+        console: Console, cstack: CircusStack) -> None:
+    """circus asked for 0 processes of a watcher (``circusctl set NAME numprocesses 0``, or −1 to 0)
+    keeps it active with none; its restart then stops it and starts none, and circus stops a watcher
+    whose start runs no process: it ends stopped, and a Start leaves it stopped. The console followed
+    both until circus ran new processes, which never come: a minute, then "still stopped", recorded
+    as an error. It ends with circus, says what circus did and how to run a process again."""
+    s = cstack.settings
+    since = last_audit_id(s)
+    done = cstack.circusctl("set", "monitor", "numprocesses", "0")
+    assert done.returncode == 0, done.stdout + done.stderr
+    wait_for("monitor's process gone", lambda: cstack.pids_of("monitor") == [])
+    assert watcher(console, "monitor")["status"] == "no processes"
+
+    def flash_after(action: str) -> str:
+        assert console.post(f"/console/watchers/monitor/{action}").status_code == 303
+        page = unescape(console.client.get("/console/watchers").text)
+        return re.search(r'<div class="flash flash-(\w+)"[^>]*>(.*?)</div>', page, re.S).group(0)
+
+    for action, label in (("restart", "Restart"), ("start", "Start")):
+        said = flash_after(action)
+        assert f"{label} monitor: done. monitor is stopped: circus runs it with 0 processes" in said, said
+        assert "then Start" in said and "+1 process" in said, said
+        assert cstack.status()["monitor"] == "stopped" and cstack.pids_of("monitor") == []
+    said = flash_after("incr")  # the advice, followed: +1 on a stopped watcher runs nothing yet
+    assert "+1 process monitor: done. 1 process(es) once started; monitor is stopped: Start runs them" in said, said
+    said = flash_after("start")
+    assert "Start monitor: done. monitor is active (pid " in said, said
+    assert cstack.status()["monitor"] == "active" and len(cstack.pids_of("monitor")) == 1
+    rows = wait_for("four audit rows", lambda: (r := audit_rows(s, since)) and len(r) >= 4 and r)
+    assert [(a, t, res) for a, t, res, _ in rows if a.startswith("watcher.")] == [
+        ("watcher.restart", "monitor", "ok"), ("watcher.start", "monitor", "ok"), ("watcher.incr", "monitor", "ok"),
+        ("watcher.start", "monitor", "ok")], rows
 
 
 def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> None:

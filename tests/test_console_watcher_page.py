@@ -7,7 +7,8 @@ in its environment) through Flask's test client, CSRF on as in production.
 * a signal sent from the console reaches the process: SIGHUP makes the api's gunicorn master log
   it, SIGTERM makes the ticks worker's handler log it (with its pid) and exit, SIGKILL ends a
   monitor process; each asks first, and is one audit row;
-* restart-all asks first, then restarts every watcher once (every pid changes), one audit row.
+* restart-all asks first, then restarts every watcher once (every pid changes), one audit row;
+* a watcher circus lost (a reloadconfig of a broken circus.ini) is a row, missing, with what to do.
 
 Tests run in file order on the shared stack; processes are told apart by pid only.
 """
@@ -27,7 +28,7 @@ import pytest
 from db.config import load_settings
 from supervision.circus import WatcherState
 from testkit.circus import WATCHERS, Circusd, CircusStack
-from testkit.env import isolated_env, new_home
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, query, wait_for
 from webapp import create_app
@@ -215,6 +216,53 @@ def test_restart_all_asks_then_restarts_every_watcher_once_with_one_audit_row(co
     assert detail.splitlines()[0].startswith("writer: ok")
     assert audit_rows(cstack.settings, since, "watcher.restart") == []
 
+
+
+@DATABASE_INDEPENDENT
+def test_a_watcher_a_reloadconfig_dropped_is_listed_missing_without_actions_saying_what_to_do() -> None:
+    """``[watcher:monitor`` without its bracket, then ``circusctl reloadconfig --waiting``: circus
+    drops monitor and says ok (as in tests/test_supervision.py, where /api/health and /metrics call
+    it missing and down). The watchers page listed only what circus had: monitor was simply not
+    there. It is a row, ``missing``, down, with no action (circus has nothing to act on) and what to
+    do; once the section is back and reloaded, the row is monitor's as before."""
+    stack = CircusStack()
+    try:
+        ini = stack.home / "circus.ini"
+        ini.write_text((ROOT / "circus.ini").read_text())
+        stack.ini = ini
+        stack.start()
+        console = Console.logged_in(create_app("console", stack.settings))
+        ini.write_text(ini.read_text().replace("[watcher:monitor]", "[watcher:monitor"))
+        done = stack.circusctl("reloadconfig", "--waiting")
+        assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
+        wait_for("monitor removed", lambda: "monitor" not in stack.status(), timeout=60)
+
+        polled = {w["name"]: w for w in console.get("/console/api/watchers").json["watchers"]}
+        assert sorted(polled) == sorted(WATCHERS), sorted(polled)
+        monitor = polled["monitor"]
+        assert monitor["status"] == "missing" and monitor["missing"] and not monitor["up"], monitor
+        assert monitor["problem"] == WatcherState("missing", None, None).problem  # health's words
+        assert not any(w["missing"] for n, w in polled.items() if n != "monitor")
+        page = console.get("/console/watchers").text
+        row = re.search(r'<tr data-watcher="monitor".*?</tr>', page, re.S).group(0)
+        assert 'data-up="no"' in row and 'class="pill pill-missing"' in row, row
+        assert "<form" not in row and "/console/watchers/monitor" not in row, row  # no action, no page to link
+        said = html.unescape(row)
+        assert "[watcher:monitor]" in said and "reloadconfig --waiting" in said and "quit --waiting" in said, said
+        assert f"--endpoint {stack.endpoint}" in said, said  # commands that run as printed
+        r = console.post("/console/watchers/monitor/restart", {"confirm": "yes"})
+        assert r.status_code == 400 and "reloadconfig" in html.unescape(r.text), r.text[:2000]
+        r = console.get("/console/watchers/monitor")
+        assert r.status_code == 404 and "monitor is missing" in html.unescape(r.text), r.text[:2000]
+
+        ini.write_text((ROOT / "circus.ini").read_text())  # what the page says to do
+        done = stack.circusctl("reloadconfig", "--waiting")
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        wait_for("monitor back", lambda: stack.status().get("monitor") == "active", timeout=60)
+        row = re.search(r'<tr data-watcher="monitor".*?</tr>', console.get("/console/watchers").text, re.S).group(0)
+        assert "/console/watchers/monitor/restart" in row and "pill-missing" not in row, row
+    finally:
+        stack.close()
 
 @DATABASE_INDEPENDENT
 def test_a_crash_loop_is_shown_as_the_flapping_plugin_handles_it() -> None:

@@ -5,7 +5,8 @@ instead and sends ``confirm=yes``). Both go through circusd and are audited once
 
 **Restart all** restarts each watcher that is not stopped (one stopped on purpose stays stopped),
 in circus's priority order (the writer first), one after the other, each followed until circus
-runs new processes (:func:`webapp.console.watchers.run_and_follow`), then records one audit row
+runs new processes (:func:`webapp.console.watchers.run_and_follow`; one circus was asked to run 0
+processes of, until circus stops it: a start that runs none ends so), then records one audit row
 ``watchers.restart_all`` with each outcome. The console serving the request comes last: the row is
 recorded before its restart is sent (this request ends with it), so it says ``sent`` for it.
 
@@ -38,7 +39,6 @@ from webapp.console.watchers import (
     pids_of,
     run_and_follow,
     serves_this_request,
-    writer_answers,
 )
 
 #: Seconds the console waits for signalled processes to exit after TERM or KILL.
@@ -164,9 +164,7 @@ def restart_all() -> ResponseReturnValue:
     outcomes: list[str] = []
     failed = False
     for name in restart_order(c, [n for n in running if n != own]):
-        result, message = run_and_follow(c, name, "restart")
-        if result == "ok" and name == WRITER_WATCHER:
-            result, message = writer_answers(message)
+        result, message = run_and_follow(c, name, "restart")  # the writer: until it answers
         failed = failed or result != "ok"
         outcomes.append(f"{name}: {result}, {message}")
     if stopped:

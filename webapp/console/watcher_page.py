@@ -29,7 +29,7 @@ from flask.typing import ResponseReturnValue
 from db.config import SETTINGS
 from db.engine import display_url
 from db.models import now_ms
-from supervision.circus import ACTIONS, CircusError
+from supervision.circus import ACTIONS, CircusError, missing_watchers
 from supervision.procstats import ProcessMeter, collect_watchers
 from webapp.console import logfiles
 from webapp.console.charts import CHART_BY_ID, SERIES_LABELS, sample_every, summaries
@@ -40,6 +40,7 @@ from webapp.console.watchers import (
     PROGRESS,
     READ_ONLY_WATCHERS,
     gunicorn_workers,
+    missing_advice,
     one_process,
     options_of,
     restarts_last_hour,
@@ -174,8 +175,11 @@ def watcher_names(statuses: dict[str, str]) -> list[str]:
 
 
 def find_watcher(c: Any, name: str) -> dict[str, str]:
-    """circus's statuses, once ``name`` is known to be one of its watchers (else 404 naming them)."""
+    """circus's statuses, once ``name`` is known to be one of its watchers (else 404 naming them, or
+    saying what to do when it is one of the stack's that circus lost)."""
     statuses = c.statuses()
+    if name in missing_watchers(statuses, c.expected):  # the stack's, lost by circus: say what to do
+        abort(404, description=f"{name} is missing: {missing_advice(name)}")
     if name not in watcher_names(statuses):
         abort(404, description=f"no watcher named {name[:60]!r}; watchers are {', '.join(watcher_names(statuses))}")
     return statuses

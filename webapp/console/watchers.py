@@ -6,6 +6,10 @@ without it the console answers with a confirmation page and changes nothing (the
 with a dialog instead and sends ``confirm=yes``). ``decr`` of one of several processes does not ask.
 Every action is audited as ``watcher.<action>``.
 
+A watcher of the stack circus does not have (:data:`supervision.circus.STACK_WATCHERS`: a
+``reloadconfig`` of a broken circus.ini dropped it) is listed as health reports it, ``missing`` and
+down, with no action and what to do; an action sent for it is refused with 400, saying that.
+
 ``circusd-stats``, the statistics process circus runs itself (``statsd = True``), is shown read-only:
 no buttons, and an action on it is refused with 400.
 
@@ -28,7 +32,7 @@ from db import queries
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
 from db.preflight import circusctl_command
-from supervision.circus import ACTIONS, CircusError, WatcherState
+from supervision.circus import ACTIONS, MISSING, CircusError, WatcherState, missing_watchers
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
@@ -84,21 +88,39 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
 
     Each row's ``status``, ``detail``, ``up`` and ``problem`` are :func:`shown_state`'s (a watcher
     circus calls active with no process asked for, decr to 0, reads ``no processes``, down);
-    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1)."""
+    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1).
+    A watcher of the stack circus does not have (a ``reloadconfig`` of a broken circus.ini dropped
+    it) is a row too, as health and metrics report it: ``missing``, down, ``missing`` true (no
+    action: circus has nothing to act on) and ``advice``, what to do (:func:`missing_advice`)."""
     try:
         c = circus()
         rows = collect_watchers(c, meter())
     except CircusError as e:
         return [], str(e)
+    lost = missing_watchers([row["name"] for row in rows], c.expected)
+    rows = sorted(rows + [{"name": name, "status": MISSING, "numprocesses": 0, "pids": [], "children": [], "cpu": None,
+                           "rss": None, "uptime": None, "processes": []} for name in lost], key=lambda r: r["name"])
     restarts = restarts_last_hour()
     for row in rows:
         row["restarts"] = restarts.get(row["name"])
-        opts = options_of(c, row["name"])
+        row["missing"] = row["name"] in lost
+        row["advice"] = missing_advice(row["name"]) if row["missing"] else None
+        opts = options_of(c, row["name"]) if not row["missing"] else {}
         row["singleton"] = bool(opts.get("singleton"))
         row["one_process"] = one_process(row["name"], opts)
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
+
+
+def missing_advice(name: str) -> str:
+    """What to do about watcher ``name`` of the stack, which circus does not have, with circusctl
+    commands that run as printed."""
+    endpoint = settings().circus_endpoint
+    return (f"circus has no watcher {name}: a reloadconfig of a circus.ini without a valid [watcher:{name}] "
+            f"section removed it. Restore that section in the circus.ini circusd runs, then "
+            f"`{circusctl_command(endpoint, 'reloadconfig', '--waiting')}`; or restart circusd: "
+            f"`{circusctl_command(endpoint, 'quit', '--waiting')}`, then `make run`.")
 
 
 def one_process(name: str, opts: dict[str, Any]) -> str | None:
@@ -230,6 +252,8 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     except CircusError as e:
         flash(f"{LABELS[action]} {name}: {e}", "error")
         return redirect(url_for("console.watchers"), 303)
+    if name in missing_watchers(statuses, c.expected):
+        bad_request(f"{name} is missing: {missing_advice(name)}")
     if name not in statuses or name.startswith("plugin:"):
         names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
         bad_request(f"no watcher named {name[:60]!r}; watchers are {', '.join(names)}")
@@ -257,8 +281,6 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     # Followed until circus reports the new state: one audit row with the real outcome (spooled
     # at once when the action took the writer away, and sent when it is back).
     result, message = run_and_follow(c, name, action)
-    if result == "ok" and name == WRITER_WATCHER and action in ("start", "restart"):
-        result, message = writer_answers(message)
     writer_gone = name == WRITER_WATCHER and action in ("stop", "decr") and result == "ok"
     audit(what, name, audit_result(result), message, writer_down=writer_gone)
     if result == "ok":
@@ -288,36 +310,70 @@ def audit_result(result: str) -> str:
 
 def processes_now(c: Any, name: str) -> str:
     """How many processes circus now runs ``name`` with, in words, after an incr or decr: its
-    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it."""
+    asked-for ``numprocesses``, asked for since circus's answer to incr/decr does not carry it. A
+    stopped watcher runs none of them (circus starts processes only for a running one): said so."""
     try:
         asked = c.asked_for(name)
+        stopped = c.statuses().get(name) == "stopped"
     except CircusError as e:
         return f"circus did not say how many processes it runs now ({e})"
-    return f"{asked} process(es) now" if asked is not None else "circus did not say how many processes it runs now"
+    if asked is None:
+        return "circus did not say how many processes it runs now"
+    if stopped:
+        return f"{asked} process(es) once started; {name} is stopped: {LABELS['start']} runs them"
+    return f"{asked} process(es) now"
+
+
+def asked_for_none(c: Any, name: str) -> bool:
+    """Whether circus was asked to run 0 processes of ``name`` (−1 to 0, ``set numprocesses 0``)."""
+    try:
+        return c.asked_for(name) == 0
+    except CircusError:
+        return False
+
+
+def runs_none(c: Any, name: str) -> str:
+    """What a start or restart of a watcher asked for 0 processes did, in words, and how to run one
+    again (+1 process, or circusctl's ``set`` for a singleton, on which the console offers no +1)."""
+    how = f"{LABELS['incr']}, then {LABELS['start']}"
+    if one_process(name, options_of(c, name)):
+        set_one = circusctl_command(settings().circus_endpoint, "set", name, "numprocesses", "1")
+        how = f"`{set_one}`, then {LABELS['start']}"
+    return (f"{name} is stopped: circus runs it with 0 processes (after a {LABELS['decr']} to 0 or a `set "
+            f"numprocesses 0`), and it stops a watcher whose start runs none. To run it: {how}.")
 
 
 def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
-    at most :data:`FOLLOW_SECONDS`. Returns (audit result, what happened in words): ``ok``,
-    ``error`` (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state)."""
+    at most :data:`FOLLOW_SECONDS`; a (re)started writer is then followed until it answers
+    (:func:`writer_answers`). Returns (audit result, what happened in words): ``ok``, ``error``
+    (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state).
+
+    A watcher circus was asked to run 0 processes of has no new process to wait for: circus ends a
+    start that ran none by stopping the watcher (``Watcher._start``), so its start and restart lead
+    to ``stopped``, said with how to run a process again (:func:`runs_none`)."""
     c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
     before = set(pids_of(c, name) or [])
     started = time.monotonic()
     try:
-        if action in SETTLED:
-            c.call(action, name=name, waiting=False)
-        else:
+        if action not in SETTLED:
             c.call(action, name=name, nb=1)
             return "ok", processes_now(c, name)
+        none = action != "stop" and asked_for_none(c, name)
+        end = "stopped" if none else SETTLED[action]
+        c.call(action, name=name, waiting=False)
         while True:
             status = str(c.statuses().get(name))
             pids = set(pids_of(c, name) or [])
-            settled = status == SETTLED[action] and (action != "restart" or (pids and not pids & before))
+            settled = status == end and (action != "restart" or none or (pids and not pids & before))
             elapsed = time.monotonic() - started
+            if settled and none:
+                return "ok", runs_none(c, name)
             if settled:
                 which = f" (pid {', '.join(map(str, sorted(pids)))})" if pids else ""
-                return "ok", f"{name} is {status}{which} after {elapsed:.1f} s."
+                message = f"{name} is {status}{which} after {elapsed:.1f} s."
+                return writer_answers(message) if name == WRITER_WATCHER and action != "stop" else ("ok", message)
             if elapsed > FOLLOW_SECONDS:
                 return "timeout", (f"sent; {name} is still {status} after {elapsed:.0f} s (the page shows "
                                    "its state as it changes).")

@@ -180,6 +180,8 @@
       (data.watchers || []).forEach(function (w) {
         var row = table.querySelector('tr[data-watcher="' + CSS.escape(w.name) + '"]');
         if (!row) { if (data.watchers.length) window.location.reload(); return; }  // a watcher was added
+        // circus lost it (a reloadconfig) or has it again: the row's actions are the server's to draw.
+        if ((row.dataset.missing === "yes") !== !!w.missing) { window.location.reload(); return; }
         var status = row.querySelector('[data-field="status"]');
         setText(status, w.status + (w.detail ? ", " + w.detail : ""));
         status.className = "pill pill-" + w.status.replace(/ /g, "-");  // "no processes" -> pill-no-processes
