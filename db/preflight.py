@@ -65,16 +65,16 @@ def circusctl_command(endpoint: str, *args: str) -> str:
     in its path pastes as one argument. A start, stop or restart waits until it is done
     (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
     ("arbiter is already running watcher_restart command") until it is."""
-    if args and args[0] in _WAITABLE:
-        return shlex.join((CIRCUSCTL, "--endpoint", endpoint, "--timeout", str(WAITED_TIMEOUT_S), *args,
-                           "--waiting"))
-    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *args))
+    if args and args[0] in _WAITABLE and "--waiting" not in args:
+        args = (*args, "--waiting")
+    timeout = ("--timeout", str(WAITED_TIMEOUT_S)) if "--waiting" in args else ()
+    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *timeout, *args))
 
 
 #: circusctl commands that take ``--waiting``.
 _WAITABLE = frozenset(("start", "stop", "restart"))
-#: circusctl's ``--timeout`` for a command it waits for (its own default, 5 s, would give up on a
-#: stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
+#: circusctl's ``--timeout`` for a command given ``--waiting`` (its own default, 5 s, would give up
+#: on a stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
 #: (45 s for the writer), then a start's wait for the writer (TICKSTACK_READY_TIMEOUT, 30 s).
 WAITED_TIMEOUT_S = 120
 
