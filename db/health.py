@@ -398,15 +398,21 @@ def new_backup(settings: Settings, keep: int | None = None) -> dict[str, Any] | 
     suffix, then :func:`rotate_backups` to the newest ``keep`` (``TICKSTACK_BACKUP_KEEP`` unless
     given), holding :data:`BACKUP_LOCK` throughout: the jobs worker's backup and the console's
     button alike, so neither's backups pile up until the other's. The result's ``removed`` names
-    the backups deleted; a backup that fails raises before the rotation, so it never deletes the
-    old ones. None, at once, when another process holds the lock (a backup is being written)."""
+    the backups deleted, ``rotation_error`` why the rotation failed (the backup is written all the
+    same); a backup that fails raises before the rotation, so it never deletes the old ones. None,
+    at once, when another process holds the lock (a backup is being written)."""
     settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     lock = PidLock(settings.run_dir / BACKUP_LOCK)
     if not lock.try_acquire():
         return None
     try:
         result = backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
-        removed = rotate_backups(settings.backup_dir, settings.backup_keep if keep is None else keep)
+        removed: list[Path] = []
+        try:
+            removed = rotate_backups(settings.backup_dir, settings.backup_keep if keep is None else keep,
+                                     spare=Path(result["path"]))
+        except OSError as e:
+            result["rotation_error"] = f"{type(e).__name__}: {e}"
     finally:
         lock.release()
     return {**result, "removed": [p.name for p in removed]}
@@ -421,12 +427,14 @@ def list_backups(directory: Path) -> list[Path]:
         return []
 
 
-def rotate_backups(directory: Path, keep: int) -> list[Path]:
+def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` backups in ``directory`` (:func:`list_backups`: only our
-    names, so a copy a person put there under another name is never touched); return them."""
+    names, so a copy a person put there under another name is never touched); return them.
+    ``spare`` (the backup just written) is never deleted, even when newer names were copied in or
+    the clock stepped back."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    old = list_backups(directory)[:-keep]
+    old = [p for p in list_backups(directory)[:-keep] if spare is None or p.name != spare.name]
     for path in old:
         path.unlink(missing_ok=True)
     return old

@@ -90,7 +90,7 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
                 # The stuck writer this hint is printed for: stopped, it drains only once it runs
                 # again, so the restart takes longer than circusctl's own 5 s time-out.
                 os.kill(before[0], signal.SIGSTOP)
-                threading.Timer(8, os.kill, (before[0], signal.SIGCONT)).start()
+                threading.Timer(6, os.kill, (before[0], signal.SIGCONT)).start()
             done = run_as_printed(backticked(text, needle))
             assert done.returncode == 0 and "ok" in done.stdout, (text, done.stdout, done.stderr)
             # The hint waits until its command is done (--waiting): without it circusctl answered

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.database_independent(
 
 BOOT_LINE = "Booting worker"
 #: The restart the message asks for, runnable as printed (tests/test_circusctl_hints.py).
-RESTART = r"\.venv/bin/circusctl --endpoint ipc://\S+/run/circus\.sock restart console"
+RESTART = r"\.venv/bin/circusctl --endpoint ipc://\S+/run/circus\.sock --timeout \d+ restart console --waiting"
 #: Text of a good password (its length is set per test from the variable's rule).
 GOOD = "Good-Password-Of-Enough-Length-"
 

@@ -334,6 +334,20 @@ def test_infer_timeframe_in_bounded_memory_past_max_gaps_different_gaps() -> Non
     irregular = [T0 + 60_000 * (k * (k + 1) // 2) for k in range(MAX_GAPS + 2000)]  # every gap different
     with pytest.raises(ValueError, match="bars are at irregular intervals"):
         infer_timeframe(bars_at(irregular))
+    # Found by a review of the first bounded version (its summed-up counts): a regular part after the
+    # irregular one raised TypeError (a traceback), exactly MAX_GAPS + 1 different gaps "max() arg is
+    # an empty sequence" (when exactly as many went), and the verdict on the same gaps depended on their order.
+    regular = [irregular[-1] + 60_000 * (i + 1) for i in range(2 * MAX_GAPS)]
+    assert infer_timeframe(bars_at(irregular + regular)) == "1m"
+    with pytest.raises(ValueError, match="bars are at irregular intervals"):
+        infer_timeframe(bars_at(irregular[:MAX_GAPS + 10]))  # just past MAX_GAPS gaps of no timeframe
+    minutes = [T0 + 60_000 * i for i in range(101)]
+    odd = [minutes[-1] + 60_000 * (k * (k + 1) // 2 + k) for k in range(1, MAX_GAPS + 10)]
+    with pytest.raises(ValueError, match="bars are at irregular intervals"):
+        infer_timeframe(bars_at(minutes + odd))
+    shifted = [t - odd[-1] + T0 - 60_000 for t in odd]
+    with pytest.raises(ValueError, match="bars are at irregular intervals"):
+        infer_timeframe(bars_at(shifted + [shifted[-1] + 60_000 * (i + 1) for i in range(100)]))
 
 
 def test_misaligned_daily_file_names_the_line(tmp_path: Path) -> None:

@@ -108,6 +108,11 @@ def test_rotate_keeps_the_newest_and_only_touches_our_names(tmp_path: Any) -> No
     removed = rotate_backups(tmp_path, 2)
     assert sorted(p.name for p in removed) == names[:3]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:] + others)
+    # The backup just written is never deleted, even named older than those kept (the clock stepped
+    # back, or newer backups were copied in from another host).
+    (tmp_path / names[0]).write_bytes(b"x")
+    assert rotate_backups(tmp_path, 2, spare=tmp_path / names[0]) == []
+    assert (tmp_path / names[0]).exists()
 
 
 # --------------------------------------------------------------------------- jobs, one at a time

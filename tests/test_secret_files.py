@@ -40,7 +40,7 @@ pytestmark = pytest.mark.database_independent(
     "meanwhile are the same reads either way")
 
 #: The restart each message asks for, runnable as printed (tests/test_circusctl_hints.py).
-RESTART = r"\.venv/bin/circusctl --endpoint ipc://\S+/run/circus\.sock restart {}"
+RESTART = r"\.venv/bin/circusctl --endpoint ipc://\S+/run/circus\.sock --timeout \d+ restart {} --waiting"
 #: A case: how the bad file is made in place of the secret, and what the message says is wrong.
 BAD_FILES: dict[str, tuple[Callable[[Path], None], str]] = {
     "empty": (lambda p: p.write_bytes(b""), r"is empty"),

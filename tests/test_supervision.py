@@ -312,42 +312,41 @@ def test_health_is_degraded_while_circusd_does_not_answer(stack: CircusStack) ->
     wait_for("health ok again", lambda: health(stack)["status"] == "ok", timeout=60)
 
 
-def test_a_dependent_started_while_the_writer_is_stopped_starts_at_once(stack: CircusStack) -> None:
+@pytest.mark.database_independent("the start hook reads circus's writer watcher and pings the writer over ZeroMQ, "
+                                   "whatever the database")
+def test_a_dependent_never_waits_for_a_stopped_writer_and_once_for_a_silent_one() -> None:
     """The dependents' ``before_start`` hook waits for the writer's readiness on circusd's own event
     loop. With the writer stopped on purpose it pinged nobody for TICKSTACK_READY_TIMEOUT (30 s by
     default; circusd answered no one meanwhile), then refused: a restart of the console (the page
     that starts the writer again) left it stopped, and the console's Restart all left every
-    dependent stopped, each after its own 30 s. A stopped writer is not waited for: the dependent
-    starts (each tolerates a missing writer), and the log says so."""
-    stack.start()
-    stopped = stack.circusctl("stop", "writer", "--waiting")
-    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-    for name in ("console", "ticks"):
-        done = stack.circusctl("restart", name, "--waiting")
-        assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
-        assert stack.status()[name] == "active", (name, stack.status(), stack.circusd_log()[-3000:])
-        assert f"the writer is stopped; starting {name} without waiting for it" in stack.circusd_log()
-    assert stack.status()["writer"] == "stopped"
-    page = urllib.request.urlopen(f"http://127.0.0.1:{stack.console_port}/console/health", timeout=30)
-    assert page.status == 200
-    # The writer started again, a dependent waits for it as at circusd's start.
-    started = stack.circusctl("start", "writer", "--waiting")
-    assert started.returncode == 0, started.stdout + started.stderr
-    seen = len(stack.circusd_log())
-    done = stack.circusctl("restart", "analysis", "--waiting")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"writer pid \d+ ready \([\d.]+ ms\); starting analysis", stack.circusd_log()[seen:])
-
-
-def test_a_silent_writer_is_waited_for_once_then_dependents_start_without_it() -> None:
-    """A writer process that runs but does not answer (stopped here with SIGSTOP; a hung start) is
-    waited for once, up to TICKSTACK_READY_TIMEOUT: that dependent then starts anyway, and the next
-    ones only ping the same process briefly (each wait stalls circusd). Once it answers again, the
-    next start finds it ready. Before, each dependent refused after its own full wait."""
+    dependent stopped, each after its own wait. A stopped writer is not waited for: the dependent
+    starts (each tolerates a missing writer), and the log says so. A writer process that runs but
+    does not answer (SIGSTOP here; a hung start) is waited for once, up to the timeout; the next
+    dependents only ping it briefly, and once it answers again the next start finds it ready."""
     stack = CircusStack(TICKSTACK_READY_TIMEOUT="5")
     writer = None
     try:
         stack.start()
+        stopped = stack.circusctl("stop", "writer", "--waiting")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        for name in ("console", "ticks"):
+            done = stack.circusctl("restart", name, "--waiting")
+            assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+            assert stack.status()[name] == "active", (name, stack.status(), stack.circusd_log()[-3000:])
+            assert f"the writer is stopped; starting {name} without waiting for it" in stack.circusd_log()
+        assert stack.status()["writer"] == "stopped"
+        page = urllib.request.urlopen(f"http://127.0.0.1:{stack.console_port}/console/health", timeout=30)
+        assert page.status == 200
+
+        # Started again: a dependent waits for it, as at circusd's start.
+        started = stack.circusctl("start", "writer", "--waiting")
+        assert started.returncode == 0, started.stdout + started.stderr
+        seen = len(stack.circusd_log())
+        done = stack.circusctl("restart", "analysis", "--waiting")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.search(r"writer pid \d+ ready \([\d.]+ ms\); starting analysis", stack.circusd_log()[seen:])
+
+        # Silent.
         writer = psutil.Process(stack.pids_of("writer")[0])
         writer.send_signal(signal.SIGSTOP)
         seen = len(stack.circusd_log())

@@ -104,7 +104,7 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order).
 
     ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
-    bar files (:func:`_timestamp`). ``symbol``, if given, overrides the file's
+    bar files (:func:`workers.csvrows.parse_time`). ``symbol``, if given, overrides the file's
     symbol column, which may then be absent; ``volume`` may be absent (0). Rows are validated as they
     are read, by this reader's rules and then by the writer's (symbol format, time and price ranges):
     the first bad row raises :class:`CsvFormatError` after every earlier row was yielded, so an
@@ -209,9 +209,10 @@ def _misaligned(line: int | None, ts: int, timeframe: str) -> ValueError:
     return ValueError(reason) if line is None else CsvFormatError(line, reason)
 
 
-#: The most distinct gaps between bars, other than the timeframes', that :class:`_Gaps` keeps: its
-#: memory, whatever the file. Past it the counts are summed up (Misra-Gries): a gap that occurs more
-#: than once in every MAX_GAPS is still told, so only a file with no regular interval is refused.
+#: The most distinct gaps between bars, other than the timeframes', that :class:`_Gaps` counts: its
+#: memory, whatever the file. Past it only a timeframe that is more than half of all the gaps is
+#: told (a majority is the most common gap for sure, in any order of the bars); any other file is
+#: refused as irregular, never guessed.
 MAX_GAPS = 10_000
 
 
@@ -224,21 +225,21 @@ class _Gaps:
         self.bars = 0
         self._last: int | None = None
         self._known = dict.fromkeys(_TF_BY_MS, 0)  # counted exactly
-        self._other: Counter[int] = Counter()  # each at most _floor short of how often it occurred
-        #: How often a gap not in _other may have occurred.
-        self._floor = 0
+        #: The other gaps, counted exactly; None once there are more than MAX_GAPS of them.
+        self._other: Counter[int] | None = Counter()
+        self._gaps = 0
         self._misaligned: dict[str, tuple[int | None, int]] = {}
 
     def add(self, line: int | None, ts: int) -> None:
         if self._last is not None:
             gap = ts - self._last
+            self._gaps += 1
             if gap in self._known:
                 self._known[gap] += 1
-            else:
+            elif self._other is not None:
                 self._other[gap] += 1
-                if len(self._other) > MAX_GAPS:  # one fewer of each; those down to none are forgotten
-                    self._floor += 1
-                    self._other = Counter({g: n - 1 for g, n in self._other.items() if n > 1})
+                if len(self._other) > MAX_GAPS:
+                    self._other = None
         self._last = ts
         self.bars += 1
         for name, length in TIMEFRAMES.items():
@@ -256,13 +257,15 @@ class _Gaps:
         """The timeframe whose length is the most common gap (:func:`infer_timeframe`)."""
         if self.bars < 2:
             raise ValueError(f"need at least 2 bars to infer the timeframe, got {self.bars}; pass it explicitly")
-        counts = {**self._other, **{g: n for g, n in self._known.items() if n}}
-        gap, n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
-        # Summed up: a timeframe's count is exact, another gap's at most _floor short (_floor: one not kept).
-        rivals = (m + (g not in _TF_BY_MS) * self._floor for g, m in counts.items() if g != gap)
-        if self._floor and n <= max(self._floor, *rivals):
-            raise ValueError(f"bars are at irregular intervals: of more than {MAX_GAPS:,} different gaps between "
-                             "them none is the most common for sure; pass the timeframe explicitly")
+        if self._other is None:
+            gap, n = max(self._known.items(), key=lambda kv: (kv[1], -kv[0]))
+            if 2 * n <= self._gaps:
+                raise ValueError(f"bars are at irregular intervals: more than {MAX_GAPS:,} different gaps between "
+                                 "them, and no timeframe's length is more than half of them; pass the timeframe "
+                                 "explicitly")
+        else:
+            counts = {**self._other, **{g: n for g, n in self._known.items() if n}}
+            gap, n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
         if gap not in _TF_BY_MS:
             known = ", ".join(f"{name}={ms}" for name, ms in TIMEFRAMES.items())
             raise ValueError(f"bars are most often {gap} ms apart, which is no known timeframe ({known} ms)")

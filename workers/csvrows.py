@@ -77,12 +77,12 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
 
 
 class _RecordTooLong(Exception):
-    """A record grew past :data:`MAX_RECORD_CHARS` (:class:`_BoundedLines`); :func:`_rows` names its line."""
+    """A record grew past :data:`MAX_RECORD_CHARS` (:class:`_BoundedLines`); :func:`read_rows` names its line."""
 
 
 class _BoundedLines:
     """The lines of a text file for ``csv.reader``, read at most :data:`MAX_RECORD_CHARS` characters
-    into the current record (:func:`_rows` sets ``record_chars`` back to 0 after each one), then
+    into the current record (:func:`read_rows` sets ``record_chars`` back to 0 after each one), then
     :class:`_RecordTooLong`. Iterating the file itself reads a whole line whatever its length: a
     500 MB line took a gigabyte before the csv module saw it and refused its field."""
 

@@ -316,6 +316,7 @@ class JobsWorker(Worker):
                 self.log.exception("jobs: %s failed", job)
             outcome = False, f"{type(e).__name__}: {e}"
         if outcome is None:
+            self._held_back.pop(job, None)  # a check with nothing to do ends a row of held-back runs
             return None
         ok, detail, held_back = Result(*outcome)
         finished = max(now_ms(), started)  # the wall clock may step back
@@ -387,7 +388,11 @@ class JobsWorker(Worker):
             self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_RETRY_S
             self.log.info("jobs: backup: another backup is being written now; trying again in %d s", BACKUP_RETRY_S)
             return None
-        return True, json.dumps({k: result[k] for k in ("path", "bytes", "ms", "entries", "removed") if k in result})
+        if "rotation_error" in result:  # written all the same: older ones pile up until it clears
+            self.log.warning("jobs: backup written, but older backups could not be removed: %s",
+                             result["rotation_error"])
+        return True, json.dumps({k: result[k] for k in ("path", "bytes", "ms", "entries", "removed", "rotation_error")
+                                 if k in result})
 
     def quick_check(self, force: bool = False) -> Outcome:
         """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on

@@ -223,7 +223,10 @@ def backup() -> ResponseReturnValue:
     kept = (f" Removed {len(removed)} older backup{'s' if len(removed) != 1 else ''} (keeping the newest "
             f"{s.backup_keep}, TICKSTACK_BACKUP_KEEP): {', '.join(removed[:5])}{', …' if len(removed) > 5 else ''}."
             if removed else "")
-    return _done("ok", f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).{kept}")
+    written = f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).{kept}"
+    if "rotation_error" in result:
+        return _done("warn", f"{written} Older backups could not be removed: {result['rotation_error']}.")
+    return _done("ok", written)
 
 
 @bp.post("/database/quick_check")

@@ -117,8 +117,9 @@ def missing_advice(name: str) -> str:
     """What to do about watcher ``name`` of the stack, which circus does not have, with circusctl
     commands that run as printed."""
     endpoint = settings().circus_endpoint
-    return (f"circus has no watcher {name}: a reloadconfig of a circus.ini without a valid [watcher:{name}] "
-            f"section removed it. Restore that section in the circus.ini circusd runs, then "
+    return (f"circus has no watcher {name}: it was removed (a reloadconfig of a circus.ini without a valid "
+            f"[watcher:{name}] section, or circus's rm command). Restore that section in the circus.ini "
+            f"circusd runs, then "
             f"`{circusctl_command(endpoint, 'reloadconfig', '--waiting')}`; or restart circusd: "
             f"`{circusctl_command(endpoint, 'quit', '--waiting')}`, then `make run`.")
 
@@ -319,6 +320,8 @@ def processes_now(c: Any, name: str) -> str:
         return f"circus did not say how many processes it runs now ({e})"
     if asked is None:
         return "circus did not say how many processes it runs now"
+    if stopped and asked == 0:
+        return runs_none(c, name)
     if stopped:
         return f"{asked} process(es) once started; {name} is stopped: {LABELS['start']} runs them"
     return f"{asked} process(es) now"
