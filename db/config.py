@@ -359,6 +359,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if settings.direct_writes and settings.database_path is not None:
         raise ConfigError("TICKSTACK_DIRECT_WRITES works on PostgreSQL only: on SQLite only the writer may "
                           "write (unset it, or point DATABASE_URL at a PostgreSQL server)")
+    if settings.api_port == settings.console_port:  # circus would bind one and fail on the other
+        raise ConfigError(f"TICKSTACK_API_PORT and TICKSTACK_CONSOLE_PORT are both {settings.api_port}: the API "
+                          "and the console each need a port of their own")
     return settings
 
 

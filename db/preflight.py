@@ -62,7 +62,7 @@ def circusctl_command(endpoint: str, *args: str) -> str:
     """A circusctl command that runs as printed, from the checkout, the venv not activated: every
     circusctl hint the stack prints is made here. Without ``--endpoint`` circusctl would talk to
     tcp://127.0.0.1:5555, never to a tickstack circusd. Quoted for the shell: a home with a space
-    in its path pastes as one argument. A start, stop or restart waits until it is done
+    in its path pastes as one argument. A start, stop, restart or quit waits until it is done
     (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
     ("arbiter is already running watcher_restart command") until it is."""
     if args and args[0] in _WAITABLE and "--waiting" not in args:
@@ -71,8 +71,9 @@ def circusctl_command(endpoint: str, *args: str) -> str:
     return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *timeout, *args))
 
 
-#: circusctl commands that take ``--waiting``.
-_WAITABLE = frozenset(("start", "stop", "restart"))
+#: circusctl commands that take ``--waiting`` (a quit's: a ``make run`` right after it would find
+#: circusd still stopping its watchers).
+_WAITABLE = frozenset(("start", "stop", "restart", "quit"))
 #: circusctl's ``--timeout`` for a command given ``--waiting`` (its own default, 5 s, would give up
 #: on a stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
 #: (45 s for the writer), then a start's wait for the writer (TICKSTACK_READY_TIMEOUT, 30 s).
@@ -256,14 +257,15 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
         add(holder, f"holds the writer lock {settings.writer_lock_path}")
     for pid in orphans(settings.home) if leftovers else []:
         add(pid, "left running by a circusd that is gone")
-    ports = [("TCP", settings.api_port, "API"), ("TCP", settings.console_port, "console")] if tcp_ports else []
+    ports = ([("TCP", settings.api_port, "API", "TICKSTACK_API_PORT"),
+              ("TCP", settings.console_port, "console", "TICKSTACK_CONSOLE_PORT")] if tcp_ports else [])
     if udp_port:
-        ports.append(("UDP", settings.watchdog_port, "watchdog"))
-    for kind, port, what in ports:
+        ports.append(("UDP", settings.watchdog_port, "watchdog", "TICKSTACK_WATCHDOG_PORT"))
+    for kind, port, what, variable in ports:
         if port_taken(port, kind):
             owners = sorted({socket_owner(pid, port, kind) for pid in port_holders(port, kind)})
             for pid in owners or [None]:
-                add(pid, f"holds 127.0.0.1:{port}/{kind}, the {what}'s port")
+                add(pid, f"holds 127.0.0.1:{port}/{kind}, the {what}'s port ({variable})")
     return list(found.values())
 
 

@@ -115,6 +115,14 @@ def test_a_bad_value_names_the_variable(name: str, value: str, message: str) -> 
     assert "hunter2" not in str(refused.value)
 
 
+def test_the_api_and_the_console_cannot_share_a_port() -> None:
+    """Both ports passed every check (make run printed its banner with both at the same address),
+    then circus could not bind the second and circusd exited 0 with the reason in its log only."""
+    with pytest.raises(ConfigError, match="TICKSTACK_API_PORT and TICKSTACK_CONSOLE_PORT are both 18420"):
+        load_settings({"TICKSTACK_API_PORT": "18420", "TICKSTACK_CONSOLE_PORT": "18420"})
+    assert load_settings({"TICKSTACK_API_PORT": "18420", "TICKSTACK_CONSOLE_PORT": "18421"}).console_port == 18421
+
+
 def test_an_at_sign_of_a_server_urls_query_or_encoded_password_is_taken() -> None:
     for url in ("postgresql+psycopg://host/db?user=a@corp&password=p@ss",
                 "postgresql+psycopg:///db?host=/run/pg&password=x@y@z",

@@ -56,8 +56,8 @@ def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack
         assert refused.returncode == 1, refused.stdout + err
         assert f"pid {stack.proc.pid} (" in err and "circusd" in err, err
         assert f"127.0.0.1:{stack.api_port}/TCP, the API's port" in err, err
-        assert f"127.0.0.1:{udp}/UDP, the watchdog's port" in err, err
-        assert f"`.venv/bin/circusctl --endpoint {stack.endpoint} quit`" in err, err
+        assert f"127.0.0.1:{udp}/UDP, the watchdog's port (TICKSTACK_WATCHDOG_PORT)" in err, err
+        assert f"`.venv/bin/circusctl --endpoint {stack.endpoint} --timeout 120 quit --waiting`" in err, err
         assert "kill" not in err, err
         for pid in gunicorns:
             assert not re.search(rf"\bpid {pid}\b", err), (pid, err)
