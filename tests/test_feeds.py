@@ -350,6 +350,25 @@ def test_infer_timeframe_in_bounded_memory_past_max_gaps_different_gaps() -> Non
         infer_timeframe(bars_at(shifted + [shifted[-1] + 60_000 * (i + 1) for i in range(100)]))
 
 
+def test_a_file_that_changed_after_its_first_read_is_not_replayed(tmp_path: Path) -> None:
+    """A bar file is read twice (its timeframe, then the replay) and a tick file's digest names its
+    source: rewritten or replaced in between, the replay would be of other bars than the timeframe
+    and the source were taken from. Refused, saying so; as it was, it replays."""
+    text = "Date,Open,High,Low,Close\n2024-01-02,1,1,1,1\n2024-01-03,1,1,1,1\n2024-01-04,1,1,1,1\n"
+    path = write(tmp_path, text)
+    assert len(list(CsvFeed(path, "X"))) == 12
+    feed = CsvFeed(path, "X")
+    path.write_text(text + "2024-01-05T06:00:00Z,1,1,1,1\n")  # not on a day's boundary: a 1d replay misplaces it
+    with pytest.raises(ValueError, match="changed since it was first read"):
+        iter(feed)
+    ticks = write(tmp_path, "ts,symbol,bid,ask\n1704153600000,X,1,1.1\n", "ticks.csv")
+    feed = CsvFeed(ticks, None)
+    ticks.rename(tmp_path / "old.csv")
+    write(tmp_path, "ts,symbol,bid,ask\n1704153600000,Y,2,2.1\n", "ticks.csv")
+    with pytest.raises(ValueError, match="changed since it was first read"):
+        iter(feed)
+
+
 def test_misaligned_daily_file_names_the_line(tmp_path: Path) -> None:
     path = write(
         tmp_path,

@@ -13,6 +13,7 @@ first line. Rows and fields are read by :mod:`workers.csvrows`.
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -152,6 +153,12 @@ def read_bar_csv(path: str | Path) -> list[tuple[int, Bar]]:
     list of the whole file: a replay (:class:`CsvFeed`) reads the bars as it goes instead.
     """
     return list(_bar_rows(path))
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """Which file ``path`` is, and as written: device, inode, size, modification time (ns)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _bar_rows(path: str | Path) -> Iterator[tuple[int, Bar]]:
@@ -338,6 +345,7 @@ class CsvFeed:
     def __init__(self, path: str | Path, symbol: str | None = None, timeframe: str | None = None) -> None:
         self.path = Path(path)
         self.symbol = symbol
+        self._identity = _identity(self.path)
         rows = read_rows(self.path)
         try:
             line, names = read_header(rows, "ts,symbol,bid,ask,volume or Date,Open,High,Low,Close,Volume")
@@ -376,6 +384,11 @@ class CsvFeed:
             self.timeframe = timeframe
 
     def __iter__(self) -> Iterator[tuple[int, Tick]]:
+        # Read again by path: a file replaced or rewritten since the first look (the timeframe, the
+        # header, the source's digest came from it) is not replayed as if it were the same.
+        if _identity(self.path) != self._identity:
+            raise ValueError(f"{self.path} changed since it was first read (another file, size or time); "
+                             "replay it again once it is written")
         if self.kind == "ticks":
             return read_tick_csv(self.path, self.symbol)
         return _checked(self._bar_ticks())
