@@ -110,22 +110,29 @@ BARE_COMMANDS = ("python", "gunicorn")
 _OUR_PACKAGES = "import circus, flask, gunicorn, msgpack, psutil, sqlalchemy, zmq"
 
 
-def foreign_commands(path: str | None = None) -> str | None:
+def foreign_commands() -> str | None:
     """Why circus.ini's bare ``python`` and ``gunicorn`` would not run tickstack, in one line; None
     when they would. ``.venv/bin/circusd circus.ini`` typed without the venv activated ran every
     watcher with the system's Python, which crash-looped on an import error until the flapping
     plugin gave up. A command in this interpreter's own folder is ours; one elsewhere (a system
     whose Python has our packages) is asked whether it imports them; a wrapper whose ``#!`` line
     names no Python (a pyenv shim, pip's ``/bin/sh`` launcher) is not refused: it cannot be told."""
-    path = search_path() if path is None else path
+    path = search_path()
     ours = os.path.dirname(sys.executable)
     problems = []
+    asked: dict[str, bool] = {}  # interpreter -> imports ours: gunicorn's is usually the python found
     for name in BARE_COMMANDS:
         found = shutil.which(name, path=path)
         if found is None:
             problems.append(f"`{name}` is not on PATH")
-        elif not _same_folder(os.path.dirname(found), ours) and not _imports_ours(
-                found if name == "python" else _interpreter(found, path)):
+            continue
+        if _same_folder(os.path.dirname(found), ours):
+            continue
+        interpreter = found if name == "python" else _interpreter(found, path)
+        key = str(interpreter)  # as named, not resolved: a venv's python links to its base, which differs
+        if key not in asked:
+            asked[key] = _imports_ours(interpreter)
+        if not asked[key]:
             problems.append(f"`{name}` on PATH is {found}, which lacks tickstack's packages")
     if not problems:
         return None

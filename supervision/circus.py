@@ -95,14 +95,10 @@ class WatcherState:
 
 
 class Circus:
-    def __init__(self, endpoint: str, timeout: float = 5.0, busy_retry: float = 3.0,
-                 expected: Collection[str] = STACK_WATCHERS) -> None:
-        """``expected``: the watchers :meth:`watchers` reports as :data:`MISSING` when circus has none
-        of that name (the stack's by default; not when it runs none of them: another ini)."""
+    def __init__(self, endpoint: str, timeout: float = 5.0, busy_retry: float = 3.0) -> None:
         self.endpoint = endpoint
         self.timeout = timeout
         self.busy_retry = busy_retry
-        self.expected = tuple(expected)
 
     def call(self, command: str, **props: Any) -> dict[str, Any]:
         """One command on a client of its own (:meth:`_call` says what it raises)."""
@@ -160,8 +156,8 @@ class Circus:
         :class:`CircusError` when the first fails. When a later one fails (it timed out, circusd's
         loop held by a start hook; or the watcher is gone, removed by a ``reloadconfig``), what it
         would have said is None and nothing more is asked: each further call could wait as long.
-        When circus runs any of :attr:`expected` (it runs the stack), each of them it does not have
-        is there too, :data:`MISSING` (down)."""
+        When circus runs any of :data:`STACK_WATCHERS` (it runs the stack), each of them it does not
+        have is there too, :data:`MISSING` (down: :func:`missing_watchers`)."""
         client = self._client()
         try:
             statuses = self._call(client, "status")["statuses"]
@@ -178,7 +174,7 @@ class Circus:
                     except CircusError:
                         asking = False
                 out[name] = WatcherState.of(status, processes, asked)
-            for name in missing_watchers(out, self.expected):
+            for name in missing_watchers(out):
                 out[name] = WatcherState(MISSING, None, None)
             return dict(sorted(out.items()))
         finally:

@@ -138,7 +138,7 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
 
 #: How long a writer process that was silent for a whole ready timeout is pinged at a later start.
 UNREADY_PING_S = 0.5
-#: The writer process that did not answer within the ready timeout: later dependents start at once.
+#: The writer process that did not answer within the ready timeout: later dependents only ping it.
 _unready_writer: int | None = None
 
 

@@ -54,6 +54,11 @@ def folder_of(settings: Settings, master_pid: int) -> Path:
     return settings.run_dir / FOLDER / str(master_pid)
 
 
+def _of_a_live_master(folder: Path) -> bool:
+    """Whether ``folder`` is a master's (named by its pid) and that master runs."""
+    return folder.name.isdigit() and psutil.pid_exists(int(folder.name))
+
+
 def environment(folder: Path) -> list[str]:
     """gunicorn's ``raw_env`` that points prometheus_client at ``folder``."""
     return [f"{ENV_VAR}={folder}"]
@@ -66,7 +71,7 @@ def start(folder: Path) -> None:
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(root, 0o700)
     for child in root.iterdir():
-        if child != folder and child.name.isdigit() and not psutil.pid_exists(int(child.name)):
+        if child != folder and child.name.isdigit() and not _of_a_live_master(child):
             shutil.rmtree(child, ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)  # a pid reused from an earlier master: start from zero
     folder.mkdir(mode=0o700)
@@ -97,7 +102,7 @@ class EveryMaster:
     scrape. The console's master writes no files, so its folder adds nothing."""
 
     def __init__(self, settings: Settings) -> None:
-        self.root = settings.run_dir / FOLDER
+        self.root = folder_of(settings, 0).parent
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -116,4 +121,4 @@ class EveryMaster:
         except OSError:
             return []
         # A folder left by a master killed with SIGKILL stays until the next start: not counted.
-        return [f for f in folders if f.name.isdigit() and psutil.pid_exists(int(f.name))]
+        return [f for f in folders if _of_a_live_master(f)]

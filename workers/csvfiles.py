@@ -234,13 +234,11 @@ class _Gaps:
         self._known = dict.fromkeys(_TF_BY_MS, 0)  # counted exactly
         #: The other gaps, counted exactly; None once there are more than MAX_GAPS of them.
         self._other: Counter[int] | None = Counter()
-        self._gaps = 0
         self._misaligned: dict[str, tuple[int | None, int]] = {}
 
     def add(self, line: int | None, ts: int) -> None:
         if self._last is not None:
             gap = ts - self._last
-            self._gaps += 1
             if gap in self._known:
                 self._known[gap] += 1
             elif self._other is not None:
@@ -254,7 +252,9 @@ class _Gaps:
                 self._misaligned[name] = (line, ts)
 
     def check(self, timeframe: str) -> None:
-        """ValueError unless ``timeframe`` is known and every bar starts on its boundary."""
+        """ValueError unless ``timeframe`` is known and every bar starts on its boundary (ts % length
+        == 0): replayed ticks must rebuild the same buckets; a daily file whose times carry a non-UTC
+        offset fails here. A :class:`CsvFormatError` when the line is known."""
         if timeframe not in TIMEFRAMES:
             raise ValueError(f"unknown timeframe {timeframe!r}; known: {', '.join(TIMEFRAMES)}")
         if timeframe in self._misaligned:
@@ -266,7 +266,7 @@ class _Gaps:
             raise ValueError(f"need at least 2 bars to infer the timeframe, got {self.bars}; pass it explicitly")
         if self._other is None:
             gap, n = max(self._known.items(), key=lambda kv: (kv[1], -kv[0]))
-            if 2 * n <= self._gaps:
+            if 2 * n <= self.bars - 1:  # of all the gaps, one fewer than the bars
                 raise ValueError(f"bars are at irregular intervals: more than {MAX_GAPS:,} different gaps between "
                                  "them, and no timeframe's length is more than half of them; pass the timeframe "
                                  "explicitly")
@@ -280,22 +280,6 @@ class _Gaps:
         return _TF_BY_MS[gap]
 
 
-def _gaps(bars: Iterable[Bar | tuple[int, Bar]]) -> _Gaps:
-    gaps = _Gaps()
-    for line, bar in _with_lines(bars):
-        gaps.add(line, bar["ts"])
-    return gaps
-
-
-def check_aligned(bars: Iterable[Bar | tuple[int, Bar]], timeframe: str) -> None:
-    """Raise ValueError unless every bar starts on a ``timeframe`` boundary (ts % length == 0).
-
-    Bars must be aligned so that replayed ticks rebuild the same buckets; a daily file whose times
-    carry a non-UTC offset fails here. The error is a :class:`CsvFormatError` when the line is known.
-    """
-    _gaps(bars).check(timeframe)
-
-
 def infer_timeframe(bars: Iterable[Bar | tuple[int, Bar]]) -> str:
     """The timeframe name whose length is the most common gap between consecutive bars.
 
@@ -303,7 +287,10 @@ def infer_timeframe(bars: Iterable[Bar | tuple[int, Bar]]) -> str:
     daily data. Raises ValueError if there are fewer than 2 bars, if the gap is not one of
     ``db.vocabulary.TIMEFRAMES``, or if the bars are not aligned to it.
     """
-    return _gaps(bars).timeframe()
+    gaps = _Gaps()
+    for line, bar in _with_lines(bars):
+        gaps.add(line, bar["ts"])
+    return gaps.timeframe()
 
 
 def bar_to_ticks(bar: Mapping[str, Any], timeframe_ms: int, symbol: str) -> list[Tick]:
@@ -353,7 +340,6 @@ class CsvFeed:
             rows.close()
         self.kind: Literal["ticks", "bars"] = "bars" if set(_OHLC) <= set(names) else "ticks"
         self.timeframe: str | None = None
-        self._bad_row: CsvFormatError | None = None
         if self.kind == "ticks":
             if timeframe is not None:
                 raise ValueError(f"{self.path} holds ticks: a timeframe only applies to bar files")
@@ -364,11 +350,12 @@ class CsvFeed:
             raise ValueError(f"{self.path} holds bars, which have no symbol column: pass a symbol")
         # A first pass decides the timeframe, the replay (iterating) a second: memory bounded, not the file's.
         gaps, bars = _Gaps(), _bar_rows(self.path)  # a bad header raises here, at once
+        bad_row: CsvFormatError | None = None  # raised again by the replay, at its line
         try:
             for line, bar in bars:
                 gaps.add(line, bar["ts"])
         except CsvFormatError as e:
-            self._bad_row = e
+            bad_row = e
         if timeframe is None:
             try:
                 self.timeframe = gaps.timeframe()
@@ -376,8 +363,8 @@ class CsvFeed:
                 raise
             except ValueError:
                 # Too few bars before the bad row to tell the timeframe: that row is what to fix.
-                if self._bad_row is not None:
-                    raise self._bad_row from None
+                if bad_row is not None:
+                    raise bad_row from None
                 raise
         else:
             gaps.check(timeframe)

@@ -82,7 +82,6 @@ OPERATIONAL_ERRORS = (OSError, subprocess.SubprocessError, sqlite3.OperationalEr
 BUG_ERRORS = (ValidationError,)
 
 
-
 class Result(NamedTuple):
     """A job's run: whether it did its work, and what it did (recorded in ``job_runs``)."""
 

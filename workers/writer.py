@@ -125,15 +125,16 @@ class Writer:
             return EXIT_LOCKED
         except Exception as e:
             self.lock.release()
-            if isinstance(e, OSError) and storage_full_reason(e) is not None:
-                log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and start "
-                          "again", self.lock.path, storage_full_reason(e))
+            if isinstance(e, OSError):
+                full = storage_full_reason(e)
+                if full is not None:
+                    log.error("writer: cannot write its pid into %s, the disk is full (%s); free space and "
+                              "start again", self.lock.path, full)
+                else:  # no such folder, no right to it: the database's folder is wrong
+                    log.error("writer: cannot take the writer lock %s: %s; check DATABASE_URL and the folder",
+                              self.lock.path, e.strerror or e)
                 return 1
-            if isinstance(e, OSError):  # no such folder, no right to it: the database's folder is wrong
-                log.error("writer: cannot take the writer lock %s: %s; check DATABASE_URL and the folder",
-                          self.lock.path, e.strerror or e)
-                return 1
-            if not isinstance(e, OSError) and not self.settings.database_url.startswith("sqlite"):
+            if not self.settings.database_url.startswith("sqlite"):
                 # libpq's reason names the host and the role, never the password.
                 log.error("writer: cannot reach the database server %s to take the writer lock: %s",
                           display_url(self.settings.database_url), str(e).strip())
@@ -205,22 +206,19 @@ class Writer:
         replies_in.bind(DOORBELL)
         endpoint = self.settings.writer_endpoint
         try:
-            router.bind(endpoint)
-        except zmq.ZMQError as e:  # taken (another program's port), or a folder that cannot hold a socket
-            router.close(0)
-            replies_in.close(0)
-            ctx.term()
-            raise EndpointUnusable(f"cannot bind {endpoint}: {e.strerror}; set WRITER_ENDPOINT to a free "
-                                   "one") from None
-        assert self.committer is not None
-        committer = threading.Thread(target=self.committer.run, args=(ctx,), name="commit", daemon=True)
-        committer.start()
-        log.info("writer ready: pid %d, endpoint %s, database %s", os.getpid(), endpoint,
-                 display_url(self.settings.database_url))
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(replies_in, zmq.POLLIN)
-        try:
+            try:
+                router.bind(endpoint)
+            except zmq.ZMQError as e:  # taken (another program's port), or a folder that cannot hold a socket
+                raise EndpointUnusable(f"cannot bind {endpoint}: {e.strerror}; set WRITER_ENDPOINT to a free "
+                                       "one") from None
+            assert self.committer is not None
+            committer = threading.Thread(target=self.committer.run, args=(ctx,), name="commit", daemon=True)
+            committer.start()
+            log.info("writer ready: pid %d, endpoint %s, database %s", os.getpid(), endpoint,
+                     display_url(self.settings.database_url))
+            poller = zmq.Poller()
+            poller.register(router, zmq.POLLIN)
+            poller.register(replies_in, zmq.POLLIN)
             while True:
                 tend_lifeline(self.settings)  # stop if circusd died; heartbeat for the watchdog
                 events = dict(poller.poll(50))

@@ -178,7 +178,7 @@ def find_watcher(c: Any, name: str) -> dict[str, str]:
     """circus's statuses, once ``name`` is known to be one of its watchers (else 404 naming them, or
     saying what to do when it is one of the stack's that circus lost)."""
     statuses = c.statuses()
-    if name in missing_watchers(statuses, c.expected):  # the stack's, lost by circus: say what to do
+    if name in missing_watchers(statuses):  # the stack's, lost by circus: say what to do
         abort(404, description=f"{name} is missing: {missing_advice(name)}")
     if name not in watcher_names(statuses):
         abort(404, description=f"no watcher named {name[:60]!r}; watchers are {', '.join(watcher_names(statuses))}")

@@ -97,7 +97,7 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         rows = collect_watchers(c, meter())
     except CircusError as e:
         return [], str(e)
-    lost = missing_watchers([row["name"] for row in rows], c.expected)
+    lost = missing_watchers([row["name"] for row in rows])
     rows = sorted(rows + [{"name": name, "status": MISSING, "numprocesses": 0, "pids": [], "children": [], "cpu": None,
                            "rss": None, "uptime": None, "processes": []} for name in lost], key=lambda r: r["name"])
     restarts = restarts_last_hour()
@@ -106,7 +106,6 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["missing"] = row["name"] in lost
         row["advice"] = missing_advice(row["name"]) if row["missing"] else None
         opts = options_of(c, row["name"]) if not row["missing"] else {}
-        row["singleton"] = bool(opts.get("singleton"))
         row["one_process"] = one_process(row["name"], opts)
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
@@ -253,7 +252,7 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
     except CircusError as e:
         flash(f"{LABELS[action]} {name}: {e}", "error")
         return redirect(url_for("console.watchers"), 303)
-    if name in missing_watchers(statuses, c.expected):
+    if name in missing_watchers(statuses):
         bad_request(f"{name} is missing: {missing_advice(name)}")
     if name not in statuses or name.startswith("plugin:"):
         names = sorted(n for n in statuses if not n.startswith("plugin:") and n not in READ_ONLY_WATCHERS)
