@@ -149,6 +149,8 @@ def test_log_search_finds_a_line_written_moments_before_and_the_merged_view_foll
 @DATABASE_INDEPENDENT
 def test_a_signal_sent_from_a_watchers_page_reaches_the_process(views: Any, stack: CircusStack) -> None:
     (master,) = stack.pids_of("api")
+    # A process circus calls active may not have set its handlers yet: HUP would end it.
+    wait_for("the api's master serving", lambda: f"[{master}] [INFO] Listening at" in stack.log("api"), timeout=60)
     before = stack.log("api").count("Handling signal: hup")
     since = query(stack.settings, "SELECT coalesce(max(id), 0) FROM audit_log")[0][0]
     view = views()

@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 
+from db.client import WriterClient
 from db.config import load_settings
 from supervision.circus import WatcherState
 from testkit.circus import WATCHERS, Circusd, CircusStack
@@ -144,6 +145,8 @@ def test_a_watchers_cpu_and_memory_history_and_the_database_holders_named_by_wat
 @DATABASE_INDEPENDENT
 def test_sighup_from_the_console_reaches_the_api_master(console: Console, cstack: CircusStack) -> None:
     (master,) = cstack.pids_of("api")
+    # A process circus calls active may not have set its handlers yet: HUP would end it.
+    wait_for("the api's master serving", lambda: f"[{master}] [INFO] Listening at" in cstack.log("api"), timeout=60)
     since = last_audit_id(cstack.settings)
     before = cstack.log("api").count("Handling signal: hup")
     ask = console.post("/console/watchers/api/signal", {"signal": "HUP"})
@@ -173,6 +176,29 @@ def test_sigterm_reaches_the_ticks_workers_handler_and_circus_replaces_it(consol
     assert new and old not in new
     ((_, target, result, detail),) = audit_rows(cstack.settings, since, "watcher.signal")
     assert (target, result) == ("ticks", "ok") and f"Exited: {old}" in detail
+
+
+@DATABASE_INDEPENDENT
+def test_sighup_ends_the_writer_gracefully_and_the_console_follows_it_as_it_does_a_term(
+        console: Console, cstack: CircusStack) -> None:
+    """SIGHUP is a graceful stop for the writer and our workers (gunicorn alone reloads on it): the
+    console waits for the writer to exit and says so, and does not hold the request on an audit
+    record the exiting writer cannot take: it spools it, and the next record sends it."""
+    (old,) = cstack.pids_of("writer")
+    since = last_audit_id(cstack.settings)
+    spool = cstack.home / "run" / "console-audit-spool.jsonl"
+    r = console.post("/console/watchers/writer/signal", {"signal": "HUP", "confirm": "yes"})
+    assert r.status_code == 303
+    assert gone(old)  # the console waited for it
+    assert '"action": "watcher.signal"' in spool.read_text()  # spooled at once, not sent to the exiting writer
+    wait_for("a new writer process", lambda: [p for p in cstack.pids_of("writer") if p != old], timeout=60)
+    with WriterClient(settings=cstack.settings, deadline=1) as client:
+        wait_for("the new writer to answer", client.ping, timeout=60)
+    r = console.post("/console/watchers/api/signal", {"signal": "HUP", "confirm": "yes"})  # the next record
+    assert r.status_code == 303
+    rows = audit_rows(cstack.settings, since, "watcher.signal")
+    assert [(t, res) for _, t, res, _ in rows] == [("writer", "ok"), ("api", "ok")], rows
+    assert f"SIGHUP to writer (pid {old})" in rows[0][3] and f"Exited: {old}" in rows[0][3]
 
 
 @DATABASE_INDEPENDENT

@@ -12,7 +12,8 @@ recorded before its restart is sent (this request ends with it), so it says ``se
 
 **Signal** sends SIGHUP, SIGTERM or SIGKILL to every process of a watcher, or to one of them, with
 circus's ``signal`` command (a gunicorn master passes HUP and TERM on to its workers itself).
-After TERM or KILL the console waits, bounded, to say whether each process exited. Audited as
+After a signal that ends the processes (TERM, KILL, and HUP but to gunicorn, which reloads its
+workers on it: :func:`ends_processes`) the console waits, bounded, to say whether each exited. Audited as
 ``watcher.signal``: recorded before the signal is sent when it ends the console serving the request;
 when it ends the writer (which takes the record), spooled and sent once the writer is back.
 
@@ -35,13 +36,14 @@ from webapp.console.watcher_page import SIGNALS, find_watcher, watcher_names
 from webapp.console.watchers import (
     WRITER_WATCHER,
     audit_result,
+    gunicorn_workers,
     options_of,
     pids_of,
     run_and_follow,
     serves_this_request,
 )
 
-#: Seconds the console waits for signalled processes to exit after TERM or KILL.
+#: Seconds the console waits for signalled processes to exit after a signal that ends them.
 EXIT_WAIT = 10.0
 
 
@@ -63,6 +65,16 @@ def _targets(c: Any, name: str, raw_pid: str | None) -> list[int]:
         bad_request(f"pid: {raw_pid[:20]!r} is not a process of {name} (its processes: "
                     f"{', '.join(map(str, pids)) or 'none'}); leave it empty for all of them")
     return [int(raw_pid)]
+
+
+def ends_processes(c: Any, name: str, sig: str) -> bool:
+    """Whether ``sig`` (a key of ``SIGNALS``) ends the processes of watcher ``name``: TERM and KILL
+    always; HUP too (the writer and our workers stop gracefully on it), but for a gunicorn watcher,
+    whose master reloads its workers and stays."""
+    if sig != "HUP":
+        return True
+    opts = options_of(c, name)
+    return gunicorn_workers(str(opts.get("cmd") or ""), str(opts.get("args") or "")) is None
 
 
 def _exited(proc: psutil.Process) -> bool:
@@ -102,8 +114,9 @@ def watcher_signal(name: str) -> ResponseReturnValue:
         return render_template("console/confirm_signal.html", name=name, signal=sig, meaning=SIGNALS[sig],
                                pid=request.form.get("pid") or "", pids=pids, what=what,
                                is_writer=name == WRITER_WATCHER)
-    ends_self = sig in ("TERM", "KILL") and serves_this_request(c, name)
-    writer_down = name == WRITER_WATCHER and sig in ("TERM", "KILL")
+    ends = ends_processes(c, name, sig)
+    ends_self = ends and serves_this_request(c, name)
+    writer_down = ends and name == WRITER_WATCHER
     if ends_self:
         audit("watcher.signal", name, "ok", f"{what}: sent; recorded before sending, it ends this console")
     props: dict[str, Any] = {"name": name, "signum": int(getattr(signal, f"SIG{sig}"))}
@@ -121,7 +134,7 @@ def watcher_signal(name: str) -> ResponseReturnValue:
         return _back(name)
     message = f"Sent {what}."
     result = "ok"
-    if sig in ("TERM", "KILL"):
+    if ends:
         exited = _wait_exit(pids, EXIT_WAIT)
         gone = [p for p, e in exited.items() if e]
         staying = [p for p, e in exited.items() if not e]
