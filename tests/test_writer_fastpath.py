@@ -403,6 +403,44 @@ def test_the_same_request_twice_in_one_batch_is_applied_once_on_the_fast_path(st
     assert rows(stack, "SELECT count(*) FROM audit_log WHERE action = 'twice'") == [(1,)]
 
 
+# --- small batches on the IO thread ------------------------------------------------------------------------------
+
+
+def test_small_batches_commit_on_the_io_thread_in_order_with_the_bulk_ones_the_commit_thread_takes(
+        stack: Stack) -> None:
+    """SQLite: a small batch that finds the commit thread idle is committed by the IO thread
+    (``io_batches``), a bulk one goes to the commit thread; requests are applied in the order they
+    came whichever thread commits them (the last upsert of a bar wins), each acknowledged once,
+    after its commit. PostgreSQL: every batch stays on the commit thread."""
+    stack.start_writer()
+    client = WriterClient(settings=stack.settings, deadline=30)
+    start = client.stats()
+    for i in range(20):  # one at a time: each a batch of one, the commit thread idle
+        client.call("audit", actor="me", action="io", target=str(i))
+    after_small = client.stats()
+    bulk = 5_000  # a request of packed columns far over IO_BATCH_BYTES
+    with client.pipeline(window=16) as pipe:
+        tickets = []
+        for v in range(40):
+            if v % 8 == 0:
+                cols = tick_columns(f"bulk-{v}", bulk)
+                tickets.append(pipe.submit("insert_ticks", ticks=cols))
+            tickets.append(pipe.submit("upsert_bars", bars=[{
+                "symbol": "BTCUSD", "timeframe": "1m", "ts": T0 - T0 % 60_000, "open": 1.0, "high": 100.0 + v,
+                "low": 1.0, "close": 1.0 + v, "volume": float(v)}]))
+    assert [t.error for t in tickets] == [None] * len(tickets)
+    end = client.stats()
+    assert rows(stack, "SELECT close FROM bars WHERE symbol = 'BTCUSD'") == [(40.0,)]  # the last one sent
+    assert rows(stack, "SELECT target FROM audit_log WHERE action = 'io' ORDER BY id") == [(str(i),) for i in range(20)]
+    assert rows(stack, "SELECT count(*) FROM ticks") == [(5 * bulk,)]
+    assert end["requests_ok"] - start["requests_ok"] == 20 + len(tickets)
+    if stack.settings.database_url.startswith("sqlite"):
+        assert after_small["io_batches"] - start["io_batches"] == 20
+        assert end["batches"] - end["io_batches"] >= 5, end  # the bulk requests' batches
+    else:
+        assert end["io_batches"] == 0
+
+
 # --- checkpoints off the commit path ------------------------------------------------------------------------------
 
 

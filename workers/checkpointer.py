@@ -55,9 +55,22 @@ class Checkpointer(threading.Thread):
         self._poked = threading.Event()
         self._stopping = False
         self._failing: str | None = None
+        #: The ``-shm`` file, open while the thread runs (None: every poke wakes it).
+        self._shm: int | None = None
 
     def poke(self) -> None:
-        """After a commit: look at the backlog (from the commit thread; costs an Event.set)."""
+        """After a commit (on the committing thread): wake this thread when there is a backlog to
+        copy. The look is one ``pread`` of the header; waking the thread after every commit to look
+        itself cost the committing thread a hand-over of the GIL each time, most of a small batch's
+        time."""
+        shm = self._shm
+        if shm is not None and not self._poked.is_set():
+            try:
+                backlog = self._backlog(shm)
+            except OSError:
+                backlog = None  # the thread looks, and says what is wrong
+            if backlog is not None and backlog < BACKLOG_PAGES:
+                return
         self._poked.set()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -77,6 +90,7 @@ class Checkpointer(threading.Thread):
             pooled = self.engine.raw_connection()
             con: Any = pooled.driver_connection
             shm = os.open(f"{self.settings.database_path}-shm", os.O_RDONLY)
+            self._shm = shm
             while not self._stopping:
                 self._poked.wait(1.0)
                 self._poked.clear()
@@ -92,6 +106,7 @@ class Checkpointer(threading.Thread):
             log.warning("writer: background checkpoints stopped (%s: %s); the commits checkpoint as before",
                         type(e).__name__, e)
         finally:
+            self._shm = None
             if shm is not None:
                 os.close(shm)
             if pooled is not None:

@@ -6,8 +6,9 @@ group commit, the record of applied requests (whether an id was applied already,
 It takes every pending request (up to ``writer_max_batch``) from the queue the
 IO thread (:mod:`workers.writer`) fills and runs them in one ``BEGIN
 IMMEDIATE`` transaction, commits, and only then hands the replies back to the
-IO thread, a batch's at once (its outbox and one ring of a doorbell). Two ways
-to run a batch, same results:
+IO thread, a batch's at once (its outbox and one ring of a doorbell). The IO thread
+may run a small batch itself, while this thread is idle (:meth:`Committer.commit_here`).
+Two ways to run a batch, same results:
 
 * **fast** (every batch first): the ops one after another with no savepoint,
   then the record of every applied request in one ``executemany``. A
@@ -186,8 +187,10 @@ class Committer:
                 self.outbox.append(self._commit_or_fail(batch))
                 out.send(b"", zmq.NOBLOCK)
                 self.released_bytes += sum(req.cost for req in batch)
-                batch = []
+                taken, batch = len(batch), []
                 self.busy = False
+                for _ in range(taken):  # after its replies are in the outbox: see idle()
+                    self.requests.task_done()
                 if stop_after:
                     return
         except Exception:  # only a bug of this loop itself gets here: requests never do
@@ -197,6 +200,23 @@ class Committer:
         finally:
             self.busy = False
             out.close(linger=1000)
+
+    def idle(self) -> bool:
+        """Whether every request put on the queue is answered (its replies in the outbox): nothing
+        queued, nothing in hand, the thread waiting for the next. Only the IO thread puts requests,
+        so while it does not put any, the thread stays idle, and the IO thread may run a batch
+        itself (:meth:`commit_here`): after every request it queued before, in order."""
+        return self.requests.unfinished_tasks == 0
+
+    def commit_here(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
+        """Run ``batch`` as the thread does (group commit, acknowledged after COMMIT) on the
+        calling thread, which has seen :meth:`idle` and puts nothing on the queue until this
+        returns; the replies to send now."""
+        self.busy = True
+        try:
+            return self._commit_or_fail(batch)
+        finally:
+            self.busy = False
 
     def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
         """``first`` and whatever else is queued (waiting up to ``wait`` s for

@@ -17,6 +17,10 @@ Two threads, one job each:
   again with one each, so one bad request fails alone), records them as
   applied in the same transaction, commits, and only then replies.
 
+One exception, for speed: on SQLite, a small batch read while the commit thread is idle is
+committed by the IO thread itself, through the same code (:meth:`Writer._dispatch`): handing it
+over and back cost more than committing it. The two never use the connection at once.
+
 Neither thread ends for a request, a checkpoint or a database error, of any
 class: the request fails with a reply that says why, and the writer serves
 on. A full disk is a state, not a crash: every write is answered with
@@ -60,9 +64,10 @@ import zmq
 from sqlalchemy.exc import DBAPIError
 
 from db.config import ConfigError, Settings, ensure_home, load_settings
-from db.engine import display_url, make_write_engine, storage_full_reason
+from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, ValidationError
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
+from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
@@ -74,6 +79,9 @@ log = logging.getLogger("tickstack.writer")
 EXIT_LOCKED = 3
 #: The queue's byte budget, in maximum-size messages (estimated decoded size).
 QUEUE_BUDGET_MESSAGES = 16
+#: The largest batch (estimated decoded bytes) the IO thread commits itself when the commit thread
+#: is idle (:meth:`Writer._dispatch`): a few hundred small requests, not a bulk insert's columns.
+IO_BATCH_BYTES = 64 * 1024
 
 __all__ = ["Stats", "Writer", "main"]
 
@@ -94,6 +102,10 @@ class Writer:
         # each counter has one writing thread, so neither needs a lock.
         self.queue_budget = QUEUE_BUDGET_MESSAGES * settings.writer_max_message
         self.accepted_bytes = 0
+        #: Requests taken in the current read of the socket, not yet committed or queued.
+        self.pending: list[Request] = []
+        #: Whether small batches may be committed on the IO thread (:meth:`_dispatch`); set at start.
+        self.commits_here = False
         self.committer: Committer | None = None
         self.lock = WriterLock(settings.writer_lock_path)
 
@@ -143,6 +155,7 @@ class Writer:
         try:
             self.init_signals()
             self.engine = make_write_engine(self.settings)
+            self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
             if self.server_lock is not None:  # a reconnection must prove the lock is still ours
                 self.server_lock.fence(self.engine)
             self.checkpointer = Checkpointer(self.settings, self.engine, self.stats)
@@ -236,6 +249,7 @@ class Writer:
                             log.exception("writer: handling a request failed")
                             self._send(router, frames[0], encode_reply(None, error=OpFailed(
                                 f"the writer could not handle the request: {type(e).__name__}: {e}")))
+                    self._dispatch(router, replies_in)
                 if self.stop_requested_at is not None and self._drained():
                     break
             # Stop reading new requests; let the commit thread finish the
@@ -326,22 +340,51 @@ class Writer:
 
     @property
     def queued_bytes(self) -> int:
-        """Estimated bytes of the requests queued or in the batch being committed."""
+        """Estimated bytes of the requests taken and not yet answered (in this read's batch, queued,
+        or in the batch being committed)."""
         return self.accepted_bytes - (self.committer.released_bytes if self.committer is not None else 0)
 
     def _enqueue(self, req: Request) -> bool:
-        """Queue ``req`` unless the queue is full in requests or in bytes (an
-        empty queue takes any request, so a large one is never refused for ever)."""
+        """Take ``req`` into this read's batch (:attr:`pending`, :meth:`_dispatch`) unless the
+        queue and the batch are full in requests or in bytes (when both are empty any request is
+        taken, so a large one is never refused for ever)."""
         queued = self.queued_bytes
         if queued > 0 and queued + req.cost > self.queue_budget:
             return False
-        self.accepted_bytes += req.cost  # before the commit thread can release it
-        try:
-            self.queue.put_nowait(req)
-        except queue.Full:
-            self.accepted_bytes -= req.cost
+        if self.queue.qsize() + len(self.pending) >= self.queue.maxsize:
             return False
+        self.accepted_bytes += req.cost  # before the commit thread can release it
+        self.pending.append(req)
         return True
+
+    def _dispatch(self, router: zmq.Socket, replies_in: zmq.Socket) -> None:
+        """Commit the requests of this read of the socket here, or queue them for the commit thread.
+
+        On SQLite, a small batch (at most ``IO_BATCH_BYTES``, every op in a transaction, no
+        ``writer_batch_wait`` to wait for more) that finds the commit thread idle is committed on
+        this thread, by the same code, acknowledged only after its COMMIT: the two hand-overs
+        between Python threads (about 90 us each on this machine) cost more than such a batch's
+        whole commit, and when producers wait for each answer they set the rate (README,
+        Benchmarks). Everything else goes to the commit thread, as before: a bulk write's commit
+        runs there while this thread decodes the next, and no ping waits behind it. A PostgreSQL
+        commit is a round trip to a server that may stall (a lock wait, a network that hangs): it
+        stays on the commit thread, and this one answers pings and tends the lifeline meanwhile."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        committer = self.committer
+        assert committer is not None
+        cost = sum(req.cost for req in pending)
+        if (self.commits_here and cost <= IO_BATCH_BYTES and len(pending) <= self.settings.writer_max_batch
+                and committer.idle() and all(getattr(OPS.get(r.op), "transactional", True) for r in pending)):
+            self._forward_replies(replies_in, router)  # the replies of what was committed before first
+            for ident, payload in committer.commit_here(pending):
+                self._send(router, ident, payload)
+            self.accepted_bytes -= cost
+            self.stats.io_batches += 1
+            return
+        for req in pending:
+            self.queue.put_nowait(req)  # room checked in _enqueue; only this thread puts
 
     @staticmethod
     def _send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:

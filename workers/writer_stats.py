@@ -32,6 +32,8 @@ class Stats:
         self.commit_failures = 0
         #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
         self.careful_batches = 0
+        #: Batches the IO thread committed itself, the commit thread being idle (of ``batches``).
+        self.io_batches = 0
         #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`).
         self.background_checkpoints = 0
         self.storage_full = 0
@@ -56,7 +58,8 @@ class Stats:
             "requests_ok": self.requests_ok, "requests_failed": self.requests_failed,
             "busy_replies": self.busy_replies, "malformed": self.malformed, "dedup_hits": self.dedup_hits,
             "lock_errors": self.lock_errors, "lost_races": self.lost_races, "commit_failures": self.commit_failures,
-            "careful_batches": self.careful_batches, "background_checkpoints": self.background_checkpoints,
+            "careful_batches": self.careful_batches, "io_batches": self.io_batches,
+            "background_checkpoints": self.background_checkpoints,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
         }
