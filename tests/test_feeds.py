@@ -300,6 +300,21 @@ def test_read_bar_csv_bad_header(tmp_path: Path) -> None:
         read_bar_csv(write(tmp_path, "When,Open,High,Close\n"))
 
 
+@pytest.mark.parametrize(("sep", "word"), [(";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars")])
+def test_a_file_separated_by_something_else_than_commas_is_told_so(tmp_path: Path, sep: str, word: str) -> None:
+    """A spreadsheet's export in a locale that writes decimal commas separates its fields by
+    semicolons: its header is one field, which used to read as "no symbol column" or as a header
+    that lacks every column."""
+    ticks = sep.join(["ts", "symbol", "bid", "ask"]) + "\n" + sep.join(["1700000000000", "EURUSD", "1.1", "1.2"]) + "\n"
+    bars = sep.join(["Date", "Open", "High", "Low", "Close", "Volume"]) + "\n" + sep.join(
+        ["2024-01-02", "1", "1", "1", "1", "1"]) + "\n"
+    for text, reader in ((ticks, lambda p: list(CsvFeed(p, None))), (ticks, lambda p: list(CsvFeed(p, "EURUSD"))),
+                         (bars, lambda p: list(CsvFeed(p, "S"))), (bars, read_bar_csv)):
+        with pytest.raises(CsvFormatError, match=rf"^line 1: the header's fields are separated by {word}, not "
+                                                 r"commas: save the file as comma-separated values"):
+            reader(write(tmp_path, text))
+
+
 # --------------------------------------------------------------------------- timeframes
 
 

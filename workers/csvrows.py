@@ -113,12 +113,25 @@ def _check_decoded(line: int, row: list[str], header: list[str]) -> None:
                                        "(save the file as UTF-8)")
 
 
+#: Separators of files that are not comma-separated, as spreadsheets export them (a locale with
+#: decimal commas separates fields by semicolons), with their names.
+OTHER_SEPARATORS = ((";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars"))
+
+
 def read_header(rows: Iterator[tuple[int, list[str]]], expected: str) -> tuple[int, list[str]]:
-    """The header row with names stripped and lower-cased."""
+    """The header row with names stripped and lower-cased. A header of one field that holds
+    another separator is refused as such: its file would otherwise read as one that lacks every
+    column."""
     first = next(rows, None)
     if first is None:
         raise CsvFormatError(1, f"empty file, expected a header like {expected}")
-    return first[0], [name.strip().lower() for name in first[1]]
+    line, names = first
+    if len(names) == 1:
+        for separator, name in OTHER_SEPARATORS:
+            if separator in names[0]:
+                raise CsvFormatError(line, f"the header's fields are separated by {name}, not commas: save the "
+                                           f"file as comma-separated values (expected a header like {expected})")
+    return line, [name.strip().lower() for name in names]
 
 
 def parse_number(line: int, name: str, text: str) -> float:
