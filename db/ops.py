@@ -90,18 +90,22 @@ class Op:
     #: False for ops that must run outside a transaction (checkpoint).
     transactional: bool
     doc: str
+    #: False for ops whose work grows with what the tables hold, not with the request alone (a
+    #: delete by age): the writer runs them on its commit thread only (workers.writer._dispatch).
+    quick: bool = True
 
 
 OPS: dict[str, Op] = {}
 
 
-def op(name: str, *, transactional: bool = True, **fields: Validator | tuple[Validator, bool]) -> Callable:
+def op(name: str, *, transactional: bool = True, quick: bool = True,
+       **fields: Validator | tuple[Validator, bool]) -> Callable:
     """Register ``fn(conn, **args)`` as op ``name``. A field given as a bare
     validator is required; ``(validator, False)`` is optional."""
 
     def register(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = {k: (v if isinstance(v, tuple) else (v, True)) for k, v in fields.items()}
-        OPS[name] = Op(name, fn, spec, transactional, (fn.__doc__ or "").strip())
+        OPS[name] = Op(name, fn, spec, transactional, (fn.__doc__ or "").strip(), quick)
         return fn
 
     return register
@@ -138,7 +142,7 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     return {"inserted": inserted, "duplicates": n - inserted}
 
 
-@op("prune_ticks", before_ts=timestamp, limit=(integer(1, 1_000_000), False))
+@op("prune_ticks", quick=False, before_ts=timestamp, limit=(integer(1, 1_000_000), False))
 def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[str, int]:
     """Delete up to ``limit`` ticks older than ``before_ts`` (bars are kept).
     Bounded so one retention run cannot hold the writer for long: call again
@@ -384,7 +388,7 @@ def audit(conn: Connection, actor: str, action: str, target: str = "", result: s
 _SAMPLE_COLUMNS = ("ts", "name", "labels", "value")
 
 
-@op("record_samples", samples=rows(SAMPLE_FIELDS), keep_ms=(optional(integer(60_000)), False))
+@op("record_samples", quick=False, samples=rows(SAMPLE_FIELDS), keep_ms=(optional(integer(60_000)), False))
 def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int | None = None) -> dict[str, int]:
     """Store measurements for the charts; with ``keep_ms``, forget samples
     older than that (the series stay bounded)."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,6 +66,8 @@ log = logging.getLogger("tickstack.writer")
 STOP = object()
 #: The longest :meth:`Committer.open_database` waits for each lock on PostgreSQL while it gets ready.
 GET_READY_LOCK_MS = 1000
+#: Seconds between two prunes of the record of applied requests (:meth:`Committer._maybe_prune`).
+PRUNE_EVERY_S = 60.0
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
 DOORBELL = "inproc://replies"
 
@@ -129,6 +132,8 @@ class Committer:
         self.on_fatal = on_fatal
         #: True while a batch is in hand (the drain waits for it).
         self.busy = False
+        #: True while the IO thread runs a batch (:meth:`commit_here`).
+        self.here = False
         #: Bytes (estimated) of the requests it has answered; only this thread writes it.
         self.released_bytes = 0
         #: Which ids were applied, to what, with what result (recent ones without a query).
@@ -208,15 +213,45 @@ class Committer:
         itself (:meth:`commit_here`): after every request it queued before, in order."""
         return self.requests.unfinished_tasks == 0
 
-    def commit_here(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
+    def commit_here(self, batch: list[Request]) -> list[tuple[bytes, bytes]] | None:
         """Run ``batch`` as the thread does (group commit, acknowledged after COMMIT) on the
         calling thread, which has seen :meth:`idle` and puts nothing on the queue until this
-        returns; the replies to send now."""
-        self.busy = True
+        returns; the replies to send now. None, having run nothing, when it might wait: when the
+        record of applied requests is due for its prune (a delete that grows with the traffic), or
+        when another connection holds SQLite's write lock (``BEGIN IMMEDIATE`` would wait up to
+        ``busy_timeout``): the caller queues the batch for this thread, which may wait."""
+        if self.prune_due() or not self._write_lock_free():
+            return None
+        self.busy = self.here = True
         try:
             return self._commit_or_fail(batch)
         finally:
-            self.busy = False
+            self.busy = self.here = False
+
+    def prune_due(self) -> bool:
+        """Whether the next batch prunes the record of applied requests (:meth:`_maybe_prune`)."""
+        return time.monotonic() - self._last_prune >= PRUNE_EVERY_S
+
+    def _write_lock_free(self) -> bool:
+        """SQLite: whether this connection takes the write lock now, without waiting (taken and let
+        go at once, ``busy_timeout`` 0 meanwhile). Only a program that writes the file without the
+        writer holds it; any error says no, and the commit thread meets it as before."""
+        raw: Any = self.conn.connection.driver_connection
+        try:
+            raw.execute("PRAGMA busy_timeout = 0")
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:
+                return False
+            raw.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            try:
+                raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+            except sqlite3.Error as e:  # the commit thread's next batch finds the connection as it is
+                log.warning("writer: could not set busy_timeout again: %s", e)
 
     def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
         """``first`` and whatever else is queued (waiting up to ``wait`` s for
@@ -285,6 +320,7 @@ class Committer:
         self.applied.remember(committed)
         st = self.stats
         st.batches += 1
+        st.io_batches += self.here
         st.batched_requests += len(batch)
         st.max_batch = max(st.max_batch, len(batch))
         st.commit_ms.append(elapsed_ms)
@@ -470,7 +506,7 @@ class Committer:
         """Forget applied requests older than the dedup window, once a minute,
         inside a batch transaction (so it costs no extra commit)."""
         now = time.monotonic()
-        if now - self._last_prune < 60:
+        if now - self._last_prune < PRUNE_EVERY_S:
             return
         self._last_prune = now
         pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))

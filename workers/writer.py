@@ -11,7 +11,8 @@ Two threads, one job each:
   ``stats`` itself, queues ops in a queue bounded in requests and in bytes (a
   full queue gets a *busy* reply, so memory stays bounded under any load) and
   sends the replies the commit thread hands back;
-* the **commit thread** (:mod:`workers.commit`) owns the one write connection: it takes every pending
+* the **commit thread** (:mod:`workers.commit`) owns the one write connection (lent to the IO
+  thread for a small batch while the commit thread is idle, below): it takes every pending
   request (up to a bound), runs them in one ``BEGIN IMMEDIATE`` transaction
   (with no savepoint per request unless one of them fails: then the batch runs
   again with one each, so one bad request fails alone), records them as
@@ -19,7 +20,8 @@ Two threads, one job each:
 
 One exception, for speed: on SQLite, a small batch read while the commit thread is idle is
 committed by the IO thread itself, through the same code (:meth:`Writer._dispatch`): handing it
-over and back cost more than committing it. The two never use the connection at once.
+over and back cost more than committing it. The two never use the connection at once, and the IO
+thread never waits on a lock (a batch that would goes to the commit thread).
 
 Neither thread ends for a request, a checkpoint or a database error, of any
 class: the request fails with a reply that says why, and the writer serves
@@ -80,7 +82,8 @@ EXIT_LOCKED = 3
 #: The queue's byte budget, in maximum-size messages (estimated decoded size).
 QUEUE_BUDGET_MESSAGES = 16
 #: The largest batch (estimated decoded bytes) the IO thread commits itself when the commit thread
-#: is idle (:meth:`Writer._dispatch`): a few hundred small requests, not a bulk insert's columns.
+#: is idle (:meth:`Writer._dispatch`): a few dozen small requests (an ``audit`` counts about 1,300,
+#: a one-tick ``insert_ticks`` 2,600), never a bulk insert's columns.
 IO_BATCH_BYTES = 64 * 1024
 
 __all__ = ["Stats", "Writer", "main"]
@@ -104,6 +107,7 @@ class Writer:
         self.accepted_bytes = 0
         #: Requests taken in the current read of the socket, not yet committed or queued.
         self.pending: list[Request] = []
+        self.pending_bytes = 0
         #: Whether small batches may be committed on the IO thread (:meth:`_dispatch`); set at start.
         self.commits_here = False
         self.committer: Committer | None = None
@@ -345,9 +349,11 @@ class Writer:
         return self.accepted_bytes - (self.committer.released_bytes if self.committer is not None else 0)
 
     def _enqueue(self, req: Request) -> bool:
-        """Take ``req`` into this read's batch (:attr:`pending`, :meth:`_dispatch`) unless the
-        queue and the batch are full in requests or in bytes (when both are empty any request is
-        taken, so a large one is never refused for ever)."""
+        """Take ``req`` unless the queue (with this read's requests) is full in requests or in bytes
+        (when it is empty any request is taken, so a large one is never refused for ever). It joins
+        this read's batch (:attr:`pending`), which the IO thread may commit itself
+        (:meth:`_dispatch`); as soon as the batch cannot be, it goes to the commit thread, which
+        starts on it while this thread reads on."""
         queued = self.queued_bytes
         if queued > 0 and queued + req.cost > self.queue_budget:
             return False
@@ -355,36 +361,56 @@ class Writer:
             return False
         self.accepted_bytes += req.cost  # before the commit thread can release it
         self.pending.append(req)
+        self.pending_bytes += req.cost
+        spec = OPS.get(req.op)
+        if not (self.commits_here and self.pending_bytes <= IO_BATCH_BYTES
+                and len(self.pending) <= self.settings.writer_max_batch
+                and (spec is None or (spec.transactional and spec.quick))  # unknown: answered at once
+                and self.committer is not None and self.committer.idle()):
+            self._queue_pending()
         return True
 
-    def _dispatch(self, router: zmq.Socket, replies_in: zmq.Socket) -> None:
-        """Commit the requests of this read of the socket here, or queue them for the commit thread.
+    def _queue_pending(self) -> None:
+        for req in self.pending:
+            self.queue.put_nowait(req)  # room checked in _enqueue; only this thread puts
+        self.pending.clear()
+        self.pending_bytes = 0
 
-        On SQLite, a small batch (at most ``IO_BATCH_BYTES``, every op in a transaction, no
-        ``writer_batch_wait`` to wait for more) that finds the commit thread idle is committed on
-        this thread, by the same code, acknowledged only after its COMMIT: the two hand-overs
-        between Python threads (about 90 us each on this machine) cost more than such a batch's
-        whole commit, and when producers wait for each answer they set the rate (README,
-        Benchmarks). Everything else goes to the commit thread, as before: a bulk write's commit
-        runs there while this thread decodes the next, and no ping waits behind it. A PostgreSQL
-        commit is a round trip to a server that may stall (a lock wait, a network that hangs): it
-        stays on the commit thread, and this one answers pings and tends the lifeline meanwhile."""
-        pending, self.pending = self.pending, []
-        if not pending:
+    def _dispatch(self, router: zmq.Socket, replies_in: zmq.Socket) -> None:
+        """At the end of a read of the socket: commit the requests :meth:`_enqueue` kept here.
+
+        Only on SQLite, only a small batch (at most ``IO_BATCH_BYTES`` as decoded), of ops whose
+        work grows with the request alone (``db.ops.Op.quick``; not a checkpoint), with no
+        ``writer_batch_wait`` to wait for more, and only while the commit thread is idle: then it
+        is committed here, by the same code, acknowledged only after its COMMIT. Handing it to the
+        commit thread and its replies back cost two hand-overs between Python threads (about 90 us
+        each on this machine), more than such a batch's whole commit, and when producers wait for
+        each answer they set the rate (README, Benchmarks). The replies the commit thread gave
+        before are sent first, so a client's answers keep their order. Nothing here may wait: when
+        a program that is not the writer holds SQLite's write lock, or the record of applied
+        requests is due for its prune, the batch goes to the commit thread (:meth:`Committer.commit_here`).
+        Everything else went to the commit thread as it came: a bulk write's commit runs there while
+        this thread decodes the next, and no ping waits behind a bulk commit or a lock. A
+        PostgreSQL commit is a round trip to a server that may stall: every one stays there."""
+        if not self.pending:
             return
         committer = self.committer
         assert committer is not None
-        cost = sum(req.cost for req in pending)
-        if (self.commits_here and cost <= IO_BATCH_BYTES and len(pending) <= self.settings.writer_max_batch
-                and committer.idle() and all(getattr(OPS.get(r.op), "transactional", True) for r in pending)):
+        batch, cost = self.pending, self.pending_bytes
+        try:
             self._forward_replies(replies_in, router)  # the replies of what was committed before first
-            for ident, payload in committer.commit_here(pending):
-                self._send(router, ident, payload)
-            self.accepted_bytes -= cost
-            self.stats.io_batches += 1
+            replies = committer.commit_here(batch)
+        except Exception:  # a bug of this path: the commit thread takes the batch, as before it
+            log.exception("writer: committing %d requests on the IO thread failed; the commit thread "
+                          "takes them", len(batch))
+            replies = None
+        if replies is None:
+            self._queue_pending()
             return
-        for req in pending:
-            self.queue.put_nowait(req)  # room checked in _enqueue; only this thread puts
+        self.pending, self.pending_bytes = [], 0
+        for ident, payload in replies:
+            self._send(router, ident, payload)
+        self.accepted_bytes -= cost
 
     @staticmethod
     def _send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:

@@ -1,5 +1,6 @@
 """The writer's counters (:class:`Stats`): what ``stats`` answers, ``db health`` shows and the
-console charts. The IO thread reports them; the commit thread and the checkpointer update them."""
+console charts. The IO thread reports them; the threads that commit (the commit thread, the IO
+thread for a small batch) and the checkpointer update them."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ class Stats:
         self.commit_failures = 0
         #: Batches run again carefully, a savepoint per request, after a failure in their fast run.
         self.careful_batches = 0
-        #: Batches the IO thread committed itself, the commit thread being idle (of ``batches``).
+        #: Of ``batches``, those the IO thread committed itself, the commit thread being idle.
         self.io_batches = 0
         #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`).
         self.background_checkpoints = 0
