@@ -51,14 +51,18 @@ def test_ohlcv_replay_gives_identical_bars_at_its_timeframe_and_replays_once(wri
     first = run(writer, "workers.ticks", "--feed", "csv", "--file", str(path), "--symbol", "EURUSD", "--speed", "max")
     assert first.returncode == 0, first.stderr
     assert f"received {4 * len(rows)}, acked {4 * len(rows)} (duplicates 0)" in first.stderr
+    # The interval it inferred, said before it replays (a wrong guess would store bars of another timeframe).
+    assert f"{path}: 5m bars of EURUSD (inferred from the file; --timeframe to say otherwise)" in first.stderr
     analysis = run(writer, "workers.analysis", "--until-idle")
     assert analysis.returncode == 0, analysis.stderr
     got = ro(writer).execute("SELECT ts, open, high, low, close, volume FROM bars WHERE symbol = 'EURUSD' "
                              "AND timeframe = '5m' ORDER BY ts").fetchall()
     assert got == expected
 
-    again = run(writer, "workers.ticks", "--feed", "csv", "--file", str(path), "--symbol", "EURUSD")
+    again = run(writer, "workers.ticks", "--feed", "csv", "--file", str(path), "--symbol", "EURUSD",
+                "--timeframe", "5m")
     assert again.returncode == 0, again.stderr
+    assert f"{path}: 5m bars of EURUSD (--timeframe)" in again.stderr
     assert f"(duplicates {4 * len(rows)})" in again.stderr
     assert ro(writer).execute("SELECT count(*) FROM ticks").fetchone() == (4 * len(rows),)
 

@@ -427,6 +427,9 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)
     except CsvFormatError as e:
         raise ValueError(f"{args.file}: {e}") from None
+    if feed.timeframe is not None:
+        how = "--timeframe" if args.timeframe else "inferred from the file; --timeframe to say otherwise"
+        log.info("ticks: %s: %s bars of %s (%s)", args.file, feed.timeframe, feed.symbol, how)
     source = f"csv-{args.symbol or 'file'}-{_file_digest(args.file)}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
     return TickIngestor(settings, iter(feed), source, until_idle=True, batch=args.batch, deadline=args.deadline,
