@@ -44,6 +44,8 @@ class Spool:
         #: The last error the disk gave (None once it takes batches again).
         self.disk_error: OSError | None = None
         self._keys = itertools.count()
+        #: The files this object wrote (the others are an earlier run's, or another ingestor's).
+        self.written: set[Path] = set()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.stale_removed = self.clean_stale()
 
@@ -81,6 +83,7 @@ class Spool:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+        self.written.add(path)
         return path
 
     def put(self, columns: dict[str, list[Any]]) -> Path | None:

@@ -106,6 +106,8 @@ class TickIngestor(Worker):
         self.exhausted = False
         self.bad_row: CsvFormatError | None = None
         self.received = self.acked = self.duplicates = self.spooled = self.failed = self.lost = 0
+        #: Ticks of spool files this run did not write (an earlier run's) acknowledged, and of those duplicates.
+        self.earlier_acked = self.earlier_duplicates = 0
         self._last_line: int | None = None
         self._pos = 0
         self._pending: list[dict[str, Any]] = []
@@ -196,8 +198,10 @@ class TickIngestor(Worker):
                            "disk refused them (%s)", len(seqs), columns["source"][0], min(seqs), max(seqs),
                            self.spool.disk_error)
         self.client.close()
-        self.log.info("ticks: source %s received %d, acked %d (duplicates %d), spooled %d, rejected %d, lost %d",
-                      self.source, self.received, self.acked, self.duplicates, self.spooled, self.failed, self.lost)
+        self.log.info("ticks: source %s received %d, acked %d (duplicates %d), spooled %d, rejected %d, lost %d%s",
+                      self.source, self.received, self.acked, self.duplicates, self.spooled, self.failed, self.lost,
+                      f"; and {self.earlier_acked} ticks an earlier run spooled, acked (duplicates "
+                      f"{self.earlier_duplicates})" if self.earlier_acked else "")
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
 
@@ -234,8 +238,12 @@ class TickIngestor(Worker):
             self.spool.settled(origin)
         if error is None:
             result = ticket.result()
-            self.acked += n
-            self.duplicates += result["duplicates"]
+            if isinstance(origin, Path) and origin not in self.spool.written:
+                self.earlier_acked += n
+                self.earlier_duplicates += result["duplicates"]
+            else:
+                self.acked += n
+                self.duplicates += result["duplicates"]
             return
         # The writer refused the batch: retrying cannot help. Keep it for
         # a person to look at instead of dropping it.
