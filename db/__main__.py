@@ -231,7 +231,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from db.health import backup
+    from db.backups import backup
 
     settings = load_settings()
     check_home(settings)

@@ -14,7 +14,6 @@ backs up with ``pg_dump``.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sqlite3
 import time
@@ -26,9 +25,8 @@ import psutil
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, WriterError
-from db.files import check_replaceable, part_file, put_in_place
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
-from db.lock import PidLock, read_lock_holder
+from db.lock import read_lock_holder
 from db.preflight import circusctl_command
 from db.server import server_status
 from db.sizes import human_bytes
@@ -364,150 +362,3 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
                            f"disk was full, the last {ago_s:.0f} s ago ({last['reason']}). Nothing of them was "
                            "written; clients retry, and writes resume by themselves once space is freed."))
     return out
-
-
-#: The name of every backup the stack makes (the jobs worker's and the console's): its UTC time, so
-#: names sort in time order, and rotation can tell our backups from files a person put beside them.
-#: ``.db`` a SQLite copy, ``.dump`` a PostgreSQL ``pg_dump -Fc`` archive (``pg_restore`` reads it).
-BACKUP_RE = re.compile(r"tickstack-\d{8}T\d{6}Z\.(db|dump)")
-
-
-def backup_suffix(settings: Settings) -> str:
-    return ".db" if settings.database_path is not None else ".dump"
-
-
-def backup_path(directory: Path, suffix: str) -> Path:
-    """A path for a new backup in ``directory``, named ``tickstack-<UTC stamp><suffix>``
-    (``suffix``: :func:`backup_suffix`, the one the backup will have). When a backup of this second
-    exists it waits for a fresh stamp rather than overwrite (FileExistsError after three tries)."""
-    for _ in range(3):
-        dest = directory / f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}{suffix}"
-        if not dest.exists():
-            return dest
-        time.sleep(1.01 - time.time() % 1)
-    raise FileExistsError(f"{dest} exists")
-
-
-#: In ``run/``: held while a backup of the backups folder is named and written (:func:`new_backup`),
-#: so that two (the console's, the jobs worker's) never take the same second's name.
-BACKUP_LOCK = "backup.lock"
-
-
-def new_backup(settings: Settings, keep: int | None = None) -> dict[str, Any] | None:
-    """:func:`backup` into the backups folder, named by :func:`backup_path` with this database's
-    suffix, then :func:`rotate_backups` to the newest ``keep`` (``TICKSTACK_BACKUP_KEEP`` unless
-    given), holding :data:`BACKUP_LOCK` throughout: the jobs worker's backup and the console's
-    button alike, so neither's backups pile up until the other's. The result's ``removed`` names
-    the backups deleted, ``rotation_error`` why the rotation failed (the backup is written all the
-    same); a backup that fails raises before the rotation, so it never deletes the old ones. None,
-    at once, when another process holds the lock (a backup is being written)."""
-    settings.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    lock = PidLock(settings.run_dir / BACKUP_LOCK)
-    if not lock.try_acquire():
-        return None
-    try:
-        result = backup(settings, backup_path(settings.backup_dir, backup_suffix(settings)))
-        removed: list[Path] = []
-        try:
-            removed = rotate_backups(settings.backup_dir, settings.backup_keep if keep is None else keep,
-                                     spare=Path(result["path"]))
-        except OSError as e:
-            result["rotation_error"] = f"{type(e).__name__}: {e}"
-    finally:
-        lock.release()
-    return {**result, "removed": [p.name for p in removed]}
-
-
-def list_backups(directory: Path) -> list[Path]:
-    """The backups in ``directory`` named by :data:`BACKUP_RE`, oldest first ([] when it does not
-    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them."""
-    try:
-        return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-
-
-def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:
-    """Delete all but the newest ``keep`` backups in ``directory`` (:func:`list_backups`: only our
-    names, so a copy a person put there under another name is never touched); return them.
-    ``spare`` (the backup just written) is never deleted, even when newer names were copied in or
-    the clock stepped back."""
-    if keep < 1:
-        raise ValueError(f"keep must be at least 1, got {keep}")
-    old = [p for p in list_backups(directory)[:-keep] if spare is None or p.name != spare.name]
-    for path in old:
-        path.unlink(missing_ok=True)
-    return old
-
-
-def _refuse_live_file(settings: Settings, dest: Path) -> None:
-    """ValueError when ``dest``, however spelled (``..``, a symlink, a hard link), is a file the running
-    stack uses: the database, its WAL, shared-memory or journal file, the writer's or a leader's lock
-    (:func:`db.leader.leader_lock_path`), or anything in ``run/``. The backup's rename would put a new
-    file in its place: a copy under the live writer, or a lock file no one holds, which would let a
-    second writer, or a second analysis worker, start."""
-    real = dest.resolve()
-    live = [settings.writer_lock_path.resolve()]
-    if settings.database_path is not None:
-        db_file = Path(settings.database_path).resolve()
-        live += [db_file, *(Path(f"{db_file}-{suffix}") for suffix in ("wal", "shm", "journal")),
-                 *(leader_lock_path(db_file, name) for name in LEADER_NAMES)]
-    same = dest.exists() and any(f.exists() and os.path.samefile(dest, f) for f in live)
-    if real in live or same:
-        raise ValueError(f"{dest} is a file of the running stack (the database, its WAL, shared-memory or "
-                         "journal file, or the writer's or a leader's lock); choose another path")
-    if real.is_relative_to(settings.run_dir.resolve()):
-        raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
-
-
-def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Copy the database to ``dest`` with SQLite's online backup API from a read-only connection: a
-    consistent snapshot while the stack runs (the copy is one step, one read transaction). Written to
-    a part file of its own, checked with integrity_check, then given its name (:mod:`db.files`: never
-    over a file there, unless ``overwrite``). On PostgreSQL, a ``pg_dump -Fc`` archive checked with
-    ``pg_restore --list`` (:func:`db.server.dump`)."""
-    path = settings.database_path
-    dest = Path(dest).absolute()
-    if dest.is_dir():
-        example = backup_path(dest, backup_suffix(settings))
-        raise IsADirectoryError(f"{dest} is a folder; give the backup file's path (e.g. {example})")
-    _refuse_live_file(settings, dest)  # before "exists; pass --force", which would point the wrong way
-    check_replaceable(dest)  # before the copy is written, not only at its rename
-    if path is None:
-        # One of our names made for SQLite (backup_path's default, as the console asks): the same
-        # stamp as a dump, so rotation and the console count it.
-        if BACKUP_RE.fullmatch(dest.name) and dest.suffix == ".db":
-            dest = dest.with_suffix(".dump")
-        if dest.exists() and not overwrite:
-            raise FileExistsError(f"{dest} exists; choose another path or pass --force")
-        from db.server import dump
-
-        return dump(settings, dest, overwrite=overwrite)
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; choose another path or pass --force")
-    started = time.perf_counter()
-    # Private from its first byte, its own (another backup of this path writes another), and never
-    # left behind half-written (a full disk, a bad page).
-    tmp = part_file(dest)
-    leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
-    try:
-        src = connect_read_only(path)
-        try:
-            out = sqlite3.connect(tmp)
-            try:
-                src.backup(out)
-                out.execute("PRAGMA journal_mode = DELETE")
-                check = [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
-            finally:
-                out.close()
-        finally:
-            src.close()
-        if check != ["ok"]:
-            raise MaintenanceFailed(f"backup failed its integrity check: {check[:3]}")
-        put_in_place(tmp, dest, overwrite=overwrite)
-    except sqlite3.Error as e:
-        raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e
-    finally:
-        for leftover in leftovers:
-            leftover.unlink(missing_ok=True)
-    return {"path": str(dest), "bytes": dest.stat().st_size, "ms": round((time.perf_counter() - started) * 1000, 1)}

@@ -25,9 +25,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from db.backups import BACKUP_LOCK, BACKUP_RE, backup_suffix
 from db.client import WriterClient
 from db.config import ConfigError, load_settings
-from db.health import BACKUP_LOCK, BACKUP_RE, backup_suffix, connect_read_only
+from db.health import connect_read_only
 from db.server import pg_program
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, new_home
@@ -354,7 +355,7 @@ def test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles(co
     assert all(path.read_bytes() == b"another backup" for path in taken)
     written = [p for p in s.backup_dir.iterdir() if BACKUP_RE.fullmatch(p.name) and p not in taken | before]
     assert len(written) == 1 and written[0].suffix == suffix, sorted(p.name for p in s.backup_dir.iterdir())
-    # One at a time: while another process writes one (db.health.BACKUP_LOCK), the console's is refused,
+    # One at a time: while another process writes one (db.backups.BACKUP_LOCK), the console's is refused,
     # and the audit log says so (an operator's action that did nothing is still an action).
     since = last_audit_id(s)
     with open(s.run_dir / BACKUP_LOCK, "a") as held:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from db.backups import backup_suffix, list_backups
 from db.client import WriterClient
-from db.health import backup_suffix, list_backups
 from testkit.env import ROOT
 from testkit.helpers import ConsoleClient, query
 from testkit.writer import Stack
@@ -125,7 +125,7 @@ def test_words_for_results_seen_in_the_wild() -> None:
 
 def test_the_backup_button_rotates_the_backups_as_the_jobs_worker_does(stack: Stack) -> None:
     """The button's backups are rotated to ``TICKSTACK_BACKUP_KEEP`` as the jobs worker's are (the same
-    :func:`db.health.new_backup`): they piled up until the next scheduled backup. The flash and the
+    :func:`db.backups.new_backup`): they piled up until the next scheduled backup. The flash and the
     audit record name what was removed; a file of another name is never touched."""
     s = dataclasses.replace(stack.settings, backup_keep=2)
     console = Console.logged_in(create_app("console", s))

@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
+from db.backups import BACKUP_LOCK, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
 from db.files import part_file, put_in_place
-from db.health import BACKUP_LOCK, connect_read_only, file_sizes, rotate_backups
+from db.health import connect_read_only, file_sizes
 from db.leader import leader_lock_path
 from db.server import pg_program
 from testkit.env import ROOT
@@ -168,7 +169,7 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
 
 
 def test_a_backup_due_while_another_is_written_waits_and_one_asked_for_fails_saying_why(writer: Stack) -> None:
-    """One backup of the backups folder at a time (db.health.BACKUP_LOCK, held from the name's choice
+    """One backup of the backups folder at a time (db.backups.BACKUP_LOCK, held from the name's choice
     to the rename). While another process holds it (the console's backup): the scheduled backup is no
     run (nothing recorded) and is due again in BACKUP_RETRY_S, not a whole period later (the other may
     yet fail); ``--run backup`` is a failed run saying why (exit 1). Neither writes a file, and the

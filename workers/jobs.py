@@ -37,7 +37,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from db import health
+from db import backups, health
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
@@ -65,7 +65,7 @@ METRICS_LOCK = "metrics.lock"
 #: producers never wait long behind retention.
 PRUNE_BATCH = 5_000
 MAX_DETAIL = 4000  # record_job_run's limit on detail
-#: Seconds until a scheduled backup that found another being written (db.health.new_backup) tries again.
+#: Seconds until a scheduled backup that found another being written (db.backups.new_backup) tries again.
 BACKUP_RETRY_S = 60
 DAY_MS = 86_400_000
 MB = 1024 * 1024
@@ -373,12 +373,12 @@ class JobsWorker(Worker):
 
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
-        :func:`db.health.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
+        :func:`db.backups.backup`), or on PostgreSQL ``.dump`` (``pg_dump -Fc``, listed by
         ``pg_restore --list``), then keep the newest ``backup_keep`` (the console's button rotates
-        the same way: both are :func:`db.health.new_backup`). While another process writes
-        one (:func:`db.health.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
+        the same way: both are :func:`db.backups.new_backup`). While another process writes
+        one (:func:`db.backups.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
         later; asked for (``--run backup``), a failed run saying why."""
-        result = health.new_backup(self.settings, keep=self.schedule.backup_keep)
+        result = backups.new_backup(self.settings, keep=self.schedule.backup_keep)
         if result is None:  # another process writes one now (the console's button, another jobs worker)
             if force:
                 return False, "another backup is being written now (run/backup.lock is held); try again when it is done"

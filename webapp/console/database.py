@@ -6,13 +6,13 @@ failures and lock errors (which must read 0), the last checkpoint, backup and
 quick_check, recent job runs, the slowest reads of the API and the console (:mod:`db.slowreads`)
 and the processes holding the file open, with any unknown or rogue one
 flagged (:func:`db.health.snapshot` and :func:`db.health.diagnose`). Buttons: checkpoint (the
-writer's op), backup (:func:`db.health.new_backup` into ``backups/``, named and rotated to
+writer's op), backup (:func:`db.backups.new_backup` into ``backups/``, named and rotated to
 ``TICKSTACK_BACKUP_KEEP`` as the jobs worker's) and quick_check (a read-only PRAGMA, or amcheck on PostgreSQL:
 :func:`db.health.integrity`); each is audited.
 
 A backup or quick_check runs inside the request: seconds on a database of a few GB. One backup at a
 time, the console's or the jobs worker's: one asked for while another is written is refused with a
-message (:data:`db.health.BACKUP_LOCK`, a lock file in ``run/``).
+message (:data:`db.backups.BACKUP_LOCK`, a lock file in ``run/``).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from db import health, queries, slowreads
+from db import backups, health, queries, slowreads
 from db.engine import display_url
 from db.errors import WriterError
 from db.models import AuditEntry, JobRun, now_ms
@@ -87,13 +87,13 @@ def pid_watchers() -> dict[int, str]:
 
 
 def last_backup() -> dict[str, Any] | None:
-    """The newest backup (:func:`db.health.list_backups`: named by its UTC time), and how many there are."""
-    backups = health.list_backups(settings().backup_dir)
-    if not backups:
+    """The newest backup (:func:`db.backups.list_backups`: named by its UTC time), and how many there are."""
+    found = backups.list_backups(settings().backup_dir)
+    if not found:
         return None
-    path = backups[-1]
+    path = found[-1]
     stat = path.stat()
-    return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(backups)}
+    return {"name": path.name, "bytes": stat.st_size, "mtime_ms": int(stat.st_mtime * 1000), "count": len(found)}
 
 
 def _latest_rate(name: str) -> tuple[float | None, int | None]:
@@ -205,18 +205,18 @@ def checkpoint() -> ResponseReturnValue:
 @bp.post("/database/backup")
 def backup() -> ResponseReturnValue:
     """An online, checked copy into backups/tickstack-<UTC stamp>.db (.dump on PostgreSQL), then the
-    backups rotated as the jobs worker's are (:func:`db.health.new_backup`): the flash and the audit
+    backups rotated as the jobs worker's are (:func:`db.backups.new_backup`): the flash and the audit
     record name the ones removed."""
     s = settings()
     try:
-        result = health.new_backup(s)
+        result = backups.new_backup(s)
     except (OSError, ValueError, RuntimeError, sqlite3.Error) as e:
         log.warning("console: backup failed: %s", e)
         audit("db.backup", str(s.backup_dir), "error", f"{type(e).__name__}: {e}")
         return _done("error", f"Backup failed: {e}")
     if result is None:  # neither done nor failed: skipped, and said so in the audit log too
         audit("db.backup", str(s.backup_dir), "skipped",
-              f"another backup was being written (run/{health.BACKUP_LOCK} held)")
+              f"another backup was being written (run/{backups.BACKUP_LOCK} held)")
         return _done("warn", "A backup is already running; wait for it to finish.")
     audit("db.backup", Path(result["path"]).name, "ok", json.dumps(result))  # with the names it removed
     removed = result["removed"]
