@@ -223,7 +223,14 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     check_home(settings)  # else a file as TICKSTACK_HOME waits out --timeout on a socket that cannot exist
     with WriterClient(settings=settings, deadline=args.timeout) as client:
         result = client.call("checkpoint", mode=args.mode)
-    print(json.dumps(result))
+    if args.json:
+        print(json.dumps(result))
+    elif settings.database_path is None:
+        print("checkpoint: nothing to do, a PostgreSQL server checkpoints itself")
+    else:
+        emptied = ", the WAL emptied" if args.mode == "TRUNCATE" and not result.get("busy") else ""
+        print(f"checkpoint {args.mode}: {result['checkpointed']} of {result['log']} WAL pages copied into the "
+              f"database{emptied}")
     if result.get("busy"):
         print("partial: a reader held the checkpoint back; run it again when reads are quieter", file=sys.stderr)
         return 1
@@ -254,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="diagnose in plain words, with what to do").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")
     p.add_argument("--mode", default="TRUNCATE", type=str.upper, choices=["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
+    p.add_argument("--json", action="store_true", help="print the writer's answer as JSON (busy, log, checkpointed)")
     # Finite and > 0: with nan the wait for the writer never ended (now >= nan is never true); at most a
     # day, as TICKSTACK_CLIENT_DEADLINE.
     p.add_argument("--timeout", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=30.0,

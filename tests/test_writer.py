@@ -2,9 +2,11 @@
 real ZeroMQ sockets; producers and readers in processes of their own."""
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -492,3 +494,23 @@ def test_full_queue_answers_busy_and_clients_back_off_until_committed(stack: Sta
     targets = Counter(t for (t,) in con.execute("SELECT target FROM audit_log WHERE action = 'burst'"))
     con.close()
     assert targets == Counter(str(i) for i in range(40))  # each exactly once
+
+
+def test_db_checkpoint_says_what_it_did_in_words_and_in_json_when_asked(writer: Stack) -> None:
+    """``python -m db checkpoint`` printed SQLite's raw answer ({"busy": 0, "log": 3, ...}); it now
+    says what was done, and ``--json`` gives the answer to a script."""
+    WriterClient(settings=writer.settings, deadline=10).call("audit", actor="me", action="x")
+
+    def checkpoint(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", "checkpoint", *flags], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    words = checkpoint()
+    assert words.returncode == 0, words.stderr[-2000:]
+    if writer.settings.database_path is not None:
+        assert re.fullmatch(r"checkpoint TRUNCATE: \d+ of \d+ WAL pages copied into the database, the WAL emptied\n",
+                            words.stdout), words.stdout
+    else:
+        assert words.stdout == "checkpoint: nothing to do, a PostgreSQL server checkpoints itself\n", words.stdout
+    answer = checkpoint("--json", "--mode", "passive")
+    assert answer.returncode == 0 and set(json.loads(answer.stdout)) == {"busy", "log", "checkpointed"}, answer
