@@ -280,6 +280,8 @@ def test_a_watcher_a_reloadconfig_dropped_is_listed_missing_without_actions_sayi
         assert r.status_code == 400 and "reloadconfig" in html.unescape(r.text), r.text[:2000]
         r = console.get("/console/watchers/monitor")
         assert r.status_code == 404 and "monitor is missing" in html.unescape(r.text), r.text[:2000]
+        ask = html.unescape(console.post("/console/watchers/restart-all", {}).text)  # asks, changes nothing
+        assert "monitor is missing, and no restart brings it back" in ask and "[watcher:monitor]" in ask, ask[:3000]
 
         ini.write_text((ROOT / "circus.ini").read_text())  # what the page says to do
         done = stack.circusctl("reloadconfig", "--waiting")

@@ -30,13 +30,14 @@ import psutil
 from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from supervision.circus import CircusError
+from supervision.circus import CircusError, missing_watchers
 from webapp.console.common import audit, bad_request, bp, circus, log
 from webapp.console.watcher_page import SIGNALS, find_watcher, watcher_names
 from webapp.console.watchers import (
     WRITER_WATCHER,
     audit_result,
     gunicorn_workers,
+    missing_advice,
     options_of,
     pids_of,
     run_and_follow,
@@ -167,8 +168,10 @@ def restart_all() -> ResponseReturnValue:
     names = watcher_names(statuses)
     running = [n for n in names if statuses[n] != "stopped"]
     stopped = [n for n in names if statuses[n] == "stopped"]
+    missing = missing_watchers(statuses)  # no restart brings them back: said, with what does
     if request.form.get("confirm") != "yes":
-        return render_template("console/confirm_restart_all.html", running=running, stopped=stopped)
+        return render_template("console/confirm_restart_all.html", running=running, stopped=stopped,
+                               missing=[(n, missing_advice(n)) for n in missing])
     if not running:
         flash("Every watcher is stopped: nothing to restart (start them one by one).", "warn")
         return _back()
@@ -182,6 +185,7 @@ def restart_all() -> ResponseReturnValue:
         outcomes.append(f"{name}: {result}, {message}")
     if stopped:
         outcomes.append(f"left stopped: {', '.join(stopped)}")
+    outcomes.extend(f"{name}: missing, not restarted: {missing_advice(name)}" for name in missing)
     if own is not None:
         outcomes.append(f"{own}: sent (this console restarts last)")
     detail = "\n".join(outcomes)
@@ -196,6 +200,6 @@ def restart_all() -> ResponseReturnValue:
         flash(f"Restarted {len(running) - 1} watcher(s); {own}, this console, restarts now: reload the page in a "
               "moment.", "warn")
         return _back()
-    flash(("Restart all: " if not failed else "Restart all, with problems: ") + "; ".join(outcomes),
-          "error" if failed else "ok")
+    flash(("Restart all: " if not (failed or missing) else "Restart all, with problems: ") + "; ".join(outcomes),
+          "error" if failed else "warn" if missing else "ok")
     return _back()
