@@ -134,7 +134,10 @@ def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Eng
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql(begin_sql)
+        # Unless the driver's connection has begun already: the writer's IO thread takes its
+        # batch's write lock itself, without waiting (workers.commit.Committer.commit_here).
+        if not conn.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+            conn.exec_driver_sql(begin_sql)
 
     _engines.add(engine)
     return engine

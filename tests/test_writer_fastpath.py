@@ -521,3 +521,78 @@ def test_numpy_starts_no_blas_threads_in_the_workers_unless_the_user_asks() -> N
     # OpenBLAS starts no more threads than the process may run on: with 2 CPUs, one more for "2".
     if len(os.sched_getaffinity(0)) >= 2:
         assert asked[0] == ours[0] + 1, (ours, asked)
+
+
+#: In a fresh interpreter, on a real SQLite file: the IO thread's way into a batch
+#: (Committer.commit_here) hands every batch that would wait or begin twice to the commit thread.
+_COMMIT_HERE = """
+import json, queue, sqlite3, time
+import msgpack
+from db import ops
+from db.config import load_settings
+from db.engine import make_write_engine
+from workers.commit import PRUNE_EVERY_S, Committer, Request
+from workers.writer_stats import Stats
+
+settings = load_settings()  # busy_timeout 600 s: a wait would outlast the test's timeout
+engine = make_write_engine(settings)
+committer = Committer(settings, engine, engine.connect(), Stats(), queue.Queue(), on_fatal=lambda: None)
+committer.open_database()
+committer._commit_or_fail([Request(b"p", "c", 1, "audit", {"actor": "a", "action": "first"})])  # prunes, once
+raw = committer.conn.connection.driver_connection
+out = {}
+
+def audit(seq):
+    return [Request(b"p", "c", seq, "audit", {"actor": "a", "action": f"n{seq}"})]
+
+def decoded(replies):
+    return None if replies is None else [msgpack.unpackb(r) for _, r in replies]
+
+other = sqlite3.connect(settings.database_path, isolation_level=None)
+other.execute("BEGIN IMMEDIATE")  # another program holds the write lock
+out["locked"] = decoded(committer.commit_here(audit(2)))
+out["locked_left_begun"] = raw.in_transaction
+other.execute("COMMIT")
+out["free"] = decoded(committer.commit_here(audit(2)))
+out["io_batches"] = committer.stats.io_batches
+
+failing = [Request(b"p", "c", 3, "close_trade", {"trade_id": 404})]
+out["failing_here"] = decoded(committer.commit_here(failing))
+out["failing_left_begun"] = raw.in_transaction
+out["failing_there"] = decoded(committer._commit_or_fail(failing))
+
+with committer.conn.begin():  # an applied request past the dedup window
+    ops.record_applied(committer.conn, "old", 1, msgpack.packb({"id": 0}))
+    committer.conn.exec_driver_sql("UPDATE applied_requests SET committed_at = 0 WHERE client_id = 'old'")
+committer._last_prune = time.monotonic() - PRUNE_EVERY_S - 1  # due
+out["due_here"] = decoded(committer.commit_here(audit(4)))
+committer.prune_due = lambda: False  # due only once the IO thread's batch runs (the race it closes)
+out["due_during"] = decoded(committer.commit_here(audit(5)))
+count = "SELECT count(*) FROM applied_requests WHERE client_id = 'old'"
+out["old_after_io"] = committer.conn.exec_driver_sql(count).scalar()
+committer.conn.rollback()
+committer._commit_or_fail(audit(6))  # the commit thread's batch prunes
+out["old_after_commit_thread"] = committer.conn.exec_driver_sql(count).scalar()
+committer.conn.rollback()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.sqlite_only("tests/test_writer_fastpath.py::test_small_batches_commit_on_the_io_thread_in_order_with_the_bulk_ones_the_commit_thread_takes")
+def test_the_io_thread_hands_over_every_batch_that_would_wait_or_run_twice(stack: Stack) -> None:
+    """The IO thread commits a small batch only if it can take SQLite's write lock at once (then it
+    keeps it for the batch: a probe let go of it, and another program could take it before the
+    batch's own BEGIN, which then waited up to busy_timeout), the prune of applied requests is not
+    due (nor becomes due while it runs), and the fast run succeeds (a careful run would begin again)."""
+    out = subprocess.run([sys.executable, "-c", _COMMIT_HERE], env={**stack.env, "TICKSTACK_BUSY_TIMEOUT_MS": "600000"},
+                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["locked"] is None and not seen["locked_left_begun"], seen  # handed over at once
+    assert seen["free"][0]["ok"] and seen["io_batches"] == 1, seen
+    assert seen["failing_here"] is None and not seen["failing_left_begun"], seen
+    (there,) = seen["failing_there"]
+    assert not there["ok"] and "trade 404 does not exist" in there["error"]["message"], there
+    assert seen["due_here"] is None, seen
+    assert seen["due_during"][0]["ok"] and seen["old_after_io"] == 1, seen  # not pruned on the IO thread
+    assert seen["old_after_commit_thread"] == 0, seen

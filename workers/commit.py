@@ -101,6 +101,11 @@ class _FastRunFailed(Exception):
         self.request = request
 
 
+class _HandOver(Exception):
+    """A batch the IO thread runs (:meth:`Committer.commit_here`) must go to the commit thread
+    (nothing of it committed)."""
+
+
 class _TransactionLost(Exception):
     """A request's error took the batch's transaction with it (its savepoint
     cannot roll back): see :meth:`Committer._without`."""
@@ -216,41 +221,59 @@ class Committer:
     def commit_here(self, batch: list[Request]) -> list[tuple[bytes, bytes]] | None:
         """Run ``batch`` as the thread does (group commit, acknowledged after COMMIT) on the
         calling thread, which has seen :meth:`idle` and puts nothing on the queue until this
-        returns; the replies to send now. None, having run nothing, when it might wait: when the
-        record of applied requests is due for its prune (a delete that grows with the traffic), or
-        when another connection holds SQLite's write lock (``BEGIN IMMEDIATE`` would wait up to
-        ``busy_timeout``): the caller queues the batch for this thread, which may wait."""
-        if self.prune_due() or not self._write_lock_free():
+        returns; the replies to send now. None, with nothing committed, for a batch that would
+        wait, which the caller then queues for this thread: when the record of applied requests is
+        due for its prune (a delete that grows with the traffic), when another connection holds
+        SQLite's write lock (the batch's ``BEGIN IMMEDIATE`` is taken here with ``busy_timeout`` 0,
+        and kept for the batch, so no other program can take the lock in between), or when any of
+        its requests fails in the fast run (the careful run would begin again, and could wait)."""
+        if self.prune_due():
+            return None
+        raw = self._driver_connection()
+        if raw is None or not self._begin_without_waiting(raw):
             return None
         self.busy = self.here = True
         try:
-            return self._commit_or_fail(batch)
+            return self._commit_or_fail(batch)  # its BEGIN is the one taken above
+        except _HandOver:
+            return None
         finally:
             self.busy = self.here = False
+            try:
+                if raw.in_transaction:  # nothing may stay begun behind SQLAlchemy's back
+                    raw.rollback()
+            except sqlite3.Error as e:  # closed: a failure replaced the connection
+                log.debug("writer: the IO thread's batch left its connection so: %s", e)
 
     def prune_due(self) -> bool:
         """Whether the next batch prunes the record of applied requests (:meth:`_maybe_prune`)."""
         return time.monotonic() - self._last_prune >= PRUNE_EVERY_S
 
-    def _write_lock_free(self) -> bool:
-        """SQLite: whether this connection takes the write lock now, without waiting (taken and let
-        go at once, ``busy_timeout`` 0 meanwhile). Only a program that writes the file without the
-        writer holds it; any error says no, and the commit thread meets it as before."""
-        raw: Any = self.conn.connection.driver_connection
+    def _driver_connection(self) -> Any:
+        """The sqlite3 connection under the write connection; None when there is none (closed after
+        a failure: the commit thread opens a new one, and says why it cannot)."""
+        try:
+            return self.conn.connection.driver_connection
+        except Exception:
+            return None
+
+    def _begin_without_waiting(self, raw: Any) -> bool:
+        """SQLite: ``BEGIN IMMEDIATE`` on ``raw`` with ``busy_timeout`` 0, then the usual timeout
+        again; whether it began (False: another connection holds the write lock, or any error, which
+        the commit thread then meets as before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`)."""
         try:
             raw.execute("PRAGMA busy_timeout = 0")
-            try:
-                raw.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:
-                return False
-            raw.execute("ROLLBACK")
+        except sqlite3.Error:
+            return False
+        try:
+            raw.execute("BEGIN IMMEDIATE")
             return True
         except sqlite3.Error:
             return False
         finally:
             try:
                 raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
-            except sqlite3.Error as e:  # the commit thread's next batch finds the connection as it is
+            except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
                 log.warning("writer: could not set busy_timeout again: %s", e)
 
     def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
@@ -274,6 +297,8 @@ class Committer:
         when anything escapes it (the commit thread never ends for a batch)."""
         try:
             return self._commit(batch)
+        except _HandOver:
+            raise
         except Exception as e:
             log.exception("writer: batch of %d requests failed", len(batch))
             self._recover_connection()
@@ -294,11 +319,15 @@ class Committer:
                 run = self._run(batch, batch_no, careful=False, answered=answered)
             except _FastRunFailed as e:
                 self._recover_connection()
+                if self.here:  # the careful run would begin again, and could wait: the commit thread's
+                    raise _HandOver from e
                 self.stats.careful_batches += 1
                 log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
                 lost = e.request and self.answers.lost_race(e.cause, e.request.op, e.request.cid)
                 answered = {**(answered or {}), **({id(e.request): lost} if lost else {})}
                 run = self._run(batch, batch_no, careful=True, answered=answered)
+        except _HandOver:
+            raise
         except Exception as e:
             # Nothing of the batch is committed: every request in it gets a
             # retryable error, and its client sends it again.
@@ -506,7 +535,7 @@ class Committer:
         """Forget applied requests older than the dedup window, once a minute,
         inside a batch transaction (so it costs no extra commit)."""
         now = time.monotonic()
-        if now - self._last_prune < PRUNE_EVERY_S:
+        if self.here or now - self._last_prune < PRUNE_EVERY_S:  # due during the IO thread's batch: the next
             return
         self._last_prune = now
         pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))

@@ -1,6 +1,7 @@
-"""The commit thread's memory of applied requests (:class:`AppliedRequests`): whether a request's
-(client id, seq) was applied already, and if so whether by this same request (a resend: the first
-answer again) or by a different one (:class:`~db.errors.RequestIdReused`, nothing applied).
+"""The writer's memory of applied requests (:class:`AppliedRequests`, used by whichever thread
+commits a batch): whether a request's (client id, seq) was applied already, and if so whether by
+this same request (a resend: the first answer again) or by a different one
+(:class:`~db.errors.RequestIdReused`, nothing applied).
 
 Three places to look, cheapest first: the results of recently committed requests (no query), the
 batch's own requests committed before this one, and the database's record (``applied_requests``),

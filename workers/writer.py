@@ -257,8 +257,14 @@ class Writer:
                 if self.stop_requested_at is not None and self._drained():
                     break
             # Stop reading new requests; let the commit thread finish the
-            # queue and forward its last replies.
-            self.queue.put(STOP)
+            # queue and forward its last replies. A full queue makes room as the thread works on
+            # (a thread that died takes nothing, and there is nothing to wait for).
+            while committer.is_alive():
+                try:
+                    self.queue.put(STOP, timeout=0.05)
+                    break
+                except queue.Full:
+                    self._forward_replies(replies_in, router)
             while committer.is_alive() or self.committer.outbox:
                 replies_in.poll(50)
                 self._forward_replies(replies_in, router)
@@ -386,12 +392,15 @@ class Writer:
         commit thread and its replies back cost two hand-overs between Python threads (about 90 us
         each on this machine), more than such a batch's whole commit, and when producers wait for
         each answer they set the rate (README, Benchmarks). The replies the commit thread gave
-        before are sent first, so a client's answers keep their order. Nothing here may wait: when
-        a program that is not the writer holds SQLite's write lock, or the record of applied
-        requests is due for its prune, the batch goes to the commit thread (:meth:`Committer.commit_here`).
-        Everything else went to the commit thread as it came: a bulk write's commit runs there while
-        this thread decodes the next, and no ping waits behind a bulk commit or a lock. A
-        PostgreSQL commit is a round trip to a server that may stall: every one stays there."""
+        before are sent first, so a client's answers keep their order. Nothing here waits on a lock or
+        on work that grows with the tables: a batch goes to the commit thread, nothing of it
+        committed, when a program that is not the writer holds SQLite's write lock (its BEGIN is
+        taken with busy_timeout 0 and kept for the batch), when the record of applied requests is
+        due for its prune, or when a request fails in the fast run (the careful run begins again:
+        :meth:`Committer.commit_here`). Everything else went to the commit thread as it came: a
+        bulk write's commit runs there while this thread decodes the next, and no ping waits behind
+        a bulk commit or a lock. A PostgreSQL commit is a round trip to a server that may stall:
+        every one stays there."""
         if not self.pending:
             return
         committer = self.committer

@@ -12,7 +12,7 @@ from db.stats import percentile
 
 
 class Stats:
-    """Counters the IO thread reports and the commit thread updates. Plain
+    """Counters the IO thread reports and the threads that commit update. Plain
     attribute updates under the GIL; a report is a consistent-enough copy."""
 
     def __init__(self) -> None:

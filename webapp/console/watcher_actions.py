@@ -108,6 +108,7 @@ def watcher_signal(name: str) -> ResponseReturnValue:
     if sig not in SIGNALS:
         bad_request(f"signal: {sig[:20]!r} is not one the console sends; one of {', '.join(SIGNALS)}")
     c = circus()
+    c.busy_retry = 15.0  # ends_processes reads the watcher's options: a busy circus must not make a guess of it
     find_watcher(c, name)
     pids = _targets(c, name, request.form.get("pid"))
     what = f"SIG{sig} to {name} ({'pid' if len(pids) == 1 else 'pids'} {', '.join(map(str, pids))})"
