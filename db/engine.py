@@ -122,7 +122,8 @@ def psycopg_params(url: URL) -> dict[str, Any]:
 def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Engine:
     """SQLAlchemy's documented recipe for explicit transactions: pysqlite
     starts none by itself (``isolation_level = None``), SQLAlchemy starts
-    each with ``begin_sql``; ``pragmas`` run on every new connection."""
+    each with ``begin_sql`` (unless the driver's connection has begun one: the writer's IO thread
+    takes its own, below); ``pragmas`` run on every new connection."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _record: Any) -> None:

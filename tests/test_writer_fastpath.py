@@ -593,6 +593,7 @@ def test_the_io_thread_hands_over_every_batch_that_would_wait_or_run_twice(stack
     assert seen["failing_here"] is None and not seen["failing_left_begun"], seen
     (there,) = seen["failing_there"]
     assert not there["ok"] and "trade 404 does not exist" in there["error"]["message"], there
+    assert there["batch"] == seen["free"][0]["batch"] + 1, seen  # the run handed over took no number
     assert seen["due_here"] is None, seen
     assert seen["due_during"][0]["ok"] and seen["old_after_io"] == 1, seen  # not pruned on the IO thread
     assert seen["old_after_commit_thread"] == 0, seen

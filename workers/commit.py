@@ -118,7 +118,8 @@ class _TransactionLost(Exception):
 
 class Committer:
     """The commit thread's state: the write connection, the dedup caches, and
-    the bytes of requests it has finished with (the IO thread's queue budget)."""
+    the bytes of requests it has finished with (the IO thread's queue budget). The IO thread runs
+    a small batch through it too, while the commit thread is idle (:meth:`commit_here`)."""
 
     def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
                  requests: queue.Queue, on_fatal: Callable[[], None],
@@ -225,8 +226,9 @@ class Committer:
         wait, which the caller then queues for this thread: when the record of applied requests is
         due for its prune (a delete that grows with the traffic), when another connection holds
         SQLite's write lock (the batch's ``BEGIN IMMEDIATE`` is taken here with ``busy_timeout`` 0,
-        and kept for the batch, so no other program can take the lock in between), or when any of
-        its requests fails in the fast run (the careful run would begin again, and could wait)."""
+        and kept for the batch, so no other program can take the lock in between), or when an op or
+        the record of applied requests fails in its fast run (the careful run would begin again, and
+        could wait; a request refused before it runs, e.g. an unknown op, is answered here)."""
         if self.prune_due():
             return None
         raw = self._driver_connection()
@@ -308,9 +310,10 @@ class Committer:
     def _commit(self, batch: list[Request],
                 answered: dict[int, WriterError] | None = None) -> list[tuple[bytes, bytes]]:
         """Run a batch in one IMMEDIATE transaction, fast and, if anything failed in that, carefully
-        (see the module's docstring); return the replies to send, which must go out only now that
-        the batch is committed. ``answered``: requests (by id) answered with that error instead of
-        running (they lost a race in an earlier run of the same batch)."""
+        (see the module's docstring; on the IO thread a failed fast run raises :class:`_HandOver`
+        instead); return the replies to send, which must go out only now that the batch is
+        committed. ``answered``: requests (by id) answered with that error instead of running (they
+        lost a race in an earlier run of the same batch)."""
         self.batch_no += 1
         batch_no = self.batch_no
         started = time.perf_counter()
@@ -319,7 +322,8 @@ class Committer:
                 run = self._run(batch, batch_no, careful=False, answered=answered)
             except _FastRunFailed as e:
                 self._recover_connection()
-                if self.here:  # the careful run would begin again, and could wait: the commit thread's
+                if self.here:  # a careful run begins again, and could wait: the commit thread runs it,
+                    self.batch_no = batch_no - 1  # under this number (nothing of this run was committed)
                     raise _HandOver from e
                 self.stats.careful_batches += 1
                 log.debug("writer: batch %d runs again with a savepoint per request (%s)", batch_no, e)
@@ -535,7 +539,9 @@ class Committer:
         """Forget applied requests older than the dedup window, once a minute,
         inside a batch transaction (so it costs no extra commit)."""
         now = time.monotonic()
-        if self.here or now - self._last_prune < PRUNE_EVERY_S:  # due during the IO thread's batch: the next
+        # Not on the IO thread (it may have become due while its batch ran): the next batch of the
+        # commit thread prunes, and commit_here hands that one over.
+        if self.here or now - self._last_prune < PRUNE_EVERY_S:
             return
         self._last_prune = now
         pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))
