@@ -101,6 +101,18 @@ class _FastRunFailed(Exception):
         self.request = request
 
 
+def _transaction_ended(conn: Connection) -> bool:
+    """Whether SQLite ended the batch's transaction under SQLAlchemy (it rolls a whole transaction
+    back on some errors: an I/O error, out of memory): the requests after it would each commit on
+    their own, and what was applied before it is gone. A server keeps a failed transaction open
+    (every later statement fails), so this is SQLite's alone."""
+    try:
+        driver = conn.connection.driver_connection
+    except Exception:
+        return True  # closed or invalidated: nothing of the batch is left either
+    return isinstance(driver, sqlite3.Connection) and not driver.in_transaction
+
+
 class _HandOver(Exception):
     """A batch the IO thread runs (:meth:`Committer.commit_here`) must go to the commit thread
     (nothing of it committed)."""
@@ -398,6 +410,12 @@ class Committer:
             except _FastRunFailed:
                 raise
             except Exception as e:  # the writer's own handling failed: this request fails alone
+                if _transaction_ended(conn):  # ...unless it took the batch's transaction with it
+                    if careful:
+                        lost = _TransactionLost(e)
+                        lost.request = req
+                        raise lost from e
+                    raise _FastRunFailed(f"{shown(req.op)} of client {req.cid}", e, req) from e
                 log.exception("writer: request %s of %s failed", req.op, req.cid)
                 tally["failed"] += 1
                 done = encode_reply(req.seq, batch=batch_no, error=OpFailed(
