@@ -627,7 +627,18 @@ batch = [Request(b"p", cid, 1, "audit", {"actor": "me", "action": cid}) for cid 
 replies = [msgpack.unpackb(r) for _, r in committer._commit_or_fail(batch)]
 stored = [a for (a,) in committer.conn.exec_driver_sql("SELECT action FROM audit_log ORDER BY id")]
 committer.conn.rollback()
-print(json.dumps({"ok": [r["ok"] for r in replies], "stored": stored}))
+
+def lost_prior(conn, req, committed):  # the connection is lost (a server restarted): not one request's fault
+    if req.cid == "e":
+        conn.connection.driver_connection.close()
+        conn.exec_driver_sql("SELECT 1")
+    return prior(conn, req, committed)
+
+committer.applied.prior = lost_prior
+batch = [Request(b"p", cid, 1, "audit", {"actor": "me", "action": cid}) for cid in ("d", "e", "f")]
+lost = [msgpack.unpackb(r) for _, r in committer._commit_or_fail(batch)]
+print(json.dumps({"ok": [r["ok"] for r in replies], "stored": stored,
+                  "lost": [(r["ok"], (r.get("error") or {}).get("type")) for r in lost]}))
 """
 
 
@@ -644,3 +655,5 @@ def test_a_request_whose_error_ended_the_transaction_does_not_take_the_acknowled
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["ok"] == [True, False, True], seen
     assert seen["stored"] == ["a", "c"], seen  # every acknowledged request stored, once
+    # A lost connection is no request's fault: every request of the batch is answered retryably.
+    assert [tuple(r) for r in seen["lost"]] == [(False, "CommitFailed")] * 3, seen

@@ -106,10 +106,12 @@ def _transaction_ended(conn: Connection) -> bool:
     back on some errors: an I/O error, out of memory): the requests after it would each commit on
     their own, and what was applied before it is gone. A server keeps a failed transaction open
     (every later statement fails), so this is SQLite's alone."""
+    if conn.closed or conn.invalidated:  # a lost connection: the batch's COMMIT fails, and every request
+        return False                      # of it gets a retryable error, as before
     try:
         driver = conn.connection.driver_connection
     except Exception:
-        return True  # closed or invalidated: nothing of the batch is left either
+        return False
     return isinstance(driver, sqlite3.Connection) and not driver.in_transaction
 
 
