@@ -637,8 +637,18 @@ def lost_prior(conn, req, committed):  # the connection is lost (a server restar
 committer.applied.prior = lost_prior
 batch = [Request(b"p", cid, 1, "audit", {"actor": "me", "action": cid}) for cid in ("d", "e", "f")]
 lost = [msgpack.unpackb(r) for _, r in committer._commit_or_fail(batch)]
+
+def failing_everywhere(conn, req, committed):  # a disk failing every read: not one request's doing
+    conn.connection.driver_connection.execute("ROLLBACK")
+    raise sqlite3.OperationalError("disk I/O error")
+
+committer.applied.prior = failing_everywhere
+batch = [Request(b"p", f"x{i}", 1, "audit", {"actor": "me", "action": "x"}) for i in range(600)]
+everywhere = [(r["ok"], (r.get("error") or {}).get("type")) for r in
+              (msgpack.unpackb(r) for _, r in committer._commit_or_fail(batch))]
 print(json.dumps({"ok": [r["ok"] for r in replies], "stored": stored,
-                  "lost": [(r["ok"], (r.get("error") or {}).get("type")) for r in lost]}))
+                  "lost": [(r["ok"], (r.get("error") or {}).get("type")) for r in lost],
+                  "everywhere": [everywhere.count((False, "OpFailed")), everywhere.count((False, "CommitFailed"))]}))
 """
 
 
@@ -657,3 +667,7 @@ def test_a_request_whose_error_ended_the_transaction_does_not_take_the_acknowled
     assert seen["stored"] == ["a", "c"], seen  # every acknowledged request stored, once
     # A lost connection is no request's fault: every request of the batch is answered retryably.
     assert [tuple(r) for r in seen["lost"]] == [(False, "CommitFailed")] * 3, seen
+    # Nor is an error every request meets: the first is blamed (it cannot be told apart yet), and
+    # once a second meets the same, the rest are answered retryably. Each request taken out was a
+    # level of recursion: past about 490 a RecursionError, and every request before it failed for good.
+    assert seen["everywhere"] == [1, 599], seen

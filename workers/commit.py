@@ -154,6 +154,7 @@ class Committer:
         self.busy = False
         #: True while the IO thread runs a batch (:meth:`commit_here`).
         self.here = False
+        self._losses: set[str] = set()
         #: Bytes (estimated) of the requests it has answered; only this thread writes it.
         self.released_bytes = 0
         #: Which ids were applied, to what, with what result (recent ones without a query).
@@ -311,6 +312,7 @@ class Committer:
     def _commit_or_fail(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
+        self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
         try:
             return self._commit(batch)
         except _HandOver:
@@ -444,10 +446,22 @@ class Committer:
         """One request's error rolled back the whole transaction (a trigger's
         RAISE(ROLLBACK), an I/O error): that request fails for good, since
         running it again would do the same, and the others run again at once
-        in a new transaction, so one bad request never holds up its batch."""
+        in a new transaction, so one bad request never holds up its batch. When a second request
+        of the same batch does it with the same error, the database is failing (a disk failing
+        every read), not the requests: the rest are answered retryably, and the recursion (one level
+        per request taken out) stays shallow whatever the batch's size."""
         i = next(i for i, req in enumerate(batch) if req is lost.request)
         culprit = batch[i]
         detail = getattr(lost.cause, "orig", None) or lost.cause
+        said = f"{type(detail).__name__}: {detail}"
+        if said in self._losses:  # a second request lost the transaction the same way: not a request's doing
+            log.error("writer: a second request of the batch (%s of client %s) rolled it back with the same error "
+                      "(%s): the database fails, not a request; the %d left are answered retryably",
+                      shown(culprit.op), culprit.cid, said, len(batch))
+            self.stats.commit_failures += 1
+            error = self.answers.batch_error(lost.cause)
+            return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
+        self._losses.add(said)
         log.error("writer: %s of client %s rolled back its whole batch (%s); it fails, the other %d run again",
                   shown(culprit.op), culprit.cid, detail, len(batch) - 1)
         self.stats.requests_failed += 1
