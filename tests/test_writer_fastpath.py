@@ -571,6 +571,7 @@ out["due_during"] = decoded(committer.commit_here(audit(5)))
 count = "SELECT count(*) FROM applied_requests WHERE client_id = 'old'"
 out["old_after_io"] = committer.conn.exec_driver_sql(count).scalar()
 committer.conn.rollback()
+del committer.prune_due  # due, as the clock says
 committer._commit_or_fail(audit(6))  # the commit thread's batch prunes
 out["old_after_commit_thread"] = committer.conn.exec_driver_sql(count).scalar()
 committer.conn.rollback()

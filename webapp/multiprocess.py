@@ -49,9 +49,14 @@ ENV_VAR = "PROMETHEUS_MULTIPROC_DIR"
 FOLDER = "metrics"
 
 
+def root_of(settings: Settings) -> Path:
+    """The folder of every gunicorn master's metric folder."""
+    return settings.run_dir / FOLDER
+
+
 def folder_of(settings: Settings, master_pid: int) -> Path:
     """The metric files' folder of the gunicorn master ``master_pid``."""
-    return settings.run_dir / FOLDER / str(master_pid)
+    return root_of(settings) / str(master_pid)
 
 
 def _of_a_live_master(folder: Path) -> bool:
@@ -102,7 +107,7 @@ class EveryMaster:
     scrape. The console's master writes no files, so its folder adds nothing."""
 
     def __init__(self, settings: Settings) -> None:
-        self.root = folder_of(settings, 0).parent
+        self.root = root_of(settings)
 
     def collect(self) -> Iterable[Any]:
         from prometheus_client.multiprocess import MultiProcessCollector

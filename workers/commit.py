@@ -51,7 +51,7 @@ from sqlalchemy.orm import configure_mappers
 
 from db import ops
 from db.config import Settings
-from db.engine import checkpoint, storage_full_reason
+from db.engine import checkpoint, raw_dbapi, storage_full_reason
 from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply, request_digest
 from db.schema import migrate
@@ -101,18 +101,26 @@ class _FastRunFailed(Exception):
         self.request = request
 
 
+def _live_sqlite(conn: Connection) -> sqlite3.Connection | None:
+    """The sqlite3 connection under ``conn`` while ``conn`` is usable; None on a server, or for a
+    closed or invalidated connection (a failure replaced it: the commit thread opens a new one)."""
+    if conn.closed or conn.invalidated:
+        return None
+    try:
+        driver = raw_dbapi(conn)
+    except Exception:
+        return None
+    return driver if isinstance(driver, sqlite3.Connection) else None
+
+
 def _transaction_ended(conn: Connection) -> bool:
     """Whether SQLite ended the batch's transaction under SQLAlchemy (it rolls a whole transaction
     back on some errors: an I/O error, out of memory): the requests after it would each commit on
     their own, and what was applied before it is gone. A server keeps a failed transaction open
-    (every later statement fails), so this is SQLite's alone."""
-    if conn.closed or conn.invalidated:  # a lost connection: the batch's COMMIT fails, and every request
-        return False                      # of it gets a retryable error, as before
-    try:
-        driver = conn.connection.driver_connection
-    except Exception:
-        return False
-    return isinstance(driver, sqlite3.Connection) and not driver.in_transaction
+    (every later statement fails); a lost connection is no one request's doing (the batch's COMMIT
+    fails, and every request of it gets a retryable error)."""
+    driver = _live_sqlite(conn)
+    return driver is not None and not driver.in_transaction
 
 
 class _HandOver(Exception):
@@ -246,7 +254,7 @@ class Committer:
         could wait; a request refused before it runs, e.g. an unknown op, is answered here)."""
         if self.prune_due():
             return None
-        raw = self._driver_connection()
+        raw = _live_sqlite(self.conn)
         if raw is None or not self._begin_without_waiting(raw):
             return None
         self.busy = self.here = True
@@ -266,15 +274,7 @@ class Committer:
         """Whether the next batch prunes the record of applied requests (:meth:`_maybe_prune`)."""
         return time.monotonic() - self._last_prune >= PRUNE_EVERY_S
 
-    def _driver_connection(self) -> Any:
-        """The sqlite3 connection under the write connection; None when there is none (closed after
-        a failure: the commit thread opens a new one, and says why it cannot)."""
-        try:
-            return self.conn.connection.driver_connection
-        except Exception:
-            return None
-
-    def _begin_without_waiting(self, raw: Any) -> bool:
+    def _begin_without_waiting(self, raw: sqlite3.Connection) -> bool:
         """SQLite: ``BEGIN IMMEDIATE`` on ``raw`` with ``busy_timeout`` 0, then the usual timeout
         again; whether it began (False: another connection holds the write lock, or any error, which
         the commit thread then meets as before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`)."""
@@ -572,12 +572,11 @@ class Committer:
     def _maybe_prune(self, conn: Connection) -> None:
         """Forget applied requests older than the dedup window, once a minute,
         inside a batch transaction (so it costs no extra commit)."""
-        now = time.monotonic()
         # Not on the IO thread (it may have become due while its batch ran): the next batch of the
         # commit thread prunes, and commit_here hands that one over.
-        if self.here or now - self._last_prune < PRUNE_EVERY_S:
+        if self.here or not self.prune_due():
             return
-        self._last_prune = now
+        self._last_prune = time.monotonic()
         pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))
         if pruned:
             log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)

@@ -44,7 +44,8 @@ class Spool:
         #: The last error the disk gave (None once it takes batches again).
         self.disk_error: OSError | None = None
         self._keys = itertools.count()
-        #: The files this object wrote (the others are an earlier run's, or another ingestor's).
+        #: The files this object wrote and that are not settled yet (the others in the folder are an
+        #: earlier run's, or another ingestor's).
         self.written: set[Path] = set()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.stale_removed = self.clean_stale()
@@ -104,13 +105,18 @@ class Spool:
         if columns is not None:
             self.memory_ticks -= len(columns["seq"])
 
-    def settled(self, origin: Path | int) -> None:
+    def settled(self, origin: Path | int) -> bool:
         """The writer answered a spooled batch for good (stored, or refused): drop it, from disk
-        (its path) or from memory (its key)."""
+        (its path) or from memory (its key). Whether this object kept it (False: a file of an
+        earlier run, or of another ingestor)."""
         if isinstance(origin, Path):
             origin.unlink(missing_ok=True)
-        else:
-            self.forget(origin)
+            if origin not in self.written:
+                return False
+            self.written.discard(origin)  # bounded by the files on disk, not by a run's length
+            return True
+        self.forget(origin)
+        return True
 
     @property
     def memory_full(self) -> bool:

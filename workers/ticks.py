@@ -234,11 +234,10 @@ class TickIngestor(Worker):
             if origin is None:
                 self._keep(columns, error)
             return
-        if origin is not None:
-            self.spool.settled(origin)
+        earlier = origin is not None and not self.spool.settled(origin)
         if error is None:
             result = ticket.result()
-            if isinstance(origin, Path) and origin not in self.spool.written:
+            if earlier:
                 self.earlier_acked += n
                 self.earlier_duplicates += result["duplicates"]
             else:

@@ -108,7 +108,7 @@ def watcher_signal(name: str) -> ResponseReturnValue:
     if sig not in SIGNALS:
         bad_request(f"signal: {sig[:20]!r} is not one the console sends; one of {', '.join(SIGNALS)}")
     c = circus()
-    c.busy_retry = 15.0  # ends_processes reads the watcher's options: a busy circus must not make a guess of it
+    c.busy_retry = 15.0  # a busy circus is waited out: for the options ends_processes reads, and the signals
     find_watcher(c, name)
     pids = _targets(c, name, request.form.get("pid"))
     what = f"SIG{sig} to {name} ({'pid' if len(pids) == 1 else 'pids'} {', '.join(map(str, pids))})"
@@ -122,7 +122,6 @@ def watcher_signal(name: str) -> ResponseReturnValue:
     if ends_self:
         audit("watcher.signal", name, "ok", f"{what}: sent; recorded before sending, it ends this console")
     props: dict[str, Any] = {"name": name, "signum": int(getattr(signal, f"SIG{sig}"))}
-    c.busy_retry = 15.0
     try:
         for pid in pids:
             c.call("signal", pid=pid, **props)
