@@ -163,3 +163,19 @@ def collect_watchers(circus: Circus, meter: ProcessMeter, require_processes: boo
         })
     meter.forget_others(seen)
     return out
+
+
+def catches_signal(pid: int, signum: int) -> bool | None:
+    """Whether process ``pid`` has a handler for ``signum`` (the kernel's ``SigCgt`` mask in
+    ``/proc/PID/status``); None when that cannot be read (no such process, not Linux).
+
+    A process that has not set its handler yet takes the signal's default action: SIGHUP ends a
+    gunicorn master that is still importing, where a running one reloads its workers on it."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split(":", 1)[1].strip(), 16) >> (signum - 1) & 1)
+    except (OSError, ValueError):
+        return None
+    return None

@@ -17,9 +17,11 @@ from __future__ import annotations
 import html
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -28,8 +30,9 @@ import pytest
 from db.client import WriterClient
 from db.config import load_settings
 from supervision.circus import WatcherState
+from supervision.procstats import catches_signal
 from testkit.circus import WATCHERS, Circusd, CircusStack
-from testkit.env import ROOT, isolated_env, new_home
+from testkit.env import ROOT, free_port, isolated_env, new_home
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, query, wait_for
 from webapp import create_app
@@ -160,6 +163,37 @@ def test_sighup_from_the_console_reaches_the_api_master(console: Console, cstack
     assert cstack.pids_of("api") == [master]  # HUP reloads the workers, the master stays
     ((action, target, result, detail),) = audit_rows(cstack.settings, since, "watcher.signal")
     assert (action, target, result) == ("watcher.signal", "api", "ok") and f"SIGHUP to api (pid {master})" in detail
+
+
+@DATABASE_INDEPENDENT
+def test_sighup_to_a_gunicorn_master_still_starting_is_refused_not_sent(console: Console, cstack: CircusStack) -> None:
+    """circus calls a gunicorn master active as soon as it runs; until the master sets its handlers,
+    HUP's default action ends it. The console sent it anyway ("Sent SIGHUP", the master dead, circus
+    starting another): it refuses now and says why. A real gunicorn master held before its handlers
+    by its own ``on_starting`` hook, added to circus for this test."""
+    config, held = cstack.home / "held-gunicorn.py", cstack.home / "held-gunicorn.in-hook"
+    config.write_text(f"import pathlib, time\n\ndef on_starting(server):\n    pathlib.Path({str(held)!r}).touch()\n"
+                      "    time.sleep(300)\n")
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    cstack.call("add", name="heldapi", cmd=f"{gunicorn} -c {config} --bind 127.0.0.1:{free_port()} nothing:app",
+                start=True)
+    try:
+        (master,) = wait_for("the held master", lambda: cstack.pids_of("heldapi"), timeout=30)
+        wait_for("the master in its on_starting hook", held.exists, timeout=30)
+        assert catches_signal(master, signal.SIGHUP) is False
+        r = console.post("/console/watchers/heldapi/signal", {"signal": "HUP", "confirm": "yes"})
+        assert r.status_code == 303 and r.headers["Location"] == "/console/watchers/heldapi"
+        page = html.unescape(console.get(r.headers["Location"]).text)
+        assert f"SIGHUP not sent: heldapi's gunicorn master (pid {master}) is still starting" in page, page[-3000:]
+        time.sleep(0.5)  # a HUP sent would have ended it by now (its default action, at once)
+        assert psutil.Process(master).status() != psutil.STATUS_ZOMBIE
+        assert cstack.pids_of("heldapi") == [master]
+        # A running master (the stack's own) catches it: the console's rule tells the two apart.
+        wait_for("the stack's api master to catch HUP", lambda: catches_signal(cstack.pids_of("api")[0],
+                                                                              signal.SIGHUP), timeout=60)
+    finally:
+        cstack.call("rm", name="heldapi", waiting=True)
+
 
 
 @DATABASE_INDEPENDENT

@@ -13,7 +13,9 @@ recorded before its restart is sent (this request ends with it), so it says ``se
 **Signal** sends SIGHUP, SIGTERM or SIGKILL to every process of a watcher, or to one of them, with
 circus's ``signal`` command (a gunicorn master passes HUP and TERM on to its workers itself).
 After a signal that ends the processes (TERM, KILL, and HUP but to gunicorn, which reloads its
-workers on it: :func:`ends_processes`) the console waits, bounded, to say whether each exited. Audited as
+workers on it: :func:`ends_processes`) the console waits, bounded, to say whether each exited. A HUP
+to a gunicorn master that has not set its handlers yet (it is starting) is refused, not sent: it
+would end it. Audited as
 ``watcher.signal``: recorded before the signal is sent when it ends the console serving the request;
 when it ends the writer (which takes the record), spooled and sent once the writer is back.
 
@@ -31,6 +33,7 @@ from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
 from supervision.circus import CircusError, missing_watchers
+from supervision.procstats import catches_signal
 from webapp.console.common import audit, bad_request, bp, circus, log
 from webapp.console.watcher_page import SIGNALS, find_watcher, watcher_names
 from webapp.console.watchers import (
@@ -117,6 +120,13 @@ def watcher_signal(name: str) -> ResponseReturnValue:
                                pid=request.form.get("pid") or "", pids=pids, what=what,
                                is_writer=name == WRITER_WATCHER)
     ends = ends_processes(c, name, sig)
+    if not ends and (starting := [p for p in pids if catches_signal(p, signal.SIGHUP) is False]):
+        # circus calls a gunicorn master active as soon as it runs; until it sets its handlers,
+        # HUP's default action ends it instead of reloading its workers.
+        flash(f"SIG{sig} not sent: {name}'s gunicorn master (pid {', '.join(map(str, starting))}) is still "
+              f"starting and has not set its signal handlers: SIG{sig} would end it instead of reloading its "
+              "workers. Try again in a moment.", "error")
+        return _back(name)
     ends_self = ends and serves_this_request(c, name)
     writer_down = ends and name == WRITER_WATCHER
     if ends_self:
