@@ -347,13 +347,32 @@ def test_restart_and_start_of_a_watcher_at_zero_processes_end_as_circus_does_and
         page = unescape(console.client.get("/console/watchers").text)
         return re.search(r'<div class="flash flash-(\w+)"[^>]*>(.*?)</div>', page, re.S).group(0)
 
+    def start_button(url: str) -> tuple[str, str | None]:
+        """(``disabled`` or "", its title) of monitor's Start button on the page at ``url``."""
+        page = console.client.get(url).text
+        if url == "/console/watchers":
+            page = re.search(r'<tr data-watcher="monitor">.*?</tr>', page, re.S).group(0)
+        form = re.search(r'<form[^>]*action="/console/watchers/monitor/start".*?</form>', page, re.S).group(0)
+        button = re.search(r"<button[^>]*>", form, re.S).group(0)
+        title = re.search(r'title="([^"]*)"', button)
+        return ("disabled" if re.search(r"\sdisabled[\s>]", button) else "",
+                unescape(title.group(1)) if title else None)
+
     for action, label in (("restart", "Restart"), ("start", "Start")):
         said = flash_after(action)
         assert f"{label} monitor: done. monitor is stopped: circus runs it with 0 processes" in said, said
         assert "then Start" in said and "+1 process" in said, said
         assert cstack.status()["monitor"] == "stopped" and cstack.pids_of("monitor") == []
+        # Its Start would run none: disabled, saying so, on the table, in its JSON (the table's script
+        # reads it on each poll) and on its page; Stop, Restart and −1 too (it is stopped); +1 is the way.
+        assert start_button("/console/watchers") == start_button("/console/watchers/monitor") == (
+            "disabled", "Start: circus runs monitor with 0 processes, so a start runs none: +1 process first, "
+            "then Start")
+        assert watcher(console, "monitor")["unavailable"]["start"] == start_button("/console/watchers")[1]
+        assert set(watcher(console, "monitor")["unavailable"]) == {"start", "stop", "restart", "decr"}
     said = flash_after("incr")  # the advice, followed: +1 on a stopped watcher runs nothing yet
     assert "+1 process monitor: done. 1 process(es) once started; monitor is stopped: Start runs them" in said, said
+    assert start_button("/console/watchers") == start_button("/console/watchers/monitor") == ("", None)
     said = flash_after("start")
     assert "Start monitor: done. monitor is active (pid " in said, said
     assert cstack.status()["monitor"] == "active" and len(cstack.pids_of("monitor")) == 1
@@ -420,7 +439,9 @@ def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> No
         expect(badge).not_to_have_text(first)  # polled again since
         expect(pill).to_have_text("no processes")
         expect(pill).to_have_class(re.compile(r"(^|\s)pill-no-processes(\s|$)"))
-        expect(page.locator('tr[data-watcher="monitor"] button[data-action="start"]')).to_be_disabled()
+        start_monitor = page.locator('tr[data-watcher="monitor"] button[data-action="start"]')
+        expect(start_monitor).to_be_disabled()  # the poll's rule is the server's (unavailable_actions)
+        expect(start_monitor).to_have_attribute("title", "Start: circus calls monitor active, not stopped")
         with page.expect_navigation(timeout=FOLLOW_MS):
             page.locator('tr[data-watcher="monitor"] button[data-action="incr"]').click()
         expect(page.locator(".flash-ok")).to_contain_text("+1 process monitor: done.")

@@ -45,6 +45,7 @@ from webapp.console.watchers import (
     options_of,
     restarts_last_hour,
     shown_state,
+    unavailable_actions,
 )
 
 #: Variables whose value is never shown: the settings flagged secret, and names that say so.
@@ -208,7 +209,8 @@ def watcher_page(name: str) -> ResponseReturnValue:
     summary = {cid: [r for r in rows if r["label"] == name]
                for cid, rows in summaries(charts, now_ms() - 3_600_000).items()}
     return render_template(
-        "console/watcher.html", w=row, opts=opts, one_process=one_process(name, opts), command=command_line(opts),
+        "console/watcher.html", w=row, unavailable=unavailable_actions(name, row["status"], opts.get("numprocesses")),
+        opts=opts, one_process=one_process(name, opts), command=command_line(opts),
         env=safe_environment(opts.get("env") or {}), procs=processes(row, gunicorn), gunicorn=gunicorn,
         restarts=restarts_last_hour().get(name), flapping=flapping_state(name, row["status"],
                                                                           statuses.get("plugin:flapping")),

@@ -88,7 +88,8 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
 
     Each row's ``status``, ``detail``, ``up`` and ``problem`` are :func:`shown_state`'s (a watcher
     circus calls active with no process asked for, decr to 0, reads ``no processes``, down);
-    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1).
+    ``one_process`` says why scaling it makes no sense (:func:`one_process`: the page offers no +1/−1);
+    ``unavailable`` the actions that would do nothing, each with why (:func:`unavailable_actions`).
     A watcher of the stack circus does not have (a ``reloadconfig`` of a broken circus.ini dropped
     it) is a row too, as health and metrics report it: ``missing``, down, ``missing`` true (no
     action: circus has nothing to act on) and ``advice``, what to do (:func:`missing_advice`)."""
@@ -107,6 +108,7 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["advice"] = missing_advice(row["name"]) if row["missing"] else None
         opts = options_of(c, row["name"]) if not row["missing"] else {}
         row["one_process"] = one_process(row["name"], opts)
+        row["unavailable"] = unavailable_actions(row["name"], row["status"], opts.get("numprocesses"))
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
@@ -121,6 +123,23 @@ def missing_advice(name: str) -> str:
             f"circusd runs, then "
             f"`{circusctl_command(endpoint, 'reloadconfig', '--waiting')}`; or restart circusd: "
             f"`{circusctl_command(endpoint, 'quit', '--waiting')}`, then `make run`.")
+
+
+def unavailable_actions(name: str, circus_status: str, asked: Any) -> dict[str, str]:
+    """The actions that would do nothing to watcher ``name``, which circus calls ``circus_status`` (its own word,
+    not :func:`shown_state`'s) and was asked to run ``asked`` processes of, each with why: the page
+    disables their buttons and says why in their title. The one rule of the watchers table, its
+    script and a watcher's page; the routes still answer each action (a page can be old).
+
+    A stopped watcher asked for 0 processes (``set numprocesses 0``, −1 to 0, then stopped) starts
+    none, and circus stops it again: +1 first."""
+    if circus_status == "stopped":
+        out = {a: f"{LABELS[a]}: {name} is stopped" for a in ("stop", "restart", "decr")}
+        if asked == 0:
+            out["start"] = (f"{LABELS['start']}: circus runs {name} with 0 processes, so a start runs none: "
+                            f"{LABELS['incr']} first, then {LABELS['start']}")
+        return out
+    return {"start": f"{LABELS['start']}: circus calls {name} {circus_status}, not stopped"}
 
 
 def one_process(name: str, opts: dict[str, Any]) -> str | None:

@@ -203,8 +203,9 @@
         row.querySelectorAll("button[data-action]").forEach(function (b) {
           if (b.classList.contains("is-busy")) return;
           var a = b.dataset.action;
-          b.disabled = (a === "start" && ["active", "starting", "no processes"].indexOf(w.status) >= 0) ||
-                       (["stop", "restart", "decr"].indexOf(a) >= 0 && w.status === "stopped");
+          var why = (w.unavailable || {})[a];  // the server's rule (unavailable_actions), with its reason
+          b.disabled = !!why;
+          if (why) b.title = why; else b.removeAttribute("title");
         });
       });
     });
