@@ -526,8 +526,9 @@ def test_numpy_starts_no_blas_threads_in_the_workers_unless_the_user_asks() -> N
 #: In a fresh interpreter, on a real SQLite file: the IO thread's way into a batch
 #: (Committer.commit_here) hands every batch that would wait or begin twice to the commit thread.
 _COMMIT_HERE = """
-import json, queue, sqlite3, time
+import json, os, queue, sqlite3, time
 import msgpack
+from sqlalchemy import event
 from db import ops
 from db.config import load_settings
 from db.engine import make_write_engine
@@ -575,6 +576,36 @@ del committer.prune_due  # due, as the clock says
 committer._commit_or_fail(audit(6))  # the commit thread's batch prunes
 out["old_after_commit_thread"] = committer.conn.exec_driver_sql(count).scalar()
 committer.conn.rollback()
+
+# Its connection lost in its batch: the IO thread opens none (opening sets pragmas that can wait on
+# another connection's lock); the commit thread does, before the batch handed over to it.
+opened = []
+event.listen(engine, "connect", lambda *_: opened.append(where))
+prior = committer.applied.prior
+
+def lost_prior(conn, req, committed):
+    if req.cid == "lost":
+        conn.connection.driver_connection.close()
+    return prior(conn, req, committed)
+
+committer.applied.prior = lost_prior
+where = "io"
+lost = [Request(b"p", "lost", 1, "audit", {"actor": "a", "action": "lost"})]
+out["lost_here"] = decoded(committer.commit_here(lost))
+out["then_here"] = decoded(committer.commit_here(audit(7)))  # no connection yet: handed over
+committer.applied.prior = prior
+where = "commit thread"
+out["lost_there"] = decoded(committer._commit_or_fail(lost))
+out["lost_stored"] = committer.conn.exec_driver_sql("SELECT count(*) FROM audit_log WHERE action = 'lost'").scalar()
+committer.conn.rollback()
+committer.applied.prior = lost_prior  # lost again, and the writer exits before another batch
+where = "io"
+committer.commit_here([Request(b"p", "lost", 2, "audit", {"actor": "a", "action": "lost"})])
+committer.applied.prior = prior
+where = "exit"
+committer.final_checkpoint()  # reopens the connection the IO thread left closed
+out["opened_by"] = opened
+out["wal_after_exit"] = os.path.getsize(f"{settings.database_path}-wal")
 print(json.dumps(out))
 """
 
@@ -584,7 +615,8 @@ def test_the_io_thread_hands_over_every_batch_that_would_wait_or_run_twice(stack
     """The IO thread commits a small batch only if it can take SQLite's write lock at once (then it
     keeps it for the batch: a probe let go of it, and another program could take it before the
     batch's own BEGIN, which then waited up to busy_timeout), the prune of applied requests is not
-    due (nor becomes due while it runs), and the fast run succeeds (a careful run would begin again)."""
+    due (nor becomes due while it runs), the fast run succeeds (a careful run would begin again), and
+    its connection is open (opening one sets pragmas that can wait: the commit thread does it)."""
     out = subprocess.run([sys.executable, "-c", _COMMIT_HERE], env={**stack.env, "TICKSTACK_BUSY_TIMEOUT_MS": "600000"},
                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -598,6 +630,12 @@ def test_the_io_thread_hands_over_every_batch_that_would_wait_or_run_twice(stack
     assert seen["due_here"] is None, seen
     assert seen["due_during"][0]["ok"] and seen["old_after_io"] == 1, seen  # not pruned on the IO thread
     assert seen["old_after_commit_thread"] == 0, seen
+    # A connection lost on the IO thread is reopened by the commit thread, which stores the batch.
+    assert [r["error"]["type"] for r in seen["lost_here"]] == ["CommitFailed"], seen  # retryable
+    assert seen["then_here"] is None, seen  # handed over until a connection is open again
+    assert seen["lost_there"][0]["ok"] and seen["lost_stored"] == 1, seen  # the resend, stored once
+    assert seen["opened_by"] == ["commit thread", "exit"], seen
+    assert seen["wal_after_exit"] == 0, seen  # the final checkpoint ran (TRUNCATE)
 
 
 #: A request whose look-up in the record of applied requests meets an error after which SQLite has

@@ -313,6 +313,8 @@ class Committer:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
         self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
+        if not self.here and (self.conn.closed or self.conn.invalidated):
+            self._recover_connection()  # the IO thread left it closed: it opens none (_recover_connection)
         try:
             return self._commit(batch)
         except _HandOver:
@@ -551,7 +553,12 @@ class Committer:
     def _recover_connection(self) -> None:
         """Leave the write connection outside any transaction; when it cannot
         be (closed, invalidated, its rollback fails), open a new one. A failed
-        open is tried again at the next batch, whose error says why."""
+        open is tried again at the next batch, whose error says why.
+
+        Not on the IO thread, which never waits: opening sets pragmas that can wait on another
+        connection's lock (``journal_mode = WAL`` while one recovers the WAL). It leaves the old
+        one closed; :meth:`commit_here` hands every batch over while it is, and the commit thread
+        opens a new one before its next batch."""
         conn = self.conn
         try:
             if not (conn.closed or conn.invalidated):
@@ -564,6 +571,8 @@ class Committer:
             conn.close()
         except Exception:  # it is being replaced
             pass
+        if self.here:
+            return
         try:
             self.conn = self.engine.connect()
         except Exception as e:
@@ -589,6 +598,8 @@ class Committer:
         if self.settings.database_path is None:
             log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
             return
+        if self.conn.closed or self.conn.invalidated:
+            self._recover_connection()  # the IO thread left it closed, and no batch came after
         deadline = time.monotonic() + 3.0
         while True:
             try:
