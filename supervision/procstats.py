@@ -165,17 +165,23 @@ def collect_watchers(circus: Circus, meter: ProcessMeter, require_processes: boo
     return out
 
 
-def catches_signal(pid: int, signum: int) -> bool | None:
-    """Whether process ``pid`` has a handler for ``signum`` (the kernel's ``SigCgt`` mask in
-    ``/proc/PID/status``); None when that cannot be read (no such process, not Linux).
 
-    A process that has not set its handler yet takes the signal's default action: SIGHUP ends a
-    gunicorn master that is still importing, where a running one reloads its workers on it."""
+def takes_default_action(pid: int, signum: int) -> bool | None:
+    """Whether ``signum`` would take its default action in process ``pid``: neither caught (the
+    kernel's ``SigCgt`` mask in ``/proc/PID/status``) nor ignored (``SigIgn``). None when that
+    cannot be told: no such process, a zombie (its masks are empty: it has ended), not Linux.
+
+    A process that has not set its handler yet takes the default action: SIGHUP ends a gunicorn
+    master that is still importing, where a running one reloads its workers on it."""
+    fields: dict[str, str] = {}
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
             for line in status:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split(":", 1)[1].strip(), 16) >> (signum - 1) & 1)
-    except (OSError, ValueError):
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields.get("State", "").startswith(("Z", "X")):
+            return None
+        bit = 1 << (signum - 1)
+        return not (int(fields["SigCgt"], 16) & bit or int(fields["SigIgn"], 16) & bit)
+    except (OSError, KeyError, ValueError):
         return None
-    return None

@@ -35,7 +35,7 @@ from testkit.circus import CircusStack
 from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.writer import Stack
 from webapp import create_app
-from webapp.console.watchers import gunicorn_workers
+from webapp.console.watchers import gunicorn_workers, unavailable_actions
 
 #: A writer restart drains its producers (about a second) and waits out the other watchers' hooks;
 #: a generous bound for "did it happen" on a loaded machine.
@@ -296,6 +296,14 @@ def test_ticks_offers_no_scaling_and_refuses_it_a_second_feed(console: Console, 
     assert "Singleton" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
     assert cstack.pids_of("ticks") == pids and cstack.call("numprocesses", name="ticks")["numprocesses"] == 1
     assert audit_rows(s, since) == []
+
+
+def test_unavailable_actions_follow_circus_status_and_the_processes_asked_for() -> None:
+    """The one rule of the disabled buttons (the table, its poll, a watcher's page), by circus's word."""
+    assert unavailable_actions("w", "active", 1) == {"start": "Start: circus calls w active, not stopped"}
+    assert set(unavailable_actions("w", "stopped", 1)) == {"stop", "restart", "decr"}
+    assert set(unavailable_actions("w", "stopped", 0)) == {"start", "stop", "restart", "decr"}
+    assert unavailable_actions("w", "stopping", 1) == {}  # a start waits for the stop, then starts it
 
 
 def test_a_watcher_at_zero_processes_reads_no_processes(console: Console, cstack: CircusStack) -> None:

@@ -18,6 +18,7 @@ import html
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ import pytest
 from db.client import WriterClient
 from db.config import load_settings
 from supervision.circus import WatcherState
-from supervision.procstats import catches_signal
+from supervision.procstats import takes_default_action
 from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import ROOT, free_port, isolated_env, new_home
 from testkit.gunicorn import get_json
@@ -180,7 +181,7 @@ def test_sighup_to_a_gunicorn_master_still_starting_is_refused_not_sent(console:
     try:
         (master,) = wait_for("the held master", lambda: cstack.pids_of("heldapi"), timeout=30)
         wait_for("the master in its on_starting hook", held.exists, timeout=30)
-        assert catches_signal(master, signal.SIGHUP) is False
+        assert takes_default_action(master, signal.SIGHUP) is True
         r = console.post("/console/watchers/heldapi/signal", {"signal": "HUP", "confirm": "yes"})
         assert r.status_code == 303 and r.headers["Location"] == "/console/watchers/heldapi"
         page = html.unescape(console.get(r.headers["Location"]).text)
@@ -189,11 +190,38 @@ def test_sighup_to_a_gunicorn_master_still_starting_is_refused_not_sent(console:
         assert psutil.Process(master).status() != psutil.STATUS_ZOMBIE
         assert cstack.pids_of("heldapi") == [master]
         # A running master (the stack's own) catches it: the console's rule tells the two apart.
-        wait_for("the stack's api master to catch HUP", lambda: catches_signal(cstack.pids_of("api")[0],
-                                                                              signal.SIGHUP), timeout=60)
+        wait_for("the stack's api master to catch HUP", lambda: takes_default_action(
+            cstack.pids_of("api")[0], signal.SIGHUP) is False, timeout=60)
     finally:
         cstack.call("rm", name="heldapi", waiting=True)
 
+
+@DATABASE_INDEPENDENT
+def test_a_signal_takes_its_default_action_only_in_a_process_that_neither_catches_nor_ignores_it() -> None:
+    """The console's rule for a HUP it refuses (:func:`supervision.procstats.takes_default_action`), on
+    real processes: one that has set no handler, one that catches HUP, one that ignores it (``nohup``);
+    a zombie has ended (its masks read empty): not told."""
+    wait = "print('ready', flush=True); time.sleep(120)"
+    code = {"default": f"import time; {wait}",
+            "caught": f"import signal, time; signal.signal(signal.SIGHUP, lambda *_: None); {wait}",
+            "ignored": f"import signal, time; signal.signal(signal.SIGHUP, signal.SIG_IGN); {wait}"}
+    procs = {k: subprocess.Popen([sys.executable, "-c", c], stdout=subprocess.PIPE, text=True) for k, c in code.items()}
+    try:
+        for proc in procs.values():
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        seen = {k: takes_default_action(proc.pid, signal.SIGHUP) for k, proc in procs.items()}
+        assert seen == {"default": True, "caught": False, "ignored": False}, seen
+        # Python catches SIGINT itself (KeyboardInterrupt) and leaves SIGTERM to its default action.
+        assert {takes_default_action(proc.pid, signal.SIGINT) for proc in procs.values()} == {False}
+        assert {takes_default_action(proc.pid, signal.SIGTERM) for proc in procs.values()} == {True}
+        ended = procs["default"]
+        ended.kill()  # not reaped yet: a zombie
+        wait_for("a zombie", lambda: psutil.Process(ended.pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        assert takes_default_action(ended.pid, signal.SIGHUP) is None
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(30)
 
 
 @DATABASE_INDEPENDENT
@@ -301,6 +329,7 @@ def test_a_watcher_a_reloadconfig_dropped_is_listed_missing_without_actions_sayi
         assert sorted(polled) == sorted(WATCHERS), sorted(polled)
         monitor = polled["monitor"]
         assert monitor["status"] == "missing" and monitor["missing"] and not monitor["up"], monitor
+        assert monitor["unavailable"] == {}, monitor  # no action is drawn: none is said to be unavailable
         assert monitor["problem"] == WatcherState("missing", None, None).problem  # health's words
         assert not any(w["missing"] for n, w in polled.items() if n != "monitor")
         page = console.get("/console/watchers").text

@@ -526,7 +526,7 @@ def test_numpy_starts_no_blas_threads_in_the_workers_unless_the_user_asks() -> N
 #: In a fresh interpreter, on a real SQLite file: the IO thread's way into a batch
 #: (Committer.commit_here) hands every batch that would wait or begin twice to the commit thread.
 _COMMIT_HERE = """
-import json, os, queue, sqlite3, time
+import json, logging, os, queue, sqlite3, time
 import msgpack
 from sqlalchemy import event
 from db import ops
@@ -604,8 +604,26 @@ committer.commit_here([Request(b"p", "lost", 2, "audit", {"actor": "a", "action"
 committer.applied.prior = prior
 where = "exit"
 committer.final_checkpoint()  # reopens the connection the IO thread left closed
-out["opened_by"] = opened
+out["opened_by"] = list(opened)
 out["wal_after_exit"] = os.path.getsize(f"{settings.database_path}-wal")
+
+# Left closed, and the database cannot be opened (a folder where its file was): the batch is
+# answered at once, retryably, with why; one try per batch.
+reopen_failures = []
+logging.getLogger("tickstack.writer").addHandler(type("H", (logging.Handler,), {
+    "emit": lambda self, record: reopen_failures.append(record.getMessage())
+    if "cannot reopen" in record.getMessage() else None})())
+committer.conn.close()
+path = str(settings.database_path)
+os.rename(path, path + ".away")
+os.mkdir(path)
+try:
+    out["unopenable"] = decoded(committer._commit_or_fail(audit(8)))
+finally:
+    os.rmdir(path)
+    os.rename(path + ".away", path)
+out["reopen_tries"] = len(reopen_failures)
+out["reopened"] = decoded(committer._commit_or_fail(audit(9)))
 print(json.dumps(out))
 """
 
@@ -636,6 +654,10 @@ def test_the_io_thread_hands_over_every_batch_that_would_wait_or_run_twice(stack
     assert seen["lost_there"][0]["ok"] and seen["lost_stored"] == 1, seen  # the resend, stored once
     assert seen["opened_by"] == ["commit thread", "exit"], seen
     assert seen["wal_after_exit"] == 0, seen  # the final checkpoint ran (TRUNCATE)
+    (unopenable,) = seen["unopenable"]
+    assert unopenable["error"]["type"] == "CommitFailed", unopenable  # retryable, and says why:
+    assert "unable to open database file" in unopenable["error"]["message"], unopenable
+    assert seen["reopen_tries"] == 1 and seen["reopened"][0]["ok"], seen
 
 
 #: A request whose look-up in the record of applied requests meets an error after which SQLite has

@@ -251,7 +251,8 @@ class Committer:
         SQLite's write lock (the batch's ``BEGIN IMMEDIATE`` is taken here with ``busy_timeout`` 0,
         and kept for the batch, so no other program can take the lock in between), or when an op or
         the record of applied requests fails in its fast run (the careful run would begin again, and
-        could wait; a request refused before it runs, e.g. an unknown op, is answered here)."""
+        could wait; a request refused before it runs, e.g. an unknown op, is answered here), or when
+        a failure here left the connection closed (the IO thread opens none: :meth:`_recover_connection`)."""
         if self.prune_due():
             return None
         raw = _live_sqlite(self.conn)
@@ -314,7 +315,13 @@ class Committer:
         when anything escapes it (the commit thread never ends for a batch)."""
         self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
         if not self.here and (self.conn.closed or self.conn.invalidated):
-            self._recover_connection()  # the IO thread left it closed: it opens none (_recover_connection)
+            # The IO thread left it closed (it opens none), or the last open failed: open it now, and
+            # when that fails, the batch's answer says why (a full disk: StorageFull), tried once.
+            failed = self._recover_connection()
+            if failed is not None:
+                self.stats.commit_failures += 1
+                error = self.answers.batch_error(failed)
+                return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
         try:
             return self._commit(batch)
         except _HandOver:
@@ -550,10 +557,11 @@ class Committer:
         self.stats.requests_ok += 1
         return result, None
 
-    def _recover_connection(self) -> None:
+    def _recover_connection(self) -> Exception | None:
         """Leave the write connection outside any transaction; when it cannot
         be (closed, invalidated, its rollback fails), open a new one. A failed
-        open is tried again at the next batch, whose error says why.
+        open is tried again before the next batch, which is answered with its error;
+        returns it (None when the connection is usable, or left closed on the IO thread).
 
         Not on the IO thread, which never waits: opening sets pragmas that can wait on another
         connection's lock (``journal_mode = WAL`` while one recovers the WAL). It leaves the old
@@ -564,7 +572,7 @@ class Committer:
             if not (conn.closed or conn.invalidated):
                 if conn.get_transaction() is not None:  # active, or left inactive by a failed commit
                     conn.rollback()
-                return
+                return None
         except Exception as e:
             log.warning("writer: the write connection did not roll back (%s); opening a new one", e)
         try:
@@ -572,11 +580,13 @@ class Committer:
         except Exception:  # it is being replaced
             pass
         if self.here:
-            return
+            return None
         try:
             self.conn = self.engine.connect()
         except Exception as e:
-            log.error("writer: cannot reopen the database (%s); trying again with the next batch", e)
+            log.error("writer: cannot reopen the database (%s); trying again before the next batch", e)
+            return e
+        return None
 
     def _maybe_prune(self, conn: Connection) -> None:
         """Forget applied requests older than the dedup window, once a minute,

@@ -396,7 +396,8 @@ class Writer:
         on work that grows with the tables: a batch goes to the commit thread, nothing of it
         committed, when a program that is not the writer holds SQLite's write lock (its BEGIN is
         taken with busy_timeout 0 and kept for the batch), when the record of applied requests is
-        due for its prune, or when an op fails in the fast run (the careful run begins again:
+        due for its prune, when an op fails in the fast run (the careful run begins again), or
+        when a failure here left the connection closed (opening one sets pragmas that can wait:
         :meth:`Committer.commit_here`). Everything else went to the commit thread as it came: a
         bulk write's commit runs there while this thread decodes the next, and no ping waits behind
         a bulk commit or a lock. A PostgreSQL commit is a round trip to a server that may stall:

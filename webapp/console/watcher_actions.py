@@ -33,7 +33,7 @@ from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
 from supervision.circus import CircusError, missing_watchers
-from supervision.procstats import catches_signal
+from supervision.procstats import takes_default_action
 from webapp.console.common import audit, bad_request, bp, circus, log
 from webapp.console.watcher_page import SIGNALS, find_watcher, watcher_names
 from webapp.console.watchers import (
@@ -120,18 +120,23 @@ def watcher_signal(name: str) -> ResponseReturnValue:
                                pid=request.form.get("pid") or "", pids=pids, what=what,
                                is_writer=name == WRITER_WATCHER)
     ends = ends_processes(c, name, sig)
-    if not ends and (starting := [p for p in pids if catches_signal(p, signal.SIGHUP) is False]):
+    signum = int(getattr(signal, f"SIG{sig}"))
+    if not ends and (starting := [p for p in pids if takes_default_action(p, signum)]):
         # circus calls a gunicorn master active as soon as it runs; until it sets its handlers,
-        # HUP's default action ends it instead of reloading its workers.
-        flash(f"SIG{sig} not sent: {name}'s gunicorn master (pid {', '.join(map(str, starting))}) is still "
-              f"starting and has not set its signal handlers: SIG{sig} would end it instead of reloading its "
-              "workers. Try again in a moment.", "error")
+        # HUP's default action ends it instead of reloading its workers. Not sent to any of them:
+        # the operator can pick the others by pid.
+        one = len(starting) == 1
+        flash(f"SIG{sig} not sent: {name}'s gunicorn {'master' if one else 'masters'} (pid "
+              f"{', '.join(map(str, starting))}) {'is' if one else 'are'} still starting and "
+              f"{'has' if one else 'have'} not set {'its' if one else 'their'} signal handlers: SIG{sig} "
+              f"would end {'it' if one else 'them'} instead of reloading {'its' if one else 'their'} workers. "
+              "Try again in a moment.", "error")
         return _back(name)
     ends_self = ends and serves_this_request(c, name)
     writer_down = ends and name == WRITER_WATCHER
     if ends_self:
         audit("watcher.signal", name, "ok", f"{what}: sent; recorded before sending, it ends this console")
-    props: dict[str, Any] = {"name": name, "signum": int(getattr(signal, f"SIG{sig}"))}
+    props: dict[str, Any] = {"name": name, "signum": signum}
     try:
         for pid in pids:
             c.call("signal", pid=pid, **props)

@@ -108,7 +108,8 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["advice"] = missing_advice(row["name"]) if row["missing"] else None
         opts = options_of(c, row["name"]) if not row["missing"] else {}
         row["one_process"] = one_process(row["name"], opts)
-        row["unavailable"] = unavailable_actions(row["name"], row["status"], opts.get("numprocesses"))
+        row["unavailable"] = {} if row["missing"] else unavailable_actions(row["name"], row["status"],
+                                                                             opts.get("numprocesses"))
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
@@ -139,6 +140,8 @@ def unavailable_actions(name: str, circus_status: str, asked: Any) -> dict[str, 
             out["start"] = (f"{LABELS['start']}: circus runs {name} with 0 processes, so a start runs none: "
                             f"{LABELS['incr']} first, then {LABELS['start']}")
         return out
+    if circus_status == "stopping":  # a start waits for the stop, then starts it: stop, then start
+        return {}
     return {"start": f"{LABELS['start']}: circus calls {name} {circus_status}, not stopped"}
 
 
