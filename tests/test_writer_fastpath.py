@@ -299,7 +299,7 @@ def test_the_writer_has_numpy_loaded_before_its_first_request(writer: Stack) -> 
 
 
 #: Run in a fresh interpreter (nothing configured or compiled yet): the writer's own start-up
-#: (Committer.open_database), then the first request's batch. For each, the statements of the record of
+#: (WriteConnection.open_database), then the first request's batch. For each, the statements of the record of
 #: applied requests compiled in it: by SQLAlchemy (seen at execution, as a cache miss) and by
 #: db.statements (its cache of compiled INSERTs, whose SQLite ones go to the cursor unseen).
 _FIRST_BATCH = """
@@ -327,7 +327,7 @@ def inserts():
 
 conn = engine.connect()
 committer = Committer(settings, engine, conn, Stats(), queue.Queue(), on_fatal=lambda: None)
-committer.open_database()
+committer.link.open_database()
 at_start, inserts_at_start = sorted(compiled), inserts()
 # Request 5 of the client was applied before this start: its request 1, resent after the restart, is
 # looked up in the record before it runs.
@@ -538,7 +538,7 @@ from workers.writer_stats import Stats
 settings = load_settings()  # busy_timeout 600 s: a wait would outlast the test's timeout
 engine = make_write_engine(settings)
 committer = Committer(settings, engine, engine.connect(), Stats(), queue.Queue(), on_fatal=lambda: None)
-committer.open_database()
+committer.link.open_database()
 committer._commit_or_fail([Request(b"p", "c", 1, "audit", {"actor": "a", "action": "first"})])  # prunes, once
 raw = committer.conn.connection.driver_connection
 out = {}
@@ -603,7 +603,7 @@ where = "io"
 committer.commit_here([Request(b"p", "lost", 2, "audit", {"actor": "a", "action": "lost"})])
 committer.applied.prior = prior
 where = "exit"
-committer.final_checkpoint()  # reopens the connection the IO thread left closed
+committer.link.final_checkpoint()  # reopens the connection the IO thread left closed
 out["opened_by"] = list(opened)
 out["wal_after_exit"] = os.path.getsize(f"{settings.database_path}-wal")
 
@@ -674,7 +674,7 @@ from workers.writer_stats import Stats
 settings = load_settings()
 engine = make_write_engine(settings)
 committer = Committer(settings, engine, engine.connect(), Stats(), queue.Queue(), on_fatal=lambda: None)
-committer.open_database()
+committer.link.open_database()
 prior = committer.applied.prior
 
 def failing_prior(conn, req, committed):

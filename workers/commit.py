@@ -47,25 +47,22 @@ from typing import Any
 import msgpack
 import zmq
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import configure_mappers
 
 from db import ops
 from db.config import Settings
-from db.engine import checkpoint, raw_dbapi, storage_full_reason
+from db.engine import storage_full_reason
 from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError
 from db.protocol import encode_reply, request_digest
-from db.schema import migrate
 from db.validation import shown
 from workers.answers import Answers
 from workers.dedup import Applied, AppliedRequests
+from workers.write_connection import WriteConnection, transaction_ended
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
-#: The longest :meth:`Committer.open_database` waits for each lock on PostgreSQL while it gets ready.
-GET_READY_LOCK_MS = 1000
 #: Seconds between two prunes of the record of applied requests (:meth:`Committer._maybe_prune`).
 PRUNE_EVERY_S = 60.0
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
@@ -101,28 +98,6 @@ class _FastRunFailed(Exception):
         self.request = request
 
 
-def _live_sqlite(conn: Connection) -> sqlite3.Connection | None:
-    """The sqlite3 connection under ``conn`` while ``conn`` is usable; None on a server, or for a
-    closed or invalidated connection (a failure replaced it: the commit thread opens a new one)."""
-    if conn.closed or conn.invalidated:
-        return None
-    try:
-        driver = raw_dbapi(conn)
-    except Exception:
-        return None
-    return driver if isinstance(driver, sqlite3.Connection) else None
-
-
-def _transaction_ended(conn: Connection) -> bool:
-    """Whether SQLite ended the batch's transaction under SQLAlchemy (it rolls a whole transaction
-    back on some errors: an I/O error, out of memory): the requests after it would each commit on
-    their own, and what was applied before it is gone. A server keeps a failed transaction open
-    (every later statement fails); a lost connection is no one request's doing (the batch's COMMIT
-    fails, and every request of it gets a retryable error)."""
-    driver = _live_sqlite(conn)
-    return driver is not None and not driver.in_transaction
-
-
 class _HandOver(Exception):
     """A batch the IO thread runs (:meth:`Committer.commit_here`) must go to the commit thread
     (nothing of it committed)."""
@@ -153,8 +128,8 @@ class Committer:
         self.settings = settings
         self.on_commit = on_commit
         self.before_commit = before_commit
-        self.engine = engine
-        self.conn = conn
+        #: The one write connection (replaced after a failure that leaves it unusable).
+        self.link = WriteConnection(settings, engine, conn)
         self.stats = stats
         self.requests = requests
         self.on_fatal = on_fatal
@@ -176,32 +151,9 @@ class Committer:
         #: every frame; a deque costs none.
         self.outbox: deque[list[tuple[bytes, bytes]]] = deque()
 
-    def open_database(self) -> tuple[int, int]:
-        """Before the writer serves: upgrade the schema (returns the versions before and after; its
-        errors are the caller's), then do what the first batch after every start would otherwise
-        pay for (README, Benchmarks: "The first requests after a start"): configure SQLAlchemy's
-        mappers and compile the statements of the record of applied requests. That part changes
-        nothing (it is rolled back), waits at most :data:`GET_READY_LOCK_MS` for each lock it waits
-        on (PostgreSQL), and never stops the writer: if it fails, the first batch compiles them, as
-        before."""
-        with self.conn.begin():
-            versions = migrate(self.conn)
-        # A transaction of its own, rolled back: a failure here must not undo the migration, and the
-        # migration's ``lock_timeout = 0`` (PostgreSQL: as long as another writer's migration takes)
-        # must not hold here.
-        try:
-            with self.conn.begin() as transaction:
-                if self.conn.dialect.name == "postgresql":  # a session holding the table must not hold up the start
-                    wait_ms = min(self.settings.lock_timeout_ms or GET_READY_LOCK_MS, GET_READY_LOCK_MS)
-                    self.conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_ms)}ms'")
-                configure_mappers()
-                ops.compile_applied_records(self.conn)
-                transaction.rollback()
-        except Exception as e:
-            self._recover_connection()  # the commit thread must find it outside any transaction
-            log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
-                        type(e).__name__, e)
-        return versions
+    @property
+    def conn(self) -> Connection:
+        return self.link.conn
 
     def run(self, ctx: zmq.Context) -> None:
         """The commit thread: batches from the queue until the stop marker."""
@@ -252,11 +204,11 @@ class Committer:
         and kept for the batch, so no other program can take the lock in between), or when an op or
         the record of applied requests fails in its fast run (the careful run would begin again, and
         could wait; a request refused before it runs, e.g. an unknown op, is answered here), or when
-        a failure here left the connection closed (the IO thread opens none: :meth:`_recover_connection`)."""
+        a failure here left the connection closed (the IO thread opens none: :meth:`WriteConnection.recover`)."""
         if self.prune_due():
             return None
-        raw = _live_sqlite(self.conn)
-        if raw is None or not self._begin_without_waiting(raw):
+        raw = self.link.begin_without_waiting()
+        if raw is None:
             return None
         self.busy = self.here = True
         try:
@@ -274,25 +226,6 @@ class Committer:
     def prune_due(self) -> bool:
         """Whether the next batch prunes the record of applied requests (:meth:`_maybe_prune`)."""
         return time.monotonic() - self._last_prune >= PRUNE_EVERY_S
-
-    def _begin_without_waiting(self, raw: sqlite3.Connection) -> bool:
-        """SQLite: ``BEGIN IMMEDIATE`` on ``raw`` with ``busy_timeout`` 0, then the usual timeout
-        again; whether it began (False: another connection holds the write lock, or any error, which
-        the commit thread then meets as before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`)."""
-        try:
-            raw.execute("PRAGMA busy_timeout = 0")
-        except sqlite3.Error:
-            return False
-        try:
-            raw.execute("BEGIN IMMEDIATE")
-            return True
-        except sqlite3.Error:
-            return False
-        finally:
-            try:
-                raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
-            except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
-                log.warning("writer: could not set busy_timeout again: %s", e)
 
     def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
         """``first`` and whatever else is queued (waiting up to ``wait`` s for
@@ -314,7 +247,7 @@ class Committer:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
         self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
-        if not self.here and (self.conn.closed or self.conn.invalidated):
+        if not self.here and self.link.closed:
             # The IO thread left it closed (it opens none), or the last open failed: open it now, and
             # when that fails, the batch's answer says why (a full disk: StorageFull), tried once.
             failed = self._recover_connection()
@@ -423,7 +356,7 @@ class Committer:
             except _FastRunFailed:
                 raise
             except Exception as e:  # the writer's own handling failed: this request fails alone
-                if _transaction_ended(conn):  # ...unless it took the batch's transaction with it
+                if transaction_ended(conn):  # ...unless it took the batch's transaction with it
                     if careful:
                         lost = _TransactionLost(e)
                         lost.request = req
@@ -558,35 +491,8 @@ class Committer:
         return result, None
 
     def _recover_connection(self) -> Exception | None:
-        """Leave the write connection outside any transaction; when it cannot
-        be (closed, invalidated, its rollback fails), open a new one. A failed
-        open is tried again before the next batch, which is answered with its error;
-        returns it (None when the connection is usable, or left closed on the IO thread).
-
-        Not on the IO thread, which never waits: opening sets pragmas that can wait on another
-        connection's lock (``journal_mode = WAL`` while one recovers the WAL). It leaves the old
-        one closed; :meth:`commit_here` hands every batch over while it is, and the commit thread
-        opens a new one before its next batch."""
-        conn = self.conn
-        try:
-            if not (conn.closed or conn.invalidated):
-                if conn.get_transaction() is not None:  # active, or left inactive by a failed commit
-                    conn.rollback()
-                return None
-        except Exception as e:
-            log.warning("writer: the write connection did not roll back (%s); opening a new one", e)
-        try:
-            conn.close()
-        except Exception:  # it is being replaced
-            pass
-        if self.here:
-            return None
-        try:
-            self.conn = self.engine.connect()
-        except Exception as e:
-            log.error("writer: cannot reopen the database (%s); trying again before the next batch", e)
-            return e
-        return None
+        """:meth:`WriteConnection.recover`, opening no connection on the IO thread (it never waits)."""
+        return self.link.recover(open_new=not self.here)
 
     def _maybe_prune(self, conn: Connection) -> None:
         """Forget applied requests older than the dedup window, once a minute,
@@ -600,30 +506,3 @@ class Committer:
         if pruned:
             log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)
 
-
-    def final_checkpoint(self) -> None:
-        """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
-        partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
-        own WAL: nothing to do there."""
-        if self.settings.database_path is None:
-            log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
-            return
-        if self.conn.closed or self.conn.invalidated:
-            self._recover_connection()  # the IO thread left it closed, and no batch came after
-        deadline = time.monotonic() + 3.0
-        while True:
-            try:
-                result = checkpoint(self.conn, "TRUNCATE")
-            except Exception as e:
-                reason = storage_full_reason(e)
-                if reason is not None:
-                    log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
-                                "in the WAL, and the next writer checkpoints it; exiting", reason)
-                else:
-                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
-                              "exiting", type(e).__name__, e)
-                return
-            if not result["busy"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")

@@ -168,7 +168,7 @@ class Writer:
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
                                            on_fatal=self._stop_now, on_commit=self.checkpointer.poke,
                                            before_commit=self.server_lock.check_held if self.server_lock else None)
-                before, after = self.committer.open_database()
+                before, after = self.committer.link.open_database()
             except Exception as e:
                 reason = storage_full_reason(e)
                 if reason is not None:
@@ -196,7 +196,7 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            self.committer.final_checkpoint()  # type: ignore[union-attr]
+            self.committer.link.final_checkpoint()  # type: ignore[union-attr]
             return EXIT_LOCKED if self.server_lock is not None and self.server_lock.lost else 0
         finally:
             conn = self.committer.conn if self.committer is not None else None

@@ -1,0 +1,173 @@
+"""The writer's one write connection (:class:`WriteConnection`): the schema upgrade before it
+serves, how it is kept usable after a failure, how the IO thread begins a batch on it without
+waiting, and its last checkpoint.
+
+Its users are :class:`workers.commit.Committer`'s two threads: the commit thread, and the IO
+thread while the commit thread is idle (never both at once). The rule that matters here: the IO
+thread never waits. It begins a batch only if SQLite's write lock is free at once
+(:meth:`WriteConnection.begin_without_waiting`), and it never opens a connection, whose pragmas can
+wait on another connection's lock (:meth:`WriteConnection.recover`).
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import configure_mappers
+
+from db import ops
+from db.config import Settings
+from db.engine import checkpoint, raw_dbapi, storage_full_reason
+from db.schema import migrate
+
+log = logging.getLogger("tickstack.writer")
+
+#: The longest :meth:`WriteConnection.open_database` waits for each lock on PostgreSQL while it gets ready.
+GET_READY_LOCK_MS = 1000
+
+
+def live_sqlite(conn: Connection) -> sqlite3.Connection | None:
+    """The sqlite3 connection under ``conn`` while ``conn`` is usable; None on a server, or for a
+    closed or invalidated connection (a failure replaced it: the commit thread opens a new one)."""
+    if conn.closed or conn.invalidated:
+        return None
+    try:
+        driver = raw_dbapi(conn)
+    except Exception:
+        return None
+    return driver if isinstance(driver, sqlite3.Connection) else None
+
+
+def transaction_ended(conn: Connection) -> bool:
+    """Whether SQLite ended the batch's transaction under SQLAlchemy (it rolls a whole transaction
+    back on some errors: an I/O error, out of memory): the requests after it would each commit on
+    their own, and what was applied before it is gone. A server keeps a failed transaction open
+    (every later statement fails); a lost connection is no one request's doing (the batch's COMMIT
+    fails, and every request of it gets a retryable error)."""
+    driver = live_sqlite(conn)
+    return driver is not None and not driver.in_transaction
+
+
+class WriteConnection:
+    """The write connection (``conn``, replaced after a failure that leaves it unusable) and the
+    engine that opens it."""
+
+    def __init__(self, settings: Settings, engine: Engine, conn: Connection) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.conn = conn
+
+    def open_database(self) -> tuple[int, int]:
+        """Before the writer serves: upgrade the schema (returns the versions before and after; its
+        errors are the caller's), then do what the first batch after every start would otherwise
+        pay for (README, Benchmarks: "The first requests after a start"): configure SQLAlchemy's
+        mappers and compile the statements of the record of applied requests. That part changes
+        nothing (it is rolled back), waits at most :data:`GET_READY_LOCK_MS` for each lock it waits
+        on (PostgreSQL), and never stops the writer: if it fails, the first batch compiles them, as
+        before."""
+        with self.conn.begin():
+            versions = migrate(self.conn)
+        # A transaction of its own, rolled back: a failure here must not undo the migration, and the
+        # migration's ``lock_timeout = 0`` (PostgreSQL: as long as another writer's migration takes)
+        # must not hold here.
+        try:
+            with self.conn.begin() as transaction:
+                if self.conn.dialect.name == "postgresql":  # a session holding the table must not hold up the start
+                    wait_ms = min(self.settings.lock_timeout_ms or GET_READY_LOCK_MS, GET_READY_LOCK_MS)
+                    self.conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_ms)}ms'")
+                configure_mappers()
+                ops.compile_applied_records(self.conn)
+                transaction.rollback()
+        except Exception as e:
+            self.recover()  # the commit thread must find it outside any transaction
+            log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
+                        type(e).__name__, e)
+        return versions
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``conn`` is closed or invalidated (a failure left it so; :meth:`recover` opens another)."""
+        return self.conn.closed or self.conn.invalidated
+
+    def recover(self, open_new: bool = True) -> Exception | None:
+        """Leave the write connection outside any transaction; when it cannot be (closed,
+        invalidated, its rollback fails), open a new one. A failed open is tried again before the
+        next batch, which is answered with its error; returns it (None when the connection is
+        usable, or left closed).
+
+        ``open_new`` False (the IO thread, which never waits): opening sets pragmas that can wait
+        on another connection's lock (``journal_mode = WAL`` while one recovers the WAL). The old one
+        is left closed; :meth:`begin_without_waiting` begins nothing on it, so every batch goes to
+        the commit thread, which opens a new one before its next batch."""
+        conn = self.conn
+        try:
+            if not self.closed:
+                if conn.get_transaction() is not None:  # active, or left inactive by a failed commit
+                    conn.rollback()
+                return None
+        except Exception as e:
+            log.warning("writer: the write connection did not roll back (%s); opening a new one", e)
+        try:
+            conn.close()
+        except Exception:  # it is being replaced
+            pass
+        if not open_new:
+            return None
+        try:
+            self.conn = self.engine.connect()
+        except Exception as e:
+            log.error("writer: cannot reopen the database (%s); trying again before the next batch", e)
+            return e
+        return None
+
+    def begin_without_waiting(self) -> sqlite3.Connection | None:
+        """SQLite: ``BEGIN IMMEDIATE`` on the driver's connection with ``busy_timeout`` 0, then the
+        usual timeout again; the driver's connection, begun, or None when nothing began (on a
+        server, a closed connection, another connection holds the write lock, or any error, which
+        the commit thread then meets as before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`)."""
+        raw = live_sqlite(self.conn)
+        if raw is None:
+            return None
+        try:
+            raw.execute("PRAGMA busy_timeout = 0")
+        except sqlite3.Error:
+            return None
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return raw
+        except sqlite3.Error:
+            return None
+        finally:
+            try:
+                raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+            except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
+                log.warning("writer: could not set busy_timeout again: %s", e)
+
+    def final_checkpoint(self) -> None:
+        """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
+        partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
+        own WAL: nothing to do there."""
+        if self.settings.database_path is None:
+            log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
+            return
+        if self.closed:
+            self.recover()  # the IO thread left it closed, and no batch came after
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                result = checkpoint(self.conn, "TRUNCATE")
+            except Exception as e:
+                reason = storage_full_reason(e)
+                if reason is not None:
+                    log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
+                                "in the WAL, and the next writer checkpoints it; exiting", reason)
+                else:
+                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
+                              "exiting", type(e).__name__, e)
+                return
+            if not result["busy"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
