@@ -212,6 +212,30 @@ def test_read_tick_csv_bytes_that_are_not_utf8(tmp_path: Path) -> None:
         CsvFeed(header)
 
 
+def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_column_it_lacks(
+        tmp_path: Path) -> None:
+    """A newcomer's ``time,sym,price`` file read "no symbol column: pass a symbol"; given a symbol,
+    the feed started and only then said what else it lacked. A time column named as bar files name
+    it (``Time``, ``Date``...) was refused as lacking ``ts``."""
+    bad = write(tmp_path, "time,sym,price\n2024-01-02,EURUSD,1.1\n", "bad.csv")
+    for symbol, lacks in ((None, "symbol (or pass a symbol, which fills it); bid; ask"), ("EURUSD", "bid; ask")):
+        with pytest.raises(CsvFormatError) as err:
+            CsvFeed(bad, symbol)  # made before the writer is asked anything
+        assert (err.value.line, err.value.reason) == (1, f"header lacks column(s) {lacks}; expected "
+                                                         "ts,symbol,bid,ask,volume"), symbol
+    with pytest.raises(CsvFormatError) as err:
+        list(read_tick_csv(write(tmp_path, "when,symbol,bid,ask\n2024-01-02,EURUSD,1,2\n", "when.csv")))
+    assert err.value.reason == ("header lacks column(s) ts (a time column: ts, timestamp, time, datetime, date); "
+                                "expected ts,symbol,bid,ask,volume")
+    tick = {"symbol": "EURUSD", "ts": T0, "bid": 1.1, "ask": 1.2, "volume": 3.0}
+    for header in ("Time,Symbol,Bid,Ask,Volume", "Date,Symbol,Bid,Ask,Volume", "timestamp,symbol,bid,ask,volume"):
+        named = write(tmp_path, f"{header}\n2024-01-02T00:00:00,EURUSD,1.1,1.2,3\n", "named.csv")
+        assert list(CsvFeed(named)) == [(2, tick)], header
+    # ts wins over another time column, wherever it is
+    both = write(tmp_path, f"time,ts,symbol,bid,ask\n1999-01-01,{T0},EURUSD,1.1,1.2\n", "both.csv")
+    assert [t["ts"] for _, t in read_tick_csv(both)] == [T0]
+
+
 # --------------------------------------------------------------------------- bar CSV
 
 

@@ -327,10 +327,16 @@ def test_a_stop_does_not_wait_for_a_slow_feeds_next_tick(writer: Stack) -> None:
 
 @DATABASE_INDEPENDENT
 def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
+    bad_header = stack.home / "bad-header.csv"
+    bad_header.write_text("time,sym,price\n2024-01-02,EURUSD,1.1\n")
     cases = [
         (["--feed", "csv"], "--feed csv needs --file"),
         (["--feed", "csv", "--file", "/nonexistent.csv"], "no such file"),
         (["--feed", "csv", "--file", __file__, "--speed", "0"], "invalid replay speed"),
+        # A header that gives no tick, refused before the writer is asked anything (it was at "line 1 ...
+        # (every row before it is stored)", once the feed had started), naming every column it lacks.
+        (["--feed", "csv", "--file", str(bad_header), "--symbol", "EURUSD"],
+         f"{bad_header}: line 1: header lacks column(s) bid; ask; expected ts,symbol,bid,ask,volume"),
         (["--symbols", "btc,eth"], "--symbols"),
         (["--batch", "0"], "argument --batch: '0' must be a whole number from 1 to 10000"),
         # Whole numbers with a bound: a huge count or memory limit is refused, not run for ever.

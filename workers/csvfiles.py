@@ -102,7 +102,8 @@ def _checked(items: Iterable[tuple[int, Tick]]) -> Iterator[tuple[int, Tick]]:
 
 
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
-    """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order).
+    """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order, any
+    case; the time column may be named as a bar file's: :func:`tick_columns`).
 
     ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
     bar files (:func:`workers.csvrows.parse_time`). ``symbol``, if given, overrides the file's
@@ -114,14 +115,32 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
     return _checked(_parse_ticks(path, symbol))
 
 
+_TICK_HEADER = "ts,symbol,bid,ask,volume"
+#: A tick file's time column, by the first of these names its header has (bar files' names too).
+_TICK_TIME_NAMES = ("ts", "timestamp", "time", "datetime", "date")
+
+
+def tick_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
+    """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``ts`` (the
+    first time column: :data:`_TICK_TIME_NAMES`), ``symbol`` (unless ``symbol`` is given), ``bid``,
+    ``ask`` and, if there, ``volume``; the first of a repeated name wins. A header that lacks any is
+    refused with every one it lacks, before a row is read."""
+    col = {name: i for i, name in reversed(list(enumerate(names)))}
+    time_name = next((n for n in _TICK_TIME_NAMES if n in col), None)
+    missing = [c for c in ("bid", "ask") if c not in col]
+    if "symbol" not in col and not symbol:
+        missing.insert(0, "symbol (or pass a symbol, which fills it)")
+    if time_name is None:
+        missing.insert(0, f"ts (a time column: {', '.join(_TICK_TIME_NAMES)})")
+    if missing or time_name is None:
+        raise CsvFormatError(line, f"header lacks column(s) {'; '.join(missing)}; expected {_TICK_HEADER}")
+    return {**col, "ts": col[time_name]}
+
+
 def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Tick]]:
-    expected = "ts,symbol,bid,ask,volume"
     rows = read_rows(path)
-    line, names = read_header(rows, expected)
-    col = {name: i for i, name in reversed(list(enumerate(names)))}  # first occurrence wins
-    missing = [c for c in ("ts", "symbol", "bid", "ask") if c not in col and not (c == "symbol" and symbol)]
-    if missing:
-        raise CsvFormatError(line, f"header lacks column(s) {', '.join(missing)}; expected {expected}")
+    line, names = read_header(rows, _TICK_HEADER)
+    col = tick_columns(line, names, symbol)
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
@@ -343,8 +362,7 @@ class CsvFeed:
         if self.kind == "ticks":
             if timeframe is not None:
                 raise ValueError(f"{self.path} holds ticks: a timeframe only applies to bar files")
-            if "symbol" not in names and not symbol:
-                raise CsvFormatError(line, "no symbol column: pass a symbol")
+            tick_columns(line, names, symbol)  # a header that cannot give a tick is refused now, not at row 2
             return
         if not symbol:
             raise ValueError(f"{self.path} holds bars, which have no symbol column: pass a symbol")
