@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -275,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # Its reader stopped reading (`| head`): not an error to report. Python flushes stdout again
+        # at exit, into the same closed pipe: point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConfigError, WriterError, OSError, ValueError, RuntimeError) as e:  # OSError: a path's (no room, no right)
         print(f"python -m db {args.command}: {e}", file=sys.stderr)
         return 1

@@ -63,6 +63,20 @@ def test_readme_table_is_made_from_the_registry() -> None:
     assert printed.returncode == 0 and printed.stdout.strip() == markdown_table()
 
 
+@pytest.mark.database_independent("the settings table it prints into a closed pipe is the same on either database")
+def test_db_output_into_a_pipe_its_reader_closed_is_no_error() -> None:
+    """``python -m db settings | head -2`` printed "python -m db settings: [Errno 32] Broken pipe" and
+    exited 1 (whenever head closed the pipe before the last line was written)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line: every write meets a closed pipe
+    try:
+        printed = subprocess.run([sys.executable, "-m", "db", "settings"], stdout=write, stderr=subprocess.PIPE,
+                                 text=True, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write)
+    assert printed.stderr == "" and printed.returncode == 1, printed.stderr
+
+
 def test_defaults_and_blank_values() -> None:
     s = load_settings({"TICKSTACK_HOME": "/tmp/ts-config-test", "TICKSTACK_API_PORT": " "})
     assert s.database_url == "sqlite:////tmp/ts-config-test/tickstack.db"
