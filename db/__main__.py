@@ -75,11 +75,15 @@ def first_contact(settings: Settings) -> str:
 
     password = settings.home / "admin-password"  # webapp.auth.PASSWORD_FILE (a layer above)
     made = "" if password.exists() else ", made on first start"
+    health = f"http://127.0.0.1:{settings.api_port}/api/health"
     return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
             f"{password}{made})\n"
-            f"api        http://127.0.0.1:{settings.api_port}/api/health (and /api/openapi.json)\n"
+            f"api        {health} (and /api/openapi.json)\n"
+            f"ready      in a few seconds: {health} says \"ok\" once every watcher runs (circusd logs to "
+            f"{settings.log_dir / 'circusd.log'}, not here)\n"
             f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"
-            f"stop       Ctrl-C here, or `{circusctl_command(settings.circus_endpoint, 'quit')}`")
+            f"stop       Ctrl-C where circusd runs in the foreground (make run), or "
+            f"`{circusctl_command(settings.circus_endpoint, 'quit')}`")
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import pytest
 from db.health import diagnose
 from testkit.circus import CircusStack
 from testkit.env import ROOT
+from testkit.gunicorn import get_json
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests.test_supervision import prepare
 
@@ -62,7 +63,13 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         assert first.returncode == 0, first.stdout + first.stderr
         status_hint = backticked(first.stdout, "status")
         quit_hint = backticked(first.stdout, "quit")
+        ready = next(line for line in first.stdout.splitlines() if line.startswith("ready "))
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/api/health", ready).group(1))
+        assert str(stack.home / "log" / "circusd.log") in ready, ready
         stack.start()
+        # What "ready" says to watch says so once the stack runs.
+        wait_for("the printed health URL to say ok", lambda: get_json(port, "/api/health")[1].get("status") == "ok",
+                 timeout=60)
 
         status = run_as_printed(status_hint)
         assert status.returncode == 0 and "writer: active" in status.stdout, (status_hint, status.stdout,
