@@ -125,6 +125,19 @@ def _empty_home() -> Path:
     return Path(tempfile.mkdtemp(prefix="ts-"))
 
 
+@pytest.mark.database_independent("what the Makefile exports to the processes it runs is not the database's")
+def test_make_run_passes_the_stack_its_defaults_and_no_script_of_its_own() -> None:
+    """``make run``'s circusd, and so every watcher, had the Makefile's 1.5 KB activate script in its
+    environment (``ACTIVATE_DEFAULTS``, exported to every recipe): the console listed it first among
+    a watcher's environment. A recipe of the real Makefile shows what ``run``'s circusd is given."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["make", "-s", "--eval", "probe-environment: ; @env", "probe-environment"], cwd=root,
+                         capture_output=True, text=True, timeout=60, check=True)
+    names = {line.split("=", 1)[0] for line in out.stdout.splitlines() if "=" in line}
+    assert {"TICKSTACK_HOME", "TICKSTACK_API_PORT", "TICKSTACK_CONSOLE_PORT"} <= names, sorted(names)
+    assert "ACTIVATE_DEFAULTS" not in names
+
+
 def test_console_port_root_redirects_and_login_names_the_real_password_file() -> None:
     from db.config import load_settings
     from webapp import create_app
