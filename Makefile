@@ -52,9 +52,10 @@ PACKAGES := db supervision workers webapp bench testkit
 install: $(STAMP) $(ACTIVATE_MARK)
 	@$(BIN)/python -m compileall -q $(PACKAGES)
 
-# Exported for this recipe only: exported for all, it was in the environment of every process make
-# runs, circusd and the whole stack included (the console listed it among a watcher's environment).
-$(ACTIVATE_MARK): export ACTIVATE_DEFAULTS := $(ACTIVATE_DEFAULTS)
+# Exported to this recipe only (private: not to its prerequisites either, pip's install). Exported
+# to all, it was in the environment of every process make runs, circusd and the whole stack
+# included (the console listed it among a watcher's environment).
+$(ACTIVATE_MARK): private export ACTIVATE_DEFAULTS := $(ACTIVATE_DEFAULTS)
 $(ACTIVATE_MARK): $(STAMP) Makefile
 	sed -i '/^# >>> tickstack/,/^# <<< tickstack/d' $(BIN)/activate
 	grep -q _tickstack_restore $(BIN)/activate || \

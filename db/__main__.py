@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def first_contact(settings: Settings) -> str:
     return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
             f"{password}{made})\n"
             f"api        {health} (and /api/openapi.json)\n"
-            f"ready      in a few seconds: {health} says \"ok\" once every watcher runs (circusd logs to "
+            f"ready      in a few seconds: {health} says \"ok\" once the stack is up (circusd logs to "
             f"{settings.log_dir / 'circusd.log'}, not here)\n"
             f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"
             f"stop       Ctrl-C where circusd runs in the foreground (make run), or "
@@ -253,6 +254,17 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it (poll says POLLERR on such a write end): a
+    broken pipe of another kind is reported."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file number (a test's captured stdout), not Linux
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m db", description="Look after the tickstack database.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,8 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)
     try:
-        return args.fn(args)
-    except BrokenPipeError:
+        code = args.fn(args)
+        sys.stdout.flush()  # here, not at exit: what is still buffered meets a closed pipe inside this try
+        return code
+    except BrokenPipeError as e:
+        if not _stdout_reader_gone():
+            print(f"python -m db {args.command}: {e}", file=sys.stderr)
+            return 1
         # Its reader stopped reading (`| head`): not an error to report. Python flushes stdout again
         # at exit, into the same closed pipe: point it at /dev/null first.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -67,14 +67,17 @@ def test_readme_table_is_made_from_the_registry() -> None:
 def test_db_output_into_a_pipe_its_reader_closed_is_no_error() -> None:
     """``python -m db settings | head -2`` printed "python -m db settings: [Errno 32] Broken pipe" and
     exited 1 (whenever head closed the pipe before the last line was written)."""
-    read, write = os.pipe()
-    os.close(read)  # the reader is gone before the first line: every write meets a closed pipe
-    try:
-        printed = subprocess.run([sys.executable, "-m", "db", "settings"], stdout=write, stderr=subprocess.PIPE,
-                                 text=True, cwd=ROOT, timeout=60)
-    finally:
-        os.close(write)
-    assert printed.stderr == "" and printed.returncode == 1, printed.stderr
+    for unbuffered in ("1", None):  # unbuffered (this machine's default), and buffered (the last block at exit)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        env.update({"PYTHONUNBUFFERED": unbuffered} if unbuffered else {})
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line: every write meets a closed pipe
+        try:
+            printed = subprocess.run([sys.executable, "-m", "db", "settings"], stdout=write, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT, timeout=60, env=env)
+        finally:
+            os.close(write)
+        assert printed.stderr == "" and printed.returncode == 1, (unbuffered, printed.stderr)
 
 
 def test_defaults_and_blank_values() -> None:

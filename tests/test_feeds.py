@@ -234,6 +234,19 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
     # ts wins over another time column, wherever it is
     both = write(tmp_path, f"time,ts,symbol,bid,ask\n1999-01-01,{T0},EURUSD,1.1,1.2\n", "both.csv")
     assert [t["ts"] for _, t in read_tick_csv(both)] == [T0]
+    # A date and a time of day in two columns (a common forex export): no one of them is the time.
+    # Picking one by name stored 20240102,120000 as 120000 s after 1970.
+    split = write(tmp_path, "Date,Time,Symbol,Bid,Ask,Volume\n20240102,120000,EURUSD,1.1,1.2,1\n", "split.csv")
+    with pytest.raises(CsvFormatError) as err:
+        CsvFeed(split, "EURUSD")
+    assert (err.value.line, err.value.reason) == (1, "header has several time columns (date, time) and no ts: a "
+                                                     "tick file's time is one column (ISO-8601 or epoch), named ts; "
+                                                     "expected ts,symbol,bid,ask,volume")
+    # A bar file that lacks an OHLC column is told so as a bar file, not as ticks lacking bid and ask.
+    bars = write(tmp_path, "Date,Open,High,Low,Volume\n2024-01-02,1,2,1,5\n", "bars.csv")
+    with pytest.raises(CsvFormatError) as err:
+        CsvFeed(bars, "EURUSD")
+    assert err.value.reason == "header lacks close; expected Date,Open,High,Low,Close,Volume"
 
 
 # --------------------------------------------------------------------------- bar CSV

@@ -1,5 +1,5 @@
-"""The writer's commit thread (:class:`Committer`): the one write connection,
-group commit, the record of applied requests (whether an id was applied already, and to what:
+"""The writer's commit thread (:class:`Committer`): group commit on the one write connection
+(:mod:`workers.write_connection`), the record of applied requests (whether an id was applied already, and to what:
 :mod:`workers.dedup`), and when a request is answered with an error (what it is answered:
 :mod:`workers.answers`).
 

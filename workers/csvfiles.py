@@ -103,7 +103,7 @@ def _checked(items: Iterable[tuple[int, Tick]]) -> Iterator[tuple[int, Tick]]:
 
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order, any
-    case; the time column may be named as a bar file's: :func:`tick_columns`).
+    case; the time column may be named as a bar file's: :func:`tick_header_columns`).
 
     ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
     bar files (:func:`workers.csvrows.parse_time`). ``symbol``, if given, overrides the file's
@@ -120,27 +120,33 @@ _TICK_HEADER = "ts,symbol,bid,ask,volume"
 _TICK_TIME_NAMES = ("ts", "timestamp", "time", "datetime", "date")
 
 
-def tick_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
+def tick_header_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
     """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``ts`` (the
-    first time column: :data:`_TICK_TIME_NAMES`), ``symbol`` (unless ``symbol`` is given), ``bid``,
-    ``ask`` and, if there, ``volume``; the first of a repeated name wins. A header that lacks any is
-    refused with every one it lacks, before a row is read."""
+    column named ``ts``, else the one time column named as :data:`_TICK_TIME_NAMES`), ``symbol``
+    (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume``; the first of a repeated
+    name wins. A header that lacks any is refused with every one it lacks, and one with several time
+    columns but no ``ts`` (``Date,Time,...``: a date and a time of day, which no one column holds)
+    is refused naming them, before a row is read."""
     col = {name: i for i, name in reversed(list(enumerate(names)))}
-    time_name = next((n for n in _TICK_TIME_NAMES if n in col), None)
+    times = ["ts"] if "ts" in col else [n for n in _TICK_TIME_NAMES if n in col]
+    if len(times) > 1:
+        raise CsvFormatError(line, f"header has several time columns ({', '.join(sorted(times, key=col.get))}) "
+                                   f"and no ts: a tick file's time is one column (ISO-8601 or epoch), named ts; "
+                                   f"expected {_TICK_HEADER}")
     missing = [c for c in ("bid", "ask") if c not in col]
     if "symbol" not in col and not symbol:
         missing.insert(0, "symbol (or pass a symbol, which fills it)")
-    if time_name is None:
+    if not times:
         missing.insert(0, f"ts (a time column: {', '.join(_TICK_TIME_NAMES)})")
-    if missing or time_name is None:
+    if missing:
         raise CsvFormatError(line, f"header lacks column(s) {'; '.join(missing)}; expected {_TICK_HEADER}")
-    return {**col, "ts": col[time_name]}
+    return {**col, "ts": col[times[0]]}
 
 
 def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Tick]]:
     rows = read_rows(path)
     line, names = read_header(rows, _TICK_HEADER)
-    col = tick_columns(line, names, symbol)
+    col = tick_header_columns(line, names, symbol)
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
@@ -357,12 +363,13 @@ class CsvFeed:
             line, names = read_header(rows, "ts,symbol,bid,ask,volume or Date,Open,High,Low,Close,Volume")
         finally:
             rows.close()
-        self.kind: Literal["ticks", "bars"] = "bars" if set(_OHLC) <= set(names) else "ticks"
+        # Two OHLC names or more: a bar file (one that lacks a column is told so as a bar file).
+        self.kind: Literal["ticks", "bars"] = "bars" if len(set(_OHLC) & set(names)) >= 2 else "ticks"
         self.timeframe: str | None = None
         if self.kind == "ticks":
             if timeframe is not None:
                 raise ValueError(f"{self.path} holds ticks: a timeframe only applies to bar files")
-            tick_columns(line, names, symbol)  # a header that cannot give a tick is refused now, not at row 2
+            tick_header_columns(line, names, symbol)  # a header that cannot give a tick is refused now, not at row 2
             return
         if not symbol:
             raise ValueError(f"{self.path} holds bars, which have no symbol column: pass a symbol")
