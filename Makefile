@@ -52,10 +52,11 @@ PACKAGES := db supervision workers webapp bench testkit
 install: $(STAMP) $(ACTIVATE_MARK)
 	@$(BIN)/python -m compileall -q $(PACKAGES)
 
-# Exported to this recipe only (private: not to its prerequisites either, pip's install). Exported
-# to all, it was in the environment of every process make runs, circusd and the whole stack
-# included (the console listed it among a watcher's environment).
-$(ACTIVATE_MARK): private export ACTIVATE_DEFAULTS := $(ACTIVATE_DEFAULTS)
+# Exported to this target's recipe (and to a prerequisite built for it: pip's step, when the mark
+# alone is made; `make install` builds that step first, without it). Exported to all, it was in the
+# environment of every process make runs, circusd and the whole stack included (the console listed
+# it among a watcher's environment).
+$(ACTIVATE_MARK): export ACTIVATE_DEFAULTS := $(ACTIVATE_DEFAULTS)
 $(ACTIVATE_MARK): $(STAMP) Makefile
 	sed -i '/^# >>> tickstack/,/^# <<< tickstack/d' $(BIN)/activate
 	grep -q _tickstack_restore $(BIN)/activate || \

@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         code = args.fn(args)
-        sys.stdout.flush()  # here, not at exit: what is still buffered meets a closed pipe inside this try
+        if sys.stdout is not None:  # None: started with stdout closed (>&-)
+            sys.stdout.flush()  # here, not at exit: what is still buffered meets a closed pipe inside this try
         return code
     except BrokenPipeError as e:
         if not _stdout_reader_gone():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import fields
@@ -78,6 +79,10 @@ def test_db_output_into_a_pipe_its_reader_closed_is_no_error() -> None:
         finally:
             os.close(write)
         assert printed.stderr == "" and printed.returncode == 1, (unbuffered, printed.stderr)
+    # Started with stdout closed (`>&-`: Python's sys.stdout is None), it prints nothing and says nothing.
+    closed = subprocess.run(f"{shlex.quote(sys.executable)} -m db settings >&-", shell=True, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, timeout=60)
+    assert closed.stderr == "" and closed.returncode == 0, closed.stderr
 
 
 def test_defaults_and_blank_values() -> None:

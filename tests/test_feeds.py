@@ -225,7 +225,7 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
                                                          "ts,symbol,bid,ask,volume"), symbol
     with pytest.raises(CsvFormatError) as err:
         list(read_tick_csv(write(tmp_path, "when,symbol,bid,ask\n2024-01-02,EURUSD,1,2\n", "when.csv")))
-    assert err.value.reason == ("header lacks column(s) ts (a time column: ts, timestamp, time, datetime, date); "
+    assert err.value.reason == ("header lacks column(s) ts (a time column: ts, timestamp, datetime, time, date); "
                                 "expected ts,symbol,bid,ask,volume")
     tick = {"symbol": "EURUSD", "ts": T0, "bid": 1.1, "ask": 1.2, "volume": 3.0}
     for header in ("Time,Symbol,Bid,Ask,Volume", "Date,Symbol,Bid,Ask,Volume", "timestamp,symbol,bid,ask,volume"):
@@ -239,9 +239,20 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
     split = write(tmp_path, "Date,Time,Symbol,Bid,Ask,Volume\n20240102,120000,EURUSD,1.1,1.2,1\n", "split.csv")
     with pytest.raises(CsvFormatError) as err:
         CsvFeed(split, "EURUSD")
-    assert (err.value.line, err.value.reason) == (1, "header has several time columns (date, time) and no ts: a "
-                                                     "tick file's time is one column (ISO-8601 or epoch), named ts; "
-                                                     "expected ts,symbol,bid,ask,volume")
+    assert (err.value.line, err.value.reason) == (1, "header has several time columns (date, time) and no ts (a "
+                                                     "tick's time is one column, ISO-8601 or epoch); expected "
+                                                     "ts,symbol,bid,ask,volume")
+    with pytest.raises(CsvFormatError) as err:  # every reason at once
+        CsvFeed(write(tmp_path, "Date,Time,Symbol,Price\n20240102,120000,EURUSD,1.1\n", "price.csv"))
+    assert err.value.reason == ("header lacks column(s) bid; ask and has several time columns (date, time) and "
+                                "no ts (a tick's time is one column, ISO-8601 or epoch); expected "
+                                "ts,symbol,bid,ask,volume")
+    # A whole timestamp beside a date or a time of day is the time (ts, then timestamp or datetime, then
+    # time or date); a quote export with the day's high and low (two OHLC names) is a tick file.
+    for header in ("timestamp,time,symbol,bid,ask,high,low", "datetime,date,symbol,bid,ask,open,close"):
+        quotes = write(tmp_path, f"{header}\n2024-01-02T00:00:00,x,EURUSD,1.1,1.2,1.3,1.0\n", "quotes.csv")
+        feed = CsvFeed(quotes)
+        assert feed.kind == "ticks" and [t["ts"] for _, t in feed] == [T0], header
     # A bar file that lacks an OHLC column is told so as a bar file, not as ticks lacking bid and ask.
     bars = write(tmp_path, "Date,Open,High,Low,Volume\n2024-01-02,1,2,1,5\n", "bars.csv")
     with pytest.raises(CsvFormatError) as err:

@@ -116,30 +116,31 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
 
 
 _TICK_HEADER = "ts,symbol,bid,ask,volume"
-#: A tick file's time column, by the first of these names its header has (bar files' names too).
-_TICK_TIME_NAMES = ("ts", "timestamp", "time", "datetime", "date")
+#: The names a tick file's time column may have (bar files' names too): :func:`tick_header_columns`.
+_TICK_TIME_NAMES = ("ts", "timestamp", "datetime", "time", "date")
 
 
 def tick_header_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
-    """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``ts`` (the
-    column named ``ts``, else the one time column named as :data:`_TICK_TIME_NAMES`), ``symbol``
-    (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume``; the first of a repeated
-    name wins. A header that lacks any is refused with every one it lacks, and one with several time
-    columns but no ``ts`` (``Date,Time,...``: a date and a time of day, which no one column holds)
-    is refused naming them, before a row is read."""
+    """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``ts``,
+    ``symbol`` (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume``; the first of
+    a repeated name wins. The time is the column named ``ts``, else the one named ``timestamp`` or
+    ``datetime``, else the one named ``time`` or ``date``: a header with two at the same rank
+    (``Date,Time,...``: a date and a time of day, which no one column holds) has no time column it
+    can read. A header that cannot give a tick is refused before a row is read, with every reason."""
     col = {name: i for i, name in reversed(list(enumerate(names)))}
-    times = ["ts"] if "ts" in col else [n for n in _TICK_TIME_NAMES if n in col]
-    if len(times) > 1:
-        raise CsvFormatError(line, f"header has several time columns ({', '.join(sorted(times, key=col.get))}) "
-                                   f"and no ts: a tick file's time is one column (ISO-8601 or epoch), named ts; "
-                                   f"expected {_TICK_HEADER}")
+    ranks = (("ts",), ("timestamp", "datetime"), ("time", "date"))
+    times = next(([n for n in rank if n in col] for rank in ranks if any(n in col for n in rank)), [])
     missing = [c for c in ("bid", "ask") if c not in col]
     if "symbol" not in col and not symbol:
         missing.insert(0, "symbol (or pass a symbol, which fills it)")
     if not times:
         missing.insert(0, f"ts (a time column: {', '.join(_TICK_TIME_NAMES)})")
-    if missing:
-        raise CsvFormatError(line, f"header lacks column(s) {'; '.join(missing)}; expected {_TICK_HEADER}")
+    reasons = [f"lacks column(s) {'; '.join(missing)}"] if missing else []
+    if len(times) > 1:
+        reasons.append(f"has several time columns ({', '.join(sorted(times, key=col.get))}) and no ts (a tick's "
+                       "time is one column, ISO-8601 or epoch)")
+    if reasons:
+        raise CsvFormatError(line, f"header {' and '.join(reasons)}; expected {_TICK_HEADER}")
     return {**col, "ts": col[times[0]]}
 
 
@@ -363,8 +364,11 @@ class CsvFeed:
             line, names = read_header(rows, "ts,symbol,bid,ask,volume or Date,Open,High,Low,Close,Volume")
         finally:
             rows.close()
-        # Two OHLC names or more: a bar file (one that lacks a column is told so as a bar file).
-        self.kind: Literal["ticks", "bars"] = "bars" if len(set(_OHLC) & set(names)) >= 2 else "ticks"
+        # Every OHLC name, or two and no bid and ask: a bar file (one that lacks a column is told so as
+        # one; a quote file with the day's high and low is ticks).
+        ohlc = set(_OHLC) & set(names)
+        bars = ohlc == set(_OHLC) or (len(ohlc) >= 2 and not {"bid", "ask"} <= set(names))
+        self.kind: Literal["ticks", "bars"] = "bars" if bars else "ticks"
         self.timeframe: str | None = None
         if self.kind == "ticks":
             if timeframe is not None:
