@@ -229,6 +229,15 @@ class WriterClient:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    def give_up_by(self, seconds: float) -> None:
+        """Every request in flight, and every one sent from now on, retries for ``seconds`` more at
+        most (not past its own deadline): a producer that stops bounds its last flush to its stop's
+        time (circus's ``graceful_timeout``), whatever the writer does meanwhile."""
+        limit = time.monotonic() + check_seconds("give_up_by: seconds", seconds)
+        for ticket in self._pending.values():
+            ticket.deadline = min(ticket.deadline, limit)
+        self.deadline = min(self.deadline, seconds)
+
     def close(self) -> None:
         if self._direct is not None and self._pid == os.getpid():
             self._direct.close()

@@ -61,6 +61,13 @@ MAX_HELD = 10_000_000
 #: ``--deadline``'s least, as ``TICKSTACK_CLIENT_DEADLINE``'s (db.config): shorter, no batch was ever
 #: answered in time (1e-300 spooled every tick, and the replay of the spool timed out likewise).
 MIN_DEADLINE_S = 0.1
+#: A stop's flush (SIGTERM, SIGINT: not the end of a replay), writer-facing, at most: circus gives the
+#: ticks watcher ``graceful_timeout = 20`` s before SIGKILL, which would lose the ticks in memory and
+#: the summary line; the rest is for the spool's writes and exit on a loaded machine. Requests in
+#: flight gave up at the client deadline (15 s) before, then the last chance took up to 6 s more.
+STOP_BUDGET_S = 12.0
+#: Of it, the last chance given to batches held in memory (the disk refused them).
+LAST_CHANCE_S = 4.0
 log = logging.getLogger("tickstack.ticks")
 
 
@@ -116,6 +123,9 @@ class TickIngestor(Worker):
         self._last_report = time.monotonic()
         self._paused = False
         self._last_keep_log = -10.0
+        #: When a stop's flush ends at the latest (monotonic): set by the stop signal (:meth:`handle_stop`).
+        self.stop_by: float | None = None
+        self.client: WriterClient | None = None
 
     def setup(self) -> None:
         self.spool = Spool(self.settings.spool_dir, self.memory_limit)
@@ -178,18 +188,33 @@ class TickIngestor(Worker):
         if not self.alive:
             raise FeedStopped
 
+    def handle_stop(self, signum: int, frame: Any) -> None:
+        """Stop (see :meth:`Worker.handle_stop`), and bound the flush from now on: a request in flight
+        to a silent writer gives up within :data:`STOP_BUDGET_S` of the signal, so the loop, blocked
+        on a full window, gets to the flush, and the flush to its end, before circus's SIGKILL."""
+        first = self.stop_by is None
+        super().handle_stop(signum, frame)
+        if first:
+            self.stop_by = time.monotonic() + STOP_BUDGET_S
+            if self.client is not None:  # only attributes change: safe between any two bytecodes
+                self.client.give_up_by(STOP_BUDGET_S - LAST_CHANCE_S)
+
     def teardown(self) -> None:
         """Flush: submit what was read, wait for every ack (each bounded by the client deadline);
         what the writer did not take goes to the spool. Batches held in memory (the disk was full)
         go to disk if it takes them now, else to the writer once more; what neither takes is lost,
-        and the log says which ticks."""
+        and the log says which ticks. A stop (not the end of a replay) does all of it within
+        :data:`STOP_BUDGET_S` of its signal: what the writer has not answered by then is spooled."""
+        stop_by = self.stop_by
+        if stop_by is not None:  # the requests sent from now on too
+            self.client.give_up_by(max(0.0, stop_by - LAST_CHANCE_S - time.monotonic()))
         if self._pending:
             self._submit(_columns(self._pending), None)
             self._pending = []
         self.pipe.drain()
         self.spool.flush_memory()
         if self.spool.memory:
-            self._last_chance()
+            self._last_chance(LAST_CHANCE_S if stop_by is None else min(LAST_CHANCE_S, stop_by - time.monotonic()))
             self.spool.flush_memory()
         for columns in self.spool.memory.values():
             seqs = columns["seq"]
@@ -205,14 +230,16 @@ class TickIngestor(Worker):
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
 
-    def _last_chance(self, budget: float = 5.0) -> None:
+    def _last_chance(self, budget: float) -> None:
         """At stop, batches held in memory go to the writer if it answers now, for at most
-        ``budget`` seconds (circus waits ``graceful_timeout``, 20 s, for the whole stop)."""
+        ``budget`` seconds, its ping included (circus waits ``graceful_timeout``, 20 s, for the whole stop)."""
+        end = time.monotonic() + budget
+        if budget < 0.5:
+            return
         try:
-            self.client.ping(timeout=1.0)
+            self.client.ping(timeout=min(1.0, budget / 2))
         except WriterError:
             return
-        end = time.monotonic() + budget
         for key, columns in list(self.spool.memory.items()):
             remaining = end - time.monotonic()
             if remaining <= 0:
