@@ -6,6 +6,8 @@ at all, not how fast.
 """
 from __future__ import annotations
 
+import configparser
+import importlib
 import json
 import os
 import re
@@ -31,6 +33,7 @@ from testkit.circus import WATCHERS, Circusd, CircusStack
 from testkit.env import BIN, ROOT, isolated_env, new_home
 from testkit.helpers import T0, backticked, query, run_as_printed, wait_for
 from testkit.postgres import read_connection
+from workers.base import Worker
 
 
 @pytest.fixture
@@ -526,3 +529,29 @@ def test_a_writer_stopping_gracefully_is_not_watched_again_by_its_last_heartbeat
     after = stack.log("circusd")[len(before):]
     assert not psutil.pid_exists(old[0]) or not alive(psutil.Process(old[0]))
     assert f"pid {old[0]}: first heartbeat" not in after and f"pid {old[0]}: running" not in after, after[-3000:]
+
+
+@pytest.mark.database_independent("how long circus waits for a stop and how long a worker's stop takes are not the "
+                                  "database's")
+def test_every_workers_stop_budget_fits_in_the_time_circus_gives_it() -> None:
+    """A worker's requests to the writer give up within its ``stop_budget`` of a stop signal
+    (``Worker.handle_stop``), then it flushes and exits; circus kills it ``graceful_timeout`` after
+    the signal. Each budget, with 5 s for the rest of the exit, within its watcher's timeout in the
+    real circus.ini. (The feed's waited 15 s a request and a window as long again: SIGKILL.)"""
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(ROOT / "circus.ini")
+    checked = {}
+    for section in ini.sections():
+        cmd = ini[section].get("cmd", "")
+        module = re.fullmatch(r"python -m (workers\.\w+)(?: .*)?", cmd)
+        if not section.startswith("watcher:") or module is None:
+            continue
+        workers = [c for c in vars(importlib.import_module(module[1])).values()
+                   if isinstance(c, type) and issubclass(c, Worker) and c is not Worker and c.__module__ == module[1]]
+        if not workers:  # the writer: not a Worker (its drain has settings of its own)
+            continue
+        (worker,) = workers
+        graceful = float(ini[section]["graceful_timeout"])
+        assert worker.stop_budget + 5 <= graceful and 0 <= worker.stop_reserve < worker.stop_budget, (section, graceful)
+        checked[section] = worker.stop_budget
+    assert set(checked) == {"watcher:ticks", "watcher:analysis", "watcher:monitor", "watcher:jobs"}, checked

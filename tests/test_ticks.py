@@ -2,7 +2,6 @@
 malformed rows, the disk spool, bad flags."""
 from __future__ import annotations
 
-import configparser
 import hashlib
 import os
 import re
@@ -20,7 +19,6 @@ from testkit.env import ROOT
 from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
-from workers.ticks import LAST_CHANCE_S, STOP_BUDGET_S
 
 #: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
 DATABASE_INDEPENDENT = pytest.mark.database_independent(
@@ -332,7 +330,8 @@ def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(w
     """A stop's flush waited for each request in flight until its client deadline (``--deadline``, 15 s
     by default; then up to 6 s of last chance): past circus's graceful_timeout (20 s) the feed was
     SIGKILLed, its ticks in memory and its summary lost (seen after a quit on a loaded machine). A
-    stop now gives the writer :data:`workers.ticks.STOP_BUDGET_S` at most, then spools. Here the
+    stop now gives the writer :data:`workers.ticks.STOP_BUDGET_S` at most, then spools (every worker
+    has such a budget: ``Worker.stop_budget``). Here the
     deadline is an hour and the writer is stopped (SIGSTOP): the old flush waited the hour."""
     (writer_proc,) = writer.procs
     log = writer.home / "log" / "ticks-test.log"
@@ -356,15 +355,6 @@ def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(w
     received, acked, spooled = map(int, summary.groups())
     assert spooled > 0 and received == acked + spooled, summary.group(0)  # every tick acked or on disk
     assert "Traceback" not in text, text[-3000:]
-
-
-def test_a_stop_fits_in_the_time_circus_gives_the_feed() -> None:
-    """The stop's budget, with room for the spool's writes and the exit, within circus.ini's
-    graceful_timeout for the ticks watcher (SIGKILL after it)."""
-    ini = configparser.ConfigParser(interpolation=None)
-    ini.read(ROOT / "circus.ini")
-    graceful = float(ini["watcher:ticks"]["graceful_timeout"])
-    assert STOP_BUDGET_S + 5 <= graceful and LAST_CHANCE_S < STOP_BUDGET_S, (STOP_BUDGET_S, graceful)
 
 
 @DATABASE_INDEPENDENT

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
 
+from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
 from db.leader import Leadership, LeadershipUnusable
@@ -91,6 +92,15 @@ class Worker:
     leader_only = False
     #: Seconds between two tries of a standby.
     standby_poll = 1.0
+    #: Seconds from a stop signal within which the worker's requests to the writer give up (those in
+    #: flight, and those its flush sends: then retryably failed, as when the writer is away), so
+    #: that its flush ends before circus's SIGKILL: its watcher's ``graceful_timeout`` in circus.ini,
+    #: less room for the rest of the exit (tests/test_supervision.py checks the two).
+    stop_budget = 10.0
+    #: Of :attr:`stop_budget`, what the flush keeps for itself after its requests gave up.
+    stop_reserve = 0.0
+    #: The worker's client of the writer, once :meth:`setup` made one.
+    client: WriterClient | None = None
 
     def __init__(self, settings: Settings, until_idle: bool = False) -> None:
         """Keep settings; open nothing."""
@@ -99,6 +109,8 @@ class Worker:
         self.alive = True
         #: The signal that asked this worker to stop, if one did.
         self.stopped_by: int | None = None
+        #: When a stop's flush must end (monotonic), from the stop signal on (:attr:`stop_budget`).
+        self.stop_by: float | None = None
         self._wake = threading.Event()
         self.log = logging.getLogger(f"tickstack.{self.name}")
 
@@ -106,11 +118,17 @@ class Worker:
         return on_stop_signals(self.handle_stop)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
-        """Only ask the loop to stop: work in hand is finished and flushed."""
+        """Only ask the loop to stop: work in hand is finished and flushed, within
+        :attr:`stop_budget` of the first signal as far as the writer is concerned (a request blocked
+        on a silent writer gives up in time for the loop to reach the flush, and the flush its end)."""
         if self.alive:
             self.log.info("%s: %s received; finishing", self.name, signal.Signals(signum).name)
         self.stopped_by = self.stopped_by or signum
         self.alive = False
+        if self.stop_by is None:
+            self.stop_by = time.monotonic() + self.stop_budget
+            if self.client is not None:  # only attributes change: safe between any two bytecodes
+                self.client.give_up_by(self.stop_budget - self.stop_reserve)
         self._wake.set()
 
     def setup(self) -> None:
@@ -194,6 +212,8 @@ class Worker:
                         break
                     self.sleep(self.idle_sleep)
         finally:
+            if self.stop_by is not None and self.client is not None:  # what the flush sends, within the budget too
+                self.client.give_up_by(max(0.0, self.stop_by - self.stop_reserve - time.monotonic()))
             self.teardown()
         self.log.info("%s stopped", self.name)
         return 0

@@ -88,6 +88,8 @@ class TickIngestor(Worker):
     idle_sleep = 0.05
     #: Seconds between two attempts to replay the spool (and to move memory to disk).
     replay_every = 2.0
+    stop_budget = STOP_BUDGET_S
+    stop_reserve = LAST_CHANCE_S
 
     def __init__(self, settings: Settings, ticks: Iterator[tuple[int, dict[str, Any]]], source: str, *,
                  until_idle: bool = False, batch: int = 1000, flush_interval: float = 0.25,
@@ -123,9 +125,6 @@ class TickIngestor(Worker):
         self._last_report = time.monotonic()
         self._paused = False
         self._last_keep_log = -10.0
-        #: When a stop's flush ends at the latest (monotonic): set by the stop signal (:meth:`handle_stop`).
-        self.stop_by: float | None = None
-        self.client: WriterClient | None = None
 
     def setup(self) -> None:
         self.spool = Spool(self.settings.spool_dir, self.memory_limit)
@@ -188,26 +187,13 @@ class TickIngestor(Worker):
         if not self.alive:
             raise FeedStopped
 
-    def handle_stop(self, signum: int, frame: Any) -> None:
-        """Stop (see :meth:`Worker.handle_stop`), and bound the flush from now on: a request in flight
-        to a silent writer gives up within :data:`STOP_BUDGET_S` of the signal, so the loop, blocked
-        on a full window, gets to the flush, and the flush to its end, before circus's SIGKILL."""
-        first = self.stop_by is None
-        super().handle_stop(signum, frame)
-        if first:
-            self.stop_by = time.monotonic() + STOP_BUDGET_S
-            if self.client is not None:  # only attributes change: safe between any two bytecodes
-                self.client.give_up_by(STOP_BUDGET_S - LAST_CHANCE_S)
-
     def teardown(self) -> None:
         """Flush: submit what was read, wait for every ack (each bounded by the client deadline);
         what the writer did not take goes to the spool. Batches held in memory (the disk was full)
         go to disk if it takes them now, else to the writer once more; what neither takes is lost,
         and the log says which ticks. A stop (not the end of a replay) does all of it within
         :data:`STOP_BUDGET_S` of its signal: what the writer has not answered by then is spooled."""
-        stop_by = self.stop_by
-        if stop_by is not None:  # the requests sent from now on too
-            self.client.give_up_by(max(0.0, stop_by - LAST_CHANCE_S - time.monotonic()))
+        stop_by = self.stop_by  # the requests are bounded by then (Worker.handle_stop, Worker.run)
         if self._pending:
             self._submit(_columns(self._pending), None)
             self._pending = []
