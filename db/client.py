@@ -51,6 +51,9 @@ FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
 FIRST_BUSY_BACKOFF = 0.005
 MAX_BUSY_BACKOFF = 1.0
+#: Seconds a request sent after :meth:`WriterClient.give_up_by`'s time still gets (a writer that
+#: answers does so in milliseconds: a record after a long job is not given up unsent).
+LAST_TRY_S = 1.0
 
 
 class Ticket:
@@ -111,6 +114,8 @@ class WriterClient:
         self._sends_again_only = bool(client_id)
         self._seq = 0
         self._pending: dict[int, Ticket] = {}
+        #: When every request gives up at the latest (monotonic; :meth:`give_up_by`); None: no bound.
+        self._give_up_at: float | None = None
         self._ctx: zmq.Context | None = None
         self._sock: zmq.Socket | None = None
         self._pid = os.getpid()
@@ -230,13 +235,20 @@ class WriterClient:
         return len(self._pending)
 
     def give_up_by(self, seconds: float) -> None:
-        """Every request in flight, and every one sent from now on, retries for ``seconds`` more at
-        most (not past its own deadline): a producer that stops bounds its last flush to its stop's
-        time (circus's ``graceful_timeout``), whatever the writer does meanwhile."""
+        """Every request in flight, and every one sent from now on, gives up ``seconds`` from now
+        at the latest (not past its own deadline; one sent after that time still gets
+        :data:`LAST_TRY_S`, enough for a writer that answers): a producer that stops bounds its last
+        flush to its stop's time (circus's ``graceful_timeout``), whatever the writer does meanwhile.
+        Only attributes change, and the bound is read when each request is pumped: safe from a
+        signal handler, at any point of a call."""
         limit = time.monotonic() + check_seconds("give_up_by: seconds", seconds)
-        for ticket in self._pending.values():
-            ticket.deadline = min(ticket.deadline, limit)
-        self.deadline = min(self.deadline, seconds)
+        self._give_up_at = limit if self._give_up_at is None else min(self._give_up_at, limit)
+
+    def _deadline_of(self, ticket: Ticket) -> float:
+        """``ticket``'s deadline under :meth:`give_up_by`'s bound."""
+        if self._give_up_at is None:
+            return ticket.deadline
+        return min(ticket.deadline, max(self._give_up_at, ticket.first_sent + LAST_TRY_S))
 
     def close(self) -> None:
         if self._direct is not None and self._pid == os.getpid():
@@ -349,7 +361,7 @@ class WriterClient:
         due: list[Ticket] = []
         timed_out = False
         for ticket in list(self._pending.values()):
-            if now >= ticket.deadline:
+            if now >= self._deadline_of(ticket):
                 self._resolve(ticket, error=self._deadline_error(ticket))
             elif now >= ticket.resend_at:
                 if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:

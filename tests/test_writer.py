@@ -439,6 +439,25 @@ def test_writer_unavailable_after_deadline(stack: Stack) -> None:
     assert time.monotonic() - started < 10
 
 
+def test_give_up_by_bounds_the_requests_in_flight_and_those_sent_after(stack: Stack) -> None:
+    """A stopping worker's bound (``WriterClient.give_up_by``): requests with an hour's deadline and
+    no writer give up by the bound, and one sent after it still gets its last try, then gives up too
+    (before, a request sent after the stop signal had a deadline of its own again: the flush outlived
+    circus's graceful_timeout). No writer runs here: every one ends WriterUnavailable."""
+    from db.errors import WriterUnavailable
+
+    client = WriterClient(settings=stack.settings, deadline=3600)
+    first = [client.submit("audit", actor="me", action=f"in-flight-{i}") for i in range(3)]
+    client.give_up_by(0.3)
+    later = client.submit("audit", actor="me", action="sent-after")
+    for ticket in (*first, later):
+        client.wait(ticket)  # an hour each without the bound (the test's own timeout fails first)
+        assert isinstance(ticket.error, WriterUnavailable), ticket.error
+    with pytest.raises(ValueError, match="give_up_by: seconds"):
+        client.give_up_by(float("nan"))
+    client.close()
+
+
 @pytest.mark.sqlite_only("tests/test_postgres.py::test_the_web_app_and_read_engines_cannot_write")
 def test_read_engine_cannot_write(writer: Stack) -> None:
     engine = make_read_engine(writer.settings, pool_size=1)

@@ -93,9 +93,10 @@ class Worker:
     #: Seconds between two tries of a standby.
     standby_poll = 1.0
     #: Seconds from a stop signal within which the worker's requests to the writer give up (those in
-    #: flight, and those its flush sends: then retryably failed, as when the writer is away), so
-    #: that its flush ends before circus's SIGKILL: its watcher's ``graceful_timeout`` in circus.ini,
-    #: less room for the rest of the exit (tests/test_supervision.py checks the two).
+    #: flight, and those it sends after, in its step or its flush: then retryably failed, as when
+    #: the writer is away; :meth:`WriterClient.give_up_by`), so that it exits before circus's SIGKILL:
+    #: its watcher's ``graceful_timeout`` in circus.ini, less room for the rest of the exit
+    #: (tests/test_supervision.py checks the two).
     stop_budget = 10.0
     #: Of :attr:`stop_budget`, what the flush keeps for itself after its requests gave up.
     stop_reserve = 0.0
@@ -212,7 +213,7 @@ class Worker:
                         break
                     self.sleep(self.idle_sleep)
         finally:
-            if self.stop_by is not None and self.client is not None:  # what the flush sends, within the budget too
+            if self.stop_by is not None and self.client is not None:  # a client made after the signal too
                 self.client.give_up_by(max(0.0, self.stop_by - self.stop_reserve - time.monotonic()))
             self.teardown()
         self.log.info("%s stopped", self.name)

@@ -62,12 +62,15 @@ MAX_HELD = 10_000_000
 #: answered in time (1e-300 spooled every tick, and the replay of the spool timed out likewise).
 MIN_DEADLINE_S = 0.1
 #: A stop's flush (SIGTERM, SIGINT: not the end of a replay), writer-facing, at most: circus gives the
-#: ticks watcher ``graceful_timeout = 20`` s before SIGKILL, which would lose the ticks in memory and
-#: the summary line; the rest is for the spool's writes and exit on a loaded machine. Requests in
-#: flight gave up at the client deadline (15 s) before, then the last chance took up to 6 s more.
-STOP_BUDGET_S = 12.0
+#: ticks watcher ``graceful_timeout = 20`` s before SIGKILL (the watchdog's restart 15 s), which would
+#: lose the ticks in memory and the summary line; the rest is for the spool's writes and exit on a
+#: loaded machine. Requests in flight gave up at the client deadline (15 s) before, and a window
+#: blocked on a silent writer as long again, then the last chance took up to 6 s more.
+STOP_BUDGET_S = 10.0
 #: Of it, the last chance given to batches held in memory (the disk refused them).
-LAST_CHANCE_S = 4.0
+LAST_CHANCE_S = 3.0
+#: The last chance at the end of a replay (no stop to beat): a ping of 1 s, then 5 s.
+LAST_CHANCE_AT_END_S = 6.0
 log = logging.getLogger("tickstack.ticks")
 
 
@@ -200,7 +203,8 @@ class TickIngestor(Worker):
         self.pipe.drain()
         self.spool.flush_memory()
         if self.spool.memory:
-            self._last_chance(LAST_CHANCE_S if stop_by is None else min(LAST_CHANCE_S, stop_by - time.monotonic()))
+            budget = LAST_CHANCE_AT_END_S if stop_by is None else min(LAST_CHANCE_S, stop_by - time.monotonic())
+            self._last_chance(budget)
             self.spool.flush_memory()
         for columns in self.spool.memory.values():
             seqs = columns["seq"]
