@@ -128,9 +128,14 @@ class Worker:
         self.alive = False
         if self.stop_by is None:
             self.stop_by = time.monotonic() + self.stop_budget
-            if self.client is not None:  # only attributes change: safe between any two bytecodes
-                self.client.give_up_by(self.stop_budget - self.stop_reserve)
+            self._bound_requests()
         self._wake.set()
+
+    def _bound_requests(self) -> None:
+        """After a stop signal: the client's requests give up by :attr:`stop_by` less
+        :attr:`stop_reserve` (only attributes change: safe in a signal handler)."""
+        if self.stop_by is not None and self.client is not None:
+            self.client.give_up_by(max(0.0, self.stop_by - self.stop_reserve - time.monotonic()))
 
     def setup(self) -> None:
         """Open engines and clients. Runs in the process that does the work."""
@@ -213,8 +218,7 @@ class Worker:
                         break
                     self.sleep(self.idle_sleep)
         finally:
-            if self.stop_by is not None and self.client is not None:  # a client made after the signal too
-                self.client.give_up_by(max(0.0, self.stop_by - self.stop_reserve - time.monotonic()))
+            self._bound_requests()  # a client made after the signal too
             self.teardown()
         self.log.info("%s stopped", self.name)
         return 0

@@ -116,8 +116,10 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
 
 
 _TICK_HEADER = "ts,symbol,bid,ask,volume"
-#: The names a tick file's time column may have (bar files' names too): :func:`tick_header_columns`.
-_TICK_TIME_NAMES = ("ts", "timestamp", "datetime", "time", "date")
+#: The names a time column may have, in a tick file by rank (``ts``, then a whole timestamp, then a
+#: date or a time of day: :func:`tick_header_columns`); a bar file takes the first in file order.
+_TIME_RANKS = (("ts",), ("timestamp", "datetime"), ("time", "date"))
+_TIME_NAMES = tuple(name for rank in _TIME_RANKS for name in rank)
 
 
 def tick_header_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
@@ -128,13 +130,12 @@ def tick_header_columns(line: int, names: list[str], symbol: str | None) -> dict
     (``Date,Time,...``: a date and a time of day, which no one column holds) has no time column it
     can read. A header that cannot give a tick is refused before a row is read, with every reason."""
     col = {name: i for i, name in reversed(list(enumerate(names)))}
-    ranks = (("ts",), ("timestamp", "datetime"), ("time", "date"))
-    times = next(([n for n in rank if n in col] for rank in ranks if any(n in col for n in rank)), [])
+    times = next(([n for n in rank if n in col] for rank in _TIME_RANKS if any(n in col for n in rank)), [])
     missing = [c for c in ("bid", "ask") if c not in col]
     if "symbol" not in col and not symbol:
         missing.insert(0, "symbol (or pass a symbol, which fills it)")
     if not times:
-        missing.insert(0, f"ts (a time column: {', '.join(_TICK_TIME_NAMES)})")
+        missing.insert(0, f"ts (a time column: {', '.join(_TIME_NAMES)})")
     reasons = [f"lacks column(s) {'; '.join(missing)}"] if missing else []
     if len(times) > 1:
         reasons.append(f"has several time columns ({', '.join(sorted(times, key=col.get))}) and no ts (a tick's "
@@ -163,7 +164,6 @@ def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Ti
         yield line, {"symbol": sym, "ts": ts, "bid": bid, "ask": ask, "volume": volume}
 
 
-_TIME_NAMES = ("date", "datetime", "time", "timestamp", "ts")
 _OHLC = ("open", "high", "low", "close")
 
 
