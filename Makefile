@@ -80,13 +80,16 @@ run: install
 # SQLite's run prints as it goes; PostgreSQL's (a throwaway server from Debian's binaries, started
 # by the tests) goes to test-output/pytest-postgresql.log, printed once both are done. Each run
 # leaves out the other database's own tests (tests/conftest.py); together they are the whole suite.
+# Each run spreads its files over TEST_WORKERS pytest-xdist workers: half of a run's time was waits
+# on real processes (a watchdog's timeout, a stack starting), which another worker's tests fill.
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	@mkdir -p test-output
-	@$(BIN)/python -m pytest --database postgresql -p no:cacheprovider > test-output/pytest-postgresql.log 2>&1 & \
+	@$(BIN)/python -m pytest --database postgresql -n $(TEST_WORKERS) -p no:cacheprovider > test-output/pytest-postgresql.log 2>&1 & \
 	  postgresql=$$!; trap 'kill -TERM $$postgresql 2>/dev/null; wait $$postgresql' INT TERM; \
-	  $(BIN)/python -m pytest --database sqlite; sqlite=$$?; \
+	  $(BIN)/python -m pytest --database sqlite -n $(TEST_WORKERS); sqlite=$$?; \
 	  wait $$postgresql; pg=$$?; \
 	  echo; echo "=== the suite on PostgreSQL (test-output/pytest-postgresql.log) ==="; \
 	  cat test-output/pytest-postgresql.log; \

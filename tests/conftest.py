@@ -21,6 +21,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 # The checkout on sys.path, so ``testkit`` imports however pytest was started.
@@ -40,14 +41,44 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "or postgresql (a database of its own on a throwaway server)")
 
 
+_stopping = False
+
+
 def _interrupted(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    """A process that runs tests stops as at Ctrl-C, once: a second signal (Ctrl-C reaches an xdist
+    worker from the terminal and again from its controller) would cut its teardown short."""
+    global _stopping
+    if not _stopping:
+        _stopping = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _tell_workers(signum: int, _frame: object) -> None:
+    """xdist's controller runs no test: its children are the workers, each of which stops what its
+    tests started as it ends, then says so; the controller waits for them all, then ends. Raising
+    here instead would end the controller at once, and xdist ends a worker 10 to 25 s later,
+    in the middle of stopping a stack or the throwaway server."""
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    for worker in psutil.Process().children():
+        try:
+            worker.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def pytest_configure(config: pytest.Config) -> None:
     # SIGTERM stops the run as Ctrl-C does, fixtures' teardown included (every process a test
-    # started is stopped, the throwaway server too): `make test` stops its background run so.
-    signal.signal(signal.SIGTERM, _interrupted)
+    # started is stopped, the throwaway server too): `make test` stops its background run so. A
+    # process the shell started with SIGINT ignored (`make test`'s background run) keeps it so.
+    # Under xdist, Ctrl-C too: it reaches the controller and every worker, as SIGINT.
+    xdist = bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
+    handler = _tell_workers if xdist and not hasattr(config, "workerinput") else _interrupted
+    signal.signal(signal.SIGTERM, handler)
+    if xdist and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, handler)
     if config.getoption("--database") == "postgresql":  # before the tests are imported: their output folders
         import testkit.browser
 
