@@ -171,12 +171,14 @@ class Committer:
                 first = None  # the requests' memory goes back after the batch, not at the next one
                 # One hand-over to the IO thread per batch, not per request.
                 self.outbox.append(self._commit_or_fail(batch))
-                out.send(b"", zmq.NOBLOCK)
                 self.released_bytes += sum(req.cost for req in batch)
                 taken, batch = len(batch), []
                 self.busy = False
                 for _ in range(taken):  # after its replies are in the outbox: see idle()
                     self.requests.task_done()
+                # Rung last: a client answered before this thread was idle again sent its next
+                # request to a busy thread (on a loaded machine, the first after one this thread committed).
+                out.send(b"", zmq.NOBLOCK)
                 if stop_after:
                     return
         except Exception:  # only a bug of this loop itself gets here: requests never do
