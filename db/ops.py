@@ -318,7 +318,9 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
                  last_tick_id: int | None = None, reason: str = "update",
                  ts: int | None = None) -> dict[str, Any]:
     """Move a trade's stop or target, or record the monitor's progress. A
-    change of stop or target is recorded as a trade event with ``reason``."""
+    change of stop or target is recorded as a trade event with ``reason``; a level sent at the value
+    it has is no change: a monitor that gave up on a move the writer then applied sends it again,
+    as a new request, and recorded it twice."""
     row = _open_trade_row(conn, trade_id)
     values: dict[str, Any] = {}
     if stop_loss is not None:
@@ -333,10 +335,11 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
     if not values:
         raise ValidationError("update_trade: nothing to change")
     conn.execute(update(Trade).where(Trade.id == trade_id).values(**values))
-    if stop_loss is not None or take_profit is not None:
-        detail = ", ".join(f"{k} {row_v} -> {values[k]}" for k, row_v in
-                           (("stop_loss", row.stop_loss), ("take_profit", row.take_profit)) if k in values)
-        _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, stop_loss, detail=detail)
+    moved = [f"{k} {row_v} -> {values[k]}" for k, row_v in (("stop_loss", row.stop_loss),
+                                                            ("take_profit", row.take_profit))
+             if k in values and values[k] != row_v]
+    if moved:
+        _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, stop_loss, detail=", ".join(moved))
     return {"id": trade_id}
 
 

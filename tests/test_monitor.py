@@ -303,6 +303,24 @@ def test_a_change_by_the_writer_clock_is_recorded_after_an_opening_given_later(w
     assert_in_order_from_its_opening(trade, events, ["opened", "manual", "closed"])
 
 
+def test_a_stop_move_sent_again_with_a_new_request_records_one_event(writer: Stack) -> None:
+    """A monitor stopped while the writer is slow gives up on its last update_trade, which the writer
+    may still apply; the monitor circus starts next reads the trade before it is and sends the same
+    move again, a new request (not a retry the writer knows): it records no second event. A move of
+    the other level alone is recorded with that level alone."""
+    m = Market(writer)
+    m.quote("AAA", 100.0)
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0,
+                             take_profit=110.0, ts=T0)["id"]
+    for _ in range(2):
+        m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, best_price=100.0, reason="trailing")
+    m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, take_profit=112.0, reason="manual")
+    trade, events = history(writer, trade_id)
+    assert [(e.kind, e.detail) for e in events] == [
+        ("opened", events[0].detail), ("trailing", "stop_loss 95.0 -> 96.0"), ("manual", "take_profit 110.0 -> 112.0")]
+    assert (trade.stop_loss, trade.take_profit, trade.best_price) == (96.0, 112.0, 100.0)
+
+
 def test_a_close_at_an_older_tick_is_recorded_after_a_change_made_before_it(writer: Stack) -> None:
     """The monitor closes at its tick's ts, which may be older than a stop moved by hand just before
     (stamped at the writer's now): the close read before the change that preceded it."""
