@@ -225,8 +225,8 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
                                                          "ts,symbol,bid,ask,volume"), symbol
     with pytest.raises(CsvFormatError) as err:
         list(read_tick_csv(write(tmp_path, "when,symbol,bid,ask\n2024-01-02,EURUSD,1,2\n", "when.csv")))
-    assert err.value.reason == ("header lacks column(s) ts (a time column: ts, timestamp, datetime, time, date); "
-                                "expected ts,symbol,bid,ask,volume")
+    assert err.value.reason == ("header lacks column(s) ts (a time column: ts, timestamp, datetime, time, date, or a "
+                                "date and a time); expected ts,symbol,bid,ask,volume")
     tick = {"symbol": "EURUSD", "ts": T0, "bid": 1.1, "ask": 1.2, "volume": 3.0}
     for header in ("Time,Symbol,Bid,Ask,Volume", "Date,Symbol,Bid,Ask,Volume", "timestamp,symbol,bid,ask,volume"):
         named = write(tmp_path, f"{header}\n2024-01-02T00:00:00,EURUSD,1.1,1.2,3\n", "named.csv")
@@ -234,19 +234,22 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
     # ts wins over another time column, wherever it is
     both = write(tmp_path, f"time,ts,symbol,bid,ask\n1999-01-01,{T0},EURUSD,1.1,1.2\n", "both.csv")
     assert [t["ts"] for _, t in read_tick_csv(both)] == [T0]
-    # A date and a time of day in two columns (a common forex export): no one of them is the time.
-    # Picking one by name stored 20240102,120000 as 120000 s after 1970.
-    split = write(tmp_path, "Date,Time,Symbol,Bid,Ask,Volume\n20240102,120000,EURUSD,1.1,1.2,1\n", "split.csv")
+    # A date and a time of day in two columns (a common forex export) are read together; picking one
+    # by name stored 20240102,120000 as 120000 s after 1970, and a stop-gap refused them.
+    for text in ("Date,Time,Symbol,Bid,Ask,Volume\n20240102,120000,EURUSD,1.1,1.2,1\n",
+                 "time,symbol,bid,ask,volume,date\n 12:00 ,EURUSD,1.1,1.2,1,2024-01-02\n"):
+        split = write(tmp_path, text, "split.csv")
+        assert [t["ts"] for _, t in CsvFeed(split, "EURUSD")] == [T0 + 12 * 3_600_000], text
+    odd = write(tmp_path, "Date,Time,Symbol,Bid,Ask\n2024.01.02,12:00,EURUSD,1.1,1.2\n", "odd.csv")
     with pytest.raises(CsvFormatError) as err:
-        CsvFeed(split, "EURUSD")
-    assert (err.value.line, err.value.reason) == (1, "header has several time columns (date, time) and no ts (a "
-                                                     "tick's time is one column, ISO-8601 or epoch); expected "
-                                                     "ts,symbol,bid,ask,volume")
-    with pytest.raises(CsvFormatError) as err:  # every reason at once
-        CsvFeed(write(tmp_path, "Date,Time,Symbol,Price\n20240102,120000,EURUSD,1.1\n", "price.csv"))
-    assert err.value.reason == ("header lacks column(s) bid; ask and has several time columns (date, time) and "
-                                "no ts (a tick's time is one column, ISO-8601 or epoch); expected "
-                                "ts,symbol,bid,ask,volume")
+        list(read_tick_csv(odd))
+    assert (err.value.line, err.value.reason) == (2, "date and time '2024.01.02 12:00' is not an ISO-8601 time or "
+                                                     "epoch seconds/ms")
+    with pytest.raises(CsvFormatError) as err:  # every reason at once; two whole timestamps are no one time
+        CsvFeed(write(tmp_path, "Datetime,Timestamp,Symbol,Price\n2024-01-02,2024-01-02,EURUSD,1.1\n", "price.csv"))
+    assert err.value.reason == ("header lacks column(s) bid; ask and has several time columns (datetime, timestamp) "
+                                "and no ts (a tick's time is one column, ISO-8601 or epoch, or a date and a time of "
+                                "day); expected ts,symbol,bid,ask,volume")
     # A whole timestamp beside a date or a time of day is the time (ts, then timestamp or datetime, then
     # time or date); a quote export with the day's high and low (two OHLC names) is a tick file.
     for header in ("timestamp,time,symbol,bid,ask,high,low", "datetime,date,symbol,bid,ask,open,close"):
@@ -292,6 +295,22 @@ def test_read_bar_csv_time_formats(tmp_path: Path) -> None:
     hours = [(b["ts"] - T0) / 3_600_000 for _, b in read_bar_csv(path)]
     assert hours == [0, 14.5, 15, 16, 17]
     assert all(b["volume"] == 0.0 for _, b in read_bar_csv(path))  # no Volume column
+
+
+def test_a_bar_files_date_and_time_of_day_in_two_columns_are_read_together(tmp_path: Path) -> None:
+    """``Date,Time,Open,...`` (an intraday export): the date alone was read, so every bar of a day
+    had the same time and the replay refused the second as "not after" the first."""
+    path = write(tmp_path, "Date,Time,Open,High,Low,Close,Volume\n"
+                           "2024-01-02,09:00,1,2,1,1.5,10\n2024-01-02,10:00,1.5,2,1,1,11\n2024-01-03,00:00,1,1,1,1,0\n")
+    assert [(line, (b["ts"] - T0) / 3_600_000) for line, b in read_bar_csv(path)] == [(2, 9), (3, 10), (4, 24)]
+    feed = CsvFeed(path, "EURUSD")
+    assert (feed.kind, feed.timeframe) == ("bars", "1h")
+    assert {t["ts"] // 3_600_000 * 3_600_000 - T0 for _, t in feed} == {9 * 3_600_000, 10 * 3_600_000, 24 * 3_600_000}
+    both = write(tmp_path, "Timestamp,Datetime,Open,High,Low,Close\n2024-01-02,2024-01-02,1,1,1,1\n", "both.csv")
+    with pytest.raises(CsvFormatError) as err:
+        read_bar_csv(both)
+    assert (err.value.line, err.value.reason) == (1, "header has several time columns (timestamp, datetime); "
+                                                     "expected Date,Open,High,Low,Close,Volume")
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,7 @@ def _checked(items: Iterable[tuple[int, Tick]]) -> Iterator[tuple[int, Tick]]:
 
 def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order, any
-    case; the time column may be named as a bar file's: :func:`tick_header_columns`).
+    case; the time as a bar file's: :func:`time_columns`).
 
     ``ts`` is ISO-8601 (naive = UTC) or integer epoch seconds or ms, told apart by magnitude as in
     bar files (:func:`workers.csvrows.parse_time`). ``symbol``, if given, overrides the file's
@@ -116,43 +116,67 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
 
 
 _TICK_HEADER = "ts,symbol,bid,ask,volume"
-#: The names a time column may have, in a tick file by rank (``ts``, then a whole timestamp, then a
-#: date or a time of day: :func:`tick_header_columns`); a bar file takes the first in file order.
+#: The names a time column may have, by rank: ``ts``, then a whole timestamp, then a date or a time
+#: of day (:func:`time_columns`).
 _TIME_RANKS = (("ts",), ("timestamp", "datetime"), ("time", "date"))
 _TIME_NAMES = tuple(name for rank in _TIME_RANKS for name in rank)
 
 
-def tick_header_columns(line: int, names: list[str], symbol: str | None) -> dict[str, int]:
-    """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``ts``,
-    ``symbol`` (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume``; the first of
-    a repeated name wins. The time is the column named ``ts``, else the one named ``timestamp`` or
-    ``datetime``, else the one named ``time`` or ``date``: a header with two at the same rank
-    (``Date,Time,...``: a date and a time of day, which no one column holds) has no time column it
-    can read. A header that cannot give a tick is refused before a row is read, with every reason."""
+def time_columns(names: list[str]) -> tuple[list[str], tuple[int, ...]]:
+    """Where the rows of a file with header ``names`` (:func:`read_header`'s) have their time, the
+    one rule of tick and bar files: the column named ``ts``, else the one named ``timestamp`` or
+    ``datetime``, else the one named ``time`` or ``date``, or both read together as one time (``Date,
+    Time,...``: a date and a time of day in two columns, a common export). Returns the names found at
+    that rank (in file order) and the columns to read; none when they do not make one time
+    (``timestamp`` and ``datetime``), or when no column has such a name. The first of a repeated
+    name wins."""
     col = {name: i for i, name in reversed(list(enumerate(names)))}
-    times = next(([n for n in rank if n in col] for rank in _TIME_RANKS if any(n in col for n in rank)), [])
+    found = next(([n for n in rank if n in col] for rank in _TIME_RANKS if any(n in col for n in rank)), [])
+    found.sort(key=col.__getitem__)
+    if len(found) == 1:
+        return found, (col[found[0]],)
+    if set(found) == {"date", "time"}:
+        return found, (col["date"], col["time"])
+    return found, ()
+
+
+def read_time(line: int, row: list[str], where: tuple[int, ...], name: str) -> int:
+    """The time of ``row`` read from the columns ``where`` (:func:`time_columns`): one column by
+    :func:`parse_time`, a date and a time of day as ``date time`` (ISO-8601)."""
+    if len(where) == 1:
+        return parse_time(line, name, row[where[0]])
+    return parse_time(line, "date and time", " ".join(row[i].strip(" \t") for i in where))
+
+
+def tick_header_columns(line: int, names: list[str], symbol: str | None) -> tuple[dict[str, int], tuple[int, ...]]:
+    """Where each column of a tick file's header ``names`` (:func:`read_header`'s) is: ``symbol``
+    (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume`` (the first of a repeated
+    name wins), and the columns of its time (:func:`time_columns`). A header that cannot give a tick
+    is refused before a row is read, with every reason."""
+    col = {name: i for i, name in reversed(list(enumerate(names)))}
+    times, where = time_columns(names)
     missing = [c for c in ("bid", "ask") if c not in col]
     if "symbol" not in col and not symbol:
         missing.insert(0, "symbol (or pass a symbol, which fills it)")
     if not times:
-        missing.insert(0, f"ts (a time column: {', '.join(_TIME_NAMES)})")
+        missing.insert(0, f"ts (a time column: {', '.join(_TIME_NAMES)}, or a date and a time)")
     reasons = [f"lacks column(s) {'; '.join(missing)}"] if missing else []
-    if len(times) > 1:
-        reasons.append(f"has several time columns ({', '.join(sorted(times, key=col.get))}) and no ts (a tick's "
-                       "time is one column, ISO-8601 or epoch)")
+    if times and not where:
+        reasons.append(f"has several time columns ({', '.join(times)}) and no ts (a tick's time is one column, "
+                       "ISO-8601 or epoch, or a date and a time of day)")
     if reasons:
         raise CsvFormatError(line, f"header {' and '.join(reasons)}; expected {_TICK_HEADER}")
-    return {**col, "ts": col[times[0]]}
+    return col, where
 
 
 def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Tick]]:
     rows = read_rows(path)
     line, names = read_header(rows, _TICK_HEADER)
-    col = tick_header_columns(line, names, symbol)
+    col, when = tick_header_columns(line, names, symbol)
     for line, row in rows:
         if len(row) != len(names):
             raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
-        ts = parse_time(line, "ts", row[col["ts"]])
+        ts = read_time(line, row, when, "ts")
         bid = parse_price(line, "bid", row[col["bid"]])
         ask = parse_price(line, "ask", row[col["ask"]])
         if bid > ask:
@@ -170,8 +194,9 @@ _OHLC = ("open", "high", "low", "close")
 def read_bar_csv(path: str | Path) -> list[tuple[int, Bar]]:
     """Read an OHLCV export (``Date,Open,High,Low,Close,Volume``) as ``[(file line, bar), ...]``.
 
-    Header names are case-insensitive; the time column is the one named date/datetime/time/timestamp/ts,
-    or an unnamed first column (pandas writes that); other columns such as 'Adj Close' are ignored and
+    Header names are case-insensitive; the time is as a tick file's (:func:`time_columns`: ts, a
+    timestamp, a date or a time, or a date and a time of day in two columns), else an unnamed first
+    column (pandas writes that); other columns such as 'Adj Close' are ignored and
     a missing Volume means 0. Times are ISO-8601 (naive = UTC) or integer epoch seconds/ms (told apart
     by magnitude). Each bar ``{"ts", "open", "high", "low", "close", "volume"}`` must have positive
     prices (below the writer's price limit), low <= open, close <= high, volume >= 0, and a time in the
@@ -193,32 +218,36 @@ def _bar_rows(path: str | Path) -> Iterator[tuple[int, Bar]]:
     rows = read_rows(path)
     try:
         line, names = read_header(rows, "Date,Open,High,Low,Close,Volume")
-        time_col = next((i for i, n in enumerate(names) if n in _TIME_NAMES), 0 if names[0] == "" else None)
-        missing = [c for c in _OHLC if c not in names]
-        if time_col is None or missing:
-            what = ", ".join(missing + (["a time column (Date)"] if time_col is None else []))
-            raise CsvFormatError(line, f"header lacks {what}; expected Date,Open,High,Low,Close,Volume")
+        times, when = time_columns(names)
+        if not times and names[0] == "":  # pandas writes its index so
+            when = (0,)
+        missing = [c for c in _OHLC if c not in names] + (["a time column (Date)"] if not when and not times else [])
+        reasons = [f"lacks {', '.join(missing)}"] if missing else []
+        if times and not when:
+            reasons.append(f"has several time columns ({', '.join(times)})")
+        if reasons:
+            raise CsvFormatError(line, f"header {' and '.join(reasons)}; expected Date,Open,High,Low,Close,Volume")
     except BaseException:
         rows.close()
         raise
     col = {c: names.index(c) for c in (*_OHLC, "volume") if c in names}
-    return _bars(rows, len(names), time_col, col)
+    return _bars(rows, len(names), when, col)
 
 
-def _bars(rows: Iterator[tuple[int, list[str]]], width: int, time_col: int,
+def _bars(rows: Iterator[tuple[int, list[str]]], width: int, when: tuple[int, ...],
           col: dict[str, int]) -> Iterator[tuple[int, Bar]]:
     with closing(rows):  # closed with this generator, wherever its reader stops
         prev: tuple[int, Bar] | None = None
         for line, row in rows:
-            prev = line, _bar(line, row, width, time_col, col, prev)
+            prev = line, _bar(line, row, width, when, col, prev)
             yield prev
 
 
-def _bar(line: int, row: list[str], width: int, time_col: int, col: dict[str, int],
+def _bar(line: int, row: list[str], width: int, when: tuple[int, ...], col: dict[str, int],
          prev: tuple[int, Bar] | None) -> Bar:
     if len(row) != width:
         raise CsvFormatError(line, f"expected {width} columns, got {len(row)}")
-    ts = parse_time(line, "time", row[time_col])
+    ts = read_time(line, row, when, "time")
     writer_rule(line, validation.timestamp, "time", ts)
     o, h, lo, c = (parse_price(line, name, row[col[name]]) for name in _OHLC)
     for name, value in zip(_OHLC, (o, h, lo, c), strict=True):

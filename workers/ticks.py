@@ -385,7 +385,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=1000,
                         help=f"ticks per writer request (1..{MAX_TICKS})")
     parser.add_argument("--deadline", type=number_flag(MIN_DEADLINE_S, MAX_CLIENT_DEADLINE_S), default=15.0,
-                        help="seconds a batch waits for the writer before it is spooled to disk")
+                        help="seconds a batch waits for the writer before it is spooled to disk; at a stop "
+                             f"(SIGTERM, Ctrl-C) what is unanswered is spooled within {STOP_BUDGET_S:g} s, whatever "
+                             "this says")
     parser.add_argument("--memory-limit", type=whole_flag(1, MAX_HELD), default=200_000,
                         help="ticks held in memory while the disk refuses the spool (full); beyond it the feed "
                              "pauses until the writer or the disk takes them")
