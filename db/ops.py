@@ -335,11 +335,10 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
     if not values:
         raise ValidationError("update_trade: nothing to change")
     conn.execute(update(Trade).where(Trade.id == trade_id).values(**values))
-    moved = [f"{k} {row_v} -> {values[k]}" for k, row_v in (("stop_loss", row.stop_loss),
-                                                            ("take_profit", row.take_profit))
-             if k in values and values[k] != row_v]
-    if moved:
-        _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, stop_loss, detail=", ".join(moved))
+    moved = {k: values[k] for k in ("stop_loss", "take_profit") if k in values and values[k] != getattr(row, k)}
+    if moved:  # the event's price is the stop it set, if it moved it: the monitor reads its rule from it
+        detail = ", ".join(f"{k} {getattr(row, k)} -> {value}" for k, value in moved.items())
+        _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, moved.get("stop_loss"), detail=detail)
     return {"id": trade_id}
 
 

@@ -240,16 +240,26 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
                  "time,symbol,bid,ask,volume,date\n 12:00 ,EURUSD,1.1,1.2,1,2024-01-02\n"):
         split = write(tmp_path, text, "split.csv")
         assert [t["ts"] for _, t in CsvFeed(split, "EURUSD")] == [T0 + 12 * 3_600_000], text
-    odd = write(tmp_path, "Date,Time,Symbol,Bid,Ask\n2024.01.02,12:00,EURUSD,1.1,1.2\n", "odd.csv")
+    # Each in its own form: joined as they came, an epoch in the time column read as a time of day
+    # with a fraction (2024-01-02 1704186000000: 17:04:18.6), an empty cell as midnight or epoch seconds.
+    for date, time_of_day in (("2024.01.02", "12:00"), ("2024-01-02", "1704186000000"), ("2024-01-02", ""),
+                              ("20240102", " "), ("", "120000"), ("2024-01-02 12:00", "12:00")):
+        odd = write(tmp_path, f"Date,Time,Symbol,Bid,Ask\n{date},{time_of_day},EURUSD,1.1,1.2\n", "odd.csv")
+        with pytest.raises(CsvFormatError) as err:
+            list(read_tick_csv(odd))
+        assert (err.value.line, err.value.reason) == (
+            2, f"date {date.strip()!r} and time {time_of_day.strip()!r} are not a date (YYYY-MM-DD or YYYYMMDD) and a "
+               "time of day (HH:MM[:SS] or HHMM[SS]); a column that holds the whole time is named ts")
     with pytest.raises(CsvFormatError) as err:
-        list(read_tick_csv(odd))
-    assert (err.value.line, err.value.reason) == (2, "date and time '2024.01.02 12:00' is not an ISO-8601 time or "
-                                                     "epoch seconds/ms")
+        list(read_tick_csv(write(tmp_path, "Date,Time,Symbol,Bid,Ask\n2024-13-02,12:00,EURUSD,1.1,1.2\n", "odd.csv")))
+    assert err.value.reason == "date '2024-13-02' and time '12:00' are no time: month must be in 1..12"
+    offset = write(tmp_path, "Date,Time,Symbol,Bid,Ask\n20240102,1300+01:00,EURUSD,1.1,1.2\n", "offset.csv")
+    assert [t["ts"] for _, t in read_tick_csv(offset)] == [T0 + 12 * 3_600_000]
     with pytest.raises(CsvFormatError) as err:  # every reason at once; two whole timestamps are no one time
         CsvFeed(write(tmp_path, "Datetime,Timestamp,Symbol,Price\n2024-01-02,2024-01-02,EURUSD,1.1\n", "price.csv"))
     assert err.value.reason == ("header lacks column(s) bid; ask and has several time columns (datetime, timestamp) "
                                 "and no ts (a tick's time is one column, ISO-8601 or epoch, or a date and a time of "
-                                "day); expected ts,symbol,bid,ask,volume")
+                                "day: name the one that holds it ts); expected ts,symbol,bid,ask,volume")
     # A whole timestamp beside a date or a time of day is the time (ts, then timestamp or datetime, then
     # time or date); a quote export with the day's high and low (two OHLC names) is a tick file.
     for header in ("timestamp,time,symbol,bid,ask,high,low", "datetime,date,symbol,bid,ask,open,close"):
@@ -309,8 +319,9 @@ def test_a_bar_files_date_and_time_of_day_in_two_columns_are_read_together(tmp_p
     both = write(tmp_path, "Timestamp,Datetime,Open,High,Low,Close\n2024-01-02,2024-01-02,1,1,1,1\n", "both.csv")
     with pytest.raises(CsvFormatError) as err:
         read_bar_csv(both)
-    assert (err.value.line, err.value.reason) == (1, "header has several time columns (timestamp, datetime); "
-                                                     "expected Date,Open,High,Low,Close,Volume")
+    assert (err.value.line, err.value.reason) == (1, "header has several time columns (timestamp, datetime): name the "
+                                                     "one that holds the time ts; expected Date,Open,High,Low,Close,"
+                                                     "Volume")
 
 
 @pytest.mark.parametrize(

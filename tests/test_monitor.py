@@ -316,8 +316,10 @@ def test_a_stop_move_sent_again_with_a_new_request_records_one_event(writer: Sta
         m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, best_price=100.0, reason="trailing")
     m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, take_profit=112.0, reason="manual")
     trade, events = history(writer, trade_id)
-    assert [(e.kind, e.detail) for e in events] == [
-        ("opened", events[0].detail), ("trailing", "stop_loss 95.0 -> 96.0"), ("manual", "take_profit 110.0 -> 112.0")]
+    # An event's price is the stop it set, and only a moved stop sets one: the monitor takes its rule
+    # (here trailing) from the last event with a price.
+    assert [(e.kind, e.detail, e.price) for e in events[1:]] == [
+        ("trailing", "stop_loss 95.0 -> 96.0", 96.0), ("manual", "take_profit 110.0 -> 112.0", None)]
     assert (trade.stop_loss, trade.take_profit, trade.best_price) == (96.0, 112.0, 100.0)
 
 

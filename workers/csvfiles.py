@@ -28,6 +28,7 @@ from db.vocabulary import TIMEFRAMES
 from workers.csvrows import (
     CsvFormatError,
     ms_to_iso,
+    parse_date_and_time,
     parse_price,
     parse_time,
     parse_volume,
@@ -142,10 +143,10 @@ def time_columns(names: list[str]) -> tuple[list[str], tuple[int, ...]]:
 
 def read_time(line: int, row: list[str], where: tuple[int, ...], name: str) -> int:
     """The time of ``row`` read from the columns ``where`` (:func:`time_columns`): one column by
-    :func:`parse_time`, a date and a time of day as ``date time`` (ISO-8601)."""
+    :func:`parse_time`, a date and a time of day by :func:`parse_date_and_time`."""
     if len(where) == 1:
         return parse_time(line, name, row[where[0]])
-    return parse_time(line, "date and time", " ".join(row[i].strip(" \t") for i in where))
+    return parse_date_and_time(line, row[where[0]], row[where[1]])
 
 
 def tick_header_columns(line: int, names: list[str], symbol: str | None) -> tuple[dict[str, int], tuple[int, ...]]:
@@ -163,7 +164,7 @@ def tick_header_columns(line: int, names: list[str], symbol: str | None) -> tupl
     reasons = [f"lacks column(s) {'; '.join(missing)}"] if missing else []
     if times and not where:
         reasons.append(f"has several time columns ({', '.join(times)}) and no ts (a tick's time is one column, "
-                       "ISO-8601 or epoch, or a date and a time of day)")
+                       "ISO-8601 or epoch, or a date and a time of day: name the one that holds it ts)")
     if reasons:
         raise CsvFormatError(line, f"header {' and '.join(reasons)}; expected {_TICK_HEADER}")
     return col, where
@@ -224,7 +225,7 @@ def _bar_rows(path: str | Path) -> Iterator[tuple[int, Bar]]:
         missing = [c for c in _OHLC if c not in names] + (["a time column (Date)"] if not when and not times else [])
         reasons = [f"lacks {', '.join(missing)}"] if missing else []
         if times and not when:
-            reasons.append(f"has several time columns ({', '.join(times)})")
+            reasons.append(f"has several time columns ({', '.join(times)}): name the one that holds the time ts")
         if reasons:
             raise CsvFormatError(line, f"header {' and '.join(reasons)}; expected Date,Open,High,Low,Close,Volume")
     except BaseException:

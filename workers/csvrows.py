@@ -182,6 +182,29 @@ def ms_to_iso(ts: int) -> str:
     return (_EPOCH + ts * _MS).isoformat().replace("+00:00", "Z")
 
 
+#: A date and a time of day in two columns (:func:`parse_date_and_time`): ISO-8601's forms, extended
+#: or basic; the time with seconds, a fraction and an offset if it has them.
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}")
+_TIME_OF_DAY_RE = re.compile(r"(?:[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?|[0-9]{4}(?:[0-9]{2}(?:[.,][0-9]+)?)?)"
+                             r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?")
+
+
+def parse_date_and_time(line: int, date_text: str, time_text: str) -> int:
+    """A time given as a date and a time of day in two columns (``2024-01-02,13:00``) as epoch ms.
+    Each must have its own form: joined as they come, an epoch in the time column read as a time of
+    day with a fraction, and an empty cell as midnight or as epoch seconds."""
+    date, time_of_day = date_text.strip(" \t"), time_text.strip(" \t")
+    if not (_DATE_RE.fullmatch(date) and _TIME_OF_DAY_RE.fullmatch(time_of_day)):
+        raise CsvFormatError(line, f"date {validation.shown(date)} and time {validation.shown(time_of_day)} are not a "
+                                   "date (YYYY-MM-DD or YYYYMMDD) and a time of day (HH:MM[:SS] or HHMM[SS]); a "
+                                   "column that holds the whole time is named ts")
+    try:
+        return iso_to_ms(f"{date}T{time_of_day}")
+    except ValueError as e:
+        raise CsvFormatError(line, f"date {validation.shown(date)} and time {validation.shown(time_of_day)} are no "
+                                   f"time: {e}") from None
+
+
 def parse_time(line: int, name: str, text: str) -> int:
     """A time of a tick or bar file as epoch ms: ISO-8601 (naive = UTC), or an integer of epoch seconds
     or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file."""
