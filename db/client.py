@@ -152,8 +152,10 @@ class WriterClient:
             check_seconds(f"{op}: _deadline", _deadline)
         if self._direct is not None and self._direct.takes(op):
             self._check_owner()
-            deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)
-            return self._direct.call(self.client_id, self._next_seq(op), op, args, deadline)
+            started = time.monotonic()
+            deadline = started + (self.deadline if _deadline is None else _deadline)
+            return self._direct.call(self.client_id, self._next_seq(op), op, args,
+                                     lambda: self._bounded(deadline, started))
         ticket = self.submit(op, _deadline=_deadline, **args)
         self.wait(ticket)
         return ticket.result()
@@ -246,9 +248,13 @@ class WriterClient:
 
     def _deadline_of(self, ticket: Ticket) -> float:
         """``ticket``'s deadline under :meth:`give_up_by`'s bound."""
+        return self._bounded(ticket.deadline, ticket.first_sent)
+
+    def _bounded(self, deadline: float, first_sent: float) -> float:
+        """A request's ``deadline`` under :meth:`give_up_by`'s bound (a direct write's too)."""
         if self._give_up_at is None:
-            return ticket.deadline
-        return min(ticket.deadline, max(self._give_up_at, ticket.first_sent + LAST_TRY_S))
+            return deadline
+        return min(deadline, max(self._give_up_at, first_sent + LAST_TRY_S))
 
     def close(self) -> None:
         if self._direct is not None and self._pid == os.getpid():

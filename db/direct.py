@@ -28,6 +28,7 @@ through it). Readers are unaffected: they already read safely beside several wri
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -57,9 +58,10 @@ class DirectWrites:
         spec = ops.OPS.get(op) if isinstance(op, str) else None
         return spec is not None and spec.transactional
 
-    def call(self, client_id: str, seq: int, op: str, args: dict[str, Any], deadline: float) -> Any:
+    def call(self, client_id: str, seq: int, op: str, args: dict[str, Any], deadline: Callable[[], float]) -> Any:
         """Run ``op`` once as (client id, seq); return its result once committed, or raise its error.
-        Retries what is nobody's fault (a lost connection, a deadlock) until ``deadline`` (monotonic)."""
+        Retries what is nobody's fault (a lost connection, a deadlock) until ``deadline()``
+        (monotonic), read before each retry: a stop may bring it forward (``WriterClient.give_up_by``)."""
         # The arguments as the writer would see them: encoded and decoded as on the wire.
         message, _ = decode_request(encode_request(client_id, seq, op, pack_columns(op, args)))
         digest = request_digest(op, message["args"])  # before prepare, as the writer takes it
@@ -86,7 +88,7 @@ class DirectWrites:
                     raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
                 self.close()  # a new connection for the retry
                 retry = True
-            if time.monotonic() + backoff > deadline:
+            if time.monotonic() + backoff > deadline():
                 raise error
             time.sleep(backoff)
             backoff = min(backoff * 2, 1.0)

@@ -5,6 +5,7 @@ non-transactional ops still go to the writer. Real server, real writer; nothing 
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -85,6 +86,38 @@ def test_a_session_lost_under_a_direct_write_is_retried_and_applied_once(writer:
     writing.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
     assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'once'") == [(1,)]
+
+
+def test_a_stop_bounds_a_direct_write_that_retries_as_it_bounds_a_request_to_the_writer(writer: Stack) -> None:
+    """A worker's stop bounds its client (``give_up_by``: it must exit before circus's SIGKILL); a
+    direct write retrying a lock wait went on to its own deadline (60 s here), past the stop."""
+    url = make_url(writer.env["DATABASE_URL"])
+    holder = psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password)
+    outcome: list[object] = []
+    client = direct_client(writer, deadline=60, TICKSTACK_LOCK_TIMEOUT_MS="200")
+
+    def write() -> None:
+        try:
+            outcome.append(client.call("audit", actor="me", action="held"))
+        except WriterUnavailable as e:
+            outcome.append(e)
+
+    try:
+        holder.execute("LOCK TABLE audit_log IN ACCESS EXCLUSIVE MODE")
+        writing = threading.Thread(target=write)
+        writing.start()
+        time.sleep(1)  # a few of its lock waits (200 ms each) timed out and were retried
+        assert writing.is_alive() and not outcome, outcome
+        client.give_up_by(1)  # as a stop's signal handler does (Worker._bound_requests)
+        writing.join(30)
+        gave_up = not writing.is_alive()
+    finally:
+        holder.rollback()
+        holder.close()
+        writing.join(60)
+        client.close()
+    assert gave_up and len(outcome) == 1 and isinstance(outcome[0], WriterUnavailable), outcome
+    assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'held'") == [(0,)]
 
 
 def test_a_direct_write_records_the_digest_the_writer_compares(writer: Stack) -> None:
