@@ -82,15 +82,19 @@ run: install
 # leaves out the other database's own tests (tests/conftest.py); together they are the whole suite.
 # Each run spreads its files over TEST_WORKERS pytest-xdist workers: half of a run's time was waits
 # on real processes (a watchdog's timeout, a stack starting), which another worker's tests fill.
+# Both runs are in the background, so that Ctrl-C or a SIGTERM to make reaches the trap at once (a
+# shell runs a trap only once its foreground command ends), which stops both (testkit.interrupts).
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	@mkdir -p test-output
-	@$(BIN)/python -m pytest --database postgresql -n $(TEST_WORKERS) -p no:cacheprovider > test-output/pytest-postgresql.log 2>&1 & \
-	  postgresql=$$!; trap 'kill -TERM $$postgresql 2>/dev/null; wait $$postgresql' INT TERM; \
-	  $(BIN)/python -m pytest --database sqlite -n $(TEST_WORKERS); sqlite=$$?; \
-	  wait $$postgresql; pg=$$?; \
+	@trap 'kill -TERM $$sqlite_pid $$pg_pid 2>/dev/null; wait $$sqlite_pid $$pg_pid; exit 130' INT TERM; \
+	  $(BIN)/python -m pytest --database postgresql -n $(TEST_WORKERS) -p no:cacheprovider > test-output/pytest-postgresql.log 2>&1 & \
+	  pg_pid=$$!; \
+	  $(BIN)/python -m pytest --database sqlite -n $(TEST_WORKERS) & \
+	  sqlite_pid=$$!; wait $$sqlite_pid; sqlite=$$?; \
+	  wait $$pg_pid; pg=$$?; \
 	  echo; echo "=== the suite on PostgreSQL (test-output/pytest-postgresql.log) ==="; \
 	  cat test-output/pytest-postgresql.log; \
 	  echo "=== make test: SQLite run exit $$sqlite, PostgreSQL run exit $$pg ==="; \

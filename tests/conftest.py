@@ -16,12 +16,10 @@ where that is a failure. ``make test`` runs the suite twice, once per database; 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 # The checkout on sys.path, so ``testkit`` imports however pytest was started.
@@ -34,6 +32,9 @@ from testkit.env import use_database  # noqa: E402
 from testkit.postgres import HomeDatabases, PostgresServer, PostgresUnavailable  # noqa: E402
 from testkit.writer import RawPeer, Stack  # noqa: E402
 
+#: SIGTERM and Ctrl-C stop a run, every process a test started included (:mod:`testkit.interrupts`).
+pytest_plugins = ["testkit.interrupts"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--database", choices=("sqlite", "postgresql"), default="sqlite",
@@ -41,44 +42,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                           "or postgresql (a database of its own on a throwaway server)")
 
 
-_stopping = False
-
-
-def _interrupted(signum: int, _frame: object) -> None:
-    """A process that runs tests stops as at Ctrl-C, once: a second signal (Ctrl-C reaches an xdist
-    worker from the terminal and again from its controller) would cut its teardown short."""
-    global _stopping
-    if not _stopping:
-        _stopping = True
-        raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _tell_workers(signum: int, _frame: object) -> None:
-    """xdist's controller runs no test: its children are the workers, each of which stops what its
-    tests started as it ends, then says so; the controller waits for them all, then ends. Raising
-    here instead would end the controller at once, and xdist ends a worker 10 to 25 s later,
-    in the middle of stopping a stack or the throwaway server."""
-    global _stopping
-    if _stopping:
-        return
-    _stopping = True
-    for worker in psutil.Process().children():
-        try:
-            worker.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    # SIGTERM stops the run as Ctrl-C does, fixtures' teardown included (every process a test
-    # started is stopped, the throwaway server too): `make test` stops its background run so. A
-    # process the shell started with SIGINT ignored (`make test`'s background run) keeps it so.
-    # Under xdist, Ctrl-C too: it reaches the controller and every worker, as SIGINT.
-    xdist = bool(getattr(config.option, "numprocesses", None)) or hasattr(config, "workerinput")
-    handler = _tell_workers if xdist and not hasattr(config, "workerinput") else _interrupted
-    signal.signal(signal.SIGTERM, handler)
-    if xdist and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, handler)
     if config.getoption("--database") == "postgresql":  # before the tests are imported: their output folders
         import testkit.browser
 
