@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from typing import Any
 
 import psutil
+
+#: How long a program run by :func:`run_to_its_end` has to clean up after a stop of the test run.
+CLEAN_UP_S = 30
 
 
 def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> bool:
@@ -21,6 +25,27 @@ def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTE
         proc.kill()
         proc.wait()
         return True
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_to_its_end(args: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a
+    program that cleans up at Ctrl-C (a benchmark removes its home as it ends): when the test run
+    stops meanwhile (:mod:`testkit.interrupts`), or the timeout passes, the program gets SIGINT and
+    up to :data:`CLEAN_UP_S` to clean up, as a terminal's Ctrl-C gives it. ``subprocess.run``
+    SIGKILLed it 0.25 s later, and under ``make test``, whose runs ignore SIGINT, it had none: its
+    home was left in /tmp. The program takes SIGINT whatever the run inherited."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_default_sigint, **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except BaseException:
+            stop_process(proc, CLEAN_UP_S, signal.SIGINT)
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 class Descendants:

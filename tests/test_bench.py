@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from testkit.env import ROOT
+from testkit.process import run_to_its_end
 from webapp.console.watcher_page import USERINFO_RE
 from workers.indicators import SERIES
 
@@ -33,8 +34,7 @@ def bench(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.CompletedPr
     """``python -m bench NAME ARGS --json``, which must exit 0: the finished process, its JSON and
     that JSON's text (for the checks of what it must not hold)."""
     out = tmp_path / f"{name}.json"
-    run = subprocess.run([sys.executable, "-m", "bench", name, *args, "--json", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=280)
+    run = run_to_its_end([sys.executable, "-m", "bench", name, *args, "--json", str(out)], cwd=ROOT, timeout=280)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = out.read_text()
     return run, json.loads(text), text

@@ -7,7 +7,6 @@ kills, 2 whole-stack rounds) is in the README's Reliability section."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from bench.chaos.ledger import Acks, verdict
 from bench.common import fresh_home, migrate_database
 from db.engine import make_write_engine
 from testkit.env import ROOT
+from testkit.process import run_to_its_end
 
 WRITER_KILLS = 3
 STACK_ROUNDS = 1
@@ -26,11 +26,11 @@ STACK_ROUNDS = 1
 def test_chaos_short_run_loses_nothing_and_applies_nothing_twice(tmp_path: Path, database_under_test: str) -> None:
     """On the run's database: ``--database postgresql`` starts a throwaway server of its own."""
     out = tmp_path / "chaos.json"
-    done = subprocess.run(
+    done = run_to_its_end(
         [sys.executable, "-m", "bench", "chaos", "--producers", "4", "--writer-kills", str(WRITER_KILLS),
          "--stack-rounds", str(STACK_ROUNDS), "--producer-kill-chance", "1", "--min-gap", "0.5", "--max-gap", "1.5",
          "--seed", "8", "--database", database_under_test, "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=280)
+        cwd=ROOT, timeout=280)
     report = f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
     assert out.exists(), report
     assert json.loads(out.read_text())["config"]["database"] == database_under_test
