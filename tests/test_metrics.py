@@ -10,7 +10,7 @@ import os
 import signal
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +65,20 @@ def send(port: int, n: int) -> int:
     return n
 
 
+def send_until_each_took_some(port: int, counts: Callable[[], dict[int, float]]) -> tuple[int, dict[int, float]]:
+    """Requests of :data:`ROUTE` in rounds of 100 until each process of ``counts()`` (pid -> requests
+    it counted) took some, for up to 60 s; (requests sent, the last counts). Which worker takes a
+    connection is the kernel's choice: on a loaded machine one took all of a first 400."""
+    n, deadline = 0, time.monotonic() + 60
+    while True:
+        n += send(port, 100)
+        by_pid = counts()
+        if (by_pid and all(by_pid.values())) or time.monotonic() > deadline:
+            break
+    assert by_pid and all(by_pid.values()), f"not every process took one of {n} requests in 60 s: {by_pid}"
+    return n, by_pid
+
+
 def api_master(stack: CircusStack) -> psutil.Process:
     (pid,) = stack.pids_of("api")
     return psutil.Process(pid)
@@ -88,14 +102,13 @@ def test_one_scrape_counts_the_requests_of_every_worker(live: CircusStack) -> No
     port = live.api_port
     workers = api_workers(live)
     assert len(workers) == 2
-    n = send(port, 400)
-    assert requests_counted(port, ROUTE) == n  # one scrape, both workers' requests
-
-    # Both workers really served some (else the sum above would prove nothing), each in its own file
+    # Both workers really serve some (else the sum below would prove nothing), each in its own file
     # in the master's folder, private to the user.
     folder = live.home / "run" / "metrics" / str(api_master(live).pid)
-    by_worker = counted_by_file(folder, ROUTE)
-    assert set(by_worker) == workers and all(by_worker[w] > 0 for w in workers), by_worker
+    n, by_worker = send_until_each_took_some(port, lambda: {w: counted_by_file(folder, ROUTE).get(w, 0)
+                                                            for w in workers})
+    assert requests_counted(port, ROUTE) == n  # one scrape, both workers' requests
+    assert set(counted_by_file(folder, ROUTE)) == workers
     assert sum(by_worker.values()) == n
     for path in (folder.parent, folder):
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
@@ -140,17 +153,10 @@ def test_every_scrape_counts_the_requests_of_every_api_master(live: CircusStack)
     try:
         wait_for("two API masters with their workers", lambda: len(live.pids_of("api")) == 2 and all(
             len(psutil.Process(pid).children()) == 2 for pid in live.pids_of("api")), timeout=60)
-        # Which master's worker takes a connection is the kernel's choice, and a new worker is a child
-        # of its master before it accepts (it still imports the app): requests go in rounds until both
-        # masters took some (a loaded machine gave the old master all of a first 400).
-        n, deadline = 0, time.monotonic() + 60
-        while True:
-            n += send(port, 100)
-            by_master = {pid: sum(counted_by_file(live.home / "run" / "metrics" / str(pid), ROUTE).values())
-                         for pid in live.pids_of("api")}
-            if all(by_master.values()) or time.monotonic() > deadline:
-                break
-        assert all(by_master.values()), f"one master took all {n} requests in 60 s: {by_master}"
+        # A new worker is a child of its master before it accepts (it still imports the app).
+        n, by_master = send_until_each_took_some(port, lambda: {
+            pid: sum(counted_by_file(live.home / "run" / "metrics" / str(pid), ROUTE).values())
+            for pid in live.pids_of("api")})
         assert sum(by_master.values()) == base + n, by_master
         totals = [requests_counted(port, ROUTE) for _ in range(30)]
         assert set(totals) == {base + n}, (totals, by_master)
