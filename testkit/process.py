@@ -27,7 +27,9 @@ def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTE
         return True
 
 
-def _default_sigint() -> None:
+def default_sigint() -> None:
+    """SIGINT's default action, as a terminal's foreground job has it: for ``preexec_fn`` (``make
+    test``'s runs inherit SIGINT ignored, and so would their children)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -39,7 +41,7 @@ def run_to_its_end(args: list[str], timeout: float, **kwargs: Any) -> subprocess
     SIGKILLed it 0.25 s later, and under ``make test``, whose runs ignore SIGINT, it had none: its
     home was left in /tmp. The program takes SIGINT whatever the run inherited."""
     with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          preexec_fn=_default_sigint, **kwargs) as proc:
+                          preexec_fn=default_sigint, **kwargs) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:

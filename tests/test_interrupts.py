@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from testkit.helpers import wait_for
+from testkit.process import default_sigint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +64,7 @@ def run_and_stop(tmp_path: Path, phase: str, fixture: str, ctrl_c: bool) -> tupl
     proc = subprocess.Popen([sys.executable, "-m", "pytest", "-n", "1", "--max-worker-restart", "0",
                              "-p", "testkit.interrupts", "-p", "no:cacheprovider", "test_slow.py"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         wait_for(f"the {phase} to start", lambda: (marks / f"{phase} started").exists(), timeout=60)
         if ctrl_c:
