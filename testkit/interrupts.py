@@ -8,9 +8,10 @@ ends a worker 10 to 25 s after its controller ends, in the middle of stopping a 
 throwaway server. A worker stops as at Ctrl-C, except inside a test's setup or teardown: there the
 stop waits for its end (a KeyboardInterrupt inside a teardown skipped the rest of it, and every
 fixture's teardown after it: a writer was left running; inside a setup, it left a fixture made but
-not yet given its teardown: an empty home was left). Ctrl-C reaches a worker twice (from the terminal and
-from its controller), which counts once; a second Ctrl-C ends everything at once, teardown or not.
-A plain run (no workers) stops so on SIGTERM; its Ctrl-C is pytest's own.
+not yet given its teardown: an empty home was left). The session stops after that test too, if
+something swallows the interrupt. Ctrl-C reaches a worker twice (from the terminal and from its
+controller), which counts once; a second Ctrl-C ends everything at once, teardown or not. A plain
+run (no workers) stops so too.
 
 A signal the shell started a run with ignored (SIGINT in ``make test``'s background runs) stays
 ignored.
@@ -25,18 +26,20 @@ from typing import Any
 import psutil
 import pytest
 
-#: The signal that ends a process at once, teardown or not: a second Ctrl-C (a worker counts two
-#: per Ctrl-C, its controller one).
-FORCE_AT = {"controller": 2, "tests": 3}
+#: The signal that ends a process at once, teardown or not: a second Ctrl-C (an xdist worker counts
+#: two per Ctrl-C, from the terminal and from its controller; its controller and a plain run one).
+FORCE_AT = {"controller": 2, "worker": 3, "plain": 2}
 
 
 class _Stop:
     """What this process was told: how many signals, and one that waits for a teardown's end."""
 
     signals = 0
+    force_at = FORCE_AT["plain"]
     #: Inside a test's setup or teardown, or the session's end: a stop waits.
     deferring = False
     pending: int | None = None
+    session: pytest.Session | None = None
 
 
 _stop = _Stop()
@@ -51,10 +54,12 @@ def _force(signum: int) -> None:
 def _in_tests(signum: int, _frame: object) -> None:
     """A process that runs tests (an xdist worker, a plain run): stop as at Ctrl-C, once."""
     _stop.signals += 1
-    if _stop.signals >= FORCE_AT["tests"]:
+    if _stop.signals >= _stop.force_at:
         _force(signum)
     if _stop.signals > 1:
         return
+    if _stop.session is not None:  # the run ends after this test even if something swallows the interrupt
+        _stop.session.shouldstop = f"signal {signum}"
     if _stop.deferring:
         _stop.pending = signum
         return
@@ -91,16 +96,17 @@ def _controls_workers(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    worker = hasattr(config, "workerinput")
     if _controls_workers(config):
-        handler, signals = _in_controller, (signal.SIGTERM, signal.SIGINT)
-    elif worker:
-        handler, signals = _in_tests, (signal.SIGTERM, signal.SIGINT)
+        handler = _in_controller
     else:
-        handler, signals = _in_tests, (signal.SIGTERM,)
-    for signum in signals:
+        handler, _stop.force_at = _in_tests, FORCE_AT["worker" if hasattr(config, "workerinput") else "plain"]
+    for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _stop.session = session
 
 
 def _deferring() -> Generator[None, Any, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 
 #: How long a program run by :func:`run_to_its_end` has to clean up after a stop of the test run.
-CLEAN_UP_S = 30
+CLEAN_UP_S = 15
 
 
 def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTERM) -> bool:
@@ -37,15 +37,21 @@ def run_to_its_end(args: list[str], timeout: float, **kwargs: Any) -> subprocess
     """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)`` for a
     program that cleans up at Ctrl-C (a benchmark removes its home as it ends): when the test run
     stops meanwhile (:mod:`testkit.interrupts`), or the timeout passes, the program gets SIGINT and
-    up to :data:`CLEAN_UP_S` to clean up, as a terminal's Ctrl-C gives it. ``subprocess.run``
-    SIGKILLed it 0.25 s later, and under ``make test``, whose runs ignore SIGINT, it had none: its
-    home was left in /tmp. The program takes SIGINT whatever the run inherited."""
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    up to :data:`CLEAN_UP_S` to clean up, then SIGKILL. ``subprocess.run`` SIGKILLed it 0.25 s
+    after a stop, and under ``make test``, whose runs ignore SIGINT, it had none: its home was
+    left in /tmp. It runs in a process group of its own, so that a terminal's Ctrl-C does not reach
+    it too (a second SIGINT would cut its cleanup short), with SIGINT's default action."""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
                           preexec_fn=default_sigint, **kwargs) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:
-            stop_process(proc, CLEAN_UP_S, signal.SIGINT)
+            try:
+                proc.send_signal(signal.SIGINT)
+                proc.communicate(timeout=CLEAN_UP_S)  # reads its output meanwhile: a full pipe would block it
+            finally:  # also when the test's own timeout (pytest-timeout) lands here
+                if proc.poll() is None:
+                    proc.kill()
             raise
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
