@@ -246,10 +246,6 @@ class WriterClient:
         limit = time.monotonic() + check_seconds("give_up_by: seconds", seconds)
         self._give_up_at = limit if self._give_up_at is None else min(self._give_up_at, limit)
 
-    def _deadline_of(self, ticket: Ticket) -> float:
-        """``ticket``'s deadline under :meth:`give_up_by`'s bound."""
-        return self._bounded(ticket.deadline, ticket.first_sent)
-
     def _bounded(self, deadline: float, first_sent: float) -> float:
         """A request's ``deadline`` under :meth:`give_up_by`'s bound (a direct write's too)."""
         if self._give_up_at is None:
@@ -367,7 +363,7 @@ class WriterClient:
         due: list[Ticket] = []
         timed_out = False
         for ticket in list(self._pending.values()):
-            if now >= self._deadline_of(ticket):
+            if now >= self._bounded(ticket.deadline, ticket.first_sent):
                 self._resolve(ticket, error=self._deadline_error(ticket))
             elif now >= ticket.resend_at:
                 if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:

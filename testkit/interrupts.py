@@ -72,7 +72,7 @@ def _in_controller(signum: int, _frame: object) -> None:
     workers = psutil.Process().children()
     if not workers:  # none started yet: nothing to wait for
         raise KeyboardInterrupt(f"signal {signum}")
-    if _stop.signals >= FORCE_AT["controller"]:
+    if _stop.signals >= _stop.force_at:
         for worker in workers:
             _send(worker, signal.SIGKILL)
         _force(signum)
@@ -96,10 +96,8 @@ def _controls_workers(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if _controls_workers(config):
-        handler = _in_controller
-    else:
-        handler, _stop.force_at = _in_tests, FORCE_AT["worker" if hasattr(config, "workerinput") else "plain"]
+    role = "controller" if _controls_workers(config) else "worker" if hasattr(config, "workerinput") else "plain"
+    handler, _stop.force_at = _in_controller if role == "controller" else _in_tests, FORCE_AT[role]
     for signum in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)

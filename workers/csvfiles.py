@@ -123,6 +123,11 @@ _TIME_RANKS = (("ts",), ("timestamp", "datetime"), ("time", "date"))
 _TIME_NAMES = tuple(name for rank in _TIME_RANKS for name in rank)
 
 
+def _first_columns(names: list[str]) -> dict[str, int]:
+    """Name -> column of a header's ``names``; the first of a repeated name wins."""
+    return {name: i for i, name in reversed(list(enumerate(names)))}
+
+
 def time_columns(names: list[str]) -> tuple[list[str], tuple[int, ...]]:
     """Where the rows of a file with header ``names`` (:func:`read_header`'s) have their time, the
     one rule of tick and bar files: the column named ``ts``, else the one named ``timestamp`` or
@@ -131,7 +136,7 @@ def time_columns(names: list[str]) -> tuple[list[str], tuple[int, ...]]:
     that rank (in file order) and the columns to read; none when they do not make one time
     (``timestamp`` and ``datetime``), or when no column has such a name. The first of a repeated
     name wins."""
-    col = {name: i for i, name in reversed(list(enumerate(names)))}
+    col = _first_columns(names)
     found = next(([n for n in rank if n in col] for rank in _TIME_RANKS if any(n in col for n in rank)), [])
     found.sort(key=col.__getitem__)
     if len(found) == 1:
@@ -154,7 +159,7 @@ def tick_header_columns(line: int, names: list[str], symbol: str | None) -> tupl
     (unless ``symbol`` is given), ``bid``, ``ask`` and, if there, ``volume`` (the first of a repeated
     name wins), and the columns of its time (:func:`time_columns`). A header that cannot give a tick
     is refused before a row is read, with every reason."""
-    col = {name: i for i, name in reversed(list(enumerate(names)))}
+    col = _first_columns(names)
     times, where = time_columns(names)
     missing = [c for c in ("bid", "ask") if c not in col]
     if "symbol" not in col and not symbol:
@@ -231,7 +236,8 @@ def _bar_rows(path: str | Path) -> Iterator[tuple[int, Bar]]:
     except BaseException:
         rows.close()
         raise
-    col = {c: names.index(c) for c in (*_OHLC, "volume") if c in names}
+    first = _first_columns(names)
+    col = {c: first[c] for c in (*_OHLC, "volume") if c in first}
     return _bars(rows, len(names), when, col)
 
 
