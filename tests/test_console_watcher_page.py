@@ -182,10 +182,18 @@ def test_sighup_to_a_gunicorn_master_still_starting_is_refused_not_sent(console:
         (master,) = wait_for("the held master", lambda: cstack.pids_of("heldapi"), timeout=30)
         wait_for("the master in its on_starting hook", held.exists, timeout=30)
         assert takes_default_action(master, signal.SIGHUP) is True
+        since = last_audit_id(cstack.settings)
+        # The confirmation page says so before the operator confirms, not only the answer after.
+        ask = html.unescape(console.post("/console/watchers/heldapi/signal", {"signal": "HUP"}).text)
+        assert f"heldapi's gunicorn master (pid {master}) is still starting" in ask, ask[-3000:]
         r = console.post("/console/watchers/heldapi/signal", {"signal": "HUP", "confirm": "yes"})
         assert r.status_code == 303 and r.headers["Location"] == "/console/watchers/heldapi"
         page = html.unescape(console.get(r.headers["Location"]).text)
         assert f"SIGHUP not sent: heldapi's gunicorn master (pid {master}) is still starting" in page, page[-3000:]
+        # A refusal after a confirmed action is in the audit log too, as not done.
+        ((action, target, result, detail),) = audit_rows(cstack.settings, since, "watcher.signal")
+        assert (action, target, result) == ("watcher.signal", "heldapi", "skipped"), (result, detail)
+        assert f"SIGHUP not sent: heldapi's gunicorn master (pid {master}) is still starting" in detail
         time.sleep(0.5)  # a HUP sent would have ended it by now (its default action, at once)
         assert psutil.Process(master).status() != psutil.STATUS_ZOMBIE
         assert cstack.pids_of("heldapi") == [master]

@@ -15,9 +15,10 @@ circus's ``signal`` command (a gunicorn master passes HUP and TERM on to its wor
 After a signal that ends the processes (TERM, KILL, and HUP but to gunicorn, which reloads its
 workers on it: :func:`ends_processes`) the console waits, bounded, to say whether each exited. A HUP
 to a gunicorn master that has not set its handlers yet (it is starting) is refused, not sent: it
-would end it. Audited as
-``watcher.signal``: recorded before the signal is sent when it ends the console serving the request;
-when it ends the writer (which takes the record), spooled and sent once the writer is back.
+would end it; the confirmation page says so already, and a confirmed one refused is audited as
+``skipped``. Audited as ``watcher.signal``: recorded before the signal is sent when it ends the
+console serving the request; when it ends the writer (which takes the record), spooled and sent once
+the writer is back.
 
 The audit log stores one of ``db.models.AUDIT_RESULTS``: an action that did not settle in time is an error there,
 its detail saying what was sent and what was seen.
@@ -105,6 +106,25 @@ def _wait_exit(pids: list[int], within: float) -> dict[int, bool]:
         time.sleep(0.1)
 
 
+def _still_starting(name: str, sig: str, pids: list[int], ends: bool) -> str | None:
+    """Why ``sig`` is not sent to ``pids`` of ``name``, or None. ``ends``: :func:`ends_processes`'s
+    answer; a signal that ends them is sent whatever their state. Otherwise (HUP to gunicorn): circus
+    calls a gunicorn master active as soon as it runs, and until it sets its handlers HUP's default
+    action ends it instead of reloading its workers. Not sent to any of them: the operator can pick
+    the others by pid."""
+    if ends:
+        return None
+    starting = [p for p in pids if takes_default_action(p, int(getattr(signal, f"SIG{sig}")))]
+    if not starting:
+        return None
+    one = len(starting) == 1
+    return (f"SIG{sig} not sent: {name}'s gunicorn {'master' if one else 'masters'} (pid "
+            f"{', '.join(map(str, starting))}) {'is' if one else 'are'} still starting and "
+            f"{'has' if one else 'have'} not set {'its' if one else 'their'} signal handlers: SIG{sig} "
+            f"would end {'it' if one else 'them'} instead of reloading {'its' if one else 'their'} workers. "
+            "Try again in a moment.")
+
+
 @bp.post("/watchers/<name>/signal")
 def watcher_signal(name: str) -> ResponseReturnValue:
     sig = request.form.get("signal", "")
@@ -115,23 +135,17 @@ def watcher_signal(name: str) -> ResponseReturnValue:
     find_watcher(c, name)
     pids = _targets(c, name, request.form.get("pid"))
     what = f"SIG{sig} to {name} ({'pid' if len(pids) == 1 else 'pids'} {', '.join(map(str, pids))})"
-    if request.form.get("confirm") != "yes":
+    ends = ends_processes(c, name, sig)
+    refusal = _still_starting(name, sig, pids, ends)
+    if request.form.get("confirm") != "yes":  # the page says already what would refuse it now
         return render_template("console/confirm_signal.html", name=name, signal=sig, meaning=SIGNALS[sig],
                                pid=request.form.get("pid") or "", pids=pids, what=what,
-                               is_writer=name == WRITER_WATCHER)
-    ends = ends_processes(c, name, sig)
-    signum = int(getattr(signal, f"SIG{sig}"))
-    if not ends and (starting := [p for p in pids if takes_default_action(p, signum)]):
-        # circus calls a gunicorn master active as soon as it runs; until it sets its handlers,
-        # HUP's default action ends it instead of reloading its workers. Not sent to any of them:
-        # the operator can pick the others by pid.
-        one = len(starting) == 1
-        flash(f"SIG{sig} not sent: {name}'s gunicorn {'master' if one else 'masters'} (pid "
-              f"{', '.join(map(str, starting))}) {'is' if one else 'are'} still starting and "
-              f"{'has' if one else 'have'} not set {'its' if one else 'their'} signal handlers: SIG{sig} "
-              f"would end {'it' if one else 'them'} instead of reloading {'its' if one else 'their'} workers. "
-              "Try again in a moment.", "error")
+                               is_writer=name == WRITER_WATCHER, refusal=refusal)
+    if refusal:
+        audit("watcher.signal", name, "skipped", refusal)  # confirmed and not done: in the audit log too
+        flash(refusal, "error")
         return _back(name)
+    signum = int(getattr(signal, f"SIG{sig}"))
     ends_self = ends and serves_this_request(c, name)
     writer_down = ends and name == WRITER_WATCHER
     if ends_self:
