@@ -179,3 +179,16 @@ def test_a_file_fixed_to_the_variables_minimum_lets_the_owner_in_after_a_restart
         log = log_path.read_text(errors="replace")
         assert "readable by other users" in log and "chmod 600" in log
         assert "refuse" not in log and "Traceback" not in log and good not in log
+
+
+def test_the_generated_password_line_carries_gunicorns_time_pid_and_level(fresh: Stack) -> None:
+    """The console's own log lines go through gunicorn's error log as the API's do: they had no time,
+    pid nor level (Python's last-resort handler, which also dropped every INFO line of the console)."""
+    with console(fresh) as (_, _browser, log_path):
+        def generated() -> str | None:
+            lines = log_path.read_text(errors="replace").splitlines()
+            return next((line for line in lines if "generated the password" in line), None)
+
+        line = wait_for("the console's generated-password line", generated, timeout=60)
+    assert re.fullmatch(r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[WARNING\] console: generated the "
+                        r"password of user 'admin' into \S+/admin-password \(mode 0600\); log in with it", line), line

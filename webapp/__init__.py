@@ -11,6 +11,8 @@ its own engine and writer client.
 """
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 
 from db.config import Settings, load_settings
@@ -21,11 +23,25 @@ from webapp.extensions import csrf, db
 MAX_BODY = 8 * 1024 * 1024
 
 
+def _log_through_gunicorn() -> None:
+    """Under gunicorn nothing configures the root logger: our records (``tickstack.*``: the API's,
+    the console's, the writer client's, the slow reads') went to Python's last-resort handler, bare
+    and WARNING and above only. Send them to gunicorn's error log instead, at its level, in its
+    format (time, pid, level). Outside gunicorn (tests, a shell) nothing changes."""
+    gunicorn = logging.getLogger("gunicorn.error")
+    ours = logging.getLogger("tickstack")
+    if gunicorn.handlers and not ours.handlers:
+        ours.handlers = list(gunicorn.handlers)
+        ours.setLevel(gunicorn.level)
+        ours.propagate = False
+
+
 def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
     """Build the ``api`` or ``console`` app (``all`` serves both, for tests)."""
     if kind not in ("api", "console", "all"):
         raise ValueError(f"create_app: kind {kind!r} must be api, console or all")
     settings = settings or load_settings()
+    _log_through_gunicorn()
     app = Flask(__name__)
     read_url = reader_url(settings)
     app.config.update(

@@ -63,21 +63,10 @@ __all__ = ["bp"]
 log = logging.getLogger("tickstack.api")
 
 
-def _log_through_gunicorn() -> None:
-    """Under gunicorn, nothing configures the root logger, so INFO records of
-    ours would be dropped: send them to gunicorn's error log (its level)."""
-    gunicorn = logging.getLogger("gunicorn.error")
-    if gunicorn.handlers and not log.handlers:
-        log.handlers = list(gunicorn.handlers)
-        log.setLevel(gunicorn.level)
-        log.propagate = False
-
-
 @bp.record_once
 def _setup(setup: BlueprintSetupState) -> None:
     app = setup.app
     settings: Settings = app.config["TICKSTACK"]
-    _log_through_gunicorn()
     token, token_problem = load_token(settings)
     api = ApiState(settings, token, min(settings.client_deadline, WRITER_DEADLINE), token_problem)
     app.extensions[EXTENSION] = api
