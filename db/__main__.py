@@ -19,7 +19,7 @@ import select
 import sys
 from pathlib import Path
 
-from db.config import ConfigError, Settings, check_home, ensure_home, load_settings
+from db.config import PASSWORD_FILE, ConfigError, Settings, check_home, ensure_home, load_settings
 from db.errors import WriterError
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 from db.sizes import human_bytes
@@ -74,7 +74,7 @@ def first_contact(settings: Settings) -> str:
     takes over the terminal (circusd itself prints nothing)."""
     from db.preflight import circusctl_command
 
-    password = settings.home / "admin-password"  # webapp.auth.PASSWORD_FILE (a layer above)
+    password = settings.home / PASSWORD_FILE
     made = "" if password.exists() else ", made on first start"
     health = f"http://127.0.0.1:{settings.api_port}/api/health"
     return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_backup)
     sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)
+    os.umask(0o077)  # what a command makes (the database and its folder, a backup's folders) is private
     try:
         code = args.fn(args)
         if sys.stdout is not None:  # None: started with stdout closed (>&-)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from db.config import Settings
+from db.config import SECRET_FILES, Settings
 from db.errors import MaintenanceFailed
 from db.files import check_replaceable, part_file, put_in_place
 from db.health import connect_read_only
@@ -95,11 +95,12 @@ def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> lis
 def _refuse_live_file(settings: Settings, dest: Path) -> None:
     """ValueError when ``dest``, however spelled (``..``, a symlink, a hard link), is a file the running
     stack uses: the database, its WAL, shared-memory or journal file, the writer's or a leader's lock
-    (:func:`db.leader.leader_lock_path`), or anything in ``run/``. The backup's rename would put a new
-    file in its place: a copy under the live writer, or a lock file no one holds, which would let a
-    second writer, or a second analysis worker, start."""
+    (:func:`db.leader.leader_lock_path`), a secret file (:data:`db.config.SECRET_FILES`), or anything
+    in ``run/``. The backup's rename would put a new file in its place: a copy under the live writer,
+    a lock file no one holds, which would let a second writer, or a second analysis worker, start, or
+    a database where the console's password was (every login refused after)."""
     real = dest.resolve()
-    live = [settings.writer_lock_path.resolve()]
+    live = [settings.writer_lock_path.resolve(), *((settings.home / name).resolve() for name in SECRET_FILES)]
     if settings.database_path is not None:
         db_file = Path(settings.database_path).resolve()
         live += [db_file, *(Path(f"{db_file}-{suffix}") for suffix in ("wal", "shm", "journal")),
@@ -107,7 +108,7 @@ def _refuse_live_file(settings: Settings, dest: Path) -> None:
     same = dest.exists() and any(f.exists() and os.path.samefile(dest, f) for f in live)
     if real in live or same:
         raise ValueError(f"{dest} is a file of the running stack (the database, its WAL, shared-memory or "
-                         "journal file, or the writer's or a leader's lock); choose another path")
+                         "journal file, the writer's or a leader's lock, or a secret file); choose another path")
     if real.is_relative_to(settings.run_dir.resolve()):
         raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
 

@@ -336,6 +336,15 @@ class Settings:
         return self.run_dir / "writer.lock"
 
 
+#: The secret files in ``TICKSTACK_HOME``, each made on first use (0600) unless its variable is set:
+#: the console's password, the key that signs its sessions and forms, the API's bearer token. Named
+#: here, at the bottom, for every layer that must know them (``db backup`` never writes over one).
+PASSWORD_FILE = "admin-password"
+SECRET_KEY_FILE = "secret-key"
+TOKEN_FILE = "api-token"
+SECRET_FILES = (PASSWORD_FILE, SECRET_KEY_FILE, TOKEN_FILE)
+
+
 def one_blas_thread() -> None:
     """``OPENBLAS_NUM_THREADS=1`` in this process's environment unless it is set: call it before
     numpy is first imported. numpy's OpenBLAS starts a thread for every other core when it loads,

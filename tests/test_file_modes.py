@@ -10,15 +10,20 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from db.client import WriterClient
 from supervision.streams import PrivateFileStream
 from testkit.circus import WATCHERS, CircusStack
+from testkit.env import ROOT
 from testkit.helpers import query, wait_for
+from testkit.writer import Stack
 
 
 @pytest.fixture
@@ -106,3 +111,42 @@ def test_log_streams_are_private_and_stay_so_when_they_rotate(tmp_path: Path, um
     assert logs == ["w.log", "w.log.1", "w.log.2"]
     assert {p: stat.S_IMODE((tmp_path / p).stat().st_mode) for p in logs} == dict.fromkeys(logs, 0o600)
     assert "line 11" in path.read_text()
+
+
+def test_db_init_under_a_login_shells_umask_leaves_every_file_private(umask_022: None) -> None:
+    """``python -m db init`` made the database 0644 (the shell's umask), and SQLite gives its WAL and
+    shared-memory files the database's mode: the whole stack started on it kept them so."""
+    stack = Stack.create()
+    try:
+        done = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert not_private(modes(stack.home)) == {}
+    finally:
+        stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_file_modes.py::test_every_file_of_the_running_stack_is_private")
+def test_a_writer_makes_a_database_file_others_may_read_private_and_says_so(umask_022: None) -> None:
+    """A database file with group or other bits (an older ``db init``'s, a copy restored by hand):
+    the writer makes it 0600 before it opens it, so its WAL and shared-memory files are 0600 too."""
+    stack = Stack.create()
+    try:
+        db = stack.settings.database_path
+        assert db is not None
+        done = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        db.chmod(0o644)
+        proc = stack.start_writer()
+        with WriterClient(settings=stack.settings) as client:
+            client.call("audit", actor="test", action="mode", target="", result="ok", detail="")
+        found = modes(stack.home)
+        del found["log/writer-test.log"]  # the test's own, made under its umask
+        assert "tickstack.db-wal" in found and "tickstack.db-shm" in found, sorted(found)
+        assert not_private(found) == {}
+        said = stack.writer_log()
+        assert "tickstack.db was open to other users (mode 644): made private (600)" in said, said
+        assert stack.stop(proc) == 0
+    finally:
+        stack.close()

@@ -243,8 +243,8 @@ def test_a_job_that_fails_by_a_bug_is_logged_with_its_traceback(writer: Stack,
 def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_says(writer: Stack) -> None:
     """``db backup --force PATH`` overwrites a file, never one the running stack uses: not the live
     database by another spelling of its path (``run/../``, a symlink), not its WAL or shared-memory
-    file, not the writer's lock or anything in ``run/``. A folder as PATH is refused with the reason,
-    not a traceback. Nothing is written in any of these cases."""
+    file, not the writer's lock, a secret file or anything in ``run/``. A folder as PATH is refused
+    with the reason, not a traceback. Nothing is written in any of these cases."""
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(200)], "feed")
 
     def backup(path: Path) -> subprocess.CompletedProcess:
@@ -253,11 +253,16 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
 
     lock = writer.settings.writer_lock_path
     held = lock.stat().st_ino
-    for path in (lock, writer.home / "run" / "writer.sock", writer.home / "run" / "new-file.db"):
+    secrets = [writer.home / name for name in ("admin-password", "secret-key", "api-token")]
+    for path in secrets:  # as the console and the API make them: a backup over one locked every login out
+        path.write_text("a-secret-of-the-stack\n")
+        path.chmod(0o600)
+    for path in (lock, writer.home / "run" / "writer.sock", writer.home / "run" / "new-file.db", *secrets):
         refused = backup(path)
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, (path, refused.stderr)
         assert re.search(r"is a file of the running stack|is in the stack's run folder", refused.stderr), refused.stderr
     assert lock.stat().st_ino == held  # a new lock file would let a second writer start beside this one
+    assert [p.read_text() for p in secrets] == ["a-secret-of-the-stack\n"] * 3
     folder = writer.home / "a-folder"
     folder.mkdir()
     refused = backup(folder)

@@ -86,7 +86,7 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from db.config import ADMIN_PASSWORD_MIN, ConfigError, Settings, admin_password
+from db.config import ADMIN_PASSWORD_MIN, PASSWORD_FILE, SECRET_KEY_FILE, ConfigError, Settings, admin_password
 from db.preflight import circusctl_command
 from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
@@ -94,9 +94,6 @@ from webapp.secret_files import read_secret_file, unusable
 
 log = logging.getLogger("tickstack.console")
 
-PASSWORD_FILE = "admin-password"
-#: In ``$TICKSTACK_HOME``: the key that signs the console's sessions and forms (unless ``TICKSTACK_SECRET_KEY``).
-SECRET_KEY_FILE = "secret-key"
 #: Served even while the secret key is unusable: the console itself is up.
 HEALTH_ENDPOINT = "console.health"
 #: In ``$TICKSTACK_HOME/run``: failed logins per peer, and the live sessions (module docstring).

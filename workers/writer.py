@@ -52,6 +52,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
@@ -119,6 +120,25 @@ class Writer:
         """SIGTERM and SIGINT only ask to stop: the loop drains and finishes."""
         on_stop_signals(self.handle_stop)
 
+    def _make_database_private(self) -> None:
+        """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
+        SQLite makes the last two with the database's mode, whatever the umask, so one others may
+        read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
+        path = self.settings.database_path
+        if path is None:
+            return
+        for one in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+            try:
+                mode = stat.S_IMODE(os.stat(one).st_mode)
+                if mode & 0o077:
+                    os.chmod(one, 0o600)
+                    log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
+                                "file of the stack", one, mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # not ours to change: said, and the writer goes on
+                log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
+
     def handle_stop(self, signum: int, _frame: Any) -> None:
         if self.stop_requested_at is None:
             self.stop_requested_at = time.monotonic()
@@ -158,6 +178,7 @@ class Writer:
             raise
         try:
             self.init_signals()
+            self._make_database_private()
             self.engine = make_write_engine(self.settings)
             self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
             if self.server_lock is not None:  # a reconnection must prove the lock is still ours

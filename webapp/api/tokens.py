@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from flask import request
 from flask.typing import ResponseReturnValue
 
-from db.config import Settings
+from db.config import TOKEN_FILE, Settings
 from db.preflight import circusctl_command
 from webapp.api.errors import ApiError
 from webapp.api.state import api_state
@@ -20,7 +20,6 @@ from webapp.secret_files import read_secret_file, unusable
 log = logging.getLogger("tickstack.api")
 
 TOKEN_ENV = "TICKSTACK_API_TOKEN"
-TOKEN_FILE = "api-token"
 
 F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 
