@@ -324,6 +324,21 @@ def test_a_bar_files_date_and_time_of_day_in_two_columns_are_read_together(tmp_p
                                                      "Volume")
 
 
+def test_eight_digits_that_make_a_calendar_date_are_that_date_not_epoch_seconds(tmp_path: Path) -> None:
+    """``20240102`` alone in a time column was read as 20,240,102 seconds after 1970 (1970-08-23) and
+    stored so; a daily bar file of such dates was refused as "1000 ms apart". Eight digits that make a
+    date (YYYYMMDD, ISO-8601's basic form, as in a date column beside a time) are that date; eight
+    that make none stay epoch seconds."""
+    for header in ("Date,Symbol,Bid,Ask", "ts,symbol,bid,ask", "time,symbol,bid,ask"):
+        path = write(tmp_path, f"{header}\n20240102,EURUSD,1.1,1.2\n20240103,EURUSD,1.1,1.2\n", "d.csv")
+        assert [t["ts"] for _, t in read_tick_csv(path)] == [T0, T0 + 86_400_000], header
+    path = write(tmp_path, "ts,symbol,bid,ask\n12345678,EURUSD,1.1,1.2\n20241301,EURUSD,1.1,1.2\n", "e.csv")
+    assert [t["ts"] for _, t in read_tick_csv(path)] == [12_345_678_000, 20_241_301_000]
+    daily = write(tmp_path, "Date,Open,High,Low,Close,Volume\n20240102,1,2,1,1.5,10\n20240103,1.5,2,1,1,11\n")
+    assert [b["ts"] for _, b in read_bar_csv(daily)] == [T0, T0 + 86_400_000]
+    assert CsvFeed(daily, "EURUSD").timeframe == "1d"
+
+
 @pytest.mark.parametrize(
     ("row", "reason"),
     [

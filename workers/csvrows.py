@@ -207,8 +207,15 @@ def parse_date_and_time(line: int, date_text: str, time_text: str) -> int:
 
 def parse_time(line: int, name: str, text: str) -> int:
     """A time of a tick or bar file as epoch ms: ISO-8601 (naive = UTC), or an integer of epoch seconds
-    or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file."""
+    or ms told apart by magnitude (:data:`_SECONDS_CUTOFF`), the one rule for both kinds of file. Eight
+    digits that make a calendar date are that date (YYYYMMDD, ISO-8601's basic form, as in a date
+    column beside a time): read as seconds, ``20240102`` was 1970-08-23."""
     text = text.strip(" \t")
+    if len(text) == 8 and text.isascii() and text.isdigit():
+        try:
+            return iso_to_ms(text)
+        except ValueError:
+            pass  # no date (20241301): epoch seconds, as any other integer
     if _INT_RE.fullmatch(text):
         if len(text) > _MAX_INT_CHARS:
             raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
