@@ -295,6 +295,11 @@ def _sqlite_url_problem(scheme: str, rest: str) -> str | None:
                 f"write it acknowledged; give a file ({example})")
     if not path.startswith("/"):
         return f"give the SQLite file's absolute path, not one relative to each process's folder ({example})"
+    if path.endswith("/"):
+        return f"give the SQLite file's path, not a folder's ({example})"
+    if query:  # the engines set the connection's own (busy timeout, WAL, synchronous, read-only) from settings
+        return ("SQLite's URL takes no parameters (?...): the stack opens the file its own way, from the "
+                f"TICKSTACK_* settings (busy timeout, synchronous; readers read-only) ({example})")
     return None
 
 
@@ -304,13 +309,26 @@ def _server_url_problem(raw: str) -> str | None:
     and ``/api/health`` (no login) then showed. An '@' in the query (``?user=a@corp``) is no host's."""
     from sqlalchemy.engine import make_url  # here: most settings' users never parse a server's URL
 
+    # The port as written: the text after the host's ':' (a password's ':' comes before the last '@').
+    host_port = raw.split("://", 1)[1].partition("/")[0].partition("?")[0].rpartition("@")[2]
+    port_text = host_port.rpartition("]")[2].rpartition(":")[2] if ":" in host_port.rpartition("]")[2] else ""
+    if port_text and not (port_text.isascii() and port_text.isdigit()):
+        return f"the port {quoted(port_text)} is not a number"
     try:
-        host = make_url(raw).host or ""
-    except Exception:  # unparseable: refused where it is used, and never shown (db.engine.display_url)
-        return None
-    if "@" in host:
+        url = make_url(raw)
+    except Exception as e:  # its own words may quote the URL, password and all: its type only
+        return f"not a URL SQLAlchemy can read ({type(e).__name__}); e.g. postgresql+psycopg://user@host/name"
+    if "@" in (url.host or ""):
         return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
                 "else part of the password is read as the host")
+    port = url.port
+    if port is not None and not 1 <= port <= 65535:
+        return f"the port {port} is not from 1 to 65535"
+    try:
+        url.get_dialect().import_dbapi()
+    except Exception:  # NoSuchModuleError, ImportError: taken, then a traceback in every process
+        return (f"the driver {quoted(url.drivername)} is not installed or not known to SQLAlchemy; use "
+                "postgresql+psycopg://user@host/name")
     return None
 
 

@@ -126,6 +126,17 @@ def test_defaults_and_blank_values() -> None:
     ("DATABASE_URL", "sqlite+pysqlite:////tmp/x.db", "no driver"),
     # An '@' of the password, not percent-encoded: the rest of it was read as the host, and served.
     ("DATABASE_URL", "postgresql://bob:hunter2@3xyz@127.0.0.1:1/db", "percent-encode"),
+    # Taken, then a traceback in every process that opened it (jobs, the API), or a writer saying the
+    # server does not answer: a port that is no number, a driver that is not there, no file's name,
+    # SQLite parameters the stack does not take (timeout=abc crashed the writer; mode=ro was ignored).
+    ("DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:abc/db", "the port 'abc' is not a number"),
+    ("DATABASE_READ_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:99999/db", "the port 99999 is not from 1 to"),
+    ("DATABASE_URL", "postgresql+nodriver://u:hunter2@127.0.0.1:5/db", "driver 'postgresql.nodriver'"),
+    ("DATABASE_URL", "postgresql+pg8000://u:hunter2@127.0.0.1:5/db", "driver 'postgresql.pg8000'"),
+    ("DATABASE_URL", "sqlite:////", "the SQLite file's path"),
+    ("DATABASE_URL", "sqlite:////tmp/x/", "the SQLite file's path"),
+    ("DATABASE_URL", "sqlite:////tmp/x.db?timeout=abc", "takes no parameters"),
+    ("DATABASE_URL", "sqlite:////tmp/x.db?mode=ro", "takes no parameters"),
     ("TICKSTACK_HOME", "~nosuchuser-tickstack/x", "no such user"),
     ("TICKSTACK_API_PORT", "1_000", "is not a whole number"),
     ("TICKSTACK_API_PORT", "\u0661\u0662", "is not a whole number"),
