@@ -23,6 +23,7 @@ from typing import Any
 import msgpack
 import psutil
 import pytest
+import zmq
 from sqlalchemy import create_engine
 
 from db.client import WriterClient
@@ -312,9 +313,42 @@ def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
     assert WriterClient(settings=stack.settings, deadline=10).call("audit", actor="me", action="after")["id"] == 1
 
 
+def test_frames_far_over_the_limit_from_many_peers_are_never_read_into_the_writers_memory(stack: Stack) -> None:
+    """ZeroMQ read frames of up to 4 x ``TICKSTACK_WRITER_MAX_MESSAGE`` whole, up to 1,000 a peer ahead
+    of the writer, before the writer answered each one "over the limit": 8 peers sending 60 MiB frames
+    took a writer of 16 MiB messages from 77 MB to 0.6-2.4 GB. Now a frame more than
+    ``MAX_MESSAGE_SLACK`` over the limit closes its peer's connection unread."""
+    limit = 4 * MiB
+    proc = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(limit))
+    client = WriterClient(settings=stack.settings, deadline=30)
+    assert client.call("audit", actor="me", action="before")["id"] == 1
+    before = peak_rss(proc.pid)
+    ctx = zmq.Context()
+    try:
+        big = b"\x00" * (3 * limit)
+        peers = []
+        for _ in range(8):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(stack.settings.writer_endpoint)
+            peers.append(sock)
+        for _ in range(16):
+            for sock in peers:
+                sock.send(big, copy=False)
+        assert client.call("audit", actor="me", action="after")["id"] == 2
+        time.sleep(3)  # what ZeroMQ's threads still send and read, they do now (about 1.5 GB: a second)
+        grew = peak_rss(proc.pid) - before
+        print(f"writer's peak grew by {grew / MiB:.0f} MiB")
+        assert grew < 8 * limit, f"the writer held {grew / MiB:.0f} MiB of frames it refuses"
+    finally:
+        ctx.destroy(linger=0)
+    assert client.call("audit", actor="me", action="later")["id"] == 3 and proc.poll() is None
+
+
 def test_an_oversize_request_gets_a_clear_error_not_silence(writer: Stack, peer: RawPeer) -> None:
     limit = writer.settings.writer_max_message
-    # Over the limit (and under ZeroMQ's cap of 4x): the writer answers.
+    # Over the limit, within MAX_MESSAGE_SLACK of it: the writer answers.
     reply = peer.ask(b"\x00" * (limit + 10), timeout=60)
     assert reply["ok"] is False and "over the limit" in reply["error"]["message"]
     # A client never sends what the writer cannot take: a 100 MiB request fails at once, saying why.

@@ -30,8 +30,9 @@ on. A full disk is a state, not a crash: every write is answered with
 until space returns, and writes then succeed again by themselves.
 
 Memory is bounded in bytes: a frame over ``writer_max_message`` gets an error
-reply, and ZeroMQ's ``MAXMSGSIZE`` (4 x that) closes the connection of a peer
-sending more, before the frame is read. Nothing can be answered then (ZeroMQ
+reply, and ZeroMQ's ``MAXMSGSIZE`` (that and :data:`MAX_MESSAGE_SLACK`) closes the
+connection of a peer sending more, before the frame is read; ZeroMQ reads at most
+:data:`READ_AHEAD_MESSAGES` frames of a peer ahead. Nothing can be answered then (ZeroMQ
 does not say which peer it dropped, and reading the frame to answer it would
 hold it all in memory), so :class:`db.client.WriterClient` refuses such a
 request itself, before sending it, with a clear error. Queued requests may
@@ -82,6 +83,12 @@ log = logging.getLogger("tickstack.writer")
 EXIT_LOCKED = 3
 #: The queue's byte budget, in maximum-size messages (estimated decoded size).
 QUEUE_BUDGET_MESSAGES = 16
+#: Bytes over ``writer_max_message`` a frame may have and still be read and answered (that it is too
+#: big); a longer one closes its peer's connection unread (ZeroMQ's ``MAXMSGSIZE``).
+MAX_MESSAGE_SLACK = 64 * 1024
+#: Frames ZeroMQ reads ahead from one peer before the writer takes them (``RCVHWM``; its default is
+#: 1,000): a client's pipeline window (16) and the writer's queue hold the rest.
+READ_AHEAD_MESSAGES = 16
 #: The largest batch (estimated decoded bytes) the IO thread commits itself when the commit thread
 #: is idle (:meth:`Writer._dispatch`): a few dozen small requests (an ``audit`` counts about 1,300,
 #: a one-tick ``insert_ticks`` 2,600), never a bulk insert's columns.
@@ -235,9 +242,12 @@ class Writer:
     def _serve(self) -> None:
         ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
-        # Hard cap: beyond it ZeroMQ drops the peer without reading the
-        # message into memory. Between max_message and the cap we reply.
-        router.setsockopt(zmq.MAXMSGSIZE, self.settings.writer_max_message * 4)
+        # Hard cap: beyond it ZeroMQ drops the peer without reading the message into memory. Between
+        # max_message and the cap we reply. With ZeroMQ's read-ahead (RCVHWM messages a peer), what a
+        # peer can make the writer hold before it reads is (RCVHWM + 1) x the cap: 4 x max_message with
+        # ZeroMQ's default of 1,000 let 8 peers sending 60 MiB frames take it to 0.6-2.4 GB.
+        router.setsockopt(zmq.MAXMSGSIZE, self.settings.writer_max_message + MAX_MESSAGE_SLACK)
+        router.setsockopt(zmq.RCVHWM, READ_AHEAD_MESSAGES)
         router.setsockopt(zmq.SNDHWM, 100_000)
         router.setsockopt(zmq.LINGER, 2000)
         replies_in = ctx.socket(zmq.PULL)
