@@ -187,14 +187,26 @@ class Worker:
                 outer(self.stopped_by, None)
 
     def _wait_to_lead(self, leadership: Leadership) -> bool:
-        """Stand by until this process leads (True) or is asked to stop (False)."""
+        """Stand by until this process leads (True) or is asked to stop (False). While the database's
+        folder is not there, nobody can lead (the lock file is in it): that is no database yet, waited
+        for as :func:`wait_for_database` waits, then :class:`NoDatabase`."""
         said = None
+        started = time.monotonic()
+        folder = self.settings.database_path.parent if self.settings.database_path is not None else None
         while self.alive:
             tend_lifeline(self.settings)
             holder = leadership.attempt()
             if holder is None:
                 self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
                 return True
+            if folder is not None and not folder.is_dir():
+                if time.monotonic() - started > DATABASE_WAIT_S:
+                    raise no_database(self.settings, DATABASE_WAIT_S)
+                if said != str(folder):
+                    self.log.info("%s: waiting for the writer to make %s and the database in it", self.name, folder)
+                    said = str(folder)
+                self.sleep(0.2)
+                continue
             if self.until_idle:
                 return False
             if holder != said:
@@ -253,9 +265,13 @@ def wait_for_database(settings: Settings, timeout: float | None = None) -> Engin
                 pass
             engine.dispose()
         if time.monotonic() > deadline:
-            raise NoDatabase(f"no database at {display_url(settings.database_url)} after {timeout:g} s: "
-                             "is the writer running?")
+            raise no_database(settings, timeout)
         time.sleep(0.2)
+
+
+def no_database(settings: Settings, waited: float) -> NoDatabase:
+    """The one line of a worker that found no database after ``waited`` seconds."""
+    return NoDatabase(f"no database at {display_url(settings.database_url)} after {waited:g} s: is the writer running?")
 
 
 def main(worker_cls: type[Worker], argv: list[str] | None,
