@@ -19,7 +19,15 @@ import select
 import sys
 from pathlib import Path
 
-from db.config import PASSWORD_FILE, ConfigError, Settings, check_home, ensure_home, load_settings
+from db.config import (
+    PASSWORD_FILE,
+    ConfigError,
+    Settings,
+    check_home,
+    ensure_home,
+    home_for_circus_problem,
+    load_settings,
+)
 from db.errors import WriterError
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 from db.sizes import human_bytes
@@ -45,6 +53,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     settings = load_settings()  # the writer's socket path is a setting: checked there
     check_socket_paths(settings)  # circus's are longer
+    problem = home_for_circus_problem()
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
     problem = foreign_commands()
     if problem:
         print(problem, file=sys.stderr)

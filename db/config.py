@@ -36,6 +36,7 @@ from db.parsers import (
     number,
     path,
     price_decimals,
+    quoted,
     secret_text,
     strong_secret,
     user_name,
@@ -394,6 +395,21 @@ def _home_error(home: Path, path: Path, e: OSError) -> ConfigError:
     what = "the runtime folder" if path == home else "a folder of the runtime folder"
     return ConfigError(f"TICKSTACK_HOME={str(home)!r}: cannot use {path} as {what}: {reason}; set "
                        "TICKSTACK_HOME to a folder this user may create and write (or move what is in the way)")
+
+
+def home_for_circus_problem() -> str | None:
+    """What makes ``TICKSTACK_HOME``, as written, unusable in circus.ini, or None. circus.ini takes it
+    as it is (``$(circus.env.TICKSTACK_HOME)/log/circusd.log``): circus expands no ``~`` and reads a
+    relative path from its own folder, while every process of ours expands both (:func:`db.parsers.path`)."""
+    raw = os.environ.get("TICKSTACK_HOME")
+    if raw is None or (os.path.isabs(raw) and not raw.startswith("~")):
+        return None
+    try:
+        expanded = path("TICKSTACK_HOME", raw)
+    except ConfigError as e:
+        return str(e)
+    return (f"TICKSTACK_HOME={quoted(raw)}: circus.ini uses it as written, and circus expands no ~ "
+            f"and reads a relative path from its own folder: give its absolute path ({expanded})")
 
 
 def ensure_home(settings: Settings) -> Path:

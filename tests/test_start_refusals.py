@@ -11,13 +11,14 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import psutil
 import pytest
 
 from testkit.circus import Circusd, CircusStack
-from testkit.env import isolated_env, new_home
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests import test_supervision
 from tests.test_supervision import port_free, prepare
@@ -131,3 +132,24 @@ def test_prepare_refuses_a_home_too_long_for_circus_sockets_and_circus_runs_at_t
             daemon.stop()
         for home in (over, fits):
             shutil.rmtree(home.parent, ignore_errors=True)
+
+
+@pytest.mark.parametrize("written", ["~/var", "var"], ids=["tilde", "relative"])
+def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -> None:
+    """circus.ini takes TICKSTACK_HOME as it is written (``$(circus.env.TICKSTACK_HOME)/log/...``):
+    circus expands no ``~`` and reads a relative path from its own folder. A home of ``~/var`` passed
+    prepare (which expands it, and made that folder) and circusd then died on a traceback, opening
+    ``<checkout>/~/var/log/circusd.log``. Refused now, naming the absolute path, making nothing."""
+    user_home = Path(tempfile.mkdtemp(prefix="ts-user-"))
+    try:
+        env = isolated_env(user_home / "unused", ports=True)
+        env.update(HOME=str(user_home), TICKSTACK_HOME=written)
+        refused = prepare(env)
+        expanded = (user_home / "var") if written.startswith("~") else (ROOT / "var")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert (f"TICKSTACK_HOME={written!r}: circus.ini uses it as written" in refused.stderr
+                and f"give its absolute path ({expanded})" in refused.stderr), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
+        assert list(user_home.iterdir()) == []
+    finally:
+        shutil.rmtree(user_home, ignore_errors=True)
