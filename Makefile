@@ -33,8 +33,9 @@ _tickstack_default TICKSTACK_HOME "$$_ts_root/var"
 _tickstack_default TICKSTACK_API_PORT 8000
 _tickstack_default TICKSTACK_CONSOLE_PORT 8001
 _tickstack_default CIRCUSCTL_ENDPOINT "ipc://$$TICKSTACK_HOME/run/circus.sock"
-# circusd writes its log and pid file there before anything of ours runs: private folders.
-(umask 077 && mkdir -p "$$TICKSTACK_HOME/run" "$$TICKSTACK_HOME/log")
+# circusd writes its log and pid file there before anything of ours runs: private folders, and
+# its log made private (circus opens it under circusd's umask and appends).
+(umask 077 && mkdir -p "$$TICKSTACK_HOME/run" "$$TICKSTACK_HOME/log" && : >> "$$TICKSTACK_HOME/log/circusd.log")
 unset _ts_root
 unset -f _tickstack_default
 # <<< tickstack

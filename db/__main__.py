@@ -29,6 +29,7 @@ from db.config import (
     load_settings,
 )
 from db.errors import WriterError
+from db.files import touch_private
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
 from db.sizes import human_bytes
 
@@ -62,6 +63,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(problem, file=sys.stderr)
         return 1
     home = ensure_home(settings)
+    # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
+    # private, it stays so, even through a start circus itself refuses (a web port taken since).
+    touch_private(settings.log_dir / "circusd.log")
     pidfile = circusd_pidfile(settings)
     running = live_circusd(pidfile)
     if running:

@@ -39,6 +39,16 @@ def part_file(dest: Path) -> Path:
     return Path(name)
 
 
+def touch_private(path: Path) -> None:
+    """``path`` made if missing, mode 0600 either way (its content untouched): for a file another
+    program opens later under its own umask (circusd's log), which then stays private."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def remove_orphans(folder: Path) -> None:
     """Remove the part files (and their journals) in ``folder`` whose writer is not running."""
     try:

@@ -33,6 +33,8 @@ import os
 import sys
 from typing import Any, NoReturn
 
+from supervision.streams import private_circusd_files
+
 log = logging.getLogger("circus")
 
 
@@ -83,6 +85,9 @@ def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:
                 os.unlink(endpoint[len("ipc://"):])
             except OSError:
                 pass
+    # Its log, opened before any hook under circusd's umask: the writer's after_start hook, which
+    # makes it private, is not reached this way.
+    private_circusd_files(None, arbiter, hook_name)
     # Out of circus's event loop (a hook's exception is only logged): circusd closes its sockets
     # and exits 1, before it has started anything.
     raise SystemExit(1)

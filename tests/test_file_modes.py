@@ -21,7 +21,7 @@ import pytest
 from db.client import WriterClient
 from supervision.streams import PrivateFileStream
 from testkit.circus import WATCHERS, CircusStack
-from testkit.env import ROOT
+from testkit.env import ROOT, isolated_env
 from testkit.helpers import query, wait_for
 from testkit.writer import Stack
 
@@ -111,6 +111,23 @@ def test_log_streams_are_private_and_stay_so_when_they_rotate(tmp_path: Path, um
     assert logs == ["w.log", "w.log.1", "w.log.2"]
     assert {p: stat.S_IMODE((tmp_path / p).stat().st_mode) for p in logs} == dict.fromkeys(logs, 0o600)
     assert "line 11" in path.read_text()
+
+
+def test_make_runs_prepare_makes_circusds_log_private_before_circus_opens_it(umask_022: None) -> None:
+    """circus opens its log (``logoutput``) before any hook of ours, under circusd's umask; a start
+    circus itself gives up (a web port taken after prepare's check) left it 0644. ``python -m db
+    prepare`` makes it first, private; circus appends to it and keeps its mode."""
+    stack = Stack.create()
+    try:
+        env = isolated_env(stack.home, ports=True)
+        done = subprocess.run([sys.executable, "-m", "db", "prepare"], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        found = modes(stack.home)
+        assert "log/circusd.log" in found, sorted(found)
+        assert not_private(found) == {}
+    finally:
+        stack.close()
 
 
 def test_db_init_under_a_login_shells_umask_leaves_every_file_private(umask_022: None) -> None:

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -230,13 +231,20 @@ def test_plain_circusd_stops_on_a_bad_setting_with_the_reason_on_its_terminal(
     refused = prepare(env)
     assert refused.returncode == 1 and f"{name}={value!r} {said}" in refused.stderr, refused.stderr
 
-    status, out, err = circusd_on_a_terminal(env)
+    old = os.umask(0o022)
+    try:
+        status, out, err = circusd_on_a_terminal(env)
+    finally:
+        os.umask(old)
     assert status == 1, (status, out, err, stack.circusd_log()[-2000:])
     assert f"{name}={value!r} {said}" in err and len(err.strip().splitlines()) == 1, err
     assert "Traceback" not in out + err, out + err
     left = {p.name for p in (stack.home / "run").iterdir()} & {"circusd.pid", "circus.sock", "circus-pubsub.sock"}
     assert left == set(), left  # a circusctl would wait on a socket file with no circusd behind it
     assert f"{name}={value!r} {said}" in stack.circusd_log()
+    # circus opens its log before any hook of ours, under circusd's umask (a shell's 022 here): the
+    # writer's after_start hook makes it private, which a refused start never reached (it stayed 0644).
+    assert oct(stat.S_IMODE((stack.home / "log" / "circusd.log").stat().st_mode)) == oct(0o600)
 
 
 def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusStack, tmp_path: Path) -> None:
