@@ -19,6 +19,8 @@ import select
 import sys
 from pathlib import Path
 
+import psutil
+
 from db.config import (
     PASSWORD_FILE,
     ConfigError,
@@ -58,6 +60,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    pidfile = circusd_pidfile(settings)
+    running = live_circusd(pidfile)
+    if running:  # first: what else is wrong would matter only to a start that is not needed
+        print(f"tickstack is already running in {settings.home} (circusd pid {running}); manage it with "
+              f"`{circusctl_command(settings.circus_endpoint, 'status')}`, or stop it with "
+              f"`{circusctl_command(settings.circus_endpoint, 'quit')}`", file=sys.stderr)
+        return 1
     problem = foreign_commands()
     if problem:
         print(problem, file=sys.stderr)
@@ -66,16 +75,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
     # private, it stays so, even through a start circus itself refuses (a web port taken since).
     touch_private(settings.log_dir / "circusd.log")
-    pidfile = circusd_pidfile(settings)
-    running = live_circusd(pidfile)
-    if running:
-        print(f"tickstack is already running in {home} (circusd pid {running}); manage it with "
-              f"`{circusctl_command(settings.circus_endpoint, 'status')}`, or stop it with "
-              f"`{circusctl_command(settings.circus_endpoint, 'quit')}`", file=sys.stderr)
-        return 1
     stale = clear_stale_pidfile(pidfile)
     if stale is not None:
-        print(f"removed the stale pid file {pidfile}: pid {stale} is not the circusd that wrote it")
+        said = "is not the circusd that wrote it" if psutil.pid_exists(stale) else "runs no more"
+        print(f"removed the stale pid file {pidfile}: pid {stale} {said}")
     found = blockers(settings)
     if found:
         print(refusal(settings, found), file=sys.stderr)

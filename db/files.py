@@ -32,7 +32,7 @@ def part_file(dest: Path) -> Path:
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # mkdir's own words name the file, not the problem
-        raise NotADirectoryError(f"{dest.parent} is not a folder (a file is in the way); choose another path") from None
+        raise NotADirectoryError(f"{dest.parent} is not a folder (a file is in the way)") from None
     remove_orphans(dest.parent)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name[:NAME_KEPT]}.{os.getpid()}.", suffix=".part", dir=dest.parent)
     os.close(fd)

@@ -227,7 +227,7 @@ def price_decimals(name: str, raw: str) -> dict[str, int]:
         if not SYMBOL_RE.fullmatch(symbol):
             raise ConfigError(f"{name}: {symbol[:40]!r} is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, "
                               "upper case)")
-        if not digits.isdigit() or int(digits) > MAX_PRICE_DECIMALS:
+        if not (digits.isascii() and digits.isdigit()) or int(digits) > MAX_PRICE_DECIMALS:
             raise ConfigError(f"{name}: {symbol}={digits[:20]!r}: decimals must be a whole number from 0 to "
                               f"{MAX_PRICE_DECIMALS}")
         if symbol in out:

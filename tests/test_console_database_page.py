@@ -141,7 +141,8 @@ def test_the_backup_button_rotates_the_backups_as_the_jobs_worker_does(stack: St
     page = console.get("/console/database")
     flash = html.unescape(re.search(r'class="flash flash-ok"[^>]*>([^<]*)<', page.text).group(1))
     names = ", ".join(p.name for p in old)
-    assert flash.startswith("Backup written: ") and flash.endswith(
+    # Its size said as python -m db says it (db.sizes: "1.5 KiB"); it was "659,456 bytes".
+    assert re.match(r"Backup written: \S+ \(\d+\.\d (KiB|MiB), \d+ ms\)\.", flash) and flash.endswith(
         f" Removed 3 older backups (keeping the newest 2, TICKSTACK_BACKUP_KEEP): {names}."), flash
     after = list_backups(s.backup_dir)
     assert len(after) == 2 and after[0] == before[-1] not in old and after[1] not in before, (before, after)

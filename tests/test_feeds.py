@@ -577,7 +577,8 @@ def test_parse_speed_valid(text: str, expected: object) -> None:
     assert parse_speed(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf", "1e-300", "0.0009", "1e7", "9" * 5000])
+@pytest.mark.parametrize("text", ["0", "-1", "abc", "", "nan", "inf", "1e-300", "0.0009", "1e7", "9" * 5000,
+                                  "\u0661", "1\u0660"])  # digits of another script: float() reads them
 def test_parse_speed_invalid(text: str) -> None:
     with pytest.raises(ValueError, match="invalid replay speed .*'max' or a number from 0.001 to 1,000,000") as e:
         parse_speed(text)

@@ -62,6 +62,8 @@ def test_configured_decimals_win_over_the_learned_ones(stack: Stack) -> None:
     ("EURUSD=9", "TICKSTACK_PRICE_DECIMALS: EURUSD='9': decimals must be a whole number from 0 to 8"),
     ("EURUSD", "TICKSTACK_PRICE_DECIMALS: 'EURUSD' is not SYMBOL=DECIMALS"),
     ("EURUSD=5,EURUSD=4", "TICKSTACK_PRICE_DECIMALS: EURUSD is given twice"),
+    # A digit of another script (Arabic-Indic five) was taken as 5, where every other number is refused.
+    ("EURUSD=\u0665", "TICKSTACK_PRICE_DECIMALS: EURUSD='\u0665': decimals must be a whole number from 0 to 8"),
 ])
 def test_a_bad_value_is_refused_naming_the_variable(value: str, message: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -64,6 +64,10 @@ def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack
             assert not re.search(rf"\bpid {pid}\b", err), (pid, err)
         # Named (it holds the UDP port) but only as that circusd's process: not a line of its own.
         assert not any(line.startswith(f"  - pid {p} ") for p in plugins for line in err.splitlines()), err
+        # In the stack's own home, run without the venv on PATH (`.venv/bin/python -m db prepare`), it
+        # said that `python` on PATH lacks our packages, not that the stack runs already.
+        again = prepare({**stack.env, "PATH": "/usr/bin:/bin"})
+        assert again.returncode == 1 and f"tickstack is already running in {stack.home}" in again.stderr, again.stderr
 
         quit_ = run_as_printed(backticked(err, "quit"))
         assert quit_.returncode == 0 and "ok" in quit_.stdout, quit_.stdout + quit_.stderr

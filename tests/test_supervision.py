@@ -272,12 +272,16 @@ def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusSta
     assert refused.returncode == 1 and f"`python` on PATH is {foreign}/python" in refused.stderr, refused.stderr
 
 
-@pytest.mark.parametrize("holder", ["zombie", "unrelated", "newer-circusd"])
+@pytest.mark.parametrize("holder", ["gone", "zombie", "unrelated", "newer-circusd"])
 def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_path: Path) -> None:
     pidfile = stack.home / "run" / "circusd.pid"
     other: subprocess.Popen | Circusd | None = None
     try:
-        if holder == "zombie":
+        if holder == "gone":  # a circusd SIGKILLed and reaped: its pid names no process ("not the circusd
+            ended = subprocess.Popen(["true"])  # that wrote it" said there was one)
+            ended.wait()
+            pid = ended.pid
+        elif holder == "zombie":
             other = subprocess.Popen(["true"])
             wait_for("a zombie", lambda: psutil.Process(other.pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
             pid = other.pid
@@ -293,12 +297,15 @@ def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_p
             other.start(wait_active=("sleeper",), timeout=30, poll=0.2)
             pid = other.proc.pid
         pidfile.write_text(f"{pid}\n")
-        written = psutil.Process(pid).create_time() - 100
-        os.utime(pidfile, (written, written))
+        if holder != "gone":
+            written = psutil.Process(pid).create_time() - 100
+            os.utime(pidfile, (written, written))
 
         done = prepare(stack.env)
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"removed the stale pid file {pidfile}: pid {pid}" in done.stdout
+        said = "runs no more" if holder == "gone" else "is not the circusd that wrote it"
+        assert f"removed the stale pid file {pidfile}: pid {pid} {said}" in done.stdout, done.stdout
         stack.start(wait_active=("writer",))
         assert stack.status()["writer"] == "active"
     finally:

@@ -364,6 +364,9 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
     cases = [
         (["--feed", "csv"], "--feed csv needs --file"),
         (["--feed", "csv", "--file", "/nonexistent.csv"], "no such file"),
+        # A folder or a device was "no such file" too.
+        (["--feed", "csv", "--file", str(stack.home)], f"--file {stack.home}: is a folder, not a CSV file"),
+        (["--feed", "csv", "--file", "/dev/null"], "--file /dev/null: is a character device, not a CSV file"),
         (["--feed", "csv", "--file", __file__, "--speed", "0"], "invalid replay speed"),
         # A header that gives no tick, refused before the writer is asked anything (it was at "line 1 ...
         # (every row before it is stored)", once the feed had started), naming every column it lacks.

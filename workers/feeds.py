@@ -138,7 +138,7 @@ def parse_speed(text: str) -> Speed:
     if cleaned == "max":
         return "max"
     try:
-        value = float(cleaned)
+        value = float(cleaned) if cleaned.isascii() else math.nan  # float() reads other scripts' digits
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and MIN_SPEED <= value <= MAX_SPEED):

@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import itertools
 import logging
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,7 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.engine import make_read_engine
 from db.errors import ValidationError, WriterError
+from db.files import FILE_KINDS
 from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, whole_flag
 from db.validation import MAX_TICKS
 from db.validation import symbol as valid_symbol
@@ -441,8 +443,14 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
                             start_ts=start_ts)
     if args.file is None:
         raise ValueError("--feed csv needs --file PATH")
-    if not args.file.is_file():
-        raise ValueError(f"--file {args.file}: no such file")
+    try:
+        kind = FILE_KINDS.get(stat.S_IFMT(args.file.stat().st_mode))
+    except FileNotFoundError:
+        raise ValueError(f"--file {args.file}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"--file {args.file}: {e.strerror or e}") from None
+    if kind is not None:
+        raise ValueError(f"--file {args.file}: is {kind}, not a CSV file")
     if args.symbol is not None:
         try:
             valid_symbol("--symbol", args.symbol)

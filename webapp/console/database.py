@@ -30,6 +30,7 @@ from db import backups, health, queries, slowreads
 from db.engine import display_url
 from db.errors import WriterError
 from db.models import AuditEntry, JobRun, now_ms
+from db.sizes import human_bytes
 from supervision.circus import CircusError
 from webapp.console.charts import SERIES_LABELS, charts_for, sample_every, summaries
 from webapp.console.common import audit, bp, call_writer, circus, log, settings, writer
@@ -223,7 +224,7 @@ def backup() -> ResponseReturnValue:
     kept = (f" Removed {len(removed)} older backup{'s' if len(removed) != 1 else ''} (keeping the newest "
             f"{s.backup_keep}, TICKSTACK_BACKUP_KEEP): {', '.join(removed[:5])}{', …' if len(removed) > 5 else ''}."
             if removed else "")
-    written = f"Backup written: {result['path']} ({result['bytes']:,} bytes, {result['ms']:.0f} ms).{kept}"
+    written = f"Backup written: {result['path']} ({human_bytes(result['bytes'])}, {result['ms']:.0f} ms).{kept}"
     if "rotation_error" in result:
         return _done("warn", f"{written} Older backups could not be removed: {result['rotation_error']}.")
     return _done("ok", written)
