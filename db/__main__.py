@@ -243,10 +243,21 @@ def _writer_down_advice(settings: Settings) -> str:
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from db.client import WriterClient
+    from db.errors import WriterUnavailable
+    from db.lock import read_lock_holder
 
     settings = load_settings()
     check_home(settings)  # else a file as TICKSTACK_HOME waits out --timeout on a socket that cannot exist
     with WriterClient(settings=settings, deadline=args.timeout) as client:
+        # No process holds this home's writer lock and none answers a ping: nothing will answer
+        # within --timeout either. Said at once, as doctor says it. (Both: WRITER_ENDPOINT may name
+        # a writer of another home, which answers.)
+        if read_lock_holder(settings.writer_lock_path) is None:
+            try:
+                client.ping(timeout=min(args.timeout, 1.0))
+            except WriterUnavailable:
+                print(f"python -m db checkpoint: {_writer_down_advice(settings)}", file=sys.stderr)
+                return 1
         result = client.call("checkpoint", mode=args.mode)
     if args.json:
         print(json.dumps(result))

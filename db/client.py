@@ -396,6 +396,9 @@ class WriterClient:
             return WriterUnavailable(
                 f"{ticket.op}: not applied by the writer at {self.endpoint} within its deadline ({waited:.1f} s); "
                 f"its last answer: {type(last).__name__}: {last}")
+        if ticket.op in UNRECORDED_OPS:  # it changes nothing: whether it was applied is no question
+            return WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within "
+                                     f"{waited:.1f} s")
         return WriterUnavailable(
             f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
             "it may or may not have been applied (a retry with this client applies it at most once)")

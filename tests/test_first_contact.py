@@ -162,10 +162,19 @@ def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
         health = subprocess.run([sys.executable, "-m", "db", "health"], env=env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         assert health.returncode != 0 and "DOWN" in health.stdout, health.stdout + health.stderr
+        # A ping applies nothing: it said "it may or may not have been applied (a retry with this client ...)".
+        assert "ping: no answer from the writer" in health.stdout and "applied" not in health.stdout, health.stdout
         doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         writer_lines = [line for line in doctor.stdout.splitlines() if "writer is not running" in line]
         assert writer_lines and "make run" in writer_lines[0] and "start writer" not in writer_lines[0], doctor.stdout
+        # checkpoint asks the writer: with none running it says so at once, as doctor does, not after
+        # waiting out --timeout (30 s by default; an hour here, which the test's bound would catch).
+        checkpoint = subprocess.run([sys.executable, "-m", "db", "checkpoint", "--timeout", "3600"], env=env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=60)
+        assert checkpoint.returncode == 1, checkpoint.stdout + checkpoint.stderr
+        assert "python -m db checkpoint: The writer is not running, nor is the stack" in checkpoint.stderr, \
+            checkpoint.stderr
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
