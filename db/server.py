@@ -68,6 +68,13 @@ def group_name(app: str | None) -> str:
     return f"{head} {tail.split(' ', 1)[1]}" if sep and " " in tail else head if sep else app
 
 
+#: A client's session in ``pg_stat_activity``, as any role sees it: a role without pg_read_all_stats
+#: sees another role's sessions with ``backend_type`` NULL (the server's own processes too), so those
+#: are told by having a database and a user, which the server's own processes have not.
+CLIENT_SESSION = ("backend_type = 'client backend' OR (backend_type IS NULL AND datid IS NOT NULL AND "
+                  "usesysid IS NOT NULL)")
+
+
 def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     """The server as the readers see it (``DATABASE_READ_URL``): ``reachable`` (and ``error`` when
     not), ``size_bytes``, ``connections`` (this database's sessions, total and by application_name
@@ -80,7 +87,7 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
             size, version, max_conn, everyone = conn.execute(
                 "SELECT pg_database_size(current_database()), current_setting('server_version'), "
                 "current_setting('max_connections')::int, (SELECT count(*) FROM pg_stat_activity "
-                "WHERE backend_type = 'client backend')").fetchone()
+                f"WHERE {CLIENT_SESSION})").fetchone()
             rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                                 "WHERE datname = current_database() GROUP BY 1").fetchall()
             schema = None  # a database the schema was never applied to has no such table

@@ -101,6 +101,10 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
     assert server["reachable"] and server["size_bytes"] > 1_000_000, server
     assert server["by_application"].get(f"tickstack writer on {HOST}") == 1, server["by_application"]
     assert server["by_application"].get(f"tickstack writer-lock on {HOST}") == 1, server["by_application"]
+    # Counted as the reader (ts_reader) sees them: the server's count was its own sessions only, as
+    # pg_stat_activity hides other roles' backend_type ("6 of 200 on the server" beside 11 on this
+    # database).
+    assert server["server_connections"] >= server["connections"] >= 3, server
     assert server["writer_lock"]["writer_pid"] == writer.pid and snap["writer"]["pid"] == writer.pid
     assert "pragmas" not in snap and "journal" not in health.stdout
     text_health = run(pg, "-m", "db", "health")
