@@ -219,6 +219,11 @@ class TickIngestor(Worker):
                       self.source, self.received, self.acked, self.duplicates, self.spooled, self.failed, self.lost,
                       f"; and {self.earlier_acked} ticks an earlier run spooled, acked (duplicates "
                       f"{self.earlier_duplicates})" if self.earlier_acked else "")
+        if self.spool.written:  # a replay exits 1 for them: what becomes of them is said
+            self.log.log(logging.WARNING if self.until_idle else logging.INFO,
+                         "ticks: %d spooled batch(es) of this run are in %s, not stored yet: the `ticks` watcher, "
+                         "or any `python -m workers.ticks` on this home, sends them once the writer answers",
+                         len(self.spool.written), self.spool.folder)
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
 
