@@ -2,6 +2,7 @@
 
     python -m db prepare           create the runtime folder, check the settings
     python -m db init              create the runtime folder and the schema
+    python -m db restore BACKUP    put an SQLite backup in the database's place (the stack stopped)
     python -m db health [--json]   a snapshot: files, pragmas, writer, processes
     python -m db doctor            the same, in plain words, with what to do
     python -m db checkpoint        ask the writer to checkpoint (TRUNCATE)
@@ -273,6 +274,19 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    from db.restore import restore
+
+    settings = load_settings()
+    check_home(settings)
+    result = restore(settings, Path(args.backup))
+    kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
+            if result["replaced"] else "")
+    print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
+          f"ok){kept}. Start the stack again: make run")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from db.backups import backup
 
@@ -318,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", help="where to write the copy")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("restore", help="put an SQLite backup in the database's place (the stack stopped)")
+    p.add_argument("backup", help="the backup file (e.g. var/backups/tickstack-20260101T000000Z.db)")
+    p.set_defaults(fn=cmd_restore)
     sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)
     os.umask(0o077)  # what a command makes (the database and its folder, a backup's folders) is private

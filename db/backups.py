@@ -113,6 +113,23 @@ def _refuse_live_file(settings: Settings, dest: Path) -> None:
         raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
 
 
+def copy_database(source: Path, dest: Path) -> list[str]:
+    """SQLite's online backup API from ``source`` (read-only: one read transaction, a consistent copy
+    while the stack writes) into the new file ``dest``, left in rollback-journal mode (one file, no
+    WAL beside it); returns ``dest``'s ``integrity_check`` (``["ok"]`` when sound)."""
+    src = connect_read_only(source)
+    try:
+        out = sqlite3.connect(dest)
+        try:
+            src.backup(out)
+            out.execute("PRAGMA journal_mode = DELETE")
+            return [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+        finally:
+            out.close()
+    finally:
+        src.close()
+
+
 def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Copy the database to ``dest`` with SQLite's online backup API from a read-only connection: a
     consistent snapshot while the stack runs (the copy is one step, one read transaction). Written to
@@ -144,17 +161,7 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     tmp = part_file(dest)
     leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
     try:
-        src = connect_read_only(path)
-        try:
-            out = sqlite3.connect(tmp)
-            try:
-                src.backup(out)
-                out.execute("PRAGMA journal_mode = DELETE")
-                check = [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
-            finally:
-                out.close()
-        finally:
-            src.close()
+        check = copy_database(path, tmp)
         if check != ["ok"]:
             raise MaintenanceFailed(f"backup failed its integrity check: {check[:3]}")
         put_in_place(tmp, dest, overwrite=overwrite)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -648,3 +649,60 @@ def test_a_leader_whose_lock_file_is_removed_stops_so_that_no_second_leader_runs
     lock.unlink()
     assert proc.wait(timeout=60) == 1
     assert f"analysis: lost the leadership ({lock} was removed or replaced)" in log.read_text()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")
+def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: Stack) -> None:
+    """The README had no way back from a backup: ``python -m db restore BACKUP`` checks it, refuses
+    while the writer runs or anything holds the database open, keeps the database it replaces (with
+    its WAL, which left beside the restored file would be replayed into it), and the writer then
+    serves the backup's rows, private, its new writes on top."""
+    def db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    database = stack.settings.database_path
+    assert database is not None
+    writer = stack.start_writer()
+    now = int(time.time() * 1000)
+    insert_ticks(stack, [now - i for i in range(100)], "before")
+    backup = stack.home / "kept.db"
+    assert db("backup", str(backup)).returncode == 0
+    insert_ticks(stack, [now - 1000 - i for i in range(50)], "after")  # not in the backup
+
+    refused = db("restore", str(backup))
+    assert refused.returncode == 1 and "the writer is running" in refused.stderr, refused.stderr
+    assert stack.stop(writer) == 0
+    reader = connect_read_only(database)  # a process that would go on with the old file
+    try:
+        refused = db("restore", str(backup))
+        assert refused.returncode == 1 and f"{database} is open in pid {os.getpid()}" in refused.stderr, \
+            refused.stderr
+    finally:
+        reader.close()
+    not_ours = stack.home / "not-ours.db"
+    other = sqlite3.connect(not_ours)
+    other.execute("CREATE TABLE t (x)")
+    other.close()
+    for bad, said in ((stack.home / "missing.db", "no such file"), (not_ours, "not tickstack's"),
+                      (stack.home / "admin-password", "is not an SQLite database"), (database, "the database itself")):
+        if bad.name == "admin-password":
+            bad.write_text("a-password-of-sorts\n")
+        refused = db("restore", str(bad))
+        assert refused.returncode == 1 and said in refused.stderr and "Traceback" not in refused.stderr, \
+            (bad, refused.stderr)
+    Path(f"{database}-wal").write_bytes(b"a WAL of the old database")  # as a crash would leave one
+
+    done = db("restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    (aside,) = [p for p in database.parent.iterdir() if p.name.startswith(f"{database.name}.replaced-")
+                and not p.name.endswith(("-wal", "-shm"))]
+    assert f"restored {backup} into {database}" in done.stdout and str(aside) in done.stdout, done.stdout
+    assert Path(f"{aside}-wal").read_bytes() == b"a WAL of the old database"
+    assert not Path(f"{database}-wal").exists()
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    writer = stack.start_writer()
+    assert query(stack.settings, "SELECT source, count(*) FROM ticks GROUP BY source") == [("before", 100)]
+    insert_ticks(stack, [now + 1], "later")
+    assert query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == 101
+    assert stack.stop(writer) == 0

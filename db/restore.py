@@ -1,0 +1,100 @@
+"""Put an SQLite backup in the database's place (``python -m db restore BACKUP``), with the stack stopped.
+
+The steps a person would take by hand, each with its trap closed: the backup is checked first
+(an SQLite file that passes ``integrity_check`` and holds tickstack's schema); nothing may have the
+database open (the writer's lock is taken, so no writer starts meanwhile, and no reader may hold the
+old file: it would go on reading it); the copy is made beside the database under a private part
+name before anything is moved; the database and its WAL and shared-memory files are moved aside
+together (kept, under ``.replaced-<UTC time>``: a WAL left beside the restored file would be
+replayed into it, pages of another database), and the copy takes the name. On PostgreSQL, a
+``.dump`` is restored with ``pg_restore`` (README).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from db.backups import copy_database
+from db.config import Settings
+from db.errors import MaintenanceFailed
+from db.files import part_file, put_in_place
+from db.health import connect_read_only, holders
+from db.lock import WriterLock, WriterLocked
+
+#: The database's companions that move with it (SQLite names them after it).
+COMPANIONS = ("-wal", "-shm")
+
+
+def check_backup(source: Path) -> None:
+    """ValueError unless ``source`` is an SQLite file that passes ``integrity_check`` and holds
+    tickstack's schema (``schema_version``)."""
+    if not source.is_file():
+        raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
+    try:
+        con = connect_read_only(source)
+        try:
+            check = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+            ours = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                               "AND name = 'schema_version'").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise ValueError(f"{source} is not an SQLite database that can be read ({e})") from None
+    if check != ["ok"]:
+        raise ValueError(f"{source} fails its integrity check: {'; '.join(check[:3])}")
+    if ours is None:
+        raise ValueError(f"{source} is an SQLite database, but not tickstack's (no schema_version table)")
+
+
+def restore(settings: Settings, source: Path) -> dict[str, Any]:
+    """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
+    ``source``, ``replaced`` (where the replaced database is kept, None when there was none) and
+    ``bytes``. Raises ValueError (what is in the way, said) or MaintenanceFailed."""
+    path = settings.database_path
+    if path is None:
+        raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump is restored with "
+                         "pg_restore (README, PostgreSQL)")
+    source = Path(source).absolute()
+    if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
+        raise ValueError(f"{source} is the database itself; give a backup's path")
+    check_backup(source)
+    lock = WriterLock(settings.writer_lock_path)
+    try:
+        lock.acquire()
+    except WriterLocked as e:
+        raise ValueError(f"the writer is running ({e}); stop the stack first (circusctl quit)") from None
+    tmp = None
+    try:
+        open_by = [h for h in holders(path, None, settings.home) if h["pid"] != os.getpid()]
+        if open_by:
+            who = ", ".join(f"pid {h['pid']} ({h['cmdline'][:60] or h['name']})" for h in open_by)
+            raise ValueError(f"{path} is open in {who}: it would go on with the old file; stop it first "
+                             "(circusctl quit stops the stack)")
+        tmp = part_file(path)
+        try:
+            check = copy_database(source, tmp)
+        except sqlite3.Error as e:
+            raise MaintenanceFailed(f"copying {source} failed: {e} (nothing was moved)") from e
+        if check != ["ok"]:
+            raise MaintenanceFailed(f"the copy of {source} failed its integrity check: {check[:3]} (nothing was moved)")
+        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
+        for suffix in moved:  # the database first: the others are nothing without it
+            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+        try:
+            put_in_place(tmp, path)
+        except OSError:
+            for suffix in moved:  # back as they were
+                os.replace(f"{aside}{suffix}", f"{path}{suffix}")
+            raise
+        tmp = None
+        return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
+                "bytes": path.stat().st_size}
+    finally:
+        if tmp is not None:
+            for leftover in (tmp, *(Path(f"{tmp}{s}") for s in ("-journal", *COMPANIONS))):
+                leftover.unlink(missing_ok=True)
+        lock.release()
