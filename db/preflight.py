@@ -286,9 +286,22 @@ def refusal(settings: Settings, found: list[Blocker]) -> str:
     pids = " ".join(str(b.pid) for b in found if b.pid is not None and not b.quit and not b.foreign_circusd)
     if pids:
         ways.append(f"`kill {pids}` asks {'them' if ' ' in pids else 'it'} to finish gracefully")
+        stopped = " ".join(str(b.pid) for b in found if b.pid is not None and str(b.pid) in pids.split()
+                           and _stopped(b.pid))
+        if stopped:  # SIGSTOP (a debugger, a hang): a SIGTERM waits until it runs again
+            one = " " not in stopped
+            ways.append(f"{'pid' if one else 'pids'} {stopped} {'is' if one else 'are'} stopped (SIGSTOP): "
+                        f"`kill -CONT {stopped}` after lets {'it' if one else 'them'} act on it")
     lines.append(f"stop {'them' if len(found) > 1 else 'it'} first ({'; '.join(ways)}), or choose other ports/home"
                  if ways else "free those ports first, or choose other ports (TICKSTACK_*_PORT)")
     return "\n".join(lines)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
 
 
 def socket_owner(pid: int, port: int, kind: str = "TCP") -> int:

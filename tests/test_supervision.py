@@ -180,6 +180,9 @@ def test_a_hung_orphan_blocks_make_run_and_plain_circusd_until_it_is_gone(stack:
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert f"pid {writer.pid}" in refused.stderr and "writer lock" in refused.stderr, refused.stderr
     assert "left running by a circusd that is gone" in refused.stderr, refused.stderr
+    # A stopped process acts on no SIGTERM until it is continued: the advice said `kill` alone.
+    assert f"pid {writer.pid} is stopped (SIGSTOP): `kill -CONT {writer.pid}` after lets it act on it" in \
+        refused.stderr, refused.stderr
 
     status, out = plain_circusd(stack.env)
     assert status == 1, out
