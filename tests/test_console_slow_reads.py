@@ -8,6 +8,7 @@ a process that is gone is not shown and is deleted. No wall-clock time is assert
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -91,6 +92,12 @@ def test_a_slow_api_read_is_shown_on_the_database_page_without_its_values(stack:
         assert "api" in kinds
         # Ordered by total time on request; the API's tick read is still there.
         assert "FROM ticks" in slow_section(console.get("/console/database?slow=total&reads_of=api").text)
+        # A value the page does not take is refused, saying which, as every other parameter's: it was
+        # served with the defaults (slow=foo, reads_of=%00).
+        for query, said in (("slow=foo", "slow: 'foo' is not an order of the slowest reads; max or total"),
+                            ("reads_of=%00", "reads_of: '\\x00' is not a kind of process")):
+            r = console.get(f"/console/database?{query}")
+            assert r.status_code == 400 and said in html.unescape(r.text), (query, r.status_code, r.text[-500:])
 
 
 def test_the_file_of_a_process_that_is_gone_is_ignored_and_removed(stack: Stack) -> None:

@@ -33,7 +33,7 @@ from db.models import AuditEntry, JobRun, now_ms
 from db.sizes import human_bytes
 from supervision.circus import CircusError
 from webapp.console.charts import SERIES_LABELS, charts_for, sample_every, summaries
-from webapp.console.common import audit, bp, call_writer, circus, log, settings, writer
+from webapp.console.common import audit, bad_request, bp, call_writer, circus, log, settings, writer
 from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_figures
 from webapp.extensions import db
 
@@ -54,7 +54,10 @@ def slow_reads(by: str, kind: str | None) -> dict[str, Any]:
     """The page's "Slowest reads": :data:`SLOW_ROWS` statements by ``max`` or ``total`` ms, merged
     per process kind over every live process's record (:mod:`db.slowreads`), of one kind of
     process (``api``, ``console``...) when ``kind`` names one that has a record."""
-    by = "total" if by == "total" else "max"
+    if by not in ("max", "total"):
+        bad_request(f"slow: {by[:20]!r} is not an order of the slowest reads; max or total")
+    if kind is not None and not (kind.isascii() and kind.isprintable() and len(kind) <= 64):  # a program's name
+        bad_request(f"reads_of: {kind[:20]!r} is not a kind of process (api, console, ...)")
     records = slowreads.read_all(settings().run_dir)
     kinds = sorted({str(r.get("kind")) for r in records})
     kind = kind if kind in kinds else None
