@@ -402,6 +402,9 @@ def home_for_circus_problem() -> str | None:
     as it is (``$(circus.env.TICKSTACK_HOME)/log/circusd.log``): circus expands no ``~`` and reads a
     relative path from its own folder, while every process of ours expands both (:func:`db.parsers.path`)."""
     raw = os.environ.get("TICKSTACK_HOME")
+    if raw is not None and not raw.strip():  # our processes take it as unset (the default); circus as ""
+        return (f"TICKSTACK_HOME is set but blank: circus.ini uses it as written; unset it (the default is "
+                f"{SETTING_BY_ENV['TICKSTACK_HOME'].default(None)}) or give an absolute path")
     if raw is None or (os.path.isabs(raw) and not raw.startswith("~")):
         return None
     try:

@@ -121,7 +121,8 @@ def holders(path: Path, writer_pid: int | None, home: Path, known_pids: set[int]
     only), ``rogue-writer`` (opened the database for writing but is not the
     writer: the cause of lock errors) or ``unknown`` (not ours).
     """
-    wanted = {str(p): kind for kind, p in database_files(path).items()}
+    # By real path: /proc names a file so, and a home reached through a symbolic link names it otherwise.
+    wanted = {os.path.realpath(p): kind for kind, p in database_files(path).items()}
     known_pids = known_pids or set()
     found = []
     for proc in psutil.process_iter(["pid", "name", "cmdline"]):

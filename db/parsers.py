@@ -265,6 +265,9 @@ def path(name: str, raw: str) -> Path:
 
 #: The databases tickstack runs on (an SQLAlchemy URL's dialect, before any ``+driver``).
 DATABASES = ("sqlite", "postgresql")
+#: A server's URL schemes: psycopg 3 (SQLAlchemy 2.1's default driver for a bare ``postgresql``), the
+#: driver of the COPY paths (:mod:`db.statements`).
+SERVER_SCHEMES = ("postgresql", "postgresql+psycopg")
 
 
 def database_url(name: str, raw: str) -> str:
@@ -309,26 +312,22 @@ def _server_url_problem(raw: str) -> str | None:
     and ``/api/health`` (no login) then showed. An '@' in the query (``?user=a@corp``) is no host's."""
     from sqlalchemy.engine import make_url  # here: most settings' users never parse a server's URL
 
-    # The port as written: the text after the host's ':' (a password's ':' comes before the last '@').
-    host_port = raw.split("://", 1)[1].partition("/")[0].partition("?")[0].rpartition("@")[2]
-    port_text = host_port.rpartition("]")[2].rpartition(":")[2] if ":" in host_port.rpartition("]")[2] else ""
-    if port_text and not (port_text.isascii() and port_text.isdigit()):
-        return f"the port {quoted(port_text)} is not a number"
+    scheme = raw.split("://", 1)[0].lower()
+    if scheme not in SERVER_SCHEMES:  # any other was taken, then a traceback in every process (no such
+        # driver), or a driver the COPY paths do not speak; the name only: the URL may hold a password
+        return (f"the driver {quoted(scheme)} is not the one tickstack runs PostgreSQL with; use "
+                "postgresql+psycopg://user@host/name (psycopg 3)")
     try:
         url = make_url(raw)
-    except Exception as e:  # its own words may quote the URL, password and all: its type only
+    except ValueError:  # SQLAlchemy's one: a port that is no whole number. Its words quote the text
+        return "the port after the host is not a whole number (e.g. postgresql+psycopg://user@host:5432/name)"
+    except Exception as e:  # said by its type alone, its words may quote the URL, password and all
         return f"not a URL SQLAlchemy can read ({type(e).__name__}); e.g. postgresql+psycopg://user@host/name"
     if "@" in (url.host or ""):
         return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
                 "else part of the password is read as the host")
-    port = url.port
-    if port is not None and not 1 <= port <= 65535:
-        return f"the port {port} is not from 1 to 65535"
-    try:
-        url.get_dialect().import_dbapi()
-    except Exception:  # NoSuchModuleError, ImportError: taken, then a traceback in every process
-        return (f"the driver {quoted(url.drivername)} is not installed or not known to SQLAlchemy; use "
-                "postgresql+psycopg://user@host/name")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        return f"the port {url.port} is not from 1 to 65535"
     return None
 
 

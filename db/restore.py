@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from db.backups import copy_database
-from db.config import Settings
+from db.config import Settings, ensure_home
 from db.errors import MaintenanceFailed
 from db.files import part_file, put_in_place
 from db.health import connect_read_only, holders
@@ -49,6 +49,25 @@ def check_backup(source: Path) -> None:
         raise ValueError(f"{source} is an SQLite database, but not tickstack's (no schema_version table)")
 
 
+def _refuse_if_open(settings: Settings, path: Path) -> None:
+    """ValueError naming every other process that holds the database (or its WAL) open."""
+    open_by = [h for h in holders(path, None, settings.home) if h["pid"] != os.getpid()]
+    if open_by:
+        who = ", ".join(f"pid {h['pid']} ({h['cmdline'][:60] or h['name']})" for h in open_by)
+        raise ValueError(f"{path} is open in {who}: it would go on with the old file; stop it first "
+                         "(circusctl quit stops the stack)")
+
+
+def _free_name(aside: Path) -> Path:
+    """``aside``, or ``aside.2``, ``.3``...: the first name no file of the set (the database, its
+    WAL, its shared memory) has. Two restores within a second kept the second's under the first's."""
+    candidate, n = aside, 1
+    while any(Path(f"{candidate}{s}").exists() for s in ("", *COMPANIONS)):
+        n += 1
+        candidate = aside.with_name(f"{aside.name}.{n}")
+    return candidate
+
+
 def restore(settings: Settings, source: Path) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none) and
@@ -61,6 +80,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
     check_backup(source)
+    ensure_home(settings)  # a new machine's: restored into before anything ran there
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a DATABASE_URL's folder elsewhere
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()
@@ -68,11 +89,7 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
         raise ValueError(f"the writer is running ({e}); stop the stack first (circusctl quit)") from None
     tmp = None
     try:
-        open_by = [h for h in holders(path, None, settings.home) if h["pid"] != os.getpid()]
-        if open_by:
-            who = ", ".join(f"pid {h['pid']} ({h['cmdline'][:60] or h['name']})" for h in open_by)
-            raise ValueError(f"{path} is open in {who}: it would go on with the old file; stop it first "
-                             "(circusctl quit stops the stack)")
+        _refuse_if_open(settings, path)
         tmp = part_file(path)
         try:
             check = copy_database(source, tmp)
@@ -80,7 +97,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise MaintenanceFailed(f"copying {source} failed: {e} (nothing was moved)") from e
         if check != ["ok"]:
             raise MaintenanceFailed(f"the copy of {source} failed its integrity check: {check[:3]} (nothing was moved)")
-        aside = path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
+        aside = _free_name(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"))
         moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
         for suffix in moved:  # the database first: the others are nothing without it
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")

@@ -98,6 +98,8 @@ def test_a_slow_api_read_is_shown_on_the_database_page_without_its_values(stack:
                             ("reads_of=%00", "reads_of: '\\x00' is not a kind of process")):
             r = console.get(f"/console/database?{query}")
             assert r.status_code == 400 and said in html.unescape(r.text), (query, r.status_code, r.text[-500:])
+        # Any program's name is a kind the page may link to, in any script.
+        assert console.get("/console/database?reads_of=rapport_donn%C3%A9es.py").status_code == 200
 
 
 def test_the_file_of_a_process_that_is_gone_is_ignored_and_removed(stack: Stack) -> None:

@@ -6,11 +6,13 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -706,3 +708,31 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
     insert_ticks(stack, [now + 1], "later")
     assert query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == 101
     assert stack.stop(writer) == 0
+
+    # A second restore within the same second keeps what it replaces under another name (a review
+    # found the first one's kept database written over).
+    assert db("restore", str(backup)).returncode == 0
+    asides = sorted(p.name for p in database.parent.iterdir() if p.name.startswith(f"{database.name}.replaced-")
+                    and not p.name.endswith(("-wal", "-shm")))
+    assert len(asides) == 2 and aside.name in asides, asides
+    assert Path(f"{aside}-wal").read_bytes() == b"a WAL of the old database"
+    # Through a symbolic link to the home, a reader is seen as well (it was not: paths compared as written).
+    link = Path(tempfile.mkdtemp(prefix="ts-link-")) / "home"
+    link.symlink_to(stack.home)
+    try:
+        via_link = {**stack.env, "TICKSTACK_HOME": str(link)}
+        reader = connect_read_only(database)
+        try:
+            refused = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=via_link, cwd=ROOT,
+                                     capture_output=True, text=True, timeout=120)
+            assert refused.returncode == 1 and f"is open in pid {os.getpid()}" in refused.stderr, refused.stderr
+        finally:
+            reader.close()
+    finally:
+        shutil.rmtree(link.parent)
+    # Into a home not made yet (a new machine's): made, as init makes it.
+    fresh = stack.home / "fresh"
+    done = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env={**stack.env, "TICKSTACK_HOME":
+                          str(fresh)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "restored" in done.stdout, done.stdout + done.stderr
+    assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600

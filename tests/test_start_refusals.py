@@ -138,7 +138,7 @@ def test_prepare_refuses_a_home_too_long_for_circus_sockets_and_circus_runs_at_t
             shutil.rmtree(home.parent, ignore_errors=True)
 
 
-@pytest.mark.parametrize("written", ["~/var", "var"], ids=["tilde", "relative"])
+@pytest.mark.parametrize("written", ["~/var", "var", " "], ids=["tilde", "relative", "blank"])
 def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -> None:
     """circus.ini takes TICKSTACK_HOME as it is written (``$(circus.env.TICKSTACK_HOME)/log/...``):
     circus expands no ``~`` and reads a relative path from its own folder. A home of ``~/var`` passed
@@ -151,8 +151,12 @@ def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -
         refused = prepare(env)
         expanded = (user_home / "var") if written.startswith("~") else (ROOT / "var")
         assert refused.returncode == 1, refused.stdout + refused.stderr
-        assert (f"TICKSTACK_HOME={written!r}: circus.ini uses it as written" in refused.stderr
-                and f"give its absolute path ({expanded})" in refused.stderr), refused.stderr
+        if written.strip():
+            assert (f"TICKSTACK_HOME={written!r}: circus.ini uses it as written" in refused.stderr
+                    and f"give its absolute path ({expanded})" in refused.stderr), refused.stderr
+        else:  # our processes take a blank one as unset (the default); circus as "" (/log/circusd.log)
+            assert (f"TICKSTACK_HOME is set but blank: circus.ini uses it as written; unset it (the default is "
+                    f"{expanded})") in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr, refused.stderr
         assert list(user_home.iterdir()) == []
     finally:

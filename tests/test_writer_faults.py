@@ -333,14 +333,28 @@ def test_frames_far_over_the_limit_from_many_peers_are_never_read_into_the_write
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(stack.settings.writer_endpoint)
             peers.append(sock)
-        for _ in range(16):
+        frames = 16
+        for _ in range(frames):
             for sock in peers:
                 sock.send(big, copy=False)
         assert client.call("audit", actor="me", action="after")["id"] == 2
-        time.sleep(3)  # what ZeroMQ's threads still send and read, they do now (about 1.5 GB: a second)
+        # Until every frame is answered ("over the limit": each was read whole), or none was for 5 s
+        # (none is read: their peers' connections were closed at the first).
+        poller = zmq.Poller()
+        for sock in peers:
+            poller.register(sock, zmq.POLLIN)
+        answered = 0
+        while answered < frames * len(peers):
+            ready = dict(poller.poll(5000))
+            if not ready:
+                break
+            for sock in ready:
+                sock.recv()
+                answered += 1
         grew = peak_rss(proc.pid) - before
-        print(f"writer's peak grew by {grew / MiB:.0f} MiB")
+        print(f"writer's peak grew by {grew / MiB:.0f} MiB; {answered} frames answered")
         assert grew < 8 * limit, f"the writer held {grew / MiB:.0f} MiB of frames it refuses"
+        assert answered == 0  # none was read: each peer's connection closed at its first
     finally:
         ctx.destroy(linger=0)
     assert client.call("audit", actor="me", action="later")["id"] == 3 and proc.poll() is None
