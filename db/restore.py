@@ -23,6 +23,7 @@ from db.errors import MaintenanceFailed
 from db.files import part_file, put_in_place
 from db.health import connect_read_only, holders
 from db.lock import WriterLock, WriterLocked
+from db.preflight import circusctl_command
 
 #: The database's companions that move with it (SQLite names them after it).
 COMPANIONS = ("-wal", "-shm")
@@ -55,7 +56,7 @@ def _refuse_if_open(settings: Settings, path: Path) -> None:
     if open_by:
         who = ", ".join(f"pid {h['pid']} ({h['cmdline'][:60] or h['name']})" for h in open_by)
         raise ValueError(f"{path} is open in {who}: it would go on with the old file; stop it first "
-                         "(circusctl quit stops the stack)")
+                         f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` stops the stack)")
 
 
 def _free_name(aside: Path) -> Path:
@@ -86,7 +87,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     try:
         lock.acquire()
     except WriterLocked as e:
-        raise ValueError(f"the writer is running ({e}); stop the stack first (circusctl quit)") from None
+        raise ValueError(f"the writer is running ({e}); stop the stack first "
+                         f"(`{circusctl_command(settings.circus_endpoint, 'quit')}`)") from None
     tmp = None
     try:
         _refuse_if_open(settings, path)

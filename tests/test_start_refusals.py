@@ -145,8 +145,9 @@ def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -
     prepare (which expands it, and made that folder) and circusd then died on a traceback, opening
     ``<checkout>/~/var/log/circusd.log``. Refused now, naming the absolute path, making nothing."""
     user_home = Path(tempfile.mkdtemp(prefix="ts-user-"))
+    base = new_home()  # the stack's environment (and on PostgreSQL its database) is made for a home
     try:
-        env = isolated_env(user_home / "unused", ports=True)
+        env = isolated_env(base, ports=True)
         env.update(HOME=str(user_home), TICKSTACK_HOME=written)
         refused = prepare(env)
         expanded = (user_home / "var") if written.startswith("~") else (ROOT / "var")
@@ -161,3 +162,4 @@ def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -
         assert list(user_home.iterdir()) == []
     finally:
         shutil.rmtree(user_home, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
