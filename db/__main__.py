@@ -72,18 +72,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
-    home = ensure_home(settings)
-    # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
-    # private, it stays so, even through a start circus itself refuses (a web port taken since).
-    touch_private(settings.log_dir / "circusd.log")
+    check_home(settings)  # a file in the way is said here; the folders are made once nothing refuses
     stale = clear_stale_pidfile(pidfile)
     if stale is not None:
         said = "is not the circusd that wrote it" if psutil.pid_exists(stale) else "runs no more"
         print(f"removed the stale pid file {pidfile}: pid {stale} {said}")
     found = blockers(settings)
-    if found:
+    if found:  # a refused start leaves no folders behind in a home it would have made
         print(refusal(settings, found), file=sys.stderr)
         return 1
+    home = ensure_home(settings)
+    # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
+    # private, it stays so, even through a start circus itself refuses (a web port taken since).
+    touch_private(settings.log_dir / "circusd.log")
     print(f"runtime folder {home} (mode 0700): database, sockets, logs, spool, backups")
     print(first_contact(settings))
     return 0

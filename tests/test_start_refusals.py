@@ -163,3 +163,25 @@ def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -
     finally:
         shutil.rmtree(user_home, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_refused_make_run_leaves_no_folders_in_a_home_it_would_have_made() -> None:
+    """prepare made the home and its five folders, then refused (a port taken): a user who chose a
+    new home found it made, empty, with nothing run. Made only once nothing refuses now."""
+    base = new_home()
+    api = socket.socket()
+    try:
+        env = isolated_env(base, ports=True)
+        home = base / "not-made-yet"
+        env["TICKSTACK_HOME"] = str(home)
+        api.bind(("127.0.0.1", int(env["TICKSTACK_API_PORT"])))
+        api.listen()
+        refused = prepare(env)
+        assert refused.returncode == 1 and "the API's port" in refused.stderr, refused.stdout + refused.stderr
+        assert not home.exists()
+        api.close()
+        done = prepare(env)
+        assert done.returncode == 0 and home.is_dir() and (home / "log" / "circusd.log").is_file(), done.stderr
+    finally:
+        api.close()
+        shutil.rmtree(base, ignore_errors=True)
