@@ -140,15 +140,17 @@ def pg_program(name: str) -> str:
 
 def _libpq_env(url: str, private: Path, host: str) -> tuple[str, dict[str, str]]:
     """A connection string without the password, and an environment whose ``PGPASSFILE`` (0600,
-    in ``private``) holds it: pg_dump's command line (visible in ``ps``) and its logs never do."""
+    in ``private``) holds it: pg_dump's command line (visible in ``ps``) and its logs never do. A URL
+    without a password leaves libpq's own sources (``PGPASSFILE``, ``~/.pgpass``) as every other
+    connection of the stack has them."""
     from psycopg.conninfo import make_conninfo
 
     params = {k: str(v) for k, v in psycopg_params(make_url(url)).items()}
     password = params.pop("password", None)
-    env = os.environ.copy()  # passed through to pg_dump as it is (not a setting of ours), minus libpq's
-    for name in ("PGPASSWORD", "PGPASSFILE"):  # password sources: ours is the only one
-        env.pop(name, None)
-    if password is not None:
+    env = os.environ.copy()  # passed through to pg_dump as it is (not a setting of ours)
+    if password is not None:  # the URL's is the only password source: libpq's others would not be used
+        for name in ("PGPASSWORD", "PGPASSFILE"):
+            env.pop(name, None)
         passfile = private / "pgpass"
         fd = os.open(passfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 

@@ -220,6 +220,28 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
                             env=env, capture_output=True, text=True, timeout=60)
     assert listed.stdout.strip() == "ts_owner", listed.stderr
 
+    # A URL without a password leaves libpq's own sources as they are: the user's PGPASSFILE, which
+    # every connection of the stack uses (pg_dump alone was stripped of it: "no password supplied").
+    from sqlalchemy.engine import make_url
+
+    users = tmp_path / "users-pgpass"
+    users.write_text(f"*:*:*:ts_owner:{password}\n")
+    users.chmod(0o600)
+    bare = make_url(url)._replace(password=None).render_as_string(hide_password=False)
+    saved = os.environ.get("PGPASSFILE")
+    os.environ["PGPASSFILE"] = str(users)
+    try:
+        conninfo, env = _libpq_env(bare, private, "host-a")
+    finally:
+        if saved is None:
+            del os.environ["PGPASSFILE"]
+        else:
+            os.environ["PGPASSFILE"] = saved
+    assert env["PGPASSFILE"] == str(users)
+    listed = subprocess.run([pg_program("psql"), "-X", "-tA", "-w", "-d", conninfo, "-c", "SELECT current_user"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert listed.stdout.strip() == "ts_owner", listed.stderr
+
 
 # --------------------------------------------------------------------------- amcheck
 
