@@ -75,8 +75,9 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     ``bytes``. Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
-        raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump is restored with "
-                         "pg_restore (README, PostgreSQL)")
+        raise ValueError("restore puts an SQLite backup in place; restore a PostgreSQL .dump with the stack "
+                         "stopped, as the database's owner: pg_restore --clean --if-exists -d URL FILE "
+                         "(README, PostgreSQL)")
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
