@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -736,3 +737,34 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
                           str(fresh)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "restored" in done.stdout, done.stdout + done.stderr
     assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600
+
+
+def test_a_last_run_dated_ahead_of_the_clock_does_not_stop_the_job(writer: Stack,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A clock set back after it ran ahead (a host's clock corrected; job_runs rows dated 60 days on):
+    every job waited until that time came, 60 days without a backup, retention or check. A last run
+    more than CLOCK_SLACK_S after now is no reason to wait: the job is due, and the log says why."""
+    worker = JobsWorker(writer.settings)
+    worker.setup()
+    try:
+        now = time.time()
+        for job in ("backup", "retention"):
+            worker.last_run[job] = now + 60 * 86_400
+        worker.last_run["quick_check"] = now + 10  # a few seconds ahead (hosts' clocks differ): not due
+        with caplog.at_level(logging.WARNING, logger=worker.log.name):
+            due = worker.due(now)
+        assert "backup" in due and "retention" in due and "quick_check" not in due, due
+        assert any("ahead of this clock" in r.getMessage() and "backup" in r.getMessage() for r in caplog.records), \
+            [r.getMessage() for r in caplog.records]
+    finally:
+        worker.teardown()
+    # The same read back from job_runs by a new worker (a restart, or a new leader).
+    ahead = int((time.time() + 60 * 86_400) * 1000)
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        client.call("record_job_run", job="backup", started_at=ahead, finished_at=ahead, ok=True)
+    restarted = JobsWorker(writer.settings)
+    restarted.setup()
+    try:
+        assert "backup" in restarted.due()
+    finally:
+        restarted.teardown()

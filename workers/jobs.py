@@ -67,6 +67,9 @@ PRUNE_BATCH = 5_000
 MAX_DETAIL = 4000  # record_job_run's limit on detail
 #: Seconds until a scheduled backup that found another being written (db.backups.new_backup) tries again.
 BACKUP_RETRY_S = 60
+#: A last run dated more than this after now is taken as never run (a clock set back kept every job
+#: waiting for that time); less is hosts' clocks differing a little, waited out as usual.
+CLOCK_SLACK_S = 300
 DAY_MS = 86_400_000
 MB = 1024 * 1024
 
@@ -201,9 +204,10 @@ class JobsWorker(Worker):
         """When each job last started, from ``job_runs``: at start, and on taking over the leadership
         (the last leader may have run a job a moment ago; running it again would double a backup)."""
         assert self.engine is not None
+        ahead = int((time.time() + CLOCK_SLACK_S) * 1000)  # runs dated after it are not waited for (due())
         with self.engine.connect() as conn:
             rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
-                                .where(JobRun.job.in_(JOBS)).group_by(JobRun.job)).all()
+                                .where(JobRun.job.in_(JOBS), JobRun.started_at <= ahead).group_by(JobRun.job)).all()
         for job, started in rows:  # never back: a run (or a retry time) this process knows may be later
             self.last_run[job] = max(self.last_run.get(job, 0.0), started / 1000)
 
@@ -219,6 +223,12 @@ class JobsWorker(Worker):
         """Jobs due at ``now`` (epoch s), in run order. A job never run is due; with --until-idle a
         job already run by this process is not due again, so the run ends."""
         now = time.time() if now is None else now
+        for job, last in self.last_run.items():
+            if last > now + CLOCK_SLACK_S:  # the clock was set back since (or another host's runs ahead)
+                self.log.warning("jobs: %s last ran at %s, %.0f s ahead of this clock: taken as never run, so "
+                                 "it runs now (a clock set back kept every job waiting for that time)", job,
+                                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)), last - now)
+                self.last_run[job] = 0.0
 
         def pending() -> list[str]:
             return [job for job in JOBS
