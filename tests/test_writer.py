@@ -533,3 +533,22 @@ def test_db_checkpoint_says_what_it_did_in_words_and_in_json_when_asked(writer: 
         assert words.stdout == "checkpoint: nothing to do, a PostgreSQL server checkpoints itself\n", words.stdout
     answer = checkpoint("--json", "--mode", "passive")
     assert answer.returncode == 0 and set(json.loads(answer.stdout)) == {"busy", "log", "checkpointed"}, answer
+
+
+def test_a_writer_whose_lock_file_is_removed_drains_and_exits_so_no_second_writer_serves_beside_it(
+        stack: Stack) -> None:
+    """A lock file removed (a person tidying the folder) let a second writer lock a new file and
+    serve beside the first, both committing, each to its own clients (a fault hunter's run: audit ids
+    interleaved from two writers). The writer checks its lock's path every second now, as the
+    leaders do, and drains and exits 3 when it names another file or none; the next writer serves."""
+    first = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        assert client.call("audit", actor="me", action="before")["id"] == 1
+    stack.settings.writer_lock_path.unlink()
+    assert first.wait(timeout=60) == 3, stack.writer_log()[-3000:]
+    assert "was removed or replaced: another writer could start beside this one" in stack.writer_log()
+    second = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        assert client.call("audit", actor="me", action="after")["id"] == 2
+        assert client.ping()["pid"] == second.pid
+    assert stack.stop(second) == 0

@@ -81,6 +81,8 @@ from workers.writer_stats import Stats
 log = logging.getLogger("tickstack.writer")
 
 EXIT_LOCKED = 3
+#: Seconds between two checks that the writer lock's path still names the file this writer locked.
+LOCK_CHECK_EVERY_S = 1.0
 #: The queue's byte budget, in maximum-size messages (estimated decoded size).
 QUEUE_BUDGET_MESSAGES = 16
 #: Bytes over ``writer_max_message`` a frame may have and still be read and answered (that it is too
@@ -107,6 +109,8 @@ class Writer:
         self.settings = settings
         self.alive = True
         self.stop_requested_at: float | None = None
+        #: The writer lock's file was removed or replaced while it served (:meth:`_check_lock`).
+        self.lock_lost = False
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -225,7 +229,8 @@ class Writer:
             finally:
                 self.checkpointer.stop()
             self.committer.link.final_checkpoint()  # type: ignore[union-attr]
-            return EXIT_LOCKED if self.server_lock is not None and self.server_lock.lost else 0
+            lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
+            return EXIT_LOCKED if lost else 0
         finally:
             conn = self.committer.conn if self.committer is not None else None
             for what, close in (("connection", getattr(conn, "close", None)),
@@ -267,8 +272,12 @@ class Writer:
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(replies_in, zmq.POLLIN)
+            lock_checked = time.monotonic()
             while True:
                 tend_lifeline(self.settings)  # stop if circusd died; heartbeat for the watchdog
+                if time.monotonic() - lock_checked >= LOCK_CHECK_EVERY_S:
+                    lock_checked = time.monotonic()
+                    self._check_lock()
                 events = dict(poller.poll(50))
                 if replies_in in events:
                     self._forward_replies(replies_in, router)
@@ -318,6 +327,17 @@ class Writer:
             return True
         busy = self.committer is not None and self.committer.busy
         return now - self.stop_requested_at >= self.settings.writer_drain_idle and self.queue.empty() and not busy
+
+    def _check_lock(self) -> None:
+        """The lock file removed or replaced (a person tidying the folder): the next writer would lock
+        another file and serve beside this one, both committing. Drain and exit, as for SIGTERM,
+        with :data:`EXIT_LOCKED`: circus starts a writer, which takes the lock, or is refused by the
+        one that took the new file."""
+        if self.stop_requested_at is None and not self.lock.still_ours():
+            self.lock_lost = True
+            log.error("writer: the writer lock %s was removed or replaced: another writer could start beside "
+                      "this one; draining and exiting", self.lock.path)
+            self.stop_requested_at = time.monotonic()
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a
