@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -237,5 +238,38 @@ def test_a_restarted_simulated_feed_continues_from_the_last_stored_prices() -> N
                 last_mid = (before[symbol][0] + before[symbol][1]) / 2
                 assert source != before[symbol][2], (run, symbol, source)
                 assert abs((bid + ask) / 2 - last_mid) <= 5 * spread, (run, symbol, bid, ask, last_mid)
+    finally:
+        st.close()
+
+
+@pytest.mark.sqlite_only("tests/test_first_contact.py::test_a_worker_started_without_a_writer_gives_up_in_one_line")
+def test_a_read_the_database_refuses_stops_a_worker_in_one_line_not_a_traceback() -> None:
+    """analysis and monitor met a server gone down (PostgreSQL stopped for 30 s) with three chained
+    tracebacks in their logs; a read the database refuses is a state of the stack, said in one line
+    (exit 1: circus starts the worker again), as the writer and jobs say theirs. Here a read SQLite
+    refuses: the tables they read gone under them."""
+    from db.client import WriterClient
+    from testkit.writer import Stack
+
+    st = Stack.create()
+    try:
+        writer = st.start_writer()
+        with WriterClient(settings=st.settings, deadline=30) as client:
+            client.call("ping")
+        st.stop(writer)
+        con = sqlite3.connect(st.settings.database_path)
+        con.execute("DROP TABLE ticks")
+        con.execute("DROP TABLE trade_events")
+        con.execute("DROP TABLE trades")
+        con.commit()
+        con.close()
+        st.start_writer()
+        for worker in ("analysis", "monitor"):
+            done = subprocess.run([sys.executable, "-m", f"workers.{worker}", "--until-idle"], env=st.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+            errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+            said = f"{worker}: the database did not answer or refused a read (OperationalError: no such table: "
+            assert len(errors) == 1 and said in errors[0], done.stderr[-3000:]
     finally:
         st.close()

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 
 from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
@@ -298,4 +299,9 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
         return worker.run()
     except NoDatabase as e:  # circus starts the worker again; by hand, the line says what to start
         worker.log.error("%s: %s", worker.name, e)
+        return 1
+    except OperationalError as e:  # a server down or restarting, a file gone: a state, said in one line
+        reason = " ".join(str(e.orig).split())[:400]  # the driver's words: libpq never quotes a password
+        worker.log.error("%s: the database did not answer or refused a read (%s: %s); exiting, to be started "
+                         "again", worker.name, type(e.orig).__name__, reason)
         return 1
