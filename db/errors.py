@@ -68,3 +68,14 @@ class MaintenanceFailed(RuntimeError):
     words, a copy that failed its integrity check): the message says what and why. Raised by
     :mod:`db.health` and :mod:`db.server`; the jobs worker logs it in one line (a traceback would
     point at nothing to fix), unlike Python's own RuntimeErrors, which are bugs."""
+
+
+#: libpq's words for a login the server refused: it answered (a wrong password, an unknown role or
+#: database, pg_hba.conf), which "does not answer" would send the reader looking at the wrong thing.
+LOGIN_REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
+
+
+def server_trouble(reason: str) -> str:
+    """``refuses the login`` or ``does not answer``: what a failed connection's ``reason`` (libpq's
+    words) says the database server did."""
+    return "refuses the login" if any(w in reason.lower() for w in LOGIN_REFUSED) else "does not answer"

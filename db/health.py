@@ -24,7 +24,7 @@ import psutil
 
 from db.config import Settings
 from db.engine import display_url
-from db.errors import MaintenanceFailed, WriterError
+from db.errors import MaintenanceFailed, WriterError, server_trouble
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
@@ -244,7 +244,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """Plain-word findings from a snapshot: (level, text) with what to do.
     Levels: ok, warn, fail."""
     out: list[tuple[str, str]] = []
-    out.extend(_server_findings(snap))
+    out.extend(_server_findings(snap, settings))
     out.extend(_integrity_findings(snap))
     writer = snap["writer"]
     if writer["up"]:
@@ -316,15 +316,21 @@ def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
                      "backup (python -m db backup makes them), or REINDEX the index it names.")]
 
 
-def _server_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """A PostgreSQL server: down is a failure; up, its size and connections (near max_connections: warn)."""
     server = snap.get("server")
     if server is None:
         return []
     if not server["reachable"]:
-        return [("fail", f"The database server does not answer ({server.get('error')}): nothing can be written or "
+        error = str(server.get("error") or "")
+        # server_status asks with the readers' URL: name it when it is another than the writer's.
+        variable = "DATABASE_READ_URL" if settings.database_read_url != settings.database_url else "DATABASE_URL"
+        if server_trouble(error) == "refuses the login":
+            return [("fail", f"The database server refuses the login of {variable} ({error}): the readers (API, "
+                             f"console, workers) cannot read. Check that URL's user, password and database name.")]
+        return [("fail", f"The database server does not answer ({error}): nothing can be written or "
                          "read until it is back. The writer waits for it and serves again once it is; check the "
-                         "server (is it running? `pg_isready`), its host and DATABASE_URL.")]
+                         f"server (is it running? `pg_isready`), its host and {variable}.")]
     apps = ", ".join(f"{n} {name}" for name, n in sorted(server["by_application"].items(), key=lambda kv: -kv[1])[:6])
     out = [("ok", f"The database server answers in {server['ping_ms']:.1f} ms (PostgreSQL {server['version']}): "
                   f"database {human_bytes(server['size_bytes'])}, {server['connections']} connections ({apps}); "

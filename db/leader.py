@@ -34,6 +34,7 @@ from sqlalchemy.engine import make_url
 
 from db.config import Settings
 from db.engine import is_sqlite, psycopg_params
+from db.errors import server_trouble
 from db.lock import KEEPALIVES, SERVER_KEEPALIVES, PidLock, read_lock_holder
 
 log = logging.getLogger("tickstack.leader")
@@ -172,9 +173,9 @@ class Leadership:
         except OSError as e:
             if self._file is not None:  # its folder not made yet, a full disk
                 return f"nobody known: the lock cannot be taken yet ({e})"
-            return f"nobody known: the database server does not answer ({type(e).__name__})"
-        except Exception as e:  # the server is down or restarting
-            return f"nobody known: the database server does not answer ({type(e).__name__})"
+            return f"nobody known: the database server {server_trouble(str(e))} ({type(e).__name__})"
+        except Exception as e:  # the server is down or restarting, or refuses the login
+            return f"nobody known: the database server {server_trouble(str(e))} ({type(e).__name__})"
 
     def holder(self) -> str:
         """In words, who leads now (for a standby's log line)."""

@@ -26,6 +26,8 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from db.errors import server_trouble
+
 log = logging.getLogger("tickstack.writer")
 
 
@@ -404,6 +406,7 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
                 raise
             if now - told >= 10:
                 told = now
-                log.warning("writer: the database server does not answer (%s); trying again for %.0f s",
-                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, deadline - now)
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                log.warning("writer: the database server %s (%s); trying again for %.0f s", server_trouble(reason),
+                            reason, deadline - now)
         time.sleep(1.0)

@@ -160,6 +160,28 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
 # --------------------------------------------------------------------------- backup
 
 
+def test_a_wrong_read_password_is_said_as_a_refused_login_of_the_read_url(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """A wrong DATABASE_READ_URL password (a new user's PostgreSQL run): doctor said "The database server
+    does not answer ... check ... DATABASE_URL", /api/health "the database server does not answer". The
+    server answered, refusing the login of the readers' URL: said so, naming that variable."""
+    from webapp import create_app
+
+    writer = pg.start_writer()
+    right = pg.env["DATABASE_READ_URL"]
+    wrong = right.replace(postgres_server.passwords["ts_reader"], "Wrong-Reader-Password")
+    assert wrong != right
+    bad = Stack(pg.home, {**pg.env, "DATABASE_READ_URL": wrong})
+    doctor = run(bad, "-m", "db", "doctor")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "The database server refuses the login of DATABASE_READ_URL" in doctor.stdout, doctor.stdout
+    assert "password authentication failed" in doctor.stdout and "does not answer" not in doctor.stdout, doctor.stdout
+    response = create_app("api", load_settings(bad.env)).test_client().get("/api/health")
+    assert response.json["database"]["error"] == "the database server refuses the login", response.json
+    no_password(doctor.stdout + json.dumps(response.json), postgres_server)
+    assert pg.stop(writer) == 0
+
+
 def test_the_backup_job_writes_a_private_restorable_pg_dump(pg: Stack, postgres_server: PostgresServer) -> None:
     """``python -m workers.jobs --run backup`` on PostgreSQL: ``backups/tickstack-<stamp>.dump``, mode
     0600, that ``pg_restore`` restores into another database with every tick; recorded ok; rotation

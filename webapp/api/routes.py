@@ -13,6 +13,7 @@ from flask.typing import ResponseReturnValue
 from db import queries
 from db.config import Settings
 from db.engine import database_location
+from db.errors import server_trouble
 from db.health import pragmas
 from db.preflight import circusd_pidfile
 from webapp.api import openapi
@@ -66,7 +67,7 @@ def _database_health(settings: Settings, stats: dict[str, Any] | None) -> dict[s
         server = api_state().probe.database_server() or {"reachable": False}
         if not server["reachable"]:  # libpq's words name the role: not for an anonymous caller
             return {**database_location(settings.database_url), "reachable": False,
-                    "error": "the database server does not answer"}
+                    "error": f"the database server {server_trouble(str(server.get('error') or ''))}"}
         return {**database_location(settings.database_url), "reachable": True, "size_bytes": server["size_bytes"],
                 "connections": server["connections"], "ping_ms": server["ping_ms"]}
     files = api_state().probe.database_files()
