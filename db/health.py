@@ -210,6 +210,8 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
                 writer["pid"] = ours
             else:
                 writer["lock_holder"] = lock.get("text")
+        else:  # this home's writer may run and wait for the server's lock (a server down, or refusing it)
+            writer["waiting_pid"] = read_lock_holder(settings.writer_lock_path)
     client = WriterClient(settings=settings, deadline=writer_timeout)
     try:
         ping = client.ping(timeout=writer_timeout)
@@ -261,6 +263,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
                             "stuck. Look at its log, then restart it: "
                             f"`{circusctl_command(settings.circus_endpoint, 'restart', 'writer')}`."))
+    elif writer.get("waiting_pid"):
+        out.append(("fail", f"The writer (pid {writer['waiting_pid']}) runs but does not serve yet: it waits for the "
+                            "database server (its writer lock there), so writes wait (clients retry until their "
+                            "deadline). See the server's finding; it serves once the server lets it in."))
     elif writer.get("lock_holder"):
         out.append(("fail", f"This stack's writer cannot run: the database's writer lock is held by "
                             f"{writer['lock_holder']}, another stack's writer on this database (one writer per "

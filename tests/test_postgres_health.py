@@ -182,6 +182,25 @@ def test_a_wrong_read_password_is_said_as_a_refused_login_of_the_read_url(
     assert pg.stop(writer) == 0
 
 
+def test_doctor_says_a_writer_waiting_for_the_server_runs_not_that_none_does(pg: Stack) -> None:
+    """A writer that took its home's lock and waits for the server's (the server down, or refusing its
+    login): doctor and the console said "The writer is not running ... start writer", which circus
+    answers with "already active". Here this process holds the home's writer lock as such a writer
+    does, and no server lock is held."""
+    from db.lock import WriterLock
+
+    lock = WriterLock(pg.settings.writer_lock_path)
+    lock.acquire()
+    try:
+        doctor = run(pg, "-m", "db", "doctor")
+    finally:
+        lock.release()
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert f"The writer (pid {os.getpid()}) runs but does not serve yet: it waits for the database server" in \
+        doctor.stdout, doctor.stdout
+    assert "The writer is not running" not in doctor.stdout, doctor.stdout
+
+
 def test_the_backup_job_writes_a_private_restorable_pg_dump(pg: Stack, postgres_server: PostgresServer) -> None:
     """``python -m workers.jobs --run backup`` on PostgreSQL: ``backups/tickstack-<stamp>.dump``, mode
     0600, that ``pg_restore`` restores into another database with every tick; recorded ok; rotation
