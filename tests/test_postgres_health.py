@@ -178,7 +178,16 @@ def test_a_wrong_read_password_is_said_as_a_refused_login_of_the_read_url(
     assert "password authentication failed" in doctor.stdout and "does not answer" not in doctor.stdout, doctor.stdout
     response = create_app("api", load_settings(bad.env)).test_client().get("/api/health")
     assert response.json["database"]["error"] == "the database server refuses the login", response.json
-    no_password(doctor.stdout + json.dumps(response.json), postgres_server)
+    # A worker said "no database at <DATABASE_URL> after 60 s: is the writer running?" (the writer ran).
+    code = ("import runpy, sys, workers.base; workers.base.DATABASE_WAIT_S = 1.0; "
+            "sys.argv = ['workers.jobs', '--until-idle']; "
+            "runpy.run_module('workers.jobs', run_name='__main__', alter_sys=True)")
+    jobs = run(bad, "-c", code)
+    assert jobs.returncode == 1 and "Traceback" not in jobs.stderr, jobs.stderr[-3000:]
+    assert ("jobs: the database server refuses the login at postgresql+psycopg://ts_reader:***@" in jobs.stderr
+            and "(DATABASE_READ_URL, the readers' URL), tried for 1 s: " in jobs.stderr
+            and "is the writer running" not in jobs.stderr), jobs.stderr[-3000:]
+    no_password(doctor.stdout + json.dumps(response.json) + jobs.stderr, postgres_server)
     assert pg.stop(writer) == 0
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.exc import OperationalError
 from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
+from db.errors import server_trouble
 from db.leader import Leadership, LeadershipUnusable
 from supervision.lifeline import Lifeline
 
@@ -254,6 +255,7 @@ def wait_for_database(settings: Settings, timeout: float | None = None) -> Engin
     by hand); circus orders them, but nothing should depend on it."""
     timeout = DATABASE_WAIT_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while True:
         path = settings.database_path
         if path is None or path.exists():
@@ -262,10 +264,17 @@ def wait_for_database(settings: Settings, timeout: float | None = None) -> Engin
                 with engine.connect() as conn:
                     if inspect(conn).has_table("schema_version"):
                         return engine
-            except Exception:  # not there yet: the writer is creating it
-                pass
+                last = None  # it answers: the schema is not there yet (the writer is creating it)
+            except Exception as e:  # not there yet, or the server does not let the readers in
+                last = e
             engine.dispose()
         if time.monotonic() > deadline:
+            if last is not None and path is None:  # a server that refused or did not answer the readers' URL
+                reason = " ".join(str(getattr(last, "orig", None) or last).split())[:300]
+                which = "DATABASE_READ_URL" if settings.database_read_url != settings.database_url else "DATABASE_URL"
+                raise NoDatabase(f"the database server {server_trouble(reason)} at "
+                                 f"{display_url(settings.database_read_url)} ({which}, the readers' URL), "
+                                 f"tried for {timeout:g} s: {reason}")
             raise no_database(settings, timeout)
         time.sleep(0.2)
 
