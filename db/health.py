@@ -337,7 +337,10 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
         return [("fail", f"The database server does not answer ({error}): nothing can be written or "
                          "read until it is back. The writer waits for it and serves again once it is; check the "
                          f"server (is it running? `pg_isready`), its host and {variable}.")]
-    apps = ", ".join(f"{n} {name}" for name, n in sorted(server["by_application"].items(), key=lambda kv: -kv[1])[:6])
+    ranked = sorted(server["by_application"].items(), key=lambda kv: -kv[1])
+    apps = ", ".join(f"{n} {name}" for name, n in ranked[:6])
+    if len(ranked) > 6:  # the total counts them all: say the list does not
+        apps += f", and {sum(n for _name, n in ranked[6:])} more under {len(ranked) - 6} other names"
     out = [("ok", f"The database server answers in {server['ping_ms']:.1f} ms (PostgreSQL {server['version']}): "
                   f"database {human_bytes(server['size_bytes'])}, {server['connections']} connections ({apps}); "
                   f"{server['server_connections']} of max_connections {server['max_connections']} on the server.")]

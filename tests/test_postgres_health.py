@@ -210,6 +210,27 @@ def test_doctor_says_a_writer_waiting_for_the_server_runs_not_that_none_does(pg:
     assert "The writer is not running" not in doctor.stdout, doctor.stdout
 
 
+def test_doctor_says_how_many_sessions_its_list_of_names_leaves_out(pg: Stack) -> None:
+    """doctor names the six busiest application names; with more, "9 connections (... 6 names)" left the
+    reader counting: the rest is said, with how many sessions."""
+    engines = [create_engine(pg.env["DATABASE_URL"], connect_args={"application_name": f"probe-{i}"})
+               for i in range(8)]
+    conns = [e.connect() for e in engines]
+    try:
+        doctor = run(pg, "-m", "db", "doctor")
+    finally:
+        for conn in conns:
+            conn.close()
+        for engine in engines:
+            engine.dispose()
+    line = next(line for line in doctor.stdout.splitlines() if "The database server answers" in line)
+    total = int(re.search(r"(\d+) connections \(", line).group(1))
+    names = line.split(" connections (", 1)[1].split(", and ", 1)[0].split(", ")
+    listed = sum(int(name.split(" ", 1)[0]) for name in names)
+    more = re.search(r"and (\d+) more under (\d+) other names", line)
+    assert more and listed + int(more.group(1)) == total, line
+
+
 def test_the_backup_job_writes_a_private_restorable_pg_dump(pg: Stack, postgres_server: PostgresServer) -> None:
     """``python -m workers.jobs --run backup`` on PostgreSQL: ``backups/tickstack-<stamp>.dump``, mode
     0600, that ``pg_restore`` restores into another database with every tick; recorded ok; rotation
