@@ -273,3 +273,32 @@ def test_a_read_the_database_refuses_stops_a_worker_in_one_line_not_a_traceback(
             assert len(errors) == 1 and said in errors[0], done.stderr[-3000:]
     finally:
         st.close()
+
+
+@pytest.mark.parametrize("worker", ["analysis", "monitor", "jobs"])
+def test_a_worker_waiting_for_the_database_stops_at_once_on_sigterm(worker: str) -> None:
+    """A worker waiting for the database (no writer yet, or a readers' URL the server refuses) waited
+    its whole minute after a SIGTERM: circus's graceful_timeout (30 s for jobs) SIGKILLed it, and a
+    quit took that long (a new user's PostgreSQL run). It stops at once now, exit 0."""
+    home = _empty_home()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}
+    env.update(TICKSTACK_HOME=str(home), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", f"workers.{worker}"], env=env, cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        # In its wait for the database: analysis and monitor once they lead (a stop before is a standby's).
+        marker = f"{worker}: leading" if worker in ("analysis", "monitor") else f"{worker} started"
+        while marker not in proc.stderr.readline():  # its handlers are set by then
+            assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # the wait is 60 s: a worker that waited it out fails here
+        said = proc.stderr.read()
+        # jobs may take the signal a moment before its wait begins: stopped either way, at once.
+        assert (f"{worker} stopped (while it waited for the database)" in said if marker.endswith("leading")
+                else f"{worker} stopped" in said), said
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(home, ignore_errors=True)

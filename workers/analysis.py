@@ -150,7 +150,7 @@ class AnalysisWorker(Worker):
         self.horizon = queries.TickHorizon()
 
     def setup(self) -> None:
-        self.engine = wait_for_database(self.settings)
+        self.engine = wait_for_database(self.settings, alive=lambda: self.alive)
         self.client = WriterClient(settings=self.settings)
         self.pipe = Pipeline(self.client, self.window, on_done=self._on_done)
         self.restore()

@@ -247,9 +247,15 @@ class NoDatabase(RuntimeError):
     by :func:`main`, not a bug's traceback."""
 
 
-def wait_for_database(settings: Settings, timeout: float | None = None) -> Engine:
+class StoppedWaiting(RuntimeError):
+    """Asked to stop while it waited for the database: a stop, not a failure (:func:`main`: exit 0)."""
+
+
+def wait_for_database(settings: Settings, timeout: float | None = None,
+                      alive: Callable[[], bool] = lambda: True) -> Engine:
     """A read engine, once the writer has created the schema, else :class:`NoDatabase` after
-    ``timeout`` seconds (:data:`DATABASE_WAIT_S`).
+    ``timeout`` seconds (:data:`DATABASE_WAIT_S`); :class:`StoppedWaiting` as soon as ``alive()``
+    turns false (a SIGTERM waited out the whole minute, past circus's graceful_timeout).
 
     Workers may start before the writer finished its first start (when run
     by hand); circus orders them, but nothing should depend on it."""
@@ -268,6 +274,8 @@ def wait_for_database(settings: Settings, timeout: float | None = None) -> Engin
             except Exception as e:  # not there yet, or the server does not let the readers in
                 last = e
             engine.dispose()
+        if not alive():
+            raise StoppedWaiting("asked to stop while it waited for the database")
         if time.monotonic() > deadline:
             if last is not None and path is None:  # a server that refused or did not answer the readers' URL
                 reason = " ".join(str(getattr(last, "orig", None) or last).split())[:300]
@@ -309,6 +317,9 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     except NoDatabase as e:  # circus starts the worker again; by hand, the line says what to start
         worker.log.error("%s: %s", worker.name, e)
         return 1
+    except StoppedWaiting:
+        worker.log.info("%s stopped (while it waited for the database)", worker.name)
+        return 0
     except OperationalError as e:  # a server down or restarting, a file gone: a state, said in one line
         reason = " ".join(str(e.orig).split())[:400]  # the driver's words: libpq never quotes a password
         worker.log.error("%s: the database did not answer or refused a read (%s: %s); exiting, to be started "

@@ -188,7 +188,7 @@ class JobsWorker(Worker):
             "checkpoint": self.checkpoint, "metrics": self.metrics}
 
     def setup(self) -> None:
-        self.engine = wait_for_database(self.settings)
+        self.engine = wait_for_database(self.settings, alive=lambda: self.alive)
         self.client = WriterClient(settings=self.settings)
         self._read_last_runs()
 

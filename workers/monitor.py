@@ -179,7 +179,7 @@ class MonitorWorker(Worker):
         self._refused: dict[int, tuple[float, int]] = {}
 
     def setup(self) -> None:
-        self.engine = wait_for_database(self.settings)
+        self.engine = wait_for_database(self.settings, alive=lambda: self.alive)
         self.client = WriterClient(settings=self.settings)
 
     def read(self) -> tuple[list[TradeState], dict[str, list[PriceTick]], int]:
