@@ -169,6 +169,10 @@ def test_second_circusd_refuses_and_a_reload_of_the_same_ini_leaves_every_watche
     assert all(stack.status()[w] == "active" for w in WATCHERS)
     assert {w: stack.pids_of(w) for w in WATCHERS} == pids
     assert WriterClient(settings=stack.settings, deadline=5).ping()["pid"] == pids["writer"][0]
+    # The watchdog plugin logs its first line from its own process, a moment after circus calls it
+    # started (a loaded run looked before it had).
+    wait_for("the watchdog's first line in circusd's log", lambda: stack.circusd_log().count(
+        "Watchdog listening UDP on 127.0.0.1:") >= 1, timeout=30)
     listening = stack.circusd_log().count("Watchdog listening UDP on 127.0.0.1:")
     assert listening == 1, stack.circusd_log()[-3000:]
     reload = stack.circusctl("reloadconfig", "--waiting")
