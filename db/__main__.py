@@ -20,8 +20,6 @@ import select
 import sys
 from pathlib import Path
 
-import psutil
-
 from db.config import (
     PASSWORD_FILE,
     ConfigError,
@@ -44,6 +42,8 @@ def _human_bytes(n: int | None) -> str:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Before circusd (``make run``): the runtime folder, the settings, and nothing of an earlier
     start in the way (a live circusd, a stale pid file, orphans, the writer lock, the ports)."""
+    import psutil
+
     from db.preflight import (
         blockers,
         check_socket_paths,

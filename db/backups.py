@@ -13,7 +13,7 @@ from typing import Any
 
 from db.config import SECRET_FILES, Settings
 from db.errors import MaintenanceFailed
-from db.files import check_replaceable, part_file, put_in_place
+from db.files import check_replaceable, discard_part, part_file, put_in_place
 from db.health import connect_read_only
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock
@@ -159,7 +159,6 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     # Private from its first byte, its own (another backup of this path writes another), and never
     # left behind half-written (a full disk, a bad page).
     tmp = part_file(dest)
-    leftovers = (tmp, *(Path(f"{tmp}-{suffix}") for suffix in ("journal", "wal", "shm")))
     try:
         check = copy_database(path, tmp)
         if check != ["ok"]:
@@ -168,6 +167,5 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     except sqlite3.Error as e:
         raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e
     finally:
-        for leftover in leftovers:
-            leftover.unlink(missing_ok=True)
+        discard_part(tmp)  # gone once put in place; its journals, and the whole of a failed copy
     return {"path": str(dest), "bytes": dest.stat().st_size, "ms": round((time.perf_counter() - started) * 1000, 1)}

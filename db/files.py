@@ -49,6 +49,12 @@ def touch_private(path: Path) -> None:
         os.close(fd)
 
 
+def discard_part(part: Path) -> None:
+    """Remove a part file :func:`part_file` made, and the SQLite journals a copy into it left."""
+    for leftover in (part, *(Path(f"{part}-{suffix}") for suffix in ("journal", "wal", "shm"))):
+        leftover.unlink(missing_ok=True)
+
+
 def remove_orphans(folder: Path) -> None:
     """Remove the part files (and their journals) in ``folder`` whose writer is not running."""
     try:

@@ -283,11 +283,11 @@ def refusal(settings: Settings, found: list[Blocker]) -> str:
     lines = [f"refusing to start tickstack in {settings.home}: it is not alone there"]
     lines += [f"  - {b}" for b in found]
     ways = [f"`{b.quit}` stops that circusd and all it runs" for b in found if b.quit]
-    pids = " ".join(str(b.pid) for b in found if b.pid is not None and not b.quit and not b.foreign_circusd)
-    if pids:
+    killable = [b.pid for b in found if b.pid is not None and not b.quit and not b.foreign_circusd]
+    if killable:
+        pids = " ".join(map(str, killable))
         ways.append(f"`kill {pids}` asks {'them' if ' ' in pids else 'it'} to finish gracefully")
-        stopped = " ".join(str(b.pid) for b in found if b.pid is not None and str(b.pid) in pids.split()
-                           and _stopped(b.pid))
+        stopped = " ".join(str(pid) for pid in killable if _stopped(pid))
         if stopped:  # SIGSTOP (a debugger, a hang): a SIGTERM waits until it runs again
             one = " " not in stopped
             ways.append(f"{'pid' if one else 'pids'} {stopped} {'is' if one else 'are'} stopped (SIGSTOP): "

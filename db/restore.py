@@ -20,8 +20,8 @@ from typing import Any
 from db.backups import copy_database
 from db.config import Settings, ensure_home
 from db.errors import MaintenanceFailed
-from db.files import part_file, put_in_place
-from db.health import connect_read_only, holders
+from db.files import discard_part, part_file, put_in_place
+from db.health import connect_read_only, holders, integrity_check
 from db.lock import WriterLock, WriterLocked
 from db.preflight import circusctl_command
 
@@ -35,9 +35,9 @@ def check_backup(source: Path) -> None:
     if not source.is_file():
         raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
     try:
+        check = integrity_check(source)
         con = connect_read_only(source)
         try:
-            check = [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
             ours = con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
                                "AND name = 'schema_version'").fetchone()
         finally:
@@ -116,6 +116,5 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
                 "bytes": path.stat().st_size}
     finally:
         if tmp is not None:
-            for leftover in (tmp, *(Path(f"{tmp}{s}") for s in ("-journal", *COMPANIONS))):
-                leftover.unlink(missing_ok=True)
+            discard_part(tmp)
         lock.release()
