@@ -250,6 +250,10 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     check_home(settings)  # else a file as TICKSTACK_HOME waits out --timeout on a socket that cannot exist
+    if settings.database_path is None:  # as the console and the jobs worker: the writer is not asked
+        said = "nothing to do, a PostgreSQL server checkpoints itself"
+        print(json.dumps({"skipped": said}) if args.json else f"checkpoint: {said}")
+        return 0
     with WriterClient(settings=settings, deadline=args.timeout) as client:
         # No process holds this home's writer lock and none answers a ping: nothing will answer
         # within --timeout either. Said at once, as doctor says it. (Both: WRITER_ENDPOINT may name
@@ -263,8 +267,6 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         result = client.call("checkpoint", mode=args.mode)
     if args.json:
         print(json.dumps(result))
-    elif settings.database_path is None:
-        print("checkpoint: nothing to do, a PostgreSQL server checkpoints itself")
     else:
         emptied = ", the WAL emptied" if args.mode == "TRUNCATE" and not result.get("busy") else ""
         print(f"checkpoint {args.mode}: {result['checkpointed']} of {result['log']} WAL pages copied into the "
@@ -323,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="diagnose in plain words, with what to do").set_defaults(fn=cmd_doctor)
     p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")
     p.add_argument("--mode", default="TRUNCATE", type=str.upper, choices=["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
-    p.add_argument("--json", action="store_true", help="print the writer's answer as JSON (busy, log, checkpointed)")
+    p.add_argument("--json", action="store_true",
+                   help="print the writer's answer as JSON (busy, log, checkpointed; on PostgreSQL, skipped: why)")
     # Finite and > 0: with nan the wait for the writer never ended (now >= nan is never true); at most a
     # day, as TICKSTACK_CLIENT_DEADLINE.
     p.add_argument("--timeout", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=30.0,

@@ -38,7 +38,7 @@ from sqlalchemy.exc import DBAPIError
 from db import ops
 from db.config import Settings
 from db.engine import make_write_engine, schema_behind_reason, storage_full_reason, transient_reason
-from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable
+from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable, database_words
 from db.protocol import decode_request, encode_request, pack_columns, request_digest
 
 
@@ -78,14 +78,14 @@ class DirectWrites:
                     error: WriterError = StorageFull(f"the database's disk is full ({reason}): nothing of the "
                                                      "request was written; it succeeds once space is freed")
                 elif e.connection_invalidated or transient_reason(e) is not None:
-                    error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {' '.join(str(e.orig).split())}")
+                    error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {database_words(e)}")
                 elif (behind := schema_behind_reason(e)) is not None:
                     # This code is newer than the database's schema: the writer upgrades it as it starts
                     # (a web app restarted on new code before the writer), so wait for that, as for a writer.
                     error = WriterUnavailable(f"{op}: the database's schema is older than this code's, until the "
                                               f"writer upgrades it at its start ({behind})")
                 else:
-                    raise OpFailed(f"{op} failed: {' '.join(str(e.orig).split())}") from None
+                    raise OpFailed(f"{op} failed: {database_words(e)}") from None
                 self.close()  # a new connection for the retry
                 retry = True
             if time.monotonic() + backoff > deadline():

@@ -79,3 +79,12 @@ def server_trouble(reason: str) -> str:
     """``refuses the login`` or ``does not answer``: what a failed connection's ``reason`` (libpq's
     words) says the database server did."""
     return "refuses the login" if any(w in reason.lower() for w in LOGIN_REFUSED) else "does not answer"
+
+
+def database_words(error: BaseException, limit: int = 400) -> str:
+    """The database's own words for ``error`` in one line of at most ``limit`` characters: the
+    driver's message (SQLAlchemy's ``orig``), never SQLAlchemy's text around it, which adds the
+    statement (an insert of 100 rows of ``VALUES``) and often its parameters (the rows themselves)
+    to a log line or an answer. A server's message may run over lines (PostgreSQL's ``CONTEXT``)."""
+    words = " ".join(str(getattr(error, "orig", None) or error).split())
+    return words if len(words) <= limit else words[:limit - 1] + "…"

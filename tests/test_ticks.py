@@ -13,7 +13,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgpack
 import pytest
+from sqlalchemy import create_engine
 
 from testkit.env import ROOT
 from testkit.helpers import wait_for
@@ -402,3 +404,40 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr) < 1000, (args, result.stderr[:2000])
+
+
+def test_a_batch_the_writer_refuses_is_kept_aside_and_sent_again_once_renamed(writer: Stack) -> None:
+    """A batch the writer refuses for good (not retryable) is kept in ``spool/rejected-*.msgpack``,
+    out of the replay; once the cause is mended, renaming it ``ticks-*.msgpack`` sends it again (the
+    README's words): each tick stored once."""
+    refuse = ("CREATE TRIGGER refuse BEFORE INSERT ON ticks WHEN NEW.source = 'refused-feed' "
+              "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END", "DROP TRIGGER refuse")
+    if writer.settings.database_path is None:
+        refuse = ("CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.source = "
+                  "'refused-feed' THEN RAISE EXCEPTION 'refused for the test'; END IF; RETURN NEW; END $$; "
+                  "CREATE TRIGGER refuse BEFORE INSERT ON ticks FOR EACH ROW EXECUTE FUNCTION refuse()",
+                  "DROP TRIGGER refuse ON ticks")
+    path = writer.settings.database_path
+    owner = create_engine(f"sqlite:///{path}" if path is not None else writer.env["DATABASE_URL"])
+    spool = writer.settings.spool_dir
+    spool.mkdir(mode=0o700, exist_ok=True)
+    try:
+        with owner.begin() as conn:
+            conn.exec_driver_sql(refuse[0])
+        (spool / "ticks-refused-feed-0-3.msgpack").write_bytes(msgpack.packb(
+            {"symbol": ["BTCUSD"] * 3, "ts": [1_700_000_000_000 + i for i in range(3)], "bid": [1.0] * 3,
+             "ask": [1.5] * 3, "volume": [1.0] * 3, "source": ["refused-feed"] * 3, "seq": [0, 1, 2]}))
+        first = run(writer, "workers.ticks", "--feed", "sim", "--count", "0")
+        assert "writer rejected 3 ticks" in first.stderr and "refused for the test" in first.stderr, first.stderr
+        (kept,) = spool.iterdir()
+        assert kept.name.startswith("rejected-") and kept.suffix == ".msgpack", kept
+        with owner.begin() as conn:
+            conn.exec_driver_sql(refuse[1])
+        kept.rename(spool / f"ticks-{kept.name}")
+        again = run(writer, "workers.ticks", "--feed", "sim", "--count", "0")
+        assert again.returncode == 0 and "3 ticks an earlier run spooled" in again.stderr, again.stderr
+    finally:
+        owner.dispose()
+    assert list(spool.iterdir()) == []
+    assert ro(writer).execute("SELECT count(*), count(DISTINCT seq) FROM ticks WHERE source = 'refused-feed'"
+                              ).fetchone() == (3, 3)

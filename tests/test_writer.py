@@ -532,7 +532,11 @@ def test_db_checkpoint_says_what_it_did_in_words_and_in_json_when_asked(writer: 
     else:
         assert words.stdout == "checkpoint: nothing to do, a PostgreSQL server checkpoints itself\n", words.stdout
     answer = checkpoint("--json", "--mode", "passive")
-    assert answer.returncode == 0 and set(json.loads(answer.stdout)) == {"busy", "log", "checkpointed"}, answer
+    if writer.settings.database_path is not None:
+        assert answer.returncode == 0 and set(json.loads(answer.stdout)) == {"busy", "log", "checkpointed"}, answer
+    else:  # not zeros, which read as a checkpoint that copied nothing: what the words say
+        assert answer.returncode == 0 and json.loads(answer.stdout) == {
+            "skipped": "nothing to do, a PostgreSQL server checkpoints itself"}, answer
 
 
 def test_a_writer_whose_lock_file_is_removed_drains_and_exits_so_no_second_writer_serves_beside_it(

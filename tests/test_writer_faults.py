@@ -522,3 +522,26 @@ def test_a_full_disk_is_answered_storage_full_and_writes_resume_when_space_retur
     assert "the disk has space again; writes resume" in log
     filler.unlink()
     assert count(stack, "SELECT count(*) FROM ticks WHERE source = 'last'", settings=settings) == 3000
+
+
+def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(stack: Stack) -> None:
+    """An insert the database refuses (here a trigger; after a bad restore, a duplicate key) fails its
+    request with the database's own words, in one line of the writer's log and of the answer: not
+    SQLAlchemy's statement of 100 rows of VALUES and its parameters (the ticks themselves, kilobytes
+    of them, and on every retry)."""
+    add_trigger(stack, "BEFORE INSERT ON ticks WHEN NEW.source = 'refused' "
+                       "BEGIN SELECT RAISE(ABORT, 'no ticks from this source'); END",
+                postgres=("ticks", "IF NEW.source = 'refused' THEN "
+                                   "RAISE EXCEPTION 'no ticks from this source'; END IF;"))
+    client = WriterClient(settings=stack.settings, deadline=20)
+    ticks = [{"symbol": "EURUSD", "ts": 1_700_000_000_000 + i, "bid": 1.1, "ask": 1.2 + i / 1e6, "volume": 1.0,
+              "source": "refused", "seq": i} for i in range(300)]
+    with pytest.raises(OpFailed) as refused:
+        client.call("insert_ticks", ticks=ticks)
+    message = str(refused.value)
+    assert "no ticks from this source" in message and "\n" not in message, message
+    assert "INSERT" not in message and "1.200299" not in message and len(message) < 500, message
+    assert client.call("audit", actor="me", action="after")["id"] > 0  # the writer serves on
+    lines = [line for line in stack.writer_log().splitlines() if "no ticks from this source" in line or
+             "INSERT" in line or "1.200299" in line or line.startswith(("Traceback", "  File"))]
+    assert len(lines) == 1 and "insert_ticks" in lines[0] and "INSERT" not in lines[0], "\n".join(lines)[:3000]

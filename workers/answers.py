@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason, transient_reason
-from db.errors import CommitFailed, OpFailed, StorageFull, WriterError
+from db.errors import CommitFailed, OpFailed, StorageFull, WriterError, database_words
 from db.validation import shown
 from workers.writer_stats import Stats
 
@@ -49,8 +49,9 @@ class Answers:
         if transient is not None:  # lost a race with another session: nothing applied, run it again
             return self._retry(spec.name, transient)
         if isinstance(e, SQLAlchemyError):
-            log.warning("writer: op %s failed: %s", spec.name, e)
-            return OpFailed(f"{spec.name} failed: {getattr(e, 'orig', e)}")
+            words = database_words(e)
+            log.warning("writer: op %s failed: %s", spec.name, words)
+            return OpFailed(f"{spec.name} failed: {words}")
         log.error("writer: op %s raised", spec.name, exc_info=e)  # an op's bug fails its request, never the writer
         return OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
 
@@ -60,7 +61,7 @@ class Answers:
         if reason is not None:
             return self.storage_full(reason)
         detail = getattr(e, "orig", None) or e
-        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {detail}")
+        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {database_words(e)}")
 
     def storage_full(self, reason: str) -> StorageFull:
         """A full disk, in the database's own words and with the free space the writer sees."""

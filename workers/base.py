@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
-from db.errors import server_trouble
+from db.errors import database_words, server_trouble
 from db.leader import Leadership, LeadershipUnusable
 from supervision.lifeline import Lifeline
 
@@ -321,7 +321,7 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
         worker.log.info("%s stopped (while it waited for the database)", worker.name)
         return 0
     except OperationalError as e:  # a server down or restarting, a file gone: a state, said in one line
-        reason = " ".join(str(e.orig).split())[:400]  # the driver's words: libpq never quotes a password
+        reason = database_words(e)  # libpq never quotes a password
         worker.log.error("%s: the database did not answer or refused a read (%s: %s); exiting, to be started "
                          "again", worker.name, type(e.orig).__name__, reason)
         return 1

@@ -51,7 +51,7 @@ from sqlalchemy.engine import Connection, Engine
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason
-from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError
+from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
 from db.protocol import encode_reply, request_digest
 from db.validation import shown
 from workers.answers import Answers
@@ -303,7 +303,8 @@ class Committer:
             self.stats.commit_failures += 1
             error = self.answers.batch_error(cause)
             if not isinstance(error, StorageFull):  # a full disk is logged when it fills and when it frees
-                log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch), cause)
+                log.error("writer: commit of batch %d (%d requests) failed: %s", batch_no, len(batch),
+                          database_words(cause))
             return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         replies, outside, committed, tally = run
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -397,7 +398,7 @@ class Committer:
         i = next(i for i, req in enumerate(batch) if req is lost.request)
         culprit = batch[i]
         detail = getattr(lost.cause, "orig", None) or lost.cause
-        said = f"{type(detail).__name__}: {detail}"
+        said = f"{type(detail).__name__}: {database_words(lost.cause)}"
         if said in self._losses:  # a second request lost the transaction the same way: not a request's doing
             log.error("writer: a second request of the batch (%s of client %s) rolled it back with the same error "
                       "(%s): the database fails, not a request; the %d left are answered retryably",
@@ -407,10 +408,10 @@ class Committer:
             return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
         self._losses.add(said)
         log.error("writer: %s of client %s rolled back its whole batch (%s); it fails, the other %d run again",
-                  shown(culprit.op), culprit.cid, detail, len(batch) - 1)
+                  shown(culprit.op), culprit.cid, said, len(batch) - 1)
         self.stats.requests_failed += 1
         failed = (culprit.ident, encode_reply(culprit.seq, error=OpFailed(
-            f"{shown(culprit.op)} failed and rolled back its transaction: {type(detail).__name__}: {detail}")))
+            f"{shown(culprit.op)} failed and rolled back its transaction: {said}")))
         rest = self._commit(batch[:i] + batch[i + 1:], answered) if len(batch) > 1 else []
         return [*rest[:i], failed, *rest[i:]]
 
