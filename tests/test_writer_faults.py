@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -545,3 +546,40 @@ def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(s
     lines = [line for line in stack.writer_log().splitlines() if "no ticks from this source" in line or
              "INSERT" in line or "1.200299" in line or line.startswith(("Traceback", "  File"))]
     assert len(lines) == 1 and "insert_ticks" in lines[0] and "INSERT" not in lines[0], "\n".join(lines)[:3000]
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_journal_files_removed_under_the_writer_lose_nothing_it_acknowledged(stack: Stack) -> None:
+    """``rm tickstack.db-wal tickstack.db-shm`` (an old remedy for "database is locked") under a running
+    writer: SQLite writes on into the removed WAL, which goes with the process, and every write
+    acknowledged since the last checkpoint was lost at a kill -9, with no word in any log. The writer
+    now sees it at its next commit, copies the WAL into the database before it answers, says so, and
+    drains and exits (exit 1) so that a writer with files of its own serves."""
+    proc = stack.start_writer()
+    path = stack.settings.database_path
+    client = WriterClient(settings=stack.settings, deadline=20)
+    with client.pipeline() as pipe:
+        for i in range(50):
+            pipe.submit("audit", actor="me", action="before", target=str(i))
+    assert pipe.failed == [] and pipe.completed == 50
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink()
+    client.call("audit", actor="me", action="after")  # acknowledged: it must be in the database's file
+    stack.stop(proc, signal.SIGKILL)
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("SELECT action, count(*) FROM audit_log GROUP BY action ORDER BY action").fetchall() == [
+            ("after", 1), ("before", 50)]
+    finally:
+        con.close()
+    said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
+    assert said and "tickstack.db-wal" in said[0] and "removed or replaced" in said[0], said
+
+    # Left alone, it drains and exits 1; a new writer serves with files of its own.
+    proc = stack.start_writer()
+    path.with_name(path.name + "-wal").unlink()
+    client.call("audit", actor="me", action="last")
+    assert proc.wait(timeout=60) == 1, stack.writer_log()[-3000:]
+    stack.start_writer()
+    assert client.call("audit", actor="me", action="again")["id"] > 0
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action IN ('before', 'after', 'last', 'again')") == 53

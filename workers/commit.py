@@ -121,12 +121,16 @@ class Committer:
     def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
                  requests: queue.Queue, on_fatal: Callable[[], None],
                  on_commit: Callable[[], None] = lambda: None,
-                 before_commit: Callable[[Connection], None] | None = None) -> None:
+                 before_commit: Callable[[Connection], None] | None = None,
+                 on_journal_lost: Callable[[], None] = lambda: None) -> None:
         """``on_commit`` is called after each batch that committed (the checkpointer's poke);
         ``before_commit`` in each batch's transaction just before its COMMIT, and may raise to
-        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`)."""
+        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`);
+        ``on_journal_lost`` after a commit that found SQLite's WAL removed under it
+        (:meth:`WriteConnection.journal_saved`, which saved it first)."""
         self.settings = settings
         self.on_commit = on_commit
+        self.on_journal_lost = on_journal_lost
         self.before_commit = before_commit
         #: The one write connection (replaced after a failure that leaves it unusable).
         self.link = WriteConnection(settings, engine, conn)
@@ -307,6 +311,8 @@ class Committer:
                           database_words(cause))
             return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         replies, outside, committed, tally = run
+        if self.link.journal_saved():  # before any answer goes out
+            self.on_journal_lost()
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_commit()
         if committed:

@@ -11,8 +11,11 @@ wait on another connection's lock (:meth:`WriteConnection.recover`).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 import time
+from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import configure_mappers
@@ -20,6 +23,7 @@ from sqlalchemy.orm import configure_mappers
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
+from db.errors import database_words
 from db.schema import migrate
 
 log = logging.getLogger("tickstack.writer")
@@ -50,6 +54,28 @@ def transaction_ended(conn: Connection) -> bool:
     return driver is not None and not driver.in_transaction
 
 
+def sqlite_files(path: Path) -> tuple[Path, Path, Path]:
+    """An SQLite database file and its WAL and shared-memory files."""
+    return path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")
+
+
+def make_database_private(path: Path | None) -> None:
+    """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
+    SQLite makes the last two with the database's mode, whatever the umask, so one others may
+    read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
+    for one in sqlite_files(path) if path is not None else ():
+        try:
+            mode = stat.S_IMODE(os.stat(one).st_mode)
+            if mode & 0o077:
+                os.chmod(one, 0o600)
+                log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
+                            "file of the stack", one, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # not ours to change: said, and the writer goes on
+            log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
+
+
 class WriteConnection:
     """The write connection (``conn``, replaced after a failure that leaves it unusable) and the
     engine that opens it."""
@@ -58,6 +84,13 @@ class WriteConnection:
         self.settings = settings
         self.engine = engine
         self.conn = conn
+        path = settings.database_path
+        #: SQLite's WAL and shared-memory files, and what each path named when ``_journal_of`` first
+        #: committed (device, inode; None: no file): see :meth:`journal_replaced`.
+        self._journal = () if path is None else sqlite_files(path)[1:]
+        self._journal_ids: tuple[tuple[int, int] | None, ...] = ()
+        self._journal_of: Connection | None = None
+        self._journal_said = False
 
     def open_database(self) -> tuple[int, int]:
         """Before the writer serves: upgrade the schema (returns the versions before and after; its
@@ -145,6 +178,58 @@ class WriteConnection:
             except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
                 log.warning("writer: could not set busy_timeout again: %s", e)
 
+    def journal_replaced(self) -> list[str]:
+        """After a commit (two ``stat`` calls): the names of SQLite's WAL and shared-memory files whose
+        path no longer names the file this connection writes (removed, or another put in its place:
+        ``rm tickstack.db-wal tickstack.db-shm``, an old remedy for "database is locked"). SQLite
+        writes on into the removed WAL, which goes with the process: every write since the last
+        checkpoint would be lost at a kill, and no new reader would see them. Empty on a server."""
+        if not self._journal:
+            return []
+        try:
+            ids = tuple(_file_id(p) for p in self._journal)
+        except OSError:  # cannot tell (no right to look): nothing is said, and the writer serves on
+            return []
+        if self._journal_of is not self.conn:  # a new connection: the files it opened (or made)
+            self._journal_of, self._journal_ids = self.conn, ids
+        return [p.name for p, now, then in zip(self._journal, ids, self._journal_ids, strict=True)
+                if now is None or now != then]
+
+    def journal_saved(self) -> bool:
+        """After a commit: whether :meth:`journal_replaced` found the files replaced, in which case
+        what SQLite holds in its removed WAL is first copied into the database file (the caller answers
+        the batch only after this). Said once, as an ERROR; the writer then drains and exits."""
+        replaced = self.journal_replaced()
+        if not replaced:
+            return False
+        if not self._journal_said:
+            self._journal_said = True
+            log.error("writer: %s removed or replaced under the writer (by another program): SQLite writes on "
+                      "into files nobody else sees, lost at a kill; copying every committed write into the "
+                      "database before answering, then draining and exiting so that a writer with files of its "
+                      "own serves", " and ".join(replaced))
+        try:
+            result = self.checkpoint_all()
+        except Exception as e:
+            log.error("writer: the checkpoint that saves the removed WAL failed (%s); committed writes since the "
+                      "last checkpoint are in it alone", database_words(e))
+            return True
+        if result["busy"]:
+            log.error("writer: the checkpoint that saves the removed WAL is partial, a reader held it back; the "
+                      "final checkpoint copies the rest as the writer exits")
+        return True
+
+    def checkpoint_all(self, within: float = 3.0) -> dict[str, int]:
+        """A TRUNCATE checkpoint: every committed page into the database file (SQLite copies from the
+        WAL it has open, removed or not). A reader mid-transaction makes it partial (busy): tried
+        again for ``within`` seconds. Returns SQLite's answer; raises what the checkpoint raises."""
+        deadline = time.monotonic() + within
+        while True:
+            result = checkpoint(self.conn, "TRUNCATE")
+            if not result["busy"] or time.monotonic() > deadline:
+                return result
+            time.sleep(0.1)
+
     def final_checkpoint(self) -> None:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
@@ -154,20 +239,24 @@ class WriteConnection:
             return
         if self.closed:
             self.recover()  # the IO thread left it closed, and no batch came after
-        deadline = time.monotonic() + 3.0
-        while True:
-            try:
-                result = checkpoint(self.conn, "TRUNCATE")
-            except Exception as e:
-                reason = storage_full_reason(e)
-                if reason is not None:
-                    log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
-                                "in the WAL, and the next writer checkpoints it; exiting", reason)
-                else:
-                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
-                              "exiting", type(e).__name__, e)
-                return
-            if not result["busy"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        try:
+            result = self.checkpoint_all()
+        except Exception as e:
+            reason = storage_full_reason(e)
+            if reason is not None:
+                log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
+                            "in the WAL, and the next writer checkpoints it; exiting", reason)
+            else:
+                log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
+                          "exiting", type(e).__name__, e)
+            return
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names; None when it names none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
