@@ -2,7 +2,8 @@
 
 With several hosts on one PostgreSQL database, each runs its own circus stack (writer, ticks, API,
 console), but the analysis worker, the monitor and the jobs that maintain the database must run
-once: two analysis workers would fold the same ticks twice over. A worker whose class says
+once: two analysis workers would fold the same ticks twice over, and two simulated markets (the
+``ticks`` watcher's, ``--lead``) would interleave two random walks in one series. A worker whose class says
 ``leader_only`` (:class:`workers.base.Worker`) takes its name's *leadership* before it does any
 work, and waits as a standby while another host's worker holds it.
 
@@ -39,8 +40,9 @@ from db.lock import KEEPALIVES, SERVER_KEEPALIVES, PidLock, read_lock_holder
 
 log = logging.getLogger("tickstack.leader")
 
-#: The workers that run under a leadership (their ``name``): for health, doctor and the console.
-LEADER_NAMES = ("analysis", "monitor", "jobs")
+#: The workers that run under a leadership (their ``name``): for health, doctor and the console. The
+#: tick ingestor only with ``--lead`` (the ``ticks`` watcher's simulated market: one per database).
+LEADER_NAMES = ("analysis", "monitor", "jobs", "ticks")
 #: The first half of every leadership lock's key ("tick"): the second is the worker's name.
 NAMESPACE = 0x7469636B
 #: ``application_name`` prefix of a leadership session: how a standby, ``db doctor`` and the

@@ -1,6 +1,6 @@
 """Two hosts on one PostgreSQL database, on one machine: two whole stacks (the real circus.ini,
 separate homes and ports, ``TICKSTACK_HOST`` ``host-a`` and ``host-b``) on the session's server.
-Each host writes its own feed's ticks through its own writer; analysis, monitor and the database's
+Each host writes through its own writer; the simulated market, analysis, monitor and the database's
 jobs run on one leader; when the leading host dies (circusd and every process SIGKILLed) the other
 takes over, and every tick of both hosts is in the bars exactly once."""
 from __future__ import annotations
@@ -8,12 +8,15 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
+from db.client import WriterClient
+from db.config import load_settings
 from db.leader import leaders
 from testkit.circus import CircusStack
 from testkit.helpers import wait_for
@@ -23,7 +26,7 @@ from tests.test_postgres import Browser
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
 pytestmark = pytest.mark.postgres_only
 
-SINGLETONS = ("analysis", "monitor", "jobs")
+SINGLETONS = ("analysis", "monitor", "jobs", "ticks")
 
 
 @pytest.fixture
@@ -56,13 +59,20 @@ def test_two_hosts_share_one_database_with_one_leader_each_and_survive_the_leade
     try:
         a.start()
         wait_for("host-a to lead", lambda: all(v and v.endswith("on host-a") for v in led_by().values()), timeout=90)
-        b.start()  # its writer takes host-b's lock; its analysis and monitor stand by
-        for name in ("analysis", "monitor"):
+        b.start()  # its writer takes host-b's lock; its analysis, monitor and simulated market stand by
+        for name in ("analysis", "monitor", "ticks"):
             wait_for(f"host-b's {name} to stand by", lambda n=name: "standing by; the leader is tickstack leader "
                      f"{n} pid" in b.log(n), timeout=90)
-        wait_for("ticks from both hosts, each through its own writer", lambda: scalar(
-            "SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-a-%'") and scalar(
-            "SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-b-%'"), timeout=90)
+        # One simulated market for the database (host-a's): host-b's would interleave a second random
+        # walk into the same symbols. host-b writes through its own writer (a client of its home).
+        with WriterClient(settings=load_settings(b.env), deadline=60) as client:
+            client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": int(time.time() * 1000) - 120_000,
+                                                "bid": 60_000.0, "ask": 60_001.0, "volume": 1.0,
+                                                "source": "by-hand-host-b", "seq": 1}])
+        wait_for("ticks of host-a's feed",
+                 lambda: scalar("SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-a-%'"), timeout=90)
+        assert scalar("SELECT count(*) FROM ticks WHERE source LIKE 'sim-host-b-%'") == 0
+        assert scalar("SELECT count(*) FROM ticks WHERE source = 'by-hand-host-b'") == 1
         assert all(v.endswith("on host-a") for v in led_by().values() if v), led_by()
         # Every session is named for its host's TICKSTACK_HOST (both run on one machine), so the
         # server's sessions by application tell the two hosts' writers apart.
@@ -81,7 +91,7 @@ def test_two_hosts_share_one_database_with_one_leader_each_and_survive_the_leade
         a.proc.wait(30)
         wait_for("host-b to take over", lambda: all(v and v.endswith("on host-b") for v in led_by().values()),
                  timeout=90)
-        assert "analysis: leading" in b.log("analysis") and "monitor: leading" in b.log("monitor")
+        assert all(f"{name}: leading" in b.log(name) for name in SINGLETONS if name != "jobs")
         # host-b's console names the writers and leaders that are left.
         console = Browser(f"http://127.0.0.1:{b.console_port}")
         # circus calls the console active once gunicorn's master runs; the app, and with it the

@@ -441,3 +441,29 @@ def test_a_batch_the_writer_refuses_is_kept_aside_and_sent_again_once_renamed(wr
     assert list(spool.iterdir()) == []
     assert ro(writer).execute("SELECT count(*), count(DISTINCT seq) FROM ticks WHERE source = 'refused-feed'"
                               ).fetchone() == (3, 3)
+
+
+def test_one_leading_simulated_market_per_database_and_a_standby_takes_over(writer: Stack) -> None:
+    """The ``ticks`` watcher runs ``--feed sim --lead``: on a second host (PostgreSQL) or beside it by
+    hand, a second such feed stands by instead of interleaving a second random walk into the same
+    symbols, and takes over when the leader ends, its clock starting then (no tick dated in the
+    hours it stood by)."""
+    logs = [writer.home / "log" / f"lead-{i}.log" for i in range(2)]
+    first = writer.start_worker("workers.ticks", logs[0], "--feed", "sim", "--lead", "--rate", "20")
+    wait_for("the first feed's ticks", lambda: ro(writer).execute("SELECT count(*) FROM ticks").fetchone()[0] > 0)
+    second = writer.start_worker("workers.ticks", logs[1], "--feed", "sim", "--lead", "--rate", "20")
+    wait_for("the second to stand by", lambda: "standing by; the leader is pid" in logs[1].read_text())
+    time.sleep(1.0)
+    assert ro(writer).execute("SELECT count(DISTINCT source) FROM ticks").fetchone() == (1,)
+    writer.stop(first, signal.SIGKILL)
+    taken_at = int(time.time() * 1000)
+    wait_for("the standby to take over", lambda: ro(writer).execute(
+        "SELECT count(DISTINCT source) FROM ticks").fetchone()[0] == 2, timeout=60)
+    assert "ticks: leading" in logs[1].read_text()
+    (earliest,) = ro(writer).execute("SELECT min(ts) FROM ticks WHERE source = (SELECT source FROM ticks "
+                                     "ORDER BY id DESC LIMIT 1)").fetchone()
+    assert earliest >= taken_at - 1000, (earliest, taken_at)
+    assert writer.stop(second) == 0
+    # A CSV replay runs where it is asked to: --lead is refused for it.
+    refused = run(writer, "workers.ticks", "--feed", "csv", "--file", str(logs[0]), "--lead")
+    assert refused.returncode == 2 and "--lead is for the simulated feed" in refused.stderr, refused.stderr

@@ -33,7 +33,7 @@ import itertools
 import logging
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,10 @@ class FeedStopped(Exception):
 Origin = Path | int | None
 
 
+#: A feed that begins when the worker starts serving: (ticks, source, start_ts) (:class:`TickIngestor`).
+Opening = Callable[[], tuple[Iterator[tuple[int, dict[str, Any]]], str, int]]
+
+
 class TickIngestor(Worker):
     name = "ticks"
     idle_sleep = 0.05
@@ -99,12 +103,19 @@ class TickIngestor(Worker):
     def __init__(self, settings: Settings, ticks: Iterator[tuple[int, dict[str, Any]]], source: str, *,
                  until_idle: bool = False, batch: int = 1000, flush_interval: float = 0.25,
                  window: int = 8, deadline: float = 15.0, seq_per_line: int = 1,
-                 memory_limit: int = 200_000, speed: Speed = "max", start_ts: int | None = None) -> None:
+                 memory_limit: int = 200_000, speed: Speed = "max", start_ts: int | None = None,
+                 opening: Opening | None = None, lead: bool = False) -> None:
         """``ticks`` yields (line or counter, tick); seq = line * seq_per_line + position.
         ``memory_limit``: ticks held in memory while the disk refuses the spool, before the feed
         is paused. ``speed`` and ``start_ts``: the ticks are read paced (:func:`workers.feeds.pace`),
-        waiting in a sleep that a stop ends."""
+        waiting in a sleep that a stop ends. ``opening``: a feed that begins when the worker starts
+        serving, in place of ``ticks``, ``source`` and ``start_ts`` (a simulated market: its clock
+        starts then, from the last stored prices). ``lead``: serve only while this process leads the
+        database's ``ticks`` (:mod:`db.leader`), standing by meanwhile: one simulated market per
+        database, whatever the hosts."""
         super().__init__(settings, until_idle)
+        self.leader_only = lead
+        self.opening = opening
         if not 1 <= batch <= MAX_TICKS:
             raise ValueError(f"--batch {batch}: must be 1..{MAX_TICKS}")
         if memory_limit < batch:
@@ -132,6 +143,9 @@ class TickIngestor(Worker):
         self._last_keep_log = -10.0
 
     def setup(self) -> None:
+        if self.opening is not None:  # after the wait to lead, which may have lasted hours
+            ticks, self.source, start_ts = self.opening()
+            self.ticks = pace(ticks, 1.0, start_ts=start_ts, sleep=self._wait_for_tick)
         self.spool = Spool(self.settings.spool_dir, self.memory_limit)
         if self.spool.stale_removed:
             self.log.warning("ticks: removed %d half-written spool files of an earlier run (their batches were "
@@ -373,6 +387,10 @@ def _symbols(text: str) -> list[str]:
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=["sim", "csv"], default="sim")
+    parser.add_argument("--lead", action="store_true",
+                        help="run the feed only while this process leads the database's ticks, standing by "
+                             "meanwhile (the ticks watcher: one simulated market per database, whatever the hosts; "
+                             "a standby takes over within seconds of the leader's end)")
     parser.add_argument("--symbols", default="BTCUSD,EURUSD", help="sim: comma-separated symbols")
     parser.add_argument("--rate", type=number_flag(MIN_RATE_HZ, MAX_RATE_HZ), default=None,
                         help=f"sim: ticks per second over all symbols, {MIN_RATE_HZ:g} to {MAX_RATE_HZ:,.0f} (default: "
@@ -431,21 +449,26 @@ def _file_digest(path: Path) -> str:
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if args.feed == "sim":
         symbols = _symbols(args.symbols)
-        if args.rate is None:
-            args.rate = SIM_RATE_PER_SYMBOL * len(symbols)
-        mids = last_mids(settings, symbols)
-        start_ts = int(time.time() * 1000)
-        feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=args.rate, vol_scale=args.vol_scale,
-                       start_mids=mids)
-        ticks: Iterator[dict[str, Any]] = iter(feed)
-        if args.count is not None:
-            ticks = itertools.islice(ticks, args.count)
-        source = f"sim-{settings.host[:40]}-{start_ts}"  # unique across hosts and runs
-        # In real time from the feed's start: each tick is sent when its ts is due, the first one too (it
-        # was sent at once, dated by the feed's first random wait: at a low rate, years ahead).
-        return TickIngestor(settings, enumerate(ticks), source, until_idle=args.until_idle or args.count is not None,
-                            batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit, speed=1.0,
-                            start_ts=start_ts)
+        rate = SIM_RATE_PER_SYMBOL * len(symbols) if args.rate is None else args.rate
+
+        def opening() -> tuple[Iterator[tuple[int, dict[str, Any]]], str, int]:
+            mids = last_mids(settings, symbols)
+            start_ts = int(time.time() * 1000)
+            feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=rate, vol_scale=args.vol_scale,
+                           start_mids=mids)
+            ticks: Iterator[dict[str, Any]] = iter(feed)
+            if args.count is not None:
+                ticks = itertools.islice(ticks, args.count)
+            # Unique across hosts and runs. In real time from the feed's start: each tick is sent when
+            # its ts is due, the first one too (it was sent at once, dated by the feed's first random
+            # wait: at a low rate, years ahead).
+            return enumerate(ticks), f"sim-{settings.host[:40]}-{start_ts}", start_ts
+
+        return TickIngestor(settings, iter(()), "sim", until_idle=args.until_idle or args.count is not None,
+                            batch=args.batch, deadline=args.deadline, memory_limit=args.memory_limit,
+                            opening=opening, lead=args.lead)
+    if args.lead:
+        raise ValueError("--lead is for the simulated feed (--feed sim): a CSV replay runs where it is asked to")
     if args.file is None:
         raise ValueError("--feed csv needs --file PATH")
     try:
