@@ -28,6 +28,9 @@ from db.schema import migrate
 
 log = logging.getLogger("tickstack.writer")
 
+#: Seconds the last checkpoint of a writer whose WAL was removed waits for the readers (see final_checkpoint):
+#: within the writer's graceful timeout in circus.ini.
+JOURNAL_LOST_FINAL_WAIT_S = 20.0
 #: The longest :meth:`WriteConnection.open_database` waits for each lock on PostgreSQL while it gets ready.
 GET_READY_LOCK_MS = 1000
 
@@ -90,7 +93,8 @@ class WriteConnection:
         self._journal = () if path is None else sqlite_files(path)[1:]
         self._journal_ids: tuple[tuple[int, int] | None, ...] = ()
         self._journal_of: Connection | None = None
-        self._journal_said = False
+        #: The files were found removed or replaced: every commit is checkpointed (:meth:`journal_check`).
+        self._journal_lost = False
 
     def open_database(self) -> tuple[int, int]:
         """Before the writer serves: upgrade the schema (returns the versions before and after; its
@@ -195,29 +199,35 @@ class WriteConnection:
         return [p.name for p, now, then in zip(self._journal, ids, self._journal_ids, strict=True)
                 if now is None or now != then]
 
-    def journal_saved(self) -> bool:
-        """After a commit: whether :meth:`journal_replaced` found the files replaced, in which case
-        what SQLite holds in its removed WAL is first copied into the database file (the caller answers
-        the batch only after this). Said once, as an ERROR; the writer then drains and exits."""
-        replaced = self.journal_replaced()
-        if not replaced:
-            return False
-        if not self._journal_said:
-            self._journal_said = True
+    def journal_check(self) -> str | None:
+        """After a commit, before any answer: None while SQLite's files are in place. Once they were
+        removed or replaced (:meth:`journal_replaced`; said once, as an ERROR, and the writer drains
+        and exits), each commit is copied into the database file first (one TRUNCATE checkpoint,
+        which waits ``busy_timeout`` at most for the readers): "" when it was, else why not, and the
+        caller then answers the batch retryably. A write only in a removed WAL is never acknowledged:
+        its retry is applied once, as a resend here once a copy is done, or by the next writer if
+        the removed WAL goes with this one."""
+        if not self._journal_lost:
+            replaced = self.journal_replaced()
+            if not replaced:
+                return None
+            self._journal_lost = True
             log.error("writer: %s removed or replaced under the writer (by another program): SQLite writes on "
-                      "into files nobody else sees, lost at a kill; copying every committed write into the "
-                      "database before answering, then draining and exiting so that a writer with files of its "
-                      "own serves", " and ".join(replaced))
+                      "into files nobody else sees, lost at a kill; from now on each commit is copied into the "
+                      "database before it is answered, and the writer drains and exits so that one with files "
+                      "of its own serves", " and ".join(replaced))
         try:
-            result = self.checkpoint_all()
+            result = checkpoint(self.conn, "TRUNCATE")
         except Exception as e:
-            log.error("writer: the checkpoint that saves the removed WAL failed (%s); committed writes since the "
-                      "last checkpoint are in it alone", database_words(e))
-            return True
-        if result["busy"]:
-            log.error("writer: the checkpoint that saves the removed WAL is partial, a reader held it back; the "
-                      "final checkpoint copies the rest as the writer exits")
-        return True
+            why = f"the copy failed ({database_words(e)})"
+        else:
+            if not result["busy"]:
+                return ""
+            why = "a reader held it back"
+        log.error("writer: a commit could not be copied from the removed WAL into the database (%s); its requests "
+                  "are answered retryably", why)
+        return (f"not acknowledged, retry: the database's WAL was removed under the writer and the copy of this "
+                f"commit into the database did not complete ({why})")
 
     def checkpoint_all(self, within: float = 3.0) -> dict[str, int]:
         """A TRUNCATE checkpoint: every committed page into the database file (SQLite copies from the
@@ -240,7 +250,10 @@ class WriteConnection:
         if self.closed:
             self.recover()  # the IO thread left it closed, and no batch came after
         try:
-            result = self.checkpoint_all()
+            # After the files were removed, a partial checkpoint leaves the database file, which is all
+            # the next writer finds, a mix of two states (SQLite copies no page whose latest frame a
+            # reader still needs, even older frames of it): the readers are given longer to finish.
+            result = self.checkpoint_all(JOURNAL_LOST_FINAL_WAIT_S if self._journal_lost else 3.0)
         except Exception as e:
             reason = storage_full_reason(e)
             if reason is not None:
@@ -249,6 +262,12 @@ class WriteConnection:
             else:
                 log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
                           "exiting", type(e).__name__, e)
+            return
+        if result["busy"] and self._journal_lost:
+            log.critical("writer: final checkpoint partial, a reader held a snapshot for %.0f s: the database file "
+                         "may now be inconsistent (run python -m db doctor; restore a backup if its integrity check "
+                         "fails); what the removed WAL held is lost, none of it acknowledged since the removal; "
+                         "exiting", JOURNAL_LOST_FINAL_WAIT_S)
             return
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
 
