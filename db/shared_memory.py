@@ -38,7 +38,8 @@ _state: dict[Path, dict[str, Any]] = {}
 _lock = threading.Lock()
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file ``path`` names; None when it names none. Raises other OSErrors."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -69,7 +70,10 @@ def watch(engine: Engine, database: Path) -> None:
 
     @event.listens_for(engine, "checkout")
     def _on_checkout(_dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        now = _identity(shm)
+        try:
+            now = file_identity(shm)
+        except OSError:  # cannot tell (no right to look): the connection is used as it is
+            return
         with _lock:
             state = _state.setdefault(database, {"named": now, "generation": 0, "suspect": False})
             if state["named"] != now:

@@ -25,6 +25,7 @@ from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
 from db.errors import database_words
 from db.schema import migrate
+from db.shared_memory import file_identity
 
 log = logging.getLogger("tickstack.writer")
 
@@ -191,7 +192,7 @@ class WriteConnection:
         if not self._journal:
             return []
         try:
-            ids = tuple(_file_id(p) for p in self._journal)
+            ids = tuple(file_identity(p) for p in self._journal)
         except OSError:  # cannot tell (no right to look): nothing is said, and the writer serves on
             return []
         if self._journal_of is not self.conn:  # a new connection: the files it opened (or made)
@@ -271,11 +272,3 @@ class WriteConnection:
             return
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
 
-
-def _file_id(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file ``path`` names; None when it names none."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
