@@ -77,9 +77,15 @@ def watch(engine: Engine, database: Path) -> None:
         with _lock:
             state = _state.setdefault(database, {"named": now, "generation": 0, "suspect": False})
             if state["named"] != now:
-                state.update(named=now, generation=state["generation"] + 1, suspect=True)
-                log.warning("%s was removed or replaced under this process's connections to the database: "
-                            "they are replaced by connections that read the files in place", shm.name)
+                # The fault is a removed map still held here. Else it is SQLite's own doing: made by the
+                # first writer since this process started, or removed by a writer's last close (when no
+                # connection had the database open) and made again by the next.
+                held = removed_map_held(shm)
+                said = log.warning if held else log.info
+                said("%s was %s: this process's connections to the database are replaced by connections that "
+                     "read the files in place", shm.name,
+                     "removed or replaced under them" if held else "made again")
+                state.update(named=now, generation=state["generation"] + 1, suspect=held)
             if state["suspect"] and not removed_map_held(shm):
                 state["suspect"] = False
             stale = record.info.get("shm_generation") != state["generation"]
