@@ -35,7 +35,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import NullPool
 
-from db import shared_memory, slowreads
+from db import slowreads
 from db.config import Settings
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -210,8 +210,6 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
     if timed:
         slowreads.instrument(engine, settings.run_dir)
     if is_sqlite(engine):
-        assert settings.database_path is not None
-        shared_memory.watch(engine, settings.database_path)
         return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}",
                                                    "query_only = 1"])
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,14 +25,12 @@ import psutil
 import pytest
 import zmq
 from sqlalchemy import create_engine
-from sqlalchemy.exc import OperationalError
 
 from db.client import WriterClient
 from db.config import load_settings
-from db.engine import make_read_engine
 from db.errors import OpFailed, StorageFull, ValidationError
 from db.validation import MAX_PRICE, MAX_SIZE
-from testkit.helpers import T0, query, wait_for
+from testkit.helpers import T0, query
 from testkit.writer import RawPeer, Stack
 
 MiB = 1024 * 1024
@@ -549,121 +545,3 @@ def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(s
     lines = [line for line in stack.writer_log().splitlines() if "no ticks from this source" in line or
              "INSERT" in line or "1.200299" in line or line.startswith(("Traceback", "  File"))]
     assert len(lines) == 1 and "insert_ticks" in lines[0] and "INSERT" not in lines[0], "\n".join(lines)[:3000]
-
-
-@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
-def test_journal_files_removed_under_the_writer_lose_nothing_it_acknowledged(stack: Stack) -> None:
-    """``rm tickstack.db-wal tickstack.db-shm`` (an old remedy for "database is locked") under a running
-    writer: SQLite writes on into the removed WAL, which goes with the process, and every write
-    acknowledged since the last checkpoint was lost at a kill -9, with no word in any log. The writer
-    now sees it at its next commit, copies the WAL into the database before it answers, says so, and
-    drains and exits (exit 1) so that a writer with files of its own serves."""
-    proc = stack.start_writer()
-    path = stack.settings.database_path
-    client = WriterClient(settings=stack.settings, deadline=20)
-    with client.pipeline() as pipe:
-        for i in range(50):
-            pipe.submit("audit", actor="me", action="before", target=str(i))
-    assert pipe.failed == [] and pipe.completed == 50
-    for suffix in ("-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink()
-    client.call("audit", actor="me", action="after")  # acknowledged: it must be in the database's file
-    stack.stop(proc, signal.SIGKILL)
-    con = sqlite3.connect(path)
-    try:
-        assert con.execute("SELECT action, count(*) FROM audit_log GROUP BY action ORDER BY action").fetchall() == [
-            ("after", 1), ("before", 50)]
-    finally:
-        con.close()
-    said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
-    assert said and "tickstack.db-wal" in said[0] and "removed or replaced" in said[0], said
-
-    # Left alone, it drains and exits 1; a new writer serves with files of its own.
-    proc = stack.start_writer()
-    path.with_name(path.name + "-wal").unlink()
-    client.call("audit", actor="me", action="last")
-    assert proc.wait(timeout=60) == 1, stack.writer_log()[-3000:]
-    stack.start_writer()
-    assert client.call("audit", actor="me", action="again")["id"] > 0
-    assert count(stack, "SELECT count(*) FROM audit_log WHERE action IN ('before', 'after', 'last', 'again')") == 53
-
-
-@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
-def test_readers_see_the_new_writers_writes_after_the_journal_files_were_removed(stack: Stack) -> None:
-    """Every connection of a process to one SQLite file shares one map of its ``-shm`` file: after the
-    files were removed, a process's readers (the API's and console's pools, analysis, the monitor)
-    kept the removed map, in which nothing changes any more, and served the database as it was at the
-    removal, for as long as the process lived, whatever the new writer stored. A reader engine now
-    sees at its next checkout that the path names another file (or none), and closes this process's
-    SQLite connections so that the next ones map the file the writer uses."""
-    path = stack.settings.database_path
-    proc = stack.start_writer()
-    client = WriterClient(settings=stack.settings, deadline=20)
-    client.call("audit", actor="me", action="before")
-    engine = make_read_engine(stack.settings)
-    try:
-        def seen() -> int:
-            with engine.connect() as conn:
-                return conn.exec_driver_sql("SELECT count(*) FROM audit_log").scalar()
-
-        assert seen() == 1
-        for suffix in ("-wal", "-shm"):
-            path.with_name(path.name + suffix).unlink()
-        client.call("audit", actor="me", action="at-the-removal")
-        assert proc.wait(timeout=60) == 1, stack.writer_log()[-3000:]
-        assert seen() == 2
-        proc = stack.start_writer()
-        for i in range(3):
-            client.call("audit", actor="me", action="after", target=str(i))
-        assert seen() == 5
-
-    finally:
-        engine.dispose()
-
-
-@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
-def test_a_commit_a_reader_keeps_in_the_removed_wal_is_not_acknowledged_until_it_is_copied(stack: Stack) -> None:
-    """The journal files removed while a reader holds a snapshot (a long request): the writer cannot
-    copy the commits made after it into the database (SQLite's checkpoint waits for the reader, here
-    0.2 s at most), so it does not acknowledge them, answering retryably; once the reader is done, the
-    client's resend is answered, applied once. Meanwhile connections made while the reader's is open
-    share its old map; once it is back, none holds it, and reads are current."""
-    path = stack.settings.database_path
-    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="200", TICKSTACK_WRITER_DRAIN_DEADLINE="30")
-    client = WriterClient(settings=stack.settings, deadline=60)
-    client.call("audit", actor="me", action="before")
-    engine = make_read_engine(stack.settings)
-    try:
-        held = engine.connect()  # another thread's request, its snapshot open across the removal
-        assert held.exec_driver_sql("SELECT count(*) FROM audit_log").scalar() == 1
-        for suffix in ("-wal", "-shm"):
-            path.with_name(path.name + suffix).unlink()
-        answers: list[Any] = []
-
-        def send() -> None:  # a client of its own: one per thread
-            with WriterClient(settings=stack.settings, deadline=60) as own:
-                answers.append(own.call("audit", actor="me", action="held"))
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        wait_for("a commit answered retryably", lambda: "its requests are answered retryably" in stack.writer_log())
-        assert answers == []
-        try:  # made while the held one is open, it shares the old map: it reads that, or fails (the
-            # WAL the map speaks of is gone), until the held one is back
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT count(*) FROM audit_log").scalar()
-        except OperationalError as e:
-            assert "disk I/O error" in str(e), e
-        held.close()
-        sender.join(timeout=60)
-        assert answers and answers[0]["id"] > 0, (answers, stack.writer_log()[-3000:])
-        assert proc.wait(timeout=60) == 1, stack.writer_log()[-3000:]
-        assert "final checkpoint done" in stack.writer_log()
-        stack.start_writer()
-        client.call("audit", actor="me", action="after")
-        with engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT action, count(*) FROM audit_log GROUP BY action ORDER BY action"
-                                        ).all() == [("after", 1), ("before", 1), ("held", 1)]
-            assert conn.exec_driver_sql("PRAGMA quick_check").scalar() == "ok"
-    finally:
-        engine.dispose()

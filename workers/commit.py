@@ -51,7 +51,7 @@ from sqlalchemy.engine import Connection, Engine
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason
-from db.errors import CommitFailed, OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
+from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
 from db.protocol import encode_reply, request_digest
 from db.validation import shown
 from workers.answers import Answers
@@ -121,16 +121,12 @@ class Committer:
     def __init__(self, settings: Settings, engine: Engine, conn: Connection, stats: Stats,
                  requests: queue.Queue, on_fatal: Callable[[], None],
                  on_commit: Callable[[], None] = lambda: None,
-                 before_commit: Callable[[Connection], None] | None = None,
-                 on_journal_lost: Callable[[], None] = lambda: None) -> None:
+                 before_commit: Callable[[Connection], None] | None = None) -> None:
         """``on_commit`` is called after each batch that committed (the checkpointer's poke);
         ``before_commit`` in each batch's transaction just before its COMMIT, and may raise to
-        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`);
-        ``on_journal_lost`` after a commit that found SQLite's WAL removed under it
-        (:meth:`WriteConnection.journal_check`)."""
+        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`)."""
         self.settings = settings
         self.on_commit = on_commit
-        self.on_journal_lost = on_journal_lost
         self.before_commit = before_commit
         #: The one write connection (replaced after a failure that leaves it unusable).
         self.link = WriteConnection(settings, engine, conn)
@@ -311,18 +307,11 @@ class Committer:
                           database_words(cause))
             return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         replies, outside, committed, tally = run
-        # Committed: a resend is a resend (answered as the batch after it is), whatever is answered now.
-        self.applied.remember(committed)
-        unsaved = self.link.journal_check()  # before any answer goes out
-        if unsaved is not None:
-            self.on_journal_lost()
-            if unsaved:
-                error = CommitFailed(unsaved)
-                return [(req.ident, encode_reply(req.seq, error=error, batch=batch_no)) for req in batch]
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_commit()
         if committed:
             self.answers.committed()
+        self.applied.remember(committed)
         st = self.stats
         st.batches += 1
         st.io_batches += self.here

@@ -11,11 +11,8 @@ wait on another connection's lock (:meth:`WriteConnection.recover`).
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import stat
 import time
-from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import configure_mappers
@@ -23,15 +20,10 @@ from sqlalchemy.orm import configure_mappers
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
-from db.errors import database_words
 from db.schema import migrate
-from db.shared_memory import file_identity
 
 log = logging.getLogger("tickstack.writer")
 
-#: Seconds the last checkpoint of a writer whose WAL was removed waits for the readers (see final_checkpoint):
-#: within the writer's graceful timeout in circus.ini.
-JOURNAL_LOST_FINAL_WAIT_S = 20.0
 #: The longest :meth:`WriteConnection.open_database` waits for each lock on PostgreSQL while it gets ready.
 GET_READY_LOCK_MS = 1000
 
@@ -58,28 +50,6 @@ def transaction_ended(conn: Connection) -> bool:
     return driver is not None and not driver.in_transaction
 
 
-def sqlite_files(path: Path) -> tuple[Path, Path, Path]:
-    """An SQLite database file and its WAL and shared-memory files."""
-    return path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")
-
-
-def make_database_private(path: Path | None) -> None:
-    """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
-    SQLite makes the last two with the database's mode, whatever the umask, so one others may
-    read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
-    for one in sqlite_files(path) if path is not None else ():
-        try:
-            mode = stat.S_IMODE(os.stat(one).st_mode)
-            if mode & 0o077:
-                os.chmod(one, 0o600)
-                log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
-                            "file of the stack", one, mode)
-        except FileNotFoundError:
-            continue
-        except OSError as e:  # not ours to change: said, and the writer goes on
-            log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
-
-
 class WriteConnection:
     """The write connection (``conn``, replaced after a failure that leaves it unusable) and the
     engine that opens it."""
@@ -88,14 +58,6 @@ class WriteConnection:
         self.settings = settings
         self.engine = engine
         self.conn = conn
-        path = settings.database_path
-        #: SQLite's WAL and shared-memory files, and what each path named when ``_journal_of`` first
-        #: committed (device, inode; None: no file): see :meth:`journal_replaced`.
-        self._journal = () if path is None else sqlite_files(path)[1:]
-        self._journal_ids: tuple[tuple[int, int] | None, ...] = ()
-        self._journal_of: Connection | None = None
-        #: The files were found removed or replaced: every commit is checkpointed (:meth:`journal_check`).
-        self._journal_lost = False
 
     def open_database(self) -> tuple[int, int]:
         """Before the writer serves: upgrade the schema (returns the versions before and after; its
@@ -183,64 +145,6 @@ class WriteConnection:
             except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
                 log.warning("writer: could not set busy_timeout again: %s", e)
 
-    def journal_replaced(self) -> list[str]:
-        """After a commit (two ``stat`` calls): the names of SQLite's WAL and shared-memory files whose
-        path no longer names the file this connection writes (removed, or another put in its place:
-        ``rm tickstack.db-wal tickstack.db-shm``, an old remedy for "database is locked"). SQLite
-        writes on into the removed WAL, which goes with the process: every write since the last
-        checkpoint would be lost at a kill, and no new reader would see them. Empty on a server."""
-        if not self._journal:
-            return []
-        try:
-            ids = tuple(file_identity(p) for p in self._journal)
-        except OSError:  # cannot tell (no right to look): nothing is said, and the writer serves on
-            return []
-        if self._journal_of is not self.conn:  # a new connection: the files it opened (or made)
-            self._journal_of, self._journal_ids = self.conn, ids
-        return [p.name for p, now, then in zip(self._journal, ids, self._journal_ids, strict=True)
-                if now is None or now != then]
-
-    def journal_check(self) -> str | None:
-        """After a commit, before any answer: None while SQLite's files are in place. Once they were
-        removed or replaced (:meth:`journal_replaced`; said once, as an ERROR, and the writer drains
-        and exits), each commit is copied into the database file first (one TRUNCATE checkpoint,
-        which waits ``busy_timeout`` at most for the readers): "" when it was, else why not, and the
-        caller then answers the batch retryably. A write only in a removed WAL is never acknowledged:
-        its retry is applied once, as a resend here once a copy is done, or by the next writer if
-        the removed WAL goes with this one."""
-        if not self._journal_lost:
-            replaced = self.journal_replaced()
-            if not replaced:
-                return None
-            self._journal_lost = True
-            log.error("writer: %s removed or replaced under the writer (by another program): SQLite writes on "
-                      "into files nobody else sees, lost at a kill; from now on each commit is copied into the "
-                      "database before it is answered, and the writer drains and exits so that one with files "
-                      "of its own serves", " and ".join(replaced))
-        try:
-            result = checkpoint(self.conn, "TRUNCATE")
-        except Exception as e:
-            why = f"the copy failed ({database_words(e)})"
-        else:
-            if not result["busy"]:
-                return ""
-            why = "a reader held it back"
-        log.error("writer: a commit could not be copied from the removed WAL into the database (%s); its requests "
-                  "are answered retryably", why)
-        return (f"not acknowledged, retry: the database's WAL was removed under the writer and the copy of this "
-                f"commit into the database did not complete ({why})")
-
-    def checkpoint_all(self, within: float = 3.0) -> dict[str, int]:
-        """A TRUNCATE checkpoint: every committed page into the database file (SQLite copies from the
-        WAL it has open, removed or not). A reader mid-transaction makes it partial (busy): tried
-        again for ``within`` seconds. Returns SQLite's answer; raises what the checkpoint raises."""
-        deadline = time.monotonic() + within
-        while True:
-            result = checkpoint(self.conn, "TRUNCATE")
-            if not result["busy"] or time.monotonic() > deadline:
-                return result
-            time.sleep(0.1)
-
     def final_checkpoint(self) -> None:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
@@ -250,25 +154,20 @@ class WriteConnection:
             return
         if self.closed:
             self.recover()  # the IO thread left it closed, and no batch came after
-        try:
-            # After the files were removed, a partial checkpoint leaves the database file, which is all
-            # the next writer finds, a mix of two states (SQLite copies no page whose latest frame a
-            # reader still needs, even older frames of it): the readers are given longer to finish.
-            result = self.checkpoint_all(JOURNAL_LOST_FINAL_WAIT_S if self._journal_lost else 3.0)
-        except Exception as e:
-            reason = storage_full_reason(e)
-            if reason is not None:
-                log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
-                            "in the WAL, and the next writer checkpoints it; exiting", reason)
-            else:
-                log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
-                          "exiting", type(e).__name__, e)
-            return
-        if result["busy"] and self._journal_lost:
-            log.critical("writer: final checkpoint partial, a reader held a snapshot for %.0f s: the database file "
-                         "may now be inconsistent (run python -m db doctor; restore a backup if its integrity check "
-                         "fails); what the removed WAL held is lost, none of it acknowledged since the removal; "
-                         "exiting", JOURNAL_LOST_FINAL_WAIT_S)
-            return
+        deadline = time.monotonic() + 3.0
+        while True:
+            try:
+                result = checkpoint(self.conn, "TRUNCATE")
+            except Exception as e:
+                reason = storage_full_reason(e)
+                if reason is not None:
+                    log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
+                                "in the WAL, and the next writer checkpoints it; exiting", reason)
+                else:
+                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
+                              "exiting", type(e).__name__, e)
+                return
+            if not result["busy"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
-

@@ -53,6 +53,7 @@ import logging
 import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
@@ -75,7 +76,6 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
-from workers.write_connection import make_database_private
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -111,8 +111,6 @@ class Writer:
         self.stop_requested_at: float | None = None
         #: The writer lock's file was removed or replaced while it served (:meth:`_check_lock`).
         self.lock_lost = False
-        #: SQLite's WAL was removed or replaced while it served (:meth:`_journal_lost`).
-        self.journal_lost = False
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -132,6 +130,25 @@ class Writer:
     def init_signals(self) -> None:
         """SIGTERM and SIGINT only ask to stop: the loop drains and finishes."""
         on_stop_signals(self.handle_stop)
+
+    def _make_database_private(self) -> None:
+        """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
+        SQLite makes the last two with the database's mode, whatever the umask, so one others may
+        read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
+        path = self.settings.database_path
+        if path is None:
+            return
+        for one in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+            try:
+                mode = stat.S_IMODE(os.stat(one).st_mode)
+                if mode & 0o077:
+                    os.chmod(one, 0o600)
+                    log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
+                                "file of the stack", one, mode)
+            except FileNotFoundError:
+                continue
+            except OSError as e:  # not ours to change: said, and the writer goes on
+                log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
         if self.stop_requested_at is None:
@@ -172,7 +189,7 @@ class Writer:
             raise
         try:
             self.init_signals()
-            make_database_private(self.settings.database_path)
+            self._make_database_private()
             self.engine = make_write_engine(self.settings)
             self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
             if self.server_lock is not None:  # a reconnection must prove the lock is still ours
@@ -182,8 +199,7 @@ class Writer:
                 conn = self.engine.connect()
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
                                            on_fatal=self._stop_now, on_commit=self.checkpointer.poke,
-                                           before_commit=self.server_lock.check_held if self.server_lock else None,
-                                           on_journal_lost=self._journal_lost)
+                                           before_commit=self.server_lock.check_held if self.server_lock else None)
                 before, after = self.committer.link.open_database()
             except Exception as e:
                 reason = storage_full_reason(e)
@@ -214,7 +230,7 @@ class Writer:
                 self.checkpointer.stop()
             self.committer.link.final_checkpoint()  # type: ignore[union-attr]
             lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
-            return 1 if self.journal_lost else EXIT_LOCKED if lost else 0
+            return EXIT_LOCKED if lost else 0
         finally:
             conn = self.committer.conn if self.committer is not None else None
             for what, close in (("connection", getattr(conn, "close", None)),
@@ -321,13 +337,6 @@ class Writer:
             self.lock_lost = True
             log.error("writer: the writer lock %s was removed or replaced: another writer could start beside "
                       "this one; draining and exiting", self.lock.path)
-            self.stop_requested_at = time.monotonic()
-
-    def _journal_lost(self) -> None:
-        """SQLite's WAL removed under the writer (its content already saved): drain and exit 1, as for
-        SIGTERM, so that circus starts a writer with files of its own. Called by the committing thread."""
-        self.journal_lost = True
-        if self.stop_requested_at is None:
             self.stop_requested_at = time.monotonic()
 
     def _stop_now(self) -> None:
