@@ -143,6 +143,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     from db.health import snapshot
+    from db.leader import NOBODY
 
     settings = load_settings()
     check_home(settings)  # a file as TICKSTACK_HOME: said in one line, not as the lock file's traceback
@@ -170,7 +171,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     elif server is not None:
         print(f"server     DOWN ({server['error']})")
     for name, leader in snap.get("leaders", {}).items():
-        print(f"leader     {name}: {leader or 'nobody (no process of it runs)'}")
+        print(f"leader     {name}: {leader or 'nobody (' + NOBODY.get(name, 'no process of it runs') + ')'}")
     if "files" in snap:
         f = snap["files"]
         print(f"files      db {_human_bytes(f['db'])}, wal {_human_bytes(f['wal'])}, shm {_human_bytes(f['shm'])}")

@@ -43,6 +43,9 @@ log = logging.getLogger("tickstack.leader")
 #: The workers that run under a leadership (their ``name``): for health, doctor and the console. The
 #: tick ingestor only with ``--lead`` (the ``ticks`` watcher's simulated market: one per database).
 LEADER_NAMES = ("analysis", "monitor", "jobs", "ticks")
+#: What "nobody leads" means for each (a feed run by hand without ``--lead`` feeds without leading).
+NOBODY = {name: f"no {name} process runs" for name in LEADER_NAMES} | {
+    "ticks": "no simulated market runs with --lead (the ticks watcher's)"}
 #: The first half of every leadership lock's key ("tick"): the second is the worker's name.
 NAMESPACE = 0x7469636B
 #: ``application_name`` prefix of a leadership session: how a standby, ``db doctor`` and the

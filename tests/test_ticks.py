@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +18,7 @@ import msgpack
 import pytest
 from sqlalchemy import create_engine
 
-from testkit.env import ROOT
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
@@ -451,19 +452,38 @@ def test_one_leading_simulated_market_per_database_and_a_standby_takes_over(writ
     logs = [writer.home / "log" / f"lead-{i}.log" for i in range(2)]
     first = writer.start_worker("workers.ticks", logs[0], "--feed", "sim", "--lead", "--rate", "20")
     wait_for("the first feed's ticks", lambda: ro(writer).execute("SELECT count(*) FROM ticks").fetchone()[0] > 0)
-    second = writer.start_worker("workers.ticks", logs[1], "--feed", "sim", "--lead", "--rate", "20")
-    wait_for("the second to stand by", lambda: "standing by; the leader is pid" in logs[1].read_text())
-    time.sleep(1.0)
-    assert ro(writer).execute("SELECT count(DISTINCT source) FROM ticks").fetchone() == (1,)
-    writer.stop(first, signal.SIGKILL)
-    taken_at = int(time.time() * 1000)
-    wait_for("the standby to take over", lambda: ro(writer).execute(
-        "SELECT count(DISTINCT source) FROM ticks").fetchone()[0] == 2, timeout=60)
+    # The second as a second host's: its own home (and spool), the same database and writer. Its spool
+    # holds a batch of a run of it that led: a standby sends it, for it needs no lead.
+    other = new_home("ts-host-b-")
+    try:
+        env = {**isolated_env(other), "WRITER_ENDPOINT": writer.settings.writer_endpoint,
+               "DATABASE_URL": writer.settings.database_url}
+        (other / "spool").mkdir(mode=0o700, exist_ok=True)
+        (other / "spool" / "ticks-sim-host-b-1-0-2.msgpack").write_bytes(msgpack.packb(
+            {"symbol": ["BTCUSD"] * 2, "ts": [1_700_000_000_000, 1_700_000_000_001], "bid": [1.0] * 2,
+             "ask": [1.5] * 2, "volume": [1.0] * 2, "source": ["sim-host-b-1"] * 2, "seq": [0, 1]}))
+        with open(logs[1], "ab") as out:
+            second = subprocess.Popen([sys.executable, "-m", "workers.ticks", "--feed", "sim", "--lead", "--rate",
+                                       "20"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        writer.procs.append(second)
+        wait_for("the second to stand by", lambda: "standing by; the leader is" in logs[1].read_text())
+        wait_for("the standby to send its spool", lambda: not list((other / "spool").iterdir()))
+        assert ro(writer).execute("SELECT count(*) FROM ticks WHERE source = 'sim-host-b-1'").fetchone() == (2,)
+        time.sleep(1.0)
+        assert ro(writer).execute("SELECT count(DISTINCT source) FROM ticks WHERE source LIKE 'sim-%' AND "
+                                  "source != 'sim-host-b-1'").fetchone() == (1,)
+        writer.stop(first, signal.SIGKILL)
+        taken_at = int(time.time() * 1000)
+        wait_for("the standby to take over", lambda: ro(writer).execute(
+            "SELECT count(DISTINCT source) FROM ticks WHERE source != 'sim-host-b-1'").fetchone()[0] == 2,
+            timeout=60)
+    finally:
+        assert writer.stop(second) == 0
+        shutil.rmtree(other, ignore_errors=True)
     assert "ticks: leading" in logs[1].read_text()
     (earliest,) = ro(writer).execute("SELECT min(ts) FROM ticks WHERE source = (SELECT source FROM ticks "
                                      "ORDER BY id DESC LIMIT 1)").fetchone()
     assert earliest >= taken_at - 1000, (earliest, taken_at)
-    assert writer.stop(second) == 0
     # A CSV replay runs where it is asked to: --lead is refused for it.
     refused = run(writer, "workers.ticks", "--feed", "csv", "--file", str(logs[0]), "--lead")
     assert refused.returncode == 2 and "--lead is for the simulated feed" in refused.stderr, refused.stderr

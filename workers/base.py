@@ -172,7 +172,8 @@ class Worker:
             if not leads:
                 assert leadership is not None
                 if self.until_idle and self.alive:
-                    self.log.error("%s: another process leads (%s); --until-idle does not wait for it",
+                    self.log.error("%s: another process leads (%s); a run to its end (--until-idle, --count) "
+                                   "does not wait for it",
                                    self.name, leadership.holder())
                     return 3
                 self.log.info("%s stopped (a standby)", self.name)
@@ -213,9 +214,15 @@ class Worker:
                 return False
             if holder != said:
                 self.log.info("%s: standing by; the leader is %s", self.name, holder)
+                if said is None:
+                    self.standing_by()
                 said = holder
             self.sleep(self.standby_poll)
         return False
+
+    def standing_by(self) -> None:
+        """Called once, when this process first stands by: what it may do without leading (nothing,
+        unless a worker says otherwise)."""
 
     def _serve(self, leadership: Leadership | None) -> int:
         self.setup()

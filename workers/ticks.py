@@ -155,6 +155,20 @@ class TickIngestor(Worker):
         self.log.info("ticks: source %s, %d spooled batches to replay", self.source, len(self.spool.files()))
         self._replay_spool(force=True)
 
+    def standing_by(self) -> None:
+        """A standby (``--lead``) sends what its home's spool holds (batches of a run of it that led, or
+        of a replay whose writer was away): that needs no lead, and the spool may otherwise wait for a
+        lead that never comes to this host."""
+        if not any(self.settings.spool_dir.glob("ticks-*.msgpack")):
+            return
+        sender = TickIngestor(self.settings, iter(()), "spool", until_idle=True, deadline=self.deadline)
+        sender.setup()
+        try:
+            while self.alive and sender.alive:
+                sender.step()
+        finally:
+            sender.teardown()
+
     def step(self) -> bool:
         started = time.monotonic()
         self._pause_feed(self.spool.memory_full)

@@ -29,6 +29,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import backups, health, queries, slowreads
 from db.engine import display_url
 from db.errors import WriterError
+from db.leader import NOBODY
 from db.models import AuditEntry, JobRun, now_ms
 from db.sizes import human_bytes
 from supervision.circus import CircusError
@@ -151,6 +152,7 @@ def database() -> ResponseReturnValue:
     files = health.file_sizes(s.database_path) if s.database_path is not None else {}
     cj = history["checkpoint_job"]
     return render_template("console/database.html", snap=snap, findings=findings, history=history, owners=owners,
+                           nobody=NOBODY,
                            jobs=job_rows(history["jobs"]), checkpoint_words=checkpoint_words(snap["last_checkpoint"]),
                            checkpoint_job_words=job_words("checkpoint", cj.ok, cj.detail) if cj is not None else None,
                            tables=table_figures(s.database_url, files.get("db")),
