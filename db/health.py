@@ -370,6 +370,8 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
                                     "space: delete old backups (TICKSTACK_BACKUP_KEEP), shorten "
                                     "TICKSTACK_RETENTION_DAYS, or move TICKSTACK_HOME to a larger disk."))
     stats = snap["writer"].get("stats") or {}
+    if stats.get("journal_removed"):
+        out.append(("fail", f"The writer refuses every write: {stats['journal_removed']}."))
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)

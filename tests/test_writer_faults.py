@@ -14,6 +14,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,9 +29,10 @@ from sqlalchemy import create_engine
 
 from db.client import WriterClient
 from db.config import load_settings
-from db.errors import OpFailed, StorageFull, ValidationError
+from db.errors import OpFailed, StorageFull, ValidationError, WriterUnavailable
 from db.validation import MAX_PRICE, MAX_SIZE
-from testkit.helpers import T0, query
+from testkit.env import ROOT
+from testkit.helpers import T0, query, wait_for
 from testkit.writer import RawPeer, Stack
 
 MiB = 1024 * 1024
@@ -545,3 +547,52 @@ def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(s
     lines = [line for line in stack.writer_log().splitlines() if "no ticks from this source" in line or
              "INSERT" in line or "1.200299" in line or line.startswith(("Traceback", "  File"))]
     assert len(lines) == 1 and "insert_ticks" in lines[0] and "INSERT" not in lines[0], "\n".join(lines)[:3000]
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_saves_them(stack: Stack) -> None:
+    """``rm tickstack.db-wal tickstack.db-shm`` under a running writer (an old remedy for "database is
+    locked"): SQLite wrote on into the removed WAL, which only the writer's process still had, and
+    acknowledged writes there without a word; every write since the last checkpoint was lost with
+    the process. The writer now sees within a second that the files it has open were removed, says
+    so, and refuses every write (retryably: feeds spool, clients retry) instead of adding to what is
+    at risk. Its stop (the stack's restart: readers first) copies its WAL into the database: nothing
+    acknowledged is lost, and the refused writes are applied once by the next writer."""
+    path = stack.settings.database_path
+    proc = stack.start_writer()
+    client = WriterClient(settings=stack.settings, deadline=20)
+    with client.pipeline() as pipe:
+        for i in range(50):
+            pipe.submit("audit", actor="me", action="before", target=str(i))
+    assert pipe.failed == [] and pipe.completed == 50
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink()
+    def refused_yet() -> bool:
+        try:
+            WriterClient(settings=stack.settings, deadline=0.5).call("audit", actor="me", action="probe")
+        except WriterUnavailable as e:  # answered retryably, and retried until its short deadline
+            return "its last answer: CommitFailed: not applied, retry: tickstack.db-shm and tickstack.db-wal " \
+                   "removed under the writer" in str(e)
+        return False
+
+    wait_for("the writer to refuse writes", refused_yet, timeout=10)
+    assert client.ping()["pid"] == proc.pid  # it serves pings and stats, and holds the lock
+    stats = client.stats()
+    assert "tickstack.db-wal" in (stats.get("journal_removed") or ""), stats
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert doctor.returncode == 1 and "The writer refuses every write" in doctor.stdout, doctor.stdout
+    said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
+    assert said and "removed under the writer" in said[0] and "circusctl --endpoint" in said[0] and \
+        " quit --waiting" in said[0], said
+    assert stack.stop(proc) == 0
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        probes = con.execute("SELECT count(*) FROM audit_log WHERE action = 'probe'").fetchone()[0]
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'before'").fetchone() == (50,)
+    finally:
+        con.close()
+    stack.start_writer()
+    assert client.call("audit", actor="me", action="after")["id"] > 0
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'probe'") == probes  # none applied twice

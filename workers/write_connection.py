@@ -11,8 +11,11 @@ wait on another connection's lock (:meth:`WriteConnection.recover`).
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import stat
 import time
+from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import configure_mappers
@@ -48,6 +51,54 @@ def transaction_ended(conn: Connection) -> bool:
     fails, and every request of it gets a retryable error)."""
     driver = live_sqlite(conn)
     return driver is not None and not driver.in_transaction
+
+
+def removed_journal(database: Path, circus_endpoint: str) -> str | None:
+    """Why this process must take no more writes, when SQLite's ``-wal`` or ``-shm`` file of
+    ``database`` that it has open was removed from the folder (``/proc/self/fd`` says "(deleted)": the
+    kernel's word, which a symbolic link or a file SQLite remakes cannot fool); None while they are
+    in place, or where there is no ``/proc``."""
+    real = os.path.realpath(database)
+    wanted = {f"{real}{suffix} (deleted)": f"{database.name}{suffix}" for suffix in ("-wal", "-shm")}
+    found = set()
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed meanwhile
+                continue
+            if target in wanted:
+                found.add(wanted[target])
+    except OSError:
+        return None
+    if not found:
+        return None
+    from db.preflight import circusctl_command  # psutil and more: only the day it is needed
+
+    return (f"{' and '.join(sorted(found))} removed under the writer (by another program; deleting them is never "
+            "a remedy here): every write since the last checkpoint is only in the writer's open copy, so it takes "
+            f"no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "
+            "kill -9 the writer): with no write after it and the readers stopping, its last checkpoint copies "
+            "that copy into the database")
+
+
+def make_database_private(path: Path | None) -> None:
+    """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
+    SQLite makes the last two with the database's mode, whatever the umask, so one others may
+    read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
+    if path is None:
+        return
+    for one in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+        try:
+            mode = stat.S_IMODE(os.stat(one).st_mode)
+            if mode & 0o077:
+                os.chmod(one, 0o600)
+                log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
+                            "file of the stack", one, mode)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # not ours to change: said, and the writer goes on
+            log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
 
 class WriteConnection:
@@ -145,10 +196,11 @@ class WriteConnection:
             except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
                 log.warning("writer: could not set busy_timeout again: %s", e)
 
-    def final_checkpoint(self) -> None:
+    def final_checkpoint(self, journal_removed: bool = False) -> None:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
-        own WAL: nothing to do there."""
+        own WAL: nothing to do there. ``journal_removed``: the WAL was removed under the writer
+        (:func:`removed_journal`), so a partial copy is all the database file will ever have."""
         if self.settings.database_path is None:
             log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
             return
@@ -170,4 +222,9 @@ class WriteConnection:
             if not result["busy"] or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
+        if journal_removed and result["checkpointed"] < result["log"]:
+            log.critical("writer: its WAL was removed and a reader held back the last checkpoint (%s): the database "
+                         "file is a mix of two states; run python -m db doctor, and restore a backup if its "
+                         "check fails", result)
+            return
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")

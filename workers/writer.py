@@ -53,7 +53,6 @@ import logging
 import os
 import queue
 import signal
-import stat
 import sys
 import threading
 import time
@@ -69,13 +68,14 @@ from sqlalchemy.exc import DBAPIError
 
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
-from db.errors import OpFailed, ValidationError
+from db.errors import CommitFailed, OpFailed, ValidationError
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
+from workers.write_connection import make_database_private, removed_journal
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -111,6 +111,8 @@ class Writer:
         self.stop_requested_at: float | None = None
         #: The writer lock's file was removed or replaced while it served (:meth:`_check_lock`).
         self.lock_lost = False
+        #: Why every write is refused: SQLite's WAL was removed under the writer (:meth:`_check_journal`).
+        self.journal_removed: str | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -130,25 +132,6 @@ class Writer:
     def init_signals(self) -> None:
         """SIGTERM and SIGINT only ask to stop: the loop drains and finishes."""
         on_stop_signals(self.handle_stop)
-
-    def _make_database_private(self) -> None:
-        """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
-        SQLite makes the last two with the database's mode, whatever the umask, so one others may
-        read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
-        path = self.settings.database_path
-        if path is None:
-            return
-        for one in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
-            try:
-                mode = stat.S_IMODE(os.stat(one).st_mode)
-                if mode & 0o077:
-                    os.chmod(one, 0o600)
-                    log.warning("writer: %s was open to other users (mode %o): made private (600), as every "
-                                "file of the stack", one, mode)
-            except FileNotFoundError:
-                continue
-            except OSError as e:  # not ours to change: said, and the writer goes on
-                log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
     def handle_stop(self, signum: int, _frame: Any) -> None:
         if self.stop_requested_at is None:
@@ -189,7 +172,7 @@ class Writer:
             raise
         try:
             self.init_signals()
-            self._make_database_private()
+            make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
             self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
             if self.server_lock is not None:  # a reconnection must prove the lock is still ours
@@ -228,7 +211,7 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            self.committer.link.final_checkpoint()  # type: ignore[union-attr]
+            self.committer.link.final_checkpoint(self.journal_removed is not None)  # type: ignore[union-attr]
             lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
             return EXIT_LOCKED if lost else 0
         finally:
@@ -278,6 +261,7 @@ class Writer:
                 if time.monotonic() - lock_checked >= LOCK_CHECK_EVERY_S:
                     lock_checked = time.monotonic()
                     self._check_lock()
+                    self._check_journal()
                 events = dict(poller.poll(50))
                 if replies_in in events:
                     self._forward_replies(replies_in, router)
@@ -339,6 +323,21 @@ class Writer:
                       "this one; draining and exiting", self.lock.path)
             self.stop_requested_at = time.monotonic()
 
+    def _check_journal(self) -> None:
+        """SQLite's WAL (or shm) removed under the writer (``rm tickstack.db-wal tickstack.db-shm``):
+        every write since the last checkpoint is then only in the removed WAL this process still has
+        open, lost with it. A checkpoint now could be partial (a reader's snapshot holds pages back),
+        which without the WAL leaves the database file a mix of two states; so the writer keeps what
+        it has, refuses every write from now on (retryably), and says how to save it: a restart of
+        the stack, whose readers stop first, and whose writer's last checkpoint then copies it all."""
+        path = self.settings.database_path
+        if self.journal_removed is not None or path is None:
+            return
+        reason = removed_journal(path, self.settings.circus_endpoint)
+        if reason:
+            self.stats.journal_removed, self.journal_removed = reason, f"not applied, retry: {reason}"
+            log.error("writer: %s", reason)
+
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a
         request's): stop at once instead of queueing requests nobody commits."""
@@ -395,6 +394,9 @@ class Writer:
         elif name == "stats":
             self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize(),
                                                                                    self.queued_bytes)))
+        elif self.journal_removed is not None:
+            self.stats.requests_failed += 1
+            self._send(router, ident, encode_reply(seq, error=CommitFailed(self.journal_removed)))
         elif not self._enqueue(Request(ident, msg["cid"], seq, name, msg.get("args"), cost)):
             self.stats.busy_replies += 1
             self._send(router, ident, encode_reply(seq, busy=True))

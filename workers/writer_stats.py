@@ -39,6 +39,8 @@ class Stats:
         self.background_checkpoints = 0
         self.storage_full = 0
         self.last_storage_full: dict[str, Any] | None = None
+        #: Why the writer refuses every write: its WAL was removed (workers.writer.Writer._check_journal).
+        self.journal_removed: str | None = None
         self.ticks_inserted = 0
         self.commit_ms: deque[float] = deque(maxlen=4096)
         self.last_checkpoint: dict[str, Any] | None = None
@@ -63,4 +65,5 @@ class Stats:
             "background_checkpoints": self.background_checkpoints,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
+            "journal_removed": self.journal_removed,
         }
