@@ -51,7 +51,7 @@ from sqlalchemy.engine import Connection, Engine
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason
-from db.errors import OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
+from db.errors import CommitFailed, OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
 from db.protocol import encode_reply, request_digest
 from db.validation import shown
 from workers.answers import Answers
@@ -133,6 +133,9 @@ class Committer:
         self.stats = stats
         self.requests = requests
         self.on_fatal = on_fatal
+        #: Set by the writer when every write must be refused (its WAL was removed): the batches
+        #: queued then are answered with it, retryably, and run no more.
+        self.refusing: str | None = None
         #: True while a batch is in hand (the drain waits for it).
         self.busy = False
         #: True while the IO thread runs a batch (:meth:`commit_here`).
@@ -249,6 +252,8 @@ class Committer:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
         self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
+        if self.refusing is not None:
+            return [(req.ident, encode_reply(req.seq, error=CommitFailed(self.refusing))) for req in batch]
         if not self.here and self.link.closed:
             # The IO thread left it closed (it opens none), or the last open failed: open it now, and
             # when that fails, the batch's answer says why (a full disk: StorageFull), tried once.

@@ -337,6 +337,9 @@ class Writer:
         if reason:
             self.stats.journal_removed, self.journal_removed = reason, f"not applied, retry: {reason}"
             log.error("writer: %s", reason)
+            if self.committer is not None:  # what is queued is refused too
+                self.committer.refusing = self.journal_removed
+            self.checkpointer.stop(timeout=0)  # its PASSIVE checkpoints may be partial: none from now on
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a
