@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from db.config import SECRET_FILES, Settings
-from db.errors import MaintenanceFailed
+from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, discard_part, part_file, put_in_place
 from db.health import connect_read_only
 from db.leader import LEADER_NAMES, leader_lock_path
-from db.lock import PidLock
+from db.lock import PidLock, read_lock_holder
 
 #: The name of every backup the stack makes (the jobs worker's and the console's): its UTC time, so
 #: names sort in time order, and rotation can tell our backups from files a person put beside them.
@@ -113,6 +113,21 @@ def _refuse_live_file(settings: Settings, dest: Path) -> None:
         raise ValueError(f"{dest} is in the stack's run folder ({settings.run_dir}); choose another path")
 
 
+def _journal_removed(settings: Settings) -> str | None:
+    """The running writer's word that its WAL was removed under it (its ``stats``), when one runs and
+    answers within a second: a copy of the database file would then lack what only that WAL holds,
+    and pass its integrity check all the same."""
+    if read_lock_holder(settings.writer_lock_path) is None:
+        return None
+    from db.client import WriterClient
+
+    try:
+        with WriterClient(settings=settings, deadline=1.0) as client:
+            return client.stats(timeout=1.0).get("journal_removed")
+    except WriterError:  # not answering: nothing it holds can be asked for either
+        return None
+
+
 def copy_database(source: Path, dest: Path) -> list[str]:
     """SQLite's online backup API from ``source`` (read-only: one read transaction, a consistent copy
     while the stack writes) into the new file ``dest``, left in rollback-journal mode (one file, no
@@ -155,6 +170,9 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
         return dump(settings, dest, overwrite=overwrite)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; choose another path or pass --force")
+    refusal = _journal_removed(settings)
+    if refusal is not None:
+        raise MaintenanceFailed(f"no backup: the writer says {refusal}")
     started = time.perf_counter()
     # Private from its first byte, its own (another backup of this path writes another), and never
     # left behind half-written (a full disk, a bad page).

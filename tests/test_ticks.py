@@ -459,16 +459,18 @@ def test_one_leading_simulated_market_per_database_and_a_standby_takes_over(writ
         env = {**isolated_env(other), "WRITER_ENDPOINT": writer.settings.writer_endpoint,
                "DATABASE_URL": writer.settings.database_url}
         (other / "spool").mkdir(mode=0o700, exist_ok=True)
-        (other / "spool" / "ticks-sim-host-b-1-0-2.msgpack").write_bytes(msgpack.packb(
-            {"symbol": ["BTCUSD"] * 2, "ts": [1_700_000_000_000, 1_700_000_000_001], "bid": [1.0] * 2,
-             "ask": [1.5] * 2, "volume": [1.0] * 2, "source": ["sim-host-b-1"] * 2, "seq": [0, 1]}))
+        for i in range(12):  # more than one window of requests
+            (other / "spool" / f"ticks-sim-host-b-1-{2 * i}-2.msgpack").write_bytes(msgpack.packb(
+                {"symbol": ["BTCUSD"] * 2, "ts": [1_700_000_000_000 + 2 * i, 1_700_000_000_001 + 2 * i],
+                 "bid": [1.0] * 2, "ask": [1.5] * 2, "volume": [1.0] * 2, "source": ["sim-host-b-1"] * 2,
+                 "seq": [2 * i, 2 * i + 1]}))
         with open(logs[1], "ab") as out:
             second = subprocess.Popen([sys.executable, "-m", "workers.ticks", "--feed", "sim", "--lead", "--rate",
                                        "20"], env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         writer.procs.append(second)
         wait_for("the second to stand by", lambda: "standing by; the leader is" in logs[1].read_text())
         wait_for("the standby to send its spool", lambda: not list((other / "spool").iterdir()))
-        assert ro(writer).execute("SELECT count(*) FROM ticks WHERE source = 'sim-host-b-1'").fetchone() == (2,)
+        assert ro(writer).execute("SELECT count(*) FROM ticks WHERE source = 'sim-host-b-1'").fetchone() == (24,)
         time.sleep(1.0)
         assert ro(writer).execute("SELECT count(DISTINCT source) FROM ticks WHERE source LIKE 'sim-%' AND "
                                   "source != 'sim-host-b-1'").fetchone() == (1,)

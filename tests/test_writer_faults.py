@@ -582,6 +582,11 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert doctor.returncode == 1 and "The writer refuses every write" in doctor.stdout, doctor.stdout
+    # A backup would copy the file alone, without what only the removed WAL holds, and pass its check.
+    backup = subprocess.run([sys.executable, "-m", "db", "backup", str(stack.home / "b.db")], env=stack.env,
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert backup.returncode != 0 and "no backup: the writer says" in backup.stderr, backup
+    assert not (stack.home / "b.db").exists()
     said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
     assert said and "removed under the writer" in said[0] and "circusctl --endpoint" in said[0] and \
         " quit --waiting" in said[0], said

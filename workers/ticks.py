@@ -88,6 +88,8 @@ class FeedStopped(Exception):
 Origin = Path | int | None
 
 
+#: Seconds a standby's send of its spool waits for the writer's answer (:meth:`TickIngestor.standing_by`).
+STANDBY_SEND_S = 2.0
 #: A feed that begins when the worker starts serving: (ticks, source, start_ts) (:class:`TickIngestor`).
 Opening = Callable[[], tuple[Iterator[tuple[int, dict[str, Any]]], str, int]]
 
@@ -159,15 +161,21 @@ class TickIngestor(Worker):
         """A standby (``--lead``) sends what its home's spool holds (batches of a run of it that led, or
         of a replay whose writer was away): that needs no lead, and the spool may otherwise wait for a
         lead that never comes to this host."""
-        if not any(self.settings.spool_dir.glob("ticks-*.msgpack")):
-            return
-        sender = TickIngestor(self.settings, iter(()), "spool", until_idle=True, deadline=self.deadline)
-        sender.setup()
-        try:
-            while self.alive and sender.alive:
-                sender.step()
-        finally:
-            sender.teardown()
+        spooled = lambda: sorted(self.settings.spool_dir.glob("ticks-*.msgpack"))  # noqa: E731
+        before = spooled()
+        while before and self.alive:  # a window of files each round, while the writer takes them
+            # A short deadline: a writer away (or refusing) must not hold a stop or a takeover.
+            sender = TickIngestor(self.settings, iter(()), "spool", until_idle=True, deadline=STANDBY_SEND_S)
+            sender.setup()
+            try:
+                while self.alive and sender.alive:
+                    sender.step()
+            finally:
+                sender.teardown()
+            after = spooled()
+            if after == before:  # none went: the next start, or the lead, sends them
+                return
+            before = after
 
     def step(self) -> bool:
         started = time.monotonic()

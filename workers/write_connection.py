@@ -23,6 +23,7 @@ from sqlalchemy.orm import configure_mappers
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
+from db.errors import database_words
 from db.schema import migrate
 
 log = logging.getLogger("tickstack.writer")
@@ -196,21 +197,31 @@ class WriteConnection:
             except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
                 log.warning("writer: could not set busy_timeout again: %s", e)
 
-    def final_checkpoint(self, journal_removed: bool = False) -> None:
+    def final_checkpoint(self, journal_removed: bool = False) -> bool:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
         own WAL: nothing to do there. ``journal_removed``: the WAL was removed under the writer
-        (:func:`removed_journal`), so a partial copy is all the database file will ever have."""
+        (:func:`removed_journal`), so what this copies is all the database file will ever have, and
+        anything less is said as CRITICAL. Returns whether every committed write is safe."""
         if self.settings.database_path is None:
             log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")
-            return
+            return True
+        lost = ("writer: its WAL was removed under it and %s: what it held since the last checkpoint is lost, "
+                "and the database file may be a mix of two states; run python -m db doctor, and restore a backup "
+                "if its check fails")
         if self.closed:
+            if journal_removed:  # a new connection would open a new WAL by its name: nothing to copy from
+                log.critical(lost, "the connection that had it open was closed by a failure")
+                return False
             self.recover()  # the IO thread left it closed, and no batch came after
         deadline = time.monotonic() + 3.0
         while True:
             try:
                 result = checkpoint(self.conn, "TRUNCATE")
             except Exception as e:
+                if journal_removed:
+                    log.critical(lost, f"the last checkpoint failed ({database_words(e)})")
+                    return False
                 reason = storage_full_reason(e)
                 if reason is not None:
                     log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
@@ -218,13 +229,12 @@ class WriteConnection:
                 else:
                     log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
                               "exiting", type(e).__name__, e)
-                return
+                return True
             if not result["busy"] or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         if journal_removed and result["checkpointed"] < result["log"]:
-            log.critical("writer: its WAL was removed and a reader held back the last checkpoint (%s): the database "
-                         "file is a mix of two states; run python -m db doctor, and restore a backup if its "
-                         "check fails", result)
-            return
+            log.critical(lost, f"a reader held back its last checkpoint ({result})")
+            return False
         log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
+        return True

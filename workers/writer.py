@@ -211,9 +211,9 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            self.committer.link.final_checkpoint(self.journal_removed is not None)  # type: ignore[union-attr]
+            saved = self.committer.link.final_checkpoint(self.journal_removed is not None)  # type: ignore[union-attr]
             lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
-            return EXIT_LOCKED if lost else 0
+            return EXIT_LOCKED if lost else 0 if saved else 1
         finally:
             conn = self.committer.conn if self.committer is not None else None
             for what, close in (("connection", getattr(conn, "close", None)),

@@ -65,5 +65,6 @@ class Stats:
             "background_checkpoints": self.background_checkpoints,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
-            "journal_removed": self.journal_removed,
+            # SQLite's alone, and only once it happened: not a field of every answer on a server.
+            **({"journal_removed": self.journal_removed} if self.journal_removed else {}),
         }
