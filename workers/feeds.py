@@ -2,11 +2,13 @@
 
 A tick is ``{"symbol": str, "ts": int, "bid": float, "ask": float, "volume": float}`` with ``ts`` in
 epoch milliseconds UTC. Everything here is pure logic (no files, no database), so that the ingestor
-only decides where ticks go. CSV replays (reading, checking and bars as ticks) are
+only decides where ticks go, but for :func:`last_mids`, the one read: where a restarted simulated
+market continues. CSV replays (reading, checking and bars as ticks) are
 :mod:`workers.csvfiles`.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -14,7 +16,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from db import queries
+from db.config import Settings
+from db.engine import make_read_engine
+from db.errors import ValidationError
 from db.parsers import quoted
+from db.validation import symbol as valid_symbol
+
+log = logging.getLogger("tickstack.ticks")
 
 Tick = dict[str, Any]
 Speed = float | Literal["max"]
@@ -189,3 +200,33 @@ def _paced(
         while (delay := due - clock()) > 0:
             sleep(min(delay, MAX_SLEEP_S))
         yield item
+
+
+def sim_symbols(text: str) -> list[str]:
+    """``--symbols``: the simulated market's symbols, each checked as the writer checks one."""
+    symbols = [s.strip() for s in text.split(",") if s.strip()]
+    if not symbols:
+        raise ValueError(f"--symbols {text!r}: give symbols like BTCUSD,EURUSD (upper case)")
+    try:
+        return [valid_symbol("--symbols", s) for s in symbols]
+    except ValidationError as e:
+        raise ValueError(f"{e}; give symbols like BTCUSD,EURUSD") from None
+
+
+def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
+    """Symbol -> the mid of its last stored tick, where a restarted simulated market continues
+    (:class:`~workers.feeds.SimFeed` ``start_mids``); {} when the database cannot be read yet (a
+    first start: the feed then starts at its defaults)."""
+    try:
+        engine = make_read_engine(settings, pool_size=1)
+    except Exception as e:  # no database file yet, a bad URL: start from the defaults
+        log.info("ticks: no stored prices to continue from (%s)", e)
+        return {}
+    try:
+        with engine.connect() as conn:
+            return {s: (t.bid + t.ask) / 2 for s, t in queries.latest_ticks(conn, symbols).items()}
+    except SQLAlchemyError as e:
+        log.info("ticks: no stored prices to continue from (%s)", e)
+        return {}
+    finally:
+        engine.dispose()

@@ -28,7 +28,6 @@ and the reason.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import logging
 import stat
@@ -37,20 +36,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
-from db import queries
 from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
-from db.engine import make_read_engine
 from db.errors import ValidationError, WriterError
 from db.files import FILE_KINDS
 from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, whole_flag
 from db.validation import MAX_TICKS
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
-from workers.csvfiles import CsvFeed, CsvFormatError
-from workers.feeds import MAX_RATE_HZ, MIN_RATE_HZ, SimFeed, Speed, pace, parse_speed
+from workers.csvfiles import CsvFeed, CsvFormatError, file_digest
+from workers.feeds import MAX_RATE_HZ, MIN_RATE_HZ, SimFeed, Speed, last_mids, pace, parse_speed, sim_symbols
 from workers.spool import COLUMNS, Spool
 
 EXIT_BAD_ROW = 1
@@ -397,16 +392,6 @@ class TickIngestor(Worker):
                           self.spool.memory_ticks)
 
 
-def _symbols(text: str) -> list[str]:
-    symbols = [s.strip() for s in text.split(",") if s.strip()]
-    if not symbols:
-        raise ValueError(f"--symbols {text!r}: give symbols like BTCUSD,EURUSD (upper case)")
-    try:
-        return [valid_symbol("--symbols", s) for s in symbols]
-    except ValidationError as e:
-        raise ValueError(f"{e}; give symbols like BTCUSD,EURUSD") from None
-
-
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feed", choices=["sim", "csv"], default="sim")
     parser.add_argument("--lead", action="store_true",
@@ -440,37 +425,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pauses until the writer or the disk takes them")
 
 
-def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:
-    """Symbol -> the mid of its last stored tick, where a restarted simulated market continues
-    (:class:`~workers.feeds.SimFeed` ``start_mids``); {} when the database cannot be read yet (a
-    first start: the feed then starts at its defaults)."""
-    try:
-        engine = make_read_engine(settings, pool_size=1)
-    except Exception as e:  # no database file yet, a bad URL: start from the defaults
-        log.info("ticks: no stored prices to continue from (%s)", e)
-        return {}
-    try:
-        with engine.connect() as conn:
-            return {s: (t.bid + t.ask) / 2 for s, t in queries.latest_ticks(conn, symbols).items()}
-    except SQLAlchemyError as e:
-        log.info("ticks: no stored prices to continue from (%s)", e)
-        return {}
-    finally:
-        engine.dispose()
-
-
-def _file_digest(path: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of the file's bytes: a CSV replay's source. Read in
-    chunks, so that a file larger than memory can be replayed (the whole file read at once took as
-    much memory as the file); the digest is that of the whole file's bytes as before, so a file
-    replayed before keeps its source and is not stored twice."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if args.feed == "sim":
-        symbols = _symbols(args.symbols)
+        symbols = sim_symbols(args.symbols)
         rate = SIM_RATE_PER_SYMBOL * len(symbols) if args.rate is None else args.rate
 
         def opening() -> tuple[Iterator[tuple[int, dict[str, Any]]], str, int]:
@@ -514,7 +471,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if feed.timeframe is not None:
         how = "--timeframe" if args.timeframe else "inferred from the file; --timeframe to say otherwise"
         log.info("ticks: %s: %s bars of %s (%s)", args.file, feed.timeframe, feed.symbol, how)
-    source = f"csv-{args.symbol or 'file'}-{_file_digest(args.file)}"
+    source = f"csv-{args.symbol or 'file'}-{file_digest(args.file)}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
     return TickIngestor(settings, iter(feed), source, until_idle=True, batch=args.batch, deadline=args.deadline,
                         seq_per_line=4, memory_limit=args.memory_limit, speed=speed)
