@@ -550,9 +550,11 @@ def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(s
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
-def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_saves_them(stack: Stack) -> None:
-    """``rm tickstack.db-wal tickstack.db-shm`` under a running writer (an old remedy for "database is
-    locked"): SQLite wrote on into the removed WAL, which only the writer's process still had, and
+@pytest.mark.parametrize("how", ["rm", "mv"])
+def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_saves_them(stack: Stack,
+                                                                                         how: str) -> None:
+    """``rm tickstack.db-wal tickstack.db-shm`` (or ``mv``) under a running writer (an old remedy for
+    "database is locked"): SQLite wrote on into the removed WAL, which only the writer's process still had, and
     acknowledged writes there without a word; every write since the last checkpoint was lost with
     the process. The writer now sees within a second that the files it has open were removed, says
     so, and refuses every write (retryably: feeds spool, clients retry) instead of adding to what is
@@ -566,13 +568,15 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
             pipe.submit("audit", actor="me", action="before", target=str(i))
     assert pipe.failed == [] and pipe.completed == 50
     for suffix in ("-wal", "-shm"):
-        path.with_name(path.name + suffix).unlink()
+        journal = path.with_name(path.name + suffix)
+        journal.unlink() if how == "rm" else journal.rename(stack.home / f"moved{suffix}")
+
     def refused_yet() -> bool:
         try:
             WriterClient(settings=stack.settings, deadline=0.5).call("audit", actor="me", action="probe")
         except WriterUnavailable as e:  # answered retryably, and retried until its short deadline
-            return "its last answer: CommitFailed: not applied, retry: tickstack.db-shm and tickstack.db-wal " \
-                   "removed under the writer" in str(e)
+            return "its last answer: CommitFailed: not applied, retry: tickstack.db-wal and tickstack.db-shm " \
+                   "removed or moved under the writer" in str(e)
         return False
 
     wait_for("the writer to refuse writes", refused_yet, timeout=10)
@@ -588,7 +592,7 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     assert backup.returncode != 0 and "no backup: the writer says" in backup.stderr, backup
     assert not (stack.home / "b.db").exists()
     said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
-    assert said and "removed under the writer" in said[0] and "circusctl --endpoint" in said[0] and \
+    assert said and "removed or moved under the writer" in said[0] and "circusctl --endpoint" in said[0] and \
         " quit --waiting" in said[0], said
     assert stack.stop(proc) == 0
     con = sqlite3.connect(path)

@@ -54,31 +54,58 @@ def transaction_ended(conn: Connection) -> bool:
     return driver is not None and not driver.in_transaction
 
 
-def removed_journal(database: Path, circus_endpoint: str) -> str | None:
-    """Why this process must take no more writes, when SQLite's ``-wal`` or ``-shm`` file of
-    ``database`` that it has open was removed from the folder (``/proc/self/fd`` says "(deleted)": the
-    kernel's word, which a symbolic link or a file SQLite remakes cannot fool); None while they are
-    in place, or where there is no ``/proc``."""
-    real = os.path.realpath(database)
-    wanted = {f"{real}{suffix} (deleted)": f"{database.name}{suffix}" for suffix in ("-wal", "-shm")}
-    found = set()
-    try:
-        for fd in os.listdir("/proc/self/fd"):
+class JournalWatch:
+    """Whether SQLite's ``-wal`` and ``-shm`` files of ``database`` that this process has open are
+    still at their paths: removed (``rm``), moved (``mv``) or replaced, SQLite writes on into the
+    file it has open, which nobody else sees, and which goes with the process. Judged by what the
+    kernel says this process has open (``/proc/self/fd``), so a symbolic link, or a file a reader
+    makes in the place of a removed one, cannot fool it; nothing is judged where there is no ``/proc``."""
+
+    def __init__(self, database: Path) -> None:
+        real = os.path.realpath(database)
+        self.paths = {f"{database.name}{suffix}": f"{real}{suffix}" for suffix in ("-wal", "-shm")}
+        #: What each path named when it was last seen open here (device, inode).
+        self.known: dict[str, tuple[int, int] | None] = dict.fromkeys(self.paths)
+
+    def gone(self) -> list[str]:
+        """The names of those files open here that are no longer at their path (about 20 ``fstat``)."""
+        try:
+            fds = os.listdir("/proc/self/fd")
+        except OSError:
+            return []
+        open_here = set()
+        for fd in fds:
             try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:  # closed meanwhile
+                st = os.fstat(int(fd))
+            except (OSError, ValueError):  # closed meanwhile (the listing's own)
                 continue
-            if target in wanted:
-                found.add(wanted[target])
-    except OSError:
-        return None
-    if not found:
-        return None
+            if stat.S_ISREG(st.st_mode):
+                open_here.add((st.st_dev, st.st_ino))
+        gone = []
+        for name, path in self.paths.items():
+            try:
+                st = os.stat(path)
+                now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                now = None
+            except OSError:  # cannot tell
+                continue
+            if now is not None and now in open_here:
+                self.known[name] = now  # in place
+            elif self.known[name] in open_here:
+                gone.append(name)  # the one open here is no longer at its path
+            else:
+                self.known[name] = None  # not open here (not yet, or its connection was replaced)
+        return gone
+
+
+def journal_gone_reason(names: list[str], circus_endpoint: str) -> str:
+    """Why the writer takes no more writes once :meth:`JournalWatch.gone` named ``names``."""
     from db.preflight import circusctl_command  # psutil and more: only the day it is needed
 
-    return (f"{' and '.join(sorted(found))} removed under the writer (by another program; deleting them is never "
-            "a remedy here): every write since the last checkpoint is only in the writer's open copy, so it takes "
-            f"no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "
+    return (f"{' and '.join(names)} removed or moved under the writer (by another program; deleting them is "
+            "never a remedy here): every write since the last checkpoint is only in the writer's open copy, so it "
+            f"takes no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "
             "kill -9 the writer): with no write after it and the readers stopping, its last checkpoint copies "
             "that copy into the database")
 

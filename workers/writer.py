@@ -75,7 +75,7 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
-from workers.write_connection import make_database_private, removed_journal
+from workers.write_connection import JournalWatch, journal_gone_reason, make_database_private
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -113,6 +113,7 @@ class Writer:
         self.lock_lost = False
         #: Why every write is refused: SQLite's WAL was removed under the writer (:meth:`_check_journal`).
         self.journal_removed: str | None = None
+        self.journal_watch: JournalWatch | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -197,6 +198,9 @@ class Writer:
                 return 1
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
+            if self.settings.database_path is not None:  # what its connection opened, seen before it serves
+                self.journal_watch = JournalWatch(self.settings.database_path)
+                self.journal_watch.gone()
             # Ingest decodes thousands of short-lived containers per request;
             # at the default threshold (700) the collector walks them over and
             # over. Long-lived startup objects are frozen out of its way.
@@ -324,17 +328,17 @@ class Writer:
             self.stop_requested_at = time.monotonic()
 
     def _check_journal(self) -> None:
-        """SQLite's WAL (or shm) removed under the writer (``rm tickstack.db-wal tickstack.db-shm``):
-        every write since the last checkpoint is then only in the removed WAL this process still has
-        open, lost with it. A checkpoint now could be partial (a reader's snapshot holds pages back),
-        which without the WAL leaves the database file a mix of two states; so the writer keeps what
-        it has, refuses every write from now on (retryably), and says how to save it: a restart of
-        the stack, whose readers stop first, and whose writer's last checkpoint then copies it all."""
-        path = self.settings.database_path
-        if self.journal_removed is not None or path is None:
+        """SQLite's WAL (or shm) removed or moved under the writer (``rm tickstack.db-wal
+        tickstack.db-shm``): every write since the last checkpoint is then only in the WAL this process
+        still has open, lost with it. A checkpoint now could be partial (a reader's snapshot holds
+        pages back), which without the WAL leaves the database file a mix of two states; so the writer
+        keeps what it has, refuses every write from now on (retryably), and says how to save it: a
+        restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all."""
+        if self.journal_removed is not None or self.journal_watch is None:  # None: a server's writer
             return
-        reason = removed_journal(path, self.settings.circus_endpoint)
-        if reason:
+        gone = self.journal_watch.gone()
+        if gone:
+            reason = journal_gone_reason(gone, self.settings.circus_endpoint)
             self.stats.journal_removed, self.journal_removed = reason, f"not applied, retry: {reason}"
             log.error("writer: %s", reason)
             if self.committer is not None:  # what is queued is refused too
