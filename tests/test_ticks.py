@@ -345,7 +345,11 @@ def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(w
         try:
             time.sleep(1.0)  # the feed goes on: batches sent to the stopped writer, unanswered, the window full
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+            try:
+                code = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # where its stop got to (one full run met this once)
+                raise AssertionError(f"no exit 120 s after SIGTERM:\n{log.read_text()[-3000:]}") from None
+            assert code == 0, log.read_text()[-3000:]
         finally:
             os.kill(writer_proc.pid, signal.SIGCONT)
     finally:
