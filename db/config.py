@@ -322,6 +322,12 @@ class Settings:
         return f"ipc://{self.run_dir / 'circus-stats.sock'}"
 
     @property
+    def read_url_variable(self) -> str:
+        """The variable that gives the readers' URL: ``DATABASE_READ_URL`` when it is another than
+        ``DATABASE_URL`` (what a message about the readers' connection names)."""
+        return "DATABASE_READ_URL" if self.database_read_url != self.database_url else "DATABASE_URL"
+
+    @property
     def database_path(self) -> Path | None:
         """The SQLite file, or None when DATABASE_URL names another database."""
         prefix = "sqlite:///"

@@ -49,6 +49,11 @@ def touch_private(path: Path) -> None:
         os.close(fd)
 
 
+def database_files(path: Path) -> dict[str, Path]:
+    """An SQLite database file and the two SQLite keeps beside it in WAL mode."""
+    return {"db": path, "wal": Path(f"{path}-wal"), "shm": Path(f"{path}-shm")}
+
+
 def discard_part(part: Path) -> None:
     """Remove a part file :func:`part_file` made, and the SQLite journals a copy into it left."""
     for leftover in (part, *(Path(f"{part}-{suffix}") for suffix in ("journal", "wal", "shm"))):

@@ -25,6 +25,7 @@ import psutil
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, WriterError, server_trouble
+from db.files import database_files
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
@@ -51,10 +52,6 @@ def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sql
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
     con.execute("PRAGMA query_only = 1")
     return con
-
-
-def database_files(path: Path) -> dict[str, Path]:
-    return {"db": path, "wal": Path(f"{path}-wal"), "shm": Path(f"{path}-shm")}
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:
@@ -329,8 +326,7 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
         return []
     if not server["reachable"]:
         error = str(server.get("error") or "")
-        # server_status asks with the readers' URL: name it when it is another than the writer's.
-        variable = "DATABASE_READ_URL" if settings.database_read_url != settings.database_url else "DATABASE_URL"
+        variable = settings.read_url_variable  # server_status asks with the readers' URL
         if server_trouble(error) == "refuses the login":
             return [("fail", f"The database server refuses the login of {variable} ({error}): the readers (API, "
                              f"console, workers) cannot read. Check that URL's user, password and database name.")]

@@ -175,11 +175,9 @@ class Leadership:
             return None if self.try_take() else self.holder()
         except LeadershipUnusable:
             raise
-        except OSError as e:
-            if self._file is not None:  # its folder not made yet, a full disk
-                return f"nobody known: the lock cannot be taken yet ({e})"
-            return f"nobody known: the database server {server_trouble(str(e))} ({type(e).__name__})"
         except Exception as e:  # the server is down or restarting, or refuses the login
+            if isinstance(e, OSError) and self._file is not None:  # its folder not made yet, a full disk
+                return f"nobody known: the lock cannot be taken yet ({e})"
             return f"nobody known: the database server {server_trouble(str(e))} ({type(e).__name__})"
 
     def holder(self) -> str:

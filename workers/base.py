@@ -285,10 +285,10 @@ def wait_for_database(settings: Settings, timeout: float | None = None,
             raise StoppedWaiting("asked to stop while it waited for the database")
         if time.monotonic() > deadline:
             if last is not None and path is None:  # a server that refused or did not answer the readers' URL
-                reason = " ".join(str(getattr(last, "orig", None) or last).split())[:300]
-                which = "DATABASE_READ_URL" if settings.database_read_url != settings.database_url else "DATABASE_URL"
+                reason = database_words(last, 300)
                 raise NoDatabase(f"the database server {server_trouble(reason)} at "
-                                 f"{display_url(settings.database_read_url)} ({which}, the readers' URL), "
+                                 f"{display_url(settings.database_read_url)} ({settings.read_url_variable}, the "
+                                 "readers' URL), "
                                  f"tried for {timeout:g} s: {reason}")
             raise no_database(settings, timeout)
         time.sleep(0.2)

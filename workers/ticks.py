@@ -100,14 +100,14 @@ class TickIngestor(Worker):
     def __init__(self, settings: Settings, ticks: Iterator[tuple[int, dict[str, Any]]], source: str, *,
                  until_idle: bool = False, batch: int = 1000, flush_interval: float = 0.25,
                  window: int = 8, deadline: float = 15.0, seq_per_line: int = 1,
-                 memory_limit: int = 200_000, speed: Speed = "max", start_ts: int | None = None,
-                 opening: Opening | None = None, lead: bool = False) -> None:
+                 memory_limit: int = 200_000, speed: Speed = "max", opening: Opening | None = None,
+                 lead: bool = False) -> None:
         """``ticks`` yields (line or counter, tick); seq = line * seq_per_line + position.
         ``memory_limit``: ticks held in memory while the disk refuses the spool, before the feed
-        is paused. ``speed`` and ``start_ts``: the ticks are read paced (:func:`workers.feeds.pace`),
-        waiting in a sleep that a stop ends. ``opening``: a feed that begins when the worker starts
-        serving, in place of ``ticks``, ``source`` and ``start_ts`` (a simulated market: its clock
-        starts then, from the last stored prices). ``lead``: serve only while this process leads the
+        is paused. ``speed``: the ticks are read paced (:func:`workers.feeds.pace`), waiting in a sleep
+        that a stop ends. ``opening``: a feed that begins when the worker starts serving, in place of
+        ``ticks`` and ``source``, paced in real time from the start it gives (a simulated market: its
+        clock starts then, from the last stored prices). ``lead``: serve only while this process leads the
         database's ``ticks`` (:mod:`db.leader`), standing by meanwhile: one simulated market per
         database, whatever the hosts."""
         super().__init__(settings, until_idle)
@@ -117,7 +117,7 @@ class TickIngestor(Worker):
             raise ValueError(f"--batch {batch}: must be 1..{MAX_TICKS}")
         if memory_limit < batch:
             raise ValueError(f"--memory-limit {memory_limit}: must be at least --batch ({batch})")
-        self.ticks = pace(ticks, speed, start_ts=start_ts, sleep=self._wait_for_tick)
+        self.ticks = pace(ticks, speed, sleep=self._wait_for_tick)
         self.source = source
         self.batch = batch
         self.flush_interval = flush_interval

@@ -24,6 +24,7 @@ from db import ops
 from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
 from db.errors import database_words
+from db.files import database_files
 from db.schema import migrate
 
 log = logging.getLogger("tickstack.writer")
@@ -62,8 +63,8 @@ class JournalWatch:
     makes in the place of a removed one, cannot fool it; nothing is judged where there is no ``/proc``."""
 
     def __init__(self, database: Path) -> None:
-        real = os.path.realpath(database)
-        self.paths = {f"{database.name}{suffix}": f"{real}{suffix}" for suffix in ("-wal", "-shm")}
+        real = database_files(Path(os.path.realpath(database)))
+        self.paths = {database_files(database)[kind].name: str(real[kind]) for kind in ("wal", "shm")}
         #: What each path named when it was last seen open here (device, inode).
         self.known: dict[str, tuple[int, int] | None] = dict.fromkeys(self.paths)
 
@@ -116,7 +117,7 @@ def make_database_private(path: Path | None) -> None:
     read (an older ``db init``'s, a copy put in place by hand) kept the whole stack's so."""
     if path is None:
         return
-    for one in (path, path.with_name(f"{path.name}-wal"), path.with_name(f"{path.name}-shm")):
+    for one in database_files(path).values():
         try:
             mode = stat.S_IMODE(os.stat(one).st_mode)
             if mode & 0o077:
@@ -228,7 +229,7 @@ class WriteConnection:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
         partial (busy): retry briefly, since circus is stopping them too. A server checkpoints its
         own WAL: nothing to do there. ``journal_removed``: the WAL was removed under the writer
-        (:func:`removed_journal`), so what this copies is all the database file will ever have, and
+        (:class:`JournalWatch`), so what this copies is all the database file will ever have, and
         anything less is said as CRITICAL. Returns whether every committed write is safe."""
         if self.settings.database_path is None:
             log.info("writer: stopped serving (a server checkpoints its own WAL); exiting")

@@ -111,8 +111,7 @@ class Writer:
         self.stop_requested_at: float | None = None
         #: The writer lock's file was removed or replaced while it served (:meth:`_check_lock`).
         self.lock_lost = False
-        #: Why every write is refused: SQLite's WAL was removed under the writer (:meth:`_check_journal`).
-        self.journal_removed: str | None = None
+        #: Whether SQLite's WAL is still where the write connection opened it (:meth:`_check_journal`).
         self.journal_watch: JournalWatch | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
@@ -215,7 +214,7 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            saved = self.committer.link.final_checkpoint(self.journal_removed is not None)  # type: ignore[union-attr]
+            saved = self.committer.link.final_checkpoint(self.committer.refusing is not None)  # type: ignore[union-attr]
             lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
             return EXIT_LOCKED if lost else 0 if saved else 1
         finally:
@@ -334,15 +333,14 @@ class Writer:
         pages back), which without the WAL leaves the database file a mix of two states; so the writer
         keeps what it has, refuses every write from now on (retryably), and says how to save it: a
         restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all."""
-        if self.journal_removed is not None or self.journal_watch is None:  # None: a server's writer
-            return
+        if self.journal_watch is None or self.committer is None or self.committer.refusing is not None:
+            return  # a server's writer, or refusing already
         gone = self.journal_watch.gone()
         if gone:
-            reason = journal_gone_reason(gone, self.settings.circus_endpoint)
-            self.stats.journal_removed, self.journal_removed = reason, f"not applied, retry: {reason}"
+            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint)
             log.error("writer: %s", reason)
-            if self.committer is not None:  # what is queued is refused too
-                self.committer.refusing = self.journal_removed
+            # What comes from now on (_accept), and what is queued (the committer), is refused.
+            self.committer.refusing = f"not applied, retry: {reason}"
             self.checkpointer.stop(timeout=0)  # its PASSIVE checkpoints may be partial: none from now on
 
     def _stop_now(self) -> None:
@@ -401,9 +399,9 @@ class Writer:
         elif name == "stats":
             self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize(),
                                                                                    self.queued_bytes)))
-        elif self.journal_removed is not None:
+        elif self.committer is not None and self.committer.refusing is not None:
             self.stats.requests_failed += 1
-            self._send(router, ident, encode_reply(seq, error=CommitFailed(self.journal_removed)))
+            self._send(router, ident, encode_reply(seq, error=CommitFailed(self.committer.refusing)))
         elif not self._enqueue(Request(ident, msg["cid"], seq, name, msg.get("args"), cost)):
             self.stats.busy_replies += 1
             self._send(router, ident, encode_reply(seq, busy=True))
