@@ -392,6 +392,43 @@ def test_a_restart_under_a_steady_trickle_stops_once_caught_up_not_at_the_deadli
             "a server checkpoints its own WAL); exiting") in log, log[-2000:]
 
 
+@pytest.mark.sqlite_only("tests/test_writer.py::"
+                         "test_a_restart_under_a_steady_trickle_stops_once_caught_up_not_at_the_deadline")
+def test_a_reader_on_the_last_frame_does_not_hold_the_writers_stop(stack: Stack) -> None:
+    """A ``circusctl restart writer`` leaves the readers running (the console, the API, analysis): at
+    the SIGTERM one may hold a snapshot of the WAL's last frame. The final checkpoint then copies
+    every frame into the database file, and only emptying the WAL waits for that reader. The writer
+    waited for it anyway: ``busy_timeout`` (5 s) an attempt, then more attempts for 3 s, and said
+    "partial" of a checkpoint that had copied everything. Past circusctl's own 5 s, a new user's
+    ``circusctl restart writer --waiting`` timed out, and the next command found circus still busy
+    with it. Now every write committed is in the file and it says so."""
+    proc = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=10) as client:
+        for i in range(20):
+            client.call("audit", actor="test", action="write", detail=str(i))
+    path = stack.settings.database_path
+    reader = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM audit_log WHERE actor = 'test'").fetchone() == (20,)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        reader.close()
+    log = stack.writer_log()
+    assert "final checkpoint done: every committed write is in the database file" in log, log[-2000:]
+    assert "partial" not in log, log[-2000:]
+    # The database file alone (its WAL left aside) holds every acknowledged write.
+    alone = stack.home / "alone.db"
+    alone.write_bytes(Path(path).read_bytes())
+    con = sqlite3.connect(f"file:{alone}?immutable=1", uri=True)
+    try:
+        assert con.execute("SELECT count(*) FROM audit_log WHERE actor = 'test'").fetchone() == (20,)
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        con.close()
+
+
 def test_trades_ops_and_typed_errors(writer: Stack) -> None:
     client = WriterClient(settings=writer.settings, deadline=10)
     client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": 1_700_000_000_000, "bid": 100.0, "ask": 101.0}])

@@ -31,6 +31,11 @@ log = logging.getLogger("tickstack.writer")
 
 #: The longest :meth:`WriteConnection.open_database` waits for each lock on PostgreSQL while it gets ready.
 GET_READY_LOCK_MS = 1000
+#: How long each attempt of the final checkpoint waits for a reader (``busy_timeout``); the attempts go
+#: on until every frame is copied, for 3 s at most (10 s after a removed WAL).
+FINAL_CHECKPOINT_WAIT_MS = 100
+#: How long the final checkpoint goes on trying to empty a WAL whose every frame it copied.
+EMPTY_WAL_GRACE_S = 1.0
 
 
 def live_sqlite(conn: Connection) -> sqlite3.Connection | None:
@@ -242,7 +247,18 @@ class WriteConnection:
                 log.critical(lost, "the connection that had it open was closed by a failure")
                 return False
             self.recover()  # the IO thread left it closed, and no batch came after
-        deadline = time.monotonic() + 3.0
+        # Each attempt waits little for a reader (busy_timeout held a `restart writer` 5 s an attempt for
+        # a reader the restart leaves running). Once every frame is copied, only emptying the WAL is
+        # left, which loses nothing if not done: it gets EMPTY_WAL_GRACE_S, not the whole deadline.
+        raw = live_sqlite(self.conn)
+        if raw is not None:
+            try:
+                raw.execute(f"PRAGMA busy_timeout = {FINAL_CHECKPOINT_WAIT_MS}")
+            except sqlite3.Error as e:  # the usual timeout then: slower, not wrong
+                log.warning("writer: could not shorten busy_timeout for the final checkpoint: %s", e)
+        # After a removed WAL this copy is all the file will have: the readers circus is stopping get longer.
+        deadline = time.monotonic() + (10.0 if journal_removed else 3.0)
+        empty_by = None
         while True:
             try:
                 result = checkpoint(self.conn, "TRUNCATE")
@@ -258,11 +274,22 @@ class WriteConnection:
                     log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
                               "exiting", type(e).__name__, e)
                 return True
-            if not result["busy"] or time.monotonic() > deadline:
+            # (-1, -1) when it could not run at all (another checkpoint held its lock).
+            copied = 0 <= result["log"] <= result["checkpointed"]
+            if copied and empty_by is None:
+                empty_by = min(deadline, time.monotonic() + EMPTY_WAL_GRACE_S)
+            if not result["busy"] or time.monotonic() > (deadline if empty_by is None else empty_by):
                 break
             time.sleep(0.1)
-        if journal_removed and result["checkpointed"] < result["log"]:
+        if journal_removed and not copied:
             log.critical(lost, f"a reader held back its last checkpoint ({result})")
             return False
-        log.info("writer: final checkpoint %s; exiting", "done" if not result["busy"] else f"partial {result}")
+        if not result["busy"]:
+            log.info("writer: final checkpoint done; exiting")
+        elif copied:
+            log.info("writer: final checkpoint done: every committed write is in the database file (a reader "
+                     "still open on the WAL kept it from being emptied; %d frames, copied); exiting", result["log"])
+        else:
+            log.info("writer: final checkpoint partial %s: a reader held back the last frames, which stay in the "
+                     "WAL for the next writer; exiting", result)
         return True
