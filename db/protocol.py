@@ -227,6 +227,33 @@ def reply_seq(msg: Any) -> int | None:
     return seq if type(seq) is int else None
 
 
+#: How much of a frame :func:`salvage_seq` reads: the envelope before ``args`` (a cid and an op are
+#: at most 64 characters each, :func:`envelope_problem`).
+SALVAGE_BYTES = 512
+
+
+def salvage_seq(payload: bytes) -> int | None:
+    """The seq of a request that is not decoded whole (over the size or decode limits), read from
+    the head of its envelope, which :func:`encode_request` writes before ``args``: so its client
+    is answered with the reason, where a reply without a seq matched none of its requests and it
+    sent the request again until its deadline. None when the head does not give one."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=SALVAGE_BYTES,
+                                max_array_len=8, max_map_len=8, max_str_len=SALVAGE_BYTES,
+                                max_bin_len=SALVAGE_BYTES, max_ext_len=SALVAGE_BYTES)
+    unpacker.feed(payload[:SALVAGE_BYTES])
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "args":
+                return None
+            value = unpacker.unpack()
+            if key == "seq":
+                return reply_seq({"seq": value})
+    except Exception:  # not msgpack, not an envelope, or cut short: there is no seq to give
+        return None
+    return None
+
+
 def encode_reply(seq: Any, *, result: Any = None, error: BaseException | None = None, busy: bool = False,
                  batch: int | None = None) -> bytes:
     """One reply frame: the result, the error (its class name is the type the client raises), or busy."""

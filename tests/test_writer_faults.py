@@ -271,6 +271,30 @@ def test_a_16_mib_request_of_empty_maps_leaves_the_writer_small_and_serving(writ
     assert proc.poll() is None
 
 
+def test_a_request_over_the_decode_or_size_limits_is_answered_to_its_client_with_the_reason(writer: Stack,
+                                                                                            peer: RawPeer) -> None:
+    """A batch of 40,001 ticks (over the 40,000 items an array may hold): the writer said why, in a
+    reply without the request's seq (it had not decoded the request), which the client matched to
+    none of its requests. It sent the request again and again (13 "undecodable request" lines in
+    the fault hunt) until its deadline, then said "no answer from the writer ... it may or may not
+    have been applied". The writer now reads the seq from the envelope's head, and the client
+    raises the reason at once. The same for a frame over ``TICKSTACK_WRITER_MAX_MESSAGE`` from a
+    client whose limit is not the writer's (``WriterClient`` refuses it before sending)."""
+    tick = {"symbol": "BTCUSD", "ts": T0, "bid": 100.0, "ask": 100.5}
+    with WriterClient(settings=writer.settings, deadline=20) as client:
+        with pytest.raises(ValidationError, match=r"over the decode limits: 40001 exceeds max_array_len"):
+            client.call("insert_ticks", ticks=[tick] * 40_001)
+        assert client.call("audit", actor="me", action="after")["id"] >= 1  # and the writer serves on
+    limit = writer.settings.writer_max_message
+    oversize = msgpack.packb({"v": 1, "cid": "other-limit", "seq": 5, "op": "audit",
+                              "args": {"actor": "me", "action": "big", "detail": "x" * limit}})
+    reply = peer.ask(oversize, timeout=20)
+    assert reply["seq"] == 5 and reply["ok"] is False, reply
+    assert f"is over the limit of {limit} (TICKSTACK_WRITER_MAX_MESSAGE)" in reply["error"]["message"], reply
+    log = writer.writer_log()
+    assert log.count("undecodable request") == 1, log[-3000:]  # one request, sent once
+
+
 def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
     """While the commit thread waits for the database, large requests are queued only up to the byte budget;
     beyond it they are answered busy at once, and the writer's memory stays bounded."""

@@ -71,7 +71,7 @@ from db.engine import display_url, is_sqlite, make_write_engine, storage_full_re
 from db.errors import CommitFailed, OpFailed, ValidationError
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.ops import OPS
-from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq
+from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
@@ -376,7 +376,7 @@ class Writer:
         payload = frames[1]
         if len(payload) > self.settings.writer_max_message:
             self.stats.malformed += 1
-            self._send(router, ident, encode_reply(None, error=ValidationError(
+            self._send(router, ident, encode_reply(salvage_seq(payload), error=ValidationError(
                 f"message of {len(payload)} bytes is over the limit of {self.settings.writer_max_message} "
                 "(TICKSTACK_WRITER_MAX_MESSAGE)")))
             return
@@ -385,7 +385,7 @@ class Writer:
         except ValidationError as e:
             self.stats.malformed += 1
             log.warning("writer: undecodable request (%d bytes): %s", len(payload), e)
-            self._send(router, ident, encode_reply(None, error=e))
+            self._send(router, ident, encode_reply(salvage_seq(payload), error=e))
             return
         seq = reply_seq(msg)
         problem = envelope_problem(msg)
