@@ -295,6 +295,68 @@ def test_a_request_over_the_decode_or_size_limits_is_answered_to_its_client_with
     assert log.count("undecodable request") == 1, log[-3000:]  # one request, sent once
 
 
+def test_a_client_sending_requests_slow_to_decode_does_not_hold_the_others_answers(writer: Stack,
+                                                                                  peer: RawPeer) -> None:
+    """Each request within every limit, each slow to decode (600,000 short strings, tens of ms): the
+    IO thread read up to 1,000 frames a round and sent the commit thread's answers, committed its own
+    small batches and beat the watchdog's heart only between rounds. One client streaming such
+    requests held every other client's answers for as long as it streamed (45 to 56 s in the fault
+    hunt; past the watchdog's 20 s under circus). A round now ends after a few milliseconds, so
+    another client's write is answered while that stream is still being read."""
+    hog = 60
+    frames = [msgpack.packb({"v": 1, "cid": "hog", "seq": i + 1, "op": "audit",
+                             "args": {"actor": "hog", "action": "slow", "detail": [["ab"] * 40_000] * 15}})
+              for i in range(hog)]
+    for frame in frames:
+        peer.send(frame)
+    with WriterClient(settings=writer.settings, deadline=120) as client:
+        assert client.call("audit", actor="me", action="between")["id"] >= 1
+    answered = 0
+    while peer.waiting(0):  # what the hog had been answered when the other client was
+        peer.recv()
+        answered += 1
+    assert answered < hog // 2, f"the other client waited for {answered} of the hog's {hog} requests"
+    while answered < hog and peer.waiting(120):  # and the hog is answered too, each with the reason
+        assert "detail" in peer.recv()["error"]["message"]
+        answered += 1
+    assert answered == hog
+
+
+def test_answers_a_client_does_not_read_are_bounded_per_connection(writer: Stack) -> None:
+    """Clients that send and never read their answers: ZeroMQ kept up to 100,000 answers a connection
+    in the writer (``SNDHWM``), about 50 MB for each such client of ``stats`` (+495 MB for ten in the
+    fault hunt, most of it never given back). It keeps :data:`workers.writer.REPLY_BACKLOG_MESSAGES`,
+    more than a :class:`db.client.Pipeline` can have in flight; past that an answer is dropped, and
+    a client that reads after all gets it by asking again (its request is recorded, or never was)."""
+    proc = writer.procs[0]
+    ctx = zmq.Context()
+    hogs, per_hog = 8, 40_000
+    frames = [request("stats", {}, seq=i + 1, cid="no-reader") for i in range(per_hog)]
+    socks = []
+    try:
+        before = peak_rss(proc.pid)
+        for _ in range(hogs):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.RCVHWM, 1)  # the answers stay in the writer, as for a client that stopped
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(writer.settings.writer_endpoint)
+            socks.append(sock)
+        for sock in socks:
+            for frame in frames:
+                sock.send(frame)
+            sock.send(msgpack.packb({"v": 99}))  # malformed, counted: read after every frame before it
+        with WriterClient(settings=writer.settings, deadline=120) as client:
+            wait_for("the writer to read every request", lambda: client.stats()["malformed"] >= hogs, timeout=120)
+            grown = peak_rss(proc.pid) - before
+            assert client.call("audit", actor="me", action="after")["id"] >= 1
+        print(f"the writer grew by {grown / MiB:.0f} MiB")
+        assert grown < 100 * MiB, f"the writer grew by {grown / MiB:.0f} MiB holding answers nobody reads"
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()
+
+
 def test_the_queue_is_bounded_in_bytes_busy_beyond(stack: Stack) -> None:
     """While the commit thread waits for the database, large requests are queued only up to the byte budget;
     beyond it they are answered busy at once, and the writer's memory stays bounded."""

@@ -66,6 +66,7 @@ import numpy  # noqa: F401
 import zmq
 from sqlalchemy.exc import DBAPIError
 
+from db.client import MAX_PIPELINE_WINDOW
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import CommitFailed, OpFailed, ValidationError
@@ -91,10 +92,18 @@ MAX_MESSAGE_SLACK = 64 * 1024
 #: Frames ZeroMQ reads ahead from one peer before the writer takes them (``RCVHWM``; its default is
 #: 1,000): a client's pipeline window (16) and the writer's queue hold the rest.
 READ_AHEAD_MESSAGES = 16
+#: Answers ZeroMQ keeps for one peer that does not read them (``SNDHWM``; it was 100,000: about 50 MB
+#: of ``stats`` answers a connection): four times what a :class:`db.client.Pipeline` can have in
+#: flight. Past it an answer is dropped; a client that reads after all asks again and gets it.
+REPLY_BACKLOG_MESSAGES = 4 * MAX_PIPELINE_WINDOW
 #: The largest batch (estimated decoded bytes) the IO thread commits itself when the commit thread
 #: is idle (:meth:`Writer._dispatch`): a few dozen small requests (an ``audit`` counts about 1,300,
 #: a one-tick ``insert_ticks`` 2,600), never a bulk insert's columns.
 IO_BATCH_BYTES = 64 * 1024
+#: The longest the IO thread reads frames before it sends the answers it has, commits the small batch
+#: it read and beats the watchdog's heart: frames slow to decode (each within the limits, tens of ms)
+#: made a round of 1,000 last a minute, every other client's answers waiting for its end.
+IO_ROUND_S = 0.02
 
 __all__ = ["Stats", "Writer", "main"]
 
@@ -239,7 +248,7 @@ class Writer:
         # ZeroMQ's default of 1,000 let 8 peers sending 60 MiB frames take it to 0.6-2.4 GB.
         router.setsockopt(zmq.MAXMSGSIZE, self.settings.writer_max_message + MAX_MESSAGE_SLACK)
         router.setsockopt(zmq.RCVHWM, READ_AHEAD_MESSAGES)
-        router.setsockopt(zmq.SNDHWM, 100_000)
+        router.setsockopt(zmq.SNDHWM, REPLY_BACKLOG_MESSAGES)
         router.setsockopt(zmq.LINGER, 2000)
         replies_in = ctx.socket(zmq.PULL)
         replies_in.bind(DOORBELL)
@@ -269,6 +278,7 @@ class Writer:
                 if replies_in in events:
                     self._forward_replies(replies_in, router)
                 if router in events:
+                    round_ends = time.monotonic() + IO_ROUND_S
                     for _ in range(1000):
                         try:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -280,6 +290,8 @@ class Writer:
                             log.exception("writer: handling a request failed")
                             self._send(router, frames[0], encode_reply(None, error=OpFailed(
                                 f"the writer could not handle the request: {type(e).__name__}: {e}")))
+                        if time.monotonic() > round_ends:
+                            break
                     self._dispatch(router, replies_in)
                 if self.stop_requested_at is not None and self._drained():
                     break
