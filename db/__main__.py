@@ -245,6 +245,7 @@ def _writer_down_advice(settings: Settings) -> str:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from db.checkpoints import checkpoint_words, measured_checkpoint
     from db.client import WriterClient
     from db.errors import WriterUnavailable
     from db.lock import read_lock_holder
@@ -265,13 +266,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             except WriterUnavailable:
                 print(f"python -m db checkpoint: {_writer_down_advice(settings)}", file=sys.stderr)
                 return 1
-        result = client.call("checkpoint", mode=args.mode)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        emptied = ", the WAL emptied" if args.mode == "TRUNCATE" and not result.get("busy") else ""
-        print(f"checkpoint {args.mode}: {result['checkpointed']} of {result['log']} WAL pages copied into the "
-              f"database{emptied}")
+        result = measured_checkpoint(client.call, settings.database_path, args.mode)
+    print(json.dumps(result) if args.json else f"checkpoint {checkpoint_words(result)}")
     if result.get("busy"):
         print("partial: a reader held the checkpoint back; run it again when reads are quieter", file=sys.stderr)
         return 1
@@ -292,11 +288,17 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from db.backups import backup
+    from db.backups import backup, backup_path, backup_suffix
 
     settings = load_settings()
     check_home(settings)
-    result = backup(settings, Path(args.path), overwrite=args.force)
+    dest = Path(args.path)
+    # Path() drops a trailing slash: `backup /tmp/new/` wrote a file named /tmp/new.
+    if args.path.endswith(os.sep) and not dest.is_dir():
+        example = backup_path(dest.absolute(), backup_suffix(settings))
+        raise NotADirectoryError(f"{args.path} names a folder (it ends in {os.sep}), and there is none; give the "
+                                 f"backup file's path (e.g. {example}) in a folder that exists")
+    result = backup(settings, dest, overwrite=args.force)
     checked = f"{result['entries']} entries listed by pg_restore" if "entries" in result else "integrity ok"
     print(f"backup written: {result['path']} ({_human_bytes(result['bytes'])}, {result['ms']} ms, {checked})")
     return 0
@@ -327,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("checkpoint", help="ask the writer to checkpoint the WAL")
     p.add_argument("--mode", default="TRUNCATE", type=str.upper, choices=["PASSIVE", "FULL", "RESTART", "TRUNCATE"])
     p.add_argument("--json", action="store_true",
-                   help="print the writer's answer as JSON (busy, log, checkpointed; on PostgreSQL, skipped: why)")
+                   help="print the writer's answer as JSON (busy, log, checkpointed; mode; the WAL's size before "
+                        "and after: wal_before, wal_after; on PostgreSQL, skipped: why)")
     # Finite and > 0: with nan the wait for the writer never ended (now >= nan is never true); at most a
     # day, as TICKSTACK_CLIENT_DEADLINE.
     p.add_argument("--timeout", type=number_flag(0, MAX_CLIENT_DEADLINE_S, above=True), default=30.0,

@@ -251,7 +251,7 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
     with the reason, not a traceback. Nothing is written in any of these cases."""
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(200)], "feed")
 
-    def backup(path: Path) -> subprocess.CompletedProcess:
+    def backup(path: Path | str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "db", "backup", "--force", str(path)], env=writer.env, cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
@@ -273,6 +273,13 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
     assert re.search(r"is a folder; give the backup file's path", refused.stderr), refused.stderr
     assert list(folder.iterdir()) == []
+    # A folder that is not there yet, said with its slash: the copy was written as a file of that name
+    # (a new user's `db backup /tmp/nu-bk/`).
+    refused = backup(f"{writer.home / 'no-folder'}/")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert re.search(r"no-folder/ names a folder \(it ends in /\), and there is none; give the backup file's path "
+                     r"\(e\.g\. .*/no-folder/tickstack-\d{8}T\d{6}Z\.(db|dump)\)", refused.stderr), refused.stderr
+    assert not (writer.home / "no-folder").exists()
     database = writer.settings.database_path
     if database is None:  # a server's database has no file to write over
         return

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from db import backups, health
+from db.checkpoints import measured_checkpoint, wal_bytes
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
@@ -422,13 +423,11 @@ class JobsWorker(Worker):
             if force:
                 self.log.info("jobs: checkpoint: nothing to do, the PostgreSQL server checkpoints its own WAL")
             return None
-        wal = health.file_sizes(path)["wal"] or 0
-        if not force and wal <= self.schedule.checkpoint_wal_mb * MB:
+        if not force and wal_bytes(path) <= self.schedule.checkpoint_wal_mb * MB:
             return None
         assert self.client is not None
-        result = self.client.call("checkpoint", mode="TRUNCATE")
-        after = health.file_sizes(path)["wal"] or 0
-        detail = json.dumps({"wal_before": wal, "wal_after": after, "forced": force, **result})
+        result = measured_checkpoint(self.client.call, path)
+        detail = json.dumps({**result, "forced": force})
         if result["busy"]:
             return Result(False, detail, "a reader kept part of the WAL in use; the next check retries")
         return Result(True, detail)

@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import backups, health, queries, slowreads
+from db.checkpoints import checkpoint_words, measured_checkpoint
 from db.engine import display_url
 from db.errors import WriterError
 from db.leader import NOBODY
@@ -35,7 +36,7 @@ from db.sizes import human_bytes
 from supervision.circus import CircusError
 from webapp.console.charts import SERIES_LABELS, charts_for, sample_every, summaries
 from webapp.console.common import audit, bad_request, bp, call_writer, circus, log, settings, writer
-from webapp.console.dbwords import checkpoint_words, job_rows, job_words, table_figures
+from webapp.console.dbwords import job_rows, job_words, table_figures
 from webapp.extensions import db
 
 #: Seconds the console's quick_check on PostgreSQL may take to connect and per index (a request).
@@ -193,15 +194,12 @@ def checkpoint() -> ResponseReturnValue:
     path = settings().database_path
     if path is None:
         return _done("warn", "A PostgreSQL server checkpoints its own WAL: there is nothing to do here.")
-    before = health.file_sizes(path)["wal"]
     try:
-        result = call_writer("checkpoint", mode="TRUNCATE")
+        detail = measured_checkpoint(call_writer, path)
     except WriterError as e:
         audit("db.checkpoint", "TRUNCATE", "error", str(e))
         return _done("error", f"Checkpoint failed: {e}")
-    after = health.file_sizes(path)["wal"]
-    detail = {"wal_before": before, "wal_after": after, **result}
-    ok = result.get("busy") == 0
+    ok = detail.get("busy") == 0
     audit("db.checkpoint", "TRUNCATE", "ok" if ok else "error", json.dumps(detail))
     if not ok:
         return _done("warn", f"Checkpoint partial: {checkpoint_words(detail)}; the jobs worker retries it.")

@@ -1,9 +1,8 @@
-"""The Database page's results in plain words: checkpoints, job runs, table sizes.
+"""The Database page's results in plain words: job runs, table sizes (checkpoints:
+:func:`db.checkpoints.checkpoint_words`).
 
 A job's ``detail`` is JSON (``workers/jobs.py``); a person reads "deleted 1,204 ticks older than
-2026-11-01 00:00:00 UTC", not ``{"deleted": 1204, "before_ts": 1761955200000}``. A checkpoint's
-result is SQLite's ``(busy, log, checkpointed)``, which after a TRUNCATE that emptied the WAL reads
-"0 of 0 pages" as if nothing happened: what it did is said from the WAL's size before and after.
+2026-11-01 00:00:00 UTC", not ``{"deleted": 1204, "before_ts": 1761955200000}``.
 """
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
+from db.checkpoints import checkpoint_words
 from webapp.console.formats import human_bytes, number, timestamp
 from webapp.extensions import db
 
@@ -26,33 +26,6 @@ _tables_cache: dict[str, Any] = {}
 
 def _plural(n: int, word: str) -> str:
     return f"{number(n)} {word}{'' if n == 1 else 's'}"
-
-
-def checkpoint_words(result: dict[str, Any] | None) -> str:
-    """A checkpoint's result (the writer's ``last_checkpoint``, the console's or the jobs worker's
-    detail: ``mode``, ``busy``, ``log``, ``checkpointed``, optionally ``wal_before``/``wal_after``)."""
-    if not result:
-        return "none yet"
-    mode = str(result.get("mode") or "TRUNCATE").upper()
-    busy, log, done = result.get("busy"), result.get("log"), result.get("checkpointed")
-    before, after = result.get("wal_before"), result.get("wal_after")
-    sizes = (f"the WAL went from {human_bytes(before)} to {human_bytes(after)}"
-             if isinstance(before, int) and isinstance(after, int) else None)
-    if busy:
-        copied = f"{_plural(done, 'page')} of {number(log)} copied" if isinstance(done, int) else "part copied"
-        return f"{mode}, partial: a reader held part of the WAL back ({copied}); " + (
-            sizes or "the next checkpoint copies the rest")
-    if mode == "TRUNCATE":
-        if isinstance(before, int) and before == 0:
-            return "TRUNCATE: nothing to copy, the WAL was already empty"
-        return "TRUNCATE: every page of the WAL copied into the database and the WAL emptied" + (
-            f" ({sizes})" if sizes else "")
-    if isinstance(log, int) and log == 0:
-        return f"{mode}: nothing to copy, the WAL held no page"
-    if isinstance(log, int) and isinstance(done, int):
-        rest = "all of them" if done >= log else f"{number(log - done)} wait for readers to move on"
-        return f"{mode}: {_plural(done, 'page')} of the WAL's {number(log)} copied into the database ({rest})"
-    return f"{mode}: done"
 
 
 def _json(detail: str | None) -> Any:
