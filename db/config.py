@@ -45,6 +45,9 @@ from db.parsers import (
 )
 
 SUBDIRS = ("run", "log", "spool", "backups")
+#: The checkout this code runs from: its ``var/`` is the home when ``TICKSTACK_HOME`` is unset, whatever
+#: folder a command runs in (as ``make run`` and the venv's activate script set it).
+CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def _default_host(_: Mapping[str, Any]) -> str:
@@ -99,7 +102,7 @@ S = Setting
 #: environment; a test checks that every ``TICKSTACK_*`` name in the code is declared here and
 #: that the README's table is :func:`markdown_table`.
 SETTINGS: tuple[Setting, ...] = (
-    S("TICKSTACK_HOME", "home", path, lambda _: Path("var").absolute(), "`./var`",
+    S("TICKSTACK_HOME", "home", path, lambda _: CHECKOUT / "var", "`var/` of the checkout",
       "runtime folder: database, sockets, logs, spool, backups (mode 0700)"),
     S("DATABASE_URL", "database_url", database_url, _default_url, "`sqlite:///$TICKSTACK_HOME/tickstack.db`",
       "the database (the writer's and migrations' URL; never shown with its password)"),

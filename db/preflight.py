@@ -42,7 +42,7 @@ from pathlib import Path
 
 import psutil
 
-from db.config import ConfigError, Settings, load_settings, search_path
+from db.config import CHECKOUT, ConfigError, Settings, load_settings, search_path
 from db.lock import read_lock_holder
 from db.parsers import check_ipc_path
 
@@ -55,7 +55,7 @@ OUR_COMMANDS = ("-m workers.", "webapp:create_app", "from circus import")
 #: on PATH and sets ``CIRCUSCTL_ENDPOINT``), e.g. in ``make run``'s terminal.
 CIRCUSCTL = ".venv/bin/circusctl"
 #: The checkout's circus.ini (``make run``'s): its ipc:// endpoints are sockets too.
-CIRCUS_INI = Path(__file__).resolve().parent.parent / "circus.ini"
+CIRCUS_INI = CHECKOUT / "circus.ini"
 
 
 def circusctl_command(endpoint: str, *args: str) -> str:

@@ -94,6 +94,15 @@ def test_defaults_and_blank_values() -> None:
     assert "secret-token-value" not in repr(load_settings({"TICKSTACK_API_TOKEN": "secret-token-value"}))
 
 
+def test_an_unset_home_is_the_checkouts_var_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README says the home is ``var/`` of the checkout when ``TICKSTACK_HOME`` is unset; it was
+    ``./var`` of the folder a command ran in: ``python -m db health`` from /tmp looked at /tmp/var, and
+    ``doctor`` run from ``db/`` found no stack beside the running one (a new user's first hour)."""
+    monkeypatch.chdir(tmp_path)
+    assert load_settings({}).home == ROOT / "var"
+    assert not (tmp_path / "var").exists()
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("TICKSTACK_READY_TIMEOUT", "soon", "is not a number"),
     ("TICKSTACK_READY_TIMEOUT", "0", "from 0.1 to 3600"),
