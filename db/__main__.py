@@ -237,7 +237,8 @@ def _writer_down_advice(settings: Settings) -> str:
     if pid is None:
         return (f"{WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
                 "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
-                "`circusd circus.ini --daemon`); if it runs with another home, run this with that "
+                "`python -m db prepare && circusd circus.ini --daemon`: prepare clears a stale pid file and checks "
+                "the ports); if it runs with another home, run this with that "
                 "TICKSTACK_HOME.")
     return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
             f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "

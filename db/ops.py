@@ -337,7 +337,8 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
     conn.execute(update(Trade).where(Trade.id == trade_id).values(**values))
     moved = {k: values[k] for k in ("stop_loss", "take_profit") if k in values and values[k] != getattr(row, k)}
     if moved:  # the event's price is the stop it set, if it moved it: the monitor reads its rule from it
-        detail = ", ".join(f"{k} {getattr(row, k)} -> {value}" for k, value in moved.items())
+        detail = ", ".join(f"{k} set to {value}" if getattr(row, k) is None else f"{k} {getattr(row, k)} -> {value}"
+                           for k, value in moved.items())
         _event(conn, trade_id, _event_ts(conn, trade_id, ts), reason, moved.get("stop_loss"), detail=detail)
     return {"id": trade_id}
 

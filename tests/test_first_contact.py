@@ -169,6 +169,8 @@ def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
                                 text=True, timeout=60)
         writer_lines = [line for line in doctor.stdout.splitlines() if "writer is not running" in line]
         assert writer_lines and "make run" in writer_lines[0] and "start writer" not in writer_lines[0], doctor.stdout
+        # By hand, as the README says it: prepare first (it left prepare out, which clears a stale pid file).
+        assert "`python -m db prepare && circusd circus.ini --daemon`" in writer_lines[0], doctor.stdout
         # checkpoint asks the writer: with none running it says so at once, as doctor does, not after
         # waiting out --timeout (30 s by default; an hour here, which the test's bound would catch).
         checkpoint = subprocess.run([sys.executable, "-m", "db", "checkpoint", "--timeout", "3600"], env=env, cwd=ROOT,

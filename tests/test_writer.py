@@ -441,10 +441,16 @@ def test_trades_ops_and_typed_errors(writer: Stack) -> None:
         client.call("close_trade", trade_id=opened["id"])
     with pytest.raises(NotFound):
         client.call("update_trade", trade_id=12345, stop_loss=1.0)
+    # A stop set where there was none said Python's None ("stop_loss None -> 96.0", on the console too).
+    other = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0)
+    client.call("update_trade", trade_id=other["id"], stop_loss=96.0, take_profit=130.0, reason="manual")
     con = db_conn(writer)
-    kinds = [k for (k,) in con.execute("SELECT kind FROM trade_events ORDER BY id")]
+    kinds = [k for (k,) in con.execute("SELECT kind FROM trade_events WHERE trade_id = 1 ORDER BY id")]
+    details = [d for (d,) in con.execute("SELECT detail FROM trade_events WHERE kind IN ('trailing', 'manual') "
+                                         "ORDER BY id")]
     con.close()
     assert kinds == ["opened", "trailing", "closed"]
+    assert details == ["stop_loss 90.0 -> 95.0", "stop_loss set to 96.0, take_profit set to 130.0"]
 
 
 def test_client_refuses_sharing_across_threads_and_unsendable_args(writer: Stack) -> None:
