@@ -49,10 +49,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         check_socket_paths,
         circusctl_command,
         circusd_pidfile,
+        circusd_quitting,
         clear_stale_pidfile,
         foreign_commands,
         live_circusd,
         refusal,
+        wait_for_exit,
     )
 
     settings = load_settings()  # the writer's socket path is a setting: checked there
@@ -63,6 +65,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 1
     pidfile = circusd_pidfile(settings)
     running = live_circusd(pidfile)
+    if running and circusd_quitting(settings.circus_endpoint):
+        # `circusctl quit` (without --waiting), then `make run`: it was refused as running, 2 s before
+        # it would not have been.
+        print(f"tickstack in {settings.home} is stopping (circusd pid {running}); waiting for it, at most "
+              f"{STOPPING_WAIT_S:.0f} s", flush=True)
+        if wait_for_exit(running, STOPPING_WAIT_S):
+            running = None
     if running:  # first: what else is wrong would matter only to a start that is not needed
         print(f"tickstack is already running in {settings.home} (circusd pid {running}); manage it with "
               f"`{circusctl_command(settings.circus_endpoint, 'status')}`, or stop it with "
@@ -224,6 +233,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(level == "fail" for level, _ in findings) else 0
 
 
+#: How long ``prepare`` (``make run``) waits for a stack that is quitting: circus gives its slowest
+#: watcher 45 s (the writer's graceful_timeout).
+STOPPING_WAIT_S = 60.0
 #: How :func:`db.health.diagnose` starts its finding for a writer that is not running.
 WRITER_DOWN = "The writer is not running"
 

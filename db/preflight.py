@@ -37,6 +37,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,6 +209,57 @@ def live_circusd(pidfile: Path) -> int | None:
         return proc.pid if proc.create_time() <= written + CLOCK_SLACK else None
     except psutil.Error:
         return None
+
+
+def circusd_quitting(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether the circusd at ``endpoint`` is quitting (a ``circusctl quit`` without ``--waiting``
+    answers while circus stops the watchers): its status has watchers stopping and none active, or it
+    answers "arbiter is already running arbiter_stop command", or nothing within ``timeout`` (its
+    controller stopped). Every watcher stopped is a circusd that runs (``circusctl stop``), not one
+    quitting. Asked in circus's own protocol (one JSON frame each way), as ``circusctl status`` asks."""
+    import json
+    import uuid
+
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        call = uuid.uuid4().hex
+        sock.send(json.dumps({"id": call, "command": "status", "properties": {}}).encode())
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+            try:
+                answer = json.loads(sock.recv())
+            except ValueError:
+                continue
+            if isinstance(answer, dict) and answer.get("id") == call:
+                statuses = answer.get("statuses")
+                states = set(statuses.values()) if isinstance(statuses, dict) else set()
+                return "arbiter_stop" in str(answer.get("reason", "")) or (
+                    "stopping" in states and "active" not in states)
+        return True
+    except zmq.ZMQError:  # an endpoint that cannot be reached: no controller serves it any more
+        return True
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def wait_for_exit(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie, which holds nothing) within ``seconds``."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
 
 
 def clear_stale_pidfile(pidfile: Path) -> int | None:

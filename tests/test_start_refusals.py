@@ -185,3 +185,20 @@ def test_a_refused_make_run_leaves_no_folders_in_a_home_it_would_have_made() -> 
     finally:
         api.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@DATABASE_INDEPENDENT
+def test_make_run_right_after_a_quit_waits_for_the_stack_to_stop_and_starts(stack: CircusStack) -> None:
+    """``circusctl quit`` (without ``--waiting``) answers while circus stops the watchers: a ``make run``
+    then was refused, "tickstack is already running", a second before it would not have been (a new
+    user's first hour). ``prepare`` now sees circus quitting (it answers "arbiter is already running
+    arbiter_stop command"), waits for its circusd to exit, and goes on."""
+    stack.start()
+    quit_ = stack.circusctl("quit")
+    assert quit_.returncode == 0 and "ok" in quit_.stdout, quit_.stdout + quit_.stderr
+    done = prepare(stack.env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"tickstack in {stack.home} is stopping (circusd pid {stack.proc.pid}); waiting for it" in done.stdout, \
+        done.stdout
+    assert "already running" not in done.stderr, done.stderr
+    assert stack.wait_exit(90) == 0
