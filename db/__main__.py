@@ -49,12 +49,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         check_socket_paths,
         circusctl_command,
         circusd_pidfile,
-        circusd_quitting,
         clear_stale_pidfile,
         foreign_commands,
         live_circusd,
         refusal,
-        wait_for_exit,
+        wait_while_stopping,
+        watchers_stopping,
     )
 
     settings = load_settings()  # the writer's socket path is a setting: checked there
@@ -65,12 +65,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 1
     pidfile = circusd_pidfile(settings)
     running = live_circusd(pidfile)
-    if running and circusd_quitting(settings.circus_endpoint):
-        # `circusctl quit` (without --waiting), then `make run`: it was refused as running, 2 s before
-        # it would not have been.
-        print(f"tickstack in {settings.home} is stopping (circusd pid {running}); waiting for it, at most "
-              f"{STOPPING_WAIT_S:.0f} s", flush=True)
-        if wait_for_exit(running, STOPPING_WAIT_S):
+    if running and watchers_stopping(settings.circus_endpoint):
+        # `circusctl quit` (without --waiting), then `make run`: it was refused as running, a second
+        # before it would not have been. A stop or restart of the watchers is refused once it is done.
+        print(f"tickstack in {settings.home} is stopping watchers (circusd pid {running}); waiting to see "
+              f"whether it quits, at most {STOPPING_WAIT_S:.0f} s", flush=True)
+        if wait_while_stopping(settings.circus_endpoint, running, STOPPING_WAIT_S):
             running = None
     if running:  # first: what else is wrong would matter only to a start that is not needed
         print(f"tickstack is already running in {settings.home} (circusd pid {running}); manage it with "

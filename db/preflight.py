@@ -211,12 +211,12 @@ def live_circusd(pidfile: Path) -> int | None:
         return None
 
 
-def circusd_quitting(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether the circusd at ``endpoint`` is quitting (a ``circusctl quit`` without ``--waiting``
-    answers while circus stops the watchers): its status has watchers stopping and none active, or it
-    answers "arbiter is already running arbiter_stop command", or nothing within ``timeout`` (its
-    controller stopped). Every watcher stopped is a circusd that runs (``circusctl stop``), not one
-    quitting. Asked in circus's own protocol (one JSON frame each way), as ``circusctl status`` asks."""
+def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether the circusd at ``endpoint`` is stopping watchers: its ``status`` has one ``stopping``
+    (a ``circusctl quit`` without ``--waiting`` answers while circus stops them all; so does a stop or
+    a restart of them), or it answers nothing within ``timeout`` (its controller stopped, at the end
+    of a quit). Asked in circus's own protocol (one JSON frame each way), as ``circusctl status`` asks;
+    circus answers a status even while it runs another command."""
     import json
     import uuid
 
@@ -237,15 +237,26 @@ def circusd_quitting(endpoint: str, timeout: float = 1.0) -> bool:
                 continue
             if isinstance(answer, dict) and answer.get("id") == call:
                 statuses = answer.get("statuses")
-                states = set(statuses.values()) if isinstance(statuses, dict) else set()
-                return "arbiter_stop" in str(answer.get("reason", "")) or (
-                    "stopping" in states and "active" not in states)
+                return isinstance(statuses, dict) and "stopping" in statuses.values()
         return True
     except zmq.ZMQError:  # an endpoint that cannot be reached: no controller serves it any more
         return True
     finally:
         sock.close()
         ctx.term()
+
+
+def wait_while_stopping(endpoint: str, pid: int, seconds: float) -> bool:
+    """Whether circusd ``pid`` exits within ``seconds`` while it stops its watchers
+    (:func:`watchers_stopping`): False as soon as it stops none and still runs (a stop or a restart
+    of watchers, not a quit), or when ``seconds`` pass."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if wait_for_exit(pid, 0.5):
+            return True
+        if not watchers_stopping(endpoint):
+            return wait_for_exit(pid, 0)
+    return False
 
 
 def wait_for_exit(pid: int, seconds: float) -> bool:

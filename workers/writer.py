@@ -288,7 +288,7 @@ class Writer:
                             self._accept(router, frames)
                         except Exception as e:  # the IO thread serves on, whatever a request does
                             log.exception("writer: handling a request failed")
-                            self._send(router, frames[0], encode_reply(None, error=OpFailed(
+                            self._send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=OpFailed(
                                 f"the writer could not handle the request: {type(e).__name__}: {e}")))
                         if time.monotonic() > round_ends:
                             break
