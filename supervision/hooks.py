@@ -10,7 +10,10 @@ no watcher started or starting a second stack beside them. circus offers no earl
 imports the modules and builds the log streams that circus.ini names while it reads it, and again
 at each ``reloadconfig``); it binds the API's and the console's ports itself, before any hook, and a
 taken port makes circusd stop there, with "Could not bind" in its log and exit status 0, circus's
-own way (``python -m db prepare``, run by ``make run``, checks them first and says so).
+own way (``python -m db prepare``, run by ``make run``, checks them first and says so). So this
+module, imported by circusd as it reads circus.ini, also keeps circus's error lines until the first
+hook runs (:class:`_StartErrors`): a circusd that exits before it started any watcher, after one,
+says it on its stderr and exits 1.
 
 ``wait_for_writer`` is every dependent's ``before_start`` hook: circus starts watchers in priority
 order but never waits for one to be ready, so it pings the writer until it answers, bounded by
@@ -28,6 +31,7 @@ that differs.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -38,6 +42,58 @@ from supervision.streams import private_circusd_files
 log = logging.getLogger("circus")
 
 
+class _StartErrors(logging.Handler):
+    """circus's ERROR lines of this circusd until its first watcher starts (the writer's
+    ``before_start`` hook runs): ``Could not bind 127.0.0.1:8000``, then "exception [Errno 98]
+    Address already in use caught". At circusd's exit, if there are some and no watcher started,
+    they are said on its stderr and it exits 1 (circusd exits 0 whatever ended its start)."""
+
+    #: Marks it for a reloadconfig that imports this module again (another class object then).
+    tickstack_start_errors = True
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+        self.started = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.started and len(self.lines) < 10:
+            self.lines.append(record.getMessage())
+
+    def exit_if_start_failed(self) -> None:
+        if self.started or not self.lines:
+            return
+        print(f"circusd: did not start: {'; '.join(self.lines)} (circusd.log says more; `python -m db prepare`, "
+              "which make run runs first, names what holds a port)", file=sys.stderr, flush=True)
+        _remove_socket_files()
+        logging.shutdown()
+        os._exit(1)
+
+
+def _remove_socket_files() -> None:
+    """The control sockets' files of a circusd that did not start: left behind, a circusctl or the
+    console would wait for its time-out on them instead of being told at once that none runs."""
+    from db.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings()
+    except ConfigError:
+        return
+    for endpoint in (settings.circus_endpoint, settings.circus_pubsub_endpoint):
+        if endpoint.startswith("ipc://"):
+            try:
+                os.unlink(endpoint[len("ipc://"):])
+            except OSError:
+                pass
+
+
+_start_errors: _StartErrors | None = None
+if os.path.basename(sys.argv[0]) == "circusd" and not any(hasattr(h, "tickstack_start_errors") for h in log.handlers):
+    _start_errors = _StartErrors()  # once per circusd: a reloadconfig imports this module again
+    log.addHandler(_start_errors)
+    atexit.register(_start_errors.exit_if_start_failed)
+
+
 def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
     """At circusd's start: exit circusd (status 1) when a setting does not load or anything of an
     earlier start is in the way. Later (``circusctl start writer``, a flapping retry) circusd stays
@@ -45,6 +101,9 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
     from db.config import ConfigError, load_settings
     from db.preflight import blockers, foreign_commands, refusal
 
+    for handler in log.handlers:  # circus got as far as starting a watcher: its start did not fail
+        if hasattr(handler, "tickstack_start_errors"):
+            handler.started = True  # type: ignore[attr-defined]
     starting = not arbiter.running
     try:
         settings = load_settings()  # reads circusd's environment, never changes it

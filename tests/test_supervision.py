@@ -212,8 +212,16 @@ def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
         assert f"pid {os.getpid()}" in refused.stderr, refused.stderr
         assert f"127.0.0.1:{stack.api_port}/TCP, the API's port" in refused.stderr, refused.stderr
         assert f"127.0.0.1:{stack.env['TICKSTACK_WATCHDOG_PORT']}/UDP, the watchdog's port" in refused.stderr
+        # circusd binds the web ports itself, before any hook: it stopped there, "Could not bind" in its
+        # log only, nothing on its terminal, and exited 0, which a script reads as started.
+        status, out = plain_circusd(stack.env)
+        assert status == 1, out
+        assert f"circusd: did not start: Could not bind 127.0.0.1:{stack.api_port}" in out, out
+        assert "python -m db prepare" in out and "Traceback" not in out, out
+        left = {p.name for p in (stack.home / "run").iterdir()} & {"circusd.pid", "circus.sock", "circus-pubsub.sock"}
+        assert left == set(), left  # a circusctl would wait on a socket file with no circusd behind it
         api.close()
-        # circusd binds the web ports itself (before any hook); the watchdog's port is checked by the writer's hook.
+        # The watchdog's port is checked by the writer's hook.
         status, out = plain_circusd(stack.env)
         assert status == 1, out
         assert "the watchdog's port" in out, out
