@@ -356,6 +356,22 @@ def test_ensure_home_names_tickstack_home_when_a_file_is_in_the_way(tmp_path: Pa
         ensure_home(load_settings({"TICKSTACK_HOME": str(tmp_path / "home")}))
 
 
+@pytest.mark.parametrize("feed", [["--feed", "sim", "--count", "3"], ["--feed", "csv", "--file", "ticks.csv"]])
+def test_a_spool_that_cannot_be_a_folder_stops_the_feed_with_one_line(stack: Stack, feed: list[str]) -> None:
+    """A file where the spool folder goes: the feed died with a traceback from the spool, once it
+    served (a fault hunt), where the writer and ``db prepare`` refuse such a home in one line."""
+    home = stack.home / "home"
+    home.mkdir()
+    (home / "spool").write_text("a file where the spool goes")
+    (stack.home / "ticks.csv").write_text("ts,symbol,bid,ask,volume\n1700000000000,BTCUSD,1.0,1.1,1\n")
+    env = {**stack.env, "TICKSTACK_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "workers.ticks", *feed], env=env, cwd=stack.home,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert f"TICKSTACK_HOME='{home}'" in proc.stderr and f"{home / 'spool'}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", [["workers.writer"], ["workers.ticks", "--until-idle"],
                                      ["workers.analysis", "--until-idle"], ["workers.monitor", "--until-idle"],
                                      ["workers.jobs", "--until-idle"], ["db", "prepare"], ["db", "init"],

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from db.client import Pipeline, Ticket, WriterClient
-from db.config import Settings
+from db.config import Settings, ensure_home
 from db.errors import ValidationError, WriterError
 from db.files import FILE_KINDS
 from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, whole_flag
@@ -481,6 +481,9 @@ def run(argv: list[str] | None = None) -> int:
     holder: dict[str, TickIngestor] = {}
 
     def make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
+        # Its spool is where what the writer does not take goes: a folder that cannot be made is a bad
+        # TICKSTACK_HOME, said in one line now (it was a traceback from the spool, once serving).
+        ensure_home(settings)
         holder["w"] = _make(settings, args)
         return holder["w"]
 
