@@ -2,6 +2,7 @@
 pacing."""
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from workers.csvfiles import (
     CsvFeed,
     CsvFormatError,
     bar_to_ticks,
+    file_digest,
     infer_timeframe,
     read_bar_csv,
     read_tick_csv,
@@ -646,3 +648,25 @@ def test_pace_max_never_sleeps_and_bad_speed_fails_early() -> None:
     assert list(pace(ticks, "max", clock=clock, sleep=clock.sleep)) == ticks and clock.sleeps == []
     with pytest.raises(ValueError):
         pace(ticks, 0)
+
+
+def test_a_tick_file_that_grows_while_it_is_replayed_gives_the_rows_its_source_names_then_says_so(
+        tmp_path: Path) -> None:
+    """A replay's source is the digest of the file as it was first looked at. Rows appended while it
+    was replayed were read and stored under that digest, which named the file without them; replaying
+    the file again (another digest) stored every row a second time: 6,000 rows for a file of 3,000
+    (a fault hunt). The replay now reads the bytes its source names, and then says the file changed."""
+    rows = [f"{T0 + i},BTCUSD,100.0,100.5,1" for i in range(3000)]
+    path = write(tmp_path, "ts,symbol,bid,ask,volume\n" + "\n".join(rows[:2000]) + "\n")
+    first = path.read_bytes()
+    source = file_digest(path)
+    ticks = iter(CsvFeed(path))
+    got = [next(ticks) for _ in range(10)]
+    with path.open("a") as f:
+        f.write("\n".join(rows[2000:]) + "\n")
+    with pytest.raises(CsvFormatError, match=r"line 2002: .* changed while it was replayed: its first 70,025 bytes, "
+                                             r"which its source names, are stored, and nothing written since"):
+        for item in ticks:
+            got.append(item)
+    assert [line for line, _ in got] == list(range(2, 2002))  # the 2,000 rows of the file as it was digested
+    assert hashlib.sha256(first).hexdigest()[:16] == source and len(first) == 70_025

@@ -176,8 +176,8 @@ def tick_header_columns(line: int, names: list[str], symbol: str | None) -> tupl
     return col, where
 
 
-def _parse_ticks(path: str | Path, symbol: str | None) -> Iterator[tuple[int, Tick]]:
-    rows = read_rows(path)
+def _parse_ticks(path: str | Path, symbol: str | None, limit: int | None = None) -> Iterator[tuple[int, Tick]]:
+    rows = read_rows(path, limit)
     line, names = read_header(rows, _TICK_HEADER)
     col, when = tick_header_columns(line, names, symbol)
     for line, row in rows:
@@ -443,8 +443,26 @@ class CsvFeed:
             raise ValueError(f"{self.path} changed since it was first read (another file, size or time); "
                              "replay it again once it is written")
         if self.kind == "ticks":
-            return read_tick_csv(self.path, self.symbol)
+            return self._ticks()
         return _checked(self._bar_ticks())
+
+    @property
+    def size(self) -> int:
+        """The file's size when first looked at: what a replay reads of a tick file."""
+        return self._identity[2]
+
+    def _ticks(self) -> Iterator[tuple[int, Tick]]:
+        """The file's ticks as it was when first looked at (its size then: the source's digest names
+        that content), then :class:`CsvFormatError` if it changed while they were read: rows appended
+        during a replay were stored under the digest of the file without them, and replaying the
+        file again stored every row a second time (a fault hunt)."""
+        line = 1
+        for line, tick in _checked(_parse_ticks(self.path, self.symbol, self.size)):
+            yield line, tick
+        if _identity(self.path) != self._identity:
+            raise CsvFormatError(line + 1, f"{self.path} changed while it was replayed: its first "
+                                 f"{self.size:,} bytes, which its source names, are stored, and "
+                                 "nothing written since; replay a file of the rows added")
 
     def _bar_ticks(self) -> Iterator[tuple[int, Tick]]:
         assert self.timeframe is not None and self.symbol
@@ -456,10 +474,17 @@ class CsvFeed:
                 yield line, tick
 
 
-def file_digest(path: Path) -> str:
-    """The first 16 hex digits of the SHA-256 of the file's bytes: a CSV replay's source. Read in
-    chunks, so that a file larger than memory can be replayed (the whole file read at once took as
-    much memory as the file); the digest is that of the whole file's bytes as before, so a file
-    replayed before keeps its source and is not stored twice."""
+def file_digest(path: Path, limit: int | None = None) -> str:
+    """The first 16 hex digits of the SHA-256 of the file's bytes (its first ``limit``, the size a
+    :class:`CsvFeed` replays: :attr:`CsvFeed.size`): a CSV replay's source. Read in chunks, so that a
+    file larger than memory can be replayed (the whole file read at once took as much memory as the
+    file); the digest is that of the whole file's bytes as before, so a file replayed before keeps its
+    source and is not stored twice."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        if limit is None:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        digest = hashlib.sha256()
+        while limit > 0 and (chunk := f.read(min(limit, 1 << 20))):
+            digest.update(chunk)
+            limit -= len(chunk)
+        return digest.hexdigest()[:16]

@@ -4,6 +4,7 @@ in length, bytes that are not UTF-8, numbers and times as exports write them, ea
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 from collections.abc import Iterator
@@ -46,15 +47,20 @@ class CsvFormatError(ValueError):
         return (type(self), (self.line, self.reason))
 
 
-def read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
-    """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports.
+def read_rows(path: str | Path, limit: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(file line, fields) for every non-blank row; utf-8-sig drops the BOM of Excel exports. With
+    ``limit``, of the file's first ``limit`` bytes only (a replay reads what its source's digest named,
+    not what was appended to the file since).
 
     A byte that is not UTF-8, a row the csv module cannot read (a field over its limit), or a record
     over :data:`MAX_RECORD_CHARS` raises :class:`CsvFormatError` at its line once every row before it
     was yielded. Strict decoding would fail for the whole 8 KB block the file object decodes at once,
     losing the good rows before the byte in that block; surrogateescape keeps the byte in its row,
     where it is found."""
-    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+    raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the text wrapper it is given to
+    source = raw if limit is None else _Prefix(raw, limit)
+    with io.TextIOWrapper(io.BufferedReader(source), encoding="utf-8-sig", errors="surrogateescape",
+                          newline="") as f:
         lines = _BoundedLines(f)
         reader = csv.reader(lines)
         header: list[str] = []
@@ -74,6 +80,27 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
         except _RecordTooLong:
             raise CsvFormatError(line, f"the row is longer than {MAX_RECORD_CHARS:,} characters, which no row of "
                                        "ticks or bars is (is this the right file?)") from None
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``limit`` bytes of a raw binary file."""
+
+    def __init__(self, raw: io.RawIOBase, limit: int) -> None:
+        self._raw, self._left = raw, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._left <= 0:
+            return 0
+        n = self._raw.readinto(memoryview(buffer)[:self._left]) or 0
+        self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 class _RecordTooLong(Exception):

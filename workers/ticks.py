@@ -471,7 +471,8 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     if feed.timeframe is not None:
         how = "--timeframe" if args.timeframe else "inferred from the file; --timeframe to say otherwise"
         log.info("ticks: %s: %s bars of %s (%s)", args.file, feed.timeframe, feed.symbol, how)
-    source = f"csv-{args.symbol or 'file'}-{file_digest(args.file)}"
+    # Of the bytes the replay reads (a tick file's size when first looked at), not of what was added since.
+    source = f"csv-{args.symbol or 'file'}-{file_digest(args.file, feed.size)}"
     # Bars become 4 ticks each: seq = line * 4 + position keeps them unique.
     return TickIngestor(settings, iter(feed), source, until_idle=True, batch=args.batch, deadline=args.deadline,
                         seq_per_line=4, memory_limit=args.memory_limit, speed=speed)
