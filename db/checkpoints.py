@@ -11,16 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from db.files import database_files
+from db.files import file_sizes
 from db.sizes import human_bytes
 
 
 def wal_bytes(path: Path) -> int:
     """The size of the database's WAL; 0 when there is none."""
-    try:
-        return database_files(path)["wal"].stat().st_size
-    except FileNotFoundError:
-        return 0
+    return file_sizes(path)["wal"] or 0
 
 
 def measured_checkpoint(call: Callable[..., dict[str, Any]], path: Path, mode: str = "TRUNCATE") -> dict[str, Any]:

@@ -54,6 +54,17 @@ def database_files(path: Path) -> dict[str, Path]:
     return {"db": path, "wal": Path(f"{path}-wal"), "shm": Path(f"{path}-shm")}
 
 
+def file_sizes(path: Path) -> dict[str, int | None]:
+    """The sizes of :func:`database_files`, None for one that is not there."""
+    sizes: dict[str, int | None] = {}
+    for kind, file in database_files(path).items():
+        try:
+            sizes[kind] = file.stat().st_size
+        except FileNotFoundError:
+            sizes[kind] = None
+    return sizes
+
+
 def discard_part(part: Path) -> None:
     """Remove a part file :func:`part_file` made, and the SQLite journals a copy into it left."""
     for leftover in (part, *(Path(f"{part}-{suffix}") for suffix in ("journal", "wal", "shm"))):

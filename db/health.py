@@ -25,7 +25,7 @@ import psutil
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, WriterError, server_trouble
-from db.files import database_files
+from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.preflight import circusctl_command
@@ -37,13 +37,6 @@ from db.sizes import human_bytes
 OUR_MODULES = ("workers.", "webapp", "db", "bench", "circus", "gunicorn", "pytest")
 
 
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return None
-
-
 def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sqlite3.Connection:
     """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
     path = Path(path)
@@ -52,10 +45,6 @@ def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sql
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
     con.execute("PRAGMA query_only = 1")
     return con
-
-
-def file_sizes(path: Path) -> dict[str, int | None]:
-    return {kind: _size(p) for kind, p in database_files(path).items()}
 
 
 def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:

@@ -48,9 +48,6 @@ class _StartErrors(logging.Handler):
     Address already in use caught". At circusd's exit, if there are some and no watcher started,
     they are said on its stderr and it exits 1 (circusd exits 0 whatever ended its start)."""
 
-    #: Marks it for a reloadconfig that imports this module again (another class object then).
-    tickstack_start_errors = True
-
     def __init__(self) -> None:
         super().__init__(logging.ERROR)
         self.lines: list[str] = []
@@ -65,31 +62,32 @@ class _StartErrors(logging.Handler):
             return
         print(f"circusd: did not start: {'; '.join(self.lines)} (circusd.log says more; `python -m db prepare`, "
               "which make run runs first, names what holds a port)", file=sys.stderr, flush=True)
-        _remove_socket_files()
+        from db.config import ConfigError, load_settings
+
+        try:
+            settings = load_settings()
+            _remove_socket_files(settings.circus_endpoint, settings.circus_pubsub_endpoint)
+        except ConfigError:
+            pass
         logging.shutdown()
         os._exit(1)
 
 
-def _remove_socket_files() -> None:
-    """The control sockets' files of a circusd that did not start: left behind, a circusctl or the
-    console would wait for its time-out on them instead of being told at once that none runs."""
-    from db.config import ConfigError, load_settings
-
-    try:
-        settings = load_settings()
-    except ConfigError:
-        return
-    for endpoint in (settings.circus_endpoint, settings.circus_pubsub_endpoint):
-        if endpoint.startswith("ipc://"):
+def _remove_socket_files(*endpoints: str | None) -> None:
+    """The control sockets' files of a circusd that stops at its start: left behind, a circusctl or
+    the console would wait for its time-out on them instead of being told at once that none runs."""
+    for endpoint in endpoints:
+        if endpoint and endpoint.startswith("ipc://"):
             try:
                 os.unlink(endpoint[len("ipc://"):])
             except OSError:
                 pass
 
 
+# Once per circusd: circus imports the module again at a reloadconfig, which finds it in sys.modules.
 _start_errors: _StartErrors | None = None
-if os.path.basename(sys.argv[0]) == "circusd" and not any(hasattr(h, "tickstack_start_errors") for h in log.handlers):
-    _start_errors = _StartErrors()  # once per circusd: a reloadconfig imports this module again
+if os.path.basename(sys.argv[0]) == "circusd":
+    _start_errors = _StartErrors()
     log.addHandler(_start_errors)
     atexit.register(_start_errors.exit_if_start_failed)
 
@@ -101,9 +99,8 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
     from db.config import ConfigError, load_settings
     from db.preflight import blockers, foreign_commands, refusal
 
-    for handler in log.handlers:  # circus got as far as starting a watcher: its start did not fail
-        if hasattr(handler, "tickstack_start_errors"):
-            handler.started = True  # type: ignore[attr-defined]
+    if _start_errors is not None:  # circus got as far as starting a watcher: its start did not fail
+        _start_errors.started = True
     starting = not arbiter.running
     try:
         settings = load_settings()  # reads circusd's environment, never changes it
@@ -136,14 +133,7 @@ def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:
         with open(pidfile) as f:
             if f.read().strip() == str(os.getpid()):
                 os.unlink(pidfile)
-    # Its control sockets' files too: left behind, a circusctl or the console would wait for its
-    # time-out on them instead of being told at once that no circusd runs.
-    for endpoint in (arbiter.endpoint, arbiter.pubsub_endpoint):
-        if endpoint and endpoint.startswith("ipc://"):
-            try:
-                os.unlink(endpoint[len("ipc://"):])
-            except OSError:
-                pass
+    _remove_socket_files(arbiter.endpoint, arbiter.pubsub_endpoint)
     # Its log, opened before any hook under circusd's umask: the writer's after_start hook, which
     # makes it private, is not reached this way.
     private_circusd_files(None, arbiter, hook_name)

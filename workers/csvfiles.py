@@ -14,6 +14,7 @@ first line. Rows and fields are read by :mod:`workers.csvrows`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections import Counter
@@ -103,7 +104,7 @@ def _checked(items: Iterable[tuple[int, Tick]]) -> Iterator[tuple[int, Tick]]:
         raise error
 
 
-def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple[int, Tick]]:
+def read_tick_csv(path: str | Path, symbol: str | None = None, limit: int | None = None) -> Iterator[tuple[int, Tick]]:
     """Yield ``(file line, tick)`` from a CSV with header ``ts,symbol,bid,ask,volume`` (any order, any
     case; the time as a bar file's: :func:`time_columns`).
 
@@ -112,9 +113,10 @@ def read_tick_csv(path: str | Path, symbol: str | None = None) -> Iterator[tuple
     symbol column, which may then be absent; ``volume`` may be absent (0). Rows are validated as they
     are read, by this reader's rules and then by the writer's (symbol format, time and price ranges):
     the first bad row raises :class:`CsvFormatError` after every earlier row was yielded, so an
-    ingestor can commit the good prefix. Time going backwards is allowed (feeds do that).
+    ingestor can commit the good prefix. Time going backwards is allowed (feeds do that). ``limit``:
+    of the file's first ``limit`` bytes only (:func:`workers.csvrows.read_rows`).
     """
-    return _checked(_parse_ticks(path, symbol))
+    return _checked(_parse_ticks(path, symbol, limit))
 
 
 _TICK_HEADER = "ts,symbol,bid,ask,volume"
@@ -457,7 +459,7 @@ class CsvFeed:
         during a replay were stored under the digest of the file without them, and replaying the
         file again stored every row a second time (a fault hunt)."""
         line = 1
-        for line, tick in _checked(_parse_ticks(self.path, self.symbol, self.size)):
+        for line, tick in read_tick_csv(self.path, self.symbol, self.size):
             yield line, tick
         if _identity(self.path) != self._identity:
             raise CsvFormatError(line + 1, f"{self.path} changed while it was replayed: its first "
@@ -480,11 +482,9 @@ def file_digest(path: Path, limit: int | None = None) -> str:
     file larger than memory can be replayed (the whole file read at once took as much memory as the
     file); the digest is that of the whole file's bytes as before, so a file replayed before keeps its
     source and is not stored twice."""
+    digest, left = hashlib.sha256(), math.inf if limit is None else limit
     with open(path, "rb") as f:
-        if limit is None:
-            return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-        digest = hashlib.sha256()
-        while limit > 0 and (chunk := f.read(min(limit, 1 << 20))):
+        while left > 0 and (chunk := f.read(int(min(left, 1 << 20)))):
             digest.update(chunk)
-            limit -= len(chunk)
-        return digest.hexdigest()[:16]
+            left -= len(chunk)
+    return digest.hexdigest()[:16]
