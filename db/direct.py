@@ -16,7 +16,8 @@ The same promises as through the writer, from the same code:
 * acknowledged means committed: ``call`` returns after COMMIT;
 * retries apply once: the (client id, seq) is recorded as applied in the op's own transaction
   (:func:`db.ops.record_applied`), and a retry of the same seq gets the recorded result back;
-* a lost connection, a deadlock, a serialisation failure or a lock wait over
+* a lost connection, a server that refuses or drops new sessions (restarting, starting up), a
+  deadlock, a serialisation failure or a lock wait over
   ``TICKSTACK_LOCK_TIMEOUT_MS`` is retried (same seq) until the call's deadline; a full disk is
   :class:`~db.errors.StorageFull` with the server's reason.
 
@@ -37,7 +38,13 @@ from sqlalchemy.exc import DBAPIError
 
 from db import ops
 from db.config import Settings
-from db.engine import make_write_engine, schema_behind_reason, storage_full_reason, transient_reason
+from db.engine import (
+    make_write_engine,
+    schema_behind_reason,
+    server_unreachable,
+    storage_full_reason,
+    transient_reason,
+)
 from db.errors import OpFailed, StorageFull, WriterError, WriterUnavailable, database_words
 from db.protocol import decode_request, encode_request, pack_columns, request_digest
 
@@ -77,7 +84,9 @@ class DirectWrites:
                 if reason is not None:
                     error: WriterError = StorageFull(f"the database's disk is full ({reason}): nothing of the "
                                                      "request was written; it succeeds once space is freed")
-                elif e.connection_invalidated or transient_reason(e) is not None:
+                elif e.connection_invalidated or transient_reason(e) is not None or server_unreachable(e):
+                    # Also a new session the server refused or dropped (restarting, starting up): a
+                    # call failed at once with 500 while the server was away for a few seconds.
                     error = WriterUnavailable(f"{op}: {type(e.orig).__name__}: {database_words(e)}")
                 elif (behind := schema_behind_reason(e)) is not None:
                     # This code is newer than the database's schema: the writer upgrades it as it starts

@@ -119,6 +119,19 @@ def psycopg_params(url: URL) -> dict[str, Any]:
     return dict(params)
 
 
+def psycopg_connect_args(url: str, *, options: str = "", defaults: dict[str, Any] | None = None,
+                         **ours: Any) -> dict[str, Any]:
+    """The keyword arguments of a bare ``psycopg.connect`` to ``url``: ``defaults``, then the URL's own
+    libpq parameters (``?connect_timeout=``, ``?target_session_attrs=``, ...), then ``ours`` over both
+    (a session's ``application_name``, which doctor and the console go by; a health probe's bound on
+    ``connect_timeout``), with ``options`` after the URL's own. One dict, so a parameter given both ways
+    is one value: given twice, psycopg refused the connection ("got multiple values for keyword
+    argument 'application_name'"), and a writer whose URL named its sessions crash-looped."""
+    params = {**(defaults or {}), **psycopg_params(make_url(url))}
+    options = " ".join(o for o in (params.pop("options", ""), options) if o)
+    return {**params, **ours, **({"options": options} if options else {})}
+
+
 def _configure_sqlite(engine: Engine, begin_sql: str, pragmas: list[str]) -> Engine:
     """SQLAlchemy's documented recipe for explicit transactions: pysqlite
     starts none by itself (``isolation_level = None``), SQLAlchemy starts
@@ -296,6 +309,20 @@ def transient_reason(exc: BaseException) -> str | None:
         if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF in _TRANSIENT_SQLITE:
             return f"{getattr(e, 'sqlite_errorname', 'SQLITE_BUSY')}: {e}"
     return None
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error under it) is a connection to the PostgreSQL server that failed in
+    a way worth waiting out: refused, reset, the server starting or shutting down (SQLSTATE class 08
+    or 57P, or none at all). A wrong password, role or database is not: waiting does not mend those."""
+    psycopg = sys.modules.get("psycopg")  # not loaded: the error cannot be one of its
+    if psycopg is None:
+        return False
+    for e in _errors_under(exc):
+        state = getattr(e, "sqlstate", None)  # subclasses too: CannotConnectNow (57P03) is "starting up"
+        if isinstance(e, psycopg.OperationalError) and (state is None or state[:2] == "08" or state[:3] == "57P"):
+            return True
+    return False
 
 
 #: SQLSTATEs of a statement naming a column or a table the database does not have yet

@@ -215,8 +215,8 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         if quick_check and snap["server"]["reachable"]:  # amcheck, as the jobs worker runs it
             try:
                 snap["integrity"] = integrity(settings, timeout=60.0, create=False)
-            except (RuntimeError, OSError) as e:
-                snap["integrity"] = {"ok": False, "method": "amcheck", "messages": [str(e)]}
+            except (RuntimeError, OSError) as e:  # not made: no verdict on the indexes (_integrity_findings)
+                snap["integrity"] = {"ok": False, "method": "amcheck", "messages": [], "not_made": str(e)}
         return snap
     snap["path"] = str(path)
     snap["files"] = file_sizes(path)
@@ -302,6 +302,8 @@ def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
         return []
     if "skipped" in check:
         return [("warn", f"No integrity check: {check['skipped']}.")]
+    if "not_made" in check:  # DATABASE_URL's role cannot log in, the session ended: no verdict, no restore advised
+        return [("fail", f"amcheck could not be made as DATABASE_URL's role: {check['not_made']}")]
     if check["ok"]:
         return [("ok", f"amcheck of {check.get('indexes', 0)} indexes: ok.")]
     return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. Restore the latest "

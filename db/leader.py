@@ -31,10 +31,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import make_url
-
 from db.config import Settings
-from db.engine import is_sqlite, psycopg_params
+from db.engine import is_sqlite, psycopg_connect_args
 from db.errors import server_trouble
 from db.lock import KEEPALIVES, SERVER_KEEPALIVES, PidLock, read_lock_holder
 
@@ -153,11 +151,9 @@ class Leadership:
         if self._conn is None:
             import psycopg
 
-            params = psycopg_params(make_url(self.url))
-            options = " ".join(p for p in (params.pop("options", ""), SERVER_KEEPALIVES) if p)
-            self._conn = psycopg.connect(**{"connect_timeout": 5, **KEEPALIVES, **params}, options=options,
-                                         autocommit=True,
-                                         application_name=leader_application_name(self.name, self.host))
+            self._conn = psycopg.connect(**psycopg_connect_args(
+                self.url, options=SERVER_KEEPALIVES, defaults={"connect_timeout": 5, **KEEPALIVES}, autocommit=True,
+                application_name=leader_application_name(self.name, self.host)))
         try:
             got = self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (NAMESPACE, self.key)).fetchone()[0]
         except Exception:

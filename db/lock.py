@@ -251,14 +251,12 @@ class ServerWriterLock:
         """Take the lock or raise :class:`WriterLocked` naming the holder; psycopg's OperationalError
         when the server cannot be reached."""
         import psycopg
-        from sqlalchemy.engine import make_url
 
-        from db.engine import psycopg_params
+        from db.engine import psycopg_connect_args
 
-        params = psycopg_params(make_url(self.url))
-        options = " ".join(p for p in (params.pop("options", ""), SERVER_KEEPALIVES) if p)
-        conn = psycopg.connect(**{"connect_timeout": 5, **KEEPALIVES, **params}, options=options, autocommit=True,
-                               application_name=lock_application_name(host=self.host))
+        conn = psycopg.connect(**psycopg_connect_args(
+            self.url, options=SERVER_KEEPALIVES, defaults={"connect_timeout": 5, **KEEPALIVES}, autocommit=True,
+            application_name=lock_application_name(host=self.host)))
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (writer_lock_key(self.host),)).fetchone()[0]
             if not got:
@@ -377,15 +375,6 @@ class ServerWriterLock:
 SERVER_WAIT_S = 300.0
 
 
-def _unreachable(e: BaseException) -> bool:
-    """A connection failure worth waiting out (refused, reset, the server starting or shutting down:
-    SQLSTATE class 08 or 57P, or none at all); a wrong password or role is not."""
-    import psycopg
-
-    state = getattr(e, "sqlstate", None)  # subclasses too: CannotConnectNow (57P03) is "starting up"
-    return isinstance(e, psycopg.OperationalError) and (state is None or state[:2] == "08" or state[:3] == "57P")
-
-
 def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = None,
                      wait: float = 0.0) -> ServerWriterLock | None:
     """``host``'s writer lock on ``url``'s server, taken (:class:`ServerWriterLock`); None on SQLite,
@@ -394,6 +383,8 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
     not at all once this process is orphaned (its supervisor died: nobody would stop it)."""
     if url.startswith("sqlite"):
         return None
+    from db.engine import server_unreachable
+
     deadline, parent, told = time.monotonic() + wait, os.getppid(), 0.0
     while True:
         lock = ServerWriterLock(url, host, on_lost)
@@ -402,7 +393,7 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
             return lock
         except Exception as e:
             now = time.monotonic()
-            if not _unreachable(e) or now >= deadline or os.getppid() != parent:
+            if not server_unreachable(e) or now >= deadline or os.getppid() != parent:
                 raise
             if now - told >= 10:
                 told = now

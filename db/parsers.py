@@ -323,7 +323,8 @@ def _server_url_problem(raw: str) -> str | None:
         return "the port after the host is not a whole number (e.g. postgresql+psycopg://user@host:5432/name)"
     except Exception as e:  # said by its type alone, its words may quote the URL, password and all
         return f"not a URL SQLAlchemy can read ({type(e).__name__}); e.g. postgresql+psycopg://user@host/name"
-    if "@" in (url.host or ""):
+    # A '/' in it ends the host there: the rest, the '@' with it, is read as the database's name.
+    if "@" in (url.host or "") or "@" in (url.database or ""):
         return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
                 "else part of the password is read as the host")
     if url.port is not None and not 1 <= url.port <= 65535:

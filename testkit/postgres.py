@@ -117,6 +117,10 @@ class PostgresServer:
                     pass
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def socket_gone(self) -> bool:
+        """Whether the server's socket file is gone: it is stopped (or stopping)."""
+        return not any(self.socket_dir.glob(".s.PGSQL.*"))
+
     def restart(self, down_for: float = 0.0, until: threading.Event | None = None) -> None:
         """Stop the same server, wait ``down_for`` seconds, start it again (its data kept): for
         tests of a server going away. With ``until``, it stays down until that event is set (at most

@@ -135,6 +135,9 @@ def test_an_unset_home_is_the_checkouts_var_from_any_folder(tmp_path: Path, monk
     ("DATABASE_URL", "sqlite+pysqlite:////tmp/x.db", "no driver"),
     # An '@' of the password, not percent-encoded: the rest of it was read as the host, and served.
     ("DATABASE_URL", "postgresql://bob:hunter2@3xyz@127.0.0.1:1/db", "percent-encode"),
+    # ... with a '/' in it too: the host was "ss" and the database "w@127.0.0.1:1/db", so the '@' check
+    # passed it, and `db health` showed "...:***@ss/w%40127..." (fault hunt on PostgreSQL mode).
+    ("DATABASE_URL", "postgresql+psycopg://bob:Own3r:p@ss/w@127.0.0.1:1/db", "percent-encode"),
     # Taken, then a traceback in every process that opened it (jobs, the API), or a writer saying the
     # server does not answer: a port that is no number, a driver that is not there, no file's name,
     # SQLite parameters the stack does not take (timeout=abc crashed the writer; mode=ro was ignored).

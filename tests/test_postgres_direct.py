@@ -88,6 +88,47 @@ def test_a_session_lost_under_a_direct_write_is_retried_and_applied_once(writer:
     assert query(writer.settings, "SELECT count(*) FROM audit_log WHERE action = 'once'") == [(1,)]
 
 
+def test_a_direct_write_waits_out_a_server_that_is_away_and_gives_up_retryably(
+        writer: Stack, postgres_server: PostgresServer) -> None:
+    """The server stopped for a few seconds (a restart): a direct write failed at once with OpFailed
+    ("connection failed: ... Connection refused"), the API's 500 ``write_failed``, where the module
+    promises a retry until the call's deadline (fault hunt on PostgreSQL mode). Now the call made
+    while the server is away is applied once it is back; one whose deadline ends first is
+    WriterUnavailable (the API's 503), not a failure of the request."""
+    outcome: list[object] = []
+    first_done, server_gone = threading.Event(), threading.Event()
+
+    def write() -> None:  # one client, in one thread (it is not thread-safe), whose kept session the restart ends
+        with direct_client(writer, deadline=60) as client:
+            client.call("audit", actor="me", action="before")
+            first_done.set()
+            server_gone.wait(60)
+            outcome.append(client.call("audit", actor="me", action="during"))
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    assert first_done.wait(30)
+    back = threading.Event()
+    restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 60.0, "until": back})
+    restart.start()
+    try:
+        wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
+        with direct_client(writer, deadline=1) as short:
+            with pytest.raises(WriterUnavailable):
+                short.call("audit", actor="me", action="gave-up")
+        server_gone.set()
+        time.sleep(2)  # the call retries while the server is away
+        assert writing.is_alive() and not outcome, outcome
+    finally:
+        server_gone.set()
+        back.set()
+        restart.join(120)
+        writing.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
+    assert query(writer.settings, "SELECT action, count(*) FROM audit_log WHERE actor = 'me' GROUP BY action "
+                 "ORDER BY action") == [("before", 1), ("during", 1)]
+
+
 def test_a_stop_bounds_a_direct_write_that_retries_as_it_bounds_a_request_to_the_writer(writer: Stack) -> None:
     """A worker's stop bounds its client (``give_up_by``: it must exit before circus's SIGKILL); a
     direct write retrying a lock wait went on to its own deadline (60 s here), past the stop."""

@@ -77,10 +77,6 @@ def insert_ticks(stack: Stack, n: int) -> None:
         assert client.call("insert_ticks", ticks=ticks)["inserted"] == n
 
 
-def socket_gone(server: PostgresServer) -> bool:
-    return not any(server.socket_dir.glob(".s.PGSQL.*"))
-
-
 # --------------------------------------------------------------------------- health
 
 
@@ -133,7 +129,7 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
     restart = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 120.0, "until": checked})
     restart.start()
     try:
-        wait_for("the server to stop", lambda: socket_gone(postgres_server), timeout=30)
+        wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
         down = run(pg, "-m", "db", "health")
         assert down.returncode == 1 and "server     DOWN (" in down.stdout, down.stdout + down.stderr
         down_json = run(pg, "-m", "db", "health", "--json")
@@ -146,7 +142,7 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
         assert response_down.json["database"]["reachable"] is False, response_down.json
         metrics_down = client.get("/metrics").get_data(as_text=True)
         assert "tickstack_database_up 0.0" in metrics_down
-        assert socket_gone(postgres_server), "the server came back before the checks ended"
+        assert postgres_server.socket_gone(), "the server came back before the checks ended"
         seen += [down.stdout + down.stderr, down_json.stdout, doctor_down.stdout, json.dumps(response_down.json),
                  metrics_down]
     finally:
@@ -155,9 +151,43 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
     back = run(pg, "-m", "db", "health", "--json")
     assert json.loads(back.stdout)["server"]["reachable"] is True  # the writer lost its lock: exit 1 for that
     no_password("\n".join(seen) + pg.writer_log(), postgres_server)
+    # One line per event: SQLAlchemy's text ran on over a second line ("(Background on this error at:
+    # ...)") in "the write connection did not roll back (...)" and others (fault hunt on PostgreSQL mode).
+    stray = [line for line in pg.writer_log().splitlines()
+             if not re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ \[\d+\] ", line)]
+    assert not stray, pg.writer_log()[-3000:]
 
 
 # --------------------------------------------------------------------------- backup
+
+
+def test_libpq_parameters_in_the_urls_are_kept_beside_the_stacks_own(pg: Stack) -> None:
+    """A URL may carry libpq's own parameters (the README's carry ``?host=``). With
+    ``?application_name=`` the writer could not take its lock and crash-looped ("got multiple values for
+    keyword argument 'application_name'", said as a server it "cannot reach"), as did every leader;
+    with ``?connect_timeout=`` ``db health`` and doctor said the server was down, and with
+    ``?target_session_attrs=read-write`` they did too ("session is read-only": their probe's session
+    was made read-only as it started). The stack's own session names win over the URL's: doctor,
+    the console and a second writer go by them (fault hunt on PostgreSQL mode)."""
+    # (A read-write target on the readers' URL is refused by libpq itself: their role's sessions are
+    # read-only, README "PostgreSQL".)
+    for name, extra in (("DATABASE_URL", "application_name=mine&connect_timeout=10&target_session_attrs=read-write"),
+                        ("DATABASE_READ_URL", "application_name=mine&connect_timeout=10")):
+        url = pg.env[name]
+        pg.env[name] = f"{url}{'&' if '?' in url else '?'}{extra}"
+    writer = pg.start_writer()
+    insert_ticks(pg, 10)
+    health = run(pg, "-m", "db", "health", "--json")
+    assert health.returncode == 0, health.stdout + health.stderr
+    server = json.loads(health.stdout)["server"]
+    assert server["reachable"] and server["writer_lock"]["writer_pid"] == writer.pid, server
+    assert server["by_application"].get(f"tickstack writer-lock on {HOST}") == 1, server["by_application"]
+    doctor = run(pg, "-m", "db", "doctor")
+    assert doctor.returncode == 0 and "The database server answers" in doctor.stdout, doctor.stdout
+    # A leader's session (db.leader) too: the analysis worker leads, reads the ticks and stores its bars.
+    analysis = run(pg, "-m", "workers.analysis", "--until-idle")
+    assert analysis.returncode == 0, analysis.stdout + analysis.stderr
+    assert rows(pg, "SELECT count(*) FROM bars")[0][0] > 0
 
 
 def test_a_wrong_read_password_is_said_as_a_refused_login_of_the_read_url(
@@ -315,6 +345,24 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
 
 
 # --------------------------------------------------------------------------- amcheck
+
+
+def test_an_integrity_check_that_cannot_be_made_is_not_called_corruption(pg: Stack) -> None:
+    """``DATABASE_URL`` with a wrong password (the readers' right): doctor said "amcheck found problems:
+    connection failed: ... password authentication failed ... Restore the latest backup", advice that
+    can cost a user their data; a session ended under the check made every index after it "a
+    problem" likewise (fault hunt on PostgreSQL mode). A check not made is said as not made."""
+    from sqlalchemy.engine import make_url
+
+    pg.start_writer()
+    wrong = make_url(pg.env["DATABASE_URL"]).set(password="not-the-password").render_as_string(hide_password=False)
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env={**pg.env, "DATABASE_URL": wrong}, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "[FAIL] amcheck could not be made as DATABASE_URL's role: " in doctor.stdout, doctor.stdout
+    assert "password authentication failed" in doctor.stdout, doctor.stdout
+    assert "found problems" not in doctor.stdout and "Restore the latest backup" not in doctor.stdout, doctor.stdout
+    assert "not-the-password" not in doctor.stdout + doctor.stderr
 
 
 def test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it(pg: Stack,

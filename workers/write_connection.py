@@ -168,7 +168,7 @@ class WriteConnection:
         except Exception as e:
             self.recover()  # the commit thread must find it outside any transaction
             log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
-                        type(e).__name__, e)
+                        type(e).__name__, database_words(e))
         return versions
 
     @property
@@ -193,7 +193,7 @@ class WriteConnection:
                     conn.rollback()
                 return None
         except Exception as e:
-            log.warning("writer: the write connection did not roll back (%s); opening a new one", e)
+            log.warning("writer: the write connection did not roll back (%s); opening a new one", database_words(e))
         try:
             conn.close()
         except Exception:  # it is being replaced
@@ -203,7 +203,7 @@ class WriteConnection:
         try:
             self.conn = self.engine.connect()
         except Exception as e:
-            log.error("writer: cannot reopen the database (%s); trying again before the next batch", e)
+            log.error("writer: cannot reopen the database (%s); trying again before the next batch", database_words(e))
             return e
         return None
 
@@ -272,7 +272,7 @@ class WriteConnection:
                                 "in the WAL, and the next writer checkpoints it; exiting", reason)
                 else:
                     log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
-                              "exiting", type(e).__name__, e)
+                              "exiting", type(e).__name__, database_words(e))
                 return True
             # (-1, -1) when it could not run at all (another checkpoint held its lock).
             copied = 0 <= result["log"] <= result["checkpointed"]
