@@ -37,7 +37,7 @@ import os
 import sys
 from typing import Any, NoReturn
 
-from supervision.streams import private_circusd_files
+from supervision.streams import guard_circusd_log, private_circusd_files
 
 log = logging.getLogger("circus")
 
@@ -87,6 +87,7 @@ def _remove_socket_files(*endpoints: str | None) -> None:
 # Once per circusd: circus imports the module again at a reloadconfig, which finds it in sys.modules.
 _start_errors: _StartErrors | None = None
 if os.path.basename(sys.argv[0]) == "circusd":
+    guard_circusd_log()
     _start_errors = _StartErrors()
     log.addHandler(_start_errors)
     atexit.register(_start_errors.exit_if_start_failed)

@@ -24,6 +24,7 @@ From then on the umask holds: the processes circusd starts, its sockets and any 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 from typing import Any
 
@@ -47,13 +48,28 @@ class PrivateFileStream(FileStream):
         super().__init__(filename, max_bytes, backup_count, time_format, **kwargs)
 
     def _open(self) -> Any:
+        # The log folder moved or removed while circusd runs: made again, as circusd's own log's is
+        # (CircusdLog), so the process's output goes on where the README says, not lost.
+        os.makedirs(os.path.dirname(self._filename) or ".", mode=0o700, exist_ok=True)
         fd = os.open(self._filename, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE)
         os.fchmod(fd, PRIVATE)  # a file made before (by circus's own stream, or under another umask)
         return os.fdopen(fd, "a+")
 
     def open(self) -> None:
+        if self._file is not None and not self._file.closed and not self._still_named():
+            self._discard()  # moved or removed (logrotate, a person): the output goes on at the path
         if self._file is None or self._file.closed:
             self._file = self._open()
+
+    def _still_named(self) -> bool:
+        """Whether the path still names the open file, as the stdlib's WatchedFileHandler checks
+        before each line (one ``stat``): a log folder moved away kept every watcher's output
+        going into the moved files, while circusd's own log was made again at its path."""
+        try:
+            named, held = os.stat(self._filename), os.fstat(self._file.fileno())
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
     def __call__(self, data: dict[str, Any]) -> None:
         """Write one chunk of a process's output. On a full disk (any ``OSError``) the chunk is
@@ -101,3 +117,30 @@ def private_circusd_files(watcher: Any, arbiter: Any, hook_name: str, **kwargs: 
         except Exception as e:  # never the writer's end: see above
             log.warning("cannot make %s private: %s", path, e)
     return True
+
+
+class CircusdLog(logging.handlers.WatchedFileHandler):
+    """circusd's own log (``logoutput``), which circus opens as a stdlib ``WatchedFileHandler``:
+    the same, but a log folder moved or removed under a running circusd is made again (0700) and
+    the file in it (0600, circusd's umask), and a line that still cannot be written is dropped as
+    logging drops any. The stdlib's reopens the file outside its own error handling (Python 3.11,
+    ``reopenIfNeeded`` in ``emit``), so the ``FileNotFoundError`` reached circus's loop at the next
+    line circusd logged (a ``circusctl restart``), and circus stopped every watcher (fault hunt)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            folder = os.path.dirname(self.baseFilename)
+            if not os.path.isdir(folder):
+                os.makedirs(folder, mode=0o700, exist_ok=True)
+            self.reopenIfNeeded()
+            logging.FileHandler.emit(self, record)
+        except Exception:
+            self.handleError(record)
+
+
+def guard_circusd_log() -> None:
+    """Make circusd's file log a :class:`CircusdLog` (it is the root logger's handler; circus made it
+    before it read circus.ini, which imports this through :mod:`supervision.hooks`)."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.handlers.WatchedFileHandler:
+            handler.__class__ = CircusdLog

@@ -481,6 +481,27 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
 # --- point 8: a hung process is restarted -----------------------------------------------------------------------
 
 
+def test_a_log_folder_moved_away_is_made_again_and_circusd_serves_on(stack: CircusStack) -> None:
+    """``mv $TICKSTACK_HOME/log ...`` under a running stack, then a ``circusctl restart``: circusd's
+    own log handler (the stdlib's WatchedFileHandler) raised FileNotFoundError into circus's loop at
+    the next line it logged, and circus stopped every watcher, the writer's last lines lost with them
+    (fault hunt as an operator). The folder is made again (0700), circusd and the watcher's output go
+    on in it, and every watcher still runs."""
+    stack.start()
+    logs = stack.home / "log"
+    logs.rename(stack.home / "log.moved")
+    restarted = stack.circusctl("restart", "monitor", "--waiting")
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert stack.proc is not None and stack.proc.poll() is None, "circusd exited"
+    statuses = stack.status()
+    assert set(statuses.values()) == {"active"}, statuses
+    assert stat.S_IMODE(logs.stat().st_mode) == 0o700
+    wait_for("circusd's log made again", lambda: "monitor" in (logs / "circusd.log").read_text(errors="replace")
+             if (logs / "circusd.log").exists() else False, timeout=30)
+    wait_for("the monitor's output in the new folder", lambda: (logs / "monitor.log").exists() and
+             (logs / "monitor.log").stat().st_size > 0, timeout=60)
+
+
 def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(stack: CircusStack) -> None:
     stack.start()
     settings = stack.settings
