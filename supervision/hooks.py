@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -123,6 +124,34 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
         _exit_circusd(arbiter, hook_name, message)
     log.error("%s: %s", hook_name, message)
     return False
+
+
+def said_exit(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
+    """circus hook (``after_reap`` of every watcher in circus.ini): a line in circusd.log for a process
+    that ended while its watcher was active (a kill -9, the kernel's OOM killer, a crash: circus
+    starts another), or that ended badly while it was stopped (killed at its graceful_timeout). A
+    killed writer left no trace but the next one's "writer ready" (fault hunt as an operator). A
+    process that exited 0 as it was stopped is the quiet case. Always True (circus ignores it)."""
+    pid, code = kwargs.get("process_pid"), kwargs.get("exit_code")
+    how = (f"was killed by {_signal_name(-code)}" if isinstance(code, int) and code < 0
+           else f"exited with code {code}" if code is not None else "ended (its exit code was taken elsewhere)")
+    try:
+        state = watcher.status()
+    except Exception:  # a hook must not fail over its words
+        state = "unknown"
+    if state == "active":
+        then = "; circus starts another" if getattr(watcher, "respawn", True) else ""
+        log.warning("%s pid %s %s while it ran%s", watcher.name, pid, how, then)
+    elif code not in (0, None):
+        log.warning("%s pid %s %s as it was stopped", watcher.name, pid, how)
+    return True
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return f"{signal.Signals(number).name} (signal {number})"
+    except ValueError:
+        return f"signal {number}"
 
 
 def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:

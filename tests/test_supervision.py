@@ -502,6 +502,17 @@ def test_a_log_folder_moved_away_is_made_again_and_circusd_serves_on(stack: Circ
              (logs / "monitor.log").stat().st_size > 0, timeout=60)
 
 
+def test_a_process_killed_under_circus_is_said_in_circusds_log(stack: CircusStack) -> None:
+    """kill -9 of a worker: circusd.log said nothing, and the worker's own log only its successor's
+    start (fault hunt as an operator). Now circusd says which process ended, and how."""
+    stack.start()
+    (pid,) = stack.pids_of("monitor")
+    os.kill(pid, signal.SIGKILL)
+    wait_for("the kill in circusd's log", lambda: f"monitor pid {pid} was killed by SIGKILL (signal 9) while it ran; "
+             "circus starts another" in stack.circusd_log(), timeout=60)
+    wait_for("another monitor", lambda: (p := stack.pids_of("monitor")) and p != [pid], timeout=60)
+
+
 def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_is_lost(stack: CircusStack) -> None:
     stack.start()
     settings = stack.settings
