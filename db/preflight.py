@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -211,12 +212,10 @@ def live_circusd(pidfile: Path) -> int | None:
         return None
 
 
-def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether the circusd at ``endpoint`` is stopping watchers: its ``status`` has one ``stopping``
-    (a ``circusctl quit`` without ``--waiting`` answers while circus stops them all; so does a stop or
-    a restart of them), or it answers nothing within ``timeout`` (its controller stopped, at the end
-    of a quit). Asked in circus's own protocol (one JSON frame each way), as ``circusctl status`` asks;
-    circus answers a status even while it runs another command."""
+def ask_circus(endpoint: str, command: str, timeout: float = 1.0, **properties: Any) -> dict[str, Any] | None:
+    """circusd's answer at ``endpoint`` to ``command``, asked in circus's own protocol (one JSON frame
+    each way), as circusctl asks; None when it answers nothing within ``timeout`` or cannot be
+    reached. circus answers ``status`` and ``get`` even while it runs another command."""
     import json
     import uuid
 
@@ -228,7 +227,7 @@ def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
     try:
         sock.connect(endpoint)
         call = uuid.uuid4().hex
-        sock.send(json.dumps({"id": call, "command": "status", "properties": {}}).encode())
+        sock.send(json.dumps({"id": call, "command": command, "properties": properties}).encode())
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
             try:
@@ -236,14 +235,33 @@ def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
             except ValueError:
                 continue
             if isinstance(answer, dict) and answer.get("id") == call:
-                statuses = answer.get("statuses")
-                return isinstance(statuses, dict) and "stopping" in statuses.values()
-        return True
+                return answer
+        return None
     except zmq.ZMQError:  # an endpoint that cannot be reached: no controller serves it any more
-        return True
+        return None
     finally:
         sock.close()
         ctx.term()
+
+
+def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether the circusd at ``endpoint`` is stopping watchers: its ``status`` has one ``stopping``
+    (a ``circusctl quit`` without ``--waiting`` answers while circus stops them all; so does a stop or
+    a restart of them), or it answers nothing within ``timeout`` (its controller stopped, at the end
+    of a quit)."""
+    answer = ask_circus(endpoint, "status", timeout)
+    if answer is None:
+        return True
+    statuses = answer.get("statuses")
+    return isinstance(statuses, dict) and "stopping" in statuses.values()
+
+
+def processes_asked(endpoint: str, watcher: str, timeout: float = 1.0) -> int | None:
+    """The ``numprocesses`` circusd at ``endpoint`` was asked to run for ``watcher`` (what ``set``,
+    ``incr`` and ``decr`` change); None when it does not say."""
+    answer = ask_circus(endpoint, "get", timeout, name=watcher, keys=["numprocesses"])
+    value = ((answer or {}).get("options") or {}).get("numprocesses")
+    return value if type(value) is int else None
 
 
 def wait_while_stopping(endpoint: str, pid: int, seconds: float) -> bool:

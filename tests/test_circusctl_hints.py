@@ -88,6 +88,18 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         start = run_as_printed(backticked(advice, "start writer"))
         assert start.returncode == 0 and "ok" in start.stdout, (advice, start.stdout, start.stderr)
         wait_for("the writer started as printed", lambda: stack.status()["writer"] == "active", timeout=60)
+        # Told to run no writer (`set writer numprocesses 0`): `start writer` answered ok and started
+        # none, and doctor gave it again (fault hunt as an operator); a singleton refuses `incr`.
+        none = stack.circusctl("set", "writer", "numprocesses", "0")
+        assert none.returncode == 0, none.stdout + none.stderr
+        wait_for("no writer process", lambda: stack.pids_of("writer") == [], timeout=90)
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
+        one = run_as_printed(backticked(advice, "set writer numprocesses 1"))
+        assert one.returncode == 0 and "ok" in one.stdout, (advice, one.stdout, one.stderr)
+        wait_for("a writer again", lambda: stack.pids_of("writer") != [], timeout=60)
+        wait_for("the writer active again", lambda: stack.status()["writer"] == "active", timeout=60)
 
         for snap, needle in (({"writer": {"up": False, "pid": 1}}, "restart writer"),
                              ({"writer": {"up": False}}, "start writer")):
