@@ -280,6 +280,34 @@ def test_api_answers_507_with_the_writers_reason_on_a_full_disk(small: SmallHome
     assert stored(small, "api") == (2, 2, 1, 2)
 
 
+#: An API worker in prometheus_client's multiprocess mode (as under gunicorn) answering three requests,
+#: each printing its status.
+_WORKER = """
+from webapp import create_app
+from db.config import load_settings
+http = create_app("api", load_settings()).test_client()
+for path in ("/api/health", "/api/nothing-here", "/metrics"):
+    print(path, http.get(path).status_code, flush=True)
+"""
+
+
+def test_an_api_worker_on_a_full_disk_answers_instead_of_dying_of_sigbus(small: SmallHome) -> None:
+    """prometheus_client makes its values files sparse and writes through a memory map: on a full disk
+    each API worker died of SIGBUS at its first request ("Worker was sent SIGBUS!", every request a
+    closed connection; fault hunt as an operator). Now the files' blocks are taken first, the count
+    is lost (said once), and the requests are answered."""
+    small.start_writer()
+    metrics = small.home / "run" / "metrics" / "1"
+    metrics.mkdir(parents=True, mode=0o700)
+    fill_disk(small.filler)
+    worker = subprocess.run([sys.executable, "-c", _WORKER], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**small.env, "PROMETHEUS_MULTIPROC_DIR": str(metrics)})
+    assert worker.returncode == 0, (worker.returncode, worker.stdout, worker.stderr[-3000:])
+    assert [line.split()[0] for line in worker.stdout.splitlines()] == ["/api/health", "/api/nothing-here", "/metrics"]
+    assert "requests are not counted while the metrics' files cannot grow" in worker.stderr, worker.stderr[-3000:]
+    assert worker.stderr.count("requests are not counted") == 1, worker.stderr[-3000:]
+
+
 def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(small: SmallHome) -> None:
     small.start_writer()
     console = create_app("console", small.settings).test_client()  # its secrets are written now, not on a full disk

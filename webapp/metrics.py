@@ -52,7 +52,7 @@ from db.errors import WriterError
 from db.health import file_sizes
 from db.server import server_status
 from supervision.circus import Circus, CircusError, WatcherState
-from webapp.multiprocess import EveryMaster
+from webapp.multiprocess import EveryMaster, preallocate_value_files
 
 log = logging.getLogger("tickstack.api")
 
@@ -225,6 +225,9 @@ class Metrics:
     def __init__(self, probe: Probe) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         shared = multiprocess_mode()
+        if shared:
+            preallocate_value_files()
+        self._count_lost = False
         own = None if shared else self.registry
         labels = ["route", "method", "status"]
         self.requests = Counter("tickstack_http_requests", "HTTP requests answered by the API (all workers)",
@@ -236,9 +239,18 @@ class Metrics:
         self.registry.register(StackCollector(probe))
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count a request. A values file that cannot grow (a full disk, :func:`preallocate_value_files`)
+        loses the count, said once per worker, never the request's answer."""
         labels = (route, method, str(status))
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        try:
+            self.requests.labels(*labels).inc()
+            self.latency.labels(*labels).observe(seconds)
+        except OSError as e:
+            if not self._count_lost:
+                log.warning("metrics: requests are not counted while the metrics' files cannot grow: %s", e)
+            self._count_lost = True
+        else:
+            self._count_lost = False
 
 
 def init_metrics(app: Flask, probe: Probe) -> Metrics:

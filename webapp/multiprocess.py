@@ -127,3 +127,45 @@ class EveryMaster:
             return []
         # A folder left by a master killed with SIGKILL stays until the next start: not counted.
         return [f for f in folders if _of_a_live_master(f)]
+
+
+#: Bytes an entry of a values file takes at most beyond its key's (prometheus_client's ``mmap_dict``:
+#: a 4-byte length, up to 8 of padding, a value and a timestamp of 8 each).
+_ENTRY_SLACK = 28
+
+
+def preallocate_value_files() -> None:
+    """Make prometheus_client take the disk blocks of each values file before it maps them. It makes a
+    file by ``truncate`` (sparse) and writes through a memory map: on a full disk the first write to
+    a page with no block behind it was a SIGBUS, which killed each API worker at its first request,
+    every request answered with a closed connection (fault hunt as an operator). ``posix_fallocate``
+    says ENOSPC as an ``OSError`` instead, which :meth:`webapp.metrics.Metrics.observe` drops. Called
+    where the app's metrics are made, in the worker; once is enough (prometheus_client reads the
+    class from its ``values`` module each time it opens a file)."""
+    from prometheus_client import mmap_dict, values
+
+    if getattr(values.MmapedDict, "preallocated", False):
+        return
+    initial = mmap_dict._INITIAL_MMAP_SIZE
+
+    class PreallocatedMmapedDict(mmap_dict.MmapedDict):  # type: ignore[misc]
+        preallocated = True
+
+        def __init__(self, filename: str, read_mode: bool = False) -> None:
+            if not read_mode:
+                fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, initial))
+                finally:
+                    os.close(fd)
+            super().__init__(filename, read_mode)
+
+        def _init_value(self, key: str) -> None:
+            capacity = self._capacity
+            while self._used + len(key.encode("utf-8")) + _ENTRY_SLACK > capacity:
+                capacity *= 2
+            if capacity != self._capacity:  # the file grows: its blocks first
+                os.posix_fallocate(self._f.fileno(), 0, capacity)
+            super()._init_value(key)
+
+    values.MmapedDict = PreallocatedMmapedDict
