@@ -635,6 +635,71 @@ def test_a_rejected_insert_is_said_in_one_line_without_its_statement_or_values(s
     assert len(lines) == 1 and "insert_ticks" in lines[0] and "INSERT" not in lines[0], "\n".join(lines)[:3000]
 
 
+def writer_with_fifty_audits(stack: Stack) -> tuple[subprocess.Popen, WriterClient]:
+    """A writer, and a client whose 50 audits (action ``before``) it acknowledged."""
+    proc = stack.start_writer()
+    client = WriterClient(settings=stack.settings, deadline=20)
+    with client.pipeline() as pipe:
+        for i in range(50):
+            pipe.submit("audit", actor="me", action="before", target=str(i))
+    assert pipe.failed == [] and pipe.completed == 50
+    return proc, client
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_the_database_file_moved_under_the_writer_stops_its_writes_until_it_is_put_back(stack: Stack) -> None:
+    """``mv tickstack.db moved.db`` under a running writer: it acknowledged on into the moved file,
+    which no reader opened, without a word, and its next start made a new, empty database beside the
+    old WAL (checkpoints then failed, "database disk image is malformed"): acknowledged writes split
+    over two files (fault hunt as an operator). The writer now refuses writes, says where the file
+    is and how to put it back, and nothing acknowledged is missing once it is back."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    moved = stack.home / "moved.db"
+    path.rename(moved)
+
+    def refused_yet() -> bool:
+        try:
+            WriterClient(settings=stack.settings, deadline=0.5).call("audit", actor="me", action="probe")
+        except WriterUnavailable as e:
+            return f"the database file tickstack.db was moved to {moved} under the writer" in str(e)
+        return False
+
+    wait_for("the writer to refuse writes", refused_yet, timeout=10)
+    said = [line for line in stack.writer_log().splitlines() if "ERROR" in line]
+    assert said and f"put it back (mv {moved} {path})" in said[0] and " restart writer --waiting" in said[0], said
+    moved.rename(path)  # as it says
+    assert stack.stop(proc) == 0
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'before'").fetchone() == (50,)
+    finally:
+        con.close()
+    stack.start_writer()
+    assert client.call("audit", actor="me", action="after")["id"] > 0
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack) -> None:
+    """The database file gone and its WAL there (moved or removed after the writer was killed): the
+    writer made a new, empty database beside the old WAL and served on it. It now exits 1 saying what
+    to do, and makes nothing."""
+    path = stack.settings.database_path
+    proc = stack.start_writer()
+    assert WriterClient(settings=stack.settings, deadline=20).call("audit", actor="me", action="x")["id"] > 0
+    proc.kill()
+    proc.wait()
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 0
+    path.rename(stack.home / "elsewhere.db")
+    started = subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert started.returncode == 1, started.stderr[-3000:]
+    assert f"the database {path} is missing but its WAL tickstack.db-wal is there" in started.stderr, started.stderr
+    assert not path.exists()
+
+
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
 @pytest.mark.parametrize("how", ["rm", "mv"])
 def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_saves_them(stack: Stack,
@@ -647,12 +712,7 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     at risk. Its stop (the stack's restart: readers first) copies its WAL into the database: nothing
     acknowledged is lost, and the refused writes are applied once by the next writer."""
     path = stack.settings.database_path
-    proc = stack.start_writer()
-    client = WriterClient(settings=stack.settings, deadline=20)
-    with client.pipeline() as pipe:
-        for i in range(50):
-            pipe.submit("audit", actor="me", action="before", target=str(i))
-    assert pipe.failed == [] and pipe.completed == 50
+    proc, client = writer_with_fifty_audits(stack)
     for suffix in ("-wal", "-shm"):
         journal = path.with_name(path.name + suffix)
         journal.unlink() if how == "rm" else journal.rename(stack.home / f"moved{suffix}")

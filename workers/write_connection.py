@@ -61,17 +61,24 @@ def transaction_ended(conn: Connection) -> bool:
 
 
 class JournalWatch:
-    """Whether SQLite's ``-wal`` and ``-shm`` files of ``database`` that this process has open are
-    still at their paths: removed (``rm``), moved (``mv``) or replaced, SQLite writes on into the
-    file it has open, which nobody else sees, and which goes with the process. Judged by what the
-    kernel says this process has open (``/proc/self/fd``), so a symbolic link, or a file a reader
-    makes in the place of a removed one, cannot fool it; nothing is judged where there is no ``/proc``."""
+    """Whether the database file of ``database`` and SQLite's ``-wal`` and ``-shm`` files beside it that
+    this process has open are still at their paths: removed (``rm``), moved (``mv``) or replaced,
+    SQLite writes on into the file it has open, which nobody else sees (a moved database file: the
+    readers and the next writer open another, a new empty one), and which a removed file goes with
+    the process. Judged by what the kernel says this process has open (``/proc/self/fd``), so a
+    symbolic link, or a file a reader makes in the place of a removed one, cannot fool it; nothing is
+    judged where there is no ``/proc``."""
 
     def __init__(self, database: Path) -> None:
         real = database_files(Path(os.path.realpath(database)))
-        self.paths = {database_files(database)[kind].name: str(real[kind]) for kind in ("wal", "shm")}
+        self.paths = {database_files(database)[kind].name: str(real[kind]) for kind in ("db", "wal", "shm")}
+        #: The database file's name (its reason is another: :func:`journal_gone_reason`).
+        self.database = database.name
         #: What each path named when it was last seen open here (device, inode).
         self.known: dict[str, tuple[int, int] | None] = dict.fromkeys(self.paths)
+        #: Where each file found gone is now, as the kernel names it (``... (deleted)`` when removed),
+        #: and its descriptor here: a removed database file can still be copied out of the process.
+        self.now_at: dict[str, tuple[str, int]] = {}
 
     def gone(self) -> list[str]:
         """The names of those files open here that are no longer at their path (about 20 ``fstat``)."""
@@ -79,14 +86,14 @@ class JournalWatch:
             fds = os.listdir("/proc/self/fd")
         except OSError:
             return []
-        open_here = set()
+        open_here: dict[tuple[int, int], int] = {}
         for fd in fds:
             try:
                 st = os.fstat(int(fd))
             except (OSError, ValueError):  # closed meanwhile (the listing's own)
                 continue
             if stat.S_ISREG(st.st_mode):
-                open_here.add((st.st_dev, st.st_ino))
+                open_here[(st.st_dev, st.st_ino)] = int(fd)
         gone = []
         for name, path in self.paths.items():
             try:
@@ -96,24 +103,64 @@ class JournalWatch:
                 now = None
             except OSError:  # cannot tell
                 continue
+            known = self.known[name]
             if now is not None and now in open_here:
                 self.known[name] = now  # in place
-            elif self.known[name] in open_here:
+            elif known is not None and known in open_here:
                 gone.append(name)  # the one open here is no longer at its path
+                fd = open_here[known]
+                try:
+                    self.now_at[name] = (os.readlink(f"/proc/self/fd/{fd}"), fd)
+                except OSError:
+                    pass
             else:
                 self.known[name] = None  # not open here (not yet, or its connection was replaced)
         return gone
 
 
-def journal_gone_reason(names: list[str], circus_endpoint: str) -> str:
+def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWatch | None = None) -> str:
     """Why the writer takes no more writes once :meth:`JournalWatch.gone` named ``names``."""
     from db.preflight import circusctl_command  # psutil and more: only the day it is needed
 
+    if watch is not None and watch.database in names:
+        path = watch.paths[watch.database]
+        where, fd = watch.now_at.get(watch.database, ("", -1))
+        if where.endswith(" (deleted)") or not where:
+            save = (f"copy it out of the writer before it stops (cp /proc/{os.getpid()}/fd/{fd} {path}), then "
+                    if fd >= 0 else "")
+            now = "removed"
+        else:
+            save, now = f"put it back (mv {where} {path}), then ", f"moved to {where}"
+        return (f"the database file {watch.database} was {now} under the writer (by another program): the "
+                "readers and the next writer would open another file at its path, a new empty database, so "
+                f"the writer takes no more writes; {save}restart the writer "
+                f"({circusctl_command(circus_endpoint, 'restart', 'writer')}): every write it acknowledged is "
+                "in that file and its WAL")
     return (f"{' and '.join(names)} removed or moved under the writer (by another program; deleting them is "
             "never a remedy here): every write since the last checkpoint is only in the writer's open copy, so it "
             f"takes no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "
             "kill -9 the writer): with no write after it and the readers stopping, its last checkpoint copies "
             "that copy into the database")
+
+
+def orphaned_journal(path: Path | None) -> str | None:
+    """Why the writer must not open ``path``: it is not there but its WAL is, with frames in it. The
+    database was moved or removed, and SQLite would make a new, empty one beside the old WAL (the
+    next checkpoints then failed, "database disk image is malformed"): acknowledged writes in two
+    files, the stack writing on into the new one (fault hunt as an operator)."""
+    if path is None or path.exists():
+        return None
+    wal = database_files(path)["wal"]
+    try:
+        size = wal.stat().st_size
+    except OSError:
+        return None
+    if not size:
+        return None
+    return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
+            f"database was moved or removed. Put it back at {path}; or, if it is gone for good, move "
+            f"{wal.name} and {path.name}-shm aside (they belong to it), then start again: a new database starts "
+            "empty")
 
 
 def make_database_private(path: Path | None) -> None:

@@ -76,7 +76,7 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
-from workers.write_connection import JournalWatch, journal_gone_reason, make_database_private
+from workers.write_connection import JournalWatch, journal_gone_reason, make_database_private, orphaned_journal
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -181,6 +181,10 @@ class Writer:
             raise
         try:
             self.init_signals()
+            orphaned = orphaned_journal(self.settings.database_path)
+            if orphaned is not None:
+                log.error("writer: %s", orphaned)
+                return 1
             make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
             self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
@@ -344,12 +348,16 @@ class Writer:
         still has open, lost with it. A checkpoint now could be partial (a reader's snapshot holds
         pages back), which without the WAL leaves the database file a mix of two states; so the writer
         keeps what it has, refuses every write from now on (retryably), and says how to save it: a
-        restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all."""
+        restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all. The
+        database file itself moved or removed: the readers and the next writer would open a new, empty
+        one at its path; writes are refused likewise, and the reason says where the file is now and how
+        to put it back (:func:`journal_gone_reason`)."""
         if self.journal_watch is None or self.committer is None or self.committer.refusing is not None:
             return  # a server's writer, or refusing already
         gone = self.journal_watch.gone()
         if gone:
-            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint)
+            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint,
+                                                                      self.journal_watch)
             log.error("writer: %s", reason)
             # What comes from now on (_accept), and what is queued (the committer), is refused.
             self.committer.refusing = f"not applied, retry: {reason}"
