@@ -126,6 +126,66 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
     return False
 
 
+#: This circusd's stack as its first writer found it: the home's (device, inode), and the database
+#: file once it was there (at a spawn, or when a writer was ready): :func:`spawn_writer`.
+_home_seen: tuple[str, tuple[int, int]] | None = None
+_database_seen: str | None = None
+#: The refusal said last, so that circus's retries (every few seconds) say it once.
+_refused: str | None = None
+
+
+def _remember_database(path: Any) -> None:
+    global _database_seen
+    if path is not None and _database_seen is None and path.exists():
+        _database_seen = str(path)
+
+
+def spawn_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
+    """circus hook (``before_spawn`` of the writer): :func:`supervision.quiet.quiet_circusd`, then no
+    writer that would make a new, empty database under this circusd: its home is not the folder it
+    was (moved, removed, made again), or the database its writers used is gone from its path. The
+    home moved (``mv $TICKSTACK_HOME ...``) under a running stack: the writer lost its lock file and
+    exited, and circus started another, which made a new home and database that every process then
+    wrote to, acknowledged (fault hunt as an operator). The refusal is said once in circusd.log, with
+    what to do; circus tries again every few seconds, and spawns one as soon as it is put back."""
+    global _home_seen, _refused
+    from db.config import ConfigError, load_settings
+    from supervision.quiet import quiet_circusd
+
+    quiet_circusd(watcher, arbiter, hook_name)
+    try:
+        settings = load_settings()
+    except ConfigError:  # refuse_unless_alone says it at the watcher's start
+        return True
+    home = str(settings.home)
+    try:
+        st = os.stat(home)
+        now: tuple[int, int] | None = (st.st_dev, st.st_ino)
+    except OSError:
+        now = None
+    if _home_seen is None:
+        if now is not None:
+            _home_seen = (home, now)
+        _remember_database(settings.database_path)
+        return True
+    problem = None
+    if now != _home_seen[1]:
+        problem = (f"its home {home} is not the folder it was when this circusd started (moved, removed or made "
+                   "again)")
+    elif _database_seen is not None and not os.path.exists(_database_seen):
+        problem = f"the database {_database_seen} its writers used is gone from its path (moved or removed)"
+    if problem is None:
+        _refused = None
+        _remember_database(settings.database_path)
+        return True
+    if _refused != problem:
+        _refused = problem
+        log.error("writer: not starting one: %s, and it would make a new, empty database there while the "
+                  "acknowledged writes are in the old one. Put it back; or stop this stack (kill %d, circusd's "
+                  "pid: everything it runs stops) and start it again where the home is now", problem, os.getpid())
+    return False
+
+
 def said_exit(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
     """circus hook (``after_reap`` of every watcher in circus.ini): a line in circusd.log for a process
     that ended while its watcher was active (a kill -9, the kernel's OOM killer, a crash: circus
@@ -215,6 +275,7 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     finally:
         client.close()
     _unready_writer = None
+    _remember_database(settings.database_path)  # a ready writer has made it: it is the stack's from now on
     log.info("%s: writer pid %s ready (%.1f ms); starting %s", hook_name, ping["pid"], ping["latency_ms"],
              watcher.name)
     return True

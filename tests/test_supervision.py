@@ -502,6 +502,26 @@ def test_a_log_folder_moved_away_is_made_again_and_circusd_serves_on(stack: Circ
              (logs / "monitor.log").stat().st_size > 0, timeout=60)
 
 
+def test_a_home_moved_under_the_stack_gets_no_new_database(stack: CircusStack) -> None:
+    """``mv $TICKSTACK_HOME ...`` under a running stack: the writer lost its lock file and exited, circus
+    started another, and it made a new home and an empty database, which every process then wrote to
+    and was acknowledged (fault hunt as an operator). circusd now starts no writer there and says why."""
+    stack.start()
+    moved = stack.home.with_name(stack.home.name + ".moved")
+    stack.home.rename(moved)
+    try:
+        said = "writer: not starting one: its home " + str(stack.home) + " is not the folder it was"
+        wait_for("circusd to refuse a new writer", lambda: any(
+            said in (folder / "log" / "circusd.log").read_text(errors="replace")
+            for folder in (stack.home, moved) if (folder / "log" / "circusd.log").exists()), timeout=90)
+        time.sleep(3)  # circus tries again every few seconds: still no writer, no database
+        assert not (stack.home / "tickstack.db").exists()
+        assert stack.proc is not None and stack.proc.poll() is None
+    finally:
+        stack.stop()  # by pid: its socket moved with the home
+        shutil.rmtree(moved, ignore_errors=True)
+
+
 def test_a_process_killed_under_circus_is_said_in_circusds_log(stack: CircusStack) -> None:
     """kill -9 of a worker: circusd.log said nothing, and the worker's own log only its successor's
     start (fault hunt as an operator). Now circusd says which process ended, and how."""
