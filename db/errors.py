@@ -81,6 +81,12 @@ def server_trouble(reason: str) -> str:
     return "refuses the login" if any(w in reason.lower() for w in LOGIN_REFUSED) else "does not answer"
 
 
+def named_database_words(error: BaseException, limit: int = 400) -> str:
+    """``Type: words``: the driver's error class (``LockNotAvailable``, ``OperationalError``; SQLAlchemy's
+    wrapper says only its own) and :func:`database_words`, in one line."""
+    return f"{type(getattr(error, 'orig', None) or error).__name__}: {database_words(error, limit)}"
+
+
 def database_words(error: BaseException, limit: int = 400) -> str:
     """The database's own words for ``error`` in one line of at most ``limit`` characters: the
     driver's message (SQLAlchemy's ``orig``), never SQLAlchemy's text around it, which adds the

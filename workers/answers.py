@@ -14,7 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason, transient_reason
-from db.errors import CommitFailed, OpFailed, StorageFull, WriterError, database_words
+from db.errors import CommitFailed, OpFailed, StorageFull, WriterError, database_words, named_database_words
 from db.validation import shown
 from workers.writer_stats import Stats
 
@@ -60,8 +60,7 @@ class Answers:
         reason = storage_full_reason(e)
         if reason is not None:
             return self.storage_full(reason)
-        detail = getattr(e, "orig", None) or e
-        return CommitFailed(f"commit failed, nothing applied; retry: {type(detail).__name__}: {database_words(e)}")
+        return CommitFailed(f"commit failed, nothing applied; retry: {named_database_words(e)}")
 
     def storage_full(self, reason: str) -> StorageFull:
         """A full disk, in the database's own words and with the free space the writer sees."""

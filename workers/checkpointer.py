@@ -32,7 +32,7 @@ from sqlalchemy.engine import Engine
 
 from db.config import Settings
 from db.engine import is_sqlite, storage_full_reason
-from db.errors import database_words
+from db.errors import named_database_words
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -104,8 +104,8 @@ class Checkpointer(threading.Thread):
                 if backlog >= BACKLOG_PAGES:
                     self._checkpoint(con)
         except Exception as e:  # the commit thread's own autocheckpoint goes on without this thread
-            log.warning("writer: background checkpoints stopped (%s: %s); the commits checkpoint as before",
-                        type(e).__name__, database_words(e))
+            log.warning("writer: background checkpoints stopped (%s); the commits checkpoint as before",
+                        named_database_words(e))
         finally:
             self._shm = None
             if shm is not None:
@@ -131,7 +131,7 @@ class Checkpointer(threading.Thread):
         try:
             con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except Exception as e:
-            reason = storage_full_reason(e) or f"{type(e).__name__}: {database_words(e)}"
+            reason = storage_full_reason(e) or named_database_words(e)
             if reason != self._failing:
                 log.warning("writer: background checkpoint failed (%s); trying again after the next commit", reason)
                 self._failing = reason

@@ -51,7 +51,16 @@ from sqlalchemy.engine import Connection, Engine
 from db import ops
 from db.config import Settings
 from db.engine import storage_full_reason
-from db.errors import CommitFailed, OpFailed, RequestIdReused, StorageFull, ValidationError, WriterError, database_words
+from db.errors import (
+    CommitFailed,
+    OpFailed,
+    RequestIdReused,
+    StorageFull,
+    ValidationError,
+    WriterError,
+    database_words,
+    named_database_words,
+)
 from db.protocol import encode_reply, request_digest
 from db.validation import shown
 from workers.answers import Answers
@@ -402,8 +411,7 @@ class Committer:
         per request taken out) stays shallow whatever the batch's size."""
         i = next(i for i, req in enumerate(batch) if req is lost.request)
         culprit = batch[i]
-        detail = getattr(lost.cause, "orig", None) or lost.cause
-        said = f"{type(detail).__name__}: {database_words(lost.cause)}"
+        said = named_database_words(lost.cause)
         if said in self._losses:  # a second request lost the transaction the same way: not a request's doing
             log.error("writer: a second request of the batch (%s of client %s) rolled it back with the same error "
                       "(%s): the database fails, not a request; the %d left are answered retryably",

@@ -23,7 +23,7 @@ from sqlalchemy.orm import configure_mappers
 from db import ops
 from db.config import Settings
 from db.engine import checkpoint, raw_dbapi, storage_full_reason
-from db.errors import database_words
+from db.errors import database_words, named_database_words
 from db.files import database_files
 from db.schema import migrate
 
@@ -214,8 +214,7 @@ class WriteConnection:
                 transaction.rollback()
         except Exception as e:
             self.recover()  # the commit thread must find it outside any transaction
-            log.warning("writer: could not get ready for the first batch, which will (%s: %s)",
-                        type(e).__name__, database_words(e))
+            log.warning("writer: could not get ready for the first batch, which will (%s)", named_database_words(e))
         return versions
 
     @property
@@ -240,7 +239,8 @@ class WriteConnection:
                     conn.rollback()
                 return None
         except Exception as e:
-            log.warning("writer: the write connection did not roll back (%s); opening a new one", database_words(e))
+            log.warning("writer: the write connection did not roll back (%s); opening a new one",
+                        named_database_words(e))
         try:
             conn.close()
         except Exception:  # it is being replaced
@@ -250,7 +250,8 @@ class WriteConnection:
         try:
             self.conn = self.engine.connect()
         except Exception as e:
-            log.error("writer: cannot reopen the database (%s); trying again before the next batch", database_words(e))
+            log.error("writer: cannot reopen the database (%s); trying again before the next batch",
+                      named_database_words(e))
             return e
         return None
 
@@ -318,8 +319,8 @@ class WriteConnection:
                     log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
                                 "in the WAL, and the next writer checkpoints it; exiting", reason)
                 else:
-                    log.error("writer: final checkpoint failed (%s: %s); every committed write is in the WAL; "
-                              "exiting", type(e).__name__, database_words(e))
+                    log.error("writer: final checkpoint failed (%s); every committed write is in the WAL; "
+                              "exiting", named_database_words(e))
                 return True
             # (-1, -1) when it could not run at all (another checkpoint held its lock).
             copied = 0 <= result["log"] <= result["checkpointed"]
