@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import msgpack
 import pytest
@@ -306,6 +306,35 @@ def test_an_api_worker_on_a_full_disk_answers_instead_of_dying_of_sigbus(small: 
     assert [line.split()[0] for line in worker.stdout.splitlines()] == ["/api/health", "/api/nothing-here", "/metrics"]
     assert "requests are not counted while the metrics' files cannot grow" in worker.stderr, worker.stderr[-3000:]
     assert worker.stderr.count("requests are not counted") == 1, worker.stderr[-3000:]
+
+
+def _console_login(console: Any, password: str) -> Any:
+    page = console.get("/console/login").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    return console.post("/console/login", data={"csrf_token": token, "username": "admin", "password": password})
+
+
+def test_a_console_login_on_a_full_disk_is_refused_with_the_reason_and_loses_no_session(small: SmallHome) -> None:
+    """A login on a full disk was a 500 (the login throttle's file could not be written; fault hunt as
+    an operator), and that file and the sessions' were emptied before they were written again, so a
+    write the disk refused left one empty. Now 507 with the reason, the files as they were, and the
+    session already open goes on. (The throttle's file is made new here, so its write needs a block
+    the full disk has not.)"""
+    console = create_app("console", small.settings).test_client()
+    other = create_app("console", small.settings).test_client()
+    password = (small.home / "admin-password").read_text().strip()
+    assert _console_login(console, password).status_code == 302
+    sessions = small.home / "run" / "console-sessions.json"
+    before = sessions.read_bytes()
+    (small.home / "run" / "console-login-throttle.json").unlink()
+    fill_disk(small.filler)
+    refused = _console_login(other, password)
+    assert refused.status_code == 507, refused.status_code
+    assert "The console cannot record a login: No space left on device" in refused.text, refused.text
+    assert sessions.read_bytes() == before
+    assert console.get("/console/watchers").status_code == 200  # the open session goes on
+    small.filler.unlink()
+    assert _console_login(other, password).status_code == 302
 
 
 def test_health_doctor_and_console_show_free_space_and_warn_before_it_runs_out(small: SmallHome) -> None:

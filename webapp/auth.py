@@ -331,7 +331,10 @@ def login() -> ResponseReturnValue:
     password = request.form.get("password", "")
     addr = request.remote_addr or "unknown"
     peer = peer_key(request.environ)
-    wait = auth.throttle.admit(peer)
+    try:
+        wait = auth.throttle.admit(peer)
+    except OSError as e:
+        return _unrecorded(next_url, username, e)
     if wait:
         seconds = retry_after(wait)
         log.warning("console: login of %r from %s refused unchecked: %d s to wait after failed logins", username,
@@ -346,13 +349,26 @@ def login() -> ResponseReturnValue:
     if not auth.credentials.check(username, password):
         _audit("login", addr, "denied", f"wrong user name or password for {username!r} ({peer})", "anonymous")
         return _login_page(next_url, username=username, error="Wrong user name or password."), 200
-    auth.throttle.succeeded(peer)
+    try:
+        sid = auth.sessions.create(auth.credentials.username)
+    except OSError as e:
+        return _unrecorded(next_url, username, e)
+    auth.throttle.succeeded(peer)  # shrinks its file: takes no space
     session.clear()
     session.update(user=auth.credentials.username, auth=auth.credentials.fingerprint, at=int(time.time()),
-                   sid=auth.sessions.create(auth.credentials.username))
+                   sid=sid)
     g.pop("tickstack_user", None)
     _audit("login", addr, "ok", peer, auth.credentials.username)
     return redirect(next_url or url_for("console.watchers"))
+
+
+def _unrecorded(next_url: str | None, username: str, e: OSError) -> ResponseReturnValue:
+    """A login the console cannot record (its throttle's or its sessions' file cannot be written: a full
+    disk): refused with the reason, 507, and nothing of either file lost. It was a 500 (fault hunt)."""
+    log.warning("console: a login could not be recorded (%s: %s)", type(e).__name__, e.strerror or e)
+    message = (f"The console cannot record a login: {e.strerror or e} in TICKSTACK_HOME. Free space there "
+               "(python -m db health says how much is left); sessions already open go on.")
+    return _login_page(next_url, username=username, error=message), 507
 
 
 def logout() -> ResponseReturnValue:

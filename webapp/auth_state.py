@@ -31,21 +31,28 @@ MAX_ENTRIES = 10_000
 def locked_json(path: Path, change: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """The JSON object in ``path``, read under ``flock`` (shared when ``change`` is None). ``change``
     edits it in place under the exclusive lock and returns whether to write it back. A missing or
-    damaged file reads as ``{}``."""
+    damaged file reads as ``{}``. A write that cannot be made (a full disk: ``OSError``) raises
+    with the file as it was: the new text's blocks are taken first, then it is written over the old
+    one and the rest cut off. Emptied first and then written, a full disk left it empty: every
+    console session ended, and every failed login forgotten by the throttle (fault hunt)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "r+") as f:
+    with os.fdopen(fd, "r+b") as f:
         fcntl.flock(f, fcntl.LOCK_SH if change is None else fcntl.LOCK_EX)
         try:
-            data = json.loads(f.read() or "{}")
+            data = json.loads(f.read() or b"{}")
         except ValueError:
             data = None
         if not isinstance(data, dict):
             data = {}
         if change is not None and change(data):
+            text = json.dumps(data).encode()
+            if text:
+                os.posix_fallocate(fd, 0, len(text))
             f.seek(0)
-            f.truncate()
-            f.write(json.dumps(data))
+            f.write(text)
+            f.flush()
+            f.truncate(len(text))
     return data
 
 
