@@ -52,7 +52,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         clear_stale_pidfile,
         foreign_commands,
         live_circusd,
+        orphans,
         refusal,
+        wait_for_orphans,
         wait_while_stopping,
         watchers_stopping,
     )
@@ -81,6 +83,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 1
+    left = orphans(settings.home)
+    if left:
+        # circusd killed (kill -9, a crash), then `make run`: its processes stop by themselves, and were
+        # refused as running, with `kill` advice, a second or two before they were gone.
+        print(f"tickstack processes of a circusd that is gone are stopping (pids {', '.join(map(str, left))}); "
+              f"waiting for them, at most {STOPPING_WAIT_S:.0f} s", flush=True)
+        wait_for_orphans(settings.home, STOPPING_WAIT_S)
     check_home(settings)  # a file in the way is said here; the folders are made once nothing refuses
     stale = clear_stale_pidfile(pidfile)
     if stale is not None:
