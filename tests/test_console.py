@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import html
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -331,6 +332,24 @@ def test_database_page_and_buttons_are_audited(console: Console, wstack: Stack) 
         con.close()
     page = console.get("/console/database").text
     assert backups[0].name in page and "by admin" in page  # last backup and last quick_check
+
+
+def test_a_restart_of_every_watcher_runs_one_at_a_time(console: Console, wstack: Stack) -> None:
+    """Two restart-alls at once (two tabs, a double submit): every watcher was restarted twice, and
+    the first to restart this console killed the other request midway, unanswered and unaudited
+    (fault hunt as an operator). While one runs (its lock held, by any worker of the console),
+    another is told so and runs nothing."""
+    since = last_audit_id(wstack.settings)
+    fd = os.open(wstack.home / "run" / "console-restart-all.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as the running one holds it
+        r = console.post("/console/watchers/restart-all", {"confirm": "yes"})
+    finally:
+        os.close(fd)
+    assert r.status_code in (302, 303), r.status_code
+    shown = flashes(console.get(r.headers["Location"]))
+    assert any("A restart of every watcher is already running" in text for _level, text in shown), shown
+    assert [row for row in audit_rows(wstack.settings, since) if row[2] == "watchers.restart_all"] == []
 
 
 def test_a_backup_of_the_same_second_already_there_does_not_fail_the_consoles(console: Console,

@@ -25,6 +25,8 @@ its detail saying what was sent and what was seen.
 """
 from __future__ import annotations
 
+import fcntl
+import os
 import signal
 import time
 from typing import Any
@@ -35,7 +37,7 @@ from flask.typing import ResponseReturnValue
 
 from supervision.circus import CircusError, missing_watchers
 from supervision.procstats import takes_default_action
-from webapp.console.common import audit, bad_request, bp, circus, log
+from webapp.console.common import audit, bad_request, bp, circus, log, settings
 from webapp.console.watcher_page import SIGNALS, find_watcher, watcher_names
 from webapp.console.watchers import (
     WRITER_WATCHER,
@@ -190,8 +192,32 @@ def restart_order(c: Any, names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (-priority(n), n))
 
 
+#: Held (``flock``, by whichever worker and thread runs it) while a restart of every watcher runs.
+RESTART_ALL_LOCK = "console-restart-all.lock"
+
+
 @bp.post("/watchers/restart-all")
 def restart_all() -> ResponseReturnValue:
+    """Ask, then restart every running watcher once, this console last. One at a time, across the
+    console's workers: two at once restarted every watcher twice, and the first to restart this
+    console killed the other request midway, unanswered and unaudited (fault hunt as an operator)."""
+    if request.form.get("confirm") != "yes":
+        return _restart_all()
+    path = settings().run_dir / RESTART_ALL_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            flash("A restart of every watcher is already running (asked by another request): this one was not "
+                  "run. The Watchers page shows its progress; its result is in the audit log.", "warn")
+            return _back()
+        return _restart_all()
+    finally:
+        os.close(fd)  # the lock with it
+
+
+def _restart_all() -> ResponseReturnValue:
     c = circus()
     statuses = c.statuses()
     names = watcher_names(statuses)
