@@ -331,6 +331,12 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
     out = [("ok", f"The database server answers in {server['ping_ms']:.1f} ms (PostgreSQL {server['version']}): "
                   f"database {human_bytes(server['size_bytes'])}, {server['connections']} connections ({apps}); "
                   f"{server['server_connections']} of max_connections {server['max_connections']} on the server.")]
+    if server.get("unreadable"):
+        tables = server["unreadable"]
+        out.append(("fail", f"{settings.read_url_variable}'s role may not read {len(tables)} of the stack's tables "
+                            f"({', '.join(tables[:8])}{', ...' if len(tables) > 8 else ''}): the API, the console and "
+                            "the workers fail on them. As a superuser, in the database: GRANT SELECT ON ALL TABLES "
+                            "IN SCHEMA public TO that role (README, PostgreSQL: the roles)."))
     if server["server_connections"] > 0.8 * server["max_connections"]:
         out.append(("warn", f"The server has {server['server_connections']} of its {server['max_connections']} "
                             "connections in use: new ones will be refused soon. Find who holds them above, or "

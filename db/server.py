@@ -100,8 +100,15 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
             rows = conn.execute("SELECT application_name, count(*) FROM pg_stat_activity "
                                 f"WHERE datname = current_database() AND ({CLIENT_SESSION}) GROUP BY 1").fetchall()
             schema = None  # a database the schema was never applied to has no such table
+            unreadable: list[str] = []
             if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None:
                 schema = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+                # The stack's tables the readers' role may not read: a missed GRANT crashed the monitor
+                # with tracebacks and made the API answer 500, while doctor found nothing (fault hunt).
+                unreadable = [name for (name,) in conn.execute(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'v', 'p') "
+                    "AND NOT has_table_privilege(c.oid, 'SELECT') ORDER BY 1").fetchall()]
             holder = server_lock_holder(conn, settings.host)
             writers = server_lock_holders(conn)
             led = leaders(conn, LEADER_NAMES)
@@ -119,7 +126,8 @@ def server_status(settings: Settings, timeout: float = 3.0) -> dict[str, Any]:
     return {"reachable": True, "ping_ms": round((time.perf_counter() - started) * 1000, 1), "version": version,
             "size_bytes": int(size), "connections": sum(by_app.values()),
             "by_application": dict(sorted(by_app.items())), "server_connections": int(everyone),
-            "max_connections": int(max_conn), "schema_version": schema, "writer_lock": lock, "leaders": led}
+            "max_connections": int(max_conn), "schema_version": schema, "writer_lock": lock, "leaders": led,
+            "unreadable": unreadable}
 
 
 def writer_pid_of(app: str | None) -> int | None:

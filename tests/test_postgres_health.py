@@ -347,6 +347,23 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
 # --------------------------------------------------------------------------- amcheck
 
 
+def test_doctor_names_the_tables_the_readers_role_may_not_read(pg: Stack, postgres_server: PostgresServer) -> None:
+    """A GRANT missed in the README's role setup (``REVOKE SELECT ON trades``): the monitor crashed with
+    tracebacks and the API answered 500, while doctor said "No problem found" (fault hunt on
+    PostgreSQL mode). Doctor now names the tables and the GRANT."""
+    from sqlalchemy.engine import make_url
+
+    pg.start_writer()
+    database = make_url(pg.env["DATABASE_URL"]).database
+    reader = make_url(pg.env["DATABASE_READ_URL"]).username
+    postgres_server.psql(database, "postgres", f"REVOKE SELECT ON trades, trade_events FROM {reader}")
+    doctor = run(pg, "-m", "db", "doctor")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "[FAIL] DATABASE_READ_URL's role may not read 2 of the stack's tables (trade_events, trades)" in \
+        doctor.stdout, doctor.stdout
+    assert "GRANT SELECT ON ALL TABLES IN SCHEMA public TO that role" in doctor.stdout, doctor.stdout
+
+
 def test_an_integrity_check_that_cannot_be_made_is_not_called_corruption(pg: Stack) -> None:
     """``DATABASE_URL`` with a wrong password (the readers' right): doctor said "amcheck found problems:
     connection failed: ... password authentication failed ... Restore the latest backup", advice that
