@@ -252,7 +252,7 @@ WRITER_DOWN = "The writer is not running"
 def _writer_down_advice(settings: Settings) -> str:
     """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
     without it (after a clean quit), ``make run`` would refuse with it."""
-    from db.preflight import circusctl_command, circusd_pidfile, live_circusd, processes_asked
+    from db.preflight import ask_circus, circusctl_command, circusd_pidfile, live_circusd, processes_asked
 
     pid = live_circusd(circusd_pidfile(settings))
     if pid is None:
@@ -263,10 +263,14 @@ def _writer_down_advice(settings: Settings) -> str:
                 "TICKSTACK_HOME.")
     if processes_asked(settings.circus_endpoint, "writer") == 0:
         # `start writer` answered "ok" and started nothing: circus was told to run none (`set writer
-        # numprocesses 0`), and a singleton refuses `incr` (fault hunt as an operator).
-        how = circusctl_command(settings.circus_endpoint, "set", "writer", "numprocesses", "1")
+        # numprocesses 0`), and a singleton refuses `incr` (fault hunt as an operator). A stopped
+        # watcher takes the number and starts nothing until it is started too (review of round 36).
+        how = f"`{circusctl_command(settings.circus_endpoint, 'set', 'writer', 'numprocesses', '1')}`"
+        statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
+        if statuses.get("writer") != "active":
+            how += f", then `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`"
         return (f"{WRITER_DOWN} although circusd (pid {pid}) is: circus was told to run 0 writer processes, so "
-                f"writes wait (clients retry until their deadline). Start it with `{how}`.")
+                f"writes wait (clients retry until their deadline). Start it with {how}.")
     return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
             f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")

@@ -37,6 +37,7 @@ from sqlalchemy.pool import NullPool
 
 from db import slowreads
 from db.config import Settings
+from db.errors import server_trouble
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -320,7 +321,13 @@ def server_unreachable(exc: BaseException) -> bool:
         return False
     for e in _errors_under(exc):
         state = getattr(e, "sqlstate", None)  # subclasses too: CannotConnectNow (57P03) is "starting up"
-        if isinstance(e, psycopg.OperationalError) and (state is None or state[:2] == "08" or state[:3] == "57P"):
+        if not isinstance(e, psycopg.OperationalError):
+            continue
+        if state is None:
+            # psycopg gives a failed connection no SQLSTATE, a refused login included: told by libpq's
+            # words, or a wrong password was waited out to the deadline (review of round 36).
+            return server_trouble(str(e)) != "refuses the login"
+        if state[:2] == "08" or state[:3] == "57P":
             return True
     return False
 

@@ -303,7 +303,7 @@ def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     if "skipped" in check:
         return [("warn", f"No integrity check: {check['skipped']}.")]
     if "not_made" in check:  # DATABASE_URL's role cannot log in, the session ended: no verdict, no restore advised
-        return [("fail", f"amcheck could not be made as DATABASE_URL's role: {check['not_made']}")]
+        return [("fail", f"amcheck could not be made (it logs in as DATABASE_URL's role): {check['not_made']}")]
     if check["ok"]:
         return [("ok", f"amcheck of {check.get('indexes', 0)} indexes: ok.")]
     return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. Restore the latest "

@@ -130,8 +130,6 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
 #: file once it was there (at a spawn, or when a writer was ready): :func:`spawn_writer`.
 _home_seen: tuple[str, tuple[int, int]] | None = None
 _database_seen: str | None = None
-#: The refusal said last, so that circus's retries (every few seconds) say it once.
-_refused: str | None = None
 
 
 def _remember_database(path: Any) -> None:
@@ -146,9 +144,10 @@ def spawn_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> b
     was (moved, removed, made again), or the database its writers used is gone from its path. The
     home moved (``mv $TICKSTACK_HOME ...``) under a running stack: the writer lost its lock file and
     exited, and circus started another, which made a new home and database that every process then
-    wrote to, acknowledged (fault hunt as an operator). The refusal is said once in circusd.log, with
-    what to do; circus tries again every few seconds, and spawns one as soon as it is put back."""
-    global _home_seen, _refused
+    wrote to, acknowledged (fault hunt as an operator). The refusal is said in circusd.log, with what
+    to do; circus then leaves the writer's watcher stopped (a refused spawn stops it), and a later
+    ``start writer`` asks this hook again."""
+    global _home_seen
     from db.config import ConfigError, load_settings
     from supervision.quiet import quiet_circusd
 
@@ -175,14 +174,14 @@ def spawn_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> b
     elif _database_seen is not None and not os.path.exists(_database_seen):
         problem = f"the database {_database_seen} its writers used is gone from its path (moved or removed)"
     if problem is None:
-        _refused = None
         _remember_database(settings.database_path)
         return True
-    if _refused != problem:
-        _refused = problem
-        log.error("writer: not starting one: %s, and it would make a new, empty database there while the "
-                  "acknowledged writes are in the old one. Put it back; or stop this stack (kill %d, circusd's "
-                  "pid: everything it runs stops) and start it again where the home is now", problem, os.getpid())
+    # The processes still running may have made parts of a new home at the old path meanwhile (logs,
+    # spool, secrets): put back, the old home would land inside it.
+    log.error("writer: not starting one: %s, and it would make a new, empty database there while the "
+              "acknowledged writes are in the old one; the writer's watcher stays stopped. Stop this stack "
+              "(kill %d, circusd's pid: everything it runs stops gracefully), move aside what was made at "
+              "the old path meanwhile, put the home (or the database) back, and start again", problem, os.getpid())
     return False
 
 

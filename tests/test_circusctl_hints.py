@@ -100,6 +100,19 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         assert one.returncode == 0 and "ok" in one.stdout, (advice, one.stdout, one.stderr)
         wait_for("a writer again", lambda: stack.pids_of("writer") != [], timeout=60)
         wait_for("the writer active again", lambda: stack.status()["writer"] == "active", timeout=60)
+        # At 0 and stopped (a restart or a stop of it since): the number alone starts nothing, so the
+        # advice starts it too (review of round 36).
+        for args in (("set", "writer", "numprocesses", "0"), ("stop", "writer", "--waiting")):
+            done = stack.circusctl(*args)
+            assert done.returncode == 0, done.stdout + done.stderr
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
+        for needle in ("set writer numprocesses 1", "start writer"):
+            done = run_as_printed(backticked(advice, needle))
+            assert done.returncode == 0 and "ok" in done.stdout, (advice, done.stdout, done.stderr)
+        wait_for("the writer active once more", lambda: stack.status()["writer"] == "active" and
+                 stack.pids_of("writer") != [], timeout=60)
 
         for snap, needle in (({"writer": {"up": False, "pid": 1}}, "restart writer"),
                              ({"writer": {"up": False}}, "start writer")):

@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 
 from db.client import WriterClient
 from db.config import load_settings
-from db.errors import ValidationError, WriterUnavailable
+from db.errors import OpFailed, ValidationError, WriterUnavailable
 from testkit.helpers import T0, query, wait_for
 from testkit.postgres import PostgresServer
 from testkit.writer import Stack
@@ -127,6 +127,19 @@ def test_a_direct_write_waits_out_a_server_that_is_away_and_gives_up_retryably(
     assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
     assert query(writer.settings, "SELECT action, count(*) FROM audit_log WHERE actor = 'me' GROUP BY action "
                  "ORDER BY action") == [("before", 1), ("during", 1)]
+
+
+def test_a_direct_write_whose_login_is_refused_fails_at_once_not_retried(writer: Stack) -> None:
+    """A wrong password is no server away for a while: retried until the deadline, it held the
+    caller (an API thread) that long and then said "unavailable" (review of round 36: psycopg gives
+    a failed connection no SQLSTATE). It fails at once with the server's words."""
+    wrong = make_url(writer.env["DATABASE_URL"]).set(password="not-the-password").render_as_string(
+        hide_password=False)
+    with direct_client(writer, deadline=30, DATABASE_URL=wrong) as client:
+        with pytest.raises(OpFailed) as refused:
+            client.call("audit", actor="me", action="refused")
+    assert "password authentication failed" in str(refused.value), refused.value
+    assert "not-the-password" not in str(refused.value)
 
 
 def test_a_stop_bounds_a_direct_write_that_retries_as_it_bounds_a_request_to_the_writer(writer: Stack) -> None:

@@ -376,7 +376,7 @@ def test_an_integrity_check_that_cannot_be_made_is_not_called_corruption(pg: Sta
     doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env={**pg.env, "DATABASE_URL": wrong}, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
-    assert "[FAIL] amcheck could not be made as DATABASE_URL's role: " in doctor.stdout, doctor.stdout
+    assert "[FAIL] amcheck could not be made (it logs in as DATABASE_URL's role): " in doctor.stdout, doctor.stdout
     assert "password authentication failed" in doctor.stdout, doctor.stdout
     assert "found problems" not in doctor.stdout and "Restore the latest backup" not in doctor.stdout, doctor.stdout
     assert "not-the-password" not in doctor.stdout + doctor.stderr

@@ -240,17 +240,15 @@ class Metrics:
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         """Count a request. A values file that cannot grow (a full disk, :func:`preallocate_value_files`)
-        loses the count, said once per worker, never the request's answer."""
+        loses the count (said once per worker), never the request's answer."""
         labels = (route, method, str(status))
         try:
             self.requests.labels(*labels).inc()
             self.latency.labels(*labels).observe(seconds)
         except OSError as e:
-            if not self._count_lost:
+            if not self._count_lost:  # once per worker: counts of known labels go on meanwhile
                 log.warning("metrics: requests are not counted while the metrics' files cannot grow: %s", e)
             self._count_lost = True
-        else:
-            self._count_lost = False
 
 
 def init_metrics(app: Flask, probe: Probe) -> Metrics:

@@ -164,8 +164,12 @@ def preallocate_value_files() -> None:
             capacity = self._capacity
             while self._used + len(key.encode("utf-8")) + _ENTRY_SLACK > capacity:
                 capacity *= 2
-            if capacity != self._capacity:  # the file grows: its blocks first
-                os.posix_fallocate(self._f.fileno(), 0, capacity)
+            if capacity != self._capacity:  # the file grows: its blocks first (on a descriptor of its own:
+                fd = os.open(self._fname, os.O_RDWR)  # glibc's emulation refuses an O_APPEND one)
+                try:
+                    os.posix_fallocate(fd, 0, capacity)
+                finally:
+                    os.close(fd)
             super()._init_value(key)
 
     values.MmapedDict = PreallocatedMmapedDict

@@ -125,17 +125,22 @@ def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWa
     if watch is not None and watch.database in names:
         path = watch.paths[watch.database]
         where, fd = watch.now_at.get(watch.database, ("", -1))
+        restart = circusctl_command(circus_endpoint, "restart", "writer")
         if where.endswith(" (deleted)") or not where:
-            save = (f"copy it out of the writer before it stops (cp /proc/{os.getpid()}/fd/{fd} {path}), then "
-                    if fd >= 0 else "")
-            now = "removed"
-        else:
-            save, now = f"put it back (mv {where} {path}), then ", f"moved to {where}"
-        return (f"the database file {watch.database} was {now} under the writer (by another program): the "
-                "readers and the next writer would open another file at its path, a new empty database, so "
-                f"the writer takes no more writes; {save}restart the writer "
-                f"({circusctl_command(circus_endpoint, 'restart', 'writer')}): every write it acknowledged is "
-                "in that file and its WAL")
+            # What the writer acknowledged is in its open (removed) file and in the WAL at the path, and
+            # its stop checkpoints into the removed file and empties that WAL: both are saved first
+            # (no write or checkpoint comes between the two copies now), and put in place after.
+            saved = f"{path}.saved"
+            return (f"the database file {watch.database} was removed under the writer (by another program): every "
+                    "write it acknowledged is now only in the file it still has open and in the WAL, so it takes "
+                    f"no more writes. Save both before the writer stops (`cp /proc/{os.getpid()}/fd/{fd} {saved} && "
+                    f"cp {path}-wal {saved}-wal`), stop it (`{circusctl_command(circus_endpoint, 'stop', 'writer')}`), "
+                    f"put them in place (`mv {saved} {path} && mv {saved}-wal {path}-wal`) and start it again "
+                    f"(`{circusctl_command(circus_endpoint, 'start', 'writer')}`): SQLite applies the WAL")
+        return (f"the database file {watch.database} was moved to {where} under the writer (by another program): "
+                "the readers and the next writer would open another file at its path, a new empty database, so "
+                f"the writer takes no more writes; put it back (`mv {where} {path}`), then restart the writer "
+                f"(`{restart}`): every write it acknowledged is in that file and its WAL")
     return (f"{' and '.join(names)} removed or moved under the writer (by another program; deleting them is "
             "never a remedy here): every write since the last checkpoint is only in the writer's open copy, so it "
             f"takes no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "
@@ -150,7 +155,8 @@ def orphaned_journal(path: Path | None) -> str | None:
     files, the stack writing on into the new one (fault hunt as an operator)."""
     if path is None or path.exists():
         return None
-    wal = database_files(path)["wal"]
+    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
+    wal = database_files(Path(os.path.realpath(path)))["wal"]
     try:
         size = wal.stat().st_size
     except OSError:
