@@ -131,6 +131,8 @@ def wal_bytes(stack: CircusStack) -> int:
 
 
 def test_every_process_stops_gracefully_when_circusd_is_killed(stack: CircusStack) -> None:
+    # The writer drains 4 s after its SIGTERM: still stopping when `make run` looks, below.
+    stack.env["TICKSTACK_WRITER_DRAIN_IDLE"] = "4"
     stack.start()
     wait_for("sim ticks", lambda: query(stack.settings, "SELECT count(*) FROM ticks")[0][0] > 0)
     # 7 watchers and 2 plugins, and each gunicorn master's 2 workers once they booted.
