@@ -709,6 +709,22 @@ def test_the_database_file_removed_under_the_writer_is_saved_as_its_words_say(st
     assert_fifty_audits_and_a_writer_again(stack, client)
 
 
+@pytest.mark.database_independent("paths only: which WAL belongs to a database path, opened by nobody")
+def test_the_wal_of_a_database_reached_through_a_symbolic_link_is_looked_for_beside_its_target(
+        tmp_path: Path) -> None:
+    """SQLite keeps the WAL beside the file a symbolic link names; the check looked beside the link
+    and let a writer make a new database (review of round 36)."""
+    from workers.write_connection import orphaned_journal
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "a" / "link.db"
+    link.symlink_to(tmp_path / "b" / "real.db")  # the database itself moved away: the link dangles
+    (tmp_path / "b" / "real.db-wal").write_bytes(b"frames")
+    said = orphaned_journal(link)
+    assert said is not None and "its WAL real.db-wal is there" in said, said
+
+
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
 def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack) -> None:
     """The database file gone and its WAL there (moved or removed after the writer was killed): the
