@@ -89,7 +89,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         # refused as running, with `kill` advice, a second or two before they were gone.
         print(f"tickstack processes of a circusd that is gone are stopping (pids {', '.join(map(str, left))}); "
               f"waiting for them, at most {STOPPING_WAIT_S:.0f} s", flush=True)
-        wait_for_orphans(settings.home, STOPPING_WAIT_S)
+        wait_for_orphans(settings.home, STOPPING_WAIT_S, left)
     check_home(settings)  # a file in the way is said here; the folders are made once nothing refuses
     stale = clear_stale_pidfile(pidfile)
     if stale is not None:

@@ -264,24 +264,17 @@ def processes_asked(endpoint: str, watcher: str, timeout: float = 1.0) -> int | 
     return value if type(value) is int else None
 
 
-def wait_for_orphans(home: Path, seconds: float) -> list[int]:
-    """Wait at most ``seconds`` while this home's :func:`orphans` (of a circusd that is gone) stop by
-    themselves, as each does when its circusd dies (:mod:`supervision.lifeline`: a SIGTERM, then its
-    own graceful stop, the writer's drain the longest); the ones left. Not at all while one of them
-    is stopped (SIGSTOP): it acts on nothing until it runs again, and the refusal says so."""
+def wait_for_orphans(home: Path, seconds: float, left: list[int]) -> list[int]:
+    """Wait at most ``seconds`` while this home's :func:`orphans` (``left``, as just found: of a circusd
+    that is gone) stop by themselves, as each does when its circusd dies (:mod:`supervision.lifeline`:
+    a SIGTERM, then its own graceful stop, the writer's drain the longest); the ones left. Not at all
+    while one of them is stopped (SIGSTOP): it acts on nothing until it runs again, and the refusal
+    says so."""
     end = time.monotonic() + seconds
-    while (left := orphans(home)) and time.monotonic() < end:
-        if any(_stopped(pid) for pid in left):
-            break
+    while left and time.monotonic() < end and not any(_stopped(pid) for pid in left):
         time.sleep(0.3)
+        left = orphans(home)
     return left
-
-
-def _stopped(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_STOPPED
-    except psutil.Error:
-        return False
 
 
 def wait_while_stopping(endpoint: str, pid: int, seconds: float) -> bool:

@@ -128,7 +128,7 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
 
 #: This circusd's stack as its first writer found it: the home's (device, inode), and the database
 #: file once it was there (at a spawn, or when a writer was ready): :func:`spawn_writer`.
-_home_seen: tuple[str, tuple[int, int]] | None = None
+_home_seen: tuple[int, int] | None = None
 _database_seen: str | None = None
 
 
@@ -163,12 +163,11 @@ def spawn_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> b
     except OSError:
         now = None
     if _home_seen is None:
-        if now is not None:
-            _home_seen = (home, now)
+        _home_seen = now
         _remember_database(settings.database_path)
         return True
     problem = None
-    if now != _home_seen[1]:
+    if now != _home_seen:
         problem = (f"its home {home} is not the folder it was when this circusd started (moved, removed or made "
                    "again)")
     elif _database_seen is not None and not os.path.exists(_database_seen):

@@ -153,23 +153,26 @@ def preallocate_value_files() -> None:
 
         def __init__(self, filename: str, read_mode: bool = False) -> None:
             if not read_mode:
-                fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, initial))
-                finally:
-                    os.close(fd)
+                _take_blocks(filename, initial)
             super().__init__(filename, read_mode)
 
         def _init_value(self, key: str) -> None:
             capacity = self._capacity
             while self._used + len(key.encode("utf-8")) + _ENTRY_SLACK > capacity:
                 capacity *= 2
-            if capacity != self._capacity:  # the file grows: its blocks first (on a descriptor of its own:
-                fd = os.open(self._fname, os.O_RDWR)  # glibc's emulation refuses an O_APPEND one)
-                try:
-                    os.posix_fallocate(fd, 0, capacity)
-                finally:
-                    os.close(fd)
+            if capacity != self._capacity:  # the file grows: its blocks first
+                _take_blocks(self._fname, capacity)
             super()._init_value(key)
 
     values.MmapedDict = PreallocatedMmapedDict
+
+
+def _take_blocks(path: str, size: int) -> None:
+    """The disk blocks of the file at ``path`` (made 0600 if need be) up to ``size`` bytes, at least
+    its own size: ``OSError`` (ENOSPC) when the disk has not got them. On a descriptor of its own:
+    prometheus_client's is O_APPEND, which glibc's emulation of ``posix_fallocate`` refuses."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, max(os.fstat(fd).st_size, size))
+    finally:
+        os.close(fd)

@@ -125,7 +125,6 @@ def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWa
     if watch is not None and watch.database in names:
         path = watch.paths[watch.database]
         where, fd = watch.now_at.get(watch.database, ("", -1))
-        restart = circusctl_command(circus_endpoint, "restart", "writer")
         if where.endswith(" (deleted)") or not where:
             # What the writer acknowledged is in its open (removed) file and in the WAL at the path, and
             # its stop checkpoints into the removed file and empties that WAL: both are saved first
@@ -140,7 +139,8 @@ def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWa
         return (f"the database file {watch.database} was moved to {where} under the writer (by another program): "
                 "the readers and the next writer would open another file at its path, a new empty database, so "
                 f"the writer takes no more writes; put it back (`mv {where} {path}`), then restart the writer "
-                f"(`{restart}`): every write it acknowledged is in that file and its WAL")
+                f"(`{circusctl_command(circus_endpoint, 'restart', 'writer')}`): every write it acknowledged is in "
+                "that file and its WAL")
     return (f"{' and '.join(names)} removed or moved under the writer (by another program; deleting them is "
             "never a remedy here): every write since the last checkpoint is only in the writer's open copy, so it "
             f"takes no more; restart the stack ({circusctl_command(circus_endpoint, 'quit')}, then make run; never "

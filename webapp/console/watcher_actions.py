@@ -25,8 +25,6 @@ its detail saying what was sent and what was seen.
 """
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import time
 from typing import Any
@@ -35,6 +33,7 @@ import psutil
 from flask import flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
+from db.lock import PidLock
 from supervision.circus import CircusError, missing_watchers
 from supervision.procstats import takes_default_action
 from webapp.console.common import audit, bad_request, bp, circus, log, settings
@@ -203,18 +202,15 @@ def restart_all() -> ResponseReturnValue:
     console killed the other request midway, unanswered and unaudited (fault hunt as an operator)."""
     if request.form.get("confirm") != "yes":
         return _restart_all()
-    path = settings().run_dir / RESTART_ALL_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = PidLock(settings().run_dir / RESTART_ALL_LOCK)
+    if not lock.try_acquire():
+        flash("A restart of every watcher is already running (asked by another request): this one was not "
+              "run. The Watchers page shows its progress; its result is in the audit log.", "warn")
+        return _back()
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            flash("A restart of every watcher is already running (asked by another request): this one was not "
-                  "run. The Watchers page shows its progress; its result is in the audit log.", "warn")
-            return _back()
         return _restart_all()
     finally:
-        os.close(fd)  # the lock with it
+        lock.release()
 
 
 def _restart_all() -> ResponseReturnValue:
