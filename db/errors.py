@@ -75,6 +75,22 @@ class MaintenanceFailed(RuntimeError):
 LOGIN_REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
 
 
+#: What the readers' role needs when it may not read the stack's tables (a GRANT missed in the README's
+#: role set-up): said by doctor, which names the tables, and by every read that fails for it.
+READ_GRANT = "GRANT SELECT ON ALL TABLES IN SCHEMA public TO that role"
+
+
+def read_refusal(error: BaseException, variable: str) -> str | None:
+    """One line for a read the database refused for want of a privilege (SQLSTATE 42501,
+    insufficient_privilege: the role of ``variable``, the readers' URL, lacks SELECT), with the
+    GRANT that mends it; None for any other error. Such a read fails every time until someone
+    grants it: a traceback (the monitor's) or "internal error" (the API's) pointed at nothing."""
+    if getattr(getattr(error, "orig", None), "sqlstate", None) != "42501":
+        return None
+    return (f"{variable}'s role may not read a table the stack needs ({database_words(error, 200)}); as a "
+            f"superuser, in the database: {READ_GRANT} (`python -m db doctor` names every table it may not read)")
+
+
 def server_trouble(reason: str) -> str:
     """``refuses the login`` or ``does not answer``: what a failed connection's ``reason`` (libpq's
     words) says the database server did."""

@@ -24,7 +24,7 @@ import psutil
 
 from db.config import Settings
 from db.engine import display_url
-from db.errors import MaintenanceFailed, WriterError, server_trouble
+from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
@@ -335,8 +335,8 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
         tables = server["unreadable"]
         out.append(("fail", f"{settings.read_url_variable}'s role may not read {len(tables)} of the stack's tables "
                             f"({', '.join(tables[:8])}{', ...' if len(tables) > 8 else ''}): the API, the console and "
-                            "the workers fail on them. As a superuser, in the database: GRANT SELECT ON ALL TABLES "
-                            "IN SCHEMA public TO that role (README, PostgreSQL: the roles)."))
+                            f"the workers fail on them. As a superuser, in the database: {READ_GRANT} (README, "
+                            "PostgreSQL: the roles)."))
     if server["server_connections"] > 0.8 * server["max_connections"]:
         out.append(("warn", f"The server has {server['server_connections']} of its {server['max_connections']} "
                             "connections in use: new ones will be refused soon. Find who holds them above, or "

@@ -28,7 +28,7 @@ from db.config import load_settings
 from db.engine import psycopg_params
 from db.server import _libpq_env, pg_program
 from testkit.env import ROOT, isolated_env, new_home
-from testkit.helpers import wait_for
+from testkit.helpers import ConsoleClient, wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
 from testkit.writer import Stack
 
@@ -362,6 +362,44 @@ def test_doctor_names_the_tables_the_readers_role_may_not_read(pg: Stack, postgr
     assert "[FAIL] DATABASE_READ_URL's role may not read 2 of the stack's tables (trade_events, trades)" in \
         doctor.stdout, doctor.stdout
     assert "GRANT SELECT ON ALL TABLES IN SCHEMA public TO that role" in doctor.stdout, doctor.stdout
+
+
+def test_a_read_the_readers_role_may_not_make_is_said_in_one_line_where_it_fails(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """The same missed GRANT, where it bites: the monitor died with a traceback (again and again under
+    circus), ``GET /api/trades`` answered 500 "internal error" with a traceback in the log, and the
+    console's market page said "Is the writer running?" (fault hunt on PostgreSQL mode, left in round 36).
+    Each now says in one line that the readers' role may not read the table and what to grant."""
+    from sqlalchemy.engine import make_url
+
+    from webapp import create_app
+
+    pg.start_writer()
+    database = make_url(pg.env["DATABASE_URL"]).database
+    reader = make_url(pg.env["DATABASE_READ_URL"]).username
+    postgres_server.psql(database, "postgres", f"REVOKE SELECT ON trades, trade_events FROM {reader}")
+    grant = "GRANT SELECT ON ALL TABLES IN SCHEMA public TO that role"
+
+    monitor = run(pg, "-m", "workers.monitor", "--until-idle")
+    assert monitor.returncode == 1, monitor.stdout + monitor.stderr
+    assert "Traceback" not in monitor.stderr, monitor.stderr[-3000:]
+    refused = [line for line in monitor.stderr.splitlines() if " ERROR " in line]
+    assert len(refused) == 1 and "DATABASE_READ_URL's role may not read" in refused[0], monitor.stderr
+    assert "permission denied for table trade" in refused[0] and grant in refused[0], refused
+
+    api = create_app("api", load_settings(pg.env)).test_client()
+    response = api.get("/api/trades")
+    assert response.status_code == 503, (response.status_code, response.json)
+    assert response.json["error"]["code"] == "read_refused", response.json
+    message = response.json["error"]["message"]
+    assert "permission denied for table trades" in message and grant in message, message
+
+    console = ConsoleClient.logged_in(create_app("console", load_settings(pg.env)))
+    page = console.get("/console/market")
+    assert page.status_code == 503, page.status_code
+    assert "permission denied for table trades" in page.text and "GRANT SELECT ON ALL TABLES" in page.text
+    assert "Is the writer running" not in page.text
+    no_password(monitor.stdout + monitor.stderr + json.dumps(response.json) + page.text, postgres_server)
 
 
 def test_an_integrity_check_that_cannot_be_made_is_not_called_corruption(pg: Stack) -> None:

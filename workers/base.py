@@ -21,12 +21,12 @@ from typing import Any
 
 from sqlalchemy import inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
-from db.errors import database_words, server_trouble
+from db.errors import database_words, read_refusal, server_trouble
 from db.leader import Leadership, LeadershipUnusable
 from supervision.lifeline import Lifeline
 
@@ -327,7 +327,14 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     except StoppedWaiting:
         worker.log.info("%s stopped (while it waited for the database)", worker.name)
         return 0
-    except OperationalError as e:  # a server down or restarting, a file gone: a state, said in one line
+    except DBAPIError as e:
+        refusal = read_refusal(e, settings.read_url_variable)
+        if refusal is not None:  # a missed GRANT: every start fails alike until it is granted
+            worker.log.error("%s: %s; exiting, to be started again", worker.name, refusal)
+            return 1
+        if not isinstance(e, OperationalError):
+            raise  # a statement of ours the database cannot run: a bug, with its traceback
+        # A server down or restarting, a file gone: a state, said in one line.
         reason = database_words(e)  # libpq never quotes a password
         worker.log.error("%s: the database did not answer or refused a read (%s: %s); exiting, to be started "
                          "again", worker.name, type(e.orig).__name__, reason)

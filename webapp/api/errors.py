@@ -15,11 +15,20 @@ from typing import NoReturn
 
 from flask import Flask, Response, current_app, request
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.http import HTTP_STATUS_CODES
 
-from db.errors import CommitFailed, Conflict, NotFound, StorageFull, ValidationError, WriterError, WriterUnavailable
+from db.errors import (
+    CommitFailed,
+    Conflict,
+    NotFound,
+    StorageFull,
+    ValidationError,
+    WriterError,
+    WriterUnavailable,
+    read_refusal,
+)
 from webapp.api.limits import RETRY_AFTER
 from webapp.api.state import api_state, bp
 from webapp.errors import json_error
@@ -137,3 +146,16 @@ def _database_error(e: OperationalError) -> ResponseReturnValue:
     log.warning("read failed: %s", e.orig)
     return json_error(503, f"the database could not be read: {e.orig}", "database_unavailable",
                       {"Retry-After": str(RETRY_AFTER)})
+
+
+@bp.errorhandler(ProgrammingError)
+def _read_refused(e: ProgrammingError) -> ResponseReturnValue:
+    """A read the readers' role may not make (a missed GRANT, :func:`db.errors.read_refusal`): the
+    service is misconfigured, not the request, and it stays so until someone grants it: 503 with
+    what to grant. Any other statement the database refused is a bug of ours: the 500 of
+    :func:`_http_error`, its traceback in the log."""
+    refusal = read_refusal(e, api_state().settings.read_url_variable)
+    if refusal is None:
+        raise e
+    log.error("read refused: %s", refusal)
+    return json_error(503, refusal, "read_refused")

@@ -20,7 +20,7 @@ from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from db.errors import WriterError
+from db.errors import WriterError, read_refusal
 from supervision.circus import CircusError
 from webapp import auth
 from webapp.console.common import audit, bp, log, settings, wants_json, writer_stopped
@@ -108,6 +108,10 @@ def _http_error(e: HTTPException) -> ResponseReturnValue:
 
 @bp.errorhandler(SQLAlchemyError)
 def _database_error(e: SQLAlchemyError) -> ResponseReturnValue:
+    refusal = read_refusal(e, settings().read_url_variable)
+    if refusal is not None:  # not the writer's absence: a GRANT missed (db.errors.read_refusal)
+        log.error("console: read refused: %s", refusal)
+        return _error(503, "Read refused", refusal)
     log.warning("console: database read failed: %s", e)
     return _error(503, "Database unavailable", f"The database cannot be read: {getattr(e, 'orig', e)}. "
                                                "Is the writer running (it creates the database)?")
