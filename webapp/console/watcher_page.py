@@ -39,6 +39,7 @@ from webapp.console.watchers import (
     LABELS,
     PROGRESS,
     READ_ONLY_WATCHERS,
+    asking_for_one,
     gunicorn_workers,
     missing_advice,
     one_process,
@@ -199,6 +200,7 @@ def watcher_page(name: str) -> ResponseReturnValue:
         abort(404, description=f"circus no longer has a watcher named {name[:60]!r}")
     opts = options_of(c, name)
     gunicorn = gunicorn_workers(str(opts.get("cmd") or ""), str(opts.get("args") or "")) is not None
+    single = one_process(name, opts)
     shown = shown_state(row, opts)  # row["status"] stays circus's word (the flapping plugin's state reads it)
     row.update(status_text=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     logs = {f["name"]: f for f in logfiles.list_logs(settings().log_dir)}
@@ -209,8 +211,8 @@ def watcher_page(name: str) -> ResponseReturnValue:
     summary = {cid: [r for r in rows if r["label"] == name]
                for cid, rows in summaries(charts, now_ms() - 3_600_000).items()}
     return render_template(
-        "console/watcher.html", w=row, unavailable=unavailable_actions(name, row["status"], opts.get("numprocesses")),
-        opts=opts, one_process=one_process(name, opts), command=command_line(opts),
+        "console/watcher.html", w=row, opts=opts, one_process=single, command=command_line(opts),
+        unavailable=unavailable_actions(name, row["status"], opts.get("numprocesses"), asking_for_one(name, single)),
         env=safe_environment(opts.get("env") or {}), procs=processes(row, gunicorn), gunicorn=gunicorn,
         restarts=restarts_last_hour().get(name), flapping=flapping_state(name, row["status"],
                                                                           statuses.get("plugin:flapping")),

@@ -108,8 +108,8 @@ def watcher_table() -> tuple[list[dict[str, Any]], str | None]:
         row["advice"] = missing_advice(row["name"]) if row["missing"] else None
         opts = options_of(c, row["name"]) if not row["missing"] else {}
         row["one_process"] = one_process(row["name"], opts)
-        row["unavailable"] = {} if row["missing"] else unavailable_actions(row["name"], row["status"],
-                                                                             opts.get("numprocesses"))
+        row["unavailable"] = {} if row["missing"] else unavailable_actions(
+            row["name"], row["status"], opts.get("numprocesses"), asking_for_one(row["name"], row["one_process"]))
         shown = shown_state(row, opts)
         row.update(status=shown.status, detail=shown.detail, up=shown.up, problem=shown.problem)
     return rows, None
@@ -126,23 +126,32 @@ def missing_advice(name: str) -> str:
             f"`{circusctl_command(endpoint, 'quit', '--waiting')}`, then `make run`.")
 
 
-def unavailable_actions(name: str, circus_status: str, asked: Any) -> dict[str, str]:
+def unavailable_actions(name: str, circus_status: str, asked: Any, ask_one: str = LABELS["incr"]) -> dict[str, str]:
     """The actions that would do nothing to watcher ``name``, which circus calls ``circus_status`` (its own word,
     not :func:`shown_state`'s) and was asked to run ``asked`` processes of, each with why: the page
     disables their buttons and says why in their title. The one rule of the watchers table, its
     script and a watcher's page; the routes still answer each action (a page can be old).
 
     A stopped watcher asked for 0 processes (``set numprocesses 0``, −1 to 0, then stopped) starts
-    none, and circus stops it again: +1 first."""
+    none, and circus stops it again: ``ask_one`` first (:func:`asking_for_one`)."""
     if circus_status == "stopped":
         out = {a: f"{LABELS[a]}: {name} is stopped" for a in ("stop", "restart", "decr")}
         if asked == 0:
             out["start"] = (f"{LABELS['start']}: circus runs {name} with 0 processes, so a start runs none: "
-                            f"{LABELS['incr']} first, then {LABELS['start']}")
+                            f"{ask_one} first, then {LABELS['start']}")
         return out
     if circus_status == "stopping":  # a start waits for the stop, then starts it: stop, then start
         return {}
     return {"start": f"{LABELS['start']}: circus calls {name} {circus_status}, not stopped"}
+
+
+def asking_for_one(name: str, single: str | None) -> str:
+    """How to ask circus for a process of watcher ``name`` again: the page's +1, or, for one that must
+    run one process (``single``: :func:`one_process`), on which the page offers no +1, circusctl's
+    ``set`` as it runs when pasted (the writer's tooltip said "+1 process first")."""
+    if single is None:
+        return LABELS["incr"]
+    return f"`{circusctl_command(settings().circus_endpoint, 'set', name, 'numprocesses', '1')}`"
 
 
 def one_process(name: str, opts: dict[str, Any]) -> str | None:
