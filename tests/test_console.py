@@ -401,6 +401,33 @@ def test_audit_spools_while_the_writer_is_away_and_sends_later(wstack: Stack) ->
     assert spool.read_text() == ""
 
 
+def test_the_audit_log_page_sends_what_was_spooled_once_the_writer_is_back(wstack: Stack) -> None:
+    """A record spooled while the writer was away reached the writer only with the operator's next
+    action: the audit log's page, looked at after the writer came back, went on without it (round
+    36's operator hunt, left then). The page sends the spool first, once the writer answers; while
+    it does not, the page is served at once, the record kept."""
+    away = dataclasses.replace(wstack.settings, writer_endpoint=f"ipc://{wstack.home}/run/nobody.sock")
+    lost = Console(create_app("console", away))
+    lost.app.config.update(CONSOLE_AUDIT_DEADLINE=0.2, CONSOLE_WRITER_DEADLINE=0.2)
+    assert lost.login().status_code == 302
+    spool = wstack.home / "run" / "console-audit-spool.jsonl"
+    assert spool.read_text().count('"action": "login"') == 1
+    page = lost.get("/console/audit")  # the writer still away: served, the record kept
+    assert page.status_code == 200 and spool.read_text().count('"action": "login"') == 1
+    since = last_audit_id(wstack.settings)
+
+    # The same console's processes, with the writer back (as after a start of it through circusctl):
+    # the page itself, no action, sends the record and shows it.
+    back = Console(create_app("console", wstack.settings))
+    cookie = lost.app.config["SESSION_COOKIE_NAME"]
+    back.client.set_cookie(cookie, lost.client.get_cookie(cookie).value)
+    page = back.get("/console/audit")
+    assert page.status_code == 200, page.status_code
+    assert spool.read_text() == ""
+    rows = audit_rows(wstack.settings, since)
+    assert [(a, act) for _, a, act, _, _, _ in rows] == [("admin", "login")], rows
+
+
 # --------------------------------------------------------------------------- logs
 
 
@@ -563,6 +590,11 @@ def test_watchers_page_and_api_show_every_watcher(cconsole: Console, cstack: Cir
 
 def test_restart_changes_the_pid_is_audited_and_counted(cconsole: Console, cstack: CircusStack) -> None:
     s = cstack.settings
+    # The sampler counts a process replaced since its previous sample: one must have seen this one
+    # (run alone, with a stack just started, the restart came before the jobs worker's first sample).
+    wait_for("a sample that saw the monitor", lambda: query(
+        s, "SELECT count(*) FROM samples WHERE name = 'watcher.processes' AND labels = 'monitor' AND value >= 1"
+    )[0][0] > 0)
     old = cstack.pids_of("monitor")
     since = last_audit_id(s)
     r = cconsole.post("/console/watchers/monitor/restart")

@@ -139,7 +139,7 @@ def test_an_audit_record_the_writer_took_and_did_not_answer_is_stored_once() -> 
         c = Console(app)
         password = (st.home / "admin-password").read_text().strip()
         assert c.login(password).status_code == 302
-        token = c.token()
+        token = c.token("/console/logs")  # not the audit log's page: it sends the spool, the writer up
         os.kill(writer.pid, signal.SIGSTOP)
         try:
             c.client.post("/console/logout", data={"csrf_token": token})  # sent, unanswered: spooled
@@ -193,7 +193,7 @@ def test_a_spooled_record_sent_and_not_answered_keeps_the_id_it_was_sent_under()
         spool = st.home / "run" / "console-audit-spool.jsonl"
         spool.write_text(json.dumps({"actor": "admin", "action": "manual", "target": "", "result": "ok",
                                      "detail": "", "ts": int(time.time() * 1000)}) + "\n")
-        token = c.token()
+        token = c.token("/console/logs")  # not the audit log's page: it sends the spool, the writer up
         os.kill(writer.pid, signal.SIGSTOP)
         try:
             c.client.post("/console/logout", data={"csrf_token": token})  # the flush of "manual" times out

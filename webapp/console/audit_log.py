@@ -6,7 +6,7 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy import func, select
 
 from db.models import AuditEntry
-from webapp.console.common import bp, int_arg
+from webapp.console.common import bp, int_arg, send_spool_if_writer_answers
 from webapp.extensions import db
 
 PER_PAGE = 50
@@ -14,6 +14,7 @@ PER_PAGE = 50
 
 @bp.get("/audit")
 def audit_log() -> ResponseReturnValue:
+    send_spool_if_writer_answers()  # what was recorded while the writer was away, before it is read
     total = db.session.execute(select(func.count()).select_from(AuditEntry)).scalar() or 0
     pages = max(1, -(-total // PER_PAGE))
     page = int_arg(request.args.get("page"), "page", 1, pages, 1)

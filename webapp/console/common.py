@@ -176,15 +176,39 @@ def _spool(entry: dict[str, Any]) -> None:
         f.write(json.dumps(entry) + "\n")
 
 
+#: Seconds a page waits for the writer's ping before it sends the spool (:func:`send_spool_if_writer_answers`):
+#: a page, not an action, so not an action's deadline while the writer is away.
+SPOOL_PING_S = 0.5
+
+
+def send_spool_if_writer_answers() -> None:
+    """Send the spooled audit records if there are any and the writer answers a ping at once: the
+    audit log's page shows what was recorded while the writer was away as soon as it is back (only
+    the next action sent them). A ``stat`` when nothing is spooled; at most :data:`SPOOL_PING_S`
+    while the writer is away, the records kept."""
+    if not _spooled():
+        return
+    try:
+        writer().ping(timeout=SPOOL_PING_S)
+    except WriterUnavailable:
+        _forget_unanswered()
+        return
+    flush_audit_spool()
+
+
+def _spooled() -> bool:
+    try:
+        return _spool_path().stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def flush_audit_spool() -> int | None:
     """Send spooled audit records to the writer, oldest first; returns how many were sent, or None
     when the writer did not answer (the rest stay spooled). Cheap when there is nothing spooled."""
-    path = _spool_path()
-    try:
-        if path.stat().st_size == 0:
-            return 0
-    except FileNotFoundError:
+    if not _spooled():
         return 0
+    path = _spool_path()
     sent = 0
     blocked = False
     with open(path, "r+") as f:
