@@ -44,19 +44,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     start in the way (a live circusd, a stale pid file, orphans, the writer lock, the ports)."""
     import psutil
 
+    from db.circusd import circusctl_command, circusd_pidfile, live_circusd, wait_while_stopping, watchers_stopping
     from db.preflight import (
         blockers,
         check_socket_paths,
-        circusctl_command,
-        circusd_pidfile,
         clear_stale_pidfile,
         foreign_commands,
-        live_circusd,
         orphans,
         refusal,
         wait_for_orphans,
-        wait_while_stopping,
-        watchers_stopping,
     )
 
     settings = load_settings()  # the writer's socket path is a setting: checked there
@@ -111,7 +107,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def first_contact(settings: Settings) -> str:
     """What to open and what to type once the stack is up: ``make run`` says it before circusd
     takes over the terminal (circusd itself prints nothing)."""
-    from db.preflight import circusctl_command
+    from db.circusd import circusctl_command
 
     password = settings.home / PASSWORD_FILE
     made = "" if password.exists() else ", made on first start"
@@ -235,8 +231,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     settings = load_settings()
     check_home(settings)
     snap = snapshot(settings, quick_check=True)
-    findings = [(level, _writer_down_advice(settings) if text.startswith(WRITER_DOWN) else text)
-                for level, text in diagnose(snap, settings)]
+    findings = diagnose(snap, settings)
     for level, text in findings:
         print(f"[{level.upper():4}] {text}")
     return 1 if any(level == "fail" for level, _ in findings) else 0
@@ -245,39 +240,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 #: How long ``prepare`` (``make run``) waits for a stack that is quitting: circus gives its slowest
 #: watcher 45 s (the writer's graceful_timeout).
 STOPPING_WAIT_S = 60.0
-#: How :func:`db.health.diagnose` starts its finding for a writer that is not running.
-WRITER_DOWN = "The writer is not running"
-
-
-def _writer_down_advice(settings: Settings) -> str:
-    """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
-    without it (after a clean quit), ``make run`` would refuse with it."""
-    from db.preflight import ask_circus, circusctl_command, circusd_pidfile, live_circusd, processes_asked
-
-    pid = live_circusd(circusd_pidfile(settings))
-    if pid is None:
-        return (f"{WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
-                "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
-                "`python -m db prepare && circusd circus.ini --daemon`: prepare clears a stale pid file and checks "
-                "the ports); if it runs with another home, run this with that "
-                "TICKSTACK_HOME.")
-    if processes_asked(settings.circus_endpoint, "writer") == 0:
-        # `start writer` answered "ok" and started nothing: circus was told to run none (`set writer
-        # numprocesses 0`), and a singleton refuses `incr` (fault hunt as an operator). A stopped
-        # watcher takes the number and starts nothing until it is started too (review of round 36).
-        how = f"`{circusctl_command(settings.circus_endpoint, 'set', 'writer', 'numprocesses', '1')}`"
-        statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
-        if statuses.get("writer") != "active":
-            how += f", then `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`"
-        return (f"{WRITER_DOWN} although circusd (pid {pid}) is: circus was told to run 0 writer processes, so "
-                f"writes wait (clients retry until their deadline). Start it with {how}.")
-    return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
-            f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
-            "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
-
-
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from db.checkpoints import checkpoint_words, measured_checkpoint
+    from db.circusd import writer_down_advice
     from db.client import WriterClient
     from db.errors import WriterUnavailable
     from db.lock import read_lock_holder
@@ -296,7 +261,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
             try:
                 client.ping(timeout=min(args.timeout, 1.0))
             except WriterUnavailable:
-                print(f"python -m db checkpoint: {_writer_down_advice(settings)}", file=sys.stderr)
+                print(f"python -m db checkpoint: {writer_down_advice(settings)}", file=sys.stderr)
                 return 1
         result = measured_checkpoint(client.call, settings.database_path, args.mode)
     print(json.dumps(result) if args.json else f"checkpoint {checkpoint_words(result)}")

@@ -22,13 +22,13 @@ from typing import Any
 
 import psutil
 
+from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice
 from db.config import Settings
 from db.engine import display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
-from db.preflight import circusctl_command
 from db.server import server_status
 from db.sizes import human_bytes
 
@@ -232,6 +232,9 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """Plain-word findings from a snapshot: (level, text) with what to do.
     Levels: ok, warn, fail."""
     out: list[tuple[str, str]] = []
+    cut_off = unreachable_circusd(settings.circus_endpoint)
+    if cut_off is not None:  # the stack runs on, out of circusctl's and the console's reach
+        out.append(("fail", f"{cut_off}."))  # "circusd pid N ...": the program's name, as it is written
     out.extend(_server_findings(snap, settings))
     out.extend(_integrity_findings(snap))
     writer = snap["writer"]
@@ -257,10 +260,8 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         out.append(("fail", f"This stack's writer cannot run: the database's writer lock is held by "
                             f"{writer['lock_holder']}, another stack's writer on this database (one writer per "
                             "database). Writes go to that stack's writer; stop it to serve them from here."))
-    else:
-        out.append(("fail", "The writer is not running, so writes wait (clients retry until their deadline). "
-                            "Start the stack with `make run`, or "
-                            f"`{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`."))
+    else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
+        out.append(("fail", writer_down_advice(settings)))
     out.extend(_disk_findings(snap))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "

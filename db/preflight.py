@@ -16,13 +16,11 @@ the writer's ``before_start`` hook in circusd (a plain ``circusd circus.ini``) a
 Each is named by the process to act on: a socket's owner is its farthest holder up the process tree
 (circusd made the web ports' sockets; its gunicorn masters and their workers hold copies), and a
 process a live circusd runs is named by that circusd, with the circusctl command that stops it
-(killing one of its processes would only have it started again).
+(killing one of its processes would only have it started again); a circusd of this home whose
+control socket is gone, which circusctl cannot reach, with its ``kill`` (:func:`db.circusd.unreachable`).
 
-:func:`circusctl_command` makes every circusctl command the stack prints, runnable as printed from
-the checkout; :func:`check_socket_paths` checks every Unix socket path the stack binds.
-
-It also tells a live circusd from a stale pid file (:func:`live_circusd`): circus's own check,
-``os.kill(pid, 0)``, is true for a zombie and for any process that got the pid later.
+:func:`check_socket_paths` checks every Unix socket path the stack binds; :mod:`db.circusd` knows
+circusd itself (its pid file, its endpoint, the circusctl commands we print).
 
 In :mod:`db` (not :mod:`supervision`) because ``python -m db prepare`` needs it, and it needs
 nothing from circus.
@@ -32,7 +30,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import shlex
 import shutil
 import socket
 import subprocess
@@ -40,46 +37,24 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from db.config import CHECKOUT, ConfigError, Settings, load_settings, search_path
+from db.circusd import (
+    is_circusd,
+    live_circusd,
+    quit_command,
+    running_circusd,
+    unreachable,
+)
+from db.config import CHECKOUT, Settings, search_path
 from db.lock import read_lock_holder
 from db.parsers import check_ipc_path
 
-#: Seconds a process's start time may pass its pid file's mtime and still be the circusd that wrote
-#: it (the two clocks are read differently: psutil derives start times from the boot time).
-CLOCK_SLACK = 2.0
 #: What a tickstack process started by circus looks like on its command line.
 OUR_COMMANDS = ("-m workers.", "webapp:create_app", "from circus import")
-#: circusctl as a user runs it in the checkout without ``source .venv/bin/activate`` (which puts it
-#: on PATH and sets ``CIRCUSCTL_ENDPOINT``), e.g. in ``make run``'s terminal.
-CIRCUSCTL = ".venv/bin/circusctl"
 #: The checkout's circus.ini (``make run``'s): its ipc:// endpoints are sockets too.
 CIRCUS_INI = CHECKOUT / "circus.ini"
-
-
-def circusctl_command(endpoint: str, *args: str) -> str:
-    """A circusctl command that runs as printed, from the checkout, the venv not activated: every
-    circusctl hint the stack prints is made here. Without ``--endpoint`` circusctl would talk to
-    tcp://127.0.0.1:5555, never to a tickstack circusd. Quoted for the shell: a home with a space
-    in its path pastes as one argument. A start, stop, restart or quit waits until it is done
-    (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
-    ("arbiter is already running watcher_restart command") until it is."""
-    if args and args[0] in _WAITABLE and "--waiting" not in args:
-        args = (*args, "--waiting")
-    timeout = ("--timeout", str(WAITED_TIMEOUT_S)) if "--waiting" in args else ()
-    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *timeout, *args))
-
-
-#: circusctl commands that take ``--waiting`` (a quit's: a ``make run`` right after it would find
-#: circusd still stopping its watchers).
-_WAITABLE = frozenset(("start", "stop", "restart", "quit"))
-#: circusctl's ``--timeout`` for a command given ``--waiting`` (its own default, 5 s, would give up
-#: on a stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
-#: (45 s for the writer), then a start's wait for the writer (TICKSTACK_READY_TIMEOUT, 30 s).
-WAITED_TIMEOUT_S = 120
 
 
 def socket_paths(settings: Settings, ini: Path = CIRCUS_INI) -> list[tuple[str, str]]:
@@ -181,89 +156,6 @@ def _imports_ours(interpreter: str | None) -> bool:
         return False
 
 
-def circusd_pidfile(settings: Settings) -> Path:
-    """circusd's pid file (``pidfile`` in circus.ini). circusd removes it when it exits, not when it
-    is killed."""
-    return settings.run_dir / "circusd.pid"
-
-
-def is_circusd(cmdline: list[str]) -> bool:
-    """Whether a command line is circusd's (``.../python .../bin/circusd circus.ini``)."""
-    return any(os.path.basename(part) == "circusd" for part in cmdline[:2])
-
-
-def live_circusd(pidfile: Path) -> int | None:
-    """The pid in circusd's pid file if that process is the circusd that wrote it: alive and not a
-    zombie, circusd by its command line, and started no later than the file was written (a pid
-    reused by a newer process, even another circusd, is not it)."""
-    try:
-        text = pidfile.read_text().strip()
-        written = pidfile.stat().st_mtime
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    if not text.isdigit():
-        return None
-    try:
-        proc = psutil.Process(int(text))
-        if proc.status() == psutil.STATUS_ZOMBIE or not is_circusd(proc.cmdline()):
-            return None
-        return proc.pid if proc.create_time() <= written + CLOCK_SLACK else None
-    except psutil.Error:
-        return None
-
-
-def ask_circus(endpoint: str, command: str, timeout: float = 1.0, **properties: Any) -> dict[str, Any] | None:
-    """circusd's answer at ``endpoint`` to ``command``, asked in circus's own protocol (one JSON frame
-    each way), as circusctl asks; None when it answers nothing within ``timeout`` or cannot be
-    reached. circus answers ``status`` and ``get`` even while it runs another command."""
-    import json
-    import uuid
-
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        call = uuid.uuid4().hex
-        sock.send(json.dumps({"id": call, "command": command, "properties": properties}).encode())
-        end = time.monotonic() + timeout
-        while (left := end - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
-            try:
-                answer = json.loads(sock.recv())
-            except ValueError:
-                continue
-            if isinstance(answer, dict) and answer.get("id") == call:
-                return answer
-        return None
-    except zmq.ZMQError:  # an endpoint that cannot be reached: no controller serves it any more
-        return None
-    finally:
-        sock.close()
-        ctx.term()
-
-
-def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
-    """Whether the circusd at ``endpoint`` is stopping watchers: its ``status`` has one ``stopping``
-    (a ``circusctl quit`` without ``--waiting`` answers while circus stops them all; so does a stop or
-    a restart of them), or it answers nothing within ``timeout`` (its controller stopped, at the end
-    of a quit)."""
-    answer = ask_circus(endpoint, "status", timeout)
-    if answer is None:
-        return True
-    statuses = answer.get("statuses")
-    return isinstance(statuses, dict) and "stopping" in statuses.values()
-
-
-def processes_asked(endpoint: str, watcher: str, timeout: float = 1.0) -> int | None:
-    """The ``numprocesses`` circusd at ``endpoint`` was asked to run for ``watcher`` (what ``set``,
-    ``incr`` and ``decr`` change); None when it does not say."""
-    answer = ask_circus(endpoint, "get", timeout, name=watcher, keys=["numprocesses"])
-    value = ((answer or {}).get("options") or {}).get("numprocesses")
-    return value if type(value) is int else None
-
-
 def wait_for_orphans(home: Path, seconds: float, left: list[int]) -> list[int]:
     """Wait at most ``seconds`` while this home's :func:`orphans` (``left``, as just found: of a circusd
     that is gone) stop by themselves, as each does when its circusd dies (:mod:`supervision.lifeline`:
@@ -275,33 +167,6 @@ def wait_for_orphans(home: Path, seconds: float, left: list[int]) -> list[int]:
         time.sleep(0.3)
         left = orphans(home)
     return left
-
-
-def wait_while_stopping(endpoint: str, pid: int, seconds: float) -> bool:
-    """Whether circusd ``pid`` exits within ``seconds`` while it stops its watchers
-    (:func:`watchers_stopping`): False as soon as it stops none and still runs (a stop or a restart
-    of watchers, not a quit), or when ``seconds`` pass."""
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if wait_for_exit(pid, 0.5):
-            return True
-        if not watchers_stopping(endpoint):
-            return wait_for_exit(pid, 0)
-    return False
-
-
-def wait_for_exit(pid: int, seconds: float) -> bool:
-    """Whether process ``pid`` is gone (or a zombie, which holds nothing) within ``seconds``."""
-    end = time.monotonic() + seconds
-    while True:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.1)
 
 
 def clear_stale_pidfile(pidfile: Path) -> int | None:
@@ -349,8 +214,12 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
             reason = f"{reason} (through its process pid {pid})"
             pid = circusd.pid
         if pid not in found:
-            quit = None if circusd is None else _quit_command(circusd)
-            found[pid] = Blocker(pid, _cmdline(pid), quit=quit, foreign_circusd=circusd is not None and quit is None)
+            quit = None if circusd is None else quit_command(circusd)
+            cut_off = None if circusd is None or quit is not None else unreachable(circusd)
+            found[pid] = Blocker(pid, _cmdline(pid), quit=quit,
+                                 foreign_circusd=circusd is not None and quit is None and cut_off is None)
+            if cut_off is not None:  # ours, out of circusctl's reach: its `kill` is offered below
+                found[pid].reasons.append(cut_off)
         found[pid].reasons.append(reason)
 
     holder = read_lock_holder(settings.writer_lock_path)
@@ -411,38 +280,6 @@ def socket_owner(pid: int, port: int, kind: str = "TCP") -> int:
     except psutil.Error:
         pass
     return owner
-
-
-def running_circusd(pid: int) -> psutil.Process | None:
-    """The live circusd that runs ``pid`` (``pid`` itself, or its nearest circusd ancestor), other
-    than this process: a process it runs, stopped alone, it would start again."""
-    try:
-        proc = psutil.Process(pid)
-        for candidate in (proc, *proc.parents()):
-            if candidate.pid == os.getpid():  # run by this process (a circusd's own hook): none other
-                return None
-            if is_circusd(candidate.cmdline()):
-                return candidate if candidate.status() != psutil.STATUS_ZOMBIE else None
-    except psutil.Error:
-        pass
-    return None
-
-
-def _quit_command(circusd: psutil.Process) -> str | None:
-    """The circusctl command that stops a tickstack circusd (its ``TICKSTACK_HOME``'s control
-    socket, which must be there); None for another circusd."""
-    try:
-        home = circusd.environ().get("TICKSTACK_HOME")
-        cwd = circusd.cwd()
-    except psutil.Error:
-        return None
-    if not home:
-        return None
-    try:
-        endpoint = load_settings({"TICKSTACK_HOME": str(Path(cwd) / Path(home).expanduser())}).circus_endpoint
-    except ConfigError:
-        return None
-    return circusctl_command(endpoint, "quit") if Path(endpoint[len("ipc://"):]).is_socket() else None
 
 
 def _holds(proc: psutil.Process, port: int, kind: str) -> bool:

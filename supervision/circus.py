@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from db.circusd import unreachable_circusd
+
 #: Commands the console may send, with the watcher they apply to.
 ACTIONS = ("start", "stop", "restart", "incr", "decr")
 #: The watchers of circus.ini, the ones the stack needs (tests/test_supervision.py checks that they are
@@ -116,9 +118,10 @@ class Circus:
         from circus.client import CircusClient
 
         if self.endpoint.startswith("ipc://") and not Path(self.endpoint[len("ipc://"):]).exists():
-            # Say so at once instead of waiting the timeout for no answer.
-            raise CircusError(f"circusd is not running (no socket at {self.endpoint[len('ipc://'):]}); start "
-                              "the stack with `make run`")
+            # Say so at once instead of waiting the timeout for no answer; or that it runs, out of reach.
+            raise CircusError(unreachable_circusd(self.endpoint) or (
+                f"circusd is not running (no socket at {self.endpoint[len('ipc://'):]}); start the stack with "
+                "`make run`"))
         return CircusClient(endpoint=self.endpoint, timeout=self.timeout)
 
     def _call(self, client: Any, command: str, **props: Any) -> dict[str, Any]:

@@ -238,10 +238,10 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     briefly, instead of waiting again: each wait stalls circusd). Never refuses: every dependent
     tolerates a missing writer by itself; only a setting that does not load leaves it stopped."""
     # Imported here: circusd imports this module at start, before any watcher's environment matters.
+    from db.circusd import circusctl_command
     from db.client import WriterClient
     from db.config import ConfigError, load_settings
     from db.errors import WriterUnavailable
-    from db.preflight import circusctl_command
 
     global _unready_writer
     try:

@@ -44,8 +44,8 @@ from typing import Any
 
 import psutil
 
+from db.circusd import CLOCK_SLACK, circusd_pidfile, is_circusd, live_circusd
 from db.config import ConfigError, load_settings
-from db.preflight import CLOCK_SLACK, circusd_pidfile, is_circusd, live_circusd
 
 log = logging.getLogger("tickstack.lifeline")
 

@@ -42,7 +42,7 @@ from circus.plugins.flapping import Flapping as CircusFlapping
 from circus.plugins.watchdog import WatchDog as CircusWatchDog
 from circus.util import configure_logger, to_bool
 
-from db.preflight import circusctl_command
+from db.circusd import circusctl_command
 from supervision.circus import is_busy, retry_while_busy
 from supervision.lifeline import Lifeline
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from supervision.circus import Circus, CircusError
 from testkit.circus import Circusd, CircusStack
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import backticked, run_as_printed, wait_for
@@ -81,6 +82,43 @@ def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+@DATABASE_INDEPENDENT
+def test_a_circusd_whose_control_socket_a_second_one_removed_is_named_with_how_to_stop_it(
+        stack: CircusStack) -> None:
+    """A new user's second ``circusd circus.ini`` is refused by circus: "pid file ... is stale, current pid
+    N" (N its own pid). They remove the pid file and try again: that circusd binds the control and
+    pub/sub sockets over the running stack's, fails on the API's port and exits, removing them. The
+    stack runs on, out of circusctl's and the console's reach; `make run` refused with "free those
+    ports first" and no way to stop it, the console and the API said "circusd is not running ...
+    start the stack with `make run`" and doctor found no problem (a new user's run of the README,
+    round 37). Each now names that circusd and its graceful stop, which works as printed."""
+    stack.start()
+    (stack.home / "run" / "circusd.pid").unlink()
+    status, out = test_supervision.plain_circusd(stack.env)
+    assert status not in (None, 0), out  # circus's own "Could not bind": not ours to word
+    assert not (stack.home / "run" / "circus.sock").exists()
+    assert stack.proc.poll() is None  # the stack runs on
+
+    refused = prepare(stack.env)
+    err = refused.stderr
+    assert refused.returncode == 1, refused.stdout + err
+    assert f"pid {stack.proc.pid} (" in err and "control socket" in err, err
+    assert "free those ports first" not in err, err
+
+    with pytest.raises(CircusError) as told:  # the console's and the API's words
+        Circus(stack.endpoint, timeout=2).call("status")
+    assert f"circusd pid {stack.proc.pid}" in str(told.value) and "`kill " in str(told.value), told.value
+    assert "start the stack with `make run`" not in str(told.value), told.value
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert doctor.returncode == 1 and f"circusd pid {stack.proc.pid}" in doctor.stdout, doctor.stdout
+
+    stop = run_as_printed(backticked(err, "kill"))
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert stack.wait_exit(90) == 0  # circus's SIGTERM is its graceful quit: every watcher stopped
+    assert prepare(stack.env).returncode == 0
 
 
 @DATABASE_INDEPENDENT

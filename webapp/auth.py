@@ -86,8 +86,8 @@ from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from db.circusd import circusctl_command
 from db.config import ADMIN_PASSWORD_MIN, PASSWORD_FILE, SECRET_KEY_FILE, ConfigError, Settings, admin_password
-from db.preflight import circusctl_command
 from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
 from webapp.secret_files import read_secret_file, unusable

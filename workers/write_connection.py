@@ -120,7 +120,7 @@ class JournalWatch:
 
 def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWatch | None = None) -> str:
     """Why the writer takes no more writes once :meth:`JournalWatch.gone` named ``names``."""
-    from db.preflight import circusctl_command  # psutil and more: only the day it is needed
+    from db.circusd import circusctl_command  # psutil and more: only the day it is needed
 
     if watch is not None and watch.database in names:
         path = watch.paths[watch.database]

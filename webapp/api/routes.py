@@ -11,11 +11,11 @@ from flask import Response, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from db import queries
+from db.circusd import circusd_pidfile
 from db.config import Settings
 from db.engine import database_location
 from db.errors import server_trouble
 from db.health import pragmas
-from db.preflight import circusd_pidfile
 from webapp.api import openapi
 from webapp.api.params import INDICATOR, SERIES, SYMBOL, TICK_SERIES, TIMEFRAME, json_object, query
 from webapp.api.state import api_state, bp, metrics_bp, write

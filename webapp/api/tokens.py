@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 from flask import request
 from flask.typing import ResponseReturnValue
 
+from db.circusd import circusctl_command
 from db.config import TOKEN_FILE, Settings
-from db.preflight import circusctl_command
 from webapp.api.errors import ApiError
 from webapp.api.state import api_state
 from webapp.secret_files import read_secret_file, unusable

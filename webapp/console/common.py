@@ -17,11 +17,11 @@ from typing import Any, NoReturn
 
 from flask import Blueprint, abort, current_app, request, session
 
+from db.circusd import circusctl_command
 from db.client import WriterClient, thread_client
 from db.config import Settings
 from db.errors import ValidationError, WriterError, WriterUnavailable
 from db.models import now_ms
-from db.preflight import circusctl_command
 from db.validation import without_nul
 from supervision.circus import Circus, CircusError
 from supervision.procstats import ProcessMeter

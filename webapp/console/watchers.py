@@ -29,9 +29,9 @@ from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import SQLAlchemyError
 
 from db import queries
+from db.circusd import circusctl_command
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
-from db.preflight import circusctl_command
 from supervision.circus import ACTIONS, MISSING, CircusError, WatcherState, missing_watchers
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every

@@ -1,0 +1,268 @@
+"""The stack's circusd as its files and processes show it, and the circusctl commands we print.
+
+:func:`circusctl_command` makes every circusctl command the stack prints, runnable as printed from
+the checkout. :func:`live_circusd` tells a live circusd from a stale pid file: circus's own check,
+``os.kill(pid, 0)``, is true for a zombie and for any process that got the pid later.
+:func:`ask_circus` asks circusd in its own protocol, without circus's client (which configures
+logging as it is imported). :func:`unreachable_circusd` finds a circusd of this stack whose control
+socket is gone, by its process, and says how to stop it.
+
+In :mod:`db` (not :mod:`supervision`) because ``python -m db prepare`` and doctor need it, and it
+needs nothing from circus.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from db.config import ConfigError, Settings, load_settings
+
+#: Seconds a process's start time may pass its pid file's mtime and still be the circusd that wrote
+#: it (the two clocks are read differently: psutil derives start times from the boot time).
+CLOCK_SLACK = 2.0
+
+
+#: circusctl as a user runs it in the checkout without ``source .venv/bin/activate`` (which puts it
+#: on PATH and sets ``CIRCUSCTL_ENDPOINT``), e.g. in ``make run``'s terminal.
+CIRCUSCTL = ".venv/bin/circusctl"
+
+
+def circusctl_command(endpoint: str, *args: str) -> str:
+    """A circusctl command that runs as printed, from the checkout, the venv not activated: every
+    circusctl hint the stack prints is made here. Without ``--endpoint`` circusctl would talk to
+    tcp://127.0.0.1:5555, never to a tickstack circusd. Quoted for the shell: a home with a space
+    in its path pastes as one argument. A start, stop, restart or quit waits until it is done
+    (``--waiting``): circusctl otherwise answers at once, and circus refuses the next command
+    ("arbiter is already running watcher_restart command") until it is."""
+    if args and args[0] in _WAITABLE and "--waiting" not in args:
+        args = (*args, "--waiting")
+    timeout = ("--timeout", str(WAITED_TIMEOUT_S)) if "--waiting" in args else ()
+    return shlex.join((CIRCUSCTL, "--endpoint", endpoint, *timeout, *args))
+
+
+#: circusctl commands that take ``--waiting`` (a quit's: a ``make run`` right after it would find
+#: circusd still stopping its watchers).
+_WAITABLE = frozenset(("start", "stop", "restart", "quit"))
+
+
+#: circusctl's ``--timeout`` for a command given ``--waiting`` (its own default, 5 s, would give up
+#: on a stuck writer's restart and say "Timed out" while circusd goes on): a stop's graceful_timeout
+#: (45 s for the writer), then a start's wait for the writer (TICKSTACK_READY_TIMEOUT, 30 s).
+WAITED_TIMEOUT_S = 120
+
+
+def circusd_pidfile(settings: Settings) -> Path:
+    """circusd's pid file (``pidfile`` in circus.ini). circusd removes it when it exits, not when it
+    is killed."""
+    return settings.run_dir / "circusd.pid"
+
+
+def is_circusd(cmdline: list[str]) -> bool:
+    """Whether a command line is circusd's (``.../python .../bin/circusd circus.ini``)."""
+    return any(os.path.basename(part) == "circusd" for part in cmdline[:2])
+
+
+def live_circusd(pidfile: Path) -> int | None:
+    """The pid in circusd's pid file if that process is the circusd that wrote it: alive and not a
+    zombie, circusd by its command line, and started no later than the file was written (a pid
+    reused by a newer process, even another circusd, is not it)."""
+    try:
+        text = pidfile.read_text().strip()
+        written = pidfile.stat().st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not text.isdigit():
+        return None
+    try:
+        proc = psutil.Process(int(text))
+        if proc.status() == psutil.STATUS_ZOMBIE or not is_circusd(proc.cmdline()):
+            return None
+        return proc.pid if proc.create_time() <= written + CLOCK_SLACK else None
+    except psutil.Error:
+        return None
+
+
+def ask_circus(endpoint: str, command: str, timeout: float = 1.0, **properties: Any) -> dict[str, Any] | None:
+    """circusd's answer at ``endpoint`` to ``command``, asked in circus's own protocol (one JSON frame
+    each way), as circusctl asks; None when it answers nothing within ``timeout`` or cannot be
+    reached. circus answers ``status`` and ``get`` even while it runs another command."""
+    import json
+    import uuid
+
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        call = uuid.uuid4().hex
+        sock.send(json.dumps({"id": call, "command": command, "properties": properties}).encode())
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+            try:
+                answer = json.loads(sock.recv())
+            except ValueError:
+                continue
+            if isinstance(answer, dict) and answer.get("id") == call:
+                return answer
+        return None
+    except zmq.ZMQError:  # an endpoint that cannot be reached: no controller serves it any more
+        return None
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def watchers_stopping(endpoint: str, timeout: float = 1.0) -> bool:
+    """Whether the circusd at ``endpoint`` is stopping watchers: its ``status`` has one ``stopping``
+    (a ``circusctl quit`` without ``--waiting`` answers while circus stops them all; so does a stop or
+    a restart of them), or it answers nothing within ``timeout`` (its controller stopped, at the end
+    of a quit)."""
+    answer = ask_circus(endpoint, "status", timeout)
+    if answer is None:
+        return True
+    statuses = answer.get("statuses")
+    return isinstance(statuses, dict) and "stopping" in statuses.values()
+
+
+def processes_asked(endpoint: str, watcher: str, timeout: float = 1.0) -> int | None:
+    """The ``numprocesses`` circusd at ``endpoint`` was asked to run for ``watcher`` (what ``set``,
+    ``incr`` and ``decr`` change); None when it does not say."""
+    answer = ask_circus(endpoint, "get", timeout, name=watcher, keys=["numprocesses"])
+    value = ((answer or {}).get("options") or {}).get("numprocesses")
+    return value if type(value) is int else None
+
+
+def wait_while_stopping(endpoint: str, pid: int, seconds: float) -> bool:
+    """Whether circusd ``pid`` exits within ``seconds`` while it stops its watchers
+    (:func:`watchers_stopping`): False as soon as it stops none and still runs (a stop or a restart
+    of watchers, not a quit), or when ``seconds`` pass."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if wait_for_exit(pid, 0.5):
+            return True
+        if not watchers_stopping(endpoint):
+            return wait_for_exit(pid, 0)
+    return False
+
+
+def wait_for_exit(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is gone (or a zombie, which holds nothing) within ``seconds``."""
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.1)
+
+
+def running_circusd(pid: int) -> psutil.Process | None:
+    """The live circusd that runs ``pid`` (``pid`` itself, or its nearest circusd ancestor), other
+    than this process: a process it runs, stopped alone, it would start again."""
+    try:
+        proc = psutil.Process(pid)
+        for candidate in (proc, *proc.parents()):
+            if candidate.pid == os.getpid():  # run by this process (a circusd's own hook): none other
+                return None
+            if is_circusd(candidate.cmdline()):
+                return candidate if candidate.status() != psutil.STATUS_ZOMBIE else None
+    except psutil.Error:
+        pass
+    return None
+
+
+def circusd_endpoint(circusd: psutil.Process) -> str | None:
+    """The control endpoint of a tickstack circusd, from its ``TICKSTACK_HOME`` as circus.ini makes
+    it (whether or not its socket is still there); None for another circusd."""
+    try:
+        home = circusd.environ().get("TICKSTACK_HOME")
+        cwd = circusd.cwd()
+    except psutil.Error:
+        return None
+    if not home:
+        return None
+    try:
+        return load_settings({"TICKSTACK_HOME": str(Path(cwd) / Path(home).expanduser())}).circus_endpoint
+    except ConfigError:
+        return None
+
+
+def quit_command(circusd: psutil.Process) -> str | None:
+    """The circusctl command that stops a tickstack circusd (its control socket must be there); None
+    for another circusd, and for one whose socket is gone (:func:`unreachable`)."""
+    endpoint = circusd_endpoint(circusd)
+    return circusctl_command(endpoint, "quit") if endpoint and _socket_there(endpoint) else None
+
+
+def _socket_there(endpoint: str) -> bool:
+    return Path(endpoint[len("ipc://"):]).is_socket()
+
+
+def unreachable(circusd: psutil.Process) -> str | None:
+    """Why circusctl cannot reach tickstack circusd ``circusd``: its control socket is gone; None
+    otherwise. A second ``circusd circus.ini`` on the same home, started after its pid file was
+    removed (circus calls a live one's file "stale"), binds its sockets over the running one's,
+    fails on a port and exits, removing them: the stack runs on, out of reach."""
+    endpoint = circusd_endpoint(circusd)
+    if endpoint is None or _socket_there(endpoint):
+        return None
+    return (f"its control socket {endpoint[len('ipc://'):]} is gone (a second circusd started on this home "
+            "removes it as it exits), so circus's commands and the console cannot reach it")
+
+
+def unreachable_circusd(endpoint: str) -> str | None:
+    """:func:`unreachable` for the tickstack circusd of ``endpoint``, found by its process, not its
+    socket: what the console, the API and doctor say when the socket is not there (None at once
+    when it is)."""
+    if _socket_there(endpoint):
+        return None
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if (is_circusd(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE
+                    and circusd_endpoint(proc) == endpoint):
+                reason = unreachable(proc)
+                return None if reason is None else (
+                    f"circusd pid {proc.pid} of this stack runs, but {reason}: `kill {proc.pid}` stops it and "
+                    "everything it runs gracefully (circus takes SIGTERM as its quit), then `make run`")
+        except psutil.Error:
+            continue
+    return None
+
+
+#: How :func:`db.health.diagnose` starts its finding for a writer that is not running.
+WRITER_DOWN = "The writer is not running"
+
+
+def writer_down_advice(settings: Settings) -> str:
+    """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
+    without it (after a clean quit), ``make run`` would refuse with it."""
+    pid = live_circusd(circusd_pidfile(settings))
+    if pid is None:
+        return (f"{WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
+                "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
+                "`python -m db prepare && circusd circus.ini --daemon`: prepare clears a stale pid file and checks "
+                "the ports); if it runs with another home, run this with that "
+                "TICKSTACK_HOME.")
+    if processes_asked(settings.circus_endpoint, "writer") == 0:
+        # `start writer` answered "ok" and started nothing: circus was told to run none (`set writer
+        # numprocesses 0`), and a singleton refuses `incr` (fault hunt as an operator). A stopped
+        # watcher takes the number and starts nothing until it is started too (review of round 36).
+        how = f"`{circusctl_command(settings.circus_endpoint, 'set', 'writer', 'numprocesses', '1')}`"
+        statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
+        if statuses.get("writer") != "active":
+            how += f", then `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`"
+        return (f"{WRITER_DOWN} although circusd (pid {pid}) is: circus was told to run 0 writer processes, so "
+                f"writes wait (clients retry until their deadline). Start it with {how}.")
+    return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
+            f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
+            "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
