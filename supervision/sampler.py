@@ -24,8 +24,9 @@ and a start no sample saw stopped (they read as a restart); a process that start
 two samples (not seen). gunicorn replacing its own workers is not counted (only circus's processes
 are). After a restart of the jobs worker, the first sample counts the processes created since the
 last stored sample (by create time, which psutil knows to about a second) of a watcher that still
-runs as many processes as that sample stored; with no sample within :data:`RESUME_WINDOW_MS` it is
-the baseline and counts nothing.
+runs as many processes as that sample stored; with no sample within :data:`RESUME_WINDOW_MS`, or
+with a circusd started since (the whole stack was stopped and started: its processes are new, not
+replacements; every watcher counted one restart per start), it is the baseline and counts nothing.
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ import logging
 import time
 from typing import Any
 
+import psutil
 from sqlalchemy import select
 from sqlalchemy.engine import Connection
 
 from db import health, queries
+from db.circusd import circusd_pidfile, live_circusd
 from db.client import WriterClient
 from db.config import Settings
 from db.models import Sample, now_ms
@@ -95,6 +98,9 @@ class Sampler:
 
     Keeps what rates and restart counts need between calls; not thread-safe (one per worker)."""
 
+    #: Epoch ms at which this stack's circusd started, read by :meth:`resume` (None: unknown).
+    circusd_started_ms: int | None = None
+
     def __init__(self, settings: Settings, circus_timeout: float = 1.0) -> None:
         self.settings = settings
         self.circus_timeout = circus_timeout
@@ -124,6 +130,11 @@ class Sampler:
                 self.previous[name.removeprefix("writer.")] = (int(row.ts), float(row.value))
         last = queries.latest_sample(conn, "watcher.restarts", since)
         self.previous_watchers_ms = int(last.ts) if last is not None else None
+        circusd = live_circusd(circusd_pidfile(self.settings))
+        try:
+            self.circusd_started_ms = int(psutil.Process(circusd).create_time() * 1000) if circusd else None
+        except psutil.Error:
+            self.circusd_started_ms = None
         if last is not None:
             rows = conn.execute(select(Sample.labels, Sample.value).where(
                 Sample.name == "watcher.processes", Sample.ts == int(last.ts))).all()
@@ -229,6 +240,8 @@ class Sampler:
         since = self.previous_watchers_ms
         if since is None or self.previous_counts.get(watcher) != listed:
             return 0  # the baseline, or scaled since: no way to tell a replacement from an incr
+        if self.circusd_started_ms is not None and self.circusd_started_ms > since:
+            return 0  # a new stack since: its processes are its first, none replaced
         return sum(1 for _, started in procs if started * 1000 > since)
 
     def store(self, client: WriterClient, samples: list[dict[str, Any]], deadline: float = 5.0) -> dict[str, Any]:

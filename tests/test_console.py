@@ -588,6 +588,17 @@ def test_watchers_page_and_api_show_every_watcher(cconsole: Console, cstack: Cir
         assert f'data-watcher="{name}"' in page and f"/console/watchers/{name}/restart" in page
 
 
+def test_restart_all_asks_listing_the_watchers_in_the_order_it_restarts_them(cconsole: Console) -> None:
+    """The confirmation said "the writer first" above a list by name (analysis, api, console, ...);
+    the audit row's target was that list too (a new user's run of the README, round 37)."""
+    page = cconsole.post("/console/watchers/restart-all")
+    assert page.status_code == 200 and "Restart every watcher?" in page.text, page.status_code
+    listed = re.search(r"each followed until circus runs its new processes: <code>([^<]*)</code>", page.text)
+    assert listed is not None, page.text
+    # By circus.ini's priorities, as circus starts them (the console serving a request would come last).
+    assert listed.group(1).split(", ") == ["writer", "api", "console", "ticks", "analysis", "monitor", "jobs"]
+
+
 def test_restart_changes_the_pid_is_audited_and_counted(cconsole: Console, cstack: CircusStack) -> None:
     s = cstack.settings
     # The sampler counts a process replaced since its previous sample: one must have seen this one

@@ -79,6 +79,21 @@ def test_a_killed_process_counts_one_restart(console: Console, cstack: CircusSta
     assert "processes replaced after they died or were restarted; +1/−1 and stop/start not counted" in page
 
 
+def test_a_resumed_sampler_knows_when_the_stacks_circusd_started(cstack: CircusStack) -> None:
+    """What the resume rule compares the last stored sample with (see the next tests)."""
+    from db.engine import make_read_engine
+
+    sampler = Sampler(cstack.settings)
+    engine = make_read_engine(cstack.settings)
+    try:
+        with engine.connect() as conn:
+            sampler.resume(conn)
+    finally:
+        engine.dispose()
+    assert cstack.proc is not None
+    assert sampler.circusd_started_ms == int(psutil.Process(cstack.proc.pid).create_time() * 1000)
+
+
 def test_incr_and_decr_count_no_restart(console: Console, cstack: CircusStack) -> None:
     settled(cstack, WATCHER, 1)
     before = restarts(cstack, WATCHER)
@@ -165,9 +180,10 @@ def test_the_first_sample_after_the_jobs_worker_restarts_counts_from_the_last_st
     since_s = 1_000.0
     old_a, old_b, new = (11, since_s - 50), (12, since_s - 50), (13, since_s + 5)
 
-    def resume(*steps: tuple[list, int]) -> list[int]:
+    def resume(*steps: tuple[list, int], circusd_started_s: float = since_s - 3600) -> list[int]:
         sampler.previous_procs, sampler.previous_wanted, sampler.gone = None, {}, {}
         sampler.previous_watchers_ms, sampler.previous_counts = int(since_s * 1000), {"w": 2}
+        sampler.circusd_started_ms = int(circusd_started_s * 1000)
         rows = ({"name": "w", "status": "active", "numprocesses": listed,
                  "processes": [{"pid": pid, "create_time": created} for pid, created in procs]}
                 for procs, listed in steps)
@@ -176,6 +192,12 @@ def test_the_first_sample_after_the_jobs_worker_restarts_counts_from_the_last_st
     assert resume(([old_a], 2), ([old_a, new], 2)) == [0, 1]  # half-way at the first sample
     assert resume(([old_a, old_b], 2), ([old_a, old_b], 2)) == [0, 0]
     assert resume(([old_a, new], 3)) == [0]  # scaled since: not told from an incr
+    # The whole stack stopped and started since (`circusctl quit`, `make run`): its circusd is new,
+    # and so is every process, none a replacement; each watcher counted one restart per start (a new
+    # user's run of the README, round 37).
+    new_b = (14, since_s + 5)
+    assert resume(([new, new_b], 2)) == [2]
+    assert resume(([new, new_b], 2), circusd_started_s=since_s + 4) == [0]
 
 
 def _sleeper() -> subprocess.Popen:

@@ -220,17 +220,20 @@ def _restart_all() -> ResponseReturnValue:
     running = [n for n in names if statuses[n] != "stopped"]
     stopped = [n for n in names if statuses[n] == "stopped"]
     missing = missing_watchers(statuses)  # no restart brings them back: said, with what does
+    own = next((n for n in running if serves_this_request(c, n)), None)
+    # Shown, audited and run in one order (the page listed them by name under "the writer first").
+    others = restart_order(c, [n for n in running if n != own])
+    order = [*others, own] if own is not None else others
     if request.form.get("confirm") != "yes":
-        return render_template("console/confirm_restart_all.html", running=running, stopped=stopped,
+        return render_template("console/confirm_restart_all.html", running=order, stopped=stopped,
                                missing=[(n, missing_advice(n)) for n in missing])
     if not running:
         flash("Every watcher is stopped: nothing to restart (start them one by one).", "warn")
         return _back()
     c.busy_retry = 15.0
-    own = next((n for n in running if serves_this_request(c, n)), None)
     outcomes: list[str] = []
     failed = False
-    for name in restart_order(c, [n for n in running if n != own]):
+    for name in others:
         result, message = run_and_follow(c, name, "restart")  # the writer: until it answers
         failed = failed or result != "ok"
         outcomes.append(f"{name}: {result}, {message}")
@@ -240,7 +243,7 @@ def _restart_all() -> ResponseReturnValue:
     if own is not None:
         outcomes.append(f"{own}: sent (this console restarts last)")
     detail = "\n".join(outcomes)
-    audit("watchers.restart_all", ", ".join(running), "error" if failed else "ok", detail)
+    audit("watchers.restart_all", ", ".join(order), "error" if failed else "ok", detail)
     if own is not None:
         try:
             c.call("restart", name=own, waiting=False)
