@@ -23,7 +23,7 @@ from db.config import Settings, ensure_home
 from db.errors import MaintenanceFailed
 from db.files import discard_part, part_file, put_in_place
 from db.health import connect_read_only, holders, integrity_check
-from db.lock import WriterLock, WriterLocked
+from db.lock import WriterLock, WriterLocked, read_lock_holder
 
 #: The database's companions that move with it (SQLite names them after it).
 COMPANIONS = ("-wal", "-shm")
@@ -87,9 +87,12 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()
-    except WriterLocked as e:
-        raise ValueError(f"the writer is running ({e}); stop the stack first "
-                         f"(`{circusctl_command(settings.circus_endpoint, 'quit')}`)") from None
+    except WriterLocked:  # its words are a second writer's ("refusing to start a second one"): not a restore's
+        holder = read_lock_holder(settings.writer_lock_path)
+        raise ValueError(f"the writer is running (pid {holder or 'unknown'}, holding {settings.writer_lock_path}), "
+                         "and a restore replaces its database: stop the stack first "
+                         f"(`{circusctl_command(settings.circus_endpoint, 'quit')}`), then restore, then "
+                         "`make run`") from None
     tmp = None
     try:
         _refuse_if_open(settings, path)

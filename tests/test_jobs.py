@@ -681,7 +681,8 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
     insert_ticks(stack, [now - 1000 - i for i in range(50)], "after")  # not in the backup
 
     refused = db("restore", str(backup))
-    assert refused.returncode == 1 and "the writer is running" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and f"the writer is running (pid {writer.pid}, " in refused.stderr, refused.stderr
+    assert "a second one" not in refused.stderr, refused.stderr  # the second writer's words were quoted
     assert stack.stop(writer) == 0
     reader = connect_read_only(database)  # a process that would go on with the old file
     try:

@@ -329,6 +329,36 @@ def test_a_stop_does_not_wait_for_a_slow_feeds_next_tick(writer: Stack) -> None:
     assert "Traceback" not in log.read_text(), log.read_text()
 
 
+def test_a_replay_stopped_before_its_end_says_so_and_exits_1_and_a_second_run_finishes_it(writer: Stack) -> None:
+    """A replay at real-time speed, Ctrl-C'd after its first tick: it exited 0 ("received 1, acked 1")
+    while the README says 0 means every tick of the file is acknowledged (a new user's run of the
+    README, round 37). It now says where it stopped and exits 1; the same command run again stores
+    the rest, the first tick once. And the first tick is stored when it is due: it was held until the
+    next one was (here ten minutes later), and sent only by the stop."""
+    path = writer.home / "slow.csv"
+    path.write_text("ts,symbol,bid,ask,volume\n" + "".join(f"{T0 + n * 600_000},EURUSD,1.1,1.1002,1\n"
+                                                           for n in range(4)))
+    args = [sys.executable, "-m", "workers.ticks", "--feed", "csv", "--file", str(path), "--symbol", "EURUSD"]
+    log = writer.home / "log" / "ticks-test.log"
+    with open(log, "wb") as out:  # ten minutes between ticks at real time: the first is sent, then it waits
+        proc = subprocess.Popen([*args, "--speed", "1"], env=writer.env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        wait_for("the first tick stored", lambda: len(stored(writer)) == 1)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    said = log.read_text()
+    assert "stopped before the end of its feed" in said and "Traceback" not in said, said
+    again = subprocess.run([*args, "--speed", "max"], env=writer.env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert len(stored(writer)) == 4
+
+
 def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(writer: Stack) -> None:
     """A stop's flush waited for each request in flight until its client deadline (``--deadline``, 15 s
     by default; then up to 6 s of last chance): past circus's graceful_timeout (20 s) the feed was

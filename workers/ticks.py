@@ -21,9 +21,9 @@ disk is a state the ingestor waits out, never a crash. On SIGTERM the
 ingestor stops reading its feed, waits for its acknowledgements and spools
 what is left.
 
-A CSV replay exits 0 once every tick of the file is acknowledged. On a
-malformed row it commits every row before it, then exits 1 naming the line
-and the reason.
+A CSV replay exits 0 once every tick of the file is acknowledged; stopped before its end, it says so
+and exits 1. On a malformed row it commits every row before it, then exits 1 naming the line and the
+reason.
 """
 from __future__ import annotations
 
@@ -126,6 +126,8 @@ class TickIngestor(Worker):
         self.seq_per_line = seq_per_line
         self.memory_limit = memory_limit
         self.exhausted = False
+        #: The feed was ended by a stop in its pacing's wait (:class:`FeedStopped`), not by its end.
+        self.cut_short = False
         self.bad_row: CsvFormatError | None = None
         self.received = self.acked = self.duplicates = self.spooled = self.failed = self.lost = 0
         #: Ticks of spool files this run did not write (an earlier run's) acknowledged, and of those duplicates.
@@ -133,6 +135,8 @@ class TickIngestor(Worker):
         self._last_line: int | None = None
         self._pos = 0
         self._pending: list[dict[str, Any]] = []
+        #: When the oldest of ``_pending`` was read (monotonic).
+        self._pending_since = 0.0
         self._in_flight: dict[int, tuple[dict[str, list[Any]], Origin]] = {}
         self._last_spool_try = 0.0
         self._last_report = time.monotonic()
@@ -178,8 +182,11 @@ class TickIngestor(Worker):
         while not self.exhausted and not self._paused and len(self._pending) < self.batch and self.alive:
             try:
                 line, tick = next(self.ticks)
-            except (StopIteration, FeedStopped):
+            except StopIteration:
                 self.exhausted = True
+                break
+            except FeedStopped:  # a stop, in the pacing's wait: the feed ends here, before its end
+                self.exhausted = self.cut_short = True
                 break
             except CsvFormatError as e:
                 self.bad_row = e
@@ -189,6 +196,8 @@ class TickIngestor(Worker):
             self._last_line = line
             tick["source"] = self.source
             tick["seq"] = line * self.seq_per_line + self._pos
+            if not self._pending:
+                self._pending_since = time.monotonic()
             self._pending.append(tick)
             self.received += 1
             if time.monotonic() - started >= self.flush_interval:
@@ -218,7 +227,13 @@ class TickIngestor(Worker):
     def _wait_for_tick(self, seconds: float) -> None:
         """The pacing's sleep, which a stop ends at once, ending the feed there (:class:`FeedStopped`):
         a slow feed's next tick may be due in an hour, and a stop waited for it (circus kills what
-        has not stopped after its graceful_timeout)."""
+        has not stopped after its graceful_timeout). The ticks read are sent first when the wait would
+        hold them past ``flush_interval``: a replay at real-time speed held each tick until the next
+        one was due, a minute later for minute ticks."""
+        if self._pending and time.monotonic() + seconds - self._pending_since >= self.flush_interval:
+            self._submit(_columns(self._pending), None)
+            self._pending = []
+            self.pipe.collect()
         self.sleep(seconds)
         if not self.alive:
             raise FeedStopped
@@ -257,6 +272,16 @@ class TickIngestor(Worker):
                          len(self.spool.written), self.spool.folder)
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
+        elif self.stopped_early:
+            self.log.warning("ticks: stopped before the end of its feed, after %d ticks: a CSV replay run again "
+                             "with the same file sends the rest (what is stored already is dropped as duplicates)",
+                             self.received)
+
+    @property
+    def stopped_early(self) -> bool:
+        """A run to the end of its feed (a CSV file, ``--count``) stopped before it (a signal): not a
+        success, though what it read is stored or spooled."""
+        return self.until_idle and (self.cut_short or not self.exhausted)
 
     def _last_chance(self, budget: float) -> None:
         """At stop, batches held in memory go to the writer if it answers now, for at most
@@ -493,7 +518,7 @@ def run(argv: list[str] | None = None) -> int:
     if code == 0 and ingestor is not None:
         if ingestor.bad_row is not None:
             return EXIT_BAD_ROW
-        if ingestor.failed or ingestor.lost or (ingestor.until_idle and ingestor.spooled):
+        if ingestor.failed or ingestor.lost or (ingestor.until_idle and ingestor.spooled) or ingestor.stopped_early:
             return 1
     return code
 
