@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -315,18 +316,26 @@ def test_a_stop_does_not_wait_for_a_slow_feeds_next_tick(writer: Stack) -> None:
     # --seed 0 at --rate 0.001: ticks due 31 and 61 minutes after the start. The wait for a tick was a
     # sleep SIGTERM did not end: a stop waited for the next tick (circus kills after 20 s).
     log = writer.home / "log" / "ticks-test.log"
+    code = run_until(writer, ["--rate", "0.001", "--seed", "0"], log, signal.SIGTERM,
+                     "the ingestor's start", lambda: "spooled batches to replay" in log.read_text())
+    assert code == 0, log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def run_until(stack: Stack, args: list[str], log: Path, sig: int, what: str, ready: Callable[[], bool]) -> int:
+    """``python -m workers.ticks ARGS``, logging into ``log``, sent ``sig`` once ``ready()``: its exit
+    code (killed, by its pid, if it does not exit within a minute)."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "workers.ticks", "--rate", "0.001", "--seed", "0"],
-                                env=writer.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "workers.ticks", *args], env=stack.env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
     try:
-        wait_for("the ingestor's start", lambda: "spooled batches to replay" in log.read_text())
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()
+        wait_for(what, ready)
+        proc.send_signal(sig)
+        return proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in log.read_text(), log.read_text()
 
 
 def test_a_replay_stopped_before_its_end_says_so_and_exits_1_and_a_second_run_finishes_it(writer: Stack) -> None:
@@ -338,23 +347,14 @@ def test_a_replay_stopped_before_its_end_says_so_and_exits_1_and_a_second_run_fi
     path = writer.home / "slow.csv"
     path.write_text("ts,symbol,bid,ask,volume\n" + "".join(f"{T0 + n * 600_000},EURUSD,1.1,1.1002,1\n"
                                                            for n in range(4)))
-    args = [sys.executable, "-m", "workers.ticks", "--feed", "csv", "--file", str(path), "--symbol", "EURUSD"]
+    args = ["--feed", "csv", "--file", str(path), "--symbol", "EURUSD"]
     log = writer.home / "log" / "ticks-test.log"
-    with open(log, "wb") as out:  # ten minutes between ticks at real time: the first is sent, then it waits
-        proc = subprocess.Popen([*args, "--speed", "1"], env=writer.env, cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    try:
-        wait_for("the first tick stored", lambda: len(stored(writer)) == 1)
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 1, log.read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    # Ten minutes between ticks at real time: the first is sent, then it waits.
+    code = run_until(writer, [*args, "--speed", "1"], log, signal.SIGINT, "the first tick stored",
+                     lambda: len(stored(writer)) == 1)
     said = log.read_text()
-    assert "stopped before the end of its feed" in said and "Traceback" not in said, said
-    again = subprocess.run([*args, "--speed", "max"], env=writer.env, cwd=ROOT, capture_output=True, text=True,
-                           timeout=120)
+    assert code == 1 and "stopped before the end of its feed" in said and "Traceback" not in said, said
+    again = run(writer, "workers.ticks", *args, "--speed", "max")
     assert again.returncode == 0, again.stderr
     assert len(stored(writer)) == 4
 
