@@ -230,6 +230,27 @@ def _exit_circusd(arbiter: Any, hook_name: str, message: str) -> NoReturn:
     raise SystemExit(1)
 
 
+def writer_started(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
+    """The writer's ``after_start``: circusd's own files made private
+    (:func:`supervision.streams.private_circusd_files`), then a wait until the writer answers, as
+    its dependents wait (:func:`wait_for_writer`): a start or a restart of it, circusctl's with
+    ``--waiting`` and the console's, is done once it serves, not once its process exists. A
+    second restart right after one killed the new writer while it still imported its modules
+    (SIGTERM's default then: no drain, though nothing was in flight yet). Never refuses: circus
+    stops a watcher whose ``after_start`` returns false."""
+    from db.config import ConfigError, load_settings
+
+    private_circusd_files(watcher, arbiter, hook_name, **kwargs)
+    try:
+        settings = load_settings()
+    except ConfigError as e:  # the writer says it in its own log, and exits
+        log.error("%s: %s; not waiting for the writer", hook_name, e)
+        return True
+    _wait_ready(settings, arbiter, hook_name, "its start is done",
+                "circus goes on without waiting more (it serves once it is ready)")
+    return True
+
+
 def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -> bool:
     """Start ``watcher`` once the writer answers a ping, or at once when waiting is pointless: the
     writer's watcher is stopped (on purpose: the console, the API and the spooling feed are wanted
@@ -239,11 +260,8 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     tolerates a missing writer by itself; only a setting that does not load leaves it stopped."""
     # Imported here: circusd imports this module at start, before any watcher's environment matters.
     from db.circusd import circusctl_command
-    from db.client import WriterClient
     from db.config import ConfigError, load_settings
-    from db.errors import WriterUnavailable
 
-    global _unready_writer
     try:
         settings = load_settings()
     except ConfigError as e:
@@ -257,8 +275,25 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     if not pids:
         log.warning("%s: the writer has no process; starting %s without waiting for it", hook_name, watcher.name)
         return True
-    # A process that already let one dependent wait the whole timeout gets one short ping: answered,
-    # it is waited for no more; silent, the next dependents do not stall circusd for it again.
+    _wait_ready(settings, arbiter, hook_name, f"starting {watcher.name}",
+                f"starting {watcher.name} without it (it waits for the writer by itself)", pids)
+    return True
+
+
+def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwise: str,
+                pids: list[int] | None = None) -> None:
+    """Wait until the writer's process (``pids``, else circus's list) answers a ping, at most
+    ``TICKSTACK_READY_TIMEOUT``; said in circusd's log, ending with ``then``, or ``otherwise`` when it
+    did not answer. A process that already
+    let one wait run the whole timeout gets one short ping: answered, it is waited for no more;
+    silent, the next waits do not stall circusd for it again."""
+    from db.client import WriterClient
+    from db.errors import WriterUnavailable
+
+    global _unready_writer
+    pids = _writer_pids(arbiter) if pids is None else pids
+    if not pids:
+        return
     again = set(pids) == {_unready_writer}
     client = WriterClient(settings=settings, deadline=1.0)
     try:
@@ -267,16 +302,14 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     except WriterUnavailable as e:
         exited = not any(map(_alive, pids))
         _unready_writer = pids[0] if len(pids) == 1 and not exited else None
-        log.warning("%s: %s; starting %s without it (it waits for the writer by itself)", hook_name,
-                    f"the writer pid {pids[0]} still does not answer" if again and not exited else e, watcher.name)
-        return True
+        log.warning("%s: %s; %s", hook_name,
+                    f"the writer pid {pids[0]} still does not answer" if again and not exited else e, otherwise)
+        return
     finally:
         client.close()
     _unready_writer = None
     _remember_database(settings.database_path)  # a ready writer has made it: it is the stack's from now on
-    log.info("%s: writer pid %s ready (%.1f ms); starting %s", hook_name, ping["pid"], ping["latency_ms"],
-             watcher.name)
-    return True
+    log.info("%s: writer pid %s ready (%.1f ms); %s", hook_name, ping["pid"], ping["latency_ms"], then)
 
 
 #: How long a writer process that was silent for a whole ready timeout is pinged at a later start.

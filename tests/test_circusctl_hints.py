@@ -152,3 +152,27 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         assert stack.wait_exit(90) == 0
     finally:
         stack.close()
+
+
+def test_a_restart_of_the_writer_waits_until_it_serves_and_a_second_one_stops_it_gracefully() -> None:
+    """`circusctl restart writer --waiting` returned once circus had started the new process, before
+    it answered (its "ready" came 0.26 s later), and a second restart right after killed it while it
+    still started: "writer pid N was killed by SIGTERM (signal 15) as it was stopped", never ready (a
+    new user's run of the README, round 37, 4 times of 4). The README says a change waits until it is
+    done: the writer's start now ends once it answers."""
+    from db.lock import read_lock_holder
+
+    stack = CircusStack()
+    try:
+        stack.start()
+        for _ in range(2):
+            done = stack.circusctl("restart", "writer", "--waiting")
+            assert done.returncode == 0 and "ok" in done.stdout, done.stdout + done.stderr
+            (pid,) = stack.pids_of("writer")
+            # Done means serving: its ready line is written and it holds the lock.
+            assert f"writer ready: pid {pid}," in stack.log("writer"), stack.log("writer")[-3000:]
+            assert read_lock_holder(stack.settings.writer_lock_path) == pid
+        assert "killed by SIGTERM" not in stack.circusd_log(), stack.circusd_log()[-3000:]
+    finally:
+        stack.close()
+
