@@ -118,8 +118,8 @@ def first_contact(settings: Settings) -> str:
             f"ready      in a few seconds: {health} says \"ok\" once the stack is up (circusd logs to "
             f"{settings.log_dir / 'circusd.log'}, not here)\n"
             f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"
-            f"stop       Ctrl-C where circusd runs in the foreground (make run), or "
-            f"`{circusctl_command(settings.circus_endpoint, 'quit')}`")
+            f"stop       `{circusctl_command(settings.circus_endpoint, 'quit')}`, or Ctrl-C in the terminal "
+            "of `make run`")
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -103,7 +103,8 @@ S = Setting
 #: that the README's table is :func:`markdown_table`.
 SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_HOME", "home", path, lambda _: CHECKOUT / "var", "`var/` of the checkout",
-      "runtime folder: database, sockets, logs, spool, backups (mode 0700)"),
+      "runtime folder: database, sockets, logs, spool, backups (mode 0700); `make run` and circusd refuse a `~` in "
+      "it (circus.ini uses it as written, and circus expands none)"),
     S("DATABASE_URL", "database_url", database_url, _default_url, "`sqlite:///$TICKSTACK_HOME/tickstack.db`",
       "the database (the writer's and migrations' URL; never shown with its password)"),
     S("DATABASE_READ_URL", "database_read_url", database_url, lambda s: s["database_url"], "`DATABASE_URL`",

@@ -73,6 +73,10 @@ def requires_token(view: F) -> F:
                            f"(the token is in the {TOKEN_FILE} file in TICKSTACK_HOME, or {TOKEN_ENV})", challenge)
         scheme, _, credentials = header.partition(" ")
         credentials = credentials.strip()
+        if scheme.lower() == "bearer" and not credentials:
+            raise ApiError(401, "unauthorized", f"no token after 'Bearer': send the token that is in the {TOKEN_FILE} "
+                           f"file in TICKSTACK_HOME (or {TOKEN_ENV}); `$(cat {TOKEN_FILE})` of an empty file gives "
+                           "none", challenge)
         if scheme.lower() != "bearer" or not credentials or " " in credentials:
             raise ApiError(401, "unauthorized", "malformed Authorization header: expected 'Bearer <token>'",
                            challenge)
