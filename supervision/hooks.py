@@ -236,8 +236,11 @@ def writer_started(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) ->
     its dependents wait (:func:`wait_for_writer`): a start or a restart of it, circusctl's with
     ``--waiting`` and the console's, is done once it serves, not once its process exists. A
     second restart right after one killed the new writer while it still imported its modules
-    (SIGTERM's default then: no drain, though nothing was in flight yet). Never refuses: circus
-    stops a watcher whose ``after_start`` returns false."""
+    (SIGTERM's default then: no drain, though nothing was in flight yet). At most
+    :data:`WRITER_START_WAIT_S`: circusd answers nothing meanwhile, and a writer that waits for its
+    PostgreSQL server would hold it for the whole ready timeout at every restart; its dependents
+    still wait theirs at a start of the stack. Never refuses: circus stops a watcher whose
+    ``after_start`` returns false."""
     from db.config import ConfigError, load_settings
 
     private_circusd_files(watcher, arbiter, hook_name, **kwargs)
@@ -247,7 +250,8 @@ def writer_started(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) ->
         log.error("%s: %s; not waiting for the writer", hook_name, e)
         return True
     _wait_ready(settings, arbiter, hook_name, "its start is done",
-                "circus goes on without waiting more (it serves once it is ready)")
+                "circus goes on without waiting more (it serves once it is ready)",
+                timeout=min(settings.ready_timeout, WRITER_START_WAIT_S))
     return True
 
 
@@ -281,12 +285,12 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
 
 
 def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwise: str,
-                pids: list[int] | None = None) -> None:
+                pids: list[int] | None = None, timeout: float | None = None) -> None:
     """Wait until the writer's process (``pids``, else circus's list) answers a ping, at most
-    ``TICKSTACK_READY_TIMEOUT``; said in circusd's log, ending with ``then``, or ``otherwise`` when it
-    did not answer. A process that already
-    let one wait run the whole timeout gets one short ping: answered, it is waited for no more;
-    silent, the next waits do not stall circusd for it again."""
+    ``timeout`` (``TICKSTACK_READY_TIMEOUT`` when None); said in circusd's log, ending with ``then``,
+    or ``otherwise`` when it did not answer. A process that already let one wait run the whole ready
+    timeout gets one short ping: answered, it is waited for no more; silent, the next waits do not
+    stall circusd for it again (a shorter ``timeout`` run out marks nothing)."""
     from db.client import WriterClient
     from db.errors import WriterUnavailable
 
@@ -297,11 +301,12 @@ def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwis
     again = set(pids) == {_unready_writer}
     client = WriterClient(settings=settings, deadline=1.0)
     try:
-        ping = client.wait_ready(UNREADY_PING_S if again else settings.ready_timeout,
+        ping = client.wait_ready(UNREADY_PING_S if again else timeout or settings.ready_timeout,
                                  is_alive=lambda: any(map(_alive, pids)))
     except WriterUnavailable as e:
         exited = not any(map(_alive, pids))
-        _unready_writer = pids[0] if len(pids) == 1 and not exited else None
+        if timeout is None or again or exited:
+            _unready_writer = pids[0] if len(pids) == 1 and not exited else None
         log.warning("%s: %s; %s", hook_name,
                     f"the writer pid {pids[0]} still does not answer" if again and not exited else e, otherwise)
         return
@@ -314,6 +319,9 @@ def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwis
 
 #: How long a writer process that was silent for a whole ready timeout is pinged at a later start.
 UNREADY_PING_S = 0.5
+#: The longest the writer's own start waits for it to answer (:func:`writer_started`): a start takes
+#: about 0.5 s here, a few seconds on a loaded machine.
+WRITER_START_WAIT_S = 10.0
 #: The writer process that did not answer within the ready timeout: later dependents only ping it.
 _unready_writer: int | None = None
 
