@@ -34,6 +34,11 @@ class CircusError(RuntimeError):
     """circusd did not do what was asked; the message says why in words."""
 
 
+class CircusSilent(CircusError):
+    """circusd did not answer within the client's timeout: it may be held by a hook (the writer's
+    ``after_start`` waits up to 10 s for it to answer), or gone."""
+
+
 def is_busy(answer: dict[str, Any]) -> bool:
     """Whether circusd refused a command only because it is running another one."""
     return answer.get("status") != "ok" and "already running" in str(answer.get("reason", ""))
@@ -133,7 +138,11 @@ class Circus:
             answer = retry_while_busy(lambda: client.call({"command": command, "properties": props}),
                                       self.busy_retry)
         except CallError as e:
-            raise CircusError(f"circusd does not answer at {self.endpoint} ({e}); is the stack running?") from None
+            from supervision.hooks import WRITER_START_WAIT_S
+
+            raise CircusSilent(
+                f"circusd does not answer at {self.endpoint} ({e}): busy (the writer's start holds it until the "
+                f"writer answers, at most {WRITER_START_WAIT_S:g} s) or hung; try again in a moment") from None
         if answer.get("status") == "ok":
             return answer
         reason = str(answer.get("reason", "unknown error"))

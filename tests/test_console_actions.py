@@ -20,6 +20,8 @@ import json
 import os
 import re
 import signal
+import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from html import unescape
@@ -462,6 +464,50 @@ def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> No
     assert [(a, t, res) for a, t, res, _ in rows] == [
         ("watcher.restart", "writer", "ok"), ("watcher.stop", "writer", "ok"), ("watcher.start", "writer", "ok"),
         ("watcher.decr", "monitor", "ok"), ("watcher.incr", "monitor", "ok")], rows
+
+
+def test_a_writer_restart_that_holds_circusd_past_its_answer_time_is_followed_to_its_end() -> None:
+    """The writer's ``after_start`` hook waits (up to 10 s) until the new writer answers, and circusd
+    answers nothing meanwhile. A user's ``sqlite3`` shell holding the database's write lock (the
+    seed's own fault) keeps a new writer from opening it for ``TICKSTACK_BUSY_TIMEOUT_MS`` (9 s
+    here), past the console's 5 s per circus call: its Restart said "failed: circusd does not
+    answer ... is the stack running?" while the restart went on. It follows the restart through
+    circusd's silence: once the shell lets go, circus's next writer serves, and the page says done."""
+    stack = CircusStack(TICKSTACK_BUSY_TIMEOUT_MS="9000")
+    shell: sqlite3.Connection | None = None
+    try:
+        stack.start()
+        console = Console(create_app("console", stack.settings))
+        assert console.login((stack.home / "admin-password").read_text().strip()).status_code == 302
+        since, before = last_audit_id(stack.settings), set(stack.pids_of("writer"))
+        shell = sqlite3.connect(str(stack.settings.database_path), isolation_level=None, timeout=30,
+                                check_same_thread=False)
+        shell.execute("BEGIN EXCLUSIVE")
+
+        def let_go_once_refused() -> None:
+            """The shell's user gives up once a new writer said it cannot open the database."""
+            wait_for("a new writer refused", lambda: "cannot open the database" in stack.log("writer"), 120)
+            shell.execute("ROLLBACK")
+
+        letting_go = threading.Thread(target=let_go_once_refused, daemon=True)
+        letting_go.start()
+        assert console.post("/console/watchers/writer/restart").status_code == 303
+        letting_go.join(5)
+        said = unescape(console.client.get("/console/watchers").text)
+        said = re.search(r'<div class="flash flash-(\w+)"[^>]*>(.*?)</div>', said, re.S).group(0)
+        assert "Restart writer: done. writer is active (pid " in said and "It answers (pid " in said, said
+        assert "does not answer at" not in said, said
+        # circusd was held past the console's circus timeout: the case this test is about.
+        assert "after_start: the writer at" in stack.circusd_log() and "exited before it was ready" in \
+            stack.circusd_log(), stack.circusd_log()[-2000:]
+        now = set(stack.pids_of("writer"))
+        assert now and not now & before
+        rows = audit_rows(stack.settings, since, "watcher.restart")
+        assert [(t, r) for _, t, r, _ in rows] == [("writer", "ok")], rows
+    finally:
+        if shell is not None:
+            shell.close()
+        stack.close()
 
 
 def test_circusd_log_has_no_traceback_after_a_restart_and_a_quit(console: Console, cstack: CircusStack) -> None:

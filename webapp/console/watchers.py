@@ -32,7 +32,7 @@ from db import queries
 from db.circusd import circusctl_command
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
-from supervision.circus import ACTIONS, MISSING, CircusError, WatcherState, missing_watchers
+from supervision.circus import ACTIONS, MISSING, CircusError, CircusSilent, WatcherState, missing_watchers
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
@@ -380,7 +380,10 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
     at most :data:`FOLLOW_SECONDS`; a (re)started writer is then followed until it answers
-    (:func:`writer_answers`). Returns (audit result, what happened in words): ``ok``, ``error``
+    (:func:`writer_answers`). A poll circusd does not answer in time is asked again: its loop is held
+    while the writer's ``after_start`` waits for the new writer (up to 10 s; a user's ``sqlite3``
+    shell holding the write lock makes it wait that long). Returns (audit result, what happened in
+    words): ``ok``, ``error``
     (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state).
 
     A watcher circus was asked to run 0 processes of has no new process to wait for: circus ends a
@@ -396,10 +399,15 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
         none = action != "stop" and asked_for_none(c, name)
         end = "stopped" if none else SETTLED[action]
         c.call(action, name=name, waiting=False)
+        status = "not settled"
         while True:
-            status = str(c.statuses().get(name))
-            pids = set(pids_of(c, name) or [])
-            settled = status == end and (action != "restart" or none or (pids and not pids & before))
+            try:
+                status = str(c.statuses().get(name))
+                pids = set(pids_of(c, name) or [])
+            except CircusSilent:  # circusd's loop is held (the writer's after_start waits): asked again
+                settled = False
+            else:
+                settled = status == end and (action != "restart" or none or (pids and not pids & before))
             elapsed = time.monotonic() - started
             if settled and none:
                 return "ok", runs_none(c, name)
