@@ -181,15 +181,37 @@ def running_circusd(pid: int) -> psutil.Process | None:
     return None
 
 
+#: What every tickstack circus.ini holds (its hooks), and a circus.ini of another project does not.
+OUR_INI_MARK = "supervision.hooks."
+
+
+def runs_our_ini(cmdline: list[str], cwd: str) -> bool:
+    """Whether a circusd's command line names a tickstack circus.ini (a file, relative to ``cwd``,
+    holding :data:`OUR_INI_MARK`): ``TICKSTACK_HOME`` in the environment of a circusd of another
+    project (set in a shell's profile) does not make it this stack's, to be offered a ``kill``."""
+    for arg in cmdline[1:]:
+        if arg.startswith("-") or os.path.basename(arg) == "circusd":
+            continue
+        path = Path(cwd) / arg
+        try:
+            if path.is_file() and path.stat().st_size < 1_000_000 and OUR_INI_MARK in path.read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def circusd_endpoint(circusd: psutil.Process) -> str | None:
     """The control endpoint of a tickstack circusd, from its ``TICKSTACK_HOME`` as circus.ini makes
-    it (whether or not its socket is still there); None for another circusd."""
+    it (whether or not its socket is still there); None for another circusd, one whose command line
+    names no tickstack circus.ini (:func:`runs_our_ini`) included."""
     try:
         home = circusd.environ().get("TICKSTACK_HOME")
         cwd = circusd.cwd()
+        cmdline = circusd.cmdline()
     except psutil.Error:
         return None
-    if not home:
+    if not home or not runs_our_ini(cmdline, cwd):
         return None
     try:
         return load_settings({"TICKSTACK_HOME": str(Path(cwd) / Path(home).expanduser())}).circus_endpoint
@@ -216,7 +238,7 @@ def unreachable(circusd: psutil.Process) -> str | None:
     endpoint = circusd_endpoint(circusd)
     if endpoint is None or _socket_there(endpoint):
         return None
-    return (f"its control socket {endpoint[len('ipc://'):]} is gone (a second circusd started on this home "
+    return (f"its control socket {endpoint[len('ipc://'):]} is gone (a second circusd started on its home "
             "removes it as it exits), so circus's commands and the console cannot reach it")
 
 

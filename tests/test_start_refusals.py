@@ -122,6 +122,39 @@ def test_a_circusd_whose_control_socket_a_second_one_removed_is_named_with_how_t
 
 
 @DATABASE_INDEPENDENT
+def test_another_projects_circusd_with_this_home_in_its_environment_is_not_offered_a_kill(
+        stack: CircusStack) -> None:
+    """A circusd of another project, started from a shell whose profile exports this stack's
+    ``TICKSTACK_HOME``, holding the API's port: its environment alone made it "circusd pid N of this
+    stack ... `kill N`" for make run and doctor (review of round 37). Only a circusd whose command
+    line names a tickstack circus.ini is ours; this one is another circusd, with no kill offered."""
+    other = Path(tempfile.mkdtemp(prefix="ts-other-"))
+    try:
+        other.chmod(0o700)
+        (other / "other.ini").write_text(
+            f"[circus]\nendpoint = ipc://{other}/c.sock\npubsub_endpoint = ipc://{other}/p.sock\n"
+            "statsd = False\n\n[watcher:idle]\ncmd = sleep 600\n\n"
+            f"[socket:web]\nhost = 127.0.0.1\nport = {stack.api_port}\n")
+        daemon = Circusd(stack.env, other / "other.ini", cwd=other, call_timeout=10)
+        daemon.endpoint = f"ipc://{other}/c.sock"
+        daemon.start(wait_active=("idle",))
+        try:
+            refused = prepare(stack.env)
+            assert refused.returncode == 1, refused.stdout + refused.stderr
+            err = refused.stderr
+            assert f"pid {daemon.proc.pid} (" in err and f"{stack.api_port}/TCP" in err, err
+            assert "of this stack" not in err and f"`kill {daemon.proc.pid}`" not in err, err
+            doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120)
+            assert f"kill {daemon.proc.pid}" not in doctor.stdout, doctor.stdout
+            assert f"circusd pid {daemon.proc.pid} of this stack" not in doctor.stdout, doctor.stdout
+        finally:
+            daemon.stop()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+@DATABASE_INDEPENDENT
 def test_a_port_held_by_a_gunicorn_run_by_hand_names_its_master(stack: CircusStack) -> None:
     """Outside circus, the owner of a listening socket is its topmost holder: gunicorn's master,
     never one of its workers (which the master would only replace)."""
