@@ -354,9 +354,18 @@ def test_a_replay_stopped_before_its_end_says_so_and_exits_1_and_a_second_run_fi
                      lambda: len(stored(writer)) == 1)
     said = log.read_text()
     assert code == 1 and "stopped before the end of its feed" in said and "Traceback" not in said, said
+    assert "a CSV replay run again with the same file sends the rest" in said, said
     again = run(writer, "workers.ticks", *args, "--speed", "max")
     assert again.returncode == 0, again.stderr
     assert len(stored(writer)) == 4
+    # A simulated feed's --count stopped early is told so, without the replay's "sends the rest"
+    # (a new walk sends new ticks; review of round 37).
+    code = run_until(writer, ["--feed", "sim", "--count", "1000000", "--rate", "50", "--symbols", "GBPUSD"], log,
+                     signal.SIGINT, "a simulated tick stored",
+                     lambda: ro(writer).execute("SELECT count(*) FROM ticks WHERE symbol = 'GBPUSD'").fetchone()[0])
+    said = log.read_text()
+    assert code == 1 and "stopped before the end of its feed" in said, said
+    assert "its --count ticks are new ones, not the rest" in said, said
 
 
 def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(writer: Stack) -> None:

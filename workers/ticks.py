@@ -272,16 +272,19 @@ class TickIngestor(Worker):
                          len(self.spool.written), self.spool.folder)
         if self.bad_row is not None:
             self.log.error("ticks: %s (every row before it is stored)", self.bad_row)
-        elif self.stopped_early:
-            self.log.warning("ticks: stopped before the end of its feed, after %d ticks: a CSV replay run again "
-                             "with the same file sends the rest (what is stored already is dropped as duplicates)",
-                             self.received)
 
     @property
     def stopped_early(self) -> bool:
         """A run to the end of its feed (a CSV file, ``--count``) stopped before it (a signal): not a
-        success, though what it read is stored or spooled."""
-        return self.until_idle and (self.cut_short or not self.exhausted)
+        success, though what it read is stored or spooled. Not the spool's sender (a standby's)."""
+        return self.until_idle and self.source != "spool" and (self.cut_short or not self.exhausted)
+
+    def stopped_early_words(self) -> str:
+        """What a run stopped before the end of its feed says as it exits 1 (:attr:`stopped_early`)."""
+        again = ("a CSV replay run again with the same file sends the rest (what is stored already is dropped "
+                 "as duplicates)" if self.source.startswith("csv-") else
+                 "a simulated feed run again walks anew: its --count ticks are new ones, not the rest")
+        return f"ticks: stopped before the end of its feed, after {self.received} ticks: {again}"
 
     def _last_chance(self, budget: float) -> None:
         """At stop, batches held in memory go to the writer if it answers now, for at most
@@ -518,6 +521,8 @@ def run(argv: list[str] | None = None) -> int:
     if code == 0 and ingestor is not None:
         if ingestor.bad_row is not None:
             return EXIT_BAD_ROW
+        if ingestor.stopped_early:  # said here: a standby stopped before it led never ran its teardown
+            ingestor.log.warning(ingestor.stopped_early_words())
         if ingestor.failed or ingestor.lost or (ingestor.until_idle and ingestor.spooled) or ingestor.stopped_early:
             return 1
     return code
