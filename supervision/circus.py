@@ -35,8 +35,9 @@ class CircusError(RuntimeError):
 
 
 class CircusSilent(CircusError):
-    """circusd did not answer within the client's timeout: it may be held by a hook (the writer's
-    ``after_start`` waits up to 10 s for it to answer), or gone."""
+    """circusd did not answer within the client's timeout: its loop may be held by a hook (the
+    writer's ``after_start`` waits up to 10 s for it to answer), or it hangs. A command it did not
+    answer is in its socket nonetheless, and runs once its loop is free."""
 
 
 def is_busy(answer: dict[str, Any]) -> bool:
@@ -138,11 +139,12 @@ class Circus:
             answer = retry_while_busy(lambda: client.call({"command": command, "properties": props}),
                                       self.busy_retry)
         except CallError as e:
-            from supervision.hooks import WRITER_START_WAIT_S
-
+            if "timed out" not in str(e).lower():
+                raise CircusError(f"circusd at {self.endpoint} could not be asked {command}: {e}") from None
             raise CircusSilent(
-                f"circusd does not answer at {self.endpoint} ({e}): busy (the writer's start holds it until the "
-                f"writer answers, at most {WRITER_START_WAIT_S:g} s) or hung; try again in a moment") from None
+                f"circusd does not answer at {self.endpoint} ({e}): held by a start hook (the writer's waits up to "
+                "10 s for it to answer, a dependent's up to TICKSTACK_READY_TIMEOUT) or hung; what was sent runs "
+                "once it is free; try again in a moment") from None
         if answer.get("status") == "ok":
             return answer
         reason = str(answer.get("reason", "unknown error"))

@@ -32,12 +32,13 @@ import pytest
 from flask import Flask
 
 from db.client import WriterClient
+from supervision.circus import Circus
 from testkit.browser import chromium
 from testkit.circus import CircusStack
 from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.writer import Stack
 from webapp import create_app
-from webapp.console.watchers import gunicorn_workers, unavailable_actions
+from webapp.console.watchers import gunicorn_workers, run_and_follow, unavailable_actions
 
 #: A writer restart drains its producers (about a second) and waits out the other watchers' hooks;
 #: a generous bound for "did it happen" on a loaded machine.
@@ -470,27 +471,39 @@ def test_a_writer_restart_that_holds_circusd_past_its_answer_time_is_followed_to
     """The writer's ``after_start`` hook waits (up to 10 s) until the new writer answers, and circusd
     answers nothing meanwhile. A user's ``sqlite3`` shell holding the database's write lock (the
     seed's own fault) keeps a new writer from opening it for ``TICKSTACK_BUSY_TIMEOUT_MS`` (9 s
-    here), past the console's 5 s per circus call: its Restart said "failed: circusd does not
-    answer ... is the stack running?" while the restart went on. It follows the restart through
-    circusd's silence: once the shell lets go, circus's next writer serves, and the page says done."""
+    here), past the console's 3 s per circus call (``CONSOLE_CIRCUS_TIMEOUT``): its Restart said
+    "failed: circusd does not answer ... is the stack running?" while the restart went on, both when
+    a poll and when the restart's own request was not answered in time (a start sent by circusctl
+    held circusd); "try again" would have restarted it twice. It follows the restart through
+    circusd's silence: once the shell lets go, circus's next writer serves, and it says done."""
     stack = CircusStack(TICKSTACK_BUSY_TIMEOUT_MS="9000")
-    shell: sqlite3.Connection | None = None
+    shell = None
     try:
         stack.start()
-        console = Console(create_app("console", stack.settings))
+        app = create_app("console", stack.settings)
+        console = Console(app)
         assert console.login((stack.home / "admin-password").read_text().strip()).status_code == 302
-        since, before = last_audit_id(stack.settings), set(stack.pids_of("writer"))
         shell = sqlite3.connect(str(stack.settings.database_path), isolation_level=None, timeout=30,
                                 check_same_thread=False)
-        shell.execute("BEGIN EXCLUSIVE")
 
-        def let_go_once_refused() -> None:
-            """The shell's user gives up once a new writer said it cannot open the database."""
-            wait_for("a new writer refused", lambda: "cannot open the database" in stack.log("writer"), 120)
-            shell.execute("ROLLBACK")
+        def locked_until_a_writer_refuses() -> threading.Thread:
+            """The shell takes the write lock, and its user lets go once a new writer said it cannot
+            open the database."""
+            refusals = stack.log("writer").count("cannot open the database")
+            shell.execute("BEGIN EXCLUSIVE")
 
-        letting_go = threading.Thread(target=let_go_once_refused, daemon=True)
-        letting_go.start()
+            def let_go() -> None:
+                wait_for("a new writer refused",
+                         lambda: stack.log("writer").count("cannot open the database") > refusals, 120)
+                shell.execute("ROLLBACK")
+
+            letting_go = threading.Thread(target=let_go, daemon=True)
+            letting_go.start()
+            return letting_go
+
+        # A poll not answered: from the page.
+        since, before = last_audit_id(stack.settings), set(stack.pids_of("writer"))
+        letting_go = locked_until_a_writer_refuses()
         assert console.post("/console/watchers/writer/restart").status_code == 303
         letting_go.join(5)
         said = unescape(console.client.get("/console/watchers").text)
@@ -504,6 +517,22 @@ def test_a_writer_restart_that_holds_circusd_past_its_answer_time_is_followed_to
         assert now and not now & before
         rows = audit_rows(stack.settings, since, "watcher.restart")
         assert [(t, r) for _, t, r, _ in rows] == [("writer", "ok")], rows
+
+        # The restart's own request not answered: a writer started by circusctl holds circusd, and
+        # the follow's client gives up after 1 s a call (its first two calls, and the restart's).
+        assert stack.circusctl("stop", "writer", "--waiting").returncode == 0
+        letting_go = locked_until_a_writer_refuses()
+        sent = stack.circusctl("start", "writer")  # answered at once; its after_start then waits
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        with app.app_context():
+            result, message = run_and_follow(Circus(stack.endpoint, timeout=1.0), "writer", "restart")
+        letting_go.join(5)
+        assert result == "ok", message
+        serving = stack.pids_of("writer")
+        assert (result, message.split(" after ")[0]) == ("ok", f"writer is active (pid {serving[0]})"), message
+        assert "It answers (pid " in message, message
+        restarted = stack.circusd_log().split("writer stopped")[-1]
+        assert "writer started" in restarted, stack.circusd_log()[-3000:]
     finally:
         if shell is not None:
             shell.close()

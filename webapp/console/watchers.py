@@ -304,6 +304,8 @@ def watcher_action(name: str, action: str) -> ResponseReturnValue:
         props: dict[str, Any] = {"name": name, "waiting": False} if action != "decr" else {"name": name, "nb": 1}
         try:
             c.call(action, **props)
+        except CircusSilent:  # in circusd's socket: it runs once circusd's loop is free
+            pass
         except CircusError as e:
             flash(f"{LABELS[action]} {name} failed: {e}", "error")
             return redirect(url_for("console.watchers"), 303)
@@ -380,11 +382,12 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     """Send ``action`` without making circusd wait for it (its answer would outlast any client
     timeout while a watcher drains), then poll its status until it is the one the action leads to,
     at most :data:`FOLLOW_SECONDS`; a (re)started writer is then followed until it answers
-    (:func:`writer_answers`). A poll circusd does not answer in time is asked again: its loop is held
-    while the writer's ``after_start`` waits for the new writer (up to 10 s; a user's ``sqlite3``
-    shell holding the write lock makes it wait that long). Returns (audit result, what happened in
-    words): ``ok``, ``error``
-    (circus refused) or ``timeout`` (sent, not settled yet: the page shows its state).
+    (:func:`writer_answers`). A call circusd does not answer in time (:class:`CircusSilent`: its loop
+    is held while the writer's ``after_start`` waits for the new writer, up to 10 s when a user's
+    ``sqlite3`` shell holds the write lock) is in its socket and runs once it is free: the action is
+    followed as if answered, a poll asked again, never "failed" (a retry would run it twice).
+    Returns (audit result, what happened in words): ``ok``, ``error`` (circus refused) or
+    ``timeout`` (sent, not settled yet: the page shows its state).
 
     A watcher circus was asked to run 0 processes of has no new process to wait for: circus ends a
     start that ran none by stopping the watcher (``Watcher._start``), so its start and restart lead
@@ -394,11 +397,17 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     started = time.monotonic()
     try:
         if action not in SETTLED:
-            c.call(action, name=name, nb=1)
+            try:
+                c.call(action, name=name, nb=1)
+            except CircusSilent as e:
+                return "timeout", f"sent, not answered yet: {e} (the page shows its state as it changes)."
             return "ok", processes_now(c, name)
         none = action != "stop" and asked_for_none(c, name)
         end = "stopped" if none else SETTLED[action]
-        c.call(action, name=name, waiting=False)
+        try:
+            c.call(action, name=name, waiting=False)
+        except CircusSilent:  # in circusd's socket, run once its loop is free: followed as if answered
+            pass
         status = "not settled"
         while True:
             try:
