@@ -467,6 +467,7 @@ def test_restart_and_stop_of_the_writer_from_the_page(cstack: CircusStack) -> No
         ("watcher.decr", "monitor", "ok"), ("watcher.incr", "monitor", "ok")], rows
 
 
+@pytest.mark.database_independent("the console's follow of circusd; the held write lock is SQLite's")
 def test_a_writer_restart_that_holds_circusd_past_its_answer_time_is_followed_to_its_end() -> None:
     """The writer's ``after_start`` hook waits (up to 10 s) until the new writer answers, and circusd
     answers nothing meanwhile. A user's ``sqlite3`` shell holding the database's write lock (the
@@ -510,9 +511,11 @@ def test_a_writer_restart_that_holds_circusd_past_its_answer_time_is_followed_to
         said = re.search(r'<div class="flash flash-(\w+)"[^>]*>(.*?)</div>', said, re.S).group(0)
         assert "Restart writer: done. writer is active (pid " in said and "It answers (pid " in said, said
         assert "does not answer at" not in said, said
-        # circusd was held past the console's circus timeout: the case this test is about.
-        assert "after_start: the writer at" in stack.circusd_log() and "exited before it was ready" in \
-            stack.circusd_log(), stack.circusd_log()[-2000:]
+        # circusd was held past the console's circus timeout: the new writer exited on the lock, or (on a
+        # loaded machine, its start and the 9 s wait) the 10 s wait ran out first.
+        held = re.search(r"after_start: the writer at \S+ (exited before it was ready|did not answer within 10 s)",
+                         stack.circusd_log())
+        assert held, stack.circusd_log()[-2000:]
         now = set(stack.pids_of("writer"))
         assert now and not now & before
         rows = audit_rows(stack.settings, since, "watcher.restart")
