@@ -213,8 +213,9 @@ class WriterClient:
         except (TypeError, ValueError, OverflowError) as e:
             raise ValidationError(f"{op}: arguments cannot be sent: {e}") from None
         if len(payload) > self.max_message:
-            # The writer would answer "over the limit" up to 4x this size and
-            # could not answer at all beyond (ZeroMQ closes the connection).
+            # The writer answers "over the limit" up to 64 KiB past its limit and
+            # cannot answer beyond (ZeroMQ closes the connection unread): a writer
+            # given a lower TICKSTACK_WRITER_MAX_MESSAGE than this client times it out.
             raise ValidationError(f"{op}: the request is {len(payload)} bytes, over the writer's limit of "
                                   f"{self.max_message} (TICKSTACK_WRITER_MAX_MESSAGE); send it in smaller batches")
         deadline = time.monotonic() + (self.deadline if _deadline is None else _deadline)

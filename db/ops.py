@@ -66,6 +66,7 @@ from db.validation import (
     indicator_rows,
     integer,
     label,
+    moment,
     one_of,
     optional,
     price,
@@ -284,7 +285,7 @@ def _check_trail(side: str, entry: float, trailing_distance: float) -> None:
 @op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=size,
     entry_price=(optional(price), False), stop_loss=(optional(price), False),
     take_profit=(optional(price), False), trailing_distance=(optional(distance), False),
-    breakeven_trigger=(optional(distance), False), ts=(optional(timestamp), False))
+    breakeven_trigger=(optional(distance), False), ts=(optional(moment), False))
 def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_price: float | None = None,
                stop_loss: float | None = None, take_profit: float | None = None,
                trailing_distance: float | None = None, breakeven_trigger: float | None = None,
@@ -312,7 +313,7 @@ def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_pric
 
 @op("update_trade", trade_id=integer(1), stop_loss=(optional(price), False),
     take_profit=(optional(price), False), best_price=(optional(price), False),
-    last_tick_id=(optional(integer(0)), False), reason=(text(64), False), ts=(optional(timestamp), False))
+    last_tick_id=(optional(integer(0)), False), reason=(text(64), False), ts=(optional(moment), False))
 def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None,
                  take_profit: float | None = None, best_price: float | None = None,
                  last_tick_id: int | None = None, reason: str = "update",
@@ -344,7 +345,7 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
 
 
 @op("close_trade", trade_id=integer(1), price=(optional(price), False), reason=(text(64), False),
-    ts=(optional(timestamp), False), last_tick_id=(optional(integer(0)), False))
+    ts=(optional(moment), False), last_tick_id=(optional(integer(0)), False))
 def close_trade(conn: Connection, trade_id: int, price: float | None = None, reason: str = "manual",
                 ts: int | None = None, last_tick_id: int | None = None) -> dict[str, Any]:
     """Close a trade at ``price`` (or the latest tick) and record its P&L."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
+import time
 from array import array
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from operator import le
@@ -155,6 +156,31 @@ def integer(minimum: int = 0, maximum: int = 2**63 - 1) -> Validator:
 
 
 timestamp = integer(0, MAX_TS)
+#: How far ahead of the writer's clock a tick's or a trade's time may be: hosts' clocks differ by
+#: seconds, and a day takes a local time sent as UTC. A later one was stored as it came: a tick
+#: dated 2100 was its symbol's latest price until then (trades opened at it, the simulated feed
+#: went on from it; fault hunt, round 38).
+FUTURE_SLACK_MS = 86_400_000
+AHEAD = "is more than a day ahead of now"
+
+
+def latest_allowed_ts() -> int:
+    """The latest tick or trade time taken now (epoch ms): :data:`FUTURE_SLACK_MS` from now."""
+    return int(time.time() * 1000) + FUTURE_SLACK_MS
+
+
+def _ahead(latest: int) -> str:
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((latest - FUTURE_SLACK_MS) / 1000))
+    return f"{AHEAD} ({now}, by this host's clock): a time from the future would be the latest until then"
+
+
+def moment(name: str, v: Any) -> int:
+    """A :data:`timestamp` no later than :func:`latest_allowed_ts` (a tick's, a trade's)."""
+    v = timestamp(name, v)
+    latest = latest_allowed_ts()
+    if v > latest:
+        raise ValidationError(f"{name}: {v} {_ahead(latest)}")
+    return v
 
 
 def boolean(name: str, v: Any) -> bool:
@@ -343,7 +369,7 @@ def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
 
     view = packed_view
     t, b, a, v = view(ts), view(bid), view(ask), view(vol)
-    return bool(t.min() >= 0 and t.max() <= MAX_TS and b.min() > 0 and b.max() < MAX_PRICE
+    return bool(t.min() >= 0 and t.max() <= latest_allowed_ts() and b.min() > 0 and b.max() < MAX_PRICE
                 and a.min() > 0 and a.max() < MAX_PRICE and np.less_equal(b, a).all()
                 and v.min() >= 0 and v.max() < MAX_PRICE and (type(seq) is not array or view(seq).min() >= 0))
 
@@ -357,6 +383,9 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         raise _first_bad(f"{name}.ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
     if min(ts) < 0 or max(ts) > MAX_TS:
         raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS, "is out of range (epoch ms 1970..2100)")
+    latest = latest_allowed_ts()
+    if max(ts) > latest:
+        raise _first_bad(f"{name}.ts", ts, lambda v: v <= latest, _ahead(latest))
     for f in ("bid", "ask"):
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:

@@ -378,8 +378,10 @@ def test_bar_file_replays_the_bars_before_a_bad_row_then_names_it(tmp_path: Path
     assert feed.timeframe == "1d" and seen == [2] * 4 + [3] * 4 + [4] * 4
     assert (err.value.line, err.value.reason) == (5, "volume 1000000000000.0 is not a volume (a finite number >= 0 "
                                                      "and < 1e+12)")
-    path = write(tmp_path, "Date,Open,High,Low,Close\n2099-12-30,1,1,1,1\n2099-12-31,1,1,1,1\n2100-01-01,1,1,1,1\n")
-    with pytest.raises(CsvFormatError, match=r"^line 4: ts 4102466400000 is out of range"):
+    # Daily bars of two days ago, yesterday, and the day after tomorrow: its ticks are more than a day ahead.
+    days = [time.strftime("%Y-%m-%d", time.gmtime(time.time() + n * 86_400)) for n in (-2, -1, 2)]
+    path = write(tmp_path, "Date,Open,High,Low,Close\n" + "".join(f"{day},1,1,1,1\n" for day in days))
+    with pytest.raises(CsvFormatError, match=r"^line 4: ts \d+ is more than a day ahead of now \("):
         list(CsvFeed(path, "S"))
     path = write(tmp_path, "Date,Open,High,Low,Close\n2024-01-02,1,1,1,1\n2024-01-03,1,2,1,1\n2024-01-04,1,.5,1,1\n")
     feed = CsvFeed(path, "S")

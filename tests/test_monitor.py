@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +22,6 @@ from db.config import load_settings
 from db.engine import make_read_engine, make_write_engine
 from db.errors import ValidationError
 from db.models import Trade
-from db.validation import MAX_TS
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
@@ -296,7 +296,9 @@ def test_a_change_by_the_writer_clock_is_recorded_after_an_opening_given_later(w
     writer's now, before that opening."""
     m = Market(writer)
     m.quote("AAA", 100.0)
-    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=MAX_TS)["id"]
+    # Ahead by an hour: the most ahead another host's clock may be is a day (db.validation.FUTURE_SLACK_MS).
+    ahead = int(time.time() * 1000) + 3_600_000
+    trade_id = m.client.call("open_trade", symbol="AAA", side="buy", size=1.0, stop_loss=95.0, ts=ahead)["id"]
     m.client.call("update_trade", trade_id=trade_id, stop_loss=96.0, reason="manual")
     m.client.call("close_trade", trade_id=trade_id, reason="manual")
     trade, events = history(writer, trade_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -30,10 +31,11 @@ from sqlalchemy import create_engine
 from db.client import WriterClient
 from db.config import load_settings
 from db.errors import OpFailed, StorageFull, ValidationError, WriterUnavailable
+from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.env import ROOT
 from testkit.helpers import T0, query, wait_for
-from testkit.writer import RawPeer, Stack
+from testkit.writer import RawPeer, Stack, spawn
 
 MiB = 1024 * 1024
 #: What the writer may take in memory after any single hostile request (it starts near 50 MiB).
@@ -796,3 +798,74 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     stack.start_writer()
     assert client.call("audit", actor="me", action="after")["id"] > 0
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'probe'") == probes  # none applied twice
+
+
+def test_more_connections_than_a_low_soft_open_file_limit_leave_the_writer_serving() -> None:
+    """Each client connection holds one of the writer's file descriptors, and libzmq 4.3 aborts the
+    whole process when an ``ipc://`` accept finds none left ("Too many open files
+    (src/ipc_listener.cpp)", SIGABRT): 1,100 connections killed a writer started under a soft limit
+    of 1,024, a common login shell's (fault hunt, round 38). The writer raises its soft limit to the
+    hard one as it starts; here 300 connections to a writer started with a soft limit of 128 are
+    each answered, and the writer serves on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= 2048, f"a hard open-file limit of {hard} is too low to test"
+    if soft < 2048:  # this process holds the 300 connections' descriptors too
+        resource.setrlimit(resource.RLIMIT_NOFILE, (2048, hard))
+    st = Stack.create()
+    ctx = zmq.Context()
+    ctx.setsockopt(zmq.MAX_SOCKETS, 2048)
+    peers: list[zmq.Socket] = []
+    try:
+        with open(st.home / "log" / "writer-test.log", "ab") as log:
+            proc = spawn(st.env, stdout=log, stderr=subprocess.STDOUT,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))
+        st.procs.append(proc)
+        for n in range(300):
+            peer = ctx.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.connect(st.settings.writer_endpoint)
+            peer.send(encode_request(f"peer-{n}", 1, "ping", {}))
+            peers.append(peer)
+        answered = 0
+        for peer in peers:
+            assert peer.poll(30_000), (f"{answered} of 300 answered; the writer "
+                                       f"{'exited with ' + str(proc.poll()) if proc.poll() is not None else 'runs'}: "
+                                       + (st.home / "log" / "writer-test.log").read_text()[-1500:])
+            assert msgpack.unpackb(peer.recv())["ok"] is True
+            answered += 1
+        assert proc.poll() is None
+        assert WriterClient(settings=st.settings, deadline=10).ping()["pid"] == proc.pid
+    finally:
+        for peer in peers:
+            peer.close()
+        ctx.term()
+        st.close()
+
+
+def test_a_tick_or_a_trade_dated_more_than_a_day_ahead_is_refused_naming_it(writer: Stack) -> None:
+    """A tick dated 2100 was stored as it came, and was then its symbol's latest price until 2100: a
+    trade opened at it, and the simulated feed went on from it (fault hunt, round 38). A tick or a
+    trade time more than a day ahead of the writer's clock is refused, the value and its place
+    named, in each form a tick batch takes (rows, short columns, packed columns), and nothing of the
+    batch is stored."""
+    client = WriterClient(settings=writer.settings, deadline=10)
+    now = int(time.time() * 1000)
+    ahead = now + 2 * 86_400_000
+    row = {"symbol": "BTCUSD", "bid": 60_000.0, "ask": 60_001.0}
+    forms = {
+        "rows": [{**row, "ts": now}, {**row, "ts": 4_102_444_800_000}],
+        "short columns": {"symbol": ["BTCUSD"] * 2, "ts": [now, ahead], "bid": [1.0] * 2, "ask": [1.5] * 2},
+        "packed columns": {"symbol": ["BTCUSD"] * 40, "ts": [now] * 39 + [ahead], "bid": [1.0] * 40,
+                           "ask": [1.5] * 40},
+    }
+    for form, ticks in forms.items():
+        with pytest.raises(ValidationError) as refused:
+            client.call("insert_ticks", ticks=ticks)
+        said = str(refused.value)
+        bad = 1 if form != "packed columns" else 39
+        assert f"ticks.ts[{bad}]" in said and "more than a day ahead of now" in said, (form, said)
+    assert query(writer.settings, "SELECT count(*) FROM ticks")[0][0] == 0
+    with pytest.raises(ValidationError, match=r"^ts: \d+ is more than a day ahead"):
+        client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0, ts=ahead)
+    # A day ahead and less is taken (hosts' clocks, a local time sent as UTC).
+    assert client.call("insert_ticks", ticks=[{**row, "ts": now + 3_600_000}])["inserted"] == 1

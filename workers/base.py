@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -63,6 +64,21 @@ def tend_lifeline(settings: Settings) -> None:
         name = spec.name.rsplit(".", 1)[-1] if spec is not None else None
         _lifeline = Lifeline(settings.watchdog_port, settings.log_dir, name).attach()
     _lifeline.tend()
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """This process's open-file limit raised to its hard limit (``ulimit -Sn`` to ``-Hn``); returns
+    (soft, hard) as they are now. For the writer: each client connection holds a descriptor, and
+    libzmq 4.3 aborts the whole process (``Too many open files (src/ipc_listener.cpp)``, SIGABRT)
+    when an ``ipc://`` accept finds none left: 1,100 connections killed a writer run under a soft
+    limit of 1,024 (fault hunt, round 38), a common default for a login shell."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit the kernel caps lower (nr_open): keep the soft one
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 def on_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:

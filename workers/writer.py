@@ -73,7 +73,7 @@ from db.errors import CommitFailed, OpFailed, ValidationError
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
-from workers.base import command_line, configure_logging, on_stop_signals, tend_lifeline
+from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.write_connection import JournalWatch, journal_gone_reason, make_database_private, orphaned_journal
@@ -150,6 +150,7 @@ class Writer:
     def run(self) -> int:
         """Take the lock, open and upgrade the database, serve, drain, exit."""
         os.umask(0o077)  # database, WAL, lock and socket files: this user only
+        self.open_files, _ = raise_open_file_limit()
         ensure_home(self.settings)
         self.server_lock: ServerWriterLock | None = None
         try:
@@ -266,8 +267,8 @@ class Writer:
             assert self.committer is not None
             committer = threading.Thread(target=self.committer.run, args=(ctx,), name="commit", daemon=True)
             committer.start()
-            log.info("writer ready: pid %d, endpoint %s, database %s", os.getpid(), endpoint,
-                     display_url(self.settings.database_url))
+            log.info("writer ready: pid %d, endpoint %s, database %s; at most %d open files (connections)",
+                     os.getpid(), endpoint, display_url(self.settings.database_url), self.open_files)
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(replies_in, zmq.POLLIN)

@@ -43,6 +43,9 @@ def _errors(*codes: int) -> dict[str, Any]:
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}
 _TS = {"type": "integer", "minimum": 0, "maximum": MAX_TS, "description": "Epoch milliseconds UTC"}
+#: A tick's or a trade's time as sent: no later than a day ahead of now (db.validation.moment).
+AHEAD_RULE = "at most a day ahead of now"
+_TS_IN = {**_TS, "description": f"Epoch milliseconds UTC, {AHEAD_RULE} (400 otherwise)"}
 #: What the writer's validators (db.validation) accept, as JSON Schema: a price (also a trailing or
 #: break-even distance), a trade's size, a tick's volume, a tick's seq.
 _PRICE = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_PRICE}
@@ -152,7 +155,7 @@ def _build() -> dict[str, Any]:
                         "type": "object", "required": ["ticks"], "additionalProperties": False,
                         "properties": {"ticks": {"oneOf": [
                             {"type": "array", "minItems": 1, "maxItems": MAX_TICKS, "items": _ref("schemas", "TickIn")},
-                            _columns({"symbol": _ref("schemas", "Symbol"), "ts": _TS, "bid": _PRICE, "ask": _PRICE,
+                            _columns({"symbol": _ref("schemas", "Symbol"), "ts": _TS_IN, "bid": _PRICE, "ask": _PRICE,
                                       "volume": {**_VOLUME, "type": ["number", "null"]},
                                       "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$"},
                                       "seq": {**_SEQ, "type": ["integer", "null"]}}),
@@ -330,7 +333,7 @@ def _build() -> dict[str, Any]:
                 "TickIn": {
                     "type": "object", "required": ["symbol", "ts", "bid", "ask"], "additionalProperties": False,
                     "properties": {
-                        "symbol": _ref("schemas", "Symbol"), "ts": _TS, "bid": _PRICE,
+                        "symbol": _ref("schemas", "Symbol"), "ts": _TS_IN, "bid": _PRICE,
                         "ask": {**_PRICE, "description": "At least bid: bid <= ask (400 otherwise)"},
                         "volume": {**_VOLUME, "type": ["number", "null"], "default": 0},
                         "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$",
@@ -358,7 +361,8 @@ def _build() -> dict[str, Any]:
                             "for a sell, entry + trailing_distance (where its trailing stop starts) "
                             "below 1e12 too (400 otherwise)")},
                         "breakeven_trigger": {**_PRICE, "type": ["number", "null"]},
-                        "ts": {**_TS, "type": ["integer", "null"], "description": "Opening time; default now"},
+                        "ts": {**_TS, "type": ["integer", "null"], "description": (
+                            f"Opening time; default now; {AHEAD_RULE} (400 otherwise)")},
                     },
                 },
                 "Trade": {
