@@ -31,7 +31,7 @@ from db.config import (
 )
 from db.errors import WriterError
 from db.files import touch_private
-from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag
+from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
 from db.sizes import human_bytes
 
 
@@ -334,11 +334,11 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"seconds to wait for the writer (default 30, at most {MAX_CLIENT_DEADLINE_S:.0f})")
     p.set_defaults(fn=cmd_checkpoint)
     p = sub.add_parser("backup", help="consistent online copy of the database")
-    p.add_argument("path", help="where to write the copy")
+    p.add_argument("path", type=path_flag, help="where to write the copy")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     p.set_defaults(fn=cmd_backup)
     p = sub.add_parser("restore", help="put an SQLite backup in the database's place (the stack stopped)")
-    p.add_argument("backup", help="the backup file (e.g. var/backups/tickstack-20260101T000000Z.db)")
+    p.add_argument("backup", type=path_flag, help="the backup file (e.g. var/backups/tickstack-20260101T000000Z.db)")
     p.set_defaults(fn=cmd_restore)
     sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)

@@ -375,3 +375,13 @@ def check_seconds(what: str, value: float) -> float:
     if not ok:
         raise ValueError(f"{what} must be a finite number of seconds, 0 or more; got {value!r}")
     return value
+
+
+def path_flag(text: str) -> str:
+    """argparse type: a path that is not empty (``''`` is the current folder to ``Path``: a backup
+    to ``''`` said "/work/main is a folder"; fault hunt, round 38)."""
+    if not text.strip():
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is empty: give a file's path")
+    return text

@@ -273,6 +273,9 @@ def test_a_backup_never_writes_over_the_database_or_a_folder_whatever_the_path_s
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
     assert re.search(r"is a folder; give the backup file's path", refused.stderr), refused.stderr
     assert list(folder.iterdir()) == []
+    # An empty path is said so (it was "<the current folder> is a folder"; fault hunt, round 38).
+    refused = backup("")
+    assert refused.returncode == 2 and "'' is empty: give a file's path" in refused.stderr, refused.stderr
     # A folder that is not there yet, said with its slash: the copy was written as a file of that name
     # (a new user's `db backup /tmp/nu-bk/`).
     refused = backup(f"{writer.home / 'no-folder'}/")

@@ -417,6 +417,7 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         # A folder or a device was "no such file" too.
         (["--feed", "csv", "--file", str(stack.home)], f"--file {stack.home}: is a folder, not a CSV file"),
         (["--feed", "csv", "--file", "/dev/null"], "--file /dev/null: is a character device, not a CSV file"),
+        (["--feed", "csv", "--file", ""], "'' is empty: give a file's path"),
         (["--feed", "csv", "--file", __file__, "--speed", "0"], "invalid replay speed"),
         # A header that gives no tick, refused before the writer is asked anything (it was at "line 1 ...
         # (every row before it is stored)", once the feed had started), naming every column it lacks.
@@ -532,3 +533,20 @@ def test_one_leading_simulated_market_per_database_and_a_standby_takes_over(writ
     # A CSV replay runs where it is asked to: --lead is refused for it.
     refused = run(writer, "workers.ticks", "--feed", "csv", "--file", str(logs[0]), "--lead")
     assert refused.returncode == 2 and "--lead is for the simulated feed" in refused.stderr, refused.stderr
+
+
+def test_a_feeds_flags_given_to_the_other_feed_are_refused_not_ignored(writer: Stack) -> None:
+    """``--file ticks.csv --symbol EURUSD`` without ``--feed csv`` ran the simulated market (the
+    default feed) without end, storing synthetic BTCUSD and EURUSD ticks, its CSV flags ignored; a
+    replay ignored ``--count`` and ``--symbols`` the same way (fault hunt, round 38). Each is refused
+    in one line, exit 2, naming the flags and the feed they are for; nothing is stored."""
+    path = writer.home / "ticks.csv"
+    path.write_text(f"ts,symbol,bid,ask,volume\n{T0},EURUSD,1.1,1.1002,1\n")
+    for args, said in (
+            (["--file", str(path), "--symbol", "EURUSD", "--speed", "max"],
+             "--file, --symbol, --speed are for --feed csv, and this run is --feed sim (the default): add --feed csv"),
+            (["--feed", "csv", "--file", str(path), "--count", "1", "--symbols", "X"],
+             "--symbols, --count are for --feed sim, and this run is --feed csv: add --feed sim")):
+        refused = run(writer, "workers.ticks", *args)
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+    assert stored(writer) == []

@@ -40,7 +40,7 @@ from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings, ensure_home
 from db.errors import ValidationError, WriterError
 from db.files import FILE_KINDS
-from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, whole_flag
+from db.parsers import MAX_CLIENT_DEADLINE_S, MAX_SEED, number_flag, path_flag, whole_flag
 from db.validation import MAX_TICKS
 from db.validation import symbol as valid_symbol
 from workers.base import Worker, main
@@ -426,7 +426,7 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the feed only while this process leads the database's ticks, standing by "
                              "meanwhile (the ticks watcher: one simulated market per database, whatever the hosts; "
                              "a standby takes over within seconds of the leader's end)")
-    parser.add_argument("--symbols", default="BTCUSD,EURUSD", help="sim: comma-separated symbols")
+    parser.add_argument("--symbols", default=None, help=f"sim: comma-separated symbols (default {SIM_SYMBOLS})")
     parser.add_argument("--rate", type=number_flag(MIN_RATE_HZ, MAX_RATE_HZ), default=None,
                         help=f"sim: ticks per second over all symbols, {MIN_RATE_HZ:g} to {MAX_RATE_HZ:,.0f} (default: "
                              f"{SIM_RATE_PER_SYMBOL:g} per symbol, a tick about every 100 ms for each)")
@@ -434,14 +434,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sim: random seed (repeatable runs)")
     parser.add_argument("--count", type=whole_flag(0, MAX_COUNT), default=None,
                         help="sim: stop after this many ticks")
-    parser.add_argument("--vol-scale", type=number_flag(0.0, 1000.0, above=True), default=1.0,
+    parser.add_argument("--vol-scale", type=number_flag(0.0, 1000.0, above=True), default=None,
                         help="sim: volatility multiplier; 1 is realistic (BTCUSD ~60,000 with 2 decimals, 60 %% a "
                              "year; EURUSD ~1.08 with 5 decimals, 7 %% a year; spreads per symbol), more for a "
-                             "livelier demo. A restarted feed continues from each symbol's last stored price")
-    parser.add_argument("--file", type=Path, help="csv: the tick or OHLCV file")
+                             "livelier demo (default 1). A restarted feed continues from each symbol's last stored "
+                             "price")
+    parser.add_argument("--file", type=lambda text: Path(path_flag(text)), help="csv: the tick or OHLCV file")
     parser.add_argument("--symbol", help="csv: the symbol (required for bar files)")
     parser.add_argument("--timeframe", help="csv: bar interval (default: inferred from the file)")
-    parser.add_argument("--speed", default="max", help="csv: 'max' or real time x k (e.g. 1, 10)")
+    parser.add_argument("--speed", default=None, help="csv: 'max' (the default) or real time x k (e.g. 1, 10)")
     parser.add_argument("--batch", type=whole_flag(1, MAX_TICKS), default=1000,
                         help=f"ticks per writer request (1..{MAX_TICKS})")
     parser.add_argument("--deadline", type=number_flag(MIN_DEADLINE_S, MAX_CLIENT_DEADLINE_S), default=15.0,
@@ -453,15 +454,32 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "pauses until the writer or the disk takes them")
 
 
+#: Each feed's own flags (their ``argparse`` dests): given to the other feed, they are refused, not
+#: ignored (``--file ticks.csv`` without ``--feed csv`` ran the simulated market; fault hunt, round 38).
+FEED_FLAGS = {"sim": ("symbols", "rate", "seed", "count", "vol_scale"), "csv": ("file", "symbol", "timeframe", "speed")}
+SIM_SYMBOLS = "BTCUSD,EURUSD"
+
+
+def _check_feed_flags(args: argparse.Namespace) -> None:
+    """Refuse the other feed's flags (:data:`FEED_FLAGS`), naming them and the feed they are for."""
+    other = "csv" if args.feed == "sim" else "sim"
+    given = [f"--{dest.replace('_', '-')}" for dest in FEED_FLAGS[other] if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for --feed {other}, and this run "
+                         f"is --feed {args.feed}{' (the default)' if args.feed == 'sim' else ''}: add --feed {other}, "
+                         f"or leave {'it' if len(given) == 1 else 'them'} out")
+
+
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
+    _check_feed_flags(args)
     if args.feed == "sim":
-        symbols = sim_symbols(args.symbols)
+        symbols = sim_symbols(args.symbols or SIM_SYMBOLS)
         rate = SIM_RATE_PER_SYMBOL * len(symbols) if args.rate is None else args.rate
 
         def opening() -> tuple[Iterator[tuple[int, dict[str, Any]]], str, int]:
             mids = last_mids(settings, symbols)
             start_ts = int(time.time() * 1000)
-            feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=rate, vol_scale=args.vol_scale,
+            feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=rate, vol_scale=args.vol_scale or 1.0,
                            start_mids=mids)
             ticks: Iterator[dict[str, Any]] = iter(feed)
             if args.count is not None:
@@ -491,7 +509,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
             valid_symbol("--symbol", args.symbol)
         except ValidationError as e:
             raise ValueError(f"{e}; e.g. EURUSD") from None
-    speed = parse_speed(args.speed)
+    speed = parse_speed(args.speed or "max")
     try:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)
     except CsvFormatError as e:
