@@ -478,6 +478,9 @@ def test_market_page_live_pnl_and_closing_a_trade(console: Console, wstack: Stac
     for url in ("/console/market?symbol=btc usd", "/console/market?timeframe=2m",
                 "/console/api/bars?symbol=BTCUSD&timeframe=1m&limit=0", "/console/api/bars?symbol=BTCUSD"):
         assert console.get(url).status_code == 400, url
+    # A parameter not given is said to be required (it read "timeframe: None is not one of ...").
+    assert "timeframe: required" in console.get("/console/api/bars?symbol=BTCUSD").text
+    assert "symbol: required" in console.get("/console/api/bars?timeframe=1m").text
 
     since = last_audit_id(wstack.settings)
     confirm = console.post(f"/console/trades/{buy}/close")

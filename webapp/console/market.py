@@ -64,7 +64,10 @@ def open_trades() -> list[dict[str, Any]]:
 
 
 def _checked(validator: validation.Validator, name: str, raw: str | None) -> str:
-    """``raw`` checked by the writer's own ``validator`` (its rule and message); else 400."""
+    """``raw`` checked by the writer's own ``validator`` (its rule and message); else 400, and
+    "required" for a parameter not given (it read "None is not a symbol"), as the API says it."""
+    if raw is None or raw == "":
+        bad_request(f"{name}: required")
     try:
         return validator(name, raw)
     except ValidationError as e:
