@@ -273,6 +273,18 @@ def test_a_tick_header_that_cannot_give_a_tick_is_refused_at_once_naming_every_c
     with pytest.raises(CsvFormatError) as err:
         CsvFeed(bars, "EURUSD")
     assert err.value.reason == "header lacks close; expected Date,Open,High,Low,Close,Volume"
+    # A column read twice is refused, naming where (the first was used without a word; fault hunt, round
+    # 38); a column the rows are not read from may repeat.
+    for header, kind, said in (
+            ("ts,symbol,bid,ask,BID,note,note", "tick", "header has bid 2 times (columns 3, 5: keep one); expected "
+                                                       "ts,symbol,bid,ask,volume"),
+            ("Date,Open,High,Low,Close,Volume,Close", "bar", "header has close 2 times (columns 5, 7: keep one); "
+                                                            "expected Date,Open,High,Low,Close,Volume")):
+        path = write(tmp_path, f"{header}\n" + ",".join(["2024-01-02", *["1"] * (header.count(",") - 1), "1"]) + "\n",
+                     f"twice-{kind}.csv")
+        with pytest.raises(CsvFormatError) as err:
+            CsvFeed(path, "EURUSD")
+        assert (err.value.line, err.value.reason) == (1, said), header
 
 
 # --------------------------------------------------------------------------- bar CSV
