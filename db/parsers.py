@@ -383,5 +383,5 @@ def path_flag(text: str) -> str:
     if not text.strip():
         import argparse
 
-        raise argparse.ArgumentTypeError(f"{quoted(text)} is empty: give a file's path")
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is {'empty' if not text else 'blank'}: give a file's path")
     return text

@@ -169,9 +169,13 @@ def latest_allowed_ts() -> int:
     return int(time.time() * 1000) + FUTURE_SLACK_MS
 
 
+def _utc(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+
+
 def _ahead(latest: int) -> str:
-    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime((latest - FUTURE_SLACK_MS) / 1000))
-    return f"{AHEAD} ({now}, by this host's clock): a time from the future would be the latest until then"
+    return f"{AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's clock; a tick dated later would stand as " \
+           "its symbol's latest price until then)"
 
 
 def moment(name: str, v: Any) -> int:
@@ -179,7 +183,8 @@ def moment(name: str, v: Any) -> int:
     v = timestamp(name, v)
     latest = latest_allowed_ts()
     if v > latest:
-        raise ValidationError(f"{name}: {v} {_ahead(latest)}")
+        raise ValidationError(f"{name}: {v} ({_utc(v)}) {AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's "
+                              "clock)")
     return v
 
 

@@ -418,6 +418,8 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         (["--feed", "csv", "--file", str(stack.home)], f"--file {stack.home}: is a folder, not a CSV file"),
         (["--feed", "csv", "--file", "/dev/null"], "--file /dev/null: is a character device, not a CSV file"),
         (["--feed", "csv", "--file", ""], "'' is empty: give a file's path"),
+        (["--feed", "csv", "--file", __file__, "--speed", ""], "invalid replay speed"),  # not the default's
+        (["--feed", "sim", "--symbols", ""], "--symbols"),
         (["--feed", "csv", "--file", __file__, "--speed", "0"], "invalid replay speed"),
         # A header that gives no tick, refused before the writer is asked anything (it was at "line 1 ...
         # (every row before it is stored)", once the feed had started), naming every column it lacks.

@@ -865,7 +865,8 @@ def test_a_tick_or_a_trade_dated_more_than_a_day_ahead_is_refused_naming_it(writ
         bad = 1 if form != "packed columns" else 39
         assert f"ticks.ts[{bad}]" in said and "more than a day ahead of now" in said, (form, said)
     assert query(writer.settings, "SELECT count(*) FROM ticks")[0][0] == 0
-    with pytest.raises(ValidationError, match=r"^ts: \d+ is more than a day ahead"):
+    refused_trade = r"^ts: \d+ \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\) is more than a day ahead of now"
+    with pytest.raises(ValidationError, match=refused_trade):
         client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0, ts=ahead)
     # A day ahead and less is taken (hosts' clocks, a local time sent as UTC).
     assert client.call("insert_ticks", ticks=[{**row, "ts": now + 3_600_000}])["inserted"] == 1

@@ -473,13 +473,14 @@ def _check_feed_flags(args: argparse.Namespace) -> None:
 def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
     _check_feed_flags(args)
     if args.feed == "sim":
-        symbols = sim_symbols(args.symbols or SIM_SYMBOLS)
+        symbols = sim_symbols(SIM_SYMBOLS if args.symbols is None else args.symbols)
         rate = SIM_RATE_PER_SYMBOL * len(symbols) if args.rate is None else args.rate
+        vol_scale = 1.0 if args.vol_scale is None else args.vol_scale
 
         def opening() -> tuple[Iterator[tuple[int, dict[str, Any]]], str, int]:
             mids = last_mids(settings, symbols)
             start_ts = int(time.time() * 1000)
-            feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=rate, vol_scale=args.vol_scale or 1.0,
+            feed = SimFeed(symbols, seed=args.seed, start_ts=start_ts, rate_hz=rate, vol_scale=vol_scale,
                            start_mids=mids)
             ticks: Iterator[dict[str, Any]] = iter(feed)
             if args.count is not None:
@@ -509,7 +510,7 @@ def _make(settings: Settings, args: argparse.Namespace) -> TickIngestor:
             valid_symbol("--symbol", args.symbol)
         except ValidationError as e:
             raise ValueError(f"{e}; e.g. EURUSD") from None
-    speed = parse_speed(args.speed or "max")
+    speed = parse_speed("max" if args.speed is None else args.speed)
     try:
         feed = CsvFeed(args.file, args.symbol, args.timeframe)
     except CsvFormatError as e:

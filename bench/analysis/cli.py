@@ -22,12 +22,13 @@ from bench.common import (
     write_json,
 )
 from db.client import MAX_PIPELINE_WINDOW
-from db.validation import MAX_TICKS, MAX_TS
+from db.validation import MAX_TICKS, latest_allowed_ts
 from testkit.helpers import T0
 
 #: Hourly bars replayed (``--bars``): each is 4 ticks (workers.csvfiles.bar_to_ticks), and the file's bars
-#: run an hour apart from testkit's T0 (2024), so the last must end by db's latest time (2100).
-MAX_BARS = min(MAX_RUN_TICKS // 4, (MAX_TS - T0) // HOUR_MS)
+#: run an hour apart from testkit's T0 (2024), so the last must end by the latest time a tick may have
+#: (a day from now: db.validation.latest_allowed_ts); about 25,000 bars in December 2026.
+MAX_BARS = min(MAX_RUN_TICKS // 4, (latest_allowed_ts() - T0) // HOUR_MS - 1)
 
 
 def build_parser(prog: str = "python -m bench analysis") -> argparse.ArgumentParser:
