@@ -372,7 +372,7 @@ def test_a_stop_spools_what_a_silent_writer_has_not_answered_within_its_budget(w
     """A stop's flush waited for each request in flight until its client deadline (``--deadline``, 15 s
     by default; then up to 6 s of last chance): past circus's graceful_timeout (20 s) the feed was
     SIGKILLed, its ticks in memory and its summary lost (seen after a quit on a loaded machine). A
-    stop now gives the writer :data:`workers.ticks.STOP_BUDGET_S` at most, then spools (every worker
+    stop now gives the writer :data:`workers.tick_ingestor.STOP_BUDGET_S` at most, then spools (every worker
     has such a budget: ``Worker.stop_budget``). Here the
     deadline is an hour and the writer is stopped (SIGSTOP): the old flush waited the hour."""
     (writer_proc,) = writer.procs
