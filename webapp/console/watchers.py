@@ -385,14 +385,24 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     (:func:`writer_answers`). A call circusd does not answer in time (:class:`CircusSilent`: its loop
     is held while the writer's ``after_start`` waits for the new writer, up to 10 s when a user's
     ``sqlite3`` shell holds the write lock) is in its socket and runs once it is free: the action is
-    followed as if answered, a poll asked again, never "failed" (a retry would run it twice).
-    Returns (audit result, what happened in words): ``ok``, ``error`` (circus refused) or
-    ``timeout`` (sent, not settled yet: the page shows its state).
+    followed as if answered, a poll asked again, never "failed" (a retry would run it twice). So
+    circusd must answer before the action is sent: held already, nothing is sent and it says so
+    (the pids before it, unknown then, could not tell the new process from one circus respawned
+    meanwhile). Returns (audit result, what happened in words): ``ok``, ``error`` (circus refused,
+    or nothing sent) or ``timeout`` (sent, not settled yet: the page shows its state).
 
     A watcher circus was asked to run 0 processes of has no new process to wait for: circus ends a
     start that ran none by stopping the watcher (``Watcher._start``), so its start and restart lead
     to ``stopped``, said with how to run a process again (:func:`runs_none`)."""
     c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
+    try:
+        c.call("list", name=name)
+    except CircusSilent:
+        return "error", (f"not sent: circusd did not answer within {c.timeout:g} s, held by a start hook (the "
+                         "writer's waits up to 10 s for a new writer to answer); nothing was asked of it: try "
+                         "again in a moment")
+    except CircusError:  # no such watcher, ...: the action's own call says it
+        pass
     before = set(pids_of(c, name) or [])
     started = time.monotonic()
     try:
