@@ -261,8 +261,8 @@ def unreachable_circusd(endpoint: str) -> str | None:
     return None
 
 
-#: How :func:`db.health.diagnose` starts its finding for a writer that is not running.
-WRITER_DOWN = "The writer is not running"
+#: How each of :func:`writer_down_advice`'s words begin.
+_WRITER_DOWN = "The writer is not running"
 
 
 def writer_down_advice(settings: Settings) -> str:
@@ -270,7 +270,7 @@ def writer_down_advice(settings: Settings) -> str:
     without it (after a clean quit), ``make run`` would refuse with it."""
     pid = live_circusd(circusd_pidfile(settings))
     if pid is None:
-        return (f"{WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
+        return (f"{_WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
                 "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
                 "`python -m db prepare && circusd circus.ini --daemon`: prepare clears a stale pid file and checks "
                 "the ports); if it runs with another home, run this with that "
@@ -283,8 +283,8 @@ def writer_down_advice(settings: Settings) -> str:
         statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
         if statuses.get("writer") != "active":
             how += f", then `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`"
-        return (f"{WRITER_DOWN} although circusd (pid {pid}) is: circus was told to run 0 writer processes, so "
+        return (f"{_WRITER_DOWN} although circusd (pid {pid}) is: circus was told to run 0 writer processes, so "
                 f"writes wait (clients retry until their deadline). Start it with {how}.")
-    return (f"{WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
+    return (f"{_WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
             f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")

@@ -173,9 +173,9 @@ def _utc(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
 
 
-def _ahead(latest: int) -> str:
-    return f"{AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's clock; a tick dated later would stand as " \
-           "its symbol's latest price until then)"
+def _ahead(latest: int, why: str = "") -> str:
+    """:data:`AHEAD`, with now (``latest`` less the slack) and ``why`` in its parentheses."""
+    return f"{AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's clock{why})"
 
 
 def moment(name: str, v: Any) -> int:
@@ -183,8 +183,7 @@ def moment(name: str, v: Any) -> int:
     v = timestamp(name, v)
     latest = latest_allowed_ts()
     if v > latest:
-        raise ValidationError(f"{name}: {v} ({_utc(v)}) {AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's "
-                              "clock)")
+        raise ValidationError(f"{name}: {v} ({_utc(v)}) {_ahead(latest)}")
     return v
 
 
@@ -390,7 +389,8 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS, "is out of range (epoch ms 1970..2100)")
     latest = latest_allowed_ts()
     if max(ts) > latest:
-        raise _first_bad(f"{name}.ts", ts, lambda v: v <= latest, _ahead(latest))
+        raise _first_bad(f"{name}.ts", ts, lambda v: v <= latest,
+                         _ahead(latest, "; a tick dated later would stand as its symbol's latest price until then"))
     for f in ("bid", "ask"):
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:

@@ -30,13 +30,22 @@ STACK_WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "j
 MISSING = "missing"
 
 
+#: The longest the writer's own start holds circusd while it waits for the writer to answer
+#: (:func:`supervision.hooks.writer_started`): a start takes about 0.5 s here, a few seconds on a
+#: loaded machine. Here, for what a client of a held circusd is told.
+WRITER_START_WAIT_S = 10.0
+#: Who may hold circusd's loop, and how long, in words.
+HELD_BY = (f"held by a start hook (the writer's waits up to {WRITER_START_WAIT_S:g} s for a new writer to answer, "
+           "a dependent's up to TICKSTACK_READY_TIMEOUT)")
+
+
 class CircusError(RuntimeError):
     """circusd did not do what was asked; the message says why in words."""
 
 
 class CircusSilent(CircusError):
     """circusd did not answer within the client's timeout: its loop may be held by a hook (the
-    writer's ``after_start`` waits up to 10 s for it to answer), or it hangs. A command it did not
+    writer's ``after_start``: :data:`WRITER_START_WAIT_S`), or it hangs. A command it did not
     answer is in its socket nonetheless, and runs once its loop is free."""
 
 
@@ -141,10 +150,8 @@ class Circus:
         except CallError as e:
             if "timed out" not in str(e).lower():
                 raise CircusError(f"circusd at {self.endpoint} could not be asked {command}: {e}") from None
-            raise CircusSilent(
-                f"circusd does not answer at {self.endpoint} ({e}): held by a start hook (the writer's waits up to "
-                "10 s for it to answer, a dependent's up to TICKSTACK_READY_TIMEOUT) or hung; what was sent runs "
-                "once it is free; try again in a moment") from None
+            raise CircusSilent(f"circusd does not answer at {self.endpoint} ({e}): {HELD_BY} or hung; what was sent "
+                               "runs once it is free; try again in a moment") from None
         if answer.get("status") == "ok":
             return answer
         reason = str(answer.get("reason", "unknown error"))

@@ -38,6 +38,7 @@ import signal
 import sys
 from typing import Any, NoReturn
 
+from supervision.circus import WRITER_START_WAIT_S
 from supervision.streams import guard_circusd_log, private_circusd_files
 
 log = logging.getLogger("circus")
@@ -319,9 +320,6 @@ def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwis
 
 #: How long a writer process that was silent for a whole ready timeout is pinged at a later start.
 UNREADY_PING_S = 0.5
-#: The longest the writer's own start waits for it to answer (:func:`writer_started`): a start takes
-#: about 0.5 s here, a few seconds on a loaded machine.
-WRITER_START_WAIT_S = 10.0
 #: The writer process that did not answer within the ready timeout: later dependents only ping it.
 _unready_writer: int | None = None
 

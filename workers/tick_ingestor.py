@@ -172,10 +172,7 @@ class TickIngestor(Worker):
             self.received += 1
             if time.monotonic() - started >= self.flush_interval:
                 break
-        did = bool(self._pending)
-        if self._pending:
-            self._submit(_columns(self._pending), None)
-            self._pending = []
+        did = self._send_pending()
         self.pipe.collect()
         self._replay_spool()
         self._report()
@@ -194,6 +191,14 @@ class TickIngestor(Worker):
                 self.sleep(self.idle_sleep)
         return True
 
+    def _send_pending(self) -> bool:
+        """Submit the ticks read and not sent yet as one batch; whether there were any."""
+        if not self._pending:
+            return False
+        self._submit(_columns(self._pending), None)
+        self._pending = []
+        return True
+
     def _wait_for_tick(self, seconds: float) -> None:
         """The pacing's sleep, which a stop ends at once, ending the feed there (:class:`FeedStopped`):
         a slow feed's next tick may be due in an hour, and a stop waited for it (circus kills what
@@ -201,8 +206,7 @@ class TickIngestor(Worker):
         hold them past ``flush_interval``: a replay at real-time speed held each tick until the next
         one was due, a minute later for minute ticks."""
         if self._pending and time.monotonic() + seconds - self._pending_since >= self.flush_interval:
-            self._submit(_columns(self._pending), None)
-            self._pending = []
+            self._send_pending()
             self.pipe.collect()
         self.sleep(seconds)
         if not self.alive:
@@ -215,9 +219,7 @@ class TickIngestor(Worker):
         and the log says which ticks. A stop (not the end of a replay) does all of it within
         :data:`STOP_BUDGET_S` of its signal: what the writer has not answered by then is spooled."""
         stop_by = self.stop_by  # the requests are bounded by then (Worker.handle_stop, Worker.run)
-        if self._pending:
-            self._submit(_columns(self._pending), None)
-            self._pending = []
+        self._send_pending()
         self.pipe.drain()
         self.spool.flush_memory()
         if self.spool.memory:

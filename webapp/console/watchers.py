@@ -32,7 +32,15 @@ from db import queries
 from db.circusd import circusctl_command
 from db.errors import WriterError
 from db.models import AUDIT_RESULTS, now_ms
-from supervision.circus import ACTIONS, MISSING, CircusError, CircusSilent, WatcherState, missing_watchers
+from supervision.circus import (
+    ACTIONS,
+    HELD_BY,
+    MISSING,
+    CircusError,
+    CircusSilent,
+    WatcherState,
+    missing_watchers,
+)
 from supervision.procstats import collect_watchers
 from webapp.console.charts import sample_every
 from webapp.console.common import audit, bad_request, bp, circus, log, meter, settings, writer
@@ -247,10 +255,15 @@ def api_watchers() -> ResponseReturnValue:
     return jsonify({"ts": now_ms(), "error": error, "watchers": rows})
 
 
-def pids_of(c: Any, name: str) -> list[int] | None:
-    """The pids of watcher ``name``'s processes (not their children); None if circus does not say."""
+def pids_of(c: Any, name: str, silent_raises: bool = False) -> list[int] | None:
+    """The pids of watcher ``name``'s processes (not their children); None if circus does not say
+    (:class:`CircusSilent` raised instead when ``silent_raises``: circusd held, not unknowing)."""
     try:
         return [int(p) for p in c.call("list", name=name).get("pids") or []]
+    except CircusSilent:
+        if silent_raises:
+            raise
+        return None
     except (CircusError, TypeError, ValueError):
         return None
 
@@ -395,15 +408,11 @@ def run_and_follow(c: Any, name: str, action: str) -> tuple[str, str]:
     start that ran none by stopping the watcher (``Watcher._start``), so its start and restart lead
     to ``stopped``, said with how to run a process again (:func:`runs_none`)."""
     c.busy_retry = 15.0  # another command (circusctl, a respawn) finishes first; the user never sees it
-    try:
-        c.call("list", name=name)
+    try:  # no such watcher, ...: None, and the action's own call says it
+        before = set(pids_of(c, name, silent_raises=True) or [])
     except CircusSilent:
-        return "error", (f"not sent: circusd did not answer within {c.timeout:g} s, held by a start hook (the "
-                         "writer's waits up to 10 s for a new writer to answer); nothing was asked of it: try "
-                         "again in a moment")
-    except CircusError:  # no such watcher, ...: the action's own call says it
-        pass
-    before = set(pids_of(c, name) or [])
+        return "error", (f"not sent: circusd did not answer within {c.timeout:g} s, {HELD_BY}; nothing was "
+                         "asked of it: try again in a moment")
     started = time.monotonic()
     try:
         if action not in SETTLED:
