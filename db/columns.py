@@ -39,6 +39,7 @@ from db.validation import (
     bar_rows,
     column_shapes,
     indicator_rows,
+    not_bucket_start,
     packed_view,
     shown,
 )
@@ -125,15 +126,21 @@ def bar_table(name: str, value: Any) -> dict[str, list[Any]]:
     cols = _table(name, value, bar_rows, BAR_FIELDS, {"tick_count": 0})
     if type(value) is not dict:
         return cols
-    ts, tf = cols["ts"], cols["timeframe"]
-    if not _buckets_pass(value, ts, tf):
-        i = next(i for i, (t, f) in enumerate(zip(ts, tf, strict=True)) if t % TIMEFRAMES[f])
-        raise ValidationError(f"{name}[{i}].ts: {ts[i]} is not the start of a {tf[i]} bucket")
+    _check_bucket_starts(name, value, cols)
+    ts = cols["ts"]
     o, h, lo, c = cols["open"], cols["high"], cols["low"], cols["close"]
     if not _bounds_pass(value, o, h, lo, c):
         i = next(i for i in range(len(ts)) if not lo[i] <= min(o[i], c[i]) <= max(o[i], c[i]) <= h[i])
         raise ValidationError(f"{name}[{i}]: low {lo[i]} / high {h[i]} do not bound open {o[i]} and close {c[i]}")
     return cols
+
+
+def _check_bucket_starts(name: str, value: dict[str, Any], cols: dict[str, list[Any]]) -> None:
+    """Every ts of the columns the start of its timeframe's bucket, or the first that is not named."""
+    ts, tf = cols["ts"], cols["timeframe"]
+    if not _buckets_pass(value, ts, tf):
+        i = next(i for i, (t, f) in enumerate(zip(ts, tf, strict=True)) if t % TIMEFRAMES[f])
+        raise not_bucket_start(f"{name}[{i}]", ts[i], tf[i])
 
 
 def _buckets_pass(value: dict[str, Any], ts: list[int], tf: list[str]) -> bool:
@@ -164,8 +171,12 @@ def indicator_table(name: str, value: Any) -> dict[str, list[Any]]:
     in :data:`INDICATOR_COLUMNS` order, or, for the one-row-per-bar form, :data:`BAR_INDICATOR_KEYS`
     and the indicators given (lists, None where a bar has no value)."""
     if type(value) is dict and "name" not in value and any(n in value for n in INDICATORS):
-        return _per_bar(name, value)
-    return _table(name, value, indicator_rows, INDICATOR_FIELDS, {})
+        cols = _per_bar(name, value)
+    else:
+        cols = _table(name, value, indicator_rows, INDICATOR_FIELDS, {})
+    if type(value) is dict:  # rows are checked as rows (indicator_rows)
+        _check_bucket_starts(name, value, cols)
+    return cols
 
 
 #: The keys of the one-row-per-bar form of indicator values (then a column per indicator).

@@ -165,7 +165,7 @@ def envelope_problem(msg: Any) -> str | None:
         return "the client id must not hold a NUL character"
     if msg.get("args") is not None and type(msg["args"]) is not dict:
         return "args must be a map"
-    if "v" in msg and msg["v"] != PROTOCOL:
+    if "v" in msg and (type(msg["v"]) is not int or msg["v"] != PROTOCOL):  # true == 1 in Python
         return f"protocol version {shown(msg['v'])} is not supported (this writer speaks {PROTOCOL})"
     extra = set(msg) - ENVELOPE_FIELDS
     if extra:

@@ -11,20 +11,17 @@ from __future__ import annotations
 import math
 import re
 import reprlib
-import time
 from array import array
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from operator import le
 from typing import Any
 
 from db.errors import ValidationError
+from db.timestamps import MAX_TS, SECONDS_FROM, SECONDS_TO, ahead, latest_allowed_ts, time_problem, utc
 from db.vocabulary import INDICATORS, TIMEFRAMES
 
 SYMBOL_RE = re.compile(r"[A-Z0-9][A-Z0-9._:/-]{0,31}")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@-]{0,63}")
-#: Epoch milliseconds between 1970 and 2100: catches seconds-vs-ms slips
-#: only at the far end, but keeps every value a valid 64-bit integer.
-MAX_TS = 4_102_444_800_000
 #: Bounds of every number an op stores, so that nothing derived from them can
 #: overflow to infinity (which strict JSON cannot carry): a P&L is
 #: (exit - entry) * size < MAX_PRICE * MAX_SIZE = 1e24; a stop moved by a
@@ -156,34 +153,15 @@ def integer(minimum: int = 0, maximum: int = 2**63 - 1) -> Validator:
 
 
 timestamp = integer(0, MAX_TS)
-#: How far ahead of the writer's clock a tick's or a trade's time may be: hosts' clocks differ by
-#: seconds, and a day takes a local time sent as UTC. A later one was stored as it came: a tick
-#: dated 2100 was its symbol's latest price until then (trades opened at it, the simulated feed
-#: went on from it; fault hunt, round 38).
-FUTURE_SLACK_MS = 86_400_000
-AHEAD = "is more than a day ahead of now"
-
-
-def latest_allowed_ts() -> int:
-    """The latest tick or trade time taken now (epoch ms): :data:`FUTURE_SLACK_MS` from now."""
-    return int(time.time() * 1000) + FUTURE_SLACK_MS
-
-
-def _utc(ms: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
-
-
-def _ahead(latest: int, why: str = "") -> str:
-    """:data:`AHEAD`, with now (``latest`` less the slack) and ``why`` in its parentheses."""
-    return f"{AHEAD} ({_utc(latest - FUTURE_SLACK_MS)} by this host's clock{why})"
-
-
 def moment(name: str, v: Any) -> int:
-    """A :data:`timestamp` no later than :func:`latest_allowed_ts` (a tick's, a trade's)."""
+    """A :data:`timestamp` no later than :func:`latest_allowed_ts`, and not a time in another unit
+    (:func:`time_problem`): a tick's, a trade's."""
+    if type(v) is int and (said := time_problem(v)) is not None:
+        raise ValidationError(f"{name}: {shown(v)} {said}")
     v = timestamp(name, v)
     latest = latest_allowed_ts()
     if v > latest:
-        raise ValidationError(f"{name}: {v} ({_utc(v)}) {_ahead(latest)}")
+        raise ValidationError(f"{name}: {v} ({utc(v)}) {ahead(latest)}")
     return v
 
 
@@ -373,8 +351,11 @@ def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
 
     view = packed_view
     t, b, a, v = view(ts), view(bid), view(ask), view(vol)
-    return bool(t.min() >= 0 and t.max() <= latest_allowed_ts() and b.min() > 0 and b.max() < MAX_PRICE
-                and a.min() > 0 and a.max() < MAX_PRICE and np.less_equal(b, a).all()
+    first = t.min()
+    return bool(first >= 0 and t.max() <= latest_allowed_ts()
+                and (first >= SECONDS_TO or not ((t >= SECONDS_FROM) & (t < SECONDS_TO)).any())
+                and b.min() > 0 and b.max() < MAX_PRICE and a.min() > 0 and a.max() < MAX_PRICE
+                and np.less_equal(b, a).all()
                 and v.min() >= 0 and v.max() < MAX_PRICE and (type(seq) is not array or view(seq).min() >= 0))
 
 
@@ -385,12 +366,15 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
     ts, bid, ask = cols["ts"], cols["bid"], cols["ask"]
     if set(map(type, ts)) != {int}:
         raise _first_bad(f"{name}.ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
-    if min(ts) < 0 or max(ts) > MAX_TS:
-        raise _first_bad(f"{name}.ts", ts, lambda v: 0 <= v <= MAX_TS, "is out of range (epoch ms 1970..2100)")
+    first, last = min(ts), max(ts)
+    if first < 0 or last > MAX_TS or (first < SECONDS_TO and last >= SECONDS_FROM):  # else none is wrong
+        for i, v in enumerate(ts):
+            if (said := time_problem(v)) is not None:
+                raise ValidationError(f"{name}.ts[{i}]: {shown(v)} {said}")
     latest = latest_allowed_ts()
-    if max(ts) > latest:
+    if last > latest:
         raise _first_bad(f"{name}.ts", ts, lambda v: v <= latest,
-                         _ahead(latest, "; a tick dated later would stand as its symbol's latest price until then"))
+                         ahead(latest, "; a tick dated later would stand as its symbol's latest price until then"))
     for f in ("bid", "ask"):
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:
@@ -472,11 +456,22 @@ INDICATOR_FIELDS = {
 }
 
 
+def not_bucket_start(where: str, ts: int, timeframe: str) -> ValidationError:
+    """The error of a bar's or an indicator value's time that is not the start of its timeframe's bucket
+    (where a bar of the timeframe starts: no bar is found at any other)."""
+    return ValidationError(f"{where}.ts: {ts} is not the start of a {timeframe} bucket")
+
+
+def _check_bucket_starts(name: str, values: list[dict[str, Any]]) -> None:
+    for i, r in enumerate(values):
+        if r["ts"] % TIMEFRAMES[r["timeframe"]]:
+            raise not_bucket_start(f"{name}[{i}]", r["ts"], r["timeframe"])
+
+
 def bar_rows(name: str, v: Any) -> list[dict[str, Any]]:
     bars = rows(BAR_FIELDS)(name, v)
+    _check_bucket_starts(name, bars)
     for i, b in enumerate(bars):
-        if b["ts"] % TIMEFRAMES[b["timeframe"]]:
-            raise ValidationError(f"{name}[{i}].ts: {b['ts']} is not the start of a {b['timeframe']} bucket")
         if not (b["low"] <= min(b["open"], b["close"]) and b["high"] >= max(b["open"], b["close"])):
             raise ValidationError(f"{name}[{i}]: low {b['low']} / high {b['high']} do not bound "
                                   f"open {b['open']} and close {b['close']}")
@@ -485,7 +480,10 @@ def bar_rows(name: str, v: Any) -> list[dict[str, Any]]:
 
 
 def indicator_rows(name: str, v: Any) -> list[dict[str, Any]]:
-    return rows(INDICATOR_FIELDS)(name, v)
+    """Indicator values as rows, each dated at the start of its timeframe's bucket (its bar's time)."""
+    values = rows(INDICATOR_FIELDS)(name, v)
+    _check_bucket_starts(name, values)
+    return values
 
 
 def optional_list(validator: Validator) -> Validator:

@@ -349,6 +349,18 @@ def test_store_analysis_takes_columns_checked_as_rows_are_and_refuses_a_gap(writ
             client.call("store_analysis", cursor="t", position=6, bars=bad)
     with pytest.raises(ValidationError, match=re.escape("indicators.name[0]: 'sma_9' is not one of")):
         client.call("store_analysis", cursor="t", position=6, indicators={**values, "name": ["sma_9"]})
+    # An indicator value dated off its bar's bucket start was taken (a bad-input hunt, round 38): no bar is
+    # found at its time. Refused in each form, as a bar's time is.
+    per_bar = {"symbol": ["AAA"] * 2, "timeframe": ["5m"] * 2, "ts": [T0, T0 + MIN], "sma_20": [1.0, 2.0]}
+    packed = {**per_bar, **{k: [T0] * 19 + [T0 + MIN] if k == "ts" else per_bar[k][:1] * 20 for k in per_bar}}
+    off = [(per_bar, 1), (packed, 19), ({**values, "ts": [T0 + 1]}, 0)]
+    for bad, i in off:
+        bad_ts = bad["ts"][i]
+        with pytest.raises(ValidationError, match=re.escape(f"indicators[{i}].ts: {bad_ts} is not the start of a")):
+            client.call("store_analysis", cursor="t", position=6, indicators=bad)
+    with pytest.raises(ValidationError, match=re.escape(f"values[0].ts: {T0 + 1} is not the start of a 1m bucket")):
+        client.call("put_indicators", values=[{"symbol": "AAA", "timeframe": "1m", "name": "sma_20", "ts": T0 + 1,
+                                               "value": 1.0}])
     # A store computed from another cursor position than the stored one lands nowhere.
     with pytest.raises(Conflict, match="not at 4"):
         client.call("store_analysis", cursor="t", position=9, bars=bars, expect=4)

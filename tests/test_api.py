@@ -166,6 +166,12 @@ BAD_TICK_BODIES = [
     ("ts in float", json.dumps({"ticks": [tick(1.5)]}), 400, "invalid_body",
      r"ticks\.ts\[0\]: 1\.5 is not epoch milliseconds"),
     ("negative price", json.dumps({"ticks": [tick(T0, -1.0)]}), 400, "invalid_body", r"not a price"),
+    # int(time.time()) was stored as January 1970 (a new user's run, round 38).
+    ("ts in seconds", json.dumps({"ticks": [tick(T0), tick(T0 // 1000)]}), 400, "invalid_body",
+     r"^ticks\.ts\[1\]: 1704067200 looks like a time in seconds \(2024-01-01 00:00 UTC as seconds, "
+     r"1970-01-20 17:21 UTC as milliseconds\): send epoch milliseconds \(seconds x 1000\)$"),
+    ("ts in microseconds", json.dumps({"ticks": [tick(T0 * 1000)]}), 400, "invalid_body",
+     r"^ticks\.ts\[0\]: 1704067200000000 is out of range \(epoch ms 1970\.\.2100\); it looks like microseconds"),
     ("no ticks field", json.dumps({"tick": []}), 400, "invalid_body", r"^unexpected field 'tick'; fields are ticks$"),
     ("missing ticks", "{}", 400, "invalid_body", r"^missing field 'ticks'$"),
     ("empty batch", json.dumps({"ticks": []}), 400, "invalid_body", r"a batch must hold 1\.\.10000"),
@@ -389,6 +395,8 @@ BAD_TRADES = [
     ("missing size", {"symbol": "BTCUSD", "side": "buy"}, r"missing field 'size'"),
     ("unknown field", {"symbol": "BTCUSD", "side": "buy", "size": 1, "leverage": 100}, r"unexpected field 'leverage'"),
     ("bad symbol", {"symbol": "btc", "side": "buy", "size": 1, "entry_price": 1.0}, r"'btc' is not a symbol"),
+    ("opened in seconds", {"symbol": "BTCUSD", "side": "buy", "size": 1, "entry_price": 1.0, "ts": T0 // 1000},
+     r"^ts: 1704067200 looks like a time in seconds \(2024-01-01 00:00 UTC as seconds"),
     ("integer past a float", {"symbol": "BTCUSD", "side": "buy", "size": 10**400, "entry_price": 1.0},
      r"^size: an integer too large for a number"),
 ]

@@ -160,8 +160,11 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
 
         # What the writer refuses, by its own rules (db.validation), refused here at the line:
         ("2024-01-02T00:00:00,eurusd,1.1,1.2,1", "symbol 'eurusd' is not a symbol (1-32 characters"),
-        ("2200-01-01T00:00:00,EURUSD,1.1,1.2,1", "ts 7258118400000 is out of range (epoch ms 1970..2100)"),
-        ("-5,EURUSD,1.1,1.2,1", "ts -5000 is out of range"),  # -5 s, as in bar files
+        ("2200-01-01T00:00:00,EURUSD,1.1,1.2,1", "ts '2200-01-01T00:00:00' is out of range: 1970..2100"),
+        # Named as the file writes them, not as the milliseconds they were read as (a bad-input hunt, round 38).
+        ("-5,EURUSD,1.1,1.2,1", "ts '-5' (epoch seconds: 1969-12-31T23:59:55Z) is out of range: 1970..2100"),
+        ("5000000000,EURUSD,1.1,1.2,1", "ts '5000000000' (epoch seconds: 2128-06-11T08:53:20Z) is out of range"),
+        ("-99999999999,EURUSD,1.1,1.2,1", "ts '-99999999999' (epoch seconds) is out of range: 1970..2100"),
         ("2024-01-02T00:00:00,EURUSD,1e12,1e12,1", "bid 1000000000000.0 is not a price"),
         ("2024-01-02T00:00:00,EURUSD,1.1,1.2,1e12", "volume 1000000000000.0 is not a volume"),
         # What Python itself refuses, as an error at the line instead of a traceback:
@@ -175,7 +178,9 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         # A record over several lines (a quoted field with a line break) is named by its first line,
         # where a user looks for it, not its last; a quote never closed likewise.
         ('2024-01-02T00:00:00,"EUR\nUSD",1.1,1.2,1', "symbol 'EUR\\nUSD' is not a symbol"),
-        ('2024-01-02T00:00:00,"EURUSD,1.1,1.2,1', "expected 5 columns, got 2"),
+        # ... and said to be the likely cause (it read as a column count alone: a bad-input hunt, round 38).
+        ('2024-01-02T00:00:00,"EURUSD,1.1,1.2,1', "expected 5 columns, got 2; a quoted field holds 2 line break(s) "
+                                                  'from this line on: is a quote (") left open?'),
     ],
 )
 def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
@@ -367,7 +372,7 @@ def test_eight_digits_that_make_a_calendar_date_are_that_date_not_epoch_seconds(
         ("2024-01-03,10,11,9,10", "expected 6 columns, got 5"),
         ("someday,10,11,9,10,1", "time 'someday' is not an ISO-8601 time or epoch seconds/ms"),
         ("2024-01-03,10,1e12,9,10,1", "high 1000000000000.0 is not a price (must be > 0 and < 1e+12)"),
-        ("2200-01-03,10,11,9,10,1", "time 7258291200000 is out of range 0..4102444800000"),
+        ("2200-01-03,10,11,9,10,1", "time '2200-01-03' is out of range: 1970..2100"),
     ],
 )
 def test_read_bar_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:

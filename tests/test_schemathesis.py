@@ -33,10 +33,10 @@ from schemathesis.engine import events, from_schema
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from db.validation import AHEAD
+from db.timestamps import AHEAD, IN_SECONDS
 from testkit.gunicorn import Served, serving
 from testkit.writer import Stack
-from webapp.api.openapi import AHEAD_RULE, document
+from webapp.api.openapi import AHEAD_RULE, SECONDS_RULE, document
 
 SEED = 20_240_601
 #: Examples per operation and phase: about 2,400 requests in all, under a minute here.
@@ -57,12 +57,14 @@ RULES: dict[str, dict[str, str]] = {
         "bid <= ask": r"bid \S+ is above ask \S+",
         "all arrays of one length": r"ticks\.\w+: \d+ values, expected \d+ like ts",
         AHEAD_RULE: AHEAD,
+        SECONDS_RULE: IN_SECONDS,
     },
     "POST /api/trades": {
         "stop_loss below the entry for a buy, above for a sell": r"stop_loss \S+ must be (below|above) the entry",
         "take_profit above the entry for a buy, below for a sell": r"take_profit \S+ must be (above|below) the entry",
         "it needs a stored tick": r"no price given and no tick stored for \S+",
         AHEAD_RULE: AHEAD,
+        SECONDS_RULE: IN_SECONDS,
         "for a sell, entry + trailing_distance": r"trailing_distance: the trailing stop of a sell at \S+ "
                                                  r"\(entry \+ \S+\): \S+ is not a price",
     },

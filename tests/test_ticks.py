@@ -426,6 +426,8 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         (["--feed", "csv", "--file", str(bad_header), "--symbol", "EURUSD"],
          f"{bad_header}: line 1: header lacks column(s) bid; ask; expected ts,symbol,bid,ask,volume"),
         (["--symbols", "btc,eth"], "--symbols"),
+        # A symbol given twice got twice the share of --rate (a bad-input hunt, round 38).
+        (["--symbols", "BTCUSD,EURUSD,BTCUSD"], "--symbols 'BTCUSD,EURUSD,BTCUSD': BTCUSD is given twice"),
         (["--batch", "0"], "argument --batch: '0' must be a whole number from 1 to 10000"),
         # Whole numbers with a bound: a huge count or memory limit is refused, not run for ever.
         (["--count", "-1"], "argument --count: '-1' must be a whole number from 0 to 1000000000000"),

@@ -130,6 +130,9 @@ def nested(depth: int) -> Any:
     (request("audit", {"actor": nested(990), "action": "deep"}), r"^actor: \[\[\[.* is not a name"),
     (msgpack.packb({"v": nested(990), "cid": "raw-peer", "seq": 1, "op": "audit", "args": {}}),
      r"^protocol version \[\[\[.*\]\]\] is not supported"),
+    # true is 1 to Python: it was taken as protocol 1.
+    (msgpack.packb({"v": True, "cid": "raw-peer", "seq": 1, "op": "audit", "args": {}}),
+     r"^protocol version True is not supported \(this writer speaks 1\)$"),
     # A value no set can hold (a list) in a text column of the columns form: its column and index.
     (request("insert_ticks", {"ticks": {**ticks(2, "unhashable"), "symbol": ["BTCUSD", ["A"]]}}),
      r"^ticks\.symbol\[1\]: \['A'\] is not a symbol"),
@@ -138,7 +141,7 @@ def nested(depth: int) -> Any:
     # A NUL character: PostgreSQL's text cannot hold it, so no text field takes it, on either database.
     (request("audit", {"actor": "me", "action": "nul", "detail": "before\x00after"}),
      r"^detail: 'before\\x00after' holds a NUL character"),
-], ids=["nested-field", "nested-envelope", "unhashable-symbol", "unhashable-source", "nul-in-text"])
+], ids=["nested-field", "nested-envelope", "version-true", "unhashable-symbol", "unhashable-source", "nul-in-text"])
 def test_a_value_of_any_shape_gets_an_error_naming_its_field(writer: Stack, peer: RawPeer, payload: bytes,
                                                            message: str) -> None:
     """What the value is does not matter to the reply: nested a thousand deep or unhashable, the error
@@ -870,3 +873,37 @@ def test_a_tick_or_a_trade_dated_more_than_a_day_ahead_is_refused_naming_it(writ
         client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0, ts=ahead)
     # A day ahead and less is taken (hosts' clocks, a local time sent as UTC).
     assert client.call("insert_ticks", ticks=[{**row, "ts": now + 3_600_000}])["inserted"] == 1
+
+
+def test_a_tick_or_a_trade_time_in_seconds_or_microseconds_is_refused_saying_so(writer: Stack) -> None:
+    """A bot sending ``int(time.time())`` had its ticks stored in January 1970: the API takes epoch
+    milliseconds only, and a time in seconds is one of them (a new user's run, round 38). A time from
+    1e9 to 1e10 (in seconds 2001 to 2286, in milliseconds January to April 1970) is refused, saying
+    what it is in seconds, in each form a tick batch takes and for a trade; microseconds and
+    nanoseconds, out of range already, are named as such. Nothing of a refused batch is stored."""
+    client = WriterClient(settings=writer.settings, deadline=10)
+    seconds = 1_764_979_200  # 2025-12-06 00:00 UTC
+    row = {"symbol": "BTCUSD", "bid": 60_000.0, "ask": 60_001.0}
+    in_seconds = (rf"{seconds} looks like a time in seconds \(2025-12-06 00:00 UTC as seconds, 1970-01-21 10:16 UTC "
+                  r"as milliseconds\): send epoch milliseconds \(seconds x 1000\)$")
+    forms = {
+        "rows": [{**row, "ts": seconds * 1000}, {**row, "ts": seconds}],
+        "short columns": {"symbol": ["BTCUSD"] * 2, "ts": [seconds * 1000, seconds], "bid": [1.0] * 2,
+                          "ask": [1.5] * 2},
+        "packed columns": {"symbol": ["BTCUSD"] * 40, "ts": [seconds * 1000] * 39 + [seconds], "bid": [1.0] * 40,
+                           "ask": [1.5] * 40},
+    }
+    for form, ticks in forms.items():
+        bad = 1 if form != "packed columns" else 39
+        with pytest.raises(ValidationError, match=rf"^ticks\.ts\[{bad}\]: {in_seconds}"):
+            client.call("insert_ticks", ticks=ticks)
+    for unit, value in (("microseconds", seconds * 10**6), ("nanoseconds", seconds * 10**9)):
+        with pytest.raises(ValidationError, match=rf"^ticks\.ts\[0\]: {value} is out of range \(epoch ms "
+                                                  rf"1970\.\.2100\); it looks like {unit} \(2025-12-06 00:00 UTC\)"):
+            client.call("insert_ticks", ticks=[{**row, "ts": value}])
+    with pytest.raises(ValidationError, match=rf"^ts: {in_seconds}"):
+        client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0, ts=seconds)
+    assert query(writer.settings, "SELECT count(*) FROM ticks")[0][0] == 0
+    assert query(writer.settings, "SELECT count(*) FROM trades")[0][0] == 0
+    # Milliseconds of the same moment are taken, as are small times (tests and old data use them).
+    assert client.call("insert_ticks", ticks=[{**row, "ts": seconds * 1000}, {**row, "ts": 60_000}])["inserted"] == 2

@@ -29,6 +29,7 @@ from db.errors import ValidationError
 from db.vocabulary import TIMEFRAMES
 from workers.csvrows import (
     CsvFormatError,
+    column_count_error,
     ms_to_iso,
     parse_date_and_time,
     parse_price,
@@ -197,7 +198,7 @@ def _parse_ticks(path: str | Path, symbol: str | None, limit: int | None = None)
     col, when = tick_header_columns(line, names, symbol)
     for line, row in rows:
         if len(row) != len(names):
-            raise CsvFormatError(line, f"expected {len(names)} columns, got {len(row)}")
+            raise column_count_error(line, len(names), row)
         ts = read_time(line, row, when, "ts")
         bid = parse_price(line, "bid", row[col["bid"]])
         ask = parse_price(line, "ask", row[col["ask"]])
@@ -270,7 +271,7 @@ def _bars(rows: Iterator[tuple[int, list[str]]], width: int, when: tuple[int, ..
 def _bar(line: int, row: list[str], width: int, when: tuple[int, ...], col: dict[str, int],
          prev: tuple[int, Bar] | None) -> Bar:
     if len(row) != width:
-        raise CsvFormatError(line, f"expected {width} columns, got {len(row)}")
+        raise column_count_error(line, width, row)
     ts = read_time(line, row, when, "time")
     writer_rule(line, validation.timestamp, "time", ts)
     o, h, lo, c = (parse_price(line, name, row[col[name]]) for name in _OHLC)

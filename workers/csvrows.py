@@ -216,6 +216,17 @@ _TIME_OF_DAY_RE = re.compile(r"(?:[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?
                              r"(?:Z|[+-][0-9]{2}(?::?[0-9]{2})?)?")
 
 
+def column_count_error(line: int, expected: int, row: list[str]) -> CsvFormatError:
+    """A row of another width than its header's. A quote left open makes one: the csv module reads on,
+    over line breaks, to the next quote or the file's end, and the row it gives has too few columns;
+    no field of ticks or bars holds a line break, so one in the row says where to look."""
+    said = f"expected {expected} columns, got {len(row)}"
+    breaks = sum(field.count("\n") for field in row)
+    if breaks:
+        said += f"; a quoted field holds {breaks} line break(s) from this line on: is a quote (\") left open?"
+    return CsvFormatError(line, said)
+
+
 def parse_date_and_time(line: int, date_text: str, time_text: str) -> int:
     """A time given as a date and a time of day in two columns (``2024-01-02,13:00``) as epoch ms.
     Each must have its own form: joined as they come, an epoch in the time column read as a time of
@@ -226,10 +237,11 @@ def parse_date_and_time(line: int, date_text: str, time_text: str) -> int:
                                    "date (YYYY-MM-DD or YYYYMMDD) and a time of day (HH:MM[:SS] or HHMM[SS]); a "
                                    "column that holds the whole time is named ts")
     try:
-        return iso_to_ms(f"{date}T{time_of_day}")
+        ms = iso_to_ms(f"{date}T{time_of_day}")
     except ValueError as e:
         raise CsvFormatError(line, f"date {validation.shown(date)} and time {validation.shown(time_of_day)} are no "
                                    f"time: {e}") from None
+    return _in_range(line, "date and time", f"{date} {time_of_day}", ms)
 
 
 def parse_time(line: int, name: str, text: str) -> int:
@@ -240,7 +252,7 @@ def parse_time(line: int, name: str, text: str) -> int:
     text = text.strip(" \t")
     if len(text) == 8 and text.isascii() and text.isdigit():
         try:
-            return iso_to_ms(text)
+            return _in_range(line, name, text, iso_to_ms(text))
         except ValueError:
             pass  # no date (20241301): epoch seconds, as any other integer
     if _INT_RE.fullmatch(text):
@@ -248,9 +260,25 @@ def parse_time(line: int, name: str, text: str) -> int:
             raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
                                        "for epoch seconds/ms")
         value = int(text)
-        return value * 1000 if abs(value) < _SECONDS_CUTOFF else value
+        seconds = abs(value) < _SECONDS_CUTOFF
+        return _in_range(line, name, text, value * 1000 if seconds else value,
+                         "epoch seconds" if seconds else "epoch ms")
     try:
-        return iso_to_ms(text)
+        ms = iso_to_ms(text)
     except ValueError:
         raise CsvFormatError(line, f"{name} {validation.shown(text)} is not an ISO-8601 time or epoch "
                                    "seconds/ms") from None
+    return _in_range(line, name, text, ms)
+
+
+def _in_range(line: int, name: str, text: str, ms: int, unit: str | None = None) -> int:
+    """``ms``, read from ``text``, if it is within 1970..2100 (:data:`db.validation.MAX_TS`); else the
+    error names the value as the file wrote it, and how it was read (epoch seconds are multiplied
+    into milliseconds: the writer's words would name the product)."""
+    if 0 <= ms <= validation.MAX_TS:
+        return ms
+    try:
+        read = f" ({unit}: {ms_to_iso(ms)})" if unit else ""
+    except (OverflowError, ValueError):  # before year 1 or after 9999
+        read = f" ({unit})"
+    raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is out of range: 1970..2100")

@@ -208,9 +208,13 @@ def sim_symbols(text: str) -> list[str]:
     if not symbols:
         raise ValueError(f"--symbols {text!r}: give symbols like BTCUSD,EURUSD (upper case)")
     try:
-        return [valid_symbol("--symbols", s) for s in symbols]
+        symbols = [valid_symbol("--symbols", s) for s in symbols]
     except ValidationError as e:
         raise ValueError(f"{e}; give symbols like BTCUSD,EURUSD") from None
+    twice = next((s for i, s in enumerate(symbols) if s in symbols[:i]), None)
+    if twice is not None:  # it would get twice the share of --rate, not a second market
+        raise ValueError(f"--symbols {text!r}: {twice} is given twice; give each symbol once")
+    return symbols
 
 
 def last_mids(settings: Settings, symbols: list[str]) -> dict[str, float]:

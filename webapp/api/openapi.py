@@ -20,6 +20,7 @@ import copy
 import functools
 from typing import Any
 
+from db.timestamps import UNITS_RULE
 from db.validation import MAX_PRICE, MAX_SIZE, MAX_TICKS, MAX_TS, NAME_RE, SYMBOL_RE
 from db.vocabulary import INDICATORS, TIMEFRAMES
 from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID, RETRY_AFTER, WRITER_DEADLINE
@@ -45,7 +46,9 @@ _NULLABLE_NUMBER = {"type": ["number", "null"]}
 _TS = {"type": "integer", "minimum": 0, "maximum": MAX_TS, "description": "Epoch milliseconds UTC"}
 #: A tick's or a trade's time as sent: no later than a day ahead of now (db.validation.moment).
 AHEAD_RULE = "at most a day ahead of now"
-_TS_IN = {**_TS, "description": f"Epoch milliseconds UTC, {AHEAD_RULE} (400 otherwise)"}
+#: ... and not a time in seconds (db.timestamps.time_problem).
+SECONDS_RULE = f"{UNITS_RULE} (1e9 to 1e10: a time in seconds, January to April 1970 as milliseconds)"
+_TS_IN = {**_TS, "description": f"Epoch milliseconds UTC, {AHEAD_RULE}, {SECONDS_RULE} (400 otherwise)"}
 #: What the writer's validators (db.validation) accept, as JSON Schema: a price (also a trailing or
 #: break-even distance), a trade's size, a tick's volume, a tick's seq.
 _PRICE = {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MAX_PRICE}
@@ -362,7 +365,7 @@ def _build() -> dict[str, Any]:
                             "below 1e12 too (400 otherwise)")},
                         "breakeven_trigger": {**_PRICE, "type": ["number", "null"]},
                         "ts": {**_TS, "type": ["integer", "null"], "description": (
-                            f"Opening time; default now; {AHEAD_RULE} (400 otherwise)")},
+                            f"Opening time; default now; {AHEAD_RULE}, {SECONDS_RULE} (400 otherwise)")},
                     },
                 },
                 "Trade": {
