@@ -71,6 +71,7 @@ from db.validation import (
     optional,
     price,
     rows,
+    sent_moment,
     shown,
     size,
     symbol,
@@ -285,7 +286,7 @@ def _check_trail(side: str, entry: float, trailing_distance: float) -> None:
 @op("open_trade", symbol=symbol, side=one_of("buy", "sell"), size=size,
     entry_price=(optional(price), False), stop_loss=(optional(price), False),
     take_profit=(optional(price), False), trailing_distance=(optional(distance), False),
-    breakeven_trigger=(optional(distance), False), ts=(optional(moment), False))
+    breakeven_trigger=(optional(distance), False), ts=(optional(sent_moment), False))
 def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_price: float | None = None,
                stop_loss: float | None = None, take_profit: float | None = None,
                trailing_distance: float | None = None, breakeven_trigger: float | None = None,

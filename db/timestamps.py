@@ -47,12 +47,12 @@ UNITS_RULE = "not a time in seconds"
 IN_SECONDS = "looks like a time in seconds"
 
 
-def time_problem(v: int) -> str | None:
+def time_problem(v: int, *, seconds: bool = True) -> str | None:
     """What is wrong with the integer ``v`` as a tick's or a trade's time (epoch milliseconds 1970..2100,
-    and not a time in seconds), in the words after the value; None when nothing is. The later-than-now
-    rule is the caller's (:func:`latest_allowed_ts`)."""
+    and with ``seconds`` not a time in seconds), in the words after the value; None when nothing is.
+    The later-than-now rule is the caller's (:func:`latest_allowed_ts`)."""
     unit = next(((name, per_ms) for low, high, name, per_ms in OTHER_UNITS if low <= v < high), None)
-    if unit is not None and unit[0] == "seconds":
+    if unit is not None and unit[0] == "seconds" and seconds:
         return (f"{IN_SECONDS} ({utc(v * 1000)} as seconds, {utc(v)} as milliseconds): send epoch "
                 "milliseconds (seconds x 1000)")
     if 0 <= v <= MAX_TS:

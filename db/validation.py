@@ -153,16 +153,28 @@ def integer(minimum: int = 0, maximum: int = 2**63 - 1) -> Validator:
 
 
 timestamp = integer(0, MAX_TS)
-def moment(name: str, v: Any) -> int:
-    """A :data:`timestamp` no later than :func:`latest_allowed_ts`, and not a time in another unit
-    (:func:`time_problem`): a tick's, a trade's."""
-    if type(v) is int and (said := time_problem(v)) is not None:
+
+
+def _moment(name: str, v: Any, seconds: bool) -> int:
+    if type(v) is int and (said := time_problem(v, seconds=seconds)) is not None:
         raise ValidationError(f"{name}: {shown(v)} {said}")
     v = timestamp(name, v)
     latest = latest_allowed_ts()
     if v > latest:
         raise ValidationError(f"{name}: {v} ({utc(v)}) {ahead(latest)}")
     return v
+
+
+def moment(name: str, v: Any) -> int:
+    """A :data:`timestamp` no later than :func:`latest_allowed_ts` (a trade's update or close: the
+    monitor sends the time of a stored tick, which may be one stored before :func:`sent_moment`)."""
+    return _moment(name, v, seconds=False)
+
+
+def sent_moment(name: str, v: Any) -> int:
+    """:func:`moment`, and not a time in seconds (:func:`db.timestamps.time_problem`): the time of
+    something new (a trade opened), as a client sends it."""
+    return _moment(name, v, seconds=True)
 
 
 def boolean(name: str, v: Any) -> bool:

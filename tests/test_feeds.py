@@ -179,8 +179,16 @@ GOOD = "2024-01-02T00:00:00,EURUSD,1.1,1.2,1"
         # where a user looks for it, not its last; a quote never closed likewise.
         ('2024-01-02T00:00:00,"EUR\nUSD",1.1,1.2,1', "symbol 'EUR\\nUSD' is not a symbol"),
         # ... and said to be the likely cause (it read as a column count alone: a bad-input hunt, round 38).
-        ('2024-01-02T00:00:00,"EURUSD,1.1,1.2,1', "expected 5 columns, got 2; a quoted field holds 2 line break(s) "
-                                                  'from this line on: is a quote (") left open?'),
+        ('2024-01-02T00:00:00,"EURUSD,1.1,1.2,1',
+         'expected 5 columns, got 2; a field holds a line break or a comma, as no field of ticks or bars does: '
+         'is a quote (") left open?'),
+        # Eight digits that make a date out of range were read as epoch seconds: 1970-09-01 (a review, round 39).
+        ("21000102,EURUSD,1.1,1.2,1", "ts '21000102' is out of range: 1970..2100"),
+        ("19650101,EURUSD,1.1,1.2,1", "ts '19650101' is out of range: 1970..2100"),
+        # A time the writer refuses as a likely one in seconds, said in the file's terms.
+        ("1000000,EURUSD,1.1,1.2,1", "ts '1000000' (epoch seconds: 1970-01-12T13:46:40Z) is from January to April "
+                                     "1970, which the writer refuses"),
+        ("1970-03-01T00:00:00,EURUSD,1.1,1.2,1", "ts '1970-03-01T00:00:00' is from January to April 1970"),
     ],
 )
 def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
@@ -194,6 +202,14 @@ def test_read_tick_csv_bad_rows(tmp_path: Path, row: str, reason: str) -> None:
     assert err.value.line == 5 and err.value.reason.startswith(reason)
     assert str(err.value) == f"line 5: {err.value.reason}"
     assert isinstance(err.value, ValueError)
+
+
+def test_a_quote_left_open_on_a_files_last_line_is_said_as_the_likely_cause(tmp_path: Path) -> None:
+    """With no line break after it (a file's last row), the field a quote left open holds the rest of
+    the row, commas and all: still said (a review, round 39)."""
+    path = write(tmp_path, f'ts,symbol,bid,ask,volume\n{GOOD}\n2024-01-02T00:00:00,"EURUSD,1.1,1.2,1')
+    with pytest.raises(CsvFormatError, match=r'^line 3: expected 5 columns, got 2; .* is a quote \("\) left open\?$'):
+        list(read_tick_csv(path))
 
 
 def test_read_tick_csv_bytes_that_are_not_utf8(tmp_path: Path) -> None:

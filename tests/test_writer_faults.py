@@ -907,3 +907,8 @@ def test_a_tick_or_a_trade_time_in_seconds_or_microseconds_is_refused_saying_so(
     assert query(writer.settings, "SELECT count(*) FROM trades")[0][0] == 0
     # Milliseconds of the same moment are taken, as are small times (tests and old data use them).
     assert client.call("insert_ticks", ticks=[{**row, "ts": seconds * 1000}, {**row, "ts": 60_000}])["inserted"] == 2
+    # A trade's update and close take the time of a stored tick (the monitor sends it), which may be one stored
+    # in seconds before this rule: taken, or the monitor could not close the trade (a review, round 39).
+    trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0)["id"]
+    client.call("update_trade", trade_id=trade, stop_loss=59_000.0, reason="moved", ts=seconds)
+    assert client.call("close_trade", trade_id=trade, price=60_100.0, reason="stop", ts=seconds)["id"] == trade

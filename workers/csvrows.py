@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from db import validation
 from db.errors import ValidationError
+from db.timestamps import SECONDS_FROM, SECONDS_TO
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -218,12 +219,11 @@ _TIME_OF_DAY_RE = re.compile(r"(?:[0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]+)?)?
 
 def column_count_error(line: int, expected: int, row: list[str]) -> CsvFormatError:
     """A row of another width than its header's. A quote left open makes one: the csv module reads on,
-    over line breaks, to the next quote or the file's end, and the row it gives has too few columns;
-    no field of ticks or bars holds a line break, so one in the row says where to look."""
+    over commas and line breaks, to the next quote or the file's end, and the row it gives has too few
+    columns; no field of ticks or bars holds either, so one in the row says where to look."""
     said = f"expected {expected} columns, got {len(row)}"
-    breaks = sum(field.count("\n") for field in row)
-    if breaks:
-        said += f"; a quoted field holds {breaks} line break(s) from this line on: is a quote (\") left open?"
+    if any("\n" in field or "," in field for field in row):
+        said += '; a field holds a line break or a comma, as no field of ticks or bars does: is a quote (") left open?'
     return CsvFormatError(line, said)
 
 
@@ -252,9 +252,11 @@ def parse_time(line: int, name: str, text: str) -> int:
     text = text.strip(" \t")
     if len(text) == 8 and text.isascii() and text.isdigit():
         try:
-            return _in_range(line, name, text, iso_to_ms(text))
+            ms = iso_to_ms(text)
         except ValueError:
             pass  # no date (20241301): epoch seconds, as any other integer
+        else:
+            return _in_range(line, name, text, ms)
     if _INT_RE.fullmatch(text):
         if len(text) > _MAX_INT_CHARS:
             raise CsvFormatError(line, f"{name} {validation.shown(text)} has {len(text)} characters, too many "
@@ -272,13 +274,19 @@ def parse_time(line: int, name: str, text: str) -> int:
 
 
 def _in_range(line: int, name: str, text: str, ms: int, unit: str | None = None) -> int:
-    """``ms``, read from ``text``, if it is within 1970..2100 (:data:`db.validation.MAX_TS`); else the
-    error names the value as the file wrote it, and how it was read (epoch seconds are multiplied
-    into milliseconds: the writer's words would name the product)."""
-    if 0 <= ms <= validation.MAX_TS:
-        return ms
+    """``ms``, read from ``text``, if the writer takes it as a time (1970..2100, and not January to
+    April 1970, which it refuses as a likely time in seconds: :func:`db.timestamps.time_problem`);
+    else the error names the value as the file wrote it, and how it was read (epoch seconds are
+    multiplied into milliseconds: the writer's words would name the product, and advise sending
+    milliseconds, which a file does not choose)."""
     try:
         read = f" ({unit}: {ms_to_iso(ms)})" if unit else ""
     except (OverflowError, ValueError):  # before year 1 or after 9999
         read = f" ({unit})"
-    raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is out of range: 1970..2100")
+    if not 0 <= ms <= validation.MAX_TS:
+        raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is out of range: 1970..2100")
+    if SECONDS_FROM <= ms < SECONDS_TO:
+        raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is from January to April 1970, which "
+                                   "the writer refuses: as epoch milliseconds, such a time is most likely one in "
+                                   "seconds")
+    return ms

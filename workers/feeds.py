@@ -211,8 +211,8 @@ def sim_symbols(text: str) -> list[str]:
         symbols = [valid_symbol("--symbols", s) for s in symbols]
     except ValidationError as e:
         raise ValueError(f"{e}; give symbols like BTCUSD,EURUSD") from None
-    twice = next((s for i, s in enumerate(symbols) if s in symbols[:i]), None)
-    if twice is not None:  # it would get twice the share of --rate, not a second market
+    if len(set(symbols)) < len(symbols):  # it would get twice the share of --rate, not a second market
+        twice = next(s for i, s in enumerate(symbols) if s in symbols[:i])
         raise ValueError(f"--symbols {text!r}: {twice} is given twice; give each symbol once")
     return symbols
 
