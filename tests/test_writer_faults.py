@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -912,3 +913,52 @@ def test_a_tick_or_a_trade_time_in_seconds_or_microseconds_is_refused_saying_so(
     trade = client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=60_000.0)["id"]
     client.call("update_trade", trade_id=trade, stop_loss=59_000.0, reason="moved", ts=seconds)
     assert client.call("close_trade", trade_id=trade, price=60_100.0, reason="stop", ts=seconds)["id"] == trade
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down")
+def test_a_database_the_writer_may_only_read_stops_it_in_one_line_and_it_serves_once_writable(stack: Stack) -> None:
+    """SQLite opens a database file its process may not write (mode 0400, another owner, a read-only
+    mount) for reading only, without a word: the writer logged a warning, said it was ready, and
+    answered every write with a failure that was not retryable, for good; the tick feed set its
+    batches aside as refused, the analysis worker crash-looped, doctor found no problem (fault hunt,
+    round 39). The writer now exits 1 with one line naming the cause, and starts once the file is
+    writable again. As root, file modes bind only without the capabilities that override them."""
+    init = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert init.returncode == 0, init.stderr
+    path = stack.settings.database_path
+    assert path is not None
+    path.chmod(0o400)
+    command = [sys.executable, "-m", "workers.writer"]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", *command]
+    refused = subprocess.run(command, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1, (refused.returncode, refused.stderr[-2000:])
+    said = [line for line in refused.stderr.splitlines() if "ERROR" in line]
+    assert len(said) == 1 and f"cannot open the database {path}: attempt to write a readonly database (it, its " \
+        "-wal or -shm file, or its folder is not writable by this process" in said[0], refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "ready" not in refused.stderr, refused.stderr[-2000:]
+    path.chmod(0o600)
+    stack.start_writer()
+    assert WriterClient(settings=stack.settings, deadline=10).call(
+        "insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": T0, "bid": 1.0, "ask": 1.5}])["inserted"] == 1
+
+
+def test_sigusr1_and_sigusr2_are_logged_and_ignored_and_sigquit_drains_like_sigterm(stack: Stack) -> None:
+    """SIGUSR1, SIGUSR2 and SIGQUIT (a log-reopen habit, a Ctrl-\\\\) ended the writer at once: no line
+    in its log, no drain, no last checkpoint (fault hunt, round 39). The first two are now logged and
+    ignored; SIGQUIT asks it to stop, as SIGTERM does: it drains, and what it acknowledged is stored."""
+    proc = stack.start_writer()
+    client = WriterClient(settings=stack.settings, deadline=10)
+    tick = {"symbol": "BTCUSD", "bid": 1.0, "ask": 1.5, "source": "signals"}
+    assert client.call("insert_ticks", ticks=[{**tick, "ts": T0, "seq": 1}])["inserted"] == 1
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        proc.send_signal(sig)
+        wait_for(f"{sig.name} in the writer's log", lambda s=sig: f"{s.name} received: ignored" in stack.writer_log(),
+                 timeout=10)
+        assert proc.poll() is None
+    assert client.call("insert_ticks", ticks=[{**tick, "ts": T0 + 1, "seq": 2}])["inserted"] == 1
+    client.close()
+    assert stack.stop(proc, signal.SIGQUIT) == 0
+    assert "SIGQUIT received; draining" in stack.writer_log()
+    assert query(stack.settings, "SELECT count(*) FROM ticks WHERE source = 'signals'")[0][0] == 2

@@ -81,16 +81,30 @@ def raise_open_file_limit() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+#: Signals that ask a process to stop (:func:`on_stop_signals`), and signals it takes no action on.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+UNUSED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
 def on_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
-    """SIGTERM (circus's stop), SIGINT (Ctrl-C) and SIGHUP (a terminal closed; the console's HUP)
-    only ask to stop: ``handler`` sets a flag, and the process finishes the work in hand (a worker
-    flushes, the writer drains) before it exits. SIGHUP's default action ended the process at once,
-    with no drain; there is nothing to reload, and a process whose terminal is gone should end.
-    Returns the handlers it replaced, to give back with :func:`restore_signals`."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    for sig in previous:
+    """SIGTERM (circus's stop), SIGINT (Ctrl-C), SIGHUP (a terminal closed; the console's HUP) and
+    SIGQUIT (Ctrl-\\) only ask to stop: ``handler`` sets a flag, and the process finishes the work in
+    hand (a worker flushes, the writer drains) before it exits. SIGHUP's default action ended the
+    process at once, with no drain; there is nothing to reload, and a process whose terminal is gone
+    should end. SIGUSR1 and SIGUSR2 (a log-reopen habit of other servers) are logged and ignored: by
+    default they ended the process at once with not a word in its log (fault hunt, round 39). Returns
+    the handlers it replaced, to give back with :func:`restore_signals`."""
+    previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, *UNUSED_SIGNALS)}
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
+    for sig in UNUSED_SIGNALS:
+        signal.signal(sig, _ignored)
     return previous
+
+
+def _ignored(signum: int, _frame: Any) -> None:
+    logging.getLogger(__name__).warning("%s received: ignored (it has no use here; SIGTERM stops this process)",
+                                        signal.Signals(signum).name)
 
 
 def restore_signals(previous: dict[int, Any]) -> None:

@@ -207,7 +207,12 @@ class Writer:
                 if self.settings.database_path is None or not isinstance(e, DBAPIError):
                     raise
                 # A folder, a file that is not SQLite's, no right to it: SQLite's reason, in one line.
-                log.error("writer: cannot open the database %s: %s", self.settings.database_path, e.orig)
+                said = f"writer: cannot open the database {self.settings.database_path}: {e.orig}"
+                if getattr(e.orig, "sqlite_errorname", None) == "SQLITE_READONLY":
+                    said += (f" (it, its -wal or -shm file, or its folder is not writable by this process, uid "
+                             f"{os.geteuid()}, or is on a read-only mount: make them writable; circus starts the "
+                             "writer again)")
+                log.error("%s", said)
                 return 1
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
