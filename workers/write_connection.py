@@ -15,6 +15,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
@@ -118,24 +119,40 @@ class JournalWatch:
         return gone
 
 
-def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWatch | None = None) -> str:
-    """Why the writer takes no more writes once :meth:`JournalWatch.gone` named ``names``."""
+def database_removed(names: list[str], watch: JournalWatch) -> bool:
+    """Whether :meth:`JournalWatch.gone` named the database file itself, removed (not moved)."""
+    where, _fd = watch.now_at.get(watch.database, ("", -1))
+    return watch.database in names and (where.endswith(" (deleted)") or not where)
+
+
+def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWatch | None = None,
+                        saved: Path | str | None = None) -> str:
+    """Why the writer takes no more writes once :meth:`JournalWatch.gone` named ``names``; for a
+    removed database file, ``saved`` is the complete copy the writer made (:meth:`WriteConnection.save_copy`),
+    or why it could not."""
     from db.circusd import circusctl_command  # psutil and more: only the day it is needed
 
     if watch is not None and watch.database in names:
         path = watch.paths[watch.database]
         where, fd = watch.now_at.get(watch.database, ("", -1))
-        if where.endswith(" (deleted)") or not where:
-            # What the writer acknowledged is in its open (removed) file and in the WAL at the path, and
-            # its stop checkpoints into the removed file and empties that WAL: both are saved first
-            # (no write or checkpoint comes between the two copies now), and put in place after.
-            saved = f"{path}.saved"
-            return (f"the database file {watch.database} was removed under the writer (by another program): every "
+        if database_removed(names, watch):
+            # What the writer acknowledged is in its open (removed) file and in the WAL at the path. Copies
+            # of the two, put in place, lost what a reader's shared memory (-shm) then said was in the file
+            # already: the writer's stop checkpoints into the removed file (fault hunt, round 39). The
+            # writer's own copy (VACUUM INTO) reads both as it sees them.
+            said = (f"the database file {watch.database} was removed under the writer (by another program): every "
                     "write it acknowledged is now only in the file it still has open and in the WAL, so it takes "
-                    f"no more writes. Save both before the writer stops (`cp /proc/{os.getpid()}/fd/{fd} {saved} && "
-                    f"cp {path}-wal {saved}-wal`), stop it (`{circusctl_command(circus_endpoint, 'stop', 'writer')}`), "
-                    f"put them in place (`mv {saved} {path} && mv {saved}-wal {path}-wal`) and start it again "
-                    f"(`{circusctl_command(circus_endpoint, 'start', 'writer')}`): SQLite applies the WAL")
+                    "no more writes. ")
+            quit_stack = circusctl_command(circus_endpoint, "quit")
+            if isinstance(saved, Path):
+                return said + (f"It saved them all in a copy, {saved}: stop the stack (`{quit_stack}`), then remove "
+                               f"the WAL files of the removed database and put the copy in its place (`rm -f "
+                               f"{path}-wal {path}-shm && mv {saved} {path}`), then start it (`make run`)")
+            return said + (f"It could not save a copy ({saved}): copy it out of the writer, the other watchers "
+                           "stopped first (their shared memory would hide WAL frames from the copy), e.g. "
+                           f"`cp /proc/{os.getpid()}/fd/{fd} {path}.saved && cp {path}-wal {path}.saved-wal`; then "
+                           f"`{quit_stack}`, `rm -f {path}-shm && mv {path}.saved {path} && mv {path}.saved-wal "
+                           f"{path}-wal`, and `make run`: SQLite applies the WAL")
         return (f"the database file {watch.database} was moved to {where} under the writer (by another program): "
                 "the readers and the next writer would open another file at its path, a new empty database, so "
                 f"the writer takes no more writes; put it back (`mv {where} {path}`), then restart the writer "
@@ -188,6 +205,27 @@ def make_database_private(path: Path | None) -> None:
             log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
 
+#: How long the writer waits for its commit thread to answer what it holds before it saves a removed
+#: database (:func:`save_when_idle`): a batch in hand, and the refusals of those queued.
+SAVE_WAIT_S = 10.0
+
+
+def save_when_idle(link: WriteConnection, idle: Callable[[], bool], path: Path) -> Path | str:
+    """The removed database ``path``, saved whole through ``link`` (:meth:`WriteConnection.save_copy`)
+    once the commit thread is ``idle``, having answered what it held (refused from then on: nothing
+    is applied after the copy); or why it could not be. Called by the IO thread, which queues nothing
+    meanwhile, so the commit thread's queue only empties."""
+    deadline = time.monotonic() + SAVE_WAIT_S
+    while not idle() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not idle():
+        return f"the commit thread was busy for {SAVE_WAIT_S:g} s"
+    try:
+        return link.save_copy(path)
+    except Exception as e:  # a full disk, the folder gone: the words say how to copy it instead
+        return named_database_words(e)
+
+
 class WriteConnection:
     """The write connection (``conn``, replaced after a failure that leaves it unusable) and the
     engine that opens it."""
@@ -228,6 +266,20 @@ class WriteConnection:
             self.recover()  # the commit thread must find it outside any transaction
             log.warning("writer: could not get ready for the first batch, which will (%s)", named_database_words(e))
         return versions
+
+    def save_copy(self, path: Path) -> Path:
+        """A complete copy of the database as this connection sees it, its file and every frame of its
+        WAL, in a new file beside ``path`` (``<name>.saved``, ``.saved-2``, ...), with VACUUM INTO; returns
+        it. The caller holds the connection (no batch runs). Raises the driver's error."""
+        raw = raw_dbapi(self.conn)
+        if raw.in_transaction:
+            raw.rollback()
+        for n in range(1, 100):
+            dest = path.with_name(f"{path.name}.saved" + (f"-{n}" if n > 1 else ""))
+            if not os.path.lexists(dest):
+                break
+        raw.execute("VACUUM INTO ?", (str(dest),))
+        return dest
 
     @property
     def closed(self) -> bool:

@@ -76,7 +76,14 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
-from workers.write_connection import JournalWatch, journal_gone_reason, make_database_private, orphaned_journal
+from workers.write_connection import (
+    JournalWatch,
+    database_removed,
+    journal_gone_reason,
+    make_database_private,
+    orphaned_journal,
+    save_when_idle,
+)
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -357,17 +364,20 @@ class Writer:
         restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all. The
         database file itself moved or removed: the readers and the next writer would open a new, empty
         one at its path; writes are refused likewise, and the reason says where the file is now and how
-        to put it back (:func:`journal_gone_reason`)."""
+        to put it back, or, removed, where the writer saved it whole (:func:`journal_gone_reason`)."""
         if self.journal_watch is None or self.committer is None or self.committer.refusing is not None:
             return  # a server's writer, or refusing already
         gone = self.journal_watch.gone()
         if gone:
-            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint,
-                                                                      self.journal_watch)
-            log.error("writer: %s", reason)
             # What comes from now on (_accept), and what is queued (the committer), is refused.
-            self.committer.refusing = f"not applied, retry: {reason}"
+            self.committer.refusing = f"not applied, retry: {', '.join(gone)} removed or moved under the writer"
             self.checkpointer.stop(timeout=0)  # its PASSIVE checkpoints may be partial: none from now on
+            saved = (save_when_idle(self.committer.link, self.committer.idle, self.settings.database_path)
+                     if database_removed(gone, self.journal_watch) else None)
+            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint,
+                                                                      self.journal_watch, saved)
+            log.error("writer: %s", reason)
+            self.committer.refusing = f"not applied, retry: {reason}"
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a
