@@ -152,6 +152,11 @@ SETTINGS: tuple[Setting, ...] = (
       "on SIGTERM the writer serves this many seconds more (producers flush), then stops once caught up ..."),
     S("TICKSTACK_WRITER_DRAIN_DEADLINE", "writer_drain_deadline", number(0, 3600), 5.0, "5",
       "... or after this many seconds in any case (producers retry against the next writer)"),
+    # circus's reload starts the new writer before it stops the old one: the new one exited at once
+    # (another writer holds the lock), and circus started another only once the whole reload was done,
+    # 22 s without a writer (fault hunt, round 39). The old one's drain and last checkpoint fit in it.
+    S("TICKSTACK_WRITER_LOCK_WAIT", "writer_lock_wait", number(0, 3600), 15.0, "15",
+      "a writer started while another holds the lock waits this many seconds for it to end, then refuses"),
     # Ten years: the prune's cutoff (now - TTL, in ms) must be an SQLite INTEGER (1e18 s overflowed it and
     # failed a batch every minute); a client resends within its deadline (a day at most), a spool once
     # the writer is back.
@@ -275,6 +280,7 @@ class Settings:
     writer_max_message: int
     writer_drain_idle: float
     writer_drain_deadline: float
+    writer_lock_wait: float
     dedup_ttl: float
     retention_days: float
     retention_every_s: float

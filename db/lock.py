@@ -105,11 +105,23 @@ class PidLock:
 class WriterLock(PidLock):
     """The writer's :class:`PidLock`, beside the database (``Settings.writer_lock_path``)."""
 
-    def acquire(self) -> None:
-        if not self.try_acquire():
+    def acquire(self, wait: float = 0.0) -> None:
+        """Take the lock, waiting up to ``wait`` seconds for its holder to end (said once, at INFO);
+        else raise :class:`WriterLocked` naming the holder. circus's reload starts a new writer before
+        it stops the old one, whose drain and last checkpoint then take seconds."""
+        deadline = time.monotonic() + wait
+        said = False
+        while not self.try_acquire():
             holder = read_lock_holder(self.path)
-            raise WriterLocked(f"another writer (pid {holder or 'unknown'}) holds {self.path}; refusing to start "
-                               "a second one, since exactly one process may write the database")
+            if time.monotonic() >= deadline:
+                raise WriterLocked(f"another writer (pid {holder or 'unknown'}) holds {self.path}; refusing to "
+                                   "start a second one, since exactly one process may write the database")
+            if not said:
+                log.info("writer: another writer (pid %s) holds %s; waiting up to %g s for it to end (circus's "
+                         "reload starts the new writer before it stops the old one)", holder or "unknown",
+                         self.path, wait)
+                said = True
+            time.sleep(0.1)
 
 
 def read_lock_holder(path: os.PathLike[str] | str) -> int | None:

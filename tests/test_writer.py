@@ -281,10 +281,11 @@ def test_a_lock_whose_pid_cannot_be_written_is_let_go(tmp_path: Path) -> None:
 
 def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     first = writer.procs[0]
-    second = subprocess.run([sys.executable, "-m", "workers.writer"], env=writer.env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    second = subprocess.run([sys.executable, "-m", "workers.writer"], cwd=ROOT, capture_output=True, text=True,
+                            env={**writer.env, "TICKSTACK_WRITER_LOCK_WAIT": "1"}, timeout=60)
     assert second.returncode == 3
     assert f"another writer (pid {first.pid}) holds" in second.stderr
+    assert "waiting up to 1 s for it to end" in second.stderr, second.stderr[-2000:]
     client = WriterClient(settings=writer.settings, deadline=10)
     assert client.ping()["pid"] == first.pid
     assert client.call("audit", actor="me", action="still-serving")["id"] == 1
@@ -292,6 +293,26 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     init = subprocess.run([sys.executable, "-m", "db", "init"], env=writer.env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert init.returncode == 0 and "the writer is running" in init.stdout
+
+
+def test_a_writer_started_while_another_stops_waits_for_its_lock_and_takes_over(writer: Stack) -> None:
+    """circus's reload starts the new writer before it stops the old one: the new one exited at once
+    (another writer holds the lock), and circus started another only once the whole reload was done,
+    22 s without a writer (fault hunt, round 39). A writer started while another holds the lock now
+    waits for it to end (``TICKSTACK_WRITER_LOCK_WAIT``), then serves; nothing of the old one's is lost."""
+    first = writer.procs[0]
+    client = WriterClient(settings=writer.settings, deadline=30)
+    assert client.call("audit", actor="me", action="before")["id"] == 1
+    log = writer.home / "log" / "second-writer.log"
+    with open(log, "wb") as out:
+        second = subprocess.Popen([sys.executable, "-m", "workers.writer"], env=writer.env, cwd=ROOT, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    writer.procs.append(second)
+    wait_for("the second writer to wait", lambda: "waiting up to 15 s for it to end" in log.read_text(), timeout=30)
+    assert writer.stop(first) == 0
+    wait_for("the second writer to serve", lambda: client.ping()["pid"] == second.pid, timeout=30)
+    assert client.call("audit", actor="me", action="after")["id"] == 2
+    assert second.poll() is None
 
 
 def test_doctor_on_a_writer_that_has_not_committed_yet_says_so(stack: Stack) -> None:

@@ -161,7 +161,7 @@ class Writer:
         ensure_home(self.settings)
         self.server_lock: ServerWriterLock | None = None
         try:
-            self.lock.acquire()
+            self.lock.acquire(wait=self.settings.writer_lock_wait)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
             # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
             self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
