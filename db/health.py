@@ -346,6 +346,23 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
     return out
 
 
+#: A full disk the writer met this recently is taken as full now: doctor's FAIL, the API's ``degraded``.
+STORAGE_FULL_NOW_S = 60
+
+
+def writes_refused(stats: dict[str, Any] | None) -> str | None:
+    """Why the writer refuses every write now, from its stats (``ping``'s ``stats``): its database
+    files removed or moved under it, or a full disk met within :data:`STORAGE_FULL_NOW_S`; None when
+    it takes writes. /api/health answered ``ok`` meanwhile (fault hunt, round 39)."""
+    stats = stats or {}
+    if stats.get("journal_removed"):
+        return str(stats["journal_removed"])
+    last = stats.get("last_storage_full")
+    if last and time.time() - last["at_ms"] / 1000 < STORAGE_FULL_NOW_S:
+        return f"the disk was full {max(0.0, time.time() - last['at_ms'] / 1000):.0f} s ago ({last['reason']})"
+    return None
+
+
 def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     """Free space, warned about before it runs out, and a full disk the writer met."""
     out: list[tuple[str, str]] = []
@@ -369,7 +386,7 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)
-        level = "fail" if ago_s < 60 else "warn"
+        level = "fail" if ago_s < STORAGE_FULL_NOW_S else "warn"
         out.append((level, f"The writer refused {stats.get('storage_full', 0)} writes since it started because the "
                            f"disk was full, the last {ago_s:.0f} s ago ({last['reason']}). Nothing of them was "
                            "written; clients retry, and writes resume by themselves once space is freed."))

@@ -594,6 +594,9 @@ def test_a_full_disk_is_answered_storage_full_and_writes_resume_when_space_retur
     stats = client.stats()
     assert stats["pid"] == proc.pid and stats["storage_full"] >= 2
     assert "SQLITE_FULL" in stats["last_storage_full"]["reason"]
+    from db.health import writes_refused  # what /api/health and doctor say of it: refusing now
+
+    assert "the disk was full" in (writes_refused(stats) or ""), stats
 
     filler.unlink()  # space returns: the writer takes writes again by itself
     client = WriterClient(settings=settings, deadline=20)
@@ -791,6 +794,13 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert doctor.returncode == 1 and "The writer refuses every write" in doctor.stdout, doctor.stdout
+    # /api/health said "ok" meanwhile (fault hunt, round 39): degraded, saying why, still 200 (the writer answers).
+    from webapp import create_app
+
+    health = create_app("api", stack.settings).test_client().get("/api/health")
+    body = health.get_json()
+    assert health.status_code == 200 and body["status"] == "degraded", body
+    assert "tickstack.db-wal" in body["writer"]["writes_refused"], body["writer"]
     # A backup would copy the file alone, without what only the removed WAL holds, and pass its check.
     backup = subprocess.run([sys.executable, "-m", "db", "backup", str(stack.home / "b.db")], env=stack.env,
                             cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -15,7 +15,7 @@ from db.circusd import circusd_pidfile
 from db.config import Settings
 from db.engine import database_location
 from db.errors import server_trouble
-from db.health import pragmas
+from db.health import pragmas, writes_refused
 from webapp.api import openapi
 from webapp.api.params import INDICATOR, SERIES, SYMBOL, TICK_SERIES, TIMEFRAME, json_object, query
 from webapp.api.state import api_state, bp, metrics_bp, write
@@ -34,7 +34,8 @@ def health() -> ResponseReturnValue:
     answers, whatever circus says (the API works without circus: tests, development; circus is
     reported as unreachable then); 503 when the writer does not answer, or (PostgreSQL) the
     database server does not (``database.reachable`` false; its size and connections otherwise).
-    ``status`` is ``ok``, ``degraded`` (writer up, but the database cannot be
+    ``status`` is ``ok``, ``degraded`` (writer up, but it refuses every write (``writer.writes_refused``
+    says why: :func:`db.health.writes_refused`), the database cannot be
     read, a watcher is down, or circusd does not answer although its
     pid file is there: it was killed, or is stuck; nothing restarts a process
     that dies) or ``unavailable``."""
@@ -43,6 +44,9 @@ def health() -> ResponseReturnValue:
     ping, stats, error = api.probe.writer()
     writer: dict[str, Any] = ({"up": True, "pid": ping["pid"], "ping_ms": ping["latency_ms"], "stats": stats}
                               if ping is not None else {"up": False, "error": error})
+    refused = writes_refused(stats) if ping is not None else None
+    if refused is not None:
+        writer["writes_refused"] = refused
     database = _database_health(api.settings, stats)
     circus = api.probe.circus()
     circus_json: dict[str, Any] = {"reachable": circus.reachable, "watchers": circus.statuses,
@@ -52,7 +56,7 @@ def health() -> ResponseReturnValue:
         circus_json["error"] = circus.error
     if ping is None or database.get("reachable") is False:  # no writer, or no server behind it
         status = "unavailable"
-    elif ("error" in database or circus.down
+    elif ("error" in database or circus.down or refused is not None
           or (not circus.reachable and circusd_pidfile(api.settings).exists())):
         status = "degraded"
     else:
