@@ -205,6 +205,17 @@ def make_database_private(path: Path | None) -> None:
             log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
 
+def check_writable(conn: Connection) -> None:
+    """Raise SQLite's SQLITE_READONLY if ``conn`` cannot write (a no-op on a server), inside the caller's
+    transaction. SQLite opens a file this process may not write (its mode, its owner, a read-only
+    mount) for reading only, without a word, and fails each write after: the writer said ready and
+    refused every request for good, not retryably (fault hunt, round 39). A write that changes
+    nothing fails at once instead: at the start (the writer exits, saying why) and when a failure
+    made it open another connection (tried again before each batch until the file is writable)."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("DELETE FROM applied_requests WHERE 0")
+
+
 #: How long the writer waits for its commit thread to answer what it holds before it saves a removed
 #: database (:func:`save_when_idle`): a batch in hand, and the refusals of those queued.
 SAVE_WAIT_S = 10.0
@@ -245,12 +256,7 @@ class WriteConnection:
         before."""
         with self.conn.begin():
             versions = migrate(self.conn)
-            if self.conn.dialect.name == "sqlite":
-                # SQLite opens a file this process may not write (its mode, its owner, a read-only
-                # mount) for reading only, without a word, and fails each write after: the writer said
-                # ready and refused every request for good (fault hunt, round 39). A write that changes
-                # nothing fails now (SQLITE_READONLY), and the writer does not start.
-                self.conn.exec_driver_sql("DELETE FROM applied_requests WHERE 0")
+            check_writable(self.conn)
         # A transaction of its own, rolled back: a failure here must not undo the migration, and the
         # migration's ``lock_timeout = 0`` (PostgreSQL: as long as another writer's migration takes)
         # must not hold here.
@@ -312,7 +318,15 @@ class WriteConnection:
         if not open_new:
             return None
         try:
-            self.conn = self.engine.connect()
+            conn = self.engine.connect()
+            try:
+                with conn.begin() as transaction:
+                    check_writable(conn)
+                    transaction.rollback()
+            except Exception:
+                conn.close()
+                raise
+            self.conn = conn
         except Exception as e:
             log.error("writer: cannot reopen the database (%s); trying again before the next batch",
                       named_database_words(e))
