@@ -346,20 +346,21 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
     return out
 
 
-#: A full disk the writer met this recently is taken as full now: doctor's FAIL, the API's ``degraded``.
+#: A full disk the writer met this recently is doctor's FAIL (a warning after).
 STORAGE_FULL_NOW_S = 60
 
 
 def writes_refused(stats: dict[str, Any] | None) -> str | None:
-    """Why the writer refuses every write now, from its stats (``ping``'s ``stats``): its database
-    files removed or moved under it, or a full disk met within :data:`STORAGE_FULL_NOW_S`; None when
+    """Why the writer refuses writes now, from its stats (``ping``'s ``stats``): its database files
+    removed or moved under it (every write), or its disk full (``disk_full``: no write has committed
+    since one was refused for it; one large batch refused while small ones fit is not that); None when
     it takes writes. /api/health answered ``ok`` meanwhile (fault hunt, round 39)."""
     stats = stats or {}
     if stats.get("journal_removed"):
         return str(stats["journal_removed"])
     last = stats.get("last_storage_full")
-    if last and time.time() - last["at_ms"] / 1000 < STORAGE_FULL_NOW_S:
-        return f"the disk was full {max(0.0, time.time() - last['at_ms'] / 1000):.0f} s ago ({last['reason']})"
+    if stats.get("disk_full") and last:
+        return f"its disk is full ({last['reason']}): writes wait for space"
     return None
 
 

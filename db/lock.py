@@ -105,15 +105,16 @@ class PidLock:
 class WriterLock(PidLock):
     """The writer's :class:`PidLock`, beside the database (``Settings.writer_lock_path``)."""
 
-    def acquire(self, wait: float = 0.0) -> None:
-        """Take the lock, waiting up to ``wait`` seconds for its holder to end (said once, at INFO);
-        else raise :class:`WriterLocked` naming the holder. circus's reload starts a new writer before
-        it stops the old one, whose drain and last checkpoint then take seconds."""
+    def acquire(self, wait: float = 0.0, stopping: Callable[[], bool] = lambda: False) -> None:
+        """Take the lock, waiting up to ``wait`` seconds for its holder to end (said once, at INFO),
+        and no longer once ``stopping()``; else raise :class:`WriterLocked` naming the holder. circus's
+        reload starts a new writer before it stops the old one, whose drain and last checkpoint then
+        take seconds."""
         deadline = time.monotonic() + wait
         said = False
         while not self.try_acquire():
             holder = read_lock_holder(self.path)
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or stopping():
                 raise WriterLocked(f"another writer (pid {holder or 'unknown'}) holds {self.path}; refusing to "
                                    "start a second one, since exactly one process may write the database")
             if not said:

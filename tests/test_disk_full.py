@@ -404,3 +404,43 @@ def test_circus_log_streams_lose_output_on_a_full_disk_without_failing_and_say_s
     assert text.startswith("before the disk filled\n") and text.endswith("after space returned\n")
     assert re.search(r"\[circus: about \d+ bytes of this output were lost: OSError: \[Errno 28\] No space left on "
                      r"device\]\nafter space returned\n$", text), text[-300:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_is_freed")
+def test_the_copy_of_a_removed_database_is_not_begun_without_room_and_leaves_nothing(small: SmallHome) -> None:
+    """The writer's copy of a database removed under it (``VACUUM INTO``): one that failed for want of
+    room left a part-written copy and its hot journal, which emptied a good file later put at its name,
+    and filled the disk the feeds' spool needed (review of round 39). It is not begun without room for
+    the database's pages, and a copy that fails leaves nothing; one with room is whole."""
+    import sqlite3
+
+    from db.engine import make_write_engine
+    from workers.write_connection import WriteConnection
+
+    settings = load_settings(small.env)
+    path = settings.database_path
+    assert path is not None
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE filler (b BLOB)")
+    con.executemany("INSERT INTO filler VALUES (randomblob(4096))", [()] * 100)  # about 400 KiB
+    con.commit()
+    con.close()
+    engine = make_write_engine(settings)
+    link = WriteConnection(settings, engine, engine.connect())
+    filler = small.home / "filler"
+    try:
+        fill_disk(filler, leave=100_000)
+        with pytest.raises(OSError, match=r"the copy needs about [\d.]+ KiB and .* has [\d.]+ KiB free"):
+            link.save_copy(path)
+        assert sorted(p.name for p in path.parent.iterdir() if ".saved" in p.name) == []
+        filler.unlink()
+        copy = link.save_copy(path)
+    finally:
+        link.conn.close()
+        engine.dispose()
+    assert copy == path.with_name(path.name + ".saved")
+    saved = sqlite3.connect(f"file:{copy}?mode=ro", uri=True)
+    try:
+        assert saved.execute("SELECT count(*) FROM filler").fetchone() == (100,)
+    finally:
+        saved.close()

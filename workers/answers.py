@@ -36,6 +36,7 @@ class Answers:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
                         time.monotonic() - self.full_since)
             self.full_since = None
+            self.stats.disk_full = False
 
     def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
         """What a request whose op raised ``e`` is answered: the op's own
@@ -71,6 +72,7 @@ class Answers:
         except OSError:
             free = ""
         self.stats.last_storage_full = {"at_ms": ops.now_ms(), "reason": reason}
+        self.stats.disk_full = True
         if self.full_since is None:
             self.full_since = time.monotonic()
             log.warning("writer: the disk is full (%s%s); writes are answered StorageFull until space is freed",

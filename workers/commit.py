@@ -42,6 +42,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -72,6 +73,16 @@ log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
+
+
+@dataclass
+class SaveCopy:
+    """Put on the commit thread's queue to save the database whole, its file having been removed under
+    the writer (:meth:`workers.write_connection.WriteConnection.save_copy`), after the batches queued
+    before it. ``result``: the copy's path, or why there is none; None until it is done."""
+
+    path: Path
+    result: Path | str | None = None
 #: Seconds between two prunes of the record of applied requests (:meth:`Committer._maybe_prune`).
 PRUNE_EVERY_S = 60.0
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
@@ -162,6 +173,8 @@ class Committer:
         #: per batch on a ZeroMQ socket would cost libzmq's command processing (system calls) for
         #: every frame; a deque costs none.
         self.outbox: deque[list[tuple[bytes, bytes]]] = deque()
+        #: A :class:`SaveCopy` taken from the queue with a batch, done after it.
+        self._save_after: SaveCopy | None = None
 
     @property
     def conn(self) -> Connection:
@@ -178,6 +191,9 @@ class Committer:
                 first = self.requests.get()
                 if first is STOP:
                     return
+                if type(first) is SaveCopy:
+                    self._save(first)
+                    continue
                 self.busy = True
                 batch, stop_after = self._take_batch(first, wait)  # type: ignore[arg-type]
                 first = None  # the requests' memory goes back after the batch, not at the next one
@@ -191,6 +207,9 @@ class Committer:
                 # Rung last: a client answered before this thread was idle again sent its next
                 # request to a busy thread (on a loaded machine, the first after one this thread committed).
                 out.send(b"", zmq.NOBLOCK)
+                if self._save_after is not None:
+                    self._save(self._save_after)
+                    self._save_after = None
                 if stop_after:
                     return
         except Exception:  # only a bug of this loop itself gets here: requests never do
@@ -200,6 +219,18 @@ class Committer:
         finally:
             self.busy = False
             out.close(linger=1000)
+
+    def _save(self, item: SaveCopy) -> None:
+        """:class:`SaveCopy`, on this thread (the connection's owner), marked done on the queue after."""
+        self.busy = True
+        try:
+            item.result = self.link.save_copy(item.path)
+            log.info("writer: saved the database whole as %s", item.result)
+        except Exception as e:  # a full disk, the folder gone: the writer's words then say how to copy it
+            item.result = str(e) if isinstance(e, OSError) else named_database_words(e)
+        finally:
+            self.busy = False
+            self.requests.task_done()
 
     def idle(self) -> bool:
         """Whether every request put on the queue is answered (its replies in the outbox): nothing
@@ -254,6 +285,9 @@ class Committer:
                 break
             if item is STOP:
                 return batch, True
+            if type(item) is SaveCopy:  # after this batch (run)
+                self._save_after = item
+                break
             batch.append(item)
         return batch, False
 

@@ -10,12 +10,13 @@ wait on another connection's lock (:meth:`WriteConnection.recover`).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
@@ -27,6 +28,7 @@ from db.engine import checkpoint, raw_dbapi, storage_full_reason
 from db.errors import database_words, named_database_words
 from db.files import database_files
 from db.schema import migrate
+from db.sizes import human_bytes
 
 log = logging.getLogger("tickstack.writer")
 
@@ -144,15 +146,18 @@ def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWa
                     "write it acknowledged is now only in the file it still has open and in the WAL, so it takes "
                     "no more writes. ")
             quit_stack = circusctl_command(circus_endpoint, "quit")
+            if saved is None:
+                return said + ("It is saving them all in a copy beside it; its next ERROR line says where, and how "
+                               "to put it in place: stop nothing until then")
             if isinstance(saved, Path):
                 return said + (f"It saved them all in a copy, {saved}: stop the stack (`{quit_stack}`), then remove "
                                f"the WAL files of the removed database and put the copy in its place (`rm -f "
                                f"{path}-wal {path}-shm && mv {saved} {path}`), then start it (`make run`)")
             return said + (f"It could not save a copy ({saved}): copy it out of the writer, the other watchers "
                            "stopped first (their shared memory would hide WAL frames from the copy), e.g. "
-                           f"`cp /proc/{os.getpid()}/fd/{fd} {path}.saved && cp {path}-wal {path}.saved-wal`; then "
-                           f"`{quit_stack}`, `rm -f {path}-shm && mv {path}.saved {path} && mv {path}.saved-wal "
-                           f"{path}-wal`, and `make run`: SQLite applies the WAL")
+                           f"`cp /proc/{os.getpid()}/fd/{fd} {path}.copied && cp {path}-wal {path}.copied-wal`; "
+                           f"then `{quit_stack}`, `rm -f {path}-shm && mv {path}.copied {path} && mv "
+                           f"{path}.copied-wal {path}-wal`, and `make run`: SQLite applies the WAL")
         return (f"the database file {watch.database} was moved to {where} under the writer (by another program): "
                 "the readers and the next writer would open another file at its path, a new empty database, so "
                 f"the writer takes no more writes; put it back (`mv {where} {path}`), then restart the writer "
@@ -205,36 +210,28 @@ def make_database_private(path: Path | None) -> None:
             log.warning("writer: %s is open to other users and cannot be made private: %s", one, e)
 
 
-def check_writable(conn: Connection) -> None:
-    """Raise SQLite's SQLITE_READONLY if ``conn`` cannot write (a no-op on a server), inside the caller's
-    transaction. SQLite opens a file this process may not write (its mode, its owner, a read-only
-    mount) for reading only, without a word, and fails each write after: the writer said ready and
-    refused every request for good, not retryably (fault hunt, round 39). A write that changes
-    nothing fails at once instead: at the start (the writer exits, saying why) and when a failure
-    made it open another connection (tried again before each batch until the file is writable)."""
-    if conn.dialect.name == "sqlite":
+def check_writable(conn: Connection, busy_timeout_ms: int | None = None) -> None:
+    """Raise SQLite's SQLITE_READONLY if ``conn`` cannot write (a no-op on a server). SQLite opens a
+    file this process may not write (its mode, its owner, a read-only mount) for reading only, without
+    a word, and fails each write after: the writer said ready and refused every request for good, not
+    retryably (fault hunt, round 39). A write that changes nothing fails at once instead: at the start,
+    inside the caller's transaction (the writer exits, saying why), and on a connection opened after a
+    failure (``busy_timeout_ms`` given: outside any transaction, waiting for no other program's write
+    lock, which only says the file can be written; the timeout is then set back to it)."""
+    if conn.dialect.name != "sqlite":
+        return
+    if busy_timeout_ms is None:
         conn.exec_driver_sql("DELETE FROM applied_requests WHERE 0")
-
-
-#: How long the writer waits for its commit thread to answer what it holds before it saves a removed
-#: database (:func:`save_when_idle`): a batch in hand, and the refusals of those queued.
-SAVE_WAIT_S = 10.0
-
-
-def save_when_idle(link: WriteConnection, idle: Callable[[], bool], path: Path) -> Path | str:
-    """The removed database ``path``, saved whole through ``link`` (:meth:`WriteConnection.save_copy`)
-    once the commit thread is ``idle``, having answered what it held (refused from then on: nothing
-    is applied after the copy); or why it could not be. Called by the IO thread, which queues nothing
-    meanwhile, so the commit thread's queue only empties."""
-    deadline = time.monotonic() + SAVE_WAIT_S
-    while not idle() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if not idle():
-        return f"the commit thread was busy for {SAVE_WAIT_S:g} s"
+        return
+    raw = raw_dbapi(conn)
+    raw.execute("PRAGMA busy_timeout = 0")
     try:
-        return link.save_copy(path)
-    except Exception as e:  # a full disk, the folder gone: the words say how to copy it instead
-        return named_database_words(e)
+        raw.execute("DELETE FROM applied_requests WHERE 0")
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorname", "") != "SQLITE_BUSY":
+            raise
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
 
 
 class WriteConnection:
@@ -275,16 +272,29 @@ class WriteConnection:
 
     def save_copy(self, path: Path) -> Path:
         """A complete copy of the database as this connection sees it, its file and every frame of its
-        WAL, in a new file beside ``path`` (``<name>.saved``, ``.saved-2``, ...), with VACUUM INTO; returns
-        it. The caller holds the connection (no batch runs). Raises the driver's error."""
+        WAL, in a new file beside ``path`` (``<name>.saved``, ``.saved-2``, ...), with VACUUM INTO;
+        returns it. Only the commit thread calls it (:class:`workers.commit.SaveCopy`): nothing else
+        uses the connection meanwhile, and the IO thread serves on (a watchdog killed a writer whose
+        IO thread copied a large database, mid-copy: review of round 39). Refused before it starts
+        when the disk has less room than the database's pages; a copy that fails leaves nothing (its
+        rollback journal, left hot, would empty a good file put at its name later). Raises OSError or
+        the driver's error."""
         raw = raw_dbapi(self.conn)
         if raw.in_transaction:
             raw.rollback()
-        for n in range(1, 100):
-            dest = path.with_name(f"{path.name}.saved" + (f"-{n}" if n > 1 else ""))
-            if not os.path.lexists(dest):
-                break
-        raw.execute("VACUUM INTO ?", (str(dest),))
+        dest = next(d for n in range(1, 1000) if not os.path.lexists(
+            d := path.with_name(f"{path.name}.saved" + (f"-{n}" if n > 1 else ""))))
+        need = raw.execute("PRAGMA page_count").fetchone()[0] * raw.execute("PRAGMA page_size").fetchone()[0]
+        free = shutil.disk_usage(dest.parent).free
+        if need > free:
+            raise OSError(errno.ENOSPC, f"the copy needs about {human_bytes(need)} and {dest.parent} has "
+                                        f"{human_bytes(free)} free")
+        try:
+            raw.execute("VACUUM INTO ?", (str(dest),))
+        except BaseException:
+            for leftover in (dest, dest.with_name(dest.name + "-journal")):
+                leftover.unlink(missing_ok=True)
+            raise
         return dest
 
     @property
@@ -320,9 +330,7 @@ class WriteConnection:
         try:
             conn = self.engine.connect()
             try:
-                with conn.begin() as transaction:
-                    check_writable(conn)
-                    transaction.rollback()
+                check_writable(conn, int(self.settings.busy_timeout_ms))
             except Exception:
                 conn.close()
                 raise

@@ -56,6 +56,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 # Packed columns (bulk ticks, the analysis worker's stores) are checked with numpy, which
@@ -75,14 +76,13 @@ from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
-from workers.commit import DOORBELL, STOP, Committer, Request
+from workers.commit import DOORBELL, STOP, Committer, Request, SaveCopy
 from workers.write_connection import (
     JournalWatch,
     database_removed,
     journal_gone_reason,
     make_database_private,
     orphaned_journal,
-    save_when_idle,
 )
 from workers.writer_stats import Stats
 
@@ -129,6 +129,12 @@ class Writer:
         self.lock_lost = False
         #: Whether SQLite's WAL is still where the write connection opened it (:meth:`_check_journal`).
         self.journal_watch: JournalWatch | None = None
+        #: What JournalWatch found gone; a removed database's copy asked of the commit thread (until
+        #: done), whether it is on the queue, and the copy made (the stop then has nothing to save).
+        self.gone: list[str] = []
+        self.save: SaveCopy | None = None
+        self.save_sent = False
+        self.saved_copy: Path | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -160,14 +166,19 @@ class Writer:
         self.open_files, _ = raise_open_file_limit()
         ensure_home(self.settings)
         self.server_lock: ServerWriterLock | None = None
+        # Before the lock's wait: a stop or a stray signal meanwhile is handled, not the default action.
+        self.init_signals()
         try:
-            self.lock.acquire(wait=self.settings.writer_lock_wait)
+            self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=lambda: self.stop_requested_at is not None)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
             # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
             self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
                                                 on_lost=self._stop_now, wait=SERVER_WAIT_S)
         except WriterLocked as e:
             self.lock.release()
+            if self.stop_requested_at is not None:  # asked to stop while it waited: nothing was begun
+                log.info("writer: stopped while it waited for the lock (%s); exiting", e)
+                return 0
             log.error("writer: %s", e)
             return EXIT_LOCKED
         except Exception as e:
@@ -188,7 +199,6 @@ class Writer:
                 return 1
             raise
         try:
-            self.init_signals()
             orphaned = orphaned_journal(self.settings.database_path)
             if orphaned is not None:
                 log.error("writer: %s", orphaned)
@@ -240,7 +250,12 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            saved = self.committer.link.final_checkpoint(self.committer.refusing is not None)  # type: ignore[union-attr]
+            if self.saved_copy is not None:  # the removed file's last checkpoint would copy into nothing kept
+                log.info("writer: its database file was removed under it; every write it acknowledged is in the "
+                         "copy it saved, %s; exiting", self.saved_copy)
+                saved = True
+            else:
+                saved = self.committer.link.final_checkpoint(self.committer.refusing is not None)  # type: ignore[union-attr]
             lost = self.lock_lost or (self.server_lock is not None and self.server_lock.lost)
             return EXIT_LOCKED if lost else 0 if saved else 1
         finally:
@@ -365,19 +380,43 @@ class Writer:
         database file itself moved or removed: the readers and the next writer would open a new, empty
         one at its path; writes are refused likewise, and the reason says where the file is now and how
         to put it back, or, removed, where the writer saved it whole (:func:`journal_gone_reason`)."""
-        if self.journal_watch is None or self.committer is None or self.committer.refusing is not None:
-            return  # a server's writer, or refusing already
-        gone = self.journal_watch.gone()
-        if gone:
-            # What comes from now on (_accept), and what is queued (the committer), is refused.
-            self.committer.refusing = f"not applied, retry: {', '.join(gone)} removed or moved under the writer"
+        if self.journal_watch is None or self.committer is None:
+            return  # a server's writer
+        if self.committer.refusing is not None:
+            self._send_save()
+            return
+        self.gone = self.journal_watch.gone()
+        if self.gone:
+            if database_removed(self.gone, self.journal_watch):
+                self.save = SaveCopy(self.settings.database_path)  # type: ignore[arg-type]
+            self._refuse()
             self.checkpointer.stop(timeout=0)  # its PASSIVE checkpoints may be partial: none from now on
-            saved = (save_when_idle(self.committer.link, self.committer.idle, self.settings.database_path)
-                     if database_removed(gone, self.journal_watch) else None)
-            reason = self.stats.journal_removed = journal_gone_reason(gone, self.settings.circus_endpoint,
-                                                                      self.journal_watch, saved)
-            log.error("writer: %s", reason)
-            self.committer.refusing = f"not applied, retry: {reason}"
+            self._send_save()
+
+    def _refuse(self) -> None:
+        """Every write refused from now on, saying why (the IO thread's, and what the committer holds)."""
+        assert self.committer is not None and self.journal_watch is not None
+        reason = self.stats.journal_removed = journal_gone_reason(
+            self.gone, self.settings.circus_endpoint, self.journal_watch,
+            saved=self.save.result if self.save is not None else None)
+        log.error("writer: %s", reason)
+        self.committer.refusing = f"not applied, retry: {reason}"
+
+    def _send_save(self) -> None:
+        """The removed database's :class:`SaveCopy` to the commit thread, after what it holds (its queue
+        full: at the next check); once done, the words say where the copy is."""
+        if self.save is None:
+            return
+        if not self.save_sent:
+            try:
+                self.queue.put_nowait(self.save)
+                self.save_sent = True
+            except queue.Full:
+                return
+        if self.save.result is not None:
+            self._refuse()
+            self.saved_copy = self.save.result if isinstance(self.save.result, Path) else None
+            self.save = None
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a

@@ -115,8 +115,8 @@ def _build() -> dict[str, Any]:
                     "summary": "Writer, database and circus watchers",
                     "description": (
                         "200 while the writer answers, 503 when it does not. `status` is `ok`, `degraded` (writer up, "
-                        "but it refuses every write, `writer.writes_refused` saying why: its database files removed "
-                        "under it, or a disk full within the last minute; or the database cannot be read or a "
+                        "but it refuses writes, `writer.writes_refused` saying why: its database files removed "
+                        "under it, or its disk full; or the database cannot be read or a "
                         "circus watcher is down: stopped, missing, or running "
                         "fewer processes than circus was asked for, at least one; `circus.down` names each) or "
                         "`unavailable`. circus being unreachable (the API run outside circus) is reported but does "
@@ -413,7 +413,7 @@ def _build() -> dict[str, Any]:
                             "stats": {"type": "object", "description": (
                                 "The writer's counters (queue_depth, commit_p50_ms, commit_p99_ms, lock_errors, ...)")},
                             "error": {"type": "string"},
-                            "writes_refused": {"type": "string", "description": "why it refuses every write now"}}},
+                            "writes_refused": {"type": "string", "description": "why it refuses writes now"}}},
                         "database": {"type": "object", "description": (
                             "SQLite: the file's path, journal mode, sizes, lock errors (must read 0) and the "
                             "last checkpoint. A server (PostgreSQL): its dialect and host only (never a user "

@@ -34,7 +34,7 @@ def health() -> ResponseReturnValue:
     answers, whatever circus says (the API works without circus: tests, development; circus is
     reported as unreachable then); 503 when the writer does not answer, or (PostgreSQL) the
     database server does not (``database.reachable`` false; its size and connections otherwise).
-    ``status`` is ``ok``, ``degraded`` (writer up, but it refuses every write (``writer.writes_refused``
+    ``status`` is ``ok``, ``degraded`` (writer up, but it refuses writes (``writer.writes_refused``
     says why: :func:`db.health.writes_refused`), the database cannot be
     read, a watcher is down, or circusd does not answer although its
     pid file is there: it was killed, or is stuck; nothing restarts a process
