@@ -42,7 +42,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -66,6 +65,7 @@ from db.protocol import encode_reply, request_digest
 from db.validation import shown
 from workers.answers import Answers
 from workers.dedup import Applied, AppliedRequests
+from workers.journal_guard import SaveCopy
 from workers.write_connection import WriteConnection, transaction_ended
 from workers.writer_stats import Stats
 
@@ -73,16 +73,6 @@ log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
-
-
-@dataclass
-class SaveCopy:
-    """Put on the commit thread's queue to save the database whole, its file having been removed under
-    the writer (:meth:`workers.write_connection.WriteConnection.save_copy`), after the batches queued
-    before it. ``result``: the copy's path, or why there is none; None until it is done."""
-
-    path: Path
-    result: Path | str | None = None
 #: Seconds between two prunes of the record of applied requests (:meth:`Committer._maybe_prune`).
 PRUNE_EVERY_S = 60.0
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.

@@ -56,7 +56,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 # Packed columns (bulk ticks, the analysis worker's stores) are checked with numpy, which
@@ -76,14 +75,9 @@ from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
-from workers.commit import DOORBELL, STOP, Committer, Request, SaveCopy
-from workers.write_connection import (
-    JournalWatch,
-    database_removed,
-    journal_gone_reason,
-    make_database_private,
-    orphaned_journal,
-)
+from workers.commit import DOORBELL, STOP, Committer, Request
+from workers.journal_guard import JournalGuard
+from workers.write_connection import make_database_private, orphaned_journal
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -127,14 +121,8 @@ class Writer:
         self.stop_requested_at: float | None = None
         #: The writer lock's file was removed or replaced while it served (:meth:`_check_lock`).
         self.lock_lost = False
-        #: Whether SQLite's WAL is still where the write connection opened it (:meth:`_check_journal`).
-        self.journal_watch: JournalWatch | None = None
-        #: What JournalWatch found gone; a removed database's copy asked of the commit thread (until
-        #: done), whether it is on the queue, and the copy made (the stop then has nothing to save).
-        self.gone: list[str] = []
-        self.save: SaveCopy | None = None
-        self.save_sent = False
-        self.saved_copy: Path | None = None
+        #: What the writer does when its database files are removed or moved under it (SQLite).
+        self.journal_guard: JournalGuard | None = None
         self.stats = Stats()
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
@@ -234,8 +222,8 @@ class Writer:
             if before != after:
                 log.info("writer: schema upgraded from version %d to %d", before, after)
             if self.settings.database_path is not None:  # what its connection opened, seen before it serves
-                self.journal_watch = JournalWatch(self.settings.database_path)
-                self.journal_watch.gone()
+                self.journal_guard = JournalGuard(self.settings, self.committer, self.checkpointer, self.stats,
+                                                  self.queue)
             # Ingest decodes thousands of short-lived containers per request;
             # at the default threshold (700) the collector walks them over and
             # over. Long-lived startup objects are frozen out of its way.
@@ -250,9 +238,10 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            if self.saved_copy is not None:  # the removed file's last checkpoint would copy into nothing kept
+            copy = self.journal_guard.saved_copy if self.journal_guard is not None else None
+            if copy is not None:  # the removed file's last checkpoint would copy into nothing kept
                 log.info("writer: its database file was removed under it; every write it acknowledged is in the "
-                         "copy it saved, %s; exiting", self.saved_copy)
+                         "copy it saved, %s; exiting", copy)
                 saved = True
             else:
                 saved = self.committer.link.final_checkpoint(self.committer.refusing is not None)  # type: ignore[union-attr]
@@ -305,7 +294,8 @@ class Writer:
                 if time.monotonic() - lock_checked >= LOCK_CHECK_EVERY_S:
                     lock_checked = time.monotonic()
                     self._check_lock()
-                    self._check_journal()
+                    if self.journal_guard is not None:
+                        self.journal_guard.check()
                 events = dict(poller.poll(50))
                 if replies_in in events:
                     self._forward_replies(replies_in, router)
@@ -369,54 +359,6 @@ class Writer:
             log.error("writer: the writer lock %s was removed or replaced: another writer could start beside "
                       "this one; draining and exiting", self.lock.path)
             self.stop_requested_at = time.monotonic()
-
-    def _check_journal(self) -> None:
-        """SQLite's WAL (or shm) removed or moved under the writer (``rm tickstack.db-wal
-        tickstack.db-shm``): every write since the last checkpoint is then only in the WAL this process
-        still has open, lost with it. A checkpoint now could be partial (a reader's snapshot holds
-        pages back), which without the WAL leaves the database file a mix of two states; so the writer
-        keeps what it has, refuses every write from now on (retryably), and says how to save it: a
-        restart of the stack, whose writer's last checkpoint, the readers stopping, copies it all. The
-        database file itself moved or removed: the readers and the next writer would open a new, empty
-        one at its path; writes are refused likewise, and the reason says where the file is now and how
-        to put it back, or, removed, where the writer saved it whole (:func:`journal_gone_reason`)."""
-        if self.journal_watch is None or self.committer is None:
-            return  # a server's writer
-        if self.committer.refusing is not None:
-            self._send_save()
-            return
-        self.gone = self.journal_watch.gone()
-        if self.gone:
-            if database_removed(self.gone, self.journal_watch):
-                self.save = SaveCopy(self.settings.database_path)  # type: ignore[arg-type]
-            self._refuse()
-            self.checkpointer.stop(timeout=0)  # its PASSIVE checkpoints may be partial: none from now on
-            self._send_save()
-
-    def _refuse(self) -> None:
-        """Every write refused from now on, saying why (the IO thread's, and what the committer holds)."""
-        assert self.committer is not None and self.journal_watch is not None
-        reason = self.stats.journal_removed = journal_gone_reason(
-            self.gone, self.settings.circus_endpoint, self.journal_watch,
-            saved=self.save.result if self.save is not None else None)
-        log.error("writer: %s", reason)
-        self.committer.refusing = f"not applied, retry: {reason}"
-
-    def _send_save(self) -> None:
-        """The removed database's :class:`SaveCopy` to the commit thread, after what it holds (its queue
-        full: at the next check); once done, the words say where the copy is."""
-        if self.save is None:
-            return
-        if not self.save_sent:
-            try:
-                self.queue.put_nowait(self.save)
-                self.save_sent = True
-            except queue.Full:
-                return
-        if self.save.result is not None:
-            self._refuse()
-            self.saved_copy = self.save.result if isinstance(self.save.result, Path) else None
-            self.save = None
 
     def _stop_now(self) -> None:
         """The commit thread cannot go on (a bug of its own loop, never a
