@@ -347,7 +347,7 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
 
 
 #: A full disk the writer met this recently is doctor's FAIL (a warning after).
-STORAGE_FULL_NOW_S = 60
+STORAGE_FULL_FAIL_S = 60
 
 
 def writes_refused(stats: dict[str, Any] | None) -> str | None:
@@ -387,7 +387,7 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)
-        level = "fail" if ago_s < STORAGE_FULL_NOW_S else "warn"
+        level = "fail" if ago_s < STORAGE_FULL_FAIL_S else "warn"
         out.append((level, f"The writer refused {stats.get('storage_full', 0)} writes since it started because the "
                            f"disk was full, the last {ago_s:.0f} s ago ({last['reason']}). Nothing of them was "
                            "written; clients retry, and writes resume by themselves once space is freed."))

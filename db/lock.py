@@ -113,14 +113,14 @@ class WriterLock(PidLock):
         deadline = time.monotonic() + wait
         said = False
         while not self.try_acquire():
-            holder = read_lock_holder(self.path)
             if time.monotonic() >= deadline or stopping():
-                raise WriterLocked(f"another writer (pid {holder or 'unknown'}) holds {self.path}; refusing to "
-                                   "start a second one, since exactly one process may write the database")
+                raise WriterLocked(f"another writer (pid {read_lock_holder(self.path) or 'unknown'}) holds "
+                                   f"{self.path}; refusing to start a second one, since exactly one process may "
+                                   "write the database")
             if not said:
                 log.info("writer: another writer (pid %s) holds %s; waiting up to %g s for it to end (circus's "
-                         "reload starts the new writer before it stops the old one)", holder or "unknown",
-                         self.path, wait)
+                         "reload starts the new writer before it stops the old one)",
+                         read_lock_holder(self.path) or "unknown", self.path, wait)
                 said = True
             time.sleep(0.1)
 

@@ -51,6 +51,8 @@ def time_problem(v: int, *, seconds: bool = True) -> str | None:
     """What is wrong with the integer ``v`` as a tick's or a trade's time (epoch milliseconds 1970..2100,
     and with ``seconds`` not a time in seconds), in the words after the value; None when nothing is.
     The later-than-now rule is the caller's (:func:`latest_allowed_ts`)."""
+    if SECONDS_TO <= v <= MAX_TS:  # any time from April 1970 in milliseconds, the usual one: at once
+        return None
     unit = next(((name, per_ms) for low, high, name, per_ms in OTHER_UNITS if low <= v < high), None)
     if unit is not None and unit[0] == "seconds" and seconds:
         return (f"{IN_SECONDS} ({utc(v * 1000)} as seconds, {utc(v)} as milliseconds): send epoch "

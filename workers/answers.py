@@ -27,16 +27,14 @@ class Answers:
     def __init__(self, settings: Settings, stats: Stats) -> None:
         self.settings = settings
         self.stats = stats
-        #: Since when (monotonic) the disk is full, as the last commit found it; None while there is space.
-        self.full_since: float | None = None
 
     def committed(self) -> None:
         """A batch committed something: if the disk was full, it has space again."""
-        if self.full_since is not None:
+        since = self.stats.disk_full_since
+        if since is not None:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
-                        time.monotonic() - self.full_since)
-            self.full_since = None
-            self.stats.disk_full = False
+                        time.monotonic() - since)
+            self.stats.disk_full_since = None
 
     def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
         """What a request whose op raised ``e`` is answered: the op's own
@@ -72,9 +70,8 @@ class Answers:
         except OSError:
             free = ""
         self.stats.last_storage_full = {"at_ms": ops.now_ms(), "reason": reason}
-        self.stats.disk_full = True
-        if self.full_since is None:
-            self.full_since = time.monotonic()
+        if self.stats.disk_full_since is None:
+            self.stats.disk_full_since = time.monotonic()
             log.warning("writer: the disk is full (%s%s); writes are answered StorageFull until space is freed",
                         reason, free)
         return StorageFull(f"the database's disk is full ({reason}{free}): nothing of the request was written; "

@@ -179,10 +179,10 @@ class Committer:
         try:
             while True:
                 first = self.requests.get()
-                if first is STOP:
-                    return
-                if type(first) is SaveCopy:
-                    self._save(first)
+                if type(first) is not Request:  # a control item: STOP, or a SaveCopy
+                    if first is STOP:
+                        return
+                    self._save(first)  # type: ignore[arg-type]
                     continue
                 self.busy = True
                 batch, stop_after = self._take_batch(first, wait)  # type: ignore[arg-type]
@@ -273,10 +273,10 @@ class Committer:
                 item = self.requests.get(timeout=remaining) if remaining > 0 else self.requests.get_nowait()
             except queue.Empty:
                 break
-            if item is STOP:
-                return batch, True
-            if type(item) is SaveCopy:  # after this batch (run)
-                self._save_after = item
+            if type(item) is not Request:  # a control item: STOP, or a SaveCopy (done after this batch: run)
+                if item is STOP:
+                    return batch, True
+                self._save_after = item  # type: ignore[assignment]
                 break
             batch.append(item)
         return batch, False

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from db import validation
 from db.errors import ValidationError
-from db.timestamps import SECONDS_FROM, SECONDS_TO
+from db.timestamps import time_problem
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -274,19 +274,19 @@ def parse_time(line: int, name: str, text: str) -> int:
 
 
 def _in_range(line: int, name: str, text: str, ms: int, unit: str | None = None) -> int:
-    """``ms``, read from ``text``, if the writer takes it as a time (1970..2100, and not January to
-    April 1970, which it refuses as a likely time in seconds: :func:`db.timestamps.time_problem`);
-    else the error names the value as the file wrote it, and how it was read (epoch seconds are
-    multiplied into milliseconds: the writer's words would name the product, and advise sending
-    milliseconds, which a file does not choose)."""
+    """``ms``, read from ``text``, if the writer takes it as a time (:func:`db.timestamps.time_problem`:
+    1970..2100, and not January to April 1970, which it refuses as a likely time in seconds); else the
+    error names the value as the file wrote it, and how it was read (epoch seconds are multiplied into
+    milliseconds: the writer's words would name the product, and advise sending milliseconds, which a
+    file does not choose). Every row's time comes here: the words are made only for a bad one."""
+    if time_problem(ms) is None:
+        return ms
     try:
         read = f" ({unit}: {ms_to_iso(ms)})" if unit else ""
     except (OverflowError, ValueError):  # before year 1 or after 9999
         read = f" ({unit})"
-    if not 0 <= ms <= validation.MAX_TS:
-        raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is out of range: 1970..2100")
-    if SECONDS_FROM <= ms < SECONDS_TO:
+    if 0 <= ms <= validation.MAX_TS:  # in range, so refused as a time in seconds
         raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is from January to April 1970, which "
                                    "the writer refuses: as epoch milliseconds, such a time is most likely one in "
                                    "seconds")
-    return ms
+    raise CsvFormatError(line, f"{name} {validation.shown(text)}{read} is out of range: 1970..2100")

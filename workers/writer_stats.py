@@ -39,9 +39,10 @@ class Stats:
         self.background_checkpoints = 0
         self.storage_full = 0
         self.last_storage_full: dict[str, Any] | None = None
-        #: Whether the disk is full as the last write found it (none committed since the last StorageFull).
-        self.disk_full = False
-        #: Why the writer refuses every write: its WAL was removed (workers.writer.Writer._check_journal).
+        #: Since when (monotonic) the disk is full, as the last write found it (none committed since a
+        #: StorageFull); None while there is space. Kept by workers.answers.Answers.
+        self.disk_full_since: float | None = None
+        #: Why the writer refuses every write: its files were removed under it (workers.journal_guard).
         self.journal_removed: str | None = None
         self.ticks_inserted = 0
         self.commit_ms: deque[float] = deque(maxlen=4096)
@@ -65,7 +66,8 @@ class Stats:
             "lock_errors": self.lock_errors, "lost_races": self.lost_races, "commit_failures": self.commit_failures,
             "careful_batches": self.careful_batches, "io_batches": self.io_batches,
             "background_checkpoints": self.background_checkpoints,
-            "storage_full": self.storage_full, "last_storage_full": self.last_storage_full, "disk_full": self.disk_full,
+            "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
+            "disk_full": self.disk_full_since is not None,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
             # SQLite's alone, and only once it happened: not a field of every answer on a server.
             **({"journal_removed": self.journal_removed} if self.journal_removed else {}),
