@@ -17,8 +17,6 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
@@ -225,27 +223,15 @@ def check_writable(conn: Connection, busy_timeout_ms: int | None = None) -> None
     if busy_timeout_ms is None:
         conn.exec_driver_sql("DELETE FROM applied_requests WHERE 0")
         return
-    with not_waiting(raw_dbapi(conn), busy_timeout_ms) as raw:
-        try:
-            raw.execute("DELETE FROM applied_requests WHERE 0")
-        except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorname", "") != "SQLITE_BUSY":
-                raise
-
-
-@contextmanager
-def not_waiting(raw: sqlite3.Connection, busy_timeout_ms: int) -> Iterator[sqlite3.Connection]:
-    """``raw`` with ``busy_timeout`` 0 (a statement that would wait on another connection's lock
-    fails at once, SQLITE_BUSY), then ``busy_timeout_ms`` again; a failure to set it back is logged
-    (it stays 0 until the next batch here sets it). Raises sqlite3.Error if it cannot be set to 0."""
+    raw = raw_dbapi(conn)
     raw.execute("PRAGMA busy_timeout = 0")
     try:
-        yield raw
+        raw.execute("DELETE FROM applied_requests WHERE 0")
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorname", "") != "SQLITE_BUSY":
+            raise
     finally:
-        try:
-            raw.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        except sqlite3.Error as e:
-            log.warning("writer: could not set busy_timeout again: %s", e)
+        raw.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
 
 
 class WriteConnection:
@@ -364,11 +350,19 @@ class WriteConnection:
         if raw is None:
             return None
         try:
-            with not_waiting(raw, int(self.settings.busy_timeout_ms)):
-                raw.execute("BEGIN IMMEDIATE")
+            raw.execute("PRAGMA busy_timeout = 0")
+        except sqlite3.Error:
+            return None
+        try:
+            raw.execute("BEGIN IMMEDIATE")
             return raw
         except sqlite3.Error:
             return None
+        finally:
+            try:
+                raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+            except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
+                log.warning("writer: could not set busy_timeout again: %s", e)
 
     def final_checkpoint(self, journal_removed: bool = False) -> bool:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it
