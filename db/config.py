@@ -156,7 +156,8 @@ SETTINGS: tuple[Setting, ...] = (
     # (another writer holds the lock), and circus started another only once the whole reload was done,
     # 22 s without a writer (fault hunt, round 39). The old one's drain and last checkpoint fit in it.
     S("TICKSTACK_WRITER_LOCK_WAIT", "writer_lock_wait", number(0, 3600), 15.0, "15",
-      "a writer started while another holds the lock waits this many seconds for it to end, then refuses"),
+      "a writer started while another holds the lock (on PostgreSQL: the file's, then the server's) waits this many "
+      "seconds for it to end, then refuses"),
     # Ten years: the prune's cutoff (now - TTL, in ms) must be an SQLite INTEGER (1e18 s overflowed it and
     # failed a batch every minute); a client resends within its deadline (a day at most), a spool once
     # the writer is back.

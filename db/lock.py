@@ -388,22 +388,35 @@ class ServerWriterLock:
 SERVER_WAIT_S = 300.0
 
 
-def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = None,
-                     wait: float = 0.0) -> ServerWriterLock | None:
+def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = None, wait: float = 0.0,
+                     held_wait: float = 0.0, stopping: Callable[[], bool] = lambda: False) -> ServerWriterLock | None:
     """``host``'s writer lock on ``url``'s server, taken (:class:`ServerWriterLock`); None on SQLite,
     whose file lock (:class:`WriterLock`, beside the database) already is per database. An
     unreachable server is tried again every second for ``wait`` seconds (logged every 10 s), and
-    not at all once this process is orphaned (its supervisor died: nobody would stop it)."""
+    not at all once this process is orphaned (its supervisor died: nobody would stop it). A lock
+    held by another writer is tried again every 0.2 s for ``held_wait`` seconds (said once, at INFO),
+    as :meth:`WriterLock.acquire` waits for the file lock, and no longer once ``stopping()``: the
+    writer that held the file lock ends its session just before it lets that lock go, and the server
+    drops its locks only when that session's backend has exited, a moment later."""
     if url.startswith("sqlite"):
         return None
     from db.engine import server_unreachable
 
-    deadline, parent, told = time.monotonic() + wait, os.getppid(), 0.0
+    now = time.monotonic()
+    deadline, held_deadline, parent, told, said = now + wait, now + held_wait, os.getppid(), 0.0, False
     while True:
         lock = ServerWriterLock(url, host, on_lost)
         try:
             lock.acquire()
             return lock
+        except WriterLocked as e:
+            if time.monotonic() >= held_deadline or stopping():
+                raise
+            if not said:
+                log.info("writer: %s; waiting up to %g s for it to end", str(e).split(";")[0], held_wait)
+                said = True
+            time.sleep(0.2)
+            continue
         except Exception as e:
             now = time.monotonic()
             if not server_unreachable(e) or now >= deadline or os.getppid() != parent:

@@ -47,6 +47,26 @@ def spawn(env: dict[str, str], timeout: float = 20.0, **popen: Any) -> subproces
         raise
 
 
+def stopped_while_waiting_for_the_lock(env: dict[str, str], *signals: signal.Signals) -> tuple[int, str]:
+    """Start a writer with ``env`` while another holds its lock (it waits up to 60 s, saying so), send it
+    ``signals`` once it waits, then SIGTERM, as circus stopping it would; its exit code and stderr."""
+    from testkit.helpers import wait_for
+
+    waiting = subprocess.Popen([sys.executable, "-m", "workers.writer"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                               env={**env, "TICKSTACK_WRITER_LOCK_WAIT": "60"})
+    try:
+        wait_for("the writer to wait for the lock", lambda: waiting.stderr is not None and "waiting up to 60 s" in
+                 waiting.stderr.readline(), timeout=30)
+        for sig in (*signals, signal.SIGTERM):
+            waiting.send_signal(sig)
+        _out, err = waiting.communicate(timeout=30)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+            waiting.wait()
+    return waiting.returncode, err
+
+
 @dataclass
 class Stack:
     """A runtime folder with its environment, and the processes started in it."""

@@ -24,7 +24,7 @@ from db.lock import LOCK_APP
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
-from testkit.writer import Stack
+from testkit.writer import Stack, stopped_while_waiting_for_the_lock
 from workers.writer import EXIT_LOCKED
 
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
@@ -50,9 +50,9 @@ def two_homes(home_databases: HomeDatabases) -> Iterator[tuple[Stack, Stack]]:
 
 
 def refused(stack: Stack, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Start a writer in ``stack``'s home and wait for it to exit (it should refuse)."""
-    return subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    """Start a writer in ``stack``'s home and wait for it to exit (it should refuse, after a lock wait of 1 s)."""
+    return subprocess.run([sys.executable, "-m", "workers.writer"], cwd=ROOT, capture_output=True, text=True,
+                          env={**stack.env, "TICKSTACK_WRITER_LOCK_WAIT": "1"}, timeout=timeout)
 
 
 def insert(stack: Stack, seq: int) -> dict:
@@ -115,6 +115,43 @@ def test_a_second_writer_on_the_same_database_refuses_until_the_first_is_gone(
     assert insert(a, 3) == {"inserted": 1, "duplicates": 0}
     for stack in (a, b):
         assert_no_password(stack.writer_log(), postgres_server)
+
+
+def test_a_writer_started_while_another_holds_the_server_lock_waits_for_it_and_takes_over(
+        two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
+    """The server lock is waited for as the file lock is (``TICKSTACK_WRITER_LOCK_WAIT``): the old
+    writer ends its lock's session just before it lets its file lock go, and the server drops the
+    lock only once that session's backend has exited, so a writer started by circus's reload took
+    the file lock, found the server's still held, and exited EXIT_LOCKED (left in round 39). Here the
+    holder is another home's writer: the new one waits, saying for what, and serves once it stops."""
+    a, b = two_homes
+    writer_a = a.start_writer()
+    assert insert(a, 1) == {"inserted": 1, "duplicates": 0}
+    log = b.home / "log" / "waiting-writer.log"
+    with open(log, "wb") as out:
+        waiting = subprocess.Popen([sys.executable, "-m", "workers.writer"], cwd=ROOT, stdout=out,
+                                   stderr=subprocess.STDOUT, env={**b.env, "TICKSTACK_WRITER_LOCK_WAIT": "60"})
+    b.procs.append(waiting)
+    wait_for("the new writer to wait for the server lock", lambda: "waiting up to 60 s for it to end" in
+             log.read_text() or waiting.poll() is not None, timeout=30)
+    assert waiting.poll() is None, log.read_text()[-2000:]
+    assert holder_text(writer_a.pid) in log.read_text(), log.read_text()[-2000:]
+    assert a.stop(writer_a) == 0
+
+    def b_serves() -> bool:
+        try:
+            with WriterClient(settings=b.settings, deadline=1) as client:
+                return client.ping(timeout=1)["pid"] == waiting.pid
+        except WriterUnavailable:
+            return waiting.poll() is not None  # ended: the assert below says how
+
+    wait_for("the waiting writer to serve", b_serves, timeout=30)
+    assert waiting.poll() is None, log.read_text()[-2000:]
+    assert insert(b, 2) == {"inserted": 1, "duplicates": 0}
+    # Stopped while it waits (circus stopping it): exit 0 at once, not EXIT_LOCKED after the wait.
+    code, err = stopped_while_waiting_for_the_lock(a.env)
+    assert code == 0 and "stopped while it waited" in err, err
+    assert_no_password(log.read_text() + err, postgres_server)
 
 
 def test_a_writer_that_loses_its_lock_session_stops_serving(two_homes: tuple[Stack, Stack],
@@ -246,7 +283,9 @@ copy_env = True
 stderr_stream.class = FileStream
 stderr_stream.filename = {log_dir}/writer-circus.log
 """)
-    daemon = Circusd(b.env, ini, cwd=b.home, log_path=log_dir / "circusd-lock.log", call_timeout=5)
+    # No lock wait: each start is refused at once, as three within the flapping window need.
+    daemon = Circusd({**b.env, "TICKSTACK_WRITER_LOCK_WAIT": "0"}, ini, cwd=b.home,
+                     log_path=log_dir / "circusd-lock.log", call_timeout=5)
     try:
         daemon.start(wait_active=(), timeout=30, poll=0.2)
         log = log_dir / "writer-circus.log"

@@ -32,7 +32,7 @@ from testkit import writer_procs
 from testkit.env import ROOT
 from testkit.helpers import wait_for
 from testkit.postgres import ReadConnection, read_connection
-from testkit.writer import Stack
+from testkit.writer import Stack, stopped_while_waiting_for_the_lock
 
 ctx = mp.get_context("spawn")
 
@@ -288,19 +288,8 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     assert "waiting up to 1 s for it to end" in second.stderr, second.stderr[-2000:]
     # Stopped while it waits (circus stopping it), a stray signal first: handled, not the default action
     # (SIGUSR1 ended it at once, not a word: review of round 39).
-    third = subprocess.Popen([sys.executable, "-m", "workers.writer"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                             env={**writer.env, "TICKSTACK_WRITER_LOCK_WAIT": "60"})
-    try:
-        wait_for("the third writer to wait", lambda: third.stderr is not None and "waiting up to 60 s" in
-                 third.stderr.readline(), timeout=30)
-        third.send_signal(signal.SIGUSR1)
-        third.send_signal(signal.SIGTERM)
-        _out, err = third.communicate(timeout=30)
-    finally:
-        if third.poll() is None:
-            third.kill()
-            third.wait()
-    assert third.returncode == 0 and "SIGUSR1 received: ignored" in err and "stopped while it waited" in err, err
+    code, err = stopped_while_waiting_for_the_lock(writer.env, signal.SIGUSR1)
+    assert code == 0 and "SIGUSR1 received: ignored" in err and "stopped while it waited" in err, err
     client = WriterClient(settings=writer.settings, deadline=10)
     assert client.ping()["pid"] == first.pid
     assert client.call("audit", actor="me", action="still-serving")["id"] == 1

@@ -148,6 +148,10 @@ class Writer:
             self.stop_requested_at = time.monotonic()
             log.info("writer: %s received; draining", signal.Signals(signum).name)
 
+    def stopping(self) -> bool:
+        """Whether a stop was asked for (a signal): the waits for the locks end at once."""
+        return self.stop_requested_at is not None
+
     def run(self) -> int:
         """Take the lock, open and upgrade the database, serve, drain, exit."""
         os.umask(0o077)  # database, WAL, lock and socket files: this user only
@@ -157,14 +161,15 @@ class Writer:
         # Before the lock's wait: a stop or a stray signal meanwhile is handled, not the default action.
         self.init_signals()
         try:
-            self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=lambda: self.stop_requested_at is not None)
+            self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=self.stopping)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
             # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
             self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
-                                                on_lost=self._stop_now, wait=SERVER_WAIT_S)
+                                                on_lost=self._stop_now, wait=SERVER_WAIT_S,
+                                                held_wait=self.settings.writer_lock_wait, stopping=self.stopping)
         except WriterLocked as e:
             self.lock.release()
-            if self.stop_requested_at is not None:  # asked to stop while it waited: nothing was begun
+            if self.stopping():  # asked to stop while it waited: nothing was begun
                 log.info("writer: stopped while it waited for the lock (%s); exiting", e)
                 return 0
             log.error("writer: %s", e)
