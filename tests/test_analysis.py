@@ -167,7 +167,8 @@ def test_a_chunk_over_the_row_limits_is_split(writer: Stack) -> None:
               "volume": 1.0} for i in range(10_500)]
     insert(writer, ticks, "minutely")
     log = run_worker(writer)
-    assert "stored 2 chunk(s): 10500 ticks" in log
+    stored = re.search(r"stored (\d+) chunk\(s\): 10500 ticks", log)
+    assert stored is not None and int(stored[1]) >= 2, log  # requests: as many as the rows need, or more
     assert sum(1 for k in check_bars(writer) if k[1] == "1m") == 10_500
     assert check_indicators(writer, ("1m", "5m", "1h")) > 10_000
 

@@ -222,16 +222,20 @@ class AnalysisWorker(Worker):
         return True
 
     def _flush(self, before: int) -> Flush:
-        """Store full requests (``rows_per_store`` bars and as many indicator rows, the pairs
-        :func:`parts` would make first) while the fold goes on, so the writer stores them while the
-        next indicators are computed. Each keeps the cursor at ``before`` with its stored state, as
-        every part but the last does (see the module docstring)."""
+        """Store a request as soon as either table holds ``rows_per_store`` rows (with at most as many
+        of the other) while the fold goes on, so the writer stores the bars while the indicators are
+        computed, and each series' values while the next ones are (it waited for as many bars as
+        values, and the bars, all made first, ran out after the first series: the last 135,000 of the
+        hourly benchmark's 180,000 values were all sent at the end). Each keeps the cursor at
+        ``before`` with its stored state, as every part but the last does (see the module docstring)."""
         assert self.pipe is not None
         size = self.rows_per_store
 
         def flush(bars: Table, indicators: Table) -> None:
-            while len(bars) >= size and len(indicators) >= size:
-                self._store(bars.take(size), indicators.take(size), before, before, self._stored_state)
+            while len(bars) >= size or len(indicators) >= size:
+                nb, ni = min(size, len(bars)), min(size, len(indicators))
+                self._store(bars.take(nb) if nb else [], indicators.take(ni) if ni else [], before, before,
+                            self._stored_state)
 
         return flush
 
