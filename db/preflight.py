@@ -194,6 +194,10 @@ class Blocker:
     quit: str | None = None
     #: A circusd with no ``quit`` (another project's): not ours to stop, so no ``kill`` is offered.
     foreign_circusd: bool = False
+    #: Whether it is in this home's way (the writer lock, an orphan), not only on the ports it needs.
+    in_home: bool = False
+    #: The ports it holds that this stack needs: (setting's variable, port, "TCP" or "UDP").
+    ports: list[tuple[str, int, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         who = f"pid {self.pid} ({self.cmdline})" if self.pid is not None else "a process we may not inspect"
@@ -208,7 +212,7 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
     watchdog's."""
     found: dict[int | None, Blocker] = {}
 
-    def add(pid: int | None, reason: str) -> None:
+    def add(pid: int | None, reason: str, port: tuple[str, int, str] | None = None) -> None:
         circusd = running_circusd(pid) if pid is not None else None
         if circusd is not None and circusd.pid != pid:
             reason = f"{reason} (through its process pid {pid})"
@@ -221,6 +225,10 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
             if cut_off is not None:  # ours, out of circusctl's reach: its `kill` is offered below
                 found[pid].reasons.append(cut_off)
         found[pid].reasons.append(reason)
+        if port is None:
+            found[pid].in_home = True
+        else:
+            found[pid].ports.append(port)
 
     holder = read_lock_holder(settings.writer_lock_path)
     if holder is not None:
@@ -235,15 +243,19 @@ def blockers(settings: Settings, *, tcp_ports: bool = True, udp_port: bool = Tru
         if port_taken(port, kind):
             owners = sorted({socket_owner(pid, port, kind) for pid in port_holders(port, kind)})
             for pid in owners or [None]:
-                add(pid, f"holds 127.0.0.1:{port}/{kind}, the {what}'s port ({variable})")
+                add(pid, f"holds 127.0.0.1:{port}/{kind}, the {what}'s port ({variable})", (variable, port, kind))
     return list(found.values())
 
 
 def refusal(settings: Settings, found: list[Blocker]) -> str:
     """The message that names every blocker and says what to do: a tickstack circusd is stopped with
     circusctl's ``quit``, any other process with ``kill`` (SIGTERM: a graceful stop, which another
-    circusd takes as its ``quit``)."""
-    lines = [f"refusing to start tickstack in {settings.home}: it is not alone there"]
+    circusd takes as its ``quit``); ports held by what is not in this home's way are better left to
+    it, so free ones to use instead come first (a new user's run, round 40: another stack of theirs
+    held 8000 and 8001, and the only advice was to quit it)."""
+    in_home = any(b.in_home for b in found)
+    lines = [f"refusing to start tickstack in {settings.home}: "
+             + ("it is not alone there" if in_home else "ports it needs are taken")]
     lines += [f"  - {b}" for b in found]
     ways = [f"`{b.quit}` stops that circusd and all it runs" for b in found if b.quit]
     killable = [b.pid for b in found if b.pid is not None and not b.quit and not b.foreign_circusd]
@@ -255,9 +267,35 @@ def refusal(settings: Settings, found: list[Blocker]) -> str:
             one = " " not in stopped
             ways.append(f"{'pid' if one else 'pids'} {stopped} {'is' if one else 'are'} stopped (SIGSTOP): "
                         f"`kill -CONT {stopped}` after lets {'it' if one else 'them'} act on it")
-    lines.append(f"stop {'them' if len(found) > 1 else 'it'} first ({'; '.join(ways)}), or choose other ports/home"
-                 if ways else "free those ports first, or choose other ports (TICKSTACK_*_PORT)")
+    taken = sorted({port for b in found for port in b.ports})
+    other_ports: str | None = None
+    free = free_ports_instead(settings, taken)
+    if free:
+        other_ports = ("give this stack other ports, in every shell that starts or manages it: `export "
+                       + " ".join(f"{variable}={port}" for variable, port in free) + "`, then start it again")
+    if in_home or other_ports is None:
+        stop = f"stop {'them' if len(found) > 1 else 'it'} first ({'; '.join(ways)})" if ways else \
+            "free those ports first"
+        lines.append(f"{stop}, or {other_ports}" if other_ports else stop)
+    else:
+        lines.append(f"{other_ports[0].upper()}{other_ports[1:]}" + (f"; or stop what holds them ({'; '.join(ways)})"
+                                                                      if ways else ""))
     return "\n".join(lines)
+
+
+def free_ports_instead(settings: Settings, taken: list[tuple[str, int, str]]) -> list[tuple[str, int]]:
+    """For each taken (variable, port, kind), a free port of that kind to use instead: the first
+    one up from ``port + 10`` that neither this stack's other ports nor another pick is."""
+    used = {settings.api_port, settings.console_port, settings.watchdog_port}
+    picks: list[tuple[str, int]] = []
+    for variable, port, kind in taken:
+        candidate = port + 10
+        while candidate <= 65535 and (candidate in used or port_taken(candidate, kind)):
+            candidate += 1
+        if candidate <= 65535:
+            used.add(candidate)
+            picks.append((variable, candidate))
+    return picks
 
 
 def _stopped(pid: int) -> bool:

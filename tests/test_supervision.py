@@ -221,6 +221,13 @@ def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
         assert f"pid {os.getpid()}" in refused.stderr, refused.stderr
         assert f"127.0.0.1:{stack.api_port}/TCP, the API's port" in refused.stderr, refused.stderr
         assert f"127.0.0.1:{stack.env['TICKSTACK_WATCHDOG_PORT']}/UDP, the watchdog's port" in refused.stderr
+        # Held by what is not in this home's way: free ports to use instead come first, and they do.
+        assert "ports it needs are taken" in refused.stderr and "not alone" not in refused.stderr, refused.stderr
+        advice = re.search(r"Give this stack other ports, in every shell that starts or manages it: `export "
+                           r"(TICKSTACK_API_PORT=\d+) (TICKSTACK_WATCHDOG_PORT=\d+)`", refused.stderr)
+        assert advice is not None, refused.stderr
+        moved = dict(pair.split("=") for pair in advice.groups())
+        assert prepare({**stack.env, **moved}).returncode == 0
         # circusd binds the web ports itself, before any hook: it stopped there, "Could not bind" in its
         # log only, nothing on its terminal, and exited 0, which a script reads as started.
         status, out = plain_circusd(stack.env)
