@@ -201,7 +201,8 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     client = WriterClient(settings=settings, deadline=writer_timeout)
     try:
         ping = client.ping(timeout=writer_timeout)
-        writer.update(up=True, pid=ping["pid"], ping_ms=ping["latency_ms"], stats=client.stats(writer_timeout))
+        writer.update(up=True, pid=ping["pid"], ping_ms=ping["latency_ms"], database=ping.get("database"),
+                      stats=client.stats(writer_timeout))
     except WriterError as e:
         writer["error"] = str(e)
     finally:
@@ -235,9 +236,14 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     cut_off = unreachable_circusd(settings.circus_endpoint)
     if cut_off is not None:  # the stack runs on, out of circusctl's and the console's reach
         out.append(("fail", f"{cut_off}."))  # "circusd pid N ...": the program's name, as it is written
+    writer = snap["writer"]
+    other = _other_database(snap)
+    if other is not None:  # every finding below would be about a database the stack does not use
+        out.append(other)
+        if other[0] == "fail":
+            return out
     out.extend(_server_findings(snap, settings))
     out.extend(_integrity_findings(snap))
-    writer = snap["writer"]
     if writer["up"]:
         st = writer.get("stats", {})
         p99 = st.get("commit_p99_ms")  # None until its first commit (just started)
@@ -294,6 +300,35 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out
+
+
+def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
+    """A finding when the home's writer writes another database than this process's settings name: a
+    shell with ``TICKSTACK_HOME`` set for a stack on PostgreSQL, and not ``DATABASE_URL``, read a
+    SQLite file that is not there and advised ``db init``, which would make one (a new user's run,
+    round 40). Another kind of database: fail, and nothing else is said. The same kind elsewhere
+    (another file, host or database name): a warning, since one server or folder has several names."""
+    served = snap["writer"].get("database") if snap["writer"]["up"] else None
+    ours = snap["database_url"]
+    if not served or served == ours:
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        theirs, mine = make_url(served), make_url(ours)
+    except Exception:  # shown cut down (display_url): compare as written
+        theirs = mine = None
+    fix = ("set DATABASE_URL and DATABASE_READ_URL here as the stack's environment has them (the shell that "
+           "ran `make run` or circusd), then run this again")
+    if theirs is None or mine is None or theirs.get_backend_name() != mine.get_backend_name():
+        return ("fail", f"This home's writer writes {served}, but this process's settings name {ours}: {fix}. "
+                        "Nothing else is checked: it would be about a database the stack does not use.")
+    if theirs.get_backend_name() == "sqlite":
+        same = Path(theirs.database or "").resolve() == Path(mine.database or "").resolve()
+    else:
+        same = (theirs.host, theirs.port, theirs.database) == (mine.host, mine.port, mine.database)
+    return None if same else ("warn", f"This home's writer writes {served}, but this process's settings name "
+                                      f"{ours}: unless they are one database by two names, {fix}.")
 
 
 def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:

@@ -109,6 +109,14 @@ def test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_do
     doctor = run(pg, "-m", "db", "doctor")
     assert doctor.returncode == 0 and "The database server answers" in doctor.stdout, doctor.stdout
     assert re.search(r"\[OK  \] amcheck of \d+ indexes: ok\.", doctor.stdout), doctor.stdout  # as SQLite's
+    # A shell with the home set and not the database's URLs: its settings name a SQLite file that is not
+    # there, and doctor advised `db init`, which would make one (a new user's run, round 40).
+    elsewhere = subprocess.run([sys.executable, "-m", "db", "doctor"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120, env={k: v for k, v in pg.env.items() if not k.startswith("DATABASE_URL")})
+    assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
+    assert "This home's writer writes postgresql" in elsewhere.stdout and "set DATABASE_URL" in elsewhere.stdout
+    assert "db init" not in elsewhere.stdout, elsewhere.stdout
+    no_password(elsewhere.stdout + elsewhere.stderr, postgres_server)
 
     app = create_app("api", load_settings(pg.env))
     client = app.test_client()

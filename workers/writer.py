@@ -124,6 +124,10 @@ class Writer:
         #: What the writer does when its database files are removed or moved under it (SQLite).
         self.journal_guard: JournalGuard | None = None
         self.stats = Stats()
+        #: What a ping answers: with the database it writes (no password; not in its stats, which
+        #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
+        #: another database says so.
+        self.ping_result = {"pid": os.getpid(), "protocol": PROTOCOL, "database": display_url(settings.database_url)}
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
         # Bytes queued = accepted (here) - released (by the commit thread):
         # each counter has one writing thread, so neither needs a lock.
@@ -417,7 +421,7 @@ class Writer:
             return
         name = msg["op"]
         if name == "ping":
-            self._send(router, ident, encode_reply(seq, result={"pid": os.getpid(), "protocol": PROTOCOL}))
+            self._send(router, ident, encode_reply(seq, result=self.ping_result))
         elif name == "stats":
             self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize(),
                                                                                    self.queued_bytes)))
