@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from array import array
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from db.errors import NotFound, ValidationError
 from db.protocol import decode_request, encode_request
 from db.validation import MAX_PRICE
 from testkit.env import ROOT
-from testkit.helpers import T0, wait_for
+from testkit.helpers import T0, ConsoleClient, wait_for
 from testkit.writer import RawPeer, Stack
 
 #: The wire format's extension types of packed columns (a contract with every client: pinned here).
@@ -495,6 +497,17 @@ def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: St
     assert pipe.failed == [] and pipe.completed == batches
     stats = client.stats()
     assert stats["background_checkpoints"] >= 1, stats
+    assert 0 < time.time() * 1000 - stats["last_background_checkpoint_ms"] < 600_000, stats
+    # The console says so: "Last checkpoint: none since the writer started" read as if none had run
+    # (a new user's run, round 40); that line is about those asked for (the checkpoint op).
+    from webapp import create_app
+
+    page = ConsoleClient.logged_in(create_app("console", writer.settings)).get("/console/database")
+    said = re.search(r"data-checkpoint>(.*?)</dd>", page.text, re.S)
+    assert said is not None, page.text[:2000]
+    words = " ".join(re.sub(r"<[^>]+>", " ", said[1]).split())
+    assert "none asked since the writer started" in words, words
+    assert re.search(r"the writer's own, in the background: \d+, the last \d{4}-\d\d-\d\d \d\d:\d\d", words), words
 
     more = iter(range(batches, batches + 200))
 

@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from db.config import Settings
 from db.engine import is_sqlite, storage_full_reason
 from db.errors import named_database_words
+from db.models import now_ms
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -138,3 +139,4 @@ class Checkpointer(threading.Thread):
             return
         self._failing = None
         self.stats.background_checkpoints += 1
+        self.stats.last_background_checkpoint_ms = now_ms()

@@ -35,8 +35,9 @@ class Stats:
         self.careful_batches = 0
         #: Of ``batches``, those the IO thread committed itself, the commit thread being idle.
         self.io_batches = 0
-        #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`).
+        #: WAL checkpoints run off the commit path (:mod:`workers.checkpointer`), and when the last ran.
         self.background_checkpoints = 0
+        self.last_background_checkpoint_ms: int | None = None
         self.storage_full = 0
         self.last_storage_full: dict[str, Any] | None = None
         #: Since when (monotonic) the disk is full, as the last write found it (none committed since a
@@ -66,6 +67,7 @@ class Stats:
             "lock_errors": self.lock_errors, "lost_races": self.lost_races, "commit_failures": self.commit_failures,
             "careful_batches": self.careful_batches, "io_batches": self.io_batches,
             "background_checkpoints": self.background_checkpoints,
+            "last_background_checkpoint_ms": self.last_background_checkpoint_ms,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "disk_full": self.disk_full_since is not None,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
