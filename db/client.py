@@ -40,6 +40,7 @@ import zmq
 
 from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
+from db.lock import read_lock_holder
 from db.parsers import check_seconds
 from db.protocol import UNRECORDED_OPS, encode_request, pack_columns
 
@@ -49,6 +50,8 @@ MAX_PIPELINE_WINDOW = 1024
 
 FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
+#: Seconds without an answer after which a client says so when no writer runs in its home (a WARNING).
+SAY_NO_WRITER_AFTER_S = 3.0
 FIRST_BUSY_BACKOFF = 0.005
 MAX_BUSY_BACKOFF = 1.0
 #: Seconds a request sent after :meth:`WriterClient.give_up_by`'s time still gets (a writer that
@@ -107,6 +110,11 @@ class WriterClient:
         this one sends again (see :meth:`submit`'s ``_seq``); a new one by default."""
         settings = settings or load_settings()
         self.endpoint = endpoint or settings.writer_endpoint
+        #: The writer lock of this home, whose holder is the writer at ``endpoint`` (None: another
+        #: endpoint), and whether "no writer runs" was said in this silence (:meth:`_no_writer`).
+        self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
+        self._home = settings.home
+        self._said_no_writer = False
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
         self.client_id = client_id or uuid.uuid4().hex
@@ -377,6 +385,16 @@ class WriterClient:
         if timed_out:
             log.info("writer at %s did not answer; reconnecting and resending %d requests",
                      self.endpoint, len(self._pending))
+            silent = now - min(t.first_sent for t in self._pending.values()) if self._pending else 0.0
+            if silent >= SAY_NO_WRITER_AFTER_S and not self._said_no_writer:
+                # Said where a program that set up no logging sees it (Python prints a WARNING): a bot
+                # waited its whole deadline, a minute, without a word while the writer was stopped
+                # (a new user's run, round 40). After a few seconds: a restart's gap is not worth a line.
+                no_writer = self._no_writer()
+                if no_writer is not None:
+                    self._said_no_writer = True
+                    log.warning("writer at %s: %s; requests wait for one until their deadline",
+                                self.endpoint, no_writer)
             self._reconnect()
             due = list(self._pending.values())
         for ticket in due:
@@ -397,12 +415,25 @@ class WriterClient:
             return WriterUnavailable(
                 f"{ticket.op}: not applied by the writer at {self.endpoint} within its deadline ({waited:.1f} s); "
                 f"its last answer: {type(last).__name__}: {last}")
+        no_writer = self._no_writer()
+        why = f" ({no_writer})" if no_writer is not None else ""
         if ticket.op in UNRECORDED_OPS:  # it changes nothing: whether it was applied is no question
-            return WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within "
-                                     f"{waited:.1f} s")
-        return WriterUnavailable(
-            f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline; "
-            "it may or may not have been applied (a retry with this client applies it at most once)")
+            error = WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within "
+                                      f"{waited:.1f} s{why}")
+        else:
+            error = WriterUnavailable(
+                f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline{why}; "
+                "it may or may not have been applied (a retry with this client applies it at most once)")
+        error.no_writer = no_writer is not None
+        return error
+
+    def _no_writer(self) -> str | None:
+        """Why nothing answers, when it is that no writer runs in this home (nobody holds its lock); None
+        when one does (it may be starting, busy or stuck) or the endpoint is another home's."""
+        if self._lock_path is None or read_lock_holder(self._lock_path) is not None:
+            return None
+        return (f"no writer is running in {self._home} (nothing holds its lock {self._lock_path.name}): start the "
+                "stack (`make run`) or its writer (`circusctl start writer`)")
 
     def _on_reply(self, raw: bytes) -> None:
         try:
@@ -414,6 +445,7 @@ class WriterClient:
         if ticket is None:
             return  # the answer to a request already answered (a resend)
         ticket.batch = msg.get("batch")
+        self._said_no_writer = False  # it answers: a later silence is said again
         if ticket.batch is not None:
             self._progress_at = time.monotonic()
             # The writer answers one client's requests in the order they

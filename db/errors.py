@@ -46,6 +46,9 @@ class WriterUnavailable(WriterError):
     request id (``WriterClient`` does) and it is applied at most once."""
 
     retryable = True
+    #: Set by the client when no writer ran in its home either (nobody held the writer lock): stopped,
+    #: not restarting.
+    no_writer = False
 
 
 class StorageFull(WriterUnavailable):

@@ -182,6 +182,30 @@ def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_a_bot_whose_writer_is_stopped_is_told_so_while_it_waits_and_when_it_gives_up() -> None:
+    """A program using ``WriterClient`` as the README's bot does (no logging set up) while no writer
+    runs: it waited out its whole deadline, a minute, without a word, then said only "no answer" (a
+    new user's run, round 40). It warns after a few seconds that no writer is running and how to start
+    one (Python prints a WARNING of a program that set up no logging), and its error says so too."""
+    home = _empty_home()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}
+    env.update(TICKSTACK_HOME=str(home), PYTHONPATH=str(ROOT))
+    bot = ("from db.client import WriterClient\n"
+           "with WriterClient(deadline=6) as client:\n"
+           "    client.call('audit', actor='bot', action='hello')\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", bot], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert done.returncode == 1, done.stderr
+    said = f"no writer is running in {home} (nothing holds its lock tickstack.db.writer.lock): start the stack " \
+           "(`make run`) or its writer (`circusctl start writer`)"
+    warning, error = done.stderr.find(said + "; requests wait for one"), done.stderr.rfind("WriterUnavailable: ")
+    assert 0 <= warning < error, done.stderr
+    assert said in done.stderr[error:], done.stderr
+
+
 @pytest.mark.parametrize("flags", [["--until-idle"], []], ids=["until-idle", "as-circus-runs-it"])
 @pytest.mark.parametrize("made", [True, False], ids=["empty-home", "no-home"])
 @pytest.mark.parametrize("worker", ["analysis", "monitor", "jobs"])

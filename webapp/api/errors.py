@@ -132,7 +132,9 @@ def _writer_error(e: WriterError) -> ResponseReturnValue:
     if isinstance(e, WriterUnavailable | CommitFailed):
         return json_error(
             503,
-            f"the writer did not answer within {api_state().deadline:g} s (it may be restarting); the write may or "
+            f"the writer did not answer within {api_state().deadline:g} s ("
+            + ("no writer is running: it is stopped, and an operator must start it"
+               if getattr(e, "no_writer", False) else "it may be restarting") + "); the write may or "
             "may not have been applied: ticks with source and seq can be resent safely, and GET /api/trades "
             "shows whether a trade was opened or closed", "writer_unavailable", {"Retry-After": str(RETRY_AFTER)})
     log.error("writer call failed: %s", e)
