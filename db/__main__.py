@@ -118,8 +118,8 @@ def first_contact(settings: Settings) -> str:
             f"ready      in a few seconds: {health} says \"ok\" once the stack is up (circusd logs to "
             f"{settings.log_dir / 'circusd.log'}, not here)\n"
             f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"
-            f"stop       `{circusctl_command(settings.circus_endpoint, 'quit')}`, or Ctrl-C in the terminal "
-            "of `make run`")
+            f"stop       `{circusctl_command(settings.circus_endpoint, 'quit')}`, or Ctrl-C where `make run` "
+            "(or a circusd started without --daemon) runs")
 
 
 def cmd_settings(args: argparse.Namespace) -> int:

@@ -240,7 +240,7 @@ def test_writes_need_the_bearer_token(api: Api, path: str, body: dict[str, Any])
                      r"^no token after 'Bearer': .*api-token file in TICKSTACK_HOME.*empty")
     for wrong in ("x" * len(api.token), api.token[:-1], api.token + "x", "é" * 10):
         assert_error(api.post(path, body, auth=False, headers={"Authorization": f"Bearer {wrong}"}),
-                     403, "forbidden", r"invalid token")
+                     403, "forbidden", r"^invalid token: not the one in the api-token file in TICKSTACK_HOME")
     # The token is checked before the body is even read.
     assert_error(api.post(path, raw="{not json", auth=False), 401, "unauthorized")
     assert api.counts() == before

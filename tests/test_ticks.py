@@ -453,6 +453,9 @@ def test_bad_flags_are_refused_with_the_reason(stack: Stack) -> None:
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr and len(result.stderr) < 1000, (args, result.stderr[:2000])
+        # Named as typed: it said "python -m workers.tick_ingestor", its class's module (round 40).
+        said = result.stderr
+        assert "python -m workers.ticks" in said and "tick_ingestor" not in said, (args, said)
 
 
 def test_a_batch_the_writer_refuses_is_kept_aside_and_sent_again_once_renamed(writer: Stack) -> None:

@@ -335,7 +335,13 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
     """Parse the common flags (``--until-idle``, ``--log-level``) plus the
     worker's own, load settings, and run. Bad flags or settings exit 2 with
     the reason; no database once the wait for it is over (:class:`NoDatabase`) exits 1 with it."""
-    parser = command_line(worker_cls.__module__, sys.modules[worker_cls.__module__].__doc__)
+    # Named and described as the module that was run (``python -m workers.ticks`` runs the class of
+    # workers.tick_ingestor, and its --help said "usage: python -m workers.tick_ingestor": round 40).
+    ran = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if ran is not None and ran.name.startswith("workers."):
+        parser = command_line(ran.name, sys.modules["__main__"].__doc__)
+    else:
+        parser = command_line(worker_cls.__module__, sys.modules[worker_cls.__module__].__doc__)
     parser.add_argument("--until-idle", action="store_true",
                         help="process everything available, then exit 0 (for tests and scripts); analysis "
                              "and monitor exit 3 when another process of theirs leads (db.leader)")

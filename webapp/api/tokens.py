@@ -84,7 +84,8 @@ def requires_token(view: F) -> F:
         if problem is not None:  # no token to compare with: the server's fault; told (with the file's path)
             raise ApiError(503, "token_file_unusable", problem)  # only to a client that sent one
         if not hmac.compare_digest(credentials.encode(), api_state().token):
-            raise ApiError(403, "forbidden", "invalid token")
+            raise ApiError(403, "forbidden", f"invalid token: not the one in the {TOKEN_FILE} file in TICKSTACK_HOME "
+                           f"(or {TOKEN_ENV}) the API started with")
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
