@@ -113,7 +113,7 @@ class WriterClient:
         #: The writer lock of this home, whose holder is the writer at ``endpoint`` (None: another
         #: endpoint), and whether "no writer runs" was said in this silence (:meth:`_no_writer`).
         self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
-        self._home = settings.home
+        self._home, self._circus_endpoint = settings.home, settings.circus_endpoint
         self._said_no_writer = False
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
@@ -432,8 +432,10 @@ class WriterClient:
         when one does (it may be starting, busy or stuck) or the endpoint is another home's."""
         if self._lock_path is None or read_lock_holder(self._lock_path) is not None:
             return None
+        from db.circusd import circusctl_command
+
         return (f"no writer is running in {self._home} (nothing holds its lock {self._lock_path.name}): start the "
-                "stack (`make run`) or its writer (`circusctl start writer`)")
+                f"stack (`make run`) or its writer (`{circusctl_command(self._circus_endpoint, 'start', 'writer')}`)")
 
     def _on_reply(self, raw: bytes) -> None:
         try:

@@ -309,8 +309,8 @@ def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
     round 40). Another kind of database: fail, and nothing else is said. The same kind elsewhere
     (another file, host or database name): a warning, since one server or folder has several names."""
     served = snap["writer"].get("database") if snap["writer"]["up"] else None
-    ours = snap["database_url"]
-    if not served or served == ours:
+    ours = snap.get("database_url")
+    if not served or not ours or served == ours:
         return None
     from sqlalchemy.engine import make_url
 

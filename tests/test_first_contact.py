@@ -200,7 +200,8 @@ def test_a_bot_whose_writer_is_stopped_is_told_so_while_it_waits_and_when_it_giv
         shutil.rmtree(home, ignore_errors=True)
     assert done.returncode == 1, done.stderr
     said = f"no writer is running in {home} (nothing holds its lock tickstack.db.writer.lock): start the stack " \
-           "(`make run`) or its writer (`circusctl start writer`)"
+           f"(`make run`) or its writer (`.venv/bin/circusctl --endpoint ipc://{home}/run/circus.sock --timeout 120 " \
+           "start writer --waiting`)"
     warning, error = done.stderr.find(said + "; requests wait for one"), done.stderr.rfind("WriterUnavailable: ")
     assert 0 <= warning < error, done.stderr
     assert said in done.stderr[error:], done.stderr
