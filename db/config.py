@@ -162,7 +162,8 @@ SETTINGS: tuple[Setting, ...] = (
     # failed a batch every minute); a client resends within its deadline (a day at most), a spool once
     # the writer is back.
     S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60, 10 * YEAR_S), 3600.0, "3600",
-      "seconds applied requests are remembered for retries"),
+      "seconds applied requests are remembered for retries, counted while a writer runs (a jump of the wall "
+      "clock or a downtime ages none)"),
     # A century: tick times count from 1970, so 100 years keeps every tick there is (the test stacks use it).
     S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, 36500, above=True), 30.0, "30",
       "ticks older than this many days are pruned (bars are kept)"),

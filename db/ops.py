@@ -433,23 +433,30 @@ def lookup_applied(conn: Connection, client_id: str, seq: int) -> tuple[bytes | 
 _APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result", "digest")
 
 
-def record_applied(conn: Connection, client_id: str, seq: int, result: bytes, digest: bytes | None = None) -> None:
+def record_applied(conn: Connection, client_id: str, seq: int, result: bytes, digest: bytes | None = None,
+                   at: int | None = None) -> None:
     """Record one request as applied, with its packed result and its digest
     (:func:`db.protocol.request_digest`; None: not compared). The writer's careful path calls it
     in the request's own savepoint, so a request whose record cannot be stored fails alone and
     leaves no effect behind (a second record of the same request is an IntegrityError, never
-    ignored)."""
-    record_applied_many(conn, [(client_id, seq, result, digest)])
+    ignored). ``at``: when, by the record's clock (the writer's: :mod:`workers.dedup`; else now)."""
+    record_applied_many(conn, [(client_id, seq, result, digest)], at)
 
 
-def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, bytes, bytes | None]]) -> None:
+def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, bytes, bytes | None]],
+                        at: int | None = None) -> None:
     """Record many requests as applied, ``(client id, seq, packed result, digest)`` each, in one
     executemany: the writer's fast path, one statement per batch. Any error fails the whole
     statement, and the writer then runs the batch again with a record per request
     (:func:`record_applied`)."""
-    at = now_ms()
+    at = now_ms() if at is None else at
     insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
                  ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
+
+
+def newest_applied(conn: Connection) -> int | None:
+    """The newest record's time (``committed_at``), None for an empty record."""
+    return conn.execute(select(func.max(AppliedRequest.committed_at))).scalar()
 
 
 def compile_applied_records(conn: Connection) -> None:
@@ -459,6 +466,7 @@ def compile_applied_records(conn: Connection) -> None:
     not."""
     last_applied_seq(conn, "")
     lookup_applied(conn, "", 0)
+    newest_applied(conn)  # the record's clock, read at the first batch (workers.dedup)
     compile_insert(conn.dialect, AppliedRequest.__table__, _APPLIED_COLUMNS)  # record_applied_many's
     prune_applied(conn, 0)
 

@@ -355,7 +355,8 @@ def test_the_first_batch_after_a_start_compiles_nothing_of_the_record_of_applied
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert msgpack.unpackb(bytes.fromhex(seen["reply"]))["ok"] is True
-    assert seen["at_start"] == ["DELETE", "SELECT", "SELECT"], seen  # both look-ups and the prune, at start
+    # Both look-ups, the newest record (the record's clock: workers.dedup) and the prune, at start.
+    assert seen["at_start"] == ["DELETE", "SELECT", "SELECT", "SELECT"], seen
     assert len(seen["inserts_at_start"]) == 1, seen  # and the record's INSERT
     assert seen["in_first_batch"] == [] and seen["inserts_after"] == seen["inserts_at_start"], seen
 
@@ -558,7 +559,8 @@ from sqlalchemy import event
 from db import ops
 from db.config import load_settings
 from db.engine import make_write_engine
-from workers.commit import PRUNE_EVERY_S, Committer, Request
+from workers.commit import Committer, Request
+from workers.dedup import PRUNE_EVERY_S
 from workers.writer_stats import Stats
 
 settings = load_settings()  # busy_timeout 600 s: a wait would outlast the test's timeout
@@ -591,7 +593,7 @@ out["failing_there"] = decoded(committer._commit_or_fail(failing))
 with committer.conn.begin():  # an applied request past the dedup window
     ops.record_applied(committer.conn, "old", 1, msgpack.packb({"id": 0}))
     committer.conn.exec_driver_sql("UPDATE applied_requests SET committed_at = 0 WHERE client_id = 'old'")
-committer._last_prune = time.monotonic() - PRUNE_EVERY_S - 1  # due
+committer.applied.last_prune = time.monotonic() - PRUNE_EVERY_S - 1  # due
 out["due_here"] = decoded(committer.commit_here(audit(4)))
 committer.prune_due = lambda: False  # due only once the IO thread's batch runs (the race it closes)
 out["due_during"] = decoded(committer.commit_here(audit(5)))

@@ -70,6 +70,37 @@ def test_an_id_reused_after_a_kill_is_compared_with_the_record_in_the_database(s
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'after-kill'") == 0
 
 
+def test_a_wall_clock_jump_forward_or_a_long_downtime_does_not_make_the_record_forget_a_request(
+        stack: Stack) -> None:
+    """The record of applied requests ages by a clock that runs only while a writer does
+    (workers.dedup). By the wall clock, a jump forward of two hours made every record old and the next
+    prune forgot them all: a request applied seconds before, sent again after a writer restart, was
+    applied twice (fault hunt, round 40). The records are set two hours back here, as such a jump, or
+    two hours without a writer, leaves them; the restarted writer's first batch prunes."""
+    proc = stack.start_writer()
+    peer = RawPeer(stack.settings.writer_endpoint)
+    try:
+        asked = request("audit", {"actor": "me", "action": "once"}, seq=7, cid="jumped")
+        first = peer.ask(asked)
+        assert first["ok"] is True, first
+        assert stack.stop(proc, signal.SIGKILL) == -signal.SIGKILL
+        engine = create_engine(stack.settings.database_url)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql("UPDATE applied_requests SET committed_at = committed_at - 7200000")
+        finally:
+            engine.dispose()
+        stack.start_writer()
+        assert peer.ask(request("audit", {"actor": "me", "action": "pruning"}, seq=1, cid="other"),
+                        timeout=30)["ok"] is True  # the commit thread's first batch: the prune is due
+        again = peer.ask(asked, timeout=30)
+        assert again["ok"] is True and again["result"] == first["result"], again
+    finally:
+        peer.close()
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'once'") == 1
+    assert count(stack, "SELECT count(*) FROM applied_requests WHERE client_id = 'jumped'") == 1
+
+
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:
     """Schema v4 adds the digest column to ``applied_requests``; the rows recorded before it have none
     (NULL), and a request under one of their ids gets that row's result, as before v4 (nothing to

@@ -73,8 +73,6 @@ log = logging.getLogger("tickstack.writer")
 
 #: Put on the queue to end the commit thread once it is empty.
 STOP = object()
-#: Seconds between two prunes of the record of applied requests (:meth:`Committer._maybe_prune`).
-PRUNE_EVERY_S = 60.0
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
 DOORBELL = "inproc://replies"
 
@@ -156,7 +154,6 @@ class Committer:
         #: Which ids were applied, to what, with what result (recent ones without a query).
         self.applied = AppliedRequests()
         self.batch_no = 0
-        self._last_prune = 0.0
         self.answers = Answers(settings, stats)
         #: The replies of committed batches, (ident, reply) pairs, for the IO thread to send: each
         #: batch's list is appended, then the doorbell (:data:`DOORBELL`) rings once. A message
@@ -260,7 +257,7 @@ class Committer:
 
     def prune_due(self) -> bool:
         """Whether the next batch prunes the record of applied requests (:meth:`_maybe_prune`)."""
-        return time.monotonic() - self._last_prune >= PRUNE_EVERY_S
+        return self.applied.prune_due()
 
     def _take_batch(self, first: Request, wait: float) -> tuple[list[Request], bool]:
         """``first`` and whatever else is queued (waiting up to ``wait`` s for
@@ -415,7 +412,8 @@ class Committer:
         if not careful and committed:
             try:
                 ops.record_applied_many(conn, [(cid, seq, packed, digest)
-                                               for (cid, seq), (digest, packed) in committed.items()])
+                                               for (cid, seq), (digest, packed) in committed.items()],
+                                        self.applied.clock_ms(conn))
             except Exception as e:
                 raise _FastRunFailed("recording the applied requests failed", e) from e
         self._maybe_prune(conn)
@@ -504,7 +502,7 @@ class Committer:
         try:
             result = ops.execute(conn, spec, args)
             packed = msgpack.packb(result)
-            ops.record_applied(conn, req.cid, req.seq, packed, req.digest)
+            ops.record_applied(conn, req.cid, req.seq, packed, req.digest, self.applied.clock_ms(conn))
         except Exception as e:
             try:
                 savepoint.rollback()
@@ -541,8 +539,5 @@ class Committer:
         # commit thread prunes, and commit_here hands that one over.
         if self.here or not self.prune_due():
             return
-        self._last_prune = time.monotonic()
-        pruned = ops.prune_applied(conn, ops.now_ms() - int(self.settings.dedup_ttl * 1000))
-        if pruned:
-            log.info("writer: forgot %d applied requests older than %.0f s", pruned, self.settings.dedup_ttl)
+        self.applied.prune(conn, self.settings.dedup_ttl)
 
