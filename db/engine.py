@@ -248,11 +248,13 @@ def _session_settings(engine: Engine, **values: str) -> None:
         dbapi_conn.autocommit = autocommit
 
 
-def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
+def checkpoint(conn: Connection, mode: str = "TRUNCATE", wait_ms: int | None = None) -> dict[str, int]:
     """Copy the WAL into the database file; TRUNCATE also empties the WAL.
 
     Must run outside a transaction. Returns SQLite's answer: ``busy`` is 1
     when a reader kept the checkpoint from finishing (it is then partial).
+    ``wait_ms``: how long it waits for readers (``busy_timeout`` for this
+    statement alone; None: the connection's own).
     """
     mode = mode.upper()
     if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
@@ -264,10 +266,17 @@ def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
     # On the DB-API connection: through SQLAlchemy the PRAGMA would start a
     # transaction (BEGIN IMMEDIATE), inside which a checkpoint cannot run.
     sql = f"PRAGMA wal_checkpoint({mode})"
+    raw = raw_dbapi(conn)
+    before = raw.execute("PRAGMA busy_timeout").fetchone()[0] if wait_ms is not None else None
     try:
-        busy, log, done = raw_dbapi(conn).execute(sql).fetchone()
+        if wait_ms is not None:
+            raw.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
+        busy, log, done = raw.execute(sql).fetchone()
     except sqlite3.Error as e:  # raised as SQLAlchemy raises the driver's errors (a full disk: SQLITE_FULL)
         raise DBAPIError.instance(sql, None, e, sqlite3.Error) from e
+    finally:
+        if before is not None:
+            raw.execute(f"PRAGMA busy_timeout = {int(before)}")
     return {"busy": int(busy), "log": int(log), "checkpointed": int(done)}
 
 

@@ -405,12 +405,21 @@ def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int
     return {"stored": len(samples), "pruned": pruned}
 
 
+#: How long the checkpoint op waits for readers (SQLite's ``busy_timeout`` for it): it runs between two
+#: batches, so every write waits as long. With the connection's 5 s, a reader holding a snapshot made
+#: each asked checkpoint wait 5 s, as long as a client waits before it sends again (a new copy, which
+#: waited too): writes took 10 to 52 s, the jobs worker's checkpoint never got its answer, and `db
+#: checkpoint` none within its 30 s (fault hunt, round 40). Partial now, ``busy`` saying so, tried
+#: again at the next run.
+CHECKPOINT_OP_WAIT_MS = 200
+
+
 @op("checkpoint", transactional=False, mode=(one_of("PASSIVE", "FULL", "RESTART", "TRUNCATE"), False))
 def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
     """Checkpoint the WAL into the database (TRUNCATE also empties it). Runs
     between batches, outside any transaction; ``busy`` = 1 means a reader
-    held it back and it is partial."""
-    return engines.checkpoint(conn, mode)
+    held it back (more than :data:`CHECKPOINT_OP_WAIT_MS`) and it is partial."""
+    return engines.checkpoint(conn, mode, CHECKPOINT_OP_WAIT_MS)
 
 
 # --- the writer's record of applied requests (not ops: the writer calls these) ----------------

@@ -467,6 +467,33 @@ def test_a_checkpoint_a_reader_holds_back_is_logged_as_held_back_not_as_a_failur
     assert [(bool(r["ok"]), json.loads(r["detail"])["busy"]) for r in runs] == [(False, 1), (False, 1), (True, 0)]
 
 
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_no_checkpoint_job_runs_on_a_server")
+def test_a_checkpoint_asked_while_a_reader_holds_a_snapshot_is_answered_partial_and_holds_no_write_up(
+        writer: Stack) -> None:
+    """The checkpoint op runs between two batches. It waited for the reader the connection's whole
+    busy_timeout (5 s), as long as a client waits before it sends a request again: each resend was a
+    new checkpoint that waited too, `db checkpoint` (the command doctor gives for a large WAL) got no
+    answer within its 30 s, and every write waited behind them (fault hunt, round 40). It waits for
+    readers a moment now (db.ops.CHECKPOINT_OP_WAIT_MS), answers ``busy``, and the writes go on."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(3000)], "feed")
+    reader = connect_read_only(writer.settings.database_path)
+    try:
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT count(*) FROM ticks").fetchone() == (3000,)  # a snapshot on the WAL
+        done = subprocess.run([sys.executable, "-m", "db", "checkpoint", "--json", "--timeout", "30"], env=writer.env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 1 and json.loads(done.stdout)["busy"] == 1, done.stdout + done.stderr
+        assert "partial: a reader held the checkpoint back" in done.stderr, done.stderr
+        with WriterClient(settings=writer.settings, deadline=30) as client:  # once per request asked, in order
+            answers = [client.call("checkpoint", mode="TRUNCATE") for _ in range(3)]
+            assert [a["busy"] for a in answers] == [1, 1, 1], answers
+            assert client.call("audit", actor="me", action="after")["id"] >= 1
+    finally:
+        reader.close()
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        assert client.call("checkpoint", mode="TRUNCATE")["busy"] == 0  # the reader gone: done whole
+
+
 @pytest.mark.postgres_only
 def test_no_checkpoint_job_runs_on_a_server(writer: Stack) -> None:
     """A server checkpoints its own WAL: the jobs worker never asks, whatever the threshold, and
