@@ -357,6 +357,19 @@ def schema_behind_reason(exc: BaseException) -> str | None:
     return None
 
 
+def io_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error under it) is the disk failing: SQLite's SQLITE_IOERR family or
+    SQLITE_READONLY on a file it wrote (a filesystem turned read-only after errors), or errno EIO or
+    EROFS."""
+    for e in _errors_under(exc):
+        if isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF in (
+                sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.EIO, errno.EROFS):
+            return True
+    return False
+
+
 def _errors_under(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every error under it (SQLAlchemy's ``orig``, causes, contexts), each once."""
     seen: set[int] = set()

@@ -385,6 +385,11 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
 STORAGE_FULL_FAIL_S = 60
 
 
+#: Seconds every batch must have failed to commit before health and doctor say so: one batch that lost
+#: a race is no state of the writer.
+COMMITS_FAILING_S = 2.0
+
+
 def writes_refused(stats: dict[str, Any] | None) -> str | None:
     """Why the writer refuses writes now, from its stats (``ping``'s ``stats``): its database files
     removed or moved under it (every write), or its disk full (``disk_full``: no write has committed
@@ -396,6 +401,10 @@ def writes_refused(stats: dict[str, Any] | None) -> str | None:
     last = stats.get("last_storage_full")
     if stats.get("disk_full") and last:
         return f"its disk is full ({last['reason']}): writes wait for space"
+    failing, why = stats.get("commits_failing_s"), stats.get("last_commit_failure")
+    if failing is not None and failing >= COMMITS_FAILING_S and why:
+        return (f"no batch has committed for {failing:.0f} s ({why['reason']}): every write is answered "
+                "retryably and nothing is applied; see the writer's log")
     return None
 
 
@@ -419,6 +428,11 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     stats = snap["writer"].get("stats") or {}
     if stats.get("journal_removed"):
         out.append(("fail", f"The writer refuses every write: {stats['journal_removed']}."))
+    elif not stats.get("disk_full"):  # a full disk has its own finding below
+        refused = writes_refused(stats)
+        if refused is not None:
+            out.append(("fail", f"The writer's commits fail: {refused}. A disk turned read-only after errors "
+                                "(`dmesg`) or failing needs the stack stopped and the disk mended."))
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)

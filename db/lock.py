@@ -97,7 +97,10 @@ class PidLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:  # a disk turned read-only, failing: the pid stays; the lock goes with the close
+                pass
             os.close(self.fd)
             self.fd = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -126,6 +127,39 @@ def small_disk(size: str = "8m") -> Iterator[Path]:
         if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
         folder.rmdir()
+
+
+@contextmanager
+def aborting_disk(size_mb: int = 32) -> Iterator[tuple[Path, Callable[[], None]]]:
+    """An ext4 filesystem in an image file, loop-mounted on a new short folder (mode 0700), and the
+    call that makes it fail as a failing disk does: ext4's ``abort`` (every write from then on an I/O
+    error, the filesystem read-only, as after ``errors=remount-ro``). Needs root and a loop device
+    (raises :class:`DiskUnavailable` otherwise). Unmounted by its path after, the image removed."""
+    if os.geteuid() != 0:
+        raise DiskUnavailable("mounting a loop device needs root")
+    work = Path(tempfile.mkdtemp(prefix="ts-ext4-"))
+    image, folder = work / "disk.img", work / "mnt"
+    folder.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 2**20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
+    mount = made if made.returncode != 0 else subprocess.run(["mount", "-o", "loop", str(image), str(folder)],
+                                                             capture_output=True, text=True)
+    if mount.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        raise DiskUnavailable(f"an ext4 loop mount failed: {mount.stderr.strip()}")
+    os.chmod(folder, 0o700)
+
+    def abort() -> None:
+        done = subprocess.run(["mount", "-o", "remount,abort", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    try:
+        yield folder, abort
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def fill_disk(path: Path, leave: int = 0) -> int:

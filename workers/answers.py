@@ -29,12 +29,17 @@ class Answers:
         self.stats = stats
 
     def committed(self) -> None:
-        """A batch committed something: if the disk was full, it has space again."""
+        """A batch committed something: if the disk was full, it has space again; if commits failed,
+        they do no more."""
         since = self.stats.disk_full_since
         if since is not None:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
                         time.monotonic() - since)
             self.stats.disk_full_since = None
+        since = self.stats.commits_failing_since
+        if since is not None:
+            log.warning("writer: batches commit again (they failed for %.0f s)", time.monotonic() - since)
+            self.stats.commits_failing_since = None
 
     def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
         """What a request whose op raised ``e`` is answered: the op's own
@@ -55,11 +60,17 @@ class Answers:
         return OpFailed(f"{spec.name} failed: {type(e).__name__}: {e}")
 
     def batch_error(self, e: BaseException) -> WriterError:
-        """The retryable error every request of a batch that did not commit gets."""
+        """The retryable error every request of a batch that did not commit gets; the state of failing
+        commits (``commits_failing_since``) begins with it, for health and doctor: with a disk turned
+        read-only under it every batch failed, and both said all was well (fault hunt, round 40)."""
         reason = storage_full_reason(e)
         if reason is not None:
             return self.storage_full(reason)
-        return CommitFailed(f"commit failed, nothing applied; retry: {named_database_words(e)}")
+        words = named_database_words(e)
+        self.stats.last_commit_failure = {"at_ms": ops.now_ms(), "reason": words}
+        if self.stats.commits_failing_since is None:
+            self.stats.commits_failing_since = time.monotonic()
+        return CommitFailed(f"commit failed, nothing applied; retry: {words}")
 
     def storage_full(self, reason: str) -> StorageFull:
         """A full disk, in the database's own words and with the free space the writer sees."""

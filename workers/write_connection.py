@@ -24,7 +24,7 @@ from sqlalchemy.orm import configure_mappers
 
 from db import ops
 from db.config import Settings
-from db.engine import checkpoint, raw_dbapi, storage_full_reason
+from db.engine import checkpoint, io_error, raw_dbapi, storage_full_reason
 from db.errors import database_words, named_database_words
 from db.files import database_files
 from db.schema import migrate
@@ -404,6 +404,11 @@ class WriteConnection:
                 if reason is not None:
                     log.warning("writer: no final checkpoint, the disk is full (%s); every committed write is "
                                 "in the WAL, and the next writer checkpoints it; exiting", reason)
+                elif io_error(e):  # the OS may never have written what SQLite gave it (synchronous=NORMAL)
+                    log.error("writer: final checkpoint failed (%s): the disk fails; every committed write was "
+                              "given to the WAL, but a disk that failed may have lost those not yet on it (with "
+                              "TICKSTACK_SYNCHRONOUS=NORMAL, the last commits before the failure); mend the disk, "
+                              "then run python -m db doctor; exiting", named_database_words(e))
                 else:
                     log.error("writer: final checkpoint failed (%s); every committed write is in the WAL; "
                               "exiting", named_database_words(e))

@@ -45,6 +45,11 @@ class Stats:
         self.disk_full_since: float | None = None
         #: Why the writer refuses every write: its files were removed under it (workers.journal_guard).
         self.journal_removed: str | None = None
+        #: Since when (monotonic) every batch has failed to commit, for a reason other than a full disk
+        #: (an I/O error, a disk turned read-only), and the last reason; None once one commits. Kept by
+        #: workers.answers.Answers.
+        self.commits_failing_since: float | None = None
+        self.last_commit_failure: dict[str, Any] | None = None
         self.ticks_inserted = 0
         self.commit_ms: deque[float] = deque(maxlen=4096)
         self.last_checkpoint: dict[str, Any] | None = None
@@ -70,6 +75,9 @@ class Stats:
             "last_background_checkpoint_ms": self.last_background_checkpoint_ms,
             "storage_full": self.storage_full, "last_storage_full": self.last_storage_full,
             "disk_full": self.disk_full_since is not None,
+            "commits_failing_s": (None if self.commits_failing_since is None
+                                  else round(time.monotonic() - self.commits_failing_since, 1)),
+            "last_commit_failure": self.last_commit_failure,
             "ticks_inserted": self.ticks_inserted, "last_checkpoint": self.last_checkpoint,
             # SQLite's alone, and only once it happened: not a field of every answer on a server.
             **({"journal_removed": self.journal_removed} if self.journal_removed else {}),
