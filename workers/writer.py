@@ -124,6 +124,7 @@ class Writer:
         #: What the writer does when its database files are removed or moved under it (SQLite).
         self.journal_guard: JournalGuard | None = None
         self.stats = Stats()
+        self._oom_said_at = -60.0
         #: What a ping answers: with the database it writes (no password; not in its stats, which
         #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
         #: another database says so.
@@ -283,6 +284,7 @@ class Writer:
         replies_in = ctx.socket(zmq.PULL)
         replies_in.bind(DOORBELL)
         endpoint = self.settings.writer_endpoint
+        committer: threading.Thread | None = None
         try:
             try:
                 router.bind(endpoint)
@@ -315,6 +317,9 @@ class Writer:
                             frames = router.recv_multipart(zmq.NOBLOCK, copy=True)
                         except zmq.Again:
                             break
+                        except MemoryError:  # escaped the loop, whose teardown then hung: round 40
+                            self._out_of_memory(router)
+                            break
                         try:
                             self._accept(router, frames)
                         except Exception as e:  # the IO thread serves on, whatever a request does
@@ -342,7 +347,29 @@ class Writer:
         finally:
             router.close()
             replies_in.close()
-            ctx.term()
+            if committer is not None and committer.is_alive():  # an error ended the loop: end the thread too
+                try:
+                    self.queue.put(STOP, timeout=1.0)
+                except queue.Full:
+                    pass
+                committer.join(self.settings.writer_drain_deadline)
+            if committer is None or not committer.is_alive():
+                ctx.term()  # waits for every socket: the commit thread's too
+            else:  # the process exits anyway; waiting for that socket hung it, silent, for good
+                log.error("writer: the commit thread did not end; exiting without waiting for it")
+
+    def _out_of_memory(self, router: zmq.Socket) -> None:
+        """A request the process had no memory to read (a memory limit, many large requests at once):
+        the rest of its frames are dropped without a copy, its client sends it again, and the writer
+        serves on. Said once a minute at most."""
+        while router.getsockopt(zmq.RCVMORE):
+            router.recv(zmq.NOBLOCK, copy=False)
+        self.stats.malformed += 1
+        now = time.monotonic()
+        if now - self._oom_said_at >= 60.0:
+            self._oom_said_at = now
+            log.error("writer: out of memory reading a request (a memory limit, or many requests near "
+                      "TICKSTACK_WRITER_MAX_MESSAGE at once); dropped, its client sends it again")
 
     def _drained(self) -> bool:
         """On stop, keep serving for ``writer_drain_idle`` seconds (circus stops every watcher at
