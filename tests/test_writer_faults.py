@@ -302,6 +302,21 @@ def test_a_request_over_the_decode_or_size_limits_is_answered_to_its_client_with
     assert log.count("undecodable request") == 1, log[-3000:]  # one request, sent once
 
 
+def test_a_flood_of_undecodable_requests_is_answered_each_and_logged_a_few_lines_a_period(writer: Stack,
+                                                                                          peer: RawPeer) -> None:
+    """3,000 undecodable frames from one local program were 3,000 WARNING lines: with circusd stopped
+    (it reads the writer's stderr) they filled the pipe, and the IO thread waited in the logging call,
+    answering no one (fault hunt, round 40). Each is still answered; at most 10 lines a period are
+    logged (workers.seldom), the next line counting what was not."""
+    for _ in range(300):
+        peer.send(b"\xc1" * 40)
+    replies = [peer.recv(timeout=20) for _ in range(300)]
+    assert all(r["ok"] is False and r["error"]["type"] == "ValidationError" for r in replies), replies[:3]
+    log = writer.writer_log()
+    assert 1 <= log.count("undecodable request (40 bytes)") <= 10, log[-3000:]
+    assert writer.procs[0].poll() is None
+
+
 def test_a_client_sending_requests_slow_to_decode_does_not_hold_the_others_answers(writer: Stack,
                                                                                   peer: RawPeer) -> None:
     """Each request within every limit, each slow to decode (600,000 short strings, tens of ms): the

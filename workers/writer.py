@@ -77,6 +77,7 @@ from workers.base import command_line, configure_logging, on_stop_signals, raise
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.journal_guard import JournalGuard
+from workers.seldom import Seldom
 from workers.write_connection import make_database_private, orphaned_journal
 from workers.writer_stats import Stats
 
@@ -124,7 +125,9 @@ class Writer:
         #: What the writer does when its database files are removed or moved under it (SQLite).
         self.journal_guard: JournalGuard | None = None
         self.stats = Stats()
-        self._oom_said_at = -60.0
+        #: Lines of what a client can make happen thousands of times a second, now and then.
+        self._undecodable = Seldom(log, logging.WARNING, 10.0)
+        self._out_of_memory_said = Seldom(log, logging.ERROR, 60.0, burst=1)
         #: What a ping answers: with the database it writes (no password; not in its stats, which
         #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
         #: another database says so.
@@ -365,11 +368,8 @@ class Writer:
         while router.getsockopt(zmq.RCVMORE):
             router.recv(zmq.NOBLOCK, copy=False)
         self.stats.malformed += 1
-        now = time.monotonic()
-        if now - self._oom_said_at >= 60.0:
-            self._oom_said_at = now
-            log.error("writer: out of memory reading a request (a memory limit, or many requests near "
-                      "TICKSTACK_WRITER_MAX_MESSAGE at once); dropped, its client sends it again")
+        self._out_of_memory_said.say("writer: out of memory reading a request (a memory limit, or many requests "
+                                     "near TICKSTACK_WRITER_MAX_MESSAGE at once); dropped, its client sends it again")
 
     def _drained(self) -> bool:
         """On stop, keep serving for ``writer_drain_idle`` seconds (circus stops every watcher at
@@ -437,7 +437,7 @@ class Writer:
             msg, cost = decode_request(payload)
         except ValidationError as e:
             self.stats.malformed += 1
-            log.warning("writer: undecodable request (%d bytes): %s", len(payload), e)
+            self._undecodable.say("writer: undecodable request (%d bytes): %s", len(payload), e)
             self._send(router, ident, encode_reply(salvage_seq(payload), error=e))
             return
         seq = reply_seq(msg)
