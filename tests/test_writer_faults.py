@@ -1087,3 +1087,30 @@ def test_a_writer_out_of_memory_reading_requests_drops_them_and_serves_on(stack:
         assert client.ping(timeout=30)["pid"] == proc.pid
         assert client.call("audit", actor="me", action="after")["id"] >= 1
     assert stack.stop(proc) == 0, stack.writer_log()[-3000:]
+
+
+def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients_reach_it(writer: Stack) -> None:
+    """``rm run/writer.sock`` under a running writer: the clients already connected went on, every new
+    one waited out its deadline, the writer said nothing and its heartbeats went on, so nothing
+    restarted it (fault hunt, round 40). It binds again within a second or so, saying so; a client
+    connected before is not cut off."""
+    old = WriterClient(settings=writer.settings, deadline=30)
+    try:
+        assert old.call("audit", actor="me", action="before")["id"] == 1
+        socket_path = Path(writer.settings.writer_endpoint.removeprefix("ipc://"))
+        socket_path.unlink()
+
+        def a_new_client_is_answered() -> bool:
+            try:
+                with WriterClient(settings=writer.settings, deadline=1) as client:
+                    return client.ping(timeout=1)["pid"] == writer.procs[0].pid
+            except WriterUnavailable:
+                return False
+
+        wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+        assert socket_path.exists()
+        assert old.call("audit", actor="me", action="after")["id"] == 2
+    finally:
+        old.close()
+    assert f"writer: its socket {socket_path} was removed (clients not yet connected could not reach it); bound " \
+           "again" in writer.writer_log(), writer.writer_log()[-3000:]

@@ -76,6 +76,7 @@ from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
+from workers.endpoint_guard import EndpointGuard
 from workers.journal_guard import JournalGuard
 from workers.seldom import Seldom
 from workers.write_connection import make_database_private, orphaned_journal
@@ -299,6 +300,7 @@ class Writer:
             committer.start()
             log.info("writer ready: pid %d, endpoint %s, database %s; at most %d open files (connections)",
                      os.getpid(), endpoint, display_url(self.settings.database_url), self.open_files)
+            endpoint_guard = EndpointGuard(endpoint)
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(replies_in, zmq.POLLIN)
@@ -308,6 +310,7 @@ class Writer:
                 if time.monotonic() - lock_checked >= LOCK_CHECK_EVERY_S:
                     lock_checked = time.monotonic()
                     self._check_lock()
+                    endpoint_guard.check(router)
                     if self.journal_guard is not None:
                         self.journal_guard.check()
                 events = dict(poller.poll(50))
