@@ -87,6 +87,10 @@ log = logging.getLogger("tickstack.writer")
 EXIT_LOCKED = 3
 #: Seconds between two checks that the writer lock's path still names the file this writer locked.
 LOCK_CHECK_EVERY_S = 1.0
+#: Below this open-file limit (after raising the soft one to the hard one) the writer warns: with a hard
+#: limit of 64, 120 clients ended it at each start (SIGABRT in libzmq's accept), a crash loop the
+#: flapping plugin then stops (fault hunt, round 40).
+MIN_OPEN_FILES = 1024
 #: The queue's byte budget, in maximum-size messages (estimated decoded size).
 QUEUE_BUDGET_MESSAGES = 16
 #: Bytes over ``writer_max_message`` a frame may have and still be read and answered (that it is too
@@ -165,6 +169,10 @@ class Writer:
         """Take the lock, open and upgrade the database, serve, drain, exit."""
         os.umask(0o077)  # database, WAL, lock and socket files: this user only
         self.open_files, _ = raise_open_file_limit()
+        if self.open_files < MIN_OPEN_FILES:  # a hard limit: libzmq aborts the writer when they run out
+            log.warning("writer: at most %d open files (a hard limit: ulimit -Hn): each client connection takes "
+                        "one, and ZeroMQ ends the writer (SIGABRT, 'Too many open files') when none is left; raise "
+                        "it to at least %d (LimitNOFILE, limits.conf)", self.open_files, MIN_OPEN_FILES)
         ensure_home(self.settings)
         self.server_lock: ServerWriterLock | None = None
         # Before the lock's wait: a stop or a stray signal meanwhile is handled, not the default action.
