@@ -52,6 +52,8 @@ FIRST_ATTEMPT_TIMEOUT = 1.0
 MAX_ATTEMPT_TIMEOUT = 5.0
 #: Seconds without an answer after which a client says so when no writer runs in its home (a WARNING).
 SAY_NO_WRITER_AFTER_S = 3.0
+#: Seconds nobody must hold the writer lock, seen twice, before a client says no writer runs.
+NO_WRITER_FOR_S = 2.0
 FIRST_BUSY_BACKOFF = 0.005
 MAX_BUSY_BACKOFF = 1.0
 #: Seconds a request sent after :meth:`WriterClient.give_up_by`'s time still gets (a writer that
@@ -115,6 +117,7 @@ class WriterClient:
         self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
         self._home, self._circus_endpoint = settings.home, settings.circus_endpoint
         self._said_no_writer = False
+        self._absent_since: float | None = None
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
         self.client_id = client_id or uuid.uuid4().hex
@@ -386,11 +389,11 @@ class WriterClient:
             log.info("writer at %s did not answer; reconnecting and resending %d requests",
                      self.endpoint, len(self._pending))
             silent = now - min(t.first_sent for t in self._pending.values()) if self._pending else 0.0
+            no_writer = self._no_writer()
             if silent >= SAY_NO_WRITER_AFTER_S and not self._said_no_writer:
                 # Said where a program that set up no logging sees it (Python prints a WARNING): a bot
                 # waited its whole deadline, a minute, without a word while the writer was stopped
                 # (a new user's run, round 40). After a few seconds: a restart's gap is not worth a line.
-                no_writer = self._no_writer()
                 if no_writer is not None:
                     self._said_no_writer = True
                     log.warning("writer at %s: %s; requests wait for one until their deadline",
@@ -428,9 +431,17 @@ class WriterClient:
         return error
 
     def _no_writer(self) -> str | None:
-        """Why nothing answers, when it is that no writer runs in this home (nobody holds its lock); None
-        when one does (it may be starting, busy or stuck) or the endpoint is another home's."""
+        """Why nothing answers, when it is that no writer has run in this home (nobody held its lock) for
+        :data:`NO_WRITER_FOR_S` at least, seen by this call and an earlier one (a writer circus is
+        starting again after a crash is gone for a moment: review, round 40); None when one runs (it
+        may be starting, busy or stuck) or the endpoint is another home's."""
         if self._lock_path is None or read_lock_holder(self._lock_path) is not None:
+            self._absent_since = None
+            return None
+        now = time.monotonic()
+        if self._absent_since is None:
+            self._absent_since = now
+        if now - self._absent_since < NO_WRITER_FOR_S:
             return None
         from db.circusd import circusctl_command
 

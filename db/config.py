@@ -156,14 +156,13 @@ SETTINGS: tuple[Setting, ...] = (
     # (another writer holds the lock), and circus started another only once the whole reload was done,
     # 22 s without a writer (fault hunt, round 39). The old one's drain and last checkpoint fit in it.
     S("TICKSTACK_WRITER_LOCK_WAIT", "writer_lock_wait", number(0, 3600), 15.0, "15",
-      "a writer started while another holds the lock (on PostgreSQL: the file's, then the server's) waits this many "
-      "seconds for it to end, then refuses"),
+      "a writer started while another holds the lock waits this many seconds for it to end, then refuses (on "
+      "PostgreSQL as long again for the server's lock)"),
     # Ten years: the prune's cutoff (now - TTL, in ms) must be an SQLite INTEGER (1e18 s overflowed it and
     # failed a batch every minute); a client resends within its deadline (a day at most), a spool once
     # the writer is back.
     S("TICKSTACK_DEDUP_TTL", "dedup_ttl", number(60, 10 * YEAR_S), 3600.0, "3600",
-      "seconds applied requests are remembered for retries, counted while a writer runs (a jump of the wall "
-      "clock or a downtime ages none)"),
+      "seconds applied requests are remembered for retries (a jump of the wall clock forward ages none)"),
     # A century: tick times count from 1970, so 100 years keeps every tick there is (the test stacks use it).
     S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, 36500, above=True), 30.0, "30",
       "ticks older than this many days are pruned (bars are kept)"),

@@ -267,9 +267,10 @@ def checkpoint(conn: Connection, mode: str = "TRUNCATE", wait_ms: int | None = N
     # transaction (BEGIN IMMEDIATE), inside which a checkpoint cannot run.
     sql = f"PRAGMA wal_checkpoint({mode})"
     raw = raw_dbapi(conn)
-    before = raw.execute("PRAGMA busy_timeout").fetchone()[0] if wait_ms is not None else None
+    before = None
     try:
         if wait_ms is not None:
+            before = raw.execute("PRAGMA busy_timeout").fetchone()[0]
             raw.execute(f"PRAGMA busy_timeout = {int(wait_ms)}")
         busy, log, done = raw.execute(sql).fetchone()
     except sqlite3.Error as e:  # raised as SQLAlchemy raises the driver's errors (a full disk: SQLITE_FULL)

@@ -463,6 +463,13 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
                  ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
 
 
+def shift_applied(conn: Connection, until: int, by: int) -> int:
+    """Move the records made at or before ``until`` (ms) ``by`` ms later; how many (the wall clock
+    jumped forward: :mod:`workers.dedup`)."""
+    return conn.execute(update(AppliedRequest).where(AppliedRequest.committed_at <= until)
+                        .values(committed_at=AppliedRequest.committed_at + by)).rowcount
+
+
 def newest_applied(conn: Connection) -> int | None:
     """The newest record's time (``committed_at``), None for an empty record."""
     return conn.execute(select(func.max(AppliedRequest.committed_at))).scalar()

@@ -449,3 +449,38 @@ def test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it(pg: Stack
     checked = json.loads(details[2][1])
     assert details[2][0] and checked["ok"] and checked["indexes"] >= 5 and not checked["messages"], checked
     no_password(json.dumps(details), postgres_server)
+
+
+def test_api_health_says_commits_fail_without_the_servers_words_which_name_the_database(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """The writer's write session ended and the database closed to new sessions: every batch fails
+    with libpq's words, which name the database (and, for a refused login, the role). /api/health
+    serves the writer's stats without a login: it said them as they were (an adversarial review,
+    round 40). It says the writer's commits fail, and where to read why."""
+    from sqlalchemy.engine import make_url
+
+    from testkit.writer import RawPeer
+    from tests.test_writer_faults import request
+    from webapp import create_app
+
+    writer = pg.start_writer()
+    database = make_url(pg.env["DATABASE_URL"]).database
+    peer = RawPeer(pg.settings.writer_endpoint)
+    try:
+        assert peer.ask(request("audit", {"actor": "me", "action": "before"}, seq=1))["ok"] is True
+        postgres_server.psql("postgres", "postgres", f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        postgres_server.psql("postgres", "postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                             f"application_name = 'tickstack writer pid {writer.pid} on {HOST}'")
+        for seq in (2, 3, 4):
+            reply = peer.ask(request("audit", {"actor": "me", "action": "refused"}, seq=seq), timeout=60)
+            assert reply["ok"] is False, reply
+        health = wait_for("the failing commits to last", lambda: (
+            lambda r: r if "writes_refused" in r.json["writer"] else None)(
+            create_app("api", load_settings(pg.env)).test_client().get("/api/health")), timeout=30)
+        assert health.json["status"] == "unavailable", health.json  # closed to the API's reads too
+        served = json.dumps(health.json)
+        assert database not in served and "ts_owner" not in served, served
+        assert "the writer's log says why" in served, served
+    finally:
+        postgres_server.psql("postgres", "postgres", f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        peer.close()

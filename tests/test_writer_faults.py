@@ -1126,3 +1126,26 @@ def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients
         old.close()
     assert f"writer: its socket {socket_path} was removed (clients not yet connected could not reach it); bound " \
            "again" in writer.writer_log(), writer.writer_log()[-3000:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_faults.py::test_a_write_held_up_by_another_session_is_answered_retryably_while_the_writer_serves_on")
+def test_one_batch_that_failed_then_an_idle_writer_is_no_state_of_failing_commits(writer: Stack, peer: RawPeer) -> None:
+    """Another program held SQLite's write lock past busy_timeout: one batch failed, answered retryably,
+    and the writer then sat idle. Its stats said commits failing from then on, /api/health degraded and
+    doctor FAIL, until the next request (an adversarial review, round 40). Two failed batches in a row
+    are a state; one is not."""
+    from db.health import writes_refused
+
+    other = sqlite3.connect(writer.settings.database_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        reply = peer.ask(request("audit", {"actor": "me", "action": "held"}, seq=1, cid="held"), timeout=60)
+        assert reply["ok"] is False and reply["error"]["type"] == "CommitFailed", reply
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    time.sleep(3)  # idle, longer than the 2 s after which failing commits are said
+    with WriterClient(settings=writer.settings, deadline=10) as client:
+        stats = client.stats()
+    assert stats["commits_failing_s"] is None and writes_refused(stats) is None, stats
+    assert stats["last_commit_failure"]["reason"], stats  # said, for the log's reader

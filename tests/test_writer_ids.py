@@ -70,24 +70,32 @@ def test_an_id_reused_after_a_kill_is_compared_with_the_record_in_the_database(s
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'after-kill'") == 0
 
 
-def test_a_wall_clock_jump_forward_or_a_long_downtime_does_not_make_the_record_forget_a_request(
-        stack: Stack) -> None:
-    """The record of applied requests ages by a clock that runs only while a writer does
-    (workers.dedup). By the wall clock, a jump forward of two hours made every record old and the next
-    prune forgot them all: a request applied seconds before, sent again after a writer restart, was
-    applied twice (fault hunt, round 40). The records are set two hours back here, as such a jump, or
-    two hours without a writer, leaves them; the restarted writer's first batch prunes."""
+@pytest.mark.parametrize("sql", [
+    "UPDATE applied_requests SET committed_at = committed_at - 7200000",
+    "UPDATE applied_requests SET committed_at = committed_at + 86400000 WHERE client_id = 'ahead'",
+], ids=["all-two-hours-back", "one-a-day-ahead"])
+def test_no_request_is_forgotten_after_a_clock_jump_a_downtime_or_a_record_stamped_ahead(stack: Stack,
+                                                                                           sql: str) -> None:
+    """The record of applied requests is pruned by the wall clock. A jump of it forward of two hours made
+    every record old and the next prune forgot them all: a request applied seconds before, sent again
+    after a writer restart, was applied twice (fault hunt, round 40). Set two hours back, as such a jump
+    (or two hours without a writer) leaves them, the records are kept: a writer prunes none of the
+    newest at its start until it has run the TTL. And a record stamped a day ahead (an old jump, since
+    put right) does not make the others old: a first version of the fix read its clock from the newest
+    record, and its first prune forgot the whole last day (an adversarial review, round 40). The
+    restarted writer's first batch prunes."""
     proc = stack.start_writer()
     peer = RawPeer(stack.settings.writer_endpoint)
     try:
-        asked = request("audit", {"actor": "me", "action": "once"}, seq=7, cid="jumped")
+        asked = request("audit", {"actor": "me", "action": "once"}, seq=7, cid="victim")
         first = peer.ask(asked)
         assert first["ok"] is True, first
+        assert peer.ask(request("audit", {"actor": "me", "action": "ahead"}, seq=1, cid="ahead"))["ok"] is True
         assert stack.stop(proc, signal.SIGKILL) == -signal.SIGKILL
         engine = create_engine(stack.settings.database_url)
         try:
             with engine.begin() as conn:
-                conn.exec_driver_sql("UPDATE applied_requests SET committed_at = committed_at - 7200000")
+                conn.exec_driver_sql(sql)
         finally:
             engine.dispose()
         stack.start_writer()
@@ -98,7 +106,61 @@ def test_a_wall_clock_jump_forward_or_a_long_downtime_does_not_make_the_record_f
     finally:
         peer.close()
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'once'") == 1
-    assert count(stack, "SELECT count(*) FROM applied_requests WHERE client_id = 'jumped'") == 1
+    assert count(stack, "SELECT count(*) FROM applied_requests WHERE client_id = 'victim'") == 1
+
+
+def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as_far(stack: Stack) -> None:
+    """The wall clock read by the record of applied requests (``workers.dedup.AppliedRequests``, given a
+    clock to read as a test can move it; a real SQLite file and the writer's own statements): jumped two
+    hours forward between two batches, the first batch after it moves the older records as far, so the
+    next prune, and a writer started after it (a new AppliedRequests reading the moved records), forget
+    none of them; a batch that does not commit moves nothing."""
+    from sqlalchemy import text
+
+    from db import ops
+    from db.engine import make_write_engine
+    from db.schema import migrate
+    from workers.dedup import AppliedRequests
+
+    now = [1_800_000_000.0]
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                migrate(conn)
+            applied = AppliedRequests(wall_clock=lambda: now[0])
+
+            def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
+                      who: AppliedRequests = applied) -> None:
+                transaction = conn.begin()
+                stamp = who.begin_batch(conn)
+                ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
+                who.prune(conn, ttl)
+                if commit:
+                    transaction.commit()
+                    who.remember({})
+                else:
+                    transaction.rollback()
+
+            def stamps() -> dict[str, int]:
+                rows = conn.execute(text("SELECT client_id, committed_at FROM applied_requests")).all()
+                conn.rollback()
+                return dict(rows)
+
+            batch([("before", 1)])
+            now[0] += 7200  # two hours forward, at once
+            batch([("failed", 1)], commit=False)
+            assert stamps() == {"before": 1_800_000_000_000}  # rolled back: nothing moved
+            batch([("after", 1)])
+            moved = stamps()
+            assert set(moved) == {"before", "after"}, moved  # the prune forgot nothing
+            # As far as the jump, less the real time between the two batches.
+            assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
+            now[0] += 60
+            batch([("restarted", 1)], who=AppliedRequests(wall_clock=lambda: now[0]))
+            assert set(stamps()) == {"before", "after", "restarted"}
+    finally:
+        engine.dispose()
 
 
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:

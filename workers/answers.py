@@ -16,7 +16,7 @@ from db.config import Settings
 from db.engine import storage_full_reason, transient_reason
 from db.errors import CommitFailed, OpFailed, StorageFull, WriterError, database_words, named_database_words
 from db.validation import shown
-from workers.writer_stats import Stats
+from workers.writer_stats import FAILING_AFTER_BATCHES, Stats
 
 log = logging.getLogger("tickstack.writer")
 
@@ -29,17 +29,19 @@ class Answers:
         self.stats = stats
 
     def committed(self) -> None:
-        """A batch committed something: if the disk was full, it has space again; if commits failed,
-        they do no more."""
+        """A batch committed something: if the disk was full, it has space again."""
         since = self.stats.disk_full_since
         if since is not None:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
                         time.monotonic() - since)
             self.stats.disk_full_since = None
+
+    def batch_committed(self) -> None:
+        """A batch committed (anything, or nothing but its answers): commits fail no more."""
         since = self.stats.commits_failing_since
-        if since is not None:
+        if since is not None and self.stats.failed_batches_in_a_row >= FAILING_AFTER_BATCHES:
             log.warning("writer: batches commit again (they failed for %.0f s)", time.monotonic() - since)
-            self.stats.commits_failing_since = None
+        self.stats.commits_failing_since, self.stats.failed_batches_in_a_row = None, 0
 
     def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
         """What a request whose op raised ``e`` is answered: the op's own
@@ -68,6 +70,7 @@ class Answers:
             return self.storage_full(reason)
         words = named_database_words(e)
         self.stats.last_commit_failure = {"at_ms": ops.now_ms(), "reason": words}
+        self.stats.failed_batches_in_a_row += 1
         if self.stats.commits_failing_since is None:
             self.stats.commits_failing_since = time.monotonic()
         return CommitFailed(f"commit failed, nothing applied; retry: {words}")

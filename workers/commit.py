@@ -344,6 +344,7 @@ class Committer:
         replies, outside, committed, tally = run
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_commit()
+        self.answers.batch_committed()
         if committed:
             self.answers.committed()
         self.applied.remember(committed)
@@ -381,13 +382,14 @@ class Committer:
         tally = {"ok": 0, "failed": 0, "ticks": 0, "dedup": 0}
         conn = self.conn
         conn.begin()
+        stamp = self.applied.begin_batch(conn)  # the records' time; after a jump of the clock, older ones moved
         for req in batch:
             if answered and id(req) in answered:
                 tally["failed"] += 1
                 replies.append(encode_reply(req.seq, batch=batch_no, error=answered[id(req)]))
                 continue
             try:
-                done = self._apply(conn, req, batch_no, committed, tally, careful)
+                done = self._apply(conn, req, batch_no, committed, tally, careful, stamp)
             except _TransactionLost as lost:
                 lost.request = req
                 raise
@@ -412,8 +414,7 @@ class Committer:
         if not careful and committed:
             try:
                 ops.record_applied_many(conn, [(cid, seq, packed, digest)
-                                               for (cid, seq), (digest, packed) in committed.items()],
-                                        self.applied.clock_ms(conn))
+                                               for (cid, seq), (digest, packed) in committed.items()], stamp)
             except Exception as e:
                 raise _FastRunFailed("recording the applied requests failed", e) from e
         self._maybe_prune(conn)
@@ -451,7 +452,7 @@ class Committer:
         return [*rest[:i], failed, *rest[i:]]
 
     def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], Applied],
-               tally: dict[str, int], careful: bool) -> bytes | tuple[ops.Op, dict]:
+               tally: dict[str, int], careful: bool, stamp: int) -> bytes | tuple[ops.Op, dict]:
         """One request inside the batch transaction: its reply, or its op and
         arguments when the op runs outside the transaction (checkpoint). Fast, an
         op's error of any kind raises :class:`_FastRunFailed`; careful, it fails
@@ -477,7 +478,7 @@ class Committer:
         if not spec.transactional:
             return spec, args
         if careful:
-            result, packed, error = self._run_in_savepoint(conn, req, spec, args)
+            result, packed, error = self._run_in_savepoint(conn, req, spec, args, stamp)
             if error is not None:
                 tally["failed"] += 1
                 return encode_reply(req.seq, error=error, batch=batch_no)
@@ -494,7 +495,7 @@ class Committer:
         return encode_reply(req.seq, result=result, batch=batch_no)
 
     def _run_in_savepoint(self, conn: Connection, req: Request, spec: ops.Op,
-                          args: dict) -> tuple[Any, bytes, WriterError | None]:
+                          args: dict, stamp: int) -> tuple[Any, bytes, WriterError | None]:
         """The careful path: the op and its record as applied, in a savepoint of
         their own: any error of any class rolls back both and fails this request
         alone."""
@@ -502,7 +503,7 @@ class Committer:
         try:
             result = ops.execute(conn, spec, args)
             packed = msgpack.packb(result)
-            ops.record_applied(conn, req.cid, req.seq, packed, req.digest, self.applied.clock_ms(conn))
+            ops.record_applied(conn, req.cid, req.seq, packed, req.digest, stamp)
         except Exception as e:
             try:
                 savepoint.rollback()

@@ -10,19 +10,25 @@ grow, so anything above is new (the common case, saving a query each). Each plac
 request's digest (:func:`db.protocol.request_digest`) beside its packed result; a record without one
 (made before schema v4) is not compared.
 
-The record is pruned of what is older than ``TICKSTACK_DEDUP_TTL`` (:meth:`AppliedRequests.prune`,
-once a minute), by a clock of its own (:meth:`AppliedRequests.clock_ms`): milliseconds that advance
-only while a writer runs (the monotonic clock), on from the newest record a writer left. By the wall
-clock, a jump forward made every record old: two hours forward and the next prune forgot them all,
-and a request applied seconds before, sent again after a writer restart, was applied twice (fault
-hunt, round 40; a suspended and resumed machine does the same). A record so outlives a writer's
-downtime, which only keeps it for the retries that come after it.
+The record is pruned of what is older than ``TICKSTACK_DEDUP_TTL`` by the wall clock
+(:meth:`AppliedRequests.prune`, once a minute), the clock every writer and direct write stamps it
+with, whatever the host. A jump of that clock forward made every record old: two hours forward and
+the next prune forgot them all, and a request applied seconds before, sent again after a writer
+restart, was applied twice (fault hunt, round 40). So each batch looks at the wall clock against the
+monotonic one (:meth:`AppliedRequests.begin_batch`): after a jump forward of more than
+:data:`JUMP_MS`, the records made before it are moved forward as far, in the batch's transaction,
+and stay as young as they are. And a writer prunes nothing that was among the newest records when it
+started until it has run ``TICKSTACK_DEDUP_TTL`` itself: a jump while no writer ran, or a writer
+killed between a jump and its next batch, does not make them old either. (A first version aged the
+records by the writer's run time alone; an adversarial review showed that direct writes, other
+hosts' writers and a record stamped in the future by an old jump then disagreed with it.)
 """
 from __future__ import annotations
 
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Protocol
 
 from sqlalchemy.engine import Connection
@@ -35,6 +41,9 @@ from db.validation import shown
 Applied = tuple[bytes | None, bytes]
 #: Seconds between two prunes of the record (:meth:`AppliedRequests.prune`).
 PRUNE_EVERY_S = 60.0
+#: A jump of the wall clock forward, against the monotonic clock between two batches, that moves the
+#: records made before it (ms): more than a clock's correction by NTP, less than any TTL (60 s at least).
+JUMP_MS = 30_000
 
 log = logging.getLogger("tickstack.writer")
 
@@ -52,34 +61,54 @@ class AppliedRequests:
     """The recent results and each client's highest seq on record, bounded to ``most`` entries each
     (the oldest forgotten first: they are looked up in the database again)."""
 
-    def __init__(self, most: int = 100_000) -> None:
+    def __init__(self, most: int = 100_000, wall_clock: Callable[[], float] = time.time) -> None:
         self.most = most
         # Results of recently committed requests, for retries without a query.
         self.recent: OrderedDict[tuple[str, int], Applied] = OrderedDict()
         # Per client, the highest seq that may be on record: requests above it are new.
         self.known_top: OrderedDict[str, int] = OrderedDict()
-        #: The record's clock (:meth:`clock_ms`): its value at ``_since`` (monotonic), once read.
-        self._clock_at: int | None = None
-        self._since = 0.0
         self.last_prune = 0.0
+        self._wall_clock = wall_clock
+        #: The wall clock (ms) and the monotonic clock at the last batch that committed; the seed, the
+        #: newest record when this writer started (not after the wall clock then) and when it was read
+        #: (monotonic); both as the batch in hand has them, until it commits (:meth:`remember`).
+        self._seen: tuple[int, float] | None = None
+        self._seed: tuple[int, float] | None = None
+        self._batch: tuple[tuple[int, float], tuple[int, float]] | None = None
 
-    def clock_ms(self, conn: Connection) -> int:
-        """Now by the record's clock (see the module docstring): read once from the newest record
-        (the wall clock's now for an empty record), then on with the monotonic clock."""
-        if self._clock_at is None:
+    def begin_batch(self, conn: Connection) -> int:
+        """In a batch's transaction, before its records: the wall clock's now in ms (their stamp). After a
+        jump of the wall clock forward since the last batch, the records made before it are moved as far
+        (see the module docstring), in this transaction: a batch that does not commit moves nothing."""
+        wall, mono = int(self._wall_clock() * 1000), time.monotonic()
+        seed = self._seed
+        if seed is None:
             newest = ops.newest_applied(conn)
-            self._clock_at, self._since = (ops.now_ms() if newest is None else newest + 1), time.monotonic()
-        return self._clock_at + int((time.monotonic() - self._since) * 1000)
+            seed = (wall if newest is None else min(newest, wall), mono)
+        elif self._seen is not None:
+            expected = self._seen[0] + int((mono - self._seen[1]) * 1000)
+            jump = wall - expected
+            if jump > JUMP_MS:
+                moved = ops.shift_applied(conn, expected, jump)
+                log.warning("writer: the wall clock jumped %.0f s ahead; the %d records of applied requests made "
+                            "before it are moved as far, so that none is forgotten early", jump / 1000, moved)
+                seed = (seed[0] + jump, seed[1])
+        self._batch = ((wall, mono), seed)
+        return wall
 
     def prune_due(self) -> bool:
         """Whether the record is due for its prune (once every :data:`PRUNE_EVERY_S`)."""
         return time.monotonic() - self.last_prune >= PRUNE_EVERY_S
 
     def prune(self, conn: Connection, ttl: float) -> int:
-        """Forget the requests applied more than ``ttl`` seconds ago by the record's clock, in ``conn``'s
-        transaction (a batch's: it costs no commit of its own); how many."""
+        """In a batch's transaction (after :meth:`begin_batch`; it costs no commit of its own): forget the
+        requests applied more than ``ttl`` seconds ago by the wall clock, and none of the newest at this
+        writer's start until it has run ``ttl`` itself; how many."""
+        assert self._batch is not None, "prune runs in a batch, after begin_batch"
+        (wall, mono), (seed, seeded_at) = self._batch
         self.last_prune = time.monotonic()
-        pruned = ops.prune_applied(conn, self.clock_ms(conn) - int(ttl * 1000))
+        ttl_ms = int(ttl * 1000)
+        pruned = ops.prune_applied(conn, min(wall - ttl_ms, seed - ttl_ms + int((mono - seeded_at) * 1000)))
         if pruned:
             log.info("writer: forgot %d applied requests older than %.0f s", pruned, ttl)
         return pruned
@@ -102,7 +131,11 @@ class AppliedRequests:
         return packed
 
     def remember(self, committed: dict[tuple[str, int], Applied]) -> None:
-        """After a batch committed: its requests are the most recent, and raise their clients' tops."""
+        """After a batch committed: its requests are the most recent, and raise their clients' tops; the
+        clocks it read (:meth:`begin_batch`) are the ones the next batch compares with."""
+        if self._batch is not None:
+            self._seen, self._seed = self._batch
+            self._batch = None
         for key, applied in committed.items():
             self.recent[key] = applied
             cid, seq = key
