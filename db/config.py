@@ -142,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
       "seconds to wait for more requests before committing"),
     S("TICKSTACK_WRITER_MAX_QUEUE", "writer_max_queue", whole(1, 1_000_000), 2048, "2048",
       "requests queued before *busy* replies"),
-    # 1 GiB: the writer may hold 16 times this in its queue (workers.writer.QUEUE_BUDGET_MESSAGES), and
+    # 1 GiB: the writer may hold 16 times this in its queue (workers.intake.QUEUE_BUDGET_MESSAGES), and
     # ZeroMQ's MAXMSGSIZE is 4 times it, a C long (a 25-digit value stopped the writer at its start).
     S("TICKSTACK_WRITER_MAX_MESSAGE", "writer_max_message", whole(1024, 2**30), 16 * 1024 * 1024, "16 MiB",
       "largest request, in bytes"),

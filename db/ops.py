@@ -93,7 +93,7 @@ class Op:
     transactional: bool
     doc: str
     #: False for ops whose work grows with what the tables hold, not with the request alone (a
-    #: delete by age): the writer runs them on its commit thread only (workers.writer.Writer._enqueue).
+    #: delete by age): the writer runs them on its commit thread only (workers.intake.Intake).
     quick: bool = True
 
 

@@ -19,7 +19,7 @@ Two threads, one job each:
   applied in the same transaction, commits, and only then replies.
 
 One exception, for speed: on SQLite, a small batch read while the commit thread is idle is
-committed by the IO thread itself, through the same code (:meth:`Writer._dispatch`): handing it
+committed by the IO thread itself, through the same code (:meth:`workers.intake.Intake.dispatch`): handing it
 over and back cost more than committing it. The two never use the connection at once, and the IO
 thread never waits on a lock (a batch that would goes to the commit thread).
 
@@ -69,16 +69,15 @@ from sqlalchemy.exc import DBAPIError
 from db.client import MAX_PIPELINE_WINDOW
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
-from db.errors import CommitFailed, OpFailed, ValidationError
+from db.errors import OpFailed
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
-from db.ops import OPS
-from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
+from db.protocol import encode_reply, salvage_seq
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.endpoint_guard import EndpointGuard
+from workers.intake import Intake
 from workers.journal_guard import JournalGuard
-from workers.seldom import Seldom
 from workers.write_connection import make_database_private, orphaned_journal
 from workers.writer_stats import Stats
 
@@ -91,8 +90,6 @@ LOCK_CHECK_EVERY_S = 1.0
 #: limit of 64, 120 clients ended it at each start (SIGABRT in libzmq's accept), a crash loop the
 #: flapping plugin then stops (fault hunt, round 40).
 MIN_OPEN_FILES = 1024
-#: The queue's byte budget, in maximum-size messages (estimated decoded size).
-QUEUE_BUDGET_MESSAGES = 16
 #: Bytes over ``writer_max_message`` a frame may have and still be read and answered (that it is too
 #: big); a longer one closes its peer's connection unread (ZeroMQ's ``MAXMSGSIZE``).
 MAX_MESSAGE_SLACK = 64 * 1024
@@ -103,10 +100,6 @@ READ_AHEAD_MESSAGES = 16
 #: of ``stats`` answers a connection): four times what a :class:`db.client.Pipeline` can have in
 #: flight. Past it an answer is dropped; a client that reads after all asks again and gets it.
 REPLY_BACKLOG_MESSAGES = 4 * MAX_PIPELINE_WINDOW
-#: The largest batch (estimated decoded bytes) the IO thread commits itself when the commit thread
-#: is idle (:meth:`Writer._dispatch`): a few dozen small requests (an ``audit`` counts about 1,300,
-#: a one-tick ``insert_ticks`` 2,600), never a bulk insert's columns.
-IO_BATCH_BYTES = 64 * 1024
 #: The longest the IO thread reads frames before it sends the answers it has, commits the small batch
 #: it read and beats the watchdog's heart: frames slow to decode (each within the limits, tens of ms)
 #: made a round of 1,000 last a minute, every other client's answers waiting for its end.
@@ -130,23 +123,9 @@ class Writer:
         #: What the writer does when its database files are removed or moved under it (SQLite).
         self.journal_guard: JournalGuard | None = None
         self.stats = Stats()
-        #: Lines of what a client can make happen thousands of times a second, now and then.
-        self._undecodable = Seldom(log, logging.WARNING, 10.0)
-        self._out_of_memory_said = Seldom(log, logging.ERROR, 60.0, burst=1)
-        #: What a ping answers: with the database it writes (no password; not in its stats, which
-        #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
-        #: another database says so.
-        self.ping_result = {"pid": os.getpid(), "protocol": PROTOCOL, "database": display_url(settings.database_url)}
         self.queue: queue.Queue[Request | object] = queue.Queue(maxsize=settings.writer_max_queue)
-        # Bytes queued = accepted (here) - released (by the commit thread):
-        # each counter has one writing thread, so neither needs a lock.
-        self.queue_budget = QUEUE_BUDGET_MESSAGES * settings.writer_max_message
-        self.accepted_bytes = 0
-        #: Requests taken in the current read of the socket, not yet committed or queued.
-        self.pending: list[Request] = []
-        self.pending_bytes = 0
-        #: Whether small batches may be committed on the IO thread (:meth:`_dispatch`); set at start.
-        self.commits_here = False
+        #: The IO thread's requests: read, answered or queued, committed here when small.
+        self.intake = Intake(settings, self.stats, self.queue)
         self.committer: Committer | None = None
         self.lock = WriterLock(settings.writer_lock_path)
 
@@ -215,7 +194,7 @@ class Writer:
                 return 1
             make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
-            self.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see _dispatch
+            self.intake.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see dispatch
             if self.server_lock is not None:  # a reconnection must prove the lock is still ours
                 self.server_lock.fence(self.engine)
             self.checkpointer = Checkpointer(self.settings, self.engine, self.stats)
@@ -224,6 +203,7 @@ class Writer:
                 self.committer = Committer(self.settings, self.engine, conn, self.stats, self.queue,
                                            on_fatal=self._stop_now, on_commit=self.checkpointer.poke,
                                            before_commit=self.server_lock.check_held if self.server_lock else None)
+                self.intake.committer = self.committer
                 before, after = self.committer.link.open_database()
             except Exception as e:
                 reason = storage_full_reason(e)
@@ -323,7 +303,7 @@ class Writer:
                         self.journal_guard.check()
                 events = dict(poller.poll(50))
                 if replies_in in events:
-                    self._forward_replies(replies_in, router)
+                    self.intake.forward_replies(replies_in, router)
                 if router in events:
                     round_ends = time.monotonic() + IO_ROUND_S
                     for _ in range(1000):
@@ -332,17 +312,17 @@ class Writer:
                         except zmq.Again:
                             break
                         except MemoryError:  # escaped the loop, whose teardown then hung: round 40
-                            self._out_of_memory(router)
+                            self.intake.out_of_memory(router)
                             break
                         try:
-                            self._accept(router, frames)
+                            self.intake.accept(router, frames)
                         except Exception as e:  # the IO thread serves on, whatever a request does
                             log.exception("writer: handling a request failed")
-                            self._send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=OpFailed(
+                            self.intake.send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=OpFailed(
                                 f"the writer could not handle the request: {type(e).__name__}: {e}")))
                         if time.monotonic() > round_ends:
                             break
-                    self._dispatch(router, replies_in)
+                    self.intake.dispatch(router, replies_in)
                 if self.stop_requested_at is not None and self._drained():
                     break
             # Stop reading new requests; let the commit thread finish the
@@ -353,11 +333,11 @@ class Writer:
                     self.queue.put(STOP, timeout=0.05)
                     break
                 except queue.Full:
-                    self._forward_replies(replies_in, router)
+                    self.intake.forward_replies(replies_in, router)
             while committer.is_alive() or self.committer.outbox:
                 replies_in.poll(50)
-                self._forward_replies(replies_in, router)
-            self._forward_replies(replies_in, router)
+                self.intake.forward_replies(replies_in, router)
+            self.intake.forward_replies(replies_in, router)
         finally:
             router.close()
             replies_in.close()
@@ -371,16 +351,6 @@ class Writer:
                 ctx.term()  # waits for every socket: the commit thread's too
             else:  # the process exits anyway; waiting for that socket hung it, silent, for good
                 log.error("writer: the commit thread did not end; exiting without waiting for it")
-
-    def _out_of_memory(self, router: zmq.Socket) -> None:
-        """A request the process had no memory to read (a memory limit, many large requests at once):
-        the rest of its frames are dropped without a copy, its client sends it again, and the writer
-        serves on. Said once a minute at most."""
-        while router.getsockopt(zmq.RCVMORE):
-            router.recv(zmq.NOBLOCK, copy=False)
-        self.stats.malformed += 1
-        self._out_of_memory_said.say("writer: out of memory reading a request (a memory limit, or many requests "
-                                     "near TICKSTACK_WRITER_MAX_MESSAGE at once); dropped, its client sends it again")
 
     def _drained(self) -> bool:
         """On stop, keep serving for ``writer_drain_idle`` seconds (circus stops every watcher at
@@ -411,145 +381,6 @@ class Writer:
         """The commit thread cannot go on (a bug of its own loop, never a
         request's): stop at once instead of queueing requests nobody commits."""
         self.stop_requested_at = time.monotonic() - self.settings.writer_drain_deadline
-
-    # --- IO thread ---------------------------------------------------------------------
-
-    def _forward_replies(self, replies_in: zmq.Socket, router: zmq.Socket) -> None:
-        """Send the replies of the batches the commit thread committed: take the doorbell's
-        rings first, then the outbox, so a batch whose ring comes later is sent now or at that
-        ring (never left behind)."""
-        try:
-            while True:
-                replies_in.recv(zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-        assert self.committer is not None
-        outbox = self.committer.outbox
-        while outbox:
-            for ident, payload in outbox.popleft():
-                self._send(router, ident, payload)
-
-    def _accept(self, router: zmq.Socket, frames: list[bytes]) -> None:
-        """Decode one request; answer ping/stats/errors now, queue ops."""
-        ident = frames[0]
-        if len(frames) != 2:
-            self.stats.malformed += 1
-            self._send(router, ident, encode_reply(None, error=ValidationError(
-                f"expected one message frame, got {len(frames) - 1}")))
-            return
-        payload = frames[1]
-        if len(payload) > self.settings.writer_max_message:
-            self.stats.malformed += 1
-            self._send(router, ident, encode_reply(salvage_seq(payload), error=ValidationError(
-                f"message of {len(payload)} bytes is over the limit of {self.settings.writer_max_message} "
-                "(TICKSTACK_WRITER_MAX_MESSAGE)")))
-            return
-        try:
-            msg, cost = decode_request(payload)
-        except ValidationError as e:
-            self.stats.malformed += 1
-            self._undecodable.say("writer: undecodable request (%d bytes): %s", len(payload), e)
-            self._send(router, ident, encode_reply(salvage_seq(payload), error=e))
-            return
-        seq = reply_seq(msg)
-        problem = envelope_problem(msg)
-        if problem:
-            self.stats.malformed += 1
-            self._send(router, ident, encode_reply(seq, error=ValidationError(problem)))
-            return
-        name = msg["op"]
-        if name == "ping":
-            self._send(router, ident, encode_reply(seq, result=self.ping_result))
-        elif name == "stats":
-            self._send(router, ident, encode_reply(seq, result=self.stats.report(self.queue.qsize(),
-                                                                                   self.queued_bytes)))
-        elif self.committer is not None and self.committer.refusing is not None:
-            self.stats.requests_failed += 1
-            self._send(router, ident, encode_reply(seq, error=CommitFailed(self.committer.refusing)))
-        elif not self._enqueue(Request(ident, msg["cid"], seq, name, msg.get("args"), cost)):
-            self.stats.busy_replies += 1
-            self._send(router, ident, encode_reply(seq, busy=True))
-
-    @property
-    def queued_bytes(self) -> int:
-        """Estimated bytes of the requests taken and not yet answered (in this read's batch, queued,
-        or in the batch being committed)."""
-        return self.accepted_bytes - (self.committer.released_bytes if self.committer is not None else 0)
-
-    def _enqueue(self, req: Request) -> bool:
-        """Take ``req`` unless the queue (with this read's requests) is full in requests or in bytes
-        (when it is empty any request is taken, so a large one is never refused for ever). It joins
-        this read's batch (:attr:`pending`), which the IO thread may commit itself
-        (:meth:`_dispatch`); as soon as the batch cannot be, it goes to the commit thread, which
-        starts on it while this thread reads on."""
-        queued = self.queued_bytes
-        if queued > 0 and queued + req.cost > self.queue_budget:
-            return False
-        if self.queue.qsize() + len(self.pending) >= self.queue.maxsize:
-            return False
-        self.accepted_bytes += req.cost  # before the commit thread can release it
-        self.pending.append(req)
-        self.pending_bytes += req.cost
-        spec = OPS.get(req.op)
-        if not (self.commits_here and self.pending_bytes <= IO_BATCH_BYTES
-                and len(self.pending) <= self.settings.writer_max_batch
-                and (spec is None or (spec.transactional and spec.quick))  # unknown: answered at once
-                and self.committer is not None and self.committer.idle()):
-            self._queue_pending()
-        return True
-
-    def _queue_pending(self) -> None:
-        for req in self.pending:
-            self.queue.put_nowait(req)  # room checked in _enqueue; only this thread puts
-        self.pending.clear()
-        self.pending_bytes = 0
-
-    def _dispatch(self, router: zmq.Socket, replies_in: zmq.Socket) -> None:
-        """At the end of a read of the socket: commit the requests :meth:`_enqueue` kept here.
-
-        Only on SQLite, only a small batch (at most ``IO_BATCH_BYTES`` as decoded), of ops whose
-        work grows with the request alone (``db.ops.Op.quick``; not a checkpoint), with no
-        ``writer_batch_wait`` to wait for more, and only while the commit thread is idle: then it
-        is committed here, by the same code, acknowledged only after its COMMIT. Handing it to the
-        commit thread and its replies back cost two hand-overs between Python threads (about 90 us
-        each on this machine), more than such a batch's whole commit, and when producers wait for
-        each answer they set the rate (README, Benchmarks). The replies the commit thread gave
-        before are sent first, so a client's answers keep their order. Nothing here waits on a lock or
-        on work that grows with the tables: a batch goes to the commit thread, nothing of it
-        committed, when a program that is not the writer holds SQLite's write lock (its BEGIN is
-        taken with busy_timeout 0 and kept for the batch), when the record of applied requests is
-        due for its prune, when an op fails in the fast run (the careful run begins again), or
-        when a failure here left the connection closed (opening one sets pragmas that can wait:
-        :meth:`Committer.commit_here`). Everything else went to the commit thread as it came: a
-        bulk write's commit runs there while this thread decodes the next, and no ping waits behind
-        a bulk commit or a lock. A PostgreSQL commit is a round trip to a server that may stall:
-        every one stays there."""
-        if not self.pending:
-            return
-        committer = self.committer
-        assert committer is not None
-        batch, cost = self.pending, self.pending_bytes
-        try:
-            self._forward_replies(replies_in, router)  # the replies of what was committed before first
-            replies = committer.commit_here(batch)
-        except Exception:  # a bug of this path: the commit thread takes the batch, as before it
-            log.exception("writer: committing %d requests on the IO thread failed; the commit thread "
-                          "takes them", len(batch))
-            replies = None
-        if replies is None:
-            self._queue_pending()
-            return
-        self.pending, self.pending_bytes = [], 0
-        for ident, payload in replies:
-            self._send(router, ident, payload)
-        self.accepted_bytes -= cost
-
-    @staticmethod
-    def _send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:
-        try:
-            router.send_multipart([ident, payload], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            log.debug("writer: reply dropped: %s", e)
 
 
 def main(argv: list[str] | None = None) -> int:
