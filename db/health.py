@@ -401,11 +401,16 @@ def writes_refused(stats: dict[str, Any] | None) -> str | None:
     last = stats.get("last_storage_full")
     if stats.get("disk_full") and last:
         return f"its disk is full ({last['reason']}): writes wait for space"
+    return commits_failing(stats)
+
+
+def commits_failing(stats: dict[str, Any]) -> str | None:
+    """Since when no batch commits, and why (:data:`COMMITS_FAILING_S` at least), from the writer's stats."""
     failing, why = stats.get("commits_failing_s"), stats.get("last_commit_failure")
-    if failing is not None and failing >= COMMITS_FAILING_S and why:
-        return (f"no batch has committed for {failing:.0f} s ({why['reason']}): every write is answered "
-                "retryably and nothing is applied; see the writer's log")
-    return None
+    if failing is None or failing < COMMITS_FAILING_S or not why:
+        return None
+    return (f"no batch has committed for {failing:.0f} s ({why['reason']}): every write is answered retryably "
+            "and nothing is applied; see the writer's log")
 
 
 def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
@@ -426,13 +431,12 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
                                     "space: delete old backups (TICKSTACK_BACKUP_KEEP), shorten "
                                     "TICKSTACK_RETENTION_DAYS, or move TICKSTACK_HOME to a larger disk."))
     stats = snap["writer"].get("stats") or {}
+    failing = commits_failing(stats)
     if stats.get("journal_removed"):
         out.append(("fail", f"The writer refuses every write: {stats['journal_removed']}."))
-    elif not stats.get("disk_full"):  # a full disk has its own finding below
-        refused = writes_refused(stats)
-        if refused is not None:
-            out.append(("fail", f"The writer's commits fail: {refused}. A disk turned read-only after errors "
-                                "(`dmesg`) or failing needs the stack stopped and the disk mended."))
+    elif failing is not None and not stats.get("disk_full"):  # a full disk has its own finding below
+        out.append(("fail", f"The writer's commits fail: {failing}. A disk turned read-only after errors "
+                            "(`dmesg`) or failing needs the stack stopped and the disk mended."))
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)

@@ -113,19 +113,38 @@ class WriterLock(PidLock):
         and no longer once ``stopping()``; else raise :class:`WriterLocked` naming the holder. circus's
         reload starts a new writer before it stops the old one, whose drain and last checkpoint then
         take seconds."""
-        deadline = time.monotonic() + wait
-        said = False
+        def holder() -> str:  # read for the words only, not at every try
+            return f"another writer (pid {read_lock_holder(self.path) or 'unknown'}) holds {self.path}"
+
+        held = HeldLockWait(wait, stopping, every=0.1)
         while not self.try_acquire():
-            if time.monotonic() >= deadline or stopping():
-                raise WriterLocked(f"another writer (pid {read_lock_holder(self.path) or 'unknown'}) holds "
-                                   f"{self.path}; refusing to start a second one, since exactly one process may "
+            if not held.goes_on(holder):
+                raise WriterLocked(f"{holder()}; refusing to start a second one, since exactly one process may "
                                    "write the database")
-            if not said:
-                log.info("writer: another writer (pid %s) holds %s; waiting up to %g s for it to end (circus's "
-                         "reload starts the new writer before it stops the old one)",
-                         read_lock_holder(self.path) or "unknown", self.path, wait)
-                said = True
-            time.sleep(0.1)
+
+
+class HeldLockWait:
+    """The wait of a starting writer for a lock another writer holds (the file's, the server's): at
+    most ``wait`` seconds, and no longer once ``stopping()``, trying again every ``every`` seconds; said
+    once, at INFO. circus's reload starts the new writer before it stops the old one, whose drain and
+    last checkpoint then take seconds."""
+
+    def __init__(self, wait: float, stopping: Callable[[], bool], every: float) -> None:
+        self.wait, self.stopping, self.every = wait, stopping, every
+        self.deadline = time.monotonic() + wait
+        self.said = False
+
+    def goes_on(self, holder: Callable[[], str]) -> bool:
+        """After a try that found the lock held (``holder()``: who holds it, in words, asked only to say
+        it): False when the wait is over; else wait ``every`` seconds and True."""
+        if time.monotonic() >= self.deadline or self.stopping():
+            return False
+        if not self.said:
+            log.info("writer: %s; waiting up to %g s for it to end (circus's reload starts the new writer before "
+                     "it stops the old one)", holder(), self.wait)
+            self.said = True
+        time.sleep(self.every)
+        return True
 
 
 def read_lock_holder(path: os.PathLike[str] | str) -> int | None:
@@ -397,28 +416,25 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
     whose file lock (:class:`WriterLock`, beside the database) already is per database. An
     unreachable server is tried again every second for ``wait`` seconds (logged every 10 s), and
     not at all once this process is orphaned (its supervisor died: nobody would stop it). A lock
-    held by another writer is tried again every 0.2 s for ``held_wait`` seconds (said once, at INFO),
-    as :meth:`WriterLock.acquire` waits for the file lock, and no longer once ``stopping()``: the
+    held by another writer is tried again every 0.2 s for ``held_wait`` seconds (:class:`HeldLockWait`,
+    as :meth:`WriterLock.acquire` waits for the file lock), and no longer once ``stopping()``: the
     writer that held the file lock ends its session just before it lets that lock go, and the server
     drops its locks only when that session's backend has exited, a moment later."""
     if url.startswith("sqlite"):
         return None
     from db.engine import server_unreachable
 
-    now = time.monotonic()
-    deadline, held_deadline, parent, told, said = now + wait, now + held_wait, os.getppid(), 0.0, False
+    deadline, parent, told = time.monotonic() + wait, os.getppid(), 0.0
+    held = HeldLockWait(held_wait, stopping, every=0.2)
     while True:
         lock = ServerWriterLock(url, host, on_lost)
         try:
             lock.acquire()
             return lock
         except WriterLocked as e:
-            if time.monotonic() >= held_deadline or stopping():
+            holder = str(e).split(";")[0]
+            if not held.goes_on(lambda holder=holder: holder):
                 raise
-            if not said:
-                log.info("writer: %s; waiting up to %g s for it to end", str(e).split(";")[0], held_wait)
-                said = True
-            time.sleep(0.2)
             continue
         except Exception as e:
             now = time.monotonic()

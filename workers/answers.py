@@ -28,20 +28,19 @@ class Answers:
         self.settings = settings
         self.stats = stats
 
-    def committed(self) -> None:
-        """A batch committed something: if the disk was full, it has space again."""
+    def committed(self, applied: bool) -> None:
+        """A batch committed: commits fail no more; and if it ``applied`` something while the disk was
+        full, the disk has space again (a batch of answers alone proves no room)."""
+        if self.stats.failed_batches_in_a_row:
+            if self.stats.failed_batches_in_a_row >= FAILING_AFTER_BATCHES:
+                log.warning("writer: batches commit again (they failed for %.0f s)",
+                            time.monotonic() - (self.stats.commits_failing_since or time.monotonic()))
+            self.stats.commits_failing_since, self.stats.failed_batches_in_a_row = None, 0
         since = self.stats.disk_full_since
-        if since is not None:
+        if applied and since is not None:
             log.warning("writer: the disk has space again; writes resume (it was full for %.0f s)",
                         time.monotonic() - since)
             self.stats.disk_full_since = None
-
-    def batch_committed(self) -> None:
-        """A batch committed (anything, or nothing but its answers): commits fail no more."""
-        since = self.stats.commits_failing_since
-        if since is not None and self.stats.failed_batches_in_a_row >= FAILING_AFTER_BATCHES:
-            log.warning("writer: batches commit again (they failed for %.0f s)", time.monotonic() - since)
-        self.stats.commits_failing_since, self.stats.failed_batches_in_a_row = None, 0
 
     def op_error(self, spec: ops.Op, e: BaseException) -> WriterError:
         """What a request whose op raised ``e`` is answered: the op's own

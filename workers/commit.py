@@ -344,9 +344,7 @@ class Committer:
         replies, outside, committed, tally = run
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_commit()
-        self.answers.batch_committed()
-        if committed:
-            self.answers.committed()
+        self.answers.committed(bool(committed))
         self.applied.remember(committed)
         st = self.stats
         st.batches += 1
