@@ -307,7 +307,8 @@ def test_a_flood_of_undecodable_requests_is_answered_each_and_logged_a_few_lines
     """3,000 undecodable frames from one local program were 3,000 WARNING lines: with circusd stopped
     (it reads the writer's stderr) they filled the pipe, and the IO thread waited in the logging call,
     answering no one (fault hunt, round 40). Each is still answered; at most 10 lines a period are
-    logged (workers.seldom), the next line counting what was not."""
+    logged (workers.seldom), the next line counting what was not; when the flood has stopped, a line
+    says how many were not logged once the period is over (before, the count was never said)."""
     for _ in range(300):
         peer.send(b"\xc1" * 40)
     replies = [peer.recv(timeout=20) for _ in range(300)]
@@ -315,6 +316,10 @@ def test_a_flood_of_undecodable_requests_is_answered_each_and_logged_a_few_lines
     log = writer.writer_log()
     assert 1 <= log.count("undecodable request (40 bytes)") <= 10, log[-3000:]
     assert writer.procs[0].poll() is None
+    wait_for("the count of the lines not logged", lambda: "more like it before it, not logged" in writer.writer_log(),
+             timeout=25)
+    unsaid = [int(n) for n in re.findall(r"and (\d+) more like it", writer.writer_log())]
+    assert writer.writer_log().count("undecodable request (40 bytes)") + sum(unsaid) == 300, unsaid
 
 
 def test_a_client_sending_requests_slow_to_decode_does_not_hold_the_others_answers(writer: Stack,

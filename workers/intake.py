@@ -198,6 +198,11 @@ class Intake:
         except zmq.ZMQError as e:
             log.debug("writer: reply dropped: %s", e)
 
+    def flush_logs(self) -> None:
+        """Say what the throttled lines left unsaid once their period is over (:meth:`Seldom.flush`)."""
+        self._undecodable.flush()
+        self._out_of_memory_said.flush()
+
     def out_of_memory(self, router: zmq.Socket) -> None:
         """A request the process had no memory to read (a memory limit, many large requests at once):
         the rest of its frames are dropped without a copy, its client sends it again, and the writer

@@ -299,6 +299,7 @@ class Writer:
                     lock_checked = time.monotonic()
                     self._check_lock()
                     endpoint_guard.check(router)
+                    self.intake.flush_logs()
                     if self.journal_guard is not None:
                         self.journal_guard.check()
                 events = dict(poller.poll(50))
