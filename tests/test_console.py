@@ -253,6 +253,27 @@ def test_every_page_needs_a_session(wstack: Stack) -> None:
     assert c.get("/static/console/console.css").status_code == 200
 
 
+def test_a_path_or_method_no_route_has_gets_the_consoles_own_error_page(wstack: Stack) -> None:
+    """A mistyped console address answered Werkzeug's bare 404 page, without the console's look or a
+    way back (a new user's run, round 40); a wrong method its bare 405. Now the console's error page
+    (JSON under /console/api/), logged in or not, saying the path."""
+    for logged_in in (False, True):
+        c = Console(create_app("console", wstack.settings))
+        if logged_in:
+            assert c.login().status_code == 302
+        r = c.get("/console/watcherz")
+        assert r.status_code == 404 and "console.css" in r.text, r.text[:300]
+        assert "Page not found" in r.text and "/console/watcherz" in r.text
+        assert ('aria-label="Console pages"' in r.text) is logged_in  # the pages' links, once logged in
+        r = c.get("/nothing/<script>")
+        assert r.status_code == 404 and "<script>" not in r.text and "&lt;script&gt;" in r.text
+        r = c.get("/console/api/nothing")
+        assert r.status_code == 404 and r.json["error"].startswith("no such console API path"), r.text
+        r = c.client.delete("/console/login")
+        assert r.status_code == 405 and "console.css" in r.text and "DELETE" in r.text, r.text[:300]
+        assert "GET" in r.headers["Allow"]
+
+
 def _state(st: Stack) -> tuple:
     s = st.settings
     return (last_audit_id(s), sorted(p.name for p in s.backup_dir.iterdir()),

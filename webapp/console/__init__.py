@@ -12,13 +12,13 @@ recorded in the audit log (:func:`webapp.console.common.audit`).
 """
 from __future__ import annotations
 
-from flask import Response, jsonify, redirect, render_template, url_for
+from flask import Response, jsonify, redirect, render_template, request, url_for
 from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
 from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from db.errors import WriterError, read_refusal
 from supervision.circus import CircusError
@@ -87,6 +87,31 @@ def _error(status: int, title: str, message: str) -> ResponseReturnValue:
     if wants_json():
         return json_error(status, message)
     return render_template("console/error.html", status=status, title=title, message=message), status
+
+
+@bp.record_once
+def _no_route_page(state: BlueprintSetupState) -> None:
+    """An address or a method no route has fails in routing, before any blueprint, so the handlers
+    below never see it: Werkzeug's bare page was the answer (a new user's run, round 40). In the
+    console's own app, the console's page; an app with the API keeps the API's answer."""
+    if "api" not in state.app.blueprints:
+        state.app.register_error_handler(HTTPException, _no_route)
+
+
+def _no_route(e: HTTPException) -> ResponseReturnValue:
+    if e.code not in (404, 405):
+        return e
+    headers = {"Allow": ", ".join(e.valid_methods)} if isinstance(e, MethodNotAllowed) and e.valid_methods else {}
+    if e.code == 404:
+        title, message = "Page not found", f"There is no console page at {request.path}."
+        short = f"no such console API path: {request.path}"
+    else:
+        title = "Method not allowed"
+        message = short = f"{request.method} is not allowed on {request.path}; allowed: {headers.get('Allow', 'none')}"
+    if wants_json():
+        return json_error(e.code, short, headers=headers)
+    page = render_template("console/error.html", status=e.code, title=title, message=message, **_template_globals())
+    return page, e.code, headers
 
 
 @bp.errorhandler(CSRFError)
