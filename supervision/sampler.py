@@ -23,10 +23,11 @@ stop and a start (a sample saw the watcher ``stopped``: the gone count starts ov
 and a start no sample saw stopped (they read as a restart); a process that starts and dies between
 two samples (not seen). gunicorn replacing its own workers is not counted (only circus's processes
 are). After a restart of the jobs worker, the first sample counts the processes created since the
-last stored sample (by create time, which psutil knows to about a second) of a watcher that still
-runs as many processes as that sample stored; with no sample within :data:`RESUME_WINDOW_MS`, or
-with a circusd started since (the whole stack was stopped and started: its processes are new, not
-replacements; every watcher counted one restart per start), it is the baseline and counts nothing.
+last stored sample (by create time: psutil's, corrected by
+:func:`supervision.procstats.create_time_lag`) of a watcher that still runs as many processes as
+that sample stored; with no sample within :data:`RESUME_WINDOW_MS`, or with a circusd started since
+(the whole stack was stopped and started: its processes are new, not replacements; every watcher
+counted one restart per start), it is the baseline and counts nothing.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from db.models import Sample, now_ms
 from db.server import server_status
 from db.validation import is_number
 from supervision.circus import Circus, CircusError
-from supervision.procstats import ProcessMeter, collect_watchers
+from supervision.procstats import ProcessMeter, collect_watchers, create_time_lag
 
 log = logging.getLogger("tickstack.metrics")
 
@@ -132,7 +133,8 @@ class Sampler:
         self.previous_watchers_ms = int(last.ts) if last is not None else None
         circusd = live_circusd(circusd_pidfile(self.settings))
         try:
-            self.circusd_started_ms = int(psutil.Process(circusd).create_time() * 1000) if circusd else None
+            self.circusd_started_ms = (int((psutil.Process(circusd).create_time() + create_time_lag()) * 1000)
+                                       if circusd else None)
         except psutil.Error:
             self.circusd_started_ms = None
         if last is not None:
@@ -242,7 +244,8 @@ class Sampler:
             return 0  # the baseline, or scaled since: no way to tell a replacement from an incr
         if self.circusd_started_ms is not None and self.circusd_started_ms > since:
             return 0  # a new stack since: its processes are its first, none replaced
-        return sum(1 for _, started in procs if started * 1000 > since)
+        lag = create_time_lag()
+        return sum(1 for _, started in procs if (started + lag) * 1000 > since)
 
     def store(self, client: WriterClient, samples: list[dict[str, Any]], deadline: float = 5.0) -> dict[str, Any]:
         """``record_samples`` through the writer, pruning samples older than a day once a minute."""

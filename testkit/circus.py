@@ -33,6 +33,8 @@ class Circusd:
         # From TICKSTACK_HOME alone (as circus.ini does): a test may give circusd settings that do not load.
         self.endpoint = f"ipc://{Path(env['TICKSTACK_HOME']) / 'run' / 'circus.sock'}"
         self.proc: subprocess.Popen | None = None
+        #: The wall clock just before circusd was started (what a process's start time must not precede).
+        self.started_at: float | None = None
         #: Every process circusd started (a pid alone may be reused: see :class:`Descendants`).
         self.children: Descendants | None = None
 
@@ -42,6 +44,7 @@ class Circusd:
 
     def start(self, wait_active: tuple[str, ...], timeout: float = 90, poll: float = 0.3) -> None:
         """Start circusd and return once every watcher in ``wait_active`` is active."""
+        self.started_at = time.time()
         if self.log_path is None:
             self.proc = subprocess.Popen([str(BIN / "circusd"), str(self.ini)], env=self.env, cwd=self.cwd,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

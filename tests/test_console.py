@@ -753,3 +753,5 @@ def test_sampler_stores_every_series_in_the_running_stack(cconsole: Console, cst
     assert all(v >= 0 for v in rates) and max(rates) > 0  # the simulated feed ingests
     series = cconsole.get("/console/api/series?name=watcher.rss_bytes").json["series"]
     assert {x["label"] for x in series} >= set(WATCHERS)
+
+
