@@ -34,6 +34,23 @@ def test_every_module_is_named_in_the_readme_layout() -> None:
     assert not missing, f"modules the README's code layout does not name: {missing}"
 
 
+def test_every_test_the_readme_names_exists() -> None:
+    """The README's Evidence table (and any other place) names tests as ``test_x.py::name`` or
+    ``path::name``, a ``::name`` after one in the same cell, or a file alone: each must be there,
+    or a renamed test leaves a guarantee pointing at nothing."""
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for cell in re.findall(r"`(?:tests/)?(test_\w+\.py)(?:::(\w+))?`((?:, `::\w+`)*)", readme):
+        path = ROOT / "tests" / cell[0]
+        names = [n for n in (cell[1], *re.findall(r"::(\w+)", cell[2])) if n]
+        if not path.exists():
+            missing.append(cell[0])
+            continue
+        text = path.read_text()
+        missing += [f"{cell[0]}::{n}" for n in names if not re.search(rf"^(?:async )?def {n}\(", text, re.M)]
+    assert not missing, f"tests the README names that are not there: {missing}"
+
+
 #: The marks that leave a test out of the PostgreSQL run, each with its arguments.
 RUN_MARKS = ("sqlite_only", "database_independent")
 #: Collects the suite as ``pytest --database DATABASE`` would and writes, for every test it keeps,
