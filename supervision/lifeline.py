@@ -195,6 +195,12 @@ class Lifeline:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
+            # Its own port on the loopback address: not 0.0.0.0, where a sendto binds it, open to any
+            # host; and the watchdog checks whose socket the beats come from (supervision.plugins).
+            try:
+                self._sock.bind(("127.0.0.1", 0))
+            except OSError as e:
+                log.debug("heartbeat socket not bound to the loopback address: %s", e)
         try:
             self._sock.sendto(f"{os.getpid()};{time.time():.3f}".encode(), ("127.0.0.1", self.watchdog_port))
         except OSError as e:  # a full buffer or no listener: the next beat tries again

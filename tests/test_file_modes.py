@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from db.client import WriterClient
@@ -60,7 +62,10 @@ def not_private(found: dict[str, tuple[str, int]]) -> dict[str, str]:
     return bad
 
 
-def test_every_file_of_the_running_stack_is_private(umask_022: None) -> None:
+def test_every_file_and_socket_of_the_running_stack_is_private(umask_022: None) -> None:
+    """Files 0600, folders 0700; and no process of the stack listens beyond the loopback address:
+    circusd answered any host's datagram on UDP 0.0.0.0:12027 with its control socket's path, the
+    home's (circus's cluster discovery, on unless circus.ini turns it off: a security review, round 41)."""
     stack = CircusStack()
     try:
         stack.start()
@@ -91,6 +96,19 @@ def test_every_file_of_the_running_stack_is_private(umask_022: None) -> None:
                          "log/api.access.log", *database, "run/circus.sock", "run/writer.sock"):
             assert expected in found, sorted(found)
         assert not_private(found) == {}
+        assert stack.proc is not None
+        processes = [psutil.Process(stack.proc.pid), *psutil.Process(stack.proc.pid).children(recursive=True)]
+        assert len(processes) > len(WATCHERS)
+        beyond = []
+        for proc in processes:
+            try:
+                sockets = proc.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            beyond += [(proc.pid, proc.name(), c.laddr) for c in sockets
+                       if (c.status == psutil.CONN_LISTEN or c.type == socket.SOCK_DGRAM)
+                       and c.laddr and c.laddr.ip not in ("127.0.0.1", "::1")]
+        assert beyond == [], beyond
     finally:
         stack.close()
 
@@ -143,7 +161,7 @@ def test_db_init_under_a_login_shells_umask_leaves_every_file_private(umask_022:
         stack.close()
 
 
-@pytest.mark.sqlite_only("tests/test_file_modes.py::test_every_file_of_the_running_stack_is_private")
+@pytest.mark.sqlite_only("tests/test_file_modes.py::test_every_file_and_socket_of_the_running_stack_is_private")
 def test_a_writer_makes_a_database_file_others_may_read_private_and_says_so(umask_022: None) -> None:
     """A database file with group or other bits (an older ``db init``'s, a copy restored by hand):
     the writer makes it 0600 before it opens it, so its WAL and shared-memory files are 0600 too."""

@@ -536,7 +536,7 @@ def test_read_engine_cannot_write(writer: Stack) -> None:
     engine.dispose()
 
 
-@pytest.mark.sqlite_only("tests/test_file_modes.py::test_every_file_of_the_running_stack_is_private")
+@pytest.mark.sqlite_only("tests/test_file_modes.py::test_every_file_and_socket_of_the_running_stack_is_private")
 def test_database_files_are_private(writer: Stack) -> None:
     settings = writer.settings
     WriterClient(settings=settings, deadline=5).call("audit", actor="me", action="x")
