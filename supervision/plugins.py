@@ -30,6 +30,7 @@ without its port the plugin watches nothing (circus's would kill every process f
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -166,6 +167,8 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
         self.stopping: set[int] = set()
         self.timeouts: dict[str, float] = {}
         self._last_discovery = 0.0
+        #: Sending port -> the pid whose beats it was found to carry, checked once (see :meth:`_ours`).
+        self.senders: dict[int, int] = {}
 
     def handle_init(self) -> None:
         Lifeline().attach()
@@ -205,11 +208,11 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
         """Read every waiting heartbeat ("pid;time"); anything else is ignored."""
         while True:
             try:
-                data, _ = self.sock.recvfrom(1024)
+                data, sender = self.sock.recvfrom(1024)
             except (BlockingIOError, TimeoutError, OSError):
                 return
             beat = self._decode(data)
-            if beat is None or beat in self.stopping:
+            if beat is None or beat in self.stopping or not self._ours(beat, sender[1]):
                 continue
             if beat not in self.watched and time.monotonic() - self._last_discovery >= 1.0:
                 self._discover()  # spawned before this plugin subscribed to circus's events
@@ -276,6 +279,23 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
                     self.watched.setdefault(int(known), [watcher_name, armed_at])
         return complete
 
+    def _ours(self, pid: int, port: int) -> bool:
+        """Whether a beat for ``pid`` from the loopback port ``port`` comes from a socket of this
+        user's: any local user could send "pid;time" and keep a hung writer from being restarted
+        (a security review, round 41). Checked once per port and pid (the sending sockets live
+        as long as their processes, bound to 127.0.0.1 by :mod:`supervision.lifeline`)."""
+        if self.senders.get(port) == pid:
+            return True
+        owner = udp_socket_owner(port)
+        if owner != os.getuid():
+            log.warning("watchdog: a heartbeat for pid %d from port %d, a socket of %s: ignored", pid, port,
+                        f"user {owner}" if owner is not None else "no one now")
+            return False
+        if len(self.senders) > 4096:  # ports of processes long gone
+            self.senders.clear()
+        self.senders[port] = pid
+        return True
+
     def _decode(self, data: bytes) -> int | None:
         try:
             match = self._decode_received_udp_message(data)
@@ -299,6 +319,22 @@ def _record(settings: Any, watcher_name: str, result: str, detail: str) -> None:
                         detail=detail)
     except WriterError as e:
         log.error("watchdog: could not record the restart of %s in the audit log: %s", watcher_name, e)
+
+
+def udp_socket_owner(port: int, table: str = "/proc/net/udp") -> int | None:
+    """The uid owning the UDP socket bound to 127.0.0.1:``port`` (or 0.0.0.0:``port``), from the
+    kernel's table; None when there is none, or the table cannot be read."""
+    wanted = {f"0100007F:{port:04X}", f"00000000:{port:04X}"}
+    try:
+        with open(table) as rows:
+            next(rows, None)  # the header
+            for row in rows:
+                fields = row.split()
+                if len(fields) > 7 and fields[1] in wanted:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def run_in_thread(fn: Callable[[], None]) -> None:
