@@ -60,6 +60,9 @@ log = logging.getLogger("tickstack.api")
 PROBE_TIMEOUT = 1.0
 #: Label of requests that matched no URL rule (404, and 405 on no method).
 UNMATCHED = "unmatched"
+#: The methods counted by name; any other is counted as ``other`` (each made-up method was a label,
+#: and a file's worth of series, of its own: anyone on the machine could grow them without end).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 @dataclass
@@ -268,8 +271,9 @@ def init_metrics(app: Flask, probe: Probe) -> Metrics:
         started = g.get("tickstack_started")
         if started is not None:
             rule = request.url_rule
-            metrics.observe(rule.rule if rule is not None else UNMATCHED, request.method,
-                            response.status_code, time.perf_counter() - started)
+            method = request.method if request.method in KNOWN_METHODS else "other"
+            metrics.observe(rule.rule if rule is not None else UNMATCHED, method, response.status_code,
+                            time.perf_counter() - started)
         return response
 
     return metrics
