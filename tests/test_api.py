@@ -529,6 +529,7 @@ def test_writer_down_gives_503_with_retry_after_quickly_and_reads_keep_working(a
 def test_health_reports_writer_database_and_missing_circus(api: Api) -> None:
     resp = api.get("/api/health")
     assert resp.status_code == 200
+    assert resp.headers["X-Content-Type-Options"] == "nosniff" and resp.headers["X-Frame-Options"] == "DENY"
     body = resp.get_json()
     assert body["status"] == "ok"
     assert body["writer"]["up"] is True and body["writer"]["pid"] == api.stack.procs[0].pid

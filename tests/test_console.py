@@ -223,8 +223,12 @@ def test_login_redirects_to_next_inside_the_console_only_and_logout_ends_the_ses
     r = c.get("/console/audit?page=1")
     assert r.status_code == 302 and r.headers["Location"] == "/console/login?next=/console/audit?page%3D1"
     assert c.login(next="/console/audit?page=1").headers["Location"] == "/console/audit?page=1"
-    for evil in ("//evil.example/", "https://evil.example/console/", "/elsewhere", "/console/\\evil"):
+    # A CR or LF in the target was a 500 after the login was made (a security review, round 41).
+    for evil in ("//evil.example/", "https://evil.example/console/", "/elsewhere", "/console/\\evil",
+                 "/console/\r\nSet-Cookie: x=y", "/console/\n", "/console/\x7f"):
         assert Console(c.app).login(next=evil).headers["Location"] == "/console/watchers", evil
+    r = c.get("/console/login?next=/console/%0a")  # logged in: straight on, to a safe place
+    assert r.status_code == 302 and r.headers["Location"] == "/console/watchers"
     since = last_audit_id(wstack.settings)
     assert c.post("/console/logout", csrf=False).status_code == 400  # logout needs the token too
     assert c.get("/console/watchers").status_code == 200
@@ -250,7 +254,11 @@ def test_every_page_needs_a_session(wstack: Stack) -> None:
     login = c.get("/console/login")
     assert login.status_code == 200 and "Log in" in login.text
     assert "default-src 'self'" in login.headers["Content-Security-Policy"]
-    assert c.get("/static/console/console.css").status_code == 200
+    css = c.get("/static/console/console.css")
+    assert css.status_code == 200 and css.headers["X-Content-Type-Options"] == "nosniff"
+    assert login.headers["X-Frame-Options"] == "DENY" and login.headers["X-Content-Type-Options"] == "nosniff"
+    root = c.get("/")  # the redirect to the console, as the static files, had none (round 41)
+    assert root.status_code == 302 and root.headers["X-Frame-Options"] == "DENY"
 
 
 def test_a_path_or_method_no_route_has_gets_the_consoles_own_error_page(wstack: Stack) -> None:

@@ -397,3 +397,56 @@ def test_sessions_end_at_revocation_expiry_and_with_a_damaged_file(tmp_path: Pat
     third = store.create("admin")
     (tmp_path / "sessions.json").write_text("[not an object")
     assert store.user_of(third) is None  # a damaged file ends every session (fails closed)
+
+
+# --------------------------------------------------------------------------- another name, a large form
+
+
+def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, str]:
+    """(status, body) of one request written by hand (any ``Host``, any length), over a new connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as sock:
+        sock.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    status_line, _, rest = data.decode(errors="replace").partition("\r\n")
+    return int(status_line.split()[1]), rest.partition("\r\n\r\n")[2]
+
+
+@DATABASE_INDEPENDENT
+def test_a_host_header_of_another_name_is_refused_and_counts_no_login(stack: CircusStack) -> None:
+    """Neither app looked at ``Host``: a web page that rebinds its own name to 127.0.0.1 (DNS
+    rebinding) could read the API's data, and its wrong logins delayed the owner's login by up to a
+    minute (a security review, round 41). Another name is refused before any route: 400, saying
+    where the app answers; 127.0.0.1 and localhost, with any port, are served."""
+    api, console = stack.api_port, stack.console_port
+    for host in (f"evil.example:{api}", "evil.example", f"127.0.0.1.evil.example:{api}"):
+        status, body = raw_request(api, f"GET /api/health HTTP/1.1\r\nHost: {host}")
+        assert status == 400 and f"http://127.0.0.1:{api}/" in body and "health" not in body, (host, status, body)
+    for host in (f"127.0.0.1:{api}", f"localhost:{api}", "localhost"):
+        assert raw_request(api, f"GET /api/health HTTP/1.1\r\nHost: {host}")[0] == 200, host
+    before = denied_logins(stack)
+    form = urlencode({"username": "admin", "password": "wrong", "csrf_token": "x"}).encode()
+    for _ in range(6):
+        status, body = raw_request(console, f"POST /console/login HTTP/1.1\r\nHost: evil.example:{console}\r\n"
+                                   f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}",
+                                   form)
+        assert status == 400 and "127.0.0.1 or localhost only" in body, (status, body[:300])
+    status, body = raw_request(console, f"GET /console/login HTTP/1.1\r\nHost: evil.example:{console}")
+    assert status == 400 and "csrf_token" not in body
+    assert denied_logins(stack) == before
+    owner = Browser(console)
+    assert owner.login(password(stack))[0] == 302
+
+
+@DATABASE_INDEPENDENT
+def test_the_console_refuses_a_form_far_larger_than_its_own_before_parsing_it(stack: CircusStack) -> None:
+    """The console took bodies of up to 8 MB, the API's limit: one URL-encoded form of 2.8 million
+    empty fields, parsed whole before the CSRF check, cost its worker 400 MB, with no login (a
+    security review, round 41). Its forms are under 1 KB: 64 KiB is its limit, refused unread (413)."""
+    console = stack.console_port
+    form = b"a=&" * 30_000  # 90 KB
+    status, body = raw_request(console, f"POST /console/login HTTP/1.1\r\nHost: 127.0.0.1:{console}\r\n"
+                               f"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {len(form)}", form)
+    assert status == 413 and "console.css" in body, (status, body[:300])
+    assert Browser(console).login(password(stack))[0] == 302  # and an ordinary login is served

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 
 
 def json_error(status: int, message: str, code: str | None = None,
@@ -22,3 +22,11 @@ def json_error(status: int, message: str, code: str | None = None,
     response.status_code = status
     response.headers.update(dict(headers or {}))
     return response
+
+
+def wrong_host_message() -> str:
+    """Why a request whose ``Host`` names another server is refused (``TRUSTED_HOSTS``), and where the
+    app answers instead."""
+    port = request.environ.get("SERVER_PORT", "")
+    return (f"this server answers as 127.0.0.1 or localhost only, not as {request.headers.get('Host', '')!r}: "
+            f"open http://127.0.0.1:{port}/ (another name that leads here would let any web page read it)")

@@ -16,7 +16,7 @@ from typing import NoReturn
 from flask import Flask, Response, current_app, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import OperationalError, ProgrammingError
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, SecurityError
 from werkzeug.http import HTTP_STATUS_CODES
 
 from db.errors import (
@@ -31,7 +31,7 @@ from db.errors import (
 )
 from webapp.api.limits import RETRY_AFTER
 from webapp.api.state import api_state, bp
-from webapp.errors import json_error
+from webapp.errors import json_error, wrong_host_message
 
 log = logging.getLogger("tickstack.api")
 
@@ -97,7 +97,9 @@ def _http_error(e: HTTPException) -> ResponseReturnValue:
     code = error_code(e.code)
     headers: dict[str, str] = {}
     message = e.description or e.name
-    if e.code == 404:
+    if isinstance(e, SecurityError):
+        message = wrong_host_message()
+    elif e.code == 404:
         message = f"no such endpoint: {request.path} (the routes are in /api/openapi.json)"
     elif isinstance(e, MethodNotAllowed):
         allowed = ", ".join(e.valid_methods or ())

@@ -18,14 +18,14 @@ from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
 from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, SecurityError
 
 from db.errors import WriterError, read_refusal
 from supervision.circus import CircusError
 from webapp import auth
 from webapp.console.common import audit, bp, log, settings, wants_json, writer_stopped
 from webapp.console.formats import FILTERS
-from webapp.errors import json_error
+from webapp.errors import json_error, wrong_host_message
 
 auth.register(bp, audit)  # first: its session check runs before anything else of the console's
 
@@ -71,14 +71,12 @@ def health() -> ResponseReturnValue:
 @bp.after_request
 def _security_headers(response: Response) -> Response:
     """Scripts only from this origin (no inline script: data reaches them through data-* attributes
-    and JSON), no framing, no caching of pages that show the stack's state."""
+    and JSON), no framing, no caching of pages that show the stack's state (the headers of every
+    answer of the app: ``webapp._security_headers``)."""
     response.headers.setdefault(
         "Content-Security-Policy",
         "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
         "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("X-Frame-Options", "DENY")
-    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("Cache-Control", "no-store")
     return response
 
@@ -99,6 +97,8 @@ def _no_route_page(state: BlueprintSetupState) -> None:
 
 
 def _no_route(e: HTTPException) -> ResponseReturnValue:
+    if isinstance(e, SecurityError):  # another name in Host: no page, whose links would use that name
+        return Response(f"Bad request: {wrong_host_message()}\n", 400, mimetype="text/plain")
     if e.code not in (404, 405):
         return e
     headers = {"Allow": ", ".join(e.valid_methods)} if isinstance(e, MethodNotAllowed) and e.valid_methods else {}
