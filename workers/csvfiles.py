@@ -24,7 +24,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
-from db import validation
+from db import tick_validation, validation
 from db.errors import ValidationError
 from db.vocabulary import TIMEFRAMES
 from workers.csvrows import (
@@ -63,13 +63,13 @@ def _writer_verdict(chunk: Sequence[tuple[int, Tick]]) -> CsvFormatError | None:
         return None
     ticks = list(map(itemgetter(1), chunk))
     try:
-        validation.tick_columns("ticks", {k: list(map(itemgetter(k), ticks)) for k in _TICK_KEYS})
+        tick_validation.tick_columns("ticks", {k: list(map(itemgetter(k), ticks)) for k in _TICK_KEYS})
         return None
     except ValidationError as e:
         refused = e
     for line, tick in chunk:
         try:
-            validation.tick_columns("tick", [tick])
+            tick_validation.tick_columns("tick", [tick])
         except ValidationError as e:
             message = str(e)
             named = _ONE_TICK_RE.match(message)
