@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from db.vocabulary import TIMEFRAMES
+from workers.bar_builder import BarBuilder
 from workers.bar_timeframe import MAX_GAPS, infer_timeframe
 from workers.csvfiles import (
     CsvFeed,
@@ -20,7 +21,6 @@ from workers.csvfiles import (
     read_tick_csv,
 )
 from workers.feeds import SimFeed, pace, parse_speed
-from workers.indicators import BarBuilder
 
 pytestmark = pytest.mark.database_independent(
     "the feeds read CSV files and make ticks in memory, and never open a database")
