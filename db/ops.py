@@ -53,6 +53,7 @@ from db.statements import (
     upsert_columns,
     upsert_rows,
 )
+from db.tick_validation import tick_columns
 from db.validation import (
     SAMPLE_FIELDS,
     TICK_FIELDS,
@@ -76,7 +77,6 @@ from db.validation import (
     size,
     symbol,
     text,
-    tick_columns,
     timestamp,
 )
 from db.vocabulary import INDICATORS

@@ -10,18 +10,17 @@ from pathlib import Path
 import pytest
 
 from db.vocabulary import TIMEFRAMES
+from workers.bar_builder import BarBuilder
+from workers.bar_timeframe import MAX_GAPS, infer_timeframe
 from workers.csvfiles import (
-    MAX_GAPS,
     CsvFeed,
     CsvFormatError,
     bar_to_ticks,
     file_digest,
-    infer_timeframe,
     read_bar_csv,
     read_tick_csv,
 )
 from workers.feeds import SimFeed, pace, parse_speed
-from workers.indicators import BarBuilder
 
 pytestmark = pytest.mark.database_independent(
     "the feeds read CSV files and make ticks in memory, and never open a database")
@@ -469,7 +468,7 @@ def test_infer_timeframe_errors() -> None:
 
 
 def test_infer_timeframe_in_bounded_memory_past_max_gaps_different_gaps() -> None:
-    # Past csvfiles.MAX_GAPS different gaps the counts are summed up: a timeframe that stands out is
+    # Past bar_timeframe.MAX_GAPS different gaps the counts are summed up: a timeframe that stands out is
     # still told; a file with no regular interval at all is refused, never guessed.
     times, t = [], T0
     for k in range(2, MAX_GAPS + 2000):  # minute bars in pairs, then a hole of k minutes, each other

@@ -1,4 +1,4 @@
-"""Tests for workers.indicators: bar building, batch indicators, incremental IndicatorState."""
+"""Tests for workers.indicators and workers.bar_builder: bar building, batch indicators, incremental IndicatorState."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 
 from db.vocabulary import INDICATORS, TIMEFRAMES
+from workers.bar_builder import BarBuilder, bucket_start
 from workers.bars import OpenBar, aggregate, in_order, sequential_sums
 from workers.feeds import SimFeed
 from workers.indicators import (
     BULK_MIN,
     SERIES,
-    BarBuilder,
     IndicatorState,
     _window_sums,
     atr_wilder,
-    bucket_start,
     ema,
     rsi_wilder,
     sma,

@@ -36,7 +36,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from db.timestamps import AHEAD, IN_SECONDS
 from testkit.gunicorn import Served, serving
 from testkit.writer import Stack
-from webapp.api.openapi import AHEAD_RULE, SECONDS_RULE, document
+from webapp.api.openapi import document
+from webapp.api.openapi_components import AHEAD_RULE, SECONDS_RULE
 
 SEED = 20_240_601
 #: Examples per operation and phase: about 2,400 requests in all, under a minute here.

@@ -14,18 +14,9 @@ Two ways to run a batch, same results:
   then the record of every applied request in one ``executemany``. A
   savepoint costs two statements per request through SQLAlchemy, more than a
   small op itself; this path costs what the work needs.
-* **careful** (a batch in which anything failed): when any op or the record
-  raises, nothing of the fast run is kept (rolled back) and the batch runs
-  again, each request with its record in a savepoint of its own, so one bad
-  request fails alone, with the error it gets when it runs after the same
-  requests before it, and a request is never applied without its record. The
-  failing request runs again too, on purpose: its error then comes from the
-  same place as ever (a full disk, a lost transaction, a bug of the op are
-  told apart as :meth:`Committer._run_in_savepoint` does), not from a guess
-  about the first run. The batch keeps its number. One exception: a request that lost a race
-  with another session (PostgreSQL: a lock held past ``TICKSTACK_LOCK_TIMEOUT_MS``, a deadlock)
-  is answered retryably without running again, since it would most likely wait out the timeout
-  a second time with the whole batch behind it.
+* **careful** (a batch in which anything failed): nothing of the fast run is
+  kept (rolled back) and the batch runs again, each request with its record in
+  a savepoint of its own, so one bad request fails alone (:mod:`workers.careful_run`).
 
 Nothing a request, a checkpoint or the database does ends the thread: a
 request that fails gets its error; a batch that cannot commit gets a
@@ -41,7 +32,6 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -61,12 +51,14 @@ from db.errors import (
     database_words,
     named_database_words,
 )
-from db.protocol import encode_reply, request_digest
+from db.protocol import encode_reply
 from db.validation import shown
 from workers.answers import Answers
+from workers.careful_run import TransactionLost, run_in_savepoint, take_out
 from workers.dedup import Applied, AppliedRequests
 from workers.journal_guard import SaveCopy
 from workers.write_connection import WriteConnection, transaction_ended
+from workers.write_request import Request
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -75,24 +67,6 @@ log = logging.getLogger("tickstack.writer")
 STOP = object()
 #: Rung (an empty message) by the commit thread after it put a batch's replies in its outbox.
 DOORBELL = "inproc://replies"
-
-
-@dataclass
-class Request:
-    ident: bytes
-    cid: str
-    seq: int
-    op: str
-    args: Any
-    #: The most memory it may hold, as :func:`db.protocol.decode_request` estimates it.
-    cost: int = 0
-    #: What it asks for (:func:`db.protocol.request_digest`), recorded with it as applied. Made with
-    #: the request, on the IO thread: the commit thread, the writer's bottleneck, only compares it.
-    digest: bytes | None = None
-
-    def __post_init__(self) -> None:
-        if self.digest is None:
-            self.digest = request_digest(self.op, self.args)
 
 
 class _FastRunFailed(Exception):
@@ -109,16 +83,6 @@ class _FastRunFailed(Exception):
 class _HandOver(Exception):
     """A batch the IO thread runs (:meth:`Committer.commit_here`) must go to the commit thread
     (nothing of it committed)."""
-
-
-class _TransactionLost(Exception):
-    """A request's error took the batch's transaction with it (its savepoint
-    cannot roll back): see :meth:`Committer._without`."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-        self.request: Request | None = None
 
 
 class Committer:
@@ -281,7 +245,7 @@ class Committer:
     def _commit_or_fail(self, batch: list[Request]) -> list[tuple[bytes, bytes]]:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
-        self._losses = set()  # the errors that took this batch's transaction (:meth:`_without`)
+        self._losses = set()  # the errors that took this batch's transaction (:func:`~workers.careful_run.take_out`)
         if self.refusing is not None:
             return [(req.ident, encode_reply(req.seq, error=CommitFailed(self.refusing))) for req in batch]
         if not self.here and self.link.closed:
@@ -330,11 +294,12 @@ class Committer:
         except Exception as e:
             # Nothing of the batch is committed: every request in it gets a
             # retryable error, and its client sends it again.
-            cause = e.cause if isinstance(e, _TransactionLost) else e
+            cause = e.cause if isinstance(e, TransactionLost) else e
             self.answers.count_race(cause)
             self._recover_connection()
-            if isinstance(e, _TransactionLost) and storage_full_reason(cause) is None:
-                return self._without(batch, e, answered)
+            if isinstance(e, TransactionLost) and storage_full_reason(cause) is None:
+                return take_out(batch, e, self._losses, self.stats, self.answers,
+                                lambda rest: self._commit(rest, answered))
             self.stats.commit_failures += 1
             error = self.answers.batch_error(cause)
             if not isinstance(error, StorageFull):  # a full disk is logged when it fills and when it frees
@@ -372,7 +337,7 @@ class Committer:
         """One run of a batch in one transaction, committed: the replies in request order (a
         Request holds the place of an op that runs outside the transaction), those ops, the
         packed results of the requests applied, and the counts. Raises :class:`_FastRunFailed`
-        (fast run) or :class:`_TransactionLost` (careful run); the caller rolls back. ``answered``:
+        (fast run) or :class:`~workers.careful_run.TransactionLost` (careful run); the caller rolls back. ``answered``:
         requests (by id) answered with the given error instead of running."""
         replies: list[bytes | Request] = []
         outside: list[tuple[Request, ops.Op, dict]] = []
@@ -388,7 +353,7 @@ class Committer:
                 continue
             try:
                 done = self._apply(conn, req, batch_no, committed, tally, careful, stamp)
-            except _TransactionLost as lost:
+            except TransactionLost as lost:
                 lost.request = req
                 raise
             except _FastRunFailed:
@@ -396,7 +361,7 @@ class Committer:
             except Exception as e:  # the writer's own handling failed: this request fails alone
                 if transaction_ended(conn):  # ...unless it took the batch's transaction with it
                     if careful:
-                        lost = _TransactionLost(e)
+                        lost = TransactionLost(e)
                         lost.request = req
                         raise lost from e
                     raise _FastRunFailed(f"{shown(req.op)} of client {req.cid}", e, req) from e
@@ -421,40 +386,12 @@ class Committer:
         conn.commit()
         return replies, outside, committed, tally
 
-    def _without(self, batch: list[Request], lost: _TransactionLost,
-                 answered: dict[int, WriterError] | None = None) -> list[tuple[bytes, bytes]]:
-        """One request's error rolled back the whole transaction (a trigger's
-        RAISE(ROLLBACK), an I/O error): that request fails for good, since
-        running it again would do the same, and the others run again at once
-        in a new transaction, so one bad request never holds up its batch. When a second request
-        of the same batch does it with the same error, the database is failing (a disk failing
-        every read), not the requests: the rest are answered retryably, and the recursion (one level
-        per request taken out) stays shallow whatever the batch's size."""
-        i = next(i for i, req in enumerate(batch) if req is lost.request)
-        culprit = batch[i]
-        said = named_database_words(lost.cause)
-        if said in self._losses:  # a second request lost the transaction the same way: not a request's doing
-            log.error("writer: a second request of the batch (%s of client %s) rolled it back with the same error "
-                      "(%s): the database fails, not a request; the %d left are answered retryably",
-                      shown(culprit.op), culprit.cid, said, len(batch))
-            self.stats.commit_failures += 1
-            error = self.answers.batch_error(lost.cause)
-            return [(req.ident, encode_reply(req.seq, error=error)) for req in batch]
-        self._losses.add(said)
-        log.error("writer: %s of client %s rolled back its whole batch (%s); it fails, the other %d run again",
-                  shown(culprit.op), culprit.cid, said, len(batch) - 1)
-        self.stats.requests_failed += 1
-        failed = (culprit.ident, encode_reply(culprit.seq, error=OpFailed(
-            f"{shown(culprit.op)} failed and rolled back its transaction: {said}")))
-        rest = self._commit(batch[:i] + batch[i + 1:], answered) if len(batch) > 1 else []
-        return [*rest[:i], failed, *rest[i:]]
-
     def _apply(self, conn: Connection, req: Request, batch_no: int, committed: dict[tuple[str, int], Applied],
                tally: dict[str, int], careful: bool, stamp: int) -> bytes | tuple[ops.Op, dict]:
         """One request inside the batch transaction: its reply, or its op and
         arguments when the op runs outside the transaction (checkpoint). Fast, an
         op's error of any kind raises :class:`_FastRunFailed`; careful, it fails
-        this request alone (:meth:`_run_in_savepoint`)."""
+        this request alone (:func:`~workers.careful_run.run_in_savepoint`)."""
         try:
             prior = self.applied.prior(conn, req, committed)
         except RequestIdReused as e:  # the first request's answer would drop this one silently
@@ -476,7 +413,7 @@ class Committer:
         if not spec.transactional:
             return spec, args
         if careful:
-            result, packed, error = self._run_in_savepoint(conn, req, spec, args, stamp)
+            result, packed, error = run_in_savepoint(conn, req, spec, args, stamp, self.answers)
             if error is not None:
                 tally["failed"] += 1
                 return encode_reply(req.seq, error=error, batch=batch_no)
@@ -491,28 +428,6 @@ class Committer:
         if spec.name == "insert_ticks":
             tally["ticks"] += result["inserted"]
         return encode_reply(req.seq, result=result, batch=batch_no)
-
-    def _run_in_savepoint(self, conn: Connection, req: Request, spec: ops.Op,
-                          args: dict, stamp: int) -> tuple[Any, bytes, WriterError | None]:
-        """The careful path: the op and its record as applied, in a savepoint of
-        their own: any error of any class rolls back both and fails this request
-        alone."""
-        savepoint = conn.begin_nested()
-        try:
-            result = ops.execute(conn, spec, args)
-            packed = msgpack.packb(result)
-            ops.record_applied(conn, req.cid, req.seq, packed, req.digest, stamp)
-        except Exception as e:
-            try:
-                savepoint.rollback()
-            except Exception:  # the transaction went with it (SQLite may roll it all back on a full disk)
-                raise _TransactionLost(e) from e
-            return None, b"", self.answers.op_error(spec, e)
-        try:
-            savepoint.commit()
-        except Exception as e:
-            raise _TransactionLost(e) from e
-        return result, packed, None
 
     def _run_outside(self, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
         try:

@@ -9,7 +9,8 @@ of them) a chunk at a time, and the first bad row raises :class:`CsvFormatError`
 once every row before it was given, because a user fixing an export needs the line, not a stack trace.
 A row the writer refused would take its whole batch down with it, the good rows before it included,
 and name no line. A record over several lines (a quoted field with a line break) is named by its
-first line. Rows and fields are read by :mod:`workers.csvrows`.
+first line. Rows and fields are read by :mod:`workers.csvrows`; a bar file's timeframe is told by
+:mod:`workers.bar_timeframe`.
 """
 from __future__ import annotations
 
@@ -17,16 +18,16 @@ import hashlib
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
-from db import validation
+from db import tick_validation, validation
 from db.errors import ValidationError
 from db.vocabulary import TIMEFRAMES
+from workers.bar_timeframe import BarGaps, misaligned
 from workers.csvrows import (
     CsvFormatError,
     column_count_error,
@@ -47,7 +48,6 @@ Bar = dict[str, Any]
 #: rows ahead of what it sends.
 _CHECK_ROWS = 1000
 _TICK_KEYS = ("symbol", "ts", "bid", "ask", "volume")
-_TF_BY_MS = {ms: name for name, ms in TIMEFRAMES.items()}
 
 
 #: How the writer's tick check names the value of a one-tick batch called "tick": "tick.bid[0]: ",
@@ -63,13 +63,13 @@ def _writer_verdict(chunk: Sequence[tuple[int, Tick]]) -> CsvFormatError | None:
         return None
     ticks = list(map(itemgetter(1), chunk))
     try:
-        validation.tick_columns("ticks", {k: list(map(itemgetter(k), ticks)) for k in _TICK_KEYS})
+        tick_validation.tick_columns("ticks", {k: list(map(itemgetter(k), ticks)) for k in _TICK_KEYS})
         return None
     except ValidationError as e:
         refused = e
     for line, tick in chunk:
         try:
-            validation.tick_columns("tick", [tick])
+            tick_validation.tick_columns("tick", [tick])
         except ValidationError as e:
             message = str(e)
             named = _ONE_TICK_RE.match(message)
@@ -287,92 +287,6 @@ def _bar(line: int, row: list[str], width: int, when: tuple[int, ...], col: dict
     return {"ts": ts, "open": o, "high": h, "low": lo, "close": c, "volume": volume}
 
 
-def _with_lines(bars: Iterable[Bar | tuple[int, Bar]]) -> Iterator[tuple[int | None, Bar]]:
-    return (item if isinstance(item, tuple) else (None, item) for item in bars)
-
-
-def _misaligned(line: int | None, ts: int, timeframe: str) -> ValueError:
-    reason = f"bar time {ms_to_iso(ts)} is not aligned to {timeframe} bars (UTC boundaries)"
-    return ValueError(reason) if line is None else CsvFormatError(line, reason)
-
-
-#: The most distinct gaps between bars, other than the timeframes', that :class:`_Gaps` counts: its
-#: memory, whatever the file. Past it only a timeframe that is more than half of all the gaps is
-#: told (a majority is the most common gap for sure, in any order of the bars); any other file is
-#: refused as irregular, never guessed.
-MAX_GAPS = 10_000
-
-
-class _Gaps:
-    """What the timeframe of bars is decided from, taken one bar at a time in bounded memory (a replay
-    reads a bar file twice rather than hold it): the gaps between consecutive bars, counted, and the
-    first bar off each timeframe's boundaries."""
-
-    def __init__(self) -> None:
-        self.bars = 0
-        self._last: int | None = None
-        self._known = dict.fromkeys(_TF_BY_MS, 0)  # counted exactly
-        #: The other gaps, counted exactly; None once there are more than MAX_GAPS of them.
-        self._other: Counter[int] | None = Counter()
-        self._misaligned: dict[str, tuple[int | None, int]] = {}
-
-    def add(self, line: int | None, ts: int) -> None:
-        if self._last is not None:
-            gap = ts - self._last
-            if gap in self._known:
-                self._known[gap] += 1
-            elif self._other is not None:
-                self._other[gap] += 1
-                if len(self._other) > MAX_GAPS:
-                    self._other = None
-        self._last = ts
-        self.bars += 1
-        for name, length in TIMEFRAMES.items():
-            if ts % length and name not in self._misaligned:
-                self._misaligned[name] = (line, ts)
-
-    def check(self, timeframe: str) -> None:
-        """ValueError unless ``timeframe`` is known and every bar starts on its boundary (ts % length
-        == 0): replayed ticks must rebuild the same buckets; a daily file whose times carry a non-UTC
-        offset fails here. A :class:`CsvFormatError` when the line is known."""
-        if timeframe not in TIMEFRAMES:
-            raise ValueError(f"unknown timeframe {timeframe!r}; known: {', '.join(TIMEFRAMES)}")
-        if timeframe in self._misaligned:
-            raise _misaligned(*self._misaligned[timeframe], timeframe)
-
-    def timeframe(self) -> str:
-        """The timeframe whose length is the most common gap (:func:`infer_timeframe`)."""
-        if self.bars < 2:
-            raise ValueError(f"need at least 2 bars to infer the timeframe, got {self.bars}; pass it explicitly")
-        if self._other is None:
-            gap, n = max(self._known.items(), key=lambda kv: (kv[1], -kv[0]))
-            if 2 * n <= self.bars - 1:  # of all the gaps, one fewer than the bars
-                raise ValueError(f"bars are at irregular intervals: more than {MAX_GAPS:,} different gaps between "
-                                 "them, and no timeframe's length is more than half of them; pass the timeframe "
-                                 "explicitly")
-        else:
-            counts = {**self._other, **{g: n for g, n in self._known.items() if n}}
-            gap, n = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
-        if gap not in _TF_BY_MS:
-            known = ", ".join(f"{name}={ms}" for name, ms in TIMEFRAMES.items())
-            raise ValueError(f"bars are most often {gap} ms apart, which is no known timeframe ({known} ms)")
-        self.check(_TF_BY_MS[gap])
-        return _TF_BY_MS[gap]
-
-
-def infer_timeframe(bars: Iterable[Bar | tuple[int, Bar]]) -> str:
-    """The timeframe name whose length is the most common gap between consecutive bars.
-
-    Accepts bars or ``(line, bar)`` pairs. The mode (not the minimum) tolerates weekends and holes in
-    daily data. Raises ValueError if there are fewer than 2 bars, if the gap is not one of
-    ``db.vocabulary.TIMEFRAMES``, or if the bars are not aligned to it.
-    """
-    gaps = _Gaps()
-    for line, bar in _with_lines(bars):
-        gaps.add(line, bar["ts"])
-    return gaps.timeframe()
-
-
 def bar_to_ticks(bar: Mapping[str, Any], timeframe_ms: int, symbol: str) -> list[Tick]:
     """Replay one bar as 4 ticks at distinct ms inside ``[ts, ts + timeframe_ms)``.
 
@@ -403,7 +317,8 @@ class CsvFeed:
     once every tick of the rows before it was given (an ingestor stores them, as the README promises).
     ``kind`` is "ticks" or "bars"; for bars, ``timeframe`` is the given name or the one inferred from
     the bars before the first bad row (a first pass over the file, which keeps only what
-    :class:`_Gaps` needs), and iterating reads the bars again, each replayed by :func:`bar_to_ticks`;
+    :class:`~workers.bar_timeframe.BarGaps` needs), and iterating reads the bars again, each replayed
+    by :func:`bar_to_ticks`;
     for ticks it is None. Either way rows are read as they are sent (memory bounded, whatever the
     file), and the ticks given are ones the writer takes. ``symbol`` is required for bar files and
     overrides the symbol column of tick files.
@@ -432,7 +347,7 @@ class CsvFeed:
         if not symbol:
             raise ValueError(f"{self.path} holds bars, which have no symbol column: pass a symbol")
         # A first pass decides the timeframe, the replay (iterating) a second: memory bounded, not the file's.
-        gaps, bars = _Gaps(), _bar_rows(self.path)  # a bad header raises here, at once
+        gaps, bars = BarGaps(), _bar_rows(self.path)  # a bad header raises here, at once
         bad_row: CsvFormatError | None = None  # raised again by the replay, at its line
         try:
             for line, bar in bars:
@@ -486,7 +401,7 @@ class CsvFeed:
         length = TIMEFRAMES[self.timeframe]
         for line, bar in _bar_rows(self.path):  # then the bad row's error, if any
             if bar["ts"] % length:  # the file changed since the first pass: no bar is replayed off its bucket
-                raise _misaligned(line, bar["ts"], self.timeframe)
+                raise misaligned(line, bar["ts"], self.timeframe)
             for tick in bar_to_ticks(bar, length, self.symbol):
                 yield line, tick
 

@@ -49,7 +49,7 @@ log = logging.getLogger("tickstack.writer")
 
 
 class Identified(Protocol):
-    """What of a request the look-up needs (:class:`workers.commit.Request` has it)."""
+    """What of a request the look-up needs (:class:`workers.write_request.Request` has it)."""
 
     cid: str
     seq: int

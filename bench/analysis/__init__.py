@@ -1,6 +1,6 @@
 """``python -m bench analysis``: does the analysis worker keep up with ingest?
 
-Two scenarios, each on a fresh ``TICKSTACK_HOME`` with a real writer (``bench.common.running_writer``),
+Two scenarios, each on a fresh ``TICKSTACK_HOME`` with a real writer (``bench.writer_run.running_writer``),
 and ``python -m workers.analysis --until-idle`` run as its own process, timed from start to exit
 (start-up included, as an operator would see it):
 

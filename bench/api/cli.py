@@ -40,10 +40,10 @@ from bench.common import (
     machine_info,
     name_list,
     number_flag,
-    running_writer,
     whole_flag,
     write_json,
 )
+from bench.writer_run import running_writer
 from db.client import MAX_PIPELINE_WINDOW
 from db.validation import MAX_TICKS
 from testkit.env import BIN

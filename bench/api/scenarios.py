@@ -30,7 +30,8 @@ from bench.api.data import (
 from bench.api.load import load_process
 from bench.api.server import Gunicorn
 from bench.api.window import WindowMonitor
-from bench.common import WriterRun, error_key, latency_summary, merged_errors, run_group
+from bench.common import error_key, latency_summary, merged_errors, run_group
+from bench.writer_run import WriterRun
 from db.health import connect_read_only
 from testkit.env import ROOT
 

@@ -14,7 +14,6 @@ from bench.common import (
     latency_summary,
     merged_errors,
     run_group,
-    running_writer,
 )
 from bench.contention.procs import (
     SEED_BUSY_TIMEOUT_S,
@@ -25,6 +24,7 @@ from bench.contention.procs import (
     writer_pipelined_producer,
     writer_single_producer,
 )
+from bench.writer_run import running_writer
 from db.statements import BULK_ROWS
 
 SCENARIO_HELP = {

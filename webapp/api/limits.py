@@ -1,5 +1,5 @@
 """The numbers the API promises: the routes enforce them and the OpenAPI document
-(:mod:`webapp.api.openapi`) states them, so both import them from here."""
+(:mod:`webapp.api.openapi`, :mod:`webapp.api.openapi_components`) states them, so both import them from here."""
 from __future__ import annotations
 
 #: Longest an API request waits for the writer (the client's own deadline,
