@@ -27,6 +27,6 @@ def json_error(status: int, message: str, code: str | None = None,
 def wrong_host_message() -> str:
     """Why a request whose ``Host`` names another server is refused (``TRUSTED_HOSTS``), and where the
     app answers instead."""
-    port = request.environ.get("SERVER_PORT", "")
+    port = request.server[1] if request.server else ""
     return (f"this server answers as 127.0.0.1 or localhost only, not as {request.headers.get('Host', '')!r}: "
             f"open http://127.0.0.1:{port}/ (another name that leads here would let any web page read it)")
