@@ -231,6 +231,76 @@ def test_half_open_connections_stop_neither_the_api_nor_the_console(stack: Circu
             s.close()
 
 
+TRICKLING = 40
+
+
+def trickling_bodies(port: int, path: str, n: int) -> list[socket.socket]:
+    """``n`` connections that sent their headers and the first byte of a 100 KB body."""
+    held = []
+    for _ in range(n):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN)
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                     "application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\na".encode())
+        held.append(sock)
+    return held
+
+
+@DATABASE_INDEPENDENT
+def test_bodies_sent_a_byte_a_second_stop_neither_app(stack: CircusStack) -> None:
+    """Headers waited in the poller, but a body was read by a thread: 40 connections that sent their
+    headers and then a byte a second of their bodies, with no login or token, held all 16 threads of
+    an app, and the console and the API stopped answering (a security review, round 41). A body is
+    read in the poller too now; a thread takes the request once it is all in. Chunked bodies and a
+    client that waits for ``100 Continue`` are served as before."""
+    api, console = stack.api_port, stack.console_port
+    held = trickling_bodies(api, "/api/ticks", TRICKLING) + trickling_bodies(console, "/console/login", TRICKLING)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.wait(1.0):
+            for sock in held:
+                try:
+                    sock.send(b"a")
+                except OSError:
+                    pass
+    trickler = threading.Thread(target=trickle, daemon=True)
+    trickler.start()
+    try:
+        time.sleep(2)  # the trickle under way
+        for _ in range(6):  # a few of each, so both workers of each app are asked
+            try:
+                assert get(api, "/api/openapi.json")[0] == 200
+                assert get(console, "/console/health")[0] == 200
+            except OSError as e:
+                pytest.fail(f"with {TRICKLING} bodies trickling into each app, a request was not answered "
+                            f"within {ANSWER_WITHIN:g} s: {e!r}")
+        token = (stack.home / "api-token").read_text().strip()
+        tick = json.dumps({"ticks": [{"symbol": "CHUNKY", "ts": 1_704_067_200_000, "bid": 1.0, "ask": 1.5}]}).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", api, timeout=ANSWER_WITHIN)
+        try:  # chunked: three chunks
+            conn.request("POST", "/api/ticks", body=iter([tick[:10], tick[10:20], tick[20:]]), encode_chunked=True,
+                         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())) == (200, {"inserted": 1, "duplicates": 0})
+        finally:
+            conn.close()
+        with socket.create_connection(("127.0.0.1", api), timeout=ANSWER_WITHIN) as sock:
+            sock.sendall(f"POST /api/ticks HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nAuthorization: Bearer {token}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(tick)}\r\nExpect: 100-continue\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the body
+            sock.sendall(tick)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert b"HTTP/1.1 200 " in answer and answer.endswith(b"\"inserted\":1}\n"), answer[-300:]
+    finally:
+        stop.set()
+        trickler.join(5)
+        for sock in held:
+            sock.close()
+
+
 @DATABASE_INDEPENDENT
 def test_a_request_longer_than_the_worker_timeout_is_served(tmp_path: Path) -> None:
     """With threads, ``--timeout`` bounds a stuck worker, never a long request (the console's backup

@@ -22,10 +22,13 @@ command lines (``python -m bench api`` runs the same). Why not one of gunicorn's
 :class:`HeadersFirstWorker` is ``gthread`` with one change of policy, on its own hooks: a
 connection (new, or kept alive) waits in the worker's poller, costing no thread, until its request
 headers are complete (a blank line, or :data:`MAX_HEADER_BYTES`), and is closed if they are not in
-within :data:`HEADER_TIMEOUT` s. Only then does a thread take it, with the bytes read so far.
-In the thread, reading the rest of the request (the body) must finish within
-:data:`REQUEST_READ_TIMEOUT` s in all, and each send of the answer too (:class:`BoundedSocket`), so
-a client that trickles its body or never reads the answer holds a thread that long at most. Idle
+within :data:`HEADER_TIMEOUT` s; then, in the poller still, until the body they declare is in
+(by Content-Length or in chunks, up to :data:`MAX_POLLED_BODY`, all connections together up to
+:data:`POLLED_BODIES_BUDGET`), closed if it is not within :data:`REQUEST_READ_TIMEOUT` s. Only then
+does a thread take it, with the bytes read so far. A body over those bounds is read by the thread,
+within :data:`REQUEST_READ_TIMEOUT` s in all, and each send of the answer too
+(:class:`BoundedSocket`), so a client that trickles such a body or never reads the answer holds a
+thread that long at most. Idle
 and half-open connections are then limited only by ``worker_connections`` (1000 per worker; beyond
 it a worker stops accepting until some close, and every waiting one closes within
 :data:`HEADER_TIMEOUT`).
@@ -74,6 +77,80 @@ REQUEST_READ_TIMEOUT = 30.0
 #: Header bytes read in the poller at most; a request with more goes to a thread as it is (gunicorn's
 #: parser then answers 400 for an oversize request line or header).
 MAX_HEADER_BYTES = 64 * 1024
+#: A body is read in the poller too, costing no thread, when it declares at most this many bytes
+#: (the API's largest body and some); a larger one goes to a thread with its headers (the app
+#: refuses it, 413, unread). A few dozen clients that sent their headers and then a byte a second
+#: of their bodies held every thread of both apps (a security review, round 41).
+MAX_POLLED_BODY = 8 * 1024 * 1024 + 64 * 1024
+#: Bytes of bodies a worker holds in its poller at most, all connections together; past it a body
+#: goes to a thread as before (bounded by :data:`REQUEST_READ_TIMEOUT`).
+POLLED_BODIES_BUDGET = 64 * 1024 * 1024
+
+
+def head_length(buf: bytes | bytearray) -> int | None:
+    """Bytes of the request line and headers at the start of ``buf``, blank line included; None
+    while they are not all in."""
+    end = buf.find(b"\r\n\r\n")
+    if end >= 0:
+        return end + 4
+    end = buf.find(b"\n\n")
+    return end + 2 if end >= 0 else None
+
+
+def body_framing(head: bytes | bytearray) -> int | str | None:
+    """How the request's body is framed: its Content-Length, ``"chunked"``, or None when the head
+    is one gunicorn must judge (both, several, unreadable values: it answers 400 from the head)."""
+    lengths, chunked = [], False
+    for line in bytes(head).split(b"\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip().lower()
+        if name == b"content-length":
+            lengths.append(value.strip())
+        elif name == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                return None
+            chunked = True
+    if chunked:
+        return "chunked" if not lengths else None
+    if not lengths:
+        return 0
+    if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
+        return None
+    return int(lengths[0])
+
+
+def expects_continue(head: bytes | bytearray) -> bool:
+    """Whether an HTTP/1.1 request waits for ``100 Continue`` before it sends its body (curl does for
+    large ones): the poller, which now waits for the body, sends it. gunicorn's thread sends one too,
+    later; a client reads any number of 1xx answers before the final one (RFC 9110, 15.2)."""
+    first, _, rest = bytes(head).partition(b"\n")
+    return first.rstrip().endswith(b"HTTP/1.1") and any(
+        line.partition(b":")[0].strip().lower() == b"expect" and line.partition(b":")[2].strip().lower()
+        == b"100-continue" for line in rest.split(b"\n"))
+
+
+def chunked_end(buf: bytes | bytearray, pos: int) -> tuple[int | None, int]:
+    """(where a chunked body that starts at ``pos`` ends, or None; the position its scan reached:
+    the next call starts there). Anything it cannot read as chunks ends it where it stands: the
+    thread's parser then reads on, or answers 400."""
+    while True:
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            return None, pos
+        size_text = bytes(buf[pos:line_end]).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return line_end, pos
+        if size == 0:  # the last chunk: trailers, then a blank line
+            trailers_end = buf.find(b"\r\n\r\n", line_end)
+            return (trailers_end + 4 if trailers_end >= 0 else None), pos
+        next_pos = line_end + 2 + size + 2
+        if next_pos > len(buf):
+            return None, pos
+        pos = next_pos
 
 
 class BoundedSocket(socket.socket):
@@ -150,12 +227,15 @@ class HeadersFirstWorker(ThreadWorker):
         self._await_headers(conn)
         self._read_headers(conn)
 
+    #: Bytes of bodies in the poller now, every connection's together (see :data:`POLLED_BODIES_BUDGET`).
+    polled_bytes = 0
+
     def _await_headers(self, conn: TConn) -> None:
         conn.sock.setblocking(False)
         conn.sock.read_deadline = None
         conn.head = bytearray()
-        # gthread's murder_pending() needs pending_conns sorted by timeout: every connection
-        # joins it with now + HEADER_TIMEOUT.
+        conn.framing = conn.head_end = None  # known once the headers are in
+        conn.chunk_scan, conn.polled = 0, 0
         conn.timeout = time.monotonic() + HEADER_TIMEOUT
         self.pending_conns.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
@@ -164,7 +244,8 @@ class HeadersFirstWorker(ThreadWorker):
         self._read_headers(conn)
 
     def _read_headers(self, conn: TConn) -> None:
-        """In the main loop: take what the client sent; to a thread once the headers are in."""
+        """In the main loop: take what the client sent; to a thread once the headers are in, and the
+        body they declare (see :data:`MAX_POLLED_BODY`)."""
         try:
             data = conn.sock.recv(MAX_HEADER_BYTES)
         except (BlockingIOError, InterruptedError):
@@ -174,27 +255,75 @@ class HeadersFirstWorker(ThreadWorker):
         if not data:  # closed (or reset) before a whole request
             self.poller.unregister(conn.sock)
             self.pending_conns.remove(conn)
+            self._forget_polled(conn)
             self.nr_conns -= 1
             conn.close()
             return
         start = max(0, len(conn.head) - 3)
         conn.head += data
-        if conn.head.find(b"\r\n\r\n", start) < 0 and conn.head.find(b"\n\n", start) < 0 \
-                and len(conn.head) < MAX_HEADER_BYTES:
+        if conn.head_end is None:
+            conn.head_end = head_length(conn.head[max(0, start - 1):])
+            if conn.head_end is None:
+                if len(conn.head) < MAX_HEADER_BYTES:
+                    return
+            else:
+                conn.head_end += max(0, start - 1)
+                conn.framing = body_framing(conn.head[:conn.head_end])
+                conn.chunk_scan = conn.head_end
+                conn.timeout = time.monotonic() + REQUEST_READ_TIMEOUT  # now for the body, if any
+                conn.polled = len(conn.head) - conn.head_end
+                self.polled_bytes += conn.polled
+                if conn.framing and not self._whole(conn) and expects_continue(conn.head[:conn.head_end]):
+                    try:
+                        conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    except OSError:
+                        pass  # gone: the next read says so
+        elif conn.framing is not None:
+            conn.polled += len(data)
+            self.polled_bytes += len(data)
+        if not self._whole(conn):
             return
         self.poller.unregister(conn.sock)
         self.pending_conns.remove(conn)
+        self._forget_polled(conn)
         conn.data_ready = True  # gthread's handle() must not wait for data again
         self.enqueue_req(conn)
 
+    def _whole(self, conn: TConn) -> bool:
+        """Whether ``conn`` goes to a thread now: its request is in, or the poller is not where the
+        rest is read (a head gunicorn must judge, a body too large or over the budget)."""
+        if conn.head_end is None or conn.framing is None:
+            return True
+        if self.polled_bytes > POLLED_BODIES_BUDGET or len(conn.head) - conn.head_end > MAX_POLLED_BODY:
+            return True
+        if conn.framing == "chunked":
+            end, conn.chunk_scan = chunked_end(conn.head, conn.chunk_scan)
+            return end is not None
+        return conn.framing > MAX_POLLED_BODY or len(conn.head) >= conn.head_end + conn.framing
+
+    def _forget_polled(self, conn: TConn) -> None:
+        self.polled_bytes -= getattr(conn, "polled", 0)
+        conn.polled = 0
+
     def murder_pending(self) -> None:
-        """Close the connections whose headers did not come in time; when the worker is stopping,
-        within gthread's kept-alive linger (a client may be sending its request right now)."""
+        """Close the connections whose request did not come in time (its headers within
+        :data:`HEADER_TIMEOUT`, then its body within :data:`REQUEST_READ_TIMEOUT`); when the worker is
+        stopping, within gthread's kept-alive linger (a client may be sending its request right now).
+        gthread's own stops at the first connection not yet due, its list being sorted: a body's
+        longer time would hold the others back."""
+        now = time.monotonic()
         if not self.alive:
-            deadline = time.monotonic() + STOP_KEEPALIVE_LINGER
             for conn in self.pending_conns:
-                conn.timeout = min(conn.timeout, deadline)
-        super().murder_pending()
+                conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+        for conn in [c for c in self.pending_conns if c.timeout <= now]:
+            self.pending_conns.remove(conn)
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass  # already unregistered
+            self._forget_polled(conn)
+            self.nr_conns -= 1
+            conn.close()
 
     def load_wsgi(self) -> None:
         """Load the app, then see whether its errors are JSON everywhere (the API's)."""
