@@ -101,7 +101,8 @@ def test_a_watchers_page_shows_its_processes_command_and_environment_without_sec
     # The environment: what circus gives the processes, secrets hidden.
     assert "TICKSTACK_HOME" in text and str(cstack.home) in text
     assert SECRET_TOKEN not in text and SECRET_PASSWORD not in text
-    assert "TICKSTACK_API_TOKEN" in text and "BROKER_PASSWORD" in text and "https://svc:***@example.invalid/x" in text
+    assert "TICKSTACK_API_TOKEN" in text and "BROKER_PASSWORD" in text and "EXTRA_SERVICE_URL" in text
+    assert "not a setting of tickstack's" in text and "example.invalid" not in text  # not ours: its value hidden
     assert 'data-flapping="calm"' in page.text
     assert "Booting worker" in text  # its last log lines
     listing = console.get("/console/watchers").text
@@ -455,14 +456,22 @@ def test_a_start_after_the_plugins_last_retry_ends_its_given_up_state() -> None:
 
 @DATABASE_INDEPENDENT
 def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() -> None:
+    """Values are shown for tickstack's settings and a few harmless names only: secrets under names
+    no list of secret words knows (a DSN, a URL whose password holds a slash, a key as the user of
+    a URL) were shown (a security review, round 41)."""
     rows = {r["name"]: r for r in safe_environment({
         "DATABASE_URL": "postgresql+psycopg://ts_owner:s3cret@db:5432/tickstack",
         "DATABASE_READ_URL": "postgresql://reader@/tickstack?host=/run/pg&password=s3cret",
         "TICKSTACK_API_TOKEN": "s3cret", "PGPASSWORD": "s3cret", "AWS_SECRET_ACCESS_KEY": "s3cret",
-        "SESSION_KEY": "s3cret", "OTHER_URL": "redis://:s3cret@cache:6379/0", "HOME": "/root", "EMPTY_TOKEN": ""})}
+        "SESSION_KEY": "s3cret", "OTHER_URL": "redis://:s3cret@cache:6379/0", "HOME": "/root", "EMPTY_TOKEN": "",
+        "MY_DSN": "host=db password=s3cret", "BROKER": "amqp://u:pa/s3cret@h/", "SENTRY": "https://s3cret@sentry.io/1",
+        "TICKSTACK_WRITER_BATCH_WAIT": "0.002", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"})}
     assert all("s3cret" not in r["value"] for r in rows.values()), rows
     assert rows["DATABASE_URL"]["value"] == "postgresql+psycopg://ts_owner:***@db:5432/tickstack"
     assert rows["HOME"] == {"name": "HOME", "value": "/root", "hidden": False}
+    assert [rows[n]["value"] for n in ("TICKSTACK_WRITER_BATCH_WAIT", "LC_ALL", "PYTHONDONTWRITEBYTECODE")] == [
+        "0.002", "C.UTF-8", "1"]
+    assert rows["MY_DSN"]["hidden"] and rows["BROKER"]["hidden"] and rows["SENTRY"]["hidden"]
     assert rows["TICKSTACK_API_TOKEN"]["hidden"] and rows["PGPASSWORD"]["hidden"] and rows["SESSION_KEY"]["hidden"]
     assert rows["EMPTY_TOKEN"]["value"] == "(empty)"
     assert command_line({"cmd": "python", "args": ["-m", "x", "--db", "postgresql://u:s3cret@h/d"]}) == (

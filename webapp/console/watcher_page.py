@@ -53,9 +53,19 @@ from webapp.console.watchers import (
 SECRET_SETTINGS = frozenset(s.env for s in SETTINGS if s.secret)
 SECRET_NAME_RE = re.compile(r"PASSW|SECRET|TOKEN|CREDENTIAL|PRIVATE|(?:^|_)KEY(?:$|_)|AUTH|COOKIE|SESSION", re.I)
 URL_SETTINGS = frozenset({"DATABASE_URL", "DATABASE_READ_URL"})
+#: The variables whose values are shown: tickstack's own settings (not the secret ones), and these
+#: harmless ones of the system, Python and circus. Every other value is hidden: a list of secret names
+#: missed ``MY_DSN="host=db password=..."``, ``amqp://u:pa/ss@h/`` and ``https://KEY@sentry...``
+#: (a security review, round 41), and there is no end to such names.
+SHOWN_SETTINGS = frozenset(s.env for s in SETTINGS if not s.secret)
+SHOWN_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "PWD", "TERM",
+                         "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "OPENBLAS_NUM_THREADS", "PROMETHEUS_MULTIPROC_DIR",
+                         "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGAPPNAME", "PGSSLMODE", "PGPASSFILE"})
+SHOWN_PREFIXES = ("LC_", "PYTHON", "CIRCUS_")
 #: ``scheme://user:password@`` anywhere in a text.
 USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
 HIDDEN = "hidden (a secret)"
+HIDDEN_UNKNOWN = "hidden (not a setting of tickstack's: it may be a secret)"
 #: Signals the console sends, with what each does to our processes.
 SIGNALS = {"HUP": "SIGHUP: gunicorn reloads its workers; the writer and our workers stop gracefully, as on TERM "
                   "(circus starts a new process)",
@@ -87,6 +97,9 @@ def safe_environment(env: dict[str, Any]) -> list[dict[str, Any]]:
         value = str(env[name])
         if name in SECRET_SETTINGS or SECRET_NAME_RE.search(name):
             rows.append({"name": name, "value": HIDDEN if value else "(empty)", "hidden": True})
+            continue
+        if name not in SHOWN_SETTINGS and name not in SHOWN_NAMES and not name.startswith(SHOWN_PREFIXES):
+            rows.append({"name": name, "value": HIDDEN_UNKNOWN if value else "(empty)", "hidden": True})
             continue
         if name in URL_SETTINGS or ("://" in value and ("@" in value or "password=" in value.lower())):
             value = display_url(value) if name in URL_SETTINGS else hide_userinfo(value)
