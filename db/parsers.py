@@ -306,6 +306,10 @@ def _sqlite_url_problem(scheme: str, rest: str) -> str | None:
     return None
 
 
+AT_IN_USERINFO = ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
+                  "else part of the password is read as the host")
+
+
 def _server_url_problem(raw: str) -> str | None:
     """What is wrong with a server's URL, or None. SQLAlchemy ends the password at its first '@': a
     second one before the host left the rest of the password in the host, which logs, ``db health``
@@ -317,16 +321,18 @@ def _server_url_problem(raw: str) -> str | None:
         # driver), or a driver the COPY paths do not speak; the name only: the URL may hold a password
         return (f"the driver {quoted(scheme)} is not the one tickstack runs PostgreSQL with; use "
                 "postgresql+psycopg://user@host/name (psycopg 3)")
+    at_signs = raw.split("://", 1)[1].split("?", 1)[0].count("@") > 1  # before the query: a host's part
     try:
         url = make_url(raw)
     except ValueError:  # SQLAlchemy's one: a port that is no whole number. Its words quote the text
+        if at_signs:  # "p@ss:w/rd@host": the ':' after the password's '@' was read as the port's
+            return AT_IN_USERINFO
         return "the port after the host is not a whole number (e.g. postgresql+psycopg://user@host:5432/name)"
     except Exception as e:  # said by its type alone, its words may quote the URL, password and all
         return f"not a URL SQLAlchemy can read ({type(e).__name__}); e.g. postgresql+psycopg://user@host/name"
     # A '/' in it ends the host there: the rest, the '@' with it, is read as the database's name.
     if "@" in (url.host or "") or "@" in (url.database or ""):
-        return ("the user name or password holds an '@': percent-encode it (%40; ':' is %3A, '/' %2F, '%' %25), "
-                "else part of the password is read as the host")
+        return AT_IN_USERINFO
     if url.port is not None and not 1 <= url.port <= 65535:
         return f"the port {url.port} is not from 1 to 65535"
     return None

@@ -138,6 +138,9 @@ def test_an_unset_home_is_the_checkouts_var_from_any_folder(tmp_path: Path, monk
     # ... with a '/' in it too: the host was "ss" and the database "w@127.0.0.1:1/db", so the '@' check
     # passed it, and `db health` showed "...:***@ss/w%40127..." (fault hunt on PostgreSQL mode).
     ("DATABASE_URL", "postgresql+psycopg://bob:Own3r:p@ss/w@127.0.0.1:1/db", "percent-encode"),
+    # ... and one where a ':' after the first '@' reads as a port: it said the port was no whole number
+    # (a new user's run of the README, round 41).
+    ("DATABASE_URL", "postgresql+psycopg://ts_owner:p@ss:w/rd@127.0.0.1:55433/tickstack", "percent-encode"),
     # Taken, then a traceback in every process that opened it (jobs, the API), or a writer saying the
     # server does not answer: a port that is no number, a driver that is not there, no file's name,
     # SQLite parameters the stack does not take (timeout=abc crashed the writer; mode=ro was ignored).
