@@ -273,7 +273,7 @@ class WriteConnection:
     def save_copy(self, path: Path) -> Path:
         """A complete copy of the database as this connection sees it, its file and every frame of its
         WAL, in a new file beside ``path`` (``<name>.saved``, ``.saved-2``, ...), with VACUUM INTO;
-        returns it. Only the commit thread calls it (:class:`workers.commit.SaveCopy`): nothing else
+        returns it. Only the commit thread calls it (:class:`workers.journal_guard.SaveCopy`): nothing else
         uses the connection meanwhile, and the IO thread serves on (a watchdog killed a writer whose
         IO thread copied a large database, mid-copy: review of round 39). Refused before it starts
         when the disk has less room than the database's pages; a copy that fails leaves nothing (its

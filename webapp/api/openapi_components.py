@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from db.timestamps import UNITS_RULE
-from db.validation import MAX_PRICE, MAX_SIZE, MAX_TS, NAME_RE, SYMBOL_RE
+from db.validation import DEFAULT_SOURCE, MAX_PRICE, MAX_SIZE, MAX_TS, NAME_RE, SYMBOL_RE
 from db.vocabulary import TIMEFRAMES
 from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID
 
@@ -96,7 +96,7 @@ def components() -> dict[str, Any]:
                     "ask": {**PRICE, "description": "At least bid: bid <= ask (400 otherwise)"},
                     "volume": {**VOLUME, "type": ["number", "null"], "default": 0},
                     "source": {"type": ["string", "null"], "pattern": f"^{NAME_RE.pattern}$",
-                               "default": "external"},
+                               "default": DEFAULT_SOURCE},
                     "seq": {**SEQ, "type": ["integer", "null"],
                             "description": "With source, makes the tick idempotent"},
                 },
