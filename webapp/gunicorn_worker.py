@@ -57,11 +57,13 @@ which serialises the threads of one process as well as the processes.
 from __future__ import annotations
 
 import errno
+import re
 import selectors
 import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn import util
@@ -82,6 +84,8 @@ MAX_HEADER_BYTES = 64 * 1024
 #: refuses it, 413, unread). A few dozen clients that sent their headers and then a byte a second
 #: of their bodies held every thread of both apps (a security review, round 41).
 MAX_POLLED_BODY = 8 * 1024 * 1024 + 64 * 1024
+#: Seconds a refused connection is read away (and dropped) before it is closed.
+LINGER_S = 2.0
 #: Bytes of bodies a worker holds in its poller at most, all connections together; past it a body
 #: goes to a thread as before (bounded by :data:`REQUEST_READ_TIMEOUT`).
 POLLED_BODIES_BUDGET = 64 * 1024 * 1024
@@ -131,26 +135,30 @@ def expects_continue(head: bytes | bytearray) -> bool:
         == b"100-continue" for line in rest.split(b"\n"))
 
 
-def chunked_end(buf: bytes | bytearray, pos: int) -> tuple[int | None, int]:
-    """(where a chunked body that starts at ``pos`` ends, or None; the position its scan reached:
-    the next call starts there). Anything it cannot read as chunks ends it where it stands: the
-    thread's parser then reads on, or answers 400."""
+#: A chunk's size as HTTP/1.1 writes it: hex digits only (RFC 9112, 7.1).
+CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+def chunked_end(buf: bytes | bytearray, pos: int, done: int) -> tuple[int | None, int, int, int]:
+    """A chunked body's scan from ``pos``, ``done`` bytes of data in the chunks before it: (where the
+    body ends, or None; where the next scan starts; the data of the whole chunks so far; that and the
+    size the chunk in progress declares: the body's size at least). Anything it cannot read as chunks
+    ends it where it stands: the thread's parser then answers 400."""
     while True:
         line_end = buf.find(b"\r\n", pos)
         if line_end < 0:
-            return None, pos
+            return None, pos, done, done
         size_text = bytes(buf[pos:line_end]).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            return line_end, pos
+        if not CHUNK_SIZE_RE.fullmatch(size_text):  # int(x, 16) takes "-6", "0x5", "1_0": a "-6" looped
+            return line_end, pos, done, done         # here for ever, the worker's main loop with it (round 41)
+        size = int(size_text, 16)
         if size == 0:  # the last chunk: trailers, then a blank line
             trailers_end = buf.find(b"\r\n\r\n", line_end)
-            return (trailers_end + 4 if trailers_end >= 0 else None), pos
+            return (trailers_end + 4 if trailers_end >= 0 else None), pos, done, done
         next_pos = line_end + 2 + size + 2
         if next_pos > len(buf):
-            return None, pos
-        pos = next_pos
+            return None, pos, done, done + size
+        pos, done = next_pos, done + size
 
 
 class BoundedSocket(socket.socket):
@@ -229,13 +237,16 @@ class HeadersFirstWorker(ThreadWorker):
 
     #: Bytes of bodies in the poller now, every connection's together (see :data:`POLLED_BODIES_BUDGET`).
     polled_bytes = 0
+    #: The app's largest body (Flask's ``MAX_CONTENT_LENGTH``, read in :meth:`load_wsgi`): a larger
+    #: one is refused from the poller.
+    body_limit = MAX_POLLED_BODY
 
     def _await_headers(self, conn: TConn) -> None:
         conn.sock.setblocking(False)
         conn.sock.read_deadline = None
         conn.head = bytearray()
         conn.framing = conn.head_end = None  # known once the headers are in
-        conn.chunk_scan, conn.polled = 0, 0
+        conn.chunk_scan = conn.chunk_data = conn.polled = 0
         conn.timeout = time.monotonic() + HEADER_TIMEOUT
         self.pending_conns.append(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
@@ -246,18 +257,11 @@ class HeadersFirstWorker(ThreadWorker):
     def _read_headers(self, conn: TConn) -> None:
         """In the main loop: take what the client sent; to a thread once the headers are in, and the
         body they declare (see :data:`MAX_POLLED_BODY`)."""
-        try:
-            data = conn.sock.recv(MAX_HEADER_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = self._receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # closed (or reset) before a whole request
-            self.poller.unregister(conn.sock)
-            self.pending_conns.remove(conn)
-            self._forget_polled(conn)
-            self.nr_conns -= 1
-            conn.close()
+            self._drop(conn)
             return
         start = max(0, len(conn.head) - 3)
         conn.head += data
@@ -273,7 +277,7 @@ class HeadersFirstWorker(ThreadWorker):
                 conn.timeout = time.monotonic() + REQUEST_READ_TIMEOUT  # now for the body, if any
                 conn.polled = len(conn.head) - conn.head_end
                 self.polled_bytes += conn.polled
-                if conn.framing and not self._whole(conn) and expects_continue(conn.head[:conn.head_end]):
+                if conn.framing and self._verdict(conn) is None and expects_continue(conn.head[:conn.head_end]):
                     try:
                         conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
                     except OSError:
@@ -281,25 +285,86 @@ class HeadersFirstWorker(ThreadWorker):
         elif conn.framing is not None:
             conn.polled += len(data)
             self.polled_bytes += len(data)
-        if not self._whole(conn):
+        verdict = self._verdict(conn)
+        if verdict is None:
             return
         self.poller.unregister(conn.sock)
         self.pending_conns.remove(conn)
         self._forget_polled(conn)
+        if verdict != "thread":
+            self._refuse(conn, *verdict)
+            return
         conn.data_ready = True  # gthread's handle() must not wait for data again
         self.enqueue_req(conn)
 
-    def _whole(self, conn: TConn) -> bool:
-        """Whether ``conn`` goes to a thread now: its request is in, or the poller is not where the
-        rest is read (a head gunicorn must judge, a body too large or over the budget)."""
+    def _verdict(self, conn: TConn) -> str | tuple[int, str] | None:
+        """What becomes of ``conn`` now: None, the poller reads on; ``"thread"``, a thread takes the
+        request (its head and body are in, or its head is one gunicorn must judge); (status, reason),
+        refused from the poller: a body over the app's limit (413, unread: a thread drained it for
+        5 s before, so declaring a large body and trickling it held threads again) or one more than
+        the worker may hold (503)."""
         if conn.head_end is None or conn.framing is None:
-            return True
-        if self.polled_bytes > POLLED_BODIES_BUDGET or len(conn.head) - conn.head_end > MAX_POLLED_BODY:
-            return True
+            return "thread"
+        received = len(conn.head) - conn.head_end
         if conn.framing == "chunked":
-            end, conn.chunk_scan = chunked_end(conn.head, conn.chunk_scan)
-            return end is not None
-        return conn.framing > MAX_POLLED_BODY or len(conn.head) >= conn.head_end + conn.framing
+            end, conn.chunk_scan, conn.chunk_data, declared = chunked_end(conn.head, conn.chunk_scan,
+                                                                          conn.chunk_data)
+            complete = end is not None
+            # Chunks' framing aside, but bounded too: a byte a chunk is six on the wire.
+            too_large = declared > self.body_limit or received > 8 * self.body_limit + MAX_HEADER_BYTES
+        else:
+            complete, too_large = received >= conn.framing, conn.framing > self.body_limit
+        if too_large:
+            return 413, f"the body is larger than the limit of {self.body_limit} bytes"
+        if complete:
+            return "thread"
+        if self.polled_bytes > POLLED_BODIES_BUDGET:
+            return 503, "the server holds as many request bodies as it may now; send it again in a moment"
+        return None
+
+    def _refuse(self, conn: TConn, status: int, reason: str) -> None:
+        """Answer ``status`` from the poller, then read away what the client still sends for
+        :data:`LINGER_S` at most (closing with unread bytes resets the connection, and the client may
+        lose the answer), costing no thread."""
+        body, content_type = f"{reason}\n".encode(), "text/plain; charset=utf-8"
+        if self.refusal is not None:  # the API's one JSON error body
+            response = self.refusal(status, reason)
+            body, content_type = response.get_data(), response.content_type
+        head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n"
+                f"{'Retry-After: 1' + chr(13) + chr(10) if status == 503 else ''}\r\n")
+        try:
+            conn.sock.send(head.encode("latin-1") + body)  # small: a fresh socket's buffer takes it
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.timeout = time.monotonic() + LINGER_S
+        self.pending_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._discard, conn))
+
+    def _discard(self, conn: TConn, _sock: Any) -> None:
+        if self._receive(conn) == b"":
+            self._drop(conn)
+
+    @staticmethod
+    def _receive(conn: TConn) -> bytes | None:
+        """What the client sent (b"" once it closed, or reset), or None when nothing is there yet."""
+        try:
+            return conn.sock.recv(MAX_HEADER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return b""
+
+    def _drop(self, conn: TConn) -> None:
+        """Close a connection the poller holds."""
+        self.poller.unregister(conn.sock)
+        self.pending_conns.remove(conn)
+        self._forget_polled(conn)
+        self.nr_conns -= 1
+        conn.close()
 
     def _forget_polled(self, conn: TConn) -> None:
         self.polled_bytes -= getattr(conn, "polled", 0)
@@ -312,9 +377,10 @@ class HeadersFirstWorker(ThreadWorker):
         gthread's own stops at the first connection not yet due, its list being sorted: a body's
         longer time would hold the others back."""
         now = time.monotonic()
-        if not self.alive:
+        if not self.alive:  # those still without headers; a body on its way has its time, as before
             for conn in self.pending_conns:
-                conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+                if getattr(conn, "head_end", None) is None:
+                    conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
         for conn in [c for c in self.pending_conns if c.timeout <= now]:
             self.pending_conns.remove(conn)
             try:
@@ -337,6 +403,8 @@ class HeadersFirstWorker(ThreadWorker):
 
         if isinstance(self.wsgi, Flask) and json_everywhere(self.wsgi):
             self.refusal = partial(server_refusal, self.wsgi)
+        if isinstance(self.wsgi, Flask) and isinstance(self.wsgi.config.get("MAX_CONTENT_LENGTH"), int):
+            self.body_limit = min(self.wsgi.config["MAX_CONTENT_LENGTH"], MAX_POLLED_BODY)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """A request gunicorn refuses itself (a request line or header over its limits, a bad
