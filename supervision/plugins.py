@@ -212,7 +212,7 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
             except (BlockingIOError, TimeoutError, OSError):
                 return
             beat = self._decode(data)
-            if beat is None or beat in self.stopping or not self._ours(beat, sender[1]):
+            if beat is None or beat in self.stopping or not self._ours(beat, sender):
                 continue
             if beat not in self.watched and time.monotonic() - self._last_discovery >= 1.0:
                 self._discover()  # spawned before this plugin subscribed to circus's events
@@ -279,11 +279,17 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
                     self.watched.setdefault(int(known), [watcher_name, armed_at])
         return complete
 
-    def _ours(self, pid: int, port: int) -> bool:
-        """Whether a beat for ``pid`` from the loopback port ``port`` comes from a socket of this
+    def _ours(self, pid: int, sender: tuple[str, int]) -> bool:
+        """Whether a beat for ``pid`` from ``sender`` (address, port) comes from a socket of this
         user's: any local user could send "pid;time" and keep a hung writer from being restarted
-        (a security review, round 41). Checked once per port and pid (the sending sockets live
-        as long as their processes, bound to 127.0.0.1 by :mod:`supervision.lifeline`)."""
+        (a security review, round 41). Our sockets are bound to 127.0.0.1 (:mod:`supervision.lifeline`),
+        and no other user can bind that address and port while we hold it; from another loopback
+        address (127.0.0.2) the same port is anyone's, so only 127.0.0.1 counts. Checked once per
+        port and pid (the sending sockets live as long as their processes)."""
+        address, port = sender[0], sender[1]
+        if address != "127.0.0.1":
+            log.warning("watchdog: a heartbeat for pid %d from %s, not 127.0.0.1: ignored", pid, address)
+            return False
         if self.senders.get(port) == pid:
             return True
         owner = udp_socket_owner(port)
@@ -322,8 +328,9 @@ def _record(settings: Any, watcher_name: str, result: str, detail: str) -> None:
 
 
 def udp_socket_owner(port: int, table: str = "/proc/net/udp") -> int | None:
-    """The uid owning the UDP socket bound to 127.0.0.1:``port`` (or 0.0.0.0:``port``), from the
-    kernel's table; None when there is none, or the table cannot be read."""
+    """The uid owning the UDP socket bound to 127.0.0.1:``port`` (or 0.0.0.0:``port``, which no other
+    user can bind beside it), from the kernel's table; None when there is none, or the table cannot be
+    read."""
     wanted = {f"{address}:{port:04X}" for address in ("0100007F", "7F000001", "00000000")}  # either byte order
     try:
         with open(table) as rows:

@@ -585,13 +585,18 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
             timeout=60)
         os.kill(old[0], signal.SIGSTOP)
         # Another local user's beats for the stopped writer kept it from being restarted (a security
-        # review, round 41): sent now, as nobody, they are ignored. Only root can be another user here.
+        # review, round 41), from a port of its own and from the writer's own port on 127.0.0.2 (a
+        # table lookup by port alone took that one for the writer's): sent now, as nobody, both are
+        # ignored. Only root can be another user here.
         spoofer = None
         if os.getuid() == 0:
+            (beat_port,) = {c.laddr.port for c in psutil.Process(old[0]).net_connections(kind="udp")}
             spoofer = subprocess.Popen(["/usr/bin/python3", "-c", (
-                "import socket, sys, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\nwhile True:\n"
-                "    s.sendto(f'{sys.argv[1]};{time.time():.3f}'.encode(), ('127.0.0.1', int(sys.argv[2])))\n"
-                "    time.sleep(0.3)"), str(old[0]), str(settings.watchdog_port)], user=65534)
+                "import socket, sys, time\nmine = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "theirs = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                "theirs.bind(('127.0.0.2', int(sys.argv[3])))\nwhile True:\n    for s in (mine, theirs):\n"
+                "        s.sendto(f'{sys.argv[1]};{time.time():.3f}'.encode(), ('127.0.0.1', int(sys.argv[2])))\n"
+                "    time.sleep(0.3)"), str(old[0]), str(settings.watchdog_port), str(beat_port)], user=65534)
         try:
             new = wait_for("a new writer", lambda: (p := stack.pids_of("writer")) and p != old and p, timeout=180)
         except AssertionError as e:  # say what circus did meanwhile: the failure is otherwise mute
@@ -602,8 +607,10 @@ def test_a_stopped_writer_is_restarted_by_the_watchdog_and_nothing_acknowledged_
                 spoofer.kill()
                 spoofer.wait()
         if spoofer is not None:
+            said = stack.log("circusd")
             assert re.search(rf"watchdog: a heartbeat for pid {old[0]} from port \d+, a socket of user 65534: ignored",
-                             stack.log("circusd")), stack.log("circusd")[-3000:]
+                             said) and f"a heartbeat for pid {old[0]} from 127.0.0.2, not 127.0.0.1: ignored" in said, \
+                said[-3000:]
         assert not psutil.pid_exists(old[0]) or not alive(psutil.Process(old[0]))
         served = len(acked)
         wait_for("writes again", lambda: len(acked) > served + 20, timeout=120)
