@@ -181,11 +181,14 @@ class Sampler:
             if server["reachable"]:
                 add("db.bytes", server["size_bytes"])
         summary: dict[str, Any] = {"circus": "ok"}
-        watchers_at = now_ms()
         try:
             c = Circus(self.settings.circus_endpoint, self.circus_timeout, 1.0)
             watchers = collect_watchers(c, self.meter, require_processes=True)
             asked = {w["name"]: asked_for(c, w["name"]) for w in watchers}
+            # Once they are listed: a process created while circus was asked, and seen, is older than
+            # the sample, so a jobs worker started next does not count it a second time (the review of
+            # round 41; before, psutil's create times read up to a second early and hid it).
+            watchers_at = now_ms()
         except CircusError as e:
             summary["circus"] = str(e)
             if self._circus_error != str(e):

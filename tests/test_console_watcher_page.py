@@ -465,13 +465,15 @@ def test_no_secret_in_an_environment_or_a_command_line_as_the_page_shows_them() 
         "TICKSTACK_API_TOKEN": "s3cret", "PGPASSWORD": "s3cret", "AWS_SECRET_ACCESS_KEY": "s3cret",
         "SESSION_KEY": "s3cret", "OTHER_URL": "redis://:s3cret@cache:6379/0", "HOME": "/root", "EMPTY_TOKEN": "",
         "MY_DSN": "host=db password=s3cret", "BROKER": "amqp://u:pa/s3cret@h/", "SENTRY": "https://s3cret@sentry.io/1",
-        "TICKSTACK_WRITER_BATCH_WAIT": "0.002", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"})}
+        "TICKSTACK_WRITER_BATCH_WAIT": "0.002", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHON_DSN": "host=db password=s3cret", "CIRCUS_BROKER": "amqp://u:pa/s3cret@h/"})}
     assert all("s3cret" not in r["value"] for r in rows.values()), rows
     assert rows["DATABASE_URL"]["value"] == "postgresql+psycopg://ts_owner:***@db:5432/tickstack"
     assert rows["HOME"] == {"name": "HOME", "value": "/root", "hidden": False}
     assert [rows[n]["value"] for n in ("TICKSTACK_WRITER_BATCH_WAIT", "LC_ALL", "PYTHONDONTWRITEBYTECODE")] == [
         "0.002", "C.UTF-8", "1"]
     assert rows["MY_DSN"]["hidden"] and rows["BROKER"]["hidden"] and rows["SENTRY"]["hidden"]
+    assert rows["PYTHON_DSN"]["hidden"] and rows["CIRCUS_BROKER"]["hidden"]  # a prefix is no name
     assert rows["TICKSTACK_API_TOKEN"]["hidden"] and rows["PGPASSWORD"]["hidden"] and rows["SESSION_KEY"]["hidden"]
     assert rows["EMPTY_TOKEN"]["value"] == "(empty)"
     assert command_line({"cmd": "python", "args": ["-m", "x", "--db", "postgresql://u:s3cret@h/d"]}) == (

@@ -12,6 +12,7 @@ its own engine and writer client.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Flask, Response
 
@@ -41,6 +42,21 @@ def _log_through_gunicorn() -> None:
         ours.handlers = list(gunicorn.handlers)
         ours.setLevel(gunicorn.level)
         ours.propagate = False
+
+
+def _host_normalised(wsgi_app: Any) -> Any:
+    """``Host`` as the trusted-host check wants it: host names are case-insensitive and may end in a
+    dot (``LOCALHOST:8000``, ``localhost.:8000``, as curl sends what is typed), which the check, exact,
+    refused (the review of round 41)."""
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        host = environ["HTTP_HOST"] if "HTTP_HOST" in environ else ""  # the request's, not the process's
+        if host:
+            name, colon, port = host.lower().rpartition(":") if not host.endswith("]") else (host, "", "")
+            if not colon or not port.isdigit():
+                name, colon, port = host.lower(), "", ""
+            environ["HTTP_HOST"] = f"{name.rstrip('.')}{colon}{port}"
+        return wsgi_app(environ, start_response)
+    return app
 
 
 def _security_headers(response: Response) -> Response:
@@ -79,6 +95,7 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
         configure_read_only(db.engine, settings, role=kind)  # sessions named "tickstack api pid N on host"
     csrf.init_app(app)
     app.after_request(_security_headers)
+    app.wsgi_app = _host_normalised(app.wsgi_app)  # type: ignore[method-assign]
     if kind in ("api", "all"):
         from webapp.api import bp as api_bp
 

@@ -54,14 +54,17 @@ SECRET_SETTINGS = frozenset(s.env for s in SETTINGS if s.secret)
 SECRET_NAME_RE = re.compile(r"PASSW|SECRET|TOKEN|CREDENTIAL|PRIVATE|(?:^|_)KEY(?:$|_)|AUTH|COOKIE|SESSION", re.I)
 URL_SETTINGS = frozenset({"DATABASE_URL", "DATABASE_READ_URL"})
 #: The variables whose values are shown: tickstack's own settings (not the secret ones), and these
-#: harmless ones of the system, Python and circus. Every other value is hidden: a list of secret names
+#: harmless ones of the system and Python, by their exact names (a prefix let PYTHON_DSN through: the
+#: review of round 41). Every other value is hidden: a list of secret names
 #: missed ``MY_DSN="host=db password=..."``, ``amqp://u:pa/ss@h/`` and ``https://KEY@sentry...``
 #: (a security review, round 41), and there is no end to such names.
 SHOWN_SETTINGS = frozenset(s.env for s in SETTINGS if not s.secret)
 SHOWN_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "PWD", "TERM",
                          "TMPDIR", "HOSTNAME", "VIRTUAL_ENV", "OPENBLAS_NUM_THREADS", "PROMETHEUS_MULTIPROC_DIR",
-                         "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGAPPNAME", "PGSSLMODE", "PGPASSFILE"})
-SHOWN_PREFIXES = ("LC_", "PYTHON", "CIRCUS_")
+                         "PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGAPPNAME", "PGSSLMODE", "PGPASSFILE",
+                         "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "LC_NUMERIC", "LC_TIME", "LC_COLLATE", "LC_MONETARY",
+                         "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONHASHSEED",
+                         "PYTHONIOENCODING", "PYTHONFAULTHANDLER", "PYTHONWARNINGS", "PYTHONUTF8"})
 #: ``scheme://user:password@`` anywhere in a text.
 USERINFO_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
 HIDDEN = "hidden (a secret)"
@@ -98,7 +101,7 @@ def safe_environment(env: dict[str, Any]) -> list[dict[str, Any]]:
         if name in SECRET_SETTINGS or SECRET_NAME_RE.search(name):
             rows.append({"name": name, "value": HIDDEN if value else "(empty)", "hidden": True})
             continue
-        if name not in SHOWN_SETTINGS and name not in SHOWN_NAMES and not name.startswith(SHOWN_PREFIXES):
+        if name not in SHOWN_SETTINGS and name not in SHOWN_NAMES:
             rows.append({"name": name, "value": HIDDEN_UNKNOWN if value else "(empty)", "hidden": True})
             continue
         if name in URL_SETTINGS or ("://" in value and ("@" in value or "password=" in value.lower())):
