@@ -372,6 +372,52 @@ def test_a_body_on_its_way_when_the_api_reloads_is_answered(stack: CircusStack) 
 
 
 @DATABASE_INDEPENDENT
+def test_read_ahead_and_every_framing_gunicorn_takes_wait_in_the_poller_not_in_a_thread(stack: CircusStack) -> None:
+    """The second review of round 41, each held a thread for 20 to 30 s, so 8 connections a worker
+    stopped it: the first byte of a next request sent after one (gthread gave read-ahead straight to
+    a thread); ``Transfer-Encoding: identity, chunked`` and a Content-Length of 17 digits (gunicorn
+    takes both; the poller did not, and a thread waited for the body); a head of more than 64 KiB
+    with no end. Now each waits in the poller, or is refused there (431). And a body of many small
+    chunks, all read ahead, is served (put back into gunicorn's parser whole it cost time quadratic
+    in its chunks: 600,000 took 288 s of a thread); one that is mostly framing is refused (400)."""
+    api = stack.api_port
+    token = (stack.home / "api-token").read_text().strip()
+    post = (f"POST /api/ticks HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n")
+    opening = {
+        "read ahead": f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\n\r\nG".encode(),
+        "identity, chunked": f"{post}Transfer-Encoding: identity, chunked\r\n\r\n10\r\n{{".encode(),
+        "17 digits": f"{post}Content-Length: 00000000000000100\r\n\r\n{{".encode(),
+    }
+    held = []
+    try:
+        for kind, data in opening.items():
+            for _ in range(20):  # more than a worker's threads
+                sock = socket.create_connection(("127.0.0.1", api), timeout=ANSWER_WITHIN)
+                sock.sendall(data)
+                held.append(sock)
+            time.sleep(1)
+            try:
+                assert get(api, "/api/health")[0] == 200, kind
+                assert get(api, "/api/openapi.json")[0] == 200, kind
+            except OSError as e:
+                pytest.fail(f"with 20 connections of {kind!r} open, a request was not answered: {e!r}")
+        status, body = raw_request(api, f"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1:{api}\r\nX-Long: "
+                                   + "a" * 70_000)  # no end to the head
+        assert status == 431 and "longer than 65536 bytes" in body, (status, body[:200])
+    finally:
+        for sock in held:
+            sock.close()
+    ticks = json.dumps({"ticks": [{"symbol": "SMALLCHUNKS", "ts": 1_704_067_200_000 + i, "bid": 1.0, "ask": 1.5}
+                                  for i in range(2_000)]}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(ticks[i:i + 16]), ticks[i:i + 16]) for i in range(0, len(ticks), 16))
+    status, body = raw_request(api, f"{post}Transfer-Encoding: chunked", chunks + b"0\r\n\r\n")
+    assert status == 200 and json.loads(body) == {"inserted": 2_000, "duplicates": 0}, (status, body[:200])
+    status, body = raw_request(api, f"{post}Transfer-Encoding: chunked", b"1\r\n \r\n" * 50_000 + b"0\r\n\r\n")
+    assert status == 400 and "larger chunks" in body, (status, body[:200])
+
+
+@DATABASE_INDEPENDENT
 def test_a_request_longer_than_the_worker_timeout_is_served(tmp_path: Path) -> None:
     """With threads, ``--timeout`` bounds a stuck worker, never a long request (the console's backup
     and quick_check run inside one): the console's circus.ini command line with ``--timeout 2``

@@ -23,13 +23,16 @@ command lines (``python -m bench api`` runs the same). Why not one of gunicorn's
 connection (new, or kept alive) waits in the worker's poller, costing no thread, until its request
 headers are complete (a blank line, or :data:`MAX_HEADER_BYTES`), and is closed if they are not in
 within :data:`HEADER_TIMEOUT` s; then, in the poller still, until the body they declare is in
-(by Content-Length or in chunks, up to :data:`MAX_POLLED_BODY`, all connections together up to
-:data:`POLLED_BODIES_BUDGET`), closed if it is not within :data:`REQUEST_READ_TIMEOUT` s. Only then
-does a thread take it, with the bytes read so far. A body over those bounds is read by the thread,
-within :data:`REQUEST_READ_TIMEOUT` s in all, and each send of the answer too
-(:class:`BoundedSocket`), so a client that trickles such a body or never reads the answer holds a
-thread that long at most. Idle
-and half-open connections are then limited only by ``worker_connections`` (1000 per worker; beyond
+(by Content-Length or in chunks, as gunicorn reads them), closed if it is not within
+:data:`REQUEST_READ_TIMEOUT` s. Only then does a thread take it, with the bytes read so far, served
+to gunicorn's parser as reads of the socket (:meth:`BoundedSocket.prefetch`). Refused from the
+poller, unread, each then read away for :data:`LINGER_S` without a thread: a body over the app's
+``MAX_CONTENT_LENGTH`` (413), one more than the worker's :data:`POLLED_BODIES_BUDGET` (503), a head
+over :data:`MAX_HEADER_BYTES` with no end (431), chunks gunicorn would refuse or mostly framing
+(400). Bytes of a next request read ahead go back to the poller too (:meth:`finish_request`). A
+thread's reads end at :data:`REQUEST_READ_TIMEOUT` s, and each send of the answer too
+(:class:`BoundedSocket`), so a client that never reads its answer holds a thread that long at most.
+Idle and half-open connections are then limited only by ``worker_connections`` (1000 per worker; beyond
 it a worker stops accepting until some close, and every waiting one closes within
 :data:`HEADER_TIMEOUT`).
 
@@ -57,7 +60,7 @@ which serialises the threads of one process as well as the processes.
 from __future__ import annotations
 
 import errno
-import re
+import logging
 import selectors
 import socket
 import time
@@ -70,95 +73,24 @@ from gunicorn import util
 from gunicorn.http.errors import ParseException
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
+from webapp.http_framing import MAX_HEADER_BYTES, body_framing, chunked_end, expects_continue, head_length
+
 #: Seconds a connection may take to send its request headers (from accept, or from its first byte
 #: after the previous answer on a kept-alive connection); then it is closed.
 HEADER_TIMEOUT = 10.0
 #: Seconds a thread may spend reading one request once its headers are in (the body), and that each
 #: send of an answer may take: a client that trickles or stops reading holds a thread that long.
 REQUEST_READ_TIMEOUT = 30.0
-#: Header bytes read in the poller at most; a request with more goes to a thread as it is (gunicorn's
-#: parser then answers 400 for an oversize request line or header).
-MAX_HEADER_BYTES = 64 * 1024
 #: A body is read in the poller too, costing no thread, when it declares at most this many bytes
-#: (the API's largest body and some); a larger one goes to a thread with its headers (the app
-#: refuses it, 413, unread). A few dozen clients that sent their headers and then a byte a second
+#: (the API's largest body and some; the app's ``MAX_CONTENT_LENGTH`` when it is smaller); a larger
+#: one is refused from the poller, 413, unread. A few dozen clients that sent their headers and then a byte a second
 #: of their bodies held every thread of both apps (a security review, round 41).
 MAX_POLLED_BODY = 8 * 1024 * 1024 + 64 * 1024
 #: Seconds a refused connection is read away (and dropped) before it is closed.
 LINGER_S = 2.0
 #: Bytes of bodies a worker holds in its poller at most, all connections together; past it a body
-#: goes to a thread as before (bounded by :data:`REQUEST_READ_TIMEOUT`).
+#: still on its way is refused, 503 (a thread would wait for it).
 POLLED_BODIES_BUDGET = 64 * 1024 * 1024
-
-
-def head_length(buf: bytes | bytearray) -> int | None:
-    """Bytes of the request line and headers at the start of ``buf``, blank line included; None
-    while they are not all in."""
-    end = buf.find(b"\r\n\r\n")
-    if end >= 0:
-        return end + 4
-    end = buf.find(b"\n\n")
-    return end + 2 if end >= 0 else None
-
-
-def body_framing(head: bytes | bytearray) -> int | str | None:
-    """How the request's body is framed: its Content-Length, ``"chunked"``, or None when the head
-    is one gunicorn must judge (both, several, unreadable values: it answers 400 from the head)."""
-    lengths, chunked = [], False
-    for line in bytes(head).split(b"\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        if name == b"content-length":
-            lengths.append(value.strip())
-        elif name == b"transfer-encoding":
-            if value.strip().lower() != b"chunked":
-                return None
-            chunked = True
-    if chunked:
-        return "chunked" if not lengths else None
-    if not lengths:
-        return 0
-    if len(lengths) > 1 or not lengths[0].isdigit() or len(lengths[0]) > 12:
-        return None
-    return int(lengths[0])
-
-
-def expects_continue(head: bytes | bytearray) -> bool:
-    """Whether an HTTP/1.1 request waits for ``100 Continue`` before it sends its body (curl does for
-    large ones): the poller, which now waits for the body, sends it. gunicorn's thread sends one too,
-    later; a client reads any number of 1xx answers before the final one (RFC 9110, 15.2)."""
-    first, _, rest = bytes(head).partition(b"\n")
-    return first.rstrip().endswith(b"HTTP/1.1") and any(
-        line.partition(b":")[0].strip().lower() == b"expect" and line.partition(b":")[2].strip().lower()
-        == b"100-continue" for line in rest.split(b"\n"))
-
-
-#: A chunk's size as HTTP/1.1 writes it: hex digits only (RFC 9112, 7.1).
-CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
-
-
-def chunked_end(buf: bytes | bytearray, pos: int, done: int) -> tuple[int | None, int, int, int]:
-    """A chunked body's scan from ``pos``, ``done`` bytes of data in the chunks before it: (where the
-    body ends, or None; where the next scan starts; the data of the whole chunks so far; that and the
-    size the chunk in progress declares: the body's size at least). Anything it cannot read as chunks
-    ends it where it stands: the thread's parser then answers 400."""
-    while True:
-        line_end = buf.find(b"\r\n", pos)
-        if line_end < 0:
-            return None, pos, done, done
-        size_text = bytes(buf[pos:line_end]).split(b";", 1)[0].strip()
-        if not CHUNK_SIZE_RE.fullmatch(size_text):  # int(x, 16) takes "-6", "0x5", "1_0": a "-6" looped
-            return line_end, pos, done, done         # here for ever, the worker's main loop with it (round 41)
-        size = int(size_text, 16)
-        if size == 0:  # the last chunk: trailers, then a blank line
-            trailers_end = buf.find(b"\r\n\r\n", line_end)
-            return (trailers_end + 4 if trailers_end >= 0 else None), pos, done, done
-        next_pos = line_end + 2 + size + 2
-        if next_pos > len(buf):
-            return None, pos, done, done + size
-        pos, done = next_pos, done + size
 
 
 class BoundedSocket(socket.socket):
@@ -167,6 +99,22 @@ class BoundedSocket(socket.socket):
 
     io_timeout = REQUEST_READ_TIMEOUT
     read_deadline: float | None = None
+    #: What the poller read and the thread has not (see :meth:`prefetch`), and how far it is read.
+    _prefetched: memoryview | None = None
+    _prefetched_at = 0
+
+    def prefetch(self, data: bytes) -> None:
+        """Serve ``data`` first, as reads of the socket. Put back into gunicorn's parser whole, a body
+        of many small chunks cost time quadratic in its length, for each chunk copies the parser's
+        whole buffer (600,000 chunks: 288 s of a thread, no deadline met, no read made: the second
+        review of round 41); served as reads, at most as many bytes as each read asks are copied."""
+        self._prefetched, self._prefetched_at = memoryview(data), 0
+
+    def take_prefetched(self) -> bytes:
+        """What the parser has not read of what the poller read, taken back."""
+        rest = bytes(self._prefetched[self._prefetched_at:]) if self._prefetched is not None else b""
+        self._prefetched = None
+        return rest
 
     def setblocking(self, flag: bool) -> None:
         """gunicorn switches to blocking mode in the thread: blocking with a limit instead."""
@@ -181,7 +129,15 @@ class BoundedSocket(socket.socket):
             return super().recv(bufsize, flags)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"the request was not received within {self.io_timeout:g} s")
+            # A reset to gthread (a debug line), said here once: a TimeoutError was a traceback at
+            # ERROR for every slow client (the second review of round 41).
+            logging.getLogger("gunicorn.error").info("Closing a connection whose request was not in within %g s",
+                                                     self.io_timeout)
+            raise ConnectionResetError(errno.ECONNRESET, f"the request was not received within {self.io_timeout:g} s")
+        if self._prefetched is not None and self._prefetched_at < len(self._prefetched):
+            start = self._prefetched_at
+            self._prefetched_at = min(len(self._prefetched), start + bufsize)
+            return bytes(self._prefetched[start:self._prefetched_at])
         if remaining >= timeout:
             return super().recv(bufsize, flags)
         self.settimeout(remaining)
@@ -263,6 +219,10 @@ class HeadersFirstWorker(ThreadWorker):
         if not data:  # closed (or reset) before a whole request
             self._drop(conn)
             return
+        self._take(conn, data)
+
+    def _take(self, conn: TConn, data: bytes) -> None:
+        """``data`` from the client, on the main loop: the request's head and body so far."""
         start = max(0, len(conn.head) - 3)
         conn.head += data
         if conn.head_end is None:
@@ -303,15 +263,23 @@ class HeadersFirstWorker(ThreadWorker):
         refused from the poller: a body over the app's limit (413, unread: a thread drained it for
         5 s before, so declaring a large body and trickling it held threads again) or one more than
         the worker may hold (503)."""
-        if conn.head_end is None or conn.framing is None:
+        if conn.head_end is None:  # MAX_HEADER_BYTES and no end yet: a thread would wait for the rest
+            return 431, f"the request's head is longer than {MAX_HEADER_BYTES} bytes"
+        if conn.framing is None:
             return "thread"
         received = len(conn.head) - conn.head_end
         if conn.framing == "chunked":
-            end, conn.chunk_scan, conn.chunk_data, declared = chunked_end(conn.head, conn.chunk_scan,
-                                                                          conn.chunk_data)
+            try:
+                end, conn.chunk_scan, conn.chunk_data, declared = chunked_end(conn.head, conn.chunk_scan,
+                                                                              conn.chunk_data)
+            except ValueError as e:
+                return 400, str(e)
             complete = end is not None
-            # Chunks' framing aside, but bounded too: a byte a chunk is six on the wire.
-            too_large = declared > self.body_limit or received > 8 * self.body_limit + MAX_HEADER_BYTES
+            too_large = declared > self.body_limit
+            # Their framing bounded too: a byte a chunk is six on the wire, and one connection filled
+            # the worker's whole budget with a body of no data (the second review of round 41).
+            if not too_large and received > 2 * declared + MAX_HEADER_BYTES:
+                return 400, "the body's chunks are mostly framing: send it in larger chunks"
         else:
             complete, too_large = received >= conn.framing, conn.framing > self.body_limit
         if too_large:
@@ -440,6 +408,25 @@ class HeadersFirstWorker(ThreadWorker):
             self.log.debug("Closing the connection: the body left unread cannot be read: %s", e)
             return False
 
+    def finish_request(self, conn: TConn, fs: Any) -> None:
+        """On the main loop, after a request: gthread gives a kept-alive connection whose parser
+        holds the start of its next request straight back to a thread, which then waited for the
+        rest for 30 s: one byte after a request held a thread (8 such connections, every thread of
+        a worker: the second review of round 41). Those bytes wait in the poller like any others."""
+        try:
+            keep = not fs.cancelled() and fs.exception() is None and fs.result() is True and self.alive
+        except Exception:
+            keep = False
+        ahead = b""
+        if keep and conn.parser is not None:
+            ahead = conn.parser.unreader.take_buffered() + conn.sock.take_prefetched()
+        if not ahead:
+            super().finish_request(conn, fs)
+            return
+        conn.sock.setblocking(False)
+        self._await_headers(conn)
+        self._take(conn, ahead)
+
     def handle(self, conn: TConn) -> Any:
         """In a thread: give the parser the bytes read in the poller, bound the rest of the read."""
         head = getattr(conn, "head", None)
@@ -447,6 +434,6 @@ class HeadersFirstWorker(ThreadWorker):
             conn.head = bytearray()
             conn.sock.setblocking(True)
             conn.init()
-            conn.parser.unreader.unread(bytes(head))
+            conn.sock.prefetch(bytes(head))
         conn.sock.read_deadline = time.monotonic() + REQUEST_READ_TIMEOUT
         return super().handle(conn)
