@@ -127,6 +127,10 @@ class BoundedSocket(socket.socket):
         deadline, timeout = self.read_deadline, self.gettimeout()
         if deadline is None or not timeout:  # the poller's non-blocking reads
             return super().recv(bufsize, flags)
+        if self._prefetched is not None and self._prefetched_at < len(self._prefetched):
+            start = self._prefetched_at  # already here: served whatever the time
+            self._prefetched_at = min(len(self._prefetched), start + bufsize)
+            return bytes(self._prefetched[start:self._prefetched_at])
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             # A reset to gthread (a debug line), said here once: a TimeoutError was a traceback at
@@ -134,10 +138,6 @@ class BoundedSocket(socket.socket):
             logging.getLogger("gunicorn.error").info("Closing a connection whose request was not in within %g s",
                                                      self.io_timeout)
             raise ConnectionResetError(errno.ECONNRESET, f"the request was not received within {self.io_timeout:g} s")
-        if self._prefetched is not None and self._prefetched_at < len(self._prefetched):
-            start = self._prefetched_at
-            self._prefetched_at = min(len(self._prefetched), start + bufsize)
-            return bytes(self._prefetched[start:self._prefetched_at])
         if remaining >= timeout:
             return super().recv(bufsize, flags)
         self.settimeout(remaining)
@@ -265,8 +265,8 @@ class HeadersFirstWorker(ThreadWorker):
         the worker may hold (503)."""
         if conn.head_end is None:  # MAX_HEADER_BYTES and no end yet: a thread would wait for the rest
             return 431, f"the request's head is longer than {MAX_HEADER_BYTES} bytes"
-        if conn.framing is None:
-            return "thread"
+        if conn.framing is None:  # never to a thread, which would wait if gunicorn read it otherwise
+            return 400, "the request's Content-Length or Transfer-Encoding cannot be read (RFC 9112, 6)"
         received = len(conn.head) - conn.head_end
         if conn.framing == "chunked":
             try:
@@ -414,13 +414,15 @@ class HeadersFirstWorker(ThreadWorker):
         rest for 30 s: one byte after a request held a thread (8 such connections, every thread of
         a worker: the second review of round 41). Those bytes wait in the poller like any others."""
         try:
-            keep = not fs.cancelled() and fs.exception() is None and fs.result() is True and self.alive
+            keep = not fs.cancelled() and fs.exception() is None and fs.result() is True
         except Exception:
             keep = False
         ahead = b""
         if keep and conn.parser is not None:
             ahead = conn.parser.unreader.take_buffered() + conn.sock.take_prefetched()
-        if not ahead:
+        if not ahead or not self.alive:  # stopping: gthread answers it, "Connection: close"
+            if ahead:
+                conn.parser.unreader.unread(ahead)
             super().finish_request(conn, fs)
             return
         conn.sock.setblocking(False)
