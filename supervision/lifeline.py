@@ -195,7 +195,7 @@ class Lifeline:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             self._sock.setblocking(False)
-            # Its own port on the loopback address: not 0.0.0.0, where a sendto binds it, open to any
+            # Its own port on the loopback address: not every address, where a sendto binds it, open to any
             # host; and the watchdog checks whose socket the beats come from (supervision.plugins).
             try:
                 self._sock.bind(("127.0.0.1", 0))

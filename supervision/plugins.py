@@ -328,7 +328,7 @@ def _record(settings: Any, watcher_name: str, result: str, detail: str) -> None:
 
 
 def udp_socket_owner(port: int, table: str = "/proc/net/udp") -> int | None:
-    """The uid owning the UDP socket bound to 127.0.0.1:``port`` (or 0.0.0.0:``port``, which no other
+    """The uid owning the UDP socket bound to 127.0.0.1:``port`` (or the wildcard address's, which no other
     user can bind beside it), from the kernel's table; None when there is none, or the table cannot be
     read."""
     wanted = {f"{address}:{port:04X}" for address in ("0100007F", "7F000001", "00000000")}  # either byte order

@@ -15,6 +15,7 @@ import re
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,9 @@ from typing import Any
 
 from testkit.env import BIN, ROOT
 from testkit.process import Descendants, stop_process
+
+#: One answer read off a raw socket: (status, headers in lower case, body).
+Answer = tuple[int, dict[str, str], bytes]
 
 _PLACEHOLDER = re.compile(r"\$\(circus\.(sockets|env)\.([A-Za-z0-9_]+)\)")
 
@@ -116,3 +120,51 @@ def serving(env: dict[str, str], watcher: str = "api", ready_path: str = "/api/h
         workers.remember()
         stop_process(proc, 30)
         workers.kill_survivors()
+
+
+def exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 20.0) -> list[Answer]:
+    """Send ``head`` then ``body`` (from a thread, so an answer given before the body is all sent is
+    read meanwhile), read until the server closes the connection, and return every answer in what
+    it sent: (status, headers in lower case, body). Raw bytes: what is under test is what the server
+    does with requests no HTTP client library would send."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        def send() -> None:
+            try:
+                sock.sendall(head + body)
+            except OSError:  # the server answered and closed before taking it all
+                pass
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # closed with some of the body unread: what came before counts
+            pass
+        sender.join(timeout)
+    return parse_answers(data)
+
+
+def parse_answers(data: bytes) -> list[Answer]:
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        answers.append((int(lines[0].split()[1]), headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+def request_head(method: str, target: str, *headers: str, keep_alive: bool = False) -> bytes:
+    """A request's head; ``Connection: close`` unless ``keep_alive``, so the exchange ends with the answer."""
+    close = () if keep_alive else ("Connection: close",)
+    return "\r\n".join((f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *close, *headers, "", "")).encode("latin-1")
+
+
+def chunked(body: bytes, size: int = 65536) -> bytes:
+    """``body`` in the chunked transfer coding."""
+    chunks = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"

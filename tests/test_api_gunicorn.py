@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from testkit.gunicorn import Served, serving
+from testkit.gunicorn import Answer, Served, chunked, exchange, request_head, serving
 from testkit.writer import Stack
 from webapp import MAX_BODY
 
@@ -27,9 +25,6 @@ pytestmark = pytest.mark.database_independent(
 #: "Answered well within its timeouts": a did-it-happen bound, not a timing assertion.
 ANSWER_WITHIN = 20.0
 TICK = {"symbol": "BTCUSD", "ts": 1_704_067_200_000, "bid": 1.0, "ask": 1.0}
-
-Answer = tuple[int, dict[str, str], bytes]
-
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[tuple[Served, str]]:
@@ -43,53 +38,6 @@ def api() -> Iterator[tuple[Served, str]]:
         for proc in st.procs:
             st.stop(proc)
         st.close()
-
-
-def exchange(port: int, head: bytes, body: bytes = b"") -> list[Answer]:
-    """Send ``head`` then ``body`` (from a thread, so an answer given before the body is all sent is
-    read meanwhile), read until the server closes the connection, and return every answer in what
-    it sent: (status, headers in lower case, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as sock:
-        def send() -> None:
-            try:
-                sock.sendall(head + body)
-            except OSError:  # the server answered and closed before taking it all
-                pass
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        data = b""
-        try:
-            while chunk := sock.recv(65536):
-                data += chunk
-        except ConnectionResetError:  # closed with some of the body unread: what came before counts
-            pass
-        sender.join(ANSWER_WITHIN)
-    return parse_answers(data)
-
-
-def parse_answers(data: bytes) -> list[Answer]:
-    answers = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        answers.append((int(lines[0].split()[1]), headers, rest[:length]))
-        data = rest[length:]
-    return answers
-
-
-def request_head(method: str, target: str, *headers: str, keep_alive: bool = False) -> bytes:
-    """A request's head; ``Connection: close`` unless ``keep_alive``, so the exchange ends with the answer."""
-    close = () if keep_alive else ("Connection: close",)
-    return "\r\n".join((f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *close, *headers, "", "")).encode("latin-1")
-
-
-def chunked(body: bytes, size: int = 65536) -> bytes:
-    """``body`` in the chunked transfer coding."""
-    chunks = [body[i:i + size] for i in range(0, len(body), size)]
-    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
 
 
 def one_json_error(answers: list[Answer], status: int, code: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import pytest
 
 from testkit.circus import CircusStack
 from testkit.env import ROOT, isolated_env, new_home
-from testkit.gunicorn import watcher_command
+from testkit.gunicorn import exchange, watcher_command
 from testkit.helpers import CSRF_RE, query, wait_for
 from testkit.process import Descendants, stop_process
 from webapp.auth_state import LoginThrottle, Schedule, SessionStore, peer_key
@@ -594,14 +594,10 @@ def test_sessions_end_at_revocation_expiry_and_with_a_damaged_file(tmp_path: Pat
 
 
 def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, str]:
-    """(status, body) of one request written by hand (any ``Host``, any length), over a new connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as sock:
-        sock.sendall(head.encode() + b"\r\nConnection: close\r\n\r\n" + body)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    status_line, _, rest = data.decode(errors="replace").partition("\r\n")
-    return int(status_line.split()[1]), rest.partition("\r\n\r\n")[2]
+    """(status, body) of the one answer to a request written by hand (any ``Host``, any length)."""
+    ((status, _, answer),) = exchange(port, f"{head}\r\nConnection: close\r\n\r\n".encode(), body,
+                                      timeout=ANSWER_WITHIN)
+    return status, answer.decode(errors="replace")
 
 
 @DATABASE_INDEPENDENT

@@ -51,8 +51,8 @@ def _host_normalised(wsgi_app: Any) -> Any:
     def app(environ: dict[str, Any], start_response: Any) -> Any:
         host = environ["HTTP_HOST"] if "HTTP_HOST" in environ else ""  # the request's, not the process's
         if host:
-            name, colon, port = host.lower().rpartition(":") if not host.endswith("]") else (host, "", "")
-            if not colon or not port.isdigit():
+            name, colon, port = host.lower().rpartition(":")
+            if not port.isdigit():  # no port (an IPv6 literal's last group is no port either)
                 name, colon, port = host.lower(), "", ""
             environ["HTTP_HOST"] = f"{name.rstrip('.')}{colon}{port}"
         return wsgi_app(environ, start_response)

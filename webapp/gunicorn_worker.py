@@ -172,6 +172,11 @@ class HeadersFirstWorker(ThreadWorker):
 
     #: Makes the JSON answer to a request gunicorn refuses, from (status, reason); None: gunicorn's page.
     refusal: Callable[[int, str], Any] | None = None
+    #: Bytes of bodies in the poller now, every connection's together (see :data:`POLLED_BODIES_BUDGET`).
+    polled_bytes = 0
+    #: The app's largest body (Flask's ``MAX_CONTENT_LENGTH``, read in :meth:`load_wsgi`): a larger
+    #: one is refused from the poller.
+    body_limit = MAX_POLLED_BODY
 
     def accept(self, listener: Any) -> None:
         try:
@@ -190,12 +195,6 @@ class HeadersFirstWorker(ThreadWorker):
         self.keepalived_conns.remove(conn)
         self._await_headers(conn)
         self._read_headers(conn)
-
-    #: Bytes of bodies in the poller now, every connection's together (see :data:`POLLED_BODIES_BUDGET`).
-    polled_bytes = 0
-    #: The app's largest body (Flask's ``MAX_CONTENT_LENGTH``, read in :meth:`load_wsgi`): a larger
-    #: one is refused from the poller.
-    body_limit = MAX_POLLED_BODY
 
     def _await_headers(self, conn: TConn) -> None:
         conn.sock.setblocking(False)
@@ -248,9 +247,7 @@ class HeadersFirstWorker(ThreadWorker):
         verdict = self._verdict(conn)
         if verdict is None:
             return
-        self.poller.unregister(conn.sock)
-        self.pending_conns.remove(conn)
-        self._forget_polled(conn)
+        self._unpoll(conn)
         if verdict != "thread":
             self._refuse(conn, *verdict)
             return
@@ -259,10 +256,10 @@ class HeadersFirstWorker(ThreadWorker):
 
     def _verdict(self, conn: TConn) -> str | tuple[int, str] | None:
         """What becomes of ``conn`` now: None, the poller reads on; ``"thread"``, a thread takes the
-        request (its head and body are in, or its head is one gunicorn must judge); (status, reason),
-        refused from the poller: a body over the app's limit (413, unread: a thread drained it for
-        5 s before, so declaring a large body and trickling it held threads again) or one more than
-        the worker may hold (503)."""
+        request (its head and body are in); (status, reason), refused from the poller: a head too
+        long (431), a framing it cannot read (400: a thread would wait if gunicorn read it otherwise),
+        a body over the app's limit (413, unread: a thread drained it for 5 s before, so declaring a
+        large body and trickling it held threads again) or one more than the worker may hold (503)."""
         if conn.head_end is None:  # MAX_HEADER_BYTES and no end yet: a thread would wait for the rest
             return 431, f"the request's head is longer than {MAX_HEADER_BYTES} bytes"
         if conn.framing is None:  # never to a thread, which would wait if gunicorn read it otherwise
@@ -326,11 +323,18 @@ class HeadersFirstWorker(ThreadWorker):
         except OSError:
             return b""
 
+    def _unpoll(self, conn: TConn) -> None:
+        """Take a connection out of the poller and the pending list, its polled bytes with it."""
+        self.pending_conns.remove(conn)
+        try:
+            self.poller.unregister(conn.sock)
+        except (OSError, KeyError, ValueError):
+            pass  # already unregistered
+        self._forget_polled(conn)
+
     def _drop(self, conn: TConn) -> None:
         """Close a connection the poller holds."""
-        self.poller.unregister(conn.sock)
-        self.pending_conns.remove(conn)
-        self._forget_polled(conn)
+        self._unpoll(conn)
         self.nr_conns -= 1
         conn.close()
 
@@ -350,14 +354,7 @@ class HeadersFirstWorker(ThreadWorker):
                 if getattr(conn, "head_end", None) is None:
                     conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
         for conn in [c for c in self.pending_conns if c.timeout <= now]:
-            self.pending_conns.remove(conn)
-            try:
-                self.poller.unregister(conn.sock)
-            except (OSError, KeyError, ValueError):
-                pass  # already unregistered
-            self._forget_polled(conn)
-            self.nr_conns -= 1
-            conn.close()
+            self._drop(conn)
 
     def load_wsgi(self) -> None:
         """Load the app, then see whether its errors are JSON everywhere (the API's)."""
