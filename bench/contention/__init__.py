@@ -39,6 +39,13 @@ project's own schema (``db.schema.migrate``), all at the same durability
     its first send to its committed answer. No target of its own:
     ``ratios.writer_pipelined_over_immediate`` puts it beside writer-single's, whose producers
     each wait for every answer (their rate is the round trip's, not the writer's).
+``bare-single``
+    writer-single's producers, unchanged, against :mod:`bench.contention.bare_writer`: one thread,
+    one ROUTER socket, msgpack, the ops' INSERTs, one commit for every request waiting, and none of
+    the writer's promises (no validation, no record of applied requests, no budgets). No target:
+    the floor of the transport on this machine. ``ratios.bare_single_over_immediate`` is as far as
+    any writer that keeps the promises could go against ``immediate``;
+    ``ratios.writer_single_over_bare_single`` is what keeping them costs.
 ``raw-single``
     The same small writes with no writer and no contention: one process, one
     ``sqlite3`` connection from the writer's own ``make_write_engine`` (its
@@ -72,7 +79,7 @@ project's own schema (``db.schema.migrate``), all at the same durability
     ``ratios.batched_over_raw_row`` (no target) is writer-batched's best run
     over it.
 
-The compared pairs (``immediate`` and ``writer-single``, ``writer-batched`` and
+The compared runs (``immediate``, ``writer-single`` and ``bare-single``; ``writer-batched`` and
 ``raw``) run ``--repeat`` times (default 3), interleaved; the table keeps the
 best run of each (all are in the JSON). ``ratios.batched_over_raw`` and
 ``ratios.writer_single_over_immediate`` compare the best runs (rows/s, ops/s);
@@ -97,9 +104,9 @@ and wait at a common gate, so the measured window is one of real contention.
 """
 from __future__ import annotations
 
-# The parts: bench.contention.procs (the worker processes), .scenarios (each
-# scenario's run), .report (ratios, checks, the printed table), .cli (options
-# and the run itself).
+# The parts: bench.contention.procs (the worker processes), .bare_writer
+# (bare-single's writer), .scenarios (each scenario's run), .report (ratios,
+# checks, the printed table), .cli (options and the run itself).
 from bench.contention.cli import build_parser, main
 
 __all__ = ["build_parser", "main"]

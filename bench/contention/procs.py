@@ -186,7 +186,7 @@ def writer_batched_producer(index: int, env: dict[str, str], rows: int, first_se
 AUDIT_COLUMNS = ("ts", "actor", "action", "target", "result", "detail")
 
 
-def _insert_sql(table: Any, columns: tuple[str, ...], skip_on: tuple[str, ...] | None = None) -> str:
+def insert_sql(table: Any, columns: tuple[str, ...], skip_on: tuple[str, ...] | None = None) -> str:
     """An INSERT exactly as ``db.ops`` compiles it for SQLite (``skip_on``: ON CONFLICT (key) DO NOTHING)."""
     from sqlalchemy.dialects import sqlite as sqlite_dialect
 
@@ -197,7 +197,7 @@ def _insert_sql(table: Any, columns: tuple[str, ...], skip_on: tuple[str, ...] |
     return sql
 
 
-def _writer_connection(env: dict[str, str], db_path: str) -> tuple[Any, Any, sqlite3.Connection, dict[str, Any]]:
+def writer_connection(env: dict[str, str], db_path: str) -> tuple[Any, Any, sqlite3.Connection, dict[str, Any]]:
     """A sqlite3 connection from the writer's own ``make_write_engine`` (exactly its connect-time
     pragmas: WAL, synchronous, autocheckpoint, ...): the engine, the pooled connection (close both),
     the driver connection, and the pragmas it has."""
@@ -223,9 +223,9 @@ def raw_single_inserter(index: int, env: dict[str, str], db_path: str, seconds: 
     from db.models import TICK_KEY, AuditEntry, Tick
     from db.ops import TICK_FIELDS
 
-    tick_sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
-    audit_sql = _insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
-    engine, pooled, con, pragmas = _writer_connection(env, db_path)
+    tick_sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    audit_sql = insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
+    engine, pooled, con, pragmas = writer_connection(env, db_path)
     source = f"bench-raw-single-{index}"
     latencies: list[float] = []
     ops = rows = 0
@@ -254,7 +254,7 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
                  batch: int, txn_variants: list[int], statement: str = "writer", *, gate: Gate) -> list[dict[str, Any]]:
     """The same rows and batches, straight into sqlite3, once per commit interval in
     ``txn_variants``, each into its own fresh database, on a connection with exactly the writer's
-    pragmas (:func:`_writer_connection`). ``statement``: ``writer``, the statements the writer runs
+    pragmas (:func:`writer_connection`). ``statement``: ``writer``, the statements the writer runs
     for ``insert_ticks`` (its INSERT, :data:`db.statements.BULK_ROWS` rows each, through the writer's
     own :func:`db.statements.executemany_columns`), or ``row``, that INSERT a row at a time
     (``executemany`` of the one-row statement, as a program writing straight to SQLite would)."""
@@ -263,7 +263,7 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
     from db.statements import executemany_columns
 
     # The statement exactly as db.ops compiles it for insert_ticks.
-    sql = _insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
     by_row = statement == "row"
     batches: list[Any] = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True)) if by_row
                           else [cols[f] for f in TICK_FIELDS]
@@ -271,7 +271,7 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
     gate.wait()
     out = []
     for db_path, txn_batches in zip(db_paths, txn_variants, strict=True):
-        engine, pooled, con, pragmas = _writer_connection(env, db_path)
+        engine, pooled, con, pragmas = writer_connection(env, db_path)
         cursor = con.cursor()
         latencies: list[float] = []
         inserted = 0

@@ -85,6 +85,14 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "writer_single_over_immediate": _ratio(single_ops, _get(results, "immediate", "ops_per_s")),
         "writer_single_over_immediate_median": paired_median(results, "writer-single", "immediate"),
         "writer_single_over_raw_single": _ratio(single_ops, _get(results, "raw-single", "ops_per_s")),
+        # No target: the floor of the transport (bench/contention/bare_writer.py), the same producers
+        # against a writer that keeps none of the promises. What it reaches over immediate is as far as
+        # any writer that keeps them could go on this machine.
+        "bare_single_over_immediate": _ratio(_get(results, "bare-single", "ops_per_s"),
+                                             _get(results, "immediate", "ops_per_s")),
+        "bare_single_over_immediate_median": paired_median(results, "bare-single", "immediate"),
+        "writer_single_over_bare_single": _ratio(single_ops, _get(results, "bare-single", "ops_per_s")),
+        "writer_single_over_bare_single_median": paired_median(results, "writer-single", "bare-single"),
         # No target of its own: what the same small writes give when producers do not wait for each answer.
         "writer_pipelined_over_immediate": _ratio(_get(results, "writer-pipelined", "ops_per_s"),
                                                   _get(results, "immediate", "ops_per_s")),
@@ -116,6 +124,10 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "batched_over_raw_row": info(ratios["batched_over_raw_row"]),
         "immediate_max_over_writer_max": check(ratios["immediate_max_over_writer_max"],
                                                IMMEDIATE_OVER_WRITER_MAX_TARGET),
+        "bare_single_over_immediate": info(ratios["bare_single_over_immediate"]),
+        "bare_single_over_immediate_median": info(ratios["bare_single_over_immediate_median"]),
+        "writer_single_over_bare_single": info(ratios["writer_single_over_bare_single"]),
+        "writer_single_over_bare_single_median": info(ratios["writer_single_over_bare_single_median"]),
         "writer_pipelined_over_immediate": info(ratios["writer_pipelined_over_immediate"]),
         "writer_pipelined_p99_ms": info(_get(results, "writer-pipelined", "latency", "p99_ms")),
     }
@@ -172,6 +184,11 @@ def render(results: dict[str, dict[str, Any]], ratios: dict[str, float | None],
                          f"{stats['lock_errors']}, commit failures {stats['commit_failures']}; peak RSS "
                          f"{r['writer']['peak_rss_mb']} MB (VmHWM {r['writer']['vm_hwm_mb']} MB); "
                          f"CPU {r['writer']['cpu_s']} s in the window")
+        if "requests" in writer:  # bare-single's writer (bench/contention/bare_writer.py)
+            per_request = writer["cpu_s"] / writer["requests"] * 1e6 if writer["requests"] else None
+            notes.append(f"    bare writer: mean batch {writer['mean_batch']} requests over {writer['commits']:,} "
+                         f"commits; CPU {writer['cpu_s']} s from its start"
+                         + (f" ({per_request:.0f} us per request)" if per_request is not None else ""))
         if "producer_cpu_s" in r:
             per_op = sum(r["producer_cpu_s"]) / r["ops"] * 1e6 if r["ops"] else None
             notes.append(f"    producer CPU {r['producer_cpu_s']} s"

@@ -1,13 +1,15 @@
-"""The eight SQLite scenarios of ``python -m bench contention``, each on a fresh
+"""The nine SQLite scenarios of ``python -m bench contention``, each on a fresh
 database, and which of them ``--repeat`` runs again."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    MP_CONTEXT,
     count_rows,
     create_schema,
     fresh_home,
@@ -15,6 +17,7 @@ from bench.common import (
     merged_errors,
     run_group,
 )
+from bench.contention import bare_writer
 from bench.contention.procs import (
     SEED_BUSY_TIMEOUT_S,
     raw_inserter,
@@ -32,6 +35,7 @@ SCENARIO_HELP = {
     "immediate": "the same with BEGIN IMMEDIATE",
     "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
     "writer-pipelined": "the same ops, each acknowledged, with --pipeline-window of them in flight per producer",
+    "bare-single": "writer-single's producers against a bare writer: one thread, ZeroMQ, group commit, no promises",
     "raw-single": "the same ops in one process, one row per transaction, straight into sqlite3 (the ceiling)",
     "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
     "raw": "the same rows straight into one sqlite3 connection, in the writer's statements (the ceiling)",
@@ -113,6 +117,48 @@ def run_writer_pipelined(opts: argparse.Namespace) -> dict[str, Any]:
         opts, "writer-pipelined", writer_pipelined_producer, (opts.pipeline_window,),
         f"WriterClient.pipeline(window={opts.pipeline_window}): insert_ticks (1 tick) and audit, alternately, "
         "each acknowledged after its commit")
+
+
+@contextmanager
+def running_bare_writer(env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """:mod:`bench.contention.bare_writer` serving the home of ``env`` (its schema made first) in a
+    process of its own; yields a dict that holds its counters once it has stopped."""
+    db_path = create_schema(env)
+    ready, stop, results = MP_CONTEXT.Event(), MP_CONTEXT.Event(), MP_CONTEXT.Queue()
+    proc = MP_CONTEXT.Process(target=bare_writer.serve, args=(env, str(db_path), ready, stop, results),
+                              name="bench-bare-writer", daemon=True)
+    proc.start()
+    summary: dict[str, Any] = {}
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the bare writer did not bind its socket within 60 s")
+        yield summary
+        stop.set()
+        summary.update(results.get(timeout=30))
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():  # only when it failed: the process object's own pid
+            proc.terminate()
+            proc.join(5)
+        results.close()
+
+
+def run_bare_single(opts: argparse.Namespace) -> dict[str, Any]:
+    """writer-single's producers, unchanged, against :mod:`bench.contention.bare_writer`."""
+    with fresh_home() as (_home, env):
+        with running_bare_writer(env) as writer:
+            args = [(env, opts.seconds) for _ in range(opts.procs)]
+            start, results = run_group(writer_single_producer, args, run_timeout=opts.seconds + 180)
+        out = combine("bare-single", opts.procs, start, results)
+        out["notes"] = ("writer-single's producers (WriterClient.call) against one thread: ZeroMQ ROUTER, msgpack, "
+                        "the ops' INSERTs, one commit for every request waiting; no validation, no record of "
+                        "applied requests, no budgets")
+        out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
+        out["stored_ticks"] = stored_ticks(env)
+        check_stored(out, out["rows"])
+    out["writer"] = writer
+    return out
 
 
 def run_raw_single(opts: argparse.Namespace) -> dict[str, Any]:
@@ -200,9 +246,9 @@ def check_stored(out: dict[str, Any], expected: int) -> None:
 #: Scenarios --repeat runs again, interleaved, in pairs each measured against the other one run beside
 #: it (immediate and writer-single, writer-batched and raw: the ``_median`` ratios); the table keeps
 #: each one's best run.
-REPEATABLE = ("immediate", "writer-single", "writer-batched", "raw")
+REPEATABLE = ("immediate", "writer-single", "bare-single", "writer-batched", "raw")
 #: The scenarios of small writes, whose runs are compared by ops/s.
-_BY_OPS = frozenset(("immediate", "writer-single"))
+_BY_OPS = frozenset(("immediate", "writer-single", "bare-single"))
 
 
 def compared_by(name: str) -> str:
@@ -239,6 +285,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "immediate": lambda o: run_sqlite(o, "immediate"),
     "writer-single": run_writer_single,
     "writer-pipelined": run_writer_pipelined,
+    "bare-single": run_bare_single,
     "raw-single": run_raw_single,
     "writer-batched": run_writer_batched,
     "raw": run_raw,
