@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,6 +26,14 @@ def stop_process(proc: subprocess.Popen, timeout: float, sig: int = signal.SIGTE
         proc.kill()
         proc.wait()
         return True
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident memory (VmHWM), in bytes: catches a spike that is gone by the time we look."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
 
 
 def default_sigint() -> None:

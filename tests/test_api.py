@@ -186,7 +186,13 @@ BAD_TICK_BODIES = [
     ("integer past a float", json.dumps({"ticks": [tick(T0, 10**400)]}), 400, "invalid_body",
      r"^ticks\.bid\[0\]: 10{39}\.\.\. is not a price"),
     ("not UTF-8", b'{"ticks": "\xff"}', 400, "invalid_json", r"not valid JSON"),
-    ("deep nesting", "[" * 100_000 + "]" * 100_000, 400, "invalid_json", r"not valid JSON"),
+    # Past the recursion limit (~1,000 levels) json.loads raises RecursionError: refused as not JSON.
+    ("deep nesting", "[" * 10_000 + "]" * 10_000, 400, "invalid_json", r"not valid JSON: nested too deeply"),
+    # More brackets than any write holds are refused before parsing, however they are arranged.
+    ("deeper nesting", "[" * 100_000 + "]" * 100_000, 400, "invalid_body",
+     r"^the body holds 100,000 JSON objects and arrays .* at most 50,000 JSON objects and arrays are read"),
+    ("a million numbers", "[" + "0.5," * 1_000_000 + "0.5]", 400, "invalid_body",
+     r"^the body holds 1,000,000 JSON values \(counted as its commas\); at most 280,000 are read"),
 ]
 
 

@@ -13,9 +13,12 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import psutil
 import pytest
 
+from db.validation import MAX_ROWS, MAX_TICKS
 from testkit.gunicorn import Answer, Served, chunked, exchange, request_head, serving
+from testkit.process import peak_rss
 from testkit.writer import Stack
 from webapp import MAX_BODY
 
@@ -93,6 +96,48 @@ def test_a_chunked_body_over_the_limit_is_413_as_with_a_content_length(api: tupl
     at_limit = exchange(served.port, request_head("POST", "/api/ticks", *auth, "Transfer-Encoding: chunked"),
                         chunked(exact))
     one_json_error(at_limit, 400, "invalid_body")
+
+
+def workers_peaks(served: Served) -> dict[int, int]:
+    """The peak resident memory (VmHWM) of each of the gunicorn master's workers, by pid."""
+    return {p.pid: peak_rss(p.pid) for p in psutil.Process(served.proc.pid).children()}
+
+
+#: What 8 MiB bodies of tiny JSON objects and arrays may add to a worker's peak memory. Measured: any
+#: 8 MiB body costs a worker up to ~40 MiB (its copies as it is read, and the string of an 8 MiB JSON
+#: string), and so do these with the bound; without it each took a worker from ~60 to ~295 MiB.
+CONTAINERS_PEAK_BOUND = 100 * 1024 * 1024
+
+
+def test_a_body_of_millions_of_tiny_containers_is_refused_before_it_is_built(api: tuple[Served, str]) -> None:
+    """8 MiB of ``{},{},...`` is 2.8 million dicts: json.loads built them all, ~235 MiB of a worker's
+    memory for one request of a token holder, and 16 such requests at once (2 workers x 8 threads)
+    gigabytes, where no write takes more than 10,000 rows. The body's objects and arrays are counted
+    before it is parsed; too many is a 400 that says how many are accepted."""
+    served, token = api
+    auth = (f"Authorization: Bearer {token}", "Content-Type: application/json")
+
+    def post(body: bytes) -> list[Answer]:
+        return exchange(served.port, request_head("POST", "/api/ticks", *auth, f"Content-Length: {len(body)}"), body)
+
+    n = (MAX_BODY - 16) // 3
+    hostile = {"ticks in an object": b'{"ticks": [' + b"{}," * (n - 1) + b"{}]}", "objects": b"[" + b"{}," * n + b"{}]",
+               "arrays": b"[" + b"[]," * n + b"[]]"}
+    assert all(MAX_BODY - 64 < len(body) <= MAX_BODY for body in hostile.values())
+    before = workers_peaks(served)
+    answers = {kind: post(body) for kind, body in hostile.items()}
+    grown = {pid: peak - before[pid] for pid, peak in workers_peaks(served).items()}
+    shown = ", ".join(f"{g / 2**20:.0f} MiB" for g in grown.values())
+    print(f"the workers' peak memory grew {shown} with 3 bodies of {MAX_BODY / 2**20:.0f} MiB")
+    assert max(grown.values()) < CONTAINERS_PEAK_BOUND, f"the workers' peak memory grew {shown}"
+    for kind, answer in answers.items():
+        message = one_json_error(answer, 400, "invalid_body")["message"]
+        most = re.search(r"at most ([\d,]+) JSON objects and arrays", message)
+        assert most and MAX_ROWS < int(most.group(1).replace(",", "")) < 100 * MAX_ROWS, (kind, message)
+    # The largest write there is still goes through: a full batch of ticks, each with every field.
+    ticks = [{**TICK, "ts": TICK["ts"] + i, "volume": 1.0, "source": "bound-test", "seq": i} for i in range(MAX_TICKS)]
+    full = post(json.dumps({"ticks": ticks}).encode())
+    assert [a[0] for a in full] == [200], full
 
 
 # --------------------------------------------------------------------------- requests gunicorn refuses itself

@@ -37,6 +37,7 @@ from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.env import ROOT, isolated_env
 from testkit.helpers import T0, DiskUnavailable, aborting_disk, query, wait_for
+from testkit.process import peak_rss
 from testkit.writer import RawPeer, Stack, spawn
 
 MiB = 1024 * 1024
@@ -55,14 +56,6 @@ def ticks(n: int, source: str, price: float = 100.0) -> dict[str, list]:
 
 def count(stack: Stack, sql: str, params: tuple = (), settings: Any = None) -> int:
     return query(settings or stack.settings, sql, params)[0][0]
-
-
-def peak_rss(pid: int) -> int:
-    """The process's peak resident memory (VmHWM), in bytes: catches a spike that is gone by the time we look."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM in /proc/PID/status")
 
 
 # --- point 1: the envelope and the record of applied requests ------------------------------------------------

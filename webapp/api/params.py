@@ -22,7 +22,7 @@ from db import validation
 from db.errors import ValidationError
 from db.vocabulary import INDICATORS
 from webapp.api.errors import ApiError, bad_param
-from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID
+from webapp.api.limits import LIMIT_DEFAULT, LIMIT_MAX, MAX_ID, MAX_JSON_CONTAINERS, MAX_JSON_VALUES
 from webapp.parsing import parse_int
 
 #: A parser of one query parameter: (name, text) -> value; raises ValidationError.
@@ -134,15 +134,34 @@ def json_object(*, optional: bool = False) -> dict[str, Any]:
                        f"send the body as JSON with 'Content-Type: application/json' (got {request.mimetype!r})")
     if not raw.strip():
         raise ApiError(400, "invalid_json", "the body is empty; expected a JSON object")
+    _check_size_in_items(raw)
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
-    except RecursionError:
+    except RecursionError:  # nesting past the interpreter's recursion limit (~1,000 levels)
         raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
     if type(body) is not dict:
         raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
     return body
+
+
+def _check_size_in_items(raw: bytes) -> None:
+    """400 ``invalid_body`` when ``raw`` holds more JSON objects and arrays than
+    :data:`MAX_JSON_CONTAINERS`, or more commas than :data:`MAX_JSON_VALUES`: counted in the
+    bytes (at C speed, a few ms for 8 MiB) before json.loads builds a Python object for each, which
+    for a body of tiny items costs 10 to 25 times its size. Characters inside strings count too:
+    the limits leave room for that (see :mod:`webapp.api.limits`)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    if containers > MAX_JSON_CONTAINERS:
+        raise ApiError(400, "invalid_body", f"the body holds {containers:,} JSON objects and arrays (counted as its "
+                       f"'{{' and '['); at most {MAX_JSON_CONTAINERS:,} JSON objects and arrays are read, as a write "
+                       f"takes at most {validation.MAX_ROWS:,} rows; send fewer ticks per request")
+    commas = raw.count(b",")
+    if commas > MAX_JSON_VALUES:
+        raise ApiError(400, "invalid_body", f"the body holds {commas:,} JSON values (counted as its commas); at most "
+                       f"{MAX_JSON_VALUES:,} are read, as a write takes at most {validation.MAX_ROWS:,} rows of "
+                       f"{len(validation.TICK_FIELDS)} fields; send fewer ticks per request")
 
 
 def _json_type(value: Any) -> str:
