@@ -411,18 +411,21 @@ SERVER_WAIT_S = 300.0
 
 
 def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = None, wait: float = 0.0,
-                     held_wait: float = 0.0, stopping: Callable[[], bool] = lambda: False) -> ServerWriterLock | None:
+                     held_wait: float = 0.0, stopping: Callable[[], bool] = lambda: False,
+                     on_unreachable: Callable[[str], None] | None = None) -> ServerWriterLock | None:
     """``host``'s writer lock on ``url``'s server, taken (:class:`ServerWriterLock`); None on SQLite,
     whose file lock (:class:`WriterLock`, beside the database) already is per database. An
-    unreachable server is tried again every second for ``wait`` seconds (logged every 10 s), and
-    not at all once this process is orphaned (its supervisor died: nobody would stop it). A lock
+    unreachable server is tried again every second for ``wait`` seconds (logged every 10 s, and
+    told to ``on_unreachable`` at each try, in words naming the URL without its password), not at
+    all once this process is orphaned (its supervisor died: nobody would stop it), and no longer
+    once ``stopping()`` (a stop waited out the whole wait, past circus's graceful timeout). A lock
     held by another writer is tried again every 0.2 s for ``held_wait`` seconds (:class:`HeldLockWait`,
     as :meth:`WriterLock.acquire` waits for the file lock), and no longer once ``stopping()``: the
     writer that held the file lock ends its session just before it lets that lock go, and the server
     drops its locks only when that session's backend has exited, a moment later."""
     if url.startswith("sqlite"):
         return None
-    from db.engine import server_unreachable
+    from db.engine import display_url, server_unreachable
 
     deadline, parent, told = time.monotonic() + wait, os.getppid(), 0.0
     held = HeldLockWait(held_wait, stopping, every=0.2)
@@ -440,9 +443,16 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
             now = time.monotonic()
             if not server_unreachable(e) or now >= deadline or os.getppid() != parent:
                 raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            said = f"the database server {server_trouble(reason)} at {display_url(url)} ({reason})"
+            if stopping():
+                raise WriterLocked(said) from None
+            if on_unreachable is not None:
+                on_unreachable(said)
             if now - told >= 10:
                 told = now
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning("writer: the database server %s (%s); trying again for %.0f s", server_trouble(reason),
-                            reason, deadline - now)
-        time.sleep(1.0)
+                log.warning("writer: %s; waiting for it, trying again every second for %.0f s", said, deadline - now)
+        for _ in range(10):  # a second, and a stop asked meanwhile ends the wait at once
+            if stopping():
+                break
+            time.sleep(0.1)

@@ -21,6 +21,8 @@ order but never waits for one to be ready, so it pings the writer until it answe
 daemon while they run (no command is answered, no process reaped). So it waits only for a writer
 process that runs, and once per process: a writer stopped on purpose, gone, or silent past the
 timeout is not waited for, and the dependent starts anyway, since each tolerates a missing writer.
+Nor is a writer that says it waits for its database server (:mod:`db.server_wait`): it cannot
+answer before the server does, which may take minutes; it serves once the server answers.
 Circus reads a falsy return (None included) as failure and leaves the watcher stopped, so hooks
 return True or False, never None.
 
@@ -36,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
 from supervision.circus import WRITER_START_WAIT_S
@@ -240,7 +243,8 @@ def writer_started(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) ->
     (SIGTERM's default then: no drain, though nothing was in flight yet). At most
     :data:`WRITER_START_WAIT_S`: circusd answers nothing meanwhile, and a writer that waits for its
     PostgreSQL server would hold it for the whole ready timeout at every restart; its dependents
-    still wait theirs at a start of the stack. Never refuses: circus stops a watcher whose
+    still wait theirs at a start of the stack. A writer that says it waits for its server
+    (:mod:`db.server_wait`) is not waited for at all. Never refuses: circus stops a watcher whose
     ``after_start`` returns false."""
     from db.config import ConfigError, load_settings
 
@@ -294,17 +298,25 @@ def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwis
     stall circusd for it again (a shorter ``timeout`` run out marks nothing)."""
     from db.client import WriterClient
     from db.errors import WriterUnavailable
+    from db.server_wait import wait_file, waiting_reason
 
     global _unready_writer
     pids = _writer_pids(arbiter) if pids is None else pids
     if not pids:
         return
+    # A writer that waits for its database server cannot answer before the server does (up to
+    # minutes): no wait for it, which would hold circusd's loop (40 s at a start with the server down).
+    said = wait_file(settings.run_dir)
+    if _server_wait(said, pids, hook_name, otherwise):
+        return
     again = set(pids) == {_unready_writer}
     client = WriterClient(settings=settings, deadline=1.0)
     try:
         ping = client.wait_ready(UNREADY_PING_S if again else timeout or settings.ready_timeout,
-                                 is_alive=lambda: any(map(_alive, pids)))
+                                 is_alive=lambda: any(map(_alive, pids)) and waiting_reason(said, pids) is None)
     except WriterUnavailable as e:
+        if _server_wait(said, pids, hook_name, otherwise):
+            return
         exited = not any(map(_alive, pids))
         if timeout is None or again or exited:
             _unready_writer = pids[0] if len(pids) == 1 and not exited else None
@@ -318,6 +330,34 @@ def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwis
     log.info("%s: writer pid %s ready (%.1f ms); %s", hook_name, ping["pid"], ping["latency_ms"], then)
 
 
+def _server_wait(said: Path, pids: list[int], hook_name: str, otherwise: str) -> bool:
+    """Whether the writer (``pids``) says in ``said`` (:mod:`db.server_wait`) that it waits for its
+    database server; if so, said in circusd's log, and once on circusd's stderr (the terminal of a
+    plain ``circusd circus.ini``, which showed nothing while circusctl went unanswered)."""
+    from db.server_wait import waiting_reason
+
+    global _told_terminal, _told_wait
+    reason = waiting_reason(said, pids)
+    if reason is None:
+        return False
+    if _told_wait == pids[0]:  # the reason once per writer process: the next dependents only say they go on
+        log.warning("%s: the writer pid %s still waits for its database server; %s", hook_name, pids[0], otherwise)
+    else:
+        _told_wait = pids[0]
+        log.warning("%s: the writer pid %s waits for its database server: %s; %s", hook_name, pids[0], reason,
+                    otherwise)
+    if not _told_terminal:
+        _told_terminal = True
+        print(f"circusd: the writer waits for its database server: {reason}. The other watchers start without it "
+              "and the writer serves once the server answers (it tries every second; log/writer.log)",
+              file=sys.stderr, flush=True)
+    return True
+
+
+#: Whether this circusd said on its stderr that the writer waits for its server (once is enough).
+_told_terminal = False
+#: The writer process whose wait for its server circusd's log gave the reason of.
+_told_wait: int | None = None
 #: How long a writer process that was silent for a whole ready timeout is pinged at a later start.
 UNREADY_PING_S = 0.5
 #: The writer process that did not answer within the ready timeout: later dependents only ping it.

@@ -72,6 +72,7 @@ from db.engine import display_url, is_sqlite, make_write_engine, storage_full_re
 from db.errors import OpFailed
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import encode_reply, salvage_seq
+from db.server_wait import done_waiting, say_waiting, wait_file
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
@@ -160,9 +161,16 @@ class Writer:
             self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=self.stopping)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
             # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
-            self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
-                                                on_lost=self._stop_now, wait=SERVER_WAIT_S,
-                                                held_wait=self.settings.writer_lock_wait, stopping=self.stopping)
+            # A server that does not answer is said in run/ at each try too: circusd's readiness
+            # hooks stop waiting for a writer that cannot serve before its server answers.
+            waiting = wait_file(self.settings.run_dir)
+            try:
+                self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
+                                                    on_lost=self._stop_now, wait=SERVER_WAIT_S,
+                                                    held_wait=self.settings.writer_lock_wait, stopping=self.stopping,
+                                                    on_unreachable=lambda said: say_waiting(waiting, said))
+            finally:
+                done_waiting(waiting)
         except WriterLocked as e:
             self.lock.release()
             if self.stopping():  # asked to stop while it waited: nothing was begun

@@ -1,0 +1,143 @@
+"""The stack started while its PostgreSQL server is down (``circusd circus.ini``, as a user runs it).
+
+The writer waits for its server (up to 5 minutes), and circusd's readiness hooks waited for the
+writer on circusd's own event loop: 10 s in the writer's ``after_start``, then 30 s in the API's
+``before_start``, during which ``circusctl status`` went unanswered and nothing said why. Now the
+writer says in its run folder that it waits for its server (:mod:`db.server_wait`), the hooks stop
+waiting for it at once, circusd's log and stderr say why, and the stack comes up by itself once the
+server is back, with the writes sent meanwhile stored.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from db.client import WriterClient
+from db.server_wait import wait_file
+from supervision.circus import STACK_WATCHERS
+from testkit.circus import Circusd, CircusStack
+from testkit.helpers import wait_for
+from testkit.postgres import PostgresServer, read_connection
+
+#: A server's own promise (its outage): run by ``pytest --database postgresql``.
+pytestmark = pytest.mark.postgres_only
+
+#: How long one ``circusctl status`` may go unanswered before it counts as circusd hung (a hook
+#: holding its loop). A bound on a hang, not a speed: an idle circusd answers within a second; a
+#: held one did not for 30 s.
+HANG_BOUND_S = 10.0
+NOW_TS = 1_704_067_200_000
+
+
+def status_within_bound(stack: CircusStack, started: float) -> dict[str, str]:
+    """``circusctl status`` as a user types it, failing the test if it hangs past :data:`HANG_BOUND_S`."""
+    asked = time.monotonic()
+    try:
+        done = stack.circusctl("status", timeout=HANG_BOUND_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"circusctl status did not answer within {HANG_BOUND_S:g} s (asked {asked - started:.1f} s after "
+                    f"circusd first answered): circusd's loop is held. circusd.log: {stack.circusd_log()[-2000:]}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+
+
+def health(stack: CircusStack) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.api_port}/api/health", timeout=5) as answer:
+        return json.loads(answer.read())
+
+
+def test_with_the_server_down_at_start_circusctl_answers_says_why_and_the_stack_comes_up_once_it_is_back(
+        postgres_server: PostgresServer) -> None:
+    stack = CircusStack()  # its database made on the session's server, which is up
+    try:
+        check_the_outage_then_the_return(stack, postgres_server)
+    finally:
+        stack.close()
+
+
+def check_the_outage_then_the_return(stack: CircusStack, postgres_server: PostgresServer) -> None:
+    back = threading.Event()
+    outage = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 300.0, "until": back})
+    outage.start()
+    stored: list[object] = []
+    writing = threading.Thread()
+    try:
+        wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
+        # As a user starts it: `circusd circus.ini` (no `db prepare`), its stderr kept (the terminal).
+        stack.log_path = stack.home / "log" / "circusd.terminal"
+        Circusd.start(stack, wait_active=(), timeout=30)  # once circusd answers at all
+        started = time.monotonic()
+        # Every watcher up, and the writer's reason said, each status answered within the bound.
+        while True:
+            statuses = status_within_bound(stack, started)
+            said = "writer: the database server does not answer at postgresql+psycopg://ts_owner:***@"
+            if all(statuses.get(w) == "active" for w in STACK_WATCHERS) and said in stack.log("writer"):
+                break
+            assert time.monotonic() - started < 120, (statuses, stack.circusd_log()[-3000:])
+            time.sleep(0.5)
+        listed = stack.circusctl("list", timeout=HANG_BOUND_S)
+        assert listed.returncode == 0 and "writer" in listed.stdout, listed.stdout + listed.stderr
+        assert wait_file(stack.settings.run_dir).exists()
+        assert "waits for its database server: the database server does not answer at" in stack.circusd_log()
+        terminal = stack.log_path.read_text()
+        assert "circusd: the writer waits for its database server: the database server does not answer" in terminal, \
+            terminal
+        for role, password in postgres_server.passwords.items():
+            for text in (stack.log("writer"), stack.circusd_log(), terminal):
+                assert password not in text, f"{role}'s password in a log"
+
+        # A write sent while the server is down: acknowledged once the server is back, and stored.
+        def write() -> None:
+            ticks = [{"symbol": "BTCUSD", "ts": NOW_TS + i, "bid": 1.0, "ask": 1.5, "volume": 1.0, "source": "outage",
+                      "seq": i} for i in range(10)]
+            with WriterClient(settings=stack.settings, deadline=240) as client:
+                stored.append(client.call("insert_ticks", ticks=ticks))
+
+        writing = threading.Thread(target=write)
+        writing.start()
+        time.sleep(1)
+        assert postgres_server.socket_gone(), "the server came back before the checks ended"
+    finally:
+        back.set()
+        outage.join(120)
+    # Back: the stack comes up by itself, without a restart of circusd or of any watcher.
+    writing.join(180)
+    assert stored == [{"inserted": 10, "duplicates": 0}], stored
+    wait_for("/api/health to say ok", lambda: health(stack)["status"] == "ok", timeout=120)
+    with read_connection(stack.settings) as conn:
+        count = conn.execute("SELECT count(*) FROM ticks WHERE source = ?", ("outage",)).fetchone()[0]
+    assert count == 10
+    assert stack.log("writer").count("writer ready") == 1, stack.log("writer")[-3000:]
+    assert not wait_file(stack.settings.run_dir).exists()
+
+
+def test_a_stack_started_with_the_server_down_stops_at_once_its_writer_not_killed(
+        postgres_server: PostgresServer) -> None:
+    """``circusctl quit`` while the writer waits for its server: the writer's wait ended only after its
+    5 minutes, so circus killed it at its graceful timeout (45 s of quit, a SIGKILL in circusd's log).
+    It stops as it is asked now, exit 0."""
+    stack = CircusStack()
+    back = threading.Event()
+    outage = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 300.0, "until": back})
+    outage.start()
+    try:
+        wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
+        Circusd.start(stack, wait_active=("writer", "api"), timeout=60)
+        wait_for("the writer to say it waits", lambda: "the database server does not answer" in stack.log("writer"),
+                 timeout=60)
+        done = stack.circusctl("quit", "--waiting")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert stack.wait_exit(120) == 0
+        assert postgres_server.socket_gone(), "the server came back before the checks ended"
+        assert "writer: stopped while it waited" in stack.log("writer"), stack.log("writer")[-2000:]
+        assert "SIGKILL" not in stack.circusd_log(), stack.circusd_log()[-3000:]
+        assert not wait_file(stack.settings.run_dir).exists()
+    finally:
+        back.set()
+        outage.join(120)
+        stack.close()
