@@ -108,13 +108,17 @@ def first_contact(settings: Settings) -> str:
     """What to open and what to type once the stack is up: ``make run`` says it before circusd
     takes over the terminal (circusd itself prints nothing)."""
     from db.circusd import circusctl_command
+    from db.engine import display_url
 
-    password = settings.home / PASSWORD_FILE
-    made = "" if password.exists() else ", made on first start"
+    if settings.admin_password:  # no file is made or read then: one left from an earlier start is not it
+        password = "password: the value of TICKSTACK_ADMIN_PASSWORD"
+    else:
+        path = settings.home / PASSWORD_FILE
+        password = f"password in {path}" + ("" if path.exists() else ", made on first start")
     health = f"http://127.0.0.1:{settings.api_port}/api/health"
-    return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, password in "
-            f"{password}{made})\n"
+    return (f"console    http://127.0.0.1:{settings.console_port}/ (user {settings.admin_user!r}, {password})\n"
             f"api        {health} (and /api/openapi.json)\n"
+            f"database   {display_url(settings.database_url)}\n"
             f"ready      in a few seconds: {health} says \"ok\" once the stack is up (circusd logs to "
             f"{settings.log_dir / 'circusd.log'}, not here)\n"
             f"manage     `{circusctl_command(settings.circus_endpoint, 'status')}` (in the checkout)\n"

@@ -155,6 +155,40 @@ def test_console_port_root_redirects_and_login_names_the_real_password_file() ->
         shutil.rmtree(home, ignore_errors=True)
 
 
+def test_with_the_admin_password_set_make_run_and_the_login_page_name_the_setting_not_a_file() -> None:
+    """With ``TICKSTACK_ADMIN_PASSWORD`` set (as a second host must), ``make run`` said the password was
+    in ``admin-password``, "made on first start", and the login page that it was generated there: no
+    file is made, and one left from an earlier start holds a password that is now refused (a new
+    user's run on PostgreSQL). Both name the setting; ``make run`` also names the database the stack
+    will use, without its password."""
+    from db.__main__ import first_contact
+    from db.config import load_settings
+    from webapp import create_app
+
+    home = _empty_home()
+    try:
+        (home / "admin-password").write_text("an-old-generated-password\n")
+        secret = "set-by-the-operator-42"
+        url = f"postgresql+psycopg://ts_owner:{secret}@127.0.0.1:5999/tickstack"
+        settings = load_settings({"TICKSTACK_HOME": str(home), "TICKSTACK_ADMIN_PASSWORD": secret,
+                                  "DATABASE_URL": url})
+        said = first_contact(settings)
+        console = next(line for line in said.splitlines() if line.startswith("console "))
+        assert "TICKSTACK_ADMIN_PASSWORD" in console and "admin-password" not in console, said
+        database = next(line for line in said.splitlines() if line.startswith("database "))
+        assert "postgresql+psycopg://ts_owner:***@127.0.0.1:5999/tickstack" in database, said
+        assert secret not in said
+        page = create_app("console", settings).test_client().get("/console/login").get_data(as_text=True)
+        assert "TICKSTACK_ADMIN_PASSWORD" in page and "generated on first start" not in page, page
+        assert str(home / "admin-password") not in page and secret not in page
+        # Without the setting, both still name the file, and the database is the home's SQLite file.
+        plain = load_settings({"TICKSTACK_HOME": str(home)})
+        said = first_contact(plain)
+        assert str(home / "admin-password") in said and f"sqlite:///{home / 'tickstack.db'}" in said, said
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
     home = _empty_home()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}

@@ -50,7 +50,9 @@ NAV = (("console.watchers", "Watchers"), ("console.database", "Database"), ("con
 @bp.context_processor
 def _template_globals() -> dict:
     user = auth.logged_in_user()
-    return {"nav": NAV, "user": user, "password_file": settings().home / auth.PASSWORD_FILE,
+    # With TICKSTACK_ADMIN_PASSWORD set no file is made or read (one left from before is not it).
+    password_file = None if settings().admin_password else settings().home / auth.PASSWORD_FILE
+    return {"nav": NAV, "user": user, "password_file": password_file,
             "writer_down": writer_stopped() if user else None}
 
 
