@@ -51,6 +51,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         clear_stale_pidfile,
         foreign_commands,
         orphans,
+        owner_login_refused,
         refusal,
         wait_for_orphans,
     )
@@ -94,6 +95,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     found = blockers(settings)
     if found:  # a refused start leaves no folders behind in a home it would have made
         print(refusal(settings, found), file=sys.stderr)
+        return 1
+    refused = owner_login_refused(settings)  # PostgreSQL: a refused login is said here, not after 3 retries
+    if refused is not None:
+        print(refused, file=sys.stderr)
         return 1
     home = ensure_home(settings)
     # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
@@ -139,6 +144,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     from db.schema import migrate
 
     settings = load_settings()
+    if settings.database_path is not None and not settings.database_path.exists():
+        # A new SQLite file, in a home whose writer writes a server's database (a shell without its
+        # DATABASE_URL): doctor's rule refuses it, as `db health` does.
+        from db.health import served_database, wrong_database_refusal
+
+        refused = wrong_database_refusal(settings, served_database(settings))
+        if refused is not None:
+            print(f"python -m db init: {refused}", file=sys.stderr)
+            return 1
     ensure_home(settings)
     lock = WriterLock(settings.writer_lock_path)
     try:
@@ -160,12 +174,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from db.health import snapshot
+    from db.health import snapshot, wrong_database_refusal
     from db.leader import NOBODY
 
     settings = load_settings()
     check_home(settings)  # a file as TICKSTACK_HOME: said in one line, not as the lock file's traceback
     snap = snapshot(settings, quick_check=args.quick_check)
+    refused = wrong_database_refusal(settings, snap["writer"].get("database") if snap["writer"]["up"] else None)
+    if refused is not None:  # doctor's rule: what follows would be about a database the stack does not use
+        print(f"python -m db health: {refused}", file=sys.stderr)
+        return 1
     w = snap["writer"]
     server = snap.get("server")  # PostgreSQL: db.server.server_status
     # Exit code: scripts and monitors see a writer that does not answer, or a server that does not.

@@ -288,3 +288,14 @@ def writer_down_advice(settings: Settings) -> str:
     return (f"{_WRITER_DOWN} although circusd (pid {pid}) is, so writes wait (clients retry until their "
             f"deadline). Start it with `{circusctl_command(settings.circus_endpoint, 'start', 'writer')}`; if it "
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
+
+
+def writer_restart_command(settings: Settings) -> str:
+    """How to start this home's writer again once what stopped it is mended: `circusctl start writer`
+    when circusd runs (circus's flapping plugin may have stopped it; a start of a running writer
+    is refused, so `restart` then), else `make run`."""
+    if live_circusd(circusd_pidfile(settings)) is None:
+        return "`make run`"
+    statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
+    verb = "restart" if statuses.get("writer") == "active" else "start"
+    return f"`{circusctl_command(settings.circus_endpoint, verb, 'writer')}`"

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice
+from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice, writer_restart_command
 from db.config import Settings
 from db.engine import display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
@@ -30,6 +30,7 @@ from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.server import server_status
+from db.server_wait import login_refused, login_user, refusal, refused_file
 from db.sizes import human_bytes
 
 #: Modules whose processes are ours: a process running one of them with the
@@ -207,6 +208,10 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         writer["error"] = str(e)
     finally:
         client.close()
+    if path is None and not writer["up"]:  # why this home's last writer could not start, as it said
+        said = refusal(refused_file(settings.run_dir))
+        if said is not None:
+            writer["refused"] = said
     snap["writer"] = writer
     snap["disk"] = disk_space(settings)
     stats = writer.get("stats") or {}  # the same keys on both databases (pages read them)
@@ -243,7 +248,14 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         if other[0] == "fail":
             return out
     out.extend(_server_findings(snap, settings))
-    out.extend(_integrity_findings(snap))
+    refused = writer.get("refused") if not writer["up"] else None
+    # Down for it: the login, not an amcheck that "could not be made", is the news (up: the writer's
+    # URL is not this process's, and the amcheck line says whose login it was).
+    own_login = _own_login_refused(snap, settings) if not writer["up"] else None
+    if own_login is not None and refused is None:  # this process's DATABASE_URL, the writer's may differ
+        out.append(own_login)
+    elif own_login is None:
+        out.extend(_integrity_findings(snap))
     if writer["up"]:
         st = writer.get("stats", {})
         p99 = st.get("commit_p99_ms")  # None until its first commit (just started)
@@ -258,14 +270,25 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
                             "stuck. Look at its log, then restart it: "
                             f"`{circusctl_command(settings.circus_endpoint, 'restart', 'writer')}`."))
+    elif refused is not None:  # its last start was refused by the server: that, not "start it", is the news
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
+        out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
+                            f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
+                            f"{writer_restart_command(settings)}."))
     elif writer.get("waiting_pid"):
         out.append(("fail", f"The writer (pid {writer['waiting_pid']}) runs but does not serve yet: it waits for the "
                             "database server (its writer lock there), so writes wait (clients retry until their "
                             "deadline). See the server's finding; it serves once the server lets it in."))
     elif writer.get("lock_holder"):
-        out.append(("fail", f"This stack's writer cannot run: the database's writer lock is held by "
-                            f"{writer['lock_holder']}, another stack's writer on this database (one writer per "
-                            "database). Writes go to that stack's writer; stop it to serve them from here."))
+        # The server's lock is per host (TICKSTACK_HOST), and this home's writer does not hold it: a stack
+        # of another home with the same host name does. Writes sent here go to nobody (they do not reach
+        # that stack's writer): "writes go to that stack's writer" sent a user to the wrong fix.
+        out.append(("fail", f"This stack's writer cannot run: a writer with the same TICKSTACK_HOST "
+                            f"({settings.host!r}) in another home holds this database's writer lock for that host "
+                            f"({writer['lock_holder']}); one writer per host name and database, so writes to this "
+                            "stack reach no writer (its API answers 503 writer_unavailable). Give this stack its own "
+                            f"TICKSTACK_HOST (`{circusctl_command(settings.circus_endpoint, 'quit')}`, then `make run` "
+                            "with it set), or stop the other stack's writer."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
     out.extend(_disk_findings(snap))
@@ -309,7 +332,38 @@ def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
     round 40). Another kind of database: fail, and nothing else is said. The same kind elsewhere
     (another file, host or database name): a warning, since one server or folder has several names."""
     served = snap["writer"].get("database") if snap["writer"]["up"] else None
-    ours = snap.get("database_url")
+    return other_database(served, snap.get("database_url"))
+
+
+def served_database(settings: Settings, timeout: float = 1.0) -> str | None:
+    """The database the home's writer writes, as its ping says it (its URL without the password), or
+    None: no writer answers there (no socket: not asked at all)."""
+    from db.client import WriterClient
+
+    endpoint = settings.writer_endpoint
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
+        return None
+    client = WriterClient(settings=settings, deadline=timeout)
+    try:
+        return client.ping(timeout=timeout).get("database")
+    except WriterError:
+        return None
+    finally:
+        client.close()
+
+
+def wrong_database_refusal(settings: Settings, served: str | None) -> str | None:
+    """Doctor's rule (:func:`other_database`) for the commands that would act on the settings'
+    database: the words of its failure when the home's writer (which writes ``served``) writes
+    another kind of database, else None. ``db health`` reported the home's absent SQLite file and
+    advised ``db init``, which made a stray SQLite database in a PostgreSQL home."""
+    found = other_database(served, display_url(settings.database_url))
+    return found[1] if found is not None and found[0] == "fail" else None
+
+
+def other_database(served: str | None, ours: str | None) -> tuple[str, str] | None:
+    """The finding of :func:`_other_database`, given the database the home's writer writes (``served``)
+    and the one this process's settings name (``ours``), both as :func:`db.engine.display_url` shows them."""
     if not served or not ours or served == ours:
         return None
     from sqlalchemy.engine import make_url
@@ -329,6 +383,17 @@ def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
         same = (theirs.host, theirs.port, theirs.database) == (mine.host, mine.port, mine.database)
     return None if same else ("warn", f"This home's writer writes {served}, but this process's settings name "
                                       f"{ours}: unless they are one database by two names, {fix}.")
+
+
+def _own_login_refused(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:
+    """A finding when doctor's own amcheck could not log in as DATABASE_URL's role for a login the
+    server refused: said as that, with the fix, not as an integrity check that "could not be made"."""
+    not_made = str((snap.get("integrity") or {}).get("not_made") or "")
+    if not not_made or server_trouble(not_made) != "refuses the login":
+        return None
+    what, fix = login_refused(not_made, "DATABASE_URL", login_user(settings.database_url, not_made))
+    return ("fail", f"{what[:1].upper()}{what[1:]} ({not_made}): {fix}, then start the writer again: "
+                    f"{writer_restart_command(settings)}. (No amcheck either: it logs in as that role.)")
 
 
 def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:

@@ -123,15 +123,32 @@ class WriterLock(PidLock):
                                    "write the database")
 
 
+#: Why a writer may find its home's file lock held: this home's previous writer, still draining.
+RELOAD_WHY = "circus's reload starts the new writer before it stops the old one"
+#: Why a writer may find its host's lock on the server held once it holds its home's file lock: not a
+#: reload (that writer would hold the file lock too), but a stack of another home with the same
+#: TICKSTACK_HOST on this database (or this home's previous writer's session, for a moment).
+HOST_TAKEN_WHY = ("a writer with the same TICKSTACK_HOST in another home (another stack) holds it: give this "
+                  "stack its own TICKSTACK_HOST, or stop that stack's writer")
+#: Seconds of a wait for the server's lock before it is said: the session of this home's previous
+#: writer ends a moment after that writer let the file lock go (review: a reload's wait, said as
+#: another stack's, would send the reader looking for a stack that is not there).
+HOST_TAKEN_SAY_AFTER_S = 1.0
+
+
 class HeldLockWait:
     """The wait of a starting writer for a lock another writer holds (the file's, the server's): at
     most ``wait`` seconds, and no longer once ``stopping()``, trying again every ``every`` seconds; said
-    once, at INFO. circus's reload starts the new writer before it stops the old one, whose drain and
-    last checkpoint then take seconds."""
+    once, at INFO, with ``why`` (:data:`RELOAD_WHY` for the file lock: circus's reload starts the new
+    writer before it stops the old one, whose drain and last checkpoint then take seconds;
+    :data:`HOST_TAKEN_WHY` for the server's), once it has lasted ``say_after`` seconds."""
 
-    def __init__(self, wait: float, stopping: Callable[[], bool], every: float) -> None:
+    def __init__(self, wait: float, stopping: Callable[[], bool], every: float, why: str = RELOAD_WHY,
+                 say_after: float = 0.0) -> None:
         self.wait, self.stopping, self.every = wait, stopping, every
-        self.deadline = time.monotonic() + wait
+        self.why, self.say_after = why, say_after
+        self.started = time.monotonic()
+        self.deadline = self.started + wait
         self.said = False
 
     def goes_on(self, holder: Callable[[], str]) -> bool:
@@ -139,9 +156,8 @@ class HeldLockWait:
         it): False when the wait is over; else wait ``every`` seconds and True."""
         if time.monotonic() >= self.deadline or self.stopping():
             return False
-        if not self.said:
-            log.info("writer: %s; waiting up to %g s for it to end (circus's reload starts the new writer before "
-                     "it stops the old one)", holder(), self.wait)
+        if not self.said and time.monotonic() - self.started >= self.say_after:
+            log.info("writer: %s; waiting up to %g s for it to end (%s)", holder(), self.wait, self.why)
             self.said = True
         time.sleep(self.every)
         return True
@@ -428,7 +444,7 @@ def take_server_lock(url: str, host: str, on_lost: Callable[[], None] | None = N
     from db.engine import display_url, server_unreachable
 
     deadline, parent, told = time.monotonic() + wait, os.getppid(), 0.0
-    held = HeldLockWait(held_wait, stopping, every=0.2)
+    held = HeldLockWait(held_wait, stopping, every=0.2, why=HOST_TAKEN_WHY, say_after=HOST_TAKEN_SAY_AFTER_S)
     while True:
         lock = ServerWriterLock(url, host, on_lost)
         try:

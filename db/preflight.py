@@ -48,6 +48,7 @@ from db.circusd import (
     unreachable,
 )
 from db.config import CHECKOUT, Settings, search_path
+from db.errors import server_trouble
 from db.lock import read_lock_holder
 from db.parsers import check_ipc_path
 
@@ -396,3 +397,33 @@ def _cmdline(pid: int | None) -> str:
         return " ".join(psutil.Process(pid).cmdline())[:200] or "?"
     except psutil.Error:
         return "gone or not ours to inspect"
+
+
+#: How long ``db prepare`` waits for the server's answer to the owner's login: a server that is down
+#: answers at once (no socket, a refused port); one that does not answer at all is not waited for
+#: longer, since the writer waits for it anyway.
+LOGIN_CHECK_S = 3.0
+
+
+def owner_login_refused(settings: Settings) -> str | None:
+    """On PostgreSQL, before circusd: the one line that says the server refuses ``DATABASE_URL``'s
+    login (a wrong password, an unknown role or database) with what to do, or None (SQLite, the
+    login works, or the server does not answer now: the writer waits for it, as at any start). A
+    refused login was found only by the writer, which exited, was restarted, and was stopped by circus
+    after 3 retries, with "cannot reach the database server" in its log (a new user's run)."""
+    if settings.database_path is not None:
+        return None
+    from db.server import connect, scrub
+    from db.server_wait import clear_refused, login_refused, login_user, refused_file
+
+    try:
+        conn = connect(settings.database_url, "prepare", settings.host, timeout=LOGIN_CHECK_S, read_only=False)
+    except Exception as e:
+        reason = scrub(" ".join(str(e).split()), settings.database_url)
+        if server_trouble(reason) != "refuses the login":
+            return None
+        what, fix = login_refused(reason, "DATABASE_URL", login_user(settings.database_url, reason))
+        return f"python -m db prepare: {what} ({reason}): {fix}, then run `make run` again"
+    conn.close()
+    clear_refused(refused_file(settings.run_dir))  # an earlier writer's refused login is over
+    return None

@@ -65,3 +65,93 @@ def waiting_reason(path: Path, pids: Collection[int]) -> str | None:
     except Exception:  # gone meanwhile
         return None
     return said["reason"]
+
+
+# --- A writer the server refused: its last words ----------------------------------------------------
+
+#: In ``$TICKSTACK_HOME/run`` too: why this home's last writer could not start on its server, said by
+#: the writer as it exits (a refused login), read by ``db doctor``, the clients (``/api/health``, the
+#: API's 503) and circus's flapping plugin, which otherwise said only "the writer is not running: start
+#: it" (a new user's run with a wrong password). Removed by the next writer that gets in, and by ``db
+#: prepare`` once the login works.
+REFUSED_FILE = "writer.refused"
+
+
+def refused_file(run_dir: Path) -> Path:
+    """Where the writer of the stack whose run folder is ``run_dir`` says the server refused it."""
+    return run_dir / REFUSED_FILE
+
+
+def login_user(url: str, reason: str = "") -> str | None:
+    """The role ``url`` logs in as: its user, else the one libpq's ``reason`` names (a URL without one
+    logs in as PGUSER or the system user), else None. Never the password."""
+    import re
+
+    try:
+        from sqlalchemy.engine import make_url
+
+        user = make_url(url).username
+    except Exception:  # unparsable: no name rather than a guess
+        user = None
+    if user:
+        return user
+    found = re.search(r'for user "([^"]*)"', reason)
+    return found.group(1) if found else None
+
+
+def login_refused(reason: str, variable: str, user: str | None) -> tuple[str, str]:
+    """(what, fix) for a login the server refused with libpq's ``reason``, as the role of ``variable``
+    (``DATABASE_URL``): which login it refused (the user named, never the password) and what to set.
+    Without the restart to do after: each caller says its own."""
+    said = reason.lower()
+    who = f"{variable}'s login (user {user!r})" if user else f"{variable}'s login"
+    if "does not exist" in said:
+        fix = f"fix the user or the database name in {variable} (the role and the database must exist on the server)"
+    elif "pg_hba.conf" in said:
+        fix = (f"the server's pg_hba.conf has no entry letting that user in from here: add one (or use another "
+               f"host in {variable})")
+    else:  # a wrong password, or none supplied
+        fix = f"fix the password in {variable} or in ~/.pgpass"
+    return f"the database server refused {who}", fix
+
+
+def say_refused(path: Path, url: str, reason: str) -> str:
+    """Said by the writer as it exits for a login the server refused (libpq's ``reason``): written to
+    ``path`` (the URL's user and a fix, never the password, nor libpq's words); returns the line to
+    log, with the reason."""
+    import time
+
+    user = login_user(url, reason)
+    what, fix = login_refused(reason, "DATABASE_URL", user)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(), "kind": "login", "user": user,
+                                   "what": what, "fix": fix}))
+        os.replace(tmp, path)
+    except OSError:  # the run folder gone or full: the log line below is all there is
+        tmp.unlink(missing_ok=True)
+    return f"{what} ({reason}): {fix}"
+
+
+def clear_refused(path: Path) -> None:
+    """Said by a writer that got in (and by ``db prepare`` once the login works): the last refusal is over."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def refusal(path: Path) -> dict | None:
+    """What the last writer of the home said as the server refused it (``what``, ``fix``, ``user``,
+    ``at``: seconds since the epoch), or None."""
+    try:
+        said = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(said, dict) or not all(isinstance(said.get(k), str) for k in ("what", "fix")):
+        return None
+    return said
+
+
+#: What a caller that may not name the role says (``/api/health``, the API's 503: no login).
+REFUSED_PUBLIC = "the database server refused the writer's login"

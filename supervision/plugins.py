@@ -143,8 +143,8 @@ class Flapping(CallsNotCasts, CircusFlapping):
             timer.start()
             self.timers[watcher_name] = timer
         else:
-            log.info("%s: flapping detected: reached max retry limit (%d); stopped until `%s`", watcher_name,
-                     max_retry, circusctl_command(self.endpoint, "start", watcher_name))
+            log.info("%s: flapping detected: reached max retry limit (%d); stopped until `%s`%s", watcher_name,
+                     max_retry, circusctl_command(self.endpoint, "start", watcher_name), _last_words(watcher_name))
             self.tries[watcher_name] = 0
             self.last_flap.pop(watcher_name, None)
             self.command("stop", name=watcher_name)
@@ -313,6 +313,21 @@ class WatchDog(CallsNotCasts, CircusWatchDog):
         """Record the restart in the audit log (the console's Audit page), in a thread: the writer may
         be the process being restarted, and the client waits for the next one."""
         run_in_thread(lambda: _record(self.settings, watcher_name, result, detail))
+
+
+def _last_words(watcher_name: str) -> str:
+    """Why the writer kept exiting, when it said so in its run folder (:mod:`db.server_wait`: the server
+    refused its login), as the end of the flapping plugin's last line; else nothing."""
+    if watcher_name != "writer":
+        return ""
+    try:
+        from db.config import load_settings
+        from db.server_wait import refusal, refused_file
+
+        said = refusal(refused_file(load_settings().run_dir))
+    except Exception:  # a setting that does not load: the writer's log says it
+        return ""
+    return f": {said['what']}; {said['fix']} first (log/writer.log)" if said else ""
 
 
 def _record(settings: Any, watcher_name: str, result: str, detail: str) -> None:

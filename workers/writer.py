@@ -69,10 +69,10 @@ from sqlalchemy.exc import DBAPIError
 from db.client import MAX_PIPELINE_WINDOW
 from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
-from db.errors import OpFailed
+from db.errors import OpFailed, server_trouble
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import encode_reply, salvage_seq
-from db.server_wait import done_waiting, say_waiting, wait_file
+from db.server_wait import clear_refused, done_waiting, refused_file, say_refused, say_waiting, wait_file
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
@@ -171,6 +171,8 @@ class Writer:
                                                     on_unreachable=lambda said: say_waiting(waiting, said))
             finally:
                 done_waiting(waiting)
+            if self.server_lock is not None:  # in: an earlier writer's refused login is over
+                clear_refused(refused_file(self.settings.run_dir))
         except WriterLocked as e:
             self.lock.release()
             if self.stopping():  # asked to stop while it waited: nothing was begun
@@ -191,6 +193,17 @@ class Writer:
                 return 1
             if not self.settings.database_url.startswith("sqlite"):
                 # libpq's reason names the host and the role, never the password.
+                reason = " ".join(str(e).split())
+                if server_trouble(reason) == "refuses the login":
+                    # It answered, and refused: "cannot reach" sent a new user looking at a server that
+                    # runs. Said in run/ too, for doctor, /api/health and circus's flapping plugin.
+                    from db.circusd import circusctl_command
+
+                    said = say_refused(refused_file(self.settings.run_dir), self.settings.database_url, reason)
+                    log.error("writer: %s, then restart the writer (`%s`) or `make run`; at %s", said,
+                              circusctl_command(self.settings.circus_endpoint, "restart", "writer"),
+                              display_url(self.settings.database_url))
+                    return 1
                 log.error("writer: cannot reach the database server %s to take the writer lock: %s",
                           display_url(self.settings.database_url), str(e).strip())
                 return 1
