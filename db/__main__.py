@@ -147,7 +147,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     if settings.database_path is not None and not settings.database_path.exists():
         # A new SQLite file, in a home whose writer writes a server's database (a shell without its
         # DATABASE_URL): doctor's rule refuses it, as `db health` does.
-        from db.health import served_database, wrong_database_refusal
+        from db.served_database import served_database, wrong_database_refusal
 
         refused = wrong_database_refusal(settings, served_database(settings))
         if refused is not None:
@@ -174,8 +174,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from db.health import snapshot, wrong_database_refusal
+    from db.health import snapshot
     from db.leader import NOBODY
+    from db.served_database import wrong_database_refusal
 
     settings = load_settings()
     check_home(settings)  # a file as TICKSTACK_HOME: said in one line, not as the lock file's traceback

@@ -29,6 +29,7 @@ from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
+from db.served_database import other_database
 from db.server import server_status
 from db.server_wait import login_refused, login_user, refusal, refused_file
 from db.sizes import human_bytes
@@ -333,56 +334,6 @@ def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
     (another file, host or database name): a warning, since one server or folder has several names."""
     served = snap["writer"].get("database") if snap["writer"]["up"] else None
     return other_database(served, snap.get("database_url"))
-
-
-def served_database(settings: Settings, timeout: float = 1.0) -> str | None:
-    """The database the home's writer writes, as its ping says it (its URL without the password), or
-    None: no writer answers there (no socket: not asked at all)."""
-    from db.client import WriterClient
-
-    endpoint = settings.writer_endpoint
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[len("ipc://"):]):
-        return None
-    client = WriterClient(settings=settings, deadline=timeout)
-    try:
-        return client.ping(timeout=timeout).get("database")
-    except WriterError:
-        return None
-    finally:
-        client.close()
-
-
-def wrong_database_refusal(settings: Settings, served: str | None) -> str | None:
-    """Doctor's rule (:func:`other_database`) for the commands that would act on the settings'
-    database: the words of its failure when the home's writer (which writes ``served``) writes
-    another kind of database, else None. ``db health`` reported the home's absent SQLite file and
-    advised ``db init``, which made a stray SQLite database in a PostgreSQL home."""
-    found = other_database(served, display_url(settings.database_url))
-    return found[1] if found is not None and found[0] == "fail" else None
-
-
-def other_database(served: str | None, ours: str | None) -> tuple[str, str] | None:
-    """The finding of :func:`_other_database`, given the database the home's writer writes (``served``)
-    and the one this process's settings name (``ours``), both as :func:`db.engine.display_url` shows them."""
-    if not served or not ours or served == ours:
-        return None
-    from sqlalchemy.engine import make_url
-
-    try:
-        theirs, mine = make_url(served), make_url(ours)
-    except Exception:  # shown cut down (display_url): compare as written
-        theirs = mine = None
-    fix = ("set DATABASE_URL and DATABASE_READ_URL here as the stack's environment has them (the shell that "
-           "ran `make run` or circusd), then run this again")
-    if theirs is None or mine is None or theirs.get_backend_name() != mine.get_backend_name():
-        return ("fail", f"This home's writer writes {served}, but this process's settings name {ours}: {fix}. "
-                        "Nothing else is checked: it would be about a database the stack does not use.")
-    if theirs.get_backend_name() == "sqlite":
-        same = Path(theirs.database or "").resolve() == Path(mine.database or "").resolve()
-    else:
-        same = (theirs.host, theirs.port, theirs.database) == (mine.host, mine.port, mine.database)
-    return None if same else ("warn", f"This home's writer writes {served}, but this process's settings name "
-                                      f"{ours}: unless they are one database by two names, {fix}.")
 
 
 def _own_login_refused(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:
