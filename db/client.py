@@ -74,7 +74,7 @@ class WriterClient:
         #: endpoint), and whether "no writer runs" was said in this silence (:meth:`_no_writer`).
         self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
         self._home, self._circus_endpoint = settings.home, settings.circus_endpoint
-        self._run_dir = settings.run_dir
+        self._settings = settings  # the home's last refusal (db.server_wait.last_refusal)
         self._said_no_writer = False
         self._absent_since: float | None = None
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
@@ -403,10 +403,10 @@ class WriterClient:
         if now - self._absent_since < NO_WRITER_FOR_S:
             return None
         from db.circusd import circusctl_command
-        from db.server_wait import REFUSED_PUBLIC, refusal, refused_file
+        from db.server_wait import REFUSED_PUBLIC, last_refusal
 
         start = circusctl_command(self._circus_endpoint, 'start', 'writer')
-        refused = refusal(refused_file(self._run_dir))
+        refused = last_refusal(self._settings)
         if refused is not None:
             # Why its last writer exited, without the role's name: this reaches /api/health (no login).
             return (f"no writer is running in {self._home}: {REFUSED_PUBLIC} at its last start (`python -m db "

@@ -31,7 +31,7 @@ from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.served_database import other_database
 from db.server import server_status
-from db.server_wait import login_refused, login_user, refusal, refused_file
+from db.server_wait import last_refusal, login_refused, login_user
 from db.sizes import human_bytes
 
 #: Modules whose processes are ours: a process running one of them with the
@@ -209,8 +209,8 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         writer["error"] = str(e)
     finally:
         client.close()
-    if path is None and not writer["up"]:  # why this home's last writer could not start, as it said
-        said = refusal(refused_file(settings.run_dir))
+    if not writer["up"]:  # why this home's last writer could not start, as it said (PostgreSQL only)
+        said = last_refusal(settings)
         if said is not None:
             writer["refused"] = said
     snap["writer"] = writer
@@ -271,11 +271,6 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
                             "stuck. Look at its log, then restart it: "
                             f"`{circusctl_command(settings.circus_endpoint, 'restart', 'writer')}`."))
-    elif refused is not None:  # its last start was refused by the server: that, not "start it", is the news
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
-        out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
-                            f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
-                            f"{writer_restart_command(settings)}."))
     elif writer.get("waiting_pid"):
         out.append(("fail", f"The writer (pid {writer['waiting_pid']}) runs but does not serve yet: it waits for the "
                             "database server (its writer lock there), so writes wait (clients retry until their "
@@ -290,6 +285,12 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "stack reach no writer (its API answers 503 writer_unavailable). Give this stack its own "
                             f"TICKSTACK_HOST (`{circusctl_command(settings.circus_endpoint, 'quit')}`, then `make run` "
                             "with it set), or stop the other stack's writer."))
+    elif refused is not None:  # no writer runs, and its last start was refused: that, not "start it", is the news
+        # (after a writer that runs and waits, or another stack's: the refusal may be over by then)
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
+        out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
+                            f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
+                            f"{writer_restart_command(settings)}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
     out.extend(_disk_findings(snap))

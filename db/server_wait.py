@@ -17,8 +17,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
+import time
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
+
+from db.config import Settings
 
 #: In ``$TICKSTACK_HOME/run``, beside the writer lock of a PostgreSQL stack.
 FILE_NAME = "writer.server-wait"
@@ -31,12 +37,7 @@ def wait_file(run_dir: Path) -> Path:
 
 def say_waiting(path: Path, reason: str) -> None:
     """Said by the writer at each failed try: this process waits for its server, because ``reason``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"pid": os.getpid(), "reason": reason}))
-        os.replace(tmp, path)
-    except OSError:  # the run folder gone or full: the hooks then wait their timeouts, as before
-        tmp.unlink(missing_ok=True)
+    _write_record(path, {"pid": os.getpid(), "reason": reason})
 
 
 def done_waiting(path: Path) -> None:
@@ -49,13 +50,12 @@ def waiting_reason(path: Path, pids: Collection[int]) -> str | None:
     """The reason one of ``pids`` (the writer's processes, as circus knows them) waits for its
     database server, or None: no file, another process's, or one written before that process started
     (its pid reused)."""
-    try:
-        mtime = path.stat().st_mtime
-        said = json.loads(path.read_text())
-    except (OSError, ValueError):
+    record = _read_record(path)
+    if record is None:
         return None
-    pid = said.get("pid") if isinstance(said, dict) else None
-    if pid not in pids or not isinstance(said.get("reason"), str):
+    said, mtime = record
+    pid = said.get("pid")
+    if type(pid) is not int or pid not in pids or not isinstance(said.get("reason"), str):
         return None
     try:
         import psutil
@@ -65,6 +65,46 @@ def waiting_reason(path: Path, pids: Collection[int]) -> str | None:
     except Exception:  # gone meanwhile
         return None
     return said["reason"]
+
+
+#: The largest record either file holds (a reason of libpq's is a line): a larger file is not ours.
+MAX_RECORD_BYTES = 8192
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """``record`` into ``path`` whole (a new file renamed over the old one), 0600 whatever the umask. A
+    run folder gone or full loses it: its readers then say what they said before it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)  # one a killed writer of this pid left: O_EXCL below makes it anew
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(record))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_record(path: Path) -> tuple[dict[str, Any], float] | None:
+    """The record in ``path`` and when it was written, or None: no such file, or anything but a small
+    regular file holding a JSON object. Its readers run in circusd's loop (a hook that raises leaves a
+    watcher stopped; a read that blocks holds every command) and in the API: so no symlink is followed
+    (a FIFO or ``/dev/zero`` behind one), nothing larger than :data:`MAX_RECORD_BYTES` is read, and no
+    content raises (JSON nested past the recursion limit did)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
+            return None
+        said = json.loads(os.read(fd, MAX_RECORD_BYTES + 1))
+    except Exception:  # not JSON, not text, nested too deep: not a record
+        return None
+    finally:
+        os.close(fd)
+    return (said, info.st_mtime) if isinstance(said, dict) else None
 
 
 # --- A writer the server refused: its last words ----------------------------------------------------
@@ -85,8 +125,6 @@ def refused_file(run_dir: Path) -> Path:
 def login_user(url: str, reason: str = "") -> str | None:
     """The role ``url`` logs in as: its user, else the one libpq's ``reason`` names (a URL without one
     logs in as PGUSER or the system user), else None. Never the password."""
-    import re
-
     try:
         from sqlalchemy.engine import make_url
 
@@ -119,36 +157,33 @@ def say_refused(path: Path, url: str, reason: str) -> str:
     """Said by the writer as it exits for a login the server refused (libpq's ``reason``): written to
     ``path`` (the URL's user and a fix, never the password, nor libpq's words); returns the line to
     log, with the reason."""
-    import time
-
     user = login_user(url, reason)
     what, fix = login_refused(reason, "DATABASE_URL", user)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"pid": os.getpid(), "at": time.time(), "kind": "login", "user": user,
-                                   "what": what, "fix": fix}))
-        os.replace(tmp, path)
-    except OSError:  # the run folder gone or full: the log line below is all there is
-        tmp.unlink(missing_ok=True)
+    _write_record(path, {"pid": os.getpid(), "at": time.time(), "kind": "login", "user": user, "what": what,
+                         "fix": fix})
     return f"{what} ({reason}): {fix}"
 
 
 def clear_refused(path: Path) -> None:
-    """Said by a writer that got in (and by ``db prepare`` once the login works): the last refusal is over."""
+    """Said by a writer that reached its server, whether it got in or the server did not answer (and
+    by ``db prepare`` once the login works): the last refusal is no longer the news."""
     try:
         path.unlink(missing_ok=True)
     except OSError:
         pass
 
 
-def refusal(path: Path) -> dict | None:
-    """What the last writer of the home said as the server refused it (``what``, ``fix``, ``user``,
-    ``at``: seconds since the epoch), or None."""
-    try:
-        said = json.loads(path.read_text())
-    except (OSError, ValueError):
+def last_refusal(settings: Settings) -> dict[str, Any] | None:
+    """What this home's last writer said as its PostgreSQL server refused its login (``what``,
+    ``fix``, ``user``, ``at``: seconds since the epoch), or None: on SQLite always (a file left from
+    before the home moved to SQLite is about a server it no longer has), no file, or not a record."""
+    if settings.database_path is not None:
         return None
-    if not isinstance(said, dict) or not all(isinstance(said.get(k), str) for k in ("what", "fix")):
+    record = _read_record(refused_file(settings.run_dir))
+    if record is None:
+        return None
+    said = record[0]
+    if not all(isinstance(said.get(k), str) for k in ("what", "fix")) or not isinstance(said.get("at"), (int, float)):
         return None
     return said
 

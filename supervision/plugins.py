@@ -322,9 +322,9 @@ def _last_words(watcher_name: str) -> str:
         return ""
     try:
         from db.config import load_settings
-        from db.server_wait import refusal, refused_file
+        from db.server_wait import last_refusal
 
-        said = refusal(refused_file(load_settings().run_dir))
+        said = last_refusal(load_settings())
     except Exception:  # a setting that does not load: the writer's log says it
         return ""
     return f": {said['what']}; {said['fix']} first (log/writer.log)" if said else ""

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from db.client import WriterClient
-from db.server_wait import wait_file
+from db.server_wait import last_refusal, refused_file, say_refused, wait_file
 from supervision.circus import STACK_WATCHERS
 from testkit.circus import Circusd, CircusStack
 from testkit.helpers import wait_for
@@ -68,6 +68,14 @@ def check_the_outage_then_the_return(stack: CircusStack, postgres_server: Postgr
     writing = threading.Thread()
     try:
         wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
+        # What an earlier writer of this home left as its server refused its login (a wrong password,
+        # mended since): while the server is down, the news is that it does not answer (review, round 42:
+        # doctor said "The writer cannot start: ... refused ... login", and would have sent the user to
+        # mend a password that was right).
+        refused = refused_file(stack.settings.run_dir)
+        refused.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        say_refused(refused, stack.settings.database_url, 'FATAL:  password authentication failed for user "ts_owner"')
+        assert last_refusal(stack.settings) is not None
         # As a user starts it: `circusd circus.ini` (no `db prepare`), its stderr kept (the terminal).
         stack.log_path = stack.home / "log" / "circusd.terminal"
         Circusd.start(stack, wait_active=(), timeout=30)  # once circusd answers at all
@@ -83,6 +91,7 @@ def check_the_outage_then_the_return(stack: CircusStack, postgres_server: Postgr
         listed = stack.circusctl("list", timeout=HANG_BOUND_S)
         assert listed.returncode == 0 and "writer" in listed.stdout, listed.stdout + listed.stderr
         assert wait_file(stack.settings.run_dir).exists()
+        assert not refused.exists() and last_refusal(stack.settings) is None
         assert "waits for its database server: the database server does not answer at" in stack.circusd_log()
         terminal = stack.log_path.read_text()
         assert "circusd: the writer waits for its database server: the database server does not answer" in terminal, \

@@ -101,7 +101,9 @@ def test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer
     # circus's flapping plugin's last line on the writer says it too.
     from supervision.plugins import _last_words
 
+    # As circusd has it: the stack's home and its database (a refusal counts on PostgreSQL only).
     monkeypatch.setenv("TICKSTACK_HOME", str(stack.home))
+    monkeypatch.setenv("DATABASE_URL", stack.settings.database_url)
     assert REFUSED in _last_words("writer") and FIX in _last_words("writer")
     assert _last_words("api") == ""
 

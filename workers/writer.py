@@ -56,6 +56,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 # Packed columns (bulk ticks, the analysis worker's stores) are checked with numpy, which
@@ -168,7 +169,7 @@ class Writer:
                 self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
                                                     on_lost=self._stop_now, wait=SERVER_WAIT_S,
                                                     held_wait=self.settings.writer_lock_wait, stopping=self.stopping,
-                                                    on_unreachable=lambda said: say_waiting(waiting, said))
+                                                    on_unreachable=lambda said: self._waits_for_server(waiting, said))
             finally:
                 done_waiting(waiting)
             if self.server_lock is not None:  # in: an earlier writer's refused login is over
@@ -373,6 +374,13 @@ class Writer:
                 ctx.term()  # waits for every socket: the commit thread's too
             else:  # the process exits anyway; waiting for that socket hung it, silent, for good
                 log.error("writer: the commit thread did not end; exiting without waiting for it")
+
+    def _waits_for_server(self, waiting: Path, said: str) -> None:
+        """At each try its server did not answer: said in run/ for circusd's hooks, and an earlier
+        writer's refused login, if any, is no longer the news (the password may have been mended
+        since: doctor and the flapping plugin must not blame it for a server that is down)."""
+        say_waiting(waiting, said)
+        clear_refused(refused_file(self.settings.run_dir))
 
     def _drained(self) -> bool:
         """On stop, keep serving for ``writer_drain_idle`` seconds (circus stops every watcher at
