@@ -254,9 +254,9 @@ def writer_started(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) ->
     except ConfigError as e:  # the writer says it in its own log, and exits
         log.error("%s: %s; not waiting for the writer", hook_name, e)
         return True
-    _wait_ready(settings, arbiter, hook_name, "its start is done",
-                "circus goes on without waiting more (it serves once it is ready)",
-                timeout=min(settings.ready_timeout, WRITER_START_WAIT_S))
+    _wait_guarded(settings, arbiter, hook_name, "its start is done",
+                  "circus goes on without waiting more (it serves once it is ready)",
+                  timeout=min(settings.ready_timeout, WRITER_START_WAIT_S))
     return True
 
 
@@ -284,9 +284,20 @@ def wait_for_writer(watcher: Any, arbiter: Any, hook_name: str, **kwargs: Any) -
     if not pids:
         log.warning("%s: the writer has no process; starting %s without waiting for it", hook_name, watcher.name)
         return True
-    _wait_ready(settings, arbiter, hook_name, f"starting {watcher.name}",
-                f"starting {watcher.name} without it (it waits for the writer by itself)", pids)
+    _wait_guarded(settings, arbiter, hook_name, f"starting {watcher.name}",
+                  f"starting {watcher.name} without it (it waits for the writer by itself)", pids)
     return True
+
+
+def _wait_guarded(settings: Any, arbiter: Any, hook_name: str, then: str, otherwise: str,
+                  pids: list[int] | None = None, timeout: float | None = None) -> None:
+    """:func:`_wait_ready`, whose failure is logged and gone past: a hook that raises leaves its
+    watcher stopped, and a wait for the writer is never a reason to (a record in run/ that its
+    reader could not take raised out of here once: review of round 42)."""
+    try:
+        _wait_ready(settings, arbiter, hook_name, then, otherwise, pids, timeout=timeout)
+    except Exception:
+        log.exception("%s: waiting for the writer failed; %s", hook_name, otherwise)
 
 
 def _wait_ready(settings: Any, arbiter: Any, hook_name: str, then: str, otherwise: str,
