@@ -15,15 +15,17 @@ import signal
 import stat
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from db.engine import display_url
-from testkit.env import ROOT
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
-from testkit.postgres import PostgresServer
+from testkit.postgres import HomeDatabases, PostgresServer
 from testkit.writer import Stack
 
 pytestmark = pytest.mark.postgres_only
@@ -124,3 +126,56 @@ def test_a_writer_waiting_for_its_server_leaves_no_room_for_a_stray_sqlite_file(
     wait_for("the writer to wait for its server", (stack.settings.run_dir / "writer.server-wait").exists, timeout=60)
     assert_refused(stack, no_database(stack.env), postgres_server)
     assert stack.stop(writer, signal.SIGTERM) in (0, 1)
+
+
+# --- Logins refused for want of a right -------------------------------------------------------------
+
+
+@pytest.fixture
+def role_without(home_databases: HomeDatabases, postgres_server: PostgresServer) -> Iterator[tuple[str, str, Stack]]:
+    """A role of its own that may not log in (``nologin``) or may not connect to the home's database
+    (``noconnect``), as a stack's DATABASE_URL: yields a maker of (role, database, stack)."""
+    made: list[tuple[str, Stack]] = []
+
+    def make(kind: str) -> tuple[str, str, Stack]:
+        home = new_home()
+        env = isolated_env(home, ports=True)
+        urls = home_databases(home)
+        database = urls["DATABASE_URL"].split("@/", 1)[1].split("?", 1)[0]
+        role, password = f"ts_{kind}_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        grant = "NOLOGIN" if kind == "nologin" else "LOGIN"
+        postgres_server.psql("postgres", "postgres", f"CREATE ROLE {role} {grant} PASSWORD '{password}'")
+        if kind == "noconnect":
+            postgres_server.psql("postgres", "postgres", f"REVOKE CONNECT ON DATABASE {database} FROM PUBLIC")
+        url = urls["DATABASE_URL"].replace(f"ts_owner:{quote(postgres_server.passwords['ts_owner'], safe='')}@",
+                                           f"{role}:{password}@")
+        assert url != urls["DATABASE_URL"]
+        stack = Stack(home, {**env, "DATABASE_URL": url, "DATABASE_READ_URL": url})
+        made.append((role, stack))
+        return role, database, stack
+
+    yield make  # type: ignore[misc]
+    for role, stack in made:
+        stack.close()
+        postgres_server.psql("postgres", "postgres", f"DROP ROLE IF EXISTS {role}")
+
+
+@pytest.mark.parametrize("kind", ["nologin", "noconnect"])
+def test_a_role_without_login_or_connect_is_a_refused_login_not_a_server_that_does_not_answer(
+        role_without, kind: str) -> None:  # type: ignore[no-untyped-def]
+    role, database, stack = role_without(kind)
+    fix = f"ALTER ROLE {role} LOGIN" if kind == "nologin" else f"GRANT CONNECT ON DATABASE {database} TO {role}"
+    prepared = run_db(stack.env, "prepare")
+    assert prepared.returncode == 1, prepared.stdout + prepared.stderr
+    assert len(prepared.stderr.strip().splitlines()) == 1, prepared.stderr
+    assert "refused DATABASE_URL's login" in prepared.stderr and fix in prepared.stderr, prepared.stderr
+
+    # The writer, past prepare: it exits on the refusal, never waiting as for a server that is down.
+    writer = stack.start_worker("workers.writer", stack.home / "log" / "writer-test.log")
+    waiting = stack.settings.run_dir / "writer.server-wait"
+    wait_for("the writer to exit or wait", lambda: writer.poll() is not None or waiting.exists(), timeout=60)
+    assert not waiting.exists(), stack.writer_log()[-2000:]
+    assert writer.wait() == 1, stack.writer_log()[-2000:]
+    log = stack.writer_log()
+    assert "does not answer" not in log and "cannot reach" not in log, log[-2000:]
+    assert fix in log, log[-2000:]
