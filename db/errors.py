@@ -74,8 +74,10 @@ class MaintenanceFailed(RuntimeError):
 
 
 #: libpq's words for a login the server refused: it answered (a wrong password, an unknown role or
-#: database, pg_hba.conf), which "does not answer" would send the reader looking at the wrong thing.
-LOGIN_REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist")
+#: database, pg_hba.conf, a role made without LOGIN, one without CONNECT on the database), which
+#: "does not answer" would send the reader looking at the wrong thing (and the writer waited for it).
+LOGIN_REFUSED = ("authentication failed", "no password supplied", "pg_hba.conf", "does not exist",
+                 "is not permitted to log in", "permission denied for database")
 
 
 #: What the readers' role needs when it may not read the stack's tables (a GRANT missed in the README's

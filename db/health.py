@@ -29,7 +29,7 @@ from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
-from db.served_database import other_database
+from db.served_database import home_database_finding
 from db.server import server_status
 from db.server_wait import last_refusal, login_refused, login_user
 from db.sizes import human_bytes
@@ -243,7 +243,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if cut_off is not None:  # the stack runs on, out of circusctl's and the console's reach
         out.append(("fail", f"{cut_off}."))  # "circusd pid N ...": the program's name, as it is written
     writer = snap["writer"]
-    other = _other_database(snap)
+    other = _other_database(snap, settings)
     if other is not None:  # every finding below would be about a database the stack does not use
         out.append(other)
         if other[0] == "fail":
@@ -327,14 +327,15 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     return out
 
 
-def _other_database(snap: dict[str, Any]) -> tuple[str, str] | None:
+def _other_database(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:
     """A finding when the home's writer writes another database than this process's settings name: a
     shell with ``TICKSTACK_HOME`` set for a stack on PostgreSQL, and not ``DATABASE_URL``, read a
     SQLite file that is not there and advised ``db init``, which would make one (a new user's run,
     round 40). Another kind of database: fail, and nothing else is said. The same kind elsewhere
-    (another file, host or database name): a warning, since one server or folder has several names."""
+    (another file, host or database name): a warning, since one server or folder has several names. No
+    writer answering (stopped, or waiting for its server), by what it recorded at its last start."""
     served = snap["writer"].get("database") if snap["writer"]["up"] else None
-    return other_database(served, snap.get("database_url"))
+    return home_database_finding(settings.run_dir, served, snap.get("database_url"))
 
 
 def _own_login_refused(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:

@@ -4,10 +4,16 @@ A shell with ``TICKSTACK_HOME`` set for a stack on PostgreSQL and no ``DATABASE_
 SQLite file: ``db health`` reported that absent file and advised ``db init``, which made a stray SQLite
 database in a PostgreSQL home (new users' runs, rounds 40 and 42). The rule is doctor's
 (:func:`db.health.diagnose`); ``db health`` and ``db init`` refuse by it too.
+
+A writer that does not answer (stopped, or waiting for a server that is down: no socket yet) says
+nothing by a ping, and the rule went unapplied: ``db init`` still made the stray file. So the writer
+records the database it writes in ``run/database`` at each start (:func:`record_database`), and the
+rule falls back to that record (:func:`recorded_database`) when no writer answers.
 """
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from db.config import Settings
@@ -33,17 +39,31 @@ def served_database(settings: Settings, timeout: float = 1.0) -> str | None:
 
 
 def wrong_database_refusal(settings: Settings, served: str | None) -> str | None:
-    """Doctor's rule (:func:`other_database`) for the commands that would act on the settings'
-    database: the words of its failure when the home's writer (which writes ``served``) writes
-    another kind of database, else None. ``db health`` reported the home's absent SQLite file and
-    advised ``db init``, which made a stray SQLite database in a PostgreSQL home."""
-    found = other_database(served, display_url(settings.database_url))
+    """Doctor's rule (:func:`home_database_finding`) for the commands that would act on the settings'
+    database: the words of its failure when the home's writer (which writes ``served``; None: no
+    writer answers, its record then) writes another kind of database, else None. ``db health``
+    reported the home's absent SQLite file and advised ``db init``, which made a stray SQLite
+    database in a PostgreSQL home."""
+    found = home_database_finding(settings.run_dir, served, display_url(settings.database_url))
     return found[1] if found is not None and found[0] == "fail" else None
 
 
-def other_database(served: str | None, ours: str | None) -> tuple[str, str] | None:
-    """The finding of :func:`_other_database`, given the database the home's writer writes (``served``)
-    and the one this process's settings name (``ours``), both as :func:`db.engine.display_url` shows them."""
+def home_database_finding(run_dir: Path, served: str | None, ours: str | None) -> tuple[str, str] | None:
+    """:func:`other_database` for the home whose run folder is ``run_dir``: by what its writer answers
+    (``served``), else, no writer answering, by what it recorded at its last start."""
+    if served:
+        return other_database(served, ours)
+    return other_database(recorded_database(run_dir), ours, last=True)
+
+
+#: The kinds of database a home may move between on purpose, as a person names them.
+_KIND_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
+def other_database(served: str | None, ours: str | None, last: bool = False) -> tuple[str, str] | None:
+    """Doctor's finding, given the database the home's writer writes (``served``; with ``last``, the
+    one it recorded at its last start, no writer answering now) and the one this process's settings
+    name (``ours``), both as :func:`db.engine.display_url` shows them."""
     if not served or not ours or served == ours:
         return None
     from sqlalchemy.engine import make_url
@@ -54,12 +74,64 @@ def other_database(served: str | None, ours: str | None) -> tuple[str, str] | No
         theirs = mine = None
     fix = ("set DATABASE_URL and DATABASE_READ_URL here as the stack's environment has them (the shell that "
            "ran `make run` or circusd), then run this again")
+    writes = f"last wrote {served} (no writer answers now)" if last else f"writes {served}"
     if theirs is None or mine is None or theirs.get_backend_name() != mine.get_backend_name():
-        return ("fail", f"This home's writer writes {served}, but this process's settings name {ours}: {fix}. "
+        if last:  # a home may move on purpose: its writer (make run's) records the move as it starts
+            kind = _KIND_NAMES.get(mine.get_backend_name(), mine.get_backend_name()) if mine else "it"
+            fix += f"; or, if the home moves to {kind} on purpose, start the stack on it with `make run`"
+        return ("fail", f"This home's writer {writes}, but this process's settings name {ours}: {fix}. "
                         "Nothing else is checked: it would be about a database the stack does not use.")
     if theirs.get_backend_name() == "sqlite":
         same = Path(theirs.database or "").resolve() == Path(mine.database or "").resolve()
     else:
         same = (theirs.host, theirs.port, theirs.database) == (mine.host, mine.port, mine.database)
-    return None if same else ("warn", f"This home's writer writes {served}, but this process's settings name "
+    return None if same else ("warn", f"This home's writer {writes}, but this process's settings name "
                                       f"{ours}: unless they are one database by two names, {fix}.")
+
+
+# --- The writer's record ----------------------------------------------------------------------------
+
+#: In ``$TICKSTACK_HOME/run``: the database this home's writer wrote at its last start, its URL as
+#: :func:`db.engine.display_url` shows it (never the password), on one line.
+RECORD_FILE = "database"
+#: Larger is not ours: not read.
+RECORD_MAX_BYTES = 4096
+
+
+def record_database(settings: Settings) -> None:
+    """Said by the writer at each start, once it holds the home's writer lock: the database it writes.
+    Written whole (a new file renamed over the old one), 0600. A record that cannot be written (a full
+    disk) is removed rather than left naming another database; the writer starts all the same."""
+    path = settings.run_dir / RECORD_FILE
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(display_url(settings.database_url) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        for stale in (tmp, path):
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def recorded_database(run_dir: Path) -> str | None:
+    """The database the home's writer recorded at its last start, or None: no record, or one that is
+    not a small regular file of one line (a FIFO is never read from, a link never followed). Any
+    error is "no record": a broken file must not stop ``db health`` or doctor."""
+    try:
+        fd = os.open(run_dir / RECORD_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > RECORD_MAX_BYTES:
+                return None
+            words = os.read(fd, RECORD_MAX_BYTES + 1).decode("utf-8").strip()
+        finally:
+            os.close(fd)
+        if not words or len(words) > RECORD_MAX_BYTES or "\n" in words or "://" not in words:
+            return None
+        return display_url(words)  # a record edited by hand shows no password either
+    except Exception:
+        return None

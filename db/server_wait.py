@@ -143,7 +143,16 @@ def login_refused(reason: str, variable: str, user: str | None) -> tuple[str, st
     Without the restart to do after: each caller says its own."""
     said = reason.lower()
     who = f"{variable}'s login (user {user!r})" if user else f"{variable}'s login"
-    if "does not exist" in said:
+    if "is not permitted to log in" in said:  # a role made without LOGIN (NOLOGIN: a group's role)
+        fix = (f"as a superuser: ALTER ROLE {user or 'that_role'} LOGIN; or use a role that may log in in "
+               f"{variable}")
+    elif "permission denied for database" in said:  # CONNECT revoked from PUBLIC, not granted to the role
+        import re
+
+        found = re.search(r'permission denied for database "([^"]*)"', reason)
+        fix = (f"as the database's owner or a superuser: GRANT CONNECT ON DATABASE "
+               f"{found.group(1) if found else 'that_database'} TO {user or 'that_role'}")
+    elif "does not exist" in said:
         fix = f"fix the user or the database name in {variable} (the role and the database must exist on the server)"
     elif "pg_hba.conf" in said:
         fix = (f"the server's pg_hba.conf has no entry letting that user in from here: add one (or use another "

@@ -73,6 +73,7 @@ from db.engine import display_url, is_sqlite, make_write_engine, storage_full_re
 from db.errors import OpFailed, server_trouble
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import encode_reply, salvage_seq
+from db.served_database import record_database
 from db.server_wait import clear_refused, done_waiting, refused_file, say_refused, say_waiting, wait_file
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
@@ -160,6 +161,10 @@ class Writer:
         self.init_signals()
         try:
             self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=self.stopping)
+            # The home's writer now: which database it writes, for `db health` and `db init` run while
+            # no writer answers (stopped, or waiting for its server below), which refuse a shell whose
+            # settings name another kind (they made a stray SQLite file in a PostgreSQL home).
+            record_database(self.settings)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
             # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
             # A server that does not answer is said in run/ at each try too: circusd's readiness
