@@ -13,12 +13,12 @@ rule falls back to that record (:func:`recorded_database`) when no writer answer
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from db.config import Settings
 from db.engine import display_url
 from db.errors import WriterError
+from db.run_records import read_record, write_record
 
 
 def served_database(settings: Settings, timeout: float = 1.0) -> str | None:
@@ -94,44 +94,27 @@ def other_database(served: str | None, ours: str | None, last: bool = False) -> 
 #: In ``$TICKSTACK_HOME/run``: the database this home's writer wrote at its last start, its URL as
 #: :func:`db.engine.display_url` shows it (never the password), on one line.
 RECORD_FILE = "database"
-#: Larger is not ours: not read.
-RECORD_MAX_BYTES = 4096
-
-
 def record_database(settings: Settings) -> None:
-    """Said by the writer at each start, once it holds the home's writer lock: the database it writes.
-    Written whole (a new file renamed over the old one), 0600. A record that cannot be written (a full
+    """Said by the writer at each start, once it holds the home's writer lock: the database it writes,
+    whole and private (:func:`db.run_records.write_record`). A record that cannot be written (a full
     disk) is removed rather than left naming another database; the writer starts all the same."""
     path = settings.run_dir / RECORD_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(display_url(settings.database_url) + "\n")
-        os.replace(tmp, path)
-    except OSError:
-        for stale in (tmp, path):
-            try:
-                stale.unlink(missing_ok=True)
-            except OSError:
-                pass
+    if not write_record(path, display_url(settings.database_url) + "\n"):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def recorded_database(run_dir: Path) -> str | None:
-    """The database the home's writer recorded at its last start, or None: no record, or one that is
-    not a small regular file of one line (a FIFO is never read from, a link never followed). Any
-    error is "no record": a broken file must not stop ``db health`` or doctor."""
+    """The database the home's writer recorded at its last start, or None: no record, or not one line
+    naming a URL (:func:`db.run_records.read_record` reads it: a broken file never stops ``db health``
+    or doctor)."""
+    found = read_record(run_dir / RECORD_FILE)
+    words = found[0].strip() if found is not None else ""
+    if not words or "\n" in words or "://" not in words:
+        return None
     try:
-        fd = os.open(run_dir / RECORD_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_size > RECORD_MAX_BYTES:
-                return None
-            words = os.read(fd, RECORD_MAX_BYTES + 1).decode("utf-8").strip()
-        finally:
-            os.close(fd)
-        if not words or len(words) > RECORD_MAX_BYTES or "\n" in words or "://" not in words:
-            return None
         return display_url(words)  # a record edited by hand shows no password either
     except Exception:
         return None

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from db.config import Settings
+from db.run_records import read_record, write_record
 
 #: In ``$TICKSTACK_HOME/run``, beside the writer lock of a PostgreSQL stack.
 FILE_NAME = "writer.server-wait"
@@ -67,44 +67,23 @@ def waiting_reason(path: Path, pids: Collection[int]) -> str | None:
     return said["reason"]
 
 
-#: The largest record either file holds (a reason of libpq's is a line): a larger file is not ours.
-MAX_RECORD_BYTES = 8192
-
-
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    """``record`` into ``path`` whole (a new file renamed over the old one), 0600 whatever the umask. A
-    run folder gone or full loses it: its readers then say what they said before it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.unlink(missing_ok=True)  # one a killed writer of this pid left: O_EXCL below makes it anew
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(record))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    """``record`` into ``path``, whole and private (:func:`db.run_records.write_record`). A run folder
+    gone or full loses it: its readers then say what they said before it."""
+    write_record(path, json.dumps(record))
 
 
 def _read_record(path: Path) -> tuple[dict[str, Any], float] | None:
-    """The record in ``path`` and when it was written, or None: no such file, or anything but a small
-    regular file holding a JSON object. Its readers run in circusd's loop (a hook that raises leaves a
-    watcher stopped; a read that blocks holds every command) and in the API: so no symlink is followed
-    (a FIFO or ``/dev/zero`` behind one), nothing larger than :data:`MAX_RECORD_BYTES` is read, and no
-    content raises (JSON nested past the recursion limit did)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    """The JSON object in ``path`` and when it was written, or None (:func:`db.run_records.read_record`:
+    no file, not a small regular one; here also not JSON, nested too deep, not an object)."""
+    found = read_record(path)
+    if found is None:
         return None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECORD_BYTES:
-            return None
-        said = json.loads(os.read(fd, MAX_RECORD_BYTES + 1))
-    except Exception:  # not JSON, not text, nested too deep: not a record
+        said = json.loads(found[0])
+    except Exception:  # not JSON, nested past the recursion limit: not a record
         return None
-    finally:
-        os.close(fd)
-    return (said, info.st_mtime) if isinstance(said, dict) else None
+    return (said, found[1]) if isinstance(said, dict) else None
 
 
 # --- A writer the server refused: its last words ----------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from db.config import load_settings
+from db.run_records import MAX_RECORD_BYTES
 from db.server_wait import (
-    MAX_RECORD_BYTES,
     last_refusal,
     refused_file,
     say_refused,
