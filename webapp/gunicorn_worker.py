@@ -260,7 +260,10 @@ class HeadersFirstWorker(ThreadWorker):
         long (431), a framing it cannot read (400: a thread would wait if gunicorn read it otherwise),
         a body over the app's limit (413, unread: a thread drained it for 5 s before, so declaring a
         large body and trickling it held threads again) or one more than the worker may hold (503)."""
-        if conn.head_end is None:  # MAX_HEADER_BYTES and no end yet: a thread would wait for the rest
+        # MAX_HEADER_BYTES and no end yet: a thread would wait for the rest. One whose end came in the
+        # same read is as long: refused the same, whatever way its bytes were cut on the way (gunicorn's
+        # own 431, with other words, answered it when they came in two reads).
+        if conn.head_end is None or conn.head_end > MAX_HEADER_BYTES:
             return 431, f"the request's head is longer than {MAX_HEADER_BYTES} bytes"
         if conn.framing is None:  # never to a thread, which would wait if gunicorn read it otherwise
             return 400, "the request's Content-Length or Transfer-Encoding cannot be read (RFC 9112, 6)"
