@@ -336,10 +336,16 @@ def test_a_client_sending_requests_slow_to_decode_does_not_hold_the_others_answe
         peer.recv()
         answered += 1
     assert answered < hog // 2, f"the other client waited for {answered} of the hog's {hog} requests"
-    while answered < hog and peer.waiting(120):  # and the hog is answered too, each with the reason
-        assert "detail" in peer.recv()["error"]["message"]
+    # And the hog is answered too, each with the reason, or told the queue is full (its requests are
+    # each tens of MB decoded: on PostgreSQL, where every batch goes to the commit thread, the queue's
+    # byte budget fills, and busy is the writer's answer to that; a fresh clone's make test, round 42).
+    reasons = 0
+    while answered < hog and peer.waiting(120):
+        answer = peer.recv()
+        assert answer.get("busy") or "detail" in answer["error"]["message"], answer
+        reasons += not answer.get("busy")
         answered += 1
-    assert answered == hog
+    assert answered == hog and reasons > 0, (answered, reasons)
 
 
 def test_answers_a_client_does_not_read_are_bounded_per_connection(writer: Stack) -> None:
