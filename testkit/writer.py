@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,3 +149,20 @@ class RawPeer:
     def close(self) -> None:
         self.sock.close()
         self.ctx.term()
+
+
+@contextmanager
+def stacks_on_one_database(urls_of: Callable[[Path], dict[str, str]], **env: str) -> Iterator[tuple[Stack, Stack]]:
+    """Two private homes ("hosts") on one server database, whose URLs ``urls_of`` gives for the first
+    home (:class:`testkit.postgres.HomeDatabases`), each with ``env`` added: two stacks, closed after."""
+    first, second = new_home(), new_home()
+    urls = urls_of(first)
+    stacks = []
+    for home in (first, second):
+        isolated = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+        stacks.append(Stack(home, {**isolated, **urls, **env}))
+    try:
+        yield stacks[0], stacks[1]
+    finally:
+        for stack in stacks:
+            stack.close()

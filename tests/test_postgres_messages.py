@@ -27,7 +27,7 @@ from db.config import load_settings
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
-from testkit.writer import Stack
+from testkit.writer import Stack, stacks_on_one_database
 
 #: A server's own promises: run by ``pytest --database postgresql``.
 pytestmark = pytest.mark.postgres_only
@@ -149,17 +149,8 @@ def test_prepare_does_not_wait_for_a_server_that_does_not_answer(wrong_password:
 @pytest.fixture
 def same_host(home_databases: HomeDatabases) -> Iterator[tuple[Stack, Stack]]:
     """Two homes on one database with one TICKSTACK_HOST: two stacks of one host name."""
-    first, second = new_home(), new_home()
-    urls = home_databases(first)
-    stacks = []
-    for home in (first, second):
-        env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
-        stacks.append(Stack(home, {**env, **urls, "TICKSTACK_HOST": "shared-host"}))
-    try:
-        yield stacks[0], stacks[1]
-    finally:
-        for stack in stacks:
-            stack.close()
+    with stacks_on_one_database(home_databases, TICKSTACK_HOST="shared-host") as stacks:
+        yield stacks
 
 
 def test_a_second_stack_with_the_same_host_name_is_told_to_take_its_own(same_host: tuple[Stack, Stack],

@@ -21,10 +21,10 @@ import pytest
 from db.client import WriterClient
 from db.errors import WriterUnavailable
 from db.lock import LOCK_APP
-from testkit.env import ROOT, isolated_env, new_home
+from testkit.env import ROOT
 from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
-from testkit.writer import Stack, stopped_while_waiting_for_the_lock
+from testkit.writer import Stack, stacks_on_one_database, stopped_while_waiting_for_the_lock
 from workers.writer import EXIT_LOCKED
 
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
@@ -36,17 +36,8 @@ NOW_TS = 1_704_067_200_000
 @pytest.fixture
 def two_homes(home_databases: HomeDatabases) -> Iterator[tuple[Stack, Stack]]:
     """Two private homes ("hosts") on one database of the session's server, passwords in the URLs."""
-    first, second = new_home(), new_home()
-    urls = home_databases(first)
-    stacks = []
-    for home in (first, second):
-        env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
-        stacks.append(Stack(home, {**env, **urls}))
-    try:
-        yield stacks[0], stacks[1]
-    finally:
-        for stack in stacks:
-            stack.close()
+    with stacks_on_one_database(home_databases) as stacks:
+        yield stacks
 
 
 def refused(stack: Stack, timeout: float = 60) -> subprocess.CompletedProcess:

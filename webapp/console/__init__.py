@@ -51,7 +51,8 @@ NAV = (("console.watchers", "Watchers"), ("console.database", "Database"), ("con
 def _template_globals() -> dict:
     user = auth.logged_in_user()
     # With TICKSTACK_ADMIN_PASSWORD set no file is made or read (one left from before is not it).
-    password_file = None if settings().admin_password else settings().home / auth.PASSWORD_FILE
+    current = settings()
+    password_file = None if current.admin_password else current.home / auth.PASSWORD_FILE
     return {"nav": NAV, "user": user, "password_file": password_file,
             "writer_down": writer_stopped() if user else None}
 
