@@ -53,6 +53,10 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
                                           f"fields are {', '.join(TICK_FIELDS)}")
                 missing = sorted(required - set(keys))
                 raise ValidationError(f"{name}[{i}]: missing field {missing[0]!r}")
+        if len(value) <= FEW_TICKS:
+            few = _few_ticks(value)
+            if few is not None:
+                return few
         cols = {f: [t.get(f) for t in value] for f in TICK_FIELDS}
         n = len(value)
     elif type(value) is dict:
@@ -80,6 +84,36 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
 
 _NUMBER = frozenset((int, float))
 _NONE = type(None)
+#: A list of at most this many ticks (a bot's tick or two a call) is checked row by row first
+#: (:func:`_few_ticks`): the column checks cost about 20 us for one tick, in fixed costs.
+FEW_TICKS = 8
+_MAX_SEQ = 2**63 - 1
+
+
+def _few_ticks(rows: list[dict[str, Any]]) -> dict[str, list[Any]] | None:
+    """The columns of a few ticks (their fields already checked) when every value passes on the
+    plainest reading of the rules: a time in milliseconds from April 1970 (:data:`SECONDS_TO`) to the
+    latest allowed, prices and volumes in range, a symbol and a source that match, a seq in range.
+    None as soon as one does not, or may not: the column checks then decide, and name the value, so
+    the verdict and the words are theirs either way. Defaults filled as they fill them."""
+    latest = min(latest_allowed_ts(), MAX_TS)
+    symbol_ok, name_ok = SYMBOL_RE.fullmatch, NAME_RE.fullmatch
+    rows_seen: list[tuple[Any, ...]] = []
+    for t in rows:
+        ts, bid, ask, symbol = t["ts"], t["bid"], t["ask"], t["symbol"]
+        volume, source, seq = t.get("volume"), t.get("source"), t.get("seq")
+        if volume is None:
+            volume = 0.0
+        if source is None:
+            source = DEFAULT_SOURCE
+        if not (type(ts) is int and SECONDS_TO <= ts <= latest
+                and type(bid) in _NUMBER and type(ask) in _NUMBER and 0 < bid <= ask < MAX_PRICE
+                and type(volume) in _NUMBER and 0 <= volume < MAX_PRICE
+                and (seq is None or (type(seq) is int and 0 <= seq <= _MAX_SEQ))
+                and type(symbol) is str and symbol_ok(symbol) and type(source) is str and name_ok(source)):
+            return None
+        rows_seen.append((symbol, ts, bid, ask, volume, source, seq))  # in TICK_FIELDS' order
+    return {f: list(col) for f, col in zip(TICK_FIELDS, zip(*rows_seen, strict=True), strict=True)}
 
 
 def _packed_ticks_ok(cols: dict[str, Any]) -> bool:

@@ -86,20 +86,23 @@ def test_the_bench_pairs_runs_of_the_same_repeat_and_checks_every_run() -> None:
                          "test_the_postgresql_contention_benchmark_reports_its_ratios_and_stores_every_acknowledged_row")
 def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path) -> None:
     run, doc, _ = bench(tmp_path, "contention", "--only",
-                        "immediate,writer-single,writer-pipelined,bare-single,raw-single,writer-batched,raw,raw-row",
+                        "immediate,writer-single,writer-pipelined,bare-single,bare-recorded,raw-single,writer-batched,"
+                        "raw,raw-row",
                         "--procs", "2", "--seconds", "0.5", "--pipeline-window", "4", "--rows", "6000",
                         "--batch", "1000", "--repeat", "3")
-    assert set(doc["scenarios"]) == {"immediate", "writer-single", "writer-pipelined", "bare-single", "raw-single",
-                                     "writer-batched", "raw", "raw-row"}
+    assert set(doc["scenarios"]) == {"immediate", "writer-single", "writer-pipelined", "bare-single", "bare-recorded",
+                                     "raw-single", "writer-batched", "raw", "raw-row"}
     for key in ("writer_single_over_immediate", "writer_single_over_immediate_median",
                 "writer_single_over_raw_single", "batched_over_raw", "batched_over_raw_median",
                 "batched_over_raw_row", "writer_pipelined_over_immediate", "bare_single_over_immediate",
                 "bare_single_over_immediate_median", "writer_single_over_bare_single",
-                "writer_single_over_bare_single_median"):
+                "writer_single_over_bare_single_median", "bare_recorded_over_immediate",
+                "bare_recorded_over_immediate_median", "writer_single_over_bare_recorded",
+                "writer_single_over_bare_recorded_median"):
         assert doc["ratios"][key] is not None and doc["ratios"][key] > 0, (key, doc["ratios"])
     # The compared pairs ran --repeat times each; each median is that of the pairs run side by side
     # (the same repeat); the latency and error checks hold for every run, not only the one kept.
-    for name in ("immediate", "writer-single", "bare-single", "writer-batched", "raw"):
+    for name in ("immediate", "writer-single", "bare-single", "bare-recorded", "writer-batched", "raw"):
         assert [r["repeat"] for r in doc["scenarios"][name]["runs"]] == [0, 1, 2], name
     single, immediate = doc["scenarios"]["writer-single"]["runs"], doc["scenarios"]["immediate"]["runs"]
     pairs = sorted(a["ops_per_s"] / b["ops_per_s"] for a, b in zip(single, immediate, strict=True))
@@ -129,6 +132,12 @@ def test_the_contention_benchmark_reports_the_ratios_of_issue_10(tmp_path: Path)
     assert bare["errors"] == 0 and bare["ops"] > 0 and bare["stored_ticks"] == bare["rows"] > 0, bare
     assert bare["writer"]["requests"] >= bare["ops"] and bare["writer"]["commits"] > 0, bare["writer"]
     assert "bare writer: mean batch" in run.stdout
+    # With the record of applied requests: the same, and one record for each request it applied (the
+    # producers' ops and each one's first audit, which the producers do not count).
+    recorded = doc["scenarios"]["bare-recorded"]
+    assert recorded["errors"] == 0 and recorded["stored_ticks"] == recorded["rows"] > 0, recorded
+    assert recorded["writer"]["recorded"] == recorded["recorded"] >= recorded["ops"], recorded
+    assert "the record of applied requests" in recorded["notes"] and "no record" in bare["notes"]
 
 
 @pytest.mark.postgres_only

@@ -458,6 +458,8 @@ def test_the_io_thread_answers_pings_while_another_program_holds_the_write_lock(
     stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="120000")
     client = WriterClient(settings=stack.settings, deadline=60)
     client.call("audit", actor="me", action="before")  # ready, and the prune of its first batch done
+    client.call("audit", actor="me", action="on-the-io-thread")
+    assert client.stats()["io_batches"] == 1
     path = stack.settings.database_path
     assert path is not None
     intruder = sqlite3.connect(path, isolation_level=None)
@@ -477,6 +479,9 @@ def test_the_io_thread_answers_pings_while_another_program_holds_the_write_lock(
         intruder.close()
     assert rows(stack, "SELECT actor FROM audit_log WHERE action IN ('x', 'waits') ORDER BY id") == \
            [("intruder",), ("me",)]
+    # It waited for the lock on the commit thread (busy_timeout, 120 s here): never answered "locked"
+    # and sent again, though the IO thread's batches before it began theirs with a timeout of 0.
+    assert client.stats()["lock_errors"] == 0
 
 
 # --- checkpoints off the commit path ------------------------------------------------------------------------------

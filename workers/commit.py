@@ -175,6 +175,7 @@ class Committer:
         """:class:`SaveCopy`, on this thread (the connection's owner), marked done on the queue after."""
         self.busy = True
         try:
+            self.link.wait_when_busy()
             item.result = self.link.save_copy(item.path)
             log.info("writer: saved the database whole as %s", item.result)
         except Exception as e:  # a full disk, the folder gone: the writer's words then say how to copy it
@@ -246,6 +247,8 @@ class Committer:
         """:meth:`_commit`, or a retryable error for every request of the batch
         when anything escapes it (the commit thread never ends for a batch)."""
         self._losses = set()  # the errors that took this batch's transaction (:func:`~workers.careful_run.take_out`)
+        if not self.here:
+            self.link.wait_when_busy()
         if self.refusing is not None:
             return [(req.ident, encode_reply(req.seq, error=CommitFailed(self.refusing))) for req in batch]
         if not self.here and self.link.closed:

@@ -32,6 +32,7 @@ QUEUE_BUDGET_MESSAGES = 16
 #: is idle (:meth:`Intake.dispatch`): a few dozen small requests (an ``audit`` counts about 1,300,
 #: a one-tick ``insert_ticks`` 2,600), never a bulk insert's columns.
 IO_BATCH_BYTES = 64 * 1024
+_MORE = zmq.SNDMORE | zmq.NOBLOCK
 
 
 class Intake:
@@ -177,7 +178,8 @@ class Intake:
         assert committer is not None
         batch, cost = self.pending, self.pending_bytes
         try:
-            self.forward_replies(replies_in, router)  # the replies of what was committed before first
+            if committer.outbox:  # the replies of what was committed before first (none: no ring to take)
+                self.forward_replies(replies_in, router)
             replies = committer.commit_here(batch)
         except Exception:  # a bug of this path: the commit thread takes the batch, as before it
             log.exception("writer: committing %d requests on the IO thread failed; the commit thread "
@@ -193,8 +195,11 @@ class Intake:
 
     @staticmethod
     def send(router: zmq.Socket, ident: bytes, payload: bytes) -> None:
+        # Two sends, as send_multipart makes them, without its checks of each part (a third of a
+        # small reply's cost). A ROUTER socket drops a reply to a peer that is gone or full, whole.
         try:
-            router.send_multipart([ident, payload], zmq.NOBLOCK)
+            router.send(ident, _MORE)
+            router.send(payload, zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.debug("writer: reply dropped: %s", e)
 

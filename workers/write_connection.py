@@ -242,6 +242,8 @@ class WriteConnection:
         self.settings = settings
         self.engine = engine
         self.conn = conn
+        #: The driver connection the IO thread left with ``busy_timeout`` 0 (:meth:`begin_without_waiting`).
+        self._not_waiting: sqlite3.Connection | None = None
 
     def open_database(self) -> tuple[int, int]:
         """Before the writer serves: upgrade the schema (returns the versions before and after; its
@@ -342,27 +344,40 @@ class WriteConnection:
         return None
 
     def begin_without_waiting(self) -> sqlite3.Connection | None:
-        """SQLite: ``BEGIN IMMEDIATE`` on the driver's connection with ``busy_timeout`` 0, then the
-        usual timeout again; the driver's connection, begun, or None when nothing began (on a
-        server, a closed connection, another connection holds the write lock, or any error, which
-        the commit thread then meets as before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`)."""
+        """SQLite: ``BEGIN IMMEDIATE`` on the driver's connection with ``busy_timeout`` 0; the driver's
+        connection, begun, or None when nothing began (on a server, a closed connection, another
+        connection holds the write lock, or any error, which the commit thread then meets as
+        before). SQLAlchemy's ``begin`` joins it (:mod:`db.engine`). The timeout stays 0 (the batch
+        on the IO thread waits for nothing either) until the commit thread takes the connection
+        again (:meth:`wait_when_busy`): setting it back after each batch cost two statements a
+        batch, a twentieth of the IO thread's time under small writes."""
         raw = live_sqlite(self.conn)
         if raw is None:
             return None
-        try:
-            raw.execute("PRAGMA busy_timeout = 0")
-        except sqlite3.Error:
-            return None
+        if raw is not self._not_waiting:
+            try:
+                raw.execute("PRAGMA busy_timeout = 0")
+            except sqlite3.Error:
+                return None
+            self._not_waiting = raw
         try:
             raw.execute("BEGIN IMMEDIATE")
             return raw
         except sqlite3.Error:
             return None
-        finally:
-            try:
-                raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
-            except sqlite3.Error as e:  # left at 0 until the next batch here sets it again
-                log.warning("writer: could not set busy_timeout again: %s", e)
+
+    def wait_when_busy(self) -> None:
+        """On the commit thread, before it uses the connection: the usual ``busy_timeout`` again, if
+        the IO thread left it at 0 (:meth:`begin_without_waiting`), so that the commit thread waits
+        for another program's write lock as long as it is told to. A failure is said and left: the
+        batch then meets the lock as an error, retryable, never as a wait without end."""
+        raw, self._not_waiting = self._not_waiting, None
+        if raw is None or raw is not live_sqlite(self.conn):  # none left at 0, or one since replaced
+            return
+        try:
+            raw.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout_ms)}")
+        except sqlite3.Error as e:
+            log.warning("writer: could not set busy_timeout again: %s", e)
 
     def final_checkpoint(self, journal_removed: bool = False) -> bool:
         """TRUNCATE the WAL on the way out. A reader mid-transaction makes it

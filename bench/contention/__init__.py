@@ -46,6 +46,13 @@ project's own schema (``db.schema.migrate``), all at the same durability
     the floor of the transport on this machine. ``ratios.bare_single_over_immediate`` is as far as
     any writer that keeps the promises could go against ``immediate``;
     ``ratios.writer_single_over_bare_single`` is what keeping them costs.
+``bare-recorded``
+    The same bare writer keeping one promise more, the one a safe retry needs: each request's
+    (client id, seq), packed result and digest recorded in ``applied_requests`` in its batch's
+    transaction (one ``executemany`` a batch, as the writer records them), a retry answered from
+    memory. No target: ``ratios.bare_recorded_over_immediate`` is as far as a writer whose retries
+    are safe across a restart can go here, and ``ratios.writer_single_over_bare_recorded`` is what
+    the rest of the promises (validation, budgets, a commit thread, the look-ups) cost.
 ``raw-single``
     The same small writes with no writer and no contention: one process, one
     ``sqlite3`` connection from the writer's own ``make_write_engine`` (its
@@ -79,7 +86,7 @@ project's own schema (``db.schema.migrate``), all at the same durability
     ``ratios.batched_over_raw_row`` (no target) is writer-batched's best run
     over it.
 
-The compared runs (``immediate``, ``writer-single`` and ``bare-single``; ``writer-batched`` and
+The compared runs (``immediate``, ``writer-single``, ``bare-single`` and ``bare-recorded``; ``writer-batched`` and
 ``raw``) run ``--repeat`` times (default 3), interleaved; the table keeps the
 best run of each (all are in the JSON). ``ratios.batched_over_raw`` and
 ``ratios.writer_single_over_immediate`` compare the best runs (rows/s, ops/s);

@@ -93,6 +93,12 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "bare_single_over_immediate_median": paired_median(results, "bare-single", "immediate"),
         "writer_single_over_bare_single": _ratio(single_ops, _get(results, "bare-single", "ops_per_s")),
         "writer_single_over_bare_single_median": paired_median(results, "writer-single", "bare-single"),
+        # No target: the same with the record of applied requests, the one promise a safe retry needs.
+        "bare_recorded_over_immediate": _ratio(_get(results, "bare-recorded", "ops_per_s"),
+                                               _get(results, "immediate", "ops_per_s")),
+        "bare_recorded_over_immediate_median": paired_median(results, "bare-recorded", "immediate"),
+        "writer_single_over_bare_recorded": _ratio(single_ops, _get(results, "bare-recorded", "ops_per_s")),
+        "writer_single_over_bare_recorded_median": paired_median(results, "writer-single", "bare-recorded"),
         # No target of its own: what the same small writes give when producers do not wait for each answer.
         "writer_pipelined_over_immediate": _ratio(_get(results, "writer-pipelined", "ops_per_s"),
                                                   _get(results, "immediate", "ops_per_s")),
@@ -128,6 +134,10 @@ def evaluate(results: dict[str, dict[str, Any]]) -> tuple[dict[str, float | None
         "bare_single_over_immediate_median": info(ratios["bare_single_over_immediate_median"]),
         "writer_single_over_bare_single": info(ratios["writer_single_over_bare_single"]),
         "writer_single_over_bare_single_median": info(ratios["writer_single_over_bare_single_median"]),
+        "bare_recorded_over_immediate": info(ratios["bare_recorded_over_immediate"]),
+        "bare_recorded_over_immediate_median": info(ratios["bare_recorded_over_immediate_median"]),
+        "writer_single_over_bare_recorded": info(ratios["writer_single_over_bare_recorded"]),
+        "writer_single_over_bare_recorded_median": info(ratios["writer_single_over_bare_recorded_median"]),
         "writer_pipelined_over_immediate": info(ratios["writer_pipelined_over_immediate"]),
         "writer_pipelined_p99_ms": info(_get(results, "writer-pipelined", "latency", "p99_ms")),
     }

@@ -28,6 +28,7 @@ from bench.contention.procs import (
     writer_single_producer,
 )
 from bench.writer_run import running_writer
+from db.config import load_settings
 from db.statements import BULK_ROWS
 
 SCENARIO_HELP = {
@@ -36,6 +37,7 @@ SCENARIO_HELP = {
     "writer-single": "--procs producers: one acknowledged single-row op per call through the writer",
     "writer-pipelined": "the same ops, each acknowledged, with --pipeline-window of them in flight per producer",
     "bare-single": "writer-single's producers against a bare writer: one thread, ZeroMQ, group commit, no promises",
+    "bare-recorded": "the same bare writer keeping one promise: the record of applied requests (retries safe)",
     "raw-single": "the same ops in one process, one row per transaction, straight into sqlite3 (the ceiling)",
     "writer-batched": "--rows ticks through the writer: pipelined insert_ticks in columns form",
     "raw": "the same rows straight into one sqlite3 connection, in the writer's statements (the ceiling)",
@@ -71,8 +73,6 @@ def plan_rows(rows: int, producers: int) -> list[tuple[str, int, int]]:
 
 
 def _synchronous(env: dict[str, str]) -> str:
-    from db.config import load_settings
-
     return load_settings(env).synchronous
 
 
@@ -120,12 +120,13 @@ def run_writer_pipelined(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextmanager
-def running_bare_writer(env: dict[str, str]) -> Iterator[dict[str, Any]]:
+def running_bare_writer(env: dict[str, str], record: bool = False) -> Iterator[dict[str, Any]]:
     """:mod:`bench.contention.bare_writer` serving the home of ``env`` (its schema made first) in a
-    process of its own; yields a dict that holds its counters once it has stopped."""
+    process of its own (``record``: with the record of applied requests); yields a dict that holds
+    its counters once it has stopped."""
     db_path = create_schema(env)
     ready, stop, results = MP_CONTEXT.Event(), MP_CONTEXT.Event(), MP_CONTEXT.Queue()
-    proc = MP_CONTEXT.Process(target=bare_writer.serve, args=(env, str(db_path), ready, stop, results),
+    proc = MP_CONTEXT.Process(target=bare_writer.serve, args=(env, str(db_path), ready, stop, results, record),
                               name="bench-bare-writer", daemon=True)
     proc.start()
     summary: dict[str, Any] = {}
@@ -144,19 +145,24 @@ def running_bare_writer(env: dict[str, str]) -> Iterator[dict[str, Any]]:
         results.close()
 
 
-def run_bare_single(opts: argparse.Namespace) -> dict[str, Any]:
-    """writer-single's producers, unchanged, against :mod:`bench.contention.bare_writer`."""
+def run_bare_single(opts: argparse.Namespace, record: bool = False) -> dict[str, Any]:
+    """writer-single's producers, unchanged, against :mod:`bench.contention.bare_writer` (``record``:
+    bare-recorded, with the record of applied requests)."""
+    name = "bare-recorded" if record else "bare-single"
     with fresh_home() as (_home, env):
-        with running_bare_writer(env) as writer:
+        with running_bare_writer(env, record) as writer:
             args = [(env, opts.seconds) for _ in range(opts.procs)]
             start, results = run_group(writer_single_producer, args, run_timeout=opts.seconds + 180)
-        out = combine("bare-single", opts.procs, start, results)
+        out = combine(name, opts.procs, start, results)
         out["notes"] = ("writer-single's producers (WriterClient.call) against one thread: ZeroMQ ROUTER, msgpack, "
-                        "the ops' INSERTs, one commit for every request waiting; no validation, no record of "
-                        "applied requests, no budgets")
+                        "the ops' INSERTs, one commit for every request waiting; no validation, "
+                        + ("the record of applied requests (one executemany a batch), " if record else
+                           "no record of applied requests, ") + "no budgets")
         out["producer_cpu_s"] = [round(r["cpu_s"], 3) for r in results]
         out["stored_ticks"] = stored_ticks(env)
         check_stored(out, out["rows"])
+        if record:  # a record for each request it applied
+            out["recorded"] = count_rows(load_settings(env).database_path, "applied_requests")
     out["writer"] = writer
     return out
 
@@ -224,8 +230,6 @@ def run_raw(opts: argparse.Namespace, statement: str = "writer") -> dict[str, An
 
 def stored_ticks(env: dict[str, str]) -> int:
     """Ticks in the scenario's database, SQLite's file or a PostgreSQL database."""
-    from db.config import load_settings
-
     path = load_settings(env).database_path
     if path is not None:
         return count_rows(path, "ticks")
@@ -246,9 +250,9 @@ def check_stored(out: dict[str, Any], expected: int) -> None:
 #: Scenarios --repeat runs again, interleaved, in pairs each measured against the other one run beside
 #: it (immediate and writer-single, writer-batched and raw: the ``_median`` ratios); the table keeps
 #: each one's best run.
-REPEATABLE = ("immediate", "writer-single", "bare-single", "writer-batched", "raw")
+REPEATABLE = ("immediate", "writer-single", "bare-single", "bare-recorded", "writer-batched", "raw")
 #: The scenarios of small writes, whose runs are compared by ops/s.
-_BY_OPS = frozenset(("immediate", "writer-single", "bare-single"))
+_BY_OPS = frozenset(("immediate", "writer-single", "bare-single", "bare-recorded"))
 
 
 def compared_by(name: str) -> str:
@@ -286,6 +290,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "writer-single": run_writer_single,
     "writer-pipelined": run_writer_pipelined,
     "bare-single": run_bare_single,
+    "bare-recorded": lambda o: run_bare_single(o, record=True),
     "raw-single": run_raw_single,
     "writer-batched": run_writer_batched,
     "raw": run_raw,
