@@ -193,6 +193,14 @@ BAD_TICK_BODIES = [
      r"^the body holds 100,000 JSON objects and arrays .* at most 50,000 JSON objects and arrays are read"),
     ("a million numbers", "[" + "0.5," * 1_000_000 + "0.5]", 400, "invalid_body",
      r"^the body holds 1,000,000 JSON values \(counted as its commas\); at most 280,000 are read"),
+    # A key twice in one object: json.loads kept the last and the tick was stored at the second bid,
+    # where the sender may have meant either.
+    ("a key twice in a tick", f'{{"ticks": [{{"symbol": "BTCUSD", "ts": {T0}, "bid": 1.0, "bid": 2.0, "ask": 3.0}}]}}',
+     400, "invalid_body", r"^ticks\[0\]: the key 'bid' is given twice in one object; give each once$"),
+    ("a key twice in the body", f'{{"ticks": [], "ticks": [{{"symbol": "BTCUSD", "ts": {T0}, "bid": 1, "ask": 2}}]}}',
+     400, "invalid_body", r"^the key 'ticks' is given twice in one object; give each once$"),
+    ("a key twice, deep", '{"a": ' * 500 + '{"k": 1, "k": 2}' + "}" * 500, 400, "invalid_body",
+     r"^a(\.a){499}: the key 'k' is given twice in one object; give each once$"),
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 from flask import request
@@ -135,15 +136,59 @@ def json_object(*, optional: bool = False) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "invalid_json", "the body is empty; expected a JSON object")
     _check_size_in_items(raw)
+    twice: list[_KeyTwice] = []
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=partial(_object, twice))
     except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
     except RecursionError:  # nesting past the interpreter's recursion limit (~1,000 levels)
         raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
+    if twice:
+        where = _path_to(body, twice[0])
+        raise ApiError(400, "invalid_body", f"{where + ': ' if where else ''}the key {twice[0].key!r} is given twice "
+                       "in one object; give each once")
     if type(body) is not dict:
         raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
     return body
+
+
+class _KeyTwice(dict):
+    """An object of a body that gives ``key`` twice: JSON allows it and json.loads keeps the last
+    value, where the sender may have meant either (a tick stored at its second bid)."""
+
+    key: str
+
+
+def _object(twice: list[_KeyTwice], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object, and in ``twice`` each one that gives a key twice."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            break
+        seen.add(key)
+    marked = _KeyTwice(obj)
+    marked.key = key
+    twice.append(marked)
+    return marked
+
+
+def _path_to(body: Any, target: object) -> str:
+    """Where ``target`` is in ``body``, as validation messages name it (``ticks[0]``, ``a.b``; the
+    body itself ""). Only once a body is refused: it walks it all, without recursion (a body nests
+    as deep as json.loads allows)."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        value, where = stack.pop()
+        if value is target:
+            return where
+        if isinstance(value, dict):
+            stack.extend((item, f"{where}.{key}" if where else str(key)) for key, item in value.items())
+        elif type(value) is list:
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return "(somewhere in the body)"  # pragma: no cover - the hook marked an object of this body
 
 
 def _check_size_in_items(raw: bytes) -> None:
