@@ -116,21 +116,26 @@ def login_user(url: str, reason: str = "") -> str | None:
     return found.group(1) if found else None
 
 
+def sql_name(name: str) -> str:
+    """``name`` as an SQL identifier in a statement given to paste: double-quoted, so that a role or a
+    database named with capitals, spaces or a keyword (``"TS_Owner"``, ``"user"``) is the one meant
+    (unquoted, PostgreSQL folds it to lower case, or refuses it)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def login_refused(reason: str, variable: str, user: str | None) -> tuple[str, str]:
     """(what, fix) for a login the server refused with libpq's ``reason``, as the role of ``variable``
     (``DATABASE_URL``): which login it refused (the user named, never the password) and what to set.
     Without the restart to do after: each caller says its own."""
     said = reason.lower()
     who = f"{variable}'s login (user {user!r})" if user else f"{variable}'s login"
+    role = sql_name(user) if user else "that_role"
     if "is not permitted to log in" in said:  # a role made without LOGIN (NOLOGIN: a group's role)
-        fix = (f"as a superuser: ALTER ROLE {user or 'that_role'} LOGIN; or use a role that may log in in "
-               f"{variable}")
+        fix = f"as a superuser: ALTER ROLE {role} LOGIN; or use a role that may log in in {variable}"
     elif "permission denied for database" in said:  # CONNECT revoked from PUBLIC, not granted to the role
-        import re
-
         found = re.search(r'permission denied for database "([^"]*)"', reason)
         fix = (f"as the database's owner or a superuser: GRANT CONNECT ON DATABASE "
-               f"{found.group(1) if found else 'that_database'} TO {user or 'that_role'}")
+               f"{sql_name(found.group(1)) if found else 'that_database'} TO {role}")
     elif "does not exist" in said:
         fix = f"fix the user or the database name in {variable} (the role and the database must exist on the server)"
     elif "pg_hba.conf" in said:

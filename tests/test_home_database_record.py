@@ -142,9 +142,10 @@ def role_without(home_databases: HomeDatabases, postgres_server: PostgresServer)
         env = isolated_env(home, ports=True)
         urls = home_databases(home)
         database = urls["DATABASE_URL"].split("@/", 1)[1].split("?", 1)[0]
-        role, password = f"ts_{kind}_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        # A name with capitals: the fix said must quote it (unquoted, PostgreSQL folds it to lower case).
+        role, password = f"TS_{kind}_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
         grant = "NOLOGIN" if kind == "nologin" else "LOGIN"
-        postgres_server.psql("postgres", "postgres", f"CREATE ROLE {role} {grant} PASSWORD '{password}'")
+        postgres_server.psql("postgres", "postgres", f'CREATE ROLE "{role}" {grant} PASSWORD \'{password}\'')
         if kind == "noconnect":
             postgres_server.psql("postgres", "postgres", f"REVOKE CONNECT ON DATABASE {database} FROM PUBLIC")
         url = urls["DATABASE_URL"].replace(f"ts_owner:{quote(postgres_server.passwords['ts_owner'], safe='')}@",
@@ -157,14 +158,15 @@ def role_without(home_databases: HomeDatabases, postgres_server: PostgresServer)
     yield make  # type: ignore[misc]
     for role, stack in made:
         stack.close()
-        postgres_server.psql("postgres", "postgres", f"DROP ROLE IF EXISTS {role}")
+        # DROP OWNED: the GRANT CONNECT a test pasted (privileges on databases, which are shared objects).
+        postgres_server.psql("postgres", "postgres", f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
 
 
 @pytest.mark.parametrize("kind", ["nologin", "noconnect"])
 def test_a_role_without_login_or_connect_is_a_refused_login_not_a_server_that_does_not_answer(
-        role_without, kind: str) -> None:  # type: ignore[no-untyped-def]
+        role_without, postgres_server: PostgresServer, kind: str) -> None:  # type: ignore[no-untyped-def]
     role, database, stack = role_without(kind)
-    fix = f"ALTER ROLE {role} LOGIN" if kind == "nologin" else f"GRANT CONNECT ON DATABASE {database} TO {role}"
+    fix = f'ALTER ROLE "{role}" LOGIN' if kind == "nologin" else f'GRANT CONNECT ON DATABASE "{database}" TO "{role}"'
     prepared = run_db(stack.env, "prepare")
     assert prepared.returncode == 1, prepared.stdout + prepared.stderr
     assert len(prepared.stderr.strip().splitlines()) == 1, prepared.stderr
@@ -179,3 +181,8 @@ def test_a_role_without_login_or_connect_is_a_refused_login_not_a_server_that_do
     log = stack.writer_log()
     assert "does not answer" not in log and "cannot reach" not in log, log[-2000:]
     assert fix in log, log[-2000:]
+
+    # The statement said mends it, pasted as it is.
+    postgres_server.psql("postgres", "postgres", fix)
+    mended = run_db(stack.env, "prepare")
+    assert mended.returncode == 0, mended.stdout + mended.stderr
