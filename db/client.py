@@ -403,15 +403,16 @@ class WriterClient:
         if now - self._absent_since < NO_WRITER_FOR_S:
             return None
         from db.circusd import circusctl_command
-        from db.server_wait import REFUSED_PUBLIC, last_refusal
+        from db.server_wait import last_refusal, public_words
 
         start = circusctl_command(self._circus_endpoint, 'start', 'writer')
         refused = last_refusal(self._settings)
         if refused is not None:
-            # Why its last writer exited, without the role's name: this reaches /api/health (no login).
-            return (f"no writer is running in {self._home}: {REFUSED_PUBLIC} at its last start (`python -m db "
-                    f"doctor` and log/writer.log say which login): {refused['fix']}, then start the stack "
-                    f"(`make run`) or its writer (`{start}`)")
+            # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).
+            what, fix = public_words(refused)
+            return (f"no writer is running in {self._home}: at its last start, {what} (`python -m db doctor` and "
+                    f"log/writer.log say more){': ' + fix if fix else ''}; then start the stack (`make run`) or "
+                    f"its writer (`{start}`)")
         return (f"no writer is running in {self._home} (nothing holds its lock {self._lock_path.name}): start the "
                 f"stack (`make run`) or its writer (`{start}`)")
 

@@ -89,10 +89,10 @@ def _read_record(path: Path) -> tuple[dict[str, Any], float] | None:
 # --- A writer the server refused: its last words ----------------------------------------------------
 
 #: In ``$TICKSTACK_HOME/run`` too: why this home's last writer could not start on its server, said by
-#: the writer as it exits (a refused login), read by ``db doctor``, the clients (``/api/health``, the
-#: API's 503) and circus's flapping plugin, which otherwise said only "the writer is not running: start
-#: it" (a new user's run with a wrong password). Removed by the next writer that gets in, and by ``db
-#: prepare`` once the login works.
+#: the writer as it exits (a refused login; its host's writer lock held by another home's writer),
+#: read by ``db doctor``, the clients (``/api/health``, the API's 503) and circus's flapping plugin,
+#: which otherwise said only "the writer is not running: start it" (a new user's run with a wrong
+#: password). Removed by the next writer that gets in, and by ``db prepare`` once the login works.
 REFUSED_FILE = "writer.refused"
 
 
@@ -123,17 +123,18 @@ def sql_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def login_refused(reason: str, variable: str, user: str | None) -> tuple[str, str]:
+def login_refused(reason: str, variable: str, user: str | None, named: bool = True) -> tuple[str, str]:
     """(what, fix) for a login the server refused with libpq's ``reason``, as the role of ``variable``
     (``DATABASE_URL``): which login it refused (the user named, never the password) and what to set.
-    Without the restart to do after: each caller says its own."""
+    Without the restart to do after: each caller says its own. ``named`` False: no role's or
+    database's name in either, for what is served without a login (:func:`public_words`)."""
     said = reason.lower()
-    who = f"{variable}'s login (user {user!r})" if user else f"{variable}'s login"
-    role = sql_name(user) if user else "that_role"
+    who = f"{variable}'s login (user {user!r})" if user and named else f"{variable}'s login"
+    role = sql_name(user) if user and named else "that_role"
     if "is not permitted to log in" in said:  # a role made without LOGIN (NOLOGIN: a group's role)
         fix = f"as a superuser: ALTER ROLE {role} LOGIN; or use a role that may log in in {variable}"
     elif "permission denied for database" in said:  # CONNECT revoked from PUBLIC, not granted to the role
-        found = re.search(r'permission denied for database "([^"]*)"', reason)
+        found = re.search(r'permission denied for database "([^"]*)"', reason) if named else None
         fix = (f"as the database's owner or a superuser: GRANT CONNECT ON DATABASE "
                f"{sql_name(found.group(1)) if found else 'that_database'} TO {role}")
     elif "does not exist" in said:
@@ -153,8 +154,19 @@ def say_refused(path: Path, url: str, reason: str) -> str:
     user = login_user(url, reason)
     what, fix = login_refused(reason, "DATABASE_URL", user)
     _write_record(path, {"pid": os.getpid(), "at": time.time(), "kind": "login", "user": user, "what": what,
-                         "fix": fix})
+                         "fix": fix, "public_fix": login_refused(reason, "DATABASE_URL", user, named=False)[1]})
     return f"{what} ({reason}): {fix}"
+
+
+def say_host_taken(path: Path, host: str) -> None:
+    """Said by the writer as it exits because the server's writer lock for its ``host`` (``TICKSTACK_HOST``)
+    is held by a stack of another home: the clients of this one said "no writer is running: start the
+    stack" to a stack that runs (a review, round 42). Its own words are in its log; this is for the
+    readers of :func:`last_refusal`."""
+    _write_record(path, {"pid": os.getpid(), "at": time.time(), "kind": "host", "user": None,
+                         "what": f"the database's writer lock for host {host!r} is held by the writer of another "
+                                 "home (another stack with the same TICKSTACK_HOST)",
+                         "fix": HOST_TAKEN_FIX, "public_fix": HOST_TAKEN_FIX})
 
 
 def clear_refused(path: Path) -> None:
@@ -167,8 +179,9 @@ def clear_refused(path: Path) -> None:
 
 
 def last_refusal(settings: Settings) -> dict[str, Any] | None:
-    """What this home's last writer said as its PostgreSQL server refused its login (``what``,
-    ``fix``, ``user``, ``at``: seconds since the epoch), or None: on SQLite always (a file left from
+    """What this home's last writer said as its PostgreSQL server refused its login, or as it found its
+    host's writer lock taken (``kind``: ``login`` or ``host``; ``what``, ``fix``, ``public_fix``,
+    ``user``, ``at``: seconds since the epoch), or None: on SQLite always (a file left from
     before the home moved to SQLite is about a server it no longer has), no file, or not a record."""
     if settings.database_path is not None:
         return None
@@ -183,3 +196,14 @@ def last_refusal(settings: Settings) -> dict[str, Any] | None:
 
 #: What a caller that may not name the role says (``/api/health``, the API's 503: no login).
 REFUSED_PUBLIC = "the database server refused the writer's login"
+#: The same for a writer that found its host's writer lock taken (:func:`say_host_taken`).
+HOST_TAKEN_PUBLIC = "a stack of another home with the same TICKSTACK_HOST holds this database's writer lock"
+HOST_TAKEN_FIX = "give this stack its own TICKSTACK_HOST (or stop that stack's writer)"
+
+
+def public_words(said: dict[str, Any]) -> tuple[str, str | None]:
+    """(what, fix) of a :func:`last_refusal` record for a caller that may name no role nor database:
+    the fix None when the record has none that names nothing (one written before they had one)."""
+    what = HOST_TAKEN_PUBLIC if said.get("kind") == "host" else REFUSED_PUBLIC
+    fix = said.get("public_fix")
+    return what, fix if isinstance(fix, str) else None

@@ -166,3 +166,25 @@ def stacks_on_one_database(urls_of: Callable[[Path], dict[str, str]], **env: str
     finally:
         for stack in stacks:
             stack.close()
+
+
+def no_writer_words(settings: Settings, timeout: float = 30.0) -> str:
+    """What a client of ``settings``' home is told once no writer has run there for a while (the
+    words ``/api/health`` and the API's 503 give: :meth:`db.client.WriterClient._no_writer`)."""
+    from db.client import WriterClient
+    from db.errors import WriterUnavailable
+    from testkit.helpers import wait_for
+
+    said: list[str] = []
+
+    def told() -> bool:
+        try:
+            client.ping(timeout=0.5)
+        except WriterUnavailable as e:
+            said.append(str(e))
+            return "no writer is running" in said[-1]
+        return False
+
+    with WriterClient(settings=settings) as client:
+        wait_for("a client to say no writer is running", told, timeout=timeout)
+    return said[-1]

@@ -26,7 +26,7 @@ from db.engine import display_url
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
-from testkit.writer import Stack
+from testkit.writer import Stack, no_writer_words
 
 pytestmark = pytest.mark.postgres_only
 
@@ -181,6 +181,11 @@ def test_a_role_without_login_or_connect_is_a_refused_login_not_a_server_that_do
     log = stack.writer_log()
     assert "does not answer" not in log and "cannot reach" not in log, log[-2000:]
     assert fix in log, log[-2000:]
+
+    # Its clients (/api/health, no login): the refusal and its fix, naming no role nor database.
+    told = no_writer_words(stack.settings)
+    assert "refused the writer's login" in told and role not in told and database not in told, told
+    assert fix.replace(f'"{role}"', "that_role").replace(f'"{database}"', "that_database") in told, told
 
     # The statement said mends it, pasted as it is.
     postgres_server.psql("postgres", "postgres", fix)

@@ -27,7 +27,7 @@ from db.config import load_settings
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
-from testkit.writer import Stack, stacks_on_one_database
+from testkit.writer import Stack, no_writer_words, stacks_on_one_database
 
 #: A server's own promises: run by ``pytest --database postgresql``.
 pytestmark = pytest.mark.postgres_only
@@ -172,7 +172,10 @@ def test_a_second_stack_with_the_same_host_name_is_told_to_take_its_own(same_hos
     assert "a writer with the same TICKSTACK_HOST ('shared-host') in another home" in line, doctor.stdout
     assert "Give this stack its own TICKSTACK_HOST" in line and "stop the other stack's writer" in line, line
     assert "Writes go to that stack's writer" not in doctor.stdout, doctor.stdout
-    assert_no_password(second.stderr + doctor.stdout, postgres_server)
+    # b's clients (/api/health, the API's 503): the same, where they said "start the stack" to one running.
+    told = no_writer_words(b.settings)
+    assert "same TICKSTACK_HOST" in told and "give this stack its own TICKSTACK_HOST" in told, told
+    assert_no_password(second.stderr + doctor.stdout + told, postgres_server)
 
 
 def test_db_health_and_init_refuse_a_postgresql_home_from_a_shell_without_its_urls(

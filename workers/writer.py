@@ -74,7 +74,15 @@ from db.errors import OpFailed, server_trouble
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import encode_reply, salvage_seq
 from db.served_database import record_database
-from db.server_wait import clear_refused, done_waiting, refused_file, say_refused, say_waiting, wait_file
+from db.server_wait import (
+    clear_refused,
+    done_waiting,
+    refused_file,
+    say_host_taken,
+    say_refused,
+    say_waiting,
+    wait_file,
+)
 from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
@@ -175,6 +183,10 @@ class Writer:
                                                     on_lost=self._stop_now, wait=SERVER_WAIT_S,
                                                     held_wait=self.settings.writer_lock_wait, stopping=self.stopping,
                                                     on_unreachable=lambda said: self._waits_for_server(waiting, said))
+            except WriterLocked:  # the server's lock of this host, held past the wait: another home's writer
+                if not self.stopping():
+                    say_host_taken(refused_file(self.settings.run_dir), self.settings.host)
+                raise
             finally:
                 done_waiting(waiting)
             if self.server_lock is not None:  # in: an earlier writer's refused login is over
