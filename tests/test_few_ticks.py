@@ -19,18 +19,24 @@ from testkit.helpers import T0
 
 pytestmark = pytest.mark.database_independent("validation of a request's ticks, before any database")
 
-#: Values each field is drawn from: good ones, each bound on both sides, and wrong types.
-DAY_AHEAD = latest_allowed_ts()
-TIMES = [T0, T0 + 1, SECONDS_TO, SECONDS_TO - 1, SECONDS_FROM, 1_700_000_000, 5, 0, -1, MAX_TS, MAX_TS + 1,
-         DAY_AHEAD - 60_000, DAY_AHEAD + 60_000, 2**63, True, float(T0), None, "1700000000000"]
+#: Values each field is drawn from: good ones, each bound on both sides, and wrong types (the times,
+#: of :func:`drawn`, about now).
 PRICES = [1.0, 100.0, 100.02, 3, 0, 0.0, -1.0, 1e-300, MAX_PRICE, MAX_PRICE - 1, math.nan, math.inf, -math.inf,
           True, "1.0", None, 2**80]
 VOLUMES = [None, 0, 0.0, -0.0, 1.5, 7, MAX_PRICE, math.nan, math.inf, -1, True, "1"]
 SYMBOLS = ["BTCUSD", "EUR/USD", "btcusd", "", "A" * 32, "A" * 33, 5, None, "BTC USD"]
 SOURCES = [None, "bot-1", "feed@host", "", "bad name", 5, "x" * 64, "x" * 65]
 SEQS = [None, 0, 1, 2**63 - 1, 2**63, -1, True, 1.0, "1"]
-DRAWN = {"symbol": SYMBOLS, "ts": TIMES, "bid": PRICES, "ask": PRICES, "volume": VOLUMES, "source": SOURCES,
-         "seq": SEQS}
+
+
+def drawn() -> dict[str, list[Any]]:
+    """Each field's values; the times around the latest allowed *now* (a minute either side, so that
+    both passes of a test, a second apart, judge them alike)."""
+    day_ahead = latest_allowed_ts()
+    times = [T0, T0 + 1, SECONDS_TO, SECONDS_TO - 1, SECONDS_FROM, 1_700_000_000, 5, 0, -1, MAX_TS, MAX_TS + 1,
+             day_ahead - 60_000, day_ahead + 60_000, 2**63, True, float(T0), None, "1700000000000"]
+    return {"symbol": SYMBOLS, "ts": times, "bid": PRICES, "ask": PRICES, "volume": VOLUMES, "source": SOURCES,
+            "seq": SEQS}
 
 
 def verdict(rows: list[dict[str, Any]]) -> tuple[str, str]:
@@ -43,26 +49,27 @@ def verdict(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "ok", repr({f: cols[f] for f in TICK_FIELDS})
 
 
-def some_rows(rng: random.Random) -> list[dict[str, Any]]:
-    """A few ticks, each good but for none, one or two fields drawn from :data:`DRAWN` (or left out)."""
+def some_rows(rng: random.Random, values: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """A few ticks, each good but for none, one or two fields drawn from ``values`` (or left out)."""
     rows = []
     for _ in range(rng.randint(1, tick_validation.FEW_TICKS)):
         bid = round(rng.uniform(1, 1000), 2)
         row = {"symbol": "BTCUSD", "ts": T0 + rng.randint(0, 10**9), "bid": bid, "ask": bid + 0.02,
                "volume": rng.choice((1.5, 2, None)), "source": rng.choice(("bot-1", None)), "seq": rng.randint(0, 99)}
         for _ in range(rng.choice((0, 0, 1, 1, 2))):
-            field = rng.choice(tuple(DRAWN))
+            field = rng.choice(tuple(values))
             if field in ("volume", "source", "seq") and rng.random() < 0.2:
                 row.pop(field, None)  # an optional field left out
             else:
-                row[field] = rng.choice(DRAWN[field])
+                row[field] = rng.choice(values[field])
         rows.append(row)
     return rows
 
 
 def test_a_few_ticks_get_the_verdict_and_the_words_of_the_column_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(10)
-    cases = [some_rows(rng) for _ in range(6000)]
+    values = drawn()
+    cases = [some_rows(rng, values) for _ in range(6000)]
     taken_row_by_row = 0
     real_few_ticks = tick_validation._few_ticks
 
