@@ -42,7 +42,7 @@ from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, Wr
 from db.inflight import MAX_PIPELINE_WINDOW, Pipeline, Ticket
 from db.lock import read_lock_holder
 from db.parsers import check_seconds
-from db.protocol import UNRECORDED_OPS, encode_request, pack_columns
+from db.protocol import MAX_MESSAGE_SLACK, UNRECORDED_OPS, encode_request, pack_columns
 
 #: ``Ticket``, ``Pipeline`` and the window's bound live in :mod:`db.inflight`; importable from here too.
 __all__ = ["MAX_PIPELINE_WINDOW", "Pipeline", "Ticket", "WriterClient", "thread_client"]
@@ -79,6 +79,8 @@ class WriterClient:
         self._absent_since: float | None = None
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
+        #: The writer's own limit, once a request too big for it made this client ask (its ping says it).
+        self._writer_limit: int | None = None
         self.client_id = client_id or uuid.uuid4().hex
         #: Made with an earlier client's id: it only sends that client's requests again (see _next_seq).
         self._sends_again_only = bool(client_id)
@@ -345,6 +347,13 @@ class WriterClient:
                 due.append(ticket)
                 timed_out = timed_out or ticket.awaiting
         if timed_out:
+            for ticket in due:
+                refused = self._too_big_for_the_writer(ticket) if ticket.awaiting else None
+                if refused is not None:
+                    self._resolve(ticket, error=refused)
+            due = [t for t in due if not t.done]
+            timed_out = any(t.awaiting for t in due)
+        if timed_out:
             log.info("writer at %s did not answer; reconnecting and resending %d requests",
                      self.endpoint, len(self._pending))
             silent = now - min(t.first_sent for t in self._pending.values()) if self._pending else 0.0
@@ -364,6 +373,31 @@ class WriterClient:
                 ticket.attempt_timeout = min(ticket.attempt_timeout * 2, MAX_ATTEMPT_TIMEOUT)
                 ticket.last_error = None  # its last answer is older than this silence
             self._send(ticket)
+
+    def _too_big_for_the_writer(self, ticket: Ticket) -> ValidationError | None:
+        """The error of a late request larger than the writer takes (ZeroMQ closes the connection of a
+        frame :data:`MAX_MESSAGE_SLACK` over its limit unread): a client with a larger
+        ``TICKSTACK_WRITER_MAX_MESSAGE`` waited its deadline, then said "may or may not have been
+        applied". The writer's ping, on a socket of its own, says its limit; None when the request
+        is not too big, or the writer does not say (away, or older)."""
+        if len(ticket.payload) <= MAX_MESSAGE_SLACK or ticket.op in UNRECORDED_OPS:
+            return None
+        if self._writer_limit is None:
+            try:
+                with WriterClient(self.endpoint, settings=self._settings, deadline=1.0) as probe:
+                    limit = probe.ping(timeout=1.0).get("max_message")
+            except WriterError:
+                return None
+            if type(limit) is not int:
+                return None
+            self._writer_limit = limit
+        if len(ticket.payload) <= self._writer_limit + MAX_MESSAGE_SLACK:
+            return None
+        return ValidationError(
+            f"{ticket.op}: the request is {len(ticket.payload)} bytes, over the writer's limit of {self._writer_limit} "
+            f"(its TICKSTACK_WRITER_MAX_MESSAGE; this client's is {self.max_message}): the writer closes the "
+            "connection of such a request unread, so nothing of it was applied; send it in smaller batches, or give "
+            "the writer and this client the same limit")
 
     def _deadline_error(self, ticket: Ticket) -> WriterError:
         """What a request that passed its deadline raises: the writer's last

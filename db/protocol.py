@@ -64,6 +64,9 @@ MAX_ITEMS = 64 * MAX_ROWS
 #: What one decoded item may take in memory, at most (a short string or an
 #: empty map, with its slot in the container that holds it).
 ITEM_BYTES = 80
+#: Bytes over its ``writer_max_message`` a frame may have and still be read and answered by the writer
+#: (that it is too big); a longer one closes its peer's connection unread (ZeroMQ's ``MAXMSGSIZE``).
+MAX_MESSAGE_SLACK = 64 * 1024
 
 
 #: msgpack extension types of packed columns, and the ``array`` type code each decodes into.

@@ -488,6 +488,28 @@ def test_an_oversize_request_gets_a_clear_error_not_silence(writer: Stack, peer:
     assert client.call("audit", actor="me", action="after")["id"] == 1
 
 
+def test_a_request_over_the_writers_limit_from_a_client_with_a_larger_one_is_refused_saying_so(stack: Stack) -> None:
+    """A client whose ``TICKSTACK_WRITER_MAX_MESSAGE`` is larger than the writer's (another shell's
+    environment) sends what the writer closes its connection on, unread: it waited its whole deadline,
+    then said the request "may or may not have been applied". Now, once the answer is late, it asks
+    the writer's limit (the ping says it) and fails the request with both limits; nothing is applied,
+    and the client serves on."""
+    stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(MiB))
+    assert WriterClient(settings=stack.settings).ping()["max_message"] == MiB
+    larger = load_settings({**stack.env, "TICKSTACK_WRITER_MAX_MESSAGE": str(16 * MiB)})
+    client = WriterClient(settings=larger, deadline=20)
+    assert client.call("audit", actor="me", action="before")["id"] == 1
+    with pytest.raises(ValidationError) as refused:
+        client.call("audit", actor="me", action="big", detail="x" * (3 * MiB))
+    said = str(refused.value)
+    assert f"over the writer's limit of {MiB}" in said and f"this client's is {16 * MiB}" in said, said
+    assert "nothing of it was applied" in said, said
+    # Within the slack the writer answers it itself, as before; and the client goes on.
+    with pytest.raises(ValidationError, match="over the limit of"):
+        client.call("audit", actor="me", action="big", detail="x" * (MiB + 1000))
+    assert client.call("audit", actor="me", action="after")["id"] == 2
+
+
 # --- point 6: bounded sizes, prices and distances; no NaN or Infinity out ------------------------------------------
 
 

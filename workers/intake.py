@@ -46,7 +46,10 @@ class Intake:
         #: What a ping answers: with the database it writes (no password; not in its stats, which
         #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
         #: another database says so.
-        self.ping_result = {"pid": os.getpid(), "protocol": PROTOCOL, "database": display_url(settings.database_url)}
+        #: And its message limit: a client set with a larger one learns why a request got no answer
+        #: (:meth:`db.client.WriterClient._too_big_for_the_writer`).
+        self.ping_result = {"pid": os.getpid(), "protocol": PROTOCOL, "database": display_url(settings.database_url),
+                            "max_message": settings.writer_max_message}
         # Bytes queued = accepted (here) - released (by the commit thread):
         # each counter has one writing thread, so neither needs a lock.
         self.queue_budget = QUEUE_BUDGET_MESSAGES * settings.writer_max_message

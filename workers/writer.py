@@ -72,7 +72,7 @@ from db.config import ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, server_trouble
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
-from db.protocol import encode_reply, salvage_seq
+from db.protocol import MAX_MESSAGE_SLACK, encode_reply, salvage_seq
 from db.served_database import record_database
 from db.server_wait import (
     clear_refused,
@@ -101,9 +101,6 @@ LOCK_CHECK_EVERY_S = 1.0
 #: limit of 64, 120 clients ended it at each start (SIGABRT in libzmq's accept), a crash loop the
 #: flapping plugin then stops (fault hunt, round 40).
 MIN_OPEN_FILES = 1024
-#: Bytes over ``writer_max_message`` a frame may have and still be read and answered (that it is too
-#: big); a longer one closes its peer's connection unread (ZeroMQ's ``MAXMSGSIZE``).
-MAX_MESSAGE_SLACK = 64 * 1024
 #: Frames ZeroMQ reads ahead from one peer before the writer takes them (``RCVHWM``; its default is
 #: 1,000): a client's pipeline window (16) and the writer's queue hold the rest.
 READ_AHEAD_MESSAGES = 16
