@@ -79,8 +79,6 @@ class WriterClient:
         self._absent_since: float | None = None
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
-        #: The writer's own limit, once a request too big for it made this client ask (its ping says it).
-        self._writer_limit: int | None = None
         self.client_id = client_id or uuid.uuid4().hex
         #: Made with an earlier client's id: it only sends that client's requests again (see _next_seq).
         self._sends_again_only = bool(client_id)
@@ -347,8 +345,12 @@ class WriterClient:
                 due.append(ticket)
                 timed_out = timed_out or ticket.awaiting
         if timed_out:
+            # The writer's limit is asked at most once in this silence (a writer that does not answer
+            # costs the probe's wait once, not once per request), and again at the next (a writer
+            # restarted since may have another limit).
+            asked: list[int | None] = []
             for ticket in due:
-                refused = self._too_big_for_the_writer(ticket) if ticket.awaiting else None
+                refused = self._too_big_for_the_writer(ticket, asked) if ticket.awaiting else None
                 if refused is not None:
                     self._resolve(ticket, error=refused)
             due = [t for t in due if not t.done]
@@ -374,30 +376,39 @@ class WriterClient:
                 ticket.last_error = None  # its last answer is older than this silence
             self._send(ticket)
 
-    def _too_big_for_the_writer(self, ticket: Ticket) -> ValidationError | None:
+    def _too_big_for_the_writer(self, ticket: Ticket, asked: list[int | None]) -> ValidationError | None:
         """The error of a late request larger than the writer takes (ZeroMQ closes the connection of a
         frame :data:`MAX_MESSAGE_SLACK` over its limit unread): a client with a larger
         ``TICKSTACK_WRITER_MAX_MESSAGE`` waited its deadline, then said "may or may not have been
-        applied". The writer's ping, on a socket of its own, says its limit; None when the request
-        is not too big, or the writer does not say (away, or older)."""
+        applied". The writer's ping, on a socket of its own, says its limit: asked once per silence
+        (``asked`` holds the answer of this one), never kept from an earlier one, whose writer may have
+        been restarted with a larger limit since (it read and applied what the client said it had
+        not). None when the request is not too big, or the writer does not say (away, or older)."""
         if len(ticket.payload) <= MAX_MESSAGE_SLACK or ticket.op in UNRECORDED_OPS:
             return None
-        if self._writer_limit is None:
-            try:
-                with WriterClient(self.endpoint, settings=self._settings, deadline=1.0) as probe:
-                    limit = probe.ping(timeout=1.0).get("max_message")
-            except WriterError:
-                return None
-            if type(limit) is not int:
-                return None
-            self._writer_limit = limit
-        if len(ticket.payload) <= self._writer_limit + MAX_MESSAGE_SLACK:
+        if not asked:
+            asked.append(self._writer_limit_now(self._bounded(ticket.deadline, ticket.first_sent)))
+        limit = asked[0]
+        if limit is None or len(ticket.payload) <= limit + MAX_MESSAGE_SLACK:
             return None
         return ValidationError(
-            f"{ticket.op}: the request is {len(ticket.payload)} bytes, over the writer's limit of {self._writer_limit} "
+            f"{ticket.op}: the request is {len(ticket.payload)} bytes, over the writer's limit of {limit} "
             f"(its TICKSTACK_WRITER_MAX_MESSAGE; this client's is {self.max_message}): the writer closes the "
             "connection of such a request unread, so nothing of it was applied; send it in smaller batches, or give "
             "the writer and this client the same limit")
+
+    def _writer_limit_now(self, give_up_at: float) -> int | None:
+        """The writer's ``max_message`` as its ping says it now, or None (no answer within a second, nor
+        by ``give_up_at``, the late request's own bound; a writer too old to say it)."""
+        wait = min(1.0, give_up_at - time.monotonic())
+        if wait <= 0:
+            return None
+        try:
+            with WriterClient(self.endpoint, settings=self._settings, deadline=1.0) as probe:
+                limit = probe.ping(timeout=max(0.05, wait)).get("max_message")
+        except WriterError:
+            return None
+        return limit if type(limit) is int else None
 
     def _deadline_error(self, ticket: Ticket) -> WriterError:
         """What a request that passed its deadline raises: the writer's last

@@ -510,6 +510,68 @@ def test_a_request_over_the_writers_limit_from_a_client_with_a_larger_one_is_ref
     assert client.call("audit", actor="me", action="after")["id"] == 2
 
 
+def test_a_writer_restarted_with_a_larger_limit_is_not_judged_by_the_limit_an_earlier_one_said(stack: Stack) -> None:
+    """The limit a client learnt from a writer's ping is that writer's: the writer restarted with a larger
+    TICKSTACK_WRITER_MAX_MESSAGE (the fix the refusal itself says) takes the request. A late answer (the
+    writer paused, here by SIGSTOP) must not make the client refuse it with the old limit, saying "nothing
+    of it was applied", while the writer reads and applies it (a review: the limit was kept for ever)."""
+    first = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(64 * 1024))
+    larger = load_settings({**stack.env, "TICKSTACK_WRITER_MAX_MESSAGE": str(16 * MiB)})
+    client = WriterClient(settings=larger, deadline=30)
+    with pytest.raises(ValidationError, match=f"over the writer's limit of {64 * 1024}"):
+        client.call("insert_ticks", ticks=ticks(10_000, "big"))
+    assert stack.stop(first) == 0
+    second = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(16 * MiB))
+    assert client.call("audit", actor="me", action="before")["id"] == 1
+    # Paused past the request's first attempt (1 s), then let go: its answer is late, not refused.
+    second.send_signal(signal.SIGSTOP)
+    resumed = threading.Timer(3.0, second.send_signal, (signal.SIGCONT,))
+    resumed.start()
+    try:
+        outcome: Any = client.call("insert_ticks", ticks=ticks(10_000, "big-again"))
+    except ValidationError as e:
+        outcome = e
+    finally:
+        resumed.join()
+        second.send_signal(signal.SIGCONT)
+    assert client.call("audit", actor="me", action="after")["id"] == 2  # the ticks, if sent, came before it
+    applied = count(stack, "SELECT COUNT(*) FROM ticks WHERE source = 'big-again'")
+    assert not (isinstance(outcome, ValidationError) and applied), f"said {outcome}, yet {applied} ticks were applied"
+    assert applied == 10_000 and outcome == {"inserted": 10_000, "duplicates": 0}, outcome
+
+
+def test_a_writer_that_does_not_answer_is_asked_its_limit_once_per_silence_not_once_per_request(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several big requests in flight (a pipeline) to a writer that answers nothing (paused, here by
+    SIGSTOP): the ping asking its limit waits its second and fails. It was asked again for each late
+    request, one after the other, in one pump: the caller was held a second per request, past every
+    request's deadline and a producer's stop bound (give_up_by) (a review)."""
+    writer = stack.start_writer(TICKSTACK_WRITER_MAX_MESSAGE=str(64 * 1024))
+    larger = load_settings({**stack.env, "TICKSTACK_WRITER_MAX_MESSAGE": str(16 * MiB)})
+    client = WriterClient(settings=larger, deadline=4)
+    assert client.call("audit", actor="me", action="before")["id"] == 1
+    pings: list[float] = []
+    real_ping = WriterClient.ping
+
+    def counted(self: WriterClient, timeout: float = 1.0) -> dict[str, Any]:
+        pings.append(timeout)
+        return real_ping(self, timeout)
+
+    monkeypatch.setattr(WriterClient, "ping", counted)  # counts them; the pings are real
+    writer.send_signal(signal.SIGSTOP)
+    try:
+        sent = [client.submit("insert_ticks", ticks=ticks(10_000, f"big-{i}")) for i in range(6)]
+        for ticket in sent:
+            client.wait(ticket)
+    finally:
+        writer.send_signal(signal.SIGCONT)
+    for ticket in sent:
+        with pytest.raises(WriterUnavailable):
+            ticket.result()
+    # At most one per silence: the first late one at 1 s, the next at 3 s, then the deadline (4 s).
+    assert 1 <= len(pings) <= 2, pings
+
+
 # --- point 6: bounded sizes, prices and distances; no NaN or Infinity out ------------------------------------------
 
 
