@@ -134,7 +134,10 @@ def login_refused(reason: str, variable: str, user: str | None, named: bool = Tr
     if "is not permitted to log in" in said:  # a role made without LOGIN (NOLOGIN: a group's role)
         fix = f"as a superuser: ALTER ROLE {role} LOGIN; or use a role that may log in in {variable}"
     elif "permission denied for database" in said:  # CONNECT revoked from PUBLIC, not granted to the role
-        found = re.search(r'permission denied for database "([^"]*)"', reason) if named else None
+        # The name as the server writes it: between double quotes, one inside it not doubled (a name
+        # with one was read up to it, and the GRANT named another database); libpq's DETAIL follows.
+        found = (re.search(r'permission denied for database "(.*)" DETAIL:', reason)
+                 or re.search(r'permission denied for database "([^"]*)"', reason)) if named else None
         fix = (f"as the database's owner or a superuser: GRANT CONNECT ON DATABASE "
                f"{sql_name(found.group(1)) if found else 'that_database'} TO {role}")
     elif "does not exist" in said:

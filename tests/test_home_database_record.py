@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -191,3 +192,36 @@ def test_a_role_without_login_or_connect_is_a_refused_login_not_a_server_that_do
     postgres_server.psql("postgres", "postgres", fix)
     mended = run_db(stack.env, "prepare")
     assert mended.returncode == 0, mended.stdout + mended.stderr
+
+
+def test_the_grant_said_for_a_database_named_with_a_double_quote_names_that_database(
+        postgres_server: PostgresServer) -> None:
+    """PostgreSQL writes a database's name between double quotes in "permission denied for database", without
+    doubling a double quote in it: the name was read up to its first one, and the GRANT said named another
+    database (``"ts "`` of ``ts "q" ...``), one that may exist. The statement, pasted as said, must let the
+    role in (a review)."""
+    suffix = uuid.uuid4().hex[:8]
+    database, role, password = f'ts "q" {suffix}', f"TS_q_{suffix}", uuid.uuid4().hex
+    named = database.replace('"', '""')
+    postgres_server.psql("postgres", "postgres", f'CREATE DATABASE "{named}"')
+    home = new_home()
+    try:
+        postgres_server.psql("postgres", "postgres", f'REVOKE CONNECT ON DATABASE "{named}" FROM PUBLIC')
+        postgres_server.psql("postgres", "postgres", f'CREATE ROLE "{role}" LOGIN PASSWORD \'{password}\'')
+        env = isolated_env(home, ports=True)
+        url = postgres_server.url().replace(f"ts_owner:{quote(postgres_server.passwords['ts_owner'], safe='')}@/"
+                                            "tickstack?", f"{role}:{password}@/{quote(database, safe='')}?")
+        assert url != postgres_server.url(), url
+        env = {**env, "DATABASE_URL": url, "DATABASE_READ_URL": url}
+        prepared = run_db(env, "prepare")
+        assert prepared.returncode == 1, prepared.stdout + prepared.stderr
+        fix = f'GRANT CONNECT ON DATABASE "{named}" TO "{role}"'
+        assert fix in prepared.stderr, prepared.stderr
+        postgres_server.psql("postgres", "postgres", fix)
+        postgres_server.psql(database, "postgres", f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        mended = run_db(env, "prepare")
+        assert mended.returncode == 0, mended.stdout + mended.stderr
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        postgres_server.psql("postgres", "postgres", f'DROP DATABASE IF EXISTS "{named}" WITH (FORCE)')
+        postgres_server.psql("postgres", "postgres", f'DROP ROLE IF EXISTS "{role}"')  # its grant: with the database
