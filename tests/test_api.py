@@ -201,6 +201,10 @@ BAD_TICK_BODIES = [
      400, "invalid_body", r"^the key 'ticks' is given twice in one object; give each once$"),
     ("a key twice, deep", '{"a": ' * 500 + '{"k": 1, "k": 2}' + "}" * 500, 400, "invalid_body",
      r"^a(\.a){499}: the key 'k' is given twice in one object; give each once$"),
+    ("a key twice under an odd key", '{"x.y\\n": {"k": 1, "k": 2}}', 400, "invalid_body",
+     r"^\['x\.y\\n'\]: the key 'k' is given twice in one object; give each once$"),
+    ("a key twice in an array body", '[{"k": 1, "k": 2}]', 400, "invalid_body",
+     r"^the body must be a JSON object, got an array$"),
 ]
 
 

@@ -143,12 +143,12 @@ def json_object(*, optional: bool = False) -> dict[str, Any]:
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
     except RecursionError:  # nesting past the interpreter's recursion limit (~1,000 levels)
         raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
+    if type(body) is not dict and type(body) is not _KeyTwice:
+        raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
     if twice:
         where = _path_to(body, twice[0])
         raise ApiError(400, "invalid_body", f"{where + ': ' if where else ''}the key {twice[0].key!r} is given twice "
                        "in one object; give each once")
-    if type(body) is not dict:
-        raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
     return body
 
 
@@ -184,8 +184,9 @@ def _path_to(body: Any, target: object) -> str:
         value, where = stack.pop()
         if value is target:
             return where
-        if isinstance(value, dict):
-            stack.extend((item, f"{where}.{key}" if where else str(key)) for key, item in value.items())
+        if isinstance(value, dict):  # a key that is not a plain name is shown as the string it is
+            stack.extend((item, (f"{where}.{key}" if where else key) if key.isidentifier() else f"{where}[{key!r}]")
+                         for key, item in value.items())
         elif type(value) is list:
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
     return "(somewhere in the body)"  # pragma: no cover - the hook marked an object of this body
