@@ -425,5 +425,5 @@ def owner_login_refused(settings: Settings) -> str | None:
         what, fix = login_refused(reason, "DATABASE_URL", login_user(settings.database_url, reason))
         return f"python -m db prepare: {what} ({reason}): {fix}, then run `make run` again"
     conn.close()
-    clear_refused(refused_file(settings.run_dir))  # an earlier writer's refused login is over
+    clear_refused(refused_file(settings.run_dir), only_logins=True)  # an earlier writer's refused login is over
     return None

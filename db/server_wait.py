@@ -172,9 +172,15 @@ def say_host_taken(path: Path, host: str) -> None:
                          "fix": HOST_TAKEN_FIX, "public_fix": HOST_TAKEN_FIX})
 
 
-def clear_refused(path: Path) -> None:
+def clear_refused(path: Path, only_logins: bool = False) -> None:
     """Said by a writer that reached its server, whether it got in or the server did not answer (and
-    by ``db prepare`` once the login works): the last refusal is no longer the news."""
+    by ``db prepare`` once the login works, ``only_logins``: a login that works says nothing of its
+    host's writer lock, which another home's writer may hold still): the last refusal is no longer the
+    news."""
+    if only_logins:
+        found = _read_record(path)
+        if found is not None and found[0].get("kind", "login") != "login":
+            return
     try:
         path.unlink(missing_ok=True)
     except OSError:

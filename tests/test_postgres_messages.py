@@ -175,6 +175,10 @@ def test_a_second_stack_with_the_same_host_name_is_told_to_take_its_own(same_hos
     # b's clients (/api/health, the API's 503): the same, where they said "start the stack" to one running.
     told = no_writer_words(b.settings)
     assert "same TICKSTACK_HOST" in told and "give this stack its own TICKSTACK_HOST" in told, told
+    # `make run` again in b: its prepare's login works, which says nothing of the lock: the reason stays.
+    prepared = run_db(b.env, "prepare")
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert "same TICKSTACK_HOST" in no_writer_words(b.settings)
     assert_no_password(second.stderr + doctor.stdout + told, postgres_server)
 
 
