@@ -39,7 +39,7 @@ import zmq
 
 from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
-from db.inflight import MAX_PIPELINE_WINDOW, Pipeline, Ticket
+from db.inflight import FIRST_ATTEMPT_TIMEOUT, MAX_PIPELINE_WINDOW, Pipeline, Ticket
 from db.lock import read_lock_holder
 from db.parsers import check_seconds
 from db.protocol import MAX_MESSAGE_SLACK, UNRECORDED_OPS, encode_request, pack_columns
@@ -59,6 +59,9 @@ MAX_BUSY_BACKOFF = 1.0
 #: Seconds a request sent after :meth:`WriterClient.give_up_by`'s time still gets (a writer that
 #: answers does so in milliseconds: a record after a long job is not given up unsent).
 LAST_TRY_S = 1.0
+#: The longest a client waits for the writer's ping that says its message limit (a request too big
+#: for it: :meth:`WriterClient._too_big_for_the_writer`); its loop reads no answer meanwhile.
+LIMIT_PING_S = 0.5
 
 
 class WriterClient:
@@ -378,13 +381,13 @@ class WriterClient:
 
     def _too_big_for_the_writer(self, ticket: Ticket, asked: list[int | None]) -> ValidationError | None:
         """The error of a late request larger than the writer takes (ZeroMQ closes the connection of a
-        frame :data:`MAX_MESSAGE_SLACK` over its limit unread): a client with a larger
-        ``TICKSTACK_WRITER_MAX_MESSAGE`` waited its deadline, then said "may or may not have been
-        applied". The writer's ping, on a socket of its own, says its limit: asked once per silence
-        (``asked`` holds the answer of this one), never kept from an earlier one, whose writer may have
-        been restarted with a larger limit since (it read and applied what the client said it had
-        not). None when the request is not too big, or the writer does not say (away, or older)."""
-        if len(ticket.payload) <= MAX_MESSAGE_SLACK or ticket.op in UNRECORDED_OPS:
+        frame :data:`MAX_MESSAGE_SLACK` over its limit unread), which a client with a larger limit
+        waited its deadline for. The writer's ping says its limit: asked at a request's second silence
+        (at its first the writer is most often restarting), once per silence (``asked``), never kept
+        (a writer restarted with a larger one read what an old answer refused). None when the request
+        is not too big, or the writer does not say (away, or older)."""
+        if (len(ticket.payload) <= MAX_MESSAGE_SLACK or ticket.op in UNRECORDED_OPS
+                or ticket.attempt_timeout <= FIRST_ATTEMPT_TIMEOUT):
             return None
         if not asked:
             asked.append(self._writer_limit_now(self._bounded(ticket.deadline, ticket.first_sent)))
@@ -398,9 +401,10 @@ class WriterClient:
             "the writer and this client the same limit")
 
     def _writer_limit_now(self, give_up_at: float) -> int | None:
-        """The writer's ``max_message`` as its ping says it now, or None (no answer within a second, nor
-        by ``give_up_at``, the late request's own bound; a writer too old to say it)."""
-        wait = min(1.0, give_up_at - time.monotonic())
+        """The writer's ``max_message`` as its ping says it now, or None (no answer within
+        :data:`LIMIT_PING_S`, a writer that serves answers one in milliseconds, nor by ``give_up_at``,
+        the late request's own bound; a writer too old to say it)."""
+        wait = min(LIMIT_PING_S, give_up_at - time.monotonic())
         if wait <= 0:
             return None
         try:
