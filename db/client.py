@@ -60,7 +60,7 @@ MAX_BUSY_BACKOFF = 1.0
 #: answers does so in milliseconds: a record after a long job is not given up unsent).
 LAST_TRY_S = 1.0
 #: The longest a client waits for the writer's ping that says its message limit (a request too big
-#: for it: :meth:`WriterClient._too_big_for_the_writer`); its loop reads no answer meanwhile.
+#: for it: :meth:`WriterClient._refuse_too_big`); its loop reads no answer meanwhile.
 LIMIT_PING_S = 0.5
 
 
@@ -76,8 +76,8 @@ class WriterClient:
         #: The writer lock of this home, whose holder is the writer at ``endpoint`` (None: another
         #: endpoint), and whether "no writer runs" was said in this silence (:meth:`_no_writer`).
         self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
-        self._home, self._circus_endpoint = settings.home, settings.circus_endpoint
-        self._settings = settings  # the home's last refusal (db.server_wait.last_refusal)
+        #: Its home: what "no writer runs" says (:meth:`_no_writer`), the probe's (:meth:`_writer_limit_now`).
+        self._settings = settings
         self._said_no_writer = False
         self._absent_since: float | None = None
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
@@ -348,14 +348,7 @@ class WriterClient:
                 due.append(ticket)
                 timed_out = timed_out or ticket.awaiting
         if timed_out:
-            # The writer's limit is asked at most once in this silence (a writer that does not answer
-            # costs the probe's wait once, not once per request), and again at the next (a writer
-            # restarted since may have another limit).
-            asked: list[int | None] = []
-            for ticket in due:
-                refused = self._too_big_for_the_writer(ticket, asked) if ticket.awaiting else None
-                if refused is not None:
-                    self._resolve(ticket, error=refused)
+            self._refuse_too_big([t for t in due if t.awaiting])
             due = [t for t in due if not t.done]
             timed_out = any(t.awaiting for t in due)
         if timed_out:
@@ -379,26 +372,27 @@ class WriterClient:
                 ticket.last_error = None  # its last answer is older than this silence
             self._send(ticket)
 
-    def _too_big_for_the_writer(self, ticket: Ticket, asked: list[int | None]) -> ValidationError | None:
-        """The error of a late request larger than the writer takes (ZeroMQ closes the connection of a
+    def _refuse_too_big(self, late: list[Ticket]) -> None:
+        """Fail the ``late`` requests larger than the writer takes (ZeroMQ closes the connection of a
         frame :data:`MAX_MESSAGE_SLACK` over its limit unread), which a client with a larger limit
-        waited its deadline for. The writer's ping says its limit: asked at a request's second silence
-        (at its first the writer is most often restarting), once per silence (``asked``), never kept
-        (a writer restarted with a larger one read what an old answer refused). None when the request
-        is not too big, or the writer does not say (away, or older)."""
-        if (len(ticket.payload) <= MAX_MESSAGE_SLACK or ticket.op in UNRECORDED_OPS
-                or ticket.attempt_timeout <= FIRST_ATTEMPT_TIMEOUT):
-            return None
-        if not asked:
-            asked.append(self._writer_limit_now(self._bounded(ticket.deadline, ticket.first_sent)))
-        limit = asked[0]
-        if limit is None or len(ticket.payload) <= limit + MAX_MESSAGE_SLACK:
-            return None
-        return ValidationError(
-            f"{ticket.op}: the request is {len(ticket.payload)} bytes, over the writer's limit of {limit} "
-            f"(its TICKSTACK_WRITER_MAX_MESSAGE; this client's is {self.max_message}): the writer closes the "
-            "connection of such a request unread, so nothing of it was applied; send it in smaller batches, or give "
-            "the writer and this client the same limit")
+        waited its deadline for. The writer's ping says its limit: asked once per silence, for the
+        requests at their second silence or later (at the first the writer is most often restarting),
+        never kept (a writer restarted with a larger one read what an old answer refused). Nothing is
+        failed when the writer does not say (away, or older)."""
+        big = [t for t in late if len(t.payload) > MAX_MESSAGE_SLACK and t.op not in UNRECORDED_OPS
+               and t.attempt_timeout > FIRST_ATTEMPT_TIMEOUT]
+        if not big:
+            return
+        limit = self._writer_limit_now(min(self._bounded(t.deadline, t.first_sent) for t in big))
+        if limit is None:
+            return
+        for ticket in big:
+            if len(ticket.payload) > limit + MAX_MESSAGE_SLACK:
+                self._resolve(ticket, error=ValidationError(
+                    f"{ticket.op}: the request is {len(ticket.payload)} bytes, over the writer's limit of {limit} "
+                    f"(its TICKSTACK_WRITER_MAX_MESSAGE; this client's is {self.max_message}): the writer closes "
+                    "the connection of such a request unread, so nothing of it was applied; send it in smaller "
+                    "batches, or give the writer and this client the same limit"))
 
     def _writer_limit_now(self, give_up_at: float) -> int | None:
         """The writer's ``max_message`` as its ping says it now, or None (no answer within
@@ -454,15 +448,15 @@ class WriterClient:
         from db.circusd import circusctl_command
         from db.server_wait import last_refusal, public_words
 
-        start = circusctl_command(self._circus_endpoint, 'start', 'writer')
+        home, start = self._settings.home, circusctl_command(self._settings.circus_endpoint, 'start', 'writer')
         refused = last_refusal(self._settings)
         if refused is not None:
             # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).
             what, fix = public_words(refused)
-            return (f"no writer is running in {self._home}: at its last start, {what} (`python -m db doctor` and "
+            return (f"no writer is running in {home}: at its last start, {what} (`python -m db doctor` and "
                     f"log/writer.log say more){': ' + fix if fix else ''}; then start the stack (`make run`) or "
                     f"its writer (`{start}`)")
-        return (f"no writer is running in {self._home} (nothing holds its lock {self._lock_path.name}): start the "
+        return (f"no writer is running in {home} (nothing holds its lock {self._lock_path.name}): start the "
                 f"stack (`make run`) or its writer (`{start}`)")
 
     def _on_reply(self, raw: bytes) -> None:

@@ -94,6 +94,8 @@ def other_database(served: str | None, ours: str | None, last: bool = False) -> 
 #: In ``$TICKSTACK_HOME/run``: the database this home's writer wrote at its last start, its URL as
 #: :func:`db.engine.display_url` shows it (never the password), on one line.
 RECORD_FILE = "database"
+
+
 def record_database(settings: Settings) -> None:
     """Said by the writer at each start, once it holds the home's writer lock: the database it writes,
     whole and private (:func:`db.run_records.write_record`). A record that cannot be written (a full

@@ -47,7 +47,7 @@ class Intake:
         #: /api/health serves without a login), so that ``db doctor`` in a shell whose settings name
         #: another database says so.
         #: And its message limit: a client set with a larger one learns why a request got no answer
-        #: (:meth:`db.client.WriterClient._too_big_for_the_writer`).
+        #: (:meth:`db.client.WriterClient._refuse_too_big`).
         self.ping_result = {"pid": os.getpid(), "protocol": PROTOCOL, "database": display_url(settings.database_url),
                             "max_message": settings.writer_max_message}
         # Bytes queued = accepted (here) - released (by the commit thread):

@@ -13,9 +13,9 @@ is what the transport itself leaves of the 4x target).
 With ``record`` (``bare-recorded``) it keeps one promise more, the one a retry needs: each request's
 (client id, seq), its packed result and its digest (:func:`db.protocol.request_digest`) go into
 ``applied_requests`` in the batch's transaction, one ``executemany`` a batch, as the writer records
-them; a seq at or below the highest its client has had applied is answered from memory, not applied
-again. Still no validation, no look-up in the database, no budgets: what it reaches is as far as a
-writer whose retries are safe across a restart can go here (``bare_recorded_over_immediate``).
+them; a (client id, seq) it applied already is answered from memory, not applied again. Still no
+validation, no look-up in the database, no budgets: what it reaches is as far as a writer whose
+retries are safe across a restart can go here (``bare_recorded_over_immediate``).
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ def serve(env: dict[str, str], db_path: str, ready: Any, stop: Any, results: Any
     tick_sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
     audit_sql = insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
     applied_sql = insert_sql(AppliedRequest.__table__, ("client_id", "seq", "committed_at", "result", "digest"))
-    #: Per client, its highest seq applied, and the packed results (a retry's answer).
-    tops: dict[str, int] = {}
+    #: The packed result of each (client id, seq) applied: a retry's answer.
     done: dict[tuple[str, int], bytes] = {}
     engine, pooled, con, pragmas = writer_connection(env, db_path)
     ctx = zmq.Context()
@@ -76,7 +75,7 @@ def serve(env: dict[str, str], db_path: str, ready: Any, stop: Any, results: Any
             records = []
             for ident, msg in writes:
                 args, cid, seq = msg["args"], msg["cid"], msg["seq"]
-                if record and seq <= tops.get(cid, 0):  # a retry: its first answer, nothing applied
+                if record and (cid, seq) in done:  # a retry: its first answer, nothing applied
                     answers.append((ident, seq, msgpack.unpackb(done[cid, seq])))
                     continue
                 if msg["op"] == "insert_ticks":
@@ -93,9 +92,7 @@ def serve(env: dict[str, str], db_path: str, ready: Any, stop: Any, results: Any
                 con.executemany(applied_sql, records)
                 applied += len(records)
             con.execute("COMMIT")
-            for cid, seq, _now, packed, _digest in records:
-                tops[cid] = max(tops.get(cid, 0), seq)
-                done[cid, seq] = packed
+            done.update(((cid, seq), packed) for cid, seq, _now, packed, _digest in records)
             commits += 1
             requests += len(writes)
         answers += [(ident, msg["seq"], {"pid": os.getpid()}) for ident, msg in batch if msg["op"] == "ping"]

@@ -136,43 +136,36 @@ def json_object(*, optional: bool = False) -> dict[str, Any]:
     if not raw.strip():
         raise ApiError(400, "invalid_json", "the body is empty; expected a JSON object")
     _check_size_in_items(raw)
-    twice: list[_KeyTwice] = []
+    twice: list[tuple[dict[str, Any], str]] = []
     try:
         body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=partial(_object, twice))
     except ValueError as e:  # JSONDecodeError, bad UTF-8, NaN/Infinity
         raise ApiError(400, "invalid_json", f"the body is not valid JSON: {e}") from None
     except RecursionError:  # nesting past the interpreter's recursion limit (~1,000 levels)
         raise ApiError(400, "invalid_json", "the body is not valid JSON: nested too deeply") from None
-    if type(body) is not dict and type(body) is not _KeyTwice:
+    if type(body) is not dict:
         raise ApiError(400, "invalid_body", f"the body must be a JSON object, got {_json_type(body)}")
     if twice:
-        where = _path_to(body, twice[0])
-        raise ApiError(400, "invalid_body", f"{where + ': ' if where else ''}the key {twice[0].key!r} is given twice "
+        obj, key = twice[0]
+        where = _path_to(body, obj)
+        raise ApiError(400, "invalid_body", f"{where + ': ' if where else ''}the key {key!r} is given twice "
                        "in one object; give each once")
     return body
 
 
-class _KeyTwice(dict):
-    """An object of a body that gives ``key`` twice: JSON allows it and json.loads keeps the last
-    value, where the sender may have meant either (a tick stored at its second bid)."""
-
-    key: str
-
-
-def _object(twice: list[_KeyTwice], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json.loads' object_pairs_hook: the object, and in ``twice`` each one that gives a key twice."""
+def _object(twice: list[tuple[dict[str, Any], str]], pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object; in ``twice`` each one that gives a key twice, with
+    that key (JSON allows it and json.loads keeps the last value, where the sender may have meant
+    either: a tick stored at its second bid)."""
     obj = dict(pairs)
-    if len(obj) == len(pairs):
-        return obj
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            break
-        seen.add(key)
-    marked = _KeyTwice(obj)
-    marked.key = key
-    twice.append(marked)
-    return marked
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                twice.append((obj, key))
+                break
+            seen.add(key)
+    return obj
 
 
 def _path_to(body: Any, target: object) -> str:
@@ -184,7 +177,7 @@ def _path_to(body: Any, target: object) -> str:
         value, where = stack.pop()
         if value is target:
             return where
-        if isinstance(value, dict):  # a key that is not a plain name is shown as the string it is
+        if type(value) is dict:  # a key that is not a plain name is shown as the string it is
             stack.extend((item, (f"{where}.{key}" if where else key) if key.isidentifier() else f"{where}[{key!r}]")
                          for key, item in value.items())
         elif type(value) is list:
