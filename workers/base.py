@@ -11,6 +11,7 @@ writer's IO loop through :func:`tend_lifeline`.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import resource
 import signal
@@ -49,6 +50,17 @@ def command_line(module: str, doc: str | None) -> argparse.ArgumentParser:
 def configure_logging(level: str) -> None:
     """One log line format for every process (circus writes stderr to the watcher's log file)."""
     logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
+
+
+def freeze_start_up_objects() -> None:
+    """Call once a worker's modules are loaded, before its work: every object made so far (the
+    modules', some 64,000 for the analysis worker, SQLAlchemy's most of them) goes into the
+    collector's permanent generation, which it never walks again. They live as long as the process
+    anyway, and a full collection walks them all: about 40 ms each time, the last one at exit.
+    Measured on ``bench analysis --only hourly`` (median of 6 runs of each): a worker's start and
+    exit with nothing to do 0.52 to 0.44 s, the analysis of the 5,000 bars 0.75 to 0.67 s. A
+    collection just before would free nothing: it finds no cyclic garbage at that point."""
+    gc.freeze()
 
 
 _lifeline: Lifeline | None = None
@@ -355,6 +367,7 @@ def main(worker_cls: type[Worker], argv: list[str] | None,
         worker = make(settings, args) if make else worker_cls(settings, until_idle=args.until_idle)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+    freeze_start_up_objects()
     try:
         return worker.run()
     except NoDatabase as e:  # circus starts the worker again; by hand, the line says what to start

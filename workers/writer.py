@@ -83,7 +83,14 @@ from db.server_wait import (
     say_waiting,
     wait_file,
 )
-from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
+from workers.base import (
+    command_line,
+    configure_logging,
+    freeze_start_up_objects,
+    on_stop_signals,
+    raise_open_file_limit,
+    tend_lifeline,
+)
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.endpoint_guard import EndpointGuard
@@ -438,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         log.error("writer: %s", e)
         return 2
+    freeze_start_up_objects()  # and again in Writer.run, once the database is open (see there)
     return Writer(settings).run()
 
 
