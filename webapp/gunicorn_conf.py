@@ -18,6 +18,7 @@ from typing import Any
 
 from db.config import load_settings
 from supervision.lifeline import Lifeline
+from supervision.start_up import freeze_start_up_objects
 from webapp import multiprocess
 
 #: This master's folder of prometheus_client's files (gunicorn reads this module in the master).
@@ -36,3 +37,9 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def on_exit(server: Any) -> None:
     multiprocess.stop(METRICS_FOLDER)
+
+
+def post_worker_init(worker: Any) -> None:
+    # Each worker has loaded its app (no --preload: made after the fork): its objects out of the
+    # collector's way, or a full collection in a worker paused all of its threads up to 120 ms.
+    freeze_start_up_objects()

@@ -83,14 +83,8 @@ from db.server_wait import (
     say_waiting,
     wait_file,
 )
-from workers.base import (
-    command_line,
-    configure_logging,
-    freeze_start_up_objects,
-    on_stop_signals,
-    raise_open_file_limit,
-    tend_lifeline,
-)
+from supervision.start_up import freeze_start_up_objects
+from workers.base import command_line, configure_logging, on_stop_signals, raise_open_file_limit, tend_lifeline
 from workers.checkpointer import Checkpointer
 from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.endpoint_guard import EndpointGuard
