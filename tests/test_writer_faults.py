@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -1266,6 +1267,38 @@ def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients
 
         wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
         assert socket_path.exists()
+        assert old.call("audit", actor="me", action="after")["id"] == 2
+    finally:
+        old.close()
+    assert f"writer: its socket {socket_path} was removed (clients not yet connected could not reach it); bound " \
+           "again" in writer.writer_log(), writer.writer_log()[-3000:]
+
+
+def test_the_run_folder_removed_under_the_writer_is_made_again_and_new_clients_reach_it(writer: Stack) -> None:
+    """``rm -r run/`` under a running writer (a tidy-up of the home, as ``rm run/writer.sock`` above): the
+    writer tried to bind its socket again, failed for want of the folder, said "restart it" once and
+    served on unreachable: every new client (a restarted worker, the API's next request, ``db
+    doctor``) waited out its deadline, told only "no answer", and its heartbeats went on, so nothing
+    restarted it. It makes its run folder again (private, as at its start) and binds; a client
+    connected before is not cut off. A home removed whole is not made again (no new home, and no new
+    database, at the old path: tests/test_supervision.py)."""
+    old = WriterClient(settings=writer.settings, deadline=30)
+    run = writer.settings.run_dir
+    try:
+        assert old.call("audit", actor="me", action="before")["id"] == 1
+        socket_path = Path(writer.settings.writer_endpoint.removeprefix("ipc://"))
+        assert socket_path.parent == run
+        shutil.rmtree(run)
+
+        def a_new_client_is_answered() -> bool:
+            try:
+                with WriterClient(settings=writer.settings, deadline=1) as client:
+                    return client.ping(timeout=1)["pid"] == writer.procs[0].pid
+            except WriterUnavailable:
+                return False
+
+        wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+        assert socket_path.exists() and (run.stat().st_mode & 0o777) == 0o700
         assert old.call("audit", actor="me", action="after")["id"] == 2
     finally:
         old.close()
