@@ -337,7 +337,15 @@ class WriterClient:
         due: list[Ticket] = []
         timed_out = False
         for ticket in list(self._pending.values()):
-            if now >= self._bounded(ticket.deadline, ticket.first_sent):
+            limit = self._bounded(ticket.deadline, ticket.first_sent)
+            if now >= limit:
+                if (ticket.awaiting and ticket.last_error is not None and limit == ticket.deadline
+                        and now < ticket.sent_at + LAST_TRY_S):
+                    # Sent again after a retryable answer, and that send is unanswered: the writer that
+                    # answered in milliseconds is given LAST_TRY_S to say what became of it (a full disk
+                    # then gets its StorageFull), not a guess from the earlier answer. Not past a stop's
+                    # bound (give_up_by), whose time is the worker's exit's; sent again no more.
+                    continue
                 self._resolve(ticket, error=self._deadline_error(ticket))
             elif now >= ticket.resend_at:
                 if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:
@@ -411,9 +419,18 @@ class WriterClient:
     def _deadline_error(self, ticket: Ticket) -> WriterError:
         """What a request that passed its deadline raises: the writer's last
         retryable answer when it gave one (a full disk: StorageFull, with its
-        reason), else WriterUnavailable."""
+        reason) and the request was not sent again since, else WriterUnavailable
+        (whether it was applied is then not known, and said so)."""
         last = ticket.last_error
         waited = time.monotonic() - ticket.first_sent
+        if last is not None and ticket.awaiting:
+            # Its last answer was to an earlier send: the one in flight may be with the writer, applied
+            # or about to be (it said "not applied" and StorageFull, "nothing written", of a request the
+            # writer then applied, and a caller who sent it again as a new request had it twice).
+            return WriterUnavailable(
+                f"{ticket.op}: no answer from the writer at {self.endpoint} to its last send within its deadline "
+                f"({waited:.1f} s); it may or may not have been applied (a retry with this client applies it at "
+                f"most once); its answer to an earlier send: {type(last).__name__}: {last}")
         if isinstance(last, StorageFull):
             return StorageFull(f"{ticket.op}: {last} (still so after {waited:.1f} s of retries)")
         if last is not None:

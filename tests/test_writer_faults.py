@@ -13,6 +13,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -32,7 +33,7 @@ from sqlalchemy import create_engine
 
 from db.client import WriterClient
 from db.config import load_settings
-from db.errors import OpFailed, StorageFull, ValidationError, WriterUnavailable
+from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterUnavailable
 from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.env import ROOT, isolated_env
@@ -678,6 +679,65 @@ def fill(path: Path) -> int:
     return written
 
 
+@pytest.mark.sqlite_only("tests/test_writer_faults.py::test_a_full_disk_is_answered_storage_full_and_writes_resume_"
+                         "when_space_returns")
+def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlier_retryable_answer(
+        stack: Stack) -> None:
+    """A request answered retryably (here "database is locked": another program holds SQLite's write
+    lock past the writer's busy_timeout; a full disk is answered StorageFull the same way) is sent
+    again, and its deadline (or give_up_by's bound) can pass while that resend is unanswered: the
+    writer has it, and applies it once the lock is let go. The client said "not applied by the
+    writer ... its last answer: CommitFailed" (and on a full disk raised StorageFull, "nothing of
+    the request was written", which the API serves as 507): an answer about an earlier send, not the
+    one in flight. A caller told "not applied" sends it again as a new request, and it is applied
+    twice. What it must say is what it knows: no answer to its last send, so it may or may not have
+    been applied (and a resend under its id applies it at most once)."""
+    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
+    client = WriterClient(settings=stack.settings, deadline=120)
+    client.call("audit", actor="me", action="before")
+    blocker = Blocker(stack)
+    pipe = client.pipeline(window=1)
+    stopped = False
+    try:
+        blocker.hold("audit_log")
+        ticket = pipe.submit("audit", actor="me", action="late")
+        # The writer answers it retryably (the lock is held past its busy_timeout); the client sends it again.
+        while ticket.last_error is None:
+            pipe.collect(0.05)
+        assert isinstance(ticket.last_error, CommitFailed) and not ticket.done
+        os.kill(proc.pid, signal.SIGSTOP)  # the writer holds its resend (a stall, a swapped-out host)
+        stopped = True
+        blocker.rollback()  # the lock is free: the writer commits what it holds once it runs
+        while not ticket.awaiting:  # sent again, and not answered: the writer has it
+            pipe.collect(0.05)
+        pipe.collect(0.3)  # a reply the writer sent before its stop is read by now
+        assert ticket.awaiting and ticket.last_error is not None and not ticket.done
+        client.give_up_by(0)  # the deadline passes now, with that resend unanswered
+        while not ticket.done:
+            pipe.collect(0.05)
+        error = ticket.error
+        told = f"{type(error).__name__}: {error}"
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped = False
+        # Stored: the request the client gave up on is applied, once.
+        wait_for("the writer to apply the resend it held",
+                 lambda: count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1)
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        blocker.close()
+    assert isinstance(error, WriterUnavailable) and not isinstance(error, StorageFull), told
+    assert "not applied" not in told and "may or may not have been applied" in told, told
+    assert "CommitFailed" in told, told  # the earlier answer is still said, as what it was
+    # A resend under its id is answered with the first result, and applies nothing more.
+    with WriterClient(settings=stack.settings, client_id=client.client_id, deadline=30) as again:
+        resent = again.submit("audit", _seq=ticket.seq, actor="me", action="late")
+        again.wait(resent)
+        assert resent.result()["id"] > 0
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1
+    assert stack.stop(proc) == 0
+
+
 def test_a_full_disk_is_answered_storage_full_and_writes_resume_when_space_returns(stack: Stack,
                                                                                  small_disk: Path) -> None:
     extra = {"DATABASE_URL": f"sqlite:///{small_disk}/tickstack.db"}
@@ -1207,6 +1267,38 @@ def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients
 
         wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
         assert socket_path.exists()
+        assert old.call("audit", actor="me", action="after")["id"] == 2
+    finally:
+        old.close()
+    assert f"writer: its socket {socket_path} was removed (clients not yet connected could not reach it); bound " \
+           "again" in writer.writer_log(), writer.writer_log()[-3000:]
+
+
+def test_the_run_folder_removed_under_the_writer_is_made_again_and_new_clients_reach_it(writer: Stack) -> None:
+    """``rm -r run/`` under a running writer (a tidy-up of the home, as ``rm run/writer.sock`` above): the
+    writer tried to bind its socket again, failed for want of the folder, said "restart it" once and
+    served on unreachable: every new client (a restarted worker, the API's next request, ``db
+    doctor``) waited out its deadline, told only "no answer", and its heartbeats went on, so nothing
+    restarted it. It makes its run folder again (private, as at its start) and binds; a client
+    connected before is not cut off. A home removed whole is not made again (no new home, and no new
+    database, at the old path: tests/test_supervision.py)."""
+    old = WriterClient(settings=writer.settings, deadline=30)
+    run = writer.settings.run_dir
+    try:
+        assert old.call("audit", actor="me", action="before")["id"] == 1
+        socket_path = Path(writer.settings.writer_endpoint.removeprefix("ipc://"))
+        assert socket_path.parent == run
+        shutil.rmtree(run)
+
+        def a_new_client_is_answered() -> bool:
+            try:
+                with WriterClient(settings=writer.settings, deadline=1) as client:
+                    return client.ping(timeout=1)["pid"] == writer.procs[0].pid
+            except WriterUnavailable:
+                return False
+
+        wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+        assert socket_path.exists() and (run.stat().st_mode & 0o777) == 0o700
         assert old.call("audit", actor="me", action="after")["id"] == 2
     finally:
         old.close()

@@ -6,6 +6,9 @@ already connected went on, and every new one, a restarted worker, the API's next
 doctor``, waited out its deadline; the writer said nothing, and its heartbeats went on, so nothing
 restarted it (fault hunt, round 40). It binds its endpoint again, which makes the file anew and keeps
 every connection it has, and says so. A file of another put at the path is not touched: said once.
+Its folder removed with it (``rm -r run/``), the bind failed and the writer served on unreachable, saying
+"restart it" once (fault hunt, round 41): the home's run folder, which the writer made at its start, is
+made again (private) first; not a home removed whole, nor a folder of another endpoint.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ log = logging.getLogger("tickstack.writer")
 class EndpointGuard:
     """The socket file of ``endpoint`` (``ipc://`` only: a TCP endpoint has none), as bound."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, run_dir: Path | None = None) -> None:
+        """``run_dir``: the home's run folder, made again when it holds the socket and is removed."""
         self.endpoint = endpoint
         self.path = Path(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
+        self.run_dir = run_dir
         self.bound = self._identity()
         self.said_replaced = False
 
@@ -51,6 +56,7 @@ class EndpointGuard:
             router.unbind(self.endpoint)
         except zmq.ZMQError:  # its file is gone already: nothing else to undo
             pass
+        self._make_run_dir()
         try:
             router.bind(self.endpoint)
         except zmq.ZMQError as e:  # the folder is gone or not writable: the words say which
@@ -61,3 +67,16 @@ class EndpointGuard:
         self.bound = self._identity()
         log.error("writer: its socket %s was removed (clients not yet connected could not reach it); bound "
                   "again", self.path)
+
+    def _make_run_dir(self) -> None:
+        """The home's run folder again, private, when the socket was in it and it was removed; only
+        inside a home that is still there (one moved whole gets nothing new at its old path)."""
+        if self.path is None or self.run_dir is None or self.path.parent != self.run_dir:
+            return
+        try:
+            self.run_dir.mkdir(mode=0o700)  # no parents: not a home removed whole
+        except FileExistsError:
+            return
+        except OSError:  # the home is gone or not writable: the bind's failure says so
+            return
+        log.error("writer: its run folder %s was removed; made again", self.run_dir)

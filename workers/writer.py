@@ -325,7 +325,7 @@ class Writer:
             committer.start()
             log.info("writer ready: pid %d, endpoint %s, database %s; at most %d open files (connections)",
                      os.getpid(), endpoint, display_url(self.settings.database_url), self.open_files)
-            endpoint_guard = EndpointGuard(endpoint)
+            endpoint_guard = EndpointGuard(endpoint, self.settings.run_dir)
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(replies_in, zmq.POLLIN)
