@@ -38,11 +38,11 @@ import msgpack
 import zmq
 
 from db.config import Settings, load_settings
-from db.errors import ERROR_TYPES, StorageFull, ValidationError, WriterError, WriterUnavailable
+from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
 from db.inflight import FIRST_ATTEMPT_TIMEOUT, MAX_PIPELINE_WINDOW, Pipeline, Ticket
-from db.lock import read_lock_holder
 from db.parsers import check_seconds
 from db.protocol import MAX_MESSAGE_SLACK, UNRECORDED_OPS, encode_request, pack_columns
+from db.silence import Silence
 
 #: ``Ticket``, ``Pipeline`` and the window's bound live in :mod:`db.inflight`; importable from here too.
 __all__ = ["MAX_PIPELINE_WINDOW", "Pipeline", "Ticket", "WriterClient", "thread_client"]
@@ -51,10 +51,6 @@ log = logging.getLogger("tickstack.client")
 #: The longest wait for an answer before a request is sent again (from db.inflight.FIRST_ATTEMPT_TIMEOUT,
 #: doubled each time), and the longest back-off after a *busy* answer.
 MAX_ATTEMPT_TIMEOUT = 5.0
-#: Seconds without an answer after which a client says so when no writer runs in its home (a WARNING).
-SAY_NO_WRITER_AFTER_S = 3.0
-#: Seconds nobody must hold the writer lock, seen twice, before a client says no writer runs.
-NO_WRITER_FOR_S = 2.0
 MAX_BUSY_BACKOFF = 1.0
 #: Seconds a request sent after :meth:`WriterClient.give_up_by`'s time still gets (a writer that
 #: answers does so in milliseconds: a record after a long job is not given up unsent).
@@ -73,13 +69,9 @@ class WriterClient:
         this one sends again (see :meth:`submit`'s ``_seq``); a new one by default."""
         settings = settings or load_settings()
         self.endpoint = endpoint or settings.writer_endpoint
-        #: The writer lock of this home, whose holder is the writer at ``endpoint`` (None: another
-        #: endpoint), and whether "no writer runs" was said in this silence (:meth:`_no_writer`).
-        self._lock_path = settings.writer_lock_path if self.endpoint == settings.writer_endpoint else None
-        #: Its home: what "no writer runs" says (:meth:`_no_writer`), the probe's (:meth:`_writer_limit_now`).
+        #: Its home: the limit probe's (:meth:`_writer_limit_now`); what a silence says (db.silence).
         self._settings = settings
-        self._said_no_writer = False
-        self._absent_since: float | None = None
+        self._silence = Silence(settings, self.endpoint)
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
         self.client_id = client_id or uuid.uuid4().hex
@@ -346,7 +338,7 @@ class WriterClient:
                     # then gets its StorageFull), not a guess from the earlier answer. Not past a stop's
                     # bound (give_up_by), whose time is the worker's exit's; sent again no more.
                     continue
-                self._resolve(ticket, error=self._deadline_error(ticket))
+                self._resolve(ticket, error=self._silence.deadline_error(ticket))
             elif now >= ticket.resend_at:
                 if ticket.awaiting and now - self._progress_at < ticket.attempt_timeout:
                     # Answers keep coming: it waits its turn behind our own
@@ -362,16 +354,7 @@ class WriterClient:
         if timed_out:
             log.info("writer at %s did not answer; reconnecting and resending %d requests",
                      self.endpoint, len(self._pending))
-            silent = now - min(t.first_sent for t in self._pending.values()) if self._pending else 0.0
-            no_writer = self._no_writer()
-            if silent >= SAY_NO_WRITER_AFTER_S and not self._said_no_writer:
-                # Said where a program that set up no logging sees it (Python prints a WARNING): a bot
-                # waited its whole deadline, a minute, without a word while the writer was stopped
-                # (a new user's run, round 40). After a few seconds: a restart's gap is not worth a line.
-                if no_writer is not None:
-                    self._said_no_writer = True
-                    log.warning("writer at %s: %s; requests wait for one until their deadline",
-                                self.endpoint, no_writer)
+            self._silence.tell(now - min(t.first_sent for t in self._pending.values()) if self._pending else 0.0)
             self._reconnect()
             due = list(self._pending.values())
         for ticket in due:
@@ -416,66 +399,6 @@ class WriterClient:
             return None
         return limit if type(limit) is int else None
 
-    def _deadline_error(self, ticket: Ticket) -> WriterError:
-        """What a request that passed its deadline raises: the writer's last
-        retryable answer when it gave one (a full disk: StorageFull, with its
-        reason) and the request was not sent again since, else WriterUnavailable
-        (whether it was applied is then not known, and said so)."""
-        last = ticket.last_error
-        waited = time.monotonic() - ticket.first_sent
-        if last is not None and ticket.awaiting:
-            # Its last answer was to an earlier send: the one in flight may be with the writer, applied
-            # or about to be (it said "not applied" and StorageFull, "nothing written", of a request the
-            # writer then applied, and a caller who sent it again as a new request had it twice).
-            return WriterUnavailable(
-                f"{ticket.op}: no answer from the writer at {self.endpoint} to its last send within its deadline "
-                f"({waited:.1f} s); it may or may not have been applied (a retry with this client applies it at "
-                f"most once); its answer to an earlier send: {type(last).__name__}: {last}")
-        if isinstance(last, StorageFull):
-            return StorageFull(f"{ticket.op}: {last} (still so after {waited:.1f} s of retries)")
-        if last is not None:
-            return WriterUnavailable(
-                f"{ticket.op}: not applied by the writer at {self.endpoint} within its deadline ({waited:.1f} s); "
-                f"its last answer: {type(last).__name__}: {last}")
-        no_writer = self._no_writer()
-        why = f" ({no_writer})" if no_writer is not None else ""
-        if ticket.op in UNRECORDED_OPS:  # it changes nothing: whether it was applied is no question
-            error = WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within "
-                                      f"{waited:.1f} s{why}")
-        else:
-            error = WriterUnavailable(
-                f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline{why}; "
-                "it may or may not have been applied (a retry with this client applies it at most once)")
-        error.no_writer = no_writer is not None
-        return error
-
-    def _no_writer(self) -> str | None:
-        """Why nothing answers, when it is that no writer has run in this home (nobody held its lock) for
-        :data:`NO_WRITER_FOR_S` at least, seen by this call and an earlier one (a writer circus is
-        starting again after a crash is gone for a moment: review, round 40); None when one runs (it
-        may be starting, busy or stuck) or the endpoint is another home's."""
-        if self._lock_path is None or read_lock_holder(self._lock_path) is not None:
-            self._absent_since = None
-            return None
-        now = time.monotonic()
-        if self._absent_since is None:
-            self._absent_since = now
-        if now - self._absent_since < NO_WRITER_FOR_S:
-            return None
-        from db.circusd import circusctl_command
-        from db.server_wait import last_refusal, public_words
-
-        home, start = self._settings.home, circusctl_command(self._settings.circus_endpoint, 'start', 'writer')
-        refused = last_refusal(self._settings)
-        if refused is not None:
-            # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).
-            what, fix = public_words(refused)
-            return (f"no writer is running in {home}: at its last start, {what} (`python -m db doctor` and "
-                    f"log/writer.log say more){': ' + fix if fix else ''}; then start the stack (`make run`) or "
-                    f"its writer (`{start}`)")
-        return (f"no writer is running in {home} (nothing holds its lock {self._lock_path.name}): start the "
-                f"stack (`make run`) or its writer (`{start}`)")
-
     def _on_reply(self, raw: bytes) -> None:
         try:
             msg = msgpack.unpackb(raw, raw=False, strict_map_key=False)
@@ -486,7 +409,7 @@ class WriterClient:
         if ticket is None:
             return  # the answer to a request already answered (a resend)
         ticket.batch = msg.get("batch")
-        self._said_no_writer = False  # it answers: a later silence is said again
+        self._silence.heard()
         if ticket.batch is not None:
             self._progress_at = time.monotonic()
             # The writer answers one client's requests in the order they

@@ -170,7 +170,7 @@ def stacks_on_one_database(urls_of: Callable[[Path], dict[str, str]], **env: str
 
 def no_writer_words(settings: Settings, timeout: float = 30.0) -> str:
     """What a client of ``settings``' home is told once no writer has run there for a while (the
-    words ``/api/health`` and the API's 503 give: :meth:`db.client.WriterClient._no_writer`)."""
+    words ``/api/health`` and the API's 503 give: :meth:`db.silence.Silence.no_writer`)."""
     from db.client import WriterClient
     from db.errors import WriterUnavailable
     from testkit.helpers import wait_for
