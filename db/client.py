@@ -332,11 +332,13 @@ class WriterClient:
             limit = self._bounded(ticket.deadline, ticket.first_sent)
             if now >= limit:
                 if (ticket.awaiting and ticket.last_error is not None and limit == ticket.deadline
-                        and now < ticket.sent_at + LAST_TRY_S):
+                        and now < self._bounded(min(ticket.sent_at, ticket.deadline) + LAST_TRY_S, ticket.first_sent)):
                     # Sent again after a retryable answer, and that send is unanswered: the writer that
                     # answered in milliseconds is given LAST_TRY_S to say what became of it (a full disk
                     # then gets its StorageFull), not a guess from the earlier answer. Not past a stop's
-                    # bound (give_up_by), whose time is the worker's exit's; sent again no more.
+                    # bound (give_up_by), whose time is the worker's exit's, even when the deadline came
+                    # first; never past deadline + LAST_TRY_S, however often it is sent again meanwhile
+                    # (an answer to a later request resends it: _on_reply).
                     continue
                 self._resolve(ticket, error=self._silence.deadline_error(ticket))
             elif now >= ticket.resend_at:

@@ -31,7 +31,7 @@ import pytest
 import zmq
 from sqlalchemy import create_engine
 
-from db.client import WriterClient
+from db.client import LAST_TRY_S, WriterClient
 from db.config import load_settings
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterUnavailable
 from db.protocol import encode_request
@@ -735,6 +735,49 @@ def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlie
         again.wait(resent)
         assert resent.result()["id"] > 0
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1
+    assert stack.stop(proc) == 0
+
+
+@pytest.mark.sqlite_only("tests/test_writer_faults.py::test_a_full_disk_is_answered_storage_full_and_writes_resume_"
+                         "when_space_returns")
+def test_a_resend_unanswered_at_its_deadline_waits_no_longer_than_a_stops_bound(stack: Stack) -> None:
+    """The wait past its deadline that a request sent again after a retryable answer gets (LAST_TRY_S
+    from that resend, for the writer's answer to it) is not past a stop's bound (give_up_by): a worker's
+    flush is bounded by its stop's time, before circus's SIGKILL. The client checked only whether the
+    bound came before the deadline; when the deadline came first and the stop's bound passed before
+    that resend's LAST_TRY_S, the request was still waited for, past the bound."""
+    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
+    client = WriterClient(settings=stack.settings, deadline=120)
+    client.call("audit", actor="me", action="before")
+    blocker = Blocker(stack)
+    pipe = client.pipeline(window=1)
+    stopped = False
+    try:
+        blocker.hold("audit_log")
+        ticket = pipe.submit("audit", actor="me", action="late")
+        # Answered retryably (the lock held past the writer's busy_timeout), over more than LAST_TRY_S, so
+        # that the bound a stop gives this request is the stop's time itself.
+        while ticket.last_error is None or time.monotonic() < ticket.first_sent + LAST_TRY_S:
+            pipe.collect(0.05)
+        assert isinstance(ticket.last_error, CommitFailed) and not ticket.done
+        os.kill(proc.pid, signal.SIGSTOP)  # the writer holds the next resend unanswered
+        stopped = True
+        while ticket.awaiting:  # an answer to a send before the stop, if any, is read
+            pipe.collect(0.05)
+        while not ticket.awaiting:  # sent again, and not answered
+            pipe.collect(0.05)
+        assert ticket.awaiting and ticket.last_error is not None and not ticket.done
+        # Its deadline passes now, and then the stop's bound: both are behind it at the next pump.
+        ticket.deadline = time.monotonic()
+        client.give_up_by(0)
+        pipe.collect(0)
+        assert ticket.done, "waited past the stop's bound (give_up_by) for the resend's answer"
+        assert "may or may not have been applied" in str(ticket.error), ticket.error
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        blocker.close()
+        client.close()
     assert stack.stop(proc) == 0
 
 
