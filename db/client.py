@@ -363,6 +363,7 @@ class WriterClient:
             if timed_out and ticket.awaiting:
                 ticket.attempt_timeout = min(ticket.attempt_timeout * 2, MAX_ATTEMPT_TIMEOUT)
                 ticket.last_error = None  # its last answer is older than this silence
+                ticket.went_unanswered = True
             self._send(ticket)
 
     def _refuse_too_big(self, late: list[Ticket]) -> None:

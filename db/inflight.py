@@ -24,7 +24,8 @@ class Ticket:
     """One request in flight: resolved with a result or an exception."""
 
     __slots__ = ("seq", "op", "payload", "deadline", "attempt_timeout", "resend_at", "awaiting", "backoff",
-                 "done", "_result", "_error", "first_sent", "sent_at", "latency", "batch", "last_error")
+                 "done", "_result", "_error", "first_sent", "sent_at", "latency", "batch", "last_error",
+                 "went_unanswered")
 
     def __init__(self, seq: int, op: str, payload: bytes, deadline: float) -> None:
         self.seq = seq
@@ -48,6 +49,9 @@ class Ticket:
         self.batch: int | None = None
         #: The writer's last retryable answer (e.g. StorageFull), while it retries.
         self.last_error: WriterError | None = None
+        #: A send of it went unanswered (a silence): it may have been applied, whatever later sends are
+        #: answered (db.silence.Silence.deadline_error).
+        self.went_unanswered = False
 
     def result(self) -> Any:
         """The op's result; raises its error. Only once ``done``."""

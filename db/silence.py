@@ -51,7 +51,7 @@ class Silence:
     def deadline_error(self, ticket: Ticket) -> WriterError:
         """What a request that passed its deadline raises: the writer's last
         retryable answer when it gave one (a full disk: StorageFull, with its
-        reason) and the request was not sent again since, else WriterUnavailable
+        reason) and every send of it was answered, else WriterUnavailable
         (whether it was applied is then not known, and said so)."""
         last = ticket.last_error
         waited = time.monotonic() - ticket.first_sent
@@ -63,6 +63,14 @@ class Silence:
                 f"{ticket.op}: no answer from the writer at {self.endpoint} to its last send within its deadline "
                 f"({waited:.1f} s); it may or may not have been applied (a retry with this client applies it at "
                 f"most once); its answer to an earlier send: {type(last).__name__}: {last}")
+        if last is not None and ticket.went_unanswered and ticket.op not in UNRECORDED_OPS:
+            # A send of it went unanswered (a silence) and may have been applied: the later answers are
+            # to later sends, and a writer refusing writes, or a batch whose commit failed, answers
+            # them without a look at its record of what it applied (review, round 44).
+            return WriterUnavailable(
+                f"{ticket.op}: not answered by the writer at {self.endpoint} within its deadline ({waited:.1f} s): "
+                "a send of it went unanswered, so it may or may not have been applied (a retry with this client "
+                f"applies it at most once); its last answer: {type(last).__name__}: {last}")
         if isinstance(last, StorageFull):
             return StorageFull(f"{ticket.op}: {last} (still so after {waited:.1f} s of retries)")
         if last is not None:

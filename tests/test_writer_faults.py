@@ -34,6 +34,7 @@ from sqlalchemy import create_engine
 from db.client import LAST_TRY_S, WriterClient
 from db.config import load_settings
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterUnavailable
+from db.inflight import FIRST_ATTEMPT_TIMEOUT
 from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.env import ROOT, isolated_env
@@ -730,6 +731,56 @@ def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlie
     assert "not applied" not in told and "may or may not have been applied" in told, told
     assert "CommitFailed" in told, told  # the earlier answer is still said, as what it was
     # A resend under its id is answered with the first result, and applies nothing more.
+    with WriterClient(settings=stack.settings, client_id=client.client_id, deadline=30) as again:
+        resent = again.submit("audit", _seq=ticket.seq, actor="me", action="late")
+        again.wait(resent)
+        assert resent.result()["id"] > 0
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1
+    assert stack.stop(proc) == 0
+
+
+def test_a_request_once_unanswered_is_not_said_unapplied_for_a_later_retryable_answer(stack: Stack) -> None:
+    """A send the writer never answered (a silence: the writer stopped, restarting, or its answer lost
+    with the connection the client then replaced) may have been applied. The writer's later retryable
+    answers are about later sends, and some are given without a look at its record of applied requests
+    (a writer refusing writes, its database file removed, answers CommitFailed at once; a batch whose
+    commit fails answers all of its requests alike). The client said "not applied by the writer ...
+    its last answer: CommitFailed" once the deadline passed between two sends: what it cannot know.
+    Review of round 44. Here nothing was applied (the lock was held throughout); the client must say
+    only what it knows, and a resend under its id then applies it once."""
+    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
+    client = WriterClient(settings=stack.settings, deadline=120)
+    client.call("audit", actor="me", action="before")
+    blocker = Blocker(stack)
+    pipe = client.pipeline(window=1)
+    stopped = False
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = True
+        ticket = pipe.submit("audit", actor="me", action="late")
+        while ticket.attempt_timeout <= FIRST_ATTEMPT_TIMEOUT:  # unanswered past its first wait: sent again
+            pipe.collect(0.05)
+        blocker.hold("audit_log")
+        os.kill(proc.pid, signal.SIGCONT)
+        stopped = False
+        # Answered retryably now (the lock held past the writer's busy_timeout): caught between two sends.
+        while ticket.awaiting or ticket.last_error is None:
+            pipe.collect(0.005)
+        assert isinstance(ticket.last_error, CommitFailed) and not ticket.done
+        client.give_up_by(0)  # the deadline passes now, with no send in flight
+        while not ticket.done:
+            pipe.collect(0.05)
+        error = ticket.error
+        told = f"{type(error).__name__}: {error}"
+    finally:
+        if stopped:
+            os.kill(proc.pid, signal.SIGCONT)
+        blocker.close()
+    assert isinstance(error, WriterUnavailable) and not isinstance(error, StorageFull), told
+    ours, _, answer = told.partition("its last answer: ")  # the writer's words, quoted, may say "not applied"
+    assert "not applied" not in ours and "may or may not have been applied" in ours, told
+    assert answer.startswith("CommitFailed"), told  # the last answer is still said, as what it was
+    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 0
     with WriterClient(settings=stack.settings, client_id=client.client_id, deadline=30) as again:
         resent = again.submit("audit", _seq=ticket.seq, actor="me", action="late")
         again.wait(resent)
