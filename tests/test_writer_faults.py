@@ -682,6 +682,15 @@ def fill(path: Path) -> int:
 
 @pytest.mark.sqlite_only("tests/test_writer_faults.py::test_a_full_disk_is_answered_storage_full_and_writes_resume_"
                          "when_space_returns")
+def _writer_answering_locked_retryably(stack: Stack) -> tuple[subprocess.Popen, WriterClient, Blocker, Any]:
+    """A writer that answers "database is locked" (CommitFailed, retryable) within 0.1 s while the
+    :class:`Blocker` holds a table's lock, a client that has written once, and a pipeline of one."""
+    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
+    client = WriterClient(settings=stack.settings, deadline=120)
+    client.call("audit", actor="me", action="before")
+    return proc, client, Blocker(stack), client.pipeline(window=1)
+
+
 def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlier_retryable_answer(
         stack: Stack) -> None:
     """A request answered retryably (here "database is locked": another program holds SQLite's write
@@ -693,11 +702,7 @@ def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlie
     one in flight. A caller told "not applied" sends it again as a new request, and it is applied
     twice. What it must say is what it knows: no answer to its last send, so it may or may not have
     been applied (and a resend under its id applies it at most once)."""
-    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
-    client = WriterClient(settings=stack.settings, deadline=120)
-    client.call("audit", actor="me", action="before")
-    blocker = Blocker(stack)
-    pipe = client.pipeline(window=1)
+    proc, client, blocker, pipe = _writer_answering_locked_retryably(stack)
     stopped = False
     try:
         blocker.hold("audit_log")
@@ -748,11 +753,7 @@ def test_a_request_once_unanswered_is_not_said_unapplied_for_a_later_retryable_a
     its last answer: CommitFailed" once the deadline passed between two sends: what it cannot know.
     Review of round 44. Here nothing was applied (the lock was held throughout); the client must say
     only what it knows, and a resend under its id then applies it once."""
-    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
-    client = WriterClient(settings=stack.settings, deadline=120)
-    client.call("audit", actor="me", action="before")
-    blocker = Blocker(stack)
-    pipe = client.pipeline(window=1)
+    proc, client, blocker, pipe = _writer_answering_locked_retryably(stack)
     stopped = False
     try:
         os.kill(proc.pid, signal.SIGSTOP)
@@ -797,11 +798,7 @@ def test_a_resend_unanswered_at_its_deadline_waits_no_longer_than_a_stops_bound(
     flush is bounded by its stop's time, before circus's SIGKILL. The client checked only whether the
     bound came before the deadline; when the deadline came first and the stop's bound passed before
     that resend's LAST_TRY_S, the request was still waited for, past the bound."""
-    proc = stack.start_writer(TICKSTACK_BUSY_TIMEOUT_MS="100")
-    client = WriterClient(settings=stack.settings, deadline=120)
-    client.call("audit", actor="me", action="before")
-    blocker = Blocker(stack)
-    pipe = client.pipeline(window=1)
+    proc, client, blocker, pipe = _writer_answering_locked_retryably(stack)
     stopped = False
     try:
         blocker.hold("audit_log")
