@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from supervision.circus import WRITER_START_WAIT_S
+from supervision.signals import quit_when_free
 from supervision.streams import guard_circusd_log, private_circusd_files
 
 log = logging.getLogger("circus")
@@ -93,6 +94,7 @@ def _remove_socket_files(*endpoints: str | None) -> None:
 _start_errors: _StartErrors | None = None
 if os.path.basename(sys.argv[0]) == "circusd":
     guard_circusd_log()
+    quit_when_free()  # before circus registers its signal handlers: a Ctrl-C while it starts is kept
     _start_errors = _StartErrors()
     log.addHandler(_start_errors)
     atexit.register(_start_errors.exit_if_start_failed)

@@ -173,6 +173,34 @@ def test_every_process_stops_gracefully_when_circusd_is_killed(stack: CircusStac
     assert all(stack.status()[w] == "active" for w in WATCHERS)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_a_stop_signal_while_circusd_runs_a_command_stops_the_stack_once_it_is_done(
+        stack: CircusStack, sig: signal.Signals) -> None:
+    """Ctrl-C where ``make run`` runs (SIGINT) or ``kill PID`` of circusd (SIGTERM) while circusd
+    runs another command (here a ``restart writer`` held open by a stopped writer; in a new user's
+    run, the start of the watchers in ``make run``'s first second) was dropped: circus's quit met
+    "arbiter is already running ..." and answered it to nobody, and the stack ran on. The quit now
+    waits for that command, then stops the stack (:mod:`supervision.signals`)."""
+    stack.start()
+    procs = started_processes(stack)
+    writer = psutil.Process(stack.pids_of("writer")[0])
+    writer.suspend()  # its restart below cannot end before it is continued: the command runs meanwhile
+    try:
+        restart = stack.circusctl("restart", "writer")  # without --waiting: answered while it runs
+        assert restart.returncode == 0 and "ok" in restart.stdout, restart.stdout + restart.stderr
+        os.kill(stack.proc.pid, sig)
+        wait_for("circusd to take the signal", lambda: f"Got signal SIG_{sig.name[3:]}" in stack.circusd_log(),
+                 timeout=30)
+    finally:
+        writer.resume()
+    try:
+        assert stack.wait_exit(timeout=60) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"circusd ignored its {sig.name}: {stack.circusd_log()[-3000:]}")
+    wait_for("every process circusd started to exit", lambda: not any(alive(p) for p in procs), timeout=90)
+    assert "final checkpoint done" in stack.log("writer") or stack.settings.database_path is None
+
+
 def test_a_hung_orphan_blocks_make_run_and_plain_circusd_until_it_is_gone(stack: CircusStack) -> None:
     stack.start()
     wait_for("sim ticks", lambda: query(stack.settings, "SELECT count(*) FROM ticks")[0][0] > 0)
