@@ -11,6 +11,8 @@ A neutral layer between :mod:`db` (below) and :mod:`workers` / :mod:`webapp`
 - :mod:`supervision.plugins`: circus plugins of ours (loaded by circusd).
 - :mod:`supervision.start_up`: what a process does once its modules are loaded (workers, and
   gunicorn's workers once their app is made).
+- :mod:`supervision.signals`: circusd's stop signals (Ctrl-C, SIGTERM) never dropped while it runs another
+  command (installed by :mod:`supervision.hooks`).
 - :mod:`supervision.hooks`: circus's start hooks (loaded by circusd; nothing here may change
   circusd's environment, which ``reloadconfig`` compares with each watcher's).
 

@@ -55,3 +55,6 @@ def _attempt(handler: Any, first: bool) -> None:
         if first:
             log.info("quit (a stop signal) waits for the command circusd runs (%s), then stops the stack", e)
         handler.controller.loop.call_later(RETRY_S, _attempt, handler, False)
+    except Exception:  # circus's own failure, logged by its loop: the next stop signal tries again
+        handler.tickstack_quit_asked = False
+        raise
