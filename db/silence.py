@@ -102,16 +102,21 @@ class Silence:
             self.absent_since = now
         if now - self.absent_since < NO_WRITER_FOR_S:
             return None
-        from db.circusd import circusctl_command
+        from db.circusd import circusctl_command, circusd_pidfile, live_circusd
         from db.server_wait import last_refusal, public_words
 
-        home, start = self.settings.home, circusctl_command(self.settings.circus_endpoint, 'start', 'writer')
+        home = self.settings.home
+        # What starts one: circusctl only where circusd runs (against none it timed out; a new user's
+        # run, round 44), `make run` only where it does not (it refuses while circusd runs).
+        if live_circusd(circusd_pidfile(self.settings)) is None:
+            stack, start = ", nor is the stack (no circusd)", "start it (`make run`)"
+        else:
+            stack = ""
+            start = f"start it (`{circusctl_command(self.settings.circus_endpoint, 'start', 'writer')}`)"
         refused = last_refusal(self.settings)
         if refused is not None:
             # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).
             what, fix = public_words(refused)
-            return (f"no writer is running in {home}: at its last start, {what} (`python -m db doctor` and "
-                    f"log/writer.log say more){': ' + fix if fix else ''}; then start the stack (`make run`) or "
-                    f"its writer (`{start}`)")
-        return (f"no writer is running in {home} (nothing holds its lock {self.lock_path.name}): start the "
-                f"stack (`make run`) or its writer (`{start}`)")
+            return (f"no writer is running in {home}{stack}: at its last start, {what} (`python -m db doctor` and "
+                    f"log/writer.log say more){': ' + fix if fix else ''}; then {start}")
+        return f"no writer is running in {home} (nothing holds its lock {self.lock_path.name}){stack}: {start}"

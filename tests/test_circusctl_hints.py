@@ -22,6 +22,7 @@ from testkit.circus import CircusStack
 from testkit.env import ROOT
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, backticked, run_as_printed, wait_for
+from testkit.writer import no_writer_words
 from tests.test_supervision import prepare
 from webapp import create_app
 
@@ -91,6 +92,11 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         # refuses while circusd runs (a new user's run of the README, round 37).
         page = unescape(ConsoleClient.logged_in(create_app("console", stack.settings)).get("/console/database").text)
         assert advice.split("] ", 1)[1] in page and "make run" not in page, page[-3000:]
+        # A client's (a bot's WARNING, /api/health, the API's 503) says the same command, not `make run`,
+        # which refuses while circusd runs; with circusd gone too, `make run` alone (test_first_contact).
+        told = no_writer_words(stack.settings)
+        assert "make run" not in told and backticked(told, "start writer") == backticked(advice, "start writer"), \
+            (told, advice)
         start = run_as_printed(backticked(advice, "start writer"))
         assert start.returncode == 0 and "ok" in start.stdout, (advice, start.stdout, start.stderr)
         wait_for("the writer started as printed", lambda: stack.status()["writer"] == "active", timeout=60)
