@@ -164,7 +164,7 @@ def _read_password_file(path: Path, username: str, restart: str) -> tuple[str, s
         try:
             admin_password(str(path), password)
         except ConfigError:
-            wrong = f"is too short ({len(password)} characters)"
+            wrong = "is too short"  # not its length: the login page, which needs no login, says it
         else:
             if secret.created:
                 log.warning("console: generated the password of user %r into %s (mode 0600); log in with it",
