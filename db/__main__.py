@@ -140,7 +140,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from db.engine import display_url, make_write_engine
-    from db.lock import WriterLock, WriterLocked
+    from db.lock import WriterLock, WriterLocked, read_lock_holder
     from db.schema import migrate
 
     settings = load_settings()
@@ -157,8 +157,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()
-    except WriterLocked as e:
-        print(f"the writer is running and keeps the schema current; nothing to do ({e})")
+    except WriterLocked:  # its words are a second writer's refusal: not this command's case
+        holder = read_lock_holder(settings.writer_lock_path)
+        print(f"the writer{f' (pid {holder})' if holder is not None else ''} is running and keeps the schema "
+              "current: nothing to do")
         return 0
     try:
         engine = make_write_engine(settings)

@@ -176,6 +176,13 @@ def test_a_writer_makes_a_database_file_others_may_read_private_and_says_so(umas
         proc = stack.start_writer()
         with WriterClient(settings=stack.settings) as client:
             client.call("audit", actor="test", action="mode", target="", result="ok", detail="")
+        # db init beside it: nothing to do, said as such, not as the refusal of a second writer (it
+        # said "refusing to start a second one", exit 0: a new user's run, round 44).
+        again = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                               text=True, timeout=120, check=False)
+        assert again.returncode == 0, again.stdout + again.stderr
+        said = f"the writer (pid {proc.pid}) is running and keeps the schema current: nothing to do\n"
+        assert again.stdout == said, again.stdout
         found = modes(stack.home)
         del found["log/writer-test.log"]  # the test's own, made under its umask
         assert "tickstack.db-wal" in found and "tickstack.db-shm" in found, sorted(found)
