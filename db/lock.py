@@ -124,7 +124,8 @@ class WriterLock(PidLock):
 
 
 #: Why a writer may find its home's file lock held: this home's previous writer, still draining.
-RELOAD_WHY = "circus's reload starts the new writer before it stops the old one"
+RELOAD_WHY = ("it may be this home's previous writer, draining: circus's reload starts the new writer before it "
+              "stops the old one; a writer that runs on is not waited for longer")
 #: Why a writer may find its host's lock on the server held once it holds its home's file lock: not a
 #: reload (that writer would hold the file lock too), but a stack of another home with the same
 #: TICKSTACK_HOST on this database (or this home's previous writer's session, for a moment).

@@ -296,7 +296,8 @@ def test_second_writer_refuses_and_first_keeps_serving(writer: Stack) -> None:
     # python -m db init also respects the lock instead of writing.
     init = subprocess.run([sys.executable, "-m", "db", "init"], env=writer.env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
-    assert init.returncode == 0 and "the writer is running" in init.stdout
+    assert init.returncode == 0 and "is running and keeps the schema current: nothing to do" in init.stdout, \
+        init.stdout
 
 
 def test_a_writer_started_while_another_stops_waits_for_its_lock_and_takes_over(writer: Stack) -> None:
@@ -313,6 +314,9 @@ def test_a_writer_started_while_another_stops_waits_for_its_lock_and_takes_over(
                                   stderr=subprocess.STDOUT)
     writer.procs.append(second)
     wait_for("the second writer to wait", lambda: "waiting up to 15 s for it to end" in log.read_text(), timeout=30)
+    # Why it waits, as what it may be: it said "(circus's reload starts the new writer before it stops the
+    # old one)" of a writer started by hand beside one that runs on (a new user's run, round 44).
+    assert "it may be this home's previous writer" in log.read_text(), log.read_text()
     assert writer.stop(first) == 0
     wait_for("the second writer to serve", lambda: client.ping()["pid"] == second.pid, timeout=30)
     assert client.call("audit", actor="me", action="after")["id"] == 2
