@@ -331,7 +331,7 @@ class WriterClient:
         for ticket in list(self._pending.values()):
             limit = self._bounded(ticket.deadline, ticket.first_sent)
             if now >= limit:
-                if (ticket.awaiting and ticket.last_error is not None and limit == ticket.deadline
+                if (ticket.awaiting and ticket.last_error is not None
                         and now < self._bounded(min(ticket.sent_at, ticket.deadline) + LAST_TRY_S, ticket.first_sent)):
                     # Sent again after a retryable answer, and that send is unanswered: the writer that
                     # answered in milliseconds is given LAST_TRY_S to say what became of it (a full disk

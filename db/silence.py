@@ -19,6 +19,8 @@ log = logging.getLogger("tickstack.client")
 SAY_NO_WRITER_AFTER_S = 3.0
 #: Seconds nobody must hold the writer lock, seen twice, before a client says no writer runs.
 NO_WRITER_FOR_S = 2.0
+#: What a request whose fate the client cannot know is said to be.
+MAYBE_APPLIED = "may or may not have been applied (a retry with this client applies it at most once)"
 
 
 class Silence:
@@ -55,22 +57,19 @@ class Silence:
         (whether it was applied is then not known, and said so)."""
         last = ticket.last_error
         waited = time.monotonic() - ticket.first_sent
-        if last is not None and ticket.awaiting:
-            # Its last answer was to an earlier send: the one in flight may be with the writer, applied
-            # or about to be (it said "not applied" and StorageFull, "nothing written", of a request the
-            # writer then applied, and a caller who sent it again as a new request had it twice).
-            return WriterUnavailable(
-                f"{ticket.op}: no answer from the writer at {self.endpoint} to its last send within its deadline "
-                f"({waited:.1f} s); it may or may not have been applied (a retry with this client applies it at "
-                f"most once); its answer to an earlier send: {type(last).__name__}: {last}")
-        if last is not None and ticket.went_unanswered and ticket.op not in UNRECORDED_OPS:
-            # A send of it went unanswered (a silence) and may have been applied: the later answers are
-            # to later sends, and a writer refusing writes, or a batch whose commit failed, answers
-            # them without a look at its record of what it applied (review, round 44).
-            return WriterUnavailable(
-                f"{ticket.op}: not answered by the writer at {self.endpoint} within its deadline ({waited:.1f} s): "
-                "a send of it went unanswered, so it may or may not have been applied (a retry with this client "
-                f"applies it at most once); its last answer: {type(last).__name__}: {last}")
+        if last is not None and (ticket.awaiting or (ticket.went_unanswered and ticket.op not in UNRECORDED_OPS)):
+            # Its last answer was to another send than one that may be with the writer, applied or about
+            # to be: the one in flight (it said "not applied" and StorageFull, "nothing written", of a
+            # request the writer then applied, and a caller who sent it again as a new request had it
+            # twice), or one a silence left unanswered, whose later sends a writer refusing writes, or a
+            # batch whose commit failed, answers without a look at its record (review, round 44).
+            if ticket.awaiting:
+                said, answer = (f"no answer from the writer at {self.endpoint} to its last send within its deadline "
+                                f"({waited:.1f} s); it", "its answer to an earlier send")
+            else:
+                said, answer = (f"not answered by the writer at {self.endpoint} within its deadline ({waited:.1f} s): "
+                                "a send of it went unanswered, so it", "its last answer")
+            return WriterUnavailable(f"{ticket.op}: {said} {MAYBE_APPLIED}; {answer}: {type(last).__name__}: {last}")
         if isinstance(last, StorageFull):
             return StorageFull(f"{ticket.op}: {last} (still so after {waited:.1f} s of retries)")
         if last is not None:
@@ -83,9 +82,8 @@ class Silence:
             error = WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within "
                                       f"{waited:.1f} s{why}")
         else:
-            error = WriterUnavailable(
-                f"{ticket.op}: no answer from the writer at {self.endpoint} within its deadline{why}; "
-                "it may or may not have been applied (a retry with this client applies it at most once)")
+            error = WriterUnavailable(f"{ticket.op}: no answer from the writer at {self.endpoint} within its "
+                                      f"deadline{why}; it {MAYBE_APPLIED}")
         error.no_writer = no_writer is not None
         return error
 

@@ -1339,6 +1339,18 @@ def test_a_writer_out_of_memory_reading_requests_drops_them_and_serves_on(stack:
     assert stack.stop(proc) == 0, stack.writer_log()[-3000:]
 
 
+def _wait_for_a_new_client(writer: Stack) -> None:
+    """Until a client made now (connected after whatever happened to the socket) reaches the writer."""
+    def a_new_client_is_answered() -> bool:
+        try:
+            with WriterClient(settings=writer.settings, deadline=1) as client:
+                return client.ping(timeout=1)["pid"] == writer.procs[0].pid
+        except WriterUnavailable:
+            return False
+
+    wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+
+
 def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients_reach_it(writer: Stack) -> None:
     """``rm run/writer.sock`` under a running writer: the clients already connected went on, every new
     one waited out its deadline, the writer said nothing and its heartbeats went on, so nothing
@@ -1349,15 +1361,7 @@ def test_the_writers_socket_file_removed_under_it_is_bound_again_and_new_clients
         assert old.call("audit", actor="me", action="before")["id"] == 1
         socket_path = Path(writer.settings.writer_endpoint.removeprefix("ipc://"))
         socket_path.unlink()
-
-        def a_new_client_is_answered() -> bool:
-            try:
-                with WriterClient(settings=writer.settings, deadline=1) as client:
-                    return client.ping(timeout=1)["pid"] == writer.procs[0].pid
-            except WriterUnavailable:
-                return False
-
-        wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+        _wait_for_a_new_client(writer)
         assert socket_path.exists()
         assert old.call("audit", actor="me", action="after")["id"] == 2
     finally:
@@ -1381,15 +1385,7 @@ def test_the_run_folder_removed_under_the_writer_is_made_again_and_new_clients_r
         socket_path = Path(writer.settings.writer_endpoint.removeprefix("ipc://"))
         assert socket_path.parent == run
         shutil.rmtree(run)
-
-        def a_new_client_is_answered() -> bool:
-            try:
-                with WriterClient(settings=writer.settings, deadline=1) as client:
-                    return client.ping(timeout=1)["pid"] == writer.procs[0].pid
-            except WriterUnavailable:
-                return False
-
-        wait_for("a new client to reach the writer", a_new_client_is_answered, timeout=30)
+        _wait_for_a_new_client(writer)
         assert socket_path.exists() and (run.stat().st_mode & 0o777) == 0o700
         assert old.call("audit", actor="me", action="after")["id"] == 2
     finally:

@@ -75,8 +75,6 @@ class EndpointGuard:
             return
         try:
             self.run_dir.mkdir(mode=0o700)  # no parents: not a home removed whole
-        except FileExistsError:
-            return
-        except OSError:  # the home is gone or not writable: the bind's failure says so
+        except OSError:  # there, or the home is gone or not writable (the bind's failure says so)
             return
         log.error("writer: its run folder %s was removed; made again", self.run_dir)
