@@ -29,6 +29,7 @@ from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
+from db.private_files import private_file_findings
 from db.served_database import home_database_finding
 from db.server import server_status
 from db.server_wait import last_refusal, login_refused, login_user
@@ -294,6 +295,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
     out.extend(_disk_findings(snap))
+    out.extend(private_file_findings(settings))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
                             "writes the file. See the processes below."))

@@ -180,7 +180,7 @@ def test_a_file_fixed_to_the_variables_minimum_lets_the_owner_in_after_a_restart
         assert status == 302 and headers["Location"] == "/console/watchers"
         assert browser.request("GET", "/console/watchers")[0] == 200
         log = log_path.read_text(errors="replace")
-        assert "readable by other users" in log and "chmod 600" in log
+        assert "is open to other users (mode 644)" in log and "chmod 600" in log
         assert "refuse" not in log and "Traceback" not in log and good not in log
 
 

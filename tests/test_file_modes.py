@@ -192,3 +192,35 @@ def test_a_writer_makes_a_database_file_others_may_read_private_and_says_so(umas
         assert stack.stop(proc) == 0
     finally:
         stack.close()
+
+
+@pytest.mark.database_independent("the secret files and the home are files of the home, whatever the database")
+def test_doctor_warns_of_secret_files_and_a_home_other_users_may_read() -> None:
+    """``db doctor`` said nothing of an ``admin-password`` of mode 0644 (copied in by hand, or made
+    under another tool's umask): only the console's log warned, where nobody looks (a new user's run).
+    It now names each secret file and the home that others may read, with the command that fixes it;
+    and says nothing of them once they are private."""
+    stack = Stack.create()
+    try:
+        doctor = [sys.executable, "-m", "db", "doctor"]
+        home = stack.home
+        (home / "admin-password").write_text("correct horse battery staple\n")
+        (home / "api-token").write_text("t" * 40 + "\n")
+        os.chmod(home / "admin-password", 0o644)
+        os.chmod(home / "api-token", 0o640)
+        os.chmod(home, 0o755)
+        said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+        for name, mode in (("admin-password", "644"), ("api-token", "640")):
+            line = next((line for line in said.splitlines() if str(home / name) in line), "")
+            assert line.startswith("[WARN]") and f"mode {mode}" in line, said
+            assert f"chmod 600 {home / name}" in line, said
+        home_line = next((line for line in said.splitlines() if line.startswith("[WARN]")
+                          and f"chmod 700 {home}" in line), "")
+        assert "mode 755" in home_line, said
+        os.chmod(home / "admin-password", 0o600)
+        os.chmod(home / "api-token", 0o600)
+        os.chmod(home, 0o700)
+        said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+        assert "chmod" not in said, said
+    finally:
+        stack.close()

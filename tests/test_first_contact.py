@@ -365,3 +365,29 @@ def test_a_worker_waiting_for_the_database_stops_at_once_on_sigterm(worker: str)
             proc.kill()
             proc.wait()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.database_independent("which Python runs a command is asked before any database is opened")
+def test_a_command_run_by_a_python_without_the_venvs_packages_says_to_use_the_venv() -> None:
+    """``python3 -m db health`` with the system's Python (no SQLAlchemy, pyzmq, ...) was a traceback
+    ending in ``ModuleNotFoundError: No module named 'psutil'`` (a new user's run). It now says, in one
+    line and no traceback, which packages are missing and to use the checkout's venv. ``-S`` leaves
+    the venv's site-packages off the path: the venv's own base Python, as the system's would be."""
+    home = _empty_home()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TICKSTACK_", "WRITER_", "DATABASE_"))}
+    env.update(TICKSTACK_HOME=str(home), PYTHONPATH=str(ROOT))
+    try:
+        for command in (["-m", "db", "health"], ["-m", "workers.writer"]):
+            done = subprocess.run([sys.executable, "-S", *command], env=env, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert "are not installed for" in done.stderr and "`.venv/bin/python -m ...`" in done.stderr, done.stderr
+            assert "sqlalchemy" in done.stderr, done.stderr
+        # Imported as a library (a user's bot), the same words as the error's.
+        done = subprocess.run([sys.executable, "-S", "-c", "import db.client"], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines()[-1].startswith("ModuleNotFoundError: tickstack's packages"), done.stderr
+        assert not list(home.iterdir()), "nothing written into the home"
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

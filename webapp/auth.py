@@ -88,6 +88,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from db.circusd import circusctl_command
 from db.config import ADMIN_PASSWORD_MIN, PASSWORD_FILE, SECRET_KEY_FILE, ConfigError, Settings, admin_password
+from db.private_files import open_mode
 from webapp.auth_state import LoginThrottle, SessionStore, peer_key, retry_after
 from webapp.errors import json_error
 from webapp.secret_files import read_secret_file, unusable
@@ -179,12 +180,9 @@ def _read_password_file(path: Path, username: str, restart: str) -> tuple[str, s
 
 def _warn_if_shared(path: Path) -> None:
     """A warning when other users may read the password file (it is used all the same)."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:  # gone since it was read: the next start says what is wrong with it
-        return
-    if mode & 0o077:
-        log.warning("console: %s is readable by other users (mode %o); chmod 600 it", path, mode)
+    mode = open_mode(path)
+    if mode is not None:
+        log.warning("console: %s is open to other users (mode %o); chmod 600 it", path, mode)
 
 
 # --- wiring into the console blueprint ------------------------------------------------------------
