@@ -41,7 +41,7 @@ from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
 from db.inflight import FIRST_ATTEMPT_TIMEOUT, MAX_PIPELINE_WINDOW, Pipeline, Ticket
 from db.parsers import check_seconds
-from db.protocol import MAX_MESSAGE_SLACK, UNRECORDED_OPS, encode_request, pack_columns
+from db.protocol import MAX_MESSAGE_SLACK, MAX_SEQ, UNRECORDED_OPS, encode_request, pack_columns
 from db.silence import Silence
 
 #: ``Ticket``, ``Pipeline`` and the window's bound live in :mod:`db.inflight`; importable from here too.
@@ -169,6 +169,9 @@ class WriterClient:
         self._check_owner()
         if _seq is None:
             _seq = self._next_seq(op)
+        elif type(_seq) is not int or not 0 <= _seq <= MAX_SEQ:  # the writer could not answer it by number
+            raise ValueError(f"{op}: _seq must be a whole number from 0 to 2^63-1 (the protocol's), not "
+                             f"{_seq!r:.40}")
         elif _seq in self._pending:
             raise ValueError(f"request {_seq} of this client is still in flight")
         else:  # a new request after it must not take its number again
@@ -243,6 +246,9 @@ class WriterClient:
             raise ValueError(f"{op}: a client made with client_id= only sends earlier requests again "
                              "(submit(op, _seq=N, ...) with the arguments they had); a new request needs a "
                              "client of its own")
+        if self._seq >= MAX_SEQ:  # 2^63 would be refused unanswerably: the call would wait out its deadline
+            raise ValueError(f"{op}: this client has used every sequence number (its last, 2^63-1, was given "
+                             "as _seq): a new request needs a new client")
         self._seq += 1
         return self._seq
 

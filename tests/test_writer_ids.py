@@ -243,3 +243,23 @@ def test_a_resend_with_its_columns_packed_another_way_is_the_same_request(writer
                                             {"ticks": {name: tuple(col) for name, col in ticks.items()}}))
     assert as_tuples["ok"] is True and as_tuples["result"] == first["result"], as_tuples
     assert count(writer, "SELECT count(*) FROM ticks") == 20
+
+
+def test_a_sequence_number_out_of_the_protocols_range_is_refused_by_the_client_at_once(writer: Stack) -> None:
+    """``submit(op, _seq=2**63 - 1)`` is the protocol's last number: the next new request of that
+    client was numbered 2**63, which the writer refuses as an envelope it cannot answer by number, and
+    the call waited out its whole deadline for an answer that never came (a bad-input hunt, left Low
+    in round 44). A ``_seq`` outside 0..2**63-1, or not an integer, was sent as it was. The client now
+    refuses both at once, naming the bound, and sends nothing."""
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        for bad in (-1, 2**63, 2**64, 1.5, True, "7"):
+            with pytest.raises(ValueError, match=r"_seq must be a whole number from 0 to 2\^63-1") as refused:
+                client.submit("audit", _seq=bad, actor="me", action="bad_seq")
+            assert repr(bad)[:20] in str(refused.value)
+        last = client.submit("audit", _seq=2**63 - 1, actor="me", action="last_number")
+        client.wait(last)
+        assert last.error is None, last.error
+        with pytest.raises(ValueError, match="has used every sequence number.*a new client") as used_up:
+            client.call("audit", actor="me", action="one_more")
+        assert "2^63-1" in str(used_up.value)
+    assert count(writer, "SELECT count(*) FROM audit_log") == 1
