@@ -1,7 +1,24 @@
-"""What a tickstack process does once its modules are loaded, before its work (workers and web apps)."""
+"""What a tickstack process does while its modules load and once they are loaded, before its work
+(workers and web apps)."""
 from __future__ import annotations
 
 import gc
+import sys
+
+
+def pause_collection_while_loading(command_only: bool = True) -> None:
+    """Pause the garbage collector while this process loads its modules; :func:`freeze_start_up_objects`
+    resumes it. Loading makes some 60,000 to 80,000 objects that live as long as the process, and no
+    cyclic garbage (a full collection right after frees nothing), yet the collector walked them over
+    and over as they were made: ``import workers.writer`` and a freeze, 15 runs each here, 0.41 s of
+    CPU in the median, 0.35 s with the collector paused (0.38 s with only its thresholds raised).
+
+    ``command_only``: only in a process run as a command (``python -m workers.x``: while ``runpy``
+    imports the command's packages, ``sys.argv[0]`` is ``"-m"``), whose ``main`` freezes; a program or
+    a test that imports a worker module keeps its collector as it is. gunicorn's ``post_fork`` hook
+    passes False: it is a worker about to load its app, whose ``post_worker_init`` freezes."""
+    if not command_only or sys.argv[:1] == ["-m"]:
+        gc.disable()
 
 
 def freeze_start_up_objects() -> None:
@@ -25,5 +42,8 @@ def freeze_start_up_objects() -> None:
     The cost: an object made before the freeze that later ends in a reference cycle is never
     collected, nor finalized (a review of round 44 found each worker object so, with its client,
     engine and pool). Nothing relies on a finalizer: every ``teardown()`` closes what it opened,
-    and what is opened before the freeze must be closed the same way."""
+    and what is opened before the freeze must be closed the same way.
+
+    Resumes the collector :func:`pause_collection_while_loading` paused (or turns it on)."""
     gc.freeze()
+    gc.enable()

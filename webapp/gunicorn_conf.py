@@ -18,7 +18,7 @@ from typing import Any
 
 from db.config import load_settings
 from supervision.lifeline import Lifeline
-from supervision.start_up import freeze_start_up_objects
+from supervision.start_up import freeze_start_up_objects, pause_collection_while_loading
 from webapp import multiprocess
 
 #: This master's folder of prometheus_client's files (gunicorn reads this module in the master).
@@ -37,6 +37,11 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def on_exit(server: Any) -> None:
     multiprocess.stop(METRICS_FOLDER)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    # A worker, before it loads its app: no collection while it does (freeze_start_up_objects resumes it).
+    pause_collection_while_loading(command_only=False)
 
 
 def post_worker_init(worker: Any) -> None:
