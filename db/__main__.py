@@ -246,6 +246,8 @@ def cmd_health(args: argparse.Namespace) -> int:
               f"({d['free_pct']:.1f} %) at {d['path']}{flag}")
     for proc in snap.get("processes", []):
         flag = "  <-- " + proc["role"].upper() if proc["flagged"] else ""
+        if proc.get("in_read_transaction") and proc["role"] != "writer":  # what holds the WAL back
+            flag += "  (in a read transaction)"
         print(f"process    {proc['pid']:>7} {proc['role']:<12} {proc['cmdline'][:70]}{flag}")
     return down
 

@@ -34,6 +34,7 @@ from db.served_database import home_database_finding
 from db.server import server_status
 from db.server_wait import last_refusal, login_refused, login_user
 from db.sizes import human_bytes
+from db.wal_readers import pids_in_read_transactions
 
 #: Modules whose processes are ours: a process running one of them with the
 #: database open is a known reader.
@@ -122,7 +123,8 @@ def holders(path: Path, writer_pid: int | None, home: Path, known_pids: set[int]
         if not files:
             continue
         writes_db = any(wanted[f.path] == "db" and f.mode != "r" for f in files)
-        cmdline = " ".join(proc.info["cmdline"] or [])
+        # One line whatever its arguments hold (``python -c`` with a program of several lines).
+        cmdline = " ".join(" ".join(arg.split()) for arg in proc.info["cmdline"] or [])
         if proc.pid == writer_pid:
             role = "writer"
         elif writes_db:
@@ -233,6 +235,9 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     except (sqlite3.Error, FileNotFoundError) as e:
         snap["pragmas"] = {"error": str(e)}
     snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids)
+    reading = pids_in_read_transactions(database_files(path)["shm"])
+    for proc in snap["processes"]:  # None: not known (no -shm file, no /proc/locks)
+        proc["in_read_transaction"] = None if reading is None else proc["pid"] in reading
     return snap
 
 
@@ -313,9 +318,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "backup (python -m db backup makes them)."))
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
-        readers = [p["pid"] for p in snap.get("processes", []) if p["role"] != "writer"]
-        out.append(("warn", f"The WAL is {wal / 1e6:.0f} MB: checkpoints are not keeping up, usually because "
-                            f"readers keep long transactions open (pids {readers}). `python -m db checkpoint`."))
+        out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"])))
     for p in snap.get("processes", []):
         if p["role"] == "rogue-writer":
             out.append(("fail", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open FOR WRITING and is not "
@@ -327,6 +330,21 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out
+
+
+def _wal_words(wal: int, readers: list[dict[str, Any]]) -> str:
+    """The WAL's warning: the readers whose read transaction holds it back, when they are known."""
+    size = f"The WAL is {wal / 1e6:.0f} MB"
+    if any(p.get("in_read_transaction") is None for p in readers):  # not known: every reader may be the one
+        return (f"{size}: checkpoints are not keeping up, usually because readers keep long transactions open "
+                f"(pids {[p['pid'] for p in readers]}). `python -m db checkpoint`.")
+    holding = [p for p in readers if p["in_read_transaction"]]
+    if not holding:
+        return (f"{size}, and no reader is in a read transaction now: `python -m db checkpoint` shrinks it. If it "
+                "grows again, a reader keeps long transactions open from time to time.")
+    named = "; ".join(f"pid {p['pid']} ({p['cmdline'][:80]})" for p in holding)
+    return (f"{size}: a read transaction held open keeps checkpoints from shrinking it, in {named}. End that "
+            "read (or restart that process), then `python -m db checkpoint`.")
 
 
 def _other_database(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:

@@ -487,6 +487,60 @@ def test_the_io_thread_answers_pings_while_another_program_holds_the_write_lock(
 # --- checkpoints off the commit path ------------------------------------------------------------------------------
 
 
+#: A reader of the test's database, in its own process: with ``hold``, in a read transaction until its
+#: stdin closes; else between transactions, the file open.
+_READER = """
+import sqlite3, sys
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, isolation_level=None)
+if sys.argv[2] == "hold":
+    con.execute("BEGIN")
+con.execute("SELECT count(*) FROM ticks").fetchall()
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::"
+                         "test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down")
+def test_doctor_names_the_reader_whose_transaction_holds_the_wal_back(stack: Stack) -> None:
+    """``db doctor``'s warning of a large WAL listed every process with the database open ("readers keep
+    long transactions open (pids [...])": all of the stack's readers, whatever they did). It now names
+    the processes in a read transaction (their locks on SQLite's read marks, from /proc/locks), says
+    when none is, and ``db health`` marks them."""
+    stack.env["TICKSTACK_JOURNAL_SIZE_LIMIT"] = "0"  # any WAL left after a checkpoint is "large"
+    stack.start_writer()
+    path = str(stack.settings.database_path)
+    readers = {how: subprocess.Popen([sys.executable, "-c", _READER, path, how], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True) for how in ("hold", "idle")}
+    try:
+        for proc in readers.values():
+            assert proc.stdout.readline().strip() == "reading"
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            for n in range(5):
+                client.call("insert_ticks", ticks=[{"symbol": "WALUSD", "ts": T0 + n, "bid": 1.0, "ask": 1.1}])
+            client.call("checkpoint", mode="TRUNCATE")  # partial: the held read keeps the WAL
+        doctor = [sys.executable, "-m", "db", "doctor"]
+        said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+        line = next((line for line in said.splitlines() if "The WAL is" in line), said)
+        held, idle = readers["hold"].pid, readers["idle"].pid
+        assert line.startswith("[WARN]") and "a read transaction held open keeps checkpoints from shrinking it" \
+            in line, said
+        assert f"pid {held} (" in line and f"pid {idle}" not in line and "pids [" not in line, said
+        health = subprocess.run([sys.executable, "-m", "db", "health"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120).stdout
+        marked = [line for line in health.splitlines() if "(in a read transaction)" in line]
+        assert len(marked) == 1 and f" {held} " in marked[0], health
+        # Its program of several lines on its one line (its lines broke health's table).
+        assert "-c import sqlite3, sys con = sqlite3.conn" in marked[0], health
+    finally:
+        for proc in readers.values():
+            proc.communicate(timeout=30)
+    said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    line = next((line for line in said.splitlines() if "The WAL is" in line), "")
+    # Ended: no reader names; a WAL still there (the checkpointer's next turn) is said to shrink now.
+    assert not line or "no reader is in a read transaction now" in line, said
+
+
 @pytest.mark.sqlite_only("tests/test_jobs.py::test_no_checkpoint_job_runs_on_a_server")
 def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: Stack) -> None:
     """A thread copies the WAL ahead of SQLite's own checkpoint (which a commit pays for); the
