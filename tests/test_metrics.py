@@ -22,6 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from testkit.circus import WATCHERS, CircusStack
 from testkit.helpers import wait_for
 
+#: Every test here: counts of requests no database serves, and circus's watchers (tests/conftest.py).
+pytestmark = pytest.mark.database_independent(
+    "the counts of requests that read no database, across gunicorn's workers and masters, and circus's "
+    "watchers are the same whatever the database")
+
 ROUTE = "/api/openapi.json"  # no writer call, and nothing else in the stack requests it
 
 

@@ -133,6 +133,8 @@ def test_stack_end_to_end(running: CircusStack) -> None:
     assert stack.log("writer").count("writer ready") == 2
 
 
+@pytest.mark.database_independent("a watcher refused by a bad setting of its own is stopped by "
+                                  "circus's flapping plugin, whatever the database")
 def test_crash_looping_watcher_is_stopped_by_flapping_others_stay_up() -> None:
     # A broken setting in the jobs watcher's own environment makes it exit 2 at every start (the
     # same setting for the whole stack would stop `make run` at once, as it should).
@@ -149,6 +151,8 @@ def test_crash_looping_watcher_is_stopped_by_flapping_others_stay_up() -> None:
         stack.close()
 
 
+@pytest.mark.database_independent("a second circusd and an unchanged reloadconfig are circus's pid "
+                                  "file and watchers, whatever the database")
 def test_second_circusd_refuses_and_a_reload_of_the_same_ini_leaves_every_watcher_running(
         running: CircusStack) -> None:
     """A second circusd on the same home is refused and the first is untouched. So is every watcher

@@ -30,6 +30,9 @@ from tests.test_supervision import port_free, prepare
 #: The tests of this module whose promise is the same whatever the database (tests/conftest.py).
 DATABASE_INDEPENDENT = pytest.mark.database_independent(
     "a taken port is found, and refused, before any database is opened")
+#: Those of them about the home's path, as circus uses it.
+DATABASE_INDEPENDENT_PATHS = pytest.mark.database_independent(
+    "the home's path is checked for circus's sockets and circus.ini before any database is opened")
 
 stack = test_supervision.stack  # the fixture: a CircusStack of the real circus.ini, stopped by pid
 
@@ -184,6 +187,7 @@ def _home_with_pubsub_path_of(length: int) -> Path:
     return home
 
 
+@DATABASE_INDEPENDENT_PATHS
 def test_prepare_refuses_a_home_too_long_for_circus_sockets_and_circus_runs_at_the_limit() -> None:
     """`python -m db prepare` checked the writer's socket only: circus's sockets (circus-pubsub.sock
     is the longest) are longer, so a home that passed could not run circusd. At 107 bytes, the
@@ -212,6 +216,7 @@ def test_prepare_refuses_a_home_too_long_for_circus_sockets_and_circus_runs_at_t
             shutil.rmtree(home.parent, ignore_errors=True)
 
 
+@DATABASE_INDEPENDENT_PATHS
 @pytest.mark.parametrize("written", ["~/var", "var", " "], ids=["tilde", "relative", "blank"])
 def test_prepare_refuses_a_home_circus_ini_cannot_use_as_written(written: str) -> None:
     """circus.ini takes TICKSTACK_HOME as it is written (``$(circus.env.TICKSTACK_HOME)/log/...``):

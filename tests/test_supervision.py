@@ -173,6 +173,9 @@ def test_every_process_stops_gracefully_when_circusd_is_killed(stack: CircusStac
     assert all(stack.status()[w] == "active" for w in WATCHERS)
 
 
+@pytest.mark.database_independent("circusd's handling of its stop signals while a command runs; the "
+                                  "writer's own stop on each database is checked by test_writer.py "
+                                  "and test_postgres_writer_lock.py")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_a_stop_signal_while_circusd_runs_a_command_stops_the_stack_once_it_is_done(
         stack: CircusStack, sig: signal.Signals) -> None:
@@ -236,6 +239,7 @@ def test_a_hung_orphan_blocks_make_run_and_plain_circusd_until_it_is_gone(stack:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.database_independent('a taken port is found, and refused, before any database is opened')
 def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
     api = socket.socket()
     api.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -277,6 +281,7 @@ def test_make_run_and_circusd_refuse_taken_ports(stack: CircusStack) -> None:
 @pytest.mark.parametrize("name, value, said", [("TICKSTACK_API_PORT", "abc", "is not a whole number"),
                                                ("TICKSTACK_API_PORT", "70000", "must be a whole number"),
                                                ("TICKSTACK_READY_TIMEOUT", "soon", "is not a number")])
+@pytest.mark.database_independent("a bad setting is refused by circusd's start hook before any database is opened")
 def test_plain_circusd_stops_on_a_bad_setting_with_the_reason_on_its_terminal(
         stack: CircusStack, name: str, value: str, said: str) -> None:
     """``circusd circus.ini`` with a setting that does not load: circusd exits 1 with the one-line
@@ -302,6 +307,7 @@ def test_plain_circusd_stops_on_a_bad_setting_with_the_reason_on_its_terminal(
     assert oct(stat.S_IMODE((stack.home / "log" / "circusd.log").stat().st_mode)) == oct(0o600)
 
 
+@pytest.mark.database_independent("the Python on PATH is checked by circusd's start hook before any database is opened")
 def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusStack, tmp_path: Path) -> None:
     """``.venv/bin/circusd circus.ini`` typed without the venv activated: circus.ini's bare ``python``
     and ``gunicorn`` are found on circusd's PATH, here a Python without tickstack's packages (this
@@ -327,6 +333,8 @@ def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusSta
     assert refused.returncode == 1 and f"`python` on PATH is {foreign}/python" in refused.stderr, refused.stderr
 
 
+@pytest.mark.database_independent("circusd's pid file and the process that holds its pid are the same"
+                                  " whatever the database")
 @pytest.mark.parametrize("holder", ["gone", "zombie", "unrelated", "newer-circusd"])
 def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_path: Path) -> None:
     pidfile = stack.home / "run" / "circusd.pid"
@@ -372,6 +380,8 @@ def test_make_run_clears_a_stale_pid_file(stack: CircusStack, holder: str, tmp_p
             other.wait()
 
 
+@pytest.mark.database_independent("health's verdict on an unanswering circusd is read from circus, "
+                                  "whatever the database")
 def test_health_is_degraded_while_circusd_does_not_answer(stack: CircusStack) -> None:
     stack.start()
     wait_for("health ok", lambda: health(stack)["status"] == "ok", timeout=60)
@@ -445,6 +455,7 @@ def test_a_dependent_never_waits_for_a_stopped_writer_and_once_for_a_silent_one(
         stack.close()
 
 
+@pytest.mark.database_independent("the watchers circus has after a reloadconfig are circus's, whatever the database")
 def test_a_watcher_a_reloadconfig_dropped_is_missing_and_down_in_health_and_metrics(stack: CircusStack) -> None:
     """``[watcher:monitor`` without its closing bracket, then ``circusctl reloadconfig --waiting``:
     circusctl says ok and circus removes the monitor watcher. Health judged only the watchers circus
@@ -477,6 +488,8 @@ def test_the_stacks_watchers_are_circus_ini_s() -> None:
 # --- flapping: retries stop after max_retry ---------------------------------------------------------------------
 
 
+@pytest.mark.database_independent("a watcher of its own that crashes: circus's flapping plugin, with "
+                                  "no stack and no database")
 def test_flapping_retries_stop_after_max_retry() -> None:
     home = new_home()
     env = isolated_env(home)
@@ -525,6 +538,7 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
 # --- point 8: a hung process is restarted -----------------------------------------------------------------------
 
 
+@pytest.mark.database_independent("circusd's own log handler and its log folder are the same whatever the database")
 def test_a_log_folder_moved_away_is_made_again_and_circusd_serves_on(stack: CircusStack) -> None:
     """``mv $TICKSTACK_HOME/log ...`` under a running stack, then a ``circusctl restart``: circusd's
     own log handler (the stdlib's WatchedFileHandler) raised FileNotFoundError into circus's loop at
@@ -569,6 +583,8 @@ def test_a_home_moved_under_the_stack_gets_no_new_database(stack: CircusStack) -
         shutil.rmtree(moved, ignore_errors=True)
 
 
+@pytest.mark.database_independent("what circusd's log says of a killed worker is circus's reaping, "
+                                  "whatever the database")
 def test_a_process_killed_under_circus_is_said_in_circusds_log(stack: CircusStack) -> None:
     """kill -9 of a worker: circusd.log said nothing, and the worker's own log only its successor's
     start (fault hunt as an operator). Now circusd says which process ended, and how."""
