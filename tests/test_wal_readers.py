@@ -6,9 +6,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from db.client import WriterClient
+from testkit.helpers import T0
+from testkit.writer import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,3 +83,56 @@ def test_a_read_transaction_is_found_on_a_file_system_whose_stat_names_another_d
     # The case itself: stat() and /proc/locks disagree on this file's device (else the test shows nothing).
     assert said["locks"] and said["stat"] not in said["locks"], said
     assert said["found"] == [said["hold"]], said
+
+
+#: A reader of the database, through another path to its folder: with ``hold``, in a read transaction
+#: until its stdin closes.
+_READER = """
+import sqlite3, sys
+con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, isolation_level=None)
+con.execute("BEGIN")
+con.execute("SELECT count(*) FROM ticks").fetchall()
+print("reading", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::"
+                         "test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down")
+def test_doctor_names_a_reader_in_a_read_transaction_whose_open_files_it_cannot_see(stack: Stack) -> None:
+    """A reader doctor cannot list (in a container, the home a volume mounted at another path; or
+    another user's process): ``/proc/locks`` names it, but only the listed processes were looked up in
+    it, and doctor said of the WAL it held back "no reader is in a read transaction now: `python -m db
+    checkpoint` shrinks it", which it could not. It now names that pid too. The reader here runs in a
+    mount namespace of its own, the home bind-mounted at another path (its open files are named so)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to run a reader in a mount namespace of its own")
+    stack.env["TICKSTACK_JOURNAL_SIZE_LIMIT"] = "0"  # any WAL left after a checkpoint is "large"
+    stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        client.call("insert_ticks", ticks=[{"symbol": "WALUSD", "ts": T0, "bid": 1.0, "ask": 1.1}])
+    elsewhere = Path(tempfile.mkdtemp(prefix="ts-volume-"))
+    bind = f'mount --bind {stack.home} {elsewhere} || exit 77; exec "$0" -c "$1" "$2"'
+    reader = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", bind, sys.executable,
+                               _READER, str(elsewhere / stack.settings.database_path.name)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if reader.stdout.readline().strip() != "reading":
+            _, err = reader.communicate(timeout=30)
+            pytest.skip(f"no mount namespace of its own here: {err.strip()[-300:]}")
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            for n in range(1, 5):
+                client.call("insert_ticks", ticks=[{"symbol": "WALUSD", "ts": T0 + n, "bid": 1.0, "ask": 1.1}])
+            client.call("checkpoint", mode="TRUNCATE")  # partial: the held read keeps the WAL
+        health = json.loads(subprocess.run([sys.executable, "-m", "db", "health", "--json"], env=stack.env, cwd=ROOT,
+                                           capture_output=True, text=True, timeout=120).stdout)
+        assert reader.pid not in [p["pid"] for p in health["processes"]], health["processes"]  # the case itself
+        said = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120).stdout
+        line = next((line for line in said.splitlines() if "The WAL is" in line), said)
+        assert "no reader is in a read transaction" not in line, said
+        assert f"pid {reader.pid} (" in line and "a read transaction held open" in line, said
+    finally:
+        if reader.returncode is None:
+            reader.communicate(timeout=30)
+        elsewhere.rmdir()
