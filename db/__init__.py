@@ -12,6 +12,9 @@ if _missing:
     _words = (f"tickstack's packages ({', '.join(_missing)}) are not installed for {sys.executable}: run tickstack "
               "with the checkout's venv, `.venv/bin/python -m ...` (`make install` makes it; `source "
               ".venv/bin/activate` puts it first on PATH)")
-    if sys.argv[:1] == ["-m"]:  # a command (python -m db ..., -m workers.x): its parents import as "-m"
+    # A command: python -m db ..., -m workers.x (their packages import while sys.argv[0] is "-m"), or
+    # python -m bench ... (it imports db once its own module runs, as __main__ of a package of ours).
+    _main = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if sys.argv[:1] == ["-m"] or (_main is not None and _main.name.partition(".")[0] in ("bench", "db", "workers")):
         sys.exit(f"{_words}.")
     raise ModuleNotFoundError(_words, name=_missing[0])

@@ -238,6 +238,10 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     reading = pids_in_read_transactions(database_files(path)["shm"])
     for proc in snap["processes"]:  # None: not known (no -shm file, no /proc/locks)
         proc["in_read_transaction"] = None if reading is None else proc["pid"] in reading
+    if reading is not None:  # and those not listed: their open files are not ours to see (another user's, a
+        # container's, its paths its own), but /proc/locks names them all
+        snap["unlisted_read_transactions"] = sorted(reading - {p["pid"] for p in snap["processes"]}
+                                                    - {writer.get("pid")})
     return snap
 
 
@@ -318,7 +322,8 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "backup (python -m db backup makes them)."))
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
-        out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"])))
+        out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"],
+                                       snap.get("unlisted_read_transactions") or [])))
     for p in snap.get("processes", []):
         if p["role"] == "rogue-writer":
             out.append(("fail", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open FOR WRITING and is not "
@@ -332,17 +337,20 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     return out
 
 
-def _wal_words(wal: int, readers: list[dict[str, Any]]) -> str:
-    """The WAL's warning: the readers whose read transaction holds it back, when they are known."""
+def _wal_words(wal: int, readers: list[dict[str, Any]], unlisted: list[int]) -> str:
+    """The WAL's warning: the readers whose read transaction holds it back, when they are known
+    (``unlisted``: the pids of those whose open files this process may not see)."""
     size = f"The WAL is {wal / 1e6:.0f} MB"
     if any(p.get("in_read_transaction") is None for p in readers):  # not known: every reader may be the one
         return (f"{size}: checkpoints are not keeping up, usually because readers keep long transactions open "
                 f"(pids {[p['pid'] for p in readers]}). `python -m db checkpoint`.")
-    holding = [p for p in readers if p["in_read_transaction"]]
+    holding = [f"pid {p['pid']} ({p['cmdline'][:80]})" for p in readers if p["in_read_transaction"]]
+    holding += [f"pid {pid} (a process whose open files this check may not see: another user's, or a container's)"
+                for pid in unlisted]
     if not holding:
         return (f"{size}, and no reader is in a read transaction now: `python -m db checkpoint` shrinks it. If it "
                 "grows again, a reader keeps long transactions open from time to time.")
-    named = "; ".join(f"pid {p['pid']} ({p['cmdline'][:80]})" for p in holding)
+    named = "; ".join(holding)
     return (f"{size}: a read transaction held open keeps checkpoints from shrinking it, in {named}. End that "
             "read (or restart that process), then `python -m db checkpoint`.")
 

@@ -7,6 +7,7 @@ the console's log warns of its password file (:func:`open_mode`, one rule for bo
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from db.config import PASSWORD_FILE, SECRET_KEY_FILE, TOKEN_FILE, Settings
@@ -33,10 +34,12 @@ def private_file_findings(settings: Settings) -> list[tuple[str, str]]:
         path = settings.home / name
         mode = open_mode(path)
         if mode is not None:  # read, or written over: a password of theirs
-            out.append(("warn", f"{what} {path} is open to other users (mode {mode:o}): `chmod 600 {path}`."))
+            # Quoted for the shell, as every command the stack prints: a home with a space in its path.
+            out.append(("warn", f"{what} {path} is open to other users (mode {mode:o}): "
+                                f"`{shlex.join(('chmod', '600', str(path)))}`."))
     mode = open_mode(settings.home)
     if mode is not None:
         out.append(("warn", f"The home {settings.home} is open to other users (mode {mode:o}): a file in it "
                             f"that is not private (copied in, or rotated by hand) is theirs to read. "
-                            f"`chmod 700 {settings.home}`."))
+                            f"`{shlex.join(('chmod', '700', str(settings.home)))}`."))
     return out

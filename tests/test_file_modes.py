@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from db.client import WriterClient
 from supervision.streams import PrivateFileStream
 from testkit.circus import WATCHERS, CircusStack
-from testkit.env import ROOT, isolated_env
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import query, wait_for
 from testkit.writer import Stack
 
@@ -220,6 +221,33 @@ def test_doctor_warns_of_secret_files_and_a_home_other_users_may_read() -> None:
         os.chmod(home / "admin-password", 0o600)
         os.chmod(home / "api-token", 0o600)
         os.chmod(home, 0o700)
+        said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+        assert "chmod" not in said, said
+    finally:
+        stack.close()
+
+
+@pytest.mark.database_independent("the secret files and the home are files of the home, whatever the database")
+def test_doctors_chmod_commands_run_as_printed_in_a_home_with_a_space_in_its_path() -> None:
+    """Doctor's ``chmod`` advice was the path as it is: in a home with a space in its path (``~/my
+    stack``) the command pasted as two arguments, and changed nothing (chmod: cannot access ...).
+    Quoted for the shell now, as every command the stack prints: each one, run as printed, fixes
+    what it is printed for."""
+    home = new_home(prefix="ts- a space ")
+    stack = Stack(home, isolated_env(home))
+    try:
+        doctor = [sys.executable, "-m", "db", "doctor"]
+        (home / "admin-password").write_text("correct horse battery staple\n")
+        os.chmod(home / "admin-password", 0o644)
+        os.chmod(home, 0o755)
+        said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+        commands = re.findall(r"`(chmod [^`]+)`", said)
+        assert len(commands) == 2, said
+        for command in commands:
+            done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, (command, done.stderr)
+        assert stat.S_IMODE((home / "admin-password").stat().st_mode) == 0o600
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
         said = subprocess.run(doctor, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
         assert "chmod" not in said, said
     finally:
