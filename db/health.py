@@ -323,7 +323,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
         out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"],
-                                       snap.get("unlisted_read_transactions") or [])))
+                                       snap.get("unlisted_read_transactions"))))
     for p in snap.get("processes", []):
         if p["role"] == "rogue-writer":
             out.append(("fail", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open FOR WRITING and is not "
@@ -337,22 +337,26 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     return out
 
 
-def _wal_words(wal: int, readers: list[dict[str, Any]], unlisted: list[int]) -> str:
+def _wal_words(wal: int, readers: list[dict[str, Any]], unlisted: list[int] | None) -> str:
     """The WAL's warning: the readers whose read transaction holds it back, when they are known
-    (``unlisted``: the pids of those whose open files this process may not see)."""
-    size = f"The WAL is {wal / 1e6:.0f} MB"
-    if any(p.get("in_read_transaction") is None for p in readers):  # not known: every reader may be the one
-        return (f"{size}: checkpoints are not keeping up, usually because readers keep long transactions open "
-                f"(pids {[p['pid'] for p in readers]}). `python -m db checkpoint`.")
+    (``unlisted``: the pids of those whose open files this process may not see; None when who is in
+    a read transaction cannot be known: no ``-shm`` file, no ``/proc/locks``)."""
+    size = f"The WAL is {human_bytes(wal)}"
+    if unlisted is None or any(p.get("in_read_transaction") is None for p in readers):  # any may be the one
+        pids = f" (pids {[p['pid'] for p in readers]})" if readers else ""
+        return (f"{size}: checkpoints are not keeping up, usually because readers keep long transactions "
+                f"open{pids}. `python -m db checkpoint`.")
     holding = [f"pid {p['pid']} ({p['cmdline'][:80]})" for p in readers if p["in_read_transaction"]]
+    # pid 0: a process of another pid namespace (a container's), which /proc/locks cannot name here.
     holding += [f"pid {pid} (a process whose open files this check may not see: another user's, or a container's)"
-                for pid in unlisted]
+                if pid > 0 else "a process of another pid namespace (a container's)" for pid in unlisted]
     if not holding:
         return (f"{size}, and no reader is in a read transaction now: `python -m db checkpoint` shrinks it. If it "
                 "grows again, a reader keeps long transactions open from time to time.")
-    named = "; ".join(holding)
-    return (f"{size}: a read transaction held open keeps checkpoints from shrinking it, in {named}. End that "
-            "read (or restart that process), then `python -m db checkpoint`.")
+    them = ("that read (or restart that process)" if len(holding) == 1 else
+            "those reads (or restart those processes)")
+    return (f"{size}: a read transaction held open keeps checkpoints from shrinking it, in {'; '.join(holding)}. "
+            f"End {them}, then `python -m db checkpoint`.")
 
 
 def _other_database(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:

@@ -35,11 +35,11 @@ def private_file_findings(settings: Settings) -> list[tuple[str, str]]:
         mode = open_mode(path)
         if mode is not None:  # read, or written over: a password of theirs
             # Quoted for the shell, as every command the stack prints: a home with a space in its path.
-            out.append(("warn", f"{what} {path} is open to other users (mode {mode:o}): "
+            out.append(("warn", f"{what} {path} is open to other users (mode {mode:03o}): "
                                 f"`{shlex.join(('chmod', '600', str(path)))}`."))
     mode = open_mode(settings.home)
     if mode is not None:
-        out.append(("warn", f"The home {settings.home} is open to other users (mode {mode:o}): a file in it "
+        out.append(("warn", f"The home {settings.home} is open to other users (mode {mode:03o}): a file in it "
                             f"that is not private (copied in, or rotated by hand) is theirs to read. "
                             f"`{shlex.join(('chmod', '700', str(settings.home)))}`."))
     return out

@@ -252,3 +252,18 @@ def test_doctors_chmod_commands_run_as_printed_in_a_home_with_a_space_in_its_pat
         assert "chmod" not in said, said
     finally:
         stack.close()
+
+
+@pytest.mark.database_independent("the modes doctor reads are those of the home's files, whatever the database")
+def test_doctor_says_a_mode_with_its_three_digits(tmp_path: Path) -> None:
+    """A secret file of mode 0044 was said to be "mode 44" (the review of round 45)."""
+    from db.config import load_settings
+    from db.private_files import private_file_findings
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    token = home / "api-token"
+    token.write_text("t" * 40 + "\n")
+    token.chmod(0o044)
+    said = private_file_findings(load_settings({"TICKSTACK_HOME": str(home)}))
+    assert [level for level, _ in said] == ["warn"] and "(mode 044)" in said[0][1], said

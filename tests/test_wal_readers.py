@@ -136,3 +136,29 @@ def test_doctor_names_a_reader_in_a_read_transaction_whose_open_files_it_cannot_
         if reader.returncode is None:
             reader.communicate(timeout=30)
         elsewhere.rmdir()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::"
+                         "test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down")
+def test_the_wal_warning_says_only_what_it_knows() -> None:
+    """The review of round 45 left these as Low: with no ``/proc/locks`` and no reader listed, the
+    warning said "no reader is in a read transaction" without knowing; a WAL under 1 MB was "0 MB"; a
+    pid 0 (a process of another pid namespace) was named "pid 0"; several readers were told "End that
+    read". Read off doctor's own words for each case (a snapshot's processes as ``db.health`` lists them)."""
+    from db.health import _wal_words
+
+    def reader(pid: int, held: bool | None) -> dict:
+        return {"pid": pid, "cmdline": f"python -m workers.analysis {pid}", "in_read_transaction": held}
+
+    quiet = _wal_words(500_000, [], [])
+    assert quiet.startswith("The WAL is 488.3 KiB, and no reader is in a read transaction now"), quiet
+    unknown = _wal_words(500_000, [], None)
+    assert "no reader" not in unknown and "pids" not in unknown and "not keeping up" in unknown, unknown
+    unknown = _wal_words(500_000, [reader(11, None)], [])
+    assert "(pids [11])" in unknown, unknown
+    two = _wal_words(10**8, [reader(11, True), reader(12, True), reader(13, False)], [0, 14])
+    assert "pid 11 (python -m workers.analysis 11)" in two and "pid 12 (" in two and "pid 13" not in two, two
+    assert "pid 0" not in two and "a process of another pid namespace" in two and "pid 14 (a process" in two, two
+    assert "End those reads (or restart those processes)" in two and two.startswith("The WAL is 95.4 MiB"), two
+    one = _wal_words(10**8, [reader(11, True)], [])
+    assert "End that read (or restart that process)" in one, one
