@@ -229,6 +229,25 @@ ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; G
                   "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
 
 
+#: Seconds amcheck waits for the lock of an index's table (AccessShareLock: only an ACCESS EXCLUSIVE
+#: lock of another session holds it up), then says who holds it.
+AMCHECK_LOCK_WAIT_S = 10.0
+_HOLDERS_SQL = """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '(unnamed)'), a.state
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid()
+   AND l.relation IN (%s::regclass, (SELECT indrelid FROM pg_index WHERE indexrelid = %s::regclass))
+ ORDER BY 1"""
+
+
+def _lock_holders(conn: Any, index: str) -> str:
+    """What to say when amcheck could not lock ``index``'s table: the sessions holding it, and what to do."""
+    held = conn.execute(_HOLDERS_SQL, (index, index)).fetchall()
+    who = ", ".join(f"server pid {pid} ({app}, {state})" for pid, app, state in held) or "a session now gone"
+    return (f"its table is locked (ACCESS EXCLUSIVE) by another session: {who}; the stack's writes to "
+            "it are answered retryably and its reads of it wait meanwhile. End that session's transaction "
+            "(as a superuser: SELECT pg_terminate_backend(PID)), then check again")
+
+
 def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> dict[str, Any]:
     """``bt_index_check`` (heapallindexed off: a quick check, AccessShareLock only) on every B-tree
     index, as ``DATABASE_URL``'s role. ``{"ok", "indexes", "problems", "ms"}``, or ``{"ok": True,
@@ -251,6 +270,9 @@ def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> 
                 why = " ".join(str(e).split())
                 return {"ok": True, "skipped": f"amcheck not installed ({scrub(why, url)}); {ENABLE_AMCHECK}"}
         conn.execute("SET default_transaction_read_only = on")  # from here on, only reads
+        # A table locked by another session (a psql left in a transaction after LOCK TABLE) held doctor
+        # silent for as long as that session lived: its statement_timeout is ten times ``timeout``.
+        conn.execute(f"SET lock_timeout = '{int(min(timeout, AMCHECK_LOCK_WAIT_S) * 1000)}ms'")
         indexes = [name for (name,) in conn.execute(_INDEXES_SQL).fetchall()]
         problems: list[str] = []
         for index in indexes:
@@ -259,6 +281,9 @@ def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> 
             except psycopg.errors.InsufficientPrivilege as e:
                 why = " ".join(str(e).split())
                 return {"ok": True, "skipped": f"amcheck installed but not allowed ({why}); {ENABLE_AMCHECK}"}
+            except psycopg.errors.LockNotAvailable:
+                raise MaintenanceFailed(f"amcheck stopped at index {index}, {len(problems)} problems found before "
+                                        f"it: {_lock_holders(conn, index)}") from None
             except psycopg.Error as e:
                 words = " ".join(str(e).split())
                 if (e.sqlstate or "")[:2] != "XX":

@@ -1,0 +1,83 @@
+"""A session outside the stack holding a lock the stack needs (a ``psql`` left in a transaction after
+``LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE``), on PostgreSQL: the writer serves the other tables
+meanwhile, and ``db doctor`` answers, naming the session, instead of waiting as long as it lives."""
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from db.client import WriterClient
+from testkit.postgres import PostgresServer
+from testkit.writer import Stack
+from tests.test_analysis import T0
+from tests.test_postgres_faults import _database, holder, writer_session  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.postgres_only
+
+
+def test_a_locked_table_costs_a_batch_one_lock_wait_not_one_per_request(
+        stack: Stack, holder: psycopg.Connection, postgres_server: PostgresServer) -> None:  # noqa: F811
+    """``ticks`` is locked by a session of the test while 200 insert_ticks requests are queued. Each
+    batch's fast run waits ``TICKSTACK_LOCK_TIMEOUT_MS`` once and fails; its careful run must not wait
+    that long again for every other request of the batch on the same locked table: before, it did
+    (200 requests: over three minutes of a writer answering nobody; a DBA's minute-long ``LOCK
+    TABLE`` left the feed spooling and every other client, on other tables, timing out). An audit
+    sent behind them is acknowledged while the table is still locked, within a deadline far under
+    what one wait per request would take; the ticks are applied once each when the lock is gone."""
+    from testkit.helpers import wait_for
+
+    writer = stack.start_writer(TICKSTACK_LOCK_TIMEOUT_MS="1000")
+    holder.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+    feed = WriterClient(settings=stack.settings, deadline=600)
+    tickets = [feed.submit("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": T0 + i, "bid": 1.0, "ask": 1.5,
+                                                   "source": "locked", "seq": i}]) for i in range(200)]
+    try:
+        wait_for("the writer to wait on the locked table", lambda: writer_session(postgres_server, writer.pid, True),
+                 timeout=30)
+        with WriterClient(settings=stack.settings, deadline=60) as client:
+            # Queued behind the ticks; one lock wait per request would take 200 s.
+            assert client.call("audit", actor="test", action="while-ticks-locked")["id"] >= 1
+        assert writer_session(postgres_server, writer.pid, False)  # still serving, the table still locked
+    finally:
+        holder.rollback()
+    for ticket in tickets:
+        feed.wait(ticket)
+        assert ticket.error is None and ticket.result() == {"inserted": 1, "duplicates": 0}, (ticket.error,
+                                                                                          ticket.result())
+    feed.close()
+    database = _database(stack)
+    stored = postgres_server.psql(database, "postgres", "SELECT count(*), count(DISTINCT seq) FROM ticks "
+                                                        "WHERE source = 'locked'")
+    assert stored.split() == ["200|200"], stored
+    assert writer.poll() is None, stack.writer_log()[-2000:]
+
+
+def test_doctor_names_a_session_that_holds_a_table_locked_instead_of_waiting_for_it(
+        stack: Stack, postgres_server: PostgresServer) -> None:
+    """A ``psql`` holds ``ticks`` locked (ACCESS EXCLUSIVE) and stays in its transaction. ``db doctor``
+    must answer while it does, saying which session holds the table and what to do: before, its
+    amcheck waited on the lock with a statement timeout of ten minutes per index, so doctor said
+    nothing for as long as the operator needed it."""
+    import subprocess
+    import sys
+
+    from sqlalchemy.engine import make_url
+
+    from testkit.env import ROOT
+
+    writer = stack.start_writer()
+    url = make_url(stack.env["DATABASE_URL"])
+    with psycopg.connect(host=url.query["host"], dbname=url.database, user=url.username, password=url.password,
+                         application_name="psql") as session:
+        session.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+        pid = session.info.backend_pid
+        try:
+            done = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=300)
+        finally:
+            session.rollback()
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert f"server pid {pid} (psql, idle in transaction)" in out and "pg_terminate_backend" in out, out
+    assert "corrupt" not in out.lower() and url.password not in out, out
+    assert writer.poll() is None
