@@ -121,8 +121,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("TICKSTACK_BUSY_TIMEOUT_MS", "busy_timeout_ms", whole(0, C_INT_MAX), 5000, "5000",
       "SQLite: how long a connection (a reader, the writer) waits on a lock another holds (`busy_timeout`)"),
     S("TICKSTACK_LOCK_TIMEOUT_MS", "lock_timeout_ms", whole(0, C_INT_MAX), 1000, "1000",
-      "PostgreSQL: how long a write waits on a lock another session holds (`lock_timeout`), then it "
-      "is answered retryably and its client sends it again; 0: no limit"),
+      "PostgreSQL: how long a write, or a read of the API or the console, waits on a lock another "
+      "session holds (`lock_timeout`), then it is answered retryably (a read: 503); 0: no limit"),
     S("TICKSTACK_JOURNAL_SIZE_LIMIT", "journal_size_limit", whole(0, TIB), 64 * 1024 * 1024, "64 MiB",
       "WAL bytes kept after a checkpoint (SQLite `journal_size_limit`)"),
     S("TICKSTACK_CLIENT_DEADLINE", "client_deadline", number(0.1, MAX_CLIENT_DEADLINE_S), 60.0, "60",

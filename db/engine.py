@@ -211,7 +211,8 @@ def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
     return configure_read_only(engine, settings)
 
 
-def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, role: str | None = None) -> Engine:
+def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, role: str | None = None,
+                        bounded_lock_wait: bool = False) -> Engine:
     """Make an engine built elsewhere (Flask-SQLAlchemy's, on :func:`reader_url`) behave like
     :func:`make_read_engine`'s, fork-safe. SQLite: query_only, busy timeout, explicit snapshot
     transactions. PostgreSQL: every session ``default_transaction_read_only`` from its first
@@ -220,15 +221,23 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
     statement is timed into this process's slowest reads (:mod:`db.slowreads`, the console's
     "Slowest reads"), its text without literal values, never its parameters. ``role``: what its
     sessions are named for (:func:`application_name`; the program's name by default), e.g. ``api``
-    and ``console`` for the two web apps, which run under one program (gunicorn)."""
+    and ``console`` for the two web apps, which run under one program (gunicorn). ``bounded_lock_wait``
+    (the web apps'): on PostgreSQL a statement waits ``TICKSTACK_LOCK_TIMEOUT_MS`` at most on a lock
+    another session holds, then fails (:func:`db.errors.lock_wait_words`): a table locked by a session
+    left open held every request reading it, and in time every thread of the API, for as long as that
+    session lived. The workers' reads wait: a failed read ends a worker, and circus's flapping would
+    stop one that a minute's lock made fail again at each start."""
     if timed:
         slowreads.instrument(engine, settings.run_dir)
     if is_sqlite(engine):
         return _configure_sqlite(engine, "BEGIN", [f"busy_timeout = {int(settings.busy_timeout_ms)}",
                                                    "query_only = 1"])
 
-    _session_settings(engine, default_transaction_read_only="on",
-                      application_name=application_name(role or program_name(), settings.host))
+    values = {"default_transaction_read_only": "on",
+              "application_name": application_name(role or program_name(), settings.host)}
+    if bounded_lock_wait:  # 0: no limit, as the writer's
+        values["lock_timeout"] = f"{int(settings.lock_timeout_ms)}ms"
+    _session_settings(engine, **values)
     _engines.add(engine)
     return engine
 

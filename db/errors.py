@@ -96,6 +96,17 @@ def read_refusal(error: BaseException, variable: str) -> str | None:
             f"superuser, in the database: {READ_GRANT} (`python -m db doctor` names every table it may not read)")
 
 
+def lock_wait_words(error: BaseException) -> str | None:
+    """One line for a read that waited past ``TICKSTACK_LOCK_TIMEOUT_MS`` on a lock another session
+    holds (SQLSTATE 55P03, lock_not_available: a ``LOCK TABLE`` in a session left open, a schema
+    change), and where to find which; None for any other error. Retryable: it ends with the lock."""
+    if getattr(getattr(error, "orig", None), "sqlstate", None) != "55P03":
+        return None
+    return ("a table this read needs is locked by another session (held past TICKSTACK_LOCK_TIMEOUT_MS: a LOCK "
+            "TABLE in a session left open, or a schema change); try again, and `python -m db doctor` names "
+            "the session holding it")
+
+
 def server_trouble(reason: str) -> str:
     """``refuses the login`` or ``does not answer``: what a failed connection's ``reason`` (libpq's
     words) says the database server did."""

@@ -81,3 +81,41 @@ def test_doctor_names_a_session_that_holds_a_table_locked_instead_of_waiting_for
     assert f"server pid {pid} (psql, idle in transaction)" in out and "pg_terminate_backend" in out, out
     assert "corrupt" not in out.lower() and url.password not in out, out
     assert writer.poll() is None
+
+
+def test_a_web_read_of_a_locked_table_is_answered_503_saying_so_not_held_until_the_lock_goes(
+        stack: Stack, holder: psycopg.Connection) -> None:  # noqa: F811
+    """With ``ticks`` locked by a session left in its transaction, ``GET /api/ticks`` and the console's
+    market page waited on the lock for as long as that session lived (90 s and more in the hunt; 30
+    such reads took every thread of the API, ``/api/health`` included). A web read now waits
+    ``TICKSTACK_LOCK_TIMEOUT_MS`` at most, then is answered 503 with Retry-After, saying a table is
+    locked and where to find by whom: retryable, as the writer's answer to a write of that table."""
+    import threading
+
+    from testkit.helpers import ConsoleClient
+    from webapp import create_app
+
+    stack.start_writer(TICKSTACK_LOCK_TIMEOUT_MS="1000")
+    settings = stack.settings
+    api = create_app("api", settings).test_client()
+    console = ConsoleClient.logged_in(create_app("console", settings))
+    holder.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+    answers: dict[str, object] = {}
+    reads = {"api": lambda: api.get("/api/ticks?symbol=BTCUSD&limit=5"),
+             "console": lambda: console.get("/console/market")}
+    threads = [threading.Thread(target=lambda n=name, read=read: answers.__setitem__(n, read()), daemon=True)
+               for name, read in reads.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:  # the bound is the promise: a read is not held for as long as the lock is
+        thread.join(timeout=60)
+    holder.rollback()
+    assert set(answers) == {"api", "console"}, f"held on the lock: {set(reads) - set(answers)}"
+    said = answers["api"]
+    assert said.status_code == 503 and said.headers.get("Retry-After"), (said.status_code, said.get_data(True))
+    body = said.get_json()["error"]
+    assert body["code"] == "database_locked" and "locked by another session" in body["message"], body
+    assert "python -m db doctor" in body["message"], body
+    page = answers["console"]
+    assert page.status_code == 503 and "locked by another session" in page.get_data(True), page.get_data(True)
+    assert api.get("/api/ticks?symbol=BTCUSD&limit=5").status_code == 200  # the lock gone, reads as before

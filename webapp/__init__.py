@@ -92,7 +92,9 @@ def create_app(kind: str = "api", settings: Settings | None = None) -> Flask:
     )
     db.init_app(app)
     with app.app_context():
-        configure_read_only(db.engine, settings, role=kind)  # sessions named "tickstack api pid N on host"
+        # Sessions named "tickstack api pid N on host"; a lock another session holds waited for at most
+        # TICKSTACK_LOCK_TIMEOUT_MS (a request is not held for as long as that session lives).
+        configure_read_only(db.engine, settings, role=kind, bounded_lock_wait=True)
     csrf.init_app(app)
     app.after_request(_security_headers)
     app.wsgi_app = _host_normalised(app.wsgi_app)  # type: ignore[method-assign]

@@ -17,7 +17,8 @@ Contracts shared by every route (the OpenAPI document, ``GET
   415 ``unsupported_media_type``; 500 ``internal_error`` / ``write_failed``;
   503 ``writer_unavailable`` / ``database_unavailable`` with ``Retry-After``,
   ``token_file_unusable`` (a write while the token file is unusable),
-  ``read_refused`` (PostgreSQL: the readers' role may not read a table; what to grant).
+  ``read_refused`` (PostgreSQL: the readers' role may not read a table; what to grant),
+  ``database_locked`` with ``Retry-After`` (PostgreSQL: a table locked by another session).
 * **Writes** (POST) need ``Authorization: Bearer <token>``. The token is
   ``TICKSTACK_API_TOKEN`` (``settings.api_token``) when set, else the content
   of ``$TICKSTACK_HOME/api-token`` (mode 0600, generated when the API app is

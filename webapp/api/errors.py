@@ -27,6 +27,7 @@ from db.errors import (
     ValidationError,
     WriterError,
     WriterUnavailable,
+    lock_wait_words,
     read_refusal,
 )
 from webapp.api.limits import RETRY_AFTER
@@ -148,6 +149,10 @@ def _database_error(e: OperationalError) -> ResponseReturnValue:
     """A read that failed for the database's reasons (locked past the busy
     timeout, file missing): transient, so 503."""
     log.warning("read failed: %s", e.orig)
+    locked = lock_wait_words(e)
+    if locked is not None:
+        return json_error(503, f"the database could not be read: {locked}", "database_locked",
+                          {"Retry-After": str(RETRY_AFTER)})
     return json_error(503, f"the database could not be read: {e.orig}", "database_unavailable",
                       {"Retry-After": str(RETRY_AFTER)})
 

@@ -20,7 +20,7 @@ from gunicorn.http.errors import ParseException
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, SecurityError
 
-from db.errors import WriterError, read_refusal
+from db.errors import WriterError, lock_wait_words, read_refusal
 from supervision.circus import CircusError
 from webapp import auth
 from webapp.console.common import audit, bp, log, settings, wants_json, writer_stopped
@@ -141,6 +141,9 @@ def _database_error(e: SQLAlchemyError) -> ResponseReturnValue:
         log.error("console: read refused: %s", refusal)
         return _error(503, "Read refused", refusal)
     log.warning("console: database read failed: %s", e)
+    locked = lock_wait_words(e)
+    if locked is not None:
+        return _error(503, "Database locked", f"The database cannot be read now: {locked}.")
     return _error(503, "Database unavailable", f"The database cannot be read: {getattr(e, 'orig', e)}. "
                                                "Is the writer running (it creates the database)?")
 
