@@ -335,6 +335,35 @@ def _server_url_problem(raw: str) -> str | None:
         return AT_IN_USERINFO
     if url.port is not None and not 1 <= url.port <= 65535:
         return f"the port {url.port} is not from 1 to 65535"
+    return _libpq_option_problem(url.query)
+
+
+#: libpq's options whose values are a set, and those that are whole numbers. libpq refuses any other
+#: value only when it connects, in words every reader took for a server that does not answer (and the
+#: writer waited its whole server wait for a typo).
+LIBPQ_CHOICES = {"sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+                 "gssencmode": ("disable", "prefer", "require"), "channel_binding": ("disable", "prefer", "require"),
+                 "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")}
+LIBPQ_WHOLE = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+               "tcp_user_timeout")
+
+
+def _libpq_option_problem(query: Any) -> str | None:
+    """What is wrong with a server URL's parameters (``?sslmode=...``) as libpq reads them, or None.
+    Never a ``password`` parameter's value: only the option's name is said for it."""
+    from psycopg import ProgrammingError
+    from psycopg.conninfo import make_conninfo
+
+    for key, values in query.items():
+        value = values[-1] if isinstance(values, tuple) else values  # the last of a repeated one counts
+        if key in LIBPQ_CHOICES and value not in LIBPQ_CHOICES[key]:
+            return f"{key}={quoted(value)} is not one of {', '.join(LIBPQ_CHOICES[key])}"
+        if key in LIBPQ_WHOLE and not re.fullmatch(r"-?[0-9]+", value.strip()):
+            return f"{key}={quoted(value)} is not a whole number"
+        try:
+            make_conninfo("", **{key: value})
+        except ProgrammingError:  # libpq's parser: no such option (its words quote only the name)
+            return f"{quoted(key)} is not a connection option libpq knows (e.g. ?sslmode=require)"
     return None
 
 

@@ -148,6 +148,14 @@ def test_an_unset_home_is_the_checkouts_var_from_any_folder(tmp_path: Path, monk
     ("DATABASE_READ_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:99999/db", "the port 99999 is not from 1 to"),
     ("DATABASE_URL", "postgresql+nodriver://u:hunter2@127.0.0.1:5/db", "driver 'postgresql.nodriver' is not the one"),
     ("DATABASE_URL", "postgresql+pg8000://u:hunter2@127.0.0.1:5/db", "driver 'postgresql.pg8000' is not the one"),
+    # libpq's options: one it does not know, or a value outside its set, was said as a server that does not
+    # answer, and the writer waited its whole server wait for a typo (the PostgreSQL hunt, round 45).
+    ("DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:5/db?sslmode=requir",
+     "sslmode='requir' is not one of disable, allow, prefer, require, verify-ca, verify-full"),
+    ("DATABASE_READ_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:5/db?sslmod=require",
+     "'sslmod' is not a connection option libpq knows"),
+    ("DATABASE_URL", "postgresql+psycopg://u:hunter2@127.0.0.1:5/db?connect_timeout=abc",
+     "connect_timeout='abc' is not a whole number"),
     ("DATABASE_URL", "sqlite:////", "the SQLite file's path"),
     ("DATABASE_URL", "sqlite:////tmp/x/", "the SQLite file's path"),
     ("DATABASE_URL", "sqlite:////tmp/x.db?timeout=abc", "takes no parameters"),
