@@ -290,12 +290,18 @@ def writer_down_advice(settings: Settings) -> str:
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
 
 
-def writer_restart_command(settings: Settings) -> str:
+#: What starts the stack where no circusd runs (``circusctl`` cannot, and ``make run`` refuses beside one).
+MAKE_RUN = "`make run`"
+
+
+def writer_restart_command(settings: Settings, writer_runs: bool | None = None) -> str:
     """How to start this home's writer again once what stopped it is mended: `circusctl start writer`
     when circusd runs (circus's flapping plugin may have stopped it; a start of a running writer
-    is refused, so `restart` then), else `make run`."""
+    is refused, so `restart` then), else :data:`MAKE_RUN`. ``writer_runs``: whether a writer runs,
+    when the caller knows (a client that found its lock free: False); else circus is asked."""
     if live_circusd(circusd_pidfile(settings)) is None:
-        return "`make run`"
-    statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
-    verb = "restart" if statuses.get("writer") == "active" else "start"
-    return f"`{circusctl_command(settings.circus_endpoint, verb, 'writer')}`"
+        return MAKE_RUN
+    if writer_runs is None:
+        statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
+        writer_runs = statuses.get("writer") == "active"
+    return f"`{circusctl_command(settings.circus_endpoint, 'restart' if writer_runs else 'start', 'writer')}`"

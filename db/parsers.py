@@ -351,6 +351,8 @@ LIBPQ_WHOLE = ("connect_timeout", "keepalives", "keepalives_idle", "keepalives_i
 def _libpq_option_problem(query: Any) -> str | None:
     """What is wrong with a server URL's parameters (``?sslmode=...``) as libpq reads them, or None.
     Never a ``password`` parameter's value: only the option's name is said for it."""
+    if not query:  # most URLs: psycopg not imported for them (circusd's hooks load the settings too)
+        return None
     from psycopg import ProgrammingError
     from psycopg.conninfo import make_conninfo
 

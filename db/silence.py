@@ -100,17 +100,16 @@ class Silence:
             self.absent_since = now
         if now - self.absent_since < NO_WRITER_FOR_S:
             return None
-        from db.circusd import circusctl_command, circusd_pidfile, live_circusd
+        from db.circusd import MAKE_RUN, writer_restart_command
         from db.server_wait import last_refusal, public_words
 
         home = self.settings.home
         # What starts one: circusctl only where circusd runs (against none it timed out; a new user's
-        # run, round 44), `make run` only where it does not (it refuses while circusd runs).
-        if live_circusd(circusd_pidfile(self.settings)) is None:
-            stack, start = ", nor is the stack (no circusd)", "start it (`make run`)"
-        else:
-            stack = ""
-            start = f"start it (`{circusctl_command(self.settings.circus_endpoint, 'start', 'writer')}`)"
+        # run, round 44), `make run` only where it does not (it refuses while circusd runs). Nothing
+        # holds the lock: no writer runs, and circus is not asked.
+        command = writer_restart_command(self.settings, writer_runs=False)
+        stack = ", nor is the stack (no circusd)" if command == MAKE_RUN else ""
+        start = f"start it ({command})"
         refused = last_refusal(self.settings)
         if refused is not None:
             # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).

@@ -14,6 +14,7 @@ import pytest
 from db.client import WriterClient
 from testkit.helpers import T0
 from testkit.writer import Stack
+from tests.test_writer_fastpath import _READER  # a reader in a read transaction ("hold") until stdin closes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,18 +86,6 @@ def test_a_read_transaction_is_found_on_a_file_system_whose_stat_names_another_d
     assert said["found"] == [said["hold"]], said
 
 
-#: A reader of the database, through another path to its folder: with ``hold``, in a read transaction
-#: until its stdin closes.
-_READER = """
-import sqlite3, sys
-con = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True, isolation_level=None)
-con.execute("BEGIN")
-con.execute("SELECT count(*) FROM ticks").fetchall()
-print("reading", flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::"
                          "test_health_doctor_api_and_metrics_report_the_server_and_fail_while_it_is_down")
 def test_doctor_names_a_reader_in_a_read_transaction_whose_open_files_it_cannot_see(stack: Stack) -> None:
@@ -112,9 +101,9 @@ def test_doctor_names_a_reader_in_a_read_transaction_whose_open_files_it_cannot_
     with WriterClient(settings=stack.settings, deadline=30) as client:
         client.call("insert_ticks", ticks=[{"symbol": "WALUSD", "ts": T0, "bid": 1.0, "ask": 1.1}])
     elsewhere = Path(tempfile.mkdtemp(prefix="ts-volume-"))
-    bind = f'mount --bind {stack.home} {elsewhere} || exit 77; exec "$0" -c "$1" "$2"'
+    bind = f'mount --bind {stack.home} {elsewhere} || exit 77; exec "$0" -c "$1" "$2" "$3"'
     reader = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", bind, sys.executable,
-                               _READER, str(elsewhere / stack.settings.database_path.name)],
+                               _READER, str(elsewhere / stack.settings.database_path.name), "hold"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if reader.stdout.readline().strip() != "reading":

@@ -34,7 +34,7 @@ from sqlalchemy import create_engine
 from db.client import LAST_TRY_S, WriterClient
 from db.config import load_settings
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterUnavailable
-from db.inflight import FIRST_ATTEMPT_TIMEOUT
+from db.inflight import FIRST_ATTEMPT_TIMEOUT, Ticket
 from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
 from testkit.env import ROOT, isolated_env
@@ -732,17 +732,31 @@ def test_a_request_in_flight_at_its_deadline_is_not_said_unapplied_for_an_earlie
         if stopped:
             os.kill(proc.pid, signal.SIGCONT)
         blocker.close()
-    assert isinstance(error, WriterUnavailable) and not isinstance(error, StorageFull), told
-    ours, _, answer = told.partition("its answer to an earlier send: ")  # the writer's, quoted, may say it
-    assert "not applied" not in ours and "may or may not have been applied" in ours, told
-    assert answer.startswith("CommitFailed"), told  # the earlier answer is still said, as what it was
+    # The writer's earlier answer, quoted, may say "not applied" of its send.
+    _said_maybe_applied(error, told, quoted_after="its answer to an earlier send: ")
     # A resend under its id is answered with the first result, and applies nothing more.
+    _resent_under_its_id_applies_once(stack, client, ticket)
+    assert stack.stop(proc) == 0
+
+
+def _said_maybe_applied(error: BaseException, told: str, quoted_after: str) -> None:
+    """The client's own words (before ``quoted_after``, where the writer's answer is quoted) say the
+    request may or may not have been applied, never "not applied"; the quoted answer is still said,
+    as what it was (CommitFailed)."""
+    assert isinstance(error, WriterUnavailable) and not isinstance(error, StorageFull), told
+    ours, _, answer = told.partition(quoted_after)
+    assert "not applied" not in ours and "may or may not have been applied" in ours, told
+    assert answer.startswith("CommitFailed"), told
+
+
+def _resent_under_its_id_applies_once(stack: Stack, client: WriterClient, ticket: Ticket) -> None:
+    """The "late" audit of ``ticket``, sent again under its id by a client with ``client``'s id, is
+    answered with a result and stored once in all."""
     with WriterClient(settings=stack.settings, client_id=client.client_id, deadline=30) as again:
         resent = again.submit("audit", _seq=ticket.seq, actor="me", action="late")
         again.wait(resent)
         assert resent.result()["id"] > 0
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1
-    assert stack.stop(proc) == 0
 
 
 def test_a_request_once_unanswered_is_not_said_unapplied_for_a_later_retryable_answer(stack: Stack) -> None:
@@ -778,16 +792,9 @@ def test_a_request_once_unanswered_is_not_said_unapplied_for_a_later_retryable_a
         if stopped:
             os.kill(proc.pid, signal.SIGCONT)
         blocker.close()
-    assert isinstance(error, WriterUnavailable) and not isinstance(error, StorageFull), told
-    ours, _, answer = told.partition("its last answer: ")  # the writer's words, quoted, may say "not applied"
-    assert "not applied" not in ours and "may or may not have been applied" in ours, told
-    assert answer.startswith("CommitFailed"), told  # the last answer is still said, as what it was
+    _said_maybe_applied(error, told, quoted_after="its last answer: ")
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 0
-    with WriterClient(settings=stack.settings, client_id=client.client_id, deadline=30) as again:
-        resent = again.submit("audit", _seq=ticket.seq, actor="me", action="late")
-        again.wait(resent)
-        assert resent.result()["id"] > 0
-    assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'late'") == 1
+    _resent_under_its_id_applies_once(stack, client, ticket)
     assert stack.stop(proc) == 0
 
 

@@ -126,6 +126,8 @@ class Committer:
         self.outbox: deque[list[tuple[bytes, bytes]]] = deque()
         #: A :class:`SaveCopy` taken from the queue with a batch, done after it.
         self._save_after: SaveCopy | None = None
+        #: This run's transaction waits on no lock any more (:meth:`_wait_no_more`).
+        self._waits_no_more = False
 
     @property
     def conn(self) -> Connection:
@@ -349,6 +351,7 @@ class Committer:
         conn = self.conn
         conn.begin()
         stamp = self.applied.begin_batch(conn)  # the records' time; after a jump of the clock, older ones moved
+        self._waits_no_more = False
         if careful and answered:  # the fast run lost a race: the lock may still be held
             self._wait_no_more(conn)
         for req in batch:
@@ -441,9 +444,11 @@ class Committer:
         fails at once (retryably, as the one that lost the race). A table locked by another session (a
         DBA's ``LOCK TABLE``) made every request of the batch on it wait the whole lock timeout in turn:
         200 queued inserts held the writer, and every client on any other table, over three minutes.
-        At the transaction's level, not in a request's savepoint, whose rollback would undo it."""
-        if self.settings.database_path is None and self.settings.lock_timeout_ms:
+        At the transaction's level, not in a request's savepoint, whose rollback would undo it; once
+        a transaction (every later request that loses a wait would set it again)."""
+        if self.settings.database_path is None and self.settings.lock_timeout_ms and not self._waits_no_more:
             conn.exec_driver_sql("SET LOCAL lock_timeout = '1ms'")
+            self._waits_no_more = True
 
     def _run_outside(self, spec: ops.Op, args: dict) -> tuple[Any, WriterError | None]:
         try:
