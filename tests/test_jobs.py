@@ -674,7 +674,7 @@ def test_a_leader_lock_that_cannot_be_opened_stops_the_worker_saying_which_file(
 
 
 @pytest.mark.sqlite_only(
-    "tests/test_postgres_keepalives.py::test_a_silently_dead_hosts_writer_lock_and_leadership_pass_to_another_host_in_the_stated_time")
+    "tests/test_postgres_keepalives.py::test_a_silently_dead_hosts_writer_lock_and_leadership_pass_to_another_host_by_keepalives")
 def test_a_leader_whose_lock_file_is_removed_stops_so_that_no_second_leader_runs(writer: Stack) -> None:
     """A leader lock file removed (or replaced) under its holder: the next process would lock a new file
     and lead beside it. The holder sees it within its check and stops (circus starts it again, as a

@@ -504,11 +504,10 @@ def test_client_refuses_sharing_across_threads_and_unsendable_args(writer: Stack
 def test_writer_unavailable_after_deadline(stack: Stack) -> None:
     from db.errors import WriterUnavailable
 
+    # Nothing answers at this home's endpoint: the call ends at its deadline (a hang is pytest-timeout's).
     client = WriterClient(settings=stack.settings, deadline=0.5)
-    started = time.monotonic()
-    with pytest.raises(WriterUnavailable, match="no answer from the writer"):
+    with pytest.raises(WriterUnavailable, match="no answer from the writer at .* within its deadline"):
         client.call("audit", actor="me", action="nobody-home")
-    assert time.monotonic() - started < 10
 
 
 def test_give_up_by_bounds_the_requests_in_flight_and_those_sent_after(stack: Stack) -> None:
