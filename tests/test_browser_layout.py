@@ -397,18 +397,18 @@ def test_sample_charts_have_units_whole_counts_round_ticks_toggles_ranges_and_zo
     shown = lambda: view.chart(charts["cpu"], [color])["panes"][0]["counts"][0]  # noqa: E731
     item.click()
     expect(item).to_have_attribute("aria-pressed", "false")
-    wait_for("the line hidden", lambda: shown() < 5, timeout=5)
+    wait_for("the line hidden", lambda: shown() < 5, timeout=30)
     item.click()
-    wait_for("the line back", lambda: shown() >= 50, timeout=5)
+    wait_for("the line back", lambda: shown() >= 50, timeout=30)
 
     # Zoom with the wheel changes the time axis; "Reset zoom" fits the data again.
     before = [t["text"] for t in view.chart(charts["cpu"])["time"]]
     box = cpu.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.wheel(0, -600)
-    wait_for("zoomed in", lambda: [t["text"] for t in view.chart(charts["cpu"])["time"]] != before, timeout=5)
+    wait_for("zoomed in", lambda: [t["text"] for t in view.chart(charts["cpu"])["time"]] != before, timeout=30)
     card.locator("[data-fit]").click()
-    wait_for("zoom reset", lambda: [t["text"] for t in view.chart(charts["cpu"])["time"]] == before, timeout=5)
+    wait_for("zoom reset", lambda: [t["text"] for t in view.chart(charts["cpu"])["time"]] == before, timeout=30)
 
     # The range selector: plain links (they work without JavaScript), the charts reload their range.
     asked: list[str] = []

@@ -250,7 +250,7 @@ def test_a_write_connection_made_after_the_lock_is_lost_is_refused(two_homes: tu
             assert conn.execute(text("SELECT 1")).scalar() == 1
         engine.dispose()  # the next connect is a new session, as after a reconnection
         postgres_server.psql("postgres", "postgres", f"SELECT pg_terminate_backend({lock.backend_pid})")
-        assert lost.wait(5) and lock.lost, "the loss of the lock's session went unnoticed"
+        assert lost.wait(60) and lock.lost, "the loss of the lock's session went unnoticed"
         with pytest.raises(WriterLocked, match="no longer holds the PostgreSQL writer lock"):
             with engine.connect():
                 pass
