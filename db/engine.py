@@ -201,9 +201,9 @@ def reader_url(settings: Settings) -> str:
 
 
 def make_read_engine(settings: Settings, pool_size: int = 5) -> Engine:
-    """A read-only engine. Each transaction is a consistent snapshot; keep
-    them short, since an open read holds back WAL checkpoints (SQLite) and
-    vacuum (PostgreSQL)."""
+    """A read-only engine. On SQLite each transaction is a consistent snapshot;
+    keep them short, since an open read holds back WAL checkpoints. On
+    PostgreSQL each statement is a transaction of its own (:func:`configure_read_only`)."""
     url = reader_url(settings)
     if not is_sqlite(url):
         return configure_read_only(create_engine(url, pool_size=pool_size, pool_pre_ping=True), settings)
@@ -217,7 +217,8 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
     :func:`make_read_engine`'s, fork-safe. SQLite: query_only, busy timeout, explicit snapshot
     transactions. PostgreSQL: every session ``default_transaction_read_only`` from its first
     statement (set when the connection is made, so no transaction of it can write: "cannot
-    execute INSERT in a read-only transaction"), whatever the role may do. ``timed``: every
+    execute INSERT in a read-only transaction"), whatever the role may do, and each statement in a
+    transaction of its own (autocommit: none is left open between them). ``timed``: every
     statement is timed into this process's slowest reads (:mod:`db.slowreads`, the console's
     "Slowest reads"), its text without literal values, never its parameters. ``role``: what its
     sessions are named for (:func:`application_name`; the program's name by default), e.g. ``api``
@@ -238,6 +239,11 @@ def configure_read_only(engine: Engine, settings: Settings, timed: bool = True, 
     if bounded_lock_wait:  # 0: no limit, as the writer's
         values["lock_timeout"] = f"{int(settings.lock_timeout_ms)}ms"
     _session_settings(engine, **values)
+    # Each statement its own transaction: a read leaves none open while its program folds what it read
+    # or waits for the writer. An open one held back the server's vacuum meanwhile, and a DBA's
+    # idle_in_transaction_session_timeout ended the session under the analysis worker (a traceback,
+    # then a restart). Under READ COMMITTED each statement takes a snapshot of its own anyway.
+    engine.update_execution_options(isolation_level="AUTOCOMMIT")
     _engines.add(engine)
     return engine
 

@@ -273,3 +273,30 @@ def test_a_full_disk_on_the_server_is_storage_full_and_writes_resume_once_space_
         postgres_server.psql(database, "postgres", "ALTER TABLE IF EXISTS ticks SET TABLESPACE pg_default")
         postgres_server.psql("postgres", "postgres", f"DROP TABLESPACE IF EXISTS {space}")
         disk_cm.__exit__(None, None, None)
+
+
+def test_a_readers_idle_in_transaction_timeout_never_ends_a_worker(stack: Stack,
+                                                                    postgres_server: PostgresServer) -> None:
+    """A DBA's ``idle_in_transaction_session_timeout`` on the readers' role (a common guard of a
+    server's vacuum horizon) ended the analysis worker's read session while it folded a chunk or
+    waited for the writer's answers, with its read transaction left open: a traceback
+    (``IdleInTransactionSessionTimeout``), then a restart by circus. The workers' reads hold no
+    transaction between statements on PostgreSQL (each is a snapshot of its own there in any case), so
+    even a 1 ms timeout ends none of them."""
+    name = _database(stack)
+    postgres_server.psql(name, "postgres", f"ALTER ROLE ts_reader IN DATABASE {name} "
+                                           "SET idle_in_transaction_session_timeout = '1ms'")
+    try:
+        stack.start_writer()
+        insert(stack, [{"symbol": "ONE", "ts": T0 + i * MIN + 7, "bid": 100 + math.sin(i / 9) * 5, "ask": 200.0,
+                        "volume": 1.0} for i in range(3_000)], "minutely")
+        worker = subprocess.run([sys.executable, "-m", "workers.analysis", "--until-idle", "--chunk", "500"],
+                                env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        monitor = subprocess.run([sys.executable, "-m", "workers.monitor", "--until-idle"], env=stack.env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=180)
+    finally:
+        postgres_server.psql(name, "postgres", f"ALTER ROLE ts_reader IN DATABASE {name} "
+                                               "RESET idle_in_transaction_session_timeout")
+    assert worker.returncode == 0 and "Traceback" not in worker.stderr, worker.stderr[-3000:]
+    assert monitor.returncode == 0 and "Traceback" not in monitor.stderr, monitor.stderr[-3000:]
+    assert sum(1 for key in check_bars(stack) if key[1] == "1m") == 3_000
