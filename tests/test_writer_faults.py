@@ -1094,6 +1094,47 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'probe'") == probes  # none applied twice
 
 
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_a_wal_cut_short_under_the_writer_stops_its_writes_and_its_checkpoints(stack: Stack) -> None:
+    """``truncate -s 0 tickstack.db-wal`` under a running writer: the file stays at its path, so nothing
+    saw it; the writer acknowledged every write after it, readers got "database disk image is
+    malformed", and its stop's checkpoint copied the frames the cut took into the database file as
+    zeros, saying "final checkpoint done": a file no reader could read, every write lost (fault hunt,
+    round 44). What the cut took is gone; what was checkpointed before it must stay sound: the writer
+    refuses every write from then on (retryably), saying so, does not checkpoint, and the next writer
+    applies the refused writes once."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    client.call("checkpoint")  # the 50 are in the database file; the next ones only in the WAL
+    for i in range(50):
+        client.call("audit", actor="me", action="in-the-wal", target=str(i))
+    os.truncate(path.with_name(path.name + "-wal"), 0)
+
+    def refused_yet() -> bool:
+        try:
+            WriterClient(settings=stack.settings, deadline=0.5).call("audit", actor="me", action="probe")
+        except WriterUnavailable as e:  # answered retryably, and retried until its short deadline
+            return "not applied, retry: its WAL tickstack.db-wal was cut short under it" in str(e)
+        return False
+
+    wait_for("the writer to refuse writes", refused_yet, timeout=10)
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert doctor.returncode == 1 and "The writer refuses every write: its WAL tickstack.db-wal was cut short" \
+        in doctor.stdout and " quit --waiting" in doctor.stdout, doctor.stdout
+    assert stack.stop(proc) == 1
+    assert "CRITICAL" in stack.writer_log() and "no final checkpoint: its WAL" in stack.writer_log()
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'before'").fetchone() == (50,)
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'probe'").fetchone() == (0,)
+    finally:
+        con.close()
+    stack.start_writer()
+    assert client.call("audit", actor="me", action="after")["id"] > 0
+
+
 def test_a_low_hard_open_file_limit_is_warned_about_as_the_writer_starts(stack: Stack) -> None:
     """A hard limit cannot be raised: with one of 64, 120 clients ended the writer at each start
     (SIGABRT in libzmq's accept) and it crash-looped without a word of why (fault hunt, round 40)."""
