@@ -386,6 +386,19 @@ def io_error(exc: BaseException) -> bool:
     return False
 
 
+#: What to do when SQLite finds the database file itself damaged (a commit failed on it, not on the disk).
+DAMAGED_FILE_ADVICE = ("The database file is damaged (SQLite met a page it cannot read): see where with `python -m db "
+                       "health --quick-check`, then stop the stack and restore the latest backup (`python -m db "
+                       "restore`).")
+
+
+def damaged_database(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error under it) is SQLite finding the database file damaged: SQLITE_CORRUPT
+    ("database disk image is malformed") or SQLITE_NOTADB, which no retry mends (a failing disk is :func:`io_error`)."""
+    return any(isinstance(e, sqlite3.Error) and (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF in (
+        sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB) for e in _errors_under(exc))
+
+
 def _errors_under(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and every error under it (SQLAlchemy's ``orig``, causes, contexts), each once."""
     seen: set[int] = set()

@@ -24,7 +24,7 @@ import psutil
 
 from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice, writer_restart_command
 from db.config import Settings
-from db.engine import display_url
+from db.engine import DAMAGED_FILE_ADVICE, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
@@ -65,7 +65,9 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
             out["schema_version"] = None
         if quick_check:
             started = time.perf_counter()
-            rows = [r[0] for r in con.execute("PRAGMA quick_check").fetchall()]
+            # One row may hold a whole tree's findings, a line each (a page's 100 cells: a doctor line of 100)
+            rows = [line for row in con.execute("PRAGMA quick_check") for line in str(row[0]).splitlines()
+                    if not line.startswith("*** in database ")]
             out["quick_check"] = {"ok": rows == ["ok"], "messages": rows[:20],
                                   "ms": round((time.perf_counter() - started) * 1000, 1)}
         return out
@@ -485,8 +487,9 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     if stats.get("journal_removed"):
         out.append(("fail", f"The writer refuses every write: {stats['journal_removed']}."))
     elif failing is not None and not stats.get("disk_full"):  # a full disk has its own finding below
-        out.append(("fail", f"The writer's commits fail: {failing}. A disk turned read-only after errors "
-                            "(`dmesg`) or failing needs the stack stopped and the disk mended."))
+        out.append(("fail", f"The writer's commits fail: {failing}. " + (DAMAGED_FILE_ADVICE if stats[
+            "last_commit_failure"].get("damaged") else "A disk turned read-only after errors (`dmesg`) or failing "
+                                                        "needs the stack stopped and the disk mended.")))
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)

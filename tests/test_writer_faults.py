@@ -1094,6 +1094,76 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
     assert count(stack, "SELECT count(*) FROM audit_log WHERE action = 'probe'") == probes  # none applied twice
 
 
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_a_wal_cut_short_under_the_writer_stops_its_writes_and_its_checkpoints(stack: Stack) -> None:
+    """``truncate -s 0 tickstack.db-wal`` under a running writer: the file stays at its path, so nothing
+    saw it; the writer acknowledged every write after it, readers got "database disk image is
+    malformed", and its stop's checkpoint copied the frames the cut took into the database file as
+    zeros, saying "final checkpoint done": a file no reader could read, every write lost (fault hunt,
+    round 44). What the cut took is gone; what was checkpointed before it must stay sound: the writer
+    refuses every write from then on (retryably), saying so, does not checkpoint, and the next writer
+    applies the refused writes once."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    client.call("checkpoint")  # the 50 are in the database file; the next ones only in the WAL
+    for i in range(50):
+        client.call("audit", actor="me", action="in-the-wal", target=str(i))
+    os.truncate(path.with_name(path.name + "-wal"), 0)
+
+    def refused_yet() -> bool:
+        try:
+            WriterClient(settings=stack.settings, deadline=0.5).call("audit", actor="me", action="probe")
+        except WriterUnavailable as e:  # answered retryably, and retried until its short deadline
+            return "not applied, retry: its WAL tickstack.db-wal was cut short under it" in str(e)
+        return False
+
+    wait_for("the writer to refuse writes", refused_yet, timeout=10)
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert doctor.returncode == 1 and "The writer refuses every write: its WAL tickstack.db-wal was cut short" \
+        in doctor.stdout and " quit --waiting" in doctor.stdout, doctor.stdout
+    assert stack.stop(proc) == 1
+    assert "CRITICAL" in stack.writer_log() and "no final checkpoint: its WAL" in stack.writer_log()
+    con = sqlite3.connect(path)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'before'").fetchone() == (50,)
+        assert con.execute("SELECT count(*) FROM audit_log WHERE action = 'probe'").fetchone() == (0,)
+    finally:
+        con.close()
+    stack.start_writer()
+    assert client.call("audit", actor="me", action="after")["id"] > 0
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
+def test_a_damaged_index_page_is_said_as_damage_by_doctor_in_one_line_each(stack: Stack) -> None:
+    """Bytes of an index page overwritten (a failing disk's or another program's): every write that
+    touched it failed retryably, and doctor said "A disk turned read-only after errors (`dmesg`) or
+    failing needs the stack stopped and the disk mended", then quick_check's finding over 100 lines,
+    one per cell of the page (fault hunt, round 44). Damage is said as damage, each finding in one line."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    client.call("insert_ticks", ticks=ticks(2000, "feed"))
+    client.call("checkpoint")
+    assert stack.stop(proc) == 0
+    page = query(stack.settings, "SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_ticks_1' "
+                                 "AND pagetype = 'leaf' ORDER BY path LIMIT 1 OFFSET 3")[0][0]
+    page_size = query(stack.settings, "PRAGMA page_size")[0][0]
+    with open(path, "r+b") as f:  # the cell pointers of a leaf of the (source, seq) index
+        f.seek((page - 1) * page_size + 8)
+        f.write(b"\xff" * 200)
+    stack.start_writer()
+    with pytest.raises(WriterUnavailable, match="database disk image is malformed"):
+        WriterClient(settings=stack.settings, deadline=3).call("insert_ticks", ticks=ticks(2000, "feed"))
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = doctor.stdout.splitlines()
+    assert doctor.returncode == 1 and all(line.startswith("[") for line in lines), doctor.stdout[:3000]
+    failing = [line for line in lines if "The writer's commits fail" in line]
+    assert failing and "The database file is damaged" in failing[0] and "dmesg" not in failing[0], lines
+    assert any(f"quick_check found problems: On tree page {page}" in line for line in lines), lines
+
+
 def test_a_low_hard_open_file_limit_is_warned_about_as_the_writer_starts(stack: Stack) -> None:
     """A hard limit cannot be raised: with one of 64, 120 clients ended the writer at each start
     (SIGABRT in libzmq's accept) and it crash-looped without a word of why (fault hunt, round 40)."""

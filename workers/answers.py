@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from db import ops
 from db.config import Settings
-from db.engine import storage_full_reason, transient_reason
+from db.engine import damaged_database, storage_full_reason, transient_reason
 from db.errors import CommitFailed, OpFailed, StorageFull, WriterError, database_words, named_database_words
 from db.validation import shown
 from workers.writer_stats import FAILING_AFTER_BATCHES, Stats
@@ -68,7 +68,8 @@ class Answers:
         if reason is not None:
             return self.storage_full(reason)
         words = named_database_words(e)
-        self.stats.last_commit_failure = {"at_ms": ops.now_ms(), "reason": words}
+        self.stats.last_commit_failure = {"at_ms": ops.now_ms(), "reason": words,
+                                          **({"damaged": True} if damaged_database(e) else {})}
         self.stats.failed_batches_in_a_row += 1
         if self.stats.commits_failing_since is None:
             self.stats.commits_failing_since = time.monotonic()

@@ -34,6 +34,7 @@ from db.config import Settings
 from db.engine import is_sqlite, storage_full_reason
 from db.errors import named_database_words
 from db.models import now_ms
+from workers.wal_cut import wal_cut_short
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -102,7 +103,8 @@ class Checkpointer(threading.Thread):
                 if backlog is None:
                     log.info("writer: unknown WAL index format; checkpoints stay with the commits")
                     return
-                if backlog >= BACKLOG_PAGES:
+                # Not into a WAL cut short: it would copy what the cut took as damage (the guard stops this thread).
+                if backlog >= BACKLOG_PAGES and wal_cut_short(self.settings.database_path) is None:
                     self._checkpoint(con)
         except Exception as e:  # the commit thread's own autocheckpoint goes on without this thread
             log.warning("writer: background checkpoints stopped (%s); the commits checkpoint as before",

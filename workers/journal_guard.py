@@ -10,17 +10,21 @@ checkpoint, the readers stopping, copies it all. The database file itself moved:
 next writer would open a new, empty one at its path; writes are refused likewise, and the reason
 says where the file is now and how to put it back. Removed: the commit thread saves it whole
 (:class:`SaveCopy`, after what it holds), and the reason then says where the copy is and how to put
-it in place (:func:`workers.write_connection.journal_gone_reason`).
+it in place (:func:`workers.write_connection.journal_gone_reason`). The WAL cut short at its path
+(:mod:`workers.wal_cut`): writes are refused likewise, and the writer checkpoints no more.
 """
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from db.config import Settings
+from db.errors import CommitFailed
+from workers.wal_cut import hold_database_open, wal_cut_short
 from workers.write_connection import JournalWatch, database_removed, journal_gone_reason
 from workers.writer_stats import Stats
 
@@ -57,6 +61,11 @@ class JournalGuard:
         self.save: SaveCopy | None = None
         self.save_sent = False
         self.saved_copy: Path | None = None
+        #: Why the WAL is found cut short (the writer then checkpoints no more), and the read-only
+        #: connection that keeps the writer's own from closing last (:func:`workers.wal_cut.hold_database_open`).
+        self.wal_cut: str | None = None
+        self._holder: object = None
+        self._cut_lock = threading.Lock()  # looked at by the IO thread and before each commit
 
     def check(self) -> None:
         """Refuse every write once a file is gone (the checkpointer stopped: its PASSIVE checkpoints may
@@ -71,6 +80,41 @@ class JournalGuard:
             self._refuse()
             self.checkpointer.stop(timeout=0)
             self._send_save()
+        else:
+            self.cut_short()
+
+    def cut_short(self) -> str | None:
+        """Why the WAL is cut short (looked at now, until it is found so), None while it is whole; once
+        found, every write is refused and nothing checkpoints any more (nor may the stop)."""
+        with self._cut_lock:
+            if self.wal_cut is None:
+                self._look_for_a_cut()
+        return self.wal_cut
+
+    def before_commit(self, conn: object) -> None:
+        """In each batch's transaction, just before its COMMIT (:class:`workers.commit.Committer`): a WAL
+        cut short since the last look fails the batch, nothing of it committed, before SQLite's
+        automatic checkpoint at that COMMIT copies what the cut took into the database file (in the
+        second between two looks, a steady stream of writes reached it)."""
+        if self.cut_short() is not None:
+            raise CommitFailed(f"not applied, retry: {self.wal_cut}")
+
+    def _look_for_a_cut(self) -> None:
+        cut = wal_cut_short(self.settings.database_path)  # type: ignore[arg-type]
+        if cut is not None:
+            from db.circusd import circusctl_command  # psutil and more: only the day it is needed
+
+            self._holder = hold_database_open(self.settings.database_path)  # type: ignore[arg-type]
+            self.wal_cut = cut
+            self.checkpointer.stop(timeout=0)
+            quit_stack = circusctl_command(self.settings.circus_endpoint, "quit")
+            reason = self.stats.journal_removed = (
+                f"{cut}; so it takes no more writes and does not checkpoint (never truncate or remove the WAL: it "
+                f"holds every write since the last checkpoint). Stop the stack (`{quit_stack}`), then `make run`: "
+                "the database opens as of its last checkpoint and the whole commits left in the WAL, the writes "
+                "refused meanwhile are applied then (clients and feeds retry), and `python -m db doctor` checks it")
+            log.error("writer: %s", reason)
+            self.committer.refusing = f"not applied, retry: {reason}"
 
     def _refuse(self) -> None:
         """Every write refused from now on, saying why (the IO thread's, and what the committer holds)."""

@@ -263,6 +263,7 @@ class Writer:
             if self.settings.database_path is not None:  # what its connection opened, seen before it serves
                 self.journal_guard = JournalGuard(self.settings, self.committer, self.checkpointer, self.stats,
                                                   self.queue)
+                self.committer.before_commit = self.journal_guard.before_commit  # a WAL cut short: no COMMIT
             # Ingest decodes thousands of short-lived containers per request;
             # at the default threshold (700) the collector walks them over and
             # over. Long-lived startup objects are frozen out of its way.
@@ -277,8 +278,13 @@ class Writer:
                 return 1
             finally:
                 self.checkpointer.stop()
-            copy = self.journal_guard.saved_copy if self.journal_guard is not None else None
-            if copy is not None:  # the removed file's last checkpoint would copy into nothing kept
+            guard = self.journal_guard
+            copy = guard.saved_copy if guard is not None else None
+            cut = guard.cut_short() if guard is not None and not guard.gone else None  # a cut since the last look
+            if cut is not None:  # a checkpoint would copy what the cut took into the database file as damage
+                log.critical("writer: no final checkpoint: %s; exiting", cut)
+                saved = False
+            elif copy is not None:  # the removed file's last checkpoint would copy into nothing kept
                 log.info("writer: its database file was removed under it; every write it acknowledged is in the "
                          "copy it saved, %s; exiting", copy)
                 saved = True
