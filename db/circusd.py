@@ -305,3 +305,21 @@ def writer_restart_command(settings: Settings, writer_runs: bool | None = None) 
         statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
         writer_runs = statuses.get("writer") == "active"
     return f"`{circusctl_command(settings.circus_endpoint, 'restart' if writer_runs else 'start', 'writer')}`"
+
+
+
+def new_database_url_words(settings: Settings, fix: str) -> str:
+    """What a refused login's ``fix`` (:func:`db.server_wait.login_refused`) takes when it may be a new
+    ``DATABASE_URL`` and circusd runs, as words to add after the restart of the writer; else "" (no
+    such fix; no circusd: `make run`, which starts it, reads the new one). circusd gives its watchers
+    the environment it was started with: a writer restarted by circusctl logged in with the old URL
+    again, and was told the same fix again (fault hunt: the owner's password changed while it ran)."""
+    if "DATABASE_URL" not in fix or live_circusd(circusd_pidfile(settings)) is None:
+        return ""
+    return (f"; after a change of DATABASE_URL, `{circusctl_command(settings.circus_endpoint, 'quit')}`, then "
+            "`make run` with the new one (circusd gives the writer the DATABASE_URL it was started with)")
+
+
+def writer_start_after_fix(settings: Settings, fix: str, writer_runs: bool | None = None) -> str:
+    """:func:`writer_restart_command`, and what a new DATABASE_URL takes (:func:`new_database_url_words`)."""
+    return writer_restart_command(settings, writer_runs) + new_database_url_words(settings, fix)

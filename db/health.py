@@ -22,7 +22,13 @@ from typing import Any
 
 import psutil
 
-from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice, writer_restart_command
+from db.circusd import (
+    circusctl_command,
+    unreachable_circusd,
+    writer_down_advice,
+    writer_restart_command,
+    writer_start_after_fix,
+)
 from db.config import Settings
 from db.engine import display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
@@ -300,7 +306,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
         out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
                             f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
-                            f"{writer_restart_command(settings)}."))
+                            f"{writer_start_after_fix(settings, refused['fix'])}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
     out.extend(_disk_findings(snap))

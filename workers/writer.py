@@ -77,6 +77,7 @@ from db.served_database import record_database
 from db.server_wait import (
     clear_refused,
     done_waiting,
+    login_refused,
     refused_file,
     say_host_taken,
     say_refused,
@@ -221,11 +222,12 @@ class Writer:
                 if server_trouble(reason) == "refuses the login":
                     # It answered, and refused: "cannot reach" sent a new user looking at a server that
                     # runs. Said in run/ too, for doctor, /api/health and circus's flapping plugin.
-                    from db.circusd import circusctl_command
+                    from db.circusd import circusctl_command, new_database_url_words
 
                     said = say_refused(refused_file(self.settings.run_dir), self.settings.database_url, reason)
-                    log.error("writer: %s, then restart the writer (`%s`) or `make run`; at %s", said,
+                    log.error("writer: %s, then restart the writer (`%s`) or `make run`%s; at %s", said,
                               circusctl_command(self.settings.circus_endpoint, "restart", "writer"),
+                              new_database_url_words(self.settings, login_refused(reason, "DATABASE_URL", None)[1]),
                               display_url(self.settings.database_url))
                     return 1
                 log.error("writer: cannot reach the database server %s to take the writer lock: %s",
