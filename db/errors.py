@@ -123,6 +123,17 @@ def server_trouble(reason: str) -> str:
     return "refuses the login" if any(w in said for w in LOGIN_REFUSED) else "does not answer"
 
 
+def failed_connection_words(error: BaseException) -> str | None:
+    """``the database server ...`` (:func:`server_trouble`) when ``error`` is a connection to a server
+    that failed (psycopg gives those no SQLSTATE), for an answer to a caller with no login: libpq's
+    words name the server's host, the database and the role (the API's 503 of a read served them to
+    anyone during the fault hunt's max_connections and renamed database). None for any other error."""
+    orig = getattr(error, "orig", None) or error
+    if type(orig).__module__.split(".")[0] != "psycopg" or getattr(orig, "sqlstate", None) is not None:
+        return None
+    return f"the database server {server_trouble(str(orig))}"
+
+
 def server_trouble_words(reason: str, variable: str) -> str:
     """doctor's line for a server that ``variable``'s URL could not connect to (libpq's ``reason``), with
     what to do: each of :func:`server_trouble`'s kinds has its own."""

@@ -273,6 +273,28 @@ def test_a_server_with_no_free_connection_slot_is_said_as_such_not_as_down(
     assert pg.stop(writer) == 0
 
 
+def test_a_read_the_server_refuses_to_connect_names_no_database_role_nor_host_to_the_api_caller(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """A read of the API (no login) whose connection the server refused (its database renamed by a DBA,
+    every connection slot taken: the fault hunt) was answered 503 with libpq's words, which name the
+    server's socket or host, the database and the role. The kind of trouble only, as /api/health says
+    it; the log keeps libpq's words."""
+    from webapp import create_app
+
+    url = make_url(pg.env["DATABASE_READ_URL"])
+    gone = url.set(database="ts_renamed_away").render_as_string(hide_password=False)
+    response = create_app("api", load_settings({**pg.env, "DATABASE_READ_URL": gone})).test_client().get(
+        "/api/ticks?symbol=BTCUSD&limit=1")
+    assert response.status_code == 503, response.json
+    error = response.json["error"]
+    assert error == {"code": "database_unavailable",
+                     "message": "the database could not be read: the database server refuses the login"}, error
+    body = response.get_data(as_text=True)
+    for named in ("ts_renamed_away", "ts_reader", str(postgres_server.socket_dir), "does not exist"):
+        assert named not in body, body
+    no_password(body, postgres_server)
+
+
 def test_doctor_says_a_writer_waiting_for_the_server_runs_not_that_none_does(pg: Stack) -> None:
     """A writer that took its home's lock and waits for the server's (the server down, or refusing its
     login): doctor and the console said "The writer is not running ... start writer", which circus
