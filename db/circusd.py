@@ -290,6 +290,26 @@ def writer_down_advice(settings: Settings) -> str:
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
 
 
+
+def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
+    """doctor's finding on the stack's watchers circus runs no process of (stopped by circus's flapping
+    plugin after their processes kept exiting, or by ``circusctl stop``), each with its start command;
+    none when circusd does not answer (its own finding) and for the writer (its own finding too).
+    After the cause of such exits was mended (the fault hunt: the readers' SELECT given back), doctor
+    said every check was ok while analysis and the monitor stayed stopped."""
+    statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses")
+    if not isinstance(statuses, dict):
+        return []
+    stopped = sorted(name for name, status in statuses.items()
+                     if status == "stopped" and name != "writer" and not name.startswith("plugin:"))
+    if not stopped:
+        return []
+    starts = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'start', name)}`" for name in stopped)
+    logs = ", ".join(f"log/{name}.log" for name in stopped)
+    return [("fail", f"circus runs no process of {', '.join(stopped)}: stopped by circus after their processes kept "
+                     f"exiting ({logs} in the home say why), or by `circusctl stop`. Once the cause is mended, start "
+                     f"them: {starts}.")]
+
 #: What starts the stack where no circusd runs (``circusctl`` cannot, and ``make run`` refuses beside one).
 MAKE_RUN = "`make run`"
 

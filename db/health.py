@@ -24,6 +24,7 @@ import psutil
 
 from db.circusd import (
     circusctl_command,
+    stopped_watcher_findings,
     unreachable_circusd,
     writer_down_advice,
     writer_restart_command,
@@ -309,6 +310,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             f"{writer_start_after_fix(settings, refused['fix'])}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
+    out.extend(stopped_watcher_findings(settings))
     out.extend(_disk_findings(snap))
     out.extend(private_file_findings(settings))
     if snap.get("lock_errors"):
