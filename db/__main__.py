@@ -29,7 +29,7 @@ from db.config import (
     home_for_circus_problem,
     load_settings,
 )
-from db.errors import WriterError
+from db.errors import WriterError, server_trouble
 from db.files import touch_private
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
 from db.sizes import human_bytes
@@ -207,8 +207,9 @@ def cmd_health(args: argparse.Namespace) -> int:
                   f"{server['writer_lock']['text']}")
         for writer in server["writer_lock"].get("writers", []):
             print(f"writer     {writer}")
-    elif server is not None:
-        print(f"server     DOWN ({server['error']})")
+    elif server is not None:  # a server that answers, refusing the login or full, is not down
+        trouble = server_trouble(str(server["error"]))
+        print(f"server     {'DOWN' if trouble == 'does not answer' else 'up, but it ' + trouble} ({server['error']})")
     for name, leader in snap.get("leaders", {}).items():
         print(f"leader     {name}: {leader or 'nobody (' + NOBODY.get(name, 'no process of it runs') + ')'}")
     if "files" in snap:

@@ -290,6 +290,27 @@ def writer_down_advice(settings: Settings) -> str:
             "stops again, read its log (the console's Logs page, or $TICKSTACK_HOME/log/writer.log).")
 
 
+def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
+    """doctor's finding on the stack's watchers circus runs no process of (stopped by circus's flapping
+    plugin after their processes kept exiting, or by ``circusctl stop``), each with its start command;
+    none when circusd does not answer (its own finding) and for the writer (its own finding too).
+    After the cause of such exits was mended (the fault hunt: the readers' SELECT given back), doctor
+    said every check was ok while analysis and the monitor stayed stopped."""
+    statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses")
+    if not isinstance(statuses, dict):
+        return []
+    stopped = sorted(name for name, status in statuses.items()
+                     if status == "stopped" and name != "writer" and not name.startswith("plugin:"))
+    if not stopped:
+        return []
+    starts = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'start', name)}`" for name in stopped)
+    logs = ", ".join(f"log/{name}.log" for name in stopped)
+    # A warning, not a failure: a worker an operator stopped on purpose (their own feed instead of
+    # ticks) is no broken stack, and doctor's exit code is what scripts check.
+    return [("warn", f"circus runs no process of {', '.join(stopped)}: stopped by circus after their processes kept "
+                     f"exiting ({logs} in the home say why), or by an operator's stop. Once the cause is mended, start "
+                     f"them: {starts}.")]
+
 #: What starts the stack where no circusd runs (``circusctl`` cannot, and ``make run`` refuses beside one).
 MAKE_RUN = "`make run`"
 
@@ -305,3 +326,21 @@ def writer_restart_command(settings: Settings, writer_runs: bool | None = None) 
         statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
         writer_runs = statuses.get("writer") == "active"
     return f"`{circusctl_command(settings.circus_endpoint, 'restart' if writer_runs else 'start', 'writer')}`"
+
+
+
+def new_database_url_words(settings: Settings, fix: str) -> str:
+    """What a refused login's ``fix`` (:func:`db.server_wait.login_refused`) takes when it may be a new
+    ``DATABASE_URL`` and circusd runs, as words to add after the restart of the writer; else "" (no
+    such fix; no circusd: `make run`, which starts it, reads the new one). circusd gives its watchers
+    the environment it was started with: a writer restarted by circusctl logged in with the old URL
+    again, and was told the same fix again (fault hunt: the owner's password changed while it ran)."""
+    if "DATABASE_URL" not in fix or live_circusd(circusd_pidfile(settings)) is None:
+        return ""
+    return (f"; after a change of DATABASE_URL, `{circusctl_command(settings.circus_endpoint, 'quit')}`, then "
+            "`make run` with the new one (circusd gives the writer the DATABASE_URL it was started with)")
+
+
+def writer_start_after_fix(settings: Settings, fix: str, writer_runs: bool | None = None) -> str:
+    """:func:`writer_restart_command`, and what a new DATABASE_URL takes (:func:`new_database_url_words`)."""
+    return writer_restart_command(settings, writer_runs) + new_database_url_words(settings, fix)

@@ -107,10 +107,51 @@ def lock_wait_words(error: BaseException) -> str | None:
             "the session holding it")
 
 
+#: libpq's words for a server with no connection slot left for a new session (SQLSTATE 53300,
+#: too_many_connections: max_connections reached, its last slots kept for superusers, or a CONNECTION
+#: LIMIT of the role or the database). It runs and answers: "does not answer ... is it running?" sent
+#: the reader to a server that runs (fault hunt: max_connections reached). Waiting mends it.
+NO_FREE_SLOT = ("too many clients already", "remaining connection slots are reserved", "too many connections for")
+
+
 def server_trouble(reason: str) -> str:
-    """``refuses the login`` or ``does not answer``: what a failed connection's ``reason`` (libpq's
-    words) says the database server did."""
-    return "refuses the login" if any(w in reason.lower() for w in LOGIN_REFUSED) else "does not answer"
+    """``has no free connection slot``, ``refuses the login`` or ``does not answer``: what a failed
+    connection's ``reason`` (libpq's words) says the database server did."""
+    said = reason.lower()
+    if any(w in said for w in NO_FREE_SLOT):
+        return "has no free connection slot"
+    return "refuses the login" if any(w in said for w in LOGIN_REFUSED) else "does not answer"
+
+
+def failed_connection_words(error: BaseException) -> str | None:
+    """``the database server ...`` (:func:`server_trouble`) when ``error`` is a connection to a server
+    that failed (psycopg gives those no SQLSTATE), for an answer to a caller with no login: libpq's
+    words name the server's host, the database and the role (the API's 503 of a read served them to
+    anyone during the fault hunt's max_connections and renamed database). None for any other error."""
+    orig = getattr(error, "orig", None) or error
+    if type(orig).__module__.split(".")[0] != "psycopg" or getattr(orig, "sqlstate", None) is not None:
+        return None
+    return f"the database server {server_trouble(str(orig))}"
+
+
+def server_trouble_words(reason: str, variable: str) -> str:
+    """doctor's line for a server that ``variable``'s URL could not connect to (libpq's ``reason``), with
+    what to do: each of :func:`server_trouble`'s kinds has its own."""
+    trouble = server_trouble(reason)
+    if trouble == "refuses the login":
+        return (f"The database server refuses the login of {variable} ({reason}): the readers (API, console, "
+                "workers) cannot read. Check that URL's user, password and database name.")
+    if trouble == "has no free connection slot":
+        return (f"The database server has no free connection slot ({reason}): it runs, but lets no new session "
+                "in (max_connections reached, or a CONNECTION LIMIT on the role or the database). Sessions the "
+                "stack holds work on (the writer's: writes are stored); anything needing a new one (a read of the "
+                "API or the console, a process starting) waits or fails. As a superuser (max_connections keeps "
+                "superuser_reserved_connections for them), `SELECT usename, application_name, state, count(*) "
+                "FROM pg_stat_activity GROUP BY 1, 2, 3 ORDER BY 4 DESC` names who holds them: end what should "
+                "not (pg_terminate_backend), or raise max_connections.")
+    return (f"The database server does not answer ({reason}): nothing can be written or read until it is back. "
+            "The writer waits for it and serves again once it is; check the server (is it running? "
+            f"`pg_isready`), its host and {variable}.")
 
 
 def named_database_words(error: BaseException, limit: int = 400) -> str:

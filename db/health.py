@@ -22,10 +22,17 @@ from typing import Any
 
 import psutil
 
-from db.circusd import circusctl_command, unreachable_circusd, writer_down_advice, writer_restart_command
+from db.circusd import (
+    circusctl_command,
+    stopped_watcher_findings,
+    unreachable_circusd,
+    writer_down_advice,
+    writer_restart_command,
+    writer_start_after_fix,
+)
 from db.config import Settings
 from db.engine import DAMAGED_FILE_ADVICE, display_url
-from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
+from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
@@ -302,9 +309,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
         out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
                             f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
-                            f"{writer_restart_command(settings)}."))
+                            f"{writer_start_after_fix(settings, refused['fix'])}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         out.append(("fail", writer_down_advice(settings)))
+    out.extend(stopped_watcher_findings(settings))
     out.extend(_disk_findings(snap))
     out.extend(private_file_findings(settings))
     if snap.get("lock_errors"):
@@ -404,14 +412,8 @@ def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str
     if server is None:
         return []
     if not server["reachable"]:
-        error = str(server.get("error") or "")
-        variable = settings.read_url_variable  # server_status asks with the readers' URL
-        if server_trouble(error) == "refuses the login":
-            return [("fail", f"The database server refuses the login of {variable} ({error}): the readers (API, "
-                             f"console, workers) cannot read. Check that URL's user, password and database name.")]
-        return [("fail", f"The database server does not answer ({error}): nothing can be written or "
-                         "read until it is back. The writer waits for it and serves again once it is; check the "
-                         f"server (is it running? `pg_isready`), its host and {variable}.")]
+        # server_status asks with the readers' URL
+        return [("fail", server_trouble_words(str(server.get("error") or ""), settings.read_url_variable))]
     ranked = sorted(server["by_application"].items(), key=lambda kv: -kv[1])
     apps = ", ".join(f"{n} {name}" for name, n in ranked[:6])
     if len(ranked) > 6:  # the total counts them all: say the list does not

@@ -100,7 +100,7 @@ class Silence:
             self.absent_since = now
         if now - self.absent_since < NO_WRITER_FOR_S:
             return None
-        from db.circusd import MAKE_RUN, writer_restart_command
+        from db.circusd import MAKE_RUN, new_database_url_words, writer_restart_command
         from db.server_wait import last_refusal, public_words
 
         home = self.settings.home
@@ -115,5 +115,6 @@ class Silence:
             # Why its last writer exited, naming no role nor database: this reaches /api/health (no login).
             what, fix = public_words(refused)
             return (f"no writer is running in {home}{stack}: at its last start, {what} (`python -m db doctor` and "
-                    f"log/writer.log say more){': ' + fix if fix else ''}; then {start}")
+                    f"log/writer.log say more){': ' + fix if fix else ''}; then {start}"
+                    f"{new_database_url_words(self.settings, fix or '')}")
         return f"no writer is running in {home} (nothing holds its lock {self.lock_path.name}){stack}: {start}"

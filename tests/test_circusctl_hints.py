@@ -83,6 +83,22 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         assert status.returncode == 0 and "writer: active" in status.stdout, (again.stderr, status.stdout,
                                                                               status.stderr)
 
+        # Workers circus stopped (its flapping plugin, after their processes kept exiting: a REVOKE of the
+        # readers' SELECT in the PostgreSQL fault hunt) stay stopped once the cause is mended: doctor said
+        # every check was ok. It names them, with the commands that start them.
+        for name in ("analysis", "monitor"):
+            stopped = stack.circusctl("stop", name, "--waiting")
+            assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        advice = next((line for line in doctor.stdout.splitlines() if "circus runs no process of" in line), None)
+        assert advice is not None, doctor.stdout
+        assert advice.startswith("[WARN] circus runs no process of analysis, monitor: "), advice
+        for name in ("analysis", "monitor"):
+            start = run_as_printed(backticked(advice, f"start {name}"))
+            assert start.returncode == 0 and "ok" in start.stdout, (advice, start.stdout, start.stderr)
+            assert stack.status()[name] == "active", stack.status()
+
         stopped = stack.circusctl("stop", "writer", "--waiting")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,

@@ -806,3 +806,24 @@ def test_a_last_run_dated_ahead_of_the_clock_does_not_stop_the_job(writer: Stack
         assert "backup" in restarted.due()
     finally:
         restarted.teardown()
+
+
+@pytest.mark.database_independent("how a failed read is logged: its engine is an empty SQLite file's on either run")
+def test_a_failed_read_of_the_last_runs_on_taking_over_is_one_line_without_the_statement(
+        writer: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A jobs worker that takes over the lead and cannot read ``job_runs`` (its database dropped and made
+    again empty under it in the PostgreSQL fault hunt) logged SQLAlchemy's whole text: the SELECT, its
+    parameters and a link, over four lines. The database's words, in one line."""
+    from sqlalchemy import create_engine
+
+    worker = JobsWorker(writer.settings, until_idle=True)
+    worker.setup()
+    try:
+        worker.engine = create_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no job_runs table in it
+        with caplog.at_level("WARNING", logger="tickstack.jobs"):
+            worker._taken_over()
+    finally:
+        worker.teardown()
+    (said,) = [r.getMessage() for r in caplog.records if "could not read the last runs" in r.getMessage()]
+    assert "no such table: job_runs" in said and "\n" not in said, said
+    assert "SELECT" not in said and "sqlalche.me" not in said and "parameters" not in said, said

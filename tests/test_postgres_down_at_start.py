@@ -9,6 +9,7 @@ server is back, with the writes sent meanwhile stored.
 """
 from __future__ import annotations
 
+import configparser
 import json
 import subprocess
 import threading
@@ -21,6 +22,7 @@ from db.client import WriterClient
 from db.server_wait import last_refusal, refused_file, say_refused, wait_file
 from supervision.circus import STACK_WATCHERS
 from testkit.circus import Circusd, CircusStack
+from testkit.env import ROOT
 from testkit.helpers import wait_for
 from testkit.postgres import PostgresServer, read_connection
 
@@ -152,4 +154,44 @@ def test_a_stack_started_with_the_server_down_stops_at_once_its_writer_not_kille
     finally:
         back.set()
         outage.join(120)
+        stack.close()
+
+
+def test_a_writer_waiting_for_its_server_at_start_is_not_restarted_by_the_watchdog(
+        postgres_server: PostgresServer) -> None:
+    """circus's watchdog watches what already runs when it starts, the writer included, from that
+    moment. A writer waiting for its server (down, or every connection slot taken: the fault hunt's
+    max_connections at a start) sent no heartbeat, so the watchdog restarted it after its
+    ``watchdog.timeout`` (20 s) as "stuck": a false alarm in circusd's log and the audit log, and the
+    wait begun again. It sends them while it waits now: the writer that waited is the one that serves."""
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(ROOT / "circus.ini")
+    writer_limit = ini.getfloat("watcher:writer", "watchdog.timeout")
+    stack = CircusStack()
+    back = threading.Event()
+    outage = threading.Thread(target=postgres_server.restart, kwargs={"down_for": 300.0, "until": back})
+    outage.start()
+    try:
+        try:
+            wait_for("the server to stop", postgres_server.socket_gone, timeout=30)
+            Circusd.start(stack, wait_active=("writer",), timeout=60)
+            wait_for("the writer to say it waits", lambda: "the database server does not answer" in stack.log("writer"),
+                     timeout=60)
+            [waiting] = stack.pids_of("writer")
+            wait_for("the watchdog to listen", lambda: "Watchdog listening UDP" in stack.circusd_log(), timeout=60)
+            time.sleep(writer_limit + 10)  # the watchdog's chance to find it silent (it looks every second)
+            assert postgres_server.socket_gone(), "the server came back before the watchdog had its chance"
+            log = stack.circusd_log()
+            assert "sent no heartbeat" not in log, log[-3000:]
+            assert stack.pids_of("writer") == [waiting]
+            # Watched, and alive by its heartbeats: from the watchdog's start (what ran then; a heartbeat
+            # of another process first made it learn them all as not beating yet), or from its first one.
+            assert (f"watchdog: writer pid {waiting}: running; watched from now on" in log
+                    or f"watchdog: writer pid {waiting}: first heartbeat; watched from now on" in log), log[-3000:]
+        finally:
+            back.set()
+            outage.join(120)
+        wait_for("the writer that waited to serve", lambda: f"writer ready: pid {waiting}," in stack.log("writer"),
+                 timeout=120)
+    finally:
         stack.close()

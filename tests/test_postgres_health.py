@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from db.client import WriterClient
 from db.config import load_settings
 from db.engine import psycopg_params
+from db.errors import server_trouble
 from db.server import _libpq_env, pg_program
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import ConsoleClient, wait_for
@@ -227,6 +228,71 @@ def test_a_wrong_read_password_is_said_as_a_refused_login_of_the_read_url(
             and "is the writer running" not in jobs.stderr), jobs.stderr[-3000:]
     no_password(doctor.stdout + json.dumps(response.json) + jobs.stderr, postgres_server)
     assert pg.stop(writer) == 0
+
+
+def test_a_server_with_no_free_connection_slot_is_said_as_such_not_as_down(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """Every connection slot taken (max_connections reached while the stack runs; here the database's
+    CONNECTION LIMIT, the same refusal, SQLSTATE 53300): doctor said "The database server does not
+    answer ... is it running? `pg_isready`", `db health` "server DOWN", /api/health and the workers
+    "does not answer", for a server that runs (fault hunt). Said as a server with no free slot, with
+    who to look for; the writer's session works on, so writes are still stored."""
+    from webapp import create_app
+
+    for libpq in ('FATAL:  sorry, too many clients already',
+                  'FATAL:  remaining connection slots are reserved for non-replication superuser connections',
+                  'FATAL:  too many connections for role "ts_reader"'):
+        assert server_trouble(libpq) == "has no free connection slot", libpq
+    writer = pg.start_writer()
+    insert_ticks(pg, 1)
+    database = make_url(pg.env["DATABASE_URL"]).database
+    postgres_server.psql("postgres", "postgres", f"ALTER DATABASE {database} CONNECTION LIMIT 0")
+    try:
+        with WriterClient(settings=pg.settings, deadline=20) as client:  # on the writer's own session
+            assert client.call("insert_ticks", ticks=[{"symbol": "BTCUSD", "ts": NOW_TS + 1, "bid": 100.0,
+                                                       "ask": 100.5, "source": "t", "seq": 1}])["inserted"] == 1
+        doctor = run(pg, "-m", "db", "doctor")
+        health = run(pg, "-m", "db", "health")
+        response = create_app("api", load_settings(pg.env)).test_client().get("/api/health")
+        code = ("import runpy, sys, workers.base; workers.base.DATABASE_WAIT_S = 1.0; "
+                "sys.argv = ['workers.jobs', '--until-idle']; "
+                "runpy.run_module('workers.jobs', run_name='__main__', alter_sys=True)")
+        jobs = run(pg, "-c", code)
+    finally:
+        postgres_server.psql("postgres", "postgres", f"ALTER DATABASE {database} CONNECTION LIMIT -1")
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "The database server has no free connection slot (" in doctor.stdout, doctor.stdout
+    assert "pg_stat_activity" in doctor.stdout and "does not answer" not in doctor.stdout, doctor.stdout
+    assert "server     up, but it has no free connection slot (" in health.stdout, health.stdout
+    assert response.status_code == 503, response.json
+    assert response.json["database"]["error"] == "the database server has no free connection slot", response.json
+    assert "jobs: the database server has no free connection slot at postgresql+psycopg://ts_reader:***@" in \
+        jobs.stderr and "Traceback" not in jobs.stderr, jobs.stderr[-3000:]
+    no_password(doctor.stdout + health.stdout + json.dumps(response.json) + jobs.stderr, postgres_server)
+    assert rows(pg, "SELECT count(*) FROM ticks") == [(2,)]
+    assert pg.stop(writer) == 0
+
+
+def test_a_read_the_server_refuses_to_connect_names_no_database_role_nor_host_to_the_api_caller(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """A read of the API (no login) whose connection the server refused (its database renamed by a DBA,
+    every connection slot taken: the fault hunt) was answered 503 with libpq's words, which name the
+    server's socket or host, the database and the role. The kind of trouble only, as /api/health says
+    it; the log keeps libpq's words."""
+    from webapp import create_app
+
+    url = make_url(pg.env["DATABASE_READ_URL"])
+    gone = url.set(database="ts_renamed_away").render_as_string(hide_password=False)
+    response = create_app("api", load_settings({**pg.env, "DATABASE_READ_URL": gone})).test_client().get(
+        "/api/ticks?symbol=BTCUSD&limit=1")
+    assert response.status_code == 503, response.json
+    error = response.json["error"]
+    assert error == {"code": "database_unavailable",
+                     "message": "the database could not be read: the database server refuses the login"}, error
+    body = response.get_data(as_text=True)
+    for named in ("ts_renamed_away", "ts_reader", str(postgres_server.socket_dir), "does not exist"):
+        assert named not in body, body
+    no_password(body, postgres_server)
 
 
 def test_doctor_says_a_writer_waiting_for_the_server_runs_not_that_none_does(pg: Stack) -> None:

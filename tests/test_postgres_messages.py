@@ -134,6 +134,35 @@ def test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer
     assert "refused" not in doctor.stdout, doctor.stdout
 
 
+def test_a_refused_login_under_circusd_says_a_new_database_url_takes_a_new_circusd(
+        postgres_server: PostgresServer) -> None:
+    """The owner's password changed while the stack ran (a DBA's ALTER ROLE), the writer restarted:
+    its log, doctor and the clients said "fix the password in DATABASE_URL ..., then restart the
+    writer". circusd gives the writer the environment it was started with, so a user who fixed
+    DATABASE_URL in their shell and restarted the writer was refused again, and told the same (fault
+    hunt). Each now says what a new DATABASE_URL takes: a quit, then `make run` with it."""
+    from testkit.circus import Circusd, CircusStack
+
+    stack = CircusStack()
+    try:
+        right = quote(postgres_server.passwords["ts_owner"], safe="")
+        stack.env["DATABASE_URL"] = stack.env["DATABASE_URL"].replace(right, WRONG)
+        Circusd.start(stack, wait_active=("api",), timeout=60)  # as `circusd circus.ini`: no `db prepare`
+        wait_for("the writer to say its login was refused", lambda: REFUSED in stack.log("writer"), timeout=60)
+        quit_then_make_run = (f"after a change of DATABASE_URL, `.venv/bin/circusctl --endpoint {stack.endpoint} "
+                              "--timeout 120 quit --waiting`, then `make run` with the new one")
+        line = next(x for x in stack.log("writer").splitlines() if REFUSED in x)
+        assert FIX in line and quit_then_make_run in line, line
+        doctor = run_db(stack.env, "doctor")
+        said = [x for x in doctor.stdout.splitlines() if REFUSED in x]
+        assert len(said) == 1 and quit_then_make_run in said[0], doctor.stdout
+        told = no_writer_words(stack.settings)  # the clients', /api/health's and the API's 503's words
+        assert REFUSED_PUBLIC in told and quit_then_make_run in told, told
+        assert_no_password(line + doctor.stdout + told, postgres_server)
+    finally:
+        stack.close()
+
+
 def test_prepare_does_not_wait_for_a_server_that_does_not_answer(wrong_password: Stack) -> None:
     """The writer waits for a server that is down (and circus's hooks do not wait for that writer):
     prepare's login check must not hold ``make run`` for it either."""

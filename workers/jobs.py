@@ -42,7 +42,7 @@ from db.checkpoints import measured_checkpoint, wal_bytes
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
-from db.errors import MaintenanceFailed, ValidationError, WriterError
+from db.errors import MaintenanceFailed, ValidationError, WriterError, named_database_words
 from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
@@ -198,8 +198,9 @@ class JobsWorker(Worker):
         try:
             self._read_last_runs()
         except Exception as e:  # the database does not answer: the jobs go by what this process knows
-            self.log.warning("jobs: could not read the last runs of the jobs (%s: %s); going by this "
-                             "process's own", type(e).__name__, e)
+            # The database's words only: SQLAlchemy's text adds the statement and its parameters over lines.
+            self.log.warning("jobs: could not read the last runs of the jobs (%s); going by this process's own",
+                             named_database_words(e))
 
     def _read_last_runs(self) -> None:
         """When each job last started, from ``job_runs``: at start, and on taking over the leadership

@@ -77,6 +77,7 @@ from db.served_database import record_database
 from db.server_wait import (
     clear_refused,
     done_waiting,
+    login_refused,
     refused_file,
     say_host_taken,
     say_refused,
@@ -153,6 +154,14 @@ class Writer:
         """Whether a stop was asked for (a signal): the waits for the locks end at once."""
         return self.stop_requested_at is not None
 
+    def _waits_on(self) -> bool:
+        """What the waits for the locks poll (several times a second): a writer that waits for its
+        server (down, or with no free connection slot) or for a lock is alive, and says so to circus's
+        watchdog, which restarted one after 20 s of such a wait at a stack's start as "stuck"; True
+        once a stop was asked, which ends the wait."""
+        tend_lifeline(self.settings)
+        return self.stopping()
+
     def run(self) -> int:
         """Take the lock, open and upgrade the database, serve, drain, exit."""
         os.umask(0o077)  # database, WAL, lock and socket files: this user only
@@ -166,7 +175,7 @@ class Writer:
         # Before the lock's wait: a stop or a stray signal meanwhile is handled, not the default action.
         self.init_signals()
         try:
-            self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=self.stopping)
+            self.lock.acquire(wait=self.settings.writer_lock_wait, stopping=self._waits_on)
             # The home's writer now: which database it writes, for `db health` and `db init` run while
             # no writer answers (stopped, or waiting for its server below), which refuse a shell whose
             # settings name another kind (they made a stray SQLite file in a PostgreSQL home).
@@ -179,7 +188,7 @@ class Writer:
             try:
                 self.server_lock = take_server_lock(self.settings.database_url, self.settings.host,
                                                     on_lost=self._stop_now, wait=SERVER_WAIT_S,
-                                                    held_wait=self.settings.writer_lock_wait, stopping=self.stopping,
+                                                    held_wait=self.settings.writer_lock_wait, stopping=self._waits_on,
                                                     on_unreachable=lambda said: self._waits_for_server(waiting, said))
             except WriterLocked:  # the server's lock of this host, held past the wait: another home's writer
                 if not self.stopping():
@@ -213,11 +222,12 @@ class Writer:
                 if server_trouble(reason) == "refuses the login":
                     # It answered, and refused: "cannot reach" sent a new user looking at a server that
                     # runs. Said in run/ too, for doctor, /api/health and circus's flapping plugin.
-                    from db.circusd import circusctl_command
+                    from db.circusd import circusctl_command, new_database_url_words
 
                     said = say_refused(refused_file(self.settings.run_dir), self.settings.database_url, reason)
-                    log.error("writer: %s, then restart the writer (`%s`) or `make run`; at %s", said,
+                    log.error("writer: %s, then restart the writer (`%s`) or `make run`%s; at %s", said,
                               circusctl_command(self.settings.circus_endpoint, "restart", "writer"),
+                              new_database_url_words(self.settings, login_refused(reason, "DATABASE_URL", None)[1]),
                               display_url(self.settings.database_url))
                     return 1
                 log.error("writer: cannot reach the database server %s to take the writer lock: %s",

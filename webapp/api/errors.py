@@ -27,6 +27,7 @@ from db.errors import (
     ValidationError,
     WriterError,
     WriterUnavailable,
+    failed_connection_words,
     lock_wait_words,
     read_refusal,
 )
@@ -153,7 +154,8 @@ def _database_error(e: OperationalError) -> ResponseReturnValue:
     if locked is not None:
         return json_error(503, f"the database could not be read: {locked}", "database_locked",
                           {"Retry-After": str(RETRY_AFTER)})
-    return json_error(503, f"the database could not be read: {e.orig}", "database_unavailable",
+    said = failed_connection_words(e) or e.orig  # the log above has libpq's words: they name the role
+    return json_error(503, f"the database could not be read: {said}", "database_unavailable",
                       {"Retry-After": str(RETRY_AFTER)})
 
 
