@@ -296,6 +296,8 @@ def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
     none when circusd does not answer (its own finding) and for the writer (its own finding too).
     After the cause of such exits was mended (the fault hunt: the readers' SELECT given back), doctor
     said every check was ok while analysis and the monitor stayed stopped."""
+    if live_circusd(circusd_pidfile(settings)) is None:  # nothing to ask: an ask would wait out its second
+        return []
     statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses")
     if not isinstance(statuses, dict):
         return []

@@ -21,12 +21,21 @@ from pathlib import Path
 
 #: The read-mark bytes, first and last: WALINDEX_LOCK_OFFSET (120) + 3 + i, i from 0 to 4.
 WAL_READ_MARKS = (123, 127)
+#: The byte every connection with the WAL index open holds a shared lock on (SQLite's WAL_DMS,
+#: 120 + 8): a process opening the database that finds it unlocked rebuilds the index.
+WAL_CONNECTED = 128
 
 
 def pids_in_read_transactions(shm: Path, locks: Path = Path("/proc/locks")) -> set[int] | None:
     """Pids of the processes in a read transaction on the database whose ``-shm`` file is ``shm``
     (the writer's own among them while it writes); None when that cannot be known (no such file, no
     ``/proc/locks``)."""
+    return pids_locking(shm, *WAL_READ_MARKS, locks=locks)
+
+
+def pids_locking(shm: Path, first: int, last: int, locks: Path = Path("/proc/locks")) -> set[int] | None:
+    """Pids of the processes holding a POSIX lock on bytes ``first`` to ``last`` of ``shm`` (e.g.
+    SQLite's "connected" byte, :data:`WAL_CONNECTED`); None when that cannot be known."""
     try:
         info = os.stat(shm)
         text = locks.read_text()
@@ -34,7 +43,6 @@ def pids_in_read_transactions(shm: Path, locks: Path = Path("/proc/locks")) -> s
         return None
     # "12: POSIX  ADVISORY  READ 4321 fe:00:2149747 124 124" (a waiting request reads "12: -> POSIX ...").
     file_ids = {f"{device}:{info.st_ino}" for device in (_device(info.st_dev), _mount_device(shm)) if device}
-    first, last = WAL_READ_MARKS
     pids: set[int] = set()
     for line in text.splitlines():
         fields = line.split()

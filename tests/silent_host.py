@@ -69,11 +69,12 @@ def main() -> dict[str, Any]:
             assert not lead_b.try_take(), "host B led while host A held the leadership"
             cut()
             t0 = time.monotonic()
-            sessions_after_cut = tcp_sessions(server)  # nothing told the server: both still there
             took: dict[str, float] = {}
+            refused_at_first: dict[str, bool] = {}  # the cut itself released nothing: the server kept A's
             while len(took) < 2 and time.monotonic() - t0 < GIVE_UP_S:
                 if "leadership" not in took and lead_b.try_take():
                     took["leadership"] = time.monotonic() - t0
+                refused_at_first.setdefault("leadership", "leadership" not in took)
                 if "writer_lock" not in took:
                     lock_b = ServerWriterLock(b.database_url, b.host)
                     try:
@@ -82,6 +83,7 @@ def main() -> dict[str, Any]:
                         lock_b.release()
                     except WriterLocked:
                         pass
+                refused_at_first.setdefault("writer_lock", "writer_lock" not in took)
                 time.sleep(0.2)
             deadline = t0 + GIVE_UP_S
             while not noticed and time.monotonic() < deadline:
@@ -89,7 +91,7 @@ def main() -> dict[str, Any]:
             lead_b.release()
             threading.Thread(target=lock_a.release, daemon=True).start()  # its socket is cut: do not wait on it
             return {"took_over_after_s": {k: round(v, 2) for k, v in took.items()},
-                    "host_a_sessions_after_cut": sessions_after_cut,
+                    "refused_at_first": refused_at_first,
                     "host_a_noticed_after_s": round(noticed[0] - t0, 2) if noticed else None,
                     "gave_up_after_s": GIVE_UP_S}
     finally:

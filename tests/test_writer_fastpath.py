@@ -36,6 +36,7 @@ from db.engine import make_read_engine
 from db.errors import NotFound, ValidationError
 from db.protocol import decode_request, encode_request
 from db.validation import MAX_PRICE
+from db.wal_readers import WAL_CONNECTED, pids_locking
 from testkit.env import ROOT
 from testkit.helpers import T0, ConsoleClient, wait_for
 from testkit.writer import RawPeer, Stack
@@ -560,6 +561,11 @@ def test_checkpoints_run_beside_the_commits_and_the_wal_stays_bounded(writer: St
     stats = client.stats()
     assert stats["background_checkpoints"] >= 1, stats
     assert 0 < time.time() * 1000 - stats["last_background_checkpoint_ms"] < 600_000, stats
+    # And the writer is still "connected" to the WAL index: its checkpointer's look at the index
+    # opened and closed it, which dropped SQLite's locks of the process on it, and the next process
+    # to open the database rebuilt the index under the writer, which died of SIGBUS (review, round 46).
+    connected = pids_locking(Path(f"{path}-shm"), WAL_CONNECTED, WAL_CONNECTED)
+    assert connected is not None and writer.procs[0].pid in connected, connected
     # The console says so: "Last checkpoint: none since the writer started" read as if none had run
     # (a new user's run, round 40); that line is about those asked for (the checkpoint op).
     from webapp import create_app

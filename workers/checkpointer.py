@@ -34,7 +34,7 @@ from db.config import Settings
 from db.engine import is_sqlite, storage_full_reason
 from db.errors import named_database_words
 from db.models import now_ms
-from workers.wal_cut import wal_cut_short
+from workers.wal_cut import wal_cut_short, wal_index
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -92,7 +92,10 @@ class Checkpointer(threading.Thread):
         try:
             pooled = self.engine.raw_connection()
             con: Any = pooled.driver_connection
-            shm = os.open(f"{self.settings.database_path}-shm", os.O_RDONLY)
+            # Never closed: closing it would drop SQLite's locks of this process on the file (wal_index)
+            shm = wal_index(self.settings.database_path)  # type: ignore[arg-type]
+            if shm is None:
+                raise FileNotFoundError(f"no {self.settings.database_path}-shm")
             self._shm = shm
             while not self._stopping:
                 self._poked.wait(1.0)
@@ -111,8 +114,6 @@ class Checkpointer(threading.Thread):
                         named_database_words(e))
         finally:
             self._shm = None
-            if shm is not None:
-                os.close(shm)
             if pooled is not None:
                 try:
                     pooled.close()

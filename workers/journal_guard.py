@@ -24,7 +24,7 @@ from typing import Any
 
 from db.config import Settings
 from db.errors import CommitFailed
-from workers.wal_cut import hold_database_open, open_wal_index, wal_cut_short
+from workers.wal_cut import hold_database_open, wal_cut_short, wal_index
 from workers.write_connection import JournalWatch, database_removed, journal_gone_reason
 from workers.writer_stats import Stats
 
@@ -66,7 +66,7 @@ class JournalGuard:
         self.wal_cut: str | None = None
         self._holder: object = None
         self._cut_lock = threading.Lock()  # looked at by the IO thread and before each commit
-        self._wal_index = open_wal_index(settings.database_path)  # SQLite's, as the connection opened it
+        wal_index(settings.database_path)  # SQLite's, as the write connection opened it, kept for the looks
 
     def check(self) -> None:
         """Refuse every write once a file is gone (the checkpointer stopped: its PASSIVE checkpoints may
@@ -101,11 +101,7 @@ class JournalGuard:
             raise CommitFailed(f"not applied, retry: {self.wal_cut}")
 
     def _look_for_a_cut(self) -> None:
-        if self._wal_index is None:  # not there yet when the guard began: tried again at each look
-            self._wal_index = open_wal_index(self.settings.database_path)  # type: ignore[arg-type]
-            if self._wal_index is None:
-                return
-        cut = wal_cut_short(self.settings.database_path, self._wal_index)  # type: ignore[arg-type]
+        cut = wal_cut_short(self.settings.database_path)  # type: ignore[arg-type]
         if cut is not None:
             from db.circusd import circusctl_command  # psutil and more: only the day it is needed
 

@@ -50,25 +50,42 @@ def _committed_bytes(shm: int) -> tuple[bytes, int] | None:
     return both, _WAL_HEADER + frames * (page + _FRAME_HEADER)
 
 
-def open_wal_index(database: Path) -> int | None:
-    """The ``-shm`` file beside ``database``, open for :func:`wal_cut_short` (None if it cannot be).
-    Opened once the writer's connection has it, it stays the one SQLite writes, even if another
-    program removes the path and puts another file there, and a look costs two reads and a stat
-    (about 4 us; an open and a close more made it 11 us, before every COMMIT)."""
+#: This process's descriptors of ``-shm`` files, by real path: opened once and never closed. Closing
+#: any descriptor of a file drops every POSIX lock the process holds on it, SQLite's included: the
+#: writer's shared lock that says "connected" went with each look's close, and the next process to
+#: open the database (a reader, ``db health``) found no one connected, rebuilt the ``-shm`` under the
+#: writer's mapping of it, and the writer died of SIGBUS (review, round 46).
+_INDEXES: dict[str, int] = {}
+
+
+def _index_path(database: Path) -> str:
+    """The ``-shm`` SQLite uses for ``database``: beside the file a symbolic link names, as SQLite's."""
+    return f"{os.path.realpath(database)}-shm"
+
+
+def wal_index(database: Path, fresh: bool = False) -> int | None:
+    """This process's descriptor of the ``-shm`` file of ``database`` (None if there is none), for
+    :func:`wal_cut_short` and the writer's checkpointer: two reads and a stat a look (about 4 us; an
+    open and a close more made it 11 us, before every COMMIT). ``fresh``: open it again if the path
+    now names another file (SQLite makes a new one when the last connection closes and another
+    opens); the one kept before stays open, since closing it would drop this process's locks on a
+    file SQLite may still use."""
+    path = _index_path(database)
+    fd = _INDEXES.get(path)
     try:
-        return os.open(f"{database}-shm", os.O_RDONLY)
+        if fd is not None and not (fresh and os.fstat(fd).st_ino != os.stat(path).st_ino):
+            return fd
+        _INDEXES[path] = fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return None
+        return fd
+    return fd
 
 
-def wal_cut_short(database: Path, shm: int | None = None) -> str | None:
-    """Why the WAL beside ``database`` is shorter than the frames its index says are committed, in
-    words for the writer's log and its refusals; None when it is whole or it cannot tell. ``shm``:
-    the index, open (:func:`open_wal_index`), or None to open it for this look."""
-    wal = Path(f"{database}-wal")
-    index = open_wal_index(database) if shm is None else shm
+def _cut_words(database: Path, fresh: bool) -> str | None:
+    index = wal_index(database, fresh)
     if index is None:
         return None
+    wal = Path(f"{os.path.realpath(database)}-wal")
     try:
         before = _committed_bytes(index)
         if before is None:
@@ -78,12 +95,16 @@ def wal_cut_short(database: Path, shm: int | None = None) -> str | None:
             return None
     except OSError:
         return None
-    finally:
-        if shm is None:
-            os.close(index)
     return (f"its WAL {wal.name} was cut short under it (by another program): {size} bytes of the {before[1]} its "
             "committed writes fill, so the writes it acknowledged since the last checkpoint are gone from the disk, "
             "and a checkpoint now would copy what is missing into the database file as damage")
+
+
+def wal_cut_short(database: Path) -> str | None:
+    """Why the WAL beside ``database`` is shorter than the frames its index says are committed, in
+    words for the writer's log and its refusals; None when it is whole or it cannot tell. A cut
+    seen in an index the path no longer names is looked at again in the one it names."""
+    return _cut_words(database, fresh=False) and _cut_words(database, fresh=True)
 
 
 def hold_database_open(database: Path) -> sqlite3.Connection | None:
