@@ -1094,6 +1094,40 @@ def test_journal_files_removed_under_the_writer_stop_its_writes_until_a_restart_
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_the_wal_cut_look_follows_a_symlinked_database_and_a_new_index(tmp_path: Path) -> None:
+    """workers.wal_cut, in this process on real SQLite files (review, round 46): a database named by a
+    symbolic link has its WAL and index beside the link's target, as SQLite keeps them (the look
+    found none, and never saw a cut); and an index SQLite made anew after its last connection closed
+    is not judged by the one kept open before (its old frame count against the new, short WAL: a
+    false cut, which would refuse every write)."""
+    from workers.wal_cut import wal_cut_short, wal_index
+
+    target, link = tmp_path / "real" / "x.db", tmp_path / "x.db"
+    target.parent.mkdir()
+    link.symlink_to(target)
+
+    def open_and_write(rows: int) -> sqlite3.Connection:
+        con = sqlite3.connect(link, isolation_level=None)
+        con.execute("PRAGMA journal_mode = WAL")
+        con.execute("PRAGMA wal_autocheckpoint = 0")
+        con.execute("CREATE TABLE IF NOT EXISTS t (x)")
+        for i in range(rows):
+            con.execute("INSERT INTO t VALUES (?)", (i,))
+        return con
+
+    con = open_and_write(50)
+    assert wal_index(link) is not None and wal_cut_short(link) is None
+    con.close()  # the last connection: SQLite checkpoints and removes the WAL and the index
+    con = open_and_write(1)  # a new index, with one commit's frames; the look kept the old one open
+    assert wal_cut_short(link) is None
+    con.execute("INSERT INTO t VALUES (1)")
+    os.truncate(f"{target}-wal", 0)  # the WAL beside the target, cut short
+    said = wal_cut_short(link)
+    assert said is not None and "x.db-wal was cut short" in said, said
+    con.close()
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
 def test_a_wal_cut_short_under_the_writer_stops_its_writes_and_its_checkpoints(stack: Stack) -> None:
     """``truncate -s 0 tickstack.db-wal`` under a running writer: the file stays at its path, so nothing
     saw it; the writer acknowledged every write after it, readers got "database disk image is
