@@ -313,6 +313,7 @@ def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
                      f"exiting ({logs} in the home say why), or by an operator's stop. Once the cause is mended, start "
                      f"them: {starts}.")]
 
+
 #: What starts the stack where no circusd runs (``circusctl`` cannot, and ``make run`` refuses beside one).
 MAKE_RUN = "`make run`"
 
@@ -328,7 +329,6 @@ def writer_restart_command(settings: Settings, writer_runs: bool | None = None) 
         statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses") or {}
         writer_runs = statuses.get("writer") == "active"
     return f"`{circusctl_command(settings.circus_endpoint, 'restart' if writer_runs else 'start', 'writer')}`"
-
 
 
 def new_database_url_words(settings: Settings, fix: str) -> str:
