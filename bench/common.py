@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from db.config import Settings
-from db.health import connect_read_only
+from db.engine import connect_read_only
 
 # The finite-number flag parsers live in db (``python -m db`` needs one, and db imports nothing
 # above it); re-exported here beside the benchmarks' other argparse types.

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from db.config import SECRET_FILES, Settings
+from db.engine import connect_read_only
 from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, discard_part, part_file, put_in_place
-from db.health import connect_read_only
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock, read_lock_holder
 
@@ -77,6 +77,15 @@ def list_backups(directory: Path) -> list[Path]:
         return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+def restore_advice(settings: Settings) -> str:
+    """How to mend a damaged SQLite file: the restore of the newest backup (named), the stack stopped."""
+    backups = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+    if not backups:
+        return (f"there is no backup in {settings.backup_dir} to restore: copy the file aside and try sqlite3's "
+                "`.recover` on the copy")
+    return f"restore the latest backup, the stack stopped: `python -m db restore {backups[-1]}`"
 
 
 def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:

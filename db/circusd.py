@@ -265,10 +265,17 @@ def unreachable_circusd(endpoint: str) -> str | None:
 _WRITER_DOWN = "The writer is not running"
 
 
-def writer_down_advice(settings: Settings) -> str:
+def writer_down_advice(settings: Settings, restore_first: str | None = None) -> str:
     """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
-    without it (after a clean quit), ``make run`` would refuse with it."""
+    without it (after a clean quit), ``make run`` would refuse with it. ``restore_first``: how to mend
+    the damaged database file, which comes before any start (the stack stopped for it)."""
     pid = live_circusd(circusd_pidfile(settings))
+    if restore_first is not None:
+        quit_command = circusctl_command(settings.circus_endpoint, "quit", "--waiting")
+        stop = "" if pid is None else f"stop the stack (`{quit_command}`), "
+        stack = ", nor is the stack" if pid is None else f" although circusd (pid {pid}) is"
+        return (f"{_WRITER_DOWN}{stack}, and the database file is damaged (below): do not start the writer on it. "
+                f"First {stop}{restore_first}; then start it with `make run`.")
     if pid is None:
         return (f"{_WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
                 "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "

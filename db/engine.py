@@ -387,6 +387,16 @@ def io_error(exc: BaseException) -> bool:
 
 
 #: What to do when SQLite finds the database file itself damaged (a commit failed on it, not on the disk).
+def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sqlite3.Connection:
+    """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path}; start the writer (it creates it) or run `python -m db init`")
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
+    con.execute("PRAGMA query_only = 1")
+    return con
+
+
 DAMAGED_FILE_ADVICE = ("The database file is damaged (SQLite met a page it cannot read): see where with `python -m db "
                        "health --quick-check`, then stop the stack and restore the latest backup (`python -m db "
                        "restore`).")

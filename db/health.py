@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 
+from db.backups import restore_advice
 from db.circusd import (
     circusctl_command,
     stopped_watcher_findings,
@@ -31,7 +32,7 @@ from db.circusd import (
     writer_start_after_fix,
 )
 from db.config import Settings
-from db.engine import DAMAGED_FILE_ADVICE, display_url
+from db.engine import DAMAGED_FILE_ADVICE, connect_read_only, damaged_database, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
@@ -46,16 +47,6 @@ from db.wal_readers import pids_in_read_transactions
 #: Modules whose processes are ours: a process running one of them with the
 #: database open is a known reader.
 OUR_MODULES = ("workers.", "webapp", "db", "bench", "circus", "gunicorn", "pytest")
-
-
-def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sqlite3.Connection:
-    """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no database at {path}; start the writer (it creates it) or run `python -m db init`")
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
-    con.execute("PRAGMA query_only = 1")
-    return con
 
 
 def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
@@ -242,7 +233,7 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     try:
         snap["pragmas"] = pragmas(path, quick_check=quick_check)
     except (sqlite3.Error, FileNotFoundError) as e:
-        snap["pragmas"] = {"error": str(e)}
+        snap["pragmas"] = {"error": str(e), "damaged": damaged_database(e)}
     snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids)
     reading = pids_in_read_transactions(database_files(path)["shm"])
     for proc in snap["processes"]:  # None: not known (no -shm file, no /proc/locks)
@@ -258,6 +249,9 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """Plain-word findings from a snapshot: (level, text) with what to do.
     Levels: ok, warn, fail."""
     out: list[tuple[str, str]] = []
+    prag = snap.get("pragmas", {})
+    qc = prag.get("quick_check")
+    damaged = bool(prag.get("damaged")) or (qc is not None and not qc["ok"])  # an SQLite file's
     cut_off = unreachable_circusd(settings.circus_endpoint)
     if cut_off is not None:  # the stack runs on, out of circusctl's and the console's reach
         out.append(("fail", f"{cut_off}."))  # "circusd pid N ...": the program's name, as it is written
@@ -311,25 +305,25 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
                             f"{writer_start_after_fix(settings, refused['fix'])}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
-        out.append(("fail", writer_down_advice(settings)))
+        # On a damaged file, a restore first: a writer started on it fails every write touching the damage.
+        out.append(("fail", writer_down_advice(settings, restore_first=restore_advice(settings) if damaged else None)))
     out.extend(stopped_watcher_findings(settings))
     out.extend(_disk_findings(snap))
     out.extend(private_file_findings(settings))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
                             "writes the file. See the processes below."))
-    prag = snap.get("pragmas", {})
     if "error" in prag:
-        out.append(("fail", f"Cannot read the database: {prag['error']}"))
+        damage = f": the database file is damaged; {restore_advice(settings)}." if prag.get("damaged") else ""
+        out.append(("fail", f"Cannot read the database: {prag['error']}{damage}"))
         return out
     if "path" in snap and prag.get("journal_mode") != "wal":  # SQLite's; a server has no journal mode
         out.append(("warn", f"Journal mode is {prag.get('journal_mode')}, not WAL: readers and the writer block "
                             "each other. The writer sets WAL when it starts."))
-    qc = prag.get("quick_check")
     if qc is not None:
         out.append(("ok", "quick_check: ok.") if qc["ok"] else
-                   ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}. Restore the latest "
-                            "backup (python -m db backup makes them)."))
+                   ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}: the database file is "
+                            f"damaged; {restore_advice(settings)}."))
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
         out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"],

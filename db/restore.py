@@ -20,9 +20,10 @@ from typing import Any
 from db.backups import copy_database
 from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
+from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
 from db.files import discard_part, part_file, put_in_place
-from db.health import connect_read_only, holders, integrity_check
+from db.health import holders, integrity_check
 from db.lock import WriterLock, WriterLocked, read_lock_holder
 
 #: The database's companions that move with it (SQLite names them after it).

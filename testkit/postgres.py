@@ -292,7 +292,7 @@ def read_connection(settings: Settings) -> sqlite3.Connection | ReadConnection:
     """A read-only connection to ``settings``' database for a test's own SQL: SQLite's file
     (:func:`db.health.connect_read_only`), or the server's (:class:`ReadConnection`, as the readers'
     role)."""
-    from db.health import connect_read_only
+    from db.engine import connect_read_only
 
     if settings.database_path is not None:
         return connect_read_only(settings.database_path)

@@ -29,7 +29,7 @@ from flask import Flask
 from db.backups import BACKUP_LOCK, BACKUP_RE, backup_suffix
 from db.client import WriterClient
 from db.config import ConfigError, load_settings
-from db.health import connect_read_only
+from db.engine import connect_read_only
 from db.server import pg_program
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, new_home

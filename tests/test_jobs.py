@@ -23,8 +23,9 @@ import pytest
 from db.backups import BACKUP_LOCK, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
+from db.engine import connect_read_only
 from db.files import part_file, put_in_place
-from db.health import connect_read_only, file_sizes
+from db.health import file_sizes
 from db.leader import leader_lock_path
 from db.server import pg_program
 from testkit.env import ROOT

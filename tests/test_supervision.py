@@ -27,7 +27,8 @@ import psutil
 import pytest
 
 from db.client import WriterClient
-from db.health import connect_read_only, integrity
+from db.engine import connect_read_only
+from db.health import integrity
 from db.lock import read_lock_holder
 from db.preflight import orphans
 from supervision.circus import STACK_WATCHERS

@@ -1192,6 +1192,55 @@ def test_a_damaged_index_page_is_said_as_damage_by_doctor_in_one_line_each(stack
     assert any(f"quick_check found problems: On tree page {page}" in line for line in lines), lines
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
+@pytest.mark.parametrize("damage", ["index-page", "header"])
+def test_a_damaged_file_with_the_stack_stopped_is_restored_before_any_start_as_doctor_says(stack: Stack,
+                                                                                            damage: str) -> None:
+    """With the stack stopped and the file damaged, doctor's first line said "Start it with `make run`",
+    which starts a writer that fails every write touching the damage; a file whose header was hit was only
+    "Cannot read the database: file is not a database"; and quick_check's advice named `python -m db
+    backup`, not the restore (fault hunt, round 44, left until round 47). Each line says restore first,
+    naming the latest backup, and the commands printed mend it."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    client.call("checkpoint")
+    backup = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=stack.env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+    client.call("insert_ticks", ticks=ticks(2000, "feed"))
+    client.call("checkpoint")
+    assert stack.stop(proc) == 0
+    latest = sorted((stack.home / "backups").glob("tickstack-*.db"))[-1]
+    page, page_size = 1, 4096
+    if damage == "index-page":
+        page = query(stack.settings, "SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_ticks_1' "
+                                     "AND pagetype = 'leaf' ORDER BY path LIMIT 1 OFFSET 3")[0][0]
+        page_size = query(stack.settings, "PRAGMA page_size")[0][0]
+    with open(path, "r+b") as f:  # the cell pointers of an index leaf, or the file's header
+        f.seek((page - 1) * page_size + (8 if damage == "index-page" else 0))
+        f.write(b"\xff" * 200)
+
+    def doctor() -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1 and all(line.startswith("[") for line in done.stdout.splitlines()), done.stdout
+        return done.stdout.splitlines()
+
+    lines = doctor()
+    writer_line = next(line for line in lines if "The writer is not running" in line)
+    assert "make run" not in writer_line.split("restore")[0], writer_line  # no start before the restore
+    restore = f"python -m db restore {latest}"
+    assert "damaged" in writer_line and restore in writer_line, writer_line
+    damage_lines = [line for line in lines if line.startswith("[FAIL]") and "damaged" in line and line != writer_line]
+    assert len(damage_lines) == 1 and restore in damage_lines[0] and "db backup makes" not in damage_lines[0], lines
+    # The commands as printed mend it: the restore, then a writer serving what the backup held.
+    done = subprocess.run([sys.executable, "-m", "db", *restore.split()[3:]], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == 0
+    assert_fifty_audits_and_a_writer_again(stack, client)
+
+
 def test_a_low_hard_open_file_limit_is_warned_about_as_the_writer_starts(stack: Stack) -> None:
     """A hard limit cannot be raised: with one of 64, 120 clients ended the writer at each start
     (SIGABRT in libzmq's accept) and it crash-looped without a word of why (fault hunt, round 40)."""

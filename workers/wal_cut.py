@@ -27,7 +27,7 @@ import sqlite3
 import struct
 from pathlib import Path
 
-from db.health import connect_read_only
+from db.engine import connect_read_only
 
 #: One copy of the WAL index header: version, szPage, mxFrame (and the bytes between).
 _HEADER = struct.Struct("=I10xHI")

@@ -14,7 +14,7 @@ import psutil
 from bench.common import fresh_home, latency_summary, run_group
 from bench.contention.procs import writer_batched_producer
 from bench.writer_run import running_writer
-from db.health import connect_read_only
+from db.engine import connect_read_only
 from testkit.env import ROOT
 from testkit.helpers import write_bar_csv
 

@@ -32,7 +32,7 @@ from bench.api.server import Gunicorn
 from bench.api.window import WindowMonitor
 from bench.common import error_key, latency_summary, merged_errors, run_group
 from bench.writer_run import WriterRun
-from db.health import connect_read_only
+from db.engine import connect_read_only
 from testkit.env import ROOT
 
 # --- setup ---------------------------------------------------------------------------------
