@@ -298,27 +298,38 @@ def writer_down_advice(settings: Settings, restore_first: str | None = None) -> 
 
 
 def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
-    """doctor's finding on the stack's watchers circus runs no process of (stopped by circus's flapping
-    plugin after their processes kept exiting, or by ``circusctl stop``), each with its start command;
-    none when circusd does not answer (its own finding) and for the writer (its own finding too).
-    After the cause of such exits was mended (the fault hunt: the readers' SELECT given back), doctor
-    said every check was ok while analysis and the monitor stayed stopped."""
+    """doctor's findings on the stack's watchers circus runs no process of and starts none of by itself:
+    stopped (by circus's flapping plugin after their processes kept exiting, or by ``circusctl stop``),
+    or active and asked for 0 processes (``decr`` to 0, ``set NAME numprocesses 0``), each with the
+    command that runs it again; none when circusd does not answer (its own finding) and for the writer
+    (its own finding too). After the cause of such exits was mended (the fault hunt: the readers'
+    SELECT given back), doctor said every check was ok while analysis and the monitor stayed stopped;
+    and "No problem found" after a ``decr`` to 0, while /api/health said degraded (round 47)."""
     if live_circusd(circusd_pidfile(settings)) is None:  # nothing to ask: an ask would wait out its second
         return []
     statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses")
     if not isinstance(statuses, dict):
         return []
-    stopped = sorted(name for name, status in statuses.items()
-                     if status == "stopped" and name != "writer" and not name.startswith("plugin:"))
-    if not stopped:
-        return []
-    starts = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'start', name)}`" for name in stopped)
-    logs = ", ".join(f"log/{name}.log" for name in stopped)
-    # A warning, not a failure: a worker an operator stopped on purpose (their own feed instead of
+    workers = sorted(name for name in statuses if name != "writer" and not name.startswith("plugin:"))
+    stopped = [name for name in workers if statuses[name] == "stopped"]
+    none_asked = [name for name in workers if statuses[name] == "active"
+                  and processes_asked(settings.circus_endpoint, name) == 0]
+    # Warnings, not failures: a worker an operator stopped on purpose (their own feed instead of
     # ticks) is no broken stack, and doctor's exit code is what scripts check.
-    return [("warn", f"circus runs no process of {', '.join(stopped)}: stopped by circus after their processes kept "
-                     f"exiting ({logs} in the home say why), or by an operator's stop. Once the cause is mended, start "
-                     f"them: {starts}.")]
+    out: list[tuple[str, str]] = []
+    if stopped:
+        starts = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'start', name)}`" for name in stopped)
+        logs = ", ".join(f"log/{name}.log" for name in stopped)
+        out.append(("warn", f"circus runs no process of {', '.join(stopped)}: stopped by circus after their "
+                            f"processes kept exiting ({logs} in the home {'says' if len(stopped) == 1 else 'say'} "
+                            f"why), or by an operator's stop. Once the cause is mended, start them: {starts}."))
+    if none_asked:
+        # `set`, not `incr`: a singleton (ticks) refuses incr.
+        sets = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'set', name, 'numprocesses', '1')}`"
+                         for name in none_asked)
+        out.append(("warn", f"circus was asked for 0 processes of {', '.join(none_asked)} (a decr to 0, or a set of "
+                            f"numprocesses 0), so it runs none: /api/health says degraded. To run one again: {sets}."))
+    return out
 
 
 #: What starts the stack where no circusd runs (``circusctl`` cannot, and ``make run`` refuses beside one).

@@ -98,6 +98,20 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
             start = run_as_printed(backticked(advice, f"start {name}"))
             assert start.returncode == 0 and "ok" in start.stdout, (advice, start.stdout, start.stderr)
             assert stack.status()[name] == "active", stack.status()
+        # A worker told to run no process (`decr` to 0) is active to circus with none: /api/health said
+        # degraded, "0 of 1 processes (circus was asked for 0)", and doctor "No problem found" (a new
+        # user's run of the README, round 47). It names it, with the command that gives it one again.
+        decr = stack.circusctl("decr", "analysis", "--waiting")
+        assert decr.returncode == 0, decr.stdout + decr.stderr
+        wait_for("no analysis process", lambda: stack.pids_of("analysis") == [], timeout=90)
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        advice = next((line for line in doctor.stdout.splitlines() if "asked for 0 processes" in line), None)
+        assert advice is not None and advice.startswith("[WARN] circus was asked for 0 processes of analysis"), \
+            doctor.stdout
+        one = run_as_printed(backticked(advice, "set analysis numprocesses 1"))
+        assert one.returncode == 0 and "ok" in one.stdout, (advice, one.stdout, one.stderr)
+        wait_for("an analysis process again", lambda: stack.pids_of("analysis") != [], timeout=60)
 
         stopped = stack.circusctl("stop", "writer", "--waiting")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr

@@ -580,6 +580,10 @@ def test_metrics_job_samples_the_writer_and_files_and_skips_circus_when_it_is_no
     time.sleep(0.2)
     proc = run_jobs(writer, "--run", "metrics")  # resumes the counters from the first run's samples
     assert proc.returncode == 0, proc.stderr
+    # Asked for once, it says how it went in one line, as every other job: it said nothing (a new user's
+    # run of the README, round 47; its scheduled runs, every few seconds, stay at DEBUG).
+    said = [line for line in proc.stderr.splitlines() if "jobs: metrics ok in " in line]
+    assert len(said) == 1 and " INFO " in said[0], proc.stderr
     names = {name for (name,) in query(writer.settings, "SELECT DISTINCT name FROM samples")}
     assert {"writer.queue_depth", "writer.mean_batch", "writer.requests_ok", "writer.ticks_inserted",
             "writer.uptime_s", "writer.lock_errors", "db.bytes", "writer.ticks_per_s",

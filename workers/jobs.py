@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sqlite3
 import subprocess
 import sys
@@ -332,8 +333,9 @@ class JobsWorker(Worker):
         ok, detail, held_back = Result(*outcome)
         finished = max(now_ms(), started)  # the wall clock may step back
         if job in UNRECORDED:
-            (self.log.debug if ok else self.log.warning)("jobs: %s %s in %d ms: %s", job,
-                                                         "ok" if ok else "FAILED", finished - started, detail)
+            # Scheduled, every few seconds: DEBUG when it went well; asked for once (--run), said as any job.
+            level = logging.WARNING if not ok else logging.INFO if job == self.only else logging.DEBUG
+            self.log.log(level, "jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED", finished - started, detail)
             return ok
         assert self.client is not None
         try:
