@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from db.circusd import damaged_file_steps
 from db.config import SECRET_FILES, Settings
 from db.engine import connect_read_only
 from db.errors import MaintenanceFailed, WriterError
@@ -80,12 +82,25 @@ def list_backups(directory: Path) -> list[Path]:
 
 
 def restore_advice(settings: Settings) -> str:
-    """How to mend a damaged SQLite file: the restore of the newest backup (named), the stack stopped."""
-    backups = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+    """What to do about a damaged SQLite file once the stack is stopped, as a clause: the restore of the
+    newest backup, named and quoted for the shell (``python -m db restore`` checks it first and refuses
+    one that fails its integrity check: the one before, then), and ``make run``. With no backup, that
+    there is none and the writer must not run on the file (a write that meets the damage fails)."""
+    try:
+        backups = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+    except OSError as e:  # a folder this user may not list: say so rather than end doctor's run
+        return (f"restore a backup (`python -m db restore BACKUP`; the backups folder {settings.backup_dir} cannot "
+                f"be read: {e.strerror or e}), then `make run`")
     if not backups:
-        return (f"there is no backup in {settings.backup_dir} to restore: copy the file aside and try sqlite3's "
-                "`.recover` on the copy")
-    return f"restore the latest backup, the stack stopped: `python -m db restore {backups[-1]}`"
+        return (f"there is no backup in {settings.backup_dir} to restore: keep the writer stopped (a write that "
+                "meets the damage fails), copy the file aside with its -wal, and rebuild what you can from the copy")
+    return (f"restore the latest backup, `python -m db restore {shlex.quote(str(backups[-1]))}` (if it refuses it, "
+            f"the one before it in {settings.backup_dir}), then `make run`")
+
+
+def damaged_file_words(settings: Settings) -> str:
+    """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs)."""
+    return f"the database file is damaged; {damaged_file_steps(settings, restore_advice(settings))}"
 
 
 def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:

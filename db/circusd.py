@@ -265,17 +265,26 @@ def unreachable_circusd(endpoint: str) -> str | None:
 _WRITER_DOWN = "The writer is not running"
 
 
+def damaged_file_steps(settings: Settings, restore: str, circusd_pid: int | None = None) -> str:
+    """The steps for a damaged database file, as a clause: the stack's stop first when circusd runs
+    (``circusd_pid``, else asked), then ``restore`` (:func:`db.backups.restore_advice`)."""
+    pid = circusd_pid if circusd_pid is not None else live_circusd(circusd_pidfile(settings))
+    if pid is None:
+        return restore
+    return f"stop the stack (`{circusctl_command(settings.circus_endpoint, 'quit', '--waiting')}`), then {restore}"
+
+
 def writer_down_advice(settings: Settings, restore_first: str | None = None) -> str:
     """What to do with no writer, by whether circusd runs: ``circusctl start writer`` cannot work
     without it (after a clean quit), ``make run`` would refuse with it. ``restore_first``: how to mend
     the damaged database file, which comes before any start (the stack stopped for it)."""
     pid = live_circusd(circusd_pidfile(settings))
     if restore_first is not None:
-        quit_command = circusctl_command(settings.circus_endpoint, "quit", "--waiting")
-        stop = "" if pid is None else f"stop the stack (`{quit_command}`), "
-        stack = ", nor is the stack" if pid is None else f" although circusd (pid {pid}) is"
+        stack = f", nor is the stack (no circusd in {settings.home})" if pid is None else \
+            f" although circusd (pid {pid}) is"
+        steps = damaged_file_steps(settings, restore_first, pid)
         return (f"{_WRITER_DOWN}{stack}, and the database file is damaged (below): do not start the writer on it. "
-                f"First {stop}{restore_first}; then start it with `make run`.")
+                f"{steps[:1].upper()}{steps[1:]}.")
     if pid is None:
         return (f"{_WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "
                 "retry until their deadline). Start it with `make run` (or, after `source .venv/bin/activate`, "
@@ -300,35 +309,49 @@ def writer_down_advice(settings: Settings, restore_first: str | None = None) -> 
 def stopped_watcher_findings(settings: Settings) -> list[tuple[str, str]]:
     """doctor's findings on the stack's watchers circus runs no process of and starts none of by itself:
     stopped (by circus's flapping plugin after their processes kept exiting, or by ``circusctl stop``),
-    or active and asked for 0 processes (``decr`` to 0, ``set NAME numprocesses 0``), each with the
-    command that runs it again; none when circusd does not answer (its own finding) and for the writer
-    (its own finding too). After the cause of such exits was mended (the fault hunt: the readers'
-    SELECT given back), doctor said every check was ok while analysis and the monitor stayed stopped;
-    and "No problem found" after a ``decr`` to 0, while /api/health said degraded (round 47)."""
+    or asked for 0 processes (``decr`` to 0, ``set NAME numprocesses 0``), each with the commands that
+    run it again (for one both stopped and at 0, the number first: a start alone answers ok and runs
+    nothing); none when circusd does not answer (its own finding) and for the writer (its own finding
+    too). After the cause of such exits was mended (the fault hunt: the readers' SELECT given back),
+    doctor said every check was ok while analysis and the monitor stayed stopped; and "No problem
+    found" after a ``decr`` to 0, while /api/health said degraded (round 47). Not health's judgement
+    (:class:`supervision.circus.WatcherState`: a watcher short of processes is down there while circus
+    restarts them): only what circus will not mend by itself."""
     if live_circusd(circusd_pidfile(settings)) is None:  # nothing to ask: an ask would wait out its second
         return []
     statuses = (ask_circus(settings.circus_endpoint, "status") or {}).get("statuses")
     if not isinstance(statuses, dict):
         return []
-    workers = sorted(name for name in statuses if name != "writer" and not name.startswith("plugin:"))
-    stopped = [name for name in workers if statuses[name] == "stopped"]
-    none_asked = [name for name in workers if statuses[name] == "active"
-                  and processes_asked(settings.circus_endpoint, name) == 0]
+    stopped: list[str] = []
+    none_asked: list[str] = []
+    for name in sorted(n for n in statuses if n != "writer" and not n.startswith("plugin:")):
+        asked = processes_asked(settings.circus_endpoint, name)
+        if asked is None:  # no answer within its second (circusd held by a start hook): ask no more
+            break
+        if asked == 0:
+            none_asked.append(name)
+        if statuses[name] == "stopped":
+            stopped.append(name)
     # Warnings, not failures: a worker an operator stopped on purpose (their own feed instead of
     # ticks) is no broken stack, and doctor's exit code is what scripts check.
     out: list[tuple[str, str]] = []
+    endpoint = settings.circus_endpoint
     if stopped:
-        starts = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'start', name)}`" for name in stopped)
+        starts = ", ".join(
+            (f"`{circusctl_command(endpoint, 'set', name, 'numprocesses', '1')}` then " if name in none_asked else "")
+            + f"`{circusctl_command(endpoint, 'start', name)}`" for name in stopped)
         logs = ", ".join(f"log/{name}.log" for name in stopped)
         out.append(("warn", f"circus runs no process of {', '.join(stopped)}: stopped by circus after their "
                             f"processes kept exiting ({logs} in the home {'says' if len(stopped) == 1 else 'say'} "
                             f"why), or by an operator's stop. Once the cause is mended, start them: {starts}."))
-    if none_asked:
+    active_at_zero = [name for name in none_asked if name not in stopped]
+    if active_at_zero:
         # `set`, not `incr`: a singleton (ticks) refuses incr.
-        sets = ", ".join(f"`{circusctl_command(settings.circus_endpoint, 'set', name, 'numprocesses', '1')}`"
-                         for name in none_asked)
-        out.append(("warn", f"circus was asked for 0 processes of {', '.join(none_asked)} (a decr to 0, or a set of "
-                            f"numprocesses 0), so it runs none: /api/health says degraded. To run one again: {sets}."))
+        sets = ", ".join(f"`{circusctl_command(endpoint, 'set', name, 'numprocesses', '1')}`"
+                         for name in active_at_zero)
+        out.append(("warn", f"circus was asked for 0 processes of {', '.join(active_at_zero)} (a decr to 0, or a "
+                            "set of numprocesses 0), so it runs none: /api/health says degraded. To run one again: "
+                            f"{sets}."))
     return out
 
 

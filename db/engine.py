@@ -386,7 +386,6 @@ def io_error(exc: BaseException) -> bool:
     return False
 
 
-#: What to do when SQLite finds the database file itself damaged (a commit failed on it, not on the disk).
 def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sqlite3.Connection:
     """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
     path = Path(path)
@@ -397,9 +396,10 @@ def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sql
     return con
 
 
+#: What SQLite finding the database file itself damaged means (a commit failed on it, not on the disk);
+#: doctor adds how to restore it (:func:`db.backups.restore_advice`, which names the backup).
 DAMAGED_FILE_ADVICE = ("The database file is damaged (SQLite met a page it cannot read): see where with `python -m db "
-                       "health --quick-check`, then stop the stack and restore the latest backup (`python -m db "
-                       "restore`).")
+                       "health --quick-check`")
 
 
 def damaged_database(exc: BaseException) -> bool:

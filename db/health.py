@@ -22,9 +22,10 @@ from typing import Any
 
 import psutil
 
-from db.backups import restore_advice
+from db.backups import damaged_file_words, restore_advice
 from db.circusd import (
     circusctl_command,
+    damaged_file_steps,
     stopped_watcher_findings,
     unreachable_circusd,
     writer_down_advice,
@@ -307,14 +308,15 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         # On a damaged file, a restore first: a writer started on it fails every write touching the damage.
         out.append(("fail", writer_down_advice(settings, restore_first=restore_advice(settings) if damaged else None)))
-    out.extend(stopped_watcher_findings(settings))
-    out.extend(_disk_findings(snap))
+    if not damaged:  # a damaged file comes first: the stack is to be stopped for it, not its workers started
+        out.extend(stopped_watcher_findings(settings))
+    out.extend(_disk_findings(snap, settings))
     out.extend(private_file_findings(settings))
     if snap.get("lock_errors"):
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
                             "writes the file. See the processes below."))
     if "error" in prag:
-        damage = f": the database file is damaged; {restore_advice(settings)}." if prag.get("damaged") else ""
+        damage = f": {damaged_file_words(settings)}." if prag.get("damaged") else ""
         out.append(("fail", f"Cannot read the database: {prag['error']}{damage}"))
         return out
     if "path" in snap and prag.get("journal_mode") != "wal":  # SQLite's; a server has no journal mode
@@ -322,8 +324,8 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "each other. The writer sets WAL when it starts."))
     if qc is not None:
         out.append(("ok", "quick_check: ok.") if qc["ok"] else
-                   ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}: the database file is "
-                            f"damaged; {restore_advice(settings)}."))
+                   ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}: "
+                            f"{damaged_file_words(settings)}."))
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
         out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"],
@@ -461,7 +463,7 @@ def commits_failing(stats: dict[str, Any]) -> str | None:
             "and nothing is applied; see the writer's log")
 
 
-def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+def _disk_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """Free space, warned about before it runs out, and a full disk the writer met."""
     out: list[tuple[str, str]] = []
     for d in snap.get("disk", []):
@@ -483,9 +485,10 @@ def _disk_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     if stats.get("journal_removed"):
         out.append(("fail", f"The writer refuses every write: {stats['journal_removed']}."))
     elif failing is not None and not stats.get("disk_full"):  # a full disk has its own finding below
-        out.append(("fail", f"The writer's commits fail: {failing}. " + (DAMAGED_FILE_ADVICE if stats[
-            "last_commit_failure"].get("damaged") else "A disk turned read-only after errors (`dmesg`) or failing "
-                                                        "needs the stack stopped and the disk mended.")))
+        out.append(("fail", f"The writer's commits fail: {failing}. " + (
+            f"{DAMAGED_FILE_ADVICE}; then {damaged_file_steps(settings, restore_advice(settings))}."
+            if stats["last_commit_failure"].get("damaged") else
+            "A disk turned read-only after errors (`dmesg`) or failing needs the stack stopped and the disk mended.")))
     last = stats.get("last_storage_full")
     if last:
         ago_s = max(0.0, time.time() - last["at_ms"] / 1000)

@@ -59,6 +59,19 @@ def test_no_hint_names_a_bare_circusctl() -> None:
     assert found == []
 
 
+def doctor_run(stack: CircusStack) -> subprocess.CompletedProcess:
+    """``python -m db doctor`` in the stack's environment."""
+    return subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def circusctl_each(stack: CircusStack, *commands: tuple[str, ...]) -> None:
+    """Each circusctl command in turn, each answered ok."""
+    for args in commands:
+        done = stack.circusctl(*args)
+        assert done.returncode == 0, (args, done.stdout + done.stderr)
+
+
 def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> None:
     stack = CircusStack()
     try:
@@ -89,8 +102,7 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         for name in ("analysis", "monitor"):
             stopped = stack.circusctl("stop", name, "--waiting")
             assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        doctor = doctor_run(stack)
         advice = next((line for line in doctor.stdout.splitlines() if "circus runs no process of" in line), None)
         assert advice is not None, doctor.stdout
         assert advice.startswith("[WARN] circus runs no process of analysis, monitor: "), advice
@@ -104,19 +116,27 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         decr = stack.circusctl("decr", "analysis", "--waiting")
         assert decr.returncode == 0, decr.stdout + decr.stderr
         wait_for("no analysis process", lambda: stack.pids_of("analysis") == [], timeout=90)
-        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        doctor = doctor_run(stack)
         advice = next((line for line in doctor.stdout.splitlines() if "asked for 0 processes" in line), None)
         assert advice is not None and advice.startswith("[WARN] circus was asked for 0 processes of analysis"), \
             doctor.stdout
         one = run_as_printed(backticked(advice, "set analysis numprocesses 1"))
         assert one.returncode == 0 and "ok" in one.stdout, (advice, one.stdout, one.stderr)
         wait_for("an analysis process again", lambda: stack.pids_of("analysis") != [], timeout=60)
+        # Stopped and at 0: a start alone answers ok and runs nothing, so the number comes first (review, round 47).
+        circusctl_each(stack, ("set", "monitor", "numprocesses", "0"), ("stop", "monitor", "--waiting"))
+        doctor = doctor_run(stack)
+        advice = next(line for line in doctor.stdout.splitlines() if "circus runs no process of monitor" in line)
+        assert "asked for 0 processes" not in doctor.stdout, doctor.stdout  # said once, in the stopped line
+        for command in (backticked(advice, "set monitor numprocesses 1"), backticked(advice, "start monitor")):
+            done = run_as_printed(command)
+            assert done.returncode == 0 and "ok" in done.stdout, (advice, done.stdout, done.stderr)
+        wait_for("a monitor process again", lambda: stack.pids_of("monitor") != [], timeout=60)
+        assert stack.status()["monitor"] == "active", stack.status()
 
         stopped = stack.circusctl("stop", "writer", "--waiting")
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        doctor = doctor_run(stack)
         advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
         # The console's database page gives doctor's advice: it offered `make run` beside it, which
         # refuses while circusd runs (a new user's run of the README, round 37).
@@ -135,8 +155,7 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         none = stack.circusctl("set", "writer", "numprocesses", "0")
         assert none.returncode == 0, none.stdout + none.stderr
         wait_for("no writer process", lambda: stack.pids_of("writer") == [], timeout=90)
-        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        doctor = doctor_run(stack)
         advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
         one = run_as_printed(backticked(advice, "set writer numprocesses 1"))
         assert one.returncode == 0 and "ok" in one.stdout, (advice, one.stdout, one.stderr)
@@ -144,11 +163,8 @@ def test_the_circusctl_hints_of_make_run_doctor_and_health_run_as_printed() -> N
         wait_for("the writer active again", lambda: stack.status()["writer"] == "active", timeout=60)
         # At 0 and stopped (a restart or a stop of it since): the number alone starts nothing, so the
         # advice starts it too (review of round 36).
-        for args in (("set", "writer", "numprocesses", "0"), ("stop", "writer", "--waiting")):
-            done = stack.circusctl(*args)
-            assert done.returncode == 0, done.stdout + done.stderr
-        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
-                                capture_output=True, text=True, timeout=120)
+        circusctl_each(stack, ("set", "writer", "numprocesses", "0"), ("stop", "writer", "--waiting"))
+        doctor = doctor_run(stack)
         advice = next(line for line in doctor.stdout.splitlines() if "writer is not running" in line)
         # The console's disabled Start says so too, with that command: it said "+1 process first", a
         # button the console offers no singleton (round 36's operator hunt, left then).

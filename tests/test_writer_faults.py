@@ -37,8 +37,8 @@ from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, Writ
 from db.inflight import FIRST_ATTEMPT_TIMEOUT, Ticket
 from db.protocol import encode_request
 from db.validation import MAX_PRICE, MAX_SIZE
-from testkit.env import ROOT, isolated_env
-from testkit.helpers import T0, DiskUnavailable, aborting_disk, query, wait_for
+from testkit.env import ROOT, isolated_env, new_home
+from testkit.helpers import T0, DiskUnavailable, aborting_disk, backticked, query, wait_for
 from testkit.process import peak_rss
 from testkit.writer import RawPeer, Stack, spawn
 
@@ -1193,24 +1193,33 @@ def test_a_damaged_index_page_is_said_as_damage_by_doctor_in_one_line_each(stack
 
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
-@pytest.mark.parametrize("damage", ["index-page", "header"])
-def test_a_damaged_file_with_the_stack_stopped_is_restored_before_any_start_as_doctor_says(stack: Stack,
-                                                                                            damage: str) -> None:
+@pytest.mark.parametrize("damage", ["index-page", "header", "header-no-backup"])
+def test_a_damaged_file_with_the_stack_stopped_is_restored_before_any_start_as_doctor_says(damage: str) -> None:
     """With the stack stopped and the file damaged, doctor's first line said "Start it with `make run`",
     which starts a writer that fails every write touching the damage; a file whose header was hit was only
     "Cannot read the database: file is not a database"; and quick_check's advice named `python -m db
     backup`, not the restore (fault hunt, round 44, left until round 47). Each line says restore first,
-    naming the latest backup, and the commands printed mend it."""
+    naming the latest backup quoted for the shell (this home's path has a space), and the command as
+    printed mends it; with no backup, that there is none, and no start."""
+    home = new_home(prefix="ts dmg ")  # a space in the path: the printed restore must quote it
+    stack = Stack(home, isolated_env(home))
+    try:
+        _damaged_file_advice_mends_it(stack, damage)
+    finally:
+        stack.close()
+
+
+def _damaged_file_advice_mends_it(stack: Stack, damage: str) -> None:
     path = stack.settings.database_path
     proc, client = writer_with_fifty_audits(stack)
     client.call("checkpoint")
-    backup = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=stack.env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
-    assert backup.returncode == 0, backup.stdout + backup.stderr
+    if damage != "header-no-backup":
+        backup = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert backup.returncode == 0, backup.stdout + backup.stderr
     client.call("insert_ticks", ticks=ticks(2000, "feed"))
     client.call("checkpoint")
     assert stack.stop(proc) == 0
-    latest = sorted((stack.home / "backups").glob("tickstack-*.db"))[-1]
     page, page_size = 1, 4096
     if damage == "index-page":
         page = query(stack.settings, "SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_ticks_1' "
@@ -1220,23 +1229,24 @@ def test_a_damaged_file_with_the_stack_stopped_is_restored_before_any_start_as_d
         f.seek((page - 1) * page_size + (8 if damage == "index-page" else 0))
         f.write(b"\xff" * 200)
 
-    def doctor() -> list[str]:
-        done = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 1 and all(line.startswith("[") for line in done.stdout.splitlines()), done.stdout
-        return done.stdout.splitlines()
-
-    lines = doctor()
+    doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    lines = doctor.stdout.splitlines()
+    assert doctor.returncode == 1 and all(line.startswith("[") for line in lines), doctor.stdout
     writer_line = next(line for line in lines if "The writer is not running" in line)
-    assert "make run" not in writer_line.split("restore")[0], writer_line  # no start before the restore
-    restore = f"python -m db restore {latest}"
-    assert "damaged" in writer_line and restore in writer_line, writer_line
     damage_lines = [line for line in lines if line.startswith("[FAIL]") and "damaged" in line and line != writer_line]
-    assert len(damage_lines) == 1 and restore in damage_lines[0] and "db backup makes" not in damage_lines[0], lines
-    # The commands as printed mend it: the restore, then a writer serving what the backup held.
-    done = subprocess.run([sys.executable, "-m", "db", *restore.split()[3:]], env=stack.env, cwd=ROOT,
+    assert "damaged" in writer_line and len(damage_lines) == 1 and "db backup makes" not in damage_lines[0], lines
+    if damage == "header-no-backup":
+        assert all("there is no backup in" in line.lower() and "make run" not in line
+                   for line in (writer_line, damage_lines[0])), lines
+        return
+    assert "make run" not in writer_line.split("db restore")[0], writer_line  # no start before the restore
+    restore = backticked(writer_line, "db restore")
+    assert backticked(damage_lines[0], "db restore") == restore, lines
+    # The command as printed (the venv's python for `python`) mends it: a writer serves what the backup held.
+    done = subprocess.run(["bash", "-c", f"{Path(sys.executable).parent}/{restore}"], env=stack.env, cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.returncode == 0, (restore, done.stdout + done.stderr)
     assert query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == 0
     assert_fifty_audits_and_a_writer_again(stack, client)
 

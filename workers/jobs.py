@@ -333,7 +333,8 @@ class JobsWorker(Worker):
         ok, detail, held_back = Result(*outcome)
         finished = max(now_ms(), started)  # the wall clock may step back
         if job in UNRECORDED:
-            # Scheduled, every few seconds: DEBUG when it went well; asked for once (--run), said as any job.
+            # Scheduled, every few seconds: DEBUG when it went well, and asked for once (--run), INFO (it said
+            # nothing); a failed sample stays a WARNING (a sampling gap, not a failed job: nothing is recorded).
             level = logging.WARNING if not ok else logging.INFO if job == self.only else logging.DEBUG
             self.log.log(level, "jobs: %s %s in %d ms: %s", job, "ok" if ok else "FAILED", finished - started, detail)
             return ok
