@@ -398,8 +398,9 @@ def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
         return [("fail", f"amcheck could not be made (it logs in as DATABASE_URL's role): {check['not_made']}")]
     if check["ok"]:
         return [("ok", f"amcheck of {check.get('indexes', 0)} indexes: ok.")]
-    return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. Restore the latest "
-                     "backup (python -m db backup makes them), or REINDEX the index it names.")]
+    return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. REINDEX the index it "
+                     "names (it is rebuilt from its table), or restore the latest backup (the jobs worker's .dump "
+                     "files in the backups folder) with pg_restore, as README's PostgreSQL section says.")]
 
 
 def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
