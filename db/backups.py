@@ -70,13 +70,25 @@ def new_backup(settings: Settings, keep: int | None = None) -> dict[str, Any] | 
     return {**result, "removed": [p.name for p in removed]}
 
 
-def list_backups(directory: Path) -> list[Path]:
+#: A backup named more than this after now was named by a clock since set back (a VM's clock running
+#: fast, then corrected): older than every backup made since, whatever its name says. Less is a copy
+#: from a host whose clock is a little ahead, taken at its word.
+CLOCK_SLACK_S = 300
+
+
+def list_backups(directory: Path, now: float | None = None) -> list[Path]:
     """The backups in ``directory`` named by :data:`BACKUP_RE`, oldest first ([] when it does not
-    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them."""
+    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them,
+    but those named more than :data:`CLOCK_SLACK_S` after ``now`` (epoch s) come first of all: a clock
+    set back since made every backup after them, and by name alone rotation deleted those, and "the
+    latest" named a stale one."""
     try:
-        return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+        found = [p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file()]
     except (FileNotFoundError, NotADirectoryError):
         return []
+    # The stamp's text against now's, both fixed-width: a stamp no calendar has (99999999) is ahead too.
+    latest = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((time.time() if now is None else now) + CLOCK_SLACK_S))
+    return sorted(found, key=lambda p: (p.name[len("tickstack-"):-len(p.suffix)] <= latest, p.name))
 
 
 def restore_advice(settings: Settings) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from db.backups import BACKUP_LOCK, rotate_backups
+from db.backups import BACKUP_LOCK, restore_advice, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
 from db.engine import connect_read_only
@@ -171,6 +171,36 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         listed = subprocess.run([pg_program("pg_restore"), "--list", paths[-1]], capture_output=True, text=True,
                                 timeout=60)
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
+
+
+def test_backups_named_by_a_clock_since_set_back_go_first_and_are_never_the_latest(writer: Stack) -> None:
+    """Backups made while the clock was ahead (a VM's clock a year fast, then corrected by NTP) are
+    named after now. They were ordered by name alone: rotation kept them, as the newest, and deleted
+    every backup made since but the one just written, and doctor's restore advice (and the console's
+    "last backup") named one of them, a year-old copy, as "the latest backup". They are older than any
+    backup made since the clock was set back: they go first, in rotation and in "the latest"."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(300)], "feed")
+    keep = 2
+    made = []
+    proc = run_jobs(writer, "--run", "backup", TICKSTACK_BACKUP_KEEP=str(keep))
+    assert proc.returncode == 0, proc.stderr
+    first = Path(json.loads(job_runs(writer)[-1]["detail"])["path"])
+    made.append(first.name)
+    ahead = [f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(time.time() + 365 * 86400 + i))}{first.suffix}"
+             for i in range(3)]
+    for name in ahead:  # what the clock a year fast named; their content is a real backup's
+        shutil.copy2(first, writer.settings.backup_dir / name)
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(50)], "feed-2")
+    for _ in range(2):
+        proc = run_jobs(writer, "--run", "backup", TICKSTACK_BACKUP_KEEP=str(keep))
+        assert proc.returncode == 0, proc.stderr
+        made.append(Path(json.loads(job_runs(writer)[-1]["detail"])["path"]).name)
+    assert backups(writer) == sorted(made[-keep:]), backups(writer)
+    removed = [name for run in job_runs(writer) for name in json.loads(run["detail"])["removed"]]
+    assert sorted(removed) == sorted([*ahead, made[0]]), removed
+    if writer.settings.database_path is not None:  # what doctor says to restore when the file is damaged
+        latest = writer.settings.backup_dir / made[-1]
+        assert restore_advice(writer.settings).endswith(f"`python -m db restore {latest}`")
 
 
 def test_a_backup_due_while_another_is_written_waits_and_one_asked_for_fails_saying_why(writer: Stack) -> None:
