@@ -70,10 +70,53 @@ def _free_name(aside: Path) -> Path:
     return candidate
 
 
+def _ids_given(path: Path) -> tuple[dict[str, int], int]:
+    """What the database at ``path`` (read with its WAL) gave out: its AUTOINCREMENT counters
+    (``sqlite_sequence``, by table) and its highest trade id (0: none); ({}, 0) without the file or
+    the tables. sqlite3.Error when it cannot be read (a damaged file)."""
+    if not path.exists():
+        return {}, 0
+    con = connect_read_only(path)
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        counters = {name: seq for name, seq in con.execute("SELECT name, seq FROM sqlite_sequence")
+                    if isinstance(name, str) and isinstance(seq, int)} if "sqlite_sequence" in tables else {}
+        top_trade = con.execute("SELECT max(id) FROM trades").fetchone()[0] if "trades" in tables else None
+        return counters, top_trade or 0
+    finally:
+        con.close()
+
+
+def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
+    """Raise the counters of ``copy`` (the backup's copy, not in place yet) to ``counters`` where they
+    are lower, for its tables of those names; returns those raised. A backup's counters are the
+    backup's: the tick ids the replaced database gave after it were given again to new ticks, and
+    tick ids never go back (a consumer resumes from the last one it processed)."""
+    con = sqlite3.connect(copy)
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        have = dict(con.execute("SELECT name, seq FROM sqlite_sequence").fetchall()) \
+            if "sqlite_sequence" in tables else {}
+        raised = {name: seq for name, seq in counters.items() if name in tables and seq > (have.get(name) or 0)}
+        with con:
+            for name, seq in raised.items():
+                if name in have:
+                    con.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?", (seq, name))
+                else:
+                    con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (name, seq))
+        return raised
+    finally:
+        con.close()
+
+
 def restore(settings: Settings, source: Path) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
-    ``source``, ``replaced`` (where the replaced database is kept, None when there was none) and
-    ``bytes``. Raises ValueError (what is in the way, said) or MaintenanceFailed."""
+    ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
+    ``bytes``, ``ids_continued`` (the id counters raised to the replaced database's, by table: no tick
+    id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
+    ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
+    trades keep no counter, so new trades take those ids again).
+    Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
         raise ValueError("restore puts an SQLite backup in place; restore a PostgreSQL .dump with the stack "
@@ -104,6 +147,16 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise MaintenanceFailed(f"copying {source} failed: {e} (nothing was moved)") from e
         if check != ["ok"]:
             raise MaintenanceFailed(f"the copy of {source} failed its integrity check: {check[:3]} (nothing was moved)")
+        try:
+            (counters, replaced_top_trade), unread = _ids_given(path), None
+        except sqlite3.Error as e:  # a damaged file: its rows are what the backup replaces
+            (counters, replaced_top_trade), unread = ({}, 0), str(e)
+        try:
+            raised = _continue_ids(tmp, counters)
+            top_trade = _ids_given(tmp)[1]
+        except sqlite3.Error as e:
+            raise MaintenanceFailed(f"continuing the ids in the copy of {source} failed: {e} "
+                                    "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = _free_name(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"))
         moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
@@ -117,7 +170,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise
         tmp = None
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
-                "bytes": path.stat().st_size}
+                "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,
+                "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}
     finally:
         if tmp is not None:
             discard_part(tmp)

@@ -812,6 +812,47 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
     assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")
+def test_a_restore_continues_tick_ids_and_names_the_lost_trades_whose_ids_come_again(stack: Stack) -> None:
+    """A restored backup's ids are the backup's: the tick ids the replaced database gave after the
+    backup (which never go back: consumers resume from the last id they processed) were given again,
+    and a trade opened after the backup (its id acknowledged to the client) was lost with the restore,
+    as the README says, and its id then given to the next trade opened, unsaid, so the client's
+    ``close_trade`` of its trade closed someone else's. The restore continues the tick ids after the
+    replaced database's; trades keep no counter (a plain rowid), so it names the trades lost and says
+    their ids will be given again."""
+    def db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    def open_trade(side: str) -> int:
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            return client.call("open_trade", symbol="EURUSD", side=side, size=1.0, entry_price=1.1)["id"]
+
+    writer = stack.start_writer()
+    now = int(time.time() * 1000)
+    insert_ticks(stack, [now - i for i in range(100)], "before")
+    backup = stack.home / "kept.db"
+    assert db("backup", str(backup)).returncode == 0
+    lost_trade = open_trade("buy")  # acknowledged after the backup: lost by the restore
+    insert_ticks(stack, [now - 1000 - i for i in range(50)], "after")
+    lost_top_tick = query(stack.settings, "SELECT max(id) FROM ticks")[0][0]
+    assert stack.stop(writer) == 0
+
+    done = db("restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ids continue after the replaced database's (ticks {lost_top_tick})" in done.stdout, done.stdout
+    assert (f"WARNING: trade {lost_trade}, opened after the backup, is not in it, and new trades will be given those "
+            "ids again: a client holding one must not update or close it") in done.stdout, done.stdout
+    writer = stack.start_writer()
+    assert query(stack.settings, "SELECT count(*) FROM trades") == [(0,)]  # lost, as said
+    assert open_trade("sell") == lost_trade  # given again, as said
+    insert_ticks(stack, [now + 1], "later")
+    assert query(stack.settings, "SELECT min(id) FROM ticks WHERE source = 'later'")[0][0] > lost_top_tick
+    assert query(stack.settings, "PRAGMA integrity_check") == [("ok",)]
+    assert stack.stop(writer) == 0
+
+
 def test_a_last_run_dated_ahead_of_the_clock_does_not_stop_the_job(writer: Stack,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """A clock set back after it ran ahead (a host's clock corrected; job_runs rows dated 60 days on):
