@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from db.config import SECRET_FILES, Settings
-from db.engine import connect_read_only
+from db.engine import check_findings, connect_read_only
 from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, discard_part, part_file, put_in_place
 from db.leader import LEADER_NAMES, leader_lock_path
@@ -159,7 +159,7 @@ def copy_database(source: Path, dest: Path) -> list[str]:
         try:
             src.backup(out)
             out.execute("PRAGMA journal_mode = DELETE")
-            return [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+            return check_findings(out)
         finally:
             out.close()
     finally:
@@ -200,8 +200,9 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     tmp = part_file(dest)
     try:
         check = copy_database(path, tmp)
-        if check != ["ok"]:
-            raise MaintenanceFailed(f"backup failed its integrity check: {check[:3]}")
+        if check != ["ok"]:  # a copy page by page: the database's own pages are damaged
+            raise MaintenanceFailed(f"no backup written: its copy fails integrity_check ({'; '.join(check[:3])}), "
+                                    f"so the database file is damaged; {restore_advice(settings)}.")
         put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
         raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e

@@ -32,7 +32,7 @@ from db.circusd import (
     writer_start_after_fix,
 )
 from db.config import Settings
-from db.engine import DAMAGED_FILE_ADVICE, connect_read_only, damaged_database, display_url
+from db.engine import DAMAGED_FILE_ADVICE, check_findings, connect_read_only, damaged_database, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
@@ -64,8 +64,7 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
         if quick_check:
             started = time.perf_counter()
             # One row may hold a whole tree's findings, a line each (a page's 100 cells: a doctor line of 100)
-            rows = [line for row in con.execute("PRAGMA quick_check") for line in str(row[0]).splitlines()
-                    if not line.startswith("*** in database ")]
+            rows = check_findings(con, "quick_check")
             out["quick_check"] = {"ok": rows == ["ok"], "messages": rows[:20],
                                   "ms": round((time.perf_counter() - started) * 1000, 1)}
         return out
@@ -99,7 +98,7 @@ def integrity_check(path: Path) -> list[str]:
     """``PRAGMA integrity_check``: ``["ok"]`` when the file is sound."""
     con = connect_read_only(path)
     try:
-        return [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+        return check_findings(con)
     finally:
         con.close()
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from db.backups import copy_database
+from db.backups import copy_database, list_backups
 from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
@@ -44,9 +44,15 @@ def check_backup(source: Path) -> None:
         finally:
             con.close()
     except sqlite3.Error as e:
+        if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_CORRUPT:  # ours, rotted: not "not one"
+            raise ValueError(f"{source} is damaged: SQLite cannot read it ({e})") from None
+        with open(source, "rb") as f:
+            if f.read(5) == b"PGDMP":  # the jobs worker's backup on PostgreSQL
+                raise ValueError(f"{source} is a PostgreSQL dump (pg_dump -Fc): restore it into the server with "
+                                 "pg_restore (README, PostgreSQL); db restore takes SQLite backups") from None
         raise ValueError(f"{source} is not an SQLite database that can be read ({e})") from None
     if check != ["ok"]:
-        raise ValueError(f"{source} fails its integrity check: {'; '.join(check[:3])}")
+        raise ValueError(f"{source} is damaged: its integrity check finds {'; '.join(check[:3])}")
     if ours is None:
         raise ValueError(f"{source} is an SQLite database, but not tickstack's (no schema_version table)")
 
@@ -58,6 +64,17 @@ def _refuse_if_open(settings: Settings, path: Path) -> None:
         who = ", ".join(f"pid {h['pid']} ({h['cmdline'][:60] or h['name']})" for h in open_by)
         raise ValueError(f"{path} is open in {who}: it would go on with the old file; stop it first "
                          f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` stops the stack)")
+
+
+def _backup_before(settings: Settings, source: Path) -> Path | None:
+    """The SQLite backup of the backups folder just older than ``source`` (:func:`list_backups`'s
+    order), when ``source`` is one of them; else None."""
+    found = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+    names = [p.name for p in found]
+    if source.parent.resolve() != settings.backup_dir.resolve() or source.name not in names:
+        return None
+    at = names.index(source.name)
+    return found[at - 1] if at > 0 else None
 
 
 def _free_name(aside: Path) -> Path:
@@ -125,7 +142,12 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
-    check_backup(source)
+    try:
+        check_backup(source)
+    except ValueError as e:  # doctor names the latest backup only: when it is unusable, which one next
+        older = _backup_before(settings, source)
+        raise ValueError(f"{e}; restore the backup before it: `python -m db restore {older}`" if older else str(e)) \
+            from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a DATABASE_URL's folder elsewhere
     lock = WriterLock(settings.writer_lock_path)
@@ -146,7 +168,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
         except sqlite3.Error as e:
             raise MaintenanceFailed(f"copying {source} failed: {e} (nothing was moved)") from e
         if check != ["ok"]:
-            raise MaintenanceFailed(f"the copy of {source} failed its integrity check: {check[:3]} (nothing was moved)")
+            raise MaintenanceFailed(f"the copy of {source} fails its integrity check ({'; '.join(check[:3])}): "
+                                    "nothing was moved")
         try:
             (counters, replaced_top_trade), unread = _ids_given(path), None
         except sqlite3.Error as e:  # a damaged file: its rows are what the backup replaces
