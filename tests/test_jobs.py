@@ -173,6 +173,19 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
 
 
+def test_a_backups_folder_made_by_a_backup_run_by_hand_is_private(writer: Stack) -> None:
+    """``python -m workers.jobs --run backup`` (the README's) run from a login shell, umask 022, with the
+    backups folder gone (removed to free space, a new disk mounted elsewhere): the folder was made
+    0755, every backup's name and size readable by all, where the home's folders are 0700."""
+    shutil.rmtree(writer.settings.backup_dir)
+    proc = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=writer.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(writer.settings.backup_dir.stat().st_mode) == 0o700
+    (made,) = backups(writer)
+    assert stat.S_IMODE((writer.settings.backup_dir / made).stat().st_mode) == 0o600
+
+
 def test_backups_named_by_a_clock_since_set_back_go_first_and_are_never_the_latest(writer: Stack) -> None:
     """Backups made while the clock was ahead (a VM's clock a year fast, then corrected by NTP) are
     named after now. They were ordered by name alone: rotation kept them, as the newest, and deleted
