@@ -144,6 +144,42 @@ def test_retention_deletes_exactly_the_old_ticks_and_keeps_bars(writer: Stack) -
     assert detail["deleted"] == len(old) and detail["calls"] == 3 and detail["more"] is False
 
 
+def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) -> None:
+    """A replay of old ticks (a CSV file of last quarter's) while the analysis worker was behind, down or
+    restarting: the next retention run deleted the acknowledged ticks before the analysis read them,
+    so their bars were never built and the history was gone, with retention saying "ok, deleted 600"
+    (fault hunt on the jobs worker). The README promises their bars kept. Retention deletes only ticks
+    the analysis cursor has passed, and says how many it keeps for it."""
+    def analyse() -> None:
+        proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--until-idle"], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+    now = int(time.time() * 1000)
+    insert_ticks(writer, [now - 1000 + i for i in range(100)], "live")
+    analyse()  # the analysis has run in this database: its cursor is past the live ticks
+    old = 40 * DAY_MS
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        client.call("insert_ticks", ticks={"symbol": ["OLDX"] * 600, "ts": [now - old + i * 1000 for i in range(600)],
+                                           "bid": [1.0] * 600, "ask": [1.1] * 600, "source": ["replay"] * 600,
+                                           "seq": list(range(600))})
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(600,)]
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["deleted"] == 0 and detail["kept_for_analysis"] == 600, detail
+    analyse()
+    assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
+        == [(600,)]
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(0,)]
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["deleted"] == 600 and detail["kept_for_analysis"] == 0, detail
+    assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
+        == [(600,)]
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2
