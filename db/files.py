@@ -32,6 +32,9 @@ def part_file(dest: Path) -> Path:
     try:  # private whatever the umask: `workers.jobs --run backup` from a login shell made backups/ 0755
         dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # mkdir's own words name the file, not the problem
+        if dest.parent.is_symlink() and not dest.parent.exists():  # a mount gone, a link mistyped
+            raise NotADirectoryError(f"{dest.parent} is a link to {os.readlink(dest.parent)}, which is not "
+                                     "there") from None
         raise NotADirectoryError(f"{dest.parent} is not a folder (a file is in the way)") from None
     remove_orphans(dest.parent)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name[:NAME_KEPT]}.{os.getpid()}.", suffix=".part", dir=dest.parent)

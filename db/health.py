@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from db.backups import restore_advice
+from db.backups import failed_backup_finding, restore_advice
 from db.circusd import (
     circusctl_command,
     stopped_watcher_findings,
@@ -335,6 +335,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         elif p["role"] == "unknown":
             out.append(("warn", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open and is not part of "
                                 "tickstack. Reads are harmless, but a long read holds back checkpoints."))
+    if not damaged and "error" not in prag and (snap.get("server") or {}).get("reachable", True):
+        failed_backup = failed_backup_finding(settings)  # the backups a restore would take
+        if failed_backup is not None:
+            out.append(failed_backup)
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out

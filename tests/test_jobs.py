@@ -222,6 +222,35 @@ def test_a_backups_folder_made_by_a_backup_run_by_hand_is_private(writer: Stack)
     assert stat.S_IMODE((writer.settings.backup_dir / made).stat().st_mode) == 0o600
 
 
+def test_doctor_warns_when_the_last_backup_failed_and_says_what_to_run(writer: Stack) -> None:
+    """Every scheduled backup failed (the backups folder a link to a mount that is gone) and doctor
+    said "No problem found": the one tool users are told to run never looked at the backups it
+    names for a restore. It warns with the failed run's time and reason, the newest backup there is,
+    and the command that makes one once mended; a backup that goes well ends the warning."""
+    def doctor() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", "doctor"], env=writer.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    assert run_jobs(writer, "--run", "backup").returncode == 0
+    (kept,) = backups(writer)
+    folder = writer.settings.backup_dir
+    folder.rename(writer.home / "backups-away")
+    folder.symlink_to("/proc/1/no-such-mount")  # a folder no one can make
+    assert run_jobs(writer, "--run", "backup").returncode == 1
+    said = doctor()
+    warned = [line for line in said.stdout.splitlines() if "last backup" in line]
+    assert len(warned) == 1 and warned[0].startswith("[WARN] The last backup failed"), said.stdout
+    assert f"{folder} is a link to /proc/1/no-such-mount, which is not there" in warned[0], warned
+    assert f"there is no backup in {folder} to restore" in warned[0], warned
+    assert warned[0].endswith("Mend the cause, then make one now: `python -m workers.jobs --run backup`."), warned
+    assert "No problem found" not in said.stdout, said.stdout
+    folder.unlink()
+    (writer.home / "backups-away").rename(folder)
+    assert run_jobs(writer, "--run", "backup").returncode == 0
+    said = doctor()
+    assert "last backup" not in said.stdout and kept in backups(writer), said.stdout
+
+
 def test_backups_named_by_a_clock_since_set_back_go_first_and_are_never_the_latest(writer: Stack) -> None:
     """Backups made while the clock was ahead (a VM's clock a year fast, then corrected by NTP) are
     named after now. They were ordered by name alone: rotation kept them, as the newest, and deleted
