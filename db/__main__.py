@@ -307,8 +307,22 @@ def cmd_restore(args: argparse.Namespace) -> int:
     result = restore(settings, Path(args.backup))
     kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
             if result["replaced"] else "")
+    ids = ""
+    if result["ids_unread"] is not None:
+        ids = (f"; the replaced database could not be read ({result['ids_unread']}): ids it gave after the backup "
+               "(ticks', trades') may be given again to new rows, so a client must not act on a trade id it was "
+               "given after the backup")
+    elif result["ids_continued"]:
+        ids = ("; ids continue after the replaced database's (" + ", ".join(
+            f"{table} {seq}" for table, seq in sorted(result["ids_continued"].items())) + "), so none it gave after "
+            "the backup is given again")
+    lost = result["trades_lost"]
+    if lost is not None:
+        which = f"trade {lost[0]}" if lost[0] == lost[1] else f"trades {lost[0]} to {lost[1]}"
+        ids += (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it, "
+                "and new trades will be given those ids again: a client holding one must not update or close it")
     print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
-          f"ok){kept}. Start the stack again: make run")
+          f"ok){kept}{ids}. Start the stack again: make run")
     return 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from db.circusd import damaged_file_steps
 from db.config import SECRET_FILES, Settings
-from db.engine import connect_read_only
+from db.engine import check_findings, connect_read_only
 from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, discard_part, part_file, put_in_place
 from db.leader import LEADER_NAMES, leader_lock_path
@@ -72,13 +72,25 @@ def new_backup(settings: Settings, keep: int | None = None) -> dict[str, Any] | 
     return {**result, "removed": [p.name for p in removed]}
 
 
-def list_backups(directory: Path) -> list[Path]:
+#: A backup named more than this after now was named by a clock since set back (a VM's clock running
+#: fast, then corrected): older than every backup made since, whatever its name says. Less is a copy
+#: from a host whose clock is a little ahead, taken at its word.
+CLOCK_SLACK_S = 300
+
+
+def list_backups(directory: Path, now: float | None = None) -> list[Path]:
     """The backups in ``directory`` named by :data:`BACKUP_RE`, oldest first ([] when it does not
-    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them."""
+    exist). The name (its UTC stamp sorts as text), not the mtime (which copying changes), orders them,
+    but those named more than :data:`CLOCK_SLACK_S` after ``now`` (epoch s) come first of all: a clock
+    set back since made every backup after them, and by name alone rotation deleted those, and "the
+    latest" named a stale one."""
     try:
-        return sorted(p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file())
+        found = [p for p in directory.iterdir() if BACKUP_RE.fullmatch(p.name) and p.is_file()]
     except (FileNotFoundError, NotADirectoryError):
         return []
+    # The stamp's text against now's, both fixed-width: a stamp no calendar has (99999999) is ahead too.
+    latest = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((time.time() if now is None else now) + CLOCK_SLACK_S))
+    return sorted(found, key=lambda p: (p.name[len("tickstack-"):-len(p.suffix)] <= latest, p.name))
 
 
 def restore_advice(settings: Settings) -> str:
@@ -101,6 +113,40 @@ def restore_advice(settings: Settings) -> str:
 def damaged_file_words(settings: Settings) -> str:
     """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs)."""
     return f"the database file is damaged; {damaged_file_steps(settings, restore_advice(settings))}"
+
+
+def failed_backup_finding(settings: Settings) -> tuple[str, str] | None:
+    """Doctor's warning when the last backup run recorded (``job_runs``: the jobs worker's, ``--run
+    backup``) failed: when, why, the newest backup there is (the one a restore would take), and what
+    makes one once the cause is mended. None when it went well, none is recorded, or the database
+    cannot be read now (said by doctor's other findings)."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.engine import make_read_engine
+    from db.models import JobRun
+
+    try:
+        engine = make_read_engine(settings, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                run = conn.execute(select(JobRun.started_at, JobRun.ok, JobRun.detail).where(JobRun.job == "backup")
+                                   .order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(1)).first()
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, OSError):
+        return None
+    if run is None or run.ok:
+        return None
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at / 1000))
+    try:
+        found = list_backups(settings.backup_dir)
+    except OSError:  # a folder this user may not list: the restore advice says so where it matters
+        found = []
+    newest = (f"the newest backup, the one a restore would take, is {found[-1]}" if found
+              else f"there is no backup in {settings.backup_dir} to restore")
+    return ("warn", f"The last backup failed ({at}: {' '.join((run.detail or '').split())[:300]}); {newest}. Mend "
+                    "the cause, then make one now: `python -m workers.jobs --run backup`.")
 
 
 def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:
@@ -162,7 +208,7 @@ def copy_database(source: Path, dest: Path) -> list[str]:
         try:
             src.backup(out)
             out.execute("PRAGMA journal_mode = DELETE")
-            return [r[0] for r in out.execute("PRAGMA integrity_check").fetchall()]
+            return check_findings(out)
         finally:
             out.close()
     finally:
@@ -203,8 +249,9 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
     tmp = part_file(dest)
     try:
         check = copy_database(path, tmp)
-        if check != ["ok"]:
-            raise MaintenanceFailed(f"backup failed its integrity check: {check[:3]}")
+        if check != ["ok"]:  # a copy page by page: the database's own pages are damaged
+            raise MaintenanceFailed(f"no backup written: its copy fails integrity_check ({'; '.join(check[:3])}), "
+                                    f"so {damaged_file_words(settings)}.")
         put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
         raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e

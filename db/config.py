@@ -165,7 +165,7 @@ SETTINGS: tuple[Setting, ...] = (
       "seconds applied requests are remembered for retries (a jump of the wall clock forward ages none)"),
     # A century: tick times count from 1970, so 100 years keeps every tick there is (the test stacks use it).
     S("TICKSTACK_RETENTION_DAYS", "retention_days", number(0, 36500, above=True), 30.0, "30",
-      "ticks older than this many days are pruned (bars are kept)"),
+      "ticks older than this many days are pruned (bars are kept), once the analysis has read them"),
     S("TICKSTACK_RETENTION_EVERY_S", "retention_every_s", number(0, YEAR_S, above=True), 3600.0, "3600",
       "seconds between retention runs"),
     S("TICKSTACK_BACKUP_EVERY_H", "backup_every_h", number(0, YEAR_S / 3600, above=True), 6.0, "6",

@@ -396,6 +396,14 @@ def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sql
     return con
 
 
+def check_findings(con: sqlite3.Connection, pragma: str = "integrity_check") -> list[str]:
+    """``PRAGMA integrity_check`` (or ``quick_check``) on ``con``, one finding an item (``["ok"]``
+    when sound): SQLite puts a whole tree's findings in one row, a line each, under a "*** in
+    database main ***" heading, and shown as the row it was one line of a hundred findings."""
+    return [line for (row,) in con.execute(f"PRAGMA {pragma}") for line in str(row).splitlines()
+            if not line.startswith("*** in database ")]
+
+
 #: What SQLite finding the database file itself damaged means (a commit failed on it, not on the disk);
 #: doctor adds how to restore it (:func:`db.backups.restore_advice`, which names the backup).
 DAMAGED_FILE_ADVICE = ("The database file is damaged (SQLite met a page it cannot read): see where with `python -m db "

@@ -26,12 +26,15 @@ NAME_KEPT = 64
 
 
 def part_file(dest: Path) -> Path:
-    """A new empty file, mode 0600, in ``dest``'s folder (made if missing), named
+    """A new empty file, mode 0600, in ``dest``'s folder (made if missing, 0700), named
     ``.<dest's name>.<pid>.<random>.part``: the caller writes into it, then :func:`put_in_place`.
     The part files there of processes no longer running are removed first."""
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+    try:  # private whatever the umask: `workers.jobs --run backup` from a login shell made backups/ 0755
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # mkdir's own words name the file, not the problem
+        if dest.parent.is_symlink() and not dest.parent.exists():  # a mount gone, a link mistyped
+            raise NotADirectoryError(f"{dest.parent} is a link to {os.readlink(dest.parent)}, which is not "
+                                     "there") from None
         raise NotADirectoryError(f"{dest.parent} is not a folder (a file is in the way)") from None
     remove_orphans(dest.parent)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name[:NAME_KEPT]}.{os.getpid()}.", suffix=".part", dir=dest.parent)

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from db.backups import damaged_file_words, restore_advice
+from db.backups import damaged_file_words, failed_backup_finding, restore_advice
 from db.circusd import (
     circusctl_command,
     damaged_file_steps,
@@ -33,7 +33,7 @@ from db.circusd import (
     writer_start_after_fix,
 )
 from db.config import Settings
-from db.engine import DAMAGED_FILE_ADVICE, connect_read_only, damaged_database, display_url
+from db.engine import DAMAGED_FILE_ADVICE, check_findings, connect_read_only, damaged_database, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
@@ -65,8 +65,7 @@ def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
         if quick_check:
             started = time.perf_counter()
             # One row may hold a whole tree's findings, a line each (a page's 100 cells: a doctor line of 100)
-            rows = [line for row in con.execute("PRAGMA quick_check") for line in str(row[0]).splitlines()
-                    if not line.startswith("*** in database ")]
+            rows = check_findings(con, "quick_check")
             out["quick_check"] = {"ok": rows == ["ok"], "messages": rows[:20],
                                   "ms": round((time.perf_counter() - started) * 1000, 1)}
         return out
@@ -100,7 +99,7 @@ def integrity_check(path: Path) -> list[str]:
     """``PRAGMA integrity_check``: ``["ok"]`` when the file is sound."""
     con = connect_read_only(path)
     try:
-        return [r[0] for r in con.execute("PRAGMA integrity_check").fetchall()]
+        return check_findings(con)
     finally:
         con.close()
 
@@ -338,6 +337,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         elif p["role"] == "unknown":
             out.append(("warn", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open and is not part of "
                                 "tickstack. Reads are harmless, but a long read holds back checkpoints."))
+    if not damaged and "error" not in prag and (snap.get("server") or {}).get("reachable", True):
+        failed_backup = failed_backup_finding(settings)  # the backups a restore would take
+        if failed_backup is not None:
+            out.append(failed_backup)
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out

@@ -101,6 +101,11 @@ class IndicatorValue(Base):
     value: Mapped[float] = mapped_column(Float)
 
 
+#: The analysis worker's cursor (:class:`Cursor`): the last tick id it folded into bars. Retention
+#: deletes no tick after it (``prune_ticks``): its bars would never be built.
+ANALYSIS_CURSOR = "analysis"
+
+
 class Cursor(Base):
     """A worker's progress marker (e.g. the last tick id analysed)."""
 

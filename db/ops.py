@@ -28,6 +28,7 @@ from db import queries
 from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
+    ANALYSIS_CURSOR,
     AUDIT_RESULTS,
     TICK_KEY,
     AppliedRequest,
@@ -146,14 +147,26 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
 
 @op("prune_ticks", quick=False, before_ts=timestamp, limit=(integer(1, 1_000_000), False))
 def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[str, int]:
-    """Delete up to ``limit`` ticks older than ``before_ts`` (bars are kept).
-    Bounded so one retention run cannot hold the writer for long: call again
-    while ``more`` is true."""
-    ids = select(Tick.id).where(Tick.ts < before_ts).order_by(Tick.id).limit(limit).scalar_subquery()
+    """Delete up to ``limit`` ticks older than ``before_ts`` (bars are kept) that the analysis has
+    read (up to its cursor, :data:`ANALYSIS_CURSOR`, when it has one: a tick after it has no bar yet,
+    and deleted it never would; a replay of old ticks while the analysis was behind lost them all).
+    Bounded so one retention run cannot hold the writer for long: call again while ``more`` is true.
+    ``kept_for_analysis``: in the last call (``more`` false), the ticks older than ``before_ts`` kept
+    because the analysis has not read them yet."""
+    old = Tick.ts < before_ts
+    analysed = conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+    if analysed is not None:  # none: the analysis never ran in this database, and nothing waits for it
+        old = old & (Tick.id <= analysed)
+    ids = select(Tick.id).where(old).order_by(Tick.id).limit(limit).scalar_subquery()
     deleted = conn.execute(delete(Tick).where(Tick.id.in_(ids))).rowcount
     # A full batch may have left more behind; checking with a query would
     # scan the table (no index on ts alone, which ingest would pay for).
-    return {"deleted": deleted, "more": deleted == limit}
+    more = deleted == limit
+    kept = 0
+    if not more and analysed is not None:  # the ticks after the cursor only: what the analysis has to read
+        kept = conn.execute(select(func.count()).select_from(Tick)
+                            .where(Tick.id > analysed, Tick.ts < before_ts)).scalar() or 0
+    return {"deleted": deleted, "more": more, "kept_for_analysis": kept}
 
 
 # --- bars, indicators, analysis progress -------------------------------------------

@@ -12,12 +12,13 @@ replayed into it, pages of another database), and the copy takes the name. On Po
 from __future__ import annotations
 
 import os
+import shlex
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
-from db.backups import copy_database
+from db.backups import copy_database, list_backups
 from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
@@ -44,9 +45,15 @@ def check_backup(source: Path) -> None:
         finally:
             con.close()
     except sqlite3.Error as e:
+        if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_CORRUPT:  # ours, rotted: not "not one"
+            raise ValueError(f"{source} is damaged: SQLite cannot read it ({e})") from None
+        with open(source, "rb") as f:
+            if f.read(5) == b"PGDMP":  # the jobs worker's backup on PostgreSQL
+                raise ValueError(f"{source} is a PostgreSQL dump (pg_dump -Fc): restore it into the server with "
+                                 "pg_restore (README, PostgreSQL); db restore takes SQLite backups") from None
         raise ValueError(f"{source} is not an SQLite database that can be read ({e})") from None
     if check != ["ok"]:
-        raise ValueError(f"{source} fails its integrity check: {'; '.join(check[:3])}")
+        raise ValueError(f"{source} is damaged: its integrity check finds {'; '.join(check[:3])}")
     if ours is None:
         raise ValueError(f"{source} is an SQLite database, but not tickstack's (no schema_version table)")
 
@@ -60,6 +67,17 @@ def _refuse_if_open(settings: Settings, path: Path) -> None:
                          f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` stops the stack)")
 
 
+def _backup_before(settings: Settings, source: Path) -> Path | None:
+    """The SQLite backup of the backups folder just older than ``source`` (:func:`list_backups`'s
+    order), when ``source`` is one of them; else None."""
+    found = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+    names = [p.name for p in found]
+    if source.parent.resolve() != settings.backup_dir.resolve() or source.name not in names:
+        return None
+    at = names.index(source.name)
+    return found[at - 1] if at > 0 else None
+
+
 def _free_name(aside: Path) -> Path:
     """``aside``, or ``aside.2``, ``.3``...: the first name no file of the set (the database, its
     WAL, its shared memory) has. Two restores within a second kept the second's under the first's."""
@@ -70,10 +88,53 @@ def _free_name(aside: Path) -> Path:
     return candidate
 
 
+def _ids_given(path: Path) -> tuple[dict[str, int], int]:
+    """What the database at ``path`` (read with its WAL) gave out: its AUTOINCREMENT counters
+    (``sqlite_sequence``, by table) and its highest trade id (0: none); ({}, 0) without the file or
+    the tables. sqlite3.Error when it cannot be read (a damaged file)."""
+    if not path.exists():
+        return {}, 0
+    con = connect_read_only(path)
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        counters = {name: seq for name, seq in con.execute("SELECT name, seq FROM sqlite_sequence")
+                    if isinstance(name, str) and isinstance(seq, int)} if "sqlite_sequence" in tables else {}
+        top_trade = con.execute("SELECT max(id) FROM trades").fetchone()[0] if "trades" in tables else None
+        return counters, top_trade or 0
+    finally:
+        con.close()
+
+
+def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
+    """Raise the counters of ``copy`` (the backup's copy, not in place yet) to ``counters`` where they
+    are lower, for its tables of those names; returns those raised. A backup's counters are the
+    backup's: the tick ids the replaced database gave after it were given again to new ticks, and
+    tick ids never go back (a consumer resumes from the last one it processed)."""
+    con = sqlite3.connect(copy)
+    try:
+        tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        have = dict(con.execute("SELECT name, seq FROM sqlite_sequence").fetchall()) \
+            if "sqlite_sequence" in tables else {}
+        raised = {name: seq for name, seq in counters.items() if name in tables and seq > (have.get(name) or 0)}
+        with con:
+            for name, seq in raised.items():
+                if name in have:
+                    con.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = ?", (seq, name))
+                else:
+                    con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (name, seq))
+        return raised
+    finally:
+        con.close()
+
+
 def restore(settings: Settings, source: Path) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
-    ``source``, ``replaced`` (where the replaced database is kept, None when there was none) and
-    ``bytes``. Raises ValueError (what is in the way, said) or MaintenanceFailed."""
+    ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
+    ``bytes``, ``ids_continued`` (the id counters raised to the replaced database's, by table: no tick
+    id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
+    ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
+    trades keep no counter, so new trades take those ids again).
+    Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
         raise ValueError("restore puts an SQLite backup in place; restore a PostgreSQL .dump with the stack "
@@ -82,7 +143,12 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
-    check_backup(source)
+    try:
+        check_backup(source)
+    except ValueError as e:  # doctor names the latest backup only: when it is unusable, which one next
+        older = _backup_before(settings, source)
+        raise ValueError(f"{e}; restore the backup before it: `python -m db restore {shlex.quote(str(older))}`"
+                         if older else str(e)) from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a DATABASE_URL's folder elsewhere
     lock = WriterLock(settings.writer_lock_path)
@@ -103,7 +169,18 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
         except sqlite3.Error as e:
             raise MaintenanceFailed(f"copying {source} failed: {e} (nothing was moved)") from e
         if check != ["ok"]:
-            raise MaintenanceFailed(f"the copy of {source} failed its integrity check: {check[:3]} (nothing was moved)")
+            raise MaintenanceFailed(f"the copy of {source} fails its integrity check ({'; '.join(check[:3])}): "
+                                    "nothing was moved")
+        try:
+            (counters, replaced_top_trade), unread = _ids_given(path), None
+        except sqlite3.Error as e:  # a damaged file: its rows are what the backup replaces
+            (counters, replaced_top_trade), unread = ({}, 0), str(e)
+        try:
+            raised = _continue_ids(tmp, counters)
+            top_trade = _ids_given(tmp)[1]
+        except sqlite3.Error as e:
+            raise MaintenanceFailed(f"continuing the ids in the copy of {source} failed: {e} "
+                                    "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = _free_name(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"))
         moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
@@ -117,7 +194,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise
         tmp = None
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
-                "bytes": path.stat().st_size}
+                "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,
+                "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}
     finally:
         if tmp is not None:
             discard_part(tmp)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from db.backups import BACKUP_LOCK, rotate_backups
+from db.backups import BACKUP_LOCK, restore_advice, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
 from db.engine import connect_read_only
@@ -144,6 +144,42 @@ def test_retention_deletes_exactly_the_old_ticks_and_keeps_bars(writer: Stack) -
     assert detail["deleted"] == len(old) and detail["calls"] == 3 and detail["more"] is False
 
 
+def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) -> None:
+    """A replay of old ticks (a CSV file of last quarter's) while the analysis worker was behind, down or
+    restarting: the next retention run deleted the acknowledged ticks before the analysis read them,
+    so their bars were never built and the history was gone, with retention saying "ok, deleted 600"
+    (fault hunt on the jobs worker). The README promises their bars kept. Retention deletes only ticks
+    the analysis cursor has passed, and says how many it keeps for it."""
+    def analyse() -> None:
+        proc = subprocess.run([sys.executable, "-m", "workers.analysis", "--until-idle"], env=writer.env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+
+    now = int(time.time() * 1000)
+    insert_ticks(writer, [now - 1000 + i for i in range(100)], "live")
+    analyse()  # the analysis has run in this database: its cursor is past the live ticks
+    old = 40 * DAY_MS
+    with WriterClient(settings=writer.settings, deadline=30) as client:
+        client.call("insert_ticks", ticks={"symbol": ["OLDX"] * 600, "ts": [now - old + i * 1000 for i in range(600)],
+                                           "bid": [1.0] * 600, "ask": [1.1] * 600, "source": ["replay"] * 600,
+                                           "seq": list(range(600))})
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(600,)]
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["deleted"] == 0 and detail["kept_for_analysis"] == 600, detail
+    analyse()
+    assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
+        == [(600,)]
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(0,)]
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["deleted"] == 600 and detail["kept_for_analysis"] == 0, detail
+    assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
+        == [(600,)]
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2
@@ -171,6 +207,78 @@ def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
         listed = subprocess.run([pg_program("pg_restore"), "--list", paths[-1]], capture_output=True, text=True,
                                 timeout=60)
         assert listed.returncode == 0 and "TABLE DATA public ticks" in listed.stdout, listed.stderr
+
+
+def test_a_backups_folder_made_by_a_backup_run_by_hand_is_private(writer: Stack) -> None:
+    """``python -m workers.jobs --run backup`` (the README's) run from a login shell, umask 022, with the
+    backups folder gone (removed to free space, a new disk mounted elsewhere): the folder was made
+    0755, every backup's name and size readable by all, where the home's folders are 0700."""
+    shutil.rmtree(writer.settings.backup_dir)
+    proc = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=writer.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(writer.settings.backup_dir.stat().st_mode) == 0o700
+    (made,) = backups(writer)
+    assert stat.S_IMODE((writer.settings.backup_dir / made).stat().st_mode) == 0o600
+
+
+def test_doctor_warns_when_the_last_backup_failed_and_says_what_to_run(writer: Stack) -> None:
+    """Every scheduled backup failed (the backups folder a link to a mount that is gone) and doctor
+    said "No problem found": the one tool users are told to run never looked at the backups it
+    names for a restore. It warns with the failed run's time and reason, the newest backup there is,
+    and the command that makes one once mended; a backup that goes well ends the warning."""
+    def doctor() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", "doctor"], env=writer.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    assert run_jobs(writer, "--run", "backup").returncode == 0
+    (kept,) = backups(writer)
+    folder = writer.settings.backup_dir
+    folder.rename(writer.home / "backups-away")
+    folder.symlink_to("/proc/1/no-such-mount")  # a folder no one can make
+    assert run_jobs(writer, "--run", "backup").returncode == 1
+    said = doctor()
+    warned = [line for line in said.stdout.splitlines() if "last backup" in line]
+    assert len(warned) == 1 and warned[0].startswith("[WARN] The last backup failed"), said.stdout
+    assert f"{folder} is a link to /proc/1/no-such-mount, which is not there" in warned[0], warned
+    assert f"there is no backup in {folder} to restore" in warned[0], warned
+    assert warned[0].endswith("Mend the cause, then make one now: `python -m workers.jobs --run backup`."), warned
+    assert "No problem found" not in said.stdout, said.stdout
+    folder.unlink()
+    (writer.home / "backups-away").rename(folder)
+    assert run_jobs(writer, "--run", "backup").returncode == 0
+    said = doctor()
+    assert "last backup" not in said.stdout and kept in backups(writer), said.stdout
+
+
+def test_backups_named_by_a_clock_since_set_back_go_first_and_are_never_the_latest(writer: Stack) -> None:
+    """Backups made while the clock was ahead (a VM's clock a year fast, then corrected by NTP) are
+    named after now. They were ordered by name alone: rotation kept them, as the newest, and deleted
+    every backup made since but the one just written, and doctor's restore advice (and the console's
+    "last backup") named one of them, a year-old copy, as "the latest backup". They are older than any
+    backup made since the clock was set back: they go first, in rotation and in "the latest"."""
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(300)], "feed")
+    keep = 2
+    made = []
+    proc = run_jobs(writer, "--run", "backup", TICKSTACK_BACKUP_KEEP=str(keep))
+    assert proc.returncode == 0, proc.stderr
+    first = Path(json.loads(job_runs(writer)[-1]["detail"])["path"])
+    made.append(first.name)
+    ahead = [f"tickstack-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(time.time() + 365 * 86400 + i))}{first.suffix}"
+             for i in range(3)]
+    for name in ahead:  # what the clock a year fast named; their content is a real backup's
+        shutil.copy2(first, writer.settings.backup_dir / name)
+    insert_ticks(writer, [int(time.time() * 1000) - i for i in range(50)], "feed-2")
+    for _ in range(2):
+        proc = run_jobs(writer, "--run", "backup", TICKSTACK_BACKUP_KEEP=str(keep))
+        assert proc.returncode == 0, proc.stderr
+        made.append(Path(json.loads(job_runs(writer)[-1]["detail"])["path"]).name)
+    assert backups(writer) == sorted(made[-keep:]), backups(writer)
+    removed = [name for run in job_runs(writer) for name in json.loads(run["detail"])["removed"]]
+    assert sorted(removed) == sorted([*ahead, made[0]]), removed
+    if writer.settings.database_path is not None:  # what doctor says to restore when the file is damaged
+        latest = writer.settings.backup_dir / made[-1]
+        assert f"`python -m db restore {latest}`" in restore_advice(writer.settings)
 
 
 def test_a_backup_due_while_another_is_written_waits_and_one_asked_for_fails_saying_why(writer: Stack) -> None:
@@ -780,6 +888,47 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
                           str(fresh)}, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "restored" in done.stdout, done.stdout + done.stderr
     assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")
+def test_a_restore_continues_tick_ids_and_names_the_lost_trades_whose_ids_come_again(stack: Stack) -> None:
+    """A restored backup's ids are the backup's: the tick ids the replaced database gave after the
+    backup (which never go back: consumers resume from the last id they processed) were given again,
+    and a trade opened after the backup (its id acknowledged to the client) was lost with the restore,
+    as the README says, and its id then given to the next trade opened, unsaid, so the client's
+    ``close_trade`` of its trade closed someone else's. The restore continues the tick ids after the
+    replaced database's; trades keep no counter (a plain rowid), so it names the trades lost and says
+    their ids will be given again."""
+    def db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    def open_trade(side: str) -> int:
+        with WriterClient(settings=stack.settings, deadline=30) as client:
+            return client.call("open_trade", symbol="EURUSD", side=side, size=1.0, entry_price=1.1)["id"]
+
+    writer = stack.start_writer()
+    now = int(time.time() * 1000)
+    insert_ticks(stack, [now - i for i in range(100)], "before")
+    backup = stack.home / "kept.db"
+    assert db("backup", str(backup)).returncode == 0
+    lost_trade = open_trade("buy")  # acknowledged after the backup: lost by the restore
+    insert_ticks(stack, [now - 1000 - i for i in range(50)], "after")
+    lost_top_tick = query(stack.settings, "SELECT max(id) FROM ticks")[0][0]
+    assert stack.stop(writer) == 0
+
+    done = db("restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ids continue after the replaced database's (ticks {lost_top_tick})" in done.stdout, done.stdout
+    assert (f"WARNING: trade {lost_trade}, opened after the backup, is not in it, and new trades will be given those "
+            "ids again: a client holding one must not update or close it") in done.stdout, done.stdout
+    writer = stack.start_writer()
+    assert query(stack.settings, "SELECT count(*) FROM trades") == [(0,)]  # lost, as said
+    assert open_trade("sell") == lost_trade  # given again, as said
+    insert_ticks(stack, [now + 1], "later")
+    assert query(stack.settings, "SELECT min(id) FROM ticks WHERE source = 'later'")[0][0] > lost_top_tick
+    assert query(stack.settings, "PRAGMA integrity_check") == [("ok",)]
+    assert stack.stop(writer) == 0
 
 
 def test_a_last_run_dated_ahead_of_the_clock_does_not_stop_the_job(writer: Stack,

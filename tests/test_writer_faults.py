@@ -33,6 +33,7 @@ from sqlalchemy import create_engine
 
 from db.client import LAST_TRY_S, WriterClient
 from db.config import load_settings
+from db.engine import connect_read_only
 from db.errors import CommitFailed, OpFailed, StorageFull, ValidationError, WriterUnavailable
 from db.inflight import FIRST_ATTEMPT_TIMEOUT, Ticket
 from db.protocol import encode_request
@@ -1248,6 +1249,69 @@ def _damaged_file_advice_mends_it(stack: Stack, damage: str) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (restore, done.stdout + done.stderr)
     assert query(stack.settings, "SELECT count(*) FROM ticks")[0][0] == 0
+    assert_fifty_audits_and_a_writer_again(stack, client)
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_quick_check_runs_amcheck_and_is_skipped_not_failed_without_it")
+def test_a_backup_of_a_damaged_file_and_a_damaged_backup_say_what_is_damaged_and_what_to_do(stack: Stack) -> None:
+    """A backup of a damaged file (``db backup``, the jobs worker's, the console's button) failed with
+    "backup failed its integrity check: ['*** in database main ***\\nOn tree page ...", a Python
+    list of a hundred findings on one line, never saying that the database itself is damaged nor
+    what to do (fault hunt on the recovery path). It says the file is damaged, three findings, and
+    doctor's restore of the latest backup. A damaged backup given to ``db restore`` is refused the
+    same way, naming the backup before it, as doctor names only the latest."""
+    path = stack.settings.database_path
+    proc, client = writer_with_fifty_audits(stack)
+    client.call("checkpoint")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+
+    for _ in range(2):
+        assert run("workers.jobs", "--run", "backup").returncode == 0
+    older, latest = sorted((stack.home / "backups").glob("tickstack-*.db"))[-2:]
+    client.call("insert_ticks", ticks=ticks(2000, "feed"))
+    client.call("checkpoint")
+    page = query(stack.settings, "SELECT pageno FROM dbstat WHERE name = 'sqlite_autoindex_ticks_1' "
+                                 "AND pagetype = 'leaf' ORDER BY path LIMIT 1 OFFSET 3")[0][0]
+    page_size = query(stack.settings, "PRAGMA page_size")[0][0]
+    assert stack.stop(proc) == 0
+    with open(path, "r+b") as f:  # the cell pointers of a leaf of the (source, seq) index
+        f.seek((page - 1) * page_size + 8)
+        f.write(b"\xff" * 200)
+    advice = f"the database file is damaged; restore the latest backup, `python -m db restore {latest}`"
+    refused = run("db", "backup", str(stack.home / "copy.db"))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"On tree page {page}" in refused.stderr and "***" not in refused.stderr and "\\n" not in refused.stderr, \
+        refused.stderr
+    assert advice in refused.stderr and refused.stderr.rstrip().endswith("then `make run`."), refused.stderr
+    proc = stack.start_writer()  # to record the jobs worker's run
+    failed = run("workers.jobs", "--run", "backup")
+    assert failed.returncode == 1 and advice in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+    assert stack.stop(proc) == 0
+    assert sorted((stack.home / "backups").glob("tickstack-*.db"))[-2:] == [older, latest]
+
+    con = connect_read_only(latest)
+    try:
+        page = con.execute("SELECT pageno FROM dbstat WHERE name = 'audit_log' AND pagetype = 'leaf'").fetchone()[0]
+    finally:
+        con.close()
+    with open(latest, "r+b") as f:  # the latest backup rotted on its disk too
+        f.seek((page - 1) * page_size + 8)
+        f.write(b"\xff" * 200)
+    refused = run("db", "restore", str(latest))
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert f"{latest} is damaged" in refused.stderr, refused.stderr
+    assert "***" not in refused.stderr, refused.stderr
+    assert refused.stderr.rstrip().endswith(f"the backup before it: `python -m db restore {older}`"), refused.stderr
+    dump = stack.home / "tickstack-20260101T000000Z.dump"  # a PostgreSQL home's backup, given here
+    dump.write_bytes(b"PGDMP\x01\x0e\x00" + b"\x00" * 100)
+    refused = run("db", "restore", str(dump))
+    assert refused.returncode == 1 and "is a PostgreSQL dump (pg_dump -Fc): restore it into the server with " \
+        "pg_restore" in refused.stderr, refused.stderr
+    done = run("db", "restore", str(older))
+    assert done.returncode == 0, done.stdout + done.stderr
     assert_fifty_audits_and_a_writer_again(stack, client)
 
 

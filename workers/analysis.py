@@ -40,7 +40,7 @@ from db import queries
 from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.errors import Conflict, WriterError, WriterUnavailable
-from db.models import Cursor, now_ms
+from db.models import ANALYSIS_CURSOR, Cursor, now_ms
 from db.parsers import whole_flag
 from db.validation import MAX_ROWS
 from workers.analyzer import Analyzer, Chunk, Flush, Output, Table
@@ -122,7 +122,7 @@ class AnalysisWorker(Worker):
 
     name = "analysis"
     leader_only = True  # once per database, whatever the hosts (db.leader)
-    cursor = "analysis"
+    cursor = ANALYSIS_CURSOR
 
     def __init__(self, settings: Settings, until_idle: bool = False, chunk: int = DEFAULT_CHUNK,
                  rows_per_store: int = MAX_ROWS, window: int = DEFAULT_WINDOW) -> None:

@@ -373,18 +373,25 @@ class JobsWorker(Worker):
         return path
 
     def retention(self, force: bool = False) -> Outcome:
-        """Delete ticks older than ``retention_days`` (bars are kept), in bounded ``prune_ticks``
-        calls while the writer says there are ``more``; stops early (and says so) on SIGTERM."""
+        """Delete ticks older than ``retention_days`` (bars are kept) that the analysis has read, in
+        bounded ``prune_ticks`` calls while the writer says there are ``more``; stops early (and says
+        so) on SIGTERM. The detail's ``kept_for_analysis``: old ticks kept for the analysis."""
         assert self.client is not None
         before = max(0, now_ms() - round(self.schedule.retention_days * DAY_MS))
-        deleted = calls = 0
+        deleted = calls = kept = 0
         more = True
         while more and self.alive:
             result = self.client.call("prune_ticks", before_ts=before, limit=PRUNE_BATCH)
             deleted += result["deleted"]
+            kept = result.get("kept_for_analysis", 0)  # the last call's
             calls += 1
             more = bool(result["more"]) and result["deleted"] > 0  # never loop on a batch that did nothing
-        return True, json.dumps({"deleted": deleted, "calls": calls, "before_ts": before, "more": more})
+        if kept:  # deleted once the analysis has read them, by a later run
+            self.log.info("jobs: retention: %d ticks older than %s are kept until the analysis has read them (its "
+                          "cursor is behind them: the analysis worker is behind, or not running)", kept,
+                          time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(before / 1000)))
+        return True, json.dumps({"deleted": deleted, "calls": calls, "before_ts": before, "more": more,
+                                 "kept_for_analysis": kept})
 
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
