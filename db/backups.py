@@ -110,9 +110,10 @@ def restore_advice(settings: Settings) -> str:
             f"the one before it in {settings.backup_dir}), then `make run`")
 
 
-def damaged_file_words(settings: Settings) -> str:
-    """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs)."""
-    return f"the database file is damaged; {damaged_file_steps(settings, restore_advice(settings))}"
+def damaged_file_words(settings: Settings, restore: str | None = None) -> str:
+    """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs);
+    ``restore``: :func:`restore_advice`'s words when the caller has them already."""
+    return f"the database file is damaged; {damaged_file_steps(settings, restore or restore_advice(settings))}"
 
 
 def failed_backup_finding(settings: Settings) -> tuple[str, str] | None:

@@ -252,6 +252,8 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     prag = snap.get("pragmas", {})
     qc = prag.get("quick_check")
     damaged = bool(prag.get("damaged")) or (qc is not None and not qc["ok"])  # an SQLite file's
+    # Its restore named once (a listing of the backups folder), for each finding that says it.
+    restore = restore_advice(settings) if damaged else None
     cut_off = unreachable_circusd(settings.circus_endpoint)
     if cut_off is not None:  # the stack runs on, out of circusctl's and the console's reach
         out.append(("fail", f"{cut_off}."))  # "circusd pid N ...": the program's name, as it is written
@@ -306,7 +308,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             f"{writer_start_after_fix(settings, refused['fix'])}."))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         # On a damaged file, a restore first: a writer started on it fails every write touching the damage.
-        out.append(("fail", writer_down_advice(settings, restore_first=restore_advice(settings) if damaged else None)))
+        out.append(("fail", writer_down_advice(settings, restore_first=restore)))
     if not damaged:  # a damaged file comes first: the stack is to be stopped for it, not its workers started
         out.extend(stopped_watcher_findings(settings))
     out.extend(_disk_findings(snap, settings))
@@ -315,7 +317,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
         out.append(("fail", f"The writer met {snap['lock_errors']} 'database is locked' errors: another process "
                             "writes the file. See the processes below."))
     if "error" in prag:
-        damage = f": {damaged_file_words(settings)}." if prag.get("damaged") else ""
+        damage = f": {damaged_file_words(settings, restore)}." if prag.get("damaged") else ""
         out.append(("fail", f"Cannot read the database: {prag['error']}{damage}"))
         return out
     if "path" in snap and prag.get("journal_mode") != "wal":  # SQLite's; a server has no journal mode
@@ -324,7 +326,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if qc is not None:
         out.append(("ok", "quick_check: ok.") if qc["ok"] else
                    ("fail", f"quick_check found problems: {'; '.join(qc['messages'][:3])}: "
-                            f"{damaged_file_words(settings)}."))
+                            f"{damaged_file_words(settings, restore)}."))
     wal = (snap.get("files") or {}).get("wal") or 0
     if wal > 2 * settings.journal_size_limit:
         out.append(("warn", _wal_words(wal, [p for p in snap.get("processes", []) if p["role"] != "writer"],
