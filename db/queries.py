@@ -212,6 +212,12 @@ def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
         result.close()
 
 
+def first_tick_ts(conn: Reader) -> int | None:
+    """The time of the first tick kept (the lowest id: by the primary key, no scan), None with no tick:
+    how far retention may go in one run (:meth:`workers.jobs.JobsWorker.retention`)."""
+    return conn.execute(select(Tick.ts).order_by(Tick.id).limit(1)).scalar()
+
+
 def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:
     """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order;
     only ids up to ``through`` when given (:meth:`TickHorizon.advance`: none of them can still come)."""

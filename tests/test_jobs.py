@@ -180,6 +180,38 @@ def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) 
         == [(600,)]
 
 
+
+def test_a_clock_far_ahead_of_the_ticks_makes_retention_delete_a_day_a_run_not_the_window(writer: Stack) -> None:
+    """Retention goes by the wall clock: set 40 days forward, one run deleted every tick of the 30-day
+    window the analysis had read (13,716 in a fault hunt, some written seconds before). Here the
+    ticks are what such a clock sees: a month of them, the newest 40 days before now (what a jobs
+    worker stopped for 40 days sees too). A run moves its cutoff at most a day past the oldest tick
+    kept (twice the time between runs when longer), says so in a WARNING and in its record, and the
+    next run goes on from there: the catch-up after a downtime takes a run a day, and a clock set
+    forward costs a day a run, not the window, until it is set right."""
+    now = int(time.time() * 1000)
+    newest = now - 40 * DAY_MS
+    days = 30
+    ticks = [newest - day * DAY_MS - i * 60_000 for day in range(days) for i in range(10)]  # 10 ticks a day
+    insert_ticks(writer, sorted(ticks), "feed")  # ids in time order, as a live feed writes them
+    oldest = min(ticks)
+
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"WARNING .*retention: .*days past the oldest tick", proc.stderr), proc.stderr
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["before_ts"] == oldest + DAY_MS and detail["held_back_from"] > newest, detail
+    assert detail["deleted"] == 10, detail  # the oldest day's 10 ticks: the cutoff is 9 minutes into the next day
+    left = sorted(ticks)[10:]
+    assert query(writer.settings, "SELECT count(*), min(ts) FROM ticks") == [(len(left), left[0])]
+
+    proc = run_jobs(writer, "--run", "retention")  # the next run: a day past the oldest tick left
+    assert proc.returncode == 0, proc.stderr
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["before_ts"] == left[0] + DAY_MS and detail["deleted"] == 10, detail
+    assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(ticks) - 20,)]
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2

@@ -48,6 +48,9 @@ def job_words(job: str, ok: bool, detail: str | None) -> str:
             text += f" older than {timestamp(data['before_ts'])}"
         if data.get("calls"):
             text += f" in {_plural(int(data['calls']), 'call')}"
+        if isinstance(data.get("held_back_from"), int):
+            text += (f" (held back from {timestamp(data['held_back_from'])}, too far past the oldest tick: the "
+                     "next runs catch up, unless the clock is ahead)")
         return text + ("; more remain, the next run goes on" if data.get("more") else "")
     if job == "backup" and "path" in data:
         name = str(data["path"]).rsplit("/", 1)[-1]
