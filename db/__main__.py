@@ -319,8 +319,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     lost = result["trades_lost"]
     if lost is not None:
         which = f"trade {lost[0]}" if lost[0] == lost[1] else f"trades {lost[0]} to {lost[1]}"
-        ids += (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it, "
-                "and new trades will be given those ids again: a client holding one must not update or close it")
+        ids += (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it "
+                "(a client holding one is told it does not exist; its id is not given to a new trade)")
     print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
           f"ok){kept}{ids}. Start the stack again: make run")
     return 0

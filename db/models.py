@@ -138,6 +138,9 @@ class Trade(Base):
     close_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)  # 32 before schema v2
     #: Last tick id the monitor applied to this trade.
     last_tick_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    # A trade's id is a client's handle on it (update_trade, close_trade): never given again, even
+    # after a restore of an older backup (db.restore continues the counter). Schema v5 on SQLite.
+    __table_args__ = ({"sqlite_autoincrement": True},)
 
 
 class TradeEvent(Base):
@@ -149,6 +152,7 @@ class TradeEvent(Base):
     price: Mapped[float | None] = mapped_column(Float, nullable=True)
     pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
     detail: Mapped[str] = mapped_column(Text, default="")
+    __table_args__ = ({"sqlite_autoincrement": True},)  # as trades' (schema v5)
 
 
 #: How an ok job run's detail starts when its check could not be made (amcheck not installed).

@@ -133,7 +133,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     ``bytes``, ``ids_continued`` (the id counters raised to the replaced database's, by table: no tick
     id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
     ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
-    trades keep no counter, so new trades take those ids again).
+    their ids are not given again either; a backup older than schema v5 gets its trades counter
+    from them, which the writer's migration keeps).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
@@ -175,6 +176,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             (counters, replaced_top_trade), unread = _ids_given(path), None
         except sqlite3.Error as e:  # a damaged file: its rows are what the backup replaces
             (counters, replaced_top_trade), unread = ({}, 0), str(e)
+        if replaced_top_trade:  # a replaced database older than schema v5 has no trades counter: its top id is one
+            counters = {**counters, "trades": max(counters.get("trades") or 0, replaced_top_trade)}
         try:
             raised = _continue_ids(tmp, counters)
             top_trade = _ids_given(tmp)[1]

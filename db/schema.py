@@ -9,8 +9,9 @@ from collections.abc import Callable
 
 from sqlalchemy import BigInteger, Column, Float, MetaData, PrimaryKeyConstraint, String, Table, insert, inspect, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateTable
 
-from db.models import SchemaVersion, metadata, now_ms
+from db.models import SchemaVersion, Trade, TradeEvent, metadata, now_ms
 from db.vocabulary import INDICATORS
 
 #: Indicator values, one row per bar: a column per indicator, NULL where it is not computable yet
@@ -74,11 +75,65 @@ def _v4_request_digests(conn: Connection) -> None:
     conn.exec_driver_sql(f"ALTER TABLE applied_requests ADD COLUMN digest {blob}")
 
 
+def _create_as(conn: Connection, table: Table, name: str, references: tuple[str, str] | None = None) -> None:
+    """CREATE TABLE ``name`` as the model's ``table`` is declared (columns, keys, AUTOINCREMENT), its
+    foreign key to ``references[0]`` pointing at ``references[1]`` instead; no index (made once it has
+    the model's name)."""
+    sql = str(CreateTable(table).compile(dialect=conn.dialect)).strip()
+    head = f"CREATE TABLE {table.name} ("
+    if not sql.startswith(head):
+        raise RuntimeError(f"unexpected DDL for {table.name}: {sql[:80]}")
+    sql = f"CREATE TABLE {name} (" + sql[len(head):]
+    if references is not None:
+        old, new = (f"REFERENCES {t} (id)" for t in references)
+        if sql.count(old) != 1:
+            raise RuntimeError(f"unexpected DDL for {table.name}: {sql[:200]}")
+        sql = sql.replace(old, new)
+    conn.exec_driver_sql(sql)
+
+
+def _v5_trade_ids_never_reused(conn: Connection) -> None:
+    # SQLite gave a new trade the highest id + 1 (a plain rowid): after a restore of a backup older
+    # than a trade, its id (acknowledged to a client, which may close it by id) was given to the next
+    # trade. AUTOINCREMENT keeps a counter that db.restore continues; SQLite cannot add it to a table,
+    # so trades and trade_events are made again (the SQLite manual's procedure, in this transaction,
+    # with foreign keys on: the events' copy points at the trades' copy until the renames, so neither
+    # drop leaves a row pointing at nothing). A counter already there for the name (a restore into a
+    # backup older than v5 wrote one) is kept when it is higher. PostgreSQL ids are sequences already.
+    if conn.dialect.name != "sqlite":
+        return
+    ddl = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    if "AUTOINCREMENT" in (ddl.get(Trade.__tablename__) or "").upper():
+        return  # made by v1's create_all since, or a database whose version rows were rewound
+    counters = {}
+    if "sqlite_sequence" in ddl:
+        for name in (Trade.__tablename__, TradeEvent.__tablename__):
+            counters[name] = conn.exec_driver_sql("SELECT max(seq) FROM sqlite_sequence WHERE name = ?",
+                                                  (name,)).scalar()
+            conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (name,))
+    trades, events = Trade.__table__, TradeEvent.__table__
+    for table, refs in ((trades, None), (events, (trades.name, f"{trades.name}_v5"))):
+        _create_as(conn, table, f"{table.name}_v5", refs)
+        columns = ", ".join(c.name for c in table.columns)
+        conn.exec_driver_sql(f"INSERT INTO {table.name}_v5 ({columns}) SELECT {columns} FROM {table.name}")
+    for table in (events, trades):  # the child first: then nothing points at trades
+        conn.exec_driver_sql(f"DROP TABLE {table.name}")
+    for table in (trades, events):  # SQLite renames the events' reference to trades_v5 with it
+        conn.exec_driver_sql(f"ALTER TABLE {table.name}_v5 RENAME TO {table.name}")
+        for index in table.indexes:
+            index.create(conn)
+        kept = counters.get(table.name)
+        if kept is not None and not conn.exec_driver_sql("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?",
+                                                         (kept, table.name)).rowcount:
+            conn.exec_driver_sql("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table.name, kept))
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "initial schema", _v1_initial),
     (2, "trade reasons of 64 characters", _v2_reasons_of_64),
     (3, "indicator values one row per bar (bar_indicators; indicators a view of it)", _v3_indicator_rows),
     (4, "a digest of each applied request (applied_requests.digest)", _v4_request_digests),
+    (5, "trade and trade event ids never given again (AUTOINCREMENT on SQLite)", _v5_trade_ids_never_reused),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]

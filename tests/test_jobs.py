@@ -24,9 +24,11 @@ from db.backups import BACKUP_LOCK, restore_advice, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
 from db.engine import connect_read_only
+from db.errors import NotFound
 from db.files import part_file, put_in_place
 from db.health import file_sizes
 from db.leader import leader_lock_path
+from db.schema import SCHEMA_VERSION
 from db.server import pg_program
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
@@ -922,22 +924,30 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
     assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600
 
 
+def db_command(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def open_paper_trade(stack: Stack, side: str) -> int:
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        return client.call("open_trade", symbol="EURUSD", side=side, size=1.0, entry_price=1.1)["id"]
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")
-def test_a_restore_continues_tick_ids_and_names_the_lost_trades_whose_ids_come_again(stack: Stack) -> None:
+def test_a_restore_continues_tick_and_trade_ids_and_names_the_lost_trades(stack: Stack) -> None:
     """A restored backup's ids are the backup's: the tick ids the replaced database gave after the
     backup (which never go back: consumers resume from the last id they processed) were given again,
     and a trade opened after the backup (its id acknowledged to the client) was lost with the restore,
-    as the README says, and its id then given to the next trade opened, unsaid, so the client's
-    ``close_trade`` of its trade closed someone else's. The restore continues the tick ids after the
-    replaced database's; trades keep no counter (a plain rowid), so it names the trades lost and says
-    their ids will be given again."""
+    as the README says, and its id then given to the next trade opened, so the client's
+    ``close_trade`` of its trade closed someone else's. The restore continues the tick and trade ids
+    after the replaced database's (trades have a counter since schema v5) and names the trades lost;
+    a client's close of one is told it does not exist."""
     def db(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
-                              text=True, timeout=120)
+        return db_command(stack, *args)
 
     def open_trade(side: str) -> int:
-        with WriterClient(settings=stack.settings, deadline=30) as client:
-            return client.call("open_trade", symbol="EURUSD", side=side, size=1.0, entry_price=1.1)["id"]
+        return open_paper_trade(stack, side)
 
     writer = stack.start_writer()
     now = int(time.time() * 1000)
@@ -951,14 +961,91 @@ def test_a_restore_continues_tick_ids_and_names_the_lost_trades_whose_ids_come_a
 
     done = db("restore", str(backup))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"ids continue after the replaced database's (ticks {lost_top_tick})" in done.stdout, done.stdout
-    assert (f"WARNING: trade {lost_trade}, opened after the backup, is not in it, and new trades will be given those "
-            "ids again: a client holding one must not update or close it") in done.stdout, done.stdout
+    assert (f"ids continue after the replaced database's (ticks {lost_top_tick}, trade_events {lost_trade}, "
+            f"trades {lost_trade})") in done.stdout, done.stdout
+    assert (f"WARNING: trade {lost_trade}, opened after the backup, is not in it (a client holding one is told it "
+            "does not exist; its id is not given to a new trade)") in done.stdout, done.stdout
     writer = stack.start_writer()
     assert query(stack.settings, "SELECT count(*) FROM trades") == [(0,)]  # lost, as said
-    assert open_trade("sell") == lost_trade  # given again, as said
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        with pytest.raises(NotFound):
+            client.call("close_trade", trade_id=lost_trade, price=1.2)
+    assert open_trade("sell") == lost_trade + 1  # not given again
     insert_ticks(stack, [now + 1], "later")
     assert query(stack.settings, "SELECT min(id) FROM ticks WHERE source = 'later'")[0][0] > lost_top_tick
+    assert query(stack.settings, "PRAGMA integrity_check") == [("ok",)]
+    assert stack.stop(writer) == 0
+
+
+def as_schema_v4(path: Path) -> None:
+    """The database at ``path`` as schema v4 made it: trades and trade_events without AUTOINCREMENT
+    (no counter: a new row takes the highest id + 1), their indexes as they were, no version 5."""
+    con = sqlite3.connect(path, isolation_level=None)  # foreign keys off: the drops check nothing
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        for name in ("trades", "trade_events"):
+            sql, = con.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone()
+            indexes = [i for (i,) in con.execute("SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                                                 "AND sql IS NOT NULL", (name,))]
+            assert "PRIMARY KEY AUTOINCREMENT" in sql, sql
+            con.execute(sql.replace(f"CREATE TABLE {name} (", f"CREATE TABLE {name}_v4 (", 1)
+                        .replace("PRIMARY KEY AUTOINCREMENT", "PRIMARY KEY"))
+            con.execute(f"INSERT INTO {name}_v4 SELECT * FROM {name}")
+            con.execute(f"DROP TABLE {name}")
+            con.execute(f"ALTER TABLE {name}_v4 RENAME TO {name}")
+            for index in indexes:
+                con.execute(index)
+            con.execute("DELETE FROM sqlite_sequence WHERE name = ?", (name,))
+        con.execute("DELETE FROM schema_version WHERE version >= 5")
+        con.execute("COMMIT")
+    finally:
+        con.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres.py::test_two_migrations_at_once_wait_for_each_other")
+def test_a_backup_from_before_schema_v5_restored_gives_no_trade_id_again(stack: Stack) -> None:
+    """Schema v5 gives trades and trade_events AUTOINCREMENT (made again, as SQLite cannot add it):
+    a database of v4 migrates with its rows, events, indexes and foreign keys as they were; and a
+    v4 backup restored over a v5 database (a backup from before the upgrade) continues the trade ids
+    after the replaced database's, though the backup's trades have no counter until the writer's
+    migration makes one: the migration keeps the counter the restore wrote."""
+    writer = stack.start_writer()
+    first, second = open_paper_trade(stack, "buy"), open_paper_trade(stack, "sell")
+    assert stack.stop(writer) == 0
+    path = stack.settings.database_path
+    as_schema_v4(path)
+    indexes = query(stack.settings, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'trade%' "
+                                    "ORDER BY name")
+    backup = stack.home / "v4.db"
+    with sqlite3.connect(path) as src, sqlite3.connect(backup) as dst:
+        src.backup(dst)
+    dst.close()
+    src.close()
+
+    writer = stack.start_writer()  # migrates the v4 database
+    assert query(stack.settings, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert query(stack.settings, "SELECT id, side FROM trades ORDER BY id") == [(first, "buy"), (second, "sell")]
+    assert query(stack.settings, "SELECT trade_id, kind FROM trade_events ORDER BY id") == [
+        (first, "opened"), (second, "opened")]
+    assert query(stack.settings, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name LIKE 'trade%' "
+                                 "ORDER BY name") == indexes
+    lost = open_paper_trade(stack, "buy")
+    assert lost == second + 1
+    assert stack.stop(writer) == 0
+    with sqlite3.connect(path) as con:
+        assert "AUTOINCREMENT" in con.execute("SELECT sql FROM sqlite_master WHERE name = 'trades'").fetchone()[0]
+        assert con.execute("PRAGMA foreign_key_check").fetchall() == []
+        with pytest.raises(sqlite3.IntegrityError):  # the events' foreign key still points at trades
+            con.execute("PRAGMA foreign_keys = ON")
+            con.execute("INSERT INTO trade_events (trade_id, ts, kind, detail) VALUES (999, 0, 'x', '')")
+    con.close()
+
+    done = db_command(stack, "restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"WARNING: trade {lost}, opened after the backup, is not in it" in done.stdout, done.stdout
+    writer = stack.start_writer()  # migrates the restored v4 backup
+    assert query(stack.settings, "SELECT id FROM trades ORDER BY id") == [(first,), (second,)]
+    assert open_paper_trade(stack, "sell") == lost + 1  # not the lost trade's id again
     assert query(stack.settings, "PRAGMA integrity_check") == [("ok",)]
     assert stack.stop(writer) == 0
 
