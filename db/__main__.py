@@ -2,7 +2,7 @@
 
     python -m db prepare           create the runtime folder, check the settings
     python -m db init              create the runtime folder and the schema
-    python -m db restore BACKUP    put an SQLite backup in the database's place (the stack stopped)
+    python -m db restore BACKUP    put a backup in the database's place (the stack stopped; .db or .dump)
     python -m db health [--json]   a snapshot: files, pragmas, writer, processes
     python -m db doctor            the same, in plain words, with what to do
     python -m db checkpoint        ask the writer to checkpoint (TRUNCATE)
@@ -299,11 +299,37 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trades_lost_words(lost: list[int] | None) -> str:
+    if lost is None:
+        return ""
+    which = f"trade {lost[0]}" if lost[0] == lost[1] else f"trades {lost[0]} to {lost[1]}"
+    return (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it "
+            "(a client holding one is told it does not exist; its id is not given to a new trade)")
+
+
+def _restore_dump(settings: Settings, source: Path, keep: bool) -> int:
+    from db.server_restore import restore_dump
+
+    result = restore_dump(settings, source, keep=keep)
+    ids = ("; ids continue after the replaced database's (" + ", ".join(
+        f"{name} {value}" for name, value in sorted(result["ids_continued"].items())) + "), so none it gave after "
+        "the backup is given again") if result["ids_continued"] else ""
+    kept = f"; the database it replaced is kept as {result['replaced']}" if result["replaced"] else ""
+    print(f"restored {result['source']} into {result['restored']} ({result['entries']} entries, in one "
+          f"transaction){kept}{ids}{_trades_lost_words(result['trades_lost'])}. Start the stack again on each "
+          "host: make run")
+    return 0
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     from db.restore import restore
 
     settings = load_settings()
     check_home(settings)
+    if settings.database_path is None:
+        return _restore_dump(settings, Path(args.backup), keep=not args.no_copy)
+    if args.no_copy:
+        raise ValueError("--no-copy is for PostgreSQL; on SQLite the replaced file is always kept (moved aside)")
     result = restore(settings, Path(args.backup))
     kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
             if result["replaced"] else "")
@@ -316,11 +342,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         ids = ("; ids continue after the replaced database's (" + ", ".join(
             f"{table} {seq}" for table, seq in sorted(result["ids_continued"].items())) + "), so none it gave after "
             "the backup is given again")
-    lost = result["trades_lost"]
-    if lost is not None:
-        which = f"trade {lost[0]}" if lost[0] == lost[1] else f"trades {lost[0]} to {lost[1]}"
-        ids += (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it "
-                "(a client holding one is told it does not exist; its id is not given to a new trade)")
+    ids += _trades_lost_words(result["trades_lost"])
     print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
           f"ok){kept}{ids}. Start the stack again: make run")
     return 0
@@ -379,8 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", type=path_flag, help="where to write the copy")
     p.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
     p.set_defaults(fn=cmd_backup)
-    p = sub.add_parser("restore", help="put an SQLite backup in the database's place (the stack stopped)")
-    p.add_argument("backup", type=path_flag, help="the backup file (e.g. var/backups/tickstack-20260101T000000Z.db)")
+    p = sub.add_parser("restore", help="put a backup in the database's place (the stack stopped): an SQLite .db, "
+                                       "or on PostgreSQL a .dump")
+    p.add_argument("backup", type=path_flag, help="the backup file (e.g. var/backups/tickstack-20260101T000000Z.db, "
+                                                  "or .dump on PostgreSQL)")
+    p.add_argument("--no-copy", action="store_true",
+                   help="PostgreSQL: do not dump the database before it is replaced (when pg_dump cannot read it)")
     p.set_defaults(fn=cmd_restore)
     sub.add_parser("settings", help="print the table of settings (Markdown)").set_defaults(fn=cmd_settings)
     args = parser.parse_args(argv)

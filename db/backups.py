@@ -94,15 +94,19 @@ def list_backups(directory: Path, now: float | None = None) -> list[Path]:
 
 
 def restore_advice(settings: Settings) -> str:
-    """What to do about a damaged SQLite file once the stack is stopped, as a clause: the restore of the
-    newest backup, named and quoted for the shell (``python -m db restore`` checks it first and refuses
-    one that fails its integrity check: the one before, then), and ``make run``. With no backup, that
-    there is none and the writer must not run on the file (a write that meets the damage fails)."""
+    """What to do about a damaged database once the stack is stopped, as a clause: the restore of the
+    newest backup (``.db``, or on PostgreSQL ``.dump``), named and quoted for the shell (``python -m db
+    restore`` checks it first and refuses one it cannot use: the one before, then), and ``make run``.
+    With no backup, that there is none (for an SQLite file, and that the writer must not run on it: a
+    write that meets the damage fails)."""
+    suffix = ".db" if settings.database_path is not None else ".dump"
     try:
-        backups = [p for p in list_backups(settings.backup_dir) if p.suffix == ".db"]
+        backups = [p for p in list_backups(settings.backup_dir) if p.suffix == suffix]
     except OSError as e:  # a folder this user may not list: say so rather than end doctor's run
         return (f"restore a backup (`python -m db restore BACKUP`; the backups folder {settings.backup_dir} cannot "
                 f"be read: {e.strerror or e}), then `make run`")
+    if not backups and settings.database_path is None:
+        return f"restore a backup: there is none in {settings.backup_dir}"
     if not backups:
         return (f"there is no backup in {settings.backup_dir} to restore: keep the writer stopped (a write that "
                 "meets the damage fails), copy the file aside with its -wal, and rebuild what you can from the copy")

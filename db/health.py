@@ -271,7 +271,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     if own_login is not None and refused is None:  # this process's DATABASE_URL, the writer's may differ
         out.append(own_login)
     elif own_login is None:
-        out.extend(_integrity_findings(snap))
+        out.extend(_integrity_findings(snap, settings))
     if writer["up"]:
         st = writer.get("stats", {})
         p99 = st.get("commit_p99_ms")  # None until its first commit (just started)
@@ -392,7 +392,7 @@ def _own_login_refused(snap: dict[str, Any], settings: Settings) -> tuple[str, s
                     f"{writer_restart_command(settings)}. (No amcheck either: it logs in as that role.)")
 
 
-def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
+def _integrity_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
     """A server's amcheck (``snapshot(quick_check=True)``): ok, problems (a failure), or not made."""
     check = snap.get("integrity")
     if check is None:
@@ -404,8 +404,8 @@ def _integrity_findings(snap: dict[str, Any]) -> list[tuple[str, str]]:
     if check["ok"]:
         return [("ok", f"amcheck of {check.get('indexes', 0)} indexes: ok.")]
     return [("fail", f"amcheck found problems: {'; '.join(map(str, check['messages'][:3]))}. REINDEX the index it "
-                     "names (it is rebuilt from its table), or restore the latest backup (the jobs worker's .dump "
-                     "files in the backups folder) with pg_restore, as README's PostgreSQL section says.")]
+                     f"names (it is rebuilt from its table), or stop the stack on every host and "
+                     f"{restore_advice(settings)}.")]
 
 
 def _server_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:

@@ -49,8 +49,9 @@ def check_backup(source: Path) -> None:
             raise ValueError(f"{source} is damaged: SQLite cannot read it ({e})") from None
         with open(source, "rb") as f:
             if f.read(5) == b"PGDMP":  # the jobs worker's backup on PostgreSQL
-                raise ValueError(f"{source} is a PostgreSQL dump (pg_dump -Fc): restore it into the server with "
-                                 "pg_restore (README, PostgreSQL); db restore takes SQLite backups") from None
+                raise ValueError(f"{source} is a PostgreSQL dump (pg_dump -Fc): this stack's database is an SQLite "
+                                 "file, which takes .db backups; a stack on PostgreSQL restores a .dump with the same "
+                                 "command") from None
         raise ValueError(f"{source} is not an SQLite database that can be read ({e})") from None
     if check != ["ok"]:
         raise ValueError(f"{source} is damaged: its integrity check finds {'; '.join(check[:3])}")
@@ -138,9 +139,8 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
-        raise ValueError("restore puts an SQLite backup in place; restore a PostgreSQL .dump with the stack "
-                         "stopped, as the database's owner: pg_restore --clean --if-exists -d URL FILE "
-                         "(README, PostgreSQL)")
+        raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
+                         "db.server_restore.restore_dump (python -m db restore FILE.dump)")
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")

@@ -155,9 +155,10 @@ def pg_program(name: str) -> str:
     return on_path
 
 
-def _libpq_env(url: str, private: Path, host: str) -> tuple[str, dict[str, str]]:
+def libpq_env(url: str, private: Path, host: str, purpose: str = "backup") -> tuple[str, dict[str, str]]:
     """A connection string without the password, and an environment whose ``PGPASSFILE`` (0600,
-    in ``private``) holds it: pg_dump's command line (visible in ``ps``) and its logs never do. A URL
+    in ``private``) holds it: pg_dump's or pg_restore's command line (visible in ``ps``) and its logs
+    never do; ``PGAPPNAME`` names the session's ``purpose``. A URL
     without a password leaves libpq's own sources (``PGPASSFILE``, ``~/.pgpass``) as every other
     connection of the stack has them."""
     from psycopg.conninfo import make_conninfo
@@ -176,7 +177,7 @@ def _libpq_env(url: str, private: Path, host: str) -> tuple[str, dict[str, str]]
         with os.fdopen(fd, "w") as f:  # host:port:database:user:password, wildcards for the first three
             f.write(f"*:*:*:{esc(params.get('user', '*'))}:{esc(password)}\n")
         env["PGPASSFILE"] = str(passfile)
-    env["PGAPPNAME"] = application_name("backup", host)
+    env["PGAPPNAME"] = application_name(purpose, host)
     return make_conninfo(**params), env
 
 
@@ -193,7 +194,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
     tmp: Path | None = None
     try:
         tmp = part_file(dest)  # private from its first byte, and this dump's own
-        conninfo, env = _libpq_env(url, private, settings.host)
+        conninfo, env = libpq_env(url, private, settings.host)
         # --extension=plpgsql (built in, never dumped): no extension in the dump. tickstack's schema
         # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
         # a restore as the owner role at CREATE EXTENSION (permission denied).

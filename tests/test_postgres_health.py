@@ -26,8 +26,8 @@ from sqlalchemy import create_engine, make_url, text
 from db.client import WriterClient
 from db.config import load_settings
 from db.engine import psycopg_params
-from db.errors import server_trouble
-from db.server import _libpq_env, pg_program
+from db.errors import NotFound, server_trouble
+from db.server import libpq_env, pg_program
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import ConsoleClient, wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
@@ -71,9 +71,9 @@ def no_password(texts: str, server: PostgresServer) -> None:
         assert password not in texts, f"{role}'s password is in the output"
 
 
-def insert_ticks(stack: Stack, n: int) -> None:
+def insert_ticks(stack: Stack, n: int, first: int = 0) -> None:
     ticks = [{"symbol": "BTCUSD", "ts": NOW_TS + i, "bid": 100.0, "ask": 100.5, "volume": 1.0, "source": "t",
-              "seq": i} for i in range(n)]
+              "seq": i} for i in range(first, first + n)]
     with WriterClient(settings=stack.settings, deadline=20) as client:
         assert client.call("insert_ticks", ticks=ticks)["inserted"] == n
 
@@ -369,6 +369,77 @@ def test_the_backup_job_writes_a_private_restorable_pg_dump(pg: Stack, postgres_
     no_password("\n".join(outputs) + json.dumps(records), postgres_server)
 
 
+def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: Stack,
+                                                                         postgres_server: PostgresServer) -> None:
+    """``python -m db restore FILE.dump`` on PostgreSQL: the README had the user type ``pg_restore
+    --clean --if-exists``, which sets the id sequences back to the dump's, so the tick ids given after
+    the dump were given again (a consumer resuming from the last id it read skips the new ticks) and
+    so was a lost trade's id (a client's close of it closed another trade), as on SQLite before
+    schema v5. The restore refuses while the stack has a session on the database, and a file that is
+    not a dump, changing nothing; it restores in one transaction, sets the sequences on from the
+    replaced database's, names the trades lost, and says no password."""
+    def open_trade() -> int:
+        with WriterClient(settings=pg.settings, deadline=20) as client:
+            return client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0)["id"]
+
+    writer = pg.start_writer()
+    insert_ticks(pg, 300)
+    kept = open_trade()
+    done = run(pg, "-m", "workers.jobs", "--run", "backup")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (dump,) = (pg.home / "backups").iterdir()
+    insert_ticks(pg, 200, first=300)  # after the dump: lost by the restore
+    lost = open_trade()
+    top_tick = rows(pg, "SELECT max(id) FROM ticks")[0][0]
+    outputs = []
+
+    refused = run(pg, "-m", "db", "restore", str(dump))
+    outputs.append(refused.stdout + refused.stderr)
+    assert refused.returncode == 1 and "stop it on every host first" in outputs[-1] \
+        and "tickstack writer" in outputs[-1], outputs[-1]
+    assert pg.stop(writer) == 0
+    not_a_dump = pg.home / "notes.dump"
+    not_a_dump.write_text("not a dump\n")
+    refused = run(pg, "-m", "db", "restore", str(not_a_dump))
+    outputs.append(refused.stdout + refused.stderr)
+    assert refused.returncode == 1 and "is not a PostgreSQL dump" in outputs[-1], outputs[-1]
+    assert rows(pg, "SELECT count(*) FROM ticks") == [(500,)]  # nothing changed by either
+
+    done = run(pg, "-m", "db", "restore", str(dump))
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, outputs[-1]
+    assert "ids continue after the replaced database's (" in done.stdout and f"ticks_id_seq {top_tick}" in done.stdout \
+        and f"trades_id_seq {lost}" in done.stdout, done.stdout
+    assert f"WARNING: trade {lost}, opened after the backup, is not in it" in done.stdout, done.stdout
+    assert rows(pg, "SELECT count(*), max(id) FROM ticks")[0][0] == 300
+    (replaced,) = pg.home.glob("tickstack.replaced-*.dump")  # the database as it was, dumped first
+    assert f"the database it replaced is kept as {replaced}" in done.stdout, done.stdout
+    assert stat.S_IMODE(replaced.stat().st_mode) == 0o600
+    postgres_server.create_database("ts_replaced")
+    try:  # it holds what the restore replaced: the lost trade and the ticks after the dump
+        owner = psycopg_params_of(postgres_server.url("ts_owner", database="ts_replaced"))
+        put = subprocess.run([pg_program("pg_restore"), "--no-owner", "-d", owner["conninfo"], str(replaced)],
+                             env={**os.environ, "PGPASSWORD": owner["password"]}, capture_output=True, text=True,
+                             timeout=120)
+        assert put.returncode == 0, put.stderr
+        assert postgres_server.psql("ts_replaced", "postgres", "SELECT string_agg(id::text, ',' ORDER BY id) "
+                                    "FROM trades").strip() == f"{kept},{lost}"
+        assert postgres_server.psql("ts_replaced", "postgres", "SELECT count(*) FROM ticks").strip() == "500"
+    finally:
+        postgres_server.drop_database("ts_replaced")
+    assert rows(pg, "SELECT id FROM trades") == [(kept,)]
+
+    writer = pg.start_writer()
+    with WriterClient(settings=pg.settings, deadline=20) as client:
+        with pytest.raises(NotFound):
+            client.call("close_trade", trade_id=lost, price=101.0)
+    assert open_trade() == lost + 1  # not the lost trade's id again
+    insert_ticks(pg, 1, first=1000)
+    assert rows(pg, "SELECT id FROM ticks WHERE seq = 1000")[0][0] > top_tick
+    assert pg.stop(writer) == 0
+    no_password("\n".join(outputs), postgres_server)
+
+
 def psycopg_params_of(url: str) -> dict[str, str]:
     from psycopg.conninfo import make_conninfo
     from sqlalchemy.engine import make_url
@@ -385,7 +456,7 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
     url = postgres_server.url("ts_owner")
     private = tmp_path / "p"
     private.mkdir(mode=0o700)
-    conninfo, env = _libpq_env(url, private, "host-a")
+    conninfo, env = libpq_env(url, private, "host-a")
     password = postgres_server.passwords["ts_owner"]
     assert password not in conninfo and "password" not in conninfo
     assert "PGPASSWORD" not in env and env["PGAPPNAME"].endswith(" on host-a"), env.get("PGAPPNAME")
@@ -406,7 +477,7 @@ def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
     saved = os.environ.get("PGPASSFILE")
     os.environ["PGPASSFILE"] = str(users)
     try:
-        conninfo, env = _libpq_env(bare, private, "host-a")
+        conninfo, env = libpq_env(bare, private, "host-a")
     finally:
         if saved is None:
             del os.environ["PGPASSFILE"]

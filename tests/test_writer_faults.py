@@ -1308,8 +1308,8 @@ def test_a_backup_of_a_damaged_file_and_a_damaged_backup_say_what_is_damaged_and
     dump = stack.home / "tickstack-20260101T000000Z.dump"  # a PostgreSQL home's backup, given here
     dump.write_bytes(b"PGDMP\x01\x0e\x00" + b"\x00" * 100)
     refused = run("db", "restore", str(dump))
-    assert refused.returncode == 1 and "is a PostgreSQL dump (pg_dump -Fc): restore it into the server with " \
-        "pg_restore" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "is a PostgreSQL dump (pg_dump -Fc): this stack's database is an SQLite " \
+        "file, which takes .db backups" in refused.stderr, refused.stderr
     done = run("db", "restore", str(older))
     assert done.returncode == 0, done.stdout + done.stderr
     assert_fifty_audits_and_a_writer_again(stack, client)

@@ -1,0 +1,125 @@
+"""Put a PostgreSQL backup (the jobs worker's ``pg_dump -Fc`` ``.dump``) back into the database,
+``python -m db restore FILE.dump``, with the stack stopped on every host: what :mod:`db.restore`
+does for an SQLite file, done the server's way.
+
+The steps a DBA would take, each with its trap closed:
+
+* the archive is listed first (``pg_restore --list``): a file that is not one is refused before
+  anything is dropped;
+* no tickstack session of any host may be connected to the database: a writer would go on writing
+  into tables being dropped and made again, and a reader's open transaction holds the locks the
+  drops wait for (sessions of other programs, a DBA's psql, are named, not refused);
+* the database as it is is dumped first, to ``tickstack.replaced-<UTC time>.dump`` in the home, as
+  :mod:`db.restore` keeps the SQLite file it replaces (``keep=False``, ``--no-copy``: a database
+  pg_dump cannot read, its copy refused with pg_dump's words);
+* ``pg_restore --clean --if-exists`` (without ``--clean`` nothing is restored: every table exists)
+  sets the id sequences back to the dump's values, so the tick and trade ids given after the dump
+  would be given again: a consumer that resumes from the last tick id it read would skip the new
+  ticks, and a client's ``close_trade`` of a trade opened after the dump would close another. The
+  sequences are read before and set on from the higher value after, as :mod:`db.restore`
+  continues SQLite's AUTOINCREMENT counters.
+
+As ``DATABASE_URL``'s role (the tables' owner), its password in a private ``PGPASSFILE``
+(:func:`db.server.libpq_env`), never on a command line; every error text has it cut out.
+"""
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from db.circusd import circusctl_command
+from db.config import Settings
+from db.engine import display_url
+from db.errors import MaintenanceFailed
+from db.server import connect, dump, libpq_env, pg_program, scrub
+
+#: The sequences of the schema and their values (None: never used), by name.
+_SEQUENCES_SQL = ("SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = current_schema() "
+                  "ORDER BY 1")
+#: tickstack's other sessions on this database (every one names itself: db.engine.application_name).
+_OURS_SQL = ("SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+             "AND pid <> pg_backend_pid() AND application_name LIKE 'tickstack %' ORDER BY 1")
+_TOP_TRADE_SQL = "SELECT CASE WHEN to_regclass('trades') IS NULL THEN NULL ELSE (SELECT max(id) FROM trades) END"
+
+
+def _list(source: Path, env: dict[str, str], timeout: float) -> int:
+    """The archive's entries (``pg_restore --list``); ValueError when it is not one it can read."""
+    if not source.is_file():
+        raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
+    with open(source, "rb") as f:
+        if f.read(5) != b"PGDMP":
+            raise ValueError(f"{source} is not a PostgreSQL dump (pg_dump -Fc, the jobs worker's .dump backups): "
+                             "on PostgreSQL, db restore takes those")
+    done = subprocess.run([pg_program("pg_restore"), "--list", str(source)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise ValueError(f"{source} cannot be read by pg_restore: {done.stderr.strip()[-500:]} (nothing was changed)")
+    return sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
+
+
+def _ids(conn: Any) -> tuple[dict[str, int | None], int]:
+    """The schema's sequences and their values, and the highest trade id (0: none)."""
+    sequences = {name: None if value is None else int(value) for name, value in conn.execute(_SEQUENCES_SQL)}
+    return sequences, int(conn.execute(_TOP_TRADE_SQL).fetchone()[0] or 0)
+
+
+def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True) -> dict[str, Any]:
+    """``pg_restore --clean --if-exists`` of ``source`` into ``DATABASE_URL``'s database (see the
+    module docstring); returns ``restored`` (the database, no password), ``source``, ``entries``,
+    ``replaced`` (the dump of the database it replaced, None with ``keep=False``),
+    ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
+    ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
+    Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
+    restore itself failed: pg_restore's words)."""
+    url = settings.database_url
+    source = Path(source).absolute()
+    private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
+    try:
+        conninfo, env = libpq_env(url, private, settings.host, "restore")
+        entries = _list(source, env, timeout)
+        try:
+            conn = connect(url, "restore", settings.host, timeout=10, read_only=False)
+        except Exception as e:
+            raise ValueError(f"cannot connect to the database as DATABASE_URL's role: "
+                             f"{scrub(' '.join(str(e).split()), url)} (nothing was changed)") from None
+        with conn:
+            ours = [app for (app,) in conn.execute(_OURS_SQL)]
+            if ours:
+                raise ValueError(f"the stack still has {len(ours)} session(s) on the database ({', '.join(ours[:5])}"
+                                 f"{', ...' if len(ours) > 5 else ''}): stop it on every host first "
+                                 f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
+                                 "then `make run`")
+            before, replaced_top_trade = _ids(conn)
+        replaced = None
+        if keep:
+            aside = settings.home / f"tickstack.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.dump"
+            try:
+                replaced = Path(dump(settings, aside, timeout)["path"])
+            except (MaintenanceFailed, OSError) as e:
+                raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
+                                 "without that copy: python -m db restore --no-copy "
+                                 f"{shlex.quote(str(source))} (nothing was changed)") from None
+        done = subprocess.run([pg_program("pg_restore"), "--clean", "--if-exists", "--no-password",
+                               "--single-transaction", "-d", conninfo, str(source)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise MaintenanceFailed(f"pg_restore failed ({done.returncode}): "
+                                    f"{scrub(done.stderr.strip()[-1500:], url)} (one transaction: nothing was changed)")
+        with connect(url, "restore", settings.host, timeout=10, read_only=False) as conn:
+            after, top_trade = _ids(conn)
+            raised = {}
+            for name, value in before.items():
+                if value is not None and name in after and value > (after[name] or 0):
+                    conn.execute("SELECT setval(format('%%I.%%I', current_schema(), %s::text)::regclass, %s)",
+                                 (name, value))
+                    raised[name] = value
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    return {"restored": display_url(url), "source": str(source), "entries": entries,
+            "replaced": None if replaced is None else str(replaced), "ids_continued": raised,
+            "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}
