@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from db.columns import BAR_INDICATOR_KEYS
-from db.models import Bar, Sample, Tick, Trade, TradeEvent, trade_pnl
+from db.models import ANALYSIS_CURSOR, Bar, Cursor, Sample, Tick, Trade, TradeEvent, trade_pnl
 from db.schema import BAR_INDICATORS
 
 #: What a query runs on: a connection (workers, the writer) or a session (the web apps).
@@ -212,10 +212,25 @@ def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
         result.close()
 
 
-def first_tick_ts(conn: Reader) -> int | None:
-    """The time of the first tick kept (the lowest id: by the primary key, no scan), None with no tick:
-    how far retention may go in one run (:meth:`workers.jobs.JobsWorker.retention`)."""
-    return conn.execute(select(Tick.ts).order_by(Tick.id).limit(1)).scalar()
+def oldest_deletable_tick_ts(conn: Reader) -> int | None:
+    """The time of the oldest tick retention may delete (read by the analysis: id up to its cursor,
+    when it has one, as ``prune_ticks`` deletes), None without one: how far retention may go in one
+    run (:meth:`workers.jobs.JobsWorker.retention`). By time, not by id: a CSV replay of last month
+    after the live ticks has ids after theirs, and a guard that went by the lowest id's time let a
+    clock set forward delete the whole replayed month in one run. Symbol by symbol, each an index
+    seek on ``ix_ticks_symbol_ts`` (no index on ts alone: ingest would pay for it), so no scan."""
+    read_through = conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+    oldest = None
+    symbol = conn.execute(select(func.min(Tick.symbol))).scalar()
+    while symbol is not None:
+        first = select(Tick.ts).where(Tick.symbol == symbol)
+        if read_through is not None:
+            first = first.where(Tick.id <= read_through)
+        ts = conn.execute(first.order_by(Tick.ts).limit(1)).scalar()
+        if ts is not None and (oldest is None or ts < oldest):
+            oldest = ts
+        symbol = conn.execute(select(func.min(Tick.symbol)).where(Tick.symbol > symbol)).scalar()
+    return oldest
 
 
 def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:

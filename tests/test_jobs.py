@@ -214,6 +214,30 @@ def test_a_clock_far_ahead_of_the_ticks_makes_retention_delete_a_day_a_run_not_t
     assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(ticks) - 20,)]
 
 
+def test_a_clock_far_ahead_deletes_a_day_a_run_when_the_oldest_ticks_came_after_the_live_ones(
+        writer: Stack) -> None:
+    """The clock guard went by the tick of the lowest id: a stack started a day ago, then the month
+    before replayed from a CSV file (ids after the live ticks', times before them), and a clock set
+    40 days forward; the run's cutoff was a day past the first live tick, and it deleted the whole
+    replayed month at once (ticks the analysis had read, inside the window). The guard goes by the
+    oldest tick retention may delete, whatever its id: a day a run, as with ids in time order. Here,
+    as in the test above, the ticks are what such a clock sees: the newest 40 days before now."""
+    now = int(time.time() * 1000)
+    newest = now - 40 * DAY_MS
+    live = [newest - i * 60_000 for i in range(10)]  # the stack's first day: the lowest ids
+    replayed = [newest - day * DAY_MS - i * 60_000 for day in range(1, 30) for i in range(10)]  # the month before
+    insert_ticks(writer, sorted(live), "feed")
+    insert_ticks(writer, sorted(replayed), "csv")
+    oldest = min(replayed)
+
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["before_ts"] == oldest + DAY_MS and detail["held_back_from"] > newest, detail
+    assert detail["deleted"] == 10, detail  # the oldest replayed day's ticks, not the month
+    assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live) + len(replayed) - 10,)]
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2

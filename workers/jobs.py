@@ -47,7 +47,7 @@ from db.errors import MaintenanceFailed, ValidationError, WriterError, named_dat
 from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
-from db.queries import first_tick_ts
+from db.queries import oldest_deletable_tick_ts
 from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
@@ -76,11 +76,12 @@ BACKUP_RETRY_S = 60
 CLOCK_SLACK_S = 300
 DAY_MS = 86_400_000
 MB = 1024 * 1024
-#: How far past the first tick kept one retention run may set its cutoff (ms), at least; twice the
-#: time between runs when that is longer, so the runs keep up. Retention goes by the wall clock, and
-#: one run with the clock set 40 days forward deleted every tick of the window the analysis had read
-#: (fault hunt). Now such a clock costs a day a run, not the window, until it is set right; a
-#: downtime, or a lowered TICKSTACK_RETENTION_DAYS, is caught up a day a run.
+#: How far past the oldest tick it may delete (by time, whatever its id) one retention run may set its
+#: cutoff (ms), at least; twice the time between runs when that is longer, so the runs keep up.
+#: Retention goes by the wall clock, and one run with the clock set 40 days forward deleted every tick
+#: of the window the analysis had read (fault hunt). Now such a clock costs a day a run, not the
+#: window, until it is set right; a downtime, a lowered TICKSTACK_RETENTION_DAYS, or history older
+#: than the window replayed, is caught up a day a run.
 RETENTION_STEP_MS = DAY_MS
 
 #: What a job meets in operation, each with words that say what and why, so one line tells it: the
@@ -387,16 +388,16 @@ class JobsWorker(Worker):
         assert self.client is not None and self.engine is not None
         wanted = max(0, now_ms() - round(self.schedule.retention_days * DAY_MS))
         with self.engine.connect() as conn:
-            first = first_tick_ts(conn)
+            first = oldest_deletable_tick_ts(conn)
         step = max(RETENTION_STEP_MS, round(2 * self.schedule.retention_every_s * 1000))
         before = wanted if first is None else min(wanted, first + step)
         if before < wanted:
             self.log.warning("jobs: retention: the clock says to delete ticks before %s, %.1f days past the oldest "
-                             "tick kept (%s); this run deletes only those before %s. If the clock is right (the "
-                             "jobs worker was stopped, or TICKSTACK_RETENTION_DAYS lowered), the next runs catch "
-                             "up, %.1f days a run; if it is ahead, set it right: by it, ticks still in the window "
-                             "would be deleted", utc(wanted), (wanted - first) / DAY_MS, utc(first), utc(before),
-                             step / DAY_MS)
+                             "tick it may delete (%s); this run deletes only those before %s. If the clock is right "
+                             "(the jobs worker was stopped, TICKSTACK_RETENTION_DAYS lowered, or older history "
+                             "replayed), the next runs catch up, %.1f days a run; if it is ahead, set it right: by "
+                             "it, ticks still in the window would be deleted", utc(wanted), (wanted - first) / DAY_MS,
+                             utc(first), utc(before), step / DAY_MS)
         deleted = calls = kept = 0
         more = True
         while more and self.alive:
