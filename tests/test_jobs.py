@@ -238,6 +238,39 @@ def test_a_clock_far_ahead_deletes_a_day_a_run_when_the_oldest_ticks_came_after_
     assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live) + len(replayed) - 10,)]
 
 
+def test_a_running_jobs_worker_deletes_replayed_history_at_its_next_run_but_not_the_window_for_a_clock_jump(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clock guard held a running stack's retention to a day a run for history older than the
+    window replayed into it (a year of it: 365 runs, two weeks, the live ticks past the window
+    waiting behind it; a review). A running worker also goes by where its last run left the cutoff,
+    moved on by the monotonic clock: the replayed history goes at the next run, while the wall clock
+    set 40 days forward (``now_ms`` here, the wall clock the worker reads) still costs a day."""
+    now = int(time.time() * 1000)
+    live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
+    insert_ticks(writer, sorted(live), "feed")
+    worker = JobsWorker(writer.settings, only="retention")
+    worker.setup()
+    try:
+        ok, detail = worker.retention()
+        assert ok and json.loads(detail)["deleted"] == 0 and "held_back_from" not in json.loads(detail), detail
+        history = [now - 40 * DAY_MS - day * DAY_MS - i * 60_000 for day in range(30) for i in range(10)]
+        insert_ticks(writer, sorted(history), "csv")  # a month, older than the window, replayed now
+        ok, detail = worker.retention()
+        assert ok and json.loads(detail)["deleted"] == len(history), detail  # at once, not a day of it
+        assert "held_back_from" not in json.loads(detail), detail
+        assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live),)]
+
+        ahead = 40 * DAY_MS
+        monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + ahead)
+        ok, detail = worker.retention()
+        done = json.loads(detail)
+        oldest_day = [ts for ts in live if ts < min(live) + DAY_MS]
+        assert ok and done["deleted"] == len(oldest_day) == 10 and done["held_back_from"] > now, done
+        assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live) - 10,)]
+    finally:
+        worker.teardown()
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2

@@ -52,6 +52,7 @@ from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
+from workers.retention_cutoff import RetentionCutoff
 
 #: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
 #: and checked, and grows the WAL the checkpoint then empties; metrics last, measuring the result).
@@ -76,13 +77,6 @@ BACKUP_RETRY_S = 60
 CLOCK_SLACK_S = 300
 DAY_MS = 86_400_000
 MB = 1024 * 1024
-#: How far past the oldest tick it may delete (by time, whatever its id) one retention run may set its
-#: cutoff (ms), at least; twice the time between runs when that is longer, so the runs keep up.
-#: Retention goes by the wall clock, and one run with the clock set 40 days forward deleted every tick
-#: of the window the analysis had read (fault hunt). Now such a clock costs a day a run, not the
-#: window, until it is set right; a downtime, a lowered TICKSTACK_RETENTION_DAYS, or history older
-#: than the window replayed, is caught up a day a run.
-RETENTION_STEP_MS = DAY_MS
 
 #: What a job meets in operation, each with words that say what and why, so one line tells it: the
 #: disk or a path (OSError), another program (its timeout; pg_dump's or the server's words:
@@ -179,6 +173,7 @@ class JobsWorker(Worker):
         self.only = only
         self.engine: Engine | None = None
         self.client: WriterClient | None = None
+        self._retention_cutoff = RetentionCutoff()
         #: Epoch seconds each job last started (from job_runs at start, then in memory).
         self.last_run: dict[str, float] = {}
         self._ran: set[str] = set()
@@ -388,16 +383,11 @@ class JobsWorker(Worker):
         assert self.client is not None and self.engine is not None
         wanted = max(0, now_ms() - round(self.schedule.retention_days * DAY_MS))
         with self.engine.connect() as conn:
-            first = oldest_deletable_tick_ts(conn)
-        step = max(RETENTION_STEP_MS, round(2 * self.schedule.retention_every_s * 1000))
-        before = wanted if first is None else min(wanted, first + step)
-        if before < wanted:
-            self.log.warning("jobs: retention: the clock says to delete ticks before %s, %.1f days past the oldest "
-                             "tick it may delete (%s); this run deletes only those before %s. If the clock is right "
-                             "(the jobs worker was stopped, TICKSTACK_RETENTION_DAYS lowered, or older history "
-                             "replayed), the next runs catch up, %.1f days a run; if it is ahead, set it right: by "
-                             "it, ticks still in the window would be deleted", utc(wanted), (wanted - first) / DAY_MS,
-                             utc(first), utc(before), step / DAY_MS)
+            oldest = oldest_deletable_tick_ts(conn)
+        cutoff = self._retention_cutoff.next(wanted, oldest, self.schedule.retention_every_s)
+        if cutoff.held_back:  # the clock may be ahead (workers.retention_cutoff)
+            self.log.warning("%s", cutoff.words())
+        before = cutoff.before
         deleted = calls = kept = 0
         more = True
         while more and self.alive:
@@ -410,7 +400,7 @@ class JobsWorker(Worker):
             self.log.info("jobs: retention: %d ticks older than %s are kept until the analysis has read them (its "
                           "cursor is behind them: the analysis worker is behind, or not running)", kept, utc(before))
         detail = {"deleted": deleted, "calls": calls, "before_ts": before, "more": more, "kept_for_analysis": kept}
-        if before < wanted:
+        if cutoff.held_back:
             detail["held_back_from"] = wanted
         return True, json.dumps(detail)
 
