@@ -89,19 +89,25 @@ def _free_name(aside: Path) -> Path:
     return candidate
 
 
-def _ids_given(path: Path) -> tuple[dict[str, int], int]:
+#: Tables whose ids a client or a consumer holds, and whose counters came with schema v5 (before it,
+#: a plain rowid: the highest id is all a replaced database says of what it gave).
+ROWID_TABLES = ("trades", "trade_events")
+
+
+def _ids_given(path: Path) -> tuple[dict[str, int], dict[str, int]]:
     """What the database at ``path`` (read with its WAL) gave out: its AUTOINCREMENT counters
-    (``sqlite_sequence``, by table) and its highest trade id (0: none); ({}, 0) without the file or
-    the tables. sqlite3.Error when it cannot be read (a damaged file)."""
+    (``sqlite_sequence``, by table) and the highest id of each of :data:`ROWID_TABLES` it has (0:
+    none); ({}, {}) without the file. sqlite3.Error when it cannot be read (a damaged file)."""
     if not path.exists():
-        return {}, 0
+        return {}, {}
     con = connect_read_only(path)
     try:
         tables = {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         counters = {name: seq for name, seq in con.execute("SELECT name, seq FROM sqlite_sequence")
                     if isinstance(name, str) and isinstance(seq, int)} if "sqlite_sequence" in tables else {}
-        top_trade = con.execute("SELECT max(id) FROM trades").fetchone()[0] if "trades" in tables else None
-        return counters, top_trade or 0
+        tops = {name: con.execute(f"SELECT max(id) FROM {name}").fetchone()[0] or 0
+                for name in ROWID_TABLES if name in tables}
+        return counters, tops
     finally:
         con.close()
 
@@ -173,14 +179,16 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise MaintenanceFailed(f"the copy of {source} fails its integrity check ({'; '.join(check[:3])}): "
                                     "nothing was moved")
         try:
-            (counters, replaced_top_trade), unread = _ids_given(path), None
+            (counters, replaced_tops), unread = _ids_given(path), None
         except sqlite3.Error as e:  # a damaged file: its rows are what the backup replaces
-            (counters, replaced_top_trade), unread = ({}, 0), str(e)
-        if replaced_top_trade:  # a replaced database older than schema v5 has no trades counter: its top id is one
-            counters = {**counters, "trades": max(counters.get("trades") or 0, replaced_top_trade)}
+            (counters, replaced_tops), unread = ({}, {}), str(e)
+        for name, top in replaced_tops.items():  # a replaced database older than schema v5 has no such counter
+            if top:
+                counters = {**counters, name: max(counters.get(name) or 0, top)}
+        replaced_top_trade = replaced_tops.get("trades", 0)
         try:
             raised = _continue_ids(tmp, counters)
-            top_trade = _ids_given(tmp)[1]
+            top_trade = _ids_given(tmp)[1].get("trades", 0)
         except sqlite3.Error as e:
             raise MaintenanceFailed(f"continuing the ids in the copy of {source} failed: {e} "
                                     "(nothing was moved)") from e

@@ -105,6 +105,13 @@ def _v5_trade_ids_never_reused(conn: Connection) -> None:
     ddl = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
     if "AUTOINCREMENT" in (ddl.get(Trade.__tablename__) or "").upper():
         return  # made by v1's create_all since, or a database whose version rows were rewound
+    orphans = conn.exec_driver_sql(f"PRAGMA foreign_key_check({TradeEvent.__tablename__})").fetchall()
+    if orphans:  # the copy would fail on them (foreign keys on), in words no one could act on
+        raise RuntimeError(
+            f"schema v5 copies trade_events, and {len(orphans)} of them point at trades that do not exist (rowids "
+            f"{', '.join(str(row[1]) for row in orphans[:5])}{', ...' if len(orphans) > 5 else ''}: deleted by hand "
+            "with foreign keys off?); the database is left as it was. Delete those events (DELETE FROM trade_events "
+            "WHERE trade_id NOT IN (SELECT id FROM trades)) or put their trades back, then start the writer again")
     counters = {}
     if "sqlite_sequence" in ddl:
         for name in (Trade.__tablename__, TradeEvent.__tablename__):

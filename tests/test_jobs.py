@@ -1034,6 +1034,17 @@ def test_a_restore_continues_tick_and_trade_ids_and_names_the_lost_trades(stack:
     assert stack.stop(writer) == 0
 
 
+def by_hand(path: Path, *statements: str) -> None:
+    """``statements`` in one transaction, as sqlite3's shell runs them: foreign keys off."""
+    con = sqlite3.connect(path)
+    try:
+        with con:
+            for sql in statements:
+                con.execute(sql)
+    finally:
+        con.close()
+
+
 def as_schema_v4(path: Path) -> None:
     """The database at ``path`` as schema v4 made it: trades and trade_events without AUTOINCREMENT
     (no counter: a new row takes the highest id + 1), their indexes as they were, no version 5."""
@@ -1105,6 +1116,59 @@ def test_a_backup_from_before_schema_v5_restored_gives_no_trade_id_again(stack: 
     assert open_paper_trade(stack, "sell") == lost + 1  # not the lost trade's id again
     assert query(stack.settings, "PRAGMA integrity_check") == [("ok",)]
     assert stack.stop(writer) == 0
+
+
+@pytest.mark.sqlite_only("tests/test_postgres.py::test_two_migrations_at_once_wait_for_each_other")
+def test_a_v4_database_replaced_by_its_v4_backup_gives_no_trade_or_event_id_again(stack: Stack) -> None:
+    """A v4 backup restored over a v4 database (the code upgraded, the writer not started since): the
+    replaced database has no counters for trades and events, only its highest ids; the restore makes
+    counters of them, which the v5 migration keeps. The events' was missed (only the trades' was
+    made): a new trade's first event took an id the replaced database had given (a review)."""
+    writer = stack.start_writer()
+    open_paper_trade(stack, "buy")
+    assert stack.stop(writer) == 0
+    path = stack.settings.database_path
+    as_schema_v4(path)
+    backup = stack.home / "v4.db"
+    with sqlite3.connect(path) as src, sqlite3.connect(backup) as dst:
+        src.backup(dst)
+    dst.close()
+    src.close()
+    by_hand(path, "INSERT INTO trades (id, symbol, side, size, entry_price, status, opened_at, last_tick_id) "
+                  "VALUES (7, 'EURUSD', 'buy', 1.0, 1.1, 'open', 0, 0)",  # after the backup, in the v4 database
+            "INSERT INTO trade_events (id, trade_id, ts, kind, detail) VALUES (8, 7, 0, 'opened', '')",
+            "INSERT INTO trade_events (id, trade_id, ts, kind, detail) VALUES (9, 7, 0, 'moved', '')")
+    done = db_command(stack, "restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "trade_events 9, trades 7" in done.stdout, done.stdout
+    writer = stack.start_writer()
+    assert open_paper_trade(stack, "sell") == 8
+    assert query(stack.settings, "SELECT id FROM trade_events WHERE trade_id = 8") == [(10,)]
+    assert stack.stop(writer) == 0
+
+
+@pytest.mark.sqlite_only("tests/test_postgres.py::test_two_migrations_at_once_wait_for_each_other")
+def test_schema_v5_refuses_trade_events_of_no_trade_in_words_and_leaves_v4_as_it_was(stack: Stack) -> None:
+    """Events whose trade is gone (deleted by hand in sqlite3, foreign keys off by default there) made
+    the v5 migration's copy fail with SQLite's bare "FOREIGN KEY constraint failed": the writer
+    restarted again and again and db init said the same (a review). The migration says which events
+    and what to do, and leaves the database at v4; once they are deleted, it migrates."""
+    writer = stack.start_writer()
+    open_paper_trade(stack, "buy")
+    assert stack.stop(writer) == 0
+    path = stack.settings.database_path
+    as_schema_v4(path)
+    by_hand(path, "INSERT INTO trade_events (id, trade_id, ts, kind, detail) VALUES (50, 999, 0, 'opened', '')")
+    refused = db_command(stack, "init")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "1 of them point at trades that do not exist (rowids 50" in refused.stderr, refused.stderr
+    assert "DELETE FROM trade_events WHERE trade_id NOT IN (SELECT id FROM trades)" in refused.stderr
+    assert query(stack.settings, "SELECT max(version) FROM schema_version") == [(4,)]
+    by_hand(path, "DELETE FROM trade_events WHERE trade_id NOT IN (SELECT id FROM trades)")
+    done = db_command(stack, "init")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert query(stack.settings, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert query(stack.settings, "SELECT count(*) FROM trade_events") == [(1,)]
 
 
 def test_a_last_run_dated_ahead_of_the_clock_does_not_stop_the_job(writer: Stack,
