@@ -120,40 +120,6 @@ def damaged_file_words(settings: Settings, restore: str | None = None) -> str:
     return f"the database file is damaged; {damaged_file_steps(settings, restore or restore_advice(settings))}"
 
 
-def failed_backup_finding(settings: Settings) -> tuple[str, str] | None:
-    """Doctor's warning when the last backup run recorded (``job_runs``: the jobs worker's, ``--run
-    backup``) failed: when, why, the newest backup there is (the one a restore would take), and what
-    makes one once the cause is mended. None when it went well, none is recorded, or the database
-    cannot be read now (said by doctor's other findings)."""
-    from sqlalchemy import select
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from db.engine import make_read_engine
-    from db.models import JobRun
-
-    try:
-        engine = make_read_engine(settings, pool_size=1)
-        try:
-            with engine.connect() as conn:
-                run = conn.execute(select(JobRun.started_at, JobRun.ok, JobRun.detail).where(JobRun.job == "backup")
-                                   .order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(1)).first()
-        finally:
-            engine.dispose()
-    except (SQLAlchemyError, OSError):
-        return None
-    if run is None or run.ok:
-        return None
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at / 1000))
-    try:
-        found = list_backups(settings.backup_dir)
-    except OSError:  # a folder this user may not list: the restore advice says so where it matters
-        found = []
-    newest = (f"the newest backup, the one a restore would take, is {found[-1]}" if found
-              else f"there is no backup in {settings.backup_dir} to restore")
-    return ("warn", f"The last backup failed ({at}: {' '.join((run.detail or '').split())[:300]}); {newest}. Mend "
-                    "the cause, then make one now: `python -m workers.jobs --run backup`.")
-
-
 def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:
     """Delete all but the newest ``keep`` backups in ``directory`` (:func:`list_backups`: only our
     names, so a copy a person put there under another name is never touched); return them.

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from db.backups import damaged_file_words, failed_backup_finding, restore_advice
+from db.backups import damaged_file_words, restore_advice
 from db.circusd import (
     circusctl_command,
     damaged_file_steps,
@@ -36,6 +36,7 @@ from db.config import Settings
 from db.engine import DAMAGED_FILE_ADVICE, check_findings, connect_read_only, damaged_database, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
+from db.job_findings import job_findings
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import read_lock_holder
 from db.private_files import private_file_findings
@@ -340,9 +341,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
             out.append(("warn", f"pid {p['pid']} ({p['cmdline'][:80]}) has the database open and is not part of "
                                 "tickstack. Reads are harmless, but a long read holds back checkpoints."))
     if not damaged and "error" not in prag and (snap.get("server") or {}).get("reachable", True):
-        failed_backup = failed_backup_finding(settings)  # the backups a restore would take
-        if failed_backup is not None:
-            out.append(failed_backup)
+        out.extend(job_findings(settings))  # a failed backup (what a restore would take), a held-back retention
     if not any(level != "ok" for level, _ in out):
         out.append(("ok", "No problem found."))
     return out

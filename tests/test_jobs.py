@@ -204,6 +204,10 @@ def test_a_clock_far_ahead_of_the_ticks_makes_retention_delete_a_day_a_run_not_t
     detail = json.loads(job_runs(writer)[-1]["detail"])
     assert detail["before_ts"] == oldest + DAY_MS and detail["held_back_from"] > newest, detail
     assert detail["deleted"] == 10, detail  # the oldest day's 10 ticks: the cutoff is 9 minutes into the next day
+    said = db_command(writer, "doctor")  # for an operator who reads no log: the held-back run, in its words
+    assert re.search(r"Retention was held back in its last run \(.*\): this host's clock asked to delete the ticks "
+                     r"before .*, far past the oldest tick it may delete, so it deleted only those before .*\. If the "
+                     r"clock is ahead, set it right", said.stdout), said.stdout
     left = sorted(ticks)[10:]
     assert query(writer.settings, "SELECT count(*), min(ts) FROM ticks") == [(len(left), left[0])]
 

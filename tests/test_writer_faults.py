@@ -815,15 +815,16 @@ def test_a_resend_unanswered_at_its_deadline_waits_no_longer_than_a_stops_bound(
         blocker.hold("audit_log")
         ticket = pipe.submit("audit", actor="me", action="late")
         # Answered retryably (the lock held past the writer's busy_timeout), over more than LAST_TRY_S, so
-        # that the bound a stop gives this request is the stop's time itself.
-        while ticket.last_error is None or time.monotonic() < ticket.first_sent + LAST_TRY_S:
-            pipe.collect(0.05)
+        # that the bound a stop gives this request is the stop's time itself; stopped between an answer and
+        # the resend it backs off for (only collect sends), so the stopped writer holds that resend. Stopped
+        # with a send in flight (a race), the test waited out the client's 120 s deadline, then for ever.
+        while ticket.last_error is None or time.monotonic() < ticket.first_sent + LAST_TRY_S or ticket.awaiting:
+            pipe.collect(0.005)
         assert isinstance(ticket.last_error, CommitFailed) and not ticket.done
         os.kill(proc.pid, signal.SIGSTOP)  # the writer holds the next resend unanswered
         stopped = True
-        while ticket.awaiting:  # an answer to a send before the stop, if any, is read
-            pipe.collect(0.05)
         while not ticket.awaiting:  # sent again, and not answered
+            assert not ticket.done, ticket.error
             pipe.collect(0.05)
         assert ticket.awaiting and ticket.last_error is not None and not ticket.done
         # Its deadline passes now, and then the stop's bound: both are behind it at the next pump.

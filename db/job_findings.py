@@ -1,0 +1,88 @@
+"""Doctor's findings from the jobs' own records (``job_runs``): what the jobs worker found and said
+in its log, which an operator who only runs ``db doctor`` would otherwise not see.
+
+* the last backup failed: when, why, the newest backup there is (the one a restore would take), and
+  what makes one once the cause is mended;
+* the last retention run was held back (:mod:`workers.retention_cutoff`): the wall clock asked to
+  delete far past the oldest tick, which a clock set forward does, a day of the window a run, until
+  it is set right.
+
+One read engine and one query per job for both; nothing when the database cannot be read now (said
+by doctor's other findings).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from db.backups import list_backups
+from db.config import Settings
+from db.timestamps import utc
+
+#: The jobs whose last run doctor reads.
+READ = ("backup", "retention")
+
+
+def _latest_runs(settings: Settings) -> dict[str, Any] | None:
+    """The last recorded run of each job of :data:`READ` (by start time, then id), None when the
+    database cannot be read."""
+    from sqlalchemy import select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from db.engine import make_read_engine
+    from db.models import JobRun
+
+    try:
+        engine = make_read_engine(settings, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                return {job: conn.execute(select(JobRun.started_at, JobRun.ok, JobRun.detail).where(JobRun.job == job)
+                                          .order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(1)).first()
+                        for job in READ}
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, OSError):
+        return None
+
+
+def _when(run: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at / 1000))
+
+
+def _failed_backup(settings: Settings, run: Any) -> tuple[str, str] | None:
+    if run is None or run.ok:
+        return None
+    try:
+        found = list_backups(settings.backup_dir)
+    except OSError:  # a folder this user may not list: the restore advice says so where it matters
+        found = []
+    newest = (f"the newest backup, the one a restore would take, is {found[-1]}" if found
+              else f"there is no backup in {settings.backup_dir} to restore")
+    return ("warn", f"The last backup failed ({_when(run)}: {' '.join((run.detail or '').split())[:300]}); {newest}. "
+                    "Mend the cause, then make one now: `python -m workers.jobs --run backup`.")
+
+
+def _held_back_retention(run: Any) -> tuple[str, str] | None:
+    try:
+        detail = json.loads(run.detail) if run is not None and run.ok else None
+    except ValueError:
+        return None
+    if not isinstance(detail, dict) or not isinstance(detail.get("held_back_from"), int) \
+            or not isinstance(detail.get("before_ts"), int):
+        return None
+    return ("warn", f"Retention was held back in its last run ({_when(run)}): this host's clock asked to delete the "
+                    f"ticks before {utc(detail['held_back_from'])}, far past the oldest tick it may delete, so it "
+                    f"deleted only those before {utc(detail['before_ts'])}. If the clock is ahead, set it right: "
+                    "each run deletes a day more of the window by it. If it is right (the jobs worker was stopped "
+                    "a long time, TICKSTACK_RETENTION_DAYS lowered, or older history replayed), the next runs "
+                    "catch up.")
+
+
+def job_findings(settings: Settings) -> list[tuple[str, str]]:
+    """Doctor's warnings from the last backup and retention runs (see the module docstring)."""
+    latest = _latest_runs(settings)
+    if latest is None:
+        return []
+    found = (_failed_backup(settings, latest["backup"]), _held_back_retention(latest["retention"]))
+    return [finding for finding in found if finding is not None]
