@@ -275,6 +275,32 @@ def test_a_running_jobs_worker_deletes_replayed_history_at_its_next_run_but_not_
         worker.teardown()
 
 
+def test_a_running_jobs_worker_that_found_nothing_to_delete_still_holds_a_clock_set_forward_to_a_day(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run with no tick it may delete (an empty database, or the analysis behind every tick) set
+    its cutoff to what the wall clock asked, unguarded, and the worker kept that as where its last run
+    left the cutoff: with the clock 40 days ahead, the next run, the window's ticks in the database
+    (or read by the analysis since), deleted every one of them at once. A run that has no oldest tick
+    to go by leaves no mark of the clock's word; the next goes by the oldest tick: a day a run."""
+    ahead = 40 * DAY_MS
+    monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + ahead)
+    worker = JobsWorker(writer.settings, only="retention")
+    worker.setup()
+    try:
+        ok, detail = worker.retention()  # nothing to delete: no tick at all
+        assert ok and json.loads(detail)["deleted"] == 0, detail
+        now = int(time.time() * 1000)
+        live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
+        insert_ticks(writer, sorted(live), "feed")
+        ok, detail = worker.retention()
+        done = json.loads(detail)
+        assert ok and done["deleted"] == 10 and done["held_back_from"] > now, done  # the oldest day's, not all
+        assert done["before_ts"] == min(live) + DAY_MS, done
+        assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live) - 10,)]
+    finally:
+        worker.teardown()
+
+
 def test_backup_is_a_valid_copy_and_rotation_keeps_k(writer: Stack) -> None:
     insert_ticks(writer, [int(time.time() * 1000) - i for i in range(500)], "feed")
     keep = 2

@@ -9,7 +9,8 @@ is longer, so the runs keep up) past the later of:
 * where this worker's last run put it, moved on by the monotonic clock since (which no setting of the
   wall clock moves). While the worker runs, history older than the window replayed into the database
   goes at its next run, as the README says; a worker just started (or ``--run retention``) has no such
-  mark and deletes it a day a run, as after a downtime or a lowered retention.
+  mark and deletes it a day a run, as after a downtime or a lowered retention. A run with no tick it
+  may delete leaves no mark: its cutoff is the wall clock's, unguarded, which must not carry over.
 
 A clock set forward costs a day a run, said in a WARNING, until it is set right.
 """
@@ -67,6 +68,10 @@ class RetentionCutoff:
         if self._mark is not None:
             last, at = self._mark
             allowed.append(last + round((self._monotonic() - at) * 1000) + step)
-        before = min(wanted, max(allowed)) if allowed else wanted
+        if not allowed:  # nothing to go by (no tick it may delete): the clock's word, but no mark of it,
+            # or a clock set forward now would let the next run, the window's ticks there by then,
+            # delete every one of them at once
+            return Cutoff(wanted, wanted, oldest, step)
+        before = min(wanted, max(allowed))
         self._mark = (before, self._monotonic())
         return Cutoff(before, wanted, oldest, step)
