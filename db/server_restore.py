@@ -6,9 +6,14 @@ The steps a DBA would take, each with its trap closed:
 
 * the archive is listed first (``pg_restore --list``): a file that is not one is refused before
   anything is dropped;
+* the archive must be a tickstack database's (its ``schema_version`` and ``ticks`` tables): any
+  other dump restored "successfully" put its tables beside the stack's and changed none of them;
 * no tickstack session of any host may be connected to the database: a writer would go on writing
   into tables being dropped and made again, and a reader's open transaction holds the locks the
-  drops wait for (sessions of other programs, a DBA's psql, are named, not refused);
+  drops wait for. Sessions of other programs are not refused, but one holding a lock on the stack's
+  tables (a DBA's psql left in a transaction) is: the tables are locked for :data:`LOCK_WAIT_S`
+  first and the holders named, where pg_restore (its script sets ``lock_timeout = 0``) waited
+  without a word for the hour the restore may take;
 * the database as it is is dumped first, to ``tickstack.replaced-<UTC time>.dump`` in the home, as
   :mod:`db.restore` keeps the SQLite file it replaces (``keep=False``, ``--no-copy``: a database
   pg_dump cannot read, its copy refused with pg_dump's words);
@@ -45,6 +50,19 @@ _SEQUENCES_SQL = ("SELECT sequencename, last_value FROM pg_sequences WHERE schem
 _OURS_SQL = ("SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
              "AND pid <> pg_backend_pid() AND application_name LIKE 'tickstack %' ORDER BY 1")
 _TOP_TRADE_SQL = "SELECT CASE WHEN to_regclass('trades') IS NULL THEN NULL ELSE (SELECT max(id) FROM trades) END"
+#: The tables a tickstack dump has whatever its schema version (db.schema's v1 made them).
+_OUR_TABLES = ("schema_version", "ticks")
+#: Seconds the restore waits for another session's lock on the stack's tables before it names the holders.
+LOCK_WAIT_S = 10.0
+#: The schema's tables and views (what pg_restore --clean drops: each needs its ACCESS EXCLUSIVE lock).
+_RELATIONS_SQL = ("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = "
+                  "c.relnamespace WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') ORDER BY 1")
+#: The other sessions holding a lock on a relation of this database.
+#: (Another role's session's state is NULL unless this role may read all stats: left out then.)
+_HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'), "
+                "'role ' || a.usename, a.state) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                "WHERE l.granted AND l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) AND a.pid <> pg_backend_pid() ORDER BY 1")
 
 
 def _list(source: Path, env: dict[str, str], timeout: float) -> int:
@@ -59,7 +77,42 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> int:
                           text=True, timeout=timeout)
     if done.returncode != 0:
         raise ValueError(f"{source} cannot be read by pg_restore: {done.stderr.strip()[-500:]} (nothing was changed)")
-    return sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
+    entries = [line for line in done.stdout.splitlines() if line and not line.startswith(";")]
+    tables = {parts[5] for parts in (line.split() for line in entries)  # "12; 1259 163 TABLE public ticks owner"
+              if len(parts) > 5 and parts[3] == "TABLE" and parts[4] != "DATA"}
+    missing = [name for name in _OUR_TABLES if name not in tables]
+    if missing:
+        raise ValueError(f"{source} is a PostgreSQL dump, but not of a tickstack database (it has no "
+                         f"{' or '.join(missing)} table): restoring it would put its tables beside the stack's and "
+                         "change none of them (nothing was changed)")
+    return len(entries)
+
+
+def _locks_in_the_way(conn: Any) -> str | None:
+    """The sessions holding a lock on the schema's tables that the restore would wait for, said,
+    once it has waited :data:`LOCK_WAIT_S` to lock them all itself (then let go); None when none."""
+    import psycopg
+
+    relations = [name for (name,) in conn.execute(_RELATIONS_SQL)]
+    if not relations:
+        return None
+    try:
+        with conn.transaction():
+            conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'")
+            conn.execute(f"LOCK TABLE {', '.join(relations)} IN ACCESS EXCLUSIVE MODE")
+            raise _LetGo
+    except _LetGo:
+        return None
+    except psycopg.errors.LockNotAvailable:
+        held = conn.execute(_HOLDERS_SQL).fetchall()
+        who = ", ".join(f"server pid {pid} ({what})" for pid, what in held[:5])
+        return (f"another session holds a lock on the stack's tables, which the restore would wait for without end: "
+                f"{who or 'a session now gone'}. End its transaction (or, as a superuser: SELECT "
+                "pg_terminate_backend(PID)), then restore again (nothing was changed)")
+
+
+class _LetGo(Exception):
+    """Rolls back the transaction that took the locks, once they are had."""
 
 
 def _ids(conn: Any) -> tuple[dict[str, int | None], int]:
@@ -94,6 +147,9 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"{', ...' if len(ours) > 5 else ''}): stop it on every host first "
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
+            in_the_way = _locks_in_the_way(conn)
+            if in_the_way is not None:
+                raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn)
         replaced = None
         if keep:

@@ -440,6 +440,54 @@ def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: St
     no_password("\n".join(outputs), postgres_server)
 
 
+def test_db_restore_refuses_a_dump_of_another_database_and_names_a_session_whose_lock_it_would_wait_for(
+        pg: Stack, postgres_server: PostgresServer) -> None:
+    """A ``pg_dump -Fc`` of another program's database was "restored" (its tables put beside the
+    stack's, none of the stack's changed) and the stack told to start again; and a session of
+    another program left in a transaction that read a table (a DBA's psql) made the restore wait
+    without a word (pg_restore's script sets ``lock_timeout = 0``) for the hour it may take. Both are
+    refused, in words that say what is in the way, with nothing changed."""
+    writer = pg.start_writer()
+    insert_ticks(pg, 10)
+    assert run(pg, "-m", "workers.jobs", "--run", "backup").returncode == 0
+    (dump,) = (pg.home / "backups").iterdir()
+    assert pg.stop(writer) == 0
+    postgres_server.create_database("ts_elsewhere")
+    try:
+        postgres_server.psql("ts_elsewhere", "ts_owner", "CREATE TABLE notes (id serial PRIMARY KEY, body text)")
+        other = pg.home / "elsewhere.dump"
+        owner = psycopg_params_of(postgres_server.url("ts_owner", database="ts_elsewhere"))
+        made = subprocess.run([pg_program("pg_dump"), "-Fc", "-f", str(other), "-d", owner["conninfo"]],
+                              env={**os.environ, "PGPASSWORD": owner["password"]}, capture_output=True, text=True,
+                              timeout=120)
+        assert made.returncode == 0, made.stderr
+    finally:
+        postgres_server.drop_database("ts_elsewhere")
+    outputs = []
+    refused = run(pg, "-m", "db", "restore", str(other))
+    outputs.append(refused.stdout + refused.stderr)
+    assert refused.returncode == 1 and "is a PostgreSQL dump, but not of a tickstack database (it has no " \
+        "schema_version or ticks table)" in outputs[-1], outputs[-1]
+    assert rows(pg, "SELECT to_regclass('notes')") == [(None,)]
+
+    import psycopg
+    reader = psycopg_params_of(pg.env["DATABASE_READ_URL"])
+    with psycopg.connect(reader["conninfo"], password=reader["password"], application_name="psql") as dba:
+        dba.execute("SELECT count(*) FROM ticks").fetchall()  # its transaction left open: a lock on ticks
+        pid = dba.info.backend_pid
+        refused = run(pg, "-m", "db", "restore", str(dump), timeout=300)  # a give-up bound, not a timing
+        outputs.append(refused.stdout + refused.stderr)
+        assert refused.returncode == 1 and "another session holds a lock on the stack's tables" in outputs[-1] \
+            and f"server pid {pid} (psql, role ts_reader" in outputs[-1] \
+            and "nothing was changed" in outputs[-1], outputs[-1]
+    assert not list(pg.home.glob("tickstack.replaced-*.dump"))  # refused before the copy
+    assert rows(pg, "SELECT count(*) FROM ticks") == [(10,)]
+    done = run(pg, "-m", "db", "restore", str(dump))  # the session gone: restored
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, outputs[-1]
+    no_password("\n".join(outputs), postgres_server)
+
+
 def psycopg_params_of(url: str) -> dict[str, str]:
     from psycopg.conninfo import make_conninfo
     from sqlalchemy.engine import make_url
