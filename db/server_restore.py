@@ -54,19 +54,22 @@ _TOP_TRADE_SQL = "SELECT CASE WHEN to_regclass('trades') IS NULL THEN NULL ELSE 
 _OUR_TABLES = ("schema_version", "ticks")
 #: Seconds the restore waits for another session's lock on the stack's tables before it names the holders.
 LOCK_WAIT_S = 10.0
-#: The schema's tables and views (what pg_restore --clean drops: each needs its ACCESS EXCLUSIVE lock).
-_RELATIONS_SQL = ("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = "
-                  "c.relnamespace WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') ORDER BY 1")
-#: The other sessions holding a lock on a relation of this database.
-#: (Another role's session's state is NULL unless this role may read all stats: left out then.)
+#: The schema's tables and views of the dump's names (what pg_restore --clean drops: each needs its
+#: ACCESS EXCLUSIVE lock); a table of the DBA's own, which the restore leaves alone, is not in the way.
+_RELATIONS_SQL = ("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                  "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) "
+                  "ORDER BY 1")
+#: The other sessions holding a lock on one of those relations. (Another role's session's state is
+#: NULL unless this role may read all stats: left out then.)
 _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'), "
                 "'role ' || a.usename, a.state) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
-                "WHERE l.granted AND l.locktype = 'relation' AND l.database = (SELECT oid FROM pg_database "
-                "WHERE datname = current_database()) AND a.pid <> pg_backend_pid() ORDER BY 1")
+                "WHERE l.granted AND l.locktype = 'relation' AND l.relation = ANY(%s::regclass[]) "
+                "AND a.pid <> pg_backend_pid() ORDER BY 1")
 
 
-def _list(source: Path, env: dict[str, str], timeout: float) -> int:
-    """The archive's entries (``pg_restore --list``); ValueError when it is not one it can read."""
+def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[int, set[str]]:
+    """The archive's entries (``pg_restore --list``) and its tables' and views' names; ValueError
+    when it is not one it can read, or not a tickstack database's."""
     if not source.is_file():
         raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
     with open(source, "rb") as f:
@@ -78,22 +81,24 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> int:
     if done.returncode != 0:
         raise ValueError(f"{source} cannot be read by pg_restore: {done.stderr.strip()[-500:]} (nothing was changed)")
     entries = [line for line in done.stdout.splitlines() if line and not line.startswith(";")]
-    tables = {parts[5] for parts in (line.split() for line in entries)  # "12; 1259 163 TABLE public ticks owner"
-              if len(parts) > 5 and parts[3] == "TABLE" and parts[4] != "DATA"}
+    listed = [line.split() for line in entries]  # "12; 1259 163 TABLE public ticks owner"
+    tables = {parts[5] for parts in listed if len(parts) > 5 and parts[3] == "TABLE" and parts[4] != "DATA"}
+    views = {parts[5] for parts in listed if len(parts) > 5 and parts[3] == "VIEW"}
     missing = [name for name in _OUR_TABLES if name not in tables]
     if missing:
         raise ValueError(f"{source} is a PostgreSQL dump, but not of a tickstack database (it has no "
                          f"{' or '.join(missing)} table): restoring it would put its tables beside the stack's and "
                          "change none of them (nothing was changed)")
-    return len(entries)
+    return len(entries), tables | views
 
 
-def _locks_in_the_way(conn: Any) -> str | None:
-    """The sessions holding a lock on the schema's tables that the restore would wait for, said,
-    once it has waited :data:`LOCK_WAIT_S` to lock them all itself (then let go); None when none."""
+def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
+    """The sessions holding a lock on the tables and views ``names`` (the dump's) that the restore
+    would wait for, said, once it has waited :data:`LOCK_WAIT_S` to lock them all itself (then let
+    go); None when none (or when it may not lock one: pg_restore says why)."""
     import psycopg
 
-    relations = [name for (name,) in conn.execute(_RELATIONS_SQL)]
+    relations = [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
     if not relations:
         return None
     try:
@@ -104,11 +109,13 @@ def _locks_in_the_way(conn: Any) -> str | None:
     except _LetGo:
         return None
     except psycopg.errors.LockNotAvailable:
-        held = conn.execute(_HOLDERS_SQL).fetchall()
+        held = conn.execute(_HOLDERS_SQL, (relations,)).fetchall()
         who = ", ".join(f"server pid {pid} ({what})" for pid, what in held[:5])
         return (f"another session holds a lock on the stack's tables, which the restore would wait for without end: "
                 f"{who or 'a session now gone'}. End its transaction (or, as a superuser: SELECT "
                 "pg_terminate_backend(PID)), then restore again (nothing was changed)")
+    except psycopg.errors.InsufficientPrivilege:  # not the owner of one: pg_restore's drop of it says so
+        return None
 
 
 class _LetGo(Exception):
@@ -134,7 +141,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
-        entries = _list(source, env, timeout)
+        entries, relations = _list(source, env, timeout)
         try:
             conn = connect(url, "restore", settings.host, timeout=10, read_only=False)
         except Exception as e:
@@ -147,7 +154,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"{', ...' if len(ours) > 5 else ''}): stop it on every host first "
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
-            in_the_way = _locks_in_the_way(conn)
+            in_the_way = _locks_in_the_way(conn, relations)
             if in_the_way is not None:
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn)

@@ -482,7 +482,15 @@ def test_db_restore_refuses_a_dump_of_another_database_and_names_a_session_whose
             and "nothing was changed" in outputs[-1], outputs[-1]
     assert not list(pg.home.glob("tickstack.replaced-*.dump"))  # refused before the copy
     assert rows(pg, "SELECT count(*) FROM ticks") == [(10,)]
-    done = run(pg, "-m", "db", "restore", str(dump))  # the session gone: restored
+    database = make_url(pg.env["DATABASE_URL"]).database
+    postgres_server.psql(database, "postgres", "CREATE TABLE dba_notes (body text); "  # not the stack's
+                         "GRANT SELECT ON dba_notes TO ts_owner")  # pg_dump's copy of the database reads it
+    dba = psycopg.connect(**postgres_server._params("postgres", database), application_name="psql")
+    try:  # a lock on a table the dump does not have (one pg_dump's read waits not for) is in no one's way
+        dba.execute("INSERT INTO dba_notes VALUES ('kept')")
+        done = run(pg, "-m", "db", "restore", str(dump), timeout=300)  # the session on ticks gone: restored
+    finally:
+        dba.close()
     outputs.append(done.stdout + done.stderr)
     assert done.returncode == 0, outputs[-1]
     no_password("\n".join(outputs), postgres_server)
