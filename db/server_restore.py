@@ -8,6 +8,8 @@ The steps a DBA would take, each with its trap closed:
   anything is dropped;
 * the archive must be a tickstack database's (its ``schema_version`` and ``ticks`` tables): any
   other dump restored "successfully" put its tables beside the stack's and changed none of them;
+  its extensions (a DBA's amcheck, in a dump made by hand) are left out, and left as they are in
+  the database: the owner role may not drop or create them, and the schema needs none;
 * no tickstack session of any host may be connected to the database: a writer would go on writing
   into tables being dropped and made again, and a reader's open transaction holds the locks the
   drops wait for. Sessions of other programs are not refused, but one holding a lock on the stack's
@@ -29,6 +31,7 @@ As ``DATABASE_URL``'s role (the tables' owner), its password in a private ``PGPA
 """
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -67,9 +70,9 @@ _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.applic
                 "AND a.pid <> pg_backend_pid() ORDER BY 1")
 
 
-def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[int, set[str]]:
-    """The archive's entries (``pg_restore --list``) and its tables' and views' names; ValueError
-    when it is not one it can read, or not a tickstack database's."""
+def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str], set[str]]:
+    """The archive's entries (``pg_restore --list``'s lines) and its tables' and views' names;
+    ValueError when it is not one it can read, or not a tickstack database's."""
     if not source.is_file():
         raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
     with open(source, "rb") as f:
@@ -89,7 +92,16 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[int, set[s
         raise ValueError(f"{source} is a PostgreSQL dump, but not of a tickstack database (it has no "
                          f"{' or '.join(missing)} table): restoring it would put its tables beside the stack's and "
                          "change none of them (nothing was changed)")
-    return len(entries), tables | views
+    return entries, tables | views
+
+
+def _without_extensions(entries: list[str]) -> list[str]:
+    """The entries but the extensions and their comments: a DBA's (amcheck, for quick_check), which
+    a dump made by hand has and the owner role may not drop or create ("must be owner of extension"),
+    and which the stack's schema needs none of. Left as they are in the database."""
+    def is_extension(parts: list[str]) -> bool:  # "5; 3079 16384 EXTENSION - amcheck", "COMMENT - EXTENSION x"
+        return len(parts) > 3 and (parts[3] == "EXTENSION" or (parts[3] == "COMMENT" and parts[5:6] == ["EXTENSION"]))
+    return [line for line in entries if not is_extension(line.split())]
 
 
 def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
@@ -141,7 +153,12 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
-        entries, relations = _list(source, env, timeout)
+        listed, relations = _list(source, env, timeout)
+        entries = len(listed)
+        chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
+        fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(_without_extensions(listed)) + "\n")
         try:
             conn = connect(url, "restore", settings.host, timeout=10, read_only=False)
         except Exception as e:
@@ -168,7 +185,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
         done = subprocess.run([pg_program("pg_restore"), "--clean", "--if-exists", "--no-password",
-                               "--single-transaction", "-d", conninfo, str(source)],
+                               "--single-transaction", "-L", str(chosen), "-d", conninfo, str(source)],
                               env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise MaintenanceFailed(f"pg_restore failed ({done.returncode}): "
