@@ -181,6 +181,15 @@ def libpq_env(url: str, private: Path, host: str, purpose: str = "backup") -> tu
     return make_conninfo(**params), env
 
 
+def private_folder(settings: Settings) -> Path:
+    """A new private (0700) folder for a ``PGPASSFILE``, removed by its caller when done: in the home's
+    ``run/`` when it is there, so that a process killed in the middle (no ``finally``) leaves the
+    password inside the private home, where a test's removal of its home takes it too, not in the
+    system's temporary folder, where nothing ever removed it."""
+    where = settings.run_dir if settings.run_dir.is_dir() else None
+    return Path(tempfile.mkdtemp(prefix="ts-pgpass-", dir=where))
+
+
 def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: bool = False) -> dict[str, Any]:
     """``pg_dump -Fc`` of the database (as ``DATABASE_URL``'s role: the readers' may not read the
     sequences) to ``dest``: written to a private temporary file, listed with ``pg_restore --list``
@@ -189,7 +198,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
     words (password cut out) and leaves nothing behind."""
     url = settings.database_url
     dest = Path(dest).absolute()
-    private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
+    private = private_folder(settings)
     started = time.perf_counter()
     tmp: Path | None = None
     try:

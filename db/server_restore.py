@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from db.circusd import circusctl_command
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed
-from db.server import connect, dump, libpq_env, pg_program, scrub
+from db.server import connect, dump, libpq_env, pg_program, private_folder, scrub
 
 #: The sequences of the schema and their values (None: never used), by name.
 _SEQUENCES_SQL = ("SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = current_schema() "
@@ -150,7 +149,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     restore itself failed: pg_restore's words)."""
     url = settings.database_url
     source = Path(source).absolute()
-    private = Path(tempfile.mkdtemp(prefix="ts-pgpass-"))  # 0700
+    private = private_folder(settings)
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
         listed, relations = _list(source, env, timeout)

@@ -204,6 +204,24 @@ def recorder(folder: Path) -> Recorder:
         return rec
 
 
+def forget(run_dir: Path) -> None:
+    """Drop this process's recorder under ``run_dir``: its timer cancelled, a write in progress
+    waited for, nothing more written. For a program that removes a home it read from in-process (the
+    tests' homes): the timer's write, up to :data:`FLUSH_EVERY_S` later, made ``run/slow-reads`` again
+    inside a home being removed, and the home was left behind (a fresh clone's run)."""
+    with _recorders_lock:
+        rec = _recorders.pop(str(run_dir / FOLDER), None)
+    if rec is None:
+        return
+    with rec.lock:
+        rec.dirty = False
+        if rec.timer is not None:
+            rec.timer.cancel()
+            rec.timer = None
+    with rec.writing:  # a write the timer had begun ends before the caller removes the folder
+        pass
+
+
 def _forget_after_fork() -> None:
     global _recorders_lock
     _recorders_lock = threading.Lock()  # a thread of the parent may have held it at fork()

@@ -3,7 +3,6 @@ ini file; :class:`CircusStack` runs the real ``circus.ini`` (the whole
 stack) on free ports. Both stop circusd, and only what it started, by pid."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from circus.client import CircusClient
 from db.config import Settings, load_settings
 from supervision.circus import STACK_WATCHERS as WATCHERS  # the stack's watchers: one list
 from supervision.circus import retry_while_busy
-from testkit.env import BIN, ROOT, isolated_env, new_home
+from testkit.env import BIN, ROOT, isolated_env, new_home, remove_home
 from testkit.process import Descendants, stop_process
 
 
@@ -145,4 +144,4 @@ class CircusStack(Circusd):
     def close(self) -> None:
         """Stop circusd and anything it started, by pid, and remove the folder."""
         self.stop()
-        shutil.rmtree(self.home, ignore_errors=True)
+        remove_home(self.home)

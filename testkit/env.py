@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from db import slowreads
 from db.config import ensure_home, load_settings
 
 #: The checkout: the working folder of every process the harness starts.
@@ -139,6 +140,14 @@ def free_udp_port() -> int:
     """A UDP port on 127.0.0.1 that nothing is bound to right now (the watchdog's), and that no
     other process of ours has been given."""
     return _free("udp", socket.SOCK_DGRAM)
+
+
+def remove_home(home: Path) -> None:
+    """Remove a test's home, this process's record of slow reads under it first: a read this process
+    made there (an in-process console's, its doctor's) is written by a timer up to 3 s later, which
+    made ``run/slow-reads`` again inside the home being removed, and left it behind."""
+    slowreads.forget(home / "run")
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def new_home(prefix: str = "ts-") -> Path:

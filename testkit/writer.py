@@ -4,7 +4,6 @@ with the writer processes a test started in it, and :class:`RawPeer` speaks
 to a writer in frames as they are."""
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import msgpack
 import zmq
 
 from db.config import Settings, load_settings
-from testkit.env import ROOT, isolated_env, new_home
+from testkit.env import ROOT, isolated_env, new_home, remove_home
 from testkit.process import stop_process
 
 
@@ -119,7 +118,7 @@ class Stack:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        shutil.rmtree(self.home, ignore_errors=True)
+        remove_home(self.home)
 
 
 class RawPeer:

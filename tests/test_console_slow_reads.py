@@ -171,3 +171,26 @@ def test_a_record_whose_home_is_gone_is_dropped_not_written_into_a_new_folder(tm
     rec.record("SELECT 2", 6.0)
     rec.flush()
     assert not home.exists(), sorted(str(p) for p in home.rglob("*"))
+
+
+def test_a_home_removed_with_remove_home_is_not_written_into_again_by_a_pending_flush(tmp_path: Path) -> None:
+    """A test's home left behind in a fresh clone's run, holding only ``run/slow-reads/<pid>.json``:
+    the test process had read there in-process (a console's database page, its doctor findings),
+    and the record's timer wrote up to 3 s later, making the folder again while the home was being
+    removed. ``testkit.env.remove_home`` forgets this process's recorder first (``slowreads.forget``:
+    its timer cancelled, nothing more written), then removes the home."""
+    from testkit.env import remove_home
+
+    home = tmp_path / "home"
+    (home / "run").mkdir(parents=True, mode=0o700)
+    rec = slowreads.recorder(home / "run" / slowreads.FOLDER)
+    rec.last_flush = time.perf_counter()  # the first write FLUSH_EVERY_S from now, by the timer
+    rec.record("SELECT 1", 5.0)
+    assert rec.timer is not None
+    slowreads.forget(home / "run")
+    time.sleep(slowreads.FLUSH_EVERY_S + 0.5)  # past the timer's time: nothing was written
+    assert not (home / "run" / slowreads.FOLDER).exists()
+    assert slowreads.recorder(home / "run" / slowreads.FOLDER) is not rec  # forgotten: a new one if read again
+    slowreads.forget(home / "run")
+    remove_home(home)
+    assert not home.exists()

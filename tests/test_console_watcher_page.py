@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from db.config import load_settings
 from supervision.circus import WatcherState
 from supervision.procstats import takes_default_action
 from testkit.circus import WATCHERS, Circusd, CircusStack
-from testkit.env import ROOT, free_port, isolated_env, new_home
+from testkit.env import ROOT, free_port, isolated_env, new_home, remove_home
 from testkit.gunicorn import get_json
 from testkit.helpers import ConsoleClient, query, wait_for
 from webapp import create_app
@@ -409,7 +408,7 @@ cmd = {sys.executable} -c "import time; time.sleep(0.5); raise SystemExit(1)"
         assert "stays stopped until someone starts it" in page and "reached max retry limit" in page
     finally:
         daemon.stop(quit_timeout=30, term_timeout=10)
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 def circusd_lines(*messages: tuple[float, str]) -> str:
@@ -451,7 +450,7 @@ def test_a_start_after_the_plugins_last_retry_ends_its_given_up_state() -> None:
                                      (19, "ticks stopped")))
         assert state()["state"] == "retrying"
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 @DATABASE_INDEPENDENT

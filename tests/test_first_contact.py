@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.env import free_port, free_udp_port
+from testkit.env import free_port, free_udp_port, remove_home
 
 ROOT = Path(__file__).resolve().parent.parent
 WATCHERS = ("writer", "api", "console", "ticks", "analysis", "monitor", "jobs")
@@ -152,7 +152,7 @@ def test_console_port_root_redirects_and_login_names_the_real_password_file() ->
         page = client.get("/console/login").get_data(as_text=True)
         assert str(home / "admin-password") in page and "$TICKSTACK_HOME" not in page
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 def test_with_the_admin_password_set_make_run_and_the_login_page_name_the_setting_not_a_file() -> None:
@@ -186,7 +186,7 @@ def test_with_the_admin_password_set_make_run_and_the_login_page_name_the_settin
         said = first_contact(plain)
         assert str(home / "admin-password") in said and f"sqlite:///{home / 'tickstack.db'}" in said, said
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
@@ -213,7 +213,7 @@ def test_health_fails_and_doctor_says_make_run_when_the_stack_is_down() -> None:
         assert "python -m db checkpoint: The writer is not running, nor is the stack" in checkpoint.stderr, \
             checkpoint.stderr
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 def test_a_bot_whose_writer_is_stopped_is_told_so_while_it_waits_and_when_it_gives_up() -> None:
@@ -233,7 +233,7 @@ def test_a_bot_whose_writer_is_stopped_is_told_so_while_it_waits_and_when_it_giv
         done = subprocess.run([sys.executable, "-c", bot], env=env, cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
     assert done.returncode == 1, done.stderr
     said = f"no writer is running in {home} (nothing holds its lock tickstack.db.writer.lock), nor is the stack " \
            "(no circusd): start it (`make run`)"
@@ -364,7 +364,7 @@ def test_a_worker_waiting_for_the_database_stops_at_once_on_sigterm(worker: str)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 @pytest.mark.database_independent("which Python runs a command is asked before any database is opened")
@@ -391,4 +391,4 @@ def test_a_command_run_by_a_python_without_the_venvs_packages_says_to_use_the_ve
         assert done.stderr.splitlines()[-1].startswith("ModuleNotFoundError: tickstack's packages"), done.stderr
         assert not list(home.iterdir()), "nothing written into the home"
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)

@@ -536,6 +536,24 @@ def psycopg_params_of(url: str) -> dict[str, str]:
     return {"conninfo": make_conninfo(**params), "password": password}
 
 
+def test_a_dumps_password_file_is_made_in_the_private_home_and_removed_after(pg: Stack) -> None:
+    """pg_dump's and pg_restore's PGPASSFILE was made in the system's temporary folder: a backup or a
+    restore killed in the middle (kill -9: no ``finally``) left the password there, where nothing
+    removes it (one was found after this round's test runs). It is made in the home's private
+    ``run/`` (0700), which a test's removal of its home takes too, and removed after each dump."""
+    from db.server import private_folder
+
+    private = private_folder(pg.settings)
+    try:
+        assert private.parent == pg.settings.run_dir and stat.S_IMODE(private.stat().st_mode) == 0o700
+    finally:
+        private.rmdir()
+    pg.start_writer()
+    done = run(pg, "-m", "workers.jobs", "--run", "backup")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(pg.settings.run_dir.glob("ts-pgpass-*")), list(pg.settings.run_dir.iterdir())
+
+
 def test_pg_dump_gets_its_password_from_a_private_passfile_not_its_command_line(
         tmp_path: Path, postgres_server: PostgresServer) -> None:
     """What pg_dump is started with: a connection string without the password (``ps`` shows a command

@@ -22,7 +22,7 @@ import pytest
 
 from supervision.circus import Circus, CircusError
 from testkit.circus import Circusd, CircusStack
-from testkit.env import ROOT, isolated_env, new_home
+from testkit.env import ROOT, isolated_env, new_home, remove_home
 from testkit.helpers import backticked, run_as_printed, wait_for
 from tests import test_supervision
 from tests.test_supervision import port_free, prepare
@@ -84,7 +84,7 @@ def test_a_port_held_by_another_stack_names_its_circusd_and_how_to_quit_it(stack
         done = prepare(env)
         assert done.returncode == 0, done.stdout + done.stderr
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
 
 
 @DATABASE_INDEPENDENT
