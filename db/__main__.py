@@ -307,13 +307,20 @@ def _trades_lost_words(lost: list[int] | None) -> str:
             "(a client holding one is told it does not exist; its id is not given to a new trade)")
 
 
+def _ids_continued_words(continued: dict[str, int]) -> str:
+    """The counters (SQLite's) or sequences (PostgreSQL's) a restore set on, by name."""
+    if not continued:
+        return ""
+    return ("; ids continue after the replaced database's (" + ", ".join(
+        f"{name} {value}" for name, value in sorted(continued.items())) + "), so none it gave after the backup is "
+        "given again")
+
+
 def _restore_dump(settings: Settings, source: Path, keep: bool) -> int:
     from db.server_restore import restore_dump
 
     result = restore_dump(settings, source, keep=keep)
-    ids = ("; ids continue after the replaced database's (" + ", ".join(
-        f"{name} {value}" for name, value in sorted(result["ids_continued"].items())) + "), so none it gave after "
-        "the backup is given again") if result["ids_continued"] else ""
+    ids = _ids_continued_words(result["ids_continued"])
     kept = f"; the database it replaced is kept as {result['replaced']}" if result["replaced"] else ""
     print(f"restored {result['source']} into {result['restored']} ({result['entries']} entries, in one "
           f"transaction){kept}{ids}{_trades_lost_words(result['trades_lost'])}. Start the stack again on each "
@@ -333,15 +340,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     result = restore(settings, Path(args.backup))
     kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
             if result["replaced"] else "")
-    ids = ""
     if result["ids_unread"] is not None:
         ids = (f"; the replaced database could not be read ({result['ids_unread']}): ids it gave after the backup "
                "(ticks', trades') may be given again to new rows, so a client must not act on a trade id it was "
                "given after the backup")
-    elif result["ids_continued"]:
-        ids = ("; ids continue after the replaced database's (" + ", ".join(
-            f"{table} {seq}" for table, seq in sorted(result["ids_continued"].items())) + "), so none it gave after "
-            "the backup is given again")
+    else:
+        ids = _ids_continued_words(result["ids_continued"])
     ids += _trades_lost_words(result["trades_lost"])
     print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
           f"ok){kept}{ids}. Start the stack again: make run")

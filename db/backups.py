@@ -99,9 +99,8 @@ def restore_advice(settings: Settings) -> str:
     restore`` checks it first and refuses one it cannot use: the one before, then), and ``make run``.
     With no backup, that there is none (for an SQLite file, and that the writer must not run on it: a
     write that meets the damage fails)."""
-    suffix = ".db" if settings.database_path is not None else ".dump"
     try:
-        backups = [p for p in list_backups(settings.backup_dir) if p.suffix == suffix]
+        backups = [p for p in list_backups(settings.backup_dir) if p.suffix == backup_suffix(settings)]
     except OSError as e:  # a folder this user may not list: say so rather than end doctor's run
         return (f"restore a backup (`python -m db restore BACKUP`; the backups folder {settings.backup_dir} cannot "
                 f"be read: {e.strerror or e}), then `make run`")

@@ -28,7 +28,6 @@ from db import queries
 from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
-    ANALYSIS_CURSOR,
     AUDIT_RESULTS,
     TICK_KEY,
     AppliedRequest,
@@ -154,7 +153,7 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
     ``kept_for_analysis``: in the last call (``more`` false), the ticks older than ``before_ts`` kept
     because the analysis has not read them yet."""
     old = Tick.ts < before_ts
-    analysed = conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+    analysed = queries.analysed_through(conn)
     if analysed is not None:  # none: the analysis never ran in this database, and nothing waits for it
         old = old & (Tick.id <= analysed)
     ids = select(Tick.id).where(old).order_by(Tick.id).limit(limit).scalar_subquery()

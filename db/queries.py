@@ -212,6 +212,12 @@ def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
         result.close()
 
 
+def analysed_through(conn: Reader) -> int | None:
+    """The last tick id the analysis has read (its cursor, :data:`db.models.ANALYSIS_CURSOR`), None when
+    it never ran in this database: retention deletes no tick after it (``prune_ticks``)."""
+    return conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+
+
 def oldest_deletable_tick_ts(conn: Reader) -> int | None:
     """The time of the oldest tick retention may delete (read by the analysis: id up to its cursor,
     when it has one, as ``prune_ticks`` deletes), None without one: how far retention may go in one
@@ -219,7 +225,7 @@ def oldest_deletable_tick_ts(conn: Reader) -> int | None:
     after the live ticks has ids after theirs, and a guard that went by the lowest id's time let a
     clock set forward delete the whole replayed month in one run. Symbol by symbol, each an index
     seek on ``ix_ticks_symbol_ts`` (no index on ts alone: ingest would pay for it), so no scan."""
-    read_through = conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+    read_through = analysed_through(conn)
     oldest = None
     symbol = conn.execute(select(func.min(Tick.symbol))).scalar()
     while symbol is not None:

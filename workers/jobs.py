@@ -52,7 +52,7 @@ from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
-from workers.retention_cutoff import RetentionCutoff
+from workers.retention_cutoff import DAY_MS, RetentionCutoff
 
 #: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
 #: and checked, and grows the WAL the checkpoint then empties; metrics last, measuring the result).
@@ -75,7 +75,6 @@ BACKUP_RETRY_S = 60
 #: A last run dated more than this after now is taken as never run (a clock set back kept every job
 #: waiting for that time); less is hosts' clocks differing a little, waited out as usual.
 CLOCK_SLACK_S = 300
-DAY_MS = 86_400_000
 MB = 1024 * 1024
 
 #: What a job meets in operation, each with words that say what and why, so one line tells it: the
