@@ -23,7 +23,7 @@ from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
-from db.files import discard_part, part_file, put_in_place
+from db.files import discard_part, part_file, put_in_place, sync_folder
 from db.health import holders, integrity_check
 from db.lock import WriterLock, WriterLocked, read_lock_holder
 
@@ -198,10 +198,11 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
         for suffix in moved:  # the database first: the others are nothing without it
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")
         try:
-            put_in_place(tmp, path)
+            put_in_place(tmp, path)  # syncs the folder, the moves aside with it
         except OSError:
             for suffix in moved:  # back as they were
                 os.replace(f"{aside}{suffix}", f"{path}{suffix}")
+            sync_folder(path.parent)
             raise
         tmp = None
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,

@@ -15,6 +15,8 @@ from typing import Any
 import msgpack
 import psutil
 
+from db.files import sync_folder
+
 #: The columns of a batch of ticks, as the ingestor sends them to the writer.
 COLUMNS = ("symbol", "ts", "bid", "ask", "volume", "source", "seq")
 
@@ -81,6 +83,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
+            sync_folder(self.folder)  # the batch's name, which its fsync does not keep
         except OSError:
             tmp.unlink(missing_ok=True)
             raise

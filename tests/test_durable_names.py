@@ -1,0 +1,90 @@
+"""A file we name for keeps (a backup, a restored database, a spooled batch) keeps its name through a
+power cut: its folder is fsynced after the rename (:func:`db.files.sync_folder`). A file's own fsync
+keeps its bytes, not its name, and these were reported written (or acknowledged to a feed) while
+their names sat in the filesystem's journal for seconds. No test can cut the power; these watch the
+system calls the real commands make (strace, which `.ci/run` installs) and check the folder's fsync
+comes after the name was given."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testkit.env import ROOT
+from testkit.writer import Stack
+
+#: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do.
+TRACED = "trace=link,linkat,rename,renameat,renameat2,fsync,fdatasync"
+
+
+def traced(args: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    """``python ARGS`` under strace (``-f``: threads and children; ``-y``: an fd's path), the calls in ``log``."""
+    strace = shutil.which("strace")
+    assert strace is not None, "strace is missing: apt-get install strace (.ci/run installs it)"
+    return subprocess.run([strace, "-f", "-y", "-qq", "-e", TRACED, "-o", str(log), sys.executable, *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def last_name_given_then_folder_synced(log: Path, dest: Path) -> bool:
+    """Whether the last call that gave a file the name ``dest`` (a link or rename to it) is followed
+    by an fsync of ``dest``'s folder (an fd the trace shows as that folder's path)."""
+    lines = log.read_text().splitlines()
+    targets = {f'"{dest}"', f'"{dest.resolve()}"'}
+    named = [i for i, line in enumerate(lines)
+             if re.search(r"\b(link|linkat|rename|renameat|renameat2)\(", line) and re.search(r"= 0$", line)
+             and (re.findall(r'"[^"]*"', line) or [""])[-1] in targets]
+    assert named, f"no call gave a file the name {dest}: {lines[-20:]}"
+    folder = re.escape(str(dest.parent.resolve()))
+    return any(re.search(rf"\bfsync\(\d+<{folder}>\) += 0$", line) for line in lines[named[-1] + 1:])
+
+
+def test_a_backup_reported_written_has_its_name_synced_to_disk(writer: Stack, tmp_path: Path) -> None:
+    """``python -m db backup`` (an SQLite copy, or a pg_dump archive) names the finished file with a
+    link (or a rename with ``--force``) and then syncs its folder, before it says it is done."""
+    suffix = ".db" if writer.settings.database_path is not None else ".dump"
+    for force in (False, True):
+        dest, log = writer.home / f"kept{suffix}", tmp_path / f"backup-{force}.trace"
+        done = traced(["-m", "db", "backup", str(dest), *(["--force"] if force else [])], writer.env, log)
+        assert done.returncode == 0, done.stderr
+        assert last_name_given_then_folder_synced(log, dest), log.read_text()[-3000:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids")
+def test_a_restored_database_keeps_its_name_and_the_replaced_ones_through_a_power_cut(stack: Stack,
+                                                                                       tmp_path: Path) -> None:
+    """``python -m db restore`` moves the database (and its WAL) aside and puts the copy in its place:
+    without a sync of the folder after, a power cut could keep the moves aside and lose the copy's
+    name, leaving no database at all. (On PostgreSQL the restore is the server's transaction.)"""
+    database = stack.settings.database_path
+    assert database is not None
+    writer = stack.start_writer()
+    backup = stack.home / "kept.db"
+    made = subprocess.run([sys.executable, "-m", "db", "backup", str(backup)], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert stack.stop(writer) == 0
+    log = tmp_path / "restore.trace"
+    done = traced(["-m", "db", "restore", str(backup)], stack.env, log)
+    assert done.returncode == 0, done.stderr
+    assert last_name_given_then_folder_synced(log, database), log.read_text()[-3000:]
+
+
+@pytest.mark.database_independent("the spool is files in the home; no database is read or written")
+def test_a_spooled_batch_keeps_its_name_through_a_power_cut(tmp_path: Path) -> None:
+    """The tick ingestor spools a batch the writer has not acknowledged (its feed has moved past it):
+    the batch file is synced, renamed into place, and then its folder synced."""
+    folder = tmp_path / "spool"
+    folder.mkdir(mode=0o700)
+    script = ("import sys; from pathlib import Path; from workers.spool import Spool; "
+              "cols = dict(symbol=['EURUSD'], ts=[1], bid=[1.0], ask=[1.0], volume=[0.0], source=['t'], seq=[1]); "
+              "s = Spool(Path(sys.argv[1])); print(s.write(cols, s.name_of(cols)))")
+    log = tmp_path / "spool.trace"
+    done = traced(["-c", script, str(folder)], {"PATH": "/usr/bin:/bin"}, log)
+    assert done.returncode == 0, done.stderr
+    batch = Path(done.stdout.strip())
+    assert batch.parent == folder and batch.exists()
+    assert last_name_given_then_folder_synced(log, batch), log.read_text()[-3000:]
