@@ -5,7 +5,10 @@ in its log, which an operator who only runs ``db doctor`` would otherwise not se
   what makes one once the cause is mended;
 * the last retention run was held back (:mod:`workers.retention_cutoff`): the wall clock asked to
   delete far past the oldest tick, which a clock set forward does, a day of the window a run, until
-  it is set right.
+  it is set right;
+* the last retention run kept ticks older than the window because the analysis has not read them
+  (``prune_ticks`` never deletes one it has not folded into bars): with the analysis worker stopped,
+  or far behind, nothing old is deleted and the database grows without a bound.
 
 One read engine and one query per job for both; nothing when the database cannot be read now (said
 by doctor's other findings).
@@ -17,6 +20,7 @@ import time
 from typing import Any
 
 from db.backups import list_backups
+from db.circusd import circusctl_command
 from db.config import Settings
 from db.timestamps import utc
 
@@ -63,12 +67,18 @@ def _failed_backup(settings: Settings, run: Any) -> tuple[str, str] | None:
                     "Mend the cause, then make one now: `python -m workers.jobs --run backup`.")
 
 
-def _held_back_retention(run: Any) -> tuple[str, str] | None:
+def _detail(run: Any) -> dict[str, Any] | None:
+    """The detail of a run that went well, when it is a JSON object (as the retention job writes)."""
     try:
-        detail = json.loads(run.detail) if run is not None and run.ok else None
+        detail = json.loads(run.detail) if run is not None and run.ok and run.detail else None
     except ValueError:
         return None
-    if not isinstance(detail, dict) or not isinstance(detail.get("held_back_from"), int) \
+    return detail if isinstance(detail, dict) else None
+
+
+def _held_back_retention(run: Any) -> tuple[str, str] | None:
+    detail = _detail(run)
+    if detail is None or not isinstance(detail.get("held_back_from"), int) \
             or not isinstance(detail.get("before_ts"), int):
         return None
     return ("warn", f"Retention was held back in its last run ({_when(run)}): this host's clock asked to delete the "
@@ -79,10 +89,23 @@ def _held_back_retention(run: Any) -> tuple[str, str] | None:
                     "catch up.")
 
 
+def _kept_for_analysis(settings: Settings, run: Any) -> tuple[str, str] | None:
+    detail = _detail(run)
+    kept = detail.get("kept_for_analysis") if detail is not None else None
+    if type(kept) is not int or kept <= 0 or not isinstance(detail.get("before_ts"), int):
+        return None
+    status = circusctl_command(settings.circus_endpoint, "status", "analysis")
+    return ("warn", f"Retention kept {kept:,} tick(s) older than {utc(detail['before_ts'])} in its last run "
+                    f"({_when(run)}): the analysis has not read them, and a tick is deleted only once its bars "
+                    f"are built. The analysis worker is behind or not running (`{status}`); until it has read "
+                    "them no older tick is deleted and the database grows.")
+
+
 def job_findings(settings: Settings) -> list[tuple[str, str]]:
     """Doctor's warnings from the last backup and retention runs (see the module docstring)."""
     latest = _latest_runs(settings)
     if latest is None:
         return []
-    found = (_failed_backup(settings, latest["backup"]), _held_back_retention(latest["retention"]))
+    found = (_failed_backup(settings, latest["backup"]), _held_back_retention(latest["retention"]),
+             _kept_for_analysis(settings, latest["retention"]))
     return [finding for finding in found if finding is not None]

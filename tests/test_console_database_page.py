@@ -122,6 +122,10 @@ def test_words_for_results_seen_in_the_wild() -> None:
                      '"held_back_from": 86400000}') == (
         "deleted 10 ticks older than 1970-01-01 00:00:00 UTC in 1 call (held back from 1970-01-02 00:00:00 UTC, "
         "too far past the oldest tick: the next runs catch up, unless the clock is ahead)")
+    assert job_words("retention", True, '{"deleted": 0, "calls": 1, "before_ts": 0, "more": false, '
+                                        '"kept_for_analysis": 600}') == (
+        "deleted 0 ticks older than 1970-01-01 00:00:00 UTC in 1 call; kept 600 older ticks the analysis has not "
+        "read (it is behind, or not running)")
     assert job_words("quick_check", False, '{"ok": false, "messages": ["a", "b"], "ms": 3}') == (
         "integrity problems found in 3 ms: a; b")
     assert job_words("quick_check", True, "skipped: amcheck not installed") == "skipped: amcheck not installed"

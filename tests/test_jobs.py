@@ -170,6 +170,11 @@ def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) 
     assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(600,)]
     detail = json.loads(job_runs(writer)[-1]["detail"])
     assert detail["deleted"] == 0 and detail["kept_for_analysis"] == 600, detail
+    # For an operator who reads no log (a stopped analysis worker keeps every old tick: the file grows).
+    said = db_command(writer, "doctor")
+    assert re.search(r"\[WARN\] Retention kept 600 tick\(s\) older than .* in its last run \(.*\): the analysis "
+                     r"has not read them.* The analysis worker is behind or not running "
+                     r"\(`.*circusctl --endpoint \S+ status analysis`\)", said.stdout), said.stdout
     analyse()
     assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
         == [(600,)]
@@ -178,6 +183,7 @@ def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) 
     assert query(writer.settings, "SELECT count(*) FROM ticks WHERE symbol = 'OLDX'") == [(0,)]
     detail = json.loads(job_runs(writer)[-1]["detail"])
     assert detail["deleted"] == 600 and detail["kept_for_analysis"] == 0, detail
+    assert "Retention kept" not in db_command(writer, "doctor").stdout
     assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
         == [(600,)]
 

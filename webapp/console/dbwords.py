@@ -51,6 +51,9 @@ def job_words(job: str, ok: bool, detail: str | None) -> str:
         if isinstance(data.get("held_back_from"), int):
             text += (f" (held back from {timestamp(data['held_back_from'])}, too far past the oldest tick: the "
                      "next runs catch up, unless the clock is ahead)")
+        if isinstance(data.get("kept_for_analysis"), int) and data["kept_for_analysis"] > 0:
+            text += (f"; kept {_plural(data['kept_for_analysis'], 'older tick')} the analysis has not read (it is "
+                     "behind, or not running)")
         return text + ("; more remain, the next run goes on" if data.get("more") else "")
     if job == "backup" and "path" in data:
         name = str(data["path"]).rsplit("/", 1)[-1]
