@@ -436,8 +436,17 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, DBAPIError):
             raise
-        # The database's own reason (a folder, not SQLite's file, no right to it), without the SQL.
-        print(f"python -m db {args.command}: cannot use the database: {e.orig}", file=sys.stderr)
+        # The database's own reason (a folder, not SQLite's file, no right to it), without the SQL; for a
+        # file that is not SQLite's, what it begins with (SQLite says only "file is not a database").
+        from db.files import not_sqlite_words
+
+        try:
+            path = load_settings().database_path
+        except ConfigError:
+            path = None
+        not_sqlite = not_sqlite_words(path) if path is not None else None
+        reason = f"{not_sqlite}; does DATABASE_URL name the wrong file?" if not_sqlite else e.orig
+        print(f"python -m db {args.command}: cannot use the database: {reason}", file=sys.stderr)
         return 1
 
 

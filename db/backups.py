@@ -16,7 +16,7 @@ from db.circusd import damaged_file_steps
 from db.config import SECRET_FILES, Settings
 from db.engine import check_findings, connect_read_only
 from db.errors import MaintenanceFailed, WriterError
-from db.files import check_replaceable, discard_part, part_file, put_in_place
+from db.files import check_replaceable, discard_part, not_sqlite_words, part_file, put_in_place
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock, read_lock_holder
 
@@ -116,7 +116,13 @@ def restore_advice(settings: Settings) -> str:
 def damaged_file_words(settings: Settings, restore: str | None = None) -> str:
     """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs);
     ``restore``: :func:`restore_advice`'s words when the caller has them already."""
-    return f"the database file is damaged; {damaged_file_steps(settings, restore or restore_advice(settings))}"
+    steps = damaged_file_steps(settings, restore or restore_advice(settings))
+    path = settings.database_path
+    not_sqlite = not_sqlite_words(path) if path is not None else None
+    if not_sqlite is not None:
+        return (f"{not_sqlite}. If DATABASE_URL names the wrong file, set it right; if this is the stack's database, "
+                f"its first page is damaged: {steps}")
+    return f"the database file is damaged; {steps}"
 
 
 def rotate_backups(directory: Path, keep: int, spare: Path | None = None) -> list[Path]:

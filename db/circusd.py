@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 
 from db.config import ConfigError, Settings, load_settings
+from db.files import not_sqlite_words
 
 #: Seconds a process's start time may pass its pid file's mtime and still be the circusd that wrote
 #: it (the two clocks are read differently: psutil derives start times from the boot time).
@@ -283,7 +284,10 @@ def writer_down_advice(settings: Settings, restore_first: str | None = None) -> 
         stack = f", nor is the stack (no circusd in {settings.home})" if pid is None else \
             f" although circusd (pid {pid}) is"
         steps = damaged_file_steps(settings, restore_first, pid)
-        return (f"{_WRITER_DOWN}{stack}, and the database file is damaged (below): do not start the writer on it. "
+        path = settings.database_path
+        what = ("is not an SQLite database, or its first page is damaged" if path is not None
+                and not_sqlite_words(path) is not None else "is damaged")
+        return (f"{_WRITER_DOWN}{stack}, and the database file {what} (below): do not start the writer on it. "
                 f"{steps[:1].upper()}{steps[1:]}.")
     if pid is None:
         return (f"{_WRITER_DOWN}, nor is the stack (no circusd in {settings.home}), so writes wait (clients "

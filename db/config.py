@@ -80,8 +80,12 @@ class Setting:
         return self.parse(self.env, raw)
 
 
+#: The database file in the home when DATABASE_URL is not set.
+DEFAULT_DATABASE = "tickstack.db"
+
+
 def _default_url(s: Mapping[str, Any]) -> str:
-    return f"sqlite:///{s['home'] / 'tickstack.db'}"
+    return f"sqlite:///{s['home'] / DEFAULT_DATABASE}"
 
 
 def _default_endpoint(s: Mapping[str, Any]) -> str:

@@ -57,6 +57,26 @@ def database_files(path: Path) -> dict[str, Path]:
     return {"db": path, "wal": Path(f"{path}-wal"), "shm": Path(f"{path}-shm")}
 
 
+#: The first 16 bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def not_sqlite_words(path: Path) -> str | None:
+    """Why ``path`` is not an SQLite database, when it is a file that begins otherwise (a wrong
+    ``DATABASE_URL``: a CSV file, a PostgreSQL dump; or a database whose first page was destroyed);
+    None when it begins as one does, is empty (SQLite makes it one), or cannot be read. SQLite says
+    only "file is not a database", which doctor took for damage, with a restore to mend it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError:
+        return None
+    if not head or head == SQLITE_HEADER:
+        return None
+    return (f"{path} is not an SQLite database: it begins with {head!r}, where every SQLite database begins "
+            f"with {SQLITE_HEADER[:-1].decode()!r}")
+
+
 def file_sizes(path: Path) -> dict[str, int | None]:
     """The sizes of :func:`database_files`, None for one that is not there."""
     sizes: dict[str, int | None] = {}

@@ -16,6 +16,7 @@ import pytest
 
 from db.client import WriterClient
 from db.config import SETTINGS, ConfigError, JobSchedule, Settings, ensure_home, load_settings, markdown_table
+from testkit.env import isolated_env, new_home, remove_home
 from testkit.writer import Stack
 
 pytestmark = pytest.mark.database_independent(
@@ -204,6 +205,38 @@ def test_every_process_refuses_a_bad_setting_at_start(module: str, tmp_path: Pat
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_messages.py::"
+                         "test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer_doctor_and_health")
+def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_damaged() -> None:
+    """DATABASE_URL naming the wrong file (a CSV file of prices here): doctor said "the database file is
+    damaged", with a restore to mend it (which moves the file aside), and the writer made the file
+    private (0600) and said only SQLite's "file is not a database". Both now say what the file begins
+    with and both readings (a wrong URL; a first page destroyed), and the writer changes nothing."""
+    home = new_home()
+    try:
+        prices = home / "prices.csv"
+        prices.write_text("ts,bid,ask\n1,2,3\n")
+        prices.chmod(0o644)
+        env = {**isolated_env(home), "DATABASE_URL": f"sqlite:///{prices}"}
+        said = f"{prices} is not an SQLite database: it begins with b'ts,bid,ask\\n1,2,3', where every SQLite " \
+               "database begins with 'SQLite format 3'. If DATABASE_URL names the wrong file, set it"
+        writer = subprocess.run([sys.executable, "-m", "workers.writer"], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        assert writer.returncode == 1 and said in writer.stderr and "Traceback" not in writer.stderr, writer.stderr
+        assert f"unset, it is {home / 'tickstack.db'}" in writer.stderr, writer.stderr
+        assert prices.stat().st_mode & 0o777 == 0o644 and prices.read_text() == "ts,bid,ask\n1,2,3\n"
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=env, cwd=ROOT, capture_output=True,
+                                text=True, timeout=60)
+        lines = doctor.stdout.splitlines()
+        assert doctor.returncode == 1 and any(said in line and "its first page is damaged" in line
+                                              for line in lines), doctor.stdout
+        assert "the database file is damaged" not in doctor.stdout, doctor.stdout
+        assert any("the database file is not an SQLite database, or its first page is damaged (below)" in line
+                   for line in lines), doctor.stdout
+    finally:
+        remove_home(home)
+
+
 def test_direct_writes_are_refused_on_sqlite_naming_the_variable() -> None:
     """Only the writer may write SQLite: TICKSTACK_DIRECT_WRITES there stops every process at start."""
     with pytest.raises(ConfigError, match="TICKSTACK_DIRECT_WRITES works on PostgreSQL only"):
@@ -276,7 +309,7 @@ def test_the_writer_says_in_one_line_why_it_cannot_open_the_database_or_bind(sta
     taken = zmq.Context.instance().socket(zmq.REP)
     port = taken.bind_to_random_port("tcp://127.0.0.1")
     cases = [({"DATABASE_URL": f"sqlite:///{folder}"}, f"cannot open the database {folder}"),
-             ({"DATABASE_URL": f"sqlite:///{not_sqlite}"}, f"cannot open the database {not_sqlite}"),
+             ({"DATABASE_URL": f"sqlite:///{not_sqlite}"}, f"{not_sqlite} is not an SQLite database: it begins with"),
              ({"DATABASE_URL": f"sqlite:///{tmp_path}/no-such-folder/x.db"}, "no-such-folder"),
              ({"WRITER_ENDPOINT": f"tcp://127.0.0.1:{port}"}, f"cannot bind tcp://127.0.0.1:{port}")]
     try:
@@ -290,6 +323,8 @@ def test_the_writer_says_in_one_line_why_it_cannot_open_the_database_or_bind(sta
                                       capture_output=True, text=True, timeout=60)
                 assert init.returncode == 1 and init.stderr.startswith("python -m db init: "), init.stderr[-2000:]
                 assert "Traceback" not in init.stderr and len(init.stderr.splitlines()) == 1, init.stderr[-2000:]
+                if "is not an SQLite database" in said:
+                    assert said in init.stderr and "does DATABASE_URL name the wrong file?" in init.stderr, init.stderr
     finally:
         taken.close(0)
     assert not_sqlite.read_text().startswith("these are not")  # refused, not written over

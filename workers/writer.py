@@ -68,9 +68,10 @@ import zmq
 from sqlalchemy.exc import DBAPIError
 
 from db.client import MAX_PIPELINE_WINDOW
-from db.config import ConfigError, Settings, ensure_home, load_settings
+from db.config import DEFAULT_DATABASE, ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, server_trouble
+from db.files import not_sqlite_words
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import MAX_MESSAGE_SLACK, encode_reply, salvage_seq
 from db.served_database import record_database
@@ -238,6 +239,13 @@ class Writer:
             orphaned = orphaned_journal(self.settings.database_path)
             if orphaned is not None:
                 log.error("writer: %s", orphaned)
+                return 1
+            path = self.settings.database_path
+            not_sqlite = not_sqlite_words(path) if path is not None else None
+            if not_sqlite is not None:  # before its mode is changed or SQLite opens it
+                log.error("writer: %s. If DATABASE_URL names the wrong file, set it to the stack's database (unset, "
+                          "it is %s); if this is the stack's database, its first page is damaged: `python -m db "
+                          "doctor` says how to restore it", not_sqlite, self.settings.home / DEFAULT_DATABASE)
                 return 1
             make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
