@@ -4,6 +4,7 @@ API from a read-only connection, or a ``pg_dump -Fc`` archive of a server (:func
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ from db.errors import MaintenanceFailed, WriterError
 from db.files import check_replaceable, discard_part, not_sqlite_words, part_file, put_in_place
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock, read_lock_holder
+from db.sizes import human_bytes
 
 #: The name of every backup the stack makes (the jobs worker's and the console's): its UTC time, so
 #: names sort in time order, and rotation can tell our backups from files a person put beside them.
@@ -91,6 +93,41 @@ def list_backups(directory: Path, now: float | None = None) -> list[Path]:
     # The stamp's text against now's, both fixed-width: a stamp no calendar has (99999999) is ahead too.
     latest = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((time.time() if now is None else now) + CLOCK_SLACK_S))
     return sorted(found, key=lambda p: (p.name[len("tickstack-"):-len(p.suffix)] <= latest, p.name))
+
+
+#: What ``db restore`` keeps of the database it replaces: SQLite's file (with its ``-wal`` and ``-shm``,
+#: ``.2`` and on for a second restore within a second) beside it, PostgreSQL's dump in the home.
+REPLACED_RE = re.compile(r"(?P<name>.+)\.replaced-\d{8}T\d{6}Z(\.\d+)?(-wal|-shm)?"
+                         r"|tickstack\.replaced-\d{8}T\d{6}Z\.dump")
+
+
+def replaced_copies(settings: Settings) -> list[Path]:
+    """The files ``db restore`` kept of the databases it replaced, by name (so by time); nothing ever
+    removes them, and each is the size of a database."""
+    path = settings.database_path
+    folder = settings.home if path is None else path.parent
+    try:
+        names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False))
+    except OSError:
+        return []
+    return [folder / name for name in names if (m := REPLACED_RE.fullmatch(name)) is not None
+            and (path is None or m.group("name") in (None, path.name))]
+
+
+def replaced_copies_finding(settings: Settings, low: bool) -> list[tuple[str, str]]:
+    """Doctor's line on :func:`replaced_copies`, as nothing removes them: a warning when a disk is
+    filling up (``low``), where they are space to free."""
+    copies = replaced_copies(settings)
+    if not copies:
+        return []
+    newest = max((c.name for c in copies if not c.name.endswith(("-wal", "-shm"))), default=copies[-1].name)
+    size = 0
+    for copy in copies:
+        with contextlib.suppress(OSError):
+            size += copy.stat().st_size
+    return [("warn" if low else "ok", f"{len(copies)} file(s) kept by `db restore` of the databases it replaced take "
+                                      f"{human_bytes(size)} in {copies[0].parent} (the newest {newest}); "
+                                      "nothing removes them: delete them once you no longer need them.")]
 
 
 def restore_advice(settings: Settings) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from db.backups import damaged_file_words, restore_advice
+from db.backups import damaged_file_words, replaced_copies_finding, restore_advice
 from db.circusd import (
     circusctl_command,
     damaged_file_steps,
@@ -485,6 +485,8 @@ def _disk_findings(snap: dict[str, Any], settings: Settings) -> list[tuple[str, 
                                     "refuses writes (StorageFull) and the ingestor holds ticks in memory. Free "
                                     "space: delete old backups (TICKSTACK_BACKUP_KEEP), shorten "
                                     "TICKSTACK_RETENTION_DAYS, or move TICKSTACK_HOME to a larger disk."))
+    low = any(d.get("level") not in (None, "ok") for d in snap.get("disk", []))
+    out.extend(replaced_copies_finding(settings, low))
     stats = snap["writer"].get("stats") or {}
     failing = commits_failing(stats)
     if stats.get("journal_removed"):

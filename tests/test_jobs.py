@@ -995,6 +995,13 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
                     and not p.name.endswith(("-wal", "-shm")))
     assert len(asides) == 2 and aside.name in asides, asides
     assert Path(f"{aside}-wal").read_bytes() == b"a WAL of the old database"
+    # Nothing removes what a restore kept (each the size of a database): doctor says so.
+    kept = [p for p in database.parent.iterdir() if p.name.startswith(f"{database.name}.replaced-")]
+    said = db("doctor").stdout
+    newest = re.escape(max(asides))
+    assert re.search(rf"\[OK  \] {len(kept)} file\(s\) kept by `db restore` of the databases it replaced take "
+                     rf"\S+ \S+ in {re.escape(str(database.parent))} \(the newest {newest}\); nothing removes them: "
+                     r"delete them once you no longer need them\.", said), said
     # Through a symbolic link to the home, a reader is seen as well (it was not: paths compared as written).
     link = Path(tempfile.mkdtemp(prefix="ts-link-")) / "home"
     link.symlink_to(stack.home)
