@@ -190,6 +190,13 @@ def private_folder(settings: Settings) -> Path:
     return Path(tempfile.mkdtemp(prefix="ts-pgpass-", dir=where))
 
 
+#: Seconds a maintenance command (amcheck, pg_dump) waits for a table's lock (AccessShareLock: only an
+#: ACCESS EXCLUSIVE lock of another session, a DBA's psql left in a transaction after LOCK TABLE, holds
+#: it up), then gives up saying so: waiting without end held doctor silent, and a backup the jobs
+#: worker (every other job behind it) or a console request for as long as that session lived.
+MAINTENANCE_LOCK_WAIT_S = 10.0
+
+
 def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: bool = False) -> dict[str, Any]:
     """``pg_dump -Fc`` of the database (as ``DATABASE_URL``'s role: the readers' may not read the
     sequences) to ``dest``: written to a private temporary file, listed with ``pg_restore --list``
@@ -208,12 +215,18 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
         # needs none, and amcheck, which a DBA installs as a superuser for quick_check, would stop
         # a restore as the owner role at CREATE EXTENSION (permission denied).
         for command in ([pg_program("pg_dump"), "-Fc", "--no-password", "--extension=plpgsql", "-f", str(tmp),
-                         "-d", conninfo],
+                         f"--lock-wait-timeout={int(MAINTENANCE_LOCK_WAIT_S * 1000)}", "-d", conninfo],
                         [pg_program("pg_restore"), "--list", str(tmp)]):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
+                locked = ""
+                # pg_dump 15 gives up on a LOCK TABLE with a statement timeout; some versions say it in words.
+                if "Query was: LOCK TABLE" in done.stderr or "could not obtain lock on relation" in done.stderr:
+                    locked = (f"; another session held a table of the stack locked for over "
+                              f"{MAINTENANCE_LOCK_WAIT_S:g} s (ACCESS EXCLUSIVE): `python -m db doctor` names it; "
+                              "end its transaction, then back up again")
                 raise MaintenanceFailed(f"{Path(command[0]).name} failed ({done.returncode}): "
-                                   f"{scrub(done.stderr.strip()[-1500:], url)}")
+                                        f"{scrub(done.stderr.strip()[-1500:], url)}{locked}")
         entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
         os.chmod(tmp, 0o600)
         put_in_place(tmp, dest, overwrite=overwrite)
@@ -239,9 +252,6 @@ ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; G
                   "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
 
 
-#: Seconds amcheck waits for the lock of an index's table (AccessShareLock: only an ACCESS EXCLUSIVE
-#: lock of another session holds it up), then says who holds it.
-AMCHECK_LOCK_WAIT_S = 10.0
 _HOLDERS_SQL = """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '(unnamed)'), a.state
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
  WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid()
@@ -282,7 +292,7 @@ def amcheck(settings: Settings, timeout: float = 600.0, create: bool = True) -> 
         conn.execute("SET default_transaction_read_only = on")  # from here on, only reads
         # A table locked by another session (a psql left in a transaction after LOCK TABLE) held doctor
         # silent for as long as that session lived: its statement_timeout is ten times ``timeout``.
-        conn.execute(f"SET lock_timeout = '{int(min(timeout, AMCHECK_LOCK_WAIT_S) * 1000)}ms'")
+        conn.execute(f"SET lock_timeout = '{int(min(timeout, MAINTENANCE_LOCK_WAIT_S) * 1000)}ms'")
         indexes = [name for (name,) in conn.execute(_INDEXES_SQL).fetchall()]
         problems: list[str] = []
         for index in indexes:

@@ -83,6 +83,36 @@ def test_doctor_names_a_session_that_holds_a_table_locked_instead_of_waiting_for
     assert writer.poll() is None
 
 
+def test_a_backup_behind_a_locked_table_gives_up_saying_so_instead_of_waiting_for_it(
+        stack: Stack, holder: psycopg.Connection) -> None:  # noqa: F811
+    """A session holds ``ticks`` locked (ACCESS EXCLUSIVE) and stays in its transaction: ``db backup``
+    (pg_dump, the jobs worker's daily backup and the console's button too) waited on the lock for as
+    long as that session lived, the jobs worker's other jobs behind it (up to the dump's hour). It
+    now gives up after :data:`db.server.MAINTENANCE_LOCK_WAIT_S`, saying a table was locked and where
+    to find by whom, and leaves no file; once the lock is gone, the backup is made."""
+    import subprocess
+    import sys
+
+    from testkit.env import ROOT
+
+    stack.start_writer()  # the schema made
+    holder.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+    dest = stack.home / "kept.dump"
+    backup = [sys.executable, "-m", "db", "backup", str(dest)]
+    try:
+        done = subprocess.run(backup, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("db backup waited for a lock another session held, and was still waiting after 120 s")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "LOCK TABLE public.ticks IN ACCESS SHARE MODE" in done.stderr, done.stderr  # pg_dump's words
+    assert "another session held a table of the stack locked for over 10 s (ACCESS EXCLUSIVE): `python -m db " \
+           "doctor` names it" in done.stderr, done.stderr
+    assert not dest.exists() and not [p for p in stack.home.iterdir() if p.name.endswith(".part")]
+    holder.rollback()
+    done = subprocess.run(backup, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and dest.exists(), done.stderr
+
+
 def test_a_web_read_of_a_locked_table_is_answered_503_saying_so_not_held_until_the_lock_goes(
         stack: Stack, holder: psycopg.Connection) -> None:  # noqa: F811
     """With ``ticks`` locked by a session left in its transaction, ``GET /api/ticks`` and the console's
