@@ -24,7 +24,14 @@ The steps a DBA would take, each with its trap closed:
   would be given again: a consumer that resumes from the last tick id it read would skip the new
   ticks, and a client's ``close_trade`` of a trade opened after the dump would close another. The
   sequences are read before and set on from the higher value after, as :mod:`db.restore`
-  continues SQLite's AUTOINCREMENT counters.
+  continues SQLite's AUTOINCREMENT counters, in the restore's own transaction: pg_restore writes
+  its script (``-f -``), psql runs it between our ``BEGIN`` and, once pg_restore has ended well,
+  the sequences' ``setval`` and our ``COMMIT``. Done in a second transaction after pg_restore's, a restore
+  killed between the two (or its connection lost, or the server stopped) left the dump's rows with
+  the dump's sequences, without a word. Not ``psql --single-transaction``: it commits at the end of
+  its input, and a restore killed while it writes that input ends it. A dump's large objects are
+  left out, and left as they are in the database: pg_restore's script commits their data in a
+  transaction of its own (the stack stores none).
 
 As ``DATABASE_URL``'s role (the tables' owner), its password in a private ``PGPASSFILE``
 (:func:`db.server.libpq_env`), never on a command line; every error text has it cut out.
@@ -35,6 +42,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -94,13 +102,18 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str],
     return entries, tables | views
 
 
-def _without_extensions(entries: list[str]) -> list[str]:
-    """The entries but the extensions and their comments: a DBA's (amcheck, for quick_check), which
-    a dump made by hand has and the owner role may not drop or create ("must be owner of extension"),
-    and which the stack's schema needs none of. Left as they are in the database."""
-    def is_extension(parts: list[str]) -> bool:  # "5; 3079 16384 EXTENSION - amcheck", "COMMENT - EXTENSION x"
-        return len(parts) > 3 and (parts[3] == "EXTENSION" or (parts[3] == "COMMENT" and parts[5:6] == ["EXTENSION"]))
-    return [line for line in entries if not is_extension(line.split())]
+def _restorable(entries: list[str]) -> list[str]:
+    """The entries but the extensions and the large objects, with their comments and grants, left as
+    they are in the database. Extensions: a DBA's (amcheck, for quick_check), which a dump made by
+    hand has and the owner role may not drop or create ("must be owner of extension"). Large objects
+    (a DBA's too: the stack stores none): pg_restore's script restores their data between a BEGIN
+    and a COMMIT of its own, which would commit the restore's transaction halfway."""
+    def left_out(parts: list[str]) -> bool:  # "5; 3079 16384 EXTENSION - amcheck", "COMMENT - EXTENSION x",
+        # "7; 2613 16500 BLOB - 16500 owner", "8; 0 0 BLOBS - BLOBS", "9; 0 0 ACL - LARGE OBJECT 16500 owner"
+        # (PostgreSQL 17: "BLOB METADATA - 16500..16599 owner")
+        return parts[3:4] in (["EXTENSION"], ["BLOB"], ["BLOBS"]) \
+            or (parts[4:5] == ["-"] and parts[5:6] in (["EXTENSION"], ["LARGE"]))
+    return [line for line in entries if not left_out(line.split())]
 
 
 def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
@@ -139,6 +152,128 @@ def _ids(conn: Any) -> tuple[dict[str, int | None], int]:
     return sequences, int(conn.execute(_TOP_TRADE_SQL).fetchone()[0] or 0)
 
 
+#: How the restore's own statements' rows begin in psql's output, told from the rows of the script's.
+_RAISED = "tickstack raised "
+_TOP_TRADE = "tickstack top trade "
+#: What psql prints once it has run all the restore but its COMMIT.
+_READY = "tickstack ready to commit"
+
+
+def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool) -> str:
+    """What psql runs after pg_restore's script, in its transaction, before our COMMIT: each sequence
+    the dump set lower than the replaced database had it set on to that value (``setval``: its next
+    id is one more; one the replaced database never used, or the dump has not, is left as the dump
+    has it), a row ``tickstack raised VALUE NAME`` each; and ``tickstack top trade ID``, the highest
+    trade id the dump has (0: none). Quoted as ``conn``'s server quotes."""
+    from psycopg import sql
+
+    schema = conn.execute("SELECT current_schema()").fetchone()[0]  # the script sets search_path to ''
+    statements = [sql.SQL(
+        "SELECT pg_catalog.format({}, pg_catalog.setval(pg_catalog.format('%I.%I', s.schemaname, s.sequencename)"
+        "::regclass, {}), s.sequencename) FROM pg_catalog.pg_sequences s WHERE s.schemaname = {} "
+        "AND s.sequencename = {} AND coalesce(s.last_value, 0) < {};").format(
+            _RAISED + "%s %s", value, schema, name, value)
+        for name, value in sorted(before.items()) if value is not None]
+    if has_trades:
+        statements.append(sql.SQL("SELECT pg_catalog.format({}, coalesce(max(id), 0)) FROM {};").format(
+            _TOP_TRADE + "%s", sql.Identifier(schema, "trades")))
+    return "".join(statement.as_string(conn) + "\n" for statement in statements)
+
+
+def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], last: str, timeout: float,
+                        url: str) -> str:
+    """Runs ``script`` (pg_restore writing its SQL to stdout) into ``psql`` (reading stdin, stopping at
+    the first error) between a ``BEGIN`` and, only when pg_restore ended well, ``last`` and then, once
+    psql has run all of that (it prints :data:`_READY`), ``COMMIT``; psql's output. Anything else ends
+    psql's session before its input does, so the server rolls the transaction back: pg_restore
+    failing midway (psql killed, its input never ended), psql stopping at an error (pg_restore
+    killed), ``timeout`` passed (both), this process killed (psql's input ends without COMMIT).
+    MaintenanceFailed with pg_restore's or psql's words, the password cut out."""
+    runner = subprocess.Popen(psql, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        writer = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    except BaseException:
+        runner.kill()
+        runner.wait()
+        raise
+    said: dict[str, bytes] = {}
+    printed: list[str] = []
+    ready = threading.Event()
+
+    def drain(name: str, stream: Any) -> None:
+        said[name] = stream.read()
+
+    def read_printed() -> None:
+        for line in runner.stdout:
+            printed.append(line.decode(errors="replace").rstrip("\n"))
+            if printed[-1] == _READY:
+                ready.set()
+    readers = [threading.Thread(target=read_printed, daemon=True)] + [
+        threading.Thread(target=drain, args=item, daemon=True)
+        for item in (("psql", runner.stderr), ("pg_restore", writer.stderr))]
+    timed_out = threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        runner.kill()
+        writer.kill()
+    watchdog = threading.Timer(timeout, stop)
+    committing = writer_stopped = False
+    for thread in (*readers, watchdog):
+        thread.start()
+    try:
+        try:
+            runner.stdin.write(b"BEGIN;\n")
+            while chunk := writer.stdout.read1(1 << 16):  # what there is, as it comes: a COPY's rows too
+                runner.stdin.write(chunk)
+                runner.stdin.flush()
+            if writer.wait() == 0:
+                runner.stdin.write(f"{last}SELECT '{_READY}';\n".encode())
+                runner.stdin.flush()
+                while not ready.wait(0.1) and runner.poll() is None:
+                    pass
+                if ready.is_set() and not timed_out.is_set():
+                    runner.stdin.write(b"COMMIT;\n")
+                    committing = True
+                    runner.stdin.close()  # the end of psql's input: it commits
+        except BrokenPipeError:  # psql stopped reading: it stopped at an error, or the watchdog killed it
+            writer_stopped = writer.poll() is None
+        if not committing:
+            runner.kill()  # before its input ends: psql (not --single-transaction) commits nothing then
+        writer.kill()  # it ended, or psql did: it would wait for ever to write on
+        runner.wait()
+        writer.wait()
+    finally:
+        watchdog.cancel()
+        for proc in (runner, writer):
+            if proc.poll() is None:  # an exception of ours (KeyboardInterrupt): nothing committed
+                proc.kill()
+                proc.wait()
+        for thread in readers:
+            thread.join(10)
+        for stream in (runner.stdin, writer.stdout):
+            try:
+                stream.close()
+            except BrokenPipeError:
+                pass
+    if committing and runner.returncode == 0:
+        return "\n".join(printed)
+    # psql had run all but our COMMIT without an error: a session lost (or stopped) then may have
+    # committed first, and is said so.
+    outcome = ("(one transaction: all of it or nothing was committed, as its COMMIT ended)" if committing else
+               "(one transaction: nothing was changed)")
+    if timed_out.is_set():
+        raise MaintenanceFailed(f"the restore did not end within {timeout:g} s and was stopped {outcome}")
+    if writer.returncode != 0 and not writer_stopped:
+        name, code = "pg_restore", writer.returncode
+    else:
+        name, code = "psql", runner.returncode
+    text = said.get(name, b"").decode(errors="replace").strip()
+    error_at = text.rfind("ERROR:")  # psql's: its error, then the statement it stopped at, however long
+    words = scrub(text[error_at:][:1500] if error_at >= 0 else text[-1500:], url)
+    raise MaintenanceFailed(f"{name} failed ({code}): {words} {outcome}")
+
+
 def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True) -> dict[str, Any]:
     """``pg_restore --clean --if-exists`` of ``source`` into ``DATABASE_URL``'s database (see the
     module docstring); returns ``restored`` (the database, no password), ``source``, ``entries``,
@@ -146,7 +281,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
     ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
     Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
-    restore itself failed: pg_restore's words)."""
+    restore itself failed: pg_restore's or psql's words)."""
     url = settings.database_url
     source = Path(source).absolute()
     private = private_folder(settings)
@@ -157,7 +292,11 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
         chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
         fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write("\n".join(_without_extensions(listed)) + "\n")
+            f.write("\n".join(_restorable(listed)) + "\n")
+        script = [pg_program("pg_restore"), "--clean", "--if-exists", "-L", str(chosen), "-f", "-", str(source)]
+        # psql stops at the first error and says which statement it was (--echo-errors); rows unadorned.
+        psql = [pg_program("psql"), "--no-psqlrc", "--no-password", "--quiet", "--echo-errors", "--no-align",
+                "--tuples-only", "-v", "ON_ERROR_STOP=1", "-d", conninfo]  # found before anything is done
         try:
             conn = connect(url, "restore", settings.host, timeout=10, read_only=False)
         except Exception as e:
@@ -174,6 +313,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
             if in_the_way is not None:
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn)
+            last = _last_statements(conn, before, "trades" in relations)
         replaced = None
         if keep:
             aside = settings.home / f"tickstack.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.dump"
@@ -183,20 +323,17 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
-        done = subprocess.run([pg_program("pg_restore"), "--clean", "--if-exists", "--no-password",
-                               "--single-transaction", "-L", str(chosen), "-d", conninfo, str(source)],
-                              env=env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise MaintenanceFailed(f"pg_restore failed ({done.returncode}): "
-                                    f"{scrub(done.stderr.strip()[-1500:], url)} (one transaction: nothing was changed)")
-        with connect(url, "restore", settings.host, timeout=10, read_only=False) as conn:
-            after, top_trade = _ids(conn)
-            raised = {}
-            for name, value in before.items():
-                if value is not None and name in after and value > (after[name] or 0):
-                    conn.execute("SELECT setval(format('%%I.%%I', current_schema(), %s::text)::regclass, %s)",
-                                 (name, value))
-                    raised[name] = value
+        printed = _in_one_transaction(script, psql, env, last, timeout, url)
+        # What the committed transaction did, as its own statements printed it (each setval that ran,
+        # the dump's top trade): not worked out again from values read before or after it.
+        raised: dict[str, int] = {}
+        top_trade = 0
+        for line in printed.splitlines():
+            if line.startswith(_RAISED):
+                value, name = line[len(_RAISED):].split(" ", 1)
+                raised[name] = int(value)
+            elif line.startswith(_TOP_TRADE):
+                top_trade = int(line[len(_TOP_TRADE):])
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return {"restored": display_url(url), "source": str(source), "entries": entries,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import socket
 import stat
 import subprocess
@@ -440,6 +442,133 @@ def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: St
     no_password("\n".join(outputs), postgres_server)
 
 
+#: ``python -m db restore --no-copy DUMP`` whose pg_restore is the program ``argv[1]`` (a wrapper of
+#: the real one): ``db.server.pg_program`` finds the server's own binaries, not a program on PATH.
+RESTORE_WITH_PG_RESTORE = """
+import sys
+import db.server_restore
+from db.__main__ import main
+real = db.server_restore.pg_program
+db.server_restore.pg_program = lambda name: sys.argv[1] if name == "pg_restore" else real(name)
+sys.exit(main(["restore", "--no-copy", sys.argv[2]]))
+"""
+
+
+def dump_by_hand(stack: Stack) -> tuple[Path, str]:
+    """``by-hand.dump`` in the home: ``pg_dump -Fc`` of the stack's database as a DBA makes one (as
+    ``DATABASE_URL``'s role; all of it, extensions and large objects too), and its ``pg_restore --list``."""
+    owner = psycopg_params_of(stack.env["DATABASE_URL"])
+    dump = stack.home / "by-hand.dump"
+    made = subprocess.run([pg_program("pg_dump"), "-Fc", "-f", str(dump), "-d", owner["conninfo"]],
+                          env={**os.environ, "PGPASSWORD": owner["password"]}, capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    listed = subprocess.run([pg_program("pg_restore"), "--list", str(dump)], capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return dump, listed.stdout
+
+
+def cut_after_its_list(dump: Path, damaged: Path) -> Path:
+    """``damaged``: ``dump`` cut short right after its list of entries (the custom format's start),
+    which ``pg_restore --list`` reads whole, so that a restore fails at the first data it reads."""
+    data = dump.read_bytes()
+    listed, unlisted = len(data), 0  # the shortest cut found that pg_restore lists, the longest it does not
+    while listed - unlisted > 1:
+        cut = (listed + unlisted) // 2
+        damaged.write_bytes(data[:cut])
+        done = subprocess.run([pg_program("pg_restore"), "--list", str(damaged)], capture_output=True, timeout=60)
+        listed, unlisted = (cut, unlisted) if done.returncode == 0 else (listed, cut)
+    assert listed < len(data) - 100, f"{dump}'s list is all of it: no data to cut"
+    damaged.write_bytes(data[:listed])
+    return damaged
+
+
+def test_db_restore_killed_as_its_pg_restore_ends_never_leaves_the_dumps_ids_to_be_given_again(
+        pg: Stack, postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """The restore committed ``pg_restore --single-transaction``, then set the id sequences on from
+    the replaced database's in a second transaction: killed between the two (kill -9, a lost
+    connection, the server stopped), it left the dump's rows with the dump's sequences, so the tick
+    and trade ids given after the dump were to be given again, and nobody was told. Killed (by its
+    pid) once its pg_restore has ended well (the real one, in a wrapper that holds its output open
+    meanwhile) and what it restored is done, the database is as it was, or restored with its ids
+    continued: never restored with them set back. The dump has a DBA's large object, whose data
+    pg_restore's script wraps in a COMMIT of its own. A damaged dump, pg_restore failing midway,
+    changes nothing and is said in pg_restore's words. Not killed, the restore says the ids it continued."""
+    def sequences() -> dict[str, int]:
+        return dict(rows(pg, "SELECT sequencename, last_value FROM pg_sequences WHERE last_value IS NOT NULL"))
+
+    writer = pg.start_writer()
+    insert_ticks(pg, 300)
+    with WriterClient(settings=pg.settings, deadline=20) as client:
+        client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0)
+    database = make_url(pg.env["DATABASE_URL"]).database
+    postgres_server.psql(database, "ts_owner", "SELECT lo_from_bytea(0, 'a DBA''s notes')")
+    dump, listed = dump_by_hand(pg)  # the jobs worker's dumps have no large objects (--extension=plpgsql)
+    assert " BLOBS - BLOBS" in listed, listed  # the large object's data, in the dump
+    insert_ticks(pg, 200, first=300)  # after the dump: ids the restore must not give again
+    with WriterClient(settings=pg.settings, deadline=20) as client:
+        client.call("open_trade", symbol="BTCUSD", side="buy", size=1.0, entry_price=100.0)
+    assert pg.stop(writer) == 0
+    before = sequences()
+    assert before["ticks_id_seq"] == 500 and before["trades_id_seq"] == 2, before
+    outputs = []
+
+    damaged = cut_after_its_list(dump, pg.home / "damaged.dump")
+    refused = run(pg, "-m", "db", "restore", "--no-copy", str(damaged))
+    outputs.append(refused.stdout + refused.stderr)
+    assert refused.returncode == 1 and "pg_restore failed" in refused.stderr \
+        and "(one transaction: nothing was changed)" in refused.stderr, outputs[-1]
+    assert rows(pg, "SELECT count(*) FROM ticks") == [(500,)] and sequences() == before
+
+    # The real pg_restore; once it has restored (--clean) and ended well, the wrapper writes down its
+    # arguments and holds its output open until the restore's process is gone, which waits meanwhile.
+    ended = tmp_path / "pg_restore-ended"
+    wrapper = tmp_path / "pg_restore"
+    wrapper.write_text(f"""#!/bin/sh
+{shlex.quote(pg_program("pg_restore"))} "$@"
+status=$?
+case " $* " in *" --clean "*) if [ $status -eq 0 ]; then
+  echo " $* " > {shlex.quote(str(ended))}
+  while kill -0 $PPID 2>/dev/null; do sleep 0.05; done
+fi;; esac
+exit $status
+""")
+    wrapper.chmod(0o700)
+    restore = subprocess.Popen([sys.executable, "-c", RESTORE_WITH_PG_RESTORE, str(wrapper), str(dump)],
+                               env=pg.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the restore's pg_restore to end", lambda: ended.exists() or restore.poll() is not None)
+        if ended.exists() and " -d " not in ended.read_text():  # pg_restore wrote a script (-f) for a session
+            # of the restore's own: killed once that session has run all it was sent, and waits for more
+            # (idle for a second: not caught between two statements).
+            wait_for("the restore's session to have run pg_restore's script", lambda: rows(
+                pg, "SELECT count(*) FILTER (WHERE state IN ('idle', 'idle in transaction') AND state_change < "
+                    "now() - interval '1 second'), count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'tickstack restore%'") == [(1, 1)])
+    finally:  # (pg_restore -d: its session committed the restore and ended)
+        restore.kill()
+        out, err = restore.communicate(timeout=60)
+    outputs.append(out + err)
+    assert restore.returncode == -signal.SIGKILL, outputs[-1]
+    wait_for("the killed restore's sessions to end", lambda: rows(
+        pg, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'tickstack restore%'") == [(0,)])
+    ticks, after = rows(pg, "SELECT count(*) FROM ticks")[0][0], sequences()
+    assert (ticks, after) == (500, before) or (ticks == 300 and all(
+        after.get(name, 0) >= value for name, value in before.items())), \
+        f"{ticks} ticks, sequences {after}, before the restore {before}"
+
+    done = run(pg, "-m", "db", "restore", "--no-copy", str(dump))  # not killed: restored, its ids continued
+    outputs.append(done.stdout + done.stderr)
+    assert done.returncode == 0, outputs[-1]
+    assert "ids continue after the replaced database's (" in done.stdout and "ticks_id_seq 500" in done.stdout \
+        and "trades_id_seq 2" in done.stdout and "WARNING: trade 2, opened after the backup" in done.stdout, done.stdout
+    assert rows(pg, "SELECT count(*) FROM ticks") == [(300,)] and sequences() == before
+    assert rows(pg, "SELECT count(*) FROM pg_largeobject_metadata") == [(1,)]  # the DBA's, left as it is
+    no_password("\n".join(outputs), postgres_server)
+
+
 def test_db_restore_refuses_a_dump_of_another_database_and_names_a_session_whose_lock_it_would_wait_for(
         pg: Stack, postgres_server: PostgresServer) -> None:
     """A ``pg_dump -Fc`` of another program's database was "restored" (its tables put beside the
@@ -508,15 +637,8 @@ def test_db_restore_takes_a_hand_made_dump_of_a_database_with_amcheck_installed(
     writer = pg.start_writer()
     insert_ticks(pg, 10)
     assert pg.stop(writer) == 0
-    owner = psycopg_params_of(pg.env["DATABASE_URL"])
-    dump = pg.home / "by-hand.dump"
-    made = subprocess.run([pg_program("pg_dump"), "-Fc", "-f", str(dump), "-d", owner["conninfo"]],
-                          env={**os.environ, "PGPASSWORD": owner["password"]}, capture_output=True, text=True,
-                          timeout=120)
-    assert made.returncode == 0, made.stderr
-    listed = subprocess.run([pg_program("pg_restore"), "--list", str(dump)], capture_output=True, text=True,
-                            timeout=120)
-    assert " EXTENSION - amcheck" in listed.stdout, listed.stdout  # what the restore met
+    dump, listed = dump_by_hand(pg)
+    assert " EXTENSION - amcheck" in listed, listed  # what the restore met
     writer = pg.start_writer()
     insert_ticks(pg, 5, first=10)
     assert pg.stop(writer) == 0
