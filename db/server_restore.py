@@ -13,8 +13,8 @@ The steps a DBA would take, each with its trap closed:
 * no tickstack session of any host may be connected to the database: a writer would go on writing
   into tables being dropped and made again, and a reader's open transaction holds the locks the
   drops wait for. Sessions of other programs are not refused, but one holding a lock on the stack's
-  tables (a DBA's psql left in a transaction) is: the tables are locked for :data:`LOCK_WAIT_S`
-  first and the holders named, where pg_restore (its script sets ``lock_timeout = 0``) waited
+  tables (a DBA's psql left in a transaction) is: the tables are locked for
+  :data:`db.server.MAINTENANCE_LOCK_WAIT_S` first and the holders named, where pg_restore (its script sets ``lock_timeout = 0``) waited
   without a word for the hour the restore may take;
 * the database as it is is dumped first, to ``tickstack.replaced-<UTC time>.dump`` in the home, as
   :mod:`db.restore` keeps the SQLite file it replaces (``keep=False``, ``--no-copy``: a database
@@ -51,7 +51,7 @@ from db.circusd import circusctl_command
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed
-from db.server import connect, dump, libpq_env, pg_program, private_folder, scrub
+from db.server import MAINTENANCE_LOCK_WAIT_S, connect, dump, libpq_env, pg_program, private_folder, scrub
 
 #: The sequences of the schema and their values (None: never used), by name.
 _SEQUENCES_SQL = ("SELECT sequencename, last_value FROM pg_sequences WHERE schemaname = current_schema() "
@@ -62,8 +62,6 @@ _OURS_SQL = ("SELECT application_name FROM pg_stat_activity WHERE datname = curr
 _TOP_TRADE_SQL = "SELECT CASE WHEN to_regclass('trades') IS NULL THEN NULL ELSE (SELECT max(id) FROM trades) END"
 #: The tables a tickstack dump has whatever its schema version (db.schema's v1 made them).
 _OUR_TABLES = ("schema_version", "ticks")
-#: Seconds the restore waits for another session's lock on the stack's tables before it names the holders.
-LOCK_WAIT_S = 10.0
 #: The schema's tables and views of the dump's names (what pg_restore --clean drops: each needs its
 #: ACCESS EXCLUSIVE lock); a table of the DBA's own, which the restore leaves alone, is not in the way.
 _RELATIONS_SQL = ("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -118,8 +116,8 @@ def _restorable(entries: list[str]) -> list[str]:
 
 def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
     """The sessions holding a lock on the tables and views ``names`` (the dump's) that the restore
-    would wait for, said, once it has waited :data:`LOCK_WAIT_S` to lock them all itself (then let
-    go); None when none (or when it may not lock one: pg_restore says why)."""
+    would wait for, said, once it has waited :data:`db.server.MAINTENANCE_LOCK_WAIT_S` to lock them all
+    itself (then let go); None when none (or when it may not lock one: pg_restore says why)."""
     import psycopg
 
     relations = [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
@@ -127,7 +125,7 @@ def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
         return None
     try:
         with conn.transaction():
-            conn.execute(f"SET LOCAL lock_timeout = '{int(LOCK_WAIT_S * 1000)}ms'")
+            conn.execute(f"SET LOCAL lock_timeout = '{int(MAINTENANCE_LOCK_WAIT_S * 1000)}ms'")
             conn.execute(f"LOCK TABLE {', '.join(relations)} IN ACCESS EXCLUSIVE MODE")
             raise _LetGo
     except _LetGo:

@@ -417,6 +417,9 @@ def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: St
     (replaced,) = pg.home.glob("tickstack.replaced-*.dump")  # the database as it was, dumped first
     assert f"the database it replaced is kept as {replaced}" in done.stdout, done.stdout
     assert stat.S_IMODE(replaced.stat().st_mode) == 0o600
+    said = run(pg, "-m", "db", "doctor").stdout  # nothing removes it (each the size of a database): doctor says so
+    assert "1 file(s) kept by `db restore` of the databases it replaced take " in said \
+        and f"in {pg.home} (the newest {replaced.name}); nothing removes them" in said, said
     postgres_server.create_database("ts_replaced")
     try:  # it holds what the restore replaced: the lost trade and the ticks after the dump
         owner = psycopg_params_of(postgres_server.url("ts_owner", database="ts_replaced"))
