@@ -98,7 +98,7 @@ def list_backups(directory: Path, now: float | None = None) -> list[Path]:
 #: What ``db restore`` keeps of the database it replaces: SQLite's file (with its ``-wal`` and ``-shm``,
 #: ``.2`` and on for a second restore within a second) beside it, PostgreSQL's dump in the home.
 REPLACED_RE = re.compile(r"(?P<name>.+)\.replaced-\d{8}T\d{6}Z(\.\d+)?(-wal|-shm)?"
-                         r"|tickstack\.replaced-\d{8}T\d{6}Z\.dump")
+                         r"|tickstack\.replaced-\d{8}T\d{6}Z(\.\d+)?\.dump")
 
 
 def replaced_copies(settings: Settings) -> list[Path]:

@@ -314,7 +314,12 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
             last = _last_statements(conn, before, "trades" in relations)
         replaced = None
         if keep:
-            aside = settings.home / f"tickstack.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.dump"
+            stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
+            aside = settings.home / f"tickstack.replaced-{stamp}.dump"
+            n = 1
+            while aside.exists():  # a restore within the same second: the first one's copy is kept
+                n += 1
+                aside = settings.home / f"tickstack.replaced-{stamp}.{n}.dump"
             try:
                 replaced = Path(dump(settings, aside, timeout)["path"])
             except (MaintenanceFailed, OSError) as e:

@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -407,6 +408,13 @@ def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: St
     assert refused.returncode == 1 and "is not a PostgreSQL dump" in outputs[-1], outputs[-1]
     assert rows(pg, "SELECT count(*) FROM ticks") == [(500,)]  # nothing changed by either
 
+    # Another restore's copies, under the names of this minute's seconds (a restore within the same
+    # second was refused for want of a name for its copy): kept as they are, the copy named apart.
+    start = int(time.time())
+    others = [pg.home / f"tickstack.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(start + i))}.dump"
+              for i in range(120)]
+    for other in others:
+        other.write_bytes(b"another restore's copy")
     done = run(pg, "-m", "db", "restore", str(dump))
     outputs.append(done.stdout + done.stderr)
     assert done.returncode == 0, outputs[-1]
@@ -414,7 +422,11 @@ def test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids(pg: St
         and f"trades_id_seq {lost}" in done.stdout, done.stdout
     assert f"WARNING: trade {lost}, opened after the backup, is not in it" in done.stdout, done.stdout
     assert rows(pg, "SELECT count(*), max(id) FROM ticks")[0][0] == 300
+    assert all(other.read_bytes() == b"another restore's copy" for other in others)
+    for other in others:
+        other.unlink()
     (replaced,) = pg.home.glob("tickstack.replaced-*.dump")  # the database as it was, dumped first
+    assert re.fullmatch(r"tickstack\.replaced-\d{8}T\d{6}Z\.2\.dump", replaced.name), replaced.name
     assert f"the database it replaced is kept as {replaced}" in done.stdout, done.stdout
     assert stat.S_IMODE(replaced.stat().st_mode) == 0o600
     said = run(pg, "-m", "db", "doctor").stdout  # nothing removes it (each the size of a database): doctor says so
