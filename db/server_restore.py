@@ -14,8 +14,8 @@ The steps a DBA would take, each with its trap closed:
   into tables being dropped and made again, and a reader's open transaction holds the locks the
   drops wait for. Sessions of other programs are not refused, but one holding a lock on the stack's
   tables (a DBA's psql left in a transaction) is: the tables are locked for
-  :data:`db.server.MAINTENANCE_LOCK_WAIT_S` first and the holders named, where pg_restore (its script sets ``lock_timeout = 0``) waited
-  without a word for the hour the restore may take;
+  :data:`db.server.MAINTENANCE_LOCK_WAIT_S` first and the holders named, where pg_restore (its
+  script sets ``lock_timeout = 0``) waited without a word for the hour the restore may take;
 * the database as it is is dumped first, to ``tickstack.replaced-<UTC time>.dump`` in the home, as
   :mod:`db.restore` keeps the SQLite file it replaces (``keep=False``, ``--no-copy``: a database
   pg_dump cannot read, its copy refused with pg_dump's words);
