@@ -16,6 +16,9 @@ From then on the umask holds: the processes circusd starts, its sockets and any 
   whatever the umask, at start and at each rotation; circus.ini uses it for every watcher's stdout
   and stderr. It also survives a full disk: output that cannot be written is counted, the log
   says how much was lost once the disk takes writes again, and circusd never sees the error;
+* what a process wrote last before it was stopped is written too (:func:`drain_before_removal`):
+  circus stopped reading its pipes as soon as it saw the process gone, and lost that output about
+  one stop in ten (the ticks worker's summary line, the writer's "final checkpoint done");
 * :func:`private_circusd_files` is a circus hook (``after_start`` of the writer, the first watcher
   circusd starts) that narrows circusd's own log and pid file to 0600, the two files circus creates
   before (or against) the umask. They are in ``$TICKSTACK_HOME/log`` and ``run`` (both 0700), so
@@ -26,13 +29,58 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import select
 from typing import Any
 
 from circus.stream import FileStream
+from circus.stream.redirector import Redirector
 
 log = logging.getLogger("tickstack.streams")
 
 PRIVATE = 0o600
+#: The most a stopped process's pipe is read of at its removal: all a pipe buffer holds many times
+#: over, and a bound should a child of the process still hold it open and write on.
+DRAIN_LIMIT = 4 << 20
+
+
+def _drain(redirector: Redirector, process: Any) -> None:
+    """Write what ``process`` left unread in its pipes to its streams, as circus's reader would
+    have: everything there now, never waiting for more (the pipes are blocking; ``poll`` says
+    what is there)."""
+    for name, pipe in redirector.get_process_pipes(process):
+        try:
+            fd = pipe.fileno()
+        except ValueError:  # closed already
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        left = DRAIN_LIMIT
+        while left > 0 and poller.poll(0):
+            data = os.read(fd, min(left, 1 << 16))
+            if not data:  # its end: every writer has closed it
+                break
+            left -= len(data)
+            redirector.redirect[name]({"data": data, "pid": process.pid, "name": name})
+
+
+def drain_before_removal(redirector: Redirector, process: Any) -> None:
+    """circus's ``Redirector.remove_redirections``, once :func:`_drain` has written what ``process``
+    wrote last. circus (0.19, ``Watcher.kill_process``) removes a stopped process's pipes from its
+    loop as soon as it sees the process gone, polling every 0.1 s, and closes them: output written
+    just before the exit and not yet read was lost (4 lines of 39 stops, a process that writes a
+    line as SIGTERM ends it). Installed in place of circus's method when circusd loads this module
+    (circus.ini names its stream class): circus makes its redirectors itself. A failure here is
+    logged, never the stop's."""
+    try:
+        _drain(redirector, process)
+    except Exception as e:  # the stop goes on: a lost line is all it costs
+        log.warning("the last output of pid %s could not be read: %s", getattr(process, "pid", "?"), e)
+    _circus_remove_redirections(redirector, process)
+
+
+_circus_remove_redirections = getattr(Redirector.remove_redirections, "circus_own", Redirector.remove_redirections)
+drain_before_removal.circus_own = _circus_remove_redirections  # type: ignore[attr-defined]
+Redirector.remove_redirections = drain_before_removal  # type: ignore[method-assign]
 
 
 class PrivateFileStream(FileStream):
