@@ -225,6 +225,7 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
         assert writer.returncode == 1 and said in writer.stderr and "Traceback" not in writer.stderr, writer.stderr
         assert f"unset, it is {home / 'tickstack.db'}" in writer.stderr, writer.stderr
         assert prices.stat().st_mode & 0o777 == 0o644 and prices.read_text() == "ts,bid,ask\n1,2,3\n"
+        assert sorted(p.name for p in home.iterdir() if p.name.startswith("prices")) == ["prices.csv"]  # no lock
         doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         lines = doctor.stdout.splitlines()

@@ -172,6 +172,13 @@ class Writer:
                         "one, and ZeroMQ ends the writer (SIGABRT, 'Too many open files') when none is left; raise "
                         "it to at least %d (LimitNOFILE, limits.conf)", self.open_files, MIN_OPEN_FILES)
         ensure_home(self.settings)
+        path = self.settings.database_path
+        not_sqlite = not_sqlite_words(path) if path is not None else None
+        if not_sqlite is not None:  # before a lock file beside it, its mode changed, or SQLite opens it
+            log.error("writer: %s. If DATABASE_URL names the wrong file, set it to the stack's database (unset, "
+                      "it is %s); if this is the stack's database, its first page is damaged: `python -m db "
+                      "doctor` says how to restore it", not_sqlite, self.settings.home / DEFAULT_DATABASE)
+            return 1
         self.server_lock: ServerWriterLock | None = None
         # Before the lock's wait: a stop or a stray signal meanwhile is handled, not the default action.
         self.init_signals()
@@ -239,13 +246,6 @@ class Writer:
             orphaned = orphaned_journal(self.settings.database_path)
             if orphaned is not None:
                 log.error("writer: %s", orphaned)
-                return 1
-            path = self.settings.database_path
-            not_sqlite = not_sqlite_words(path) if path is not None else None
-            if not_sqlite is not None:  # before its mode is changed or SQLite opens it
-                log.error("writer: %s. If DATABASE_URL names the wrong file, set it to the stack's database (unset, "
-                          "it is %s); if this is the stack's database, its first page is damaged: `python -m db "
-                          "doctor` says how to restore it", not_sqlite, self.settings.home / DEFAULT_DATABASE)
                 return 1
             make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
