@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 from dataclasses import fields
@@ -233,6 +234,31 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
         assert "the database file is damaged" not in doctor.stdout, doctor.stdout
         assert any("the database file is not an SQLite database, or its first page is damaged (below)" in line
                    for line in lines), doctor.stdout
+    finally:
+        remove_home(home)
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_messages.py::"
+                         "test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer_doctor_and_health")
+def test_a_database_url_naming_a_fifo_is_refused_not_waited_on_for_ever() -> None:
+    """DATABASE_URL naming a FIFO (a named pipe, a mistyped path into a tool's folder): the writer and
+    ``db init`` refused it with SQLite's "disk I/O error", until the check for a file that is not
+    SQLite's read its first bytes with a plain open, which waits for a FIFO's writer: both hung for
+    as long as nobody wrote to it (the writer under circus, never started and never saying why)."""
+    home = new_home()
+    try:
+        fifo = home / "prices.fifo"
+        os.mkfifo(fifo, 0o600)
+        env = {**isolated_env(home), "DATABASE_URL": f"sqlite:///{fifo}"}
+        for command in (["workers.writer"], ["db", "init"]):
+            try:
+                done = subprocess.run([sys.executable, "-m", *command], env=env, cwd=ROOT, capture_output=True,
+                                      text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"python -m {' '.join(command)} waited on the FIFO {fifo} for 60 s")
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert str(fifo) in done.stderr or "disk I/O error" in done.stderr, done.stderr
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     finally:
         remove_home(home)
 
