@@ -270,9 +270,12 @@ ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; G
                   "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
 
 
-#: The other sessions holding an ACCESS EXCLUSIVE lock on a relation of this database: on ``index``
-#: or its table, or on any when ``index`` is NULL.
-_HOLDERS_SQL = """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '(unnamed)'), a.state
+#: The other sessions holding an ACCESS EXCLUSIVE lock on a relation of this database (on ``index``
+#: or its table, or on any when ``index`` is NULL), with their role. Another role's session's state
+#: is NULL to a role without pg_read_all_stats (a DBA's psql as a superuser, the usual holder, was
+#: "(psql, None)"): left out then, as db.server_restore's query does.
+_HOLDERS_SQL = """SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'),
+                                 'role ' || a.usename, a.state)
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
  WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid() AND l.locktype = 'relation'
    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
@@ -283,9 +286,9 @@ _HOLDERS_SQL = """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, '')
 
 def _exclusive_lock_holders(conn: Any, index: str | None = None) -> str | None:
     """The sessions holding ``index``'s table (any table, without ``index``) locked ACCESS EXCLUSIVE,
-    in words (``server pid 12 (psql, idle in transaction)``); None when none does."""
+    in words (``server pid 12 (psql, role dba, idle in transaction)``); None when none does."""
     held = conn.execute(_HOLDERS_SQL, {"index": index}).fetchall()
-    return ", ".join(f"server pid {pid} ({app}, {state})" for pid, app, state in held) or None
+    return ", ".join(f"server pid {pid} ({about})" for pid, about in held) or None
 
 
 def _lock_holders(conn: Any, index: str) -> str:
