@@ -81,8 +81,11 @@ def not_sqlite_words(path: Path) -> str | None:
         os.close(fd)
     if not head or head == SQLITE_HEADER:
         return None
-    return (f"{path} is not an SQLite database: it begins with {head!r}, where every SQLite database begins "
-            f"with {SQLITE_HEADER[:-1].decode()!r}")
+    # Both as bytes, the NUL too: "begins with b'SQLite format 3X', where every SQLite database begins
+    # with 'SQLite format 3'" (or a file cut short at 15 bytes) read as a contradiction.
+    whole = f" (the whole file: {len(head)} bytes)" if len(head) < len(SQLITE_HEADER) else ""
+    return (f"{path} is not an SQLite database: it begins with {head!r}{whole}, where every SQLite database "
+            f"begins with the {len(SQLITE_HEADER)} bytes {SQLITE_HEADER!r}")
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

@@ -220,7 +220,7 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
         prices.chmod(0o644)
         env = {**isolated_env(home), "DATABASE_URL": f"sqlite:///{prices}"}
         said = f"{prices} is not an SQLite database: it begins with b'ts,bid,ask\\n1,2,3', where every SQLite " \
-               "database begins with 'SQLite format 3'. If DATABASE_URL names the wrong file, set it"
+               "database begins with the 16 bytes b'SQLite format 3\\x00'. If DATABASE_URL names the wrong file, set it"
         writer = subprocess.run([sys.executable, "-m", "workers.writer"], env=env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         assert writer.returncode == 1 and said in writer.stderr and "Traceback" not in writer.stderr, writer.stderr
@@ -261,6 +261,23 @@ def test_a_database_url_naming_a_fifo_is_refused_not_waited_on_for_ever() -> Non
         assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     finally:
         remove_home(home)
+
+
+@pytest.mark.parametrize("head", [b"SQLite format 3", b"SQLite format 3X", b"SQLite"])
+def test_a_file_cut_short_or_one_byte_off_sqlites_header_is_not_said_to_begin_as_sqlite_does(tmp_path: Path,
+                                                                                             head: bytes) -> None:
+    """A database cut short within its first 16 bytes, or with its 16th byte changed: the words said
+    "it begins with b'SQLite format 3', where every SQLite database begins with 'SQLite format 3'",
+    two equal things an operator could only read as a contradiction (the 16th byte, a NUL, left out)."""
+    from db.files import not_sqlite_words
+
+    path = tmp_path / "tickstack.db"
+    path.write_bytes(head)
+    said = not_sqlite_words(path)
+    assert said is not None and f"it begins with {head!r}" in said, said
+    assert "b'SQLite format 3\\x00'" in said, said
+    if len(head) < 16:
+        assert f"the whole file: {len(head)} bytes" in said, said
 
 
 def test_direct_writes_are_refused_on_sqlite_naming_the_variable() -> None:
