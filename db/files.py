@@ -64,17 +64,28 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 def not_sqlite_words(path: Path) -> str | None:
     """Why ``path`` is not an SQLite database, when it is a file that begins otherwise (a wrong
     ``DATABASE_URL``: a CSV file, a PostgreSQL dump; or a database whose first page was destroyed);
-    None when it begins as one does, is empty (SQLite makes it one), or cannot be read. SQLite says
-    only "file is not a database", which doctor took for damage, with a restore to mend it."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_HEADER))
+    None when it begins as one does, is empty (SQLite makes it one), is no regular file (SQLite's
+    own error says so), or cannot be read. SQLite says only "file is not a database", which doctor
+    took for damage, with a restore to mend it."""
+    try:  # without O_NONBLOCK, the open of a FIFO waits for a writer: the writer's start hung on one
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        head = os.read(fd, len(SQLITE_HEADER))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if not head or head == SQLITE_HEADER:
         return None
-    return (f"{path} is not an SQLite database: it begins with {head!r}, where every SQLite database begins "
-            f"with {SQLITE_HEADER[:-1].decode()!r}")
+    # Both as bytes, the NUL too: "begins with b'SQLite format 3X', where every SQLite database begins
+    # with 'SQLite format 3'" (or a file cut short at 15 bytes) read as a contradiction.
+    whole = f" (the whole file: {len(head)} bytes)" if len(head) < len(SQLITE_HEADER) else ""
+    return (f"{path} is not an SQLite database: it begins with {head!r}{whole}, where every SQLite database "
+            f"begins with the {len(SQLITE_HEADER)} bytes {SQLITE_HEADER!r}")
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

@@ -197,6 +197,29 @@ def private_folder(settings: Settings) -> Path:
 MAINTENANCE_LOCK_WAIT_S = 10.0
 
 
+def _dump_locked_out(settings: Settings, stderr: str) -> str:
+    """What to add to pg_dump's words when it stopped at a ``LOCK TABLE`` (``--lock-wait-timeout``): the
+    sessions that hold a table of the database locked, and what to do; nothing when none does. Asked of
+    the server, not read from pg_dump's words: those are in the operator's language (``LANGUAGE=de``:
+    "Anfrage war:"), the server's error in its ``lc_messages``, and a table the role may not read
+    ("permission denied") stops pg_dump at its ``LOCK TABLE`` too, with no lock held by anyone. The
+    statement pg_dump echoes is SQL, in no language."""
+    if "LOCK TABLE " not in stderr:
+        return ""
+    import psycopg
+
+    try:
+        with connect(settings.database_url, "backup", settings.host) as conn:
+            who = _exclusive_lock_holders(conn)
+    except psycopg.Error:  # pg_dump's words say why it failed; this only adds who held a lock
+        return ""
+    if who is None:
+        return ""
+    return (f"; a table is locked (ACCESS EXCLUSIVE) by another session: {who}, and pg_dump waited "
+            f"{MAINTENANCE_LOCK_WAIT_S:g} s for it. End that session's transaction (as a superuser: SELECT "
+            "pg_terminate_backend(PID)), then back up again")
+
+
 def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: bool = False) -> dict[str, Any]:
     """``pg_dump -Fc`` of the database (as ``DATABASE_URL``'s role: the readers' may not read the
     sequences) to ``dest``: written to a private temporary file, listed with ``pg_restore --list``
@@ -219,12 +242,7 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
                         [pg_program("pg_restore"), "--list", str(tmp)]):
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
-                locked = ""
-                # pg_dump 15 gives up on a LOCK TABLE with a statement timeout; some versions say it in words.
-                if "Query was: LOCK TABLE" in done.stderr or "could not obtain lock on relation" in done.stderr:
-                    locked = (f"; another session held a table of the stack locked for over "
-                              f"{MAINTENANCE_LOCK_WAIT_S:g} s (ACCESS EXCLUSIVE): `python -m db doctor` names it; "
-                              "end its transaction, then back up again")
+                locked = _dump_locked_out(settings, done.stderr)
                 raise MaintenanceFailed(f"{Path(command[0]).name} failed ({done.returncode}): "
                                         f"{scrub(done.stderr.strip()[-1500:], url)}{locked}")
         entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
@@ -252,17 +270,30 @@ ENABLE_AMCHECK = ("as a superuser, in this database: CREATE EXTENSION amcheck; G
                   "bt_index_check(regclass, boolean) TO <DATABASE_URL's role> (Debian: postgresql-contrib)")
 
 
-_HOLDERS_SQL = """SELECT DISTINCT a.pid, coalesce(nullif(a.application_name, ''), '(unnamed)'), a.state
+#: The other sessions holding an ACCESS EXCLUSIVE lock on a relation of this database (on ``index``
+#: or its table, or on any when ``index`` is NULL), with their role. Another role's session's state
+#: is NULL to a role without pg_read_all_stats (a DBA's psql as a superuser, the usual holder, was
+#: "(psql, None)"): left out then, as db.server_restore's query does.
+_HOLDERS_SQL = """SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'),
+                                 'role ' || a.usename, a.state)
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid()
-   AND l.relation IN (%s::regclass, (SELECT indrelid FROM pg_index WHERE indexrelid = %s::regclass))
+ WHERE l.granted AND l.mode = 'AccessExclusiveLock' AND a.pid <> pg_backend_pid() AND l.locktype = 'relation'
+   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+   AND (%(index)s::regclass IS NULL OR l.relation IN
+        (%(index)s::regclass, (SELECT indrelid FROM pg_index WHERE indexrelid = %(index)s::regclass)))
  ORDER BY 1"""
+
+
+def _exclusive_lock_holders(conn: Any, index: str | None = None) -> str | None:
+    """The sessions holding ``index``'s table (any table, without ``index``) locked ACCESS EXCLUSIVE,
+    in words (``server pid 12 (psql, role dba, idle in transaction)``); None when none does."""
+    held = conn.execute(_HOLDERS_SQL, {"index": index}).fetchall()
+    return ", ".join(f"server pid {pid} ({about})" for pid, about in held) or None
 
 
 def _lock_holders(conn: Any, index: str) -> str:
     """What to say when amcheck could not lock ``index``'s table: the sessions holding it, and what to do."""
-    held = conn.execute(_HOLDERS_SQL, (index, index)).fetchall()
-    who = ", ".join(f"server pid {pid} ({app}, {state})" for pid, app, state in held) or "a session now gone"
+    who = _exclusive_lock_holders(conn, index) or "a session now gone"
     return (f"its table is locked (ACCESS EXCLUSIVE) by another session: {who}; the stack's writes to "
             "it are answered retryably and its reads of it wait meanwhile. End that session's transaction "
             "(as a superuser: SELECT pg_terminate_backend(PID)), then check again")

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import subprocess
 import sys
 from dataclasses import fields
@@ -219,7 +220,7 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
         prices.chmod(0o644)
         env = {**isolated_env(home), "DATABASE_URL": f"sqlite:///{prices}"}
         said = f"{prices} is not an SQLite database: it begins with b'ts,bid,ask\\n1,2,3', where every SQLite " \
-               "database begins with 'SQLite format 3'. If DATABASE_URL names the wrong file, set it"
+               "database begins with the 16 bytes b'SQLite format 3\\x00'. If DATABASE_URL names the wrong file, set it"
         writer = subprocess.run([sys.executable, "-m", "workers.writer"], env=env, cwd=ROOT, capture_output=True,
                                 text=True, timeout=60)
         assert writer.returncode == 1 and said in writer.stderr and "Traceback" not in writer.stderr, writer.stderr
@@ -236,6 +237,48 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
                    for line in lines), doctor.stdout
     finally:
         remove_home(home)
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_messages.py::"
+                         "test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer_doctor_and_health")
+def test_a_database_url_naming_a_fifo_is_refused_not_waited_on_for_ever() -> None:
+    """DATABASE_URL naming a FIFO (a named pipe, a mistyped path into a tool's folder): the writer and
+    ``db init`` refused it with SQLite's "disk I/O error", until the check for a file that is not
+    SQLite's read its first bytes with a plain open, which waits for a FIFO's writer: both hung for
+    as long as nobody wrote to it (the writer under circus, never started and never saying why)."""
+    home = new_home()
+    try:
+        fifo = home / "prices.fifo"
+        os.mkfifo(fifo, 0o600)
+        env = {**isolated_env(home), "DATABASE_URL": f"sqlite:///{fifo}"}
+        for command in (["workers.writer"], ["db", "init"]):
+            try:
+                done = subprocess.run([sys.executable, "-m", *command], env=env, cwd=ROOT, capture_output=True,
+                                      text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"python -m {' '.join(command)} waited on the FIFO {fifo} for 60 s")
+            assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+            assert str(fifo) in done.stderr or "disk I/O error" in done.stderr, done.stderr
+        assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    finally:
+        remove_home(home)
+
+
+@pytest.mark.parametrize("head", [b"SQLite format 3", b"SQLite format 3X", b"SQLite"])
+def test_a_file_cut_short_or_one_byte_off_sqlites_header_is_not_said_to_begin_as_sqlite_does(tmp_path: Path,
+                                                                                             head: bytes) -> None:
+    """A database cut short within its first 16 bytes, or with its 16th byte changed: the words said
+    "it begins with b'SQLite format 3', where every SQLite database begins with 'SQLite format 3'",
+    two equal things an operator could only read as a contradiction (the 16th byte, a NUL, left out)."""
+    from db.files import not_sqlite_words
+
+    path = tmp_path / "tickstack.db"
+    path.write_bytes(head)
+    said = not_sqlite_words(path)
+    assert said is not None and f"it begins with {head!r}" in said, said
+    assert "b'SQLite format 3\\x00'" in said, said
+    if len(head) < 16:
+        assert f"the whole file: {len(head)} bytes" in said, said
 
 
 def test_direct_writes_are_refused_on_sqlite_naming_the_variable() -> None:

@@ -78,7 +78,8 @@ def test_doctor_names_a_session_that_holds_a_table_locked_instead_of_waiting_for
             session.rollback()
     out = done.stdout + done.stderr
     assert done.returncode == 1, out
-    assert f"server pid {pid} (psql, idle in transaction)" in out and "pg_terminate_backend" in out, out
+    assert f"server pid {pid} (psql, role {url.username}, idle in transaction)" in out, out
+    assert "pg_terminate_backend" in out, out
     assert "corrupt" not in out.lower() and url.password not in out, out
     assert writer.poll() is None
 
@@ -88,8 +89,8 @@ def test_a_backup_behind_a_locked_table_gives_up_saying_so_instead_of_waiting_fo
     """A session holds ``ticks`` locked (ACCESS EXCLUSIVE) and stays in its transaction: ``db backup``
     (pg_dump, the jobs worker's daily backup and the console's button too) waited on the lock for as
     long as that session lived, the jobs worker's other jobs behind it (up to the dump's hour). It
-    now gives up after :data:`db.server.MAINTENANCE_LOCK_WAIT_S`, saying a table was locked and where
-    to find by whom, and leaves no file; once the lock is gone, the backup is made."""
+    now gives up after :data:`db.server.MAINTENANCE_LOCK_WAIT_S`, saying a table was locked and by
+    whom, and leaves no file; once the lock is gone, the backup is made."""
     import subprocess
     import sys
 
@@ -105,8 +106,9 @@ def test_a_backup_behind_a_locked_table_gives_up_saying_so_instead_of_waiting_fo
         pytest.fail("db backup waited for a lock another session held, and was still waiting after 120 s")
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "LOCK TABLE public.ticks IN ACCESS SHARE MODE" in done.stderr, done.stderr  # pg_dump's words
-    assert "another session held a table of the stack locked for over 10 s (ACCESS EXCLUSIVE): `python -m db " \
-           "doctor` names it" in done.stderr, done.stderr
+    assert f"a table is locked (ACCESS EXCLUSIVE) by another session: server pid {holder.info.backend_pid} " \
+           f"((unnamed), role {holder.info.user}, idle in transaction), and pg_dump waited 10 s for it. End that " \
+           "session's transaction" in done.stderr, done.stderr
     assert not dest.exists() and not [p for p in stack.home.iterdir() if p.name.endswith(".part")]
     holder.rollback()
     done = subprocess.run(backup, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -149,3 +151,77 @@ def test_a_web_read_of_a_locked_table_is_answered_503_saying_so_not_held_until_t
     page = answers["console"]
     assert page.status_code == 503 and "locked by another session" in page.get_data(True), page.get_data(True)
     assert api.get("/api/ticks?symbol=BTCUSD&limit=5").status_code == 200  # the lock gone, reads as before
+
+
+def test_a_backup_behind_a_locked_table_says_so_whatever_language_pg_dump_speaks(
+        stack: Stack, holder: psycopg.Connection) -> None:  # noqa: F811
+    """An operator whose environment asks for another language (``LANGUAGE=de``; Debian's pg_dump
+    carries its translations) got pg_dump's German words only ("Anfrage war: LOCK TABLE ..."): the
+    backup's failure was matched on pg_dump's English "Query was:", so it did not say a table was
+    locked, nor by whom."""
+    import subprocess
+    import sys
+
+    from testkit.env import ROOT
+
+    stack.start_writer()  # the schema made
+    holder.execute("SET application_name = 'psql'")
+    holder.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+    pid = holder.info.backend_pid
+    dest = stack.home / "kept.dump"
+    done = subprocess.run([sys.executable, "-m", "db", "backup", str(dest)], env={**stack.env, "LANGUAGE": "de"},
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"locked (ACCESS EXCLUSIVE) by another session: server pid {pid} (psql, role {holder.info.user}, " \
+           "idle in transaction)" \
+        in done.stderr, done.stderr
+    assert not dest.exists()
+
+
+def test_a_backup_that_may_not_read_a_table_is_not_said_to_wait_for_a_lock(
+        stack: Stack, postgres_server: PostgresServer) -> None:
+    """A table in the stack's database that DATABASE_URL's role may not read (a DBA's own): pg_dump
+    fails at once at its ``LOCK TABLE``, "permission denied". That was said as "another session held a
+    table of the stack locked for over 10 s", sending the operator to look for a session that is not
+    there; only a lock that is held is said to be."""
+    import subprocess
+    import sys
+
+    from testkit.env import ROOT
+
+    stack.start_writer()  # the schema made
+    postgres_server.psql(_database(stack), "postgres", "CREATE TABLE dba_notes (note text)")
+    dest = stack.home / "kept.dump"
+    done = subprocess.run([sys.executable, "-m", "db", "backup", str(dest)], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "permission denied for table dba_notes" in done.stderr, done.stderr
+    assert "locked" not in done.stderr.replace("LOCK TABLE", ""), done.stderr
+    assert not dest.exists()
+
+
+def test_a_backup_behind_a_table_a_superuser_locked_names_the_session_without_a_state_it_may_not_see(
+        stack: Stack, postgres_server: PostgresServer) -> None:
+    """The usual holder of a table's lock is a DBA's psql as a superuser, another role than the stack's:
+    PostgreSQL hides another role's session state (NULL in pg_stat_activity) from a role without
+    pg_read_all_stats, and the words named the session "(psql, None)"; now its role, as the restore's do."""
+    import subprocess
+    import sys
+
+    from testkit.env import ROOT
+
+    stack.start_writer()  # the schema made
+    with psycopg.connect(host=str(postgres_server.socket_dir), port=postgres_server.port, dbname=_database(stack),
+                         user="postgres", password=postgres_server.passwords["postgres"],
+                         application_name="psql") as dba:
+        dba.execute("LOCK TABLE ticks IN ACCESS EXCLUSIVE MODE")
+        pid = dba.info.backend_pid
+        try:
+            done = subprocess.run([sys.executable, "-m", "db", "backup", str(stack.home / "kept.dump")],
+                                  env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        finally:
+            dba.rollback()
+    assert done.returncode == 1, done.stderr
+    assert f"by another session: server pid {pid} (psql, role postgres), and pg_dump waited" in done.stderr, \
+        done.stderr
+    assert "None" not in done.stderr, done.stderr
