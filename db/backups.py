@@ -97,21 +97,26 @@ def list_backups(directory: Path, now: float | None = None) -> list[Path]:
 
 #: What ``db restore`` keeps of the database it replaces: SQLite's file (with its ``-wal`` and ``-shm``,
 #: ``.2`` and on for a second restore within a second) beside it, PostgreSQL's dump in the home.
-REPLACED_RE = re.compile(r"(?P<name>.+)\.replaced-\d{8}T\d{6}Z(\.\d+)?(-wal|-shm)?"
-                         r"|tickstack\.replaced-\d{8}T\d{6}Z(\.\d+)?\.dump")
+REPLACED_RE = re.compile(r"(?:(?P<name>.+)\.replaced-(?P<stamp>\d{8}T\d{6}Z)(?:\.(?P<n>\d+))?(?:-wal|-shm)?"
+                         r"|tickstack\.replaced-(?P<dstamp>\d{8}T\d{6}Z)(?:\.(?P<dn>\d+))?\.dump)")
 
 
 def replaced_copies(settings: Settings) -> list[Path]:
-    """The files ``db restore`` kept of the databases it replaced, by name (so by time); nothing ever
-    removes them, and each is the size of a database."""
+    """The files ``db restore`` kept of the databases it replaced, oldest first; nothing ever removes
+    them, and each is the size of a database."""
     path = settings.database_path
     folder = settings.home if path is None else path.parent
     try:
         names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False))
     except OSError:
         return []
-    return [folder / name for name in names if (m := REPLACED_RE.fullmatch(name)) is not None
-            and (path is None or m.group("name") in (None, path.name))]
+    # Of this database only: SQLite's beside its file, named after it; PostgreSQL's dumps in the home.
+    kept = [(m, folder / name) for name in names if (m := REPLACED_RE.fullmatch(name)) is not None
+            and m.group("name") == (None if path is None else path.name)]
+    def when(found: tuple[re.Match[str], Path]) -> tuple[str, int, str]:  # ".10" after ".9": by number
+        m, copy = found
+        return m.group("stamp") or m.group("dstamp"), int(m.group("n") or m.group("dn") or 1), copy.name
+    return [copy for _, copy in sorted(kept, key=when)]
 
 
 def replaced_copies_finding(settings: Settings, low: bool) -> list[tuple[str, str]]:
@@ -120,7 +125,7 @@ def replaced_copies_finding(settings: Settings, low: bool) -> list[tuple[str, st
     copies = replaced_copies(settings)
     if not copies:
         return []
-    newest = max((c.name for c in copies if not c.name.endswith(("-wal", "-shm"))), default=copies[-1].name)
+    newest = next((c.name for c in reversed(copies) if not c.name.endswith(("-wal", "-shm"))), copies[-1].name)
     size = 0
     for copy in copies:
         with contextlib.suppress(OSError):
@@ -267,7 +272,9 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
                                     f"so {damaged_file_words(settings)}.")
         put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
-        raise MaintenanceFailed(f"backup to {dest} failed: {e} (nothing left behind)") from e
+        not_sqlite = not_sqlite_words(path)  # SQLite says only "file is not a database"
+        reason = f"{not_sqlite}; does DATABASE_URL name the wrong file?" if not_sqlite is not None else e
+        raise MaintenanceFailed(f"backup to {dest} failed: {reason} (nothing left behind)") from e
     finally:
         discard_part(tmp)  # gone once put in place; its journals, and the whole of a failed copy
     return {"path": str(dest), "bytes": dest.stat().st_size, "ms": round((time.perf_counter() - started) * 1000, 1)}

@@ -97,8 +97,9 @@ def _kept_for_analysis(settings: Settings, run: Any) -> tuple[str, str] | None:
     status = circusctl_command(settings.circus_endpoint, "status", "analysis")
     return ("warn", f"Retention kept {kept:,} tick(s) older than {utc(detail['before_ts'])} in its last run "
                     f"({_when(run)}): the analysis has not read them, and a tick is deleted only once its bars "
-                    f"are built. The analysis worker is behind or not running (`{status}`); until it has read "
-                    "them no older tick is deleted and the database grows.")
+                    f"are built. The analysis worker is behind or not running (`{status}` on the host that "
+                    "leads it, which `db health` names); the ticks it has not read are kept until it has, so "
+                    "while it is stopped the database grows.")
 
 
 def job_findings(settings: Settings) -> list[tuple[str, str]]:

@@ -235,6 +235,10 @@ def test_a_database_url_naming_a_file_that_is_not_sqlite_is_said_so_not_called_d
         assert "the database file is damaged" not in doctor.stdout, doctor.stdout
         assert any("the database file is not an SQLite database, or its first page is damaged (below)" in line
                    for line in lines), doctor.stdout
+        backup = subprocess.run([sys.executable, "-m", "db", "backup", str(home / "kept.db")], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert backup.returncode == 1 and f"failed: {said.split('. If ')[0]}; " in backup.stderr \
+            and "does DATABASE_URL name the wrong file?" in backup.stderr, backup.stderr
     finally:
         remove_home(home)
 

@@ -6,6 +6,7 @@ system calls the real commands make (strace, which `.ci/run` installs) and check
 comes after the name was given."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -24,7 +25,11 @@ TRACED = "trace=link,linkat,rename,renameat,renameat2,fsync,fdatasync"
 def traced(args: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
     """``python ARGS`` under strace (``-f``: threads and children; ``-y``: an fd's path), the calls in ``log``."""
     strace = shutil.which("strace")
-    assert strace is not None, "strace is missing: apt-get install strace (.ci/run installs it)"
+    if strace is None:  # as the browser tests without Chromium: skipped, but in CI, which installs it
+        message = "strace is missing: install Debian's strace package (apt-get install strace)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return subprocess.run([strace, "-f", "-y", "-qq", "-e", TRACED, "-o", str(log), sys.executable, *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 

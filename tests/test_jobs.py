@@ -174,7 +174,8 @@ def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) 
     said = db_command(writer, "doctor")
     assert re.search(r"\[WARN\] Retention kept 600 tick\(s\) older than .* in its last run \(.*\): the analysis "
                      r"has not read them.* The analysis worker is behind or not running "
-                     r"\(`.*circusctl --endpoint \S+ status analysis`\)", said.stdout), said.stdout
+                     r"\(`.*circusctl --endpoint \S+ status analysis` on the host that leads it",
+                     said.stdout), said.stdout
     analyse()
     assert query(writer.settings, "SELECT sum(tick_count) FROM bars WHERE symbol = 'OLDX' AND timeframe = '1m'") \
         == [(600,)]
