@@ -151,8 +151,13 @@ def sync_folder(folder: Path) -> None:
     A file's own fsync keeps its bytes, not its name: without this a backup reported written, or a
     restored database, could be gone after the machine lost power a few seconds later (on ext4 the
     journal commits names about every 5 s), and a restore's half-done moves could leave no database
-    under its name at all. A filesystem that cannot sync a folder (EINVAL) is let be."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    under its name at all. A filesystem that cannot sync a folder (EINVAL) is let be, and so is a
+    folder this user may write in but not read (mode -wx: it cannot be opened to be synced): the file
+    is in place, as it always was, and failing for it made a retry say "exists"."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     except OSError as e:
