@@ -18,7 +18,8 @@ From then on the umask holds: the processes circusd starts, its sockets and any 
   says how much was lost once the disk takes writes again, and circusd never sees the error;
 * what a process wrote last before it was stopped is written too (:func:`drain_before_removal`):
   circus stopped reading its pipes as soon as it saw the process gone, and lost that output about
-  one stop in ten (the ticks worker's summary line, the writer's "final checkpoint done");
+  one stop in ten (the ticks worker's summary line, the writer's "final checkpoint done"); and
+  before circus closes the pipes of a process that ended by itself (:func:`drain_before_close`);
 * :func:`private_circusd_files` is a circus hook (``after_start`` of the writer, the first watcher
   circusd starts) that narrows circusd's own log and pid file to 0600, the two files circus creates
   before (or against) the umask. They are in ``$TICKSTACK_HOME/log`` and ``run`` (both 0700), so
@@ -32,6 +33,7 @@ import os
 import select
 from typing import Any
 
+from circus.process import Process
 from circus.stream import FileStream
 from circus.stream.redirector import Redirector
 
@@ -78,9 +80,31 @@ def drain_before_removal(redirector: Redirector, process: Any) -> None:
     _circus_remove_redirections(redirector, process)
 
 
+def drain_before_close(process: Any) -> None:
+    """circus's ``Process.close_output_channels``, once the process's pipes, if its watcher's
+    redirector still reads them, went through :func:`drain_before_removal`. circus (0.19) closes the
+    pipes of a process that ended by itself (a crash) when its periodic check reaps it
+    (``Watcher.reap_process``, every ``check_delay``), without removing them: the drain never saw
+    them, and what its loop had not read (1 KiB a turn: a traceback's end) was lost. A stop by
+    ``kill_process`` removed them first: nothing is left to do then. A failure is logged, never the
+    reap's."""
+    redirector = getattr(getattr(process, "watcher", None), "stream_redirector", None)
+    if redirector is not None and getattr(process, "redirected", False):
+        try:
+            redirector.remove_redirections(process)
+        except Exception as e:  # the reap goes on: a lost line is all it costs
+            log.warning("the last output of pid %s could not be read: %s", getattr(process, "pid", "?"), e)
+    _circus_close_output_channels(process)
+
+
+# circus's own methods, kept once: a reload of this module (circus reloads a stream's module when an
+# option of it is set) finds ours in their place.
 _circus_remove_redirections = getattr(Redirector.remove_redirections, "circus_own", Redirector.remove_redirections)
 drain_before_removal.circus_own = _circus_remove_redirections  # type: ignore[attr-defined]
 Redirector.remove_redirections = drain_before_removal  # type: ignore[method-assign]
+_circus_close_output_channels = getattr(Process.close_output_channels, "circus_own", Process.close_output_channels)
+drain_before_close.circus_own = _circus_close_output_channels  # type: ignore[attr-defined]
+Process.close_output_channels = drain_before_close  # type: ignore[method-assign]
 
 
 class PrivateFileStream(FileStream):

@@ -14,6 +14,7 @@ module installs the drain), stopped and started again and again: a tiny watcher 
 stack's workers take a second each to start."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -68,6 +69,39 @@ def test_what_a_process_wrote_before_circus_removes_its_pipes_reaches_its_stream
     assert stderr.closed
     assert logs["stdout"].read_text().endswith("last out " + "o" * 3000 + "\n")
     assert logs["stderr"].read_text().endswith("last err " + "e" * 60000)
+
+
+@pytest.mark.database_independent("circus's reaping of a process that ended by itself, with no database")
+def test_what_a_process_wrote_before_it_ended_by_itself_reaches_its_stream_when_circus_reaps_it(
+        tmp_path: Path) -> None:
+    """A process that ends by itself (a crash, its traceback on stderr) is reaped by circus's periodic
+    check (``Arbiter.reap_processes``, every ``check_delay``: ``Watcher.reap_process``), which closes
+    its pipes (``Process.stop``) without removing them from its loop: the drain at the removal never
+    saw them, and what the loop had not read yet was lost. Its loop reads 1 KiB a turn, so a reap in
+    the same turn as the exit kept the first 1 KiB of a longer output (seen: 1 exit in 245 of a real
+    circusd at check_delay 0.1 s). Here, with circus's own Watcher, the output is all unread."""
+    from circus.watcher import Watcher
+
+    import supervision.streams  # noqa: F401  (circusd imports it: circus.ini names its stream class)
+
+    log = tmp_path / "crasher.log"
+    script = "import sys; sys.stderr.write('Traceback ' + 'e' * 60000 + ' END'); sys.exit(1)"
+    watcher = Watcher("crasher", sys.executable, args=["-c", script], working_dir=str(ROOT), respawn=False,
+                      stderr_stream={"class": "supervision.streams.PrivateFileStream", "filename": str(log)})
+    watcher._status = "active"  # as its start sets it (a stopped watcher spawns nothing)
+    watcher._create_redirectors()  # its loop never runs: nothing is read but by the reap
+    try:
+        assert watcher.spawn_process()
+        ((pid, _),) = watcher.processes.items()
+        wait_for("the child to have written and exited", lambda: os.waitid(
+            os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None, timeout=60)
+        watcher.reap_process(pid, os.waitpid(pid, 0)[1])  # as Arbiter.reap_processes does
+        assert pid not in watcher.processes
+    finally:
+        for process in watcher.processes.values():
+            process.stop()
+        watcher.stderr_stream.close()
+    assert log.read_text().endswith("Traceback " + "e" * 60000 + " END")
 
 
 @pytest.mark.database_independent("circusd's handling of a stopped process's output pipes, with no database")
