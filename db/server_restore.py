@@ -267,8 +267,10 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
     else:
         name, code = "psql", runner.returncode
     text = said.get(name, b"").decode(errors="replace").strip()
-    error_at = text.rfind("ERROR:")  # psql's: its error, then the statement it stopped at, however long
-    words = scrub(text[error_at:][:1500] if error_at >= 0 else text[-1500:], url)
+    # psql's "psql:<stdin>:N: ERROR:  ...", then the statement it stopped at (--echo-errors), however
+    # long: from the first, as the statement or a COPY's context may hold "ERROR:" too.
+    error_at = text.find(": ERROR:")
+    words = scrub(text[error_at + 2:][:1500] if error_at >= 0 else text[-1500:], url)
     raise MaintenanceFailed(f"{name} failed ({code}): {words} {outcome}")
 
 

@@ -50,19 +50,21 @@ def _drain(redirector: Redirector, process: Any) -> None:
     have: everything there now, never waiting for more (the pipes are blocking; ``poll`` says
     what is there)."""
     for name, pipe in redirector.get_process_pipes(process):
-        try:
+        try:  # each pipe on its own: a stream that fails on stdout still gets stderr drained
             fd = pipe.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            left = DRAIN_LIMIT
+            while left > 0 and poller.poll(0):
+                data = os.read(fd, min(left, 1 << 16))
+                if not data:  # its end: every writer has closed it
+                    break
+                left -= len(data)
+                redirector.redirect[name]({"data": data, "pid": process.pid, "name": name})
         except ValueError:  # closed already
             continue
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        left = DRAIN_LIMIT
-        while left > 0 and poller.poll(0):
-            data = os.read(fd, min(left, 1 << 16))
-            if not data:  # its end: every writer has closed it
-                break
-            left -= len(data)
-            redirector.redirect[name]({"data": data, "pid": process.pid, "name": name})
+        except Exception as e:  # the stop goes on: a lost line is all it costs
+            log.warning("the last %s of pid %s could not be read: %s", name, getattr(process, "pid", "?"), e)
 
 
 def drain_before_removal(redirector: Redirector, process: Any) -> None:
