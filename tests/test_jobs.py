@@ -24,7 +24,7 @@ from db.backups import BACKUP_LOCK, restore_advice, rotate_backups
 from db.client import WriterClient
 from db.config import ConfigError
 from db.engine import connect_read_only
-from db.errors import NotFound
+from db.errors import NotFound, WriterError
 from db.files import part_file, put_in_place
 from db.health import file_sizes
 from db.leader import leader_lock_path
@@ -304,6 +304,36 @@ def test_a_running_jobs_worker_that_found_nothing_to_delete_still_holds_a_clock_
         assert ok and done["deleted"] == 10 and done["held_back_from"] > now, done  # the oldest day's, not all
         assert done["before_ts"] == min(live) + DAY_MS, done
         assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live) - 10,)]
+    finally:
+        worker.teardown()
+
+
+def test_retention_runs_that_failed_with_the_writer_down_do_not_let_a_clock_set_forward_delete_more(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run moved the worker's mark a step on before it asked the writer to delete: with the
+    writer down, each failed run added a day, and with the clock 40 days ahead the first run after
+    deleted that many days of the window at once (3 failed runs: 4 days, 40 ticks; a review of
+    stop 48 found it). A run that failed moves no mark: the next deletes a day, as the one before."""
+    proc = stack.start_writer()
+    now = int(time.time() * 1000)
+    live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
+    insert_ticks(stack, sorted(live), "feed")
+    monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + 40 * DAY_MS)
+    worker = JobsWorker(stack.settings, only="retention")
+    worker.setup()
+    try:
+        assert stack.stop(proc) == 0
+        with WriterClient(settings=stack.settings, deadline=1) as quick:  # the writer down: each run fails soon
+            worker.client, patient = quick, worker.client
+            for _ in range(3):
+                with pytest.raises(WriterError):
+                    worker.retention()
+            worker.client = patient
+        stack.start_writer()
+        ok, detail = worker.retention()
+        done = json.loads(detail)
+        assert ok and done["deleted"] == 10 and done["before_ts"] == min(live) + DAY_MS, done  # a day, not four
+        assert query(stack.settings, "SELECT count(*) FROM ticks") == [(len(live) - 10,)]
     finally:
         worker.teardown()
 

@@ -395,6 +395,7 @@ class JobsWorker(Worker):
             kept = result.get("kept_for_analysis", 0)  # the last call's
             calls += 1
             more = bool(result["more"]) and result["deleted"] > 0  # never loop on a batch that did nothing
+        self._retention_cutoff.ran(cutoff)  # not before: a run the writer failed moves no mark
         if kept:  # deleted once the analysis has read them, by a later run
             self.log.info("jobs: retention: %d ticks older than %s are kept until the analysis has read them (its "
                           "cursor is behind them: the analysis worker is behind, or not running)", kept, utc(before))

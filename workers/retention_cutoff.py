@@ -11,6 +11,9 @@ is longer, so the runs keep up) past the later of:
   goes at its next run, as the README says; a worker just started (or ``--run retention``) has no such
   mark and deletes it a day a run, as after a downtime or a lowered retention. A run with no tick it
   may delete leaves no mark: its cutoff is the wall clock's, unguarded, which must not carry over.
+  Nor does a run that failed (:meth:`RetentionCutoff.ran` is told only of one that did its deletes):
+  with the writer down, each failed run moved the mark a step on, and the first run after let the
+  clock's cutoff that many steps past the oldest tick.
 
 A clock set forward costs a day a run, said in a WARNING, until it is set right.
 """
@@ -35,6 +38,8 @@ class Cutoff:
     wanted: int
     oldest: int | None
     step: int
+    #: The monotonic clock when it was made; None: a cutoff that leaves no mark (nothing to go by).
+    at: float | None = None
 
     @property
     def held_back(self) -> bool:
@@ -62,7 +67,8 @@ class RetentionCutoff:
     def next(self, wanted: int, oldest: int | None, every_s: float) -> Cutoff:
         """The cutoff of a run now: ``wanted`` (now less the retention, by the wall clock), held back
         to a step past the later of ``oldest`` (the oldest deletable tick's time, None: none) and the
-        last cutoff moved on by the time since; ``every_s``: the seconds between runs."""
+        last cutoff of a run that did its deletes (:meth:`ran`), moved on by the time since;
+        ``every_s``: the seconds between runs."""
         step = max(RETENTION_STEP_MS, round(2 * every_s * 1000))
         allowed = [oldest + step] if oldest is not None else []
         if self._mark is not None:
@@ -72,6 +78,9 @@ class RetentionCutoff:
             # or a clock set forward now would let the next run, the window's ticks there by then,
             # delete every one of them at once
             return Cutoff(wanted, wanted, oldest, step)
-        before = min(wanted, max(allowed))
-        self._mark = (before, self._monotonic())
-        return Cutoff(before, wanted, oldest, step)
+        return Cutoff(min(wanted, max(allowed)), wanted, oldest, step, self._monotonic())
+
+    def ran(self, cutoff: Cutoff) -> None:
+        """The run of ``cutoff`` did its deletes: the next run goes on from it (see the module docstring)."""
+        if cutoff.at is not None:
+            self._mark = (cutoff.before, cutoff.at)
