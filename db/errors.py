@@ -73,6 +73,12 @@ class MaintenanceFailed(RuntimeError):
     point at nothing to fix), unlike Python's own RuntimeErrors, which are bugs."""
 
 
+class TableLocked(MaintenanceFailed):
+    """A backup gave up waiting for a table another session holds locked (``db.server``'s
+    ``MAINTENANCE_LOCK_WAIT_S``), that session named: it may be made once that session ends, so the
+    jobs worker tries a scheduled one again soon, not a period later."""
+
+
 #: libpq's words for a login the server refused: it answered (a wrong password, an unknown role or
 #: database, pg_hba.conf, a role made without LOGIN, one without CONNECT on the database), which
 #: "does not answer" would send the reader looking at the wrong thing (and the writer waited for it).

@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from db.config import Settings
 from db.engine import HIDDEN, application_name, psycopg_connect_args, psycopg_params
-from db.errors import MaintenanceFailed
+from db.errors import MaintenanceFailed, TableLocked
 from db.files import part_file, put_in_place
 from db.leader import LEADER_NAMES, leaders
 from db.lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
@@ -243,8 +243,9 @@ def dump(settings: Settings, dest: Path, timeout: float = 3600.0, *, overwrite: 
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 locked = _dump_locked_out(settings, done.stderr)
-                raise MaintenanceFailed(f"{Path(command[0]).name} failed ({done.returncode}): "
-                                        f"{scrub(done.stderr.strip()[-1500:], url)}{locked}")
+                failed = TableLocked if locked else MaintenanceFailed
+                raise failed(f"{Path(command[0]).name} failed ({done.returncode}): "
+                             f"{scrub(done.stderr.strip()[-1500:], url)}{locked}")
         entries = sum(1 for line in done.stdout.splitlines() if line and not line.startswith(";"))
         os.chmod(tmp, 0o600)
         put_in_place(tmp, dest, overwrite=overwrite)

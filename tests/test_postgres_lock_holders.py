@@ -110,6 +110,23 @@ def test_a_backup_behind_a_locked_table_gives_up_saying_so_instead_of_waiting_fo
            f"((unnamed), role {holder.info.user}, idle in transaction), and pg_dump waited 10 s for it. End that " \
            "session's transaction" in done.stderr, done.stderr
     assert not dest.exists() and not [p for p in stack.home.iterdir() if p.name.endswith(".part")]
+    # The jobs worker's scheduled backup: a failed run, tried again soon, not a period (a day) later.
+    import time
+
+    from testkit.helpers import query
+    from workers.jobs import BACKUP_LOCKED_RETRY_S, JobsWorker
+
+    worker = JobsWorker(stack.settings, only="backup")
+    worker.setup()
+    try:
+        assert worker.run_job("backup") is False
+        again_in = worker.last_run["backup"] + worker.schedule.every_s("backup") - time.time()
+        assert 0 < again_in <= BACKUP_LOCKED_RETRY_S < worker.schedule.every_s("backup"), again_in
+    finally:
+        worker.teardown()
+    (run,) = query(stack.settings, "SELECT ok, detail FROM job_runs WHERE job = 'backup'")
+    assert run[0] is False and f"server pid {holder.info.backend_pid}" in run[1] \
+        and run[1].endswith(f"; tried again in {BACKUP_LOCKED_RETRY_S} s"), run
     holder.rollback()
     done = subprocess.run(backup, env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and dest.exists(), done.stderr

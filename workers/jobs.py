@@ -43,7 +43,7 @@ from db.checkpoints import measured_checkpoint, wal_bytes
 from db.client import WriterClient
 from db.config import JobSchedule, Settings
 from db.engine import display_url
-from db.errors import MaintenanceFailed, ValidationError, WriterError, named_database_words
+from db.errors import MaintenanceFailed, TableLocked, ValidationError, WriterError, named_database_words
 from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
@@ -72,6 +72,9 @@ PRUNE_BATCH = 5_000
 MAX_DETAIL = 4000  # record_job_run's limit on detail
 #: Seconds until a scheduled backup that found another being written (db.backups.new_backup) tries again.
 BACKUP_RETRY_S = 60
+#: Seconds until a scheduled backup that a table another session held locked stopped tries again
+#: (db.errors.TableLocked): once that session ends it can be made, and a period (a day) is long to wait.
+BACKUP_LOCKED_RETRY_S = 600
 #: A last run dated more than this after now is taken as never run (a clock set back kept every job
 #: waiting for that time); less is hosts' clocks differing a little, waited out as usual.
 CLOCK_SLACK_S = 300
@@ -410,8 +413,16 @@ class JobsWorker(Worker):
         ``pg_restore --list``), then keep the newest ``backup_keep`` (the console's button rotates
         the same way: both are :func:`db.backups.new_backup`). While another process writes
         one (:func:`db.backups.new_backup`): on schedule, no run, tried again :data:`BACKUP_RETRY_S`
-        later; asked for (``--run backup``), a failed run saying why."""
-        result = backups.new_backup(self.settings, keep=self.schedule.backup_keep)
+        later; asked for (``--run backup``), a failed run saying why. Stopped by a table another
+        session held locked (PostgreSQL): a failed run, and on schedule tried again
+        :data:`BACKUP_LOCKED_RETRY_S` later."""
+        try:
+            result = backups.new_backup(self.settings, keep=self.schedule.backup_keep)
+        except TableLocked as e:
+            if force:
+                raise
+            self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_LOCKED_RETRY_S
+            return False, f"{e}; tried again in {BACKUP_LOCKED_RETRY_S} s"
         if result is None:  # another process writes one now (the console's button, another jobs worker)
             if force:
                 return False, "another backup is being written now (run/backup.lock is held); try again when it is done"
