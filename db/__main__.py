@@ -438,14 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The database's own reason (a folder, not SQLite's file, no right to it), without the SQL; for a
         # file that is not SQLite's, what it begins with (SQLite says only "file is not a database").
-        from db.files import not_sqlite_words
+        from db.files import not_sqlite_reason
 
         try:
             path = load_settings().database_path
         except ConfigError:
             path = None
-        not_sqlite = not_sqlite_words(path) if path is not None else None
-        reason = f"{not_sqlite}; does DATABASE_URL name the wrong file?" if not_sqlite else e.orig
+        reason = not_sqlite_reason(path) or e.orig
         print(f"python -m db {args.command}: cannot use the database: {reason}", file=sys.stderr)
         return 1
 

@@ -17,7 +17,15 @@ from db.circusd import damaged_file_steps
 from db.config import SECRET_FILES, Settings
 from db.engine import check_findings, connect_read_only
 from db.errors import MaintenanceFailed, WriterError
-from db.files import check_replaceable, discard_part, not_sqlite_words, part_file, put_in_place
+from db.files import (
+    check_replaceable,
+    database_files,
+    discard_part,
+    not_sqlite_reason,
+    not_sqlite_words,
+    part_file,
+    put_in_place,
+)
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock, read_lock_holder
 from db.sizes import human_bytes
@@ -101,6 +109,27 @@ REPLACED_RE = re.compile(r"(?:(?P<name>.+)\.replaced-(?P<stamp>\d{8}T\d{6}Z)(?:\
                          r"|tickstack\.replaced-(?P<dstamp>\d{8}T\d{6}Z)(?:\.(?P<dn>\d+))?\.dump)")
 
 
+def replaced_copy(settings: Settings) -> Path:
+    """Where ``db restore`` keeps the database it replaces, now (:data:`REPLACED_RE` reads the name):
+    SQLite's file beside it, ``<name>.replaced-<UTC time>`` (its WAL and shared memory after it);
+    PostgreSQL's dump in the home, ``tickstack.replaced-<UTC time>.dump``. ``.2`` and on when a
+    restore within the same second kept one there: no file of the set has the name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = settings.database_path
+    n = 1
+    while True:
+        nth = "" if n == 1 else f".{n}"
+        if path is None:
+            candidate = settings.home / f"tickstack.replaced-{stamp}{nth}.dump"
+            taken = candidate.exists()
+        else:
+            candidate = path.with_name(f"{path.name}.replaced-{stamp}{nth}")
+            taken = any(file.exists() for file in database_files(candidate).values())
+        if not taken:
+            return candidate
+        n += 1
+
+
 def replaced_copies(settings: Settings) -> list[Path]:
     """The files ``db restore`` kept of the databases it replaced, oldest first; nothing ever removes
     them, and each is the size of a database."""
@@ -159,8 +188,7 @@ def damaged_file_words(settings: Settings, restore: str | None = None) -> str:
     """A damaged SQLite file, and the steps that mend it (the stack's stop first when circusd runs);
     ``restore``: :func:`restore_advice`'s words when the caller has them already."""
     steps = damaged_file_steps(settings, restore or restore_advice(settings))
-    path = settings.database_path
-    not_sqlite = not_sqlite_words(path) if path is not None else None
+    not_sqlite = not_sqlite_words(settings.database_path)
     if not_sqlite is not None:
         return (f"{not_sqlite}. If DATABASE_URL names the wrong file, set it right; if this is the stack's database, "
                 f"its first page is damaged: {steps}")
@@ -272,8 +300,7 @@ def backup(settings: Settings, dest: Path, *, overwrite: bool = False) -> dict[s
                                     f"so {damaged_file_words(settings)}.")
         put_in_place(tmp, dest, overwrite=overwrite)
     except sqlite3.Error as e:
-        not_sqlite = not_sqlite_words(path)  # SQLite says only "file is not a database"
-        reason = f"{not_sqlite}; does DATABASE_URL name the wrong file?" if not_sqlite is not None else e
+        reason = not_sqlite_reason(path) or e  # SQLite says only "file is not a database"
         raise MaintenanceFailed(f"backup to {dest} failed: {reason} (nothing left behind)") from e
     finally:
         discard_part(tmp)  # gone once put in place; its journals, and the whole of a failed copy

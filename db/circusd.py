@@ -284,9 +284,8 @@ def writer_down_advice(settings: Settings, restore_first: str | None = None) -> 
         stack = f", nor is the stack (no circusd in {settings.home})" if pid is None else \
             f" although circusd (pid {pid}) is"
         steps = damaged_file_steps(settings, restore_first, pid)
-        path = settings.database_path
-        what = ("is not an SQLite database, or its first page is damaged" if path is not None
-                and not_sqlite_words(path) is not None else "is damaged")
+        what = ("is not an SQLite database, or its first page is damaged"
+                if not_sqlite_words(settings.database_path) is not None else "is damaged")
         return (f"{_WRITER_DOWN}{stack}, and the database file {what} (below): do not start the writer on it. "
                 f"{steps[:1].upper()}{steps[1:]}.")
     if pid is None:

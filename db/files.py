@@ -61,12 +61,14 @@ def database_files(path: Path) -> dict[str, Path]:
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
-def not_sqlite_words(path: Path) -> str | None:
+def not_sqlite_words(path: Path | None) -> str | None:
     """Why ``path`` is not an SQLite database, when it is a file that begins otherwise (a wrong
     ``DATABASE_URL``: a CSV file, a PostgreSQL dump; or a database whose first page was destroyed);
     None when it begins as one does, is empty (SQLite makes it one), is no regular file (SQLite's
     own error says so), or cannot be read. SQLite says only "file is not a database", which doctor
-    took for damage, with a restore to mend it."""
+    took for damage, with a restore to mend it. None for no path (a server's database)."""
+    if path is None:
+        return None
     try:  # without O_NONBLOCK, the open of a FIFO waits for a writer: the writer's start hung on one
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
@@ -86,6 +88,12 @@ def not_sqlite_words(path: Path) -> str | None:
     whole = f" (the whole file: {len(head)} bytes)" if len(head) < len(SQLITE_HEADER) else ""
     return (f"{path} is not an SQLite database: it begins with {head!r}{whole}, where every SQLite database "
             f"begins with the {len(SQLITE_HEADER)} bytes {SQLITE_HEADER!r}")
+
+
+def not_sqlite_reason(path: Path | None) -> str | None:
+    """:func:`not_sqlite_words` as the reason a command failed, asking what most likely happened."""
+    words = not_sqlite_words(path)
+    return None if words is None else f"{words}; does DATABASE_URL name the wrong file?"
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import shlex
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
-from db.backups import copy_database, list_backups
+from db.backups import copy_database, list_backups, replaced_copy
 from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
@@ -77,16 +76,6 @@ def _backup_before(settings: Settings, source: Path) -> Path | None:
         return None
     at = names.index(source.name)
     return found[at - 1] if at > 0 else None
-
-
-def _free_name(aside: Path) -> Path:
-    """``aside``, or ``aside.2``, ``.3``...: the first name no file of the set (the database, its
-    WAL, its shared memory) has. Two restores within a second kept the second's under the first's."""
-    candidate, n = aside, 1
-    while any(Path(f"{candidate}{s}").exists() for s in ("", *COMPANIONS)):
-        n += 1
-        candidate = aside.with_name(f"{aside.name}.{n}")
-    return candidate
 
 
 #: Tables whose ids a client or a consumer holds, and whose counters came with schema v5 (before it,
@@ -193,7 +182,7 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
             raise MaintenanceFailed(f"continuing the ids in the copy of {source} failed: {e} "
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
-        aside = _free_name(path.with_name(f"{path.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"))
+        aside = replaced_copy(settings)
         moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
         for suffix in moved:  # the database first: the others are nothing without it
             os.replace(f"{path}{suffix}", f"{aside}{suffix}")

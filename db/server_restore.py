@@ -43,10 +43,10 @@ import shlex
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from db.backups import replaced_copy
 from db.circusd import circusctl_command
 from db.config import Settings
 from db.engine import display_url
@@ -316,12 +316,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
             last = _last_statements(conn, before, "trades" in relations)
         replaced = None
         if keep:
-            stamp = time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())
-            aside = settings.home / f"tickstack.replaced-{stamp}.dump"
-            n = 1
-            while aside.exists():  # a restore within the same second: the first one's copy is kept
-                n += 1
-                aside = settings.home / f"tickstack.replaced-{stamp}.{n}.dump"
+            aside = replaced_copy(settings)  # a restore within the same second: the first one's copy is kept
             try:
                 replaced = Path(dump(settings, aside, timeout)["path"])
             except (MaintenanceFailed, OSError) as e:

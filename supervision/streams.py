@@ -73,12 +73,9 @@ def drain_before_removal(redirector: Redirector, process: Any) -> None:
     loop as soon as it sees the process gone, polling every 0.1 s, and closes them: output written
     just before the exit and not yet read was lost (4 lines of 39 stops, a process that writes a
     line as SIGTERM ends it). Installed in place of circus's method when circusd loads this module
-    (circus.ini names its stream class): circus makes its redirectors itself. A failure here is
-    logged, never the stop's."""
-    try:
-        _drain(redirector, process)
-    except Exception as e:  # the stop goes on: a lost line is all it costs
-        log.warning("the last output of pid %s could not be read: %s", getattr(process, "pid", "?"), e)
+    (circus.ini names its stream class): circus makes its redirectors itself. A failure of the
+    drain is logged (:func:`_drain`, pipe by pipe), never the stop's."""
+    _drain(redirector, process)
     _circus_remove_redirections(redirector, process)
 
 

@@ -421,14 +421,14 @@ class JobsWorker(Worker):
         except TableLocked as e:
             if force:
                 raise
-            self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_LOCKED_RETRY_S
+            self._backup_again_in(BACKUP_LOCKED_RETRY_S)
             return False, f"{e}; tried again in {BACKUP_LOCKED_RETRY_S} s"
         if result is None:  # another process writes one now (the console's button, another jobs worker)
             if force:
                 return False, "another backup is being written now (run/backup.lock is held); try again when it is done"
             # Not a run (nothing recorded), and due again soon, not a whole period later: the other
             # backup may yet fail.
-            self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + BACKUP_RETRY_S
+            self._backup_again_in(BACKUP_RETRY_S)
             self.log.info("jobs: backup: another backup is being written now; trying again in %d s", BACKUP_RETRY_S)
             return None
         if "rotation_error" in result:  # written all the same: older ones pile up until it clears
@@ -436,6 +436,10 @@ class JobsWorker(Worker):
                              result["rotation_error"])
         return True, json.dumps({k: result[k] for k in ("path", "bytes", "ms", "entries", "removed", "rotation_error")
                                  if k in result})
+
+    def _backup_again_in(self, seconds: float) -> None:
+        """A scheduled backup due again in ``seconds``, not a whole period later."""
+        self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + seconds
 
     def quick_check(self, force: bool = False) -> Outcome:
         """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on

@@ -172,8 +172,7 @@ class Writer:
                         "one, and ZeroMQ ends the writer (SIGABRT, 'Too many open files') when none is left; raise "
                         "it to at least %d (LimitNOFILE, limits.conf)", self.open_files, MIN_OPEN_FILES)
         ensure_home(self.settings)
-        path = self.settings.database_path
-        not_sqlite = not_sqlite_words(path) if path is not None else None
+        not_sqlite = not_sqlite_words(self.settings.database_path)
         if not_sqlite is not None:  # before a lock file beside it, its mode changed, or SQLite opens it
             log.error("writer: %s. If DATABASE_URL names the wrong file, set it to the stack's database (unset, "
                       "it is %s); if this is the stack's database, its first page is damaged: `python -m db "
