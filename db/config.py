@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from db.files import FILE_KINDS
+from db.files import FILE_KINDS, make_folder
 from db.parsers import (
     C_INT_MAX,
     MAX_CLIENT_DEADLINE_S,
@@ -441,7 +441,7 @@ def ensure_home(settings: Settings) -> Path:
     when it cannot: a home that cannot be made is a bad TICKSTACK_HOME, said in one line."""
     for folder in (settings.home, *(settings.home / d for d in SUBDIRS)):
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_folder(folder)  # a power cut soon after must not take the new database with its folder
             os.chmod(folder, 0o700)
         except OSError as e:
             raise _home_error(settings.home, folder, e) from e

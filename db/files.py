@@ -30,7 +30,7 @@ def part_file(dest: Path) -> Path:
     ``.<dest's name>.<pid>.<random>.part``: the caller writes into it, then :func:`put_in_place`.
     The part files there of processes no longer running are removed first."""
     try:  # private whatever the umask: `workers.jobs --run backup` from a login shell made backups/ 0755
-        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_folder(dest.parent)
     except (FileExistsError, NotADirectoryError):  # mkdir's own words name the file, not the problem
         if dest.parent.is_symlink() and not dest.parent.exists():  # a mount gone, a link mistyped
             raise NotADirectoryError(f"{dest.parent} is a link to {os.readlink(dest.parent)}, which is not "
@@ -173,6 +173,24 @@ def sync_folder(folder: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def make_folder(folder: Path) -> None:
+    """``folder`` made if missing, with its missing parents, each mode 0700 (``mkdir -p`` gives the
+    parents the umask's mode), and each one made named durably: its parent synced after
+    (:func:`sync_folder`). A backup's, a restored database's or a spooled batch's folder made for it
+    would otherwise outlast a power cut only once the filesystem's journal commits, seconds after
+    the file in it was reported synced, and take that file with it. FileExistsError or
+    NotADirectoryError when a file is in the way, as ``mkdir`` says it."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(mode=0o700, exist_ok=True)  # exist_ok: another process made it meanwhile
+        sync_folder(made.parent)
 
 
 def put_in_place(part: Path, dest: Path, *, overwrite: bool = False) -> None:

@@ -22,7 +22,7 @@ from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
-from db.files import discard_part, part_file, put_in_place, sync_folder
+from db.files import discard_part, make_folder, part_file, put_in_place, sync_folder
 from db.health import holders, integrity_check
 from db.lock import WriterLock, WriterLocked, read_lock_holder
 
@@ -146,7 +146,7 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
         raise ValueError(f"{e}; restore the backup before it: `python -m db restore {shlex.quote(str(older))}`"
                          if older else str(e)) from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a DATABASE_URL's folder elsewhere
+    make_folder(path.parent)  # a DATABASE_URL's folder elsewhere
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()

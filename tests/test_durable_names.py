@@ -18,8 +18,9 @@ import pytest
 from testkit.env import ROOT
 from testkit.writer import Stack
 
-#: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do.
-TRACED = "trace=link,linkat,rename,renameat,renameat2,fsync,fdatasync"
+#: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do; mkdir for
+#: the folders they make.
+TRACED = "trace=link,linkat,rename,renameat,renameat2,mkdir,mkdirat,fsync,fdatasync"
 
 
 def traced(args: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
@@ -47,6 +48,24 @@ def last_name_given_then_folder_synced(log: Path, dest: Path) -> bool:
     return any(re.search(rf"\bfsync\(\d+<{folder}>\) += 0$", line) for line in lines[named[-1] + 1:])
 
 
+def new_folders_named_then_parents_synced(log: Path, folders: list[Path]) -> list[str]:
+    """What is wrong with each of ``folders`` (made by the traced command, a mkdir each): it must be
+    made, and its parent synced after, as the files in it are."""
+    lines = log.read_text().splitlines()
+    problems = []
+    for folder in folders:
+        made = [i for i, line in enumerate(lines)
+                if re.search(r"\bmkdir(at)?\(", line) and re.search(r"= 0$", line)
+                and (re.findall(r'"[^"]*"', line) or [""])[-1] in {f'"{folder}"', f'"{folder.resolve()}"'}]
+        if not made:
+            problems.append(f"no mkdir of {folder}")
+            continue
+        parent = re.escape(str(folder.parent.resolve()))
+        if not any(re.search(rf"\bfsync\(\d+<{parent}>\) += 0$", line) for line in lines[made[-1] + 1:]):
+            problems.append(f"{folder} made, its parent {folder.parent} never synced after")
+    return problems
+
+
 def test_a_backup_reported_written_has_its_name_synced_to_disk(writer: Stack, tmp_path: Path) -> None:
     """``python -m db backup`` (an SQLite copy, or a pg_dump archive) names the finished file with a
     link (or a rename with ``--force``) and then syncs its folder, before it says it is done."""
@@ -56,6 +75,14 @@ def test_a_backup_reported_written_has_its_name_synced_to_disk(writer: Stack, tm
         done = traced(["-m", "db", "backup", str(dest), *(["--force"] if force else [])], writer.env, log)
         assert done.returncode == 0, done.stderr
         assert last_name_given_then_folder_synced(log, dest), log.read_text()[-3000:]
+    # Into folders the backup makes: their names are synced too, or a power cut takes the backup
+    # with them.
+    dest, log = writer.home / "new" / "deeper" / f"kept{suffix}", tmp_path / "backup-new-folders.trace"
+    done = traced(["-m", "db", "backup", str(dest)], writer.env, log)
+    assert done.returncode == 0, done.stderr
+    assert last_name_given_then_folder_synced(log, dest), log.read_text()[-3000:]
+    assert not new_folders_named_then_parents_synced(log, [dest.parent.parent, dest.parent]), log.read_text()[-3000:]
+    assert oct(dest.parent.parent.stat().st_mode & 0o777) == oct(0o700)
 
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_back_and_continues_the_tick_and_trade_ids")
@@ -82,8 +109,7 @@ def test_a_restored_database_keeps_its_name_and_the_replaced_ones_through_a_powe
 def test_a_spooled_batch_keeps_its_name_through_a_power_cut(tmp_path: Path) -> None:
     """The tick ingestor spools a batch the writer has not acknowledged (its feed has moved past it):
     the batch file is synced, renamed into place, and then its folder synced."""
-    folder = tmp_path / "spool"
-    folder.mkdir(mode=0o700)
+    folder = tmp_path / "spool" / "EURUSD"  # both made by the spool
     script = ("import sys; from pathlib import Path; from workers.spool import Spool; "
               "cols = dict(symbol=['EURUSD'], ts=[1], bid=[1.0], ask=[1.0], volume=[0.0], source=['t'], seq=[1]); "
               "s = Spool(Path(sys.argv[1])); print(s.write(cols, s.name_of(cols)))")
@@ -93,3 +119,4 @@ def test_a_spooled_batch_keeps_its_name_through_a_power_cut(tmp_path: Path) -> N
     batch = Path(done.stdout.strip())
     assert batch.parent == folder and batch.exists()
     assert last_name_given_then_folder_synced(log, batch), log.read_text()[-3000:]
+    assert not new_folders_named_then_parents_synced(log, [folder.parent, folder]), log.read_text()[-3000:]

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import psutil
 
-from db.files import sync_folder
+from db.files import make_folder, sync_folder
 
 #: The columns of a batch of ticks, as the ingestor sends them to the writer.
 COLUMNS = ("symbol", "ts", "bid", "ask", "volume", "source", "seq")
@@ -49,7 +49,7 @@ class Spool:
         #: The files this object wrote and that are not settled yet (the others in the folder are an
         #: earlier run's, or another ingestor's).
         self.written: set[Path] = set()
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_folder(folder)
         self.stale_removed = self.clean_stale()
 
     @staticmethod
