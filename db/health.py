@@ -44,6 +44,7 @@ from db.served_database import home_database_finding
 from db.server import server_status
 from db.server_wait import last_refusal, login_refused, login_user
 from db.sizes import human_bytes
+from db.timestamps import utc
 from db.wal_readers import pids_in_read_transactions
 
 #: Modules whose processes are ours: a process running one of them with the
@@ -303,7 +304,7 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "with it set), or stop the other stack's writer."))
     elif refused is not None:  # no writer runs, and its last start was refused: that, not "start it", is the news
         # (after a writer that runs and waits, or another stack's: the refusal may be over by then)
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(refused.get("at") or 0))
+        at = utc((refused.get("at") or 0) * 1000, seconds=True)
         out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
                             f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
                             f"{writer_start_after_fix(settings, refused['fix'])}."))

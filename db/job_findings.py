@@ -16,7 +16,6 @@ by doctor's other findings).
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from db.backups import list_backups
@@ -51,7 +50,7 @@ def _latest_runs(settings: Settings) -> dict[str, Any] | None:
 
 
 def _when(run: Any) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at / 1000))
+    return utc(run.started_at, seconds=True)
 
 
 def _failed_backup(settings: Settings, run: Any) -> tuple[str, str] | None:

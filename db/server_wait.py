@@ -198,7 +198,8 @@ def last_refusal(settings: Settings) -> dict[str, Any] | None:
     if record is None:
         return None
     said = record[0]
-    if not all(isinstance(said.get(k), str) for k in ("what", "fix")) or not isinstance(said.get("at"), (int, float)):
+    if not all(isinstance(said.get(k), str) for k in ("what", "fix")) or not isinstance(said.get("at"), (int, float)) \
+            or not 0 <= said["at"] < 1e11:  # NaN, or past what a message can show as a date (year 5138)
         return None
     return said
 

@@ -23,9 +23,10 @@ def latest_allowed_ts() -> int:
     return int(time.time() * 1000) + FUTURE_SLACK_MS
 
 
-def utc(ms: int) -> str:
-    """Epoch milliseconds as a message shows them (to the minute, UTC)."""
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
+def utc(ms: float, *, seconds: bool = False) -> str:
+    """Epoch milliseconds as a message shows them (to the minute, or the second, UTC): every time one
+    message gives is in the same zone, whatever the host's."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC", time.gmtime(ms / 1000))
 
 
 def ahead(latest: int, why: str = "") -> str:

@@ -171,8 +171,10 @@ def test_retention_never_deletes_ticks_the_analysis_has_not_read(writer: Stack) 
     detail = json.loads(job_runs(writer)[-1]["detail"])
     assert detail["deleted"] == 0 and detail["kept_for_analysis"] == 600, detail
     # For an operator who reads no log (a stopped analysis worker keeps every old tick: the file grows).
-    said = db_command(writer, "doctor")
-    assert re.search(r"\[WARN\] Retention kept 600 tick\(s\) older than .* in its last run \(.*\): the analysis "
+    # In a zone 5 h behind UTC (no tzdata needed): its times all in UTC, the run's as the cutoff's.
+    said = db_command(writer, "doctor", tz="EST+5")
+    assert re.search(r"\[WARN\] Retention kept 600 tick\(s\) older than [-\d]+ [:\d]+ UTC in its last run "
+                     r"\([-\d]+ [:\d]+ UTC\): the analysis "
                      r"has not read them.* The analysis worker is behind or not running "
                      r"\(`.*circusctl --endpoint \S+ status analysis` on the host that leads it",
                      said.stdout), said.stdout
@@ -1055,8 +1057,10 @@ def test_db_restore_puts_a_backup_in_place_only_with_the_stack_stopped(stack: St
     assert stat.S_IMODE((fresh / "tickstack.db").stat().st_mode) == 0o600
 
 
-def db_command(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+def db_command(stack: Stack, *args: str, tz: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m db ARGS``; ``tz``: the local time zone it runs in (TZ), to show what it says in UTC."""
+    env = stack.env if tz is None else {**stack.env, "TZ": tz}
+    return subprocess.run([sys.executable, "-m", "db", *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 

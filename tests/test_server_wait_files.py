@@ -84,6 +84,11 @@ def test_no_file_in_place_of_a_record_raises_blocks_or_is_read_whole(tmp_path: P
             "a list": lambda p: p.write_text("[1, 2]"),
             "a refusal whose time is text": lambda p: p.write_text(json.dumps({"what": "w", "fix": "f", "at": "x",
                                                                               "pid": os.getpid(), "reason": 1})),
+            # doctor shows the time as a date: one past the year 5138, or NaN, stopped it (OverflowError)
+            "a refusal whose time no date can show": lambda p: p.write_text(json.dumps({
+                "what": "w", "fix": "f", "at": 1e300, "pid": os.getpid(), "reason": 1})),
+            "a refusal whose time is NaN": lambda p: p.write_text(json.dumps({
+                "what": "w", "fix": "f", "at": float("nan"), "pid": os.getpid(), "reason": 1})),
         }
         for what, make in bad.items():
             for path in (waiting, refused):
