@@ -322,6 +322,8 @@ def _restore_dump(settings: Settings, source: Path, keep: bool) -> int:
     result = restore_dump(settings, source, keep=keep)
     ids = _ids_continued_words(result["ids_continued"])
     kept = f"; the database it replaced is kept as {result['replaced']}" if result["replaced"] else ""
+    if result["empty"]:
+        kept = "; the database had none of its tables (a new one), so nothing was replaced and no copy was kept"
     print(f"restored {result['source']} into {result['restored']} ({result['entries']} entries, in one "
           f"transaction){kept}{ids}{_trades_lost_words(result['trades_lost'])}. Start the stack again on each "
           "host: make run")

@@ -59,7 +59,7 @@ _SEQUENCES_SQL = ("SELECT sequencename, last_value FROM pg_sequences WHERE schem
 #: tickstack's other sessions on this database (every one names itself: db.engine.application_name).
 _OURS_SQL = ("SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
              "AND pid <> pg_backend_pid() AND application_name LIKE 'tickstack %' ORDER BY 1")
-_TOP_TRADE_SQL = "SELECT CASE WHEN to_regclass('trades') IS NULL THEN NULL ELSE (SELECT max(id) FROM trades) END"
+_TOP_TRADE_SQL = "SELECT max(id) FROM trades"
 #: The tables a tickstack dump has whatever its schema version (db.schema's v1 made them).
 _OUR_TABLES = ("schema_version", "ticks")
 #: The schema's tables and views of the dump's names (what pg_restore --clean drops: each needs its
@@ -114,13 +114,18 @@ def _restorable(entries: list[str]) -> list[str]:
     return [line for line in entries if not left_out(line.split())]
 
 
-def _locks_in_the_way(conn: Any, names: set[str]) -> str | None:
-    """The sessions holding a lock on the tables and views ``names`` (the dump's) that the restore
-    would wait for, said, once it has waited :data:`db.server.MAINTENANCE_LOCK_WAIT_S` to lock them all
-    itself (then let go); None when none (or when it may not lock one: pg_restore says why)."""
+def _present(conn: Any, names: set[str]) -> list[str]:
+    """Which of the tables and views ``names`` (the dump's) the database has, as the schema qualifies
+    them; none in a database made empty for the restore (a new server's)."""
+    return [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
+
+
+def _locks_in_the_way(conn: Any, relations: list[str]) -> str | None:
+    """The sessions holding a lock on ``relations`` (:func:`_present`) that the restore would wait
+    for, said, once it has waited :data:`db.server.MAINTENANCE_LOCK_WAIT_S` to lock them all itself
+    (then let go); None when none (or when it may not lock one: pg_restore says why)."""
     import psycopg
 
-    relations = [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
     if not relations:
         return None
     try:
@@ -144,10 +149,12 @@ class _LetGo(Exception):
     """Rolls back the transaction that took the locks, once they are had."""
 
 
-def _ids(conn: Any) -> tuple[dict[str, int | None], int]:
-    """The schema's sequences and their values, and the highest trade id (0: none)."""
+def _ids(conn: Any, has_trades: bool) -> tuple[dict[str, int | None], int]:
+    """The schema's sequences and their values, and the highest trade id (0: none, or no ``trades``
+    table: a database made empty for the restore, on a new server; PostgreSQL resolves a table's name
+    as it parses a statement, so the statement that reads it cannot guard itself)."""
     sequences = {name: None if value is None else int(value) for name, value in conn.execute(_SEQUENCES_SQL)}
-    return sequences, int(conn.execute(_TOP_TRADE_SQL).fetchone()[0] or 0)
+    return sequences, int(conn.execute(_TOP_TRADE_SQL).fetchone()[0] or 0) if has_trades else 0
 
 
 #: How the restore's own statements' rows begin in psql's output, told from the rows of the script's.
@@ -277,7 +284,8 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
 def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True) -> dict[str, Any]:
     """``pg_restore --clean --if-exists`` of ``source`` into ``DATABASE_URL``'s database (see the
     module docstring); returns ``restored`` (the database, no password), ``source``, ``entries``,
-    ``replaced`` (the dump of the database it replaced, None with ``keep=False``),
+    ``replaced`` (the dump of the database it replaced, None with ``keep=False`` or when ``empty``),
+    ``empty`` (the database had none of the dump's tables: a new server's, nothing was replaced),
     ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
     ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
     Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
@@ -309,13 +317,14 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"{', ...' if len(ours) > 5 else ''}): stop it on every host first "
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
-            in_the_way = _locks_in_the_way(conn, relations)
+            present = _present(conn, relations)
+            in_the_way = _locks_in_the_way(conn, present)
             if in_the_way is not None:
                 raise ValueError(in_the_way)
-            before, replaced_top_trade = _ids(conn)
+            before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
             last = _last_statements(conn, before, "trades" in relations)
         replaced = None
-        if keep:
+        if keep and present:  # a database without the dump's tables replaces nothing: no copy of it
             aside = replaced_copy(settings)  # a restore within the same second: the first one's copy is kept
             try:
                 replaced = Path(dump(settings, aside, timeout)["path"])
@@ -337,5 +346,5 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return {"restored": display_url(url), "source": str(source), "entries": entries,
-            "replaced": None if replaced is None else str(replaced), "ids_continued": raised,
+            "replaced": None if replaced is None else str(replaced), "empty": not present, "ids_continued": raised,
             "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}

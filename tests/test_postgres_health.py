@@ -863,3 +863,31 @@ def test_api_health_says_commits_fail_without_the_servers_words_which_name_the_d
     finally:
         postgres_server.psql("postgres", "postgres", f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         peer.close()
+
+
+def test_db_restore_puts_a_dump_into_a_new_empty_database(pg: Stack, home_databases: HomeDatabases) -> None:
+    """Disaster recovery on a new server: the dump restored into a database made empty for it, before
+    any writer ran there (no table, no sequence). Its ids continue from the dump's."""
+    writer = pg.start_writer()
+    insert_ticks(pg, 300)
+    done = run(pg, "-m", "workers.jobs", "--run", "backup")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pg.stop(writer) == 0
+    (dump,) = (pg.home / "backups").iterdir()
+    home = new_home()
+    env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+    fresh = Stack(home, {**env, **home_databases(home)})
+    try:
+        assert rows(fresh, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+        done = run(fresh, "-m", "db", "restore", str(dump))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "the database had none of its tables (a new one), so nothing was replaced and no copy was kept" \
+            in done.stdout and "kept as" not in done.stdout, done.stdout
+        assert not list(home.glob("tickstack.replaced-*")), list(home.iterdir())
+        assert rows(fresh, "SELECT count(*), max(id) FROM ticks") == [(300, 300)]
+        writer = fresh.start_writer()
+        insert_ticks(fresh, 10, first=300)
+        assert rows(fresh, "SELECT count(*), max(id) FROM ticks") == [(310, 310)]
+        assert fresh.stop(writer) == 0
+    finally:
+        fresh.close()
