@@ -30,7 +30,7 @@ from db.config import (
     load_settings,
 )
 from db.errors import WriterError, server_trouble
-from db.files import touch_private
+from db.files import touch_private, unfinished_restore
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
 from db.sizes import human_bytes
 
@@ -144,6 +144,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from db.schema import migrate
 
     settings = load_settings()
+    unfinished = unfinished_restore(settings.database_path)
+    if unfinished is not None:  # a new, empty database would take the restored one's place
+        print(f"python -m db init: {unfinished}", file=sys.stderr)
+        return 1
     if settings.database_path is not None and not settings.database_path.exists():
         # A new SQLite file, in a home whose writer writes a server's database (a shell without its
         # DATABASE_URL): doctor's rule refuses it, as `db health` does.

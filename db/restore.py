@@ -22,7 +22,15 @@ from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
-from db.files import discard_part, make_folder, part_file, put_in_place, sync_folder
+from db.files import (
+    discard_part,
+    make_folder,
+    part_file,
+    put_in_place,
+    restore_marker,
+    sync_folder,
+    unfinished_restore,
+)
 from db.health import holders, integrity_check
 from db.lock import WriterLock, WriterLocked, read_lock_holder
 
@@ -123,6 +131,38 @@ def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
         con.close()
 
 
+def _swap(path: Path, copy: Path, aside: Path) -> bool:
+    """Move the database and its companions aside as ``aside`` and give ``copy`` its name. Two files
+    (the database and its WAL) cannot change names in one step, so a mark is left beside it for the
+    moves (:func:`db.files.restore_marker`, synced before the first): a restore killed between them
+    (SIGKILL, a power cut) left no database, and the next writer started a new, empty one without a
+    word; the writer, ``db init``, doctor and this restore now say how to finish. An exception
+    (an error, Ctrl-C) moves them back. Whether there was a database to move aside."""
+    marker = restore_marker(path)
+    if os.path.lexists(path):  # none (a new machine's): killed before the copy takes the name, none still
+        part = part_file(marker)
+        with open(part, "w", encoding="utf-8") as f:
+            f.write(f"{copy}\n{aside}\n")
+        put_in_place(part, marker, overwrite=True)  # synced, its name too: before anything is moved
+    moved: list[str] = []
+    try:
+        for suffix in ("", *COMPANIONS):  # the database first: the others are nothing without it
+            if Path(f"{path}{suffix}").exists():
+                os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+                moved.append(suffix)
+        put_in_place(copy, path)  # syncs the folder, the moves aside with it
+        return bool(moved)
+    except BaseException:
+        for suffix in moved:  # back as they were
+            os.replace(f"{aside}{suffix}", f"{path}{suffix}")
+        sync_folder(path.parent)
+        raise
+    finally:
+        if os.path.lexists(path):  # the old database or the new one: the mark says nothing any more
+            marker.unlink(missing_ok=True)
+            sync_folder(path.parent)
+
+
 def restore(settings: Settings, source: Path) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
@@ -136,6 +176,9 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
     if path is None:
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
                          "db.server_restore.restore_dump (python -m db restore FILE.dump)")
+    unfinished = unfinished_restore(path)
+    if unfinished is not None:  # the replaced database's ids are not where this restore reads them
+        raise ValueError(unfinished)
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
@@ -183,16 +226,7 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = replaced_copy(settings)
-        moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
-        for suffix in moved:  # the database first: the others are nothing without it
-            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
-        try:
-            put_in_place(tmp, path)  # syncs the folder, the moves aside with it
-        except OSError:
-            for suffix in moved:  # back as they were
-                os.replace(f"{aside}{suffix}", f"{path}{suffix}")
-            sync_folder(path.parent)
-            raise
+        moved = _swap(path, tmp, aside)
         tmp = None
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
                 "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,62 @@ def test_a_spooled_batch_keeps_its_name_through_a_power_cut(tmp_path: Path) -> N
     assert batch.parent == folder and batch.exists()
     assert last_name_given_then_folder_synced(log, batch), log.read_text()[-3000:]
     assert not new_folders_named_then_parents_synced(log, [folder.parent, folder]), log.read_text()[-3000:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_a_restore_killed_between_its_moves_leaves_no_empty_database_to_start_on(stack: Stack,
+                                                                                 tmp_path: Path) -> None:
+    """``python -m db restore`` killed (SIGKILL, by strace at the system call that gives the backup's
+    copy the database's name) after it moved the database aside: no file had the database's name, and
+    the next writer made a new, empty database there and served on it (trade and tick ids from 1
+    again), doctor saying "start the writer (it creates it)". The writer, ``db init`` and doctor now
+    refuse, saying the restore was stopped and how to finish it; done as said, the restored copy
+    serves, its ids after the replaced database's."""
+    from db.client import WriterClient
+
+    database = stack.settings.database_path
+    assert database is not None
+
+    def open_trade() -> int:
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            return client.call("open_trade", symbol="EURUSD", side="buy", size=1.0, entry_price=1.1)["id"]
+
+    def db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    writer = stack.start_writer()
+    kept = [open_trade() for _ in range(3)]
+    backup = stack.home / "kept.db"
+    assert db("backup", str(backup)).returncode == 0
+    lost = open_trade()  # after the backup
+    assert stack.stop(writer) == 0
+    strace = shutil.which("strace")
+    if strace is None:
+        traced(["-c", "pass"], {}, tmp_path / "none.trace")  # skips, or fails in CI, saying why
+    killed = subprocess.run([strace, "-f", "-qq", "-o", str(tmp_path / "restore.trace"), "-e", "trace=link,linkat",
+                             "-e", "inject=link,linkat:error=EIO:signal=SIGKILL:when=1", sys.executable, "-m", "db",
+                             "restore", str(backup)], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode != 0 and not database.exists(), (killed.returncode, killed.stdout + killed.stderr)
+
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        stack.start_writer()
+    said = stack.writer_log()
+    assert f"the database {database} is missing: a `python -m db restore` was stopped" in said, said[-3000:]
+    assert not database.exists()
+    refused = db("init")
+    assert refused.returncode == 1 and "a `python -m db restore` was stopped" in refused.stderr, refused.stderr
+    assert not database.exists()
+    doctor = db("doctor").stdout
+    move = re.search(r"put the backup's checked copy in place, `(mv (\S+) (\S+) && rm (\S+))`", doctor)
+    assert move is not None and move[3] == str(database), doctor
+    assert subprocess.run(move[1], shell=True, cwd=stack.home, timeout=30).returncode == 0  # as doctor says
+
+    writer = stack.start_writer()
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+        assert [i for (i,) in con.execute("SELECT id FROM trades ORDER BY id")] == kept
+    con.close()
+    assert open_trade() == lost + 1  # not an id the replaced database gave
+    assert stack.stop(writer) == 0
