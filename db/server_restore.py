@@ -67,6 +67,12 @@ _OUR_TABLES = ("schema_version", "ticks")
 _RELATIONS_SQL = ("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                   "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) "
                   "ORDER BY 1")
+#: Of the schema's tables and views of the given names, each one's kind and name: the stack's that a
+#: dump of another schema version has not, or has as the other kind, are dropped before its script.
+_KINDS_SQL = ("SELECT format('%%I.%%I', n.nspname, c.relname), "
+              "CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, c.relname "
+              "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+              "AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) ORDER BY 1")
 #: The other sessions holding a lock on one of those relations. (Another role's session's state is
 #: NULL unless this role may read all stats: left out then.)
 _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'), "
@@ -75,9 +81,10 @@ _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.applic
                 "AND a.pid <> pg_backend_pid() ORDER BY 1")
 
 
-def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str], set[str]]:
-    """The archive's entries (``pg_restore --list``'s lines) and its tables' and views' names;
-    ValueError when it is not one it can read, or not a tickstack database's."""
+def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str], dict[str, str]]:
+    """The archive's entries (``pg_restore --list``'s lines) and its tables and views, each name's
+    kind (``TABLE`` or ``VIEW``); ValueError when it is not one it can read, or not a tickstack
+    database's."""
     if not source.is_file():
         raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
     with open(source, "rb") as f:
@@ -97,7 +104,7 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str],
         raise ValueError(f"{source} is a PostgreSQL dump, but not of a tickstack database (it has no "
                          f"{' or '.join(missing)} table): restoring it would put its tables beside the stack's and "
                          "change none of them (nothing was changed)")
-    return entries, tables | views
+    return entries, {**{name: "TABLE" for name in tables}, **{name: "VIEW" for name in views}}
 
 
 def _restorable(entries: list[str]) -> list[str]:
@@ -118,6 +125,28 @@ def _present(conn: Any, names: set[str]) -> list[str]:
     """Which of the tables and views ``names`` (the dump's) the database has, as the schema qualifies
     them; none in a database made empty for the restore (a new server's)."""
     return [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
+
+
+def _not_in_the_dump(conn: Any, kinds: dict[str, str]) -> tuple[list[str], str]:
+    """The stack's tables and views the database has that the dump (its relations' ``kinds``) has not
+    as they are, and the statements that drop them, views first, in the restore's transaction. A dump
+    of an older schema version: before v3, ``indicators`` was a table, and pg_restore's script of it
+    stopped at the view of that name (``ALTER TABLE ... DROP CONSTRAINT``: a view has none), so no such
+    dump could be restored; and ``bar_indicators``, which it has not, kept the replaced database's
+    rows (and made the v3 migration skip its step). Without them, the database holds the dump's
+    schema as it was, and the writer migrates it."""
+    from psycopg import sql
+
+    from db.models import metadata
+    from db.schema import BAR_INDICATORS
+
+    ours = sorted({*metadata.tables, BAR_INDICATORS.name})
+    stale = [(name, kind) for name, kind, bare in conn.execute(_KINDS_SQL, (ours,)) if kinds.get(bare) != kind]
+    views = [sql.SQL(name) for name, kind in stale if kind == "VIEW"]  # schema-qualified, quoted by the server
+    tables = [sql.SQL(name) for name, kind in stale if kind == "TABLE"]
+    statements = [sql.SQL("DROP {} {};").format(sql.SQL(what), sql.SQL(", ").join(names))
+                  for what, names in (("VIEW", views), ("TABLE", tables)) if names]
+    return [name for name, _kind in stale], "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
 def _locks_in_the_way(conn: Any, relations: list[str]) -> str | None:
@@ -185,10 +214,10 @@ def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool)
     return "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
-def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], last: str, timeout: float,
-                        url: str) -> str:
+def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], first: str, last: str,
+                        timeout: float, url: str) -> str:
     """Runs ``script`` (pg_restore writing its SQL to stdout) into ``psql`` (reading stdin, stopping at
-    the first error) between a ``BEGIN`` and, only when pg_restore ended well, ``last`` and then, once
+    the first error) between a ``BEGIN`` and ``first``, and, only when pg_restore ended well, ``last`` and then, once
     psql has run all of that (it prints :data:`_READY`), ``COMMIT``; psql's output. Anything else ends
     psql's session before its input does, so the server rolls the transaction back: pg_restore
     failing midway (psql killed, its input never ended), psql stopping at an error (pg_restore
@@ -228,7 +257,7 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
         thread.start()
     try:
         try:
-            runner.stdin.write(b"BEGIN;\n")
+            runner.stdin.write(f"BEGIN;\n{first}".encode())
             while chunk := writer.stdout.read1(1 << 16):  # what there is, as it comes: a COPY's rows too
                 runner.stdin.write(chunk)
                 runner.stdin.flush()
@@ -295,7 +324,8 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     private = private_folder(settings)
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
-        listed, relations = _list(source, env, timeout)
+        listed, kinds = _list(source, env, timeout)
+        relations = set(kinds)
         entries = len(listed)
         chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
         fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -318,13 +348,14 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
             present = _present(conn, relations)
-            in_the_way = _locks_in_the_way(conn, present)
+            stale, first = _not_in_the_dump(conn, kinds)
+            in_the_way = _locks_in_the_way(conn, sorted({*present, *stale}))
             if in_the_way is not None:
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
             last = _last_statements(conn, before, "trades" in relations)
         replaced = None
-        if keep and present:  # a database without the dump's tables replaces nothing: no copy of it
+        if keep and (present or stale):  # a database without the stack's tables replaces nothing: no copy of it
             aside = replaced_copy(settings)  # a restore within the same second: the first one's copy is kept
             try:
                 replaced = Path(dump(settings, aside, timeout)["path"])
@@ -332,7 +363,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
-        printed = _in_one_transaction(script, psql, env, last, timeout, url)
+        printed = _in_one_transaction(script, psql, env, first, last, timeout, url)
         # What the committed transaction did, as its own statements printed it (each setval that ran,
         # the dump's top trade): not worked out again from values read before or after it.
         raised: dict[str, int] = {}
@@ -346,5 +377,6 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return {"restored": display_url(url), "source": str(source), "entries": entries,
-            "replaced": None if replaced is None else str(replaced), "empty": not present, "ids_continued": raised,
+            "replaced": None if replaced is None else str(replaced), "empty": not (present or stale),
+            "ids_continued": raised,
             "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}

@@ -891,3 +891,56 @@ def test_db_restore_puts_a_dump_into_a_new_empty_database(pg: Stack, home_databa
         assert fresh.stop(writer) == 0
     finally:
         fresh.close()
+
+
+def test_db_restore_puts_back_a_dump_from_before_a_schema_upgrade(pg: Stack) -> None:
+    """A dump taken at schema v2 (``indicators`` a table; v3 made it a view of ``bar_indicators``),
+    restored after the upgrade, as one goes back from an upgrade gone wrong: pg_restore's script
+    stopped at ``ALTER TABLE ... indicators DROP CONSTRAINT`` (a view has none), so no dump from before
+    v3 could be restored; and a table of a later version the dump has not (``bar_indicators``) would
+    be left with the replaced database's rows, which made the writer's v3 migration skip its step.
+    The restore takes the dump's schema as it was; the writer migrates it, the dump's rows with it."""
+    from sqlalchemy import insert
+
+    from db.engine import make_write_engine
+    from db.models import SchemaVersion, now_ms
+    from db.schema import MIGRATIONS, SCHEMA_VERSION
+
+    engine = make_write_engine(pg.settings)
+    try:
+        with engine.begin() as conn:  # the database as tickstack's schema v2 left it, with rows
+            for version, _what, step in MIGRATIONS[:2]:
+                step(conn)
+                conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms()))
+            conn.exec_driver_sql("INSERT INTO indicators (symbol, timeframe, name, ts, value) "
+                                 f"VALUES ('BTCUSD', '1m', 'sma_20', {NOW_TS}, 42.0)")
+            conn.exec_driver_sql("INSERT INTO ticks (symbol, ts, bid, ask, volume, source, seq) SELECT 'BTCUSD', "
+                                 f"{NOW_TS} + g, 100, 100.5, 1, 'v2', g FROM generate_series(1, 100) g")
+    finally:
+        engine.dispose()
+    dump = pg.home / "v2.dump"
+    done = run(pg, "-m", "db", "backup", str(dump))
+    assert done.returncode == 0, done.stdout + done.stderr
+    writer = pg.start_writer()  # the upgrade: v2 to now
+    insert_ticks(pg, 50)  # after the dump
+    assert pg.stop(writer) == 0
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    engine = make_write_engine(pg.settings)
+    try:  # a value the upgraded database computed after the dump
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO bar_indicators (symbol, timeframe, ts, sma_20) VALUES ('BTCUSD', '1m', "
+                                 f"{NOW_TS + 60_000}, 43.0)")
+    finally:
+        engine.dispose()
+
+    done = run(pg, "-m", "db", "restore", str(dump))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(2,)]
+    writer = pg.start_writer()  # migrates the restored v2 database
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert rows(pg, "SELECT symbol, timeframe, name, ts, value FROM indicators") == [
+        ("BTCUSD", "1m", "sma_20", NOW_TS, 42.0)]
+    assert rows(pg, "SELECT count(*), max(id) FROM ticks") == [(100, 100)]
+    insert_ticks(pg, 1, first=1000)
+    assert rows(pg, "SELECT max(id) FROM ticks") == [(151,)]  # after the replaced database's 150
+    assert pg.stop(writer) == 0
