@@ -341,6 +341,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     check_home(settings)
     if settings.database_path is None:
         return _restore_dump(settings, Path(args.backup), keep=not args.no_copy)
+    # An SQLite restore in a home whose writer writes a server's database (a shell without its
+    # DATABASE_URL): a .dump was "not for this SQLite stack", and a .db went into a file the stack does
+    # not use, "restored". Doctor's rule refuses it, as `db init` does.
+    from db.served_database import served_database, wrong_database_refusal
+
+    refused = wrong_database_refusal(settings, served_database(settings))
+    if refused is not None:
+        raise ValueError(refused)
     if args.no_copy:
         raise ValueError("--no-copy is for PostgreSQL; on SQLite the replaced file is always kept (moved aside)")
     result = restore(settings, Path(args.backup))
