@@ -107,17 +107,22 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str],
     return entries, {**{name: "TABLE" for name in tables}, **{name: "VIEW" for name in views}}
 
 
-def _restorable(entries: list[str]) -> list[str]:
+def _restorable(entries: list[str], role: str) -> list[str]:
     """The entries but the extensions and the large objects, with their comments and grants, left as
     they are in the database. Extensions: a DBA's (amcheck, for quick_check), which a dump made by
     hand has and the owner role may not drop or create ("must be owner of extension"). Large objects
     (a DBA's too: the stack stores none): pg_restore's script restores their data between a BEGIN
-    and a COMMIT of its own, which would commit the restore's transaction halfway."""
+    and a COMMIT of its own, which would commit the restore's transaction halfway. And the default
+    privileges of roles other than ``role`` (the restoring one, DATABASE_URL's, which owns what it
+    restores: ``--no-owner``): on a new server whose owner role has another name, ``ALTER DEFAULT
+    PRIVILEGES FOR ROLE ts_owner`` is refused ("must be member of role"); the DBA set its own."""
     def left_out(parts: list[str]) -> bool:  # "5; 3079 16384 EXTENSION - amcheck", "COMMENT - EXTENSION x",
         # "7; 2613 16500 BLOB - 16500 owner", "8; 0 0 BLOBS - BLOBS", "9; 0 0 ACL - LARGE OBJECT 16500 owner"
         # (PostgreSQL 17: "BLOB METADATA - 16500..16599 owner")
+        # "6; 826 16396 DEFAULT ACL public DEFAULT PRIVILEGES FOR TABLES ts_owner" (its role last)
         return parts[3:4] in (["EXTENSION"], ["BLOB"], ["BLOBS"]) \
-            or (parts[4:5] == ["-"] and parts[5:6] in (["EXTENSION"], ["LARGE"]))
+            or (parts[4:5] == ["-"] and parts[5:6] in (["EXTENSION"], ["LARGE"])) \
+            or (parts[3:5] == ["DEFAULT", "ACL"] and parts[-1] != role)
     return [line for line in entries if not left_out(line.split())]
 
 
@@ -328,10 +333,11 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
         relations = set(kinds)
         entries = len(listed)
         chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
-        fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(_restorable(listed)) + "\n")
-        script = [pg_program("pg_restore"), "--clean", "--if-exists", "-L", str(chosen), "-f", "-", str(source)]
+        # --no-owner: DATABASE_URL's role owns what it restores, as the writer's migrations need it to,
+        # whatever the dump's owner was named (ALTER ... OWNER TO ts_owner failed on a new server whose
+        # owner role has another name: "must be member of role").
+        script = [pg_program("pg_restore"), "--clean", "--if-exists", "--no-owner", "-L", str(chosen), "-f", "-",
+                  str(source)]
         # psql stops at the first error and says which statement it was (--echo-errors); rows unadorned.
         psql = [pg_program("psql"), "--no-psqlrc", "--no-password", "--quiet", "--echo-errors", "--no-align",
                 "--tuples-only", "-v", "ON_ERROR_STOP=1", "-d", conninfo]  # found before anything is done
@@ -354,6 +360,10 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
             last = _last_statements(conn, before, "trades" in relations)
+            role = conn.execute("SELECT current_user").fetchone()[0]
+        fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(_restorable(listed, role)) + "\n")
         replaced = None
         if keep and (present or stale):  # a database without the stack's tables replaces nothing: no copy of it
             aside = replaced_copy(settings)  # a restore within the same second: the first one's copy is kept
