@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +135,28 @@ def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
         con.close()
 
 
+#: What asks a restore to stop: Ctrl-C, and (``python -m db restore`` makes them Ctrl-C) SIGTERM and SIGHUP.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """:data:`STOP_SIGNALS` held back inside: one that comes meanwhile is noted and sent again once
+    what the block holds is done, to the handler there was (Python runs handlers in the main thread
+    whatever thread the kernel gave the signal to: a mask would not hold them)."""
+    asked: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: asked.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if asked:
+            signal.raise_signal(asked[0])
+
+
 def _swap(path: Path, copy: Path, aside: Path) -> bool:
     """Move the database and its companions aside as ``aside`` and give ``copy`` its name. Two files
     (the database and its WAL) cannot change names in one step, so a mark is left beside it for the
@@ -163,14 +189,15 @@ def _swap(path: Path, copy: Path, aside: Path) -> bool:
             sync_folder(path.parent)
 
 
-def restore(settings: Settings, source: Path) -> dict[str, Any]:
+def restore(settings: Settings, source: Path, done: threading.Event | None = None) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
     ``bytes``, ``ids_continued`` (the id counters raised to the replaced database's, by table: no tick
     id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
     ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
     their ids are not given again either; a backup older than schema v5 gets its trades counter
-    from them, which the writer's migration keeps).
+    from them, which the writer's migration keeps). ``done`` is set once the backup has the database's
+    name (a stop asked for in the swap is taken after it: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
@@ -226,8 +253,11 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = replaced_copy(settings)
-        moved = _swap(path, tmp, aside)
-        tmp = None
+        with stop_signals_held():  # a stop asked for in the swap is taken after it: either database, whole
+            moved = _swap(path, tmp, aside)
+            tmp = None
+            if done is not None:
+                done.set()
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
                 "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,
                 "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}

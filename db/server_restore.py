@@ -51,6 +51,7 @@ from db.circusd import circusctl_command
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed
+from db.restore import stop_signals_held
 from db.server import MAINTENANCE_LOCK_WAIT_S, connect, dump, libpq_env, pg_program, private_folder, scrub
 
 #: The sequences of the schema and their values (None: never used), by name.
@@ -220,14 +221,15 @@ def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool)
 
 
 def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], first: str, last: str,
-                        timeout: float, url: str) -> str:
+                        timeout: float, url: str, committed: threading.Event) -> str:
     """Runs ``script`` (pg_restore writing its SQL to stdout) into ``psql`` (reading stdin, stopping at
     the first error) between a ``BEGIN`` and ``first``, and, only when pg_restore ended well, ``last`` and then, once
     psql has run all of that (it prints :data:`_READY`), ``COMMIT``; psql's output. Anything else ends
     psql's session before its input does, so the server rolls the transaction back: pg_restore
     failing midway (psql killed, its input never ended), psql stopping at an error (pg_restore
     killed), ``timeout`` passed (both), this process killed (psql's input ends without COMMIT).
-    MaintenanceFailed with pg_restore's or psql's words, the password cut out."""
+    MaintenanceFailed with pg_restore's or psql's words, the password cut out. ``committed`` is set
+    once psql has run our COMMIT without an error (a stop asked for meanwhile is taken after that)."""
     runner = subprocess.Popen(psql, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         writer = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -272,9 +274,12 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
                 while not ready.wait(0.1) and runner.poll() is None:
                     pass
                 if ready.is_set() and not timed_out.is_set():
-                    runner.stdin.write(b"COMMIT;\n")
-                    committing = True
-                    runner.stdin.close()  # the end of psql's input: it commits
+                    with stop_signals_held():  # Ctrl-C now is taken once psql ended: its end says the outcome
+                        runner.stdin.write(b"COMMIT;\n")
+                        committing = True
+                        runner.stdin.close()  # the end of psql's input: it commits
+                        if runner.wait() == 0:
+                            committed.set()
         except BrokenPipeError:  # psql stopped reading: it stopped at an error, or the watchdog killed it
             writer_stopped = writer.poll() is None
         if not committing:
@@ -315,13 +320,16 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
     raise MaintenanceFailed(f"{name} failed ({code}): {words} {outcome}")
 
 
-def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True) -> dict[str, Any]:
+def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True,
+                 done: threading.Event | None = None) -> dict[str, Any]:
     """``pg_restore --clean --if-exists`` of ``source`` into ``DATABASE_URL``'s database (see the
     module docstring); returns ``restored`` (the database, no password), ``source``, ``entries``,
     ``replaced`` (the dump of the database it replaced, None with ``keep=False`` or when ``empty``),
     ``empty`` (the database had none of the dump's tables: a new server's, nothing was replaced),
     ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
     ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
+    ``done`` is set once the restore's transaction is committed (a stop asked for as it commits is
+    taken after: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
     restore itself failed: pg_restore's or psql's words)."""
     url = settings.database_url
@@ -373,7 +381,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
-        printed = _in_one_transaction(script, psql, env, first, last, timeout, url)
+        printed = _in_one_transaction(script, psql, env, first, last, timeout, url, done or threading.Event())
         # What the committed transaction did, as its own statements printed it (each setval that ran,
         # the dump's top trade): not worked out again from values read before or after it.
         raised: dict[str, int] = {}
