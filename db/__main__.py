@@ -102,6 +102,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if refused is not None:
         print(refused, file=sys.stderr)
         return 1
+    # The writer refuses it at each start (circus's flapping then stops it) and the workers wait 60 s
+    # for a database, then exit: said here, once, with what to do.
+    unfinished = unfinished_restore(settings.database_path)
+    if unfinished is not None:
+        print(f"python -m db prepare: {unfinished}", file=sys.stderr)
+        return 1
     home = ensure_home(settings)
     # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
     # private, it stays so, even through a start circus itself refuses (a web port taken since).
