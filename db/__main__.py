@@ -17,7 +17,9 @@ import argparse
 import json
 import os
 import select
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from db.config import (
@@ -30,7 +32,7 @@ from db.config import (
     load_settings,
 )
 from db.errors import WriterError, server_trouble
-from db.files import touch_private
+from db.files import touch_private, unfinished_restore
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
 from db.sizes import human_bytes
 
@@ -100,6 +102,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if refused is not None:
         print(refused, file=sys.stderr)
         return 1
+    # The writer refuses it at each start (circus's flapping then stops it) and the workers wait 60 s
+    # for a database, then exit: said here, once, with what to do.
+    unfinished = unfinished_restore(settings.database_path)
+    if unfinished is not None:
+        print(f"python -m db prepare: {unfinished}", file=sys.stderr)
+        return 1
     home = ensure_home(settings)
     # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
     # private, it stays so, even through a start circus itself refuses (a web port taken since).
@@ -144,6 +152,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     from db.schema import migrate
 
     settings = load_settings()
+    unfinished = unfinished_restore(settings.database_path)
+    if unfinished is not None:  # a new, empty database would take the restored one's place
+        print(f"python -m db init: {unfinished}", file=sys.stderr)
+        return 1
     if settings.database_path is not None and not settings.database_path.exists():
         # A new SQLite file, in a home whose writer writes a server's database (a shell without its
         # DATABASE_URL): doctor's rule refuses it, as `db health` does.
@@ -316,10 +328,10 @@ def _ids_continued_words(continued: dict[str, int]) -> str:
         "given again")
 
 
-def _restore_dump(settings: Settings, source: Path, keep: bool) -> int:
+def _restore_dump(settings: Settings, source: Path, keep: bool, done: threading.Event) -> int:
     from db.server_restore import restore_dump
 
-    result = restore_dump(settings, source, keep=keep)
+    result = restore_dump(settings, source, keep=keep, done=done)
     ids = _ids_continued_words(result["ids_continued"])
     kept = f"; the database it replaced is kept as {result['replaced']}" if result["replaced"] else ""
     if result["empty"]:
@@ -330,16 +342,48 @@ def _restore_dump(settings: Settings, source: Path, keep: bool) -> int:
     return 0
 
 
+def _stop_as_ctrl_c(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
+    """A restore stopped (Ctrl-C; SIGTERM by pid or SIGHUP, taken as Ctrl-C so that its clean-up runs: by
+    default they ended it with not a word, its temporary files left) says where it stopped: a
+    traceback said nothing of the database. The SQLite swap and the PostgreSQL COMMIT end first
+    (db.restore; db.server_restore says a COMMIT it could not see end)."""
+    from db.restore import STOP_SIGNALS
+
+    for sig in STOP_SIGNALS - {signal.SIGINT}:
+        signal.signal(sig, _stop_as_ctrl_c)
+    done = threading.Event()  # set by the restore as the backup takes the database's place
+    try:
+        return _restore(args, done)
+    except KeyboardInterrupt:
+        if done.is_set():
+            raise ValueError("stopped as it ended, the backup restored (what it says of the ids and of trades the "
+                             "backup has not was not said); start the stack again: make run") from None
+        raise ValueError("stopped before it changed anything: the database is the one it was (run the restore "
+                         "again to restore)") from None
+
+
+def _restore(args: argparse.Namespace, done: threading.Event) -> int:
     from db.restore import restore
 
     settings = load_settings()
     check_home(settings)
     if settings.database_path is None:
-        return _restore_dump(settings, Path(args.backup), keep=not args.no_copy)
+        return _restore_dump(settings, Path(args.backup), keep=not args.no_copy, done=done)
+    # An SQLite restore in a home whose writer writes a server's database (a shell without its
+    # DATABASE_URL): a .dump was "not for this SQLite stack", and a .db went into a file the stack does
+    # not use, "restored". Doctor's rule refuses it, as `db init` does.
+    from db.served_database import served_database, wrong_database_refusal
+
+    refused = wrong_database_refusal(settings, served_database(settings))
+    if refused is not None:
+        raise ValueError(refused)
     if args.no_copy:
         raise ValueError("--no-copy is for PostgreSQL; on SQLite the replaced file is always kept (moved aside)")
-    result = restore(settings, Path(args.backup))
+    result = restore(settings, Path(args.backup), done)
     kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
             if result["replaced"] else "")
     if result["ids_unread"] is not None:

@@ -96,6 +96,38 @@ def not_sqlite_reason(path: Path | None) -> str | None:
     return None if words is None else f"{words}; does DATABASE_URL name the wrong file?"
 
 
+def restore_marker(path: Path) -> Path:
+    """The file ``db restore`` keeps beside the SQLite database ``path`` while it swaps the files:
+    from the first move aside to the restored copy's taking the name, ``path`` is missing, and a
+    writer started then would make a new, empty database there (:func:`unfinished_restore`)."""
+    return path.with_name(f"{path.name}.restoring")
+
+
+def unfinished_restore(path: Path | None) -> str | None:
+    """Why nothing may make a new database at ``path``: it is missing because a ``db restore`` was
+    stopped (killed, a power cut) between moving the database aside and putting the backup's checked
+    copy in its place, as its :func:`restore_marker` says; what to do, in words. None otherwise (a
+    marker beside a database in place is a restore stopped before or after its swap: nothing lost)."""
+    if path is None or os.path.lexists(path):
+        return None
+    try:
+        with open(restore_marker(path), encoding="utf-8") as f:
+            copy, replaced = (Path(line) for line in f.read().splitlines()[:2])
+    except (OSError, ValueError):  # no marker (or not one we wrote): no restore to finish
+        return None
+    marker = restore_marker(path)
+    back = (f"`mv {replaced} {path} && rm {marker}` (and its -wal and -shm files, if it had them, to "
+            f"{path.name}-wal and -shm)")
+    if copy.is_file():
+        ways = (f"put the backup's checked copy in place, `mv {copy} {path} && rm {marker}` (its ids already "
+                f"continue after the replaced database's); or go back to the replaced database, {back}")
+    else:
+        ways = f"its copy {copy.name} is gone: go back to the replaced database, {back}, and restore again"
+    return (f"the database {path} is missing: a `python -m db restore` was stopped while it swapped the files "
+            f"(said by {marker.name}), after it moved the database aside as {replaced.name}. "
+            f"Before anything starts (a writer would make a new, empty database): {ways}")
+
+
 def file_sizes(path: Path) -> dict[str, int | None]:
     """The sizes of :func:`database_files`, None for one that is not there."""
     sizes: dict[str, int | None] = {}

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,15 @@ from db.circusd import circusctl_command
 from db.config import Settings, ensure_home
 from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
-from db.files import discard_part, make_folder, part_file, put_in_place, sync_folder
+from db.files import (
+    discard_part,
+    make_folder,
+    part_file,
+    put_in_place,
+    restore_marker,
+    sync_folder,
+    unfinished_restore,
+)
 from db.health import holders, integrity_check
 from db.lock import WriterLock, WriterLocked, read_lock_holder
 
@@ -123,19 +135,77 @@ def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
         con.close()
 
 
-def restore(settings: Settings, source: Path) -> dict[str, Any]:
+#: What asks a restore to stop: Ctrl-C, and (``python -m db restore`` makes them Ctrl-C) SIGTERM and SIGHUP.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """:data:`STOP_SIGNALS` held back inside: one that comes meanwhile is noted and sent again once
+    what the block holds is done, to the handler there was (Python runs handlers in the main thread
+    whatever thread the kernel gave the signal to: a mask would not hold them)."""
+    asked: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: asked.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if asked:
+            signal.raise_signal(asked[0])
+
+
+def _swap(path: Path, copy: Path, aside: Path) -> bool:
+    """Move the database and its companions aside as ``aside`` and give ``copy`` its name. Two files
+    (the database and its WAL) cannot change names in one step, so a mark is left beside it for the
+    moves (:func:`db.files.restore_marker`, synced before the first): a restore killed between them
+    (SIGKILL, a power cut) left no database, and the next writer started a new, empty one without a
+    word; the writer, ``db init``, doctor and this restore now say how to finish. An exception
+    (an error, Ctrl-C) moves them back. Whether there was a database to move aside."""
+    marker = restore_marker(path)
+    if os.path.lexists(path):  # none (a new machine's): killed before the copy takes the name, none still
+        part = part_file(marker)
+        with open(part, "w", encoding="utf-8") as f:
+            f.write(f"{copy}\n{aside}\n")
+        put_in_place(part, marker, overwrite=True)  # synced, its name too: before anything is moved
+    moved: list[str] = []
+    try:
+        for suffix in ("", *COMPANIONS):  # the database first: the others are nothing without it
+            if Path(f"{path}{suffix}").exists():
+                os.replace(f"{path}{suffix}", f"{aside}{suffix}")
+                moved.append(suffix)
+        put_in_place(copy, path)  # syncs the folder, the moves aside with it
+        return bool(moved)
+    except BaseException:
+        for suffix in moved:  # back as they were
+            os.replace(f"{aside}{suffix}", f"{path}{suffix}")
+        sync_folder(path.parent)
+        raise
+    finally:
+        if os.path.lexists(path):  # the old database or the new one: the mark says nothing any more
+            marker.unlink(missing_ok=True)
+            sync_folder(path.parent)
+
+
+def restore(settings: Settings, source: Path, done: threading.Event | None = None) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
     ``bytes``, ``ids_continued`` (the id counters raised to the replaced database's, by table: no tick
     id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
     ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
     their ids are not given again either; a backup older than schema v5 gets its trades counter
-    from them, which the writer's migration keeps).
+    from them, which the writer's migration keeps). ``done`` is set once the backup has the database's
+    name (a stop asked for in the swap is taken after it: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     path = settings.database_path
     if path is None:
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
                          "db.server_restore.restore_dump (python -m db restore FILE.dump)")
+    unfinished = unfinished_restore(path)
+    if unfinished is not None:  # the replaced database's ids are not where this restore reads them
+        raise ValueError(unfinished)
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
@@ -183,17 +253,11 @@ def restore(settings: Settings, source: Path) -> dict[str, Any]:
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = replaced_copy(settings)
-        moved = [s for s in ("", *COMPANIONS) if Path(f"{path}{s}").exists()]
-        for suffix in moved:  # the database first: the others are nothing without it
-            os.replace(f"{path}{suffix}", f"{aside}{suffix}")
-        try:
-            put_in_place(tmp, path)  # syncs the folder, the moves aside with it
-        except OSError:
-            for suffix in moved:  # back as they were
-                os.replace(f"{aside}{suffix}", f"{path}{suffix}")
-            sync_folder(path.parent)
-            raise
-        tmp = None
+        with stop_signals_held():  # a stop asked for in the swap is taken after it: either database, whole
+            moved = _swap(path, tmp, aside)
+            tmp = None
+            if done is not None:
+                done.set()
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
                 "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,
                 "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}

@@ -51,6 +51,7 @@ from db.circusd import circusctl_command
 from db.config import Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed
+from db.restore import stop_signals_held
 from db.server import MAINTENANCE_LOCK_WAIT_S, connect, dump, libpq_env, pg_program, private_folder, scrub
 
 #: The sequences of the schema and their values (None: never used), by name.
@@ -67,6 +68,12 @@ _OUR_TABLES = ("schema_version", "ticks")
 _RELATIONS_SQL = ("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                   "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) "
                   "ORDER BY 1")
+#: Of the schema's tables and views of the given names, each one's kind and name: the stack's that a
+#: dump of another schema version has not, or has as the other kind, are dropped before its script.
+_KINDS_SQL = ("SELECT format('%%I.%%I', n.nspname, c.relname), "
+              "CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, c.relname "
+              "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+              "AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) ORDER BY 1")
 #: The other sessions holding a lock on one of those relations. (Another role's session's state is
 #: NULL unless this role may read all stats: left out then.)
 _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'), "
@@ -75,9 +82,10 @@ _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.applic
                 "AND a.pid <> pg_backend_pid() ORDER BY 1")
 
 
-def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str], set[str]]:
-    """The archive's entries (``pg_restore --list``'s lines) and its tables' and views' names;
-    ValueError when it is not one it can read, or not a tickstack database's."""
+def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str], dict[str, str]]:
+    """The archive's entries (``pg_restore --list``'s lines) and its tables and views, each name's
+    kind (``TABLE`` or ``VIEW``); ValueError when it is not one it can read, or not a tickstack
+    database's."""
     if not source.is_file():
         raise ValueError(f"{source}: no such file" if not source.exists() else f"{source} is not a file")
     with open(source, "rb") as f:
@@ -97,20 +105,25 @@ def _list(source: Path, env: dict[str, str], timeout: float) -> tuple[list[str],
         raise ValueError(f"{source} is a PostgreSQL dump, but not of a tickstack database (it has no "
                          f"{' or '.join(missing)} table): restoring it would put its tables beside the stack's and "
                          "change none of them (nothing was changed)")
-    return entries, tables | views
+    return entries, {**{name: "TABLE" for name in tables}, **{name: "VIEW" for name in views}}
 
 
-def _restorable(entries: list[str]) -> list[str]:
+def _restorable(entries: list[str], role: str) -> list[str]:
     """The entries but the extensions and the large objects, with their comments and grants, left as
     they are in the database. Extensions: a DBA's (amcheck, for quick_check), which a dump made by
     hand has and the owner role may not drop or create ("must be owner of extension"). Large objects
     (a DBA's too: the stack stores none): pg_restore's script restores their data between a BEGIN
-    and a COMMIT of its own, which would commit the restore's transaction halfway."""
+    and a COMMIT of its own, which would commit the restore's transaction halfway. And the default
+    privileges of roles other than ``role`` (the restoring one, DATABASE_URL's, which owns what it
+    restores: ``--no-owner``): on a new server whose owner role has another name, ``ALTER DEFAULT
+    PRIVILEGES FOR ROLE ts_owner`` is refused ("must be member of role"); the DBA set its own."""
     def left_out(parts: list[str]) -> bool:  # "5; 3079 16384 EXTENSION - amcheck", "COMMENT - EXTENSION x",
         # "7; 2613 16500 BLOB - 16500 owner", "8; 0 0 BLOBS - BLOBS", "9; 0 0 ACL - LARGE OBJECT 16500 owner"
         # (PostgreSQL 17: "BLOB METADATA - 16500..16599 owner")
+        # "6; 826 16396 DEFAULT ACL public DEFAULT PRIVILEGES FOR TABLES ts_owner" (its role last)
         return parts[3:4] in (["EXTENSION"], ["BLOB"], ["BLOBS"]) \
-            or (parts[4:5] == ["-"] and parts[5:6] in (["EXTENSION"], ["LARGE"]))
+            or (parts[4:5] == ["-"] and parts[5:6] in (["EXTENSION"], ["LARGE"])) \
+            or (parts[3:5] == ["DEFAULT", "ACL"] and parts[-1] != role)
     return [line for line in entries if not left_out(line.split())]
 
 
@@ -118,6 +131,28 @@ def _present(conn: Any, names: set[str]) -> list[str]:
     """Which of the tables and views ``names`` (the dump's) the database has, as the schema qualifies
     them; none in a database made empty for the restore (a new server's)."""
     return [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
+
+
+def _not_in_the_dump(conn: Any, kinds: dict[str, str]) -> tuple[list[str], str]:
+    """The stack's tables and views the database has that the dump (its relations' ``kinds``) has not
+    as they are, and the statements that drop them, views first, in the restore's transaction. A dump
+    of an older schema version: before v3, ``indicators`` was a table, and pg_restore's script of it
+    stopped at the view of that name (``ALTER TABLE ... DROP CONSTRAINT``: a view has none), so no such
+    dump could be restored; and ``bar_indicators``, which it has not, kept the replaced database's
+    rows (and made the v3 migration skip its step). Without them, the database holds the dump's
+    schema as it was, and the writer migrates it."""
+    from psycopg import sql
+
+    from db.models import metadata
+    from db.schema import BAR_INDICATORS
+
+    ours = sorted({*metadata.tables, BAR_INDICATORS.name})
+    stale = [(name, kind) for name, kind, bare in conn.execute(_KINDS_SQL, (ours,)) if kinds.get(bare) != kind]
+    views = [sql.SQL(name) for name, kind in stale if kind == "VIEW"]  # schema-qualified, quoted by the server
+    tables = [sql.SQL(name) for name, kind in stale if kind == "TABLE"]
+    statements = [sql.SQL("DROP {} {};").format(sql.SQL(what), sql.SQL(", ").join(names))
+                  for what, names in (("VIEW", views), ("TABLE", tables)) if names]
+    return [name for name, _kind in stale], "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
 def _locks_in_the_way(conn: Any, relations: list[str]) -> str | None:
@@ -185,15 +220,16 @@ def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool)
     return "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
-def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], last: str, timeout: float,
-                        url: str) -> str:
+def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], first: str, last: str,
+                        timeout: float, url: str, committed: threading.Event) -> str:
     """Runs ``script`` (pg_restore writing its SQL to stdout) into ``psql`` (reading stdin, stopping at
-    the first error) between a ``BEGIN`` and, only when pg_restore ended well, ``last`` and then, once
+    the first error) between a ``BEGIN`` and ``first``, and, only when pg_restore ended well, ``last`` and then, once
     psql has run all of that (it prints :data:`_READY`), ``COMMIT``; psql's output. Anything else ends
     psql's session before its input does, so the server rolls the transaction back: pg_restore
     failing midway (psql killed, its input never ended), psql stopping at an error (pg_restore
     killed), ``timeout`` passed (both), this process killed (psql's input ends without COMMIT).
-    MaintenanceFailed with pg_restore's or psql's words, the password cut out."""
+    MaintenanceFailed with pg_restore's or psql's words, the password cut out. ``committed`` is set
+    once psql has run our COMMIT without an error (a stop asked for meanwhile is taken after that)."""
     runner = subprocess.Popen(psql, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         writer = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -228,7 +264,7 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
         thread.start()
     try:
         try:
-            runner.stdin.write(b"BEGIN;\n")
+            runner.stdin.write(f"BEGIN;\n{first}".encode())
             while chunk := writer.stdout.read1(1 << 16):  # what there is, as it comes: a COPY's rows too
                 runner.stdin.write(chunk)
                 runner.stdin.flush()
@@ -238,9 +274,12 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
                 while not ready.wait(0.1) and runner.poll() is None:
                     pass
                 if ready.is_set() and not timed_out.is_set():
-                    runner.stdin.write(b"COMMIT;\n")
-                    committing = True
-                    runner.stdin.close()  # the end of psql's input: it commits
+                    with stop_signals_held():  # Ctrl-C now is taken once psql ended: its end says the outcome
+                        runner.stdin.write(b"COMMIT;\n")
+                        committing = True
+                        runner.stdin.close()  # the end of psql's input: it commits
+                        if runner.wait() == 0:
+                            committed.set()
         except BrokenPipeError:  # psql stopped reading: it stopped at an error, or the watchdog killed it
             writer_stopped = writer.poll() is None
         if not committing:
@@ -281,13 +320,16 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
     raise MaintenanceFailed(f"{name} failed ({code}): {words} {outcome}")
 
 
-def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True) -> dict[str, Any]:
+def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, keep: bool = True,
+                 done: threading.Event | None = None) -> dict[str, Any]:
     """``pg_restore --clean --if-exists`` of ``source`` into ``DATABASE_URL``'s database (see the
     module docstring); returns ``restored`` (the database, no password), ``source``, ``entries``,
     ``replaced`` (the dump of the database it replaced, None with ``keep=False`` or when ``empty``),
     ``empty`` (the database had none of the dump's tables: a new server's, nothing was replaced),
     ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
     ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
+    ``done`` is set once the restore's transaction is committed (a stop asked for as it commits is
+    taken after: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
     restore itself failed: pg_restore's or psql's words)."""
     url = settings.database_url
@@ -295,13 +337,15 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     private = private_folder(settings)
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
-        listed, relations = _list(source, env, timeout)
+        listed, kinds = _list(source, env, timeout)
+        relations = set(kinds)
         entries = len(listed)
         chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
-        fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(_restorable(listed)) + "\n")
-        script = [pg_program("pg_restore"), "--clean", "--if-exists", "-L", str(chosen), "-f", "-", str(source)]
+        # --no-owner: DATABASE_URL's role owns what it restores, as the writer's migrations need it to,
+        # whatever the dump's owner was named (ALTER ... OWNER TO ts_owner failed on a new server whose
+        # owner role has another name: "must be member of role").
+        script = [pg_program("pg_restore"), "--clean", "--if-exists", "--no-owner", "-L", str(chosen), "-f", "-",
+                  str(source)]
         # psql stops at the first error and says which statement it was (--echo-errors); rows unadorned.
         psql = [pg_program("psql"), "--no-psqlrc", "--no-password", "--quiet", "--echo-errors", "--no-align",
                 "--tuples-only", "-v", "ON_ERROR_STOP=1", "-d", conninfo]  # found before anything is done
@@ -318,13 +362,18 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
             present = _present(conn, relations)
-            in_the_way = _locks_in_the_way(conn, present)
+            stale, first = _not_in_the_dump(conn, kinds)
+            in_the_way = _locks_in_the_way(conn, sorted({*present, *stale}))
             if in_the_way is not None:
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
             last = _last_statements(conn, before, "trades" in relations)
+            role = conn.execute("SELECT current_user").fetchone()[0]
+        fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(_restorable(listed, role)) + "\n")
         replaced = None
-        if keep and present:  # a database without the dump's tables replaces nothing: no copy of it
+        if keep and (present or stale):  # a database without the stack's tables replaces nothing: no copy of it
             aside = replaced_copy(settings)  # a restore within the same second: the first one's copy is kept
             try:
                 replaced = Path(dump(settings, aside, timeout)["path"])
@@ -332,7 +381,7 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
-        printed = _in_one_transaction(script, psql, env, last, timeout, url)
+        printed = _in_one_transaction(script, psql, env, first, last, timeout, url, done or threading.Event())
         # What the committed transaction did, as its own statements printed it (each setval that ran,
         # the dump's top trade): not worked out again from values read before or after it.
         raised: dict[str, int] = {}
@@ -346,5 +395,6 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return {"restored": display_url(url), "source": str(source), "entries": entries,
-            "replaced": None if replaced is None else str(replaced), "empty": not present, "ids_continued": raised,
+            "replaced": None if replaced is None else str(replaced), "empty": not (present or stale),
+            "ids_continued": raised,
             "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}

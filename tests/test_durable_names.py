@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from testkit.env import ROOT
+from testkit.postgres import read_connection
 from testkit.writer import Stack
 
 #: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do; mkdir for
@@ -23,16 +25,56 @@ from testkit.writer import Stack
 TRACED = "trace=link,linkat,rename,renameat,renameat2,mkdir,mkdirat,fsync,fdatasync"
 
 
-def traced(args: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
-    """``python ARGS`` under strace (``-f``: threads and children; ``-y``: an fd's path), the calls in ``log``."""
+def insert_ticks(stack: Stack, n: int, first: int = 0) -> None:
+    """``n`` ticks through the writer, seq ``first`` on."""
+    from db.client import WriterClient
+
+    ticks = [{"symbol": "BTCUSD", "ts": 1_704_067_200_000 + i, "bid": 100.0, "ask": 100.5, "volume": 1.0,
+              "source": "t", "seq": i} for i in range(first, first + n)]
+    with WriterClient(settings=stack.settings, deadline=20) as client:
+        assert client.call("insert_ticks", ticks=ticks)["inserted"] == n
+
+
+def backup_of_ten_then_five_more(stack: Stack, name: str) -> Path:
+    """``db backup`` to ``name`` in the home once the database has 10 ticks; then 5 more, and the
+    writer stopped."""
+    writer = stack.start_writer()
+    insert_ticks(stack, 10)
+    backup = stack.home / name
+    made = subprocess.run([sys.executable, "-m", "db", "backup", str(backup)], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    insert_ticks(stack, 5, first=10)
+    assert stack.stop(writer) == 0
+    return backup
+
+
+def strace_program() -> str:
+    """strace's path; the test skipped without it, as the browser tests without Chromium, but in CI,
+    which installs it."""
     strace = shutil.which("strace")
-    if strace is None:  # as the browser tests without Chromium: skipped, but in CI, which installs it
+    if strace is None:
         message = "strace is missing: install Debian's strace package (apt-get install strace)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    return subprocess.run([strace, "-f", "-y", "-qq", "-e", TRACED, "-o", str(log), sys.executable, *args],
+    return strace
+
+
+def traced(args: list[str], env: dict[str, str], log: Path) -> subprocess.CompletedProcess:
+    """``python ARGS`` under strace (``-f``: threads and children; ``-y``: an fd's path), the calls in ``log``."""
+    return subprocess.run([strace_program(), "-f", "-y", "-qq", "-e", TRACED, "-o", str(log), sys.executable, *args],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def signalled_at(call: str, n: int, signal_name: str, args: list[str], env: dict[str, str], log: Path,
+                 *more: str) -> subprocess.CompletedProcess:
+    """``python ARGS``, sent ``signal_name`` by strace (the kernel, as a ``kill`` by pid) as its main
+    thread makes its ``n``-th ``call`` system call (done, or with ``more``, such as ``error=EIO``, not);
+    children and other threads untraced."""
+    inject = ":".join((f"inject={call}", *more, f"signal={signal_name}", f"when={n}"))
+    return subprocess.run([strace_program(), "-qq", "-o", str(log), "-e", f"trace={call}", "-e", inject,
+                           sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def last_name_given_then_folder_synced(log: Path, dest: Path) -> bool:
@@ -120,3 +162,113 @@ def test_a_spooled_batch_keeps_its_name_through_a_power_cut(tmp_path: Path) -> N
     assert batch.parent == folder and batch.exists()
     assert last_name_given_then_folder_synced(log, batch), log.read_text()[-3000:]
     assert not new_folders_named_then_parents_synced(log, [folder.parent, folder]), log.read_text()[-3000:]
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_a_restore_killed_between_its_moves_leaves_no_empty_database_to_start_on(stack: Stack,
+                                                                                 tmp_path: Path) -> None:
+    """``python -m db restore`` killed (SIGKILL, by strace at the system call that gives the backup's
+    copy the database's name) after it moved the database aside: no file had the database's name, and
+    the next writer made a new, empty database there and served on it (trade and tick ids from 1
+    again), doctor saying "start the writer (it creates it)". The writer, ``db init`` and doctor now
+    refuse, saying the restore was stopped and how to finish it; done as said, the restored copy
+    serves, its ids after the replaced database's."""
+    from db.client import WriterClient
+
+    database = stack.settings.database_path
+    assert database is not None
+
+    def open_trade() -> int:
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            return client.call("open_trade", symbol="EURUSD", side="buy", size=1.0, entry_price=1.1)["id"]
+
+    def db(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "db", *args], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    writer = stack.start_writer()
+    kept = [open_trade() for _ in range(3)]
+    backup = stack.home / "kept.db"
+    assert db("backup", str(backup)).returncode == 0
+    lost = open_trade()  # after the backup
+    assert stack.stop(writer) == 0
+    killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                          tmp_path / "restore.trace", "error=EIO")
+    assert killed.returncode != 0 and not database.exists(), (killed.returncode, killed.stdout + killed.stderr)
+
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        stack.start_writer()
+    said = stack.writer_log()
+    assert f"the database {database} is missing: a `python -m db restore` was stopped" in said, said[-3000:]
+    assert not database.exists()
+    for command in ("init", "prepare"):  # prepare: make run's
+        refused = db(command)
+        assert refused.returncode == 1 and "a `python -m db restore` was stopped" in refused.stderr, \
+            (command, refused.stdout + refused.stderr)
+        assert not database.exists()
+    doctor = db("doctor").stdout
+    move = re.search(r"put the backup's checked copy in place, `(mv (\S+) (\S+) && rm (\S+))`", doctor)
+    assert move is not None and move[3] == str(database), doctor
+    assert subprocess.run(move[1], shell=True, cwd=stack.home, timeout=30).returncode == 0  # as doctor says
+
+    writer = stack.start_writer()
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+        assert [i for (i,) in con.execute("SELECT id FROM trades ORDER BY id")] == kept
+    con.close()
+    assert open_trade() == lost + 1  # not an id the replaced database gave
+    assert stack.stop(writer) == 0
+
+
+@pytest.mark.sqlite_only("tests/test_durable_names.py::test_a_postgresql_restore_stopped_by_sigterm_says_so_and_"
+                         "changes_nothing")
+def test_an_sqlite_restore_stopped_by_sigterm_is_the_old_database_or_the_new_one_and_says_which(
+        stack: Stack, tmp_path: Path) -> None:
+    """SIGTERM by pid (or Ctrl-C) to ``python -m db restore``: it ended at once, without a word (Ctrl-C:
+    a traceback), and in the swap with no database of the name at all. Stopped as it checks the
+    backup, it says nothing was changed and leaves no part file; stopped in the swap, it finishes the
+    swap first and says the backup is restored (not "nothing was changed")."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    restore = ["-m", "db", "restore", str(backup)]
+
+    def ticks() -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+            count = con.execute("SELECT count(*) FROM ticks").fetchone()[0]
+        con.close()
+        return count
+
+    # The first open of the backup (its integrity check) is the restore's own: a path no other call names.
+    stopped = subprocess.run([strace_program(), "-qq", "-o", str(tmp_path / "open.trace"), "-P", str(backup),
+                              "-e", "trace=openat", "-e", "inject=openat:signal=SIGTERM:when=1", sys.executable,
+                              *restore], env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 1, (stopped.returncode, stopped.stdout + stopped.stderr)
+    assert "python -m db restore: stopped before it changed anything: the database is the one it was" in \
+        stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr
+    assert ticks() == 15 and not list(stack.home.glob(".*.part")), sorted(stack.home.iterdir())
+
+    # The second rename is the database's, moved aside (the first gives the restore's mark its name).
+    swapped = signalled_at("rename", 2, "SIGTERM", restore, stack.env, tmp_path / "swap.trace")
+    assert swapped.returncode == 1 and "python -m db restore: stopped as it ended, the backup restored " in \
+        swapped.stderr, (swapped.returncode, swapped.stdout + swapped.stderr)
+    assert ticks() == 10 and not database.with_name(f"{database.name}.restoring").exists()
+
+
+@pytest.mark.postgres_only
+def test_a_postgresql_restore_stopped_by_sigterm_says_so_and_changes_nothing(stack: Stack, tmp_path: Path) -> None:
+    """SIGTERM by pid to ``python -m db restore FILE.dump`` ended it at once, without a word, and left
+    its private folder with the password file in ``run/``. It says nothing was changed, stops its
+    children (the transaction rolled back) and removes the folder. Here at the link that names the
+    copy of the database it would replace, just before it starts pg_restore."""
+    dump = backup_of_ten_then_five_more(stack, "kept.dump")
+    stopped = signalled_at("link", 1, "SIGTERM", ["-m", "db", "restore", str(dump)], stack.env,
+                           tmp_path / "restore.trace")
+    assert stopped.returncode == 1, (stopped.returncode, stopped.stdout + stopped.stderr)
+    assert "python -m db restore: stopped before it changed anything: the database is the one it was" in \
+        stopped.stderr, stopped.stderr
+    with read_connection(stack.settings) as conn:
+        assert conn.execute("SELECT count(*) FROM ticks").fetchone()[0] == 15
+        assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                            "'tickstack restore%'").fetchone()[0] == 0
+    assert not list(stack.settings.run_dir.glob("ts-pgpass-*")), sorted(stack.settings.run_dir.iterdir())

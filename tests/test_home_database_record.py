@@ -225,3 +225,36 @@ def test_the_grant_said_for_a_database_named_with_a_double_quote_names_that_data
         shutil.rmtree(home, ignore_errors=True)
         postgres_server.psql("postgres", "postgres", f'DROP DATABASE IF EXISTS "{named}" WITH (FORCE)')
         postgres_server.psql("postgres", "postgres", f'DROP ROLE IF EXISTS "{role}"')  # its grant: with the database
+
+
+def test_a_restore_in_a_postgresql_home_from_a_shell_without_its_url_is_refused(
+        stack: Stack, postgres_server: PostgresServer, tmp_path: Path) -> None:
+    """``db restore`` from a shell without the stack's ``DATABASE_URL`` (the stack stopped, as a restore
+    wants it): of the jobs worker's ``.dump`` it said "this stack's database is an SQLite file, which
+    takes .db backups", of a PostgreSQL stack; and an SQLite backup it restored into ``tickstack.db`` in
+    the home, which the stack does not use, then said "Start the stack again: make run", the server's
+    database unchanged. It refuses as ``db init`` does, by the writer's record, and makes no file."""
+    writer = stack.start_writer()
+    done = subprocess.run([sys.executable, "-m", "workers.jobs", "--run", "backup"], env=stack.env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stack.stop(writer) == 0
+    (dump,) = (stack.home / "backups").iterdir()
+    sqlite_home = new_home()
+    try:
+        sqlite_env = no_database(isolated_env(sqlite_home))
+        assert run_db(sqlite_env, "init").returncode == 0
+        backup = tmp_path / "from-sqlite.db"
+        made = run_db(sqlite_env, "backup", str(backup))
+        assert made.returncode == 0, made.stderr
+    finally:
+        shutil.rmtree(sqlite_home, ignore_errors=True)
+    shell = no_database(stack.env)
+    words = assert_refused(stack, shell, postgres_server)
+    for source in (dump, backup):
+        refused = run_db(shell, "restore", str(source))
+        assert refused.returncode == 1 and refused.stderr.strip() == f"python -m db restore: {words}", \
+            (source, refused.stdout + refused.stderr)
+        assert sqlite_files(stack.home) == [], sqlite_files(stack.home)
+    done = run_db(stack.env, "restore", str(dump))  # with the stack's URLs: restored
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import create_engine, make_url, text
@@ -865,15 +867,31 @@ def test_api_health_says_commits_fail_without_the_servers_words_which_name_the_d
         peer.close()
 
 
+def jobs_backup_of(stack: Stack, ticks: int) -> Path:
+    """The jobs worker's backup (its only one) of ``stack``'s database with ``ticks`` ticks, the writer
+    stopped after."""
+    writer = stack.start_writer()
+    insert_ticks(stack, ticks)
+    done = run(stack, "-m", "workers.jobs", "--run", "backup")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert stack.stop(writer) == 0
+    (dump,) = (stack.home / "backups").iterdir()
+    return dump
+
+
+def ten_more_ticks_follow(stack: Stack, stored: int) -> None:
+    """A writer started on ``stack``'s restored database (``stored`` ticks, ids 1 to ``stored``) stores
+    ten more, their ids next."""
+    writer = stack.start_writer()
+    insert_ticks(stack, 10, first=stored)
+    assert rows(stack, "SELECT count(*), max(id) FROM ticks") == [(stored + 10, stored + 10)]
+    assert stack.stop(writer) == 0
+
+
 def test_db_restore_puts_a_dump_into_a_new_empty_database(pg: Stack, home_databases: HomeDatabases) -> None:
     """Disaster recovery on a new server: the dump restored into a database made empty for it, before
     any writer ran there (no table, no sequence). Its ids continue from the dump's."""
-    writer = pg.start_writer()
-    insert_ticks(pg, 300)
-    done = run(pg, "-m", "workers.jobs", "--run", "backup")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert pg.stop(writer) == 0
-    (dump,) = (pg.home / "backups").iterdir()
+    dump = jobs_backup_of(pg, 300)
     home = new_home()
     env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
     fresh = Stack(home, {**env, **home_databases(home)})
@@ -885,9 +903,92 @@ def test_db_restore_puts_a_dump_into_a_new_empty_database(pg: Stack, home_databa
             in done.stdout and "kept as" not in done.stdout, done.stdout
         assert not list(home.glob("tickstack.replaced-*")), list(home.iterdir())
         assert rows(fresh, "SELECT count(*), max(id) FROM ticks") == [(300, 300)]
-        writer = fresh.start_writer()
-        insert_ticks(fresh, 10, first=300)
-        assert rows(fresh, "SELECT count(*), max(id) FROM ticks") == [(310, 310)]
-        assert fresh.stop(writer) == 0
+        ten_more_ticks_follow(fresh, 300)
     finally:
         fresh.close()
+
+
+def test_db_restore_puts_back_a_dump_from_before_a_schema_upgrade(pg: Stack) -> None:
+    """A dump taken at schema v2 (``indicators`` a table; v3 made it a view of ``bar_indicators``),
+    restored after the upgrade, as one goes back from an upgrade gone wrong: pg_restore's script
+    stopped at ``ALTER TABLE ... indicators DROP CONSTRAINT`` (a view has none), so no dump from before
+    v3 could be restored; and a table of a later version the dump has not (``bar_indicators``) would
+    be left with the replaced database's rows, which made the writer's v3 migration skip its step.
+    The restore takes the dump's schema as it was; the writer migrates it, the dump's rows with it."""
+    from sqlalchemy import insert
+
+    from db.engine import make_write_engine
+    from db.models import SchemaVersion, now_ms
+    from db.schema import MIGRATIONS, SCHEMA_VERSION
+
+    engine = make_write_engine(pg.settings)
+    try:
+        with engine.begin() as conn:  # the database as tickstack's schema v2 left it, with rows
+            for version, _what, step in MIGRATIONS[:2]:
+                step(conn)
+                conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms()))
+            conn.exec_driver_sql("INSERT INTO indicators (symbol, timeframe, name, ts, value) "
+                                 f"VALUES ('BTCUSD', '1m', 'sma_20', {NOW_TS}, 42.0)")
+            conn.exec_driver_sql("INSERT INTO ticks (symbol, ts, bid, ask, volume, source, seq) SELECT 'BTCUSD', "
+                                 f"{NOW_TS} + g, 100, 100.5, 1, 'v2', g FROM generate_series(1, 100) g")
+    finally:
+        engine.dispose()
+    dump = pg.home / "v2.dump"
+    done = run(pg, "-m", "db", "backup", str(dump))
+    assert done.returncode == 0, done.stdout + done.stderr
+    writer = pg.start_writer()  # the upgrade: v2 to now
+    insert_ticks(pg, 50)  # after the dump
+    assert pg.stop(writer) == 0
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    engine = make_write_engine(pg.settings)
+    try:  # a value the upgraded database computed after the dump
+        with engine.begin() as conn:
+            conn.exec_driver_sql("INSERT INTO bar_indicators (symbol, timeframe, ts, sma_20) VALUES ('BTCUSD', '1m', "
+                                 f"{NOW_TS + 60_000}, 43.0)")
+    finally:
+        engine.dispose()
+
+    done = run(pg, "-m", "db", "restore", str(dump))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(2,)]
+    writer = pg.start_writer()  # migrates the restored v2 database
+    assert rows(pg, "SELECT max(version) FROM schema_version") == [(SCHEMA_VERSION,)]
+    assert rows(pg, "SELECT symbol, timeframe, name, ts, value FROM indicators") == [
+        ("BTCUSD", "1m", "sma_20", NOW_TS, 42.0)]
+    assert rows(pg, "SELECT count(*), max(id) FROM ticks") == [(100, 100)]
+    insert_ticks(pg, 1, first=1000)
+    assert rows(pg, "SELECT max(id) FROM ticks") == [(151,)]  # after the replaced database's 150
+    assert pg.stop(writer) == 0
+
+
+def test_db_restore_into_a_new_server_whose_owner_role_has_another_name(pg: Stack,
+                                                                        postgres_server: PostgresServer) -> None:
+    """Disaster recovery on a new server where the database's owner role is not named as on the old
+    one (a managed server's, or a site's naming): pg_restore's script set every table's owner back to
+    the dump's (``ALTER TABLE ... OWNER TO ts_owner``), which a role that is not a member of it may not
+    do ("must be member of role"), and the default privileges for that role likewise: no dump could be
+    restored there. DATABASE_URL's role now owns what it restores, as the writer's migrations need;
+    the grants to the readers' role come with the dump."""
+    dump = jobs_backup_of(pg, 100)
+    role, database = f"app_owner_{os.getpid()}", f"app_{os.getpid()}"
+    password = secrets.token_urlsafe(18)
+    postgres_server.psql("postgres", "postgres", f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    postgres_server.psql("postgres", "postgres", f"CREATE DATABASE {database} OWNER {role}")
+    home = new_home()
+    url = postgres_server.url("ts_owner", database=database).replace(
+        f"ts_owner:{quote(postgres_server.passwords['ts_owner'], safe='')}@", f"{role}:{password}@")
+    env = {k: v for k, v in isolated_env(home).items() if not k.startswith("DATABASE_")}
+    fresh = Stack(home, {**env, "DATABASE_URL": url,
+                         "DATABASE_READ_URL": postgres_server.url("ts_reader", database=database)})
+    try:
+        done = run(fresh, "-m", "db", "restore", str(dump))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert password not in done.stdout + done.stderr
+        assert postgres_server.psql(database, "postgres", "SELECT DISTINCT tableowner FROM pg_tables WHERE "
+                                                          "schemaname = 'public'").split() == [role]
+        assert postgres_server.psql(database, "ts_reader", "SELECT count(*), max(id) FROM ticks").strip() == "100|100"
+        ten_more_ticks_follow(fresh, 100)
+    finally:
+        fresh.close()
+        postgres_server.drop_database(database)
+        postgres_server.psql("postgres", "postgres", f"DROP ROLE {role}")
