@@ -143,7 +143,11 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 def stop_signals_held() -> Iterator[None]:
     """:data:`STOP_SIGNALS` held back inside: one that comes meanwhile is noted and sent again once
     what the block holds is done, to the handler there was (Python runs handlers in the main thread
-    whatever thread the kernel gave the signal to: a mask would not hold them)."""
+    whatever thread the kernel gave the signal to: a mask would not hold them). Outside the main
+    thread, where no handler can be set, nothing is held: only the main thread takes them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     asked: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
