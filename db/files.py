@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import stat
 import tempfile
 from pathlib import Path
@@ -103,26 +104,79 @@ def restore_marker(path: Path) -> Path:
     return path.with_name(f"{path.name}.restoring")
 
 
-def unfinished_restore(path: Path | None) -> str | None:
-    """Why nothing may make a new database at ``path``: it is missing because a ``db restore`` was
-    stopped (killed, a power cut) between moving the database aside and putting the backup's checked
-    copy in its place, as its :func:`restore_marker` says; what to do, in words. None otherwise (a
-    marker beside a database in place is a restore stopped before or after its swap: nothing lost)."""
-    if path is None or os.path.lexists(path):
+#: The most of a restore's mark read: two paths (4096 bytes at most each); a longer file is not one
+#: ``db restore`` wrote.
+MARKER_MAX = 8194
+
+
+def _marked_names(path: Path) -> tuple[str, str] | None:
+    """The names of the backup's copy and of the replaced database that ``path``'s
+    :func:`restore_marker` gives, when they are names ``db restore`` gives them beside ``path`` (a
+    part file of ``path``'s, ``<name>.replaced-<UTC time>``); None for a mark it did not write, or
+    one that cannot be read. Only the names are taken: the commands said are of files beside the
+    database, whatever other paths a mark names. Opened without waiting (a FIFO of its name hung
+    the writer's start) and read no further than :data:`MARKER_MAX`."""
+    try:
+        fd = os.open(restore_marker(path), os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
         return None
     try:
-        with open(restore_marker(path), encoding="utf-8") as f:
-            copy, replaced = (Path(line) for line in f.read().splitlines()[:2])
-    except (OSError, ValueError):  # no marker (or not one we wrote): no restore to finish
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, MARKER_MAX + 1)
+        lines = text.decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+    if len(text) > MARKER_MAX or len(lines) != 2:
+        return None
+    copy, replaced = (Path(line).name for line in lines)
+    match = PART_RE.fullmatch(copy)
+    if match is None or not copy.startswith(f".{path.name[:NAME_KEPT]}.{match['pid']}.") \
+            or copy.endswith(("-journal", "-wal", "-shm")):
+        return None
+    if re.fullmatch(rf"{re.escape(path.name)}\.replaced-\d{{8}}T\d{{6}}Z(?:\.\d+)?", replaced) is None:
+        return None
+    return copy, replaced
+
+
+def unfinished_restore(path: Path | None) -> str | None:
+    """Why nothing may make a new database at ``path``: it is missing, and its
+    :func:`restore_marker` says a ``db restore`` was stopped (killed, a power cut) between moving the
+    database aside and putting the backup's checked copy in its place; what to do, in words, with
+    the commands that do it (each path quoted for a shell, the WAL and shared-memory files the moves
+    left behind in them: a WAL of the replaced database left beside the restored copy is replayed
+    into it). None otherwise (a mark beside a database in place is a restore stopped before or after
+    its swap: nothing lost)."""
+    if path is None or os.path.lexists(path):
         return None
     marker = restore_marker(path)
-    back = (f"`mv {replaced} {path} && rm {marker}` (and its -wal and -shm files, if it had them, to "
-            f"{path.name}-wal and -shm)")
+    if not os.path.lexists(marker):
+        return None
+    named = _marked_names(path)
+    if named is None:
+        return (f"the database {path} is missing, and {marker.name} beside it says a `python -m db restore` was "
+                "stopped while it swapped the files, but it is not one that restore wrote (or it cannot be read): "
+                f"before anything starts (a writer would make a new, empty database), put the database back as "
+                f"{path.name} (the replaced one is kept beside it as {path.name}.replaced-<UTC time>), then remove "
+                f"{marker.name}")
+
+    def mv(source: Path, dest: Path) -> str:
+        return f"mv {shlex.quote(str(source))} {shlex.quote(str(dest))}"
+    copy, replaced = (path.parent / name for name in named)
+    done = f"rm {shlex.quote(str(marker))}"
+    left = [suffix for suffix in ("-wal", "-shm") if os.path.lexists(f"{path}{suffix}")]  # the replaced one's
+    back = " && ".join([mv(replaced, path), *(mv(Path(f"{replaced}{suffix}"), Path(f"{path}{suffix}"))
+                                              for suffix in ("-wal", "-shm") if os.path.lexists(f"{replaced}{suffix}")),
+                        done])
     if copy.is_file():
-        ways = (f"put the backup's checked copy in place, `mv {copy} {path} && rm {marker}` (its ids already "
-                f"continue after the replaced database's); or go back to the replaced database, {back}")
+        ahead = " && ".join([*(mv(Path(f"{path}{suffix}"), Path(f"{replaced}{suffix}")) for suffix in left),
+                             mv(copy, path), done])
+        ways = (f"put the backup's checked copy in place, `{ahead}` (its ids already continue after the replaced "
+                f"database's); or go back to the replaced database, `{back}`")
     else:
-        ways = f"its copy {copy.name} is gone: go back to the replaced database, {back}, and restore again"
+        ways = f"its copy {copy.name} is gone: go back to the replaced database, `{back}`, and restore again"
     return (f"the database {path} is missing: a `python -m db restore` was stopped while it swapped the files "
             f"(said by {marker.name}), after it moved the database aside as {replaced.name}. "
             f"Before anything starts (a writer would make a new, empty database): {ways}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from testkit.env import ROOT
+from testkit.env import ROOT, isolated_env, new_home
 from testkit.postgres import read_connection
 from testkit.writer import Stack
 
@@ -272,3 +273,85 @@ def test_a_postgresql_restore_stopped_by_sigterm_says_so_and_changes_nothing(sta
         assert conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
                             "'tickstack restore%'").fetchone()[0] == 0
     assert not list(stack.settings.run_dir.glob("ts-pgpass-*")), sorted(stack.settings.run_dir.iterdir())
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_a_restore_mark_that_is_not_one_the_restore_wrote_is_refused_without_hanging_or_naming_other_files(
+        stack: Stack) -> None:
+    """``tickstack.db.restoring`` beside a missing database is read by the writer, ``db init`` and
+    doctor. A FIFO of that name hung them all (its open waited for a writer); a mark naming other
+    paths was given back as commands to paste (``$(...)`` in one ran in the shell); one of one line
+    let the writer make a new database. Each is refused, said, and no command names a file
+    elsewhere."""
+    database = stack.settings.database_path
+    assert database is not None
+    marker = database.with_name(f"{database.name}.restoring")
+    elsewhere = stack.home / "elsewhere"
+    evil = f"{stack.home}/$(touch {elsewhere})"
+    replaced = database.with_name(f"{database.name}.replaced-20250101T000000Z")
+    copy = database.with_name(f".{database.name}.4242.abcdefgh.part")
+    for content in ("fifo", f"/etc/passwd\n{replaced}\n", f"{evil}\n{replaced}\n", f"{copy}\n", "x" * 100_000,
+                    f"{copy}\n{stack.home}/other-file\n"):
+        marker.unlink(missing_ok=True)
+        if content == "fifo":
+            os.mkfifo(marker, 0o600)
+        else:
+            marker.write_text(content)
+        for command in (["init"], ["doctor"]):
+            done = subprocess.run([sys.executable, "-m", "db", *command], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=60)
+            said = done.stdout + done.stderr
+            assert done.returncode == 1 and "is not one that restore wrote" in said, (content[:80], command, said)
+            assert "/etc/passwd" not in said and "$(" not in said and not elsewhere.exists(), said
+        assert not database.exists()
+    # One the restore wrote, moved with the home: its commands name the files beside the database.
+    marker.unlink()
+    copy.write_bytes(b"")
+    marker.write_text(f"/another/home/{copy.name}\n/another/home/{replaced.name}\n")
+    said = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=60).stderr
+    assert f"`mv {copy} {database} && rm {marker}`" in said and "/another/home" not in said, said
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_the_moves_doctor_gives_after_a_restore_killed_between_the_database_and_its_wal_finish_it(
+        tmp_path: Path) -> None:
+    """A restore killed after it moved the database aside but before its WAL (the writer was killed:
+    its WAL was left): the commands doctor gave, pasted into a shell, failed in a home whose path has
+    a space or a quote (unquoted: "Unterminated quoted string"), and the copy put in place as they said
+    had the replaced database's WAL beside it, replayed into it at the next open: the restored
+    database held the replaced one's 15 ticks, not the backup's 10. Both ways now work as given."""
+    for way in ("put the backup's checked copy in place", "go back to the replaced database"):
+        home = new_home(prefix="ts- it's ")
+        stack = Stack(home, isolated_env(home))
+        try:
+            database = stack.settings.database_path
+            assert database is not None
+            writer = stack.start_writer()
+            insert_ticks(stack, 10)
+            backup = home / "kept.db"
+            assert subprocess.run([sys.executable, "-m", "db", "backup", str(backup)], env=stack.env, cwd=ROOT,
+                                  capture_output=True, timeout=120).returncode == 0
+            insert_ticks(stack, 5, first=10)
+            assert stack.stop(writer, signal.SIGKILL) != 0 and Path(f"{database}-wal").stat().st_size > 0
+            # The renames: the mark's, the database's, then its WAL's (not done: killed there).
+            killed = signalled_at("rename", 3, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                                  tmp_path / "restore.trace", "error=EIO")
+            assert killed.returncode != 0 and not database.exists() and Path(f"{database}-wal").exists(), \
+                (killed.returncode, killed.stderr, sorted(home.iterdir()))
+            doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=120).stdout
+            command = re.search(rf"{re.escape(way)}, `([^`]+)`", doctor)
+            assert command is not None, doctor
+            moved = subprocess.run(command[1], shell=True, cwd="/", capture_output=True, text=True, timeout=30)
+            assert moved.returncode == 0, (command[1], moved.stderr)
+            assert not database.with_name(f"{database.name}.restoring").exists()
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+                assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+                ticks = con.execute("SELECT count(*) FROM ticks").fetchone()[0]
+            con.close()
+            assert ticks == (10 if way.startswith("put") else 15), (way, ticks)
+        finally:
+            stack.close()
