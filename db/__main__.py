@@ -354,7 +354,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from db.restore import STOP_SIGNALS
 
     for sig in STOP_SIGNALS - {signal.SIGINT}:
-        signal.signal(sig, _stop_as_ctrl_c)
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup python -m db restore` asked it to go on
+            signal.signal(sig, _stop_as_ctrl_c)
     done = threading.Event()  # set by the restore as the backup takes the database's place
     try:
         return _restore(args, done)

@@ -149,8 +149,10 @@ def stop_signals_held() -> Iterator[None]:
         yield
         return
     asked: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-    for sig in STOP_SIGNALS:
+    # One ignored (SIGHUP under nohup, SIGINT in a background job) stays so: noted, it was sent again
+    # to SIG_IGN in place of a stop that came after it.
+    previous = {sig: handler for sig in STOP_SIGNALS if (handler := signal.getsignal(sig)) is not signal.SIG_IGN}
+    for sig in previous:
         signal.signal(sig, lambda signum, _frame: asked.append(signum))
     try:
         yield

@@ -256,6 +256,32 @@ def test_an_sqlite_restore_stopped_by_sigterm_is_the_old_database_or_the_new_one
     assert ticks() == 10 and not database.with_name(f"{database.name}.restoring").exists()
 
 
+@pytest.mark.sqlite_only("tests/test_durable_names.py::test_a_postgresql_restore_stopped_by_sigterm_says_so_and_"
+                         "changes_nothing")
+def test_a_restore_run_under_nohup_goes_on_through_a_hangup(stack: Stack, tmp_path: Path) -> None:
+    """``nohup python -m db restore`` (a long restore over SSH, which must outlive the session): the
+    restore made SIGHUP a Ctrl-C whatever it was, and the hangup stopped it ("stopped before it changed
+    anything"). A signal ignored when it starts stays ignored, in the swap too; SIGTERM still stops it."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    restore = ["-m", "db", "restore", str(backup)]
+    for where in (["-P", str(backup), "-e", "trace=openat", "-e", "inject=openat:signal=SIGHUP:when=1"],
+                  ["-e", "trace=rename", "-e", "inject=rename:signal=SIGHUP:when=2"]):  # its check; its swap
+        went_on = subprocess.run(["nohup", strace_program(), "-qq", "-o", str(tmp_path / "hup.trace"), *where,
+                                  sys.executable, *restore], env=stack.env, cwd=ROOT, capture_output=True,
+                                 text=True, timeout=300)
+        assert went_on.returncode == 0 and "restored " in went_on.stdout, \
+            (where, went_on.returncode, went_on.stdout + went_on.stderr)
+    stopped = subprocess.run(["nohup", strace_program(), "-qq", "-o", str(tmp_path / "term.trace"), "-P", str(backup),
+                              "-e", "trace=openat", "-e", "inject=openat:signal=SIGTERM:when=1", sys.executable,
+                              *restore], env=stack.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 1 and "stopped before it changed anything" in stopped.stderr, \
+        (stopped.returncode, stopped.stderr)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT count(*) FROM ticks").fetchone()[0] == 10
+    con.close()
+
 @pytest.mark.postgres_only
 def test_a_postgresql_restore_stopped_by_sigterm_says_so_and_changes_nothing(stack: Stack, tmp_path: Path) -> None:
     """SIGTERM by pid to ``python -m db restore FILE.dump`` ended it at once, without a word, and left
