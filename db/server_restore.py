@@ -43,6 +43,7 @@ import shlex
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,9 @@ _RAISED = "tickstack raised "
 _TOP_TRADE = "tickstack top trade "
 #: What psql prints once it has run all the restore but its COMMIT.
 _READY = "tickstack ready to commit"
+#: How the restore's transaction id begins in psql's output (asked of the server when psql's end
+#: does not say whether our COMMIT was done).
+_TXID = "tickstack transaction "
 
 
 def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool) -> str:
@@ -220,8 +224,19 @@ def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool)
     return "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
+def _asked(printed: list[str], status: Callable[[int], str | None]) -> str | None:
+    """What the server says of the restore's transaction (its id as psql printed it): ``committed``,
+    ``aborted``, or None when it cannot say (or cannot be asked)."""
+    txid = next((int(line[len(_TXID):]) for line in printed if line.startswith(_TXID)), None)
+    try:
+        return None if txid is None else status(txid)
+    except Exception:  # the server gone: its answer is not known
+        return None
+
+
 def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str], first: str, last: str,
-                        timeout: float, url: str, committed: threading.Event) -> str:
+                        timeout: float, url: str, committed: threading.Event,
+                        status: Callable[[int], str | None]) -> str:
     """Runs ``script`` (pg_restore writing its SQL to stdout) into ``psql`` (reading stdin, stopping at
     the first error) between a ``BEGIN`` and ``first``, and, only when pg_restore ended well, ``last`` and then, once
     psql has run all of that (it prints :data:`_READY`), ``COMMIT``; psql's output. Anything else ends
@@ -229,7 +244,11 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
     failing midway (psql killed, its input never ended), psql stopping at an error (pg_restore
     killed), ``timeout`` passed (both), this process killed (psql's input ends without COMMIT).
     MaintenanceFailed with pg_restore's or psql's words, the password cut out. ``committed`` is set
-    once psql has run our COMMIT without an error (a stop asked for meanwhile is taken after that)."""
+    once psql has run our COMMIT without an error, or once the server, asked by ``status`` (the
+    transaction's txid_status), says it committed what psql ended without saying (a stop asked for
+    meanwhile is taken after that). Ctrl-C in a terminal reaches psql too: stopped, it sends the
+    server a cancel and exits 3, its COMMIT done or not, and the stop the restore took after it said
+    "nothing changed" of a database that held the dump."""
     runner = subprocess.Popen(psql, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         writer = subprocess.Popen(script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -269,17 +288,32 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
                 runner.stdin.write(chunk)
                 runner.stdin.flush()
             if writer.wait() == 0:
-                runner.stdin.write(f"{last}SELECT '{_READY}';\n".encode())
+                runner.stdin.write(f"{last}SELECT '{_TXID}' || pg_catalog.txid_current();\n"
+                                   f"SELECT '{_READY}';\n".encode())
                 runner.stdin.flush()
                 while not ready.wait(0.1) and runner.poll() is None:
                     pass
                 if ready.is_set() and not timed_out.is_set():
-                    with stop_signals_held():  # Ctrl-C now is taken once psql ended: its end says the outcome
-                        runner.stdin.write(b"COMMIT;\n")
-                        committing = True
-                        runner.stdin.close()  # the end of psql's input: it commits
-                        if runner.wait() == 0:
-                            committed.set()
+                    try:
+                        with stop_signals_held():  # Ctrl-C now is taken once the outcome is known
+                            runner.stdin.write(b"COMMIT;\n")
+                            committing = True
+                            runner.stdin.close()  # the end of psql's input: it commits
+                            if runner.wait() == 0:
+                                committed.set()
+                            else:
+                                said = _asked(printed, status)
+                                if said == "committed":
+                                    committed.set()
+                                elif said == "aborted":
+                                    committing = False  # the server rolled it back: nothing was changed
+                    except KeyboardInterrupt:
+                        if committing and not committed.is_set():
+                            raise MaintenanceFailed("stopped as it committed, and the server could not be asked "
+                                                    "whether it did (one transaction: all of it or nothing was "
+                                                    "committed); look at the database before starting the "
+                                                    "stack") from None
+                        raise
         except BrokenPipeError:  # psql stopped reading: it stopped at an error, or the watchdog killed it
             writer_stopped = writer.poll() is None
         if not committing:
@@ -300,7 +334,7 @@ def _in_one_transaction(script: list[str], psql: list[str], env: dict[str, str],
                 stream.close()
             except BrokenPipeError:
                 pass
-    if committing and runner.returncode == 0:
+    if committed.is_set():
         return "\n".join(printed)
     # psql had run all but our COMMIT without an error: a session lost (or stopped) then may have
     # committed first, and is said so.
@@ -381,7 +415,10 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                 raise ValueError(f"the database could not be dumped before it is replaced ({e}); to restore "
                                  "without that copy: python -m db restore --no-copy "
                                  f"{shlex.quote(str(source))} (nothing was changed)") from None
-        printed = _in_one_transaction(script, psql, env, first, last, timeout, url, done or threading.Event())
+        def status(txid: int) -> str | None:
+            with connect(url, "restore", settings.host, timeout=10, read_only=False) as asking:
+                return asking.execute("SELECT txid_status(%s)", (txid,)).fetchone()[0]
+        printed = _in_one_transaction(script, psql, env, first, last, timeout, url, done or threading.Event(), status)
         # What the committed transaction did, as its own statements printed it (each setval that ran,
         # the dump's top trade): not worked out again from values read before or after it.
         raised: dict[str, int] = {}

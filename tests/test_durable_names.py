@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import make_url
 
 from testkit.env import ROOT, isolated_env, new_home
-from testkit.postgres import read_connection
+from testkit.helpers import wait_for
+from testkit.postgres import PostgresServer, read_connection
 from testkit.writer import Stack
 
 #: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do; mkdir for
@@ -300,6 +302,41 @@ def test_a_postgresql_restore_stopped_by_sigterm_says_so_and_changes_nothing(sta
                             "'tickstack restore%'").fetchone()[0] == 0
     assert not list(stack.settings.run_dir.glob("ts-pgpass-*")), sorted(stack.settings.run_dir.iterdir())
 
+
+@pytest.mark.postgres_only
+def test_a_postgresql_restore_stopped_by_ctrl_c_as_it_commits_says_what_the_server_did(
+        stack: Stack, postgres_server: PostgresServer) -> None:
+    """Ctrl-C in the restore's terminal reaches its psql too. Once our COMMIT was sent, the restore held
+    the stop until psql ended; psql, stopped, sent the server a cancel and exited 3, but the COMMIT it
+    had sent was done (a cancel ends only a commit's wait for a standby, or comes too late), and the
+    restore said "stopped before it changed anything: the database is the one it was" of a database
+    that held the dump. It asks the server what became of its transaction (txid_status). Here the
+    COMMIT waits for a synchronous standby that never comes, so the Ctrl-C comes as it commits."""
+    dump = backup_of_ten_then_five_more(stack, "kept.dump")
+    database = make_url(stack.env["DATABASE_URL"]).database
+    quoted = '"' + database.replace('"', '""') + '"'
+    postgres_server.psql(database, "postgres", f"ALTER DATABASE {quoted} SET synchronous_commit = on")
+    postgres_server.psql("postgres", "postgres", "ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+    postgres_server.psql("postgres", "postgres", "SELECT pg_reload_conf()")
+    try:
+        restore = subprocess.Popen([sys.executable, "-m", "db", "restore", str(dump)], env=stack.env, cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stack.procs.append(restore)
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+        wait_for("the restore's COMMIT waiting for the standby", lambda: restore.poll() is not None
+                 or postgres_server.psql(database, "postgres", waiting).strip() == "1", timeout=120)
+        assert restore.poll() is None, restore.communicate()
+        os.killpg(restore.pid, signal.SIGINT)  # a terminal's Ctrl-C: to the restore's process group
+        out, err = restore.communicate(timeout=120)
+    finally:
+        postgres_server.psql("postgres", "postgres", "ALTER SYSTEM RESET synchronous_standby_names")
+        postgres_server.psql("postgres", "postgres", "SELECT pg_reload_conf()")
+        postgres_server.psql(database, "postgres", f"ALTER DATABASE {quoted} RESET synchronous_commit")
+    with read_connection(stack.settings) as conn:
+        ticks = conn.execute("SELECT count(*) FROM ticks").fetchone()[0]
+    assert ticks == 10, (ticks, out, err)  # committed, the standby's wait cancelled
+    assert "stopped before it changed anything" not in err and "the backup restored" in err, (restore.returncode,
+                                                                                             out + err)
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
                          "the_dumps_ids_to_be_given_again")
