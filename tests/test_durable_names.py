@@ -21,6 +21,7 @@ from sqlalchemy import make_url
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import PostgresServer, read_connection
+from testkit.process import default_sigint
 from testkit.writer import Stack
 
 #: linkat/renameat2 and their older forms, then fsync: what put_in_place and the spool do; mkdir for
@@ -320,7 +321,8 @@ def test_a_postgresql_restore_stopped_by_ctrl_c_as_it_commits_says_what_the_serv
     postgres_server.psql("postgres", "postgres", "SELECT pg_reload_conf()")
     try:
         restore = subprocess.Popen([sys.executable, "-m", "db", "restore", str(dump)], env=stack.env, cwd=ROOT,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                   preexec_fn=default_sigint)  # as a terminal's job: make test's runs ignore SIGINT
         stack.procs.append(restore)
         waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
         wait_for("the restore's COMMIT waiting for the standby", lambda: restore.poll() is not None
