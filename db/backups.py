@@ -18,6 +18,7 @@ from db.config import SECRET_FILES, Settings
 from db.engine import check_findings, connect_read_only
 from db.errors import MaintenanceFailed, WriterError
 from db.files import (
+    REPLACED_RE,
     check_replaceable,
     database_files,
     discard_part,
@@ -102,11 +103,6 @@ def list_backups(directory: Path, now: float | None = None) -> list[Path]:
     latest = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime((time.time() if now is None else now) + CLOCK_SLACK_S))
     return sorted(found, key=lambda p: (p.name[len("tickstack-"):-len(p.suffix)] <= latest, p.name))
 
-
-#: What ``db restore`` keeps of the database it replaces: SQLite's file (with its ``-wal`` and ``-shm``,
-#: ``.2`` and on for a second restore within a second) beside it, PostgreSQL's dump in the home.
-REPLACED_RE = re.compile(r"(?:(?P<name>.+)\.replaced-(?P<stamp>\d{8}T\d{6}Z)(?:\.(?P<n>\d+))?(?:-wal|-shm)?"
-                         r"|tickstack\.replaced-(?P<dstamp>\d{8}T\d{6}Z)(?:\.(?P<dn>\d+))?\.dump)")
 
 
 def replaced_copy(settings: Settings) -> Path:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from db.run_records import read_record
+
 #: ``.<name, cut>.<pid>.<random>.part``, and the SQLite journals of one (``-journal``, ``-wal``, ``-shm``).
 PART_RE = re.compile(r"\..*\.(?P<pid>\d+)\.[A-Za-z0-9_]{8}\.part(?:-journal|-wal|-shm)?")
 #: How much of the destination's name a part file repeats: enough to tell whose it is, short enough
@@ -104,9 +106,11 @@ def restore_marker(path: Path) -> Path:
     return path.with_name(f"{path.name}.restoring")
 
 
-#: The most of a restore's mark read: two paths (4096 bytes at most each); a longer file is not one
-#: ``db restore`` wrote.
-MARKER_MAX = 8194
+#: What ``db restore`` keeps of the database it replaces (:func:`db.backups.replaced_copy` names them):
+#: SQLite's file (with its ``-wal`` and ``-shm``, ``.2`` and on for a second restore within a second)
+#: beside it, PostgreSQL's dump in the home.
+REPLACED_RE = re.compile(r"(?:(?P<name>.+)\.replaced-(?P<stamp>\d{8}T\d{6}Z)(?:\.(?P<n>\d+))?(?:-wal|-shm)?"
+                         r"|tickstack\.replaced-(?P<dstamp>\d{8}T\d{6}Z)(?:\.(?P<dn>\d+))?\.dump)")
 
 
 def _marked_names(path: Path) -> tuple[str, str] | None:
@@ -114,29 +118,19 @@ def _marked_names(path: Path) -> tuple[str, str] | None:
     :func:`restore_marker` gives, when they are names ``db restore`` gives them beside ``path`` (a
     part file of ``path``'s, ``<name>.replaced-<UTC time>``); None for a mark it did not write, or
     one that cannot be read. Only the names are taken: the commands said are of files beside the
-    database, whatever other paths a mark names. Opened without waiting (a FIFO of its name hung
-    the writer's start) and read no further than :data:`MARKER_MAX`."""
-    try:
-        fd = os.open(restore_marker(path), os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, MARKER_MAX + 1)
-        lines = text.decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
-    if len(text) > MARKER_MAX or len(lines) != 2:
+    database, whatever other paths a mark names. Read as a run record is (:func:`db.run_records.read_record`:
+    a FIFO of its name hung the writer's start; a regular file of a few KiB at most)."""
+    found = read_record(restore_marker(path))
+    lines = found[0].splitlines() if found is not None else []
+    if len(lines) != 2:
         return None
     copy, replaced = (Path(line).name for line in lines)
     match = PART_RE.fullmatch(copy)
     if match is None or not copy.startswith(f".{path.name[:NAME_KEPT]}.{match['pid']}.") \
             or copy.endswith(("-journal", "-wal", "-shm")):
         return None
-    if re.fullmatch(rf"{re.escape(path.name)}\.replaced-\d{{8}}T\d{{6}}Z(?:\.\d+)?", replaced) is None:
+    kept = REPLACED_RE.fullmatch(replaced)
+    if kept is None or kept["name"] != path.name or replaced.endswith(("-wal", "-shm")):
         return None
     return copy, replaced
 

@@ -64,17 +64,15 @@ _OURS_SQL = ("SELECT application_name FROM pg_stat_activity WHERE datname = curr
 _TOP_TRADE_SQL = "SELECT max(id) FROM trades"
 #: The tables a tickstack dump has whatever its schema version (db.schema's v1 made them).
 _OUR_TABLES = ("schema_version", "ticks")
-#: The schema's tables and views of the dump's names (what pg_restore --clean drops: each needs its
-#: ACCESS EXCLUSIVE lock); a table of the DBA's own, which the restore leaves alone, is not in the way.
-_RELATIONS_SQL = ("SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                  "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) "
-                  "ORDER BY 1")
-#: Of the schema's tables and views of the given names, each one's kind and name: the stack's that a
-#: dump of another schema version has not, or has as the other kind, are dropped before its script.
-_KINDS_SQL = ("SELECT format('%%I.%%I', n.nspname, c.relname), "
-              "CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, c.relname "
-              "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
-              "AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) ORDER BY 1")
+#: The schema's tables and views of the given names, each one's name as the schema qualifies it, its
+#: kind and its bare name: those of the dump's names are what pg_restore --clean drops (each needs its
+#: ACCESS EXCLUSIVE lock; a table of the DBA's own, which the restore leaves alone, is not in the
+#: way), and the stack's that a dump of another schema version has not, or has as the other kind, are
+#: dropped before its script.
+_RELATIONS_SQL = ("SELECT format('%%I.%%I', n.nspname, c.relname), "
+                  "CASE c.relkind WHEN 'v' THEN 'VIEW' ELSE 'TABLE' END, c.relname "
+                  "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema() "
+                  "AND c.relkind IN ('r', 'p', 'v') AND c.relname = ANY(%s) ORDER BY 1")
 #: The other sessions holding a lock on one of those relations. (Another role's session's state is
 #: NULL unless this role may read all stats: left out then.)
 _HOLDERS_SQL = ("SELECT DISTINCT a.pid, concat_ws(', ', coalesce(nullif(a.application_name, ''), '(unnamed)'), "
@@ -128,36 +126,34 @@ def _restorable(entries: list[str], role: str) -> list[str]:
     return [line for line in entries if not left_out(line.split())]
 
 
-def _present(conn: Any, names: set[str]) -> list[str]:
-    """Which of the tables and views ``names`` (the dump's) the database has, as the schema qualifies
-    them; none in a database made empty for the restore (a new server's)."""
-    return [name for (name,) in conn.execute(_RELATIONS_SQL, (sorted(names),))]
-
-
-def _not_in_the_dump(conn: Any, kinds: dict[str, str]) -> tuple[list[str], str]:
-    """The stack's tables and views the database has that the dump (its relations' ``kinds``) has not
-    as they are, and the statements that drop them, views first, in the restore's transaction. A dump
-    of an older schema version: before v3, ``indicators`` was a table, and pg_restore's script of it
-    stopped at the view of that name (``ALTER TABLE ... DROP CONSTRAINT``: a view has none), so no such
-    dump could be restored; and ``bar_indicators``, which it has not, kept the replaced database's
-    rows (and made the v3 migration skip its step). Without them, the database holds the dump's
-    schema as it was, and the writer migrates it."""
+def _relations(conn: Any, kinds: dict[str, str]) -> tuple[list[str], list[str], str]:
+    """Of the database's tables and views: those of the dump (its relations' ``kinds``), as the schema
+    qualifies them (none in a database made empty for the restore, a new server's); the stack's that
+    the dump has not as they are; and the statements that drop the latter, views first, in the
+    restore's transaction. A dump of an older schema version: before v3, ``indicators`` was a table,
+    and pg_restore's script of it stopped at the view of that name (``ALTER TABLE ... DROP
+    CONSTRAINT``: a view has none), so no such dump could be restored; and ``bar_indicators``, which it
+    has not, kept the replaced database's rows (and made the v3 migration skip its step). Without
+    them, the database holds the dump's schema as it was, and the writer migrates it."""
     from psycopg import sql
 
     from db.models import metadata
     from db.schema import BAR_INDICATORS
 
-    ours = sorted({*metadata.tables, BAR_INDICATORS.name})
-    stale = [(name, kind) for name, kind, bare in conn.execute(_KINDS_SQL, (ours,)) if kinds.get(bare) != kind]
+    ours = {*metadata.tables, BAR_INDICATORS.name}
+    found = conn.execute(_RELATIONS_SQL, (sorted(ours | set(kinds)),)).fetchall()
+    present = [name for name, _kind, bare in found if bare in kinds]
+    stale = [(name, kind) for name, kind, bare in found if bare in ours and kinds.get(bare) != kind]
     views = [sql.SQL(name) for name, kind in stale if kind == "VIEW"]  # schema-qualified, quoted by the server
     tables = [sql.SQL(name) for name, kind in stale if kind == "TABLE"]
     statements = [sql.SQL("DROP {} {};").format(sql.SQL(what), sql.SQL(", ").join(names))
                   for what, names in (("VIEW", views), ("TABLE", tables)) if names]
-    return [name for name, _kind in stale], "".join(statement.as_string(conn) + "\n" for statement in statements)
+    return present, [name for name, _kind in stale], "".join(statement.as_string(conn) + "\n"
+                                                             for statement in statements)
 
 
 def _locks_in_the_way(conn: Any, relations: list[str]) -> str | None:
-    """The sessions holding a lock on ``relations`` (:func:`_present`) that the restore would wait
+    """The sessions holding a lock on ``relations`` (:func:`_relations`) that the restore would wait
     for, said, once it has waited :data:`db.server.MAINTENANCE_LOCK_WAIT_S` to lock them all itself
     (then let go); None when none (or when it may not lock one: pg_restore says why)."""
     import psycopg
@@ -372,7 +368,6 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     try:
         conninfo, env = libpq_env(url, private, settings.host, "restore")
         listed, kinds = _list(source, env, timeout)
-        relations = set(kinds)
         entries = len(listed)
         chosen = private / "entries.list"  # pg_restore -L: what it restores (0600, in the 0700 folder)
         # --no-owner: DATABASE_URL's role owns what it restores, as the writer's migrations need it to,
@@ -395,13 +390,12 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
                                  f"{', ...' if len(ours) > 5 else ''}): stop it on every host first "
                                  f"(`{circusctl_command(settings.circus_endpoint, 'quit')}` on each), then restore, "
                                  "then `make run`")
-            present = _present(conn, relations)
-            stale, first = _not_in_the_dump(conn, kinds)
+            present, stale, first = _relations(conn, kinds)
             in_the_way = _locks_in_the_way(conn, sorted({*present, *stale}))
             if in_the_way is not None:
                 raise ValueError(in_the_way)
             before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
-            last = _last_statements(conn, before, "trades" in relations)
+            last = _last_statements(conn, before, "trades" in kinds)
             role = conn.execute("SELECT current_user").fetchone()[0]
         fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
