@@ -32,7 +32,7 @@ from db.config import (
     load_settings,
 )
 from db.errors import WriterError, server_trouble
-from db.files import touch_private, unfinished_restore
+from db.files import new_database_refusal, touch_private
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
 from db.sizes import human_bytes
 
@@ -104,9 +104,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 1
     # The writer refuses it at each start (circus's flapping then stops it) and the workers wait 60 s
     # for a database, then exit: said here, once, with what to do.
-    unfinished = unfinished_restore(settings.database_path)
-    if unfinished is not None:
-        print(f"python -m db prepare: {unfinished}", file=sys.stderr)
+    refused = new_database_refusal(settings.database_path)
+    if refused is not None:
+        print(f"python -m db prepare: {refused}", file=sys.stderr)
         return 1
     home = ensure_home(settings)
     # circus opens its log before any hook of ours, under circusd's umask, and appends: made here
@@ -152,9 +152,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     from db.schema import migrate
 
     settings = load_settings()
-    unfinished = unfinished_restore(settings.database_path)
-    if unfinished is not None:  # a new, empty database would take the restored one's place
-        print(f"python -m db init: {unfinished}", file=sys.stderr)
+    refused = new_database_refusal(settings.database_path)
+    if refused is not None:  # a new, empty database would take the restored one's place, or meet an old WAL
+        print(f"python -m db init: {refused}", file=sys.stderr)
         return 1
     if settings.database_path is not None and not settings.database_path.exists():
         # A new SQLite file, in a home whose writer writes a server's database (a shell without its

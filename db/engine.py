@@ -38,7 +38,7 @@ from sqlalchemy.pool import NullPool
 from db import slowreads
 from db.config import Settings
 from db.errors import server_trouble
-from db.files import unfinished_restore
+from db.files import new_database_refusal
 
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
@@ -391,7 +391,7 @@ def connect_read_only(path: os.PathLike[str] | str, timeout: float = 5.0) -> sql
     """A stdlib read-only connection (for PRAGMAs, checks and backups)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(unfinished_restore(path) or f"no database at {path}; start the writer (it creates "
+        raise FileNotFoundError(new_database_refusal(path) or f"no database at {path}; start the writer (it creates "
                                 "it) or run `python -m db init`")
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout, isolation_level=None)
     con.execute("PRAGMA query_only = 1")

@@ -15,6 +15,7 @@ import re
 import shlex
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -174,6 +175,38 @@ def unfinished_restore(path: Path | None) -> str | None:
     return (f"the database {path} is missing: a `python -m db restore` was stopped while it swapped the files "
             f"(said by {marker.name}), after it moved the database aside as {replaced.name}. "
             f"Before anything starts (a writer would make a new, empty database): {ways}")
+
+
+def orphaned_journal(path: Path | None) -> str | None:
+    """Why the writer must not open ``path``: it is not there but its WAL is, with frames in it. The
+    database was moved or removed, and SQLite would make a new, empty one beside the old WAL (the
+    next checkpoints then failed, "database disk image is malformed"): acknowledged writes in two
+    files, the stack writing on into the new one (fault hunt as an operator)."""
+    if path is None or path.exists():
+        return None
+    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
+    wal = database_files(Path(os.path.realpath(path)))["wal"]
+    try:
+        size = wal.stat().st_size
+    except OSError:
+        return None
+    if not size:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = " && ".join(f"mv {shlex.quote(str(one))} {shlex.quote(f'{one}.orphaned-{stamp}')}"
+                        for one in (wal, wal.with_name(f"{wal.name[:-4]}-shm")) if os.path.lexists(one))
+    return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
+            f"database was moved or removed, and a new one made beside that WAL would take the old one's pages "
+            f"from it. Put the database back at {path}; or restore a backup (`python -m db restore BACKUP`: it "
+            f"keeps that WAL aside); or, if it is gone for good, move the files it left aside (`{aside}`), then "
+            "start again: a new database starts empty")
+
+
+def new_database_refusal(path: Path | None) -> str | None:
+    """Why nothing (the writer, ``db init``, ``db prepare``) may make a new database at ``path``, and
+    what to do, or None: the one rule for a missing database, :func:`unfinished_restore` first (its
+    commands move the WAL left beside it too), then :func:`orphaned_journal`."""
+    return unfinished_restore(path) or orphaned_journal(path)
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

@@ -1011,7 +1011,7 @@ def test_the_wal_of_a_database_reached_through_a_symbolic_link_is_looked_for_bes
         tmp_path: Path) -> None:
     """SQLite keeps the WAL beside the file a symbolic link names; the check looked beside the link
     and let a writer make a new database (review of round 36)."""
-    from workers.write_connection import orphaned_journal
+    from db.files import orphaned_journal
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -1023,13 +1023,20 @@ def test_the_wal_of_a_database_reached_through_a_symbolic_link_is_looked_for_bes
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
-def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack) -> None:
+@pytest.mark.parametrize("way", ["restore a backup", "move the files it left aside"])
+def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack, way: str) -> None:
     """The database file gone and its WAL there (moved or removed after the writer was killed): the
     writer made a new, empty database beside the old WAL and served on it. It now exits 1 saying what
-    to do, and makes nothing."""
+    to do, and makes nothing; so do ``db init``, ``db prepare`` and doctor. Each way it gives works."""
     path = stack.settings.database_path
     proc = stack.start_writer()
-    assert WriterClient(settings=stack.settings, deadline=20).call("audit", actor="me", action="x")["id"] > 0
+    client = WriterClient(settings=stack.settings, deadline=20)
+    assert client.call("audit", actor="me", action="x")["id"] > 0
+    backup = stack.home / "kept.db"
+    assert subprocess.run([sys.executable, "-m", "db", "backup", str(backup)], env=stack.env, cwd=ROOT,
+                          capture_output=True, timeout=120).returncode == 0
+    assert client.call("audit", actor="me", action="after-the-backup")["id"] > 0
+    client.close()
     proc.kill()
     proc.wait()
     wal = path.with_name(path.name + "-wal")
@@ -1038,8 +1045,34 @@ def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(s
     started = subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT, capture_output=True,
                              text=True, timeout=60)
     assert started.returncode == 1, started.stderr[-3000:]
-    assert f"the database {path} is missing but its WAL tickstack.db-wal is there" in started.stderr, started.stderr
+    missing = f"the database {path} is missing but its WAL tickstack.db-wal is there"
+    assert missing in started.stderr, started.stderr
     assert not path.exists()
+    # `db init` and `make run`'s `db prepare` made that new database beside the old WAL too (SQLite
+    # then replays the old database's frames into it), and doctor said "start the writer (it creates
+    # it)", which refuses: each says the writer's words, and makes nothing.
+    for command in ("init", "prepare", "doctor"):
+        done = subprocess.run([sys.executable, "-m", "db", command], env=stack.env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 1 and missing in done.stdout + done.stderr, (command, done.stdout + done.stderr)
+        assert "start the writer (it creates" not in done.stdout + done.stderr, (command, done.stdout)
+        assert not path.exists(), command
+    if way == "restore a backup":
+        restored = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert not wal.exists() or wal.stat().st_size == 0  # kept aside, not replayed into the backup
+    else:
+        command = re.search(rf"{re.escape(way)} \(`([^`]+)`\)", done.stdout)
+        assert command is not None, done.stdout
+        assert subprocess.run(command[1], shell=True, cwd="/", timeout=30).returncode == 0
+        assert not wal.exists() and len(list(stack.home.glob("tickstack.db-wal.orphaned-*"))) == 1
+    writer = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=20) as client:
+        assert client.call("audit", actor="me", action="again")["id"] > 0
+    actions = [a for (a,) in query(stack.settings, "SELECT action FROM audit_log ORDER BY id")]
+    assert actions == (["x", "again"] if way == "restore a backup" else ["again"]), actions
+    assert stack.stop(writer) == 0
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")

@@ -170,27 +170,6 @@ def journal_gone_reason(names: list[str], circus_endpoint: str, watch: JournalWa
             "that copy into the database")
 
 
-def orphaned_journal(path: Path | None) -> str | None:
-    """Why the writer must not open ``path``: it is not there but its WAL is, with frames in it. The
-    database was moved or removed, and SQLite would make a new, empty one beside the old WAL (the
-    next checkpoints then failed, "database disk image is malformed"): acknowledged writes in two
-    files, the stack writing on into the new one (fault hunt as an operator)."""
-    if path is None or path.exists():
-        return None
-    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
-    wal = database_files(Path(os.path.realpath(path)))["wal"]
-    try:
-        size = wal.stat().st_size
-    except OSError:
-        return None
-    if not size:
-        return None
-    return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
-            f"database was moved or removed. Put it back at {path}; or, if it is gone for good, move "
-            f"{wal.name} and {path.name}-shm aside (they belong to it), then start again: a new database starts "
-            "empty")
-
-
 def make_database_private(path: Path | None) -> None:
     """SQLite's database file, and its WAL and shared-memory files, 0600 before they are opened:
     SQLite makes the last two with the database's mode, whatever the umask, so one others may

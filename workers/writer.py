@@ -71,7 +71,7 @@ from db.client import MAX_PIPELINE_WINDOW
 from db.config import DEFAULT_DATABASE, ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, server_trouble
-from db.files import not_sqlite_words, unfinished_restore
+from db.files import new_database_refusal, not_sqlite_words
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import MAX_MESSAGE_SLACK, encode_reply, salvage_seq
 from db.served_database import record_database
@@ -92,7 +92,7 @@ from workers.commit import DOORBELL, STOP, Committer, Request
 from workers.endpoint_guard import EndpointGuard
 from workers.intake import Intake
 from workers.journal_guard import JournalGuard
-from workers.write_connection import make_database_private, orphaned_journal
+from workers.write_connection import make_database_private
 from workers.writer_stats import Stats
 
 log = logging.getLogger("tickstack.writer")
@@ -242,7 +242,7 @@ class Writer:
                 return 1
             raise
         try:
-            orphaned = unfinished_restore(self.settings.database_path) or orphaned_journal(self.settings.database_path)
+            orphaned = new_database_refusal(self.settings.database_path)
             if orphaned is not None:
                 log.error("writer: %s", orphaned)
                 return 1
