@@ -15,6 +15,7 @@ from db.config import Settings, load_settings
 from supervision.circus import STACK_WATCHERS as WATCHERS  # the stack's watchers: one list
 from supervision.circus import retry_while_busy
 from testkit.env import BIN, ROOT, isolated_env, new_home, remove_home
+from testkit.helpers import pauses
 from testkit.process import Descendants, stop_process
 
 
@@ -53,7 +54,7 @@ class Circusd:
                                              stdout=log, stderr=subprocess.STDOUT)
         self.children = Descendants(self.proc.pid)
         deadline = time.monotonic() + timeout
-        while True:
+        for pause in pauses(poll):
             assert self.proc.poll() is None, f"circusd exited with {self.proc.returncode}: {self.circusd_log()}"
             try:
                 statuses = self.status()
@@ -62,7 +63,7 @@ class Circusd:
             except Exception:  # not listening yet
                 pass
             assert time.monotonic() < deadline, f"watchers not active: {self.status()}"
-            time.sleep(poll)
+            time.sleep(pause)
         self.children.remember()
 
     def circusd_log(self) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from testkit.env import BIN, ROOT
+from testkit.helpers import pauses
 from testkit.process import Descendants, stop_process
 
 #: One answer read off a raw socket: (status, headers in lower case, body).
@@ -108,12 +109,13 @@ def serving(env: dict[str, str], watcher: str = "api", ready_path: str = "/api/h
     workers = Descendants(proc.pid)
     try:
         deadline = time.monotonic() + timeout
+        waits = pauses(0.2)
         while not _answers(port, ready_path):
             if proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{served.log()[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn: GET {ready_path} not 200 within {timeout:g} s:\n{served.log()[-3000:]}")
-            time.sleep(0.2)
+            time.sleep(next(waits))
         workers.remember()
         yield served
     finally:
