@@ -148,7 +148,7 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     from db.engine import display_url, make_write_engine
-    from db.lock import WriterLock, WriterLocked, read_lock_holder
+    from db.lock import WriterLock, WriterLocked, lock_holder_words
     from db.schema import migrate
 
     settings = load_settings()
@@ -170,7 +170,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
     except WriterLocked:  # its words are a second writer's refusal: not this command's case
-        holder = read_lock_holder(settings.writer_lock_path)
+        holder, command = lock_holder_words(settings.writer_lock_path)
+        if command is not None:  # a restore replacing the database: nothing is known to be current
+            print(f"python -m db init: `{command}` (pid {holder}) holds the writer lock {settings.writer_lock_path}: "
+                  "run this again once it has ended", file=sys.stderr)
+            return 1
         print(f"the writer{f' (pid {holder})' if holder is not None else ''} is running and keeps the schema "
               "current: nothing to do")
         return 0

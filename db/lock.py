@@ -114,13 +114,18 @@ class WriterLock(PidLock):
         reload starts a new writer before it stops the old one, whose drain and last checkpoint then
         take seconds."""
         def holder() -> str:  # read for the words only, not at every try
-            return f"another writer (pid {read_lock_holder(self.path) or 'unknown'}) holds {self.path}"
+            pid, command = lock_holder_words(self.path)
+            if command is not None:  # a restore: "another writer" sent people looking for one
+                return f"`{command}` (pid {pid}) holds {self.path}"
+            return f"another writer (pid {pid or 'unknown'}) holds {self.path}"
 
         held = HeldLockWait(wait, stopping, every=0.1)
         while not self.try_acquire():
             if not held.goes_on(holder):
-                raise WriterLocked(f"{holder()}; refusing to start a second one, since exactly one process may "
-                                   "write the database")
+                said = holder()
+                refusing = "a second one" if said.startswith("another writer") else "while it does"
+                raise WriterLocked(f"{said}; refusing to start {refusing}, since exactly one process may write "
+                                   "the database")
 
 
 #: Why a writer may find its home's file lock held: this home's previous writer, still draining.
@@ -181,6 +186,39 @@ def read_lock_holder(path: os.PathLike[str] | str) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def holder_command(pid: int | None) -> str | None:
+    """What holds a :class:`PidLock` when it is not a writer, for words: ``python -m db restore`` (a
+    restore holds the writer lock for as long as it runs), ``python -m db init``, another program's
+    name; None for a writer, a pid that is gone or unknown, or a command line that cannot be read
+    (then the words stay a writer's)."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        argv = process.cmdline()
+        name = process.name()
+    except (psutil.Error, OSError):
+        return None
+    if "-m" in argv[:-1]:
+        module = argv[argv.index("-m") + 1]
+        if module == "workers.writer":
+            return None
+        if module == "db":
+            command = next((arg for arg in argv[argv.index("-m") + 2:] if not arg.startswith("-")), None)
+            return f"python -m db {command}" if command else "python -m db"
+        return f"python -m {module}"
+    return name or None
+
+
+def lock_holder_words(path: os.PathLike[str] | str) -> tuple[int | None, str | None]:
+    """The pid holding the writer lock at ``path`` (:func:`read_lock_holder`) and, when it is not a
+    writer, what it is (:func:`holder_command`)."""
+    pid = read_lock_holder(path)
+    return pid, holder_command(pid)
 
 
 # --- PostgreSQL: one writer per host and database, whatever the home -----------------------------

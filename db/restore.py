@@ -36,7 +36,7 @@ from db.files import (
     unfinished_restore,
 )
 from db.health import holders, integrity_check
-from db.lock import WriterLock, WriterLocked, read_lock_holder
+from db.lock import WriterLock, WriterLocked, lock_holder_words
 
 #: The database's companions that move with it (SQLite names them after it).
 COMPANIONS = ("-wal", "-shm")
@@ -227,7 +227,10 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
     try:
         lock.acquire()
     except WriterLocked:  # its words are a second writer's ("refusing to start a second one"): not a restore's
-        holder = read_lock_holder(settings.writer_lock_path)
+        holder, command = lock_holder_words(settings.writer_lock_path)
+        if command is not None:  # another restore, most likely: not the writer, and no stack to stop
+            raise ValueError(f"`{command}` (pid {holder}) holds the writer lock {settings.writer_lock_path}: "
+                             "restore once it has ended") from None
         raise ValueError(f"the writer is running (pid {holder or 'unknown'}, holding {settings.writer_lock_path}), "
                          "and a restore replaces its database: stop the stack first "
                          f"(`{circusctl_command(settings.circus_endpoint, 'quit')}`), then restore, then "

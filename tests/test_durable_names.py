@@ -420,3 +420,43 @@ def test_the_moves_doctor_gives_after_a_restore_killed_between_the_database_and_
             assert ticks == (10 if way.startswith("put") else 15), (way, ticks)
         finally:
             stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_refuses_a_dump_of_another_database_and_names_"
+                         "a_session_whose_lock_it_would_wait_for")
+def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(stack: Stack, tmp_path: Path) -> None:
+    """A restore holds the writer lock while it runs. A second restore was told "the writer is
+    running (pid <the first restore's>)" and to stop the stack; ``db init`` said "the writer (pid
+    ...) is running and keeps the schema current: nothing to do" and exited 0; a writer said
+    "another writer (pid ...)". Each now names the restore, and ``db init`` does not say all is
+    well while the database is being replaced."""
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    # Stopped (SIGSTOP, by strace as it makes its first fsync: the lock is held then) until SIGCONT.
+    first = subprocess.Popen([strace_program(), "-qq", "-o", str(tmp_path / "first.trace"), "-e", "trace=fsync",
+                              "-e", "inject=fsync:signal=SIGSTOP:when=1", sys.executable, "-m", "db", "restore",
+                              str(backup)], env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    holder = None
+    try:
+        from db.lock import read_lock_holder
+
+        holder = wait_for("the first restore to hold the writer lock",
+                          lambda: read_lock_holder(stack.settings.writer_lock_path))
+        named = f"`python -m db restore` (pid {holder})"
+        for args, code in ((["-m", "db", "restore", str(backup)], 1), (["-m", "db", "init"], 1),
+                           (["-m", "workers.writer"], 3)):  # 3: the lock is held (circus tries again)
+            done = subprocess.run([sys.executable, *args], env={**stack.env, "TICKSTACK_WRITER_LOCK_WAIT": "1"},
+                                  cwd=ROOT, capture_output=True, text=True, timeout=120)
+            said = done.stdout + done.stderr
+            assert done.returncode == code and named in said, (args, done.returncode, said[-2000:])
+            assert "the writer is running" not in said and "another writer" not in said, (args, said[-2000:])
+            assert "nothing to do" not in said, (args, said)
+        os.kill(holder, signal.SIGCONT)
+        out, err = first.communicate(timeout=120)
+        assert first.returncode == 0, out + err
+    finally:
+        if first.poll() is None:  # the restore (stopped: only SIGKILL ends it), then strace, by pid
+            if holder is not None:
+                os.kill(holder, signal.SIGKILL)
+            first.kill()
+            first.wait()
