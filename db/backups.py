@@ -111,7 +111,8 @@ def replaced_copy(settings: Settings) -> Path:
     PostgreSQL's dump in the home, ``tickstack.replaced-<UTC time>.dump``. ``.2`` and on when a
     restore within the same second kept one there: no file of the set has the name."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = settings.database_path
+    # Beside the file a symbolic link names, which is what a restore replaces (the link stays).
+    path = None if settings.database_path is None else Path(os.path.realpath(settings.database_path))
     n = 1
     while True:
         nth = "" if n == 1 else f".{n}"
@@ -129,7 +130,7 @@ def replaced_copy(settings: Settings) -> Path:
 def replaced_copies(settings: Settings) -> list[Path]:
     """The files ``db restore`` kept of the databases it replaced, oldest first; nothing ever removes
     them, and each is the size of a database."""
-    path = settings.database_path
+    path = None if settings.database_path is None else Path(os.path.realpath(settings.database_path))
     folder = settings.home if path is None else path.parent
     try:
         names = sorted(entry.name for entry in os.scandir(folder) if entry.is_file(follow_symlinks=False))

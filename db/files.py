@@ -144,7 +144,10 @@ def unfinished_restore(path: Path | None) -> str | None:
     left behind in them: a WAL of the replaced database left beside the restored copy is replayed
     into it). None otherwise (a mark beside a database in place is a restore stopped before or after
     its swap: nothing lost)."""
-    if path is None or os.path.lexists(path):
+    if path is None:
+        return None
+    path = Path(os.path.realpath(path))  # a link's file: the restore replaces it, beside it
+    if os.path.lexists(path):
         return None
     marker = restore_marker(path)
     if not os.path.lexists(marker):

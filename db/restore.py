@@ -205,10 +205,11 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
     from them, which the writer's migration keeps). ``done`` is set once the backup has the database's
     name (a stop asked for in the swap is taken after it: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
-    path = settings.database_path
-    if path is None:
+    if settings.database_path is None:
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
                          "db.server_restore.restore_dump (python -m db restore FILE.dump)")
+    # The file SQLite opens: a symbolic link's, on its disk, its WAL beside it; the link stays.
+    path = Path(os.path.realpath(settings.database_path))
     unfinished = unfinished_restore(path)
     if unfinished is not None:  # the replaced database's ids are not where this restore reads them
         raise ValueError(unfinished)

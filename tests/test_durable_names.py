@@ -460,3 +460,67 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
                 os.kill(holder, signal.SIGKILL)
             first.kill()
             first.wait()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_into_a_new_empty_database")
+def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: Path) -> None:
+    """The database's path a symbolic link to a file on another disk (SQLite follows it, and keeps the
+    WAL beside the file): ``db restore`` moved the link aside and put the backup in its place as a
+    file, on the link's disk; the replaced database stayed where it was, under its own name, and the
+    restore's mark and its copy were beside the link, where a writer killed mid-swap would not look.
+    It now replaces the file the link names, beside it, and the link stays."""
+    home = new_home()
+    stack = Stack(home, isolated_env(home))
+    try:
+        disk = tmp_path / "disk"
+        disk.mkdir(mode=0o700)
+        real = disk / "ticks.db"
+        link = stack.settings.database_path
+        assert link is not None
+        link.symlink_to(real)
+        backup = backup_of_ten_then_five_more(stack, "kept.db")
+        assert real.is_file() and link.resolve() == real
+
+        def ticks(path: Path) -> int:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+                count = con.execute("SELECT count(*) FROM ticks").fetchone()[0]
+            con.close()
+            return count
+
+        # Killed as it gives the copy the database's name: the link dangles, and the writer, which
+        # opens through it, must find the mark beside the file.
+        killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                              tmp_path / "restore.trace", "error=EIO")
+        assert killed.returncode != 0 and not real.exists() and link.is_symlink(), sorted(os.listdir(disk))
+        with pytest.raises(RuntimeError, match="exited with code 1"):
+            stack.start_writer()
+        assert f"the database {real} is missing: a `python -m db restore` was stopped" in stack.writer_log()
+        assert not real.exists()
+        doctor = subprocess.run([sys.executable, "-m", "db", "doctor"], env=stack.env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120).stdout
+        move = re.search(r"put the backup's checked copy in place, `([^`]+)`", doctor)
+        assert move is not None, doctor
+        assert subprocess.run(move[1], shell=True, cwd="/", timeout=30).returncode == 0
+        assert link.is_symlink() and ticks(real) == 10
+
+        # And whole: the file the link names replaced, the replaced one kept beside it, the link left.
+        writer = stack.start_writer()
+        insert_ticks(stack, 5, first=10)  # 15 again, ids 16 to 20 (the ids continue after a restore)
+        assert stack.stop(writer) == 0
+        restored = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        assert link.is_symlink() and link.resolve() == real, sorted(os.listdir(home))
+        replaced = sorted(p for p in disk.glob("ticks.db.replaced-*") if not p.name.endswith(("-wal", "-shm")))
+        assert len(replaced) == 2 and all(p.is_file() for p in replaced), sorted(os.listdir(disk))
+        assert not [p for p in home.iterdir() if ".replaced-" in p.name or p.name.endswith((".part", ".restoring"))], \
+            sorted(os.listdir(home))
+        assert ticks(real) == 10 and ticks(replaced[-1]) == 15
+        writer = stack.start_writer()
+        insert_ticks(stack, 1, first=100)
+        assert stack.stop(writer) == 0
+        with sqlite3.connect(f"file:{real}?mode=ro", uri=True) as con:
+            assert con.execute("SELECT count(*), max(id) FROM ticks").fetchone() == (11, 21)  # ids continue
+        con.close()
+    finally:
+        stack.close()
