@@ -188,7 +188,8 @@ def orphaned_journal(path: Path | None) -> str | None:
     if path is None or path.exists():
         return None
     # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
-    wal = database_files(Path(os.path.realpath(path)))["wal"]
+    files = database_files(Path(os.path.realpath(path)))
+    wal = files["wal"]
     try:
         size = wal.stat().st_size
     except OSError:
@@ -197,7 +198,7 @@ def orphaned_journal(path: Path | None) -> str | None:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = " && ".join(f"mv {shlex.quote(str(one))} {shlex.quote(f'{one}.orphaned-{stamp}')}"
-                        for one in (wal, wal.with_name(f"{wal.name[:-4]}-shm")) if os.path.lexists(one))
+                        for one in (wal, files["shm"]) if os.path.lexists(one))
     return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
             f"database was moved or removed, and a new one made beside that WAL would take the old one's pages "
             f"from it. Put the database back at {path}; or restore a backup (`python -m db restore BACKUP`: it "
