@@ -248,14 +248,19 @@ def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None
     return _tuples(conn, stmt.order_by(Tick.id).limit(limit))
 
 
-#: The transactions that may be writing ``ticks`` now: every holder of a lock on it stronger than a
-#: reader's. An INSERT or COPY takes ROW EXCLUSIVE on its table before it draws the first id, and any
-#: table lock is held until its transaction ends (PostgreSQL's documented locking), so a transaction
-#: that drew a tick id is either over or listed here. Virtual ids, because a transaction has one from
-#: its start (a real xid only from its first write; see TickHorizon for why xids do not do).
+#: The transactions that may be writing ``ticks`` now: every holder of ROW EXCLUSIVE on it. An INSERT
+#: or COPY takes that mode on its table before it draws the first id, whatever stronger mode its
+#: transaction holds already (each mode held is its own lock, and its own row here), and any table
+#: lock is held until its transaction ends (PostgreSQL's documented locking), so a transaction that
+#: drew a tick id is either over or listed here. That mode only: autovacuum's VACUUM or ANALYZE of
+#: ``ticks`` (SHARE UPDATE EXCLUSIVE) or a SELECT ... FOR UPDATE (ROW SHARE) draws no id, and, counted
+#: as writers, one that ran at a new reader's first call left its bound at 0: an ``--until-idle`` run
+#: then analysed nothing ("nothing left to do"), now and then, right after a bulk insert (autovacuum's
+#: moment). Virtual ids, because a transaction has one from its start (a real xid only from its first
+#: write; see TickHorizon for why xids do not do).
 _TICK_WRITERS_SQL = ("SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' AND granted "
                      "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                     "AND relation = CAST('ticks' AS regclass) AND mode <> 'AccessShareLock'")
+                     "AND relation = CAST('ticks' AS regclass) AND mode = 'RowExclusiveLock'")
 #: The id sequence must hand out each value when it is drawn: with CACHE n a session holds values
 #: drawn earlier and uses them later, without touching the sequence, which the proof below excludes.
 _TICK_ID_CACHE_SQL = ("SELECT seqcache FROM pg_sequence "
@@ -272,7 +277,7 @@ class TickHorizon:
     runs nothing.
 
     How: each call samples (``top``: the largest visible id, then ``writers``: the virtual ids of the
-    transactions holding a write lock on ``ticks``, :data:`_TICK_WRITERS_SQL`), and the bound becomes
+    transactions holding ROW EXCLUSIVE on ``ticks``, :data:`_TICK_WRITERS_SQL`), and the bound becomes
     the ``top`` of the latest sample none of whose ``writers`` holds the lock any more.
 
     Why nothing below the bound can still appear: ids come from one sequence with CACHE 1 (checked),
@@ -289,7 +294,8 @@ class TickHorizon:
     nothing on the write path. With no write in flight the bound is the latest id at once; under
     steady ingest it is the previous call's ``top`` (a writer's batch transaction ends between two
     calls). A transaction that inserted a tick and stays open holds the bound below its id (on
-    purpose: it may still commit); an open transaction that never wrote ``ticks`` does not.
+    purpose: it may still commit); an open transaction that never wrote ``ticks`` does not, nor
+    does a VACUUM or ANALYZE of it (autovacuum's) or a row lock taken on it.
 
     Why not a transaction-id horizon (an xid8 per tick, read ``id > cursor`` among ticks with xid <
     ``pg_snapshot_xmin``): ids and xids are not in the same order. T1 gets its xid, T2 gets a larger
