@@ -43,6 +43,7 @@ from db.models import (
     trade_pnl,
 )
 from db.schema import BAR_INDICATORS
+from db.server_clock import server_now_ms
 from db.statements import (
     COPY_MIN_TICKS,
     compile_insert,
@@ -452,17 +453,13 @@ def lookup_applied(conn: Connection, client_id: str, seq: int) -> tuple[bytes | 
 
 
 _APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result", "digest")
-#: The server's own clock, in the epoch ms of ``committed_at``.
-_SERVER_NOW_MS = "SELECT CAST(FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000) AS BIGINT)"
 
 
 def record_clock_ms(conn: Connection) -> int:
     """Now, by the clock of the record of applied requests (epoch ms): on PostgreSQL the server's, the
     one clock that every host's writer and direct writes share (each prunes the others' records by it,
     and a host's own clock may be hours off: :mod:`workers.dedup`); on SQLite this host's (one per file)."""
-    if conn.dialect.name == "postgresql":
-        return int(conn.exec_driver_sql(_SERVER_NOW_MS).scalar_one())
-    return now_ms()
+    return server_now_ms(conn) if conn.dialect.name == "postgresql" else now_ms()
 
 
 def record_applied(conn: Connection, client_id: str, seq: int, result: bytes, digest: bytes | None = None,

@@ -27,9 +27,8 @@ On PostgreSQL that clock is the server's (:func:`db.ops.record_clock_ms`): every
 one record, and each stamped and pruned it by its own host's clock, so with one host's clock two hours
 slow (or another's two hours fast: a clock kept in local time) the other's next prune forgot every
 request the first had applied a moment before, and a resend after its writer's restart was applied
-twice (an adversarial review of several hosts). A writer reads the server's clock once a minute, and
-again when its own wall clock strays from its monotonic one, and goes by its own clock plus that
-offset in between: no query per batch.
+twice (an adversarial review of several hosts). A writer goes by its own clock plus its offset from
+the server's (:class:`db.server_clock.ServerClock`, read once a minute): no query per batch.
 """
 from __future__ import annotations
 
@@ -43,6 +42,7 @@ from sqlalchemy.engine import Connection
 
 from db import ops
 from db.errors import RequestIdReused
+from db.server_clock import ServerClock, server_now_ms
 from db.validation import shown
 
 #: A request's digest (None: not known) and its packed result, as recorded.
@@ -52,11 +52,6 @@ PRUNE_EVERY_S = 60.0
 #: A jump of the wall clock forward, against the monotonic clock between two batches, that moves the
 #: records made before it (ms): more than a clock's correction by NTP, less than any TTL (60 s at least).
 JUMP_MS = 30_000
-#: Seconds between two reads of the server's clock (the offset of this host's wall clock from it).
-OFFSET_EVERY_S = 60.0
-#: How far this host's wall clock may stray from its monotonic one since the offset was read (ms)
-#: before it is read again: a step of the wall clock, either way, is not taken for the server's.
-STRAY_MS = 1_000
 
 log = logging.getLogger("tickstack.writer")
 
@@ -75,7 +70,7 @@ class AppliedRequests:
     (the oldest forgotten first: they are looked up in the database again)."""
 
     def __init__(self, most: int = 100_000, wall_clock: Callable[[], float] = time.time,
-                 server_clock: Callable[[Connection], int] = ops.record_clock_ms) -> None:
+                 server_clock: Callable[[Connection], int] = server_now_ms) -> None:
         self.most = most
         # Results of recently committed requests, for retries without a query.
         self.recent: OrderedDict[tuple[str, int], Applied] = OrderedDict()
@@ -83,10 +78,8 @@ class AppliedRequests:
         self.known_top: OrderedDict[str, int] = OrderedDict()
         self.last_prune = 0.0
         self._wall_clock = wall_clock
-        self._server_clock = server_clock
-        #: On a server: its clock less this host's wall clock (ms), and this host's wall (ms) and
-        #: monotonic clocks when that was read (:meth:`_now_ms`).
-        self._offset: tuple[int, int, float] | None = None
+        #: On a server, the record's clock: the server's (:meth:`_now_ms`).
+        self._server = ServerClock(wall_clock, server_clock)
         #: The wall clock (ms) and the monotonic clock at the last batch that committed; the seed, the
         #: newest record when this writer started (not after the wall clock then) and when it was read
         #: (monotonic); both as the batch in hand has them, until it commits (:meth:`remember`).
@@ -98,8 +91,7 @@ class AppliedRequests:
         """In a batch's transaction, before its records: the wall clock's now in ms (their stamp). After a
         jump of the wall clock forward since the last batch, the records made before it are moved as far
         (see the module docstring), in this transaction: a batch that does not commit moves nothing."""
-        mono = time.monotonic()
-        wall = self._now_ms(conn, mono)
+        wall, mono = self._now_ms(conn), time.monotonic()
         seed = self._seed
         if seed is None:
             newest = ops.newest_applied(conn)
@@ -115,18 +107,14 @@ class AppliedRequests:
         self._batch = ((wall, mono), seed)
         return wall
 
-    def _now_ms(self, conn: Connection, mono: float) -> int:
-        """The record's clock now (ms): this host's wall clock on SQLite; on a server, that clock plus
-        its offset from the server's, read again once :data:`OFFSET_EVERY_S` old or once this host's
-        clock strayed more than :data:`STRAY_MS` from its monotonic one since."""
-        wall = int(self._wall_clock() * 1000)
+    def _now_ms(self, conn: Connection) -> int:
+        """The record's clock now (ms): this host's wall clock on SQLite, the server's on a server (its
+        offset read in this batch's transaction when stale)."""
         if conn.dialect.name == "sqlite":
-            return wall
-        known = self._offset
-        if known is None or mono - known[2] >= OFFSET_EVERY_S or \
-                abs(wall - known[1] - int((mono - known[2]) * 1000)) > STRAY_MS:
-            known = self._offset = (self._server_clock(conn) - wall, wall, mono)
-        return wall + known[0]
+            return int(self._wall_clock() * 1000)
+        if self._server.stale():
+            self._server.read(conn)
+        return self._server.now_ms()
 
     def prune_due(self) -> bool:
         """Whether the record is due for its prune (once every :data:`PRUNE_EVERY_S`)."""
