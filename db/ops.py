@@ -43,6 +43,7 @@ from db.models import (
     trade_pnl,
 )
 from db.schema import BAR_INDICATORS
+from db.server_clock import server_now_ms
 from db.statements import (
     COPY_MIN_TICKS,
     compile_insert,
@@ -454,13 +455,21 @@ def lookup_applied(conn: Connection, client_id: str, seq: int) -> tuple[bytes | 
 _APPLIED_COLUMNS = ("client_id", "seq", "committed_at", "result", "digest")
 
 
+def record_clock_ms(conn: Connection) -> int:
+    """Now, by the clock of the record of applied requests (epoch ms): on PostgreSQL the server's, the
+    one clock that every host's writer and direct writes share (each prunes the others' records by it,
+    and a host's own clock may be hours off: :mod:`workers.dedup`); on SQLite this host's (one per file)."""
+    return server_now_ms(conn) if conn.dialect.name == "postgresql" else now_ms()
+
+
 def record_applied(conn: Connection, client_id: str, seq: int, result: bytes, digest: bytes | None = None,
                    at: int | None = None) -> None:
     """Record one request as applied, with its packed result and its digest
     (:func:`db.protocol.request_digest`; None: not compared). The writer's careful path calls it
     in the request's own savepoint, so a request whose record cannot be stored fails alone and
     leaves no effect behind (a second record of the same request is an IntegrityError, never
-    ignored). ``at``: when, by the record's clock (the writer's: :mod:`workers.dedup`; else now)."""
+    ignored). ``at``: when, by the record's clock (the writer's: :mod:`workers.dedup`; else
+    :func:`record_clock_ms`)."""
     record_applied_many(conn, [(client_id, seq, result, digest)], at)
 
 
@@ -469,8 +478,8 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
     """Record many requests as applied, ``(client id, seq, packed result, digest)`` each, in one
     executemany: the writer's fast path, one statement per batch. Any error fails the whole
     statement, and the writer then runs the batch again with a record per request
-    (:func:`record_applied`)."""
-    at = now_ms() if at is None else at
+    (:func:`record_applied`). ``at``: the records' time (:func:`record_clock_ms` when not given)."""
+    at = record_clock_ms(conn) if at is None else at
     insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
                  ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
 

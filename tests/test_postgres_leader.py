@@ -7,15 +7,19 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine
 
+from db.client import WriterClient
 from db.leader import leaders
 from testkit.env import ROOT
-from testkit.helpers import wait_for
+from testkit.helpers import query, wait_for
+from testkit.postgres import HomeDatabases
 from testkit.process import stop_process
+from testkit.writer import stacks_on_one_database
 from tests.test_postgres import stack_on
 
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
@@ -125,4 +129,90 @@ def test_the_database_jobs_run_on_the_leading_host_only(request: pytest.FixtureR
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        stack.close()
+
+
+def test_a_monitor_whose_hosts_writer_is_gone_gives_way_to_a_host_whose_writer_answers(
+        home_databases: HomeDatabases) -> None:
+    """Two hosts on one database, each with its writer and its monitor. Host A's monitor leads; host A's
+    writer stops (``circusctl stop writer`` there, or circus's flapping gave up on it) while host A's
+    monitor, its session and its leadership live on. Every change the monitor makes goes through its
+    own host's writer, so it moved no stop and closed no trade, of any host, for as long as that lasted:
+    it went on leading, and host B's monitor, whose writer answers, stood by for good. Now a leader on a
+    server whose writer has not answered for :data:`workers.base.WRITER_GONE_S` gives the leadership up
+    (exit 1: circus starts it again, as a standby), a standby takes it only while its own writer answers,
+    and host B's monitor closes a trade at its stop."""
+    with stacks_on_one_database(home_databases) as (a, b):
+        a.env["TICKSTACK_HOST"], b.env["TICKSTACK_HOST"] = "host-a", "host-b"
+        url = a.env["DATABASE_URL"]
+        writer_a = a.start_writer()
+        b.start_writer()
+        log_a, log_b = a.home / "log" / "monitor-a.log", b.home / "log" / "monitor-b.log"
+        monitor_a = a.start_worker("workers.monitor", log_a)
+        wait_for("host A's monitor to lead", lambda: "monitor: leading" in log_a.read_text(), timeout=60)
+        monitor_b = b.start_worker("workers.monitor", log_b)
+        wait_for("host B's monitor to stand by", lambda: "standing by" in log_b.read_text(), timeout=60)
+        assert a.stop(writer_a) == 0  # host A's writer stops; its monitor runs on
+
+        wait_for("host B's monitor to lead", lambda: "monitor: leading" in log_b.read_text(), timeout=150)
+        assert (leader_of(url, "monitor") or "").endswith("on host-b"), leader_of(url, "monitor")
+        assert monitor_a.wait(30) == 1, log_a.read_text()
+        assert "host-a's writer has not answered" in log_a.read_text(), log_a.read_text()
+        # Stops are enforced again: a trade opened through host B's writer is closed at its stop.
+        with WriterClient(settings=b.settings, deadline=30) as client:
+            client.call("insert_ticks", ticks=[{"symbol": "AAA", "ts": 1_704_067_200_000, "bid": 100.0,
+                                                "ask": 100.5, "source": "m", "seq": 1}])
+            trade = client.call("open_trade", symbol="AAA", side="buy", size=1.0, entry_price=100.0,
+                                stop_loss=95.0)["id"]
+            client.call("insert_ticks", ticks=[{"symbol": "AAA", "ts": 1_704_067_201_000, "bid": 90.0,
+                                                "ask": 90.5, "source": "m", "seq": 2}])
+        wait_for("host B's monitor to close the trade at its stop",
+                 lambda: query(b.settings, "SELECT status FROM trades WHERE id = ?", (trade,))[0][0] == "closed",
+                 timeout=60)
+        assert monitor_b.poll() is None, log_b.read_text()
+
+
+class SkewedClock:
+    """The ``time`` module as a host whose wall clock is ``by`` seconds off sees it (the monotonic
+    clock is not a wall clock, and stays)."""
+
+    def __init__(self, by: float) -> None:
+        self.by = by
+
+    def time(self) -> float:
+        return time.time() + self.by
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def test_a_jobs_leader_whose_clock_is_behind_does_not_run_again_what_the_last_leader_just_ran(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host A's jobs worker leads and runs quick_check; host A goes, and host B's, whose clock is ten
+    minutes slow, takes over. It went by its own clock: host A's run a moment before was dated more
+    than CLOCK_SLACK_S after its now, taken for a clock set back since, and left out, so host B ran
+    retention, the backup and quick_check again at once, and at each change of leader between hosts
+    whose clocks differ so. On PostgreSQL the jobs go by the server's clock (read once a minute)."""
+    from workers import jobs
+
+    stack = stack_on("postgresql", request)
+    try:
+        stack.start_writer()
+        host_a = jobs.JobsWorker(stack.settings)
+        host_a.setup()
+        try:
+            assert host_a.leads()
+            assert host_a.run_job("quick_check") is True
+        finally:
+            host_a.teardown()  # its leadership ends with it
+        monkeypatch.setattr(jobs, "time", SkewedClock(-600.0))
+        host_b = jobs.JobsWorker(stack.settings)
+        host_b.setup()
+        try:
+            due = host_b.due()
+            assert host_b.leadership.held, "host B should have taken the lead"
+            assert "quick_check" not in due, (due, host_b.last_run)
+        finally:
+            host_b.teardown()
+    finally:
         stack.close()

@@ -115,7 +115,8 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
     clock to read as a test can move it; a real SQLite file and the writer's own statements): jumped two
     hours forward between two batches, the first batch after it moves the older records as far, so the
     next prune, and a writer started after it (a new AppliedRequests reading the moved records), forget
-    none of them; a batch that does not commit moves nothing."""
+    none of them; a batch that does not commit moves nothing. On PostgreSQL the record goes by the
+    server's clock (read once a minute, and when the host's strays): here it jumps as the host's does."""
     from sqlalchemy import text
 
     from db import ops
@@ -129,7 +130,10 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
         with engine.connect() as conn:
             with conn.begin():
                 migrate(conn)
-            applied = AppliedRequests(wall_clock=lambda: now[0])
+            def clocks() -> AppliedRequests:  # the host's, and the server's
+                return AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
+
+            applied = clocks()
 
             def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
                       who: AppliedRequests = applied) -> None:
@@ -158,7 +162,7 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
             # As far as the jump, less the real time between the two batches.
             assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
             now[0] += 60
-            batch([("restarted", 1)], who=AppliedRequests(wall_clock=lambda: now[0]))
+            batch([("restarted", 1)], who=clocks())
             assert set(stamps()) == {"before", "after", "restarted"}
     finally:
         engine.dispose()
@@ -264,3 +268,62 @@ def test_a_sequence_number_out_of_the_protocols_range_is_refused_by_the_client_a
             client.call("audit", actor="me", action="one_more")
         assert "2^63-1" in str(used_up.value)
     assert count(writer, "SELECT count(*) FROM audit_log") == 1
+
+
+@pytest.mark.postgres_only
+@pytest.mark.parametrize("clock_a,clock_b,b_restarts", [
+    (-7200.0, 0.0, False),  # host A's clock two hours slow; host B's writer runs on
+    (0.0, 7200.0, True),  # host B's clock two hours fast; its writer restarts
+], ids=["a-two-hours-slow", "b-two-hours-fast"])
+def test_a_hosts_clock_off_does_not_make_another_hosts_writer_forget_its_requests(
+        stack: Stack, clock_a: float, clock_b: float, b_restarts: bool) -> None:
+    """Several hosts' writers (and direct writes) record applied requests in one table on the server,
+    and each prunes it, once a minute, of what is older than ``TICKSTACK_DEDUP_TTL``. Each stamped its
+    records, and pruned, by its own host's wall clock: with host A's clock two hours slow (or host B's two
+    hours fast, a clock kept in local time), host B's next prune forgot every request host A's writer had
+    just applied, and a client's resend after host A's writer restarted (the answer lost to a kill -9)
+    was applied twice. The record's clock is the server's. The writer's own statements and record
+    (:class:`workers.dedup.AppliedRequests`, given each host's clock) on a real PostgreSQL database."""
+    import time
+    from types import SimpleNamespace
+
+    from sqlalchemy import text
+
+    from db import ops
+    from db.engine import make_write_engine
+    from db.schema import migrate
+    from workers.dedup import AppliedRequests
+
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                migrate(conn)
+
+            def batch(host: AppliedRequests, records: list[tuple[str, int]]) -> None:
+                with conn.begin():
+                    stamp = host.begin_batch(conn)
+                    ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
+                    if host.prune_due():
+                        host.prune(conn, 3600.0)
+                host.remember({})
+
+            def host_clock(offset: float) -> AppliedRequests:
+                return AppliedRequests(wall_clock=lambda: time.time() + offset)
+
+            host_b = host_clock(clock_b)
+            batch(host_b, [("b-client", 1)])  # host B's writer serves
+            batch(host_clock(clock_a), [("victim", 7)])  # host A's writer applies a request, then is killed
+            if b_restarts:
+                host_b = host_clock(clock_b)
+            host_b.last_prune = 0.0  # its prune is due (once a minute)
+            batch(host_b, [("b-client", 2)])
+            kept = conn.execute(text("SELECT client_id FROM applied_requests ORDER BY client_id")).scalars().all()
+            conn.rollback()
+            assert kept == ["b-client", "b-client", "victim"], kept
+            # host A's writer, restarted, asked again for the request it applied: its first answer.
+            resent = SimpleNamespace(cid="victim", seq=7, op="audit", digest=None)
+            with conn.begin():
+                assert host_clock(clock_a).prior(conn, resent, {}) == b"\x80"
+    finally:
+        engine.dispose()

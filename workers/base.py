@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from db.client import WriterClient
 from db.config import ConfigError, Settings, check_home, load_settings
 from db.engine import display_url, make_read_engine
-from db.errors import database_words, read_refusal, server_trouble
+from db.errors import WriterError, database_words, read_refusal, server_trouble
 from db.leader import Leadership, LeadershipUnusable
 from supervision.lifeline import Lifeline
 from supervision.start_up import freeze_start_up_objects
@@ -106,6 +106,54 @@ def on_stop_signals(handler: Callable[[int, Any], None]) -> dict[int, Any]:
 def _ignored(signum: int, _frame: Any) -> None:
     logging.getLogger(__name__).warning("%s received: ignored (it has no use here; SIGTERM stops this process)",
                                         signal.Signals(signum).name)
+
+
+#: Seconds a leader on a server goes on leading while its host's writer does not answer. Everything it
+#: changes goes through that writer, so the database's work (every host's bars, stops and exits) stopped
+#: with it, for as long as it was stopped (``circusctl stop writer``, circus's flapping): then it gives the
+#: leadership up, for a host whose writer answers. Longer than the writer's watchdog timeout (20 s in
+#: circus.ini: a stuck writer has been restarted by then) and a restart's start.
+WRITER_GONE_S = 30.0
+#: Seconds a ping of this host's writer waits for its answer (:class:`WriterWatch`).
+WRITER_PING_S = 2.0
+
+
+class WriterWatch:
+    """Whether this host's writer answers, for a worker that leads on a server (or would): every host
+    writes through its own writer, so a leader whose writer is gone changes nothing, for any host."""
+
+    def __init__(self, settings: Settings, every: float = 2.0) -> None:
+        self.settings, self.every = settings, every
+        self.answered_at = time.monotonic()
+        self.asked_at = 0.0
+        #: Why the last ping got no answer (the client's words), None when it got one.
+        self.silence: str | None = None
+        self._client: WriterClient | None = None
+
+    def answers(self) -> bool:
+        """Ping the writer now: whether it answered (within :data:`WRITER_PING_S`)."""
+        self.asked_at = time.monotonic()
+        if self._client is None:
+            self._client = WriterClient(settings=self.settings, deadline=WRITER_PING_S)
+        try:
+            self._client.ping(timeout=WRITER_PING_S)
+        except WriterError as e:
+            self.silence = str(e) or type(e).__name__
+            return False
+        self.answered_at, self.silence = time.monotonic(), None
+        return True
+
+    def silent_for(self) -> float:
+        """While leading, as often as the loop likes (a ping every ``every`` seconds at most): for how
+        many seconds the writer has not answered; 0 while it does."""
+        if time.monotonic() - self.asked_at >= self.every:
+            self.answers()
+        return 0.0 if self.silence is None else time.monotonic() - self.answered_at
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def restore_signals(previous: dict[int, Any]) -> None:
@@ -223,12 +271,31 @@ class Worker:
     def _wait_to_lead(self, leadership: Leadership) -> bool:
         """Stand by until this process leads (True) or is asked to stop (False). While the database's
         folder is not there, nobody can lead (the lock file is in it): that is no database yet, waited
-        for as :func:`wait_for_database` waits, then :class:`NoDatabase`."""
+        for as :func:`wait_for_database` waits, then :class:`NoDatabase`. On a server, the lead is taken
+        only while this host's writer answers (:class:`WriterWatch`)."""
+        watch = self._writer_watch(leadership)
+        try:
+            return self._stand_by(leadership, watch)
+        finally:
+            if watch is not None:
+                watch.close()
+
+    def _stand_by(self, leadership: Leadership, watch: WriterWatch | None) -> bool:
         said = None
         started = time.monotonic()
         folder = self.settings.database_path.parent if self.settings.database_path is not None else None
         while self.alive:
             tend_lifeline(self.settings)
+            if watch is not None and not watch.answers():
+                if said != "silent writer":
+                    self.log.info("%s: standing by: %s's writer does not answer (%s); this host takes the lead "
+                                  "only once it does (a leader here could change nothing)", self.name,
+                                  self.settings.host, watch.silence)
+                    if said is None:
+                        self.standing_by()
+                    said = "silent writer"
+                self.sleep(self.standby_poll)
+                continue
             holder = leadership.attempt()
             if holder is None:
                 self.log.info("%s: leading (the one %s of this database)", self.name, self.name)
@@ -251,11 +318,24 @@ class Worker:
             self.sleep(self.standby_poll)
         return False
 
+    def leads_through_writer(self) -> bool:
+        """Whether this worker's work as a leader goes through its host's writer (on a server, it gives
+        the leadership up when that writer is gone, and takes it only while it answers: :class:`WriterWatch`).
+        The monitor's calls go to the database themselves with ``TICKSTACK_DIRECT_WRITES``."""
+        return True
+
+    def _writer_watch(self, leadership: Leadership) -> WriterWatch | None:
+        """A :class:`WriterWatch` for a leadership on a server, unless this is a bounded run (by hand)."""
+        if not leadership.shared or self.until_idle or not self.leads_through_writer():
+            return None
+        return WriterWatch(self.settings, leadership.check_every)
+
     def standing_by(self) -> None:
         """Called once, when this process first stands by: what it may do without leading (nothing,
         unless a worker says otherwise)."""
 
     def _serve(self, leadership: Leadership | None) -> int:
+        watch = self._writer_watch(leadership) if leadership is not None else None
         self.setup()
         try:
             while self.alive:
@@ -263,6 +343,12 @@ class Worker:
                 if leadership is not None and not leadership.still_held():
                     self.log.error("%s: lost the leadership (%s); stopping so that a standby takes over",
                                    self.name, leadership.lost)
+                    return 1
+                if watch is not None and (silent := watch.silent_for()) >= WRITER_GONE_S:
+                    self.log.error("%s: %s's writer has not answered for %.0f s (%s): every change of this leader "
+                                   "goes through it, so none is made, for any host; giving the leadership up so "
+                                   "that a host whose writer answers takes over (circus starts this one again, "
+                                   "a standby)", self.name, self.settings.host, silent, watch.silence)
                     return 1
                 if not self.step():
                     if self.until_idle:
@@ -272,6 +358,8 @@ class Worker:
         finally:
             self._bound_requests()  # a client made after the signal too
             self.teardown()
+            if watch is not None:
+                watch.close()
         self.log.info("%s stopped", self.name)
         return 0
 

@@ -22,6 +22,13 @@ started until it has run ``TICKSTACK_DEDUP_TTL`` itself: a jump while no writer 
 killed between a jump and its next batch, does not make them old either. (A first version aged the
 records by the writer's run time alone; an adversarial review showed that direct writes, other
 hosts' writers and a record stamped in the future by an old jump then disagreed with it.)
+
+On PostgreSQL that clock is the server's (:func:`db.ops.record_clock_ms`): every host's writer prunes the
+one record, and each stamped and pruned it by its own host's clock, so with one host's clock two hours
+slow (or another's two hours fast: a clock kept in local time) the other's next prune forgot every
+request the first had applied a moment before, and a resend after its writer's restart was applied
+twice (an adversarial review of several hosts). A writer goes by its own clock plus its offset from
+the server's (:class:`db.server_clock.ServerClock`, read once a minute): no query per batch.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from sqlalchemy.engine import Connection
 
 from db import ops
 from db.errors import RequestIdReused
+from db.server_clock import ServerClock, server_now_ms
 from db.validation import shown
 
 #: A request's digest (None: not known) and its packed result, as recorded.
@@ -61,7 +69,8 @@ class AppliedRequests:
     """The recent results and each client's highest seq on record, bounded to ``most`` entries each
     (the oldest forgotten first: they are looked up in the database again)."""
 
-    def __init__(self, most: int = 100_000, wall_clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, most: int = 100_000, wall_clock: Callable[[], float] = time.time,
+                 server_clock: Callable[[Connection], int] = server_now_ms) -> None:
         self.most = most
         # Results of recently committed requests, for retries without a query.
         self.recent: OrderedDict[tuple[str, int], Applied] = OrderedDict()
@@ -69,6 +78,8 @@ class AppliedRequests:
         self.known_top: OrderedDict[str, int] = OrderedDict()
         self.last_prune = 0.0
         self._wall_clock = wall_clock
+        #: On a server, the record's clock: the server's (:meth:`_now_ms`).
+        self._server = ServerClock(wall_clock, server_clock)
         #: The wall clock (ms) and the monotonic clock at the last batch that committed; the seed, the
         #: newest record when this writer started (not after the wall clock then) and when it was read
         #: (monotonic); both as the batch in hand has them, until it commits (:meth:`remember`).
@@ -80,7 +91,7 @@ class AppliedRequests:
         """In a batch's transaction, before its records: the wall clock's now in ms (their stamp). After a
         jump of the wall clock forward since the last batch, the records made before it are moved as far
         (see the module docstring), in this transaction: a batch that does not commit moves nothing."""
-        wall, mono = int(self._wall_clock() * 1000), time.monotonic()
+        wall, mono = self._now_ms(conn), time.monotonic()
         seed = self._seed
         if seed is None:
             newest = ops.newest_applied(conn)
@@ -95,6 +106,15 @@ class AppliedRequests:
                 seed = (seed[0] + jump, seed[1])
         self._batch = ((wall, mono), seed)
         return wall
+
+    def _now_ms(self, conn: Connection) -> int:
+        """The record's clock now (ms): this host's wall clock on SQLite, the server's on a server (its
+        offset read in this batch's transaction when stale)."""
+        if conn.dialect.name == "sqlite":
+            return int(self._wall_clock() * 1000)
+        if self._server.stale():
+            self._server.read(conn)
+        return self._server.now_ms()
 
     def prune_due(self) -> bool:
         """Whether the record is due for its prune (once every :data:`PRUNE_EVERY_S`)."""

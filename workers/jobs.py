@@ -48,6 +48,7 @@ from db.leader import Leadership, LeadershipUnusable
 from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
 from db.queries import oldest_deletable_tick_ts
+from db.server_clock import ServerClock
 from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
@@ -189,6 +190,8 @@ class JobsWorker(Worker):
         self._sampling = _Turn(self.metrics_lock, taken="jobs: sampling the metrics of this home",
                                lost="jobs: %s; metrics are sampled where it is taken again",
                                holder="jobs: metrics are sampled by %s", unusable="jobs: %s; metrics are not sampled")
+        #: On PostgreSQL, the schedule's clock: the server's (:meth:`now`).
+        self._server_clock = ServerClock(lambda: time.time())  # looked up at each call, as due()'s is
         #: Runs held back in a row, by job (:attr:`Result.held_back`).
         self._held_back: dict[str, int] = {}
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
@@ -213,12 +216,28 @@ class JobsWorker(Worker):
         """When each job last started, from ``job_runs``: at start, and on taking over the leadership
         (the last leader may have run a job a moment ago; running it again would double a backup)."""
         assert self.engine is not None
-        ahead = int((time.time() + CLOCK_SLACK_S) * 1000)  # runs dated after it are not waited for (due())
+        ahead = int((self.now() + CLOCK_SLACK_S) * 1000)  # runs dated after it are not waited for (due())
         with self.engine.connect() as conn:
             rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
                                 .where(JobRun.job.in_(JOBS), JobRun.started_at <= ahead).group_by(JobRun.job)).all()
         for job, started in rows:  # never back: a run (or a retry time) this process knows may be later
             self.last_run[job] = max(self.last_run.get(job, 0.0), started / 1000)
+
+    def now(self) -> float:
+        """Now (epoch s) by the clock of ``job_runs``: on PostgreSQL the server's
+        (:class:`db.server_clock.ServerClock`; not answering: as last read), by which every host's
+        leader dates its runs and reads the last one's. A leader whose own clock was ten minutes behind
+        took a run of a moment before for one of a clock set back since, and ran it again at once."""
+        if self.settings.database_path is not None or self.engine is None:
+            return time.time()
+        if self._server_clock.stale():
+            try:
+                with self.engine.connect() as conn:
+                    self._server_clock.read(conn)
+            except OperationalError as e:
+                self.log.debug("jobs: could not read the server's clock (%s)", named_database_words(e))
+                self._server_clock.read(None)
+        return self._server_clock.now_ms() / 1000
 
     def teardown(self) -> None:
         self.leadership.release()
@@ -231,7 +250,7 @@ class JobsWorker(Worker):
     def due(self, now: float | None = None) -> list[str]:
         """Jobs due at ``now`` (epoch s), in run order. A job never run is due; with --until-idle a
         job already run by this process is not due again, so the run ends."""
-        now = time.time() if now is None else now
+        now = self.now() if now is None else now
         for job, last in self.last_run.items():
             if last > now + CLOCK_SLACK_S:  # the clock was set back since (or another host's runs ahead)
                 self.log.warning("jobs: %s last ran at %s, %.0f s ahead of this clock: taken as never run, so "
@@ -321,7 +340,7 @@ class JobsWorker(Worker):
         (a row every 30 s would drown the table), a scheduled backup while another is written; not
         recorded, nor are :data:`UNRECORDED` jobs, only logged. ``force`` checkpoints even under the
         threshold."""
-        started = now_ms()
+        started = int(self.now() * 1000)
         self.last_run[job] = started / 1000
         self._ran.add(job)
         try:
@@ -337,7 +356,7 @@ class JobsWorker(Worker):
             self._held_back.pop(job, None)  # a check with nothing to do ends a row of held-back runs
             return None
         ok, detail, held_back = Result(*outcome)
-        finished = max(now_ms(), started)  # the wall clock may step back
+        finished = max(int(self.now() * 1000), started)  # the wall clock may step back
         if job in UNRECORDED:
             # Scheduled, every few seconds: DEBUG when it went well, and asked for once (--run), INFO (it said
             # nothing); a failed sample stays a WARNING (a sampling gap, not a failed job: nothing is recorded).
@@ -439,7 +458,7 @@ class JobsWorker(Worker):
 
     def _backup_again_in(self, seconds: float) -> None:
         """A scheduled backup due again in ``seconds``, not a whole period later."""
-        self.last_run["backup"] = time.time() - self.schedule.every_s("backup") + seconds
+        self.last_run["backup"] = self.now() - self.schedule.every_s("backup") + seconds
 
     def quick_check(self, force: bool = False) -> Outcome:
         """:func:`db.health.integrity`: ``PRAGMA quick_check`` on a read-only connection, or on

@@ -182,6 +182,10 @@ class MonitorWorker(Worker):
         self.engine = wait_for_database(self.settings, alive=lambda: self.alive)
         self.client = WriterClient(settings=self.settings)
 
+    def leads_through_writer(self) -> bool:
+        """Its changes are single calls: with ``TICKSTACK_DIRECT_WRITES`` they go to the database themselves."""
+        return not self.settings.direct_writes
+
     def read(self) -> tuple[list[TradeState], dict[str, list[PriceTick]], int]:
         """Open trades (last_tick_id advanced by in-memory progress), their symbols' ticks after the
         lowest last_tick_id (one chunk, by symbol), and the tick id up to which those are complete."""
