@@ -30,7 +30,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +44,6 @@ from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, TableLocked, ValidationError, WriterError, named_database_words
 from db.leader import Leadership, LeadershipUnusable
-from db.lock import PidLock, read_lock_holder
 from db.models import SKIPPED, JobRun, now_ms
 from db.queries import oldest_deletable_tick_ts
 from db.server_clock import ServerClock
@@ -53,6 +51,7 @@ from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
 from workers.base import Worker, main, wait_for_database
+from workers.job_turns import HomeLock, Turn
 from workers.retention_cutoff import DAY_MS, RetentionCutoff
 
 #: Jobs in the order they run when several are due (retention first: it shrinks what is backed up
@@ -109,53 +108,6 @@ class Result(NamedTuple):
 Outcome = Result | tuple[bool, str] | None
 
 
-class _HomeLock:
-    """This home's :data:`METRICS_LOCK`, a :class:`db.lock.PidLock` with the calls of a
-    :class:`db.leader.Leadership` that :meth:`JobsWorker._holds` makes."""
-
-    def __init__(self, path: Path) -> None:
-        self.lock = PidLock(path)
-        self.lost: str | None = None
-
-    @property
-    def held(self) -> bool:
-        return self.lock.fd is not None
-
-    def still_held(self) -> bool:
-        if self.lock.still_ours():
-            return True
-        self.lost = f"{self.lock.path} was removed or replaced"
-        self.lock.release()
-        return False
-
-    def attempt(self) -> str | None:
-        """None when taken now, else who holds it (or why nobody can be told), in words."""
-        try:
-            if self.lock.try_acquire():
-                return None
-            return f"pid {read_lock_holder(self.lock.path) or 'unknown'}"
-        except OSError as e:  # a folder in its place, no run/ yet: said once, tried again
-            return f"nobody: cannot use {self.lock.path}: {e.strerror or e}"
-
-    def release(self) -> None:
-        self.lock.release()
-
-
-@dataclass
-class _Turn:
-    """A lock a jobs worker holds while it can (:meth:`JobsWorker._holds`): the jobs leadership, or
-    this home's metrics lock, with the words of its log lines and what the worker knows of it."""
-
-    lock: Leadership | _HomeLock
-    #: Said when it is taken, lost (``%s``: why), held by another (``%s``: who), unusable (``%s``: why).
-    taken: str
-    lost: str
-    holder: str
-    unusable: str
-    tried_at: float = 0.0  # monotonic s
-    said: str | None = None  # who holds it (or why it cannot be used), as last said
-
-
 class JobsWorker(Worker):
     """Runs each due job, one per :meth:`step`, and records it through the writer.
 
@@ -182,12 +134,12 @@ class JobsWorker(Worker):
         self._ran: set[str] = set()
         self._sampler: Sampler | None = None
         self.leadership = Leadership(settings, self.name)
-        self._leading = _Turn(self.leadership, taken="jobs: leading: retention, backups and checks of this database "
+        self._leading = Turn(self.leadership, taken="jobs: leading: retention, backups and checks of this database "
                               "run here", lost="jobs: lost the leadership (%s); the database's jobs run where it is "
                               "taken again", holder="jobs: standing by for the database's jobs; the leader is %s",
                               unusable="jobs: %s; retention, backups and checks do not run here")
-        self.metrics_lock = _HomeLock(settings.run_dir / METRICS_LOCK)
-        self._sampling = _Turn(self.metrics_lock, taken="jobs: sampling the metrics of this home",
+        self.metrics_lock = HomeLock(settings.run_dir / METRICS_LOCK)
+        self._sampling = Turn(self.metrics_lock, taken="jobs: sampling the metrics of this home",
                                lost="jobs: %s; metrics are sampled where it is taken again",
                                holder="jobs: metrics are sampled by %s", unusable="jobs: %s; metrics are not sampled")
         #: On PostgreSQL, the schedule's clock: the server's (:meth:`now`).
@@ -285,7 +237,7 @@ class JobsWorker(Worker):
             self._taken_over()
         return leads
 
-    def _holds(self, turn: _Turn) -> bool:
+    def _holds(self, turn: Turn) -> bool:
         """Whether this worker holds ``turn``'s lock: proven still held while it does, else tried at most
         every ``standby_poll`` seconds. Logged when it changes: taken, lost (then tried again at the next
         call), who holds it instead, or why it cannot be used (said once each)."""
