@@ -132,7 +132,7 @@ def test_the_database_jobs_run_on_the_leading_host_only(request: pytest.FixtureR
         stack.close()
 
 
-def test_a_monitor_whose_hosts_writer_is_gone_gives_way_to_a_host_whose_writer_answers(
+def test_a_monitor_and_jobs_whose_hosts_writer_is_gone_give_way_to_a_host_whose_writer_answers(
         home_databases: HomeDatabases) -> None:
     """Two hosts on one database, each with its writer and its monitor. Host A's monitor leads; host A's
     writer stops (``circusctl stop writer`` there, or circus's flapping gave up on it) while host A's
@@ -141,7 +141,8 @@ def test_a_monitor_whose_hosts_writer_is_gone_gives_way_to_a_host_whose_writer_a
     it went on leading, and host B's monitor, whose writer answers, stood by for good. Now a leader on a
     server whose writer has not answered for :data:`workers.base.WRITER_GONE_S` gives the leadership up
     (exit 1: circus starts it again, as a standby), a standby takes it only while its own writer answers,
-    and host B's monitor closes a trade at its stop."""
+    and host B's monitor closes a trade at its stop. So do the database's jobs (retention, backups,
+    checks: recorded and deleted through the writer), whose worker lives on, sampling its home."""
     with stacks_on_one_database(home_databases) as (a, b):
         a.env["TICKSTACK_HOST"], b.env["TICKSTACK_HOST"] = "host-a", "host-b"
         url = a.env["DATABASE_URL"]
@@ -152,12 +153,23 @@ def test_a_monitor_whose_hosts_writer_is_gone_gives_way_to_a_host_whose_writer_a
         wait_for("host A's monitor to lead", lambda: "monitor: leading" in log_a.read_text(), timeout=60)
         monitor_b = b.start_worker("workers.monitor", log_b)
         wait_for("host B's monitor to stand by", lambda: "standing by" in log_b.read_text(), timeout=60)
-        assert a.stop(writer_a) == 0  # host A's writer stops; its monitor runs on
+        # The jobs' leader asks again at every due job of the leader's: a checkpoint check each second.
+        jobs_log_a, jobs_log_b = a.home / "log" / "jobs-a.log", b.home / "log" / "jobs-b.log"
+        jobs_a = a.start_worker("workers.jobs", jobs_log_a, TICKSTACK_CHECKPOINT_EVERY_S="1")
+        wait_for("host A's jobs to lead", lambda: "jobs: leading" in jobs_log_a.read_text(), timeout=60)
+        jobs_b = b.start_worker("workers.jobs", jobs_log_b, TICKSTACK_CHECKPOINT_EVERY_S="1")
+        wait_for("host B's jobs to stand by", lambda: "standing by for the database's jobs" in jobs_log_b.read_text(),
+                 timeout=60)
+        assert a.stop(writer_a) == 0  # host A's writer stops; its monitor and jobs run on
 
         wait_for("host B's monitor to lead", lambda: "monitor: leading" in log_b.read_text(), timeout=150)
         assert (leader_of(url, "monitor") or "").endswith("on host-b"), leader_of(url, "monitor")
         assert monitor_a.wait(30) == 1, log_a.read_text()
         assert "host-a's writer has not answered" in log_a.read_text(), log_a.read_text()
+        wait_for("host B's jobs to lead", lambda: "jobs: leading" in jobs_log_b.read_text(), timeout=60)
+        assert (leader_of(url, "jobs") or "").endswith("on host-b"), leader_of(url, "jobs")
+        assert "host-a's writer has not answered" in jobs_log_a.read_text(), jobs_log_a.read_text()
+        assert jobs_a.poll() is None and jobs_b.poll() is None, jobs_log_a.read_text()[-2000:]
         # Stops are enforced again: a trade opened through host B's writer is closed at its stop.
         with WriterClient(settings=b.settings, deadline=30) as client:
             client.call("insert_ticks", ticks=[{"symbol": "AAA", "ts": 1_704_067_200_000, "bid": 100.0,

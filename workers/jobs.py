@@ -50,7 +50,7 @@ from db.server_clock import ServerClock
 from db.timestamps import utc
 from db.validation import without_nul
 from supervision.sampler import Sampler
-from workers.base import Worker, main, wait_for_database
+from workers.base import WRITER_GONE_S, Worker, WriterWatch, main, wait_for_database
 from workers.job_turns import HomeLock, Turn
 from workers.retention_cutoff import DAY_MS, RetentionCutoff
 
@@ -144,6 +144,9 @@ class JobsWorker(Worker):
                                holder="jobs: metrics are sampled by %s", unusable="jobs: %s; metrics are not sampled")
         #: On PostgreSQL, the schedule's clock: the server's (:meth:`now`).
         self._server_clock = ServerClock(lambda: time.time())  # looked up at each call, as due()'s is
+        #: On a server, whether this host's writer answers: the database's jobs record their runs and
+        #: delete through it, so a leader whose writer is gone gives the lead up (:meth:`leads`).
+        self._writer_watch: WriterWatch | None = None
         #: Runs held back in a row, by job (:attr:`Result.held_back`).
         self._held_back: dict[str, int] = {}
         self._jobs: dict[str, Callable[[bool], Outcome]] = {
@@ -153,6 +156,8 @@ class JobsWorker(Worker):
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings, alive=lambda: self.alive)
         self.client = WriterClient(settings=self.settings)
+        if self.leadership.shared and not self.until_idle:
+            self._writer_watch = WriterWatch(self.settings, self.leadership.check_every)
         self._read_last_runs()
 
     def _taken_over(self) -> None:
@@ -194,6 +199,8 @@ class JobsWorker(Worker):
     def teardown(self) -> None:
         self.leadership.release()
         self.metrics_lock.release()
+        if self._writer_watch is not None:
+            self._writer_watch.close()
         if self.client is not None:
             self.client.close()
         if self.engine is not None:
@@ -230,7 +237,20 @@ class JobsWorker(Worker):
 
     def leads(self) -> bool:
         """Whether this worker runs the database's jobs (:data:`LEADER_JOBS`): while it holds the jobs
-        leadership (:mod:`db.leader`, :meth:`_holds`); on taking it, when each job last ran is read again."""
+        leadership (:mod:`db.leader`, :meth:`_holds`); on taking it, when each job last ran is read again.
+        On a server, only while this host's writer answers, as the analysis and the monitor lead
+        (:class:`workers.base.WriterWatch`): a leader whose writer was stopped (``circusctl stop
+        writer``, flapping) recorded no run and deleted nothing, for every host, while it kept the lead."""
+        watch = self._writer_watch
+        if watch is not None and (silent := watch.silent_for()) > 0:
+            if self.leadership.held and silent >= WRITER_GONE_S:
+                self.log.error("jobs: %s's writer has not answered for %.0f s (%s): the database's jobs record "
+                               "their runs and delete through it, so none is done; giving the leadership up so "
+                               "that a host whose writer answers takes over", self.settings.host, silent,
+                               watch.silence)
+                self.leadership.release()
+            if not self.leadership.held:  # taken only while this host's writer answers
+                return False
         was_leading = self.leadership.held
         leads = self._holds(self._leading)
         if leads and not was_leading:
