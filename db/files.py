@@ -187,8 +187,10 @@ def orphaned_journal(path: Path | None) -> str | None:
     files, the stack writing on into the new one (fault hunt as an operator)."""
     if path is None or path.exists():
         return None
-    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
-    files = database_files(Path(os.path.realpath(path)))
+    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link; and the file goes
+    # back there: `mv` onto the link replaces the link, the file then away from its WAL.
+    real = Path(os.path.realpath(path))
+    files = database_files(real)
     wal = files["wal"]
     try:
         size = wal.stat().st_size
@@ -199,9 +201,10 @@ def orphaned_journal(path: Path | None) -> str | None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = " && ".join(f"mv {shlex.quote(str(one))} {shlex.quote(f'{one}.orphaned-{stamp}')}"
                         for one in (wal, files["shm"]) if os.path.lexists(one))
-    return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
+    named = f"{path}" if real == Path(os.path.abspath(path)) else f"{path} (through a symbolic link: the file {real})"
+    return (f"the database {named} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
             f"database was moved or removed, and a new one made beside that WAL would take the old one's pages "
-            f"from it. Put the database back at {path}; or restore a backup (`python -m db restore BACKUP`: it "
+            f"from it. Put the database back at {real}; or restore a backup (`python -m db restore BACKUP`: it "
             f"keeps that WAL aside); or, if it is gone for good, move the files it left aside (`{aside}`), then "
             "start again: a new database starts empty")
 

@@ -469,15 +469,12 @@ def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: 
     file, on the link's disk; the replaced database stayed where it was, under its own name, and the
     restore's mark and its copy were beside the link, where a writer killed mid-swap would not look.
     It now replaces the file the link names, beside it, and the link stays."""
-    home = new_home()
-    stack = Stack(home, isolated_env(home))
+    stack = Stack.linked(tmp_path / "disk")
     try:
-        disk = tmp_path / "disk"
-        disk.mkdir(mode=0o700)
+        home, disk = stack.home, tmp_path / "disk"
         real = disk / "ticks.db"
         link = stack.settings.database_path
         assert link is not None
-        link.symlink_to(real)
         backup = backup_of_ten_then_five_more(stack, "kept.db")
         assert real.is_file() and link.resolve() == real
 

@@ -1023,6 +1023,40 @@ def test_the_wal_of_a_database_reached_through_a_symbolic_link_is_looked_for_bes
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_putting_back_a_database_reached_through_a_symbolic_link_where_the_words_say_keeps_its_wal(
+        tmp_path: Path) -> None:
+    """The database's path a symbolic link, the file it names moved away after the writer was killed,
+    its WAL left beside where it was: the writer's refusal said "Put the database back at <the link>".
+    ``mv`` onto a link replaces the link, so the file came back beside the link, away from its WAL: the
+    next writer opened it without the WAL's frames and served on, every acknowledged write since the
+    last checkpoint gone without a word. The words name the file the link names."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        link = stack.settings.database_path
+        real = tmp_path / "disk" / "ticks.db"
+        proc = stack.start_writer()
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            assert client.call("audit", actor="me", action="kept")["id"] > 0
+        proc.kill()  # no last checkpoint: the row is in the WAL only
+        proc.wait()
+        assert Path(f"{real}-wal").stat().st_size > 0
+        moved = tmp_path / "moved.db"
+        os.rename(real, moved)
+        started = subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+        assert started.returncode == 1, started.stderr[-3000:]
+        back = re.search(r"Put the database back at (.+?); or restore", started.stderr)
+        assert back is not None, started.stderr[-3000:]
+        assert subprocess.run(["mv", str(moved), back[1]], timeout=30).returncode == 0
+        writer = stack.start_writer()
+        assert [a for (a,) in query(stack.settings, "SELECT action FROM audit_log")] == ["kept"]
+        assert stack.stop(writer) == 0
+        assert link.is_symlink() and link.resolve() == real
+    finally:
+        stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
 @pytest.mark.parametrize("way", ["restore a backup", "move the files it left aside"])
 def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack, way: str) -> None:
     """The database file gone and its WAL there (moved or removed after the writer was killed): the
