@@ -136,6 +136,20 @@ def _marked_names(path: Path) -> tuple[str, str] | None:
     return copy, replaced
 
 
+def stopped_restore_copy(path: Path | None) -> Path | None:
+    """The replaced database (its ``-wal`` and ``-shm`` after its name) that a ``db restore`` stopped
+    mid-swap moved aside, when ``path`` (the file a link names) is missing and its mark, one the
+    restore wrote, says so; None otherwise. Until that restore is finished (:func:`unfinished_restore`
+    says how) it is the only copy of that database, not one to delete."""
+    if path is None:
+        return None
+    path = Path(os.path.realpath(path))
+    if os.path.lexists(path):
+        return None
+    named = _marked_names(path)
+    return None if named is None else path.parent / named[1]
+
+
 def unfinished_restore(path: Path | None) -> str | None:
     """Why nothing may make a new database at ``path``: it is missing, and its
     :func:`restore_marker` says a ``db restore`` was stopped (killed, a power cut) between moving the

@@ -214,7 +214,12 @@ def test_a_restore_killed_between_its_moves_leaves_no_empty_database_to_start_on
     doctor = db("doctor").stdout
     move = re.search(r"put the backup's checked copy in place, `(mv (\S+) (\S+) && rm (\S+))`", doctor)
     assert move is not None and move[3] == str(database), doctor
+    # The replaced database is the only copy of it until one way is taken (the other way puts it back):
+    # doctor listed it with the copies of finished restores, "delete them once you no longer need them".
+    kept_line = "kept by `db restore` of the databases it replaced"
+    assert kept_line not in doctor, doctor
     assert subprocess.run(move[1], shell=True, cwd=stack.home, timeout=30).returncode == 0  # as doctor says
+    assert kept_line in db("doctor").stdout  # finished: the replaced one is a copy to delete once not needed
 
     writer = stack.start_writer()
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
