@@ -29,6 +29,7 @@ from db.errors import MaintenanceFailed
 from db.files import (
     discard_part,
     make_folder,
+    orphaned_journal,
     part_file,
     put_in_place,
     restore_marker,
@@ -183,7 +184,7 @@ def _swap(path: Path, copy: Path, aside: Path) -> bool:
                 os.replace(f"{path}{suffix}", f"{aside}{suffix}")
                 moved.append(suffix)
         put_in_place(copy, path)  # syncs the folder, the moves aside with it
-        return bool(moved)
+        return "" in moved  # a WAL without its database (moved or removed) is no database
     except BaseException:
         for suffix in moved:  # back as they were
             os.replace(f"{aside}{suffix}", f"{path}{suffix}")
@@ -263,6 +264,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = replaced_copy(settings)
+        if unread is None and orphaned_journal(path) is not None:  # its ids are in its pages, not in a WAL alone
+            unread = f"its file was missing; its WAL alone is kept, as {aside}-wal"
         with stop_signals_held():  # a stop asked for in the swap is taken after it: either database, whole
             moved = _swap(path, tmp, aside)
             tmp = None

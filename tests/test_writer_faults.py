@@ -1096,6 +1096,13 @@ def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(s
                                   capture_output=True, text=True, timeout=120)
         assert restored.returncode == 0, restored.stdout + restored.stderr
         assert not wal.exists() or wal.stat().st_size == 0  # kept aside, not replayed into the backup
+        # The missing database's ids cannot be read from its WAL alone: it said nothing of them, and
+        # that "the database it replaced is kept as <a file that is not there>"; ids it gave after the
+        # backup were given again, a consumer that saw them skipping the new rows of those ids.
+        kept = re.search(r"could not be read \(its file was missing; its WAL alone is kept, as (\S+)\): ids it gave "
+                         r"after the backup", restored.stdout)
+        assert kept is not None and Path(kept[1]).stat().st_size > 0, restored.stdout
+        assert "the database it replaced is kept as" not in restored.stdout, restored.stdout
     else:
         command = re.search(rf"{re.escape(way)} \(`([^`]+)`\)", done.stdout)
         assert command is not None, done.stdout
