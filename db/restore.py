@@ -196,6 +196,23 @@ def _swap(path: Path, copy: Path, aside: Path) -> bool:
             sync_folder(path.parent)
 
 
+def _make_database_folder(named: Path, path: Path) -> None:
+    """The folder of the database's path ``named`` (a DATABASE_URL's folder elsewhere, a new
+    machine's) made if missing, as the writer makes it; ValueError when the folder of the file SQLite
+    opens, ``path`` (the file a symbolic link names), is then no folder. Made by its own name, that
+    folder was made wherever its parent was (a disk not mounted: on the disk below the mount point),
+    and the backup restored there, where the writer, which only follows the link, would not open it."""
+    try:
+        make_folder(named.parent)
+    except (FileExistsError, NotADirectoryError):  # a link naming no folder, a file in the way: said below
+        pass
+    if not path.parent.is_dir():
+        through = f" (DATABASE_URL names {named}, through a symbolic link)" if path != named else ""
+        raise ValueError(f"{path.parent}, the folder of the database's file {path}{through}, is not a folder "
+                         "and cannot be made (a disk not mounted, a link mistyped, a file in the way): the writer "
+                         "could not open the database either; mend that, then restore")
+
+
 def restore(settings: Settings, source: Path, done: threading.Event | None = None) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
@@ -210,7 +227,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
                          "db.server_restore.restore_dump (python -m db restore FILE.dump)")
     # The file SQLite opens: a symbolic link's, on its disk, its WAL beside it; the link stays.
-    path = Path(os.path.realpath(settings.database_path))
+    named = Path(os.path.abspath(settings.database_path))
+    path = Path(os.path.realpath(named))
     unfinished = unfinished_restore(path)
     if unfinished is not None:  # the replaced database's ids are not where this restore reads them
         raise ValueError(unfinished)
@@ -224,7 +242,7 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
         raise ValueError(f"{e}; restore the backup before it: `python -m db restore {shlex.quote(str(older))}`"
                          if older else str(e)) from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
-    make_folder(path.parent)  # a DATABASE_URL's folder elsewhere
+    _make_database_folder(named, path)
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()

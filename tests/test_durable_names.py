@@ -526,3 +526,27 @@ def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: 
         con.close()
     finally:
         stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_into_a_new_empty_database")
+def test_a_restore_through_a_symbolic_link_whose_folder_is_not_there_makes_no_folder(tmp_path: Path) -> None:
+    """The database's path a symbolic link into a folder that is not there (a disk not mounted, a link
+    mistyped): the writer cannot open it ("unable to open database file"), and ``db restore``, since it
+    went by the file the link names, made that folder, on whatever disk held its parent, and restored
+    into it, "Start the stack again": once the disk is mounted, the restored file is under the mount
+    and the writer on the database it replaced. It refuses now, making nothing."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        backup = backup_of_ten_then_five_more(stack, "kept.db")
+        link = stack.settings.database_path
+        assert link is not None
+        link.unlink()
+        target = tmp_path / "unmounted" / "data" / "ticks.db"
+        link.symlink_to(target)
+        restored = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 1, restored.stdout + restored.stderr
+        assert f"{target.parent}, the folder of the database's file {target}" in restored.stderr, restored.stderr
+        assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    finally:
+        stack.close()
