@@ -194,6 +194,24 @@ def unfinished_restore(path: Path | None) -> str | None:
             f"Before anything starts (a writer would make a new, empty database): {ways}")
 
 
+def remove_stale_restore_mark(path: Path | None) -> bool:
+    """Remove ``path``'s :func:`restore_marker` when the database (the file a link names) is in
+    place: a restore killed before its first move or after the copy took the name left it, and it
+    says nothing of that database. Kept, it outlived the restore, and once the database went missing
+    later (moved after a kill, its WAL left) every refusal was that restore's, with its stale copy and
+    a replaced database never made. Only under the writer lock, which a restore holds while it runs.
+    Whether one was removed."""
+    if path is None:
+        return False
+    real = Path(os.path.realpath(path))
+    marker = restore_marker(real)
+    if not os.path.lexists(real) or not os.path.lexists(marker):
+        return False
+    marker.unlink(missing_ok=True)
+    sync_folder(real.parent)
+    return True
+
+
 def orphaned_journal(path: Path | None) -> str | None:
     """Why the writer must not open ``path``: it is not there but its WAL is, with frames in it. The
     database was moved or removed, and SQLite would make a new, empty one beside the old WAL (the

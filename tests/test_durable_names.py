@@ -550,3 +550,38 @@ def test_a_restore_through_a_symbolic_link_whose_folder_is_not_there_makes_no_fo
         assert not (tmp_path / "unmounted").exists() and link.is_symlink()
     finally:
         stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_the_mark_of_a_restore_killed_before_it_moved_anything_does_not_outlive_the_next_writer(
+        stack: Stack, tmp_path: Path) -> None:
+    """A restore killed after it wrote its mark but before it moved the database (nothing lost: the
+    writer starts on the database in place) left the mark, and the writer ran on beside it. When that
+    database later went missing (moved after the writer was killed, its WAL left), every refusal was
+    the stopped restore's: "put the backup's checked copy in place", a stale copy of the backup, after
+    moving the WAL of the writes since aside, or "go back to the replaced database", a file that was
+    never made (mv: cannot stat). The writer, holding the lock no restore runs without, removes a mark
+    beside a database in place: the refusal is then the missing database's, put it back."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    mark = database.with_name(f"{database.name}.restoring")
+    # The renames: the mark's, then the database's (not done: killed there).
+    killed = signalled_at("rename", 2, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                          tmp_path / "restore.trace", "error=EIO")
+    assert killed.returncode != 0 and database.exists() and mark.exists(), sorted(os.listdir(stack.home))
+    writer = stack.start_writer()
+    insert_ticks(stack, 5, first=15)
+    assert stack.stop(writer, signal.SIGKILL) != 0 and Path(f"{database}-wal").stat().st_size > 0
+    assert not mark.exists()
+    moved = tmp_path / "moved.db"
+    os.rename(database, moved)
+    refused = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "is missing but its WAL tickstack.db-wal is there" in refused.stderr, \
+        refused.stderr
+    os.rename(moved, database)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT count(*) FROM ticks").fetchone() == (20,)
+    con.close()
