@@ -585,3 +585,32 @@ def test_the_mark_of_a_restore_killed_before_it_moved_anything_does_not_outlive_
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
         assert con.execute("SELECT count(*) FROM ticks").fetchone() == (20,)
     con.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_db_init_asks_whether_it_may_make_a_database_once_it_holds_the_writer_lock(stack: Stack,
+                                                                                     tmp_path: Path) -> None:
+    """``db init`` asked :func:`db.files.new_database_refusal` before it took the writer lock: a restore
+    killed mid-swap in between (its lock then free) left no database and its mark, and ``db init``
+    made a new, empty database there (schema 0 -> 5), the writer then serving on it. It asks once it
+    holds the lock, as the writer does. Here strace holds its ``flock`` for 8 s, the restore killed
+    meanwhile as it gives the backup's copy the database's name."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    init = subprocess.Popen([strace_program(), "-qq", "-o", str(tmp_path / "init.trace"), "-e", "trace=flock",
+                             "-e", "inject=flock:delay_enter=8000000:when=1", sys.executable, "-m", "db", "init"],
+                            env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("db init to wait at its flock", lambda: "flock(" in (tmp_path / "init.trace").read_text(), timeout=60)
+        killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                              tmp_path / "restore.trace", "error=EIO")
+        assert killed.returncode != 0 and not database.exists(), (killed.returncode, killed.stderr)
+        out, err = init.communicate(timeout=120)
+    finally:
+        if init.poll() is None:
+            init.kill()
+            init.wait()
+    assert init.returncode == 1 and "a `python -m db restore` was stopped" in err, (init.returncode, out + err)
+    assert not database.exists(), out
