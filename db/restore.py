@@ -229,9 +229,6 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
     # The file SQLite opens: a symbolic link's, on its disk, its WAL beside it; the link stays.
     named = Path(os.path.abspath(settings.database_path))
     path = Path(os.path.realpath(named))
-    unfinished = unfinished_restore(path)
-    if unfinished is not None:  # the replaced database's ids are not where this restore reads them
-        raise ValueError(unfinished)
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
@@ -257,6 +254,11 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                          "`make run`") from None
     tmp = None
     try:
+        # Asked holding the lock: a restore killed mid-swap while this one checked its backup (minutes
+        # for a large one) left its mark and no database, and its lock free.
+        unfinished = unfinished_restore(path)
+        if unfinished is not None:  # the replaced database's ids are not where this restore reads them
+            raise ValueError(unfinished)
         _refuse_if_open(settings, path)
         tmp = part_file(path)
         try:

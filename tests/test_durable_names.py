@@ -81,6 +81,28 @@ def signalled_at(call: str, n: int, signal_name: str, args: list[str], env: dict
                            sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def held_at_the_lock_while_a_restore_is_killed_mid_swap(stack: Stack, backup: Path, args: list[str], n: int,
+                                                      tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python ARGS``, its ``n``-th ``flock`` (its take of the writer lock) held 8 s by strace, and
+    meanwhile a ``db restore`` of ``backup`` killed (SIGKILL) as it gives its copy the database's name:
+    its mark left, no database, its lock free for the held one."""
+    held = subprocess.Popen([strace_program(), "-qq", "-o", str(tmp_path / "held.trace"), "-e", "trace=flock",
+                             "-e", f"inject=flock:delay_enter=8000000:when={n}", sys.executable, *args],
+                            env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the command to wait at its flock", lambda: "LOCK_EX" in (tmp_path / "held.trace").read_text(),
+                 timeout=60)
+        killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                              tmp_path / "killed.trace", "error=EIO")
+        assert killed.returncode != 0 and not stack.settings.database_path.exists(), (killed.returncode, killed.stderr)
+        out, err = held.communicate(timeout=120)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    return subprocess.CompletedProcess(held.args, held.returncode, out, err)
+
+
 def last_name_given_then_folder_synced(log: Path, dest: Path) -> bool:
     """Whether the last call that gave a file the name ``dest`` (a link or rename to it) is followed
     by an fsync of ``dest``'s folder (an fd the trace shows as that folder's path)."""
@@ -599,18 +621,28 @@ def test_db_init_asks_whether_it_may_make_a_database_once_it_holds_the_writer_lo
     database = stack.settings.database_path
     assert database is not None
     backup = backup_of_ten_then_five_more(stack, "kept.db")
-    init = subprocess.Popen([strace_program(), "-qq", "-o", str(tmp_path / "init.trace"), "-e", "trace=flock",
-                             "-e", "inject=flock:delay_enter=8000000:when=1", sys.executable, "-m", "db", "init"],
-                            env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for("db init to wait at its flock", lambda: "flock(" in (tmp_path / "init.trace").read_text(), timeout=60)
-        killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
-                              tmp_path / "restore.trace", "error=EIO")
-        assert killed.returncode != 0 and not database.exists(), (killed.returncode, killed.stderr)
-        out, err = init.communicate(timeout=120)
-    finally:
-        if init.poll() is None:
-            init.kill()
-            init.wait()
+    init = held_at_the_lock_while_a_restore_is_killed_mid_swap(stack, backup, ["-m", "db", "init"], 1, tmp_path)
+    out, err = init.stdout, init.stderr
     assert init.returncode == 1 and "a `python -m db restore` was stopped" in err, (init.returncode, out + err)
     assert not database.exists(), out
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_a_restore_asks_whether_one_was_stopped_mid_swap_once_it_holds_the_writer_lock(stack: Stack,
+                                                                                        tmp_path: Path) -> None:
+    """A second ``db restore`` asked whether a restore was stopped mid-swap before it took the writer
+    lock (then checked its backup, which takes minutes for a large one): the first, killed mid-swap
+    in between, left its mark and no database, and the second put its copy in place without reading
+    the replaced database's ids (given again, without a word) and removed the first's mark. It asks
+    once it holds the lock. Here strace holds the second's ``flock`` of the lock for 8 s, the first
+    killed meanwhile as it gives its copy the database's name."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    # Its third flock: the first two are a look at who holds the lock.
+    second = held_at_the_lock_while_a_restore_is_killed_mid_swap(stack, backup, ["-m", "db", "restore", str(backup)],
+                                                                 3, tmp_path)
+    out, err = second.stdout, second.stderr
+    assert second.returncode == 1 and "a `python -m db restore` was stopped" in err, (second.returncode, out + err)
+    assert not database.exists() and database.with_name(f"{database.name}.restoring").exists(), out
