@@ -478,6 +478,7 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
             assert done.returncode == code and named in said, (args, done.returncode, said[-2000:])
             assert "the writer is running" not in said and "another writer" not in said, (args, said[-2000:])
             assert "nothing to do" not in said, (args, said)
+            assert "previous writer" not in said, (args, said[-2000:])  # the wait's words were a reload's
         os.kill(holder, signal.SIGCONT)
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, out + err
