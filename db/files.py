@@ -241,11 +241,32 @@ def orphaned_journal(path: Path | None) -> str | None:
             "start again: a new database starts empty")
 
 
+def folder_not_there(path: Path | None) -> str | None:
+    """Why no database can be made at ``path``: it is missing, and the folder of the file it names
+    through a symbolic link is not there, nor made by making ``path``'s folder by its name (as the
+    writer does): the link itself names a file in a missing folder, or a folder on the way is a link
+    that names nothing (a disk not mounted, a link mistyped) or a file. SQLite says only "unable to
+    open database file", and doctor said to start the writer, which failed so."""
+    if path is None or path.exists():
+        return None
+    named = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(named))
+    if real.parent.is_dir():
+        return None
+    on_the_way = next(folder for folder in named.parents if os.path.lexists(folder))  # "/" at the latest
+    if not os.path.islink(named) and on_the_way.is_dir():  # the folders made by name land in the real one
+        return None
+    return (f"the database {path} is missing, and the folder {real.parent} of the file it names is not there "
+            f"(a disk not mounted, a symbolic link mistyped): nothing can make the database there; mount the disk or "
+            "mend the link, or set DATABASE_URL to the database's path")
+
+
 def new_database_refusal(path: Path | None) -> str | None:
     """Why nothing (the writer, ``db init``, ``db prepare``) may make a new database at ``path``, and
     what to do, or None: the one rule for a missing database, :func:`unfinished_restore` first (its
-    commands move the WAL left beside it too), then :func:`orphaned_journal`."""
-    return unfinished_restore(path) or orphaned_journal(path)
+    commands move the WAL left beside it too), then :func:`orphaned_journal`, then
+    :func:`folder_not_there`."""
+    return unfinished_restore(path) or orphaned_journal(path) or folder_not_there(path)
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

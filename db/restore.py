@@ -28,6 +28,7 @@ from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
 from db.files import (
     discard_part,
+    folder_not_there,
     make_folder,
     orphaned_journal,
     part_file,
@@ -196,23 +197,6 @@ def _swap(path: Path, copy: Path, aside: Path) -> bool:
             sync_folder(path.parent)
 
 
-def _make_database_folder(named: Path, path: Path) -> None:
-    """The folder of the database's path ``named`` (a DATABASE_URL's folder elsewhere, a new
-    machine's) made if missing, as the writer makes it; ValueError when the folder of the file SQLite
-    opens, ``path`` (the file a symbolic link names), is then no folder. Made by its own name, that
-    folder was made wherever its parent was (a disk not mounted: on the disk below the mount point),
-    and the backup restored there, where the writer, which only follows the link, would not open it."""
-    try:
-        make_folder(named.parent)
-    except (FileExistsError, NotADirectoryError):  # a link naming no folder, a file in the way: said below
-        pass
-    if not path.parent.is_dir():
-        through = f" (DATABASE_URL names {named}, through a symbolic link)" if path != named else ""
-        raise ValueError(f"{path.parent}, the folder of the database's file {path}{through}, is not a folder "
-                         "and cannot be made (a disk not mounted, a link mistyped, a file in the way): the writer "
-                         "could not open the database either; mend that, then restore")
-
-
 def restore(settings: Settings, source: Path, done: threading.Event | None = None) -> dict[str, Any]:
     """Replace the SQLite database with ``source`` (see the module docstring); returns ``restored``,
     ``source``, ``replaced`` (where the replaced database is kept, None when there was none),
@@ -239,7 +223,12 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
         raise ValueError(f"{e}; restore the backup before it: `python -m db restore {shlex.quote(str(older))}`"
                          if older else str(e)) from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
-    _make_database_folder(named, path)
+    # Made by its name, as the writer makes it; by the file a link names, it was made wherever its
+    # parent was (a disk not mounted: below the mount point), and the backup restored there.
+    refused = folder_not_there(named)
+    if refused is not None:
+        raise ValueError(refused)
+    make_folder(named.parent)  # a DATABASE_URL's folder elsewhere (a new machine's)
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()

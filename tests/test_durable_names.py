@@ -569,7 +569,7 @@ def test_a_restore_through_a_symbolic_link_whose_folder_is_not_there_makes_no_fo
         restored = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=stack.env, cwd=ROOT,
                                   capture_output=True, text=True, timeout=120)
         assert restored.returncode == 1, restored.stdout + restored.stderr
-        assert f"{target.parent}, the folder of the database's file {target}" in restored.stderr, restored.stderr
+        assert f"the folder {target.parent} of the file it names is not there" in restored.stderr, restored.stderr
         assert not (tmp_path / "unmounted").exists() and link.is_symlink()
     finally:
         stack.close()

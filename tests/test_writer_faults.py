@@ -1725,3 +1725,27 @@ def test_one_batch_that_failed_then_an_idle_writer_is_no_state_of_failing_commit
         stats = client.stats()
     assert stats["commits_failing_s"] is None and writes_refused(stats) is None, stats
     assert stats["last_commit_failure"]["reason"], stats  # said, for the log's reader
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_a_database_path_linked_into_a_folder_that_is_not_there_is_said_so(tmp_path: Path) -> None:
+    """The database's path a symbolic link into a folder that is not there (a disk not mounted, a link
+    mistyped): doctor said "no database ...; start the writer (it creates it) or run `python -m db
+    init`", and both failed with SQLite's "unable to open database file". Each (the writer, db init,
+    make run's db prepare, doctor) now says which folder is missing, and makes nothing."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        link = stack.settings.database_path
+        link.unlink()
+        target = tmp_path / "unmounted" / "data" / "ticks.db"
+        link.symlink_to(target)
+        said_of = f"the folder {target.parent} of the file it names is not there"
+        for args in (["-m", "workers.writer"], ["-m", "db", "init"], ["-m", "db", "prepare"], ["-m", "db", "doctor"]):
+            done = subprocess.run([sys.executable, *args], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=120)
+            said = done.stdout + done.stderr
+            assert done.returncode == 1 and said_of in said, (args, said[-3000:])
+            assert "start the writer (it creates" not in said, (args, said[-3000:])
+        assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    finally:
+        stack.close()
