@@ -471,7 +471,8 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
                           lambda: read_lock_holder(stack.settings.writer_lock_path))
         named = f"`python -m db restore` (pid {holder})"
         for args, code in ((["-m", "db", "restore", str(backup)], 1), (["-m", "db", "init"], 1),
-                           (["-m", "workers.writer"], 3)):  # 3: the lock is held (circus tries again)
+                           (["-m", "workers.writer"], 3),  # 3: the lock is held (circus tries again)
+                           (["-m", "db", "doctor"], 1)):  # it said "The writer (pid ...) ... may be stuck", restart it
             done = subprocess.run([sys.executable, *args], env={**stack.env, "TICKSTACK_WRITER_LOCK_WAIT": "1"},
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             said = done.stdout + done.stderr
@@ -479,6 +480,7 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
             assert "the writer is running" not in said and "another writer" not in said, (args, said[-2000:])
             assert "nothing to do" not in said, (args, said)
             assert "previous writer" not in said, (args, said[-2000:])  # the wait's words were a reload's
+            assert "may be stuck" not in said and "restart writer" not in said, (args, said[-2000:])
         os.kill(holder, signal.SIGCONT)
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, out + err
