@@ -152,10 +152,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     from db.schema import migrate
 
     settings = load_settings()
-    refused = new_database_refusal(settings.database_path)
-    if refused is not None:  # a new, empty database would take the restored one's place, or meet an old WAL
-        print(f"python -m db init: {refused}", file=sys.stderr)
-        return 1
     if settings.database_path is not None and not settings.database_path.exists():
         # A new SQLite file, in a home whose writer writes a server's database (a shell without its
         # DATABASE_URL): doctor's rule refuses it, as `db health` does.
@@ -179,6 +175,12 @@ def cmd_init(args: argparse.Namespace) -> int:
               "current: nothing to do")
         return 0
     try:
+        # Asked holding the lock, as the writer asks it: a restore killed mid-swap just before (its lock
+        # free then) left no database, and a new, empty one would take the restored one's place.
+        refused = new_database_refusal(settings.database_path)
+        if refused is not None:  # or meet an old WAL
+            print(f"python -m db init: {refused}", file=sys.stderr)
+            return 1
         engine = make_write_engine(settings)
         with engine.begin() as conn:
             before, after = migrate(conn)

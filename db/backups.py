@@ -26,6 +26,7 @@ from db.files import (
     not_sqlite_words,
     part_file,
     put_in_place,
+    stopped_restore_copy,
 )
 from db.leader import LEADER_NAMES, leader_lock_path
 from db.lock import PidLock, read_lock_holder
@@ -148,7 +149,11 @@ def replaced_copies(settings: Settings) -> list[Path]:
 def replaced_copies_finding(settings: Settings, low: bool) -> list[tuple[str, str]]:
     """Doctor's line on :func:`replaced_copies`, as nothing removes them: a warning when a disk is
     filling up (``low``), where they are space to free."""
-    copies = replaced_copies(settings)
+    # Not the one a restore stopped mid-swap moved aside: the only copy of that database until the
+    # restore is finished, one way or the other (doctor's unfinished-restore finding says how).
+    held = stopped_restore_copy(settings.database_path)
+    copies = [copy for copy in replaced_copies(settings)
+              if held is None or copy.name not in {held.name, f"{held.name}-wal", f"{held.name}-shm"}]
     if not copies:
         return []
     newest = next((c.name for c in reversed(copies) if not c.name.endswith(("-wal", "-shm"))), copies[-1].name)

@@ -136,6 +136,20 @@ def _marked_names(path: Path) -> tuple[str, str] | None:
     return copy, replaced
 
 
+def stopped_restore_copy(path: Path | None) -> Path | None:
+    """The replaced database (its ``-wal`` and ``-shm`` after its name) that a ``db restore`` stopped
+    mid-swap moved aside, when ``path`` (the file a link names) is missing and its mark, one the
+    restore wrote, says so; None otherwise. Until that restore is finished (:func:`unfinished_restore`
+    says how) it is the only copy of that database, not one to delete."""
+    if path is None:
+        return None
+    path = Path(os.path.realpath(path))
+    if os.path.lexists(path):
+        return None
+    named = _marked_names(path)
+    return None if named is None else path.parent / named[1]
+
+
 def unfinished_restore(path: Path | None) -> str | None:
     """Why nothing may make a new database at ``path``: it is missing, and its
     :func:`restore_marker` says a ``db restore`` was stopped (killed, a power cut) between moving the
@@ -180,6 +194,24 @@ def unfinished_restore(path: Path | None) -> str | None:
             f"Before anything starts (a writer would make a new, empty database): {ways}")
 
 
+def remove_stale_restore_mark(path: Path | None) -> bool:
+    """Remove ``path``'s :func:`restore_marker` when the database (the file a link names) is in
+    place: a restore killed before its first move or after the copy took the name left it, and it
+    says nothing of that database. Kept, it outlived the restore, and once the database went missing
+    later (moved after a kill, its WAL left) every refusal was that restore's, with its stale copy and
+    a replaced database never made. Only under the writer lock, which a restore holds while it runs.
+    Whether one was removed."""
+    if path is None:
+        return False
+    real = Path(os.path.realpath(path))
+    marker = restore_marker(real)
+    if not os.path.lexists(real) or not os.path.lexists(marker):
+        return False
+    marker.unlink(missing_ok=True)
+    sync_folder(real.parent)
+    return True
+
+
 def orphaned_journal(path: Path | None) -> str | None:
     """Why the writer must not open ``path``: it is not there but its WAL is, with frames in it. The
     database was moved or removed, and SQLite would make a new, empty one beside the old WAL (the
@@ -187,8 +219,10 @@ def orphaned_journal(path: Path | None) -> str | None:
     files, the stack writing on into the new one (fault hunt as an operator)."""
     if path is None or path.exists():
         return None
-    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link.
-    files = database_files(Path(os.path.realpath(path)))
+    # SQLite keeps the WAL beside the file a symbolic link names, not beside the link; and the file goes
+    # back there: `mv` onto the link replaces the link, the file then away from its WAL.
+    real = Path(os.path.realpath(path))
+    files = database_files(real)
     wal = files["wal"]
     try:
         size = wal.stat().st_size
@@ -199,18 +233,40 @@ def orphaned_journal(path: Path | None) -> str | None:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     aside = " && ".join(f"mv {shlex.quote(str(one))} {shlex.quote(f'{one}.orphaned-{stamp}')}"
                         for one in (wal, files["shm"]) if os.path.lexists(one))
-    return (f"the database {path} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
+    named = f"{path}" if real == Path(os.path.abspath(path)) else f"{path} (through a symbolic link: the file {real})"
+    return (f"the database {named} is missing but its WAL {wal.name} is there ({size} bytes of its writes): the "
             f"database was moved or removed, and a new one made beside that WAL would take the old one's pages "
-            f"from it. Put the database back at {path}; or restore a backup (`python -m db restore BACKUP`: it "
+            f"from it. Put the database back at {real}; or restore a backup (`python -m db restore BACKUP`: it "
             f"keeps that WAL aside); or, if it is gone for good, move the files it left aside (`{aside}`), then "
             "start again: a new database starts empty")
+
+
+def folder_not_there(path: Path | None) -> str | None:
+    """Why no database can be made at ``path``: it is missing, and the folder of the file it names
+    through a symbolic link is not there, nor made by making ``path``'s folder by its name (as the
+    writer does): the link itself names a file in a missing folder, or a folder on the way is a link
+    that names nothing (a disk not mounted, a link mistyped) or a file. SQLite says only "unable to
+    open database file", and doctor said to start the writer, which failed so."""
+    if path is None or path.exists():
+        return None
+    named = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(named))
+    if real.parent.is_dir():
+        return None
+    on_the_way = next(folder for folder in named.parents if os.path.lexists(folder))  # "/" at the latest
+    if not os.path.islink(named) and on_the_way.is_dir():  # the folders made by name land in the real one
+        return None
+    return (f"the database {path} is missing, and the folder {real.parent} of the file it names is not there "
+            f"(a disk not mounted, a symbolic link mistyped): nothing can make the database there; mount the disk or "
+            "mend the link, or set DATABASE_URL to the database's path")
 
 
 def new_database_refusal(path: Path | None) -> str | None:
     """Why nothing (the writer, ``db init``, ``db prepare``) may make a new database at ``path``, and
     what to do, or None: the one rule for a missing database, :func:`unfinished_restore` first (its
-    commands move the WAL left beside it too), then :func:`orphaned_journal`."""
-    return unfinished_restore(path) or orphaned_journal(path)
+    commands move the WAL left beside it too), then :func:`orphaned_journal`, then
+    :func:`folder_not_there`."""
+    return unfinished_restore(path) or orphaned_journal(path) or folder_not_there(path)
 
 
 def file_sizes(path: Path) -> dict[str, int | None]:

@@ -38,7 +38,7 @@ from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble
 from db.files import database_files, file_sizes
 from db.job_findings import job_findings
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
-from db.lock import read_lock_holder
+from db.lock import holder_command, read_lock_holder
 from db.private_files import private_file_findings
 from db.served_database import home_database_finding
 from db.server import server_status
@@ -191,6 +191,9 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
     writer: dict[str, Any] = {"up": False, "pid": None}
     if path is not None:
         writer["pid"] = read_lock_holder(settings.writer_lock_path)
+        command = holder_command(writer["pid"])
+        if command is not None:  # a restore holds it while it runs: not a writer to restart
+            writer["holder_command"] = command
         snap["leaders"] = {name: file_leader(leader_lock_path(path, name)) for name in LEADER_NAMES}
     else:
         snap["server"] = server = server_status(settings)
@@ -284,6 +287,10 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
             out.append(("warn", f"The writer refused {st['busy_replies']} requests as busy since it started: "
                                 "producers send faster than it commits. Send larger batches (pipeline), or raise "
                                 "TICKSTACK_WRITER_MAX_QUEUE."))
+    elif writer.get("holder_command"):
+        out.append(("fail", f"`{writer['holder_command']}` (pid {writer['pid']}) holds the writer lock, not a writer: "
+                            "no writer starts while it runs (a restore replaces the database), so writes wait "
+                            "(clients retry until their deadline). Once it has ended, start the stack: `make run`."))
     elif writer.get("pid"):
         out.append(("fail", f"The writer (pid {writer['pid']}) holds the writer lock but does not answer: it may be "
                             "stuck. Look at its log, then restart it: "

@@ -119,7 +119,10 @@ class WriterLock(PidLock):
                 return f"`{command}` (pid {pid}) holds {self.path}"
             return f"another writer (pid {pid or 'unknown'}) holds {self.path}"
 
-        held = HeldLockWait(wait, stopping, every=0.1)
+        def why() -> str:  # a reload's words only of a writer: a restore's wait was said as one
+            return RELOAD_WHY if lock_holder_words(self.path)[1] is None else NOT_A_WRITER_WHY
+
+        held = HeldLockWait(wait, stopping, every=0.1, why=why)
         while not self.try_acquire():
             if not held.goes_on(holder):
                 said = holder()
@@ -131,6 +134,8 @@ class WriterLock(PidLock):
 #: Why a writer may find its home's file lock held: this home's previous writer, still draining.
 RELOAD_WHY = ("it may be this home's previous writer, draining: circus's reload starts the new writer before it "
               "stops the old one; a writer that runs on is not waited for longer")
+#: Why a writer may find its home's file lock held by a command that is not a writer (a restore).
+NOT_A_WRITER_WHY = "not a writer: it holds the lock for as long as it runs, and this writer refuses if it runs on"
 #: Why a writer may find its host's lock on the server held once it holds its home's file lock: not a
 #: reload (that writer would hold the file lock too), but a stack of another home with the same
 #: TICKSTACK_HOST on this database (or this home's previous writer's session, for a moment).
@@ -145,12 +150,13 @@ HOST_TAKEN_SAY_AFTER_S = 1.0
 class HeldLockWait:
     """The wait of a starting writer for a lock another writer holds (the file's, the server's): at
     most ``wait`` seconds, and no longer once ``stopping()``, trying again every ``every`` seconds; said
-    once, at INFO, with ``why`` (:data:`RELOAD_WHY` for the file lock: circus's reload starts the new
-    writer before it stops the old one, whose drain and last checkpoint then take seconds;
-    :data:`HOST_TAKEN_WHY` for the server's), once it has lasted ``say_after`` seconds."""
+    once, at INFO, with ``why`` (or what it returns, asked then), once it has lasted ``say_after``
+    seconds: :data:`RELOAD_WHY` for the file lock held by a writer (circus's reload starts the new
+    writer before it stops the old one, whose drain and last checkpoint then take seconds),
+    :data:`NOT_A_WRITER_WHY` held by a restore, :data:`HOST_TAKEN_WHY` for the server's."""
 
-    def __init__(self, wait: float, stopping: Callable[[], bool], every: float, why: str = RELOAD_WHY,
-                 say_after: float = 0.0) -> None:
+    def __init__(self, wait: float, stopping: Callable[[], bool], every: float,
+                 why: str | Callable[[], str] = RELOAD_WHY, say_after: float = 0.0) -> None:
         self.wait, self.stopping, self.every = wait, stopping, every
         self.why, self.say_after = why, say_after
         self.started = time.monotonic()
@@ -163,7 +169,8 @@ class HeldLockWait:
         if time.monotonic() >= self.deadline or self.stopping():
             return False
         if not self.said and time.monotonic() - self.started >= self.say_after:
-            log.info("writer: %s; waiting up to %g s for it to end (%s)", holder(), self.wait, self.why)
+            log.info("writer: %s; waiting up to %g s for it to end (%s)", holder(), self.wait,
+                     self.why() if callable(self.why) else self.why)
             self.said = True
         time.sleep(self.every)
         return True

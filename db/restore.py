@@ -28,7 +28,9 @@ from db.engine import connect_read_only
 from db.errors import MaintenanceFailed
 from db.files import (
     discard_part,
+    folder_not_there,
     make_folder,
+    orphaned_journal,
     part_file,
     put_in_place,
     restore_marker,
@@ -183,7 +185,7 @@ def _swap(path: Path, copy: Path, aside: Path) -> bool:
                 os.replace(f"{path}{suffix}", f"{aside}{suffix}")
                 moved.append(suffix)
         put_in_place(copy, path)  # syncs the folder, the moves aside with it
-        return bool(moved)
+        return "" in moved  # a WAL without its database (moved or removed) is no database
     except BaseException:
         for suffix in moved:  # back as they were
             os.replace(f"{aside}{suffix}", f"{path}{suffix}")
@@ -209,10 +211,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
                          "db.server_restore.restore_dump (python -m db restore FILE.dump)")
     # The file SQLite opens: a symbolic link's, on its disk, its WAL beside it; the link stays.
-    path = Path(os.path.realpath(settings.database_path))
-    unfinished = unfinished_restore(path)
-    if unfinished is not None:  # the replaced database's ids are not where this restore reads them
-        raise ValueError(unfinished)
+    named = Path(os.path.abspath(settings.database_path))
+    path = Path(os.path.realpath(named))
     source = Path(source).absolute()
     if source.exists() and source.resolve() in {Path(f"{path}{s}").resolve() for s in ("", *COMPANIONS)}:
         raise ValueError(f"{source} is the database itself; give a backup's path")
@@ -223,7 +223,12 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
         raise ValueError(f"{e}; restore the backup before it: `python -m db restore {shlex.quote(str(older))}`"
                          if older else str(e)) from None
     ensure_home(settings)  # a new machine's: restored into before anything ran there
-    make_folder(path.parent)  # a DATABASE_URL's folder elsewhere
+    # Made by its name, as the writer makes it; by the file a link names, it was made wherever its
+    # parent was (a disk not mounted: below the mount point), and the backup restored there.
+    refused = folder_not_there(named)
+    if refused is not None:
+        raise ValueError(refused)
+    make_folder(named.parent)  # a DATABASE_URL's folder elsewhere (a new machine's)
     lock = WriterLock(settings.writer_lock_path)
     try:
         lock.acquire()
@@ -238,6 +243,11 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                          "`make run`") from None
     tmp = None
     try:
+        # Asked holding the lock: a restore killed mid-swap while this one checked its backup (minutes
+        # for a large one) left its mark and no database, and its lock free.
+        unfinished = unfinished_restore(path)
+        if unfinished is not None:  # the replaced database's ids are not where this restore reads them
+            raise ValueError(unfinished)
         _refuse_if_open(settings, path)
         tmp = part_file(path)
         try:
@@ -263,6 +273,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                                     "(nothing was moved)") from e
         _refuse_if_open(settings, path)  # again: one may have opened it while the copy was made
         aside = replaced_copy(settings)
+        if unread is None and orphaned_journal(path) is not None:  # its ids are in its pages, not in a WAL alone
+            unread = f"its file was missing; its WAL alone is kept, as {aside}-wal"
         with stop_signals_held():  # a stop asked for in the swap is taken after it: either database, whole
             moved = _swap(path, tmp, aside)
             tmp = None

@@ -82,6 +82,17 @@ class Stack:
         home = new_home()
         return cls(home, isolated_env(home))
 
+    @classmethod
+    def linked(cls, folder: Path) -> Stack:
+        """As :meth:`create`, its database's path a symbolic link to ``ticks.db`` in ``folder`` (made,
+        0700): another disk's file, as SQLite follows the link and keeps the WAL beside that file."""
+        stack = cls.create()
+        folder.mkdir(mode=0o700)
+        link = stack.settings.database_path
+        assert link is not None, "a symbolic link is an SQLite database's path"
+        link.symlink_to(folder / "ticks.db")
+        return stack
+
     @property
     def settings(self) -> Settings:
         return load_settings(self.env)

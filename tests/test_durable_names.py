@@ -81,6 +81,28 @@ def signalled_at(call: str, n: int, signal_name: str, args: list[str], env: dict
                            sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+def held_at_the_lock_while_a_restore_is_killed_mid_swap(stack: Stack, backup: Path, args: list[str], n: int,
+                                                      tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python ARGS``, its ``n``-th ``flock`` (its take of the writer lock) held 8 s by strace, and
+    meanwhile a ``db restore`` of ``backup`` killed (SIGKILL) as it gives its copy the database's name:
+    its mark left, no database, its lock free for the held one."""
+    held = subprocess.Popen([strace_program(), "-qq", "-o", str(tmp_path / "held.trace"), "-e", "trace=flock",
+                             "-e", f"inject=flock:delay_enter=8000000:when={n}", sys.executable, *args],
+                            env=stack.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("the command to wait at its flock", lambda: "LOCK_EX" in (tmp_path / "held.trace").read_text(),
+                 timeout=60)
+        killed = signalled_at("link", 1, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                              tmp_path / "killed.trace", "error=EIO")
+        assert killed.returncode != 0 and not stack.settings.database_path.exists(), (killed.returncode, killed.stderr)
+        out, err = held.communicate(timeout=120)
+    finally:
+        if held.poll() is None:
+            held.kill()
+            held.wait()
+    return subprocess.CompletedProcess(held.args, held.returncode, out, err)
+
+
 def last_name_given_then_folder_synced(log: Path, dest: Path) -> bool:
     """Whether the last call that gave a file the name ``dest`` (a link or rename to it) is followed
     by an fsync of ``dest``'s folder (an fd the trace shows as that folder's path)."""
@@ -214,7 +236,12 @@ def test_a_restore_killed_between_its_moves_leaves_no_empty_database_to_start_on
     doctor = db("doctor").stdout
     move = re.search(r"put the backup's checked copy in place, `(mv (\S+) (\S+) && rm (\S+))`", doctor)
     assert move is not None and move[3] == str(database), doctor
+    # The replaced database is the only copy of it until one way is taken (the other way puts it back):
+    # doctor listed it with the copies of finished restores, "delete them once you no longer need them".
+    kept_line = "kept by `db restore` of the databases it replaced"
+    assert kept_line not in doctor, doctor
     assert subprocess.run(move[1], shell=True, cwd=stack.home, timeout=30).returncode == 0  # as doctor says
+    assert kept_line in db("doctor").stdout  # finished: the replaced one is a copy to delete once not needed
 
     writer = stack.start_writer()
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
@@ -444,13 +471,16 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
                           lambda: read_lock_holder(stack.settings.writer_lock_path))
         named = f"`python -m db restore` (pid {holder})"
         for args, code in ((["-m", "db", "restore", str(backup)], 1), (["-m", "db", "init"], 1),
-                           (["-m", "workers.writer"], 3)):  # 3: the lock is held (circus tries again)
+                           (["-m", "workers.writer"], 3),  # 3: the lock is held (circus tries again)
+                           (["-m", "db", "doctor"], 1)):  # it said "The writer (pid ...) ... may be stuck", restart it
             done = subprocess.run([sys.executable, *args], env={**stack.env, "TICKSTACK_WRITER_LOCK_WAIT": "1"},
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             said = done.stdout + done.stderr
             assert done.returncode == code and named in said, (args, done.returncode, said[-2000:])
             assert "the writer is running" not in said and "another writer" not in said, (args, said[-2000:])
             assert "nothing to do" not in said, (args, said)
+            assert "previous writer" not in said, (args, said[-2000:])  # the wait's words were a reload's
+            assert "may be stuck" not in said and "restart writer" not in said, (args, said[-2000:])
         os.kill(holder, signal.SIGCONT)
         out, err = first.communicate(timeout=120)
         assert first.returncode == 0, out + err
@@ -469,15 +499,12 @@ def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: 
     file, on the link's disk; the replaced database stayed where it was, under its own name, and the
     restore's mark and its copy were beside the link, where a writer killed mid-swap would not look.
     It now replaces the file the link names, beside it, and the link stays."""
-    home = new_home()
-    stack = Stack(home, isolated_env(home))
+    stack = Stack.linked(tmp_path / "disk")
     try:
-        disk = tmp_path / "disk"
-        disk.mkdir(mode=0o700)
+        home, disk = stack.home, tmp_path / "disk"
         real = disk / "ticks.db"
         link = stack.settings.database_path
         assert link is not None
-        link.symlink_to(real)
         backup = backup_of_ten_then_five_more(stack, "kept.db")
         assert real.is_file() and link.resolve() == real
 
@@ -524,3 +551,101 @@ def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: 
         con.close()
     finally:
         stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_into_a_new_empty_database")
+def test_a_restore_through_a_symbolic_link_whose_folder_is_not_there_makes_no_folder(tmp_path: Path) -> None:
+    """The database's path a symbolic link into a folder that is not there (a disk not mounted, a link
+    mistyped): the writer cannot open it ("unable to open database file"), and ``db restore``, since it
+    went by the file the link names, made that folder, on whatever disk held its parent, and restored
+    into it, "Start the stack again": once the disk is mounted, the restored file is under the mount
+    and the writer on the database it replaced. It refuses now, making nothing."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        backup = backup_of_ten_then_five_more(stack, "kept.db")
+        link = stack.settings.database_path
+        assert link is not None
+        link.unlink()
+        target = tmp_path / "unmounted" / "data" / "ticks.db"
+        link.symlink_to(target)
+        restored = subprocess.run([sys.executable, "-m", "db", "restore", str(backup)], env=stack.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+        assert restored.returncode == 1, restored.stdout + restored.stderr
+        assert f"the folder {target.parent} of the file it names is not there" in restored.stderr, restored.stderr
+        assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    finally:
+        stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_the_mark_of_a_restore_killed_before_it_moved_anything_does_not_outlive_the_next_writer(
+        stack: Stack, tmp_path: Path) -> None:
+    """A restore killed after it wrote its mark but before it moved the database (nothing lost: the
+    writer starts on the database in place) left the mark, and the writer ran on beside it. When that
+    database later went missing (moved after the writer was killed, its WAL left), every refusal was
+    the stopped restore's: "put the backup's checked copy in place", a stale copy of the backup, after
+    moving the WAL of the writes since aside, or "go back to the replaced database", a file that was
+    never made (mv: cannot stat). The writer, holding the lock no restore runs without, removes a mark
+    beside a database in place: the refusal is then the missing database's, put it back."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    mark = database.with_name(f"{database.name}.restoring")
+    # The renames: the mark's, then the database's (not done: killed there).
+    killed = signalled_at("rename", 2, "SIGKILL", ["-m", "db", "restore", str(backup)], stack.env,
+                          tmp_path / "restore.trace", "error=EIO")
+    assert killed.returncode != 0 and database.exists() and mark.exists(), sorted(os.listdir(stack.home))
+    writer = stack.start_writer()
+    insert_ticks(stack, 5, first=15)
+    assert stack.stop(writer, signal.SIGKILL) != 0 and Path(f"{database}-wal").stat().st_size > 0
+    assert not mark.exists()
+    moved = tmp_path / "moved.db"
+    os.rename(database, moved)
+    refused = subprocess.run([sys.executable, "-m", "db", "init"], env=stack.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1 and "is missing but its WAL tickstack.db-wal is there" in refused.stderr, \
+        refused.stderr
+    os.rename(moved, database)
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as con:
+        assert con.execute("SELECT count(*) FROM ticks").fetchone() == (20,)
+    con.close()
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_db_init_asks_whether_it_may_make_a_database_once_it_holds_the_writer_lock(stack: Stack,
+                                                                                     tmp_path: Path) -> None:
+    """``db init`` asked :func:`db.files.new_database_refusal` before it took the writer lock: a restore
+    killed mid-swap in between (its lock then free) left no database and its mark, and ``db init``
+    made a new, empty database there (schema 0 -> 5), the writer then serving on it. It asks once it
+    holds the lock, as the writer does. Here strace holds its ``flock`` for 8 s, the restore killed
+    meanwhile as it gives the backup's copy the database's name."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    init = held_at_the_lock_while_a_restore_is_killed_mid_swap(stack, backup, ["-m", "db", "init"], 1, tmp_path)
+    out, err = init.stdout, init.stderr
+    assert init.returncode == 1 and "a `python -m db restore` was stopped" in err, (init.returncode, out + err)
+    assert not database.exists(), out
+
+
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_killed_as_its_pg_restore_ends_never_leaves_"
+                         "the_dumps_ids_to_be_given_again")
+def test_a_restore_asks_whether_one_was_stopped_mid_swap_once_it_holds_the_writer_lock(stack: Stack,
+                                                                                        tmp_path: Path) -> None:
+    """A second ``db restore`` asked whether a restore was stopped mid-swap before it took the writer
+    lock (then checked its backup, which takes minutes for a large one): the first, killed mid-swap
+    in between, left its mark and no database, and the second put its copy in place without reading
+    the replaced database's ids (given again, without a word) and removed the first's mark. It asks
+    once it holds the lock. Here strace holds the second's ``flock`` of the lock for 8 s, the first
+    killed meanwhile as it gives its copy the database's name."""
+    database = stack.settings.database_path
+    assert database is not None
+    backup = backup_of_ten_then_five_more(stack, "kept.db")
+    # Its third flock: the first two are a look at who holds the lock.
+    second = held_at_the_lock_while_a_restore_is_killed_mid_swap(stack, backup, ["-m", "db", "restore", str(backup)],
+                                                                 3, tmp_path)
+    out, err = second.stdout, second.stderr
+    assert second.returncode == 1 and "a `python -m db restore` was stopped" in err, (second.returncode, out + err)
+    assert not database.exists() and database.with_name(f"{database.name}.restoring").exists(), out

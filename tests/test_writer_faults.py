@@ -1023,6 +1023,40 @@ def test_the_wal_of_a_database_reached_through_a_symbolic_link_is_looked_for_bes
 
 
 @pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_putting_back_a_database_reached_through_a_symbolic_link_where_the_words_say_keeps_its_wal(
+        tmp_path: Path) -> None:
+    """The database's path a symbolic link, the file it names moved away after the writer was killed,
+    its WAL left beside where it was: the writer's refusal said "Put the database back at <the link>".
+    ``mv`` onto a link replaces the link, so the file came back beside the link, away from its WAL: the
+    next writer opened it without the WAL's frames and served on, every acknowledged write since the
+    last checkpoint gone without a word. The words name the file the link names."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        link = stack.settings.database_path
+        real = tmp_path / "disk" / "ticks.db"
+        proc = stack.start_writer()
+        with WriterClient(settings=stack.settings, deadline=20) as client:
+            assert client.call("audit", actor="me", action="kept")["id"] > 0
+        proc.kill()  # no last checkpoint: the row is in the WAL only
+        proc.wait()
+        assert Path(f"{real}-wal").stat().st_size > 0
+        moved = tmp_path / "moved.db"
+        os.rename(real, moved)
+        started = subprocess.run([sys.executable, "-m", "workers.writer"], env=stack.env, cwd=ROOT,
+                                 capture_output=True, text=True, timeout=60)
+        assert started.returncode == 1, started.stderr[-3000:]
+        back = re.search(r"Put the database back at (.+?); or restore", started.stderr)
+        assert back is not None, started.stderr[-3000:]
+        assert subprocess.run(["mv", str(moved), back[1]], timeout=30).returncode == 0
+        writer = stack.start_writer()
+        assert [a for (a,) in query(stack.settings, "SELECT action FROM audit_log")] == ["kept"]
+        assert stack.stop(writer) == 0
+        assert link.is_symlink() and link.resolve() == real
+    finally:
+        stack.close()
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
 @pytest.mark.parametrize("way", ["restore a backup", "move the files it left aside"])
 def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(stack: Stack, way: str) -> None:
     """The database file gone and its WAL there (moved or removed after the writer was killed): the
@@ -1062,6 +1096,13 @@ def test_a_writer_does_not_make_a_new_database_beside_the_wal_of_a_missing_one(s
                                   capture_output=True, text=True, timeout=120)
         assert restored.returncode == 0, restored.stdout + restored.stderr
         assert not wal.exists() or wal.stat().st_size == 0  # kept aside, not replayed into the backup
+        # The missing database's ids cannot be read from its WAL alone: it said nothing of them, and
+        # that "the database it replaced is kept as <a file that is not there>"; ids it gave after the
+        # backup were given again, a consumer that saw them skipping the new rows of those ids.
+        kept = re.search(r"could not be read \(its file was missing; its WAL alone is kept, as (\S+)\): ids it gave "
+                         r"after the backup", restored.stdout)
+        assert kept is not None and Path(kept[1]).stat().st_size > 0, restored.stdout
+        assert "the database it replaced is kept as" not in restored.stdout, restored.stdout
     else:
         command = re.search(rf"{re.escape(way)} \(`([^`]+)`\)", done.stdout)
         assert command is not None, done.stdout
@@ -1684,3 +1725,27 @@ def test_one_batch_that_failed_then_an_idle_writer_is_no_state_of_failing_commit
         stats = client.stats()
     assert stats["commits_failing_s"] is None and writes_refused(stats) is None, stats
     assert stats["last_commit_failure"]["reason"], stats  # said, for the log's reader
+
+
+@pytest.mark.sqlite_only("tests/test_writer.py::test_writer_killed_twice_mid_run_loses_nothing")
+def test_a_database_path_linked_into_a_folder_that_is_not_there_is_said_so(tmp_path: Path) -> None:
+    """The database's path a symbolic link into a folder that is not there (a disk not mounted, a link
+    mistyped): doctor said "no database ...; start the writer (it creates it) or run `python -m db
+    init`", and both failed with SQLite's "unable to open database file". Each (the writer, db init,
+    make run's db prepare, doctor) now says which folder is missing, and makes nothing."""
+    stack = Stack.linked(tmp_path / "disk")
+    try:
+        link = stack.settings.database_path
+        link.unlink()
+        target = tmp_path / "unmounted" / "data" / "ticks.db"
+        link.symlink_to(target)
+        said_of = f"the folder {target.parent} of the file it names is not there"
+        for args in (["-m", "workers.writer"], ["-m", "db", "init"], ["-m", "db", "prepare"], ["-m", "db", "doctor"]):
+            done = subprocess.run([sys.executable, *args], env=stack.env, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=120)
+            said = done.stdout + done.stderr
+            assert done.returncode == 1 and said_of in said, (args, said[-3000:])
+            assert "start the writer (it creates" not in said, (args, said[-3000:])
+        assert not (tmp_path / "unmounted").exists() and link.is_symlink()
+    finally:
+        stack.close()

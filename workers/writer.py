@@ -71,7 +71,7 @@ from db.client import MAX_PIPELINE_WINDOW
 from db.config import DEFAULT_DATABASE, ConfigError, Settings, ensure_home, load_settings
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, server_trouble
-from db.files import new_database_refusal, not_sqlite_words
+from db.files import new_database_refusal, not_sqlite_words, remove_stale_restore_mark
 from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
 from db.protocol import MAX_MESSAGE_SLACK, encode_reply, salvage_seq
 from db.served_database import record_database
@@ -246,6 +246,9 @@ class Writer:
             if orphaned is not None:
                 log.error("writer: %s", orphaned)
                 return 1
+            if remove_stale_restore_mark(self.settings.database_path):
+                log.info("writer: removed the mark of a `python -m db restore` stopped before it moved the "
+                         "database or after the backup took its name (the database is in place)")
             make_database_private(self.settings.database_path)
             self.engine = make_write_engine(self.settings)
             self.intake.commits_here = is_sqlite(self.engine) and not self.settings.writer_batch_wait  # see dispatch
