@@ -11,7 +11,7 @@ Leadership is a session-level advisory lock (``pg_try_advisory_lock(namespace, k
 name)``) on a connection of its own, kept open while the worker leads. The server drops it when
 that session ends, however the leader died: a process or host that is killed loses it when the
 kernel closes its socket (at once), a host that vanishes from the network when the server's TCP
-keepalives give up on it (about 11 s, :data:`db.lock.SERVER_KEEPALIVES`). The standby asks every
+keepalives give up on it (about 11 s, :data:`db.server_lock.SERVER_KEEPALIVES`). The standby asks every
 ``poll`` seconds and takes over then. The leader checks its session every ``check_every`` seconds
 and stops leading (the worker exits, circus starts it again as a standby) when it is gone.
 
@@ -34,7 +34,8 @@ from typing import Any
 from db.config import Settings
 from db.engine import is_sqlite, psycopg_connect_args
 from db.errors import server_trouble
-from db.lock import KEEPALIVES, SERVER_KEEPALIVES, PidLock, read_lock_holder
+from db.lock import PidLock, read_lock_holder
+from db.server_lock import KEEPALIVES, SERVER_KEEPALIVES
 
 log = logging.getLogger("tickstack.leader")
 

@@ -31,7 +31,7 @@ from db.engine import HIDDEN, application_name, psycopg_connect_args, psycopg_pa
 from db.errors import MaintenanceFailed, TableLocked
 from db.files import part_file, put_in_place
 from db.leader import LEADER_NAMES, leaders
-from db.lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
+from db.server_lock import LOCK_APP, describe_holder, server_lock_holder, server_lock_holders
 
 #: Connections by application_name are grouped without their pid (one series per program and
 #: host, not per process: /metrics labels stay few).

@@ -1,7 +1,7 @@
 """A writer that waits for its database server says so in a file: ``run/writer.server-wait``.
 
 A PostgreSQL writer whose server does not answer at its start waits for it (up to
-:data:`db.lock.SERVER_WAIT_S`) before it serves. circusd's readiness hooks
+:data:`db.server_lock.SERVER_WAIT_S`) before it serves. circusd's readiness hooks
 (:mod:`supervision.hooks`) wait for the writer to answer on circusd's own event loop, where no
 command is answered meanwhile: they waited their whole timeouts for a writer that could not answer
 before the server did (40 s at a start with the server down, ``circusctl status`` unanswered). This

@@ -3,7 +3,7 @@
 ports and its packet filter are nobody else's, and vanish with it).
 
 In the namespace: a throwaway server listening on 127.0.0.1 (and its socket). "Host A" takes its
-writer lock (:class:`db.lock.ServerWriterLock`) and the analysis leadership
+writer lock (:class:`db.server_lock.ServerWriterLock`) and the analysis leadership
 (:class:`db.leader.Leadership`) over TCP, as a stack on another machine would. Then the
 namespace's loopback goes down: every packet of those two connections goes nowhere, both ways,
 and neither end is told (no FIN, no RST), as when a host's power fails or its network is cut.
@@ -26,7 +26,8 @@ from typing import Any
 
 from db.config import load_settings
 from db.leader import Leadership
-from db.lock import ServerWriterLock, WriterLocked
+from db.lock import WriterLocked
+from db.server_lock import ServerWriterLock
 from testkit.postgres import PostgresServer
 
 #: Any port: the namespace is empty. Not 5432, so a slip outside one fails instead of meeting a real server.

@@ -1,6 +1,6 @@
 """A host that dies without a word (power, network) loses its writer lock and its leaderships in
 the stated time: about 11 s, the server's TCP keepalives on those sessions
-(:data:`db.lock.SERVER_KEEPALIVES`: idle 5 s, then 3 probes 2 s apart). Linux's defaults would
+(:data:`db.server_lock.SERVER_KEEPALIVES`: idle 5 s, then 3 probes 2 s apart). Linux's defaults would
 keep a dead host's sessions, and its locks with them, for over two hours.
 
 A killed process is not this: its kernel closes its sockets and the server ends its sessions at

@@ -168,7 +168,7 @@ def test_prepare_does_not_wait_for_a_server_that_does_not_answer(wrong_password:
     prepare's login check must not hold ``make run`` for it either."""
     stack = wrong_password
     stack.env["DATABASE_URL"] = re.sub(r"host=[^&]*", "host=/nonexistent-ts-socket-dir", stack.env["DATABASE_URL"])
-    # Were prepare to wait for the server as the writer does (db.lock.SERVER_WAIT_S, 300 s), run_db's
+    # Were prepare to wait for the server as the writer does (db.server_lock.SERVER_WAIT_S, 300 s), run_db's
     # timeout (60 s) would end it: it tries the login once (LOGIN_CHECK_S) and leaves the wait to the writer.
     prepared = run_db(stack.env, "prepare")
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr

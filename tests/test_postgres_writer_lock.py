@@ -1,7 +1,7 @@
 """One writer per PostgreSQL database, across homes and hosts (issue 11).
 
 The writer's file lock is per ``TICKSTACK_HOME``; on PostgreSQL it also holds a session-level
-advisory lock (:class:`db.lock.ServerWriterLock`). Two homes on one database of the session's
+advisory lock (:class:`db.server_lock.ServerWriterLock`). Two homes on one database of the session's
 throwaway server stand for two hosts: the second writer refuses (exit code ``EXIT_LOCKED``, the
 holder named), and takes over once the first stops, is SIGKILLed, or loses its lock's session.
 """
@@ -20,7 +20,7 @@ import pytest
 
 from db.client import WriterClient
 from db.errors import WriterError, WriterUnavailable
-from db.lock import LOCK_APP
+from db.server_lock import LOCK_APP
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
 from testkit.postgres import HomeDatabases, PostgresServer
@@ -237,7 +237,8 @@ def test_a_write_connection_made_after_the_lock_is_lost_is_refused(two_homes: tu
     from sqlalchemy import text
 
     from db.engine import make_write_engine
-    from db.lock import WriterLocked, take_server_lock
+    from db.lock import WriterLocked
+    from db.server_lock import take_server_lock
 
     a, _ = two_homes
     lost = threading.Event()
@@ -388,7 +389,8 @@ def test_the_check_before_commit_asks_the_server_not_the_watching_thread(two_hom
     from sqlalchemy import text
 
     from db.engine import make_write_engine
-    from db.lock import WriterLocked, take_server_lock
+    from db.lock import WriterLocked
+    from db.server_lock import take_server_lock
 
     a, _ = two_homes
     lost = threading.Event()
@@ -422,7 +424,7 @@ def test_a_new_writer_waits_for_a_batch_of_the_old_one_between_its_check_and_its
         two_homes: tuple[Stack, Stack], postgres_server: PostgresServer) -> None:
     """The fence: a transaction holding it shared (as a batch does from its check to its COMMIT)
     keeps the next writer from taking over until it ends; then the writer serves."""
-    from db.lock import fence_key
+    from db.server_lock import fence_key
     from tests.test_postgres_health import psycopg_params_of
 
     a, b = two_homes

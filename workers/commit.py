@@ -96,7 +96,7 @@ class Committer:
                  before_commit: Callable[[Connection], None] | None = None) -> None:
         """``on_commit`` is called after each batch that committed (the checkpointer's poke);
         ``before_commit`` in each batch's transaction just before its COMMIT, and may raise to
-        commit nothing (on PostgreSQL: :meth:`db.lock.ServerWriterLock.check_held`)."""
+        commit nothing (on PostgreSQL: :meth:`db.server_lock.ServerWriterLock.check_held`)."""
         self.settings = settings
         self.on_commit = on_commit
         self.before_commit = before_commit

@@ -72,9 +72,10 @@ from db.config import DEFAULT_DATABASE, ConfigError, Settings, ensure_home, load
 from db.engine import display_url, is_sqlite, make_write_engine, storage_full_reason
 from db.errors import OpFailed, server_trouble
 from db.files import new_database_refusal, not_sqlite_words, remove_stale_restore_mark
-from db.lock import SERVER_WAIT_S, ServerWriterLock, WriterLock, WriterLocked, take_server_lock
+from db.lock import WriterLock, WriterLocked
 from db.protocol import MAX_MESSAGE_SLACK, encode_reply, salvage_seq
 from db.served_database import record_database
+from db.server_lock import SERVER_WAIT_S, ServerWriterLock, take_server_lock
 from db.server_wait import (
     clear_refused,
     done_waiting,
@@ -188,7 +189,7 @@ class Writer:
             # settings name another kind (they made a stray SQLite file in a PostgreSQL home).
             record_database(self.settings)
             # The file lock is per home; on PostgreSQL one writer per database, across homes and
-            # hosts, is a session-level advisory lock (db.lock.ServerWriterLock).
+            # hosts, is a session-level advisory lock (db.server_lock.ServerWriterLock).
             # A server that does not answer is said in run/ at each try too: circusd's readiness
             # hooks stop waiting for a writer that cannot serve before its server answers.
             waiting = wait_file(self.settings.run_dir)
