@@ -106,20 +106,19 @@ class WriterLock(PidLock):
         and no longer once ``stopping()``; else raise :class:`WriterLocked` naming the holder. circus's
         reload starts a new writer before it stops the old one, whose drain and last checkpoint then
         take seconds."""
-        def holder() -> str:  # read for the words only, not at every try
+        def holder() -> tuple[str, str]:  # who holds it, and what a start refuses; read for the words only
             pid, command = lock_holder_words(self.path)
             if command is not None:  # a restore: "another writer" sent people looking for one
-                return f"`{command}` (pid {pid}) holds {self.path}"
-            return f"another writer (pid {pid or 'unknown'}) holds {self.path}"
+                return f"`{command}` (pid {pid}) holds {self.path}", "while it does"
+            return f"another writer (pid {pid or 'unknown'}) holds {self.path}", "a second one"
 
         def why() -> str:  # a reload's words only of a writer: a restore's wait was said as one
             return RELOAD_WHY if lock_holder_words(self.path)[1] is None else NOT_A_WRITER_WHY
 
         held = HeldLockWait(wait, stopping, every=0.1, why=why)
         while not self.try_acquire():
-            if not held.goes_on(holder):
-                said = holder()
-                refusing = "a second one" if said.startswith("another writer") else "while it does"
+            if not held.goes_on(lambda: holder()[0]):
+                said, refusing = holder()
                 raise WriterLocked(f"{said}; refusing to start {refusing}, since exactly one process may write "
                                    "the database")
 
