@@ -296,9 +296,13 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             "stuck. Look at its log, then restart it: "
                             f"`{circusctl_command(settings.circus_endpoint, 'restart', 'writer')}`."))
     elif writer.get("waiting_pid"):
+        # circus's next try of a refused start waits too, until the server refuses it again: the refusal,
+        # which only a writer that reached the server clears, is the news then (it was left out).
+        then = (f"Its last start was refused: {_refusal_words(refused, settings)}" if refused is not None else
+                "See the server's finding; it serves once the server lets it in.")
         out.append(("fail", f"The writer (pid {writer['waiting_pid']}) runs but does not serve yet: it waits for the "
                             "database server (its writer lock there), so writes wait (clients retry until their "
-                            "deadline). See the server's finding; it serves once the server lets it in."))
+                            f"deadline). {then}"))
     elif writer.get("lock_holder"):
         # The server's lock is per host (TICKSTACK_HOST), and this home's writer does not hold it: a stack
         # of another home with the same host name does. Writes sent here go to nobody (they do not reach
@@ -310,11 +314,8 @@ def diagnose(snap: dict[str, Any], settings: Settings) -> list[tuple[str, str]]:
                             f"TICKSTACK_HOST (`{circusctl_command(settings.circus_endpoint, 'quit')}`, then `make run` "
                             "with it set), or stop the other stack's writer."))
     elif refused is not None:  # no writer runs, and its last start was refused: that, not "start it", is the news
-        # (after a writer that runs and waits, or another stack's: the refusal may be over by then)
-        at = utc((refused.get("at") or 0) * 1000, seconds=True)
-        out.append(("fail", f"The writer cannot start: {refused['what']} at its last start ({at}). "
-                            f"{refused['fix'][:1].upper()}{refused['fix'][1:]}, then start the writer again: "
-                            f"{writer_start_after_fix(settings, refused['fix'])}."))
+        # (after another stack's writer: the refusal may be over by then)
+        out.append(("fail", f"The writer cannot start: {_refusal_words(refused, settings)}"))
     else:  # by what circusd says: `start writer` cannot work without it, `make run` would refuse with it
         # On a damaged file, a restore first: a writer started on it fails every write touching the damage.
         out.append(("fail", writer_down_advice(settings, restore_first=restore)))
@@ -386,6 +387,14 @@ def _other_database(snap: dict[str, Any], settings: Settings) -> tuple[str, str]
     writer answering (stopped, or waiting for its server), by what it recorded at its last start."""
     served = snap["writer"].get("database") if snap["writer"]["up"] else None
     return home_database_finding(settings.run_dir, served, snap.get("database_url"))
+
+
+def _refusal_words(refused: dict[str, Any], settings: Settings) -> str:
+    """A writer's last refused start (:func:`db.server_wait.last_refusal`), what to fix and how to start
+    it again, in words."""
+    at = utc((refused.get("at") or 0) * 1000, seconds=True)
+    return (f"{refused['what']} at its last start ({at}). {refused['fix'][:1].upper()}{refused['fix'][1:]}, then "
+            f"start the writer again: {writer_start_after_fix(settings, refused['fix'])}.")
 
 
 def _own_login_refused(snap: dict[str, Any], settings: Settings) -> tuple[str, str] | None:

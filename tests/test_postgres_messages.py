@@ -96,6 +96,20 @@ def test_a_wrong_owner_password_is_said_as_a_refused_login_by_prepare_the_writer
     assert "`make run`" in said[0], said[0]  # no circusd here: the whole stack
     assert "amcheck could not be made" not in doctor.stdout and "Start it with" not in doctor.stdout, doctor.stdout
     assert_no_password(doctor.stdout + doctor.stderr, postgres_server)
+    # circus's next try holds the writer lock as it starts, until the server refuses it again: doctor
+    # said only that a writer waits for the server, and left the refusal out (once in a make test run).
+    hold = ("import time\nfrom db.config import load_settings\nfrom db.lock import WriterLock\n"
+            "WriterLock(load_settings().writer_lock_path).acquire()\nprint('held', flush=True)\ntime.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, env=stack.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        doctor = run_db(stack.env, "doctor")
+        said = [x for x in doctor.stdout.splitlines() if REFUSED in x]
+        assert len(said) == 1 and f"The writer (pid {holder.pid}) runs but does not serve yet" in said[0], doctor.stdout
+        assert FIX.lower() in said[0].lower() and "`make run`" in said[0], said[0]
+    finally:
+        holder.kill()
+        holder.wait()
 
     # circus's flapping plugin's last line on the writer says it too.
     from supervision.plugins import _last_words
