@@ -1,10 +1,8 @@
 """Health of the database, taken by any process without writing.
 
-This is the safe replacement for the seed's "stop all Python processes":
-instead of killing by name, it shows which processes hold the database files
-open, by pid, and flags any that is neither the writer nor a known reader,
-and any that opened the database for writing behind the writer's back (the
-only way left to get "database is locked").
+It lists which processes hold the database files open, by pid
+(:mod:`db.holders`: the safe replacement for the seed's "stop all Python
+processes"), and what each finding means and what to do.
 
 Like :mod:`db.engine`, this module knows the database is SQLite; on a
 PostgreSQL server it reports what :mod:`db.server` finds instead (reachable
@@ -13,14 +11,11 @@ backs up with ``pg_dump``.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from db.backups import damaged_file_words, replaced_copies_finding, restore_advice
 from db.circusd import (
@@ -36,6 +31,7 @@ from db.config import Settings
 from db.engine import DAMAGED_FILE_ADVICE, check_findings, connect_read_only, damaged_database, display_url
 from db.errors import READ_GRANT, MaintenanceFailed, WriterError, server_trouble, server_trouble_words
 from db.files import database_files, file_sizes
+from db.holders import holders
 from db.job_findings import job_findings
 from db.leader import LEADER_NAMES, file_leader, leader_lock_path
 from db.lock import holder_command, read_lock_holder
@@ -46,10 +42,6 @@ from db.server_wait import last_refusal, login_refused, login_user
 from db.sizes import human_bytes
 from db.timestamps import utc
 from db.wal_readers import pids_in_read_transactions
-
-#: Modules whose processes are ours: a process running one of them with the
-#: database open is a known reader.
-OUR_MODULES = ("workers.", "webapp", "db", "bench", "circus", "gunicorn", "pytest")
 
 
 def pragmas(path: Path, quick_check: bool = False) -> dict[str, Any]:
@@ -104,50 +96,6 @@ def integrity_check(path: Path) -> list[str]:
         return check_findings(con)
     finally:
         con.close()
-
-
-def holders(path: Path, writer_pid: int | None, home: Path, known_pids: set[int] | None = None) -> list[dict]:
-    """Every process (that we may inspect) holding the database files open.
-
-    ``role`` is ``writer`` (holds the writer lock), ``reader`` (ours, read-
-    only), ``rogue-writer`` (opened the database for writing but is not the
-    writer: the cause of lock errors) or ``unknown`` (not ours).
-    """
-    # By real path: /proc names a file so, and a home reached through a symbolic link names it otherwise.
-    wanted = {os.path.realpath(p): kind for kind, p in database_files(path).items()}
-    known_pids = known_pids or set()
-    found = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        try:
-            files = [f for f in proc.open_files() if f.path in wanted]
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        if not files:
-            continue
-        writes_db = any(wanted[f.path] == "db" and f.mode != "r" for f in files)
-        # One line whatever its arguments hold (``python -c`` with a program of several lines).
-        cmdline = " ".join(" ".join(arg.split()) for arg in proc.info["cmdline"] or [])
-        if proc.pid == writer_pid:
-            role = "writer"
-        elif writes_db:
-            role = "rogue-writer"
-        elif proc.pid in known_pids or proc.pid == os.getpid() or _is_ours(proc, cmdline, home):
-            role = "reader"
-        else:
-            role = "unknown"
-        found.append({"pid": proc.pid, "name": proc.info["name"], "cmdline": cmdline[:300], "role": role,
-                      "files": sorted({wanted[f.path] for f in files}),
-                      "flagged": role in ("rogue-writer", "unknown")})
-    return sorted(found, key=lambda h: h["pid"])
-
-
-def _is_ours(proc: psutil.Process, cmdline: str, home: Path) -> bool:
-    try:
-        if proc.environ().get("TICKSTACK_HOME") and Path(proc.environ()["TICKSTACK_HOME"]).absolute() == home:
-            return True
-    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-        pass
-    return any(f"-m {m}" in cmdline for m in OUR_MODULES)
 
 
 def disk_space(settings: Settings) -> list[dict[str, Any]]:

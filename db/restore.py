@@ -37,7 +37,8 @@ from db.files import (
     sync_folder,
     unfinished_restore,
 )
-from db.health import holders, integrity_check
+from db.health import integrity_check
+from db.holders import holders
 from db.lock import WriterLock, WriterLocked, lock_holder_words
 
 #: The database's companions that move with it (SQLite names them after it).

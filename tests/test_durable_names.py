@@ -492,6 +492,45 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
             first.wait()
 
 
+@pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_refuses_a_dump_of_another_database_and_names_"
+                         "a_session_whose_lock_it_would_wait_for")
+def test_health_lists_what_holds_the_writer_lock_with_the_database_open_as_a_lock_holder_not_the_writer(
+        writer: Stack) -> None:
+    """A restore holds the writer lock while it runs, and reads the replaced database's ids with it open
+    (``db.restore._ids_given``): ``db health``'s process list (and the console's database page) called
+    it ``writer``, while doctor said it holds the lock and is not one. Here a process in that state
+    (the real lock, the database open read-only) after the writer it keeps out; the list calls it
+    ``lock-holder``, and the writer started after it ``writer``."""
+    assert writer.stop(writer.procs[-1]) == 0
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from db.engine import connect_read_only\n"
+        "from db.lock import WriterLock\n"
+        "WriterLock(sys.argv[1]).acquire()\n"
+        "con = connect_read_only(sys.argv[2])\n"
+        "con.execute('SELECT count(*) FROM ticks').fetchone()\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(120)\n"), str(writer.settings.writer_lock_path), str(writer.settings.database_path)],
+        env=writer.env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
+
+        def listed(pid: int) -> tuple[list[str], str]:
+            done = subprocess.run([sys.executable, "-m", "db", "health"], env=writer.env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=120)
+            said = done.stdout + done.stderr
+            return [line.split()[2] for line in said.splitlines() if line.split()[:2] == ["process", str(pid)]], said
+
+        roles, said = listed(holder.pid)
+        assert roles == ["lock-holder"], said[-3000:]
+    finally:
+        holder.kill()
+        holder.wait()
+    serving = writer.start_writer()
+    roles, said = listed(serving.pid)
+    assert roles == ["writer"], said[-3000:]
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_puts_a_dump_into_a_new_empty_database")
 def test_a_restore_through_a_symbolic_link_replaces_the_file_it_names(tmp_path: Path) -> None:
     """The database's path a symbolic link to a file on another disk (SQLite follows it, and keeps the
