@@ -257,7 +257,8 @@ def test_a_running_jobs_worker_deletes_replayed_history_at_its_next_run_but_not_
     window replayed into it (a year of it: 365 runs, two weeks, the live ticks past the window
     waiting behind it; a review). A running worker also goes by where its last run left the cutoff,
     moved on by the monotonic clock: the replayed history goes at the next run, while the wall clock
-    set 40 days forward (``now_ms`` here, the wall clock the worker reads) still costs a day."""
+    set 40 days forward (``JobsWorker.now`` here: the clock the worker reads, the wall clock, or on
+    PostgreSQL the server's) still costs a day."""
     now = int(time.time() * 1000)
     live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
     insert_ticks(writer, sorted(live), "feed")
@@ -274,7 +275,7 @@ def test_a_running_jobs_worker_deletes_replayed_history_at_its_next_run_but_not_
         assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live),)]
 
         ahead = 40 * DAY_MS
-        monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + ahead)
+        monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + ahead / 1000)
         ok, detail = worker.retention()
         done = json.loads(detail)
         oldest_day = [ts for ts in live if ts < min(live) + DAY_MS]
@@ -292,7 +293,7 @@ def test_a_running_jobs_worker_that_found_nothing_to_delete_still_holds_a_clock_
     (or read by the analysis since), deleted every one of them at once. A run that has no oldest tick
     to go by leaves no mark of the clock's word; the next goes by the oldest tick: a day a run."""
     ahead = 40 * DAY_MS
-    monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + ahead)
+    monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + ahead / 1000)
     worker = JobsWorker(writer.settings, only="retention")
     worker.setup()
     try:
@@ -320,7 +321,7 @@ def test_retention_runs_that_failed_with_the_writer_down_do_not_let_a_clock_set_
     now = int(time.time() * 1000)
     live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
     insert_ticks(stack, sorted(live), "feed")
-    monkeypatch.setattr("workers.jobs.now_ms", lambda: int(time.time() * 1000) + 40 * DAY_MS)
+    monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + 40 * DAY_MS / 1000)
     worker = JobsWorker(stack.settings, only="retention")
     worker.setup()
     try:

@@ -228,3 +228,38 @@ def test_a_jobs_leader_whose_clock_is_behind_does_not_run_again_what_the_last_le
             host_b.teardown()
     finally:
         stack.close()
+
+
+def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_retention_window(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention deleted the ticks older than now less TICKSTACK_RETENTION_DAYS by the leader's own
+    clock, which on several hosts may be hours off the others' (the schedule went by the server's
+    since 14d3edd, this not): a leader whose clock was six hours fast deleted six hours of ticks still
+    inside the window, too few to be held back (workers.retention_cutoff holds back a day or more).
+    On PostgreSQL its now is the server's, as the schedule's."""
+    from db import models
+    from workers import jobs
+
+    stack = stack_on("postgresql", request)
+    try:
+        stack.start_writer()
+        now = int(time.time() * 1000)
+        window = round(stack.settings.retention_days * 86_400_000)
+        outside, inside = now - window - 12 * 3_600_000, now - window + 3 * 3_600_000
+        with WriterClient(settings=stack.settings) as client:
+            client.call("insert_ticks", ticks=[{"symbol": "RTUSD", "ts": ts, "bid": 1.0, "ask": 1.1, "source": "rt",
+                                                "seq": seq} for seq, ts in enumerate((outside, inside))])
+        skewed = SkewedClock(6 * 3600.0)
+        monkeypatch.setattr(jobs, "time", skewed)
+        monkeypatch.setattr(models, "time", skewed)  # db.models.now_ms: this host's clock too
+        host = jobs.JobsWorker(stack.settings)
+        host.setup()
+        try:
+            assert host.leads()
+            assert host.run_job("retention") is True
+        finally:
+            host.teardown()
+        kept = [ts for (ts,) in query(stack.settings, "SELECT ts FROM ticks WHERE symbol = 'RTUSD' ORDER BY ts")]
+        assert kept == [inside], (kept, outside, inside)
+    finally:
+        stack.close()

@@ -44,7 +44,7 @@ from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, TableLocked, ValidationError, WriterError, named_database_words
 from db.leader import Leadership, LeadershipUnusable
-from db.models import SKIPPED, JobRun, now_ms
+from db.models import SKIPPED, JobRun
 from db.queries import oldest_deletable_tick_ts
 from db.server_clock import ServerClock
 from db.timestamps import utc
@@ -374,7 +374,8 @@ class JobsWorker(Worker):
         bounded ``prune_ticks`` calls while the writer says there are ``more``; stops early (and says
         so) on SIGTERM. The detail's ``kept_for_analysis``: old ticks kept for the analysis."""
         assert self.client is not None and self.engine is not None
-        wanted = max(0, now_ms() - round(self.schedule.retention_days * DAY_MS))
+        # By the schedule's clock (the server's on PostgreSQL): a leader's own, hours fast, deleted ticks in the window
+        wanted = max(0, round(self.now() * 1000) - round(self.schedule.retention_days * DAY_MS))
         with self.engine.connect() as conn:
             oldest = oldest_deletable_tick_ts(conn)
         cutoff = self._retention_cutoff.next(wanted, oldest, self.schedule.retention_every_s)

@@ -1,9 +1,9 @@
 """How far one retention run may delete: the wall clock's cutoff, held back when that clock may be wrong.
 
-Retention deletes the ticks older than ``TICKSTACK_RETENTION_DAYS`` by the wall clock (those the
-analysis has read), and one run with the clock set 40 days forward deleted every tick of the window
-(fault hunt). So a run's cutoff moves at most a step (a day, or twice the time between runs when that
-is longer, so the runs keep up) past the later of:
+Retention deletes the ticks older than ``TICKSTACK_RETENTION_DAYS`` by the wall clock (on PostgreSQL
+the server's: ``JobsWorker.now``; those the analysis has read), and one run with the clock set 40
+days forward deleted every tick of the window (fault hunt). So a run's cutoff moves at most a step
+(a day, or twice the time between runs when that is longer, so the runs keep up) past the later of:
 
 * the oldest tick it may delete, by time whatever its id (:func:`db.queries.oldest_deletable_tick_ts`);
 * where this worker's last run put it, moved on by the monotonic clock since (which no setting of the
