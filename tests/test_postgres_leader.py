@@ -304,3 +304,30 @@ def test_retention_goes_by_the_servers_clock_read_now_not_as_last_read_after_thi
         assert kept_ticks(stack) == [inside], (outside, inside)
     finally:
         stack.close()
+
+
+def test_the_servers_clock_as_last_read_is_not_moved_by_a_step_of_this_hosts_clock(
+        request: pytest.FixtureRequest) -> None:
+    """ServerClock.read(None) (the server did not answer: JobsWorker.now's schedule goes on 'as last
+    read') kept the offset last read from this host's wall clock, so a step of that clock (what made
+    the read happen: db.server_clock.STRAY_MS) moved the 'server's' clock with it, six hours for a host
+    set six hours forward, for a minute (a review). It goes on from the server's clock as last read,
+    by the monotonic clock."""
+    from db.server_clock import ServerClock, server_now_ms
+
+    stack = stack_on("postgresql", request)
+    try:
+        skewed = SkewedClock(0.0)
+        clock = ServerClock(skewed.time)
+        engine = create_engine(stack.settings.database_url)
+        try:
+            with engine.connect() as conn:
+                clock.read(conn)
+                skewed.by = 6 * 3600.0
+                assert clock.stale()  # this host's clock strayed: read again, and the server does not answer
+                clock.read(None)
+                assert abs(clock.now_ms() - server_now_ms(conn)) < 5_000, clock.now_ms() - server_now_ms(conn)
+        finally:
+            engine.dispose()
+    finally:
+        stack.close()
