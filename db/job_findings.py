@@ -3,9 +3,9 @@ in its log, which an operator who only runs ``db doctor`` would otherwise not se
 
 * the last backup failed: when, why, the newest backup there is (the one a restore would take), and
   what makes one once the cause is mended;
-* the last retention run was held back (:mod:`workers.retention_cutoff`): the wall clock asked to
-  delete far past the oldest tick, which a clock set forward does, a day of the window a run, until
-  it is set right;
+* the last retention run was held back (:mod:`workers.retention_cutoff`): the clock it goes by (this
+  host's, on PostgreSQL the server's) asked to delete far past the oldest tick, which a clock set
+  forward does, a day of the window a run, until it is set right;
 * the last retention run kept ticks older than the window because the analysis has not read them
   (``prune_ticks`` never deletes one it has not folded into bars): with the analysis worker stopped,
   or far behind, nothing old is deleted and the database grows without a bound.
@@ -75,14 +75,16 @@ def _detail(run: Any) -> dict[str, Any] | None:
     return detail if isinstance(detail, dict) else None
 
 
-def _held_back_retention(run: Any) -> tuple[str, str] | None:
+def _held_back_retention(settings: Settings, run: Any) -> tuple[str, str] | None:
     detail = _detail(run)
     if detail is None or not isinstance(detail.get("held_back_from"), int) \
             or not isinstance(detail.get("before_ts"), int):
         return None
-    return ("warn", f"Retention was held back in its last run ({_when(run)}): this host's clock asked to delete the "
+    # The clock retention goes by (workers.jobs.JobsWorker.now): on PostgreSQL the server's, whichever host leads
+    clock = "this host's clock" if settings.database_path is not None else "the database server's clock"
+    return ("warn", f"Retention was held back in its last run ({_when(run)}): {clock} asked to delete the "
                     f"ticks before {utc(detail['held_back_from'])}, far past the oldest tick it may delete, so it "
-                    f"deleted only those before {utc(detail['before_ts'])}. If the clock is ahead, set it right: "
+                    f"deleted only those before {utc(detail['before_ts'])}. If {clock} is ahead, set it right: "
                     "each run deletes a day more of the window by it. If it is right (the jobs worker was stopped "
                     "a long time, TICKSTACK_RETENTION_DAYS lowered, or older history replayed), the next runs "
                     "catch up.")
@@ -106,6 +108,6 @@ def job_findings(settings: Settings) -> list[tuple[str, str]]:
     latest = _latest_runs(settings)
     if latest is None:
         return []
-    found = (_failed_backup(settings, latest["backup"]), _held_back_retention(latest["retention"]),
+    found = (_failed_backup(settings, latest["backup"]), _held_back_retention(settings, latest["retention"]),
              _kept_for_analysis(settings, latest["retention"]))
     return [finding for finding in found if finding is not None]

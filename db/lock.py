@@ -202,15 +202,33 @@ def holder_command(pid: int | None) -> str | None:
         name = process.name()
     except (psutil.Error, OSError):
         return None
-    if "-m" in argv[:-1]:
-        module = argv[argv.index("-m") + 1]
+    run = _module_run(argv)
+    if run is not None:
+        module, after = run
         if module == "workers.writer":
             return None
         if module == "db":
-            command = next((arg for arg in argv[argv.index("-m") + 2:] if not arg.startswith("-")), None)
+            command = next((arg for arg in after if not arg.startswith("-")), None)
             return f"python -m db {command}" if command else "python -m db"
         return f"python -m {module}"
     return name or None
+
+
+def _module_run(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The module of the first ``-m`` in ``argv`` and the arguments after it, in every form Python
+    takes: ``-m mod``, ``-mmod``, and run together with other options (``-um mod``, ``-Im mod``; a
+    ``-um workers.writer`` writer was taken for another program). None without one."""
+    for i, arg in enumerate(argv):
+        if not arg.startswith("-") or arg.startswith("--"):
+            continue
+        for j, flag in enumerate(arg[1:], start=2):
+            if flag in "cWX":  # an option's value follows (here or as the next argument): not a -m
+                break
+            if flag == "m":
+                if arg[j:]:
+                    return arg[j:], argv[i + 1:]
+                return (argv[i + 1], argv[i + 2:]) if i + 1 < len(argv) else None
+    return None
 
 
 def lock_holder_words(path: os.PathLike[str] | str) -> tuple[int | None, str | None]:

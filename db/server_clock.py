@@ -49,11 +49,15 @@ class ServerClock:
         return elapsed >= READ_EVERY_S or abs(self._wall_ms() - wall - int(elapsed * 1000)) > STRAY_MS
 
     def read(self, conn: Connection | None) -> None:
-        """Read the server's clock on ``conn``; None (the server does not answer now): keep the offset as
-        last read, and ask again only once it is stale again."""
+        """Read the server's clock on ``conn``; None (the server does not answer now): go on from the
+        server's clock as last read, by the monotonic clock (not the offset from this host's wall clock,
+        which a step of it, that made the read, moved by as much), and ask again once it is stale again."""
         wall = self._wall_ms()
         if conn is None:
-            offset = self._offset[0] if self._offset is not None else 0
+            offset = 0
+            if self._offset is not None:
+                last, wall_then, mono_then = self._offset
+                offset = wall_then + last + int((time.monotonic() - mono_then) * 1000) - wall
         else:
             offset = self._read(conn) - wall
         self._offset = (offset, wall, time.monotonic())

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import make_url
 
+from db.lock import holder_command
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import wait_for
 from testkit.postgres import PostgresServer, read_connection
@@ -528,6 +529,33 @@ def test_health_lists_what_holds_the_writer_lock_with_the_database_open_as_a_loc
         holder.wait()
     serving = writer.start_writer()
     roles, said = listed(serving.pid)
+    assert roles == ["writer"], said[-3000:]
+
+
+@pytest.mark.database_independent("a writer's command line, read by db.lock.holder_command, is the same on both; the "
+                                  "process list is SQLite's (who has the file open)")
+@pytest.mark.parametrize("argv", [["-um", "workers.writer"], ["-mworkers.writer"]])
+def test_a_writer_started_with_its_python_options_run_together_is_listed_as_the_writer(
+        writer: Stack, argv: list[str]) -> None:
+    """db.lock.holder_command found a writer only by a ``-m`` argument of its own followed by
+    ``workers.writer``: one started ``python -um workers.writer`` (unbuffered, as supervisors run
+    Python) or ``python -mworkers.writer``, which Python runs alike, was 'python', not a writer, so
+    ``db health`` listed the writer serving there as ``lock-holder`` (a review), and doctor, had it
+    stopped answering, would have called it something else that holds the lock, to wait for."""
+    from db.client import WriterClient
+
+    assert writer.stop(writer.procs[-1]) == 0
+    with open(writer.home / "log" / "writer-test.log", "ab") as log:
+        serving = subprocess.Popen([sys.executable, *argv], env=writer.env, cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    writer.procs.append(serving)  # stopped with the stack, by its pid
+    with WriterClient(settings=writer.settings, deadline=0.5) as client:
+        client.wait_ready(20, is_alive=lambda: serving.poll() is None)
+    assert holder_command(serving.pid) is None
+    done = subprocess.run([sys.executable, "-m", "db", "health"], env=writer.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    said = done.stdout + done.stderr
+    roles = [line.split()[2] for line in said.splitlines() if line.split()[:2] == ["process", str(serving.pid)]]
     assert roles == ["writer"], said[-3000:]
 
 

@@ -19,7 +19,7 @@ from testkit.env import ROOT
 from testkit.helpers import query, wait_for
 from testkit.postgres import HomeDatabases
 from testkit.process import stop_process
-from testkit.writer import stacks_on_one_database
+from testkit.writer import Stack, stacks_on_one_database
 from tests.test_postgres import stack_on
 
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
@@ -230,6 +230,21 @@ def test_a_jobs_leader_whose_clock_is_behind_does_not_run_again_what_the_last_le
         stack.close()
 
 
+def ticks_across_the_window(stack: Stack) -> tuple[int, int]:
+    """Two ticks by this host's clock: one 12 hours outside the retention window, one 3 hours inside."""
+    now = int(time.time() * 1000)
+    window = round(stack.settings.retention_days * 86_400_000)
+    outside, inside = now - window - 12 * 3_600_000, now - window + 3 * 3_600_000
+    with WriterClient(settings=stack.settings) as client:
+        client.call("insert_ticks", ticks=[{"symbol": "RTUSD", "ts": ts, "bid": 1.0, "ask": 1.1, "source": "rt",
+                                            "seq": seq} for seq, ts in enumerate((outside, inside))])
+    return outside, inside
+
+
+def kept_ticks(stack: Stack) -> list[int]:
+    return [ts for (ts,) in query(stack.settings, "SELECT ts FROM ticks WHERE symbol = 'RTUSD' ORDER BY ts")]
+
+
 def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_retention_window(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Retention deleted the ticks older than now less TICKSTACK_RETENTION_DAYS by the leader's own
@@ -243,12 +258,7 @@ def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_rete
     stack = stack_on("postgresql", request)
     try:
         stack.start_writer()
-        now = int(time.time() * 1000)
-        window = round(stack.settings.retention_days * 86_400_000)
-        outside, inside = now - window - 12 * 3_600_000, now - window + 3 * 3_600_000
-        with WriterClient(settings=stack.settings) as client:
-            client.call("insert_ticks", ticks=[{"symbol": "RTUSD", "ts": ts, "bid": 1.0, "ask": 1.1, "source": "rt",
-                                                "seq": seq} for seq, ts in enumerate((outside, inside))])
+        outside, inside = ticks_across_the_window(stack)
         skewed = SkewedClock(6 * 3600.0)
         monkeypatch.setattr(jobs, "time", skewed)
         monkeypatch.setattr(models, "time", skewed)  # db.models.now_ms: this host's clock too
@@ -259,7 +269,65 @@ def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_rete
             assert host.run_job("retention") is True
         finally:
             host.teardown()
-        kept = [ts for (ts,) in query(stack.settings, "SELECT ts FROM ticks WHERE symbol = 'RTUSD' ORDER BY ts")]
-        assert kept == [inside], (kept, outside, inside)
+        assert kept_ticks(stack) == [inside], (outside, inside)
+    finally:
+        stack.close()
+
+
+def test_retention_goes_by_the_servers_clock_read_now_not_as_last_read_after_this_hosts_clock_stepped(
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JobsWorker.now keeps the server's clock as last read when the server does not answer its read
+    (db.server_clock.ServerClock.read(None)), and then trusts it a minute: this host's clock set six
+    hours forward just as the read went unanswered made the server's 'as last read' six hours fast,
+    and a retention run in that minute, the server answering again, deleted six hours of ticks still
+    inside the window (a review). Retention reads the server's clock on the connection it reads the
+    oldest tick with: a server that answers that answers its clock too."""
+    from db import models
+    from workers import jobs
+
+    stack = stack_on("postgresql", request)
+    try:
+        stack.start_writer()
+        outside, inside = ticks_across_the_window(stack)
+        skewed = SkewedClock(0.0)
+        monkeypatch.setattr(jobs, "time", skewed)
+        monkeypatch.setattr(models, "time", skewed)
+        host = jobs.JobsWorker(stack.settings, only="retention")
+        host.setup()  # reads the server's clock: this host's is right
+        try:
+            assert host.leads()
+            skewed.by = 6 * 3600.0  # this host's clock set forward, and the server's read then went unanswered
+            host._server_clock.read(None)  # what JobsWorker.now does on an OperationalError
+            assert host.run_job("retention") is True
+        finally:
+            host.teardown()
+        assert kept_ticks(stack) == [inside], (outside, inside)
+    finally:
+        stack.close()
+
+
+def test_the_servers_clock_as_last_read_is_not_moved_by_a_step_of_this_hosts_clock(
+        request: pytest.FixtureRequest) -> None:
+    """ServerClock.read(None) (the server did not answer: JobsWorker.now's schedule goes on 'as last
+    read') kept the offset last read from this host's wall clock, so a step of that clock (what made
+    the read happen: db.server_clock.STRAY_MS) moved the 'server's' clock with it, six hours for a host
+    set six hours forward, for a minute (a review). It goes on from the server's clock as last read,
+    by the monotonic clock."""
+    from db.server_clock import ServerClock, server_now_ms
+
+    stack = stack_on("postgresql", request)
+    try:
+        skewed = SkewedClock(0.0)
+        clock = ServerClock(skewed.time)
+        engine = create_engine(stack.settings.database_url)
+        try:
+            with engine.connect() as conn:
+                clock.read(conn)
+                skewed.by = 6 * 3600.0
+                assert clock.stale()  # this host's clock strayed: read again, and the server does not answer
+                clock.read(None)
+                assert abs(clock.now_ms() - server_now_ms(conn)) < 5_000, clock.now_ms() - server_now_ms(conn)
+        finally:
+            engine.dispose()
     finally:
         stack.close()

@@ -374,9 +374,12 @@ class JobsWorker(Worker):
         bounded ``prune_ticks`` calls while the writer says there are ``more``; stops early (and says
         so) on SIGTERM. The detail's ``kept_for_analysis``: old ticks kept for the analysis."""
         assert self.client is not None and self.engine is not None
-        # By the schedule's clock (the server's on PostgreSQL): a leader's own, hours fast, deleted ticks in the window
-        wanted = max(0, round(self.now() * 1000) - round(self.schedule.retention_days * DAY_MS))
         with self.engine.connect() as conn:
+            # By the schedule's clock (the server's on PostgreSQL, read now: as last read, after a step of this
+            # host's clock, it was hours off): a leader's own, hours fast, deleted ticks inside the window
+            if self.settings.database_path is None:
+                self._server_clock.read(conn)
+            wanted = max(0, round(self.now() * 1000) - round(self.schedule.retention_days * DAY_MS))
             oldest = oldest_deletable_tick_ts(conn)
         cutoff = self._retention_cutoff.next(wanted, oldest, self.schedule.retention_every_s)
         if cutoff.held_back:  # the clock may be ahead (workers.retention_cutoff)
