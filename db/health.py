@@ -187,7 +187,7 @@ def snapshot(settings: Settings, *, quick_check: bool = False, writer_timeout: f
         snap["pragmas"] = pragmas(path, quick_check=quick_check)
     except (sqlite3.Error, FileNotFoundError) as e:
         snap["pragmas"] = {"error": str(e), "damaged": damaged_database(e)}
-    snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids)
+    snap["processes"] = holders(path, writer.get("pid"), settings.home, known_pids, writer.get("holder_command"))
     reading = pids_in_read_transactions(database_files(path)["shm"])
     for proc in snap["processes"]:  # None: not known (no -shm file, no /proc/locks)
         proc["in_read_transaction"] = None if reading is None else proc["pid"] in reading

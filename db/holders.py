@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 
 from db.files import database_files
-from db.lock import holder_command
 
 #: Modules whose processes are ours: a process running one of them with the
 #: database open is a known reader.
@@ -24,12 +23,14 @@ OUR_MODULES = ("workers.", "webapp", "db", "bench", "circus", "gunicorn", "pytes
 FLAGGED = ("rogue-writer", "unknown")
 
 
-def holders(path: Path, lock_pid: int | None, home: Path, known_pids: set[int] | None = None) -> list[dict]:
+def holders(path: Path, lock_pid: int | None, home: Path, known_pids: set[int] | None = None,
+            lock_command: str | None = None) -> list[dict]:
     """Every process (that we may inspect) holding the database files open.
 
-    ``lock_pid`` holds the writer lock. ``role`` is ``writer`` (that pid, a writer), ``lock-holder``
-    (that pid, but not a writer: ``python -m db restore`` holds the lock while it replaces the
-    database; :func:`db.lock.holder_command`), ``reader`` (ours, read-only), ``rogue-writer``
+    ``lock_pid`` holds the writer lock, and ``lock_command`` is what it is when it is not a writer
+    (:func:`db.lock.holder_command`, as the caller read it for its own words). ``role`` is ``writer``
+    (that pid, a writer), ``lock-holder`` (that pid, but not a writer: ``python -m db restore`` holds
+    the lock while it replaces the database), ``reader`` (ours, read-only), ``rogue-writer``
     (opened the database for writing but is not the writer: the cause of lock errors) or ``unknown``
     (not ours).
     """
@@ -48,7 +49,7 @@ def holders(path: Path, lock_pid: int | None, home: Path, known_pids: set[int] |
         # One line whatever its arguments hold (``python -c`` with a program of several lines).
         cmdline = " ".join(" ".join(arg.split()) for arg in proc.info["cmdline"] or [])
         if proc.pid == lock_pid:
-            role = "writer" if holder_command(proc.pid) is None else "lock-holder"
+            role = "writer" if lock_command is None else "lock-holder"
         elif writes_db:
             role = "rogue-writer"
         elif proc.pid in known_pids or proc.pid == os.getpid() or _is_ours(proc, cmdline, home):

@@ -493,6 +493,14 @@ def test_what_holds_the_writer_lock_during_a_restore_is_named_as_the_restore(sta
             first.wait()
 
 
+def listed_roles(stack: Stack, pid: int) -> tuple[list[str], str]:
+    """The roles ``db health``'s process list gives ``pid`` (one per line of it), and all it said."""
+    done = subprocess.run([sys.executable, "-m", "db", "health"], env=stack.env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    said = done.stdout + done.stderr
+    return [line.split()[2] for line in said.splitlines() if line.split()[:2] == ["process", str(pid)]], said
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_db_restore_refuses_a_dump_of_another_database_and_names_"
                          "a_session_whose_lock_it_would_wait_for")
 def test_health_lists_what_holds_the_writer_lock_with_the_database_open_as_a_lock_holder_not_the_writer(
@@ -516,19 +524,13 @@ def test_health_lists_what_holds_the_writer_lock_with_the_database_open_as_a_loc
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "holding"
 
-        def listed(pid: int) -> tuple[list[str], str]:
-            done = subprocess.run([sys.executable, "-m", "db", "health"], env=writer.env, cwd=ROOT,
-                                  capture_output=True, text=True, timeout=120)
-            said = done.stdout + done.stderr
-            return [line.split()[2] for line in said.splitlines() if line.split()[:2] == ["process", str(pid)]], said
-
-        roles, said = listed(holder.pid)
+        roles, said = listed_roles(writer, holder.pid)
         assert roles == ["lock-holder"], said[-3000:]
     finally:
         holder.kill()
         holder.wait()
     serving = writer.start_writer()
-    roles, said = listed(serving.pid)
+    roles, said = listed_roles(writer, serving.pid)
     assert roles == ["writer"], said[-3000:]
 
 
@@ -552,10 +554,7 @@ def test_a_writer_started_with_its_python_options_run_together_is_listed_as_the_
     with WriterClient(settings=writer.settings, deadline=0.5) as client:
         client.wait_ready(20, is_alive=lambda: serving.poll() is None)
     assert holder_command(serving.pid) is None
-    done = subprocess.run([sys.executable, "-m", "db", "health"], env=writer.env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    said = done.stdout + done.stderr
-    roles = [line.split()[2] for line in said.splitlines() if line.split()[:2] == ["process", str(serving.pid)]]
+    roles, said = listed_roles(writer, serving.pid)
     assert roles == ["writer"], said[-3000:]
 
 

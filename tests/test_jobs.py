@@ -278,7 +278,7 @@ def test_a_running_jobs_worker_deletes_replayed_history_at_its_next_run_but_not_
         assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(live),)]
 
         ahead = 40 * DAY_MS
-        monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + ahead / 1000)
+        monkeypatch.setattr(JobsWorker, "now", lambda self, conn=None: time.time() + ahead / 1000)
         ok, detail = worker.retention()
         done = json.loads(detail)
         oldest_day = [ts for ts in live if ts < min(live) + DAY_MS]
@@ -296,7 +296,7 @@ def test_a_running_jobs_worker_that_found_nothing_to_delete_still_holds_a_clock_
     (or read by the analysis since), deleted every one of them at once. A run that has no oldest tick
     to go by leaves no mark of the clock's word; the next goes by the oldest tick: a day a run."""
     ahead = 40 * DAY_MS
-    monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + ahead / 1000)
+    monkeypatch.setattr(JobsWorker, "now", lambda self, conn=None: time.time() + ahead / 1000)
     worker = JobsWorker(writer.settings, only="retention")
     worker.setup()
     try:
@@ -324,7 +324,7 @@ def test_retention_runs_that_failed_with_the_writer_down_do_not_let_a_clock_set_
     now = int(time.time() * 1000)
     live = [now - day * DAY_MS - i * 60_000 for day in range(29) for i in range(10)]  # the window's ticks
     insert_ticks(stack, sorted(live), "feed")
-    monkeypatch.setattr(JobsWorker, "now", lambda self: time.time() + 40 * DAY_MS / 1000)
+    monkeypatch.setattr(JobsWorker, "now", lambda self, conn=None: time.time() + 40 * DAY_MS / 1000)
     worker = JobsWorker(stack.settings, only="retention")
     worker.setup()
     try:

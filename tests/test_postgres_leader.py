@@ -8,12 +8,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import create_engine
 
 from db.client import WriterClient
+from db.config import Settings
 from db.leader import leaders
 from testkit.env import ROOT
 from testkit.helpers import query, wait_for
@@ -21,6 +25,9 @@ from testkit.postgres import HomeDatabases
 from testkit.process import stop_process
 from testkit.writer import Stack, stacks_on_one_database
 from tests.test_postgres import stack_on
+
+if TYPE_CHECKING:
+    from workers.jobs import JobsWorker
 
 #: A server's own promises: run by ``pytest --database postgresql`` (the suite's PostgreSQL run).
 pytestmark = pytest.mark.postgres_only
@@ -198,6 +205,20 @@ class SkewedClock:
         return getattr(time, name)
 
 
+@contextmanager
+def leading_jobs_worker(settings: Settings, **options: Any) -> Iterator[JobsWorker]:
+    """A jobs worker of this process, set up and leading; torn down after (its leadership ends with it)."""
+    from workers.jobs import JobsWorker
+
+    host = JobsWorker(settings, **options)
+    host.setup()
+    try:
+        assert host.leads()
+        yield host
+    finally:
+        host.teardown()
+
+
 def test_a_jobs_leader_whose_clock_is_behind_does_not_run_again_what_the_last_leader_just_ran(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Host A's jobs worker leads and runs quick_check; host A goes, and host B's, whose clock is ten
@@ -210,13 +231,8 @@ def test_a_jobs_leader_whose_clock_is_behind_does_not_run_again_what_the_last_le
     stack = stack_on("postgresql", request)
     try:
         stack.start_writer()
-        host_a = jobs.JobsWorker(stack.settings)
-        host_a.setup()
-        try:
-            assert host_a.leads()
+        with leading_jobs_worker(stack.settings) as host_a:
             assert host_a.run_job("quick_check") is True
-        finally:
-            host_a.teardown()  # its leadership ends with it
         monkeypatch.setattr(jobs, "time", SkewedClock(-600.0))
         host_b = jobs.JobsWorker(stack.settings)
         host_b.setup()
@@ -245,6 +261,17 @@ def kept_ticks(stack: Stack) -> list[int]:
     return [ts for (ts,) in query(stack.settings, "SELECT ts FROM ticks WHERE symbol = 'RTUSD' ORDER BY ts")]
 
 
+def skew_this_hosts_clock(monkeypatch: pytest.MonkeyPatch, by: float) -> SkewedClock:
+    """This host's wall clock ``by`` seconds off, as the jobs worker and ``db.models.now_ms`` read it."""
+    from db import models
+    from workers import jobs
+
+    skewed = SkewedClock(by)
+    monkeypatch.setattr(jobs, "time", skewed)
+    monkeypatch.setattr(models, "time", skewed)
+    return skewed
+
+
 def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_retention_window(
         request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Retention deleted the ticks older than now less TICKSTACK_RETENTION_DAYS by the leader's own
@@ -252,23 +279,13 @@ def test_a_jobs_leader_whose_clock_is_hours_fast_deletes_no_tick_inside_the_rete
     since 14d3edd, this not): a leader whose clock was six hours fast deleted six hours of ticks still
     inside the window, too few to be held back (workers.retention_cutoff holds back a day or more).
     On PostgreSQL its now is the server's, as the schedule's."""
-    from db import models
-    from workers import jobs
-
     stack = stack_on("postgresql", request)
     try:
         stack.start_writer()
         outside, inside = ticks_across_the_window(stack)
-        skewed = SkewedClock(6 * 3600.0)
-        monkeypatch.setattr(jobs, "time", skewed)
-        monkeypatch.setattr(models, "time", skewed)  # db.models.now_ms: this host's clock too
-        host = jobs.JobsWorker(stack.settings)
-        host.setup()
-        try:
-            assert host.leads()
+        skew_this_hosts_clock(monkeypatch, 6 * 3600.0)
+        with leading_jobs_worker(stack.settings) as host:
             assert host.run_job("retention") is True
-        finally:
-            host.teardown()
         assert kept_ticks(stack) == [inside], (outside, inside)
     finally:
         stack.close()
@@ -282,25 +299,15 @@ def test_retention_goes_by_the_servers_clock_read_now_not_as_last_read_after_thi
     and a retention run in that minute, the server answering again, deleted six hours of ticks still
     inside the window (a review). Retention reads the server's clock on the connection it reads the
     oldest tick with: a server that answers that answers its clock too."""
-    from db import models
-    from workers import jobs
-
     stack = stack_on("postgresql", request)
     try:
         stack.start_writer()
         outside, inside = ticks_across_the_window(stack)
-        skewed = SkewedClock(0.0)
-        monkeypatch.setattr(jobs, "time", skewed)
-        monkeypatch.setattr(models, "time", skewed)
-        host = jobs.JobsWorker(stack.settings, only="retention")
-        host.setup()  # reads the server's clock: this host's is right
-        try:
-            assert host.leads()
+        skewed = skew_this_hosts_clock(monkeypatch, 0.0)
+        with leading_jobs_worker(stack.settings, only="retention") as host:  # its setup read the server's clock
             skewed.by = 6 * 3600.0  # this host's clock set forward, and the server's read then went unanswered
             host._server_clock.read(None)  # what JobsWorker.now does on an OperationalError
             assert host.run_job("retention") is True
-        finally:
-            host.teardown()
         assert kept_ticks(stack) == [inside], (outside, inside)
     finally:
         stack.close()

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 
 from db import backups, health
@@ -180,14 +180,17 @@ class JobsWorker(Worker):
         for job, started in rows:  # never back: a run (or a retry time) this process knows may be later
             self.last_run[job] = max(self.last_run.get(job, 0.0), started / 1000)
 
-    def now(self) -> float:
+    def now(self, conn: Connection | None = None) -> float:
         """Now (epoch s) by the clock of ``job_runs``: on PostgreSQL the server's
         (:class:`db.server_clock.ServerClock`; not answering: as last read), by which every host's
         leader dates its runs and reads the last one's. A leader whose own clock was ten minutes behind
-        took a run of a moment before for one of a clock set back since, and ran it again at once."""
+        took a run of a moment before for one of a clock set back since, and ran it again at once.
+        ``conn``: read on it now (retention: as last read, after a step of this host's clock, hours off)."""
         if self.settings.database_path is not None or self.engine is None:
             return time.time()
-        if self._server_clock.stale():
+        if conn is not None:
+            self._server_clock.read(conn)
+        elif self._server_clock.stale():
             try:
                 with self.engine.connect() as conn:
                     self._server_clock.read(conn)
@@ -375,11 +378,8 @@ class JobsWorker(Worker):
         so) on SIGTERM. The detail's ``kept_for_analysis``: old ticks kept for the analysis."""
         assert self.client is not None and self.engine is not None
         with self.engine.connect() as conn:
-            # By the schedule's clock (the server's on PostgreSQL, read now: as last read, after a step of this
-            # host's clock, it was hours off): a leader's own, hours fast, deleted ticks inside the window
-            if self.settings.database_path is None:
-                self._server_clock.read(conn)
-            wanted = max(0, round(self.now() * 1000) - round(self.schedule.retention_days * DAY_MS))
+            # By the schedule's clock, read now: a leader's own, hours fast, deleted ticks inside the window
+            wanted = max(0, round(self.now(conn) * 1000) - round(self.schedule.retention_days * DAY_MS))
             oldest = oldest_deletable_tick_ts(conn)
         cutoff = self._retention_cutoff.next(wanted, oldest, self.schedule.retention_every_s)
         if cutoff.held_back:  # the clock may be ahead (workers.retention_cutoff)
