@@ -120,7 +120,7 @@ def _table(name: str, value: Any, rows: Validator, fields: Mapping[str, tuple[Va
     return _columns(name, value, fields, defaults)
 
 
-def bar_table(name: str, value: Any) -> dict[str, list[Any]]:
+def bars_in_columns(name: str, value: Any) -> dict[str, list[Any]]:
     """Bars as rows (a list of objects, :func:`db.validation.bar_rows`) or as columns; returns columns
     in :data:`BAR_COLUMNS` order, with the same checks as rows: bucket starts, low <= open, close <= high."""
     cols = _table(name, value, bar_rows, BAR_FIELDS, {"tick_count": 0})
@@ -166,7 +166,7 @@ def _bounds_pass(value: dict[str, Any], o: list[float], h: list[float], lo: list
     return all(map(le, lo, o)) and all(map(le, lo, c)) and all(map(ge, h, o)) and all(map(ge, h, c))
 
 
-def indicator_table(name: str, value: Any) -> dict[str, list[Any]]:
+def indicators_in_columns(name: str, value: Any) -> dict[str, list[Any]]:
     """Indicator values as rows (:func:`db.validation.indicator_rows`) or as columns; returns columns
     in :data:`INDICATOR_COLUMNS` order, or, for the one-row-per-bar form, :data:`BAR_INDICATOR_KEYS`
     and the indicators given (lists, None where a bar has no value)."""

@@ -30,19 +30,16 @@ READ = ("backup", "retention")
 def _latest_runs(settings: Settings) -> dict[str, Any] | None:
     """The last recorded run of each job of :data:`READ` (by start time, then id), None when the
     database cannot be read."""
-    from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
+    from db import queries
     from db.engine import make_read_engine
-    from db.models import JobRun
 
     try:
         engine = make_read_engine(settings, pool_size=1)
         try:
             with engine.connect() as conn:
-                return {job: conn.execute(select(JobRun.started_at, JobRun.ok, JobRun.detail).where(JobRun.job == job)
-                                          .order_by(JobRun.started_at.desc(), JobRun.id.desc()).limit(1)).first()
-                        for job in READ}
+                return {job: queries.last_job_run(conn, job) for job in READ}
         finally:
             engine.dispose()
     except (SQLAlchemyError, OSError):

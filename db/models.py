@@ -1,4 +1,8 @@
-"""The schema, in portable SQLAlchemy: nothing here assumes SQLite.
+"""The schema, in portable SQLAlchemy Core: nothing here assumes SQLite.
+
+Tables, not ORM classes: reads and writes are Core statements everywhere, and a process that loads
+SQLAlchemy's ORM spends about 70 ms more CPU starting (the ORM and the mapping of the classes), in
+every worker, writer and ``python -m db`` command. ``tests/test_layout.py`` checks that none loads it.
 
 Times are integer epoch milliseconds UTC everywhere (``ts``), so that every
 process and every database compares them the same way.
@@ -11,6 +15,7 @@ from decimal import Decimal
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Column,
     Float,
     ForeignKey,
     Index,
@@ -18,10 +23,10 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: How an audited action went. ``skipped``: neither done nor failed (a check that could not be made,
 #: amcheck not installed; a backup asked for while another was written).
@@ -40,183 +45,163 @@ metadata = MetaData(
 )
 
 
-class Base(DeclarativeBase):
-    metadata = metadata
-
-
-class SchemaVersion(Base):
-    """One row per migration applied, so the writer knows where it stands."""
-
-    __tablename__ = "schema_version"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
-    applied_at: Mapped[int] = mapped_column(BigInteger)
-
+#: The schema version table: one row per migration applied, so the writer knows where it stands.
+schema_version_table = Table(
+    "schema_version", metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", BigInteger, nullable=False),
+)
 
 #: A tick's unique key: who produced it and its sequence number there.
 TICK_KEY = ("source", "seq")
 
+ticks_table = Table(
+    "ticks", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False),
+    Column("ts", BigInteger, nullable=False),
+    Column("bid", Float, nullable=False),
+    Column("ask", Float, nullable=False),
+    Column("volume", Float, nullable=False, default=0.0),
+    # Who produced the tick and its sequence number there: (source, seq) is unique, so a replayed or
+    # retried tick is stored once.
+    Column("source", String(64), nullable=False),
+    Column("seq", BigInteger, nullable=True),
+    UniqueConstraint(*TICK_KEY),
+    Index("ix_ticks_symbol_ts", "symbol", "ts"),
+    # Ids never go back, even after retention deletes the newest rows: workers resume from "the last
+    # tick id I processed".
+    sqlite_autoincrement=True,
+)
 
-class Tick(Base):
-    __tablename__ = "ticks"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    symbol: Mapped[str] = mapped_column(String(32))
-    ts: Mapped[int] = mapped_column(BigInteger)
-    bid: Mapped[float] = mapped_column(Float)
-    ask: Mapped[float] = mapped_column(Float)
-    volume: Mapped[float] = mapped_column(Float, default=0.0)
-    #: Who produced the tick and its sequence number there: (source, seq) is
-    #: unique, so a replayed or retried tick is stored once.
-    source: Mapped[str] = mapped_column(String(64))
-    seq: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    __table_args__ = (
-        UniqueConstraint(*TICK_KEY),
-        Index("ix_ticks_symbol_ts", "symbol", "ts"),
-        # Ids never go back, even after retention deletes the newest rows:
-        # workers resume from "the last tick id I processed".
-        {"sqlite_autoincrement": True},
-    )
+#: OHLCV bars; ``ts`` is the bucket start, floor(ts / length) * length.
+bars_table = Table(
+    "bars", metadata,
+    Column("symbol", String(32), primary_key=True),
+    Column("timeframe", String(8), primary_key=True),
+    Column("ts", BigInteger, primary_key=True),
+    Column("open", Float, nullable=False),
+    Column("high", Float, nullable=False),
+    Column("low", Float, nullable=False),
+    Column("close", Float, nullable=False),
+    Column("volume", Float, nullable=False),
+    Column("tick_count", Integer, nullable=False, default=0),
+)
 
+indicators_table = Table(
+    "indicators", metadata,
+    Column("symbol", String(32), primary_key=True),
+    Column("timeframe", String(8), primary_key=True),
+    Column("name", String(32), primary_key=True),
+    Column("ts", BigInteger, primary_key=True),
+    Column("value", Float, nullable=False),
+)
 
-class Bar(Base):
-    """OHLCV bar; ``ts`` is the bucket start, floor(ts / length) * length."""
-
-    __tablename__ = "bars"
-    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
-    timeframe: Mapped[str] = mapped_column(String(8), primary_key=True)
-    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    open: Mapped[float] = mapped_column(Float)
-    high: Mapped[float] = mapped_column(Float)
-    low: Mapped[float] = mapped_column(Float)
-    close: Mapped[float] = mapped_column(Float)
-    volume: Mapped[float] = mapped_column(Float)
-    tick_count: Mapped[int] = mapped_column(Integer, default=0)
-
-
-class IndicatorValue(Base):
-    __tablename__ = "indicators"
-    symbol: Mapped[str] = mapped_column(String(32), primary_key=True)
-    timeframe: Mapped[str] = mapped_column(String(8), primary_key=True)
-    name: Mapped[str] = mapped_column(String(32), primary_key=True)
-    ts: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    value: Mapped[float] = mapped_column(Float)
-
-
-#: The analysis worker's cursor (:class:`Cursor`): the last tick id it folded into bars. Retention
-#: deletes no tick after it (``prune_ticks``): its bars would never be built.
+#: The analysis worker's cursor (a row of :data:`cursors_table`): the last tick id it folded into
+#: bars. Retention deletes no tick after it (``prune_ticks``): its bars would never be built.
 ANALYSIS_CURSOR = "analysis"
 
+#: Workers' progress markers (e.g. the last tick id analysed), with the state that goes with them.
+cursors_table = Table(
+    "cursors", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+    Column("state", LargeBinary, nullable=True),
+)
 
-class Cursor(Base):
-    """A worker's progress marker (e.g. the last tick id analysed)."""
-
-    __tablename__ = "cursors"
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
-
-
-class Trade(Base):
-    """A paper trade and the exit rules the monitor applies to it."""
-
-    __tablename__ = "trades"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    symbol: Mapped[str] = mapped_column(String(32), index=True)
-    side: Mapped[str] = mapped_column(String(4))  # buy | sell
-    size: Mapped[float] = mapped_column(Float)
-    entry_price: Mapped[float] = mapped_column(Float)
-    stop_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
-    take_profit: Mapped[float | None] = mapped_column(Float, nullable=True)
-    trailing_distance: Mapped[float | None] = mapped_column(Float, nullable=True)
-    breakeven_trigger: Mapped[float | None] = mapped_column(Float, nullable=True)
-    #: Best price seen since entry (highest for a buy, lowest for a sell).
-    best_price: Mapped[float | None] = mapped_column(Float, nullable=True)
-    status: Mapped[str] = mapped_column(String(8), default="open", index=True)  # open | closed
-    opened_at: Mapped[int] = mapped_column(BigInteger)
-    closed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    exit_price: Mapped[float | None] = mapped_column(Float, nullable=True)
-    pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
-    close_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)  # 32 before schema v2
-    #: Last tick id the monitor applied to this trade.
-    last_tick_id: Mapped[int] = mapped_column(BigInteger, default=0)
+#: Paper trades and the exit rules the monitor applies to them.
+trades_table = Table(
+    "trades", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("symbol", String(32), nullable=False, index=True),
+    Column("side", String(4), nullable=False),  # buy | sell
+    Column("size", Float, nullable=False),
+    Column("entry_price", Float, nullable=False),
+    Column("stop_loss", Float, nullable=True),
+    Column("take_profit", Float, nullable=True),
+    Column("trailing_distance", Float, nullable=True),
+    Column("breakeven_trigger", Float, nullable=True),
+    # Best price seen since entry (highest for a buy, lowest for a sell).
+    Column("best_price", Float, nullable=True),
+    Column("status", String(8), nullable=False, default="open", index=True),  # open | closed
+    Column("opened_at", BigInteger, nullable=False),
+    Column("closed_at", BigInteger, nullable=True),
+    Column("exit_price", Float, nullable=True),
+    Column("pnl", Float, nullable=True),
+    Column("close_reason", String(64), nullable=True),  # 32 before schema v2
+    # Last tick id the monitor applied to this trade.
+    Column("last_tick_id", BigInteger, nullable=False, default=0),
     # A trade's id is a client's handle on it (update_trade, close_trade): never given again, even
     # after a restore of an older backup (db.restore continues the counter). Schema v5 on SQLite.
-    __table_args__ = ({"sqlite_autoincrement": True},)
+    sqlite_autoincrement=True,
+)
 
-
-class TradeEvent(Base):
-    __tablename__ = "trade_events"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    trade_id: Mapped[int] = mapped_column(ForeignKey("trades.id"), index=True)
-    ts: Mapped[int] = mapped_column(BigInteger)
-    kind: Mapped[str] = mapped_column(String(64))  # opened, stop_moved, closed, ... (32 before schema v2)
-    price: Mapped[float | None] = mapped_column(Float, nullable=True)
-    pnl: Mapped[float | None] = mapped_column(Float, nullable=True)
-    detail: Mapped[str] = mapped_column(Text, default="")
-    __table_args__ = ({"sqlite_autoincrement": True},)  # as trades' (schema v5)
-
+trade_events_table = Table(
+    "trade_events", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("trade_id", ForeignKey("trades.id"), nullable=False, index=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("kind", String(64), nullable=False),  # opened, stop_moved, closed, ... (32 before schema v2)
+    Column("price", Float, nullable=True),
+    Column("pnl", Float, nullable=True),
+    Column("detail", Text, nullable=False, default=""),
+    sqlite_autoincrement=True,  # as trades' (schema v5)
+)
 
 #: How an ok job run's detail starts when its check could not be made (amcheck not installed).
 SKIPPED = "skipped: "
 
-
-class JobRun(Base):
-    __tablename__ = "job_runs"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    job: Mapped[str] = mapped_column(String(64), index=True)
-    started_at: Mapped[int] = mapped_column(BigInteger)
-    finished_at: Mapped[int] = mapped_column(BigInteger)
-    duration_ms: Mapped[int] = mapped_column(BigInteger)
-    ok: Mapped[bool] = mapped_column(Boolean)
-    detail: Mapped[str] = mapped_column(Text, default="")
-
-    @property
-    def skipped(self) -> bool:
-        """An ok run whose check could not be made: neither passed nor failed."""
-        return bool(self.ok) and (self.detail or "").startswith(SKIPPED)
+job_runs_table = Table(
+    "job_runs", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("job", String(64), nullable=False, index=True),
+    Column("started_at", BigInteger, nullable=False),
+    Column("finished_at", BigInteger, nullable=False),
+    Column("duration_ms", BigInteger, nullable=False),
+    Column("ok", Boolean, nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+)
 
 
-class AuditEntry(Base):
-    __tablename__ = "audit_log"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    ts: Mapped[int] = mapped_column(BigInteger, index=True)
-    actor: Mapped[str] = mapped_column(String(64))
-    action: Mapped[str] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(128), default="")
-    result: Mapped[str] = mapped_column(String(16))  # one of AUDIT_RESULTS
-    detail: Mapped[str] = mapped_column(Text, default="")
+audit_log_table = Table(
+    "audit_log", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("ts", BigInteger, nullable=False, index=True),
+    Column("actor", String(64), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("target", String(128), nullable=False, default=""),
+    Column("result", String(16), nullable=False),  # one of AUDIT_RESULTS
+    Column("detail", Text, nullable=False, default=""),
+)
 
+#: Measurements for the console's charts (last hour and more): ingest rate, commit latency, queue
+#: depth, WAL size, CPU and memory per watcher. ``labels`` is e.g. the watcher name; empty for
+#: stack-wide series.
+samples_table = Table(
+    "samples", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("ts", BigInteger, nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("labels", String(128), nullable=False, default=""),
+    Column("value", Float, nullable=False),
+    Index("ix_samples_name_ts", "name", "ts"),
+    Index("ix_samples_ts", "ts"),
+)
 
-class Sample(Base):
-    """A measurement for the console's charts (last hour and more): ingest
-    rate, commit latency, queue depth, WAL size, CPU and memory per watcher.
-    ``labels`` is e.g. the watcher name; empty for stack-wide series."""
-
-    __tablename__ = "samples"
-    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
-    ts: Mapped[int] = mapped_column(BigInteger)
-    name: Mapped[str] = mapped_column(String(64))
-    labels: Mapped[str] = mapped_column(String(128), default="")
-    value: Mapped[float] = mapped_column(Float)
-    __table_args__ = (Index("ix_samples_name_ts", "name", "ts"), Index("ix_samples_ts", "ts"))
-
-
-class AppliedRequest(Base):
-    """Requests the writer has committed, with their results.
-
-    Written in the same transaction as the request's effects, so a client
-    that retries after a writer crash gets the first result back instead of
-    applying the request twice.
-    """
-
-    __tablename__ = "applied_requests"
-    client_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    committed_at: Mapped[int] = mapped_column(BigInteger, index=True)
-    result: Mapped[bytes] = mapped_column(LargeBinary)
-    #: What the request asked for (:func:`db.protocol.request_digest`), so that another request under
-    #: the same id is told apart from a resend. Schema v4; NULL for requests recorded before it,
-    #: which are not compared.
-    digest: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+#: Requests the writer has committed, with their results. Written in the same transaction as the
+#: request's effects, so a client that retries after a writer crash gets the first result back
+#: instead of applying the request twice.
+applied_requests_table = Table(
+    "applied_requests", metadata,
+    Column("client_id", String(64), primary_key=True),
+    Column("seq", BigInteger, primary_key=True),
+    Column("committed_at", BigInteger, nullable=False, index=True),
+    Column("result", LargeBinary, nullable=False),
+    # What the request asked for (db.protocol.request_digest), so that another request under the
+    # same id is told apart from a resend. Schema v4; NULL for requests recorded before it, which are
+    # not compared.
+    Column("digest", LargeBinary, nullable=True),
+)
 
 
 def now_ms() -> int:

@@ -25,22 +25,22 @@ from sqlalchemy.engine import Connection
 
 from db import engine as engines
 from db import queries
-from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bar_table, indicator_table
+from db.columns import BAR_COLUMNS, INDICATOR_COLUMNS, bars_in_columns, indicators_in_columns
 from db.errors import Conflict, NotFound, ValidationError
 from db.models import (
     AUDIT_RESULTS,
     TICK_KEY,
-    AppliedRequest,
-    AuditEntry,
-    Bar,
-    Cursor,
-    JobRun,
-    Sample,
-    Tick,
-    Trade,
-    TradeEvent,
+    applied_requests_table,
+    audit_log_table,
+    bars_table,
+    cursors_table,
+    job_runs_table,
     now_ms,
+    samples_table,
+    ticks_table,
+    trade_events_table,
     trade_pnl,
+    trades_table,
 )
 from db.schema import BAR_INDICATORS
 from db.server_clock import server_now_ms
@@ -140,7 +140,7 @@ def insert_ticks(conn: Connection, ticks: dict[str, list[Any]]) -> dict[str, int
     if conn.dialect.name == "postgresql" and n >= COPY_MIN_TICKS:
         inserted = copy_ticks(conn, ticks)
     else:
-        inserted = insert_columns(conn, Tick.__table__, TICK_FIELDS, [ticks[f] for f in TICK_FIELDS],
+        inserted = insert_columns(conn, ticks_table, TICK_FIELDS, [ticks[f] for f in TICK_FIELDS],
                                   skip_on=TICK_KEY)
     return {"inserted": inserted, "duplicates": n - inserted}
 
@@ -153,19 +153,19 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
     Bounded so one retention run cannot hold the writer for long: call again while ``more`` is true.
     ``kept_for_analysis``: in the last call (``more`` false), the ticks older than ``before_ts`` kept
     because the analysis has not read them yet."""
-    old = Tick.ts < before_ts
+    old = ticks_table.c.ts < before_ts
     analysed = queries.analysed_through(conn)
     if analysed is not None:  # none: the analysis never ran in this database, and nothing waits for it
-        old = old & (Tick.id <= analysed)
-    ids = select(Tick.id).where(old).order_by(Tick.id).limit(limit).scalar_subquery()
-    deleted = conn.execute(delete(Tick).where(Tick.id.in_(ids))).rowcount
+        old = old & (ticks_table.c.id <= analysed)
+    ids = select(ticks_table.c.id).where(old).order_by(ticks_table.c.id).limit(limit).scalar_subquery()
+    deleted = conn.execute(delete(ticks_table).where(ticks_table.c.id.in_(ids))).rowcount
     # A full batch may have left more behind; checking with a query would
     # scan the table (no index on ts alone, which ingest would pay for).
     more = deleted == limit
     kept = 0
     if not more and analysed is not None:  # the ticks after the cursor only: what the analysis has to read
-        kept = conn.execute(select(func.count()).select_from(Tick)
-                            .where(Tick.id > analysed, Tick.ts < before_ts)).scalar() or 0
+        kept = conn.execute(select(func.count()).select_from(ticks_table)
+                            .where(ticks_table.c.id > analysed, ticks_table.c.ts < before_ts)).scalar() or 0
     return {"deleted": deleted, "more": more, "kept_for_analysis": kept}
 
 
@@ -175,7 +175,7 @@ def prune_ticks(conn: Connection, before_ts: int, limit: int = 100_000) -> dict[
 @op("upsert_bars", bars=bar_rows)
 def upsert_bars(conn: Connection, bars: list[dict[str, Any]]) -> dict[str, int]:
     """Insert or replace whole bars (values, not increments: idempotent)."""
-    return {"upserted": upsert_rows(conn, Bar.__table__, bars, ("symbol", "timeframe", "ts"))}
+    return {"upserted": upsert_rows(conn, bars_table, bars, ("symbol", "timeframe", "ts"))}
 
 
 @op("put_indicators", values=indicator_rows)
@@ -184,8 +184,8 @@ def put_indicators(conn: Connection, values: list[dict[str, Any]]) -> dict[str, 
     return {"upserted": _upsert_indicators(conn, {f: [r[f] for r in values] for f in INDICATOR_COLUMNS})}
 
 
-@op("store_analysis", cursor=label, position=integer(0), bars=(bar_table, False),
-    indicators=(indicator_table, False), state=(optional(blob), False), expect=(optional(integer(0)), False))
+@op("store_analysis", cursor=label, position=integer(0), bars=(bars_in_columns, False),
+    indicators=(indicators_in_columns, False), state=(optional(blob), False), expect=(optional(integer(0)), False))
 def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str, list] | None = None,
                    indicators: dict[str, list] | None = None, state: bytes | None = None,
                    expect: int | None = None) -> dict[str, int]:
@@ -200,14 +200,15 @@ def store_analysis(conn: Connection, cursor: str, position: int, bars: dict[str,
     # FOR UPDATE: during a change of leader two hosts' writers may store the same cursor at once;
     # the second waits (up to TICKSTACK_LOCK_TIMEOUT_MS, then retried), then sees the first's
     # position (left out on SQLite: one writer).
-    current = conn.execute(select(Cursor.value).where(Cursor.name == cursor).with_for_update()).scalar()
+    current = conn.execute(select(cursors_table.c.value).where(cursors_table.c.name == cursor)
+                           .with_for_update()).scalar()
     if expect is not None and (current or 0) != expect:
         raise Conflict(f"cursor {cursor!r} is at {current or 0}, not at {expect} as this store expects")
     if current is not None and position < current:
         raise Conflict(f"cursor {cursor!r} is at {current}; refusing to move it back to {position}")
-    n_bars = upsert_columns(conn, Bar.__table__, bars, BAR_COLUMNS, ("symbol", "timeframe", "ts"))
+    n_bars = upsert_columns(conn, bars_table, bars, BAR_COLUMNS, ("symbol", "timeframe", "ts"))
     n_ind = _upsert_indicators(conn, indicators) if indicators else 0
-    upsert_rows(conn, Cursor.__table__, [{"name": cursor, "value": position, "state": state}], ("name",))
+    upsert_rows(conn, cursors_table, [{"name": cursor, "value": position, "state": state}], ("name",))
     return {"bars": n_bars, "indicators": n_ind, "position": position}
 
 
@@ -257,14 +258,15 @@ def _event_ts(conn: Connection, trade_id: int, ts: int | None) -> int:
     time (:func:`db.queries.trade_events`), then showed the trade trailed or closed before it was
     opened, or closed before the change that preceded the close. One look-up on the events' trade
     index. ``closed_at`` is the closing event's ts."""
-    last = conn.execute(select(func.max(TradeEvent.ts)).where(TradeEvent.trade_id == trade_id)).scalar()
+    last = conn.execute(select(func.max(trade_events_table.c.ts))
+                        .where(trade_events_table.c.trade_id == trade_id)).scalar()
     stamp = now_ms() if ts is None else ts
     return stamp if last is None else max(stamp, last)
 
 
 def _event(conn: Connection, trade_id: int, ts: int, kind: str, price_: float | None,
            pnl: float | None = None, detail: str = "") -> None:
-    insert_row(conn, TradeEvent.__table__, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
+    insert_row(conn, trade_events_table, dict(trade_id=trade_id, ts=ts, kind=kind, price=price_, pnl=pnl,
                                                  detail=detail))
 
 
@@ -272,7 +274,7 @@ def _open_trade_row(conn: Connection, trade_id: int) -> Any:
     # FOR UPDATE: on PostgreSQL writers of several hosts may close or change one trade at once; the
     # second waits for the first (up to TICKSTACK_LOCK_TIMEOUT_MS, then retried) and then sees it
     # closed (SQLite: one writer, the clause is left out).
-    row = conn.execute(select(Trade).where(Trade.id == trade_id).with_for_update()).first()
+    row = conn.execute(select(trades_table).where(trades_table.c.id == trade_id).with_for_update()).first()
     if row is None:
         raise NotFound(f"trade {trade_id} does not exist")
     if row.status != "open":
@@ -315,8 +317,8 @@ def open_trade(conn: Connection, symbol: str, side: str, size: float, entry_pric
     if trailing_distance is not None:
         _check_trail(side, entry, trailing_distance)
     ts = now_ms() if ts is None else ts
-    last_tick = conn.execute(select(func.max(Tick.id))).scalar() or 0
-    trade_id = conn.execute(insert(Trade), dict(
+    last_tick = conn.execute(select(func.max(ticks_table.c.id))).scalar() or 0
+    trade_id = conn.execute(insert(trades_table), dict(
         symbol=symbol, side=side, size=size, entry_price=entry, stop_loss=stop_loss, take_profit=take_profit,
         trailing_distance=trailing_distance, breakeven_trigger=breakeven_trigger, best_price=entry,
         status="open", opened_at=ts, last_tick_id=last_tick,
@@ -349,7 +351,7 @@ def update_trade(conn: Connection, trade_id: int, stop_loss: float | None = None
         values["last_tick_id"] = max(last_tick_id, row.last_tick_id)
     if not values:
         raise ValidationError("update_trade: nothing to change")
-    conn.execute(update(Trade).where(Trade.id == trade_id).values(**values))
+    conn.execute(update(trades_table).where(trades_table.c.id == trade_id).values(**values))
     moved = {k: values[k] for k in ("stop_loss", "take_profit") if k in values and values[k] != getattr(row, k)}
     if moved:  # the event's price is the stop it set, if it moved it: the monitor reads its rule from it
         detail = ", ".join(f"{k} set to {value}" if getattr(row, k) is None else f"{k} {getattr(row, k)} -> {value}"
@@ -371,7 +373,7 @@ def close_trade(conn: Connection, trade_id: int, price: float | None = None, rea
                                   close_reason=reason)
     if last_tick_id is not None:
         values["last_tick_id"] = max(last_tick_id, row.last_tick_id)
-    conn.execute(update(Trade).where(Trade.id == trade_id).values(**values))
+    conn.execute(update(trades_table).where(trades_table.c.id == trade_id).values(**values))
     _event(conn, trade_id, ts, "closed", exit_price, pnl, detail=reason)
     return {"id": trade_id, "exit_price": exit_price, "pnl": pnl}
 
@@ -386,7 +388,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
     """Record one run of a maintenance job."""
     if finished_at < started_at:
         raise ValidationError(f"finished_at {finished_at} is before started_at {started_at}")
-    run_id = insert_row(conn, JobRun.__table__, dict(job=job, started_at=started_at, finished_at=finished_at,
+    run_id = insert_row(conn, job_runs_table, dict(job=job, started_at=started_at, finished_at=finished_at,
                                                      duration_ms=finished_at - started_at, ok=ok, detail=detail))
     return {"id": run_id}
 
@@ -397,7 +399,7 @@ def record_job_run(conn: Connection, job: str, started_at: int, finished_at: int
 def audit(conn: Connection, actor: str, action: str, target: str = "", result: str = "ok",
           detail: str = "", ts: int | None = None) -> dict[str, int]:
     """Append to the audit log: who did what to what, and how it went."""
-    entry_id = insert_row(conn, AuditEntry.__table__, dict(
+    entry_id = insert_row(conn, audit_log_table, dict(
         ts=now_ms() if ts is None else ts, actor=actor, action=action, target=target, result=result,
         detail=detail))
     return {"id": entry_id}
@@ -410,11 +412,11 @@ _SAMPLE_COLUMNS = ("ts", "name", "labels", "value")
 def record_samples(conn: Connection, samples: list[dict[str, Any]], keep_ms: int | None = None) -> dict[str, int]:
     """Store measurements for the charts; with ``keep_ms``, forget samples
     older than that (the series stay bounded)."""
-    insert_many(conn, Sample.__table__, _SAMPLE_COLUMNS,
+    insert_many(conn, samples_table, _SAMPLE_COLUMNS,
                  ((s["ts"], s["name"], s.get("labels", ""), s["value"]) for s in samples))
     pruned = 0
     if keep_ms is not None:
-        pruned = conn.execute(delete(Sample).where(Sample.ts < now_ms() - keep_ms)).rowcount
+        pruned = conn.execute(delete(samples_table).where(samples_table.c.ts < now_ms() - keep_ms)).rowcount
     return {"stored": len(samples), "pruned": pruned}
 
 
@@ -440,15 +442,15 @@ def checkpoint(conn: Connection, mode: str = "TRUNCATE") -> dict[str, int]:
 
 def last_applied_seq(conn: Connection, client_id: str) -> int:
     """The highest request seq of ``client_id`` on record (0 for none)."""
-    return conn.execute(select(func.max(AppliedRequest.seq)).where(AppliedRequest.client_id == client_id)
-                        ).scalar() or 0
+    return conn.execute(select(func.max(applied_requests_table.c.seq))
+                        .where(applied_requests_table.c.client_id == client_id)).scalar() or 0
 
 
 def lookup_applied(conn: Connection, client_id: str, seq: int) -> tuple[bytes | None, bytes] | None:
     """The request applied as (client id, seq): its digest (None: recorded before schema v4) and its
     packed result; None when no request was."""
-    row = conn.execute(select(AppliedRequest.digest, AppliedRequest.result).where(
-        AppliedRequest.client_id == client_id, AppliedRequest.seq == seq)).first()
+    row = conn.execute(select(applied_requests_table.c.digest, applied_requests_table.c.result).where(
+        applied_requests_table.c.client_id == client_id, applied_requests_table.c.seq == seq)).first()
     return None if row is None else (row[0], row[1])
 
 
@@ -480,20 +482,20 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
     statement, and the writer then runs the batch again with a record per request
     (:func:`record_applied`). ``at``: the records' time (:func:`record_clock_ms` when not given)."""
     at = record_clock_ms(conn) if at is None else at
-    insert_many(conn, AppliedRequest.__table__, _APPLIED_COLUMNS,
+    insert_many(conn, applied_requests_table, _APPLIED_COLUMNS,
                  ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
 
 
 def shift_applied(conn: Connection, until: int, by: int) -> int:
     """Move the records made at or before ``until`` (ms) ``by`` ms later; how many (the wall clock
     jumped forward: :mod:`workers.dedup`)."""
-    return conn.execute(update(AppliedRequest).where(AppliedRequest.committed_at <= until)
-                        .values(committed_at=AppliedRequest.committed_at + by)).rowcount
+    return conn.execute(update(applied_requests_table).where(applied_requests_table.c.committed_at <= until)
+                        .values(committed_at=applied_requests_table.c.committed_at + by)).rowcount
 
 
 def newest_applied(conn: Connection) -> int | None:
     """The newest record's time (``committed_at``), None for an empty record."""
-    return conn.execute(select(func.max(AppliedRequest.committed_at))).scalar()
+    return conn.execute(select(func.max(applied_requests_table.c.committed_at))).scalar()
 
 
 def compile_applied_records(conn: Connection) -> None:
@@ -504,9 +506,10 @@ def compile_applied_records(conn: Connection) -> None:
     last_applied_seq(conn, "")
     lookup_applied(conn, "", 0)
     newest_applied(conn)  # the record's clock, read at the first batch (workers.dedup)
-    compile_insert(conn.dialect, AppliedRequest.__table__, _APPLIED_COLUMNS)  # record_applied_many's
+    compile_insert(conn.dialect, applied_requests_table, _APPLIED_COLUMNS)  # record_applied_many's
     prune_applied(conn, 0)
 
 
 def prune_applied(conn: Connection, older_than_ms: int) -> int:
-    return conn.execute(delete(AppliedRequest).where(AppliedRequest.committed_at < older_than_ms)).rowcount
+    applied = applied_requests_table
+    return conn.execute(delete(applied).where(applied.c.committed_at < older_than_ms)).rowcount

@@ -16,27 +16,39 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Row, Select, func, or_, select
+from sqlalchemy import Row, Select, and_, func, or_, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
 
 from db.columns import BAR_INDICATOR_KEYS
-from db.models import ANALYSIS_CURSOR, Bar, Cursor, Sample, Tick, Trade, TradeEvent, trade_pnl
+from db.models import (
+    ANALYSIS_CURSOR,
+    SKIPPED,
+    bars_table,
+    cursors_table,
+    job_runs_table,
+    samples_table,
+    ticks_table,
+    trade_events_table,
+    trade_pnl,
+    trades_table,
+)
 from db.schema import BAR_INDICATORS
 
-#: What a query runs on: a connection (workers, the writer) or a session (the web apps).
-Reader = Connection | Session
+if TYPE_CHECKING:  # the ORM's Session is the web apps' (Flask-SQLAlchemy); the workers never load the ORM
+    from sqlalchemy.orm import Session
 
-TICK_COLUMNS = (Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.ask, Tick.volume, Tick.source, Tick.seq)
-BAR_COLUMNS = (Bar.ts, Bar.open, Bar.high, Bar.low, Bar.close, Bar.volume)
+    #: What a query runs on: a connection (workers, the writer) or a session (the web apps).
+    Reader = Connection | Session
+
+TICK_COLUMNS = tuple(ticks_table.c["id", "symbol", "ts", "bid", "ask", "volume", "source", "seq"])
+BAR_COLUMNS = tuple(bars_table.c["ts", "open", "high", "low", "close", "volume"])
 #: A trade as callers show it (``last_tick_id`` is the monitor's bookkeeping, left out).
-TRADE_COLUMNS = (Trade.id, Trade.symbol, Trade.side, Trade.size, Trade.entry_price, Trade.stop_loss,
-                 Trade.take_profit, Trade.trailing_distance, Trade.breakeven_trigger, Trade.best_price,
-                 Trade.status, Trade.opened_at, Trade.closed_at, Trade.exit_price, Trade.pnl, Trade.close_reason)
-EVENT_COLUMNS = (TradeEvent.id, TradeEvent.ts, TradeEvent.kind, TradeEvent.price, TradeEvent.pnl,
-                 TradeEvent.detail)
+TRADE_COLUMNS = tuple(trades_table.c[
+    "id", "symbol", "side", "size", "entry_price", "stop_loss", "take_profit", "trailing_distance",
+    "breakeven_trigger", "best_price", "status", "opened_at", "closed_at", "exit_price", "pnl", "close_reason"])
+EVENT_COLUMNS = tuple(trade_events_table.c["id", "ts", "kind", "price", "pnl", "detail"])
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,8 @@ def _series_page(conn: Reader, stmt: Select, ts_column: Any, *, since: int | Non
 
 def latest_tick(conn: Reader, symbol: str) -> Row | None:
     """The latest tick of ``symbol`` (by ts, then id), or None when it has none."""
-    return conn.execute(select(*TICK_COLUMNS).where(Tick.symbol == symbol)
-                        .order_by(Tick.ts.desc(), Tick.id.desc()).limit(1)).first()
+    return conn.execute(select(*TICK_COLUMNS).where(ticks_table.c.symbol == symbol)
+                        .order_by(ticks_table.c.ts.desc(), ticks_table.c.id.desc()).limit(1)).first()
 
 
 def latest_ticks(conn: Reader, symbols: Iterable[str]) -> dict[str, Row]:
@@ -147,11 +159,12 @@ def price_decimals(conn: Reader, symbols: Iterable[str], sample: int = PRECISION
         if configured and symbol in configured:
             out[symbol] = int(configured[symbol])  # an operator's word wins over a guess from the data
             continue
-        rows = conn.execute(select(Tick.bid, Tick.ask).where(Tick.symbol == symbol)
-                            .order_by(Tick.ts.desc(), Tick.id.desc()).limit(sample)).all()
+        tick, bar = ticks_table.c, bars_table.c
+        rows = conn.execute(select(tick.bid, tick.ask).where(tick.symbol == symbol)
+                            .order_by(tick.ts.desc(), tick.id.desc()).limit(sample)).all()
         if not rows:
-            rows = conn.execute(select(Bar.open, Bar.high, Bar.low, Bar.close).where(Bar.symbol == symbol)
-                                .order_by(Bar.ts.desc()).limit(sample)).all()
+            rows = conn.execute(select(bar.open, bar.high, bar.low, bar.close).where(bar.symbol == symbol)
+                                .order_by(bar.ts.desc()).limit(sample)).all()
         if rows:
             out[symbol] = max(decimals(v) for row in rows for v in row)
     return out
@@ -169,8 +182,8 @@ def tick_series(conn: Reader, symbol: str, *, since: int | None = None, until: i
     """A page of ``symbol``'s ticks by (ts, id), oldest first: from ``since`` (after the tick
     ``since, after_id``) forward, else the newest up to ``until`` (before the tick ``until,
     before_id``); see :func:`_series_page`."""
-    stmt = select(*TICK_COLUMNS).where(Tick.symbol == symbol)
-    return _series_page(conn, stmt, Tick.ts, since=since, until=until, limit=limit, id_column=Tick.id,
+    stmt = select(*TICK_COLUMNS).where(ticks_table.c.symbol == symbol)
+    return _series_page(conn, stmt, ticks_table.c.ts, since=since, until=until, limit=limit, id_column=ticks_table.c.id,
                         after_id=after_id, before_id=before_id)
 
 
@@ -181,8 +194,8 @@ def bar_series(conn: Reader, symbol: str, timeframe: str, *, since: int | None =
                limit: int) -> Page:
     """A page of the bars of ``symbol`` and ``timeframe`` (ts: bucket start, unique), oldest first:
     the oldest ``limit`` from ``since``, else the newest up to ``until``; see :func:`_series_page`."""
-    stmt = select(*BAR_COLUMNS).where(Bar.symbol == symbol, Bar.timeframe == timeframe)
-    return _series_page(conn, stmt, Bar.ts, since=since, until=until, limit=limit)
+    stmt = select(*BAR_COLUMNS).where(bars_table.c.symbol == symbol, bars_table.c.timeframe == timeframe)
+    return _series_page(conn, stmt, bars_table.c.ts, since=since, until=until, limit=limit)
 
 
 def indicator_series(conn: Reader, symbol: str, timeframe: str, name: str, *, since: int | None = None,
@@ -215,7 +228,7 @@ def _tuples(conn: Connection, stmt: Select) -> list[tuple]:
 def analysed_through(conn: Reader) -> int | None:
     """The last tick id the analysis has read (its cursor, :data:`db.models.ANALYSIS_CURSOR`), None when
     it never ran in this database: retention deletes no tick after it (``prune_ticks``)."""
-    return conn.execute(select(Cursor.value).where(Cursor.name == ANALYSIS_CURSOR)).scalar()
+    return conn.execute(select(cursors_table.c.value).where(cursors_table.c.name == ANALYSIS_CURSOR)).scalar()
 
 
 def oldest_deletable_tick_ts(conn: Reader) -> int | None:
@@ -227,25 +240,25 @@ def oldest_deletable_tick_ts(conn: Reader) -> int | None:
     seek on ``ix_ticks_symbol_ts`` (no index on ts alone: ingest would pay for it), so no scan."""
     read_through = analysed_through(conn)
     oldest = None
-    symbol = conn.execute(select(func.min(Tick.symbol))).scalar()
+    symbol = conn.execute(select(func.min(ticks_table.c.symbol))).scalar()
     while symbol is not None:
-        first = select(Tick.ts).where(Tick.symbol == symbol)
+        first = select(ticks_table.c.ts).where(ticks_table.c.symbol == symbol)
         if read_through is not None:
-            first = first.where(Tick.id <= read_through)
-        ts = conn.execute(first.order_by(Tick.ts).limit(1)).scalar()
+            first = first.where(ticks_table.c.id <= read_through)
+        ts = conn.execute(first.order_by(ticks_table.c.ts).limit(1)).scalar()
         if ts is not None and (oldest is None or ts < oldest):
             oldest = ts
-        symbol = conn.execute(select(func.min(Tick.symbol)).where(Tick.symbol > symbol)).scalar()
+        symbol = conn.execute(select(func.min(ticks_table.c.symbol)).where(ticks_table.c.symbol > symbol)).scalar()
     return oldest
 
 
 def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:
     """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order;
     only ids up to ``through`` when given (:meth:`TickHorizon.advance`: none of them can still come)."""
-    stmt = select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.volume).where(Tick.id > after_id)
+    stmt = select(*ticks_table.c["id", "symbol", "ts", "bid", "volume"]).where(ticks_table.c.id > after_id)
     if through is not None:  # None (SQLite): the very statement as before, so nothing changes there
-        stmt = stmt.where(Tick.id <= through)
-    return _tuples(conn, stmt.order_by(Tick.id).limit(limit))
+        stmt = stmt.where(ticks_table.c.id <= through)
+    return _tuples(conn, stmt.order_by(ticks_table.c.id).limit(limit))
 
 
 #: The transactions that may be writing ``ticks`` now: every holder of ROW EXCLUSIVE on it. An INSERT
@@ -324,7 +337,7 @@ class TickHorizon:
                     raise RuntimeError(f"the ticks id sequence has CACHE {cache}: readers need CACHE 1 to "
                                        "know that no smaller id can still appear (ALTER SEQUENCE ... CACHE 1)")
                 self._checked = True
-            top = conn.execute(select(func.max(Tick.id))).scalar() or 0
+            top = conn.execute(select(func.max(ticks_table.c.id))).scalar() or 0
             writers = frozenset(row[0] for row in conn.exec_driver_sql(_TICK_WRITERS_SQL))  # after top: see above
         finally:
             conn.rollback()  # the caller's reads start a snapshot after the lock read
@@ -343,22 +356,24 @@ class TickHorizon:
 def symbol_ticks_between(conn: Connection, symbol: str, since: int, until: int, max_id: int) -> list[tuple]:
     """(ts, bid, volume) of ``symbol``'s ticks with since <= ts < until and id <= ``max_id``, in (ts, id)
     order: the order that defines a bar (one range scan of the (symbol, ts) index)."""
-    return _tuples(conn, select(Tick.ts, Tick.bid, Tick.volume)
-                   .where(Tick.symbol == symbol, Tick.ts >= since, Tick.ts < until, Tick.id <= max_id)
-                   .order_by(Tick.ts, Tick.id))
+    tick = ticks_table.c
+    return _tuples(conn, select(tick.ts, tick.bid, tick.volume)
+                   .where(tick.symbol == symbol, tick.ts >= since, tick.ts < until, tick.id <= max_id)
+                   .order_by(tick.ts, tick.id))
 
 
 def bars_between(conn: Connection, symbol: str, timeframe: str, since: int, until: int) -> list[tuple]:
     """(ts, open, high, low, close, volume, tick_count) of the stored bars with since <= ts <= until."""
-    return _tuples(conn, select(Bar.ts, Bar.open, Bar.high, Bar.low, Bar.close, Bar.volume, Bar.tick_count)
-                   .where(Bar.symbol == symbol, Bar.timeframe == timeframe, Bar.ts >= since, Bar.ts <= until)
-                   .order_by(Bar.ts))
+    bar = bars_table.c
+    return _tuples(conn, select(*BAR_COLUMNS, bar.tick_count)
+                   .where(bar.symbol == symbol, bar.timeframe == timeframe, bar.ts >= since, bar.ts <= until)
+                   .order_by(bar.ts))
 
 
 def bar_hlc(conn: Connection, symbol: str, timeframe: str) -> list[tuple]:
     """(ts, high, low, close) of every stored bar of the series, oldest first: what its indicators need."""
-    return _tuples(conn, select(Bar.ts, Bar.high, Bar.low, Bar.close)
-                   .where(Bar.symbol == symbol, Bar.timeframe == timeframe).order_by(Bar.ts))
+    return _tuples(conn, select(bars_table.c.ts, bars_table.c.high, bars_table.c.low, bars_table.c.close)
+                   .where(bars_table.c.symbol == symbol, bars_table.c.timeframe == timeframe).order_by(bars_table.c.ts))
 
 
 #: Samples the analysis worker records when late ticks were folded into bars (labels: the symbol).
@@ -369,9 +384,10 @@ BACKFILL_BARS = "analysis_backfill_bars"
 def backfills(conn: Reader, since_ms: int) -> list[dict[str, Any]]:
     """Per symbol, the late ticks folded in and bars recomputed since ``since_ms``, with the time of the
     latest backfill; most recent first. From the samples the analysis worker records."""
-    stmt = (select(Sample.labels, Sample.name, func.sum(Sample.value), func.max(Sample.ts))
-            .where(Sample.name.in_((BACKFILL_TICKS, BACKFILL_BARS)), Sample.ts >= since_ms)
-            .group_by(Sample.labels, Sample.name))
+    sample = samples_table.c
+    stmt = (select(sample.labels, sample.name, func.sum(sample.value), func.max(sample.ts))
+            .where(sample.name.in_((BACKFILL_TICKS, BACKFILL_BARS)), sample.ts >= since_ms)
+            .group_by(sample.labels, sample.name))
     out: dict[str, dict[str, Any]] = {}
     for symbol, name, total, latest in conn.execute(stmt).all():
         row = out.setdefault(symbol, {"symbol": symbol, "ticks": 0, "bars": 0, "latest": 0})
@@ -385,13 +401,13 @@ def backfills(conn: Reader, since_ms: int) -> list[dict[str, Any]]:
 
 def trade(conn: Reader, trade_id: int) -> Row | None:
     """The trade with id ``trade_id``, or None."""
-    return conn.execute(select(*TRADE_COLUMNS).where(Trade.id == trade_id)).first()
+    return conn.execute(select(*TRADE_COLUMNS).where(trades_table.c.id == trade_id)).first()
 
 
 def trade_events(conn: Reader, trade_id: int) -> list[Row]:
     """The events of trade ``trade_id``, oldest first."""
-    return list(conn.execute(select(*EVENT_COLUMNS).where(TradeEvent.trade_id == trade_id)
-                             .order_by(TradeEvent.ts, TradeEvent.id)).all())
+    return list(conn.execute(select(*EVENT_COLUMNS).where(trade_events_table.c.trade_id == trade_id)
+                             .order_by(trade_events_table.c.ts, trade_events_table.c.id)).all())
 
 
 def trades(conn: Reader, *, status: str | None = None, symbol: str | None = None, limit: int | None = None,
@@ -401,13 +417,13 @@ def trades(conn: Reader, *, status: str | None = None, symbol: str | None = None
     id}``."""
     stmt = select(*TRADE_COLUMNS)
     if status is not None:
-        stmt = stmt.where(Trade.status == status)
+        stmt = stmt.where(trades_table.c.status == status)
     if symbol is not None:
-        stmt = stmt.where(Trade.symbol == symbol)
+        stmt = stmt.where(trades_table.c.symbol == symbol)
     if before_id is not None:
-        stmt = stmt.where(Trade.id < before_id)
-    rows, more = _cut(conn.execute(stmt.order_by(Trade.id.desc()).limit(None if limit is None else limit + 1)).all(),
-                      limit)
+        stmt = stmt.where(trades_table.c.id < before_id)
+    rows, more = _cut(conn.execute(stmt.order_by(trades_table.c.id.desc())
+                                   .limit(None if limit is None else limit + 1)).all(), limit)
     return Page(rows, more, {"before_id": rows[-1].id} if more else None)
 
 
@@ -424,7 +440,7 @@ class Mark:
 
 
 def marks(conn: Reader, trades_: Sequence[Any]) -> dict[int, Mark | None]:
-    """Trade id -> its :class:`Mark` for each open trade of ``trades_`` (rows with id, symbol, side,
+    """trades_table id -> its :class:`Mark` for each open trade of ``trades_`` (rows with id, symbol, side,
     size, entry_price, status); None for one whose symbol has no tick. The latest tick of each
     symbol is read once."""
     open_ = [t for t in trades_ if t.status == "open"]
@@ -445,21 +461,46 @@ def marks(conn: Reader, trades_: Sequence[Any]) -> dict[int, Mark | None]:
 
 def samples_since(conn: Reader, names: Sequence[str], since_ms: int) -> list[Row]:
     """Samples (name, labels, ts, value) of the series ``names`` since ``since_ms``, in time order."""
-    return list(conn.execute(select(Sample.name, Sample.labels, Sample.ts, Sample.value)
-                             .where(Sample.name.in_(names), Sample.ts >= since_ms)
-                             .order_by(Sample.ts, Sample.id)).all())
+    sample = samples_table.c
+    return list(conn.execute(select(sample.name, sample.labels, sample.ts, sample.value)
+                             .where(sample.name.in_(names), sample.ts >= since_ms)
+                             .order_by(sample.ts, sample.id)).all())
 
 
 def latest_sample(conn: Reader, name: str, since_ms: int) -> Row | None:
     """The latest sample (ts, value) of series ``name`` since ``since_ms``, or None."""
-    return conn.execute(select(Sample.ts, Sample.value).where(Sample.name == name, Sample.ts >= since_ms)
-                        .order_by(Sample.ts.desc()).limit(1)).first()
+    sample = samples_table.c
+    return conn.execute(select(sample.ts, sample.value).where(sample.name == name, sample.ts >= since_ms)
+                        .order_by(sample.ts.desc()).limit(1)).first()
+
+
+#: A job run as the console and doctor read it, with ``skipped``: an ok run whose check could not be
+#: made (its detail starts with :data:`db.models.SKIPPED`), neither passed nor failed. Compared by
+#: substring, not LIKE, which SQLite matches without regard to case.
+JOB_RUN_COLUMNS = (*job_runs_table.c, and_(job_runs_table.c.ok,
+                                            func.substr(job_runs_table.c.detail, 1, len(SKIPPED)) == SKIPPED)
+                   .label("skipped"))
+
+
+def job_runs(conn: Reader, limit: int) -> list[Row]:
+    """The last ``limit`` job runs recorded, newest first (:data:`JOB_RUN_COLUMNS`)."""
+    run = job_runs_table.c
+    return list(conn.execute(select(*JOB_RUN_COLUMNS).order_by(run.started_at.desc(), run.id.desc()).limit(limit)))
+
+
+def last_job_run(conn: Reader, job: str) -> Row | None:
+    """The last recorded run of ``job`` (by start time, then id: on PostgreSQL several hosts' jobs
+    workers record runs, and ids are not given in start order), or None."""
+    run = job_runs_table.c
+    return conn.execute(select(*JOB_RUN_COLUMNS).where(run.job == job)
+                        .order_by(run.started_at.desc(), run.id.desc()).limit(1)).first()
 
 
 def sample_totals(conn: Reader, name: str, since_ms: int) -> dict[str, float]:
     """Label -> the sum of series ``name``'s values since ``since_ms`` (e.g. restarts per watcher)."""
-    rows = conn.execute(select(Sample.labels, func.sum(Sample.value))
-                        .where(Sample.name == name, Sample.ts >= since_ms).group_by(Sample.labels)).all()
+    sample = samples_table.c
+    rows = conn.execute(select(sample.labels, func.sum(sample.value))
+                        .where(sample.name == name, sample.ts >= since_ms).group_by(sample.labels)).all()
     return {label: float(total or 0) for label, total in rows}
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import BigInteger, Column, Float, MetaData, PrimaryKeyConstraint
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateTable
 
-from db.models import SchemaVersion, Trade, TradeEvent, metadata, now_ms
+from db.models import metadata, now_ms, schema_version_table, trade_events_table, trades_table
 from db.vocabulary import INDICATORS
 
 #: Indicator values, one row per bar: a column per indicator, NULL where it is not computable yet
@@ -65,7 +65,7 @@ def _v3_indicator_rows(conn: Connection) -> None:
 
 
 def _v4_request_digests(conn: Connection) -> None:
-    # applied_requests.digest (db.models.AppliedRequest): what each applied request asked for, so that
+    # applied_requests.digest (db.models.applied_requests_table): what each applied request asked for, so that
     # a different request under an applied id is refused instead of answered with the first one's
     # result. Nullable: the rows recorded before it have none and are not compared. v1's create_all
     # already made it on a database created since (and on one whose version rows were rewound).
@@ -103,9 +103,9 @@ def _v5_trade_ids_never_reused(conn: Connection) -> None:
     if conn.dialect.name != "sqlite":
         return
     ddl = dict(conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
-    if "AUTOINCREMENT" in (ddl.get(Trade.__tablename__) or "").upper():
+    if "AUTOINCREMENT" in (ddl.get(trades_table.name) or "").upper():
         return  # made by v1's create_all since, or a database whose version rows were rewound
-    orphans = conn.exec_driver_sql(f"PRAGMA foreign_key_check({TradeEvent.__tablename__})").fetchall()
+    orphans = conn.exec_driver_sql(f"PRAGMA foreign_key_check({trade_events_table.name})").fetchall()
     if orphans:  # the copy would fail on them (foreign keys on), in words no one could act on
         raise RuntimeError(
             f"schema v5 copies trade_events, and {len(orphans)} of them point at trades that do not exist (rowids "
@@ -114,11 +114,11 @@ def _v5_trade_ids_never_reused(conn: Connection) -> None:
             "WHERE trade_id NOT IN (SELECT id FROM trades)) or put their trades back, then start the writer again")
     counters = {}
     if "sqlite_sequence" in ddl:
-        for name in (Trade.__tablename__, TradeEvent.__tablename__):
+        for name in (trades_table.name, trade_events_table.name):
             counters[name] = conn.exec_driver_sql("SELECT max(seq) FROM sqlite_sequence WHERE name = ?",
                                                   (name,)).scalar()
             conn.exec_driver_sql("DELETE FROM sqlite_sequence WHERE name = ?", (name,))
-    trades, events = Trade.__table__, TradeEvent.__table__
+    trades, events = trades_table, trade_events_table
     for table, refs in ((trades, None), (events, (trades.name, f"{trades.name}_v5"))):
         _create_as(conn, table, f"{table.name}_v5", refs)
         columns = ", ".join(c.name for c in table.columns)
@@ -147,9 +147,10 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def current_version(conn: Connection) -> int:
-    if not inspect(conn).has_table(SchemaVersion.__tablename__):
+    if not inspect(conn).has_table(schema_version_table.name):
         return 0
-    return conn.execute(select(SchemaVersion.version).order_by(SchemaVersion.version.desc())).scalar() or 0
+    version = schema_version_table.c.version
+    return conn.execute(select(version).order_by(version.desc())).scalar() or 0
 
 
 #: The advisory lock that serialises migrations on PostgreSQL (any constant all our processes share).
@@ -174,5 +175,5 @@ def migrate(conn: Connection) -> tuple[int, int]:
     for version, _what, step in MIGRATIONS:
         if version > before:
             step(conn)
-            conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms()))
+            conn.execute(insert(schema_version_table).values(version=version, applied_at=now_ms()))
     return before, SCHEMA_VERSION

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import DBAPIError
 
 from db import engine as engines
-from db.models import TICK_KEY, Tick
+from db.models import TICK_KEY, ticks_table
 from db.validation import TICK_FIELDS
 
 #: (dialect, table, columns, upsert key, skip key, keep) -> (SQL text, positional parameter order or None).
@@ -227,7 +227,7 @@ _TICK_COPY_SQL = (f"COPY pg_temp.ticks_in ({', '.join(TICK_FIELDS)}) FROM STDIN 
 #: The (source, seq) key's constraint, named by the models' convention: a COPY that breaks it is a
 #: replay; one that breaks another (the id's, after a restore that did not move the sequence on)
 #: is an error, never ticks quietly counted as duplicates.
-_TICK_KEY_NAME = next(c.name for c in Tick.__table__.constraints
+_TICK_KEY_NAME = next(c.name for c in ticks_table.constraints
                       if isinstance(c, UniqueConstraint) and tuple(c.columns.keys()) == TICK_KEY)
 
 

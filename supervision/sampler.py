@@ -43,7 +43,7 @@ from db import health, queries
 from db.circusd import circusd_pidfile, live_circusd
 from db.client import WriterClient
 from db.config import Settings
-from db.models import Sample, now_ms
+from db.models import now_ms, samples_table
 from db.server import server_status
 from db.validation import is_number
 from supervision.circus import Circus, CircusError
@@ -138,8 +138,8 @@ class Sampler:
         except psutil.Error:
             self.circusd_started_ms = None
         if last is not None:
-            rows = conn.execute(select(Sample.labels, Sample.value).where(
-                Sample.name == "watcher.processes", Sample.ts == int(last.ts))).all()
+            rows = conn.execute(select(samples_table.c.labels, samples_table.c.value).where(
+                samples_table.c.name == "watcher.processes", samples_table.c.ts == int(last.ts))).all()
             self.previous_counts = {str(label): int(value) for label, value in rows}
 
     def collect(self, client: WriterClient, writer_timeout: float = 2.0) -> tuple[list[dict[str, Any]], dict]:

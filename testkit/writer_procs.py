@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from db.client import WriterClient
 from db.config import load_settings
 from db.engine import make_read_engine
-from db.models import AuditEntry, Tick
+from db.models import audit_log_table, ticks_table
 
 TICKS_PER_OP = 3
 
@@ -61,9 +61,9 @@ def reader(env: dict[str, str], stop: Any, out: Any) -> None:
         while not stop.is_set():
             try:
                 with engine.connect() as conn:
-                    n = conn.execute(select(func.count()).select_from(Tick)).scalar_one()
-                    conn.execute(select(func.count()).select_from(AuditEntry)).scalar_one()
-                    conn.execute(select(Tick).order_by(Tick.id.desc()).limit(50)).all()
+                    n = conn.execute(select(func.count()).select_from(ticks_table)).scalar_one()
+                    conn.execute(select(func.count()).select_from(audit_log_table)).scalar_one()
+                    conn.execute(select(ticks_table).order_by(ticks_table.c.id.desc()).limit(50)).all()
                 reads += 1
                 if n < last:
                     errors.append(f"count went back from {last} to {n}")

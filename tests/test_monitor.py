@@ -21,7 +21,7 @@ from db.client import WriterClient
 from db.config import load_settings
 from db.engine import make_read_engine, make_write_engine
 from db.errors import ValidationError
-from db.models import Trade
+from db.models import trades_table
 from testkit.env import ROOT
 from testkit.postgres import ReadConnection, read_connection
 from testkit.writer import Stack
@@ -374,7 +374,8 @@ def store_as_before_the_check(stack: Stack, trade_id: int, trailing_distance: fl
     engine = make_write_engine(stack.settings)
     try:
         with engine.begin() as conn:
-            conn.execute(update(Trade).where(Trade.id == trade_id).values(trailing_distance=trailing_distance))
+            conn.execute(update(trades_table).where(trades_table.c.id == trade_id)
+                         .values(trailing_distance=trailing_distance))
     finally:
         engine.dispose()
 

@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 from db.client import WriterClient
 from db.config import load_settings
 from db.engine import database_location, display_url, make_read_engine
-from db.models import Tick
+from db.models import ticks_table
 from testkit.circus import WATCHERS, CircusStack
 from testkit.env import ROOT, isolated_env, new_home
 from testkit.helpers import CSRF_RE, wait_for
@@ -259,7 +259,7 @@ def test_the_web_app_and_read_engines_cannot_write(database: str, request: pytes
         app = create_app("all", settings)
         with app.app_context():
             with pytest.raises(DBAPIError, match=refused):
-                db.session.execute(insert(Tick).values(**row))
+                db.session.execute(insert(ticks_table).values(**row))
                 db.session.commit()
             db.session.rollback()
             if database.startswith("postgresql"):
@@ -270,13 +270,13 @@ def test_the_web_app_and_read_engines_cannot_write(database: str, request: pytes
         try:
             with engine.connect() as conn:
                 with pytest.raises(DBAPIError, match=refused):
-                    conn.execute(insert(Tick).values(**row))
+                    conn.execute(insert(ticks_table).values(**row))
                     conn.commit()
             # Nothing got in; the writer still writes.
             with WriterClient(settings=settings, deadline=20) as client:
                 assert client.call("insert_ticks", ticks=[{**row, "seq": 2}]) == {"inserted": 1, "duplicates": 0}
             with engine.connect() as conn:
-                assert conn.execute(select(func.count()).select_from(Tick)).scalar() == 1
+                assert conn.execute(select(func.count()).select_from(ticks_table)).scalar() == 1
         finally:
             engine.dispose()
     finally:

@@ -918,7 +918,7 @@ def test_db_restore_puts_back_a_dump_from_before_a_schema_upgrade(pg: Stack) -> 
     from sqlalchemy import insert
 
     from db.engine import make_write_engine
-    from db.models import SchemaVersion, now_ms
+    from db.models import now_ms, schema_version_table
     from db.schema import MIGRATIONS, SCHEMA_VERSION
 
     engine = make_write_engine(pg.settings)
@@ -926,7 +926,7 @@ def test_db_restore_puts_back_a_dump_from_before_a_schema_upgrade(pg: Stack) -> 
         with engine.begin() as conn:  # the database as tickstack's schema v2 left it, with rows
             for version, _what, step in MIGRATIONS[:2]:
                 step(conn)
-                conn.execute(insert(SchemaVersion).values(version=version, applied_at=now_ms()))
+                conn.execute(insert(schema_version_table).values(version=version, applied_at=now_ms()))
             conn.exec_driver_sql("INSERT INTO indicators (symbol, timeframe, name, ts, value) "
                                  f"VALUES ('BTCUSD', '1m', 'sma_20', {NOW_TS}, 42.0)")
             conn.exec_driver_sql("INSERT INTO ticks (symbol, ts, bid, ask, volume, source, seq) SELECT 'BTCUSD', "

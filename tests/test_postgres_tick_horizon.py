@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from db.client import WriterClient
 from db.engine import make_read_engine
-from db.models import Bar, Cursor, Tick, Trade
+from db.models import bars_table, cursors_table, ticks_table, trades_table
 from db.queries import TickHorizon, ticks_after
 from testkit.env import ROOT
 from testkit.writer import Stack
@@ -36,8 +36,8 @@ SYMBOL = "EURUSD"
 
 def add_tick(conn: Connection, seq: int, bid: float, ts: int) -> int:
     """One tick as a writer stores it (the id from the column's default); returns its id."""
-    return conn.execute(insert(Tick).values(symbol=SYMBOL, ts=ts, bid=bid, ask=bid + 2e-4, volume=1.0,
-                                            source="race", seq=seq).returning(Tick.id)).scalar_one()
+    return conn.execute(insert(ticks_table).values(symbol=SYMBOL, ts=ts, bid=bid, ask=bid + 2e-4, volume=1.0,
+                                            source="race", seq=seq).returning(ticks_table.c.id)).scalar_one()
 
 
 def run(module: str, env: dict[str, str]) -> None:
@@ -70,8 +70,8 @@ def test_analysis_and_monitor_do_not_skip_a_tick_that_commits_after_a_larger_id(
         # The race as the readers meet it: id `big` is there, id `small` is not yet.
         run("workers.analysis", stack.env)
         run("workers.monitor", stack.env)
-        assert (scalar(engine, select(Cursor.value).where(Cursor.name == "analysis")) or 0) < small
-        assert scalar(engine, select(Trade.last_tick_id).where(Trade.id == trade)) < small
+        assert (scalar(engine, select(cursors_table.c.value).where(cursors_table.c.name == "analysis")) or 0) < small
+        assert scalar(engine, select(trades_table.c.last_tick_id).where(trades_table.c.id == trade)) < small
 
         held.commit()  # the smaller id commits last
         held.close()
@@ -81,11 +81,11 @@ def test_analysis_and_monitor_do_not_skip_a_tick_that_commits_after_a_larger_id(
 
         # Both ticks are in the bars, once each, and the analysis cursor is past both.
         assert finest_tick_count(engine) == 2
-        assert scalar(engine, select(Cursor.value).where(Cursor.name == "analysis")) == big
+        assert scalar(engine, select(cursors_table.c.value).where(cursors_table.c.name == "analysis")) == big
         # The monitor saw the smaller id first, as its id says: the stop was hit there.
         with engine.connect() as conn:
-            closed = conn.execute(select(Trade.status, Trade.close_reason, Trade.exit_price)
-                                  .where(Trade.id == trade)).one()
+            closed = conn.execute(select(trades_table.c.status, trades_table.c.close_reason, trades_table.c.exit_price)
+                                  .where(trades_table.c.id == trade)).one()
         assert tuple(closed) == ("closed", "stop_loss", 1.00)
     finally:
         if held is not None:
@@ -159,7 +159,8 @@ def open_transaction(request: pytest.FixtureRequest, *statements: str) -> Iterat
 
 def finest_tick_count(engine: Engine) -> int:
     """The ticks counted in the shortest timeframe's bars of SYMBOL (each tick is in exactly one)."""
-    return scalar(engine, select(func.sum(Bar.tick_count)).where(Bar.symbol == SYMBOL, Bar.timeframe == ORDERED[0][0]))
+    bar = bars_table.c
+    return scalar(engine, select(func.sum(bar.tick_count)).where(bar.symbol == SYMBOL, bar.timeframe == ORDERED[0][0]))
 
 
 @pytest.mark.parametrize("holder", ["ANALYZE ticks", "LOCK TABLE ticks IN SHARE UPDATE EXCLUSIVE MODE",
@@ -176,7 +177,7 @@ def test_a_lock_on_ticks_that_draws_no_id_does_not_hold_the_bound(request: pytes
         with WriterClient(settings=stack.settings, deadline=30) as client:
             client.call("insert_ticks", ticks=[{"symbol": SYMBOL, "ts": NOW_TS + i, "bid": 1.1, "ask": 1.1002,
                                                 "volume": 1.0, "source": "held", "seq": i} for i in range(50)])
-        top = scalar(engine, select(func.max(Tick.id)))
+        top = scalar(engine, select(func.max(ticks_table.c.id)))
         held.exec_driver_sql(holder)  # its lock is held until the end of the test
         reader = make_read_engine(stack.settings)
         try:
@@ -185,7 +186,7 @@ def test_a_lock_on_ticks_that_draws_no_id_does_not_hold_the_bound(request: pytes
         finally:
             reader.dispose()
         run("workers.analysis", stack.env)
-        assert scalar(engine, select(Cursor.value).where(Cursor.name == "analysis")) == top
+        assert scalar(engine, select(cursors_table.c.value).where(cursors_table.c.name == "analysis")) == top
         assert finest_tick_count(engine) == 50
 
 

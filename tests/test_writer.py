@@ -27,7 +27,7 @@ from db.engine import make_read_engine
 from db.errors import Conflict, NotFound, ValidationError, WriterError
 from db.health import integrity
 from db.lock import PidLock
-from db.models import AuditEntry, Tick
+from db.models import audit_log_table, ticks_table
 from testkit import writer_procs
 from testkit.env import ROOT
 from testkit.helpers import wait_for
@@ -104,7 +104,7 @@ def test_writer_killed_twice_mid_run_loses_nothing(stack: Stack) -> None:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 with engine.connect() as conn:
-                    if conn.execute(select(func.count()).select_from(AuditEntry)).scalar_one() >= threshold:
+                    if conn.execute(select(func.count()).select_from(audit_log_table)).scalar_one() >= threshold:
                         break
                 time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
@@ -535,7 +535,7 @@ def test_read_engine_cannot_write(writer: Stack) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA query_only")).scalar() == 1
         with pytest.raises(OperationalError, match="readonly|read-only|query_only"):
-            conn.execute(insert(Tick).values(symbol="X", ts=1, bid=1.0, ask=1.0, volume=0, source="x", seq=1))
+            conn.execute(insert(ticks_table).values(symbol="X", ts=1, bid=1.0, ask=1.0, volume=0, source="x", seq=1))
     engine.dispose()
 
 

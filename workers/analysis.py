@@ -40,7 +40,7 @@ from db import queries
 from db.client import Pipeline, Ticket, WriterClient
 from db.config import Settings
 from db.errors import Conflict, WriterError, WriterUnavailable
-from db.models import ANALYSIS_CURSOR, Cursor, now_ms
+from db.models import ANALYSIS_CURSOR, cursors_table, now_ms
 from db.parsers import whole_flag
 from db.validation import MAX_ROWS
 from workers.analyzer import Analyzer, Chunk, Flush, Output, Table
@@ -159,7 +159,8 @@ class AnalysisWorker(Worker):
         """Load position and state from the cursor row: what was last committed is the truth."""
         assert self.engine is not None
         with self.engine.connect() as conn:
-            row = conn.execute(select(Cursor.value, Cursor.state).where(Cursor.name == self.cursor)).first()
+            row = conn.execute(select(cursors_table.c.value, cursors_table.c.state)
+                               .where(cursors_table.c.name == self.cursor)).first()
         position, state = row if row is not None else (0, None)
         self.analyzer = Analyzer(position, state)
         self._stored_state = state

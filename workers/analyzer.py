@@ -96,7 +96,7 @@ class Output:
     ticks: int
     bars: dict[str, Any]  # columns (see Table)
     merged: dict[str, Any]  # stored only together with the cursor (see the module docstring)
-    indicators: dict[str, Any]  # one row per bar, a column per indicator (see indicator_table)
+    indicators: dict[str, Any]  # one row per bar, a column per indicator (see db.columns.indicators_in_columns)
     state: bytes
     #: symbol -> (late ticks folded in, bars recomputed or merged)
     backfill: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -44,7 +44,7 @@ from db.config import JobSchedule, Settings
 from db.engine import display_url
 from db.errors import MaintenanceFailed, TableLocked, ValidationError, WriterError, named_database_words
 from db.leader import Leadership, LeadershipUnusable
-from db.models import SKIPPED, JobRun
+from db.models import SKIPPED, job_runs_table
 from db.queries import oldest_deletable_tick_ts
 from db.server_clock import ServerClock
 from db.timestamps import utc
@@ -175,8 +175,9 @@ class JobsWorker(Worker):
         assert self.engine is not None
         ahead = int((self.now() + CLOCK_SLACK_S) * 1000)  # runs dated after it are not waited for (due())
         with self.engine.connect() as conn:
-            rows = conn.execute(select(JobRun.job, func.max(JobRun.started_at))
-                                .where(JobRun.job.in_(JOBS), JobRun.started_at <= ahead).group_by(JobRun.job)).all()
+            run = job_runs_table.c
+            rows = conn.execute(select(run.job, func.max(run.started_at))
+                                .where(run.job.in_(JOBS), run.started_at <= ahead).group_by(run.job)).all()
         for job, started in rows:  # never back: a run (or a retry time) this process knows may be later
             self.last_run[job] = max(self.last_run.get(job, 0.0), started / 1000)
 

@@ -37,7 +37,7 @@ from db import queries
 from db.client import WriterClient
 from db.config import Settings
 from db.errors import Conflict, NotFound, ValidationError, WriterUnavailable
-from db.models import Tick, Trade, TradeEvent
+from db.models import ticks_table, trade_events_table, trades_table
 from db.validation import price as valid_price
 from workers.base import Worker, main, wait_for_database
 
@@ -202,15 +202,16 @@ class MonitorWorker(Worker):
             if not trades:
                 return [], {}, 0
             start = min(t.last_tick_id for t in trades)
-            top = conn.execute(select(func.max(Tick.id))).scalar() or 0
+            tick = ticks_table.c
+            top = conn.execute(select(func.max(tick.id))).scalar() or 0
             if safe is not None:  # PostgreSQL: never past a tick that may still commit
                 top = min(top, safe)
             if top <= start:
                 return trades, {}, top
             rows = conn.execute(
-                select(Tick.id, Tick.symbol, Tick.ts, Tick.bid, Tick.ask)
-                .where(Tick.id > start, Tick.id <= top, Tick.symbol.in_({t.symbol for t in trades}))
-                .order_by(Tick.id).limit(self.chunk)
+                select(*ticks_table.c["id", "symbol", "ts", "bid", "ask"])
+                .where(tick.id > start, tick.id <= top, tick.symbol.in_({t.symbol for t in trades}))
+                .order_by(tick.id).limit(self.chunk)
             ).all()
         by_symbol: dict[str, list[PriceTick]] = {}
         for r in rows:
@@ -332,15 +333,15 @@ class MonitorWorker(Worker):
 def _open_trades(conn: Connection) -> list[TradeState]:
     """Open trades, each with the rule that set its stop: the kind of its latest event that set a stop
     (update_trade records the new stop as the event's price; its reason as the kind)."""
+    trade, event = trades_table.c, trade_events_table.c
     latest = (
-        select(func.max(TradeEvent.id))
-        .join(Trade, Trade.id == TradeEvent.trade_id)
-        .where(Trade.status == "open", TradeEvent.price.is_not(None), TradeEvent.kind.not_in(("opened", "closed")))
-        .group_by(TradeEvent.trade_id)
+        select(func.max(event.id))
+        .join(trades_table, trade.id == event.trade_id)
+        .where(trade.status == "open", event.price.is_not(None), event.kind.not_in(("opened", "closed")))
+        .group_by(event.trade_id)
     )
-    rules = {tid: kind for tid, kind in conn.execute(
-        select(TradeEvent.trade_id, TradeEvent.kind).where(TradeEvent.id.in_(latest)))}
-    rows = conn.execute(select(Trade.__table__).where(Trade.status == "open").order_by(Trade.id))
+    rules = {tid: kind for tid, kind in conn.execute(select(event.trade_id, event.kind).where(event.id.in_(latest)))}
+    rows = conn.execute(select(trades_table).where(trade.status == "open").order_by(trade.id))
     return [
         TradeState(t.id, t.symbol, t.side, t.entry_price, t.stop_loss, t.take_profit, t.trailing_distance,
                    t.breakeven_trigger, t.best_price, t.last_tick_id,

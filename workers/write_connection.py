@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import configure_mappers
 
 from db import ops
 from db.config import Settings
@@ -243,7 +242,6 @@ class WriteConnection:
                 if self.conn.dialect.name == "postgresql":  # a session holding the table must not hold up the start
                     wait_ms = min(self.settings.lock_timeout_ms or GET_READY_LOCK_MS, GET_READY_LOCK_MS)
                     self.conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(wait_ms)}ms'")
-                configure_mappers()
                 ops.compile_applied_records(self.conn)
                 transaction.rollback()
         except Exception as e:

@@ -38,13 +38,13 @@ def serve(env: dict[str, str], db_path: str, ready: Any, stop: Any, results: Any
     the module docstring). A process's entry point (spawned by name)."""
     from bench.contention.procs import AUDIT_COLUMNS, insert_sql, writer_connection
     from db.config import load_settings
-    from db.models import TICK_KEY, AppliedRequest, AuditEntry, Tick
+    from db.models import TICK_KEY, applied_requests_table, audit_log_table, ticks_table
     from db.ops import TICK_FIELDS
     from db.protocol import request_digest
 
-    tick_sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
-    audit_sql = insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
-    applied_sql = insert_sql(AppliedRequest.__table__, ("client_id", "seq", "committed_at", "result", "digest"))
+    tick_sql = insert_sql(ticks_table, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    audit_sql = insert_sql(audit_log_table, AUDIT_COLUMNS)
+    applied_sql = insert_sql(applied_requests_table, ("client_id", "seq", "committed_at", "result", "digest"))
     #: The packed result of each (client id, seq) applied: a retry's answer.
     done: dict[tuple[str, int], bytes] = {}
     engine, pooled, con, pragmas = writer_connection(env, db_path)

@@ -220,11 +220,11 @@ def raw_single_inserter(index: int, env: dict[str, str], db_path: str, seconds: 
     writer's pragmas, one row per transaction (``BEGIN IMMEDIATE``, insert, ``COMMIT``),
     alternating a tick and an audit row, with the statements the ops compile. The per-commit
     ceiling of SQLite on this disk."""
-    from db.models import TICK_KEY, AuditEntry, Tick
+    from db.models import TICK_KEY, audit_log_table, ticks_table
     from db.ops import TICK_FIELDS
 
-    tick_sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
-    audit_sql = insert_sql(AuditEntry.__table__, AUDIT_COLUMNS)
+    tick_sql = insert_sql(ticks_table, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    audit_sql = insert_sql(audit_log_table, AUDIT_COLUMNS)
     engine, pooled, con, pragmas = writer_connection(env, db_path)
     source = f"bench-raw-single-{index}"
     latencies: list[float] = []
@@ -258,12 +258,12 @@ def raw_inserter(index: int, env: dict[str, str], db_paths: list[str], plan: lis
     for ``insert_ticks`` (its INSERT, :data:`db.statements.BULK_ROWS` rows each, through the writer's
     own :func:`db.statements.executemany_columns`), or ``row``, that INSERT a row at a time
     (``executemany`` of the one-row statement, as a program writing straight to SQLite would)."""
-    from db.models import TICK_KEY, Tick
+    from db.models import TICK_KEY, ticks_table
     from db.ops import TICK_FIELDS
     from db.statements import executemany_columns
 
     # The statement exactly as db.ops compiles it for insert_ticks.
-    sql = insert_sql(Tick.__table__, tuple(TICK_FIELDS), skip_on=TICK_KEY)
+    sql = insert_sql(ticks_table, tuple(TICK_FIELDS), skip_on=TICK_KEY)
     by_row = statement == "row"
     batches: list[Any] = [list(zip(*(cols[f] for f in TICK_FIELDS), strict=True)) if by_row
                           else [cols[f] for f in TICK_FIELDS]

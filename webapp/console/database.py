@@ -31,7 +31,7 @@ from db.checkpoints import checkpoint_words, measured_checkpoint
 from db.engine import display_url
 from db.errors import WriterError
 from db.leader import NOBODY
-from db.models import AuditEntry, JobRun, now_ms
+from db.models import audit_log_table, now_ms
 from db.sizes import human_bytes
 from supervision.circus import CircusError
 from webapp.console.charts import SERIES_LABELS, charts_for, sample_every, summaries
@@ -115,23 +115,22 @@ def recent_history() -> dict[str, Any]:
     out: dict[str, Any] = {"jobs": [], "quick_check": None, "checkpoint_job": None, "ops_per_s": None,
                            "ticks_per_s": None, "rates_at": None, "error": None}
     try:
-        out["jobs"] = db.session.execute(select(JobRun).order_by(JobRun.id.desc()).limit(15)).scalars().all()
-        job = db.session.execute(select(JobRun).where(JobRun.job == "quick_check")
-                                 .order_by(JobRun.id.desc()).limit(1)).scalars().first()
-        mine = db.session.execute(select(AuditEntry).where(AuditEntry.action == "db.quick_check")
-                                  .order_by(AuditEntry.id.desc()).limit(1)).scalars().first()
+        out["jobs"] = queries.job_runs(db.session, 15)
+        job = queries.last_job_run(db.session, "quick_check")
+        audit = audit_log_table.c
+        mine = db.session.execute(select(audit_log_table).where(audit.action == "db.quick_check")
+                                  .order_by(audit.id.desc()).limit(1)).first()
         candidates = []
         # A check that could not be made (amcheck not installed) is "skipped", neither ok nor failed.
         if job is not None:
             candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail,
-                               "skipped": job.skipped})
+                               "skipped": bool(job.skipped)})
         if mine is not None:  # "skipped" in its detail: a record written as "ok" before skipped was a result
             skipped = mine.result == "skipped" or (mine.result == "ok" and '"skipped"' in (mine.detail or ""))
             candidates.append({"ts": mine.ts, "ok": mine.result in ("ok", "skipped"), "by": mine.actor,
                                "detail": mine.detail, "skipped": skipped})
         out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
-        out["checkpoint_job"] = db.session.execute(select(JobRun).where(JobRun.job == "checkpoint")
-                                                   .order_by(JobRun.id.desc()).limit(1)).scalars().first()
+        out["checkpoint_job"] = queries.last_job_run(db.session, "checkpoint")
         # With their time: the page shows how old they are when the writer does not answer (they
         # are its last figures then, not current ones).
         out["ops_per_s"], out["rates_at"] = _latest_rate("writer.requests_per_s")

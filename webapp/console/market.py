@@ -16,7 +16,7 @@ from sqlalchemy import select, text
 
 from db import queries, validation
 from db.errors import ValidationError, WriterError
-from db.models import Trade, TradeEvent, now_ms
+from db.models import now_ms, trade_events_table, trades_table
 from db.vocabulary import TIMEFRAMES
 from webapp.console.charts import DEFAULT_BAR_RANGE, MAX_BARS, RANGE_NAMES, price_chart, range_arg
 from webapp.console.common import audit, bad_request, bp, call_writer, int_arg, settings
@@ -96,10 +96,11 @@ def market() -> ResponseReturnValue:
     trades = open_trades()
     events = []
     if trades:
-        events = db.session.execute(select(TradeEvent).where(TradeEvent.trade_id.in_([t["id"] for t in trades]))
-                                    .order_by(TradeEvent.id.desc()).limit(50)).scalars().all()
-    closed = db.session.execute(select(Trade).where(Trade.status == "closed")
-                                .order_by(Trade.closed_at.desc()).limit(10)).scalars().all()
+        event = trade_events_table.c
+        events = db.session.execute(select(trade_events_table).where(event.trade_id.in_([t["id"] for t in trades]))
+                                    .order_by(event.id.desc()).limit(50)).all()
+    closed = db.session.execute(select(trades_table).where(trades_table.c.status == "closed")
+                                .order_by(trades_table.c.closed_at.desc()).limit(10)).all()
     recent_bars = queries.bar_series(db.session, symbol, timeframe, limit=10).rows if symbol else []
     backfills = queries.backfills(db.session, now_ms() - BACKFILL_WINDOW_MS)
     range_key = range_arg(request.args.get("range"), DEFAULT_BAR_RANGE[timeframe])
@@ -150,5 +151,5 @@ def close_trade(trade_id: str) -> ResponseReturnValue:
     audit("trade.close", str(tid), "ok", json.dumps(result))
     trade = queries.trade(db.session, tid)
     digits = decimals_of([trade.symbol]).get(trade.symbol) if trade else None
-    flash(f"Trade {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
+    flash(f"trades_table {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
     return back
