@@ -440,7 +440,7 @@ class Mark:
 
 
 def marks(conn: Reader, trades_: Sequence[Any]) -> dict[int, Mark | None]:
-    """trades_table id -> its :class:`Mark` for each open trade of ``trades_`` (rows with id, symbol, side,
+    """Trade id -> its :class:`Mark` for each open trade of ``trades_`` (rows with id, symbol, side,
     size, entry_price, status); None for one whose symbol has no tick. The latest tick of each
     symbol is read once."""
     open_ = [t for t in trades_ if t.status == "open"]

@@ -151,5 +151,5 @@ def close_trade(trade_id: str) -> ResponseReturnValue:
     audit("trade.close", str(tid), "ok", json.dumps(result))
     trade = queries.trade(db.session, tid)
     digits = decimals_of([trade.symbol]).get(trade.symbol) if trade else None
-    flash(f"trades_table {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
+    flash(f"Trade {tid} closed at {price(result['exit_price'], digits)}, P&L {pnl(result['pnl'])}.", "ok")
     return back
