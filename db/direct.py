@@ -24,7 +24,7 @@ The same promises as through the writer, from the same code:
 What it gives up: the writer's one queue (each caller holds a connection of its own while it
 writes: size ``max_connections`` for it), and its counters (``stats`` counts only what went
 through it). Readers are unaffected: they already read safely beside several writers
-(:class:`db.queries.TickHorizon`). Refused on SQLite, where only the writer may write.
+(:class:`db.tick_horizon.TickHorizon`). Refused on SQLite, where only the writer may write.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ advisory lock on the server, one per host (``TICKSTACK_HOST``), that ends with
 its session: a second writer for the same host on that database refuses to
 start, naming the first. Writers of different hosts share the database (each
 host's feeds write through their own); the readers that follow tick ids wait
-for every writer's open transactions (:class:`db.queries.TickHorizon`).
+for every writer's open transactions (:class:`db.tick_horizon.TickHorizon`).
 """
 from __future__ import annotations
 

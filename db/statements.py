@@ -252,7 +252,7 @@ def copy_ticks(conn: Connection, columns: Mapping[str, Sequence[Any]]) -> int:
     dedup and counts exactly what it inserted. (An ``executemany`` of that INSERT is row by row: SQLAlchemy
     turns insertmanyvalues off for ON CONFLICT without RETURNING.) The transaction keeps its lock on
     ``ticks`` across the rollback if an earlier statement took it, and otherwise takes it again
-    before drawing new ids, which is all :class:`db.queries.TickHorizon` relies on."""
+    before drawing new ids, which is all :class:`db.tick_horizon.TickHorizon` relies on."""
     def rows() -> Iterator[tuple]:
         return zip(*(columns[f] for f in TICK_FIELDS), strict=True)
 

@@ -1,6 +1,6 @@
 """A cursor that cannot skip (issue 11): with several writers, a tick with a smaller id may commit
 after a larger one is visible; analysis and monitor follow ticks by ``id > cursor`` and must not pass
-over it (:class:`db.queries.TickHorizon`).
+over it (:class:`db.tick_horizon.TickHorizon`).
 
 "Two writers racing" are two direct connections to the database (our writer takes a server-wide lock,
 so a second one would wait): the first inserts a tick and holds its transaction open, the second
@@ -21,7 +21,8 @@ from sqlalchemy.engine import Connection, Engine
 from db.client import WriterClient
 from db.engine import make_read_engine
 from db.models import bars_table, cursors_table, ticks_table, trades_table
-from db.queries import TickHorizon, ticks_after
+from db.queries import ticks_after
+from db.tick_horizon import TickHorizon
 from testkit.env import ROOT
 from testkit.writer import Stack
 from tests.test_postgres import stack_on

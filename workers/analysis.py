@@ -1,7 +1,7 @@
 """The analysis worker: ticks in, OHLCV bars and indicators out (``python -m workers.analysis``).
 
 Each step reads the next chunk of ticks after its cursor (``id > cursor``, in id order; on PostgreSQL
-only up to :class:`db.queries.TickHorizon`'s bound, so that a tick whose transaction commits late is
+only up to :class:`db.tick_horizon.TickHorizon`'s bound, so that a tick whose transaction commits late is
 never passed over) as arrays,
 folds them with :class:`workers.analyzer.Analyzer` (numpy aggregation for ticks in order, bars
 recomputed from the stored ticks for late ones: see that module) and stores the changed bars, their
@@ -42,6 +42,7 @@ from db.config import Settings
 from db.errors import Conflict, WriterError, WriterUnavailable
 from db.models import ANALYSIS_CURSOR, cursors_table, now_ms
 from db.parsers import whole_flag
+from db.tick_horizon import TickHorizon
 from db.validation import MAX_ROWS
 from workers.analyzer import Analyzer, Chunk, Flush, Output, Table
 from workers.base import Worker, main, wait_for_database
@@ -147,7 +148,7 @@ class AnalysisWorker(Worker):
         self._stats = {"chunks": 0, "ticks": 0, "bars": 0, "indicators": 0, "late": 0, "recomputed": 0}
         self._logged_at = 0.0
         #: PostgreSQL: how far ids are final (several writers may commit out of id order).
-        self.horizon = queries.TickHorizon()
+        self.horizon = TickHorizon()
 
     def setup(self) -> None:
         self.engine = wait_for_database(self.settings, alive=lambda: self.alive)

@@ -12,7 +12,7 @@ Per tick, on the exit-side price (bid for a buy, ask for a sell), in this order:
    a sell's at or over the price limit (open_trade refuses one since it could never be stored, but an
    older row may hold one) is not set either, and the worker says so once per trade.
 
-Ticks are read by id; on PostgreSQL only up to :class:`db.queries.TickHorizon`'s bound, below which
+Ticks are read by id; on PostgreSQL only up to :class:`db.tick_horizon.TickHorizon`'s bound, below which
 no tick can still commit (several writers commit out of id order), so that no trade passes over one.
 
 The rules are level-based (a function of the best price, not of crossings), so replaying ticks that
@@ -33,11 +33,11 @@ from typing import NamedTuple
 from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 
-from db import queries
 from db.client import WriterClient
 from db.config import Settings
 from db.errors import Conflict, NotFound, ValidationError, WriterUnavailable
 from db.models import ticks_table, trade_events_table, trades_table
+from db.tick_horizon import TickHorizon
 from db.validation import price as valid_price
 from workers.base import Worker, main, wait_for_database
 
@@ -172,7 +172,7 @@ class MonitorWorker(Worker):
         self._stored: dict[int, int] = {}  # last_tick_id as stored, per open trade
         self._progress_saved_at = time.monotonic()
         #: PostgreSQL: how far ids are final (several writers may commit out of id order).
-        self.horizon = queries.TickHorizon()
+        self.horizon = TickHorizon()
         #: Open trades whose trail was left out as not a price, already said (once per trade).
         self._trail_said: set[int] = set()
         #: Per open trade the writer refused a change of: when that was last logged, refusals since.
