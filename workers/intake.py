@@ -17,7 +17,7 @@ import zmq
 
 from db.config import Settings
 from db.engine import display_url
-from db.errors import CommitFailed, ValidationError
+from db.errors import CommitFailed, ValidationError, WriterUnavailable
 from db.ops import OPS
 from db.protocol import PROTOCOL, decode_request, encode_reply, envelope_problem, reply_seq, salvage_seq
 from workers.commit import Committer, Request
@@ -211,12 +211,25 @@ class Intake:
         self._undecodable.flush()
         self._out_of_memory_said.flush()
 
-    def out_of_memory(self, router: zmq.Socket) -> None:
-        """A request the process had no memory to read (a memory limit, many large requests at once):
-        the rest of its frames are dropped without a copy, its client sends it again, and the writer
-        serves on. Said once a minute at most."""
-        while router.getsockopt(zmq.RCVMORE):
-            router.recv(zmq.NOBLOCK, copy=False)
+    def out_of_memory(self, router: zmq.Socket, frames: list[bytes] | None = None) -> None:
+        """A request the process had no memory for (a memory limit, many large requests at once), and
+        the writer serves on; said once a minute at most. Reading it (``frames`` None): the rest of its
+        frames are dropped without a copy, and its client sends it again when no answer comes.
+        Handling it, read (``frames``: its digest is as large again): answered that it may be sent
+        again (:class:`db.errors.WriterUnavailable`), as it may: it was not queued. It was answered
+        ``OpFailed``, which a client does not send again, for a request that would pass a moment later."""
+        if frames is None:
+            while router.getsockopt(zmq.RCVMORE):
+                router.recv(zmq.NOBLOCK, copy=False)
         self.stats.malformed += 1
-        self._out_of_memory_said.say("writer: out of memory reading a request (a memory limit, or many requests "
-                                     "near TICKSTACK_WRITER_MAX_MESSAGE at once); dropped, its client sends it again")
+        self._out_of_memory_said.say("writer: out of memory %s a request (a memory limit, or many requests near "
+                                     "TICKSTACK_WRITER_MAX_MESSAGE at once); %s", "handling" if frames else "reading",
+                                     "refused, its client may send it again" if frames else
+                                     "dropped, its client sends it again")
+        if frames:
+            try:
+                self.send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=WriterUnavailable(
+                    "the writer ran out of memory handling this request (a memory limit, or many large requests "
+                    "at once); send it again")))
+            except MemoryError:  # not even for the answer: its client sends it again when none comes
+                pass

@@ -381,6 +381,8 @@ class Writer:
                             break
                         try:
                             self.intake.accept(router, frames)
+                        except MemoryError:  # read, then too large to handle now: it may be sent again
+                            self.intake.out_of_memory(router, frames)
                         except Exception as e:  # the IO thread serves on, whatever a request does
                             log.exception("writer: handling a request failed")
                             self.intake.send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=OpFailed(
