@@ -254,7 +254,8 @@ def oldest_deletable_tick_ts(conn: Reader) -> int | None:
 
 def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:
     """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order;
-    only ids up to ``through`` when given (:meth:`db.tick_horizon.TickHorizon.advance`: none of them can still come)."""
+    only ids up to ``through`` when given (:meth:`db.tick_horizon.TickHorizon.advance`: none of them
+    can still come)."""
     stmt = select(*ticks_table.c["id", "symbol", "ts", "bid", "volume"]).where(ticks_table.c.id > after_id)
     if through is not None:  # None (SQLite): the very statement as before, so nothing changes there
         stmt = stmt.where(ticks_table.c.id <= through)
