@@ -2,7 +2,8 @@
 
 Tables, not ORM classes: reads and writes are Core statements everywhere, and a process that loads
 SQLAlchemy's ORM spends about 70 ms more CPU starting (the ORM and the mapping of the classes), in
-every worker, writer and ``python -m db`` command. ``tests/test_layout.py`` checks that none loads it.
+every worker, writer and ``python -m db`` command. ``tests/test_process_imports.py`` checks that
+none loads it.
 
 Times are integer epoch milliseconds UTC everywhere (``ts``), so that every
 process and every database compares them the same way.

@@ -254,7 +254,8 @@ def oldest_deletable_tick_ts(conn: Reader) -> int | None:
 
 def ticks_after(conn: Connection, after_id: int, limit: int, through: int | None = None) -> list[tuple]:
     """(id, symbol, ts, bid, volume) of the first ``limit`` ticks with id > ``after_id``, in id order;
-    only ids up to ``through`` when given (:meth:`TickHorizon.advance`: none of them can still come)."""
+    only ids up to ``through`` when given (:meth:`db.tick_horizon.TickHorizon.advance`: none of them
+    can still come)."""
     stmt = select(*ticks_table.c["id", "symbol", "ts", "bid", "volume"]).where(ticks_table.c.id > after_id)
     if through is not None:  # None (SQLite): the very statement as before, so nothing changes there
         stmt = stmt.where(ticks_table.c.id <= through)
@@ -390,15 +391,29 @@ JOB_RUN_COLUMNS = (*job_runs_table.c, and_(job_runs_table.c.ok,
                    .label("skipped"))
 
 
-def job_runs(conn: Reader, limit: int) -> list[Row]:
-    """The last ``limit`` job runs recorded, newest first (:data:`JOB_RUN_COLUMNS`)."""
+def job_runs(conn: Reader, limit: int, job: str | None = None) -> list[Row]:
+    """The last ``limit`` job runs recorded (of ``job`` when given), the last recorded first
+    (:data:`JOB_RUN_COLUMNS`): by id, an index's order, so that only those rows are read. The table is
+    never pruned (a checkpoint every 30 s under load); ordered by start time, each read sorted every
+    run of it, or of the job (about 0.1 s at 300,000 runs, at each view of the console's page)."""
     run = job_runs_table.c
-    return list(conn.execute(select(*JOB_RUN_COLUMNS).order_by(run.started_at.desc(), run.id.desc()).limit(limit)))
+    stmt = select(*JOB_RUN_COLUMNS)
+    if job is not None:
+        stmt = stmt.where(run.job == job)
+    return list(conn.execute(stmt.order_by(run.id.desc()).limit(limit)))
+
+
+def last_recorded_job_run(conn: Reader, job: str) -> Row | None:
+    """The last run of ``job`` recorded (:func:`job_runs`), or None: the console's, fast however many
+    runs the table holds."""
+    runs = job_runs(conn, 1, job)
+    return runs[0] if runs else None
 
 
 def last_job_run(conn: Reader, job: str) -> Row | None:
     """The last recorded run of ``job`` (by start time, then id: on PostgreSQL several hosts' jobs
-    workers record runs, and ids are not given in start order), or None."""
+    workers record runs, and ids are not given in start order), or None: doctor's, of the jobs that
+    run a few times a day (it reads, and sorts, every run of ``job``)."""
     run = job_runs_table.c
     return conn.execute(select(*JOB_RUN_COLUMNS).where(run.job == job)
                         .order_by(run.started_at.desc(), run.id.desc()).limit(1)).first()

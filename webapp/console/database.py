@@ -116,7 +116,7 @@ def recent_history() -> dict[str, Any]:
                            "ticks_per_s": None, "rates_at": None, "error": None}
     try:
         out["jobs"] = queries.job_runs(db.session, 15)
-        job = queries.last_job_run(db.session, "quick_check")
+        job = queries.last_recorded_job_run(db.session, "quick_check")
         audit = audit_log_table.c
         mine = db.session.execute(select(audit_log_table).where(audit.action == "db.quick_check")
                                   .order_by(audit.id.desc()).limit(1)).first()
@@ -130,7 +130,7 @@ def recent_history() -> dict[str, Any]:
             candidates.append({"ts": mine.ts, "ok": mine.result in ("ok", "skipped"), "by": mine.actor,
                                "detail": mine.detail, "skipped": skipped})
         out["quick_check"] = max(candidates, key=lambda c: c["ts"]) if candidates else None
-        out["checkpoint_job"] = queries.last_job_run(db.session, "checkpoint")
+        out["checkpoint_job"] = queries.last_recorded_job_run(db.session, "checkpoint")
         # With their time: the page shows how old they are when the writer does not answer (they
         # are its last figures then, not current ones).
         out["ops_per_s"], out["rates_at"] = _latest_rate("writer.requests_per_s")
