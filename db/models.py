@@ -1,7 +1,7 @@
 """The schema, in portable SQLAlchemy Core: nothing here assumes SQLite.
 
 Tables, not ORM classes: reads and writes are Core statements everywhere, and a process that loads
-SQLAlchemy's ORM spends about 70 ms more CPU starting (the ORM and the mapping of the classes), in
+SQLAlchemy's ORM spends 40 to 80 ms more CPU starting (the ORM and the mapping of the classes), in
 every worker, writer and ``python -m db`` command. ``tests/test_process_imports.py`` checks that
 none loads it.
 
