@@ -281,8 +281,9 @@ def bars_between(conn: Connection, symbol: str, timeframe: str, since: int, unti
 
 def bar_hlc(conn: Connection, symbol: str, timeframe: str) -> list[tuple]:
     """(ts, high, low, close) of every stored bar of the series, oldest first: what its indicators need."""
-    return _tuples(conn, select(bars_table.c.ts, bars_table.c.high, bars_table.c.low, bars_table.c.close)
-                   .where(bars_table.c.symbol == symbol, bars_table.c.timeframe == timeframe).order_by(bars_table.c.ts))
+    bar = bars_table.c
+    return _tuples(conn, select(bar.ts, bar.high, bar.low, bar.close)
+                   .where(bar.symbol == symbol, bar.timeframe == timeframe).order_by(bar.ts))
 
 
 #: Samples the analysis worker records when late ticks were folded into bars (labels: the symbol).

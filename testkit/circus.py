@@ -96,15 +96,16 @@ class Circusd:
         if self.children is not None:
             self.children.remember()
         if self.proc is not None and self.proc.poll() is None:
-            try:
-                # No socket file, no answer: a quit asked there waited out the call's whole timeout (30 s,
-                # every time a test moved or removed the home under a stack) before the SIGTERM below.
-                if not Path(self.endpoint.removeprefix("ipc://")).exists():
-                    raise FileNotFoundError(self.endpoint)
-                self.call("quit")
-                self.proc.wait(quit_timeout)
-            except Exception:
+            # No socket file, no answer: a quit asked there waited out the call's whole timeout (30 s,
+            # every time a test moved or removed the home under a stack) before the SIGTERM.
+            if not Path(self.endpoint.removeprefix("ipc://")).exists():
                 stop_process(self.proc, term_timeout)
+            else:
+                try:
+                    self.call("quit")
+                    self.proc.wait(quit_timeout)
+                except Exception:
+                    stop_process(self.proc, term_timeout)
         if self.children is not None:
             self.children.kill_survivors()
 

@@ -216,20 +216,21 @@ class Intake:
         the writer serves on; said once a minute at most. Reading it (``frames`` None): the rest of its
         frames are dropped without a copy, and its client sends it again when no answer comes.
         Handling it, read (``frames``: its digest is as large again): answered that it may be sent
-        again (:class:`db.errors.WriterUnavailable`), as it may: it was not queued. It was answered
-        ``OpFailed``, which a client does not send again, for a request that would pass a moment later."""
+        again (:class:`db.errors.WriterUnavailable`), as it may: it was not queued."""
+        self.stats.malformed += 1
         if frames is None:
             while router.getsockopt(zmq.RCVMORE):
                 router.recv(zmq.NOBLOCK, copy=False)
-        self.stats.malformed += 1
+            self._say_out_of_memory("reading", "dropped, its client sends it again")
+            return
+        self._say_out_of_memory("handling", "refused, its client may send it again")
+        try:
+            self.send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=WriterUnavailable(
+                "the writer ran out of memory handling this request (a memory limit, or many large requests "
+                "at once); send it again")))
+        except MemoryError:  # not even for the answer: its client sends it again when none comes
+            pass
+
+    def _say_out_of_memory(self, doing: str, outcome: str) -> None:
         self._out_of_memory_said.say("writer: out of memory %s a request (a memory limit, or many requests near "
-                                     "TICKSTACK_WRITER_MAX_MESSAGE at once); %s", "handling" if frames else "reading",
-                                     "refused, its client may send it again" if frames else
-                                     "dropped, its client sends it again")
-        if frames:
-            try:
-                self.send(router, frames[0], encode_reply(salvage_seq(frames[-1]), error=WriterUnavailable(
-                    "the writer ran out of memory handling this request (a memory limit, or many large requests "
-                    "at once); send it again")))
-            except MemoryError:  # not even for the answer: its client sends it again when none comes
-                pass
+                                     "TICKSTACK_WRITER_MAX_MESSAGE at once); %s", doing, outcome)

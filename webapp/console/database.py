@@ -124,7 +124,7 @@ def recent_history() -> dict[str, Any]:
         # A check that could not be made (amcheck not installed) is "skipped", neither ok nor failed.
         if job is not None:
             candidates.append({"ts": job.finished_at, "ok": job.ok, "by": "jobs worker", "detail": job.detail,
-                               "skipped": bool(job.skipped)})
+                               "skipped": job.skipped})
         if mine is not None:  # "skipped" in its detail: a record written as "ok" before skipped was a result
             skipped = mine.result == "skipped" or (mine.result == "ok" and '"skipped"' in (mine.detail or ""))
             candidates.append({"ts": mine.ts, "ok": mine.result in ("ok", "skipped"), "by": mine.actor,

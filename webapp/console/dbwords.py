@@ -83,7 +83,7 @@ def job_rows(jobs: list[Any]) -> list[dict[str, Any]]:
     detail."""
     return [{"job": r.job, "started_at": r.started_at, "finished_at": r.finished_at,
              "duration_ms": r.finished_at - r.started_at if r.finished_at and r.started_at else None,
-             "ok": r.ok, "skipped": bool(r.skipped), "words": job_words(r.job, r.ok, r.detail), "detail": r.detail}
+             "ok": r.ok, "skipped": r.skipped, "words": job_words(r.job, r.ok, r.detail), "detail": r.detail}
             for r in jobs]
 
 
