@@ -230,6 +230,26 @@ def test_a_clock_far_ahead_of_the_ticks_makes_retention_delete_a_day_a_run_not_t
     assert query(writer.settings, "SELECT count(*) FROM ticks") == [(len(ticks) - 20,)]
 
 
+def test_old_history_within_one_step_is_deleted_without_saying_the_run_was_held_back(writer: Stack) -> None:
+    """The README's CSV replay (ticks of 2 January 2024), then ``--run retention`` (a worker with no
+    mark of an earlier run: a day past the oldest tick at most): the run deleted every one of them,
+    nothing was left between its cutoff and the clock's, yet it warned that the clock may be ahead
+    ("1040.6 days past the oldest tick ... this run deletes only those before ...") and doctor said
+    "Retention was held back" (a new user's run-through). A run held back is one that left ticks the
+    clock would have deleted: only that is said."""
+    old = 1_704_186_000_000  # 2024-01-02 09:00 UTC, as the README's example file
+    insert_ticks(writer, [old, old + 60_000, old + 120_000], "csv")
+
+    proc = run_jobs(writer, "--run", "retention")
+    assert proc.returncode == 0, proc.stderr
+    detail = json.loads(job_runs(writer)[-1]["detail"])
+    assert detail["deleted"] == 3 and detail["before_ts"] == old + DAY_MS, detail
+    assert query(writer.settings, "SELECT count(*) FROM ticks") == [(0,)]
+    assert "held_back_from" not in detail, detail
+    assert "days past the oldest tick" not in proc.stderr, proc.stderr
+    assert "held back" not in db_command(writer, "doctor").stdout
+
+
 def test_a_clock_far_ahead_deletes_a_day_a_run_when_the_oldest_ticks_came_after_the_live_ones(
         writer: Stack) -> None:
     """The clock guard went by the tick of the lowest id: a stack started a day ago, then the month

@@ -383,8 +383,6 @@ class JobsWorker(Worker):
             wanted = max(0, round(self.now(conn) * 1000) - round(self.schedule.retention_days * DAY_MS))
             oldest = oldest_deletable_tick_ts(conn)
         cutoff = self._retention_cutoff.next(wanted, oldest, self.schedule.retention_every_s)
-        if cutoff.held_back:  # the clock may be ahead (workers.retention_cutoff)
-            self.log.warning("%s", cutoff.words())
         before = cutoff.before
         deleted = calls = kept = 0
         more = True
@@ -395,13 +393,26 @@ class JobsWorker(Worker):
             calls += 1
             more = bool(result["more"]) and result["deleted"] > 0  # never loop on a batch that did nothing
         self._retention_cutoff.ran(cutoff)  # not before: a run the writer failed moves no mark
+        # Held back: the clock may be ahead (workers.retention_cutoff). Said only of a run that left a tick
+        # the clock would have deleted: history replayed from a day long past, all of it within the step,
+        # went whole, and the warning (and doctor's, from the record) told a new user to check the clock.
+        held_back = cutoff.held_back and self._deletable_before(cutoff.wanted)
+        if held_back:
+            self.log.warning("%s", cutoff.words())
         if kept:  # deleted once the analysis has read them, by a later run
             self.log.info("jobs: retention: %d ticks older than %s are kept until the analysis has read them (its "
                           "cursor is behind them: the analysis worker is behind, or not running)", kept, utc(before))
         detail = {"deleted": deleted, "calls": calls, "before_ts": before, "more": more, "kept_for_analysis": kept}
-        if cutoff.held_back:
+        if held_back:
             detail["held_back_from"] = wanted
         return True, json.dumps(detail)
+
+    def _deletable_before(self, ts: int) -> bool:
+        """Whether a tick retention may delete is older than ``ts`` (epoch ms)."""
+        assert self.engine is not None
+        with self.engine.connect() as conn:
+            oldest = oldest_deletable_tick_ts(conn)
+        return oldest is not None and oldest < ts
 
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by

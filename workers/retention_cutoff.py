@@ -15,7 +15,8 @@ days forward deleted every tick of the window (fault hunt). So a run's cutoff mo
   with the writer down, each failed run moved the mark a step on, and the first run after let the
   clock's cutoff that many steps past the oldest tick.
 
-A clock set forward costs a day a run, said in a WARNING, until it is set right.
+A clock set forward costs a day a run, said in a WARNING, until it is set right; a run held back that
+left no tick the clock would have deleted (all of it within the step) says nothing.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Cutoff:
         """The WARNING of a run held back: what the clock asked, how far the data allows, what to do."""
         past = "" if self.oldest is None else f", {(self.wanted - self.oldest) / DAY_MS:.1f} days past the oldest " \
             f"tick it may delete ({utc(self.oldest)})"
-        return (f"jobs: retention: the clock says to delete ticks before {utc(self.wanted)}{past}; this run deletes "
+        return (f"jobs: retention: the clock says to delete ticks before {utc(self.wanted)}{past}; this run deleted "
                 f"only those before {utc(self.before)}. If the clock is right (the jobs worker was stopped, "
                 "TICKSTACK_RETENTION_DAYS lowered, or older history replayed while it was stopped), the next runs "
                 f"catch up, {self.step / DAY_MS:.1f} days a run; if it is ahead, set it right: by it, ticks still "
