@@ -27,6 +27,7 @@ nothing from circus.
 """
 from __future__ import annotations
 
+import configparser
 import errno
 import os
 import re
@@ -35,6 +36,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from db.circusd import (
     running_circusd,
     unreachable,
 )
-from db.config import CHECKOUT, Settings, search_path
+from db.config import CHECKOUT, SETTINGS, Settings, search_path
 from db.errors import server_trouble
 from db.lock import read_lock_holder
 from db.parsers import check_ipc_path
@@ -119,6 +121,38 @@ def foreign_commands() -> str | None:
            else f"{ours} first on PATH")
     return (f"{'; '.join(problems)}: circus.ini runs `python` and `gunicorn` from PATH, so run circusd with "
             f"{fix}, or `make run`")
+
+
+#: A circus.ini command's use of one of circus's sockets, and a value taken from circusd's environment.
+_SOCKET_USE = re.compile(r"\$\(circus\.sockets\.(\w+)\)")
+_ENV_USE = re.compile(r"\$\(circus\.env\.(\w+)\)")
+
+
+def unmade_sockets(made: Collection[str], commands: Iterable[str], ini: Path = CIRCUS_INI) -> str | None:
+    """Why circus made none of the sockets that ``commands`` (its watchers') name, in one line; None
+    when it made each. circus.ini gives a ``[socket:NAME]`` its port from circusd's environment
+    (``$(circus.env.TICKSTACK_API_PORT)``), which circus leaves as written when it is not set there:
+    it logged a traceback, went on without the socket, and the API and the console crash-looped until
+    the flapping plugin stopped them, circusd running on (a plain ``circusd circus.ini`` with
+    ``TICKSTACK_HOME`` exported but not the ports: a new user's run-through). A set value that would
+    not do fails the settings before this is asked, so here it is unset."""
+    unmade = sorted({name for command in commands for name in _SOCKET_USE.findall(command)} - set(made))
+    if not unmade:
+        return None
+    sections = configparser.ConfigParser(interpolation=None, strict=False)
+    try:
+        sections.read_string(ini.read_text())
+    except (OSError, configparser.Error):
+        sections.clear()
+    names = dict.fromkeys(variable for name in unmade if sections.has_section(f"socket:{name}")
+                          for value in sections[f"socket:{name}"].values() for variable in _ENV_USE.findall(value))
+    defaults = {setting.env: setting.shown_default for setting in SETTINGS}
+    export = " ".join(f"{name}={defaults.get(name, '...')}" for name in names)
+    activate = os.path.join(os.path.dirname(sys.executable), "activate")
+    return (f"circus made no socket {', '.join(unmade)}: {ini.name} takes {', '.join(names) or 'its port'} from "
+            f"circusd's environment, where {'it is' if len(names) == 1 else 'they are'} not set (circus then "
+            f"leaves `$(circus.env.NAME)` as written); `export {export}` (make run's defaults), or `source "
+            f"{activate}`, which exports them, then start circusd again, or `make run`")
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -2,7 +2,8 @@
 
 ``refuse_unless_alone`` is the writer's ``before_start`` hook. The writer starts first (highest
 priority), so at circusd's start it is the first of our code circusd calls, before any process is
-spawned: if a setting does not load (``TICKSTACK_API_PORT=abc``), or an earlier stack's processes
+spawned: if a setting does not load (``TICKSTACK_API_PORT=abc``), circus made no socket for the API or
+the console (their ports unset in its environment), or an earlier stack's processes
 still run in this home (the writer lock held, an orphan, the watchdog's port taken; see
 :mod:`db.preflight`), circusd exits 1 with the one-line reason on its stderr (the terminal of a
 plain ``circusd circus.ini``) and in its log, as ``make run`` refuses, instead of sitting there with
@@ -105,7 +106,7 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
     earlier start is in the way. Later (``circusctl start writer``, a flapping retry) circusd stays
     up: the writer is not started while another process holds the writer lock."""
     from db.config import ConfigError, load_settings
-    from db.preflight import blockers, foreign_commands, refusal
+    from db.preflight import CIRCUS_INI, blockers, foreign_commands, refusal, unmade_sockets
 
     if _start_errors is not None:  # circus got as far as starting a watcher: its start did not fail
         _start_errors.started = True
@@ -118,7 +119,9 @@ def refuse_unless_alone(watcher: Any, arbiter: Any, hook_name: str, **kwargs: An
         log.error("%s: %s; not starting %s", hook_name, e, watcher.name)
         return False
     if starting:
-        problem = foreign_commands()
+        problem = foreign_commands() or unmade_sockets(
+            arbiter.sockets, (w.cmd for w in arbiter.iter_watchers() if w.use_sockets),
+            Path(getattr(arbiter, "config_file", None) or CIRCUS_INI))
         if problem:
             _exit_circusd(arbiter, hook_name, problem)
     # circus holds the web ports already (its own sockets); the watchdog binds its port after this.

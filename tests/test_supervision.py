@@ -334,6 +334,27 @@ def test_plain_circusd_without_the_venv_on_path_stops_saying_so(stack: CircusSta
     assert refused.returncode == 1 and f"`python` on PATH is {foreign}/python" in refused.stderr, refused.stderr
 
 
+@pytest.mark.database_independent("circus's web sockets come from circusd's environment, checked by its start hook "
+                                  "before any database is opened")
+def test_plain_circusd_with_the_web_ports_unset_stops_saying_which_and_how(stack: CircusStack) -> None:
+    """``circusd circus.ini`` with ``TICKSTACK_HOME`` exported but not the ports (the venv not
+    activated, which exports make run's defaults): circus.ini's ``[socket:api]`` and
+    ``[socket:console]`` take theirs from circusd's environment, and circus, finding
+    ``$(circus.env.TICKSTACK_API_PORT)`` left as written, logged a traceback per socket and went on
+    without them; the writer and the workers started, the API and the console crash-looped until the
+    flapping plugin stopped them, and circusd ran on (a new user's run-through). It now exits 1 at once
+    saying which are not set, their defaults and what to do."""
+    env = {k: v for k, v in stack.env.items() if k not in ("TICKSTACK_API_PORT", "TICKSTACK_CONSOLE_PORT")}
+    status, out, err = circusd_on_a_terminal(env, timeout=30)
+    assert status == 1, (status, out, err, stack.circusd_log()[-3000:])
+    venv = Path((BIN / "circusd").read_text().splitlines()[0][2:].strip()).parent
+    for said in ("circus made no socket api, console", "takes TICKSTACK_API_PORT, TICKSTACK_CONSOLE_PORT",
+                 "`export TICKSTACK_API_PORT=8000 TICKSTACK_CONSOLE_PORT=8001`", f"source {venv}/activate"):
+        assert said in err, (said, err)
+    assert len(err.strip().splitlines()) == 1, err
+    assert "writer started" not in stack.circusd_log(), stack.circusd_log()[-3000:]  # nothing was started
+
+
 @pytest.mark.database_independent("circusd's pid file and the process that holds its pid are the same"
                                   " whatever the database")
 @pytest.mark.parametrize("holder", ["gone", "zombie", "unrelated", "newer-circusd"])
