@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import select
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from db.config import (
@@ -34,11 +32,17 @@ from db.config import (
 from db.errors import WriterError, server_trouble
 from db.files import new_database_refusal, touch_private
 from db.parsers import MAX_CLIENT_DEADLINE_S, number_flag, path_flag
+from db.restore_command import cmd_restore
 from db.sizes import human_bytes
 
 
 def _human_bytes(n: int | None) -> str:
     return "-" if n is None else human_bytes(n)
+
+
+#: How long ``prepare`` (``make run``) waits for a stack that is quitting: circus gives its slowest
+#: watcher 45 s (the writer's graceful_timeout).
+STOPPING_WAIT_S = 60.0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -283,9 +287,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(level == "fail" for level, _ in findings) else 0
 
 
-#: How long ``prepare`` (``make run``) waits for a stack that is quitting: circus gives its slowest
-#: watcher 45 s (the writer's graceful_timeout).
-STOPPING_WAIT_S = 60.0
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from db.checkpoints import checkpoint_words, measured_checkpoint
     from db.circusd import writer_down_advice
@@ -314,94 +315,6 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     if result.get("busy"):
         print("partial: a reader held the checkpoint back; run it again when reads are quieter", file=sys.stderr)
         return 1
-    return 0
-
-
-def _trades_lost_words(lost: list[int] | None) -> str:
-    if lost is None:
-        return ""
-    which = f"trade {lost[0]}" if lost[0] == lost[1] else f"trades {lost[0]} to {lost[1]}"
-    return (f". WARNING: {which}, opened after the backup, {'is' if lost[0] == lost[1] else 'are'} not in it "
-            "(a client holding one is told it does not exist; its id is not given to a new trade)")
-
-
-def _ids_continued_words(continued: dict[str, int]) -> str:
-    """The counters (SQLite's) or sequences (PostgreSQL's) a restore set on, by name."""
-    if not continued:
-        return ""
-    return ("; ids continue after the replaced database's (" + ", ".join(
-        f"{name} {value}" for name, value in sorted(continued.items())) + "), so none it gave after the backup is "
-        "given again")
-
-
-def _restore_dump(settings: Settings, source: Path, keep: bool, done: threading.Event) -> int:
-    from db.server_restore import restore_dump
-
-    result = restore_dump(settings, source, keep=keep, done=done)
-    ids = _ids_continued_words(result["ids_continued"])
-    kept = f"; the database it replaced is kept as {result['replaced']}" if result["replaced"] else ""
-    if result["empty"]:
-        kept = "; the database had none of its tables (a new one), so nothing was replaced and no copy was kept"
-    print(f"restored {result['source']} into {result['restored']} ({result['entries']} entries, in one "
-          f"transaction){kept}{ids}{_trades_lost_words(result['trades_lost'])}. Start the stack again on each "
-          "host: make run")
-    return 0
-
-
-def _stop_as_ctrl_c(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def cmd_restore(args: argparse.Namespace) -> int:
-    """A restore stopped (Ctrl-C; SIGTERM by pid or SIGHUP, taken as Ctrl-C so that its clean-up runs: by
-    default they ended it with not a word, its temporary files left) says where it stopped: a
-    traceback said nothing of the database. The SQLite swap and the PostgreSQL COMMIT end first
-    (db.restore; db.server_restore says a COMMIT it could not see end)."""
-    from db.restore import STOP_SIGNALS
-
-    for sig in STOP_SIGNALS - {signal.SIGINT}:
-        if signal.getsignal(sig) is not signal.SIG_IGN:  # `nohup python -m db restore` asked it to go on
-            signal.signal(sig, _stop_as_ctrl_c)
-    done = threading.Event()  # set by the restore as the backup takes the database's place
-    try:
-        return _restore(args, done)
-    except KeyboardInterrupt:
-        if done.is_set():
-            raise ValueError("stopped as it ended, the backup restored (what it says of the ids and of trades the "
-                             "backup has not was not said); start the stack again: make run") from None
-        raise ValueError("stopped before it changed anything: the database is the one it was (run the restore "
-                         "again to restore)") from None
-
-
-def _restore(args: argparse.Namespace, done: threading.Event) -> int:
-    from db.restore import restore
-
-    settings = load_settings()
-    check_home(settings)
-    if settings.database_path is None:
-        return _restore_dump(settings, Path(args.backup), keep=not args.no_copy, done=done)
-    # An SQLite restore in a home whose writer writes a server's database (a shell without its
-    # DATABASE_URL): a .dump was "not for this SQLite stack", and a .db went into a file the stack does
-    # not use, "restored". Doctor's rule refuses it, as `db init` does.
-    from db.served_database import served_database, wrong_database_refusal
-
-    refused = wrong_database_refusal(settings, served_database(settings))
-    if refused is not None:
-        raise ValueError(refused)
-    if args.no_copy:
-        raise ValueError("--no-copy is for PostgreSQL; on SQLite the replaced file is always kept (moved aside)")
-    result = restore(settings, Path(args.backup), done)
-    kept = (f"; the database it replaced is kept as {result['replaced']} (with its -wal and -shm, if it had them)"
-            if result["replaced"] else "")
-    if result["ids_unread"] is not None:
-        ids = (f"; the replaced database could not be read ({result['ids_unread']}): ids it gave after the backup "
-               "(ticks', trades') may be given again to new rows, so a client must not act on a trade id it was "
-               "given after the backup")
-    else:
-        ids = _ids_continued_words(result["ids_continued"])
-    ids += _trades_lost_words(result["trades_lost"])
-    print(f"restored {result['source']} into {result['restored']} ({_human_bytes(result['bytes'])}, integrity "
-          f"ok){kept}{ids}. Start the stack again: make run")
     return 0
 
 

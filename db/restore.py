@@ -11,6 +11,7 @@ replayed into it, pages of another database), and the copy takes the name. On Po
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -116,6 +117,30 @@ def _ids_given(path: Path) -> tuple[dict[str, int], dict[str, int]]:
         con.close()
 
 
+def _trades_reopened(replaced: Path, restored: Path) -> list[int]:
+    """The ids of the trades open in ``restored`` (the backup's copy) that the database at ``replaced``
+    (read with its WAL) has closed: the restore puts them back open. sqlite3.Error when either
+    cannot be read."""
+    if not replaced.exists():
+        return []
+    opened = _trade_ids(restored, "SELECT id FROM trades WHERE status = 'open' ORDER BY id")
+    if not opened:
+        return []
+    return _trade_ids(replaced, "SELECT t.id FROM json_each(?) o JOIN trades t ON t.id = o.value "
+                                "WHERE t.status = 'closed' ORDER BY t.id", (json.dumps(opened),))
+
+
+def _trade_ids(path: Path, sql: str, params: tuple = ()) -> list[int]:
+    """The ids ``sql`` selects in the database at ``path``; none when it has no ``trades`` table."""
+    con = connect_read_only(path)
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'trades'").fetchone() is None:
+            return []
+        return [i for (i,) in con.execute(sql, params)]
+    finally:
+        con.close()
+
+
 def _continue_ids(copy: Path, counters: dict[str, int]) -> dict[str, int]:
     """Raise the counters of ``copy`` (the backup's copy, not in place yet) to ``counters`` where they
     are lower, for its tables of those names; returns those raised. A backup's counters are the
@@ -205,7 +230,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
     id it gave is given again), ``ids_unread`` (why its ids could not be read, else None) and
     ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
     their ids are not given again either; a backup older than schema v5 gets its trades counter
-    from them, which the writer's migration keeps). ``done`` is set once the backup has the database's
+    from them, which the writer's migration keeps) and ``trades_reopened`` (the ids of the trades it
+    had closed and the backup has open). ``done`` is set once the backup has the database's
     name (a stop asked for in the swap is taken after it: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     if settings.database_path is None:
@@ -267,6 +293,10 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                 counters = {**counters, name: max(counters.get(name) or 0, top)}
         replaced_top_trade = replaced_tops.get("trades", 0)
         try:
+            reopened = _trades_reopened(path, tmp) if unread is None else []
+        except sqlite3.Error:  # the replaced database cannot be read: what ids_unread says
+            reopened = []
+        try:
             raised = _continue_ids(tmp, counters)
             top_trade = _ids_given(tmp)[1].get("trades", 0)
         except sqlite3.Error as e:
@@ -283,7 +313,8 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
                 done.set()
         return {"restored": str(path), "source": str(source), "replaced": str(aside) if moved else None,
                 "bytes": path.stat().st_size, "ids_continued": raised, "ids_unread": unread,
-                "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}
+                "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None,
+                "trades_reopened": reopened}
     finally:
         if tmp is not None:
             discard_part(tmp)

@@ -192,6 +192,9 @@ def _ids(conn: Any, has_trades: bool) -> tuple[dict[str, int | None], int]:
 #: How the restore's own statements' rows begin in psql's output, told from the rows of the script's.
 _RAISED = "tickstack raised "
 _TOP_TRADE = "tickstack top trade "
+_REOPENED = "tickstack reopened trade "
+#: The replaced database's closed trades, kept in the restore's transaction for :data:`_REOPENED`.
+_CLOSED_BEFORE = "tickstack_closed_trades"
 #: What psql prints once it has run all the restore but its COMMIT.
 _READY = "tickstack ready to commit"
 #: How the restore's transaction id begins in psql's output (asked of the server when psql's end
@@ -199,12 +202,25 @@ _READY = "tickstack ready to commit"
 _TXID = "tickstack transaction "
 
 
-def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool) -> str:
+def _closed_before(conn: Any) -> str:
+    """What psql runs first in the restore's transaction, before pg_restore's script drops ``trades``:
+    the replaced database's closed trades' ids into a temporary table, for :func:`_last_statements`'
+    trades the dump has open. Quoted as ``conn``'s server quotes."""
+    from psycopg import sql
+
+    schema = conn.execute("SELECT current_schema()").fetchone()[0]
+    return sql.SQL("CREATE TEMPORARY TABLE {} ON COMMIT DROP AS SELECT id FROM {} WHERE status = 'closed';\n").format(
+        sql.Identifier(_CLOSED_BEFORE), sql.Identifier(schema, "trades")).as_string(conn)
+
+
+def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool, closed_before: bool) -> str:
     """What psql runs after pg_restore's script, in its transaction, before our COMMIT: each sequence
     the dump set lower than the replaced database had it set on to that value (``setval``: its next
     id is one more; one the replaced database never used, or the dump has not, is left as the dump
-    has it), a row ``tickstack raised VALUE NAME`` each; and ``tickstack top trade ID``, the highest
-    trade id the dump has (0: none). Quoted as ``conn``'s server quotes."""
+    has it), a row ``tickstack raised VALUE NAME`` each; ``tickstack top trade ID``, the highest
+    trade id the dump has (0: none); and with ``closed_before`` (:func:`_closed_before` ran), a row
+    ``tickstack reopened trade ID`` for each trade the dump has open that the replaced database had
+    closed. Quoted as ``conn``'s server quotes."""
     from psycopg import sql
 
     schema = conn.execute("SELECT current_schema()").fetchone()[0]  # the script sets search_path to ''
@@ -217,6 +233,10 @@ def _last_statements(conn: Any, before: dict[str, int | None], has_trades: bool)
     if has_trades:
         statements.append(sql.SQL("SELECT pg_catalog.format({}, coalesce(max(id), 0)) FROM {};").format(
             _TOP_TRADE + "%s", sql.Identifier(schema, "trades")))
+    if has_trades and closed_before:
+        statements.append(sql.SQL("SELECT pg_catalog.format({}, t.id) FROM {} t JOIN pg_temp.{} c ON c.id = t.id "
+                                  "WHERE t.status = 'open' ORDER BY t.id;").format(
+            _REOPENED + "%s", sql.Identifier(schema, "trades"), sql.Identifier(_CLOSED_BEFORE)))
     return "".join(statement.as_string(conn) + "\n" for statement in statements)
 
 
@@ -357,7 +377,8 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
     ``replaced`` (the dump of the database it replaced, None with ``keep=False`` or when ``empty``),
     ``empty`` (the database had none of the dump's tables: a new server's, nothing was replaced),
     ``ids_continued`` (the sequences set on to the replaced database's values, by name) and
-    ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None).
+    ``trades_lost`` (the first and last id of the trades it had and the dump has not, else None) and
+    ``trades_reopened`` (the ids of the trades it had closed and the dump has open).
     ``done`` is set once the restore's transaction is committed (a stop asked for as it commits is
     taken after: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said: nothing was changed) or MaintenanceFailed (the
@@ -394,8 +415,11 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
             in_the_way = _locks_in_the_way(conn, sorted({*present, *stale}))
             if in_the_way is not None:
                 raise ValueError(in_the_way)
-            before, replaced_top_trade = _ids(conn, any(name.split(".")[-1] == "trades" for name in present))
-            last = _last_statements(conn, before, "trades" in kinds)
+            had_trades = any(name.split(".")[-1] == "trades" for name in present)
+            before, replaced_top_trade = _ids(conn, had_trades)
+            if had_trades:
+                first = _closed_before(conn) + first
+            last = _last_statements(conn, before, "trades" in kinds, had_trades)
             role = conn.execute("SELECT current_user").fetchone()[0]
         fd = os.open(chosen, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -417,15 +441,19 @@ def restore_dump(settings: Settings, source: Path, timeout: float = 3600.0, *, k
         # the dump's top trade): not worked out again from values read before or after it.
         raised: dict[str, int] = {}
         top_trade = 0
+        reopened: list[int] = []
         for line in printed.splitlines():
             if line.startswith(_RAISED):
                 value, name = line[len(_RAISED):].split(" ", 1)
                 raised[name] = int(value)
             elif line.startswith(_TOP_TRADE):
                 top_trade = int(line[len(_TOP_TRADE):])
+            elif line.startswith(_REOPENED):
+                reopened.append(int(line[len(_REOPENED):]))
     finally:
         shutil.rmtree(private, ignore_errors=True)
     return {"restored": display_url(url), "source": str(source), "entries": entries,
             "replaced": None if replaced is None else str(replaced), "empty": not (present or stale),
             "ids_continued": raised,
-            "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None}
+            "trades_lost": [top_trade + 1, replaced_top_trade] if replaced_top_trade > top_trade else None,
+            "trades_reopened": reopened}
