@@ -103,6 +103,10 @@ def test_a_watchers_page_shows_its_processes_command_and_environment_without_sec
     assert "TICKSTACK_API_TOKEN" in text and "BROKER_PASSWORD" in text and "EXTRA_SERVICE_URL" in text
     assert "not a setting of tickstack's" in text and "example.invalid" not in text  # not ours: its value hidden
     assert 'data-flapping="calm"' in page.text
+    # circus's max_retry (5 by default: failed starts) beside the flapping plugin's 3 read as two answers
+    # to one question (a new user's run-through): the page says which is which.
+    assert re.search(r"<dt>max_retry</dt><dd class=\"mono\">\d+ <span[^>]*>\(circus's: failed starts only; a crash "
+                     r"loop is the flapping plugin's", page.text), page.text
     assert "Booting worker" in text  # its last log lines
     listing = console.get("/console/watchers").text
     assert 'href="/console/watchers/api"' in listing
