@@ -59,9 +59,11 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
                 return few
         cols = {f: [t.get(f) for t in value] for f in TICK_FIELDS}
         n = len(value)
+        at = _in_rows(name)
     elif type(value) is dict:
         n = column_shapes(name, value, TICK_FIELDS, TICK_REQUIRED, MAX_TICKS, "ticks; a batch must hold")
         cols = {f: value[f] if f in value else [None] * n for f in TICK_FIELDS}
+        at = _in_columns(name)
     else:
         raise ValidationError(f"{name}: expected a list of ticks, got {type(value).__name__}")
 
@@ -71,10 +73,10 @@ def tick_columns(name: str, value: Any) -> dict[str, list[Any]]:
             cols[f] = col.tolist()
     try:
         if not numbers_ok:
-            _check_tick_numbers(name, cols)
-        _check_tick_text(name, cols)
+            _check_tick_numbers(name, at, cols)
+        _check_tick_text(at, cols)
         if not numbers_ok:
-            _check_tick_seq(name, cols)
+            _check_tick_seq(at, cols)
     except (TypeError, OverflowError, ValueError) as e:  # a value no check foresaw: still the caller's
         if isinstance(e, ValidationError):
             raise
@@ -143,28 +145,41 @@ def _packed_ticks_ok(cols: dict[str, Any]) -> bool:
                 and v.min() >= 0 and v.max() < MAX_PRICE and (type(seq) is not array or view(seq).min() >= 0))
 
 
-def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
+#: Where a tick's value is, as the caller sent it: ``ticks[3].bid`` in rows, ``ticks.bid[3]`` in columns
+#: (a row-form batch is checked as columns: its errors named a path the caller never sent).
+Place = Callable[[str, int], str]
+
+
+def _in_rows(name: str) -> Place:
+    return lambda field, i: f"{name}[{i}].{field}"
+
+
+def _in_columns(name: str) -> Place:
+    return lambda field, i: f"{name}.{field}[{i}]"
+
+
+def _check_tick_numbers(name: str, at: Place, cols: dict[str, list[Any]]) -> None:
     """Whole-column checks of the number columns (builtins over lists, no per-row Python); fills
     the default volume. ``sum`` is NaN or inf as soon as one value is, and bounded values cannot
     overflow it."""
     ts, bid, ask = cols["ts"], cols["bid"], cols["ask"]
     if set(map(type, ts)) != {int}:
-        raise _first_bad(f"{name}.ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
+        raise _first_bad(at, "ts", ts, lambda v: type(v) is int, "is not epoch milliseconds (an integer)")
     first, last = min(ts), max(ts)
     if first < 0 or last > MAX_TS or (first < SECONDS_TO and last >= SECONDS_FROM):  # else none is wrong
         for i, v in enumerate(ts):
             if (said := time_problem(v)) is not None:
-                raise ValidationError(f"{name}.ts[{i}]: {shown(v)} {said}")
+                raise ValidationError(f"{at('ts', i)}: {shown(v)} {said}")
     latest = latest_allowed_ts()
     if last > latest:
-        raise _first_bad(f"{name}.ts", ts, lambda v: v <= latest,
+        raise _first_bad(at, "ts", ts, lambda v: v <= latest,
                          ahead(latest, "; a tick dated later would stand as its symbol's latest price until then"))
     for f in ("bid", "ask"):
         col = cols[f]
         if not set(map(type, col)) <= _NUMBER:
-            raise _first_bad(f"{name}.{f}", col, is_number, "is not a number")
+            raise _first_bad(at, f, col, is_number, "is not a number")
         if not _finite_sum(col) or not 0 < min(col) or max(col) >= MAX_PRICE:
-            raise _first_bad(f"{name}.{f}", col, lambda v: is_finite_number(v) and 0 < v < MAX_PRICE,
+            raise _first_bad(at, f, col, lambda v: is_finite_number(v) and 0 < v < MAX_PRICE,
                              f"is not a price (a finite number > 0 and < {MAX_PRICE:g})")
     if not all(map(le, bid, ask)):
         for i, (b, a) in enumerate(zip(bid, ask, strict=True)):
@@ -176,21 +191,21 @@ def _check_tick_numbers(name: str, cols: dict[str, list[Any]]) -> None:
         vol = cols["volume"] = [0.0 if v is None else v for v in vol]
         types = set(map(type, vol))
     if not types <= _NUMBER:
-        raise _first_bad(f"{name}.volume", vol, is_number, "is not a number")
+        raise _first_bad(at, "volume", vol, is_number, "is not a number")
     if not _finite_sum(vol) or min(vol) < 0 or max(vol) >= MAX_PRICE:
-        raise _first_bad(f"{name}.volume", vol, lambda v: is_finite_number(v) and 0 <= v < MAX_PRICE,
+        raise _first_bad(at, "volume", vol, lambda v: is_finite_number(v) and 0 <= v < MAX_PRICE,
                          f"is not a volume (a finite number >= 0 and < {MAX_PRICE:g})")
 
 
-def _check_tick_seq(name: str, cols: dict[str, list[Any]]) -> None:
+def _check_tick_seq(at: Place, cols: dict[str, list[Any]]) -> None:
     """The seq column: integers 0..2^63-1, or None (no dedup key)."""
     seq = cols["seq"]
     types = set(map(type, seq))
     if not types <= {int, _NONE}:
-        raise _first_bad(f"{name}.seq", seq, lambda v: v is None or type(v) is int, "is not an integer")
+        raise _first_bad(at, "seq", seq, lambda v: v is None or type(v) is int, "is not an integer")
     present = [v for v in seq if v is not None] if _NONE in types else seq
     if present and (min(present) < 0 or max(present) > 2**63 - 1):
-        raise _first_bad(f"{name}.seq", seq, lambda v: v is None or 0 <= v <= 2**63 - 1,
+        raise _first_bad(at, "seq", seq, lambda v: v is None or 0 <= v <= 2**63 - 1,
                          "is out of range (0..2^63-1)")
 
 
@@ -203,11 +218,11 @@ def _distinct(column: list[Any]) -> Collection[Any]:
         return column
 
 
-def _check_tick_text(name: str, cols: dict[str, list[Any]]) -> None:
+def _check_tick_text(at: Place, cols: dict[str, list[Any]]) -> None:
     """The symbol and source columns: each distinct value checked once; fills the default source."""
     for s in _distinct(cols["symbol"]):
         if type(s) is not str or not SYMBOL_RE.fullmatch(s):
-            raise _first_bad(f"{name}.symbol", cols["symbol"],
+            raise _first_bad(at, "symbol", cols["symbol"],
                              lambda v: type(v) is str and bool(SYMBOL_RE.fullmatch(v)),
                              "is not a symbol (1-32 characters of A-Z 0-9 . _ : / -, upper case)")
     sources = _distinct(cols["source"])
@@ -216,16 +231,17 @@ def _check_tick_text(name: str, cols: dict[str, list[Any]]) -> None:
         sources = _distinct(cols["source"])
     for s in sources:
         if type(s) is not str or not NAME_RE.fullmatch(s):
-            raise _first_bad(f"{name}.source", cols["source"],
+            raise _first_bad(at, "source", cols["source"],
                              lambda v: type(v) is str and bool(NAME_RE.fullmatch(v)),
                              "is not a source name (1-64 characters of letters, digits . _ : / @ -)")
 
 
-def _first_bad(where: str, column: Sequence[Any], ok: Callable[[Any], bool], what: str) -> ValidationError:
+def _first_bad(at: Place, field: str, column: Sequence[Any], ok: Callable[[Any], bool],
+               what: str) -> ValidationError:
     for i, v in enumerate(column):
         if not ok(v):
-            return ValidationError(f"{where}[{i}]: {shown(v)} {what}")
-    return ValidationError(f"{where}: {what}")  # pragma: no cover - callers found a bad value first
+            return ValidationError(f"{at(field, i)}: {shown(v)} {what}")
+    return ValidationError(f"{field}: {what}")  # pragma: no cover - callers found a bad value first
 
 
 def _finite_sum(column: list[Any]) -> bool:

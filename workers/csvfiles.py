@@ -50,9 +50,9 @@ _CHECK_ROWS = 1000
 _TICK_KEYS = ("symbol", "ts", "bid", "ask", "volume")
 
 
-#: How the writer's tick check names the value of a one-tick batch called "tick": "tick.bid[0]: ",
+#: How the writer's tick check names the value of a one-tick batch (rows) called "tick": "tick[0].bid: ",
 #: "tick[0]: " (a rule over the row) or "tick: ".
-_ONE_TICK_RE = re.compile(r"tick(?:\.(\w+))?(?:\[0\])?: ")
+_ONE_TICK_RE = re.compile(r"tick(?:\[0\])?(?:\.(\w+))?: ")
 
 
 def _writer_verdict(chunk: Sequence[tuple[int, Tick]]) -> CsvFormatError | None:
