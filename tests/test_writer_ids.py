@@ -6,10 +6,13 @@ added the record's digest (v4). Spoken in raw protocol frames, as a client of an
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection
 
 from db.client import WriterClient
 from db.errors import ERROR_TYPES
@@ -19,6 +22,23 @@ from tests.test_writer_faults import count, request
 
 #: The error a request gets when its id was already applied to a different request (db.errors).
 REUSED = "RequestIdReused"
+
+
+@contextmanager
+def migrated_connection(stack: Stack) -> Iterator[Connection]:
+    """A connection of the writer's kind to ``stack``'s database, its schema made: for the tests of the
+    record of applied requests through its own statements (``workers.dedup``)."""
+    from db.engine import make_write_engine
+    from db.schema import migrate
+
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                migrate(conn)
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def refused_as_reused(reply: dict[str, Any], seq: int, cid: str, op: str) -> None:
@@ -120,52 +140,82 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
     from sqlalchemy import text
 
     from db import ops
-    from db.engine import make_write_engine
-    from db.schema import migrate
     from workers.dedup import AppliedRequests
 
     now = [1_800_000_000.0]
-    engine = make_write_engine(stack.settings)
-    try:
-        with engine.connect() as conn:
+    with migrated_connection(stack) as conn:
+        def clocks() -> AppliedRequests:  # the host's, and the server's
+            return AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
+
+        applied = clocks()
+
+        def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
+                  who: AppliedRequests = applied) -> None:
+            transaction = conn.begin()
+            stamp = who.begin_batch(conn)
+            ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
+            who.prune(conn, ttl)
+            if commit:
+                transaction.commit()
+                who.remember({})
+            else:
+                transaction.rollback()
+
+        def stamps() -> dict[str, int]:
+            rows = conn.execute(text("SELECT client_id, committed_at FROM applied_requests")).all()
+            conn.rollback()
+            return dict(rows)
+
+        batch([("before", 1)])
+        now[0] += 7200  # two hours forward, at once
+        batch([("failed", 1)], commit=False)
+        assert stamps() == {"before": 1_800_000_000_000}  # rolled back: nothing moved
+        batch([("after", 1)])
+        moved = stamps()
+        assert set(moved) == {"before", "after"}, moved  # the prune forgot nothing
+        # As far as the jump, less the real time between the two batches.
+        assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
+        now[0] += 60
+        batch([("restarted", 1)], who=clocks())
+        assert set(stamps()) == {"before", "after", "restarted"}
+
+
+def test_a_jump_of_the_wall_clock_while_no_writer_ran_is_not_forgotten_by_the_writer_after_the_next(
+        stack: Stack) -> None:
+    """The wall clock jumped two hours forward while no writer ran (a kill, then NTP's step). The writer
+    that started next pruned nothing young (it prunes none of the newest records at its start until it
+    has run the TTL), but only in its memory: it stamped its own records two hours after the ones
+    before, and the writer after it, started seconds later, took its newest record for its start and
+    forgot every record made before the jump, seconds old. A request applied by the first writer and
+    sent again to the third was applied twice (fault hunt, round 41: a real writer whose clock a
+    preloaded library moved). The time since the newest record, when a writer starts, is now counted
+    as a jump: the records are moved as far, in its first batch. The record's clocks as the other
+    test of jumps gives them (real statements, a real database)."""
+    from sqlalchemy import text
+
+    from db import ops
+    from workers.dedup import AppliedRequests
+
+    now = [1_800_000_000.0]
+    with migrated_connection(stack) as conn:
+
+        def writer_batch(cid: str) -> None:
+            """A new writer (its record of applied requests) and its first batch, which prunes."""
+            applied = AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
             with conn.begin():
-                migrate(conn)
-            def clocks() -> AppliedRequests:  # the host's, and the server's
-                return AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
+                stamp = applied.begin_batch(conn)
+                ops.record_applied_many(conn, [(cid, 1, b"\x80", None)], stamp)
+                applied.prune(conn, 3600.0)
+            applied.remember({})
 
-            applied = clocks()
-
-            def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
-                      who: AppliedRequests = applied) -> None:
-                transaction = conn.begin()
-                stamp = who.begin_batch(conn)
-                ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
-                who.prune(conn, ttl)
-                if commit:
-                    transaction.commit()
-                    who.remember({})
-                else:
-                    transaction.rollback()
-
-            def stamps() -> dict[str, int]:
-                rows = conn.execute(text("SELECT client_id, committed_at FROM applied_requests")).all()
-                conn.rollback()
-                return dict(rows)
-
-            batch([("before", 1)])
-            now[0] += 7200  # two hours forward, at once
-            batch([("failed", 1)], commit=False)
-            assert stamps() == {"before": 1_800_000_000_000}  # rolled back: nothing moved
-            batch([("after", 1)])
-            moved = stamps()
-            assert set(moved) == {"before", "after"}, moved  # the prune forgot nothing
-            # As far as the jump, less the real time between the two batches.
-            assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
-            now[0] += 60
-            batch([("restarted", 1)], who=clocks())
-            assert set(stamps()) == {"before", "after", "restarted"}
-    finally:
-        engine.dispose()
+        writer_batch("first")
+        now[0] += 7200  # while no writer runs
+        writer_batch("second")
+        now[0] += 5
+        writer_batch("third")
+        kept = {cid for (cid,) in conn.execute(text("SELECT client_id FROM applied_requests")).all()}
+        conn.rollback()
+        assert kept == {"first", "second", "third"}, kept
 
 
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:

@@ -21,7 +21,11 @@ and stay as young as they are. And a writer prunes nothing that was among the ne
 started until it has run ``TICKSTACK_DEDUP_TTL`` itself: a jump while no writer ran, or a writer
 killed between a jump and its next batch, does not make them old either. (A first version aged the
 records by the writer's run time alone; an adversarial review showed that direct writes, other
-hosts' writers and a record stamped in the future by an old jump then disagreed with it.)
+hosts' writers and a record stamped in the future by an old jump then disagreed with it.) That held
+in the writer's memory only: the writer after it, started seconds later, went by its newest record,
+stamped after the jump, and forgot every record made before, seconds old (fault hunt, round 41). So
+the time since the newest record when a writer starts (more than :data:`JUMP_MS`: a downtime, or a
+jump while none ran) moves the records as far too, in its first batch.
 
 On PostgreSQL that clock is the server's (:func:`db.ops.record_clock_ms`): every host's writer prunes the
 one record, and each stamped and pruned it by its own host's clock, so with one host's clock two hours
@@ -89,12 +93,19 @@ class AppliedRequests:
 
     def begin_batch(self, conn: Connection) -> int:
         """In a batch's transaction, before its records: the wall clock's now in ms (their stamp). After a
-        jump of the wall clock forward since the last batch, the records made before it are moved as far
-        (see the module docstring), in this transaction: a batch that does not commit moves nothing."""
+        jump of the wall clock forward since the last batch, or in a writer's first, the time since the newest
+        record, the records made before it are moved as far (see the module docstring), in this
+        transaction: a batch that does not commit moves nothing."""
         wall, mono = self._now_ms(conn), time.monotonic()
         seed = self._seed
         if seed is None:
             newest = ops.newest_applied(conn)
+            if newest is not None and wall - newest > JUMP_MS:  # a downtime, or a jump while no writer ran
+                moved = ops.shift_applied(conn, newest, wall - newest)
+                log.info("writer: %.0f s since the newest record of applied requests (no writer ran, or the wall "
+                         "clock moved meanwhile); its %d records are moved as far, so that none is forgotten early",
+                         (wall - newest) / 1000, moved)
+                newest = wall
             seed = (wall if newest is None else min(newest, wall), mono)
         elif self._seen is not None:
             expected = self._seen[0] + int((mono - self._seen[1]) * 1000)
