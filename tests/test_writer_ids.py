@@ -180,6 +180,39 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
         assert set(stamps()) == {"before", "after", "restarted"}
 
 
+class RecordClock:
+    """The record of applied requests of one writer after another (``workers.dedup.AppliedRequests``),
+    on a wall clock a test moves (the host's, and on a server the server's), through its own statements
+    on a real database; each batch records one request, prunes (TTL an hour) and commits."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.now = 1_800_000_000.0
+        self.writer = self.new_writer()
+
+    def new_writer(self) -> Any:
+        from workers.dedup import AppliedRequests
+
+        self.writer = AppliedRequests(wall_clock=lambda: self.now, server_clock=lambda _conn: int(self.now * 1000))
+        return self.writer
+
+    def batch(self, cid: str) -> None:
+        from db import ops
+
+        with self.conn.begin():
+            stamp = self.writer.begin_batch(self.conn)
+            ops.record_applied_many(self.conn, [(cid, 1, b"\x80", None)], stamp)
+            self.writer.prune(self.conn, 3600.0)
+        self.writer.remember({})
+
+    def kept(self) -> set[str]:
+        from sqlalchemy import text
+
+        ids = {cid for (cid,) in self.conn.execute(text("SELECT client_id FROM applied_requests")).all()}
+        self.conn.rollback()
+        return ids
+
+
 def test_a_jump_of_the_wall_clock_while_no_writer_ran_is_not_forgotten_by_the_writer_after_the_next(
         stack: Stack) -> None:
     """The wall clock jumped two hours forward while no writer ran (a kill, then NTP's step). The writer
@@ -191,31 +224,35 @@ def test_a_jump_of_the_wall_clock_while_no_writer_ran_is_not_forgotten_by_the_wr
     preloaded library moved). The time since the newest record, when a writer starts, is now counted
     as a jump: the records are moved as far, in its first batch. The record's clocks as the other
     test of jumps gives them (real statements, a real database)."""
-    from sqlalchemy import text
-
-    from db import ops
-    from workers.dedup import AppliedRequests
-
-    now = [1_800_000_000.0]
     with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("first")
+        clock.now += 7200  # while no writer runs
+        clock.new_writer()
+        clock.batch("second")
+        clock.now += 5
+        clock.new_writer()
+        clock.batch("third")
+        assert clock.kept() == {"first", "second", "third"}
 
-        def writer_batch(cid: str) -> None:
-            """A new writer (its record of applied requests) and its first batch, which prunes."""
-            applied = AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
-            with conn.begin():
-                stamp = applied.begin_batch(conn)
-                ops.record_applied_many(conn, [(cid, 1, b"\x80", None)], stamp)
-                applied.prune(conn, 3600.0)
-            applied.remember({})
 
-        writer_batch("first")
-        now[0] += 7200  # while no writer runs
-        writer_batch("second")
-        now[0] += 5
-        writer_batch("third")
-        kept = {cid for (cid,) in conn.execute(text("SELECT client_id FROM applied_requests")).all()}
-        conn.rollback()
-        assert kept == {"first", "second", "third"}, kept
+def test_a_wall_clock_set_back_under_the_writer_then_forward_while_none_ran_forgets_nothing(stack: Stack) -> None:
+    """The wall clock set two hours back while the writer runs (a fast clock put right), then forward
+    again while no writer ran: the records made before the step back kept their stamps, two hours after
+    the ones made after it, so the next writer went by them as the newest and its first prune forgot
+    every record made after the step, seconds old; a resend of one was applied twice (fault hunt,
+    round 41, with a real writer whose clock a preloaded library moved). A step back seen between two
+    batches now moves back as far the records stamped after the clock's new now (made before the step:
+    none made after it is), so that they keep their age and the newest record is the newest made."""
+    with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("before")
+        clock.now -= 7200  # set back under the running writer
+        clock.batch("after")
+        clock.now += 7200  # and forward again while no writer runs
+        clock.new_writer()
+        clock.batch("restarted")
+        assert clock.kept() == {"before", "after", "restarted"}
 
 
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:

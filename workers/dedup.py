@@ -25,7 +25,10 @@ hosts' writers and a record stamped in the future by an old jump then disagreed 
 in the writer's memory only: the writer after it, started seconds later, went by its newest record,
 stamped after the jump, and forgot every record made before, seconds old (fault hunt, round 41). So
 the time since the newest record when a writer starts (more than :data:`JUMP_MS`: a downtime, or a
-jump while none ran) moves the records as far too, in its first batch.
+jump while none ran) moves the records as far too, in its first batch. And a step of the clock back
+seen between two batches moves back as far the records stamped after its new now (all made before
+the step): they stayed the newest, and the writer after it, started once the clock was put forward
+again, pruned by them every record made after the step (fault hunt, round 41).
 
 On PostgreSQL that clock is the server's (:func:`db.ops.record_clock_ms`): every host's writer prunes the
 one record, and each stamped and pruned it by its own host's clock, so with one host's clock two hours
@@ -94,8 +97,9 @@ class AppliedRequests:
     def begin_batch(self, conn: Connection) -> int:
         """In a batch's transaction, before its records: the wall clock's now in ms (their stamp). After a
         jump of the wall clock forward since the last batch, or in a writer's first, the time since the newest
-        record, the records made before it are moved as far (see the module docstring), in this
-        transaction: a batch that does not commit moves nothing."""
+        record, the records made before it are moved as far; after a step back, those stamped after the new
+        now are moved back as far (see the module docstring). In this transaction: a batch that does not
+        commit moves nothing."""
         wall, mono = self._now_ms(conn), time.monotonic()
         seed = self._seed
         if seed is None:
@@ -115,6 +119,11 @@ class AppliedRequests:
                 log.warning("writer: the wall clock jumped %.0f s ahead; the %d records of applied requests made "
                             "before it are moved as far, so that none is forgotten early", jump / 1000, moved)
                 seed = (seed[0] + jump, seed[1])
+            elif jump < -JUMP_MS:  # set back: only what is stamped after the new now was surely made before
+                moved = ops.shift_applied(conn, expected, jump, after=wall)
+                log.warning("writer: the wall clock went back %.0f s; the %d records of applied requests stamped "
+                            "after its new time are moved back as far, so that the newest record is the newest made",
+                            -jump / 1000, moved)
         self._batch = ((wall, mono), seed)
         return wall
 
