@@ -255,6 +255,26 @@ def test_a_wall_clock_set_back_under_the_writer_then_forward_while_none_ran_forg
         assert clock.kept() == {"before", "after", "restarted"}
 
 
+def test_a_wall_clock_set_back_then_forward_while_no_writer_ran_forgets_nothing(stack: Stack) -> None:
+    """The wall clock set three hours back while no writer ran, then two hours forward before the next
+    start: the writer between stamped its records three hours before the newest, so the one after it
+    went by that newest record and its first prune forgot them, seconds old (fault hunt, round 41: a
+    real writer whose clock a preloaded library stepped at random, a kill at each downtime, every
+    request sent again after each start; 1 to 8 of 18 to 26 requests applied twice in each of six
+    runs). A writer's first batch now moves back as far the records stamped ahead of its now, as a
+    step back seen while it runs does."""
+    with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("first")
+        clock.now -= 3 * 3600  # while no writer runs
+        clock.new_writer()
+        clock.batch("second")
+        clock.now += 2 * 3600  # again while none runs
+        clock.new_writer()
+        clock.batch("third")
+        assert clock.kept() == {"first", "second", "third"}
+
+
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:
     """Schema v4 adds the digest column to ``applied_requests``; the rows recorded before it have none
     (NULL), and a request under one of their ids gets that row's result, as before v4 (nothing to
