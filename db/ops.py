@@ -486,11 +486,12 @@ def record_applied_many(conn: Connection, records: Iterable[tuple[str, int, byte
                  ((cid, seq, at, result, digest) for cid, seq, result, digest in records))
 
 
-def shift_applied(conn: Connection, until: int, by: int) -> int:
-    """Move the records made at or before ``until`` (ms) ``by`` ms later; how many (the wall clock
-    jumped forward: :mod:`workers.dedup`)."""
-    return conn.execute(update(applied_requests_table).where(applied_requests_table.c.committed_at <= until)
-                        .values(committed_at=applied_requests_table.c.committed_at + by)).rowcount
+def shift_applied(conn: Connection, until: int, by: int, after: int | None = None) -> int:
+    """Move the records made at or before ``until`` (ms), and after ``after`` if given, ``by`` ms later
+    (earlier if negative); how many (the wall clock jumped: :mod:`workers.dedup`)."""
+    stamp = applied_requests_table.c.committed_at
+    made = stamp <= until if after is None else (stamp <= until) & (stamp > after)
+    return conn.execute(update(applied_requests_table).where(made).values(committed_at=stamp + by)).rowcount
 
 
 def newest_applied(conn: Connection) -> int | None:

@@ -46,3 +46,18 @@ def test_a_byte_count_is_said_one_way_by_the_cli_health_and_the_console(n: int, 
     figure: three helpers, two units. Now one (:func:`db.sizes.human_bytes`), the console's filter on it."""
     assert human_bytes(n) == words
     assert formats.human_bytes(n) == words and formats.human_bytes(None) == formats.DASH
+
+
+@pytest.mark.parametrize("step_s", [-7200.0, 7200.0], ids=["set-back-two-hours", "set-forward-two-hours"])
+def test_the_writers_uptime_is_not_moved_by_the_wall_clock(monkeypatch: pytest.MonkeyPatch, step_s: float) -> None:
+    """The writer's ``uptime_s`` (its ``stats``, the metric ``tickstack_writer_uptime_seconds``, and the
+    sampler's test of a restart between two samples) was the wall clock's now less its start: the clock
+    set two hours back under a running writer made it -7,200 s, two hours forward +7,200 s at once
+    (fault hunt, round 41, with a real writer whose clock a preloaded library moved). It is the time
+    the process has run."""
+    import time
+
+    stats = Stats()
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + step_s)
+    assert 0 <= stats.report(queue_depth=0)["uptime_s"] < 3600

@@ -1763,3 +1763,38 @@ def test_a_database_path_linked_into_a_folder_that_is_not_there_is_said_so(tmp_p
         assert not (tmp_path / "unmounted").exists() and link.is_symlink()
     finally:
         stack.close()
+
+
+def test_many_checkpoint_requests_while_a_reader_holds_the_wal_back_hold_no_write(writer: Stack) -> None:
+    """A checkpoint request waits up to 200 ms for readers (``db.ops.CHECKPOINT_OP_WAIT_MS``), and it is
+    never recorded as applied: each one, and each resend of it, ran again. With a reader holding a
+    snapshot, 100 of them pipelined by one client (a script in a loop; ``db checkpoint`` run by several
+    jobs) were run one by one, 20 s of waiting; their client resent all 100 after its first second of
+    silence, and again, so none was answered within 120 s and neither was any other client's write
+    (fault hunt, round 41). The same checkpoints asked in one batch now run once for all of it: every
+    request is answered, the reader's hold said in each (``busy``), and the write behind them is
+    answered too."""
+    database = writer.settings.database_path
+    with WriterClient(settings=writer.settings) as client:
+        client.call("audit", actor="me", action="before-the-reader")
+    reader = sqlite3.connect(database, isolation_level=None) if database is not None else None
+    try:
+        if reader is not None:  # a snapshot of the WAL as it is: a TRUNCATE checkpoint waits for it
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM audit_log").fetchall()
+            with WriterClient(settings=writer.settings) as client:
+                client.call("audit", actor="me", action="after-the-reader")  # a frame the snapshot lacks
+        with WriterClient(settings=writer.settings, deadline=30) as asker, \
+                WriterClient(settings=writer.settings, deadline=30) as other:
+            asked = [asker.submit("checkpoint", mode="TRUNCATE") for _ in range(100)]
+            behind = other.submit("audit", actor="me", action="behind-the-checkpoints")
+            for ticket in asked:
+                asker.wait(ticket)
+            other.wait(behind)
+            errors = [str(t.error) for t in asked if t.error is not None]
+            assert not errors, f"{len(errors)} of 100 checkpoints failed: {errors[:2]}"
+            assert all(t.result()["busy"] == (1 if reader is not None else 0) for t in asked)
+            assert behind.result()["id"] >= 1
+    finally:
+        if reader is not None:
+            reader.close()

@@ -6,10 +6,13 @@ added the record's digest (v4). Spoken in raw protocol frames, as a client of an
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Connection
 
 from db.client import WriterClient
 from db.errors import ERROR_TYPES
@@ -19,6 +22,23 @@ from tests.test_writer_faults import count, request
 
 #: The error a request gets when its id was already applied to a different request (db.errors).
 REUSED = "RequestIdReused"
+
+
+@contextmanager
+def migrated_connection(stack: Stack) -> Iterator[Connection]:
+    """A connection of the writer's kind to ``stack``'s database, its schema made: for the tests of the
+    record of applied requests through its own statements (``workers.dedup``)."""
+    from db.engine import make_write_engine
+    from db.schema import migrate
+
+    engine = make_write_engine(stack.settings)
+    try:
+        with engine.connect() as conn:
+            with conn.begin():
+                migrate(conn)
+            yield conn
+    finally:
+        engine.dispose()
 
 
 def refused_as_reused(reply: dict[str, Any], seq: int, cid: str, op: str) -> None:
@@ -120,52 +140,139 @@ def test_a_jump_of_the_wall_clock_between_two_batches_moves_the_older_records_as
     from sqlalchemy import text
 
     from db import ops
-    from db.engine import make_write_engine
-    from db.schema import migrate
     from workers.dedup import AppliedRequests
 
     now = [1_800_000_000.0]
-    engine = make_write_engine(stack.settings)
-    try:
-        with engine.connect() as conn:
-            with conn.begin():
-                migrate(conn)
-            def clocks() -> AppliedRequests:  # the host's, and the server's
-                return AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
+    with migrated_connection(stack) as conn:
+        def clocks() -> AppliedRequests:  # the host's, and the server's
+            return AppliedRequests(wall_clock=lambda: now[0], server_clock=lambda _conn: int(now[0] * 1000))
 
-            applied = clocks()
+        applied = clocks()
 
-            def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
-                      who: AppliedRequests = applied) -> None:
-                transaction = conn.begin()
-                stamp = who.begin_batch(conn)
-                ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
-                who.prune(conn, ttl)
-                if commit:
-                    transaction.commit()
-                    who.remember({})
-                else:
-                    transaction.rollback()
+        def batch(records: list[tuple[str, int]], commit: bool = True, ttl: float = 3600.0,
+                  who: AppliedRequests = applied) -> None:
+            transaction = conn.begin()
+            stamp = who.begin_batch(conn)
+            ops.record_applied_many(conn, [(cid, seq, b"\x80", None) for cid, seq in records], stamp)
+            who.prune(conn, ttl)
+            if commit:
+                transaction.commit()
+                who.remember({})
+            else:
+                transaction.rollback()
 
-            def stamps() -> dict[str, int]:
-                rows = conn.execute(text("SELECT client_id, committed_at FROM applied_requests")).all()
-                conn.rollback()
-                return dict(rows)
+        def stamps() -> dict[str, int]:
+            rows = conn.execute(text("SELECT client_id, committed_at FROM applied_requests")).all()
+            conn.rollback()
+            return dict(rows)
 
-            batch([("before", 1)])
-            now[0] += 7200  # two hours forward, at once
-            batch([("failed", 1)], commit=False)
-            assert stamps() == {"before": 1_800_000_000_000}  # rolled back: nothing moved
-            batch([("after", 1)])
-            moved = stamps()
-            assert set(moved) == {"before", "after"}, moved  # the prune forgot nothing
-            # As far as the jump, less the real time between the two batches.
-            assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
-            now[0] += 60
-            batch([("restarted", 1)], who=clocks())
-            assert set(stamps()) == {"before", "after", "restarted"}
-    finally:
-        engine.dispose()
+        batch([("before", 1)])
+        now[0] += 7200  # two hours forward, at once
+        batch([("failed", 1)], commit=False)
+        assert stamps() == {"before": 1_800_000_000_000}  # rolled back: nothing moved
+        batch([("after", 1)])
+        moved = stamps()
+        assert set(moved) == {"before", "after"}, moved  # the prune forgot nothing
+        # As far as the jump, less the real time between the two batches.
+        assert 1_800_007_190_000 <= moved["before"] <= 1_800_007_200_000, moved
+        now[0] += 60
+        batch([("restarted", 1)], who=clocks())
+        assert set(stamps()) == {"before", "after", "restarted"}
+
+
+class RecordClock:
+    """The record of applied requests of one writer after another (``workers.dedup.AppliedRequests``),
+    on a wall clock a test moves (the host's, and on a server the server's), through its own statements
+    on a real database; each batch records one request, prunes (TTL an hour) and commits."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.now = 1_800_000_000.0
+        self.writer = self.new_writer()
+
+    def new_writer(self) -> Any:
+        from workers.dedup import AppliedRequests
+
+        self.writer = AppliedRequests(wall_clock=lambda: self.now, server_clock=lambda _conn: int(self.now * 1000))
+        return self.writer
+
+    def batch(self, cid: str) -> None:
+        from db import ops
+
+        with self.conn.begin():
+            stamp = self.writer.begin_batch(self.conn)
+            ops.record_applied_many(self.conn, [(cid, 1, b"\x80", None)], stamp)
+            self.writer.prune(self.conn, 3600.0)
+        self.writer.remember({})
+
+    def kept(self) -> set[str]:
+        from sqlalchemy import text
+
+        ids = {cid for (cid,) in self.conn.execute(text("SELECT client_id FROM applied_requests")).all()}
+        self.conn.rollback()
+        return ids
+
+
+def test_a_jump_of_the_wall_clock_while_no_writer_ran_is_not_forgotten_by_the_writer_after_the_next(
+        stack: Stack) -> None:
+    """The wall clock jumped two hours forward while no writer ran (a kill, then NTP's step). The writer
+    that started next pruned nothing young (it prunes none of the newest records at its start until it
+    has run the TTL), but only in its memory: it stamped its own records two hours after the ones
+    before, and the writer after it, started seconds later, took its newest record for its start and
+    forgot every record made before the jump, seconds old. A request applied by the first writer and
+    sent again to the third was applied twice (fault hunt, round 41: a real writer whose clock a
+    preloaded library moved). The time since the newest record, when a writer starts, is now counted
+    as a jump: the records are moved as far, in its first batch. The record's clocks as the other
+    test of jumps gives them (real statements, a real database)."""
+    with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("first")
+        clock.now += 7200  # while no writer runs
+        clock.new_writer()
+        clock.batch("second")
+        clock.now += 5
+        clock.new_writer()
+        clock.batch("third")
+        assert clock.kept() == {"first", "second", "third"}
+
+
+def test_a_wall_clock_set_back_under_the_writer_then_forward_while_none_ran_forgets_nothing(stack: Stack) -> None:
+    """The wall clock set two hours back while the writer runs (a fast clock put right), then forward
+    again while no writer ran: the records made before the step back kept their stamps, two hours after
+    the ones made after it, so the next writer went by them as the newest and its first prune forgot
+    every record made after the step, seconds old; a resend of one was applied twice (fault hunt,
+    round 41, with a real writer whose clock a preloaded library moved). A step back seen between two
+    batches now moves back as far the records stamped after the clock's new now (made before the step:
+    none made after it is), so that they keep their age and the newest record is the newest made."""
+    with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("before")
+        clock.now -= 7200  # set back under the running writer
+        clock.batch("after")
+        clock.now += 7200  # and forward again while no writer runs
+        clock.new_writer()
+        clock.batch("restarted")
+        assert clock.kept() == {"before", "after", "restarted"}
+
+
+def test_a_wall_clock_set_back_then_forward_while_no_writer_ran_forgets_nothing(stack: Stack) -> None:
+    """The wall clock set three hours back while no writer ran, then two hours forward before the next
+    start: the writer between stamped its records three hours before the newest, so the one after it
+    went by that newest record and its first prune forgot them, seconds old (fault hunt, round 41: a
+    real writer whose clock a preloaded library stepped at random, a kill at each downtime, every
+    request sent again after each start; 1 to 8 of 18 to 26 requests applied twice in each of six
+    runs). A writer's first batch now moves back as far the records stamped ahead of its now, as a
+    step back seen while it runs does."""
+    with migrated_connection(stack) as conn:
+        clock = RecordClock(conn)
+        clock.batch("first")
+        clock.now -= 3 * 3600  # while no writer runs
+        clock.new_writer()
+        clock.batch("second")
+        clock.now += 2 * 3600  # again while none runs
+        clock.new_writer()
+        clock.batch("third")
+        assert clock.kept() == {"first", "second", "third"}
 
 
 def test_a_request_recorded_before_schema_v4_has_no_digest_and_is_answered_as_before(stack: Stack) -> None:
