@@ -250,6 +250,41 @@ def test_old_history_within_one_step_is_deleted_without_saying_the_run_was_held_
     assert "held back" not in db_command(writer, "doctor").stdout
 
 
+def test_a_run_stopped_before_its_cutoff_is_not_said_to_be_held_back(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The run that deleted the README's replayed ticks of 2 January 2024 (all within one step), asked
+    to stop (SIGTERM) after its first bounded batch: the ticks it had not reached, before its own
+    cutoff, made it say it was held back, in a WARNING ("this run deleted only those before ...", the
+    clock may be ahead) and in its record, for doctor (a review). What the cutoff holds back lies
+    between it and the clock's; what a stop leaves is older than it and goes at the next run."""
+    import workers.jobs
+
+    old = 1_704_186_000_000  # 2024-01-02 09:00 UTC, as the README's example file
+    insert_ticks(writer, [old + i * 60_000 for i in range(5)], "csv")
+    monkeypatch.setattr(workers.jobs, "PRUNE_BATCH", 2)
+    worker = JobsWorker(writer.settings, only="retention")
+    worker.setup()
+    try:
+        assert worker.client is not None
+        call = worker.client.call
+
+        def then_stopped(op: str, /, **args: Any) -> Any:
+            answer = call(op, **args)
+            worker.handle_stop(signal.SIGTERM, None)  # the stop comes while the first batch is written
+            return answer
+
+        monkeypatch.setattr(worker.client, "call", then_stopped)
+        with caplog.at_level(logging.WARNING, logger="tickstack.jobs"):
+            ok, detail = worker.retention()
+    finally:
+        worker.teardown()
+    done = json.loads(detail)
+    assert ok and done["deleted"] == 2 and done["more"] is True and done["before_ts"] == old + DAY_MS, done
+    assert "held_back_from" not in done, done
+    assert "days past the oldest tick" not in caplog.text, caplog.text
+    assert query(writer.settings, "SELECT count(*) FROM ticks") == [(3,)]
+
+
 def test_a_clock_far_ahead_deletes_a_day_a_run_when_the_oldest_ticks_came_after_the_live_ones(
         writer: Stack) -> None:
     """The clock guard went by the tick of the lowest id: a stack started a day ago, then the month
