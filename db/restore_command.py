@@ -80,8 +80,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore(args, done)
     except KeyboardInterrupt:
         if done.is_set():
-            raise ValueError("stopped as it ended, the backup restored (what it says of the ids and of trades the "
-                             "backup has not was not said); start the stack again: make run") from None
+            raise ValueError("stopped as it ended, the backup restored (what it says of the ids, of trades the "
+                             "backup has not and of trades closed after the backup that it has open, which the "
+                             "monitor manages again, was not said); start the stack again: make run") from None
         raise ValueError("stopped before it changed anything: the database is the one it was (run the restore "
                          "again to restore)") from None
 
