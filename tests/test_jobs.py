@@ -1159,6 +1159,42 @@ def test_a_restore_names_the_trades_it_puts_back_open(stack: Stack) -> None:
         [(still_open,), *((t,) for t in reopened)]
 
 
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_a_restore_names_the_trades_it_puts_back_open")
+def test_a_restore_that_cannot_read_the_replaced_trades_says_so(stack: Stack) -> None:
+    """A replaced database damaged in the pages of its trades' states (their ids still read): the
+    restore looked for the trades it closed after the backup, met the damage, and said nothing of them,
+    as if none had been closed (a review). It says their states could not be read, and what that
+    means: a trade closed since may be open again."""
+    writer = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        ids = [client.call("open_trade", symbol="EURUSD", side="buy", size=1.0, entry_price=1.1,
+                           stop_loss=1.0, take_profit=1.3)["id"] for _ in range(400)]
+        backup = stack.home / "kept.db"
+        assert db_command(stack, "backup", str(backup)).returncode == 0
+        for trade in ids[::7]:
+            client.call("close_trade", trade_id=trade, price=1.2, reason="by hand")
+    assert stack.stop(writer) == 0
+    database = stack.settings.database_path
+    assert database is not None
+    con = sqlite3.connect(database)
+    try:
+        assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # the pages in the file alone
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+        index = [n for (n,) in con.execute("SELECT pageno FROM dbstat WHERE name = (SELECT name FROM sqlite_master "
+                                           "WHERE tbl_name = 'trades' AND sql LIKE '%(status)%')")]
+    finally:
+        con.close()
+    assert index, "no index of the trades' status"
+    with open(database, "r+b") as f:  # their status index, where the states are read: max(id) still reads
+        for page in index:
+            f.seek((page - 1) * size)
+            f.write(b"\xff" * size)
+
+    done = db_command(stack, "restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "closed after the backup" in done.stdout and "could not be read" in done.stdout, done.stdout
+
+
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")
 def test_a_restore_continues_tick_and_trade_ids_and_names_the_lost_trades(stack: Stack) -> None:
     """A restored backup's ids are the backup's: the tick ids the replaced database gave after the
