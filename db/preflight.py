@@ -135,7 +135,8 @@ def unmade_sockets(made: Collection[str], commands: Iterable[str], ini: Path = C
     it logged a traceback, went on without the socket, and the API and the console crash-looped until
     the flapping plugin stopped them, circusd running on (a plain ``circusd circus.ini`` with
     ``TICKSTACK_HOME`` exported but not the ports: a new user's run-through). A set value that would
-    not do fails the settings before this is asked, so here it is unset."""
+    not do fails the settings before this is asked, so here it is unset. A socket whose port is not
+    from the environment (written out, or no such section) is said as such, with where circus's reason is."""
     unmade = sorted({name for command in commands for name in _SOCKET_USE.findall(command)} - set(made))
     if not unmade:
         return None
@@ -146,6 +147,10 @@ def unmade_sockets(made: Collection[str], commands: Iterable[str], ini: Path = C
         sections.clear()
     names = dict.fromkeys(variable for name in unmade if sections.has_section(f"socket:{name}")
                           for value in sections[f"socket:{name}"].values() for variable in _ENV_USE.findall(value))
+    if not names:  # a port written out (a typo), or no such section: not the environment's doing
+        return (f"circus made no socket {', '.join(unmade)}: {ini} gives {'it' if len(unmade) == 1 else 'them'} no "
+                "port from circusd's environment (a [socket:NAME] with its port written out, or no such section); "
+                "circus's reason is its traceback in log/circusd.log (the home's)")
     defaults = {setting.env: setting.shown_default for setting in SETTINGS}
     export = " ".join(f"{name}={defaults.get(name, '...')}" for name in names)
     activate = os.path.join(os.path.dirname(sys.executable), "activate")

@@ -231,10 +231,11 @@ def analysed_through(conn: Reader) -> int | None:
     return conn.execute(select(cursors_table.c.value).where(cursors_table.c.name == ANALYSIS_CURSOR)).scalar()
 
 
-def oldest_deletable_tick_ts(conn: Reader) -> int | None:
+def oldest_deletable_tick_ts(conn: Reader, since: int | None = None) -> int | None:
     """The time of the oldest tick retention may delete (read by the analysis: id up to its cursor,
-    when it has one, as ``prune_ticks`` deletes), None without one: how far retention may go in one
-    run (:meth:`workers.jobs.JobsWorker.retention`). By time, not by id: a CSV replay of last month
+    when it has one, as ``prune_ticks`` deletes), dated ``since`` or later when given, None without
+    one: how far retention may go in one run, and whether its cutoff held ticks back
+    (:meth:`workers.jobs.JobsWorker.retention`). By time, not by id: a CSV replay of last month
     after the live ticks has ids after theirs, and a guard that went by the lowest id's time let a
     clock set forward delete the whole replayed month in one run. Symbol by symbol, each an index
     seek on ``ix_ticks_symbol_ts`` (no index on ts alone: ingest would pay for it), so no scan."""
@@ -243,6 +244,8 @@ def oldest_deletable_tick_ts(conn: Reader) -> int | None:
     symbol = conn.execute(select(func.min(ticks_table.c.symbol))).scalar()
     while symbol is not None:
         first = select(ticks_table.c.ts).where(ticks_table.c.symbol == symbol)
+        if since is not None:
+            first = first.where(ticks_table.c.ts >= since)
         if read_through is not None:
             first = first.where(ticks_table.c.id <= read_through)
         ts = conn.execute(first.order_by(ticks_table.c.ts).limit(1)).scalar()

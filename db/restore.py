@@ -231,8 +231,9 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
     ``trades_lost`` (the first and last id of the trades it had and the backup has not, else None:
     their ids are not given again either; a backup older than schema v5 gets its trades counter
     from them, which the writer's migration keeps) and ``trades_reopened`` (the ids of the trades it
-    had closed and the backup has open). ``done`` is set once the backup has the database's
-    name (a stop asked for in the swap is taken after it: the caller's words on a stop go by it).
+    had closed and the backup has open; why their states could not be read, a string, when its ids
+    could). ``done`` is set once the backup has the database's name (a stop asked for in the swap is
+    taken after it: the caller's words on a stop go by it).
     Raises ValueError (what is in the way, said) or MaintenanceFailed."""
     if settings.database_path is None:
         raise ValueError("restore puts an SQLite backup in place; a PostgreSQL .dump goes back with "
@@ -292,10 +293,11 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
             if top:
                 counters = {**counters, name: max(counters.get(name) or 0, top)}
         replaced_top_trade = replaced_tops.get("trades", 0)
+        reopened: list[int] | str = []
         try:
             reopened = _trades_reopened(path, tmp) if unread is None else []
-        except sqlite3.Error:  # the replaced database cannot be read: what ids_unread says
-            reopened = []
+        except sqlite3.Error as e:  # its ids read, their states not (a damaged page): said, not taken as none
+            reopened = str(e)
         try:
             raised = _continue_ids(tmp, counters)
             top_trade = _ids_given(tmp)[1].get("trades", 0)

@@ -24,8 +24,13 @@ def _trades_lost_words(lost: list[int] | None) -> str:
             "(a client holding one is told it does not exist; its id is not given to a new trade)")
 
 
-def _trades_reopened_words(reopened: list[int]) -> str:
-    """The trades a restore put back open (closed after the backup), named: the monitor manages them again."""
+def _trades_reopened_words(reopened: list[int] | str) -> str:
+    """The trades a restore put back open (closed after the backup), named: the monitor manages them again.
+    A string: why the replaced database's trades could not be read (SQLite's, a damaged page)."""
+    if isinstance(reopened, str):
+        return (f". WARNING: the replaced database's trades could not be read ({reopened}): trades closed after "
+                "the backup may be open in it, and the monitor manages them again (stops, targets) once the "
+                "stack runs; close them again if they are to stay closed")
     if not reopened:
         return ""
     named = [str(i) for i in reopened[:10]] + ([f"{len(reopened) - 10} more"] if len(reopened) > 10 else [])
@@ -80,8 +85,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore(args, done)
     except KeyboardInterrupt:
         if done.is_set():
-            raise ValueError("stopped as it ended, the backup restored (what it says of the ids and of trades the "
-                             "backup has not was not said); start the stack again: make run") from None
+            raise ValueError("stopped as it ended, the backup restored (what it says of the ids, of trades the "
+                             "backup has not and of trades closed after the backup that it has open, which the "
+                             "monitor manages again, was not said); start the stack again: make run") from None
         raise ValueError("stopped before it changed anything: the database is the one it was (run the restore "
                          "again to restore)") from None
 

@@ -284,6 +284,8 @@ def test_an_sqlite_restore_stopped_by_sigterm_is_the_old_database_or_the_new_one
     swapped = signalled_at("rename", 2, "SIGTERM", restore, stack.env, tmp_path / "swap.trace")
     assert swapped.returncode == 1 and "python -m db restore: stopped as it ended, the backup restored " in \
         swapped.stderr, (swapped.returncode, swapped.stdout + swapped.stderr)
+    # What went unsaid includes the trades it put back open (closed after the backup), not only the ids.
+    assert "of trades closed after the backup that it has open" in swapped.stderr, swapped.stderr
     assert ticks() == 10 and not database.with_name(f"{database.name}.restoring").exists()
 
 

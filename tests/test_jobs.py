@@ -250,6 +250,41 @@ def test_old_history_within_one_step_is_deleted_without_saying_the_run_was_held_
     assert "held back" not in db_command(writer, "doctor").stdout
 
 
+def test_a_run_stopped_before_its_cutoff_is_not_said_to_be_held_back(
+        writer: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The run that deleted the README's replayed ticks of 2 January 2024 (all within one step), asked
+    to stop (SIGTERM) after its first bounded batch: the ticks it had not reached, before its own
+    cutoff, made it say it was held back, in a WARNING ("this run deleted only those before ...", the
+    clock may be ahead) and in its record, for doctor (a review). What the cutoff holds back lies
+    between it and the clock's; what a stop leaves is older than it and goes at the next run."""
+    import workers.jobs
+
+    old = 1_704_186_000_000  # 2024-01-02 09:00 UTC, as the README's example file
+    insert_ticks(writer, [old + i * 60_000 for i in range(5)], "csv")
+    monkeypatch.setattr(workers.jobs, "PRUNE_BATCH", 2)
+    worker = JobsWorker(writer.settings, only="retention")
+    worker.setup()
+    try:
+        assert worker.client is not None
+        call = worker.client.call
+
+        def then_stopped(op: str, /, **args: Any) -> Any:
+            answer = call(op, **args)
+            worker.handle_stop(signal.SIGTERM, None)  # the stop comes while the first batch is written
+            return answer
+
+        monkeypatch.setattr(worker.client, "call", then_stopped)
+        with caplog.at_level(logging.WARNING, logger="tickstack.jobs"):
+            ok, detail = worker.retention()
+    finally:
+        worker.teardown()
+    done = json.loads(detail)
+    assert ok and done["deleted"] == 2 and done["more"] is True and done["before_ts"] == old + DAY_MS, done
+    assert "held_back_from" not in done, done
+    assert "days past the oldest tick" not in caplog.text, caplog.text
+    assert query(writer.settings, "SELECT count(*) FROM ticks") == [(3,)]
+
+
 def test_a_clock_far_ahead_deletes_a_day_a_run_when_the_oldest_ticks_came_after_the_live_ones(
         writer: Stack) -> None:
     """The clock guard went by the tick of the lowest id: a stack started a day ago, then the month
@@ -1122,6 +1157,42 @@ def test_a_restore_names_the_trades_it_puts_back_open(stack: Stack) -> None:
     stack.start_writer()
     assert query(stack.settings, "SELECT id FROM trades WHERE status = 'open' ORDER BY id") == \
         [(still_open,), *((t,) for t in reopened)]
+
+
+@pytest.mark.sqlite_only("tests/test_jobs.py::test_a_restore_names_the_trades_it_puts_back_open")
+def test_a_restore_that_cannot_read_the_replaced_trades_says_so(stack: Stack) -> None:
+    """A replaced database damaged in the pages of its trades' states (their ids still read): the
+    restore looked for the trades it closed after the backup, met the damage, and said nothing of them,
+    as if none had been closed (a review). It says their states could not be read, and what that
+    means: a trade closed since may be open again."""
+    writer = stack.start_writer()
+    with WriterClient(settings=stack.settings, deadline=30) as client:
+        ids = [client.call("open_trade", symbol="EURUSD", side="buy", size=1.0, entry_price=1.1,
+                           stop_loss=1.0, take_profit=1.3)["id"] for _ in range(400)]
+        backup = stack.home / "kept.db"
+        assert db_command(stack, "backup", str(backup)).returncode == 0
+        for trade in ids[::7]:
+            client.call("close_trade", trade_id=trade, price=1.2, reason="by hand")
+    assert stack.stop(writer) == 0
+    database = stack.settings.database_path
+    assert database is not None
+    con = sqlite3.connect(database)
+    try:
+        assert con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # the pages in the file alone
+        size = con.execute("PRAGMA page_size").fetchone()[0]
+        index = [n for (n,) in con.execute("SELECT pageno FROM dbstat WHERE name = (SELECT name FROM sqlite_master "
+                                           "WHERE tbl_name = 'trades' AND sql LIKE '%(status)%')")]
+    finally:
+        con.close()
+    assert index, "no index of the trades' status"
+    with open(database, "r+b") as f:  # their status index, where the states are read: max(id) still reads
+        for page in index:
+            f.seek((page - 1) * size)
+            f.write(b"\xff" * size)
+
+    done = db_command(stack, "restore", str(backup))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "closed after the backup" in done.stdout and "could not be read" in done.stdout, done.stdout
 
 
 @pytest.mark.sqlite_only("tests/test_postgres_health.py::test_the_backup_job_writes_a_private_restorable_pg_dump")

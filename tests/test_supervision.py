@@ -355,6 +355,28 @@ def test_plain_circusd_with_the_web_ports_unset_stops_saying_which_and_how(stack
     assert "writer started" not in stack.circusd_log(), stack.circusd_log()[-3000:]  # nothing was started
 
 
+@pytest.mark.database_independent("which sockets circus left unmade is read from circus.ini alone")
+def test_a_socket_whose_port_is_not_from_the_environment_is_not_said_to_be_unset(tmp_path: Path) -> None:
+    """A circus.ini edited by hand whose ``[socket:api]`` has its port written out (``port = 80OO``, a
+    typo), or no such section: circus made no socket, and the start hook said circus.ini "takes its
+    port from circusd's environment, where they are not set" and to run "`export ` (make run's
+    defaults)", an empty command (a review). It says the section takes no port from the environment and
+    where circus's reason is; a port that does come from it is still named, with its default."""
+    from db.preflight import unmade_sockets
+
+    ini = tmp_path / "circus.ini"
+    ini.write_text("[socket:api]\nhost = 127.0.0.1\nport = 80OO\n\n"
+                   "[socket:console]\nhost = 127.0.0.1\nport = $(circus.env.TICKSTACK_CONSOLE_PORT)\n")
+    for commands, unmade in ((["api $(circus.sockets.api)"], "api"), (["api $(circus.sockets.web)"], "web")):
+        said = unmade_sockets(set(), commands, ini)
+        assert said is not None and said.startswith(f"circus made no socket {unmade}: "), said
+        assert "export" not in said and "not set" not in said and "environment" in said, said
+        assert "log/circusd.log" in said, said
+    both = unmade_sockets({"api"}, ["api $(circus.sockets.api)", "console $(circus.sockets.console)"], ini)
+    assert both is not None and "`export TICKSTACK_CONSOLE_PORT=8001`" in both, both
+    assert unmade_sockets({"api"}, ["api $(circus.sockets.api)"], ini) is None
+
+
 @pytest.mark.database_independent("circusd's pid file and the process that holds its pid are the same"
                                   " whatever the database")
 @pytest.mark.parametrize("holder", ["gone", "zombie", "unrelated", "newer-circusd"])

@@ -393,10 +393,11 @@ class JobsWorker(Worker):
             calls += 1
             more = bool(result["more"]) and result["deleted"] > 0  # never loop on a batch that did nothing
         self._retention_cutoff.ran(cutoff)  # not before: a run the writer failed moves no mark
-        # Held back: the clock may be ahead (workers.retention_cutoff). Said only of a run that left a tick
-        # the clock would have deleted: history replayed from a day long past, all of it within the step,
-        # went whole, and the warning (and doctor's, from the record) told a new user to check the clock.
-        held_back = cutoff.held_back and self._deletable_before(cutoff.wanted)
+        # Held back: the clock may be ahead (workers.retention_cutoff). Said only of a run whose cutoff left
+        # a tick the clock would have deleted: history replayed from a day long past, all of it within the
+        # step, went whole, and the warning (and doctor's) told a new user to check the clock. Ticks older
+        # than the cutoff (a stop between batches, the analysis reading on since) are not its doing.
+        held_back = cutoff.held_back and self._deletable_between(cutoff.before, cutoff.wanted)
         if held_back:
             self.log.warning("%s", cutoff.words())
         if kept:  # deleted once the analysis has read them, by a later run
@@ -407,12 +408,12 @@ class JobsWorker(Worker):
             detail["held_back_from"] = wanted
         return True, json.dumps(detail)
 
-    def _deletable_before(self, ts: int) -> bool:
-        """Whether a tick retention may delete is older than ``ts`` (epoch ms)."""
+    def _deletable_between(self, since: int, before: int) -> bool:
+        """Whether a tick retention may delete is dated from ``since`` to before ``before`` (epoch ms)."""
         assert self.engine is not None
         with self.engine.connect() as conn:
-            oldest = oldest_deletable_tick_ts(conn)
-        return oldest is not None and oldest < ts
+            oldest = oldest_deletable_tick_ts(conn, since)
+        return oldest is not None and oldest < before
 
     def backup(self, force: bool = False) -> Outcome:
         """Online backup to ``backups/tickstack-<UTC stamp>.db`` (integrity-checked by
