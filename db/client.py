@@ -41,7 +41,14 @@ from db.config import Settings, load_settings
 from db.errors import ERROR_TYPES, ValidationError, WriterError, WriterUnavailable
 from db.inflight import FIRST_ATTEMPT_TIMEOUT, MAX_PIPELINE_WINDOW, Pipeline, Ticket
 from db.parsers import check_seconds
-from db.protocol import MAX_MESSAGE_SLACK, MAX_SEQ, UNRECORDED_OPS, encode_request, pack_columns
+from db.protocol import (
+    MAX_MESSAGE_SLACK,
+    MAX_SEQ,
+    UNRECORDED_OPS,
+    client_id_problem,
+    encode_request,
+    pack_columns,
+)
 from db.silence import Silence
 
 #: ``Ticket``, ``Pipeline`` and the window's bound live in :mod:`db.inflight`; importable from here too.
@@ -74,6 +81,8 @@ class WriterClient:
         self._silence = Silence(settings, self.endpoint)
         self.deadline = settings.client_deadline if deadline is None else deadline  # checked: see the property
         self.max_message = settings.writer_max_message
+        if client_id is not None and (said := client_id_problem(client_id)) is not None:
+            raise ValueError(f"client_id: {said}")  # the writer would refuse its every request
         self.client_id = client_id or uuid.uuid4().hex
         #: Made with an earlier client's id: it only sends that client's requests again (see _next_seq).
         self._sends_again_only = bool(client_id)

@@ -2,7 +2,7 @@
 
 A request is one msgpack map in one ZeroMQ frame::
 
-    {"v": 1, "cid": "<client id, 1-64 chars>", "seq": <int, 0 <= seq < 2**63>, "op": "<name>", "args": {...}}
+    {"v": 1, "cid": "<client id, 1-64 printable chars>", "seq": <int, 0 <= seq < 2**63>, "op": "<name>", "args": {...}}
 
 ``(cid, seq)`` names the request for idempotent retries. A reply is one map::
 
@@ -153,6 +153,17 @@ def _packed(col: Any) -> Any:
     return col
 
 
+def client_id_problem(cid: Any) -> str | None:
+    """What is wrong with a client id, in words; None when it is one: 1-64 printable characters. Printable:
+    a NUL SQLite stored, and PostgreSQL's text refused with an error naming its SQL; a newline or an escape
+    sequence went raw into the writer's log lines that name a client (fault hunt, stop 53)."""
+    if type(cid) is not str or not 1 <= len(cid) <= 64:
+        return f"client id {shown(cid)} is not 1-64 characters of text"
+    if not cid.isprintable():
+        return f"client id {shown(cid)} holds a character that is not printable (a control, format or separator one)"
+    return None
+
+
 def envelope_problem(msg: Any) -> str | None:
     """What is wrong with a decoded request's envelope, in words; None when it is well formed."""
     if type(msg) is not dict:
@@ -164,8 +175,9 @@ def envelope_problem(msg: Any) -> str | None:
     cid = msg.get("cid")
     if type(cid) is not str or not 1 <= len(cid) <= 64:
         return "request has no client id (cid, 1-64 characters)"
-    if "\x00" in cid:  # SQLite stored it; PostgreSQL's text refuses one, with an error naming its SQL
-        return "the client id must not hold a NUL character"
+    said = client_id_problem(cid)
+    if said is not None:
+        return said
     if msg.get("args") is not None and type(msg["args"]) is not dict:
         return "args must be a map"
     if "v" in msg and (type(msg["v"]) is not int or msg["v"] != PROTOCOL):  # true == 1 in Python

@@ -53,7 +53,7 @@ def test_the_writers_uptime_is_not_moved_by_the_wall_clock(monkeypatch: pytest.M
     """The writer's ``uptime_s`` (its ``stats``, the metric ``tickstack_writer_uptime_seconds``, and the
     sampler's test of a restart between two samples) was the wall clock's now less its start: the clock
     set two hours back under a running writer made it -7,200 s, two hours forward +7,200 s at once
-    (fault hunt, round 41, with a real writer whose clock a preloaded library moved). It is the time
+    (fault hunt, stop 53, with a real writer whose clock a preloaded library moved). It is the time
     the process has run."""
     import time
 

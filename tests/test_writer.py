@@ -189,7 +189,13 @@ def test_garbage_frames_get_error_replies_and_the_writer_keeps_serving(stack: St
         ([msgpack.packb({"op": "audit", "seq": 1})], "no client id"),
         # Stored on SQLite, a DataError naming SQL on PostgreSQL: no text of ours holds a NUL.
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "a\x00b", "args": {"actor": "x", "action": "y"}})],
-         "client id must not hold a NUL"),
+         "client id 'a\\x00b' holds a character that is not printable"),
+        # A newline and an escape sequence went into the writer's log raw, in the lines that name a
+        # client by its id: a client could write a line of its own (fault hunt, stop 53).
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "bot\n2026-12-08 ERROR writer: forged", "args": {}})],
+         "client id 'bot\\n2026-12-08 ERROR writer: forged' holds a character that is not printable"),
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "\x1b[2Jbot", "args": {}})], "not printable"),
+        ([msgpack.packb({"op": "audit", "seq": 1, "cid": "bot\u200bone", "args": {}})], "not printable"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": [1]})], "args must be a map"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {}}), b"more"], "expected one message frame"),
         ([msgpack.packb({"op": "audit", "seq": 1, "cid": "c", "args": {"actor": "x" * 70_000}})], "over the limit"),

@@ -177,6 +177,12 @@ def test_a_client_made_to_send_again_cannot_reuse_an_id_for_a_new_request(writer
     first.wait(chosen)
     assert chosen.result() == {"id": 2}
     assert first.call("audit", actor="alice", action="after")["id"] == 3
+    # An id the writer refuses (not 1-64 printable characters) is refused at once, saying why, not by
+    # each request waiting out its answer: a newline went into the writer's log lines raw (stop 53).
+    for bad, said in (("bot\n2026-12-08 ERROR forged", "not printable"), ("", "not 1-64 characters"),
+                      ("x" * 65, "not 1-64 characters")):
+        with pytest.raises(ValueError, match=said):
+            WriterClient(settings=writer.settings, deadline=10, client_id=bad)
 
 
 @pytest.mark.parametrize("seq", [2**63, 2**64 - 1])
@@ -1771,7 +1777,7 @@ def test_many_checkpoint_requests_while_a_reader_holds_the_wal_back_hold_no_writ
     snapshot, 100 of them pipelined by one client (a script in a loop; ``db checkpoint`` run by several
     jobs) were run one by one, 20 s of waiting; their client resent all 100 after its first second of
     silence, and again, so none was answered within 120 s and neither was any other client's write
-    (fault hunt, round 41). The same checkpoints asked in one batch now run once for all of it: every
+    (fault hunt, stop 53). The same checkpoints asked in one batch now run once for all of it: every
     request is answered, the reader's hold said in each (``busy``), and the write behind them is
     answered too."""
     database = writer.settings.database_path

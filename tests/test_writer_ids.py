@@ -220,7 +220,7 @@ def test_a_jump_of_the_wall_clock_while_no_writer_ran_is_not_forgotten_by_the_wr
     has run the TTL), but only in its memory: it stamped its own records two hours after the ones
     before, and the writer after it, started seconds later, took its newest record for its start and
     forgot every record made before the jump, seconds old. A request applied by the first writer and
-    sent again to the third was applied twice (fault hunt, round 41: a real writer whose clock a
+    sent again to the third was applied twice (fault hunt, stop 53: a real writer whose clock a
     preloaded library moved). The time since the newest record, when a writer starts, is now counted
     as a jump: the records are moved as far, in its first batch. The record's clocks as the other
     test of jumps gives them (real statements, a real database)."""
@@ -241,7 +241,7 @@ def test_a_wall_clock_set_back_under_the_writer_then_forward_while_none_ran_forg
     again while no writer ran: the records made before the step back kept their stamps, two hours after
     the ones made after it, so the next writer went by them as the newest and its first prune forgot
     every record made after the step, seconds old; a resend of one was applied twice (fault hunt,
-    round 41, with a real writer whose clock a preloaded library moved). A step back seen between two
+    stop 53, with a real writer whose clock a preloaded library moved). A step back seen between two
     batches now moves back as far the records stamped after the clock's new now (made before the step:
     none made after it is), so that they keep their age and the newest record is the newest made."""
     with migrated_connection(stack) as conn:
@@ -258,7 +258,7 @@ def test_a_wall_clock_set_back_under_the_writer_then_forward_while_none_ran_forg
 def test_a_wall_clock_set_back_then_forward_while_no_writer_ran_forgets_nothing(stack: Stack) -> None:
     """The wall clock set three hours back while no writer ran, then two hours forward before the next
     start: the writer between stamped its records three hours before the newest, so the one after it
-    went by that newest record and its first prune forgot them, seconds old (fault hunt, round 41: a
+    went by that newest record and its first prune forgot them, seconds old (fault hunt, stop 53: a
     real writer whose clock a preloaded library stepped at random, a kill at each downtime, every
     request sent again after each start; 1 to 8 of 18 to 26 requests applied twice in each of six
     runs). A writer's first batch now moves back as far the records stamped ahead of its now, as a

@@ -330,7 +330,7 @@ class Committer:
         # the place its request holds in ``replies``. The same request (op and arguments) asked again in
         # the batch is answered by its first run, done after it came: such an op (a checkpoint, which
         # waits up to 200 ms for readers) is never recorded as applied, and 100 of them from one client,
-        # run one by one and resent while they ran, held every write for minutes (fault hunt, round 41).
+        # run one by one and resent while they ran, held every write for minutes (fault hunt, stop 53).
         later = []
         ran: dict[tuple[str, bytes | None], tuple[Any, WriterError | None]] = {}
         for req, spec, args in outside:

@@ -23,12 +23,12 @@ killed between a jump and its next batch, does not make them old either. (A firs
 records by the writer's run time alone; an adversarial review showed that direct writes, other
 hosts' writers and a record stamped in the future by an old jump then disagreed with it.) That held
 in the writer's memory only: the writer after it, started seconds later, went by its newest record,
-stamped after the jump, and forgot every record made before, seconds old (fault hunt, round 41). So
+stamped after the jump, and forgot every record made before, seconds old (fault hunt, stop 53). So
 the time since the newest record when a writer starts (more than :data:`JUMP_MS`: a downtime, or a
 jump while none ran) moves the records as far too, in its first batch. And a step of the clock back
 seen between two batches moves back as far the records stamped after its new now (all made before
 the step): they stayed the newest, and the writer after it, started once the clock was put forward
-again, pruned by them every record made after the step (fault hunt, round 41). So does a writer's
+again, pruned by them every record made after the step (fault hunt, stop 53). So does a writer's
 first batch, for a step back while no writer ran (records stamped ahead of its now).
 
 On PostgreSQL that clock is the server's (:func:`db.ops.record_clock_ms`): every host's writer prunes the

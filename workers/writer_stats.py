@@ -22,7 +22,7 @@ class Stats:
 
     def __init__(self) -> None:
         #: When the counters began (the writer's start), by the monotonic clock: a step of the wall clock moved
-        #: ``uptime_s`` as far (fault hunt, round 41).
+        #: ``uptime_s`` as far (fault hunt, stop 53).
         self.started = time.monotonic()
         self.batches = 0
         self.batched_requests = 0
