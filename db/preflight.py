@@ -116,9 +116,8 @@ def foreign_commands() -> str | None:
             problems.append(f"`{name}` on PATH is {found}, which lacks tickstack's packages")
     if not problems:
         return None
-    activate = os.path.join(ours, "activate")
-    fix = (f"the venv activated (`source {activate}`)" if os.path.exists(activate)
-           else f"{ours} first on PATH")
+    activate = _activate()
+    fix = f"the venv activated (`source {activate}`)" if activate else f"{ours} first on PATH"
     return (f"{'; '.join(problems)}: circus.ini runs `python` and `gunicorn` from PATH, so run circusd with "
             f"{fix}, or `make run`")
 
@@ -153,11 +152,18 @@ def unmade_sockets(made: Collection[str], commands: Iterable[str], ini: Path = C
                 "circus's reason is its traceback in log/circusd.log (the home's)")
     defaults = {setting.env: setting.shown_default for setting in SETTINGS}
     export = " ".join(f"{name}={defaults.get(name, '...')}" for name in names)
+    activate = _activate()
+    activated = f", or `source {activate}`, which exports them," if activate else ","
+    return (f"circus made no socket {', '.join(unmade)}: {ini.name} takes {', '.join(names)} from circusd's "
+            f"environment, where {'it is' if len(names) == 1 else 'they are'} not set (circus then leaves "
+            f"`$(circus.env.NAME)` as written); `export {export}` (make run's defaults){activated} then start "
+            "circusd again, or `make run`")
+
+
+def _activate() -> str | None:
+    """This interpreter's venv's ``activate`` (it exports make run's defaults), None without one."""
     activate = os.path.join(os.path.dirname(sys.executable), "activate")
-    return (f"circus made no socket {', '.join(unmade)}: {ini.name} takes {', '.join(names) or 'its port'} from "
-            f"circusd's environment, where {'it is' if len(names) == 1 else 'they are'} not set (circus then "
-            f"leaves `$(circus.env.NAME)` as written); `export {export}` (make run's defaults), or `source "
-            f"{activate}`, which exports them, then start circusd again, or `make run`")
+    return activate if os.path.exists(activate) else None
 
 
 def _same_folder(a: str, b: str) -> bool:

@@ -293,7 +293,7 @@ def restore(settings: Settings, source: Path, done: threading.Event | None = Non
             if top:
                 counters = {**counters, name: max(counters.get(name) or 0, top)}
         replaced_top_trade = replaced_tops.get("trades", 0)
-        reopened: list[int] | str = []
+        reopened: list[int] | str
         try:
             reopened = _trades_reopened(path, tmp) if unread is None else []
         except sqlite3.Error as e:  # its ids read, their states not (a damaged page): said, not taken as none

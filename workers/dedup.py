@@ -100,40 +100,41 @@ class AppliedRequests:
         jump of the wall clock forward since the last batch, or in a writer's first, the time since the newest
         record, the records made before it are moved as far; after a step back (or in a writer's first batch,
         records stamped ahead of now), those stamped after the new now are moved back as far (see the module
-        docstring). In this transaction: a batch that does not
-        commit moves nothing."""
+        docstring). In this transaction: a batch that does not commit moves nothing."""
         wall, mono = self._now_ms(conn), time.monotonic()
         seed = self._seed
         if seed is None:
             newest = ops.newest_applied(conn)
-            if newest is not None and wall - newest > JUMP_MS:  # a downtime, or a jump while no writer ran
-                moved = ops.shift_applied(conn, newest, wall - newest)
-                log.info("writer: %.0f s since the newest record of applied requests (no writer ran, or the wall "
-                         "clock moved meanwhile); its %d records are moved as far, so that none is forgotten early",
-                         (wall - newest) / 1000, moved)
-                newest = wall
-            elif newest is not None and newest - wall > JUMP_MS:  # stamped ahead: the clock set back since
-                moved = ops.shift_applied(conn, newest, wall - newest, after=wall)
-                log.warning("writer: the newest record of applied requests is %.0f s ahead of the wall clock (set "
-                            "back since it was made); the %d records stamped after its time are moved back as far, "
-                            "so that the newest record is the newest made", (newest - wall) / 1000, moved)
+            if newest is not None and self._follow_clock(conn, newest, wall, "the newest record (no writer ran, or "
+                                                         "the clock stepped meanwhile)", logging.INFO):
                 newest = wall
             seed = (wall if newest is None else min(newest, wall), mono)
         elif self._seen is not None:
             expected = self._seen[0] + int((mono - self._seen[1]) * 1000)
-            jump = wall - expected
-            if jump > JUMP_MS:
-                moved = ops.shift_applied(conn, expected, jump)
-                log.warning("writer: the wall clock jumped %.0f s ahead; the %d records of applied requests made "
-                            "before it are moved as far, so that none is forgotten early", jump / 1000, moved)
+            jump = self._follow_clock(conn, expected, wall, "where the monotonic clock puts it since the last "
+                                      "batch", logging.WARNING)
+            if jump > 0:
                 seed = (seed[0] + jump, seed[1])
-            elif jump < -JUMP_MS:  # set back: only what is stamped after the new now was surely made before
-                moved = ops.shift_applied(conn, expected, jump, after=wall)
-                log.warning("writer: the wall clock went back %.0f s; the %d records of applied requests stamped "
-                            "after its new time are moved back as far, so that the newest record is the newest made",
-                            -jump / 1000, moved)
         self._batch = ((wall, mono), seed)
         return wall
+
+    @staticmethod
+    def _follow_clock(conn: Connection, expected: int, wall: int, where: str, forward_level: int) -> int:
+        """The records moved as far as the record clock's now, ``wall``, stands from ``expected`` (ms), when
+        that is more than :data:`JUMP_MS` either way (see the module docstring): forward, those stamped at or
+        before ``expected``; back, only those stamped after ``wall`` (made before the step). Returns the move
+        (ms; 0: none). ``where``: what ``expected`` is, for the log line; ``forward_level``: its level when the
+        clock is ahead (a step back is always a WARNING)."""
+        jump = wall - expected
+        if abs(jump) <= JUMP_MS:
+            return 0
+        moved = ops.shift_applied(conn, expected, jump, after=None if jump > 0 else wall)
+        log.log(forward_level if jump > 0 else logging.WARNING,
+                "writer: the wall clock is %.0f s %s %s; the %d records of applied requests %s are moved as far, so "
+                "that none is forgotten early and the newest record is the newest made", abs(jump) / 1000,
+                "ahead of" if jump > 0 else "behind", where, moved,
+                "made before" if jump > 0 else "stamped after its time")
+        return jump
 
     def _now_ms(self, conn: Connection) -> int:
         """The record's clock now (ms): this host's wall clock on SQLite, the server's on a server (its
